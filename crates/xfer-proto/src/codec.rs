@@ -1,0 +1,336 @@
+//! [`FrameCodec`]: length-prefixed framing that rejects oversized frames before buffering them.
+
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::{Frame, FrameType, ProtoError, LEN_PREFIX, MAX_CONTROL_LEN, MAX_FRAME_LEN};
+
+/// Splits a byte stream into [`Frame`]s and encodes frames back into bytes.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame_len: u32,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self {
+            max_frame_len: MAX_FRAME_LEN,
+        }
+    }
+}
+
+impl FrameCodec {
+    /// A codec that refuses frames longer than `max_frame_len` (capped at [`MAX_FRAME_LEN`]).
+    pub fn with_max_frame_len(max_frame_len: u32) -> Self {
+        Self {
+            max_frame_len: max_frame_len.min(MAX_FRAME_LEN),
+        }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        if src.len() < LEN_PREFIX + 1 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        if len == 0 {
+            return Err(ProtoError::EmptyFrame);
+        }
+        // Limits are checked on the prefix and type byte alone, before any body is buffered.
+        let ty = FrameType::from_u8(src[LEN_PREFIX])?;
+        let max = if ty == FrameType::Data {
+            self.max_frame_len
+        } else {
+            1 + MAX_CONTROL_LEN
+        };
+        if len > max {
+            return Err(ProtoError::FrameTooLarge { len, max });
+        }
+        let total = LEN_PREFIX + len as usize;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        src.advance(LEN_PREFIX);
+        Frame::decode(src.split_to(len as usize)).map(Some)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(ProtoError::TruncatedStream {
+                buffered: src.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = ProtoError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        frame.encode(dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use bytes::{BufMut, Bytes};
+
+    fn every_frame() -> Vec<Frame> {
+        let identity = FileIdentity {
+            size: 1 << 40,
+            mtime_ns: -5,
+        };
+        vec![
+            Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                capabilities: 0xff,
+                agent: "xfer/0".into(),
+            }),
+            Frame::Welcome(Welcome {
+                version: 1,
+                capabilities: 0,
+                max_chunk_size: MAX_CHUNK_SIZE,
+                window: 4,
+                agent: "xferd/0".into(),
+            }),
+            Frame::OpenWrite(OpenWrite {
+                name: "a/b.bin".into(),
+                identity,
+                mode: 0o644,
+                chunk_size: 1024,
+            }),
+            Frame::WriteOpened(WriteOpened {
+                transfer_id: 7,
+                held: vec![ByteRange::new(0, 10), ByteRange::new(20, 30)],
+            }),
+            Frame::OpenRead(OpenRead {
+                name: "x".into(),
+                have_identity: Some(identity),
+                have: vec![ByteRange::new(0, 1)],
+            }),
+            Frame::ReadOpened(ReadOpened {
+                transfer_id: 1,
+                identity,
+                mode: 0o600,
+            }),
+            Frame::ReadChunk(ChunkRef {
+                transfer_id: 1,
+                offset: 4096,
+                len: 4096,
+            }),
+            Frame::Data(Data::new(3, 99, Bytes::from_static(b"payload"))),
+            Frame::Data(Data::new(3, 0, Bytes::new())),
+            Frame::Ack(ChunkRef {
+                transfer_id: 3,
+                offset: 99,
+                len: 7,
+            }),
+            Frame::Commit(Commit { transfer_id: 3 }),
+            Frame::Committed(Commit { transfer_id: 3 }),
+            Frame::List(List { dir: String::new() }),
+            Frame::Listing(Listing {
+                entries: vec![ListEntry {
+                    name: "f".into(),
+                    size: 1,
+                    mtime_ns: 2,
+                    is_dir: false,
+                }],
+                more: true,
+            }),
+            Frame::Goodbye,
+            Frame::Error(ErrorFrame::new(ErrorCode::NotFound, "nope")),
+        ]
+    }
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, ProtoError> {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(frame) = codec.decode_eof(&mut buf)? {
+            out.push(frame);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let frames = every_frame();
+        let mut buf = BytesMut::new();
+        for frame in &frames {
+            FrameCodec::default()
+                .encode(frame.clone(), &mut buf)
+                .unwrap();
+        }
+        assert_eq!(decode_all(&buf).unwrap(), frames);
+    }
+
+    #[test]
+    fn every_frame_round_trips_byte_by_byte() {
+        let mut wire = BytesMut::new();
+        for frame in every_frame() {
+            frame.encode(&mut wire).unwrap();
+        }
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for byte in wire.iter() {
+            buf.put_u8(*byte);
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                out.push(frame);
+            }
+        }
+        assert_eq!(out, every_frame());
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_buffering() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(MAX_FRAME_LEN + 1);
+        buf.put_u8(FrameType::Data as u8);
+        let err = FrameCodec::default().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, ProtoError::FrameTooLarge { .. }), "{err}");
+        assert!(
+            buf.capacity() < 1024,
+            "decoder reserved room for an oversized frame"
+        );
+
+        let mut buf = BytesMut::new();
+        buf.put_u32(1 + MAX_CONTROL_LEN + 1);
+        buf.put_u8(FrameType::Hello as u8);
+        let err = FrameCodec::default().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, ProtoError::FrameTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_type_is_rejected() {
+        let err = decode_all(&[0, 0, 0, 1, 0x55]).unwrap_err();
+        assert!(matches!(err, ProtoError::UnknownType(0x55)), "{err}");
+    }
+
+    #[test]
+    fn empty_frame_is_rejected() {
+        let err = decode_all(&[0, 0, 0, 0, 1]).unwrap_err();
+        assert!(matches!(err, ProtoError::EmptyFrame), "{err}");
+    }
+
+    #[test]
+    fn truncated_stream_is_rejected_at_eof() {
+        let mut wire = BytesMut::new();
+        Frame::Goodbye.encode(&mut wire).unwrap();
+        Frame::Commit(Commit { transfer_id: 1 })
+            .encode(&mut wire)
+            .unwrap();
+        let cut = &wire[..wire.len() - 3];
+        let err = decode_all(cut).unwrap_err();
+        assert!(matches!(err, ProtoError::TruncatedStream { .. }), "{err}");
+    }
+
+    #[test]
+    fn truncated_body_is_rejected() {
+        // A Commit body is 8 bytes; give it 3.
+        let err = decode_all(&[0, 0, 0, 4, FrameType::Commit as u8, 1, 2, 3]).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::Truncated { kind: "Commit", .. }),
+            "{err}"
+        );
+        let err = decode_all(&[0, 0, 0, 4, FrameType::Data as u8, 1, 2, 3]).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::Truncated { kind: "Data", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_bodies_are_rejected() {
+        // Trailing bytes after a valid Commit body.
+        let mut frame = vec![0, 0, 0, 10, FrameType::Commit as u8];
+        frame.extend_from_slice(&[0; 9]);
+        let err = decode_all(&frame).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::BadBody { kind: "Commit", .. }),
+            "{err}"
+        );
+        // A string that is not UTF-8.
+        let mut body = BytesMut::new();
+        body.put_u64(2);
+        body.put_slice(&[0xff, 0xfe]);
+        let mut frame = BytesMut::new();
+        frame.put_u32(1 + body.len() as u32);
+        frame.put_u8(FrameType::List as u8);
+        frame.put_slice(&body);
+        let err = decode_all(&frame).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::BadBody { kind: "List", .. }),
+            "{err}"
+        );
+        // Goodbye with a body.
+        let err = decode_all(&[0, 0, 0, 2, FrameType::Goodbye as u8, 0]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::BadBody {
+                    kind: "Goodbye",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Data whose header length disagrees with the frame length.
+        let mut data = BytesMut::new();
+        Frame::Data(Data::new(1, 0, Bytes::from_static(b"abc")))
+            .encode(&mut data)
+            .unwrap();
+        data[LEN_AND_DATA_HEADER - 5] = 9;
+        let err = decode_all(&data).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::BadBody { kind: "Data", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn string_length_beyond_body_is_truncated_not_allocated() {
+        let mut frame = BytesMut::new();
+        frame.put_u32(1 + 8);
+        frame.put_u8(FrameType::List as u8);
+        frame.put_u64(u64::MAX);
+        let err = decode_all(&frame).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn data_crc_is_checked() {
+        let mut data = Data::new(1, 0, Bytes::from_static(b"hello"));
+        data.verify().unwrap();
+        data.crc32 ^= 1;
+        assert!(matches!(
+            data.verify(),
+            Err(ProtoError::BadCrc { offset: 0 })
+        ));
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in 1..=15u16 {
+            let known = ErrorCode::from_u16(code).unwrap();
+            assert_eq!(known as u16, code);
+        }
+        assert_eq!(ErrorCode::from_u16(999), None);
+    }
+}

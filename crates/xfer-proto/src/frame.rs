@@ -1,0 +1,542 @@
+//! Frame types and their bodies: serde structs for control frames, a fixed header for data.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::{ErrorCode, ProtoError, MAX_CONTROL_LEN};
+
+/// Bytes of the fixed `Data` header after the type byte: transfer id, offset, length, CRC32.
+pub const DATA_HEADER_LEN: usize = 8 + 8 + 4 + 4;
+
+/// The one bincode configuration used for every control body (big-endian, fixed-width ints).
+fn wire() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_big_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<{ MAX_CONTROL_LEN as usize }>()
+}
+
+/// A half-open byte range `[start, end)` of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+impl ByteRange {
+    /// `[start, end)`.
+    pub fn new(start: u64, end: u64) -> Self {
+        Self { start, end }
+    }
+
+    /// Number of bytes covered.
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// True when the range covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+}
+
+/// What identifies one version of a file: a resume is only valid against the same identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// Client → server, first frame on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Highest protocol version the client speaks.
+    pub version: u16,
+    /// Lowest protocol version the client still speaks.
+    pub min_version: u16,
+    /// Capability bits the client supports (`CAP_*`).
+    pub capabilities: u64,
+    /// Free-form software name and version, for logs.
+    pub agent: String,
+}
+
+/// Server → client answer to `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Version chosen for this connection.
+    pub version: u16,
+    /// Capability bits in force: the intersection of both sides'.
+    pub capabilities: u64,
+    /// Largest chunk (data payload) the server accepts or sends.
+    pub max_chunk_size: u32,
+    /// Most `Data` frames (uploads) or `ReadChunk` requests (downloads) a client may have
+    /// unanswered on this connection.
+    pub window: u32,
+    /// Free-form software name and version, for logs.
+    pub agent: String,
+}
+
+/// Client → server: start or join the upload of `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenWrite {
+    /// Destination, `/`-separated, relative to the server's root.
+    pub name: String,
+    /// Identity of the source file; resume state is kept per identity.
+    pub identity: FileIdentity,
+    /// Unix permission bits to give the final file (masked to 0o777).
+    pub mode: u32,
+    /// Chunk size the client will send in.
+    pub chunk_size: u32,
+}
+
+/// Server → client: the upload is open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOpened {
+    /// Handle for this upload on this connection.
+    pub transfer_id: u64,
+    /// Ranges the server already holds durably for this identity, sorted, disjoint.
+    pub held: Vec<ByteRange>,
+}
+
+/// Client → server: open `name` for download.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRead {
+    /// File, `/`-separated, relative to the server's root.
+    pub name: String,
+    /// Identity of the client's partial copy, if it has one.
+    pub have_identity: Option<FileIdentity>,
+    /// Ranges the client already holds for `have_identity` (informational: for logs).
+    pub have: Vec<ByteRange>,
+}
+
+/// Server → client: the download is open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOpened {
+    /// Handle for this download on this connection.
+    pub transfer_id: u64,
+    /// Identity of the file as opened.
+    pub identity: FileIdentity,
+    /// Unix permission bits of the file.
+    pub mode: u32,
+}
+
+/// A chunk of a transfer: `ReadChunk` requests it, `Ack` confirms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Transfer handle.
+    pub transfer_id: u64,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// A payload: bytes `[offset, offset + payload.len())` of a transfer, with their CRC32.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Data {
+    /// Transfer handle.
+    pub transfer_id: u64,
+    /// Offset in the file.
+    pub offset: u64,
+    /// CRC32 (IEEE) of `payload`.
+    pub crc32: u32,
+    /// The bytes.
+    pub payload: Bytes,
+}
+
+impl Data {
+    /// A data frame for `payload` at `offset`, with its CRC computed.
+    pub fn new(transfer_id: u64, offset: u64, payload: Bytes) -> Self {
+        let crc32 = crc32fast::hash(&payload);
+        Self {
+            transfer_id,
+            offset,
+            crc32,
+            payload,
+        }
+    }
+
+    /// Checks the payload against its CRC.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadCrc`] when they differ.
+    pub fn verify(&self) -> Result<(), ProtoError> {
+        if crc32fast::hash(&self.payload) == self.crc32 {
+            Ok(())
+        } else {
+            Err(ProtoError::BadCrc {
+                offset: self.offset,
+            })
+        }
+    }
+
+    /// The range this frame covers.
+    pub fn range(&self) -> ByteRange {
+        ByteRange::new(self.offset, self.offset + self.payload.len() as u64)
+    }
+
+    /// Length prefix, type byte and fixed header; the payload follows on the wire.
+    pub fn header(&self) -> [u8; LEN_AND_DATA_HEADER] {
+        let mut out = [0u8; LEN_AND_DATA_HEADER];
+        let mut b = &mut out[..];
+        b.put_u32((1 + DATA_HEADER_LEN + self.payload.len()) as u32);
+        b.put_u8(FrameType::Data as u8);
+        b.put_u64(self.transfer_id);
+        b.put_u64(self.offset);
+        b.put_u32(self.payload.len() as u32);
+        b.put_u32(self.crc32);
+        out
+    }
+}
+
+/// Length prefix + type byte + data header: what precedes a payload on the wire.
+pub const LEN_AND_DATA_HEADER: usize = crate::LEN_PREFIX + 1 + DATA_HEADER_LEN;
+
+/// Client → server: every byte has been acknowledged; make the file final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// Transfer handle.
+    pub transfer_id: u64,
+}
+
+/// Client → server: list a directory under the root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct List {
+    /// Directory, `/`-separated, relative to the root; empty for the root itself.
+    pub dir: String,
+}
+
+/// One file or directory in a `Listing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntry {
+    /// Name within the listed directory.
+    pub name: String,
+    /// Size in bytes (0 for directories).
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// True for a directory.
+    pub is_dir: bool,
+}
+
+/// Server → client: part of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// Up to `MAX_LISTING_ENTRIES` entries.
+    pub entries: Vec<ListEntry>,
+    /// True when more `Listing` frames follow.
+    pub more: bool,
+}
+
+/// Either direction: the request failed; see `code`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// An [`ErrorCode`] value; unknown values must be treated as fatal.
+    pub code: u16,
+    /// Human-readable reason, one line.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// An error frame with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code as u16,
+            message: message.into(),
+        }
+    }
+
+    /// The code, if this implementation knows it.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.code)
+    }
+}
+
+impl std::fmt::Display for ErrorFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.error_code() {
+            Some(code) if self.message.is_empty() => f.write_str(code.describe()),
+            Some(code) => write!(f, "{}: {}", code.describe(), self.message),
+            None => write!(f, "error {}: {}", self.code, self.message),
+        }
+    }
+}
+
+/// Type byte of each frame (see `proto.md`, "Frames").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// [`Hello`]
+    Hello = 0x01,
+    /// [`Welcome`]
+    Welcome = 0x02,
+    /// [`OpenWrite`]
+    OpenWrite = 0x10,
+    /// [`WriteOpened`]
+    WriteOpened = 0x11,
+    /// [`OpenRead`]
+    OpenRead = 0x12,
+    /// [`ReadOpened`]
+    ReadOpened = 0x13,
+    /// [`ChunkRef`] asking for data
+    ReadChunk = 0x14,
+    /// [`Data`]
+    Data = 0x20,
+    /// [`ChunkRef`] confirming data is durable
+    Ack = 0x21,
+    /// [`Commit`]
+    Commit = 0x30,
+    /// [`Commit`] confirming the file is final
+    Committed = 0x31,
+    /// [`List`]
+    List = 0x40,
+    /// [`Listing`]
+    Listing = 0x41,
+    /// No body: the sender closes the connection cleanly.
+    Goodbye = 0x7e,
+    /// [`ErrorFrame`]
+    Error = 0x7f,
+}
+
+impl FrameType {
+    const ALL: [Self; 15] = [
+        Self::Hello,
+        Self::Welcome,
+        Self::OpenWrite,
+        Self::WriteOpened,
+        Self::OpenRead,
+        Self::ReadOpened,
+        Self::ReadChunk,
+        Self::Data,
+        Self::Ack,
+        Self::Commit,
+        Self::Committed,
+        Self::List,
+        Self::Listing,
+        Self::Goodbye,
+        Self::Error,
+    ];
+
+    /// The type for a type byte.
+    ///
+    /// # Errors
+    /// [`ProtoError::UnknownType`] for a byte that names no frame.
+    pub fn from_u8(byte: u8) -> Result<Self, ProtoError> {
+        Self::ALL
+            .into_iter()
+            .find(|t| *t as u8 == byte)
+            .ok_or(ProtoError::UnknownType(byte))
+    }
+
+    /// Name used in errors and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "Hello",
+            Self::Welcome => "Welcome",
+            Self::OpenWrite => "OpenWrite",
+            Self::WriteOpened => "WriteOpened",
+            Self::OpenRead => "OpenRead",
+            Self::ReadOpened => "ReadOpened",
+            Self::ReadChunk => "ReadChunk",
+            Self::Data => "Data",
+            Self::Ack => "Ack",
+            Self::Commit => "Commit",
+            Self::Committed => "Committed",
+            Self::List => "List",
+            Self::Listing => "Listing",
+            Self::Goodbye => "Goodbye",
+            Self::Error => "Error",
+        }
+    }
+}
+
+/// Every frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)] // each variant is documented on its body type
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    OpenWrite(OpenWrite),
+    WriteOpened(WriteOpened),
+    OpenRead(OpenRead),
+    ReadOpened(ReadOpened),
+    ReadChunk(ChunkRef),
+    Data(Data),
+    Ack(ChunkRef),
+    Commit(Commit),
+    Committed(Commit),
+    List(List),
+    Listing(Listing),
+    Goodbye,
+    Error(ErrorFrame),
+}
+
+impl Frame {
+    /// The frame's type byte.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Self::Hello(_) => FrameType::Hello,
+            Self::Welcome(_) => FrameType::Welcome,
+            Self::OpenWrite(_) => FrameType::OpenWrite,
+            Self::WriteOpened(_) => FrameType::WriteOpened,
+            Self::OpenRead(_) => FrameType::OpenRead,
+            Self::ReadOpened(_) => FrameType::ReadOpened,
+            Self::ReadChunk(_) => FrameType::ReadChunk,
+            Self::Data(_) => FrameType::Data,
+            Self::Ack(_) => FrameType::Ack,
+            Self::Commit(_) => FrameType::Commit,
+            Self::Committed(_) => FrameType::Committed,
+            Self::List(_) => FrameType::List,
+            Self::Listing(_) => FrameType::Listing,
+            Self::Goodbye => FrameType::Goodbye,
+            Self::Error(_) => FrameType::Error,
+        }
+    }
+
+    /// Appends the whole frame (length prefix, type, body) to `dst`.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadBody`] if a control body cannot be encoded within `MAX_CONTROL_LEN`.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        if let Self::Data(data) = self {
+            dst.reserve(LEN_AND_DATA_HEADER + data.payload.len());
+            dst.put_slice(&data.header());
+            dst.put_slice(&data.payload);
+            return Ok(());
+        }
+        let start = dst.len();
+        dst.put_u32(0); // patched below, once the body length is known
+        dst.put_u8(self.frame_type() as u8);
+        let body = match self {
+            Self::Hello(b) => encode_body(b),
+            Self::Welcome(b) => encode_body(b),
+            Self::OpenWrite(b) => encode_body(b),
+            Self::WriteOpened(b) => encode_body(b),
+            Self::OpenRead(b) => encode_body(b),
+            Self::ReadOpened(b) => encode_body(b),
+            Self::ReadChunk(b) | Self::Ack(b) => encode_body(b),
+            Self::Commit(b) | Self::Committed(b) => encode_body(b),
+            Self::List(b) => encode_body(b),
+            Self::Listing(b) => encode_body(b),
+            Self::Error(b) => encode_body(b),
+            Self::Goodbye => Ok(Vec::new()),
+            Self::Data(_) => unreachable!("handled above"),
+        };
+        let body = body.map_err(|reason| {
+            dst.truncate(start);
+            ProtoError::BadBody {
+                kind: self.frame_type().name(),
+                reason,
+            }
+        })?;
+        dst.put_slice(&body);
+        let len = (dst.len() - start - crate::LEN_PREFIX) as u32;
+        dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+
+    /// Decodes one frame from its type byte and body (the length prefix already removed).
+    ///
+    /// # Errors
+    /// A typed [`ProtoError`] for an unknown type, a truncated body or an undecodable body.
+    pub fn decode(mut frame: BytesMut) -> Result<Self, ProtoError> {
+        if frame.is_empty() {
+            return Err(ProtoError::EmptyFrame);
+        }
+        let ty = FrameType::from_u8(frame.get_u8())?;
+        let body = frame;
+        Ok(match ty {
+            FrameType::Data => Self::Data(decode_data(body)?),
+            FrameType::Goodbye if body.is_empty() => Self::Goodbye,
+            FrameType::Goodbye => {
+                return Err(ProtoError::BadBody {
+                    kind: "Goodbye",
+                    reason: "non-empty".into(),
+                })
+            }
+            FrameType::Hello => Self::Hello(decode_body(ty, &body)?),
+            FrameType::Welcome => Self::Welcome(decode_body(ty, &body)?),
+            FrameType::OpenWrite => Self::OpenWrite(decode_body(ty, &body)?),
+            FrameType::WriteOpened => Self::WriteOpened(decode_body(ty, &body)?),
+            FrameType::OpenRead => Self::OpenRead(decode_body(ty, &body)?),
+            FrameType::ReadOpened => Self::ReadOpened(decode_body(ty, &body)?),
+            FrameType::ReadChunk => Self::ReadChunk(decode_body(ty, &body)?),
+            FrameType::Ack => Self::Ack(decode_body(ty, &body)?),
+            FrameType::Commit => Self::Commit(decode_body(ty, &body)?),
+            FrameType::Committed => Self::Committed(decode_body(ty, &body)?),
+            FrameType::List => Self::List(decode_body(ty, &body)?),
+            FrameType::Listing => Self::Listing(decode_body(ty, &body)?),
+            FrameType::Error => Self::Error(decode_body(ty, &body)?),
+        })
+    }
+}
+
+fn encode_body<T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(body, wire()).map_err(|e| e.to_string())
+}
+
+fn decode_body<T: serde::de::DeserializeOwned>(
+    ty: FrameType,
+    body: &[u8],
+) -> Result<T, ProtoError> {
+    let kind = ty.name();
+    if body.len() > MAX_CONTROL_LEN as usize {
+        return Err(ProtoError::FrameTooLarge {
+            len: body.len() as u32,
+            max: MAX_CONTROL_LEN,
+        });
+    }
+    match bincode::serde::decode_from_slice(body, wire()) {
+        Ok((value, used)) if used == body.len() => Ok(value),
+        Ok((_, used)) => Err(ProtoError::BadBody {
+            kind,
+            reason: format!("{} trailing bytes", body.len() - used),
+        }),
+        Err(bincode::error::DecodeError::UnexpectedEnd { .. }) => Err(ProtoError::Truncated {
+            kind,
+            len: body.len(),
+        }),
+        Err(e) => Err(ProtoError::BadBody {
+            kind,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn decode_data(mut body: BytesMut) -> Result<Data, ProtoError> {
+    if body.len() < DATA_HEADER_LEN {
+        return Err(ProtoError::Truncated {
+            kind: "Data",
+            len: body.len(),
+        });
+    }
+    let transfer_id = body.get_u64();
+    let offset = body.get_u64();
+    let len = body.get_u32();
+    let crc32 = body.get_u32();
+    if len as usize != body.len() {
+        return Err(ProtoError::BadBody {
+            kind: "Data",
+            reason: format!(
+                "header says {len} payload bytes, frame holds {}",
+                body.len()
+            ),
+        });
+    }
+    if offset.checked_add(u64::from(len)).is_none() {
+        return Err(ProtoError::BadBody {
+            kind: "Data",
+            reason: "offset overflows".into(),
+        });
+    }
+    Ok(Data {
+        transfer_id,
+        offset,
+        crc32,
+        payload: body.freeze(),
+    })
+}

@@ -1,0 +1,42 @@
+//! The xfer wire protocol, without any I/O: frame types, the length-prefixed codec and limits.
+//!
+//! `proto.md` at the repository root is the normative description; this crate implements it.
+//!
+//! # Layout
+//! - [`frame`]: every frame type and its body encoding (bincode for control, fixed header for data).
+//! - [`codec`]: [`FrameCodec`], a `tokio_util::codec` decoder/encoder that checks limits first.
+//! - [`error`]: [`ProtoError`] for malformed input and [`ErrorCode`] for error frames.
+//!
+//! Invariant: nothing here opens a socket, touches the filesystem or reads a clock.
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+
+pub use codec::FrameCodec;
+pub use error::{ErrorCode, ProtoError};
+pub use frame::*;
+
+/// Version spoken by this implementation; carried in `Hello` and `Welcome`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Port used when a host is given without one.
+pub const DEFAULT_PORT: u16 = 8888;
+/// Largest payload a single `Data` frame may carry, and so the largest chunk size.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Smallest chunk size a peer may ask for.
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Chunk size used when neither side asks for another.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// Largest body of a control (non-`Data`) frame.
+pub const MAX_CONTROL_LEN: u32 = 4 * 1024 * 1024;
+/// Largest value of the length prefix: type byte, data header and a full chunk.
+pub const MAX_FRAME_LEN: u32 = 1 + DATA_HEADER_LEN as u32 + MAX_CHUNK_SIZE;
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+/// Longest name (UTF-8 bytes) accepted in any request.
+pub const MAX_NAME_LEN: usize = 4096;
+/// Most ranges a single range list may carry.
+pub const MAX_RANGES: usize = 65536;
+/// Most entries in one `Listing` frame; longer listings span several frames.
+pub const MAX_LISTING_ENTRIES: usize = 4096;
