@@ -1,1 +1,48 @@
-//! placeholder
+//! The transfer engine shared by the daemon and the client: byte-range bookkeeping, the resume
+//! journal, positional reads and writes, names resolved beneath a root, and framed transport.
+//!
+//! # Layout
+//! - [`ranges`]: [`RangeSet`] and chunk splitting.
+//! - [`journal`]: the on-disk resume journal format.
+//! - [`partial`]: [`PartialFile`], the receiving side (write at offset, journal, atomic rename).
+//! - [`source`]: [`SourceFile`], the sending side (positional reads).
+//! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
+//! - [`wire`]: [`FrameReader`]/[`FrameWriter`] over any async byte stream.
+//!
+//! Invariants: no socket is created here; blocking file I/O runs on tokio's blocking pool, never
+//! on a runtime worker; no file is ever held whole in memory.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod journal;
+pub mod partial;
+pub mod ranges;
+pub mod root;
+pub mod source;
+pub mod wire;
+
+pub use error::{CoreError, Result};
+pub use partial::PartialFile;
+pub use ranges::{split_into_chunks, RangeSet};
+pub use root::{validate_name, Root, Slot};
+pub use source::SourceFile;
+pub use wire::{FrameReader, FrameWriter};
+
+const PARTIAL_SUFFIX: &str = ".xfer-part";
+const JOURNAL_SUFFIX: &str = ".xfer-state";
+
+/// Name of the partial file that receives `leaf`: `.LEAF.xfer-part`, hidden, in the same
+/// directory so the final rename is atomic.
+pub fn partial_name(leaf: &str) -> String {
+    format!(".{leaf}{PARTIAL_SUFFIX}")
+}
+
+/// Name of the resume journal of `leaf`: `.LEAF.xfer-state`.
+pub fn journal_name(leaf: &str) -> String {
+    format!(".{leaf}{JOURNAL_SUFFIX}")
+}
+
+/// True for names reserved for partial and journal files.
+pub fn is_reserved_name(leaf: &str) -> bool {
+    leaf.starts_with('.') && (leaf.ends_with(PARTIAL_SUFFIX) || leaf.ends_with(JOURNAL_SUFFIX))
+}

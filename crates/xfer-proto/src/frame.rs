@@ -286,8 +286,10 @@ pub enum FrameType {
     ReadChunk = 0x14,
     /// [`Data`]
     Data = 0x20,
-    /// [`ChunkRef`] confirming data is durable
+    /// [`ChunkRef`] confirming data is written and recorded
     Ack = 0x21,
+    /// [`ChunkRef`] refusing data whose CRC did not match: send it again
+    Reject = 0x22,
     /// [`Commit`]
     Commit = 0x30,
     /// [`Commit`] confirming the file is final
@@ -303,7 +305,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 15] = [
+    const ALL: [Self; 16] = [
         Self::Hello,
         Self::Welcome,
         Self::OpenWrite,
@@ -313,6 +315,7 @@ impl FrameType {
         Self::ReadChunk,
         Self::Data,
         Self::Ack,
+        Self::Reject,
         Self::Commit,
         Self::Committed,
         Self::List,
@@ -344,6 +347,7 @@ impl FrameType {
             Self::ReadChunk => "ReadChunk",
             Self::Data => "Data",
             Self::Ack => "Ack",
+            Self::Reject => "Reject",
             Self::Commit => "Commit",
             Self::Committed => "Committed",
             Self::List => "List",
@@ -367,6 +371,7 @@ pub enum Frame {
     ReadChunk(ChunkRef),
     Data(Data),
     Ack(ChunkRef),
+    Reject(ChunkRef),
     Commit(Commit),
     Committed(Commit),
     List(List),
@@ -388,6 +393,7 @@ impl Frame {
             Self::ReadChunk(_) => FrameType::ReadChunk,
             Self::Data(_) => FrameType::Data,
             Self::Ack(_) => FrameType::Ack,
+            Self::Reject(_) => FrameType::Reject,
             Self::Commit(_) => FrameType::Commit,
             Self::Committed(_) => FrameType::Committed,
             Self::List(_) => FrameType::List,
@@ -418,7 +424,7 @@ impl Frame {
             Self::WriteOpened(b) => encode_body(b),
             Self::OpenRead(b) => encode_body(b),
             Self::ReadOpened(b) => encode_body(b),
-            Self::ReadChunk(b) | Self::Ack(b) => encode_body(b),
+            Self::ReadChunk(b) | Self::Ack(b) | Self::Reject(b) => encode_body(b),
             Self::Commit(b) | Self::Committed(b) => encode_body(b),
             Self::List(b) => encode_body(b),
             Self::Listing(b) => encode_body(b),
@@ -466,6 +472,7 @@ impl Frame {
             FrameType::ReadOpened => Self::ReadOpened(decode_body(ty, &body)?),
             FrameType::ReadChunk => Self::ReadChunk(decode_body(ty, &body)?),
             FrameType::Ack => Self::Ack(decode_body(ty, &body)?),
+            FrameType::Reject => Self::Reject(decode_body(ty, &body)?),
             FrameType::Commit => Self::Commit(decode_body(ty, &body)?),
             FrameType::Committed => Self::Committed(decode_body(ty, &body)?),
             FrameType::List => Self::List(decode_body(ty, &body)?),

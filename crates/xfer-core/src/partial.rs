@@ -1,0 +1,424 @@
+//! [`PartialFile`]: the receiving side of a transfer. Chunks are written straight to their offset
+//! in `.NAME.xfer-part`, recorded in the journal `.NAME.xfer-state`, and the partial is renamed
+//! over `NAME` only once every byte is held and flushed.
+//!
+//! Both the daemon (uploads) and the client (downloads) receive through this type.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rustix::fs::{self as rfs, Mode, OFlags};
+use xfer_proto::{ByteRange, FileIdentity};
+
+use crate::journal::{self, Record};
+use crate::root::Slot;
+use crate::{journal_name, partial_name, CoreError, RangeSet, Result};
+
+/// Bytes written between two `fdatasync` barriers of one transfer.
+pub const DEFAULT_SYNC_EVERY: u64 = 256 * 1024 * 1024;
+/// Largest range one journal record can describe (its length field is 32 bits).
+const MAX_RECORD_RANGE: u64 = 1 << 30;
+
+/// A file being received.
+#[derive(Debug)]
+pub struct PartialFile {
+    slot: Slot,
+    part_leaf: String,
+    journal_leaf: String,
+    data: Arc<File>,
+    identity: FileIdentity,
+    resumed: u64,
+    sync_every: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    journal: Arc<File>,
+    journal_pos: u64,
+    chunk_records: u64,
+    held: RangeSet,
+    unsynced: u64,
+    sync_running: bool,
+    /// Set once the partial can take no more writes: committed, or a barrier failed.
+    closed: Option<String>,
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T>> {
+    let task = tokio::task::spawn_blocking(f);
+    async move {
+        task.await
+            .map_err(|e| CoreError::io("disk task", std::io::Error::other(e.to_string())))?
+    }
+}
+
+fn open_private(slot: &Slot, leaf: &str) -> Result<File> {
+    // NOFOLLOW: a symlink planted under a reserved name must not redirect our writes.
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rfs::openat(slot.dir.as_fd(), leaf, flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(rustix::io::Errno::LOOP) => Err(CoreError::BadPath(format!("{leaf:?} is a symlink"))),
+        Err(e) => Err(CoreError::io(format!("opening {leaf:?}"), e.into())),
+    }
+}
+
+impl PartialFile {
+    /// Opens (or creates) the partial for `slot` and `identity`, on a blocking thread.
+    ///
+    /// A journal for the same identity is resumed: its chunks are checked and kept. Any other
+    /// partial at that slot is discarded. Disk space for the whole file is reserved up front,
+    /// so a full filesystem fails here rather than half-way.
+    ///
+    /// # Errors
+    /// `NoSpace`, `BadPath` (a reserved name is a symlink) or I/O errors.
+    pub async fn open(slot: Slot, identity: FileIdentity) -> Result<Arc<Self>> {
+        Self::open_with(slot, identity, DEFAULT_SYNC_EVERY).await
+    }
+
+    /// [`open`](Self::open) with a custom barrier interval.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn open_with(
+        slot: Slot,
+        identity: FileIdentity,
+        sync_every: u64,
+    ) -> Result<Arc<Self>> {
+        blocking(move || Self::open_blocking(slot, identity, sync_every).map(Arc::new)).await
+    }
+
+    fn open_blocking(slot: Slot, identity: FileIdentity, sync_every: u64) -> Result<Self> {
+        let part_leaf = partial_name(&slot.leaf);
+        let journal_leaf = journal_name(&slot.leaf);
+        let data = open_private(&slot, &part_leaf)?;
+        let mut journal_file = open_private(&slot, &journal_leaf)?;
+        let ctx = |what: &str| format!("{what} {:?}", slot.leaf);
+
+        let contents = journal::read(&mut journal_file)
+            .map_err(|e| CoreError::io(ctx("reading journal of"), e))?;
+        let mut held = RangeSet::new();
+        match contents {
+            Some(c) if c.identity == identity => {
+                let ranges = journal::verified_ranges(&c, &data)
+                    .map_err(|e| CoreError::io(ctx("verifying partial of"), e))?;
+                held = RangeSet::from_ranges(ranges);
+            }
+            _ => data
+                .set_len(0)
+                .map_err(|e| CoreError::io(ctx("truncating partial of"), e))?,
+        }
+        if identity.size > 0 {
+            let reserved =
+                match rfs::fallocate(&data, rfs::FallocateFlags::empty(), 0, identity.size) {
+                    // Filesystems without fallocate still work; they just cannot reserve.
+                    Err(rustix::io::Errno::OPNOTSUPP) => data.set_len(identity.size),
+                    other => other.map_err(Into::into),
+                };
+            reserved.map_err(|e| CoreError::io(ctx("reserving space for"), e))?;
+        }
+        // Rewrite the journal from what was verified: held data is flushed first, so one
+        // barrier can cover all of it and unverifiable records do not linger.
+        data.sync_data()
+            .map_err(|e| CoreError::io(ctx("flushing partial of"), e))?;
+        let mut records = Vec::new();
+        for r in held.iter() {
+            let mut start = r.start;
+            while start < r.end {
+                let end = r.end.min(start + MAX_RECORD_RANGE);
+                records.push(Record::Chunk {
+                    range: ByteRange::new(start, end),
+                    crc32: 0,
+                });
+                start = end;
+            }
+        }
+        let chunk_records = records.len() as u64;
+        if chunk_records > 0 {
+            records.push(Record::Barrier {
+                covered: chunk_records,
+            });
+        }
+        let bytes = journal::build(identity, &records);
+        journal::reset(&mut journal_file, identity)
+            .and_then(|()| journal_file.write_all_at(&bytes, 0))
+            .map_err(|e| CoreError::io(ctx("writing journal of"), e))?;
+        let resumed = held.total();
+        Ok(Self {
+            slot,
+            part_leaf,
+            journal_leaf,
+            data: Arc::new(data),
+            identity,
+            resumed,
+            sync_every,
+            state: Mutex::new(State {
+                journal: Arc::new(journal_file),
+                journal_pos: bytes.len() as u64,
+                chunk_records,
+                held,
+                unsynced: 0,
+                sync_running: false,
+                closed: None,
+            }),
+        })
+    }
+
+    /// The identity this partial belongs to.
+    pub fn identity(&self) -> FileIdentity {
+        self.identity
+    }
+
+    /// Bytes that were already held when the partial was opened.
+    pub fn resumed_bytes(&self) -> u64 {
+        self.resumed
+    }
+
+    /// Ranges held now.
+    pub fn held(&self) -> Vec<ByteRange> {
+        self.lock().held.iter().collect()
+    }
+
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().held.total()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep going with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `payload` at `offset` and records it in the journal. The caller has checked the
+    /// payload's CRC; `crc32` is kept so a later resume can re-check the bytes on disk.
+    ///
+    /// # Errors
+    /// A range outside the file, a closed partial, `NoSpace` or I/O errors.
+    pub async fn write(self: &Arc<Self>, offset: u64, payload: Bytes, crc32: u32) -> Result<()> {
+        let range = ByteRange::new(offset, offset + payload.len() as u64);
+        if range.end > self.identity.size {
+            return Err(CoreError::BadPath(format!(
+                "range {}..{} beyond the size {}",
+                range.start, range.end, self.identity.size
+            )));
+        }
+        if range.is_empty() {
+            return Ok(());
+        }
+        let this = Arc::clone(self);
+        let barrier = blocking(move || this.write_blocking(range, &payload, crc32)).await?;
+        if let Some(covered) = barrier {
+            let this = Arc::clone(self);
+            // The barrier runs beside the writes: acks do not wait for the disk to catch up.
+            tokio::task::spawn_blocking(move || this.barrier_blocking(covered));
+        }
+        Ok(())
+    }
+
+    fn write_blocking(&self, range: ByteRange, payload: &[u8], crc32: u32) -> Result<Option<u64>> {
+        if let Some(why) = &self.lock().closed {
+            return Err(CoreError::io("write", std::io::Error::other(why.clone())));
+        }
+        self.data
+            .write_all_at(payload, range.start)
+            .map_err(|e| CoreError::io(format!("writing {:?}", self.slot.leaf), e))?;
+        // The lock is held across one 24-byte journal write so that record order in the file
+        // matches `chunk_records`, which barriers count by.
+        let mut st = self.lock();
+        let record = Record::Chunk { range, crc32 };
+        st.journal_pos = journal::append(&st.journal, st.journal_pos, record)
+            .map_err(|e| CoreError::io(format!("journal of {:?}", self.slot.leaf), e))?;
+        st.chunk_records += 1;
+        st.held.insert(range);
+        st.unsynced += range.len();
+        if st.unsynced >= self.sync_every && !st.sync_running {
+            st.sync_running = true;
+            st.unsynced = 0;
+            return Ok(Some(st.chunk_records));
+        }
+        Ok(None)
+    }
+
+    fn barrier_blocking(&self, covered: u64) {
+        let result = self.data.sync_data();
+        let mut st = self.lock();
+        st.sync_running = false;
+        let result = result.and_then(|()| {
+            st.journal_pos =
+                journal::append(&st.journal, st.journal_pos, Record::Barrier { covered })?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::error!(file = %self.slot.leaf, error = %e, "flushing partial failed");
+            st.closed
+                .get_or_insert_with(|| format!("flushing partial failed: {e}"));
+        }
+    }
+
+    /// Makes the file final: checks every byte is held, applies `mode` and `mtime_ns`, flushes
+    /// data and metadata, renames the partial over the final name, removes the journal and
+    /// flushes the directory. Readers of the final name see the old file or the new, never a mix.
+    ///
+    /// # Errors
+    /// `Incomplete` while bytes are missing; I/O errors.
+    pub async fn commit(self: &Arc<Self>, mode: u32, mtime_ns: i64) -> Result<()> {
+        let this = Arc::clone(self);
+        blocking(move || this.commit_blocking(mode, mtime_ns)).await
+    }
+
+    fn commit_blocking(&self, mode: u32, mtime_ns: i64) -> Result<()> {
+        let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
+        let mut st = self.lock();
+        if let Some(why) = &st.closed {
+            return Err(CoreError::io(
+                ctx("commit"),
+                std::io::Error::other(why.clone()),
+            ));
+        }
+        let missing = self.identity.size - st.held.total();
+        if missing > 0 {
+            return Err(CoreError::Incomplete { missing });
+        }
+        let mtime = if mtime_ns >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
+        };
+        self.data
+            .set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+            .and_then(|()| self.data.set_modified(mtime))
+            .and_then(|()| self.data.sync_all())
+            .map_err(|e| CoreError::io(ctx("flushing"), e))?;
+        let dir = self.slot.dir.as_fd();
+        rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
+            .map_err(|e| CoreError::io(ctx("renaming partial to"), e.into()))?;
+        st.closed = Some("transfer already committed".into());
+        if let Err(e) = rfs::unlinkat(dir, self.journal_leaf.as_str(), rfs::AtFlags::empty()) {
+            tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
+        }
+        rfs::fsync(dir).map_err(|e| CoreError::io(ctx("flushing directory of"), e.into()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Root;
+
+    fn id(size: u64) -> FileIdentity {
+        FileIdentity {
+            size,
+            mtime_ns: 1_700_000_000_000_000_000,
+        }
+    }
+
+    async fn write(p: &Arc<PartialFile>, offset: u64, bytes: &[u8]) {
+        p.write(
+            offset,
+            Bytes::copy_from_slice(bytes),
+            crc32fast::hash(bytes),
+        )
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn chunks_land_at_their_offsets_and_commit_renames() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let p = PartialFile::open(root.slot("out.bin", true).unwrap(), id(10))
+            .await
+            .unwrap();
+        write(&p, 5, b"56789").await;
+        assert!(matches!(
+            p.commit(0o640, 0).await,
+            Err(CoreError::Incomplete { missing: 5 })
+        ));
+        assert!(!tmp.path().join("out.bin").exists());
+        write(&p, 0, b"01234").await;
+        p.commit(0o640, id(10).mtime_ns).await.unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("out.bin")).unwrap(),
+            b"0123456789"
+        );
+        let meta = std::fs::metadata(tmp.path().join("out.bin")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert!(!tmp.path().join(".out.bin.xfer-part").exists());
+        assert!(!tmp.path().join(".out.bin.xfer-state").exists());
+        assert!(p.write(0, Bytes::from_static(b"x"), 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn reopen_resumes_same_identity_and_discards_another() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let slot = root.slot("f", true).unwrap();
+        let p = PartialFile::open_with(slot.clone(), id(8), 4)
+            .await
+            .unwrap();
+        write(&p, 0, b"abcd").await;
+        write(&p, 4, b"ef").await;
+        drop(p);
+        let p = PartialFile::open(slot.clone(), id(8)).await.unwrap();
+        assert_eq!(p.resumed_bytes(), 6);
+        assert_eq!(p.held(), vec![ByteRange::new(0, 6)]);
+        drop(p);
+        // Reopening twice keeps the rewritten journal valid.
+        let p = PartialFile::open(slot.clone(), id(8)).await.unwrap();
+        assert_eq!(p.resumed_bytes(), 6);
+        drop(p);
+        let other = FileIdentity {
+            size: 8,
+            mtime_ns: 5,
+        };
+        let p = PartialFile::open(slot, other).await.unwrap();
+        assert_eq!(p.resumed_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn unsynced_records_with_wrong_bytes_are_dropped_on_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let slot = root.slot("f", true).unwrap();
+        let p = PartialFile::open(slot.clone(), id(8)).await.unwrap();
+        write(&p, 0, b"abcd").await;
+        write(&p, 4, b"efgh").await;
+        drop(p);
+        // Simulate a power loss that kept the journal but not the data of the second chunk.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.path().join(".f.xfer-part"))
+            .unwrap()
+            .write_all_at(b"\0\0\0\0", 4)
+            .unwrap();
+        let p = PartialFile::open(slot, id(8)).await.unwrap();
+        assert_eq!(p.held(), vec![ByteRange::new(0, 4)]);
+    }
+
+    #[tokio::test]
+    async fn writes_beyond_the_size_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let p = PartialFile::open(root.slot("f", true).unwrap(), id(4))
+            .await
+            .unwrap();
+        assert!(p.write(2, Bytes::from_static(b"abc"), 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn empty_file_commits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let p = PartialFile::open(root.slot("e", true).unwrap(), id(0))
+            .await
+            .unwrap();
+        p.commit(0o644, 0).await.unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("e")).unwrap(), b"");
+    }
+}
