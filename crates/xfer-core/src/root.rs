@@ -202,7 +202,7 @@ impl Root {
             entries.push(ListEntry {
                 name: name.to_string(),
                 size: if is_dir { 0 } else { st.st_size as u64 },
-                mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+                mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
                 is_dir,
             });
         }
