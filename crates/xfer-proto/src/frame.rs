@@ -258,10 +258,12 @@ impl ErrorFrame {
 
 impl std::fmt::Display for ErrorFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Messages are written to stand alone ("no such file: a.bin"); the code's description
+        // fills in when the peer sent none.
         match self.error_code() {
-            Some(code) if self.message.is_empty() => f.write_str(code.describe()),
-            Some(code) => write!(f, "{}: {}", code.describe(), self.message),
-            None => write!(f, "error {}: {}", self.code, self.message),
+            _ if !self.message.is_empty() => f.write_str(&self.message),
+            Some(code) => f.write_str(code.describe()),
+            None => write!(f, "error code {}", self.code),
         }
     }
 }

@@ -1,0 +1,581 @@
+//! The transfer engine: chunks of one file handed out from a shared queue to several
+//! connections, each keeping a bounded window in flight, with reconnects on transient failures.
+//! Uploads and downloads share the queue, the retry loop and the accounting; they differ only
+//! in what a worker does with a chunk.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use rand::Rng;
+use tokio::task::JoinSet;
+use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot, SourceFile};
+use xfer_proto::{
+    ByteRange, ChunkRef, Commit, Data, ErrorCode, FileIdentity, Frame, OpenRead, OpenWrite,
+};
+
+use crate::session::unexpected;
+use crate::{ClientError, RateLimiter, Session, Target};
+
+/// How a transfer runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Parallel connections.
+    pub connections: usize,
+    /// Chunk size asked for (the server may lower it).
+    pub chunk_size: u32,
+    /// Bytes per second across all connections, if limited.
+    pub bwlimit: Option<u64>,
+    /// How long to keep reconnecting after a transient failure before giving up.
+    pub retry_deadline: Duration,
+    /// Progress display (hidden when not on a terminal).
+    pub progress: ProgressBar,
+}
+
+/// What a finished transfer reports (`--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Name on the server.
+    pub name: String,
+    /// Size of the file.
+    pub bytes_total: u64,
+    /// Payload bytes sent or received by this run (resends included).
+    pub bytes_transferred: u64,
+    /// Bytes already held at the start, not sent again.
+    pub resumed_bytes: u64,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+    /// Connections used.
+    pub connections: usize,
+    /// `bytes_transferred` / `seconds`, in MiB/s.
+    pub mbytes_per_sec: f64,
+    /// Chunks sent again because their CRC did not match.
+    pub crc_retries: u64,
+}
+
+/// Chunks still to move, shared by the workers of one transfer.
+struct Work {
+    queue: Mutex<VecDeque<ByteRange>>,
+    transferred: AtomicU64,
+    crc_retries: AtomicU64,
+    progress: ProgressBar,
+    limiter: Option<RateLimiter>,
+}
+
+impl Work {
+    fn new(chunks: Vec<ByteRange>, opts: &Options) -> Self {
+        Self {
+            queue: Mutex::new(chunks.into()),
+            transferred: AtomicU64::new(0),
+            crc_retries: AtomicU64::new(0),
+            progress: opts.progress.clone(),
+            limiter: opts.bwlimit.map(RateLimiter::new),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<ByteRange>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pop(&self) -> Option<ByteRange> {
+        self.lock().pop_front()
+    }
+
+    /// Puts chunks that were in flight on a failed connection back at the front.
+    fn requeue(&self, chunks: impl DoubleEndedIterator<Item = ByteRange>) {
+        let mut q = self.lock();
+        for c in chunks.rev() {
+            q.push_front(c);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    async fn throttle(&self, bytes: u64) {
+        if let Some(l) = &self.limiter {
+            l.acquire(bytes).await;
+        }
+    }
+}
+
+/// What differs between an upload and a download.
+trait Direction: Send + Sync + 'static {
+    /// Opens the transfer on a fresh session; returns its transfer id.
+    fn open(
+        &self,
+        session: &mut Session,
+    ) -> impl std::future::Future<Output = Result<u64, ClientError>> + Send;
+    /// Moves chunks from the queue until it is empty; on error, in-flight chunks are requeued.
+    fn pump(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        work: &Work,
+    ) -> impl std::future::Future<Output = Result<(), ClientError>> + Send;
+}
+
+fn window(session: &Session) -> usize {
+    (session.welcome.window as usize).clamp(1, 64)
+}
+
+/// Runs `connections` workers over `work` until the queue is drained. Each worker reconnects
+/// with exponential backoff and jitter after a transient failure, until `retry_deadline`.
+/// Returns the sessions that finished cleanly (with their transfer ids).
+async fn drive<D: Direction>(
+    target: &Target,
+    dir: Arc<D>,
+    work: Arc<Work>,
+    first: (Session, u64),
+    opts: &Options,
+) -> Result<Vec<(Session, u64)>, ClientError> {
+    let mut workers = JoinSet::new();
+    let mut first = Some(first);
+    for _ in 0..opts.connections {
+        let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
+        let first = first.take();
+        let deadline = opts.retry_deadline;
+        workers.spawn(async move { worker(&target, &*dir, &work, first, deadline).await });
+    }
+    let mut done = Vec::new();
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(Some(session))) => done.push(session),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                workers.abort_all();
+                return Err(e);
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
+    Ok(done)
+}
+
+async fn worker<D: Direction>(
+    target: &Target,
+    dir: &D,
+    work: &Work,
+    mut session: Option<(Session, u64)>,
+    retry_deadline: Duration,
+) -> Result<Option<(Session, u64)>, ClientError> {
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if session.is_none() && work.is_empty() {
+            return Ok(None);
+        }
+        let attempt = async {
+            let (mut s, id) = match session.take() {
+                Some(open) => open,
+                None => {
+                    let mut s = Session::connect(target).await?;
+                    let id = dir.open(&mut s).await?;
+                    (s, id)
+                }
+            };
+            match dir.pump(&mut s, id, work).await {
+                Ok(()) => Ok((s, id)),
+                Err(e) => Err(e),
+            }
+        };
+        match attempt.await {
+            Ok(open) => return Ok(Some(open)),
+            Err(e) if e.is_transient() => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= retry_deadline {
+                    return Err(ClientError::GaveUp {
+                        last: Box::new(e),
+                        seconds: since.elapsed().as_secs_f64(),
+                    });
+                }
+                tracing::info!(error = %e, retry_in = ?backoff, "connection failed; reconnecting");
+                let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn make_summary(
+    name: &str,
+    size: u64,
+    resumed: u64,
+    work: &Work,
+    started: Instant,
+    connections: usize,
+) -> Summary {
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes_transferred = work.transferred.load(Ordering::Relaxed);
+    Summary {
+        name: name.to_string(),
+        bytes_total: size,
+        bytes_transferred,
+        resumed_bytes: resumed,
+        seconds,
+        connections,
+        mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
+        crc_retries: work.crc_retries.load(Ordering::Relaxed),
+    }
+}
+
+async fn close_all(sessions: Vec<(Session, u64)>) {
+    for (s, _) in sessions {
+        s.close().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upload
+
+struct Upload {
+    source: SourceFile,
+    request: OpenWrite,
+}
+
+impl Upload {
+    async fn open_with_held(
+        &self,
+        session: &mut Session,
+    ) -> Result<(u64, Vec<ByteRange>), ClientError> {
+        session
+            .send(&Frame::OpenWrite(self.request.clone()))
+            .await?;
+        match session.next().await? {
+            Frame::WriteOpened(w) => Ok((w.transfer_id, w.held)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl Direction for Upload {
+    async fn open(&self, session: &mut Session) -> Result<u64, ClientError> {
+        Ok(self.open_with_held(session).await?.0)
+    }
+
+    async fn pump(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        work: &Work,
+    ) -> Result<(), ClientError> {
+        let window = window(session);
+        let mut inflight: VecDeque<ByteRange> = VecDeque::with_capacity(window);
+        let result = async {
+            loop {
+                while inflight.len() < window {
+                    let Some(chunk) = work.pop() else { break };
+                    inflight.push_back(chunk);
+                    let payload = self.source.read(chunk).await?;
+                    work.throttle(chunk.len()).await;
+                    session
+                        .send(&Frame::Data(Data::new(transfer_id, chunk.start, payload)))
+                        .await?;
+                    work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
+                }
+                if inflight.is_empty() {
+                    return Ok(());
+                }
+                let (c, rejected) = match session.next().await? {
+                    Frame::Ack(c) => (c, false),
+                    Frame::Reject(c) => (c, true),
+                    other => return Err(unexpected(other)),
+                };
+                let chunk = take_inflight(&mut inflight, c)?;
+                if rejected {
+                    work.crc_retries.fetch_add(1, Ordering::Relaxed);
+                    work.requeue(std::iter::once(chunk));
+                } else {
+                    work.progress.inc(chunk.len());
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            work.requeue(inflight.drain(..));
+        }
+        result
+    }
+}
+
+fn take_inflight(
+    inflight: &mut VecDeque<ByteRange>,
+    c: ChunkRef,
+) -> Result<ByteRange, ClientError> {
+    let want = ByteRange::new(c.offset, c.offset + u64::from(c.len));
+    let pos = inflight
+        .iter()
+        .position(|r| *r == want)
+        .ok_or(ClientError::Unexpected("Ack"))?;
+    Ok(inflight.remove(pos).expect("position is in range"))
+}
+
+/// Uploads `path` to `target` as `name`.
+///
+/// # Errors
+/// Local file errors, connection failures past the retry deadline, or the server's refusal.
+pub async fn send(
+    path: &Path,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => xfer_core::CoreError::NotFound(path.display().to_string()),
+        _ => xfer_core::CoreError::io(format!("opening {}", path.display()), e),
+    })?;
+    let source = SourceFile::new(file, path.display().to_string())?;
+    let identity = source.identity();
+    let mut session = Session::connect(target).await?;
+    let chunk_size = opts
+        .chunk_size
+        .min(session.welcome.max_chunk_size)
+        .max(xfer_proto::MIN_CHUNK_SIZE);
+    let upload = Arc::new(Upload {
+        request: OpenWrite {
+            name: name.to_string(),
+            identity,
+            mode: source.mode(),
+            chunk_size,
+        },
+        source,
+    });
+    let (mut id, mut held) = upload.open_with_held(&mut session).await?;
+    let resumed = RangeSet::from_ranges(held.iter().copied()).total();
+    opts.progress.set_length(identity.size);
+    opts.progress.set_position(resumed);
+    let work = Arc::new(Work::new(Vec::new(), opts));
+    // A commit can find bytes missing only if the daemon lost acknowledged chunks (it restarted
+    // after a power loss); then the missing ranges are sent again, a bounded number of times.
+    for _ in 0..3 {
+        let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
+        work.requeue(split_into_chunks(&missing, chunk_size).into_iter());
+        let mut sessions = drive(
+            target,
+            Arc::clone(&upload),
+            Arc::clone(&work),
+            (session, id),
+            opts,
+        )
+        .await?;
+        let Some((mut s, sid)) = sessions.pop() else {
+            return Err(ClientError::Closed);
+        };
+        close_all(sessions).await;
+        s.send(&Frame::Commit(Commit { transfer_id: sid })).await?;
+        match s.next().await {
+            Ok(Frame::Committed(_)) => {
+                s.close().await;
+                opts.progress.finish_and_clear();
+                return Ok(make_summary(
+                    name,
+                    identity.size,
+                    resumed,
+                    &work,
+                    started,
+                    opts.connections,
+                ));
+            }
+            Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = s;
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClientError::Remote(xfer_proto::ErrorFrame::new(
+        ErrorCode::Incomplete,
+        "server kept losing data",
+    )))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Download
+
+struct Download {
+    name: String,
+    identity: FileIdentity,
+    partial: Arc<PartialFile>,
+    max_chunk: u32,
+}
+
+async fn open_read(
+    session: &mut Session,
+    request: &OpenRead,
+) -> Result<(u64, FileIdentity, u32), ClientError> {
+    session.send(&Frame::OpenRead(request.clone())).await?;
+    match session.next().await? {
+        Frame::ReadOpened(r) => Ok((r.transfer_id, r.identity, r.mode)),
+        other => Err(unexpected(other)),
+    }
+}
+
+impl Direction for Download {
+    async fn open(&self, session: &mut Session) -> Result<u64, ClientError> {
+        let request = OpenRead {
+            name: self.name.clone(),
+            have_identity: None,
+            have: vec![],
+        };
+        let (id, identity, _) = open_read(session, &request).await?;
+        if identity != self.identity {
+            return Err(ClientError::Changed(self.name.clone()));
+        }
+        Ok(id)
+    }
+
+    async fn pump(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        work: &Work,
+    ) -> Result<(), ClientError> {
+        let window = window(session);
+        let max = session.welcome.max_chunk_size.min(self.max_chunk);
+        let mut inflight: VecDeque<ByteRange> = VecDeque::with_capacity(window);
+        let result = async {
+            loop {
+                while inflight.len() < window {
+                    let Some(chunk) = work.pop() else { break };
+                    if chunk.len() > u64::from(max) {
+                        // The server serves smaller chunks than planned: split this one.
+                        work.requeue(split_into_chunks(&[chunk], max).into_iter());
+                        continue;
+                    }
+                    inflight.push_back(chunk);
+                    work.throttle(chunk.len()).await;
+                    let req = ChunkRef {
+                        transfer_id,
+                        offset: chunk.start,
+                        len: chunk.len() as u32,
+                    };
+                    session.send(&Frame::ReadChunk(req)).await?;
+                }
+                let Some(&want) = inflight.front() else {
+                    return Ok(());
+                };
+                let data = match session.next().await? {
+                    Frame::Data(d) => d,
+                    other => return Err(unexpected(other)),
+                };
+                if data.transfer_id != transfer_id || data.range() != want {
+                    return Err(ClientError::Unexpected("Data"));
+                }
+                inflight.pop_front();
+                work.transferred.fetch_add(want.len(), Ordering::Relaxed);
+                if data.verify().is_err() {
+                    work.crc_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(offset = want.start, "chunk failed its CRC; asking again");
+                    work.requeue(std::iter::once(want));
+                    continue;
+                }
+                if let Err(e) = self
+                    .partial
+                    .write(data.offset, data.payload, data.crc32)
+                    .await
+                {
+                    inflight.push_front(want);
+                    return Err(e.into());
+                }
+                work.progress.inc(want.len());
+            }
+        }
+        .await;
+        if result.is_err() {
+            work.requeue(inflight.drain(..));
+        }
+        result
+    }
+}
+
+/// Downloads `name` from `target` into `dest` (a file path), through a partial file beside it.
+///
+/// # Errors
+/// Local file errors, connection failures past the retry deadline, or the server's refusal.
+pub async fn recv(
+    target: &Target,
+    name: &str,
+    dest: &Path,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    let slot = local_slot(dest)?;
+    let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
+    let have = read_local_journal(&journal_path);
+    let mut session = Session::connect(target).await?;
+    let request = OpenRead {
+        name: name.to_string(),
+        have_identity: have.as_ref().map(|c| c.identity),
+        have: have
+            .as_ref()
+            .map(|c| c.chunks.iter().map(|(r, _)| *r).collect())
+            .unwrap_or_default(),
+    };
+    let (id, identity, mode) = open_read(&mut session, &request).await?;
+    let partial = PartialFile::open(slot, identity).await?;
+    let resumed = partial.resumed_bytes();
+    let chunk_size = opts
+        .chunk_size
+        .min(session.welcome.max_chunk_size)
+        .max(xfer_proto::MIN_CHUNK_SIZE);
+    let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+    opts.progress.set_length(identity.size);
+    opts.progress.set_position(resumed);
+    let work = Arc::new(Work::new(split_into_chunks(&missing, chunk_size), opts));
+    let download = Arc::new(Download {
+        name: name.to_string(),
+        identity,
+        partial: Arc::clone(&partial),
+        max_chunk: chunk_size,
+    });
+    let sessions = drive(target, download, Arc::clone(&work), (session, id), opts).await?;
+    close_all(sessions).await;
+    partial.commit(mode, identity.mtime_ns).await?;
+    opts.progress.finish_and_clear();
+    Ok(make_summary(
+        name,
+        identity.size,
+        resumed,
+        &work,
+        started,
+        opts.connections,
+    ))
+}
+
+fn read_local_journal(path: &Path) -> Option<xfer_core::journal::Contents> {
+    let mut f = std::fs::File::open(path).ok()?;
+    xfer_core::journal::read(&mut f).ok().flatten()
+}
+
+fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
+    let leaf = dest
+        .file_name()
+        .and_then(|l| l.to_str())
+        .ok_or_else(|| ClientError::Target(format!("bad output path {}", dest.display())))?;
+    if xfer_core::is_reserved_name(leaf) {
+        return Err(xfer_core::CoreError::BadPath(format!("reserved output name {leaf:?}")).into());
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::File::open(parent).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            xfer_core::CoreError::NotFound(format!("output directory {}", parent.display()))
+        }
+        _ => xfer_core::CoreError::io(format!("opening {}", parent.display()), e),
+    })?;
+    Ok(Slot {
+        dir: Arc::new(dir),
+        leaf: leaf.to_string(),
+    })
+}

@@ -1,0 +1,69 @@
+//! [`ClientError`]: every way a client command can fail, worded for a one-line `xfer: …` message.
+
+use xfer_core::CoreError;
+use xfer_proto::{ErrorCode, ErrorFrame, ProtoError};
+
+/// A failed client operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The target could not be parsed or resolved.
+    #[error("{0}")]
+    Target(String),
+    /// TCP connect failed.
+    #[error("{reason} ({addr})")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// Short cause ("connection refused", …).
+        reason: String,
+    },
+    /// The server answered with an error frame.
+    #[error("{0}")]
+    Remote(ErrorFrame),
+    /// The server broke the protocol or the connection failed mid-way.
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// A local file operation failed.
+    #[error(transparent)]
+    Local(#[from] CoreError),
+    /// The connection closed where a reply was due.
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+    /// The server sent a frame that does not fit here.
+    #[error("protocol error: unexpected {0} frame from the server")]
+    Unexpected(&'static str),
+    /// The server's file changed between connections.
+    #[error("file changed on the server during the transfer: {0}")]
+    Changed(String),
+    /// Every retry failed within the deadline.
+    #[error("{last} (gave up after {seconds:.0} s of retries; rerun to resume)")]
+    GaveUp {
+        /// The last error seen.
+        last: Box<Self>,
+        /// Seconds spent retrying.
+        seconds: f64,
+    },
+}
+
+impl ClientError {
+    /// True for failures that a new connection may fix: dropped connections, a restarting or
+    /// busy daemon, a corrupted stream. Errors about the request itself are final.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Closed => true,
+            Self::Proto(ProtoError::Io(_) | ProtoError::TruncatedStream { .. }) => true,
+            // A corrupted header shows up as a malformed frame; the next connection is clean.
+            Self::Proto(_) => true,
+            Self::Remote(frame) => matches!(
+                frame.error_code(),
+                Some(
+                    ErrorCode::Busy
+                        | ErrorCode::ShuttingDown
+                        | ErrorCode::BadCrc
+                        | ErrorCode::Protocol
+                )
+            ),
+            _ => false,
+        }
+    }
+}
