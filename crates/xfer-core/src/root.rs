@@ -144,6 +144,14 @@ impl Root {
             Err(rustix::io::Errno::NOENT) if create => self.create_dirs(dirs, name)?,
             Err(e) => return Err(map_open_err(name, e)),
         };
+        // Only a regular file may be replaced: never a directory, device, FIFO, socket or link.
+        match rfs::statat(&dir, *leaf, rfs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile => {
+                return Err(CoreError::NotRegular(name.to_string()))
+            }
+            Ok(_) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(CoreError::io(format!("stat {name:?}"), e.into())),
+        }
         Ok(Slot {
             dir: Arc::new(dir),
             leaf: (*leaf).to_string(),

@@ -15,7 +15,7 @@ use xfer_proto::{
     OpenWrite, ProtoError, ReadOpened, Welcome, WriteOpened, MAX_LISTING_ENTRIES, PROTOCOL_VERSION,
 };
 
-use crate::registry::Lease;
+use crate::registry::{blocking, Lease};
 use crate::Shared;
 
 /// Most transfers one connection may have open at once.
@@ -93,11 +93,24 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
                 _ => warn!(error = %err, "connection ended with an error"),
             }
             if let Some(frame) = frame {
-                handler.close_with(frame).await;
+                close_with(&mut handler.reader, &mut handler.writer, frame).await;
             }
         }
     }
     handler.log_abandoned();
+}
+
+/// Tells a client it is over a limit, without reading its handshake, and closes.
+pub(crate) async fn refuse_busy(socket: TcpStream, peer: SocketAddr, why: &str) {
+    info!(%peer, "connection refused: {why}");
+    let (read, write) = socket.into_split();
+    let frame = ErrorFrame::new(ErrorCode::Busy, format!("server busy: {why}"));
+    close_with(
+        &mut FrameReader::new(read),
+        &mut FrameWriter::new(write),
+        frame,
+    )
+    .await;
 }
 
 impl Handler {
@@ -341,12 +354,8 @@ impl Handler {
     }
 
     async fn open_read(&mut self, req: OpenRead) -> Result<(), ConnError> {
-        let opened = self
-            .shared
-            .config
-            .root
-            .open_read(&req.name)
-            .and_then(|file| SourceFile::new(file, req.name.clone()));
+        let (root, name) = (self.shared.config.root.clone(), req.name.clone());
+        let opened = blocking(move || SourceFile::new(root.open_read(&name)?, name)).await;
         let source = match opened {
             Ok(source) => source,
             Err(e) => {
@@ -450,26 +459,6 @@ impl Handler {
         Ok(())
     }
 
-    /// Sends a last error frame, then closes without resetting the connection: the write side
-    /// is shut first and unread input is drained briefly, so the peer gets to read the frame.
-    async fn close_with(&mut self, frame: ErrorFrame) {
-        let _ = timeout(std::time::Duration::from_secs(2), async {
-            self.writer.send(&Frame::Error(frame)).await?;
-            self.writer.shutdown().await?;
-            let mut sink = [0u8; 16 * 1024];
-            let io = self.reader.get_mut();
-            let mut drained = 0usize;
-            while drained < (1 << 20) {
-                match tokio::io::AsyncReadExt::read(io, &mut sink).await? {
-                    0 => break,
-                    n => drained += n,
-                }
-            }
-            Ok::<_, ProtoError>(())
-        })
-        .await;
-    }
-
     fn log_abandoned(&self) {
         for open in self.open.values() {
             match open {
@@ -488,6 +477,29 @@ impl Handler {
             }
         }
     }
+}
+
+/// Sends a last error frame, then closes without resetting the connection: the write side is
+/// shut first and unread input is drained briefly, so the peer gets to read the frame.
+async fn close_with(
+    reader: &mut FrameReader<OwnedReadHalf>,
+    writer: &mut FrameWriter<OwnedWriteHalf>,
+    frame: ErrorFrame,
+) {
+    let _ = timeout(std::time::Duration::from_secs(2), async {
+        writer.send(&Frame::Error(frame)).await?;
+        writer.shutdown().await?;
+        let mut sink = [0u8; 16 * 1024];
+        let mut drained = 0usize;
+        while drained < (1 << 20) {
+            match tokio::io::AsyncReadExt::read(reader.get_mut(), &mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, ProtoError>(())
+    })
+    .await;
 }
 
 fn negotiate(hello: &Hello) -> Result<u16, ConnError> {

@@ -8,8 +8,11 @@
 //! Invariants: a connection's failure never ends the listener; the number of connections served
 //! at once is bounded by `max_streams`, and the number accepted at all by `max_connections`.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -47,6 +50,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Refuse uploads.
     pub read_only: bool,
+    /// Connections accepted at once from one client address.
+    pub max_per_address: usize,
 }
 
 impl Config {
@@ -67,6 +72,7 @@ impl Config {
             idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(10),
             read_only: false,
+            max_per_address: 64,
         })
     }
 }
@@ -78,6 +84,45 @@ pub(crate) struct Shared {
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) registry: Arc<registry::Registry>,
     pub(crate) shutdown: CancellationToken,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in the per-address count; released on drop.
+pub(crate) struct AddressSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Shared {
+    /// Counts a connection from `ip`; `None` when that address is at its limit.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(ip).or_insert(0);
+        if *count >= self.config.max_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            shared: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then lets connections finish the frame they
@@ -103,6 +148,7 @@ pub async fn run(
         config,
         registry: Arc::default(),
         shutdown: shutdown.clone(),
+        per_address: Mutex::default(),
     });
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
@@ -120,9 +166,20 @@ pub async fn run(
         match accepted {
             Ok((socket, peer)) => {
                 backoff = Duration::from_millis(5);
+                let slot = shared.admit(peer.ip());
                 let shared = Arc::clone(&shared);
                 tracker.spawn(async move {
-                    handler::serve(shared, socket, peer).await;
+                    match slot {
+                        Some(_slot) => handler::serve(shared, socket, peer).await,
+                        None => {
+                            handler::refuse_busy(
+                                socket,
+                                peer,
+                                "too many connections from this address",
+                            )
+                            .await
+                        }
+                    }
                     drop(permit);
                 });
             }

@@ -35,6 +35,9 @@ struct Args {
     /// Seconds a connection may stay silent before it is closed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// Connections accepted at once from one client address.
+    #[arg(long, default_value_t = 64)]
+    max_conns_per_ip: usize,
     /// Refuse uploads.
     #[arg(long)]
     read_only: bool,
@@ -62,6 +65,7 @@ impl Args {
         cfg.queue_timeout = Duration::from_secs(self.queue_timeout);
         cfg.idle_timeout = Duration::from_secs(self.idle_timeout.max(1));
         cfg.read_only = self.read_only;
+        cfg.max_per_address = self.max_conns_per_ip.max(1);
         Ok(cfg)
     }
 }

@@ -110,7 +110,8 @@ impl Registry {
                     continue;
                 }
             };
-            let opened = match root.slot(name, true) {
+            let (root, owned) = (root.clone(), name.to_string());
+            let opened = match blocking(move || root.slot(&owned, true)).await {
                 Ok(slot) => PartialFile::open(slot, identity).await,
                 Err(e) => Err(e),
             };
@@ -192,4 +193,13 @@ impl Drop for Lease {
             }
         }
     }
+}
+
+/// Runs a short file operation (path resolution, `mkdir`) off the runtime's worker threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, CoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoreError::io("file task", std::io::Error::other(e.to_string())))?
 }
