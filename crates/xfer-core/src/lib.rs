@@ -19,6 +19,7 @@ pub mod partial;
 pub mod ranges;
 pub mod root;
 pub mod source;
+pub mod token;
 pub mod units;
 pub mod wire;
 

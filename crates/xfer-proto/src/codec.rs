@@ -95,13 +95,17 @@ mod tests {
                 min_version: 1,
                 capabilities: 0xff,
                 agent: "xfer/0".into(),
+                nonce: vec![9; 32],
             }),
+            Frame::Challenge(Challenge { nonce: vec![1; 32] }),
+            Frame::Auth(Auth { proof: vec![2; 32] }),
             Frame::Welcome(Welcome {
                 version: 1,
                 capabilities: 0,
                 max_chunk_size: MAX_CHUNK_SIZE,
                 window: 4,
                 agent: "xferd/0".into(),
+                proof: vec![],
             }),
             Frame::OpenWrite(OpenWrite {
                 name: "a/b.bin".into(),
@@ -209,6 +213,17 @@ mod tests {
         buf.put_u8(FrameType::Hello as u8);
         let err = FrameCodec::default().decode(&mut buf).unwrap_err();
         assert!(matches!(err, ProtoError::FrameTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn oversized_control_bodies_are_not_encoded() {
+        let frame = Frame::List(List {
+            dir: "a".repeat(MAX_CONTROL_LEN as usize),
+        });
+        let mut buf = BytesMut::new();
+        let err = frame.encode(&mut buf).unwrap_err();
+        assert!(matches!(err, ProtoError::FrameTooLarge { .. }), "{err}");
+        assert!(buf.is_empty());
     }
 
     #[test]

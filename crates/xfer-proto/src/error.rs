@@ -54,7 +54,6 @@ impl ProtoError {
     /// The error code to send to a peer that caused this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::BadCrc { .. } => ErrorCode::BadCrc,
             Self::FrameTooLarge { .. } => ErrorCode::TooLarge,
             _ => ErrorCode::Protocol,
         }
@@ -119,6 +118,21 @@ impl ErrorCode {
     /// The code for a wire value; unknown values (from a newer peer) read as `None`.
     pub fn from_u16(value: u16) -> Option<Self> {
         Self::ALL.into_iter().find(|c| *c as u16 == value)
+    }
+
+    /// True for codes that answer one request and leave the connection open (`proto.md`,
+    /// "Error codes"); every other code is followed by the sender closing the connection.
+    pub fn is_request_level(self) -> bool {
+        matches!(
+            self,
+            Self::NotFound
+                | Self::BadPath
+                | Self::InUse
+                | Self::NoSpace
+                | Self::ReadOnly
+                | Self::Changed
+                | Self::Incomplete
+        )
     }
 
     /// Short human-readable name, used in messages.

@@ -62,9 +62,25 @@ pub struct Hello {
     pub capabilities: u64,
     /// Free-form software name and version, for logs.
     pub agent: String,
+    /// Fresh random bytes (`NONCE_LEN`), always sent; used if the server challenges.
+    pub nonce: Vec<u8>,
 }
 
-/// Server → client answer to `Hello`.
+/// Server → client, when the server requires a token: prove you know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Fresh random bytes (`NONCE_LEN`).
+    pub nonce: Vec<u8>,
+}
+
+/// Client → server answer to `Challenge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    /// `auth::client_proof(token, hello.nonce, challenge.nonce)`.
+    pub proof: Vec<u8>,
+}
+
+/// Server → client answer to `Hello` (or to `Auth`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     /// Version chosen for this connection.
@@ -78,6 +94,8 @@ pub struct Welcome {
     pub window: u32,
     /// Free-form software name and version, for logs.
     pub agent: String,
+    /// After authentication, `auth::server_proof(token, hello.nonce, challenge.nonce)`; else empty.
+    pub proof: Vec<u8>,
 }
 
 /// Client → server: start or join the upload of `name`.
@@ -276,6 +294,10 @@ pub enum FrameType {
     Hello = 0x01,
     /// [`Welcome`]
     Welcome = 0x02,
+    /// [`Challenge`]
+    Challenge = 0x03,
+    /// [`Auth`]
+    Auth = 0x04,
     /// [`OpenWrite`]
     OpenWrite = 0x10,
     /// [`WriteOpened`]
@@ -307,9 +329,11 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 16] = [
+    const ALL: [Self; 18] = [
         Self::Hello,
         Self::Welcome,
+        Self::Challenge,
+        Self::Auth,
         Self::OpenWrite,
         Self::WriteOpened,
         Self::OpenRead,
@@ -342,6 +366,8 @@ impl FrameType {
         match self {
             Self::Hello => "Hello",
             Self::Welcome => "Welcome",
+            Self::Challenge => "Challenge",
+            Self::Auth => "Auth",
             Self::OpenWrite => "OpenWrite",
             Self::WriteOpened => "WriteOpened",
             Self::OpenRead => "OpenRead",
@@ -366,6 +392,8 @@ impl FrameType {
 pub enum Frame {
     Hello(Hello),
     Welcome(Welcome),
+    Challenge(Challenge),
+    Auth(Auth),
     OpenWrite(OpenWrite),
     WriteOpened(WriteOpened),
     OpenRead(OpenRead),
@@ -388,6 +416,8 @@ impl Frame {
         match self {
             Self::Hello(_) => FrameType::Hello,
             Self::Welcome(_) => FrameType::Welcome,
+            Self::Challenge(_) => FrameType::Challenge,
+            Self::Auth(_) => FrameType::Auth,
             Self::OpenWrite(_) => FrameType::OpenWrite,
             Self::WriteOpened(_) => FrameType::WriteOpened,
             Self::OpenRead(_) => FrameType::OpenRead,
@@ -408,7 +438,8 @@ impl Frame {
     /// Appends the whole frame (length prefix, type, body) to `dst`.
     ///
     /// # Errors
-    /// [`ProtoError::BadBody`] if a control body cannot be encoded within `MAX_CONTROL_LEN`.
+    /// [`ProtoError::BadBody`] if a control body cannot be encoded, [`ProtoError::FrameTooLarge`]
+    /// if it exceeds `MAX_CONTROL_LEN`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), ProtoError> {
         if let Self::Data(data) = self {
             dst.reserve(LEN_AND_DATA_HEADER + data.payload.len());
@@ -422,6 +453,8 @@ impl Frame {
         let body = match self {
             Self::Hello(b) => encode_body(b),
             Self::Welcome(b) => encode_body(b),
+            Self::Challenge(b) => encode_body(b),
+            Self::Auth(b) => encode_body(b),
             Self::OpenWrite(b) => encode_body(b),
             Self::WriteOpened(b) => encode_body(b),
             Self::OpenRead(b) => encode_body(b),
@@ -441,6 +474,13 @@ impl Frame {
                 reason,
             }
         })?;
+        if body.len() > MAX_CONTROL_LEN as usize {
+            dst.truncate(start);
+            return Err(ProtoError::FrameTooLarge {
+                len: body.len() as u32,
+                max: MAX_CONTROL_LEN,
+            });
+        }
         dst.put_slice(&body);
         let len = (dst.len() - start - crate::LEN_PREFIX) as u32;
         dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -468,6 +508,8 @@ impl Frame {
             }
             FrameType::Hello => Self::Hello(decode_body(ty, &body)?),
             FrameType::Welcome => Self::Welcome(decode_body(ty, &body)?),
+            FrameType::Challenge => Self::Challenge(decode_body(ty, &body)?),
+            FrameType::Auth => Self::Auth(decode_body(ty, &body)?),
             FrameType::OpenWrite => Self::OpenWrite(decode_body(ty, &body)?),
             FrameType::WriteOpened => Self::WriteOpened(decode_body(ty, &body)?),
             FrameType::OpenRead => Self::OpenRead(decode_body(ty, &body)?),

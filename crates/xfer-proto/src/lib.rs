@@ -5,14 +5,20 @@
 //! # Layout
 //! - [`frame`]: every frame type and its body encoding (bincode for control, fixed header for data).
 //! - [`codec`]: [`FrameCodec`], a `tokio_util::codec` decoder/encoder that checks limits first.
+//! - [`auth`]: token challenge–response proofs (HMAC-SHA256).
+//! - [`session`]: [`session::ServerSession`], the daemon side of a connection as a state machine.
 //! - [`error`]: [`ProtoError`] for malformed input and [`ErrorCode`] for error frames.
 //!
 //! Invariant: nothing here opens a socket, touches the filesystem or reads a clock.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod codec;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod session;
 
 pub use codec::FrameCodec;
 pub use error::{ErrorCode, ProtoError};
@@ -20,6 +26,12 @@ pub use frame::*;
 
 /// Version spoken by this implementation; carried in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// Capability bit: the connection was authenticated with a shared token.
+pub const CAP_AUTH: u64 = 1 << 0;
+/// Capability bit (reserved): TLS.
+pub const CAP_TLS: u64 = 1 << 1;
+/// Capability bit (reserved): compressed data frames.
+pub const CAP_COMPRESSION: u64 = 1 << 2;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

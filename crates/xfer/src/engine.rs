@@ -33,6 +33,8 @@ pub struct Options {
     pub retry_deadline: Duration,
     /// Progress display (hidden when not on a terminal).
     pub progress: ProgressBar,
+    /// Shared secret, if the server requires one.
+    pub token: Option<Arc<[u8]>>,
 }
 
 /// What a finished transfer reports (`--json`).
@@ -138,8 +140,8 @@ async fn drive<D: Direction>(
     for _ in 0..opts.connections {
         let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
         let first = first.take();
-        let deadline = opts.retry_deadline;
-        workers.spawn(async move { worker(&target, &*dir, &work, first, deadline).await });
+        let opts = opts.clone();
+        workers.spawn(async move { worker(&target, &*dir, &work, first, &opts).await });
     }
     let mut done = Vec::new();
     while let Some(joined) = workers.join_next().await {
@@ -162,8 +164,9 @@ async fn worker<D: Direction>(
     dir: &D,
     work: &Work,
     mut session: Option<(Session, u64)>,
-    retry_deadline: Duration,
+    opts: &Options,
 ) -> Result<Option<(Session, u64)>, ClientError> {
+    let retry_deadline = opts.retry_deadline;
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -174,7 +177,7 @@ async fn worker<D: Direction>(
             let (mut s, id) = match session.take() {
                 Some(open) => open,
                 None => {
-                    let mut s = Session::connect(target).await?;
+                    let mut s = Session::connect(target, opts.token.as_deref()).await?;
                     let id = dir.open(&mut s).await?;
                     (s, id)
                 }
@@ -334,7 +337,7 @@ pub async fn send(
     })?;
     let source = SourceFile::new(file, path.display().to_string())?;
     let identity = source.identity();
-    let mut session = Session::connect(target).await?;
+    let mut session = Session::connect(target, opts.token.as_deref()).await?;
     let chunk_size = opts
         .chunk_size
         .min(session.welcome.max_chunk_size)
@@ -511,7 +514,7 @@ pub async fn recv(
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
-    let mut session = Session::connect(target).await?;
+    let mut session = Session::connect(target, opts.token.as_deref()).await?;
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),

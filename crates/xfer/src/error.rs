@@ -17,6 +17,9 @@ pub enum ClientError {
         /// Short cause ("connection refused", …).
         reason: String,
     },
+    /// Authentication failed; the text says why.
+    #[error("authentication failed: {0}; set XFER_TOKEN or --token-file to the server's token")]
+    Auth(String),
     /// The server answered with an error frame.
     #[error("{0}")]
     Remote(ErrorFrame),

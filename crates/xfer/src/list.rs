@@ -9,8 +9,12 @@ use crate::{ClientError, Session, Target};
 ///
 /// # Errors
 /// Connection failures or the server's refusal (no such directory, bad path).
-pub async fn list(target: &Target, dir: &str) -> Result<Vec<ListEntry>, ClientError> {
-    let mut session = Session::connect(target).await?;
+pub async fn list(
+    target: &Target,
+    dir: &str,
+    token: Option<&[u8]>,
+) -> Result<Vec<ListEntry>, ClientError> {
+    let mut session = Session::connect(target, token).await?;
     session
         .send(&Frame::List(List {
             dir: dir.to_string(),
@@ -67,7 +71,7 @@ mod tests {
         );
         assert_eq!(
             format_utc(1_795_000_000 * 1_000_000_000 + 5),
-            "2026-11-18T09:46:40Z"
+            "2026-11-18T11:06:40Z"
         );
         assert_eq!(format_utc(-1_000_000_000), "1969-12-31T23:59:59Z");
     }

@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -55,6 +56,8 @@ enum Command {
         /// Print one JSON array instead.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        auth: TokenArgs,
         /// Server, HOST[:PORT] (default port 8888).
         host: String,
         /// Directory under the server's root (default: the root).
@@ -82,6 +85,31 @@ struct Common {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    auth: TokenArgs,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// File holding the server's token (default: the XFER_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn token(&self) -> anyhow::Result<Option<Arc<[u8]>>> {
+        if let Some(path) = &self.token_file {
+            return Ok(Some(xfer_core::token::read_token_file(path)?.into()));
+        }
+        use std::os::unix::ffi::OsStrExt;
+        match std::env::var_os("XFER_TOKEN") {
+            Some(v) if !xfer_core::token::trim_token(v.as_bytes()).is_empty() => {
+                Ok(Some(xfer_core::token::trim_token(v.as_bytes()).into()))
+            }
+            Some(v) if !v.is_empty() => bail!("XFER_TOKEN is blank"),
+            _ => Ok(None),
+        }
+    }
 }
 
 impl Common {
@@ -117,6 +145,7 @@ impl Common {
             bwlimit,
             retry_deadline: Duration::from_secs(self.retry_deadline),
             progress,
+            token: self.auth.token()?,
         })
     }
 
@@ -204,9 +233,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = runtime.block_on(xfer::recv(&target, &name, &dest, &opts))?;
             common.report("received", &summary)
         }
-        Command::Ls { json, host, dir } => {
+        Command::Ls {
+            json,
+            auth,
+            host,
+            dir,
+        } => {
             let target: Target = host.parse()?;
-            let entries = runtime.block_on(xfer::list(&target, dir.as_deref().unwrap_or("")))?;
+            let token = auth.token()?;
+            let dir = dir.as_deref().unwrap_or("");
+            let entries = runtime.block_on(xfer::list(&target, dir, token.as_deref()))?;
             let mut out = std::io::stdout().lock();
             if json {
                 let list: Vec<_> = entries

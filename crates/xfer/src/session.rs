@@ -3,7 +3,7 @@
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use xfer_core::{FrameReader, FrameWriter};
-use xfer_proto::{Frame, Hello, Welcome, PROTOCOL_VERSION};
+use xfer_proto::{auth, Auth, ErrorCode, ErrorFrame, Frame, Hello, Welcome, PROTOCOL_VERSION};
 
 use crate::{ClientError, Target};
 
@@ -36,7 +36,7 @@ impl Session {
     ///
     /// # Errors
     /// `Target` (name does not resolve), `Connect`, or the server's error (busy, version…).
-    pub async fn connect(target: &Target) -> Result<Self, ClientError> {
+    pub async fn connect(target: &Target, token: Option<&[u8]>) -> Result<Self, ClientError> {
         let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
             .await
             .map_err(|e| ClientError::Target(format!("cannot resolve {}: {e}", target.host)))?
@@ -73,8 +73,11 @@ impl Session {
                 max_chunk_size: 0,
                 window: 0,
                 agent: String::new(),
+                proof: Vec::new(),
             },
         };
+        let mut nonce = vec![0u8; auth::NONCE_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
         session
             .writer
             .send(&Frame::Hello(Hello {
@@ -82,12 +85,42 @@ impl Session {
                 min_version: 1,
                 capabilities: 0,
                 agent: AGENT.into(),
+                nonce: nonce.clone(),
             }))
             .await?;
-        match session.next().await? {
-            Frame::Welcome(w) => session.welcome = w,
-            other => return Err(unexpected(other)),
+        let mut server_nonce = None;
+        let welcome = match session.next().await.map_err(auth_failure)? {
+            Frame::Challenge(challenge) => {
+                let Some(token) = token else {
+                    let _ = session
+                        .send(&Frame::Error(ErrorFrame::new(ErrorCode::Auth, "no token")))
+                        .await;
+                    return Err(ClientError::Auth("the server requires a token".into()));
+                };
+                let proof = auth::client_proof(token, &nonce, &challenge.nonce);
+                session.send(&Frame::Auth(Auth { proof })).await?;
+                server_nonce = Some(challenge.nonce);
+                session.next().await.map_err(auth_failure)?
+            }
+            other => other,
+        };
+        let Frame::Welcome(welcome) = welcome else {
+            return Err(unexpected(welcome));
+        };
+        if let (Some(token), Some(server_nonce)) = (token, server_nonce) {
+            if !auth::verify_server(token, &nonce, &server_nonce, &welcome.proof) {
+                return Err(ClientError::Auth(
+                    "the server could not prove it holds the token".into(),
+                ));
+            }
         }
+        if !(1..=PROTOCOL_VERSION).contains(&welcome.version)
+            || welcome.max_chunk_size < xfer_proto::MIN_CHUNK_SIZE
+            || welcome.capabilities & !xfer_proto::CAP_AUTH != 0
+        {
+            return Err(ClientError::Unexpected("Welcome"));
+        }
+        session.welcome = welcome;
         Ok(session)
     }
 
@@ -118,6 +151,16 @@ impl Session {
     pub async fn close(mut self) {
         let _ = self.writer.send(&Frame::Goodbye).await;
         let _ = self.writer.shutdown().await;
+    }
+}
+
+/// Rewords the server's `Auth` error so it says how to fix it.
+fn auth_failure(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Remote(frame) if frame.error_code() == Some(ErrorCode::Auth) => {
+            ClientError::Auth("wrong token".into())
+        }
+        e => e,
     }
 }
 

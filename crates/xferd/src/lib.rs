@@ -52,6 +52,8 @@ pub struct Config {
     pub read_only: bool,
     /// Connections accepted at once from one client address.
     pub max_per_address: usize,
+    /// Shared secret every client must prove it holds; `None` serves anyone who can connect.
+    pub token: Option<Arc<[u8]>>,
 }
 
 impl Config {
@@ -73,6 +75,7 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             read_only: false,
             max_per_address: 64,
+            token: None,
         })
     }
 }

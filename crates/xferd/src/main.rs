@@ -41,6 +41,12 @@ struct Args {
     /// Refuse uploads.
     #[arg(long)]
     read_only: bool,
+    /// File holding the shared secret clients must prove they know.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve without a token on a non-loopback address (anyone who can connect may read and write).
+    #[arg(long)]
+    allow_anonymous: bool,
     /// Log level or filter (overridden by RUST_LOG).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -48,6 +54,17 @@ struct Args {
 
 impl Args {
     fn into_config(self) -> anyhow::Result<xferd::Config> {
+        let token = match &self.token_file {
+            Some(path) => Some(xfer_core::token::read_token_file(path)?),
+            None => None,
+        };
+        if token.is_none() && !self.allow_anonymous && !is_loopback(&self.listen) {
+            bail!(
+                "refusing to listen on {} without a token: pass --token-file FILE, \
+                 or --allow-anonymous to serve anyone who can connect",
+                self.listen
+            );
+        }
         let chunk = xfer_core::units::parse_size(&self.chunk_size).map_err(anyhow::Error::msg)?;
         if !(u64::from(xfer_proto::MIN_CHUNK_SIZE)..=u64::from(xfer_proto::MAX_CHUNK_SIZE))
             .contains(&chunk)
@@ -65,8 +82,21 @@ impl Args {
         cfg.queue_timeout = Duration::from_secs(self.queue_timeout);
         cfg.idle_timeout = Duration::from_secs(self.idle_timeout.max(1));
         cfg.read_only = self.read_only;
+        cfg.token = token.map(Into::into);
         cfg.max_per_address = self.max_conns_per_ip.max(1);
         Ok(cfg)
+    }
+}
+
+/// True when every address `listen` names is a loopback address.
+fn is_loopback(listen: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match listen.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
     }
 }
 

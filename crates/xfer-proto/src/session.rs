@@ -1,0 +1,547 @@
+//! [`ServerSession`]: the daemon's side of one connection as a state machine, without I/O.
+//!
+//! The daemon feeds it every frame it decodes; the session checks that the frame is allowed in
+//! the current phase and refers to an open transfer within bounds, and tells the daemon what to
+//! do ([`Request`]). The daemon does the I/O and reports transfers it opened or closed. Token
+//! proofs are checked here too, with the nonce the daemon drew.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::{
+    auth, ChunkRef, Data, ErrorCode, ErrorFrame, Frame, Hello, List, OpenRead, OpenWrite,
+    PROTOCOL_VERSION,
+};
+
+/// Settings for one server-side session.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Token clients must prove they hold; `None` lets everyone in.
+    pub token: Option<Arc<[u8]>>,
+    /// Largest chunk accepted or served.
+    pub max_chunk: u32,
+    /// Most transfers one connection may have open.
+    pub max_open: usize,
+}
+
+/// Where the session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for `Hello`.
+    AwaitHello,
+    /// `Challenge` sent; waiting for `Auth`.
+    AwaitAuth,
+    /// Handshake done; requests allowed.
+    Ready,
+}
+
+/// What the daemon must do for a frame.
+#[derive(Debug)]
+pub enum Request {
+    /// Handshake accepted at `version`; with a token configured, send `Challenge` with the
+    /// session's nonce, otherwise `Welcome` with an empty proof.
+    Hello {
+        /// The client's hello.
+        hello: Hello,
+        /// Version to answer with.
+        version: u16,
+    },
+    /// The client proved it holds the token; send `Welcome` with `proof`.
+    Authenticated {
+        /// The server's proof for `Welcome`.
+        proof: Vec<u8>,
+    },
+    /// Open (or join) an upload, then report it with [`ServerSession::opened`].
+    OpenWrite(OpenWrite),
+    /// Write a chunk of an open upload (its id and bounds are already checked; the CRC is not).
+    Data(Data),
+    /// Make an upload final, then report it with [`ServerSession::closed`].
+    Commit(u64),
+    /// Open a download, then report it with [`ServerSession::opened`].
+    OpenRead(OpenRead),
+    /// Send a chunk of an open download (id and bounds checked).
+    ReadChunk(ChunkRef),
+    /// List a directory.
+    List(List),
+    /// The client is done: close.
+    Goodbye,
+    /// The client reported an error: close without answering.
+    PeerError(ErrorFrame),
+}
+
+/// A frame that breaks the protocol in this session; the daemon sends `Error` and closes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The frame is not allowed now.
+    #[error("unexpected {frame} frame {phase}")]
+    Unexpected {
+        /// Frame type name.
+        frame: &'static str,
+        /// Where the session was.
+        phase: &'static str,
+    },
+    /// No common protocol version.
+    #[error("client speaks versions {min}..={max}, this daemon speaks 1..={PROTOCOL_VERSION}")]
+    Version {
+        /// Client's lowest.
+        min: u16,
+        /// Client's highest.
+        max: u16,
+    },
+    /// Wrong token (or no valid nonce).
+    #[error("authentication failed")]
+    AuthFailed,
+    /// The transfer id is not open on this connection as the right kind.
+    #[error("{frame} for transfer {id}, which is not an open {kind} on this connection")]
+    UnknownTransfer {
+        /// Frame type name.
+        frame: &'static str,
+        /// The id sent.
+        id: u64,
+        /// "upload" or "download".
+        kind: &'static str,
+    },
+    /// The range lies beyond the file.
+    #[error("range {start}..{end} beyond the file size {size}")]
+    OutOfRange {
+        /// Start of the range.
+        start: u64,
+        /// End of the range.
+        end: u64,
+        /// File size.
+        size: u64,
+    },
+    /// A chunk above the announced limit.
+    #[error("chunk of {len} bytes above the limit of {max}")]
+    ChunkTooLarge {
+        /// Chunk length.
+        len: u64,
+        /// Limit.
+        max: u32,
+    },
+    /// Too many transfers open on one connection.
+    #[error("more than {0} transfers open on one connection")]
+    TooManyOpen(usize),
+}
+
+impl SessionError {
+    /// The code for the `Error` frame that reports it.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Version { .. } => ErrorCode::Version,
+            Self::AuthFailed => ErrorCode::Auth,
+            Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Protocol,
+        }
+    }
+}
+
+/// Kind of an open transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferKind {
+    /// Client → server.
+    Upload,
+    /// Server → client.
+    Download,
+}
+
+/// The server side of one connection.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: ServerConfig,
+    phase: Phase,
+    nonce: Vec<u8>,
+    client_nonce: Vec<u8>,
+    open: HashMap<u64, (TransferKind, u64)>,
+    next_id: u64,
+}
+
+impl ServerSession {
+    /// A session waiting for `Hello`. `nonce` is the server's fresh random challenge.
+    pub fn new(config: ServerConfig, nonce: Vec<u8>) -> Self {
+        Self {
+            config,
+            phase: Phase::AwaitHello,
+            nonce,
+            client_nonce: Vec::new(),
+            open: HashMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The server's nonce, for `Challenge`.
+    pub fn nonce(&self) -> &[u8] {
+        &self.nonce
+    }
+
+    /// Capability bits for `Welcome`.
+    pub fn capabilities(&self) -> u64 {
+        if self.config.token.is_some() {
+            crate::CAP_AUTH
+        } else {
+            0
+        }
+    }
+
+    /// Checks a frame from the client and says what to do with it.
+    ///
+    /// # Errors
+    /// A [`SessionError`]: the daemon reports it with an `Error` frame and closes.
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<Request, SessionError> {
+        let unexpected = |frame: &Frame, phase: &'static str| SessionError::Unexpected {
+            frame: frame.frame_type().name(),
+            phase,
+        };
+        match (self.phase, frame) {
+            (Phase::AwaitHello, Frame::Hello(hello)) => {
+                let version = hello.version.min(PROTOCOL_VERSION);
+                if version < hello.min_version.max(1) {
+                    return Err(SessionError::Version {
+                        min: hello.min_version,
+                        max: hello.version,
+                    });
+                }
+                self.client_nonce.clone_from(&hello.nonce);
+                self.phase = if self.config.token.is_some() {
+                    Phase::AwaitAuth
+                } else {
+                    Phase::Ready
+                };
+                Ok(Request::Hello { hello, version })
+            }
+            (Phase::AwaitAuth, Frame::Auth(a)) => {
+                let token = self
+                    .config
+                    .token
+                    .as_deref()
+                    .expect("AwaitAuth only with a token");
+                if self.client_nonce.len() != auth::NONCE_LEN
+                    || !auth::verify_client(token, &self.client_nonce, &self.nonce, &a.proof)
+                {
+                    return Err(SessionError::AuthFailed);
+                }
+                self.phase = Phase::Ready;
+                Ok(Request::Authenticated {
+                    proof: auth::server_proof(token, &self.client_nonce, &self.nonce),
+                })
+            }
+            (_, Frame::Error(e)) => Ok(Request::PeerError(e)),
+            (Phase::AwaitHello, f) => Err(unexpected(&f, "before Hello")),
+            (Phase::AwaitAuth, f) => Err(unexpected(&f, "before Auth")),
+            (Phase::Ready, frame) => self.handle_request(frame),
+        }
+    }
+
+    fn handle_request(&mut self, frame: Frame) -> Result<Request, SessionError> {
+        match frame {
+            Frame::OpenWrite(req) => {
+                self.check_room()?;
+                if req.chunk_size > self.config.max_chunk {
+                    return Err(SessionError::ChunkTooLarge {
+                        len: req.chunk_size.into(),
+                        max: self.config.max_chunk,
+                    });
+                }
+                Ok(Request::OpenWrite(req))
+            }
+            Frame::OpenRead(req) => {
+                self.check_room()?;
+                Ok(Request::OpenRead(req))
+            }
+            Frame::Data(data) => {
+                let size = self.transfer("Data", data.transfer_id, TransferKind::Upload)?;
+                self.check_chunk(data.offset, data.payload.len() as u64, size)?;
+                Ok(Request::Data(data))
+            }
+            Frame::ReadChunk(c) => {
+                let size = self.transfer("ReadChunk", c.transfer_id, TransferKind::Download)?;
+                self.check_chunk(c.offset, c.len.into(), size)?;
+                Ok(Request::ReadChunk(c))
+            }
+            Frame::Commit(c) => {
+                self.transfer("Commit", c.transfer_id, TransferKind::Upload)?;
+                Ok(Request::Commit(c.transfer_id))
+            }
+            Frame::List(list) => Ok(Request::List(list)),
+            Frame::Goodbye => Ok(Request::Goodbye),
+            other => Err(SessionError::Unexpected {
+                frame: other.frame_type().name(),
+                phase: "from a client",
+            }),
+        }
+    }
+
+    fn check_room(&self) -> Result<(), SessionError> {
+        if self.open.len() >= self.config.max_open {
+            return Err(SessionError::TooManyOpen(self.config.max_open));
+        }
+        Ok(())
+    }
+
+    fn transfer(
+        &self,
+        frame: &'static str,
+        id: u64,
+        kind: TransferKind,
+    ) -> Result<u64, SessionError> {
+        match self.open.get(&id) {
+            Some((k, size)) if *k == kind => Ok(*size),
+            _ => Err(SessionError::UnknownTransfer {
+                frame,
+                id,
+                kind: match kind {
+                    TransferKind::Upload => "upload",
+                    TransferKind::Download => "download",
+                },
+            }),
+        }
+    }
+
+    fn check_chunk(&self, offset: u64, len: u64, size: u64) -> Result<(), SessionError> {
+        if len > u64::from(self.config.max_chunk) {
+            return Err(SessionError::ChunkTooLarge {
+                len,
+                max: self.config.max_chunk,
+            });
+        }
+        let end = offset.saturating_add(len);
+        if end > size {
+            return Err(SessionError::OutOfRange {
+                start: offset,
+                end,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a transfer the daemon opened for the last `OpenWrite`/`OpenRead`; returns its id.
+    pub fn opened(&mut self, kind: TransferKind, size: u64) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.open.insert(id, (kind, size));
+        id
+    }
+
+    /// Forgets a transfer (committed or abandoned).
+    pub fn closed(&mut self, id: u64) {
+        self.open.remove(&id);
+    }
+
+    /// Number of transfers open.
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Auth, Commit, FileIdentity};
+    use bytes::Bytes;
+
+    fn hello(nonce: Vec<u8>) -> Frame {
+        Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: 0,
+            agent: "t".into(),
+            nonce,
+        })
+    }
+
+    fn session(token: Option<&[u8]>) -> ServerSession {
+        ServerSession::new(
+            ServerConfig {
+                token: token.map(Into::into),
+                max_chunk: 1024,
+                max_open: 2,
+            },
+            vec![7; auth::NONCE_LEN],
+        )
+    }
+
+    fn ready() -> ServerSession {
+        let mut s = session(None);
+        s.handle_frame(hello(vec![])).unwrap();
+        s
+    }
+
+    fn open_write(size: u64) -> Frame {
+        Frame::OpenWrite(OpenWrite {
+            name: "f".into(),
+            identity: FileIdentity { size, mtime_ns: 0 },
+            mode: 0o644,
+            chunk_size: 512,
+        })
+    }
+
+    #[test]
+    fn requests_before_hello_are_refused() {
+        let err = session(None).handle_frame(open_write(1)).unwrap_err();
+        assert!(matches!(
+            err,
+            SessionError::Unexpected {
+                frame: "OpenWrite",
+                ..
+            }
+        ));
+        assert_eq!(err.code(), ErrorCode::Protocol);
+    }
+
+    #[test]
+    fn version_is_negotiated() {
+        let mut s = session(None);
+        let f = Frame::Hello(Hello {
+            version: 9,
+            min_version: 2,
+            capabilities: 0,
+            agent: String::new(),
+            nonce: vec![],
+        });
+        assert!(matches!(
+            s.handle_frame(f),
+            Err(SessionError::Version { min: 2, max: 9 })
+        ));
+        let mut s = session(None);
+        let f = Frame::Hello(Hello {
+            version: 9,
+            min_version: 1,
+            capabilities: 0,
+            agent: String::new(),
+            nonce: vec![],
+        });
+        assert!(matches!(
+            s.handle_frame(f),
+            Ok(Request::Hello { version: 1, .. })
+        ));
+        assert_eq!(s.phase(), Phase::Ready);
+    }
+
+    #[test]
+    fn token_must_be_proven() {
+        let cn = vec![1; auth::NONCE_LEN];
+        let mut s = session(Some(b"tok"));
+        s.handle_frame(hello(cn.clone())).unwrap();
+        assert_eq!(s.phase(), Phase::AwaitAuth);
+        assert!(
+            s.handle_frame(open_write(1)).is_err(),
+            "no requests before Auth"
+        );
+
+        let mut s = session(Some(b"tok"));
+        s.handle_frame(hello(cn.clone())).unwrap();
+        let bad = auth::client_proof(b"other", &cn, s.nonce());
+        assert_eq!(
+            s.handle_frame(Frame::Auth(Auth { proof: bad }))
+                .unwrap_err(),
+            SessionError::AuthFailed
+        );
+
+        let mut s = session(Some(b"tok"));
+        s.handle_frame(hello(cn.clone())).unwrap();
+        let good = auth::client_proof(b"tok", &cn, s.nonce());
+        let Ok(Request::Authenticated { proof }) =
+            s.handle_frame(Frame::Auth(Auth { proof: good }))
+        else {
+            panic!("want Authenticated")
+        };
+        assert!(auth::verify_server(b"tok", &cn, s.nonce(), &proof));
+        assert_eq!(s.capabilities(), crate::CAP_AUTH);
+        assert!(s.handle_frame(open_write(1)).is_ok());
+    }
+
+    #[test]
+    fn empty_client_nonce_cannot_authenticate() {
+        let mut s = session(Some(b"tok"));
+        s.handle_frame(hello(vec![])).unwrap();
+        let proof = auth::client_proof(b"tok", &[], s.nonce());
+        assert_eq!(
+            s.handle_frame(Frame::Auth(Auth { proof })).unwrap_err(),
+            SessionError::AuthFailed
+        );
+    }
+
+    #[test]
+    fn data_is_checked_against_its_transfer() {
+        let mut s = ready();
+        let data =
+            |id, offset, len: usize| Frame::Data(Data::new(id, offset, Bytes::from(vec![0; len])));
+        assert!(matches!(
+            s.handle_frame(data(1, 0, 1)),
+            Err(SessionError::UnknownTransfer { .. })
+        ));
+        assert!(matches!(
+            s.handle_frame(open_write(1000)),
+            Ok(Request::OpenWrite(_))
+        ));
+        let id = s.opened(TransferKind::Upload, 1000);
+        assert!(matches!(
+            s.handle_frame(data(id, 0, 1000)),
+            Ok(Request::Data(_))
+        ));
+        assert!(matches!(
+            s.handle_frame(data(id, 1, 1000)),
+            Err(SessionError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            s.handle_frame(data(id, u64::MAX, 1)),
+            Err(SessionError::OutOfRange { .. })
+        ));
+        let read = Frame::ReadChunk(ChunkRef {
+            transfer_id: id,
+            offset: 0,
+            len: 1,
+        });
+        assert!(matches!(
+            s.handle_frame(read),
+            Err(SessionError::UnknownTransfer { .. })
+        ));
+        assert!(matches!(
+            s.handle_frame(Frame::Commit(Commit { transfer_id: id })),
+            Ok(Request::Commit(_))
+        ));
+        s.closed(id);
+        assert!(s
+            .handle_frame(Frame::Commit(Commit { transfer_id: id }))
+            .is_err());
+    }
+
+    #[test]
+    fn chunks_and_open_transfers_are_limited() {
+        let mut s = ready();
+        let id = s.opened(TransferKind::Download, 1 << 20);
+        let big = Frame::ReadChunk(ChunkRef {
+            transfer_id: id,
+            offset: 0,
+            len: 1025,
+        });
+        assert!(matches!(
+            s.handle_frame(big),
+            Err(SessionError::ChunkTooLarge { .. })
+        ));
+        s.opened(TransferKind::Download, 1);
+        assert!(matches!(
+            s.handle_frame(open_write(1)),
+            Err(SessionError::TooManyOpen(2))
+        ));
+    }
+
+    #[test]
+    fn server_frames_from_a_client_are_refused() {
+        let mut s = ready();
+        let f = Frame::Committed(Commit { transfer_id: 1 });
+        assert!(matches!(
+            s.handle_frame(f),
+            Err(SessionError::Unexpected {
+                frame: "Committed",
+                ..
+            })
+        ));
+    }
+}
