@@ -99,6 +99,7 @@ mod tests {
             }),
             Frame::Challenge(Challenge { nonce: vec![1; 32] }),
             Frame::Auth(Auth { proof: vec![2; 32] }),
+            Frame::StartTls,
             Frame::Welcome(Welcome {
                 version: 1,
                 capabilities: 0,

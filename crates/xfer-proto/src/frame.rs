@@ -298,6 +298,9 @@ pub enum FrameType {
     Challenge = 0x03,
     /// [`Auth`]
     Auth = 0x04,
+    /// No body: server → client answer to a `Hello` offering `CAP_TLS`; both sides now run a
+    /// TLS handshake on the connection, and the client starts again with `Hello` inside it.
+    StartTls = 0x05,
     /// [`OpenWrite`]
     OpenWrite = 0x10,
     /// [`WriteOpened`]
@@ -329,11 +332,12 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 18] = [
+    const ALL: [Self; 19] = [
         Self::Hello,
         Self::Welcome,
         Self::Challenge,
         Self::Auth,
+        Self::StartTls,
         Self::OpenWrite,
         Self::WriteOpened,
         Self::OpenRead,
@@ -368,6 +372,7 @@ impl FrameType {
             Self::Welcome => "Welcome",
             Self::Challenge => "Challenge",
             Self::Auth => "Auth",
+            Self::StartTls => "StartTls",
             Self::OpenWrite => "OpenWrite",
             Self::WriteOpened => "WriteOpened",
             Self::OpenRead => "OpenRead",
@@ -394,6 +399,7 @@ pub enum Frame {
     Welcome(Welcome),
     Challenge(Challenge),
     Auth(Auth),
+    StartTls,
     OpenWrite(OpenWrite),
     WriteOpened(WriteOpened),
     OpenRead(OpenRead),
@@ -418,6 +424,7 @@ impl Frame {
             Self::Welcome(_) => FrameType::Welcome,
             Self::Challenge(_) => FrameType::Challenge,
             Self::Auth(_) => FrameType::Auth,
+            Self::StartTls => FrameType::StartTls,
             Self::OpenWrite(_) => FrameType::OpenWrite,
             Self::WriteOpened(_) => FrameType::WriteOpened,
             Self::OpenRead(_) => FrameType::OpenRead,
@@ -464,7 +471,7 @@ impl Frame {
             Self::List(b) => encode_body(b),
             Self::Listing(b) => encode_body(b),
             Self::Error(b) => encode_body(b),
-            Self::Goodbye => Ok(Vec::new()),
+            Self::Goodbye | Self::StartTls => Ok(Vec::new()),
             Self::Data(_) => unreachable!("handled above"),
         };
         let body = body.map_err(|reason| {
@@ -500,6 +507,13 @@ impl Frame {
         Ok(match ty {
             FrameType::Data => Self::Data(decode_data(body)?),
             FrameType::Goodbye if body.is_empty() => Self::Goodbye,
+            FrameType::StartTls if body.is_empty() => Self::StartTls,
+            FrameType::StartTls => {
+                return Err(ProtoError::BadBody {
+                    kind: "StartTls",
+                    reason: "non-empty".into(),
+                })
+            }
             FrameType::Goodbye => {
                 return Err(ProtoError::BadBody {
                     kind: "Goodbye",

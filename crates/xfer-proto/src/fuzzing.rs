@@ -28,7 +28,7 @@ pub fn decode_frames(data: &[u8]) {
 
 /// Feeds the frames in `data[1..]` to a [`ServerSession`] as a daemon would. Bit 0 of `data[0]`
 /// gives the session a token; bit 1 makes the script answer a challenge correctly, so that
-/// sessions with a token also reach the request phase.
+/// sessions with a token also reach the request phase; bit 2 makes the daemon require TLS.
 pub fn session_script(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
@@ -42,6 +42,7 @@ pub fn session_script(data: &[u8]) {
         token: token.map(Into::into),
         max_chunk: 1 << 16,
         max_open: 4,
+        tls: flags & 4 != 0,
     };
     let mut session = ServerSession::new(config, vec![0x5a; auth::NONCE_LEN]);
     let mut codec = FrameCodec::default();
@@ -67,6 +68,8 @@ pub fn session_script(data: &[u8]) {
                 session.opened(TransferKind::Download, req.name.len() as u64);
             }
             Request::Commit(id) => session.closed(id),
+            // The daemon would switch to TLS here; the next frames stand for what it decrypts.
+            Request::StartTls => {}
             Request::Goodbye | Request::PeerError(_) => return,
             _ => {}
         }

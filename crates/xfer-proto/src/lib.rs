@@ -28,7 +28,7 @@ pub use frame::*;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Capability bit: the connection was authenticated with a shared token.
 pub const CAP_AUTH: u64 = 1 << 0;
-/// Capability bit (reserved): TLS.
+/// Capability bit: in `Hello`, the client asks for TLS; in `Welcome`, the session runs over TLS.
 pub const CAP_TLS: u64 = 1 << 1;
 /// Capability bit (reserved): compressed data frames.
 pub const CAP_COMPRESSION: u64 = 1 << 2;

@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub max_chunk: u32,
     /// Most transfers one connection may have open.
     pub max_open: usize,
+    /// The daemon has a certificate: sessions must run over TLS.
+    pub tls: bool,
 }
 
 /// Where the session is.
@@ -38,6 +40,9 @@ pub enum Phase {
 /// What the daemon must do for a frame.
 #[derive(Debug)]
 pub enum Request {
+    /// The client asked for TLS: send `StartTls`, run the TLS handshake as the server, and feed
+    /// the frames read inside TLS from then on (starting with a new `Hello`).
+    StartTls,
     /// Handshake accepted at `version`; with a token configured, send `Challenge` with the
     /// session's nonce, otherwise `Welcome` with an empty proof.
     Hello {
@@ -88,6 +93,12 @@ pub enum SessionError {
         /// Client's highest.
         max: u16,
     },
+    /// The daemon requires TLS and the client did not ask for it.
+    #[error("this server requires TLS: connect with xfer --tls")]
+    TlsRequired,
+    /// The client asked for TLS and the daemon has no certificate.
+    #[error("this server does not offer TLS")]
+    TlsUnavailable,
     /// Wrong token (or no valid nonce).
     #[error("authentication failed")]
     AuthFailed,
@@ -154,6 +165,8 @@ pub struct ServerSession {
     client_nonce: Vec<u8>,
     open: HashMap<u64, (TransferKind, u64)>,
     next_id: u64,
+    tls_active: bool,
+    client_capabilities: u64,
 }
 
 impl ServerSession {
@@ -166,6 +179,8 @@ impl ServerSession {
             client_nonce: Vec::new(),
             open: HashMap::new(),
             next_id: 1,
+            tls_active: false,
+            client_capabilities: 0,
         }
     }
 
@@ -181,11 +196,18 @@ impl ServerSession {
 
     /// Capability bits for `Welcome`.
     pub fn capabilities(&self) -> u64 {
-        if self.config.token.is_some() {
+        let auth = if self.config.token.is_some() {
             crate::CAP_AUTH
         } else {
             0
-        }
+        };
+        // Only bits the client offered, but CAP_AUTH, which the server asserts on its own.
+        let tls = if self.tls_active {
+            crate::CAP_TLS & self.client_capabilities
+        } else {
+            0
+        };
+        auth | tls
     }
 
     /// Checks a frame from the client and says what to do with it.
@@ -198,7 +220,17 @@ impl ServerSession {
             phase,
         };
         match (self.phase, frame) {
+            (Phase::AwaitHello, Frame::Hello(hello)) if !self.tls_active && self.config.tls => {
+                if hello.capabilities & crate::CAP_TLS == 0 {
+                    return Err(SessionError::TlsRequired);
+                }
+                self.tls_active = true;
+                Ok(Request::StartTls)
+            }
             (Phase::AwaitHello, Frame::Hello(hello)) => {
+                if !self.tls_active && hello.capabilities & crate::CAP_TLS != 0 {
+                    return Err(SessionError::TlsUnavailable);
+                }
                 let version = hello.version.min(PROTOCOL_VERSION);
                 if version < hello.min_version.max(1) {
                     return Err(SessionError::Version {
@@ -207,6 +239,7 @@ impl ServerSession {
                     });
                 }
                 self.client_nonce.clone_from(&hello.nonce);
+                self.client_capabilities = hello.capabilities;
                 self.phase = if self.config.token.is_some() {
                     Phase::AwaitAuth
                 } else {
@@ -361,6 +394,7 @@ mod tests {
                 token: token.map(Into::into),
                 max_chunk: 1024,
                 max_open: 2,
+                tls: false,
             },
             vec![7; auth::NONCE_LEN],
         )
@@ -530,6 +564,46 @@ mod tests {
             s.handle_frame(open_write(1)),
             Err(SessionError::TooManyOpen(2))
         ));
+    }
+
+    #[test]
+    fn tls_is_negotiated_before_the_real_hello() {
+        let tls_hello = |caps| {
+            Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                capabilities: caps,
+                agent: String::new(),
+                nonce: vec![],
+            })
+        };
+        let config = ServerConfig {
+            token: None,
+            max_chunk: 1024,
+            max_open: 2,
+            tls: true,
+        };
+        let mut s = ServerSession::new(config.clone(), vec![]);
+        assert_eq!(
+            s.handle_frame(tls_hello(0)).unwrap_err(),
+            SessionError::TlsRequired
+        );
+        let mut s = ServerSession::new(config, vec![]);
+        assert!(matches!(
+            s.handle_frame(tls_hello(crate::CAP_TLS)),
+            Ok(Request::StartTls)
+        ));
+        assert_eq!(s.phase(), Phase::AwaitHello);
+        assert!(matches!(
+            s.handle_frame(tls_hello(crate::CAP_TLS)),
+            Ok(Request::Hello { .. })
+        ));
+        assert_eq!(s.capabilities(), crate::CAP_TLS);
+        let mut plain = session(None);
+        assert_eq!(
+            plain.handle_frame(tls_hello(crate::CAP_TLS)).unwrap_err(),
+            SessionError::TlsUnavailable
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use xfer_proto::{
 };
 
 use crate::session::unexpected;
-use crate::{ClientError, RateLimiter, Session, Target};
+use crate::{ClientError, Connector, RateLimiter, Session, Target};
 
 /// How a transfer runs.
 #[derive(Debug, Clone)]
@@ -33,8 +33,8 @@ pub struct Options {
     pub retry_deadline: Duration,
     /// Progress display (hidden when not on a terminal).
     pub progress: ProgressBar,
-    /// Shared secret, if the server requires one.
-    pub token: Option<Arc<[u8]>>,
+    /// Token and TLS settings for every connection.
+    pub connector: Connector,
 }
 
 /// What a finished transfer reports (`--json`).
@@ -177,7 +177,7 @@ async fn worker<D: Direction>(
             let (mut s, id) = match session.take() {
                 Some(open) => open,
                 None => {
-                    let mut s = Session::connect(target, opts.token.as_deref()).await?;
+                    let mut s = Session::connect(target, &opts.connector).await?;
                     let id = dir.open(&mut s).await?;
                     (s, id)
                 }
@@ -337,7 +337,7 @@ pub async fn send(
     })?;
     let source = SourceFile::new(file, path.display().to_string())?;
     let identity = source.identity();
-    let mut session = Session::connect(target, opts.token.as_deref()).await?;
+    let mut session = Session::connect(target, &opts.connector).await?;
     let chunk_size = opts
         .chunk_size
         .min(session.welcome.max_chunk_size)
@@ -514,7 +514,7 @@ pub async fn recv(
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
-    let mut session = Session::connect(target, opts.token.as_deref()).await?;
+    let mut session = Session::connect(target, &opts.connector).await?;
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),

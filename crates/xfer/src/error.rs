@@ -17,6 +17,9 @@ pub enum ClientError {
         /// Short cause ("connection refused", …).
         reason: String,
     },
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// Authentication failed; the text says why.
     #[error("authentication failed: {0}; set XFER_TOKEN or --token-file to the server's token")]
     Auth(String),

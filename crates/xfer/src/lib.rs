@@ -18,5 +18,5 @@ pub use engine::{recv, send, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;
-pub use session::Session;
+pub use session::{Connector, Session};
 pub use target::Target;

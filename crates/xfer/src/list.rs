@@ -3,7 +3,7 @@
 use xfer_proto::{Frame, List, ListEntry};
 
 use crate::session::unexpected;
-use crate::{ClientError, Session, Target};
+use crate::{ClientError, Connector, Session, Target};
 
 /// Lists `dir` (empty for the root) on `target`.
 ///
@@ -12,9 +12,9 @@ use crate::{ClientError, Session, Target};
 pub async fn list(
     target: &Target,
     dir: &str,
-    token: Option<&[u8]>,
+    connector: &Connector,
 ) -> Result<Vec<ListEntry>, ClientError> {
-    let mut session = Session::connect(target, token).await?;
+    let mut session = Session::connect(target, connector).await?;
     session
         .send(&Frame::List(List {
             dir: dir.to_string(),

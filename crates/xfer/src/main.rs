@@ -94,9 +94,27 @@ struct TokenArgs {
     /// File holding the server's token (default: the XFER_TOKEN environment variable).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Run every connection over TLS (the server needs --tls-cert).
+    #[arg(long)]
+    tls: bool,
+    /// PEM file of CA certificates to trust for --tls (default: the system's).
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
 }
 
 impl TokenArgs {
+    fn connector(&self) -> anyhow::Result<xfer::Connector> {
+        let tls = if self.tls {
+            Some(xfer::Connector::tls(self.ca.as_deref())?)
+        } else {
+            None
+        };
+        Ok(xfer::Connector {
+            token: self.token()?,
+            tls,
+        })
+    }
+
     fn token(&self) -> anyhow::Result<Option<Arc<[u8]>>> {
         if let Some(path) = &self.token_file {
             return Ok(Some(xfer_core::token::read_token_file(path)?.into()));
@@ -145,7 +163,7 @@ impl Common {
             bwlimit,
             retry_deadline: Duration::from_secs(self.retry_deadline),
             progress,
-            token: self.auth.token()?,
+            connector: self.auth.connector()?,
         })
     }
 
@@ -240,9 +258,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
         } => {
             let target: Target = host.parse()?;
-            let token = auth.token()?;
+            let connector = auth.connector()?;
             let dir = dir.as_deref().unwrap_or("");
-            let entries = runtime.block_on(xfer::list(&target, dir, token.as_deref()))?;
+            let entries = runtime.block_on(xfer::list(&target, dir, &connector))?;
             let mut out = std::io::stdout().lock();
             if json {
                 let list: Vec<_> = entries

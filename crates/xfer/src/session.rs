@@ -1,23 +1,97 @@
-//! [`Session`]: one TCP connection to a daemon, past the handshake.
+//! [`Session`]: one connection to a daemon, past its handshake; [`Connector`] makes them.
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls;
 use xfer_core::{FrameReader, FrameWriter};
-use xfer_proto::{auth, Auth, ErrorCode, ErrorFrame, Frame, Hello, Welcome, PROTOCOL_VERSION};
+use xfer_proto::{
+    auth, Auth, ErrorCode, ErrorFrame, Frame, Hello, Welcome, CAP_AUTH, CAP_TLS, PROTOCOL_VERSION,
+};
 
 use crate::{ClientError, Target};
 
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
 
+type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
 /// A connection whose handshake is done.
-#[derive(Debug)]
 pub struct Session {
     /// Incoming frames.
-    pub reader: FrameReader<OwnedReadHalf>,
+    pub reader: Reader,
     /// Outgoing frames.
-    pub writer: FrameWriter<OwnedWriteHalf>,
+    pub writer: Writer,
     /// What the server said in its `Welcome`.
     pub welcome: Welcome,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("welcome", &self.welcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to open sessions: the token to prove and whether to insist on TLS.
+#[derive(Clone, Default)]
+pub struct Connector {
+    /// Shared secret, if the server requires one.
+    pub token: Option<Arc<[u8]>>,
+    /// TLS settings; `None` for plain TCP.
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Connector {
+    /// TLS settings trusting the certificates in `ca` (PEM), or the system's roots.
+    ///
+    /// # Errors
+    /// `ca` cannot be read or holds no certificate; no system roots are found.
+    pub fn tls(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, ClientError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let bad = |why: String| ClientError::Target(why);
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                    .map_err(|e| {
+                        bad(format!(
+                            "reading CA certificates from {}: {e}",
+                            ca.display()
+                        ))
+                    })?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(bad(format!("no CA certificate in {}", ca.display())));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err(bad("no system CA certificates found; pass --ca FILE".into()));
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    }
 }
 
 fn describe_io(e: &std::io::Error) -> String {
@@ -31,42 +105,84 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
-impl Session {
-    /// Connects to `target` and does the handshake.
-    ///
-    /// # Errors
-    /// `Target` (name does not resolve), `Connect`, or the server's error (busy, version…).
-    pub async fn connect(target: &Target, token: Option<&[u8]>) -> Result<Self, ClientError> {
-        let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| ClientError::Target(format!("cannot resolve {}: {e}", target.host)))?
-            .collect();
-        let mut last = None;
-        let mut socket = None;
-        for addr in &addrs {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    socket = Some(s);
-                    break;
-                }
-                Err(e) => {
-                    last = Some(ClientError::Connect {
-                        addr: target.to_string(),
-                        reason: describe_io(&e),
-                    })
+async fn dial(target: &Target) -> Result<TcpStream, ClientError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| ClientError::Target(format!("cannot resolve {}: {e}", target.host)))?
+        .collect();
+    let mut last = ClientError::Target(format!("{} has no address", target.host));
+    for addr in &addrs {
+        match TcpStream::connect(addr).await {
+            Ok(socket) => {
+                socket.set_nodelay(true).ok();
+                return Ok(socket);
+            }
+            Err(e) => {
+                last = ClientError::Connect {
+                    addr: target.to_string(),
+                    reason: describe_io(&e),
                 }
             }
         }
-        let Some(socket) = socket else {
-            return Err(last.unwrap_or_else(|| {
-                ClientError::Target(format!("{} has no address", target.host))
-            }));
+    }
+    Err(last)
+}
+
+/// Asks for TLS in a plaintext `Hello`, waits for `StartTls`, and runs the TLS handshake.
+async fn start_tls(
+    mut socket: TcpStream,
+    target: &Target,
+    tls: &tokio_rustls::TlsConnector,
+) -> Result<(Reader, Writer), ClientError> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        min_version: 1,
+        capabilities: CAP_TLS,
+        agent: AGENT.into(),
+        nonce: Vec::new(),
+    };
+    FrameWriter::new(&mut socket)
+        .send(&Frame::Hello(hello))
+        .await?;
+    match FrameReader::new(&mut socket).read_frame().await? {
+        Some(Frame::StartTls) => {}
+        Some(Frame::Error(e)) => return Err(ClientError::Remote(e)),
+        Some(other) => return Err(unexpected(other)),
+        None => return Err(ClientError::Closed),
+    }
+    let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
+    let stream = tls
+        .connect(name, socket)
+        .await
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let (read, write) = tokio::io::split(stream);
+    Ok((
+        FrameReader::new(Box::new(read)),
+        FrameWriter::new(Box::new(write)),
+    ))
+}
+
+impl Session {
+    /// Connects to `target` and does the handshake: TLS first if `connector` asks for it, then
+    /// `Hello`, the token challenge if the server sends one, and `Welcome`.
+    ///
+    /// # Errors
+    /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
+    pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
+        let socket = dial(target).await?;
+        let (reader, writer) = match &connector.tls {
+            Some(tls) => start_tls(socket, target, tls).await?,
+            None => {
+                let (read, write) = socket.into_split();
+                let reader: Reader = FrameReader::new(Box::new(read));
+                let writer: Writer = FrameWriter::new(Box::new(write));
+                (reader, writer)
+            }
         };
-        socket.set_nodelay(true).ok();
-        let (read, write) = socket.into_split();
         let mut session = Self {
-            reader: FrameReader::new(read),
-            writer: FrameWriter::new(write),
+            reader,
+            writer,
             welcome: Welcome {
                 version: 0,
                 capabilities: 0,
@@ -76,14 +192,16 @@ impl Session {
                 proof: Vec::new(),
             },
         };
+        let token = connector.token.as_deref();
         let mut nonce = vec![0u8; auth::NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+        let capabilities = if connector.tls.is_some() { CAP_TLS } else { 0 };
         session
             .writer
             .send(&Frame::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 min_version: 1,
-                capabilities: 0,
+                capabilities,
                 agent: AGENT.into(),
                 nonce: nonce.clone(),
             }))
@@ -116,7 +234,7 @@ impl Session {
         }
         if !(1..=PROTOCOL_VERSION).contains(&welcome.version)
             || welcome.max_chunk_size < xfer_proto::MIN_CHUNK_SIZE
-            || welcome.capabilities & !xfer_proto::CAP_AUTH != 0
+            || welcome.capabilities & !(CAP_AUTH | capabilities) != 0
         {
             return Err(ClientError::Unexpected("Welcome"));
         }

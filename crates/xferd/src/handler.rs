@@ -68,6 +68,8 @@ struct Handler {
     shared: Arc<Shared>,
     peer: SocketAddr,
     session: ServerSession,
+    /// When the handshake (including a TLS one) must be done.
+    deadline: Instant,
     reader: Reader,
     writer: Writer,
     open: HashMap<u64, Open>,
@@ -77,27 +79,66 @@ struct Handler {
 #[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
 pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
     let _ = socket.set_nodelay(true);
-    let (read, write) = socket.into_split();
     let mut nonce = vec![0u8; auth::NONCE_LEN];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
     let config = ServerConfig {
         token: shared.config.token.clone(),
         max_chunk: shared.config.chunk_size,
         max_open: MAX_OPEN_PER_CONNECTION,
+        tls: shared.config.tls.is_some(),
+    };
+    let mut session = ServerSession::new(config, nonce);
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let (reader, writer) = match &shared.config.tls {
+        None => {
+            let (read, write) = socket.into_split();
+            let reader: Reader = FrameReader::new(Box::new(read));
+            let writer: Writer = FrameWriter::new(Box::new(write));
+            (reader, writer)
+        }
+        Some(acceptor) => match start_tls(&mut session, socket, acceptor, deadline).await {
+            Ok(halves) => halves,
+            Err((err, socket)) => {
+                let frame = report(&err);
+                if let (Some(frame), Some(socket)) = (frame, socket) {
+                    let (read, write) = socket.into_split();
+                    close_with(
+                        &mut FrameReader::new(Box::new(read)),
+                        &mut FrameWriter::new(Box::new(write)),
+                        frame,
+                    )
+                    .await;
+                }
+                return;
+            }
+        },
     };
     let mut handler = Handler {
         shared,
         peer,
-        session: ServerSession::new(config, nonce),
-        reader: FrameReader::new(Box::new(read)),
-        writer: FrameWriter::new(Box::new(write)),
+        session,
+        deadline,
+        reader,
+        writer,
         open: HashMap::new(),
     };
     let err = match handler.run().await {
-        Ok(()) => return debug!("connection closed"),
+        Ok(()) => {
+            // Over TLS this sends close_notify, so the client sees a clean end.
+            let _ = handler.writer.shutdown().await;
+            return debug!("connection closed");
+        }
         Err(err) => err,
     };
-    let frame = match &err {
+    if let Some(frame) = report(&err) {
+        close_with(&mut handler.reader, &mut handler.writer, frame).await;
+    }
+    handler.log_abandoned();
+}
+
+/// Logs how a connection ended and returns the error frame to send the client, if any.
+fn report(err: &ConnError) -> Option<ErrorFrame> {
+    let frame = match err {
         ConnError::Proto(ProtoError::Io(_)) | ConnError::PeerClosed => None,
         ConnError::Proto(e) => Some(ErrorFrame::new(e.code(), e.to_string())),
         ConnError::Fatal(f) => Some(f.clone()),
@@ -109,10 +150,49 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         }
         _ => warn!(error = %err, "connection ended with an error"),
     }
-    if let Some(frame) = frame {
-        close_with(&mut handler.reader, &mut handler.writer, frame).await;
+    frame
+}
+
+/// Reads the plaintext `Hello`, which must ask for TLS, answers `StartTls` and runs the TLS
+/// handshake. On failure, returns the socket too while a plaintext error frame can still be sent.
+async fn start_tls(
+    session: &mut ServerSession,
+    mut socket: TcpStream,
+    acceptor: &crate::Tls,
+    deadline: Instant,
+) -> Result<(Reader, Writer), (ConnError, Option<TcpStream>)> {
+    // The client sends nothing after this Hello until it reads StartTls, so a reader borrowed
+    // for one frame cannot swallow the start of the TLS handshake.
+    let frame = match timeout_at(deadline, FrameReader::new(&mut socket).read_frame()).await {
+        Err(_) => {
+            return Err((
+                fatal(ErrorCode::Protocol, "handshake timed out"),
+                Some(socket),
+            ))
+        }
+        Ok(Err(e)) => return Err((e.into(), Some(socket))),
+        Ok(Ok(None)) => return Err((ConnError::PeerClosed, None)),
+        Ok(Ok(Some(frame))) => frame,
+    };
+    match session.handle_frame(frame) {
+        Ok(Request::StartTls) => {}
+        Ok(Request::PeerError(_)) => return Err((ConnError::PeerClosed, None)),
+        Ok(_) => unreachable!("with TLS required, the first frame accepted asks for TLS"),
+        Err(e) => return Err((e.into(), Some(socket))),
     }
-    handler.log_abandoned();
+    if let Err(e) = FrameWriter::new(&mut socket).send(&Frame::StartTls).await {
+        return Err((e.into(), None));
+    }
+    let tls = match timeout_at(deadline, acceptor.0.accept(socket)).await {
+        Err(_) => return Err((fatal(ErrorCode::Protocol, "TLS handshake timed out"), None)),
+        Ok(Err(e)) => return Err((ProtoError::Io(e).into(), None)),
+        Ok(Ok(tls)) => tls,
+    };
+    let (read, write) = tokio::io::split(tls);
+    Ok((
+        FrameReader::new(Box::new(read)),
+        FrameWriter::new(Box::new(write)),
+    ))
 }
 
 /// Tells a client it is over a limit, without reading its handshake, and closes.
@@ -129,7 +209,7 @@ impl Handler {
     async fn run(&mut self) -> Result<(), ConnError> {
         let shared = Arc::clone(&self.shared);
         let cfg = &shared.config;
-        let deadline = Instant::now() + cfg.handshake_timeout;
+        let deadline = self.deadline;
         let shutdown = shared.shutdown.clone();
         let handshake = tokio::select! {
             biased;
@@ -186,7 +266,7 @@ impl Handler {
                     info!(error = %e, "client reported an error");
                     return Err(ConnError::PeerClosed);
                 }
-                Request::Hello { .. } | Request::Authenticated { .. } => {
+                Request::Hello { .. } | Request::Authenticated { .. } | Request::StartTls => {
                     unreachable!("the session allows handshake frames only before Ready")
                 }
             }

@@ -54,6 +54,8 @@ pub struct Config {
     pub max_per_address: usize,
     /// Shared secret every client must prove it holds; `None` serves anyone who can connect.
     pub token: Option<Arc<[u8]>>,
+    /// Certificate and key: when set, every session runs over TLS.
+    pub tls: Option<Tls>,
 }
 
 impl Config {
@@ -76,7 +78,43 @@ impl Config {
             read_only: false,
             max_per_address: 64,
             token: None,
+            tls: None,
         })
+    }
+}
+
+/// The daemon's TLS identity (certificate chain and key), ready to accept handshakes.
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(..)")
+    }
+}
+
+impl Tls {
+    /// Loads a PEM certificate chain and private key.
+    ///
+    /// # Errors
+    /// Unreadable files, no certificate or key in them, or a key that does not fit.
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .with_context(|| format!("reading certificates from {}", cert.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("no certificate in {}", cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("reading the private key from {}", key.display()))?;
+        let config = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("certificate and key do not fit together")?;
+        Ok(Self(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
 }
 

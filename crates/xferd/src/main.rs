@@ -44,6 +44,12 @@ struct Args {
     /// File holding the shared secret clients must prove they know.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// PEM certificate chain: with --tls-key, every session must run over TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (anyone who can connect may read and write).
     #[arg(long)]
     allow_anonymous: bool,
@@ -83,6 +89,9 @@ impl Args {
         cfg.idle_timeout = Duration::from_secs(self.idle_timeout.max(1));
         cfg.read_only = self.read_only;
         cfg.token = token.map(Into::into);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.tls = Some(xferd::Tls::from_pem_files(cert, key)?);
+        }
         cfg.max_per_address = self.max_conns_per_ip.max(1);
         Ok(cfg)
     }
