@@ -70,7 +70,7 @@ impl Config {
             max_streams: 64,
             max_connections: 64 * 4 + 64,
             chunk_size: xfer_proto::MAX_CHUNK_SIZE,
-            window: 8,
+            window: 2,
             queue_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),

@@ -35,6 +35,10 @@ struct Args {
     /// Seconds a connection may stay silent before it is closed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// Chunks a client may have unacknowledged per connection (at most this many per connection
+    /// are sent again after a crash).
+    #[arg(long, default_value_t = 2)]
+    window: u32,
     /// Connections accepted at once from one client address.
     #[arg(long, default_value_t = 64)]
     max_conns_per_ip: usize,
@@ -88,6 +92,7 @@ impl Args {
         cfg.queue_timeout = Duration::from_secs(self.queue_timeout);
         cfg.idle_timeout = Duration::from_secs(self.idle_timeout.max(1));
         cfg.read_only = self.read_only;
+        cfg.window = self.window.clamp(1, 64);
         cfg.token = token.map(Into::into);
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             cfg.tls = Some(xferd::Tls::from_pem_files(cert, key)?);
