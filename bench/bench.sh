@@ -1,0 +1,432 @@
+#!/usr/bin/env bash
+# Loopback benchmark: xfer (1, 4, 8 connections, upload and download) against a raw single TCP
+# stream (socat) and an rsync daemon, on one machine. Not a test: run it by hand.
+#
+#   bench/bench.sh                      # 2 GiB file, every tool, best of 1
+#   BENCH_SIZE=512M REPEAT=3 bench/bench.sh
+#
+# Environment:
+#   BENCH_SIZE    file size, bytes or with a K/M/G suffix (powers of 1024); default 2G
+#   BENCH_DIR     work dir; default bench/out. Must be on a real disk, not tmpfs.
+#   REPEAT        runs per measurement, the fastest is reported; default 1
+#   CONNS         xfer connection counts; default "1 4 8"
+#   BENCH_TOOLS   which tools to run, any of "raw rsync xfer"; default all three
+#   BENCH_CHUNK   passed to xfer as --chunk-size if set; the memory target uses it (default 4M)
+#   SOCAT_BLOCK   socat's -b (bytes per read/write); default 1048576. socat's own 8192 makes a
+#                 weaker baseline (about half the loopback rate on the 2-core machine here)
+#   RUN_TIMEOUT   seconds before one transfer is killed; default 900
+#   KEEP=1        keep the big files at the end
+#
+# How it measures (every destination is written fresh; caches cannot be dropped here, so the
+# source file is in the page cache for every tool alike):
+#   wall      from the client's start to its exit; xfer fsyncs and renames before it reports
+#             success, so the raw pipe and rsync rows add a `sync FILE` (fsync) of the received
+#             file. The raw pipe row without that fsync is shown as well.
+#   client    /usr/bin/time: peak RSS (largest single process) and user+sys CPU.
+#   server    xferd: a fresh daemon per run; VmHWM from /proc/PID/status and utime+stime from
+#             /proc/PID/stat (after the run minus before it).
+#             rsync daemon and socat receiver: a fresh one per run under /usr/bin/time, which
+#             counts the CPU of the forked children it reaped; RSS is the largest process.
+set -euo pipefail
+
+BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$BENCH_HOME/.." && pwd)"
+cd "$REPO"
+
+SIZE_SPEC="${BENCH_SIZE:-2G}"
+WORK="${BENCH_DIR:-$REPO/bench/out}"
+REPEAT="${REPEAT:-1}"
+CONNS="${CONNS:-1 4 8}"
+TOOLS="${BENCH_TOOLS:-raw rsync xfer}"
+SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
+KEEP="${KEEP:-0}"
+TIME_FMT='%e %M %U %S' # wall s, max RSS KiB, user s, sys s
+
+die() {
+    echo "bench: $*" >&2
+    exit 1
+}
+log() { echo "# $*" >&2; }
+
+# Sizes: plain bytes or K/M/G (powers of 1024), as the xfer CLI takes them.
+parse_size() {
+    local s="$1" n unit
+    [[ "$s" =~ ^([0-9]+)([KkMmGg]?)i?[Bb]?$ ]] || die "bad size: $s"
+    n="${BASH_REMATCH[1]}"
+    unit="${BASH_REMATCH[2]^^}"
+    case "$unit" in
+        K) echo $((n << 10)) ;;
+        M) echo $((n << 20)) ;;
+        G) echo $((n << 30)) ;;
+        *) echo "$n" ;;
+    esac
+}
+SIZE="$(parse_size "$SIZE_SPEC")"
+((SIZE > 0)) || die "BENCH_SIZE must be > 0"
+CHUNK="$(parse_size "${BENCH_CHUNK:-4M}")"
+XFER_CHUNK_ARGS=()
+[[ -n "${BENCH_CHUNK:-}" ]] && XFER_CHUNK_ARGS=(--chunk-size "$BENCH_CHUNK")
+
+has_tool() { [[ " $TOOLS " == *" $1 "* ]]; }
+
+# --- peers --------------------------------------------------------------------------------------
+apt_updated=0
+ensure_apt() { # ensure_apt COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    log "installing $2 (for $1)"
+    if ((apt_updated == 0)); then
+        apt-get update -qq >&2
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
+}
+ensure_apt /usr/bin/time time
+ensure_apt ss iproute2
+has_tool raw && ensure_apt socat socat
+has_tool rsync && ensure_apt rsync rsync
+
+# --- processes: every one we start is recorded and ended by PID at exit -------------------------
+PIDS=()
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [[ "$KEEP" != 1 && -n "${WORK_READY:-}" ]]; then
+        rm -rf "$WORK/src" "$WORK/srv" "$WORK/dst"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+forget_pid() { # drop a PID that has exited from the cleanup list
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ "$p" != "$1" ]] && keep+=("$p"); done
+    PIDS=("${keep[@]+"${keep[@]}"}")
+}
+
+# The real server under a /usr/bin/time wrapper is the wrapper's only child.
+child_of() {
+    local parent="$1" child=""
+    for _ in $(seq 100); do
+        child="$(ps -o pid= --ppid "$parent" | tr -d ' ' | head -n1)"
+        [[ -n "$child" ]] && break
+        sleep 0.05
+    done
+    [[ -n "$child" ]] || die "no child of PID $parent"
+    echo "$child"
+}
+
+wait_listening() { # wait_listening PORT
+    for _ in $(seq 200); do
+        [[ -n "$(ss -Hltn "sport = :$1")" ]] && return 0
+        sleep 0.05
+    done
+    die "nothing listens on port $1"
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+now_ns() { date +%s%N; }
+secs_since() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$(now_ns)"; }
+
+# /proc/PID/stat: utime and stime are fields 14 and 15; the comm field may hold spaces, so count
+# from the closing parenthesis. Prints seconds.
+proc_cpu() {
+    local stat rest
+    stat="$(cat "/proc/$1/stat")"
+    rest="${stat##*) }"
+    # shellcheck disable=SC2086
+    set -- $rest
+    python3 -c "import os, sys; print((int(sys.argv[1]) + int(sys.argv[2])) / os.sysconf('SC_CLK_TCK'))" "${12}" "${13}"
+}
+proc_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+# time_field FILE N: field N of a /usr/bin/time -o FILE output (last line; earlier lines may say
+# "Command exited with non-zero status").
+time_field() { tail -n1 "$1" | awk -v n="$2" '{print $n}'; }
+time_cpu() { tail -n1 "$1" | awk '{printf "%.2f", $3 + $4}'; }
+
+# --- work dir -----------------------------------------------------------------------------------
+mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+fstype="$(stat -f -c %T "$WORK")"
+[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] &&
+    die "$WORK is on $fstype; fsync would cost nothing there. Set BENCH_DIR to a real disk."
+avail=$(($(df -P -k "$WORK" | awk 'NR == 2 {print $4}') * 1024))
+((avail > 3 * SIZE)) || die "need about $((3 * SIZE >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
+
+rm -rf "$WORK/srv" "$WORK/dst" "$WORK/logs"
+mkdir -p "$WORK/src" "$WORK/srv" "$WORK/dst" "$WORK/logs"
+WORK_READY=1
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+LOGS="$WORK/logs"
+
+# --- build --------------------------------------------------------------------------------------
+XFER="$REPO/target/release/xfer"
+XFERD="$REPO/target/release/xferd"
+if has_tool xfer; then
+    log "cargo build --release"
+    if ! cargo build --release >"$LOGS/build.log" 2>&1; then
+        tail -n 30 "$LOGS/build.log" >&2
+        die "cargo build --release failed (full log: $LOGS/build.log)"
+    fi
+fi
+
+# --- header -------------------------------------------------------------------------------------
+commit="$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+git -C "$REPO" diff --quiet HEAD 2>/dev/null || commit="$commit (+ uncommitted changes)"
+cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+echo "# xfer loopback benchmark"
+echo
+echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S')"
+echo "- commit: $commit"
+echo "- nproc: $(nproc); CPU: ${cpu_model:-unknown}"
+echo "- kernel: $(uname -srm)"
+echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"
+echo "- file: $SIZE bytes ($SIZE_SPEC); work dir: $WORK ($fstype); repeats: $REPEAT (fastest shown)"
+echo
+
+# --- source file --------------------------------------------------------------------------------
+SRC="$WORK/src/src.bin"
+if [[ ! -f "$SRC" || "$(stat -c %s "$SRC")" != "$SIZE" ]]; then
+    log "creating $SRC ($SIZE bytes of random data)"
+    rm -f "$SRC"
+    head -c "$SIZE" /dev/urandom >"$SRC.tmp"
+    mv "$SRC.tmp" "$SRC"
+fi
+# The servers' root holds the source under the name src.bin (a hard link: no copy).
+ln "$SRC" "$WORK/srv/src.bin"
+SRC_SHA="$(sha256sum "$SRC" | awk '{print $1}')"
+sync
+
+declare -A VERIFIED=()
+verify() { # verify KIND FILE: sha256 of FILE against the source, once per kind of run
+    local kind="$1" file="$2" sum
+    [[ -n "${VERIFIED[$kind]:-}" ]] && return 0
+    [[ -f "$file" ]] || die "$kind: $file was not created"
+    sum="$(sha256sum "$file" | awk '{print $1}')"
+    if [[ "$sum" != "$SRC_SHA" ]]; then
+        die "$kind: CHECKSUM MISMATCH: $file has sha256 $sum, source has $SRC_SHA"
+    fi
+    VERIFIED[$kind]=1
+    log "$kind: sha256 ok"
+}
+
+# record TOOL DIRECTION CONNS WALL CLIENT_CPU CLIENT_RSS_KIB SERVER_CPU SERVER_RSS_KIB
+record() {
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"
+    log "$(printf '%s %s c=%s: %s s' "$1" "$2" "$3" "$4")"
+}
+
+# Flush earlier runs' dirty pages outside the timed part, so no run pays for another's writeback.
+settle() { sync; }
+
+# --- raw pipe: one TCP stream, socat to socat ---------------------------------------------------
+run_raw() {
+    local dst="$WORK/dst/raw.bin" port tpid rpid t0 t_recv t_sync
+    rm -f "$dst"
+    settle
+    port="$(free_port)"
+    /usr/bin/time -f "$TIME_FMT" -o "$LOGS/raw-server.time" \
+        socat -u -b "$SOCAT_BLOCK" "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr" \
+        "OPEN:$dst,creat,trunc" 2>"$LOGS/raw-server.err" &
+    tpid=$!
+    PIDS+=("$tpid")
+    rpid="$(child_of "$tpid")"
+    PIDS+=("$rpid")
+    wait_listening "$port"
+    t0="$(now_ns)"
+    /usr/bin/time -f "$TIME_FMT" -o "$LOGS/raw-client.time" \
+        timeout -k 5 "$RUN_TIMEOUT" socat -u -b "$SOCAT_BLOCK" "FILE:$SRC" "TCP:127.0.0.1:$port" ||
+        die "raw pipe: socat sender failed"
+    wait "$tpid" || die "raw pipe: socat receiver failed: $(cat "$LOGS/raw-server.err")"
+    t_recv="$(secs_since "$t0")"
+    sync "$dst"
+    t_sync="$(secs_since "$t0")"
+    forget_pid "$tpid"
+    forget_pid "$rpid"
+    verify raw "$dst"
+    local ccpu crss scpu srss
+    ccpu="$(time_cpu "$LOGS/raw-client.time")"
+    crss="$(time_field "$LOGS/raw-client.time" 2)"
+    scpu="$(time_cpu "$LOGS/raw-server.time")"
+    srss="$(time_field "$LOGS/raw-server.time" 2)"
+    record "raw pipe (socat) + fsync" one-way 1 "$t_sync" "$ccpu" "$crss" "$scpu" "$srss"
+    record "raw pipe (socat), no fsync" one-way 1 "$t_recv" "$ccpu" "$crss" "$scpu" "$srss"
+    rm -f "$dst"
+}
+
+# --- rsync: a fresh daemon per run --------------------------------------------------------------
+RSYNC_PORT=""
+RSYNC_TPID=""
+RSYNC_PID=""
+start_rsyncd() {
+    RSYNC_PORT="$(free_port)"
+    cat >"$WORK/rsyncd.conf" <<EOF
+# written by bench/bench.sh
+use chroot = no
+log file = $LOGS/rsyncd.log
+[bench]
+    path = $WORK/srv
+    read only = no
+    uid = $(id -u)
+    gid = $(id -g)
+EOF
+    /usr/bin/time -f "$TIME_FMT" -o "$LOGS/rsyncd.time" \
+        rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
+        --config="$WORK/rsyncd.conf" 2>>"$LOGS/rsyncd.err" &
+    RSYNC_TPID=$!
+    PIDS+=("$RSYNC_TPID")
+    RSYNC_PID="$(child_of "$RSYNC_TPID")"
+    PIDS+=("$RSYNC_PID")
+    wait_listening "$RSYNC_PORT"
+}
+stop_rsyncd() {
+    # A forked per-connection child may still be exiting; the daemon reaps it, and only then does
+    # its CPU show up in the daemon's rusage.
+    for _ in $(seq 100); do
+        [[ -z "$(ps -o pid= --ppid "$RSYNC_PID")" ]] && break
+        sleep 0.05
+    done
+    kill -TERM "$RSYNC_PID"
+    wait "$RSYNC_TPID" || true # rsync exits non-zero on SIGTERM; /usr/bin/time still reports
+    forget_pid "$RSYNC_TPID"
+    forget_pid "$RSYNC_PID"
+}
+
+run_rsync() { # run_rsync push|pull
+    local mode="$1" dst from to t0 wall dir
+    if [[ "$mode" == push ]]; then
+        dst="$WORK/srv/push.bin"
+        dir=upload
+    else
+        dst="$WORK/dst/pull.bin"
+        dir=download
+    fi
+    rm -f "$dst"
+    settle
+    start_rsyncd
+    if [[ "$mode" == push ]]; then
+        from="$SRC"
+        to="rsync://127.0.0.1:$RSYNC_PORT/bench/push.bin"
+    else
+        from="rsync://127.0.0.1:$RSYNC_PORT/bench/src.bin"
+        to="$dst"
+    fi
+    t0="$(now_ns)"
+    /usr/bin/time -f "$TIME_FMT" -o "$LOGS/rsync-client.time" \
+        timeout -k 5 "$RUN_TIMEOUT" rsync -a "$from" "$to" 2>"$LOGS/rsync-client.err" ||
+        die "rsync $mode failed: $(cat "$LOGS/rsync-client.err")"
+    sync "$dst"
+    wall="$(secs_since "$t0")"
+    stop_rsyncd
+    verify "rsync-$mode" "$dst"
+    record "rsync daemon + fsync" "$dir" 1 "$wall" \
+        "$(time_cpu "$LOGS/rsync-client.time")" "$(time_field "$LOGS/rsync-client.time" 2)" \
+        "$(time_cpu "$LOGS/rsyncd.time")" "$(time_field "$LOGS/rsyncd.time" 2)"
+    rm -f "$dst"
+}
+
+# --- xfer: a fresh xferd per run, so its VmHWM and CPU belong to that run alone -----------------
+XFERD_PID=""
+XFERD_ADDR=""
+start_xferd() {
+    local out="$LOGS/xferd.out"
+    : >"$out"
+    "$XFERD" --listen 127.0.0.1:0 --root "$WORK/srv" >"$out" 2>>"$LOGS/xferd.err" &
+    XFERD_PID=$!
+    PIDS+=("$XFERD_PID")
+    XFERD_ADDR=""
+    for _ in $(seq 200); do
+        local line
+        line="$(head -n1 "$out")"
+        if [[ "$line" == "xferd listening on "* ]]; then
+            XFERD_ADDR="${line#xferd listening on }"
+            break
+        fi
+        kill -0 "$XFERD_PID" 2>/dev/null || die "xferd exited at start: $(tail -n5 "$LOGS/xferd.err")"
+        sleep 0.05
+    done
+    [[ -n "$XFERD_ADDR" ]] || die "xferd printed no 'xferd listening on ADDR' line within 10 s"
+}
+stop_xferd() {
+    local rc=0
+    kill -TERM "$XFERD_PID"
+    wait "$XFERD_PID" || rc=$?
+    forget_pid "$XFERD_PID"
+    ((rc == 0)) || log "warning: xferd exited with status $rc after SIGTERM (contract: 0)"
+}
+
+run_xfer() { # run_xfer send|recv CONNS
+    local mode="$1" n="$2" dst t0 wall cpu0 cpu1 hwm dir args kind="xfer-$1-$2"
+    if [[ "$mode" == send ]]; then
+        dst="$WORK/srv/bench-$n.bin"
+        dir=upload
+    else
+        dst="$WORK/dst/recv-$n.bin"
+        dir=download
+    fi
+    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" \
+        "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+    settle
+    start_xferd
+    args=(-q --json -c "$n" "${XFER_CHUNK_ARGS[@]+"${XFER_CHUNK_ARGS[@]}"}")
+    if [[ "$mode" == send ]]; then
+        args=(send "${args[@]}" "$SRC" "$XFERD_ADDR" --as "bench-$n.bin")
+    else
+        args=(recv "${args[@]}" src.bin "$XFERD_ADDR" -o "$dst")
+    fi
+    cpu0="$(proc_cpu "$XFERD_PID")"
+    t0="$(now_ns)"
+    if ! /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.time" \
+        timeout -k 5 "$RUN_TIMEOUT" "$XFER" "${args[@]}" \
+        >"$LOGS/$kind.json" 2>"$LOGS/$kind.err"; then
+        die "xfer ${args[*]} failed: $(cat "$LOGS/$kind.err")"
+    fi
+    wall="$(secs_since "$t0")"
+    cpu1="$(proc_cpu "$XFERD_PID")"
+    hwm="$(proc_hwm_kib "$XFERD_PID")"
+    stop_xferd
+    python3 -c 'import json, sys; json.loads(sys.stdin.read())' <"$LOGS/$kind.json" ||
+        die "$kind: --json output is not one JSON object: $(cat "$LOGS/$kind.json")"
+    verify "$kind" "$dst"
+    record "xfer" "$dir" "$n" "$wall" \
+        "$(time_cpu "$LOGS/$kind.time")" "$(time_field "$LOGS/$kind.time" 2)" \
+        "$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$cpu0" "$cpu1")" \
+        "$hwm"
+    rm -f "$dst"
+}
+
+# --- runs ---------------------------------------------------------------------------------------
+for rep in $(seq "$REPEAT"); do
+    log "round $rep of $REPEAT"
+    has_tool raw && run_raw
+    if has_tool rsync; then
+        run_rsync push
+        run_rsync pull
+    fi
+    if has_tool xfer; then
+        for n in $CONNS; do run_xfer send "$n"; done
+        for n in $CONNS; do run_xfer recv "$n"; done
+    fi
+done
+
+python3 "$BENCH_HOME/report.py" "$RESULTS" "$SIZE" "$CHUNK"
+echo
+echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "Raw results (every run): $RESULTS; logs: $LOGS"

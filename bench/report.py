@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Turn bench.sh's results.tsv into a Markdown table and the PASS/FAIL targets.
+
+usage: report.py RESULTS.tsv FILE_SIZE_BYTES CHUNK_BYTES
+
+Each TSV row is one run: tool, direction, connections, wall s, client CPU s, client peak RSS KiB,
+server CPU s, server peak RSS KiB. Rows with the same (tool, direction, connections) are repeats:
+the fastest one gives throughput and CPU; peak RSS is the largest seen over all repeats.
+"""
+
+import sys
+from collections import OrderedDict
+
+MIB = 1 << 20
+GIB = 1 << 30
+RAW = "raw pipe (socat) + fsync"
+RSYNC = "rsync daemon + fsync"
+# Targets, from the project brief.
+VS_RAW = 0.8
+VS_RSYNC = 1.5
+MEM_BASE_MIB = 64
+
+
+def load(path):
+    groups = OrderedDict()
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            tool, direction, conns, wall, ccpu, crss, scpu, srss = line.rstrip("\n").split("\t")
+            run = dict(
+                wall=float(wall),
+                ccpu=float(ccpu),
+                crss=int(crss),
+                scpu=float(scpu),
+                srss=int(srss),
+            )
+            groups.setdefault((tool, direction, int(conns)), []).append(run)
+    rows = []
+    for (tool, direction, conns), runs in groups.items():
+        best = min(runs, key=lambda r: r["wall"])
+        rows.append(
+            dict(
+                tool=tool,
+                direction=direction,
+                conns=conns,
+                wall=best["wall"],
+                ccpu=best["ccpu"],
+                scpu=best["scpu"],
+                crss=max(r["crss"] for r in runs),
+                srss=max(r["srss"] for r in runs),
+                repeats=len(runs),
+            )
+        )
+    return rows
+
+
+def main():
+    path, size, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    rows = load(path)
+    for r in rows:
+        r["mibps"] = size / MIB / r["wall"] if r["wall"] > 0 else float("inf")
+
+    def find(tool, direction):
+        return next((r for r in rows if r["tool"] == tool and r["direction"] == direction), None)
+
+    raw = find(RAW, "one-way")
+    rsync = {d: find(RSYNC, d) for d in ("upload", "download")}
+
+    def ratio(r, base):
+        return f"{r['mibps'] / base['mibps']:.2f}" if base else "n/a"
+
+    gib = size / GIB
+    header = [
+        "tool",
+        "direction",
+        "connections",
+        "MiB/s",
+        "ratio vs raw pipe (fsync)",
+        "ratio vs rsync",
+        "CPU s/GiB client",
+        "CPU s/GiB server",
+        "peak RSS MiB client",
+        "peak RSS MiB server",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    for r in rows:
+        vs_rsync = rsync.get(r["direction"]) or rsync["upload"]
+        print(
+            "| "
+            + " | ".join(
+                [
+                    r["tool"],
+                    r["direction"],
+                    str(r["conns"]),
+                    f"{r['mibps']:.0f}",
+                    ratio(r, raw),
+                    ratio(r, vs_rsync),
+                    f"{r['ccpu'] / gib:.2f}",
+                    f"{r['scpu'] / gib:.2f}",
+                    f"{r['crss'] / 1024:.1f}",
+                    f"{r['srss'] / 1024:.1f}",
+                ]
+            )
+            + " |"
+        )
+    print()
+    print(
+        f"MiB/s = file size / wall seconds, 1 MiB = 2^20 bytes; file {size / MIB:.0f} MiB. "
+        "'ratio vs rsync' compares with rsync in the same direction (the raw pipe with rsync "
+        "upload). CPU = user + sys. Peak RSS of rsync and socat is their largest process."
+    )
+
+    print()
+    print("## Targets")
+    print()
+    results = []
+
+    def target(ok, text):
+        results.append(ok)
+        print(f"- {'PASS' if ok else 'FAIL'}: {text}")
+
+    xfer_rows = [r for r in rows if r["tool"] == "xfer"]
+    if not xfer_rows:
+        print("- n/a: no xfer runs")
+        return
+    for direction in ("upload", "download"):
+        cand = [r for r in xfer_rows if r["direction"] == direction]
+        if not cand:
+            continue
+        best = max(cand, key=lambda r: r["mibps"])
+        name = f"best xfer {direction} ({best['mibps']:.0f} MiB/s, -c {best['conns']})"
+        if raw:
+            need = VS_RAW * raw["mibps"]
+            target(
+                best["mibps"] >= need,
+                f"{name} >= {VS_RAW} x raw pipe with fsync ({raw['mibps']:.0f} MiB/s): "
+                f"needs {need:.0f}, ratio {best['mibps'] / raw['mibps']:.2f}",
+            )
+        else:
+            print(f"- n/a: {name} vs raw pipe: no raw pipe run")
+        base = rsync.get(direction)
+        if base:
+            need = VS_RSYNC * base["mibps"]
+            target(
+                best["mibps"] >= need,
+                f"{name} >= {VS_RSYNC} x rsync {direction} ({base['mibps']:.0f} MiB/s): "
+                f"needs {need:.0f}, ratio {best['mibps'] / base['mibps']:.2f}",
+            )
+        else:
+            print(f"- n/a: {name} vs rsync: no rsync {direction} run")
+    for r in xfer_rows:
+        limit = MEM_BASE_MIB + r["conns"] * 2 * chunk / MIB
+        for side in ("client", "server"):
+            mib = r[side[0] + "rss"] / 1024
+            target(
+                mib <= limit,
+                f"xfer {r['direction']} -c {r['conns']} {side} peak RSS {mib:.1f} MiB <= "
+                f"{MEM_BASE_MIB} + {r['conns']} x 2 x {chunk / MIB:g} MiB = {limit:.0f} MiB",
+            )
+    print()
+    print(f"{sum(results)} of {len(results)} targets met")
+
+
+if __name__ == "__main__":
+    main()
