@@ -25,6 +25,9 @@ pub enum CoreError {
         /// Bytes not yet held.
         missing: u64,
     },
+    /// The received file's digest differs from the sender's; the partial was discarded.
+    #[error("whole-file checksum mismatch on {0}; the partial copy was discarded, rerun to send it again")]
+    Corrupt(String),
     /// The source file changed while it was being read.
     #[error("file changed during transfer: {0}")]
     Changed(String),
@@ -58,6 +61,7 @@ impl CoreError {
             Self::NoSpace => ErrorCode::NoSpace,
             Self::Incomplete { .. } => ErrorCode::Incomplete,
             Self::Changed(_) => ErrorCode::Changed,
+            Self::Corrupt(_) => ErrorCode::Corrupt,
             Self::Io { .. } => ErrorCode::Io,
         }
     }

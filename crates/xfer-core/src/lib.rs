@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`ranges`]: [`RangeSet`] and chunk splitting.
+//! - [`digest`]: the whole-file digest both sides compare before the final rename.
 //! - [`journal`]: the on-disk resume journal format.
 //! - [`partial`]: [`PartialFile`], the receiving side (write at offset, journal, atomic rename).
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
@@ -13,6 +14,7 @@
 //! on a runtime worker; no file is ever held whole in memory.
 #![warn(missing_docs)]
 
+pub mod digest;
 pub mod error;
 pub mod journal;
 pub mod partial;

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use rustix::fs::{self as rfs, Mode, OFlags};
 use xfer_proto::{ByteRange, FileIdentity};
 
+use crate::digest::{Digest, Frontier};
 use crate::journal::{self, Record};
 use crate::root::Slot;
 use crate::{journal_name, partial_name, CoreError, RangeSet, Result};
@@ -46,6 +47,8 @@ struct State {
     sync_running: bool,
     /// Set once the partial can take no more writes: committed, or a barrier failed.
     closed: Option<String>,
+    /// Digest of the file so far, in file order.
+    frontier: Frontier,
 }
 
 fn blocking<T: Send + 'static>(
@@ -149,6 +152,11 @@ impl PartialFile {
             .and_then(|()| journal_file.write_all_at(&bytes, 0))
             .map_err(|e| CoreError::io(ctx("writing journal of"), e))?;
         let resumed = held.total();
+        // Resumed bytes count toward the digest like new ones: read them back once, here.
+        let mut frontier = Frontier::default();
+        frontier
+            .catch_up(&data, &held)
+            .map_err(|e| CoreError::io(ctx("reading back partial of"), e))?;
         Ok(Self {
             slot,
             part_leaf,
@@ -165,6 +173,7 @@ impl PartialFile {
                 unsynced: 0,
                 sync_running: false,
                 closed: None,
+                frontier,
             }),
         })
     }
@@ -235,6 +244,13 @@ impl PartialFile {
             .map_err(|e| CoreError::io(format!("journal of {:?}", self.slot.leaf), e))?;
         st.chunk_records += 1;
         st.held.insert(range);
+        // Hashing here, under the lock, keeps the digest in file order; bytes that arrived
+        // ahead of the frontier are read back (from the page cache) once it reaches them.
+        st.frontier.feed(range.start, payload);
+        let State { frontier, held, .. } = &mut *st;
+        frontier
+            .catch_up(&self.data, held)
+            .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
         st.unsynced += range.len();
         if st.unsynced >= self.sync_every && !st.sync_running {
             st.sync_running = true;
@@ -266,12 +282,24 @@ impl PartialFile {
     ///
     /// # Errors
     /// `Incomplete` while bytes are missing; I/O errors.
-    pub async fn commit(self: &Arc<Self>, mode: u32, mtime_ns: i64) -> Result<()> {
+    /// `expected` is the sender's digest of the whole file; on a mismatch the partial is
+    /// discarded (so a rerun starts over) and `Corrupt` is returned.
+    pub async fn commit(
+        self: &Arc<Self>,
+        mode: u32,
+        mtime_ns: i64,
+        expected: Option<Digest>,
+    ) -> Result<Digest> {
         let this = Arc::clone(self);
-        blocking(move || this.commit_blocking(mode, mtime_ns)).await
+        blocking(move || this.commit_blocking(mode, mtime_ns, expected)).await
     }
 
-    fn commit_blocking(&self, mode: u32, mtime_ns: i64) -> Result<()> {
+    fn commit_blocking(
+        &self,
+        mode: u32,
+        mtime_ns: i64,
+        expected: Option<Digest>,
+    ) -> Result<Digest> {
         let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
         let mut st = self.lock();
         if let Some(why) = &st.closed {
@@ -283,6 +311,16 @@ impl PartialFile {
         let missing = self.identity.size - st.held.total();
         if missing > 0 {
             return Err(CoreError::Incomplete { missing });
+        }
+        let State { frontier, held, .. } = &mut *st;
+        frontier
+            .catch_up(&self.data, held)
+            .map_err(|e| CoreError::io(ctx("reading back"), e))?;
+        let digest = st.frontier.digest();
+        if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {
+            self.discard(&mut st)
+                .map_err(|e| CoreError::io(ctx("discarding"), e))?;
+            return Err(CoreError::Corrupt(self.slot.leaf.clone()));
         }
         let mtime = if mtime_ns >= 0 {
             SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
@@ -302,6 +340,20 @@ impl PartialFile {
             tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
         }
         rfs::fsync(dir).map_err(|e| CoreError::io(ctx("flushing directory of"), e.into()))?;
+        Ok(digest)
+    }
+
+    /// Drops everything received: the next run of this transfer starts from zero.
+    fn discard(&self, st: &mut State) -> std::io::Result<()> {
+        self.data.set_len(0)?;
+        let bytes = journal::build(self.identity, &[]);
+        st.journal.set_len(0)?;
+        st.journal.write_all_at(&bytes, 0)?;
+        st.journal_pos = bytes.len() as u64;
+        st.chunk_records = 0;
+        st.held = RangeSet::new();
+        st.frontier = Frontier::default();
+        st.closed = Some("discarded after a digest mismatch".into());
         Ok(())
     }
 }
@@ -337,12 +389,12 @@ mod tests {
             .unwrap();
         write(&p, 5, b"56789").await;
         assert!(matches!(
-            p.commit(0o640, 0).await,
+            p.commit(0o640, 0, None).await,
             Err(CoreError::Incomplete { missing: 5 })
         ));
         assert!(!tmp.path().join("out.bin").exists());
         write(&p, 0, b"01234").await;
-        p.commit(0o640, id(10).mtime_ns).await.unwrap();
+        p.commit(0o640, id(10).mtime_ns, None).await.unwrap();
         assert_eq!(
             std::fs::read(tmp.path().join("out.bin")).unwrap(),
             b"0123456789"
@@ -402,6 +454,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commit_checks_the_senders_digest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let slot = root.slot("f", true).unwrap();
+        let p = PartialFile::open(slot.clone(), id(8)).await.unwrap();
+        write(&p, 4, b"efgh").await;
+        write(&p, 0, b"abcd").await;
+        let mut want = Frontier::default();
+        want.feed(0, b"abcdefgh");
+        let err = p.commit(0o644, 0, Some([0; 16])).await.unwrap_err();
+        assert!(matches!(err, CoreError::Corrupt(_)), "{err}");
+        assert!(!tmp.path().join("f").exists());
+        let p = PartialFile::open(slot.clone(), id(8)).await.unwrap();
+        assert_eq!(p.resumed_bytes(), 0, "a mismatch discards the partial");
+        write(&p, 0, b"abcdefgh").await;
+        assert_eq!(
+            p.commit(0o644, 0, Some(want.digest())).await.unwrap(),
+            want.digest()
+        );
+        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), b"abcdefgh");
+    }
+
+    #[tokio::test]
+    async fn resumed_bytes_count_toward_the_digest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let slot = root.slot("f", true).unwrap();
+        let p = PartialFile::open(slot.clone(), id(8)).await.unwrap();
+        write(&p, 0, b"abcd").await;
+        drop(p);
+        let p = PartialFile::open(slot, id(8)).await.unwrap();
+        write(&p, 4, b"efgh").await;
+        let mut want = Frontier::default();
+        want.feed(0, b"abcdefgh");
+        p.commit(0o644, 0, Some(want.digest())).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn writes_beyond_the_size_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let root = Root::open(tmp.path()).unwrap();
@@ -418,7 +508,7 @@ mod tests {
         let p = PartialFile::open(root.slot("e", true).unwrap(), id(0))
             .await
             .unwrap();
-        p.commit(0o644, 0).await.unwrap();
+        p.commit(0o644, 0, None).await.unwrap();
         assert_eq!(std::fs::read(tmp.path().join("e")).unwrap(), b"");
     }
 }

@@ -57,6 +57,15 @@ impl RangeSet {
                 .is_some_and(|(_, &e)| e >= range.end)
     }
 
+    /// The range that contains `pos`, if any.
+    pub fn range_at(&self, pos: u64) -> Option<ByteRange> {
+        self.ranges
+            .range(..=pos)
+            .next_back()
+            .filter(|(_, &e)| e > pos)
+            .map(|(&s, &e)| ByteRange::new(s, e))
+    }
+
     /// The ranges, sorted.
     pub fn iter(&self) -> impl Iterator<Item = ByteRange> + '_ {
         self.ranges.iter().map(|(&s, &e)| ByteRange::new(s, e))
@@ -150,6 +159,10 @@ mod tests {
         assert!(set.contains(r(12, 13)));
         assert!(!set.contains(r(9, 12)));
         assert!(!set.contains(r(15, 21)));
+        assert_eq!(set.range_at(10), Some(r(10, 20)));
+        assert_eq!(set.range_at(19), Some(r(10, 20)));
+        assert_eq!(set.range_at(20), None);
+        assert_eq!(set.range_at(9), None);
     }
 
     #[test]

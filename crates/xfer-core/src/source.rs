@@ -87,6 +87,28 @@ impl SourceFile {
             .map_err(|e| CoreError::io("disk task", std::io::Error::other(e.to_string())))?
     }
 
+    /// Digest of the whole file, read front to back on a blocking thread.
+    ///
+    /// # Errors
+    /// `Changed` if the file is now shorter; I/O errors.
+    pub async fn digest(&self) -> Result<crate::digest::Digest> {
+        let (file, name, size) = (
+            Arc::clone(&self.file),
+            self.name.clone(),
+            self.identity.size,
+        );
+        let task = tokio::task::spawn_blocking(move || {
+            crate::digest::digest_file(&file, size).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    CoreError::Changed(format!("{name} shrank while being read"))
+                }
+                _ => CoreError::io(format!("reading {name}"), e),
+            })
+        });
+        task.await
+            .map_err(|e| CoreError::io("disk task", std::io::Error::other(e.to_string())))?
+    }
+
     /// Fails if the file's size or mtime differ from those at open time.
     ///
     /// # Errors

@@ -128,9 +128,12 @@ mod tests {
             let mut w = FrameWriter::new(a);
             let big = Bytes::from(vec![7u8; 100_000]);
             w.send(&Frame::Data(Data::new(1, 5, big))).await.unwrap();
-            w.send(&Frame::Commit(Commit { transfer_id: 1 }))
-                .await
-                .unwrap();
+            w.send(&Frame::Commit(Commit {
+                transfer_id: 1,
+                digest: vec![],
+            }))
+            .await
+            .unwrap();
             w.shutdown().await.unwrap();
         });
         let mut r = FrameReader::new(b);
@@ -141,7 +144,10 @@ mod tests {
         d.verify().unwrap();
         assert_eq!(
             r.read_frame().await.unwrap(),
-            Some(Frame::Commit(Commit { transfer_id: 1 }))
+            Some(Frame::Commit(Commit {
+                transfer_id: 1,
+                digest: vec![]
+            }))
         );
         assert_eq!(r.read_frame().await.unwrap(), None);
         writer.await.unwrap();

@@ -140,8 +140,22 @@ mod tests {
                 offset: 99,
                 len: 7,
             }),
-            Frame::Commit(Commit { transfer_id: 3 }),
-            Frame::Committed(Commit { transfer_id: 3 }),
+            Frame::Commit(Commit {
+                transfer_id: 3,
+                digest: vec![5; 16],
+            }),
+            Frame::DigestRequest(Commit {
+                transfer_id: 3,
+                digest: vec![],
+            }),
+            Frame::DigestReply(Commit {
+                transfer_id: 3,
+                digest: vec![6; 16],
+            }),
+            Frame::Committed(Commit {
+                transfer_id: 3,
+                digest: vec![],
+            }),
             Frame::List(List { dir: String::new() }),
             Frame::Listing(Listing {
                 entries: vec![ListEntry {
@@ -243,9 +257,12 @@ mod tests {
     fn truncated_stream_is_rejected_at_eof() {
         let mut wire = BytesMut::new();
         Frame::Goodbye.encode(&mut wire).unwrap();
-        Frame::Commit(Commit { transfer_id: 1 })
-            .encode(&mut wire)
-            .unwrap();
+        Frame::Commit(Commit {
+            transfer_id: 1,
+            digest: vec![],
+        })
+        .encode(&mut wire)
+        .unwrap();
         let cut = &wire[..wire.len() - 3];
         let err = decode_all(cut).unwrap_err();
         assert!(matches!(err, ProtoError::TruncatedStream { .. }), "{err}");
@@ -268,9 +285,9 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_rejected() {
-        // Trailing bytes after a valid Commit body.
-        let mut frame = vec![0, 0, 0, 10, FrameType::Commit as u8];
-        frame.extend_from_slice(&[0; 9]);
+        // Trailing bytes after a valid Commit body (id and an empty digest: 16 bytes).
+        let mut frame = vec![0, 0, 0, 18, FrameType::Commit as u8];
+        frame.extend_from_slice(&[0; 17]);
         let err = decode_all(&frame).unwrap_err();
         assert!(
             matches!(err, ProtoError::BadBody { kind: "Commit", .. }),
@@ -343,7 +360,7 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip() {
-        for code in 1..=15u16 {
+        for code in 1..=16u16 {
             let known = ErrorCode::from_u16(code).unwrap();
             assert_eq!(known as u16, code);
         }

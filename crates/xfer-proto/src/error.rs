@@ -94,10 +94,12 @@ pub enum ErrorCode {
     ShuttingDown = 14,
     /// The request is valid but cannot be satisfied now (e.g. commit before all data).
     Incomplete = 15,
+    /// The whole-file digest did not match; the receiver discarded its partial copy.
+    Corrupt = 16,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 15] = [
+    const ALL: [Self; 16] = [
         Self::Protocol,
         Self::Version,
         Self::NotFound,
@@ -113,6 +115,7 @@ impl ErrorCode {
         Self::Changed,
         Self::ShuttingDown,
         Self::Incomplete,
+        Self::Corrupt,
     ];
 
     /// The code for a wire value; unknown values (from a newer peer) read as `None`.
@@ -132,6 +135,7 @@ impl ErrorCode {
                 | Self::ReadOnly
                 | Self::Changed
                 | Self::Incomplete
+                | Self::Corrupt
         )
     }
 
@@ -153,6 +157,7 @@ impl ErrorCode {
             Self::Changed => "file changed during transfer",
             Self::ShuttingDown => "server shutting down",
             Self::Incomplete => "transfer incomplete",
+            Self::Corrupt => "whole-file checksum mismatch",
         }
     }
 }

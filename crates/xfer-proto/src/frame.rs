@@ -214,11 +214,14 @@ impl Data {
 /// Length prefix + type byte + data header: what precedes a payload on the wire.
 pub const LEN_AND_DATA_HEADER: usize = crate::LEN_PREFIX + 1 + DATA_HEADER_LEN;
 
-/// Client → server: every byte has been acknowledged; make the file final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A transfer and a whole-file digest: the body of `Commit` and `Committed` (uploads) and of
+/// `DigestRequest` and `DigestReply` (downloads).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commit {
     /// Transfer handle.
     pub transfer_id: u64,
+    /// XXH3-128 of the whole file in order (16 bytes, big-endian); empty in `DigestRequest`.
+    pub digest: Vec<u8>,
 }
 
 /// Client → server: list a directory under the root.
@@ -311,15 +314,19 @@ pub enum FrameType {
     ReadOpened = 0x13,
     /// [`ChunkRef`] asking for data
     ReadChunk = 0x14,
+    /// [`Commit`] asking for the whole-file digest of a download
+    DigestRequest = 0x15,
+    /// [`Commit`] carrying the whole-file digest of a download
+    DigestReply = 0x16,
     /// [`Data`]
     Data = 0x20,
     /// [`ChunkRef`] confirming data is written and recorded
     Ack = 0x21,
     /// [`ChunkRef`] refusing data whose CRC did not match: send it again
     Reject = 0x22,
-    /// [`Commit`]
+    /// [`Commit`]: every byte is acknowledged; check the digest and make the file final
     Commit = 0x30,
-    /// [`Commit`] confirming the file is final
+    /// [`Commit`] confirming the file is final, with the receiver's digest
     Committed = 0x31,
     /// [`List`]
     List = 0x40,
@@ -332,7 +339,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 19] = [
+    const ALL: [Self; 21] = [
         Self::Hello,
         Self::Welcome,
         Self::Challenge,
@@ -343,6 +350,8 @@ impl FrameType {
         Self::OpenRead,
         Self::ReadOpened,
         Self::ReadChunk,
+        Self::DigestRequest,
+        Self::DigestReply,
         Self::Data,
         Self::Ack,
         Self::Reject,
@@ -378,6 +387,8 @@ impl FrameType {
             Self::OpenRead => "OpenRead",
             Self::ReadOpened => "ReadOpened",
             Self::ReadChunk => "ReadChunk",
+            Self::DigestRequest => "DigestRequest",
+            Self::DigestReply => "DigestReply",
             Self::Data => "Data",
             Self::Ack => "Ack",
             Self::Reject => "Reject",
@@ -405,6 +416,8 @@ pub enum Frame {
     OpenRead(OpenRead),
     ReadOpened(ReadOpened),
     ReadChunk(ChunkRef),
+    DigestRequest(Commit),
+    DigestReply(Commit),
     Data(Data),
     Ack(ChunkRef),
     Reject(ChunkRef),
@@ -430,6 +443,8 @@ impl Frame {
             Self::OpenRead(_) => FrameType::OpenRead,
             Self::ReadOpened(_) => FrameType::ReadOpened,
             Self::ReadChunk(_) => FrameType::ReadChunk,
+            Self::DigestRequest(_) => FrameType::DigestRequest,
+            Self::DigestReply(_) => FrameType::DigestReply,
             Self::Data(_) => FrameType::Data,
             Self::Ack(_) => FrameType::Ack,
             Self::Reject(_) => FrameType::Reject,
@@ -467,7 +482,10 @@ impl Frame {
             Self::OpenRead(b) => encode_body(b),
             Self::ReadOpened(b) => encode_body(b),
             Self::ReadChunk(b) | Self::Ack(b) | Self::Reject(b) => encode_body(b),
-            Self::Commit(b) | Self::Committed(b) => encode_body(b),
+            Self::Commit(b)
+            | Self::Committed(b)
+            | Self::DigestRequest(b)
+            | Self::DigestReply(b) => encode_body(b),
             Self::List(b) => encode_body(b),
             Self::Listing(b) => encode_body(b),
             Self::Error(b) => encode_body(b),
@@ -532,6 +550,8 @@ impl Frame {
             FrameType::Ack => Self::Ack(decode_body(ty, &body)?),
             FrameType::Reject => Self::Reject(decode_body(ty, &body)?),
             FrameType::Commit => Self::Commit(decode_body(ty, &body)?),
+            FrameType::DigestRequest => Self::DigestRequest(decode_body(ty, &body)?),
+            FrameType::DigestReply => Self::DigestReply(decode_body(ty, &body)?),
             FrameType::Committed => Self::Committed(decode_body(ty, &body)?),
             FrameType::List => Self::List(decode_body(ty, &body)?),
             FrameType::Listing => Self::Listing(decode_body(ty, &body)?),

@@ -67,7 +67,7 @@ pub fn session_script(data: &[u8]) {
             Request::OpenRead(req) => {
                 session.opened(TransferKind::Download, req.name.len() as u64);
             }
-            Request::Commit(id) => session.closed(id),
+            Request::Commit(c) => session.closed(c.transfer_id),
             // The daemon would switch to TLS here; the next frames stand for what it decrypts.
             Request::StartTls => {}
             Request::Goodbye | Request::PeerError(_) => return,

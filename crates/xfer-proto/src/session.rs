@@ -60,12 +60,14 @@ pub enum Request {
     OpenWrite(OpenWrite),
     /// Write a chunk of an open upload (its id and bounds are already checked; the CRC is not).
     Data(Data),
-    /// Make an upload final, then report it with [`ServerSession::closed`].
-    Commit(u64),
+    /// Check the digest and make an upload final, then report it with [`ServerSession::closed`].
+    Commit(crate::Commit),
     /// Open a download, then report it with [`ServerSession::opened`].
     OpenRead(OpenRead),
     /// Send a chunk of an open download (id and bounds checked).
     ReadChunk(ChunkRef),
+    /// Compute the whole-file digest of an open download and send `DigestReply`.
+    Digest(u64),
     /// List a directory.
     List(List),
     /// The client is done: close.
@@ -298,7 +300,11 @@ impl ServerSession {
             }
             Frame::Commit(c) => {
                 self.transfer("Commit", c.transfer_id, TransferKind::Upload)?;
-                Ok(Request::Commit(c.transfer_id))
+                Ok(Request::Commit(c))
+            }
+            Frame::DigestRequest(c) => {
+                self.transfer("DigestRequest", c.transfer_id, TransferKind::Download)?;
+                Ok(Request::Digest(c.transfer_id))
             }
             Frame::List(list) => Ok(Request::List(list)),
             Frame::Goodbye => Ok(Request::Goodbye),
@@ -537,12 +543,18 @@ mod tests {
             Err(SessionError::UnknownTransfer { .. })
         ));
         assert!(matches!(
-            s.handle_frame(Frame::Commit(Commit { transfer_id: id })),
+            s.handle_frame(Frame::Commit(Commit {
+                transfer_id: id,
+                digest: vec![]
+            })),
             Ok(Request::Commit(_))
         ));
         s.closed(id);
         assert!(s
-            .handle_frame(Frame::Commit(Commit { transfer_id: id }))
+            .handle_frame(Frame::Commit(Commit {
+                transfer_id: id,
+                digest: vec![]
+            }))
             .is_err());
     }
 
@@ -609,7 +621,10 @@ mod tests {
     #[test]
     fn server_frames_from_a_client_are_refused() {
         let mut s = ready();
-        let f = Frame::Committed(Commit { transfer_id: 1 });
+        let f = Frame::Committed(Commit {
+            transfer_id: 1,
+            digest: vec![],
+        });
         assert!(matches!(
             s.handle_frame(f),
             Err(SessionError::Unexpected {

@@ -355,25 +355,51 @@ pub async fn send(
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
     opts.progress.set_length(identity.size);
     opts.progress.set_position(resumed);
+    // The whole-file digest is read front to back beside the transfer, not after it.
+    let digest = {
+        let source = upload.source.clone();
+        tokio::spawn(async move { source.digest().await })
+    };
     let work = Arc::new(Work::new(Vec::new(), opts));
+    let mut session = Some(session);
     // A commit can find bytes missing only if the daemon lost acknowledged chunks (it restarted
     // after a power loss); then the missing ranges are sent again, a bounded number of times.
+    let mut digest = Some(digest);
+    let mut digest_bytes = Vec::new();
     for _ in 0..3 {
         let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
         work.requeue(split_into_chunks(&missing, chunk_size).into_iter());
-        let mut sessions = drive(
-            target,
-            Arc::clone(&upload),
-            Arc::clone(&work),
-            (session, id),
-            opts,
-        )
-        .await?;
-        let Some((mut s, sid)) = sessions.pop() else {
-            return Err(ClientError::Closed);
+        let first = match session.take() {
+            Some(s) => (s, id),
+            None => {
+                let mut s = Session::connect(target, &opts.connector).await?;
+                let id = upload.open(&mut s).await?;
+                (s, id)
+            }
+        };
+        let mut sessions =
+            drive(target, Arc::clone(&upload), Arc::clone(&work), first, opts).await?;
+        let (mut s, sid) = match sessions.pop() {
+            Some(open) => open,
+            None => {
+                let mut s = Session::connect(target, &opts.connector).await?;
+                let id = upload.open(&mut s).await?;
+                (s, id)
+            }
         };
         close_all(sessions).await;
-        s.send(&Frame::Commit(Commit { transfer_id: sid })).await?;
+        if let Some(task) = digest.take() {
+            let d = task
+                .await
+                .map_err(|e| ClientError::Local(join_error(e)))??;
+            digest_bytes = d.to_vec();
+        }
+        upload.source.check_unchanged()?;
+        let commit = Commit {
+            transfer_id: sid,
+            digest: digest_bytes.clone(),
+        };
+        s.send(&Frame::Commit(commit)).await?;
         match s.next().await {
             Ok(Frame::Committed(_)) => {
                 s.close().await;
@@ -389,7 +415,7 @@ pub async fn send(
             }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
                 (id, held) = upload.open_with_held(&mut s).await?;
-                session = s;
+                session = Some(s);
             }
             Ok(other) => return Err(unexpected(other)),
             Err(e) => return Err(e),
@@ -540,9 +566,46 @@ pub async fn recv(
         partial: Arc::clone(&partial),
         max_chunk: chunk_size,
     });
-    let sessions = drive(target, download, Arc::clone(&work), (session, id), opts).await?;
+    let digest = tokio::spawn(remote_digest(
+        target.clone(),
+        opts.connector.clone(),
+        name.to_string(),
+        identity,
+    ));
+    let mut sessions = drive(
+        target,
+        Arc::clone(&download),
+        Arc::clone(&work),
+        (session, id),
+        opts,
+    )
+    .await?;
+    let digest = match digest
+        .await
+        .map_err(|e| ClientError::Local(join_error(e)))?
+    {
+        Ok(digest) => digest,
+        // The extra connection could not get a stream slot (a small --max-streams, say):
+        // ask again on a data connection, now that it is free.
+        Err(e) if e.is_transient() => {
+            let (mut s, id) = match sessions.pop() {
+                Some(open) => open,
+                None => {
+                    let mut s = Session::connect(target, &opts.connector).await?;
+                    let id = download.open(&mut s).await?;
+                    (s, id)
+                }
+            };
+            let digest = digest_over(&mut s, id).await;
+            s.close().await;
+            digest?
+        }
+        Err(e) => return Err(e),
+    };
     close_all(sessions).await;
-    partial.commit(mode, identity.mtime_ns).await?;
+    partial
+        .commit(mode, identity.mtime_ns, Some(digest))
+        .await?;
     opts.progress.finish_and_clear();
     Ok(make_summary(
         name,
@@ -552,6 +615,54 @@ pub async fn recv(
         started,
         opts.connections,
     ))
+}
+
+fn join_error(e: tokio::task::JoinError) -> xfer_core::CoreError {
+    xfer_core::CoreError::io("digest task", std::io::Error::other(e.to_string()))
+}
+
+/// Asks the server for the whole-file digest of `name` on a connection of its own, so the
+/// server reads the file beside the data connections rather than after them.
+async fn remote_digest(
+    target: Target,
+    connector: Connector,
+    name: String,
+    identity: FileIdentity,
+) -> Result<xfer_core::digest::Digest, ClientError> {
+    let mut session = Session::connect(&target, &connector).await?;
+    let request = OpenRead {
+        name: name.clone(),
+        have_identity: None,
+        have: vec![],
+    };
+    let (id, now, _) = open_read(&mut session, &request).await?;
+    if now != identity {
+        return Err(ClientError::Changed(name));
+    }
+    let digest = digest_over(&mut session, id).await;
+    session.close().await;
+    digest
+}
+
+/// Asks for the digest of download `id` open on `session`.
+async fn digest_over(
+    session: &mut Session,
+    id: u64,
+) -> Result<xfer_core::digest::Digest, ClientError> {
+    session
+        .send(&Frame::DigestRequest(Commit {
+            transfer_id: id,
+            digest: vec![],
+        }))
+        .await?;
+    match session.next().await? {
+        Frame::DigestReply(c) if c.transfer_id == id => c
+            .digest
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Unexpected("DigestReply")),
+        other => Err(unexpected(other)),
+    }
 }
 
 fn read_local_journal(path: &Path) -> Option<xfer_core::journal::Contents> {

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
+use xfer_core::digest::DIGEST_LEN;
 use xfer_core::{CoreError, FrameReader, FrameWriter, SourceFile};
 use xfer_proto::session::{Phase, Request, ServerConfig, ServerSession, TransferKind};
 use xfer_proto::{
@@ -257,7 +258,8 @@ impl Handler {
             match self.session.handle_frame(frame)? {
                 Request::OpenWrite(req) => self.open_write(req).await?,
                 Request::Data(data) => self.data(data).await?,
-                Request::Commit(id) => self.commit(id).await?,
+                Request::Commit(c) => self.commit(c).await?,
+                Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
                 Request::ReadChunk(chunk) => self.read_chunk(chunk).await?,
                 Request::List(list) => self.list(&list.dir).await?,
@@ -412,7 +414,8 @@ impl Handler {
         Ok(())
     }
 
-    async fn commit(&mut self, id: u64) -> Result<(), ConnError> {
+    async fn commit(&mut self, c: Commit) -> Result<(), ConnError> {
+        let id = c.transfer_id;
         let Some(Open::Write {
             lease, name, mode, ..
         }) = self.open.get(&id)
@@ -421,10 +424,28 @@ impl Handler {
         };
         let partial = Arc::clone(&lease.partial);
         let name = name.clone();
-        if let Err(e) = partial.commit(*mode, partial.identity().mtime_ns).await {
-            warn!(name = %name, error = %e, "commit failed");
-            return self.reply_error(e.code(), e.to_string()).await;
-        }
+        let expected = match <[u8; DIGEST_LEN]>::try_from(c.digest.as_slice()) {
+            Ok(d) => Some(d),
+            Err(_) if c.digest.is_empty() => None,
+            Err(_) => return Err(fatal(ErrorCode::Protocol, "Commit digest is not 16 bytes")),
+        };
+        let digest = match partial
+            .commit(*mode, partial.identity().mtime_ns, expected)
+            .await
+        {
+            Ok(digest) => digest,
+            Err(e) => {
+                warn!(name = %name, error = %e, "commit failed");
+                if matches!(e, CoreError::Corrupt(_)) {
+                    // The partial is gone: forget the upload so the next attempt opens it anew.
+                    if let Some(Open::Write { lease, .. }) = self.open.remove(&id) {
+                        lease.retire();
+                    }
+                    self.session.closed(id);
+                }
+                return self.reply_error(e.code(), e.to_string()).await;
+            }
+        };
         let Some(Open::Write {
             lease, crc_retries, ..
         }) = self.open.remove(&id)
@@ -446,9 +467,11 @@ impl Handler {
             crc_retries,
             "upload complete"
         );
-        self.writer
-            .send(&Frame::Committed(Commit { transfer_id: id }))
-            .await?;
+        let reply = Commit {
+            transfer_id: id,
+            digest: digest.to_vec(),
+        };
+        self.writer.send(&Frame::Committed(reply)).await?;
         Ok(())
     }
 
@@ -506,6 +529,23 @@ impl Handler {
                 payload,
             )))
             .await?;
+        Ok(())
+    }
+
+    async fn digest(&mut self, id: u64) -> Result<(), ConnError> {
+        let Some(Open::Read { source, .. }) = self.open.get(&id) else {
+            unreachable!("the session checked the transfer id")
+        };
+        let digest = match source.check_unchanged() {
+            Ok(()) => source.digest().await,
+            Err(e) => Err(e),
+        };
+        let digest = digest.map_err(|e| fatal(e.code(), e.to_string()))?;
+        let reply = Commit {
+            transfer_id: id,
+            digest: digest.to_vec(),
+        };
+        self.writer.send(&Frame::DigestReply(reply)).await?;
         Ok(())
     }
 
