@@ -47,6 +47,9 @@ struct State {
     sync_running: bool,
     /// Set once the partial can take no more writes: committed, or a barrier failed.
     closed: Option<String>,
+    /// The digest the file was committed with: several clients may feed one upload, and
+    /// the ones that finish after the first find their work already done.
+    committed: Option<Digest>,
     /// Digest of the file so far, in file order.
     frontier: Frontier,
 }
@@ -173,6 +176,7 @@ impl PartialFile {
                 unsynced: 0,
                 sync_running: false,
                 closed: None,
+                committed: None,
                 frontier,
             }),
         })
@@ -230,8 +234,14 @@ impl PartialFile {
     }
 
     fn write_blocking(&self, range: ByteRange, payload: &[u8], crc32: u32) -> Result<Option<u64>> {
-        if let Some(why) = &self.lock().closed {
-            return Err(CoreError::io("write", std::io::Error::other(why.clone())));
+        {
+            let st = self.lock();
+            if st.committed.is_some() {
+                return Ok(None);
+            }
+            if let Some(why) = &st.closed {
+                return Err(CoreError::io("write", std::io::Error::other(why.clone())));
+            }
         }
         self.data
             .write_all_at(payload, range.start)
@@ -302,6 +312,13 @@ impl PartialFile {
     ) -> Result<Digest> {
         let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
         let mut st = self.lock();
+        if let Some(done) = st.committed {
+            if expected.is_some_and(|want| want != done) {
+                let why = "committed meanwhile by another client with different content";
+                return Err(CoreError::io(ctx("commit"), std::io::Error::other(why)));
+            }
+            return Ok(done);
+        }
         if let Some(why) = &st.closed {
             return Err(CoreError::io(
                 ctx("commit"),
@@ -335,7 +352,7 @@ impl PartialFile {
         let dir = self.slot.dir.as_fd();
         rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
             .map_err(|e| CoreError::io(ctx("renaming partial to"), e.into()))?;
-        st.closed = Some("transfer already committed".into());
+        st.committed = Some(digest);
         if let Err(e) = rfs::unlinkat(dir, self.journal_leaf.as_str(), rfs::AtFlags::empty()) {
             tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
         }
@@ -403,7 +420,16 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o640);
         assert!(!tmp.path().join(".out.bin.xfer-part").exists());
         assert!(!tmp.path().join(".out.bin.xfer-state").exists());
-        assert!(p.write(0, Bytes::from_static(b"x"), 0).await.is_err());
+        // Another client feeding the same upload finishes after the commit: its chunks are
+        // not needed and its commit succeeds with the same digest.
+        write(&p, 0, b"x").await;
+        let digest = p.commit(0o640, 0, None).await.unwrap();
+        assert_eq!(p.commit(0o640, 0, Some(digest)).await.unwrap(), digest);
+        assert!(p.commit(0o640, 0, Some([1; 16])).await.is_err());
+        assert_eq!(
+            std::fs::read(tmp.path().join("out.bin")).unwrap(),
+            b"0123456789"
+        );
     }
 
     #[tokio::test]

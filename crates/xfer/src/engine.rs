@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use rand::Rng;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot, SourceFile};
 use xfer_proto::{
@@ -61,6 +62,10 @@ pub struct Summary {
 /// Chunks still to move, shared by the workers of one transfer.
 struct Work {
     queue: Mutex<VecDeque<ByteRange>>,
+    /// Bytes queued or in flight: not yet acknowledged (uploads) or written (downloads).
+    outstanding: AtomicU64,
+    /// True once `outstanding` reaches zero: workers still connecting can stop.
+    finished: watch::Sender<bool>,
     transferred: AtomicU64,
     crc_retries: AtomicU64,
     progress: ProgressBar,
@@ -69,17 +74,29 @@ struct Work {
 
 impl Work {
     fn new(chunks: Vec<ByteRange>, opts: &Options) -> Self {
-        Self {
-            queue: Mutex::new(chunks.into()),
+        let work = Self {
+            queue: Mutex::new(VecDeque::new()),
+            outstanding: AtomicU64::new(0),
+            finished: watch::Sender::new(true),
             transferred: AtomicU64::new(0),
             crc_retries: AtomicU64::new(0),
             progress: opts.progress.clone(),
             limiter: opts.bwlimit.map(RateLimiter::new),
-        }
+        };
+        work.add(chunks);
+        work
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<ByteRange>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues new chunks to move.
+    fn add(&self, chunks: Vec<ByteRange>) {
+        let bytes: u64 = chunks.iter().map(ByteRange::len).sum();
+        self.lock().extend(chunks);
+        let total = self.outstanding.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        self.finished.send_replace(total == 0);
     }
 
     fn pop(&self) -> Option<ByteRange> {
@@ -92,6 +109,19 @@ impl Work {
         for c in chunks.rev() {
             q.push_front(c);
         }
+    }
+
+    /// Marks `chunk` as moved for good.
+    fn complete(&self, chunk: ByteRange) {
+        self.progress.inc(chunk.len());
+        if self.outstanding.fetch_sub(chunk.len(), Ordering::SeqCst) == chunk.len() {
+            self.finished.send_replace(true);
+        }
+    }
+
+    /// Resolves once every chunk is moved.
+    async fn finished(&self) {
+        let _ = self.finished.subscribe().wait_for(|done| *done).await;
     }
 
     fn is_empty(&self) -> bool {
@@ -177,18 +207,26 @@ async fn worker<D: Direction>(
             let (mut s, id) = match session.take() {
                 Some(open) => open,
                 None => {
-                    let mut s = Session::connect(target, &opts.connector).await?;
-                    let id = dir.open(&mut s).await?;
-                    (s, id)
+                    let connect = async {
+                        let mut s = Session::connect(target, &opts.connector).await?;
+                        let id = dir.open(&mut s).await?;
+                        Ok::<_, ClientError>((s, id))
+                    };
+                    // Other connections may finish the file while this one waits for a slot
+                    // on a busy daemon; it must not hold the transfer up, nor its slot.
+                    tokio::select! {
+                        open = connect => open?,
+                        () = work.finished() => return Ok(None),
+                    }
                 }
             };
             match dir.pump(&mut s, id, work).await {
-                Ok(()) => Ok((s, id)),
+                Ok(()) => Ok(Some((s, id))),
                 Err(e) => Err(e),
             }
         };
         match attempt.await {
-            Ok(open) => return Ok(Some(open)),
+            Ok(open) => return Ok(open),
             Err(e) if e.is_transient() => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= retry_deadline {
@@ -199,7 +237,10 @@ async fn worker<D: Direction>(
                 }
                 tracing::info!(error = %e, retry_in = ?backoff, "connection failed; reconnecting");
                 let jitter = rand::thread_rng().gen_range(0.5..1.5);
-                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    () = work.finished() => return Ok(None),
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
@@ -296,7 +337,7 @@ impl Direction for Upload {
                     work.crc_retries.fetch_add(1, Ordering::Relaxed);
                     work.requeue(std::iter::once(chunk));
                 } else {
-                    work.progress.inc(chunk.len());
+                    work.complete(chunk);
                 }
             }
         }
@@ -368,7 +409,7 @@ pub async fn send(
     let mut digest_bytes = Vec::new();
     for _ in 0..3 {
         let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
-        work.requeue(split_into_chunks(&missing, chunk_size).into_iter());
+        work.add(split_into_chunks(&missing, chunk_size));
         let first = match session.take() {
             Some(s) => (s, id),
             None => {
@@ -515,7 +556,7 @@ impl Direction for Download {
                     inflight.push_front(want);
                     return Err(e.into());
                 }
-                work.progress.inc(want.len());
+                work.complete(want);
             }
         }
         .await;
@@ -580,14 +621,24 @@ pub async fn recv(
         opts,
     )
     .await?;
-    let digest = match digest
-        .await
-        .map_err(|e| ClientError::Local(join_error(e)))?
-    {
-        Ok(digest) => digest,
-        // The extra connection could not get a stream slot (a small --max-streams, say):
-        // ask again on a data connection, now that it is free.
-        Err(e) if e.is_transient() => {
+    // The extra connection's answer, if it has one by now; otherwise (it is still waiting for a
+    // stream slot on a busy daemon, or failed on the way) ask on a data connection, now free.
+    let early = if digest.is_finished() {
+        match digest
+            .await
+            .map_err(|e| ClientError::Local(join_error(e)))?
+        {
+            Ok(digest) => Some(digest),
+            Err(e) if e.is_transient() => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        digest.abort();
+        None
+    };
+    let digest = match early {
+        Some(digest) => digest,
+        None => {
             let (mut s, id) = match sessions.pop() {
                 Some(open) => open,
                 None => {
@@ -600,7 +651,6 @@ pub async fn recv(
             s.close().await;
             digest?
         }
-        Err(e) => return Err(e),
     };
     close_all(sessions).await;
     partial

@@ -220,10 +220,16 @@ impl Handler {
         let Some((version, proof)) = handshake else {
             return Ok(());
         };
-        // Wait for a stream slot, but not forever, and not past shutdown.
+        // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
+        // has gone away meanwhile (its place in the queue would only delay the living).
         let _permit = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
+            early = self.reader.read_frame() => return match early {
+                Ok(None) | Err(ProtoError::Io(_)) => Err(ConnError::PeerClosed),
+                Ok(Some(f)) => Err(fatal(ErrorCode::Protocol, format!("{} before Welcome", f.frame_type().name()))),
+                Err(e) => Err(e.into()),
+            },
             permit = timeout(cfg.queue_timeout, Arc::clone(&shared.streams).acquire_owned()) => match permit {
                 Ok(Ok(permit)) => permit,
                 _ => return Err(fatal(
