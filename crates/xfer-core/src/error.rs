@@ -28,6 +28,9 @@ pub enum CoreError {
     /// The received file's digest differs from the sender's; the partial was discarded.
     #[error("whole-file checksum mismatch on {0}; the partial copy was discarded, rerun to send it again")]
     Corrupt(String),
+    /// A request beyond a limit (a file too large to send whole, say).
+    #[error("{0}")]
+    TooLarge(String),
     /// The source file changed while it was being read.
     #[error("file changed during transfer: {0}")]
     Changed(String),
@@ -62,6 +65,7 @@ impl CoreError {
             Self::Incomplete { .. } => ErrorCode::Incomplete,
             Self::Changed(_) => ErrorCode::Changed,
             Self::Corrupt(_) => ErrorCode::Corrupt,
+            Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::Io { .. } => ErrorCode::Io,
         }
     }

@@ -8,6 +8,7 @@
 //! - [`partial`]: [`PartialFile`], the receiving side (write at offset, journal, atomic rename).
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
 //! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
+//! - [`tree`]: walking a tree and the small operations a tree copy is made of.
 //! - [`wire`]: [`FrameReader`]/[`FrameWriter`] over any async byte stream.
 //!
 //! Invariants: no socket is created here; blocking file I/O runs on tokio's blocking pool, never
@@ -22,6 +23,7 @@ pub mod ranges;
 pub mod root;
 pub mod source;
 pub mod token;
+pub mod tree;
 pub mod units;
 pub mod wire;
 

@@ -126,7 +126,15 @@ impl PartialFile {
                     Err(rustix::io::Errno::OPNOTSUPP) => data.set_len(identity.size),
                     other => other.map_err(Into::into),
                 };
-            reserved.map_err(|e| CoreError::io(ctx("reserving space for"), e))?;
+            if let Err(e) = reserved {
+                // A new partial that cannot get its space leaves nothing behind.
+                if held.total() == 0 {
+                    let dir = slot.dir.as_fd();
+                    let _ = rfs::unlinkat(dir, part_leaf.as_str(), rfs::AtFlags::empty());
+                    let _ = rfs::unlinkat(dir, journal_leaf.as_str(), rfs::AtFlags::empty());
+                }
+                return Err(CoreError::io(ctx("reserving space for"), e));
+            }
         }
         // Rewrite the journal from what was verified: held data is flushed first, so one
         // barrier can cover all of it and unverifiable records do not linger.

@@ -18,6 +18,8 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGIC
 #[derive(Debug, Clone)]
 pub struct Root {
     dir: Arc<File>,
+    /// Symlinks are followed (beneath the root) unless this is set.
+    no_symlinks: bool,
 }
 
 /// A directory handle and a leaf name inside it: where a file will be created or replaced.
@@ -61,7 +63,7 @@ pub fn validate_name(name: &str) -> Result<Vec<&str>> {
     Ok(parts)
 }
 
-fn map_open_err(name: &str, e: rustix::io::Errno) -> CoreError {
+pub(crate) fn map_open_err(name: &str, e: rustix::io::Errno) -> CoreError {
     match e {
         rustix::io::Errno::NOENT => CoreError::NotFound(name.to_string()),
         rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => {
@@ -86,7 +88,17 @@ impl Root {
         .map_err(|e| CoreError::io(format!("opening root {}", path.display()), e.into()))?;
         Ok(Self {
             dir: Arc::new(File::from(dir)),
+            no_symlinks: false,
         })
+    }
+
+    /// The same root, resolving names without following any symlink: for sessions that may
+    /// only touch one subtree (a copy grant), where a link could lead elsewhere in the root.
+    pub fn without_symlinks(&self) -> Self {
+        Self {
+            dir: Arc::clone(&self.dir),
+            no_symlinks: true,
+        }
     }
 
     fn open_beneath(&self, path: &str, flags: OFlags, mode: Mode) -> rustix::io::Result<OwnedFd> {
@@ -96,13 +108,30 @@ impl Root {
             path,
             flags | OFlags::CLOEXEC,
             mode,
-            RESOLVE,
+            if self.no_symlinks {
+                RESOLVE | ResolveFlags::NO_SYMLINKS
+            } else {
+                RESOLVE
+            },
         )
     }
 
-    fn open_dir(&self, path: &str) -> rustix::io::Result<File> {
+    pub(crate) fn open_dir(&self, path: &str) -> rustix::io::Result<File> {
         self.open_beneath(path, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
             .map(File::from)
+    }
+
+    /// The directory `name` beneath this root, as a root of its own.
+    ///
+    /// # Errors
+    /// `BadPath`, `NotFound` or I/O errors.
+    pub fn subroot(&self, name: &str) -> Result<Self> {
+        validate_name(name)?;
+        let dir = self.open_dir(name).map_err(|e| map_open_err(name, e))?;
+        Ok(Self {
+            dir: Arc::new(dir),
+            no_symlinks: self.no_symlinks,
+        })
     }
 
     /// Opens an existing regular file for reading.
@@ -111,14 +140,28 @@ impl Root {
     /// `BadPath`, `NotFound`, `NotRegular` or I/O errors.
     pub fn open_read(&self, name: &str) -> Result<File> {
         validate_name(name)?;
-        // O_NONBLOCK: opening a FIFO must not hang the daemon; it is rejected just below.
+        // Look before opening: opening a FIFO wakes its writer, a socket fails with ENXIO and a
+        // device may do anything. An O_PATH handle opens nothing.
+        let path_fd = self
+            .open_beneath(name, OFlags::PATH, Mode::empty())
+            .map_err(|e| map_open_err(name, e))?;
+        let st =
+            rfs::fstat(&path_fd).map_err(|e| CoreError::io(format!("stat {name:?}"), e.into()))?;
+        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+            return Err(CoreError::NotRegular(name.to_string()));
+        }
+        // O_NONBLOCK: should the name be swapped for a FIFO meanwhile, opening it must not hang;
+        // the type is checked again below.
         let fd = self
             .open_beneath(
                 name,
                 OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK,
                 Mode::empty(),
             )
-            .map_err(|e| map_open_err(name, e))?;
+            .map_err(|e| match e {
+                rustix::io::Errno::NXIO => CoreError::NotRegular(name.to_string()),
+                e => map_open_err(name, e),
+            })?;
         let file = File::from(fd);
         let meta = file
             .metadata()
@@ -134,6 +177,60 @@ impl Root {
     /// # Errors
     /// `BadPath`, `NotFound` (when not creating) or I/O errors.
     pub fn slot(&self, name: &str, create: bool) -> Result<Slot> {
+        let slot = self.parent_slot(name, create)?;
+        let (dir, leaf) = (&slot.dir, slot.leaf.as_str());
+        // Only a regular file may be replaced: never a directory, device, FIFO, socket or link.
+        match rfs::statat(dir.as_fd(), leaf, rfs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile => {
+                return Err(CoreError::NotRegular(name.to_string()))
+            }
+            Ok(_) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(CoreError::io(format!("stat {name:?}"), e.into())),
+        }
+        Ok(slot)
+    }
+
+    /// [`Root::parent_slot`], refusing any symlink on the way: the slot's directory is then
+    /// exactly as deep as `name` says, which link-target checks rely on.
+    ///
+    /// # Errors
+    /// As [`Root::parent_slot`], and `BadPath` if a directory on the way is a symlink.
+    pub fn parent_slot_no_symlinks(&self, name: &str, create: bool) -> Result<Slot> {
+        // Missing directories are created first; the directory used is then opened anew with
+        // no symlink allowed anywhere on the way.
+        let slot = self.parent_slot(name, create)?;
+        let parts = validate_name(name)?;
+        let parent = parts[..parts.len() - 1].join("/");
+        let path = if parent.is_empty() {
+            "."
+        } else {
+            parent.as_str()
+        };
+        let dir = rfs::openat2(
+            self.dir.as_fd(),
+            path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE | ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP => {
+                CoreError::BadPath(format!("a directory in {name:?} is a symlink"))
+            }
+            e => map_open_err(name, e),
+        })?;
+        Ok(Slot {
+            dir: Arc::new(File::from(dir)),
+            leaf: slot.leaf,
+        })
+    }
+
+    /// Resolves the directory that holds `name` (creating missing directories when `create`),
+    /// whatever `name` itself is.
+    ///
+    /// # Errors
+    /// `BadPath`, `NotFound` (when not creating) or I/O errors.
+    pub fn parent_slot(&self, name: &str, create: bool) -> Result<Slot> {
         let parts = validate_name(name)?;
         let (leaf, dirs) = parts
             .split_last()
@@ -144,14 +241,6 @@ impl Root {
             Err(rustix::io::Errno::NOENT) if create => self.create_dirs(dirs, name)?,
             Err(e) => return Err(map_open_err(name, e)),
         };
-        // Only a regular file may be replaced: never a directory, device, FIFO, socket or link.
-        match rfs::statat(&dir, *leaf, rfs::AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile => {
-                return Err(CoreError::NotRegular(name.to_string()))
-            }
-            Ok(_) | Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(CoreError::io(format!("stat {name:?}"), e.into())),
-        }
         Ok(Slot {
             dir: Arc::new(dir),
             leaf: (*leaf).to_string(),

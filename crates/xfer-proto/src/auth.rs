@@ -40,6 +40,20 @@ pub fn server_proof(token: &[u8], client_nonce: &[u8], server_nonce: &[u8]) -> V
         .to_vec()
 }
 
+/// The key a grant's bearer proves instead of the token:
+/// `HMAC-SHA256(token, "xfer/1 grant" | u32 len | scope | u64 expires | u32 len | nonce)`.
+/// Only a holder of the token can make it, and it is bound to this scope, expiry and nonce.
+pub fn grant_key(token: &[u8], grant: &crate::Grant) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(token).expect("HMAC takes keys of any length");
+    mac.update(b"xfer/1 grant");
+    mac.update(&(grant.scope.len() as u32).to_be_bytes());
+    mac.update(grant.scope.as_bytes());
+    mac.update(&grant.expires.to_be_bytes());
+    mac.update(&(grant.nonce.len() as u32).to_be_bytes());
+    mac.update(&grant.nonce);
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// Checks a client's proof in constant time.
 pub fn verify_client(token: &[u8], client_nonce: &[u8], server_nonce: &[u8], proof: &[u8]) -> bool {
     mac(token, CLIENT_LABEL, client_nonce, server_nonce)
@@ -57,6 +71,48 @@ pub fn verify_server(token: &[u8], client_nonce: &[u8], server_nonce: &[u8], pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grant_keys_depend_on_every_field() {
+        let g = crate::Grant {
+            scope: "backups/a".into(),
+            expires: 100,
+            nonce: vec![1; 32],
+        };
+        let k = grant_key(b"tok", &g);
+        assert_eq!(k.len(), 32);
+        assert_ne!(k, grant_key(b"tok2", &g));
+        assert_ne!(
+            k,
+            grant_key(
+                b"tok",
+                &crate::Grant {
+                    scope: "backups".into(),
+                    ..g.clone()
+                }
+            )
+        );
+        assert_ne!(
+            k,
+            grant_key(
+                b"tok",
+                &crate::Grant {
+                    expires: 101,
+                    ..g.clone()
+                }
+            )
+        );
+        assert_ne!(
+            k,
+            grant_key(
+                b"tok",
+                &crate::Grant {
+                    nonce: vec![2; 32],
+                    ..g.clone()
+                }
+            )
+        );
+    }
 
     #[test]
     fn proofs_verify_only_with_the_same_token_and_nonces() {

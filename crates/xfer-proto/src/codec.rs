@@ -98,7 +98,41 @@ mod tests {
                 nonce: vec![9; 32],
             }),
             Frame::Challenge(Challenge { nonce: vec![1; 32] }),
-            Frame::Auth(Auth { proof: vec![2; 32] }),
+            Frame::Auth(Auth {
+                proof: vec![2; 32],
+                grant: None,
+            }),
+            Frame::Auth(Auth {
+                proof: vec![2; 32],
+                grant: Some(Grant {
+                    scope: "in".into(),
+                    expires: 7,
+                    nonce: vec![1; 32],
+                }),
+            }),
+            Frame::CopyTo(CopyTo {
+                source: "a".into(),
+                recursive: true,
+                host: "h".into(),
+                port: 9,
+                dest: "b".into(),
+                connections: 4,
+                chunk_size: 1 << 20,
+                grant: None,
+            }),
+            Frame::Progress(Progress {
+                bytes_done: 1,
+                bytes_total: 2,
+            }),
+            Frame::CopyDone(CopyDone {
+                files_total: 1,
+                files_transferred: 1,
+                files_skipped: 0,
+                bytes_total: 3,
+                bytes_transferred: 3,
+                resumed_bytes: 0,
+                millis: 5,
+            }),
             Frame::StartTls,
             Frame::Welcome(Welcome {
                 version: 1,
@@ -166,6 +200,50 @@ mod tests {
                 }],
                 more: true,
             }),
+            Frame::ListTree(ListTree {
+                dir: "d".into(),
+                digests: true,
+            }),
+            Frame::TreeListing(TreeListing {
+                entries: vec![TreeEntry {
+                    path: "a/l".into(),
+                    kind: EntryKind::Symlink,
+                    size: 0,
+                    mtime_ns: 3,
+                    mode: 0o777,
+                    target: "../b".into(),
+                    digest: vec![],
+                }],
+                more: false,
+            }),
+            Frame::PutFile(PutFile {
+                name: "s/f".into(),
+                mtime_ns: 9,
+                mode: 0o600,
+                crc32: crc32fast::hash(b"tiny"),
+                data: b"tiny".to_vec(),
+            }),
+            Frame::MakeDir(MakeDir {
+                name: "s".into(),
+                mode: 0o755,
+                mtime_ns: 1,
+            }),
+            Frame::MakeLink(MakeLink {
+                name: "s/l".into(),
+                target: "f".into(),
+            }),
+            Frame::GetFile(GetFile {
+                name: "s/f".into(),
+                max_size: 1 << 20,
+            }),
+            Frame::FileData(FileData {
+                identity,
+                mode: 0o644,
+                crc32: 0,
+                data: vec![1, 2],
+            }),
+            Frame::Sync,
+            Frame::Done(Done { name: "s/f".into() }),
             Frame::Goodbye,
             Frame::Error(ErrorFrame::new(ErrorCode::NotFound, "nope")),
         ]
@@ -243,8 +321,8 @@ mod tests {
 
     #[test]
     fn unknown_type_is_rejected() {
-        let err = decode_all(&[0, 0, 0, 1, 0x55]).unwrap_err();
-        assert!(matches!(err, ProtoError::UnknownType(0x55)), "{err}");
+        let err = decode_all(&[0, 0, 0, 1, 0x6f]).unwrap_err();
+        assert!(matches!(err, ProtoError::UnknownType(0x6f)), "{err}");
     }
 
     #[test]

@@ -76,8 +76,73 @@ pub struct Challenge {
 /// Client → server answer to `Challenge`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Auth {
-    /// `auth::client_proof(token, hello.nonce, challenge.nonce)`.
+    /// `auth::client_proof(key, hello.nonce, challenge.nonce)`, where the key is the token, or
+    /// the grant's derived key when `grant` is set.
     pub proof: Vec<u8>,
+    /// Present when the client holds a copy grant instead of the token.
+    pub grant: Option<Grant>,
+}
+
+/// A credential for one server-to-server copy: it lets its bearer write under `scope` until
+/// `expires`, and nothing else. Its key is `auth::grant_key(token, grant)`; the token itself
+/// never leaves the client that made the grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The name the bearer may write: it and everything below it.
+    pub scope: String,
+    /// Unix time (seconds) after which the grant is void.
+    pub expires: u64,
+    /// Fresh random bytes (`NONCE_LEN`), so no two grants share a key.
+    pub nonce: Vec<u8>,
+}
+
+/// Client → server: push `source` to another daemon (server-to-server copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyTo {
+    /// File or tree to copy, relative to this server's root.
+    pub source: String,
+    /// Copy a directory tree.
+    pub recursive: bool,
+    /// Destination daemon's host name or address.
+    pub host: String,
+    /// Destination daemon's port.
+    pub port: u16,
+    /// Name on the destination.
+    pub dest: String,
+    /// Connections to use.
+    pub connections: u32,
+    /// Chunk size to use.
+    pub chunk_size: u32,
+    /// Grant for the destination, with its derived key; `None` if it needs no token.
+    pub grant: Option<(Grant, Vec<u8>)>,
+}
+
+/// Server → client while a copy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Bytes moved so far.
+    pub bytes_done: u64,
+    /// Bytes to move in all.
+    pub bytes_total: u64,
+}
+
+/// Server → client: the copy finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyDone {
+    /// Regular files in the source (1 for a single file).
+    pub files_total: u64,
+    /// Files whose bytes moved.
+    pub files_transferred: u64,
+    /// Files already identical at the destination.
+    pub files_skipped: u64,
+    /// Bytes of the source.
+    pub bytes_total: u64,
+    /// Bytes moved.
+    pub bytes_transferred: u64,
+    /// Bytes the destination already held from an interrupted copy.
+    pub resumed_bytes: u64,
+    /// Milliseconds the copy took.
+    pub millis: u64,
 }
 
 /// Server → client answer to `Hello` (or to `Auth`).
@@ -253,6 +318,120 @@ pub struct Listing {
     pub more: bool,
 }
 
+/// Kind of a tree entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (copied as a link, never followed).
+    Symlink,
+    /// A device, FIFO or socket: listed so the copier can warn; never copied.
+    Special,
+}
+
+/// One entry of a directory tree, named relative to the tree's top.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeEntry {
+    /// `/`-separated path below the top of the tree; empty for the top itself.
+    pub path: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Size in bytes (files only).
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Link target (symlinks only).
+    pub target: String,
+    /// Whole-file digest (files, when asked for).
+    pub digest: Vec<u8>,
+}
+
+/// Client → server: list the tree under `dir`, recursively.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListTree {
+    /// Top of the tree, relative to the root; empty for the root.
+    pub dir: String,
+    /// Compute each file's whole-file digest (reads every file).
+    pub digests: bool,
+}
+
+/// Server → client: part of a tree listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeListing {
+    /// Entries, parents before their children.
+    pub entries: Vec<TreeEntry>,
+    /// True when more `TreeListing` frames follow.
+    pub more: bool,
+}
+
+/// Client → server: a whole small file, metadata and bytes together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFile {
+    /// Destination, relative to the root.
+    pub name: String,
+    /// Modification time to set, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Unix permission bits to set.
+    pub mode: u32,
+    /// CRC32 of `data`.
+    pub crc32: u32,
+    /// The file's bytes (at most `MAX_CONTROL_LEN` minus the rest of the body).
+    pub data: Vec<u8>,
+}
+
+/// Client → server: create a directory (and missing parents) and set its mode and mtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MakeDir {
+    /// Directory, relative to the root.
+    pub name: String,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// Client → server: create (or replace) a symbolic link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MakeLink {
+    /// Link, relative to the root.
+    pub name: String,
+    /// Relative target; it must stay inside the root when resolved from the link's directory.
+    pub target: String,
+}
+
+/// Client → server: send a whole small file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetFile {
+    /// File, relative to the root.
+    pub name: String,
+    /// Largest size to send whole; a larger file is refused with `TooLarge`.
+    pub max_size: u32,
+}
+
+/// Server → client answer to `GetFile`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileData {
+    /// The file's identity as read.
+    pub identity: FileIdentity,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// CRC32 of `data`.
+    pub crc32: u32,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Server → client: the tree request (`PutFile`, `MakeDir`, `MakeLink`, `Sync`) named is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    /// The request's name (empty for `Sync`).
+    pub name: String,
+}
+
 /// Either direction: the request failed; see `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorFrame {
@@ -332,6 +511,30 @@ pub enum FrameType {
     List = 0x40,
     /// [`Listing`]
     Listing = 0x41,
+    /// [`ListTree`]
+    ListTree = 0x42,
+    /// [`TreeListing`]
+    TreeListing = 0x43,
+    /// [`PutFile`]
+    PutFile = 0x50,
+    /// [`MakeDir`]
+    MakeDir = 0x51,
+    /// [`MakeLink`]
+    MakeLink = 0x52,
+    /// [`GetFile`]
+    GetFile = 0x53,
+    /// [`FileData`]
+    FileData = 0x54,
+    /// No body: flush everything written under the root to stable storage
+    Sync = 0x55,
+    /// [`Done`]
+    Done = 0x56,
+    /// [`CopyTo`]
+    CopyTo = 0x60,
+    /// [`Progress`]
+    Progress = 0x61,
+    /// [`CopyDone`]
+    CopyDone = 0x62,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]
@@ -339,7 +542,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 21] = [
+    const ALL: [Self; 33] = [
         Self::Hello,
         Self::Welcome,
         Self::Challenge,
@@ -359,6 +562,18 @@ impl FrameType {
         Self::Committed,
         Self::List,
         Self::Listing,
+        Self::ListTree,
+        Self::TreeListing,
+        Self::PutFile,
+        Self::MakeDir,
+        Self::MakeLink,
+        Self::GetFile,
+        Self::FileData,
+        Self::Sync,
+        Self::Done,
+        Self::CopyTo,
+        Self::Progress,
+        Self::CopyDone,
         Self::Goodbye,
         Self::Error,
     ];
@@ -396,6 +611,18 @@ impl FrameType {
             Self::Committed => "Committed",
             Self::List => "List",
             Self::Listing => "Listing",
+            Self::ListTree => "ListTree",
+            Self::TreeListing => "TreeListing",
+            Self::PutFile => "PutFile",
+            Self::MakeDir => "MakeDir",
+            Self::MakeLink => "MakeLink",
+            Self::GetFile => "GetFile",
+            Self::FileData => "FileData",
+            Self::Sync => "Sync",
+            Self::Done => "Done",
+            Self::CopyTo => "CopyTo",
+            Self::Progress => "Progress",
+            Self::CopyDone => "CopyDone",
             Self::Goodbye => "Goodbye",
             Self::Error => "Error",
         }
@@ -425,6 +652,18 @@ pub enum Frame {
     Committed(Commit),
     List(List),
     Listing(Listing),
+    ListTree(ListTree),
+    TreeListing(TreeListing),
+    PutFile(PutFile),
+    MakeDir(MakeDir),
+    MakeLink(MakeLink),
+    GetFile(GetFile),
+    FileData(FileData),
+    Sync,
+    Done(Done),
+    CopyTo(CopyTo),
+    Progress(Progress),
+    CopyDone(CopyDone),
     Goodbye,
     Error(ErrorFrame),
 }
@@ -452,6 +691,18 @@ impl Frame {
             Self::Committed(_) => FrameType::Committed,
             Self::List(_) => FrameType::List,
             Self::Listing(_) => FrameType::Listing,
+            Self::ListTree(_) => FrameType::ListTree,
+            Self::TreeListing(_) => FrameType::TreeListing,
+            Self::PutFile(_) => FrameType::PutFile,
+            Self::MakeDir(_) => FrameType::MakeDir,
+            Self::MakeLink(_) => FrameType::MakeLink,
+            Self::GetFile(_) => FrameType::GetFile,
+            Self::FileData(_) => FrameType::FileData,
+            Self::Sync => FrameType::Sync,
+            Self::Done(_) => FrameType::Done,
+            Self::CopyTo(_) => FrameType::CopyTo,
+            Self::Progress(_) => FrameType::Progress,
+            Self::CopyDone(_) => FrameType::CopyDone,
             Self::Goodbye => FrameType::Goodbye,
             Self::Error(_) => FrameType::Error,
         }
@@ -488,8 +739,19 @@ impl Frame {
             | Self::DigestReply(b) => encode_body(b),
             Self::List(b) => encode_body(b),
             Self::Listing(b) => encode_body(b),
+            Self::ListTree(b) => encode_body(b),
+            Self::TreeListing(b) => encode_body(b),
+            Self::PutFile(b) => encode_body(b),
+            Self::MakeDir(b) => encode_body(b),
+            Self::MakeLink(b) => encode_body(b),
+            Self::GetFile(b) => encode_body(b),
+            Self::FileData(b) => encode_body(b),
+            Self::Done(b) => encode_body(b),
+            Self::CopyTo(b) => encode_body(b),
+            Self::Progress(b) => encode_body(b),
+            Self::CopyDone(b) => encode_body(b),
             Self::Error(b) => encode_body(b),
-            Self::Goodbye | Self::StartTls => Ok(Vec::new()),
+            Self::Goodbye | Self::StartTls | Self::Sync => Ok(Vec::new()),
             Self::Data(_) => unreachable!("handled above"),
         };
         let body = body.map_err(|reason| {
@@ -555,6 +817,24 @@ impl Frame {
             FrameType::Committed => Self::Committed(decode_body(ty, &body)?),
             FrameType::List => Self::List(decode_body(ty, &body)?),
             FrameType::Listing => Self::Listing(decode_body(ty, &body)?),
+            FrameType::ListTree => Self::ListTree(decode_body(ty, &body)?),
+            FrameType::TreeListing => Self::TreeListing(decode_body(ty, &body)?),
+            FrameType::PutFile => Self::PutFile(decode_body(ty, &body)?),
+            FrameType::MakeDir => Self::MakeDir(decode_body(ty, &body)?),
+            FrameType::MakeLink => Self::MakeLink(decode_body(ty, &body)?),
+            FrameType::GetFile => Self::GetFile(decode_body(ty, &body)?),
+            FrameType::FileData => Self::FileData(decode_body(ty, &body)?),
+            FrameType::Done => Self::Done(decode_body(ty, &body)?),
+            FrameType::CopyTo => Self::CopyTo(decode_body(ty, &body)?),
+            FrameType::Progress => Self::Progress(decode_body(ty, &body)?),
+            FrameType::CopyDone => Self::CopyDone(decode_body(ty, &body)?),
+            FrameType::Sync if body.is_empty() => Self::Sync,
+            FrameType::Sync => {
+                return Err(ProtoError::BadBody {
+                    kind: "Sync",
+                    reason: "non-empty".into(),
+                })
+            }
             FrameType::Error => Self::Error(decode_body(ty, &body)?),
         })
     }

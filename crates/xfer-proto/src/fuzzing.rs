@@ -44,7 +44,7 @@ pub fn session_script(data: &[u8]) {
         max_open: 4,
         tls: flags & 4 != 0,
     };
-    let mut session = ServerSession::new(config, vec![0x5a; auth::NONCE_LEN]);
+    let mut session = ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000);
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(rest);
     let mut client_nonce = Vec::new();
@@ -52,7 +52,7 @@ pub fn session_script(data: &[u8]) {
         if flags & 2 != 0 && session.phase() == Phase::AwaitAuth {
             let token = token.expect("AwaitAuth only with a token");
             let proof = auth::client_proof(token, &client_nonce, session.nonce());
-            frame = Frame::Auth(Auth { proof });
+            frame = Frame::Auth(Auth { proof, grant: None });
         }
         if let Frame::Hello(h) = &frame {
             client_nonce.clone_from(&h.nonce);
@@ -70,7 +70,7 @@ pub fn session_script(data: &[u8]) {
             Request::Commit(c) => session.closed(c.transfer_id),
             // The daemon would switch to TLS here; the next frames stand for what it decrypts.
             Request::StartTls => {}
-            Request::Goodbye | Request::PeerError(_) => return,
+            Request::Goodbye | Request::PeerError(_) | Request::CopyTo(_) => return,
             _ => {}
         }
         assert!(session.open_count() <= 4, "open transfers beyond the limit");

@@ -70,6 +70,20 @@ pub enum Request {
     Digest(u64),
     /// List a directory.
     List(List),
+    /// List a tree recursively.
+    ListTree(crate::ListTree),
+    /// Store a whole small file; answer `Done` or `Error`.
+    PutFile(crate::PutFile),
+    /// Create a directory; answer `Done` or `Error`.
+    MakeDir(crate::MakeDir),
+    /// Create a symbolic link; answer `Done` or `Error`.
+    MakeLink(crate::MakeLink),
+    /// Send a whole small file; answer `FileData` or `Error`.
+    GetFile(crate::GetFile),
+    /// Flush the root's filesystem; answer `Done` or `Error`.
+    Sync,
+    /// Push a file or tree to another daemon; answer with `Progress` frames, then `CopyDone`.
+    CopyTo(crate::CopyTo),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -132,6 +146,17 @@ pub enum SessionError {
         /// Limit.
         max: u32,
     },
+    /// A grant was used for something other than writing under its scope.
+    #[error("the copy grant only allows writing under {scope:?}: {what}")]
+    OutOfScope {
+        /// The grant's scope.
+        scope: String,
+        /// What was asked.
+        what: String,
+    },
+    /// A grant that has expired, claims too long a life or names no valid scope.
+    #[error("the copy grant has expired, lives too long or has a bad scope")]
+    GrantExpired,
     /// Too many transfers open on one connection.
     #[error("more than {0} transfers open on one connection")]
     TooManyOpen(usize),
@@ -142,7 +167,7 @@ impl SessionError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Version { .. } => ErrorCode::Version,
-            Self::AuthFailed => ErrorCode::Auth,
+            Self::AuthFailed | Self::OutOfScope { .. } | Self::GrantExpired => ErrorCode::Auth,
             Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } => ErrorCode::TooLarge,
             _ => ErrorCode::Protocol,
         }
@@ -169,11 +194,19 @@ pub struct ServerSession {
     next_id: u64,
     tls_active: bool,
     client_capabilities: u64,
+    /// Unix time (seconds) when the connection was accepted: grants are checked against it.
+    now_unix: u64,
+    /// Set when the client authenticated with a grant: what it may write.
+    scope: Option<String>,
 }
 
+/// Longest a grant may claim to live, in seconds.
+pub const MAX_GRANT_LIFETIME: u64 = 7 * 24 * 3600;
+
 impl ServerSession {
-    /// A session waiting for `Hello`. `nonce` is the server's fresh random challenge.
-    pub fn new(config: ServerConfig, nonce: Vec<u8>) -> Self {
+    /// A session waiting for `Hello`. `nonce` is the server's fresh random challenge; `now_unix`
+    /// the time the connection was accepted.
+    pub fn new(config: ServerConfig, nonce: Vec<u8>, now_unix: u64) -> Self {
         Self {
             config,
             phase: Phase::AwaitHello,
@@ -183,12 +216,19 @@ impl ServerSession {
             next_id: 1,
             tls_active: false,
             client_capabilities: 0,
+            now_unix,
+            scope: None,
         }
     }
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// The name a copy grant limits this session to, if it authenticated with one.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
     }
 
     /// The server's nonce, for `Challenge`.
@@ -255,14 +295,33 @@ impl ServerSession {
                     .token
                     .as_deref()
                     .expect("AwaitAuth only with a token");
+                let key = match &a.grant {
+                    None => token.to_vec(),
+                    Some(grant) => {
+                        let bad_scope = grant.scope.is_empty()
+                            || grant.scope.starts_with('/')
+                            || grant
+                                .scope
+                                .split('/')
+                                .any(|p| p.is_empty() || p == "." || p == "..");
+                        if bad_scope
+                            || grant.expires <= self.now_unix
+                            || grant.expires > self.now_unix + MAX_GRANT_LIFETIME
+                        {
+                            return Err(SessionError::GrantExpired);
+                        }
+                        auth::grant_key(token, grant)
+                    }
+                };
                 if self.client_nonce.len() != auth::NONCE_LEN
-                    || !auth::verify_client(token, &self.client_nonce, &self.nonce, &a.proof)
+                    || !auth::verify_client(&key, &self.client_nonce, &self.nonce, &a.proof)
                 {
                     return Err(SessionError::AuthFailed);
                 }
+                self.scope = a.grant.map(|g| g.scope);
                 self.phase = Phase::Ready;
                 Ok(Request::Authenticated {
-                    proof: auth::server_proof(token, &self.client_nonce, &self.nonce),
+                    proof: auth::server_proof(&key, &self.client_nonce, &self.nonce),
                 })
             }
             (_, Frame::Error(e)) => Ok(Request::PeerError(e)),
@@ -272,7 +331,41 @@ impl ServerSession {
         }
     }
 
+    /// Under a grant, only writes below its scope are allowed.
+    fn check_scope(&self, frame: &Frame) -> Result<(), SessionError> {
+        let Some(scope) = &self.scope else {
+            return Ok(());
+        };
+        let name = match frame {
+            Frame::OpenWrite(r) => &r.name,
+            Frame::PutFile(r) => &r.name,
+            Frame::MakeDir(r) => &r.name,
+            Frame::MakeLink(r) => &r.name,
+            Frame::ListTree(r) => &r.dir,
+            Frame::Data(_) | Frame::Commit(_) | Frame::Sync | Frame::Goodbye | Frame::Error(_) => {
+                return Ok(())
+            }
+            other => {
+                return Err(SessionError::OutOfScope {
+                    scope: scope.clone(),
+                    what: other.frame_type().name().to_string(),
+                })
+            }
+        };
+        let inside = name == scope
+            || (name.starts_with(scope.as_str())
+                && name.as_bytes().get(scope.len()) == Some(&b'/'));
+        if !inside {
+            return Err(SessionError::OutOfScope {
+                scope: scope.clone(),
+                what: name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn handle_request(&mut self, frame: Frame) -> Result<Request, SessionError> {
+        self.check_scope(&frame)?;
         match frame {
             Frame::OpenWrite(req) => {
                 self.check_room()?;
@@ -307,6 +400,13 @@ impl ServerSession {
                 Ok(Request::Digest(c.transfer_id))
             }
             Frame::List(list) => Ok(Request::List(list)),
+            Frame::ListTree(req) => Ok(Request::ListTree(req)),
+            Frame::PutFile(req) => Ok(Request::PutFile(req)),
+            Frame::MakeDir(req) => Ok(Request::MakeDir(req)),
+            Frame::MakeLink(req) => Ok(Request::MakeLink(req)),
+            Frame::GetFile(req) => Ok(Request::GetFile(req)),
+            Frame::Sync => Ok(Request::Sync),
+            Frame::CopyTo(req) => Ok(Request::CopyTo(req)),
             Frame::Goodbye => Ok(Request::Goodbye),
             other => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
@@ -403,6 +503,7 @@ mod tests {
                 tls: false,
             },
             vec![7; auth::NONCE_LEN],
+            1_000_000,
         )
     }
 
@@ -478,17 +579,21 @@ mod tests {
         s.handle_frame(hello(cn.clone())).unwrap();
         let bad = auth::client_proof(b"other", &cn, s.nonce());
         assert_eq!(
-            s.handle_frame(Frame::Auth(Auth { proof: bad }))
-                .unwrap_err(),
+            s.handle_frame(Frame::Auth(Auth {
+                proof: bad,
+                grant: None
+            }))
+            .unwrap_err(),
             SessionError::AuthFailed
         );
 
         let mut s = session(Some(b"tok"));
         s.handle_frame(hello(cn.clone())).unwrap();
         let good = auth::client_proof(b"tok", &cn, s.nonce());
-        let Ok(Request::Authenticated { proof }) =
-            s.handle_frame(Frame::Auth(Auth { proof: good }))
-        else {
+        let Ok(Request::Authenticated { proof }) = s.handle_frame(Frame::Auth(Auth {
+            proof: good,
+            grant: None,
+        })) else {
             panic!("want Authenticated")
         };
         assert!(auth::verify_server(b"tok", &cn, s.nonce(), &proof));
@@ -502,7 +607,8 @@ mod tests {
         s.handle_frame(hello(vec![])).unwrap();
         let proof = auth::client_proof(b"tok", &[], s.nonce());
         assert_eq!(
-            s.handle_frame(Frame::Auth(Auth { proof })).unwrap_err(),
+            s.handle_frame(Frame::Auth(Auth { proof, grant: None }))
+                .unwrap_err(),
             SessionError::AuthFailed
         );
     }
@@ -595,12 +701,12 @@ mod tests {
             max_open: 2,
             tls: true,
         };
-        let mut s = ServerSession::new(config.clone(), vec![]);
+        let mut s = ServerSession::new(config.clone(), vec![], 0);
         assert_eq!(
             s.handle_frame(tls_hello(0)).unwrap_err(),
             SessionError::TlsRequired
         );
-        let mut s = ServerSession::new(config, vec![]);
+        let mut s = ServerSession::new(config, vec![], 0);
         assert!(matches!(
             s.handle_frame(tls_hello(crate::CAP_TLS)),
             Ok(Request::StartTls)
@@ -616,6 +722,74 @@ mod tests {
             plain.handle_frame(tls_hello(crate::CAP_TLS)).unwrap_err(),
             SessionError::TlsUnavailable
         );
+    }
+
+    #[test]
+    fn a_grant_allows_writing_under_its_scope_only() {
+        let cn = vec![1; auth::NONCE_LEN];
+        let grant = crate::Grant {
+            scope: "in/box".into(),
+            expires: 1_000_100,
+            nonce: vec![3; 32],
+        };
+        let key = auth::grant_key(b"tok", &grant);
+        let start = |grant: crate::Grant, key: &[u8]| {
+            let mut s = session(Some(b"tok"));
+            s.handle_frame(hello(cn.clone())).unwrap();
+            let proof = auth::client_proof(key, &cn, s.nonce());
+            let r = s.handle_frame(Frame::Auth(Auth {
+                proof,
+                grant: Some(grant),
+            }));
+            (s, r)
+        };
+        let (mut s, r) = start(grant.clone(), &key);
+        assert!(matches!(r, Ok(Request::Authenticated { .. })));
+        let write = |name: &str| {
+            Frame::OpenWrite(OpenWrite {
+                name: name.into(),
+                identity: FileIdentity {
+                    size: 1,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: 512,
+            })
+        };
+        assert!(s.handle_frame(write("in/box/f")).is_ok());
+        assert!(s.handle_frame(write("in/box")).is_ok());
+        assert!(matches!(
+            s.handle_frame(write("in/boxes")),
+            Err(SessionError::OutOfScope { .. })
+        ));
+        let read = Frame::OpenRead(OpenRead {
+            name: "in/box/f".into(),
+            have_identity: None,
+            have: vec![],
+        });
+        assert!(matches!(
+            s.handle_frame(read),
+            Err(SessionError::OutOfScope { .. })
+        ));
+        // A grant signed with another token, or a changed scope, does not verify.
+        let (_, r) = start(
+            crate::Grant {
+                scope: "in".into(),
+                ..grant.clone()
+            },
+            &key,
+        );
+        assert_eq!(r.unwrap_err(), SessionError::AuthFailed);
+        let (_, r) = start(
+            crate::Grant {
+                expires: 999_999,
+                ..grant.clone()
+            },
+            &key,
+        );
+        assert_eq!(r.unwrap_err(), SessionError::GrantExpired);
+        let (_, r) = start(grant.clone(), &auth::grant_key(b"other", &grant));
+        assert_eq!(r.unwrap_err(), SessionError::AuthFailed);
     }
 
     #[test]

@@ -371,12 +371,30 @@ pub async fn send(
     name: &str,
     opts: &Options,
 ) -> Result<Summary, ClientError> {
-    let started = Instant::now();
     let file = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => xfer_core::CoreError::NotFound(path.display().to_string()),
         _ => xfer_core::CoreError::io(format!("opening {}", path.display()), e),
     })?;
-    let source = SourceFile::new(file, path.display().to_string())?;
+    send_file(
+        SourceFile::new(file, path.display().to_string())?,
+        target,
+        name,
+        opts,
+    )
+    .await
+}
+
+/// Uploads an open file to `target` as `name` (see [`send`]).
+///
+/// # Errors
+/// As [`send`].
+pub async fn send_file(
+    source: SourceFile,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
     let identity = source.identity();
     let mut session = Session::connect(target, &opts.connector).await?;
     let chunk_size = opts

@@ -13,7 +13,11 @@ use xfer::{Options, Summary, Target};
 
 /// Move files to and from an xferd over several TCP connections, resuming where it stopped.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Examples:\n  xfer send big.iso backup\n  xfer recv big.iso backup -o /data/\n  xfer ls backup\n  xfer completions bash > /etc/bash_completion.d/xfer\n\nDefaults for -c, --chunk-size and per-host token files: ~/.config/xfer/config.toml."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,6 +55,11 @@ enum Command {
         /// Server, HOST[:PORT] (default port 8888).
         host: String,
     },
+    /// Copy a file or tree from one daemon straight to another; the data does not pass here.
+    #[command(
+        after_help = "Examples:\n  xfer copy src-host:data/big.iso dst-host:backups/big.iso\n  xfer copy -r --src-token-file a.tok --dst-token-file b.tok src:9000:photos dst:9000\n  xfer copy --from-list copies.txt --jobs 4   # lines: SRC_HOST[:PORT]:NAME DST_HOST[:PORT][:DEST]"
+    )]
+    Copy(CopyArgs),
     /// List a directory on the server: SIZE, MTIME (UTC) and NAME, tab-separated.
     Ls {
         /// Print one JSON array instead.
@@ -63,6 +72,58 @@ enum Command {
         /// Directory under the server's root (default: the root).
         dir: Option<String>,
     },
+    /// Print a shell completion script on stdout.
+    #[command(
+        after_help = "Examples:\n  xfer completions bash > /etc/bash_completion.d/xfer\n  xfer completions zsh > ~/.zfunc/_xfer\n  xfer completions fish > ~/.config/fish/completions/xfer.fish"
+    )]
+    Completions {
+        /// Shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: xfer(1), or xfer-COMMAND(1) for one command.
+    #[command(after_help = "Examples:\n  xfer man | man -l -\n  xfer man send > xfer-send.1")]
+    Man {
+        /// A command (send, recv, ls, ...) for its own page.
+        command: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CopyArgs {
+    /// Parallel TCP connections from the source to the destination, per copy.
+    #[arg(short = 'c', long = "connections", default_value_t = 4)]
+    connections: usize,
+    /// Chunk size (K, M, G suffixes).
+    #[arg(long, default_value = "4M")]
+    chunk_size: String,
+    /// Copy a whole directory tree.
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// File holding the source daemon's token (default: XFER_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    src_token_file: Option<PathBuf>,
+    /// File holding the destination daemon's token: the source gets a grant derived from it,
+    /// valid for writing the destination name only, for 24 hours.
+    #[arg(long, value_name = "FILE")]
+    dst_token_file: Option<PathBuf>,
+    /// Run the copies listed in FILE, one `SRC DST` pair per line (# comments).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["src", "dst"])]
+    from_list: Option<PathBuf>,
+    /// Copies from --from-list run at once.
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// Print nothing but errors.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Print a JSON summary on stdout at the end.
+    #[arg(long)]
+    json: bool,
+    /// Source, SRC_HOST[:PORT]:NAME.
+    #[arg(required_unless_present = "from_list")]
+    src: Option<String>,
+    /// Destination, DST_HOST[:PORT][:DEST] (DEST defaults to NAME).
+    #[arg(required_unless_present = "from_list")]
+    dst: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +146,12 @@ struct Common {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Copy a whole directory tree (FILE or NAME is a directory).
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// With -r: compare file contents (whole-file digests) instead of size and mtime.
+    #[arg(long, requires = "recursive")]
+    checksum: bool,
     #[command(flatten)]
     auth: TokenArgs,
 }
@@ -112,6 +179,7 @@ impl TokenArgs {
         Ok(xfer::Connector {
             token: self.token()?,
             tls,
+            grant: None,
         })
     }
 
@@ -168,26 +236,60 @@ impl Common {
     }
 
     fn report(&self, verb: &str, summary: &Summary) -> anyhow::Result<()> {
-        if self.json {
-            let mut out = std::io::stdout().lock();
-            serde_json::to_writer(&mut out, summary)?;
-            writeln!(out)?;
-        } else if !self.quiet && std::io::stderr().is_terminal() {
-            eprintln!(
+        self.print(summary, || {
+            format!(
                 "{verb} {} ({} bytes, {} resumed) in {:.2} s, {:.1} MiB/s",
                 summary.name,
                 summary.bytes_total,
                 summary.resumed_bytes,
                 summary.seconds,
                 summary.mbytes_per_sec
-            );
+            )
+        })
+    }
+
+    fn report_tree(&self, verb: &str, summary: &xfer::TreeSummary) -> anyhow::Result<()> {
+        self.print(summary, || {
+            format!(
+                "{verb} {}: {} of {} files ({} unchanged), {} bytes in {:.2} s",
+                summary.name,
+                summary.files_transferred,
+                summary.files_total,
+                summary.files_skipped,
+                summary.bytes_transferred,
+                summary.seconds
+            )
+        })
+    }
+
+    /// The summary as JSON on stdout with --json, else one line on a terminal's stderr.
+    fn print(
+        &self,
+        summary: &impl serde::Serialize,
+        line: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, summary)?;
+            writeln!(out)?;
+        } else if !self.quiet && std::io::stderr().is_terminal() {
+            eprintln!("{}", line());
         }
         Ok(())
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Defaults from ~/.config/xfer/config.toml (flags override them).
+    let config = match xfer::config::ClientConfig::load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("xfer: {}", format!("{e:#}").replace('\n', " "));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut cli: Cli = config.parse_args();
+    token_from_config(&mut cli, &config);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("XFER_LOG")
@@ -231,6 +333,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .to_string(),
             };
             let opts = common.options()?;
+            if common.recursive {
+                let summary = runtime.block_on(xfer::send_tree(
+                    &file,
+                    &target,
+                    &name,
+                    &opts,
+                    common.checksum,
+                ))?;
+                return common.report_tree("sent", &summary);
+            }
+            if file.is_dir() {
+                bail!("{} is a directory: use -r to send a tree", file.display());
+            }
             let summary = runtime.block_on(xfer::send(&file, &target, &name, &opts))?;
             common.report("sent", &summary)
         }
@@ -243,14 +358,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let target: Target = host.parse()?;
             let leaf = base_name(&name)?;
             let dest = match output {
-                Some(p) if p.is_dir() => p.join(leaf),
+                // A tree lands in -o DIR itself; a file given a directory keeps its name.
+                Some(p) if p.is_dir() && !common.recursive => p.join(leaf),
                 Some(p) => p,
                 None => Path::new(leaf).to_path_buf(),
             };
             let opts = common.options()?;
+            if common.recursive {
+                let summary = runtime.block_on(xfer::recv_tree(
+                    &target,
+                    &name,
+                    &dest,
+                    &opts,
+                    common.checksum,
+                ))?;
+                return common.report_tree("received", &summary);
+            }
             let summary = runtime.block_on(xfer::recv(&target, &name, &dest, &opts))?;
             common.report("received", &summary)
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "xfer", &mut script);
+            print_quietly(&script)
+        }
+        Command::Man { command } => print_man(command.as_deref()),
+        Command::Copy(args) => run_copy(&runtime, &args),
         Command::Ls {
             json,
             auth,
@@ -287,5 +421,223 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// One line of a copy list, or the command line's pair, with its outcome.
+#[derive(serde::Serialize)]
+struct CopyOutcome {
+    src: String,
+    dst: String,
+    ok: bool,
+    error: Option<String>,
+    #[serde(flatten)]
+    done: Option<CopyDoneJson>,
+}
+
+#[derive(serde::Serialize)]
+struct CopyDoneJson {
+    files_total: u64,
+    files_transferred: u64,
+    files_skipped: u64,
+    bytes_total: u64,
+    bytes_transferred: u64,
+    resumed_bytes: u64,
+    seconds: f64,
+}
+
+fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Result<()> {
+    let chunk = xfer_core::units::parse_size(&args.chunk_size).map_err(anyhow::Error::msg)?;
+    let pairs: Vec<(String, String)> = match &args.from_list {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let mut parts = l.split_whitespace();
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(s), Some(d), None) => Ok((s.to_string(), d.to_string())),
+                    _ => bail!("bad line in {}: {l:?} (want: SRC DST)", path.display()),
+                }
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![(
+            args.src.clone().unwrap_or_default(),
+            args.dst.clone().unwrap_or_default(),
+        )],
+    };
+    let specs = pairs
+        .iter()
+        .map(|(s, d)| xfer::copy::CopySpec::parse(s, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let src_token = TokenArgs {
+        token_file: args.src_token_file.clone(),
+        tls: false,
+        ca: None,
+    }
+    .token()?;
+    let dst_token: Option<Arc<[u8]>> = match &args.dst_token_file {
+        Some(path) => Some(xfer_core::token::read_token_file(path)?.into()),
+        None => None,
+    };
+    let connector = xfer::Connector {
+        token: src_token,
+        tls: None,
+        grant: None,
+    };
+    let show = !args.quiet && std::io::stderr().is_terminal();
+    let bars = indicatif::MultiProgress::with_draw_target(if show {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let started = std::time::Instant::now();
+    let outcomes = runtime.block_on(async {
+        let limit = Arc::new(tokio::sync::Semaphore::new(args.jobs.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let bar = bars.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:30} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_message(spec.name.clone());
+            let (limit, connector, dst_token) =
+                (Arc::clone(&limit), connector.clone(), dst_token.clone());
+            let (recursive, connections, chunk) = (args.recursive, args.connections, chunk as u32);
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let result = xfer::copy::copy(
+                    &spec,
+                    &connector,
+                    dst_token.as_deref(),
+                    recursive,
+                    connections,
+                    chunk,
+                    &bar,
+                )
+                .await;
+                bar.finish_and_clear();
+                (i, result)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            results.push(joined.expect("copy task panicked"));
+        }
+        results.sort_by_key(|(i, _)| *i);
+        results
+    });
+    let mut failed = Vec::new();
+    let rows: Vec<CopyOutcome> = outcomes
+        .into_iter()
+        .map(|(i, result)| {
+            let (src, dst) = pairs[i].clone();
+            match result {
+                Ok(d) => CopyOutcome {
+                    src,
+                    dst,
+                    ok: true,
+                    error: None,
+                    done: Some(CopyDoneJson {
+                        files_total: d.files_total,
+                        files_transferred: d.files_transferred,
+                        files_skipped: d.files_skipped,
+                        bytes_total: d.bytes_total,
+                        bytes_transferred: d.bytes_transferred,
+                        resumed_bytes: d.resumed_bytes,
+                        seconds: d.millis as f64 / 1000.0,
+                    }),
+                },
+                Err(e) => {
+                    failed.push(format!("{src} -> {dst}: {e}"));
+                    CopyOutcome {
+                        src,
+                        dst,
+                        ok: false,
+                        error: Some(e.to_string()),
+                        done: None,
+                    }
+                }
+            }
+        })
+        .collect();
+    if args.json {
+        let total = |f: fn(&CopyDoneJson) -> u64| {
+            rows.iter()
+                .filter_map(|r| r.done.as_ref())
+                .map(f)
+                .sum::<u64>()
+        };
+        let summary = serde_json::json!({
+            "copies": rows.len(),
+            "failed": failed.len(),
+            "files_total": total(|d| d.files_total),
+            "files_transferred": total(|d| d.files_transferred),
+            "files_skipped": total(|d| d.files_skipped),
+            "bytes_total": total(|d| d.bytes_total),
+            "bytes_transferred": total(|d| d.bytes_transferred),
+            "seconds": started.elapsed().as_secs_f64(),
+            "results": rows,
+        });
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &summary)?;
+        writeln!(out)?;
+    }
+    match failed.as_slice() {
+        [] => Ok(()),
+        [one] => bail!("{one}"),
+        many => bail!(
+            "{} of {} copies failed; first: {}",
+            many.len(),
+            rows.len(),
+            many[0]
+        ),
+    }
+}
+
+/// Uses the defaults file's token for the host when neither `--token-file` nor `XFER_TOKEN`
+/// gives one.
+fn token_from_config(cli: &mut Cli, config: &xfer::config::ClientConfig) {
+    let (auth, host) = match &mut cli.command {
+        Command::Send { common, host, .. } | Command::Recv { common, host, .. } => {
+            (&mut common.auth, host)
+        }
+        Command::Ls { auth, host, .. } => (auth, host),
+        _ => return,
+    };
+    if auth.token_file.is_none() && std::env::var_os("XFER_TOKEN").is_none() {
+        auth.token_file = config.token_file_for(host);
+    }
+}
+
+/// `xfer man [COMMAND]`: the page for xfer, or for one of its commands.
+fn print_man(command: Option<&str>) -> anyhow::Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let page = match command {
+        None => cmd,
+        Some(name) => {
+            cmd.build();
+            let sub = cmd
+                .find_subcommand(name)
+                .cloned()
+                .with_context(|| format!("no command {name:?}: try xfer man send, recv or ls"))?;
+            sub.name(format!("xfer-{name}"))
+        }
+    };
+    let mut roff = Vec::new();
+    clap_mangen::Man::new(page).render(&mut roff)?;
+    print_quietly(&roff)
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is no error.
+fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }

@@ -43,6 +43,8 @@ pub struct Connector {
     pub token: Option<Arc<[u8]>>,
     /// TLS settings; `None` for plain TCP.
     pub tls: Option<tokio_rustls::TlsConnector>,
+    /// A copy grant: then `token` holds the grant's derived key, not a token.
+    pub grant: Option<xfer_proto::Grant>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -216,7 +218,8 @@ impl Session {
                     return Err(ClientError::Auth("the server requires a token".into()));
                 };
                 let proof = auth::client_proof(token, &nonce, &challenge.nonce);
-                session.send(&Frame::Auth(Auth { proof })).await?;
+                let grant = connector.grant.clone();
+                session.send(&Frame::Auth(Auth { proof, grant })).await?;
                 server_nonce = Some(challenge.nonce);
                 session.next().await.map_err(auth_failure)?
             }

@@ -14,13 +14,16 @@ use xfer_core::digest::DIGEST_LEN;
 use xfer_core::{CoreError, FrameReader, FrameWriter, SourceFile};
 use xfer_proto::session::{Phase, Request, ServerConfig, ServerSession, TransferKind};
 use xfer_proto::{
-    auth, ByteRange, Challenge, ChunkRef, Commit, Data, ErrorCode, ErrorFrame, Frame, Listing,
-    OpenRead, OpenWrite, ProtoError, ReadOpened, Welcome, WriteOpened, MAX_LISTING_ENTRIES,
+    auth, ByteRange, Challenge, ChunkRef, Commit, CopyDone, CopyTo, Data, Done, ErrorCode,
+    ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, OpenRead, OpenWrite, Progress,
+    ProtoError, PutFile, ReadOpened, TreeListing, Welcome, WriteOpened, MAX_LISTING_ENTRIES,
 };
 
 use crate::registry::{blocking, Lease};
 use crate::Shared;
 
+/// Largest file `GetFile` sends whole: well inside one control frame.
+const MAX_SMALL_FILE: u64 = 1 << 20;
 /// Most transfers one connection may have open at once.
 const MAX_OPEN_PER_CONNECTION: usize = 64;
 const AGENT: &str = concat!("xferd/", env!("CARGO_PKG_VERSION"));
@@ -88,7 +91,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         max_open: MAX_OPEN_PER_CONNECTION,
         tls: shared.config.tls.is_some(),
     };
-    let mut session = ServerSession::new(config, nonce);
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut session = ServerSession::new(config, nonce, now_unix);
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let (reader, writer) = match &shared.config.tls {
         None => {
@@ -127,6 +133,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         Ok(()) => {
             // Over TLS this sends close_notify, so the client sees a clean end.
             let _ = handler.writer.shutdown().await;
+            handler.end_downloads(true);
             return debug!("connection closed");
         }
         Err(err) => err,
@@ -135,6 +142,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         close_with(&mut handler.reader, &mut handler.writer, frame).await;
     }
     handler.log_abandoned();
+    handler.end_downloads(false);
 }
 
 /// Logs how a connection ended and returns the error frame to send the client, if any.
@@ -230,7 +238,7 @@ impl Handler {
                 Ok(Some(f)) => Err(fatal(ErrorCode::Protocol, format!("{} before Welcome", f.frame_type().name()))),
                 Err(e) => Err(e.into()),
             },
-            permit = timeout(cfg.queue_timeout, Arc::clone(&shared.streams).acquire_owned()) => match permit {
+            permit = timeout(cfg.queue_timeout, shared.acquire_stream()) => match permit {
                 Ok(Ok(permit)) => permit,
                 _ => return Err(fatal(
                     ErrorCode::Busy,
@@ -269,6 +277,23 @@ impl Handler {
                 Request::OpenRead(req) => self.open_read(req).await?,
                 Request::ReadChunk(chunk) => self.read_chunk(chunk).await?,
                 Request::List(list) => self.list(&list.dir).await?,
+                Request::ListTree(req) => self.list_tree(req).await?,
+                Request::PutFile(req) => self.put_file(req).await?,
+                Request::MakeDir(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_dir(&req.name, req.mode, req.mtime_ns)
+                    })
+                    .await?
+                }
+                Request::MakeLink(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_link(&req.name, &req.target)
+                    })
+                    .await?
+                }
+                Request::GetFile(req) => self.get_file(req).await?,
+                Request::Sync => self.sync().await?,
+                Request::CopyTo(req) => self.copy_to(req).await?,
                 Request::Goodbye => return Ok(()),
                 Request::PeerError(e) => {
                     info!(error = %e, "client reported an error");
@@ -317,6 +342,15 @@ impl Handler {
         }
     }
 
+    /// The root as this session may use it: under a copy grant no symlink is followed, so a
+    /// link inside the grant's scope cannot lead a write out of it.
+    fn root(&self) -> xfer_core::Root {
+        match self.session.scope() {
+            Some(_) => self.shared.config.root.without_symlinks(),
+            None => self.shared.config.root.clone(),
+        }
+    }
+
     /// Reads a handshake frame before `deadline`.
     async fn handshake_frame(&mut self, deadline: Instant) -> Result<Option<Frame>, ConnError> {
         match timeout_at(deadline, self.reader.read_frame()).await {
@@ -349,7 +383,7 @@ impl Handler {
         let opened = self
             .shared
             .registry
-            .open(&self.shared.config.root, &req.name, req.identity)
+            .open(&self.root(), &req.name, req.identity)
             .await;
         let lease = match opened {
             Ok(lease) => lease,
@@ -404,6 +438,7 @@ impl Handler {
         };
         if data.verify().is_err() {
             *crc_retries += 1;
+            self.shared.metrics.crc_errors.inc();
             warn!(name = %name, offset = data.offset, "chunk failed its CRC; asked again");
             self.writer.send(&Frame::Reject(chunk)).await?;
             return Ok(());
@@ -416,6 +451,7 @@ impl Handler {
             return Err(fatal(e.code(), format!("{name}: {e}")));
         }
         *bytes += u64::from(chunk.len);
+        self.shared.metrics.bytes_received.add(u64::from(chunk.len));
         self.writer.send(&Frame::Ack(chunk)).await?;
         Ok(())
     }
@@ -443,6 +479,7 @@ impl Handler {
             Err(e) => {
                 warn!(name = %name, error = %e, "commit failed");
                 if matches!(e, CoreError::Corrupt(_)) {
+                    self.shared.metrics.uploads.failed.inc();
                     // The partial is gone: forget the upload so the next attempt opens it anew.
                     if let Some(Open::Write { lease, .. }) = self.open.remove(&id) {
                         lease.retire();
@@ -460,6 +497,7 @@ impl Handler {
         };
         self.session.closed(id);
         lease.retire();
+        self.shared.metrics.uploads.completed.inc();
         let size = partial.identity().size;
         let seconds = lease.started.elapsed().as_secs_f64();
         let moved = size - partial.resumed_bytes();
@@ -482,7 +520,7 @@ impl Handler {
     }
 
     async fn open_read(&mut self, req: OpenRead) -> Result<(), ConnError> {
-        let (root, name) = (self.shared.config.root.clone(), req.name.clone());
+        let (root, name) = (self.root(), req.name.clone());
         let source = match blocking(move || SourceFile::new(root.open_read(&name)?, name)).await {
             Ok(source) => source,
             Err(e) => {
@@ -498,6 +536,9 @@ impl Handler {
             0
         };
         info!(name = %req.name, size = identity.size, resumed_bytes = resumed, transfer_id = id, "download opened");
+        self.shared
+            .downloads
+            .opened(self.peer, &req.name, identity, resumed);
         let mode = source.mode();
         self.open.insert(
             id,
@@ -528,6 +569,7 @@ impl Handler {
         };
         let payload = payload.map_err(|e: CoreError| fatal(e.code(), e.to_string()))?;
         *bytes += payload.len() as u64;
+        self.shared.metrics.bytes_sent.add(payload.len() as u64);
         self.writer
             .send(&Frame::Data(Data::new(
                 chunk.transfer_id,
@@ -539,7 +581,7 @@ impl Handler {
     }
 
     async fn digest(&mut self, id: u64) -> Result<(), ConnError> {
-        let Some(Open::Read { source, .. }) = self.open.get(&id) else {
+        let Some(Open::Read { source, name, .. }) = self.open.get(&id) else {
             unreachable!("the session checked the transfer id")
         };
         let digest = match source.check_unchanged() {
@@ -547,6 +589,9 @@ impl Handler {
             Err(e) => Err(e),
         };
         let digest = digest.map_err(|e| fatal(e.code(), e.to_string()))?;
+        self.shared
+            .downloads
+            .digest_served(self.peer, name, source.identity());
         let reply = Commit {
             transfer_id: id,
             digest: digest.to_vec(),
@@ -555,8 +600,207 @@ impl Handler {
         Ok(())
     }
 
+    async fn list_tree(&mut self, req: ListTree) -> Result<(), ConnError> {
+        let root = self.root();
+        let dir = req.dir.clone();
+        let entries = match blocking(move || root.walk(&dir, req.digests)).await {
+            Ok(entries) => entries,
+            Err(e) => return self.reply_error(e.code(), e.to_string()).await,
+        };
+        // Pages bounded by count and by bytes, so each stays far below the control-frame limit.
+        let mut page = Vec::new();
+        let mut page_bytes = 0;
+        let total = entries.len();
+        for (i, entry) in entries.into_iter().enumerate() {
+            page_bytes += 64 + entry.path.len() + entry.target.len();
+            page.push(entry);
+            if page.len() == MAX_LISTING_ENTRIES || page_bytes > 1 << 20 || i + 1 == total {
+                let more = i + 1 < total;
+                let entries = std::mem::take(&mut page);
+                page_bytes = 0;
+                self.writer
+                    .send(&Frame::TreeListing(TreeListing { entries, more }))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one tree operation that changes the root, answering `Done` or an error.
+    async fn tree_op(
+        &mut self,
+        name: String,
+        op: impl FnOnce(&xfer_core::Root) -> xfer_core::Result<()> + Send + 'static,
+    ) -> Result<(), ConnError> {
+        if self.shared.config.read_only {
+            return self
+                .reply_error(
+                    ErrorCode::ReadOnly,
+                    "read-only server: uploads are disabled".into(),
+                )
+                .await;
+        }
+        if self.shared.registry.is_open(&name) {
+            let message = format!("{name} is being uploaded by another client");
+            return self.reply_error(ErrorCode::InUse, message).await;
+        }
+        let root = self.root();
+        match blocking(move || op(&root)).await {
+            Ok(()) => Ok(self.writer.send(&Frame::Done(Done { name })).await?),
+            Err(e) => {
+                info!(name = %name, error = %e, "tree request refused");
+                self.reply_error(e.code(), e.to_string()).await
+            }
+        }
+    }
+
+    async fn put_file(&mut self, req: PutFile) -> Result<(), ConnError> {
+        if crc32fast::hash(&req.data) != req.crc32 {
+            // Bit errors in a control frame: the stream can no longer be trusted.
+            return Err(fatal(
+                ErrorCode::BadCrc,
+                format!("{}: data failed its CRC", req.name),
+            ));
+        }
+        let name = req.name.clone();
+        self.tree_op(name, move |root| {
+            root.put_file(&req.name, req.mtime_ns, req.mode, &req.data)
+        })
+        .await
+    }
+
+    async fn get_file(&mut self, req: GetFile) -> Result<(), ConnError> {
+        let root = self.root();
+        let max = u64::from(req.max_size).min(MAX_SMALL_FILE);
+        let name = req.name.clone();
+        match blocking(move || root.read_small(&name, max)).await {
+            Ok((identity, mode, data)) => {
+                let crc32 = crc32fast::hash(&data);
+                let reply = FileData {
+                    identity,
+                    mode,
+                    crc32,
+                    data,
+                };
+                Ok(self.writer.send(&Frame::FileData(reply)).await?)
+            }
+            Err(e) => self.reply_error(e.code(), e.to_string()).await,
+        }
+    }
+
+    /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
+    async fn copy_to(&mut self, req: CopyTo) -> Result<(), ConnError> {
+        let destination = xfer::Target {
+            host: req.host.clone(),
+            port: req.port,
+        };
+        info!(source = %req.source, destination = %destination, dest = %req.dest, "copy started");
+        let progress = indicatif::ProgressBar::hidden();
+        let (grant, key) = match req.grant {
+            Some((grant, key)) => (Some(grant), Some(key.into())),
+            None => (None, None),
+        };
+        let opts = xfer::Options {
+            connections: req.connections.clamp(1, 64) as usize,
+            chunk_size: req
+                .chunk_size
+                .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
+            bwlimit: None,
+            retry_deadline: std::time::Duration::from_secs(60),
+            progress: progress.clone(),
+            connector: xfer::Connector {
+                token: key,
+                tls: None,
+                grant,
+            },
+        };
+        let root = self.root();
+        let (source, dest, recursive) = (req.source, req.dest, req.recursive);
+        let target = destination.clone();
+        let mut task = tokio::spawn(async move {
+            if recursive {
+                let sub = blocking({
+                    let (root, source) = (root.clone(), source.clone());
+                    move || root.subroot(&source)
+                })
+                .await?;
+                let s = xfer::send_tree_from(sub, &target, &dest, &opts, false).await?;
+                Ok::<_, xfer::ClientError>(CopyDone {
+                    files_total: s.files_total,
+                    files_transferred: s.files_transferred,
+                    files_skipped: s.files_skipped,
+                    bytes_total: s.bytes_total,
+                    bytes_transferred: s.bytes_transferred,
+                    resumed_bytes: s.resumed_bytes,
+                    millis: (s.seconds * 1000.0) as u64,
+                })
+            } else {
+                let file =
+                    blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
+                let s = xfer::send_file(file, &target, &dest, &opts).await?;
+                Ok(CopyDone {
+                    files_total: 1,
+                    files_transferred: 1,
+                    files_skipped: 0,
+                    bytes_total: s.bytes_total,
+                    bytes_transferred: s.bytes_transferred,
+                    resumed_bytes: s.resumed_bytes,
+                    millis: (s.seconds * 1000.0) as u64,
+                })
+            }
+        });
+        let shutdown = self.shared.shutdown.clone();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut task => break outcome,
+                () = shutdown.cancelled() => {
+                    task.abort();
+                    return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun the copy to resume"));
+                }
+                _ = tick.tick() => {
+                    let p = Progress { bytes_done: progress.position(), bytes_total: progress.length().unwrap_or(0) };
+                    if let Err(e) = self.writer.send(&Frame::Progress(p)).await {
+                        // The client is gone: nobody would learn how the copy ends.
+                        task.abort();
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(Ok(done)) => {
+                info!(destination = %destination, bytes = done.bytes_transferred, millis = done.millis, "copy complete");
+                Ok(self.writer.send(&Frame::CopyDone(done)).await?)
+            }
+            Ok(Err(e)) => {
+                warn!(destination = %destination, error = %e, "copy failed");
+                let code = match &e {
+                    xfer::ClientError::Local(c) if c.code().is_request_level() => c.code(),
+                    _ => ErrorCode::Io,
+                };
+                self.reply_error(code, format!("copy to {destination} failed: {e}"))
+                    .await
+            }
+            Err(e) => Err(fatal(ErrorCode::Io, format!("copy task failed: {e}"))),
+        }
+    }
+
+    async fn sync(&mut self) -> Result<(), ConnError> {
+        let root = self.root();
+        blocking(move || root.sync())
+            .await
+            .map_err(|e| fatal(e.code(), e.to_string()))?;
+        Ok(self
+            .writer
+            .send(&Frame::Done(Done {
+                name: String::new(),
+            }))
+            .await?)
+    }
+
     async fn list(&mut self, dir: &str) -> Result<(), ConnError> {
-        let (root, dir) = (self.shared.config.root.clone(), dir.to_string());
+        let (root, dir) = (self.root(), dir.to_string());
         let entries = match blocking(move || root.list(&dir)).await {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
@@ -583,6 +827,24 @@ impl Handler {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Tells the download log that this connection's downloads ended (`clean`: with `Goodbye`).
+    fn end_downloads(&self, clean: bool) {
+        for open in self.open.values() {
+            if let Open::Read {
+                source,
+                name,
+                bytes,
+                ..
+            } = open
+            {
+                let identity = source.identity();
+                self.shared
+                    .downloads
+                    .closed(self.peer, name, identity, *bytes, clean);
+            }
+        }
     }
 
     fn log_abandoned(&self) {

@@ -4,9 +4,15 @@
 //! - [`Config`]: validated settings (the binary turns flags into one).
 //! - `handler`: one connection, from `Hello` to close.
 //! - [`registry`]: uploads open by name, shared by the connections that feed them.
+//! - `downloads`: downloads open by client and name, so that each ends as one logged transfer.
+//! - [`metrics`]: counters and gauges, and the HTTP responder serving them to Prometheus.
+//! - [`settings`]: the configuration file and flags, validated into a [`Config`].
 //!
 //! Invariants: a connection's failure never ends the listener; the number of connections served
 //! at once is bounded by `max_streams`, and the number accepted at all by `max_connections`.
+//! A reload ([`run_with`]'s `reloads`) never touches an open connection: each connection keeps
+//! the configuration it was accepted under, and the new one applies to connections accepted
+//! after it; stream and connection limits change for everyone at once.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,14 +22,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use xfer_core::Root;
 
+mod downloads;
 mod handler;
+pub mod metrics;
 pub mod registry;
+pub mod settings;
 
 /// Validated daemon settings.
 #[derive(Debug, Clone)]
@@ -125,7 +134,15 @@ pub(crate) struct Shared {
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) registry: Arc<registry::Registry>,
     pub(crate) shutdown: CancellationToken,
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) downloads: Arc<downloads::Downloads>,
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A stream slot held by a connection; frees the slot when dropped.
+pub(crate) struct StreamPermit {
+    _permit: OwnedSemaphorePermit,
+    _active: metrics::GaugeGuard,
 }
 
 /// One connection's place in the per-address count; released on drop.
@@ -135,6 +152,33 @@ pub(crate) struct AddressSlot {
 }
 
 impl Shared {
+    /// Waits for a stream slot, counted as waiting meanwhile.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future leaves the queue and the waiting count.
+    pub(crate) async fn acquire_stream(&self) -> Result<StreamPermit, AcquireError> {
+        let waiting = metrics::GaugeGuard::new(&self.metrics, |m| &m.connections_waiting);
+        let permit = Arc::clone(&self.streams).acquire_owned().await?;
+        drop(waiting);
+        Ok(StreamPermit {
+            _permit: permit,
+            _active: metrics::GaugeGuard::new(&self.metrics, |m| &m.streams_active),
+        })
+    }
+
+    /// The same shared state under a new configuration, for connections accepted from now on.
+    fn reconfigured(&self, config: Config) -> Self {
+        Self {
+            config,
+            streams: Arc::clone(&self.streams),
+            registry: Arc::clone(&self.registry),
+            shutdown: self.shutdown.clone(),
+            metrics: Arc::clone(&self.metrics),
+            downloads: Arc::clone(&self.downloads),
+            per_address: Arc::clone(&self.per_address),
+        }
+    }
+
     /// Counts a connection from `ip`; `None` when that address is at its limit.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,6 +220,33 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    run_with(listener, config, shutdown, Hooks::default()).await
+}
+
+/// What the daemon binary plugs into [`run_with`] beside the listener and configuration.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    /// New configurations to apply while running (`SIGHUP`). Each applies to connections
+    /// accepted after it; connections already open keep theirs; the root never changes.
+    pub reloads: Option<mpsc::Receiver<Config>>,
+    /// Where to count; shared with the metrics endpoint.
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+/// [`run`], taking new configurations from `hooks.reloads` and counting into `hooks.metrics`.
+///
+/// # Errors
+/// None today: accept errors are logged and retried with backoff.
+pub async fn run_with(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> std::io::Result<()> {
+    let Hooks {
+        mut reloads,
+        metrics,
+    } = hooks;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let drain = config.drain_timeout;
     info!(
@@ -184,12 +255,15 @@ pub async fn run(
         chunk_size = config.chunk_size,
         "serving"
     );
-    let shared = Arc::new(Shared {
+    metrics.streams_max.set(config.max_streams as i64);
+    let mut shared = Arc::new(Shared {
         streams: Arc::new(Semaphore::new(config.max_streams)),
         config,
-        registry: Arc::default(),
+        registry: Arc::new(registry::Registry::with_metrics(Arc::clone(&metrics))),
         shutdown: shutdown.clone(),
-        per_address: Mutex::default(),
+        downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
+        metrics,
+        per_address: Arc::default(),
     });
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
@@ -198,10 +272,25 @@ pub async fn run(
         // kernel's backlog instead of costing us a file descriptor each.
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
+            reload = next_reload(&mut reloads) => {
+                match reload {
+                    Some(config) => shared = apply_reload(&shared, &connections, config),
+                    None => reloads = None,
+                }
+                continue;
+            }
             permit = Arc::clone(&connections).acquire_owned() => permit.expect("never closed"),
         };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
+            // A reload applies before the next accept, never to a connection accepted earlier.
+            reload = next_reload(&mut reloads) => {
+                match reload {
+                    Some(config) => shared = apply_reload(&shared, &connections, config),
+                    None => reloads = None,
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -209,6 +298,8 @@ pub async fn run(
                 backoff = Duration::from_millis(5);
                 let slot = shared.admit(peer.ip());
                 let shared = Arc::clone(&shared);
+                shared.metrics.connections_accepted.inc();
+                let open = metrics::GaugeGuard::new(&shared.metrics, |m| &m.connections_open);
                 tracker.spawn(async move {
                     match slot {
                         Some(_slot) => handler::serve(shared, socket, peer).await,
@@ -221,6 +312,7 @@ pub async fn run(
                             .await
                         }
                     }
+                    drop(open);
                     drop(permit);
                 });
             }
@@ -244,4 +336,174 @@ pub async fn run(
         info!("drained");
     }
     Ok(())
+}
+
+/// The next configuration from `reloads`; never, once there is no sender left.
+async fn next_reload(reloads: &mut Option<mpsc::Receiver<Config>>) -> Option<Config> {
+    match reloads {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies a reloaded configuration and returns the state new connections get.
+///
+/// Everything in [`Config`] takes effect for connections accepted from now on (token, TLS
+/// identity, timeouts, chunk size, window, read-only, per-address limit); `max_streams` and
+/// `max_connections` change the shared limits at once, for everyone. Connections already open
+/// keep the settings they started with, so no transfer is dropped. The root stays the one the
+/// daemon started with (a new root needs a restart): uploads in progress are tied to it.
+fn apply_reload(
+    shared: &Arc<Shared>,
+    connections: &Arc<Semaphore>,
+    mut config: Config,
+) -> Arc<Shared> {
+    let old = &shared.config;
+    if config.root_path != old.root_path {
+        warn!(
+            root = %old.root_path.display(),
+            requested = %config.root_path.display(),
+            "a new root needs a restart; keeping the current one"
+        );
+    }
+    config.root = old.root.clone();
+    config.root_path = old.root_path.clone();
+    config.drain_timeout = old.drain_timeout;
+    let changes = describe_changes(old, &config);
+    resize(&shared.streams, old.max_streams, config.max_streams);
+    resize(connections, old.max_connections, config.max_connections);
+    shared.metrics.streams_max.set(config.max_streams as i64);
+    shared.metrics.reloads.inc();
+    if changes.is_empty() {
+        info!("configuration reloaded; nothing changed");
+    } else {
+        info!(changes = %changes.join(", "), "configuration reloaded");
+    }
+    Arc::new(shared.reconfigured(config))
+}
+
+/// What differs between two configurations, one `key: old -> new` per change (secrets only as
+/// "changed").
+fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut diff = |key: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{key}: {a} -> {b}"));
+        }
+    };
+    diff(
+        "max_streams",
+        old.max_streams.to_string(),
+        new.max_streams.to_string(),
+    );
+    diff(
+        "chunk_size",
+        old.chunk_size.to_string(),
+        new.chunk_size.to_string(),
+    );
+    diff("window", old.window.to_string(), new.window.to_string());
+    diff(
+        "queue_timeout",
+        format!("{:?}", old.queue_timeout),
+        format!("{:?}", new.queue_timeout),
+    );
+    diff(
+        "idle_timeout",
+        format!("{:?}", old.idle_timeout),
+        format!("{:?}", new.idle_timeout),
+    );
+    diff(
+        "read_only",
+        old.read_only.to_string(),
+        new.read_only.to_string(),
+    );
+    diff(
+        "max_conns_per_ip",
+        old.max_per_address.to_string(),
+        new.max_per_address.to_string(),
+    );
+    let token = |t: &Option<Arc<[u8]>>| if t.is_some() { "set" } else { "none" }.to_string();
+    if old.token != new.token {
+        match (&old.token, &new.token) {
+            (Some(_), Some(_)) => out.push("token: changed".into()),
+            _ => out.push(format!(
+                "token: {} -> {}",
+                token(&old.token),
+                token(&new.token)
+            )),
+        }
+    }
+    match (&old.tls, &new.tls) {
+        (None, None) => {}
+        (Some(_), Some(_)) => out.push("tls: certificate reloaded".into()),
+        (a, b) => out.push(format!(
+            "tls: {} -> {}",
+            if a.is_some() { "on" } else { "off" },
+            if b.is_some() { "on" } else { "off" }
+        )),
+    }
+    out
+}
+
+/// Changes a semaphore's capacity from `from` to `to` permits. Growing is immediate; shrinking
+/// takes the free permits at once and the rest as holders release them (the debt queues ahead
+/// of new waiters, so the new limit holds from then on).
+fn resize(sem: &Arc<Semaphore>, from: usize, to: usize) {
+    if to > from {
+        sem.add_permits(to - from);
+    } else if from > to {
+        let owed = from - to;
+        let taken = sem.forget_permits(owed);
+        if taken < owed {
+            let rest = u32::try_from(owed - taken).unwrap_or(u32::MAX);
+            let sem = Arc::clone(sem);
+            tokio::spawn(async move {
+                if let Ok(permits) = sem.acquire_many_owned(rest).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resize_grows_and_shrinks_with_permits_in_use() {
+        let sem = Arc::new(Semaphore::new(4));
+        let held: Vec<_> = (0..3)
+            .map(|_| Arc::clone(&sem).try_acquire_owned().unwrap())
+            .collect();
+        // 4 -> 2 with 3 in use: 1 free permit goes now, 1 more when a holder leaves.
+        resize(&sem, 4, 2);
+        assert_eq!(sem.available_permits(), 0);
+        drop(held);
+        tokio::task::yield_now().await;
+        for _ in 0..10 {
+            if sem.available_permits() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(sem.available_permits(), 2);
+        resize(&sem, 2, 5);
+        assert_eq!(sem.available_permits(), 5);
+    }
+
+    #[test]
+    fn changes_are_described_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Config::new(dir.path().to_path_buf()).unwrap();
+        let mut new = old.clone();
+        new.max_streams = 8;
+        new.read_only = true;
+        new.token = Some(Arc::from(&b"s3cret"[..]));
+        let changes = describe_changes(&old, &new).join(", ");
+        assert_eq!(
+            changes,
+            "max_streams: 64 -> 8, read_only: false -> true, token: none -> set"
+        );
+    }
 }

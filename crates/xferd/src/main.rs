@@ -1,157 +1,394 @@
-//! `xferd`: flags and signals around [`xferd::run`].
+//! `xferd`: settings, logging, signals and systemd integration around [`xferd::run_with`].
+//!
+//! Settings are the defaults, then the configuration file, then the flags
+//! ([`xferd::settings`]). Under systemd the listening socket may be passed in (`LISTEN_FDS`),
+//! readiness is reported once it is bound (`READY=1`), `SIGHUP` reloads the configuration and
+//! `SIGTERM` drains. Logs go to stderr: coloured on a terminal, one plain line per event with a
+//! syslog priority prefix when stderr is the journal.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use sd_notify::NotifyState;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tracing_subscriber::{reload, EnvFilter, Registry};
+use xferd::settings::{Settings, Size, DEFAULT_CONFIG_PATH};
+
+const EXAMPLES: &str = "\
+Examples:
+  xferd --listen 0.0.0.0:8888 --root /srv/data --token-file /etc/xferd/token
+  xferd --config /etc/xferd/xferd.toml --check-config
+  xferd --listen 127.0.0.1:8888 --metrics 127.0.0.1:9108
+
+Settings come from /etc/xferd/xferd.toml (or --config FILE) when it exists; every flag overrides
+the key of the same name (--max-streams is max_streams). SIGHUP re-reads the file; SIGTERM stops
+accepting, lets connections finish their current chunk and exits.";
 
 /// Serve files under a root directory to xfer clients.
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about,
-    after_help = "Example:\n  xferd --listen 0.0.0.0:8888 --root /srv/data"
-)]
+#[command(version, about, after_help = EXAMPLES)]
 struct Args {
-    /// Address to listen on (IPv4 or IPv6, e.g. 0.0.0.0:8888 or [::]:8888; port 0 picks one).
-    #[arg(long, default_value = "127.0.0.1:8888")]
-    listen: String,
-    /// Directory served; names never resolve outside it.
-    #[arg(long, default_value = ".")]
-    root: PathBuf,
-    /// Connections served at once; more wait (see --queue-timeout).
-    #[arg(long, default_value_t = 64)]
-    max_streams: usize,
-    /// Largest chunk accepted or served (K, M, G suffixes).
-    #[arg(long, default_value = "16M")]
-    chunk_size: String,
-    /// Seconds a connection may wait for a free stream before it is told the daemon is busy.
-    #[arg(long, default_value_t = 30)]
-    queue_timeout: u64,
-    /// Seconds a connection may stay silent before it is closed.
-    #[arg(long, default_value_t = 300)]
-    idle_timeout: u64,
-    /// Chunks a client may have unacknowledged per connection (at most this many per connection
-    /// are sent again after a crash).
-    #[arg(long, default_value_t = 2)]
-    window: u32,
-    /// Connections accepted at once from one client address.
-    #[arg(long, default_value_t = 64)]
-    max_conns_per_ip: usize,
+    /// Configuration file (TOML) [default: /etc/xferd/xferd.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the configuration, print the effective settings (secrets redacted) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Print xferd's man page (roff) on stdout and exit.
+    #[arg(long)]
+    man: bool,
+    /// Address to listen on (IPv4 or IPv6, e.g. 0.0.0.0:8888 or [::]:8888; port 0 picks one)
+    /// [default: 127.0.0.1:8888]. Ignored when systemd passes a socket (xferd.socket).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Directory served; names never resolve outside it [default: .].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Connections served at once; more wait (see --queue-timeout) [default: 64].
+    #[arg(long, value_name = "N")]
+    max_streams: Option<usize>,
+    /// Largest chunk accepted or served (K, M, G suffixes) [default: 16M].
+    #[arg(long, value_name = "SIZE")]
+    chunk_size: Option<Size>,
+    /// Seconds a connection may wait for a free stream before it is told the daemon is busy
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    queue_timeout: Option<u64>,
+    /// Seconds a connection may stay silent before it is closed [default: 300].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Chunks a client may have unacknowledged per connection, 1 to 64 (at most this many per
+    /// connection are sent again after a crash) [default: 2].
+    #[arg(long, value_name = "N")]
+    window: Option<u32>,
+    /// Connections accepted at once from one client address [default: 64].
+    #[arg(long, value_name = "N")]
+    max_conns_per_ip: Option<usize>,
     /// Refuse uploads.
     #[arg(long)]
     read_only: bool,
-    /// File holding the shared secret clients must prove they know.
+    /// File holding the shared secret clients must prove they know [default: the systemd
+    /// credential "token", if passed].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// PEM certificate chain: with --tls-key, every session must run over TLS.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (anyone who can connect may read and write).
     #[arg(long)]
     allow_anonymous: bool,
-    /// Log level or filter (overridden by RUST_LOG).
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    /// Log level or filter, e.g. debug or xferd=debug (RUST_LOG overrides) [default: info].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Serve Prometheus metrics over HTTP on ADDR, e.g. 127.0.0.1:9108 (GET /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 impl Args {
-    fn into_config(self) -> anyhow::Result<xferd::Config> {
-        let token = match &self.token_file {
-            Some(path) => Some(xfer_core::token::read_token_file(path)?),
-            None => None,
-        };
-        if token.is_none() && !self.allow_anonymous && !is_loopback(&self.listen) {
-            bail!(
-                "refusing to listen on {} without a token: pass --token-file FILE, \
-                 or --allow-anonymous to serve anyone who can connect",
-                self.listen
-            );
+    /// The settings given as flags; unset flags leave the file's value (or the default).
+    fn flags(&self) -> Settings {
+        Settings {
+            listen: self.listen.clone(),
+            root: self.root.clone(),
+            max_streams: self.max_streams,
+            chunk_size: self.chunk_size,
+            queue_timeout: self.queue_timeout,
+            idle_timeout: self.idle_timeout,
+            max_conns_per_ip: self.max_conns_per_ip,
+            window: self.window,
+            read_only: self.read_only.then_some(true),
+            token_file: self.token_file.clone(),
+            allow_anonymous: self.allow_anonymous.then_some(true),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            log_level: self.log_level.clone(),
+            metrics: self.metrics.clone(),
         }
-        let chunk = xfer_core::units::parse_size(&self.chunk_size).map_err(anyhow::Error::msg)?;
-        if !(u64::from(xfer_proto::MIN_CHUNK_SIZE)..=u64::from(xfer_proto::MAX_CHUNK_SIZE))
-            .contains(&chunk)
-        {
-            bail!("--chunk-size must be between 4K and 16M");
-        }
-        if self.max_streams == 0 {
-            bail!("--max-streams must be at least 1");
-        }
-        let mut cfg = xferd::Config::new(self.root.clone())
-            .with_context(|| format!("root {}", self.root.display()))?;
-        cfg.chunk_size = chunk as u32;
-        cfg.max_streams = self.max_streams;
-        cfg.max_connections = self.max_streams.saturating_mul(4).saturating_add(64);
-        cfg.queue_timeout = Duration::from_secs(self.queue_timeout);
-        cfg.idle_timeout = Duration::from_secs(self.idle_timeout.max(1));
-        cfg.read_only = self.read_only;
-        cfg.window = self.window.clamp(1, 64);
-        cfg.token = token.map(Into::into);
-        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            cfg.tls = Some(xferd::Tls::from_pem_files(cert, key)?);
-        }
-        cfg.max_per_address = self.max_conns_per_ip.max(1);
-        Ok(cfg)
     }
 }
 
-/// True when every address `listen` names is a loopback address.
-fn is_loopback(listen: &str) -> bool {
-    use std::net::ToSocketAddrs;
-    match listen.to_socket_addrs() {
-        Ok(addrs) => {
-            let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+/// Where the settings come from: an optional file under the flags.
+#[derive(Debug, Clone)]
+struct Sources {
+    /// `--config FILE`, which must exist.
+    explicit: Option<PathBuf>,
+    flags: Settings,
+}
+
+impl Sources {
+    /// The configuration file in force: `--config FILE`, else the default path if it exists.
+    fn file(&self) -> Option<PathBuf> {
+        match &self.explicit {
+            Some(path) => Some(path.clone()),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                default.exists().then(|| default.to_path_buf())
+            }
         }
-        Err(_) => false,
+    }
+
+    /// Reads the file (if any) and lays the flags over it.
+    fn load(&self) -> anyhow::Result<Settings> {
+        let file = match self.file() {
+            Some(path) => Settings::load(&path)?,
+            None => Settings::default(),
+        };
+        let settings = Settings::effective(file, self.flags.clone());
+        settings.check()?;
+        Ok(settings)
     }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match serve(args) {
+    if args.man {
+        let man = clap_mangen::Man::new(Args::command());
+        let mut out = std::io::stdout().lock();
+        return match man.render(&mut out).and_then(|()| out.flush()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(anyhow::anyhow!("writing the man page: {e}")),
+        };
+    }
+    let sources = Sources {
+        explicit: args.config.clone(),
+        flags: args.flags(),
+    };
+    let settings = match sources.load() {
+        Ok(settings) => settings,
+        Err(e) => return fail(e),
+    };
+    if args.check_config {
+        return match check_config(&sources, &settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
+    let log = init_logging(settings.log_level.as_deref().unwrap_or("info"));
+    match serve(sources, settings, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xferd: {e:#}");
-            ExitCode::from(2)
+            let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e:#}"))]);
+            fail(e)
         }
     }
 }
 
-fn serve(args: Args) -> anyhow::Result<()> {
-    let listen = args.listen.clone();
-    let config = args.into_config()?;
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("xferd: {e:#}");
+    ExitCode::from(2)
+}
+
+/// `--check-config`: everything `serve` would check short of binding, then the effective
+/// settings on stdout.
+fn check_config(sources: &Sources, settings: &Settings) -> anyhow::Result<()> {
+    settings.to_config()?;
+    if activated_listener_fd().is_none() {
+        settings.check_exposure(settings.listen.as_deref().unwrap_or_default())?;
+    }
+    let mut out = std::io::stdout().lock();
+    match sources.file() {
+        Some(path) => writeln!(out, "# configuration file: {}", path.display())?,
+        None => writeln!(out, "# configuration file: none (defaults and flags only)")?,
+    }
+    write!(out, "{}", settings.render())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Changes the log filter on `SIGHUP`; `None` when `RUST_LOG` decides.
+type LogHandle = Option<reload::Handle<EnvFilter, Registry>>;
+
+/// Logs to stderr at `level` (`RUST_LOG` overrides): plain lines with a syslog priority prefix
+/// when stderr is the journal, colour on a terminal, plain with timestamps otherwise.
+fn init_logging(level: &str) -> LogHandle {
+    use tracing_subscriber::fmt::format;
+    use tracing_subscriber::prelude::*;
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = if stderr_is_journal() {
+        // journald adds the time and reads the priority from the `<N>` prefix.
+        let inner = format().without_time().with_target(false).with_level(false);
+        layer.with_ansi(false).event_format(Journal(inner)).boxed()
+    } else if std::io::stderr().is_terminal() {
+        layer.boxed()
+    } else {
+        layer.with_ansi(false).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .init();
+    (!env_set).then_some(handle)
+}
+
+/// True when stderr is connected to journald: `JOURNAL_STREAM` holds its device and inode.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse().ok() == Some(stat.st_dev) && ino.parse().ok() == Some(stat.st_ino)
+}
+
+/// An event format with the `<N>` syslog priority prefix journald understands.
+struct Journal<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journal<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The listening socket systemd passed (socket activation), if any: the first of `LISTEN_FDS`
+/// when `LISTEN_PID` is this process.
+fn activated_listener_fd() -> Option<std::os::fd::RawFd> {
+    sd_notify::listen_fds().ok()?.next()
+}
+
+/// Takes the socket systemd passed, checking that it is a listening TCP socket.
+fn activated_listener() -> anyhow::Result<Option<std::net::TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let fds = sd_notify::listen_fds().context("reading LISTEN_FDS")?;
+    let count = fds.len();
+    let Some(fd) = activated_listener_fd() else {
+        return Ok(None);
+    };
+    if count > 1 {
+        warn!(
+            count,
+            "systemd passed several sockets; serving the first only"
+        );
+    }
+    // SAFETY: systemd hands this process the descriptors from 3 on (LISTEN_PID names us), and
+    // nothing else in the process takes ownership of them.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let listening = rustix::net::sockopt::socket_acceptconn(&listener).unwrap_or(false);
+    let addr = listener.local_addr();
+    match addr {
+        Ok(_) if listening => {}
+        _ => bail!(
+            "the socket systemd passed (fd {fd}) is not a listening TCP socket: \
+             check ListenStream= in xferd.socket"
+        ),
+    }
+    listener.set_nonblocking(true)?;
+    Ok(Some(listener))
+}
+
+fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result<()> {
+    let activated = activated_listener()?;
+    let listen = settings.listen.clone().unwrap_or_default();
+    let exposed = match &activated {
+        Some(l) => l.local_addr()?.to_string(),
+        None => listen.clone(),
+    };
+    settings.check_exposure(&exposed)?;
+    let config = settings.to_config()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&listen)
-            .await
-            .with_context(|| format!("listening on {listen}"))?;
+        let listener = match activated {
+            Some(std) => {
+                let l = tokio::net::TcpListener::from_std(std)?;
+                info!(addr = %l.local_addr()?, "serving the socket passed by systemd");
+                l
+            }
+            None => tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|e| bind_error(e, &listen, "--listen/listen"))?,
+        };
         let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(xferd::metrics::Metrics::default());
+        if let Some(at) = &settings.metrics {
+            let http = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| bind_error(e, at, "--metrics/metrics"))?;
+            info!(addr = %http.local_addr()?, "metrics served at /metrics");
+            let serving = xferd::metrics::serve_http(http, Arc::clone(&metrics), shutdown.clone());
+            tokio::spawn(serving);
+        }
         // One line on stdout once bound: scripts and tests read the port from it.
         let mut out = std::io::stdout().lock();
         writeln!(out, "xferd listening on {addr}")?;
         out.flush()?;
         drop(out);
-        let shutdown = CancellationToken::new();
+        notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(&format!("listening on {addr}")),
+        ]);
+        let (reloads, rx) = mpsc::channel(1);
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        xferd::run(listener, config, shutdown).await?;
+        tokio::spawn(reload_on_hangup(sources, settings, addr, log, reloads));
+        let hooks = xferd::Hooks {
+            reloads: Some(rx),
+            metrics,
+        };
+        xferd::run_with(listener, config, shutdown, hooks).await?;
         Ok(())
     })
+}
+
+/// A bind error with the fix spelled out where there is an obvious one.
+fn bind_error(e: std::io::Error, addr: &str, option: &str) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process holds it: stop it, or choose another port with {option})"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need CAP_NET_BIND_SERVICE: use a higher port with {option})"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (no interface has this address: check {option})",
+        _ => "",
+    };
+    anyhow::anyhow!(
+        "listening on {addr}: {e}{}",
+        hint.replace("{option}", option)
+    )
+}
+
+/// Tells systemd (if it started us with `NOTIFY_SOCKET`) about a state change.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {
@@ -159,8 +396,77 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
     }
+    notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
     shutdown.cancel();
+}
+
+/// On every `SIGHUP`: re-reads the configuration file, lays the same flags over it and hands
+/// the result to the server. A configuration that does not check out is logged and ignored.
+async fn reload_on_hangup(
+    sources: Sources,
+    mut current: Settings,
+    addr: SocketAddr,
+    log: LogHandle,
+    reloads: mpsc::Sender<xferd::Config>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("installing SIGHUP handler");
+    while hup.recv().await.is_some() {
+        info!("SIGHUP received; reloading the configuration");
+        let mut states = vec![NotifyState::Reloading];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify(&states);
+        let loading = sources.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let settings = loading.load()?;
+            settings.check_exposure(&addr.to_string())?;
+            let config = settings.to_config()?;
+            Ok::<_, anyhow::Error>((settings, config))
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        match loaded {
+            Ok((settings, config)) => {
+                for (key, old, new) in [
+                    ("listen", &current.listen, &settings.listen),
+                    ("metrics", &current.metrics, &settings.metrics),
+                ] {
+                    if old != new {
+                        warn!(key, "{key} changed: takes effect at the next restart");
+                    }
+                }
+                if settings.log_level != current.log_level {
+                    apply_log_level(&log, settings.log_level.as_deref().unwrap_or("info"));
+                }
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+                current = settings;
+            }
+            Err(e) => error!("reload failed; keeping the running configuration: {e:#}"),
+        }
+        notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(&format!("listening on {addr}")),
+        ]);
+    }
+}
+
+fn apply_log_level(log: &LogHandle, level: &str) {
+    let Some(handle) = log else {
+        return info!("log_level changed, but RUST_LOG is set and decides");
+    };
+    match EnvFilter::try_new(level) {
+        Ok(filter) => match handle.reload(filter) {
+            Ok(()) => info!(log_level = level, "log level changed"),
+            Err(e) => warn!(error = %e, "cannot change the log level"),
+        },
+        Err(e) => warn!(error = %e, "log_level is not a log filter; keeping the current one"),
+    }
 }

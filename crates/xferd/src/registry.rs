@@ -14,6 +14,7 @@ use xfer_proto::{ErrorCode, FileIdentity};
 pub struct Registry {
     map: Mutex<HashMap<String, Entry>>,
     next_id: std::sync::atomic::AtomicU64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug)]
@@ -63,6 +64,14 @@ pub struct Lease {
 }
 
 impl Registry {
+    /// An empty registry counting uploads (active, resumed, interrupted) into `metrics`.
+    pub fn with_metrics(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -122,6 +131,10 @@ impl Registry {
                         .next_id
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let started = Instant::now();
+                    self.metrics.uploads.active.inc();
+                    if partial.resumed_bytes() > 0 {
+                        self.metrics.uploads.resumed.inc();
+                    }
                     map.insert(
                         name.to_string(),
                         Entry::Open {
@@ -160,6 +173,11 @@ impl Registry {
         }
     }
 
+    /// True while an upload of `name` is open: tree writes must not touch its partial file.
+    pub fn is_open(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
     /// Number of uploads open.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -177,6 +195,7 @@ impl Lease {
         let mut map = self.registry.lock();
         if matches!(map.get(&self.name), Some(Entry::Open { id, .. }) if *id == self.id) {
             map.remove(&self.name);
+            self.registry.metrics.uploads.active.dec();
         }
     }
 }
@@ -188,7 +207,10 @@ impl Drop for Lease {
             if *id == self.id {
                 *users -= 1;
                 if *users == 0 {
+                    // Every connection left before the commit: the upload stays resumable.
                     map.remove(&self.name);
+                    self.registry.metrics.uploads.active.dec();
+                    self.registry.metrics.uploads.failed.inc();
                 }
             }
         }

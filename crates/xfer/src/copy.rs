@@ -1,0 +1,205 @@
+//! Server-to-server copies (`xfer copy`): the client asks the source daemon to push a file or
+//! tree straight to the destination daemon, and shows the progress the source reports. The data
+//! never passes through the client. When the destination needs a token, the client gives the
+//! source a grant derived from it: good for writing under the destination name only, for a
+//! limited time, and useless for anything else.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use indicatif::ProgressBar;
+use xfer_proto::{auth, CopyDone, CopyTo, Frame, Grant};
+
+use crate::session::unexpected;
+use crate::{ClientError, Connector, Session, Target};
+
+/// How long a grant given to a source daemon stays valid.
+pub const GRANT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// One copy: where from, where to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySpec {
+    /// Source daemon.
+    pub src: Target,
+    /// File or tree on the source.
+    pub name: String,
+    /// Destination daemon.
+    pub dst: Target,
+    /// Name on the destination.
+    pub dest: String,
+}
+
+fn split_host(spec: &str) -> Result<(String, &str), ClientError> {
+    let bad = || {
+        ClientError::Target(format!(
+            "bad copy endpoint {spec:?}: expected HOST[:PORT]:NAME"
+        ))
+    };
+    if let Some(rest) = spec.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        return Ok((
+            format!("[{host}]"),
+            after.strip_prefix(':').unwrap_or(after),
+        ));
+    }
+    match spec.split_once(':') {
+        Some((host, rest)) if !host.is_empty() => Ok((host.to_string(), rest)),
+        None if !spec.is_empty() => Ok((spec.to_string(), "")),
+        _ => Err(bad()),
+    }
+}
+
+/// Splits `HOST[:PORT][:NAME]` into a target and the name (empty when absent). A segment of
+/// digits right after the host is the port.
+///
+/// # Errors
+/// `Target` for a malformed endpoint.
+pub fn parse_endpoint(spec: &str) -> Result<(Target, String), ClientError> {
+    let (host, rest) = split_host(spec)?;
+    let (port, name) = match rest.split_once(':') {
+        Some((p, name)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (Some(p), name)
+        }
+        None if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) => (Some(rest), ""),
+        _ => (None, rest),
+    };
+    let target = match port {
+        Some(p) => format!("{host}:{p}").parse()?,
+        None => host.parse()?,
+    };
+    Ok((target, name.to_string()))
+}
+
+impl CopySpec {
+    /// `SRC_HOST[:PORT]:NAME` and `DST_HOST[:PORT][:DEST]` (DEST defaults to NAME).
+    ///
+    /// # Errors
+    /// `Target` for malformed endpoints or a missing source name.
+    pub fn parse(src: &str, dst: &str) -> Result<Self, ClientError> {
+        let (src_target, name) = parse_endpoint(src)?;
+        if name.is_empty() {
+            return Err(ClientError::Target(format!(
+                "{src:?} names no file: expected HOST[:PORT]:NAME"
+            )));
+        }
+        let (dst_target, dest) = parse_endpoint(dst)?;
+        let dest = if dest.is_empty() { name.clone() } else { dest };
+        Ok(Self {
+            src: src_target,
+            name,
+            dst: dst_target,
+            dest,
+        })
+    }
+}
+
+/// A grant for writing under `dest` on a daemon whose token is `token`, with its key.
+pub fn make_grant(token: &[u8], dest: &str) -> (Grant, Vec<u8>) {
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + GRANT_LIFETIME.as_secs();
+    let mut nonce = vec![0u8; auth::NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let grant = Grant {
+        scope: dest.to_string(),
+        expires,
+        nonce,
+    };
+    let key = auth::grant_key(token, &grant);
+    (grant, key)
+}
+
+/// Runs one copy and returns what the source daemon reported.
+///
+/// # Errors
+/// Connection or authentication failures to the source, or the copy's own failure as the
+/// source reports it.
+pub async fn copy(
+    spec: &CopySpec,
+    src: &Connector,
+    dst_token: Option<&[u8]>,
+    recursive: bool,
+    connections: usize,
+    chunk_size: u32,
+    progress: &ProgressBar,
+) -> Result<CopyDone, ClientError> {
+    let mut session = Session::connect(&spec.src, src).await?;
+    let request = CopyTo {
+        source: spec.name.clone(),
+        recursive,
+        host: spec.dst.host.clone(),
+        port: spec.dst.port,
+        dest: spec.dest.clone(),
+        connections: connections as u32,
+        chunk_size,
+        grant: dst_token.map(|token| make_grant(token, &spec.dest)),
+    };
+    session.send(&Frame::CopyTo(request)).await?;
+    loop {
+        match session.next().await? {
+            Frame::Progress(p) => {
+                progress.set_length(p.bytes_total);
+                progress.set_position(p.bytes_done);
+            }
+            Frame::CopyDone(done) => {
+                session.close().await;
+                return Ok(done);
+            }
+            other => return Err(unexpected(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(host: &str, port: u16) -> Target {
+        Target {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            parse_endpoint("src:data/x").unwrap(),
+            (t("src", 8888), "data/x".into())
+        );
+        assert_eq!(
+            parse_endpoint("src:9000:data/x").unwrap(),
+            (t("src", 9000), "data/x".into())
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:9000:x").unwrap(),
+            (t("::1", 9000), "x".into())
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:x").unwrap(),
+            (t("::1", 8888), "x".into())
+        );
+        assert_eq!(
+            parse_endpoint("dst:9001").unwrap(),
+            (t("dst", 9001), String::new())
+        );
+        assert_eq!(
+            parse_endpoint("dst").unwrap(),
+            (t("dst", 8888), String::new())
+        );
+        assert!(parse_endpoint(":x").is_err());
+        let spec = CopySpec::parse("a:1:f", "b:2").unwrap();
+        assert_eq!((spec.dest.as_str(), spec.dst.port), ("f", 2));
+        assert!(CopySpec::parse("a:1", "b").is_err());
+    }
+
+    #[test]
+    fn grants_are_fresh_and_scoped() {
+        let (g1, k1) = make_grant(b"t", "d");
+        let (g2, k2) = make_grant(b"t", "d");
+        assert_eq!(g1.scope, "d");
+        assert_ne!(g1.nonce, g2.nonce);
+        assert_ne!(k1, k2);
+        assert_eq!(k1, auth::grant_key(b"t", &g1));
+    }
+}

@@ -1,0 +1,647 @@
+//! Directory trees (`send -r`, `recv -r`): one listing of each side decides what moves; small
+//! files travel whole and pipelined over the connection pool (no round trip per file); large
+//! files go through the chunked engine with all connections; links are copied as links; modes
+//! and mtimes are kept; the receiving side is flushed once at the end.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use tokio::task::JoinSet;
+use xfer_core::{CoreError, Root};
+use xfer_proto::{EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry};
+
+use crate::engine::{self, Options};
+use crate::session::unexpected;
+use crate::{ClientError, Session, Target};
+
+/// Files up to this size travel whole in one frame.
+pub const SMALL_FILE: u64 = 1 << 20;
+/// Requests a connection keeps in flight before it waits for answers.
+const PIPELINE: usize = 64;
+/// Request bytes a connection keeps in flight before it waits for answers.
+const PIPELINE_BYTES: usize = 16 << 20;
+
+/// What a tree copy reports (`--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TreeSummary {
+    /// Top of the tree on the server.
+    pub name: String,
+    /// Regular files in the source tree.
+    pub files_total: u64,
+    /// Files whose bytes moved this run.
+    pub files_transferred: u64,
+    /// Files already identical on the receiving side.
+    pub files_skipped: u64,
+    /// Bytes of all regular files in the source tree.
+    pub bytes_total: u64,
+    /// File bytes moved this run.
+    pub bytes_transferred: u64,
+    /// Bytes of large files already held from an interrupted run.
+    pub resumed_bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Connections per transfer.
+    pub connections: usize,
+    /// Chunks sent again after a CRC mismatch.
+    pub crc_retries: u64,
+    /// Entries left out (special files, links leading out of the tree).
+    pub entries_skipped: u64,
+}
+
+fn join(top: &str, rel: &str) -> String {
+    match (top.is_empty(), rel.is_empty()) {
+        (_, true) => top.to_string(),
+        (true, false) => rel.to_string(),
+        (false, false) => format!("{top}/{rel}"),
+    }
+}
+
+/// True when the receiver's copy can be kept: same size, mtime and permissions (and digest, if
+/// compared).
+fn unchanged(src: &TreeEntry, dst: Option<&TreeEntry>) -> bool {
+    dst.is_some_and(|d| {
+        d.kind == EntryKind::File
+            && d.size == src.size
+            && d.mode & 0o777 == src.mode & 0o777
+            && d.mtime_ns == src.mtime_ns
+            && d.digest == src.digest
+    })
+}
+
+async fn list_remote(
+    session: &mut Session,
+    dir: &str,
+    digests: bool,
+) -> Result<Vec<TreeEntry>, ClientError> {
+    session
+        .send(&Frame::ListTree(ListTree {
+            dir: dir.to_string(),
+            digests,
+        }))
+        .await?;
+    let mut entries = Vec::new();
+    loop {
+        match session.next().await {
+            Ok(Frame::TreeListing(page)) => {
+                entries.extend(page.entries);
+                if !page.more {
+                    return Ok(entries);
+                }
+            }
+            Err(ClientError::Remote(e))
+                if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) =>
+            {
+                return Ok(Vec::new())
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends `requests` (each with the file bytes it moves, for `--bwlimit` and the in-flight
+/// bound) on `session` with up to `PIPELINE` in flight, checking each answer with `check`
+/// (answers come in request order).
+async fn pipeline<F>(
+    session: &mut Session,
+    limiter: Option<&crate::RateLimiter>,
+    mut requests: impl Iterator<Item = (Frame, u64)>,
+    mut check: F,
+) -> Result<(), ClientError>
+where
+    F: FnMut(Frame) -> Result<(), ClientError>,
+{
+    let mut in_flight: VecDeque<usize> = VecDeque::new();
+    let mut bytes = 0;
+    let mut more = true;
+    loop {
+        while more && in_flight.len() < PIPELINE && bytes < PIPELINE_BYTES {
+            match requests.next() {
+                Some((frame, moves)) => {
+                    if let Some(limiter) = limiter {
+                        limiter.acquire(moves).await;
+                    }
+                    let size = moves as usize + 64;
+                    session.send(&frame).await?;
+                    in_flight.push_back(size);
+                    bytes += size;
+                }
+                None => more = false,
+            }
+        }
+        let Some(size) = in_flight.pop_front() else {
+            return Ok(());
+        };
+        bytes -= size;
+        check(session.next().await?)?;
+    }
+}
+
+fn expect_done(frame: Frame) -> Result<(), ClientError> {
+    match frame {
+        Frame::Done(_) => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+struct Progress {
+    /// `--bwlimit` for the small files, shared by every connection of the tree.
+    limiter: Option<crate::RateLimiter>,
+    bar: ProgressBar,
+    files_done: AtomicU64,
+    files_total: u64,
+    bytes_moved: AtomicU64,
+}
+
+impl Progress {
+    fn file_done(&self, bytes: u64) {
+        let done = self.files_done.fetch_add(1, Ordering::Relaxed) + 1;
+        self.bytes_moved.fetch_add(bytes, Ordering::Relaxed);
+        self.bar.inc(bytes);
+        self.bar
+            .set_message(format!("{done}/{} files", self.files_total));
+    }
+}
+
+/// Options for the large files of a tree: the engine's own progress bar stays hidden.
+fn large_file_options(opts: &Options) -> Options {
+    Options {
+        progress: ProgressBar::hidden(),
+        ..opts.clone()
+    }
+}
+
+/// Copies the local tree `dir` to `dest` on `target`.
+///
+/// # Errors
+/// Local or remote file errors, connection failures past the retry deadline.
+pub async fn send_tree(
+    dir: &Path,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+) -> Result<TreeSummary, ClientError> {
+    send_tree_from(Root::open(dir)?, target, dest, opts, checksum).await
+}
+
+/// Copies the tree under `local` to `dest` on `target` (see [`send_tree`]); the daemon uses this
+/// for server-to-server copies, with a `Root` beneath its own root.
+///
+/// # Errors
+/// As [`send_tree`].
+pub async fn send_tree_from(
+    local: Root,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+) -> Result<TreeSummary, ClientError> {
+    let started = Instant::now();
+    let walked = {
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || local.walk("", checksum))
+            .await
+            .map_err(|e| CoreError::io("walking", std::io::Error::other(e.to_string())))??
+    };
+    let mut control = Session::connect(target, &opts.connector).await?;
+    let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
+        .await?
+        .into_iter()
+        .map(|e| (e.path.clone(), e))
+        .collect();
+
+    let mut dirs = Vec::new();
+    let mut links = Vec::new();
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut summary = TreeSummary {
+        name: dest.to_string(),
+        files_total: 0,
+        files_transferred: 0,
+        files_skipped: 0,
+        bytes_total: 0,
+        bytes_transferred: 0,
+        resumed_bytes: 0,
+        seconds: 0.0,
+        connections: opts.connections,
+        crc_retries: 0,
+        entries_skipped: 0,
+    };
+    for entry in walked {
+        match entry.kind {
+            EntryKind::Special => {
+                eprintln!(
+                    "xfer: warning: skipping {}: not a regular file, directory or link",
+                    entry.path
+                );
+                summary.entries_skipped += 1;
+            }
+            EntryKind::Dir => dirs.push(entry),
+            EntryKind::Symlink => {
+                if xfer_core::tree::validate_link(&entry.path, &entry.target).is_err() {
+                    tracing::warn!(path = %entry.path, target = %entry.target, "link leads out of the tree; skipped");
+                    eprintln!(
+                        "xfer: warning: skipping {}: its link leads out of the tree",
+                        entry.path
+                    );
+                    summary.entries_skipped += 1;
+                } else if remote
+                    .get(&entry.path)
+                    .is_none_or(|r| r.kind != EntryKind::Symlink || r.target != entry.target)
+                {
+                    links.push(entry);
+                }
+            }
+            EntryKind::File => {
+                summary.files_total += 1;
+                summary.bytes_total += entry.size;
+                if unchanged(&entry, remote.get(&entry.path)) {
+                    summary.files_skipped += 1;
+                } else if entry.size <= SMALL_FILE {
+                    small.push(entry);
+                } else {
+                    large.push(entry);
+                }
+            }
+        }
+    }
+    let progress = Arc::new(Progress {
+        limiter: opts.bwlimit.map(crate::RateLimiter::new),
+        bar: opts.progress.clone(),
+        files_done: AtomicU64::new(0),
+        files_total: (small.len() + large.len()) as u64,
+        bytes_moved: AtomicU64::new(0),
+    });
+    progress
+        .bar
+        .set_length(small.iter().chain(&large).map(|e| e.size).sum());
+
+    // Directories first (parents before children), so files have somewhere to go; writable
+    // by their owner until the last pass gives them their own mode.
+    let make_dirs = |entries: &[TreeEntry], extra: u32| -> Vec<Frame> {
+        entries
+            .iter()
+            .map(|d| {
+                let (name, mode) = (join(dest, &d.path), d.mode | extra);
+                Frame::MakeDir(MakeDir {
+                    name,
+                    mode,
+                    mtime_ns: d.mtime_ns,
+                })
+            })
+            .collect()
+    };
+    pipeline(
+        &mut control,
+        None,
+        make_dirs(&dirs, 0o700).into_iter().map(|f| (f, 0)),
+        expect_done,
+    )
+    .await?;
+    // The control connection would sit idle through the files; it is opened again at the end.
+    control.close().await;
+
+    // Small files from a shared queue over the pool; large files through the chunked engine.
+    let queue = Arc::new(Mutex::new(VecDeque::from(small)));
+    let mut workers = JoinSet::new();
+    for _ in 0..opts.connections {
+        let (queue, progress, local, target) = (
+            Arc::clone(&queue),
+            Arc::clone(&progress),
+            local.clone(),
+            target.clone(),
+        );
+        let (connector, dest) = (opts.connector.clone(), dest.to_string());
+        workers.spawn(async move {
+            send_small_files(&target, &connector, &local, &dest, &queue, &progress).await
+        });
+    }
+    let mut large_result = Ok(());
+    let large_opts = large_file_options(opts);
+    for entry in &large {
+        let source = {
+            let (local, path) = (local.clone(), entry.path.clone());
+            tokio::task::spawn_blocking(move || {
+                xfer_core::SourceFile::new(local.open_read(&path)?, path)
+            })
+            .await
+            .map_err(|e| CoreError::io("opening", std::io::Error::other(e.to_string())))??
+        };
+        match engine::send_file(source, target, &join(dest, &entry.path), &large_opts).await {
+            Ok(s) => {
+                summary.resumed_bytes += s.resumed_bytes;
+                summary.crc_retries += s.crc_retries;
+                progress.file_done(s.bytes_transferred);
+            }
+            Err(e) => {
+                large_result = Err(e);
+                break;
+            }
+        }
+    }
+    while let Some(joined) = workers.join_next().await {
+        joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
+    }
+    large_result?;
+
+    let mut control = Session::connect(target, &opts.connector).await?;
+    let link_frames = links.iter().map(|l| {
+        Frame::MakeLink(MakeLink {
+            name: join(dest, &l.path),
+            target: l.target.clone(),
+        })
+    });
+    pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
+    // Directory mtimes last, children first: adding entries changed them.
+    let mut reversed = make_dirs(&dirs, 0);
+    reversed.reverse();
+    pipeline(
+        &mut control,
+        None,
+        reversed.into_iter().map(|f| (f, 0)),
+        expect_done,
+    )
+    .await?;
+    control.send(&Frame::Sync).await?;
+    expect_done(control.next().await?)?;
+    control.close().await;
+
+    progress.bar.finish_and_clear();
+    summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
+    summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+async fn send_small_files(
+    target: &Target,
+    connector: &crate::Connector,
+    local: &Root,
+    dest: &str,
+    queue: &Mutex<VecDeque<TreeEntry>>,
+    progress: &Progress,
+) -> Result<(), ClientError> {
+    let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+    let Some(first) = pop() else { return Ok(()) };
+    let mut session = Session::connect(target, connector).await?;
+    // Sizes of the files sent and not yet answered, oldest first.
+    let sent = Mutex::new(VecDeque::new());
+    let mut next = Some(first);
+    let mut error = None;
+    // Each file is read just before it is sent, so memory holds only the pipeline's worth.
+    let requests = std::iter::from_fn(|| {
+        let entry = next.take().or_else(pop)?;
+        let read = tokio::task::block_in_place(|| local.read_small(&entry.path, SMALL_FILE));
+        match read {
+            Ok((identity, mode, data)) => {
+                sent.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(identity.size);
+                let frame = Frame::PutFile(PutFile {
+                    name: join(dest, &entry.path),
+                    mtime_ns: identity.mtime_ns,
+                    mode,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                });
+                Some((frame, identity.size))
+            }
+            Err(e) => {
+                error = Some(e);
+                None
+            }
+        }
+    });
+    pipeline(&mut session, progress.limiter.as_ref(), requests, |frame| {
+        expect_done(frame)?;
+        let size = sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .unwrap_or(0);
+        progress.file_done(size);
+        Ok(())
+    })
+    .await?;
+    if let Some(e) = error {
+        return Err(e.into());
+    }
+    session.close().await;
+    Ok(())
+}
+
+/// Copies the tree `name` on `target` into the local directory `dir` (created if missing).
+///
+/// # Errors
+/// Local or remote file errors, connection failures past the retry deadline.
+pub async fn recv_tree(
+    target: &Target,
+    name: &str,
+    dir: &Path,
+    opts: &Options,
+    checksum: bool,
+) -> Result<TreeSummary, ClientError> {
+    let started = Instant::now();
+    let mut control = Session::connect(target, &opts.connector).await?;
+    let remote = list_remote(&mut control, name, checksum).await?;
+    control.close().await;
+    if remote.is_empty() {
+        return Err(CoreError::NotFound(name.to_string()).into());
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    let local = Root::open(dir)?;
+    let walked = {
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || local.walk("", checksum))
+            .await
+            .map_err(|e| CoreError::io("walking", std::io::Error::other(e.to_string())))??
+    };
+    let have: HashMap<String, TreeEntry> =
+        walked.into_iter().map(|e| (e.path.clone(), e)).collect();
+    let mut summary = TreeSummary {
+        name: name.to_string(),
+        files_total: 0,
+        files_transferred: 0,
+        files_skipped: 0,
+        bytes_total: 0,
+        bytes_transferred: 0,
+        resumed_bytes: 0,
+        seconds: 0.0,
+        connections: opts.connections,
+        crc_retries: 0,
+        entries_skipped: 0,
+    };
+    let (mut dirs, mut links, mut small, mut large) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for entry in remote {
+        match entry.kind {
+            EntryKind::Special => {
+                eprintln!(
+                    "xfer: warning: skipping {}: not a regular file, directory or link",
+                    entry.path
+                );
+                summary.entries_skipped += 1;
+            }
+            EntryKind::Dir => dirs.push(entry),
+            EntryKind::Symlink => links.push(entry),
+            EntryKind::File => {
+                summary.files_total += 1;
+                summary.bytes_total += entry.size;
+                if unchanged(&entry, have.get(&entry.path)) {
+                    summary.files_skipped += 1;
+                } else if entry.size <= SMALL_FILE {
+                    small.push(entry);
+                } else {
+                    large.push(entry);
+                }
+            }
+        }
+    }
+    let progress = Arc::new(Progress {
+        limiter: opts.bwlimit.map(crate::RateLimiter::new),
+        bar: opts.progress.clone(),
+        files_done: AtomicU64::new(0),
+        files_total: (small.len() + large.len()) as u64,
+        bytes_moved: AtomicU64::new(0),
+    });
+    progress
+        .bar
+        .set_length(small.iter().chain(&large).map(|e| e.size).sum());
+    let top = dirs.iter().find(|d| d.path.is_empty()).cloned();
+    let inner_dirs: Vec<TreeEntry> = dirs.into_iter().filter(|d| !d.path.is_empty()).collect();
+    for d in &inner_dirs {
+        let (path, mode, mtime) = (d.path.clone(), d.mode, d.mtime_ns);
+        on_local(&local, move |r| r.make_dir(&path, mode | 0o700, mtime)).await?;
+    }
+
+    let queue = Arc::new(Mutex::new(VecDeque::from(small)));
+    let mut workers = JoinSet::new();
+    for _ in 0..opts.connections {
+        let (queue, progress, local, target) = (
+            Arc::clone(&queue),
+            Arc::clone(&progress),
+            local.clone(),
+            target.clone(),
+        );
+        let (connector, name) = (opts.connector.clone(), name.to_string());
+        workers.spawn(async move {
+            recv_small_files(&target, &connector, &local, &name, &queue, &progress).await
+        });
+    }
+    let mut large_result = Ok(());
+    let large_opts = large_file_options(opts);
+    for entry in &large {
+        let dest: PathBuf = dir.join(&entry.path);
+        match engine::recv(target, &join(name, &entry.path), &dest, &large_opts).await {
+            Ok(s) => {
+                summary.resumed_bytes += s.resumed_bytes;
+                summary.crc_retries += s.crc_retries;
+                progress.file_done(s.bytes_transferred);
+            }
+            Err(e) => {
+                large_result = Err(e);
+                break;
+            }
+        }
+    }
+    while let Some(joined) = workers.join_next().await {
+        joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
+    }
+    large_result?;
+    for l in &links {
+        let (path, link) = (l.path.clone(), l.target.clone());
+        if let Err(e) = on_local(&local, move |r| r.make_link(&path, &link)).await {
+            eprintln!("xfer: warning: skipping link {}: {e}", l.path);
+            summary.entries_skipped += 1;
+        }
+    }
+    for d in inner_dirs.iter().rev() {
+        let (path, mode, mtime) = (d.path.clone(), d.mode, d.mtime_ns);
+        on_local(&local, move |r| r.make_dir(&path, mode, mtime)).await?;
+    }
+    if let Some(top) = top {
+        let f = std::fs::File::open(dir)
+            .map_err(|e| CoreError::io(format!("opening {}", dir.display()), e))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(top.mode))
+            .and_then(|()| f.set_modified(xfer_core::tree::system_time(top.mtime_ns)))
+            .map_err(|e| {
+                CoreError::io(format!("setting mode and mtime of {}", dir.display()), e)
+            })?;
+    }
+    on_local(&local, |r| r.sync()).await?;
+    progress.bar.finish_and_clear();
+    summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
+    summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Runs a local file operation on the blocking pool.
+async fn on_local<T: Send + 'static>(
+    local: &Root,
+    f: impl FnOnce(&Root) -> xfer_core::Result<T> + Send + 'static,
+) -> Result<T, ClientError> {
+    let local = local.clone();
+    let result = tokio::task::spawn_blocking(move || f(&local))
+        .await
+        .map_err(|e| CoreError::io("local task", std::io::Error::other(e.to_string())))?;
+    Ok(result?)
+}
+
+async fn recv_small_files(
+    target: &Target,
+    connector: &crate::Connector,
+    local: &Root,
+    name: &str,
+    queue: &Mutex<VecDeque<TreeEntry>>,
+    progress: &Progress,
+) -> Result<(), ClientError> {
+    let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+    let Some(first) = pop() else { return Ok(()) };
+    let mut session = Session::connect(target, connector).await?;
+    // Entries asked for and not yet answered, oldest first.
+    let asked = Mutex::new(VecDeque::new());
+    let mut next = Some(first);
+    let requests = std::iter::from_fn(|| {
+        let entry = next.take().or_else(pop)?;
+        let frame = Frame::GetFile(GetFile {
+            name: join(name, &entry.path),
+            max_size: SMALL_FILE as u32,
+        });
+        let size = entry.size;
+        asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(entry);
+        Some((frame, size))
+    });
+    pipeline(&mut session, progress.limiter.as_ref(), requests, |frame| {
+        let Frame::FileData(f) = frame else {
+            return Err(unexpected(frame));
+        };
+        if crc32fast::hash(&f.data) != f.crc32 {
+            return Err(ClientError::Proto(xfer_proto::ProtoError::BadCrc {
+                offset: 0,
+            }));
+        }
+        let entry = asked.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        let entry = entry.ok_or(ClientError::Unexpected("FileData"))?;
+        // Written as it arrives: a small file costs a few syscalls, cheaper than a hop to the
+        // blocking pool; block_in_place keeps the runtime's other tasks running meanwhile.
+        tokio::task::block_in_place(|| {
+            local.put_file(&entry.path, f.identity.mtime_ns, f.mode, &f.data)
+        })?;
+        progress.file_done(f.identity.size);
+        Ok(())
+    })
+    .await?;
+    session.close().await;
+    Ok(())
+}
