@@ -52,6 +52,9 @@ struct State {
     committed: Option<Digest>,
     /// Digest of the file so far, in file order.
     frontier: Frontier,
+    /// The final name already held this file when opened: nothing is written, and the commit
+    /// only compares digests.
+    final_already: bool,
 }
 
 fn blocking<T: Send + 'static>(
@@ -62,6 +65,15 @@ fn blocking<T: Send + 'static>(
         task.await
             .map_err(|e| CoreError::io("disk task", std::io::Error::other(e.to_string())))?
     }
+}
+
+/// The file at the slot's final name, if it is a regular file of this identity.
+fn matching_final(slot: &Slot, identity: FileIdentity) -> Option<File> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file =
+        File::from(rfs::openat(slot.dir.as_fd(), slot.leaf.as_str(), flags, Mode::empty()).ok()?);
+    let (found, _) = crate::source::identity_of(&file).ok()?;
+    (file.metadata().ok()?.is_file() && found == identity).then_some(file)
 }
 
 fn open_private(slot: &Slot, leaf: &str) -> Result<File> {
@@ -115,9 +127,26 @@ impl PartialFile {
                     .map_err(|e| CoreError::io(ctx("verifying partial of"), e))?;
                 held = RangeSet::from_ranges(ranges);
             }
-            _ => data
-                .set_len(0)
-                .map_err(|e| CoreError::io(ctx("truncating partial of"), e))?,
+            _ => {
+                // No partial for this identity: if the final name already holds a file of this
+                // size and mtime (a commit whose answer was lost, or a rerun), offer it as held;
+                // the commit still compares its digest with the sender's.
+                if let Some(final_file) = matching_final(&slot, identity) {
+                    let dir = slot.dir.as_fd();
+                    let _ = rfs::unlinkat(dir, part_leaf.as_str(), rfs::AtFlags::empty());
+                    let _ = rfs::unlinkat(dir, journal_leaf.as_str(), rfs::AtFlags::empty());
+                    return Ok(Self::already_final(
+                        slot,
+                        part_leaf,
+                        journal_leaf,
+                        final_file,
+                        identity,
+                        sync_every,
+                    ));
+                }
+                data.set_len(0)
+                    .map_err(|e| CoreError::io(ctx("truncating partial of"), e))?
+            }
         }
         if identity.size > 0 {
             let reserved =
@@ -185,9 +214,42 @@ impl PartialFile {
                 sync_running: false,
                 closed: None,
                 committed: None,
+                final_already: false,
                 frontier,
             }),
         })
+    }
+
+    fn already_final(
+        slot: Slot,
+        part_leaf: String,
+        journal_leaf: String,
+        file: File,
+        identity: FileIdentity,
+        sync_every: u64,
+    ) -> Self {
+        let file = Arc::new(file);
+        Self {
+            slot,
+            part_leaf,
+            journal_leaf,
+            data: Arc::clone(&file),
+            identity,
+            resumed: identity.size,
+            sync_every,
+            state: Mutex::new(State {
+                journal: file,
+                journal_pos: 0,
+                chunk_records: 0,
+                held: RangeSet::from_ranges([ByteRange::new(0, identity.size)]),
+                unsynced: 0,
+                sync_running: false,
+                closed: None,
+                committed: None,
+                final_already: true,
+                frontier: Frontier::default(),
+            }),
+        }
     }
 
     /// The identity this partial belongs to.
@@ -244,7 +306,7 @@ impl PartialFile {
     fn write_blocking(&self, range: ByteRange, payload: &[u8], crc32: u32) -> Result<Option<u64>> {
         {
             let st = self.lock();
-            if st.committed.is_some() {
+            if st.committed.is_some() || st.final_already {
                 return Ok(None);
             }
             if let Some(why) = &st.closed {
@@ -332,6 +394,17 @@ impl PartialFile {
                 ctx("commit"),
                 std::io::Error::other(why.clone()),
             ));
+        }
+        if st.final_already {
+            let digest = crate::digest::digest_file(&self.data, self.identity.size)
+                .map_err(|e| CoreError::io(ctx("reading"), e))?;
+            if expected.is_some_and(|want| want != digest) {
+                let why = "already holds a different file with the same size and mtime; \
+                           remove it or change its mtime";
+                return Err(CoreError::io(ctx("commit"), std::io::Error::other(why)));
+            }
+            st.committed = Some(digest);
+            return Ok(digest);
         }
         let missing = self.identity.size - st.held.total();
         if missing > 0 {

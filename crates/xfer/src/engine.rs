@@ -189,6 +189,60 @@ async fn drive<D: Direction>(
     Ok(done)
 }
 
+/// Reconnect pacing: exponential backoff with jitter, giving up once one outage (failures with
+/// no successful reconnect between them) has lasted `deadline`.
+struct Retry {
+    deadline: Duration,
+    since: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new(deadline: Duration) -> Self {
+        Self {
+            deadline,
+            since: None,
+            backoff: Duration::from_millis(100),
+        }
+    }
+
+    /// A connection got through: the next failure starts a new outage.
+    fn succeeded(&mut self) {
+        self.since = None;
+        self.backoff = Duration::from_millis(100);
+    }
+
+    /// After a failure: the delay before the next attempt, or the error to end with (a final
+    /// one, or the last one once the outage has lasted past the deadline).
+    fn after(&mut self, e: ClientError) -> Result<Duration, ClientError> {
+        if !e.is_transient() {
+            return Err(e);
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.deadline {
+            return Err(ClientError::GaveUp {
+                last: Box::new(e),
+                seconds: since.elapsed().as_secs_f64(),
+            });
+        }
+        tracing::info!(error = %e, retry_in = ?self.backoff, "connection failed; reconnecting");
+        let delay = self.backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        Ok(delay)
+    }
+}
+
+/// Connects, retrying transient failures (a busy or restarting daemon) as [`Retry`] allows.
+async fn connect_retrying(target: &Target, opts: &Options) -> Result<Session, ClientError> {
+    let mut retry = Retry::new(opts.retry_deadline);
+    loop {
+        match Session::connect(target, &opts.connector).await {
+            Ok(session) => return Ok(session),
+            Err(e) => tokio::time::sleep(retry.after(e)?).await,
+        }
+    }
+}
+
 async fn worker<D: Direction>(
     target: &Target,
     dir: &D,
@@ -196,13 +250,12 @@ async fn worker<D: Direction>(
     mut session: Option<(Session, u64)>,
     opts: &Options,
 ) -> Result<Option<(Session, u64)>, ClientError> {
-    let retry_deadline = opts.retry_deadline;
-    let mut failing_since: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut retry = Retry::new(opts.retry_deadline);
     loop {
         if session.is_none() && work.is_empty() {
             return Ok(None);
         }
+        let mut connected = false;
         let attempt = async {
             let (mut s, id) = match session.take() {
                 Some(open) => open,
@@ -220,30 +273,25 @@ async fn worker<D: Direction>(
                     }
                 }
             };
+            connected = true;
             match dir.pump(&mut s, id, work).await {
                 Ok(()) => Ok(Some((s, id))),
                 Err(e) => Err(e),
             }
         };
-        match attempt.await {
+        let outcome = attempt.await;
+        if connected {
+            retry.succeeded();
+        }
+        match outcome {
             Ok(open) => return Ok(open),
-            Err(e) if e.is_transient() => {
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= retry_deadline {
-                    return Err(ClientError::GaveUp {
-                        last: Box::new(e),
-                        seconds: since.elapsed().as_secs_f64(),
-                    });
-                }
-                tracing::info!(error = %e, retry_in = ?backoff, "connection failed; reconnecting");
-                let jitter = rand::thread_rng().gen_range(0.5..1.5);
+            Err(e) => {
+                let delay = retry.after(e)?;
                 tokio::select! {
-                    () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    () = tokio::time::sleep(delay) => {}
                     () = work.finished() => return Ok(None),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -396,7 +444,7 @@ pub async fn send_file(
 ) -> Result<Summary, ClientError> {
     let started = Instant::now();
     let identity = source.identity();
-    let mut session = Session::connect(target, &opts.connector).await?;
+    let mut session = connect_retrying(target, opts).await?;
     let chunk_size = opts
         .chunk_size
         .min(session.welcome.max_chunk_size)
@@ -458,8 +506,11 @@ pub async fn send_file(
             transfer_id: sid,
             digest: digest_bytes.clone(),
         };
-        s.send(&Frame::Commit(commit)).await?;
-        match s.next().await {
+        let answer = match s.send(&Frame::Commit(commit)).await {
+            Ok(()) => s.next().await,
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(Frame::Committed(_)) => {
                 s.close().await;
                 opts.progress.finish_and_clear();
@@ -473,6 +524,14 @@ pub async fn send_file(
                 ));
             }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = Some(s);
+            }
+            // The connection died around the commit: whether or not it took effect, a new
+            // connection finds out (a committed file is offered back as held) and commits again.
+            Err(e) if e.is_transient() => {
+                tracing::info!(error = %e, "connection lost during commit; asking again");
+                let mut s = connect_retrying(target, opts).await?;
                 (id, held) = upload.open_with_held(&mut s).await?;
                 session = Some(s);
             }
@@ -599,7 +658,7 @@ pub async fn recv(
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
-    let mut session = Session::connect(target, &opts.connector).await?;
+    let mut session = connect_retrying(target, opts).await?;
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
