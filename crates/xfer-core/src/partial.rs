@@ -30,7 +30,6 @@ pub struct PartialFile {
     slot: Slot,
     part_leaf: String,
     journal_leaf: String,
-    data: Arc<File>,
     identity: FileIdentity,
     resumed: u64,
     sync_every: u64,
@@ -39,6 +38,8 @@ pub struct PartialFile {
 
 #[derive(Debug)]
 struct State {
+    /// The partial file (or, while `final_already`, the final file, read only).
+    data: Arc<File>,
     journal: Arc<File>,
     journal_pos: u64,
     chunk_records: u64,
@@ -201,11 +202,11 @@ impl PartialFile {
             slot,
             part_leaf,
             journal_leaf,
-            data: Arc::new(data),
             identity,
             resumed,
             sync_every,
             state: Mutex::new(State {
+                data: Arc::new(data),
                 journal: Arc::new(journal_file),
                 journal_pos: bytes.len() as u64,
                 chunk_records,
@@ -233,11 +234,11 @@ impl PartialFile {
             slot,
             part_leaf,
             journal_leaf,
-            data: Arc::clone(&file),
             identity,
             resumed: identity.size,
             sync_every,
             state: Mutex::new(State {
+                data: Arc::clone(&file),
                 journal: file,
                 journal_pos: 0,
                 chunk_records: 0,
@@ -304,7 +305,7 @@ impl PartialFile {
     }
 
     fn write_blocking(&self, range: ByteRange, payload: &[u8], crc32: u32) -> Result<Option<u64>> {
-        {
+        let data = {
             let st = self.lock();
             if st.committed.is_some() || st.final_already {
                 return Ok(None);
@@ -312,9 +313,9 @@ impl PartialFile {
             if let Some(why) = &st.closed {
                 return Err(CoreError::io("write", std::io::Error::other(why.clone())));
             }
-        }
-        self.data
-            .write_all_at(payload, range.start)
+            Arc::clone(&st.data)
+        };
+        data.write_all_at(payload, range.start)
             .map_err(|e| CoreError::io(format!("writing {:?}", self.slot.leaf), e))?;
         // The lock is held across one 24-byte journal write so that record order in the file
         // matches `chunk_records`, which barriers count by.
@@ -327,9 +328,14 @@ impl PartialFile {
         // Hashing here, under the lock, keeps the digest in file order; bytes that arrived
         // ahead of the frontier are read back (from the page cache) once it reaches them.
         st.frontier.feed(range.start, payload);
-        let State { frontier, held, .. } = &mut *st;
+        let State {
+            frontier,
+            held,
+            data,
+            ..
+        } = &mut *st;
         frontier
-            .catch_up(&self.data, held)
+            .catch_up(data, held)
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
         st.unsynced += range.len();
         if st.unsynced >= self.sync_every && !st.sync_running {
@@ -341,7 +347,8 @@ impl PartialFile {
     }
 
     fn barrier_blocking(&self, covered: u64) {
-        let result = self.data.sync_data();
+        let data = Arc::clone(&self.lock().data);
+        let result = data.sync_data();
         let mut st = self.lock();
         st.sync_running = false;
         let result = result.and_then(|()| {
@@ -396,23 +403,42 @@ impl PartialFile {
             ));
         }
         if st.final_already {
-            let digest = crate::digest::digest_file(&self.data, self.identity.size)
+            let digest = crate::digest::digest_file(&st.data, self.identity.size)
                 .map_err(|e| CoreError::io(ctx("reading"), e))?;
-            if expected.is_some_and(|want| want != digest) {
-                let why = "already holds a different file with the same size and mtime; \
-                           remove it or change its mtime";
-                return Err(CoreError::io(ctx("commit"), std::io::Error::other(why)));
+            if expected.is_none_or(|want| want == digest) {
+                st.committed = Some(digest);
+                return Ok(digest);
             }
-            st.committed = Some(digest);
-            return Ok(digest);
+            // Same size and mtime, other bytes: receive the file after all. The sender learns
+            // that nothing is held and sends everything; the old file stays until the rename.
+            let part = open_private(&self.slot, &self.part_leaf)?;
+            let mut journal_file = open_private(&self.slot, &self.journal_leaf)?;
+            part.set_len(0)
+                .and_then(|()| journal::reset(&mut journal_file, self.identity))
+                .map_err(|e| CoreError::io(ctx("starting a partial for"), e))?;
+            st.data = Arc::new(part);
+            st.journal = Arc::new(journal_file);
+            st.journal_pos = journal::HEADER_LEN as u64;
+            st.chunk_records = 0;
+            st.held = RangeSet::new();
+            st.frontier = Frontier::default();
+            st.final_already = false;
+            return Err(CoreError::Incomplete {
+                missing: self.identity.size,
+            });
         }
         let missing = self.identity.size - st.held.total();
         if missing > 0 {
             return Err(CoreError::Incomplete { missing });
         }
-        let State { frontier, held, .. } = &mut *st;
+        let State {
+            frontier,
+            held,
+            data,
+            ..
+        } = &mut *st;
         frontier
-            .catch_up(&self.data, held)
+            .catch_up(data, held)
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
         let digest = st.frontier.digest();
         if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {
@@ -425,10 +451,10 @@ impl PartialFile {
         } else {
             SystemTime::UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
         };
-        self.data
-            .set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
-            .and_then(|()| self.data.set_modified(mtime))
-            .and_then(|()| self.data.sync_all())
+        let data = Arc::clone(&st.data);
+        data.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+            .and_then(|()| data.set_modified(mtime))
+            .and_then(|()| data.sync_all())
             .map_err(|e| CoreError::io(ctx("flushing"), e))?;
         let dir = self.slot.dir.as_fd();
         rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
@@ -443,7 +469,7 @@ impl PartialFile {
 
     /// Drops everything received: the next run of this transfer starts from zero.
     fn discard(&self, st: &mut State) -> std::io::Result<()> {
-        self.data.set_len(0)?;
+        st.data.set_len(0)?;
         let bytes = journal::build(self.identity, &[]);
         st.journal.set_len(0)?;
         st.journal.write_all_at(&bytes, 0)?;
@@ -596,6 +622,44 @@ mod tests {
         let mut want = Frontier::default();
         want.feed(0, b"abcdefgh");
         p.commit(0o644, 0, Some(want.digest())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_final_file_of_the_same_identity_counts_as_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let slot = root.slot("f", true).unwrap();
+        let p = PartialFile::open(slot.clone(), id(4)).await.unwrap();
+        write(&p, 0, b"abcd").await;
+        let digest = p.commit(0o644, id(4).mtime_ns, None).await.unwrap();
+        drop(p);
+        // A rerun (say, after the commit's answer was lost) finds it all held.
+        let p = PartialFile::open(slot.clone(), id(4)).await.unwrap();
+        assert_eq!(p.resumed_bytes(), 4);
+        assert_eq!(
+            p.commit(0o644, id(4).mtime_ns, Some(digest)).await.unwrap(),
+            digest
+        );
+        drop(p);
+        // Other bytes with the same size and mtime: the commit asks for everything instead.
+        let p = PartialFile::open(slot, id(4)).await.unwrap();
+        let mut other = Frontier::default();
+        other.feed(0, b"wxyz");
+        let err = p
+            .commit(0o644, id(4).mtime_ns, Some(other.digest()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CoreError::Incomplete { missing: 4 }), "{err}");
+        assert_eq!(
+            std::fs::read(tmp.path().join("f")).unwrap(),
+            b"abcd",
+            "old file kept"
+        );
+        write(&p, 0, b"wxyz").await;
+        p.commit(0o644, id(4).mtime_ns, Some(other.digest()))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), b"wxyz");
     }
 
     #[tokio::test]

@@ -729,10 +729,37 @@ pub async fn recv(
             digest?
         }
     };
-    close_all(sessions).await;
-    partial
-        .commit(mode, identity.mtime_ns, Some(digest))
-        .await?;
+    match partial.commit(mode, identity.mtime_ns, Some(digest)).await {
+        Ok(_) => close_all(sessions).await,
+        // The local file had the server's size and mtime but other bytes: fetch it all now.
+        Err(xfer_core::CoreError::Incomplete { .. }) => {
+            let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+            opts.progress.set_position(0);
+            work.add(split_into_chunks(&missing, chunk_size));
+            let first = match sessions.pop() {
+                Some(open) => open,
+                None => {
+                    let mut s = connect_retrying(target, opts).await?;
+                    let id = download.open(&mut s).await?;
+                    (s, id)
+                }
+            };
+            close_all(sessions).await;
+            let again = drive(
+                target,
+                Arc::clone(&download),
+                Arc::clone(&work),
+                first,
+                opts,
+            )
+            .await?;
+            close_all(again).await;
+            partial
+                .commit(mode, identity.mtime_ns, Some(digest))
+                .await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
     opts.progress.finish_and_clear();
     Ok(make_summary(
         name,
