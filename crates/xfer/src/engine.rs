@@ -238,6 +238,7 @@ async fn connect_retrying(target: &Target, opts: &Options) -> Result<Session, Cl
     loop {
         match Session::connect(target, &opts.connector).await {
             Ok(session) => return Ok(session),
+            Err(e) if !e.is_transient_connect() => return Err(e),
             Err(e) => tokio::time::sleep(retry.after(e)?).await,
         }
     }

@@ -52,6 +52,22 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// True for failures to get a connection that waiting may fix: nothing listening yet, a
+    /// dropped connection, a busy or restarting daemon. A refusal of the handshake itself
+    /// (TLS required, version, authentication) is final.
+    pub fn is_transient_connect(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Closed | Self::Proto(ProtoError::Io(_)) => true,
+            Self::Remote(frame) => {
+                matches!(
+                    frame.error_code(),
+                    Some(ErrorCode::Busy | ErrorCode::ShuttingDown)
+                )
+            }
+            _ => false,
+        }
+    }
+
     /// True for failures that a new connection may fix: dropped connections, a restarting or
     /// busy daemon, a corrupted stream. Errors about the request itself are final.
     pub fn is_transient(&self) -> bool {

@@ -150,7 +150,12 @@ async fn start_tls(
         Some(Frame::StartTls) => {}
         Some(Frame::Error(e)) => return Err(ClientError::Remote(e)),
         Some(other) => return Err(unexpected(other)),
-        None => return Err(ClientError::Closed),
+        // Not a TLS server (or an impostor): never worth retrying, never a reason to go plain.
+        None => {
+            return Err(ClientError::Tls(
+                "the server closed the connection instead of starting TLS".into(),
+            ))
+        }
     }
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
