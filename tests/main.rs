@@ -3,6 +3,17 @@
 
 mod atomic;
 mod concurrency;
+mod contention;
+mod crash;
+mod disk;
+mod faults;
+mod hostile;
+mod limits;
+mod load;
 mod malformed;
+mod ops;
 mod resume;
+mod security;
+mod shutdown;
 mod transfer;
+mod tree;

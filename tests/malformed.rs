@@ -148,7 +148,7 @@ fn zero_length_prefix() {
 
 #[test]
 fn unknown_type_byte() {
-    check_malformed(&[0, 0, 0, 1, 0x55], false);
+    check_malformed(&[0, 0, 0, 1, 0x6f], false);
 }
 
 #[test]

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
+pub mod proxy;
+
 /// How long a daemon may take to print its address line before the test fails.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// Longest an `xfer` run may take before it is killed and the test fails (a hang guard only).
@@ -70,6 +72,21 @@ fn build_binaries() -> Result<PathBuf, String> {
     let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `cargo test` sets these for the test process; build scripts that watch them (ring's
+    // `rerun-if-env-changed=CARGO_PKG_NAME`, …) would otherwise rerun here and again in the next
+    // `cargo` run from a shell, rebuilding ring, rustls and both binaries every time.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*key,
+                "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(&*key);
+        }
+    }
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "build",
@@ -410,6 +427,11 @@ impl Daemon {
         self.addr
     }
 
+    /// The daemon's process id (for `/proc/PID/…`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The directory it serves.
     pub fn root(&self) -> &Path {
         &self.root
@@ -606,6 +628,14 @@ pub struct XferRun {
 impl XferRun {
     /// Starts `xfer ARGS…` with stdout and stderr captured to files.
     pub fn spawn<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Self {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// Like [`XferRun::spawn`], with extra environment variables (e.g. `XFER_LOG`).
+    pub fn spawn_with_env<S: AsRef<OsStr>>(
+        args: impl IntoIterator<Item = S>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let cmd = std::iter::once("xfer".to_owned())
             .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
@@ -619,6 +649,7 @@ impl XferRun {
         let stderr = File::create(logs.path().join("stderr")).expect("log file");
         let child = Command::new(bin("xfer"))
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

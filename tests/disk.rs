@@ -1,0 +1,229 @@
+//! A full disk, on a 16 MiB tmpfs mounted for the test: an upload or download that does not fit
+//! fails early with `no space left on device` in the client's one line; one that runs out of
+//! space midway fails cleanly and resumes once space is freed; the daemon keeps serving others;
+//! and no file on the small filesystem is left damaged.
+//!
+//! Mounting needs root (CI runs as root); without the privilege the tests print why and pass.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use xfer_tests::{
+    journal_held, journal_path, list_tree, partial_path, random_file, sha256_file, wait_until,
+    Daemon, Tree, XferRun,
+};
+
+const MIB: u64 = 1024 * 1024;
+const GUARD: Duration = Duration::from_secs(120);
+
+/// A tmpfs of a fixed size on a temporary directory; unmounted (lazily) when dropped.
+struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount -o size=…`), or prints why not and returns `None` when
+    /// the test lacks the privilege to mount.
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("xfer-tmpfs-")
+            .tempdir()
+            .expect("tempdir");
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root (EPERM)");
+            return None;
+        }
+        let out = match Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("skipped: cannot run mount: {e}");
+                return None;
+            }
+        };
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr).into_owned();
+            let lower = why.to_lowercase();
+            if lower.contains("permission denied") || lower.contains("not permitted") {
+                eprintln!("skipped: mounting a tmpfs is not permitted here (EPERM): {why}");
+                return None;
+            }
+            panic!("mount -t tmpfs failed ({}): {why}", out.status);
+        }
+        Some(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let status = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("umount {} failed: {status:?}", self.dir.path().display());
+        }
+    }
+}
+
+/// Writes zeros to `path` until the filesystem is full; returns the bytes written.
+fn fill(path: &Path) -> u64 {
+    let mut file = File::create(path).expect("create filler");
+    let block = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match file.write(&block) {
+            Ok(0) => panic!("write returned 0"),
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => return written,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Asserts that `line` is the client's one-line error for a full disk.
+#[track_caller]
+fn assert_no_space(line: &str) {
+    eprintln!("{line}");
+    assert!(
+        line.contains("no space left on device"),
+        "the error does not say the disk is full: {line}"
+    );
+}
+
+#[test]
+fn upload_larger_than_the_free_space_fails_early_and_the_daemon_serves_on() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        return;
+    };
+    let tree = Tree::new();
+    let root = fs.path();
+    let keep = random_file(&root.join("keep.bin"), 4 * MIB, 1);
+    let daemon = Daemon::start(root, &[]);
+
+    // Another client is reading while the upload fails.
+    let out_keep = tree.out("keep.bin");
+    let mut reader = XferRun::recv(
+        "keep.bin",
+        &daemon.addr(),
+        &out_keep,
+        &["--bwlimit", "4M", "--chunk-size", "64K"],
+    );
+    wait_until(GUARD, "the download is under way", || {
+        assert!(reader.is_running(), "`{}` ended early", reader.cmd());
+        journal_held(&journal_path(&out_keep)) > 0
+    });
+    let big = tree.src("big.bin");
+    random_file(&big, 32 * MIB, 2);
+    let line = XferRun::send(&big, &daemon.addr(), "big.bin", &["--chunk-size", "64K"])
+        .wait()
+        .error_line();
+    assert_no_space(&line);
+    assert!(!root.join("big.bin").exists());
+
+    reader.wait_ok();
+    assert_eq!(sha256_file(&out_keep), keep);
+    assert_eq!(sha256_file(&root.join("keep.bin")), keep);
+    // The failed upload holds no space: a file of 8 MiB still fits in what is left.
+    let fits = tree.src("fits.bin");
+    let want = random_file(&fits, 8 * MIB, 3);
+    XferRun::send(&fits, &daemon.addr(), "fits.bin", &[]).wait_ok();
+    assert_eq!(sha256_file(&root.join("fits.bin")), want);
+    assert_eq!(sha256_file(&root.join("keep.bin")), keep);
+    let entries = list_tree(root);
+    assert!(
+        entries
+            .iter()
+            .all(|e| !e.contains("big.bin")
+                || fs::metadata(root.join(e)).is_ok_and(|m| m.len() == 0)),
+        "the failed upload left data behind: {entries:?}"
+    );
+}
+
+#[test]
+fn upload_running_out_of_space_midway_fails_cleanly_and_resumes_once_space_is_freed() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        return;
+    };
+    let tree = Tree::new();
+    let root = fs.path();
+    let keep = random_file(&root.join("keep.bin"), MIB, 4);
+    let mut daemon = Daemon::start(root, &[]);
+    let src = tree.src("up.bin");
+    let want = random_file(&src, 6 * MIB, 5);
+    let dest = root.join("up.bin");
+
+    // 4 KiB chunks: the journal grows by a page every 170 chunks, so filling the disk after the
+    // space for the data was reserved makes a later journal write fail.
+    let args = &["-c", "2", "--chunk-size", "4K", "--bwlimit", "4M"];
+    let mut client = XferRun::send(&src, &daemon.addr(), "up.bin", args);
+    wait_until(GUARD, "1 MiB is journaled", || {
+        assert!(client.is_running(), "`{}` ended early", client.cmd());
+        journal_held(&journal_path(&dest)) >= MIB
+    });
+    let filler = root.join("filler.bin");
+    fill(&filler);
+    let line = client.wait().error_line();
+    assert_no_space(&line);
+    assert!(
+        !dest.exists(),
+        "the final name exists after a failed upload"
+    );
+
+    // Full disk: the daemon still serves a download.
+    daemon.assert_running();
+    XferRun::recv("keep.bin", &daemon.addr(), &tree.out("keep.bin"), &[]).wait_ok();
+    assert_eq!(sha256_file(&tree.out("keep.bin")), keep);
+
+    // Space back: the rerun resumes from a resume state the failure did not damage.
+    fs::remove_file(&filler).unwrap();
+    let held = journal_held(&journal_path(&dest));
+    assert!(held >= MIB, "the journal lost what it held: {held}");
+    let out = XferRun::send(&src, &daemon.addr(), "up.bin", &["--json"]).wait_ok();
+    assert!(
+        out.json_u64("resumed_bytes") >= held,
+        "resumed less than the {held} bytes journaled: {}",
+        out.json()
+    );
+    assert_eq!(sha256_file(&dest), want);
+    assert!(!partial_path(&dest).exists() && !journal_path(&dest).exists());
+    assert_eq!(sha256_file(&root.join("keep.bin")), keep);
+}
+
+#[test]
+fn download_larger_than_the_local_free_space_fails_early() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        return;
+    };
+    let tree = Tree::new();
+    random_file(&tree.root().join("big.bin"), 32 * MIB, 6);
+    let small = random_file(&tree.root().join("small.bin"), 4 * MIB, 7);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let out: PathBuf = fs.path().join("big.bin");
+    let line = XferRun::recv("big.bin", &daemon.addr(), &out, &["--chunk-size", "64K"])
+        .wait()
+        .error_line();
+    assert_no_space(&line);
+    assert!(!out.exists());
+
+    let out_small = fs.path().join("small.bin");
+    XferRun::recv("small.bin", &daemon.addr(), &out_small, &[]).wait_ok();
+    assert_eq!(sha256_file(&out_small), small);
+    let entries = list_tree(fs.path());
+    assert!(
+        entries.iter().all(|e| !e.contains("big.bin")
+            || fs::metadata(fs.path().join(e)).is_ok_and(|m| m.len() == 0)),
+        "the failed download left data behind: {entries:?}"
+    );
+}

@@ -1,0 +1,685 @@
+//! Directory trees (`send -r`, `recv -r`) through the real binaries: content, modes, mtimes
+//! (directories too), empty directories and inner links survive a round trip; links leading out
+//! and special files are left out with a warning; reruns of an unchanged tree move no data;
+//! `--checksum` catches a change that keeps size and mtime; an interrupted copy resumes; and a
+//! symlink planted in the daemon's root is never followed, for reading or for writing.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use xfer_tests::{
+    journal_held, journal_path, list_tree, random_file, sha256_file, wait_until, Daemon, Tree,
+    XferOutput, XferRun,
+};
+
+/// Hang guard for the polls below.
+const GUARD: Duration = Duration::from_secs(60);
+const MIB: u64 = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// What a tree entry looks like, as compared between source and copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    File {
+        sha256: String,
+        mode: u32,
+        mtime_ns: i64,
+    },
+    Dir {
+        mode: u32,
+        mtime_ns: i64,
+    },
+    Link {
+        target: String,
+    },
+    Other,
+}
+
+/// Every entry below `dir` (the top itself as `""`), by `/`-separated relative path. Links are
+/// read, never followed.
+fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
+    fn node(path: &Path) -> Node {
+        let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mode = meta.permissions().mode() & 0o7777;
+        let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            let target = fs::read_link(path).expect("readlink");
+            Node::Link {
+                target: target.to_string_lossy().into_owned(),
+            }
+        } else if kind.is_dir() {
+            Node::Dir { mode, mtime_ns }
+        } else if kind.is_file() {
+            Node::File {
+                sha256: sha256_file(path),
+                mode,
+                mtime_ns,
+            }
+        } else {
+            Node::Other
+        }
+    }
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+        for entry in fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("dir entry").path();
+            let rel = path
+                .strip_prefix(base)
+                .expect("below base")
+                .to_string_lossy()
+                .into_owned();
+            let n = node(&path);
+            let is_dir = matches!(n, Node::Dir { .. });
+            out.insert(rel, n);
+            if is_dir {
+                walk(base, &path, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    out.insert(String::new(), node(dir));
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `snapshot(src)` without the entries a tree copy leaves out.
+fn expected(src: &Path, left_out: &[&str]) -> BTreeMap<String, Node> {
+    let mut want = snapshot(src);
+    for name in left_out {
+        assert!(
+            want.remove(*name).is_some(),
+            "{name} is not in the source tree"
+        );
+    }
+    want
+}
+
+/// Asserts two snapshots are equal, naming the first entries that differ.
+#[track_caller]
+fn assert_same(got: &BTreeMap<String, Node>, want: &BTreeMap<String, Node>, what: &str) {
+    let mut diffs = Vec::new();
+    for (path, w) in want {
+        match got.get(path) {
+            Some(g) if g == w => {}
+            Some(g) => diffs.push(format!("{path:?}: got {g:?}, want {w:?}")),
+            None => diffs.push(format!("{path:?}: missing, want {w:?}")),
+        }
+    }
+    for (path, g) in got {
+        if !want.contains_key(path) {
+            diffs.push(format!("{path:?}: unexpected {g:?}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{what} differs from its source in {} entries, e.g.:\n{}",
+        diffs.len(),
+        diffs
+            .iter()
+            .take(12)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Sets the mtime of a file or directory to `secs.nanos` after the epoch.
+fn set_mtime_ns(path: &Path, secs: u64, nanos: u32) {
+    let time = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+    let file = if path.is_dir() {
+        File::open(path)
+    } else {
+        File::options().write(true).open(path)
+    };
+    file.and_then(|f| f.set_modified(time))
+        .unwrap_or_else(|e| panic!("set mtime of {}: {e}", path.display()));
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
+}
+
+/// `xfer send -r SRC ADDR --as DEST EXTRA…`.
+fn send_tree(src: &Path, addr: &str, dest: &str, extra: &[&str]) -> XferRun {
+    let mut args: Vec<OsString> = vec!["send".into(), "-r".into(), src.into(), addr.into()];
+    args.extend(["--as".into(), dest.into()]);
+    args.extend(extra.iter().map(OsString::from));
+    XferRun::spawn(args)
+}
+
+/// `xfer recv -r NAME ADDR -o OUT EXTRA…`.
+fn recv_tree(name: &str, addr: &str, out: &Path, extra: &[&str]) -> XferRun {
+    let mut args: Vec<OsString> = vec!["recv".into(), "-r".into(), name.into(), addr.into()];
+    args.extend(["-o".into(), out.into()]);
+    args.extend(extra.iter().map(OsString::from));
+    XferRun::spawn(args)
+}
+
+/// Asserts the `--json` summary of a tree copy: `(files_total, files_transferred,
+/// files_skipped, bytes_total, bytes_transferred)`.
+#[track_caller]
+fn assert_counts(out: &XferOutput, want: (u64, u64, u64, u64, u64)) {
+    let json = out.json();
+    let got = (
+        out.json_u64("files_total"),
+        out.json_u64("files_transferred"),
+        out.json_u64("files_skipped"),
+        out.json_u64("bytes_total"),
+        out.json_u64("bytes_transferred"),
+    );
+    assert_eq!(
+        got, want,
+        "`{}`: (files_total, files_transferred, files_skipped, bytes_total, bytes_transferred) \
+         in {json}",
+        out.cmd
+    );
+}
+
+/// Asserts every entry under the daemon's `root` lies in `dest` (or is one of its parents), and
+/// that no partial or journal file was left behind.
+#[track_caller]
+fn assert_root_holds_only(root: &Path, dest: &str) {
+    let parents: Vec<String> = dest
+        .split('/')
+        .scan(String::new(), |acc, part| {
+            acc.push_str(part);
+            acc.push('/');
+            Some(acc.clone())
+        })
+        .collect();
+    for entry in list_tree(root) {
+        assert!(
+            parents.contains(&entry) || entry.starts_with(&format!("{dest}/")),
+            "the daemon's root holds {entry:?}, outside {dest:?}"
+        );
+        assert!(
+            !entry.contains(".xfer-"),
+            "left behind in the daemon's root: {entry:?}"
+        );
+    }
+}
+
+/// Regular files in a source tree: (count, bytes).
+fn file_totals(tree: &BTreeMap<String, Node>, src: &Path) -> (u64, u64) {
+    tree.iter()
+        .filter(|(_, n)| matches!(n, Node::File { .. }))
+        .fold((0, 0), |(n, b), (p, _)| {
+            (n + 1, b + fs::metadata(src.join(p)).unwrap().len())
+        })
+}
+
+/// The full source tree of the round-trip tests, under `src` (which must not exist): nested
+/// and empty directories, files of 0, 1, 4 KiB, 1 MiB, 1 MiB + 1 bytes (whole-file path) and
+/// 3 MiB-ish (chunked path), modes 0600/0640/0755, explicit mtimes with nanoseconds, a link
+/// inside the tree, two links leading out and a FIFO. Returns the entries a copy leaves out.
+fn build_full_tree(src: &Path) -> Vec<&'static str> {
+    let files: &[(&str, u64, u32)] = &[
+        ("zero", 0, 0o644),
+        ("one", 1, 0o600),
+        ("docs/page.txt", 4096, 0o640),
+        ("docs/deep/nested/exact.bin", MIB, 0o600),
+        ("docs/deep/over.bin", MIB + 1, 0o644),
+        ("bin/tool", 4096 + 7, 0o755),
+        ("big/a.bin", 3 * MIB, 0o644),
+        ("big/b.bin", 3 * MIB + 12_345, 0o600),
+    ];
+    for (i, (name, size, mode)) in files.iter().enumerate() {
+        let path = src.join(name);
+        random_file(&path, *size, 100 + i as u64);
+        set_mode(&path, *mode);
+        set_mtime_ns(
+            &path,
+            1_500_000_000 + i as u64 * 86_400,
+            123_456_789 * (i as u32 % 7 + 1),
+        );
+    }
+    fs::create_dir_all(src.join("empty")).unwrap();
+    symlink("docs/page.txt", src.join("to-page")).unwrap();
+    symlink("../one", src.join("docs/up")).unwrap();
+    symlink("/etc/passwd", src.join("escape")).unwrap();
+    // Climbs above the tree top (and the tree's parent): left out.
+    symlink("../../../outside", src.join("docs/climb")).unwrap();
+    mkfifo(&src.join("pipe"));
+    // Directories last, children before parents: adding entries changes a directory's mtime.
+    let dirs: &[(&str, u32)] = &[
+        ("docs/deep/nested", 0o700),
+        ("docs/deep", 0o750),
+        ("docs", 0o755),
+        ("bin", 0o711),
+        ("big", 0o770),
+        ("empty", 0o705),
+        ("", 0o750),
+    ];
+    for (i, (dir, mode)) in dirs.iter().enumerate() {
+        let path = src.join(dir);
+        set_mode(&path, *mode);
+        set_mtime_ns(
+            &path,
+            1_400_000_000 + i as u64 * 3_600,
+            987_654_321 - i as u32,
+        );
+    }
+    vec!["escape", "docs/climb", "pipe"]
+}
+
+/// Asserts `stderr` has a warning line naming each of `names`.
+#[track_caller]
+fn assert_warned(out: &XferOutput, names: &[&str]) {
+    for name in names {
+        assert!(
+            out.stderr
+                .lines()
+                .any(|l| l.starts_with("xfer: warning:") && l.contains(name)),
+            "`{}` printed no warning about {name}; stderr:\n{}",
+            out.cmd,
+            out.stderr
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn tree_round_trip_keeps_content_modes_mtimes_and_inner_links() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let left_out = build_full_tree(&src);
+    let want = expected(&src, &left_out);
+    let (files, bytes) = file_totals(&want, &src);
+    assert_eq!(files, 8);
+    let daemon = Daemon::start(&tree.root(), &[]);
+
+    let sent = send_tree(&src, &daemon.addr(), "backup/t", &["--json"]).wait_ok();
+    assert_counts(&sent, (files, files, 0, bytes, bytes));
+    assert_eq!(sent.json_u64("entries_skipped"), 3, "{}", sent.stdout);
+    assert_warned(&sent, &left_out);
+    assert_same(
+        &snapshot(&tree.root().join("backup/t")),
+        &want,
+        "the daemon's copy",
+    );
+    assert_root_holds_only(&tree.root(), "backup/t");
+    assert!(!tree.root().join("backup/t/escape").exists());
+
+    let out = tree.out("t");
+    let got = recv_tree("backup/t", &daemon.addr(), &out, &["--json", "-c", "3"]).wait_ok();
+    assert_counts(&got, (files, files, 0, bytes, bytes));
+    assert_same(&snapshot(&out), &want, "the downloaded copy");
+    assert!(fs::symlink_metadata(out.join("to-page"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn rerun_of_an_unchanged_tree_moves_no_data_either_way() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let left_out = build_full_tree(&src);
+    let want = expected(&src, &left_out);
+    let (files, bytes) = file_totals(&want, &src);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let out = tree.out("t");
+
+    send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    recv_tree("t", &daemon.addr(), &out, &["--json"]).wait_ok();
+    for checksum in [&[][..], &["--checksum"][..]] {
+        let args = [&["--json"][..], checksum].concat();
+        let again = send_tree(&src, &daemon.addr(), "t", &args).wait_ok();
+        assert_counts(&again, (files, 0, files, bytes, 0));
+        assert_eq!(again.json_u64("resumed_bytes"), 0, "{}", again.stdout);
+        let again = recv_tree("t", &daemon.addr(), &out, &args).wait_ok();
+        assert_counts(&again, (files, 0, files, bytes, 0));
+    }
+    // Reruns leave both copies exactly as they were, directory mtimes included.
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy after reruns",
+    );
+    assert_same(&snapshot(&out), &want, "the downloaded copy after reruns");
+}
+
+/// Overwrites `path` with other bytes of the same size and puts its mtime back.
+fn change_keeping_size_and_mtime(path: &Path, seed: u64) -> String {
+    let meta = fs::metadata(path).unwrap();
+    let mtime = meta.modified().unwrap();
+    let sha = random_file(path, meta.len(), seed);
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(fs::metadata(path).unwrap().len(), meta.len());
+    sha
+}
+
+#[test]
+fn checksum_sends_a_change_that_keeps_size_and_mtime() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let small = random_file(&src.join("a/small.txt"), 10_000, 1);
+    random_file(&src.join("a/other.txt"), 5_000, 2);
+    let large = random_file(&src.join("b/large.bin"), 3 * MIB, 3);
+    set_mtime_ns(&src.join("a/small.txt"), 1_600_000_000, 5);
+    set_mtime_ns(&src.join("b/large.bin"), 1_600_000_000, 7);
+    let total = 10_000 + 5_000 + 3 * MIB;
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let remote = tree.root().join("t");
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+
+    let new_small = change_keeping_size_and_mtime(&src.join("a/small.txt"), 11);
+    let new_large = change_keeping_size_and_mtime(&src.join("b/large.bin"), 13);
+    // Without --checksum, size and mtime decide: the change goes unnoticed (documented).
+    let plain = send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    assert_counts(&plain, (3, 0, 3, total, 0));
+    assert_eq!(sha256_file(&remote.join("a/small.txt")), small);
+    assert_eq!(sha256_file(&remote.join("b/large.bin")), large);
+
+    let summed = send_tree(&src, &daemon.addr(), "t", &["--json", "--checksum"]).wait_ok();
+    assert_counts(&summed, (3, 2, 1, total, 10_000 + 3 * MIB));
+    assert_same(
+        &snapshot(&remote),
+        &snapshot(&src),
+        "the daemon's copy after --checksum",
+    );
+    assert_eq!(sha256_file(&remote.join("a/small.txt")), new_small);
+    assert_eq!(sha256_file(&remote.join("b/large.bin")), new_large);
+
+    // The same on the way back: a local copy changed in place is put right by --checksum only.
+    let out = tree.out("t");
+    recv_tree("t", &daemon.addr(), &out, &[]).wait_ok();
+    change_keeping_size_and_mtime(&out.join("a/other.txt"), 17);
+    change_keeping_size_and_mtime(&out.join("b/large.bin"), 19);
+    let plain = recv_tree("t", &daemon.addr(), &out, &["--json"]).wait_ok();
+    assert_counts(&plain, (3, 0, 3, total, 0));
+    let summed = recv_tree("t", &daemon.addr(), &out, &["--json", "--checksum"]).wait_ok();
+    assert_counts(&summed, (3, 2, 1, total, 5_000 + 3 * MIB));
+    assert_same(
+        &snapshot(&out),
+        &snapshot(&src),
+        "the downloaded copy after --checksum",
+    );
+}
+
+#[test]
+fn interrupted_tree_copy_resumes() {
+    const SMALL_FILES: u64 = 300;
+    const LARGE: u64 = 16 * MIB;
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let mut bytes = 0;
+    for i in 0..SMALL_FILES {
+        let size = 1024 + (i * 7919) % (32 * 1024);
+        random_file(&src.join(format!("d{}/f{i:03}", i % 10)), size, 1000 + i);
+        bytes += size;
+    }
+    random_file(&src.join("m/large.bin"), LARGE, 7);
+    bytes += LARGE;
+    let want = snapshot(&src);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let remote = tree.root().join("t");
+    let journal = journal_path(&remote.join("m/large.bin"));
+
+    let mut slow = send_tree(
+        &src,
+        &daemon.addr(),
+        "t",
+        &["--bwlimit", "2M", "--chunk-size", "256K"],
+    );
+    wait_until(
+        GUARD,
+        "some files and part of the large one are on the daemon",
+        || {
+            assert!(
+                slow.is_running(),
+                "`{}` ended before it was interrupted",
+                slow.cmd()
+            );
+            let stored = list_tree(&remote)
+                .iter()
+                .filter(|p| p.contains("/f"))
+                .count();
+            stored > 0 && journal_held(&journal) >= 2 * MIB
+        },
+    );
+    slow.kill();
+    assert!(
+        !remote.join("m/large.bin").exists(),
+        "the large file was complete before the kill"
+    );
+    daemon.wait_idle(GUARD);
+
+    let done = send_tree(
+        &src,
+        &daemon.addr(),
+        "t",
+        &["--json", "--chunk-size", "256K"],
+    )
+    .wait_ok();
+    let json = done.json();
+    let total = SMALL_FILES + 1;
+    assert_eq!(done.json_u64("files_total"), total, "{json}");
+    assert_eq!(done.json_u64("bytes_total"), bytes, "{json}");
+    assert!(
+        done.json_u64("files_skipped") > 0,
+        "nothing was kept from the first run: {json}"
+    );
+    assert_eq!(
+        done.json_u64("files_skipped") + done.json_u64("files_transferred"),
+        total,
+        "{json}"
+    );
+    assert!(
+        done.json_u64("resumed_bytes") >= 2 * MIB,
+        "the large file started over: {json}"
+    );
+    assert!(done.json_u64("bytes_transferred") < bytes, "{json}");
+    assert_same(&snapshot(&remote), &want, "the resumed copy");
+    assert_root_holds_only(&tree.root(), "t");
+}
+
+/// Every regular file below `dir` whose content is `secret` (following nothing).
+fn files_holding(dir: &Path, secret: &[u8]) -> Vec<String> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(p, n)| matches!(n, Node::File { .. }) && fs::read(dir.join(p)).unwrap() == secret)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+#[test]
+fn links_planted_in_the_root_are_never_followed() {
+    const SECRET: &[u8] = b"outside the daemon's root\n";
+    let tree = Tree::new();
+    let outside = tree.path().join("outside");
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    fs::write(outside.join("secret"), SECRET).unwrap();
+    fs::write(outside.join("sub/secret"), SECRET).unwrap();
+    let before = snapshot(&outside);
+    let root = tree.root();
+    // A top-level name leading out, and links inside a served tree leading out three ways.
+    symlink(&outside, root.join("evil")).unwrap();
+    fs::create_dir_all(root.join("shared/docs")).unwrap();
+    fs::write(root.join("shared/docs/readme"), b"served\n").unwrap();
+    symlink(&outside, root.join("shared/dir-link")).unwrap();
+    symlink(outside.join("secret"), root.join("shared/file-link")).unwrap();
+    symlink("../../outside", root.join("shared/docs/relative-link")).unwrap();
+    let daemon = Daemon::start(&root, &[]);
+
+    // recv -r of the link itself: refused, nothing written locally.
+    let evil_out = tree.out("evil");
+    let refused = recv_tree("evil", &daemon.addr(), &evil_out, &[]).wait();
+    let line = refused.error_line();
+    assert!(line.contains("outside the root"), "{line}");
+    assert!(files_holding(&tree.path().join("out"), SECRET).is_empty());
+
+    // recv -r of a tree holding links that lead out: they are left out, with a warning.
+    let shared_out = tree.out("shared");
+    let got = recv_tree("shared", &daemon.addr(), &shared_out, &["--json"]).wait_ok();
+    assert_warned(&got, &["dir-link", "file-link", "relative-link"]);
+    assert_eq!(got.json_u64("files_total"), 1, "{}", got.stdout);
+    assert_eq!(list_tree(&shared_out), ["docs/", "docs/readme"]);
+    assert!(files_holding(&tree.path().join("out"), SECRET).is_empty());
+
+    // recv -r of a name below the planted directory link: refused too.
+    let refused = recv_tree("shared/dir-link", &daemon.addr(), &tree.out("below"), &[]).wait();
+    let line = refused.error_line();
+    assert!(line.contains("outside the root"), "{line}");
+    assert!(files_holding(&tree.path().join("out"), SECRET).is_empty());
+
+    // send -r cannot write through them: not as the top name, not through a planted directory
+    // link, not over a planted file link (whole-file and chunked paths).
+    let through_dir = tree.src("through-dir");
+    random_file(&through_dir.join("dir-link/small"), 100, 1);
+    random_file(&through_dir.join("dir-link/large.bin"), 2 * MIB, 2);
+    random_file(&through_dir.join("dir-link/sub/secret"), 10, 3);
+    let over_small = tree.src("over-small");
+    random_file(&over_small.join("file-link"), 100, 4);
+    let over_large = tree.src("over-large");
+    random_file(&over_large.join("file-link"), 2 * MIB, 5);
+    let into_dir = tree.src("into-dir");
+    random_file(&into_dir.join("secret"), 2 * MIB, 6);
+    random_file(&into_dir.join("sub/secret"), 10, 7);
+    let cases = [
+        (&through_dir, "evil", "evil"),
+        (&through_dir, "shared", "shared/dir-link"),
+        (&over_small, "shared", "shared/file-link"),
+        (&over_large, "shared", "shared/file-link"),
+        (&into_dir, "shared/dir-link", "shared/dir-link"),
+    ];
+    for (src, dest, planted) in cases {
+        let out = send_tree(src, &daemon.addr(), dest, &[]).wait();
+        assert_eq!(
+            snapshot(&outside),
+            before,
+            "`{}` wrote outside the root",
+            out.cmd
+        );
+        // Either refused, or the link itself was replaced: never written through.
+        let is_link = fs::symlink_metadata(root.join(planted))
+            .unwrap()
+            .file_type()
+            .is_symlink();
+        assert!(
+            !(out.status.success() && is_link),
+            "`{}` succeeded and {planted} is still a link; stderr:\n{}",
+            out.cmd,
+            out.stderr
+        );
+    }
+    assert!(list_tree(&outside)
+        .iter()
+        .all(|p| ["secret", "sub/", "sub/secret"].contains(&p.as_str())));
+}
+
+/// Links that lead out of the tree by a little are left out as surely as `/etc/passwd`: one
+/// level above the top (`sib -> ../other`, `docs/climb -> ../../other`), or through another link
+/// (`a -> .` is fine, but `a/..` is the top's parent, not the top). Both directions: `send -r`
+/// from a local tree, and `recv -r` of the same links planted in the daemon's root.
+#[test]
+fn links_leading_just_out_of_the_tree_are_left_out() {
+    let escaping = ["sib", "docs/climb", "up", "docs/up"];
+    let plant = |top: &Path| {
+        random_file(&top.join("docs/f"), 10, 1);
+        symlink("../other", top.join("sib")).unwrap();
+        symlink("../../other", top.join("docs/climb")).unwrap();
+        symlink(".", top.join("a")).unwrap();
+        symlink("a/..", top.join("up")).unwrap();
+        symlink("../a/../other", top.join("docs/up")).unwrap();
+    };
+    let tree = Tree::new();
+    let src = tree.src("t");
+    plant(&src);
+    fs::create_dir_all(tree.root().join("other")).unwrap();
+    fs::write(tree.root().join("other/data"), b"another tree\n").unwrap();
+    let daemon = Daemon::start(&tree.root(), &[]);
+
+    let sent = send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    assert_warned(&sent, &escaping);
+    assert_eq!(sent.json_u64("entries_skipped"), 4, "{}", sent.stdout);
+    assert_eq!(list_tree(&tree.root().join("t")), ["a", "docs/", "docs/f"]);
+
+    plant(&tree.root().join("planted"));
+    let out = tree.out("planted");
+    let got = recv_tree("planted", &daemon.addr(), &out, &["--json"]).wait_ok();
+    assert_warned(&got, &escaping);
+    assert_eq!(list_tree(&out), ["a", "docs/", "docs/f"]);
+}
+
+/// `--bwlimit` is "bytes per second across all connections": it must pace the whole-file path
+/// of a tree as it paces the chunked one.
+#[test]
+fn bwlimit_paces_the_small_files_of_a_tree() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    for i in 0..48 {
+        random_file(&src.join(format!("f{i:02}")), 64 * 1024, i);
+    }
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let started = Instant::now();
+    send_tree(&src, &daemon.addr(), "t", &["--bwlimit", "1M"]).wait_ok();
+    let up = started.elapsed();
+    let started = Instant::now();
+    recv_tree("t", &daemon.addr(), &tree.out("t"), &["--bwlimit", "1M"]).wait_ok();
+    let down = started.elapsed();
+    // 3 MiB at 1 MiB/s: well over 2 s each way, whatever burst the limiter allows.
+    assert!(
+        up >= Duration::from_secs(2),
+        "3 MiB sent in {up:?} at --bwlimit 1M"
+    );
+    assert!(
+        down >= Duration::from_secs(2),
+        "3 MiB received in {down:?} at --bwlimit 1M"
+    );
+}
+
+/// "Modes and mtimes are kept": a file whose mode changed (and nothing else) must get the new
+/// mode on a rerun, or a file made private at the source stays readable in the copy.
+#[test]
+fn rerun_applies_a_mode_change() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    random_file(&src.join("private.txt"), 100, 1);
+    set_mode(&src.join("private.txt"), 0o644);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let out = tree.out("t");
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    recv_tree("t", &daemon.addr(), &out, &[]).wait_ok();
+    set_mode(&src.join("private.txt"), 0o600);
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode(&tree.root().join("t/private.txt")),
+        0o600,
+        "send -r kept the old mode"
+    );
+    recv_tree("t", &daemon.addr(), &out, &[]).wait_ok();
+    assert_eq!(
+        mode(&out.join("private.txt")),
+        0o600,
+        "recv -r kept the old mode"
+    );
+}
