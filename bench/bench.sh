@@ -10,7 +10,8 @@
 #   BENCH_DIR     work dir; default bench/out. Must be on a real disk, not tmpfs.
 #   REPEAT        runs per measurement, the fastest is reported; default 1
 #   CONNS         xfer connection counts; default "1 4 8"
-#   BENCH_TOOLS   which tools to run, any of "raw rsync xfer"; default all three
+#   BENCH_TOOLS   which tools to run, any of "raw rsync xfer tls"; default all four ("tls" is
+#                 xfer -c 4 over TLS, to show what encryption costs)
 #   BENCH_CHUNK   passed to xfer as --chunk-size if set; the memory target uses it (default 4M)
 #   SOCAT_BLOCK   socat's -b (bytes per read/write); default 1048576. socat's own 8192 makes a
 #                 weaker baseline (about half the loopback rate on the 2-core machine here)
@@ -37,7 +38,7 @@ SIZE_SPEC="${BENCH_SIZE:-2G}"
 WORK="${BENCH_DIR:-$REPO/bench/out}"
 REPEAT="${REPEAT:-1}"
 CONNS="${CONNS:-1 4 8}"
-TOOLS="${BENCH_TOOLS:-raw rsync xfer}"
+TOOLS="${BENCH_TOOLS:-raw rsync xfer tls}"
 SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 KEEP="${KEEP:-0}"
@@ -345,10 +346,25 @@ run_rsync() { # run_rsync push|pull
 # --- xfer: a fresh xferd per run, so its VmHWM and CPU belong to that run alone -----------------
 XFERD_PID=""
 XFERD_ADDR=""
-start_xferd() {
+TLS_DIR=""
+make_tls_certs() { # a throwaway CA and a certificate for 127.0.0.1, for the TLS runs
+    TLS_DIR="$WORK/tls"
+    mkdir -p "$TLS_DIR"
+    (
+        cd "$TLS_DIR"
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+            -subj "/CN=xfer bench CA" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout key.pem -out leaf.csr -subj "/CN=127.0.0.1" 2>/dev/null
+        printf "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n" >ext.cnf
+        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem \
+            -days 2 -extfile ext.cnf 2>/dev/null
+    ) || die "making TLS certificates with openssl failed"
+}
+
+start_xferd() { # start_xferd [extra xferd flags...]
     local out="$LOGS/xferd.out"
     : >"$out"
-    "$XFERD" --listen 127.0.0.1:0 --root "$WORK/srv" >"$out" 2>>"$LOGS/xferd.err" &
+    "$XFERD" --listen 127.0.0.1:0 --root "$WORK/srv" "$@" >"$out" 2>>"$LOGS/xferd.err" &
     XFERD_PID=$!
     PIDS+=("$XFERD_PID")
     XFERD_ADDR=""
@@ -372,8 +388,14 @@ stop_xferd() {
     ((rc == 0)) || log "warning: xferd exited with status $rc after SIGTERM (contract: 0)"
 }
 
-run_xfer() { # run_xfer send|recv CONNS
-    local mode="$1" n="$2" dst t0 wall cpu0 cpu1 hwm dir args kind="xfer-$1-$2"
+run_xfer() { # run_xfer send|recv CONNS [tls]
+    local mode="$1" n="$2" tls="${3:-}" dst t0 wall cpu0 cpu1 hwm dir args kind="xfer-$1-$2${3:+-tls}"
+    local tool="xfer" daemon_args=() client_args=()
+    if [[ -n "$tls" ]]; then
+        tool="xfer (TLS)"
+        daemon_args=(--tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem")
+        client_args=(--tls --ca "$TLS_DIR/ca.pem")
+    fi
     if [[ "$mode" == send ]]; then
         dst="$WORK/srv/bench-$n.bin"
         dir=upload
@@ -384,8 +406,8 @@ run_xfer() { # run_xfer send|recv CONNS
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" \
         "$(dirname "$dst")/.$(basename "$dst").xfer-state"
     settle
-    start_xferd
-    args=(-q --json -c "$n" "${XFER_CHUNK_ARGS[@]+"${XFER_CHUNK_ARGS[@]}"}")
+    start_xferd "${daemon_args[@]+"${daemon_args[@]}"}"
+    args=(-q --json -c "$n" "${XFER_CHUNK_ARGS[@]+"${XFER_CHUNK_ARGS[@]}"}" "${client_args[@]+"${client_args[@]}"}")
     if [[ "$mode" == send ]]; then
         args=(send "${args[@]}" "$SRC" "$XFERD_ADDR" --as "bench-$n.bin")
     else
@@ -405,7 +427,7 @@ run_xfer() { # run_xfer send|recv CONNS
     python3 -c 'import json, sys; json.loads(sys.stdin.read())' <"$LOGS/$kind.json" ||
         die "$kind: --json output is not one JSON object: $(cat "$LOGS/$kind.json")"
     verify "$kind" "$dst"
-    record "xfer" "$dir" "$n" "$wall" \
+    record "$tool" "$dir" "$n" "$wall" \
         "$(time_cpu "$LOGS/$kind.time")" "$(time_field "$LOGS/$kind.time" 2)" \
         "$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$cpu0" "$cpu1")" \
         "$hwm"
@@ -423,6 +445,11 @@ for rep in $(seq "$REPEAT"); do
     if has_tool xfer; then
         for n in $CONNS; do run_xfer send "$n"; done
         for n in $CONNS; do run_xfer recv "$n"; done
+    fi
+    if has_tool tls; then
+        [[ -n "$TLS_DIR" ]] || make_tls_certs
+        run_xfer send 4 tls
+        run_xfer recv 4 tls
     fi
 done
 

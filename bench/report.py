@@ -150,6 +150,13 @@ def main():
             )
         else:
             print(f"- n/a: {name} vs rsync: no rsync {direction} run")
+    for r in [r for r in rows if r["tool"] == "xfer (TLS)"]:
+        plain = [x for x in xfer_rows if x["direction"] == r["direction"] and x["conns"] == r["conns"]]
+        if plain:
+            print(
+                f"- TLS cost, {r['direction']} -c {r['conns']}: TLS/raw throughput ratio "
+                f"{r['mibps'] / plain[0]['mibps']:.2f} ({r['mibps']:.0f} vs {plain[0]['mibps']:.0f} MiB/s)"
+            )
     for r in xfer_rows:
         limit = MEM_BASE_MIB + r["conns"] * 2 * chunk / MIB
         for side in ("client", "server"):

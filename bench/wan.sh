@@ -1,0 +1,919 @@
+#!/usr/bin/env bash
+# WAN benchmark: xfer (-c 1/4/8/16, upload and download) through the userspace WAN emulator
+# (shared/wanem: netns wa = client 10.78.0.1, netns wb = server 10.78.0.2) against iperf3
+# (-P 1/8/16; -P 16 is the ceiling), a raw socat stream, an rsync daemon, scp (sshd in wb),
+# globus-url-copy -p 8/16 against a GridFTP server and aria2c -x 8 from nginx. Not a test: run it
+# by hand, as root (it makes namespaces and changes one sysctl, restored at exit).
+#
+#   bench/wan.sh                                  # everything, ~45-55 min on the 2-core machine
+#   WAN_PROFILES=lossy WAN_CCS=cubic bench/wan.sh # one table
+#   WAN_TOOLS="iperf3 xfer" CONNS=16 WAN_CAP=30 bench/wan.sh
+#
+# Profiles (wanem, offload mode; --loss applies to both directions, so to ACKs too):
+#   lan     --delay-ms 0.1 (0.2 ms RTT), no loss, 1000 Mbit/s
+#   wan     --delay-ms 25 (50 ms RTT), 0.01 % loss, 500 Mbit/s
+#   lossy   --delay-ms 25 (50 ms RTT), 0.5 % loss, 500 Mbit/s
+# each with cubic and with bbr as the default congestion control in both namespaces.
+#
+# Size and duration (why every run is capped, not sized per profile): one source file of WAN_SIZE
+# (default 1G) is sent up (xfer send, wa -> wb) and down (xfer recv, wb -> wa) by every tool, and
+# every transfer is stopped after WAN_CAP seconds (default 20). A run that completes within the cap
+# is reported as file size / wall time (including connection set-up and the final fsync). A run
+# stopped at the cap is reported as the TCP payload that crossed the emulated link in the data
+# direction (wanem counters) / wall time. So every loss-limited run lasts the full 20 s, as the
+# wanem README asks (slow start overstates short loss-limited runs); a run can only finish sooner by
+# moving 1 GiB in < 20 s, i.e. > 54 MB/s = 86 % of the 500 Mbit/s link, where the link (not slow
+# start) bounds it. On lan every complete run is ~10 s at line rate. With 23 runs per profile x cc
+# the full matrix stays under an hour; a sized 1 GiB transfer of a 3 MB/s single stream (rsync or
+# scp on lossy cubic) would take 6 minutes on its own. iperf3 runs with -t WAN_CAP.
+#
+# Environment:
+#   WAN_SIZE        file size, bytes or K/M/G (powers of 1024); default 1G
+#   WAN_CAP         seconds before each transfer is stopped (and iperf3 -t); default 20
+#   WAN_PROFILES    default "lan wan lossy"
+#   WAN_CCS         default "cubic bbr"
+#   WAN_TOOLS       any of "iperf3 xfer socat rsync scp gridftp aria2"; default all
+#   WAN_DIRS        "upload download" (default) or one of them
+#   CONNS           xfer connection counts; default "1 4 8 16"
+#   REPEAT          runs per measurement, the fastest is reported; default 1
+#   WAN_SOCKBUF_MB  wan.sh --sockbuf-mb (tcp_rmem/tcp_wmem max inside wa and wb); default: inherited
+#                   from the root namespace (here rmem 32 MiB, wmem 4 MiB)
+#   WAN_SEED        wanem loss seed; default 1
+#   XFER_ARGS       extra xfer flags (e.g. "--chunk-size 8M"); XFERD_ARGS extra xferd flags
+#                   (e.g. "--window 8")
+#   WAN_BUILD       tree (default): cargo build --release of the work tree, as it is; head: build
+#                   the committed HEAD (git archive) in WAN_DIR/build, for a defined commit when the
+#                   work tree is mid-edit. Either way the two binaries are copied into WAN_DIR/bin
+#                   for the run, so a rebuild by someone else cannot swap them half way.
+#   XFER_BIN_DIR    use xfer/xferd from this directory and skip cargo build
+#   WAN_NICE        niceness of the whole benchmark (emulator, servers, clients); default -10, so
+#                   other work on this 2-core machine (builds, tests) disturbs it less; 0 = as is
+#   WAN_DIR         work dir; default bench/out/wan (a real disk, not tmpfs)
+#   KEEP=1          keep the source file at the end
+#
+# Measurements, per run (a fresh server for every run, so its CPU and memory belong to that run):
+#   client   /usr/bin/time: user+sys CPU (with reaped children: ssh under scp) and peak RSS.
+#   server   xferd: utime+stime delta from /proc/PID/stat and VmHWM. iperf3 -s -1, rsync --daemon,
+#            sshd -D, globus-gridftp-server -1 and nginx (master_process off): /usr/bin/time around
+#            the server, which counts the forked per-connection children it reaped.
+#   link     wanem counters: payload bytes, loss drops and queue (tail) drops in the data direction.
+#   sender   `ss -ti` in the sending namespace once a second: busy / rwnd-limited / sndbuf-limited
+#            time, cwnd, rtt and retransmits of the data connections (see bench/wan_report.py).
+#   machine  share of both cores busy during the run (/proc/stat); wanem itself costs ~1/2 core.
+# Peers: iperf3 (no -w: autotuned buffers), socat -b 1M, rsync -a to an rsync daemon, scp with
+# OpenSSH defaults (SFTP protocol, default cipher) against sshd -D on a high port with key auth,
+# globus-url-copy -p N against globus-gridftp-server -aa (anonymous, ftp://, MODE E), aria2c -x 8 -s 8
+# against nginx. Everything the script starts is ended by PID; the emulator by `wan.sh down`.
+set -euo pipefail
+
+BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$BENCH_HOME/.." && pwd)"
+cd "$REPO"
+
+SIZE_SPEC="${WAN_SIZE:-1G}"
+CAP="${WAN_CAP:-20}"
+PROFILES="${WAN_PROFILES:-lan wan lossy}"
+CCS="${WAN_CCS:-cubic bbr}"
+TOOLS="${WAN_TOOLS:-iperf3 xfer socat rsync scp gridftp aria2}"
+DIRS="${WAN_DIRS:-upload download}"
+CONNS="${CONNS:-1 4 8 16}"
+REPEAT="${REPEAT:-1}"
+SOCKBUF_MB="${WAN_SOCKBUF_MB:-}"
+SEED="${WAN_SEED:-1}"
+WORK="${WAN_DIR:-$REPO/bench/out/wan}"
+KEEP="${KEEP:-0}"
+SOCAT_BLOCK=1048576
+TIME_FMT='%e %M %U %S' # wall s, max RSS KiB, user s, sys s
+read -r -a XFER_EXTRA <<<"${XFER_ARGS:-}"
+read -r -a XFERD_EXTRA <<<"${XFERD_ARGS:-}"
+
+WANEM_SRC=/work/shared/wanem
+[[ -d "$WANEM_SRC" ]] || WANEM_SRC="$REPO/../shared/wanem"
+export WAN_NS_A="${WAN_NS_A:-wa}" WAN_NS_B="${WAN_NS_B:-wb}" WANEM_RUN="${WANEM_RUN:-/run/wanem}"
+NS_A="$WAN_NS_A"
+NS_B="$WAN_NS_B"
+IP_A=10.78.0.1
+IP_B=10.78.0.2
+
+die() {
+    echo "wan-bench: $*" >&2
+    exit 1
+}
+log() { echo "# $*" >&2; }
+
+parse_size() {
+    local s="$1" n unit
+    [[ "$s" =~ ^([0-9]+)([KkMmGg]?)i?[Bb]?$ ]] || die "bad size: $s"
+    n="${BASH_REMATCH[1]}"
+    unit="${BASH_REMATCH[2]^^}"
+    case "$unit" in
+        K) echo $((n << 10)) ;;
+        M) echo $((n << 20)) ;;
+        G) echo $((n << 30)) ;;
+        *) echo "$n" ;;
+    esac
+}
+SIZE="$(parse_size "$SIZE_SPEC")"
+((SIZE > 0)) || die "WAN_SIZE must be > 0"
+[[ "$CAP" =~ ^[0-9]+$ ]] && ((CAP >= 5)) || die "WAN_CAP must be a whole number of seconds >= 5"
+[[ $EUID == 0 ]] || die "run as root (network namespaces, sysctl)"
+NICE="${WAN_NICE:--10}"
+[[ "$NICE" =~ ^-?[0-9]+$ ]] || die "WAN_NICE must be an integer"
+# Inherited by everything started from here on, the emulator included.
+((NICE == 0)) || renice -n "$NICE" -p $$ >/dev/null || die "renice $NICE failed"
+
+has_tool() { [[ " $TOOLS " == *" $1 "* ]]; }
+has_dir() { [[ " $DIRS " == *" $1 "* ]]; }
+
+profile_args() {
+    case "$1" in
+        lan) echo "--delay-ms 0.1 --rate-mbit 1000" ;;
+        wan) echo "--delay-ms 25 --loss 0.0001 --rate-mbit 500" ;;
+        lossy) echo "--delay-ms 25 --loss 0.005 --rate-mbit 500" ;;
+        *) die "unknown profile $1 (lan, wan, lossy)" ;;
+    esac
+}
+profile_desc() {
+    case "$1" in
+        lan) echo "0.2 ms RTT, no loss, 1000 Mbit/s" ;;
+        wan) echo "50 ms RTT, 0.01 % loss each way, 500 Mbit/s" ;;
+        lossy) echo "50 ms RTT, 0.5 % loss each way, 500 Mbit/s" ;;
+    esac
+}
+for p in $PROFILES; do profile_args "$p" >/dev/null; done
+
+# --- peers: install what is missing; a peer that cannot be had becomes an n/a row ---------------
+declare -A NA=() # tool -> reason it cannot run
+apt_updated=0
+apt_install() { # apt_install PACKAGE...
+    if ((apt_updated == 0)); then
+        timeout 600 apt-get update -qq >&2 || true
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+need() { # need TOOL COMMAND PACKAGE...: mark TOOL n/a if COMMAND cannot be had
+    local tool="$1" cmd="$2" pkg
+    shift 2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    for pkg in "$@"; do
+        log "installing $pkg (for $cmd)"
+        apt_install "$pkg" && command -v "$cmd" >/dev/null 2>&1 && return 0
+    done
+    NA[$tool]="${NA[$tool]:+${NA[$tool]}; }$cmd not installable (apt: $*)"
+    log "$tool: n/a: ${NA[$tool]}"
+}
+need base /usr/bin/time time
+need base ip iproute2
+need base ss iproute2
+need base gcc gcc
+[[ -z "${NA[base]:-}" ]] || die "${NA[base]}"
+has_tool iperf3 && need iperf3 iperf3 iperf3
+has_tool socat && need socat socat socat
+has_tool rsync && need rsync rsync rsync
+if has_tool scp; then
+    need scp scp openssh-client
+    need scp ssh-keygen openssh-client
+    need scp /usr/sbin/sshd openssh-server
+fi
+if has_tool gridftp; then
+    need gridftp globus-url-copy globus-gass-copy-progs
+    need gridftp globus-gridftp-server globus-gridftp-server-progs
+fi
+if has_tool aria2; then
+    need aria2 aria2c aria2
+    need aria2 nginx nginx-light nginx
+fi
+
+# --- work dir -----------------------------------------------------------------------------------
+mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+fstype="$(stat -f -c %T "$WORK")"
+[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] && die "$WORK is on $fstype; set WAN_DIR to a real disk"
+avail=$(($(df -P -k "$WORK" | awk 'NR == 2 {print $4}') * 1024))
+((avail > 3 * SIZE)) || die "need about $((3 * SIZE >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
+LOGS="$WORK/logs"
+SRV="$WORK/srv"
+DST="$WORK/dst"
+rm -rf "$SRV" "$DST" "$LOGS" "$WORK/verified"
+mkdir -p "$WORK/src" "$SRV" "$DST" "$LOGS" "$WORK/verified" "$WORK/conf"
+# The GridFTP server serves anonymous sessions as `nobody`: it must read the source and write into
+# the server root.
+chmod 1777 "$SRV" "$DST"
+chmod 755 "$WORK" "$WORK/src"
+RESULTS="$WORK/results.tsv"
+COMBOS="$WORK/combos.tsv"
+: >"$RESULTS"
+: >"$COMBOS"
+RUN_PIDS="$WORK/run.pids"
+: >"$RUN_PIDS"
+
+# --- cleanup: PIDs of the current run, the emulator, the sysctl ---------------------------------
+WAN_IS_UP=0
+ORIG_ALLOWED_CC=""
+CG=""
+MADE_NETNS_ETC=()
+kill_tracked() { # TERM, then KILL after 5 s, every PID the current run recorded
+    [[ -s "$RUN_PIDS" ]] || return 0
+    local pid pids=()
+    mapfile -t pids <"$RUN_PIDS"
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    : >"$RUN_PIDS"
+}
+track() { echo "$1" >>"$RUN_PIDS"; }
+wan_down() {
+    if ((WAN_IS_UP)); then
+        "$WANSH" down >"$LOGS/wan-down.log" 2>&1 || log "wan.sh down failed: $(cat "$LOGS/wan-down.log")"
+        WAN_IS_UP=0
+    fi
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    kill_tracked
+    wan_down
+    if [[ -n "$ORIG_ALLOWED_CC" ]]; then
+        sysctl -qw net.ipv4.tcp_allowed_congestion_control="$ORIG_ALLOWED_CC" ||
+            log "could not restore net.ipv4.tcp_allowed_congestion_control=$ORIG_ALLOWED_CC"
+    fi
+    if [[ -n "$CG" ]]; then
+        rmdir "$CG/client" "$CG/server" "$CG" 2>/dev/null || log "could not remove cgroup $CG (a process left in it?)"
+    fi
+    local ns
+    for ns in "${MADE_NETNS_ETC[@]+"${MADE_NETNS_ETC[@]}"}"; do rm -rf "/etc/netns/$ns"; done
+    rmdir /etc/netns 2>/dev/null || true
+    rm -rf "$SRV" "$DST"
+    [[ "$KEEP" == 1 ]] || rm -rf "$WORK/src"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- emulator: a private copy of shared/wanem (that directory is read-only; wan.sh builds there) --
+mkdir -p "$WORK/wanem"
+for f in wan.sh wanem.c; do
+    [[ -f "$WANEM_SRC/$f" ]] || die "no $WANEM_SRC/$f"
+    cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
+done
+WANSH="$WORK/wanem/wan.sh"
+"$WANSH" build >&2 || die "building wanem failed"
+for ns in "$NS_A" "$NS_B"; do
+    [[ -e "/run/netns/$ns" ]] && die "netns $ns already exists (someone else's emulator?); not touching it"
+done
+
+# Name resolution inside the namespaces: they have no route to a DNS server, and the GridFTP server
+# resolves its own listening address at start ("Temporary failure in name resolution"). `ip netns
+# exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts: give both sides a hosts file naming
+# 10.78.0.1/2. Removed at exit (only what this script made).
+for ns in "$NS_A" "$NS_B"; do
+    if [[ ! -e "/etc/netns/$ns" ]]; then
+        mkdir -p "/etc/netns/$ns"
+        MADE_NETNS_ETC+=("$ns")
+        { cat /etc/hosts; echo "$IP_A wan-a"; echo "$IP_B wan-b"; } >"/etc/netns/$ns/hosts"
+    fi
+done
+
+# CPU accounting: a cpuacct cgroup for the client and one for the server, so CPU of forked
+# children counts whether or not anyone reaped them (a client stopped at the cap often is not).
+# Without cgroup v1 cpuacct, /usr/bin/time's numbers are used instead.
+CG_ROOT=/sys/fs/cgroup/cpuacct
+if [[ -w "$CG_ROOT/cgroup.procs" ]] && mkdir -p "$CG_ROOT/wan-bench-$$/client" "$CG_ROOT/wan-bench-$$/server" 2>/dev/null; then
+    CG="$CG_ROOT/wan-bench-$$"
+fi
+# CGC / CGS: a prefix that moves the command into the group, then execs it (same PID). It goes
+# before `ip netns exec`, which remounts /sys and so hides the cgroup file system.
+CGC=()
+CGS=()
+if [[ -n "$CG" ]]; then
+    # shellcheck disable=SC2016
+    CGC=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG/client")
+    # shellcheck disable=SC2016
+    CGS=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG/server")
+fi
+cg_reset() { [[ -z "$CG" ]] || { echo 0 >"$CG/client/cpuacct.usage"; echo 0 >"$CG/server/cpuacct.usage"; }; }
+cg_cpu() { awk '{printf "%.2f", $1 / 1e9}' "$CG/$1/cpuacct.usage"; }
+# client_cpu KIND / server_cpu FALLBACK: seconds of CPU of this run's client / server
+client_cpu() { if [[ -n "$CG" ]]; then cg_cpu client; else time_cpu "$LOGS/$1.time"; fi; }
+server_cpu() { if [[ -n "$CG" ]]; then cg_cpu server; else echo "$1"; fi; }
+
+# Congestion control: a namespace may only pick what the root namespace allows.
+ORIG_ALLOWED_CC="$(sysctl -n net.ipv4.tcp_allowed_congestion_control)"
+want_cc="$ORIG_ALLOWED_CC"
+for cc in reno cubic bbr $CCS; do [[ " $want_cc " == *" $cc "* ]] || want_cc="$want_cc $cc"; done
+sysctl -qw net.ipv4.tcp_allowed_congestion_control="$want_cc" || die "cannot allow $want_cc"
+
+# --- build --------------------------------------------------------------------------------------
+BUILD_MODE="${WAN_BUILD:-tree}"
+if [[ -n "${XFER_BIN_DIR:-}" ]]; then
+    XFER="$XFER_BIN_DIR/xfer"
+    XFERD="$XFER_BIN_DIR/xferd"
+    BUILD_NOTE="prebuilt from $XFER_BIN_DIR (not rebuilt)"
+elif has_tool xfer && [[ "$BUILD_MODE" == head ]]; then
+    log "building the committed HEAD in $WORK/build"
+    rm -rf "$WORK/build/src"
+    mkdir -p "$WORK/build/src"
+    git -C "$REPO" archive HEAD | tar -x -C "$WORK/build/src"
+    (cd "$WORK/build/src" && CARGO_TARGET_DIR="$WORK/build/target" timeout 3600 \
+        nice -n $((NICE < 0 ? -NICE : 0)) cargo build --release --locked -p xfer -p xferd) >"$LOGS/build.log" 2>&1 ||
+        die "cargo build of HEAD failed (log: $LOGS/build.log)"
+    XFER="$WORK/build/target/release/xfer"
+    XFERD="$WORK/build/target/release/xferd"
+    BUILD_NOTE="cargo build --release of the committed HEAD only (work tree changes not included)"
+elif has_tool xfer; then
+    [[ "$BUILD_MODE" == tree ]] || die "WAN_BUILD is tree or head, not $BUILD_MODE"
+    log "cargo build --release"
+    built=0
+    for attempt in 1 2 3; do
+        if timeout 1800 nice -n $((NICE < 0 ? -NICE : 0)) cargo build --release >"$LOGS/build.log" 2>&1; then
+            built=1
+            break
+        fi
+        log "cargo build --release failed (attempt $attempt; other work may be mid-edit): $(grep -m1 '^error' "$LOGS/build.log" || tail -n1 "$LOGS/build.log")"
+        ((attempt < 3)) && sleep 60
+    done
+    ((built)) || die "cargo build --release failed 3 times (log: $LOGS/build.log); WAN_BUILD=head builds the last commit, XFER_BIN_DIR=target/release uses the binaries there"
+    XFER="$REPO/target/release/xfer"
+    XFERD="$REPO/target/release/xferd"
+    BUILD_NOTE="cargo build --release of the work tree"
+fi
+if has_tool xfer; then
+    [[ -x "$XFER" && -x "$XFERD" ]] || die "no xfer/xferd binaries at $XFER, $XFERD"
+    BUILD_NOTE="$BUILD_NOTE; binaries of $(date -u -r "$XFERD" '+%Y-%m-%d %H:%M:%S') UTC"
+    mkdir -p "$WORK/bin"
+    install -m 0755 "$XFER" "$WORK/bin/xfer"
+    install -m 0755 "$XFERD" "$WORK/bin/xferd"
+    XFER="$WORK/bin/xfer"
+    XFERD="$WORK/bin/xferd"
+fi
+
+# --- header -------------------------------------------------------------------------------------
+commit="$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+if [[ "$BUILD_MODE" != head || -n "${XFER_BIN_DIR:-}" ]] &&
+    ! git -C "$REPO" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null; then
+    commit="$commit (+ uncommitted changes under crates/ or Cargo.*)"
+fi
+cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+{
+    echo "# xfer WAN benchmark (bench/wan.sh, through shared/wanem)"
+    echo
+    echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S')"
+    echo "- commit: $commit${BUILD_NOTE:+; $BUILD_NOTE}"
+    echo "- machine: nproc $(nproc); CPU: ${cpu_model:-unknown}; kernel: $(uname -srm)"
+    echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers; the benchmark runs at nice $NICE)"
+    echo "- file: $SIZE bytes ($SIZE_SPEC); each transfer capped at $CAP s; repeats: $REPEAT (fastest shown); work dir $WORK ($fstype)"
+    echo "- socket buffers in wa/wb: $(if [[ -n "$SOCKBUF_MB" ]]; then echo "tcp_rmem/tcp_wmem max ${SOCKBUF_MB} MiB (--sockbuf-mb)"; else echo "inherited: tcp_rmem $(sysctl -n net.ipv4.tcp_rmem | tr '\t' ' '), tcp_wmem $(sysctl -n net.ipv4.tcp_wmem | tr '\t' ' ')"; fi)"
+    echo "- xfer: default chunk 4M, xferd --window 2 unless set here: XFER_ARGS='${XFER_ARGS:-}' XFERD_ARGS='${XFERD_ARGS:-}'; token auth (--token-file) on both sides"
+    echo "- peers: $(for t in iperf3 socat rsync scp gridftp aria2; do has_tool "$t" && printf '%s ' "$t${NA[$t]:+ (n/a)}"; done)"
+    echo
+} | tee "$WORK/report.md"
+
+# --- helpers ------------------------------------------------------------------------------------
+now_ns() { date +%s%N; }
+secs_since() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$(now_ns)"; }
+proc_cpu() {
+    local stat rest
+    stat="$(cat "/proc/$1/stat")"
+    rest="${stat##*) }"
+    # shellcheck disable=SC2086
+    set -- $rest
+    python3 -c "import os, sys; print((int(sys.argv[1]) + int(sys.argv[2])) / os.sysconf('SC_CLK_TCK'))" "${12}" "${13}"
+}
+proc_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+time_field() { tail -n1 "$1" | awk -v n="$2" '{print $n}'; }
+time_cpu() { tail -n1 "$1" | awk '{printf "%.2f", $3 + $4}'; }
+cpu_sample() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6; exit}' /proc/stat; }
+cpu_busy_pct() { # cpu_busy_pct "T0 I0" "T1 I1"
+    python3 -c "import sys; t0, i0 = map(int, sys.argv[1].split()); t1, i1 = map(int, sys.argv[2].split()); print(f'{100 * (1 - (i1 - i0) / max(t1 - t0, 1)):.0f}')" "$1" "$2"
+}
+PORT=40000
+next_port() { PORT=$((PORT + 1)); }
+wait_listening() { # wait_listening NS PORT
+    for _ in $(seq 200); do
+        [[ -n "$(ip netns exec "$1" ss -Hltn "sport = :$2")" ]] && return 0
+        sleep 0.05
+    done
+    fail "nothing listens on $1 port $2"
+}
+child_of() { # the real server under a /usr/bin/time wrapper is the wrapper's only child
+    local parent="$1" child=""
+    for _ in $(seq 100); do
+        child="$(ps -o pid= --ppid "$parent" | tr -d ' ' | head -n1)"
+        [[ -n "$child" ]] && break
+        sleep 0.05
+    done
+    [[ -n "$child" ]] || fail "no child of PID $parent"
+    echo "$child"
+}
+wait_gone() { # wait_gone PID SECS: true once PID has exited
+    for _ in $(seq $(($2 * 10))); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    ! kill -0 "$1" 2>/dev/null
+}
+wait_children_gone() { # wait_children_gone PID SECS, then KILL what is left
+    local kids
+    for _ in $(seq $(($2 * 10))); do
+        kids="$(ps -o pid= --ppid "$1" | tr -d ' ')"
+        [[ -z "$kids" ]] && return 0
+        sleep 0.1
+    done
+    for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
+    sleep 0.2
+}
+stop_server() { # stop_server WRAPPER_PID SERVER_PID: TERM the server, wait for its /usr/bin/time
+    kill -TERM "$2" 2>/dev/null || true
+    wait_gone "$1" 10 || {
+        kill -KILL "$2" 2>/dev/null || true
+        wait_gone "$1" 5 || true
+    }
+    wait "$1" 2>/dev/null || true
+}
+fail() { # inside a run: say why, end the run
+    echo "$*" >"$WORK/run.reason"
+    log "  failed: $*"
+    exit 1
+}
+wanem_stats() { "$WANSH" stats 2>/dev/null || true; }
+
+# verify KIND FILE: sha256 against the source, once per kind over the whole benchmark
+verify() {
+    local kind="$1" file="$2" sum
+    [[ -e "$WORK/verified/$kind" ]] && return 0
+    [[ -f "$file" ]] || fail "$kind: $file was not created"
+    sum="$(sha256sum "$file" | awk '{print $1}')"
+    [[ "$sum" == "$SRC_SHA" ]] || fail "$kind: CHECKSUM MISMATCH: $file has sha256 $sum, source $SRC_SHA"
+    touch "$WORK/verified/$kind"
+    log "  $kind: sha256 ok"
+}
+
+# record STATUS WALL BYTES CCPU CRSS SCPU SRSS NOTE (profile, cc, tool, dir and link/sender numbers
+# come from the run's globals)
+record() {
+    local status="$1" wall="$2" bytes="$3" ccpu="$4" crss="$5" scpu="$6" srss="$7" note="${8:-}"
+    printf '%s\t' "$PROFILE" "$CC" "$TOOL" "$DIR" "$status" "$wall" "$bytes" "$ccpu" "$crss" "$scpu" \
+        "$srss" "${R_PAYLOAD:-}" "${R_LOSS:-}" "${R_QD:-}" "${R_BUSY:-}" "${R_NCONN:-}" "${R_SBUSY:-}" \
+        "${R_RWND:-}" "${R_SNDBUF:-}" "${R_CWND:-}" "${R_RTT:-}" "${R_RETRANS:-}" "${R_WCPU:-}" >>"$RESULTS"
+    printf '%s\n' "$note" >>"$RESULTS"
+    if [[ "$status" == complete || "$status" == capped || "$status" == timed ]]; then
+        log "  $TOOL $DIR: $(python3 -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]) / 1e6:.1f}')" "$bytes" "$wall") MB/s ($status, ${wall} s; link drops loss/queue ${R_LOSS:-?}/${R_QD:-?}; machine CPU ${R_BUSY:-?} %)"
+    else
+        log "  $TOOL $DIR: $status ${note}"
+    fi
+}
+
+# client_run NS KIND TIMEOUT CMD...: run a client under /usr/bin/time and timeout in NS, with the
+# link counters, machine CPU and the sender's socket states taken around it. Sets RC, T0 and the
+# R_* globals; the caller decides the status and the wall time.
+client_run() {
+    local ns="$1" kind="$2" tmo="$3" sender_ns wdir c0 c1 sampler
+    shift 3
+    if [[ "$DIR" == upload ]]; then
+        sender_ns="$NS_A"
+        wdir=ab
+    else
+        sender_ns="$NS_B"
+        wdir=ba
+    fi
+    wanem_stats >"$LOGS/$kind.wanem0"
+    (
+        while :; do
+            echo "@@ $(date +%s.%N)"
+            ip netns exec "$sender_ns" ss -tinH state established 2>/dev/null || true
+            sleep 1
+        done
+    ) >"$LOGS/$kind.ss" 2>/dev/null &
+    sampler=$!
+    track "$sampler"
+    c0="$(cpu_sample)"
+    T0="$(now_ns)"
+    set +e
+    "${CGC[@]+"${CGC[@]}"}" ip netns exec "$ns" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.time" \
+        timeout -k 5 "$tmo" "$@" >"$LOGS/$kind.out" 2>"$LOGS/$kind.err"
+    RC=$?
+    set -e
+    # socat's sender is done when its socket buffer holds the data: there the receiver's exit ends
+    # the transfer (RECEIVER_PID).
+    if [[ $RC == 0 && -n "${RECEIVER_PID:-}" ]]; then
+        wait_gone "$RECEIVER_PID" $((tmo + 10)) || RC=124
+    fi
+    CLIENT_WALL="$(secs_since "$T0")"
+    wanem_stats >"$LOGS/$kind.wanem1"
+    c1="$(cpu_sample)"
+    kill -TERM "$sampler" 2>/dev/null || true
+    R_BUSY="$(cpu_busy_pct "$c0" "$c1")"
+    read -r R_PAYLOAD R_LOSS R_QD R_WCPU < <(python3 "$BENCH_HOME/wan_report.py" wanem \
+        "$LOGS/$kind.wanem0" "$LOGS/$kind.wanem1" "$wdir")
+    read -r R_NCONN R_SBUSY R_RWND R_SNDBUF R_CWND R_RTT R_RETRANS < <(python3 \
+        "$BENCH_HOME/wan_report.py" ss "$LOGS/$kind.ss" "$CLIENT_WALL")
+}
+capped() { [[ $RC == 124 || $RC == 137 ]]; }
+err_line() { grep -v '^\s*$' "$LOGS/$1.err" 2>/dev/null | tail -n1 | tr '\t' ' ' | cut -c1-160; }
+
+# finish KIND DSTFILE FSYNC: record the run from RC: complete (verified; FSYNC=1 adds a sync of the
+# received file to the wall time), capped (payload over the link) or failed. Server numbers from
+# S_CPU and S_RSS.
+finish() {
+    local kind="$1" dst="$2" fsync="$3" wall t
+    if [[ $RC == 0 ]]; then
+        wall="$CLIENT_WALL"
+        if [[ "$fsync" == 1 ]]; then
+            t="$(now_ns)"
+            sync "$dst"
+            wall="$(python3 -c "import sys; print(f'{float(sys.argv[1]) + float(sys.argv[2]):.3f}')" "$wall" "$(secs_since "$t")")"
+        fi
+        verify "$TOOL-$DIR" "$dst"
+        record complete "$wall" "$SIZE" "$(client_cpu "$kind")" \
+            "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS"
+    elif capped; then
+        record capped "$CLIENT_WALL" "$R_PAYLOAD" "$(client_cpu "$kind")" \
+            "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS" "stopped at ${CAP} s"
+    else
+        fail "exit $RC: $(err_line "$kind")"
+    fi
+}
+
+# --- the tools ----------------------------------------------------------------------------------
+# Each run_* runs in a subshell (see measure) with PROFILE, CC, TOOL, DIR set.
+
+run_iperf3() { # run_iperf3 STREAMS
+    local n="$1" kind="iperf3-P$1-$DIR-$PROFILE-$CC" tpid spid bytes secs args
+    next_port
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+        iperf3 -s -1 -B "$IP_B" -p "$PORT" >"$LOGS/$kind.server" 2>&1 &
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$NS_B" "$PORT"
+    args=(-c "$IP_B" -p "$PORT" -t "$CAP" -P "$n" -J)
+    [[ "$DIR" == download ]] && args+=(-R)
+    client_run "$NS_A" "$kind" $((CAP + 30)) iperf3 "${args[@]}"
+    wait_gone "$tpid" 10 || stop_server "$tpid" "$spid"
+    wait "$tpid" 2>/dev/null || true
+    [[ $RC == 0 ]] || fail "iperf3 exit $RC: $(err_line "$kind") $(tail -c 300 "$LOGS/$kind.out" | tr '\n\t' '  ')"
+    read -r bytes secs < <(python3 "$BENCH_HOME/wan_report.py" iperf "$LOGS/$kind.out")
+    record timed "$secs" "$bytes" "$(client_cpu "$kind")" "$(time_field "$LOGS/$kind.time" 2)" \
+        "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
+}
+
+run_xfer() { # run_xfer CONNS
+    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC" dst pid addr line cpu0 cpu1 args
+    if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
+    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+    : >"$LOGS/$kind.xferd.out"
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" "$XFERD" --listen "$IP_B:0" --root "$SRV" --token-file "$WORK/conf/token" \
+        "${XFERD_EXTRA[@]+"${XFERD_EXTRA[@]}"}" >"$LOGS/$kind.xferd.out" 2>"$LOGS/$kind.xferd.err" &
+    pid=$!
+    track "$pid"
+    addr=""
+    for _ in $(seq 200); do
+        line="$(head -n1 "$LOGS/$kind.xferd.out")"
+        if [[ "$line" == "xferd listening on "* ]]; then
+            addr="${line#xferd listening on }"
+            break
+        fi
+        kill -0 "$pid" 2>/dev/null || fail "xferd exited at start: $(tail -n1 "$LOGS/$kind.xferd.err")"
+        sleep 0.05
+    done
+    [[ -n "$addr" ]] || fail "xferd printed no listening line"
+    args=(-q --json -c "$n" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
+    if [[ "$DIR" == upload ]]; then
+        args=(send "${args[@]}" --as "$(basename "$dst")" "$SRC" "$addr")
+    else
+        args=(recv "${args[@]}" -o "$dst" src.bin "$addr")
+    fi
+    cpu0="$(proc_cpu "$pid")"
+    client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
+    cpu1="$(proc_cpu "$pid")"
+    S_RSS="$(proc_hwm_kib "$pid")"
+    S_CPU="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$cpu0" "$cpu1")"
+    kill -TERM "$pid"
+    wait_gone "$pid" 15 || kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    S_CPU="$(server_cpu "$S_CPU")"
+    finish "$kind" "$dst" 0
+    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+}
+
+run_socat() {
+    local kind="socat-$DIR-$PROFILE-$CC" dst tpid spid
+    next_port
+    if [[ "$DIR" == upload ]]; then
+        dst="$SRV/up-socat.bin"
+        "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+            socat -u -b "$SOCAT_BLOCK" "TCP-LISTEN:$PORT,bind=$IP_B,reuseaddr" "OPEN:$dst,creat,trunc" \
+            2>"$LOGS/$kind.server" &
+    else
+        dst="$DST/down-socat.bin"
+        "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+            socat -u -b "$SOCAT_BLOCK" "OPEN:$SRV/src.bin,rdonly" "TCP-LISTEN:$PORT,bind=$IP_B,reuseaddr" \
+            2>"$LOGS/$kind.server" &
+    fi
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$NS_B" "$PORT"
+    rm -f "$DST/down-socat.bin"
+    if [[ "$DIR" == upload ]]; then
+        RECEIVER_PID="$tpid"
+        client_run "$NS_A" "$kind" "$CAP" socat -u -b "$SOCAT_BLOCK" "OPEN:$SRC,rdonly" "TCP:$IP_B:$PORT"
+        RECEIVER_PID=""
+    else
+        client_run "$NS_A" "$kind" "$CAP" socat -u -b "$SOCAT_BLOCK" "TCP:$IP_B:$PORT" "OPEN:$dst,creat,trunc"
+    fi
+    stop_server "$tpid" "$spid"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
+    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    finish "$kind" "$dst" 1
+    rm -f "$dst"
+}
+
+run_rsync() {
+    local kind="rsync-$DIR-$PROFILE-$CC" dst tpid spid from to
+    next_port
+    cat >"$WORK/conf/rsyncd.conf" <<EOF
+# written by bench/wan.sh
+use chroot = no
+log file = $LOGS/rsyncd.log
+[bench]
+    path = $SRV
+    read only = no
+    uid = 0
+    gid = 0
+EOF
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+        rsync --daemon --no-detach --address="$IP_B" --port="$PORT" --config="$WORK/conf/rsyncd.conf" \
+        2>"$LOGS/$kind.server" &
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$NS_B" "$PORT"
+    if [[ "$DIR" == upload ]]; then
+        dst="$SRV/up-rsync.bin"
+        from="$SRC"
+        to="rsync://$IP_B:$PORT/bench/up-rsync.bin"
+    else
+        dst="$DST/down-rsync.bin"
+        from="rsync://$IP_B:$PORT/bench/src.bin"
+        to="$dst"
+    fi
+    rm -f "$dst"
+    client_run "$NS_A" "$kind" "$CAP" rsync -a "$from" "$to"
+    wait_children_gone "$spid" 10
+    stop_server "$tpid" "$spid"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
+    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    finish "$kind" "$dst" 1
+    rm -f "$dst" "$(dirname "$dst")"/.up-rsync.bin.* "$(dirname "$dst")"/.down-rsync.bin.*
+}
+
+SSH_OPTS=()
+setup_ssh() { # once: host key, client key, sshd_config template
+    local d="$WORK/conf/ssh"
+    rm -rf "$d"
+    mkdir -p "$d"
+    chmod 700 "$d"
+    ssh-keygen -q -t ed25519 -N '' -f "$d/host_ed25519" -C wan-bench-host
+    ssh-keygen -q -t ed25519 -N '' -f "$d/id_ed25519" -C wan-bench-client
+    cp "$d/id_ed25519.pub" "$d/authorized_keys"
+    chmod 600 "$d/authorized_keys"
+    mkdir -p /run/sshd # sshd's privilege separation directory
+    chmod 755 /run/sshd
+    SSH_OPTS=(-i "$d/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=no
+        -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o IdentitiesOnly=yes)
+}
+run_scp() {
+    local kind="scp-$DIR-$PROFILE-$CC" d="$WORK/conf/ssh" dst tpid spid
+    next_port
+    cat >"$d/sshd_config" <<EOF
+# written by bench/wan.sh
+Port $PORT
+ListenAddress $IP_B
+HostKey $d/host_ed25519
+PidFile none
+AuthorizedKeysFile $d/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+LogLevel ERROR
+EOF
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+        /usr/sbin/sshd -D -e -f "$d/sshd_config" 2>"$LOGS/$kind.server" &
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$NS_B" "$PORT"
+    if [[ "$DIR" == upload ]]; then
+        dst="$SRV/up-scp.bin"
+        rm -f "$dst"
+        client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "$SRC" "root@$IP_B:$dst"
+    else
+        dst="$DST/down-scp.bin"
+        rm -f "$dst"
+        client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/src.bin" "$dst"
+    fi
+    wait_children_gone "$spid" 10
+    stop_server "$tpid" "$spid"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
+    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    finish "$kind" "$dst" 1
+    rm -f "$dst"
+}
+
+run_gridftp() { # run_gridftp STREAMS
+    local n="$1" kind="gridftp-p$1-$DIR-$PROFILE-$CC" dst tpid spid
+    next_port
+    # -aa: clear-text anonymous (ftp://), served as nobody; -1: exit after the one session, so
+    # /usr/bin/time sees its CPU including the forked session process.
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" env GLOBUS_USAGE_OPTOUT=1 /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+        globus-gridftp-server -aa -anonymous-user nobody -1 -p "$PORT" -control-interface "$IP_B" \
+        -data-interface "$IP_B" -l "$LOGS/$kind.server.log" >"$LOGS/$kind.server" 2>&1 &
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$NS_B" "$PORT"
+    if [[ "$DIR" == upload ]]; then
+        dst="$SRV/up-gridftp-$n.bin"
+        rm -f "$dst"
+        client_run "$NS_A" "$kind" "$CAP" env GLOBUS_USAGE_OPTOUT=1 globus-url-copy -p "$n" \
+            "file://$SRC" "ftp://$IP_B:$PORT$dst"
+    else
+        dst="$DST/down-gridftp-$n.bin"
+        rm -f "$dst"
+        client_run "$NS_A" "$kind" "$CAP" env GLOBUS_USAGE_OPTOUT=1 globus-url-copy -p "$n" \
+            "ftp://$IP_B:$PORT$SRV/src.bin" "file://$dst"
+    fi
+    wait_gone "$tpid" 10 || stop_server "$tpid" "$spid"
+    wait "$tpid" 2>/dev/null || true
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
+    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    finish "$kind" "$dst" 1
+    rm -f "$dst"
+}
+
+run_aria2() {
+    local kind="aria2-$DIR-$PROFILE-$CC" d="$WORK/conf/nginx" dst="$DST/down-aria2.bin" tpid
+    [[ "$DIR" == download ]] || fail "aria2c only downloads"
+    next_port
+    mkdir -p "$d/tmp"
+    cat >"$d/nginx.conf" <<EOF
+# written by bench/wan.sh
+daemon off;
+master_process off;
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $LOGS/nginx-error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path $d/tmp/body;
+    proxy_temp_path $d/tmp/proxy;
+    fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi;
+    scgi_temp_path $d/tmp/scgi;
+    server {
+        listen $IP_B:$PORT;
+        root $SRV;
+    }
+}
+EOF
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+        nginx -p "$d" -c "$d/nginx.conf" 2>"$LOGS/$kind.server" &
+    tpid=$!
+    track "$tpid"
+    local spid
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$NS_B" "$PORT"
+    rm -f "$dst" "$dst.aria2"
+    client_run "$NS_A" "$kind" "$CAP" aria2c -x 8 -s 8 --file-allocation=none --allow-overwrite=true \
+        --auto-file-renaming=false --summary-interval=0 --console-log-level=warn --download-result=hide \
+        --no-conf -d "$DST" -o "$(basename "$dst")" "http://$IP_B:$PORT/src.bin"
+    stop_server "$tpid" "$spid"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
+    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    finish "$kind" "$dst" 1
+    rm -f "$dst" "$dst.aria2"
+}
+
+# measure TOOL_LABEL NA_KEY FUNCTION ARGS...: one run in a subshell; anything it started is ended
+# by PID when it returns; a failure becomes a row with the reason.
+measure() {
+    local label="$1" key="$2"
+    shift 2
+    TOOL="$label"
+    if [[ -n "${NA[$key]:-}" ]]; then
+        R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN=""
+        record n/a "" "" "" "" "" "" "${NA[$key]}"
+        return 0
+    fi
+    log "$PROFILE/$CC: $label $DIR"
+    rm -f "$WORK/run.reason"
+    cg_reset
+    local rc=0
+    (
+        set -euo pipefail
+        R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN=""
+        S_CPU="" S_RSS=""
+        "$@"
+    ) || rc=$?
+    kill_tracked
+    if ((rc != 0)); then
+        local why="script error (see stderr)"
+        [[ -s "$WORK/run.reason" ]] && why="$(head -c 200 "$WORK/run.reason" | tr '\t\n' '  ')"
+        R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN=""
+        record failed "" "" "" "" "" "" "$why"
+    fi
+    # the subshell's port counter is lost: move ours on past anything it may have used
+    PORT=$((PORT + 10))
+}
+
+# --- source file, token, keys -------------------------------------------------------------------
+SRC="$WORK/src/src.bin"
+if [[ ! -f "$SRC" || "$(stat -c %s "$SRC")" != "$SIZE" ]]; then
+    log "creating $SRC ($SIZE bytes of random data)"
+    rm -f "$SRC"
+    head -c "$SIZE" /dev/urandom >"$SRC.tmp"
+    mv "$SRC.tmp" "$SRC"
+fi
+chmod 644 "$SRC"
+ln "$SRC" "$SRV/src.bin"
+SRC_SHA="$(sha256sum "$SRC" | awk '{print $1}')"
+head -c 32 /dev/urandom | base64 >"$WORK/conf/token"
+chmod 600 "$WORK/conf/token"
+if has_tool scp && [[ -z "${NA[scp]:-}" ]]; then setup_ssh; fi
+sync
+
+# --- the matrix ---------------------------------------------------------------------------------
+for PROFILE in $PROFILES; do
+    for CC in $CCS; do
+        read -r -a wargs <<<"$(profile_args "$PROFILE")"
+        wargs+=(--cc "$CC" --seed "$SEED")
+        [[ -n "$SOCKBUF_MB" ]] && wargs+=(--sockbuf-mb "$SOCKBUF_MB")
+        log "=== $PROFILE / $CC: wan.sh up ${wargs[*]}"
+        "$WANSH" up "${wargs[@]}" >"$LOGS/wan-up-$PROFILE-$CC.log" 2>&1 ||
+            die "wan.sh up failed: $(cat "$LOGS/wan-up-$PROFILE-$CC.log")"
+        WAN_IS_UP=1
+        grep -q "cc=$CC" "$LOGS/wan-up-$PROFILE-$CC.log" || die "cc is not $CC in the namespaces: $(cat "$LOGS/wan-up-$PROFILE-$CC.log")"
+        load0="$(cut -d' ' -f1-3 /proc/loadavg)"
+        wmem="$(ip netns exec "$NS_A" sysctl -n net.ipv4.tcp_wmem | awk '{print $3}')"
+        rmem="$(ip netns exec "$NS_A" sysctl -n net.ipv4.tcp_rmem | awk '{print $3}')"
+        desc="$(profile_desc "$PROFILE"), $CC, tcp_wmem max $((wmem >> 20)) MiB, tcp_rmem max $((rmem >> 20)) MiB (wan.sh up ${wargs[*]})"
+        for rep in $(seq "$REPEAT"); do
+            ((REPEAT > 1)) && log "round $rep of $REPEAT"
+            for DIR in $DIRS; do
+                if has_tool iperf3; then
+                    if [[ "$DIR" == upload ]]; then
+                        for n in 1 8 16; do measure "iperf3 -P $n" iperf3 run_iperf3 "$n"; done
+                    else
+                        measure "iperf3 -P 16" iperf3 run_iperf3 16
+                    fi
+                fi
+                if has_tool xfer; then for n in $CONNS; do measure "xfer -c $n" xfer run_xfer "$n"; done; fi
+                has_tool socat && measure "socat (1 stream)" socat run_socat
+                has_tool rsync && measure "rsync daemon" rsync run_rsync
+                has_tool scp && measure "scp" scp run_scp
+                if has_tool gridftp; then
+                    for n in 8 16; do measure "globus-url-copy -p $n" gridftp run_gridftp "$n"; done
+                fi
+                if has_tool aria2; then
+                    if [[ "$DIR" == download ]]; then
+                        measure "aria2c -x 8" aria2 run_aria2
+                    else
+                        TOOL="aria2c -x 8"
+                        R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN=""
+                        record n/a "" "" "" "" "" "" "aria2c only downloads"
+                    fi
+                fi
+            done
+        done
+        wanem_stats >"$LOGS/wanem-final-$PROFILE-$CC.stats"
+        grep -E 'ring_drops=[1-9]' "$LOGS/wanem-final-$PROFILE-$CC.stats" >/dev/null &&
+            log "WARNING: wanem ring_drops > 0 in $PROFILE/$CC (emulator overloaded)"
+        wan_down
+        printf '%s\t%s\t%s\t%s\t%s\n' "$PROFILE" "$CC" "$desc" "$load0" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$COMBOS"
+    done
+done
+
+python3 "$BENCH_HOME/wan_report.py" report "$RESULTS" "$COMBOS" "$SIZE" "$CAP" | tee -a "$WORK/report.md"
+echo
+echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg). Raw results: $RESULTS; logs: $LOGS; report: $WORK/report.md"

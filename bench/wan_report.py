@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Helpers for bench/wan.sh: parse wanem stats, ss samples and iperf3 JSON; print the report.
+
+usage:
+  wan_report.py wanem BEFORE AFTER DIR     -> "payload loss_drops q_drops wanem_cpu_s"
+  wan_report.py ss SAMPLES WALL_S          -> "nconn busy% rwnd% sndbuf% cwnd rtt_ms retrans"
+  wan_report.py iperf JSON                 -> "bytes seconds"
+  wan_report.py report RESULTS.tsv COMBOS.tsv FILE_SIZE_BYTES CAP_S
+
+wanem: DIR is ab (wa -> wb, upload) or ba (wb -> wa, download). `payload` is what crossed the
+emulated link in that direction after loss, as TCP payload: delivered IP bytes minus 52 bytes of
+IPv4 + TCP (with timestamps) header per wire segment. It counts the few retransmissions that
+arrive twice and a little protocol framing; it is the byte count of runs stopped at the time cap.
+
+ss: SAMPLES holds `ss -tinH state established` output taken about once a second in the sending
+namespace, each sample after a line `@@ <time>`. The last sample of each socket that has sent
+more than 1 MiB (bytes_acked) is kept: the data connections. busy% is the mean over them of the
+kernel's busy time (data queued or in flight) as a share of the run's wall time; rwnd% and
+sndbuf% are the time spent limited by the receiver's window or the send buffer as a share of
+busy time (the rest of busy time is congestion-window-limited); cwnd (packets) and rtt are
+means over the samples of the mean over the data connections, retrans the total retransmitted
+segments.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+from collections import OrderedDict
+
+GIB = 1 << 30
+HDR = 52  # IPv4 20 + TCP 20 + timestamps option 12
+
+
+def parse_wanem(path):
+    out = {}
+    with open(path) as f:
+        for line in f:
+            kv = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+            if "dir" in kv:
+                out[kv["dir"]] = kv
+    return out
+
+
+def cmd_wanem(before, after, direction):
+    try:
+        b, a = parse_wanem(before), parse_wanem(after)
+        d0, d1 = b[direction], a[direction]
+    except (OSError, KeyError):
+        print("nan nan nan nan")
+        return
+
+    def delta(k, src0=d0, src1=d1):
+        return float(src1[k]) - float(src0[k])
+
+    payload = delta("tx_bytes") - HDR * delta("tx_pkts")
+    cpu = sum(float(a[d]["cpu_s"]) - float(b[d]["cpu_s"]) for d in ("ab", "ba") if d in a and d in b)
+    print(f"{payload:.0f} {delta('loss_drops'):.0f} {delta('q_drops'):.0f} {cpu:.2f}")
+
+
+def ss_samples(path):
+    """Every sample: list of dicts key (local, peer) -> info text."""
+    samples = []
+    key = None
+    try:
+        f = open(path)
+    except OSError:
+        return samples
+    with f:
+        for line in f:
+            if line.startswith("@@"):
+                samples.append({})
+                key = None
+                continue
+            if not line.strip() or not samples:
+                continue
+            if not line[0].isspace():
+                parts = line.split()
+                # [Recv-Q Send-Q Local Peer] (state column omitted by the state filter)
+                if len(parts) >= 4:
+                    key = (parts[2], parts[3])
+                    samples[-1][key] = ""
+                continue
+            if key is not None:
+                samples[-1][key] += " " + line.strip()
+    return samples
+
+
+def num(pattern, text, default=None, cast=float):
+    m = re.search(pattern, text)
+    return cast(m.group(1)) if m else default
+
+
+def is_data(info):
+    return num(r"\bbytes_acked:(\d+)", info, 0, int) >= (1 << 20)
+
+
+def cmd_ss(path, wall):
+    wall_ms = max(float(wall), 1e-3) * 1000
+    samples = ss_samples(path)
+    last = {}
+    for sample in samples:
+        last.update(sample)
+    socks = []
+    for info in last.values():
+        if not is_data(info):
+            continue
+        socks.append(
+            dict(
+                busy=num(r"\bbusy:(\d+)ms", info, 0.0),
+                rwnd=num(r"\brwnd_limited:(\d+)ms", info, 0.0),
+                sndbuf=num(r"\bsndbuf_limited:(\d+)ms", info, 0.0),
+                retrans=num(r"\bretrans:\d+/(\d+)", info, 0, int),
+            )
+        )
+    if not socks:
+        print("0 nan nan nan nan nan 0")
+        return
+    # cwnd and rtt: per sample, the mean over the data connections in it; then the mean over the
+    # samples (the last sample alone may fall on the final second of a run).
+    cwnds, rtts = [], []
+    for sample in samples:
+        data = [info for info in sample.values() if is_data(info)]
+        if data:
+            cwnds.append(sum(num(r"\bcwnd:(\d+)", i, 0.0) for i in data) / len(data))
+            rtts.append(sum(num(r"\brtt:([\d.]+)/", i, 0.0) for i in data) / len(data))
+    n = len(socks)
+    busy = sum(s["busy"] for s in socks)
+    pct = lambda x: 100.0 * x / busy if busy > 0 else float("nan")  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    print(
+        f"{n} {100.0 * busy / n / wall_ms:.0f} {pct(sum(s['rwnd'] for s in socks)):.0f} "
+        f"{pct(sum(s['sndbuf'] for s in socks)):.0f} {mean(cwnds):.0f} "
+        f"{mean(rtts):.1f} {sum(s['retrans'] for s in socks)}"
+    )
+
+
+def cmd_iperf(path):
+    with open(path) as f:
+        d = json.load(f)
+    s = d["end"]["sum_received"]
+    print(f"{int(s['bytes'])} {float(s['seconds']):.3f}")
+
+
+# --- report ---------------------------------------------------------------------------------------
+COLS = (
+    "profile cc tool dir status wall bytes ccpu crss scpu srss payload loss_drops q_drops "
+    "cpu_busy nconn sbusy rwnd sndbuf cwnd rtt retrans wcpu note"
+).split()
+CEIL = "iperf3 -P 16"
+PEERS = [("rsync", "rsync daemon"), ("scp", "scp"), ("gridftp16", "globus-url-copy -p 16")]
+TARGET_CEIL = 0.85
+TARGET_VS_RSYNC_SCP = 5.0
+
+
+def fnum(x):
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def load(path):
+    groups = OrderedDict()
+    with open(path) as f:
+        for line in f:
+            if not line.strip() or line.startswith("#"):
+                continue
+            vals = line.rstrip("\n").split("\t")
+            vals += [""] * (len(COLS) - len(vals))
+            r = dict(zip(COLS, vals))
+            groups.setdefault((r["profile"], r["cc"], r["tool"], r["dir"]), []).append(r)
+    rows = []
+    for runs in groups.values():
+        ok = [r for r in runs if r["status"] in ("complete", "capped", "timed")]
+        for r in ok:
+            r["mbps"] = fnum(r["bytes"]) / fnum(r["wall"]) / 1e6
+        if ok:
+            best = dict(max(ok, key=lambda r: r["mbps"]))
+            # Peak RSS: the largest over the repeats.
+            for k in ("crss", "srss"):
+                vals = [fnum(r[k]) for r in ok if fnum(r[k]) is not None]
+                best[k] = max(vals) if vals else None
+            best["repeats"] = len(ok)
+        else:
+            best = dict(runs[-1])
+            best["mbps"] = None
+            best["repeats"] = 0
+        rows.append(best)
+    return rows
+
+
+def fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def machine_cpu(r):
+    """CPU used during the run as a share of all cores: client + server + wanem ("ours"), and the
+    whole machine (anything else running shows as the difference)."""
+    busy = fnum(r["cpu_busy"])
+    wall = fnum(r["wall"]) or 0.0
+    if busy is None or wall <= 0:
+        return "–"
+    ours = sum(fnum(r[k]) or 0.0 for k in ("ccpu", "scpu", "wcpu"))
+    ncpu = os.cpu_count() or 1
+    return f"{100.0 * ours / (wall * ncpu):.0f} / {busy:.0f}"
+
+
+def main_report(results, combos_path, size, cap):
+    rows = load(results)
+    combos = OrderedDict()
+    with open(combos_path) as f:
+        for line in f:
+            if line.strip():
+                profile, cc, desc, load0, load1 = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
+                combos[(profile, cc)] = dict(desc=desc, load0=load0, load1=load1)
+    verdicts = []
+    for (profile, cc), meta in combos.items():
+        mine = [r for r in rows if r["profile"] == profile and r["cc"] == cc]
+
+        def find(tool, direction):
+            r = next((r for r in mine if r["tool"] == tool and r["dir"] == direction), None)
+            return r if r and r["mbps"] else None
+
+        print(f"### {profile} × {cc}")
+        print()
+        print(f"link: {meta['desc']}; load average {meta['load0']} at start, {meta['load1']} at end")
+        print()
+        header = [
+            "tool",
+            "dir",
+            "MB/s",
+            "× iperf3 -P16",
+            "× rsync",
+            "× scp",
+            "× gridftp -p16",
+            "CPU s/GiB client",
+            "CPU s/GiB server",
+            "RSS MiB client",
+            "RSS MiB server",
+            "run",
+            "CPU % of all cores: ours / machine",
+            "link drops loss/queue",
+            "sender conns: busy % / rwnd % / sndbuf %, cwnd, rtt ms, retrans",
+        ]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" if i in (0, 1, 11, 14) else "---:" for i in range(len(header))) + "|")
+        for r in mine:
+            d = r["dir"]
+            if r["mbps"] is None:
+                why = r["note"] or r["status"]
+                cells = [r["tool"], d, f"n/a ({why})"] + [""] * (len(header) - 3)
+                print("| " + " | ".join(cells) + " |")
+                continue
+            b = fnum(r["bytes"]) / GIB
+            ceil = find(CEIL, d) or find(CEIL, "upload")
+
+            def ratio(base):
+                return f"{r['mbps'] / base['mbps']:.2f}" if base else "–"
+
+            ccpu, scpu = fnum(r["ccpu"]), fnum(r["scpu"])
+            run = {
+                "complete": f"{b:.2f} GiB in {fnum(r['wall']):.1f} s",
+                "capped": f"capped at {fnum(r['wall']):.0f} s, {b:.2f} GiB",
+                "timed": f"-t {fnum(r['wall']):.0f} s",
+            }[r["status"]]
+            if r["repeats"] > 1:
+                run += f" (best of {r['repeats']})"
+            ld, qd = fnum(r["loss_drops"]), fnum(r["q_drops"])
+            drops = f"{ld:.0f}/{qd:.0f}" if ld is not None and qd is not None else "–"
+            nconn = int(fnum(r["nconn"]) or 0)
+            if nconn:
+                sender = (
+                    f"{nconn}: {fmt(fnum(r['sbusy']), '.0f')} / {fmt(fnum(r['rwnd']), '.0f')} / "
+                    f"{fmt(fnum(r['sndbuf']), '.0f')}, {fmt(fnum(r['cwnd']), '.0f')}, "
+                    f"{fmt(fnum(r['rtt']), '.1f')}, {int(fnum(r['retrans']) or 0)}"
+                )
+            else:
+                sender = "–"
+            cells = [
+                r["tool"],
+                d,
+                f"{r['mbps']:.1f}",
+                ratio(ceil),
+                ratio(find("rsync daemon", d)),
+                ratio(find("scp", d)),
+                ratio(find("globus-url-copy -p 16", d)),
+                fmt(ccpu / b if ccpu is not None and b > 0 else None, ".2f"),
+                fmt(scpu / b if scpu is not None and b > 0 else None, ".2f"),
+                fmt(fnum(r["crss"]) / 1024 if fnum(r["crss"]) is not None else None, ".1f"),
+                fmt(fnum(r["srss"]) / 1024 if fnum(r["srss"]) is not None else None, ".1f"),
+                run,
+                machine_cpu(r),
+                drops,
+                sender,
+            ]
+            print("| " + " | ".join(cells) + " |")
+        print()
+
+        # Targets for this profile and cc.
+        for d in ("upload", "download"):
+            x = find("xfer -c 16", d)
+            if not x:
+                continue
+            ceil = find(CEIL, d)
+            if profile in ("wan", "lossy"):
+                if ceil:
+                    need = TARGET_CEIL * ceil["mbps"]
+                    verdicts.append(
+                        (
+                            x["mbps"] >= need,
+                            f"{profile}/{cc} {d}: xfer -c 16 {x['mbps']:.1f} MB/s >= {TARGET_CEIL} × "
+                            f"iperf3 -P 16 ({ceil['mbps']:.1f}) = {need:.1f}: ratio {x['mbps'] / ceil['mbps']:.2f}",
+                        )
+                    )
+                else:
+                    verdicts.append((None, f"{profile}/{cc} {d}: no iperf3 -P 16 ceiling"))
+            if cc == "cubic" and profile in ("wan", "lossy"):
+                for tool in ("rsync daemon", "scp"):
+                    p = find(tool, d)
+                    if p:
+                        need = TARGET_VS_RSYNC_SCP * p["mbps"]
+                        verdicts.append(
+                            (
+                                x["mbps"] >= need,
+                                f"{profile}/{cc} {d}: xfer -c 16 {x['mbps']:.1f} MB/s >= {TARGET_VS_RSYNC_SCP:g} × "
+                                f"{tool} ({p['mbps']:.1f}) = {need:.1f}: ratio {x['mbps'] / p['mbps']:.2f}",
+                            )
+                        )
+                    else:
+                        verdicts.append((None, f"{profile}/{cc} {d}: no {tool} run"))
+            if profile in ("wan", "lossy"):
+                g = find("globus-url-copy -p 16", d)
+                if g:
+                    verdicts.append(
+                        (
+                            x["mbps"] >= g["mbps"],
+                            f"{profile}/{cc} {d}: xfer -c 16 {x['mbps']:.1f} MB/s >= globus-url-copy -p 16 "
+                            f"({g['mbps']:.1f}): ratio {x['mbps'] / g['mbps']:.2f}",
+                        )
+                    )
+                else:
+                    verdicts.append((None, f"{profile}/{cc} {d}: no globus-url-copy -p 16 run"))
+
+    print(
+        f"MB/s = 10^6 bytes per second of wall time. File {size / GIB:.2f} GiB; every transfer is "
+        f"stopped at {cap:g} s: 'capped' rows count what crossed the emulated link as TCP payload "
+        "(wanem counters), complete rows the file size (plus an fsync of the received file for every "
+        "tool but xfer, which fsyncs itself). iperf3 rows are `-t` runs (receiver's bytes). Ratios "
+        "compare with the same direction (iperf3: upload if no download run). CPU = user + sys per "
+        "GiB moved, from a cpuacct cgroup per side (every process the client or server started, reaped "
+        "or not); peak RSS is the largest single process (/usr/bin/time %M; xferd: VmHWM). CPU % 'ours' = "
+        "client + server + wanem over all cores; 'machine' = all cores busy, whoever it was (kernel "
+        "packet work deferred to ksoftirqd counts only there). Sender columns: from `ss -ti` on the sending side, see bench/wan_report.py."
+    )
+    print()
+    print("## Targets (wan and lossy; vs rsync/scp under cubic only)")
+    print()
+    if not verdicts:
+        print("- n/a: no xfer -c 16 runs")
+        return
+    met = 0
+    judged = 0
+    for ok, text in verdicts:
+        if ok is None:
+            print(f"- n/a: {text}")
+            continue
+        judged += 1
+        met += bool(ok)
+        print(f"- {'PASS' if ok else 'FAIL'}: {text}")
+    print()
+    print(f"{met} of {judged} targets met")
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "wanem":
+        cmd_wanem(*args)
+    elif cmd == "ss":
+        cmd_ss(*args)
+    elif cmd == "iperf":
+        cmd_iperf(*args)
+    elif cmd == "report":
+        main_report(args[0], args[1], int(args[2]), float(args[3]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
