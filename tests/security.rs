@@ -518,6 +518,42 @@ fn tls_daemon(tree: &Tree, pki: &Pki, extra: &[&str]) -> Daemon {
     Daemon::start(&tree.root(), &args)
 }
 
+/// Regression: every frame must be flushed through TLS. Without it the tail of a chunk stayed
+/// in the TLS buffer while the client waited for its acknowledgement, and a long transfer
+/// stalled until the idle timeout. One chunk in flight per connection makes every frame the
+/// last one sent before waiting.
+#[test]
+fn long_tls_transfer_with_one_chunk_in_flight_does_not_stall() {
+    let tree = Tree::new();
+    let pki = Pki::new(&["127.0.0.1"]);
+    let daemon = tls_daemon(&tree, &pki, &["--window", "1"]);
+    let src = tree.src("long.bin");
+    let want = random_file(&src, 48 << 20, 21);
+    let ca = pki.ca().display().to_string();
+    let addr = daemon.addr();
+    // One connection, so no other connection's traffic can push a stalled record out.
+    let tls = [
+        "--tls",
+        "--ca",
+        &ca,
+        "-c",
+        "1",
+        "--chunk-size",
+        "256K",
+        "--retry-deadline",
+        "0",
+    ];
+    let mut send = vec!["send", src.to_str().unwrap(), &addr, "--as", "long.bin"];
+    send.extend(tls);
+    run_xfer(&send, &[], TRANSFER).ok();
+    assert_eq!(sha256_file(&tree.root().join("long.bin")), want);
+    let out = tree.out("long.bin");
+    let mut recv = vec!["recv", "long.bin", &addr, "-o", out.to_str().unwrap()];
+    recv.extend(tls);
+    run_xfer(&recv, &[], TRANSFER).ok();
+    assert_eq!(sha256_file(&out), want);
+}
+
 #[test]
 fn tls_round_trip_with_a_token() {
     let tree = Tree::new();

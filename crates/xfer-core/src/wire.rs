@@ -96,11 +96,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 h = &h[from_header..];
                 p = &p[n - from_header..];
             }
-            return Ok(());
+        } else {
+            self.buf.clear();
+            frame.encode(&mut self.buf)?;
+            self.io.write_all(&self.buf).await?;
         }
-        self.buf.clear();
-        frame.encode(&mut self.buf)?;
-        self.io.write_all(&self.buf).await?;
+        // A TLS stream keeps the tail of a record buffered until flushed; the peer is waiting
+        // for the whole frame. On plain TCP this does nothing.
+        self.io.flush().await?;
         Ok(())
     }
 
