@@ -528,7 +528,7 @@ fn long_tls_transfer_with_one_chunk_in_flight_does_not_stall() {
     let pki = Pki::new(&["127.0.0.1"]);
     let daemon = tls_daemon(&tree, &pki, &["--window", "1"]);
     let src = tree.src("long.bin");
-    let want = random_file(&src, 48 << 20, 21);
+    let want = random_file(&src, 16 << 20, 21);
     let ca = pki.ca().display().to_string();
     let addr = daemon.addr();
     // One connection, so no other connection's traffic can push a stalled record out.
