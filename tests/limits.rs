@@ -67,9 +67,15 @@ fn handshake_timeout_closes_stalled_connections() {
     let token = tree.path().join("token");
     fs::write(&token, "limits-token\n").unwrap();
     let pki = Pki::new(&["127.0.0.1"]);
-    let plain = Daemon::start(&tree.root(), &[]);
-    let with_token = Daemon::start(&tree.root(), &["--token-file", token.to_str().unwrap()]);
-    let tls_args = pki.daemon_args();
+    // `--handshake-timeout` sets the limit (10 s by default).
+    let limit = ["--handshake-timeout", "2"];
+    let plain = Daemon::start(&tree.root(), &limit);
+    let with_token = Daemon::start(
+        &tree.root(),
+        &["--token-file", token.to_str().unwrap(), limit[0], limit[1]],
+    );
+    let mut tls_args = pki.daemon_args();
+    tls_args.extend(limit.iter().map(|s| s.to_string()));
     let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
     let tls = Daemon::start(&tree.root(), &tls_args);
     let cases = [
@@ -196,6 +202,24 @@ fn transfers_per_connection_are_capped() {
     conn.send(&open_write("w2.bin", 10));
     conn.expect_fatal(ErrorCode::TooLarge, "OpenWrite #65");
     daemon.assert_running();
+
+    // `--max-transfers-per-conn` sets the cap.
+    let mut small = Daemon::start(&tree.root(), &["--max-transfers-per-conn", "2"]);
+    let mut conn = RawConn::connect(small.socket_addr());
+    conn.handshake(None);
+    for i in 0..2 {
+        let answer = conn.request(&open_read("f.txt"));
+        assert!(
+            matches!(answer, Frame::ReadOpened(_)),
+            "OpenRead #{i}: {answer:?}"
+        );
+    }
+    conn.send(&open_read("f.txt"));
+    conn.expect_fatal(
+        ErrorCode::TooLarge,
+        "OpenRead #2 with --max-transfers-per-conn 2",
+    );
+    small.assert_running();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,8 +24,6 @@ use crate::Shared;
 
 /// Largest file `GetFile` sends whole: well inside one control frame.
 const MAX_SMALL_FILE: u64 = 1 << 20;
-/// Most transfers one connection may have open at once.
-const MAX_OPEN_PER_CONNECTION: usize = 64;
 const AGENT: &str = concat!("xferd/", env!("CARGO_PKG_VERSION"));
 
 type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
@@ -88,7 +86,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
     let config = ServerConfig {
         token: shared.config.token.clone(),
         max_chunk: shared.config.chunk_size,
-        max_open: MAX_OPEN_PER_CONNECTION,
+        max_open: shared.config.max_transfers_per_conn,
         tls: shared.config.tls.is_some(),
     };
     let now_unix = std::time::SystemTime::now()

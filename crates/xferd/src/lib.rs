@@ -55,6 +55,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long a connection may stay silent.
     pub idle_timeout: Duration,
+    /// Transfers one connection may have open at once.
+    pub max_transfers_per_conn: usize,
     /// How long shutdown waits for connections to finish their current frame.
     pub drain_timeout: Duration,
     /// Refuse uploads.
@@ -83,6 +85,7 @@ impl Config {
             queue_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            max_transfers_per_conn: 64,
             drain_timeout: Duration::from_secs(10),
             read_only: false,
             max_per_address: 64,

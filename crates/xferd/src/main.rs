@@ -64,6 +64,12 @@ struct Args {
     /// Seconds a connection may stay silent before it is closed [default: 300].
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// Seconds a new connection has to finish its handshake [default: 10].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Transfers one connection may have open at once [default: 64].
+    #[arg(long, value_name = "N")]
+    max_transfers_per_conn: Option<usize>,
     /// Chunks a client may have unacknowledged per connection, 1 to 64 (at most this many per
     /// connection are sent again after a crash) [default: 2].
     #[arg(long, value_name = "N")]
@@ -105,6 +111,8 @@ impl Args {
             chunk_size: self.chunk_size,
             queue_timeout: self.queue_timeout,
             idle_timeout: self.idle_timeout,
+            handshake_timeout: self.handshake_timeout,
+            max_transfers_per_conn: self.max_transfers_per_conn,
             max_conns_per_ip: self.max_conns_per_ip,
             window: self.window,
             read_only: self.read_only.then_some(true),

@@ -37,6 +37,10 @@ pub struct Settings {
     pub queue_timeout: Option<u64>,
     /// Seconds of silence after which a connection is closed.
     pub idle_timeout: Option<u64>,
+    /// Seconds a new connection has to finish its handshake (`--handshake-timeout`).
+    pub handshake_timeout: Option<u64>,
+    /// Transfers one connection may have open at once (`--max-transfers-per-conn`).
+    pub max_transfers_per_conn: Option<usize>,
     /// Connections accepted at once from one client address (`--max-conns-per-ip`).
     pub max_conns_per_ip: Option<usize>,
     /// Chunks a client may have unacknowledged per connection (`--window`).
@@ -121,6 +125,8 @@ impl Settings {
             chunk_size: Some(Size(16 << 20)),
             queue_timeout: Some(30),
             idle_timeout: Some(300),
+            handshake_timeout: Some(10),
+            max_transfers_per_conn: Some(64),
             max_conns_per_ip: Some(64),
             window: Some(2),
             read_only: Some(false),
@@ -186,6 +192,8 @@ impl Settings {
             chunk_size: over.chunk_size.or(self.chunk_size),
             queue_timeout: over.queue_timeout.or(self.queue_timeout),
             idle_timeout: over.idle_timeout.or(self.idle_timeout),
+            handshake_timeout: over.handshake_timeout.or(self.handshake_timeout),
+            max_transfers_per_conn: over.max_transfers_per_conn.or(self.max_transfers_per_conn),
             max_conns_per_ip: over.max_conns_per_ip.or(self.max_conns_per_ip),
             window: over.window.or(self.window),
             read_only: over.read_only.or(self.read_only),
@@ -234,6 +242,12 @@ impl Settings {
         }
         if self.idle_timeout == Some(0) {
             bail!("idle_timeout (--idle-timeout) must be at least 1 second");
+        }
+        if self.handshake_timeout == Some(0) {
+            bail!("handshake_timeout (--handshake-timeout) must be at least 1 second");
+        }
+        if self.max_transfers_per_conn == Some(0) {
+            bail!("max_transfers_per_conn (--max-transfers-per-conn) must be at least 1");
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => bail!(
@@ -294,6 +308,12 @@ impl Settings {
             .map_or(0, |s| s.0 as u32);
         cfg.queue_timeout = Duration::from_secs(get(self.queue_timeout, defaults.queue_timeout));
         cfg.idle_timeout = Duration::from_secs(get(self.idle_timeout, defaults.idle_timeout));
+        cfg.handshake_timeout =
+            Duration::from_secs(get(self.handshake_timeout, defaults.handshake_timeout));
+        cfg.max_transfers_per_conn = self
+            .max_transfers_per_conn
+            .or(defaults.max_transfers_per_conn)
+            .unwrap_or(64);
         cfg.read_only = self.read_only.unwrap_or(false);
         cfg.window = self.window.or(defaults.window).unwrap_or(2);
         cfg.max_per_address = self
