@@ -148,6 +148,88 @@ fn expect_done(frame: Frame) -> Result<(), ClientError> {
     }
 }
 
+/// What a tree copy must do, from the source's listing and the receiver's.
+struct Plan {
+    dirs: Vec<TreeEntry>,
+    links: Vec<TreeEntry>,
+    small: Vec<TreeEntry>,
+    large: Vec<TreeEntry>,
+}
+
+impl Plan {
+    /// Sorts the source's entries: files the receiver already holds and links it already has
+    /// are skipped; links leading out of the tree and special files are left out with a warning.
+    fn new(
+        source: Vec<TreeEntry>,
+        receiver: &HashMap<String, TreeEntry>,
+        summary: &mut TreeSummary,
+    ) -> Self {
+        let mut plan = Self {
+            dirs: Vec::new(),
+            links: Vec::new(),
+            small: Vec::new(),
+            large: Vec::new(),
+        };
+        for entry in source {
+            let theirs = receiver.get(&entry.path);
+            match entry.kind {
+                EntryKind::Special => {
+                    eprintln!(
+                        "xfer: warning: skipping {}: not a regular file, directory or link",
+                        entry.path
+                    );
+                    summary.entries_skipped += 1;
+                }
+                EntryKind::Dir => plan.dirs.push(entry),
+                EntryKind::Symlink => {
+                    if xfer_core::tree::validate_link(&entry.path, &entry.target).is_err() {
+                        tracing::warn!(path = %entry.path, target = %entry.target, "link leads out of the tree; skipped");
+                        eprintln!(
+                            "xfer: warning: skipping {}: its link leads out of the tree",
+                            entry.path
+                        );
+                        summary.entries_skipped += 1;
+                    } else if theirs
+                        .is_none_or(|t| t.kind != EntryKind::Symlink || t.target != entry.target)
+                    {
+                        plan.links.push(entry);
+                    }
+                }
+                EntryKind::File => {
+                    summary.files_total += 1;
+                    summary.bytes_total += entry.size;
+                    if unchanged(&entry, theirs) {
+                        summary.files_skipped += 1;
+                    } else if entry.size <= SMALL_FILE {
+                        plan.small.push(entry);
+                    } else {
+                        plan.large.push(entry);
+                    }
+                }
+            }
+        }
+        plan
+    }
+}
+
+impl TreeSummary {
+    fn new(name: &str, opts: &Options) -> Self {
+        Self {
+            name: name.to_string(),
+            files_total: 0,
+            files_transferred: 0,
+            files_skipped: 0,
+            bytes_total: 0,
+            bytes_transferred: 0,
+            resumed_bytes: 0,
+            seconds: 0.0,
+            connections: opts.connections,
+            crc_retries: 0,
+            entries_skipped: 0,
+        }
+    }
+}
+
 struct Progress {
     /// `--bwlimit` for the small files, shared by every connection of the tree.
     limiter: Option<crate::RateLimiter>,
@@ -158,6 +240,20 @@ struct Progress {
 }
 
 impl Progress {
+    fn new(small: &[TreeEntry], large: &[TreeEntry], opts: &Options) -> Arc<Self> {
+        let progress = Self {
+            limiter: opts.bwlimit.map(crate::RateLimiter::new),
+            bar: opts.progress.clone(),
+            files_done: AtomicU64::new(0),
+            files_total: (small.len() + large.len()) as u64,
+            bytes_moved: AtomicU64::new(0),
+        };
+        progress
+            .bar
+            .set_length(small.iter().chain(large).map(|e| e.size).sum());
+        Arc::new(progress)
+    }
+
     fn file_done(&self, bytes: u64) {
         let done = self.files_done.fetch_add(1, Ordering::Relaxed) + 1;
         self.bytes_moved.fetch_add(bytes, Ordering::Relaxed);
@@ -215,71 +311,14 @@ pub async fn send_tree_from(
         .map(|e| (e.path.clone(), e))
         .collect();
 
-    let mut dirs = Vec::new();
-    let mut links = Vec::new();
-    let mut small = Vec::new();
-    let mut large = Vec::new();
-    let mut summary = TreeSummary {
-        name: dest.to_string(),
-        files_total: 0,
-        files_transferred: 0,
-        files_skipped: 0,
-        bytes_total: 0,
-        bytes_transferred: 0,
-        resumed_bytes: 0,
-        seconds: 0.0,
-        connections: opts.connections,
-        crc_retries: 0,
-        entries_skipped: 0,
-    };
-    for entry in walked {
-        match entry.kind {
-            EntryKind::Special => {
-                eprintln!(
-                    "xfer: warning: skipping {}: not a regular file, directory or link",
-                    entry.path
-                );
-                summary.entries_skipped += 1;
-            }
-            EntryKind::Dir => dirs.push(entry),
-            EntryKind::Symlink => {
-                if xfer_core::tree::validate_link(&entry.path, &entry.target).is_err() {
-                    tracing::warn!(path = %entry.path, target = %entry.target, "link leads out of the tree; skipped");
-                    eprintln!(
-                        "xfer: warning: skipping {}: its link leads out of the tree",
-                        entry.path
-                    );
-                    summary.entries_skipped += 1;
-                } else if remote
-                    .get(&entry.path)
-                    .is_none_or(|r| r.kind != EntryKind::Symlink || r.target != entry.target)
-                {
-                    links.push(entry);
-                }
-            }
-            EntryKind::File => {
-                summary.files_total += 1;
-                summary.bytes_total += entry.size;
-                if unchanged(&entry, remote.get(&entry.path)) {
-                    summary.files_skipped += 1;
-                } else if entry.size <= SMALL_FILE {
-                    small.push(entry);
-                } else {
-                    large.push(entry);
-                }
-            }
-        }
-    }
-    let progress = Arc::new(Progress {
-        limiter: opts.bwlimit.map(crate::RateLimiter::new),
-        bar: opts.progress.clone(),
-        files_done: AtomicU64::new(0),
-        files_total: (small.len() + large.len()) as u64,
-        bytes_moved: AtomicU64::new(0),
-    });
-    progress
-        .bar
-        .set_length(small.iter().chain(&large).map(|e| e.size).sum());
+    let mut summary = TreeSummary::new(dest, opts);
+    let Plan {
+        dirs,
+        links,
+        small,
+        large,
+    } = Plan::new(walked, &remote, &mut summary);
+    let progress = Progress::new(&small, &large, opts);
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.
@@ -464,55 +503,14 @@ pub async fn recv_tree(
     };
     let have: HashMap<String, TreeEntry> =
         walked.into_iter().map(|e| (e.path.clone(), e)).collect();
-    let mut summary = TreeSummary {
-        name: name.to_string(),
-        files_total: 0,
-        files_transferred: 0,
-        files_skipped: 0,
-        bytes_total: 0,
-        bytes_transferred: 0,
-        resumed_bytes: 0,
-        seconds: 0.0,
-        connections: opts.connections,
-        crc_retries: 0,
-        entries_skipped: 0,
-    };
-    let (mut dirs, mut links, mut small, mut large) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for entry in remote {
-        match entry.kind {
-            EntryKind::Special => {
-                eprintln!(
-                    "xfer: warning: skipping {}: not a regular file, directory or link",
-                    entry.path
-                );
-                summary.entries_skipped += 1;
-            }
-            EntryKind::Dir => dirs.push(entry),
-            EntryKind::Symlink => links.push(entry),
-            EntryKind::File => {
-                summary.files_total += 1;
-                summary.bytes_total += entry.size;
-                if unchanged(&entry, have.get(&entry.path)) {
-                    summary.files_skipped += 1;
-                } else if entry.size <= SMALL_FILE {
-                    small.push(entry);
-                } else {
-                    large.push(entry);
-                }
-            }
-        }
-    }
-    let progress = Arc::new(Progress {
-        limiter: opts.bwlimit.map(crate::RateLimiter::new),
-        bar: opts.progress.clone(),
-        files_done: AtomicU64::new(0),
-        files_total: (small.len() + large.len()) as u64,
-        bytes_moved: AtomicU64::new(0),
-    });
-    progress
-        .bar
-        .set_length(small.iter().chain(&large).map(|e| e.size).sum());
+    let mut summary = TreeSummary::new(name, opts);
+    let Plan {
+        dirs,
+        links,
+        small,
+        large,
+    } = Plan::new(remote, &have, &mut summary);
+    let progress = Progress::new(&small, &large, opts);
     let top = dirs.iter().find(|d| d.path.is_empty()).cloned();
     let inner_dirs: Vec<TreeEntry> = dirs.into_iter().filter(|d| !d.path.is_empty()).collect();
     for d in &inner_dirs {
