@@ -23,9 +23,9 @@
 # direction (wanem counters) / wall time. So every loss-limited run lasts the full 20 s, as the
 # wanem README asks (slow start overstates short loss-limited runs); a run can only finish sooner by
 # moving 1 GiB in < 20 s, i.e. > 54 MB/s = 86 % of the 500 Mbit/s link, where the link (not slow
-# start) bounds it. On lan every complete run is ~10 s at line rate. With 23 runs per profile x cc
-# the full matrix stays under an hour; a sized 1 GiB transfer of a 3 MB/s single stream (rsync or
-# scp on lossy cubic) would take 6 minutes on its own. iperf3 runs with -t WAN_CAP.
+# start) bounds it. On lan complete runs take 10-18 s here. With 23 runs per profile x cc the full
+# matrix stays under an hour; one cubic stream on lossy (rsync, scp, socat) moves 0.5-0.6 MB/s, so a
+# sized 1 GiB transfer would take half an hour on its own. iperf3 runs with -t WAN_CAP.
 #
 # Environment:
 #   WAN_SIZE        file size, bytes or K/M/G (powers of 1024); default 1G
@@ -35,6 +35,8 @@
 #   WAN_TOOLS       any of "iperf3 xfer socat rsync scp gridftp aria2"; default all
 #   WAN_DIRS        "upload download" (default) or one of them
 #   CONNS           xfer connection counts; default "1 4 8 16"
+#   IPERF_STREAMS   iperf3 -P values for upload; default "1 8 16" (download: -P 16 only, the ceiling)
+#   GRIDFTP_STREAMS globus-url-copy -p values; default "8 16"
 #   REPEAT          runs per measurement, the fastest is reported; default 1
 #   WAN_SOCKBUF_MB  wan.sh --sockbuf-mb (tcp_rmem/tcp_wmem max inside wa and wb); default: inherited
 #                   from the root namespace (here rmem 32 MiB, wmem 4 MiB)
@@ -52,10 +54,12 @@
 #   KEEP=1          keep the source file at the end
 #
 # Measurements, per run (a fresh server for every run, so its CPU and memory belong to that run):
-#   client   /usr/bin/time: user+sys CPU (with reaped children: ssh under scp) and peak RSS.
-#   server   xferd: utime+stime delta from /proc/PID/stat and VmHWM. iperf3 -s -1, rsync --daemon,
-#            sshd -D, globus-gridftp-server -1 and nginx (master_process off): /usr/bin/time around
-#            the server, which counts the forked per-connection children it reaped.
+#   CPU      user+sys of everything the client, and everything the server, started: one cgroup v1
+#            cpuacct group per side (children count even when a client stopped at the cap left
+#            them unreaped); without cpuacct, /usr/bin/time and /proc/PID/stat instead.
+#   RSS      client: /usr/bin/time %M (largest single process, e.g. ssh under scp); server: xferd
+#            VmHWM; iperf3 -s -1, rsync --daemon, sshd -D, globus-gridftp-server -1 and nginx
+#            (master_process off) under /usr/bin/time.
 #   link     wanem counters: payload bytes, loss drops and queue (tail) drops in the data direction.
 #   sender   `ss -ti` in the sending namespace once a second: busy / rwnd-limited / sndbuf-limited
 #            time, cwnd, rtt and retransmits of the data connections (see bench/wan_report.py).
@@ -64,6 +68,11 @@
 # OpenSSH defaults (SFTP protocol, default cipher) against sshd -D on a high port with key auth,
 # globus-url-copy -p N against globus-gridftp-server -aa (anonymous, ftp://, MODE E), aria2c -x 8 -s 8
 # against nginx. Everything the script starts is ended by PID; the emulator by `wan.sh down`.
+# Side effects, undone at exit: net.ipv4.tcp_allowed_congestion_control gains cubic and bbr;
+# /etc/netns/{wa,wb}/hosts name 10.78.0.1/2 (the GridFTP server resolves its own address and the
+# namespaces have no DNS); cpuacct cgroups wan-bench-PID. Left: /run/sshd (sshd's privsep dir),
+# the installed packages, and WAN_DIR/build (the HEAD build, reused by the next WAN_BUILD=head).
+# Timing: lan ~9 min per cc, wan and lossy ~10 min per cc (47 min in all on 2026-11-22).
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -77,6 +86,8 @@ CCS="${WAN_CCS:-cubic bbr}"
 TOOLS="${WAN_TOOLS:-iperf3 xfer socat rsync scp gridftp aria2}"
 DIRS="${WAN_DIRS:-upload download}"
 CONNS="${CONNS:-1 4 8 16}"
+IPERF_STREAMS="${IPERF_STREAMS:-1 8 16}"
+GRIDFTP_STREAMS="${GRIDFTP_STREAMS:-8 16}"
 REPEAT="${REPEAT:-1}"
 SOCKBUF_MB="${WAN_SOCKBUF_MB:-}"
 SEED="${WAN_SEED:-1}"
@@ -545,7 +556,7 @@ finish() {
 # Each run_* runs in a subshell (see measure) with PROFILE, CC, TOOL, DIR set.
 
 run_iperf3() { # run_iperf3 STREAMS
-    local n="$1" kind="iperf3-P$1-$DIR-$PROFILE-$CC" tpid spid bytes secs args
+    local n="$1" kind="iperf3-P$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" tpid spid bytes secs args
     next_port
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         iperf3 -s -1 -B "$IP_B" -p "$PORT" >"$LOGS/$kind.server" 2>&1 &
@@ -566,7 +577,7 @@ run_iperf3() { # run_iperf3 STREAMS
 }
 
 run_xfer() { # run_xfer CONNS
-    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC" dst pid addr line cpu0 cpu1 args
+    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst pid addr line cpu0 cpu1 args
     if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
     : >"$LOGS/$kind.xferd.out"
@@ -605,7 +616,7 @@ run_xfer() { # run_xfer CONNS
 }
 
 run_socat() {
-    local kind="socat-$DIR-$PROFILE-$CC" dst tpid spid
+    local kind="socat-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst tpid spid
     next_port
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-socat.bin"
@@ -639,7 +650,7 @@ run_socat() {
 }
 
 run_rsync() {
-    local kind="rsync-$DIR-$PROFILE-$CC" dst tpid spid from to
+    local kind="rsync-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst tpid spid from to
     next_port
     cat >"$WORK/conf/rsyncd.conf" <<EOF
 # written by bench/wan.sh
@@ -694,7 +705,7 @@ setup_ssh() { # once: host key, client key, sshd_config template
         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o IdentitiesOnly=yes)
 }
 run_scp() {
-    local kind="scp-$DIR-$PROFILE-$CC" d="$WORK/conf/ssh" dst tpid spid
+    local kind="scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" d="$WORK/conf/ssh" dst tpid spid
     next_port
     cat >"$d/sshd_config" <<EOF
 # written by bench/wan.sh
@@ -737,7 +748,7 @@ EOF
 }
 
 run_gridftp() { # run_gridftp STREAMS
-    local n="$1" kind="gridftp-p$1-$DIR-$PROFILE-$CC" dst tpid spid
+    local n="$1" kind="gridftp-p$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst tpid spid
     next_port
     # -aa: clear-text anonymous (ftp://), served as nobody; -1: exit after the one session, so
     # /usr/bin/time sees its CPU including the forked session process.
@@ -769,7 +780,7 @@ run_gridftp() { # run_gridftp STREAMS
 }
 
 run_aria2() {
-    local kind="aria2-$DIR-$PROFILE-$CC" d="$WORK/conf/nginx" dst="$DST/down-aria2.bin" tpid
+    local kind="aria2-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" d="$WORK/conf/nginx" dst="$DST/down-aria2.bin" tpid
     [[ "$DIR" == download ]] || fail "aria2c only downloads"
     next_port
     mkdir -p "$d/tmp"
@@ -879,11 +890,15 @@ for PROFILE in $PROFILES; do
         rmem="$(ip netns exec "$NS_A" sysctl -n net.ipv4.tcp_rmem | awk '{print $3}')"
         desc="$(profile_desc "$PROFILE"), $CC, tcp_wmem max $((wmem >> 20)) MiB, tcp_rmem max $((rmem >> 20)) MiB (wan.sh up ${wargs[*]})"
         for rep in $(seq "$REPEAT"); do
-            ((REPEAT > 1)) && log "round $rep of $REPEAT"
+            REP_SUFFIX=""
+            if ((REPEAT > 1)); then
+                log "round $rep of $REPEAT"
+                REP_SUFFIX="-r$rep" # logs of every round are kept
+            fi
             for DIR in $DIRS; do
                 if has_tool iperf3; then
                     if [[ "$DIR" == upload ]]; then
-                        for n in 1 8 16; do measure "iperf3 -P $n" iperf3 run_iperf3 "$n"; done
+                        for n in $IPERF_STREAMS; do measure "iperf3 -P $n" iperf3 run_iperf3 "$n"; done
                     else
                         measure "iperf3 -P 16" iperf3 run_iperf3 16
                     fi
@@ -893,7 +908,7 @@ for PROFILE in $PROFILES; do
                 has_tool rsync && measure "rsync daemon" rsync run_rsync
                 has_tool scp && measure "scp" scp run_scp
                 if has_tool gridftp; then
-                    for n in 8 16; do measure "globus-url-copy -p $n" gridftp run_gridftp "$n"; done
+                    for n in $GRIDFTP_STREAMS; do measure "globus-url-copy -p $n" gridftp run_gridftp "$n"; done
                 fi
                 if has_tool aria2; then
                     if [[ "$DIR" == download ]]; then
