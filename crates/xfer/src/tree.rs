@@ -298,12 +298,7 @@ pub async fn send_tree_from(
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
-    let walked = {
-        let local = local.clone();
-        tokio::task::spawn_blocking(move || local.walk("", checksum))
-            .await
-            .map_err(|e| CoreError::io("walking", std::io::Error::other(e.to_string())))??
-    };
+    let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
     let mut control = Session::connect(target, &opts.connector).await?;
     let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
         .await?
@@ -363,14 +358,11 @@ pub async fn send_tree_from(
     let mut large_result = Ok(());
     let large_opts = large_file_options(opts);
     for entry in &large {
-        let source = {
-            let (local, path) = (local.clone(), entry.path.clone());
-            tokio::task::spawn_blocking(move || {
-                xfer_core::SourceFile::new(local.open_read(&path)?, path)
-            })
-            .await
-            .map_err(|e| CoreError::io("opening", std::io::Error::other(e.to_string())))??
-        };
+        let path = entry.path.clone();
+        let source = on_local(&local, move |r| {
+            xfer_core::SourceFile::new(r.open_read(&path)?, path)
+        })
+        .await?;
         match engine::send_file(source, target, &join(dest, &entry.path), &large_opts).await {
             Ok(s) => {
                 summary.resumed_bytes += s.resumed_bytes;
@@ -495,12 +487,7 @@ pub async fn recv_tree(
     std::fs::create_dir_all(dir)
         .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
     let local = Root::open(dir)?;
-    let walked = {
-        let local = local.clone();
-        tokio::task::spawn_blocking(move || local.walk("", checksum))
-            .await
-            .map_err(|e| CoreError::io("walking", std::io::Error::other(e.to_string())))??
-    };
+    let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
     let have: HashMap<String, TreeEntry> =
         walked.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut summary = TreeSummary::new(name, opts);
