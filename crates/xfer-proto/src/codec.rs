@@ -289,6 +289,32 @@ mod tests {
         assert_eq!(out, every_frame());
     }
 
+    /// `PutFile`/`FileData` bytes are encoded in one piece (`serde_bytes`) and must stay exactly
+    /// what a sequence of `u8` was: a length, then the bytes.
+    #[test]
+    fn file_bytes_encode_as_a_length_and_the_bytes() {
+        let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let frame = Frame::PutFile(PutFile {
+            name: "a".into(),
+            mtime_ns: 5,
+            mode: 0o644,
+            crc32: 7,
+            data: data.clone(),
+        });
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf).unwrap();
+        // Type; name length (u64, big-endian) and "a"; mtime; mode; CRC; data length; bytes.
+        let mut want = vec![0x50];
+        want.extend_from_slice(&1u64.to_be_bytes());
+        want.push(b'a');
+        want.extend_from_slice(&5i64.to_be_bytes());
+        want.extend_from_slice(&0o644u32.to_be_bytes());
+        want.extend_from_slice(&7u32.to_be_bytes());
+        want.extend_from_slice(&300u64.to_be_bytes());
+        want.extend_from_slice(&data);
+        assert_eq!(&buf[4..], &want[..]);
+    }
+
     #[test]
     fn oversized_length_is_rejected_before_buffering() {
         let mut buf = BytesMut::new();

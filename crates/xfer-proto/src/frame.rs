@@ -379,7 +379,9 @@ pub struct PutFile {
     pub mode: u32,
     /// CRC32 of `data`.
     pub crc32: u32,
-    /// The file's bytes (at most `MAX_CONTROL_LEN` minus the rest of the body).
+    /// The file's bytes (at most `MAX_CONTROL_LEN` minus the rest of the body). Encoded as
+    /// bytes rather than a sequence of `u8`: the same wire format, copied in one piece.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -421,7 +423,8 @@ pub struct FileData {
     pub mode: u32,
     /// CRC32 of `data`.
     pub crc32: u32,
-    /// The bytes.
+    /// The bytes (encoded in one piece, as `PutFile::data`).
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
