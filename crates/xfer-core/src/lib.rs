@@ -32,6 +32,7 @@ pub use partial::PartialFile;
 pub use ranges::{split_into_chunks, RangeSet};
 pub use root::{validate_name, Root, Slot};
 pub use source::SourceFile;
+pub use tree::DirCache;
 pub use wire::{FrameReader, FrameWriter};
 
 const PARTIAL_SUFFIX: &str = ".xfer-part";

@@ -2,13 +2,17 @@
 //! small operations a tree copy is made of — a whole small file, a directory, a link, a flush.
 //! The daemon runs them for `send -r`, the client for `recv -r`: both ends use this one module.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 use xfer_proto::{EntryKind, FileIdentity, TreeEntry};
 
 use crate::root::map_open_err;
@@ -78,6 +82,90 @@ pub fn validate_link(name: &str, target: &str) -> Result<()> {
     Ok(())
 }
 
+/// Parent directories opened while one batch of files is stored, by path: a batch of small
+/// files in one directory resolves it once. Kept for one batch only, so a directory replaced
+/// meanwhile is resolved afresh by the next; bounded.
+#[derive(Debug, Default)]
+pub struct DirCache {
+    dirs: HashMap<String, Arc<File>>,
+}
+
+impl DirCache {
+    const MAX_DIRS: usize = 64;
+
+    /// The directory `name` goes into (created if missing) and its last component.
+    fn parent_of(&mut self, root: &Root, name: &str) -> Result<(Arc<File>, String)> {
+        let parts = validate_name(name)?;
+        let (leaf, parents) = parts.split_last().expect("validated names have a part");
+        let parent = parents.join("/");
+        if let Some(dir) = self.dirs.get(&parent) {
+            return Ok((Arc::clone(dir), (*leaf).to_string()));
+        }
+        let slot = root.parent_slot(name, true)?;
+        if self.dirs.len() >= Self::MAX_DIRS {
+            self.dirs.clear();
+        }
+        self.dirs.insert(parent, Arc::clone(&slot.dir));
+        Ok((slot.dir, slot.leaf))
+    }
+}
+
+/// Only a regular file may be replaced by a stored file: never a directory, link or special.
+fn check_replaceable(dir: BorrowedFd<'_>, leaf: &str, name: &str) -> Result<()> {
+    match rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile => {
+            Err(CoreError::NotRegular(name.to_string()))
+        }
+        Ok(_) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(CoreError::io(format!("stat {name:?}"), e.into())),
+    }
+}
+
+/// How this process links an `O_TMPFILE` file into a directory, once found out.
+static LINK_METHOD: AtomicU8 = AtomicU8::new(LINK_UNKNOWN);
+const LINK_UNKNOWN: u8 = 0;
+/// `linkat(fd, "", AT_EMPTY_PATH)`: root, or Linux 6.10+ for the file's opener.
+const LINK_EMPTY_PATH: u8 = 1;
+/// `linkat("/proc/self/fd/N", AT_SYMLINK_FOLLOW)`: needs /proc.
+const LINK_PROC: u8 = 2;
+/// Neither works: files are written under their partial name and renamed.
+const LINK_NONE: u8 = 3;
+
+fn unnamed_files_work() -> bool {
+    LINK_METHOD.load(Ordering::Relaxed) != LINK_NONE
+}
+
+/// Gives the unnamed file `file` the name `leaf` in `dir`; `EEXIST` if the name is taken.
+fn link_unnamed(file: &File, dir: BorrowedFd<'_>, leaf: &str) -> rustix::io::Result<()> {
+    let by_empty_path = || rfs::linkat(file, "", dir, leaf, AtFlags::EMPTY_PATH);
+    let by_proc = || {
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        rfs::linkat(rfs::CWD, path.as_str(), dir, leaf, AtFlags::SYMLINK_FOLLOW)
+    };
+    match LINK_METHOD.load(Ordering::Relaxed) {
+        LINK_EMPTY_PATH => by_empty_path(),
+        LINK_PROC => by_proc(),
+        _ => {
+            // Without the privilege, AT_EMPTY_PATH fails with ENOENT; without /proc, so does
+            // the other way. A name that exists is EEXIST either way, and tells nothing yet.
+            let found = match by_empty_path() {
+                Err(Errno::NOENT | Errno::PERM) => match by_proc() {
+                    Err(Errno::NOENT | Errno::PERM | Errno::ACCESS) => {
+                        LINK_METHOD.store(LINK_NONE, Ordering::Relaxed);
+                        return Err(Errno::OPNOTSUPP);
+                    }
+                    r => (r, LINK_PROC),
+                },
+                r => (r, LINK_EMPTY_PATH),
+            };
+            if found.0.is_ok() {
+                LINK_METHOD.store(found.1, Ordering::Relaxed);
+            }
+            found.0
+        }
+    }
+}
+
 impl Root {
     /// Lists the tree under `dir` (empty: the whole root), parents before children, the top
     /// itself first with an empty path. Partial and journal files are left out; symlinks are
@@ -105,7 +193,7 @@ impl Root {
         }];
         let mut stack = vec![(top, String::new(), 0usize)];
         while let Some((fd, rel, depth)) = stack.pop() {
-            let ctx = |e: rustix::io::Errno| CoreError::io(format!("listing {rel:?}"), e.into());
+            let ctx = |e: Errno| CoreError::io(format!("listing {rel:?}"), e.into());
             let mut names: Vec<String> = Vec::new();
             for entry in rfs::Dir::read_from(&fd).map_err(ctx)? {
                 let entry = entry.map_err(ctx)?;
@@ -187,56 +275,120 @@ impl Root {
         Ok(out)
     }
 
-    /// Stores a whole small file: written to its partial name, given its mode and mtime, and
-    /// renamed over `name`. Not flushed: [`Root::sync`] does that once for a whole tree.
+    /// Stores a whole small file with its mode and mtime; see [`Root::put_file_in`].
+    ///
+    /// # Errors
+    /// As [`Root::put_file_in`].
+    pub fn put_file(&self, name: &str, mtime_ns: i64, mode: u32, data: &[u8]) -> Result<()> {
+        self.put_file_in(&mut DirCache::default(), name, mtime_ns, mode, data)
+    }
+
+    /// Stores a whole small file: written complete, with its mode and mtime, into an unnamed
+    /// file (`O_TMPFILE`) that is then linked under `name` — one directory entry made, none
+    /// renamed, and nothing ever visible half written. A regular file already there is replaced
+    /// atomically (linked at its partial name and renamed over it); filesystems without
+    /// `O_TMPFILE` take that path for every file. Not flushed: [`Root::sync`] does that once
+    /// for a whole tree. `dirs` keeps parent directories open across the files of one batch.
     ///
     /// # Errors
     /// `BadPath`, `NotRegular` (a directory or link is in the way), `NoSpace` or I/O errors.
-    pub fn put_file(&self, name: &str, mtime_ns: i64, mode: u32, data: &[u8]) -> Result<()> {
-        let slot = self.slot(name, true)?;
-        let dir = slot.dir.as_fd();
-        let part = partial_name(&slot.leaf);
-        let flags =
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    pub fn put_file_in(
+        &self,
+        dirs: &mut DirCache,
+        name: &str,
+        mtime_ns: i64,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<()> {
         let ctx = |what: &str| format!("{what} {name:?}");
-        let file = File::from(
-            rfs::openat(dir, part.as_str(), flags, Mode::from_raw_mode(0o600))
-                .map_err(|e| CoreError::io(ctx("creating"), e.into()))?,
-        );
+        let (dir, leaf) = dirs.parent_of(self, name)?;
+        let dir = dir.as_fd();
+        let unnamed = unnamed_files_work()
+            .then(|| {
+                rfs::openat(
+                    dir,
+                    ".",
+                    OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+            })
+            .transpose();
+        let (file, named) = match unnamed {
+            Ok(Some(fd)) => (File::from(fd), false),
+            Ok(None) | Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+                // Refuse what may not be replaced before creating anything.
+                check_replaceable(dir, &leaf, name)?;
+                let part = partial_name(&leaf);
+                let flags = OFlags::WRONLY
+                    | OFlags::CREATE
+                    | OFlags::TRUNC
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC;
+                let fd = rfs::openat(dir, part.as_str(), flags, Mode::from_raw_mode(0o600))
+                    .map_err(|e| CoreError::io(ctx("creating"), e.into()))?;
+                (File::from(fd), true)
+            }
+            Err(e) => return Err(CoreError::io(ctx("creating"), e.into())),
+        };
         file.write_all_at(data, 0)
             .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777)))
             .and_then(|()| file.set_modified(system_time(mtime_ns)))
             .map_err(|e| CoreError::io(ctx("writing"), e))?;
-        rfs::renameat(dir, part.as_str(), dir, slot.leaf.as_str())
-            .map_err(|e| CoreError::io(ctx("renaming"), e.into()))?;
-        Ok(())
+        if !named {
+            match link_unnamed(&file, dir, &leaf) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EXIST) => check_replaceable(dir, &leaf, name)?,
+                // Found out just now that unnamed files cannot be linked here: store it named.
+                Err(Errno::OPNOTSUPP) => return self.put_file_in(dirs, name, mtime_ns, mode, data),
+                Err(e) => return Err(CoreError::io(ctx("linking"), e.into())),
+            }
+            let part = partial_name(&leaf);
+            let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+            link_unnamed(&file, dir, &part).map_err(|e| CoreError::io(ctx("linking"), e.into()))?;
+        }
+        rfs::renameat(dir, partial_name(&leaf).as_str(), dir, leaf.as_str())
+            .map_err(|e| CoreError::io(ctx("renaming"), e.into()))
     }
 
-    /// Creates directory `name` (and missing parents) if needed and sets its mode and mtime.
+    /// Creates directory `name` (and missing parents) if needed and sets its mode and mtime. A
+    /// regular file of that name is replaced (the source's file became a directory); a link or
+    /// special file is not.
     ///
     /// # Errors
-    /// `BadPath`, `NotRegular` (something else has the name) or I/O errors.
+    /// `BadPath`, `NotRegular` (a link or special file has the name) or I/O errors.
     pub fn make_dir(&self, name: &str, mode: u32, mtime_ns: i64) -> Result<()> {
         let slot = self.parent_slot(name, true)?;
+        let (dir, leaf) = (slot.dir.as_fd(), slot.leaf.as_str());
         let ctx = |what: &str| format!("{what} {name:?}");
-        match rfs::mkdirat(
-            slot.dir.as_fd(),
-            slot.leaf.as_str(),
-            Mode::from_raw_mode(0o700),
-        ) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(CoreError::io(ctx("mkdir"), e.into())),
-        }
-        let fd = rfs::openat(
-            slot.dir.as_fd(),
-            slot.leaf.as_str(),
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| match e {
-            rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP => {
-                CoreError::NotRegular(name.to_string())
+        let mkdir = || match rfs::mkdirat(dir, leaf, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(CoreError::io(ctx("mkdir"), e.into())),
+        };
+        let open = || {
+            rfs::openat(
+                dir,
+                leaf,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        };
+        mkdir()?;
+        let fd = match open() {
+            Err(Errno::NOTDIR) => {
+                let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| CoreError::io(ctx("stat"), e.into()))?;
+                if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+                    return Err(CoreError::NotRegular(name.to_string()));
+                }
+                rfs::unlinkat(dir, leaf, AtFlags::empty())
+                    .map_err(|e| CoreError::io(ctx("removing file in the way of"), e.into()))?;
+                mkdir()?;
+                open()
             }
+            other => other,
+        }
+        .map_err(|e| match e {
+            Errno::NOTDIR | Errno::LOOP => CoreError::NotRegular(name.to_string()),
             e => CoreError::io(ctx("opening"), e.into()),
         })?;
         let dir = File::from(fd);
@@ -311,6 +463,7 @@ impl Root {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn links_must_stay_inside() {
@@ -336,7 +489,7 @@ mod tests {
         root.make_link("t/sub/l", "../empty").unwrap(); // replaced atomically
         assert!(root.make_link("t/bad", "../../x").is_err());
         assert!(matches!(
-            root.make_dir("t/sub/f.txt", 0o755, 0),
+            root.make_dir("t/sub/l", 0o755, 0),
             Err(CoreError::NotRegular(_))
         ));
         root.make_dir("t", 0o750, 1_000_000_000).unwrap(); // idempotent; mtime set again
@@ -369,5 +522,44 @@ mod tests {
             Err(CoreError::TooLarge(_))
         ));
         assert!(!tmp.path().join("t/sub/.f.txt.xfer-part").exists());
+    }
+
+    #[test]
+    fn stored_files_replace_files_only_and_files_give_way_to_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let mut dirs = DirCache::default();
+        for (i, data) in [&b"one"[..], b"second"].into_iter().enumerate() {
+            root.put_file_in(&mut dirs, "d/f", i as i64, 0o640, data)
+                .unwrap();
+            assert_eq!(std::fs::read(tmp.path().join("d/f")).unwrap(), data);
+        }
+        root.make_dir("d/sub", 0o755, 0).unwrap();
+        root.make_link("d/l", "f").unwrap();
+        for name in ["d/sub", "d/l"] {
+            assert!(
+                matches!(
+                    root.put_file_in(&mut dirs, name, 0, 0o644, b"x"),
+                    Err(CoreError::NotRegular(_))
+                ),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_link(tmp.path().join("d/l")).unwrap(),
+            Path::new("f")
+        );
+        // The source's file became a directory: the file gives way; a link does not.
+        root.make_dir("d/f", 0o750, 0).unwrap();
+        assert!(tmp.path().join("d/f").is_dir());
+        assert!(matches!(
+            root.make_dir("d/l", 0o755, 0),
+            Err(CoreError::NotRegular(_))
+        ));
+        let left: Vec<_> = std::fs::read_dir(tmp.path().join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
     }
 }
