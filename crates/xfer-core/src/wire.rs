@@ -51,6 +51,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame if it is already buffered whole; never waits for input. Lets a server
+    /// gather requests a client pipelined and answer them together.
+    ///
+    /// # Errors
+    /// A [`ProtoError`] for malformed input.
+    pub fn buffered_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        self.codec.decode(&mut self.buf)
+    }
+
     /// The underlying reader.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.io
@@ -81,26 +90,41 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// # Cancel safety
     /// Not cancel safe: a cancelled call may leave half a frame on the stream.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ProtoError> {
-        if let Frame::Data(data) = frame {
-            let header = data.header();
-            let (mut h, mut p) = (&header[..], &data.payload[..]);
-            while !h.is_empty() || !p.is_empty() {
-                let n = self
-                    .io
-                    .write_vectored(&[IoSlice::new(h), IoSlice::new(p)])
-                    .await?;
-                if n == 0 {
-                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        self.send_all(std::slice::from_ref(frame)).await
+    }
+
+    /// Writes frames completely, control frames gathered into one write, then flushes once.
+    ///
+    /// # Errors
+    /// I/O errors, or a control body that cannot be encoded.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a cancelled call may leave half a frame on the stream.
+    pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), ProtoError> {
+        self.buf.clear();
+        for frame in frames {
+            if let Frame::Data(data) = frame {
+                self.io.write_all(&self.buf).await?;
+                self.buf.clear();
+                let header = data.header();
+                let (mut h, mut p) = (&header[..], &data.payload[..]);
+                while !h.is_empty() || !p.is_empty() {
+                    let n = self
+                        .io
+                        .write_vectored(&[IoSlice::new(h), IoSlice::new(p)])
+                        .await?;
+                    if n == 0 {
+                        return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                    }
+                    let from_header = n.min(h.len());
+                    h = &h[from_header..];
+                    p = &p[n - from_header..];
                 }
-                let from_header = n.min(h.len());
-                h = &h[from_header..];
-                p = &p[n - from_header..];
+            } else {
+                frame.encode(&mut self.buf)?;
             }
-        } else {
-            self.buf.clear();
-            frame.encode(&mut self.buf)?;
-            self.io.write_all(&self.buf).await?;
         }
+        self.io.write_all(&self.buf).await?;
         // A TLS stream keeps the tail of a record buffered until flushed; the peer is waiting
         // for the whole frame. On plain TCP this does nothing.
         self.io.flush().await?;

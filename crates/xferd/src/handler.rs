@@ -75,6 +75,8 @@ struct Handler {
     reader: Reader,
     writer: Writer,
     open: HashMap<u64, Open>,
+    /// A request read while gathering a batch of small files, to be handled next.
+    pending: Option<Request>,
 }
 
 /// Serves one connection to its end; logs how it ended.
@@ -126,6 +128,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         reader,
         writer,
         open: HashMap::new(),
+        pending: None,
     };
     let err = match handler.run().await {
         Ok(()) => {
@@ -254,20 +257,26 @@ impl Handler {
         };
         self.writer.send(&Frame::Welcome(welcome)).await?;
         loop {
-            let frame = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume")),
-                frame = timeout(cfg.idle_timeout, self.reader.read_frame()) => match frame {
-                    Err(_) => return Err(fatal(ErrorCode::Protocol, format!("idle for {:?}", cfg.idle_timeout))),
-                    Ok(frame) => frame?,
-                },
-            };
-            let Some(frame) = frame else {
-                return Err(ConnError::PeerClosed);
+            let request = match self.pending.take() {
+                Some(request) => request,
+                None => {
+                    let frame = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume")),
+                        frame = timeout(cfg.idle_timeout, self.reader.read_frame()) => match frame {
+                            Err(_) => return Err(fatal(ErrorCode::Protocol, format!("idle for {:?}", cfg.idle_timeout))),
+                            Ok(frame) => frame?,
+                        },
+                    };
+                    let Some(frame) = frame else {
+                        return Err(ConnError::PeerClosed);
+                    };
+                    self.session.handle_frame(frame)?
+                }
             };
             // A frame is handled to completion: shutdown is noticed only between frames, so a
             // chunk is either written and acknowledged or not acknowledged at all.
-            match self.session.handle_frame(frame)? {
+            match request {
                 Request::OpenWrite(req) => self.open_write(req).await?,
                 Request::Data(data) => self.data(data).await?,
                 Request::Commit(c) => self.commit(c).await?,
@@ -276,7 +285,7 @@ impl Handler {
                 Request::ReadChunk(chunk) => self.read_chunk(chunk).await?,
                 Request::List(list) => self.list(&list.dir).await?,
                 Request::ListTree(req) => self.list_tree(req).await?,
-                Request::PutFile(req) => self.put_file(req).await?,
+                Request::PutFile(req) => self.put_files(req).await?,
                 Request::MakeDir(req) => {
                     self.tree_op(req.name.clone(), move |root| {
                         root.make_dir(&req.name, req.mode, req.mtime_ns)
@@ -372,10 +381,7 @@ impl Handler {
     async fn open_write(&mut self, req: OpenWrite) -> Result<(), ConnError> {
         if self.shared.config.read_only {
             return self
-                .reply_error(
-                    ErrorCode::ReadOnly,
-                    "read-only server: uploads are disabled".into(),
-                )
+                .reply_error(ErrorCode::ReadOnly, READ_ONLY.into())
                 .await;
         }
         let opened = self
@@ -632,10 +638,7 @@ impl Handler {
     ) -> Result<(), ConnError> {
         if self.shared.config.read_only {
             return self
-                .reply_error(
-                    ErrorCode::ReadOnly,
-                    "read-only server: uploads are disabled".into(),
-                )
+                .reply_error(ErrorCode::ReadOnly, READ_ONLY.into())
                 .await;
         }
         if self.shared.registry.is_open(&name) {
@@ -652,19 +655,65 @@ impl Handler {
         }
     }
 
-    async fn put_file(&mut self, req: PutFile) -> Result<(), ConnError> {
-        if crc32fast::hash(&req.data) != req.crc32 {
-            // Bit errors in a control frame: the stream can no longer be trusted.
-            return Err(fatal(
-                ErrorCode::BadCrc,
-                format!("{}: data failed its CRC", req.name),
-            ));
+    /// Stores `first` and the small files pipelined behind it that are already buffered, in one
+    /// trip to the blocking pool, and answers them with one write: per file, the cost is the
+    /// filesystem's alone. Each is answered (`Done` or a request-level error) in order.
+    async fn put_files(&mut self, first: PutFile) -> Result<(), ConnError> {
+        let mut batch = vec![first];
+        let mut bytes = batch[0].data.len();
+        while batch.len() < PUT_BATCH_FILES && bytes < PUT_BATCH_BYTES {
+            let Some(frame) = self.reader.buffered_frame()? else {
+                break;
+            };
+            match self.session.handle_frame(frame)? {
+                Request::PutFile(req) => {
+                    bytes += req.data.len();
+                    batch.push(req);
+                }
+                other => {
+                    self.pending = Some(other);
+                    break;
+                }
+            }
         }
-        let name = req.name.clone();
-        self.tree_op(name, move |root| {
-            root.put_file(&req.name, req.mtime_ns, req.mode, &req.data)
-        })
-        .await
+        // Bit errors in a control frame: the stream can no longer be trusted. The files before
+        // it are stored and answered; the connection ends there.
+        let mut end = None;
+        if let Some(bad) = batch
+            .iter()
+            .position(|r| crc32fast::hash(&r.data) != r.crc32)
+        {
+            let message = format!("{}: data failed its CRC", batch[bad].name);
+            end = Some(fatal(ErrorCode::BadCrc, message));
+            batch.truncate(bad);
+        }
+        let outcomes: Vec<StoreOutcome> = if self.shared.config.read_only {
+            let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
+            batch.into_iter().map(|r| (r.name, refusal())).collect()
+        } else {
+            let (root, shared) = (self.root(), Arc::clone(&self.shared));
+            blocking(move || Ok(store_small_files(&root, &shared, batch)))
+                .await
+                .unwrap_or_else(|e: CoreError| {
+                    vec![(String::new(), Err((e.code(), e.to_string())))]
+                })
+        };
+        let mut replies = Vec::with_capacity(outcomes.len());
+        for (name, outcome) in outcomes {
+            match outcome {
+                Ok(()) => replies.push(Frame::Done(Done { name })),
+                Err((code, message)) if code.is_request_level() => {
+                    info!(name = %name, error = %message, "tree request refused");
+                    replies.push(Frame::Error(ErrorFrame::new(code, message)));
+                }
+                Err((code, message)) => {
+                    end = Some(fatal(code, message));
+                    break;
+                }
+            }
+        }
+        self.writer.send_all(&replies).await?;
+        end.map_or(Ok(()), Err)
     }
 
     async fn get_file(&mut self, req: GetFile) -> Result<(), ConnError> {
@@ -867,6 +916,43 @@ impl Handler {
 
 /// Sends a last error frame, then closes without resetting the connection: the write side is
 /// shut first and unread input is drained briefly, so the peer gets to read the frame.
+/// Small files a connection stores in one trip to the blocking pool, at most.
+const PUT_BATCH_FILES: usize = 64;
+/// File bytes in one such batch, at most (beyond the file that starts it).
+const PUT_BATCH_BYTES: usize = 8 << 20;
+const READ_ONLY: &str = "read-only server: uploads are disabled";
+
+/// A stored file's name, and the error it got if any.
+type StoreOutcome = (String, Result<(), (ErrorCode, String)>);
+
+/// Stores a batch of small files in order, stopping at the first error that ends the connection
+/// (request-level errors, such as a directory in the way, do not stop it).
+fn store_small_files(
+    root: &xfer_core::Root,
+    shared: &Shared,
+    batch: Vec<PutFile>,
+) -> Vec<StoreOutcome> {
+    let mut dirs = xfer_core::DirCache::default();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for req in batch {
+        let outcome = if shared.registry.is_open(&req.name) {
+            let message = format!("{} is being uploaded by another client", req.name);
+            Err((ErrorCode::InUse, message))
+        } else {
+            root.put_file_in(&mut dirs, &req.name, req.mtime_ns, req.mode, &req.data)
+                .map_err(|e| (e.code(), e.to_string()))
+        };
+        let fatal = outcome
+            .as_ref()
+            .is_err_and(|(code, _)| !code.is_request_level());
+        outcomes.push((req.name, outcome));
+        if fatal {
+            break;
+        }
+    }
+    outcomes
+}
+
 async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame) {
     let _ = timeout(std::time::Duration::from_secs(2), async {
         writer.send(&Frame::Error(frame)).await?;
