@@ -4,6 +4,7 @@
 //! source a grant derived from it: good for writing under the destination name only, for a
 //! limited time, and useless for anything else.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::ProgressBar;
@@ -109,6 +110,21 @@ pub fn make_grant(token: &[u8], dest: &str) -> (Grant, Vec<u8>) {
     (grant, key)
 }
 
+/// How a copy runs, beside where from and where to.
+#[derive(Debug, Clone, Default)]
+pub struct CopyOptions {
+    /// The destination's token, from which the copy's grant is made; never sent.
+    pub dst_token: Option<Arc<[u8]>>,
+    /// Copy a directory tree.
+    pub recursive: bool,
+    /// Connections from the source to the destination.
+    pub connections: usize,
+    /// Chunk size of the uploads to the destination.
+    pub chunk_size: u32,
+    /// Have the source reach the destination over TLS, verifying its certificate.
+    pub dst_tls: bool,
+}
+
 /// Runs one copy and returns what the source daemon reported.
 ///
 /// # Errors
@@ -117,22 +133,23 @@ pub fn make_grant(token: &[u8], dest: &str) -> (Grant, Vec<u8>) {
 pub async fn copy(
     spec: &CopySpec,
     src: &Connector,
-    dst_token: Option<&[u8]>,
-    recursive: bool,
-    connections: usize,
-    chunk_size: u32,
+    opts: &CopyOptions,
     progress: &ProgressBar,
 ) -> Result<CopyDone, ClientError> {
     let mut session = Session::connect(&spec.src, src).await?;
     let request = CopyTo {
         source: spec.name.clone(),
-        recursive,
+        recursive: opts.recursive,
         host: spec.dst.host.clone(),
         port: spec.dst.port,
         dest: spec.dest.clone(),
-        connections: connections as u32,
-        chunk_size,
-        grant: dst_token.map(|token| make_grant(token, &spec.dest)),
+        connections: opts.connections as u32,
+        chunk_size: opts.chunk_size,
+        grant: opts
+            .dst_token
+            .as_deref()
+            .map(|token| make_grant(token, &spec.dest)),
+        tls: opts.dst_tls,
     };
     session.send(&Frame::CopyTo(request)).await?;
     loop {

@@ -486,6 +486,13 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         tls: None,
         grant: None,
     };
+    let opts = xfer::copy::CopyOptions {
+        dst_token,
+        recursive: args.recursive,
+        connections: args.connections,
+        chunk_size: chunk as u32,
+        dst_tls: connector.tls.is_some(),
+    };
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::with_draw_target(if show {
         ProgressDrawTarget::stderr()
@@ -505,21 +512,10 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
                 .expect("valid template"),
             );
             bar.set_message(spec.name.clone());
-            let (limit, connector, dst_token) =
-                (Arc::clone(&limit), connector.clone(), dst_token.clone());
-            let (recursive, connections, chunk) = (args.recursive, args.connections, chunk as u32);
+            let (limit, connector, opts) = (Arc::clone(&limit), connector.clone(), opts.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let result = xfer::copy::copy(
-                    &spec,
-                    &connector,
-                    dst_token.as_deref(),
-                    recursive,
-                    connections,
-                    chunk,
-                    &bar,
-                )
-                .await;
+                let result = xfer::copy::copy(&spec, &connector, &opts, &bar).await;
                 bar.finish_and_clear();
                 (i, result)
             });
