@@ -2,7 +2,8 @@
 //! tree straight to the destination daemon, and shows the progress the source reports. The data
 //! never passes through the client. When the destination needs a token, the client gives the
 //! source a grant derived from it: good for writing under the destination name only, for a
-//! limited time, and useless for anything else.
+//! limited time, and useless for anything else. Over TLS the grant travels inside the client's
+//! TLS session, and `CopyTo.tls` has the source verify and encrypt its own leg too.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,7 +112,7 @@ pub fn make_grant(token: &[u8], dest: &str) -> (Grant, Vec<u8>) {
 }
 
 /// How a copy runs, beside where from and where to.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct CopyOptions {
     /// The destination's token, from which the copy's grant is made; never sent.
     pub dst_token: Option<Arc<[u8]>>,
@@ -123,6 +124,18 @@ pub struct CopyOptions {
     pub chunk_size: u32,
     /// Have the source reach the destination over TLS, verifying its certificate.
     pub dst_tls: bool,
+}
+
+impl std::fmt::Debug for CopyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("dst_token", &self.dst_token.as_ref().map(|_| "<redacted>"))
+            .field("recursive", &self.recursive)
+            .field("connections", &self.connections)
+            .field("chunk_size", &self.chunk_size)
+            .field("dst_tls", &self.dst_tls)
+            .finish()
+    }
 }
 
 /// Runs one copy and returns what the source daemon reported.
