@@ -4,6 +4,7 @@
 mod atomic;
 mod concurrency;
 mod contention;
+mod copy;
 mod crash;
 mod disk;
 mod faults;

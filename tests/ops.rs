@@ -331,4 +331,20 @@ fn check_config_prints_effective_settings_and_names_bad_keys() {
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("chunksize"), "{stderr}");
+
+    // copy_ca is checked like every file the settings name: readable, and holding a CA.
+    let pki = crate::hostile::Pki::new(&["127.0.0.1"]);
+    write_config(&config, &format!("copy_ca = {:?}\n", pki.ca().display()));
+    let ok = run(&["--config", config_arg, "--check-config"]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(stdout.contains("copy_ca = "), "{stdout}");
+    write_config(&config, "copy_ca = \"no-such-ca.pem\"\n");
+    let bad = run(&["--config", config_arg, "--check-config"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("copy_ca") && stderr.contains("no-such-ca.pem"),
+        "{stderr}"
+    );
 }

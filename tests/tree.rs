@@ -26,7 +26,7 @@ const MIB: u64 = 1024 * 1024;
 
 /// What a tree entry looks like, as compared between source and copies.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
+pub(crate) enum Node {
     File {
         sha256: String,
         mode: u32,
@@ -44,7 +44,7 @@ enum Node {
 
 /// Every entry below `dir` (the top itself as `""`), by `/`-separated relative path. Links are
 /// read, never followed.
-fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
+pub(crate) fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
     fn node(path: &Path) -> Node {
         let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mode = meta.permissions().mode() & 0o7777;
@@ -90,7 +90,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
 }
 
 /// `snapshot(src)` without the entries a tree copy leaves out.
-fn expected(src: &Path, left_out: &[&str]) -> BTreeMap<String, Node> {
+pub(crate) fn expected(src: &Path, left_out: &[&str]) -> BTreeMap<String, Node> {
     let mut want = snapshot(src);
     for name in left_out {
         assert!(
@@ -103,7 +103,7 @@ fn expected(src: &Path, left_out: &[&str]) -> BTreeMap<String, Node> {
 
 /// Asserts two snapshots are equal, naming the first entries that differ.
 #[track_caller]
-fn assert_same(got: &BTreeMap<String, Node>, want: &BTreeMap<String, Node>, what: &str) {
+pub(crate) fn assert_same(got: &BTreeMap<String, Node>, want: &BTreeMap<String, Node>, what: &str) {
     let mut diffs = Vec::new();
     for (path, w) in want {
         match got.get(path) {
@@ -219,7 +219,7 @@ fn assert_root_holds_only(root: &Path, dest: &str) {
 }
 
 /// Regular files in a source tree: (count, bytes).
-fn file_totals(tree: &BTreeMap<String, Node>, src: &Path) -> (u64, u64) {
+pub(crate) fn file_totals(tree: &BTreeMap<String, Node>, src: &Path) -> (u64, u64) {
     tree.iter()
         .filter(|(_, n)| matches!(n, Node::File { .. }))
         .fold((0, 0), |(n, b), (p, _)| {
@@ -231,7 +231,7 @@ fn file_totals(tree: &BTreeMap<String, Node>, src: &Path) -> (u64, u64) {
 /// and empty directories, files of 0, 1, 4 KiB, 1 MiB, 1 MiB + 1 bytes (whole-file path) and
 /// 3 MiB-ish (chunked path), modes 0600/0640/0755, explicit mtimes with nanoseconds, a link
 /// inside the tree, two links leading out and a FIFO. Returns the entries a copy leaves out.
-fn build_full_tree(src: &Path) -> Vec<&'static str> {
+pub(crate) fn build_full_tree(src: &Path) -> Vec<&'static str> {
     let files: &[(&str, u64, u32)] = &[
         ("zero", 0, 0o644),
         ("one", 1, 0o600),

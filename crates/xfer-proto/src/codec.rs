@@ -119,6 +119,7 @@ mod tests {
                 connections: 4,
                 chunk_size: 1 << 20,
                 grant: None,
+                tls: true,
             }),
             Frame::Progress(Progress {
                 bytes_done: 1,
@@ -460,6 +461,76 @@ mod tests {
             data.verify(),
             Err(ProtoError::BadCrc { offset: 0 })
         ));
+    }
+
+    /// Bytes of a `proto.md` hex dump: offsets dropped, every line's pairs joined.
+    fn dump(text: &str) -> Vec<u8> {
+        text.lines()
+            .flat_map(|line| line.split_whitespace().skip(1))
+            .map(|pair| u8::from_str_radix(pair, 16).unwrap())
+            .collect()
+    }
+
+    /// The `CopyTo` examples of proto.md A.21, so the spec and the encoder cannot drift apart.
+    #[test]
+    fn copy_to_matches_the_spec_examples() {
+        let grant = Grant {
+            scope: "backups/big.iso".into(),
+            expires: 1_700_086_400,
+            nonce: (0x40..0x60).collect(),
+        };
+        let key = auth::grant_key(b"correct horse battery staple", &grant);
+        let mut request = CopyTo {
+            source: "data/big.iso".into(),
+            recursive: false,
+            host: "dst.example".into(),
+            port: 8888,
+            dest: "backups/big.iso".into(),
+            connections: 4,
+            chunk_size: 4 << 20,
+            grant: Some((grant, key)),
+            tls: true,
+        };
+        let with_grant = dump(
+            "0000  00 00 00 bb 60 00 00 00 00 00 00 00 0c 64 61 74
+             0010  61 2f 62 69 67 2e 69 73 6f 00 00 00 00 00 00 00
+             0020  00 0b 64 73 74 2e 65 78 61 6d 70 6c 65 22 b8 00
+             0030  00 00 00 00 00 00 0f 62 61 63 6b 75 70 73 2f 62
+             0040  69 67 2e 69 73 6f 00 00 00 04 00 40 00 00 01 00
+             0050  00 00 00 00 00 00 0f 62 61 63 6b 75 70 73 2f 62
+             0060  69 67 2e 69 73 6f 00 00 00 00 65 55 42 80 00 00
+             0070  00 00 00 00 00 20 40 41 42 43 44 45 46 47 48 49
+             0080  4a 4b 4c 4d 4e 4f 50 51 52 53 54 55 56 57 58 59
+             0090  5a 5b 5c 5d 5e 5f 00 00 00 00 00 00 00 20 24 ff
+             00a0  d3 d9 44 44 58 72 2a d1 59 89 53 11 e4 c1 26 56
+             00b0  6e 15 31 16 08 18 7e 4b 33 f1 86 5a fb b8 01",
+        );
+        let mut wire = BytesMut::new();
+        Frame::CopyTo(request.clone()).encode(&mut wire).unwrap();
+        assert_eq!(&wire[..], &with_grant[..]);
+        request.grant = None;
+        request.tls = false;
+        let plain = dump(
+            "0000  00 00 00 4c 60 00 00 00 00 00 00 00 0c 64 61 74
+             0010  61 2f 62 69 67 2e 69 73 6f 00 00 00 00 00 00 00
+             0020  00 0b 64 73 74 2e 65 78 61 6d 70 6c 65 22 b8 00
+             0030  00 00 00 00 00 00 0f 62 61 63 6b 75 70 73 2f 62
+             0040  69 67 2e 69 73 6f 00 00 00 04 00 40 00 00 00 00",
+        );
+        let mut wire = BytesMut::new();
+        Frame::CopyTo(request).encode(&mut wire).unwrap();
+        assert_eq!(&wire[..], &plain[..]);
+        // A CopyTo of the layout before `tls` existed is one byte short: refused, not guessed.
+        let mut old = plain[..plain.len() - 1].to_vec();
+        old[3] -= 1;
+        let err = decode_all(&old).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub struct CopyTo {
     pub chunk_size: u32,
     /// Grant for the destination, with its derived key; `None` if it needs no token.
     pub grant: Option<(Grant, Vec<u8>)>,
+    /// Reach the destination over TLS, verifying its certificate for `host`; never fall back
+    /// to plain TCP.
+    pub tls: bool,
 }
 
 /// Server → client while a copy runs.

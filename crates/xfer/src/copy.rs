@@ -2,8 +2,10 @@
 //! tree straight to the destination daemon, and shows the progress the source reports. The data
 //! never passes through the client. When the destination needs a token, the client gives the
 //! source a grant derived from it: good for writing under the destination name only, for a
-//! limited time, and useless for anything else.
+//! limited time, and useless for anything else. Over TLS the grant travels inside the client's
+//! TLS session, and `CopyTo.tls` has the source verify and encrypt its own leg too.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::ProgressBar;
@@ -109,6 +111,33 @@ pub fn make_grant(token: &[u8], dest: &str) -> (Grant, Vec<u8>) {
     (grant, key)
 }
 
+/// How a copy runs, beside where from and where to.
+#[derive(Clone)]
+pub struct CopyOptions {
+    /// The destination's token, from which the copy's grant is made; never sent.
+    pub dst_token: Option<Arc<[u8]>>,
+    /// Copy a directory tree.
+    pub recursive: bool,
+    /// Connections from the source to the destination.
+    pub connections: usize,
+    /// Chunk size of the uploads to the destination.
+    pub chunk_size: u32,
+    /// Have the source reach the destination over TLS, verifying its certificate.
+    pub dst_tls: bool,
+}
+
+impl std::fmt::Debug for CopyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("dst_token", &self.dst_token.as_ref().map(|_| "<redacted>"))
+            .field("recursive", &self.recursive)
+            .field("connections", &self.connections)
+            .field("chunk_size", &self.chunk_size)
+            .field("dst_tls", &self.dst_tls)
+            .finish()
+    }
+}
+
 /// Runs one copy and returns what the source daemon reported.
 ///
 /// # Errors
@@ -117,22 +146,23 @@ pub fn make_grant(token: &[u8], dest: &str) -> (Grant, Vec<u8>) {
 pub async fn copy(
     spec: &CopySpec,
     src: &Connector,
-    dst_token: Option<&[u8]>,
-    recursive: bool,
-    connections: usize,
-    chunk_size: u32,
+    opts: &CopyOptions,
     progress: &ProgressBar,
 ) -> Result<CopyDone, ClientError> {
     let mut session = Session::connect(&spec.src, src).await?;
     let request = CopyTo {
         source: spec.name.clone(),
-        recursive,
+        recursive: opts.recursive,
         host: spec.dst.host.clone(),
         port: spec.dst.port,
         dest: spec.dest.clone(),
-        connections: connections as u32,
-        chunk_size,
-        grant: dst_token.map(|token| make_grant(token, &spec.dest)),
+        connections: opts.connections as u32,
+        chunk_size: opts.chunk_size,
+        grant: opts
+            .dst_token
+            .as_deref()
+            .map(|token| make_grant(token, &spec.dest)),
+        tls: opts.dst_tls,
     };
     session.send(&Frame::CopyTo(request)).await?;
     loop {

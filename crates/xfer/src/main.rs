@@ -57,7 +57,7 @@ enum Command {
     },
     /// Copy a file or tree from one daemon straight to another; the data does not pass here.
     #[command(
-        after_help = "Examples:\n  xfer copy src-host:data/big.iso dst-host:backups/big.iso\n  xfer copy -r --src-token-file a.tok --dst-token-file b.tok src:9000:photos dst:9000\n  xfer copy --from-list copies.txt --jobs 4   # lines: SRC_HOST[:PORT]:NAME DST_HOST[:PORT][:DEST]"
+        after_help = "Examples:\n  xfer copy src-host:data/big.iso dst-host:backups/big.iso\n  xfer copy -r --src-token-file a.tok --dst-token-file b.tok src:9000:photos dst:9000\n  xfer copy --tls --ca ca.pem src:data/big.iso dst:backups/big.iso\n  xfer copy --from-list copies.txt --jobs 4   # lines: SRC_HOST[:PORT]:NAME DST_HOST[:PORT][:DEST]"
     )]
     Copy(CopyArgs),
     /// List a directory on the server: SIZE, MTIME (UTC) and NAME, tab-separated.
@@ -112,6 +112,14 @@ struct CopyArgs {
     /// Copies from --from-list run at once.
     #[arg(long, default_value_t = 4)]
     jobs: usize,
+    /// Run both legs over TLS: to the source daemon, which then checks the destination's
+    /// certificate against its own --copy-ca (both daemons need --tls-cert).
+    #[arg(long)]
+    tls: bool,
+    /// PEM file of CA certificates to trust for the source daemon with --tls (default: the
+    /// system's).
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     quiet: bool,
@@ -471,20 +479,22 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         .iter()
         .map(|(s, d)| xfer::copy::CopySpec::parse(s, d))
         .collect::<Result<Vec<_>, _>>()?;
-    let src_token = TokenArgs {
+    let connector = TokenArgs {
         token_file: args.src_token_file.clone(),
-        tls: false,
-        ca: None,
+        tls: args.tls,
+        ca: args.ca.clone(),
     }
-    .token()?;
+    .connector()?;
     let dst_token: Option<Arc<[u8]>> = match &args.dst_token_file {
         Some(path) => Some(xfer_core::token::read_token_file(path)?.into()),
         None => None,
     };
-    let connector = xfer::Connector {
-        token: src_token,
-        tls: None,
-        grant: None,
+    let opts = xfer::copy::CopyOptions {
+        dst_token,
+        recursive: args.recursive,
+        connections: args.connections,
+        chunk_size: chunk as u32,
+        dst_tls: connector.tls.is_some(),
     };
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::with_draw_target(if show {
@@ -505,21 +515,10 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
                 .expect("valid template"),
             );
             bar.set_message(spec.name.clone());
-            let (limit, connector, dst_token) =
-                (Arc::clone(&limit), connector.clone(), dst_token.clone());
-            let (recursive, connections, chunk) = (args.recursive, args.connections, chunk as u32);
+            let (limit, connector, opts) = (Arc::clone(&limit), connector.clone(), opts.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let result = xfer::copy::copy(
-                    &spec,
-                    &connector,
-                    dst_token.as_deref(),
-                    recursive,
-                    connections,
-                    chunk,
-                    &bar,
-                )
-                .await;
+                let result = xfer::copy::copy(&spec, &connector, &opts, &bar).await;
                 bar.finish_and_clear();
                 (i, result)
             });

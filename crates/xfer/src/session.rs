@@ -62,6 +62,18 @@ impl Connector {
     /// # Errors
     /// `ca` cannot be read or holds no certificate; no system roots are found.
     pub fn tls(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, ClientError> {
+        Self::tls_trusting(ca, "pass --ca FILE")
+    }
+
+    /// [`Connector::tls`] for a program whose way of naming a CA file is not `--ca`: `fix` says
+    /// what to do when the system has no roots (the daemon names its `copy_ca` setting).
+    ///
+    /// # Errors
+    /// As [`Connector::tls`].
+    pub fn tls_trusting(
+        ca: Option<&Path>,
+        fix: &str,
+    ) -> Result<tokio_rustls::TlsConnector, ClientError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
         let bad = |why: String| ClientError::Target(why);
@@ -85,7 +97,7 @@ impl Connector {
                 let found = rustls_native_certs::load_native_certs();
                 roots.add_parsable_certificates(found.certs);
                 if roots.is_empty() {
-                    return Err(bad("no system CA certificates found; pass --ca FILE".into()));
+                    return Err(bad(format!("no system CA certificates found; {fix}")));
                 }
             }
         }

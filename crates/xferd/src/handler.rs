@@ -747,6 +747,19 @@ impl Handler {
             Some((grant, key)) => (Some(grant), Some(key.into())),
             None => (None, None),
         };
+        let tls = if req.tls {
+            match copy_trust(self.shared.config.copy_trust.clone()).await {
+                Ok(connector) => Some(connector),
+                Err(e) => {
+                    warn!(destination = %destination, error = %e, "copy failed");
+                    return self
+                        .reply_error(ErrorCode::Io, format!("copy to {destination} failed: {e}"))
+                        .await;
+                }
+            }
+        } else {
+            None
+        };
         let opts = xfer::Options {
             connections: req.connections.clamp(1, 64) as usize,
             chunk_size: req
@@ -757,7 +770,7 @@ impl Handler {
             progress: progress.clone(),
             connector: xfer::Connector {
                 token: key,
-                tls: None,
+                tls,
                 grant,
             },
         };
@@ -826,7 +839,15 @@ impl Handler {
                     xfer::ClientError::Local(c) if c.code().is_request_level() => c.code(),
                     _ => ErrorCode::Io,
                 };
-                self.reply_error(code, format!("copy to {destination} failed: {e}"))
+                // The destination's certificate was checked here, against this daemon's trust
+                // anchors, not the client's: say which, or the client's --ca looks to blame.
+                let hint = match &e {
+                    xfer::ClientError::Tls(_) => {
+                        " (the source daemon trusts the CAs of its copy_ca, or else the system's)"
+                    }
+                    _ => "",
+                };
+                self.reply_error(code, format!("copy to {destination} failed: {e}{hint}"))
                     .await
             }
             Err(e) => Err(fatal(ErrorCode::Io, format!("copy task failed: {e}"))),
@@ -968,4 +989,16 @@ async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame)
         Ok::<_, ProtoError>(())
     })
     .await;
+}
+
+/// The trust anchors for a copy over TLS: `copy_ca`'s, or the system's, read off the runtime.
+async fn copy_trust(
+    configured: Option<crate::CopyTrust>,
+) -> Result<tokio_rustls::TlsConnector, xfer::ClientError> {
+    if let Some(trust) = configured {
+        return Ok(trust.0);
+    }
+    tokio::task::spawn_blocking(|| xfer::Connector::tls_trusting(None, crate::CopyTrust::FIX))
+        .await
+        .map_err(|e| xfer::ClientError::Target(format!("loading the system's CAs: {e}")))?
 }

@@ -67,6 +67,10 @@ pub struct Config {
     pub token: Option<Arc<[u8]>>,
     /// Certificate and key: when set, every session runs over TLS.
     pub tls: Option<Tls>,
+    /// The CAs trusted for the TLS leg of outgoing copies (`copy_ca`); `None` trusts the
+    /// system's, loaded when a copy asks for TLS, so a daemon that never does is not bothered
+    /// by a system without them.
+    pub copy_trust: Option<CopyTrust>,
 }
 
 impl Config {
@@ -91,6 +95,7 @@ impl Config {
             max_per_address: 64,
             token: None,
             tls: None,
+            copy_trust: None,
         })
     }
 }
@@ -127,6 +132,29 @@ impl Tls {
             .with_single_cert(certs, key)
             .context("certificate and key do not fit together")?;
         Ok(Self(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+}
+
+/// The CA certificates a daemon trusts when it copies to another one over TLS.
+#[derive(Clone)]
+pub struct CopyTrust(pub tokio_rustls::TlsConnector);
+
+impl std::fmt::Debug for CopyTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CopyTrust(..)")
+    }
+}
+
+impl CopyTrust {
+    /// What `copy_ca` names when unset, and the hint given when the system has no CAs either.
+    pub const FIX: &'static str = "set copy_ca (--copy-ca FILE) on the source daemon";
+
+    /// Trusts the PEM CA certificates in `ca`.
+    ///
+    /// # Errors
+    /// The file cannot be read or holds no certificate.
+    pub fn from_pem_file(ca: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(Self(xfer::Connector::tls_trusting(Some(ca), Self::FIX)?))
     }
 }
 
@@ -444,6 +472,12 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
             if a.is_some() { "on" } else { "off" },
             if b.is_some() { "on" } else { "off" }
         )),
+    }
+    let trust = |t: &Option<CopyTrust>| if t.is_some() { "copy_ca" } else { "system CAs" };
+    match (&old.copy_trust, &new.copy_trust) {
+        (None, None) => {}
+        (Some(_), Some(_)) => out.push("copy_ca: reloaded".into()),
+        (a, b) => out.push(format!("copy_ca: {} -> {}", trust(a), trust(b))),
     }
     out
 }

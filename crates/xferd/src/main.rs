@@ -90,6 +90,10 @@ struct Args {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificates to trust for the destination of a copy over TLS (xfer copy --tls)
+    /// [default: the system's].
+    #[arg(long, value_name = "FILE")]
+    copy_ca: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (anyone who can connect may read and write).
     #[arg(long)]
     allow_anonymous: bool,
@@ -120,6 +124,7 @@ impl Args {
             allow_anonymous: self.allow_anonymous.then_some(true),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            copy_ca: self.copy_ca.clone(),
             log_level: self.log_level.clone(),
             metrics: self.metrics.clone(),
         }

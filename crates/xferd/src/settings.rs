@@ -55,6 +55,9 @@ pub struct Settings {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (`--tls-key`).
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for the destination of a copy over TLS (`--copy-ca`);
+    /// unset, the system's.
+    pub copy_ca: Option<PathBuf>,
     /// Log filter (`--log-level`; `RUST_LOG` overrides both).
     pub log_level: Option<String>,
     /// Address of the Prometheus endpoint (`--metrics`); none by default.
@@ -134,6 +137,7 @@ impl Settings {
             allow_anonymous: Some(false),
             tls_cert: None,
             tls_key: None,
+            copy_ca: None,
             log_level: Some("info".into()),
             metrics: None,
         }
@@ -172,6 +176,7 @@ impl Settings {
             &mut s.token_file,
             &mut s.tls_cert,
             &mut s.tls_key,
+            &mut s.copy_ca,
         ]
         .into_iter()
         .flatten()
@@ -201,6 +206,7 @@ impl Settings {
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
+            copy_ca: over.copy_ca.or(self.copy_ca),
             log_level: over.log_level.or(self.log_level),
             metrics: over.metrics.or(self.metrics),
         }
@@ -327,6 +333,9 @@ impl Settings {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             cfg.tls = Some(crate::Tls::from_pem_files(cert, key).context("tls_cert/tls_key")?);
         }
+        if let Some(ca) = &self.copy_ca {
+            cfg.copy_trust = Some(crate::CopyTrust::from_pem_file(ca).context("copy_ca")?);
+        }
         Ok(cfg)
     }
 
@@ -356,6 +365,9 @@ impl Settings {
             if none {
                 out.push_str(&format!("# {key}: not set\n"));
             }
+        }
+        if self.copy_ca.is_none() {
+            out.push_str("# copy_ca: not set (copies over TLS trust the system's CAs)\n");
         }
         out
     }
@@ -424,6 +436,7 @@ mod tests {
             allow_anonymous = false
             tls_cert = "/etc/xferd/cert.pem"
             tls_key = "/etc/xferd/key.pem"
+            copy_ca = "/etc/xferd/peers-ca.pem"
             log_level = "debug"
             metrics = "127.0.0.1:9108"
             "#,
@@ -460,11 +473,12 @@ mod tests {
         let file = dir.path().join("xferd.toml");
         std::fs::write(
             &file,
-            "root = \"data\"\ntoken_file = \"/etc/xferd/token\"\n",
+            "root = \"data\"\ntoken_file = \"/etc/xferd/token\"\ncopy_ca = \"ca.pem\"\n",
         )
         .unwrap();
         let s = Settings::load(&file).unwrap();
         assert_eq!(s.root, Some(dir.path().join("data")));
+        assert_eq!(s.copy_ca, Some(dir.path().join("ca.pem")));
         assert_eq!(s.token_file, Some(PathBuf::from("/etc/xferd/token")));
     }
 

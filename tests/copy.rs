@@ -1,0 +1,286 @@
+//! Server-to-server copies (`xfer copy`) through the real binaries, two daemons on their own
+//! ports, each with a token and a TLS certificate of its own CA: with `--tls` a file, a tree
+//! and a `--from-list` fan-out arrive whole over TLS on both legs; a destination the source
+//! daemon does not trust (its `--copy-ca`), and a source daemon without TLS, fail with one clear
+//! line and leave nothing at the destination; a destination with a certificate refuses a copy
+//! made without `--tls`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use xfer_tests::{list_tree, random_file, sha256_file, Daemon, Tree, XferOutput};
+
+use crate::hostile::{run_xfer, Pki};
+use crate::tree::{assert_same, build_full_tree, expected, file_totals, snapshot};
+
+/// Hang guard for one `xfer copy` run (a guard, not a timing claim).
+const GUARD: Duration = Duration::from_secs(180);
+const MIB: u64 = 1024 * 1024;
+
+/// One daemon of a copy: its directory, its CA and certificate, its token file.
+struct Side {
+    tree: Tree,
+    pki: Pki,
+    token: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Side {
+    /// Makes the directory, a CA with a certificate for 127.0.0.1 and a token file; the daemon
+    /// is started by [`Side::start`].
+    fn new(token: &str) -> Self {
+        let tree = Tree::new();
+        let token_path = tree.path().join("token");
+        fs::write(&token_path, format!("{token}\n")).unwrap();
+        Self {
+            tree,
+            pki: Pki::new(&["127.0.0.1"]),
+            token: token_path,
+            daemon: None,
+        }
+    }
+
+    /// Starts `xferd` with the token, with TLS if `tls`, and with `extra` flags.
+    fn start(&mut self, tls: bool, extra: &[&str]) {
+        let mut args = vec!["--token-file".to_string(), path_arg(&self.token)];
+        if tls {
+            args.extend(self.pki.daemon_args());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.daemon = Some(Daemon::start(&self.tree.root(), &args));
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("daemon started")
+    }
+
+    /// `127.0.0.1:PORT:NAME`, a copy endpoint on this daemon.
+    fn at(&self, name: &str) -> String {
+        format!("{}:{name}", self.daemon().addr())
+    }
+
+    /// Where `name` lies under this daemon's root.
+    fn file(&self, name: &str) -> PathBuf {
+        self.tree.root().join(name)
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.to_str().expect("UTF-8 path").to_owned()
+}
+
+/// A source and a destination daemon, both with TLS; the source trusts the destination's CA
+/// for copies (`--copy-ca`), the client trusts the source's (`--ca`).
+fn tls_pair() -> (Side, Side) {
+    let mut dst = Side::new("dst-token-7c1d");
+    dst.start(true, &[]);
+    let mut src = Side::new("src-token-93ab");
+    let copy_ca = path_arg(&dst.pki.ca());
+    src.start(true, &["--copy-ca", &copy_ca]);
+    (src, dst)
+}
+
+/// `xfer copy --json --src-token-file … --dst-token-file … [--tls --ca SRC_CA] EXTRA…`.
+fn copy(src: &Side, dst: &Side, tls: bool, extra: &[&str]) -> XferOutput {
+    let mut args = vec![
+        "copy".to_string(),
+        "--json".into(),
+        "--src-token-file".into(),
+        path_arg(&src.token),
+        "--dst-token-file".into(),
+        path_arg(&dst.token),
+    ];
+    if tls {
+        args.extend(["--tls".into(), "--ca".into(), path_arg(&src.pki.ca())]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run_xfer(&args, &[], GUARD)
+}
+
+/// Asserts the `--json` summary's totals: `(copies, failed, files_total, files_transferred,
+/// files_skipped, bytes_total, bytes_transferred)`, and that every result says `ok` as the
+/// failure count implies.
+#[track_caller]
+fn assert_summary(out: &XferOutput, want: (u64, u64, u64, u64, u64, u64, u64)) {
+    let json = out.json();
+    let got = (
+        out.json_u64("copies"),
+        out.json_u64("failed"),
+        out.json_u64("files_total"),
+        out.json_u64("files_transferred"),
+        out.json_u64("files_skipped"),
+        out.json_u64("bytes_total"),
+        out.json_u64("bytes_transferred"),
+    );
+    assert_eq!(
+        got, want,
+        "`{}`: (copies, failed, files_total, files_transferred, files_skipped, bytes_total, \
+         bytes_transferred) in {json}",
+        out.cmd
+    );
+    let results = json["results"].as_array().expect("results");
+    assert_eq!(results.len() as u64, want.0, "{json}");
+    let ok = results.iter().filter(|r| r["ok"] == true).count() as u64;
+    assert_eq!(ok, want.0 - want.1, "{json}");
+}
+
+#[test]
+fn tls_copy_of_a_file_over_both_legs() {
+    let (src, dst) = tls_pair();
+    let size = 6 * MIB + 777;
+    let want = random_file(&src.file("data/big.bin"), size, 51);
+    let out = copy(
+        &src,
+        &dst,
+        true,
+        &[
+            "-c",
+            "3",
+            "--chunk-size",
+            "1M",
+            &src.at("data/big.bin"),
+            &dst.at("backups/big.bin"),
+        ],
+    )
+    .ok();
+    assert_summary(&out, (1, 0, 1, 1, 0, size, size));
+    let result = &out.json()["results"][0];
+    assert_eq!(result["src"], src.at("data/big.bin").as_str());
+    assert_eq!(result["dst"], dst.at("backups/big.bin").as_str());
+    assert!(result["error"].is_null(), "{result}");
+    assert_eq!(sha256_file(&dst.file("backups/big.bin")), want);
+    assert_eq!(list_tree(&dst.tree.root()), ["backups/", "backups/big.bin"]);
+}
+
+#[test]
+fn tls_copy_of_a_tree_over_both_legs_and_its_rerun() {
+    let (src, dst) = tls_pair();
+    let top = src.file("t");
+    build_full_tree(&top);
+    let want = expected(&top, &["escape", "docs/climb", "pipe"]);
+    let (files, bytes) = file_totals(&want, &top);
+    let args = ["-r", "-c", "3", &src.at("t"), &dst.at("backup/t")];
+    let out = copy(&src, &dst, true, &args).ok();
+    assert_summary(&out, (1, 0, files, files, 0, bytes, bytes));
+    assert_same(&snapshot(&dst.file("backup/t")), &want, "the copied tree");
+    // A rerun over TLS finds everything in place and moves nothing.
+    let again = copy(&src, &dst, true, &args).ok();
+    assert_summary(&again, (1, 0, files, 0, files, bytes, 0));
+    assert_same(
+        &snapshot(&dst.file("backup/t")),
+        &want,
+        "the tree after a rerun",
+    );
+}
+
+#[test]
+fn tls_copies_from_a_list_all_run_over_tls() {
+    let (src, dst) = tls_pair();
+    let sizes = [3 * MIB + 5, 200_000, 0];
+    let mut list = String::from("# copies over TLS\n\n");
+    let mut wants = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let name = format!("in/f{i}.bin");
+        wants.push(random_file(&src.file(&name), *size, 60 + i as u64));
+        list.push_str(&format!(
+            "{} {}\n",
+            src.at(&name),
+            dst.at(&format!("out/g{i}"))
+        ));
+    }
+    let list_file = src.tree.path().join("copies.txt");
+    fs::write(&list_file, list).unwrap();
+    let total: u64 = sizes.iter().sum();
+    let out = copy(
+        &src,
+        &dst,
+        true,
+        &["--from-list", &path_arg(&list_file), "--jobs", "2"],
+    )
+    .ok();
+    assert_summary(&out, (3, 0, 3, 3, 0, total, total));
+    for (i, want) in wants.iter().enumerate() {
+        assert_eq!(&sha256_file(&dst.file(&format!("out/g{i}"))), want, "g{i}");
+    }
+}
+
+/// The source daemon checks the destination's certificate against its own `--copy-ca`, not the
+/// client's `--ca`: a destination whose CA it does not trust gets nothing, not even a name.
+#[test]
+fn tls_copy_to_a_destination_the_source_does_not_trust_fails_clearly() {
+    let mut dst = Side::new("dst-token-7c1d");
+    dst.start(true, &[]);
+    let mut src = Side::new("src-token-93ab");
+    // Trusts its own CA only, which did not sign the destination's certificate.
+    let copy_ca = path_arg(&src.pki.ca());
+    src.start(true, &["--copy-ca", &copy_ca]);
+    random_file(&src.file("a.bin"), 300_000, 52);
+    let out = copy(&src, &dst, true, &[&src.at("a.bin"), &dst.at("a.bin")]);
+    let line = out.error_line();
+    assert!(
+        line.contains("TLS handshake failed") && line.contains("copy_ca"),
+        "{line}"
+    );
+    assert_summary(&out, (1, 1, 0, 0, 0, 0, 0));
+    let error = out.json()["results"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.contains("TLS handshake failed"), "{error}");
+    assert_eq!(list_tree(&dst.tree.root()), Vec::<String>::new());
+    // Restarted trusting the destination's CA, the source carries out the same copy: the
+    // refusal above was the trust anchors' doing and nothing else's.
+    drop(src.daemon.take());
+    let copy_ca = path_arg(&dst.pki.ca());
+    src.start(true, &["--copy-ca", &copy_ca]);
+    copy(&src, &dst, true, &[&src.at("a.bin"), &dst.at("a.bin")]).ok();
+    assert_eq!(
+        sha256_file(&dst.file("a.bin")),
+        sha256_file(&src.file("a.bin"))
+    );
+}
+
+#[test]
+fn tls_copy_from_a_source_without_tls_fails_clearly() {
+    let mut dst = Side::new("dst-token-7c1d");
+    dst.start(true, &[]);
+    let mut src = Side::new("src-token-93ab");
+    src.start(false, &[]);
+    random_file(&src.file("a.bin"), 1000, 53);
+    let out = copy(&src, &dst, true, &[&src.at("a.bin"), &dst.at("a.bin")]);
+    let line = out.error_line();
+    assert!(line.contains("does not offer TLS"), "{line}");
+    assert_summary(&out, (1, 1, 0, 0, 0, 0, 0));
+    assert_eq!(list_tree(&dst.tree.root()), Vec::<String>::new());
+}
+
+/// A daemon with a certificate serves only TLS: as a destination it refuses a copy made
+/// without `--tls`, and says how to fix it.
+#[test]
+fn plain_copy_to_a_destination_with_tls_is_refused() {
+    let mut dst = Side::new("dst-token-7c1d");
+    dst.start(true, &[]);
+    let mut src = Side::new("src-token-93ab");
+    src.start(false, &[]);
+    random_file(&src.file("a.bin"), 1000, 54);
+    let out = copy(&src, &dst, false, &[&src.at("a.bin"), &dst.at("a.bin")]);
+    let line = out.error_line();
+    assert!(line.contains("requires TLS"), "{line}");
+    assert_eq!(list_tree(&dst.tree.root()), Vec::<String>::new());
+}
+
+/// Without `--tls` on either side a copy still works as before: plain TCP on both legs.
+#[test]
+fn plain_copy_between_daemons_without_tls() {
+    let mut dst = Side::new("dst-token-7c1d");
+    dst.start(false, &[]);
+    let mut src = Side::new("src-token-93ab");
+    src.start(false, &[]);
+    let size = 2 * MIB + 3;
+    let want = random_file(&src.file("p.bin"), size, 55);
+    let out = copy(&src, &dst, false, &[&src.at("p.bin"), &dst.at("q/p.bin")]).ok();
+    assert_summary(&out, (1, 0, 1, 1, 0, size, size));
+    assert_eq!(sha256_file(&dst.file("q/p.bin")), want);
+}
