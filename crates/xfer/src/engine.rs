@@ -57,6 +57,8 @@ pub struct Summary {
     pub mbytes_per_sec: f64,
     /// Chunks sent again because their CRC did not match.
     pub crc_retries: u64,
+    /// TCP congestion control of the data connections, as the kernel reports it.
+    pub congestion: Option<String>,
 }
 
 /// Chunks still to move, shared by the workers of one transfer.
@@ -304,6 +306,7 @@ fn make_summary(
     work: &Work,
     started: Instant,
     connections: usize,
+    congestion: Option<String>,
 ) -> Summary {
     let seconds = started.elapsed().as_secs_f64();
     let bytes_transferred = work.transferred.load(Ordering::Relaxed);
@@ -316,6 +319,7 @@ fn make_summary(
         connections,
         mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
         crc_retries: work.crc_retries.load(Ordering::Relaxed),
+        congestion,
     }
 }
 
@@ -446,6 +450,7 @@ pub async fn send_file(
     let started = Instant::now();
     let identity = source.identity();
     let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
     let chunk_size = opts
         .chunk_size
         .min(session.welcome.max_chunk_size)
@@ -522,6 +527,7 @@ pub async fn send_file(
                     &work,
                     started,
                     opts.connections,
+                    congestion,
                 ));
             }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
@@ -660,6 +666,7 @@ pub async fn recv(
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
     let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
@@ -769,6 +776,7 @@ pub async fn recv(
         &work,
         started,
         opts.connections,
+        congestion,
     ))
 }
 

@@ -137,6 +137,18 @@ struct Common {
     /// Limit the rate to RATE bytes per second across all connections (K, M, G suffixes).
     #[arg(long, value_name = "RATE")]
     bwlimit: Option<String>,
+    /// Send buffer (SO_SNDBUF) of every connection, K, M, G suffixes; the kernel caps it at
+    /// net.core.wmem_max [default: the kernel's, autotuned].
+    #[arg(long, value_name = "SIZE")]
+    sndbuf: Option<String>,
+    /// Receive buffer (SO_RCVBUF) of every connection, K, M, G suffixes; the kernel caps it at
+    /// net.core.rmem_max [default: the kernel's, autotuned].
+    #[arg(long, value_name = "SIZE")]
+    rcvbuf: Option<String>,
+    /// TCP congestion control of every connection, e.g. bbr or cubic (see
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control) [default: the system's].
+    #[arg(long, value_name = "NAME")]
+    congestion: Option<String>,
     /// Seconds to keep reconnecting after the connection drops before giving up.
     #[arg(long, default_value_t = 60)]
     retry_deadline: u64,
@@ -180,6 +192,8 @@ impl TokenArgs {
             token: self.token()?,
             tls,
             grant: None,
+            socket: xfer::sockopt::SocketOptions::default(),
+            meter: None,
         })
     }
 
@@ -213,6 +227,15 @@ impl Common {
         if bwlimit == Some(0) {
             bail!("--bwlimit must be above 0");
         }
+        let socket = xfer::sockopt::SocketOptions {
+            sndbuf: self.sndbuf.as_deref().map(parse).transpose()?,
+            rcvbuf: self.rcvbuf.as_deref().map(parse).transpose()?,
+            congestion: self.congestion.clone(),
+        };
+        // An algorithm that cannot be had is an error now, not a silent fallback later.
+        socket.check("--sndbuf", "--rcvbuf")?;
+        let mut connector = self.auth.connector()?;
+        connector.socket = socket;
         let progress = if !self.quiet && std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
@@ -231,7 +254,7 @@ impl Common {
             bwlimit,
             retry_deadline: Duration::from_secs(self.retry_deadline),
             progress,
-            connector: self.auth.connector()?,
+            connector,
         })
     }
 
@@ -485,6 +508,8 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         token: src_token,
         tls: None,
         grant: None,
+        socket: xfer::sockopt::SocketOptions::default(),
+        meter: None,
     };
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::with_draw_target(if show {

@@ -50,6 +50,8 @@ pub struct TreeSummary {
     pub crc_retries: u64,
     /// Entries left out (special files, links leading out of the tree).
     pub entries_skipped: u64,
+    /// TCP congestion control of the connections, as the kernel reports it.
+    pub congestion: Option<String>,
 }
 
 fn join(top: &str, rel: &str) -> String {
@@ -226,6 +228,7 @@ impl TreeSummary {
             connections: opts.connections,
             crc_retries: 0,
             entries_skipped: 0,
+            congestion: None,
         }
     }
 }
@@ -307,6 +310,7 @@ pub async fn send_tree_from(
         .collect();
 
     let mut summary = TreeSummary::new(dest, opts);
+    summary.congestion = control.congestion.clone();
     let Plan {
         dirs,
         links,
@@ -480,6 +484,7 @@ pub async fn recv_tree(
     let started = Instant::now();
     let mut control = Session::connect(target, &opts.connector).await?;
     let remote = list_remote(&mut control, name, checksum).await?;
+    let congestion = control.congestion.clone();
     control.close().await;
     if remote.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
@@ -491,6 +496,7 @@ pub async fn recv_tree(
     let have: HashMap<String, TreeEntry> =
         walked.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut summary = TreeSummary::new(name, opts);
+    summary.congestion = congestion;
     let Plan {
         dirs,
         links,

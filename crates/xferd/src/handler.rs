@@ -710,6 +710,9 @@ impl Handler {
                 token: key,
                 tls: None,
                 grant,
+                // This daemon's own settings: its copies are its connections.
+                socket: self.shared.config.socket.clone(),
+                meter: None,
             },
         };
         let root = self.root();

@@ -67,6 +67,9 @@ pub struct Config {
     pub token: Option<Arc<[u8]>>,
     /// Certificate and key: when set, every session runs over TLS.
     pub tls: Option<Tls>,
+    /// Buffers and congestion control: set on the listener (accepted connections inherit them)
+    /// and on the connections of server-to-server copies.
+    pub socket: xfer::sockopt::SocketOptions,
 }
 
 impl Config {
@@ -91,6 +94,7 @@ impl Config {
             max_per_address: 64,
             token: None,
             tls: None,
+            socket: xfer::sockopt::SocketOptions::default(),
         })
     }
 }
@@ -252,6 +256,7 @@ pub async fn run_with(
     } = hooks;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let drain = config.drain_timeout;
+    apply_socket_options(&listener, &config);
     info!(
         root = %config.root_path.display(),
         max_streams = config.max_streams,
@@ -289,7 +294,10 @@ pub async fn run_with(
             // A reload applies before the next accept, never to a connection accepted earlier.
             reload = next_reload(&mut reloads) => {
                 match reload {
-                    Some(config) => shared = apply_reload(&shared, &connections, config),
+                    Some(config) => {
+                        shared = apply_reload(&shared, &connections, config);
+                        apply_socket_options(&listener, &shared.config);
+                    }
                     None => reloads = None,
                 }
                 continue;
@@ -339,6 +347,16 @@ pub async fn run_with(
         info!("drained");
     }
     Ok(())
+}
+
+/// Sets the configured buffers and congestion control on the listener: accepted connections
+/// inherit them. The binary sets them before `listen` too, for the window scale; a listener
+/// passed in (tests, socket activation) gets them here. A failure is logged, not fatal: the
+/// settings were checked when the configuration was built.
+fn apply_socket_options(listener: &TcpListener, config: &Config) {
+    if let Err(e) = config.socket.apply(listener) {
+        warn!(error = %e, "cannot set socket options on the listener");
+    }
 }
 
 /// The next configuration from `reloads`; never, once there is no sender left.
@@ -405,6 +423,11 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         new.chunk_size.to_string(),
     );
     diff("window", old.window.to_string(), new.window.to_string());
+    diff(
+        "socket",
+        format!("{:?}", old.socket),
+        format!("{:?}", new.socket),
+    );
     diff(
         "queue_timeout",
         format!("{:?}", old.queue_timeout),
