@@ -22,7 +22,7 @@ pub mod sockopt;
 pub mod target;
 pub mod tree;
 
-pub use engine::{recv, send, send_file, Options, Summary};
+pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;

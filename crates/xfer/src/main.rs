@@ -128,9 +128,17 @@ struct CopyArgs {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Parallel TCP connections.
-    #[arg(short = 'c', long = "connections", default_value_t = 4)]
-    connections: usize,
+    /// Parallel TCP connections [default: adaptive: 4, doubled while throughput grows, up to
+    /// --max-connections].
+    #[arg(short = 'c', long = "connections")]
+    connections: Option<usize>,
+    /// Without -c: the most connections the adaptive pool may grow to [default: 16].
+    #[arg(long, value_name = "N", conflicts_with = "connections")]
+    max_connections: Option<usize>,
+    /// Log what the transfer does on stderr: reconnects, socket options, the pool growing with
+    /// the throughput it measured (XFER_LOG overrides).
+    #[arg(short = 'v', long)]
+    verbose: bool,
     /// Chunk size (K, M, G suffixes).
     #[arg(long, default_value = "4M")]
     chunk_size: String,
@@ -220,9 +228,24 @@ impl Common {
         if !(u64::from(min)..=u64::from(max)).contains(&chunk) {
             bail!("--chunk-size must be between 4K and 16M");
         }
-        if !(1..=128).contains(&self.connections) {
-            bail!("-c must be between 1 and 128");
-        }
+        let connections = match (self.max_connections, self.connections) {
+            // A -c from the defaults file yields to an explicit --max-connections.
+            (Some(max), _) => {
+                if !(1..=128).contains(&max) {
+                    bail!("--max-connections must be between 1 and 128");
+                }
+                xfer::Connections::Adaptive { max }
+            }
+            (None, Some(n)) => {
+                if !(1..=128).contains(&n) {
+                    bail!("-c must be between 1 and 128");
+                }
+                xfer::Connections::Fixed(n)
+            }
+            (None, None) => xfer::Connections::Adaptive {
+                max: xfer::engine::ADAPTIVE_MAX,
+            },
+        };
         let bwlimit = self.bwlimit.as_deref().map(parse).transpose()?;
         if bwlimit == Some(0) {
             bail!("--bwlimit must be above 0");
@@ -249,7 +272,7 @@ impl Common {
             ProgressBar::hidden()
         };
         Ok(Options {
-            connections: self.connections,
+            connections,
             chunk_size: chunk as u32,
             bwlimit,
             retry_deadline: Duration::from_secs(self.retry_deadline),
@@ -313,10 +336,15 @@ fn main() -> ExitCode {
     };
     let mut cli: Cli = config.parse_args();
     token_from_config(&mut cli, &config);
+    let verbose = match &cli.command {
+        Command::Send { common, .. } | Command::Recv { common, .. } => common.verbose,
+        _ => false,
+    };
+    let default_filter = if verbose { "xfer=debug" } else { "off" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("XFER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -44,7 +44,7 @@ pub struct TreeSummary {
     pub resumed_bytes: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
-    /// Connections per transfer.
+    /// Connections per transfer: the fixed count, or the most an adaptive pool had at once.
     pub connections: usize,
     /// Chunks sent again after a CRC mismatch.
     pub crc_retries: u64,
@@ -225,7 +225,7 @@ impl TreeSummary {
             bytes_transferred: 0,
             resumed_bytes: 0,
             seconds: 0.0,
-            connections: opts.connections,
+            connections: opts.connections.initial(),
             crc_retries: 0,
             entries_skipped: 0,
             congestion: None,
@@ -347,7 +347,9 @@ pub async fn send_tree_from(
     // Small files from a shared queue over the pool; large files through the chunked engine.
     let queue = Arc::new(Mutex::new(VecDeque::from(small)));
     let mut workers = JoinSet::new();
-    for _ in 0..opts.connections {
+    // Small files over the starting count: each is one round trip, pipelined, so more
+    // connections add little; large files size their own pools.
+    for _ in 0..opts.connections.initial() {
         let (queue, progress, local, target) = (
             Arc::clone(&queue),
             Arc::clone(&progress),
@@ -371,6 +373,7 @@ pub async fn send_tree_from(
             Ok(s) => {
                 summary.resumed_bytes += s.resumed_bytes;
                 summary.crc_retries += s.crc_retries;
+                summary.connections = summary.connections.max(s.connections);
                 progress.file_done(s.bytes_transferred);
             }
             Err(e) => {
@@ -513,7 +516,9 @@ pub async fn recv_tree(
 
     let queue = Arc::new(Mutex::new(VecDeque::from(small)));
     let mut workers = JoinSet::new();
-    for _ in 0..opts.connections {
+    // Small files over the starting count: each is one round trip, pipelined, so more
+    // connections add little; large files size their own pools.
+    for _ in 0..opts.connections.initial() {
         let (queue, progress, local, target) = (
             Arc::clone(&queue),
             Arc::clone(&progress),
@@ -533,6 +538,7 @@ pub async fn recv_tree(
             Ok(s) => {
                 summary.resumed_bytes += s.resumed_bytes;
                 summary.crc_retries += s.crc_retries;
+                summary.connections = summary.connections.max(s.connections);
                 progress.file_done(s.bytes_transferred);
             }
             Err(e) => {

@@ -699,7 +699,7 @@ impl Handler {
             None => (None, None),
         };
         let opts = xfer::Options {
-            connections: req.connections.clamp(1, 64) as usize,
+            connections: xfer::Connections::Fixed(req.connections.clamp(1, 64) as usize),
             chunk_size: req
                 .chunk_size
                 .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
