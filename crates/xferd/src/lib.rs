@@ -423,10 +423,14 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         new.chunk_size.to_string(),
     );
     diff("window", old.window.to_string(), new.window.to_string());
+    let size = |v: Option<u64>| v.map_or_else(|| "default".to_string(), |n| n.to_string());
+    diff("sndbuf", size(old.socket.sndbuf), size(new.socket.sndbuf));
+    diff("rcvbuf", size(old.socket.rcvbuf), size(new.socket.rcvbuf));
+    let cc = |v: &Option<String>| v.clone().unwrap_or_else(|| "default".to_string());
     diff(
-        "socket",
-        format!("{:?}", old.socket),
-        format!("{:?}", new.socket),
+        "congestion",
+        cc(&old.socket.congestion),
+        cc(&new.socket.congestion),
     );
     diff(
         "queue_timeout",
