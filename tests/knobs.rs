@@ -156,6 +156,15 @@ fn a_busy_daemon_stops_the_pool_from_growing_instead_of_failing_it() {
     assert_eq!(sha256_file(&daemon.root().join("busy.bin")), want);
     let used = sent.json_u64("connections");
     assert!((5..=6).contains(&used), "{} {}", sent.stdout, sent.stderr);
+
+    // Three from one address: the fourth connection the pool starts with is turned away too.
+    let tree = Tree::new();
+    let (daemon, proxy) = capped(&tree, &["--max-conns-per-ip", "3"]);
+    let src = tree.src("three.bin");
+    let want = random_file(&src, 1 << 20, 7);
+    let sent = XferRun::send(&src, &proxy.addr(), "three.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("three.bin")), want);
+    assert_eq!(sent.json_u64("connections"), 3, "{}", sent.stdout);
 }
 
 #[test]

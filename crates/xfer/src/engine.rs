@@ -125,7 +125,7 @@ struct Work {
     peak: AtomicUsize,
     /// Workers the pool has too many: the next ones to look for a chunk stop instead.
     excess: AtomicUsize,
-    /// An added connection was turned away (a busy daemon): the pool stops growing.
+    /// An optional connection was turned away (a busy daemon): the pool stops growing.
     refused: AtomicBool,
 }
 
@@ -272,16 +272,20 @@ async fn drive<D: Direction>(
 ) -> Result<Vec<(Session, u64)>, ClientError> {
     type Joined = Result<Option<(Session, u64)>, ClientError>;
     let mut workers: JoinSet<Joined> = JoinSet::new();
-    let spawn = |workers: &mut JoinSet<Joined>, first: Option<(Session, u64)>, added: bool| {
+    let spawn = |workers: &mut JoinSet<Joined>, first: Option<(Session, u64)>, optional: bool| {
         let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
         let opts = opts.clone();
-        workers.spawn(async move { worker(&target, &*dir, &work, first, added, &opts).await });
+        workers.spawn(async move { worker(&target, &*dir, &work, first, optional, &opts).await });
     };
     work.excess.store(0, Ordering::SeqCst);
     let start = opts.connections.initial();
+    let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
     let mut first = Some(first);
     for _ in 0..start {
-        spawn(&mut workers, first.take(), false);
+        // An adaptive pool needs only its first connection: the others it starts with are as
+        // optional as the ones it adds.
+        let optional = adaptive && first.is_none();
+        spawn(&mut workers, first.take(), optional);
     }
     let mut grower = match opts.connections {
         Connections::Adaptive { max } if max > start => {
@@ -302,7 +306,7 @@ async fn drive<D: Direction>(
                     g.done = true;
                     tracing::debug!(
                         connections = work.active.load(Ordering::SeqCst),
-                        "the server turned an added connection away; the pool stops growing"
+                        "the server turned a connection away; the pool stops growing"
                     );
                     continue;
                 }
@@ -553,14 +557,14 @@ async fn connect_retrying(target: &Target, opts: &Options) -> Result<Session, Cl
 }
 
 /// One worker: moves chunks over its connection, reconnecting after transient failures. An
-/// `added` worker (one an adaptive pool grew by) that cannot get a connection at all leaves
-/// quietly and stops the pool from growing: the daemon is at one of its limits.
+/// `optional` worker (any but the first of an adaptive pool) whose first connection is turned
+/// away leaves quietly and stops the pool from growing: the daemon is at one of its limits.
 async fn worker<D: Direction>(
     target: &Target,
     dir: &D,
     work: &Work,
     mut session: Option<(Session, u64)>,
-    added: bool,
+    optional: bool,
     opts: &Options,
 ) -> Result<Option<(Session, u64)>, ClientError> {
     let mut retry = Retry::new(opts.retry_deadline);
@@ -605,8 +609,9 @@ async fn worker<D: Direction>(
         }
         match outcome {
             Ok(open) => return Ok(open),
-            Err(e) if added && !ever_connected => {
-                tracing::debug!(error = %e, "an added connection was refused; leaving it out");
+            // A busy daemon or a per-address limit, not a problem with the transfer itself.
+            Err(e) if optional && !ever_connected && e.is_transient_connect() => {
+                tracing::debug!(error = %e, "a connection was refused; leaving it out");
                 work.refused.store(true, Ordering::SeqCst);
                 return Ok(None);
             }

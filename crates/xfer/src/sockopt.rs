@@ -96,15 +96,14 @@ impl SocketOptions {
             }
         }
         if let Some(name) = &self.congestion {
-            let probe = rustix::net::socket(
-                rustix::net::AddressFamily::INET,
-                rustix::net::SocketType::STREAM,
-                None,
-            )
-            .map_err(|e| SocketError::Io {
-                option: "a probe socket",
-                source: e.into(),
-            })?;
+            use rustix::net::{socket, AddressFamily, SocketType};
+            // IPv6 where the host has no IPv4.
+            let probe = socket(AddressFamily::INET, SocketType::STREAM, None)
+                .or_else(|_| socket(AddressFamily::INET6, SocketType::STREAM, None))
+                .map_err(|e| SocketError::Io {
+                    option: "a probe socket",
+                    source: e.into(),
+                })?;
             set_congestion(&probe, name)?;
         }
         Ok(())
