@@ -3,9 +3,9 @@
 //! Uploads and downloads share the queue, the retry loop and the accounting; they differ only
 //! in what a worker does with a chunk.
 //!
-//! Without a fixed count the pool sizes itself ([`Grower`]): it starts with
+//! Without a fixed count the pool sizes itself (`Grower`): it starts with
 //! [`ADAPTIVE_START`] connections, measures the bytes they move, and doubles while throughput
-//! grows by [`GAIN`] or more, up to a cap. New workers take chunks from the same queue, so
+//! grows by 10 % or more, up to a cap. New workers take chunks from the same queue, so
 //! nothing is sent twice or skipped; a pool that grew for nothing gives back the extra
 //! connections once their chunks in flight are done.
 
