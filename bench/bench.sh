@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Loopback benchmark: xfer (1, 4, 8 connections, upload and download) against a raw single TCP
+# Loopback benchmark: xfer (1, 4, 8 connections and without -c, upload and download) against a raw single TCP
 # stream (socat) and an rsync daemon, on one machine. Not a test: run it by hand.
 #
 #   bench/bench.sh                      # 2 GiB file, every tool, best of 1
@@ -9,7 +9,8 @@
 #   BENCH_SIZE    file size, bytes or with a K/M/G suffix (powers of 1024); default 2G
 #   BENCH_DIR     work dir; default bench/out. Must be on a real disk, not tmpfs.
 #   REPEAT        runs per measurement, the fastest is reported; default 1
-#   CONNS         xfer connection counts; default "1 4 8"
+#   CONNS         xfer connection counts, `auto` for xfer without -c (its adaptive pool; the
+#                 report compares it with the best fixed -c); default "1 4 8 auto"
 #   BENCH_TOOLS   which tools to run, any of "raw rsync xfer tls"; default all four ("tls" is
 #                 xfer -c 4 over TLS, to show what encryption costs)
 #   BENCH_CHUNK   passed to xfer as --chunk-size if set; the memory target uses it (default 4M)
@@ -37,7 +38,7 @@ cd "$REPO"
 SIZE_SPEC="${BENCH_SIZE:-2G}"
 WORK="${BENCH_DIR:-$REPO/bench/out}"
 REPEAT="${REPEAT:-1}"
-CONNS="${CONNS:-1 4 8}"
+CONNS="${CONNS:-1 4 8 auto}"
 TOOLS="${BENCH_TOOLS:-raw rsync xfer tls}"
 SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
@@ -49,6 +50,7 @@ die() {
     exit 1
 }
 log() { echo "# $*" >&2; }
+for n in $CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS: $n is neither a number nor auto"; done
 
 # Sizes: plain bytes or K/M/G (powers of 1024), as the xfer CLI takes them.
 parse_size() {
@@ -228,9 +230,10 @@ verify() { # verify KIND FILE: sha256 of FILE against the source, once per kind 
     log "$kind: sha256 ok"
 }
 
-# record TOOL DIRECTION CONNS WALL CLIENT_CPU CLIENT_RSS_KIB SERVER_CPU SERVER_RSS_KIB
+# record TOOL DIRECTION CONNS WALL CLIENT_CPU CLIENT_RSS_KIB SERVER_CPU SERVER_RSS_KIB [USED]
+# (USED: the connections xfer's --json reports, for CONNS=auto)
 record() {
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "${9:-}" >>"$RESULTS"
     log "$(printf '%s %s c=%s: %s s' "$1" "$2" "$3" "$4")"
 }
 
@@ -388,8 +391,8 @@ stop_xferd() {
     ((rc == 0)) || log "warning: xferd exited with status $rc after SIGTERM (contract: 0)"
 }
 
-run_xfer() { # run_xfer send|recv CONNS [tls]
-    local mode="$1" n="$2" tls="${3:-}" dst t0 wall cpu0 cpu1 hwm dir args kind="xfer-$1-$2${3:+-tls}"
+run_xfer() { # run_xfer send|recv CONNS [tls] (CONNS: a number, or auto: no -c)
+    local mode="$1" n="$2" tls="${3:-}" dst t0 wall cpu0 cpu1 hwm dir args kind="xfer-$1-$2${3:+-tls}" conns=() used
     local tool="xfer" daemon_args=() client_args=()
     if [[ -n "$tls" ]]; then
         tool="xfer (TLS)"
@@ -407,7 +410,8 @@ run_xfer() { # run_xfer send|recv CONNS [tls]
         "$(dirname "$dst")/.$(basename "$dst").xfer-state"
     settle
     start_xferd "${daemon_args[@]+"${daemon_args[@]}"}"
-    args=(-q --json -c "$n" "${XFER_CHUNK_ARGS[@]+"${XFER_CHUNK_ARGS[@]}"}" "${client_args[@]+"${client_args[@]}"}")
+    [[ "$n" == auto ]] || conns=(-c "$n")
+    args=(-q --json "${conns[@]+"${conns[@]}"}" "${XFER_CHUNK_ARGS[@]+"${XFER_CHUNK_ARGS[@]}"}" "${client_args[@]+"${client_args[@]}"}")
     if [[ "$mode" == send ]]; then
         args=(send "${args[@]}" "$SRC" "$XFERD_ADDR" --as "bench-$n.bin")
     else
@@ -424,13 +428,13 @@ run_xfer() { # run_xfer send|recv CONNS [tls]
     cpu1="$(proc_cpu "$XFERD_PID")"
     hwm="$(proc_hwm_kib "$XFERD_PID")"
     stop_xferd
-    python3 -c 'import json, sys; json.loads(sys.stdin.read())' <"$LOGS/$kind.json" ||
-        die "$kind: --json output is not one JSON object: $(cat "$LOGS/$kind.json")"
+    used="$(python3 -c 'import json, sys; print(json.loads(sys.stdin.read())["connections"])' <"$LOGS/$kind.json")" ||
+        die "$kind: --json output is not one JSON object with connections: $(cat "$LOGS/$kind.json")"
     verify "$kind" "$dst"
     record "$tool" "$dir" "$n" "$wall" \
         "$(time_cpu "$LOGS/$kind.time")" "$(time_field "$LOGS/$kind.time" 2)" \
         "$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$cpu0" "$cpu1")" \
-        "$hwm"
+        "$hwm" "$used"
     rm -f "$dst"
 }
 

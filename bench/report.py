@@ -4,8 +4,10 @@
 usage: report.py RESULTS.tsv FILE_SIZE_BYTES CHUNK_BYTES
 
 Each TSV row is one run: tool, direction, connections, wall s, client CPU s, client peak RSS KiB,
-server CPU s, server peak RSS KiB. Rows with the same (tool, direction, connections) are repeats:
-the fastest one gives throughput and CPU; peak RSS is the largest seen over all repeats.
+server CPU s, server peak RSS KiB and, optionally, the connections xfer reported using (for
+connections `auto`: xfer without -c, whose pool sizes itself). Rows with the same (tool, direction,
+connections) are repeats: the fastest one gives throughput and CPU; peak RSS is the largest seen
+over all repeats, and so is the number of connections used.
 """
 
 import sys
@@ -19,6 +21,9 @@ RSYNC = "rsync daemon + fsync"
 VS_RAW = 0.8
 VS_RSYNC = 1.5
 MEM_BASE_MIB = 64
+# xfer without -c against the best fixed -c in the same direction.
+VS_BEST_FIXED = 0.85
+AUTO = "auto"
 
 
 def load(path):
@@ -27,18 +32,23 @@ def load(path):
         for line in f:
             if not line.strip():
                 continue
-            tool, direction, conns, wall, ccpu, crss, scpu, srss = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\n").split("\t")
+            tool, direction, conns, wall, ccpu, crss, scpu, srss = fields[:8]
+            used = fields[8] if len(fields) > 8 else ""
             run = dict(
                 wall=float(wall),
                 ccpu=float(ccpu),
                 crss=int(crss),
                 scpu=float(scpu),
                 srss=int(srss),
+                used=int(used) if used.isdigit() else None,
             )
-            groups.setdefault((tool, direction, int(conns)), []).append(run)
+            key = conns if conns == AUTO else int(conns)
+            groups.setdefault((tool, direction, key), []).append(run)
     rows = []
     for (tool, direction, conns), runs in groups.items():
         best = min(runs, key=lambda r: r["wall"])
+        used = [r["used"] for r in runs if r["used"] is not None]
         rows.append(
             dict(
                 tool=tool,
@@ -50,9 +60,17 @@ def load(path):
                 crss=max(r["crss"] for r in runs),
                 srss=max(r["srss"] for r in runs),
                 repeats=len(runs),
+                used=max(used) if used else None,
             )
         )
     return rows
+
+
+def conns_label(r):
+    """`4`, or for xfer without -c `auto (8)`: the most connections its pool used."""
+    if r["conns"] != AUTO:
+        return str(r["conns"])
+    return f"auto ({r['used']})" if r["used"] is not None else "auto"
 
 
 def main():
@@ -93,7 +111,7 @@ def main():
                 [
                     r["tool"],
                     r["direction"],
-                    str(r["conns"]),
+                    conns_label(r),
                     f"{r['mibps']:.0f}",
                     ratio(r, raw),
                     ratio(r, vs_rsync),
@@ -130,7 +148,7 @@ def main():
         if not cand:
             continue
         best = max(cand, key=lambda r: r["mibps"])
-        name = f"best xfer {direction} ({best['mibps']:.0f} MiB/s, -c {best['conns']})"
+        name = f"best xfer {direction} ({best['mibps']:.0f} MiB/s, -c {conns_label(best)})"
         if raw:
             need = VS_RAW * raw["mibps"]
             target(
@@ -150,6 +168,18 @@ def main():
             )
         else:
             print(f"- n/a: {name} vs rsync: no rsync {direction} run")
+    for direction in ("upload", "download"):
+        auto = next((r for r in xfer_rows if r["direction"] == direction and r["conns"] == AUTO), None)
+        fixed = [r for r in xfer_rows if r["direction"] == direction and r["conns"] != AUTO]
+        if auto and fixed:
+            best = max(fixed, key=lambda r: r["mibps"])
+            need = VS_BEST_FIXED * best["mibps"]
+            target(
+                auto["mibps"] >= need,
+                f"xfer {direction} without -c ({auto['mibps']:.0f} MiB/s, {conns_label(auto)}) >= "
+                f"{VS_BEST_FIXED} x the best fixed -c ({best['mibps']:.0f} MiB/s, -c {best['conns']}): "
+                f"needs {need:.0f}, ratio {auto['mibps'] / best['mibps']:.2f}",
+            )
     for r in [r for r in rows if r["tool"] == "xfer (TLS)"]:
         plain = [x for x in xfer_rows if x["direction"] == r["direction"] and x["conns"] == r["conns"]]
         if plain:
@@ -158,13 +188,14 @@ def main():
                 f"{r['mibps'] / plain[0]['mibps']:.2f} ({r['mibps']:.0f} vs {plain[0]['mibps']:.0f} MiB/s)"
             )
     for r in xfer_rows:
-        limit = MEM_BASE_MIB + r["conns"] * 2 * chunk / MIB
+        conns = r["conns"] if r["conns"] != AUTO else (r["used"] or 16)
+        limit = MEM_BASE_MIB + conns * 2 * chunk / MIB
         for side in ("client", "server"):
             mib = r[side[0] + "rss"] / 1024
             target(
                 mib <= limit,
-                f"xfer {r['direction']} -c {r['conns']} {side} peak RSS {mib:.1f} MiB <= "
-                f"{MEM_BASE_MIB} + {r['conns']} x 2 x {chunk / MIB:g} MiB = {limit:.0f} MiB",
+                f"xfer {r['direction']} -c {conns_label(r)} {side} peak RSS {mib:.1f} MiB <= "
+                f"{MEM_BASE_MIB} + {conns} x 2 x {chunk / MIB:g} MiB = {limit:.0f} MiB",
             )
     print()
     print(f"{sum(results)} of {len(results)} targets met")

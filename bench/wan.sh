@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WAN benchmark: xfer (-c 1/4/8/16, upload and download) through the userspace WAN emulator
+# WAN benchmark: xfer (-c 1/4/8/16 and without -c, upload and download) through the userspace WAN emulator
 # (shared/wanem: netns wa = client 10.78.0.1, netns wb = server 10.78.0.2) against iperf3
 # (-P 1/8/16; -P 16 is the ceiling), a raw socat stream, an rsync daemon, scp (sshd in wb),
 # globus-url-copy -p 8/16 against a GridFTP server and aria2c -x 8 from nginx. Not a test: run it
@@ -34,7 +34,8 @@
 #   WAN_CCS         default "cubic bbr"
 #   WAN_TOOLS       any of "iperf3 xfer socat rsync scp gridftp aria2"; default all
 #   WAN_DIRS        "upload download" (default) or one of them
-#   CONNS           xfer connection counts; default "1 4 8 16"
+#   CONNS           xfer connection counts, `auto` for xfer without -c (its adaptive pool; the
+#                   report compares it with the best fixed -c); default "1 4 8 16 auto"
 #   IPERF_STREAMS   iperf3 -P values for upload; default "1 8 16" (download: -P 16 only, the ceiling)
 #   GRIDFTP_STREAMS globus-url-copy -p values; default "8 16"
 #   REPEAT          runs per measurement, the fastest is reported; default 1
@@ -85,7 +86,7 @@ PROFILES="${WAN_PROFILES:-lan wan lossy}"
 CCS="${WAN_CCS:-cubic bbr}"
 TOOLS="${WAN_TOOLS:-iperf3 xfer socat rsync scp gridftp aria2}"
 DIRS="${WAN_DIRS:-upload download}"
-CONNS="${CONNS:-1 4 8 16}"
+CONNS="${CONNS:-1 4 8 16 auto}"
 IPERF_STREAMS="${IPERF_STREAMS:-1 8 16}"
 GRIDFTP_STREAMS="${GRIDFTP_STREAMS:-8 16}"
 REPEAT="${REPEAT:-1}"
@@ -152,6 +153,7 @@ profile_desc() {
     esac
 }
 for p in $PROFILES; do profile_args "$p" >/dev/null; done
+for n in $CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS: $n is neither a number nor auto"; done
 
 # --- peers: install what is missing; a peer that cannot be had becomes an n/a row ---------------
 declare -A NA=() # tool -> reason it cannot run
@@ -576,8 +578,8 @@ run_iperf3() { # run_iperf3 STREAMS
         "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
 }
 
-run_xfer() { # run_xfer CONNS
-    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst pid addr line cpu0 cpu1 args
+run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
+    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst pid addr line cpu0 cpu1 args conns=()
     if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
     : >"$LOGS/$kind.xferd.out"
@@ -596,7 +598,8 @@ run_xfer() { # run_xfer CONNS
         sleep 0.05
     done
     [[ -n "$addr" ]] || fail "xferd printed no listening line"
-    args=(-q --json -c "$n" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
+    [[ "$n" == auto ]] || conns=(-c "$n")
+    args=(-q --json "${conns[@]+"${conns[@]}"}" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
     if [[ "$DIR" == upload ]]; then
         args=(send "${args[@]}" --as "$(basename "$dst")" "$SRC" "$addr")
     else
@@ -903,7 +906,15 @@ for PROFILE in $PROFILES; do
                         measure "iperf3 -P 16" iperf3 run_iperf3 16
                     fi
                 fi
-                if has_tool xfer; then for n in $CONNS; do measure "xfer -c $n" xfer run_xfer "$n"; done; fi
+                if has_tool xfer; then
+                    for n in $CONNS; do
+                        if [[ "$n" == auto ]]; then
+                            measure "xfer auto" xfer run_xfer auto
+                        else
+                            measure "xfer -c $n" xfer run_xfer "$n"
+                        fi
+                    done
+                fi
                 has_tool socat && measure "socat (1 stream)" socat run_socat
                 has_tool rsync && measure "rsync daemon" rsync run_rsync
                 has_tool scp && measure "scp" scp run_scp

@@ -152,6 +152,10 @@ CEIL = "iperf3 -P 16"
 PEERS = [("rsync", "rsync daemon"), ("scp", "scp"), ("gridftp16", "globus-url-copy -p 16")]
 TARGET_CEIL = 0.85
 TARGET_VS_RSYNC_SCP = 5.0
+# xfer without -c (the row "xfer auto") against the best fixed -c of the same profile, cc and
+# direction.
+AUTO = "xfer auto"
+TARGET_AUTO = 0.85
 
 
 def fnum(x):
@@ -196,6 +200,13 @@ def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+def vs_best_fixed(r, fixed):
+    """The auto row's throughput over the best fixed -c row's, with that row's -c."""
+    if r["tool"] != AUTO or not fixed:
+        return "–"
+    return f"{r['mbps'] / fixed['mbps']:.2f} ({fixed['tool'].removeprefix('xfer ')})"
+
+
 def machine_cpu(r):
     """CPU used during the run as a share of all cores: client + server + wanem ("ours"), and the
     whole machine (anything else running shows as the difference)."""
@@ -224,6 +235,14 @@ def main_report(results, combos_path, size, cap):
             r = next((r for r in mine if r["tool"] == tool and r["dir"] == direction), None)
             return r if r and r["mbps"] else None
 
+        def best_fixed(direction):
+            fixed = [
+                r
+                for r in mine
+                if r["tool"].startswith("xfer -c ") and r["dir"] == direction and r["mbps"]
+            ]
+            return max(fixed, key=lambda r: r["mbps"]) if fixed else None
+
         print(f"### {profile} × {cc}")
         print()
         print(f"link: {meta['desc']}; load average {meta['load0']} at start, {meta['load1']} at end")
@@ -236,6 +255,7 @@ def main_report(results, combos_path, size, cap):
             "× rsync",
             "× scp",
             "× gridftp -p16",
+            "vs best -c",
             "CPU s/GiB client",
             "CPU s/GiB server",
             "RSS MiB client",
@@ -246,7 +266,7 @@ def main_report(results, combos_path, size, cap):
             "sender conns: busy % / rwnd % / sndbuf %, cwnd, rtt ms, retrans",
         ]
         print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" if i in (0, 1, 11, 14) else "---:" for i in range(len(header))) + "|")
+        print("|" + "|".join("---" if i in (0, 1, 12, 15) else "---:" for i in range(len(header))) + "|")
         for r in mine:
             d = r["dir"]
             if r["mbps"] is None:
@@ -287,6 +307,7 @@ def main_report(results, combos_path, size, cap):
                 ratio(find("rsync daemon", d)),
                 ratio(find("scp", d)),
                 ratio(find("globus-url-copy -p 16", d)),
+                vs_best_fixed(r, best_fixed(d)),
                 fmt(ccpu / b if ccpu is not None and b > 0 else None, ".2f"),
                 fmt(scpu / b if scpu is not None and b > 0 else None, ".2f"),
                 fmt(fnum(r["crss"]) / 1024 if fnum(r["crss"]) is not None else None, ".1f"),
@@ -301,6 +322,18 @@ def main_report(results, combos_path, size, cap):
 
         # Targets for this profile and cc.
         for d in ("upload", "download"):
+            auto, fixed = find(AUTO, d), best_fixed(d)
+            if auto and fixed:
+                verdicts.append(
+                    (
+                        auto["mbps"] >= TARGET_AUTO * fixed["mbps"],
+                        f"{profile}/{cc} {d}: xfer auto {auto['mbps']:.1f} MB/s >= {TARGET_AUTO} × "
+                        f"best fixed ({fixed['tool']}, {fixed['mbps']:.1f}) = "
+                        f"{TARGET_AUTO * fixed['mbps']:.1f}: ratio {auto['mbps'] / fixed['mbps']:.2f}",
+                    )
+                )
+            elif auto:
+                verdicts.append((None, f"{profile}/{cc} {d}: xfer auto but no fixed -c run"))
             x = find("xfer -c 16", d)
             if not x:
                 continue
@@ -353,13 +386,16 @@ def main_report(results, combos_path, size, cap):
         "GiB moved, from a cpuacct cgroup per side (every process the client or server started, reaped "
         "or not); peak RSS is the largest single process (/usr/bin/time %M; xferd: VmHWM). CPU % 'ours' = "
         "client + server + wanem over all cores; 'machine' = all cores busy, whoever it was (kernel "
-        "packet work deferred to ksoftirqd counts only there). Sender columns: from `ss -ti` on the sending side, see bench/wan_report.py."
+        "packet work deferred to ksoftirqd counts only there). Sender columns: from `ss -ti` on the sending side, see bench/wan_report.py. "
+        "'xfer auto' is xfer without -c (the pool sizes itself; its connections are the sender's "
+        "data connections); 'vs best -c' is its throughput over the best fixed -c row of the same "
+        "profile, cc and direction."
     )
     print()
-    print("## Targets (wan and lossy; vs rsync/scp under cubic only)")
+    print("## Targets (auto vs best -c everywhere; ceiling and gridftp on wan and lossy; vs rsync/scp under cubic only)")
     print()
     if not verdicts:
-        print("- n/a: no xfer -c 16 runs")
+        print("- n/a: no xfer -c 16 or xfer auto runs")
         return
     met = 0
     judged = 0

@@ -9,6 +9,7 @@ mod crash;
 mod disk;
 mod faults;
 mod hostile;
+mod knobs;
 mod limits;
 mod load;
 mod malformed;

@@ -1,7 +1,8 @@
 //! [`Proxy`]: a fault-injecting TCP proxy for the end-to-end suite. It sits between `xfer` and
 //! `xferd` on `127.0.0.1:0`, forwards bytes both ways on its own tokio runtime, and can be told at
 //! any time to cut connections (all of them now, or the first ones that reach a byte count or
-//! carry a given frame), stall them, delay them, flip bits in the stream, or refuse new ones.
+//! carry a given frame), stall them, delay them, cap the rate of each, flip bits in the stream,
+//! or refuse new ones.
 //!
 //! It knows just enough of the wire format (`proto.md` §3.1, §4.4) to count `Data` payload bytes
 //! in each direction and to flip bits inside payloads only; every fault is applied to real
@@ -143,6 +144,8 @@ struct FrameTrigger {
 struct Settings {
     unreachable: bool,
     delay: Duration,
+    /// Bytes per second each connection may forward in each direction.
+    rate: Option<u64>,
     corruption: [Corruption; 2],
     cut_after: Option<Budget>,
     stall_after: Option<Budget>,
@@ -308,6 +311,13 @@ impl Proxy {
         self.shared.settings().delay = delay;
     }
 
+    /// Caps every connection, in each direction, at `bytes_per_sec` (a token bucket per
+    /// connection and direction, one read of at most 64 KiB deep); `None` lifts the cap. A
+    /// link where each connection is slow but more connections carry more.
+    pub fn set_rate_limit(&self, bytes_per_sec: Option<u64>) {
+        self.shared.settings().rate = bytes_per_sec;
+    }
+
     /// Damages bytes flowing in `dir` as `corruption` says, from now on.
     pub fn set_corruption(&self, dir: Direction, corruption: Corruption) {
         self.shared.settings().corruption[dir.index()] = corruption;
@@ -464,6 +474,8 @@ async fn pipe(
     };
     let writer = async move {
         let mut scanner = Scanner::default();
+        // When the bucket holds enough for the next piece; idle time earns no credit.
+        let mut paced = Instant::now();
         while let Some((read_at, mut data)) = rx.recv().await {
             let delay = shared.settings().delay;
             if !delay.is_zero() {
@@ -473,6 +485,12 @@ async fn pipe(
                 std::future::pending::<()>().await;
             }
             let piece = process(shared, conn, dir, &mut scanner, &mut data);
+            let rate = shared.settings().rate;
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                paced = paced.max(Instant::now());
+                tokio::time::sleep_until(paced).await;
+                paced += Duration::from_secs_f64(piece.len as f64 / rate as f64);
+            }
             to.write_all(&data[..piece.len]).await?;
             let counters = &shared.dirs[dir.index()];
             counters.bytes.fetch_add(piece.len as u64, Ordering::SeqCst);

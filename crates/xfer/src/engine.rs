@@ -2,10 +2,16 @@
 //! connections, each keeping a bounded window in flight, with reconnects on transient failures.
 //! Uploads and downloads share the queue, the retry loop and the accounting; they differ only
 //! in what a worker does with a chunk.
+//!
+//! Without a fixed count the pool sizes itself (`Grower`): it starts with
+//! [`ADAPTIVE_START`] connections, measures the bytes they move, and doubles while throughput
+//! grows by 10 % or more, up to a cap. New workers take chunks from the same queue, so
+//! nothing is sent twice or skipped; a pool that grew for nothing gives back the extra
+//! connections once their chunks in flight are done.
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,11 +27,50 @@ use xfer_proto::{
 use crate::session::unexpected;
 use crate::{ClientError, Connector, RateLimiter, Session, Target};
 
+/// Connections an adaptive pool starts with: on loopback and LAN links this many already
+/// carry what the machine can move.
+pub const ADAPTIVE_START: usize = 4;
+/// Default cap of an adaptive pool: on 50 ms links with loss, single cubic streams are
+/// loss-limited and 16 carry about what the link does.
+pub const ADAPTIVE_MAX: usize = 16;
+/// How often the pool looks at its throughput.
+const TICK: Duration = Duration::from_millis(100);
+/// Time a pool of a new size gets before it is measured: new connections do their handshake
+/// and leave slow start.
+const SETTLE: Duration = Duration::from_millis(500);
+/// How long one measurement lasts.
+const MEASURE: Duration = Duration::from_secs(1);
+/// Throughput gain over the best measured so far that makes the pool grow again.
+const GAIN: f64 = 1.10;
+
+/// How many connections a transfer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// Exactly this many (`-c N`).
+    Fixed(usize),
+    /// Start with [`ADAPTIVE_START`] (fewer if `max` is lower) and double while throughput
+    /// grows, up to `max`.
+    Adaptive {
+        /// The most connections to use.
+        max: usize,
+    },
+}
+
+impl Connections {
+    /// Connections to start with.
+    pub fn initial(self) -> usize {
+        match self {
+            Self::Fixed(n) => n.max(1),
+            Self::Adaptive { max } => ADAPTIVE_START.min(max).max(1),
+        }
+    }
+}
+
 /// How a transfer runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Parallel connections.
-    pub connections: usize,
+    /// Parallel connections: a fixed count, or a pool that sizes itself.
+    pub connections: Connections,
     /// Chunk size asked for (the server may lower it).
     pub chunk_size: u32,
     /// Bytes per second across all connections, if limited.
@@ -51,12 +96,14 @@ pub struct Summary {
     pub resumed_bytes: u64,
     /// Wall-clock seconds of this run.
     pub seconds: f64,
-    /// Connections used.
+    /// Connections used: the fixed count, or the most an adaptive pool had at once.
     pub connections: usize,
     /// `bytes_transferred` / `seconds`, in MiB/s.
     pub mbytes_per_sec: f64,
     /// Chunks sent again because their CRC did not match.
     pub crc_retries: u64,
+    /// TCP congestion control of the data connections, as the kernel reports it.
+    pub congestion: Option<String>,
 }
 
 /// Chunks still to move, shared by the workers of one transfer.
@@ -70,6 +117,33 @@ struct Work {
     crc_retries: AtomicU64,
     progress: ProgressBar,
     limiter: Option<RateLimiter>,
+    /// Bytes read and written on the transfer's connections: throughput, byte by byte.
+    meter: Arc<AtomicU64>,
+    /// Workers with an open transfer, moving chunks.
+    active: AtomicUsize,
+    /// The most workers that were active at once.
+    peak: AtomicUsize,
+    /// Workers the pool has too many: the next ones to look for a chunk stop instead.
+    excess: AtomicUsize,
+    /// An optional connection was turned away (a busy daemon): the pool stops growing.
+    refused: AtomicBool,
+}
+
+/// A worker's place in [`Work::active`]; leaves it when dropped.
+struct Pumping<'a>(&'a Work);
+
+impl Drop for Pumping<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How a worker's run on one connection ended.
+enum Pumped {
+    /// Nothing left in the queue and nothing in flight.
+    Drained,
+    /// The pool shrank and this worker left it.
+    Retired,
 }
 
 impl Work {
@@ -82,6 +156,11 @@ impl Work {
             crc_retries: AtomicU64::new(0),
             progress: opts.progress.clone(),
             limiter: opts.bwlimit.map(RateLimiter::new),
+            meter: opts.connector.meter.clone().unwrap_or_default(),
+            active: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            excess: AtomicUsize::new(0),
+            refused: AtomicBool::new(false),
         };
         work.add(chunks);
         work
@@ -101,6 +180,30 @@ impl Work {
 
     fn pop(&self) -> Option<ByteRange> {
         self.lock().pop_front()
+    }
+
+    /// The next chunk for a worker; `None` when the queue is empty, or when the pool has shrunk
+    /// and this worker is one too many (then `retired` is set, for good).
+    fn take(&self, retired: &mut bool) -> Option<ByteRange> {
+        if *retired {
+            return None;
+        }
+        let claimed = self
+            .excess
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| e.checked_sub(1))
+            .is_ok();
+        if claimed {
+            *retired = true;
+            return None;
+        }
+        self.pop()
+    }
+
+    /// Counts a worker as active until the guard drops.
+    fn pumping(&self) -> Pumping<'_> {
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Pumping(self)
     }
 
     /// Puts chunks that were in flight on a failed connection back at the front.
@@ -142,22 +245,24 @@ trait Direction: Send + Sync + 'static {
         &self,
         session: &mut Session,
     ) -> impl std::future::Future<Output = Result<u64, ClientError>> + Send;
-    /// Moves chunks from the queue until it is empty; on error, in-flight chunks are requeued.
+    /// Moves chunks from the queue until it is empty (or the pool sheds this worker); on error,
+    /// in-flight chunks are requeued.
     fn pump(
         &self,
         session: &mut Session,
         transfer_id: u64,
         work: &Work,
-    ) -> impl std::future::Future<Output = Result<(), ClientError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Pumped, ClientError>> + Send;
 }
 
 fn window(session: &Session) -> usize {
     (session.welcome.window as usize).clamp(1, 64)
 }
 
-/// Runs `connections` workers over `work` until the queue is drained. Each worker reconnects
-/// with exponential backoff and jitter after a transient failure, until `retry_deadline`.
-/// Returns the sessions that finished cleanly (with their transfer ids).
+/// Runs the workers over `work` until the queue is drained: a fixed number, or an adaptive pool
+/// that [`Grower`] sizes. Each worker reconnects with exponential backoff and jitter after a
+/// transient failure, until `retry_deadline`. Returns the sessions that finished cleanly (with
+/// their transfer ids).
 async fn drive<D: Direction>(
     target: &Target,
     dir: Arc<D>,
@@ -165,16 +270,57 @@ async fn drive<D: Direction>(
     first: (Session, u64),
     opts: &Options,
 ) -> Result<Vec<(Session, u64)>, ClientError> {
-    let mut workers = JoinSet::new();
-    let mut first = Some(first);
-    for _ in 0..opts.connections {
+    type Joined = Result<Option<(Session, u64)>, ClientError>;
+    let mut workers: JoinSet<Joined> = JoinSet::new();
+    let spawn = |workers: &mut JoinSet<Joined>, first: Option<(Session, u64)>, optional: bool| {
         let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
-        let first = first.take();
         let opts = opts.clone();
-        workers.spawn(async move { worker(&target, &*dir, &work, first, &opts).await });
+        workers.spawn(async move { worker(&target, &*dir, &work, first, optional, &opts).await });
+    };
+    work.excess.store(0, Ordering::SeqCst);
+    let start = opts.connections.initial();
+    let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
+    let mut first = Some(first);
+    for _ in 0..start {
+        // An adaptive pool needs only its first connection: the others it starts with are as
+        // optional as the ones it adds.
+        let optional = adaptive && first.is_none();
+        spawn(&mut workers, first.take(), optional);
     }
+    let mut grower = match opts.connections {
+        Connections::Adaptive { max } if max > start => {
+            Some(Grower::new(start, max, Instant::now()))
+        }
+        _ => None,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut done = Vec::new();
-    while let Some(joined) = workers.join_next().await {
+    loop {
+        let growing = grower.as_ref().is_some_and(|g| !g.done);
+        let joined = tokio::select! {
+            joined = workers.join_next() => joined,
+            _ = tick.tick(), if growing => {
+                let Some(g) = grower.as_mut() else { continue };
+                if work.refused.load(Ordering::SeqCst) {
+                    g.done = true;
+                    tracing::debug!(
+                        connections = work.active.load(Ordering::SeqCst),
+                        "the server turned a connection away; the pool stops growing"
+                    );
+                    continue;
+                }
+                let ready = work.active.load(Ordering::SeqCst) == g.size && !work.is_empty();
+                let step = g.on_tick(Instant::now(), work.meter.load(Ordering::Relaxed), ready);
+                resize_pool(step, &work, |n| {
+                    for _ in 0..n {
+                        spawn(&mut workers, None, true);
+                    }
+                });
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
         match joined {
             Ok(Ok(Some(session))) => done.push(session),
             Ok(Ok(None)) => {}
@@ -187,6 +333,172 @@ async fn drive<D: Direction>(
         }
     }
     Ok(done)
+}
+
+/// Carries out a [`Grower`] decision: `add(n)` starts `n` workers; a shrink marks workers as
+/// excess, to stop once their chunks in flight are done. Logs each change with its rates.
+fn resize_pool(step: Step, work: &Work, add: impl FnOnce(usize)) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let mib = |rate: f64| format!("{:.1}", rate / MIB);
+    match step {
+        Step::Wait => {}
+        Step::Grow {
+            from,
+            to,
+            rate,
+            best,
+        } => {
+            tracing::debug!(
+                from,
+                to,
+                mib_per_sec = %mib(rate),
+                before_mib_per_sec = %best.map_or("-".into(), mib),
+                "throughput grew; adding connections"
+            );
+            add(to - from);
+        }
+        Step::Keep { size, rate, best } => tracing::debug!(
+            connections = size,
+            mib_per_sec = %mib(rate),
+            best_mib_per_sec = %mib(best),
+            "throughput no longer grows; keeping the pool"
+        ),
+        Step::Shrink {
+            from,
+            to,
+            rate,
+            best,
+        } => {
+            tracing::debug!(
+                from,
+                to,
+                mib_per_sec = %mib(rate),
+                best_mib_per_sec = %mib(best),
+                "more connections were slower; going back"
+            );
+            work.excess.fetch_add(from - to, Ordering::SeqCst);
+        }
+    }
+}
+
+/// What [`Grower`] decides at a tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// Nothing to do yet.
+    Wait,
+    /// Throughput grew by [`GAIN`] or more (or this is the first measurement): add workers.
+    Grow {
+        from: usize,
+        to: usize,
+        rate: f64,
+        best: Option<f64>,
+    },
+    /// Throughput did not grow by enough (or the cap is reached): keep `size`, stop growing.
+    Keep { size: usize, rate: f64, best: f64 },
+    /// The last growth made it slower: go back to the size that measured fastest.
+    Shrink {
+        from: usize,
+        to: usize,
+        rate: f64,
+        best: f64,
+    },
+}
+
+/// Sizes an adaptive pool from throughput alone; no I/O, time comes in as `now`.
+///
+/// Each size gets [`SETTLE`] once all its workers are moving chunks, then its bytes are counted
+/// for [`MEASURE`]. The first measurement always doubles the pool (there is nothing to compare
+/// it with); later ones double it again while throughput beats the best so far by [`GAIN`].
+/// Growth stops at `max`, or for good at the first measurement that does not gain enough.
+#[derive(Debug)]
+struct Grower {
+    max: usize,
+    /// Workers the pool has now.
+    size: usize,
+    /// When the pool last changed or was last not ready: settling starts there.
+    since: Instant,
+    /// Start of the running measurement: when, and the meter then.
+    mark: Option<(Instant, u64)>,
+    /// The size that measured fastest, and its bytes per second.
+    best: Option<(usize, f64)>,
+    done: bool,
+}
+
+impl Grower {
+    fn new(size: usize, max: usize, now: Instant) -> Self {
+        Self {
+            max,
+            size,
+            since: now,
+            mark: None,
+            best: None,
+            done: size >= max,
+        }
+    }
+
+    /// `bytes`: the meter now; `ready`: every worker of the pool is moving chunks and the
+    /// queue is not empty (a pool still connecting, or near its end, is not measured).
+    fn on_tick(&mut self, now: Instant, bytes: u64, ready: bool) -> Step {
+        if self.done {
+            return Step::Wait;
+        }
+        if !ready {
+            self.since = now;
+            self.mark = None;
+            return Step::Wait;
+        }
+        let Some((t0, b0)) = self.mark else {
+            if now.duration_since(self.since) >= SETTLE {
+                self.mark = Some((now, bytes));
+            }
+            return Step::Wait;
+        };
+        let elapsed = now.duration_since(t0);
+        if elapsed < MEASURE {
+            return Step::Wait;
+        }
+        let rate = bytes.saturating_sub(b0) as f64 / elapsed.as_secs_f64();
+        let best = self.best.map(|(_, r)| r);
+        if best.is_none_or(|b| rate >= b * GAIN) {
+            self.best = Some((self.size, rate));
+            if self.size >= self.max {
+                self.done = true;
+                return Step::Keep {
+                    size: self.size,
+                    rate,
+                    best: rate,
+                };
+            }
+            let from = self.size;
+            self.size = (from * 2).min(self.max);
+            self.since = now;
+            self.mark = None;
+            return Step::Grow {
+                from,
+                to: self.size,
+                rate,
+                best,
+            };
+        }
+        self.done = true;
+        let (best_size, best_rate) = self.best.unwrap_or((self.size, rate));
+        if rate < best_rate && best_size < self.size {
+            let from = self.size;
+            self.size = best_size;
+            Step::Shrink {
+                from,
+                to: best_size,
+                rate,
+                best: best_rate,
+            }
+        } else {
+            Step::Keep {
+                size: self.size,
+                rate,
+                best: best_rate,
+            }
+        }
+    }
 }
 
 /// Reconnect pacing: exponential backoff with jitter, giving up once one outage (failures with
@@ -244,14 +556,19 @@ async fn connect_retrying(target: &Target, opts: &Options) -> Result<Session, Cl
     }
 }
 
+/// One worker: moves chunks over its connection, reconnecting after transient failures. An
+/// `optional` worker (any but the first of an adaptive pool) whose first connection is turned
+/// away leaves quietly and stops the pool from growing: the daemon is at one of its limits.
 async fn worker<D: Direction>(
     target: &Target,
     dir: &D,
     work: &Work,
     mut session: Option<(Session, u64)>,
+    optional: bool,
     opts: &Options,
 ) -> Result<Option<(Session, u64)>, ClientError> {
     let mut retry = Retry::new(opts.retry_deadline);
+    let mut ever_connected = false;
     loop {
         if session.is_none() && work.is_empty() {
             return Ok(None);
@@ -275,17 +592,29 @@ async fn worker<D: Direction>(
                 }
             };
             connected = true;
+            let _pumping = work.pumping();
             match dir.pump(&mut s, id, work).await {
-                Ok(()) => Ok(Some((s, id))),
+                Ok(Pumped::Drained) => Ok(Some((s, id))),
+                Ok(Pumped::Retired) => {
+                    s.close().await;
+                    Ok(None)
+                }
                 Err(e) => Err(e),
             }
         };
         let outcome = attempt.await;
         if connected {
+            ever_connected = true;
             retry.succeeded();
         }
         match outcome {
             Ok(open) => return Ok(open),
+            // A busy daemon or a per-address limit, not a problem with the transfer itself.
+            Err(e) if optional && !ever_connected && e.is_transient_connect() => {
+                tracing::debug!(error = %e, "a connection was refused; leaving it out");
+                work.refused.store(true, Ordering::SeqCst);
+                return Ok(None);
+            }
             Err(e) => {
                 let delay = retry.after(e)?;
                 tokio::select! {
@@ -297,6 +626,21 @@ async fn worker<D: Direction>(
     }
 }
 
+/// Connections to report: the fixed count, or the most an adaptive pool had at once.
+fn connections_used(opts: &Options, work: &Work) -> usize {
+    match opts.connections {
+        Connections::Fixed(n) => n,
+        Connections::Adaptive { .. } => work.peak.load(Ordering::SeqCst).max(1),
+    }
+}
+
+/// `opts` with a fresh byte meter on its connections, for the pool to measure throughput.
+fn metered(opts: &Options) -> Options {
+    let mut opts = opts.clone();
+    opts.connector.meter = Some(Arc::default());
+    opts
+}
+
 fn make_summary(
     name: &str,
     size: u64,
@@ -304,6 +648,7 @@ fn make_summary(
     work: &Work,
     started: Instant,
     connections: usize,
+    congestion: Option<String>,
 ) -> Summary {
     let seconds = started.elapsed().as_secs_f64();
     let bytes_transferred = work.transferred.load(Ordering::Relaxed);
@@ -316,6 +661,7 @@ fn make_summary(
         connections,
         mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
         crc_retries: work.crc_retries.load(Ordering::Relaxed),
+        congestion,
     }
 }
 
@@ -358,13 +704,16 @@ impl Direction for Upload {
         session: &mut Session,
         transfer_id: u64,
         work: &Work,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Pumped, ClientError> {
         let window = window(session);
         let mut inflight: VecDeque<ByteRange> = VecDeque::with_capacity(window);
+        let mut retired = false;
         let result = async {
             loop {
                 while inflight.len() < window {
-                    let Some(chunk) = work.pop() else { break };
+                    let Some(chunk) = work.take(&mut retired) else {
+                        break;
+                    };
                     inflight.push_back(chunk);
                     let payload = self.source.read(chunk).await?;
                     work.throttle(chunk.len()).await;
@@ -374,7 +723,11 @@ impl Direction for Upload {
                     work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
                 }
                 if inflight.is_empty() {
-                    return Ok(());
+                    return Ok(if retired {
+                        Pumped::Retired
+                    } else {
+                        Pumped::Drained
+                    });
                 }
                 let (c, rejected) = match session.next().await? {
                     Frame::Ack(c) => (c, false),
@@ -444,8 +797,10 @@ pub async fn send_file(
     opts: &Options,
 ) -> Result<Summary, ClientError> {
     let started = Instant::now();
+    let opts = &metered(opts);
     let identity = source.identity();
     let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
     let chunk_size = opts
         .chunk_size
         .min(session.welcome.max_chunk_size)
@@ -521,7 +876,8 @@ pub async fn send_file(
                     resumed,
                     &work,
                     started,
-                    opts.connections,
+                    connections_used(opts, &work),
+                    congestion,
                 ));
             }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
@@ -586,14 +942,17 @@ impl Direction for Download {
         session: &mut Session,
         transfer_id: u64,
         work: &Work,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Pumped, ClientError> {
         let window = window(session);
         let max = session.welcome.max_chunk_size.min(self.max_chunk);
         let mut inflight: VecDeque<ByteRange> = VecDeque::with_capacity(window);
+        let mut retired = false;
         let result = async {
             loop {
                 while inflight.len() < window {
-                    let Some(chunk) = work.pop() else { break };
+                    let Some(chunk) = work.take(&mut retired) else {
+                        break;
+                    };
                     if chunk.len() > u64::from(max) {
                         // The server serves smaller chunks than planned: split this one.
                         work.requeue(split_into_chunks(&[chunk], max).into_iter());
@@ -609,7 +968,11 @@ impl Direction for Download {
                     session.send(&Frame::ReadChunk(req)).await?;
                 }
                 let Some(&want) = inflight.front() else {
-                    return Ok(());
+                    return Ok(if retired {
+                        Pumped::Retired
+                    } else {
+                        Pumped::Drained
+                    });
                 };
                 let data = match session.next().await? {
                     Frame::Data(d) => d,
@@ -656,10 +1019,12 @@ pub async fn recv(
     opts: &Options,
 ) -> Result<Summary, ClientError> {
     let started = Instant::now();
+    let opts = &metered(opts);
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
     let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
@@ -768,7 +1133,8 @@ pub async fn recv(
         resumed,
         &work,
         started,
-        opts.connections,
+        connections_used(opts, &work),
+        congestion,
     ))
 }
 
@@ -847,4 +1213,76 @@ fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
         dir: Arc::new(dir),
         leaf: leaf.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a grower through ticks at `rates` bytes per second, one per measured size, with
+    /// every worker ready; returns the steps that were not `Wait`.
+    fn check(start: usize, max: usize, rates: &[f64]) -> Vec<Step> {
+        let t0 = Instant::now();
+        let mut g = Grower::new(start, max, t0);
+        let (mut now, mut bytes, mut steps) = (t0, 0.0, Vec::new());
+        let mut rates = rates.iter().copied();
+        let mut rate = rates.next().unwrap_or(0.0);
+        while !g.done {
+            now += TICK;
+            bytes += rate * TICK.as_secs_f64();
+            match g.on_tick(now, bytes as u64, true) {
+                Step::Wait => {}
+                step => {
+                    steps.push(step);
+                    rate = rates.next().unwrap_or(rate);
+                }
+            }
+            assert!(now < t0 + Duration::from_secs(60), "never settles");
+        }
+        steps
+    }
+
+    fn sizes(steps: &[Step]) -> Vec<(char, usize)> {
+        steps
+            .iter()
+            .map(|s| match *s {
+                Step::Grow { to, .. } => ('+', to),
+                Step::Keep { size, .. } => ('=', size),
+                Step::Shrink { to, .. } => ('-', to),
+                Step::Wait => ('?', 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grows_while_throughput_follows_the_connections() {
+        // Loss-limited streams: throughput in proportion to the connections, up to the cap.
+        let steps = check(4, 16, &[4e6, 8e6, 16e6]);
+        assert_eq!(sizes(&steps), [('+', 8), ('+', 16), ('=', 16)]);
+    }
+
+    #[test]
+    fn stops_when_the_gain_is_small_and_goes_back_when_it_is_slower() {
+        assert_eq!(sizes(&check(4, 16, &[100e6, 105e6])), [('+', 8), ('=', 8)]);
+        assert_eq!(sizes(&check(4, 16, &[100e6, 80e6])), [('+', 8), ('-', 4)]);
+        assert_eq!(
+            sizes(&check(4, 16, &[10e6, 20e6, 19e6])),
+            [('+', 8), ('+', 16), ('-', 8)]
+        );
+    }
+
+    #[test]
+    fn a_pool_that_is_not_ready_is_not_measured() {
+        let t0 = Instant::now();
+        let mut g = Grower::new(4, 16, t0);
+        // Never ready (a worker still connecting): no decision however long it lasts.
+        for i in 1..100 {
+            let step = g.on_tick(t0 + TICK * i, u64::from(i) << 20, false);
+            assert_eq!(step, Step::Wait);
+        }
+        // At the cap already: nothing to do.
+        assert!(Grower::new(4, 4, t0).done);
+        assert_eq!(Connections::Adaptive { max: 2 }.initial(), 2);
+        assert_eq!(Connections::Fixed(3).initial(), 3);
+    }
 }

@@ -32,6 +32,9 @@ pub enum ClientError {
     /// A local file operation failed.
     #[error(transparent)]
     Local(#[from] CoreError),
+    /// A socket option (buffer size, congestion control) cannot be used.
+    #[error(transparent)]
+    Socket(#[from] crate::sockopt::SocketError),
     /// The connection closed where a reply was due.
     #[error("server closed the connection unexpectedly")]
     Closed,

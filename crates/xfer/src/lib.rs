@@ -4,6 +4,7 @@
 //! - [`copy`]: server-to-server copies, with grants for the destination.
 //! - [`engine`]: the transfer engine shared by [`send`] and [`recv`].
 //! - [`session`]: one connection past its handshake.
+//! - [`sockopt`]: socket buffers and congestion control for every connection.
 //! - [`list()`]: directory listings.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
@@ -17,10 +18,11 @@ pub mod error;
 pub mod limiter;
 pub mod list;
 pub mod session;
+pub mod sockopt;
 pub mod target;
 pub mod tree;
 
-pub use engine::{recv, send, send_file, Options, Summary};
+pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;

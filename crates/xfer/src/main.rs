@@ -136,15 +136,35 @@ struct CopyArgs {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Parallel TCP connections.
-    #[arg(short = 'c', long = "connections", default_value_t = 4)]
-    connections: usize,
+    /// Parallel TCP connections [default: adaptive: 4, doubled while throughput grows, up to
+    /// --max-connections].
+    #[arg(short = 'c', long = "connections")]
+    connections: Option<usize>,
+    /// Without -c: the most connections the adaptive pool may grow to [default: 16].
+    #[arg(long, value_name = "N", conflicts_with = "connections")]
+    max_connections: Option<usize>,
+    /// Log what the transfer does on stderr: reconnects, socket options, the pool growing with
+    /// the throughput it measured (XFER_LOG overrides).
+    #[arg(short = 'v', long)]
+    verbose: bool,
     /// Chunk size (K, M, G suffixes).
     #[arg(long, default_value = "4M")]
     chunk_size: String,
     /// Limit the rate to RATE bytes per second across all connections (K, M, G suffixes).
     #[arg(long, value_name = "RATE")]
     bwlimit: Option<String>,
+    /// Send buffer (SO_SNDBUF) of every connection, K, M, G suffixes; the kernel caps it at
+    /// net.core.wmem_max [default: the kernel's, autotuned].
+    #[arg(long, value_name = "SIZE")]
+    sndbuf: Option<String>,
+    /// Receive buffer (SO_RCVBUF) of every connection, K, M, G suffixes; the kernel caps it at
+    /// net.core.rmem_max [default: the kernel's, autotuned].
+    #[arg(long, value_name = "SIZE")]
+    rcvbuf: Option<String>,
+    /// TCP congestion control of every connection, e.g. bbr or cubic (see
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control) [default: the system's].
+    #[arg(long, value_name = "NAME")]
+    congestion: Option<String>,
     /// Seconds to keep reconnecting after the connection drops before giving up.
     #[arg(long, default_value_t = 60)]
     retry_deadline: u64,
@@ -188,6 +208,8 @@ impl TokenArgs {
             token: self.token()?,
             tls,
             grant: None,
+            socket: xfer::sockopt::SocketOptions::default(),
+            meter: None,
         })
     }
 
@@ -214,13 +236,37 @@ impl Common {
         if !(u64::from(min)..=u64::from(max)).contains(&chunk) {
             bail!("--chunk-size must be between 4K and 16M");
         }
-        if !(1..=128).contains(&self.connections) {
-            bail!("-c must be between 1 and 128");
-        }
+        let connections = match (self.max_connections, self.connections) {
+            // A -c from the defaults file yields to an explicit --max-connections.
+            (Some(max), _) => {
+                if !(1..=128).contains(&max) {
+                    bail!("--max-connections must be between 1 and 128");
+                }
+                xfer::Connections::Adaptive { max }
+            }
+            (None, Some(n)) => {
+                if !(1..=128).contains(&n) {
+                    bail!("-c must be between 1 and 128");
+                }
+                xfer::Connections::Fixed(n)
+            }
+            (None, None) => xfer::Connections::Adaptive {
+                max: xfer::engine::ADAPTIVE_MAX,
+            },
+        };
         let bwlimit = self.bwlimit.as_deref().map(parse).transpose()?;
         if bwlimit == Some(0) {
             bail!("--bwlimit must be above 0");
         }
+        let socket = xfer::sockopt::SocketOptions {
+            sndbuf: self.sndbuf.as_deref().map(parse).transpose()?,
+            rcvbuf: self.rcvbuf.as_deref().map(parse).transpose()?,
+            congestion: self.congestion.clone(),
+        };
+        // An algorithm that cannot be had is an error now, not a silent fallback later.
+        socket.check("--sndbuf", "--rcvbuf")?;
+        let mut connector = self.auth.connector()?;
+        connector.socket = socket;
         let progress = if !self.quiet && std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
@@ -234,12 +280,12 @@ impl Common {
             ProgressBar::hidden()
         };
         Ok(Options {
-            connections: self.connections,
+            connections,
             chunk_size: chunk as u32,
             bwlimit,
             retry_deadline: Duration::from_secs(self.retry_deadline),
             progress,
-            connector: self.auth.connector()?,
+            connector,
         })
     }
 
@@ -298,10 +344,15 @@ fn main() -> ExitCode {
     };
     let mut cli: Cli = config.parse_args();
     token_from_config(&mut cli, &config);
+    let verbose = match &cli.command {
+        Command::Send { common, .. } | Command::Recv { common, .. } => common.verbose,
+        _ => false,
+    };
+    let default_filter = if verbose { "xfer=debug" } else { "off" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("XFER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,16 +1,20 @@
 //! [`Session`]: one connection to a daemon, past its handshake; [`Connector`] makes them.
 
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls;
 use xfer_core::{FrameReader, FrameWriter};
 use xfer_proto::{
     auth, Auth, ErrorCode, ErrorFrame, Frame, Hello, Welcome, CAP_AUTH, CAP_TLS, PROTOCOL_VERSION,
 };
 
+use crate::sockopt::SocketOptions;
 use crate::{ClientError, Target};
 
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
@@ -26,6 +30,8 @@ pub struct Session {
     pub writer: Writer,
     /// What the server said in its `Welcome`.
     pub welcome: Welcome,
+    /// The congestion control algorithm of the connection, if the kernel says.
+    pub congestion: Option<String>,
 }
 
 impl std::fmt::Debug for Session {
@@ -45,6 +51,11 @@ pub struct Connector {
     pub tls: Option<tokio_rustls::TlsConnector>,
     /// A copy grant: then `token` holds the grant's derived key, not a token.
     pub grant: Option<xfer_proto::Grant>,
+    /// Buffers and congestion control for every connection.
+    pub socket: SocketOptions,
+    /// Counts every byte read or written on the connections made, when set: the engine's
+    /// measure of throughput, finer than whole chunks.
+    pub meter: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -52,7 +63,8 @@ impl std::fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.is_some())
-            .finish()
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,14 +131,25 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
-async fn dial(target: &Target) -> Result<TcpStream, ClientError> {
+async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, ClientError> {
     let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
         .map_err(|e| ClientError::Target(format!("cannot resolve {}: {e}", target.host)))?
         .collect();
     let mut last = ClientError::Target(format!("{} has no address", target.host));
     for addr in &addrs {
-        match TcpStream::connect(addr).await {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        // Buffers before connect, so that the window scale in the SYN allows for them.
+        let socket = socket.map_err(|e| ClientError::Connect {
+            addr: target.to_string(),
+            reason: describe_io(&e),
+        })?;
+        options.apply(&socket)?;
+        match socket.connect(*addr).await {
             Ok(socket) => {
                 socket.set_nodelay(true).ok();
                 return Ok(socket);
@@ -142,11 +165,78 @@ async fn dial(target: &Target) -> Result<TcpStream, ClientError> {
     Err(last)
 }
 
+/// A byte stream that counts what passes through it, both ways, into a shared counter.
+struct Metered<S> {
+    inner: S,
+    meter: Option<Arc<AtomicU64>>,
+}
+
+impl<S> Metered<S> {
+    fn count(&self, n: usize) {
+        if let Some(meter) = &self.meter {
+            meter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.count(n);
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.count(*n);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.count(*n);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Asks for TLS in a plaintext `Hello`, waits for `StartTls`, and runs the TLS handshake.
 async fn start_tls(
     mut socket: TcpStream,
     target: &Target,
     tls: &tokio_rustls::TlsConnector,
+    meter: Option<Arc<AtomicU64>>,
 ) -> Result<(Reader, Writer), ClientError> {
     let hello = Hello {
         version: PROTOCOL_VERSION,
@@ -171,6 +261,10 @@ async fn start_tls(
     }
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
+    let socket = Metered {
+        inner: socket,
+        meter,
+    };
     let stream = tls
         .connect(name, socket)
         .await
@@ -189,11 +283,21 @@ impl Session {
     /// # Errors
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
-        let socket = dial(target).await?;
+        let socket = dial(target, &connector.socket).await?;
+        let congestion = crate::sockopt::congestion(&socket);
+        let meter = connector.meter.clone();
         let (reader, writer) = match &connector.tls {
-            Some(tls) => start_tls(socket, target, tls).await?,
+            Some(tls) => start_tls(socket, target, tls, meter).await?,
             None => {
                 let (read, write) = socket.into_split();
+                let read = Metered {
+                    inner: read,
+                    meter: meter.clone(),
+                };
+                let write = Metered {
+                    inner: write,
+                    meter,
+                };
                 let reader: Reader = FrameReader::new(Box::new(read));
                 let writer: Writer = FrameWriter::new(Box::new(write));
                 (reader, writer)
@@ -210,6 +314,7 @@ impl Session {
                 agent: String::new(),
                 proof: Vec::new(),
             },
+            congestion,
         };
         let token = connector.token.as_deref();
         let mut nonce = vec![0u8; auth::NONCE_LEN];

@@ -44,12 +44,14 @@ pub struct TreeSummary {
     pub resumed_bytes: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
-    /// Connections per transfer.
+    /// Connections per transfer: the fixed count, or the most an adaptive pool had at once.
     pub connections: usize,
     /// Chunks sent again after a CRC mismatch.
     pub crc_retries: u64,
     /// Entries left out (special files, links leading out of the tree).
     pub entries_skipped: u64,
+    /// TCP congestion control of the connections, as the kernel reports it.
+    pub congestion: Option<String>,
 }
 
 fn join(top: &str, rel: &str) -> String {
@@ -223,9 +225,10 @@ impl TreeSummary {
             bytes_transferred: 0,
             resumed_bytes: 0,
             seconds: 0.0,
-            connections: opts.connections,
+            connections: opts.connections.initial(),
             crc_retries: 0,
             entries_skipped: 0,
+            congestion: None,
         }
     }
 }
@@ -307,6 +310,7 @@ pub async fn send_tree_from(
         .collect();
 
     let mut summary = TreeSummary::new(dest, opts);
+    summary.congestion = control.congestion.clone();
     let Plan {
         dirs,
         links,
@@ -343,7 +347,9 @@ pub async fn send_tree_from(
     // Small files from a shared queue over the pool; large files through the chunked engine.
     let queue = Arc::new(Mutex::new(VecDeque::from(small)));
     let mut workers = JoinSet::new();
-    for _ in 0..opts.connections {
+    // Small files over the starting count: each is one round trip, pipelined, so more
+    // connections add little; large files size their own pools.
+    for _ in 0..opts.connections.initial() {
         let (queue, progress, local, target) = (
             Arc::clone(&queue),
             Arc::clone(&progress),
@@ -367,6 +373,7 @@ pub async fn send_tree_from(
             Ok(s) => {
                 summary.resumed_bytes += s.resumed_bytes;
                 summary.crc_retries += s.crc_retries;
+                summary.connections = summary.connections.max(s.connections);
                 progress.file_done(s.bytes_transferred);
             }
             Err(e) => {
@@ -480,6 +487,7 @@ pub async fn recv_tree(
     let started = Instant::now();
     let mut control = Session::connect(target, &opts.connector).await?;
     let remote = list_remote(&mut control, name, checksum).await?;
+    let congestion = control.congestion.clone();
     control.close().await;
     if remote.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
@@ -491,6 +499,7 @@ pub async fn recv_tree(
     let have: HashMap<String, TreeEntry> =
         walked.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut summary = TreeSummary::new(name, opts);
+    summary.congestion = congestion;
     let Plan {
         dirs,
         links,
@@ -507,7 +516,9 @@ pub async fn recv_tree(
 
     let queue = Arc::new(Mutex::new(VecDeque::from(small)));
     let mut workers = JoinSet::new();
-    for _ in 0..opts.connections {
+    // Small files over the starting count: each is one round trip, pipelined, so more
+    // connections add little; large files size their own pools.
+    for _ in 0..opts.connections.initial() {
         let (queue, progress, local, target) = (
             Arc::clone(&queue),
             Arc::clone(&progress),
@@ -527,6 +538,7 @@ pub async fn recv_tree(
             Ok(s) => {
                 summary.resumed_bytes += s.resumed_bytes;
                 summary.crc_retries += s.crc_retries;
+                summary.connections = summary.connections.max(s.connections);
                 progress.file_done(s.bytes_transferred);
             }
             Err(e) => {

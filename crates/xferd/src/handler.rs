@@ -761,7 +761,7 @@ impl Handler {
             None
         };
         let opts = xfer::Options {
-            connections: req.connections.clamp(1, 64) as usize,
+            connections: xfer::Connections::Fixed(req.connections.clamp(1, 64) as usize),
             chunk_size: req
                 .chunk_size
                 .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
@@ -772,6 +772,9 @@ impl Handler {
                 token: key,
                 tls,
                 grant,
+                // This daemon's own settings: its copies are its connections.
+                socket: self.shared.config.socket.clone(),
+                meter: None,
             },
         };
         let root = self.root();

@@ -71,6 +71,9 @@ pub struct Config {
     /// system's, loaded when a copy asks for TLS, so a daemon that never does is not bothered
     /// by a system without them.
     pub copy_trust: Option<CopyTrust>,
+    /// Buffers and congestion control: set on the listener (accepted connections inherit them)
+    /// and on the connections of server-to-server copies.
+    pub socket: xfer::sockopt::SocketOptions,
 }
 
 impl Config {
@@ -96,6 +99,7 @@ impl Config {
             token: None,
             tls: None,
             copy_trust: None,
+            socket: xfer::sockopt::SocketOptions::default(),
         })
     }
 }
@@ -280,6 +284,7 @@ pub async fn run_with(
     } = hooks;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let drain = config.drain_timeout;
+    apply_socket_options(&listener, &config);
     info!(
         root = %config.root_path.display(),
         max_streams = config.max_streams,
@@ -317,7 +322,10 @@ pub async fn run_with(
             // A reload applies before the next accept, never to a connection accepted earlier.
             reload = next_reload(&mut reloads) => {
                 match reload {
-                    Some(config) => shared = apply_reload(&shared, &connections, config),
+                    Some(config) => {
+                        shared = apply_reload(&shared, &connections, config);
+                        apply_socket_options(&listener, &shared.config);
+                    }
                     None => reloads = None,
                 }
                 continue;
@@ -367,6 +375,16 @@ pub async fn run_with(
         info!("drained");
     }
     Ok(())
+}
+
+/// Sets the configured buffers and congestion control on the listener: accepted connections
+/// inherit them. The binary sets them before `listen` too, for the window scale; a listener
+/// passed in (tests, socket activation) gets them here. A failure is logged, not fatal: the
+/// settings were checked when the configuration was built.
+fn apply_socket_options(listener: &TcpListener, config: &Config) {
+    if let Err(e) = config.socket.apply(listener) {
+        warn!(error = %e, "cannot set socket options on the listener");
+    }
 }
 
 /// The next configuration from `reloads`; never, once there is no sender left.
@@ -433,6 +451,15 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         new.chunk_size.to_string(),
     );
     diff("window", old.window.to_string(), new.window.to_string());
+    let size = |v: Option<u64>| v.map_or_else(|| "default".to_string(), |n| n.to_string());
+    diff("sndbuf", size(old.socket.sndbuf), size(new.socket.sndbuf));
+    diff("rcvbuf", size(old.socket.rcvbuf), size(new.socket.rcvbuf));
+    let cc = |v: &Option<String>| v.clone().unwrap_or_else(|| "default".to_string());
+    diff(
+        "congestion",
+        cc(&old.socket.congestion),
+        cc(&new.socket.congestion),
+    );
     diff(
         "queue_timeout",
         format!("{:?}", old.queue_timeout),

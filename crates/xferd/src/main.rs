@@ -103,6 +103,18 @@ struct Args {
     /// Serve Prometheus metrics over HTTP on ADDR, e.g. 127.0.0.1:9108 (GET /metrics).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Send buffer (SO_SNDBUF) of every connection, K, M, G suffixes; the kernel caps it at
+    /// net.core.wmem_max [default: the kernel's, autotuned].
+    #[arg(long, value_name = "SIZE")]
+    sndbuf: Option<Size>,
+    /// Receive buffer (SO_RCVBUF) of every connection, K, M, G suffixes; the kernel caps it at
+    /// net.core.rmem_max [default: the kernel's, autotuned].
+    #[arg(long, value_name = "SIZE")]
+    rcvbuf: Option<Size>,
+    /// TCP congestion control of every connection, e.g. bbr or cubic (see
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control) [default: the system's].
+    #[arg(long, value_name = "NAME")]
+    congestion: Option<String>,
 }
 
 impl Args {
@@ -127,6 +139,9 @@ impl Args {
             copy_ca: self.copy_ca.clone(),
             log_level: self.log_level.clone(),
             metrics: self.metrics.clone(),
+            sndbuf: self.sndbuf,
+            rcvbuf: self.rcvbuf,
+            congestion: self.congestion.clone(),
         }
     }
 }
@@ -343,7 +358,7 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
                 info!(addr = %l.local_addr()?, "serving the socket passed by systemd");
                 l
             }
-            None => tokio::net::TcpListener::bind(&listen)
+            None => bind(&listen, &config.socket)
                 .await
                 .map_err(|e| bind_error(e, &listen, "--listen/listen"))?,
         };
@@ -377,6 +392,35 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         xferd::run_with(listener, config, shutdown, hooks).await?;
         Ok(())
     })
+}
+
+/// Binds and listens on the first address `listen` resolves to, as `TcpListener::bind` does,
+/// with the socket options set before `listen` so that accepted connections negotiate their
+/// window scale for the buffers asked for.
+async fn bind(
+    listen: &str,
+    options: &xfer::sockopt::SocketOptions,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        options.apply(&socket).map_err(std::io::Error::other)?;
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(1024),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "could not resolve to any address",
+        )
+    }))
 }
 
 /// A bind error with the fix spelled out where there is an obvious one.

@@ -62,6 +62,12 @@ pub struct Settings {
     pub log_level: Option<String>,
     /// Address of the Prometheus endpoint (`--metrics`); none by default.
     pub metrics: Option<String>,
+    /// Send buffer of every connection (`--sndbuf`); the kernel's autotuning when unset.
+    pub sndbuf: Option<Size>,
+    /// Receive buffer of every connection (`--rcvbuf`); the kernel's autotuning when unset.
+    pub rcvbuf: Option<Size>,
+    /// TCP congestion control of every connection (`--congestion`); the system's when unset.
+    pub congestion: Option<String>,
 }
 
 /// A byte count written as a number or as a string with a `K`, `M`, `G` suffix.
@@ -140,6 +146,9 @@ impl Settings {
             copy_ca: None,
             log_level: Some("info".into()),
             metrics: None,
+            sndbuf: None,
+            rcvbuf: None,
+            congestion: None,
         }
     }
 
@@ -209,6 +218,9 @@ impl Settings {
             copy_ca: over.copy_ca.or(self.copy_ca),
             log_level: over.log_level.or(self.log_level),
             metrics: over.metrics.or(self.metrics),
+            sndbuf: over.sndbuf.or(self.sndbuf),
+            rcvbuf: over.rcvbuf.or(self.rcvbuf),
+            congestion: over.congestion.or(self.congestion),
         }
     }
 
@@ -336,6 +348,14 @@ impl Settings {
         if let Some(ca) = &self.copy_ca {
             cfg.copy_trust = Some(crate::CopyTrust::from_pem_file(ca).context("copy_ca")?);
         }
+        cfg.socket = xfer::sockopt::SocketOptions {
+            sndbuf: self.sndbuf.map(|s| s.0),
+            rcvbuf: self.rcvbuf.map(|s| s.0),
+            congestion: self.congestion.clone(),
+        };
+        // On a socket of its own: an algorithm the kernel lacks or refuses us fails the start
+        // (and --check-config), not every connection later.
+        cfg.socket.check("sndbuf (--sndbuf)", "rcvbuf (--rcvbuf)")?;
         Ok(cfg)
     }
 
@@ -360,6 +380,9 @@ impl Settings {
             ("tls_cert", self.tls_cert.is_none()),
             ("tls_key", self.tls_key.is_none()),
             ("metrics", self.metrics.is_none()),
+            ("sndbuf", self.sndbuf.is_none()),
+            ("rcvbuf", self.rcvbuf.is_none()),
+            ("congestion", self.congestion.is_none()),
         ];
         for (key, none) in unset {
             if none {
@@ -439,10 +462,18 @@ mod tests {
             copy_ca = "/etc/xferd/peers-ca.pem"
             log_level = "debug"
             metrics = "127.0.0.1:9108"
+            sndbuf = "4M"
+            rcvbuf = 8388608
+            congestion = "reno"
             "#,
         )
         .unwrap();
         assert_eq!(s.chunk_size, Some(Size(4 << 20)));
+        assert_eq!(
+            (s.sndbuf, s.rcvbuf),
+            (Some(Size(4 << 20)), Some(Size(8 << 20)))
+        );
+        assert_eq!(s.congestion.as_deref(), Some("reno"));
         assert_eq!(s.max_streams, Some(8));
         assert_eq!(s.read_only, Some(true));
         s.check().unwrap();
@@ -558,5 +589,14 @@ mod tests {
         assert!(cfg.read_only);
         assert_eq!(cfg.window, 5);
         assert!(cfg.token.is_none());
+        let bad = Settings {
+            congestion: Some("nosuchcc".into()),
+            ..s
+        };
+        let e = format!("{:#}", bad.to_config().unwrap_err());
+        assert!(
+            e.contains("congestion control \"nosuchcc\" is not available here"),
+            "{e}"
+        );
     }
 }

@@ -1,0 +1,238 @@
+//! [`SocketOptions`]: send and receive buffer sizes and the congestion control algorithm, set on
+//! every data connection (by the client before it connects, by the daemon on its listener, whose
+//! accepted sockets inherit them). Names an unusable algorithm up front instead of falling back.
+
+use std::os::fd::AsFd;
+
+/// Where Linux lists the congestion control algorithms it has loaded.
+const AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+/// Where Linux lists those an unprivileged process may choose.
+const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+/// Largest buffer asked for: Linux doubles the value into an `int`.
+pub const MAX_BUFFER: u64 = 1 << 30;
+
+/// A socket option that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// The kernel has no such algorithm (nor a module for it).
+    #[error("congestion control {name:?} is not available here (available: {available})")]
+    Unavailable {
+        /// The algorithm asked for.
+        name: String,
+        /// What the kernel offers.
+        available: String,
+    },
+    /// The algorithm exists but this process may not choose it.
+    #[error(
+        "congestion control {name:?} is available but not allowed for this process (allowed: \
+         {allowed}): add it to net.ipv4.tcp_allowed_congestion_control or run with CAP_NET_ADMIN"
+    )]
+    NotAllowed {
+        /// The algorithm asked for.
+        name: String,
+        /// What unprivileged processes may choose.
+        allowed: String,
+    },
+    /// A buffer size out of range.
+    #[error("{option} must be between 1 and 1G bytes, not {value}")]
+    BadBuffer {
+        /// The option (`--sndbuf`, `rcvbuf`, ...).
+        option: &'static str,
+        /// The value given.
+        value: u64,
+    },
+    /// Any other failure of `setsockopt`.
+    #[error("setting {option}: {source}")]
+    Io {
+        /// The option being set.
+        option: &'static str,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
+}
+
+/// Options for every data connection; `None` leaves the kernel's default (and autotuning).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `SO_SNDBUF` in bytes.
+    pub sndbuf: Option<u64>,
+    /// `SO_RCVBUF` in bytes.
+    pub rcvbuf: Option<u64>,
+    /// `TCP_CONGESTION`, e.g. `bbr`.
+    pub congestion: Option<String>,
+}
+
+/// What a socket ended up with, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effective {
+    /// `SO_SNDBUF` (Linux reports twice the value set, for its bookkeeping).
+    pub sndbuf: usize,
+    /// `SO_RCVBUF`, likewise.
+    pub rcvbuf: usize,
+    /// The congestion control algorithm in force.
+    pub congestion: String,
+}
+
+impl SocketOptions {
+    /// True when nothing is set.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks the buffer sizes and that the algorithm can be set here, on a socket of its own.
+    ///
+    /// # Errors
+    /// [`SocketError::BadBuffer`], [`SocketError::Unavailable`], [`SocketError::NotAllowed`].
+    pub fn check(
+        &self,
+        sndbuf_name: &'static str,
+        rcvbuf_name: &'static str,
+    ) -> Result<(), SocketError> {
+        for (option, value) in [(sndbuf_name, self.sndbuf), (rcvbuf_name, self.rcvbuf)] {
+            if let Some(value) = value {
+                if !(1..=MAX_BUFFER).contains(&value) {
+                    return Err(SocketError::BadBuffer { option, value });
+                }
+            }
+        }
+        if let Some(name) = &self.congestion {
+            use rustix::net::{socket, AddressFamily, SocketType};
+            // IPv6 where the host has no IPv4.
+            let probe = socket(AddressFamily::INET, SocketType::STREAM, None)
+                .or_else(|_| socket(AddressFamily::INET6, SocketType::STREAM, None))
+                .map_err(|e| SocketError::Io {
+                    option: "a probe socket",
+                    source: e.into(),
+                })?;
+            set_congestion(&probe, name)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the options on `fd`: before `connect` or `listen`, so that the window scale is
+    /// negotiated for the buffer asked for. The kernel may clamp buffers to
+    /// `net.core.wmem_max`/`rmem_max`; [`effective`] tells what it kept.
+    ///
+    /// # Errors
+    /// The kernel refuses an option.
+    pub fn apply(&self, fd: impl AsFd) -> Result<(), SocketError> {
+        let fd = fd.as_fd();
+        let io = |option| {
+            move |e: rustix::io::Errno| SocketError::Io {
+                option,
+                source: e.into(),
+            }
+        };
+        if let Some(n) = self.sndbuf {
+            rustix::net::sockopt::set_socket_send_buffer_size(fd, n as usize)
+                .map_err(io("SO_SNDBUF"))?;
+        }
+        if let Some(n) = self.rcvbuf {
+            rustix::net::sockopt::set_socket_recv_buffer_size(fd, n as usize)
+                .map_err(io("SO_RCVBUF"))?;
+        }
+        if let Some(name) = &self.congestion {
+            set_congestion(fd, name)?;
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) && !self.is_default() {
+            if let Some(e) = effective(fd) {
+                tracing::debug!(
+                    sndbuf = ?self.sndbuf,
+                    rcvbuf = ?self.rcvbuf,
+                    effective_sndbuf = e.sndbuf,
+                    effective_rcvbuf = e.rcvbuf,
+                    congestion = %e.congestion,
+                    "socket options set (buffers read back doubled; net.core.wmem_max and rmem_max clamp them)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The buffers and congestion control `fd` has now; `None` if the kernel will not say.
+pub fn effective(fd: impl AsFd) -> Option<Effective> {
+    let fd = fd.as_fd();
+    Some(Effective {
+        sndbuf: rustix::net::sockopt::socket_send_buffer_size(fd).ok()?,
+        rcvbuf: rustix::net::sockopt::socket_recv_buffer_size(fd).ok()?,
+        congestion: rustix::net::sockopt::tcp_congestion(fd).ok()?,
+    })
+}
+
+/// The congestion control algorithm of `fd`, if the kernel says.
+pub fn congestion(fd: impl AsFd) -> Option<String> {
+    rustix::net::sockopt::tcp_congestion(fd.as_fd()).ok()
+}
+
+fn set_congestion(fd: impl AsFd, name: &str) -> Result<(), SocketError> {
+    match rustix::net::sockopt::set_tcp_congestion(fd.as_fd(), name) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOENT) => Err(SocketError::Unavailable {
+            name: name.to_string(),
+            available: listed(AVAILABLE),
+        }),
+        Err(rustix::io::Errno::PERM) => Err(SocketError::NotAllowed {
+            name: name.to_string(),
+            allowed: listed(ALLOWED),
+        }),
+        Err(e) => Err(SocketError::Io {
+            option: "TCP_CONGESTION",
+            source: e.into(),
+        }),
+    }
+}
+
+/// The names in a `/proc` list, space-separated, or "unknown".
+fn listed(path: &str) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => {
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        }
+        _ => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reno_is_always_there_and_nonsense_is_named() {
+        let reno = SocketOptions {
+            congestion: Some("reno".into()),
+            ..SocketOptions::default()
+        };
+        reno.check("--sndbuf", "--rcvbuf").unwrap();
+        let bad = SocketOptions {
+            congestion: Some("nosuchcc".into()),
+            ..SocketOptions::default()
+        };
+        let e = bad.check("--sndbuf", "--rcvbuf").unwrap_err().to_string();
+        assert!(
+            e.starts_with("congestion control \"nosuchcc\" is not available here (available: "),
+            "{e}"
+        );
+        assert!(e.contains("reno"), "{e}");
+    }
+
+    #[test]
+    fn buffers_are_set_and_read_back() {
+        let opts = SocketOptions {
+            sndbuf: Some(256 << 10),
+            rcvbuf: Some(0),
+            congestion: None,
+        };
+        let e = opts.check("--sndbuf", "--rcvbuf").unwrap_err().to_string();
+        assert_eq!(e, "--rcvbuf must be between 1 and 1G bytes, not 0");
+        let opts = SocketOptions {
+            rcvbuf: Some(128 << 10),
+            ..opts
+        };
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        opts.apply(&socket).unwrap();
+        let e = effective(&socket).unwrap();
+        // Linux doubles what it keeps; it may clamp to rmem_max/wmem_max, never to zero.
+        assert!(e.sndbuf > 0 && e.rcvbuf > 0, "{e:?}");
+    }
+}

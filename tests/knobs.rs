@@ -1,0 +1,182 @@
+//! Tuning knobs end to end: `--congestion`, `--sndbuf` and `--rcvbuf` on both programs (an
+//! algorithm the kernel lacks fails at start, in one line), and the number of connections
+//! (`-c N` exactly, or a pool that grows while per-connection throughput is the limit).
+
+use std::process::Command;
+
+use xfer_tests::proxy::Proxy;
+use xfer_tests::{bin, random_file, sha256_file, xfer, Daemon, Tree, XferRun};
+
+/// The rate each connection gets through the proxy in the pool tests: slow enough that the pool
+/// measures twice before a few MiB are through, so that only a growing pool finishes in time.
+const PER_CONNECTION: u64 = 256 << 10;
+/// Small chunks keep a connection's bytes in flight (window × chunk) far below a second's worth.
+const CHUNK: &str = "64K";
+
+#[test]
+fn congestion_and_buffers_apply_and_are_reported() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(
+        &tree.root(),
+        &["--congestion", "reno", "--sndbuf", "1M", "--rcvbuf", "1M"],
+    );
+    let src = tree.src("cc.bin");
+    let want = random_file(&src, 3 << 20, 1);
+    // reno is built into every Linux kernel; the buffers may be clamped, never refused.
+    let knobs = [
+        "--congestion",
+        "reno",
+        "--sndbuf",
+        "4M",
+        "--rcvbuf",
+        "4M",
+        "--json",
+    ];
+    let sent = XferRun::send(&src, &daemon.addr(), "cc.bin", &knobs).wait_ok();
+    assert_eq!(sent.json()["congestion"], "reno", "{}", sent.stdout);
+    assert_eq!(sha256_file(&daemon.root().join("cc.bin")), want);
+    let out = tree.out("cc.bin");
+    let got = XferRun::recv("cc.bin", &daemon.addr(), &out, &knobs).wait_ok();
+    assert_eq!(got.json()["congestion"], "reno", "{}", got.stdout);
+    assert_eq!(sha256_file(&out), want);
+}
+
+#[test]
+fn an_unknown_congestion_control_is_a_one_line_error() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let src = tree.src("x.bin");
+    random_file(&src, 1000, 2);
+    let run = XferRun::send(&src, &daemon.addr(), "x.bin", &["--congestion", "nosuchcc"]).wait();
+    let line = run.error_line();
+    assert!(
+        line.starts_with(
+            "xfer: congestion control \"nosuchcc\" is not available here (available: "
+        ),
+        "{line}"
+    );
+    assert!(line.contains("reno"), "{line}");
+    assert!(!daemon.root().join("x.bin").exists());
+    let bad = xfer([
+        "send",
+        "--sndbuf",
+        "0",
+        src.to_str().unwrap(),
+        &daemon.addr(),
+    ]);
+    assert!(bad.error_line().contains("--sndbuf"), "{}", bad.stderr);
+}
+
+#[test]
+fn xferd_refuses_an_unknown_congestion_control_at_start() {
+    let tree = Tree::new();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("xferd"))
+            .args(["--listen", "127.0.0.1:0", "--root"])
+            .arg(tree.root())
+            .args(args)
+            .output()
+            .expect("run xferd");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status, stdout, stderr)
+    };
+    for args in [
+        &["--congestion", "nosuchcc"][..],
+        &["--congestion", "nosuchcc", "--check-config"],
+    ] {
+        let (status, stdout, stderr) = run(args);
+        assert!(!status.success(), "{args:?}: {stdout}{stderr}");
+        assert!(!stdout.contains("listening"), "{stdout}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("xferd: congestion control \"nosuchcc\" is not available here"),
+            "{stderr}"
+        );
+    }
+    let (status, stdout, stderr) =
+        run(&["--congestion", "reno", "--sndbuf", "2M", "--check-config"]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("congestion = \"reno\""), "{stdout}");
+    assert!(stdout.contains("sndbuf = \"2M\""), "{stdout}");
+}
+
+/// A daemon behind a proxy that caps every connection at [`PER_CONNECTION`].
+fn capped(tree: &Tree, daemon_args: &[&str]) -> (Daemon, Proxy) {
+    let daemon = Daemon::start(&tree.root(), daemon_args);
+    let proxy = Proxy::start(daemon.socket_addr());
+    proxy.set_rate_limit(Some(PER_CONNECTION));
+    (daemon, proxy)
+}
+
+#[test]
+fn without_c_the_pool_grows_while_each_connection_is_the_limit_upload() {
+    let tree = Tree::new();
+    let (daemon, proxy) = capped(&tree, &[]);
+    let src = tree.src("grow.bin");
+    let want = random_file(&src, 8 << 20, 3);
+    let args = ["--chunk-size", CHUNK, "--json", "-v"];
+    let sent = XferRun::send(&src, &proxy.addr(), "grow.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("grow.bin")), want);
+    // 4 at first; the first doubling is a probe; a second one happens only because 8
+    // connections measured faster than 4.
+    let used = sent.json_u64("connections");
+    assert!(used > 8, "{} {}", sent.stdout, sent.stderr);
+    assert!(
+        sent.stderr.contains("adding connections"),
+        "{}",
+        sent.stderr
+    );
+    assert!(proxy.stats().accepted >= used, "{:?}", proxy.stats());
+}
+
+#[test]
+fn without_c_the_pool_grows_while_each_connection_is_the_limit_download() {
+    let tree = Tree::new();
+    let (daemon, proxy) = capped(&tree, &[]);
+    let want = random_file(&daemon.root().join("grow.bin"), 8 << 20, 4);
+    let out = tree.out("grow.bin");
+    let args = ["--chunk-size", CHUNK, "--json"];
+    let got = XferRun::recv("grow.bin", &proxy.addr(), &out, &args).wait_ok();
+    assert_eq!(sha256_file(&out), want);
+    let used = got.json_u64("connections");
+    assert!(used > 8, "{} {}", got.stdout, got.stderr);
+}
+
+#[test]
+fn a_busy_daemon_stops_the_pool_from_growing_instead_of_failing_it() {
+    let tree = Tree::new();
+    // Six connections from one address: the doubling to 8 gets two refusals.
+    let (daemon, proxy) = capped(&tree, &["--max-conns-per-ip", "6"]);
+    let src = tree.src("busy.bin");
+    let want = random_file(&src, 3 << 20, 5);
+    let args = ["--chunk-size", CHUNK, "--json"];
+    let sent = XferRun::send(&src, &proxy.addr(), "busy.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("busy.bin")), want);
+    let used = sent.json_u64("connections");
+    assert!((5..=6).contains(&used), "{} {}", sent.stdout, sent.stderr);
+
+    // Three from one address: the fourth connection the pool starts with is turned away too.
+    let tree = Tree::new();
+    let (daemon, proxy) = capped(&tree, &["--max-conns-per-ip", "3"]);
+    let src = tree.src("three.bin");
+    let want = random_file(&src, 1 << 20, 7);
+    let sent = XferRun::send(&src, &proxy.addr(), "three.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("three.bin")), want);
+    assert_eq!(sent.json_u64("connections"), 3, "{}", sent.stdout);
+}
+
+#[test]
+fn with_c_exactly_that_many_connections_are_used() {
+    let tree = Tree::new();
+    let (daemon, proxy) = capped(&tree, &[]);
+    let src = tree.src("three.bin");
+    // Long enough (2 s at 3 x 256 KiB/s) for an adaptive pool to have grown.
+    let want = random_file(&src, 3 << 19, 6);
+    let args = ["-c", "3", "--chunk-size", CHUNK, "--json"];
+    let sent = XferRun::send(&src, &proxy.addr(), "three.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("three.bin")), want);
+    assert_eq!(sent.json_u64("connections"), 3, "{}", sent.stdout);
+    assert_eq!(proxy.stats().accepted, 3, "{:?}", proxy.stats());
+}
