@@ -101,7 +101,12 @@ impl Root {
         }
     }
 
-    fn open_beneath(&self, path: &str, flags: OFlags, mode: Mode) -> rustix::io::Result<OwnedFd> {
+    pub(crate) fn open_beneath(
+        &self,
+        path: &str,
+        flags: OFlags,
+        mode: Mode,
+    ) -> rustix::io::Result<OwnedFd> {
         let path = if path.is_empty() { "." } else { path };
         rfs::openat2(
             self.dir.as_fd(),

@@ -382,12 +382,31 @@ impl Session {
         }
     }
 
+    /// The next frame if it has already arrived whole (see [`Session::next`]); never waits.
+    ///
+    /// # Errors
+    /// `Remote`, or protocol errors.
+    pub fn buffered_next(&mut self) -> Result<Option<Frame>, ClientError> {
+        match self.reader.buffered_frame()? {
+            Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
+            other => Ok(other),
+        }
+    }
+
     /// Sends a frame.
     ///
     /// # Errors
     /// I/O errors.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
         Ok(self.writer.send(frame).await?)
+    }
+
+    /// Sends frames with one write (control frames gathered) and one flush.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), ClientError> {
+        Ok(self.writer.send_all(frames).await?)
     }
 
     /// Says goodbye and closes, ignoring errors: the work on this connection is done.

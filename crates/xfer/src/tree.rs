@@ -107,7 +107,9 @@ async fn list_remote(
 
 /// Sends `requests` (each with the file bytes it moves, for `--bwlimit` and the in-flight
 /// bound) on `session` with up to `PIPELINE` in flight, checking each answer with `check`
-/// (answers come in request order).
+/// (answers come in request order). Requests go out in batches, one write each, and every
+/// answer already arrived is taken before the next batch: the server can then store them in
+/// batches too, and neither side makes a system call per file.
 async fn pipeline<F>(
     session: &mut Session,
     limiter: Option<&crate::RateLimiter>,
@@ -120,6 +122,7 @@ where
     let mut in_flight: VecDeque<usize> = VecDeque::new();
     let mut bytes = 0;
     let mut more = true;
+    let mut batch = Vec::with_capacity(PIPELINE);
     loop {
         while more && in_flight.len() < PIPELINE && bytes < PIPELINE_BYTES {
             match requests.next() {
@@ -128,18 +131,33 @@ where
                         limiter.acquire(moves).await;
                     }
                     let size = moves as usize + 64;
-                    session.send(&frame).await?;
+                    batch.push(frame);
                     in_flight.push_back(size);
                     bytes += size;
                 }
                 None => more = false,
             }
         }
-        let Some(size) = in_flight.pop_front() else {
+        if !batch.is_empty() {
+            session.send_all(&batch).await?;
+            batch.clear();
+        }
+        if in_flight.is_empty() {
             return Ok(());
-        };
-        bytes -= size;
-        check(session.next().await?)?;
+        }
+        let mut answer = Some(session.next().await?);
+        while let Some(frame) = answer {
+            let size = in_flight
+                .pop_front()
+                .ok_or_else(|| unexpected(frame.clone()))?;
+            bytes -= size;
+            check(frame)?;
+            answer = if in_flight.is_empty() {
+                None
+            } else {
+                session.buffered_next()?
+            };
+        }
     }
 }
 
@@ -302,12 +320,14 @@ pub async fn send_tree_from(
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
     let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
+    tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
     let mut control = Session::connect(target, &opts.connector).await?;
     let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
         .await?
         .into_iter()
         .map(|e| (e.path.clone(), e))
         .collect();
+    tracing::debug!(entries = remote.len(), elapsed = ?started.elapsed(), "receiver listed");
 
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
@@ -318,6 +338,7 @@ pub async fn send_tree_from(
         large,
     } = Plan::new(walked, &remote, &mut summary);
     let progress = Progress::new(&small, &large, opts);
+    let small_count = small.len();
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.
@@ -343,6 +364,7 @@ pub async fn send_tree_from(
     .await?;
     // The control connection would sit idle through the files; it is opened again at the end.
     control.close().await;
+    tracing::debug!(dirs = dirs.len(), elapsed = ?started.elapsed(), "directories made");
 
     // Small files from a shared queue over the pool; large files through the chunked engine.
     let queue = Arc::new(Mutex::new(VecDeque::from(small)));
@@ -386,6 +408,7 @@ pub async fn send_tree_from(
         joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
     }
     large_result?;
+    tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
 
     let mut control = Session::connect(target, &opts.connector).await?;
     let link_frames = links.iter().map(|l| {
@@ -405,9 +428,11 @@ pub async fn send_tree_from(
         expect_done,
     )
     .await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "links and directory times set");
     control.send(&Frame::Sync).await?;
     expect_done(control.next().await?)?;
     control.close().await;
+    tracing::debug!(elapsed = ?started.elapsed(), "receiver flushed");
 
     progress.bar.finish_and_clear();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
@@ -434,7 +459,7 @@ async fn send_small_files(
     // Each file is read just before it is sent, so memory holds only the pipeline's worth.
     let requests = std::iter::from_fn(|| {
         let entry = next.take().or_else(pop)?;
-        let read = tokio::task::block_in_place(|| local.read_small(&entry.path, SMALL_FILE));
+        let read = tokio::task::block_in_place(|| local.read_listed_small(&entry.path, SMALL_FILE));
         match read {
             Ok((identity, mode, data)) => {
                 sent.lock()
@@ -605,6 +630,7 @@ async fn recv_small_files(
     let mut session = Session::connect(target, connector).await?;
     // Entries asked for and not yet answered, oldest first.
     let asked = Mutex::new(VecDeque::new());
+    let mut dirs = xfer_core::DirCache::default();
     let mut next = Some(first);
     let requests = std::iter::from_fn(|| {
         let entry = next.take().or_else(pop)?;
@@ -633,7 +659,7 @@ async fn recv_small_files(
         // Written as it arrives: a small file costs a few syscalls, cheaper than a hop to the
         // blocking pool; block_in_place keeps the runtime's other tasks running meanwhile.
         tokio::task::block_in_place(|| {
-            local.put_file(&entry.path, f.identity.mtime_ns, f.mode, &f.data)
+            local.put_file_in(&mut dirs, &entry.path, f.identity.mtime_ns, f.mode, &f.data)
         })?;
         progress.file_done(f.identity.size);
         Ok(())

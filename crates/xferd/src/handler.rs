@@ -2,7 +2,7 @@
 //! [`ServerSession`] and carried out here. A failure ends this connection only; the listener
 //! and every other connection carry on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -298,7 +298,7 @@ impl Handler {
                     })
                     .await?
                 }
-                Request::GetFile(req) => self.get_file(req).await?,
+                Request::GetFile(req) => self.get_files(req).await?,
                 Request::Sync => self.sync().await?,
                 Request::CopyTo(req) => self.copy_to(req).await?,
                 Request::Goodbye => return Ok(()),
@@ -659,23 +659,14 @@ impl Handler {
     /// trip to the blocking pool, and answers them with one write: per file, the cost is the
     /// filesystem's alone. Each is answered (`Done` or a request-level error) in order.
     async fn put_files(&mut self, first: PutFile) -> Result<(), ConnError> {
-        let mut batch = vec![first];
-        let mut bytes = batch[0].data.len();
-        while batch.len() < PUT_BATCH_FILES && bytes < PUT_BATCH_BYTES {
-            let Some(frame) = self.reader.buffered_frame()? else {
-                break;
-            };
-            match self.session.handle_frame(frame)? {
-                Request::PutFile(req) => {
-                    bytes += req.data.len();
-                    batch.push(req);
-                }
-                other => {
-                    self.pending = Some(other);
-                    break;
-                }
-            }
-        }
+        let mut batch = self.gather(
+            first,
+            |r| r.data.len(),
+            |request| match request {
+                Request::PutFile(req) => Ok(req),
+                other => Err(Box::new(other)),
+            },
+        )?;
         // Bit errors in a control frame: the stream can no longer be trusted. The files before
         // it are stored and answered; the connection ends there.
         let mut end = None;
@@ -716,23 +707,58 @@ impl Handler {
         end.map_or(Ok(()), Err)
     }
 
-    async fn get_file(&mut self, req: GetFile) -> Result<(), ConnError> {
-        let root = self.root();
-        let max = u64::from(req.max_size).min(MAX_SMALL_FILE);
-        let name = req.name.clone();
-        match blocking(move || root.read_small(&name, max)).await {
-            Ok((identity, mode, data)) => {
-                let crc32 = crc32fast::hash(&data);
-                let reply = FileData {
-                    identity,
-                    mode,
-                    crc32,
-                    data,
-                };
-                Ok(self.writer.send(&Frame::FileData(reply)).await?)
+    /// Reads `first` and the `GetFile`s pipelined behind it that are already buffered, in one
+    /// trip to the blocking pool per 8 MiB of answers, and answers them in order with one write.
+    async fn get_files(&mut self, first: GetFile) -> Result<(), ConnError> {
+        let mut batch = VecDeque::from(self.gather(
+            first,
+            |_| 0,
+            |request| match request {
+                Request::GetFile(req) => Ok(req),
+                other => Err(Box::new(other)),
+            },
+        )?);
+        while !batch.is_empty() {
+            let root = self.root();
+            let (replies, rest, end) = blocking(move || Ok(read_small_files(&root, batch)))
+                .await
+                .map_err(|e| fatal(e.code(), e.to_string()))?;
+            batch = rest;
+            self.writer.send_all(&replies).await?;
+            if let Some(e) = end {
+                return Err(ConnError::Fatal(e));
             }
-            Err(e) => self.reply_error(e.code(), e.to_string()).await,
         }
+        Ok(())
+    }
+
+    /// `first` and the requests of its kind already buffered behind it, up to
+    /// `PUT_BATCH_FILES` of them and `PUT_BATCH_BYTES` as `size` counts; a request of another
+    /// kind read meanwhile is kept to be handled next.
+    fn gather<T>(
+        &mut self,
+        first: T,
+        size: impl Fn(&T) -> usize,
+        pick: impl Fn(Request) -> Result<T, Box<Request>>,
+    ) -> Result<Vec<T>, ConnError> {
+        let mut bytes = size(&first);
+        let mut batch = vec![first];
+        while batch.len() < PUT_BATCH_FILES && bytes < PUT_BATCH_BYTES {
+            let Some(frame) = self.reader.buffered_frame()? else {
+                break;
+            };
+            match pick(self.session.handle_frame(frame)?) {
+                Ok(req) => {
+                    bytes += size(&req);
+                    batch.push(req);
+                }
+                Err(other) => {
+                    self.pending = Some(*other);
+                    break;
+                }
+            }
+        }
+        Ok(batch)
     }
 
     /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
@@ -945,6 +971,43 @@ const PUT_BATCH_FILES: usize = 64;
 /// File bytes in one such batch, at most (beyond the file that starts it).
 const PUT_BATCH_BYTES: usize = 8 << 20;
 const READ_ONLY: &str = "read-only server: uploads are disabled";
+
+/// Reads the small files `batch` asks for, in order, until the answers hold `PUT_BATCH_BYTES`;
+/// returns the answers (`FileData` or a request-level error each), the requests left, and an
+/// error that ends the connection (only errors about one request leave it usable).
+fn read_small_files(
+    root: &xfer_core::Root,
+    mut batch: VecDeque<GetFile>,
+) -> (Vec<Frame>, VecDeque<GetFile>, Option<ErrorFrame>) {
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut bytes = 0;
+    while bytes < PUT_BATCH_BYTES {
+        let Some(req) = batch.pop_front() else { break };
+        let max = u64::from(req.max_size).min(MAX_SMALL_FILE);
+        replies.push(match root.read_small(&req.name, max) {
+            Ok((identity, mode, data)) => {
+                bytes += data.len();
+                Frame::FileData(FileData {
+                    identity,
+                    mode,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                })
+            }
+            Err(e) if e.code().is_request_level() => {
+                Frame::Error(ErrorFrame::new(e.code(), e.to_string()))
+            }
+            Err(e) => {
+                return (
+                    replies,
+                    VecDeque::new(),
+                    Some(ErrorFrame::new(e.code(), e.to_string())),
+                )
+            }
+        });
+    }
+    (replies, batch, None)
+}
 
 /// A stored file's name, and the error it got if any.
 type StoreOutcome = (String, Result<(), (ErrorCode, String)>);
