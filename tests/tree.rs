@@ -683,3 +683,42 @@ fn rerun_applies_a_mode_change() {
         "recv -r kept the old mode"
     );
 }
+
+/// A source file that became a directory replaces the old copy, both ways; a directory that
+/// became a file is refused with one line naming it, and the directory is kept.
+#[test]
+fn rerun_after_a_file_became_a_directory_and_back() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    random_file(&src.join("was-file"), 100, 1);
+    random_file(&src.join("was-dir/inner"), 100, 2);
+    let mut daemon = Daemon::start(&tree.root(), &[]);
+    let out = tree.out("t");
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    recv_tree("t", &daemon.addr(), &out, &[]).wait_ok();
+
+    fs::remove_file(src.join("was-file")).unwrap();
+    let inside = random_file(&src.join("was-file/now-inside"), 5000, 3);
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    recv_tree("t", &daemon.addr(), &out, &[]).wait_ok();
+    for copy in [tree.root().join("t"), out.clone()] {
+        assert_eq!(
+            sha256_file(&copy.join("was-file/now-inside")),
+            inside,
+            "{}",
+            copy.display()
+        );
+    }
+
+    fs::remove_dir_all(src.join("was-dir")).unwrap();
+    random_file(&src.join("was-dir"), 100, 4);
+    let line = send_tree(&src, &daemon.addr(), "t", &[])
+        .wait()
+        .error_line();
+    assert!(
+        line.starts_with("xfer: ") && line.contains("was-dir"),
+        "send -r: {line}"
+    );
+    assert!(tree.root().join("t/was-dir/inner").is_file());
+    daemon.assert_running();
+}
