@@ -20,6 +20,8 @@ use crate::{ClientError, Session, Target};
 
 /// Files up to this size travel whole in one frame.
 pub const SMALL_FILE: u64 = 1 << 20;
+/// Large files of a tree in flight at once.
+const LARGE_AT_ONCE: usize = 2;
 /// Requests a connection keeps in flight before it waits for answers.
 const PIPELINE: usize = 64;
 /// Request bytes a connection keeps in flight before it waits for answers.
@@ -284,6 +286,33 @@ impl Progress {
     }
 }
 
+/// Moves the large files of a tree, [`LARGE_AT_ONCE`] at a time, each through the chunked
+/// engine with its own connections, and counts them into `summary`. Several at once, so that
+/// one file's final flush and rename overlap the next one's bytes. Stops at the first error
+/// (the others are resumable, as any interrupted transfer).
+async fn large_files<F, Fut>(
+    large: &[TreeEntry],
+    summary: &mut TreeSummary,
+    progress: &Progress,
+    one: F,
+) -> Result<(), ClientError>
+where
+    F: FnMut(TreeEntry) -> Fut,
+    Fut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
+{
+    use futures_util::StreamExt;
+    let mut results = futures_util::stream::iter(large.iter().cloned().map(one))
+        .buffer_unordered(LARGE_AT_ONCE);
+    while let Some(result) = results.next().await {
+        let s = result?;
+        summary.resumed_bytes += s.resumed_bytes;
+        summary.crc_retries += s.crc_retries;
+        summary.connections = summary.connections.max(s.connections);
+        progress.file_done(s.bytes_transferred);
+    }
+    Ok(())
+}
+
 /// Options for the large files of a tree: the engine's own progress bar stays hidden.
 fn large_file_options(opts: &Options) -> Options {
     Options {
@@ -383,27 +412,19 @@ pub async fn send_tree_from(
             send_small_files(&target, &connector, &local, &dest, &queue, &progress).await
         });
     }
-    let mut large_result = Ok(());
     let large_opts = large_file_options(opts);
-    for entry in &large {
-        let path = entry.path.clone();
-        let source = on_local(&local, move |r| {
-            xfer_core::SourceFile::new(r.open_read(&path)?, path)
-        })
-        .await?;
-        match engine::send_file(source, target, &join(dest, &entry.path), &large_opts).await {
-            Ok(s) => {
-                summary.resumed_bytes += s.resumed_bytes;
-                summary.crc_retries += s.crc_retries;
-                summary.connections = summary.connections.max(s.connections);
-                progress.file_done(s.bytes_transferred);
-            }
-            Err(e) => {
-                large_result = Err(e);
-                break;
-            }
+    let large_result = large_files(&large, &mut summary, &progress, |entry| {
+        let (local, opts) = (&local, &large_opts);
+        async move {
+            let path = entry.path.clone();
+            let source = on_local(local, move |r| {
+                xfer_core::SourceFile::new(r.open_read(&path)?, path)
+            })
+            .await?;
+            engine::send_file(source, target, &join(dest, &entry.path), opts).await
         }
-    }
+    })
+    .await;
     while let Some(joined) = workers.join_next().await {
         joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
     }
@@ -555,23 +576,15 @@ pub async fn recv_tree(
             recv_small_files(&target, &connector, &local, &name, &queue, &progress).await
         });
     }
-    let mut large_result = Ok(());
     let large_opts = large_file_options(opts);
-    for entry in &large {
-        let dest: PathBuf = dir.join(&entry.path);
-        match engine::recv(target, &join(name, &entry.path), &dest, &large_opts).await {
-            Ok(s) => {
-                summary.resumed_bytes += s.resumed_bytes;
-                summary.crc_retries += s.crc_retries;
-                summary.connections = summary.connections.max(s.connections);
-                progress.file_done(s.bytes_transferred);
-            }
-            Err(e) => {
-                large_result = Err(e);
-                break;
-            }
+    let large_result = large_files(&large, &mut summary, &progress, |entry| {
+        let opts = &large_opts;
+        async move {
+            let dest: PathBuf = dir.join(&entry.path);
+            engine::recv(target, &join(name, &entry.path), &dest, opts).await
         }
-    }
+    })
+    .await;
     while let Some(joined) = workers.join_next().await {
         joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
     }
