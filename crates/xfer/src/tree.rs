@@ -301,8 +301,8 @@ where
     Fut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
 {
     use futures_util::StreamExt;
-    let mut results = futures_util::stream::iter(large.iter().cloned().map(one))
-        .buffer_unordered(LARGE_AT_ONCE);
+    let mut results =
+        futures_util::stream::iter(large.iter().cloned().map(one)).buffer_unordered(LARGE_AT_ONCE);
     while let Some(result) = results.next().await {
         let s = result?;
         summary.resumed_bytes += s.resumed_bytes;
