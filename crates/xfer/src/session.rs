@@ -165,16 +165,52 @@ async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, Cli
     Err(last)
 }
 
-/// A byte stream that counts what passes through it, both ways, into a shared counter.
+/// A byte stream that counts what crosses the network through it, both ways, into a shared
+/// counter: bytes read as they are read, bytes written once the peer has acknowledged them
+/// (`TCP_INFO`). Counting writes as they are handed to the kernel would count socket buffers
+/// filling up as throughput: on a slow lossy path that is seconds' worth, and a pool sized
+/// from it shrinks when it should grow.
 struct Metered<S> {
     inner: S,
     meter: Option<Arc<AtomicU64>>,
+    /// The socket beneath, and the bytes of it acknowledged when last looked at.
+    acked: Option<(std::os::fd::RawFd, u64)>,
 }
 
 impl<S> Metered<S> {
+    /// Wraps `inner`, which owns (or shares) the socket `fd`.
+    fn new(inner: S, meter: Option<Arc<AtomicU64>>, fd: std::os::fd::RawFd) -> Self {
+        // SAFETY: `inner` keeps the socket open; it is only looked at here.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let acked = crate::sockopt::bytes_acked(socket).map(|n| (fd, n));
+        Self {
+            inner,
+            meter,
+            acked,
+        }
+    }
+
     fn count(&self, n: usize) {
         if let Some(meter) = &self.meter {
             meter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `written` bytes: what the peer acknowledged since the last look, where the
+    /// kernel tells; else the bytes written.
+    fn count_written(&mut self, written: usize) {
+        if self.meter.is_none() {
+            return;
+        }
+        let Some((fd, before)) = self.acked else {
+            return self.count(written);
+        };
+        // SAFETY: the socket is owned by `inner` (or the stream it is half of), open for as
+        // long as this wrapper lives.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Some(now) = crate::sockopt::bytes_acked(socket) {
+            self.acked = Some((fd, now));
+            self.count(now.saturating_sub(before) as usize);
         }
     }
 }
@@ -200,9 +236,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &polled {
-            self.count(*n);
-        }
+        let n = match &polled {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.count_written(n);
         polled
     }
 
@@ -212,9 +250,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &polled {
-            self.count(*n);
-        }
+        let n = match &polled {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.count_written(n);
         polled
     }
 
@@ -261,10 +301,8 @@ async fn start_tls(
     }
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
-    let socket = Metered {
-        inner: socket,
-        meter,
-    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let socket = Metered::new(socket, meter, fd);
     let stream = tls
         .connect(name, socket)
         .await
@@ -293,11 +331,11 @@ impl Session {
                 let read = Metered {
                     inner: read,
                     meter: meter.clone(),
+                    acked: None,
                 };
-                let write = Metered {
-                    inner: write,
-                    meter,
-                };
+                // The write half shares the stream, and so the socket, with the read half.
+                let fd = std::os::fd::AsRawFd::as_raw_fd(write.as_ref());
+                let write = Metered::new(write, meter, fd);
                 let reader: Reader = FrameReader::new(Box::new(read));
                 let writer: Writer = FrameWriter::new(Box::new(write));
                 (reader, writer)

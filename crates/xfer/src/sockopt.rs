@@ -165,6 +165,27 @@ pub fn congestion(fd: impl AsFd) -> Option<String> {
     rustix::net::sockopt::tcp_congestion(fd.as_fd()).ok()
 }
 
+/// Bytes of this socket's sending the peer has acknowledged (`TCP_INFO`'s `tcpi_bytes_acked`),
+/// or `None` where the kernel does not report it.
+pub fn bytes_acked(fd: impl AsFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is open for the call; `info` and `len` outlive it.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+}
+
 fn set_congestion(fd: impl AsFd, name: &str) -> Result<(), SocketError> {
     match rustix::net::sockopt::set_tcp_congestion(fd.as_fd(), name) {
         Ok(()) => Ok(()),
