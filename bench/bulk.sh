@@ -15,7 +15,8 @@
 #                   mixed: MIXED_FILES (2000) files of MIXED_MIN..MIXED_MAX (4K..64K) bytes in
 #                          MIXED_DIRS (20) directories, plus MIXED_BIG (3) files of MIXED_BIG_SIZE
 #                          (64M)
-#   CONNS         xfer connection counts; default "4 8"
+#   CONNS         xfer connection counts, `auto` for no -c (a tree's small files then go over 4
+#                 connections and each large file sizes its own pool); default "auto 8"
 #   REPEAT        runs per measurement; the fastest is reported (each mode on its own); default 1
 #   SOCAT_BLOCK   socat -b for the tar pipe; default 1048576
 #   RUN_TIMEOUT   seconds before one copy is killed; default 900
@@ -50,7 +51,7 @@ cd "$REPO"
 
 BASE="${BENCH_DIR:-$REPO/bench/out}"
 SETS="${BULK_SETS:-small mixed}"
-CONNS="${CONNS:-4 8}"
+CONNS="${CONNS:-auto 8}"
 REPEAT="${REPEAT:-1}"
 SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
@@ -399,17 +400,18 @@ stop_xferd() {
 }
 
 run_xfer() { # run_xfer send|recv SET CONNS RUN
-    local mode="$1" set="$2" n="$3" id dst t0 times args kind="xfer-$1-$2-$3"
+    local mode="$1" set="$2" n="$3" id dst t0 times args kind="xfer-$1-$2-$3" c=()
+    [[ "$n" == auto ]] || c=(-c "$n")
     if [[ "$mode" == send ]]; then
         id="$(dest srv "$4-xfer-$1-$3")"
         dst="$WORK/srv/$id/$set"
         start_xferd "$WORK/srv"
-        args=(send -r -q --json -c "$n" "$WORK/src/$set" "$XFERD_ADDR" --as "$id/$set")
+        args=(send -r -q --json "${c[@]}" "$WORK/src/$set" "$XFERD_ADDR" --as "$id/$set")
     else
         id="$(dest dst "$4-xfer-$1-$3")"
         dst="$WORK/dst/$id/$set"
         start_xferd "$WORK/src" --read-only
-        args=(recv -r -q --json -c "$n" "$set" "$XFERD_ADDR" -o "$dst")
+        args=(recv -r -q --json "${c[@]}" "$set" "$XFERD_ADDR" -o "$dst")
     fi
     t0="$(now_ns)"
     timeout -k 5 "$RUN_TIMEOUT" "$XFER" "${args[@]}" >"$LOGS/$kind.json" 2>"$LOGS/$kind.err" ||
@@ -498,7 +500,7 @@ for line in open(sys.argv[2]):
 runs = OrderedDict()
 for line in open(sys.argv[1]):
     s, tool, conns, as_is, durable = line.rstrip("\n").split("\t")
-    r = runs.setdefault((s, tool, int(conns)), {"as_is": [], "durable": []})
+    r = runs.setdefault((s, tool, conns), {"as_is": [], "durable": []})
     r["as_is"].append(float(as_is))
     r["durable"].append(float(durable))
 
