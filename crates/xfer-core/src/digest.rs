@@ -35,86 +35,6 @@ pub fn digest_file(file: &File, size: u64) -> io::Result<Digest> {
     Ok(hasher.digest128().to_be_bytes())
 }
 
-/// The sender's whole-file digest, fed the chunks it has just read to send them, in whatever
-/// order the connections took them, so that the file is not read a second time for it. A
-/// chunk at the frontier is hashed at once; one ahead of it waits (as `Bytes`: no copy) until
-/// the frontier reaches it, up to `hold` bytes in all. What was never fed (ranges the receiver
-/// already held, chunks beyond the hold) is read from the file by [`OrderedDigest::finish`].
-#[derive(Debug)]
-pub struct OrderedDigest {
-    frontier: Frontier,
-    ahead: std::collections::BTreeMap<u64, bytes::Bytes>,
-    ahead_bytes: usize,
-    hold: usize,
-}
-
-impl OrderedDigest {
-    /// A digest that keeps at most `hold` bytes waiting for the frontier.
-    pub fn new(hold: usize) -> Self {
-        Self {
-            frontier: Frontier::default(),
-            ahead: std::collections::BTreeMap::new(),
-            ahead_bytes: 0,
-            hold,
-        }
-    }
-
-    /// Offers the bytes of the file at `offset`. Bytes offered again are ignored.
-    pub fn feed(&mut self, offset: u64, bytes: &bytes::Bytes) {
-        let end = offset + bytes.len() as u64;
-        if end <= self.frontier.pos {
-            return;
-        }
-        if offset <= self.frontier.pos {
-            self.frontier.feed(offset, bytes);
-            self.drain();
-        } else if self.ahead_bytes + bytes.len() <= self.hold && !self.ahead.contains_key(&offset) {
-            self.ahead_bytes += bytes.len();
-            self.ahead.insert(offset, bytes.clone());
-        }
-    }
-
-    /// Hashes the waiting chunks the frontier has reached.
-    fn drain(&mut self) {
-        while let Some(entry) = self.ahead.first_entry() {
-            if *entry.key() > self.frontier.pos {
-                break;
-            }
-            let (offset, bytes) = entry.remove_entry();
-            self.ahead_bytes -= bytes.len();
-            self.frontier.feed(offset, &bytes);
-        }
-    }
-
-    /// The digest of the first `size` bytes of `file`, reading whatever was not fed.
-    ///
-    /// # Errors
-    /// I/O errors, or a file shorter than `size`.
-    pub fn finish(mut self, file: &File, size: u64) -> io::Result<Digest> {
-        let mut buf = Vec::new();
-        loop {
-            self.drain();
-            let pos = self.frontier.pos;
-            if pos >= size {
-                break;
-            }
-            let next = self.ahead.keys().next().map_or(size, |&k| k.min(size));
-            let n = READ_BLOCK.min((next - pos) as usize);
-            buf.resize(n, 0);
-            file.read_exact_at(&mut buf, pos)?;
-            self.frontier.feed(pos, &buf);
-        }
-        if self.frontier.pos != size {
-            // Fed bytes beyond `size`: the file changed size under the sender.
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file size changed",
-            ));
-        }
-        Ok(self.frontier.digest())
-    }
-}
-
 /// A digest computed in file order over bytes that arrive in any order: bytes at the frontier
 /// are hashed as they come; bytes that arrived ahead of it are read back from disk once the
 /// frontier reaches them.
@@ -184,40 +104,6 @@ impl Frontier {
 mod tests {
     use super::*;
     use xfer_proto::ByteRange;
-
-    #[test]
-    fn ordered_digest_matches_the_file_digest_whatever_was_fed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let file = File::open(&path).unwrap();
-        let size = data.len() as u64;
-        let whole = digest_file(&file, size).unwrap();
-        let chunk = |i: u64| {
-            let (a, b) = (i * 300_000, ((i + 1) * 300_000).min(size));
-            (
-                a,
-                bytes::Bytes::copy_from_slice(&data[a as usize..b as usize]),
-            )
-        };
-        // In order, shuffled, with gaps (resumed ranges), repeats, a tiny hold, nothing at all.
-        let orders: [(&[u64], usize); 5] = [
-            (&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 0),
-            (&[3, 1, 0, 2, 9, 5, 4, 8, 6, 7], 10 << 20),
-            (&[1, 4, 4, 2, 7, 9], 10 << 20),
-            (&[5, 6, 7, 0, 1, 0], 400_000),
-            (&[], 0),
-        ];
-        for (order, hold) in orders {
-            let mut d = OrderedDigest::new(hold);
-            for &i in order {
-                let (offset, bytes) = chunk(i);
-                d.feed(offset, &bytes);
-            }
-            assert_eq!(d.finish(&file, size).unwrap(), whole, "{order:?}");
-        }
-    }
 
     #[test]
     fn frontier_matches_the_file_digest_whatever_the_order() {

@@ -143,26 +143,13 @@ impl SourceFile {
     /// # Errors
     /// `Changed` if the file is now shorter; I/O errors.
     pub async fn digest(&self) -> Result<crate::digest::Digest> {
-        self.finish_digest(crate::digest::OrderedDigest::new(0))
-            .await
-    }
-
-    /// Completes `digest` (what the transfer fed it, the rest read from the file) on a blocking
-    /// thread.
-    ///
-    /// # Errors
-    /// `Changed` if the file is now shorter; I/O errors.
-    pub async fn finish_digest(
-        &self,
-        digest: crate::digest::OrderedDigest,
-    ) -> Result<crate::digest::Digest> {
         let (file, name, size) = (
             Arc::clone(&self.file),
             self.name.clone(),
             self.identity.size,
         );
         let task = tokio::task::spawn_blocking(move || {
-            digest.finish(&file, size).map_err(|e| match e.kind() {
+            crate::digest::digest_file(&file, size).map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => {
                     CoreError::Changed(format!("{name} shrank while being read"))
                 }

@@ -19,7 +19,6 @@ use indicatif::ProgressBar;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use xfer_core::digest::OrderedDigest;
 use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot, SourceFile};
 use xfer_proto::{
     ByteRange, ChunkRef, Commit, Data, ErrorCode, FileIdentity, Frame, OpenRead, OpenWrite,
@@ -43,8 +42,6 @@ const SETTLE: Duration = Duration::from_millis(500);
 const MEASURE: Duration = Duration::from_secs(1);
 /// Throughput gain over the best measured so far that makes the pool grow again.
 const GAIN: f64 = 1.10;
-/// Chunks an upload's digest keeps waiting for its frontier (see `OrderedDigest`).
-const DIGEST_HOLD_CHUNKS: usize = 8;
 /// The pool goes back to its fastest size only if the last growth cost this much: right after
 /// a growth, on a long lossy path, the new streams still compete with the old ones for the
 /// link, and a dip then is no reason to close them (measured through the emulated 50 ms WAN:
@@ -686,8 +683,6 @@ async fn close_all(sessions: Vec<(Session, u64)>) {
 struct Upload {
     source: SourceFile,
     request: OpenWrite,
-    /// The whole-file digest, fed every chunk as it is read to be sent.
-    digest: Mutex<OrderedDigest>,
 }
 
 impl Upload {
@@ -727,10 +722,6 @@ impl Direction for Upload {
                     };
                     inflight.push_back(chunk);
                     let payload = self.source.read(chunk).await?;
-                    self.digest
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .feed(chunk.start, &payload);
                     work.throttle(chunk.len()).await;
                     session
                         .send(&Frame::Data(Data::new(transfer_id, chunk.start, payload)))
@@ -828,18 +819,21 @@ pub async fn send_file(
             chunk_size,
         },
         source,
-        // Chunks read ahead of the digest's frontier wait for it up to this much; further ones
-        // are read again at the end.
-        digest: Mutex::new(OrderedDigest::new(DIGEST_HOLD_CHUNKS * chunk_size as usize)),
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
     opts.progress.set_length(identity.size);
     opts.progress.set_position(resumed);
+    // The whole-file digest is read front to back beside the transfer, not after it.
+    let digest = {
+        let source = upload.source.clone();
+        tokio::spawn(async move { source.digest().await })
+    };
     let work = Arc::new(Work::new(Vec::new(), opts));
     let mut session = Some(session);
     // A commit can find bytes missing only if the daemon lost acknowledged chunks (it restarted
     // after a power loss); then the missing ranges are sent again, a bounded number of times.
+    let mut digest = Some(digest);
     let mut digest_bytes = Vec::new();
     for _ in 0..3 {
         let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
@@ -863,12 +857,11 @@ pub async fn send_file(
             }
         };
         close_all(sessions).await;
-        if digest_bytes.is_empty() {
-            let fed = std::mem::replace(
-                &mut *upload.digest.lock().unwrap_or_else(|p| p.into_inner()),
-                OrderedDigest::new(0),
-            );
-            digest_bytes = upload.source.finish_digest(fed).await?.to_vec();
+        if let Some(task) = digest.take() {
+            let d = task
+                .await
+                .map_err(|e| ClientError::Local(join_error(e)))??;
+            digest_bytes = d.to_vec();
         }
         upload.source.check_unchanged()?;
         let commit = Commit {
