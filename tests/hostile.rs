@@ -170,8 +170,12 @@ impl RawConn {
     /// Reads everything the peer sends until it closes, without decoding it.
     pub(crate) fn drain(&mut self) {
         let mut block = [0u8; 64 * 1024];
-        while let Ok(n @ 1..) = self.stream.read(&mut block) {
-            self.received.extend_from_slice(&block[..n]);
+        loop {
+            match self.stream.read(&mut block) {
+                Ok(n @ 1..) => self.received.extend_from_slice(&block[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Ok(0) | Err(_) => break,
+            }
         }
     }
 
@@ -220,6 +224,8 @@ impl RawConn {
                     self.buf.extend_from_slice(&block[..n]);
                 }
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                // A signal for another thread of the test process can land here: read again.
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     panic!("xferd neither answered nor closed within {READ_GUARD:?}")
                 }
@@ -455,6 +461,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, captured: &Mutex<Captured>, up: 
     let mut block = [0u8; 64 * 1024];
     loop {
         match from.read(&mut block) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 {

@@ -347,7 +347,7 @@ impl Slowloris {
             loop {
                 for (stream, pos) in &mut conns {
                     // Anything from the daemon (its Error) or the close: it gave up on us.
-                    let gone = !matches!(stream.read(&mut block), Err(e) if e.kind() == ErrorKind::WouldBlock);
+                    let gone = !matches!(stream.read(&mut block), Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted));
                     if gone || stream.write_all(&bytes[*pos % bytes.len()..][..1]).is_err() {
                         *stream = open();
                         *pos = 0;

@@ -55,6 +55,8 @@ fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Frame> {
             }
             Ok(n) => buf.extend_from_slice(&block[..n]),
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+            // A signal for another thread of the test process can land here: read again.
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 panic!("xferd neither answered nor closed within {READ_GUARD:?}")
             }
