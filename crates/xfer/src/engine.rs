@@ -640,10 +640,13 @@ fn connections_used(opts: &Options, work: &Work) -> usize {
     }
 }
 
-/// `opts` with a fresh byte meter on its connections, for the pool to measure throughput.
+/// `opts` with a fresh byte meter on its connections when the pool sizes itself: only then is
+/// throughput measured, and a meter costs every write a look at `TCP_INFO`.
 fn metered(opts: &Options) -> Options {
     let mut opts = opts.clone();
-    opts.connector.meter = Some(Arc::default());
+    if matches!(opts.connections, Connections::Adaptive { .. }) {
+        opts.connector.meter = Some(Arc::default());
+    }
     opts
 }
 
