@@ -286,6 +286,67 @@ impl Progress {
     }
 }
 
+/// The file-moving part of a tree copy, the same both ways: small files from one shared queue
+/// over `opts.connections.initial()` connections, large files through [`large_files`].
+struct Files<'a> {
+    local: &'a Root,
+    target: &'a Target,
+    /// The tree's top on the server.
+    top: &'a str,
+    opts: &'a Options,
+}
+
+/// What one small-file connection of a tree copy works with.
+struct SmallFiles {
+    target: Target,
+    connector: crate::Connector,
+    local: Root,
+    /// The tree's top on the server.
+    top: String,
+    /// The small files not yet taken, shared by the connections.
+    queue: Arc<Mutex<VecDeque<TreeEntry>>>,
+    progress: Arc<Progress>,
+}
+
+impl Files<'_> {
+    /// Runs `small_worker` on each small-file connection and `one_large` for each large file,
+    /// and waits for all of them; the first error is returned.
+    async fn run<W, WFut, L, LFut>(
+        &self,
+        small: Vec<TreeEntry>,
+        large: &[TreeEntry],
+        (summary, progress): (&mut TreeSummary, &Arc<Progress>),
+        small_worker: W,
+        one_large: L,
+    ) -> Result<(), ClientError>
+    where
+        W: Fn(SmallFiles) -> WFut,
+        WFut: std::future::Future<Output = Result<(), ClientError>> + Send + 'static,
+        L: FnMut(TreeEntry) -> LFut,
+        LFut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
+    {
+        let queue = Arc::new(Mutex::new(VecDeque::from(small)));
+        let mut workers = JoinSet::new();
+        // Small files over the starting count: each is one round trip, pipelined, so more
+        // connections add little; large files size their own pools.
+        for _ in 0..self.opts.connections.initial() {
+            workers.spawn(small_worker(SmallFiles {
+                target: self.target.clone(),
+                connector: self.opts.connector.clone(),
+                local: self.local.clone(),
+                top: self.top.to_string(),
+                queue: Arc::clone(&queue),
+                progress: Arc::clone(progress),
+            }));
+        }
+        let large_result = large_files(large, summary, progress, one_large).await;
+        while let Some(joined) = workers.join_next().await {
+            joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
+        }
+        large_result
+    }
+}
+
 /// Moves the large files of a tree, [`LARGE_AT_ONCE`] at a time, each through the chunked
 /// engine with its own connections, and counts them into `summary`. Several at once, so that
 /// one file's final flush and rename overlap the next one's bytes. Stops at the first error
@@ -395,40 +456,32 @@ pub async fn send_tree_from(
     control.close().await;
     tracing::debug!(dirs = dirs.len(), elapsed = ?started.elapsed(), "directories made");
 
-    // Small files from a shared queue over the pool; large files through the chunked engine.
-    let queue = Arc::new(Mutex::new(VecDeque::from(small)));
-    let mut workers = JoinSet::new();
-    // Small files over the starting count: each is one round trip, pipelined, so more
-    // connections add little; large files size their own pools.
-    for _ in 0..opts.connections.initial() {
-        let (queue, progress, local, target) = (
-            Arc::clone(&queue),
-            Arc::clone(&progress),
-            local.clone(),
-            target.clone(),
-        );
-        let (connector, dest) = (opts.connector.clone(), dest.to_string());
-        workers.spawn(async move {
-            send_small_files(&target, &connector, &local, &dest, &queue, &progress).await
-        });
-    }
     let large_opts = large_file_options(opts);
-    let large_result = large_files(&large, &mut summary, &progress, |entry| {
-        let (local, opts) = (&local, &large_opts);
-        async move {
-            let path = entry.path.clone();
-            let source = on_local(local, move |r| {
-                xfer_core::SourceFile::new(r.open_read(&path)?, path)
-            })
-            .await?;
-            engine::send_file(source, target, &join(dest, &entry.path), opts).await
-        }
-    })
-    .await;
-    while let Some(joined) = workers.join_next().await {
-        joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
-    }
-    large_result?;
+    let files = Files {
+        local: &local,
+        target,
+        top: dest,
+        opts,
+    };
+    files
+        .run(
+            small,
+            &large,
+            (&mut summary, &progress),
+            send_small_files,
+            |entry| {
+                let (local, opts) = (&local, &large_opts);
+                async move {
+                    let path = entry.path.clone();
+                    let source = on_local(local, move |r| {
+                        xfer_core::SourceFile::new(r.open_read(&path)?, path)
+                    })
+                    .await?;
+                    engine::send_file(source, target, &join(dest, &entry.path), opts).await
+                }
+            },
+        )
+        .await?;
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
 
     let mut control = Session::connect(target, &opts.connector).await?;
@@ -462,14 +515,9 @@ pub async fn send_tree_from(
     Ok(summary)
 }
 
-async fn send_small_files(
-    target: &Target,
-    connector: &crate::Connector,
-    local: &Root,
-    dest: &str,
-    queue: &Mutex<VecDeque<TreeEntry>>,
-    progress: &Progress,
-) -> Result<(), ClientError> {
+async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
+    let (target, connector, local) = (&job.target, &job.connector, &job.local);
+    let (dest, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
     let Some(first) = pop() else { return Ok(()) };
     let mut session = Session::connect(target, connector).await?;
@@ -560,35 +608,28 @@ pub async fn recv_tree(
         on_local(&local, move |r| r.make_dir(&path, mode | 0o700, mtime)).await?;
     }
 
-    let queue = Arc::new(Mutex::new(VecDeque::from(small)));
-    let mut workers = JoinSet::new();
-    // Small files over the starting count: each is one round trip, pipelined, so more
-    // connections add little; large files size their own pools.
-    for _ in 0..opts.connections.initial() {
-        let (queue, progress, local, target) = (
-            Arc::clone(&queue),
-            Arc::clone(&progress),
-            local.clone(),
-            target.clone(),
-        );
-        let (connector, name) = (opts.connector.clone(), name.to_string());
-        workers.spawn(async move {
-            recv_small_files(&target, &connector, &local, &name, &queue, &progress).await
-        });
-    }
     let large_opts = large_file_options(opts);
-    let large_result = large_files(&large, &mut summary, &progress, |entry| {
-        let opts = &large_opts;
-        async move {
-            let dest: PathBuf = dir.join(&entry.path);
-            engine::recv(target, &join(name, &entry.path), &dest, opts).await
-        }
-    })
-    .await;
-    while let Some(joined) = workers.join_next().await {
-        joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
-    }
-    large_result?;
+    let files = Files {
+        local: &local,
+        target,
+        top: name,
+        opts,
+    };
+    files
+        .run(
+            small,
+            &large,
+            (&mut summary, &progress),
+            recv_small_files,
+            |entry| {
+                let opts = &large_opts;
+                async move {
+                    let dest: PathBuf = dir.join(&entry.path);
+                    engine::recv(target, &join(name, &entry.path), &dest, opts).await
+                }
+            },
+        )
+        .await?;
     for l in &links {
         let (path, link) = (l.path.clone(), l.target.clone());
         if let Err(e) = on_local(&local, move |r| r.make_link(&path, &link)).await {
@@ -630,14 +671,9 @@ async fn on_local<T: Send + 'static>(
     Ok(result?)
 }
 
-async fn recv_small_files(
-    target: &Target,
-    connector: &crate::Connector,
-    local: &Root,
-    name: &str,
-    queue: &Mutex<VecDeque<TreeEntry>>,
-    progress: &Progress,
-) -> Result<(), ClientError> {
+async fn recv_small_files(job: SmallFiles) -> Result<(), ClientError> {
+    let (target, connector, local) = (&job.target, &job.connector, &job.local);
+    let (name, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
     let Some(first) = pop() else { return Ok(()) };
     let mut session = Session::connect(target, connector).await?;
