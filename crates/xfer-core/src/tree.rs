@@ -314,14 +314,6 @@ impl Root {
         Ok(out)
     }
 
-    /// Stores a whole small file with its mode and mtime; see [`Root::put_file_in`].
-    ///
-    /// # Errors
-    /// As [`Root::put_file_in`].
-    pub fn put_file(&self, name: &str, mtime_ns: i64, mode: u32, data: &[u8]) -> Result<()> {
-        self.put_file_in(&mut DirCache::default(), name, mtime_ns, mode, data)
-    }
-
     /// Stores a whole small file: written complete, with its mode and mtime, into an unnamed
     /// file (`O_TMPFILE`) that is then linked under `name` — one directory entry made, none
     /// renamed, and nothing ever visible half written. A regular file already there is replaced
@@ -331,7 +323,7 @@ impl Root {
     ///
     /// # Errors
     /// `BadPath`, `NotRegular` (a directory or link is in the way), `NoSpace` or I/O errors.
-    pub fn put_file_in(
+    pub fn put_file(
         &self,
         dirs: &mut DirCache,
         name: &str,
@@ -378,7 +370,7 @@ impl Root {
                 Ok(()) => return Ok(()),
                 Err(Errno::EXIST) => check_replaceable(dir, &leaf, name)?,
                 // Found out just now that unnamed files cannot be linked here: store it named.
-                Err(Errno::OPNOTSUPP) => return self.put_file_in(dirs, name, mtime_ns, mode, data),
+                Err(Errno::OPNOTSUPP) => return self.put_file(dirs, name, mtime_ns, mode, data),
                 Err(e) => return Err(CoreError::io(ctx("linking"), e.into())),
             }
             let part = partial_name(&leaf);
@@ -519,8 +511,14 @@ mod tests {
         let root = Root::open(tmp.path()).unwrap();
         root.make_dir("t", 0o750, 1_000_000_000).unwrap();
         root.make_dir("t/empty", 0o700, 2_000_000_000).unwrap();
-        root.put_file("t/sub/f.txt", 3_000_000_000, 0o640, b"hello")
-            .unwrap();
+        root.put_file(
+            &mut DirCache::default(),
+            "t/sub/f.txt",
+            3_000_000_000,
+            0o640,
+            b"hello",
+        )
+        .unwrap();
         root.make_link("t/sub/l", "f.txt").unwrap();
         root.make_link("t/sub/l", "../empty").unwrap(); // replaced atomically
         assert!(root.make_link("t/bad", "../../x").is_err());
@@ -566,7 +564,7 @@ mod tests {
         let root = Root::open(tmp.path()).unwrap();
         let mut dirs = DirCache::default();
         for (i, data) in [&b"one"[..], b"second"].into_iter().enumerate() {
-            root.put_file_in(&mut dirs, "d/f", i as i64, 0o640, data)
+            root.put_file(&mut dirs, "d/f", i as i64, 0o640, data)
                 .unwrap();
             assert_eq!(std::fs::read(tmp.path().join("d/f")).unwrap(), data);
         }
@@ -575,7 +573,7 @@ mod tests {
         for name in ["d/sub", "d/l"] {
             assert!(
                 matches!(
-                    root.put_file_in(&mut dirs, name, 0, 0o644, b"x"),
+                    root.put_file(&mut dirs, name, 0, 0o644, b"x"),
                     Err(CoreError::NotRegular(_))
                 ),
                 "{name}"

@@ -708,7 +708,7 @@ async fn recv_small_files(job: SmallFiles) -> Result<(), ClientError> {
         // Written as it arrives: a small file costs a few syscalls, cheaper than a hop to the
         // blocking pool; block_in_place keeps the runtime's other tasks running meanwhile.
         tokio::task::block_in_place(|| {
-            local.put_file_in(&mut dirs, &entry.path, f.identity.mtime_ns, f.mode, &f.data)
+            local.put_file(&mut dirs, &entry.path, f.identity.mtime_ns, f.mode, &f.data)
         })?;
         progress.file_done(f.identity.size);
         Ok(())

@@ -733,7 +733,7 @@ impl Handler {
     }
 
     /// `first` and the requests of its kind already buffered behind it, up to
-    /// `PUT_BATCH_FILES` of them and `PUT_BATCH_BYTES` as `size` counts; a request of another
+    /// `BATCH_FILES` of them and `BATCH_BYTES` as `size` counts; a request of another
     /// kind read meanwhile is kept to be handled next.
     fn gather<T>(
         &mut self,
@@ -743,7 +743,7 @@ impl Handler {
     ) -> Result<Vec<T>, ConnError> {
         let mut bytes = size(&first);
         let mut batch = vec![first];
-        while batch.len() < PUT_BATCH_FILES && bytes < PUT_BATCH_BYTES {
+        while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
             let Some(frame) = self.reader.buffered_frame()? else {
                 break;
             };
@@ -966,13 +966,13 @@ impl Handler {
 
 /// Sends a last error frame, then closes without resetting the connection: the write side is
 /// shut first and unread input is drained briefly, so the peer gets to read the frame.
-/// Small files a connection stores in one trip to the blocking pool, at most.
-const PUT_BATCH_FILES: usize = 64;
+/// Small files a connection stores or reads in one trip to the blocking pool, at most.
+const BATCH_FILES: usize = 64;
 /// File bytes in one such batch, at most (beyond the file that starts it).
-const PUT_BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 8 << 20;
 const READ_ONLY: &str = "read-only server: uploads are disabled";
 
-/// Reads the small files `batch` asks for, in order, until the answers hold `PUT_BATCH_BYTES`;
+/// Reads the small files `batch` asks for, in order, until the answers hold `BATCH_BYTES`;
 /// returns the answers (`FileData` or a request-level error each), the requests left, and an
 /// error that ends the connection (only errors about one request leave it usable).
 fn read_small_files(
@@ -981,7 +981,7 @@ fn read_small_files(
 ) -> (Vec<Frame>, VecDeque<GetFile>, Option<ErrorFrame>) {
     let mut replies = Vec::with_capacity(batch.len());
     let mut bytes = 0;
-    while bytes < PUT_BATCH_BYTES {
+    while bytes < BATCH_BYTES {
         let Some(req) = batch.pop_front() else { break };
         let max = u64::from(req.max_size).min(MAX_SMALL_FILE);
         replies.push(match root.read_small(&req.name, max) {
@@ -1026,7 +1026,7 @@ fn store_small_files(
             let message = format!("{} is being uploaded by another client", req.name);
             Err((ErrorCode::InUse, message))
         } else {
-            root.put_file_in(&mut dirs, &req.name, req.mtime_ns, req.mode, &req.data)
+            root.put_file(&mut dirs, &req.name, req.mtime_ns, req.mode, &req.data)
                 .map_err(|e| (e.code(), e.to_string()))
         };
         let fatal = outcome
