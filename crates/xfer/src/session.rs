@@ -196,12 +196,16 @@ impl<S> Metered<S> {
         }
     }
 
-    /// Counts `written` bytes: what the peer acknowledged since the last look, where the
-    /// kernel tells; else the bytes written.
-    fn count_written(&mut self, written: usize) {
+    /// Counts what a write (`polled`) moved: what the peer acknowledged since the last look,
+    /// where the kernel tells; else the bytes written.
+    fn count_written(&mut self, polled: &Poll<std::io::Result<usize>>) {
         if self.meter.is_none() {
             return;
         }
+        let written = match polled {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
         let Some((fd, before)) = self.acked else {
             return self.count(written);
         };
@@ -236,11 +240,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        let n = match &polled {
-            Poll::Ready(Ok(n)) => *n,
-            _ => 0,
-        };
-        self.count_written(n);
+        self.count_written(&polled);
         polled
     }
 
@@ -250,11 +250,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        let n = match &polled {
-            Poll::Ready(Ok(n)) => *n,
-            _ => 0,
-        };
-        self.count_written(n);
+        self.count_written(&polled);
         polled
     }
 
