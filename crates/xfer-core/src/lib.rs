@@ -2,6 +2,7 @@
 //! journal, positional reads and writes, names resolved beneath a root, and framed transport.
 //!
 //! # Layout
+//! - [`buffers`]: [`buffers::BufferPool`], chunk buffers reused instead of freed.
 //! - [`ranges`]: [`RangeSet`] and chunk splitting.
 //! - [`digest`]: the whole-file digest both sides compare before the final rename.
 //! - [`journal`]: the on-disk resume journal format.
@@ -15,6 +16,7 @@
 //! on a runtime worker; no file is ever held whole in memory.
 #![warn(missing_docs)]
 
+pub mod buffers;
 pub mod digest;
 pub mod error;
 pub mod journal;

@@ -3,11 +3,12 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use xfer_proto::{ByteRange, FileIdentity};
 
+use crate::buffers::BufferPool;
 use crate::{CoreError, Result};
 
 /// A regular file being sent.
@@ -18,56 +19,6 @@ pub struct SourceFile {
     identity: FileIdentity,
     mode: u32,
     buffers: BufferPool,
-}
-
-/// Chunk buffers of one source file, reused once the bytes read into them have been sent: a
-/// fresh buffer per chunk cost the sender a page fault and a zeroed page per 4 KiB (a fifth of
-/// a loopback upload's CPU). Bounded: beyond [`BufferPool::KEEP`] spare buffers, returned ones
-/// are freed.
-#[derive(Debug, Clone, Default)]
-struct BufferPool {
-    spare: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl BufferPool {
-    const KEEP: usize = 8;
-
-    /// A buffer of `len` bytes, of unspecified content.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut buf = spare.unwrap_or_default();
-        // Only bytes beyond what the buffer held before are zeroed.
-        buf.resize(len, 0);
-        buf
-    }
-
-    /// `buf` as `Bytes` that hand the buffer back to the pool when the last clone is dropped.
-    fn bytes(&self, buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Pooled {
-            buf,
-            pool: self.clone(),
-        })
-    }
-}
-
-struct Pooled {
-    buf: Vec<u8>,
-    pool: BufferPool,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut spare = self.pool.spare.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < BufferPool::KEEP {
-            spare.push(std::mem::take(&mut self.buf));
-        }
-    }
 }
 
 /// The identity (size, mtime) of an open file.
@@ -84,6 +35,9 @@ pub fn identity_of(file: &File) -> std::io::Result<(FileIdentity, u32)> {
 }
 
 impl SourceFile {
+    /// Chunk buffers kept for reuse once their bytes are sent (see [`BufferPool`]).
+    const SPARE_BUFFERS: usize = 8;
+
     /// Wraps an open regular file; `name` is used in errors.
     ///
     /// # Errors
@@ -103,7 +57,7 @@ impl SourceFile {
             name,
             identity,
             mode,
-            buffers: BufferPool::default(),
+            buffers: BufferPool::new(Self::SPARE_BUFFERS),
         })
     }
 

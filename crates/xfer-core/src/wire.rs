@@ -5,20 +5,40 @@
 
 use std::io::IoSlice;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
-use xfer_proto::{Frame, FrameCodec, ProtoError};
+use xfer_proto::{Frame, FrameCodec, ProtoError, LEN_PREFIX};
+
+use crate::buffers::BufferPool;
 
 const INITIAL_READ_BUFFER: usize = 64 * 1024;
 
 /// Reads whole frames from a byte stream.
+///
+/// Small frames are cut from one growing buffer. A frame larger than 64 KiB (a chunk) is read
+/// into a buffer of its own from a small per-reader pool, which its payload hands back once the
+/// chunk is written and dropped: the memory is reused instead of faulted in afresh per chunk,
+/// and bytes of the next frame never share (and so never have to be copied out of) a chunk's
+/// allocation.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     codec: FrameCodec,
+    large: Option<LargeFrame>,
+    buffers: BufferPool,
 }
+
+/// A large frame's body (type byte onwards), `filled` bytes of it read.
+#[derive(Debug)]
+struct LargeFrame {
+    body: Vec<u8>,
+    filled: usize,
+}
+
+/// Spare chunk buffers one reader keeps: one is being written while the next is read.
+const SPARE_BUFFERS: usize = 2;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader.
@@ -27,6 +47,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::with_capacity(INITIAL_READ_BUFFER),
             codec: FrameCodec::default(),
+            large: None,
+            buffers: BufferPool::new(SPARE_BUFFERS),
         }
     }
 
@@ -39,16 +61,59 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Cancel safe: partial input stays buffered for the next call.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
         loop {
+            if let Some(large) = &mut self.large {
+                while large.filled < large.body.len() {
+                    let n = self.io.read(&mut large.body[large.filled..]).await?;
+                    if n == 0 {
+                        let buffered = LEN_PREFIX + large.filled;
+                        self.large = None;
+                        return Err(ProtoError::TruncatedStream { buffered });
+                    }
+                    large.filled += n;
+                }
+                let body = self
+                    .large
+                    .take()
+                    .map(|large| large.body)
+                    .unwrap_or_default();
+                return Frame::decode(self.buffers.bytes(body)).map(Some);
+            }
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(frame));
+            }
+            if self.start_large() {
+                continue;
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
                 self.buf.reserve(INITIAL_READ_BUFFER);
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            if self
+                .io
+                .read_buf(&mut (&mut self.buf).limit(INITIAL_READ_BUFFER))
+                .await?
+                == 0
+            {
                 return self.codec.decode_eof(&mut self.buf);
             }
         }
+    }
+
+    /// Moves a large frame whose length and type the decoder has accepted (but not yet
+    /// whole) into a pooled buffer of its own, which the rest is read into.
+    fn start_large(&mut self) -> bool {
+        let Some(prefix) = self.buf.get(..=LEN_PREFIX) else {
+            return false;
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len <= INITIAL_READ_BUFFER {
+            return false;
+        }
+        let mut body = self.buffers.take(len);
+        let have = self.buf.len() - LEN_PREFIX;
+        body[..have].copy_from_slice(&self.buf[LEN_PREFIX..]);
+        self.buf.clear();
+        self.large = Some(LargeFrame { body, filled: have });
+        true
     }
 
     /// The next frame if it is already buffered whole; never waits for input. Lets a server
@@ -178,5 +243,46 @@ mod tests {
         );
         assert_eq!(r.read_frame().await.unwrap(), None);
         writer.await.unwrap();
+    }
+
+    fn encoded(frame: &Frame) -> Vec<u8> {
+        let mut wire = BytesMut::new();
+        tokio_util::codec::Encoder::encode(&mut FrameCodec::default(), frame.clone(), &mut wire)
+            .unwrap();
+        wire.to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_survives_a_cancelled_read() {
+        let data = Frame::Data(Data::new(3, 0, Bytes::from(vec![9u8; 200_000])));
+        let wire = encoded(&data);
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b);
+        a.write_all(&wire[..150_000]).await.unwrap();
+        // The read takes what is there, then waits; dropping it there must lose nothing.
+        tokio::select! {
+            biased;
+            f = r.read_frame() => panic!("frame before its last bytes: {f:?}"),
+            () = std::future::ready(()) => {}
+        }
+        a.write_all(&wire[150_000..]).await.unwrap();
+        assert_eq!(r.read_frame().await.unwrap(), Some(data));
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_a_large_frame_is_truncated() {
+        let wire = encoded(&Frame::Data(Data::new(
+            3,
+            0,
+            Bytes::from(vec![1u8; 100_000]),
+        )));
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        a.write_all(&wire[..70_000]).await.unwrap();
+        drop(a);
+        let err = FrameReader::new(b).read_frame().await.unwrap_err();
+        assert!(
+            matches!(err, ProtoError::TruncatedStream { buffered: 70_000 }),
+            "{err}"
+        );
     }
 }

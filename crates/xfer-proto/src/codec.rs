@@ -52,11 +52,12 @@ impl Decoder for FrameCodec {
         }
         let total = LEN_PREFIX + len as usize;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // Room for the rest is the reader's choice (`FrameReader` reads large frames into
+            // pooled buffers of their own).
             return Ok(None);
         }
         src.advance(LEN_PREFIX);
-        Frame::decode(src.split_to(len as usize)).map(Some)
+        Frame::decode(src.split_to(len as usize).freeze()).map(Some)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtoError> {

@@ -780,11 +780,12 @@ impl Frame {
         Ok(())
     }
 
-    /// Decodes one frame from its type byte and body (the length prefix already removed).
+    /// Decodes one frame from its type byte and body (the length prefix already removed). A
+    /// `Data` payload is a slice of `frame`, not a copy.
     ///
     /// # Errors
     /// A typed [`ProtoError`] for an unknown type, a truncated body or an undecodable body.
-    pub fn decode(mut frame: BytesMut) -> Result<Self, ProtoError> {
+    pub fn decode(mut frame: Bytes) -> Result<Self, ProtoError> {
         if frame.is_empty() {
             return Err(ProtoError::EmptyFrame);
         }
@@ -878,7 +879,7 @@ fn decode_body<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn decode_data(mut body: BytesMut) -> Result<Data, ProtoError> {
+fn decode_data(mut body: Bytes) -> Result<Data, ProtoError> {
     if body.len() < DATA_HEADER_LEN {
         return Err(ProtoError::Truncated {
             kind: "Data",
@@ -908,6 +909,6 @@ fn decode_data(mut body: BytesMut) -> Result<Data, ProtoError> {
         transfer_id,
         offset,
         crc32,
-        payload: body.freeze(),
+        payload: body,
     })
 }

@@ -1,0 +1,84 @@
+//! [`BufferPool`]: chunk-sized buffers reused once the bytes in them have been sent or written.
+//!
+//! A fresh buffer per chunk costs a page fault and a zeroed page per 4 KiB (measured: a fifth of
+//! a loopback upload's client CPU, and the same again in the daemon's receive path).
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// A bounded set of spare buffers: beyond `keep` spares, returned buffers are freed.
+#[derive(Debug, Clone)]
+pub struct BufferPool {
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+    keep: usize,
+}
+
+impl BufferPool {
+    /// A pool that keeps at most `keep` spare buffers.
+    pub fn new(keep: usize) -> Self {
+        Self {
+            spare: Arc::default(),
+            keep,
+        }
+    }
+
+    /// A buffer of `len` bytes, of unspecified content.
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.lock().pop().unwrap_or_default();
+        // Only bytes beyond what the buffer held before are zeroed.
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// `buf` as `Bytes` that hand the buffer back to the pool when the last clone is dropped.
+    pub fn bytes(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // A panic while holding the lock leaves a plain list behind; keep going with it.
+        self.spare.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Pooled {
+    buf: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut spare = self.pool.lock();
+        if spare.len() < self.pool.keep {
+            spare.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_returned_buffer_is_reused_and_the_spares_are_bounded() {
+        let pool = BufferPool::new(1);
+        let first = pool.take(1024);
+        let addr = first.as_ptr();
+        let (a, b) = (pool.bytes(first), pool.bytes(pool.take(1024)));
+        drop(a);
+        drop(b); // beyond the one spare kept: freed
+        assert_eq!(pool.lock().len(), 1);
+        let again = pool.take(512);
+        assert_eq!((again.as_ptr(), again.len()), (addr, 512));
+    }
+}
