@@ -578,42 +578,58 @@ run_iperf3() { # run_iperf3 STREAMS
         "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
 }
 
-run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
-    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst pid addr line cpu0 cpu1 args conns=()
-    if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
-    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+# start_xferd KIND: a fresh xferd in NS_B serving SRV; sets XFERD_PID, XFERD_ADDR and XFERD_CPU0
+start_xferd() {
+    local kind="$1" line
     : >"$LOGS/$kind.xferd.out"
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" "$XFERD" --listen "$IP_B:0" --root "$SRV" --token-file "$WORK/conf/token" \
         "${XFERD_EXTRA[@]+"${XFERD_EXTRA[@]}"}" >"$LOGS/$kind.xferd.out" 2>"$LOGS/$kind.xferd.err" &
-    pid=$!
-    track "$pid"
-    addr=""
+    XFERD_PID=$!
+    track "$XFERD_PID"
+    XFERD_ADDR=""
     for _ in $(seq 200); do
         line="$(head -n1 "$LOGS/$kind.xferd.out")"
         if [[ "$line" == "xferd listening on "* ]]; then
-            addr="${line#xferd listening on }"
+            XFERD_ADDR="${line#xferd listening on }"
             break
         fi
-        kill -0 "$pid" 2>/dev/null || fail "xferd exited at start: $(tail -n1 "$LOGS/$kind.xferd.err")"
+        kill -0 "$XFERD_PID" 2>/dev/null || fail "xferd exited at start: $(tail -n1 "$LOGS/$kind.xferd.err")"
         sleep 0.05
     done
-    [[ -n "$addr" ]] || fail "xferd printed no listening line"
-    [[ "$n" == auto ]] || conns=(-c "$n")
-    args=(-q --json "${conns[@]+"${conns[@]}"}" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
-    if [[ "$DIR" == upload ]]; then
-        args=(send "${args[@]}" --as "$(basename "$dst")" "$SRC" "$addr")
-    else
-        args=(recv "${args[@]}" -o "$dst" src.bin "$addr")
-    fi
-    cpu0="$(proc_cpu "$pid")"
-    client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
-    cpu1="$(proc_cpu "$pid")"
-    S_RSS="$(proc_hwm_kib "$pid")"
-    S_CPU="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$cpu0" "$cpu1")"
-    kill -TERM "$pid"
-    wait_gone "$pid" 15 || kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    [[ -n "$XFERD_ADDR" ]] || fail "xferd printed no listening line"
+    XFERD_CPU0="$(proc_cpu "$XFERD_PID")"
+}
+# stop_xferd: S_CPU (since start_xferd) and S_RSS of the xferd, then end it
+stop_xferd() {
+    local cpu1
+    cpu1="$(proc_cpu "$XFERD_PID")"
+    S_RSS="$(proc_hwm_kib "$XFERD_PID")"
+    S_CPU="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$XFERD_CPU0" "$cpu1")"
+    kill -TERM "$XFERD_PID"
+    wait_gone "$XFERD_PID" 15 || kill -KILL "$XFERD_PID" 2>/dev/null || true
+    wait "$XFERD_PID" 2>/dev/null || true
     S_CPU="$(server_cpu "$S_CPU")"
+}
+# xfer_args CONNS: the client flags every xfer run shares, into XFER_COMMON
+xfer_args() {
+    local conns=()
+    [[ "$1" == auto ]] || conns=(-c "$1")
+    XFER_COMMON=(-q --json "${conns[@]+"${conns[@]}"}" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
+}
+
+run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
+    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst args
+    if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
+    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+    start_xferd "$kind"
+    xfer_args "$n"
+    if [[ "$DIR" == upload ]]; then
+        args=(send "${XFER_COMMON[@]}" --as "$(basename "$dst")" "$SRC" "$XFERD_ADDR")
+    else
+        args=(recv "${XFER_COMMON[@]}" -o "$dst" src.bin "$XFERD_ADDR")
+    fi
+    client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
+    stop_xferd
     finish "$kind" "$dst" 0
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
 }
@@ -652,8 +668,10 @@ run_socat() {
     rm -f "$dst"
 }
 
-run_rsync() {
-    local kind="rsync-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst tpid spid from to
+# start_rsyncd KIND: an rsync daemon in NS_B with the module `bench` = SRV, on a new PORT, under
+# /usr/bin/time; sets SRV_TPID (the time wrapper) and SRV_SPID (the daemon)
+start_rsyncd() {
+    local kind="$1"
     next_port
     cat >"$WORK/conf/rsyncd.conf" <<EOF
 # written by bench/wan.sh
@@ -668,11 +686,23 @@ EOF
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         rsync --daemon --no-detach --address="$IP_B" --port="$PORT" --config="$WORK/conf/rsyncd.conf" \
         2>"$LOGS/$kind.server" &
-    tpid=$!
-    track "$tpid"
-    spid="$(child_of "$tpid")"
-    track "$spid"
+    SRV_TPID=$!
+    track "$SRV_TPID"
+    SRV_SPID="$(child_of "$SRV_TPID")"
+    track "$SRV_SPID"
     wait_listening "$NS_B" "$PORT"
+}
+# stop_rsyncd KIND: once the session's process is gone, end the daemon; sets S_CPU and S_RSS
+stop_rsyncd() {
+    wait_children_gone "$SRV_SPID" 10
+    stop_server "$SRV_TPID" "$SRV_SPID"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$1.stime")")"
+    S_RSS="$(time_field "$LOGS/$1.stime" 2)"
+}
+
+run_rsync() {
+    local kind="rsync-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst from to
+    start_rsyncd "$kind"
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-rsync.bin"
         from="$SRC"
@@ -684,10 +714,7 @@ EOF
     fi
     rm -f "$dst"
     client_run "$NS_A" "$kind" "$CAP" rsync -a "$from" "$to"
-    wait_children_gone "$spid" 10
-    stop_server "$tpid" "$spid"
-    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
-    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    stop_rsyncd "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst" "$(dirname "$dst")"/.up-rsync.bin.* "$(dirname "$dst")"/.down-rsync.bin.*
 }
@@ -707,8 +734,9 @@ setup_ssh() { # once: host key, client key, sshd_config template
     SSH_OPTS=(-i "$d/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=no
         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o IdentitiesOnly=yes)
 }
-run_scp() {
-    local kind="scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" d="$WORK/conf/ssh" dst tpid spid
+# start_sshd KIND: sshd -D in NS_B on a new PORT under /usr/bin/time; sets SRV_TPID and SRV_SPID
+start_sshd() {
+    local kind="$1" d="$WORK/conf/ssh"
     next_port
     cat >"$d/sshd_config" <<EOF
 # written by bench/wan.sh
@@ -728,11 +756,23 @@ LogLevel ERROR
 EOF
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         /usr/sbin/sshd -D -e -f "$d/sshd_config" 2>"$LOGS/$kind.server" &
-    tpid=$!
-    track "$tpid"
-    spid="$(child_of "$tpid")"
-    track "$spid"
+    SRV_TPID=$!
+    track "$SRV_TPID"
+    SRV_SPID="$(child_of "$SRV_TPID")"
+    track "$SRV_SPID"
     wait_listening "$NS_B" "$PORT"
+}
+# stop_sshd KIND: once the session's processes are gone, end sshd; sets S_CPU and S_RSS
+stop_sshd() {
+    wait_children_gone "$SRV_SPID" 10
+    stop_server "$SRV_TPID" "$SRV_SPID"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$1.stime")")"
+    S_RSS="$(time_field "$LOGS/$1.stime" 2)"
+}
+
+run_scp() {
+    local kind="scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst
+    start_sshd "$kind"
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-scp.bin"
         rm -f "$dst"
@@ -742,10 +782,7 @@ EOF
         rm -f "$dst"
         client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/src.bin" "$dst"
     fi
-    wait_children_gone "$spid" 10
-    stop_server "$tpid" "$spid"
-    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
-    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    stop_sshd "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst"
 }
