@@ -99,8 +99,9 @@
 # Timing: file runs: lan ~9 min per cc, wan and lossy ~10 min per cc (47 min in all on
 # 2026-11-22). Trees (small, default tools and CONNS): an estimate of 2-4 min more per profile x cc
 # (lossy cubic longest: every single stream is capped there), from a reduced run on 2026-12-02:
-# xfer -c 8, rsync, tar and scp both ways on wan/cubic with WAN_CAP=10 took 52 s, then removing
-# the copies (70,000 files, flushed) took most of a minute more.
+# xfer -c 8, rsync, tar and scp both ways on wan/cubic with WAN_CAP=10 took 52 s; removing a
+# profile x cc's copies (70,000 files) and flushing took up to 77 s while other work wrote to
+# the same disk.
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -268,12 +269,20 @@ DST="$WORK/dst"
 # freed, and each file created meanwhile scans past every such inode (see "Destinations" in
 # bench/bulk.sh): a tree run within a minute of removing 10,000 files creates its files several
 # times slower. DELETED_AT is when this script (or its last run, at exit) last removed many files;
-# settle_deletes waits out the minute before a tree run.
+# settle_deletes waits out the minute before a tree run. The minute holds only while the freed
+# inodes' table block is clean: while it is dirty the kernel avoids them for 360 s
+# (RECENTCY_DIRTY). Every removal here is followed by `sync -f` before DELETED_AT is taken, but a
+# tree run that creates files in the same block dirties it again: 61 s is a lower bound.
 DELETED_AT=0
+deleted_now() { # after removing many files: flush them out, then take the time
+    sync -f "$WORK"
+    DELETED_AT="$(date +%s)"
+}
 deleted_prev="$(cat "$WORK/deleted-at" 2>/dev/null || true)"
 [[ "$deleted_prev" =~ ^[0-9]+$ ]] && DELETED_AT="$deleted_prev"
-[[ -n "$(ls -A "$SRV" "$DST" 2>/dev/null)" ]] && DELETED_AT="$(date +%s)"
+leftovers="$(ls -A "$SRV" "$DST" 2>/dev/null || true)"
 rm -rf "$SRV" "$DST" "$LOGS" "$WORK/verified"
+[[ -z "$leftovers" ]] || deleted_now
 mkdir -p "$WORK/src" "$SRV" "$DST" "$LOGS" "$WORK/verified" "$WORK/conf"
 # The GridFTP server serves anonymous sessions as `nobody`: it must read the source and write into
 # the server root.
@@ -333,7 +342,10 @@ cleanup() {
     rmdir /etc/netns 2>/dev/null || true
     rm -rf "$SRV" "$DST"
     [[ "$KEEP" == 1 ]] || rm -rf "$WORK/src"
-    if has_workload tree; then date +%s >"$WORK/deleted-at"; fi
+    if has_workload tree; then
+        sync -f "$WORK" || true
+        date +%s >"$WORK/deleted-at"
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -665,8 +677,8 @@ drop_tree_copies() {
     if [[ -n "$(ls -A "$SRV/copies" "$DST/copies" 2>/dev/null)" ]]; then
         t="$(now_ns)"
         rm -rf "$SRV/copies" "$DST/copies"
-        DELETED_AT="$(date +%s)"
-        log "removed the tree copies of $PROFILE/$CC in $(secs_since "$t") s"
+        deleted_now
+        log "removed the tree copies of $PROFILE/$CC (and flushed) in $(secs_since "$t") s"
     fi
 }
 
@@ -1161,8 +1173,11 @@ if has_workload tree; then
     for t in $TREES; do
         if [[ ! -d "$WORK/src/trees/$t" || "$(cat "$WORK/src/trees/$t.params" 2>/dev/null)" != "${TREE_PARAMS[$t]}" ]]; then
             log "creating the $t tree (bench/tree.py make DIR ${TREE_PARAMS[$t]})"
-            [[ -e "$WORK/src/trees/$t" ]] && DELETED_AT="$(date +%s)"
-            rm -rf "$WORK/src/trees/$t" "$WORK/src/trees/$t.params"
+            if [[ -e "$WORK/src/trees/$t" ]]; then
+                rm -rf "$WORK/src/trees/$t"
+                deleted_now
+            fi
+            rm -f "$WORK/src/trees/$t.params"
             # shellcheck disable=SC2086 # the parameters are a list of words
             python3 "$BENCH_HOME/tree.py" make "$WORK/src/trees/$t" ${TREE_PARAMS[$t]}
             echo "${TREE_PARAMS[$t]}" >"$WORK/src/trees/$t.params"
