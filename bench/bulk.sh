@@ -186,8 +186,8 @@ if ! cargo build --release >"$LOGS/build.log" 2>&1; then
 fi
 
 # --- source trees -------------------------------------------------------------------------------
-# make_set NAME: the tree $WORK/src/NAME, remade only when its parameters changed. Content is
-# random (incompressible); sizes and the layout come from a fixed seed.
+# make_set NAME: the tree $WORK/src/NAME (bench/tree.py), remade only when its parameters changed.
+# Content is pseudo-random (incompressible); content, sizes and the layout come from fixed seeds.
 make_set() {
     local name="$1" params
     if [[ "$name" == small ]]; then
@@ -203,37 +203,7 @@ make_set() {
     [[ -e "$WORK/src/$name" ]] && DELETED_AT="$(date +%s)"
     rm -rf "$WORK/src/$name" "$WORK/src/$name.params"
     # shellcheck disable=SC2086 # $params is a list of words
-    python3 - "$WORK/src/$name" $params <<'EOF'
-import os, random, sys
-
-top, kind = sys.argv[1], sys.argv[2]
-args = [int(a) for a in sys.argv[3:]]
-rng = random.Random(20260101)
-os.makedirs(top)
-
-def write(path, size):
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(os.urandom(n))
-            left -= n
-
-if kind == "small":
-    files, dirs, size = args
-    sizes = [size] * files
-else:
-    files, dirs, lo, hi, big, big_size = args
-    sizes = [rng.randint(lo, hi) for _ in range(files)]
-for d in range(dirs):
-    os.makedirs(os.path.join(top, f"d{d:02}"))
-for i, size in enumerate(sizes):
-    write(os.path.join(top, f"d{i % dirs:02}", f"f{i:05}"), size)
-if kind == "mixed":
-    os.makedirs(os.path.join(top, "big"))
-    for i in range(big):
-        write(os.path.join(top, "big", f"big{i}.bin"), big_size)
-EOF
+    python3 "$BENCH_HOME/tree.py" make "$WORK/src/$name" $params
     echo "$params" >"$WORK/src/$name.params"
 }
 

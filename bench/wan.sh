@@ -2,12 +2,14 @@
 # WAN benchmark: xfer (-c 1/4/8/16 and without -c, upload and download) through the userspace WAN emulator
 # (shared/wanem: netns wa = client 10.78.0.1, netns wb = server 10.78.0.2) against iperf3
 # (-P 1/8/16; -P 16 is the ceiling), a raw socat stream, an rsync daemon, scp (sshd in wb),
-# globus-url-copy -p 8/16 against a GridFTP server and aria2c -x 8 from nginx. Not a test: run it
-# by hand, as root (it makes namespaces and changes one sysctl, restored at exit).
+# globus-url-copy -p 8/16 against a GridFTP server and aria2c -x 8 from nginx; then a tree of
+# 10,000 small files through the same links with xfer -r, rsync, a tar pipe and scp -r. Not a
+# test: run it by hand, as root (it makes namespaces and changes one sysctl, restored at exit).
 #
-#   bench/wan.sh                                  # everything, ~45-55 min on the 2-core machine
+#   bench/wan.sh                                  # everything, ~1 h 5 min on the 2-core machine
 #   WAN_PROFILES=lossy WAN_CCS=cubic bench/wan.sh # one table
 #   WAN_TOOLS="iperf3 xfer" CONNS=16 WAN_CAP=30 bench/wan.sh
+#   WAN_WORKLOADS=tree WAN_TOOLS="xfer rsync socat" CONNS="8 16 auto" bench/wan.sh # trees only
 #
 # Profiles (wanem, offload mode; --loss applies to both directions, so to ACKs too):
 #   lan     --delay-ms 0.1 (0.2 ms RTT), no loss, 1000 Mbit/s
@@ -27,6 +29,18 @@
 # matrix stays under an hour; one cubic stream on lossy (rsync, scp, socat) moves 0.5-0.6 MB/s, so a
 # sized 1 GiB transfer would take half an hour on its own. iperf3 runs with -t WAN_CAP.
 #
+# Trees (WAN_WORKLOADS tree), after the file runs of each profile x cc: the trees of bench/bulk.sh
+# (made by bench/tree.py, same content every time) are copied up (wa -> wb) and down by xfer -r
+# (send -r / recv -r, each CONNS value), rsync -a to the rsync daemon, `tar c | socat` into
+# `socat | tar x` (one stream; WAN_TOOLS "socat") and scp -r, each into a new directory, each
+# capped at WAN_CAP like the file runs. A complete run is reported as the tree's files and bytes /
+# wall time (client start to exit, plus a `sync -f` of the copy for every tool but xfer, which
+# flushes itself) after its copy matched the source (file count, and one sha256 over the sorted
+# paths, sizes and contents); a capped run as the files (and bytes) found whole in the copy after
+# the stop / wall time. Copies stay until the end of the profile x cc (removing 10,000 files slows
+# file creation for a minute after on this disk; see DELETED_AT below). scp -r over a 50 ms RTT
+# moves ~4 files/s, so it is always capped there.
+#
 # Environment:
 #   WAN_SIZE        file size, bytes or K/M/G (powers of 1024); default 1G
 #   WAN_CAP         seconds before each transfer is stopped (and iperf3 -t); default 20
@@ -34,6 +48,11 @@
 #   WAN_CCS         default "cubic bbr"
 #   WAN_TOOLS       any of "iperf3 xfer socat rsync scp gridftp aria2"; default all
 #   WAN_DIRS        "upload download" (default) or one of them
+#   WAN_WORKLOADS   "file tree" (default) or one of them: file = the WAN_SIZE file by every tool;
+#                   tree = the WAN_TREES trees by the xfer, rsync, socat (tar pipe) and scp of
+#                   WAN_TOOLS
+#   WAN_TREES       any of "small mixed"; default "small" (10,000 files of 4 KiB in 20
+#                   directories); mixed: 2,000 files of 4-64 KiB in 20 directories + three of 64 MiB
 #   CONNS           xfer connection counts, `auto` for xfer without -c (its adaptive pool; the
 #                   report compares it with the best fixed -c); default "1 4 8 16 auto"
 #   IPERF_STREAMS   iperf3 -P values for upload; default "1 8 16" (download: -P 16 only, the ceiling)
@@ -52,7 +71,7 @@
 #   WAN_NICE        niceness of the whole benchmark (emulator, servers, clients); default -10, so
 #                   other work on this 2-core machine (builds, tests) disturbs it less; 0 = as is
 #   WAN_DIR         work dir; default bench/out/wan (a real disk, not tmpfs)
-#   KEEP=1          keep the source file at the end
+#   KEEP=1          keep the source file and trees at the end
 #
 # Measurements, per run (a fresh server for every run, so its CPU and memory belong to that run):
 #   CPU      user+sys of everything the client, and everything the server, started: one cgroup v1
@@ -60,7 +79,8 @@
 #            them unreaped); without cpuacct, /usr/bin/time and /proc/PID/stat instead.
 #   RSS      client: /usr/bin/time %M (largest single process, e.g. ssh under scp); server: xferd
 #            VmHWM; iperf3 -s -1, rsync --daemon, sshd -D, globus-gridftp-server -1 and nginx
-#            (master_process off) under /usr/bin/time.
+#            (master_process off) under /usr/bin/time; the tar pipe: its largest process on each
+#            side (client: /usr/bin/time of the pipeline; server: the same around its pipeline).
 #   link     wanem counters: payload bytes, loss drops and queue (tail) drops in the data direction.
 #   sender   `ss -ti` in the sending namespace once a second: busy / rwnd-limited / sndbuf-limited
 #            time, cwnd, rtt and retransmits of the data connections (see bench/wan_report.py).
@@ -68,12 +88,20 @@
 # Peers: iperf3 (no -w: autotuned buffers), socat -b 1M, rsync -a to an rsync daemon, scp with
 # OpenSSH defaults (SFTP protocol, default cipher) against sshd -D on a high port with key auth,
 # globus-url-copy -p N against globus-gridftp-server -aa (anonymous, ftp://, MODE E), aria2c -x 8 -s 8
-# against nginx. Everything the script starts is ended by PID; the emulator by `wan.sh down`.
+# against nginx; tar c | socat -b 1M -> socat -b 1M | tar x for trees. Everything the script
+# starts is ended by PID (the tar pipe's server side by its process group, a session of its own
+# made by setsid); the emulator by `wan.sh down`.
 # Side effects, undone at exit: net.ipv4.tcp_allowed_congestion_control gains cubic and bbr;
 # /etc/netns/{wa,wb}/hosts name 10.78.0.1/2 (the GridFTP server resolves its own address and the
 # namespaces have no DNS); cpuacct cgroups wan-bench-PID. Left: /run/sshd (sshd's privsep dir),
-# the installed packages, and WAN_DIR/build (the HEAD build, reused by the next WAN_BUILD=head).
-# Timing: lan ~9 min per cc, wan and lossy ~10 min per cc (47 min in all on 2026-11-22).
+# the installed packages, WAN_DIR/build (the HEAD build, reused by the next WAN_BUILD=head) and
+# WAN_DIR/deleted-at (when the tree copies were removed, for the next run's DELETED_AT).
+# Timing: file runs: lan ~9 min per cc, wan and lossy ~10 min per cc (47 min in all on
+# 2026-11-22). Trees (small, default tools and CONNS): an estimate of 2-4 min more per profile x cc
+# (lossy cubic longest: every single stream is capped there), from a reduced run on 2026-12-02:
+# xfer -c 8, rsync, tar and scp both ways on wan/cubic with WAN_CAP=10 took 52 s; removing a
+# profile x cc's copies (70,000 files) and flushing took up to 77 s while other work wrote to
+# the same disk.
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -87,6 +115,8 @@ CCS="${WAN_CCS:-cubic bbr}"
 TOOLS="${WAN_TOOLS:-iperf3 xfer socat rsync scp gridftp aria2}"
 DIRS="${WAN_DIRS:-upload download}"
 CONNS="${CONNS:-1 4 8 16 auto}"
+WORKLOADS="${WAN_WORKLOADS:-file tree}"
+TREES="${WAN_TREES:-small}"
 IPERF_STREAMS="${IPERF_STREAMS:-1 8 16}"
 GRIDFTP_STREAMS="${GRIDFTP_STREAMS:-8 16}"
 REPEAT="${REPEAT:-1}"
@@ -95,6 +125,10 @@ SEED="${WAN_SEED:-1}"
 WORK="${WAN_DIR:-$REPO/bench/out/wan}"
 KEEP="${KEEP:-0}"
 SOCAT_BLOCK=1048576
+# The trees of bench/bulk.sh at its defaults, as bench/tree.py makes them (name and parameters):
+# small: 10,000 files of 4 KiB in 20 directories; mixed: 2,000 files of 4-64 KiB in 20 directories
+# plus three of 64 MiB.
+declare -A TREE_PARAMS=([small]="small 10000 20 4096" [mixed]="mixed 2000 20 4096 65536 3 67108864")
 TIME_FMT='%e %M %U %S' # wall s, max RSS KiB, user s, sys s
 read -r -a XFER_EXTRA <<<"${XFER_ARGS:-}"
 read -r -a XFERD_EXTRA <<<"${XFERD_ARGS:-}"
@@ -135,6 +169,7 @@ NICE="${WAN_NICE:--10}"
 ((NICE == 0)) || renice -n "$NICE" -p $$ >/dev/null || die "renice $NICE failed"
 
 has_tool() { [[ " $TOOLS " == *" $1 "* ]]; }
+has_workload() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 has_dir() { [[ " $DIRS " == *" $1 "* ]]; }
 
 profile_args() {
@@ -154,6 +189,9 @@ profile_desc() {
 }
 for p in $PROFILES; do profile_args "$p" >/dev/null; done
 for n in $CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS: $n is neither a number nor auto"; done
+for w in $WORKLOADS; do [[ "$w" == file || "$w" == tree ]] || die "WAN_WORKLOADS: $w is neither file nor tree"; done
+for t in $TREES; do [[ -n "${TREE_PARAMS[$t]:-}" ]] || die "WAN_TREES: unknown tree $t (small, mixed)"; done
+[[ -n "${WORKLOADS// /}" ]] || die "WAN_WORKLOADS is empty"
 
 # --- peers: install what is missing; a peer that cannot be had becomes an n/a row ---------------
 declare -A NA=() # tool -> reason it cannot run
@@ -180,6 +218,7 @@ need base /usr/bin/time time
 need base ip iproute2
 need base ss iproute2
 need base gcc gcc
+has_workload tree && need base tar tar
 [[ -z "${NA[base]:-}" ]] || die "${NA[base]}"
 has_tool iperf3 && need iperf3 iperf3 iperf3
 has_tool socat && need socat socat socat
@@ -203,12 +242,47 @@ mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 fstype="$(stat -f -c %T "$WORK")"
 [[ "$fstype" == tmpfs || "$fstype" == ramfs ]] && die "$WORK is on $fstype; set WAN_DIR to a real disk"
+tree_disk_bytes() { # tree_disk_bytes TREE: more than one copy of TREE takes on disk
+    local p=()
+    read -r -a p <<<"${TREE_PARAMS[$1]}"
+    if [[ "${p[0]}" == small ]]; then
+        echo $((p[1] * (p[3] + 8192)))
+    else
+        echo $((p[1] * (p[4] + 8192) + p[5] * p[6]))
+    fi
+}
+# Disk: the source file and two copies of it; per tree, the source and every copy of one profile x
+# cc (they are removed after it).
+need_bytes=0
+has_workload file && need_bytes=$((3 * SIZE))
+if has_workload tree; then
+    for t in $TREES; do
+        need_bytes=$((need_bytes + (REPEAT * $(wc -w <<<"$DIRS") * ($(wc -w <<<"$CONNS") + 3) + 1) * $(tree_disk_bytes "$t")))
+    done
+fi
 avail=$(($(df -P -k "$WORK" | awk 'NR == 2 {print $4}') * 1024))
-((avail > 3 * SIZE)) || die "need about $((3 * SIZE >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
+((avail > need_bytes)) || die "need about $((need_bytes >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
 LOGS="$WORK/logs"
 SRV="$WORK/srv"
 DST="$WORK/dst"
+# On ext4 without a journal (as here) the kernel avoids reusing an inode for 60 s after it was
+# freed, and each file created meanwhile scans past every such inode (see "Destinations" in
+# bench/bulk.sh): a tree run within a minute of removing 10,000 files creates its files several
+# times slower. DELETED_AT is when this script (or its last run, at exit) last removed many files;
+# settle_deletes waits out the minute before a tree run. The minute holds only while the freed
+# inodes' table block is clean: while it is dirty the kernel avoids them for 360 s
+# (RECENTCY_DIRTY). Every removal here is followed by `sync -f` before DELETED_AT is taken, but a
+# tree run that creates files in the same block dirties it again: 61 s is a lower bound.
+DELETED_AT=0
+deleted_now() { # after removing many files: flush them out, then take the time
+    sync -f "$WORK"
+    DELETED_AT="$(date +%s)"
+}
+deleted_prev="$(cat "$WORK/deleted-at" 2>/dev/null || true)"
+[[ "$deleted_prev" =~ ^[0-9]+$ ]] && DELETED_AT="$deleted_prev"
+leftovers="$(ls -A "$SRV" "$DST" 2>/dev/null || true)"
 rm -rf "$SRV" "$DST" "$LOGS" "$WORK/verified"
+[[ -z "$leftovers" ]] || deleted_now
 mkdir -p "$WORK/src" "$SRV" "$DST" "$LOGS" "$WORK/verified" "$WORK/conf"
 # The GridFTP server serves anonymous sessions as `nobody`: it must read the source and write into
 # the server root.
@@ -216,8 +290,12 @@ chmod 1777 "$SRV" "$DST"
 chmod 755 "$WORK" "$WORK/src"
 RESULTS="$WORK/results.tsv"
 COMBOS="$WORK/combos.tsv"
+TREE_RESULTS="$WORK/trees.tsv"
+TREE_SETS="$WORK/tree_sets.tsv"
 : >"$RESULTS"
 : >"$COMBOS"
+: >"$TREE_RESULTS"
+: >"$TREE_SETS"
 RUN_PIDS="$WORK/run.pids"
 : >"$RUN_PIDS"
 
@@ -264,6 +342,10 @@ cleanup() {
     rmdir /etc/netns 2>/dev/null || true
     rm -rf "$SRV" "$DST"
     [[ "$KEEP" == 1 ]] || rm -rf "$WORK/src"
+    if has_workload tree; then
+        sync -f "$WORK" || true
+        date +%s >"$WORK/deleted-at"
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -381,7 +463,11 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "- commit: $commit${BUILD_NOTE:+; $BUILD_NOTE}"
     echo "- machine: nproc $(nproc); CPU: ${cpu_model:-unknown}; kernel: $(uname -srm)"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers; the benchmark runs at nice $NICE)"
-    echo "- file: $SIZE bytes ($SIZE_SPEC); each transfer capped at $CAP s; repeats: $REPEAT (fastest shown); work dir $WORK ($fstype)"
+    echo "- workloads: $WORKLOADS; each transfer capped at $CAP s; repeats: $REPEAT (fastest shown); work dir $WORK ($fstype)"
+    if has_workload file; then echo "- file: $SIZE bytes ($SIZE_SPEC)"; fi
+    if has_workload tree; then
+        echo "- trees (bench/tree.py make DIR ...): $(for t in $TREES; do printf '%s; ' "${TREE_PARAMS[$t]}"; done)xfer connections: $CONNS"
+    fi
     echo "- socket buffers in wa/wb: $(if [[ -n "$SOCKBUF_MB" ]]; then echo "tcp_rmem/tcp_wmem max ${SOCKBUF_MB} MiB (--sockbuf-mb)"; else echo "inherited: tcp_rmem $(sysctl -n net.ipv4.tcp_rmem | tr '\t' ' '), tcp_wmem $(sysctl -n net.ipv4.tcp_wmem | tr '\t' ' ')"; fi)"
     echo "- xfer: default chunk 4M, xferd --window 2 unless set here: XFER_ARGS='${XFER_ARGS:-}' XFERD_ARGS='${XFERD_ARGS:-}'; token auth (--token-file) on both sides"
     echo "- peers: $(for t in iperf3 socat rsync scp gridftp aria2; do has_tool "$t" && printf '%s ' "$t${NA[$t]:+ (n/a)}"; done)"
@@ -469,17 +555,31 @@ verify() {
 }
 
 # record STATUS WALL BYTES CCPU CRSS SCPU SRSS NOTE (profile, cc, tool, dir and link/sender numbers
-# come from the run's globals)
+# come from the run's globals). WORKLOAD=tree writes a row of trees.tsv instead, with TREE, T_CONNS
+# and R_FILES (regular files that arrived) and R_SYNC (seconds of `sync -f`, part of WALL).
 record() {
-    local status="$1" wall="$2" bytes="$3" ccpu="$4" crss="$5" scpu="$6" srss="$7" note="${8:-}"
-    printf '%s\t' "$PROFILE" "$CC" "$TOOL" "$DIR" "$status" "$wall" "$bytes" "$ccpu" "$crss" "$scpu" \
-        "$srss" "${R_PAYLOAD:-}" "${R_LOSS:-}" "${R_QD:-}" "${R_BUSY:-}" "${R_NCONN:-}" "${R_SBUSY:-}" \
-        "${R_RWND:-}" "${R_SNDBUF:-}" "${R_CWND:-}" "${R_RTT:-}" "${R_RETRANS:-}" "${R_WCPU:-}" >>"$RESULTS"
-    printf '%s\n' "$note" >>"$RESULTS"
-    if [[ "$status" == complete || "$status" == capped || "$status" == timed ]]; then
-        log "  $TOOL $DIR: $(python3 -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]) / 1e6:.1f}')" "$bytes" "$wall") MB/s ($status, ${wall} s; link drops loss/queue ${R_LOSS:-?}/${R_QD:-?}; machine CPU ${R_BUSY:-?} %)"
+    local status="$1" wall="$2" bytes="$3" ccpu="$4" crss="$5" scpu="$6" srss="$7" note="${8:-}" rate
+    local what="$TOOL $DIR"
+    if [[ "${WORKLOAD:-file}" == tree ]]; then
+        what="$TREE tree: $TOOL -c $T_CONNS $DIR"
+        printf '%s\t' "$PROFILE" "$CC" "$TREE" "$TOOL" "$T_CONNS" "$DIR" "$status" "$wall" "${R_FILES:-}" \
+            "$bytes" "$ccpu" "$crss" "$scpu" "$srss" "${R_PAYLOAD:-}" "${R_LOSS:-}" "${R_QD:-}" \
+            "${R_BUSY:-}" "${R_WCPU:-}" "${R_SYNC:-}" >>"$TREE_RESULTS"
+        printf '%s\n' "$note" >>"$TREE_RESULTS"
     else
-        log "  $TOOL $DIR: $status ${note}"
+        printf '%s\t' "$PROFILE" "$CC" "$TOOL" "$DIR" "$status" "$wall" "$bytes" "$ccpu" "$crss" "$scpu" \
+            "$srss" "${R_PAYLOAD:-}" "${R_LOSS:-}" "${R_QD:-}" "${R_BUSY:-}" "${R_NCONN:-}" "${R_SBUSY:-}" \
+            "${R_RWND:-}" "${R_SNDBUF:-}" "${R_CWND:-}" "${R_RTT:-}" "${R_RETRANS:-}" "${R_WCPU:-}" >>"$RESULTS"
+        printf '%s\n' "$note" >>"$RESULTS"
+    fi
+    if [[ "$status" == complete || "$status" == capped || "$status" == timed ]]; then
+        rate="$(python3 -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]) / 1e6:.1f}')" "$bytes" "$wall") MB/s"
+        if [[ "${WORKLOAD:-file}" == tree ]]; then
+            rate="$(python3 -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]):.0f}')" "$R_FILES" "$wall") files/s, $rate"
+        fi
+        log "  $what: $rate ($status, ${wall} s; link drops loss/queue ${R_LOSS:-?}/${R_QD:-?}; machine CPU ${R_BUSY:-?} %)"
+    else
+        log "  $what: $status ${note}"
     fi
 }
 
@@ -554,6 +654,70 @@ finish() {
     fi
 }
 
+# settle_deletes: wait until a minute has passed since many files were removed (see DELETED_AT)
+settle_deletes() {
+    local wait_s=$((DELETED_AT + 61 - $(date +%s)))
+    if ((wait_s > 0)); then
+        log "  waiting $wait_s s: files were removed less than a minute ago (see DELETED_AT)"
+        sleep "$wait_s"
+    fi
+}
+# tree_dest BASE KIND: a new, empty directory BASE/copies/KIND for one tree run's copy (printed);
+# every copy stays until the end of the profile x cc (drop_tree_copies), so no run creates its
+# files among the freshly freed inodes of the one before.
+tree_dest() {
+    local d="$1/copies/$2"
+    settle_deletes
+    rm -rf "$d"
+    mkdir -p "$d"
+    echo "$d"
+}
+drop_tree_copies() {
+    local t
+    if [[ -n "$(ls -A "$SRV/copies" "$DST/copies" 2>/dev/null)" ]]; then
+        t="$(now_ns)"
+        rm -rf "$SRV/copies" "$DST/copies"
+        deleted_now
+        log "removed the tree copies of $PROFILE/$CC (and flushed) in $(secs_since "$t") s"
+    fi
+}
+
+# finish_tree KIND COPY SYNC: record a tree run from RC: complete (COPY has the source tree's
+# digest: file count, one sha256 over paths, sizes and contents; SYNC=1 adds `sync -f COPY`, a
+# syncfs, to the wall time), capped (the files and bytes that arrived, counted after the stop) or
+# failed. Server numbers from S_CPU and S_RSS.
+finish_tree() {
+    local kind="$1" copy="$2" fsync="$3" wall t digest
+    if [[ $RC == 0 ]]; then
+        wall="$CLIENT_WALL"
+        R_SYNC=""
+        if [[ "$fsync" == 1 ]]; then
+            t="$(now_ns)"
+            sync -f "$copy"
+            R_SYNC="$(secs_since "$t")"
+            wall="$(python3 -c "import sys; print(f'{float(sys.argv[1]) + float(sys.argv[2]):.3f}')" "$wall" "$R_SYNC")"
+        fi
+        [[ -d "$copy" ]] || fail "$kind: $copy was not created"
+        digest="$(python3 "$BENCH_HOME/tree.py" digest "$copy")" || fail "$kind: cannot digest $copy"
+        [[ "$digest" == "${TREE_DIGEST[$TREE]}" ]] ||
+            fail "$kind: COPY DIFFERS: $copy has (files bytes sha256) $digest, source ${TREE_DIGEST[$TREE]}"
+        log "  $kind: $(cut -d' ' -f1 <<<"$digest") files, digest ok"
+        R_FILES="$(cut -d' ' -f1 <<<"$digest")"
+        record complete "$wall" "$(cut -d' ' -f2 <<<"$digest")" "$(client_cpu "$kind")" \
+            "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS"
+    elif capped; then
+        local files=0 bytes=0
+        if [[ -d "$copy" ]]; then
+            read -r files bytes < <(python3 "$BENCH_HOME/tree.py" count "$WORK/src/trees/$TREE" "$copy")
+        fi
+        R_FILES="$files"
+        record capped "$CLIENT_WALL" "$bytes" "$(client_cpu "$kind")" \
+            "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS" "stopped at ${CAP} s"
+    else
+        fail "exit $RC: $(err_line "$kind")"
+    fi
+}
+
 # --- the tools ----------------------------------------------------------------------------------
 # Each run_* runs in a subshell (see measure) with PROFILE, CC, TOOL, DIR set.
 
@@ -578,42 +742,58 @@ run_iperf3() { # run_iperf3 STREAMS
         "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
 }
 
-run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
-    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst pid addr line cpu0 cpu1 args conns=()
-    if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
-    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+# start_xferd KIND: a fresh xferd in NS_B serving SRV; sets XFERD_PID, XFERD_ADDR and XFERD_CPU0
+start_xferd() {
+    local kind="$1" line
     : >"$LOGS/$kind.xferd.out"
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" "$XFERD" --listen "$IP_B:0" --root "$SRV" --token-file "$WORK/conf/token" \
         "${XFERD_EXTRA[@]+"${XFERD_EXTRA[@]}"}" >"$LOGS/$kind.xferd.out" 2>"$LOGS/$kind.xferd.err" &
-    pid=$!
-    track "$pid"
-    addr=""
+    XFERD_PID=$!
+    track "$XFERD_PID"
+    XFERD_ADDR=""
     for _ in $(seq 200); do
         line="$(head -n1 "$LOGS/$kind.xferd.out")"
         if [[ "$line" == "xferd listening on "* ]]; then
-            addr="${line#xferd listening on }"
+            XFERD_ADDR="${line#xferd listening on }"
             break
         fi
-        kill -0 "$pid" 2>/dev/null || fail "xferd exited at start: $(tail -n1 "$LOGS/$kind.xferd.err")"
+        kill -0 "$XFERD_PID" 2>/dev/null || fail "xferd exited at start: $(tail -n1 "$LOGS/$kind.xferd.err")"
         sleep 0.05
     done
-    [[ -n "$addr" ]] || fail "xferd printed no listening line"
-    [[ "$n" == auto ]] || conns=(-c "$n")
-    args=(-q --json "${conns[@]+"${conns[@]}"}" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
-    if [[ "$DIR" == upload ]]; then
-        args=(send "${args[@]}" --as "$(basename "$dst")" "$SRC" "$addr")
-    else
-        args=(recv "${args[@]}" -o "$dst" src.bin "$addr")
-    fi
-    cpu0="$(proc_cpu "$pid")"
-    client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
-    cpu1="$(proc_cpu "$pid")"
-    S_RSS="$(proc_hwm_kib "$pid")"
-    S_CPU="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$cpu0" "$cpu1")"
-    kill -TERM "$pid"
-    wait_gone "$pid" 15 || kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    [[ -n "$XFERD_ADDR" ]] || fail "xferd printed no listening line"
+    XFERD_CPU0="$(proc_cpu "$XFERD_PID")"
+}
+# stop_xferd: S_CPU (since start_xferd) and S_RSS of the xferd, then end it
+stop_xferd() {
+    local cpu1
+    cpu1="$(proc_cpu "$XFERD_PID")"
+    S_RSS="$(proc_hwm_kib "$XFERD_PID")"
+    S_CPU="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$XFERD_CPU0" "$cpu1")"
+    kill -TERM "$XFERD_PID"
+    wait_gone "$XFERD_PID" 15 || kill -KILL "$XFERD_PID" 2>/dev/null || true
+    wait "$XFERD_PID" 2>/dev/null || true
     S_CPU="$(server_cpu "$S_CPU")"
+}
+# xfer_args CONNS: the client flags every xfer run shares, into XFER_COMMON
+xfer_args() {
+    local conns=()
+    [[ "$1" == auto ]] || conns=(-c "$1")
+    XFER_COMMON=(-q --json "${conns[@]+"${conns[@]}"}" --token-file "$WORK/conf/token" "${XFER_EXTRA[@]+"${XFER_EXTRA[@]}"}")
+}
+
+run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
+    local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst args
+    if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
+    rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
+    start_xferd "$kind"
+    xfer_args "$n"
+    if [[ "$DIR" == upload ]]; then
+        args=(send "${XFER_COMMON[@]}" --as "$(basename "$dst")" "$SRC" "$XFERD_ADDR")
+    else
+        args=(recv "${XFER_COMMON[@]}" -o "$dst" src.bin "$XFERD_ADDR")
+    fi
+    client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
+    stop_xferd
     finish "$kind" "$dst" 0
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
 }
@@ -652,8 +832,10 @@ run_socat() {
     rm -f "$dst"
 }
 
-run_rsync() {
-    local kind="rsync-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst tpid spid from to
+# start_rsyncd KIND: an rsync daemon in NS_B with the module `bench` = SRV, on a new PORT, under
+# /usr/bin/time; sets SRV_TPID (the time wrapper) and SRV_SPID (the daemon)
+start_rsyncd() {
+    local kind="$1"
     next_port
     cat >"$WORK/conf/rsyncd.conf" <<EOF
 # written by bench/wan.sh
@@ -668,11 +850,23 @@ EOF
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         rsync --daemon --no-detach --address="$IP_B" --port="$PORT" --config="$WORK/conf/rsyncd.conf" \
         2>"$LOGS/$kind.server" &
-    tpid=$!
-    track "$tpid"
-    spid="$(child_of "$tpid")"
-    track "$spid"
+    SRV_TPID=$!
+    track "$SRV_TPID"
+    SRV_SPID="$(child_of "$SRV_TPID")"
+    track "$SRV_SPID"
     wait_listening "$NS_B" "$PORT"
+}
+# stop_rsyncd KIND: once the session's process is gone, end the daemon; sets S_CPU and S_RSS
+stop_rsyncd() {
+    wait_children_gone "$SRV_SPID" 10
+    stop_server "$SRV_TPID" "$SRV_SPID"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$1.stime")")"
+    S_RSS="$(time_field "$LOGS/$1.stime" 2)"
+}
+
+run_rsync() {
+    local kind="rsync-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst from to
+    start_rsyncd "$kind"
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-rsync.bin"
         from="$SRC"
@@ -684,10 +878,7 @@ EOF
     fi
     rm -f "$dst"
     client_run "$NS_A" "$kind" "$CAP" rsync -a "$from" "$to"
-    wait_children_gone "$spid" 10
-    stop_server "$tpid" "$spid"
-    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
-    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    stop_rsyncd "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst" "$(dirname "$dst")"/.up-rsync.bin.* "$(dirname "$dst")"/.down-rsync.bin.*
 }
@@ -707,8 +898,9 @@ setup_ssh() { # once: host key, client key, sshd_config template
     SSH_OPTS=(-i "$d/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=no
         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o IdentitiesOnly=yes)
 }
-run_scp() {
-    local kind="scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" d="$WORK/conf/ssh" dst tpid spid
+# start_sshd KIND: sshd -D in NS_B on a new PORT under /usr/bin/time; sets SRV_TPID and SRV_SPID
+start_sshd() {
+    local kind="$1" d="$WORK/conf/ssh"
     next_port
     cat >"$d/sshd_config" <<EOF
 # written by bench/wan.sh
@@ -728,11 +920,23 @@ LogLevel ERROR
 EOF
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         /usr/sbin/sshd -D -e -f "$d/sshd_config" 2>"$LOGS/$kind.server" &
-    tpid=$!
-    track "$tpid"
-    spid="$(child_of "$tpid")"
-    track "$spid"
+    SRV_TPID=$!
+    track "$SRV_TPID"
+    SRV_SPID="$(child_of "$SRV_TPID")"
+    track "$SRV_SPID"
     wait_listening "$NS_B" "$PORT"
+}
+# stop_sshd KIND: once the session's processes are gone, end sshd; sets S_CPU and S_RSS
+stop_sshd() {
+    wait_children_gone "$SRV_SPID" 10
+    stop_server "$SRV_TPID" "$SRV_SPID"
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$1.stime")")"
+    S_RSS="$(time_field "$LOGS/$1.stime" 2)"
+}
+
+run_scp() {
+    local kind="scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst
+    start_sshd "$kind"
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-scp.bin"
         rm -f "$dst"
@@ -742,10 +946,7 @@ EOF
         rm -f "$dst"
         client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/src.bin" "$dst"
     fi
-    wait_children_gone "$spid" 10
-    stop_server "$tpid" "$spid"
-    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
-    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    stop_sshd "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst"
 }
@@ -829,6 +1030,96 @@ EOF
     rm -f "$dst" "$dst.aria2"
 }
 
+# --- the tree runs: TREE is the tree, its source $WORK/src/trees/TREE (and the same, hard-linked, in
+# the server root as trees/TREE). Each run copies it into a new directory, copies/KIND under the
+# server root (upload) or DST (download), kept until the end of the profile x cc.
+
+# tree_copy_base KIND: the run's new directory on the receiving side
+tree_copy_base() { if [[ "$DIR" == upload ]]; then tree_dest "$SRV" "$1"; else tree_dest "$DST" "$1"; fi; }
+
+run_tree_xfer() { # run_tree_xfer CONNS (a number, or auto: no -c)
+    local n="$1" kind="tree-$TREE-xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" base args
+    base="$(tree_copy_base "$kind")"
+    start_xferd "$kind"
+    xfer_args "$n"
+    if [[ "$DIR" == upload ]]; then
+        args=(send -r "${XFER_COMMON[@]}" --as "copies/$kind/$TREE" "$WORK/src/trees/$TREE" "$XFERD_ADDR")
+    else
+        args=(recv -r "${XFER_COMMON[@]}" -o "$base/$TREE" "trees/$TREE" "$XFERD_ADDR")
+    fi
+    client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
+    stop_xferd
+    finish_tree "$kind" "$base/$TREE" 0
+}
+
+run_tree_rsync() {
+    local kind="tree-$TREE-rsync-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" base
+    base="$(tree_copy_base "$kind")"
+    start_rsyncd "$kind"
+    if [[ "$DIR" == upload ]]; then
+        client_run "$NS_A" "$kind" "$CAP" rsync -a "$WORK/src/trees/$TREE" "rsync://$IP_B:$PORT/bench/copies/$kind/"
+    else
+        client_run "$NS_A" "$kind" "$CAP" rsync -a "rsync://$IP_B:$PORT/bench/trees/$TREE" "$base/"
+    fi
+    stop_rsyncd "$kind"
+    finish_tree "$kind" "$base/$TREE" 1
+}
+
+run_tree_scp() {
+    local kind="tree-$TREE-scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" base
+    base="$(tree_copy_base "$kind")"
+    start_sshd "$kind"
+    if [[ "$DIR" == upload ]]; then
+        client_run "$NS_A" "$kind" "$CAP" scp -r -q -P "$PORT" "${SSH_OPTS[@]}" "$WORK/src/trees/$TREE" "root@$IP_B:$base/"
+    else
+        client_run "$NS_A" "$kind" "$CAP" scp -r -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/trees/$TREE" "$base/"
+    fi
+    stop_sshd "$kind"
+    finish_tree "$kind" "$base/$TREE" 1
+}
+
+# The tar pipe: `tar c | socat` on the sending side, `socat | tar x` on the receiving side, one
+# TCP stream. The server's pipeline runs in a session of its own (setsid: the same PID as the
+# bash that runs it, under /usr/bin/time), so it is ended as a process group (kill -- -PGID).
+run_tree_tar() {
+    local kind="tree-$TREE-tar-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" base tpid spid
+    base="$(tree_copy_base "$kind")"
+    next_port
+    if [[ "$DIR" == upload ]]; then
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+            setsid bash -c 'set -o pipefail; socat -u -b "$1" "TCP-LISTEN:$2,bind=$3,reuseaddr" STDOUT | tar -x -C "$4"' \
+            _ "$SOCAT_BLOCK" "$PORT" "$IP_B" "$base" 2>"$LOGS/$kind.server" &
+    else
+        # shellcheck disable=SC2016
+        "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+            setsid bash -c 'set -o pipefail; tar -c -C "$1" "$2" | socat -u -b "$3" STDIN "TCP-LISTEN:$4,bind=$5,reuseaddr"' \
+            _ "$SRV/trees" "$TREE" "$SOCAT_BLOCK" "$PORT" "$IP_B" 2>"$LOGS/$kind.server" &
+    fi
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "-$spid" # the process group
+    wait_listening "$NS_B" "$PORT"
+    if [[ "$DIR" == upload ]]; then
+        # the sender is done once its socket buffer holds the data: the receiver's exit ends the run
+        RECEIVER_PID="$tpid"
+        # shellcheck disable=SC2016
+        client_run "$NS_A" "$kind" "$CAP" bash -c 'set -o pipefail; tar -c -C "$1" "$2" | socat -u -b "$3" STDIN "TCP:$4:$5"' \
+            _ "$WORK/src/trees" "$TREE" "$SOCAT_BLOCK" "$IP_B" "$PORT"
+        RECEIVER_PID=""
+    else
+        # shellcheck disable=SC2016
+        client_run "$NS_A" "$kind" "$CAP" bash -c 'set -o pipefail; socat -u -b "$1" "TCP:$2:$3" STDOUT | tar -x -C "$4"' \
+            _ "$SOCAT_BLOCK" "$IP_B" "$PORT" "$base"
+    fi
+    wait_gone "$tpid" 10 || stop_server "$tpid" "-$spid"
+    wait "$tpid" 2>/dev/null || true
+    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
+    S_RSS="$(time_field "$LOGS/$kind.stime" 2)"
+    finish_tree "$kind" "$base/$TREE" 1
+}
+
 # measure TOOL_LABEL NA_KEY FUNCTION ARGS...: one run in a subshell; anything it started is ended
 # by PID when it returns; a failure becomes a row with the reason.
 measure() {
@@ -861,17 +1152,42 @@ measure() {
     PORT=$((PORT + 10))
 }
 
-# --- source file, token, keys -------------------------------------------------------------------
+# --- source file and trees, token, keys ---------------------------------------------------------
 SRC="$WORK/src/src.bin"
-if [[ ! -f "$SRC" || "$(stat -c %s "$SRC")" != "$SIZE" ]]; then
-    log "creating $SRC ($SIZE bytes of random data)"
-    rm -f "$SRC"
-    head -c "$SIZE" /dev/urandom >"$SRC.tmp"
-    mv "$SRC.tmp" "$SRC"
+if has_workload file; then
+    if [[ ! -f "$SRC" || "$(stat -c %s "$SRC")" != "$SIZE" ]]; then
+        log "creating $SRC ($SIZE bytes of random data)"
+        rm -f "$SRC"
+        head -c "$SIZE" /dev/urandom >"$SRC.tmp"
+        mv "$SRC.tmp" "$SRC"
+    fi
+    chmod 644 "$SRC"
+    ln "$SRC" "$SRV/src.bin"
+    SRC_SHA="$(sha256sum "$SRC" | awk '{print $1}')"
 fi
-chmod 644 "$SRC"
-ln "$SRC" "$SRV/src.bin"
-SRC_SHA="$(sha256sum "$SRC" | awk '{print $1}')"
+# Each tree: made once (again only when its parameters changed), digested, and hard-linked into
+# the server root as trees/TREE for the downloads.
+declare -A TREE_DIGEST=() # tree -> "files bytes sha256" (bench/tree.py digest)
+if has_workload tree; then
+    mkdir -p "$WORK/src/trees" "$SRV/trees"
+    for t in $TREES; do
+        if [[ ! -d "$WORK/src/trees/$t" || "$(cat "$WORK/src/trees/$t.params" 2>/dev/null)" != "${TREE_PARAMS[$t]}" ]]; then
+            log "creating the $t tree (bench/tree.py make DIR ${TREE_PARAMS[$t]})"
+            if [[ -e "$WORK/src/trees/$t" ]]; then
+                rm -rf "$WORK/src/trees/$t"
+                deleted_now
+            fi
+            rm -f "$WORK/src/trees/$t.params"
+            # shellcheck disable=SC2086 # the parameters are a list of words
+            python3 "$BENCH_HOME/tree.py" make "$WORK/src/trees/$t" ${TREE_PARAMS[$t]}
+            echo "${TREE_PARAMS[$t]}" >"$WORK/src/trees/$t.params"
+        fi
+        TREE_DIGEST[$t]="$(python3 "$BENCH_HOME/tree.py" digest "$WORK/src/trees/$t")"
+        read -r files bytes _ <<<"${TREE_DIGEST[$t]}"
+        printf '%s\t%s\t%s\n' "$t" "$files" "$bytes" >>"$TREE_SETS"
+        cp -al "$WORK/src/trees/$t" "$SRV/trees/$t"
+    done
+fi
 head -c 32 /dev/urandom | base64 >"$WORK/conf/token"
 chmod 600 "$WORK/conf/token"
 if has_tool scp && [[ -z "${NA[scp]:-}" ]]; then setup_ssh; fi
@@ -899,6 +1215,8 @@ for PROFILE in $PROFILES; do
                 REP_SUFFIX="-r$rep" # logs of every round are kept
             fi
             for DIR in $DIRS; do
+                WORKLOAD="file"
+                has_workload file || continue
                 if has_tool iperf3; then
                     if [[ "$DIR" == upload ]]; then
                         for n in $IPERF_STREAMS; do measure "iperf3 -P $n" iperf3 run_iperf3 "$n"; done
@@ -931,7 +1249,24 @@ for PROFILE in $PROFILES; do
                     fi
                 fi
             done
+            # The trees, after the file runs of both directions (their copies stay until the end of
+            # the profile x cc: see tree_dest).
+            WORKLOAD="tree"
+            for DIR in $DIRS; do
+                has_workload tree || continue
+                for TREE in $TREES; do
+                    if has_tool xfer; then
+                        for T_CONNS in $CONNS; do measure "xfer -r" xfer run_tree_xfer "$T_CONNS"; done
+                    fi
+                    T_CONNS=1
+                    has_tool rsync && measure "rsync -a (daemon)" rsync run_tree_rsync
+                    has_tool socat && measure "tar c + socat + tar x" socat run_tree_tar
+                    has_tool scp && measure "scp -r" scp run_tree_scp
+                done
+            done
+            WORKLOAD="file"
         done
+        drop_tree_copies
         wanem_stats >"$LOGS/wanem-final-$PROFILE-$CC.stats"
         grep -E 'ring_drops=[1-9]' "$LOGS/wanem-final-$PROFILE-$CC.stats" >/dev/null &&
             log "WARNING: wanem ring_drops > 0 in $PROFILE/$CC (emulator overloaded)"
@@ -940,6 +1275,7 @@ for PROFILE in $PROFILES; do
     done
 done
 
-python3 "$BENCH_HOME/wan_report.py" report "$RESULTS" "$COMBOS" "$SIZE" "$CAP" | tee -a "$WORK/report.md"
+python3 "$BENCH_HOME/wan_report.py" report "$RESULTS" "$COMBOS" "$SIZE" "$CAP" "$TREE_RESULTS" "$TREE_SETS" |
+    tee -a "$WORK/report.md"
 echo
-echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg). Raw results: $RESULTS; logs: $LOGS; report: $WORK/report.md"
+echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg). Raw results: $RESULTS (file), $TREE_RESULTS (trees); logs: $LOGS; report: $WORK/report.md"

@@ -5,7 +5,7 @@ usage:
   wan_report.py wanem BEFORE AFTER DIR     -> "payload loss_drops q_drops wanem_cpu_s"
   wan_report.py ss SAMPLES WALL_S          -> "nconn busy% rwnd% sndbuf% cwnd rtt_ms retrans"
   wan_report.py iperf JSON                 -> "bytes seconds"
-  wan_report.py report RESULTS.tsv COMBOS.tsv FILE_SIZE_BYTES CAP_S
+  wan_report.py report RESULTS.tsv COMBOS.tsv FILE_SIZE_BYTES CAP_S [TREES.tsv TREE_SETS.tsv]
 
 wanem: DIR is ab (wa -> wb, upload) or ba (wb -> wa, download). `payload` is what crossed the
 emulated link in that direction after loss, as TCP payload: delivered IP bytes minus 52 bytes of
@@ -20,6 +20,9 @@ sndbuf% are the time spent limited by the receiver's window or the send buffer a
 busy time (the rest of busy time is congestion-window-limited); cwnd (packets) and rtt are
 means over the samples of the mean over the data connections, retrans the total retransmitted
 segments.
+
+report: one table per profile x cc of the file runs (RESULTS.tsv), then one per tree of the tree
+runs (TREES.tsv; TREE_SETS.tsv: tree, files, bytes of each source tree).
 """
 
 import json
@@ -219,8 +222,127 @@ def machine_cpu(r):
     return f"{100.0 * ours / (wall * ncpu):.0f} / {busy:.0f}"
 
 
-def main_report(results, combos_path, size, cap):
+# --- trees ----------------------------------------------------------------------------------------
+TREE_COLS = (
+    "profile cc tree tool conns dir status wall files bytes ccpu crss scpu srss payload loss_drops "
+    "q_drops cpu_busy wcpu sync note"
+).split()
+TREE_RSYNC = "rsync -a (daemon)"
+TREE_TAR = "tar c + socat + tar x"
+
+
+def load_trees(path):
+    """The tree runs, one row per profile, cc, tree, tool, -c and direction: the run with the most
+    files/s (peak RSS: the largest over the repeats)."""
+    groups = OrderedDict()
+    if path:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                vals = line.rstrip("\n").split("\t")
+                vals += [""] * (len(TREE_COLS) - len(vals))
+                r = dict(zip(TREE_COLS, vals))
+                key = tuple(r[k] for k in ("profile", "cc", "tree", "tool", "conns", "dir"))
+                groups.setdefault(key, []).append(r)
+    rows = []
+    for runs in groups.values():
+        ok = [r for r in runs if r["status"] in ("complete", "capped") and fnum(r["wall"])]
+        for r in ok:
+            r["fps"] = (fnum(r["files"]) or 0.0) / fnum(r["wall"])
+            r["mbps"] = (fnum(r["bytes"]) or 0.0) / fnum(r["wall"]) / 1e6
+        if ok:
+            best = dict(max(ok, key=lambda r: r["fps"]))
+            for k in ("crss", "srss"):
+                vals = [fnum(r[k]) for r in ok if fnum(r[k]) is not None]
+                best[k] = max(vals) if vals else None
+            best["repeats"] = len(ok)
+        else:
+            best = dict(runs[-1], fps=None, mbps=None, repeats=0)
+        rows.append(best)
+    return rows
+
+
+def load_tree_sets(path):
+    sets = OrderedDict()
+    if path:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    name, files, size = line.rstrip("\n").split("\t")[:3]
+                    sets[name] = (int(files), int(size))
+    return sets
+
+
+def tree_table(name, files, size, rows):
+    if not rows:
+        return
+    print(f"#### tree {name}: {files:,} files, {size / 1e6:.1f} MB")
+    print()
+    header = [
+        "tool",
+        "-c",
+        "dir",
+        "s",
+        "files/s",
+        "MB/s",
+        "× rsync",
+        "× tar pipe",
+        "CPU s client",
+        "CPU s server",
+        "RSS MiB client",
+        "RSS MiB server",
+        "run",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i in (0, 1, 2, 12) else "---:" for i in range(len(header))) + "|")
+
+    def find(tool, direction):
+        r = next((r for r in rows if r["tool"] == tool and r["dir"] == direction), None)
+        return r if r and r["fps"] else None
+
+    for r in rows:
+        if r["fps"] is None:
+            why = r["note"] or r["status"]
+            cells = [r["tool"], r["conns"], r["dir"], f"n/a ({why})"] + [""] * (len(header) - 4)
+            print("| " + " | ".join(cells) + " |")
+            continue
+
+        def ratio(base):
+            return f"{r['fps'] / base['fps']:.2f}" if base else "–"
+
+        kib = lambda k: fnum(r[k]) / 1024 if fnum(r[k]) is not None else None  # noqa: E731
+        if r["status"] == "complete":
+            run = "complete"
+            if fnum(r["sync"]) is not None:
+                run += f" (sync -f {fnum(r['sync']):.2f} s)"
+        else:
+            run = f"capped: {int(fnum(r['files']) or 0):,} of {files:,} files"
+        if r["repeats"] > 1:
+            run += f", best of {r['repeats']}"
+        cells = [
+            r["tool"],
+            r["conns"],
+            r["dir"],
+            f"{fnum(r['wall']):.2f}",
+            f"{r['fps']:,.0f}",
+            f"{r['mbps']:.1f}",
+            ratio(find(TREE_RSYNC, r["dir"])),
+            ratio(find(TREE_TAR, r["dir"])),
+            fmt(fnum(r["ccpu"]), ".2f"),
+            fmt(fnum(r["scpu"]), ".2f"),
+            fmt(kib("crss"), ".1f"),
+            fmt(kib("srss"), ".1f"),
+            run,
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print()
+
+
+def main_report(results, combos_path, size, cap, trees_path=None, tree_sets_path=None):
     rows = load(results)
+    trees = load_trees(trees_path)
+    tree_sets = load_tree_sets(tree_sets_path)
     combos = OrderedDict()
     with open(combos_path) as f:
         for line in f:
@@ -265,8 +387,9 @@ def main_report(results, combos_path, size, cap):
             "link drops loss/queue",
             "sender conns: busy % / rwnd % / sndbuf %, cwnd, rtt ms, retrans",
         ]
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" if i in (0, 1, 12, 15) else "---:" for i in range(len(header))) + "|")
+        if mine:
+            print("| " + " | ".join(header) + " |")
+            print("|" + "|".join("---" if i in (0, 1, 12, 15) else "---:" for i in range(len(header))) + "|")
         for r in mine:
             d = r["dir"]
             if r["mbps"] is None:
@@ -318,7 +441,10 @@ def main_report(results, combos_path, size, cap):
                 sender,
             ]
             print("| " + " | ".join(cells) + " |")
-        print()
+        if mine:
+            print()
+        for name, (files, size) in tree_sets.items():
+            tree_table(name, files, size, [r for r in trees if (r["profile"], r["cc"], r["tree"]) == (profile, cc, name)])
 
         # Targets for this profile and cc.
         for d in ("upload", "download"):
@@ -377,6 +503,22 @@ def main_report(results, combos_path, size, cap):
                 else:
                     verdicts.append((None, f"{profile}/{cc} {d}: no globus-url-copy -p 16 run"))
 
+    if trees:
+        print(
+            f"Trees: every run copies the whole tree into a new directory and is stopped at {cap:g} s. "
+            "s = wall seconds from the client's start to its exit (tar upload: until the receiving tar "
+            "has exited), plus for every tool but xfer (which flushes the destination filesystem "
+            "itself before it exits) a `sync -f` of the copy (a syncfs: anything else writing to that "
+            "filesystem meanwhile adds to it). A complete run's copy has the source's file count and "
+            "digest (one sha256 over the sorted paths, sizes and contents); a capped run counts the "
+            "files that arrived whole and the bytes they hold. files/s and MB/s (10^6 bytes) = those "
+            "files and bytes over s; × rsync and × tar pipe compare files/s with that peer's row of "
+            "the same tree and direction (> 1: this row is faster). CPU s = user + sys of the whole "
+            "run per side (cpuacct cgroups), RSS = the largest single process, as for the file runs."
+        )
+        print()
+    if not rows:
+        return
     print(
         f"MB/s = 10^6 bytes per second of wall time. File {size / GIB:.2f} GiB; every transfer is "
         f"stopped at {cap:g} s: 'capped' rows count what crossed the emulated link as TCP payload "
@@ -421,7 +563,7 @@ def main():
     elif cmd == "iperf":
         cmd_iperf(*args)
     elif cmd == "report":
-        main_report(args[0], args[1], int(args[2]), float(args[3]))
+        main_report(args[0], args[1], int(args[2]), float(args[3]), *args[4:6])
     else:
         sys.exit(__doc__)
 
