@@ -77,6 +77,33 @@ struct Handler {
     open: HashMap<u64, Open>,
     /// A request read while gathering a batch of small files, to be handled next.
     pending: Option<Request>,
+    /// The chunk being written while the next one is read (acknowledged once written).
+    write_behind: Option<WriteBehind>,
+}
+
+/// One chunk's write to disk, running beside the connection's reads: receiving chunk N+1
+/// while chunk N goes to the page cache keeps a single connection streaming instead of
+/// alternating between the socket and the disk.
+struct WriteBehind {
+    chunk: ChunkRef,
+    task: tokio::task::JoinHandle<Result<(), CoreError>>,
+}
+
+type Written = (
+    ChunkRef,
+    Result<Result<(), CoreError>, tokio::task::JoinError>,
+);
+
+/// Waits for the write in `slot`, then empties it; never completes while there is none.
+/// Cancel safe: dropped before the write is done, the write goes on and stays in `slot`.
+async fn written(slot: &mut Option<WriteBehind>) -> Written {
+    let Some(write) = slot else {
+        return std::future::pending().await;
+    };
+    let result = (&mut write.task).await;
+    let chunk = write.chunk;
+    *slot = None;
+    (chunk, result)
 }
 
 /// Serves one connection to its end; logs how it ended.
@@ -129,6 +156,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         writer,
         open: HashMap::new(),
         pending: None,
+        write_behind: None,
     };
     let err = match handler.run().await {
         Ok(()) => {
@@ -139,6 +167,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         }
         Err(err) => err,
     };
+    // A chunk still being written lands (unacknowledged: the client sends it again) before
+    // the transfer is logged.
+    if let Some(write) = handler.write_behind.take() {
+        let _ = write.task.await;
+    }
     if let Some(frame) = report(&err) {
         close_with(&mut handler.reader, &mut handler.writer, frame).await;
     }
@@ -262,7 +295,14 @@ impl Handler {
                 None => {
                     let frame = tokio::select! {
                         biased;
-                        () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume")),
+                        () = shutdown.cancelled() => {
+                            self.finish_write().await?;
+                            return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume"));
+                        }
+                        (chunk, result) = written(&mut self.write_behind) => {
+                            self.write_done(chunk, result).await?;
+                            continue;
+                        }
                         frame = timeout(cfg.idle_timeout, self.reader.read_frame()) => match frame {
                             Err(_) => return Err(fatal(ErrorCode::Protocol, format!("idle for {:?}", cfg.idle_timeout))),
                             Ok(frame) => frame?,
@@ -275,7 +315,12 @@ impl Handler {
                 }
             };
             // A frame is handled to completion: shutdown is noticed only between frames, so a
-            // chunk is either written and acknowledged or not acknowledged at all.
+            // chunk is either written and acknowledged or not acknowledged at all. Only chunks
+            // are written behind; anything else waits for the chunk being written (a commit
+            // must see every byte acknowledged before it).
+            if !matches!(request, Request::Data(_)) {
+                self.finish_write().await?;
+            }
             match request {
                 Request::OpenWrite(req) => self.open_write(req).await?,
                 Request::Data(data) => self.data(data).await?,
@@ -429,7 +474,6 @@ impl Handler {
             lease,
             name,
             crc_retries,
-            bytes,
             ..
         }) = self.open.get_mut(&data.transfer_id)
         else {
@@ -447,12 +491,37 @@ impl Handler {
             self.writer.send(&Frame::Reject(chunk)).await?;
             return Ok(());
         }
-        if let Err(e) = lease
-            .partial
-            .write(data.offset, data.payload, data.crc32)
-            .await
-        {
-            return Err(fatal(e.code(), format!("{name}: {e}")));
+        let partial = Arc::clone(&lease.partial);
+        // One chunk is written behind at a time: the one before this must be done first.
+        self.finish_write().await?;
+        let task =
+            tokio::spawn(async move { partial.write(data.offset, data.payload, data.crc32).await });
+        self.write_behind = Some(WriteBehind { chunk, task });
+        Ok(())
+    }
+
+    /// Waits for the chunk being written, if any, and acknowledges it.
+    async fn finish_write(&mut self) -> Result<(), ConnError> {
+        if self.write_behind.is_none() {
+            return Ok(());
+        }
+        let (chunk, result) = written(&mut self.write_behind).await;
+        self.write_done(chunk, result).await
+    }
+
+    /// A chunk's write ended: acknowledge it, or end the connection with the write's error.
+    async fn write_done(
+        &mut self,
+        chunk: ChunkRef,
+        result: Result<Result<(), CoreError>, tokio::task::JoinError>,
+    ) -> Result<(), ConnError> {
+        let Some(Open::Write { name, bytes, .. }) = self.open.get_mut(&chunk.transfer_id) else {
+            unreachable!("a transfer stays open while a chunk of it is written")
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(fatal(e.code(), format!("{name}: {e}"))),
+            Err(e) => return Err(fatal(ErrorCode::Io, format!("{name}: disk task: {e}"))),
         }
         *bytes += u64::from(chunk.len);
         self.shared.metrics.bytes_received.add(u64::from(chunk.len));
