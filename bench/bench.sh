@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Loopback benchmark: xfer (1, 4, 8 connections and without -c, upload and download) against a raw single TCP
-# stream (socat) and an rsync daemon, on one machine. Not a test: run it by hand.
+# stream (socat), an rsync daemon and GridFTP (globus-url-copy -p 1 and -p 4), on one machine. Not a
+# test: run it by hand.
 #
 #   bench/bench.sh                      # 2 GiB file, every tool, best of 1
 #   BENCH_SIZE=512M REPEAT=3 bench/bench.sh
@@ -11,24 +12,34 @@
 #   REPEAT        runs per measurement, the fastest is reported; default 1
 #   CONNS         xfer connection counts, `auto` for xfer without -c (its adaptive pool; the
 #                 report compares it with the best fixed -c); default "1 4 8 auto"
-#   BENCH_TOOLS   which tools to run, any of "raw rsync xfer tls"; default all four ("tls" is
-#                 xfer -c 4 over TLS, to show what encryption costs)
+#   BENCH_TOOLS   which tools to run, any of "raw rsync gridftp xfer tls"; default all five ("tls"
+#                 is xfer -c 4 over TLS, to show what encryption costs)
 #   BENCH_CHUNK   passed to xfer as --chunk-size if set; the memory target uses it (default 4M)
 #   SOCAT_BLOCK   socat's -b (bytes per read/write); default 1048576. socat's own 8192 makes a
 #                 weaker baseline (about half the loopback rate on the 2-core machine here)
+#   GRIDFTP_STREAMS  globus-url-copy -p values (parallel MODE E data connections); default "1 4"
+#   GRIDFTP_BLOCK    globus-url-copy -bs and the server's -blocksize (bytes); default 1048576, as
+#                 SOCAT_BLOCK
 #   RUN_TIMEOUT   seconds before one transfer is killed; default 900
 #   KEEP=1        keep the big files at the end
 #
 # How it measures (every destination is written fresh; caches cannot be dropped here, so the
 # source file is in the page cache for every tool alike):
 #   wall      from the client's start to its exit; xfer fsyncs and renames before it reports
-#             success, so the raw pipe and rsync rows add a `sync FILE` (fsync) of the received
-#             file. The raw pipe row without that fsync is shown as well.
+#             success, so the raw pipe, rsync and GridFTP rows add a `sync FILE` (fsync) of the
+#             received file. The raw pipe row without that fsync is shown as well.
 #   client    /usr/bin/time: peak RSS (largest single process) and user+sys CPU.
 #   server    xferd: a fresh daemon per run; VmHWM from /proc/PID/status and utime+stime from
 #             /proc/PID/stat (after the run minus before it).
 #             rsync daemon and socat receiver: a fresh one per run under /usr/bin/time, which
 #             counts the CPU of the forked children it reaped; RSS is the largest process.
+#             GridFTP: globus-gridftp-server -aa -1 (anonymous ftp://, one session, then it exits),
+#             likewise under /usr/bin/time. It forks the session process (a re-exec with -inetd)
+#             and reaps it before it exits, so that process's CPU is in the count (checked against
+#             a cpuacct cgroup around the server: 0.20 s and 0.21 s for a 64 MiB upload). Run as
+#             root, it serves the session as `nobody`: the server root becomes mode 1777 and the
+#             source must be readable by nobody, else the GridFTP rows are n/a.
+# Peers that cannot be installed (GridFTP) or whose run fails become n/a rows with the reason.
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -39,8 +50,10 @@ SIZE_SPEC="${BENCH_SIZE:-2G}"
 WORK="${BENCH_DIR:-$REPO/bench/out}"
 REPEAT="${REPEAT:-1}"
 CONNS="${CONNS:-1 4 8 auto}"
-TOOLS="${BENCH_TOOLS:-raw rsync xfer tls}"
+TOOLS="${BENCH_TOOLS:-raw rsync gridftp xfer tls}"
 SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
+GRIDFTP_STREAMS="${GRIDFTP_STREAMS:-1 4}"
+GRIDFTP_BLOCK="${GRIDFTP_BLOCK:-1048576}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 KEEP="${KEEP:-0}"
 TIME_FMT='%e %M %U %S' # wall s, max RSS KiB, user s, sys s
@@ -51,6 +64,8 @@ die() {
 }
 log() { echo "# $*" >&2; }
 for n in $CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS: $n is neither a number nor auto"; done
+for n in $GRIDFTP_STREAMS; do [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "GRIDFTP_STREAMS: $n is not a positive number"; done
+[[ "$GRIDFTP_BLOCK" =~ ^[1-9][0-9]*$ ]] || die "GRIDFTP_BLOCK: $GRIDFTP_BLOCK is not a number of bytes"
 
 # Sizes: plain bytes or K/M/G (powers of 1024), as the xfer CLI takes them.
 parse_size() {
@@ -88,6 +103,24 @@ ensure_apt /usr/bin/time time
 ensure_apt ss iproute2
 has_tool raw && ensure_apt socat socat
 has_tool rsync && ensure_apt rsync rsync
+# GridFTP is optional: when it cannot be installed its rows are n/a (NA[gridftp] says why).
+declare -A NA=()
+need() { # need TOOL COMMAND PACKAGE: install PACKAGE for COMMAND if missing, else mark TOOL n/a
+    command -v "$2" >/dev/null 2>&1 && return 0
+    log "installing $3 (for $2)"
+    if ((apt_updated == 0)); then
+        timeout 600 apt-get update -qq >&2 || true
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends "$3" >&2 || true
+    command -v "$2" >/dev/null 2>&1 && return 0
+    NA[$1]="${NA[$1]:+${NA[$1]}; }$2 not installable (apt: $3)"
+    log "$1: n/a: ${NA[$1]}"
+}
+if has_tool gridftp; then
+    need gridftp globus-url-copy globus-gass-copy-progs
+    need gridftp globus-gridftp-server globus-gridftp-server-progs
+fi
 
 # --- processes: every one we start is recorded and ended by PID at exit -------------------------
 PIDS=()
@@ -202,6 +235,14 @@ echo "- nproc: $(nproc); CPU: ${cpu_model:-unknown}"
 echo "- kernel: $(uname -srm)"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"
 echo "- file: $SIZE bytes ($SIZE_SPEC); work dir: $WORK ($fstype); repeats: $REPEAT (fastest shown)"
+if has_tool gridftp; then
+    if [[ -n "${NA[gridftp]:-}" ]]; then
+        echo "- GridFTP: n/a (${NA[gridftp]})"
+    else
+        echo "- GridFTP: $(globus-url-copy -version 2>&1 | head -n1), $(globus-gridftp-server -version 2>&1 | head -n1);" \
+            "globus-url-copy -fast -p N -bs $GRIDFTP_BLOCK, server -aa -1 -blocksize $GRIDFTP_BLOCK"
+    fi
+fi
 echo
 
 # --- source file --------------------------------------------------------------------------------
@@ -235,6 +276,14 @@ verify() { # verify KIND FILE: sha256 of FILE against the source, once per kind 
 record() {
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "${9:-}" >>"$RESULTS"
     log "$(printf '%s %s c=%s: %s s' "$1" "$2" "$3" "$4")"
+}
+
+# record_na TOOL DIRECTION CONNS REASON: a row the report shows as n/a, with the reason (one line)
+record_na() {
+    local reason
+    reason="$(tr '\t\n' '  ' <<<"$4" | sed 's/ *$//')"
+    printf '%s\t%s\t%s\tn/a\t\t\t\t\t\t%s\n' "$1" "$2" "$3" "$reason" >>"$RESULTS"
+    log "$1 $2 c=$3: n/a: $reason"
 }
 
 # Flush earlier runs' dirty pages outside the timed part, so no run pays for another's writeback.
@@ -346,6 +395,100 @@ run_rsync() { # run_rsync push|pull
     rm -f "$dst"
 }
 
+# --- GridFTP: globus-url-copy against a fresh globus-gridftp-server per run ---------------------
+GRIDFTP="GridFTP + fsync"
+GRIDFTP_SERVER_ARGS=()
+# Run as root, the server serves anonymous sessions as `nobody` (it refuses -aa without
+# -anonymous-user): nobody must read the source and write into the server root.
+if has_tool gridftp && [[ -z "${NA[gridftp]:-}" ]] && ((EUID == 0)); then
+    GRIDFTP_SERVER_ARGS=(-anonymous-user nobody)
+    chmod 1777 "$WORK/srv"
+    if ! runuser -u nobody -- test -r "$WORK/srv/src.bin" 2>/dev/null ||
+        ! runuser -u nobody -- test -w "$WORK/srv" -a -x "$WORK/srv" 2>/dev/null; then
+        NA[gridftp]="the server serves as nobody, who cannot read $WORK/srv/src.bin or write $WORK/srv (set BENCH_DIR to a path nobody can reach)"
+        log "gridftp: n/a: ${NA[gridftp]}"
+    fi
+fi
+
+run_gridftp() { # run_gridftp push|pull STREAMS
+    local mode="$1" n="$2" kind="gridftp-$1-p$2" dst from to dir port tpid spid t0 wall rc=0 reason=""
+    if [[ "$mode" == push ]]; then
+        dst="$WORK/srv/gridftp-push-$n.bin"
+        dir=upload
+    else
+        dst="$WORK/dst/gridftp-pull-$n.bin"
+        dir=download
+    fi
+    if [[ -n "${NA[gridftp]:-}" ]]; then
+        record_na "$GRIDFTP" "$dir" "$n" "${NA[gridftp]}"
+        return 0
+    fi
+    rm -f "$dst"
+    settle
+    port="$(free_port)"
+    # -1: serve one session and exit, so /usr/bin/time sees the session process's CPU (it is
+    # forked and reaped by the server). GLOBUS_USAGE_OPTOUT: no usage statistics over UDP.
+    GLOBUS_USAGE_OPTOUT=1 /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind-server.time" \
+        globus-gridftp-server -aa "${GRIDFTP_SERVER_ARGS[@]+"${GRIDFTP_SERVER_ARGS[@]}"}" -1 \
+        -p "$port" -control-interface 127.0.0.1 -data-interface 127.0.0.1 \
+        -blocksize "$GRIDFTP_BLOCK" -l "$LOGS/$kind-server.log" >"$LOGS/$kind-server.out" 2>&1 &
+    tpid=$!
+    PIDS+=("$tpid")
+    spid="$(child_of "$tpid")"
+    PIDS+=("$spid")
+    for _ in $(seq 200); do
+        [[ -n "$(ss -Hltn "sport = :$port")" ]] && break
+        kill -0 "$tpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    if [[ -z "$(ss -Hltn "sport = :$port")" ]]; then
+        reason="globus-gridftp-server did not listen on port $port: $(tail -n1 "$LOGS/$kind-server.out")"
+    else
+        if [[ "$mode" == push ]]; then
+            from="file://$SRC"
+            to="ftp://127.0.0.1:$port$dst"
+        else
+            from="ftp://127.0.0.1:$port$WORK/srv/src.bin"
+            to="file://$dst"
+        fi
+        t0="$(now_ns)"
+        GLOBUS_USAGE_OPTOUT=1 /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.time" \
+            timeout -k 5 "$RUN_TIMEOUT" globus-url-copy -fast -p "$n" -bs "$GRIDFTP_BLOCK" "$from" "$to" \
+            >"$LOGS/$kind.out" 2>"$LOGS/$kind.err" || rc=$?
+        if ((rc == 0)); then
+            sync "$dst"
+            wall="$(secs_since "$t0")"
+        elif ((rc == 124)); then
+            reason="globus-url-copy timed out after $RUN_TIMEOUT s"
+        else
+            reason="globus-url-copy exited with status $rc: $(grep -v '^ *$' "$LOGS/$kind.err" | tail -n2)"
+        fi
+    fi
+    # The server exits after its one session; end it if it has not within 10 s (1 s when the
+    # copy failed: there may have been no session).
+    for _ in $(seq "$([[ -z "$reason" ]] && echo 100 || echo 10)"); do
+        kill -0 "$tpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$tpid" 2>/dev/null; then
+        [[ -n "$reason" ]] || log "warning: $kind: globus-gridftp-server -1 still running 10 s after the copy; ending it (its CPU may be undercounted)"
+        kill -TERM "$spid" 2>/dev/null || true
+    fi
+    wait "$tpid" 2>/dev/null || true
+    forget_pid "$tpid"
+    forget_pid "$spid"
+    if [[ -n "$reason" ]]; then
+        record_na "$GRIDFTP" "$dir" "$n" "$reason (logs: $LOGS/$kind*)"
+        rm -f "$dst"
+        return 0
+    fi
+    verify "$kind" "$dst"
+    record "$GRIDFTP" "$dir" "$n" "$wall" \
+        "$(time_cpu "$LOGS/$kind.time")" "$(time_field "$LOGS/$kind.time" 2)" \
+        "$(time_cpu "$LOGS/$kind-server.time")" "$(time_field "$LOGS/$kind-server.time" 2)"
+    rm -f "$dst"
+}
+
 # --- xfer: a fresh xferd per run, so its VmHWM and CPU belong to that run alone -----------------
 XFERD_PID=""
 XFERD_ADDR=""
@@ -445,6 +588,10 @@ for rep in $(seq "$REPEAT"); do
     if has_tool rsync; then
         run_rsync push
         run_rsync pull
+    fi
+    if has_tool gridftp; then
+        for n in $GRIDFTP_STREAMS; do run_gridftp push "$n"; done
+        for n in $GRIDFTP_STREAMS; do run_gridftp pull "$n"; done
     fi
     if has_tool xfer; then
         for n in $CONNS; do run_xfer send "$n"; done

@@ -8,6 +8,9 @@ server CPU s, server peak RSS KiB and, optionally, the connections xfer reported
 connections `auto`: xfer without -c, whose pool sizes itself). Rows with the same (tool, direction,
 connections) are repeats: the fastest one gives throughput and CPU; peak RSS is the largest seen
 over all repeats, and so is the number of connections used.
+
+A row whose wall field is `n/a` is a run that could not be made (a peer not installable, or its
+run failed); its tenth field says why. It shows as n/a unless a repeat of it succeeded.
 """
 
 import sys
@@ -17,6 +20,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 RAW = "raw pipe (socat) + fsync"
 RSYNC = "rsync daemon + fsync"
+GRIDFTP = "GridFTP + fsync"
+XFER_TOOLS = ("xfer", "xfer (TLS)")
 # Targets, from the project brief.
 VS_RAW = 0.8
 VS_RSYNC = 1.5
@@ -27,13 +32,21 @@ AUTO = "auto"
 
 
 def load(path):
+    """The measured rows, and the n/a ones: (tool, direction, connections, reason)."""
     groups = OrderedDict()
+    na = OrderedDict()
+    order = {}  # (tool, direction, connections) -> place of its first row, for the table
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             fields = line.rstrip("\n").split("\t")
             tool, direction, conns, wall, ccpu, crss, scpu, srss = fields[:8]
+            key = conns if conns == AUTO else int(conns)
+            order.setdefault((tool, direction, key), len(order))
+            if wall == "n/a":
+                na.setdefault((tool, direction, key), fields[9] if len(fields) > 9 else "")
+                continue
             used = fields[8] if len(fields) > 8 else ""
             run = dict(
                 wall=float(wall),
@@ -43,7 +56,6 @@ def load(path):
                 srss=int(srss),
                 used=int(used) if used.isdigit() else None,
             )
-            key = conns if conns == AUTO else int(conns)
             groups.setdefault((tool, direction, key), []).append(run)
     rows = []
     for (tool, direction, conns), runs in groups.items():
@@ -54,6 +66,7 @@ def load(path):
                 tool=tool,
                 direction=direction,
                 conns=conns,
+                order=order[(tool, direction, conns)],
                 wall=best["wall"],
                 ccpu=best["ccpu"],
                 scpu=best["scpu"],
@@ -63,7 +76,12 @@ def load(path):
                 used=max(used) if used else None,
             )
         )
-    return rows
+    na_rows = [
+        dict(tool=t, direction=d, conns=c, used=None, reason=reason, order=order[(t, d, c)])
+        for (t, d, c), reason in na.items()
+        if (t, d, c) not in groups
+    ]
+    return rows, na_rows
 
 
 def conns_label(r):
@@ -73,9 +91,70 @@ def conns_label(r):
     return f"auto ({r['used']})" if r["used"] is not None else "auto"
 
 
+def cpu_comparison(rows, na_rows, gib):
+    """xfer's CPU s/GiB on each side as a multiple of rsync's and of each GridFTP -p in the same
+    direction (below 1: xfer spends less). The issue's loopback target: lower than rsync's and
+    GridFTP's. Printed, not counted among the targets."""
+    xfer_rows = [r for r in rows if r["tool"] in XFER_TOOLS]
+    if not xfer_rows:
+        return
+    peers = [("rsync", lambda r, d: r["tool"] == RSYNC and r["direction"] == d)]
+    for c in sorted({r["conns"] for r in rows + na_rows if r["tool"] == GRIDFTP}):
+        peers.append((f"GridFTP -p {c}", lambda r, d, c=c: r["tool"] == GRIDFTP and r["direction"] == d and r["conns"] == c))
+
+    def peer(match, direction):
+        return next((r for r in rows if match(r, direction)), None)
+
+    print()
+    print("## CPU per GiB: xfer against rsync and GridFTP")
+    print()
+    print(
+        "xfer's CPU s/GiB as a multiple of the peer's in the same direction, client and server "
+        "side apart (below 1.00: xfer spends less; target: below rsync's and GridFTP's)."
+    )
+    print()
+    header = ["tool", "direction", "connections", "client s/GiB"]
+    header += [f"client × {name}" for name, _ in peers]
+    header += ["server s/GiB"] + [f"server × {name}" for name, _ in peers]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    lower = {}  # (direction, peer name) -> [row labels where xfer is below on both sides]
+    for r in xfer_rows:
+        cells = [r["tool"], r["direction"], conns_label(r)]
+        for side in ("ccpu", "scpu"):
+            cells.append(f"{r[side] / gib:.2f}")
+            for name, match in peers:
+                p = peer(match, r["direction"])
+                if p is None or p[side] <= 0:
+                    cells.append("n/a")
+                    continue
+                cells.append(f"{r[side] / p[side]:.2f}")
+        for name, match in peers:
+            p = peer(match, r["direction"])
+            if p is not None and r["tool"] == "xfer":
+                ok = r["ccpu"] < p["ccpu"] and r["scpu"] < p["scpu"]
+                lower.setdefault((r["direction"], name), []).append((conns_label(r), ok))
+        print("| " + " | ".join(cells) + " |")
+    print()
+    for direction in ("upload", "download"):
+        for name, match in peers:
+            got = lower.get((direction, name))
+            if not got:
+                if any(r["direction"] == direction for r in xfer_rows if r["tool"] == "xfer"):
+                    print(f"- {direction}, xfer vs {name}: n/a (no {name} {direction} run)")
+                continue
+            below = [c for c, ok in got if ok]
+            print(
+                f"- {direction}, xfer vs {name}: CPU/GiB lower on both sides at "
+                f"{len(below)} of {len(got)} -c"
+                + (f" ({', '.join(below)})" if below else "")
+                + (f"; not at {', '.join(c for c, ok in got if not ok)}" if len(below) < len(got) else "")
+            )
+
+
 def main():
     path, size, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    rows = load(path)
+    rows, na_rows = load(path)
     for r in rows:
         r["mibps"] = size / MIB / r["wall"] if r["wall"] > 0 else float("inf")
 
@@ -103,7 +182,10 @@ def main():
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
-    for r in rows:
+    for r in sorted(rows + na_rows, key=lambda r: r["order"]):
+        if "reason" in r:
+            print(f"| {r['tool']} | {r['direction']} | {conns_label(r)} | " + " | ".join(["n/a"] * 7) + " |")
+            continue
         vs_rsync = rsync.get(r["direction"]) or rsync["upload"]
         print(
             "| "
@@ -127,8 +209,14 @@ def main():
     print(
         f"MiB/s = file size / wall seconds, 1 MiB = 2^20 bytes; file {size / MIB:.0f} MiB. "
         "'ratio vs rsync' compares with rsync in the same direction (the raw pipe with rsync "
-        "upload). CPU = user + sys. Peak RSS of rsync and socat is their largest process."
+        "upload). CPU = user + sys. Peak RSS of rsync, socat and GridFTP is their largest process. "
+        "GridFTP: globus-url-copy -fast -p N (N parallel MODE E data connections) against "
+        "globus-gridftp-server -aa -1, anonymous ftp://."
     )
+    for r in na_rows:
+        print(f"- n/a: {r['tool']} {r['direction']} {conns_label(r)}: {r['reason'] or 'no reason recorded'}")
+
+    cpu_comparison(rows, na_rows, gib)
 
     print()
     print("## Targets")
