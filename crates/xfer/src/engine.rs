@@ -36,10 +36,15 @@ pub const ADAPTIVE_MAX: usize = 16;
 /// How often the pool looks at its throughput.
 const TICK: Duration = Duration::from_millis(100);
 /// Time a pool of a new size gets before it is measured: new connections do their handshake
-/// and leave slow start.
-const SETTLE: Duration = Duration::from_millis(500);
-/// How long one measurement lasts.
-const MEASURE: Duration = Duration::from_secs(1);
+/// and leave slow start. [`SETTLE_RTTS`] round trips, within these bounds.
+const SETTLE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_millis(500));
+const SETTLE_RTTS: u32 = 10;
+/// How long one measurement lasts: [`MEASURE_RTTS`] round trips, within these bounds. On a
+/// 50 ms path that is the upper bound (a cubic stream needs seconds to reach its share); on
+/// loopback and LAN paths a whole file can be moved in the time of one such measurement, and a
+/// few hundred round trips already show what a pool size carries.
+const MEASURE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(1));
+const MEASURE_RTTS: u32 = 20;
 /// Throughput gain over the best measured so far that makes the pool grow again.
 const GAIN: f64 = 1.10;
 /// The pool goes back to its fastest size only if the last growth cost this much: right after
@@ -285,6 +290,7 @@ async fn drive<D: Direction>(
     work.excess.store(0, Ordering::SeqCst);
     let start = opts.connections.initial();
     let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
+    let rtt = first.0.rtt;
     let mut first = Some(first);
     for _ in 0..start {
         // An adaptive pool needs only its first connection: the others it starts with are as
@@ -294,7 +300,7 @@ async fn drive<D: Direction>(
     }
     let mut grower = match opts.connections {
         Connections::Adaptive { max } if max > start => {
-            Some(Grower::new(start, max, Instant::now()))
+            Some(Grower::new(start, max, Instant::now(), rtt))
         }
         _ => None,
     };
@@ -413,7 +419,7 @@ enum Step {
 /// Sizes an adaptive pool from throughput alone; no I/O, time comes in as `now`.
 ///
 /// Each size gets [`SETTLE`] once all its workers are moving chunks, then its bytes are counted
-/// for [`MEASURE`]. The first measurement always doubles the pool (there is nothing to compare
+/// for [`MEASURE`] (both scaled to the first connection's round-trip time). The first measurement always doubles the pool (there is nothing to compare
 /// it with); later ones double it again while throughput beats the best so far by [`GAIN`].
 /// Growth stops at `max`, or for good at the first measurement that does not gain enough.
 #[derive(Debug)]
@@ -428,10 +434,16 @@ struct Grower {
     /// The size that measured fastest, and its bytes per second.
     best: Option<(usize, f64)>,
     done: bool,
+    settle: Duration,
+    measure: Duration,
 }
 
 impl Grower {
-    fn new(size: usize, max: usize, now: Instant) -> Self {
+    /// `rtt`: the path's round-trip time, if known (unknown: the longest timings).
+    fn new(size: usize, max: usize, now: Instant, rtt: Option<Duration>) -> Self {
+        let scaled = |rtts: u32, (low, high): (Duration, Duration)| {
+            rtt.map_or(high, |rtt| (rtt * rtts).clamp(low, high))
+        };
         Self {
             max,
             size,
@@ -439,6 +451,8 @@ impl Grower {
             mark: None,
             best: None,
             done: size >= max,
+            settle: scaled(SETTLE_RTTS, SETTLE),
+            measure: scaled(MEASURE_RTTS, MEASURE),
         }
     }
 
@@ -454,13 +468,13 @@ impl Grower {
             return Step::Wait;
         }
         let Some((t0, b0)) = self.mark else {
-            if now.duration_since(self.since) >= SETTLE {
+            if now.duration_since(self.since) >= self.settle {
                 self.mark = Some((now, bytes));
             }
             return Step::Wait;
         };
         let elapsed = now.duration_since(t0);
-        if elapsed < MEASURE {
+        if elapsed < self.measure {
             return Step::Wait;
         }
         let rate = bytes.saturating_sub(b0) as f64 / elapsed.as_secs_f64();
@@ -1232,7 +1246,7 @@ mod tests {
     /// every worker ready; returns the steps that were not `Wait`.
     fn check(start: usize, max: usize, rates: &[f64]) -> Vec<Step> {
         let t0 = Instant::now();
-        let mut g = Grower::new(start, max, t0);
+        let mut g = Grower::new(start, max, t0, None);
         let (mut now, mut bytes, mut steps) = (t0, 0.0, Vec::new());
         let mut rates = rates.iter().copied();
         let mut rate = rates.next().unwrap_or(0.0);
@@ -1287,16 +1301,35 @@ mod tests {
     }
 
     #[test]
+    fn a_short_path_is_measured_in_fewer_round_trips_bounded() {
+        let t0 = Instant::now();
+        let lan = Grower::new(4, 16, t0, Some(Duration::from_micros(200)));
+        assert_eq!((lan.settle, lan.measure), (SETTLE.0, MEASURE.0));
+        let wan = Grower::new(4, 16, t0, Some(Duration::from_millis(50)));
+        assert_eq!((wan.settle, wan.measure), (SETTLE.1, MEASURE.1));
+        let mid = Grower::new(4, 16, t0, Some(Duration::from_millis(20)));
+        assert_eq!(
+            (mid.settle, mid.measure),
+            (Duration::from_millis(200), Duration::from_millis(400))
+        );
+        // On loopback the first decision comes after 0.3 s of moving chunks, not 1.5 s.
+        let mut g = Grower::new(4, 16, t0, Some(Duration::from_micros(50)));
+        let mut tick = |i: u32| g.on_tick(t0 + TICK * i, u64::from(i) << 27, true);
+        let first = (1..10).find(|&i| tick(i) != Step::Wait);
+        assert_eq!(first, Some(3));
+    }
+
+    #[test]
     fn a_pool_that_is_not_ready_is_not_measured() {
         let t0 = Instant::now();
-        let mut g = Grower::new(4, 16, t0);
+        let mut g = Grower::new(4, 16, t0, None);
         // Never ready (a worker still connecting): no decision however long it lasts.
         for i in 1..100 {
             let step = g.on_tick(t0 + TICK * i, u64::from(i) << 20, false);
             assert_eq!(step, Step::Wait);
         }
         // At the cap already: nothing to do.
-        assert!(Grower::new(4, 4, t0).done);
+        assert!(Grower::new(4, 4, t0, None).done);
         assert_eq!(Connections::Adaptive { max: 2 }.initial(), 2);
         assert_eq!(Connections::Fixed(3).initial(), 3);
     }

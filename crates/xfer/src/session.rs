@@ -32,6 +32,8 @@ pub struct Session {
     pub welcome: Welcome,
     /// The congestion control algorithm of the connection, if the kernel says.
     pub congestion: Option<String>,
+    /// The connection's smoothed round-trip time once the handshake is done, if the kernel says.
+    pub rtt: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Session {
@@ -319,6 +321,7 @@ impl Session {
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         let congestion = crate::sockopt::congestion(&socket);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let meter = connector.meter.clone();
         let (reader, writer) = match &connector.tls {
             Some(tls) => start_tls(socket, target, tls, meter).await?,
@@ -329,8 +332,7 @@ impl Session {
                     meter: meter.clone(),
                     acked: None,
                 };
-                // The write half shares the stream, and so the socket, with the read half.
-                let fd = std::os::fd::AsRawFd::as_raw_fd(write.as_ref());
+                // The write half shares the stream, and so the socket `fd`, with the read half.
                 let write = Metered::new(write, meter, fd);
                 let reader: Reader = FrameReader::new(Box::new(read));
                 let writer: Writer = FrameWriter::new(Box::new(write));
@@ -349,6 +351,7 @@ impl Session {
                 proof: Vec::new(),
             },
             congestion,
+            rtt: None,
         };
         let token = connector.token.as_deref();
         let mut nonce = vec![0u8; auth::NONCE_LEN];
@@ -398,6 +401,9 @@ impl Session {
             return Err(ClientError::Unexpected("Welcome"));
         }
         session.welcome = welcome;
+        // SAFETY: `fd` is the socket the session's halves own; they are alive here.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        session.rtt = crate::sockopt::rtt(socket);
         Ok(session)
     }
 

@@ -168,6 +168,18 @@ pub fn congestion(fd: impl AsFd) -> Option<String> {
 /// Bytes of this socket's sending the peer has acknowledged (`TCP_INFO`'s `tcpi_bytes_acked`),
 /// or `None` where the kernel does not report it.
 pub fn bytes_acked(fd: impl AsFd) -> Option<u64> {
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    tcp_info(fd, needed).map(|info| info.tcpi_bytes_acked)
+}
+
+/// The kernel's smoothed round-trip time of this connection (`TCP_INFO`'s `tcpi_rtt`).
+pub fn rtt(fd: impl AsFd) -> Option<std::time::Duration> {
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + 4;
+    tcp_info(fd, needed).map(|info| std::time::Duration::from_micros(info.tcpi_rtt.into()))
+}
+
+/// `TCP_INFO` of `fd`, if the kernel filled at least its first `needed` bytes.
+fn tcp_info(fd: impl AsFd, needed: usize) -> Option<libc::tcp_info> {
     use std::os::fd::AsRawFd;
     // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes into it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -182,8 +194,7 @@ pub fn bytes_acked(fd: impl AsFd) -> Option<u64> {
             &raw mut len,
         )
     };
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+    (rc == 0 && len as usize >= needed).then_some(info)
 }
 
 fn set_congestion(fd: impl AsFd, name: &str) -> Result<(), SocketError> {
