@@ -2,7 +2,8 @@
 //! (directories too), empty directories and inner links survive a round trip; links leading out
 //! and special files are left out with a warning; reruns of an unchanged tree move no data;
 //! `--checksum` catches a change that keeps size and mtime; an interrupted copy resumes; and a
-//! symlink planted in the daemon's root is never followed, for reading or for writing.
+//! symlink planted in the daemon's root is never followed, for reading or for writing; a deep
+//! pipeline of long names over one connection moves intact both ways.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -721,4 +722,35 @@ fn rerun_after_a_file_became_a_directory_and_back() {
     );
     assert!(tree.root().join("t/was-dir/inner").is_file());
     daemon.assert_running();
+}
+
+#[test]
+fn a_deep_pipeline_of_long_names_moves_both_ways_over_one_connection() {
+    // 3,000 files with 200-byte names over one connection: up to 1,024 requests in flight at
+    // a time (a quarter MiB of requests alone), written while the answers are read.
+    let tree = Tree::new();
+    let src = tree.src("deep");
+    fs::create_dir_all(&src).unwrap();
+    let mut bytes = 0;
+    for i in 0..3000u64 {
+        let name = format!("{i:05}-{}", "n".repeat(194));
+        let size = 4096 + (i % 7) * 1024;
+        random_file(&src.join(name), size, i);
+        bytes += size;
+    }
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let want = snapshot(&src);
+
+    let sent = send_tree(&src, &daemon.addr(), "deep", &["--json", "-c", "1"]).wait_ok();
+    assert_counts(&sent, (3000, 3000, 0, bytes, bytes));
+    assert_same(
+        &snapshot(&tree.root().join("deep")),
+        &want,
+        "the daemon's copy",
+    );
+
+    let out = tree.out("deep");
+    let got = recv_tree("deep", &daemon.addr(), &out, &["--json", "-c", "1"]).wait_ok();
+    assert_counts(&got, (3000, 3000, 0, bytes, bytes));
+    assert_same(&snapshot(&out), &want, "the downloaded copy");
 }

@@ -19,8 +19,8 @@ use crate::{ClientError, Target};
 
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
 
-type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
-type Writer = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+pub(crate) type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
+pub(crate) type Writer = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 
 /// A connection whose handshake is done.
 pub struct Session {
@@ -415,22 +415,7 @@ impl Session {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn next(&mut self) -> Result<Frame, ClientError> {
-        match self.reader.read_frame().await? {
-            None => Err(ClientError::Closed),
-            Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
-            Some(frame) => Ok(frame),
-        }
-    }
-
-    /// The next frame if it has already arrived whole (see [`Session::next`]); never waits.
-    ///
-    /// # Errors
-    /// `Remote`, or protocol errors.
-    pub fn buffered_next(&mut self) -> Result<Option<Frame>, ClientError> {
-        match self.reader.buffered_frame()? {
-            Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
-            other => Ok(other),
-        }
+        next_frame(&mut self.reader).await
     }
 
     /// Sends a frame.
@@ -453,6 +438,19 @@ impl Session {
     pub async fn close(mut self) {
         let _ = self.writer.send(&Frame::Goodbye).await;
         let _ = self.writer.shutdown().await;
+    }
+}
+
+/// The next frame from `reader`; a server `Error` frame becomes `ClientError::Remote` (what
+/// [`Session::next`] does, for a caller that reads and writes the session side by side).
+///
+/// # Errors
+/// `Closed` at end of stream, `Remote`, or protocol/I/O errors.
+pub(crate) async fn next_frame(reader: &mut Reader) -> Result<Frame, ClientError> {
+    match reader.read_frame().await? {
+        None => Err(ClientError::Closed),
+        Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
+        Some(frame) => Ok(frame),
     }
 }
 

@@ -22,8 +22,11 @@ use crate::{ClientError, Session, Target};
 pub const SMALL_FILE: u64 = 1 << 20;
 /// Large files of a tree in flight at once.
 const LARGE_AT_ONCE: usize = 2;
-/// Requests a connection keeps in flight before it waits for answers.
-const PIPELINE: usize = 64;
+/// Requests a connection keeps in flight before it waits for answers: at 4 KiB a file, 1024 of
+/// them a round trip carry 80 MB/s over 50 ms (64 capped one connection at 1,100 files/s there).
+const PIPELINE: usize = 1024;
+/// Requests written at once, at most.
+const BATCH: usize = 64;
 /// Request bytes a connection keeps in flight before it waits for answers.
 const PIPELINE_BYTES: usize = 16 << 20;
 
@@ -108,59 +111,85 @@ async fn list_remote(
 }
 
 /// Sends `requests` (each with the file bytes it moves, for `--bwlimit` and the in-flight
-/// bound) on `session` with up to `PIPELINE` in flight, checking each answer with `check`
-/// (answers come in request order). Requests go out in batches, one write each, and every
-/// answer already arrived is taken before the next batch: the server can then store them in
-/// batches too, and neither side makes a system call per file.
+/// bound) on `session` with up to `PIPELINE` requests and `PIPELINE_BYTES` in flight, checking
+/// each answer with `check` (answers come in request order).
+///
+/// Requests are written and answers read side by side. Were the client to stop reading while
+/// it writes, a deep pipeline could block both ends at once: the server writing answers
+/// nobody reads, the client writing requests nobody reads. Requests go out in batches (what is
+/// ready while there is room, one write each) and answers that arrived together are read from
+/// one buffer, so the server stores them in batches too and neither side makes a system call
+/// per file.
 async fn pipeline<F>(
     session: &mut Session,
     limiter: Option<&crate::RateLimiter>,
-    mut requests: impl Iterator<Item = (Frame, u64)>,
+    requests: impl Iterator<Item = (Frame, u64)>,
     mut check: F,
 ) -> Result<(), ClientError>
 where
     F: FnMut(Frame) -> Result<(), ClientError>,
 {
-    let mut in_flight: VecDeque<usize> = VecDeque::new();
-    let mut bytes = 0;
-    let mut more = true;
-    let mut batch = Vec::with_capacity(PIPELINE);
-    loop {
-        while more && in_flight.len() < PIPELINE && bytes < PIPELINE_BYTES {
-            match requests.next() {
-                Some((frame, moves)) => {
-                    if let Some(limiter) = limiter {
-                        limiter.acquire(moves).await;
-                    }
-                    let size = moves as usize + 64;
-                    batch.push(frame);
-                    in_flight.push_back(size);
-                    bytes += size;
+    let budget = tokio::sync::Semaphore::new(PIPELINE_BYTES);
+    // One entry per request in flight, in order: what its answer gives back to the budget.
+    let (in_flight, mut answered) = tokio::sync::mpsc::channel::<u32>(PIPELINE);
+    let Session { reader, writer, .. } = session;
+    let send = async {
+        let mut batch = Vec::with_capacity(BATCH);
+        for (frame, moves) in requests {
+            if let Some(limiter) = limiter {
+                // Nothing ready waits for the rate limit.
+                send_batch(writer, &mut batch).await?;
+                limiter.acquire(moves).await;
+            }
+            let size = (moves as usize + 64).min(PIPELINE_BYTES) as u32;
+            let room = match (budget.try_acquire_many(size), in_flight.try_reserve()) {
+                (Ok(bytes), Ok(slot)) => Some((bytes, slot)),
+                _ => None,
+            };
+            let (bytes, slot) = match room {
+                Some(room) => room,
+                None => {
+                    // Full: what is ready goes out before waiting for answers to make room.
+                    send_batch(writer, &mut batch).await?;
+                    let bytes = budget.acquire_many(size).await;
+                    let slot = in_flight.reserve().await;
+                    (
+                        bytes.map_err(|_| ClientError::Closed)?,
+                        slot.map_err(|_| ClientError::Closed)?,
+                    )
                 }
-                None => more = false,
+            };
+            bytes.forget();
+            slot.send(size);
+            batch.push(frame);
+            if batch.len() >= BATCH {
+                send_batch(writer, &mut batch).await?;
             }
         }
-        if !batch.is_empty() {
-            session.send_all(&batch).await?;
-            batch.clear();
+        send_batch(writer, &mut batch).await?;
+        // Closing the channel tells the reader the last answer it waits for is the last one.
+        drop(in_flight);
+        Ok::<_, ClientError>(())
+    };
+    let receive = async {
+        while let Some(size) = answered.recv().await {
+            check(crate::session::next_frame(reader).await?)?;
+            budget.add_permits(size as usize);
         }
-        if in_flight.is_empty() {
-            return Ok(());
-        }
-        let mut answer = Some(session.next().await?);
-        while let Some(frame) = answer {
-            let size = in_flight
-                .pop_front()
-                .ok_or_else(|| unexpected(frame.clone()))?;
-            bytes -= size;
-            check(frame)?;
-            answer = if in_flight.is_empty() {
-                None
-            } else {
-                session.buffered_next()?
-            };
-        }
+        Ok(())
+    };
+    tokio::try_join!(send, receive).map(|_| ())
+}
+
+async fn send_batch(
+    writer: &mut crate::session::Writer,
+    batch: &mut Vec<Frame>,
+) -> Result<(), ClientError> {
+    if !batch.is_empty() {
+        writer.send_all(batch).await?;
+        batch.clear();
     }
+    Ok(())
 }
 
 fn expect_done(frame: Frame) -> Result<(), ClientError> {
