@@ -30,6 +30,12 @@ use crate::{ClientError, Connector, RateLimiter, Session, Target};
 /// Connections an adaptive pool starts with: on loopback and LAN links this many already
 /// carry what the machine can move.
 pub const ADAPTIVE_START: usize = 4;
+/// Connections an adaptive pool starts with on a path of [`LONG_PATH`] or more: single cubic
+/// streams there are loss-limited, and a pool that starts at 4 spends its first 3 s (two
+/// measurements of 1.5 s) below what 16 carry.
+pub const ADAPTIVE_START_LONG: usize = 8;
+/// Round-trip time from which a path counts as long (a WAN, not a LAN).
+pub const LONG_PATH: Duration = Duration::from_millis(10);
 /// Default cap of an adaptive pool: on 50 ms links with loss, single cubic streams are
 /// loss-limited and 16 carry about what the link does.
 pub const ADAPTIVE_MAX: usize = 16;
@@ -58,8 +64,8 @@ const SHRINK_BELOW: f64 = 0.75;
 pub enum Connections {
     /// Exactly this many (`-c N`).
     Fixed(usize),
-    /// Start with [`ADAPTIVE_START`] (fewer if `max` is lower) and double while throughput
-    /// grows, up to `max`.
+    /// Start with [`ADAPTIVE_START`] ([`ADAPTIVE_START_LONG`] on a long path; fewer if `max`
+    /// is lower) and double while throughput grows, up to `max`.
     Adaptive {
         /// The most connections to use.
         max: usize,
@@ -67,11 +73,24 @@ pub enum Connections {
 }
 
 impl Connections {
-    /// Connections to start with.
+    /// Connections to start with, the path unknown.
     pub fn initial(self) -> usize {
+        self.initial_on(None)
+    }
+
+    /// Connections to start with on a path of round-trip time `rtt`, if known.
+    pub fn initial_on(self, rtt: Option<Duration>) -> usize {
         match self {
             Self::Fixed(n) => n.max(1),
-            Self::Adaptive { max } => ADAPTIVE_START.min(max).max(1),
+            Self::Adaptive { max } => {
+                let long = rtt.is_some_and(|rtt| rtt >= LONG_PATH);
+                let start = if long {
+                    ADAPTIVE_START_LONG
+                } else {
+                    ADAPTIVE_START
+                };
+                start.min(max).max(1)
+            }
         }
     }
 }
@@ -288,9 +307,9 @@ async fn drive<D: Direction>(
         workers.spawn(async move { worker(&target, &*dir, &work, first, optional, &opts).await });
     };
     work.excess.store(0, Ordering::SeqCst);
-    let start = opts.connections.initial();
-    let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
     let rtt = first.0.rtt;
+    let start = opts.connections.initial_on(rtt);
+    let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
     let mut first = Some(first);
     for _ in 0..start {
         // An adaptive pool needs only its first connection: the others it starts with are as
@@ -1331,6 +1350,11 @@ mod tests {
         // At the cap already: nothing to do.
         assert!(Grower::new(4, 4, t0, None).done);
         assert_eq!(Connections::Adaptive { max: 2 }.initial(), 2);
+        let (lan, wan) = (Duration::from_micros(200), Duration::from_millis(50));
+        assert_eq!(Connections::Adaptive { max: 16 }.initial_on(Some(lan)), 4);
+        assert_eq!(Connections::Adaptive { max: 16 }.initial_on(Some(wan)), 8);
+        assert_eq!(Connections::Adaptive { max: 6 }.initial_on(Some(wan)), 6);
+        assert_eq!(Connections::Fixed(3).initial_on(Some(wan)), 3);
         assert_eq!(Connections::Fixed(3).initial(), 3);
     }
 }
