@@ -339,6 +339,91 @@ def tree_table(name, files, size, rows):
     print()
 
 
+def summary(rows, trees, combos):
+    """One line per profile, cc and direction with the figures the targets are about (MB/s and
+    ratios, as in the tables above), then the same for the trees (files/s)."""
+    cols = [
+        (CEIL, "iperf3 -P 16"),
+        ("xfer -c 1", "xfer -c 1"),
+        ("xfer -c 4", "-c 4"),
+        ("xfer -c 8", "-c 8"),
+        ("xfer -c 16", "-c 16"),
+        (AUTO, "xfer (no -c)"),
+        ("socat (1 stream)", "socat"),
+        ("rsync daemon", "rsync"),
+        ("scp", "scp"),
+        ("globus-url-copy -p 16", "GridFTP -p 16"),
+        ("aria2c -x 8", "aria2c -x 8"),
+    ]
+    header = ["profile", "cc", "dir"] + [label for _, label in cols]
+    header += ["-c 16 / ceiling", "-c 16 / rsync", "-c 16 / scp", "-c 16 / GridFTP", "no -c / best -c"]
+    header += ["xfer peak RSS MiB client / server"]
+    lines = []
+    for profile, cc in combos:
+        for d in ("upload", "download"):
+            mine = {r["tool"]: r for r in rows if (r["profile"], r["cc"], r["dir"]) == (profile, cc, d) and r["mbps"]}
+            if not any(t.startswith("xfer") for t in mine):
+                continue
+            cells = [profile, cc, d]
+            for tool, _ in cols:
+                r = mine.get(tool)
+                cells.append(f"{r['mbps']:.1f}" if r else "–")
+            x = mine.get("xfer -c 16")
+            for base in (CEIL, "rsync daemon", "scp", "globus-url-copy -p 16"):
+                b = mine.get(base)
+                cells.append(f"{x['mbps'] / b['mbps']:.2f}" if x and b else "–")
+            fixed = [r for t, r in mine.items() if t.startswith("xfer -c ")]
+            auto = mine.get(AUTO)
+            best = max(fixed, key=lambda r: r["mbps"]) if fixed else None
+            cells.append(f"{auto['mbps'] / best['mbps']:.2f}" if auto and best else "–")
+            xs = [r for t, r in mine.items() if t.startswith("xfer")]
+            crss = max((fnum(r["crss"]) or 0.0 for r in xs), default=0.0) / 1024
+            srss = max((fnum(r["srss"]) or 0.0 for r in xs), default=0.0) / 1024
+            cells.append(f"{crss:.0f} / {srss:.0f}")
+            lines.append(cells)
+    if lines:
+        print("## Summary: one file, MB/s")
+        print()
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|")
+        for cells in lines:
+            print("| " + " | ".join(cells) + " |")
+        print()
+    tree_lines = []
+    for profile, cc in combos:
+        for name in OrderedDict((r["tree"], None) for r in trees):
+            for d in ("upload", "download"):
+                mine = [r for r in trees if (r["profile"], r["cc"], r["tree"], r["dir"]) == (profile, cc, name, d) and r["fps"]]
+                if not mine:
+                    continue
+
+                def fps(tool, conns=None):
+                    r = next((r for r in mine if r["tool"] == tool and (conns is None or r["conns"] == conns)), None)
+                    return r["fps"] if r else None
+
+                xfer = [r for r in mine if r["tool"].startswith("xfer")]
+                best = max(xfer, key=lambda r: r["fps"]) if xfer else None
+                auto = fps("xfer -r", "auto")
+                rsync, tar, scp = fps(TREE_RSYNC), fps(TREE_TAR), fps("scp -r")
+                cells = [profile, cc, name, d]
+                cells += [fmt(auto, ",.0f"), f"{best['fps']:,.0f} (-c {best['conns']})" if best else "–"]
+                cells += [fmt(rsync, ",.0f"), fmt(tar, ",.0f"), fmt(scp, ",.0f")]
+                for base in (rsync, tar):
+                    cells.append(f"{auto / base:.2f}" if auto and base else "–")
+                    cells.append(f"{best['fps'] / base:.2f}" if best and base else "–")
+                tree_lines.append(cells)
+    if tree_lines:
+        print("## Summary: trees, files/s")
+        print()
+        header = ["profile", "cc", "tree", "dir", "xfer (no -c)", "xfer best", "rsync", "tar pipe", "scp"]
+        header += ["no -c / rsync", "best / rsync", "no -c / tar", "best / tar"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|")
+        for cells in tree_lines:
+            print("| " + " | ".join(cells) + " |")
+        print()
+
+
 def main_report(results, combos_path, size, cap, trees_path=None, tree_sets_path=None):
     rows = load(results)
     trees = load_trees(trees_path)
@@ -534,6 +619,7 @@ def main_report(results, combos_path, size, cap, trees_path=None, tree_sets_path
         "profile, cc and direction."
     )
     print()
+    summary(rows, trees, combos)
     print("## Targets (auto vs best -c everywhere; ceiling and gridftp on wan and lossy; vs rsync/scp under cubic only)")
     print()
     if not verdicts:
