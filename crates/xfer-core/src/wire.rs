@@ -37,8 +37,9 @@ struct LargeFrame {
     filled: usize,
 }
 
-/// Spare chunk buffers one reader keeps: one is being written while the next is read.
-const SPARE_BUFFERS: usize = 2;
+/// Spare chunk buffers one reader keeps. A daemon connection has one chunk being written while
+/// it reads the next; once written, that buffer is the one the chunk after is read into.
+const SPARE_BUFFERS: usize = 1;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader.
