@@ -140,23 +140,9 @@ cleanup() {
     if [[ "$KEEP" != 1 && -n "${WORK_READY:-}" ]]; then
         rm -rf "$WORK/src" "$WORK/srv" "$WORK/dst"
     fi
-    [[ -z "${REPORTING_WAS:-}" ]] || echo "$REPORTING_WAS" >"$REPORTING" 2>/dev/null || true
     exit "$rc"
 }
 trap cleanup EXIT
-
-# On a VM that hands free memory back to its host (virtio free page reporting), the page cache
-# a previous run freed comes back to the next writer page by page through the host, which then
-# bills whichever tool writes next: the socat receiver measured 0.33 s/GiB in one run and 2.9
-# in the next. While the bench runs, memory must stay free a minute before it is reported.
-REPORTING=/sys/module/page_reporting/parameters/min_free_ms
-REPORTING_WAS=""
-if [[ -w "$REPORTING" ]]; then
-    was="$(cat "$REPORTING")"
-    if echo 60000 >"$REPORTING" 2>/dev/null; then
-        REPORTING_WAS="$was"
-    fi
-fi
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -248,7 +234,6 @@ echo "- commit: $commit"
 echo "- nproc: $(nproc); CPU: ${cpu_model:-unknown}"
 echo "- kernel: $(uname -srm)"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"
-[[ -z "$REPORTING_WAS" ]] || echo "- free page reporting held back during the run (min_free_ms $REPORTING_WAS -> 60000, restored at exit)"
 echo "- file: $SIZE bytes ($SIZE_SPEC); work dir: $WORK ($fstype); repeats: $REPEAT (fastest shown)"
 if has_tool gridftp; then
     if [[ -n "${NA[gridftp]:-}" ]]; then
