@@ -328,3 +328,41 @@ fn symlinks_out_of_the_root_are_not_followed() {
     assert_eq!(list_tree(&tree.path().join("src")), ["secret.txt"]);
     daemon.assert_running();
 }
+
+#[test]
+fn answers_to_chunks_come_in_the_order_the_chunks_were_sent() {
+    // The daemon writes a chunk while it reads the next; a chunk that fails its CRC right
+    // behind a good one must still be answered after it (clients match answers by order).
+    let tree = Tree::new();
+    let mut daemon = Daemon::start(&tree.root(), &[]);
+    let mut stream = connect(&daemon);
+    let mut buf = BytesMut::new();
+    handshake(&mut stream, &mut buf);
+    let size = 2 << 20;
+    let open = Frame::OpenWrite(OpenWrite {
+        name: "ordered.bin".into(),
+        identity: FileIdentity { size, mtime_ns: 0 },
+        mode: 0o644,
+        chunk_size: 1 << 20,
+    });
+    let id = match request(&mut stream, &mut buf, &open) {
+        Frame::WriteOpened(opened) => opened.transfer_id,
+        other => panic!("OpenWrite answered with {other:?}"),
+    };
+    let good = Data::new(id, 0, Bytes::from(vec![7u8; 1 << 20]));
+    let mut bad = Data::new(id, 1 << 20, Bytes::from(vec![9u8; 1 << 20]));
+    bad.crc32 ^= 1;
+    let both = [encode(&Frame::Data(good)), encode(&Frame::Data(bad))].concat();
+    stream.write_all(&both).unwrap();
+    let answers = [
+        read_frame(&mut stream, &mut buf),
+        read_frame(&mut stream, &mut buf),
+    ];
+    match answers {
+        [Some(Frame::Ack(a)), Some(Frame::Reject(r))] => {
+            assert_eq!((a.offset, r.offset), (0, 1 << 20));
+        }
+        other => panic!("want Ack(0) then Reject(1 MiB), got {other:?}"),
+    }
+    daemon.assert_running();
+}

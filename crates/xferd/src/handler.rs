@@ -470,6 +470,9 @@ impl Handler {
     }
 
     async fn data(&mut self, data: Data) -> Result<(), ConnError> {
+        // One chunk is written behind at a time, and answers go out in the order the frames
+        // came in: the chunk before this one is written and acknowledged first.
+        self.finish_write().await?;
         let Some(Open::Write {
             lease,
             name,
@@ -492,8 +495,6 @@ impl Handler {
             return Ok(());
         }
         let partial = Arc::clone(&lease.partial);
-        // One chunk is written behind at a time: the one before this must be done first.
-        self.finish_write().await?;
         let task =
             tokio::spawn(async move { partial.write(data.offset, data.payload, data.crc32).await });
         self.write_behind = Some(WriteBehind { chunk, task });
