@@ -856,8 +856,9 @@ EOF
     track "$SRV_SPID"
     wait_listening "$NS_B" "$PORT"
 }
-# stop_rsyncd KIND: once the session's process is gone, end the daemon; sets S_CPU and S_RSS
-stop_rsyncd() {
+# stop_session_server KIND: once the session's processes are gone, end the server started for
+# it (rsync daemon, sshd) under /usr/bin/time; sets S_CPU and S_RSS
+stop_session_server() {
     wait_children_gone "$SRV_SPID" 10
     stop_server "$SRV_TPID" "$SRV_SPID"
     S_CPU="$(server_cpu "$(time_cpu "$LOGS/$1.stime")")"
@@ -878,7 +879,7 @@ run_rsync() {
     fi
     rm -f "$dst"
     client_run "$NS_A" "$kind" "$CAP" rsync -a "$from" "$to"
-    stop_rsyncd "$kind"
+    stop_session_server "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst" "$(dirname "$dst")"/.up-rsync.bin.* "$(dirname "$dst")"/.down-rsync.bin.*
 }
@@ -926,13 +927,6 @@ EOF
     track "$SRV_SPID"
     wait_listening "$NS_B" "$PORT"
 }
-# stop_sshd KIND: once the session's processes are gone, end sshd; sets S_CPU and S_RSS
-stop_sshd() {
-    wait_children_gone "$SRV_SPID" 10
-    stop_server "$SRV_TPID" "$SRV_SPID"
-    S_CPU="$(server_cpu "$(time_cpu "$LOGS/$1.stime")")"
-    S_RSS="$(time_field "$LOGS/$1.stime" 2)"
-}
 
 run_scp() {
     local kind="scp-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst
@@ -946,7 +940,7 @@ run_scp() {
         rm -f "$dst"
         client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/src.bin" "$dst"
     fi
-    stop_sshd "$kind"
+    stop_session_server "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst"
 }
@@ -1061,7 +1055,7 @@ run_tree_rsync() {
     else
         client_run "$NS_A" "$kind" "$CAP" rsync -a "rsync://$IP_B:$PORT/bench/trees/$TREE" "$base/"
     fi
-    stop_rsyncd "$kind"
+    stop_session_server "$kind"
     finish_tree "$kind" "$base/$TREE" 1
 }
 
@@ -1074,7 +1068,7 @@ run_tree_scp() {
     else
         client_run "$NS_A" "$kind" "$CAP" scp -r -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/trees/$TREE" "$base/"
     fi
-    stop_sshd "$kind"
+    stop_session_server "$kind"
     finish_tree "$kind" "$base/$TREE" 1
 }
 
