@@ -439,8 +439,9 @@ enum Step {
 /// Sizes an adaptive pool from throughput alone; no I/O, time comes in as `now`.
 ///
 /// Each size gets [`SETTLE`] once all its workers are moving chunks, then its bytes are counted
-/// for [`MEASURE`] (both scaled to the first connection's round-trip time). The first measurement always doubles the pool (there is nothing to compare
-/// it with); later ones double it again while throughput beats the best so far by [`GAIN`].
+/// for [`MEASURE`] (both scaled to the first connection's round-trip time). The first
+/// measurement always doubles the pool (there is nothing to compare it with); later ones double
+/// it again while throughput beats the best so far by [`GAIN`].
 /// Growth stops at `max`, or for good at the first measurement that does not gain enough.
 #[derive(Debug)]
 struct Grower {
