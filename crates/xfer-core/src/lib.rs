@@ -6,6 +6,7 @@
 //! - [`ranges`]: [`RangeSet`] and chunk splitting.
 //! - [`digest`]: the whole-file digest both sides compare before the final rename.
 //! - [`journal`]: the on-disk resume journal format.
+//! - [`meta`]: owners, hard-link groups, attributes, holes and special nodes of tree entries.
 //! - [`partial`]: [`PartialFile`], the receiving side (write at offset, journal, atomic rename).
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
 //! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
@@ -20,6 +21,7 @@ pub mod buffers;
 pub mod digest;
 pub mod error;
 pub mod journal;
+pub mod meta;
 pub mod partial;
 pub mod ranges;
 pub mod root;

@@ -149,7 +149,9 @@ impl PartialFile {
                     .map_err(|e| CoreError::io(ctx("truncating partial of"), e))?
             }
         }
-        if identity.size > 0 {
+        // A resumed partial got its space when it was started; reserving it again would fill
+        // the holes already punched for a sparse source.
+        if identity.size > 0 && held.total() == 0 {
             let reserved =
                 match rfs::fallocate(&data, rfs::FallocateFlags::empty(), 0, identity.size) {
                     // Filesystems without fallocate still work; they just cannot reserve.
@@ -344,6 +346,58 @@ impl PartialFile {
             return Ok(Some(st.chunk_records));
         }
         Ok(None)
+    }
+
+    /// Records `range` as held zeros without writing it: a hole of a sparse source. The range
+    /// is punched (blocks given back, so anything a torn earlier write left there reads as
+    /// zeros) and journaled with the CRC of zeros, which a resume checks like any other.
+    ///
+    /// # Errors
+    /// A range outside the file, a closed partial or I/O errors.
+    pub async fn write_zeros(self: &Arc<Self>, range: ByteRange) -> Result<()> {
+        if range.end > self.identity.size {
+            return Err(CoreError::BadPath(format!(
+                "range {}..{} beyond the size {}",
+                range.start, range.end, self.identity.size
+            )));
+        }
+        if range.is_empty() {
+            return Ok(());
+        }
+        let this = Arc::clone(self);
+        blocking(move || this.write_zeros_blocking(range)).await
+    }
+
+    fn write_zeros_blocking(&self, range: ByteRange) -> Result<()> {
+        let ctx = || format!("punching a hole in {:?}", self.slot.leaf);
+        let data = {
+            let st = self.lock();
+            if st.committed.is_some() || st.final_already {
+                return Ok(());
+            }
+            if let Some(why) = &st.closed {
+                return Err(CoreError::io("write", std::io::Error::other(why.clone())));
+            }
+            Arc::clone(&st.data)
+        };
+        crate::meta::punch_hole(&data, range).map_err(|e| CoreError::io(ctx(), e))?;
+        let crc32 = crate::meta::crc32_of_zeros(range.len());
+        let mut st = self.lock();
+        let record = Record::Chunk { range, crc32 };
+        st.journal_pos = journal::append(&st.journal, st.journal_pos, record)
+            .map_err(|e| CoreError::io(format!("journal of {:?}", self.slot.leaf), e))?;
+        st.chunk_records += 1;
+        st.held.insert(range);
+        // The digest covers the zeros too: read back from the hole, which costs no disk I/O.
+        let State {
+            frontier,
+            held,
+            data,
+            ..
+        } = &mut *st;
+        frontier
+            .catch_up(data, held)
+            .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))
     }
 
     fn barrier_blocking(&self, covered: u64) {
@@ -670,6 +724,47 @@ mod tests {
             .await
             .unwrap();
         assert!(p.write(2, Bytes::from_static(b"abc"), 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn holes_are_held_without_being_written_and_survive_a_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let size = 8 << 20;
+        let mut want = vec![0u8; size as usize];
+        want[..4096].fill(7);
+        let identity = id(size);
+        let p = PartialFile::open(root.slot("s", true).unwrap(), identity)
+            .await
+            .unwrap();
+        p.write_zeros(ByteRange::new(4 << 20, size)).await.unwrap();
+        drop(p);
+        let p = PartialFile::open(root.slot("s", true).unwrap(), identity)
+            .await
+            .unwrap();
+        assert_eq!(
+            p.held_bytes(),
+            4 << 20,
+            "the hole's record is trusted on resume"
+        );
+        write(&p, 0, &want[..4096]).await;
+        p.write_zeros(ByteRange::new(4096, 4 << 20)).await.unwrap();
+        let expected = crate::digest::digest_file(
+            &{
+                let f = tempfile::tempfile().unwrap();
+                f.write_all_at(&want, 0).unwrap();
+                f
+            },
+            size,
+        )
+        .unwrap();
+        p.commit(0o644, identity.mtime_ns, Some(expected))
+            .await
+            .unwrap();
+        let meta = std::fs::metadata(tmp.path().join("s")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 64 << 10, "{} blocks", meta.blocks());
+        assert_eq!(std::fs::read(tmp.path().join("s")).unwrap(), want);
     }
 
     #[tokio::test]

@@ -435,6 +435,21 @@ impl Root {
     /// `BadPath`, `NotRegular` or I/O errors.
     pub fn make_link(&self, name: &str, target: &str) -> Result<()> {
         validate_link(name, target)?;
+        self.make_link_verbatim(name, target)
+    }
+
+    /// Creates (or atomically replaces) symlink `name` -> `target` whatever the target says:
+    /// absolute, leading out of the tree or nowhere. Storing a link follows none; a name a peer
+    /// later sends is still resolved beneath the root, so no such link leads a write out.
+    ///
+    /// # Errors
+    /// `BadPath` (empty target, NUL, longer than `PATH_MAX`), `NotRegular` or I/O errors.
+    pub fn make_link_verbatim(&self, name: &str, target: &str) -> Result<()> {
+        if target.is_empty() || target.contains('\0') || target.len() >= 4096 {
+            return Err(CoreError::BadPath(format!(
+                "link {name:?}: empty, NUL or overlong target"
+            )));
+        }
         let slot = self.parent_slot_no_symlinks(name, true)?;
         let dir = slot.dir.as_fd();
         if let Ok(st) = rfs::statat(dir, slot.leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW) {

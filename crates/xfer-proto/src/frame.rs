@@ -3,6 +3,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::meta::{
+    CopyDoneMeta, CopyWith, ListTreeMeta, MakeHardLink, MakeNode, MetaSet, SetMeta, TreeMetaListing,
+};
 use crate::{ErrorCode, ProtoError, MAX_CONTROL_LEN};
 
 /// Bytes of the fixed `Data` header after the type byte: transfer id, offset, length, CRC32.
@@ -541,6 +544,24 @@ pub enum FrameType {
     Progress = 0x61,
     /// [`CopyDone`]
     CopyDone = 0x62,
+    /// [`ChunkRef`]: the range is all zeros, a hole at the sender (`CAP_TREE_META`)
+    Zeros = 0x2f,
+    /// [`ListTreeMeta`]
+    ListTreeMeta = 0x4e,
+    /// [`TreeMetaListing`]
+    TreeMetaListing = 0x4f,
+    /// [`MakeNode`]
+    MakeNode = 0x5c,
+    /// [`MakeHardLink`]
+    MakeHardLink = 0x5d,
+    /// [`MetaSet`]
+    MetaSet = 0x5e,
+    /// [`SetMeta`]
+    SetMeta = 0x5f,
+    /// [`CopyDoneMeta`]
+    CopyDoneMeta = 0x6e,
+    /// [`CopyWith`]
+    CopyWith = 0x6d,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]
@@ -548,7 +569,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 33] = [
+    const ALL: [Self; 42] = [
         Self::Hello,
         Self::Welcome,
         Self::Challenge,
@@ -580,6 +601,15 @@ impl FrameType {
         Self::CopyTo,
         Self::Progress,
         Self::CopyDone,
+        Self::Zeros,
+        Self::ListTreeMeta,
+        Self::TreeMetaListing,
+        Self::MakeNode,
+        Self::MakeHardLink,
+        Self::MetaSet,
+        Self::SetMeta,
+        Self::CopyDoneMeta,
+        Self::CopyWith,
         Self::Goodbye,
         Self::Error,
     ];
@@ -629,6 +659,15 @@ impl FrameType {
             Self::CopyTo => "CopyTo",
             Self::Progress => "Progress",
             Self::CopyDone => "CopyDone",
+            Self::Zeros => "Zeros",
+            Self::ListTreeMeta => "ListTreeMeta",
+            Self::TreeMetaListing => "TreeMetaListing",
+            Self::MakeNode => "MakeNode",
+            Self::MakeHardLink => "MakeHardLink",
+            Self::MetaSet => "MetaSet",
+            Self::SetMeta => "SetMeta",
+            Self::CopyDoneMeta => "CopyDoneMeta",
+            Self::CopyWith => "CopyWith",
             Self::Goodbye => "Goodbye",
             Self::Error => "Error",
         }
@@ -670,6 +709,15 @@ pub enum Frame {
     CopyTo(CopyTo),
     Progress(Progress),
     CopyDone(CopyDone),
+    Zeros(ChunkRef),
+    ListTreeMeta(ListTreeMeta),
+    TreeMetaListing(TreeMetaListing),
+    MakeNode(MakeNode),
+    MakeHardLink(MakeHardLink),
+    MetaSet(MetaSet),
+    SetMeta(SetMeta),
+    CopyDoneMeta(CopyDoneMeta),
+    CopyWith(CopyWith),
     Goodbye,
     Error(ErrorFrame),
 }
@@ -709,6 +757,15 @@ impl Frame {
             Self::CopyTo(_) => FrameType::CopyTo,
             Self::Progress(_) => FrameType::Progress,
             Self::CopyDone(_) => FrameType::CopyDone,
+            Self::Zeros(_) => FrameType::Zeros,
+            Self::ListTreeMeta(_) => FrameType::ListTreeMeta,
+            Self::TreeMetaListing(_) => FrameType::TreeMetaListing,
+            Self::MakeNode(_) => FrameType::MakeNode,
+            Self::MakeHardLink(_) => FrameType::MakeHardLink,
+            Self::MetaSet(_) => FrameType::MetaSet,
+            Self::SetMeta(_) => FrameType::SetMeta,
+            Self::CopyDoneMeta(_) => FrameType::CopyDoneMeta,
+            Self::CopyWith(_) => FrameType::CopyWith,
             Self::Goodbye => FrameType::Goodbye,
             Self::Error(_) => FrameType::Error,
         }
@@ -757,6 +814,15 @@ impl Frame {
             Self::Progress(b) => encode_body(b),
             Self::CopyDone(b) => encode_body(b),
             Self::Error(b) => encode_body(b),
+            Self::Zeros(b) => encode_body(b),
+            Self::ListTreeMeta(b) => encode_body(b),
+            Self::TreeMetaListing(b) => encode_body(b),
+            Self::MakeNode(b) => encode_body(b),
+            Self::MakeHardLink(b) => encode_body(b),
+            Self::MetaSet(b) => encode_body(b),
+            Self::SetMeta(b) => encode_body(b),
+            Self::CopyDoneMeta(b) => encode_body(b),
+            Self::CopyWith(b) => encode_body(b),
             Self::Goodbye | Self::StartTls | Self::Sync => Ok(Vec::new()),
             Self::Data(_) => unreachable!("handled above"),
         };
@@ -843,6 +909,15 @@ impl Frame {
                 })
             }
             FrameType::Error => Self::Error(decode_body(ty, &body)?),
+            FrameType::Zeros => Self::Zeros(decode_body(ty, &body)?),
+            FrameType::ListTreeMeta => Self::ListTreeMeta(decode_body(ty, &body)?),
+            FrameType::TreeMetaListing => Self::TreeMetaListing(decode_body(ty, &body)?),
+            FrameType::MakeNode => Self::MakeNode(decode_body(ty, &body)?),
+            FrameType::MakeHardLink => Self::MakeHardLink(decode_body(ty, &body)?),
+            FrameType::MetaSet => Self::MetaSet(decode_body(ty, &body)?),
+            FrameType::SetMeta => Self::SetMeta(decode_body(ty, &body)?),
+            FrameType::CopyDoneMeta => Self::CopyDoneMeta(decode_body(ty, &body)?),
+            FrameType::CopyWith => Self::CopyWith(decode_body(ty, &body)?),
         })
     }
 }

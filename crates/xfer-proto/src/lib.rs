@@ -6,6 +6,7 @@
 //! - [`frame`]: every frame type and its body encoding (bincode for control, fixed header for data).
 //! - [`codec`]: [`FrameCodec`], a `tokio_util::codec` decoder/encoder that checks limits first.
 //! - [`auth`]: token challenge–response proofs (HMAC-SHA256).
+//! - [`meta`]: bodies of the frames that carry owners, hard links, attributes and holes.
 //! - [`session`]: [`session::ServerSession`], the daemon side of a connection as a state machine.
 //! - [`error`]: [`ProtoError`] for malformed input and [`ErrorCode`] for error frames.
 //!
@@ -18,11 +19,13 @@ pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod meta;
 pub mod session;
 
 pub use codec::FrameCodec;
 pub use error::{ErrorCode, ProtoError};
 pub use frame::*;
+pub use meta::*;
 
 /// Version spoken by this implementation; carried in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -32,6 +35,9 @@ pub const CAP_AUTH: u64 = 1 << 0;
 pub const CAP_TLS: u64 = 1 << 1;
 /// Capability bit (reserved): compressed data frames.
 pub const CAP_COMPRESSION: u64 = 1 << 2;
+/// Capability bit: tree copies keep owners, hard links, attributes, holes and special files
+/// (the `meta` frames, `Zeros`, link targets stored verbatim).
+pub const CAP_TREE_META: u64 = 1 << 4;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

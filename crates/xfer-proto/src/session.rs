@@ -84,6 +84,18 @@ pub enum Request {
     Sync,
     /// Push a file or tree to another daemon; answer with `Progress` frames, then `CopyDone`.
     CopyTo(crate::CopyTo),
+    /// Mark a hole of an open upload as held (id and bounds checked); answer `Ack`.
+    Zeros(ChunkRef),
+    /// List a tree with each entry's metadata.
+    ListTreeMeta(crate::ListTreeMeta),
+    /// Set an entry's owner, attributes, mode and mtime; answer `MetaSet` or `Error`.
+    SetMeta(crate::SetMeta),
+    /// Add a name to a stored file; answer `Done` or `Error`.
+    MakeHardLink(crate::MakeHardLink),
+    /// Create a device, FIFO or socket; answer `Done` or `Error`.
+    MakeNode(crate::MakeNode),
+    /// A `CopyTo` with tree options; answer with `Progress` frames, then `CopyDoneMeta`.
+    CopyWith(crate::CopyWith),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -249,7 +261,7 @@ impl ServerSession {
         } else {
             0
         };
-        auth | tls
+        auth | tls | (crate::CAP_TREE_META & self.client_capabilities)
     }
 
     /// Checks a frame from the client and says what to do with it.
@@ -342,9 +354,22 @@ impl ServerSession {
             Frame::MakeDir(r) => &r.name,
             Frame::MakeLink(r) => &r.name,
             Frame::ListTree(r) => &r.dir,
-            Frame::Data(_) | Frame::Commit(_) | Frame::Sync | Frame::Goodbye | Frame::Error(_) => {
-                return Ok(())
+            Frame::ListTreeMeta(r) => &r.dir,
+            Frame::SetMeta(r) => &r.name,
+            Frame::MakeNode(r) => &r.name,
+            Frame::MakeHardLink(r) => {
+                self.check_scope(&Frame::MakeLink(crate::MakeLink {
+                    name: r.existing.clone(),
+                    target: String::new(),
+                }))?;
+                &r.name
             }
+            Frame::Data(_)
+            | Frame::Zeros(_)
+            | Frame::Commit(_)
+            | Frame::Sync
+            | Frame::Goodbye
+            | Frame::Error(_) => return Ok(()),
             other => {
                 return Err(SessionError::OutOfScope {
                     scope: scope.clone(),
@@ -366,6 +391,21 @@ impl ServerSession {
 
     fn handle_request(&mut self, frame: Frame) -> Result<Request, SessionError> {
         self.check_scope(&frame)?;
+        let meta_frame = matches!(
+            frame,
+            Frame::Zeros(_)
+                | Frame::ListTreeMeta(_)
+                | Frame::SetMeta(_)
+                | Frame::MakeHardLink(_)
+                | Frame::MakeNode(_)
+                | Frame::CopyWith(_)
+        );
+        if meta_frame && self.client_capabilities & crate::CAP_TREE_META == 0 {
+            return Err(SessionError::Unexpected {
+                frame: frame.frame_type().name(),
+                phase: "without CAP_TREE_META",
+            });
+        }
         match frame {
             Frame::OpenWrite(req) => {
                 self.check_room()?;
@@ -385,6 +425,11 @@ impl ServerSession {
                 let size = self.transfer("Data", data.transfer_id, TransferKind::Upload)?;
                 self.check_chunk(data.offset, data.payload.len() as u64, size)?;
                 Ok(Request::Data(data))
+            }
+            Frame::Zeros(c) => {
+                let size = self.transfer("Zeros", c.transfer_id, TransferKind::Upload)?;
+                self.check_chunk(c.offset, c.len.into(), size)?;
+                Ok(Request::Zeros(c))
             }
             Frame::ReadChunk(c) => {
                 let size = self.transfer("ReadChunk", c.transfer_id, TransferKind::Download)?;
@@ -407,6 +452,11 @@ impl ServerSession {
             Frame::GetFile(req) => Ok(Request::GetFile(req)),
             Frame::Sync => Ok(Request::Sync),
             Frame::CopyTo(req) => Ok(Request::CopyTo(req)),
+            Frame::ListTreeMeta(req) => Ok(Request::ListTreeMeta(req)),
+            Frame::SetMeta(req) => Ok(Request::SetMeta(req)),
+            Frame::MakeHardLink(req) => Ok(Request::MakeHardLink(req)),
+            Frame::MakeNode(req) => Ok(Request::MakeNode(req)),
+            Frame::CopyWith(req) => Ok(Request::CopyWith(req)),
             Frame::Goodbye => Ok(Request::Goodbye),
             other => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),

@@ -1,0 +1,695 @@
+//! What a tree copy keeps beyond bytes, mode and mtime: owners (by name, or by number), hard-link
+//! groups, extended attributes (POSIX ACLs are `system.posix_acl_*` attributes), holes of sparse
+//! files, and device and special nodes. Reading them for a listing ([`Root::walk_meta`]) and
+//! applying them to an entry beneath a root ([`Root::set_meta`]) never follows a final symlink.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, SeekFrom};
+use rustix::io::Errno;
+use xfer_proto::{ByteRange, EntryKind, Meta, MetaEntry, SetMeta, Xattr, MAX_HOLES};
+
+use crate::{partial_name, CoreError, RangeSet, Result, Root};
+
+/// Largest attribute value read or written (the kernel's own limit).
+const MAX_XATTR_VALUE: usize = 64 * 1024;
+
+/// True for the attribute namespaces a tree copy carries: `user`, `trusted`, `security` and the
+/// two ACLs. Other `system.*` names are the filesystem's own business.
+pub fn xattr_copied(name: &str) -> bool {
+    name.starts_with("user.")
+        || name.starts_with("trusted.")
+        || name.starts_with("security.")
+        || name == "system.posix_acl_access"
+        || name == "system.posix_acl_default"
+}
+
+/// The attributes of the open file `file` that [`xattr_copied`] selects, sorted by name.
+/// A filesystem without attributes has none.
+///
+/// # Errors
+/// I/O errors other than "not supported".
+pub fn read_xattrs(file: BorrowedFd<'_>) -> std::io::Result<Vec<Xattr>> {
+    let size = match rfs::flistxattr_query(file) {
+        Ok(n) => n,
+        Err(Errno::OPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    // The list may grow between the two calls: ask again with room to spare.
+    let mut names = vec![0u8; size + 256];
+    let n = rfs::flistxattr(file, &mut names[..])?;
+    names.truncate(n);
+    let mut out = Vec::new();
+    let mut value = vec![0u8; MAX_XATTR_VALUE];
+    for raw in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::str::from_utf8(raw) else {
+            continue;
+        };
+        if !xattr_copied(name) {
+            continue;
+        }
+        match rfs::fgetxattr(file, name, &mut value[..]) {
+            Ok(len) => out.push(Xattr {
+                name: name.to_string(),
+                value: value[..len].to_vec(),
+            }),
+            // Removed meanwhile.
+            Err(Errno::NODATA) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Gives the open file `file` exactly the attributes `want` (of the namespaces a tree copy
+/// carries): missing ones are set, others removed.
+///
+/// # Errors
+/// The first refusal (`EOPNOTSUPP` where the filesystem has no attributes, `EPERM` for a
+/// namespace this process may not write).
+pub fn write_xattrs(file: BorrowedFd<'_>, want: &[Xattr]) -> std::io::Result<()> {
+    let have = read_xattrs(file)?;
+    for old in &have {
+        if !want.iter().any(|x| x.name == old.name) {
+            rfs::fremovexattr(file, old.name.as_str())?;
+        }
+    }
+    for x in want {
+        if !xattr_copied(&x.name) || have.iter().any(|h| h == x) {
+            continue;
+        }
+        rfs::fsetxattr(file, x.name.as_str(), &x.value, rfs::XattrFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// The holes of the open file `file` of `size` bytes, as `SEEK_HOLE`/`SEEK_DATA` find them
+/// (the implicit hole at the end of a file is not one). At most [`MAX_HOLES`]: beyond that the
+/// largest are kept, so what is left out only travels as zeros.
+///
+/// # Errors
+/// I/O errors other than the filesystem not knowing holes (then there are none).
+pub fn holes_of(file: BorrowedFd<'_>, size: u64) -> std::io::Result<Vec<ByteRange>> {
+    let mut holes = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let hole = match rfs::seek(file, SeekFrom::Hole(pos)) {
+            Ok(h) => h.min(size),
+            Err(Errno::NXIO) => break,
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        if hole >= size {
+            break;
+        }
+        let data = match rfs::seek(file, SeekFrom::Data(hole)) {
+            Ok(d) => d.min(size),
+            // No data after the hole: it runs to the end.
+            Err(Errno::NXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        if data > hole {
+            holes.push(ByteRange::new(hole, data));
+        }
+        pos = data;
+    }
+    if holes.len() > MAX_HOLES {
+        holes.sort_by_key(|h| std::cmp::Reverse(h.len()));
+        holes.truncate(MAX_HOLES);
+        holes.sort();
+    }
+    Ok(holes)
+}
+
+/// Splits `missing` into chunks of at most `chunk_size` bytes that never straddle a hole's
+/// edge, so each is either all data or all hole.
+pub fn split_at_holes(missing: &[ByteRange], holes: &RangeSet, chunk_size: u32) -> Vec<ByteRange> {
+    let mut pieces = Vec::new();
+    for r in missing {
+        let mut start = r.start;
+        while start < r.end {
+            // The next edge: the end of the hole `start` is in, or the start of the next one.
+            let edge = match holes.range_at(start) {
+                Some(h) => h.end,
+                None => holes
+                    .iter()
+                    .find(|h| h.start > start)
+                    .map_or(r.end, |h| h.start),
+            };
+            let end = edge.min(r.end);
+            pieces.push(ByteRange::new(start, end));
+            start = end;
+        }
+    }
+    crate::split_into_chunks(&pieces, chunk_size)
+}
+
+/// Makes `range` of `file` read as zeros without writing it: the blocks are given back
+/// (`FALLOC_FL_PUNCH_HOLE`), or zeros written where the filesystem cannot punch holes.
+///
+/// # Errors
+/// I/O errors.
+pub fn punch_hole(file: &File, range: ByteRange) -> std::io::Result<()> {
+    if range.is_empty() {
+        return Ok(());
+    }
+    let flags = rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE;
+    match rfs::fallocate(file, flags, range.start, range.len()) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP) => {
+            let zeros = vec![0u8; 1 << 16];
+            let mut pos = range.start;
+            while pos < range.end {
+                let n = zeros.len().min((range.end - pos) as usize);
+                file.write_all_at(&zeros[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// CRC32 of `len` zero bytes (a hole's journal record).
+pub fn crc32_of_zeros(len: u64) -> u32 {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let mut hasher = crc32fast::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = ZEROS.len().min(left as usize);
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    hasher.finalize()
+}
+
+/// User and group names by id, looked up once each.
+#[derive(Debug, Default)]
+pub struct Names {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+}
+
+impl Names {
+    /// The user name of `uid`, empty if it has none.
+    pub fn user(&mut self, uid: u32) -> String {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| {
+                uzers::get_user_by_uid(uid)
+                    .and_then(|u| u.name().to_str().map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
+    /// The group name of `gid`, empty if it has none.
+    pub fn group(&mut self, gid: u32) -> String {
+        self.groups
+            .entry(gid)
+            .or_insert_with(|| {
+                uzers::get_group_by_gid(gid)
+                    .and_then(|g| g.name().to_str().map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+}
+
+/// The ids to give an entry, as rsync picks them: the local id of the sender's name, or the
+/// sender's number when there is no name, the name is unknown here, or `numeric_ids` is set.
+/// Root (id 0) stays root whatever it is called.
+pub fn local_ids(req: &SetMeta) -> (u32, u32) {
+    if req.numeric_ids {
+        return (req.uid, req.gid);
+    }
+    let uid = match req.uid {
+        0 => 0,
+        _ if req.user.is_empty() => req.uid,
+        _ => uzers::get_user_by_name(&req.user).map_or(req.uid, |u| u.uid()),
+    };
+    let gid = match req.gid {
+        0 => 0,
+        _ if req.group.is_empty() => req.gid,
+        _ => uzers::get_group_by_name(&req.group).map_or(req.gid, |g| g.gid()),
+    };
+    (uid, gid)
+}
+
+/// Hard-link groups of a walk, by inode. Only files with more than one name are tracked, and
+/// each is forgotten once all its names were seen: the map holds at most one entry (24 bytes
+/// and the map's overhead) per multiply-linked inode whose other names are still to come, or
+/// lie outside the tree.
+#[derive(Debug, Default)]
+pub struct LinkGroups {
+    open: HashMap<(u64, u64), (u64, u64)>,
+    next: u64,
+}
+
+impl LinkGroups {
+    /// The group of a file with `nlink` names at (`dev`, `ino`); 0 for a single name.
+    pub fn group_of(&mut self, dev: u64, ino: u64, nlink: u64) -> u64 {
+        if nlink < 2 {
+            return 0;
+        }
+        let key = (dev, ino);
+        if let Some((group, left)) = self.open.get_mut(&key) {
+            let group = *group;
+            *left -= 1;
+            if *left == 0 {
+                self.open.remove(&key);
+            }
+            return group;
+        }
+        self.next += 1;
+        self.open.insert(key, (self.next, nlink - 1));
+        self.next
+    }
+
+    /// Inodes tracked now.
+    pub fn tracked(&self) -> usize {
+        self.open.len()
+    }
+}
+
+/// What [`Root::set_meta`] could not keep; the entry is otherwise done.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MetaOutcome {
+    /// The owner or group could not be set (no privilege).
+    pub not_chowned: bool,
+    /// The filesystem refused the attributes: why.
+    pub xattrs_refused: Option<String>,
+}
+
+fn timestamps(mtime_ns: i64) -> rfs::Timestamps {
+    let mtime = rfs::Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    rfs::Timestamps {
+        // The access time is not kept: "now" is what reading a copy would give it anyway.
+        last_access: rfs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rfs::UTIME_OMIT as _,
+        },
+        last_modification: mtime,
+    }
+}
+
+impl Root {
+    /// [`Root::walk`] with each entry's [`Meta`]: owner and group (with names), hard-link
+    /// group, device number and file type of special files, allocated size and holes of
+    /// files, and with `xattrs` their extended attributes. An entry that vanished meanwhile
+    /// keeps an empty `Meta`.
+    ///
+    /// # Errors
+    /// As [`Root::walk`].
+    pub fn walk_meta(&self, dir: &str, digests: bool, xattrs: bool) -> Result<Vec<MetaEntry>> {
+        let dir = dir.trim_end_matches('/');
+        let entries = self.walk(dir, digests)?;
+        let plain = self.without_symlinks();
+        let mut names = Names::default();
+        let mut groups = LinkGroups::default();
+        // Entries come sorted by path, so one directory's entries follow each other.
+        let mut parent: Option<(String, File)> = None;
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let full = match (dir.is_empty(), entry.path.is_empty()) {
+                (_, true) => dir.to_string(),
+                (true, false) => entry.path.clone(),
+                (false, false) => format!("{dir}/{}", entry.path),
+            };
+            let (parent_path, leaf) = match full.rsplit_once('/') {
+                Some((p, l)) => (p.to_string(), l.to_string()),
+                None if full.is_empty() => (String::new(), ".".to_string()),
+                None => (String::new(), full.clone()),
+            };
+            if parent.as_ref().is_none_or(|(p, _)| *p != parent_path) {
+                parent = plain.open_dir(&parent_path).ok().map(|f| (parent_path, f));
+            }
+            let Some((_, pdir)) = &parent else {
+                out.push(MetaEntry {
+                    entry,
+                    meta: Meta::default(),
+                });
+                continue;
+            };
+            let meta = entry_meta(pdir.as_fd(), &leaf, &entry, xattrs, &mut names, &mut groups)
+                .unwrap_or_default();
+            out.push(MetaEntry { entry, meta });
+        }
+        Ok(out)
+    }
+
+    /// Gives the entry `req.name` its owner and group (if this process may), its attributes
+    /// (when `req.xattrs` is set), its mode and mtime, in that order, never following a final
+    /// symlink. What could not be kept is reported, not an error.
+    ///
+    /// # Errors
+    /// `BadPath`, `NotFound` or I/O errors.
+    pub fn set_meta(&self, req: &SetMeta) -> Result<MetaOutcome> {
+        let slot = self.parent_slot_no_symlinks(&req.name, false)?;
+        let (dir, leaf) = (slot.dir.as_fd(), slot.leaf.as_str());
+        let ctx = |what: &str| format!("{what} {:?}", req.name);
+        let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| match e {
+            Errno::NOENT => CoreError::NotFound(req.name.clone()),
+            e => CoreError::io(ctx("stat"), e.into()),
+        })?;
+        let kind = rfs::FileType::from_raw_mode(st.st_mode);
+        let mut outcome = MetaOutcome::default();
+        let (uid, gid) = local_ids(req);
+        // Files and directories are changed through a descriptor, so nothing put in their place
+        // meanwhile is touched; links and special nodes (opening a device may do anything) by
+        // name, without following.
+        let opened = match kind {
+            rfs::FileType::RegularFile | rfs::FileType::Directory => {
+                let dir_flag = if kind == rfs::FileType::Directory {
+                    OFlags::DIRECTORY
+                } else {
+                    OFlags::empty()
+                };
+                rfs::openat(
+                    dir,
+                    leaf,
+                    OFlags::RDONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::NONBLOCK
+                        | OFlags::NOCTTY
+                        | OFlags::CLOEXEC
+                        | dir_flag,
+                    Mode::empty(),
+                )
+                .ok()
+                .map(File::from)
+            }
+            _ => None,
+        };
+        if let Some(file) = &opened {
+            let now = rfs::fstat(file).map_err(|e| CoreError::io(ctx("stat"), e.into()))?;
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Err(CoreError::Changed(req.name.clone()));
+            }
+        }
+        if (st.st_uid, st.st_gid) != (uid, gid) {
+            let chown = |u: Option<rfs::Uid>, g: Option<rfs::Gid>| match &opened {
+                Some(f) => rfs::fchown(f, u, g),
+                None => rfs::chownat(dir, leaf, u, g, AtFlags::SYMLINK_NOFOLLOW),
+            };
+            let (u, g) = (Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)));
+            match chown(u, g) {
+                Ok(()) => {}
+                Err(Errno::PERM) => {
+                    // Unprivileged: the group may still be one of ours.
+                    outcome.not_chowned = true;
+                    let _ = chown(None, g);
+                }
+                Err(e) => return Err(CoreError::io(ctx("chown"), e.into())),
+            }
+        }
+        if let (Some(want), Some(file)) = (&req.xattrs, &opened) {
+            if let Err(e) = write_xattrs(file.as_fd(), want) {
+                outcome.xattrs_refused = Some(e.to_string());
+            }
+        }
+        if kind != rfs::FileType::Symlink {
+            let mode = Mode::from_raw_mode(req.mode & 0o7777);
+            match &opened {
+                Some(f) => rfs::fchmod(f, mode),
+                None => rfs::chmodat(dir, leaf, mode, AtFlags::empty()),
+            }
+            .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
+        }
+        let times = timestamps(req.mtime_ns);
+        match &opened {
+            Some(f) => rfs::futimens(f, &times),
+            None => rfs::utimensat(dir, leaf, &times, AtFlags::SYMLINK_NOFOLLOW),
+        }
+        .map_err(|e| CoreError::io(ctx("setting mtime of"), e.into()))?;
+        Ok(outcome)
+    }
+
+    /// Makes `name` another name of the regular file `existing` (both resolved without
+    /// symlinks); a regular file already at `name` is replaced atomically.
+    ///
+    /// # Errors
+    /// `BadPath`, `NotFound`, `NotRegular` (`existing` is no regular file, or a directory,
+    /// link or special file has the name) or I/O errors.
+    pub fn make_hard_link(&self, name: &str, existing: &str) -> Result<()> {
+        let from = self.parent_slot_no_symlinks(existing, false)?;
+        let st = rfs::statat(&*from.dir, from.leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(
+            |e| match e {
+                Errno::NOENT => CoreError::NotFound(existing.to_string()),
+                e => CoreError::io(format!("stat {existing:?}"), e.into()),
+            },
+        )?;
+        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+            return Err(CoreError::NotRegular(existing.to_string()));
+        }
+        let to = self.parent_slot_no_symlinks(name, true)?;
+        let dir = to.dir.as_fd();
+        match rfs::statat(dir, to.leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(there) if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino) => return Ok(()),
+            Ok(there)
+                if rfs::FileType::from_raw_mode(there.st_mode) != rfs::FileType::RegularFile =>
+            {
+                return Err(CoreError::NotRegular(name.to_string()))
+            }
+            _ => {}
+        }
+        let part = partial_name(&to.leaf);
+        let ctx = |what: &str| format!("{what} {name:?}");
+        let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+        rfs::linkat(
+            &*from.dir,
+            from.leaf.as_str(),
+            dir,
+            part.as_str(),
+            AtFlags::empty(),
+        )
+        .map_err(|e| CoreError::io(ctx("linking"), e.into()))?;
+        rfs::renameat(dir, part.as_str(), dir, to.leaf.as_str())
+            .map_err(|e| CoreError::io(ctx("renaming link"), e.into()))
+    }
+
+    /// Creates the device, FIFO or socket node `name` (`st_mode` gives its type) unless one of
+    /// that type and device number is there; a regular file or another node in the way is
+    /// replaced, a directory or link is not.
+    ///
+    /// # Errors
+    /// `BadPath` (not a node type), `NotRegular`, `PermissionDenied`-like I/O errors (devices
+    /// need privilege) or other I/O errors.
+    pub fn make_node(&self, name: &str, st_mode: u32, rdev: u64) -> Result<()> {
+        let kind = rfs::FileType::from_raw_mode(st_mode);
+        if !matches!(
+            kind,
+            rfs::FileType::Fifo
+                | rfs::FileType::Socket
+                | rfs::FileType::CharacterDevice
+                | rfs::FileType::BlockDevice
+        ) {
+            return Err(CoreError::BadPath(format!(
+                "{name}: not a device or special file"
+            )));
+        }
+        let slot = self.parent_slot_no_symlinks(name, true)?;
+        let dir = slot.dir.as_fd();
+        let leaf = slot.leaf.as_str();
+        if let Ok(there) = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+            let there_kind = rfs::FileType::from_raw_mode(there.st_mode);
+            if there_kind == kind && there.st_rdev == rdev {
+                return Ok(());
+            }
+            if matches!(
+                there_kind,
+                rfs::FileType::Directory | rfs::FileType::Symlink
+            ) {
+                return Err(CoreError::NotRegular(name.to_string()));
+            }
+        }
+        let part = partial_name(leaf);
+        let ctx = |what: &str| format!("{what} {name:?}");
+        let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+        rfs::mknodat(
+            dir,
+            part.as_str(),
+            kind,
+            Mode::from_raw_mode(st_mode & 0o7777),
+            rdev,
+        )
+        .map_err(|e| CoreError::io(ctx("creating node"), e.into()))?;
+        rfs::renameat(dir, part.as_str(), dir, leaf)
+            .map_err(|e| CoreError::io(ctx("renaming node"), e.into()))
+    }
+}
+
+/// The [`Meta`] of `leaf` in `dir`, listed as `entry`.
+fn entry_meta(
+    dir: BorrowedFd<'_>,
+    leaf: &str,
+    entry: &xfer_proto::TreeEntry,
+    xattrs: bool,
+    names: &mut Names,
+    groups: &mut LinkGroups,
+) -> std::io::Result<Meta> {
+    let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW)?;
+    let mut meta = Meta {
+        uid: st.st_uid,
+        gid: st.st_gid,
+        user: names.user(st.st_uid),
+        group: names.group(st.st_gid),
+        link_group: 0,
+        st_mode: st.st_mode,
+        rdev: st.st_rdev,
+        allocated: st.st_blocks as u64 * 512,
+        holes: Vec::new(),
+        xattrs: Vec::new(),
+    };
+    if entry.kind == EntryKind::File {
+        meta.link_group = groups.group_of(st.st_dev, st.st_ino, st.st_nlink);
+    }
+    let sparse = entry.kind == EntryKind::File && meta.allocated < entry.size;
+    if !(xattrs && matches!(entry.kind, EntryKind::File | EntryKind::Dir) || sparse) {
+        return Ok(meta);
+    }
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let Ok(fd) = rfs::openat(dir, leaf, flags, Mode::empty()) else {
+        return Ok(meta);
+    };
+    let now = rfs::fstat(&fd)?;
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+        return Ok(meta);
+    }
+    if sparse {
+        meta.holes = holes_of(fd.as_fd(), entry.size)?;
+    }
+    if xattrs {
+        meta.xattrs = read_xattrs(fd.as_fd())?;
+    }
+    Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_groups_forget_an_inode_once_all_its_names_are_seen() {
+        let mut groups = LinkGroups::default();
+        assert_eq!(groups.group_of(1, 10, 1), 0);
+        let a = groups.group_of(1, 20, 3);
+        assert_eq!(groups.tracked(), 1);
+        let b = groups.group_of(1, 30, 2);
+        assert_ne!(a, b);
+        assert_eq!(groups.group_of(1, 20, 3), a);
+        assert_eq!(groups.group_of(1, 30, 2), b);
+        assert_eq!(groups.tracked(), 1, "the pair is complete");
+        assert_eq!(groups.group_of(1, 20, 3), a);
+        assert_eq!(groups.tracked(), 0);
+    }
+
+    #[test]
+    fn chunks_never_straddle_a_hole() {
+        let holes = RangeSet::from_ranges([ByteRange::new(10, 30), ByteRange::new(50, 60)]);
+        let chunks = split_at_holes(&[ByteRange::new(0, 70)], &holes, 16);
+        let edges: Vec<_> = chunks.iter().map(|c| (c.start, c.end)).collect();
+        assert_eq!(
+            edges,
+            vec![
+                (0, 10),
+                (10, 26),
+                (26, 30),
+                (30, 46),
+                (46, 50),
+                (50, 60),
+                (60, 70)
+            ]
+        );
+        assert!(chunks.iter().all(
+            |c| holes.contains(*c) || !holes.iter().any(|h| h.start < c.end && c.start < h.end)
+        ));
+    }
+
+    #[test]
+    fn holes_are_found_and_punched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("sparse");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 22).unwrap();
+        file.write_all_at(&[1; 4096], 1 << 20).unwrap();
+        let holes = holes_of(file.as_fd(), 1 << 22).unwrap();
+        assert_eq!(
+            holes,
+            vec![
+                ByteRange::new(0, 1 << 20),
+                ByteRange::new((1 << 20) + 4096, 1 << 22)
+            ]
+        );
+        punch_hole(&file, ByteRange::new(1 << 20, (1 << 20) + 4096)).unwrap();
+        assert_eq!(holes_of(file.as_fd(), 1 << 22).unwrap().len(), 1);
+        let mut back = [9u8; 4096];
+        file.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(back, [0; 4096]);
+        assert_eq!(crc32_of_zeros(4096), crc32fast::hash(&[0; 4096]));
+    }
+
+    #[test]
+    fn metadata_is_read_and_applied_without_following_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        std::fs::create_dir(tmp.path().join("t")).unwrap();
+        std::fs::write(tmp.path().join("t/a"), b"x").unwrap();
+        std::fs::hard_link(tmp.path().join("t/a"), tmp.path().join("t/b")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("t/l")).unwrap();
+        let listed = root.walk_meta("t", false, true).unwrap();
+        let group = |p: &str| {
+            listed
+                .iter()
+                .find(|e| e.entry.path == p)
+                .unwrap()
+                .meta
+                .link_group
+        };
+        assert_ne!(group("a"), 0);
+        assert_eq!(group("a"), group("b"));
+        let req = |name: &str, mtime_ns| SetMeta {
+            name: name.into(),
+            mode: 0o600,
+            mtime_ns,
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            user: String::new(),
+            group: String::new(),
+            numeric_ids: true,
+            xattrs: Some(Vec::new()),
+        };
+        let passwd_before = std::fs::symlink_metadata("/etc/passwd").unwrap();
+        root.set_meta(&req("t/l", 7_000_000_123)).unwrap();
+        let link = std::fs::symlink_metadata(tmp.path().join("t/l")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((link.mtime(), link.mtime_nsec()), (7, 123));
+        let passwd_after = std::fs::symlink_metadata("/etc/passwd").unwrap();
+        assert_eq!(passwd_before.mtime(), passwd_after.mtime());
+        root.make_hard_link("t/c", "t/a").unwrap();
+        assert_eq!(
+            std::fs::metadata(tmp.path().join("t/c")).unwrap().ino(),
+            std::fs::metadata(tmp.path().join("t/a")).unwrap().ino()
+        );
+        assert!(
+            root.make_hard_link("t/d", "t/l").is_err(),
+            "links are not regular"
+        );
+    }
+}
