@@ -177,17 +177,22 @@ pub fn punch_hole(file: &File, range: ByteRange) -> std::io::Result<()> {
     }
 }
 
-/// CRC32 of `len` zero bytes (a hole's journal record).
+/// CRC32 of `len` zero bytes (a hole's journal record), in `O(log len)`: the CRC of a run is
+/// built from the CRCs of runs half as long.
 pub fn crc32_of_zeros(len: u64) -> u32 {
-    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    let mut hasher = crc32fast::Hasher::new();
+    let mut total = crc32fast::Hasher::new();
+    let mut run = crc32fast::Hasher::new();
+    run.update(&[0]);
     let mut left = len;
     while left > 0 {
-        let n = ZEROS.len().min(left as usize);
-        hasher.update(&ZEROS[..n]);
-        left -= n as u64;
+        if left & 1 == 1 {
+            total.combine(&run);
+        }
+        let copy = run.clone();
+        run.combine(&copy);
+        left >>= 1;
     }
-    hasher.finalize()
+    total.finalize()
 }
 
 /// User and group names by id, looked up once each.
@@ -355,8 +360,17 @@ impl Root {
     /// # Errors
     /// `BadPath`, `NotFound` or I/O errors.
     pub fn set_meta(&self, req: &SetMeta) -> Result<MetaOutcome> {
-        let slot = self.parent_slot_no_symlinks(&req.name, false)?;
-        let (dir, leaf) = (slot.dir.as_fd(), slot.leaf.as_str());
+        // An empty name is the root itself (the top of a tree received into it).
+        let (slot_dir, slot_leaf) = if req.name.is_empty() {
+            let top = self
+                .open_dir("")
+                .map_err(|e| crate::root::map_open_err("", e))?;
+            (std::sync::Arc::new(top), ".".to_string())
+        } else {
+            let slot = self.parent_slot_no_symlinks(&req.name, false)?;
+            (slot.dir, slot.leaf)
+        };
+        let (dir, leaf) = (slot_dir.as_fd(), slot_leaf.as_str());
         let ctx = |what: &str| format!("{what} {:?}", req.name);
         let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| match e {
             Errno::NOENT => CoreError::NotFound(req.name.clone()),
@@ -523,7 +537,13 @@ impl Root {
             Mode::from_raw_mode(st_mode & 0o7777),
             rdev,
         )
-        .map_err(|e| CoreError::io(ctx("creating node"), e.into()))?;
+        .map_err(|e| match e {
+            // Refused for this entry only: the copy goes on without it.
+            Errno::PERM => CoreError::BadPath(format!(
+                "{name}: creating a device needs privilege (CAP_MKNOD)"
+            )),
+            e => CoreError::io(ctx("creating node"), e.into()),
+        })?;
         rfs::renameat(dir, part.as_str(), dir, leaf)
             .map_err(|e| CoreError::io(ctx("renaming node"), e.into()))
     }
@@ -642,7 +662,9 @@ mod tests {
         let mut back = [9u8; 4096];
         file.read_exact_at(&mut back, 1 << 20).unwrap();
         assert_eq!(back, [0; 4096]);
-        assert_eq!(crc32_of_zeros(4096), crc32fast::hash(&[0; 4096]));
+        for len in [0, 1, 4096, 65_537, 3 << 20] {
+            assert_eq!(crc32_of_zeros(len), crc32fast::hash(&vec![0; len as usize]));
+        }
     }
 
     #[test]

@@ -381,12 +381,20 @@ impl PartialFile {
             Arc::clone(&st.data)
         };
         crate::meta::punch_hole(&data, range).map_err(|e| CoreError::io(ctx(), e))?;
-        let crc32 = crate::meta::crc32_of_zeros(range.len());
         let mut st = self.lock();
-        let record = Record::Chunk { range, crc32 };
-        st.journal_pos = journal::append(&st.journal, st.journal_pos, record)
-            .map_err(|e| CoreError::io(format!("journal of {:?}", self.slot.leaf), e))?;
-        st.chunk_records += 1;
+        let mut start = range.start;
+        while start < range.end {
+            let piece = ByteRange::new(start, range.end.min(start + MAX_RECORD_RANGE));
+            let crc32 = crate::meta::crc32_of_zeros(piece.len());
+            let record = Record::Chunk {
+                range: piece,
+                crc32,
+            };
+            st.journal_pos = journal::append(&st.journal, st.journal_pos, record)
+                .map_err(|e| CoreError::io(format!("journal of {:?}", self.slot.leaf), e))?;
+            st.chunk_records += 1;
+            start = piece.end;
+        }
         st.held.insert(range);
         // The digest covers the zeros too: read back from the hole, which costs no disk I/O.
         let State {

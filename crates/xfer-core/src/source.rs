@@ -71,6 +71,21 @@ impl SourceFile {
         self.mode
     }
 
+    /// The file's holes if it has fewer blocks than its size needs (see
+    /// [`crate::meta::holes_of`]); none for a file stored whole.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn holes(&self) -> Result<Vec<ByteRange>> {
+        let ctx = |e| CoreError::io(format!("finding holes of {}", self.name), e);
+        let meta = self.file.metadata().map_err(ctx)?;
+        if meta.blocks() * 512 >= meta.len() {
+            return Ok(Vec::new());
+        }
+        crate::meta::holes_of(std::os::fd::AsFd::as_fd(&*self.file), self.identity.size)
+            .map_err(ctx)
+    }
+
     /// Reads `range` on a blocking thread.
     ///
     /// # Errors

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::ProgressBar;
-use xfer_proto::{auth, CopyDone, CopyTo, Frame, Grant};
+use xfer_proto::{auth, CopyDoneMeta, CopyTo, CopyWith, Frame, Grant};
 
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Session, Target};
@@ -124,6 +124,8 @@ pub struct CopyOptions {
     pub chunk_size: u32,
     /// Have the source reach the destination over TLS, verifying its certificate.
     pub dst_tls: bool,
+    /// What a tree copy keeps (sent to a source daemon with `CAP_TREE_META`).
+    pub keep: crate::TreeOptions,
 }
 
 impl std::fmt::Debug for CopyOptions {
@@ -134,6 +136,7 @@ impl std::fmt::Debug for CopyOptions {
             .field("connections", &self.connections)
             .field("chunk_size", &self.chunk_size)
             .field("dst_tls", &self.dst_tls)
+            .field("keep", &self.keep)
             .finish()
     }
 }
@@ -148,7 +151,7 @@ pub async fn copy(
     src: &Connector,
     opts: &CopyOptions,
     progress: &ProgressBar,
-) -> Result<CopyDone, ClientError> {
+) -> Result<CopyDoneMeta, ClientError> {
     let mut session = Session::connect(&spec.src, src).await?;
     let request = CopyTo {
         source: spec.name.clone(),
@@ -164,16 +167,37 @@ pub async fn copy(
             .map(|token| make_grant(token, &spec.dest)),
         tls: opts.dst_tls,
     };
-    session.send(&Frame::CopyTo(request)).await?;
+    let frame = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
+        Frame::CopyWith(CopyWith {
+            copy: request,
+            options: opts.keep,
+        })
+    } else {
+        if opts.recursive {
+            crate::meta::warn_old_daemon(&spec.src);
+        }
+        Frame::CopyTo(request)
+    };
+    session.send(&frame).await?;
     loop {
         match session.next().await? {
             Frame::Progress(p) => {
                 progress.set_length(p.bytes_total);
                 progress.set_position(p.bytes_done);
             }
-            Frame::CopyDone(done) => {
+            Frame::CopyDoneMeta(done) => {
                 session.close().await;
                 return Ok(done);
+            }
+            Frame::CopyDone(done) => {
+                session.close().await;
+                return Ok(CopyDoneMeta {
+                    done,
+                    not_chowned: 0,
+                    xattrs_refused: 0,
+                    hard_links: 0,
+                    entries_skipped: 0,
+                });
             }
             other => return Err(unexpected(other)),
         }

@@ -111,6 +111,8 @@ pub struct Options {
     pub progress: ProgressBar,
     /// Token and TLS settings for every connection.
     pub connector: Connector,
+    /// What a tree copy keeps besides bytes (owners, attributes, links, special files).
+    pub keep: crate::TreeOptions,
 }
 
 /// What a finished transfer reports (`--json`).
@@ -721,6 +723,8 @@ async fn close_all(sessions: Vec<(Session, u64)>) {
 struct Upload {
     source: SourceFile,
     request: OpenWrite,
+    /// Holes of the source, sent as `Zeros` (only to a daemon with `CAP_TREE_META`).
+    holes: RangeSet,
 }
 
 impl Upload {
@@ -759,6 +763,15 @@ impl Direction for Upload {
                         break;
                     };
                     inflight.push_back(chunk);
+                    if self.holes.contains(chunk) {
+                        let zeros = ChunkRef {
+                            transfer_id,
+                            offset: chunk.start,
+                            len: chunk.len() as u32,
+                        };
+                        session.send(&Frame::Zeros(zeros)).await?;
+                        continue;
+                    }
                     let payload = self.source.read(chunk).await?;
                     work.throttle(chunk.len()).await;
                     session
@@ -849,6 +862,15 @@ pub async fn send_file(
         .chunk_size
         .min(session.welcome.max_chunk_size)
         .max(xfer_proto::MIN_CHUNK_SIZE);
+    let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
+        let source = source.clone();
+        let holes = tokio::task::spawn_blocking(move || source.holes())
+            .await
+            .map_err(|e| ClientError::Local(join_error(e)))??;
+        RangeSet::from_ranges(holes)
+    } else {
+        RangeSet::new()
+    };
     let upload = Arc::new(Upload {
         request: OpenWrite {
             name: name.to_string(),
@@ -857,6 +879,7 @@ pub async fn send_file(
             chunk_size,
         },
         source,
+        holes,
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
@@ -875,7 +898,11 @@ pub async fn send_file(
     let mut digest_bytes = Vec::new();
     for _ in 0..3 {
         let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
-        work.add(split_into_chunks(&missing, chunk_size));
+        work.add(xfer_core::meta::split_at_holes(
+            &missing,
+            &upload.holes,
+            chunk_size,
+        ));
         let first = match session.take() {
             Some(s) => (s, id),
             None => {
@@ -1062,6 +1089,21 @@ pub async fn recv(
     dest: &Path,
     opts: &Options,
 ) -> Result<Summary, ClientError> {
+    recv_with_holes(target, name, dest, opts, None).await
+}
+
+/// [`recv`] of a file whose holes a tree listing gave, with the identity it had then: if the
+/// file still has it, the holes are not asked for but punched into the partial file.
+///
+/// # Errors
+/// As [`recv`].
+pub async fn recv_with_holes(
+    target: &Target,
+    name: &str,
+    dest: &Path,
+    opts: &Options,
+    holes: Option<(FileIdentity, Vec<ByteRange>)>,
+) -> Result<Summary, ClientError> {
     let started = Instant::now();
     let opts = &metered(opts);
     let slot = local_slot(dest)?;
@@ -1084,7 +1126,16 @@ pub async fn recv(
         .chunk_size
         .min(session.welcome.max_chunk_size)
         .max(xfer_proto::MIN_CHUNK_SIZE);
-    let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+    let mut missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+    if let Some((_, holes)) = holes.filter(|(seen, _)| *seen == identity) {
+        let holes = RangeSet::from_ranges(holes);
+        for piece in xfer_core::meta::split_at_holes(&missing, &holes, chunk_size) {
+            if holes.contains(piece) {
+                partial.write_zeros(piece).await?;
+            }
+        }
+        missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+    }
     opts.progress.set_length(identity.size);
     opts.progress.set_position(resumed);
     let work = Arc::new(Work::new(split_into_chunks(&missing, chunk_size), opts));

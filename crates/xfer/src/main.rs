@@ -126,6 +126,8 @@ struct CopyArgs {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    keep: KeepArgs,
     /// Source, SRC_HOST[:PORT]:NAME.
     #[arg(required_unless_present = "from_list")]
     src: Option<String>,
@@ -181,7 +183,45 @@ struct Common {
     #[arg(long, requires = "recursive")]
     checksum: bool,
     #[command(flatten)]
+    keep: KeepArgs,
+    #[command(flatten)]
     auth: TokenArgs,
+}
+
+/// What a tree copy keeps (`-r`): everything `rsync -aHAX` keeps unless told otherwise.
+#[derive(Debug, Args)]
+struct KeepArgs {
+    /// With -r: keep owners and groups as numbers instead of mapping them by name.
+    #[arg(long)]
+    numeric_ids: bool,
+    /// With -r: leave out symlinks that are absolute or lead out of the tree (by default
+    /// links are copied as they are, whatever they point at).
+    #[arg(long)]
+    safe_links: bool,
+    /// With -r: leave out extended attributes and ACLs.
+    #[arg(long)]
+    no_xattrs: bool,
+    /// With -r: copy devices and special files (FIFOs, sockets); same as --devices --specials.
+    /// Devices need a privileged receiver.
+    #[arg(short = 'D')]
+    devices_and_specials: bool,
+    /// With -r: copy device files (needs a privileged receiver).
+    #[arg(long)]
+    devices: bool,
+    /// With -r: copy FIFOs and sockets.
+    #[arg(long)]
+    specials: bool,
+}
+
+impl KeepArgs {
+    fn options(&self) -> xfer::TreeOptions {
+        xfer::TreeOptions {
+            numeric_ids: self.numeric_ids,
+            safe_links: self.safe_links,
+            xattrs: !self.no_xattrs,
+            specials: self.devices_and_specials || self.devices || self.specials,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +326,7 @@ impl Common {
             retry_deadline: Duration::from_secs(self.retry_deadline),
             progress,
             connector,
+            keep: self.keep.options(),
         })
     }
 
@@ -304,7 +345,7 @@ impl Common {
 
     fn report_tree(&self, verb: &str, summary: &xfer::TreeSummary) -> anyhow::Result<()> {
         self.print(summary, || {
-            format!(
+            let mut line = format!(
                 "{verb} {}: {} of {} files ({} unchanged), {} bytes in {:.2} s",
                 summary.name,
                 summary.files_transferred,
@@ -312,7 +353,11 @@ impl Common {
                 summary.files_skipped,
                 summary.bytes_transferred,
                 summary.seconds
-            )
+            );
+            if summary.not_chowned > 0 {
+                line += &format!("; {} entries not chowned", summary.not_chowned);
+            }
+            line
         })
     }
 
@@ -503,6 +548,10 @@ struct CopyDoneJson {
     bytes_transferred: u64,
     resumed_bytes: u64,
     seconds: f64,
+    not_chowned: u64,
+    xattrs_refused: u64,
+    hard_links: u64,
+    entries_skipped: u64,
 }
 
 fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Result<()> {
@@ -546,6 +595,7 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         connections: args.connections,
         chunk_size: chunk as u32,
         dst_tls: connector.tls.is_some(),
+        keep: args.keep.options(),
     };
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::with_draw_target(if show {
@@ -587,19 +637,23 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         .map(|(i, result)| {
             let (src, dst) = pairs[i].clone();
             match result {
-                Ok(d) => CopyOutcome {
+                Ok(m) => CopyOutcome {
                     src,
                     dst,
                     ok: true,
                     error: None,
                     done: Some(CopyDoneJson {
-                        files_total: d.files_total,
-                        files_transferred: d.files_transferred,
-                        files_skipped: d.files_skipped,
-                        bytes_total: d.bytes_total,
-                        bytes_transferred: d.bytes_transferred,
-                        resumed_bytes: d.resumed_bytes,
-                        seconds: d.millis as f64 / 1000.0,
+                        files_total: m.done.files_total,
+                        files_transferred: m.done.files_transferred,
+                        files_skipped: m.done.files_skipped,
+                        bytes_total: m.done.bytes_total,
+                        bytes_transferred: m.done.bytes_transferred,
+                        resumed_bytes: m.done.resumed_bytes,
+                        seconds: m.done.millis as f64 / 1000.0,
+                        not_chowned: m.not_chowned,
+                        xattrs_refused: m.xattrs_refused,
+                        hard_links: m.hard_links,
+                        entries_skipped: m.entries_skipped,
                     }),
                 },
                 Err(e) => {
@@ -630,6 +684,7 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
             "files_skipped": total(|d| d.files_skipped),
             "bytes_total": total(|d| d.bytes_total),
             "bytes_transferred": total(|d| d.bytes_transferred),
+            "not_chowned": total(|d| d.not_chowned),
             "seconds": started.elapsed().as_secs_f64(),
             "results": rows,
         });

@@ -356,7 +356,9 @@ impl Session {
         let token = connector.token.as_deref();
         let mut nonce = vec![0u8; auth::NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-        let capabilities = if connector.tls.is_some() { CAP_TLS } else { 0 };
+        // Every client offers to keep tree metadata; an older daemon ignores the bit.
+        let capabilities =
+            xfer_proto::CAP_TREE_META | if connector.tls.is_some() { CAP_TLS } else { 0 };
         session
             .writer
             .send(&Frame::Hello(Hello {

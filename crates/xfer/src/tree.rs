@@ -3,7 +3,7 @@
 //! files go through the chunked engine with all connections; links are copied as links; modes
 //! and mtimes are kept; the receiving side is flushed once at the end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use xfer_core::{CoreError, Root};
 use xfer_proto::{EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry};
 
 use crate::engine::{self, Options};
+use crate::meta::{MetaPlan, Tally};
 use crate::session::unexpected;
 use crate::{ClientError, Session, Target};
 
@@ -57,9 +58,15 @@ pub struct TreeSummary {
     pub entries_skipped: u64,
     /// TCP congestion control of the connections, as the kernel reports it.
     pub congestion: Option<String>,
+    /// Entries the receiver could not give their owner or group (it lacks the privilege).
+    pub not_chowned: u64,
+    /// Entries whose extended attributes the receiving filesystem refused.
+    pub xattrs_refused: u64,
+    /// Names made hard links to a file copied once.
+    pub hard_links: u64,
 }
 
-fn join(top: &str, rel: &str) -> String {
+pub(crate) fn join(top: &str, rel: &str) -> String {
     match (top.is_empty(), rel.is_empty()) {
         (_, true) => top.to_string(),
         (true, false) => rel.to_string(),
@@ -108,6 +115,44 @@ async fn list_remote(
             Err(e) => return Err(e),
         }
     }
+}
+
+async fn list_remote_meta(
+    session: &mut Session,
+    dir: &str,
+    digests: bool,
+    xattrs: bool,
+) -> Result<Vec<xfer_proto::MetaEntry>, ClientError> {
+    session
+        .send(&Frame::ListTreeMeta(xfer_proto::ListTreeMeta {
+            dir: dir.to_string(),
+            digests,
+            xattrs,
+        }))
+        .await?;
+    let mut entries = Vec::new();
+    loop {
+        match session.next().await {
+            Ok(Frame::TreeMetaListing(page)) => {
+                entries.extend(page.entries);
+                if !page.more {
+                    return Ok(entries);
+                }
+            }
+            Err(ClientError::Remote(e))
+                if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) =>
+            {
+                return Ok(Vec::new())
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// True when the daemon on `session` keeps tree metadata (`CAP_TREE_META`).
+fn keeps_meta(session: &Session) -> bool {
+    session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0
 }
 
 /// Sends `requests` (each with the file bytes it moves, for `--bwlimit` and the in-flight
@@ -214,6 +259,7 @@ impl Plan {
         source: Vec<TreeEntry>,
         receiver: &HashMap<String, TreeEntry>,
         summary: &mut TreeSummary,
+        safe_links: bool,
     ) -> Self {
         let mut plan = Self {
             dirs: Vec::new(),
@@ -233,7 +279,9 @@ impl Plan {
                 }
                 EntryKind::Dir => plan.dirs.push(entry),
                 EntryKind::Symlink => {
-                    if xfer_core::tree::validate_link(&entry.path, &entry.target).is_err() {
+                    if safe_links
+                        && xfer_core::tree::validate_link(&entry.path, &entry.target).is_err()
+                    {
                         tracing::warn!(path = %entry.path, target = %entry.target, "link leads out of the tree; skipped");
                         eprintln!(
                             "xfer: warning: skipping {}: its link leads out of the tree",
@@ -278,6 +326,9 @@ impl TreeSummary {
             crc_retries: 0,
             entries_skipped: 0,
             congestion: None,
+            not_chowned: 0,
+            xattrs_refused: 0,
+            hard_links: 0,
         }
     }
 }
@@ -438,24 +489,38 @@ pub async fn send_tree_from(
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
-    let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-    tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
     let mut control = Session::connect(target, &opts.connector).await?;
-    let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
-        .await?
-        .into_iter()
-        .map(|e| (e.path.clone(), e))
-        .collect();
-    tracing::debug!(entries = remote.len(), elapsed = ?started.elapsed(), "receiver listed");
-
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
+    let keep = opts.keep;
+    let (walked, remote, mut meta) = if keeps_meta(&control) {
+        let walked = on_local(&local, move |r| r.walk_meta("", checksum, keep.xattrs)).await?;
+        let remote = list_remote_meta(&mut control, dest, checksum, keep.xattrs).await?;
+        let (meta, walked, remote) = MetaPlan::new(walked, remote, keep, &mut summary);
+        (walked, remote, Some(meta))
+    } else {
+        crate::meta::warn_old_daemon(target);
+        let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
+        let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
+            .await?
+            .into_iter()
+            .map(|e| (e.path.clone(), e))
+            .collect();
+        (walked, remote, None)
+    };
+    tracing::debug!(entries = walked.len(), receiver = remote.len(), elapsed = ?started.elapsed(), "both sides listed");
+
+    let safe_links = meta.is_none() || keep.safe_links;
     let Plan {
         dirs,
         links,
-        small,
-        large,
-    } = Plan::new(walked, &remote, &mut summary);
+        mut small,
+        mut large,
+    } = Plan::new(walked, &remote, &mut summary, safe_links);
+    if let Some(meta) = &meta {
+        meta.route_sparse(&mut small, &mut large);
+    }
+    let written = MetaPlan::written([&dirs, &small, &large, &links]);
     let progress = Progress::new(&small, &large, opts);
     let small_count = small.len();
 
@@ -521,16 +586,20 @@ pub async fn send_tree_from(
         })
     });
     pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
-    // Directory mtimes last, children first: adding entries changed them.
-    let mut reversed = make_dirs(&dirs, 0);
-    reversed.reverse();
-    pipeline(
-        &mut control,
-        None,
-        reversed.into_iter().map(|f| (f, 0)),
-        expect_done,
-    )
-    .await?;
+    if let Some(meta) = &mut meta {
+        send_meta(&mut control, meta, dest, written, &mut summary).await?;
+    } else {
+        // Directory mtimes last, children first: adding entries changed them.
+        let mut reversed = make_dirs(&dirs, 0);
+        reversed.reverse();
+        pipeline(
+            &mut control,
+            None,
+            reversed.into_iter().map(|f| (f, 0)),
+            expect_done,
+        )
+        .await?;
+    }
     tracing::debug!(elapsed = ?started.elapsed(), "links and directory times set");
     control.send(&Frame::Sync).await?;
     expect_done(control.next().await?)?;
@@ -542,6 +611,61 @@ pub async fn send_tree_from(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Finishes a tree copy to a daemon that keeps metadata: hard links, special nodes, then every
+/// entry's owner, attributes, mode and mtime (directories last, deepest first).
+async fn send_meta(
+    control: &mut Session,
+    meta: &mut MetaPlan,
+    dest: &str,
+    mut written: HashSet<String>,
+    summary: &mut TreeSummary,
+) -> Result<(), ClientError> {
+    let nodes = std::mem::take(&mut meta.nodes);
+    let mut made = Vec::new();
+    for node in nodes {
+        let request = Frame::MakeNode(xfer_proto::MakeNode {
+            name: join(dest, &node.entry.path),
+            st_mode: node.meta.st_mode,
+            rdev: node.meta.rdev,
+        });
+        control.send(&request).await?;
+        match control.next().await {
+            Ok(Frame::Done(_)) => made.push(node),
+            Err(ClientError::Remote(e))
+                if e.error_code()
+                    .is_some_and(xfer_proto::ErrorCode::is_request_level) =>
+            {
+                eprintln!("xfer: warning: skipping {}: {e}", node.entry.path);
+                summary.entries_skipped += 1;
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+    }
+    written.extend(made.iter().map(|n| n.entry.path.clone()));
+    meta.nodes = made;
+    meta.settle_hard_links(&written, summary);
+    let hard_links = meta.hard_links.iter().map(|(name, existing)| {
+        let frame = Frame::MakeHardLink(xfer_proto::MakeHardLink {
+            name: join(dest, name),
+            existing: join(dest, existing),
+        });
+        (frame, 0)
+    });
+    pipeline(control, None, hard_links, expect_done).await?;
+    let requests = meta.requests(dest, &written);
+    let mut tally = Tally::default();
+    let frames = requests.into_iter().map(|r| (Frame::SetMeta(r), 0));
+    pipeline(control, None, frames, |frame| match frame {
+        Frame::MetaSet(m) => {
+            tally.count(&m.name, m.not_chowned, &m.xattrs_refused, summary);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    })
+    .await
 }
 
 async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
@@ -608,27 +732,54 @@ pub async fn recv_tree(
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
+    let keep = opts.keep;
     let mut control = Session::connect(target, &opts.connector).await?;
-    let remote = list_remote(&mut control, name, checksum).await?;
+    let with_meta = keeps_meta(&control);
+    let remote_meta = if with_meta {
+        list_remote_meta(&mut control, name, checksum, keep.xattrs).await?
+    } else {
+        crate::meta::warn_old_daemon(target);
+        list_remote(&mut control, name, checksum)
+            .await?
+            .into_iter()
+            .map(|entry| xfer_proto::MetaEntry {
+                entry,
+                meta: xfer_proto::Meta::default(),
+            })
+            .collect()
+    };
     let congestion = control.congestion.clone();
     control.close().await;
-    if remote.is_empty() {
+    if remote_meta.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
     let local = Root::open(dir)?;
-    let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-    let have: HashMap<String, TreeEntry> =
-        walked.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mut summary = TreeSummary::new(name, opts);
     summary.congestion = congestion;
+    let (remote, have, mut meta) = if with_meta {
+        let walked = on_local(&local, move |r| r.walk_meta("", checksum, keep.xattrs)).await?;
+        let (meta, remote, have) = MetaPlan::new(remote_meta, walked, keep, &mut summary);
+        (remote, have, Some(meta))
+    } else {
+        let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
+        let have: HashMap<String, TreeEntry> =
+            walked.into_iter().map(|e| (e.path.clone(), e)).collect();
+        let remote = remote_meta.into_iter().map(|e| e.entry).collect();
+        (remote, have, None)
+    };
+    let safe_links = meta.is_none() || keep.safe_links;
     let Plan {
         dirs,
         links,
-        small,
-        large,
-    } = Plan::new(remote, &have, &mut summary);
+        mut small,
+        mut large,
+    } = Plan::new(remote, &have, &mut summary, safe_links);
+    if let Some(meta) = &meta {
+        meta.route_sparse(&mut small, &mut large);
+    }
+    let written = MetaPlan::written([&dirs, &small, &large, &links]);
     let progress = Progress::new(&small, &large, opts);
     let top = dirs.iter().find(|d| d.path.is_empty()).cloned();
     let inner_dirs: Vec<TreeEntry> = dirs.into_iter().filter(|d| !d.path.is_empty()).collect();
@@ -652,19 +803,34 @@ pub async fn recv_tree(
             recv_small_files,
             |entry| {
                 let opts = &large_opts;
+                let holes = meta.as_ref().and_then(|m| m.holes(&entry.path));
                 async move {
                     let dest: PathBuf = dir.join(&entry.path);
-                    engine::recv(target, &join(name, &entry.path), &dest, opts).await
+                    let name = join(name, &entry.path);
+                    engine::recv_with_holes(target, &name, &dest, opts, holes).await
                 }
             },
         )
         .await?;
     for l in &links {
         let (path, link) = (l.path.clone(), l.target.clone());
-        if let Err(e) = on_local(&local, move |r| r.make_link(&path, &link)).await {
+        let made = on_local(&local, move |r| match safe_links {
+            true => r.make_link(&path, &link),
+            false => r.make_link_verbatim(&path, &link),
+        });
+        if let Err(e) = made.await {
             eprintln!("xfer: warning: skipping link {}: {e}", l.path);
             summary.entries_skipped += 1;
         }
+    }
+    if let Some(meta) = &mut meta {
+        recv_meta(&local, meta, written, &mut summary).await?;
+        on_local(&local, |r| r.sync()).await?;
+        progress.bar.finish_and_clear();
+        summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
+        summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
     }
     for d in inner_dirs.iter().rev() {
         let (path, mode, mtime) = (d.path.clone(), d.mode, d.mtime_ns);
@@ -686,6 +852,51 @@ pub async fn recv_tree(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Finishes a tree received with metadata: special nodes, hard links, then every entry's
+/// owner, attributes, mode and mtime (directories last, deepest first, the top itself too).
+async fn recv_meta(
+    local: &Root,
+    meta: &mut MetaPlan,
+    mut written: HashSet<String>,
+    summary: &mut TreeSummary,
+) -> Result<(), ClientError> {
+    for node in std::mem::take(&mut meta.nodes) {
+        let (path, st_mode, rdev) = (node.entry.path.clone(), node.meta.st_mode, node.meta.rdev);
+        match on_local(local, move |r| r.make_node(&path, st_mode, rdev)).await {
+            Ok(()) => {
+                written.insert(node.entry.path.clone());
+                meta.nodes.push(node);
+            }
+            Err(e) => {
+                eprintln!("xfer: warning: skipping {}: {e}", node.entry.path);
+                summary.entries_skipped += 1;
+            }
+        }
+    }
+    meta.settle_hard_links(&written, summary);
+    let links = meta.hard_links.clone();
+    on_local(local, move |r| {
+        links
+            .iter()
+            .try_for_each(|(name, existing)| r.make_hard_link(name, existing))
+    })
+    .await?;
+    let requests = meta.requests("", &written);
+    let outcomes = on_local(local, move |r| {
+        requests
+            .into_iter()
+            .map(|req| r.set_meta(&req).map(|o| (req.name, o)))
+            .collect::<xfer_core::Result<Vec<_>>>()
+    })
+    .await?;
+    let mut tally = Tally::default();
+    for (name, outcome) in outcomes {
+        let refused = outcome.xattrs_refused.unwrap_or_default();
+        tally.count(&name, outcome.not_chowned, &refused, summary);
+    }
+    Ok(())
 }
 
 /// Runs a local file operation on the blocking pool.

@@ -22,6 +22,8 @@ use xfer_proto::{
 use crate::registry::{blocking, Lease};
 use crate::Shared;
 
+mod meta;
+
 /// Largest file `GetFile` sends whole: well inside one control frame.
 const MAX_SMALL_FILE: u64 = 1 << 20;
 const AGENT: &str = concat!("xferd/", env!("CARGO_PKG_VERSION"));
@@ -338,14 +340,33 @@ impl Handler {
                     .await?
                 }
                 Request::MakeLink(req) => {
-                    self.tree_op(req.name.clone(), move |root| {
-                        root.make_link(&req.name, &req.target)
+                    // With CAP_TREE_META links are stored as they are; without, as before.
+                    let verbatim = self.keeps_meta();
+                    self.tree_op(req.name.clone(), move |root| match verbatim {
+                        true => root.make_link_verbatim(&req.name, &req.target),
+                        false => root.make_link(&req.name, &req.target),
                     })
                     .await?
                 }
+                Request::Zeros(chunk) => self.zeros(chunk).await?,
+                Request::ListTreeMeta(req) => self.list_tree_meta(req).await?,
+                Request::SetMeta(req) => self.set_metas(req).await?,
+                Request::MakeHardLink(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_hard_link(&req.name, &req.existing)
+                    })
+                    .await?
+                }
+                Request::MakeNode(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_node(&req.name, req.st_mode, req.rdev)
+                    })
+                    .await?
+                }
+                Request::CopyWith(req) => self.copy_to(req.copy, Some(req.options)).await?,
                 Request::GetFile(req) => self.get_files(req).await?,
                 Request::Sync => self.sync().await?,
-                Request::CopyTo(req) => self.copy_to(req).await?,
+                Request::CopyTo(req) => self.copy_to(req, None).await?,
                 Request::Goodbye => return Ok(()),
                 Request::PeerError(e) => {
                     info!(error = %e, "client reported an error");
@@ -832,7 +853,13 @@ impl Handler {
     }
 
     /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
-    async fn copy_to(&mut self, req: CopyTo) -> Result<(), ConnError> {
+    /// With `keep` (a `CopyWith`), the tree copy keeps what it says and the answer is
+    /// `CopyDoneMeta`.
+    async fn copy_to(
+        &mut self,
+        req: CopyTo,
+        keep: Option<xfer_proto::TreeOptions>,
+    ) -> Result<(), ConnError> {
         let destination = xfer::Target {
             host: req.host.clone(),
             port: req.port,
@@ -872,6 +899,7 @@ impl Handler {
                 socket: self.shared.config.socket.clone(),
                 meter: None,
             },
+            keep: keep.unwrap_or_default(),
         };
         let root = self.root();
         let (source, dest, recursive) = (req.source, req.dest, req.recursive);
@@ -884,27 +912,39 @@ impl Handler {
                 })
                 .await?;
                 let s = xfer::send_tree_from(sub, &target, &dest, &opts, false).await?;
-                Ok::<_, xfer::ClientError>(CopyDone {
-                    files_total: s.files_total,
-                    files_transferred: s.files_transferred,
-                    files_skipped: s.files_skipped,
-                    bytes_total: s.bytes_total,
-                    bytes_transferred: s.bytes_transferred,
-                    resumed_bytes: s.resumed_bytes,
-                    millis: (s.seconds * 1000.0) as u64,
+                Ok::<_, xfer::ClientError>(xfer_proto::CopyDoneMeta {
+                    done: CopyDone {
+                        files_total: s.files_total,
+                        files_transferred: s.files_transferred,
+                        files_skipped: s.files_skipped,
+                        bytes_total: s.bytes_total,
+                        bytes_transferred: s.bytes_transferred,
+                        resumed_bytes: s.resumed_bytes,
+                        millis: (s.seconds * 1000.0) as u64,
+                    },
+                    not_chowned: s.not_chowned,
+                    xattrs_refused: s.xattrs_refused,
+                    hard_links: s.hard_links,
+                    entries_skipped: s.entries_skipped,
                 })
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
                 let s = xfer::send_file(file, &target, &dest, &opts).await?;
-                Ok(CopyDone {
-                    files_total: 1,
-                    files_transferred: 1,
-                    files_skipped: 0,
-                    bytes_total: s.bytes_total,
-                    bytes_transferred: s.bytes_transferred,
-                    resumed_bytes: s.resumed_bytes,
-                    millis: (s.seconds * 1000.0) as u64,
+                Ok(xfer_proto::CopyDoneMeta {
+                    done: CopyDone {
+                        files_total: 1,
+                        files_transferred: 1,
+                        files_skipped: 0,
+                        bytes_total: s.bytes_total,
+                        bytes_transferred: s.bytes_transferred,
+                        resumed_bytes: s.resumed_bytes,
+                        millis: (s.seconds * 1000.0) as u64,
+                    },
+                    not_chowned: 0,
+                    xattrs_refused: 0,
+                    hard_links: 0,
+                    entries_skipped: 0,
                 })
             }
         });
@@ -929,8 +969,12 @@ impl Handler {
         };
         match outcome {
             Ok(Ok(done)) => {
-                info!(destination = %destination, bytes = done.bytes_transferred, millis = done.millis, "copy complete");
-                Ok(self.writer.send(&Frame::CopyDone(done)).await?)
+                info!(destination = %destination, bytes = done.done.bytes_transferred, millis = done.done.millis, "copy complete");
+                let answer = match keep {
+                    Some(_) => Frame::CopyDoneMeta(done),
+                    None => Frame::CopyDone(done.done),
+                };
+                Ok(self.writer.send(&answer).await?)
             }
             Ok(Err(e)) => {
                 warn!(destination = %destination, error = %e, "copy failed");

@@ -1,0 +1,277 @@
+//! What a tree copy keeps beyond bytes, mode and mtime, on the copier's side: which names of the
+//! source are hard links to a file copied once, which device and special nodes are made, which
+//! files travel with their holes, and the `SetMeta` requests (owner, attributes, mode, mtime)
+//! that finish each entry, directories last and deepest first. Used with `CAP_TREE_META`; an
+//! older daemon gets a tree copy without them and one warning.
+
+use std::collections::{HashMap, HashSet};
+
+use xfer_proto::{EntryKind, MetaEntry, SetMeta, TreeEntry};
+
+use crate::tree::TreeSummary;
+
+pub use xfer_proto::TreeOptions;
+
+/// The metadata side of one tree copy: the source's listing with metadata, the receiver's, and
+/// what they call for besides the files themselves.
+#[derive(Debug, Default)]
+pub(crate) struct MetaPlan {
+    /// Source entries by path (the top is `""`).
+    source: Vec<MetaEntry>,
+    /// The receiver's entries by path.
+    receiver: HashMap<String, MetaEntry>,
+    /// Names to link to a file of the same link group: (name, existing), relative to the top.
+    pub(crate) hard_links: Vec<(String, String)>,
+    /// Device and special nodes to make (with `-D`).
+    pub(crate) nodes: Vec<MetaEntry>,
+    /// Files with holes: they go through the chunked path, which skips holes.
+    sparse: HashSet<String>,
+    /// Every name of a link group but its first.
+    later_names: HashSet<String>,
+    keep: TreeOptions,
+}
+
+/// Names of `TreeEntry` lists, for the paths written in this run.
+fn paths(entries: &[TreeEntry]) -> impl Iterator<Item = &str> {
+    entries.iter().map(|e| e.path.as_str())
+}
+
+impl MetaPlan {
+    /// Splits the source listing: hard-link names after the first of their group and nodes
+    /// (with `keep.specials`) are taken out; the rest is returned for the usual plan, with the
+    /// receiver's entries without their metadata.
+    pub(crate) fn new(
+        source: Vec<MetaEntry>,
+        receiver: Vec<MetaEntry>,
+        keep: TreeOptions,
+        summary: &mut TreeSummary,
+    ) -> (Self, Vec<TreeEntry>, HashMap<String, TreeEntry>) {
+        let receiver: HashMap<String, MetaEntry> = receiver
+            .into_iter()
+            .map(|e| (e.entry.path.clone(), e))
+            .collect();
+        let plain_receiver = receiver
+            .iter()
+            .map(|(p, e)| (p.clone(), e.entry.clone()))
+            .collect();
+        let mut plan = Self {
+            keep,
+            ..Self::default()
+        };
+        // The first name of each link group seen; the listing is sorted, so it is the same
+        // name every run.
+        let mut leaders: HashMap<u64, String> = HashMap::new();
+        let mut plain = Vec::with_capacity(source.len());
+        for e in &source {
+            let entry = &e.entry;
+            match entry.kind {
+                EntryKind::File if e.meta.link_group != 0 => {
+                    if let Some(leader) = leaders.get(&e.meta.link_group) {
+                        summary.files_total += 1;
+                        summary.bytes_total += entry.size;
+                        plan.hard_links.push((entry.path.clone(), leader.clone()));
+                        plan.later_names.insert(entry.path.clone());
+                        continue;
+                    }
+                    leaders.insert(e.meta.link_group, entry.path.clone());
+                }
+                EntryKind::Special if keep.specials => {
+                    let same = plan.receiver.get(&entry.path).is_some_and(|r| {
+                        r.meta.st_mode & 0o170000 == e.meta.st_mode & 0o170000
+                            && r.meta.rdev == e.meta.rdev
+                    });
+                    if !same {
+                        plan.nodes.push(e.clone());
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if entry.kind == EntryKind::File
+                && !e.meta.holes.is_empty()
+                && e.meta.allocated < entry.size
+            {
+                plan.sparse.insert(entry.path.clone());
+            }
+            plain.push(entry.clone());
+        }
+        plan.source = source;
+        plan.receiver = receiver;
+        (plan, plain, plain_receiver)
+    }
+
+    /// Moves sparse files from the small-file path, which sends every byte, to the chunked one,
+    /// which sends holes as `Zeros`.
+    pub(crate) fn route_sparse(&self, small: &mut Vec<TreeEntry>, large: &mut Vec<TreeEntry>) {
+        if self.sparse.is_empty() {
+            return;
+        }
+        let (sparse, dense): (Vec<_>, Vec<_>) = std::mem::take(small)
+            .into_iter()
+            .partition(|e| self.sparse.contains(&e.path));
+        *small = dense;
+        large.extend(sparse);
+    }
+
+    /// The holes of the source file `path`, with the identity they were seen at.
+    pub(crate) fn holes(
+        &self,
+        path: &str,
+    ) -> Option<(xfer_proto::FileIdentity, Vec<xfer_proto::ByteRange>)> {
+        if !self.sparse.contains(path) {
+            return None;
+        }
+        let e = self.source.iter().find(|e| e.entry.path == path)?;
+        Some((
+            xfer_proto::FileIdentity {
+                size: e.entry.size,
+                mtime_ns: e.entry.mtime_ns,
+            },
+            e.meta.holes.clone(),
+        ))
+    }
+
+    /// Drops the hard links the receiver already has: the name is in the same link group as
+    /// its first name there, and that file was not replaced by this run. Counts the others.
+    pub(crate) fn settle_hard_links(
+        &mut self,
+        written: &HashSet<String>,
+        summary: &mut TreeSummary,
+    ) {
+        let receiver = &self.receiver;
+        let group = |p: &str| receiver.get(p).map_or(0, |r| r.meta.link_group);
+        self.hard_links.retain(|(name, existing)| {
+            let linked =
+                !written.contains(existing) && group(name) != 0 && group(name) == group(existing);
+            if linked {
+                summary.files_skipped += 1;
+            }
+            !linked
+        });
+        summary.hard_links += self.hard_links.len() as u64;
+    }
+
+    /// The entries this run writes: their metadata is set whatever the receiver had.
+    /// Directories are among them: the copy made them writable and changed their mtimes.
+    pub(crate) fn written([dirs, small, large, links]: [&[TreeEntry]; 4]) -> HashSet<String> {
+        paths(dirs)
+            .chain(paths(small))
+            .chain(paths(large))
+            .chain(paths(links))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// True when the receiver's entry already has the source's owner, mode, mtime and (when
+    /// kept) attributes.
+    fn matches(&self, src: &MetaEntry, dst: &MetaEntry) -> bool {
+        let (s, d) = (&src.meta, &dst.meta);
+        let by_name = !self.keep.numeric_ids;
+        let owner = if by_name && !s.user.is_empty() {
+            s.user == d.user
+        } else {
+            s.uid == d.uid
+        };
+        let group = if by_name && !s.group.is_empty() {
+            s.group == d.group
+        } else {
+            s.gid == d.gid
+        };
+        src.entry.kind == dst.entry.kind
+            && src.entry.mtime_ns == dst.entry.mtime_ns
+            && (src.entry.kind == EntryKind::Symlink || src.entry.mode == dst.entry.mode)
+            && owner
+            && group
+            && (!self.keep.xattrs || s.xattrs == d.xattrs)
+    }
+
+    /// The `SetMeta` requests that finish the copy, names prefixed with `top`: every entry
+    /// but directories first, then directories deepest first (adding entries changed their
+    /// mtimes). Entries left out of the copy, later names of a link group, and entries the
+    /// receiver already has as they are get none.
+    pub(crate) fn requests(&self, top: &str, written: &HashSet<String>) -> Vec<SetMeta> {
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        for e in &self.source {
+            let path = e.entry.path.as_str();
+            let copied = match e.entry.kind {
+                EntryKind::Special => {
+                    self.nodes.iter().any(|n| n.entry.path == path)
+                        || (self.keep.specials && self.receiver.contains_key(path))
+                }
+                EntryKind::Symlink => {
+                    !self.keep.safe_links
+                        || xfer_core::tree::validate_link(path, &e.entry.target).is_ok()
+                }
+                _ => true,
+            };
+            // One name per inode is enough: the others share it.
+            if !copied || self.later_names.contains(path) {
+                continue;
+            }
+            let fresh = written.contains(path);
+            if !fresh && self.receiver.get(path).is_some_and(|r| self.matches(e, r)) {
+                continue;
+            }
+            let request = SetMeta {
+                name: crate::tree::join(top, path),
+                mode: e.entry.mode,
+                mtime_ns: e.entry.mtime_ns,
+                uid: e.meta.uid,
+                gid: e.meta.gid,
+                user: e.meta.user.clone(),
+                group: e.meta.group.clone(),
+                numeric_ids: self.keep.numeric_ids,
+                xattrs: (self.keep.xattrs
+                    && matches!(e.entry.kind, EntryKind::File | EntryKind::Dir))
+                .then(|| e.meta.xattrs.clone()),
+            };
+            if e.entry.kind == EntryKind::Dir {
+                dirs.push(request);
+            } else {
+                files.push(request);
+            }
+        }
+        dirs.reverse();
+        files.extend(dirs);
+        files
+    }
+}
+
+/// Counts what the receiver could not keep, warning once about refused attributes.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    warned: bool,
+}
+
+impl Tally {
+    pub(crate) fn count(
+        &mut self,
+        name: &str,
+        not_chowned: bool,
+        xattrs_refused: &str,
+        summary: &mut TreeSummary,
+    ) {
+        if not_chowned {
+            summary.not_chowned += 1;
+        }
+        if !xattrs_refused.is_empty() {
+            summary.xattrs_refused += 1;
+            if !self.warned {
+                self.warned = true;
+                eprintln!(
+                    "xfer: warning: the receiving filesystem refused extended attributes \
+                     ({xattrs_refused}, first at {name}); the copy goes on without them"
+                );
+            }
+        }
+    }
+}
+
+/// The one line an older daemon earns: the copy goes on without what it cannot keep.
+pub(crate) fn warn_old_daemon(target: &crate::Target) {
+    eprintln!(
+        "xfer: warning: {target} runs an older xferd without CAP_TREE_META: owners, hard \
+         links, attributes, holes and links leading out of the tree are not kept"
+    );
+}
