@@ -359,12 +359,27 @@ impl Daemon {
 
     /// Like [`Daemon::start`], listening on `listen` (e.g. the port of a daemon that was killed).
     pub fn start_on(listen: &str, root: &Path, extra_args: &[&str]) -> Self {
+        Self::start_under(&[], listen, root, extra_args)
+    }
+
+    /// Like [`Daemon::start_on`], run by the command `wrapper` (e.g. `setpriv …` to drop
+    /// privileges, or `unshare …` for a mount namespace), which ends by running the daemon's
+    /// binary with the arguments that follow.
+    pub fn start_under(wrapper: &[&str], listen: &str, root: &Path, extra_args: &[&str]) -> Self {
         let logs = tempfile::Builder::new()
             .prefix("xferd-log-")
             .tempdir()
             .expect("tempdir");
         let stderr = File::create(logs.path().join("stderr")).expect("log file");
-        let mut child = Command::new(bin("xferd"))
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("xferd"));
+                c
+            }
+            None => Command::new(bin("xferd")),
+        };
+        let mut child = command
             .arg("--listen")
             .arg(listen)
             .arg("--root")

@@ -1,7 +1,7 @@
 //! Directory trees (`send -r`, `recv -r`) through the real binaries: content, modes, mtimes
-//! (directories too), empty directories and inner links survive a round trip; links leading out
-//! and special files are left out with a warning; reruns of an unchanged tree move no data;
-//! `--checksum` catches a change that keeps size and mtime; an interrupted copy resumes; and a
+//! (directories too), empty directories and inner links survive a round trip; with
+//! `--safe-links`, links leading out are left out with a warning, as special files are; reruns
+//! of an unchanged tree move no data; `--checksum` catches a change that keeps size and mtime; an interrupted copy resumes; and a
 //! symlink planted in the daemon's root is never followed, for reading or for writing; a deep
 //! pipeline of long names over one connection moves intact both ways.
 
@@ -311,7 +311,13 @@ fn tree_round_trip_keeps_content_modes_mtimes_and_inner_links() {
     assert_eq!(files, 8);
     let daemon = Daemon::start(&tree.root(), &[]);
 
-    let sent = send_tree(&src, &daemon.addr(), "backup/t", &["--json"]).wait_ok();
+    let sent = send_tree(
+        &src,
+        &daemon.addr(),
+        "backup/t",
+        &["--json", "--safe-links"],
+    )
+    .wait_ok();
     assert_counts(&sent, (files, files, 0, bytes, bytes));
     assert_eq!(sent.json_u64("entries_skipped"), 3, "{}", sent.stdout);
     assert_warned(&sent, &left_out);
@@ -324,7 +330,13 @@ fn tree_round_trip_keeps_content_modes_mtimes_and_inner_links() {
     assert!(!tree.root().join("backup/t/escape").exists());
 
     let out = tree.out("t");
-    let got = recv_tree("backup/t", &daemon.addr(), &out, &["--json", "-c", "3"]).wait_ok();
+    let got = recv_tree(
+        "backup/t",
+        &daemon.addr(),
+        &out,
+        &["--json", "--safe-links", "-c", "3"],
+    )
+    .wait_ok();
     assert_counts(&got, (files, files, 0, bytes, bytes));
     assert_same(&snapshot(&out), &want, "the downloaded copy");
     assert!(fs::symlink_metadata(out.join("to-page"))
@@ -343,10 +355,10 @@ fn rerun_of_an_unchanged_tree_moves_no_data_either_way() {
     let daemon = Daemon::start(&tree.root(), &[]);
     let out = tree.out("t");
 
-    send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
-    recv_tree("t", &daemon.addr(), &out, &["--json"]).wait_ok();
+    send_tree(&src, &daemon.addr(), "t", &["--json", "--safe-links"]).wait_ok();
+    recv_tree("t", &daemon.addr(), &out, &["--json", "--safe-links"]).wait_ok();
     for checksum in [&[][..], &["--checksum"][..]] {
-        let args = [&["--json"][..], checksum].concat();
+        let args = [&["--json", "--safe-links"][..], checksum].concat();
         let again = send_tree(&src, &daemon.addr(), "t", &args).wait_ok();
         assert_counts(&again, (files, 0, files, bytes, 0));
         assert_eq!(again.json_u64("resumed_bytes"), 0, "{}", again.stdout);
@@ -537,9 +549,16 @@ fn links_planted_in_the_root_are_never_followed() {
     assert!(line.contains("outside the root"), "{line}");
     assert!(files_holding(&tree.path().join("out"), SECRET).is_empty());
 
-    // recv -r of a tree holding links that lead out: they are left out, with a warning.
+    // recv -r --safe-links of a tree holding links that lead out: they are left out, with a
+    // warning (without it they are copied as links, which tests/mirror_meta.rs covers).
     let shared_out = tree.out("shared");
-    let got = recv_tree("shared", &daemon.addr(), &shared_out, &["--json"]).wait_ok();
+    let got = recv_tree(
+        "shared",
+        &daemon.addr(),
+        &shared_out,
+        &["--json", "--safe-links"],
+    )
+    .wait_ok();
     assert_warned(&got, &["dir-link", "file-link", "relative-link"]);
     assert_eq!(got.json_u64("files_total"), 1, "{}", got.stdout);
     assert_eq!(list_tree(&shared_out), ["docs/", "docs/readme"]);
@@ -596,7 +615,8 @@ fn links_planted_in_the_root_are_never_followed() {
         .all(|p| ["secret", "sub/", "sub/secret"].contains(&p.as_str())));
 }
 
-/// Links that lead out of the tree by a little are left out as surely as `/etc/passwd`: one
+/// With `--safe-links`, links that lead out of the tree by a little are left out as surely as
+/// `/etc/passwd`: one
 /// level above the top (`sib -> ../other`, `docs/climb -> ../../other`), or through another link
 /// (`a -> .` is fine, but `a/..` is the top's parent, not the top). Both directions: `send -r`
 /// from a local tree, and `recv -r` of the same links planted in the daemon's root.
@@ -618,14 +638,14 @@ fn links_leading_just_out_of_the_tree_are_left_out() {
     fs::write(tree.root().join("other/data"), b"another tree\n").unwrap();
     let daemon = Daemon::start(&tree.root(), &[]);
 
-    let sent = send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    let sent = send_tree(&src, &daemon.addr(), "t", &["--json", "--safe-links"]).wait_ok();
     assert_warned(&sent, &escaping);
     assert_eq!(sent.json_u64("entries_skipped"), 4, "{}", sent.stdout);
     assert_eq!(list_tree(&tree.root().join("t")), ["a", "docs/", "docs/f"]);
 
     plant(&tree.root().join("planted"));
     let out = tree.out("planted");
-    let got = recv_tree("planted", &daemon.addr(), &out, &["--json"]).wait_ok();
+    let got = recv_tree("planted", &daemon.addr(), &out, &["--json", "--safe-links"]).wait_ok();
     assert_warned(&got, &escaping);
     assert_eq!(list_tree(&out), ["a", "docs/", "docs/f"]);
 }
