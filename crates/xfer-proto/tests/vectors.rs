@@ -490,3 +490,22 @@ fn checksum_and_digest_vectors() {
         DIGEST_ABC
     );
 }
+
+#[test]
+fn the_worked_example_in_proto_md_is_the_data_vector() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto.md");
+    let spec = std::fs::read_to_string(spec).unwrap();
+    let example = spec
+        .split("Worked example")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").nth(1))
+        .expect("proto.md has its worked example");
+    let bytes: Vec<u8> = example
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|pair| u8::from_str_radix(pair, 16).unwrap())
+        .collect();
+    assert_eq!(bytes, read_vectors()["data-abc"].bytes);
+}
