@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use xfer_tests::{list_tree, random_file, sha256_file, Daemon, Tree, XferOutput};
 
-use crate::hostile::{run_xfer, Pki};
 use crate::tree::{assert_same, build_full_tree, expected, file_totals, snapshot};
+use xfer_tests::{run_xfer, Pki};
 
 /// Hang guard for one `xfer copy` run (a guard, not a timing claim).
 const GUARD: Duration = Duration::from_secs(180);

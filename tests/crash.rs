@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use xfer_tests::{try_sha256_file, Daemon};
 
-use crate::faults::{Setup, Way};
+use xfer_tests::setup::{Setup, Way};
 
 const SIZE: u64 = 4 * 1024 * 1024;
 const CHUNK: u64 = 64 * 1024;

@@ -6,14 +6,14 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use xfer_proto::FrameType;
-use xfer_tests::proxy::{Corruption, Direction, Proxy};
+use xfer_tests::proxy::{Corruption, Direction};
+pub(crate) use xfer_tests::setup::{wait_for_journal, Setup, Way};
 use xfer_tests::{
-    journal_chunks, journal_held, journal_path, partial_path, random_file, sha256_file,
-    try_sha256_file, wait_until, Daemon, Tree, XferOutput, XferRun,
+    journal_chunks, journal_held, journal_path, partial_path, sha256_file, try_sha256_file,
+    wait_until, XferOutput,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
@@ -33,146 +33,6 @@ const SLOW: &[&str] = &[
 ];
 /// Hang guard for the polls below.
 const GUARD: Duration = Duration::from_secs(120);
-
-/// Which way a test moves its file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Way {
-    Upload,
-    Download,
-}
-
-impl Way {
-    /// The direction the chunks travel through the proxy.
-    pub(crate) fn data(self) -> Direction {
-        match self {
-            Self::Upload => Direction::ToServer,
-            Self::Download => Direction::ToClient,
-        }
-    }
-}
-
-/// A daemon on its own tree with a proxy in front of it.
-pub(crate) struct Setup {
-    pub(crate) tree: Tree,
-    pub(crate) daemon: Daemon,
-    pub(crate) proxy: Proxy,
-}
-
-impl Setup {
-    pub(crate) fn new(daemon_args: &[&str]) -> Self {
-        let tree = Tree::new();
-        let daemon = Daemon::start(&tree.root(), daemon_args);
-        let proxy = Proxy::start(daemon.socket_addr());
-        Self {
-            tree,
-            daemon,
-            proxy,
-        }
-    }
-
-    /// Creates the file `name` on the sending side; returns its SHA-256.
-    pub(crate) fn file(&self, way: Way, name: &str, size: u64, seed: u64) -> String {
-        match way {
-            Way::Upload => random_file(&self.tree.src(name), size, seed),
-            Way::Download => random_file(&self.tree.root().join(name), size, seed),
-        }
-    }
-
-    /// Where `name` ends up on the receiving side.
-    pub(crate) fn dest(&self, way: Way, name: &str) -> PathBuf {
-        match way {
-            Way::Upload => self.tree.root().join(name),
-            Way::Download => self.tree.out(name),
-        }
-    }
-
-    /// Starts moving `name` through the proxy.
-    pub(crate) fn start(&self, way: Way, name: &str, args: &[&str]) -> XferRun {
-        self.start_with_env(way, name, args, &[])
-    }
-
-    /// Starts moving `name` through the proxy, with extra environment variables.
-    pub(crate) fn start_with_env(
-        &self,
-        way: Way,
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> XferRun {
-        self.start_at(&self.proxy.addr(), way, name, args, env)
-    }
-
-    /// Starts moving `name` straight to the daemon, past the proxy.
-    pub(crate) fn start_direct(&self, way: Way, name: &str, args: &[&str]) -> XferRun {
-        self.start_at(&self.daemon.addr(), way, name, args, &[])
-    }
-
-    fn start_at(
-        &self,
-        addr: &str,
-        way: Way,
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> XferRun {
-        let mut argv: Vec<std::ffi::OsString> = match way {
-            Way::Upload => {
-                let src = self.tree.src(name);
-                vec![
-                    "send".into(),
-                    src.into(),
-                    addr.into(),
-                    "--as".into(),
-                    name.into(),
-                ]
-            }
-            Way::Download => {
-                let dest = self.dest(way, name);
-                vec![
-                    "recv".into(),
-                    name.into(),
-                    addr.into(),
-                    "-o".into(),
-                    dest.into(),
-                ]
-            }
-        };
-        argv.extend(args.iter().map(Into::into));
-        XferRun::spawn_with_env(argv, env)
-    }
-
-    /// Asserts the received file is `want` and no partial or journal is left beside it.
-    #[track_caller]
-    pub(crate) fn check_received(&self, way: Way, name: &str, want: &str) {
-        let dest = self.dest(way, name);
-        assert_eq!(
-            sha256_file(&dest),
-            want,
-            "{} differs from its source",
-            dest.display()
-        );
-        assert!(
-            !partial_path(&dest).exists() && !journal_path(&dest).exists(),
-            "a partial file or journal is left beside {}",
-            dest.display()
-        );
-    }
-}
-
-/// Polls (bounded) until the receiver's journal for `dest` holds `bytes`; panics if `run` ends
-/// first, since the fault would then not land mid-transfer.
-pub(crate) fn wait_for_journal(dest: &std::path::Path, bytes: u64, run: &mut XferRun) {
-    let journal = journal_path(dest);
-    wait_until(GUARD, &format!("{bytes} bytes are journaled"), || {
-        let held = journal_held(&journal);
-        assert!(
-            held >= bytes || run.is_running(),
-            "`{}` ended before {bytes} bytes were journaled",
-            run.cmd()
-        );
-        held >= bytes
-    });
-}
 
 #[track_caller]
 fn assert_sent_at_most(out: &XferOutput, limit: u64) {

@@ -16,11 +16,13 @@ use bytes::Bytes;
 use xfer_proto::{auth, Data, ErrorCode, ErrorFrame, Frame, Welcome, CAP_TLS};
 use xfer_tests::{bin, list_tree, random_file, sha256_file, wait_until, Daemon, Tree, XferRun};
 
-use crate::hostile::{
+use xfer_tests::outside::{Outside, SECRET};
+use xfer_tests::raw::{
     auth_frame, contains, error_code, get_file, hello, leading_frames, list, list_tree_frame,
-    make_dir, make_link, nonce, open_read, open_write, put_file, run_xfer, Impostor, Outside, Pki,
-    RawConn, Tee, SECRET,
+    make_dir, make_link, nonce, open_read, open_write, put_file, RawConn,
 };
+use xfer_tests::relay::{Impostor, Tee};
+use xfer_tests::{run_xfer, Pki};
 
 /// A failure that needs no retry must end well within this (a hang guard, not a timing claim).
 const FAIL_FAST: Duration = Duration::from_secs(30);
@@ -34,6 +36,14 @@ fn token_file(dir: &Path, name: &str, token: &str) -> String {
     let path = dir.join(name);
     fs::write(&path, format!("{token}\n")).unwrap();
     path.display().to_string()
+}
+
+/// A daemon on `tree`'s root that requires [`TOKEN`] (from a token file), with `extra` flags.
+fn token_daemon(tree: &Tree, extra: &[String]) -> Daemon {
+    let token = token_file(tree.path(), "daemon-token", TOKEN);
+    let mut args = vec!["--token-file", &token];
+    args.extend(extra.iter().map(String::as_str));
+    Daemon::start(&tree.root(), &args)
 }
 
 /// Asserts `line` starts with `prefix`.
@@ -52,8 +62,7 @@ fn assert_starts(line: &str, prefix: &str) {
 #[test]
 fn client_without_a_token_is_refused_at_once() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
+    let daemon = token_daemon(&tree, &[]);
     let src = tree.src("a.bin");
     random_file(&src, 100_000, 1);
     let addr = daemon.addr();
@@ -77,9 +86,8 @@ fn client_without_a_token_is_refused_at_once() {
 #[test]
 fn wrong_token_is_refused_from_file_and_environment() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
+    let daemon = token_daemon(&tree, &[]);
     let wrong = token_file(tree.path(), "wrong-token", "not-the-token");
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
     let src = tree.src("a.bin");
     random_file(&src, 100_000, 2);
     let addr = daemon.addr();
@@ -117,9 +125,8 @@ fn wrong_token_is_refused_from_file_and_environment() {
 #[test]
 fn right_token_round_trip_over_eight_connections() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
+    let daemon = token_daemon(&tree, &[]);
     let client_token = token_file(tree.path(), "client-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
     let src = tree.src("big.bin");
     let want = random_file(&src, 24 << 20, 3);
     let addr = daemon.addr();
@@ -178,8 +185,7 @@ fn right_token_round_trip_over_eight_connections() {
 fn requests_without_authentication_are_refused() {
     let tree = Tree::new();
     fs::write(tree.root().join("served.txt"), b"only for token holders").unwrap();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let mut daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
+    let mut daemon = token_daemon(&tree, &[]);
     let addr = daemon.socket_addr();
 
     // An authenticated connection opens an upload: transfer id 1 exists there.
@@ -283,8 +289,7 @@ fn requests_without_authentication_are_refused() {
 fn recorded_auth_cannot_be_replayed() {
     let tree = Tree::new();
     fs::write(tree.root().join("served.txt"), b"only for token holders").unwrap();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
+    let daemon = token_daemon(&tree, &[]);
 
     // One real handshake, recorded: Hello(Nc), Challenge(Ns), Auth(proof), Welcome.
     let client_nonce = nonce();
@@ -319,9 +324,8 @@ fn recorded_auth_cannot_be_replayed() {
 #[test]
 fn token_never_crosses_the_wire() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
+    let daemon = token_daemon(&tree, &[]);
     let client_token = token_file(tree.path(), "client-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
 
     // A raw handshake: every byte each way.
     let mut raw = RawConn::connect(daemon.socket_addr());
@@ -476,8 +480,7 @@ fn read_only_refuses_uploads_and_serves_downloads() {
         );
     }
     // The raw answer is the non-fatal Error{ReadOnly}: the connection stays usable.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     let tree_requests = [
         open_write("raw.bin", 10),
         put_file("raw.txt", b"small"),
@@ -511,55 +514,11 @@ fn read_only_refuses_uploads_and_serves_downloads() {
 // TLS
 // ---------------------------------------------------------------------------------------------
 
-fn tls_daemon(tree: &Tree, pki: &Pki, extra: &[&str]) -> Daemon {
-    let mut args = pki.daemon_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start(&tree.root(), &args)
-}
-
-/// Regression: every frame must be flushed through TLS. Without it the tail of a chunk stayed
-/// in the TLS buffer while the client waited for its acknowledgement, and a long transfer
-/// stalled until the idle timeout. One chunk in flight per connection makes every frame the
-/// last one sent before waiting.
-#[test]
-fn long_tls_transfer_with_one_chunk_in_flight_does_not_stall() {
-    let tree = Tree::new();
-    let pki = Pki::new(&["127.0.0.1"]);
-    let daemon = tls_daemon(&tree, &pki, &["--window", "1"]);
-    let src = tree.src("long.bin");
-    let want = random_file(&src, 16 << 20, 21);
-    let ca = pki.ca().display().to_string();
-    let addr = daemon.addr();
-    // One connection, so no other connection's traffic can push a stalled record out.
-    let tls = [
-        "--tls",
-        "--ca",
-        &ca,
-        "-c",
-        "1",
-        "--chunk-size",
-        "256K",
-        "--retry-deadline",
-        "0",
-    ];
-    let mut send = vec!["send", src.to_str().unwrap(), &addr, "--as", "long.bin"];
-    send.extend(tls);
-    run_xfer(&send, &[], TRANSFER).ok();
-    assert_eq!(sha256_file(&tree.root().join("long.bin")), want);
-    let out = tree.out("long.bin");
-    let mut recv = vec!["recv", "long.bin", &addr, "-o", out.to_str().unwrap()];
-    recv.extend(tls);
-    run_xfer(&recv, &[], TRANSFER).ok();
-    assert_eq!(sha256_file(&out), want);
-}
-
 #[test]
 fn tls_round_trip_with_a_token() {
     let tree = Tree::new();
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let daemon = tls_daemon(&tree, &pki, &["--token-file", &daemon_token]);
+    let daemon = token_daemon(&tree, &pki.daemon_args());
     let tee = Tee::start(daemon.socket_addr());
     let src = tree.src("tls.bin");
     let want = random_file(&src, 6 << 20, 7);
@@ -618,7 +577,7 @@ fn tls_round_trip_with_a_token() {
 fn plaintext_client_is_told_to_use_tls() {
     let tree = Tree::new();
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
-    let daemon = tls_daemon(&tree, &pki, &[]);
+    let daemon = pki.start_daemon(&tree.root(), &[]);
     let src = tree.src("a.bin");
     random_file(&src, 1000, 8);
     let out = run_xfer(
@@ -677,10 +636,10 @@ fn tls_client_against_a_plain_daemon_fails_clearly() {
 fn unverifiable_certificates_fail_without_plaintext_fallback() {
     let tree = Tree::new();
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
-    let daemon = tls_daemon(&tree, &pki, &[]);
+    let daemon = pki.start_daemon(&tree.root(), &[]);
     let elsewhere = Pki::new(&["server.elsewhere.invalid"]);
     let tree2 = Tree::new();
-    let misnamed = tls_daemon(&tree2, &elsewhere, &[]);
+    let misnamed = elsewhere.start_daemon(&tree2.root(), &[]);
     let src = tree.src("a.bin");
     random_file(&src, 100_000, 10);
     for (what, upstream, ca) in [
@@ -862,8 +821,7 @@ fn server_that_cannot_prove_the_token_gets_no_request() {
 
 /// Asks `frame` on a fresh authenticated connection and returns the answer (`None`: closed).
 fn ask(daemon: &Daemon, frame: &Frame) -> Option<Frame> {
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     conn.send(frame);
     let answer = conn.recv();
     if let Some(Frame::Error(e)) = &answer {
@@ -872,6 +830,55 @@ fn ask(daemon: &Daemon, frame: &Frame) -> Option<Frame> {
         }
     }
     answer
+}
+
+/// A request naming a path, as the tables below send it.
+#[derive(Clone, Copy, Debug)]
+enum Ask {
+    OpenRead,
+    OpenWrite,
+    GetFile,
+    PutFile,
+    MakeDir,
+    MakeLink,
+    List,
+    ListTree,
+}
+
+use Ask::*;
+
+/// The requests that name a file or a directory to make.
+const FILE_ASKS: &[Ask] = &[OpenRead, OpenWrite, GetFile, PutFile, MakeDir, MakeLink];
+/// The requests that name a directory to list.
+const DIR_ASKS: &[Ask] = &[List, ListTree];
+
+impl Ask {
+    /// The request for `name` (a write carries a few bytes, a link points to `x`).
+    fn frame(self, name: &str) -> Frame {
+        match self {
+            OpenRead => open_read(name),
+            OpenWrite => open_write(name, 5),
+            GetFile => get_file(name),
+            PutFile => put_file(name, b"evil"),
+            MakeDir => make_dir(name),
+            MakeLink => make_link(name, "x"),
+            List => list(name),
+            ListTree => list_tree_frame(name),
+        }
+    }
+}
+
+/// Each row's requests of each of its names, labelled `ASK "NAME"`, name by name.
+fn requests(table: &[(&[Ask], &[&str])]) -> Vec<(String, Frame)> {
+    let mut all = Vec::new();
+    for (asks, names) in table {
+        for name in *names {
+            for ask in *asks {
+                all.push((format!("{ask:?} {name:?}"), ask.frame(name)));
+            }
+        }
+    }
+    all
 }
 
 /// Runs every `(what, frame)` on its own connection and collects every answer that is not
@@ -909,33 +916,30 @@ fn names_aimed_at_existing_outside_files_read_and_change_nothing() {
     let secret = outside.join("secret.txt").display().to_string();
     let dir = outside.path().display().to_string();
     let long_component = format!("d/{}/x", "c".repeat(256));
-    let mut all = Vec::new();
-    for name in [
-        secret.as_str(),
-        "../outside/secret.txt",
-        "sub/../../outside/secret.txt",
-        "./../outside/secret.txt",
-        "outside/../../outside/secret.txt",
-        &long_component,
-    ] {
-        all.push((format!("OpenRead {name:?}"), open_read(name)));
-        all.push((format!("OpenWrite {name:?}"), open_write(name, 5)));
-        all.push((format!("GetFile {name:?}"), get_file(name)));
-        all.push((format!("PutFile {name:?}"), put_file(name, b"evil")));
-        all.push((format!("MakeDir {name:?}"), make_dir(name)));
-        all.push((format!("MakeLink {name:?}"), make_link(name, "x")));
-    }
-    for dir_name in [
-        dir.as_str(),
-        "..",
-        "../outside",
-        "/etc",
-        "../outside/sub",
-        "a/../..",
-    ] {
-        all.push((format!("List {dir_name:?}"), list(dir_name)));
-        all.push((format!("ListTree {dir_name:?}"), list_tree_frame(dir_name)));
-    }
+    let mut all = requests(&[
+        (
+            FILE_ASKS,
+            &[
+                &secret,
+                "../outside/secret.txt",
+                "sub/../../outside/secret.txt",
+                "./../outside/secret.txt",
+                "outside/../../outside/secret.txt",
+                &long_component,
+            ],
+        ),
+        (
+            DIR_ASKS,
+            &[
+                &dir,
+                "..",
+                "../outside",
+                "/etc",
+                "../outside/sub",
+                "a/../..",
+            ],
+        ),
+    ]);
     // Links whose target leads out of the root.
     for target in [
         "../../outside",
@@ -986,40 +990,38 @@ fn symlinks_leading_out_are_neither_read_nor_written() {
     symlink("in/ok.txt", root.join("inner-link")).unwrap();
     let mut daemon = Daemon::start(&root, &[]);
 
-    let mut all = Vec::new();
-    for name in [
-        "abs-link",
-        "rel-link",
-        "up/outside/secret.txt",
-        "subdir-link/inner.txt",
-        "loop",
-        "loop/x",
-    ] {
-        all.push((format!("OpenRead {name:?}"), open_read(name)));
-        all.push((format!("GetFile {name:?}"), get_file(name)));
-    }
-    for name in [
-        "abs-link",
-        "rel-link",
-        "loop",
-        "up/outside/secret.txt",
-        "up/outside/planted.bin",
-        "subdir-link/inner.txt",
-        "subdir-link/planted.bin",
-        "subdir-link/new/planted.bin",
-        "up/root/planted.bin",
-    ] {
-        all.push((format!("OpenWrite {name:?}"), open_write(name, 5)));
-        all.push((format!("PutFile {name:?}"), put_file(name, b"evil")));
-    }
-    for name in ["up/outside/newdir", "subdir-link/newdir", "up/x"] {
-        all.push((format!("MakeDir {name:?}"), make_dir(name)));
-        all.push((format!("MakeLink {name:?}"), make_link(name, "y")));
-    }
-    for dir in ["up", "up/outside", "subdir-link", "loop"] {
-        all.push((format!("List {dir:?}"), list(dir)));
-        all.push((format!("ListTree {dir:?}"), list_tree_frame(dir)));
-    }
+    let all = requests(&[
+        (
+            &[OpenRead, GetFile],
+            &[
+                "abs-link",
+                "rel-link",
+                "up/outside/secret.txt",
+                "subdir-link/inner.txt",
+                "loop",
+                "loop/x",
+            ],
+        ),
+        (
+            &[OpenWrite, PutFile],
+            &[
+                "abs-link",
+                "rel-link",
+                "loop",
+                "up/outside/secret.txt",
+                "up/outside/planted.bin",
+                "subdir-link/inner.txt",
+                "subdir-link/planted.bin",
+                "subdir-link/new/planted.bin",
+                "up/root/planted.bin",
+            ],
+        ),
+        (
+            &[MakeDir, MakeLink],
+            &["up/outside/newdir", "subdir-link/newdir", "up/x"],
+        ),
+        (DIR_ASKS, &["up", "up/outside", "subdir-link", "loop"]),
+    ]);
     assert_all_bad_path(&mut daemon, &all);
 
     // The real client, uploading over the links: refused, links untouched.
@@ -1044,8 +1046,7 @@ fn symlinks_leading_out_are_neither_read_nor_written() {
         );
     }
     // A link that stays inside is followed.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     let answer = conn.request(&open_read("inner-link"));
     assert!(matches!(answer, Frame::ReadOpened(_)), "{answer:?}");
     outside.assert_untouched("symlinks leading out");
@@ -1123,17 +1124,10 @@ fn special_files_are_refused() {
         }
     }
     let mut daemon = Daemon::start(&root, &[]);
-    let mut all = Vec::new();
-    for name in &names {
-        all.push((format!("OpenRead {name:?}"), open_read(name)));
-        all.push((format!("OpenWrite {name:?}"), open_write(name, 5)));
-        all.push((format!("GetFile {name:?}"), get_file(name)));
-        all.push((format!("PutFile {name:?}"), put_file(name, b"evil")));
-    }
+    let all = requests(&[(&[OpenRead, OpenWrite, GetFile, PutFile], &names)]);
     assert_all_bad_path(&mut daemon, &all);
     // They are not listed either, and are still what they were.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     match conn.request(&list("")) {
         Frame::Listing(l) => assert!(l.entries.is_empty(), "listed {:?}", l.entries),
         other => panic!("List answered {other:?}"),
@@ -1189,8 +1183,7 @@ fn planted_partial_and_journal_files_do_not_redirect_writes() {
     }
     outside.assert_untouched("uploads over planted partial and journal files");
     // Nor are they listed, read or written by name.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     match conn.request(&list("")) {
         Frame::Listing(l) => {
             let names: Vec<_> = l.entries.iter().map(|e| e.name.as_str()).collect();
@@ -1255,8 +1248,7 @@ fn copy_grant_cannot_write_outside_its_scope() {
     let root = tree.root();
     // `root/outside/` is outside the grant's scope but inside the root: nothing may change there.
     let victim = Outside::new(&root);
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let mut daemon = Daemon::start(&root, &["--token-file", &daemon_token]);
+    let mut daemon = token_daemon(&tree, &[]);
     let addr = daemon.socket_addr();
     let expires = unix_now() + 3600;
 

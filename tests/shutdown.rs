@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use xfer_tests::{journal_chunks, journal_held, journal_path, partial_path, wait_until, Daemon};
 
-use crate::faults::{wait_for_journal, Setup, Way};
+use xfer_tests::setup::{wait_for_journal, Setup, Way};
 
 const SIZE: u64 = 16 * 1024 * 1024;
 const CHUNK: u64 = 64 * 1024;
