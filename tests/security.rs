@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use xfer_proto::{auth, Data, ErrorCode, ErrorFrame, Frame, Welcome, CAP_TLS};
-use xfer_tests::{bin, list_tree, random_file, sha256_file, wait_until, Daemon, Tree, XferRun};
+use xfer_tests::{
+    bin, list_tree, random_file, sha256_file, wait_until, Daemon, Tree, XferOutput, XferRun,
+};
 
 use xfer_tests::outside::{Outside, SECRET};
 use xfer_tests::raw::{
@@ -44,6 +46,46 @@ fn token_daemon(tree: &Tree, extra: &[String]) -> Daemon {
     let mut args = vec!["--token-file", &token];
     args.extend(extra.iter().map(String::as_str));
     Daemon::start(&tree.root(), &args)
+}
+
+/// `xfer send SRC ADDR --as NAME EXTRA…` through [`run_xfer`]: with `env`, within `guard`.
+fn send(
+    src: &Path,
+    addr: &str,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    guard: Duration,
+) -> XferOutput {
+    let src = src.to_str().expect("a UTF-8 path");
+    run_xfer(
+        [&["send", src, addr, "--as", name], extra].concat(),
+        env,
+        guard,
+    )
+}
+
+/// `xfer recv NAME ADDR -o OUT EXTRA…` through [`run_xfer`]: with `env`, within `guard`.
+fn recv(
+    name: &str,
+    addr: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    guard: Duration,
+) -> XferOutput {
+    let out = out.to_str().expect("a UTF-8 path");
+    run_xfer(
+        [&["recv", name, addr, "-o", out], extra].concat(),
+        env,
+        guard,
+    )
+}
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    use rustix::fs::{mknodat, FileType, Mode, CWD};
+    mknodat(CWD, path, FileType::Fifo, Mode::from_raw_mode(0o666), 0).expect("mkfifo");
 }
 
 /// Asserts `line` starts with `prefix`.
@@ -132,39 +174,23 @@ fn right_token_round_trip_over_eight_connections() {
     let addr = daemon.addr();
     let out = tree.out("big.bin");
     // Upload with --token-file over 8 connections, download with XFER_TOKEN over 8.
-    let sent = run_xfer(
-        [
-            "send",
-            src.to_str().unwrap(),
-            &addr,
-            "--as",
-            "big.bin",
-            "-c",
-            "8",
-            "--chunk-size",
-            "1M",
-            "--json",
-            "--token-file",
-            &client_token,
-        ],
+    let eight = ["-c", "8", "--chunk-size", "1M"];
+    let sent = send(
+        &src,
+        &addr,
+        "big.bin",
+        &[&eight[..], &["--json", "--token-file", &client_token]].concat(),
         &[],
         TRANSFER,
     )
     .ok();
     assert_eq!(sent.json_u64("connections"), 8);
     assert_eq!(sha256_file(&tree.root().join("big.bin")), want);
-    run_xfer(
-        [
-            "recv",
-            "big.bin",
-            &addr,
-            "-o",
-            out.to_str().unwrap(),
-            "-c",
-            "8",
-            "--chunk-size",
-            "1M",
-        ],
+    recv(
+        "big.bin",
+        &addr,
+        &out,
+        &eight,
         &[("XFER_TOKEN", TOKEN)],
         TRANSFER,
     )
@@ -350,12 +376,8 @@ fn token_never_crosses_the_wire() {
         "--token-file",
         &client_token,
     ];
-    let mut send = vec!["send", src.to_str().unwrap(), &relay, "--as", "t.bin"];
-    send.extend(common);
-    run_xfer(&send, &[], TRANSFER).ok();
-    let mut recv = vec!["recv", "t.bin", &relay, "-o", out.to_str().unwrap()];
-    recv.extend(common);
-    run_xfer(&recv, &[], TRANSFER).ok();
+    send(&src, &relay, "t.bin", &common, &[], TRANSFER).ok();
+    recv("t.bin", &relay, &out, &common, &[], TRANSFER).ok();
     assert_eq!(sha256_file(&out), want);
     let captured = tee.captured();
     assert!(
@@ -526,16 +548,28 @@ fn tls_round_trip_with_a_token() {
     let tls = ["--tls", "--ca", &ca, "-c", "3", "--chunk-size", "1M"];
     // Upload by IP address (checked against the iPAddress SAN), through the recording relay.
     let relay = tee.addr();
-    let mut send = vec!["send", src.to_str().unwrap(), &relay, "--as", "tls.bin"];
-    send.extend(tls);
-    run_xfer(&send, &[("XFER_TOKEN", TOKEN)], TRANSFER).ok();
+    send(
+        &src,
+        &relay,
+        "tls.bin",
+        &tls,
+        &[("XFER_TOKEN", TOKEN)],
+        TRANSFER,
+    )
+    .ok();
     assert_eq!(sha256_file(&tree.root().join("tls.bin")), want);
     // Download by DNS name (checked against the dNSName SAN).
     let host = format!("localhost:{}", daemon.socket_addr().port());
     let out = tree.out("tls.bin");
-    let mut recv = vec!["recv", "tls.bin", &host, "-o", out.to_str().unwrap()];
-    recv.extend(tls);
-    run_xfer(&recv, &[("XFER_TOKEN", TOKEN)], TRANSFER).ok();
+    recv(
+        "tls.bin",
+        &host,
+        &out,
+        &tls,
+        &[("XFER_TOKEN", TOKEN)],
+        TRANSFER,
+    )
+    .ok();
     assert_eq!(sha256_file(&out), want);
 
     // On the wire: a plaintext TLS request and StartTls, then only TLS records; neither the
@@ -580,17 +614,7 @@ fn plaintext_client_is_told_to_use_tls() {
     let daemon = pki.start_daemon(&tree.root(), &[]);
     let src = tree.src("a.bin");
     random_file(&src, 1000, 8);
-    let out = run_xfer(
-        [
-            "send",
-            src.to_str().unwrap(),
-            &daemon.addr(),
-            "--as",
-            "a.bin",
-        ],
-        &[],
-        FAIL_FAST,
-    );
+    let out = send(&src, &daemon.addr(), "a.bin", &[], &[], FAIL_FAST);
     assert_eq!(
         out.error_line(),
         "xfer: this server requires TLS: connect with xfer --tls"
@@ -611,17 +635,11 @@ fn tls_client_against_a_plain_daemon_fails_clearly() {
     let src = tree.src("a.bin");
     random_file(&src, 1000, 9);
     let ca = pki.ca().display().to_string();
-    let out = run_xfer(
-        [
-            "send",
-            src.to_str().unwrap(),
-            &daemon.addr(),
-            "--as",
-            "a.bin",
-            "--tls",
-            "--ca",
-            &ca,
-        ],
+    let out = send(
+        &src,
+        &daemon.addr(),
+        "a.bin",
+        &["--tls", "--ca", &ca],
         &[],
         FAIL_FAST,
     );
@@ -647,17 +665,11 @@ fn unverifiable_certificates_fail_without_plaintext_fallback() {
         ("certificate for another name", &misnamed, elsewhere.ca()),
     ] {
         let tee = Tee::start(upstream.socket_addr());
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &tee.addr(),
-                "--as",
-                "a.bin",
-                "--tls",
-                "--ca",
-                ca.to_str().unwrap(),
-            ],
+        let out = send(
+            &src,
+            &tee.addr(),
+            "a.bin",
+            &["--tls", "--ca", ca.to_str().unwrap()],
             &[("XFER_TOKEN", TOKEN)],
             FAIL_FAST,
         );
@@ -716,17 +728,11 @@ fn tls_request_answered_in_plaintext_is_not_downgraded() {
                 }
             }
         });
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &impostor.addr(),
-                "--as",
-                "a.bin",
-                "--tls",
-                "--ca",
-                &ca,
-            ],
+        let out = send(
+            &src,
+            &impostor.addr(),
+            "a.bin",
+            &["--tls", "--ca", &ca],
             &[("XFER_TOKEN", TOKEN)],
             FAIL_FAST,
         );
@@ -777,14 +783,11 @@ fn server_that_cannot_prove_the_token_gets_no_request() {
             let _ = conn.recv();
             conn.shutdown_write();
         });
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &impostor.addr(),
-                "--as",
-                "a.bin",
-            ],
+        let out = send(
+            &src,
+            &impostor.addr(),
+            "a.bin",
+            &[],
             &[("XFER_TOKEN", TOKEN)],
             FAIL_FAST,
         );
@@ -1096,14 +1099,7 @@ fn special_files_are_refused() {
     let tree = Tree::new();
     let outside = Outside::new(tree.path());
     let root = tree.root();
-    mknodat(
-        CWD,
-        root.join("fifo"),
-        FileType::Fifo,
-        Mode::from_raw_mode(0o666),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&root.join("fifo"));
     let _socket = std::os::unix::net::UnixListener::bind(root.join("sock")).expect("bind");
     symlink("/dev/null", root.join("devnull-link")).unwrap();
     symlink("/dev/zero", root.join("devzero-link")).unwrap();
@@ -1145,7 +1141,6 @@ fn special_files_are_refused() {
 /// an upload's writes: the daemon opens them with `O_NOFOLLOW` and refuses.
 #[test]
 fn planted_partial_and_journal_files_do_not_redirect_writes() {
-    use rustix::fs::{mknodat, FileType, Mode, CWD};
     let tree = Tree::new();
     let outside = Outside::new(tree.path());
     let root = tree.root();
@@ -1153,28 +1148,16 @@ fn planted_partial_and_journal_files_do_not_redirect_writes() {
     symlink("../outside/secret.txt", root.join(".y.xfer-state")).unwrap();
     fs::create_dir(root.join("d")).unwrap();
     symlink("../../outside/sub/inner.txt", root.join("d/.z.xfer-part")).unwrap();
-    mknodat(
-        CWD,
-        root.join(".f.xfer-part"),
-        FileType::Fifo,
-        Mode::from_raw_mode(0o666),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&root.join(".f.xfer-part"));
     let daemon = Daemon::start(&root, &[]);
     let src = tree.src("evil.bin");
     random_file(&src, 100_000, 15);
     for name in ["x", "y", "d/z", "f"] {
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &daemon.addr(),
-                "--as",
-                name,
-                "--retry-deadline",
-                "5",
-            ],
+        let out = send(
+            &src,
+            &daemon.addr(),
+            name,
+            &["--retry-deadline", "5"],
             &[],
             FAIL_FAST,
         );
