@@ -78,6 +78,21 @@ impl XferOutput {
         value
     }
 
+    /// Asserts the unsigned `fields` of the `--json` summary hold `want`, in that order; the
+    /// message names the fields.
+    #[track_caller]
+    pub fn assert_json_u64s(&self, fields: &[&str], want: &[u64]) {
+        let got: Vec<u64> = fields.iter().map(|field| self.json_u64(field)).collect();
+        assert_eq!(
+            got,
+            want,
+            "`{}`: ({}) in {}",
+            self.cmd,
+            fields.join(", "),
+            self.json()
+        );
+    }
+
     /// An unsigned field of the `--json` summary.
     #[track_caller]
     pub fn json_u64(&self, field: &str) -> u64 {
