@@ -11,26 +11,20 @@ use std::time::Duration;
 use xfer_proto::FrameType;
 use xfer_tests::proxy::{Corruption, Direction};
 pub(crate) use xfer_tests::setup::{wait_for_journal, Setup, Way};
+use xfer_tests::setup::{CHUNK, CONNS, PACED};
 use xfer_tests::{
     journal_chunks, journal_held, journal_path, partial_path, sha256_file, try_sha256_file,
     wait_until, XferOutput,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
-const CHUNK: u64 = 64 * 1024;
-const CONNS: u64 = 4;
 /// The daemon's default `--window`: chunks a connection may have unanswered.
 const WINDOW: u64 = 2;
-/// ~1 s for 8 MiB, so that faults land while chunks are in flight.
-const SLOW: &[&str] = &[
-    "-c",
-    "4",
-    "--chunk-size",
-    "64K",
-    "--bwlimit",
-    "8M",
-    "--json",
-];
+/// [`PACED`], with the `--json` summary: ~1 s for 8 MiB.
+fn slow() -> Vec<&'static str> {
+    [PACED, &["--json"]].concat()
+}
+
 /// Hang guard for the polls below.
 const GUARD: Duration = Duration::from_secs(120);
 
@@ -54,7 +48,7 @@ fn check_one_connection_cut(way: Way, seed: u64) {
     let s = Setup::new(&[]);
     let want = s.file(way, "cut.bin", SIZE, seed);
     s.proxy.cut_after(512 * 1024, 1);
-    let out = s.start(way, "cut.bin", SLOW).wait_ok();
+    let out = s.start(way, "cut.bin", &slow()).wait_ok();
     s.check_received(way, "cut.bin", &want);
     let stats = s.proxy.stats();
     assert_eq!(stats.cut, 1, "the proxy cut no connection: {stats:?}");
@@ -84,7 +78,7 @@ fn check_every_connection_cut_now_and_then(way: Way, seed: u64) {
     let s = Setup::new(&[]);
     let want = s.file(way, "cuts.bin", SIZE, seed);
     let dest = s.dest(way, "cuts.bin");
-    let mut client = s.start(way, "cuts.bin", SLOW);
+    let mut client = s.start(way, "cuts.bin", &slow());
     for cut in 1..=CUTS {
         wait_for_journal(&dest, cut * SIZE / (CUTS + 1), &mut client);
         assert!(s.proxy.cut_all() > 0, "no connection open at cut {cut}");
@@ -145,7 +139,7 @@ fn upload_rides_out_a_short_outage() {
     let s = Setup::new(&[]);
     let want = s.file(Way::Upload, "outage.bin", SIZE, 6);
     let dest = s.dest(Way::Upload, "outage.bin");
-    let mut client = s.start(Way::Upload, "outage.bin", SLOW);
+    let mut client = s.start(Way::Upload, "outage.bin", &slow());
     wait_for_journal(&dest, SIZE / 4, &mut client);
     s.proxy.set_unreachable(true);
     wait_until(GUARD, "the client has tried to reconnect 8 times", || {
@@ -164,7 +158,7 @@ fn check_unreachable_past_the_deadline(way: Way, seed: u64) {
     let s = Setup::new(&[]);
     let want = s.file(way, "gone.bin", SIZE, seed);
     let dest = s.dest(way, "gone.bin");
-    let args = [SLOW, &["--retry-deadline", "2"]].concat();
+    let args = [PACED, &["--json", "--retry-deadline", "2"]].concat();
     let mut client = s.start(way, "gone.bin", &args);
     wait_for_journal(&dest, SIZE / 4, &mut client);
     s.proxy.set_unreachable(true);
@@ -183,7 +177,7 @@ fn check_unreachable_past_the_deadline(way: Way, seed: u64) {
     assert!(held >= SIZE / 4, "the resume state was lost ({held} bytes)");
 
     s.proxy.set_unreachable(false);
-    let out = s.start(way, "gone.bin", SLOW).wait_ok();
+    let out = s.start(way, "gone.bin", &slow()).wait_ok();
     s.check_received(way, "gone.bin", &want);
     assert!(
         out.json_u64("resumed_bytes") >= held,
@@ -209,7 +203,7 @@ fn check_stalled_connection(way: Way, seed: u64) {
     let s = Setup::new(&["--idle-timeout", "2"]);
     let want = s.file(way, "stall.bin", SIZE, seed);
     s.proxy.stall_after(300 * 1024, 1);
-    let out = s.start(way, "stall.bin", SLOW).wait_ok();
+    let out = s.start(way, "stall.bin", &slow()).wait_ok();
     s.check_received(way, "stall.bin", &want);
     let stats = s.proxy.stats();
     assert_eq!(stats.stalled, 1, "no connection stalled: {stats:?}");
@@ -364,7 +358,7 @@ fn a_chunk_that_keeps_failing_its_crc_is_never_written() {
     let dest = s.dest(Way::Upload, "bad.bin");
     s.proxy
         .set_corruption(Direction::ToServer, Corruption::PayloadAt { offset: AT });
-    let mut client = s.start(Way::Upload, "bad.bin", SLOW);
+    let mut client = s.start(Way::Upload, "bad.bin", &slow());
     wait_for_journal(&dest, SIZE - CHUNK, &mut client);
     wait_until(GUARD, "the bad chunk was refused 5 times", || {
         s.proxy.stats().to_server.flipped >= 5

@@ -11,6 +11,14 @@ use crate::{
     XferRun,
 };
 
+/// Chunk size of [`PACED`] runs.
+pub const CHUNK: u64 = 64 * 1024;
+/// Connections of [`PACED`] runs.
+pub const CONNS: u64 = 4;
+/// Client flags for [`CONNS`] connections moving [`CHUNK`]-sized chunks at 8 MiB/s in all: slow
+/// enough that a fault lands while chunks are in flight.
+pub const PACED: &[&str] = &["-c", "4", "--chunk-size", "64K", "--bwlimit", "8M"];
+
 /// Hang guard for [`wait_for_journal`].
 const GUARD: Duration = Duration::from_secs(120);
 
