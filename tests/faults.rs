@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use xfer_proto::FrameType;
 use xfer_tests::proxy::{Corruption, Direction};
-pub(crate) use xfer_tests::setup::{wait_for_journal, Setup, Way};
+use xfer_tests::setup::{wait_for_journal, Setup, Way};
 use xfer_tests::setup::{CHUNK, CONNS, PACED};
 use xfer_tests::{
     journal_chunks, journal_held, journal_path, partial_path, sha256_file, try_sha256_file,
