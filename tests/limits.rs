@@ -4,7 +4,7 @@
 //! Frame sizes checked before buffering are in `malformed.rs`.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::mpsc;
@@ -16,7 +16,9 @@ use xfer_proto::{ErrorCode, Frame, CAP_TLS};
 use xfer_tests::{random_file, round_trip, wait_until, xfer, Daemon, Tree, XferRun};
 
 use xfer_tests::process::{open_fds, rss_bytes};
-use xfer_tests::raw::{encode, error_code, hello, nonce, open_read, open_write, RawConn};
+use xfer_tests::raw::{
+    encode, error_code, hello, nonce, open_read, open_write, read_some, RawConn,
+};
 use xfer_tests::tmpfs::Tmpfs;
 use xfer_tests::Pki;
 
@@ -302,7 +304,7 @@ impl Slowloris {
             loop {
                 for (stream, pos) in &mut conns {
                     // Anything from the daemon (its Error) or the close: it gave up on us.
-                    let gone = !matches!(stream.read(&mut block), Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted));
+                    let gone = !matches!(read_some(stream, &mut block), Err(e) if e.kind() == ErrorKind::WouldBlock);
                     if gone || stream.write_all(&bytes[*pos % bytes.len()..][..1]).is_err() {
                         *stream = open();
                         *pos = 0;
