@@ -615,6 +615,26 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_mapped_by_name_unless_numeric_or_unknown() {
+        let nobody = uzers::get_user_by_name("nobody").expect("a nobody user");
+        let req = |user: &str, numeric_ids| SetMeta {
+            name: "x".into(),
+            mode: 0,
+            mtime_ns: 0,
+            uid: 1234,
+            gid: 0,
+            user: user.into(),
+            group: "no-such-group-xfer".into(),
+            numeric_ids,
+            xattrs: None,
+        };
+        assert_eq!(local_ids(&req("nobody", false)), (nobody.uid(), 0));
+        assert_eq!(local_ids(&req("nobody", true)), (1234, 0));
+        assert_eq!(local_ids(&req("no-such-user-xfer", false)), (1234, 0));
+        assert_eq!(local_ids(&req("", false)), (1234, 0));
+    }
+
+    #[test]
     fn chunks_never_straddle_a_hole() {
         let holes = RangeSet::from_ranges([ByteRange::new(10, 30), ByteRange::new(50, 60)]);
         let chunks = split_at_holes(&[ByteRange::new(0, 70)], &holes, 16);

@@ -573,6 +573,61 @@ mod tests {
     }
 
     #[test]
+    fn tree_metadata_frames_need_the_capability() {
+        let set_meta = || {
+            Frame::SetMeta(crate::SetMeta {
+                name: "t/a".into(),
+                mode: 0o644,
+                mtime_ns: 0,
+                uid: 0,
+                gid: 0,
+                user: String::new(),
+                group: String::new(),
+                numeric_ids: true,
+                xattrs: None,
+            })
+        };
+        let mut old = ready();
+        assert_eq!(old.capabilities() & crate::CAP_TREE_META, 0);
+        assert!(matches!(
+            old.handle_frame(set_meta()),
+            Err(SessionError::Unexpected { .. })
+        ));
+
+        let mut s = session(None);
+        s.handle_frame(Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: crate::CAP_TREE_META,
+            agent: "t".into(),
+            nonce: vec![],
+        }))
+        .unwrap();
+        assert_eq!(s.capabilities(), crate::CAP_TREE_META);
+        assert!(matches!(
+            s.handle_frame(set_meta()),
+            Ok(Request::SetMeta(_))
+        ));
+        s.handle_frame(open_write(1000)).unwrap();
+        let id = s.opened(TransferKind::Upload, 1000);
+        let zeros = |offset, len| {
+            Frame::Zeros(ChunkRef {
+                transfer_id: id,
+                offset,
+                len,
+            })
+        };
+        assert!(matches!(
+            s.handle_frame(zeros(0, 512)),
+            Ok(Request::Zeros(_))
+        ));
+        assert!(matches!(
+            s.handle_frame(zeros(900, 512)),
+            Err(SessionError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
     fn requests_before_hello_are_refused() {
         let err = session(None).handle_frame(open_write(1)).unwrap_err();
         assert!(matches!(

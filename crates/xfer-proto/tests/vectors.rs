@@ -387,6 +387,135 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             error(ErrorCode::Auth, "authentication failed"),
         ),
     ])
+    .into_iter()
+    .chain(meta_frames())
+    .collect()
+}
+
+/// The frames of tree metadata (`CAP_TREE_META`, proto.md §6.9).
+fn meta_frames() -> Vec<(&'static str, Frame)> {
+    let entry = TreeEntry {
+        path: "a".into(),
+        kind: EntryKind::File,
+        size: 8192,
+        mtime_ns: MTIME,
+        mode: 0o644,
+        target: String::new(),
+        digest: Vec::new(),
+    };
+    let meta = Meta {
+        uid: 1000,
+        gid: 100,
+        user: "ann".into(),
+        group: "users".into(),
+        link_group: 1,
+        st_mode: 0o100644,
+        rdev: 0,
+        allocated: 4096,
+        holes: vec![ByteRange::new(4096, 8192)],
+        xattrs: vec![Xattr {
+            name: "user.k".into(),
+            value: b"v".to_vec(),
+        }],
+    };
+    let copy = CopyTo {
+        source: "photos".into(),
+        recursive: true,
+        host: "dst".into(),
+        port: 8888,
+        dest: "photos".into(),
+        connections: 4,
+        chunk_size: 4_194_304,
+        grant: None,
+        tls: false,
+    };
+    vec![
+        (
+            "zeros",
+            Frame::Zeros(ChunkRef {
+                transfer_id: 1,
+                offset: 4096,
+                len: 4096,
+            }),
+        ),
+        (
+            "list-tree-meta",
+            Frame::ListTreeMeta(ListTreeMeta {
+                dir: "t".into(),
+                digests: false,
+                xattrs: true,
+            }),
+        ),
+        (
+            "tree-meta-listing",
+            Frame::TreeMetaListing(TreeMetaListing {
+                entries: vec![MetaEntry { entry, meta }],
+                more: false,
+            }),
+        ),
+        (
+            "set-meta",
+            Frame::SetMeta(SetMeta {
+                name: "t/a".into(),
+                mode: 0o4755,
+                mtime_ns: MTIME,
+                uid: 1000,
+                gid: 100,
+                user: "ann".into(),
+                group: "users".into(),
+                numeric_ids: false,
+                xattrs: Some(Vec::new()),
+            }),
+        ),
+        (
+            "meta-set",
+            Frame::MetaSet(MetaSet {
+                name: "t/a".into(),
+                not_chowned: true,
+                xattrs_refused: String::new(),
+            }),
+        ),
+        (
+            "make-hard-link",
+            Frame::MakeHardLink(MakeHardLink {
+                name: "t/b".into(),
+                existing: "t/a".into(),
+            }),
+        ),
+        (
+            "make-node",
+            Frame::MakeNode(MakeNode {
+                name: "t/fifo".into(),
+                st_mode: 0o010644,
+                rdev: 0,
+            }),
+        ),
+        (
+            "copy-with",
+            Frame::CopyWith(CopyWith {
+                copy,
+                options: TreeOptions::default(),
+            }),
+        ),
+        (
+            "copy-done-meta",
+            Frame::CopyDoneMeta(CopyDoneMeta {
+                done: CopyDone {
+                    files_total: 3,
+                    files_transferred: 2,
+                    files_skipped: 1,
+                    bytes_total: 8192,
+                    bytes_transferred: 4096,
+                    resumed_bytes: 0,
+                    millis: 7,
+                },
+                not_chowned: 2,
+                xattrs_refused: 0,
+                hard_links: 1,
+                entries_skipped: 0,
+            }),
+        ),
+    ]
 }
 
 /// Runs `bytes` through the codec as a whole stream, as a receiver would.
