@@ -312,32 +312,33 @@ impl Root {
     /// [`Root::walk`] with each entry's [`Meta`]: owner and group (with names), hard-link
     /// group, device number and file type of special files, allocated size and holes of
     /// files, and with `xattrs` their extended attributes. An entry that vanished meanwhile
-    /// keeps an empty `Meta`.
+    /// keeps an empty `Meta` (`st_mode` 0, which no entry has).
     ///
     /// # Errors
     /// As [`Root::walk`].
     pub fn walk_meta(&self, dir: &str, digests: bool, xattrs: bool) -> Result<Vec<MetaEntry>> {
         let dir = dir.trim_end_matches('/');
         let entries = self.walk(dir, digests)?;
-        let plain = self.without_symlinks();
+        // Beneath the top the walk followed no link, and neither does this; the top itself is
+        // resolved as the walk resolved it.
+        let top = match dir {
+            "" => self.clone(),
+            dir => self.subroot(dir)?,
+        }
+        .without_symlinks();
         let mut names = Names::default();
         let mut groups = LinkGroups::default();
         // Entries come sorted by path, so one directory's entries follow each other.
         let mut parent: Option<(String, File)> = None;
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
-            let full = match (dir.is_empty(), entry.path.is_empty()) {
-                (_, true) => dir.to_string(),
-                (true, false) => entry.path.clone(),
-                (false, false) => format!("{dir}/{}", entry.path),
-            };
-            let (parent_path, leaf) = match full.rsplit_once('/') {
+            let (parent_path, leaf) = match entry.path.rsplit_once('/') {
                 Some((p, l)) => (p.to_string(), l.to_string()),
-                None if full.is_empty() => (String::new(), ".".to_string()),
-                None => (String::new(), full.clone()),
+                None if entry.path.is_empty() => (String::new(), ".".to_string()),
+                None => (String::new(), entry.path.clone()),
             };
             if parent.as_ref().is_none_or(|(p, _)| *p != parent_path) {
-                parent = plain.open_dir(&parent_path).ok().map(|f| (parent_path, f));
+                parent = top.open_dir(&parent_path).ok().map(|f| (parent_path, f));
             }
             let Some((_, pdir)) = &parent else {
                 out.push(MetaEntry {
@@ -586,11 +587,12 @@ fn entry_meta(
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
         return Ok(meta);
     }
+    // What cannot be read is left out; the owner and mode above still hold.
     if sparse {
-        meta.holes = holes_of(fd.as_fd(), entry.size)?;
+        meta.holes = holes_of(fd.as_fd(), entry.size).unwrap_or_default();
     }
     if xattrs {
-        meta.xattrs = read_xattrs(fd.as_fd())?;
+        meta.xattrs = read_xattrs(fd.as_fd()).unwrap_or_default();
     }
     Ok(meta)
 }
@@ -695,6 +697,12 @@ mod tests {
         std::fs::write(tmp.path().join("t/a"), b"x").unwrap();
         std::fs::hard_link(tmp.path().join("t/a"), tmp.path().join("t/b")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("t/l")).unwrap();
+        std::os::unix::fs::symlink("t", tmp.path().join("tl")).unwrap();
+        let through_link = root.walk_meta("tl", false, true).unwrap();
+        assert!(
+            through_link.iter().all(|e| e.meta.st_mode != 0),
+            "{through_link:?}"
+        );
         let listed = root.walk_meta("t", false, true).unwrap();
         let group = |p: &str| {
             listed

@@ -205,8 +205,9 @@ impl MetaPlan {
                 }
                 _ => true,
             };
-            // One name per inode is enough: the others share it.
-            if !copied || self.later_names.contains(path) {
+            // One name per inode is enough: the others share it. An entry whose metadata could
+            // not be read (st_mode 0) keeps what the copy gave it.
+            if !copied || self.later_names.contains(path) || e.meta.st_mode == 0 {
                 continue;
             }
             let fresh = written.contains(path);
