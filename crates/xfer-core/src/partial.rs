@@ -53,6 +53,8 @@ struct State {
     committed: Option<Digest>,
     /// Digest of the file so far, in file order.
     frontier: Frontier,
+    /// Ranges recorded as holes this session: hashed as zeros, never read back.
+    zeros: RangeSet,
     /// The final name already held this file when opened: nothing is written, and the commit
     /// only compares digests.
     final_already: bool,
@@ -219,6 +221,7 @@ impl PartialFile {
                 committed: None,
                 final_already: false,
                 frontier,
+                zeros: RangeSet::new(),
             }),
         })
     }
@@ -251,6 +254,7 @@ impl PartialFile {
                 committed: None,
                 final_already: true,
                 frontier: Frontier::default(),
+                zeros: RangeSet::new(),
             }),
         }
     }
@@ -334,10 +338,11 @@ impl PartialFile {
             frontier,
             held,
             data,
+            zeros,
             ..
         } = &mut *st;
         frontier
-            .catch_up(data, held)
+            .catch_up_over(data, held, zeros)
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
         st.unsynced += range.len();
         if st.unsynced >= self.sync_every && !st.sync_running {
@@ -396,15 +401,17 @@ impl PartialFile {
             start = piece.end;
         }
         st.held.insert(range);
-        // The digest covers the zeros too: read back from the hole, which costs no disk I/O.
+        st.zeros.insert(range);
+        // The digest covers the zeros too, hashed without reading them back.
         let State {
             frontier,
             held,
             data,
+            zeros,
             ..
         } = &mut *st;
         frontier
-            .catch_up(data, held)
+            .catch_up_over(data, held, zeros)
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))
     }
 
@@ -484,6 +491,7 @@ impl PartialFile {
             st.chunk_records = 0;
             st.held = RangeSet::new();
             st.frontier = Frontier::default();
+            st.zeros = RangeSet::new();
             st.final_already = false;
             return Err(CoreError::Incomplete {
                 missing: self.identity.size,
@@ -497,10 +505,11 @@ impl PartialFile {
             frontier,
             held,
             data,
+            zeros,
             ..
         } = &mut *st;
         frontier
-            .catch_up(data, held)
+            .catch_up_over(data, held, zeros)
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
         let digest = st.frontier.digest();
         if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {
@@ -539,6 +548,7 @@ impl PartialFile {
         st.chunk_records = 0;
         st.held = RangeSet::new();
         st.frontier = Frontier::default();
+        st.zeros = RangeSet::new();
         st.closed = Some("discarded after a digest mismatch".into());
         Ok(())
     }

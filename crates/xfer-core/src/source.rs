@@ -19,6 +19,8 @@ pub struct SourceFile {
     identity: FileIdentity,
     mode: u32,
     buffers: BufferPool,
+    /// Fewer blocks than the size needs when opened: it may have holes.
+    sparse: bool,
 }
 
 /// The identity (size, mtime) of an open file.
@@ -58,6 +60,7 @@ impl SourceFile {
             identity,
             mode,
             buffers: BufferPool::new(Self::SPARE_BUFFERS),
+            sparse: meta.blocks() * 512 < meta.len(),
         })
     }
 
@@ -69,6 +72,23 @@ impl SourceFile {
     /// Permission bits.
     pub fn mode(&self) -> u32 {
         self.mode
+    }
+
+    /// True when `range` lies wholly in a hole of the file (`SEEK_DATA` finds no data in it);
+    /// false for a file stored whole, without a system call.
+    pub fn is_hole(&self, range: ByteRange) -> bool {
+        use std::os::fd::AsFd;
+        if !self.sparse || range.is_empty() {
+            return false;
+        }
+        match rustix::fs::seek(self.file.as_fd(), rustix::fs::SeekFrom::Data(range.start)) {
+            Ok(data) => data >= range.end,
+            // No data after `start`: but a file that shrank has none either; its reads say so.
+            Err(rustix::io::Errno::NXIO) => {
+                self.file.metadata().is_ok_and(|m| m.len() >= range.end)
+            }
+            Err(_) => false,
+        }
     }
 
     /// The file's holes if it has fewer blocks than its size needs (see

@@ -1047,6 +1047,20 @@ impl Direction for Download {
                 };
                 let data = match session.next().await? {
                     Frame::Data(d) => d,
+                    // A hole at the server: nothing to write but a hole of our own.
+                    Frame::Zeros(z)
+                        if z.transfer_id == transfer_id
+                            && z.offset == want.start
+                            && u64::from(z.len) == want.len() =>
+                    {
+                        inflight.pop_front();
+                        if let Err(e) = self.partial.write_zeros(want).await {
+                            inflight.push_front(want);
+                            return Err(e.into());
+                        }
+                        work.complete(want);
+                        continue;
+                    }
                     other => return Err(unexpected(other)),
                 };
                 if data.transfer_id != transfer_id || data.range() != want {

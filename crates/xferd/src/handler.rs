@@ -658,6 +658,11 @@ impl Handler {
             unreachable!("the session checked the transfer id")
         };
         let range = ByteRange::new(chunk.offset, chunk.offset + u64::from(chunk.len));
+        // A hole of a sparse file travels as its length alone, to a client that knows `Zeros`.
+        if self.session.capabilities() & xfer_proto::CAP_TREE_META != 0 && source.is_hole(range) {
+            self.writer.send(&Frame::Zeros(chunk)).await?;
+            return Ok(());
+        }
         let payload = match source.check_unchanged() {
             Ok(()) => source.read(range).await,
             Err(e) => Err(e),
