@@ -2,11 +2,11 @@
 //! binaries): owners and groups (as root, and under an unprivileged receiver that counts what it
 //! could not chown), hard links (bytes sent once; a link whose other name lies outside the copy),
 //! symlinks stored as they are, whatever they point at, and never followed by the daemon, mtimes
-//! of links and directories, sparse files with their holes (`st_blocks` against the source),
-//! extended attributes and ACLs (`--no-xattrs`; one warning where the filesystem refuses them),
-//! and devices and special files with `-D`. Each copy is checked with
-//! `rsync -aHAX --dry-run --itemize-changes --checksum`, which must find no difference, and run
-//! again to show that nothing moves.
+//! of links and directories, sparse files with their holes (`st_blocks` against the source; a
+//! lone `send` or `recv` of one too), extended attributes and ACLs (`--no-xattrs`; one warning
+//! where the filesystem refuses them), and devices and special files with `-D`. Each copy is
+//! checked with `rsync -aHAX --dry-run --itemize-changes --checksum`, which must find no
+//! difference, and run again to show that nothing moves.
 
 use std::fs::{self, File};
 use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -586,4 +586,29 @@ fn a_filesystem_refusing_attributes_gets_one_warning() {
         .collect();
     assert_eq!(warnings.len(), 1, "{}", sent.stderr);
     assert!(warnings[0].starts_with("xfer: warning:"), "{}", warnings[0]);
+}
+
+/// Outside trees too: `send` of a sparse file sends its holes as `Zeros`, and a daemon answers
+/// `recv` with them, so neither side fills a hole.
+#[test]
+fn a_sparse_file_sent_and_received_alone_keeps_its_holes() {
+    let tree = Tree::new();
+    let src = tree.src("vm.img");
+    sparse_file(&src, 64 * MIB, &[8 * MIB], &[5u8; 4096]);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let sent = XferRun::send(&src, &daemon.addr(), "vm.img", &["--json"]).wait_ok();
+    assert_json(&sent, "bytes_transferred", blocks(&src) * 512);
+    assert!(blocks(&tree.root().join("vm.img")) <= blocks(&src));
+    let out = tree.out("vm.img");
+    let got = XferRun::recv(
+        "vm.img",
+        &daemon.addr(),
+        &out,
+        &["--json", "--chunk-size", "1M"],
+    )
+    .wait_ok();
+    // Whole chunks of holes are not sent; the chunk holding the data is.
+    assert_json(&got, "bytes_transferred", MIB);
+    assert!(blocks(&out) <= MIB / 512, "{} blocks", blocks(&out));
+    assert_eq!(sha256_file(&out), sha256_file(&src));
 }
