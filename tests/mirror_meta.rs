@@ -322,7 +322,7 @@ fn a_tree_comes_out_as_rsync_makes_it_both_ways_and_by_copy() {
 }
 
 #[test]
-fn without_d_specials_are_left_out_and_no_xattrs_leaves_attributes_out() {
+fn specials_only_when_asked_for_and_no_xattrs_leaves_attributes_out() {
     let tree = Tree::new();
     let src = tree.src("t");
     random_file(&src.join("f"), 100, 1);
@@ -348,12 +348,20 @@ fn without_d_specials_are_left_out_and_no_xattrs_leaves_attributes_out() {
     let out = tree.out("t");
     recv_tree("t", &daemon.addr(), &out, &[]).ok();
     assert_eq!(xattr(&out.join("f"), "user.k"), None);
-    // Without --no-xattrs the attribute comes along.
-    send_tree(&src, &daemon.addr(), "t", &[]).ok();
+    // Without --no-xattrs the attribute comes along; --specials makes the FIFO (--devices
+    // alone would not).
+    let devices = send_tree(&src, &daemon.addr(), "t", &["--devices"]).ok();
+    assert_json(&devices, "entries_skipped", 1);
     assert_eq!(
         xattr(&tree.root().join("t/f"), "user.k").as_deref(),
         Some(&b"v"[..])
     );
+    let specials = send_tree(&src, &daemon.addr(), "t", &["--specials"]).ok();
+    assert_json(&specials, "entries_skipped", 0);
+    assert!(fs::symlink_metadata(tree.root().join("t/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
 }
 
 /// A daemon without the privilege to chown keeps its own user, finishes the copy and counts

@@ -143,7 +143,9 @@ pub struct TreeOptions {
     pub safe_links: bool,
     /// Copy extended attributes and ACLs (not `--no-xattrs`).
     pub xattrs: bool,
-    /// Copy devices, FIFOs and sockets (`-D`).
+    /// Copy device files (`--devices`, `-D`).
+    pub devices: bool,
+    /// Copy FIFOs and sockets (`--specials`, `-D`).
     pub specials: bool,
 }
 
@@ -153,6 +155,7 @@ impl Default for TreeOptions {
             numeric_ids: false,
             safe_links: false,
             xattrs: true,
+            devices: false,
             specials: false,
         }
     }

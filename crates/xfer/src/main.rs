@@ -219,7 +219,8 @@ impl KeepArgs {
             numeric_ids: self.numeric_ids,
             safe_links: self.safe_links,
             xattrs: !self.no_xattrs,
-            specials: self.devices_and_specials || self.devices || self.specials,
+            devices: self.devices_and_specials || self.devices,
+            specials: self.devices_and_specials || self.specials,
         }
     }
 }

@@ -22,7 +22,7 @@ pub(crate) struct MetaPlan {
     receiver: HashMap<String, MetaEntry>,
     /// Names to link to a file of the same link group: (name, existing), relative to the top.
     pub(crate) hard_links: Vec<(String, String)>,
-    /// Device and special nodes to make (with `-D`).
+    /// Device and special nodes to make (`--devices`, `--specials`, `-D`).
     pub(crate) nodes: Vec<MetaEntry>,
     /// Files with holes: they go through the chunked path, which skips holes.
     sparse: HashSet<String>,
@@ -38,7 +38,7 @@ fn paths(entries: &[TreeEntry]) -> impl Iterator<Item = &str> {
 
 impl MetaPlan {
     /// Splits the source listing: hard-link names after the first of their group and nodes
-    /// (with `keep.specials`) are taken out; the rest is returned for the usual plan, with the
+    /// (those `keep` asks for) are taken out; the rest is returned for the usual plan, with the
     /// receiver's entries without their metadata.
     pub(crate) fn new(
         source: Vec<MetaEntry>,
@@ -75,7 +75,7 @@ impl MetaPlan {
                     }
                     leaders.insert(e.meta.link_group, entry.path.clone());
                 }
-                EntryKind::Special if keep.specials => {
+                EntryKind::Special if keep.wants(e.meta.st_mode) => {
                     let same = plan.receiver.get(&entry.path).is_some_and(|r| {
                         r.meta.st_mode & 0o170000 == e.meta.st_mode & 0o170000
                             && r.meta.rdev == e.meta.rdev
@@ -197,7 +197,7 @@ impl MetaPlan {
             let copied = match e.entry.kind {
                 EntryKind::Special => {
                     self.nodes.iter().any(|n| n.entry.path == path)
-                        || (self.keep.specials && self.receiver.contains_key(path))
+                        || (self.keep.wants(e.meta.st_mode) && self.receiver.contains_key(path))
                 }
                 EntryKind::Symlink => {
                     !self.keep.safe_links
@@ -265,6 +265,22 @@ impl Tally {
                      ({xattrs_refused}, first at {name}); the copy goes on without them"
                 );
             }
+        }
+    }
+}
+
+/// Which special entries a tree copy makes.
+trait WantsNode {
+    /// True when a node of `st_mode`'s type is to be copied.
+    fn wants(&self, st_mode: u32) -> bool;
+}
+
+impl WantsNode for TreeOptions {
+    fn wants(&self, st_mode: u32) -> bool {
+        match st_mode & 0o170000 {
+            0o020000 | 0o060000 => self.devices,
+            0o010000 | 0o140000 => self.specials,
+            _ => false,
         }
     }
 }
