@@ -1,0 +1,374 @@
+//! One client connection, from `Hello` to close: frames are checked by the sans-IO
+//! [`ServerSession`] and carried out here. A failure ends this connection only; the listener
+//! and every other connection carry on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+use xfer_core::{FrameReader, FrameWriter, SourceFile};
+use xfer_proto::session::{Request, ServerConfig, ServerSession};
+use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError, Welcome};
+
+use crate::registry::Lease;
+use crate::Shared;
+
+mod copy;
+mod download;
+mod handshake;
+mod tree;
+mod upload;
+
+use handshake::start_tls;
+use upload::{written, WriteBehind};
+
+const AGENT: &str = concat!("xferd/", env!("CARGO_PKG_VERSION"));
+
+type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
+/// Why a connection ended early. Each is logged once, where the connection ends.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error("{}", .0)]
+    Fatal(ErrorFrame),
+    #[error("client disconnected without Goodbye")]
+    PeerClosed,
+}
+
+impl From<xfer_proto::session::SessionError> for ConnError {
+    fn from(e: xfer_proto::session::SessionError) -> Self {
+        fatal(e.code(), e.to_string())
+    }
+}
+
+fn fatal(code: ErrorCode, message: impl Into<String>) -> ConnError {
+    ConnError::Fatal(ErrorFrame::new(code, message))
+}
+
+/// A transfer open on this connection, with what it has moved so far.
+enum Open {
+    Write {
+        lease: Lease,
+        name: String,
+        mode: u32,
+        crc_retries: u64,
+        bytes: u64,
+    },
+    Read {
+        source: SourceFile,
+        name: String,
+        bytes: u64,
+    },
+}
+
+struct Handler {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    session: ServerSession,
+    /// When the handshake (including a TLS one) must be done.
+    deadline: Instant,
+    reader: Reader,
+    writer: Writer,
+    open: HashMap<u64, Open>,
+    /// A request read while gathering a batch of small files, to be handled next.
+    pending: Option<Request>,
+    /// The chunk being written while the next one is read (acknowledged once written).
+    write_behind: Option<WriteBehind>,
+}
+
+/// Serves one connection to its end; logs how it ended.
+#[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
+pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+    let _ = socket.set_nodelay(true);
+    let mut nonce = vec![0u8; auth::NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let config = ServerConfig {
+        token: shared.config.token.clone(),
+        max_chunk: shared.config.chunk_size,
+        max_open: shared.config.max_transfers_per_conn,
+        tls: shared.config.tls.is_some(),
+    };
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut session = ServerSession::new(config, nonce, now_unix);
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let (reader, writer) = match &shared.config.tls {
+        None => {
+            let (read, write) = socket.into_split();
+            let reader: Reader = FrameReader::new(Box::new(read));
+            let writer: Writer = FrameWriter::new(Box::new(write));
+            (reader, writer)
+        }
+        Some(acceptor) => match start_tls(&mut session, socket, acceptor, deadline).await {
+            Ok(halves) => halves,
+            Err((err, socket)) => {
+                let frame = report(&err);
+                if let (Some(frame), Some(socket)) = (frame, socket) {
+                    let (read, write) = socket.into_split();
+                    close_with(
+                        &mut FrameReader::new(Box::new(read)),
+                        &mut FrameWriter::new(Box::new(write)),
+                        frame,
+                    )
+                    .await;
+                }
+                return;
+            }
+        },
+    };
+    let mut handler = Handler {
+        shared,
+        peer,
+        session,
+        deadline,
+        reader,
+        writer,
+        open: HashMap::new(),
+        pending: None,
+        write_behind: None,
+    };
+    let err = match handler.run().await {
+        Ok(()) => {
+            // Over TLS this sends close_notify, so the client sees a clean end.
+            let _ = handler.writer.shutdown().await;
+            handler.end_downloads(true);
+            return debug!("connection closed");
+        }
+        Err(err) => err,
+    };
+    // A chunk still being written lands (unacknowledged: the client sends it again) before
+    // the transfer is logged.
+    if let Some(write) = handler.write_behind.take() {
+        let _ = write.task.await;
+    }
+    if let Some(frame) = report(&err) {
+        close_with(&mut handler.reader, &mut handler.writer, frame).await;
+    }
+    handler.log_abandoned();
+    handler.end_downloads(false);
+}
+
+/// Logs how a connection ended and returns the error frame to send the client, if any.
+fn report(err: &ConnError) -> Option<ErrorFrame> {
+    let frame = match err {
+        ConnError::Proto(ProtoError::Io(_)) | ConnError::PeerClosed => None,
+        ConnError::Proto(e) => Some(ErrorFrame::new(e.code(), e.to_string())),
+        ConnError::Fatal(f) => Some(f.clone()),
+    };
+    match frame.as_ref().and_then(ErrorFrame::error_code) {
+        _ if matches!(err, ConnError::PeerClosed) => info!("{err}"),
+        Some(ErrorCode::Busy | ErrorCode::ShuttingDown) => {
+            info!(error = %err, "connection refused")
+        }
+        _ => warn!(error = %err, "connection ended with an error"),
+    }
+    frame
+}
+
+/// Tells a client it is over a limit, without reading its handshake, and closes.
+pub(crate) async fn refuse_busy(socket: TcpStream, peer: SocketAddr, why: &str) {
+    info!(%peer, "connection refused: {why}");
+    let (read, write) = socket.into_split();
+    let frame = ErrorFrame::new(ErrorCode::Busy, format!("server busy: {why}"));
+    let mut reader: Reader = FrameReader::new(Box::new(read));
+    let mut writer: Writer = FrameWriter::new(Box::new(write));
+    close_with(&mut reader, &mut writer, frame).await;
+}
+
+impl Handler {
+    async fn run(&mut self) -> Result<(), ConnError> {
+        let shared = Arc::clone(&self.shared);
+        let cfg = &shared.config;
+        let deadline = self.deadline;
+        let shutdown = shared.shutdown.clone();
+        let handshake = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
+            handshake = self.handshake(deadline) => handshake?,
+        };
+        let Some((version, proof)) = handshake else {
+            return Ok(());
+        };
+        // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
+        // has gone away meanwhile (its place in the queue would only delay the living).
+        let _permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
+            early = self.reader.read_frame() => return match early {
+                Ok(None) | Err(ProtoError::Io(_)) => Err(ConnError::PeerClosed),
+                Ok(Some(f)) => Err(fatal(ErrorCode::Protocol, format!("{} before Welcome", f.frame_type().name()))),
+                Err(e) => Err(e.into()),
+            },
+            permit = timeout(cfg.queue_timeout, shared.acquire_stream()) => match permit {
+                Ok(Ok(permit)) => permit,
+                _ => return Err(fatal(
+                    ErrorCode::Busy,
+                    format!("server busy: all {} streams in use for {:?}; try again later", cfg.max_streams, cfg.queue_timeout),
+                )),
+            },
+        };
+        let welcome = Welcome {
+            version,
+            capabilities: self.session.capabilities(),
+            max_chunk_size: cfg.chunk_size,
+            window: cfg.window,
+            agent: AGENT.into(),
+            proof,
+        };
+        self.writer.send(&Frame::Welcome(welcome)).await?;
+        loop {
+            let request = match self.pending.take() {
+                Some(request) => request,
+                None => {
+                    let frame = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            self.finish_write().await?;
+                            return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume"));
+                        }
+                        (chunk, result) = written(&mut self.write_behind) => {
+                            self.write_done(chunk, result).await?;
+                            continue;
+                        }
+                        frame = timeout(cfg.idle_timeout, self.reader.read_frame()) => match frame {
+                            Err(_) => return Err(fatal(ErrorCode::Protocol, format!("idle for {:?}", cfg.idle_timeout))),
+                            Ok(frame) => frame?,
+                        },
+                    };
+                    let Some(frame) = frame else {
+                        return Err(ConnError::PeerClosed);
+                    };
+                    self.session.handle_frame(frame)?
+                }
+            };
+            // A frame is handled to completion: shutdown is noticed only between frames, so a
+            // chunk is either written and acknowledged or not acknowledged at all. Only chunks
+            // are written behind; anything else waits for the chunk being written (a commit
+            // must see every byte acknowledged before it).
+            if !matches!(request, Request::Data(_)) {
+                self.finish_write().await?;
+            }
+            match request {
+                Request::OpenWrite(req) => self.open_write(req).await?,
+                Request::Data(data) => self.data(data).await?,
+                Request::Commit(c) => self.commit(c).await?,
+                Request::Digest(id) => self.digest(id).await?,
+                Request::OpenRead(req) => self.open_read(req).await?,
+                Request::ReadChunk(chunk) => self.read_chunk(chunk).await?,
+                Request::List(list) => self.list(&list.dir).await?,
+                Request::ListTree(req) => self.list_tree(req).await?,
+                Request::PutFile(req) => self.put_files(req).await?,
+                Request::MakeDir(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_dir(&req.name, req.mode, req.mtime_ns)
+                    })
+                    .await?
+                }
+                Request::MakeLink(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_link(&req.name, &req.target)
+                    })
+                    .await?
+                }
+                Request::GetFile(req) => self.get_files(req).await?,
+                Request::Sync => self.sync().await?,
+                Request::CopyTo(req) => self.copy_to(req).await?,
+                Request::Goodbye => return Ok(()),
+                Request::PeerError(e) => {
+                    info!(error = %e, "client reported an error");
+                    return Err(ConnError::PeerClosed);
+                }
+                Request::Hello { .. } | Request::Authenticated { .. } | Request::StartTls => {
+                    unreachable!("the session allows handshake frames only before Ready")
+                }
+            }
+        }
+    }
+
+    /// The root as this session may use it: under a copy grant no symlink is followed, so a
+    /// link inside the grant's scope cannot lead a write out of it.
+    fn root(&self) -> xfer_core::Root {
+        match self.session.scope() {
+            Some(_) => self.shared.config.root.without_symlinks(),
+            None => self.shared.config.root.clone(),
+        }
+    }
+
+    /// Answers a request with an error. Errors about the request leave the connection usable;
+    /// any other code (I/O, limits) ends it, as `proto.md` requires.
+    async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), ConnError> {
+        if !code.is_request_level() {
+            return Err(fatal(code, message));
+        }
+        self.writer
+            .send(&Frame::Error(ErrorFrame::new(code, message)))
+            .await?;
+        Ok(())
+    }
+
+    /// Tells the download log that this connection's downloads ended (`clean`: with `Goodbye`).
+    fn end_downloads(&self, clean: bool) {
+        for open in self.open.values() {
+            if let Open::Read {
+                source,
+                name,
+                bytes,
+                ..
+            } = open
+            {
+                let identity = source.identity();
+                self.shared
+                    .downloads
+                    .closed(self.peer, name, identity, *bytes, clean);
+            }
+        }
+    }
+
+    fn log_abandoned(&self) {
+        for open in self.open.values() {
+            match open {
+                Open::Write {
+                    lease, name, bytes, ..
+                } => info!(
+                    name = %name,
+                    received = bytes,
+                    held = lease.partial.held_bytes(),
+                    size = lease.partial.identity().size,
+                    "upload interrupted; resumable"
+                ),
+                Open::Read { name, bytes, .. } => {
+                    info!(name = %name, sent = bytes, "download interrupted")
+                }
+            }
+        }
+    }
+}
+
+const READ_ONLY: &str = "read-only server: uploads are disabled";
+
+/// Sends a last error frame, then closes without resetting the connection: the write side is
+/// shut first and unread input is drained briefly, so the peer gets to read the frame.
+async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame) {
+    let _ = timeout(std::time::Duration::from_secs(2), async {
+        writer.send(&Frame::Error(frame)).await?;
+        writer.shutdown().await?;
+        let mut sink = [0u8; 16 * 1024];
+        let mut drained = 0usize;
+        while drained < (1 << 20) {
+            match tokio::io::AsyncReadExt::read(reader.get_mut(), &mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, ProtoError>(())
+    })
+    .await;
+}
