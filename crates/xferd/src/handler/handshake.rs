@@ -1,23 +1,22 @@
 //! The handshake: TLS when the daemon has a certificate, then `Hello`, and `Challenge`/`Auth`
 //! when a token is set.
 
-use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info};
 use xfer_core::{FrameReader, FrameWriter};
 use xfer_proto::session::{Phase, Request, ServerSession};
 use xfer_proto::{Challenge, ErrorCode, Frame, ProtoError};
 
-use super::{fatal, ConnError, Handler, Reader, Writer};
+use super::{fatal, ConnError, Handler, Reader, Transport, Writer};
 
 /// Reads the plaintext `Hello`, which must ask for TLS, answers `StartTls` and runs the TLS
-/// handshake. On failure, returns the socket too while a plaintext error frame can still be sent.
-pub(super) async fn start_tls(
+/// handshake. On failure, returns the stream too while a plaintext error frame can still be sent.
+pub(super) async fn start_tls<S: Transport>(
     session: &mut ServerSession,
-    mut socket: TcpStream,
+    mut socket: S,
     acceptor: &crate::Tls,
     deadline: Instant,
-) -> Result<(Reader, Writer), (ConnError, Option<TcpStream>)> {
+) -> Result<(Reader, Writer), (ConnError, Option<S>)> {
     // The client sends nothing after this Hello until it reads StartTls, so a reader borrowed
     // for one frame cannot swallow the start of the TLS handshake.
     let frame = match timeout_at(deadline, FrameReader::new(&mut socket).read_frame()).await {

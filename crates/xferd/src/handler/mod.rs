@@ -23,6 +23,9 @@ mod handshake;
 mod tree;
 mod upload;
 
+#[cfg(test)]
+mod tests;
+
 use handshake::start_tls;
 use upload::{written, WriteBehind};
 
@@ -83,58 +86,57 @@ struct Handler {
     write_behind: Option<WriteBehind>,
 }
 
-/// Serves one connection to its end; logs how it ended.
+/// A byte stream a connection is served over: a TCP socket in the daemon, one end of an
+/// in-memory pipe in tests.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The stream as a frame reader and writer that can be used at once.
+    fn into_frames(self) -> (Reader, Writer)
+    where
+        Self: Sized,
+    {
+        let (read, write) = tokio::io::split(self);
+        (
+            FrameReader::new(Box::new(read)),
+            FrameWriter::new(Box::new(write)),
+        )
+    }
+}
+
+impl Transport for TcpStream {
+    /// Owned halves: reading and writing share no lock.
+    fn into_frames(self) -> (Reader, Writer) {
+        let (read, write) = self.into_split();
+        (
+            FrameReader::new(Box::new(read)),
+            FrameWriter::new(Box::new(write)),
+        )
+    }
+}
+
+#[cfg(test)]
+impl Transport for tokio::io::DuplexStream {}
+
+/// Serves one connection to its end; logs how it ended. `peer` names the client in logs and
+/// in the download log.
 #[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
-pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
-    let _ = socket.set_nodelay(true);
-    let mut nonce = vec![0u8; auth::NONCE_LEN];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-    let config = ServerConfig {
-        token: shared.config.token.clone(),
-        max_chunk: shared.config.chunk_size,
-        max_open: shared.config.max_transfers_per_conn,
-        tls: shared.config.tls.is_some(),
-    };
-    let now_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut session = ServerSession::new(config, nonce, now_unix);
+pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: SocketAddr) {
+    let mut session = new_session(&shared);
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let (reader, writer) = match &shared.config.tls {
-        None => {
-            let (read, write) = socket.into_split();
-            let reader: Reader = FrameReader::new(Box::new(read));
-            let writer: Writer = FrameWriter::new(Box::new(write));
-            (reader, writer)
-        }
-        Some(acceptor) => match start_tls(&mut session, socket, acceptor, deadline).await {
+        None => stream.into_frames(),
+        Some(acceptor) => match start_tls(&mut session, stream, acceptor, deadline).await {
             Ok(halves) => halves,
-            Err((err, socket)) => {
+            Err((err, stream)) => {
                 let frame = report(&err);
-                if let (Some(frame), Some(socket)) = (frame, socket) {
-                    let (read, write) = socket.into_split();
-                    close_with(
-                        &mut FrameReader::new(Box::new(read)),
-                        &mut FrameWriter::new(Box::new(write)),
-                        frame,
-                    )
-                    .await;
+                if let (Some(frame), Some(stream)) = (frame, stream) {
+                    let (mut reader, mut writer) = stream.into_frames();
+                    close_with(&mut reader, &mut writer, frame).await;
                 }
                 return;
             }
         },
     };
-    let mut handler = Handler {
-        shared,
-        peer,
-        session,
-        deadline,
-        reader,
-        writer,
-        open: HashMap::new(),
-        pending: None,
-        write_behind: None,
-    };
+    let mut handler = Handler::new(shared, peer, session, deadline, (reader, writer));
     let err = match handler.run().await {
         Ok(()) => {
             // Over TLS this sends close_notify, so the client sees a clean end.
@@ -156,6 +158,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
     handler.end_downloads(false);
 }
 
+/// A session for a connection accepted now, with a fresh nonce.
+fn new_session(shared: &Shared) -> ServerSession {
+    let mut nonce = vec![0u8; auth::NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let config = ServerConfig {
+        token: shared.config.token.clone(),
+        max_chunk: shared.config.chunk_size,
+        max_open: shared.config.max_transfers_per_conn,
+        tls: shared.config.tls.is_some(),
+    };
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ServerSession::new(config, nonce, now_unix)
+}
+
 /// Logs how a connection ended and returns the error frame to send the client, if any.
 fn report(err: &ConnError) -> Option<ErrorFrame> {
     let frame = match err {
@@ -174,16 +192,34 @@ fn report(err: &ConnError) -> Option<ErrorFrame> {
 }
 
 /// Tells a client it is over a limit, without reading its handshake, and closes.
-pub(crate) async fn refuse_busy(socket: TcpStream, peer: SocketAddr, why: &str) {
+pub(crate) async fn refuse_busy(stream: impl Transport, peer: SocketAddr, why: &str) {
     info!(%peer, "connection refused: {why}");
-    let (read, write) = socket.into_split();
     let frame = ErrorFrame::new(ErrorCode::Busy, format!("server busy: {why}"));
-    let mut reader: Reader = FrameReader::new(Box::new(read));
-    let mut writer: Writer = FrameWriter::new(Box::new(write));
+    let (mut reader, mut writer) = stream.into_frames();
     close_with(&mut reader, &mut writer, frame).await;
 }
 
 impl Handler {
+    fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        session: ServerSession,
+        deadline: Instant,
+        (reader, writer): (Reader, Writer),
+    ) -> Self {
+        Self {
+            shared,
+            peer,
+            session,
+            deadline,
+            reader,
+            writer,
+            open: HashMap::new(),
+            pending: None,
+            write_behind: None,
+        }
+    }
+
     async fn run(&mut self) -> Result<(), ConnError> {
         let shared = Arc::clone(&self.shared);
         let cfg = &shared.config;

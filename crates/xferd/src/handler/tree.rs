@@ -186,7 +186,7 @@ impl Handler {
     /// `first` and the requests of its kind already buffered behind it, up to
     /// `BATCH_FILES` of them and `BATCH_BYTES` as `size` counts; a request of another
     /// kind read meanwhile is kept to be handled next.
-    fn gather<T>(
+    pub(super) fn gather<T>(
         &mut self,
         first: T,
         size: impl Fn(&T) -> usize,
