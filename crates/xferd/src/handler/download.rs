@@ -3,7 +3,7 @@
 use tracing::info;
 use xfer_core::{CoreError, SourceFile};
 use xfer_proto::session::TransferKind;
-use xfer_proto::{ByteRange, ChunkRef, Commit, Data, Frame, OpenRead, ReadOpened};
+use xfer_proto::{ByteRange, ChunkRef, Data, DigestReply, Frame, OpenRead, ReadOpened};
 
 use super::{fatal, ConnError, Handler, Open};
 use crate::registry::blocking;
@@ -82,7 +82,7 @@ impl Handler {
         self.shared
             .downloads
             .digest_served(self.peer, name, source.identity());
-        let reply = Commit {
+        let reply = DigestReply {
             transfer_id: id,
             digest: digest.to_vec(),
         };
