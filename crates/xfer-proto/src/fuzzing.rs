@@ -4,8 +4,10 @@
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use crate::session::{Phase, Request, ServerConfig, ServerSession, TransferKind};
-use crate::{auth, Auth, Frame, FrameCodec};
+use std::time::{Duration, Instant};
+
+use crate::session::{Handshake, Phase, Request, ServerConfig, ServerSession};
+use crate::{auth, Auth, Frame, FrameCodec, CAP_AUTH, CAP_TLS};
 
 /// Decodes `data` as a stream of frames; every frame decoded must re-encode to a frame that
 /// decodes equal to it.
@@ -43,33 +45,68 @@ pub fn session_script(data: &[u8]) {
         max_chunk: 1 << 16,
         max_open: 4,
         tls: flags & 4 != 0,
+        window: 2,
+        agent: "fuzz".into(),
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(300),
     };
-    let mut session = ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000);
+    // The session reads no clock; any instant does for it.
+    let start = Instant::now();
+    let mut session: ServerSession<u64, ()> =
+        ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000, start);
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(rest);
     let mut client_nonce = Vec::new();
     while let Ok(Some(mut frame)) = codec.decode_eof(&mut buf) {
-        if flags & 2 != 0 && session.phase() == Phase::AwaitAuth {
-            let token = token.expect("AwaitAuth only with a token");
-            let proof = auth::client_proof(token, &client_nonce, session.nonce());
-            frame = Frame::Auth(Auth { proof, grant: None });
+        if session.phase() != Phase::Ready {
+            if flags & 2 != 0 && session.phase() == Phase::AwaitAuth {
+                let token = token.expect("AwaitAuth only with a token");
+                let proof = auth::client_proof(token, &client_nonce, session.nonce());
+                frame = Frame::Auth(Auth { proof, grant: None });
+            }
+            if let Frame::Hello(h) = &frame {
+                client_nonce.clone_from(&h.nonce);
+            }
+            assert!(session.poll_timeout(start) <= start.checked_add(Duration::from_secs(10)));
+            match session.handle_handshake(frame) {
+                Ok(Handshake::Admitted) => {
+                    assert_eq!(session.phase(), Phase::Ready);
+                    let welcome = session.welcome();
+                    assert_eq!(welcome.capabilities & !(CAP_AUTH | CAP_TLS), 0);
+                }
+                // The daemon would switch to TLS here; the next frames stand for what it decrypts.
+                Ok(Handshake::StartTls | Handshake::Challenge(_)) => {}
+                Ok(Handshake::PeerError(_)) | Err(_) => return,
+            }
+            continue;
         }
-        if let Frame::Hello(h) = &frame {
-            client_nonce.clone_from(&h.nonce);
-        }
-        let Ok(request) = session.handle_frame(frame) else {
+        let Ok(request) = session.handle_request(frame) else {
             return;
         };
         match request {
             Request::OpenWrite(req) => {
-                session.opened(TransferKind::Upload, req.identity.size);
+                session.open_upload(req.identity.size, 0);
             }
             Request::OpenRead(req) => {
-                session.opened(TransferKind::Download, req.name.len() as u64);
+                session.open_download(req.name.len() as u64, ());
             }
-            Request::Commit(c) => session.closed(c.transfer_id),
-            // The daemon would switch to TLS here; the next frames stand for what it decrypts.
-            Request::StartTls => {}
+            Request::Data(id, data) => {
+                let received = session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+                *received += data.payload.len() as u64;
+            }
+            Request::ReadChunk(id, _) | Request::Digest(id) => {
+                session
+                    .download(id)
+                    .expect("a handle the session gave is open");
+            }
+            Request::Commit(id, _) => {
+                session
+                    .close_upload(id)
+                    .expect("a handle the session gave is open");
+                assert!(session.upload(id).is_err(), "a closed upload stays closed");
+            }
             Request::Goodbye | Request::PeerError(_) | Request::CopyTo(_) => return,
             _ => {}
         }

@@ -2,10 +2,10 @@
 
 use tracing::info;
 use xfer_core::{CoreError, SourceFile};
-use xfer_proto::session::TransferKind;
+use xfer_proto::session::DownloadId;
 use xfer_proto::{ByteRange, ChunkRef, Data, DigestReply, Frame, OpenRead, ReadOpened};
 
-use super::{fatal, ConnError, Handler, Open};
+use super::{fatal, ConnError, Download, Handler};
 use crate::registry::blocking;
 
 impl Handler {
@@ -19,25 +19,22 @@ impl Handler {
             }
         };
         let identity = source.identity();
-        let id = self.session.opened(TransferKind::Download, identity.size);
         let resumed: u64 = if req.have_identity == Some(identity) {
             req.have.iter().map(ByteRange::len).sum()
         } else {
             0
         };
+        let mode = source.mode();
+        let download = Download {
+            source,
+            name: req.name.clone(),
+            bytes: 0,
+        };
+        let id = self.session.open_download(identity.size, download).get();
         info!(name = %req.name, size = identity.size, resumed_bytes = resumed, transfer_id = id, "download opened");
         self.shared
             .downloads
             .opened(self.peer, &req.name, identity, resumed);
-        let mode = source.mode();
-        self.open.insert(
-            id,
-            Open::Read {
-                source,
-                name: req.name,
-                bytes: 0,
-            },
-        );
         self.writer
             .send(&Frame::ReadOpened(ReadOpened {
                 transfer_id: id,
@@ -48,10 +45,12 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) async fn read_chunk(&mut self, chunk: ChunkRef) -> Result<(), ConnError> {
-        let Some(Open::Read { source, bytes, .. }) = self.open.get_mut(&chunk.transfer_id) else {
-            unreachable!("the session checked the transfer id")
-        };
+    pub(super) async fn read_chunk(
+        &mut self,
+        id: DownloadId,
+        chunk: ChunkRef,
+    ) -> Result<(), ConnError> {
+        let Download { source, bytes, .. } = self.session.download(id)?;
         let range = ByteRange::new(chunk.offset, chunk.offset + u64::from(chunk.len));
         let payload = match source.check_unchanged() {
             Ok(()) => source.read(range).await,
@@ -70,10 +69,8 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) async fn digest(&mut self, id: u64) -> Result<(), ConnError> {
-        let Some(Open::Read { source, name, .. }) = self.open.get(&id) else {
-            unreachable!("the session checked the transfer id")
-        };
+    pub(super) async fn digest(&mut self, id: DownloadId) -> Result<(), ConnError> {
+        let Download { source, name, .. } = self.session.download(id)?;
         let digest = match source.check_unchanged() {
             Ok(()) => source.digest().await,
             Err(e) => Err(e),
@@ -83,7 +80,7 @@ impl Handler {
             .downloads
             .digest_served(self.peer, name, source.identity());
         let reply = DigestReply {
-            transfer_id: id,
+            transfer_id: id.get(),
             digest: digest.to_vec(),
         };
         self.writer.send(&Frame::DigestReply(reply)).await?;

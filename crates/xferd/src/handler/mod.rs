@@ -2,17 +2,16 @@
 //! [`ServerSession`] and carried out here. A failure ends this connection only; the listener
 //! and every other connection carry on.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xfer_core::{FrameReader, FrameWriter, SourceFile};
 use xfer_proto::session::{Request, ServerConfig, ServerSession};
-use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError, Welcome};
+use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError};
 
 use crate::registry::Lease;
 use crate::Shared;
@@ -55,31 +54,45 @@ fn fatal(code: ErrorCode, message: impl Into<String>) -> ConnError {
     ConnError::Fatal(ErrorFrame::new(code, message))
 }
 
-/// A transfer open on this connection, with what it has moved so far.
-enum Open {
-    Write {
-        lease: Lease,
-        name: String,
-        mode: u32,
-        crc_retries: u64,
-        bytes: u64,
-    },
-    Read {
-        source: SourceFile,
-        name: String,
-        bytes: u64,
-    },
+/// What a connection keeps for an upload open in its session.
+struct Upload {
+    lease: Lease,
+    name: String,
+    mode: u32,
+    crc_retries: u64,
+    /// Bytes received and acknowledged on this connection.
+    bytes: u64,
+}
+
+/// What a connection keeps for a download open in its session.
+struct Download {
+    source: SourceFile,
+    name: String,
+    /// Bytes sent on this connection.
+    bytes: u64,
+}
+
+/// The protocol state of a connection, open transfers included.
+type Session = ServerSession<Upload, Download>;
+
+/// `fut`, unless `deadline` comes first (then `None`).
+async fn within<F: std::future::Future>(
+    deadline: Option<std::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => timeout_at(Instant::from_std(deadline), fut).await.ok(),
+        None => Some(fut.await),
+    }
 }
 
 struct Handler {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    session: ServerSession,
-    /// When the handshake (including a TLS one) must be done.
-    deadline: Instant,
+    /// The protocol state, and the transfers open on this connection.
+    session: Session,
     reader: Reader,
     writer: Writer,
-    open: HashMap<u64, Open>,
     /// A request read while gathering a batch of small files, to be handled next.
     pending: Option<Request>,
     /// The chunk being written while the next one is read (acknowledged once written).
@@ -121,10 +134,9 @@ impl Transport for tokio::io::DuplexStream {}
 #[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
 pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: SocketAddr) {
     let mut session = new_session(&shared);
-    let deadline = Instant::now() + shared.config.handshake_timeout;
     let (reader, writer) = match &shared.config.tls {
         None => stream.into_frames(),
-        Some(acceptor) => match start_tls(&mut session, stream, acceptor, deadline).await {
+        Some(acceptor) => match start_tls(&mut session, stream, acceptor).await {
             Ok(halves) => halves,
             Err((err, stream)) => {
                 let frame = report(&err);
@@ -136,7 +148,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
             }
         },
     };
-    let mut handler = Handler::new(shared, peer, session, deadline, (reader, writer));
+    let mut handler = Handler::new(shared, peer, session, (reader, writer));
     let err = match handler.run().await {
         Ok(()) => {
             // Over TLS this sends close_notify, so the client sees a clean end.
@@ -159,7 +171,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
 }
 
 /// A session for a connection accepted now, with a fresh nonce.
-fn new_session(shared: &Shared) -> ServerSession {
+fn new_session(shared: &Shared) -> Session {
     let mut nonce = vec![0u8; auth::NONCE_LEN];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
     let config = ServerConfig {
@@ -167,11 +179,15 @@ fn new_session(shared: &Shared) -> ServerSession {
         max_chunk: shared.config.chunk_size,
         max_open: shared.config.max_transfers_per_conn,
         tls: shared.config.tls.is_some(),
+        window: shared.config.window,
+        agent: AGENT.into(),
+        handshake_timeout: shared.config.handshake_timeout,
+        idle_timeout: shared.config.idle_timeout,
     };
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    ServerSession::new(config, nonce, now_unix)
+    ServerSession::new(config, nonce, now_unix, std::time::Instant::now())
 }
 
 /// Logs how a connection ended and returns the error frame to send the client, if any.
@@ -203,18 +219,15 @@ impl Handler {
     fn new(
         shared: Arc<Shared>,
         peer: SocketAddr,
-        session: ServerSession,
-        deadline: Instant,
+        session: Session,
         (reader, writer): (Reader, Writer),
     ) -> Self {
         Self {
             shared,
             peer,
             session,
-            deadline,
             reader,
             writer,
-            open: HashMap::new(),
             pending: None,
             write_behind: None,
         }
@@ -223,16 +236,15 @@ impl Handler {
     async fn run(&mut self) -> Result<(), ConnError> {
         let shared = Arc::clone(&self.shared);
         let cfg = &shared.config;
-        let deadline = self.deadline;
         let shutdown = shared.shutdown.clone();
-        let handshake = tokio::select! {
+        let admitted = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
-            handshake = self.handshake(deadline) => handshake?,
+            admitted = self.handshake() => admitted?,
         };
-        let Some((version, proof)) = handshake else {
+        if !admitted {
             return Ok(());
-        };
+        }
         // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
         // has gone away meanwhile (its place in the queue would only delay the living).
         let _permit = tokio::select! {
@@ -251,54 +263,48 @@ impl Handler {
                 )),
             },
         };
-        let welcome = Welcome {
-            version,
-            capabilities: self.session.capabilities(),
-            max_chunk_size: cfg.chunk_size,
-            window: cfg.window,
-            agent: AGENT.into(),
-            proof,
-        };
+        let welcome = self.session.welcome();
         self.writer.send(&Frame::Welcome(welcome)).await?;
         loop {
             let request = match self.pending.take() {
                 Some(request) => request,
                 None => {
+                    let deadline = self.session.poll_timeout(std::time::Instant::now());
                     let frame = tokio::select! {
                         biased;
                         () = shutdown.cancelled() => {
                             self.finish_write().await?;
                             return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume"));
                         }
-                        (chunk, result) = written(&mut self.write_behind) => {
-                            self.write_done(chunk, result).await?;
+                        (upload, chunk, result) = written(&mut self.write_behind) => {
+                            self.write_done(upload, chunk, result).await?;
                             continue;
                         }
-                        frame = timeout(cfg.idle_timeout, self.reader.read_frame()) => match frame {
-                            Err(_) => return Err(fatal(ErrorCode::Protocol, format!("idle for {:?}", cfg.idle_timeout))),
-                            Ok(frame) => frame?,
+                        frame = within(deadline, self.reader.read_frame()) => match frame {
+                            None => return Err(self.session.timed_out().into()),
+                            Some(frame) => frame?,
                         },
                     };
                     let Some(frame) = frame else {
                         return Err(ConnError::PeerClosed);
                     };
-                    self.session.handle_frame(frame)?
+                    self.session.handle_request(frame)?
                 }
             };
             // A frame is handled to completion: shutdown is noticed only between frames, so a
             // chunk is either written and acknowledged or not acknowledged at all. Only chunks
             // are written behind; anything else waits for the chunk being written (a commit
             // must see every byte acknowledged before it).
-            if !matches!(request, Request::Data(_)) {
+            if !matches!(request, Request::Data(..)) {
                 self.finish_write().await?;
             }
             match request {
                 Request::OpenWrite(req) => self.open_write(req).await?,
-                Request::Data(data) => self.data(data).await?,
-                Request::Commit(c) => self.commit(c).await?,
+                Request::Data(id, data) => self.data(id, data).await?,
+                Request::Commit(id, c) => self.commit(id, c).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
-                Request::ReadChunk(chunk) => self.read_chunk(chunk).await?,
+                Request::ReadChunk(id, chunk) => self.read_chunk(id, chunk).await?,
                 Request::List(list) => self.list(&list.dir).await?,
                 Request::ListTree(req) => self.list_tree(req).await?,
                 Request::PutFile(req) => self.put_files(req).await?,
@@ -321,9 +327,6 @@ impl Handler {
                 Request::PeerError(e) => {
                     info!(error = %e, "client reported an error");
                     return Err(ConnError::PeerClosed);
-                }
-                Request::Hello { .. } | Request::Authenticated { .. } | Request::StartTls => {
-                    unreachable!("the session allows handshake frames only before Ready")
                 }
             }
         }
@@ -352,38 +355,34 @@ impl Handler {
 
     /// Tells the download log that this connection's downloads ended (`clean`: with `Goodbye`).
     fn end_downloads(&self, clean: bool) {
-        for open in self.open.values() {
-            if let Open::Read {
-                source,
-                name,
-                bytes,
-                ..
-            } = open
-            {
-                let identity = source.identity();
-                self.shared
-                    .downloads
-                    .closed(self.peer, name, identity, *bytes, clean);
-            }
+        for Download {
+            source,
+            name,
+            bytes,
+        } in self.session.downloads()
+        {
+            let identity = source.identity();
+            self.shared
+                .downloads
+                .closed(self.peer, name, identity, *bytes, clean);
         }
     }
 
     fn log_abandoned(&self) {
-        for open in self.open.values() {
-            match open {
-                Open::Write {
-                    lease, name, bytes, ..
-                } => info!(
-                    name = %name,
-                    received = bytes,
-                    held = lease.partial.held_bytes(),
-                    size = lease.partial.identity().size,
-                    "upload interrupted; resumable"
-                ),
-                Open::Read { name, bytes, .. } => {
-                    info!(name = %name, sent = bytes, "download interrupted")
-                }
-            }
+        for Upload {
+            lease, name, bytes, ..
+        } in self.session.uploads()
+        {
+            info!(
+                name = %name,
+                received = bytes,
+                held = lease.partial.held_bytes(),
+                size = lease.partial.identity().size,
+                "upload interrupted; resumable"
+            );
+        }
+        for Download { name, bytes, .. } in self.session.downloads() {
+            info!(name = %name, sent = bytes, "download interrupted");
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use xfer_core::{FrameReader, FrameWriter};
-use xfer_proto::session::Request;
+use xfer_proto::session::{Handshake, Request};
 use xfer_proto::{
     auth, Auth, ChunkRef, Commit, Data, ErrorCode, FileIdentity, Frame, GetFile, Hello, OpenWrite,
     PutFile, Welcome, CAP_AUTH, PROTOCOL_VERSION,
@@ -205,7 +205,6 @@ async fn buffered_small_file_requests_are_gathered_into_one_batch() {
         Arc::clone(&shared),
         PEER,
         new_session(&shared),
-        tokio::time::Instant::now(),
         theirs.into_frames(),
     );
     let (_read, write) = tokio::io::split(ours);
@@ -227,11 +226,11 @@ async fn buffered_small_file_requests_are_gathered_into_one_batch() {
     client.send_all(&frames).await.unwrap();
     let hello = handler.reader.read_frame().await.unwrap().unwrap();
     assert!(matches!(
-        handler.session.handle_frame(hello),
-        Ok(Request::Hello { .. })
+        handler.session.handle_handshake(hello),
+        Ok(Handshake::Admitted)
     ));
     let first = handler.reader.read_frame().await.unwrap().unwrap();
-    let Ok(Request::PutFile(first)) = handler.session.handle_frame(first) else {
+    let Ok(Request::PutFile(first)) = handler.session.handle_request(first) else {
         panic!("want PutFile")
     };
     let batch = handler

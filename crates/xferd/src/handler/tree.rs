@@ -198,7 +198,7 @@ impl Handler {
             let Some(frame) = self.reader.buffered_frame()? else {
                 break;
             };
-            match pick(self.session.handle_frame(frame)?) {
+            match pick(self.session.handle_request(frame)?) {
                 Ok(req) => {
                     bytes += size(&req);
                     batch.push(req);

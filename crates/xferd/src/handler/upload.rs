@@ -5,20 +5,22 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use xfer_core::digest::DIGEST_LEN;
 use xfer_core::CoreError;
-use xfer_proto::session::TransferKind;
+use xfer_proto::session::UploadId;
 use xfer_proto::{ChunkRef, Commit, Data, ErrorCode, Frame, OpenWrite, WriteOpened};
 
-use super::{fatal, ConnError, Handler, Open, READ_ONLY};
+use super::{fatal, ConnError, Handler, Upload, READ_ONLY};
 
 /// One chunk's write to disk, running beside the connection's reads: receiving chunk N+1
 /// while chunk N goes to the page cache keeps a single connection streaming instead of
 /// alternating between the socket and the disk.
 pub(super) struct WriteBehind {
+    pub(super) upload: UploadId,
     pub(super) chunk: ChunkRef,
     pub(super) task: tokio::task::JoinHandle<Result<(), CoreError>>,
 }
 
 pub(super) type Written = (
+    UploadId,
     ChunkRef,
     Result<Result<(), CoreError>, tokio::task::JoinError>,
 );
@@ -30,9 +32,9 @@ pub(super) async fn written(slot: &mut Option<WriteBehind>) -> Written {
         return std::future::pending().await;
     };
     let result = (&mut write.task).await;
-    let chunk = write.chunk;
+    let (upload, chunk) = (write.upload, write.chunk);
     *slot = None;
-    (chunk, result)
+    (upload, chunk, result)
 }
 
 impl Handler {
@@ -54,24 +56,22 @@ impl Handler {
                 return self.reply_error(e.code(), e.to_string()).await;
             }
         };
-        let id = self.session.opened(TransferKind::Upload, req.identity.size);
         let held = lease.partial.held();
+        let held_bytes = lease.partial.held_bytes();
+        let upload = Upload {
+            lease,
+            name: req.name.clone(),
+            mode: req.mode,
+            crc_retries: 0,
+            bytes: 0,
+        };
+        let id = self.session.open_upload(req.identity.size, upload).get();
         info!(
             name = %req.name,
             size = req.identity.size,
-            held = lease.partial.held_bytes(),
+            held = held_bytes,
             transfer_id = id,
             "upload opened"
-        );
-        self.open.insert(
-            id,
-            Open::Write {
-                lease,
-                name: req.name,
-                mode: req.mode,
-                crc_retries: 0,
-                bytes: 0,
-            },
         );
         self.writer
             .send(&Frame::WriteOpened(WriteOpened {
@@ -82,19 +82,16 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) async fn data(&mut self, data: Data) -> Result<(), ConnError> {
+    pub(super) async fn data(&mut self, id: UploadId, data: Data) -> Result<(), ConnError> {
         // One chunk is written behind at a time, and answers go out in the order the frames
         // came in: the chunk before this one is written and acknowledged first.
         self.finish_write().await?;
-        let Some(Open::Write {
+        let Upload {
             lease,
             name,
             crc_retries,
             ..
-        }) = self.open.get_mut(&data.transfer_id)
-        else {
-            unreachable!("the session checked the transfer id")
-        };
+        } = self.session.upload(id)?;
         let chunk = ChunkRef {
             transfer_id: data.transfer_id,
             offset: data.offset,
@@ -110,7 +107,11 @@ impl Handler {
         let partial = Arc::clone(&lease.partial);
         let task =
             tokio::spawn(async move { partial.write(data.offset, data.payload, data.crc32).await });
-        self.write_behind = Some(WriteBehind { chunk, task });
+        self.write_behind = Some(WriteBehind {
+            upload: id,
+            chunk,
+            task,
+        });
         Ok(())
     }
 
@@ -119,19 +120,19 @@ impl Handler {
         if self.write_behind.is_none() {
             return Ok(());
         }
-        let (chunk, result) = written(&mut self.write_behind).await;
-        self.write_done(chunk, result).await
+        let (upload, chunk, result) = written(&mut self.write_behind).await;
+        self.write_done(upload, chunk, result).await
     }
 
     /// A chunk's write ended: acknowledge it, or end the connection with the write's error.
     pub(super) async fn write_done(
         &mut self,
+        upload: UploadId,
         chunk: ChunkRef,
         result: Result<Result<(), CoreError>, tokio::task::JoinError>,
     ) -> Result<(), ConnError> {
-        let Some(Open::Write { name, bytes, .. }) = self.open.get_mut(&chunk.transfer_id) else {
-            unreachable!("a transfer stays open while a chunk of it is written")
-        };
+        // Open still: every other request waits for the chunk being written.
+        let Upload { name, bytes, .. } = self.session.upload(upload)?;
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(fatal(e.code(), format!("{name}: {e}"))),
@@ -143,23 +144,18 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) async fn commit(&mut self, c: Commit) -> Result<(), ConnError> {
-        let id = c.transfer_id;
-        let Some(Open::Write {
+    pub(super) async fn commit(&mut self, id: UploadId, c: Commit) -> Result<(), ConnError> {
+        let Upload {
             lease, name, mode, ..
-        }) = self.open.get(&id)
-        else {
-            unreachable!("the session checked the transfer id")
-        };
-        let partial = Arc::clone(&lease.partial);
-        let name = name.clone();
+        } = self.session.upload(id)?;
+        let (partial, name, mode) = (Arc::clone(&lease.partial), name.clone(), *mode);
         let expected = match <[u8; DIGEST_LEN]>::try_from(c.digest.as_slice()) {
             Ok(d) => Some(d),
             Err(_) if c.digest.is_empty() => None,
             Err(_) => return Err(fatal(ErrorCode::Protocol, "Commit digest is not 16 bytes")),
         };
         let digest = match partial
-            .commit(*mode, partial.identity().mtime_ns, expected)
+            .commit(mode, partial.identity().mtime_ns, expected)
             .await
         {
             Ok(digest) => digest,
@@ -168,21 +164,14 @@ impl Handler {
                 if matches!(e, CoreError::Corrupt(_)) {
                     self.shared.metrics.uploads.failed.inc();
                     // The partial is gone: forget the upload so the next attempt opens it anew.
-                    if let Some(Open::Write { lease, .. }) = self.open.remove(&id) {
-                        lease.retire();
-                    }
-                    self.session.closed(id);
+                    self.session.close_upload(id)?.lease.retire();
                 }
                 return self.reply_error(e.code(), e.to_string()).await;
             }
         };
-        let Some(Open::Write {
+        let Upload {
             lease, crc_retries, ..
-        }) = self.open.remove(&id)
-        else {
-            unreachable!("checked above")
-        };
-        self.session.closed(id);
+        } = self.session.close_upload(id)?;
         lease.retire();
         self.shared.metrics.uploads.completed.inc();
         let size = partial.identity().size;
@@ -199,7 +188,7 @@ impl Handler {
             "upload complete"
         );
         let reply = Commit {
-            transfer_id: id,
+            transfer_id: id.get(),
             digest: digest.to_vec(),
         };
         self.writer.send(&Frame::Committed(reply)).await?;
