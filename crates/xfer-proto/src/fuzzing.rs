@@ -6,6 +6,7 @@ use tokio_util::codec::Decoder;
 
 use std::time::{Duration, Instant};
 
+use crate::client::{ClientConfig, ClientSession, Step};
 use crate::session::{Handshake, Phase, Request, ServerConfig, ServerSession};
 use crate::{auth, Auth, Frame, FrameCodec, CAP_AUTH, CAP_TLS};
 
@@ -114,6 +115,41 @@ pub fn session_script(data: &[u8]) {
     }
 }
 
+/// Feeds the frames in `data[1..]` to a [`ClientSession`] as the client would, as if a server
+/// sent them. Bit 0 of `data[0]` gives the client a token; bit 1 makes it ask for TLS. Whatever
+/// comes, only a `Welcome` within what the client offered is accepted.
+pub fn client_script(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let config = ClientConfig {
+        key: (flags & 1 != 0).then(|| b"fuzz-token".as_slice().into()),
+        grant: None,
+        tls: flags & 2 != 0,
+        agent: "fuzz".into(),
+    };
+    let mut client = ClientSession::new(config, vec![0xa5; auth::NONCE_LEN]);
+    client.hello();
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::from(rest);
+    while let Ok(Some(frame)) = codec.decode_eof(&mut buf) {
+        match client.handle_frame(frame) {
+            Ok(Step::StartTls) => {
+                client.hello();
+            }
+            Ok(Step::Send(frame)) => assert!(matches!(frame, Frame::Auth(_))),
+            Ok(Step::Welcomed(welcome)) => {
+                assert!((1..=crate::PROTOCOL_VERSION).contains(&welcome.version));
+                assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
+                let offered = CAP_AUTH | if flags & 2 != 0 { CAP_TLS } else { 0 };
+                assert_eq!(welcome.capabilities & !offered, 0);
+                assert!(client.is_done());
+            }
+            Err(_) => assert!(client.is_done(), "a failed handshake stays failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -127,6 +163,7 @@ mod tests {
         for (target, run) in [
             ("decode_frame", super::decode_frames as fn(&[u8])),
             ("session_script", super::session_script as fn(&[u8])),
+            ("client_script", super::client_script as fn(&[u8])),
         ] {
             for entry in std::fs::read_dir(corpus.join(target)).expect("corpus directory") {
                 let path = entry.expect("corpus entry").path();
