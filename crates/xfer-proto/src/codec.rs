@@ -251,6 +251,17 @@ mod tests {
         ]
     }
 
+    /// A body that does not hold what its type needs: short, or not decodable.
+    fn assert_malformed(err: &ProtoError) {
+        assert!(
+            matches!(
+                err,
+                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
+            ),
+            "{err}"
+        );
+    }
+
     fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, ProtoError> {
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::from(bytes);
@@ -469,13 +480,7 @@ mod tests {
         frame.put_u8(FrameType::List as u8);
         frame.put_u64(u64::MAX);
         let err = decode_all(&frame).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
-            ),
-            "{err}"
-        );
+        assert_malformed(&err);
     }
 
     #[test]
@@ -550,13 +555,7 @@ mod tests {
         let mut old = plain[..plain.len() - 1].to_vec();
         old[3] -= 1;
         let err = decode_all(&old).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
-            ),
-            "{err}"
-        );
+        assert_malformed(&err);
     }
 
     #[test]
