@@ -32,7 +32,8 @@ pub fn decode_frames(data: &[u8]) {
 /// Feeds the frames in `data[1..]` to a [`ServerSession`] as a daemon would. Bit 0 of `data[0]`
 /// gives the session a token; bit 1 makes the script answer a challenge correctly, so that
 /// sessions with a token also reach the request phase; bit 2 makes the daemon require TLS.
-pub fn session_script(data: &[u8]) {
+/// `start` is when the connection was accepted (this crate reads no clock).
+pub fn session_script(data: &[u8], start: Instant) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
@@ -51,8 +52,6 @@ pub fn session_script(data: &[u8]) {
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(300),
     };
-    // The session reads no clock; any instant does for it.
-    let start = Instant::now();
     let mut session: ServerSession<u64, ()> =
         ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000, start);
     let mut codec = FrameCodec::default();
@@ -154,6 +153,10 @@ pub fn client_script(data: &[u8]) {
 mod tests {
     use std::path::Path;
 
+    fn session_script_now(data: &[u8]) {
+        super::session_script(data, std::time::Instant::now());
+    }
+
     /// Replays every input the fuzzers kept (`fuzz/corpus/*`), so what they once found stays
     /// fixed without running a fuzzer.
     #[test]
@@ -162,7 +165,7 @@ mod tests {
         let mut replayed = 0;
         for (target, run) in [
             ("decode_frame", super::decode_frames as fn(&[u8])),
-            ("session_script", super::session_script as fn(&[u8])),
+            ("session_script", session_script_now as fn(&[u8])),
             ("client_script", super::client_script as fn(&[u8])),
         ] {
             for entry in std::fs::read_dir(corpus.join(target)).expect("corpus directory") {

@@ -210,7 +210,19 @@ pub enum SessionError {
     TooManyOpen(usize),
 }
 
+/// The message `proto.md` gives every refused grant, whatever the reason.
+pub const GRANT_REFUSED: &str = "the copy grant has expired, lives too long or has a bad scope";
+
 impl SessionError {
+    /// The message for the `Error` frame that reports it: its own, but for grants, whose
+    /// refusal `proto.md` words once for every reason.
+    pub fn wire_message(&self) -> String {
+        match self {
+            Self::GrantExpired | Self::BadGrantScope(_) => GRANT_REFUSED.into(),
+            other => other.to_string(),
+        }
+    }
+
     /// The code for the `Error` frame that reports it.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -1038,10 +1050,9 @@ mod tests {
             },
             &key,
         );
-        assert_eq!(
-            r.unwrap_err(),
-            SessionError::BadGrantScope("in/../out".into())
-        );
+        let err = r.unwrap_err();
+        assert_eq!(err, SessionError::BadGrantScope("in/../out".into()));
+        assert_eq!(err.wire_message(), GRANT_REFUSED, "one message on the wire");
         let (_, r) = start(grant.clone(), &auth::grant_key(b"other", &grant));
         assert_eq!(r.unwrap_err(), SessionError::AuthFailed);
     }

@@ -40,13 +40,20 @@ enum ConnError {
     Proto(#[from] ProtoError),
     #[error("{}", .0)]
     Fatal(ErrorFrame),
+    /// The session refused a frame: `frame` tells the client, the cause goes to the log.
+    #[error("{cause}")]
+    Session {
+        cause: xfer_proto::session::SessionError,
+        frame: ErrorFrame,
+    },
     #[error("client disconnected without Goodbye")]
     PeerClosed,
 }
 
 impl From<xfer_proto::session::SessionError> for ConnError {
-    fn from(e: xfer_proto::session::SessionError) -> Self {
-        fatal(e.code(), e.to_string())
+    fn from(cause: xfer_proto::session::SessionError) -> Self {
+        let frame = ErrorFrame::new(cause.code(), cause.wire_message());
+        Self::Session { cause, frame }
     }
 }
 
@@ -195,7 +202,7 @@ fn report(err: &ConnError) -> Option<ErrorFrame> {
     let frame = match err {
         ConnError::Proto(ProtoError::Io(_)) | ConnError::PeerClosed => None,
         ConnError::Proto(e) => Some(ErrorFrame::new(e.code(), e.to_string())),
-        ConnError::Fatal(f) => Some(f.clone()),
+        ConnError::Fatal(frame) | ConnError::Session { frame, .. } => Some(frame.clone()),
     };
     match frame.as_ref().and_then(ErrorFrame::error_code) {
         _ if matches!(err, ConnError::PeerClosed) => info!("{err}"),
