@@ -1,6 +1,9 @@
 //! One client connection, from `Hello` to close: frames are checked by the sans-IO
-//! [`ServerSession`] and carried out here. A failure ends this connection only; the listener
-//! and every other connection carry on.
+//! [`ServerSession`], which also holds the connection's open transfers, and carried out here.
+//! A failure ends this connection only; the listener and every other connection carry on.
+//!
+//! This module is the connection's loop and how it ends; each kind of request is carried out
+//! in its own: `handshake`, `upload`, `download`, `tree` and `copy`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
