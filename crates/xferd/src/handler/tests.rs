@@ -378,3 +378,58 @@ async fn a_client_that_leaves_before_hello_is_let_go() {
     assert!(reader.read_frame().await.unwrap().is_none());
     client.served.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_download_is_served_by_the_handle_the_session_gave() {
+    let (dir, shared) = daemon(|_| {});
+    let bytes: Vec<u8> = (0..CHUNK + 10).map(|i| (i % 13) as u8).collect();
+    std::fs::write(dir.path().join("d"), &bytes).unwrap();
+    let mut client = Client::welcomed(&shared).await;
+    client
+        .send(Frame::OpenRead(xfer_proto::OpenRead {
+            name: "d".into(),
+            have_identity: None,
+            have: vec![],
+        }))
+        .await;
+    let Frame::ReadOpened(opened) = client.next().await else {
+        panic!("want ReadOpened")
+    };
+    assert_eq!(opened.identity.size, bytes.len() as u64);
+    let id = opened.transfer_id;
+    let read = |offset: usize, len: usize| ChunkRef {
+        transfer_id: id,
+        offset: offset as u64,
+        len: len as u32,
+    };
+    client
+        .send_all(&[
+            Frame::ReadChunk(read(0, CHUNK)),
+            Frame::ReadChunk(read(CHUNK, 10)),
+            Frame::DigestRequest(Commit {
+                transfer_id: id,
+                digest: vec![],
+            }),
+        ])
+        .await;
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let Frame::Data(data) = client.next().await else {
+            panic!("want Data")
+        };
+        data.verify().unwrap();
+        received.extend_from_slice(&data.payload);
+    }
+    assert_eq!(received, bytes);
+    let Frame::DigestReply(reply) = client.next().await else {
+        panic!("want DigestReply")
+    };
+    assert_eq!((reply.transfer_id, reply.digest.len()), (id, 16));
+    // The download's handle is no upload's: data sent to it ends the connection.
+    client
+        .send(Frame::Data(Data::new(id, 0, Bytes::from_static(b"x"))))
+        .await;
+    let (code, message) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Protocol);
+    assert!(message.contains("not an open upload"), "{message}");
+}
