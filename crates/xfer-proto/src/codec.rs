@@ -184,7 +184,7 @@ mod tests {
                 transfer_id: 3,
                 digest: vec![],
             }),
-            Frame::DigestReply(Commit {
+            Frame::DigestReply(DigestReply {
                 transfer_id: 3,
                 digest: vec![6; 16],
             }),
@@ -248,7 +248,106 @@ mod tests {
             Frame::Done(Done { name: "s/f".into() }),
             Frame::Goodbye,
             Frame::Error(ErrorFrame::new(ErrorCode::NotFound, "nope")),
+            Frame::Zeros(ChunkRef {
+                transfer_id: 3,
+                offset: 1 << 33,
+                len: 4096,
+            }),
+            Frame::ListTreeMeta(ListTreeMeta {
+                dir: String::new(),
+                digests: true,
+                xattrs: true,
+            }),
+            Frame::TreeMetaListing(TreeMetaListing {
+                entries: vec![MetaEntry {
+                    entry: TreeEntry {
+                        path: "l".into(),
+                        kind: EntryKind::Symlink,
+                        size: 0,
+                        mtime_ns: -1,
+                        mode: 0o777,
+                        target: "/etc".into(),
+                        digest: vec![],
+                    },
+                    meta: Meta {
+                        uid: 65534,
+                        user: "nobody".into(),
+                        holes: vec![ByteRange::new(0, 1 << 40)],
+                        xattrs: vec![Xattr {
+                            name: "system.posix_acl_access".into(),
+                            value: vec![2, 0, 0, 0],
+                        }],
+                        ..Meta::default()
+                    },
+                }],
+                more: true,
+            }),
+            Frame::SetMeta(SetMeta {
+                name: "t/l".into(),
+                mode: 0o7777,
+                mtime_ns: i64::MIN,
+                uid: u32::MAX,
+                gid: 0,
+                user: String::new(),
+                group: "g".into(),
+                numeric_ids: true,
+                xattrs: None,
+            }),
+            Frame::MetaSet(MetaSet {
+                name: "t/l".into(),
+                not_chowned: false,
+                xattrs_refused: "Operation not supported".into(),
+            }),
+            Frame::MakeHardLink(MakeHardLink {
+                name: "b".into(),
+                existing: "a".into(),
+            }),
+            Frame::MakeNode(MakeNode {
+                name: "dev/null".into(),
+                st_mode: 0o020666,
+                rdev: 259,
+            }),
+            Frame::CopyWith(CopyWith {
+                copy: CopyTo {
+                    source: "s".into(),
+                    recursive: true,
+                    host: "h".into(),
+                    port: 1,
+                    dest: "d".into(),
+                    connections: 1,
+                    chunk_size: 4096,
+                    grant: None,
+                    tls: true,
+                },
+                options: TreeOptions::default(),
+            }),
+            Frame::CopyDoneMeta(CopyDoneMeta {
+                done: CopyDone {
+                    files_total: 1,
+                    files_transferred: 0,
+                    files_skipped: 1,
+                    bytes_total: 0,
+                    bytes_transferred: 0,
+                    resumed_bytes: 0,
+                    millis: 0,
+                },
+                not_chowned: 0,
+                xattrs_refused: 0,
+                hard_links: 0,
+                entries_skipped: 0,
+            }),
         ]
+    }
+
+    /// A body that does not hold what its type needs: short, or not decodable.
+    fn assert_malformed(err: &ProtoError) {
+        assert!(
+            matches!(
+                err,
+                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
+            ),
+            "{err}"
+        );
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, ProtoError> {
@@ -271,6 +370,20 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(decode_all(&buf).unwrap(), frames);
+    }
+
+    #[test]
+    fn type_bytes_name_their_frames() {
+        let known: Vec<_> = (0..=u8::MAX)
+            .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
+            .collect();
+        assert_eq!(known.len(), 42);
+        for (byte, ty) in known {
+            assert_eq!(ty as u8, byte);
+        }
+        assert_eq!(FrameType::from_u8(0x22).unwrap(), FrameType::Reject);
+        assert_eq!(FrameType::Reject.name(), "Reject");
+        assert_eq!(FrameType::from_u8(0x7f).unwrap().name(), "Error");
     }
 
     #[test]
@@ -444,13 +557,7 @@ mod tests {
         frame.put_u8(FrameType::List as u8);
         frame.put_u64(u64::MAX);
         let err = decode_all(&frame).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
-            ),
-            "{err}"
-        );
+        assert_malformed(&err);
     }
 
     #[test]
@@ -525,13 +632,7 @@ mod tests {
         let mut old = plain[..plain.len() - 1].to_vec();
         old[3] -= 1;
         let err = decode_all(&old).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
-            ),
-            "{err}"
-        );
+        assert_malformed(&err);
     }
 
     #[test]

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use tracing::info;
-use xfer_proto::session::Request;
+use xfer_proto::session::{Request, UploadId};
 use xfer_proto::{
     ByteRange, ChunkRef, ErrorCode, ErrorFrame, Frame, ListTreeMeta, MetaSet, SetMeta,
     TreeMetaListing, MAX_LISTING_ENTRIES,
 };
 
-use super::{fatal, ConnError, Handler, Open, READ_ONLY};
+use super::{fatal, ConnError, Handler, Upload, READ_ONLY};
 use crate::registry::blocking;
 
 /// Listing bytes per page, at most (far below the control-frame limit).
@@ -116,10 +116,8 @@ impl Handler {
     }
 
     /// A hole of an upload: recorded as held zeros, not written, and acknowledged.
-    pub(super) async fn zeros(&mut self, chunk: ChunkRef) -> Result<(), ConnError> {
-        let Some(Open::Write { lease, name, .. }) = self.open.get(&chunk.transfer_id) else {
-            unreachable!("the session checked the transfer id")
-        };
+    pub(super) async fn zeros(&mut self, id: UploadId, chunk: ChunkRef) -> Result<(), ConnError> {
+        let Upload { lease, name, .. } = self.session.upload(id)?;
         let range = ByteRange::new(chunk.offset, chunk.offset + u64::from(chunk.len));
         let partial = Arc::clone(&lease.partial);
         let name = name.clone();
