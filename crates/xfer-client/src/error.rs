@@ -34,7 +34,7 @@ pub enum ClientError {
     Local(#[from] CoreError),
     /// A socket option (buffer size, congestion control) cannot be used.
     #[error(transparent)]
-    Socket(#[from] crate::sockopt::SocketError),
+    Socket(#[from] xfer_net::SocketError),
     /// The connection closed where a reply was due.
     #[error("server closed the connection unexpectedly")]
     Closed,

@@ -4,7 +4,6 @@
 //! - [`copy`]: server-to-server copies, with grants for the destination.
 //! - [`engine`]: the transfer engine shared by [`send`] and [`recv`].
 //! - [`session`]: one connection past its handshake.
-//! - [`sockopt`]: socket buffers and congestion control for every connection.
 //! - [`list()`]: directory listings.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
@@ -16,7 +15,6 @@ pub mod error;
 pub mod limiter;
 pub mod list;
 pub mod session;
-pub mod sockopt;
 pub mod target;
 pub mod tree;
 

@@ -208,7 +208,7 @@ impl TokenArgs {
             token: self.token()?,
             tls,
             grant: None,
-            socket: xfer::sockopt::SocketOptions::default(),
+            socket: xfer_net::SocketOptions::default(),
             meter: None,
         })
     }
@@ -258,7 +258,7 @@ impl Common {
         if bwlimit == Some(0) {
             bail!("--bwlimit must be above 0");
         }
-        let socket = xfer::sockopt::SocketOptions {
+        let socket = xfer_net::SocketOptions {
             sndbuf: self.sndbuf.as_deref().map(parse).transpose()?,
             rcvbuf: self.rcvbuf.as_deref().map(parse).transpose()?,
             congestion: self.congestion.clone(),

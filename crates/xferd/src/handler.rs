@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xfer_core::digest::DIGEST_LEN;
-use xfer_core::{CoreError, FrameReader, FrameWriter, SourceFile};
+use xfer_core::{CoreError, SourceFile};
+use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::session::{Phase, Request, ServerConfig, ServerSession, TransferKind};
 use xfer_proto::{
     auth, ByteRange, Challenge, ChunkRef, Commit, CopyDone, CopyTo, Data, Done, ErrorCode,

@@ -348,7 +348,7 @@ impl Settings {
         if let Some(ca) = &self.copy_ca {
             cfg.copy_trust = Some(crate::CopyTrust::from_pem_file(ca).context("copy_ca")?);
         }
-        cfg.socket = xfer::sockopt::SocketOptions {
+        cfg.socket = xfer_net::SocketOptions {
             sndbuf: self.sndbuf.map(|s| s.0),
             rcvbuf: self.rcvbuf.map(|s| s.0),
             congestion: self.congestion.clone(),
