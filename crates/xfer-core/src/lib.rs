@@ -23,9 +23,7 @@ pub mod partial;
 pub mod ranges;
 pub mod root;
 pub mod source;
-pub mod token;
 pub mod tree;
-pub mod units;
 
 pub use error::{CoreError, Result};
 pub use partial::PartialFile;

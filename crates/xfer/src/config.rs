@@ -60,7 +60,7 @@ fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
             ))
         }
     };
-    xfer_core::units::parse_size(&text).map_err(serde::de::Error::custom)?;
+    xfer_cli_util::units::parse_size(&text).map_err(serde::de::Error::custom)?;
     Ok(Some(text))
 }
 

@@ -215,12 +215,12 @@ impl TokenArgs {
 
     fn token(&self) -> anyhow::Result<Option<Arc<[u8]>>> {
         if let Some(path) = &self.token_file {
-            return Ok(Some(xfer_core::token::read_token_file(path)?.into()));
+            return Ok(Some(xfer_cli_util::token::read_token_file(path)?.into()));
         }
         use std::os::unix::ffi::OsStrExt;
         match std::env::var_os("XFER_TOKEN") {
-            Some(v) if !xfer_core::token::trim_token(v.as_bytes()).is_empty() => {
-                Ok(Some(xfer_core::token::trim_token(v.as_bytes()).into()))
+            Some(v) if !xfer_cli_util::token::trim_token(v.as_bytes()).is_empty() => {
+                Ok(Some(xfer_cli_util::token::trim_token(v.as_bytes()).into()))
             }
             Some(v) if !v.is_empty() => bail!("XFER_TOKEN is blank"),
             _ => Ok(None),
@@ -230,7 +230,7 @@ impl TokenArgs {
 
 impl Common {
     fn options(&self) -> anyhow::Result<Options> {
-        let parse = |s: &str| xfer_core::units::parse_size(s).map_err(anyhow::Error::msg);
+        let parse = |s: &str| xfer_cli_util::units::parse_size(s).map_err(anyhow::Error::msg);
         let chunk = parse(&self.chunk_size)?;
         let (min, max) = (xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE);
         if !(u64::from(min)..=u64::from(max)).contains(&chunk) {
@@ -506,7 +506,7 @@ struct CopyDoneJson {
 }
 
 fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Result<()> {
-    let chunk = xfer_core::units::parse_size(&args.chunk_size).map_err(anyhow::Error::msg)?;
+    let chunk = xfer_cli_util::units::parse_size(&args.chunk_size).map_err(anyhow::Error::msg)?;
     let pairs: Vec<(String, String)> = match &args.from_list {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -537,7 +537,7 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
     }
     .connector()?;
     let dst_token: Option<Arc<[u8]>> = match &args.dst_token_file {
-        Some(path) => Some(xfer_core::token::read_token_file(path)?.into()),
+        Some(path) => Some(xfer_cli_util::token::read_token_file(path)?.into()),
         None => None,
     };
     let opts = xfer::copy::CopyOptions {

@@ -90,7 +90,7 @@ impl std::str::FromStr for Size {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        xfer_core::units::parse_size(s).map(Size)
+        xfer_cli_util::units::parse_size(s).map(Size)
     }
 }
 
@@ -339,7 +339,7 @@ impl Settings {
             .or(defaults.max_conns_per_ip)
             .unwrap_or(64);
         if let Some(path) = &self.token_file {
-            let token = xfer_core::token::read_token_file(path).context("token_file")?;
+            let token = xfer_cli_util::token::read_token_file(path).context("token_file")?;
             cfg.token = Some(token.into());
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
@@ -369,7 +369,7 @@ impl Settings {
                     "# token_file: the systemd credential \"token\" ($CREDENTIALS_DIRECTORY)\n",
                 );
             }
-            let state = match xfer_core::token::read_token_file(path) {
+            let state = match xfer_cli_util::token::read_token_file(path) {
                 Ok(_) => "readable",
                 Err(_) => "NOT readable",
             };
