@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::ProgressBar;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -25,7 +24,7 @@ use xfer_proto::{
 };
 
 use crate::session::unexpected;
-use crate::{ClientError, Connector, RateLimiter, Session, Target};
+use crate::{ClientError, Connector, Progress, RateLimiter, Session, Target};
 
 /// Connections an adaptive pool starts with: on loopback and LAN links this many already
 /// carry what the machine can move.
@@ -107,8 +106,8 @@ pub struct Options {
     pub bwlimit: Option<u64>,
     /// How long to keep reconnecting after a transient failure before giving up.
     pub retry_deadline: Duration,
-    /// Progress display (hidden when not on a terminal).
-    pub progress: ProgressBar,
+    /// Where the bytes moved are reported.
+    pub progress: Arc<dyn Progress>,
     /// Token and TLS settings for every connection.
     pub connector: Connector,
 }
@@ -145,7 +144,7 @@ struct Work {
     finished: watch::Sender<bool>,
     transferred: AtomicU64,
     crc_retries: AtomicU64,
-    progress: ProgressBar,
+    progress: Arc<dyn Progress>,
     limiter: Option<RateLimiter>,
     /// Bytes read and written on the transfer's connections: throughput, byte by byte.
     meter: Arc<AtomicU64>,
@@ -913,7 +912,7 @@ pub async fn send_file(
         match answer {
             Ok(Frame::Committed(_)) => {
                 s.close().await;
-                opts.progress.finish_and_clear();
+                opts.progress.finish();
                 return Ok(make_summary(
                     name,
                     identity.size,
@@ -1170,7 +1169,7 @@ pub async fn recv(
         }
         Err(e) => return Err(e.into()),
     }
-    opts.progress.finish_and_clear();
+    opts.progress.finish();
     Ok(make_summary(
         name,
         identity.size,

@@ -5,6 +5,7 @@
 //! - [`engine`]: the transfer engine shared by [`send`] and [`recv`].
 //! - [`session`]: one connection past its handshake.
 //! - [`list()`]: directory listings.
+//! - [`progress`]: [`Progress`], how transfers report the bytes they move.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod limiter;
 pub mod list;
+pub mod progress;
 pub mod session;
 pub mod target;
 pub mod tree;
@@ -22,6 +24,7 @@ pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;
+pub use progress::{NoProgress, Progress, ProgressCounter};
 pub use session::{Connector, Session};
 pub use target::Target;
 pub use tree::{recv_tree, send_tree, send_tree_from, TreeSummary};

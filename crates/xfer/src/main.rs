@@ -279,6 +279,7 @@ impl Common {
         } else {
             ProgressBar::hidden()
         };
+        let progress = Arc::new(Bar(progress));
         Ok(Options {
             connections,
             chunk_size: chunk as u32,
@@ -558,19 +559,19 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         let limit = Arc::new(tokio::sync::Semaphore::new(args.jobs.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         for (i, spec) in specs.into_iter().enumerate() {
-            let bar = bars.add(ProgressBar::new(0));
-            bar.set_style(
+            let bar = Bar(bars.add(ProgressBar::new(0)));
+            bar.0.set_style(
                 ProgressStyle::with_template(
                     "{msg:30} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}",
                 )
                 .expect("valid template"),
             );
-            bar.set_message(spec.name.clone());
+            bar.0.set_message(spec.name.clone());
             let (limit, connector, opts) = (Arc::clone(&limit), connector.clone(), opts.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 let result = xfer::copy::copy(&spec, &connector, &opts, &bar).await;
-                bar.finish_and_clear();
+                bar.0.finish_and_clear();
                 (i, result)
             });
         }
@@ -689,5 +690,31 @@ fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
     match out.write_all(bytes).and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
+    }
+}
+
+/// A terminal progress bar as the client library's [`xfer::Progress`].
+#[derive(Debug)]
+struct Bar(ProgressBar);
+
+impl xfer::Progress for Bar {
+    fn set_length(&self, bytes: u64) {
+        self.0.set_length(bytes);
+    }
+
+    fn set_position(&self, bytes: u64) {
+        self.0.set_position(bytes);
+    }
+
+    fn inc(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+
+    fn set_message(&self, message: String) {
+        self.0.set_message(message);
+    }
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
     }
 }

@@ -158,7 +158,10 @@ impl CopyTrust {
     /// # Errors
     /// The file cannot be read or holds no certificate.
     pub fn from_pem_file(ca: &std::path::Path) -> anyhow::Result<Self> {
-        Ok(Self(xfer::Connector::tls_trusting(Some(ca), Self::FIX)?))
+        Ok(Self(xfer_client::Connector::tls_trusting(
+            Some(ca),
+            Self::FIX,
+        )?))
     }
 }
 
