@@ -1,0 +1,213 @@
+//! Uploads: [`send`] and [`send_file`]. Data frames go out under the window and come back as
+//! `Ack` or `Reject`; the whole-file digest is read beside the transfer and sent with the
+//! commit.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use xfer_core::{split_into_chunks, RangeSet, SourceFile};
+use xfer_proto::{ByteRange, Commit, Data, ErrorCode, Frame, OpenWrite};
+
+use super::pool::drive;
+use super::queue::Work;
+use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
+use super::window::{Answer, Direction, Window};
+use super::{chunk_size, close_all, connections_used, join_error, make_summary, metered};
+use super::{Options, Summary};
+use crate::session::unexpected;
+use crate::{ClientError, Session, Target};
+
+struct Upload {
+    source: SourceFile,
+    request: OpenWrite,
+}
+
+impl Upload {
+    async fn open_with_held(
+        &self,
+        session: &mut Session,
+    ) -> Result<(u64, Vec<ByteRange>), ClientError> {
+        session
+            .send(&Frame::OpenWrite(self.request.clone()))
+            .await?;
+        match session.next().await? {
+            Frame::WriteOpened(w) => Ok((w.transfer_id, w.held)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl Direction for Upload {
+    async fn open(&self, session: &mut Session) -> Result<u64, ClientError> {
+        Ok(self.open_with_held(session).await?.0)
+    }
+
+    fn max_chunk(&self, _: &Session) -> u32 {
+        // Chunks were planned within the daemon's limit when the upload was opened.
+        u32::MAX
+    }
+
+    async fn request(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        chunk: ByteRange,
+        work: &Work,
+    ) -> Result<(), ClientError> {
+        let payload = self.source.read(chunk).await?;
+        session
+            .send(&Frame::Data(Data::new(transfer_id, chunk.start, payload)))
+            .await?;
+        work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn answer(
+        &self,
+        session: &mut Session,
+        _transfer_id: u64,
+        window: &mut Window,
+        _work: &Work,
+    ) -> Result<Answer, ClientError> {
+        let (c, rejected) = match session.next().await? {
+            Frame::Ack(c) => (c, false),
+            Frame::Reject(c) => (c, true),
+            other => return Err(unexpected(other)),
+        };
+        let chunk =
+            window.answered(ByteRange::new(c.offset, c.offset + u64::from(c.len)), "Ack")?;
+        Ok(if rejected {
+            Answer::Corrupt(chunk)
+        } else {
+            Answer::Moved(chunk)
+        })
+    }
+}
+
+/// Uploads `path` to `target` as `name`.
+///
+/// # Errors
+/// Local file errors, connection failures past the retry deadline, or the server's refusal.
+pub async fn send(
+    path: &Path,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => xfer_core::CoreError::NotFound(path.display().to_string()),
+        _ => xfer_core::CoreError::io(format!("opening {}", path.display()), e),
+    })?;
+    send_file(
+        SourceFile::new(file, path.display().to_string())?,
+        target,
+        name,
+        opts,
+    )
+    .await
+}
+
+/// Uploads an open file to `target` as `name` (see [`send`]).
+///
+/// # Errors
+/// As [`send`].
+pub async fn send_file(
+    source: SourceFile,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    let opts = &metered(opts);
+    let identity = source.identity();
+    let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
+    let chunk_size = chunk_size(opts, &session);
+    let upload = Arc::new(Upload {
+        request: OpenWrite {
+            name: name.to_string(),
+            identity,
+            mode: source.mode(),
+            chunk_size,
+        },
+        source,
+    });
+    let (mut id, mut held) = upload.open_with_held(&mut session).await?;
+    let resumed = RangeSet::from_ranges(held.iter().copied()).total();
+    opts.progress.set_length(identity.size);
+    opts.progress.set_position(resumed);
+    // The whole-file digest is read front to back beside the transfer, not after it.
+    let digest = {
+        let source = upload.source.clone();
+        tokio::spawn(async move { source.digest().await })
+    };
+    let work = Arc::new(Work::new(Vec::new(), opts));
+    let mut session = Some(session);
+    let mut digest = Some(digest);
+    let mut digest_bytes = Vec::new();
+    for _ in 0..COMMIT_ATTEMPTS {
+        let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
+        work.add(split_into_chunks(&missing, chunk_size));
+        let first = match session.take() {
+            Some(s) => (s, id),
+            None => reopen(target, &*upload, opts).await?,
+        };
+        let mut sessions =
+            drive(target, Arc::clone(&upload), Arc::clone(&work), first, opts).await?;
+        let (mut s, sid) = match sessions.pop() {
+            Some(open) => open,
+            None => reopen(target, &*upload, opts).await?,
+        };
+        close_all(sessions).await;
+        if let Some(task) = digest.take() {
+            let d = task
+                .await
+                .map_err(|e| ClientError::Local(join_error(e)))??;
+            digest_bytes = d.to_vec();
+        }
+        upload.source.check_unchanged()?;
+        let commit = Commit {
+            transfer_id: sid,
+            digest: digest_bytes.clone(),
+        };
+        let answer = match s.send(&Frame::Commit(commit)).await {
+            Ok(()) => s.next().await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Frame::Committed(_)) => {
+                s.close().await;
+                opts.progress.finish();
+                return Ok(make_summary(
+                    name,
+                    identity.size,
+                    resumed,
+                    &work,
+                    started,
+                    connections_used(opts, &work),
+                    congestion,
+                ));
+            }
+            Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = Some(s);
+            }
+            // The connection died around the commit: whether or not it took effect, a new
+            // connection finds out (a committed file is offered back as held) and commits again.
+            Err(e) if e.is_transient() => {
+                tracing::info!(error = %e, "connection lost during commit; asking again");
+                let mut s = connect_retrying(target, opts).await?;
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = Some(s);
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClientError::Remote(xfer_proto::ErrorFrame::new(
+        ErrorCode::Incomplete,
+        "server kept losing data",
+    )))
+}
