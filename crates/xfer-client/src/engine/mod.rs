@@ -181,6 +181,42 @@ fn join_error(e: tokio::task::JoinError) -> xfer_core::CoreError {
     xfer_core::CoreError::io("digest task", std::io::Error::other(e.to_string()))
 }
 
+/// Options for unit tests: a fixed pool, no limit, progress counted.
+#[cfg(test)]
+fn test_options(progress: Arc<dyn Progress>) -> Options {
+    Options {
+        connections: Connections::Fixed(1),
+        chunk_size: xfer_proto::MIN_CHUNK_SIZE,
+        bwlimit: None,
+        retry_deadline: Duration::from_secs(1),
+        progress,
+        connector: Connector::default(),
+    }
+}
+
+/// A session over one end of an in-memory pipe, as if the daemon had welcomed it with
+/// `window` and `max_chunk_size`; the other end is the daemon's.
+#[cfg(test)]
+fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::DuplexStream) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(ours);
+    let session = Session {
+        reader: xfer_net::FrameReader::new(Box::new(read)),
+        writer: xfer_net::FrameWriter::new(Box::new(write)),
+        welcome: xfer_proto::Welcome {
+            version: xfer_proto::PROTOCOL_VERSION,
+            capabilities: 0,
+            max_chunk_size,
+            window,
+            agent: "test".into(),
+            proof: vec![],
+        },
+        congestion: None,
+        rtt: None,
+    };
+    (session, theirs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

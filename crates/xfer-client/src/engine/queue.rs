@@ -124,6 +124,12 @@ impl Work {
         let _ = self.finished.subscribe().wait_for(|done| *done).await;
     }
 
+    /// True once every chunk is moved.
+    #[cfg(test)]
+    pub(super) fn is_finished(&self) -> bool {
+        *self.finished.borrow()
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
@@ -132,5 +138,106 @@ impl Work {
         if let Some(l) = &self.limiter {
             l.acquire(bytes).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use xfer_core::{split_into_chunks, RangeSet};
+
+    use super::super::test_options;
+    use super::*;
+    use crate::ProgressCounter;
+
+    fn range(start: u64, end: u64) -> ByteRange {
+        ByteRange::new(start, end)
+    }
+
+    fn drain(work: &Work) -> Vec<ByteRange> {
+        let mut retired = false;
+        std::iter::from_fn(|| work.take(&mut retired)).collect()
+    }
+
+    #[test]
+    fn chunks_are_handed_out_front_first_and_failed_ones_come_back_first() {
+        let work = Work::new(
+            vec![range(0, 10), range(10, 20), range(20, 30), range(30, 40)],
+            &test_options(Arc::new(ProgressCounter::default())),
+        );
+        let mut retired = false;
+        let (a, b) = (work.take(&mut retired), work.take(&mut retired));
+        assert_eq!((a, b), (Some(range(0, 10)), Some(range(10, 20))));
+        // The connection carrying both failed: they go back, in their order, before the rest.
+        work.requeue([range(0, 10), range(10, 20)].into_iter());
+        assert_eq!(
+            drain(&work),
+            [range(0, 10), range(10, 20), range(20, 30), range(30, 40)]
+        );
+        assert!(work.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_transfer_finishes_when_every_byte_is_moved_and_again_after_more_are_added() {
+        let progress = Arc::new(ProgressCounter::default());
+        let work = Work::new(
+            vec![range(0, 10), range(10, 30)],
+            &test_options(progress.clone()),
+        );
+        assert!(!work.is_finished());
+        let chunks = drain(&work);
+        // Taken is not moved: a chunk in flight still holds the transfer open.
+        assert!(work.is_empty() && !work.is_finished());
+        work.complete(chunks[0]);
+        assert_eq!(progress.done(), 10);
+        assert!(!work.is_finished());
+        work.complete(chunks[1]);
+        assert_eq!(progress.done(), 30);
+        work.finished().await;
+        // A commit that finds bytes missing queues them again: the transfer is open again.
+        work.add(vec![range(5, 6)]);
+        assert!(!work.is_finished());
+        assert_eq!(drain(&work), [range(5, 6)]);
+    }
+
+    #[test]
+    fn a_resumed_transfer_queues_only_the_bytes_not_held() {
+        let held = RangeSet::from_ranges([range(0, 4096), range(8192, 10000)]);
+        let missing = held.missing(20000);
+        let work = Work::new(
+            split_into_chunks(&missing, 4096),
+            &test_options(Arc::new(ProgressCounter::default())),
+        );
+        let chunks = drain(&work);
+        assert_eq!(chunks.first(), Some(&range(4096, 8192)));
+        assert_eq!(
+            chunks.iter().map(ByteRange::len).sum::<u64>(),
+            20000 - 4096 - 1808
+        );
+        let overlaps_held = |c: &ByteRange| held.iter().any(|h| h.start < c.end && c.start < h.end);
+        assert!(!chunks.iter().any(overlaps_held));
+        assert_eq!(work.outstanding.load(Ordering::SeqCst), 20000 - 4096 - 1808);
+    }
+
+    #[test]
+    fn a_shrinking_pool_retires_as_many_workers_as_it_has_too_many() {
+        let work = Work::new(
+            vec![range(0, 1), range(1, 2), range(2, 3)],
+            &test_options(Arc::new(ProgressCounter::default())),
+        );
+        work.excess.store(1, Ordering::SeqCst);
+        let (mut first, mut second) = (false, false);
+        // The first worker to look retires for good; the next one keeps taking chunks.
+        assert_eq!(work.take(&mut first), None);
+        assert!(first);
+        assert_eq!(work.take(&mut first), None);
+        assert_eq!(work.take(&mut second), Some(range(0, 1)));
+        assert!(!second);
+        {
+            let _a = work.pumping();
+            let _b = work.pumping();
+            assert_eq!(work.active.load(Ordering::SeqCst), 2);
+        }
+        assert_eq!(work.active.load(Ordering::SeqCst), 0);
+        assert_eq!(work.peak.load(Ordering::SeqCst), 2);
     }
 }

@@ -167,7 +167,103 @@ pub(super) async fn pump<D: Direction>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::DuplexStream;
+    use xfer_net::{FrameReader, FrameWriter};
+    use xfer_proto::{ChunkRef, Frame};
+
+    use super::super::{test_options, test_session};
     use super::*;
+    use crate::session::unexpected;
+    use crate::ProgressCounter;
+
+    /// The window skeleton alone: asks for each chunk with `ReadChunk`, takes `Ack` and
+    /// `Reject` as answers.
+    struct Probe;
+
+    impl Direction for Probe {
+        async fn open(&self, _: &mut Session) -> Result<u64, ClientError> {
+            Ok(7)
+        }
+
+        fn max_chunk(&self, session: &Session) -> u32 {
+            session.welcome.max_chunk_size
+        }
+
+        async fn request(
+            &self,
+            session: &mut Session,
+            transfer_id: u64,
+            chunk: ByteRange,
+            _: &Work,
+        ) -> Result<(), ClientError> {
+            let len = chunk.len() as u32;
+            let req = ChunkRef {
+                transfer_id,
+                offset: chunk.start,
+                len,
+            };
+            session.send(&Frame::ReadChunk(req)).await
+        }
+
+        async fn answer(
+            &self,
+            session: &mut Session,
+            _: u64,
+            window: &mut Window,
+            _: &Work,
+        ) -> Result<Answer, ClientError> {
+            let (c, rejected) = match session.next().await? {
+                Frame::Ack(c) => (c, false),
+                Frame::Reject(c) => (c, true),
+                other => return Err(unexpected(other)),
+            };
+            let chunk =
+                window.answered(ByteRange::new(c.offset, c.offset + u64::from(c.len)), "Ack")?;
+            Ok(if rejected {
+                Answer::Corrupt(chunk)
+            } else {
+                Answer::Moved(chunk)
+            })
+        }
+    }
+
+    /// The daemon's end of the pipe.
+    struct Daemon {
+        reader: FrameReader<tokio::io::ReadHalf<DuplexStream>>,
+        writer: FrameWriter<tokio::io::WriteHalf<DuplexStream>>,
+    }
+
+    impl Daemon {
+        fn new(io: DuplexStream) -> Self {
+            let (read, write) = tokio::io::split(io);
+            Self {
+                reader: FrameReader::new(read),
+                writer: FrameWriter::new(write),
+            }
+        }
+
+        async fn request(&mut self) -> ChunkRef {
+            match self.reader.read_frame().await.unwrap() {
+                Some(Frame::ReadChunk(c)) => c,
+                other => panic!("expected a request, got {other:?}"),
+            }
+        }
+
+        /// True if the client sends nothing more until every task waits (time is paused, so
+        /// this is the client blocked on an answer, not a clock running out).
+        async fn client_waits(&mut self) -> bool {
+            tokio::time::timeout(Duration::from_secs(60), self.reader.read_frame())
+                .await
+                .is_err()
+        }
+    }
+
+    fn chunks(n: u64, len: u64) -> Vec<ByteRange> {
+        (0..n).map(|i| range(i * len, (i + 1) * len)).collect()
+    }
 
     fn range(start: u64, end: u64) -> ByteRange {
         ByteRange::new(start, end)
@@ -214,5 +310,115 @@ mod tests {
         let left: Vec<_> = window.drain().collect();
         assert_eq!(left, [range(20, 30), range(0, 10)]);
         assert!(window.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_the_window_is_in_flight_and_answers_may_come_in_any_order() {
+        let progress = Arc::new(ProgressCounter::default());
+        let work = Work::new(chunks(10, 100), &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(3, 1 << 20);
+        let daemon = tokio::spawn(async move {
+            let mut daemon = Daemon::new(theirs);
+            let mut answered = 0;
+            while answered < 10 {
+                let batch = 3.min(10 - answered);
+                let mut asked = Vec::new();
+                for _ in 0..batch {
+                    asked.push(daemon.request().await);
+                }
+                assert!(
+                    daemon.client_waits().await,
+                    "more than the window in flight"
+                );
+                // Newest first: the client matches answers by range, not by order.
+                for c in asked.into_iter().rev() {
+                    daemon.writer.send(&Frame::Ack(c)).await.unwrap();
+                    answered += 1;
+                }
+            }
+        });
+        let pumped = pump(&Probe, &mut session, 7, &work).await.unwrap();
+        daemon.await.unwrap();
+        assert_eq!(pumped, Pumped::Drained);
+        assert_eq!(progress.done(), 1000);
+        assert!(work.is_finished());
+    }
+
+    #[tokio::test]
+    async fn a_rejected_chunk_is_asked_for_again_and_counted() {
+        let progress = Arc::new(ProgressCounter::default());
+        let work = Work::new(chunks(3, 100), &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(1, 1 << 20);
+        let daemon = tokio::spawn(async move {
+            let mut daemon = Daemon::new(theirs);
+            let mut seen = Vec::new();
+            for i in 0..4 {
+                let c = daemon.request().await;
+                seen.push(c.offset);
+                let answer = if i == 1 {
+                    Frame::Reject(c)
+                } else {
+                    Frame::Ack(c)
+                };
+                daemon.writer.send(&answer).await.unwrap();
+            }
+            seen
+        });
+        assert_eq!(
+            pump(&Probe, &mut session, 7, &work).await.unwrap(),
+            Pumped::Drained
+        );
+        // The rejected chunk went back to the front of the queue.
+        assert_eq!(daemon.await.unwrap(), [0, 100, 100, 200]);
+        assert_eq!(work.crc_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(progress.done(), 300);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_puts_every_chunk_in_flight_back_in_the_queue() {
+        let progress = Arc::new(ProgressCounter::default());
+        let work = Work::new(chunks(6, 100), &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(4, 1 << 20);
+        let daemon = tokio::spawn(async move {
+            let mut daemon = Daemon::new(theirs);
+            let mut asked = Vec::new();
+            for _ in 0..4 {
+                asked.push(daemon.request().await);
+            }
+            daemon.writer.send(&Frame::Ack(asked[1])).await.unwrap();
+            // Then the connection drops.
+        });
+        let failed = pump(&Probe, &mut session, 7, &work).await;
+        daemon.await.unwrap();
+        assert!(failed.is_err());
+        assert_eq!(progress.done(), 100);
+        let mut retired = false;
+        let left: Vec<_> = std::iter::from_fn(|| work.take(&mut retired)).collect();
+        let mut expected = chunks(6, 100);
+        expected.remove(1);
+        assert_eq!(left, expected);
+    }
+
+    #[tokio::test]
+    async fn chunks_larger_than_the_daemon_moves_are_split() {
+        let progress = Arc::new(ProgressCounter::default());
+        let work = Work::new(vec![range(0, 10_000)], &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(8, 4096);
+        let daemon = tokio::spawn(async move {
+            let mut daemon = Daemon::new(theirs);
+            let mut lens = Vec::new();
+            for _ in 0..3 {
+                let c = daemon.request().await;
+                lens.push(c.len);
+                daemon.writer.send(&Frame::Ack(c)).await.unwrap();
+            }
+            lens
+        });
+        assert_eq!(
+            pump(&Probe, &mut session, 7, &work).await.unwrap(),
+            Pumped::Drained
+        );
+        assert_eq!(daemon.await.unwrap(), [4096, 4096, 1808]);
+        assert_eq!(progress.done(), 10_000);
     }
 }
