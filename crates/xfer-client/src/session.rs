@@ -90,7 +90,7 @@ impl Connector {
     ) -> Result<tokio_rustls::TlsConnector, ClientError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
-        let bad = |why: String| ClientError::Target(why);
+        let bad = |why: String| ClientError::Trust(why);
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(ca) => {

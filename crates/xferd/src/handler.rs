@@ -1139,5 +1139,5 @@ async fn copy_trust(
         xfer_client::Connector::tls_trusting(None, crate::CopyTrust::FIX)
     })
     .await
-    .map_err(|e| xfer_client::ClientError::Target(format!("loading the system's CAs: {e}")))?
+    .map_err(|e| xfer_client::ClientError::Trust(format!("loading the system's CAs: {e}")))?
 }

@@ -276,7 +276,7 @@ fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
     let leaf = dest
         .file_name()
         .and_then(|l| l.to_str())
-        .ok_or_else(|| ClientError::Target(format!("bad output path {}", dest.display())))?;
+        .ok_or_else(|| ClientError::OutputPath(dest.to_path_buf()))?;
     if xfer_core::is_reserved_name(leaf) {
         return Err(xfer_core::CoreError::BadPath(format!("reserved output name {leaf:?}")).into());
     }
@@ -294,4 +294,27 @@ fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
         dir: Arc::new(dir),
         leaf: leaf.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_path_naming_no_file_is_an_output_error() {
+        let e = local_slot(Path::new("/tmp/..")).unwrap_err();
+        assert!(matches!(e, ClientError::OutputPath(_)), "{e:?}");
+        let e = local_slot(Path::new("/nonexistent-dir/file")).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Local(xfer_core::CoreError::NotFound(_))),
+            "{e:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let e = local_slot(&dir.path().join(xfer_core::partial_name("f"))).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Local(xfer_core::CoreError::BadPath(_))),
+            "{e:?}"
+        );
+        assert_eq!(local_slot(&dir.path().join("f")).unwrap().leaf, "f");
+    }
 }
