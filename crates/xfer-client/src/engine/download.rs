@@ -14,7 +14,7 @@ use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
-use super::{chunk_size, close_all, connections_used, join_error, make_summary, metered};
+use super::{chunk_size, close_all, join_error, metered, Tally};
 use super::{Options, Summary};
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Session, Target};
@@ -132,8 +132,7 @@ pub async fn recv(
     let resumed = partial.resumed_bytes();
     let chunk_size = chunk_size(opts, &session);
     let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
-    opts.progress.set_length(identity.size);
-    opts.progress.set_position(resumed);
+    let tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
     let work = Arc::new(Work::new(split_into_chunks(&missing, chunk_size), opts));
     let download = Arc::new(Download {
         name: name.to_string(),
@@ -183,16 +182,7 @@ pub async fn recv(
             Err(e) => return Err(e.into()),
         }
     }
-    opts.progress.finish();
-    Ok(make_summary(
-        name,
-        identity.size,
-        resumed,
-        &work,
-        started,
-        connections_used(opts, &work),
-        congestion,
-    ))
+    Ok(tally.finish(&work, opts))
 }
 
 /// The server's digest once the data is in: the extra connection's answer, if it has one by

@@ -147,27 +147,52 @@ fn metered(opts: &Options) -> Options {
     opts
 }
 
-fn make_summary(
-    name: &str,
+/// What a transfer's [`Summary`] needs from its start.
+struct Tally {
+    name: String,
     size: u64,
     resumed: u64,
-    work: &Work,
     started: Instant,
-    connections: usize,
     congestion: Option<String>,
-) -> Summary {
-    let seconds = started.elapsed().as_secs_f64();
-    let bytes_transferred = work.transferred.load(Ordering::Relaxed);
-    Summary {
-        name: name.to_string(),
-        bytes_total: size,
-        bytes_transferred,
-        resumed_bytes: resumed,
-        seconds,
-        connections,
-        mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
-        crc_retries: work.crc_retries.load(Ordering::Relaxed),
-        congestion,
+}
+
+impl Tally {
+    /// A transfer of `size` bytes of which `resumed` are held already: shown as done.
+    fn start(
+        opts: &Options,
+        name: &str,
+        size: u64,
+        resumed: u64,
+        started: Instant,
+        congestion: Option<String>,
+    ) -> Self {
+        opts.progress.set_length(size);
+        opts.progress.set_position(resumed);
+        Self {
+            name: name.to_string(),
+            size,
+            resumed,
+            started,
+            congestion,
+        }
+    }
+
+    /// The transfer is complete: the display ends and the summary is made.
+    fn finish(self, work: &Work, opts: &Options) -> Summary {
+        opts.progress.finish();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let bytes_transferred = work.transferred.load(Ordering::Relaxed);
+        Summary {
+            name: self.name,
+            bytes_total: self.size,
+            bytes_transferred,
+            resumed_bytes: self.resumed,
+            seconds,
+            connections: connections_used(opts, work),
+            mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
+            crc_retries: work.crc_retries.load(Ordering::Relaxed),
+            congestion: self.congestion,
+        }
     }
 }
 

@@ -13,8 +13,8 @@ use xfer_proto::{ByteRange, Commit, Data, ErrorCode, Frame, OpenWrite};
 use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
-use super::window::{Answer, Direction, Window};
-use super::{chunk_size, close_all, connections_used, join_error, make_summary, metered};
+use super::window::{acknowledged, Answer, Direction, Window};
+use super::{chunk_size, close_all, join_error, metered, Tally};
 use super::{Options, Summary};
 use crate::session::unexpected;
 use crate::{ClientError, Session, Target};
@@ -71,18 +71,7 @@ impl Direction for Upload {
         window: &mut Window,
         _work: &Work,
     ) -> Result<Answer, ClientError> {
-        let (c, rejected) = match session.next().await? {
-            Frame::Ack(c) => (c, false),
-            Frame::Reject(c) => (c, true),
-            other => return Err(unexpected(other)),
-        };
-        let chunk =
-            window.answered(ByteRange::new(c.offset, c.offset + u64::from(c.len)), "Ack")?;
-        Ok(if rejected {
-            Answer::Corrupt(chunk)
-        } else {
-            Answer::Moved(chunk)
-        })
+        acknowledged(session, window).await
     }
 }
 
@@ -136,8 +125,7 @@ pub async fn send_file(
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
-    opts.progress.set_length(identity.size);
-    opts.progress.set_position(resumed);
+    let tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
     // The whole-file digest is read front to back beside the transfer, not after it.
     let digest = {
         let source = upload.source.clone();
@@ -179,16 +167,7 @@ pub async fn send_file(
         match answer {
             Ok(Frame::Committed(_)) => {
                 s.close().await;
-                opts.progress.finish();
-                return Ok(make_summary(
-                    name,
-                    identity.size,
-                    resumed,
-                    &work,
-                    started,
-                    connections_used(opts, &work),
-                    congestion,
-                ));
+                return Ok(tally.finish(&work, opts));
             }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
                 (id, held) = upload.open_with_held(&mut s).await?;

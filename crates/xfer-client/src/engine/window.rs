@@ -8,9 +8,10 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use xfer_core::split_into_chunks;
-use xfer_proto::ByteRange;
+use xfer_proto::{ByteRange, Frame};
 
 use super::queue::Work;
+use crate::session::unexpected;
 use crate::{ClientError, Session};
 
 /// Most requests in flight on one connection, whatever the daemon offers.
@@ -116,6 +117,25 @@ impl Window {
     }
 }
 
+/// Reads the daemon's answer to a chunk sent under the window, `Ack` or `Reject` (CRC
+/// mismatch), and takes that chunk out of `window`.
+pub(super) async fn acknowledged(
+    session: &mut Session,
+    window: &mut Window,
+) -> Result<Answer, ClientError> {
+    let (c, rejected) = match session.next().await? {
+        Frame::Ack(c) => (c, false),
+        Frame::Reject(c) => (c, true),
+        other => return Err(unexpected(other)),
+    };
+    let chunk = window.answered(ByteRange::new(c.offset, c.offset + u64::from(c.len)), "Ack")?;
+    Ok(if rejected {
+        Answer::Corrupt(chunk)
+    } else {
+        Answer::Moved(chunk)
+    })
+}
+
 /// Moves chunks from `work` over `session` until the queue is empty (or the pool sheds this
 /// worker); on error, every chunk in flight goes back to the front of the queue.
 pub(super) async fn pump<D: Direction>(
@@ -172,15 +192,14 @@ mod tests {
 
     use tokio::io::DuplexStream;
     use xfer_net::{FrameReader, FrameWriter};
-    use xfer_proto::{ChunkRef, Frame};
+    use xfer_proto::ChunkRef;
 
     use super::super::{test_options, test_session};
     use super::*;
-    use crate::session::unexpected;
     use crate::ProgressCounter;
 
     /// The window skeleton alone: asks for each chunk with `ReadChunk`, takes `Ack` and
-    /// `Reject` as answers.
+    /// `Reject` as answers as uploads do.
     struct Probe;
 
     impl Direction for Probe {
@@ -215,18 +234,7 @@ mod tests {
             window: &mut Window,
             _: &Work,
         ) -> Result<Answer, ClientError> {
-            let (c, rejected) = match session.next().await? {
-                Frame::Ack(c) => (c, false),
-                Frame::Reject(c) => (c, true),
-                other => return Err(unexpected(other)),
-            };
-            let chunk =
-                window.answered(ByteRange::new(c.offset, c.offset + u64::from(c.len)), "Ack")?;
-            Ok(if rejected {
-                Answer::Corrupt(chunk)
-            } else {
-                Answer::Moved(chunk)
-            })
+            acknowledged(session, window).await
         }
     }
 
