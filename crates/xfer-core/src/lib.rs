@@ -1,4 +1,4 @@
-//! The transfer engine shared by the daemon and the client: byte-range bookkeeping, the resume
+//! The disk layer shared by the daemon and the client: byte-range bookkeeping, the resume
 //! journal, positional reads and writes, names resolved beneath a root.
 //!
 //! # Layout
