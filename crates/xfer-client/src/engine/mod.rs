@@ -10,11 +10,11 @@
 //! connections once their chunks in flight are done.
 //!
 //! # Layout
-//! - [`queue`]: the chunks still to move, shared by every connection.
-//! - [`pool`]: one worker per connection, started and stopped as [`grower`] decides.
-//! - [`window`]: the bounded window of requests in flight, the same both ways.
-//! - [`retry`]: reconnect pacing, the one reconnect helper, and how often a commit is retried.
-//! - [`upload`] and [`download`]: what each direction does with a chunk, and [`send`]/[`recv`].
+//! - `queue`: the chunks still to move, shared by every connection.
+//! - `pool`: one worker per connection, started and stopped as `grower` decides.
+//! - `window`: the bounded window of requests in flight, the same both ways.
+//! - `retry`: reconnect pacing, the one reconnect helper, and how often a commit is retried.
+//! - `upload` and `download`: what each direction does with a chunk, and [`send`]/[`recv`].
 
 mod download;
 mod grower;
