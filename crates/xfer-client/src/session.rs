@@ -9,13 +9,13 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls;
+use xfer_net::sockopt::{self, SocketOptions};
 use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::{
     auth, Auth, ErrorCode, ErrorFrame, Frame, Hello, Welcome, CAP_AUTH, CAP_TLS, PROTOCOL_VERSION,
 };
 
 use crate::{ClientError, Target};
-use xfer_net::sockopt::{self, SocketOptions};
 
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
 

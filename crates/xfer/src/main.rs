@@ -12,7 +12,7 @@ use crate::args::{Cli, Command};
 
 mod args;
 mod config;
-mod copy;
+mod copy_command;
 mod output;
 
 fn main() -> ExitCode {
@@ -120,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Completions { shell } => output::completions(shell, Cli::command()),
         Command::Man { command } => output::man(Cli::command(), command.as_deref()),
-        Command::Copy(args) => copy::run(&runtime, &args),
+        Command::Copy(args) => copy_command::run(&runtime, &args),
         Command::Ls {
             json,
             auth,
