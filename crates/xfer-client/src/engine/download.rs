@@ -288,7 +288,70 @@ fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
 
 #[cfg(test)]
 mod tests {
+    use xfer_net::{FrameReader, FrameWriter};
+    use xfer_proto::Data;
+
+    use super::super::window::{pump, Pumped};
+    use super::super::{test_options, test_session};
     use super::*;
+    use crate::ProgressCounter;
+
+    #[tokio::test]
+    async fn a_download_writes_each_chunk_at_its_offset_and_asks_again_for_a_corrupt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i * 13) as u8).collect();
+        let identity = FileIdentity {
+            size: 10_000,
+            mtime_ns: 1_000_000_000,
+        };
+        let partial = PartialFile::open(local_slot(&dest).unwrap(), identity)
+            .await
+            .unwrap();
+        let download = Download {
+            name: "f".into(),
+            identity,
+            partial: Arc::clone(&partial),
+            max_chunk: 4096,
+        };
+        let progress = Arc::new(ProgressCounter::default());
+        let chunks = split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);
+        let work = Work::new(chunks, &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(2, 4096);
+        let served = content.clone();
+        let daemon = tokio::spawn(async move {
+            let (read, write) = tokio::io::split(theirs);
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let mut asked = Vec::new();
+            for i in 0..4 {
+                let Some(Frame::ReadChunk(c)) = reader.read_frame().await.unwrap() else {
+                    panic!("expected a chunk request");
+                };
+                asked.push(c.offset);
+                let (start, end) = (c.offset as usize, c.offset as usize + c.len as usize);
+                let mut data = Data::new(5, c.offset, served[start..end].to_vec().into());
+                if i == 0 {
+                    data.crc32 ^= 1; // damaged on the way
+                }
+                writer.send(&Frame::Data(data)).await.unwrap();
+            }
+            asked
+        });
+        assert_eq!(
+            pump(&download, &mut session, 5, &work).await.unwrap(),
+            Pumped::Drained
+        );
+        // The damaged first chunk went back to the front and was asked for again.
+        assert_eq!(daemon.await.unwrap(), [0, 4096, 0, 8192]);
+        assert_eq!(work.crc_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(progress.done(), 10_000);
+        assert_eq!(partial.held(), [ByteRange::new(0, 10_000)]);
+        partial
+            .commit(0o644, identity.mtime_ns, None)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), content);
+    }
 
     #[test]
     fn an_output_path_naming_no_file_is_an_output_error() {

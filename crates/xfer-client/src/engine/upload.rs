@@ -190,3 +190,63 @@ pub async fn send_file(
         "server kept losing data",
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use xfer_net::{FrameReader, FrameWriter};
+
+    use super::super::window::{pump, Pumped};
+    use super::super::{test_options, test_session};
+    use super::*;
+    use crate::ProgressCounter;
+
+    #[tokio::test]
+    async fn an_upload_sends_each_chunk_of_the_file_with_its_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let source = SourceFile::new(std::fs::File::open(&path).unwrap(), "f").unwrap();
+        let upload = Upload {
+            request: OpenWrite {
+                name: "f".into(),
+                identity: source.identity(),
+                mode: 0o644,
+                chunk_size: 4096,
+            },
+            source,
+        };
+        let progress = Arc::new(ProgressCounter::default());
+        let chunks = split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);
+        let work = Work::new(chunks, &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(2, 4096);
+        let daemon = tokio::spawn(async move {
+            let (read, write) = tokio::io::split(theirs);
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let mut received = vec![0; 10_000];
+            for _ in 0..3 {
+                let Some(Frame::Data(data)) = reader.read_frame().await.unwrap() else {
+                    panic!("expected data");
+                };
+                assert_eq!(data.transfer_id, 9);
+                data.verify().unwrap();
+                let range = data.range();
+                received[range.start as usize..range.end as usize].copy_from_slice(&data.payload);
+                let chunk = xfer_proto::ChunkRef {
+                    transfer_id: 9,
+                    offset: range.start,
+                    len: range.len() as u32,
+                };
+                writer.send(&Frame::Ack(chunk)).await.unwrap();
+            }
+            received
+        });
+        assert_eq!(
+            pump(&upload, &mut session, 9, &work).await.unwrap(),
+            Pumped::Drained
+        );
+        assert_eq!(daemon.await.unwrap(), content);
+        assert_eq!(work.transferred.load(Ordering::Relaxed), 10_000);
+        assert_eq!(progress.done(), 10_000);
+    }
+}
