@@ -48,6 +48,9 @@ pub enum ClientError {
     /// The server sent a frame that does not fit here.
     #[error("protocol error: unexpected {0} frame from the server")]
     Unexpected(&'static str),
+    /// The server's side of the handshake is not one this client can accept.
+    #[error("protocol error: {0}")]
+    Handshake(xfer_proto::client::HandshakeError),
     /// The server's file changed between connections.
     #[error("file changed on the server during the transfer: {0}")]
     Changed(String),

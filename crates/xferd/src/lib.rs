@@ -344,7 +344,11 @@ pub async fn run_with(
                 let open = metrics::GaugeGuard::new(&shared.metrics, |m| &m.connections_open);
                 tracker.spawn(async move {
                     match slot {
-                        Some(_slot) => handler::serve(shared, socket, peer).await,
+                        Some(_slot) => {
+                            // Small control frames (Ack, Welcome) go out at once.
+                            let _ = socket.set_nodelay(true);
+                            handler::serve(shared, socket, peer).await
+                        }
                         None => {
                             handler::refuse_busy(
                                 socket,
