@@ -60,6 +60,15 @@ struct State {
     final_already: bool,
 }
 
+impl State {
+    /// Feeds the digest the held bytes that follow its position, read back from the file
+    /// (holes recorded this session are hashed as zeros without being read).
+    fn catch_up(&mut self) -> std::io::Result<()> {
+        self.frontier
+            .catch_up_over(&self.data, &self.held, &self.zeros)
+    }
+}
+
 fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T>> {
@@ -334,15 +343,7 @@ impl PartialFile {
         // Hashing here, under the lock, keeps the digest in file order; bytes that arrived
         // ahead of the frontier are read back (from the page cache) once it reaches them.
         st.frontier.feed(range.start, payload);
-        let State {
-            frontier,
-            held,
-            data,
-            zeros,
-            ..
-        } = &mut *st;
-        frontier
-            .catch_up_over(data, held, zeros)
+        st.catch_up()
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
         st.unsynced += range.len();
         if st.unsynced >= self.sync_every && !st.sync_running {
@@ -403,15 +404,7 @@ impl PartialFile {
         st.held.insert(range);
         st.zeros.insert(range);
         // The digest covers the zeros too, hashed without reading them back.
-        let State {
-            frontier,
-            held,
-            data,
-            zeros,
-            ..
-        } = &mut *st;
-        frontier
-            .catch_up_over(data, held, zeros)
+        st.catch_up()
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))
     }
 
@@ -501,15 +494,7 @@ impl PartialFile {
         if missing > 0 {
             return Err(CoreError::Incomplete { missing });
         }
-        let State {
-            frontier,
-            held,
-            data,
-            zeros,
-            ..
-        } = &mut *st;
-        frontier
-            .catch_up_over(data, held, zeros)
+        st.catch_up()
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
         let digest = st.frontier.digest();
         if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {

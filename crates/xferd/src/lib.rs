@@ -73,7 +73,7 @@ pub struct Config {
     pub copy_trust: Option<CopyTrust>,
     /// Buffers and congestion control: set on the listener (accepted connections inherit them)
     /// and on the connections of server-to-server copies.
-    pub socket: xfer::sockopt::SocketOptions,
+    pub socket: xfer_net::SocketOptions,
 }
 
 impl Config {
@@ -99,7 +99,7 @@ impl Config {
             token: None,
             tls: None,
             copy_trust: None,
-            socket: xfer::sockopt::SocketOptions::default(),
+            socket: xfer_net::SocketOptions::default(),
         })
     }
 }
@@ -158,7 +158,10 @@ impl CopyTrust {
     /// # Errors
     /// The file cannot be read or holds no certificate.
     pub fn from_pem_file(ca: &std::path::Path) -> anyhow::Result<Self> {
-        Ok(Self(xfer::Connector::tls_trusting(Some(ca), Self::FIX)?))
+        Ok(Self(xfer_client::Connector::tls_trusting(
+            Some(ca),
+            Self::FIX,
+        )?))
     }
 }
 

@@ -1,5 +1,7 @@
 //! Server-to-server copies (`CopyTo`): this daemon pushes to another one as its client.
 
+use std::sync::Arc;
+
 use tracing::{info, warn};
 use xfer_core::SourceFile;
 use xfer_proto::{CopyDone, CopyTo, ErrorCode, Frame, Progress};
@@ -16,12 +18,12 @@ impl Handler {
         req: CopyTo,
         keep: Option<xfer_proto::TreeOptions>,
     ) -> Result<(), ConnError> {
-        let destination = xfer::Target {
+        let destination = xfer_client::Target {
             host: req.host.clone(),
             port: req.port,
         };
         info!(source = %req.source, destination = %destination, dest = %req.dest, "copy started");
-        let progress = indicatif::ProgressBar::hidden();
+        let progress = Arc::new(xfer_client::ProgressCounter::default());
         let (grant, key) = match req.grant {
             Some((grant, key)) => (Some(grant), Some(key.into())),
             None => (None, None),
@@ -39,15 +41,15 @@ impl Handler {
         } else {
             None
         };
-        let opts = xfer::Options {
-            connections: xfer::Connections::Fixed(req.connections.clamp(1, 64) as usize),
+        let opts = xfer_client::Options {
+            connections: xfer_client::Connections::Fixed(req.connections.clamp(1, 64) as usize),
             chunk_size: req
                 .chunk_size
                 .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
             bwlimit: None,
             retry_deadline: std::time::Duration::from_secs(60),
-            progress: progress.clone(),
-            connector: xfer::Connector {
+            progress: Arc::clone(&progress) as Arc<dyn xfer_client::Progress>,
+            connector: xfer_client::Connector {
                 token: key,
                 tls,
                 grant,
@@ -67,8 +69,8 @@ impl Handler {
                     move || root.subroot(&source)
                 })
                 .await?;
-                let s = xfer::send_tree_from(sub, &target, &dest, &opts, false).await?;
-                Ok::<_, xfer::ClientError>(xfer_proto::CopyDoneMeta {
+                let s = xfer_client::send_tree_from(sub, &target, &dest, &opts, false).await?;
+                Ok::<_, xfer_client::ClientError>(xfer_proto::CopyDoneMeta {
                     done: CopyDone {
                         files_total: s.files_total,
                         files_transferred: s.files_transferred,
@@ -86,7 +88,7 @@ impl Handler {
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
-                let s = xfer::send_file(file, &target, &dest, &opts).await?;
+                let s = xfer_client::send_file(file, &target, &dest, &opts).await?;
                 Ok(xfer_proto::CopyDoneMeta {
                     done: CopyDone {
                         files_total: 1,
@@ -114,7 +116,7 @@ impl Handler {
                     return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun the copy to resume"));
                 }
                 _ = tick.tick() => {
-                    let p = Progress { bytes_done: progress.position(), bytes_total: progress.length().unwrap_or(0) };
+                    let p = Progress { bytes_done: progress.done(), bytes_total: progress.total() };
                     if let Err(e) = self.writer.send(&Frame::Progress(p)).await {
                         // The client is gone: nobody would learn how the copy ends.
                         task.abort();
@@ -135,13 +137,13 @@ impl Handler {
             Ok(Err(e)) => {
                 warn!(destination = %destination, error = %e, "copy failed");
                 let code = match &e {
-                    xfer::ClientError::Local(c) if c.code().is_request_level() => c.code(),
+                    xfer_client::ClientError::Local(c) if c.code().is_request_level() => c.code(),
                     _ => ErrorCode::Io,
                 };
                 // The destination's certificate was checked here, against this daemon's trust
                 // anchors, not the client's: say which, or the client's --ca looks to blame.
                 let hint = match &e {
-                    xfer::ClientError::Tls(_) => {
+                    xfer_client::ClientError::Tls(_) => {
                         " (the source daemon trusts the CAs of its copy_ca, or else the system's)"
                     }
                     _ => "",
@@ -157,11 +159,13 @@ impl Handler {
 /// The trust anchors for a copy over TLS: `copy_ca`'s, or the system's, read off the runtime.
 async fn copy_trust(
     configured: Option<crate::CopyTrust>,
-) -> Result<tokio_rustls::TlsConnector, xfer::ClientError> {
+) -> Result<tokio_rustls::TlsConnector, xfer_client::ClientError> {
     if let Some(trust) = configured {
         return Ok(trust.0);
     }
-    tokio::task::spawn_blocking(|| xfer::Connector::tls_trusting(None, crate::CopyTrust::FIX))
-        .await
-        .map_err(|e| xfer::ClientError::Target(format!("loading the system's CAs: {e}")))?
+    tokio::task::spawn_blocking(|| {
+        xfer_client::Connector::tls_trusting(None, crate::CopyTrust::FIX)
+    })
+    .await
+    .map_err(|e| xfer_client::ClientError::Trust(format!("loading the system's CAs: {e}")))?
 }

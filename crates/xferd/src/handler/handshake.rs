@@ -3,7 +3,7 @@
 //! reads and writes.
 
 use tracing::{debug, info};
-use xfer_core::{FrameReader, FrameWriter};
+use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::session::Handshake;
 use xfer_proto::{ErrorCode, Frame, ProtoError};
 

@@ -12,7 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
-use xfer_core::{FrameReader, FrameWriter, SourceFile};
+use xfer_core::SourceFile;
+use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::session::{Request, ServerConfig, ServerSession};
 use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError};
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use xfer_core::{FrameReader, FrameWriter};
+use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::session::{Handshake, Request};
 use xfer_proto::{
     auth, Auth, ChunkRef, Commit, Data, ErrorCode, FileIdentity, Frame, GetFile, Hello, OpenWrite,

@@ -6,9 +6,16 @@ use xfer_proto::{ErrorCode, ErrorFrame, ProtoError};
 /// A failed client operation.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The target could not be parsed or resolved.
+    /// The target (`HOST[:PORT]`, a copy endpoint) could not be parsed or resolved.
     #[error("{0}")]
     Target(String),
+    /// The CA certificates to trust could not be loaded: a CA file unreadable or holding none,
+    /// or no system roots.
+    #[error("{0}")]
+    Trust(String),
+    /// The local output path names no file (it ends in `..` or is not UTF-8).
+    #[error("bad output path {}", .0.display())]
+    OutputPath(std::path::PathBuf),
     /// TCP connect failed.
     #[error("{reason} ({addr})")]
     Connect {
@@ -34,7 +41,7 @@ pub enum ClientError {
     Local(#[from] CoreError),
     /// A socket option (buffer size, congestion control) cannot be used.
     #[error(transparent)]
-    Socket(#[from] crate::sockopt::SocketError),
+    Socket(#[from] xfer_net::SocketError),
     /// The connection closed where a reply was due.
     #[error("server closed the connection unexpectedly")]
     Closed,
@@ -93,5 +100,29 @@ impl ClientError {
             ),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::Connector;
+
+    #[test]
+    fn trust_and_output_failures_are_their_own_variants_on_one_line() {
+        let missing = Path::new("/nonexistent/ca.pem");
+        let Err(e) = Connector::tls(Some(missing)) else {
+            panic!("a missing CA file was accepted");
+        };
+        assert!(matches!(e, ClientError::Trust(_)), "{e:?}");
+        assert!(e
+            .to_string()
+            .starts_with("reading CA certificates from /nonexistent/ca.pem: "));
+        assert!(!e.to_string().contains('\n'));
+        assert!(!e.is_transient() && !e.is_transient_connect());
+        let e = ClientError::OutputPath("/tmp/..".into());
+        assert_eq!(e.to_string(), "bad output path /tmp/..");
     }
 }

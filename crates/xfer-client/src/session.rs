@@ -9,11 +9,11 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls;
-use xfer_core::{FrameReader, FrameWriter};
+use xfer_net::sockopt::{self, SocketOptions};
+use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::client::{ClientConfig, ClientSession, HandshakeError, Step};
 use xfer_proto::{auth, ErrorCode, Frame, Welcome};
 
-use crate::sockopt::SocketOptions;
 use crate::{ClientError, Target};
 
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
@@ -89,7 +89,7 @@ impl Connector {
     ) -> Result<tokio_rustls::TlsConnector, ClientError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
-        let bad = |why: String| ClientError::Target(why);
+        let bad = |why: String| ClientError::Trust(why);
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(ca) => {
@@ -183,7 +183,7 @@ impl<S> Metered<S> {
     fn new(inner: S, meter: Option<Arc<AtomicU64>>, fd: std::os::fd::RawFd) -> Self {
         // SAFETY: `inner` keeps the socket open; it is only looked at here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let acked = crate::sockopt::bytes_acked(socket).map(|n| (fd, n));
+        let acked = sockopt::bytes_acked(socket).map(|n| (fd, n));
         Self {
             inner,
             meter,
@@ -213,7 +213,7 @@ impl<S> Metered<S> {
         // SAFETY: the socket is owned by `inner` (or the stream it is half of), open for as
         // long as this wrapper lives.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if let Some(now) = crate::sockopt::bytes_acked(socket) {
+        if let Some(now) = sockopt::bytes_acked(socket) {
             self.acked = Some((fd, now));
             self.count(now.saturating_sub(before) as usize);
         }
@@ -317,7 +317,7 @@ impl Session {
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
-        let congestion = crate::sockopt::congestion(&socket);
+        let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let meter = connector.meter.clone();
         let mut nonce = vec![0u8; auth::NONCE_LEN];
@@ -382,7 +382,7 @@ impl Session {
         session.welcome = welcome;
         // SAFETY: `fd` is the socket the session's halves own; they are alive here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        session.rtt = crate::sockopt::rtt(socket);
+        session.rtt = sockopt::rtt(socket);
         Ok(session)
     }
 
