@@ -39,7 +39,7 @@ pub const CAP_TLS: u64 = 1 << 1;
 pub const CAP_COMPRESSION: u64 = 1 << 2;
 /// Capability bit: tree copies keep owners, hard links, attributes, holes and special files
 /// (the `meta` frames, `Zeros`, link targets stored verbatim).
-pub const CAP_TREE_META: u64 = 1 << 4;
+pub const CAP_TREE_META: u64 = 1 << 5;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.
