@@ -10,6 +10,8 @@
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
 //! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
 //! - [`tree`]: walking a tree and the small operations a tree copy is made of.
+//! - [`filter`]: [`Filter`], the `--include`/`--exclude` patterns of a mirror copy.
+//! - [`remove`]: removing one entry beneath a root for `--delete`, never through a link.
 //! - [`wire`]: [`FrameReader`]/[`FrameWriter`] over any async byte stream.
 //!
 //! Invariants: no socket is created here; blocking file I/O runs on tokio's blocking pool, never
@@ -19,9 +21,11 @@
 pub mod buffers;
 pub mod digest;
 pub mod error;
+pub mod filter;
 pub mod journal;
 pub mod partial;
 pub mod ranges;
+pub mod remove;
 pub mod root;
 pub mod source;
 pub mod token;
@@ -30,6 +34,7 @@ pub mod units;
 pub mod wire;
 
 pub use error::{CoreError, Result};
+pub use filter::Filter;
 pub use partial::PartialFile;
 pub use ranges::{split_into_chunks, RangeSet};
 pub use root::{validate_name, Root, Slot};

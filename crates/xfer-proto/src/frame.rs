@@ -541,6 +541,12 @@ pub enum FrameType {
     Progress = 0x61,
     /// [`CopyDone`]
     CopyDone = 0x62,
+    /// [`Delete`](crate::Delete)
+    Delete = 0x57,
+    /// [`MirrorTo`](crate::MirrorTo)
+    MirrorTo = 0x63,
+    /// [`Changes`](crate::Changes)
+    Changes = 0x64,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]
@@ -548,7 +554,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    const ALL: [Self; 33] = [
+    const ALL: [Self; 36] = [
         Self::Hello,
         Self::Welcome,
         Self::Challenge,
@@ -580,6 +586,9 @@ impl FrameType {
         Self::CopyTo,
         Self::Progress,
         Self::CopyDone,
+        Self::Delete,
+        Self::MirrorTo,
+        Self::Changes,
         Self::Goodbye,
         Self::Error,
     ];
@@ -629,6 +638,9 @@ impl FrameType {
             Self::CopyTo => "CopyTo",
             Self::Progress => "Progress",
             Self::CopyDone => "CopyDone",
+            Self::Delete => "Delete",
+            Self::MirrorTo => "MirrorTo",
+            Self::Changes => "Changes",
             Self::Goodbye => "Goodbye",
             Self::Error => "Error",
         }
@@ -670,6 +682,9 @@ pub enum Frame {
     CopyTo(CopyTo),
     Progress(Progress),
     CopyDone(CopyDone),
+    Delete(crate::Delete),
+    MirrorTo(crate::MirrorTo),
+    Changes(crate::Changes),
     Goodbye,
     Error(ErrorFrame),
 }
@@ -709,6 +724,9 @@ impl Frame {
             Self::CopyTo(_) => FrameType::CopyTo,
             Self::Progress(_) => FrameType::Progress,
             Self::CopyDone(_) => FrameType::CopyDone,
+            Self::Delete(_) => FrameType::Delete,
+            Self::MirrorTo(_) => FrameType::MirrorTo,
+            Self::Changes(_) => FrameType::Changes,
             Self::Goodbye => FrameType::Goodbye,
             Self::Error(_) => FrameType::Error,
         }
@@ -756,6 +774,9 @@ impl Frame {
             Self::CopyTo(b) => encode_body(b),
             Self::Progress(b) => encode_body(b),
             Self::CopyDone(b) => encode_body(b),
+            Self::Delete(b) => encode_body(b),
+            Self::MirrorTo(b) => encode_body(b),
+            Self::Changes(b) => encode_body(b),
             Self::Error(b) => encode_body(b),
             Self::Goodbye | Self::StartTls | Self::Sync => Ok(Vec::new()),
             Self::Data(_) => unreachable!("handled above"),
@@ -835,6 +856,9 @@ impl Frame {
             FrameType::CopyTo => Self::CopyTo(decode_body(ty, &body)?),
             FrameType::Progress => Self::Progress(decode_body(ty, &body)?),
             FrameType::CopyDone => Self::CopyDone(decode_body(ty, &body)?),
+            FrameType::Delete => Self::Delete(decode_body(ty, &body)?),
+            FrameType::MirrorTo => Self::MirrorTo(decode_body(ty, &body)?),
+            FrameType::Changes => Self::Changes(decode_body(ty, &body)?),
             FrameType::Sync if body.is_empty() => Self::Sync,
             FrameType::Sync => {
                 return Err(ProtoError::BadBody {

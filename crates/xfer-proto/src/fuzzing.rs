@@ -70,7 +70,10 @@ pub fn session_script(data: &[u8]) {
             Request::Commit(c) => session.closed(c.transfer_id),
             // The daemon would switch to TLS here; the next frames stand for what it decrypts.
             Request::StartTls => {}
-            Request::Goodbye | Request::PeerError(_) | Request::CopyTo(_) => return,
+            Request::Goodbye
+            | Request::PeerError(_)
+            | Request::CopyTo(_)
+            | Request::MirrorTo(_) => return,
             _ => {}
         }
         assert!(session.open_count() <= 4, "open transfers beyond the limit");

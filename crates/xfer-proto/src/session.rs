@@ -84,6 +84,11 @@ pub enum Request {
     Sync,
     /// Push a file or tree to another daemon; answer with `Progress` frames, then `CopyDone`.
     CopyTo(crate::CopyTo),
+    /// Remove one entry (`CAP_DELETE` is in force); answer `Done` or `Error`.
+    Delete(crate::Delete),
+    /// Mirror a tree to another daemon (`CAP_MIRROR` is in force); answer with `Progress` and
+    /// `Changes` frames, then `CopyDone`.
+    MirrorTo(crate::MirrorTo),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -249,7 +254,9 @@ impl ServerSession {
         } else {
             0
         };
-        auth | tls
+        // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
+        let mirror = (crate::CAP_DELETE | crate::CAP_MIRROR) & self.client_capabilities;
+        auth | tls | mirror
     }
 
     /// Checks a frame from the client and says what to do with it.
@@ -342,6 +349,7 @@ impl ServerSession {
             Frame::MakeDir(r) => &r.name,
             Frame::MakeLink(r) => &r.name,
             Frame::ListTree(r) => &r.dir,
+            Frame::Delete(r) => &r.name,
             Frame::Data(_) | Frame::Commit(_) | Frame::Sync | Frame::Goodbye | Frame::Error(_) => {
                 return Ok(())
             }
@@ -407,7 +415,17 @@ impl ServerSession {
             Frame::GetFile(req) => Ok(Request::GetFile(req)),
             Frame::Sync => Ok(Request::Sync),
             Frame::CopyTo(req) => Ok(Request::CopyTo(req)),
+            Frame::Delete(req) if self.client_capabilities & crate::CAP_DELETE != 0 => {
+                Ok(Request::Delete(req))
+            }
+            Frame::MirrorTo(req) if self.client_capabilities & crate::CAP_MIRROR != 0 => {
+                Ok(Request::MirrorTo(req))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
+            other @ (Frame::Delete(_) | Frame::MirrorTo(_)) => Err(SessionError::Unexpected {
+                frame: other.frame_type().name(),
+                phase: "without its capability negotiated",
+            }),
             other => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "from a client",
