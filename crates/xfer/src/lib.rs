@@ -6,6 +6,7 @@
 //! - [`session`]: one connection past its handshake.
 //! - [`sockopt`]: socket buffers and congestion control for every connection.
 //! - [`list()`]: directory listings.
+//! - [`mirror`]: `--delete`, filters, dry runs and itemize lines of tree copies.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
 //! - [`config`]: the defaults file, `~/.config/xfer/config.toml`.
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod limiter;
 pub mod list;
+pub mod mirror;
 pub mod session;
 pub mod sockopt;
 pub mod target;
@@ -26,6 +28,7 @@ pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;
+pub use mirror::Mirror;
 pub use session::{Connector, Session};
 pub use target::Target;
 pub use tree::{recv_tree, send_tree, send_tree_from, TreeSummary};

@@ -11,6 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use xfer::{Options, Summary, Target};
 
+use mirror_args::MirrorArgs;
+
+mod mirror_args;
+
 /// Move files to and from an xferd over several TCP connections, resuming where it stopped.
 #[derive(Debug, Parser)]
 #[command(
@@ -126,6 +130,8 @@ struct CopyArgs {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    mirror: MirrorArgs,
     /// Source, SRC_HOST[:PORT]:NAME.
     #[arg(required_unless_present = "from_list")]
     src: Option<String>,
@@ -182,6 +188,8 @@ struct Common {
     checksum: bool,
     #[command(flatten)]
     auth: TokenArgs,
+    #[command(flatten)]
+    mirror: MirrorArgs,
 }
 
 #[derive(Debug, Args)]
@@ -303,9 +311,17 @@ impl Common {
     }
 
     fn report_tree(&self, verb: &str, summary: &xfer::TreeSummary) -> anyhow::Result<()> {
-        self.print(summary, || {
+        if self.mirror.print_changes(&summary.changes, self.json)? {
+            return Ok(());
+        }
+        let json = self.mirror.summary_json(summary, &summary.changes)?;
+        self.print(&json, || {
+            let deleted = match summary.entries_deleted {
+                0 => String::new(),
+                n => format!(", {n} deleted"),
+            };
             format!(
-                "{verb} {}: {} of {} files ({} unchanged), {} bytes in {:.2} s",
+                "{verb} {}: {} of {} files ({} unchanged{deleted}), {} bytes in {:.2} s",
                 summary.name,
                 summary.files_transferred,
                 summary.files_total,
@@ -393,12 +409,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let opts = common.options()?;
             if common.recursive {
-                let summary = runtime.block_on(xfer::send_tree(
-                    &file,
+                let mirror = common.mirror.mirror()?;
+                let summary = runtime.block_on(xfer::tree::send_tree_mirror(
+                    xfer_core::Root::open(&file)?,
                     &target,
                     &name,
                     &opts,
                     common.checksum,
+                    &mirror,
                 ))?;
                 return common.report_tree("sent", &summary);
             }
@@ -424,12 +442,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let opts = common.options()?;
             if common.recursive {
-                let summary = runtime.block_on(xfer::recv_tree(
+                let mirror = common.mirror.mirror()?;
+                let summary = runtime.block_on(xfer::tree::recv_tree_mirror(
                     &target,
                     &name,
                     &dest,
                     &opts,
                     common.checksum,
+                    &mirror,
                 ))?;
                 return common.report_tree("received", &summary);
             }
@@ -492,6 +512,9 @@ struct CopyOutcome {
     error: Option<String>,
     #[serde(flatten)]
     done: Option<CopyDoneJson>,
+    /// With --dry-run or --itemize: what the copy changed, or would change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changes: Option<Vec<xfer::mirror::ChangeLine>>,
 }
 
 #[derive(serde::Serialize)]
@@ -546,6 +569,7 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         connections: args.connections,
         chunk_size: chunk as u32,
         dst_tls: connector.tls.is_some(),
+        mirror: args.mirror.mirror()?,
     };
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::with_draw_target(if show {
@@ -569,7 +593,7 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
             let (limit, connector, opts) = (Arc::clone(&limit), connector.clone(), opts.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let result = xfer::copy::copy(&spec, &connector, &opts, &bar).await;
+                let result = xfer::copy::copy_mirror(&spec, &connector, &opts, &bar).await;
                 bar.finish_and_clear();
                 (i, result)
             });
@@ -587,7 +611,8 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
         .map(|(i, result)| {
             let (src, dst) = pairs[i].clone();
             match result {
-                Ok(d) => CopyOutcome {
+                Ok((d, changes)) => CopyOutcome {
+                    changes: args.mirror.list_changes(&changes, args.json),
                     src,
                     dst,
                     ok: true,
@@ -610,6 +635,7 @@ fn run_copy(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Resul
                         ok: false,
                         error: Some(e.to_string()),
                         done: None,
+                        changes: None,
                     }
                 }
             }

@@ -319,6 +319,19 @@ impl Session {
     /// # Errors
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
+        Self::connect_offering(target, connector, 0).await
+    }
+
+    /// [`Session::connect`], offering the capability bits `offer` (`CAP_DELETE`, `CAP_MIRROR`)
+    /// in `Hello`; whether the server took them is in `welcome.capabilities`.
+    ///
+    /// # Errors
+    /// As [`Session::connect`].
+    pub async fn connect_offering(
+        target: &Target,
+        connector: &Connector,
+        offer: u64,
+    ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         let congestion = crate::sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -356,7 +369,7 @@ impl Session {
         let token = connector.token.as_deref();
         let mut nonce = vec![0u8; auth::NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-        let capabilities = if connector.tls.is_some() { CAP_TLS } else { 0 };
+        let capabilities = offer | if connector.tls.is_some() { CAP_TLS } else { 0 };
         session
             .writer
             .send(&Frame::Hello(Hello {

@@ -12,9 +12,12 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
-use xfer_proto::{EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry};
+use xfer_proto::{
+    Change, Delete, EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry,
+};
 
 use crate::engine::{self, Options};
+use crate::mirror::{self, Mirror, Removals};
 use crate::session::unexpected;
 use crate::{ClientError, Session, Target};
 
@@ -57,6 +60,11 @@ pub struct TreeSummary {
     pub entries_skipped: u64,
     /// TCP congestion control of the connections, as the kernel reports it.
     pub congestion: Option<String>,
+    /// Entries removed from the receiving tree (`--delete`), or that would be (`--dry-run`).
+    pub entries_deleted: u64,
+    /// What the copy changed, or would change under `--dry-run` (`--itemize`).
+    #[serde(skip)]
+    pub changes: Vec<Change>,
 }
 
 fn join(top: &str, rel: &str) -> String {
@@ -278,6 +286,8 @@ impl TreeSummary {
             crc_retries: 0,
             entries_skipped: 0,
             congestion: None,
+            entries_deleted: 0,
+            changes: Vec::new(),
         }
     }
 }
@@ -411,6 +421,44 @@ fn large_file_options(opts: &Options) -> Options {
     }
 }
 
+/// Whether the copy sends an entry: special files and links leading out of the tree are left
+/// out (with a warning, by [`Plan::new`]).
+fn sent(entry: &TreeEntry) -> bool {
+    match entry.kind {
+        EntryKind::Special => false,
+        EntryKind::Symlink => xfer_core::tree::validate_link(&entry.path, &entry.target).is_ok(),
+        EntryKind::File | EntryKind::Dir => true,
+    }
+}
+
+/// The receiver's listing by path, without the entries removed before the copy.
+fn receiver_map(listed: Vec<TreeEntry>, removals: &Removals) -> HashMap<String, TreeEntry> {
+    let mut map: HashMap<String, TreeEntry> =
+        listed.into_iter().map(|e| (e.path.clone(), e)).collect();
+    for gone in &removals.before {
+        map.remove(&gone.path);
+    }
+    map
+}
+
+/// Connects, offering `CAP_DELETE` when the mirror removes entries. A daemon that does not
+/// allow deletion refuses the handshake with a message naming its setting; one that predates
+/// deletion does not take the capability, and is refused here: both before anything moves.
+async fn connect_deleting(
+    target: &Target,
+    connector: &crate::Connector,
+    mirror: &Mirror,
+) -> Result<Session, ClientError> {
+    let session = Session::connect_offering(target, connector, mirror.offer()).await?;
+    if mirror.delete && session.welcome.capabilities & xfer_proto::CAP_DELETE == 0 {
+        session.close().await;
+        return Err(ClientError::Unsupported(format!(
+            "--delete refused: the daemon at {target} is too old to delete (upgrade xferd)"
+        )));
+    }
+    Ok(session)
+}
+
 /// Copies the local tree `dir` to `dest` on `target`.
 ///
 /// # Errors
@@ -437,19 +485,60 @@ pub async fn send_tree_from(
     opts: &Options,
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
+    send_tree_mirror(local, target, dest, opts, checksum, &Mirror::default()).await
+}
+
+/// [`send_tree_from`] as a mirror: filtered, removing what the source lacks, or only saying
+/// what would change (see [`mirror`]).
+///
+/// # Errors
+/// As [`send_tree`]; `Unsupported` when `--delete` meets a daemon that predates it, and the
+/// daemon's refusal when it does not allow deletion, both before anything moves.
+pub async fn send_tree_mirror(
+    local: Root,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
     let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
+    let walked = mirror.filter_source(walked);
     tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
-    let mut control = Session::connect(target, &opts.connector).await?;
-    let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
-        .await?
-        .into_iter()
-        .map(|e| (e.path.clone(), e))
-        .collect();
+    let mut control = connect_deleting(target, &opts.connector, mirror).await?;
+    let listed = list_remote(&mut control, dest, checksum).await?;
+    let removals = mirror.removals(&walked, &listed);
+    let remote = receiver_map(listed, &removals);
     tracing::debug!(entries = remote.len(), elapsed = ?started.elapsed(), "receiver listed");
 
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
+    summary.changes = mirror::changes(&walked, &remote, &removals, sent);
+    summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+    if mirror.dry_run {
+        Plan::new(walked, &remote, &mut summary);
+        control.close().await;
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    let delete = |entries: &[TreeEntry]| -> Vec<(Frame, u64)> {
+        entries
+            .iter()
+            .map(|e| {
+                let name = join(dest, &e.path);
+                (Frame::Delete(Delete { name }), 0)
+            })
+            .collect()
+    };
+    // Entries of another type are in the way of the source's: they go first.
+    pipeline(
+        &mut control,
+        None,
+        delete(&removals.before).into_iter(),
+        expect_done,
+    )
+    .await?;
     let Plan {
         dirs,
         links,
@@ -513,7 +602,7 @@ pub async fn send_tree_from(
         .await?;
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
 
-    let mut control = Session::connect(target, &opts.connector).await?;
+    let mut control = connect_deleting(target, &opts.connector, mirror).await?;
     let link_frames = links.iter().map(|l| {
         Frame::MakeLink(MakeLink {
             name: join(dest, &l.path),
@@ -521,6 +610,15 @@ pub async fn send_tree_from(
         })
     });
     pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
+    // Every file and link arrived: now what the source lacks goes, before the directories
+    // get their mtimes (removing an entry changes its directory's).
+    pipeline(
+        &mut control,
+        None,
+        delete(&removals.after).into_iter(),
+        expect_done,
+    )
+    .await?;
     // Directory mtimes last, children first: adding entries changed them.
     let mut reversed = make_dirs(&dirs, 0);
     reversed.reverse();
@@ -607,6 +705,22 @@ pub async fn recv_tree(
     opts: &Options,
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
+    recv_tree_mirror(target, name, dir, opts, checksum, &Mirror::default()).await
+}
+
+/// [`recv_tree`] as a mirror: filtered, removing from `dir` what the source lacks, or only
+/// saying what would change (see [`mirror`]).
+///
+/// # Errors
+/// As [`recv_tree`].
+pub async fn recv_tree_mirror(
+    target: &Target,
+    name: &str,
+    dir: &Path,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
     let mut control = Session::connect(target, &opts.connector).await?;
     let remote = list_remote(&mut control, name, checksum).await?;
@@ -615,14 +729,28 @@ pub async fn recv_tree(
     if remote.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    let remote = mirror.filter_source(remote);
+    // A dry run creates nothing, not even the top.
+    if !mirror.dry_run || !dir.exists() {
+        if mirror.dry_run {
+            return dry_recv(name, opts, remote, &[], mirror, (congestion, started));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    }
     let local = Root::open(dir)?;
     let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-    let have: HashMap<String, TreeEntry> =
-        walked.into_iter().map(|e| (e.path.clone(), e)).collect();
+    if mirror.dry_run {
+        return dry_recv(name, opts, remote, &walked, mirror, (congestion, started));
+    }
+    let removals = mirror.removals(&remote, &walked);
+    let have = receiver_map(walked, &removals);
     let mut summary = TreeSummary::new(name, opts);
     summary.congestion = congestion;
+    summary.changes = mirror::changes(&remote, &have, &removals, sent);
+    summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+    // Entries of another type are in the way of the source's: they go first.
+    remove_local(&local, &removals.before).await?;
     let Plan {
         dirs,
         links,
@@ -666,6 +794,9 @@ pub async fn recv_tree(
             summary.entries_skipped += 1;
         }
     }
+    // Every file and link arrived: now what the source lacks goes, before the directories
+    // get their mtimes.
+    remove_local(&local, &removals.after).await?;
     for d in inner_dirs.iter().rev() {
         let (path, mode, mtime) = (d.path.clone(), d.mode, d.mtime_ns);
         on_local(&local, move |r| r.make_dir(&path, mode, mtime)).await?;
@@ -686,6 +817,39 @@ pub async fn recv_tree(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The summary of a `recv -r --dry-run`: what would change in a receiving tree listed as
+/// `walked` (empty when it does not exist yet).
+fn dry_recv(
+    name: &str,
+    opts: &Options,
+    remote: Vec<TreeEntry>,
+    walked: &[TreeEntry],
+    mirror: &Mirror,
+    (congestion, started): (Option<String>, Instant),
+) -> Result<TreeSummary, ClientError> {
+    let removals = mirror.removals(&remote, walked);
+    let have = receiver_map(walked.to_vec(), &removals);
+    let mut summary = TreeSummary::new(name, opts);
+    summary.congestion = congestion;
+    summary.changes = mirror::changes(&remote, &have, &removals, sent);
+    summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+    Plan::new(remote, &have, &mut summary);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Removes `entries` (contents first) from the local receiving tree, never through a link.
+async fn remove_local(local: &Root, entries: &[TreeEntry]) -> Result<(), ClientError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
+    on_local(local, move |r| {
+        paths.iter().try_for_each(|p| r.remove_entry(p).map(drop))
+    })
+    .await
 }
 
 /// Runs a local file operation on the blocking pool.

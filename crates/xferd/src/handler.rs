@@ -262,6 +262,12 @@ impl Handler {
         let Some((version, proof)) = handshake else {
             return Ok(());
         };
+        // A client that will delete learns now, before anything moves, if it may not.
+        if self.session.capabilities() & xfer_proto::CAP_DELETE != 0 {
+            if let Some(refusal) = crate::mirror::delete_refusal(cfg) {
+                return Err(fatal(ErrorCode::ReadOnly, refusal));
+            }
+        }
         // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
         // has gone away meanwhile (its place in the queue would only delay the living).
         let _permit = tokio::select! {
@@ -345,7 +351,22 @@ impl Handler {
                 }
                 Request::GetFile(req) => self.get_files(req).await?,
                 Request::Sync => self.sync().await?,
-                Request::CopyTo(req) => self.copy_to(req).await?,
+                Request::CopyTo(req) => self.copy_to(req, None).await?,
+                Request::Delete(req) => {
+                    // Checked at the handshake; a reload since then does not widen it.
+                    if let Some(refusal) = crate::mirror::delete_refusal(cfg) {
+                        self.reply_error(ErrorCode::ReadOnly, refusal).await?;
+                        continue;
+                    }
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.remove_entry(&req.name).map(drop)
+                    })
+                    .await?
+                }
+                Request::MirrorTo(req) => match crate::mirror::mirror_of(&req) {
+                    Ok(mirror) => self.copy_to(req.copy, Some(mirror)).await?,
+                    Err(message) => self.reply_error(ErrorCode::BadPath, message).await?,
+                },
                 Request::Goodbye => return Ok(()),
                 Request::PeerError(e) => {
                     info!(error = %e, "client reported an error");
@@ -832,7 +853,14 @@ impl Handler {
     }
 
     /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
-    async fn copy_to(&mut self, req: CopyTo) -> Result<(), ConnError> {
+    /// Carries out a copy; with `mirror`, a `MirrorTo`, whose changes are sent before
+    /// `CopyDone`.
+    async fn copy_to(
+        &mut self,
+        req: CopyTo,
+        mirror: Option<xfer::Mirror>,
+    ) -> Result<(), ConnError> {
+        let mirrored = mirror.is_some();
         let destination = xfer::Target {
             host: req.host.clone(),
             port: req.port,
@@ -883,8 +911,10 @@ impl Handler {
                     move || root.subroot(&source)
                 })
                 .await?;
-                let s = xfer::send_tree_from(sub, &target, &dest, &opts, false).await?;
-                Ok::<_, xfer::ClientError>(CopyDone {
+                let mirror = mirror.unwrap_or_default();
+                let s = xfer::tree::send_tree_mirror(sub, &target, &dest, &opts, false, &mirror)
+                    .await?;
+                let done = CopyDone {
                     files_total: s.files_total,
                     files_transferred: s.files_transferred,
                     files_skipped: s.files_skipped,
@@ -892,12 +922,13 @@ impl Handler {
                     bytes_transferred: s.bytes_transferred,
                     resumed_bytes: s.resumed_bytes,
                     millis: (s.seconds * 1000.0) as u64,
-                })
+                };
+                Ok::<_, xfer::ClientError>((done, s.changes))
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
                 let s = xfer::send_file(file, &target, &dest, &opts).await?;
-                Ok(CopyDone {
+                let done = CopyDone {
                     files_total: 1,
                     files_transferred: 1,
                     files_skipped: 0,
@@ -905,7 +936,8 @@ impl Handler {
                     bytes_transferred: s.bytes_transferred,
                     resumed_bytes: s.resumed_bytes,
                     millis: (s.seconds * 1000.0) as u64,
-                })
+                };
+                Ok((done, Vec::new()))
             }
         });
         let shutdown = self.shared.shutdown.clone();
@@ -928,8 +960,13 @@ impl Handler {
             }
         };
         match outcome {
-            Ok(Ok(done)) => {
+            Ok(Ok((done, changes))) => {
                 info!(destination = %destination, bytes = done.bytes_transferred, millis = done.millis, "copy complete");
+                if mirrored {
+                    for page in crate::mirror::pages(changes) {
+                        self.writer.send(&Frame::Changes(page)).await?;
+                    }
+                }
                 Ok(self.writer.send(&Frame::CopyDone(done)).await?)
             }
             Ok(Err(e)) => {
