@@ -825,4 +825,27 @@ mod tests {
             })
         ));
     }
+
+    #[test]
+    fn mirror_frames_need_their_capability() {
+        let delete = || Frame::Delete(crate::Delete { name: "t/x".into() });
+        let mut plain = ready();
+        assert_eq!(plain.capabilities() & crate::CAP_DELETE, 0);
+        assert!(matches!(
+            plain.handle_frame(delete()),
+            Err(SessionError::Unexpected {
+                frame: "Delete",
+                ..
+            })
+        ));
+        let mut s = session(None);
+        let Frame::Hello(mut h) = hello(vec![]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_DELETE | crate::CAP_MIRROR | (1 << 40);
+        s.handle_frame(Frame::Hello(h)).unwrap();
+        // Unknown bits are never echoed; the mirror bits are.
+        assert_eq!(s.capabilities(), crate::CAP_DELETE | crate::CAP_MIRROR);
+        assert!(matches!(s.handle_frame(delete()), Ok(Request::Delete(_))));
+    }
 }
