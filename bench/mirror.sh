@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# Loopback benchmark of mirroring (bench/bulk.sh's mirror row): a tree already copied, then 1 % of
+# its files changed and 1 % deleted at the source, synced again with `xfer send -r --delete` to an
+# xferd --allow-delete and with `rsync -aH --delete` to an rsync daemon, side by side in one run.
+# Target: xfer >= 2 x rsync's files per second. Not a test: run it by hand (bench/bulk.sh runs it
+# when BULK_SETS has "mirror"). Installs rsync and iproute2 with apt if missing.
+#
+#   bench/mirror.sh
+#   REPEAT=3 MIRROR_REAL=/usr/include bench/mirror.sh
+#
+# Environment:
+#   BENCH_DIR     base work dir; default bench/out. Works in BENCH_DIR/mirror only (a real disk).
+#   MIRROR_TREES  which trees, any of "gen real"; default both
+#                   gen:  SMALL_FILES (10000) files of SMALL_SIZE (4K) in SMALL_DIRS (20)
+#                         directories, made by bench/tree.py (same content every run)
+#                   real: a copy of MIRROR_REAL (default /usr/share/doc), a tree nobody here wrote
+#   REPEAT        rounds; the fastest of each tool is reported; default 1
+#   RUN_TIMEOUT   seconds before one sync is killed; default 900
+#
+# How it measures, per tree and round:
+#   - The source is copied (`cp -a`: modes and mtimes to the nanosecond) to the destination of
+#     each tool, so both start from a complete, identical copy; then 1 % of the source's regular
+#     files get new content (same path, size changed, mtime moved) and another 1 % are deleted,
+#     chosen from a fixed seed (the same files for both tools). All of it is flushed before timing.
+#   - Each tool then syncs the source to its own destination with deletion; the time runs from
+#     the client's start to its exit ("as is") and to the end of a following `sync -f` ("durable";
+#     xfer flushes the destination itself before it exits, rsync does not).
+#   - files/s = regular files of the source tree over the seconds: what a mirror run has to look
+#     at. Afterwards each destination must hold exactly the source's regular files (content, mode,
+#     mtime to the second) and directories, and nothing else; links are not compared (xfer leaves
+#     out links leading out of the tree, rsync copies them).
+set -euo pipefail
+
+BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$BENCH_HOME/.." && pwd)"
+cd "$REPO"
+
+BASE="${BENCH_DIR:-$REPO/bench/out}"
+TREES="${MIRROR_TREES:-gen real}"
+REAL="${MIRROR_REAL:-/usr/share/doc}"
+REPEAT="${REPEAT:-1}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
+SMALL_FILES="${SMALL_FILES:-10000}"
+SMALL_DIRS="${SMALL_DIRS:-20}"
+SMALL_SIZE="${SMALL_SIZE:-4096}"
+
+die() {
+    echo "mirror: $*" >&2
+    exit 1
+}
+log() { echo "# $*" >&2; }
+
+for t in $TREES; do [[ "$t" == gen || "$t" == real ]] || die "unknown tree in MIRROR_TREES: $t"; done
+[[ "$SMALL_SIZE" =~ ^[0-9]+$ ]] || die "SMALL_SIZE is in bytes here: $SMALL_SIZE"
+
+apt_updated=0
+ensure_apt() { # ensure_apt COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    log "installing $2 (for $1)"
+    if ((apt_updated == 0)); then
+        apt-get update -qq >&2
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
+}
+ensure_apt rsync rsync
+ensure_apt ss iproute2
+ensure_apt python3 python3
+
+# --- processes: every one started here is ended by PID at exit ---------------------------------
+PIDS=()
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null || true; done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_listening() { # wait_listening PORT
+    for _ in $(seq 200); do
+        [[ -n "$(ss -Hltn "sport = :$1")" ]] && return 0
+        sleep 0.05
+    done
+    die "nothing listens on port $1"
+}
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+now_ns() { date +%s%N; }
+secs() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$2"; }
+
+mkdir -p "$BASE/mirror"
+WORK="$(cd "$BASE/mirror" && pwd)"
+fstype="$(df -PT "$WORK" | awk 'NR == 2 {print $2}')"
+[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] && die "$WORK is on $fstype; set BENCH_DIR to a real disk"
+rm -rf "$WORK/srv" "$WORK/src" "$WORK/logs"
+mkdir -p "$WORK/srv" "$WORK/src" "$WORK/pristine" "$WORK/logs"
+LOGS="$WORK/logs"
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+
+XFER="$REPO/target/release/xfer"
+XFERD="$REPO/target/release/xferd"
+log "cargo build --release"
+cargo build --release >"$LOGS/build.log" 2>&1 || die "cargo build --release failed (log: $LOGS/build.log)"
+
+# --- daemons: one of each for the whole run -----------------------------------------------------
+XFERD_OUT="$LOGS/xferd.out"
+"$XFERD" --listen 127.0.0.1:0 --root "$WORK/srv" --allow-delete >"$XFERD_OUT" 2>"$LOGS/xferd.err" &
+PIDS+=("$!")
+XFERD_ADDR=""
+for _ in $(seq 200); do
+    line="$(head -n1 "$XFERD_OUT")"
+    if [[ "$line" == "xferd listening on "* ]]; then
+        XFERD_ADDR="${line#xferd listening on }"
+        break
+    fi
+    sleep 0.05
+done
+[[ -n "$XFERD_ADDR" ]] || die "xferd did not start: $(tail -n5 "$LOGS/xferd.err")"
+RSYNC_PORT="$(free_port)"
+cat >"$WORK/rsyncd.conf" <<EOF
+# written by bench/mirror.sh
+use chroot = no
+log file = $LOGS/rsyncd.log
+[mirror]
+    path = $WORK/srv
+    read only = no
+    uid = $(id -u)
+    gid = $(id -g)
+EOF
+rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
+    --config="$WORK/rsyncd.conf" 2>"$LOGS/rsyncd.err" &
+PIDS+=("$!")
+wait_listening "$RSYNC_PORT"
+
+# --- trees --------------------------------------------------------------------------------------
+pristine() { # pristine TREE: the unchanged tree, made once per run of this script
+    local tree="$1" dir="$WORK/pristine/$1"
+    if [[ "$tree" == gen ]]; then
+        local params="small $SMALL_FILES $SMALL_DIRS $SMALL_SIZE"
+        if [[ "$(cat "$dir.params" 2>/dev/null)" != "$params" ]]; then
+            rm -rf "$dir"
+            # shellcheck disable=SC2086 # $params is a list of words
+            python3 "$BENCH_HOME/tree.py" make "$dir" $params
+            echo "$params" >"$dir.params"
+        fi
+    elif [[ "$(cat "$dir.params" 2>/dev/null)" != "$REAL" ]]; then
+        rm -rf "$dir"
+        cp -a "$REAL" "$dir"
+        echo "$REAL" >"$dir.params"
+    fi
+}
+
+# mutate DIR: 1 % of the regular files changed, another 1 % deleted, from a fixed seed
+mutate() {
+    python3 - "$1" <<'EOF'
+import os, random, sys
+top = sys.argv[1]
+files = sorted(
+    os.path.relpath(os.path.join(d, f), top)
+    for d, _, fs in os.walk(top)
+    for f in fs
+    if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))
+)
+rng = random.Random(20261204)
+picked = rng.sample(files, 2 * max(1, len(files) // 100))
+half = len(picked) // 2
+for rel in picked[:half]:
+    path = os.path.join(top, rel)
+    st = os.stat(path)
+    with open(path, "ab") as f:
+        f.write(rng.randbytes(100))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+for rel in picked[half:]:
+    os.remove(os.path.join(top, rel))
+print(f"{half} changed, {len(picked) - half} deleted of {len(files)}")
+EOF
+}
+
+# same TREE COPY: COPY holds exactly the regular files and directories of the source
+same() {
+    python3 - "$WORK/src/$1" "$2" <<'EOF' || die "the copy $2 differs from its source"
+import hashlib, os, stat, sys
+
+def manifest(top):
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            entry = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode))
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                entry += (int(st.st_mtime), st.st_size, digest)
+            out[os.path.relpath(path, top)] = entry
+    return out
+
+src, dst = manifest(sys.argv[1]), manifest(sys.argv[2])
+bad = sorted(set(src) ^ set(dst)) + sorted(p for p in src if p in dst and src[p] != dst[p])
+for p in bad[:10]:
+    print(f"  {p}: source {src.get(p)}, copy {dst.get(p)}", file=sys.stderr)
+sys.exit(1 if bad else 0)
+EOF
+}
+
+timed() { # timed LOG CMD...: runs CMD; prints "AS_IS DURABLE" seconds (durable: + sync -f)
+    local out="$1" t0 t1 t2
+    shift
+    t0="$(now_ns)"
+    timeout -k 5 "$RUN_TIMEOUT" "$@" >"$out" 2>&1 || die "$* failed: $(tail -n5 "$out")"
+    t1="$(now_ns)"
+    sync -f "$WORK/srv"
+    t2="$(now_ns)"
+    echo "$(secs "$t0" "$t1") $(secs "$t0" "$t2")"
+}
+
+record() { # record TREE TOOL FILES AS_IS DURABLE
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"
+    log "$(printf '%s %s (%s files): %s s as is, %s s durable' "$@")"
+}
+
+# --- runs ---------------------------------------------------------------------------------------
+commit="$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+[[ -z "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]] || commit="$commit (+ uncommitted changes)"
+for tree in $TREES; do
+    pristine "$tree"
+    for rep in $(seq "$REPEAT"); do
+        rm -rf "${WORK:?}/src/$tree" "$WORK/srv/xfer" "$WORK/srv/rsync"
+        mkdir -p "$WORK/srv/xfer" "$WORK/srv/rsync"
+        cp -a "$WORK/pristine/$tree" "$WORK/src/$tree"
+        cp -a "$WORK/pristine/$tree" "$WORK/srv/xfer/$tree"
+        cp -a "$WORK/pristine/$tree" "$WORK/srv/rsync/$tree"
+        log "$tree, round $rep: $(mutate "$WORK/src/$tree")"
+        files="$(find "$WORK/src/$tree" -type f | wc -l)"
+        sync
+        # Alternate who goes first, so neither always meets the other's dirty pages.
+        for tool in $( ((rep % 2)) && echo "xfer rsync" || echo "rsync xfer"); do
+            if [[ "$tool" == xfer ]]; then
+                # shellcheck disable=SC2046
+                record "$tree" "xfer send -r --delete" "$files" $(timed "$LOGS/xfer.log" \
+                    "$XFER" send -r -q --delete "$WORK/src/$tree" "$XFERD_ADDR" --as "xfer/$tree")
+                same "$tree" "$WORK/srv/xfer/$tree"
+            else
+                # shellcheck disable=SC2046
+                record "$tree" "rsync -aH --delete (daemon)" "$files" $(timed "$LOGS/rsync.log" \
+                    rsync -aH --delete "$WORK/src/$tree/" "rsync://127.0.0.1:$RSYNC_PORT/mirror/rsync/$tree/")
+                same "$tree" "$WORK/srv/rsync/$tree"
+            fi
+        done
+    done
+done
+
+echo "# xfer mirror benchmark (loopback)"
+echo
+echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S'); commit: $commit"
+echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($fstype)"
+echo "- peers: $(rsync --version | head -n1 | awk '{print "rsync", $3}')"
+echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"
+echo "- trees: gen = $SMALL_FILES files of $SMALL_SIZE bytes; real = $REAL; repeats: $REPEAT (fastest shown)"
+echo
+python3 - "$RESULTS" <<'EOF'
+import sys
+from collections import OrderedDict
+
+NEED = 2.0
+RSYNC = "rsync -aH --delete (daemon)"
+runs = OrderedDict()
+for line in open(sys.argv[1]):
+    tree, tool, files, as_is, durable = line.rstrip("\n").split("\t")
+    r = runs.setdefault((tree, tool), {"files": int(files), "as_is": [], "durable": []})
+    r["as_is"].append(float(as_is))
+    r["durable"].append(float(durable))
+print("| tree | tool | files | as is: s | files/s | × rsync | durable: s | files/s | × rsync |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+met = []
+for (tree, tool), r in runs.items():
+    base = runs.get((tree, RSYNC))
+    cells = [tree, tool, str(r["files"])]
+    for mode in ("as_is", "durable"):
+        s = min(r[mode])
+        cells += [f"{s:.2f}", f"{r['files'] / s:,.0f}"]
+        cells.append(f"{min(base[mode]) / s:.2f}" if base else "n/a")
+    print("| " + " | ".join(cells) + " |")
+print()
+for (tree, tool), r in runs.items():
+    base = runs.get((tree, RSYNC))
+    if tool == RSYNC or not base:
+        continue
+    for mode, label in (("as_is", "as is"), ("durable", "durable")):
+        ratio = min(base[mode]) / min(r[mode])
+        met.append(ratio >= NEED)
+        verdict = "PASS" if ratio >= NEED else "FAIL"
+        print(f"- {verdict}: {tree}, {label}: {tool} is {ratio:.2f} x rsync's files/s (target >= {NEED} x)")
+print()
+print(f"{sum(met)} of {len(met)} targets met")
+EOF
+echo
+echo "Raw results: $RESULTS; logs: $LOGS"
