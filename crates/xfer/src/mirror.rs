@@ -376,7 +376,7 @@ mod tests {
             delete_excluded: true,
             ..mirror(&[(false, "*.log")])
         };
-        assert_eq!(all.removals(&source, &receiver).after.len(), 7);
+        assert_eq!(all.removals(&source, &receiver).after.len(), 6);
         assert!(Mirror::default()
             .removals(&source, &receiver)
             .after
