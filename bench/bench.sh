@@ -21,6 +21,7 @@
 #   GRIDFTP_BLOCK    globus-url-copy -bs and the server's -blocksize (bytes); default 1048576, as
 #                 SOCAT_BLOCK
 #   RUN_TIMEOUT   seconds before one transfer is killed; default 900
+#   XFER_BIN_DIR  use xfer/xferd from this directory and skip cargo build --release
 #   KEEP=1        keep the big files at the end
 #
 # How it measures (every destination is written fresh; caches cannot be dropped here, so the
@@ -45,6 +46,9 @@ set -euo pipefail
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH_HOME/.." && pwd)"
 cd "$REPO"
+BENCH_NAME=bench
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
 
 SIZE_SPEC="${BENCH_SIZE:-2G}"
 WORK="${BENCH_DIR:-$REPO/bench/out}"
@@ -56,154 +60,43 @@ GRIDFTP_STREAMS="${GRIDFTP_STREAMS:-1 4}"
 GRIDFTP_BLOCK="${GRIDFTP_BLOCK:-1048576}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 KEEP="${KEEP:-0}"
-TIME_FMT='%e %M %U %S' # wall s, max RSS KiB, user s, sys s
-
-die() {
-    echo "bench: $*" >&2
-    exit 1
-}
-log() { echo "# $*" >&2; }
 for n in $CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS: $n is neither a number nor auto"; done
 for n in $GRIDFTP_STREAMS; do [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "GRIDFTP_STREAMS: $n is not a positive number"; done
 [[ "$GRIDFTP_BLOCK" =~ ^[1-9][0-9]*$ ]] || die "GRIDFTP_BLOCK: $GRIDFTP_BLOCK is not a number of bytes"
 
-# Sizes: plain bytes or K/M/G (powers of 1024), as the xfer CLI takes them.
-parse_size() {
-    local s="$1" n unit
-    [[ "$s" =~ ^([0-9]+)([KkMmGg]?)i?[Bb]?$ ]] || die "bad size: $s"
-    n="${BASH_REMATCH[1]}"
-    unit="${BASH_REMATCH[2]^^}"
-    case "$unit" in
-        K) echo $((n << 10)) ;;
-        M) echo $((n << 20)) ;;
-        G) echo $((n << 30)) ;;
-        *) echo "$n" ;;
-    esac
-}
 SIZE="$(parse_size "$SIZE_SPEC")"
 ((SIZE > 0)) || die "BENCH_SIZE must be > 0"
 CHUNK="$(parse_size "${BENCH_CHUNK:-4M}")"
 XFER_CHUNK_ARGS=()
 [[ -n "${BENCH_CHUNK:-}" ]] && XFER_CHUNK_ARGS=(--chunk-size "$BENCH_CHUNK")
 
-has_tool() { [[ " $TOOLS " == *" $1 "* ]]; }
-
 # --- peers --------------------------------------------------------------------------------------
-apt_updated=0
-ensure_apt() { # ensure_apt COMMAND PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return 0
-    log "installing $2 (for $1)"
-    if ((apt_updated == 0)); then
-        apt-get update -qq >&2
-        apt_updated=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
-}
 ensure_apt /usr/bin/time time
 ensure_apt ss iproute2
 has_tool raw && ensure_apt socat socat
 has_tool rsync && ensure_apt rsync rsync
 # GridFTP is optional: when it cannot be installed its rows are n/a (NA[gridftp] says why).
-declare -A NA=()
-need() { # need TOOL COMMAND PACKAGE: install PACKAGE for COMMAND if missing, else mark TOOL n/a
-    command -v "$2" >/dev/null 2>&1 && return 0
-    log "installing $3 (for $2)"
-    if ((apt_updated == 0)); then
-        timeout 600 apt-get update -qq >&2 || true
-        apt_updated=1
-    fi
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends "$3" >&2 || true
-    command -v "$2" >/dev/null 2>&1 && return 0
-    NA[$1]="${NA[$1]:+${NA[$1]}; }$2 not installable (apt: $3)"
-    log "$1: n/a: ${NA[$1]}"
-}
 if has_tool gridftp; then
     need gridftp globus-url-copy globus-gass-copy-progs
     need gridftp globus-gridftp-server globus-gridftp-server-progs
 fi
 
 # --- processes: every one we start is recorded and ended by PID at exit -------------------------
-PIDS=()
 cleanup() {
-    local rc=$? pid
+    local rc=$?
     trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
+    end_pids "${PIDS[@]+"${PIDS[@]}"}"
     if [[ "$KEEP" != 1 && -n "${WORK_READY:-}" ]]; then
         rm -rf "$WORK/src" "$WORK/srv" "$WORK/dst"
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() { # drop a PID that has exited from the cleanup list
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ "$p" != "$1" ]] && keep+=("$p"); done
-    PIDS=("${keep[@]+"${keep[@]}"}")
-}
-
-# The real server under a /usr/bin/time wrapper is the wrapper's only child.
-child_of() {
-    local parent="$1" child=""
-    for _ in $(seq 100); do
-        child="$(ps -o pid= --ppid "$parent" | tr -d ' ' | head -n1)"
-        [[ -n "$child" ]] && break
-        sleep 0.05
-    done
-    [[ -n "$child" ]] || die "no child of PID $parent"
-    echo "$child"
-}
-
-wait_listening() { # wait_listening PORT
-    for _ in $(seq 200); do
-        [[ -n "$(ss -Hltn "sport = :$1")" ]] && return 0
-        sleep 0.05
-    done
-    die "nothing listens on port $1"
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-now_ns() { date +%s%N; }
-secs_since() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$(now_ns)"; }
-
-# /proc/PID/stat: utime and stime are fields 14 and 15; the comm field may hold spaces, so count
-# from the closing parenthesis. Prints seconds.
-proc_cpu() {
-    local stat rest
-    stat="$(cat "/proc/$1/stat")"
-    rest="${stat##*) }"
-    # shellcheck disable=SC2086
-    set -- $rest
-    python3 -c "import os, sys; print((int(sys.argv[1]) + int(sys.argv[2])) / os.sysconf('SC_CLK_TCK'))" "${12}" "${13}"
-}
-proc_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
-
-# time_field FILE N: field N of a /usr/bin/time -o FILE output (last line; earlier lines may say
-# "Command exited with non-zero status").
-time_field() { tail -n1 "$1" | awk -v n="$2" '{print $n}'; }
-time_cpu() { tail -n1 "$1" | awk '{printf "%.2f", $3 + $4}'; }
+on_exit cleanup
 
 # --- work dir -----------------------------------------------------------------------------------
-mkdir -p "$WORK"
-WORK="$(cd "$WORK" && pwd)"
-fstype="$(stat -f -c %T "$WORK")"
-[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] &&
-    die "$WORK is on $fstype; fsync would cost nothing there. Set BENCH_DIR to a real disk."
-avail=$(($(df -P -k "$WORK" | awk 'NR == 2 {print $4}') * 1024))
-((avail > 3 * SIZE)) || die "need about $((3 * SIZE >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
+WORK="$(mkdir -p "$WORK" && cd "$WORK" && pwd)"
+real_disk "$WORK"
+require_free "$WORK" $((3 * SIZE))
 
 rm -rf "$WORK/srv" "$WORK/dst" "$WORK/logs"
 mkdir -p "$WORK/src" "$WORK/srv" "$WORK/dst" "$WORK/logs"
@@ -213,14 +106,8 @@ RESULTS="$WORK/results.tsv"
 LOGS="$WORK/logs"
 
 # --- build --------------------------------------------------------------------------------------
-XFER="$REPO/target/release/xfer"
-XFERD="$REPO/target/release/xferd"
-if has_tool xfer; then
-    log "cargo build --release"
-    if ! cargo build --release >"$LOGS/build.log" 2>&1; then
-        tail -n 30 "$LOGS/build.log" >&2
-        die "cargo build --release failed (full log: $LOGS/build.log)"
-    fi
+if has_tool xfer || has_tool tls; then
+    xfer_binaries "$LOGS/build.log"
 fi
 
 # --- header -------------------------------------------------------------------------------------
@@ -234,7 +121,7 @@ echo "- commit: $commit"
 echo "- nproc: $(nproc); CPU: ${cpu_model:-unknown}"
 echo "- kernel: $(uname -srm)"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"
-echo "- file: $SIZE bytes ($SIZE_SPEC); work dir: $WORK ($fstype); repeats: $REPEAT (fastest shown)"
+echo "- file: $SIZE bytes ($SIZE_SPEC); work dir: $WORK ($FSTYPE); repeats: $REPEAT (fastest shown)"
 if has_tool gridftp; then
     if [[ -n "${NA[gridftp]:-}" ]]; then
         echo "- GridFTP: n/a (${NA[gridftp]})"
@@ -330,16 +217,7 @@ RSYNC_TPID=""
 RSYNC_PID=""
 start_rsyncd() {
     RSYNC_PORT="$(free_port)"
-    cat >"$WORK/rsyncd.conf" <<EOF
-# written by bench/bench.sh
-use chroot = no
-log file = $LOGS/rsyncd.log
-[bench]
-    path = $WORK/srv
-    read only = no
-    uid = $(id -u)
-    gid = $(id -g)
-EOF
+    rsyncd_conf "$WORK/rsyncd.conf" bench "$WORK/srv"
     /usr/bin/time -f "$TIME_FMT" -o "$LOGS/rsyncd.time" \
         rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
         --config="$WORK/rsyncd.conf" 2>>"$LOGS/rsyncd.err" &
@@ -507,33 +385,6 @@ make_tls_certs() { # a throwaway CA and a certificate for 127.0.0.1, for the TLS
     ) || die "making TLS certificates with openssl failed"
 }
 
-start_xferd() { # start_xferd [extra xferd flags...]
-    local out="$LOGS/xferd.out"
-    : >"$out"
-    "$XFERD" --listen 127.0.0.1:0 --root "$WORK/srv" "$@" >"$out" 2>>"$LOGS/xferd.err" &
-    XFERD_PID=$!
-    PIDS+=("$XFERD_PID")
-    XFERD_ADDR=""
-    for _ in $(seq 200); do
-        local line
-        line="$(head -n1 "$out")"
-        if [[ "$line" == "xferd listening on "* ]]; then
-            XFERD_ADDR="${line#xferd listening on }"
-            break
-        fi
-        kill -0 "$XFERD_PID" 2>/dev/null || die "xferd exited at start: $(tail -n5 "$LOGS/xferd.err")"
-        sleep 0.05
-    done
-    [[ -n "$XFERD_ADDR" ]] || die "xferd printed no 'xferd listening on ADDR' line within 10 s"
-}
-stop_xferd() {
-    local rc=0
-    kill -TERM "$XFERD_PID"
-    wait "$XFERD_PID" || rc=$?
-    forget_pid "$XFERD_PID"
-    ((rc == 0)) || log "warning: xferd exited with status $rc after SIGTERM (contract: 0)"
-}
-
 run_xfer() { # run_xfer send|recv CONNS [tls] (CONNS: a number, or auto: no -c)
     local mode="$1" n="$2" tls="${3:-}" dst t0 wall cpu0 cpu1 hwm dir args kind="xfer-$1-$2${3:+-tls}" conns=() used
     local tool="xfer" daemon_args=() client_args=()
@@ -552,7 +403,7 @@ run_xfer() { # run_xfer send|recv CONNS [tls] (CONNS: a number, or auto: no -c)
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" \
         "$(dirname "$dst")/.$(basename "$dst").xfer-state"
     settle
-    start_xferd "${daemon_args[@]+"${daemon_args[@]}"}"
+    start_xferd "$WORK/srv" "${daemon_args[@]+"${daemon_args[@]}"}"
     [[ "$n" == auto ]] || conns=(-c "$n")
     args=(-q --json "${conns[@]+"${conns[@]}"}" "${XFER_CHUNK_ARGS[@]+"${XFER_CHUNK_ARGS[@]}"}" "${client_args[@]+"${client_args[@]}"}")
     if [[ "$mode" == send ]]; then

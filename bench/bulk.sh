@@ -22,6 +22,7 @@
 #   REPEAT        runs per measurement; the fastest is reported (each mode on its own); default 1
 #   SOCAT_BLOCK   socat -b for the tar pipe; default 1048576
 #   RUN_TIMEOUT   seconds before one copy is killed; default 900
+#   XFER_BIN_DIR  use xfer/xferd from this directory and skip cargo build --release
 #   KEEP=1        keep the trees (sources and copies) at the end
 #   REUSE_DEST=1  every run writes to the same destination, removed (`rm -rf`, `sync`) right after
 #                 the run; see "Destinations" below for why that is not the default
@@ -50,6 +51,9 @@ set -euo pipefail
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH_HOME/.." && pwd)"
 cd "$REPO"
+BENCH_NAME=bulk
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
 
 BASE="${BENCH_DIR:-$REPO/bench/out}"
 SETS="${BULK_SETS:-small mixed mirror}"
@@ -73,37 +77,9 @@ MIXED_MAX="${MIXED_MAX:-64K}"
 MIXED_BIG="${MIXED_BIG:-3}"
 MIXED_BIG_SIZE="${MIXED_BIG_SIZE:-64M}"
 
-die() {
-    echo "bulk: $*" >&2
-    exit 1
-}
-log() { echo "# $*" >&2; }
-
-parse_size() { # bytes, or K/M/G (powers of 1024) as the xfer CLI takes them
-    local s="$1" n unit
-    [[ "$s" =~ ^([0-9]+)([KkMmGg]?)$ ]] || die "bad size: $s"
-    n="${BASH_REMATCH[1]}"
-    unit="${BASH_REMATCH[2]^^}"
-    case "$unit" in
-        K) echo $((n << 10)) ;;
-        M) echo $((n << 20)) ;;
-        G) echo $((n << 30)) ;;
-        *) echo "$n" ;;
-    esac
-}
 for s in $SETS; do [[ "$s" == small || "$s" == mixed ]] || die "unknown set in BULK_SETS: $s"; done
 
 # --- peers --------------------------------------------------------------------------------------
-apt_updated=0
-ensure_apt() { # ensure_apt COMMAND PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return 0
-    log "installing $2 (for $1)"
-    if ((apt_updated == 0)); then
-        apt-get update -qq >&2
-        apt_updated=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
-}
 ensure_apt rsync rsync
 ensure_apt socat socat
 ensure_apt tar tar
@@ -111,67 +87,27 @@ ensure_apt ss iproute2
 ensure_apt python3 python3
 
 # --- processes: every one we start is recorded and ended by PID at exit -------------------------
-PIDS=()
 WORK_READY=""
-kill_tree() { # kill_tree SIGNAL PID: the process and its children (all started by this script)
-    local child
-    for child in $(ps -o pid= --ppid "$2" 2>/dev/null); do
-        kill_tree "$1" "$child"
-    done
-    kill "-$1" "$2" 2>/dev/null || true
-}
 cleanup() {
-    local rc=$? pid
+    local rc=$?
     trap - EXIT INT TERM
-    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill_tree TERM "$pid"; done
-    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill_tree KILL "$pid"
-    done
+    end_pids --tree "${PIDS[@]+"${PIDS[@]}"}"
     if [[ "$KEEP" != 1 && -n "$WORK_READY" ]]; then
         rm -rf "$WORK/src" "$WORK/srv" "$WORK/dst"
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]+"${PIDS[@]}"}"; do [[ "$p" != "$1" ]] && keep+=("$p"); done
-    PIDS=("${keep[@]+"${keep[@]}"}")
-}
-
-wait_listening() { # wait_listening PORT
-    for _ in $(seq 200); do
-        [[ -n "$(ss -Hltn "sport = :$1")" ]] && return 0
-        sleep 0.05
-    done
-    die "nothing listens on port $1"
-}
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-now_ns() { date +%s%N; }
-secs() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$2"; }
+on_exit cleanup
 
 # --- work dir -----------------------------------------------------------------------------------
-mkdir -p "$BASE/bulk"
-WORK="$(cd "$BASE/bulk" && pwd)"
-fstype="$(df -PT "$WORK" | awk 'NR == 2 {print $2}')"
-[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] &&
-    die "$WORK is on $fstype; flushing would cost nothing there. Set BENCH_DIR to a real disk."
+WORK="$(mkdir -p "$BASE/bulk" && cd "$BASE/bulk" && pwd)"
+real_disk "$WORK"
 # Every copy is kept to the end: the source plus one copy per run (4 KiB blocks at least).
 REUSE_DEST="${REUSE_DEST:-0}"
 copies=$((REUSE_DEST == 1 ? 2 : REPEAT * (2 + 2 * $(wc -w <<<"$CONNS")) + 1))
 need=$((copies * (SMALL_FILES * ($(parse_size "$SMALL_SIZE") + 4096) + MIXED_FILES * \
     ($(parse_size "$MIXED_MAX") + 4096) + MIXED_BIG * $(parse_size "$MIXED_BIG_SIZE"))))
-avail=$(($(df -P -k "$WORK" | awk 'NR == 2 {print $4}') * 1024))
-((avail > need)) || die "need about $((need >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
+require_free "$WORK" "$need"
 DELETED_AT=0 # when this script last removed files (see "Destinations" above)
 if [[ -n "$(ls -A "$WORK/srv" "$WORK/dst" 2>/dev/null)" ]]; then
     DELETED_AT="$(date +%s)"
@@ -184,13 +120,7 @@ RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 
 # --- build --------------------------------------------------------------------------------------
-XFER="$REPO/target/release/xfer"
-XFERD="$REPO/target/release/xferd"
-log "cargo build --release"
-if ! cargo build --release >"$LOGS/build.log" 2>&1; then
-    tail -n 30 "$LOGS/build.log" >&2
-    die "cargo build --release failed (full log: $LOGS/build.log)"
-fi
+xfer_binaries "$LOGS/build.log"
 
 # --- source trees -------------------------------------------------------------------------------
 # make_set NAME: the tree $WORK/src/NAME (bench/tree.py), remade only when its parameters changed.
@@ -279,7 +209,7 @@ timed_sync() {
     t1="$(now_ns)"
     sync -f "$2"
     t2="$(now_ns)"
-    echo "$(secs "$1" "$t1") $(secs "$1" "$t2")"
+    echo "$(secs_between "$1" "$t1") $(secs_between "$1" "$t2")"
 }
 
 # --- tar c | socat -> socat | tar x -------------------------------------------------------------
@@ -312,16 +242,7 @@ run_rsync() { # run_rsync SET RUN
     local set="$1" id port tpid t0 times
     id="$(dest srv "$2-rsync")"
     port="$(free_port)"
-    cat >"$WORK/rsyncd.conf" <<EOF
-# written by bench/bulk.sh
-use chroot = no
-log file = $LOGS/rsyncd.log
-[bulk]
-    path = $WORK/srv
-    read only = no
-    uid = $(id -u)
-    gid = $(id -g)
-EOF
+    rsyncd_conf "$WORK/rsyncd.conf" bulk "$WORK/srv"
     rsync --daemon --no-detach --address=127.0.0.1 --port="$port" \
         --config="$WORK/rsyncd.conf" 2>>"$LOGS/rsyncd.err" &
     tpid=$!
@@ -348,34 +269,6 @@ EOF
 # --- xfer ---------------------------------------------------------------------------------------
 XFERD_PID=""
 XFERD_ADDR=""
-start_xferd() { # start_xferd ROOT EXTRA...
-    local out="$LOGS/xferd.out" root="$1"
-    shift
-    : >"$out"
-    "$XFERD" --listen 127.0.0.1:0 --root "$root" "$@" >"$out" 2>>"$LOGS/xferd.err" &
-    XFERD_PID=$!
-    PIDS+=("$XFERD_PID")
-    XFERD_ADDR=""
-    for _ in $(seq 200); do
-        local line
-        line="$(head -n1 "$out")"
-        if [[ "$line" == "xferd listening on "* ]]; then
-            XFERD_ADDR="${line#xferd listening on }"
-            return 0
-        fi
-        kill -0 "$XFERD_PID" 2>/dev/null || die "xferd exited at start: $(tail -n5 "$LOGS/xferd.err")"
-        sleep 0.05
-    done
-    die "xferd printed no 'xferd listening on ADDR' line within 10 s"
-}
-stop_xferd() {
-    local rc=0
-    kill -TERM "$XFERD_PID"
-    wait "$XFERD_PID" || rc=$?
-    forget_pid "$XFERD_PID"
-    ((rc == 0)) || log "warning: xferd exited with status $rc after SIGTERM (contract: 0)"
-}
-
 run_xfer() { # run_xfer send|recv SET CONNS RUN
     local mode="$1" set="$2" n="$3" id dst t0 times args kind="xfer-$1-$2-$3" c=()
     [[ "$n" == auto ]] || c=(-c "$n")
@@ -425,7 +318,7 @@ HEADER="$WORK/header.md"
     echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S')"
     echo "- machine: $(hostname), $(nproc) CPUs (${cpu_model:-unknown}), ${mem_gib} GiB RAM, $(uname -srm)"
     echo "- commit: $commit"
-    echo "- disk: $WORK on $device ($fstype)"
+    echo "- disk: $WORK on $device ($FSTYPE)"
     echo "- peers: $(rsync --version | head -n1 | awk '{print "rsync", $3}'), $(tar --version | head -n1),"\
         "$(socat -V | awk '/socat version/ {print "socat", $3; exit}')"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"

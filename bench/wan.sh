@@ -107,6 +107,10 @@ set -euo pipefail
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH_HOME/.." && pwd)"
 cd "$REPO"
+BENCH_NAME=wan-bench
+BENCH_FAIL=fail # a helper failing inside a run ends that run (see fail below)
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
 
 SIZE_SPEC="${WAN_SIZE:-1G}"
 CAP="${WAN_CAP:-20}"
@@ -129,7 +133,6 @@ SOCAT_BLOCK=1048576
 # small: 10,000 files of 4 KiB in 20 directories; mixed: 2,000 files of 4-64 KiB in 20 directories
 # plus three of 64 MiB.
 declare -A TREE_PARAMS=([small]="small 10000 20 4096" [mixed]="mixed 2000 20 4096 65536 3 67108864")
-TIME_FMT='%e %M %U %S' # wall s, max RSS KiB, user s, sys s
 read -r -a XFER_EXTRA <<<"${XFER_ARGS:-}"
 read -r -a XFERD_EXTRA <<<"${XFERD_ARGS:-}"
 
@@ -141,24 +144,6 @@ NS_B="$WAN_NS_B"
 IP_A=10.78.0.1
 IP_B=10.78.0.2
 
-die() {
-    echo "wan-bench: $*" >&2
-    exit 1
-}
-log() { echo "# $*" >&2; }
-
-parse_size() {
-    local s="$1" n unit
-    [[ "$s" =~ ^([0-9]+)([KkMmGg]?)i?[Bb]?$ ]] || die "bad size: $s"
-    n="${BASH_REMATCH[1]}"
-    unit="${BASH_REMATCH[2]^^}"
-    case "$unit" in
-        K) echo $((n << 10)) ;;
-        M) echo $((n << 20)) ;;
-        G) echo $((n << 30)) ;;
-        *) echo "$n" ;;
-    esac
-}
 SIZE="$(parse_size "$SIZE_SPEC")"
 ((SIZE > 0)) || die "WAN_SIZE must be > 0"
 [[ "$CAP" =~ ^[0-9]+$ ]] && ((CAP >= 5)) || die "WAN_CAP must be a whole number of seconds >= 5"
@@ -168,7 +153,6 @@ NICE="${WAN_NICE:--10}"
 # Inherited by everything started from here on, the emulator included.
 ((NICE == 0)) || renice -n "$NICE" -p $$ >/dev/null || die "renice $NICE failed"
 
-has_tool() { [[ " $TOOLS " == *" $1 "* ]]; }
 has_workload() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 has_dir() { [[ " $DIRS " == *" $1 "* ]]; }
 
@@ -194,26 +178,6 @@ for t in $TREES; do [[ -n "${TREE_PARAMS[$t]:-}" ]] || die "WAN_TREES: unknown t
 [[ -n "${WORKLOADS// /}" ]] || die "WAN_WORKLOADS is empty"
 
 # --- peers: install what is missing; a peer that cannot be had becomes an n/a row ---------------
-declare -A NA=() # tool -> reason it cannot run
-apt_updated=0
-apt_install() { # apt_install PACKAGE...
-    if ((apt_updated == 0)); then
-        timeout 600 apt-get update -qq >&2 || true
-        apt_updated=1
-    fi
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends "$@" >&2
-}
-need() { # need TOOL COMMAND PACKAGE...: mark TOOL n/a if COMMAND cannot be had
-    local tool="$1" cmd="$2" pkg
-    shift 2
-    command -v "$cmd" >/dev/null 2>&1 && return 0
-    for pkg in "$@"; do
-        log "installing $pkg (for $cmd)"
-        apt_install "$pkg" && command -v "$cmd" >/dev/null 2>&1 && return 0
-    done
-    NA[$tool]="${NA[$tool]:+${NA[$tool]}; }$cmd not installable (apt: $*)"
-    log "$tool: n/a: ${NA[$tool]}"
-}
 need base /usr/bin/time time
 need base ip iproute2
 need base ss iproute2
@@ -238,10 +202,8 @@ if has_tool aria2; then
 fi
 
 # --- work dir -----------------------------------------------------------------------------------
-mkdir -p "$WORK"
-WORK="$(cd "$WORK" && pwd)"
-fstype="$(stat -f -c %T "$WORK")"
-[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] && die "$WORK is on $fstype; set WAN_DIR to a real disk"
+WORK="$(mkdir -p "$WORK" && cd "$WORK" && pwd)"
+real_disk "$WORK"
 tree_disk_bytes() { # tree_disk_bytes TREE: more than one copy of TREE takes on disk
     local p=()
     read -r -a p <<<"${TREE_PARAMS[$1]}"
@@ -260,8 +222,7 @@ if has_workload tree; then
         need_bytes=$((need_bytes + (REPEAT * $(wc -w <<<"$DIRS") * ($(wc -w <<<"$CONNS") + 3) + 1) * $(tree_disk_bytes "$t")))
     done
 fi
-avail=$(($(df -P -k "$WORK" | awk 'NR == 2 {print $4}') * 1024))
-((avail > need_bytes)) || die "need about $((need_bytes >> 20)) MiB free in $WORK, have $((avail >> 20)) MiB"
+require_free "$WORK" "$need_bytes"
 LOGS="$WORK/logs"
 SRV="$WORK/srv"
 DST="$WORK/dst"
@@ -306,16 +267,9 @@ CG=""
 MADE_NETNS_ETC=()
 kill_tracked() { # TERM, then KILL after 5 s, every PID the current run recorded
     [[ -s "$RUN_PIDS" ]] || return 0
-    local pid pids=()
+    local pids=()
     mapfile -t pids <"$RUN_PIDS"
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
+    end_pids "${pids[@]}"
     : >"$RUN_PIDS"
 }
 track() { echo "$1" >>"$RUN_PIDS"; }
@@ -348,9 +302,7 @@ cleanup() {
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit cleanup
 
 # --- emulator: a private copy of shared/wanem (that directory is read-only; wan.sh builds there) --
 mkdir -p "$WORK/wanem"
@@ -463,7 +415,7 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "- commit: $commit${BUILD_NOTE:+; $BUILD_NOTE}"
     echo "- machine: nproc $(nproc); CPU: ${cpu_model:-unknown}; kernel: $(uname -srm)"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers; the benchmark runs at nice $NICE)"
-    echo "- workloads: $WORKLOADS; each transfer capped at $CAP s; repeats: $REPEAT (fastest shown); work dir $WORK ($fstype)"
+    echo "- workloads: $WORKLOADS; each transfer capped at $CAP s; repeats: $REPEAT (fastest shown); work dir $WORK ($FSTYPE)"
     if has_workload file; then echo "- file: $SIZE bytes ($SIZE_SPEC)"; fi
     if has_workload tree; then
         echo "- trees (bench/tree.py make DIR ...): $(for t in $TREES; do printf '%s; ' "${TREE_PARAMS[$t]}"; done)xfer connections: $CONNS"
@@ -475,42 +427,12 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 } | tee "$WORK/report.md"
 
 # --- helpers ------------------------------------------------------------------------------------
-now_ns() { date +%s%N; }
-secs_since() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$(now_ns)"; }
-proc_cpu() {
-    local stat rest
-    stat="$(cat "/proc/$1/stat")"
-    rest="${stat##*) }"
-    # shellcheck disable=SC2086
-    set -- $rest
-    python3 -c "import os, sys; print((int(sys.argv[1]) + int(sys.argv[2])) / os.sysconf('SC_CLK_TCK'))" "${12}" "${13}"
-}
-proc_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
-time_field() { tail -n1 "$1" | awk -v n="$2" '{print $n}'; }
-time_cpu() { tail -n1 "$1" | awk '{printf "%.2f", $3 + $4}'; }
 cpu_sample() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6; exit}' /proc/stat; }
 cpu_busy_pct() { # cpu_busy_pct "T0 I0" "T1 I1"
     python3 -c "import sys; t0, i0 = map(int, sys.argv[1].split()); t1, i1 = map(int, sys.argv[2].split()); print(f'{100 * (1 - (i1 - i0) / max(t1 - t0, 1)):.0f}')" "$1" "$2"
 }
 PORT=40000
 next_port() { PORT=$((PORT + 1)); }
-wait_listening() { # wait_listening NS PORT
-    for _ in $(seq 200); do
-        [[ -n "$(ip netns exec "$1" ss -Hltn "sport = :$2")" ]] && return 0
-        sleep 0.05
-    done
-    fail "nothing listens on $1 port $2"
-}
-child_of() { # the real server under a /usr/bin/time wrapper is the wrapper's only child
-    local parent="$1" child=""
-    for _ in $(seq 100); do
-        child="$(ps -o pid= --ppid "$parent" | tr -d ' ' | head -n1)"
-        [[ -n "$child" ]] && break
-        sleep 0.05
-    done
-    [[ -n "$child" ]] || fail "no child of PID $parent"
-    echo "$child"
-}
 wait_gone() { # wait_gone PID SECS: true once PID has exited
     for _ in $(seq $(($2 * 10))); do
         kill -0 "$1" 2>/dev/null || return 0
@@ -730,7 +652,7 @@ run_iperf3() { # run_iperf3 STREAMS
     track "$tpid"
     spid="$(child_of "$tpid")"
     track "$spid"
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
     args=(-c "$IP_B" -p "$PORT" -t "$CAP" -P "$n" -J)
     [[ "$DIR" == download ]] && args+=(-R)
     client_run "$NS_A" "$kind" $((CAP + 30)) iperf3 "${args[@]}"
@@ -742,29 +664,19 @@ run_iperf3() { # run_iperf3 STREAMS
         "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
 }
 
-# start_xferd KIND: a fresh xferd in NS_B serving SRV; sets XFERD_PID, XFERD_ADDR and XFERD_CPU0
-start_xferd() {
-    local kind="$1" line
+# start_ns_xferd KIND: a fresh xferd in NS_B serving SRV; sets XFERD_PID, XFERD_ADDR and XFERD_CPU0
+start_ns_xferd() {
+    local kind="$1"
     : >"$LOGS/$kind.xferd.out"
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" "$XFERD" --listen "$IP_B:0" --root "$SRV" --token-file "$WORK/conf/token" \
         "${XFERD_EXTRA[@]+"${XFERD_EXTRA[@]}"}" >"$LOGS/$kind.xferd.out" 2>"$LOGS/$kind.xferd.err" &
     XFERD_PID=$!
     track "$XFERD_PID"
-    XFERD_ADDR=""
-    for _ in $(seq 200); do
-        line="$(head -n1 "$LOGS/$kind.xferd.out")"
-        if [[ "$line" == "xferd listening on "* ]]; then
-            XFERD_ADDR="${line#xferd listening on }"
-            break
-        fi
-        kill -0 "$XFERD_PID" 2>/dev/null || fail "xferd exited at start: $(tail -n1 "$LOGS/$kind.xferd.err")"
-        sleep 0.05
-    done
-    [[ -n "$XFERD_ADDR" ]] || fail "xferd printed no listening line"
+    XFERD_ADDR="$(xferd_addr "$LOGS/$kind.xferd.out" "$LOGS/$kind.xferd.err" "$XFERD_PID")" || exit 1
     XFERD_CPU0="$(proc_cpu "$XFERD_PID")"
 }
-# stop_xferd: S_CPU (since start_xferd) and S_RSS of the xferd, then end it
-stop_xferd() {
+# stop_ns_xferd: S_CPU (since start_ns_xferd) and S_RSS of the xferd, then end it
+stop_ns_xferd() {
     local cpu1
     cpu1="$(proc_cpu "$XFERD_PID")"
     S_RSS="$(proc_hwm_kib "$XFERD_PID")"
@@ -785,7 +697,7 @@ run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
     local n="$1" kind="xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" dst args
     if [[ "$DIR" == upload ]]; then dst="$SRV/up-xfer-$n.bin"; else dst="$DST/down-xfer-$n.bin"; fi
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
-    start_xferd "$kind"
+    start_ns_xferd "$kind"
     xfer_args "$n"
     if [[ "$DIR" == upload ]]; then
         args=(send "${XFER_COMMON[@]}" --as "$(basename "$dst")" "$SRC" "$XFERD_ADDR")
@@ -793,7 +705,7 @@ run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
         args=(recv "${XFER_COMMON[@]}" -o "$dst" src.bin "$XFERD_ADDR")
     fi
     client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
-    stop_xferd
+    stop_ns_xferd
     finish "$kind" "$dst" 0
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
 }
@@ -816,7 +728,7 @@ run_socat() {
     track "$tpid"
     spid="$(child_of "$tpid")"
     track "$spid"
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
     rm -f "$DST/down-socat.bin"
     if [[ "$DIR" == upload ]]; then
         RECEIVER_PID="$tpid"
@@ -837,16 +749,7 @@ run_socat() {
 start_rsyncd() {
     local kind="$1"
     next_port
-    cat >"$WORK/conf/rsyncd.conf" <<EOF
-# written by bench/wan.sh
-use chroot = no
-log file = $LOGS/rsyncd.log
-[bench]
-    path = $SRV
-    read only = no
-    uid = 0
-    gid = 0
-EOF
+    rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         rsync --daemon --no-detach --address="$IP_B" --port="$PORT" --config="$WORK/conf/rsyncd.conf" \
         2>"$LOGS/$kind.server" &
@@ -854,7 +757,7 @@ EOF
     track "$SRV_TPID"
     SRV_SPID="$(child_of "$SRV_TPID")"
     track "$SRV_SPID"
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
 }
 # stop_session_server KIND: once the session's processes are gone, end the server started for
 # it (rsync daemon, sshd) under /usr/bin/time; sets S_CPU and S_RSS
@@ -925,7 +828,7 @@ EOF
     track "$SRV_TPID"
     SRV_SPID="$(child_of "$SRV_TPID")"
     track "$SRV_SPID"
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
 }
 
 run_scp() {
@@ -957,7 +860,7 @@ run_gridftp() { # run_gridftp STREAMS
     track "$tpid"
     spid="$(child_of "$tpid")"
     track "$spid"
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-gridftp-$n.bin"
         rm -f "$dst"
@@ -1012,7 +915,7 @@ EOF
     local spid
     spid="$(child_of "$tpid")"
     track "$spid"
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
     rm -f "$dst" "$dst.aria2"
     client_run "$NS_A" "$kind" "$CAP" aria2c -x 8 -s 8 --file-allocation=none --allow-overwrite=true \
         --auto-file-renaming=false --summary-interval=0 --console-log-level=warn --download-result=hide \
@@ -1034,7 +937,7 @@ tree_copy_base() { if [[ "$DIR" == upload ]]; then tree_dest "$SRV" "$1"; else t
 run_tree_xfer() { # run_tree_xfer CONNS (a number, or auto: no -c)
     local n="$1" kind="tree-$TREE-xfer-c$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" base args
     base="$(tree_copy_base "$kind")"
-    start_xferd "$kind"
+    start_ns_xferd "$kind"
     xfer_args "$n"
     if [[ "$DIR" == upload ]]; then
         args=(send -r "${XFER_COMMON[@]}" --as "copies/$kind/$TREE" "$WORK/src/trees/$TREE" "$XFERD_ADDR")
@@ -1042,7 +945,7 @@ run_tree_xfer() { # run_tree_xfer CONNS (a number, or auto: no -c)
         args=(recv -r "${XFER_COMMON[@]}" -o "$base/$TREE" "trees/$TREE" "$XFERD_ADDR")
     fi
     client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
-    stop_xferd
+    stop_ns_xferd
     finish_tree "$kind" "$base/$TREE" 0
 }
 
@@ -1094,7 +997,7 @@ run_tree_tar() {
     track "$tpid"
     spid="$(child_of "$tpid")"
     track "-$spid" # the process group
-    wait_listening "$NS_B" "$PORT"
+    wait_listening "$PORT" "$NS_B"
     if [[ "$DIR" == upload ]]; then
         # the sender is done once its socket buffer holds the data: the receiver's exit ends the run
         RECEIVER_PID="$tpid"

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use xfer_tests::{list_tree, random_file, sha256_file, Daemon, Tree, XferOutput};
 
-use crate::hostile::{run_xfer, Pki};
 use crate::tree::{assert_same, build_full_tree, expected, file_totals, snapshot};
+use xfer_tests::{run_xfer, Pki};
 
 /// Hang guard for one `xfer copy` run (a guard, not a timing claim).
 const GUARD: Duration = Duration::from_secs(180);
@@ -104,26 +104,32 @@ fn copy(src: &Side, dst: &Side, tls: bool, extra: &[&str]) -> XferOutput {
 /// failure count implies.
 #[track_caller]
 fn assert_summary(out: &XferOutput, want: (u64, u64, u64, u64, u64, u64, u64)) {
+    let (copies, failed, files_total, files_transferred, files_skipped, bytes_total, bytes) = want;
+    out.assert_json_u64s(
+        &[
+            "copies",
+            "failed",
+            "files_total",
+            "files_transferred",
+            "files_skipped",
+            "bytes_total",
+            "bytes_transferred",
+        ],
+        &[
+            copies,
+            failed,
+            files_total,
+            files_transferred,
+            files_skipped,
+            bytes_total,
+            bytes,
+        ],
+    );
     let json = out.json();
-    let got = (
-        out.json_u64("copies"),
-        out.json_u64("failed"),
-        out.json_u64("files_total"),
-        out.json_u64("files_transferred"),
-        out.json_u64("files_skipped"),
-        out.json_u64("bytes_total"),
-        out.json_u64("bytes_transferred"),
-    );
-    assert_eq!(
-        got, want,
-        "`{}`: (copies, failed, files_total, files_transferred, files_skipped, bytes_total, \
-         bytes_transferred) in {json}",
-        out.cmd
-    );
     let results = json["results"].as_array().expect("results");
-    assert_eq!(results.len() as u64, want.0, "{json}");
+    assert_eq!(results.len() as u64, copies, "{json}");
     let ok = results.iter().filter(|r| r["ok"] == true).count() as u64;
-    assert_eq!(ok, want.0 - want.1, "{json}");
+    assert_eq!(ok, copies - failed, "{json}");
 }
 
 #[test]

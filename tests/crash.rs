@@ -8,25 +8,16 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use xfer_tests::{try_sha256_file, Daemon};
 
-use crate::faults::{Setup, Way};
+use xfer_tests::setup::{Setup, Way, CHUNK, CONNS, PACED};
 
 const SIZE: u64 = 4 * 1024 * 1024;
-const CHUNK: u64 = 64 * 1024;
-const CONNS: u64 = 4;
 /// The daemon runs with `--window 1`: one unacknowledged chunk per connection.
 const WINDOW: u64 = 1;
 const DAEMON_ARGS: &[&str] = &["--window", "1"];
-/// ~0.5 s per file, so that kills land mid-transfer.
-const ARGS: &[&str] = &[
-    "-c",
-    "4",
-    "--chunk-size",
-    "64K",
-    "--bwlimit",
-    "8M",
-    "--retry-deadline",
-    "30",
-];
+/// [`PACED`], riding out a daemon's restart: ~0.5 s per file, so that kills land mid-transfer.
+fn args() -> Vec<&'static str> {
+    [PACED, &["--retry-deadline", "30"]].concat()
+}
 /// Interruptions the loop must inflict.
 const INTERRUPTIONS: u64 = 20;
 /// Iterations at most (a kill can miss when the run finishes first).
@@ -95,7 +86,7 @@ fn random_sigkills_of_daemon_and_client_during_uploads_and_downloads() {
             format!("iteration {i} ({way:?}, kill {victim:?} after {target} bytes, seed {seed})");
 
         let started = Instant::now();
-        let mut client = s.start(way, &name, ARGS);
+        let mut client = s.start(way, &name, &args());
         let end = Instant::now() + GUARD;
         while client.is_running() && moved(&s, way) - before < target {
             assert!(Instant::now() < end, "{context}: no progress");
@@ -124,7 +115,7 @@ fn random_sigkills_of_daemon_and_client_during_uploads_and_downloads() {
         // would send it all again: see `faults::rerun_after_a_lost_commit_answer_sends_nothing_again`).
         while !done && !whole {
             assert!(reruns < MAX_RERUNS, "{context}: {reruns} reruns failed");
-            let out = s.start(way, &name, ARGS).wait();
+            let out = s.start(way, &name, &args()).wait();
             reruns += 1;
             done = out.status.success();
             if !done {

@@ -8,10 +8,9 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use tempfile::TempDir;
+use xfer_tests::tmpfs::Tmpfs;
 use xfer_tests::{
     journal_held, journal_path, list_tree, partial_path, random_file, sha256_file, wait_until,
     Daemon, Tree, XferRun,
@@ -19,63 +18,6 @@ use xfer_tests::{
 
 const MIB: u64 = 1024 * 1024;
 const GUARD: Duration = Duration::from_secs(120);
-
-/// A tmpfs of a fixed size on a temporary directory; unmounted (lazily) when dropped.
-struct Tmpfs {
-    dir: TempDir,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (`mount -o size=…`), or prints why not and returns `None` when
-    /// the test lacks the privilege to mount.
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("xfer-tmpfs-")
-            .tempdir()
-            .expect("tempdir");
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: mounting a tmpfs needs root (EPERM)");
-            return None;
-        }
-        let out = match Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-        {
-            Ok(out) => out,
-            Err(e) => {
-                eprintln!("skipped: cannot run mount: {e}");
-                return None;
-            }
-        };
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).into_owned();
-            let lower = why.to_lowercase();
-            if lower.contains("permission denied") || lower.contains("not permitted") {
-                eprintln!("skipped: mounting a tmpfs is not permitted here (EPERM): {why}");
-                return None;
-            }
-            panic!("mount -t tmpfs failed ({}): {why}", out.status);
-        }
-        Some(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let status = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-        if !status.as_ref().is_ok_and(|s| s.success()) {
-            eprintln!("umount {} failed: {status:?}", self.dir.path().display());
-        }
-    }
-}
 
 /// Writes zeros to `path` until the filesystem is full; returns the bytes written.
 fn fill(path: &Path) -> u64 {

@@ -6,173 +6,27 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use xfer_proto::FrameType;
-use xfer_tests::proxy::{Corruption, Direction, Proxy};
+use xfer_tests::proxy::{Corruption, Direction};
+use xfer_tests::setup::{wait_for_journal, Setup, Way};
+use xfer_tests::setup::{CHUNK, CONNS, PACED};
 use xfer_tests::{
-    journal_chunks, journal_held, journal_path, partial_path, random_file, sha256_file,
-    try_sha256_file, wait_until, Daemon, Tree, XferOutput, XferRun,
+    journal_chunks, journal_held, journal_path, partial_path, sha256_file, try_sha256_file,
+    wait_until, XferOutput,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
-const CHUNK: u64 = 64 * 1024;
-const CONNS: u64 = 4;
 /// The daemon's default `--window`: chunks a connection may have unanswered.
 const WINDOW: u64 = 2;
-/// ~1 s for 8 MiB, so that faults land while chunks are in flight.
-const SLOW: &[&str] = &[
-    "-c",
-    "4",
-    "--chunk-size",
-    "64K",
-    "--bwlimit",
-    "8M",
-    "--json",
-];
+/// [`PACED`], with the `--json` summary: ~1 s for 8 MiB.
+fn slow() -> Vec<&'static str> {
+    [PACED, &["--json"]].concat()
+}
+
 /// Hang guard for the polls below.
 const GUARD: Duration = Duration::from_secs(120);
-
-/// Which way a test moves its file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Way {
-    Upload,
-    Download,
-}
-
-impl Way {
-    /// The direction the chunks travel through the proxy.
-    pub(crate) fn data(self) -> Direction {
-        match self {
-            Self::Upload => Direction::ToServer,
-            Self::Download => Direction::ToClient,
-        }
-    }
-}
-
-/// A daemon on its own tree with a proxy in front of it.
-pub(crate) struct Setup {
-    pub(crate) tree: Tree,
-    pub(crate) daemon: Daemon,
-    pub(crate) proxy: Proxy,
-}
-
-impl Setup {
-    pub(crate) fn new(daemon_args: &[&str]) -> Self {
-        let tree = Tree::new();
-        let daemon = Daemon::start(&tree.root(), daemon_args);
-        let proxy = Proxy::start(daemon.socket_addr());
-        Self {
-            tree,
-            daemon,
-            proxy,
-        }
-    }
-
-    /// Creates the file `name` on the sending side; returns its SHA-256.
-    pub(crate) fn file(&self, way: Way, name: &str, size: u64, seed: u64) -> String {
-        match way {
-            Way::Upload => random_file(&self.tree.src(name), size, seed),
-            Way::Download => random_file(&self.tree.root().join(name), size, seed),
-        }
-    }
-
-    /// Where `name` ends up on the receiving side.
-    pub(crate) fn dest(&self, way: Way, name: &str) -> PathBuf {
-        match way {
-            Way::Upload => self.tree.root().join(name),
-            Way::Download => self.tree.out(name),
-        }
-    }
-
-    /// Starts moving `name` through the proxy.
-    pub(crate) fn start(&self, way: Way, name: &str, args: &[&str]) -> XferRun {
-        self.start_with_env(way, name, args, &[])
-    }
-
-    /// Starts moving `name` through the proxy, with extra environment variables.
-    pub(crate) fn start_with_env(
-        &self,
-        way: Way,
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> XferRun {
-        self.start_at(&self.proxy.addr(), way, name, args, env)
-    }
-
-    /// Starts moving `name` straight to the daemon, past the proxy.
-    pub(crate) fn start_direct(&self, way: Way, name: &str, args: &[&str]) -> XferRun {
-        self.start_at(&self.daemon.addr(), way, name, args, &[])
-    }
-
-    fn start_at(
-        &self,
-        addr: &str,
-        way: Way,
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> XferRun {
-        let mut argv: Vec<std::ffi::OsString> = match way {
-            Way::Upload => {
-                let src = self.tree.src(name);
-                vec![
-                    "send".into(),
-                    src.into(),
-                    addr.into(),
-                    "--as".into(),
-                    name.into(),
-                ]
-            }
-            Way::Download => {
-                let dest = self.dest(way, name);
-                vec![
-                    "recv".into(),
-                    name.into(),
-                    addr.into(),
-                    "-o".into(),
-                    dest.into(),
-                ]
-            }
-        };
-        argv.extend(args.iter().map(Into::into));
-        XferRun::spawn_with_env(argv, env)
-    }
-
-    /// Asserts the received file is `want` and no partial or journal is left beside it.
-    #[track_caller]
-    pub(crate) fn check_received(&self, way: Way, name: &str, want: &str) {
-        let dest = self.dest(way, name);
-        assert_eq!(
-            sha256_file(&dest),
-            want,
-            "{} differs from its source",
-            dest.display()
-        );
-        assert!(
-            !partial_path(&dest).exists() && !journal_path(&dest).exists(),
-            "a partial file or journal is left beside {}",
-            dest.display()
-        );
-    }
-}
-
-/// Polls (bounded) until the receiver's journal for `dest` holds `bytes`; panics if `run` ends
-/// first, since the fault would then not land mid-transfer.
-pub(crate) fn wait_for_journal(dest: &std::path::Path, bytes: u64, run: &mut XferRun) {
-    let journal = journal_path(dest);
-    wait_until(GUARD, &format!("{bytes} bytes are journaled"), || {
-        let held = journal_held(&journal);
-        assert!(
-            held >= bytes || run.is_running(),
-            "`{}` ended before {bytes} bytes were journaled",
-            run.cmd()
-        );
-        held >= bytes
-    });
-}
 
 #[track_caller]
 fn assert_sent_at_most(out: &XferOutput, limit: u64) {
@@ -194,7 +48,7 @@ fn check_one_connection_cut(way: Way, seed: u64) {
     let s = Setup::new(&[]);
     let want = s.file(way, "cut.bin", SIZE, seed);
     s.proxy.cut_after(512 * 1024, 1);
-    let out = s.start(way, "cut.bin", SLOW).wait_ok();
+    let out = s.start(way, "cut.bin", &slow()).wait_ok();
     s.check_received(way, "cut.bin", &want);
     let stats = s.proxy.stats();
     assert_eq!(stats.cut, 1, "the proxy cut no connection: {stats:?}");
@@ -224,7 +78,7 @@ fn check_every_connection_cut_now_and_then(way: Way, seed: u64) {
     let s = Setup::new(&[]);
     let want = s.file(way, "cuts.bin", SIZE, seed);
     let dest = s.dest(way, "cuts.bin");
-    let mut client = s.start(way, "cuts.bin", SLOW);
+    let mut client = s.start(way, "cuts.bin", &slow());
     for cut in 1..=CUTS {
         wait_for_journal(&dest, cut * SIZE / (CUTS + 1), &mut client);
         assert!(s.proxy.cut_all() > 0, "no connection open at cut {cut}");
@@ -285,7 +139,7 @@ fn upload_rides_out_a_short_outage() {
     let s = Setup::new(&[]);
     let want = s.file(Way::Upload, "outage.bin", SIZE, 6);
     let dest = s.dest(Way::Upload, "outage.bin");
-    let mut client = s.start(Way::Upload, "outage.bin", SLOW);
+    let mut client = s.start(Way::Upload, "outage.bin", &slow());
     wait_for_journal(&dest, SIZE / 4, &mut client);
     s.proxy.set_unreachable(true);
     wait_until(GUARD, "the client has tried to reconnect 8 times", || {
@@ -304,7 +158,7 @@ fn check_unreachable_past_the_deadline(way: Way, seed: u64) {
     let s = Setup::new(&[]);
     let want = s.file(way, "gone.bin", SIZE, seed);
     let dest = s.dest(way, "gone.bin");
-    let args = [SLOW, &["--retry-deadline", "2"]].concat();
+    let args = [PACED, &["--json", "--retry-deadline", "2"]].concat();
     let mut client = s.start(way, "gone.bin", &args);
     wait_for_journal(&dest, SIZE / 4, &mut client);
     s.proxy.set_unreachable(true);
@@ -323,7 +177,7 @@ fn check_unreachable_past_the_deadline(way: Way, seed: u64) {
     assert!(held >= SIZE / 4, "the resume state was lost ({held} bytes)");
 
     s.proxy.set_unreachable(false);
-    let out = s.start(way, "gone.bin", SLOW).wait_ok();
+    let out = s.start(way, "gone.bin", &slow()).wait_ok();
     s.check_received(way, "gone.bin", &want);
     assert!(
         out.json_u64("resumed_bytes") >= held,
@@ -349,7 +203,7 @@ fn check_stalled_connection(way: Way, seed: u64) {
     let s = Setup::new(&["--idle-timeout", "2"]);
     let want = s.file(way, "stall.bin", SIZE, seed);
     s.proxy.stall_after(300 * 1024, 1);
-    let out = s.start(way, "stall.bin", SLOW).wait_ok();
+    let out = s.start(way, "stall.bin", &slow()).wait_ok();
     s.check_received(way, "stall.bin", &want);
     let stats = s.proxy.stats();
     assert_eq!(stats.stalled, 1, "no connection stalled: {stats:?}");
@@ -504,7 +358,7 @@ fn a_chunk_that_keeps_failing_its_crc_is_never_written() {
     let dest = s.dest(Way::Upload, "bad.bin");
     s.proxy
         .set_corruption(Direction::ToServer, Corruption::PayloadAt { offset: AT });
-    let mut client = s.start(Way::Upload, "bad.bin", SLOW);
+    let mut client = s.start(Way::Upload, "bad.bin", &slow());
     wait_for_journal(&dest, SIZE - CHUNK, &mut client);
     wait_until(GUARD, "the bad chunk was refused 5 times", || {
         s.proxy.stats().to_server.flipped >= 5

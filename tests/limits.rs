@@ -4,10 +4,9 @@
 //! Frame sizes checked before buffering are in `malformed.rs`.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +15,12 @@ use rand::RngCore;
 use xfer_proto::{ErrorCode, Frame, CAP_TLS};
 use xfer_tests::{random_file, round_trip, wait_until, xfer, Daemon, Tree, XferRun};
 
-use crate::hostile::{encode, error_code, hello, nonce, open_read, open_write, Pki, RawConn};
+use xfer_tests::process::{open_fds, rss_bytes};
+use xfer_tests::raw::{
+    encode, error_code, hello, nonce, open_read, open_write, read_some, RawConn,
+};
+use xfer_tests::tmpfs::Tmpfs;
+use xfer_tests::Pki;
 
 // ---------------------------------------------------------------------------------------------
 // Timeouts
@@ -74,10 +78,7 @@ fn handshake_timeout_closes_stalled_connections() {
         &tree.root(),
         &["--token-file", token.to_str().unwrap(), limit[0], limit[1]],
     );
-    let mut tls_args = pki.daemon_args();
-    tls_args.extend(limit.iter().map(|s| s.to_string()));
-    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
-    let tls = Daemon::start(&tree.root(), &tls_args);
+    let tls = pki.start_daemon(&tree.root(), &limit);
     let cases = [
         (plain.socket_addr(), Stall::Silent),
         (plain.socket_addr(), Stall::HalfHello),
@@ -226,45 +227,6 @@ fn transfers_per_connection_are_capped() {
 // Disk space
 // ---------------------------------------------------------------------------------------------
 
-/// A tmpfs mounted for one test; unmounted when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    /// `mount -t tmpfs -o size=SIZE tmpfs DIR`, or why it cannot be done here.
-    fn mount(dir: &Path, size: &str) -> Result<Self, String> {
-        fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
 fn free_bytes(dir: &Path) -> u64 {
     let st = rustix::fs::statvfs(dir).expect("statvfs");
     st.f_bavail * st.f_frsize
@@ -275,15 +237,10 @@ fn free_bytes(dir: &Path) -> u64 {
 #[test]
 fn upload_larger_than_free_space_fails_before_any_data() {
     let tree = Tree::new();
-    let small = tree.path().join("small");
-    let _mount = match Tmpfs::mount(&small, "16m") {
-        Ok(mount) => mount,
-        Err(why) => {
-            eprintln!("upload_larger_than_free_space_fails_before_any_data: skipped: {why}");
-            return;
-        }
+    let Some(small) = Tmpfs::mount("16m") else {
+        return;
     };
-    let mut daemon = Daemon::start(&small, &[]);
+    let mut daemon = Daemon::start(small.path(), &[]);
     // Sparse: 64 MiB declared, nothing to read until the daemon accepts.
     let src = tree.src("huge.bin");
     File::create(&src)
@@ -307,9 +264,9 @@ fn upload_larger_than_free_space_fails_before_any_data() {
     conn.assert_usable();
     drop(conn);
     assert!(
-        free_bytes(&small) > 12 << 20,
+        free_bytes(small.path()) > 12 << 20,
         "refused uploads still hold space: {} bytes free",
-        free_bytes(&small)
+        free_bytes(small.path())
     );
     // What fits still goes through.
     let fits = tree.src("fits.bin");
@@ -347,7 +304,7 @@ impl Slowloris {
             loop {
                 for (stream, pos) in &mut conns {
                     // Anything from the daemon (its Error) or the close: it gave up on us.
-                    let gone = !matches!(stream.read(&mut block), Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted));
+                    let gone = !matches!(read_some(stream, &mut block), Err(e) if e.kind() == ErrorKind::WouldBlock);
                     if gone || stream.write_all(&bytes[*pos % bytes.len()..][..1]).is_err() {
                         *stream = open();
                         *pos = 0;
@@ -397,24 +354,6 @@ fn slowloris_does_not_starve_a_good_client() {
     let reopened = slow.stop();
     eprintln!("slowloris: the daemon closed {reopened} slow connections meanwhile");
     daemon.assert_running();
-}
-
-/// Open file descriptors of process `pid`.
-fn open_fds(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("read /proc/PID/fd")
-        .count()
-}
-
-/// Resident set size of process `pid`, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
 }
 
 /// Ten thousand connections that each write 64 random bytes and close: afterwards the

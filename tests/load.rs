@@ -2,11 +2,9 @@
 //! semaphore, while its memory and file descriptors stay bounded and return near their baseline
 //! afterwards; and a client told `server busy` retries until a stream is free.
 
-use std::fs;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use xfer_tests::process::{fd_limit, open_fds, rss_bytes, Peaks};
 use xfer_tests::{
     journal_held, journal_path, random_file, sha256_file, wait_until, Daemon, Tree, XferRun,
 };
@@ -15,75 +13,6 @@ const CLIENTS: u64 = 500;
 const SIZE: u64 = 16 * 1024;
 const MIB: u64 = 1024 * 1024;
 const GUARD: Duration = Duration::from_secs(120);
-
-/// Open file descriptors of process `pid`.
-fn open_fds(pid: u32) -> u64 {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("read /proc/PID/fd")
-        .count() as u64
-}
-
-/// A `kB` field of `/proc/PID/status`, in bytes.
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        * 1024
-}
-
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    status_kb(pid, "VmRSS:")
-}
-
-/// The soft limit on open files of process `pid`.
-fn fd_limit(pid: u32) -> u64 {
-    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("read /proc/PID/limits");
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|soft| soft.parse().ok())
-        .unwrap_or(u64::MAX)
-}
-
-/// Samples the peak fds and RSS of `pid` on a thread until the returned guard is stopped.
-struct Peaks {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, u64)>,
-}
-
-impl Peaks {
-    fn watch(pid: u32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let (mut fds, mut mem) = (0, 0);
-            while !flag.load(Ordering::SeqCst) {
-                fds = fds.max(open_fds(pid));
-                mem = mem.max(rss(pid));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            (fds, mem)
-        });
-        Self { stop, thread }
-    }
-
-    /// Peak (fds, RSS bytes) seen.
-    fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().expect("sampler")
-    }
-}
 
 #[test]
 fn five_hundred_concurrent_uploads_through_sixty_four_streams() {
@@ -115,7 +44,7 @@ fn five_hundred_concurrent_uploads_through_sixty_four_streams() {
     XferRun::send(&tree.src(warm), &daemon.addr(), warm, &[]).wait_ok();
     XferRun::recv(warm, &daemon.addr(), &tree.out(warm), &[]).wait_ok();
     daemon.wait_idle(GUARD);
-    let (base_fds, base_rss) = (open_fds(pid), rss(pid));
+    let (base_fds, base_rss) = (open_fds(pid), rss_bytes(pid));
     let limit = fd_limit(pid);
 
     let peaks = Peaks::watch(pid);
@@ -171,7 +100,7 @@ fn five_hundred_concurrent_uploads_through_sixty_four_streams() {
             Duration::from_secs(60),
             "xferd is back near its baseline",
             || {
-                (fds, mem) = (open_fds(pid), rss(pid));
+                (fds, mem) = (open_fds(pid), rss_bytes(pid));
                 fds <= base_fds + 8 && mem <= base_rss + 64 * MIB
             },
         )

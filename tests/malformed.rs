@@ -1,92 +1,25 @@
 //! Malformed input over raw TCP: the daemon answers `Error{Protocol|TooLarge}` or closes, keeps
 //! running and still serves good clients. Bad names through the real CLI create nothing.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
-
-use bytes::{Bytes, BytesMut};
-use tokio_util::codec::Decoder;
-use xfer_proto::{
-    Data, ErrorCode, FileIdentity, Frame, FrameCodec, FrameType, Hello, List, OpenRead, OpenWrite,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
-};
+use bytes::Bytes;
+use xfer_proto::{Data, ErrorCode, Frame, FrameType, List, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use xfer_tests::raw::{encode, error_code, hello, open_read, open_write, RawConn};
 use xfer_tests::{list_tree, random_file, round_trip, Daemon, Tree, XferRun};
-
-/// Hang guard: the daemon must answer or close long before this.
-const READ_GUARD: Duration = Duration::from_secs(60);
-
-fn connect(daemon: &Daemon) -> TcpStream {
-    let stream = TcpStream::connect(daemon.socket_addr()).expect("connect to xferd");
-    stream.set_read_timeout(Some(READ_GUARD)).unwrap();
-    stream
-}
-
-fn encode(frame: &Frame) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    frame.encode(&mut buf).expect("encode");
-    buf.to_vec()
-}
-
-fn hello() -> Frame {
-    Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        min_version: 1,
-        capabilities: 0,
-        agent: "xfer-tests".into(),
-        nonce: Vec::new(),
-    })
-}
-
-/// The next frame from the daemon, or `None` once it has closed the connection.
-fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Frame> {
-    let mut codec = FrameCodec::default();
-    let mut block = [0u8; 16 * 1024];
-    loop {
-        match codec.decode(buf) {
-            Ok(Some(frame)) => return Some(frame),
-            Ok(None) => {}
-            Err(e) => panic!("xferd sent bytes that are not a frame: {e}"),
-        }
-        match stream.read(&mut block) {
-            Ok(0) => {
-                assert!(buf.is_empty(), "xferd closed the connection inside a frame");
-                return None;
-            }
-            Ok(n) => buf.extend_from_slice(&block[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
-            // A signal for another thread of the test process can land here: read again.
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("xferd neither answered nor closed within {READ_GUARD:?}")
-            }
-            Err(e) => panic!("read from xferd: {e}"),
-        }
-    }
-}
-
-fn handshake(stream: &mut TcpStream, buf: &mut BytesMut) {
-    stream.write_all(&encode(&hello())).unwrap();
-    match read_frame(stream, buf) {
-        Some(Frame::Welcome(welcome)) => assert_eq!(welcome.version, PROTOCOL_VERSION),
-        other => panic!("xferd answered Hello with {other:?}"),
-    }
-}
 
 /// Sends `bytes` (after a good handshake if `after_handshake`; then half-closes if `half_close`)
 /// and checks the daemon answers with `Error{Protocol|TooLarge}` and closes, or just closes.
 fn expect_rejected(daemon: &mut Daemon, after_handshake: bool, bytes: &[u8], half_close: bool) {
-    let mut stream = connect(daemon);
-    let mut buf = BytesMut::new();
-    if after_handshake {
-        handshake(&mut stream, &mut buf);
-    }
+    let mut conn = if after_handshake {
+        RawConn::handshaken(daemon.socket_addr(), None)
+    } else {
+        RawConn::connect(daemon.socket_addr())
+    };
     // The daemon may close before it has read everything; that is an acceptable answer.
-    let _ = stream.write_all(bytes);
+    let _ = conn.send_bytes(bytes);
     if half_close {
-        let _ = stream.shutdown(Shutdown::Write);
+        conn.shutdown_write();
     }
-    match read_frame(&mut stream, &mut buf) {
+    match conn.recv() {
         None => {}
         Some(Frame::Error(error)) => {
             assert!(
@@ -96,8 +29,7 @@ fn expect_rejected(daemon: &mut Daemon, after_handshake: bool, bytes: &[u8], hal
                 ),
                 "xferd answered with {error:?}, not Protocol or TooLarge"
             );
-            let next = read_frame(&mut stream, &mut buf);
-            assert!(next.is_none(), "xferd sent {next:?} after a fatal Error");
+            conn.expect_closed("a fatal Error");
         }
         Some(other) => panic!("xferd answered malformed input with {other:?}"),
     }
@@ -123,9 +55,13 @@ fn still_serves(tree: &Tree, daemon: &Daemon) {
 fn raw_handshake_is_welcomed() {
     let tree = Tree::new();
     let daemon = Daemon::start(&tree.root(), &[]);
-    let mut stream = connect(&daemon);
-    handshake(&mut stream, &mut BytesMut::new());
-    stream.write_all(&encode(&Frame::Goodbye)).unwrap();
+    let mut conn = RawConn::connect(daemon.socket_addr());
+    // Without a token the nonce is not used: an empty one is welcome too.
+    match conn.request(&hello(0, Vec::new())) {
+        Frame::Welcome(welcome) => assert_eq!(welcome.version, PROTOCOL_VERSION),
+        other => panic!("xferd answered Hello with {other:?}"),
+    }
+    conn.send(&Frame::Goodbye);
 }
 
 #[test]
@@ -155,14 +91,14 @@ fn unknown_type_byte() {
 
 #[test]
 fn truncated_body_then_close() {
-    let hello = encode(&hello());
+    let hello = encode(&hello(0, Vec::new()));
     check_malformed(&hello[..hello.len() - 3], true);
 }
 
 #[test]
 fn undecodable_body() {
     // A Hello whose agent string is not UTF-8: encode a good one, then spoil the agent's bytes.
-    let mut bytes = encode(&hello());
+    let mut bytes = encode(&hello(0, Vec::new()));
     let at = bytes
         .windows(b"xfer-tests".len())
         .position(|w| w == b"xfer-tests")
@@ -220,57 +156,11 @@ fn bad_names_are_refused_and_create_nothing() {
     daemon.assert_running();
 }
 
-/// Sends one request on a handshaken connection and returns the answer.
-fn request(stream: &mut TcpStream, buf: &mut BytesMut, frame: &Frame) -> Frame {
-    stream.write_all(&encode(frame)).unwrap();
-    read_frame(stream, buf).unwrap_or_else(|| panic!("xferd closed the connection after {frame:?}"))
-}
-
-fn open_write(name: &str) -> Frame {
-    Frame::OpenWrite(OpenWrite {
-        name: name.into(),
-        identity: FileIdentity {
-            size: 10,
-            mtime_ns: 0,
-        },
-        mode: 0o644,
-        chunk_size: 64 * 1024,
-    })
-}
-
-fn open_read(name: &str) -> Frame {
-    Frame::OpenRead(OpenRead {
-        name: name.into(),
-        have_identity: None,
-        have: Vec::new(),
-    })
-}
-
-/// The code of an `Error` answer; panics on any other answer.
-#[track_caller]
-fn error_code(answer: Frame, what: &str) -> Option<ErrorCode> {
-    match answer {
-        Frame::Error(error) => error.error_code(),
-        other => panic!("{what}: xferd answered {other:?}, not an Error"),
-    }
-}
-
-/// The connection is still usable: a listing of the root comes back.
-fn assert_usable(stream: &mut TcpStream, buf: &mut BytesMut) {
-    let answer = request(stream, buf, &Frame::List(List { dir: String::new() }));
-    assert!(
-        matches!(answer, Frame::Listing(_)),
-        "List answered with {answer:?}"
-    );
-}
-
 #[test]
 fn bad_names_in_raw_requests_are_refused_with_bad_path() {
     let tree = Tree::new();
     let mut daemon = Daemon::start(&tree.root(), &[]);
-    let mut stream = connect(&daemon);
-    let mut buf = BytesMut::new();
-    handshake(&mut stream, &mut buf);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     let absolute = tree.path().join("abs.bin").to_str().unwrap().to_owned();
     let long = "n".repeat(4097);
     for name in [
@@ -286,12 +176,12 @@ fn bad_names_in_raw_requests_are_refused_with_bad_path() {
         "nul\0byte",
         &long,
     ] {
-        for frame in [open_write(name), open_read(name)] {
+        for frame in [open_write(name, 10), open_read(name)] {
             let what = format!("{:?} of {name:?}", frame.frame_type());
-            let code = error_code(request(&mut stream, &mut buf, &frame), &what);
+            let code = error_code(conn.request(&frame), &what);
             assert_eq!(code, Some(ErrorCode::BadPath), "{what}");
         }
-        assert_usable(&mut stream, &mut buf);
+        conn.assert_usable();
     }
     assert_eq!(list_tree(&tree.root()), Vec::<String>::new());
     assert_eq!(list_tree(tree.path()), ["out/", "root/", "src/"]);
@@ -305,64 +195,24 @@ fn symlinks_out_of_the_root_are_not_followed() {
     std::os::unix::fs::symlink(tree.path().join("src"), tree.root().join("dirlink")).unwrap();
     std::os::unix::fs::symlink(tree.src("secret.txt"), tree.root().join("filelink")).unwrap();
     let mut daemon = Daemon::start(&tree.root(), &[]);
-    let mut stream = connect(&daemon);
-    let mut buf = BytesMut::new();
-    handshake(&mut stream, &mut buf);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     for frame in [
         open_read("dirlink/secret.txt"),
         open_read("filelink"),
-        open_write("dirlink/planted.bin"),
-        open_write("dirlink/sub/planted.bin"),
+        open_write("dirlink/planted.bin", 10),
+        open_write("dirlink/sub/planted.bin", 10),
         Frame::List(List {
             dir: "dirlink".into(),
         }),
     ] {
         let what = format!("{frame:?}");
-        let code = error_code(request(&mut stream, &mut buf, &frame), &what);
+        let code = error_code(conn.request(&frame), &what);
         assert!(
             code.is_some_and(ErrorCode::is_request_level),
             "{what}: {code:?}"
         );
-        assert_usable(&mut stream, &mut buf);
+        conn.assert_usable();
     }
     assert_eq!(list_tree(&tree.path().join("src")), ["secret.txt"]);
-    daemon.assert_running();
-}
-
-#[test]
-fn answers_to_chunks_come_in_the_order_the_chunks_were_sent() {
-    // The daemon writes a chunk while it reads the next; a chunk that fails its CRC right
-    // behind a good one must still be answered after it (clients match answers by order).
-    let tree = Tree::new();
-    let mut daemon = Daemon::start(&tree.root(), &[]);
-    let mut stream = connect(&daemon);
-    let mut buf = BytesMut::new();
-    handshake(&mut stream, &mut buf);
-    let size = 2 << 20;
-    let open = Frame::OpenWrite(OpenWrite {
-        name: "ordered.bin".into(),
-        identity: FileIdentity { size, mtime_ns: 0 },
-        mode: 0o644,
-        chunk_size: 1 << 20,
-    });
-    let id = match request(&mut stream, &mut buf, &open) {
-        Frame::WriteOpened(opened) => opened.transfer_id,
-        other => panic!("OpenWrite answered with {other:?}"),
-    };
-    let good = Data::new(id, 0, Bytes::from(vec![7u8; 1 << 20]));
-    let mut bad = Data::new(id, 1 << 20, Bytes::from(vec![9u8; 1 << 20]));
-    bad.crc32 ^= 1;
-    let both = [encode(&Frame::Data(good)), encode(&Frame::Data(bad))].concat();
-    stream.write_all(&both).unwrap();
-    let answers = [
-        read_frame(&mut stream, &mut buf),
-        read_frame(&mut stream, &mut buf),
-    ];
-    match answers {
-        [Some(Frame::Ack(a)), Some(Frame::Reject(r))] => {
-            assert_eq!((a.offset, r.offset), (0, 1 << 20));
-        }
-        other => panic!("want Ack(0) then Reject(1 MiB), got {other:?}"),
-    }
     daemon.assert_running();
 }

@@ -333,7 +333,7 @@ fn check_config_prints_effective_settings_and_names_bad_keys() {
     assert!(stderr.contains("chunksize"), "{stderr}");
 
     // copy_ca is checked like every file the settings name: readable, and holding a CA.
-    let pki = crate::hostile::Pki::new(&["127.0.0.1"]);
+    let pki = xfer_tests::Pki::new(&["127.0.0.1"]);
     write_config(&config, &format!("copy_ca = {:?}\n", pki.ca().display()));
     let ok = run(&["--config", config_arg, "--check-config"]);
     let stdout = String::from_utf8_lossy(&ok.stdout);

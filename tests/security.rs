@@ -14,13 +14,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use xfer_proto::{auth, Data, ErrorCode, ErrorFrame, Frame, Welcome, CAP_TLS};
-use xfer_tests::{bin, list_tree, random_file, sha256_file, wait_until, Daemon, Tree, XferRun};
-
-use crate::hostile::{
-    auth_frame, contains, error_code, get_file, hello, leading_frames, list, list_tree_frame,
-    make_dir, make_link, nonce, open_read, open_write, put_file, run_xfer, Impostor, Outside, Pki,
-    RawConn, Tee, SECRET,
+use xfer_tests::{
+    bin, list_tree, random_file, sha256_file, wait_until, Daemon, Tree, XferOutput, XferRun,
 };
+
+use xfer_tests::outside::{Outside, SECRET};
+use xfer_tests::raw::{
+    auth_frame, contains, error_code, get_file, hello, leading_frames, list, list_tree_frame,
+    make_dir, make_link, nonce, open_read, open_write, put_file, RawConn,
+};
+use xfer_tests::relay::{Impostor, Tee};
+use xfer_tests::{run_xfer, Pki};
 
 /// A failure that needs no retry must end well within this (a hang guard, not a timing claim).
 const FAIL_FAST: Duration = Duration::from_secs(30);
@@ -34,6 +38,54 @@ fn token_file(dir: &Path, name: &str, token: &str) -> String {
     let path = dir.join(name);
     fs::write(&path, format!("{token}\n")).unwrap();
     path.display().to_string()
+}
+
+/// A daemon on `tree`'s root that requires [`TOKEN`] (from a token file), with `extra` flags.
+fn token_daemon(tree: &Tree, extra: &[String]) -> Daemon {
+    let token = token_file(tree.path(), "daemon-token", TOKEN);
+    let mut args = vec!["--token-file", &token];
+    args.extend(extra.iter().map(String::as_str));
+    Daemon::start(&tree.root(), &args)
+}
+
+/// `xfer send SRC ADDR --as NAME EXTRA…` through [`run_xfer`]: with `env`, within `guard`.
+fn send(
+    src: &Path,
+    addr: &str,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    guard: Duration,
+) -> XferOutput {
+    let src = src.to_str().expect("a UTF-8 path");
+    run_xfer(
+        [&["send", src, addr, "--as", name], extra].concat(),
+        env,
+        guard,
+    )
+}
+
+/// `xfer recv NAME ADDR -o OUT EXTRA…` through [`run_xfer`]: with `env`, within `guard`.
+fn recv(
+    name: &str,
+    addr: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    guard: Duration,
+) -> XferOutput {
+    let out = out.to_str().expect("a UTF-8 path");
+    run_xfer(
+        [&["recv", name, addr, "-o", out], extra].concat(),
+        env,
+        guard,
+    )
+}
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    use rustix::fs::{mknodat, FileType, Mode, CWD};
+    mknodat(CWD, path, FileType::Fifo, Mode::from_raw_mode(0o666), 0).expect("mkfifo");
 }
 
 /// Asserts `line` starts with `prefix`.
@@ -52,8 +104,7 @@ fn assert_starts(line: &str, prefix: &str) {
 #[test]
 fn client_without_a_token_is_refused_at_once() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
+    let daemon = token_daemon(&tree, &[]);
     let src = tree.src("a.bin");
     random_file(&src, 100_000, 1);
     let addr = daemon.addr();
@@ -77,9 +128,8 @@ fn client_without_a_token_is_refused_at_once() {
 #[test]
 fn wrong_token_is_refused_from_file_and_environment() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
+    let daemon = token_daemon(&tree, &[]);
     let wrong = token_file(tree.path(), "wrong-token", "not-the-token");
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
     let src = tree.src("a.bin");
     random_file(&src, 100_000, 2);
     let addr = daemon.addr();
@@ -117,47 +167,30 @@ fn wrong_token_is_refused_from_file_and_environment() {
 #[test]
 fn right_token_round_trip_over_eight_connections() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
+    let daemon = token_daemon(&tree, &[]);
     let client_token = token_file(tree.path(), "client-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
     let src = tree.src("big.bin");
     let want = random_file(&src, 24 << 20, 3);
     let addr = daemon.addr();
     let out = tree.out("big.bin");
     // Upload with --token-file over 8 connections, download with XFER_TOKEN over 8.
-    let sent = run_xfer(
-        [
-            "send",
-            src.to_str().unwrap(),
-            &addr,
-            "--as",
-            "big.bin",
-            "-c",
-            "8",
-            "--chunk-size",
-            "1M",
-            "--json",
-            "--token-file",
-            &client_token,
-        ],
+    let eight = ["-c", "8", "--chunk-size", "1M"];
+    let sent = send(
+        &src,
+        &addr,
+        "big.bin",
+        &[&eight[..], &["--json", "--token-file", &client_token]].concat(),
         &[],
         TRANSFER,
     )
     .ok();
     assert_eq!(sent.json_u64("connections"), 8);
     assert_eq!(sha256_file(&tree.root().join("big.bin")), want);
-    run_xfer(
-        [
-            "recv",
-            "big.bin",
-            &addr,
-            "-o",
-            out.to_str().unwrap(),
-            "-c",
-            "8",
-            "--chunk-size",
-            "1M",
-        ],
+    recv(
+        "big.bin",
+        &addr,
+        &out,
+        &eight,
         &[("XFER_TOKEN", TOKEN)],
         TRANSFER,
     )
@@ -178,8 +211,7 @@ fn right_token_round_trip_over_eight_connections() {
 fn requests_without_authentication_are_refused() {
     let tree = Tree::new();
     fs::write(tree.root().join("served.txt"), b"only for token holders").unwrap();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let mut daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
+    let mut daemon = token_daemon(&tree, &[]);
     let addr = daemon.socket_addr();
 
     // An authenticated connection opens an upload: transfer id 1 exists there.
@@ -283,8 +315,7 @@ fn requests_without_authentication_are_refused() {
 fn recorded_auth_cannot_be_replayed() {
     let tree = Tree::new();
     fs::write(tree.root().join("served.txt"), b"only for token holders").unwrap();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
+    let daemon = token_daemon(&tree, &[]);
 
     // One real handshake, recorded: Hello(Nc), Challenge(Ns), Auth(proof), Welcome.
     let client_nonce = nonce();
@@ -319,9 +350,8 @@ fn recorded_auth_cannot_be_replayed() {
 #[test]
 fn token_never_crosses_the_wire() {
     let tree = Tree::new();
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
+    let daemon = token_daemon(&tree, &[]);
     let client_token = token_file(tree.path(), "client-token", TOKEN);
-    let daemon = Daemon::start(&tree.root(), &["--token-file", &daemon_token]);
 
     // A raw handshake: every byte each way.
     let mut raw = RawConn::connect(daemon.socket_addr());
@@ -346,12 +376,8 @@ fn token_never_crosses_the_wire() {
         "--token-file",
         &client_token,
     ];
-    let mut send = vec!["send", src.to_str().unwrap(), &relay, "--as", "t.bin"];
-    send.extend(common);
-    run_xfer(&send, &[], TRANSFER).ok();
-    let mut recv = vec!["recv", "t.bin", &relay, "-o", out.to_str().unwrap()];
-    recv.extend(common);
-    run_xfer(&recv, &[], TRANSFER).ok();
+    send(&src, &relay, "t.bin", &common, &[], TRANSFER).ok();
+    recv("t.bin", &relay, &out, &common, &[], TRANSFER).ok();
     assert_eq!(sha256_file(&out), want);
     let captured = tee.captured();
     assert!(
@@ -476,8 +502,7 @@ fn read_only_refuses_uploads_and_serves_downloads() {
         );
     }
     // The raw answer is the non-fatal Error{ReadOnly}: the connection stays usable.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     let tree_requests = [
         open_write("raw.bin", 10),
         put_file("raw.txt", b"small"),
@@ -511,55 +536,11 @@ fn read_only_refuses_uploads_and_serves_downloads() {
 // TLS
 // ---------------------------------------------------------------------------------------------
 
-fn tls_daemon(tree: &Tree, pki: &Pki, extra: &[&str]) -> Daemon {
-    let mut args = pki.daemon_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start(&tree.root(), &args)
-}
-
-/// Regression: every frame must be flushed through TLS. Without it the tail of a chunk stayed
-/// in the TLS buffer while the client waited for its acknowledgement, and a long transfer
-/// stalled until the idle timeout. One chunk in flight per connection makes every frame the
-/// last one sent before waiting.
-#[test]
-fn long_tls_transfer_with_one_chunk_in_flight_does_not_stall() {
-    let tree = Tree::new();
-    let pki = Pki::new(&["127.0.0.1"]);
-    let daemon = tls_daemon(&tree, &pki, &["--window", "1"]);
-    let src = tree.src("long.bin");
-    let want = random_file(&src, 16 << 20, 21);
-    let ca = pki.ca().display().to_string();
-    let addr = daemon.addr();
-    // One connection, so no other connection's traffic can push a stalled record out.
-    let tls = [
-        "--tls",
-        "--ca",
-        &ca,
-        "-c",
-        "1",
-        "--chunk-size",
-        "256K",
-        "--retry-deadline",
-        "0",
-    ];
-    let mut send = vec!["send", src.to_str().unwrap(), &addr, "--as", "long.bin"];
-    send.extend(tls);
-    run_xfer(&send, &[], TRANSFER).ok();
-    assert_eq!(sha256_file(&tree.root().join("long.bin")), want);
-    let out = tree.out("long.bin");
-    let mut recv = vec!["recv", "long.bin", &addr, "-o", out.to_str().unwrap()];
-    recv.extend(tls);
-    run_xfer(&recv, &[], TRANSFER).ok();
-    assert_eq!(sha256_file(&out), want);
-}
-
 #[test]
 fn tls_round_trip_with_a_token() {
     let tree = Tree::new();
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let daemon = tls_daemon(&tree, &pki, &["--token-file", &daemon_token]);
+    let daemon = token_daemon(&tree, &pki.daemon_args());
     let tee = Tee::start(daemon.socket_addr());
     let src = tree.src("tls.bin");
     let want = random_file(&src, 6 << 20, 7);
@@ -567,16 +548,28 @@ fn tls_round_trip_with_a_token() {
     let tls = ["--tls", "--ca", &ca, "-c", "3", "--chunk-size", "1M"];
     // Upload by IP address (checked against the iPAddress SAN), through the recording relay.
     let relay = tee.addr();
-    let mut send = vec!["send", src.to_str().unwrap(), &relay, "--as", "tls.bin"];
-    send.extend(tls);
-    run_xfer(&send, &[("XFER_TOKEN", TOKEN)], TRANSFER).ok();
+    send(
+        &src,
+        &relay,
+        "tls.bin",
+        &tls,
+        &[("XFER_TOKEN", TOKEN)],
+        TRANSFER,
+    )
+    .ok();
     assert_eq!(sha256_file(&tree.root().join("tls.bin")), want);
     // Download by DNS name (checked against the dNSName SAN).
     let host = format!("localhost:{}", daemon.socket_addr().port());
     let out = tree.out("tls.bin");
-    let mut recv = vec!["recv", "tls.bin", &host, "-o", out.to_str().unwrap()];
-    recv.extend(tls);
-    run_xfer(&recv, &[("XFER_TOKEN", TOKEN)], TRANSFER).ok();
+    recv(
+        "tls.bin",
+        &host,
+        &out,
+        &tls,
+        &[("XFER_TOKEN", TOKEN)],
+        TRANSFER,
+    )
+    .ok();
     assert_eq!(sha256_file(&out), want);
 
     // On the wire: a plaintext TLS request and StartTls, then only TLS records; neither the
@@ -618,20 +611,10 @@ fn tls_round_trip_with_a_token() {
 fn plaintext_client_is_told_to_use_tls() {
     let tree = Tree::new();
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
-    let daemon = tls_daemon(&tree, &pki, &[]);
+    let daemon = pki.start_daemon(&tree.root(), &[]);
     let src = tree.src("a.bin");
     random_file(&src, 1000, 8);
-    let out = run_xfer(
-        [
-            "send",
-            src.to_str().unwrap(),
-            &daemon.addr(),
-            "--as",
-            "a.bin",
-        ],
-        &[],
-        FAIL_FAST,
-    );
+    let out = send(&src, &daemon.addr(), "a.bin", &[], &[], FAIL_FAST);
     assert_eq!(
         out.error_line(),
         "xfer: this server requires TLS: connect with xfer --tls"
@@ -652,17 +635,11 @@ fn tls_client_against_a_plain_daemon_fails_clearly() {
     let src = tree.src("a.bin");
     random_file(&src, 1000, 9);
     let ca = pki.ca().display().to_string();
-    let out = run_xfer(
-        [
-            "send",
-            src.to_str().unwrap(),
-            &daemon.addr(),
-            "--as",
-            "a.bin",
-            "--tls",
-            "--ca",
-            &ca,
-        ],
+    let out = send(
+        &src,
+        &daemon.addr(),
+        "a.bin",
+        &["--tls", "--ca", &ca],
         &[],
         FAIL_FAST,
     );
@@ -677,10 +654,10 @@ fn tls_client_against_a_plain_daemon_fails_clearly() {
 fn unverifiable_certificates_fail_without_plaintext_fallback() {
     let tree = Tree::new();
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
-    let daemon = tls_daemon(&tree, &pki, &[]);
+    let daemon = pki.start_daemon(&tree.root(), &[]);
     let elsewhere = Pki::new(&["server.elsewhere.invalid"]);
     let tree2 = Tree::new();
-    let misnamed = tls_daemon(&tree2, &elsewhere, &[]);
+    let misnamed = elsewhere.start_daemon(&tree2.root(), &[]);
     let src = tree.src("a.bin");
     random_file(&src, 100_000, 10);
     for (what, upstream, ca) in [
@@ -688,17 +665,11 @@ fn unverifiable_certificates_fail_without_plaintext_fallback() {
         ("certificate for another name", &misnamed, elsewhere.ca()),
     ] {
         let tee = Tee::start(upstream.socket_addr());
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &tee.addr(),
-                "--as",
-                "a.bin",
-                "--tls",
-                "--ca",
-                ca.to_str().unwrap(),
-            ],
+        let out = send(
+            &src,
+            &tee.addr(),
+            "a.bin",
+            &["--tls", "--ca", ca.to_str().unwrap()],
             &[("XFER_TOKEN", TOKEN)],
             FAIL_FAST,
         );
@@ -757,17 +728,11 @@ fn tls_request_answered_in_plaintext_is_not_downgraded() {
                 }
             }
         });
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &impostor.addr(),
-                "--as",
-                "a.bin",
-                "--tls",
-                "--ca",
-                &ca,
-            ],
+        let out = send(
+            &src,
+            &impostor.addr(),
+            "a.bin",
+            &["--tls", "--ca", &ca],
             &[("XFER_TOKEN", TOKEN)],
             FAIL_FAST,
         );
@@ -818,14 +783,11 @@ fn server_that_cannot_prove_the_token_gets_no_request() {
             let _ = conn.recv();
             conn.shutdown_write();
         });
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &impostor.addr(),
-                "--as",
-                "a.bin",
-            ],
+        let out = send(
+            &src,
+            &impostor.addr(),
+            "a.bin",
+            &[],
             &[("XFER_TOKEN", TOKEN)],
             FAIL_FAST,
         );
@@ -862,8 +824,7 @@ fn server_that_cannot_prove_the_token_gets_no_request() {
 
 /// Asks `frame` on a fresh authenticated connection and returns the answer (`None`: closed).
 fn ask(daemon: &Daemon, frame: &Frame) -> Option<Frame> {
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     conn.send(frame);
     let answer = conn.recv();
     if let Some(Frame::Error(e)) = &answer {
@@ -872,6 +833,55 @@ fn ask(daemon: &Daemon, frame: &Frame) -> Option<Frame> {
         }
     }
     answer
+}
+
+/// A request naming a path, as the tables below send it.
+#[derive(Clone, Copy, Debug)]
+enum Ask {
+    OpenRead,
+    OpenWrite,
+    GetFile,
+    PutFile,
+    MakeDir,
+    MakeLink,
+    List,
+    ListTree,
+}
+
+use Ask::*;
+
+/// The requests that name a file or a directory to make.
+const FILE_ASKS: &[Ask] = &[OpenRead, OpenWrite, GetFile, PutFile, MakeDir, MakeLink];
+/// The requests that name a directory to list.
+const DIR_ASKS: &[Ask] = &[List, ListTree];
+
+impl Ask {
+    /// The request for `name` (a write carries a few bytes, a link points to `x`).
+    fn frame(self, name: &str) -> Frame {
+        match self {
+            OpenRead => open_read(name),
+            OpenWrite => open_write(name, 5),
+            GetFile => get_file(name),
+            PutFile => put_file(name, b"evil"),
+            MakeDir => make_dir(name),
+            MakeLink => make_link(name, "x"),
+            List => list(name),
+            ListTree => list_tree_frame(name),
+        }
+    }
+}
+
+/// Each row's requests of each of its names, labelled `ASK "NAME"`, name by name.
+fn requests(table: &[(&[Ask], &[&str])]) -> Vec<(String, Frame)> {
+    let mut all = Vec::new();
+    for (asks, names) in table {
+        for name in *names {
+            for ask in *asks {
+                all.push((format!("{ask:?} {name:?}"), ask.frame(name)));
+            }
+        }
+    }
+    all
 }
 
 /// Runs every `(what, frame)` on its own connection and collects every answer that is not
@@ -909,33 +919,30 @@ fn names_aimed_at_existing_outside_files_read_and_change_nothing() {
     let secret = outside.join("secret.txt").display().to_string();
     let dir = outside.path().display().to_string();
     let long_component = format!("d/{}/x", "c".repeat(256));
-    let mut all = Vec::new();
-    for name in [
-        secret.as_str(),
-        "../outside/secret.txt",
-        "sub/../../outside/secret.txt",
-        "./../outside/secret.txt",
-        "outside/../../outside/secret.txt",
-        &long_component,
-    ] {
-        all.push((format!("OpenRead {name:?}"), open_read(name)));
-        all.push((format!("OpenWrite {name:?}"), open_write(name, 5)));
-        all.push((format!("GetFile {name:?}"), get_file(name)));
-        all.push((format!("PutFile {name:?}"), put_file(name, b"evil")));
-        all.push((format!("MakeDir {name:?}"), make_dir(name)));
-        all.push((format!("MakeLink {name:?}"), make_link(name, "x")));
-    }
-    for dir_name in [
-        dir.as_str(),
-        "..",
-        "../outside",
-        "/etc",
-        "../outside/sub",
-        "a/../..",
-    ] {
-        all.push((format!("List {dir_name:?}"), list(dir_name)));
-        all.push((format!("ListTree {dir_name:?}"), list_tree_frame(dir_name)));
-    }
+    let mut all = requests(&[
+        (
+            FILE_ASKS,
+            &[
+                &secret,
+                "../outside/secret.txt",
+                "sub/../../outside/secret.txt",
+                "./../outside/secret.txt",
+                "outside/../../outside/secret.txt",
+                &long_component,
+            ],
+        ),
+        (
+            DIR_ASKS,
+            &[
+                &dir,
+                "..",
+                "../outside",
+                "/etc",
+                "../outside/sub",
+                "a/../..",
+            ],
+        ),
+    ]);
     // Links whose target leads out of the root.
     for target in [
         "../../outside",
@@ -986,40 +993,38 @@ fn symlinks_leading_out_are_neither_read_nor_written() {
     symlink("in/ok.txt", root.join("inner-link")).unwrap();
     let mut daemon = Daemon::start(&root, &[]);
 
-    let mut all = Vec::new();
-    for name in [
-        "abs-link",
-        "rel-link",
-        "up/outside/secret.txt",
-        "subdir-link/inner.txt",
-        "loop",
-        "loop/x",
-    ] {
-        all.push((format!("OpenRead {name:?}"), open_read(name)));
-        all.push((format!("GetFile {name:?}"), get_file(name)));
-    }
-    for name in [
-        "abs-link",
-        "rel-link",
-        "loop",
-        "up/outside/secret.txt",
-        "up/outside/planted.bin",
-        "subdir-link/inner.txt",
-        "subdir-link/planted.bin",
-        "subdir-link/new/planted.bin",
-        "up/root/planted.bin",
-    ] {
-        all.push((format!("OpenWrite {name:?}"), open_write(name, 5)));
-        all.push((format!("PutFile {name:?}"), put_file(name, b"evil")));
-    }
-    for name in ["up/outside/newdir", "subdir-link/newdir", "up/x"] {
-        all.push((format!("MakeDir {name:?}"), make_dir(name)));
-        all.push((format!("MakeLink {name:?}"), make_link(name, "y")));
-    }
-    for dir in ["up", "up/outside", "subdir-link", "loop"] {
-        all.push((format!("List {dir:?}"), list(dir)));
-        all.push((format!("ListTree {dir:?}"), list_tree_frame(dir)));
-    }
+    let all = requests(&[
+        (
+            &[OpenRead, GetFile],
+            &[
+                "abs-link",
+                "rel-link",
+                "up/outside/secret.txt",
+                "subdir-link/inner.txt",
+                "loop",
+                "loop/x",
+            ],
+        ),
+        (
+            &[OpenWrite, PutFile],
+            &[
+                "abs-link",
+                "rel-link",
+                "loop",
+                "up/outside/secret.txt",
+                "up/outside/planted.bin",
+                "subdir-link/inner.txt",
+                "subdir-link/planted.bin",
+                "subdir-link/new/planted.bin",
+                "up/root/planted.bin",
+            ],
+        ),
+        (
+            &[MakeDir, MakeLink],
+            &["up/outside/newdir", "subdir-link/newdir", "up/x"],
+        ),
+        (DIR_ASKS, &["up", "up/outside", "subdir-link", "loop"]),
+    ]);
     assert_all_bad_path(&mut daemon, &all);
 
     // The real client, uploading over the links: refused, links untouched.
@@ -1044,8 +1049,7 @@ fn symlinks_leading_out_are_neither_read_nor_written() {
         );
     }
     // A link that stays inside is followed.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     let answer = conn.request(&open_read("inner-link"));
     assert!(matches!(answer, Frame::ReadOpened(_)), "{answer:?}");
     outside.assert_untouched("symlinks leading out");
@@ -1095,14 +1099,7 @@ fn special_files_are_refused() {
     let tree = Tree::new();
     let outside = Outside::new(tree.path());
     let root = tree.root();
-    mknodat(
-        CWD,
-        root.join("fifo"),
-        FileType::Fifo,
-        Mode::from_raw_mode(0o666),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&root.join("fifo"));
     let _socket = std::os::unix::net::UnixListener::bind(root.join("sock")).expect("bind");
     symlink("/dev/null", root.join("devnull-link")).unwrap();
     symlink("/dev/zero", root.join("devzero-link")).unwrap();
@@ -1123,17 +1120,10 @@ fn special_files_are_refused() {
         }
     }
     let mut daemon = Daemon::start(&root, &[]);
-    let mut all = Vec::new();
-    for name in &names {
-        all.push((format!("OpenRead {name:?}"), open_read(name)));
-        all.push((format!("OpenWrite {name:?}"), open_write(name, 5)));
-        all.push((format!("GetFile {name:?}"), get_file(name)));
-        all.push((format!("PutFile {name:?}"), put_file(name, b"evil")));
-    }
+    let all = requests(&[(&[OpenRead, OpenWrite, GetFile, PutFile], &names)]);
     assert_all_bad_path(&mut daemon, &all);
     // They are not listed either, and are still what they were.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     match conn.request(&list("")) {
         Frame::Listing(l) => assert!(l.entries.is_empty(), "listed {:?}", l.entries),
         other => panic!("List answered {other:?}"),
@@ -1151,7 +1141,6 @@ fn special_files_are_refused() {
 /// an upload's writes: the daemon opens them with `O_NOFOLLOW` and refuses.
 #[test]
 fn planted_partial_and_journal_files_do_not_redirect_writes() {
-    use rustix::fs::{mknodat, FileType, Mode, CWD};
     let tree = Tree::new();
     let outside = Outside::new(tree.path());
     let root = tree.root();
@@ -1159,28 +1148,16 @@ fn planted_partial_and_journal_files_do_not_redirect_writes() {
     symlink("../outside/secret.txt", root.join(".y.xfer-state")).unwrap();
     fs::create_dir(root.join("d")).unwrap();
     symlink("../../outside/sub/inner.txt", root.join("d/.z.xfer-part")).unwrap();
-    mknodat(
-        CWD,
-        root.join(".f.xfer-part"),
-        FileType::Fifo,
-        Mode::from_raw_mode(0o666),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&root.join(".f.xfer-part"));
     let daemon = Daemon::start(&root, &[]);
     let src = tree.src("evil.bin");
     random_file(&src, 100_000, 15);
     for name in ["x", "y", "d/z", "f"] {
-        let out = run_xfer(
-            [
-                "send",
-                src.to_str().unwrap(),
-                &daemon.addr(),
-                "--as",
-                name,
-                "--retry-deadline",
-                "5",
-            ],
+        let out = send(
+            &src,
+            &daemon.addr(),
+            name,
+            &["--retry-deadline", "5"],
             &[],
             FAIL_FAST,
         );
@@ -1189,8 +1166,7 @@ fn planted_partial_and_journal_files_do_not_redirect_writes() {
     }
     outside.assert_untouched("uploads over planted partial and journal files");
     // Nor are they listed, read or written by name.
-    let mut conn = RawConn::connect(daemon.socket_addr());
-    conn.handshake(None);
+    let mut conn = RawConn::handshaken(daemon.socket_addr(), None);
     match conn.request(&list("")) {
         Frame::Listing(l) => {
             let names: Vec<_> = l.entries.iter().map(|e| e.name.as_str()).collect();
@@ -1255,8 +1231,7 @@ fn copy_grant_cannot_write_outside_its_scope() {
     let root = tree.root();
     // `root/outside/` is outside the grant's scope but inside the root: nothing may change there.
     let victim = Outside::new(&root);
-    let daemon_token = token_file(tree.path(), "daemon-token", TOKEN);
-    let mut daemon = Daemon::start(&root, &["--token-file", &daemon_token]);
+    let mut daemon = token_daemon(&tree, &[]);
     let addr = daemon.socket_addr();
     let expires = unix_now() + 3600;
 

@@ -10,23 +10,14 @@ use std::time::Duration;
 
 use xfer_tests::{journal_chunks, journal_held, journal_path, partial_path, wait_until, Daemon};
 
-use crate::faults::{wait_for_journal, Setup, Way};
+use xfer_tests::setup::{wait_for_journal, Setup, Way, CHUNK, CONNS, PACED};
 
 const SIZE: u64 = 16 * 1024 * 1024;
-const CHUNK: u64 = 64 * 1024;
-const CONNS: u64 = 4;
 const WINDOW: u64 = 2;
-/// ~2 s for 16 MiB; gives up 2 s after the daemon is gone.
-const SLOW: &[&str] = &[
-    "-c",
-    "4",
-    "--chunk-size",
-    "64K",
-    "--bwlimit",
-    "8M",
-    "--retry-deadline",
-    "2",
-];
+/// [`PACED`], giving up 2 s after the daemon is gone: ~2 s for 16 MiB.
+fn slow() -> Vec<&'static str> {
+    [PACED, &["--retry-deadline", "2"]].concat()
+}
 const FAST: &[&str] = &["-c", "4", "--chunk-size", "64K", "--json"];
 const GUARD: Duration = Duration::from_secs(120);
 
@@ -76,7 +67,7 @@ fn check_sigterm_mid_transfer(way: Way, seed: u64) {
     // Straight to the daemon: the client sees the shutdown itself, and the restarted daemon
     // listens on the same port.
     let addr = s.daemon.addr();
-    let mut client = s.start_direct(way, "term.bin", SLOW);
+    let mut client = s.start_direct(way, "term.bin", &slow());
     wait_for_journal(&dest, SIZE / 4, &mut client);
     terminate(&mut s);
 
@@ -128,7 +119,7 @@ fn sigterm_with_a_connection_stalled_mid_chunk_still_drains() {
     let dest = s.dest(Way::Upload, "stuck.bin");
     // 300 KiB is not a frame boundary: the stall holds a chunk half-sent.
     s.proxy.stall_after(300 * 1024, 1);
-    let mut client = s.start(Way::Upload, "stuck.bin", SLOW);
+    let mut client = s.start(Way::Upload, "stuck.bin", &slow());
     wait_for_journal(&dest, SIZE / 4, &mut client);
     wait_until(GUARD, "a connection is stalled", || {
         s.proxy.stats().stalled == 1

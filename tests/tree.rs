@@ -179,19 +179,22 @@ fn recv_tree(name: &str, addr: &str, out: &Path, extra: &[&str]) -> XferRun {
 /// files_skipped, bytes_total, bytes_transferred)`.
 #[track_caller]
 fn assert_counts(out: &XferOutput, want: (u64, u64, u64, u64, u64)) {
-    let json = out.json();
-    let got = (
-        out.json_u64("files_total"),
-        out.json_u64("files_transferred"),
-        out.json_u64("files_skipped"),
-        out.json_u64("bytes_total"),
-        out.json_u64("bytes_transferred"),
-    );
-    assert_eq!(
-        got, want,
-        "`{}`: (files_total, files_transferred, files_skipped, bytes_total, bytes_transferred) \
-         in {json}",
-        out.cmd
+    let (files_total, files_transferred, files_skipped, bytes_total, bytes) = want;
+    out.assert_json_u64s(
+        &[
+            "files_total",
+            "files_transferred",
+            "files_skipped",
+            "bytes_total",
+            "bytes_transferred",
+        ],
+        &[
+            files_total,
+            files_transferred,
+            files_skipped,
+            bytes_total,
+            bytes,
+        ],
     );
 }
 

@@ -1,0 +1,511 @@
+//! The test vectors of `testdata/` (proto.md, Appendix A): every frame built from the field values
+//! its file states encodes to exactly its bytes and decodes back to the same frame, and every
+//! malformed input fails with the error code its file states.
+//!
+//! A vector file is `#` comment lines (the frame, its field values, and for malformed input an
+//! `error: CODE` line) followed by a hex dump whose lines start with their offset. Each file must
+//! have an entry in [`frames`] or be named `malformed-*`, and each entry a file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+use xfer_proto::auth::{client_proof, grant_key, server_proof};
+use xfer_proto::*;
+
+const TOKEN: &[u8] = b"correct horse battery staple";
+const IDENTITY: FileIdentity = FileIdentity {
+    size: 1_048_576,
+    mtime_ns: 1_700_000_000_123_456_789,
+};
+const MTIME: i64 = 1_700_000_000_000_000_000;
+/// XXH3-128 of `abc`, big-endian (proto.md §2.4).
+const DIGEST_ABC: [u8; 16] = [
+    0x06, 0xb0, 0x5a, 0xb6, 0x73, 0x3a, 0x61, 0x85, 0x78, 0xaf, 0x5f, 0x94, 0x89, 0x2f, 0x39, 0x50,
+];
+const CRC_ABC: u32 = 0x3524_41c2;
+
+struct Vector {
+    comments: Vec<String>,
+    bytes: Vec<u8>,
+}
+
+fn read_vectors() -> BTreeMap<String, Vector> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    let mut vectors = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("testdata directory") {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(
+            path.extension().unwrap(),
+            "hex",
+            "{name}: vectors are .hex files"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        vectors.insert(name.clone(), parse(&name, &text));
+    }
+    vectors
+}
+
+fn parse(name: &str, text: &str) -> Vector {
+    let mut comments = Vec::new();
+    let mut bytes = Vec::new();
+    for line in text.lines() {
+        if let Some(comment) = line.strip_prefix('#') {
+            comments.push(comment.trim().to_owned());
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let Some(offset) = words.next() else { continue };
+        let offset = usize::from_str_radix(offset, 16).unwrap();
+        assert_eq!(offset, bytes.len(), "{name}: offset column is off");
+        bytes.extend(words.map(|pair| u8::from_str_radix(pair, 16).unwrap()));
+    }
+    assert!(!bytes.is_empty(), "{name}: no bytes");
+    Vector { comments, bytes }
+}
+
+/// Nc and Ns of the handshake vectors.
+fn nonces() -> (Vec<u8>, Vec<u8>) {
+    ((0x00..0x20).collect(), (0x20..0x40).collect())
+}
+
+fn grant() -> Grant {
+    Grant {
+        scope: "backups/big.iso".into(),
+        expires: 1_700_086_400,
+        nonce: (0x40..0x60).collect(),
+    }
+}
+
+fn hello(capabilities: u64, nonce: Vec<u8>) -> Frame {
+    Frame::Hello(Hello {
+        version: 1,
+        min_version: 1,
+        capabilities,
+        agent: "xfer/0.1.0".into(),
+        nonce,
+    })
+}
+
+fn welcome(capabilities: u64, proof: Vec<u8>) -> Frame {
+    Frame::Welcome(Welcome {
+        version: 1,
+        capabilities,
+        max_chunk_size: 16_777_216,
+        window: 8,
+        agent: "xferd/0.1.0".into(),
+        proof,
+    })
+}
+
+fn chunk(transfer_id: u64, offset: u64, len: u32) -> ChunkRef {
+    ChunkRef {
+        transfer_id,
+        offset,
+        len,
+    }
+}
+
+fn commit(transfer_id: u64, digest: &[u8]) -> Commit {
+    Commit {
+        transfer_id,
+        digest: digest.to_vec(),
+    }
+}
+
+fn tree_listing(kind: EntryKind) -> Frame {
+    Frame::TreeListing(TreeListing {
+        entries: vec![TreeEntry {
+            path: "sub/f.txt".into(),
+            kind,
+            size: 3,
+            mtime_ns: MTIME,
+            mode: 0o644,
+            target: String::new(),
+            digest: DIGEST_ABC.to_vec(),
+        }],
+        more: false,
+    })
+}
+
+fn copy_to(grant: Option<(Grant, Vec<u8>)>, tls: bool) -> Frame {
+    Frame::CopyTo(CopyTo {
+        source: "data/big.iso".into(),
+        recursive: false,
+        host: "dst.example".into(),
+        port: 8888,
+        dest: "backups/big.iso".into(),
+        connections: 4,
+        chunk_size: 4 << 20,
+        grant,
+        tls,
+    })
+}
+
+fn error(code: ErrorCode, message: &str) -> Frame {
+    Frame::Error(ErrorFrame::new(code, message))
+}
+
+/// The frame of every well-formed vector, built from the values its file states.
+fn frames() -> BTreeMap<&'static str, Frame> {
+    let (nc, ns) = nonces();
+    let key = grant_key(TOKEN, &grant());
+    let abc = || Bytes::from_static(b"abc");
+    BTreeMap::from([
+        ("hello", hello(0, nc.clone())),
+        ("hello-inner-tls", hello(CAP_TLS, nc.clone())),
+        ("hello-tls-request", hello(CAP_TLS, vec![])),
+        (
+            "challenge",
+            Frame::Challenge(Challenge { nonce: ns.clone() }),
+        ),
+        (
+            "auth",
+            Frame::Auth(Auth {
+                proof: client_proof(TOKEN, &nc, &ns),
+                grant: None,
+            }),
+        ),
+        (
+            "auth-grant",
+            Frame::Auth(Auth {
+                proof: client_proof(&key, &nc, &ns),
+                grant: Some(grant()),
+            }),
+        ),
+        (
+            "welcome-auth",
+            welcome(CAP_AUTH, server_proof(TOKEN, &nc, &ns)),
+        ),
+        (
+            "welcome-grant",
+            welcome(CAP_AUTH, server_proof(&key, &nc, &ns)),
+        ),
+        ("welcome", welcome(0, vec![])),
+        ("welcome-tls", welcome(CAP_TLS, vec![])),
+        ("start-tls", Frame::StartTls),
+        (
+            "error-tls-required",
+            error(
+                ErrorCode::Protocol,
+                "this server requires TLS: connect with xfer --tls",
+            ),
+        ),
+        (
+            "open-write",
+            Frame::OpenWrite(OpenWrite {
+                name: "a/b.bin".into(),
+                identity: IDENTITY,
+                mode: 0o644,
+                chunk_size: 4 << 20,
+            }),
+        ),
+        (
+            "write-opened",
+            Frame::WriteOpened(WriteOpened {
+                transfer_id: 1,
+                held: vec![ByteRange::new(0, 4 << 20)],
+            }),
+        ),
+        (
+            "open-read",
+            Frame::OpenRead(OpenRead {
+                name: "x".into(),
+                have_identity: Some(FileIdentity {
+                    size: 16,
+                    mtime_ns: -1,
+                }),
+                have: vec![ByteRange::new(0, 8)],
+            }),
+        ),
+        (
+            "open-read-fresh",
+            Frame::OpenRead(OpenRead {
+                name: "a/b.bin".into(),
+                have_identity: None,
+                have: vec![],
+            }),
+        ),
+        (
+            "read-opened",
+            Frame::ReadOpened(ReadOpened {
+                transfer_id: 2,
+                identity: IDENTITY,
+                mode: 0o644,
+            }),
+        ),
+        ("read-chunk", Frame::ReadChunk(chunk(2, 4 << 20, 4 << 20))),
+        ("data-abc", Frame::Data(Data::new(1, 0, abc()))),
+        ("data-empty", Frame::Data(Data::new(1, 0, Bytes::new()))),
+        ("ack", Frame::Ack(chunk(1, 0, 3))),
+        ("reject", Frame::Reject(chunk(1, 0, 3))),
+        ("commit", Frame::Commit(commit(1, &DIGEST_ABC))),
+        ("committed", Frame::Committed(commit(1, &DIGEST_ABC))),
+        ("commit-unchecked", Frame::Commit(commit(1, &[]))),
+        (
+            "commit-digest-5-bytes",
+            Frame::Commit(commit(1, &[0xaa; 5])),
+        ),
+        ("digest-request", Frame::DigestRequest(commit(2, &[]))),
+        ("digest-reply", Frame::DigestReply(commit(2, &DIGEST_ABC))),
+        ("list-root", Frame::List(List { dir: String::new() })),
+        ("list", Frame::List(List { dir: "a".into() })),
+        (
+            "listing",
+            Frame::Listing(Listing {
+                entries: vec![
+                    ListEntry {
+                        name: "b.bin".into(),
+                        size: 3,
+                        mtime_ns: MTIME,
+                        is_dir: false,
+                    },
+                    ListEntry {
+                        name: "sub".into(),
+                        size: 0,
+                        mtime_ns: 0,
+                        is_dir: true,
+                    },
+                ],
+                more: false,
+            }),
+        ),
+        (
+            "list-tree",
+            Frame::ListTree(ListTree {
+                dir: "t".into(),
+                digests: false,
+            }),
+        ),
+        (
+            "list-tree-digests",
+            Frame::ListTree(ListTree {
+                dir: "t".into(),
+                digests: true,
+            }),
+        ),
+        (
+            "list-tree-root",
+            Frame::ListTree(ListTree {
+                dir: String::new(),
+                digests: false,
+            }),
+        ),
+        ("tree-listing", tree_listing(EntryKind::File)),
+        ("tree-listing-dir", tree_listing(EntryKind::Dir)),
+        ("tree-listing-symlink", tree_listing(EntryKind::Symlink)),
+        ("tree-listing-special", tree_listing(EntryKind::Special)),
+        (
+            "put-file",
+            Frame::PutFile(PutFile {
+                name: "t/sub/f.txt".into(),
+                mtime_ns: MTIME,
+                mode: 0o644,
+                crc32: CRC_ABC,
+                data: b"abc".to_vec(),
+            }),
+        ),
+        (
+            "done",
+            Frame::Done(Done {
+                name: "t/sub/f.txt".into(),
+            }),
+        ),
+        ("sync", Frame::Sync),
+        (
+            "done-sync",
+            Frame::Done(Done {
+                name: String::new(),
+            }),
+        ),
+        (
+            "make-dir",
+            Frame::MakeDir(MakeDir {
+                name: "t/sub".into(),
+                mode: 0o755,
+                mtime_ns: MTIME,
+            }),
+        ),
+        (
+            "make-link",
+            Frame::MakeLink(MakeLink {
+                name: "t/sub/l".into(),
+                target: "f.txt".into(),
+            }),
+        ),
+        (
+            "get-file",
+            Frame::GetFile(GetFile {
+                name: "t/sub/f.txt".into(),
+                max_size: 1 << 20,
+            }),
+        ),
+        (
+            "file-data",
+            Frame::FileData(FileData {
+                identity: FileIdentity {
+                    size: 3,
+                    mtime_ns: MTIME,
+                },
+                mode: 0o644,
+                crc32: CRC_ABC,
+                data: b"abc".to_vec(),
+            }),
+        ),
+        ("copy-to-grant", copy_to(Some((grant(), key.clone())), true)),
+        ("copy-to", copy_to(None, false)),
+        (
+            "progress",
+            Frame::Progress(Progress {
+                bytes_done: 524_288,
+                bytes_total: 1_048_576,
+            }),
+        ),
+        (
+            "copy-done",
+            Frame::CopyDone(CopyDone {
+                files_total: 1,
+                files_transferred: 1,
+                files_skipped: 0,
+                bytes_total: 1_048_576,
+                bytes_transferred: 524_288,
+                resumed_bytes: 524_288,
+                millis: 1250,
+            }),
+        ),
+        ("goodbye", Frame::Goodbye),
+        (
+            "error-not-found",
+            error(ErrorCode::NotFound, "no such file: x"),
+        ),
+        ("error-busy", error(ErrorCode::Busy, "")),
+        ("error-corrupt", error(ErrorCode::Corrupt, "")),
+        (
+            "error-auth",
+            error(ErrorCode::Auth, "authentication failed"),
+        ),
+    ])
+}
+
+/// Runs `bytes` through the codec as a whole stream, as a receiver would.
+fn decode_stream(bytes: &[u8]) -> Result<Vec<Frame>, ProtoError> {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::from(bytes);
+    let mut frames = Vec::new();
+    while let Some(frame) = codec.decode_eof(&mut buf)? {
+        frames.push(frame);
+    }
+    Ok(frames)
+}
+
+#[test]
+fn every_frame_vector_encodes_to_its_bytes_and_decodes_back() {
+    let vectors = read_vectors();
+    let frames = frames();
+    for (name, frame) in &frames {
+        let vector = vectors
+            .get(*name)
+            .unwrap_or_else(|| panic!("no testdata/{name}.hex"));
+        let mut wire = BytesMut::new();
+        frame.clone().encode(&mut wire).unwrap();
+        assert_eq!(
+            &wire[..],
+            &vector.bytes[..],
+            "{name}: the encoder disagrees with the vector"
+        );
+        let decoded = decode_stream(&vector.bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            decoded,
+            vec![frame.clone()],
+            "{name}: decodes to another frame"
+        );
+    }
+    for name in vectors.keys() {
+        assert!(
+            frames.contains_key(name.as_str()) || name.starts_with("malformed-"),
+            "testdata/{name}.hex has no frame in this test"
+        );
+    }
+}
+
+#[test]
+fn every_malformed_vector_fails_with_its_stated_error() {
+    let mut checked = 0;
+    for (name, vector) in read_vectors() {
+        if !name.starts_with("malformed-") {
+            continue;
+        }
+        let expected = vector
+            .comments
+            .iter()
+            .find_map(|c| c.strip_prefix("error: "))
+            .unwrap_or_else(|| panic!("{name}: no `error:` line"));
+        let err = decode_stream(&vector.bytes)
+            .map(|frames| panic!("{name}: decoded to {frames:?}"))
+            .unwrap_err();
+        if expected == "none" {
+            assert!(
+                matches!(err, ProtoError::TruncatedStream { .. }),
+                "{name}: {err}"
+            );
+        } else {
+            assert_eq!(format!("{:?}", err.code()), expected, "{name}: {err}");
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no malformed vectors");
+}
+
+#[test]
+fn frame_vectors_that_end_early_are_truncated_streams() {
+    // Every proper prefix of a well-formed frame is a stream cut inside a frame (proto.md §3.3).
+    for (name, vector) in read_vectors() {
+        if name.starts_with("malformed-") {
+            continue;
+        }
+        for cut in 1..vector.bytes.len() {
+            let err = decode_stream(&vector.bytes[..cut]).unwrap_err();
+            assert!(
+                matches!(err, ProtoError::TruncatedStream { .. }),
+                "{name} cut at {cut}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn checksum_and_digest_vectors() {
+    // proto.md §2.3 and §2.4.
+    assert_eq!(crc32fast::hash(b"123456789"), 0xcbf4_3926);
+    assert_eq!(crc32fast::hash(b"abc"), CRC_ABC);
+    let empty: [u8; 16] = [
+        0x99, 0xaa, 0x06, 0xd3, 0x01, 0x47, 0x98, 0xd8, 0x60, 0x01, 0xc3, 0x24, 0x46, 0x8d, 0x49,
+        0x7f,
+    ];
+    assert_eq!(xxhash_rust::xxh3::xxh3_128(b"").to_be_bytes(), empty);
+    assert_eq!(
+        xxhash_rust::xxh3::xxh3_128(b"abc").to_be_bytes(),
+        DIGEST_ABC
+    );
+}
+
+#[test]
+fn the_worked_example_in_proto_md_is_the_data_vector() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto.md");
+    let spec = std::fs::read_to_string(spec).unwrap();
+    let example = spec
+        .split("Worked example")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").nth(1))
+        .expect("proto.md has its worked example");
+    let bytes: Vec<u8> = example
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|pair| u8::from_str_radix(pair, 16).unwrap())
+        .collect();
+    assert_eq!(bytes, read_vectors()["data-abc"].bytes);
+}
