@@ -3,7 +3,8 @@
 # its files changed and 1 % deleted at the source, synced again with `xfer send -r --delete` to an
 # xferd --allow-delete and with `rsync -aH --delete` to an rsync daemon, side by side in one run.
 # Target: xfer >= 2 x rsync's files per second. Not a test: run it by hand (bench/bulk.sh runs it
-# when BULK_SETS has "mirror"). Installs rsync and iproute2 with apt if missing.
+# when BULK_SETS has "mirror"). Installs rsync and iproute2 with apt if missing. XFER_BIN_DIR=DIR
+# uses prebuilt binaries (bench/lib.sh).
 #
 #   bench/mirror.sh
 #   REPEAT=3 MIRROR_REAL=/usr/include bench/mirror.sh
@@ -34,6 +35,9 @@ set -euo pipefail
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH_HOME/.." && pwd)"
 cd "$REPO"
+BENCH_NAME=mirror
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
 
 BASE="${BENCH_DIR:-$REPO/bench/out}"
 TREES="${MIRROR_TREES:-gen real}"
@@ -42,97 +46,35 @@ REPEAT="${REPEAT:-1}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 SMALL_FILES="${SMALL_FILES:-10000}"
 SMALL_DIRS="${SMALL_DIRS:-20}"
-SMALL_SIZE="${SMALL_SIZE:-4096}"
-
-die() {
-    echo "mirror: $*" >&2
-    exit 1
-}
-log() { echo "# $*" >&2; }
+SMALL_SIZE="$(parse_size "${SMALL_SIZE:-4K}")"
 
 for t in $TREES; do [[ "$t" == gen || "$t" == real ]] || die "unknown tree in MIRROR_TREES: $t"; done
-[[ "$SMALL_SIZE" =~ ^[0-9]+$ ]] || die "SMALL_SIZE is in bytes here: $SMALL_SIZE"
-
-apt_updated=0
-ensure_apt() { # ensure_apt COMMAND PACKAGE
-    command -v "$1" >/dev/null 2>&1 && return 0
-    log "installing $2 (for $1)"
-    if ((apt_updated == 0)); then
-        apt-get update -qq >&2
-        apt_updated=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
-}
 ensure_apt rsync rsync
 ensure_apt ss iproute2
 ensure_apt python3 python3
 
-# --- processes: every one started here is ended by PID at exit ---------------------------------
-PIDS=()
 cleanup() {
-    local rc=$? pid
+    local rc=$?
     trap - EXIT INT TERM
-    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null || true; done
+    end_pids --tree "${PIDS[@]+"${PIDS[@]}"}"
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-wait_listening() { # wait_listening PORT
-    for _ in $(seq 200); do
-        [[ -n "$(ss -Hltn "sport = :$1")" ]] && return 0
-        sleep 0.05
-    done
-    die "nothing listens on port $1"
-}
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-now_ns() { date +%s%N; }
-secs() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$2"; }
+on_exit cleanup
 
 mkdir -p "$BASE/mirror"
 WORK="$(cd "$BASE/mirror" && pwd)"
-fstype="$(df -PT "$WORK" | awk 'NR == 2 {print $2}')"
-[[ "$fstype" == tmpfs || "$fstype" == ramfs ]] && die "$WORK is on $fstype; set BENCH_DIR to a real disk"
+real_disk "$WORK"
 rm -rf "$WORK/srv" "$WORK/src" "$WORK/logs"
 mkdir -p "$WORK/srv" "$WORK/src" "$WORK/pristine" "$WORK/logs"
 LOGS="$WORK/logs"
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-
-XFER="$REPO/target/release/xfer"
-XFERD="$REPO/target/release/xferd"
-log "cargo build --release"
-cargo build --release >"$LOGS/build.log" 2>&1 || die "cargo build --release failed (log: $LOGS/build.log)"
+xfer_binaries "$LOGS/build.log"
 
 # --- daemons: one of each for the whole run -----------------------------------------------------
-XFERD_OUT="$LOGS/xferd.out"
-"$XFERD" --listen 127.0.0.1:0 --root "$WORK/srv" --allow-delete >"$XFERD_OUT" 2>"$LOGS/xferd.err" &
-PIDS+=("$!")
-XFERD_ADDR=""
-for _ in $(seq 200); do
-    line="$(head -n1 "$XFERD_OUT")"
-    if [[ "$line" == "xferd listening on "* ]]; then
-        XFERD_ADDR="${line#xferd listening on }"
-        break
-    fi
-    sleep 0.05
-done
-[[ -n "$XFERD_ADDR" ]] || die "xferd did not start: $(tail -n5 "$LOGS/xferd.err")"
+start_xferd "$WORK/srv" --allow-delete
 RSYNC_PORT="$(free_port)"
-cat >"$WORK/rsyncd.conf" <<EOF
-# written by bench/mirror.sh
-use chroot = no
-log file = $LOGS/rsyncd.log
-[mirror]
-    path = $WORK/srv
-    read only = no
-    uid = $(id -u)
-    gid = $(id -g)
-EOF
+rsyncd_conf "$WORK/rsyncd.conf" mirror "$WORK/srv"
 rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
     --config="$WORK/rsyncd.conf" 2>"$LOGS/rsyncd.err" &
 PIDS+=("$!")
@@ -219,7 +161,7 @@ timed() { # timed LOG CMD...: runs CMD; prints "AS_IS DURABLE" seconds (durable:
     t1="$(now_ns)"
     sync -f "$WORK/srv"
     t2="$(now_ns)"
-    echo "$(secs "$t0" "$t1") $(secs "$t0" "$t2")"
+    echo "$(secs_between "$t0" "$t1") $(secs_between "$t0" "$t2")"
 }
 
 record() { # record TREE TOOL FILES AS_IS DURABLE
@@ -261,7 +203,7 @@ done
 echo "# xfer mirror benchmark (loopback)"
 echo
 echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S'); commit: $commit"
-echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($fstype)"
+echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($FSTYPE)"
 echo "- peers: $(rsync --version | head -n1 | awk '{print "rsync", $3}')"
 echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (anything else running skews the numbers)"
 echo "- trees: gen = $SMALL_FILES files of $SMALL_SIZE bytes; real = $REAL; repeats: $REPEAT (fastest shown)"
