@@ -16,6 +16,10 @@
 #                         directories, made by bench/tree.py (same content every run)
 #                   real: a copy of MIRROR_REAL (default /usr/share/doc), a tree nobody here wrote
 #   REPEAT        rounds; the fastest of each tool is reported; default 1
+#   MIRROR_WAN=1  through the WAN emulator instead of loopback (root; shared/wanem): bench/wan.sh's
+#                 `wan` profile, 50 ms RTT, 0.01 % loss, 500 Mbit/s, cubic; clients in netns
+#                 xm-a, both daemons in netns xm-b (names of their own, so a wan.sh run elsewhere
+#                 is not disturbed); the namespaces are removed at exit
 #   RUN_TIMEOUT   seconds before one sync is killed; default 900
 #
 # How it measures, per tree and round:
@@ -53,10 +57,13 @@ ensure_apt rsync rsync
 ensure_apt ss iproute2
 ensure_apt python3 python3
 
+WAN="${MIRROR_WAN:-0}"
+WANSH=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     end_pids --tree "${PIDS[@]+"${PIDS[@]}"}"
+    [[ -z "$WANSH" ]] || "$WANSH" down >&2 || true
     exit "$rc"
 }
 on_exit cleanup
@@ -71,14 +78,45 @@ RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 xfer_binaries "$LOGS/build.log"
 
+# --- the link: loopback, or the WAN emulator between two namespaces ---------------------------
+CLIENT=()     # prefix of the client commands
+SERVER=()     # prefix of the daemons
+SERVER_IP=127.0.0.1
+NS_B=""
+LINK="loopback"
+if [[ "$WAN" == 1 ]]; then
+    ((EUID == 0)) || die "MIRROR_WAN=1 needs root (network namespaces)"
+    WANEM_SRC=/work/shared/wanem
+    [[ -d "$WANEM_SRC" ]] || WANEM_SRC="$REPO/../shared/wanem"
+    [[ -f "$WANEM_SRC/wan.sh" ]] || die "no WAN emulator in $WANEM_SRC"
+    export WAN_NS_A=xm-a WAN_NS_B=xm-b WANEM_RUN="$WORK/wanem-run"
+    mkdir -p "$WORK/wanem"
+    # shared/wanem is read-only; its wan.sh builds next to itself
+    for f in wan.sh wanem.c; do
+        cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
+    done
+    WANSH="$WORK/wanem/wan.sh"
+    "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 --cc cubic >"$LOGS/wanem-up.log" 2>&1 ||
+        die "the WAN emulator did not come up: $(tail -n3 "$LOGS/wanem-up.log")"
+    CLIENT=(ip netns exec "$WAN_NS_A")
+    SERVER=(ip netns exec "$WAN_NS_B")
+    SERVER_IP=10.78.0.2
+    NS_B="$WAN_NS_B"
+    LINK="WAN emulator, wan profile: 50 ms RTT, 0.01 % loss, 500 Mbit/s, cubic"
+fi
+
 # --- daemons: one of each for the whole run -----------------------------------------------------
-start_xferd "$WORK/srv" --allow-delete
+"${SERVER[@]+"${SERVER[@]}"}" "$XFERD" --listen "$SERVER_IP:0" --root "$WORK/srv" --allow-delete \
+    >"$LOGS/xferd.out" 2>"$LOGS/xferd.err" &
+XFERD_PID=$!
+PIDS+=("$XFERD_PID")
+XFERD_ADDR="$(xferd_addr "$LOGS/xferd.out" "$LOGS/xferd.err" "$XFERD_PID")" || exit 1
 RSYNC_PORT="$(free_port)"
 rsyncd_conf "$WORK/rsyncd.conf" mirror "$WORK/srv"
-rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" \
+"${SERVER[@]+"${SERVER[@]}"}" rsync --daemon --no-detach --address="$SERVER_IP" --port="$RSYNC_PORT" \
     --config="$WORK/rsyncd.conf" 2>"$LOGS/rsyncd.err" &
 PIDS+=("$!")
-wait_listening "$RSYNC_PORT"
+wait_listening "$RSYNC_PORT" "$NS_B"
 
 # --- trees --------------------------------------------------------------------------------------
 pristine() { # pristine TREE: the unchanged tree, made once per run of this script
@@ -188,19 +226,21 @@ for tree in $TREES; do
             if [[ "$tool" == xfer ]]; then
                 # shellcheck disable=SC2046
                 record "$tree" "xfer send -r --delete" "$files" $(timed "$LOGS/xfer.log" \
-                    "$XFER" send -r -q --delete "$WORK/src/$tree" "$XFERD_ADDR" --as "xfer/$tree")
+                    "${CLIENT[@]+"${CLIENT[@]}"}" "$XFER" send -r -q --delete "$WORK/src/$tree" \
+                    "$XFERD_ADDR" --as "xfer/$tree")
                 same "$tree" "$WORK/srv/xfer/$tree"
             else
                 # shellcheck disable=SC2046
                 record "$tree" "rsync -aH --delete (daemon)" "$files" $(timed "$LOGS/rsync.log" \
-                    rsync -aH --delete "$WORK/src/$tree/" "rsync://127.0.0.1:$RSYNC_PORT/mirror/rsync/$tree/")
+                    "${CLIENT[@]+"${CLIENT[@]}"}" rsync -aH --delete "$WORK/src/$tree/" \
+                    "rsync://$SERVER_IP:$RSYNC_PORT/mirror/rsync/$tree/")
                 same "$tree" "$WORK/srv/rsync/$tree"
             fi
         done
     done
 done
 
-echo "# xfer mirror benchmark (loopback)"
+echo "# xfer mirror benchmark ($LINK)"
 echo
 echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S'); commit: $commit"
 echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($FSTYPE)"
