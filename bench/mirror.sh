@@ -17,7 +17,8 @@
 #                   real: a copy of MIRROR_REAL (default /usr/share/doc), a tree nobody here wrote
 #   REPEAT        rounds; the fastest of each tool is reported; default 1
 #   MIRROR_WAN=1  through the WAN emulator instead of loopback (root; shared/wanem): bench/wan.sh's
-#                 `wan` profile, 50 ms RTT, 0.01 % loss, 500 Mbit/s, cubic; clients in netns
+#                 `wan` profile, 50 ms RTT, 0.01 % loss, 500 Mbit/s, the system's congestion
+#                 control (a per-namespace one would need a global sysctl); clients in netns
 #                 xm-a, both daemons in netns xm-b (names of their own, so a wan.sh run elsewhere
 #                 is not disturbed); the namespaces are removed at exit
 #   RUN_TIMEOUT   seconds before one sync is killed; default 900
@@ -96,13 +97,14 @@ if [[ "$WAN" == 1 ]]; then
         cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
     done
     WANSH="$WORK/wanem/wan.sh"
-    "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 --cc cubic >"$LOGS/wanem-up.log" 2>&1 ||
+    "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 >"$LOGS/wanem-up.log" 2>&1 ||
         die "the WAN emulator did not come up: $(tail -n3 "$LOGS/wanem-up.log")"
     CLIENT=(ip netns exec "$WAN_NS_A")
     SERVER=(ip netns exec "$WAN_NS_B")
     SERVER_IP=10.78.0.2
     NS_B="$WAN_NS_B"
-    LINK="WAN emulator, wan profile: 50 ms RTT, 0.01 % loss, 500 Mbit/s, cubic"
+    LINK="WAN emulator, wan profile: 50 ms RTT, 0.01 % loss, 500 Mbit/s,"
+    LINK="$LINK $("${CLIENT[@]}" sysctl -n net.ipv4.tcp_congestion_control)"
 fi
 
 # --- daemons: one of each for the whole run -----------------------------------------------------
