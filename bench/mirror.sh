@@ -108,8 +108,12 @@ if [[ "$WAN" == 1 ]]; then
 fi
 
 # --- daemons: one of each for the whole run -----------------------------------------------------
+# No token on either side (the rsync module has none): the emulated link is a private pair of
+# namespaces, where xferd needs --allow-anonymous to listen off loopback.
+ANON=()
+[[ "$WAN" == 1 ]] && ANON=(--allow-anonymous)
 "${SERVER[@]+"${SERVER[@]}"}" "$XFERD" --listen "$SERVER_IP:0" --root "$WORK/srv" --allow-delete \
-    >"$LOGS/xferd.out" 2>"$LOGS/xferd.err" &
+    "${ANON[@]+"${ANON[@]}"}" >"$LOGS/xferd.out" 2>"$LOGS/xferd.err" &
 XFERD_PID=$!
 PIDS+=("$XFERD_PID")
 XFERD_ADDR="$(xferd_addr "$LOGS/xferd.out" "$LOGS/xferd.err" "$XFERD_PID")" || exit 1
