@@ -3,7 +3,7 @@
 //! files go through the chunked engine with all connections; links are copied as links; modes
 //! and mtimes are kept; the receiving side is flushed once at the end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -421,6 +421,50 @@ fn large_file_options(opts: &Options) -> Options {
     }
 }
 
+/// The directories a send must create or make writable before the files (`first`, parents
+/// first), and those whose mode and mtime it must set afterwards (`last`, parents first; sent
+/// reversed): the ones it created or made writable, those whose mode or mtime differ at the
+/// receiver, and those an entry is added to or removed from. A rerun that changes little so
+/// touches few directories instead of every one twice.
+fn dir_passes<'a>(
+    dirs: &'a [TreeEntry],
+    receiver: &HashMap<String, TreeEntry>,
+    changed: &[&[TreeEntry]],
+    removals: &Removals,
+) -> (Vec<&'a TreeEntry>, Vec<&'a TreeEntry>) {
+    let parent = |path: &str| -> Option<String> {
+        (!path.is_empty()).then(|| path.rsplit_once('/').map_or("", |(p, _)| p).to_string())
+    };
+    let first: Vec<&TreeEntry> = dirs
+        .iter()
+        .filter(|d| {
+            receiver
+                .get(&d.path)
+                .is_none_or(|t| t.kind != EntryKind::Dir || t.mode & 0o700 != 0o700)
+        })
+        .collect();
+    let created: HashSet<&str> = first.iter().map(|d| d.path.as_str()).collect();
+    let mut touched: HashSet<String> = changed
+        .iter()
+        .flat_map(|entries| entries.iter())
+        .chain(&removals.before)
+        .chain(&removals.after)
+        .filter_map(|e| parent(&e.path))
+        .collect();
+    touched.extend(first.iter().filter_map(|d| parent(&d.path)));
+    let last = dirs
+        .iter()
+        .filter(|d| {
+            created.contains(d.path.as_str())
+                || touched.contains(&d.path)
+                || receiver
+                    .get(&d.path)
+                    .is_none_or(|t| t.mode & 0o1777 != d.mode & 0o1777 || t.mtime_ns != d.mtime_ns)
+        })
+        .collect();
+    (first, last)
+}
+
 /// Whether the copy sends an entry: special files and links leading out of the tree are left
 /// out (with a warning, by [`Plan::new`]).
 fn sent(entry: &TreeEntry) -> bool {
@@ -547,10 +591,11 @@ pub async fn send_tree_mirror(
     } = Plan::new(walked, &remote, &mut summary);
     let progress = Progress::new(&small, &large, opts);
     let small_count = small.len();
+    let (first_pass, last_pass) = dir_passes(&dirs, &remote, &[&small, &large, &links], &removals);
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.
-    let make_dirs = |entries: &[TreeEntry], extra: u32| -> Vec<Frame> {
+    let make_dirs = |entries: &[&TreeEntry], extra: u32| -> Vec<Frame> {
         entries
             .iter()
             .map(|d| {
@@ -566,13 +611,33 @@ pub async fn send_tree_mirror(
     pipeline(
         &mut control,
         None,
-        make_dirs(&dirs, 0o700).into_iter().map(|f| (f, 0)),
+        make_dirs(&first_pass, 0o700).into_iter().map(|f| (f, 0)),
         expect_done,
     )
     .await?;
-    // The control connection would sit idle through the files; it is opened again at the end.
-    control.close().await;
-    tracing::debug!(dirs = dirs.len(), elapsed = ?started.elapsed(), "directories made");
+    tracing::debug!(dirs = first_pass.len(), elapsed = ?started.elapsed(), "directories made");
+    // A few small files and nothing large (a rerun, a mirror of a small change) go over the
+    // control connection: new connections would cost more round trips than they save.
+    let few = large.is_empty()
+        && small.len() <= PIPELINE
+        && small.iter().map(|e| e.size).sum::<u64>() <= PIPELINE_BYTES as u64;
+    let (small, control) = if few {
+        let job = SmallFiles {
+            target: target.clone(),
+            connector: opts.connector.clone(),
+            local: local.clone(),
+            top: dest.to_string(),
+            queue: Arc::new(Mutex::new(VecDeque::from(small))),
+            progress: Arc::clone(&progress),
+        };
+        send_small_files_over(&mut control, &job).await?;
+        (Vec::new(), Some(control))
+    } else {
+        // The control connection would sit idle through the files; it is opened again at the
+        // end.
+        control.close().await;
+        (small, None)
+    };
 
     let large_opts = large_file_options(opts);
     let files = Files {
@@ -602,7 +667,10 @@ pub async fn send_tree_mirror(
         .await?;
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
 
-    let mut control = connect_deleting(target, &opts.connector, mirror).await?;
+    let mut control = match control {
+        Some(control) => control,
+        None => connect_deleting(target, &opts.connector, mirror).await?,
+    };
     let link_frames = links.iter().map(|l| {
         Frame::MakeLink(MakeLink {
             name: join(dest, &l.path),
@@ -610,30 +678,18 @@ pub async fn send_tree_mirror(
         })
     });
     pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
-    // Every file and link arrived: now what the source lacks goes, before the directories
-    // get their mtimes (removing an entry changes its directory's).
-    pipeline(
-        &mut control,
-        None,
-        delete(&removals.after).into_iter(),
-        expect_done,
-    )
-    .await?;
-    // Directory mtimes last, children first: adding entries changed them.
-    let mut reversed = make_dirs(&dirs, 0);
-    reversed.reverse();
-    pipeline(
-        &mut control,
-        None,
-        reversed.into_iter().map(|f| (f, 0)),
-        expect_done,
-    )
-    .await?;
-    tracing::debug!(elapsed = ?started.elapsed(), "links and directory times set");
-    control.send(&Frame::Sync).await?;
-    expect_done(control.next().await?)?;
+    // Every file and link arrived: now what the source lacks goes, then the directories get
+    // their modes and mtimes, children first (adding and removing entries changed them), and
+    // the receiver is flushed: one pipeline, carried out in order.
+    let mut last = make_dirs(&last_pass, 0);
+    last.reverse();
+    let finish = delete(&removals.after)
+        .into_iter()
+        .chain(last.into_iter().map(|f| (f, 0)))
+        .chain(std::iter::once((Frame::Sync, 0)));
+    pipeline(&mut control, None, finish, expect_done).await?;
     control.close().await;
-    tracing::debug!(elapsed = ?started.elapsed(), "receiver flushed");
+    tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
 
     progress.bar.finish_and_clear();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
@@ -643,14 +699,28 @@ pub async fn send_tree_mirror(
 }
 
 async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
-    let (target, connector, local) = (&job.target, &job.connector, &job.local);
+    if job
+        .queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let mut session = Session::connect(&job.target, &job.connector).await?;
+    send_small_files_over(&mut session, &job).await?;
+    session.close().await;
+    Ok(())
+}
+
+/// Sends small files from `job`'s queue over `session` until the queue is empty.
+async fn send_small_files_over(session: &mut Session, job: &SmallFiles) -> Result<(), ClientError> {
+    let local = &job.local;
     let (dest, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-    let Some(first) = pop() else { return Ok(()) };
-    let mut session = Session::connect(target, connector).await?;
     // Sizes of the files sent and not yet answered, oldest first.
     let sent = Mutex::new(VecDeque::new());
-    let mut next = Some(first);
+    let mut next = None;
     let mut error = None;
     // Each file is read just before it is sent, so memory holds only the pipeline's worth.
     let requests = std::iter::from_fn(|| {
@@ -676,7 +746,7 @@ async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
             }
         }
     });
-    pipeline(&mut session, progress.limiter.as_ref(), requests, |frame| {
+    pipeline(session, progress.limiter.as_ref(), requests, |frame| {
         expect_done(frame)?;
         let size = sent
             .lock()
@@ -687,11 +757,10 @@ async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
         Ok(())
     })
     .await?;
-    if let Some(e) = error {
-        return Err(e.into());
+    match error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    session.close().await;
-    Ok(())
 }
 
 /// Copies the tree `name` on `target` into the local directory `dir` (created if missing).
