@@ -11,40 +11,42 @@ use xfer::Mirror;
 use xfer_core::Filter;
 use xfer_proto::Change;
 
+/// Where `--help` lists these flags.
+const HEADING: &str = "Mirroring (with -r)";
+
 #[derive(Debug, Args, Clone, Default)]
-#[command(next_help_heading = "Mirroring (with -r)")]
 pub(crate) struct MirrorArgs {
     /// After the copy succeeded, remove from the destination tree what the source does not
     /// have (excluded entries stay); a daemon must run with --allow-delete.
-    #[arg(long, requires = "recursive")]
+    #[arg(long, requires = "recursive", help_heading = HEADING)]
     delete: bool,
     /// With --delete: remove excluded entries from the destination too.
-    #[arg(long, requires = "delete")]
+    #[arg(long, requires = "delete", help_heading = HEADING)]
     delete_excluded: bool,
     /// Leave out entries matching PATTERN, a gitignore-style glob: `*.log` matches at any
     /// depth, `/build` or `a/b` from the top of the tree, `cache/` directories only, `**` any
     /// number of directories; everything below an excluded directory is left out. Repeatable.
-    #[arg(long, value_name = "PATTERN", requires = "recursive")]
+    #[arg(long, value_name = "PATTERN", requires = "recursive", help_heading = HEADING)]
     exclude: Vec<String>,
     /// Keep entries matching PATTERN even when an --exclude matches them: an include always
     /// wins, whatever the order of the flags (`--include '*/' --include '*.c' --exclude '*'`
     /// keeps only C files). Repeatable.
-    #[arg(long, value_name = "PATTERN", requires = "recursive")]
+    #[arg(long, value_name = "PATTERN", requires = "recursive", help_heading = HEADING)]
     include: Vec<String>,
     /// Read exclude patterns from FILE, one per line; blank lines and lines starting with `#`
     /// are skipped. Repeatable.
-    #[arg(long, value_name = "FILE", requires = "recursive")]
+    #[arg(long, value_name = "FILE", requires = "recursive", help_heading = HEADING)]
     exclude_from: Vec<PathBuf>,
     /// Change nothing on either side: print what would be created, updated and deleted, one
     /// itemize line each (see --itemize), or with --json one array of
     /// {"action","kind","path","itemize"}.
-    #[arg(short = 'n', long, requires = "recursive")]
+    #[arg(short = 'n', long, requires = "recursive", help_heading = HEADING)]
     dry_run: bool,
     /// Print one line per entry changed on stdout, rsync's itemize format: `>f+++++++++ PATH`
     /// file created, `>f.st...... PATH` file updated (c content, s size, t mtime, p
     /// permissions), `cd+++++++++ DIR/` directory created, `cL+++++++++ LINK -> TARGET` link
     /// created, `*deleting   PATH` removed. With --json the summary gets a "changes" array.
-    #[arg(short = 'i', long, requires = "recursive")]
+    #[arg(short = 'i', long, requires = "recursive", help_heading = HEADING)]
     itemize: bool,
 }
 
