@@ -547,11 +547,19 @@ pub async fn send_tree_mirror(
     mirror: &Mirror,
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
-    let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-    let walked = mirror.filter_source(walked);
-    tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
-    let mut control = connect_deleting(target, &opts.connector, mirror).await?;
-    let listed = list_remote(&mut control, dest, checksum).await?;
+    // The source is walked while the receiver lists its side: over a long path the listing
+    // takes round trips the walk need not wait for.
+    let walk = async {
+        let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
+        tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
+        Ok::<_, ClientError>(mirror.filter_source(walked))
+    };
+    let list = async {
+        let mut control = connect_deleting(target, &opts.connector, mirror).await?;
+        let listed = list_remote(&mut control, dest, checksum).await?;
+        Ok::<_, ClientError>((control, listed))
+    };
+    let (walked, (mut control, listed)) = tokio::try_join!(walk, list)?;
     let removals = mirror.removals(&walked, &listed);
     let remote = receiver_map(listed, &removals);
     tracing::debug!(entries = remote.len(), elapsed = ?started.elapsed(), "receiver listed");
