@@ -6,9 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use xfer::mirror::{itemize, ChangeLine};
-use xfer::Mirror;
-use xfer_core::Filter;
+use xfer_client::mirror::{itemize, ChangeLine, Filter};
+use xfer_client::{Mirror, TreeSummary};
 use xfer_proto::Change;
 
 /// Where `--help` lists these flags.
@@ -103,8 +102,23 @@ impl MirrorArgs {
         None
     }
 
+    /// Reports a tree copy: its changes as a dry run or `--itemize` asks, then its summary
+    /// (under `--json` with `--itemize`, with the changes in it).
+    pub(crate) fn report(
+        &self,
+        report: &crate::output::Report,
+        verb: &str,
+        summary: &TreeSummary,
+    ) -> anyhow::Result<()> {
+        if self.print_changes(&summary.changes, report.json)? {
+            return Ok(());
+        }
+        let json = self.summary_json(summary, &summary.changes)?;
+        report.tree(verb, summary, &json)
+    }
+
     /// `summary` as JSON, with its changes under "changes" when `--itemize` asks for them.
-    pub(crate) fn summary_json(
+    fn summary_json(
         &self,
         summary: &impl serde::Serialize,
         changes: &[Change],

@@ -404,7 +404,7 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
 /// window scale for the buffers asked for.
 async fn bind(
     listen: &str,
-    options: &xfer::sockopt::SocketOptions,
+    options: &xfer_net::SocketOptions,
 ) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
     for addr in tokio::net::lookup_host(listen).await? {

@@ -1,5 +1,5 @@
 //! The daemon's side of mirror copies: whether it carries out deletions (`--allow-delete`, never
-//! under `--read-only`), a `MirrorTo` turned into the client library's [`xfer::Mirror`], and the
+//! under `--read-only`), a `MirrorTo` turned into the client library's [`xfer_client::Mirror`], and the
 //! `Changes` pages that report what such a copy changed.
 
 use xfer_proto::{Change, Changes, MirrorTo, MAX_LISTING_ENTRIES};
@@ -24,11 +24,11 @@ pub(crate) fn delete_refusal(config: &Config) -> Option<String> {
 }
 
 /// The mirror a `MirrorTo` asks for, or why it cannot be carried out.
-pub(crate) fn mirror_of(req: &MirrorTo) -> Result<xfer::Mirror, String> {
+pub(crate) fn mirror_of(req: &MirrorTo) -> Result<xfer_client::Mirror, String> {
     if !req.copy.recursive {
         return Err("MirrorTo copies a tree: recursive must be set".into());
     }
-    xfer::Mirror::from_wire(&req.rules, req.delete, req.delete_excluded, req.dry_run)
+    xfer_client::Mirror::from_wire(&req.rules, req.delete, req.delete_excluded, req.dry_run)
         .map_err(|e| e.to_string())
 }
 

@@ -20,8 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use xfer_core::filter::FilterError;
-use xfer_core::Filter;
+pub use xfer_core::filter::{Filter, FilterError};
 use xfer_proto::{
     Change, ChangeAction, EntryKind, FilterRule, TreeEntry, CAP_DELETE, CHANGED_CONTENT,
     CHANGED_MODE, CHANGED_MTIME, CHANGED_SIZE,

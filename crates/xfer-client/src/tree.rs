@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
 use xfer_proto::{
@@ -295,7 +294,7 @@ impl TreeSummary {
 struct Progress {
     /// `--bwlimit` for the small files, shared by every connection of the tree.
     limiter: Option<crate::RateLimiter>,
-    bar: ProgressBar,
+    bar: Arc<dyn crate::Progress>,
     files_done: AtomicU64,
     files_total: u64,
     bytes_moved: AtomicU64,
@@ -413,10 +412,10 @@ where
     Ok(())
 }
 
-/// Options for the large files of a tree: the engine's own progress bar stays hidden.
+/// Options for the large files of a tree: the tree reports their progress, not the engine.
 fn large_file_options(opts: &Options) -> Options {
     Options {
-        progress: ProgressBar::hidden(),
+        progress: Arc::new(crate::NoProgress),
         ..opts.clone()
     }
 }
@@ -530,6 +529,21 @@ pub async fn send_tree_from(
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
     send_tree_mirror(local, target, dest, opts, checksum, &Mirror::default()).await
+}
+
+/// [`send_tree`] as a mirror (see [`send_tree_mirror`]).
+///
+/// # Errors
+/// As [`send_tree_mirror`].
+pub async fn send_dir_mirror(
+    dir: &Path,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
+    send_tree_mirror(Root::open(dir)?, target, dest, opts, checksum, mirror).await
 }
 
 /// [`send_tree_from`] as a mirror: filtered, removing what the source lacks, or only saying
@@ -699,7 +713,7 @@ pub async fn send_tree_mirror(
     control.close().await;
     tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
 
-    progress.bar.finish_and_clear();
+    progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
@@ -889,7 +903,7 @@ pub async fn recv_tree_mirror(
             })?;
     }
     on_local(&local, |r| r.sync()).await?;
-    progress.bar.finish_and_clear();
+    progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 use xfer_proto::{Frame, FrameCodec, ProtoError, LEN_PREFIX};
 
-use crate::buffers::BufferPool;
+use xfer_core::buffers::BufferPool;
 
 const INITIAL_READ_BUFFER: usize = 64 * 1024;
 

@@ -8,11 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use indicatif::ProgressBar;
 use xfer_proto::{auth, Change, CopyDone, CopyTo, Frame, Grant, MirrorTo, CAP_MIRROR};
 
 use crate::session::unexpected;
-use crate::{ClientError, Connector, Session, Target};
+use crate::{ClientError, Connector, Progress, Session, Target};
 
 /// How long a grant given to a source daemon stays valid.
 pub const GRANT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -150,7 +149,7 @@ pub async fn copy(
     spec: &CopySpec,
     src: &Connector,
     opts: &CopyOptions,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<CopyDone, ClientError> {
     copy_mirror(spec, src, opts, progress)
         .await
@@ -166,7 +165,7 @@ pub async fn copy_mirror(
     spec: &CopySpec,
     src: &Connector,
     opts: &CopyOptions,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<(CopyDone, Vec<Change>), ClientError> {
     let mirrored = opts.recursive && !opts.mirror.is_plain();
     let offer = if mirrored { CAP_MIRROR } else { 0 };
