@@ -13,6 +13,7 @@ mod limits;
 mod load;
 mod malformed;
 mod mirror_meta;
+mod mirror_sync;
 mod ops;
 mod regression;
 mod resume;

@@ -620,3 +620,83 @@ fn a_sparse_file_sent_and_received_alone_keeps_its_holes() {
     assert!(blocks(&out) <= MIB / 512, "{} blocks", blocks(&out));
     assert_eq!(sha256_file(&out), sha256_file(&src));
 }
+
+/// `--delete` with metadata, all three ways: hard links stay links (the dry run names them as
+/// such), an excluded name of a link group leaves its other name a file of its own, stale
+/// entries go, and a rerun changes nothing.
+#[test]
+fn delete_keeps_hard_links_and_the_dry_run_names_them() {
+    let base = tempfile::tempdir().unwrap();
+    let src = base.path().join("t");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("a"), b"shared bytes").unwrap();
+    fs::hard_link(src.join("a"), src.join("d/b")).unwrap();
+    fs::write(src.join("x.tmp"), b"left out").unwrap();
+    fs::hard_link(src.join("x.tmp"), src.join("y")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(root.path(), &["--allow-delete"]);
+    let addr = daemon.addr();
+    send_tree(&src, &addr, "t", &[]).ok();
+    let dest = root.path().join("t");
+    fs::write(dest.join("stale"), b"x").unwrap();
+
+    let mirror = ["--delete", "--exclude", "*.tmp", "-i"];
+    let dry = XferRun::send(&src, &addr, "t", &[&["-r", "-n"][..], &mirror].concat()).wait_ok();
+    assert!(dry.stdout.contains("*deleting   stale"), "{}", dry.stdout);
+    assert!(dest.join("stale").exists(), "a dry run removes nothing");
+    let out = XferRun::send(&src, &addr, "t", &[&["-r"][..], &mirror].concat()).wait_ok();
+    assert!(out.stdout.contains("*deleting   stale"), "{}", out.stdout);
+    assert!(dest.join("stale").symlink_metadata().is_err());
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(&dest.join("a")),
+        ino(&dest.join("d/b")),
+        "still one file"
+    );
+    assert!(
+        dest.join("x.tmp").exists(),
+        "excluded entries are never deleted"
+    );
+    assert_eq!(fs::read(dest.join("y")).unwrap(), b"left out");
+    let again = XferRun::send(&src, &addr, "t", &[&["-r"][..], &mirror].concat()).wait_ok();
+    assert_eq!(again.stdout, "", "a rerun changes nothing");
+
+    // A fresh receiver's dry run names the link as one.
+    let out_dir = base.path().join("out");
+    let dry = XferRun::recv("t", &addr, &out_dir, &["-r", "-n", "--delete", "-i"]).wait_ok();
+    assert!(
+        dry.stdout.contains("hf+++++++++ d/b => a"),
+        "{}",
+        dry.stdout
+    );
+    assert!(!out_dir.exists(), "a dry run creates nothing");
+    recv_tree("t", &addr, &out_dir, &["--delete"]).ok();
+    assert_eq!(ino(&out_dir.join("a")), ino(&out_dir.join("d/b")));
+    let stray = out_dir.join("stray");
+    fs::write(&stray, b"x").unwrap();
+    recv_tree("t", &addr, &out_dir, &["--delete"]).ok();
+    assert!(
+        stray.symlink_metadata().is_err(),
+        "recv --delete removes it"
+    );
+    assert_eq!(ino(&out_dir.join("a")), ino(&out_dir.join("d/b")));
+
+    // Between daemons: one MirrorTo carries the options and the deletion.
+    let root2 = tempfile::tempdir().unwrap();
+    let dst = Daemon::start(root2.path(), &["--allow-delete"]);
+    let from = format!("{addr}:t");
+    let to = format!("{}:t", dst.addr());
+    copy_tree(&from, &to, &[]).ok();
+    let dest2 = root2.path().join("t");
+    fs::write(dest2.join("stale"), b"x").unwrap();
+    let out = copy_tree(&from, &to, &["--delete", "-i"]).ok();
+    assert!(out.stdout.contains("*deleting   stale"), "{}", out.stdout);
+    assert_eq!(
+        copy_result(&out, "hard_links"),
+        0,
+        "already linked: {}",
+        out.stdout
+    );
+    assert!(dest2.join("stale").symlink_metadata().is_err());
+    assert_eq!(ino(&dest2.join("a")), ino(&dest2.join("d/b")));
+}

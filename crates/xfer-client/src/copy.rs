@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use xfer_proto::{auth, CopyDoneMeta, CopyTo, CopyWith, Frame, Grant};
+use xfer_proto::{auth, Change, CopyDoneMeta, CopyTo, Frame, Grant, MirrorTo, CAP_MIRROR};
 
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Progress, Session, Target};
@@ -123,8 +123,10 @@ pub struct CopyOptions {
     pub chunk_size: u32,
     /// Have the source reach the destination over TLS, verifying its certificate.
     pub dst_tls: bool,
-    /// What a tree copy keeps (sent to a source daemon with `CAP_TREE_META`).
+    /// What a tree copy keeps (sent to the source daemon in `MirrorTo`).
     pub keep: crate::TreeOptions,
+    /// Filters, deletion and dry run of a tree copy (`MirrorTo`); the default is a plain copy.
+    pub mirror: crate::Mirror,
 }
 
 impl std::fmt::Debug for CopyOptions {
@@ -136,6 +138,7 @@ impl std::fmt::Debug for CopyOptions {
             .field("chunk_size", &self.chunk_size)
             .field("dst_tls", &self.dst_tls)
             .field("keep", &self.keep)
+            .field("mirror", &self.mirror)
             .finish()
     }
 }
@@ -151,7 +154,41 @@ pub async fn copy(
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyDoneMeta, ClientError> {
-    let mut session = Session::connect(&spec.src, src).await?;
+    copy_mirror(spec, src, opts, progress)
+        .await
+        .map(|(done, _)| done)
+}
+
+/// [`copy`], and the changes the source daemon reported for a tree copy (`MirrorTo`).
+///
+/// A tree copy is one `MirrorTo` whenever the source daemon knows it: it carries what the
+/// copy keeps as well as its filters, deletion and dry run. A source daemon that predates it
+/// gets a plain `CopyTo` (and one warning), unless the copy needs filters, deletion or a dry
+/// run, which it refuses.
+///
+/// # Errors
+/// As [`copy`]; `Unsupported` when the source daemon predates mirror copies and the copy needs
+/// one.
+pub async fn copy_mirror(
+    spec: &CopySpec,
+    src: &Connector,
+    opts: &CopyOptions,
+    progress: &dyn Progress,
+) -> Result<(CopyDoneMeta, Vec<Change>), ClientError> {
+    let offer = if opts.recursive { CAP_MIRROR } else { 0 };
+    let mut session = Session::connect_offering(&spec.src, src, offer).await?;
+    let mirrored = opts.recursive && session.welcome.capabilities & CAP_MIRROR != 0;
+    if opts.recursive && !mirrored {
+        if !opts.mirror.is_plain() {
+            session.close().await;
+            return Err(ClientError::Unsupported(format!(
+                "the source daemon at {} is too old for --delete, filters or --dry-run on \
+                 copy -r (upgrade xferd)",
+                spec.src
+            )));
+        }
+        crate::meta::warn_old_daemon(&spec.src);
+    }
     let request = CopyTo {
         source: spec.name.clone(),
         recursive: opts.recursive,
@@ -166,37 +203,42 @@ pub async fn copy(
             .map(|token| make_grant(token, &spec.dest)),
         tls: opts.dst_tls,
     };
-    let frame = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
-        Frame::CopyWith(CopyWith {
+    let request = if mirrored {
+        let m = &opts.mirror;
+        Frame::MirrorTo(MirrorTo {
             copy: request,
             options: opts.keep,
+            rules: m.wire_rules(),
+            delete: m.delete,
+            delete_excluded: m.delete_excluded,
+            dry_run: m.dry_run,
         })
     } else {
-        if opts.recursive {
-            crate::meta::warn_old_daemon(&spec.src);
-        }
         Frame::CopyTo(request)
     };
-    session.send(&frame).await?;
+    session.send(&request).await?;
+    let mut changes = Vec::new();
     loop {
         match session.next().await? {
             Frame::Progress(p) => {
                 progress.set_length(p.bytes_total);
                 progress.set_position(p.bytes_done);
             }
-            Frame::CopyDoneMeta(done) => {
+            Frame::Changes(page) if mirrored => changes.extend(page.changes),
+            Frame::CopyDoneMeta(done) if mirrored => {
                 session.close().await;
-                return Ok(done);
+                return Ok((done, changes));
             }
-            Frame::CopyDone(done) => {
+            Frame::CopyDone(done) if !mirrored => {
                 session.close().await;
-                return Ok(CopyDoneMeta {
+                let done = CopyDoneMeta {
                     done,
                     not_chowned: 0,
                     xattrs_refused: 0,
                     hard_links: 0,
                     entries_skipped: 0,
-                });
+                };
+                return Ok((done, changes));
             }
             other => return Err(unexpected(other)),
         }

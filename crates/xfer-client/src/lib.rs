@@ -5,6 +5,7 @@
 //! - [`engine`]: the transfer engine shared by [`send`] and [`recv`].
 //! - [`session`]: one connection past its handshake.
 //! - [`list()`]: directory listings.
+//! - [`mirror`]: `--delete`, filters, dry runs and itemize lines of tree copies.
 //! - [`progress`]: [`Progress`], how transfers report the bytes they move.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`meta`]: what a tree copy keeps besides bytes (hard links, nodes, holes, `SetMeta`).
@@ -17,6 +18,7 @@ pub mod error;
 pub mod limiter;
 pub mod list;
 pub mod meta;
+pub mod mirror;
 pub mod progress;
 pub mod session;
 pub mod target;
@@ -27,6 +29,7 @@ pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;
 pub use meta::TreeOptions;
+pub use mirror::Mirror;
 pub use progress::{NoProgress, Progress, ProgressCounter};
 pub use session::{Connector, Session};
 pub use target::Target;

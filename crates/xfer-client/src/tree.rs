@@ -11,10 +11,14 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
-use xfer_proto::{EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry};
+use xfer_proto::{
+    Change, Delete, EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, MetaEntry, PutFile,
+    TreeEntry, TreeOptions,
+};
 
 use crate::engine::{self, Options};
 use crate::meta::{MetaPlan, Tally};
+use crate::mirror::{self, Mirror, Removals};
 use crate::session::unexpected;
 use crate::{ClientError, Session, Target};
 
@@ -63,6 +67,11 @@ pub struct TreeSummary {
     pub xattrs_refused: u64,
     /// Names made hard links to a file copied once.
     pub hard_links: u64,
+    /// Entries removed from the receiving tree (`--delete`), or that would be (`--dry-run`).
+    pub entries_deleted: u64,
+    /// What the copy changed, or would change under `--dry-run` (`--itemize`).
+    #[serde(skip)]
+    pub changes: Vec<Change>,
 }
 
 pub(crate) fn join(top: &str, rel: &str) -> String {
@@ -121,7 +130,7 @@ async fn list_remote_meta(
     dir: &str,
     digests: bool,
     xattrs: bool,
-) -> Result<Vec<xfer_proto::MetaEntry>, ClientError> {
+) -> Result<Vec<MetaEntry>, ClientError> {
     session
         .send(&Frame::ListTreeMeta(xfer_proto::ListTreeMeta {
             dir: dir.to_string(),
@@ -328,6 +337,8 @@ impl TreeSummary {
             not_chowned: 0,
             xattrs_refused: 0,
             hard_links: 0,
+            entries_deleted: 0,
+            changes: Vec::new(),
         }
     }
 }
@@ -461,6 +472,185 @@ fn large_file_options(opts: &Options) -> Options {
     }
 }
 
+/// The directories a send must create or make writable before the files (`first`, parents
+/// first), and those whose mode and mtime it must set afterwards (`last`, parents first; sent
+/// reversed): the ones it created or made writable, those whose mode or mtime differ at the
+/// receiver, and those an entry is added to or removed from. A rerun that changes little so
+/// touches few directories instead of every one twice.
+fn dir_passes<'a>(
+    dirs: &'a [TreeEntry],
+    receiver: &HashMap<String, TreeEntry>,
+    changed: &[&[TreeEntry]],
+    removals: &Removals,
+) -> (Vec<&'a TreeEntry>, Vec<&'a TreeEntry>) {
+    let parent = |path: &str| -> Option<String> {
+        (!path.is_empty()).then(|| path.rsplit_once('/').map_or("", |(p, _)| p).to_string())
+    };
+    let first: Vec<&TreeEntry> = dirs
+        .iter()
+        .filter(|d| {
+            receiver
+                .get(&d.path)
+                .is_none_or(|t| t.kind != EntryKind::Dir || t.mode & 0o700 != 0o700)
+        })
+        .collect();
+    let created: HashSet<&str> = first.iter().map(|d| d.path.as_str()).collect();
+    let mut touched: HashSet<String> = changed
+        .iter()
+        .flat_map(|entries| entries.iter())
+        .chain(&removals.before)
+        .chain(&removals.after)
+        .filter_map(|e| parent(&e.path))
+        .collect();
+    touched.extend(first.iter().filter_map(|d| parent(&d.path)));
+    let last = dirs
+        .iter()
+        .filter(|d| {
+            created.contains(d.path.as_str())
+                || touched.contains(&d.path)
+                || receiver
+                    .get(&d.path)
+                    .is_none_or(|t| t.mode & 0o1777 != d.mode & 0o1777 || t.mtime_ns != d.mtime_ns)
+        })
+        .collect();
+    (first, last)
+}
+
+/// A side's listing: with each entry's metadata when the daemon keeps it, else the plain
+/// listing with empty metadata.
+fn walk_listing(
+    root: &Root,
+    with_meta: bool,
+    checksum: bool,
+    keep: TreeOptions,
+) -> xfer_core::Result<Vec<MetaEntry>> {
+    if with_meta {
+        root.walk_meta("", checksum, keep.xattrs)
+    } else {
+        Ok(root.walk("", checksum)?.into_iter().map(plain).collect())
+    }
+}
+
+/// The daemon's listing of `dir`, as [`walk_listing`] reads a local one.
+async fn list_listing(
+    session: &mut Session,
+    dir: &str,
+    with_meta: bool,
+    checksum: bool,
+    keep: TreeOptions,
+) -> Result<Vec<MetaEntry>, ClientError> {
+    if with_meta {
+        list_remote_meta(session, dir, checksum, keep.xattrs).await
+    } else {
+        let listed = list_remote(session, dir, checksum).await?;
+        Ok(listed.into_iter().map(plain).collect())
+    }
+}
+
+fn plain(entry: TreeEntry) -> MetaEntry {
+    MetaEntry {
+        entry,
+        meta: xfer_proto::Meta::default(),
+    }
+}
+
+/// What a tree copy does, from both sides' listings (the source's already filtered): the
+/// removals of `--delete`, the metadata steps, and the entries left for [`Plan`].
+struct MirrorPlan {
+    /// The source's entries the usual plan copies (later hard-link names and nodes are the
+    /// metadata plan's).
+    source: Vec<TreeEntry>,
+    /// The receiver's entries by path, without those removed before the copy.
+    receiver: HashMap<String, TreeEntry>,
+    meta: Option<MetaPlan>,
+    removals: Removals,
+}
+
+impl MirrorPlan {
+    /// Removals are decided on every name of the source, hard links and nodes included, so
+    /// `--delete` never removes a name the copy links or makes. Fills in the summary's
+    /// changes (hard links name the file they share) and deletion count.
+    fn new(
+        source: Vec<MetaEntry>,
+        receiver: Vec<MetaEntry>,
+        with_meta: bool,
+        keep: TreeOptions,
+        mirror: &Mirror,
+        summary: &mut TreeSummary,
+    ) -> Self {
+        let every: Vec<TreeEntry> = source.iter().map(|e| e.entry.clone()).collect();
+        let theirs: Vec<TreeEntry> = receiver.iter().map(|e| e.entry.clone()).collect();
+        let removals = mirror.removals(&every, &theirs);
+        let in_the_way: HashSet<&str> = removals.before.iter().map(|e| e.path.as_str()).collect();
+        let receiver: Vec<MetaEntry> = receiver
+            .into_iter()
+            .filter(|e| !in_the_way.contains(e.entry.path.as_str()))
+            .collect();
+        let (meta, plain_source, plain_receiver) = if with_meta {
+            let (meta, s, r) = MetaPlan::new(source, receiver, keep, summary);
+            (Some(meta), s, r)
+        } else {
+            let r = receiver
+                .into_iter()
+                .map(|e| (e.entry.path.clone(), e.entry));
+            (None, every.clone(), r.collect())
+        };
+        let safe_links = meta.is_none() || keep.safe_links;
+        let nodes: HashSet<&str> = meta
+            .iter()
+            .flat_map(|m| m.nodes.iter().map(|n| n.entry.path.as_str()))
+            .collect();
+        let sent = |e: &TreeEntry| match e.kind {
+            EntryKind::Special => nodes.contains(e.path.as_str()),
+            EntryKind::Symlink => {
+                !safe_links || xfer_core::tree::validate_link(&e.path, &e.target).is_ok()
+            }
+            EntryKind::File | EntryKind::Dir => true,
+        };
+        let mut changes = mirror::changes(&every, &plain_receiver, &removals, sent);
+        if let Some(meta) = &meta {
+            let linked: HashMap<&str, &str> = meta
+                .hard_links
+                .iter()
+                .map(|(name, existing)| (name.as_str(), existing.as_str()))
+                .collect();
+            for c in &mut changes {
+                if c.kind == EntryKind::File && c.action != xfer_proto::ChangeAction::Delete {
+                    if let Some(existing) = linked.get(c.path.as_str()) {
+                        c.target = (*existing).to_string();
+                    }
+                }
+            }
+        }
+        summary.changes = changes;
+        summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+        Self {
+            source: plain_source,
+            receiver: plain_receiver,
+            meta,
+            removals,
+        }
+    }
+}
+
+/// Connects, offering `CAP_DELETE` when the mirror removes entries. A daemon that does not
+/// allow deletion refuses the handshake with a message naming its setting; one that predates
+/// deletion does not take the capability, and is refused here: both before anything moves.
+async fn connect_deleting(
+    target: &Target,
+    connector: &crate::Connector,
+    mirror: &Mirror,
+) -> Result<Session, ClientError> {
+    let session = Session::connect_offering(target, connector, mirror.offer()).await?;
+    if mirror.delete && session.welcome.capabilities & xfer_proto::CAP_DELETE == 0 {
+        session.close().await;
+        return Err(ClientError::Unsupported(format!(
+            "--delete refused: the daemon at {target} is too old to delete (upgrade xferd)"
+        )));
+    }
+    Ok(session)
+}
+
 /// Copies the local tree `dir` to `dest` on `target`.
 ///
 /// # Errors
@@ -487,29 +677,88 @@ pub async fn send_tree_from(
     opts: &Options,
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
+    send_tree_mirror(local, target, dest, opts, checksum, &Mirror::default()).await
+}
+
+/// [`send_tree`] as a mirror (see [`send_tree_mirror`]).
+///
+/// # Errors
+/// As [`send_tree_mirror`].
+pub async fn send_dir_mirror(
+    dir: &Path,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
+    send_tree_mirror(Root::open(dir)?, target, dest, opts, checksum, mirror).await
+}
+
+/// [`send_tree_from`] as a mirror: filtered, removing what the source lacks, or only saying
+/// what would change (see [`mirror`]).
+///
+/// # Errors
+/// As [`send_tree`]; `Unsupported` when `--delete` meets a daemon that predates it, and the
+/// daemon's refusal when it does not allow deletion, both before anything moves.
+pub async fn send_tree_mirror(
+    local: Root,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
-    let mut control = Session::connect(target, &opts.connector).await?;
+    let mut control = connect_deleting(target, &opts.connector, mirror).await?;
+    let with_meta = keeps_meta(&control);
+    if !with_meta {
+        crate::meta::warn_old_daemon(target);
+    }
+    let keep = opts.keep;
+    // The source is walked while the receiver lists its side: over a long path the listing
+    // takes round trips the walk need not wait for.
+    let walk = async {
+        let walked = on_local(&local, move |r| walk_listing(r, with_meta, checksum, keep)).await?;
+        tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
+        Ok::<_, ClientError>(mirror.filter_source(walked))
+    };
+    let list = list_listing(&mut control, dest, with_meta, checksum, keep);
+    let (walked, listed) = tokio::try_join!(walk, list)?;
+    tracing::debug!(entries = listed.len(), elapsed = ?started.elapsed(), "receiver listed");
+
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
-    let keep = opts.keep;
-    let (walked, remote, mut meta) = if keeps_meta(&control) {
-        let walked = on_local(&local, move |r| r.walk_meta("", checksum, keep.xattrs)).await?;
-        let remote = list_remote_meta(&mut control, dest, checksum, keep.xattrs).await?;
-        let (meta, walked, remote) = MetaPlan::new(walked, remote, keep, &mut summary);
-        (walked, remote, Some(meta))
-    } else {
-        crate::meta::warn_old_daemon(target);
-        let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-        let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
-            .await?
-            .into_iter()
-            .map(|e| (e.path.clone(), e))
-            .collect();
-        (walked, remote, None)
-    };
-    tracing::debug!(entries = walked.len(), receiver = remote.len(), elapsed = ?started.elapsed(), "both sides listed");
-
+    let MirrorPlan {
+        source: walked,
+        receiver: remote,
+        mut meta,
+        removals,
+    } = MirrorPlan::new(walked, listed, with_meta, keep, mirror, &mut summary);
     let safe_links = meta.is_none() || keep.safe_links;
+    if mirror.dry_run {
+        Plan::new(walked, &remote, &mut summary, safe_links);
+        control.close().await;
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    let delete = |entries: &[TreeEntry]| -> Vec<(Frame, u64)> {
+        entries
+            .iter()
+            .map(|e| {
+                let name = join(dest, &e.path);
+                (Frame::Delete(Delete { name }), 0)
+            })
+            .collect()
+    };
+    // Entries of another type are in the way of the source's: they go first.
+    pipeline(
+        &mut control,
+        None,
+        delete(&removals.before).into_iter(),
+        expect_done,
+    )
+    .await?;
     let Plan {
         dirs,
         links,
@@ -522,10 +771,11 @@ pub async fn send_tree_from(
     let written = MetaPlan::written([&dirs, &small, &large, &links]);
     let progress = Progress::new(&small, &large, opts);
     let small_count = small.len();
+    let (first_pass, last_pass) = dir_passes(&dirs, &remote, &[&small, &large, &links], &removals);
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.
-    let make_dirs = |entries: &[TreeEntry], extra: u32| -> Vec<Frame> {
+    let make_dirs = |entries: &[&TreeEntry], extra: u32| -> Vec<Frame> {
         entries
             .iter()
             .map(|d| {
@@ -541,13 +791,33 @@ pub async fn send_tree_from(
     pipeline(
         &mut control,
         None,
-        make_dirs(&dirs, 0o700).into_iter().map(|f| (f, 0)),
+        make_dirs(&first_pass, 0o700).into_iter().map(|f| (f, 0)),
         expect_done,
     )
     .await?;
-    // The control connection would sit idle through the files; it is opened again at the end.
-    control.close().await;
-    tracing::debug!(dirs = dirs.len(), elapsed = ?started.elapsed(), "directories made");
+    tracing::debug!(dirs = first_pass.len(), elapsed = ?started.elapsed(), "directories made");
+    // A few small files and nothing large (a rerun, a mirror of a small change) go over the
+    // control connection: new connections would cost more round trips than they save.
+    let few = large.is_empty()
+        && small.len() <= PIPELINE
+        && small.iter().map(|e| e.size).sum::<u64>() <= PIPELINE_BYTES as u64;
+    let (small, control) = if few {
+        let job = SmallFiles {
+            target: target.clone(),
+            connector: opts.connector.clone(),
+            local: local.clone(),
+            top: dest.to_string(),
+            queue: Arc::new(Mutex::new(VecDeque::from(small))),
+            progress: Arc::clone(&progress),
+        };
+        send_small_files_over(&mut control, &job).await?;
+        (Vec::new(), Some(control))
+    } else {
+        // The control connection would sit idle through the files; it is opened again at the
+        // end.
+        control.close().await;
+        (small, None)
+    };
 
     let large_opts = large_file_options(opts);
     let files = Files {
@@ -577,7 +847,10 @@ pub async fn send_tree_from(
         .await?;
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
 
-    let mut control = Session::connect(target, &opts.connector).await?;
+    let mut control = match control {
+        Some(control) => control,
+        None => connect_deleting(target, &opts.connector, mirror).await?,
+    };
     let link_frames = links.iter().map(|l| {
         Frame::MakeLink(MakeLink {
             name: join(dest, &l.path),
@@ -585,25 +858,26 @@ pub async fn send_tree_from(
         })
     });
     pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
-    if let Some(meta) = &mut meta {
-        send_meta(&mut control, meta, dest, written, &mut summary).await?;
+    // Every file and link arrived: now what the source lacks goes, then the directories get
+    // their modes and mtimes, children first (adding and removing entries changed them), and
+    // the receiver is flushed: one pipeline, carried out in order. With metadata, nodes and
+    // hard links come before the removals and every entry's metadata after them.
+    let removed = delete(&removals.after);
+    let last = if let Some(meta) = &mut meta {
+        send_meta(&mut control, meta, dest, written, removed, &mut summary).await?;
+        Vec::new()
     } else {
-        // Directory mtimes last, children first: adding entries changed them.
-        let mut reversed = make_dirs(&dirs, 0);
-        reversed.reverse();
-        pipeline(
-            &mut control,
-            None,
-            reversed.into_iter().map(|f| (f, 0)),
-            expect_done,
-        )
-        .await?;
-    }
-    tracing::debug!(elapsed = ?started.elapsed(), "links and directory times set");
-    control.send(&Frame::Sync).await?;
-    expect_done(control.next().await?)?;
+        let mut last = make_dirs(&last_pass, 0);
+        last.reverse();
+        removed
+            .into_iter()
+            .chain(last.into_iter().map(|f| (f, 0)))
+            .collect()
+    };
+    let finish = last.into_iter().chain(std::iter::once((Frame::Sync, 0)));
+    pipeline(&mut control, None, finish, expect_done).await?;
     control.close().await;
-    tracing::debug!(elapsed = ?started.elapsed(), "receiver flushed");
+    tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
 
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
@@ -619,6 +893,7 @@ async fn send_meta(
     meta: &mut MetaPlan,
     dest: &str,
     mut written: HashSet<String>,
+    removed: Vec<(Frame, u64)>,
     summary: &mut TreeSummary,
 ) -> Result<(), ClientError> {
     let nodes = std::mem::take(&mut meta.nodes);
@@ -654,6 +929,9 @@ async fn send_meta(
         (frame, 0)
     });
     pipeline(control, None, hard_links, expect_done).await?;
+    // What the source lacks goes once every entry arrived, before the directories get their
+    // mtimes; no hard link or node needs it (their names are the source's).
+    pipeline(control, None, removed.into_iter(), expect_done).await?;
     let requests = meta.requests(dest, &written);
     let mut tally = Tally::default();
     let frames = requests.into_iter().map(|r| (Frame::SetMeta(r), 0));
@@ -668,14 +946,28 @@ async fn send_meta(
 }
 
 async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
-    let (target, connector, local) = (&job.target, &job.connector, &job.local);
+    if job
+        .queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let mut session = Session::connect(&job.target, &job.connector).await?;
+    send_small_files_over(&mut session, &job).await?;
+    session.close().await;
+    Ok(())
+}
+
+/// Sends small files from `job`'s queue over `session` until the queue is empty.
+async fn send_small_files_over(session: &mut Session, job: &SmallFiles) -> Result<(), ClientError> {
+    let local = &job.local;
     let (dest, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-    let Some(first) = pop() else { return Ok(()) };
-    let mut session = Session::connect(target, connector).await?;
     // Sizes of the files sent and not yet answered, oldest first.
     let sent = Mutex::new(VecDeque::new());
-    let mut next = Some(first);
+    let mut next = None;
     let mut error = None;
     // Each file is read just before it is sent, so memory holds only the pipeline's worth.
     let requests = std::iter::from_fn(|| {
@@ -701,7 +993,7 @@ async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
             }
         }
     });
-    pipeline(&mut session, progress.limiter.as_ref(), requests, |frame| {
+    pipeline(session, progress.limiter.as_ref(), requests, |frame| {
         expect_done(frame)?;
         let size = sent
             .lock()
@@ -712,11 +1004,10 @@ async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
         Ok(())
     })
     .await?;
-    if let Some(e) = error {
-        return Err(e.into());
+    match error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    session.close().await;
-    Ok(())
 }
 
 /// Copies the tree `name` on `target` into the local directory `dir` (created if missing).
@@ -730,44 +1021,74 @@ pub async fn recv_tree(
     opts: &Options,
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
+    recv_tree_mirror(target, name, dir, opts, checksum, &Mirror::default()).await
+}
+
+/// [`recv_tree`] as a mirror: filtered, removing from `dir` what the source lacks, or only
+/// saying what would change (see [`mirror`]).
+///
+/// # Errors
+/// As [`recv_tree`].
+pub async fn recv_tree_mirror(
+    target: &Target,
+    name: &str,
+    dir: &Path,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
     let keep = opts.keep;
     let mut control = Session::connect(target, &opts.connector).await?;
     let with_meta = keeps_meta(&control);
-    let remote_meta = if with_meta {
-        list_remote_meta(&mut control, name, checksum, keep.xattrs).await?
-    } else {
+    if !with_meta {
         crate::meta::warn_old_daemon(target);
-        list_remote(&mut control, name, checksum)
-            .await?
-            .into_iter()
-            .map(|entry| xfer_proto::MetaEntry {
-                entry,
-                meta: xfer_proto::Meta::default(),
-            })
-            .collect()
-    };
+    }
+    let remote = list_listing(&mut control, name, with_meta, checksum, keep).await?;
     let congestion = control.congestion.clone();
     control.close().await;
-    if remote_meta.is_empty() {
+    if remote.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    let remote = mirror.filter_source(remote);
+    let lists = (with_meta, keep);
+    // A dry run creates nothing, not even the top.
+    if !mirror.dry_run || !dir.exists() {
+        if mirror.dry_run {
+            return dry_recv(
+                name,
+                opts,
+                (remote, Vec::new()),
+                lists,
+                mirror,
+                (congestion, started),
+            );
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    }
     let local = Root::open(dir)?;
+    let walked = on_local(&local, move |r| walk_listing(r, with_meta, checksum, keep)).await?;
+    if mirror.dry_run {
+        return dry_recv(
+            name,
+            opts,
+            (remote, walked),
+            lists,
+            mirror,
+            (congestion, started),
+        );
+    }
     let mut summary = TreeSummary::new(name, opts);
     summary.congestion = congestion;
-    let (remote, have, mut meta) = if with_meta {
-        let walked = on_local(&local, move |r| r.walk_meta("", checksum, keep.xattrs)).await?;
-        let (meta, remote, have) = MetaPlan::new(remote_meta, walked, keep, &mut summary);
-        (remote, have, Some(meta))
-    } else {
-        let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-        let have: HashMap<String, TreeEntry> =
-            walked.into_iter().map(|e| (e.path.clone(), e)).collect();
-        let remote = remote_meta.into_iter().map(|e| e.entry).collect();
-        (remote, have, None)
-    };
+    let MirrorPlan {
+        source: remote,
+        receiver: have,
+        mut meta,
+        removals,
+    } = MirrorPlan::new(remote, walked, with_meta, keep, mirror, &mut summary);
+    // Entries of another type are in the way of the source's: they go first.
+    remove_local(&local, &removals.before).await?;
     let safe_links = meta.is_none() || keep.safe_links;
     let Plan {
         dirs,
@@ -822,6 +1143,9 @@ pub async fn recv_tree(
             summary.entries_skipped += 1;
         }
     }
+    // Every file and link arrived: now what the source lacks goes, before the directories
+    // get their mtimes.
+    remove_local(&local, &removals.after).await?;
     if let Some(meta) = &mut meta {
         recv_meta(&local, meta, written, &mut summary).await?;
         on_local(&local, |r| r.sync()).await?;
@@ -896,6 +1220,37 @@ async fn recv_meta(
         tally.count(&name, outcome.not_chowned, &refused, summary);
     }
     Ok(())
+}
+
+/// The summary of a `recv -r --dry-run`: what would change in a receiving tree listed as
+/// `walked` (empty when it does not exist yet).
+fn dry_recv(
+    name: &str,
+    opts: &Options,
+    (remote, walked): (Vec<MetaEntry>, Vec<MetaEntry>),
+    (with_meta, keep): (bool, TreeOptions),
+    mirror: &Mirror,
+    (congestion, started): (Option<String>, Instant),
+) -> Result<TreeSummary, ClientError> {
+    let mut summary = TreeSummary::new(name, opts);
+    summary.congestion = congestion;
+    let plan = MirrorPlan::new(remote, walked, with_meta, keep, mirror, &mut summary);
+    let safe_links = plan.meta.is_none() || keep.safe_links;
+    Plan::new(plan.source, &plan.receiver, &mut summary, safe_links);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Removes `entries` (contents first) from the local receiving tree, never through a link.
+async fn remove_local(local: &Root, entries: &[TreeEntry]) -> Result<(), ClientError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
+    on_local(local, move |r| {
+        paths.iter().try_for_each(|p| r.remove_entry(p).map(drop))
+    })
+    .await
 }
 
 /// Runs a local file operation on the blocking pool.

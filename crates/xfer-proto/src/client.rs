@@ -24,6 +24,9 @@ pub struct ClientConfig {
     pub tls: bool,
     /// This software's name and version, told in `Hello`.
     pub agent: String,
+    /// Further capabilities to offer in `Hello` (`CAP_DELETE`, `CAP_MIRROR`); never in the
+    /// plaintext `Hello` that asks for TLS. The `Welcome` says which the server took.
+    pub offer: u64,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -33,6 +36,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("grant", &self.grant.as_ref().map(|g| &g.scope))
             .field("tls", &self.tls)
             .field("agent", &self.agent)
+            .field("offer", &self.offer)
             .finish()
     }
 }
@@ -130,10 +134,12 @@ impl ClientSession {
     }
 
     /// What the client offers: `CAP_TREE_META` always (this implementation speaks it; an older
-    /// server ignores the bit), `CAP_TLS` when it wants TLS.
+    /// server ignores the bit), `CAP_TLS` when it wants TLS, and the mirroring bits it was asked
+    /// to offer.
     fn capabilities(&self) -> u64 {
+        let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
         let tls = if self.config.tls { CAP_TLS } else { 0 };
-        crate::CAP_TREE_META | tls
+        crate::CAP_TREE_META | tls | offer
     }
 
     /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
@@ -235,6 +241,7 @@ mod tests {
             grant: None,
             tls,
             agent: "xfer/test".into(),
+            offer: 0,
         };
         ClientSession::new(config, vec![1; auth::NONCE_LEN])
     }

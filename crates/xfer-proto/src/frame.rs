@@ -4,7 +4,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{
-    CopyDoneMeta, CopyWith, ListTreeMeta, MakeHardLink, MakeNode, MetaSet, SetMeta, TreeMetaListing,
+    CopyDoneMeta, ListTreeMeta, MakeHardLink, MakeNode, MetaSet, SetMeta, TreeMetaListing,
 };
 use crate::{ErrorCode, ProtoError, MAX_CONTROL_LEN};
 
@@ -663,8 +663,12 @@ frame_types! {
     Progress(Progress) = 0x61,
     /// [`CopyDone`]
     CopyDone(CopyDone) = 0x62,
-    /// [`CopyWith`]
-    CopyWith(CopyWith) = 0x6d,
+    /// [`Delete`](crate::Delete): remove one entry (needs `CAP_DELETE`)
+    Delete(crate::Delete) = 0x57,
+    /// [`MirrorTo`](crate::MirrorTo): a tree copy with filters or deletion (needs `CAP_MIRROR`)
+    MirrorTo(crate::MirrorTo) = 0x63,
+    /// [`Changes`](crate::Changes): what a `MirrorTo` changed
+    Changes(crate::Changes) = 0x64,
     /// [`CopyDoneMeta`]
     CopyDoneMeta(CopyDoneMeta) = 0x6e,
     /// No body: the sender closes the connection cleanly.

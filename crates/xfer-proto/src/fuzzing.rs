@@ -72,10 +72,9 @@ pub fn session_script(data: &[u8], start: Instant) {
                 Ok(Handshake::Admitted) => {
                     assert_eq!(session.phase(), Phase::Ready);
                     let welcome = session.welcome();
-                    assert_eq!(
-                        welcome.capabilities & !(CAP_AUTH | CAP_TLS | CAP_TREE_META),
-                        0
-                    );
+                    let known =
+                        CAP_AUTH | CAP_TLS | CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR;
+                    assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
                 Ok(Handshake::StartTls | Handshake::Challenge(_)) => {}
@@ -113,7 +112,7 @@ pub fn session_script(data: &[u8], start: Instant) {
             Request::Goodbye
             | Request::PeerError(_)
             | Request::CopyTo(_)
-            | Request::CopyWith(_) => return,
+            | Request::MirrorTo(_) => return,
             _ => {}
         }
         assert!(session.open_count() <= 4, "open transfers beyond the limit");
@@ -132,6 +131,12 @@ pub fn client_script(data: &[u8]) {
         grant: None,
         tls: flags & 2 != 0,
         agent: "fuzz".into(),
+        // Bit 2 offers the mirroring capabilities.
+        offer: if flags & 4 != 0 {
+            crate::CAP_DELETE | crate::CAP_MIRROR
+        } else {
+            0
+        },
     };
     let mut client = ClientSession::new(config, vec![0xa5; auth::NONCE_LEN]);
     client.hello();

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ByteRange, CopyDone, CopyTo, TreeEntry};
+use crate::{ByteRange, CopyDone, TreeEntry};
 
 /// Most holes one listing entry carries: a file with more is described by its largest ones.
 pub const MAX_HOLES: usize = 1024;
@@ -134,7 +134,7 @@ pub struct MakeNode {
     pub rdev: u64,
 }
 
-/// What a tree copy keeps, for a server-to-server copy ([`CopyWith`]).
+/// What a tree copy keeps, for a server-to-server copy ([`MirrorTo`](crate::MirrorTo)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeOptions {
     /// Keep ids as numbers (`--numeric-ids`).
@@ -161,17 +161,7 @@ impl Default for TreeOptions {
     }
 }
 
-/// Client → server: `CopyTo` with the [`TreeOptions`] of a tree copy; answered with
-/// `Progress` frames and [`CopyDoneMeta`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CopyWith {
-    /// The copy.
-    pub copy: CopyTo,
-    /// What the tree copy keeps.
-    pub options: TreeOptions,
-}
-
-/// Server → client: a [`CopyWith`] finished.
+/// Server → client: a [`MirrorTo`](crate::MirrorTo) finished (after its `Changes` frames).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyDoneMeta {
     /// The counts of `CopyDone`.

@@ -130,8 +130,12 @@ pub enum Request {
     MakeHardLink(crate::MakeHardLink),
     /// Create a device, FIFO or socket; answer `Done` or `Error`.
     MakeNode(crate::MakeNode),
-    /// A `CopyTo` with tree options; answer with `Progress` frames, then `CopyDoneMeta`.
-    CopyWith(crate::CopyWith),
+    /// Remove one entry (`CAP_DELETE` is in force); answer `Done` or `Error`.
+    Delete(crate::Delete),
+    /// Copy a tree to another daemon with its options, filters, deletion or dry run
+    /// (`CAP_MIRROR` is in force); answer with `Progress` and `Changes` frames, then
+    /// `CopyDoneMeta`.
+    MirrorTo(crate::MirrorTo),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -348,7 +352,10 @@ impl<U, D> ServerSession<U, D> {
         } else {
             0
         };
-        auth | tls | (crate::CAP_TREE_META & self.client_capabilities)
+        // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
+        let granted = (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR)
+            & self.client_capabilities;
+        auth | tls | granted
     }
 
     /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
@@ -478,6 +485,7 @@ impl<U, D> ServerSession<U, D> {
             Frame::ListTreeMeta(r) => &r.dir,
             Frame::SetMeta(r) => &r.name,
             Frame::MakeNode(r) => &r.name,
+            Frame::Delete(r) => &r.name,
             Frame::MakeHardLink(r) => {
                 self.check_scope(&Frame::MakeLink(crate::MakeLink {
                     name: r.existing.clone(),
@@ -539,7 +547,6 @@ impl<U, D> ServerSession<U, D> {
                 | Frame::SetMeta(_)
                 | Frame::MakeHardLink(_)
                 | Frame::MakeNode(_)
-                | Frame::CopyWith(_)
         );
         if meta_frame && self.client_capabilities & crate::CAP_TREE_META == 0 {
             return Err(SessionError::Unexpected {
@@ -597,8 +604,17 @@ impl<U, D> ServerSession<U, D> {
             Frame::SetMeta(req) => Ok(Request::SetMeta(req)),
             Frame::MakeHardLink(req) => Ok(Request::MakeHardLink(req)),
             Frame::MakeNode(req) => Ok(Request::MakeNode(req)),
-            Frame::CopyWith(req) => Ok(Request::CopyWith(req)),
+            Frame::Delete(req) if self.client_capabilities & crate::CAP_DELETE != 0 => {
+                Ok(Request::Delete(req))
+            }
+            Frame::MirrorTo(req) if self.client_capabilities & crate::CAP_MIRROR != 0 => {
+                Ok(Request::MirrorTo(req))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
+            other @ (Frame::Delete(_) | Frame::MirrorTo(_)) => Err(SessionError::Unexpected {
+                frame: other.frame_type().name(),
+                phase: "without its capability negotiated",
+            }),
             other => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "from a client",
@@ -1176,5 +1192,28 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn mirror_frames_need_their_capability() {
+        let delete = || Frame::Delete(crate::Delete { name: "t/x".into() });
+        let mut plain = ready();
+        assert_eq!(plain.capabilities() & crate::CAP_DELETE, 0);
+        assert!(matches!(
+            plain.handle_request(delete()),
+            Err(SessionError::Unexpected {
+                frame: "Delete",
+                ..
+            })
+        ));
+        let mut s = session(None);
+        let Frame::Hello(mut h) = hello(vec![]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_DELETE | crate::CAP_MIRROR | (1 << 40);
+        s.handle_handshake(Frame::Hello(h)).unwrap();
+        // Unknown bits are never echoed; the mirror bits are.
+        assert_eq!(s.capabilities(), crate::CAP_DELETE | crate::CAP_MIRROR);
+        assert!(matches!(s.handle_request(delete()), Ok(Request::Delete(_))));
     }
 }

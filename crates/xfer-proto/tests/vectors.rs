@@ -144,6 +144,47 @@ fn copy_to(grant: Option<(Grant, Vec<u8>)>, tls: bool) -> Frame {
     })
 }
 
+fn mirror_to() -> Frame {
+    let Frame::CopyTo(copy) = copy_to(None, false) else {
+        unreachable!()
+    };
+    Frame::MirrorTo(MirrorTo {
+        copy: CopyTo {
+            source: "data/t".into(),
+            recursive: true,
+            dest: "backups/t".into(),
+            ..copy
+        },
+        options: TreeOptions {
+            numeric_ids: true,
+            ..TreeOptions::default()
+        },
+        rules: vec![
+            FilterRule {
+                include: false,
+                pattern: "*.log".into(),
+            },
+            FilterRule {
+                include: true,
+                pattern: "keep.log".into(),
+            },
+        ],
+        delete: true,
+        delete_excluded: false,
+        dry_run: false,
+    })
+}
+
+fn change(action: ChangeAction, kind: EntryKind, differs: u32, path: &str, target: &str) -> Change {
+    Change {
+        action,
+        kind,
+        differs,
+        path: path.into(),
+        target: target.into(),
+    }
+}
+
 fn error(code: ErrorCode, message: &str) -> Frame {
     Frame::Error(ErrorFrame::new(code, message))
 }
@@ -381,6 +422,37 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 millis: 1250,
             }),
         ),
+        ("hello-delete", hello(CAP_DELETE | CAP_MIRROR, nc.clone())),
+        (
+            "error-delete-refused",
+            error(
+                ErrorCode::ReadOnly,
+                "deletion refused: the daemon runs without --allow-delete (allow_delete = false)",
+            ),
+        ),
+        (
+            "delete",
+            Frame::Delete(Delete {
+                name: "backups/t/old.txt".into(),
+            }),
+        ),
+        ("mirror-to", mirror_to()),
+        (
+            "changes",
+            Frame::Changes(Changes {
+                changes: vec![
+                    change(ChangeAction::Delete, EntryKind::File, 0, "old.txt", ""),
+                    change(
+                        ChangeAction::Update,
+                        EntryKind::File,
+                        CHANGED_SIZE | CHANGED_MTIME,
+                        "a.txt",
+                        "",
+                    ),
+                    change(ChangeAction::Create, EntryKind::Symlink, 0, "ln", "a.txt"),
+                ],
+            }),
+        ),
         ("goodbye", Frame::Goodbye),
         (
             "error-not-found",
@@ -423,17 +495,6 @@ fn meta_frames() -> Vec<(&'static str, Frame)> {
             name: "user.k".into(),
             value: b"v".to_vec(),
         }],
-    };
-    let copy = CopyTo {
-        source: "photos".into(),
-        recursive: true,
-        host: "dst".into(),
-        port: 8888,
-        dest: "photos".into(),
-        connections: 4,
-        chunk_size: 4_194_304,
-        grant: None,
-        tls: false,
     };
     vec![
         (
@@ -494,13 +555,6 @@ fn meta_frames() -> Vec<(&'static str, Frame)> {
                 name: "t/fifo".into(),
                 st_mode: 0o010644,
                 rdev: 0,
-            }),
-        ),
-        (
-            "copy-with",
-            Frame::CopyWith(CopyWith {
-                copy,
-                options: TreeOptions::default(),
             }),
         ),
         (

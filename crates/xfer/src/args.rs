@@ -9,6 +9,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use xfer_client::{Connector, Options};
 
+use crate::mirror_args::MirrorArgs;
 use crate::output;
 
 /// Move files to and from an xferd over several TCP connections, resuming where it stopped.
@@ -128,6 +129,8 @@ pub(crate) struct CopyArgs {
     pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) keep: KeepArgs,
+    #[command(flatten)]
+    pub(crate) mirror: MirrorArgs,
     /// Source, SRC_HOST[:PORT]:NAME.
     #[arg(required_unless_present = "from_list")]
     pub(crate) src: Option<String>,
@@ -186,6 +189,8 @@ pub(crate) struct Common {
     pub(crate) keep: KeepArgs,
     #[command(flatten)]
     pub(crate) auth: TokenArgs,
+    #[command(flatten)]
+    pub(crate) mirror: MirrorArgs,
 }
 
 /// What a tree copy keeps (`-r`): everything `rsync -aHAX` keeps unless told otherwise.

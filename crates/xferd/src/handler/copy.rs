@@ -1,4 +1,5 @@
-//! Server-to-server copies (`CopyTo`): this daemon pushes to another one as its client.
+//! Server-to-server copies (`CopyTo`, `MirrorTo`): this daemon pushes to another one as its
+//! client.
 
 use std::sync::Arc;
 
@@ -11,13 +12,15 @@ use crate::registry::blocking;
 
 impl Handler {
     /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
-    /// With `keep` (a `CopyWith`), the tree copy keeps what it says and the answer is
-    /// `CopyDoneMeta`.
+    /// With `tree` (a `MirrorTo`), the tree copy keeps what its options say, mirrors as its
+    /// filters, deletion and dry run say, and the answer is its changes, then `CopyDoneMeta`.
     pub(super) async fn copy_to(
         &mut self,
         req: CopyTo,
-        keep: Option<xfer_proto::TreeOptions>,
+        tree: Option<(xfer_proto::TreeOptions, xfer_client::Mirror)>,
     ) -> Result<(), ConnError> {
+        let mirrored = tree.is_some();
+        let (keep, mirror) = tree.unwrap_or_default();
         let destination = xfer_client::Target {
             host: req.host.clone(),
             port: req.port,
@@ -57,7 +60,7 @@ impl Handler {
                 socket: self.shared.config.socket.clone(),
                 meter: None,
             },
-            keep: keep.unwrap_or_default(),
+            keep,
         };
         let root = self.root();
         let (source, dest, recursive) = (req.source, req.dest, req.recursive);
@@ -69,8 +72,10 @@ impl Handler {
                     move || root.subroot(&source)
                 })
                 .await?;
-                let s = xfer_client::send_tree_from(sub, &target, &dest, &opts, false).await?;
-                Ok::<_, xfer_client::ClientError>(xfer_proto::CopyDoneMeta {
+                let s =
+                    xfer_client::tree::send_tree_mirror(sub, &target, &dest, &opts, false, &mirror)
+                        .await?;
+                let done = xfer_proto::CopyDoneMeta {
                     done: CopyDone {
                         files_total: s.files_total,
                         files_transferred: s.files_transferred,
@@ -84,12 +89,13 @@ impl Handler {
                     xattrs_refused: s.xattrs_refused,
                     hard_links: s.hard_links,
                     entries_skipped: s.entries_skipped,
-                })
+                };
+                Ok::<_, xfer_client::ClientError>((done, s.changes))
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
                 let s = xfer_client::send_file(file, &target, &dest, &opts).await?;
-                Ok(xfer_proto::CopyDoneMeta {
+                let done = xfer_proto::CopyDoneMeta {
                     done: CopyDone {
                         files_total: 1,
                         files_transferred: 1,
@@ -103,7 +109,8 @@ impl Handler {
                     xattrs_refused: 0,
                     hard_links: 0,
                     entries_skipped: 0,
-                })
+                };
+                Ok((done, Vec::new()))
             }
         });
         let shutdown = self.shared.shutdown.clone();
@@ -126,13 +133,15 @@ impl Handler {
             }
         };
         match outcome {
-            Ok(Ok(done)) => {
+            Ok(Ok((done, changes))) => {
                 info!(destination = %destination, bytes = done.done.bytes_transferred, millis = done.done.millis, "copy complete");
-                let answer = match keep {
-                    Some(_) => Frame::CopyDoneMeta(done),
-                    None => Frame::CopyDone(done.done),
-                };
-                Ok(self.writer.send(&answer).await?)
+                if !mirrored {
+                    return Ok(self.writer.send(&Frame::CopyDone(done.done)).await?);
+                }
+                for page in crate::mirror::pages(changes) {
+                    self.writer.send(&Frame::Changes(page)).await?;
+                }
+                Ok(self.writer.send(&Frame::CopyDoneMeta(done)).await?)
             }
             Ok(Err(e)) => {
                 warn!(destination = %destination, error = %e, "copy failed");
