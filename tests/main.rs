@@ -7,6 +7,7 @@ mod contention;
 mod copy;
 mod crash;
 mod disk;
+mod failures;
 mod faults;
 mod knobs;
 mod limits;

@@ -16,8 +16,8 @@ pub enum ClientError {
     /// The local output path names no file (it ends in `..` or is not UTF-8).
     #[error("bad output path {}", .0.display())]
     OutputPath(std::path::PathBuf),
-    /// TCP connect failed.
-    #[error("{reason} ({addr})")]
+    /// TCP connect failed (refused, unreachable, timed out).
+    #[error("cannot connect to {addr}: {reason} (is xferd running? is the port open?)")]
     Connect {
         /// Address tried.
         addr: String,

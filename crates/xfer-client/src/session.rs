@@ -132,10 +132,19 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
+/// How long a TCP connect may take before it counts as timed out: a host that drops SYNs
+/// otherwise holds a command for the kernel's two minutes of retransmissions.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, ClientError> {
     let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
-        .map_err(|e| ClientError::Target(format!("cannot resolve {}: {e}", target.host)))?
+        .map_err(|e| {
+            ClientError::Target(format!(
+                "cannot resolve {}: {e}; check the host name",
+                target.host
+            ))
+        })?
         .collect();
     let mut last = ClientError::Target(format!("{} has no address", target.host));
     for addr in &addrs {
@@ -150,7 +159,10 @@ async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, Cli
             reason: describe_io(&e),
         })?;
         options.apply(&socket)?;
-        match socket.connect(*addr).await {
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(*addr))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        match connected {
             Ok(socket) => {
                 socket.set_nodelay(true).ok();
                 return Ok(socket);

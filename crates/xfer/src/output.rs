@@ -41,7 +41,7 @@ pub(crate) fn transfer_bar(quiet: bool) -> Arc<dyn Progress> {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
             )
             .expect("valid template"),
         );
