@@ -20,6 +20,7 @@ mod security;
 mod shutdown;
 mod transfer;
 mod tree;
+mod trust;
 
 /// The old home of the raw-connection helpers, now in `xfer_tests`: test modules written before
 /// the move still find them here.

@@ -48,8 +48,16 @@ impl std::fmt::Debug for Session {
 pub struct Connector {
     /// Shared secret, if the server requires one.
     pub token: Option<Arc<[u8]>>,
-    /// TLS settings; `None` for plain TCP.
+    /// TLS settings; `None` for plain TCP. With them, a connection runs over TLS when
+    /// `tls_required` says so or the daemon turns plain TCP down (it holds a certificate).
     pub tls: Option<tokio_rustls::TlsConnector>,
+    /// TLS settings made for each daemon from pins and CAs, when `tls` is `None`.
+    pub trust: Option<Arc<crate::trust::PeerTls>>,
+    /// Every connection over TLS, never plain (`--tls`, a copy asked for TLS).
+    pub tls_required: bool,
+    /// Set once a daemon turned a plaintext `Hello` down: the connections after it ask for TLS
+    /// straight away.
+    pub tls_learned: Arc<std::sync::atomic::AtomicBool>,
     /// A copy grant: then `token` holds the grant's derived key, not a token.
     pub grant: Option<xfer_proto::Grant>,
     /// Buffers and congestion control for every connection.
@@ -64,6 +72,7 @@ impl std::fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.is_some())
+            .field("tls_required", &self.tls_required)
             .field("socket", &self.socket)
             .finish_non_exhaustive()
     }
@@ -313,7 +322,10 @@ async fn start_tls(
     let stream = tls
         .connect(name, socket)
         .await
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
+        .map_err(|e| match crate::trust::refusal(&e) {
+            Some(refused) => ClientError::Trust(refused.to_string()),
+            None => ClientError::Tls(e.to_string()),
+        })?;
     let (read, write) = tokio::io::split(stream);
     Ok((
         FrameReader::new(Box::new(read)),
@@ -328,6 +340,33 @@ impl Session {
     /// # Errors
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
+        let tls = match (&connector.tls, &connector.trust) {
+            (Some(tls), _) => tls.clone(),
+            (None, Some(trust)) => trust.for_peer(&target.to_string())?,
+            (None, None) => return Self::connect_as(target, connector, None).await,
+        };
+        let tls = &tls;
+        if connector.tls_required || connector.tls_learned.load(Ordering::Relaxed) {
+            return Self::connect_as(target, connector, Some(tls)).await;
+        }
+        match Self::connect_as(target, connector, None).await {
+            // A daemon with a certificate answers a plaintext Hello with Error{Protocol}
+            // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
+            Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
+                tracing::debug!(%target, "the daemon requires TLS; using it");
+                connector.tls_learned.store(true, Ordering::Relaxed);
+                Self::connect_as(target, connector, Some(tls)).await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Session::connect`] over TLS (`tls`) or plain TCP.
+    async fn connect_as(
+        target: &Target,
+        connector: &Connector,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -337,11 +376,11 @@ impl Session {
         let config = ClientConfig {
             key: connector.token.clone(),
             grant: connector.grant.clone(),
-            tls: connector.tls.is_some(),
+            tls: tls.is_some(),
             agent: AGENT.into(),
         };
         let mut handshake = ClientSession::new(config, nonce);
-        let (reader, writer) = match &connector.tls {
+        let (reader, writer) = match tls {
             Some(tls) => start_tls(socket, target, tls, meter, &mut handshake).await?,
             None => {
                 let (read, write) = socket.into_split();

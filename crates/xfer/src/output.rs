@@ -52,6 +52,24 @@ pub(crate) fn transfer_bar(quiet: bool) -> Arc<dyn Progress> {
     Arc::new(Bar(bar))
 }
 
+/// Asks on the terminal whether to trust a daemon met for the first time; yes pins it.
+pub(crate) fn ask_first_use(peer: &str, fingerprint: &str, file: Option<&str>) -> bool {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "The certificate of {peer} is not known.\nIts fingerprint is {fingerprint} \
+         (`xferd --fingerprint` prints it on the server).\nTrust it{}? [y/N] ",
+        file.map(|f| format!(" and remember it in {f}"))
+            .unwrap_or_default()
+    );
+    let _ = err.flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
+}
+
 /// The bars of several copies at once, one line each.
 pub(crate) fn copy_bars(quiet: bool) -> MultiProgress {
     MultiProgress::with_draw_target(if !quiet && std::io::stderr().is_terminal() {

@@ -30,6 +30,7 @@ use xfer_core::Root;
 
 mod downloads;
 mod handler;
+pub mod identity;
 pub mod metrics;
 pub mod registry;
 pub mod settings;

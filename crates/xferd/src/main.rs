@@ -84,6 +84,17 @@ struct Args {
     /// credential "token", if passed].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve every session over TLS; without --tls-cert/--tls-key, with a key and self-signed
+    /// certificate made on the first start in --state-dir (clients pin its fingerprint).
+    #[arg(long)]
+    tls: bool,
+    /// Where xferd keeps its own key and certificate [default: $STATE_DIRECTORY under systemd,
+    /// else ~/.local/state/xferd].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print the SHA-256 fingerprint of the certificate clients see (what `xfer` pins) and exit.
+    #[arg(long)]
+    fingerprint: bool,
     /// PEM certificate chain: with --tls-key, every session must run over TLS.
     #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
@@ -134,6 +145,8 @@ impl Args {
             read_only: self.read_only.then_some(true),
             token_file: self.token_file.clone(),
             allow_anonymous: self.allow_anonymous.then_some(true),
+            tls: self.tls.then_some(true),
+            state_dir: self.state_dir.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             copy_ca: self.copy_ca.clone(),
@@ -196,6 +209,12 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(e) => return fail(e),
     };
+    if args.fingerprint {
+        return match print_fingerprint(&settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
     if args.check_config {
         return match check_config(&sources, &settings) {
             Ok(()) => ExitCode::SUCCESS,
@@ -217,10 +236,29 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `--fingerprint`: the SHA-256 fingerprint of the certificate clients see, on stdout.
+fn print_fingerprint(settings: &Settings) -> anyhow::Result<()> {
+    let Some(cert) = settings.certificate()? else {
+        let dir = xferd::identity::state_dir(settings.state_dir.as_deref())?;
+        bail!(
+            "no certificate in {} yet: `xferd --tls` makes one on its first start (or give \
+             --state-dir DIR, or --tls-cert FILE)",
+            dir.display()
+        );
+    };
+    println!("{}", xferd::identity::fingerprint(&cert)?);
+    Ok(())
+}
+
 /// `--check-config`: everything `serve` would check short of binding, then the effective
 /// settings on stdout.
 fn check_config(sources: &Sources, settings: &Settings) -> anyhow::Result<()> {
-    settings.to_config()?;
+    let mut probe = settings.clone();
+    if probe.tls == Some(true) && probe.tls_cert.is_none() && probe.certificate()?.is_none() {
+        // A check makes nothing: the first start makes the identity, as the user it runs as.
+        probe.tls = None;
+    }
+    probe.to_config()?;
     if activated_listener_fd().is_none() {
         settings.check_exposure(settings.listen.as_deref().unwrap_or_default())?;
     }

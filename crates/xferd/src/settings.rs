@@ -51,6 +51,12 @@ pub struct Settings {
     pub token_file: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (`--allow-anonymous`).
     pub allow_anonymous: Option<bool>,
+    /// Serve over TLS (`--tls`): with `tls_cert`/`tls_key` unset, with a self-signed
+    /// certificate made on the first start and kept in `state_dir`.
+    pub tls: Option<bool>,
+    /// Where the daemon keeps its own key and certificate (`--state-dir`); unset,
+    /// `$STATE_DIRECTORY` under systemd, else `~/.local/state/xferd`.
+    pub state_dir: Option<PathBuf>,
     /// PEM certificate chain (`--tls-cert`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (`--tls-key`).
@@ -141,6 +147,8 @@ impl Settings {
             read_only: Some(false),
             token_file: None,
             allow_anonymous: Some(false),
+            tls: None,
+            state_dir: None,
             tls_cert: None,
             tls_key: None,
             copy_ca: None,
@@ -186,6 +194,7 @@ impl Settings {
             &mut s.tls_cert,
             &mut s.tls_key,
             &mut s.copy_ca,
+            &mut s.state_dir,
         ]
         .into_iter()
         .flatten()
@@ -213,6 +222,8 @@ impl Settings {
             read_only: over.read_only.or(self.read_only),
             token_file: over.token_file.or(self.token_file),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
+            tls: over.tls.or(self.tls),
+            state_dir: over.state_dir.or(self.state_dir),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             copy_ca: over.copy_ca.or(self.copy_ca),
@@ -306,6 +317,20 @@ impl Settings {
         Ok(())
     }
 
+    /// The certificate clients see: `tls_cert`, else the one made in the state directory
+    /// (`None` if not made yet).
+    ///
+    /// # Errors
+    /// No state directory can be found.
+    pub fn certificate(&self) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(cert) = &self.tls_cert {
+            return Ok(Some(cert.clone()));
+        }
+        let dir = crate::identity::state_dir(self.state_dir.as_deref())?;
+        let cert = dir.join(crate::identity::CERT_FILE);
+        Ok(cert.exists().then_some(cert))
+    }
+
     /// Builds the daemon's [`Config`]: reads the token, opens the root, loads the TLS identity.
     ///
     /// # Errors
@@ -344,6 +369,10 @@ impl Settings {
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             cfg.tls = Some(crate::Tls::from_pem_files(cert, key).context("tls_cert/tls_key")?);
+        } else if self.tls == Some(true) {
+            let dir = crate::identity::state_dir(self.state_dir.as_deref())?;
+            let (cert, key) = crate::identity::load_or_create(&dir).context("state_dir")?;
+            cfg.tls = Some(crate::Tls::from_pem_files(&cert, &key).context("state_dir")?);
         }
         if let Some(ca) = &self.copy_ca {
             cfg.copy_trust = Some(crate::CopyTrust::from_pem_file(ca).context("copy_ca")?);

@@ -45,7 +45,10 @@ impl Handler {
             progress: Arc::clone(&progress) as Arc<dyn xfer_client::Progress>,
             connector: xfer_client::Connector {
                 token: key,
+                tls_required: tls.is_some(),
                 tls,
+                tls_learned: Default::default(),
+                trust: None,
                 grant,
                 // This daemon's own settings: its copies are its connections.
                 socket: self.shared.config.socket.clone(),
