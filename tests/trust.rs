@@ -118,6 +118,71 @@ fn a_ca_signed_daemon_gets_tls_without_the_flag_and_pins_nothing() {
     assert!(line.contains("is not a known host"), "{line}");
 }
 
+/// Two daemons with certificates of their own and tokens: `xfer copy --accept-new` pins both,
+/// and the source, which trusts no CA that could vouch for the destination, reaches it by the
+/// pin the client passed; a destination whose certificate changed is refused before the
+/// source is asked anything.
+#[test]
+fn copy_runs_over_tls_pinned_on_both_legs() {
+    let (a, b) = (Tree::new(), Tree::new());
+    let home = TofuHome::new(&a.path().join("config"));
+    let token = |tree: &Tree, t: &str| {
+        let path = tree.path().join("token");
+        fs::write(&path, t).unwrap();
+        path.display().to_string()
+    };
+    let (src_token, dst_token) = (token(&a, "source-token-1"), token(&b, "dest-token-2"));
+    let _src = tofu_daemon(
+        "127.0.0.1:0",
+        &a.root(),
+        &a.path().join("state"),
+        &["--token-file", &src_token],
+    );
+    let mut dst = tofu_daemon(
+        "127.0.0.1:0",
+        &b.root(),
+        &b.path().join("state"),
+        &["--token-file", &dst_token],
+    );
+    let want = random_file(&a.root().join("big.bin"), 3 << 20, 5);
+    let (src_addr, dst_addr) = (_src.addr(), dst.addr());
+    let from = format!("{src_addr}:big.bin");
+    let to = format!("{dst_addr}:copied.bin");
+    let copy = |extra: &[&str]| {
+        let mut args = vec![
+            "copy",
+            "--src-token-file",
+            &src_token,
+            "--dst-token-file",
+            &dst_token,
+        ];
+        args.extend_from_slice(extra);
+        args.extend([from.as_str(), to.as_str()]);
+        home.xfer(args)
+    };
+    copy(&["--accept-new"]).ok();
+    assert_eq!(sha256_file(&b.root().join("copied.bin")), want);
+    let pins = fs::read_to_string(home.known_hosts()).unwrap();
+    for addr in [&src_addr, &dst_addr] {
+        assert!(pins.contains(&format!("{addr} SHA256:")), "{pins}");
+    }
+
+    dst.kill();
+    fs::remove_file(b.root().join("copied.bin")).unwrap();
+    let _impostor = tofu_daemon(
+        &dst_addr,
+        &b.root(),
+        &b.path().join("other"),
+        &["--token-file", &dst_token],
+    );
+    let line = copy(&["--accept-new"]).error_line();
+    assert!(
+        line.contains(&format!("certificate of {dst_addr} has CHANGED")),
+        "{line}"
+    );
+    assert!(!b.root().join("copied.bin").exists());
+}
+
 #[test]
 fn the_fingerprint_command_prints_what_clients_pin() {
     let tree = Tree::new();

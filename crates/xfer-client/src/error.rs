@@ -13,6 +13,9 @@ pub enum ClientError {
     /// or no system roots.
     #[error("{0}")]
     Trust(String),
+    /// A daemon's certificate is neither pinned nor vouched for by a CA, and was not accepted.
+    #[error("{0}")]
+    UnknownHost(String),
     /// The local output path names no file (it ends in `..` or is not UTF-8).
     #[error("bad output path {}", .0.display())]
     OutputPath(std::path::PathBuf),

@@ -55,9 +55,9 @@ pub struct Connector {
     pub trust: Option<Arc<crate::trust::PeerTls>>,
     /// Every connection over TLS, never plain (`--tls`, a copy asked for TLS).
     pub tls_required: bool,
-    /// Set once a daemon turned a plaintext `Hello` down: the connections after it ask for TLS
-    /// straight away.
-    pub tls_learned: Arc<std::sync::atomic::AtomicBool>,
+    /// The daemons (`HOST:PORT`) that turned a plaintext `Hello` down: later connections to
+    /// them ask for TLS straight away.
+    pub tls_learned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// A copy grant: then `token` holds the grant's derived key, not a token.
     pub grant: Option<xfer_proto::Grant>,
     /// Buffers and congestion control for every connection.
@@ -323,6 +323,9 @@ async fn start_tls(
         .connect(name, socket)
         .await
         .map_err(|e| match crate::trust::refusal(&e) {
+            Some(unknown @ crate::trust::TrustError::Unknown { .. }) => {
+                ClientError::UnknownHost(unknown.to_string())
+            }
             Some(refused) => ClientError::Trust(refused.to_string()),
             None => ClientError::Tls(e.to_string()),
         })?;
@@ -346,7 +349,14 @@ impl Session {
             (None, None) => return Self::connect_as(target, connector, None).await,
         };
         let tls = &tls;
-        if connector.tls_required || connector.tls_learned.load(Ordering::Relaxed) {
+        let peer = target.to_string();
+        let learned = || {
+            connector
+                .tls_learned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if connector.tls_required || learned().contains(&peer) {
             return Self::connect_as(target, connector, Some(tls)).await;
         }
         match Self::connect_as(target, connector, None).await {
@@ -354,7 +364,7 @@ impl Session {
             // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
             Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
                 tracing::debug!(%target, "the daemon requires TLS; using it");
-                connector.tls_learned.store(true, Ordering::Relaxed);
+                learned().insert(peer);
                 Self::connect_as(target, connector, Some(tls)).await
             }
             other => other,
@@ -435,6 +445,41 @@ impl Session {
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);
         Ok(session)
+    }
+
+    /// Whether the daemon at `target` serves TLS, its certificate checked as `connector`'s
+    /// trust says (pinned the first time, as for any connection): a TLS request and the TLS
+    /// handshake, then the connection is closed. `false` when it turns TLS down, unless
+    /// `connector.tls_required`.
+    ///
+    /// # Errors
+    /// `Connect`, `Trust`, `Tls`, or TLS refused when required.
+    pub async fn serves_tls(target: &Target, connector: &Connector) -> Result<bool, ClientError> {
+        let tls = match (&connector.tls, &connector.trust) {
+            (Some(tls), _) => tls.clone(),
+            (None, Some(trust)) => trust.for_peer(&target.to_string())?,
+            (None, None) => return Ok(false),
+        };
+        let socket = dial(target, &connector.socket).await?;
+        let config = ClientConfig {
+            key: None,
+            grant: None,
+            tls: true,
+            agent: AGENT.into(),
+        };
+        let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
+        match start_tls(socket, target, &tls, None, &mut handshake).await {
+            Ok((_, mut writer)) => {
+                let _ = writer.shutdown().await;
+                Ok(true)
+            }
+            Err(ClientError::Remote(frame))
+                if frame.error_code() == Some(ErrorCode::Protocol) && !connector.tls_required =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The next frame; a server `Error` frame becomes `ClientError::Remote`.

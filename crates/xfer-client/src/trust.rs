@@ -21,9 +21,25 @@ use crate::ClientError;
 /// The SHA-256 fingerprint of a DER certificate, as `xferd --fingerprint` prints it and
 /// `known_hosts` holds it: `SHA256:` and 64 lowercase hex digits.
 pub fn fingerprint(cert_der: &[u8]) -> String {
-    let digest = Sha256::digest(cert_der);
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("SHA256:");
+    fingerprint_text(&Sha256::digest(cert_der).into())
+}
+
+/// The 32 bytes of a fingerprint written as [`fingerprint`] writes it.
+pub fn fingerprint_digest(fingerprint: &str) -> Option<[u8; 32]> {
+    let hex = fingerprint.strip_prefix("SHA256:")?;
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A fingerprint as [`fingerprint`] writes it, from its 32 bytes.
+pub fn fingerprint_text(digest: &[u8; 32]) -> String {
+    let mut out = String::from("SHA256:");
     for b in digest {
         out.push_str(&format!("{b:02x}"));
     }
@@ -477,6 +493,15 @@ mod tests {
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fingerprints_read_back_as_their_digest() {
+        let text = fingerprint(b"cert");
+        let digest = fingerprint_digest(&text).unwrap();
+        assert_eq!(fingerprint_text(&digest), text);
+        assert_eq!(fingerprint_digest("SHA256:zz"), None);
+        assert_eq!(fingerprint_digest(&text[1..]), None);
     }
 
     #[test]

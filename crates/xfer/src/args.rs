@@ -113,8 +113,9 @@ pub(crate) struct CopyArgs {
     /// Copies from --from-list run at once.
     #[arg(long, default_value_t = 4)]
     pub(crate) jobs: usize,
-    /// Run both legs over TLS: to the source daemon, which then checks the destination's
-    /// certificate against its own --copy-ca (both daemons need --tls-cert).
+    /// Insist on TLS on both legs (without it, each leg runs over TLS whenever its daemon
+    /// serves TLS). The source daemon checks the destination by the fingerprint pinned here in
+    /// known_hosts, else against its own --copy-ca.
     #[arg(long)]
     pub(crate) tls: bool,
     /// PEM file of CA certificates to trust for the source daemon (default: the system's;
