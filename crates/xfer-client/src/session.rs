@@ -343,10 +343,23 @@ impl Session {
     /// # Errors
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
+        Self::connect_offering(target, connector, 0).await
+    }
+
+    /// [`Session::connect`], offering the capability bits `offer` (`CAP_DELETE`, `CAP_MIRROR`)
+    /// in `Hello`; whether the server took them is in `welcome.capabilities`.
+    ///
+    /// # Errors
+    /// As [`Session::connect`].
+    pub async fn connect_offering(
+        target: &Target,
+        connector: &Connector,
+        offer: u64,
+    ) -> Result<Self, ClientError> {
         let tls = match (&connector.tls, &connector.trust) {
             (Some(tls), _) => tls.clone(),
             (None, Some(trust)) => trust.for_peer(&target.to_string())?,
-            (None, None) => return Self::connect_as(target, connector, None).await,
+            (None, None) => return Self::connect_as(target, connector, None, offer).await,
         };
         let tls = &tls;
         let peer = target.to_string();
@@ -357,25 +370,26 @@ impl Session {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         if connector.tls_required || learned().contains(&peer) {
-            return Self::connect_as(target, connector, Some(tls)).await;
+            return Self::connect_as(target, connector, Some(tls), offer).await;
         }
-        match Self::connect_as(target, connector, None).await {
+        match Self::connect_as(target, connector, None, offer).await {
             // A daemon with a certificate answers a plaintext Hello with Error{Protocol}
             // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
             Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
                 tracing::debug!(%target, "the daemon requires TLS; using it");
                 learned().insert(peer);
-                Self::connect_as(target, connector, Some(tls)).await
+                Self::connect_as(target, connector, Some(tls), offer).await
             }
             other => other,
         }
     }
 
-    /// [`Session::connect`] over TLS (`tls`) or plain TCP.
+    /// [`Session::connect_offering`] over TLS (`tls`) or plain TCP.
     async fn connect_as(
         target: &Target,
         connector: &Connector,
         tls: Option<&tokio_rustls::TlsConnector>,
+        offer: u64,
     ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         let congestion = sockopt::congestion(&socket);
@@ -388,6 +402,7 @@ impl Session {
             grant: connector.grant.clone(),
             tls: tls.is_some(),
             agent: AGENT.into(),
+            offer,
         };
         let mut handshake = ClientSession::new(config, nonce);
         let (reader, writer) = match tls {
@@ -466,6 +481,7 @@ impl Session {
             grant: None,
             tls: true,
             agent: AGENT.into(),
+            offer: 0,
         };
         let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
         match start_tls(socket, target, &tls, None, &mut handshake).await {

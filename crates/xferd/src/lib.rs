@@ -5,6 +5,7 @@
 //! - `handler`: one connection, from `Hello` to close.
 //! - [`registry`]: uploads open by name, shared by the connections that feed them.
 //! - `downloads`: downloads open by client and name, so that each ends as one logged transfer.
+//! - `mirror`: who may delete (`--allow-delete`), and the answers of a mirror copy.
 //! - [`metrics`]: counters and gauges, and the HTTP responder serving them to Prometheus.
 //! - [`settings`]: the configuration file and flags, validated into a [`Config`].
 //!
@@ -32,6 +33,7 @@ mod downloads;
 mod handler;
 pub mod identity;
 pub mod metrics;
+mod mirror;
 pub mod registry;
 pub mod settings;
 
@@ -62,6 +64,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Refuse uploads.
     pub read_only: bool,
+    /// Carry out the deletions of mirror copies (`--allow-delete`).
+    pub allow_delete: bool,
     /// Connections accepted at once from one client address.
     pub max_per_address: usize,
     /// Shared secret every client must prove it holds; `None` serves anyone who can connect.
@@ -96,6 +100,7 @@ impl Config {
             max_transfers_per_conn: 64,
             drain_timeout: Duration::from_secs(10),
             read_only: false,
+            allow_delete: false,
             max_per_address: 64,
             token: None,
             tls: None,
@@ -482,6 +487,11 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         "read_only",
         old.read_only.to_string(),
         new.read_only.to_string(),
+    );
+    diff(
+        "allow_delete",
+        old.allow_delete.to_string(),
+        new.allow_delete.to_string(),
     );
     diff(
         "max_conns_per_ip",
