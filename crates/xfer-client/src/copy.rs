@@ -170,6 +170,15 @@ pub async fn copy_mirror(
 ) -> Result<(CopyDone, Vec<Change>), ClientError> {
     let mirrored = opts.recursive && !opts.mirror.is_plain();
     let offer = if mirrored { CAP_MIRROR } else { 0 };
+    let mut session = Session::connect_offering(&spec.src, src, offer).await?;
+    if mirrored && session.welcome.capabilities & CAP_MIRROR == 0 {
+        session.close().await;
+        return Err(ClientError::Unsupported(format!(
+            "the source daemon at {} is too old for --delete, filters or --dry-run on copy -r \
+             (upgrade xferd)",
+            spec.src
+        )));
+    }
     // The destination is checked from here, with the user's pins and CAs, before the source
     // is sent there: a destination with a certificate is reached over TLS, pinned.
     let to_destination = Connector {
@@ -188,15 +197,6 @@ pub async fn copy_mirror(
             .and_then(|fp| crate::trust::fingerprint_digest(&fp)),
         _ => None,
     };
-    let mut session = Session::connect_offering(&spec.src, src, offer).await?;
-    if mirrored && session.welcome.capabilities & CAP_MIRROR == 0 {
-        session.close().await;
-        return Err(ClientError::Unsupported(format!(
-            "the source daemon at {} is too old for --delete, filters or --dry-run on copy -r \
-             (upgrade xferd)",
-            spec.src
-        )));
-    }
     let request = CopyTo {
         source: spec.name.clone(),
         recursive: opts.recursive,
