@@ -123,14 +123,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         .map_or(0, |d| d.as_secs());
     let mut session = ServerSession::new(config, nonce, now_unix);
     let deadline = Instant::now() + shared.config.handshake_timeout;
+    let budget = shared.budget.clone();
     let (reader, writer) = match &shared.config.tls {
         None => {
             let (read, write) = socket.into_split();
-            let reader: Reader = FrameReader::new(Box::new(read));
+            let reader = Reader::new(Box::new(read)).with_budget(budget);
             let writer: Writer = FrameWriter::new(Box::new(write));
             (reader, writer)
         }
-        Some(acceptor) => match start_tls(&mut session, socket, acceptor, deadline).await {
+        Some(acceptor) => match start_tls(&mut session, socket, acceptor, deadline, budget).await {
             Ok(halves) => halves,
             Err((err, socket)) => {
                 let frame = report(&err);
@@ -203,10 +204,12 @@ async fn start_tls(
     mut socket: TcpStream,
     acceptor: &crate::Tls,
     deadline: Instant,
+    budget: xfer_core::MemoryBudget,
 ) -> Result<(Reader, Writer), (ConnError, Option<TcpStream>)> {
     // The client sends nothing after this Hello until it reads StartTls, so a reader borrowed
     // for one frame cannot swallow the start of the TLS handshake.
-    let frame = match timeout_at(deadline, FrameReader::new(&mut socket).read_frame()).await {
+    let mut hello = FrameReader::new(&mut socket).with_budget(budget.clone());
+    let frame = match timeout_at(deadline, hello.read_frame()).await {
         Err(_) => {
             return Err((
                 fatal(ErrorCode::Protocol, "handshake timed out"),
@@ -233,7 +236,7 @@ async fn start_tls(
     };
     let (read, write) = tokio::io::split(tls);
     Ok((
-        FrameReader::new(Box::new(read)),
+        Reader::new(Box::new(read)).with_budget(budget),
         FrameWriter::new(Box::new(write)),
     ))
 }
@@ -637,21 +640,26 @@ impl Handler {
             unreachable!("the session checked the transfer id")
         };
         let range = ByteRange::new(chunk.offset, chunk.offset + u64::from(chunk.len));
+        // The chunk is read only into bytes reserved from the daemon's budget; meanwhile this
+        // connection reads no further requests.
+        let reservation = self.shared.budget.reserve(chunk.len as usize).await;
         let payload = match source.check_unchanged() {
-            Ok(()) => source.read(range).await,
+            Ok(()) => source.read_reserved(range, reservation).await,
             Err(e) => Err(e),
         };
         let payload = payload.map_err(|e: CoreError| fatal(e.code(), e.to_string()))?;
         *bytes += payload.len() as u64;
         self.shared.metrics.bytes_sent.add(payload.len() as u64);
-        self.writer
-            .send(&Frame::Data(Data::new(
-                chunk.transfer_id,
-                chunk.offset,
-                payload,
-            )))
-            .await?;
-        Ok(())
+        let data = Frame::Data(Data::new(chunk.transfer_id, chunk.offset, payload));
+        // A client that stops reading holds this chunk's share of the budget: not forever.
+        let idle = self.shared.config.idle_timeout;
+        match timeout(idle, self.writer.send(&data)).await {
+            Ok(sent) => Ok(sent?),
+            Err(_) => Err(ConnError::Proto(ProtoError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("client read nothing for {idle:?}"),
+            )))),
+        }
     }
 
     async fn digest(&mut self, id: u64) -> Result<(), ConnError> {
@@ -790,11 +798,20 @@ impl Handler {
         )?);
         while !batch.is_empty() {
             let root = self.root();
+            // The answers are held in bytes reserved from the daemon's budget until sent.
+            let most: u64 = batch
+                .iter()
+                .map(|r| u64::from(r.max_size).min(MAX_SMALL_FILE))
+                .sum();
+            let most = most.min((BATCH_BYTES as u64) + MAX_SMALL_FILE);
+            let reservation = self.shared.budget.reserve(most as usize).await;
             let (replies, rest, end) = blocking(move || Ok(read_small_files(&root, batch)))
                 .await
                 .map_err(|e| fatal(e.code(), e.to_string()))?;
             batch = rest;
             self.writer.send_all(&replies).await?;
+            drop(replies);
+            drop(reservation);
             if let Some(e) = end {
                 return Err(ConnError::Fatal(e));
             }
