@@ -12,6 +12,7 @@ mod knobs;
 mod limits;
 mod load;
 mod malformed;
+mod memory;
 mod ops;
 mod regression;
 mod resume;
