@@ -1131,7 +1131,8 @@ async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame)
     let _ = timeout(std::time::Duration::from_secs(2), async {
         writer.send(&Frame::Error(frame)).await?;
         writer.shutdown().await?;
-        let mut sink = [0u8; 16 * 1024];
+        // On the heap: an array here would sit in every connection's task from its start.
+        let mut sink = vec![0u8; 16 * 1024];
         let mut drained = 0usize;
         while drained < (1 << 20) {
             match tokio::io::AsyncReadExt::read(reader.get_mut(), &mut sink).await? {
