@@ -15,7 +15,11 @@ use xfer_proto::{Frame, FrameCodec, ProtoError, LEN_PREFIX};
 use crate::budget::{MemoryBudget, Reservation};
 use crate::buffers::BufferPool;
 
+/// Frames longer than this are read into a buffer of their own; shorter ones are cut from the
+/// reader's buffer, which never reads more than this at once.
 const INITIAL_READ_BUFFER: usize = 64 * 1024;
+/// What the reader's buffer starts with.
+const SMALL_READ_BUFFER: usize = 8 * 1024;
 
 /// Reads whole frames from a byte stream.
 ///
@@ -67,7 +71,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
         Self {
             io,
-            buf: BytesMut::with_capacity(INITIAL_READ_BUFFER),
+            buf: BytesMut::new(),
             codec: FrameCodec::default(),
             large: None,
             buffers: BufferPool::new(SPARE_BUFFERS),
@@ -129,7 +133,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 continue;
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(INITIAL_READ_BUFFER);
+                // Grown by doubling as small frames pile up; a stream of chunks, each moved to
+                // a buffer of its own, keeps it small (8 KiB, not 64 KiB, per connection).
+                let grow = self
+                    .buf
+                    .capacity()
+                    .clamp(SMALL_READ_BUFFER, INITIAL_READ_BUFFER);
+                self.buf.reserve(grow);
             }
             if self
                 .io
