@@ -60,23 +60,35 @@ fn cgroup_limit() -> Option<u64> {
 /// How often the allocator is asked to give freed memory back, once the buffers went quiet.
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 
-/// Asks the allocator to return freed pages to the system once buffers stop being freed: after
-/// a burst, glibc keeps what was freed in its arenas (and its top chunk) for reuse, and the
-/// daemon's RSS would stay at its peak. Runs until `shutdown`.
-pub async fn trim_when_idle(budget: MemoryBudget, shutdown: CancellationToken) {
+/// Asks the allocator to return freed pages to the system once the daemon goes quiet (no buffer
+/// freed, no connection opened or closed for [`TRIM_EVERY`]): after a burst, glibc keeps what
+/// was freed in its arenas for reuse, and the daemon's RSS would stay near its peak. Runs until
+/// `shutdown`.
+pub async fn trim_when_idle(
+    budget: MemoryBudget,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
+    let activity = || {
+        (
+            budget.released(),
+            metrics.connections_accepted.get(),
+            metrics.connections_open.get(),
+        )
+    };
     let mut tick = tokio::time::interval(TRIM_EVERY);
-    let mut last = budget.released();
+    let mut last = activity();
     let mut dirty = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let released = budget.released();
-        if released != last {
+        let now = activity();
+        if now != last {
             // Still busy: trimming now would only be undone by the next allocation.
-            (last, dirty) = (released, true);
-        } else if dirty && budget.in_use() == 0 {
+            (last, dirty) = (now, true);
+        } else if dirty {
             dirty = false;
             tokio::task::spawn_blocking(trim).await.ok();
         }

@@ -298,7 +298,11 @@ pub async fn run_with(
     fds::fit(&mut config, fds::soft_limit());
     let budget = MemoryBudget::new(usize::try_from(config.max_memory).unwrap_or(usize::MAX));
     let _ = metrics.buffers.set(budget.clone());
-    tokio::spawn(budget::trim_when_idle(budget.clone(), shutdown.clone()));
+    tokio::spawn(budget::trim_when_idle(
+        budget.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let drain = config.drain_timeout;
     apply_socket_options(&listener, &config);
