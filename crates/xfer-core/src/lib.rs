@@ -1,5 +1,5 @@
-//! The transfer engine shared by the daemon and the client: byte-range bookkeeping, the resume
-//! journal, positional reads and writes, names resolved beneath a root, and framed transport.
+//! The disk layer shared by the daemon and the client: byte-range bookkeeping, the resume
+//! journal, positional reads and writes, names resolved beneath a root.
 //!
 //! # Layout
 //! - [`buffers`]: [`buffers::BufferPool`], chunk buffers reused instead of freed.
@@ -11,7 +11,6 @@
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
 //! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
 //! - [`tree`]: walking a tree and the small operations a tree copy is made of.
-//! - [`wire`]: [`FrameReader`]/[`FrameWriter`] over any async byte stream.
 //!
 //! Invariants: no socket is created here; blocking file I/O runs on tokio's blocking pool, never
 //! on a runtime worker; no file is ever held whole in memory.
@@ -26,10 +25,7 @@ pub mod partial;
 pub mod ranges;
 pub mod root;
 pub mod source;
-pub mod token;
 pub mod tree;
-pub mod units;
-pub mod wire;
 
 pub use budget::{MemoryBudget, Reservation};
 pub use error::{CoreError, Result};
@@ -38,7 +34,6 @@ pub use ranges::{split_into_chunks, RangeSet};
 pub use root::{validate_name, Root, Slot};
 pub use source::SourceFile;
 pub use tree::DirCache;
-pub use wire::{FrameReader, FrameWriter};
 
 const PARTIAL_SUFFIX: &str = ".xfer-part";
 const JOURNAL_SUFFIX: &str = ".xfer-state";

@@ -58,6 +58,13 @@ struct State {
     final_already: bool,
 }
 
+impl State {
+    /// Feeds the digest the held bytes that follow its position, read back from the file.
+    fn catch_up(&mut self) -> std::io::Result<()> {
+        self.frontier.catch_up(&self.data, &self.held)
+    }
+}
+
 fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T>> {
@@ -328,14 +335,7 @@ impl PartialFile {
         // Hashing here, under the lock, keeps the digest in file order; bytes that arrived
         // ahead of the frontier are read back (from the page cache) once it reaches them.
         st.frontier.feed(range.start, payload);
-        let State {
-            frontier,
-            held,
-            data,
-            ..
-        } = &mut *st;
-        frontier
-            .catch_up(data, held)
+        st.catch_up()
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
         st.unsynced += range.len();
         if st.unsynced >= self.sync_every && !st.sync_running {
@@ -431,14 +431,7 @@ impl PartialFile {
         if missing > 0 {
             return Err(CoreError::Incomplete { missing });
         }
-        let State {
-            frontier,
-            held,
-            data,
-            ..
-        } = &mut *st;
-        frontier
-            .catch_up(data, held)
+        st.catch_up()
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
         let digest = st.frontier.digest();
         if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {

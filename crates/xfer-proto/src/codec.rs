@@ -184,7 +184,7 @@ mod tests {
                 transfer_id: 3,
                 digest: vec![],
             }),
-            Frame::DigestReply(Commit {
+            Frame::DigestReply(DigestReply {
                 transfer_id: 3,
                 digest: vec![6; 16],
             }),
@@ -251,6 +251,17 @@ mod tests {
         ]
     }
 
+    /// A body that does not hold what its type needs: short, or not decodable.
+    fn assert_malformed(err: &ProtoError) {
+        assert!(
+            matches!(
+                err,
+                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
+            ),
+            "{err}"
+        );
+    }
+
     fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, ProtoError> {
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::from(bytes);
@@ -271,6 +282,20 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(decode_all(&buf).unwrap(), frames);
+    }
+
+    #[test]
+    fn type_bytes_name_their_frames() {
+        let known: Vec<_> = (0..=u8::MAX)
+            .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
+            .collect();
+        assert_eq!(known.len(), 33);
+        for (byte, ty) in known {
+            assert_eq!(ty as u8, byte);
+        }
+        assert_eq!(FrameType::from_u8(0x22).unwrap(), FrameType::Reject);
+        assert_eq!(FrameType::Reject.name(), "Reject");
+        assert_eq!(FrameType::from_u8(0x7f).unwrap().name(), "Error");
     }
 
     #[test]
@@ -444,13 +469,7 @@ mod tests {
         frame.put_u8(FrameType::List as u8);
         frame.put_u64(u64::MAX);
         let err = decode_all(&frame).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
-            ),
-            "{err}"
-        );
+        assert_malformed(&err);
     }
 
     #[test]
@@ -525,13 +544,7 @@ mod tests {
         let mut old = plain[..plain.len() - 1].to_vec();
         old[3] -= 1;
         let err = decode_all(&old).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ProtoError::Truncated { .. } | ProtoError::BadBody { .. }
-            ),
-            "{err}"
-        );
+        assert_malformed(&err);
     }
 
     #[test]

@@ -283,12 +283,22 @@ impl Data {
 pub const LEN_AND_DATA_HEADER: usize = crate::LEN_PREFIX + 1 + DATA_HEADER_LEN;
 
 /// A transfer and a whole-file digest: the body of `Commit` and `Committed` (uploads) and of
-/// `DigestRequest` and `DigestReply` (downloads).
+/// `DigestRequest` (downloads, digest empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commit {
     /// Transfer handle.
     pub transfer_id: u64,
     /// XXH3-128 of the whole file in order (16 bytes, big-endian); empty in `DigestRequest`.
+    pub digest: Vec<u8>,
+}
+
+/// Server → client answer to `DigestRequest`: a download's whole-file digest. Encoded as
+/// [`Commit`] is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestReply {
+    /// Transfer handle.
+    pub transfer_id: u64,
+    /// XXH3-128 of the whole file in order (16 bytes, big-endian).
     pub digest: Vec<u8>,
 }
 
@@ -474,309 +484,205 @@ impl std::fmt::Display for ErrorFrame {
     }
 }
 
-/// Type byte of each frame (see `proto.md`, "Frames").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FrameType {
+/// The one table of frames: for each, its type byte, its body and what it is for. `Name(Body)`
+/// is a control frame whose body is encoded with bincode, `Name[Body]` one with a fixed header
+/// of its own (`Data`), and a bare `Name` a frame without a body. From it come [`FrameType`],
+/// [`Frame`], and the type byte, name, encoding and decoding of every frame.
+macro_rules! frame_types {
+    {$(
+        $(#[$doc:meta])*
+        $name:ident $(($body:ty))? $([$raw:ty])? = $byte:literal,
+    )*} => {
+        /// Type byte of each frame (see `proto.md`, "Frames").
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum FrameType {
+            $( $(#[$doc])* $name = $byte, )*
+        }
+
+        impl FrameType {
+            /// The type for a type byte.
+            ///
+            /// # Errors
+            /// [`ProtoError::UnknownType`] for a byte that names no frame.
+            pub fn from_u8(byte: u8) -> Result<Self, ProtoError> {
+                match byte {
+                    $( $byte => Ok(Self::$name), )*
+                    other => Err(ProtoError::UnknownType(other)),
+                }
+            }
+
+            /// Name used in errors and logs.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( Self::$name => stringify!($name), )*
+                }
+            }
+        }
+
+        /// Every frame of the protocol.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[allow(missing_docs)] // each variant is documented on its type byte
+        pub enum Frame {
+            $( $name $(($body))? $(($raw))?, )*
+        }
+
+        impl Frame {
+            /// The frame's type byte.
+            pub fn frame_type(&self) -> FrameType {
+                match self {
+                    $( Self::$name { .. } => FrameType::$name, )*
+                }
+            }
+
+            /// The encoded body of a control frame (empty for a frame without one); `None` for
+            /// a frame with a header of its own.
+            fn control_body(&self) -> Option<Result<Vec<u8>, String>> {
+                match self {
+                    $(
+                        Self::$name $((frame_types!(@bind body $body)))? $((frame_types!(@bind body $raw)))?
+                            => frame_types!(@encode body $(control $body)? $(raw $raw)?),
+                    )*
+                }
+            }
+
+            /// The frame of type `ty` with `body`.
+            fn from_body(ty: FrameType, body: Bytes) -> Result<Self, ProtoError> {
+                Ok(match ty {
+                    $(
+                        FrameType::$name
+                            => frame_types!(@decode $name, ty, body $(control $body)? $(raw $raw)?),
+                    )*
+                })
+            }
+        }
+    };
+    (@bind $b:ident $t:ty) => { $b };
+    (@encode $b:ident) => { Some(Ok(Vec::new())) };
+    (@encode $b:ident control $t:ty) => { Some(encode_body($b)) };
+    (@encode $b:ident raw $t:ty) => {{
+        let _ = $b;
+        None
+    }};
+    (@decode $name:ident, $ty:ident, $b:ident) => {
+        if $b.is_empty() {
+            Self::$name
+        } else {
+            return Err(ProtoError::BadBody {
+                kind: $ty.name(),
+                reason: "non-empty".into(),
+            });
+        }
+    };
+    (@decode $name:ident, $ty:ident, $b:ident control $t:ty) => {
+        Self::$name(decode_body($ty, &$b)?)
+    };
+    (@decode $name:ident, $ty:ident, $b:ident raw $t:ty) => {
+        Self::$name(decode_data($b)?)
+    };
+}
+
+frame_types! {
     /// [`Hello`]
-    Hello = 0x01,
+    Hello(Hello) = 0x01,
     /// [`Welcome`]
-    Welcome = 0x02,
+    Welcome(Welcome) = 0x02,
     /// [`Challenge`]
-    Challenge = 0x03,
+    Challenge(Challenge) = 0x03,
     /// [`Auth`]
-    Auth = 0x04,
+    Auth(Auth) = 0x04,
     /// No body: server → client answer to a `Hello` offering `CAP_TLS`; both sides now run a
     /// TLS handshake on the connection, and the client starts again with `Hello` inside it.
     StartTls = 0x05,
     /// [`OpenWrite`]
-    OpenWrite = 0x10,
+    OpenWrite(OpenWrite) = 0x10,
     /// [`WriteOpened`]
-    WriteOpened = 0x11,
+    WriteOpened(WriteOpened) = 0x11,
     /// [`OpenRead`]
-    OpenRead = 0x12,
+    OpenRead(OpenRead) = 0x12,
     /// [`ReadOpened`]
-    ReadOpened = 0x13,
+    ReadOpened(ReadOpened) = 0x13,
     /// [`ChunkRef`] asking for data
-    ReadChunk = 0x14,
-    /// [`Commit`] asking for the whole-file digest of a download
-    DigestRequest = 0x15,
-    /// [`Commit`] carrying the whole-file digest of a download
-    DigestReply = 0x16,
+    ReadChunk(ChunkRef) = 0x14,
+    /// [`Commit`] asking for the whole-file digest of a download (its digest empty)
+    DigestRequest(Commit) = 0x15,
+    /// [`DigestReply`]: the whole-file digest of a download
+    DigestReply(DigestReply) = 0x16,
     /// [`Data`]
-    Data = 0x20,
+    Data[Data] = 0x20,
     /// [`ChunkRef`] confirming data is written and recorded
-    Ack = 0x21,
+    Ack(ChunkRef) = 0x21,
     /// [`ChunkRef`] refusing data whose CRC did not match: send it again
-    Reject = 0x22,
+    Reject(ChunkRef) = 0x22,
     /// [`Commit`]: every byte is acknowledged; check the digest and make the file final
-    Commit = 0x30,
+    Commit(Commit) = 0x30,
     /// [`Commit`] confirming the file is final, with the receiver's digest
-    Committed = 0x31,
+    Committed(Commit) = 0x31,
     /// [`List`]
-    List = 0x40,
+    List(List) = 0x40,
     /// [`Listing`]
-    Listing = 0x41,
+    Listing(Listing) = 0x41,
     /// [`ListTree`]
-    ListTree = 0x42,
+    ListTree(ListTree) = 0x42,
     /// [`TreeListing`]
-    TreeListing = 0x43,
+    TreeListing(TreeListing) = 0x43,
     /// [`PutFile`]
-    PutFile = 0x50,
+    PutFile(PutFile) = 0x50,
     /// [`MakeDir`]
-    MakeDir = 0x51,
+    MakeDir(MakeDir) = 0x51,
     /// [`MakeLink`]
-    MakeLink = 0x52,
+    MakeLink(MakeLink) = 0x52,
     /// [`GetFile`]
-    GetFile = 0x53,
+    GetFile(GetFile) = 0x53,
     /// [`FileData`]
-    FileData = 0x54,
+    FileData(FileData) = 0x54,
     /// No body: flush everything written under the root to stable storage
     Sync = 0x55,
     /// [`Done`]
-    Done = 0x56,
+    Done(Done) = 0x56,
     /// [`CopyTo`]
-    CopyTo = 0x60,
+    CopyTo(CopyTo) = 0x60,
     /// [`Progress`]
-    Progress = 0x61,
+    Progress(Progress) = 0x61,
     /// [`CopyDone`]
-    CopyDone = 0x62,
+    CopyDone(CopyDone) = 0x62,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]
-    Error = 0x7f,
-}
-
-impl FrameType {
-    const ALL: [Self; 33] = [
-        Self::Hello,
-        Self::Welcome,
-        Self::Challenge,
-        Self::Auth,
-        Self::StartTls,
-        Self::OpenWrite,
-        Self::WriteOpened,
-        Self::OpenRead,
-        Self::ReadOpened,
-        Self::ReadChunk,
-        Self::DigestRequest,
-        Self::DigestReply,
-        Self::Data,
-        Self::Ack,
-        Self::Reject,
-        Self::Commit,
-        Self::Committed,
-        Self::List,
-        Self::Listing,
-        Self::ListTree,
-        Self::TreeListing,
-        Self::PutFile,
-        Self::MakeDir,
-        Self::MakeLink,
-        Self::GetFile,
-        Self::FileData,
-        Self::Sync,
-        Self::Done,
-        Self::CopyTo,
-        Self::Progress,
-        Self::CopyDone,
-        Self::Goodbye,
-        Self::Error,
-    ];
-
-    /// The type for a type byte.
-    ///
-    /// # Errors
-    /// [`ProtoError::UnknownType`] for a byte that names no frame.
-    pub fn from_u8(byte: u8) -> Result<Self, ProtoError> {
-        Self::ALL
-            .into_iter()
-            .find(|t| *t as u8 == byte)
-            .ok_or(ProtoError::UnknownType(byte))
-    }
-
-    /// Name used in errors and logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Hello => "Hello",
-            Self::Welcome => "Welcome",
-            Self::Challenge => "Challenge",
-            Self::Auth => "Auth",
-            Self::StartTls => "StartTls",
-            Self::OpenWrite => "OpenWrite",
-            Self::WriteOpened => "WriteOpened",
-            Self::OpenRead => "OpenRead",
-            Self::ReadOpened => "ReadOpened",
-            Self::ReadChunk => "ReadChunk",
-            Self::DigestRequest => "DigestRequest",
-            Self::DigestReply => "DigestReply",
-            Self::Data => "Data",
-            Self::Ack => "Ack",
-            Self::Reject => "Reject",
-            Self::Commit => "Commit",
-            Self::Committed => "Committed",
-            Self::List => "List",
-            Self::Listing => "Listing",
-            Self::ListTree => "ListTree",
-            Self::TreeListing => "TreeListing",
-            Self::PutFile => "PutFile",
-            Self::MakeDir => "MakeDir",
-            Self::MakeLink => "MakeLink",
-            Self::GetFile => "GetFile",
-            Self::FileData => "FileData",
-            Self::Sync => "Sync",
-            Self::Done => "Done",
-            Self::CopyTo => "CopyTo",
-            Self::Progress => "Progress",
-            Self::CopyDone => "CopyDone",
-            Self::Goodbye => "Goodbye",
-            Self::Error => "Error",
-        }
-    }
-}
-
-/// Every frame of the protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)] // each variant is documented on its body type
-pub enum Frame {
-    Hello(Hello),
-    Welcome(Welcome),
-    Challenge(Challenge),
-    Auth(Auth),
-    StartTls,
-    OpenWrite(OpenWrite),
-    WriteOpened(WriteOpened),
-    OpenRead(OpenRead),
-    ReadOpened(ReadOpened),
-    ReadChunk(ChunkRef),
-    DigestRequest(Commit),
-    DigestReply(Commit),
-    Data(Data),
-    Ack(ChunkRef),
-    Reject(ChunkRef),
-    Commit(Commit),
-    Committed(Commit),
-    List(List),
-    Listing(Listing),
-    ListTree(ListTree),
-    TreeListing(TreeListing),
-    PutFile(PutFile),
-    MakeDir(MakeDir),
-    MakeLink(MakeLink),
-    GetFile(GetFile),
-    FileData(FileData),
-    Sync,
-    Done(Done),
-    CopyTo(CopyTo),
-    Progress(Progress),
-    CopyDone(CopyDone),
-    Goodbye,
-    Error(ErrorFrame),
+    Error(ErrorFrame) = 0x7f,
 }
 
 impl Frame {
-    /// The frame's type byte.
-    pub fn frame_type(&self) -> FrameType {
-        match self {
-            Self::Hello(_) => FrameType::Hello,
-            Self::Welcome(_) => FrameType::Welcome,
-            Self::Challenge(_) => FrameType::Challenge,
-            Self::Auth(_) => FrameType::Auth,
-            Self::StartTls => FrameType::StartTls,
-            Self::OpenWrite(_) => FrameType::OpenWrite,
-            Self::WriteOpened(_) => FrameType::WriteOpened,
-            Self::OpenRead(_) => FrameType::OpenRead,
-            Self::ReadOpened(_) => FrameType::ReadOpened,
-            Self::ReadChunk(_) => FrameType::ReadChunk,
-            Self::DigestRequest(_) => FrameType::DigestRequest,
-            Self::DigestReply(_) => FrameType::DigestReply,
-            Self::Data(_) => FrameType::Data,
-            Self::Ack(_) => FrameType::Ack,
-            Self::Reject(_) => FrameType::Reject,
-            Self::Commit(_) => FrameType::Commit,
-            Self::Committed(_) => FrameType::Committed,
-            Self::List(_) => FrameType::List,
-            Self::Listing(_) => FrameType::Listing,
-            Self::ListTree(_) => FrameType::ListTree,
-            Self::TreeListing(_) => FrameType::TreeListing,
-            Self::PutFile(_) => FrameType::PutFile,
-            Self::MakeDir(_) => FrameType::MakeDir,
-            Self::MakeLink(_) => FrameType::MakeLink,
-            Self::GetFile(_) => FrameType::GetFile,
-            Self::FileData(_) => FrameType::FileData,
-            Self::Sync => FrameType::Sync,
-            Self::Done(_) => FrameType::Done,
-            Self::CopyTo(_) => FrameType::CopyTo,
-            Self::Progress(_) => FrameType::Progress,
-            Self::CopyDone(_) => FrameType::CopyDone,
-            Self::Goodbye => FrameType::Goodbye,
-            Self::Error(_) => FrameType::Error,
-        }
-    }
-
     /// Appends the whole frame (length prefix, type, body) to `dst`.
     ///
     /// # Errors
     /// [`ProtoError::BadBody`] if a control body cannot be encoded, [`ProtoError::FrameTooLarge`]
     /// if it exceeds `MAX_CONTROL_LEN`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), ProtoError> {
-        if let Self::Data(data) = self {
-            dst.reserve(LEN_AND_DATA_HEADER + data.payload.len());
-            dst.put_slice(&data.header());
-            dst.put_slice(&data.payload);
-            return Ok(());
-        }
-        let start = dst.len();
-        dst.put_u32(0); // patched below, once the body length is known
-        dst.put_u8(self.frame_type() as u8);
-        let body = match self {
-            Self::Hello(b) => encode_body(b),
-            Self::Welcome(b) => encode_body(b),
-            Self::Challenge(b) => encode_body(b),
-            Self::Auth(b) => encode_body(b),
-            Self::OpenWrite(b) => encode_body(b),
-            Self::WriteOpened(b) => encode_body(b),
-            Self::OpenRead(b) => encode_body(b),
-            Self::ReadOpened(b) => encode_body(b),
-            Self::ReadChunk(b) | Self::Ack(b) | Self::Reject(b) => encode_body(b),
-            Self::Commit(b)
-            | Self::Committed(b)
-            | Self::DigestRequest(b)
-            | Self::DigestReply(b) => encode_body(b),
-            Self::List(b) => encode_body(b),
-            Self::Listing(b) => encode_body(b),
-            Self::ListTree(b) => encode_body(b),
-            Self::TreeListing(b) => encode_body(b),
-            Self::PutFile(b) => encode_body(b),
-            Self::MakeDir(b) => encode_body(b),
-            Self::MakeLink(b) => encode_body(b),
-            Self::GetFile(b) => encode_body(b),
-            Self::FileData(b) => encode_body(b),
-            Self::Done(b) => encode_body(b),
-            Self::CopyTo(b) => encode_body(b),
-            Self::Progress(b) => encode_body(b),
-            Self::CopyDone(b) => encode_body(b),
-            Self::Error(b) => encode_body(b),
-            Self::Goodbye | Self::StartTls | Self::Sync => Ok(Vec::new()),
-            Self::Data(_) => unreachable!("handled above"),
-        };
-        let body = body.map_err(|reason| {
-            dst.truncate(start);
-            ProtoError::BadBody {
-                kind: self.frame_type().name(),
-                reason,
+        let body = match (self, self.control_body()) {
+            (_, Some(body)) => body,
+            (Self::Data(data), None) => {
+                dst.reserve(LEN_AND_DATA_HEADER + data.payload.len());
+                dst.put_slice(&data.header());
+                dst.put_slice(&data.payload);
+                return Ok(());
             }
+            (_, None) => unreachable!("only Data has a header of its own"),
+        };
+        let body = body.map_err(|reason| ProtoError::BadBody {
+            kind: self.frame_type().name(),
+            reason,
         })?;
         if body.len() > MAX_CONTROL_LEN as usize {
-            dst.truncate(start);
             return Err(ProtoError::FrameTooLarge {
                 len: body.len() as u32,
                 max: MAX_CONTROL_LEN,
             });
         }
+        dst.reserve(crate::LEN_PREFIX + 1 + body.len());
+        dst.put_u32(1 + body.len() as u32);
+        dst.put_u8(self.frame_type() as u8);
         dst.put_slice(&body);
-        let len = (dst.len() - start - crate::LEN_PREFIX) as u32;
-        dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
         Ok(())
     }
 
@@ -790,60 +696,7 @@ impl Frame {
             return Err(ProtoError::EmptyFrame);
         }
         let ty = FrameType::from_u8(frame.get_u8())?;
-        let body = frame;
-        Ok(match ty {
-            FrameType::Data => Self::Data(decode_data(body)?),
-            FrameType::Goodbye if body.is_empty() => Self::Goodbye,
-            FrameType::StartTls if body.is_empty() => Self::StartTls,
-            FrameType::StartTls => {
-                return Err(ProtoError::BadBody {
-                    kind: "StartTls",
-                    reason: "non-empty".into(),
-                })
-            }
-            FrameType::Goodbye => {
-                return Err(ProtoError::BadBody {
-                    kind: "Goodbye",
-                    reason: "non-empty".into(),
-                })
-            }
-            FrameType::Hello => Self::Hello(decode_body(ty, &body)?),
-            FrameType::Welcome => Self::Welcome(decode_body(ty, &body)?),
-            FrameType::Challenge => Self::Challenge(decode_body(ty, &body)?),
-            FrameType::Auth => Self::Auth(decode_body(ty, &body)?),
-            FrameType::OpenWrite => Self::OpenWrite(decode_body(ty, &body)?),
-            FrameType::WriteOpened => Self::WriteOpened(decode_body(ty, &body)?),
-            FrameType::OpenRead => Self::OpenRead(decode_body(ty, &body)?),
-            FrameType::ReadOpened => Self::ReadOpened(decode_body(ty, &body)?),
-            FrameType::ReadChunk => Self::ReadChunk(decode_body(ty, &body)?),
-            FrameType::Ack => Self::Ack(decode_body(ty, &body)?),
-            FrameType::Reject => Self::Reject(decode_body(ty, &body)?),
-            FrameType::Commit => Self::Commit(decode_body(ty, &body)?),
-            FrameType::DigestRequest => Self::DigestRequest(decode_body(ty, &body)?),
-            FrameType::DigestReply => Self::DigestReply(decode_body(ty, &body)?),
-            FrameType::Committed => Self::Committed(decode_body(ty, &body)?),
-            FrameType::List => Self::List(decode_body(ty, &body)?),
-            FrameType::Listing => Self::Listing(decode_body(ty, &body)?),
-            FrameType::ListTree => Self::ListTree(decode_body(ty, &body)?),
-            FrameType::TreeListing => Self::TreeListing(decode_body(ty, &body)?),
-            FrameType::PutFile => Self::PutFile(decode_body(ty, &body)?),
-            FrameType::MakeDir => Self::MakeDir(decode_body(ty, &body)?),
-            FrameType::MakeLink => Self::MakeLink(decode_body(ty, &body)?),
-            FrameType::GetFile => Self::GetFile(decode_body(ty, &body)?),
-            FrameType::FileData => Self::FileData(decode_body(ty, &body)?),
-            FrameType::Done => Self::Done(decode_body(ty, &body)?),
-            FrameType::CopyTo => Self::CopyTo(decode_body(ty, &body)?),
-            FrameType::Progress => Self::Progress(decode_body(ty, &body)?),
-            FrameType::CopyDone => Self::CopyDone(decode_body(ty, &body)?),
-            FrameType::Sync if body.is_empty() => Self::Sync,
-            FrameType::Sync => {
-                return Err(ProtoError::BadBody {
-                    kind: "Sync",
-                    reason: "non-empty".into(),
-                })
-            }
-            FrameType::Error => Self::Error(decode_body(ty, &body)?),
-        })
+        Self::from_body(ty, frame)
     }
 }
 

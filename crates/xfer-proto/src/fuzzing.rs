@@ -4,8 +4,11 @@
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use crate::session::{Phase, Request, ServerConfig, ServerSession, TransferKind};
-use crate::{auth, Auth, Frame, FrameCodec};
+use std::time::{Duration, Instant};
+
+use crate::client::{ClientConfig, ClientSession, Step};
+use crate::session::{Handshake, Phase, Request, ServerConfig, ServerSession};
+use crate::{auth, Auth, Frame, FrameCodec, CAP_AUTH, CAP_TLS};
 
 /// Decodes `data` as a stream of frames; every frame decoded must re-encode to a frame that
 /// decodes equal to it.
@@ -29,7 +32,8 @@ pub fn decode_frames(data: &[u8]) {
 /// Feeds the frames in `data[1..]` to a [`ServerSession`] as a daemon would. Bit 0 of `data[0]`
 /// gives the session a token; bit 1 makes the script answer a challenge correctly, so that
 /// sessions with a token also reach the request phase; bit 2 makes the daemon require TLS.
-pub fn session_script(data: &[u8]) {
+/// `start` is when the connection was accepted (this crate reads no clock).
+pub fn session_script(data: &[u8], start: Instant) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
@@ -43,33 +47,66 @@ pub fn session_script(data: &[u8]) {
         max_chunk: 1 << 16,
         max_open: 4,
         tls: flags & 4 != 0,
+        window: 2,
+        agent: "fuzz".into(),
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(300),
     };
-    let mut session = ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000);
+    let mut session: ServerSession<u64, ()> =
+        ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000, start);
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(rest);
     let mut client_nonce = Vec::new();
     while let Ok(Some(mut frame)) = codec.decode_eof(&mut buf) {
-        if flags & 2 != 0 && session.phase() == Phase::AwaitAuth {
-            let token = token.expect("AwaitAuth only with a token");
-            let proof = auth::client_proof(token, &client_nonce, session.nonce());
-            frame = Frame::Auth(Auth { proof, grant: None });
+        if session.phase() != Phase::Ready {
+            if flags & 2 != 0 && session.phase() == Phase::AwaitAuth {
+                let token = token.expect("AwaitAuth only with a token");
+                let proof = auth::client_proof(token, &client_nonce, session.nonce());
+                frame = Frame::Auth(Auth { proof, grant: None });
+            }
+            if let Frame::Hello(h) = &frame {
+                client_nonce.clone_from(&h.nonce);
+            }
+            assert!(session.poll_timeout(start) <= start.checked_add(Duration::from_secs(10)));
+            match session.handle_handshake(frame) {
+                Ok(Handshake::Admitted) => {
+                    assert_eq!(session.phase(), Phase::Ready);
+                    let welcome = session.welcome();
+                    assert_eq!(welcome.capabilities & !(CAP_AUTH | CAP_TLS), 0);
+                }
+                // The daemon would switch to TLS here; the next frames stand for what it decrypts.
+                Ok(Handshake::StartTls | Handshake::Challenge(_)) => {}
+                Ok(Handshake::PeerError(_)) | Err(_) => return,
+            }
+            continue;
         }
-        if let Frame::Hello(h) = &frame {
-            client_nonce.clone_from(&h.nonce);
-        }
-        let Ok(request) = session.handle_frame(frame) else {
+        let Ok(request) = session.handle_request(frame) else {
             return;
         };
         match request {
             Request::OpenWrite(req) => {
-                session.opened(TransferKind::Upload, req.identity.size);
+                session.open_upload(req.identity.size, 0);
             }
             Request::OpenRead(req) => {
-                session.opened(TransferKind::Download, req.name.len() as u64);
+                session.open_download(req.name.len() as u64, ());
             }
-            Request::Commit(c) => session.closed(c.transfer_id),
-            // The daemon would switch to TLS here; the next frames stand for what it decrypts.
-            Request::StartTls => {}
+            Request::Data(id, data) => {
+                let received = session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+                *received += data.payload.len() as u64;
+            }
+            Request::ReadChunk(id, _) | Request::Digest(id) => {
+                session
+                    .download(id)
+                    .expect("a handle the session gave is open");
+            }
+            Request::Commit(id, _) => {
+                session
+                    .close_upload(id)
+                    .expect("a handle the session gave is open");
+                assert!(session.upload(id).is_err(), "a closed upload stays closed");
+            }
             Request::Goodbye | Request::PeerError(_) | Request::CopyTo(_) => return,
             _ => {}
         }
@@ -77,9 +114,48 @@ pub fn session_script(data: &[u8]) {
     }
 }
 
+/// Feeds the frames in `data[1..]` to a [`ClientSession`] as the client would, as if a server
+/// sent them. Bit 0 of `data[0]` gives the client a token; bit 1 makes it ask for TLS. Whatever
+/// comes, only a `Welcome` within what the client offered is accepted.
+pub fn client_script(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let config = ClientConfig {
+        key: (flags & 1 != 0).then(|| b"fuzz-token".as_slice().into()),
+        grant: None,
+        tls: flags & 2 != 0,
+        agent: "fuzz".into(),
+    };
+    let mut client = ClientSession::new(config, vec![0xa5; auth::NONCE_LEN]);
+    client.hello();
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::from(rest);
+    while let Ok(Some(frame)) = codec.decode_eof(&mut buf) {
+        match client.handle_frame(frame) {
+            Ok(Step::StartTls) => {
+                client.hello();
+            }
+            Ok(Step::Send(frame)) => assert!(matches!(frame, Frame::Auth(_))),
+            Ok(Step::Welcomed(welcome)) => {
+                assert!((1..=crate::PROTOCOL_VERSION).contains(&welcome.version));
+                assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
+                let offered = CAP_AUTH | if flags & 2 != 0 { CAP_TLS } else { 0 };
+                assert_eq!(welcome.capabilities & !offered, 0);
+                assert!(client.is_done());
+            }
+            Err(_) => assert!(client.is_done(), "a failed handshake stays failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    fn session_script_now(data: &[u8]) {
+        super::session_script(data, std::time::Instant::now());
+    }
 
     /// Replays every input the fuzzers kept (`fuzz/corpus/*`), so what they once found stays
     /// fixed without running a fuzzer.
@@ -89,7 +165,8 @@ mod tests {
         let mut replayed = 0;
         for (target, run) in [
             ("decode_frame", super::decode_frames as fn(&[u8])),
-            ("session_script", super::session_script as fn(&[u8])),
+            ("session_script", session_script_now as fn(&[u8])),
+            ("client_script", super::client_script as fn(&[u8])),
         ] {
             for entry in std::fs::read_dir(corpus.join(target)).expect("corpus directory") {
                 let path = entry.expect("corpus entry").path();

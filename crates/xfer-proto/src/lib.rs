@@ -7,12 +7,14 @@
 //! - [`codec`]: [`FrameCodec`], a `tokio_util::codec` decoder/encoder that checks limits first.
 //! - [`auth`]: token challenge–response proofs (HMAC-SHA256).
 //! - [`session`]: [`session::ServerSession`], the daemon side of a connection as a state machine.
+//! - [`client`]: [`client::ClientSession`], the client side of the handshake as a state machine.
 //! - [`error`]: [`ProtoError`] for malformed input and [`ErrorCode`] for error frames.
 //!
 //! Invariant: nothing here opens a socket, touches the filesystem or reads a clock.
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod client;
 pub mod codec;
 pub mod error;
 pub mod frame;

@@ -1,16 +1,22 @@
 //! [`ServerSession`]: the daemon's side of one connection as a state machine, without I/O.
 //!
-//! The daemon feeds it every frame it decodes; the session checks that the frame is allowed in
-//! the current phase and refers to an open transfer within bounds, and tells the daemon what to
-//! do ([`Request`]). The daemon does the I/O and reports transfers it opened or closed. Token
-//! proofs are checked here too, with the nonce the daemon drew.
+//! The daemon feeds it every frame it decodes: [`ServerSession::handle_handshake`] until the
+//! handshake is done, [`ServerSession::handle_request`] after. The session checks that the
+//! frame is allowed in the current phase and refers to an open transfer within bounds, and
+//! tells the daemon what to do ([`Handshake`], [`Request`]), with the answers it owns
+//! (`Challenge`, `Welcome`) ready to send. It owns the table of open transfers: the daemon
+//! keeps its own state for each in it and reaches it through typed handles ([`UploadId`],
+//! [`DownloadId`]). Token proofs are checked here too, with the nonce the daemon drew, and the
+//! session says when it gives up on a silent peer ([`ServerSession::poll_timeout`]); the time
+//! is always passed in.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::{
-    auth, ChunkRef, Data, ErrorCode, ErrorFrame, Frame, Hello, List, OpenRead, OpenWrite,
-    PROTOCOL_VERSION,
+    auth, Challenge, ChunkRef, Commit, Data, ErrorCode, ErrorFrame, Frame, List, OpenRead,
+    OpenWrite, Welcome, PROTOCOL_VERSION,
 };
 
 /// Settings for one server-side session.
@@ -24,6 +30,14 @@ pub struct ServerConfig {
     pub max_open: usize,
     /// The daemon has a certificate: sessions must run over TLS.
     pub tls: bool,
+    /// Chunks a client may have unanswered, told in `Welcome`.
+    pub window: u32,
+    /// The daemon's name and version, told in `Welcome`.
+    pub agent: String,
+    /// How long the handshake (TLS included) may take from the connection's start.
+    pub handshake_timeout: Duration,
+    /// How long a client may stay silent once the handshake is done.
+    pub idle_timeout: Duration,
 }
 
 /// Where the session is.
@@ -37,37 +51,59 @@ pub enum Phase {
     Ready,
 }
 
-/// What the daemon must do for a frame.
+/// What the daemon must do for a handshake frame.
 #[derive(Debug)]
-pub enum Request {
+pub enum Handshake {
     /// The client asked for TLS: send `StartTls`, run the TLS handshake as the server, and feed
     /// the frames read inside TLS from then on (starting with a new `Hello`).
     StartTls,
-    /// Handshake accepted at `version`; with a token configured, send `Challenge` with the
-    /// session's nonce, otherwise `Welcome` with an empty proof.
-    Hello {
-        /// The client's hello.
-        hello: Hello,
-        /// Version to answer with.
-        version: u16,
-    },
-    /// The client proved it holds the token; send `Welcome` with `proof`.
-    Authenticated {
-        /// The server's proof for `Welcome`.
-        proof: Vec<u8>,
-    },
-    /// Open (or join) an upload, then report it with [`ServerSession::opened`].
+    /// Send this `Challenge`; the client answers with `Auth`.
+    Challenge(Challenge),
+    /// The handshake is done: send [`ServerSession::welcome`] once the connection may be
+    /// served.
+    Admitted,
+    /// The client reported an error: close without answering.
+    PeerError(ErrorFrame),
+}
+
+/// An upload open on this session: a handle only the session makes, valid until the upload
+/// is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UploadId(u64);
+
+/// A download open on this session, as [`UploadId`] is for uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DownloadId(u64);
+
+impl UploadId {
+    /// The transfer id on the wire.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl DownloadId {
+    /// The transfer id on the wire.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// What the daemon must do for a request.
+#[derive(Debug)]
+pub enum Request {
+    /// Open (or join) an upload, then record it with [`ServerSession::open_upload`].
     OpenWrite(OpenWrite),
-    /// Write a chunk of an open upload (its id and bounds are already checked; the CRC is not).
-    Data(Data),
-    /// Check the digest and make an upload final, then report it with [`ServerSession::closed`].
-    Commit(crate::Commit),
-    /// Open a download, then report it with [`ServerSession::opened`].
+    /// Write a chunk of an open upload (its bounds are already checked; the CRC is not).
+    Data(UploadId, Data),
+    /// Check the digest and make an upload final, then [`ServerSession::close_upload`] it.
+    Commit(UploadId, Commit),
+    /// Open a download, then record it with [`ServerSession::open_download`].
     OpenRead(OpenRead),
-    /// Send a chunk of an open download (id and bounds checked).
-    ReadChunk(ChunkRef),
+    /// Send a chunk of an open download (bounds checked).
+    ReadChunk(DownloadId, ChunkRef),
     /// Compute the whole-file digest of an open download and send `DigestReply`.
-    Digest(u64),
+    Digest(DownloadId),
     /// List a directory.
     List(List),
     /// List a tree recursively.
@@ -154,20 +190,47 @@ pub enum SessionError {
         /// What was asked.
         what: String,
     },
-    /// A grant that has expired, claims too long a life or names no valid scope.
-    #[error("the copy grant has expired, lives too long or has a bad scope")]
+    /// A grant that has expired or claims too long a life.
+    #[error("the copy grant has expired or claims to live too long")]
     GrantExpired,
+    /// A grant whose scope is no valid name (empty, absolute, or with `.` or `..`).
+    #[error("the copy grant names an invalid scope {0:?}")]
+    BadGrantScope(String),
+    /// A handle on a transfer that has been closed since.
+    #[error("transfer {0} is no longer open")]
+    TransferClosed(u64),
+    /// No complete handshake before its deadline.
+    #[error("handshake timed out")]
+    HandshakeTimedOut,
+    /// No frame for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
     /// Too many transfers open on one connection.
     #[error("more than {0} transfers open on one connection")]
     TooManyOpen(usize),
 }
 
+/// The message `proto.md` gives every refused grant, whatever the reason.
+pub const GRANT_REFUSED: &str = "the copy grant has expired, lives too long or has a bad scope";
+
 impl SessionError {
+    /// The message for the `Error` frame that reports it: its own, but for grants, whose
+    /// refusal `proto.md` words once for every reason.
+    pub fn wire_message(&self) -> String {
+        match self {
+            Self::GrantExpired | Self::BadGrantScope(_) => GRANT_REFUSED.into(),
+            other => other.to_string(),
+        }
+    }
+
     /// The code for the `Error` frame that reports it.
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Version { .. } => ErrorCode::Version,
-            Self::AuthFailed | Self::OutOfScope { .. } | Self::GrantExpired => ErrorCode::Auth,
+            Self::AuthFailed
+            | Self::OutOfScope { .. }
+            | Self::GrantExpired
+            | Self::BadGrantScope(_) => ErrorCode::Auth,
             Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } => ErrorCode::TooLarge,
             _ => ErrorCode::Protocol,
         }
@@ -176,26 +239,41 @@ impl SessionError {
 
 /// Kind of an open transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransferKind {
+enum TransferKind {
     /// Client → server.
     Upload,
     /// Server → client.
     Download,
 }
 
-/// The server side of one connection.
+/// An open transfer: its kind and size, with the daemon's state for it.
 #[derive(Debug)]
-pub struct ServerSession {
+enum Transfer<U, D> {
+    Upload { size: u64, state: U },
+    Download { size: u64, state: D },
+}
+
+/// The server side of one connection. `U` and `D` are what the daemon keeps for each open
+/// upload and download.
+#[derive(Debug)]
+pub struct ServerSession<U = (), D = ()> {
     config: ServerConfig,
     phase: Phase,
     nonce: Vec<u8>,
     client_nonce: Vec<u8>,
-    open: HashMap<u64, (TransferKind, u64)>,
+    client_agent: String,
+    open: HashMap<u64, Transfer<U, D>>,
     next_id: u64,
     tls_active: bool,
     client_capabilities: u64,
+    /// The version agreed in `Hello`.
+    version: u16,
+    /// The server's proof for `Welcome`, once the client proved it holds the token.
+    proof: Vec<u8>,
     /// Unix time (seconds) when the connection was accepted: grants are checked against it.
     now_unix: u64,
+    /// When the handshake must be done.
+    handshake_deadline: Option<Instant>,
     /// Set when the client authenticated with a grant: what it may write.
     scope: Option<String>,
 }
@@ -203,19 +281,23 @@ pub struct ServerSession {
 /// Longest a grant may claim to live, in seconds.
 pub const MAX_GRANT_LIFETIME: u64 = 7 * 24 * 3600;
 
-impl ServerSession {
-    /// A session waiting for `Hello`. `nonce` is the server's fresh random challenge; `now_unix`
-    /// the time the connection was accepted.
-    pub fn new(config: ServerConfig, nonce: Vec<u8>, now_unix: u64) -> Self {
+impl<U, D> ServerSession<U, D> {
+    /// A session waiting for `Hello`, for a connection accepted at `now` (Unix time
+    /// `now_unix`). `nonce` is the server's fresh random challenge.
+    pub fn new(config: ServerConfig, nonce: Vec<u8>, now_unix: u64, now: Instant) -> Self {
         Self {
+            handshake_deadline: now.checked_add(config.handshake_timeout),
             config,
             phase: Phase::AwaitHello,
             nonce,
             client_nonce: Vec::new(),
+            client_agent: String::new(),
             open: HashMap::new(),
             next_id: 1,
             tls_active: false,
             client_capabilities: 0,
+            version: 0,
+            proof: Vec::new(),
             now_unix,
             scope: None,
         }
@@ -231,9 +313,14 @@ impl ServerSession {
         self.scope.as_deref()
     }
 
-    /// The server's nonce, for `Challenge`.
+    /// The server's nonce, sent in `Challenge`.
     pub fn nonce(&self) -> &[u8] {
         &self.nonce
+    }
+
+    /// The software the client named in its `Hello`.
+    pub fn client_agent(&self) -> &str {
+        &self.client_agent
     }
 
     /// Capability bits for `Welcome`.
@@ -252,11 +339,41 @@ impl ServerSession {
         auth | tls
     }
 
-    /// Checks a frame from the client and says what to do with it.
+    /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
+    pub fn welcome(&self) -> Welcome {
+        Welcome {
+            version: self.version,
+            capabilities: self.capabilities(),
+            max_chunk_size: self.config.max_chunk,
+            window: self.config.window,
+            agent: self.config.agent.clone(),
+            proof: self.proof.clone(),
+        }
+    }
+
+    /// Until when to wait for the peer's next frame, waiting from `now`: the handshake's
+    /// deadline until it is done, then the idle timeout from `now`. `None`: no deadline.
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitHello | Phase::AwaitAuth => self.handshake_deadline,
+            Phase::Ready => now.checked_add(self.config.idle_timeout),
+        }
+    }
+
+    /// The error for a peer that sent nothing before [`Self::poll_timeout`]'s deadline.
+    pub fn timed_out(&self) -> SessionError {
+        match self.phase {
+            Phase::AwaitHello | Phase::AwaitAuth => SessionError::HandshakeTimedOut,
+            Phase::Ready => SessionError::Idle(self.config.idle_timeout),
+        }
+    }
+
+    /// Checks a frame of the handshake and says what to do with it.
     ///
     /// # Errors
-    /// A [`SessionError`]: the daemon reports it with an `Error` frame and closes.
-    pub fn handle_frame(&mut self, frame: Frame) -> Result<Request, SessionError> {
+    /// A [`SessionError`]: the daemon reports it with an `Error` frame and closes. Every frame
+    /// once the handshake is done is one.
+    pub fn handle_handshake(&mut self, frame: Frame) -> Result<Handshake, SessionError> {
         let unexpected = |frame: &Frame, phase: &'static str| SessionError::Unexpected {
             frame: frame.frame_type().name(),
             phase,
@@ -267,7 +384,7 @@ impl ServerSession {
                     return Err(SessionError::TlsRequired);
                 }
                 self.tls_active = true;
-                Ok(Request::StartTls)
+                Ok(Handshake::StartTls)
             }
             (Phase::AwaitHello, Frame::Hello(hello)) => {
                 if !self.tls_active && hello.capabilities & crate::CAP_TLS != 0 {
@@ -280,21 +397,24 @@ impl ServerSession {
                         max: hello.version,
                     });
                 }
-                self.client_nonce.clone_from(&hello.nonce);
+                self.version = version;
+                self.client_nonce = hello.nonce;
+                self.client_agent = hello.agent;
                 self.client_capabilities = hello.capabilities;
-                self.phase = if self.config.token.is_some() {
-                    Phase::AwaitAuth
-                } else {
-                    Phase::Ready
-                };
-                Ok(Request::Hello { hello, version })
+                if self.config.token.is_none() {
+                    self.phase = Phase::Ready;
+                    return Ok(Handshake::Admitted);
+                }
+                self.phase = Phase::AwaitAuth;
+                Ok(Handshake::Challenge(Challenge {
+                    nonce: self.nonce.clone(),
+                }))
             }
             (Phase::AwaitAuth, Frame::Auth(a)) => {
-                let token = self
-                    .config
-                    .token
-                    .as_deref()
-                    .expect("AwaitAuth only with a token");
+                // AwaitAuth comes only with a token.
+                let Some(token) = self.config.token.as_deref() else {
+                    return Err(SessionError::AuthFailed);
+                };
                 let key = match &a.grant {
                     None => token.to_vec(),
                     Some(grant) => {
@@ -304,8 +424,10 @@ impl ServerSession {
                                 .scope
                                 .split('/')
                                 .any(|p| p.is_empty() || p == "." || p == "..");
-                        if bad_scope
-                            || grant.expires <= self.now_unix
+                        if bad_scope {
+                            return Err(SessionError::BadGrantScope(grant.scope.clone()));
+                        }
+                        if grant.expires <= self.now_unix
                             || grant.expires > self.now_unix + MAX_GRANT_LIFETIME
                         {
                             return Err(SessionError::GrantExpired);
@@ -319,15 +441,14 @@ impl ServerSession {
                     return Err(SessionError::AuthFailed);
                 }
                 self.scope = a.grant.map(|g| g.scope);
+                self.proof = auth::server_proof(&key, &self.client_nonce, &self.nonce);
                 self.phase = Phase::Ready;
-                Ok(Request::Authenticated {
-                    proof: auth::server_proof(&key, &self.client_nonce, &self.nonce),
-                })
+                Ok(Handshake::Admitted)
             }
-            (_, Frame::Error(e)) => Ok(Request::PeerError(e)),
+            (_, Frame::Error(e)) => Ok(Handshake::PeerError(e)),
             (Phase::AwaitHello, f) => Err(unexpected(&f, "before Hello")),
             (Phase::AwaitAuth, f) => Err(unexpected(&f, "before Auth")),
-            (Phase::Ready, frame) => self.handle_request(frame),
+            (Phase::Ready, f) => Err(unexpected(&f, "after the handshake")),
         }
     }
 
@@ -364,7 +485,27 @@ impl ServerSession {
         Ok(())
     }
 
-    fn handle_request(&mut self, frame: Frame) -> Result<Request, SessionError> {
+    /// Checks a request from the client and says what to do with it.
+    ///
+    /// # Errors
+    /// A [`SessionError`]: the daemon reports it with an `Error` frame and closes. Every frame
+    /// before the handshake is done is one.
+    pub fn handle_request(&mut self, frame: Frame) -> Result<Request, SessionError> {
+        match (self.phase, frame) {
+            (_, Frame::Error(e)) => Ok(Request::PeerError(e)),
+            (Phase::AwaitHello, f) => Err(SessionError::Unexpected {
+                frame: f.frame_type().name(),
+                phase: "before Hello",
+            }),
+            (Phase::AwaitAuth, f) => Err(SessionError::Unexpected {
+                frame: f.frame_type().name(),
+                phase: "before Auth",
+            }),
+            (Phase::Ready, frame) => self.request(frame),
+        }
+    }
+
+    fn request(&mut self, frame: Frame) -> Result<Request, SessionError> {
         self.check_scope(&frame)?;
         match frame {
             Frame::OpenWrite(req) => {
@@ -384,20 +525,20 @@ impl ServerSession {
             Frame::Data(data) => {
                 let size = self.transfer("Data", data.transfer_id, TransferKind::Upload)?;
                 self.check_chunk(data.offset, data.payload.len() as u64, size)?;
-                Ok(Request::Data(data))
+                Ok(Request::Data(UploadId(data.transfer_id), data))
             }
             Frame::ReadChunk(c) => {
                 let size = self.transfer("ReadChunk", c.transfer_id, TransferKind::Download)?;
                 self.check_chunk(c.offset, c.len.into(), size)?;
-                Ok(Request::ReadChunk(c))
+                Ok(Request::ReadChunk(DownloadId(c.transfer_id), c))
             }
             Frame::Commit(c) => {
                 self.transfer("Commit", c.transfer_id, TransferKind::Upload)?;
-                Ok(Request::Commit(c))
+                Ok(Request::Commit(UploadId(c.transfer_id), c))
             }
             Frame::DigestRequest(c) => {
                 self.transfer("DigestRequest", c.transfer_id, TransferKind::Download)?;
-                Ok(Request::Digest(c.transfer_id))
+                Ok(Request::Digest(DownloadId(c.transfer_id)))
             }
             Frame::List(list) => Ok(Request::List(list)),
             Frame::ListTree(req) => Ok(Request::ListTree(req)),
@@ -428,8 +569,9 @@ impl ServerSession {
         id: u64,
         kind: TransferKind,
     ) -> Result<u64, SessionError> {
-        match self.open.get(&id) {
-            Some((k, size)) if *k == kind => Ok(*size),
+        match (self.open.get(&id), kind) {
+            (Some(Transfer::Upload { size, .. }), TransferKind::Upload)
+            | (Some(Transfer::Download { size, .. }), TransferKind::Download) => Ok(*size),
             _ => Err(SessionError::UnknownTransfer {
                 frame,
                 id,
@@ -459,17 +601,78 @@ impl ServerSession {
         Ok(())
     }
 
-    /// Records a transfer the daemon opened for the last `OpenWrite`/`OpenRead`; returns its id.
-    pub fn opened(&mut self, kind: TransferKind, size: u64) -> u64 {
+    fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.open.insert(id, (kind, size));
         id
     }
 
-    /// Forgets a transfer (committed or abandoned).
-    pub fn closed(&mut self, id: u64) {
-        self.open.remove(&id);
+    /// Records the upload the daemon opened for the last `OpenWrite`, with its state; returns
+    /// its handle (`get()` is the id to send in `WriteOpened`).
+    pub fn open_upload(&mut self, size: u64, state: U) -> UploadId {
+        let id = self.next_id();
+        self.open.insert(id, Transfer::Upload { size, state });
+        UploadId(id)
+    }
+
+    /// Records the download the daemon opened for the last `OpenRead`, with its state.
+    pub fn open_download(&mut self, size: u64, state: D) -> DownloadId {
+        let id = self.next_id();
+        self.open.insert(id, Transfer::Download { size, state });
+        DownloadId(id)
+    }
+
+    /// The daemon's state for an open upload.
+    ///
+    /// # Errors
+    /// [`SessionError::TransferClosed`] once the upload is closed.
+    pub fn upload(&mut self, id: UploadId) -> Result<&mut U, SessionError> {
+        match self.open.get_mut(&id.0) {
+            Some(Transfer::Upload { state, .. }) => Ok(state),
+            _ => Err(SessionError::TransferClosed(id.0)),
+        }
+    }
+
+    /// The daemon's state for an open download.
+    ///
+    /// # Errors
+    /// [`SessionError::TransferClosed`] once the download is closed.
+    pub fn download(&mut self, id: DownloadId) -> Result<&mut D, SessionError> {
+        match self.open.get_mut(&id.0) {
+            Some(Transfer::Download { state, .. }) => Ok(state),
+            _ => Err(SessionError::TransferClosed(id.0)),
+        }
+    }
+
+    /// Forgets an upload (committed or abandoned) and hands its state back.
+    ///
+    /// # Errors
+    /// [`SessionError::TransferClosed`] if it was closed already.
+    pub fn close_upload(&mut self, id: UploadId) -> Result<U, SessionError> {
+        match self.open.remove(&id.0) {
+            Some(Transfer::Upload { state, .. }) => Ok(state),
+            Some(other) => {
+                self.open.insert(id.0, other);
+                Err(SessionError::TransferClosed(id.0))
+            }
+            None => Err(SessionError::TransferClosed(id.0)),
+        }
+    }
+
+    /// The daemon's state for every open upload.
+    pub fn uploads(&self) -> impl Iterator<Item = &U> {
+        self.open.values().filter_map(|t| match t {
+            Transfer::Upload { state, .. } => Some(state),
+            Transfer::Download { .. } => None,
+        })
+    }
+
+    /// The daemon's state for every open download.
+    pub fn downloads(&self) -> impl Iterator<Item = &D> {
+        self.open.values().filter_map(|t| match t {
+            Transfer::Download { state, .. } => Some(state),
+            Transfer::Upload { .. } => None,
+        })
     }
 
     /// Number of transfers open.
@@ -481,7 +684,7 @@ impl ServerSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Auth, Commit, FileIdentity};
+    use crate::{Auth, Commit, FileIdentity, Hello};
     use bytes::Bytes;
 
     fn hello(nonce: Vec<u8>) -> Frame {
@@ -494,22 +697,31 @@ mod tests {
         })
     }
 
+    fn config(token: Option<&[u8]>) -> ServerConfig {
+        ServerConfig {
+            token: token.map(Into::into),
+            max_chunk: 1024,
+            max_open: 2,
+            tls: false,
+            window: 4,
+            agent: "xferd/test".into(),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+
     fn session(token: Option<&[u8]>) -> ServerSession {
         ServerSession::new(
-            ServerConfig {
-                token: token.map(Into::into),
-                max_chunk: 1024,
-                max_open: 2,
-                tls: false,
-            },
+            config(token),
             vec![7; auth::NONCE_LEN],
             1_000_000,
+            Instant::now(),
         )
     }
 
     fn ready() -> ServerSession {
         let mut s = session(None);
-        s.handle_frame(hello(vec![])).unwrap();
+        s.handle_handshake(hello(vec![])).unwrap();
         s
     }
 
@@ -524,7 +736,7 @@ mod tests {
 
     #[test]
     fn requests_before_hello_are_refused() {
-        let err = session(None).handle_frame(open_write(1)).unwrap_err();
+        let err = session(None).handle_request(open_write(1)).unwrap_err();
         assert!(matches!(
             err,
             SessionError::Unexpected {
@@ -546,7 +758,7 @@ mod tests {
             nonce: vec![],
         });
         assert!(matches!(
-            s.handle_frame(f),
+            s.handle_handshake(f),
             Err(SessionError::Version { min: 2, max: 9 })
         ));
         let mut s = session(None);
@@ -557,29 +769,30 @@ mod tests {
             agent: String::new(),
             nonce: vec![],
         });
-        assert!(matches!(
-            s.handle_frame(f),
-            Ok(Request::Hello { version: 1, .. })
-        ));
+        assert!(matches!(s.handle_handshake(f), Ok(Handshake::Admitted)));
         assert_eq!(s.phase(), Phase::Ready);
+        assert_eq!(s.welcome().version, 1);
     }
 
     #[test]
     fn token_must_be_proven() {
         let cn = vec![1; auth::NONCE_LEN];
         let mut s = session(Some(b"tok"));
-        s.handle_frame(hello(cn.clone())).unwrap();
+        let Ok(Handshake::Challenge(challenge)) = s.handle_handshake(hello(cn.clone())) else {
+            panic!("want Challenge")
+        };
+        assert_eq!(challenge.nonce, s.nonce());
         assert_eq!(s.phase(), Phase::AwaitAuth);
         assert!(
-            s.handle_frame(open_write(1)).is_err(),
+            s.handle_request(open_write(1)).is_err(),
             "no requests before Auth"
         );
 
         let mut s = session(Some(b"tok"));
-        s.handle_frame(hello(cn.clone())).unwrap();
+        s.handle_handshake(hello(cn.clone())).unwrap();
         let bad = auth::client_proof(b"other", &cn, s.nonce());
         assert_eq!(
-            s.handle_frame(Frame::Auth(Auth {
+            s.handle_handshake(Frame::Auth(Auth {
                 proof: bad,
                 grant: None
             }))
@@ -588,26 +801,59 @@ mod tests {
         );
 
         let mut s = session(Some(b"tok"));
-        s.handle_frame(hello(cn.clone())).unwrap();
+        s.handle_handshake(hello(cn.clone())).unwrap();
         let good = auth::client_proof(b"tok", &cn, s.nonce());
-        let Ok(Request::Authenticated { proof }) = s.handle_frame(Frame::Auth(Auth {
+        let Ok(Handshake::Admitted) = s.handle_handshake(Frame::Auth(Auth {
             proof: good,
             grant: None,
         })) else {
-            panic!("want Authenticated")
+            panic!("want Admitted")
         };
-        assert!(auth::verify_server(b"tok", &cn, s.nonce(), &proof));
-        assert_eq!(s.capabilities(), crate::CAP_AUTH);
-        assert!(s.handle_frame(open_write(1)).is_ok());
+        let welcome = s.welcome();
+        assert!(auth::verify_server(b"tok", &cn, s.nonce(), &welcome.proof));
+        assert_eq!(welcome.capabilities, crate::CAP_AUTH);
+        assert_eq!((welcome.window, welcome.agent.as_str()), (4, "xferd/test"));
+        assert!(s.handle_request(open_write(1)).is_ok());
+        assert!(
+            s.handle_handshake(hello(cn.clone())).is_err(),
+            "no second handshake"
+        );
+    }
+
+    #[test]
+    fn deadlines_are_the_handshake_s_then_the_idle_timeout() {
+        let start = Instant::now();
+        let mut s: ServerSession =
+            ServerSession::new(config(Some(b"tok")), vec![7; auth::NONCE_LEN], 0, start);
+        let later = start + Duration::from_secs(3);
+        let handshake_deadline = Some(start + Duration::from_secs(10));
+        assert_eq!(s.poll_timeout(later), handshake_deadline);
+        assert_eq!(s.timed_out(), SessionError::HandshakeTimedOut);
+        let cn = vec![1; auth::NONCE_LEN];
+        s.handle_handshake(hello(cn.clone())).unwrap();
+        assert_eq!(
+            s.poll_timeout(later),
+            handshake_deadline,
+            "Hello does not extend the handshake"
+        );
+        let proof = auth::client_proof(b"tok", &cn, s.nonce());
+        s.handle_handshake(Frame::Auth(Auth { proof, grant: None }))
+            .unwrap();
+        assert_eq!(
+            s.poll_timeout(later),
+            Some(later + Duration::from_secs(300))
+        );
+        assert_eq!(s.timed_out(), SessionError::Idle(Duration::from_secs(300)));
+        assert_eq!(s.timed_out().to_string(), "idle for 300s");
     }
 
     #[test]
     fn empty_client_nonce_cannot_authenticate() {
         let mut s = session(Some(b"tok"));
-        s.handle_frame(hello(vec![])).unwrap();
+        s.handle_handshake(hello(vec![])).unwrap();
         let proof = auth::client_proof(b"tok", &[], s.nonce());
         assert_eq!(
-            s.handle_frame(Frame::Auth(Auth { proof, grant: None }))
+            s.handle_handshake(Frame::Auth(Auth { proof, grant: None }))
                 .unwrap_err(),
             SessionError::AuthFailed
         );
@@ -615,28 +861,35 @@ mod tests {
 
     #[test]
     fn data_is_checked_against_its_transfer() {
-        let mut s = ready();
+        let mut s: ServerSession<&str> = ServerSession::new(
+            config(None),
+            vec![7; auth::NONCE_LEN],
+            1_000_000,
+            Instant::now(),
+        );
+        s.handle_handshake(hello(vec![])).unwrap();
         let data =
             |id, offset, len: usize| Frame::Data(Data::new(id, offset, Bytes::from(vec![0; len])));
         assert!(matches!(
-            s.handle_frame(data(1, 0, 1)),
+            s.handle_request(data(1, 0, 1)),
             Err(SessionError::UnknownTransfer { .. })
         ));
         assert!(matches!(
-            s.handle_frame(open_write(1000)),
+            s.handle_request(open_write(1000)),
             Ok(Request::OpenWrite(_))
         ));
-        let id = s.opened(TransferKind::Upload, 1000);
+        let handle = s.open_upload(1000, "state");
+        let id = handle.get();
         assert!(matches!(
-            s.handle_frame(data(id, 0, 1000)),
-            Ok(Request::Data(_))
+            s.handle_request(data(id, 0, 1000)),
+            Ok(Request::Data(h, _)) if h == handle
         ));
         assert!(matches!(
-            s.handle_frame(data(id, 1, 1000)),
+            s.handle_request(data(id, 1, 1000)),
             Err(SessionError::OutOfRange { .. })
         ));
         assert!(matches!(
-            s.handle_frame(data(id, u64::MAX, 1)),
+            s.handle_request(data(id, u64::MAX, 1)),
             Err(SessionError::OutOfRange { .. })
         ));
         let read = Frame::ReadChunk(ChunkRef {
@@ -645,19 +898,21 @@ mod tests {
             len: 1,
         });
         assert!(matches!(
-            s.handle_frame(read),
+            s.handle_request(read),
             Err(SessionError::UnknownTransfer { .. })
         ));
         assert!(matches!(
-            s.handle_frame(Frame::Commit(Commit {
+            s.handle_request(Frame::Commit(Commit {
                 transfer_id: id,
                 digest: vec![]
             })),
-            Ok(Request::Commit(_))
+            Ok(Request::Commit(h, _)) if h == handle
         ));
-        s.closed(id);
+        assert_eq!(s.upload(handle).map(|state| *state), Ok("state"));
+        assert_eq!(s.close_upload(handle), Ok("state"));
+        assert_eq!(s.upload(handle), Err(SessionError::TransferClosed(id)));
         assert!(s
-            .handle_frame(Frame::Commit(Commit {
+            .handle_request(Frame::Commit(Commit {
                 transfer_id: id,
                 digest: vec![]
             }))
@@ -667,19 +922,19 @@ mod tests {
     #[test]
     fn chunks_and_open_transfers_are_limited() {
         let mut s = ready();
-        let id = s.opened(TransferKind::Download, 1 << 20);
+        let id = s.open_download(1 << 20, ()).get();
         let big = Frame::ReadChunk(ChunkRef {
             transfer_id: id,
             offset: 0,
             len: 1025,
         });
         assert!(matches!(
-            s.handle_frame(big),
+            s.handle_request(big),
             Err(SessionError::ChunkTooLarge { .. })
         ));
-        s.opened(TransferKind::Download, 1);
+        s.open_download(1, ());
         assert!(matches!(
-            s.handle_frame(open_write(1)),
+            s.handle_request(open_write(1)),
             Err(SessionError::TooManyOpen(2))
         ));
     }
@@ -696,30 +951,30 @@ mod tests {
             })
         };
         let config = ServerConfig {
-            token: None,
-            max_chunk: 1024,
-            max_open: 2,
             tls: true,
+            ..config(None)
         };
-        let mut s = ServerSession::new(config.clone(), vec![], 0);
+        let mut s: ServerSession = ServerSession::new(config.clone(), vec![], 0, Instant::now());
         assert_eq!(
-            s.handle_frame(tls_hello(0)).unwrap_err(),
+            s.handle_handshake(tls_hello(0)).unwrap_err(),
             SessionError::TlsRequired
         );
-        let mut s = ServerSession::new(config, vec![], 0);
+        let mut s: ServerSession = ServerSession::new(config, vec![], 0, Instant::now());
         assert!(matches!(
-            s.handle_frame(tls_hello(crate::CAP_TLS)),
-            Ok(Request::StartTls)
+            s.handle_handshake(tls_hello(crate::CAP_TLS)),
+            Ok(Handshake::StartTls)
         ));
         assert_eq!(s.phase(), Phase::AwaitHello);
         assert!(matches!(
-            s.handle_frame(tls_hello(crate::CAP_TLS)),
-            Ok(Request::Hello { .. })
+            s.handle_handshake(tls_hello(crate::CAP_TLS)),
+            Ok(Handshake::Admitted)
         ));
         assert_eq!(s.capabilities(), crate::CAP_TLS);
         let mut plain = session(None);
         assert_eq!(
-            plain.handle_frame(tls_hello(crate::CAP_TLS)).unwrap_err(),
+            plain
+                .handle_handshake(tls_hello(crate::CAP_TLS))
+                .unwrap_err(),
             SessionError::TlsUnavailable
         );
     }
@@ -735,16 +990,16 @@ mod tests {
         let key = auth::grant_key(b"tok", &grant);
         let start = |grant: crate::Grant, key: &[u8]| {
             let mut s = session(Some(b"tok"));
-            s.handle_frame(hello(cn.clone())).unwrap();
+            s.handle_handshake(hello(cn.clone())).unwrap();
             let proof = auth::client_proof(key, &cn, s.nonce());
-            let r = s.handle_frame(Frame::Auth(Auth {
+            let r = s.handle_handshake(Frame::Auth(Auth {
                 proof,
                 grant: Some(grant),
             }));
             (s, r)
         };
         let (mut s, r) = start(grant.clone(), &key);
-        assert!(matches!(r, Ok(Request::Authenticated { .. })));
+        assert!(matches!(r, Ok(Handshake::Admitted)));
         let write = |name: &str| {
             Frame::OpenWrite(OpenWrite {
                 name: name.into(),
@@ -756,10 +1011,10 @@ mod tests {
                 chunk_size: 512,
             })
         };
-        assert!(s.handle_frame(write("in/box/f")).is_ok());
-        assert!(s.handle_frame(write("in/box")).is_ok());
+        assert!(s.handle_request(write("in/box/f")).is_ok());
+        assert!(s.handle_request(write("in/box")).is_ok());
         assert!(matches!(
-            s.handle_frame(write("in/boxes")),
+            s.handle_request(write("in/boxes")),
             Err(SessionError::OutOfScope { .. })
         ));
         let read = Frame::OpenRead(OpenRead {
@@ -768,7 +1023,7 @@ mod tests {
             have: vec![],
         });
         assert!(matches!(
-            s.handle_frame(read),
+            s.handle_request(read),
             Err(SessionError::OutOfScope { .. })
         ));
         // A grant signed with another token, or a changed scope, does not verify.
@@ -788,6 +1043,16 @@ mod tests {
             &key,
         );
         assert_eq!(r.unwrap_err(), SessionError::GrantExpired);
+        let (_, r) = start(
+            crate::Grant {
+                scope: "in/../out".into(),
+                ..grant.clone()
+            },
+            &key,
+        );
+        let err = r.unwrap_err();
+        assert_eq!(err, SessionError::BadGrantScope("in/../out".into()));
+        assert_eq!(err.wire_message(), GRANT_REFUSED, "one message on the wire");
         let (_, r) = start(grant.clone(), &auth::grant_key(b"other", &grant));
         assert_eq!(r.unwrap_err(), SessionError::AuthFailed);
     }
@@ -800,7 +1065,7 @@ mod tests {
             digest: vec![],
         });
         assert!(matches!(
-            s.handle_frame(f),
+            s.handle_request(f),
             Err(SessionError::Unexpected {
                 frame: "Committed",
                 ..

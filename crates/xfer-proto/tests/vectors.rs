@@ -249,7 +249,13 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             Frame::Commit(commit(1, &[0xaa; 5])),
         ),
         ("digest-request", Frame::DigestRequest(commit(2, &[]))),
-        ("digest-reply", Frame::DigestReply(commit(2, &DIGEST_ABC))),
+        (
+            "digest-reply",
+            Frame::DigestReply(DigestReply {
+                transfer_id: 2,
+                digest: DIGEST_ABC.to_vec(),
+            }),
+        ),
         ("list-root", Frame::List(List { dir: String::new() })),
         ("list", Frame::List(List { dir: "a".into() })),
         (

@@ -19,28 +19,28 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::Target;
+use xfer_client::Target;
 
 /// What the defaults file holds.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClientConfig {
+pub(crate) struct ClientConfig {
     /// Default for `-c/--connections`.
-    pub connections: Option<usize>,
+    pub(crate) connections: Option<usize>,
     /// Default for `--chunk-size`: bytes, or a string like `"8M"`.
     #[serde(default, deserialize_with = "size_text")]
-    pub chunk_size: Option<String>,
+    pub(crate) chunk_size: Option<String>,
     /// Settings per server, keyed `"HOST:PORT"` (the port may be left out for 8888).
     #[serde(default)]
-    pub hosts: BTreeMap<String, HostConfig>,
+    pub(crate) hosts: BTreeMap<String, HostConfig>,
 }
 
 /// Settings for one server.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HostConfig {
+pub(crate) struct HostConfig {
     /// File holding this server's token.
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
 }
 
 /// A size written as a number or a string, kept as the string a flag would take.
@@ -60,14 +60,14 @@ fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
             ))
         }
     };
-    xfer_core::units::parse_size(&text).map_err(serde::de::Error::custom)?;
+    xfer_cli_util::units::parse_size(&text).map_err(serde::de::Error::custom)?;
     Ok(Some(text))
 }
 
 impl ClientConfig {
     /// Where the file is: `$XDG_CONFIG_HOME/xfer/config.toml`, else
     /// `$HOME/.config/xfer/config.toml`; `None` without either variable.
-    pub fn path() -> Option<PathBuf> {
+    pub(crate) fn path() -> Option<PathBuf> {
         path_from(
             std::env::var_os("XDG_CONFIG_HOME"),
             std::env::var_os("HOME"),
@@ -78,7 +78,7 @@ impl ClientConfig {
     ///
     /// # Errors
     /// The file exists but cannot be read, or [`ClientConfig::parse`] rejects it.
-    pub fn load() -> anyhow::Result<Self> {
+    pub(crate) fn load() -> anyhow::Result<Self> {
         match Self::path() {
             Some(path) => Self::load_from(&path),
             None => Ok(Self::default()),
@@ -89,7 +89,7 @@ impl ClientConfig {
     ///
     /// # Errors
     /// The file exists but cannot be read, or [`ClientConfig::parse`] rejects it.
-    pub fn load_from(path: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn load_from(path: &Path) -> anyhow::Result<Self> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
@@ -111,7 +111,7 @@ impl ClientConfig {
     /// # Errors
     /// TOML syntax, a value of the wrong type, an unknown key, a host key that is not
     /// `HOST[:PORT]`, or `connections` out of range; the message names the key.
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
         let config: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         if let Some(c) = config.connections {
             if !(1..=128).contains(&c) {
@@ -129,7 +129,7 @@ impl ClientConfig {
     }
 
     /// The token file configured for `host` (as given on the command line, `HOST[:PORT]`).
-    pub fn token_file_for(&self, host: &str) -> Option<PathBuf> {
+    pub(crate) fn token_file_for(&self, host: &str) -> Option<PathBuf> {
         let want: Target = host.parse().ok()?;
         self.hosts.iter().find_map(|(key, cfg)| {
             let have: Target = key.parse().ok()?;
@@ -144,7 +144,7 @@ impl ClientConfig {
 
     /// `cmd` with the file's `connections` and `chunk_size` as the defaults of every subcommand
     /// that takes them, so that flags still override them and `--help` shows them.
-    pub fn apply_defaults(&self, mut cmd: clap::Command) -> clap::Command {
+    pub(crate) fn apply_defaults(&self, mut cmd: clap::Command) -> clap::Command {
         let names: Vec<String> = cmd
             .get_subcommands()
             .map(|s| s.get_name().to_string())
@@ -169,14 +169,14 @@ impl ClientConfig {
 
     /// Parses the command line of `P` with this file's defaults applied; exits on a usage error,
     /// like [`clap::Parser::parse`].
-    pub fn parse_args<P: clap::Parser>(&self) -> P {
+    pub(crate) fn parse_args<P: clap::Parser>(&self) -> P {
         let matches = self.apply_defaults(P::command()).get_matches();
         P::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 }
 
 /// A TOML error on one line, with the line it is about (which names the key).
-pub fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
     let Some(span) = e.span() else {
         return anyhow::anyhow!("{}", e.message());
     };

@@ -11,7 +11,18 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use xfer_core::MemoryBudget;
 
+use crate::metrics::Metrics;
+
 const MIB: u64 = 1 << 20;
+
+/// The budget the daemon's connections share: made once per `metrics`, which reports it, and
+/// the same one for every later call (a reload does not resize it).
+pub fn shared_budget(metrics: &Metrics, max_memory: u64) -> MemoryBudget {
+    metrics
+        .buffers
+        .get_or_init(|| MemoryBudget::new(usize::try_from(max_memory).unwrap_or(usize::MAX)))
+        .clone()
+}
 
 /// The default budget: a quarter of the memory this process may use (the machine's, or its
 /// cgroup's if smaller), at least [`DEFAULT_FLOOR`], at most [`DEFAULT_CAP`]. A quarter leaves
@@ -66,7 +77,7 @@ const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// `shutdown`.
 pub async fn trim_when_idle(
     budget: MemoryBudget,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let activity = || {

@@ -81,7 +81,7 @@ pub struct Config {
     pub copy_trust: Option<CopyTrust>,
     /// Buffers and congestion control: set on the listener (accepted connections inherit them)
     /// and on the connections of server-to-server copies.
-    pub socket: xfer::sockopt::SocketOptions,
+    pub socket: xfer_net::SocketOptions,
 }
 
 impl Config {
@@ -108,7 +108,7 @@ impl Config {
             token: None,
             tls: None,
             copy_trust: None,
-            socket: xfer::sockopt::SocketOptions::default(),
+            socket: xfer_net::SocketOptions::default(),
         })
     }
 }
@@ -167,7 +167,10 @@ impl CopyTrust {
     /// # Errors
     /// The file cannot be read or holds no certificate.
     pub fn from_pem_file(ca: &std::path::Path) -> anyhow::Result<Self> {
-        Ok(Self(xfer::Connector::tls_trusting(Some(ca), Self::FIX)?))
+        Ok(Self(xfer_client::Connector::tls_trusting(
+            Some(ca),
+            Self::FIX,
+        )?))
     }
 }
 
@@ -294,10 +297,7 @@ pub async fn run_with(
         mut reloads,
         metrics,
     } = hooks;
-    let mut config = config;
-    fds::fit(&mut config, fds::soft_limit());
-    let budget = MemoryBudget::new(usize::try_from(config.max_memory).unwrap_or(usize::MAX));
-    let _ = metrics.buffers.set(budget.clone());
+    let budget = budget::shared_budget(&metrics, config.max_memory);
     tokio::spawn(budget::trim_when_idle(
         budget.clone(),
         Arc::clone(&metrics),
@@ -364,7 +364,11 @@ pub async fn run_with(
                 let open = metrics::GaugeGuard::new(&shared.metrics, |m| &m.connections_open);
                 tracker.spawn(async move {
                     match slot {
-                        Some(_slot) => handler::serve(shared, socket, peer).await,
+                        Some(_slot) => {
+                            // Small control frames (Ack, Welcome) go out at once.
+                            let _ = socket.set_nodelay(true);
+                            handler::serve(shared, socket, peer).await
+                        }
                         None => {
                             handler::refuse_busy(
                                 socket,

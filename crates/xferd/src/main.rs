@@ -355,9 +355,10 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         None => listen.clone(),
     };
     settings.check_exposure(&exposed)?;
-    let config = settings.to_config()?;
+    let mut config = settings.to_config()?;
     xferd::budget::prefer_mmap_for_chunks();
-    xferd::fds::raise_nofile_limit();
+    let open_files = xferd::fds::raise_nofile_limit();
+    xferd::fds::fit(&mut config, open_files);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
         let listener = match activated {
@@ -373,6 +374,8 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(xferd::metrics::Metrics::default());
+        // Made before the address line, so that the first scrape already reports it.
+        xferd::budget::shared_budget(&metrics, config.max_memory);
         if let Some(at) = &settings.metrics {
             let http = tokio::net::TcpListener::bind(at)
                 .await
@@ -407,7 +410,7 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
 /// window scale for the buffers asked for.
 async fn bind(
     listen: &str,
-    options: &xfer::sockopt::SocketOptions,
+    options: &xfer_net::SocketOptions,
 ) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
     for addr in tokio::net::lookup_host(listen).await? {

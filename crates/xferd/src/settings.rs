@@ -93,7 +93,7 @@ impl std::str::FromStr for Size {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        xfer_core::units::parse_size(s).map(Size)
+        xfer_cli_util::units::parse_size(s).map(Size)
     }
 }
 
@@ -356,7 +356,7 @@ impl Settings {
             .or(defaults.max_conns_per_ip)
             .unwrap_or(64);
         if let Some(path) = &self.token_file {
-            let token = xfer_core::token::read_token_file(path).context("token_file")?;
+            let token = xfer_cli_util::token::read_token_file(path).context("token_file")?;
             cfg.token = Some(token.into());
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
@@ -365,7 +365,7 @@ impl Settings {
         if let Some(ca) = &self.copy_ca {
             cfg.copy_trust = Some(crate::CopyTrust::from_pem_file(ca).context("copy_ca")?);
         }
-        cfg.socket = xfer::sockopt::SocketOptions {
+        cfg.socket = xfer_net::SocketOptions {
             sndbuf: self.sndbuf.map(|s| s.0),
             rcvbuf: self.rcvbuf.map(|s| s.0),
             congestion: self.congestion.clone(),
@@ -386,7 +386,7 @@ impl Settings {
                     "# token_file: the systemd credential \"token\" ($CREDENTIALS_DIRECTORY)\n",
                 );
             }
-            let state = match xfer_core::token::read_token_file(path) {
+            let state = match xfer_cli_util::token::read_token_file(path) {
                 Ok(_) => "readable",
                 Err(_) => "NOT readable",
             };

@@ -6,9 +6,16 @@ use xfer_proto::{ErrorCode, ErrorFrame, ProtoError};
 /// A failed client operation.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The target could not be parsed or resolved.
+    /// The target (`HOST[:PORT]`, a copy endpoint) could not be parsed or resolved.
     #[error("{0}")]
     Target(String),
+    /// The CA certificates to trust could not be loaded: a CA file unreadable or holding none,
+    /// or no system roots.
+    #[error("{0}")]
+    Trust(String),
+    /// The local output path names no file (it ends in `..` or is not UTF-8).
+    #[error("bad output path {}", .0.display())]
+    OutputPath(std::path::PathBuf),
     /// TCP connect failed.
     #[error("{reason} ({addr})")]
     Connect {
@@ -34,13 +41,16 @@ pub enum ClientError {
     Local(#[from] CoreError),
     /// A socket option (buffer size, congestion control) cannot be used.
     #[error(transparent)]
-    Socket(#[from] crate::sockopt::SocketError),
+    Socket(#[from] xfer_net::SocketError),
     /// The connection closed where a reply was due.
     #[error("server closed the connection unexpectedly")]
     Closed,
     /// The server sent a frame that does not fit here.
     #[error("protocol error: unexpected {0} frame from the server")]
     Unexpected(&'static str),
+    /// The server's side of the handshake is not one this client can accept.
+    #[error("protocol error: {0}")]
+    Handshake(xfer_proto::client::HandshakeError),
     /// The server's file changed between connections.
     #[error("file changed on the server during the transfer: {0}")]
     Changed(String),
@@ -90,5 +100,29 @@ impl ClientError {
             ),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::Connector;
+
+    #[test]
+    fn trust_and_output_failures_are_their_own_variants_on_one_line() {
+        let missing = Path::new("/nonexistent/ca.pem");
+        let Err(e) = Connector::tls(Some(missing)) else {
+            panic!("a missing CA file was accepted");
+        };
+        assert!(matches!(e, ClientError::Trust(_)), "{e:?}");
+        assert!(e
+            .to_string()
+            .starts_with("reading CA certificates from /nonexistent/ca.pem: "));
+        assert!(!e.to_string().contains('\n'));
+        assert!(!e.is_transient() && !e.is_transient_connect());
+        let e = ClientError::OutputPath("/tmp/..".into());
+        assert_eq!(e.to_string(), "bad output path /tmp/..");
     }
 }

@@ -12,8 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 use xfer_proto::{Frame, FrameCodec, ProtoError, LEN_PREFIX};
 
-use crate::budget::{MemoryBudget, Reservation};
-use crate::buffers::BufferPool;
+use xfer_core::buffers::BufferPool;
+use xfer_core::{MemoryBudget, Reservation};
 
 /// Frames longer than this are read into a buffer of their own; shorter ones are cut from the
 /// reader's buffer, which never reads more than this at once.

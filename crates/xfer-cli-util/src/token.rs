@@ -1,22 +1,40 @@
 //! Reading the shared token from a file, the same way for the daemon and the client.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::{CoreError, Result};
+/// A token file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file cannot be read.
+    #[error("reading token file {}: {source}", path.display())]
+    Read {
+        /// The token file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file holds nothing but whitespace.
+    #[error("token file {}: it is empty", path.display())]
+    Empty {
+        /// The token file.
+        path: PathBuf,
+    },
+}
 
 /// Reads a token file: its contents without trailing whitespace, which must not be empty.
 ///
 /// # Errors
 /// The file cannot be read, or holds no token.
-pub fn read_token_file(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| CoreError::io(format!("reading token file {}", path.display()), e))?;
+pub fn read_token_file(path: &Path) -> Result<Vec<u8>, TokenError> {
+    let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let token = trim_token(&bytes);
     if token.is_empty() {
-        return Err(CoreError::io(
-            format!("token file {}", path.display()),
-            std::io::Error::other("it is empty"),
-        ));
+        return Err(TokenError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(token.to_vec())
 }

@@ -1,24 +1,22 @@
-//! The xfer client as a library: upload, download and list against an `xferd`.
+//! The xfer client as a library: upload, download, list and copy against an `xferd`.
 //!
 //! # Layout
 //! - [`copy`]: server-to-server copies, with grants for the destination.
 //! - [`engine`]: the transfer engine shared by [`send`] and [`recv`].
 //! - [`session`]: one connection past its handshake.
-//! - [`sockopt`]: socket buffers and congestion control for every connection.
 //! - [`list()`]: directory listings.
+//! - [`progress`]: [`Progress`], how transfers report the bytes they move.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
-//! - [`config`]: the defaults file, `~/.config/xfer/config.toml`.
 #![warn(missing_docs)]
 
-pub mod config;
 pub mod copy;
 pub mod engine;
 pub mod error;
 pub mod limiter;
 pub mod list;
+pub mod progress;
 pub mod session;
-pub mod sockopt;
 pub mod target;
 pub mod tree;
 
@@ -26,6 +24,7 @@ pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;
+pub use progress::{NoProgress, Progress, ProgressCounter};
 pub use session::{Connector, Session};
 pub use target::Target;
 pub use tree::{recv_tree, send_tree, send_tree_from, TreeSummary};

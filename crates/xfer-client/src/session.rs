@@ -9,12 +9,11 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls;
-use xfer_core::{FrameReader, FrameWriter};
-use xfer_proto::{
-    auth, Auth, ErrorCode, ErrorFrame, Frame, Hello, Welcome, CAP_AUTH, CAP_TLS, PROTOCOL_VERSION,
-};
+use xfer_net::sockopt::{self, SocketOptions};
+use xfer_net::{FrameReader, FrameWriter};
+use xfer_proto::client::{ClientConfig, ClientSession, HandshakeError, Step};
+use xfer_proto::{auth, ErrorCode, Frame, Welcome};
 
-use crate::sockopt::SocketOptions;
 use crate::{ClientError, Target};
 
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
@@ -90,7 +89,7 @@ impl Connector {
     ) -> Result<tokio_rustls::TlsConnector, ClientError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
-        let bad = |why: String| ClientError::Target(why);
+        let bad = |why: String| ClientError::Trust(why);
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(ca) => {
@@ -184,7 +183,7 @@ impl<S> Metered<S> {
     fn new(inner: S, meter: Option<Arc<AtomicU64>>, fd: std::os::fd::RawFd) -> Self {
         // SAFETY: `inner` keeps the socket open; it is only looked at here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let acked = crate::sockopt::bytes_acked(socket).map(|n| (fd, n));
+        let acked = sockopt::bytes_acked(socket).map(|n| (fd, n));
         Self {
             inner,
             meter,
@@ -214,7 +213,7 @@ impl<S> Metered<S> {
         // SAFETY: the socket is owned by `inner` (or the stream it is half of), open for as
         // long as this wrapper lives.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if let Some(now) = crate::sockopt::bytes_acked(socket) {
+        if let Some(now) = sockopt::bytes_acked(socket) {
             self.acked = Some((fd, now));
             self.count(now.saturating_sub(before) as usize);
         }
@@ -275,27 +274,25 @@ async fn start_tls(
     target: &Target,
     tls: &tokio_rustls::TlsConnector,
     meter: Option<Arc<AtomicU64>>,
+    handshake: &mut ClientSession,
 ) -> Result<(Reader, Writer), ClientError> {
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        min_version: 1,
-        capabilities: CAP_TLS,
-        agent: AGENT.into(),
-        nonce: Vec::new(),
-    };
     FrameWriter::new(&mut socket)
-        .send(&Frame::Hello(hello))
+        .send(&handshake.hello())
         .await?;
-    match FrameReader::new(&mut socket).read_frame().await? {
-        Some(Frame::StartTls) => {}
-        Some(Frame::Error(e)) => return Err(ClientError::Remote(e)),
-        Some(other) => return Err(unexpected(other)),
+    let Some(answer) = FrameReader::new(&mut socket).read_frame().await? else {
         // Not a TLS server (or an impostor): never worth retrying, never a reason to go plain.
-        None => {
-            return Err(ClientError::Tls(
-                "the server closed the connection instead of starting TLS".into(),
-            ))
+        return Err(ClientError::Tls(
+            "the server closed the connection instead of starting TLS".into(),
+        ));
+    };
+    match handshake.handle_frame(answer) {
+        Ok(Step::StartTls) => {}
+        // The handshake answers a Hello asking for TLS with StartTls or an error.
+        Ok(Step::Send(_) | Step::Welcomed(_)) => {
+            return Err(ClientError::Tls("the server did not start TLS".into()))
         }
+        Err(HandshakeError::Remote(e)) => return Err(ClientError::Remote(e)),
+        Err(e) => return Err(handshake_failure(e)),
     }
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
@@ -320,11 +317,20 @@ impl Session {
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
-        let congestion = crate::sockopt::congestion(&socket);
+        let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let meter = connector.meter.clone();
+        let mut nonce = vec![0u8; auth::NONCE_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+        let config = ClientConfig {
+            key: connector.token.clone(),
+            grant: connector.grant.clone(),
+            tls: connector.tls.is_some(),
+            agent: AGENT.into(),
+        };
+        let mut handshake = ClientSession::new(config, nonce);
         let (reader, writer) = match &connector.tls {
-            Some(tls) => start_tls(socket, target, tls, meter).await?,
+            Some(tls) => start_tls(socket, target, tls, meter, &mut handshake).await?,
             None => {
                 let (read, write) = socket.into_split();
                 let read = Metered {
@@ -353,57 +359,30 @@ impl Session {
             congestion,
             rtt: None,
         };
-        let token = connector.token.as_deref();
-        let mut nonce = vec![0u8; auth::NONCE_LEN];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-        let capabilities = if connector.tls.is_some() { CAP_TLS } else { 0 };
-        session
-            .writer
-            .send(&Frame::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                min_version: 1,
-                capabilities,
-                agent: AGENT.into(),
-                nonce: nonce.clone(),
-            }))
-            .await?;
-        let mut server_nonce = None;
-        let welcome = match session.next().await.map_err(auth_failure)? {
-            Frame::Challenge(challenge) => {
-                let Some(token) = token else {
-                    let _ = session
-                        .send(&Frame::Error(ErrorFrame::new(ErrorCode::Auth, "no token")))
-                        .await;
-                    return Err(ClientError::Auth("the server requires a token".into()));
-                };
-                let proof = auth::client_proof(token, &nonce, &challenge.nonce);
-                let grant = connector.grant.clone();
-                session.send(&Frame::Auth(Auth { proof, grant })).await?;
-                server_nonce = Some(challenge.nonce);
-                session.next().await.map_err(auth_failure)?
+        session.send(&handshake.hello()).await?;
+        let welcome = loop {
+            let Some(answer) = session.reader.read_frame().await? else {
+                return Err(ClientError::Closed);
+            };
+            match handshake.handle_frame(answer) {
+                Ok(Step::Send(frame)) => session.send(&frame).await?,
+                Ok(Step::Welcomed(welcome)) => break welcome,
+                // Only ever the answer to the plaintext Hello, handled by `start_tls`.
+                Ok(Step::StartTls) => {
+                    return Err(ClientError::Tls("the server started TLS twice".into()))
+                }
+                Err(e) => {
+                    if let Some(frame) = e.frame_to_send() {
+                        let _ = session.send(&frame).await;
+                    }
+                    return Err(handshake_failure(e));
+                }
             }
-            other => other,
         };
-        let Frame::Welcome(welcome) = welcome else {
-            return Err(unexpected(welcome));
-        };
-        if let (Some(token), Some(server_nonce)) = (token, server_nonce) {
-            if !auth::verify_server(token, &nonce, &server_nonce, &welcome.proof) {
-                return Err(ClientError::Auth(
-                    "the server could not prove it holds the token".into(),
-                ));
-            }
-        }
-        if !(1..=PROTOCOL_VERSION).contains(&welcome.version)
-            || welcome.max_chunk_size < xfer_proto::MIN_CHUNK_SIZE
-            || welcome.capabilities & !(CAP_AUTH | capabilities) != 0
-        {
-            return Err(ClientError::Unexpected("Welcome"));
-        }
         session.welcome = welcome;
         // SAFETY: `fd` is the socket the session's halves own; they are alive here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        session.rtt = crate::sockopt::rtt(socket);
+        session.rtt = sockopt::rtt(socket);
         Ok(session)
     }
 
@@ -454,13 +433,18 @@ pub(crate) async fn next_frame(reader: &mut Reader) -> Result<Frame, ClientError
     }
 }
 
-/// Rewords the server's `Auth` error so it says how to fix it.
-fn auth_failure(e: ClientError) -> ClientError {
+/// A failed handshake as the user reads it: token trouble says how to fix it.
+fn handshake_failure(e: HandshakeError) -> ClientError {
     match e {
-        ClientError::Remote(frame) if frame.error_code() == Some(ErrorCode::Auth) => {
+        HandshakeError::Remote(frame) if frame.error_code() == Some(ErrorCode::Auth) => {
             ClientError::Auth("wrong token".into())
         }
-        e => e,
+        HandshakeError::Remote(frame) => ClientError::Remote(frame),
+        HandshakeError::TokenRequired | HandshakeError::ServerProof => {
+            ClientError::Auth(e.to_string())
+        }
+        HandshakeError::Unexpected { frame, .. } => ClientError::Unexpected(frame),
+        HandshakeError::BadWelcome(_) => ClientError::Handshake(e),
     }
 }
 

@@ -8,11 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use indicatif::ProgressBar;
 use xfer_proto::{auth, CopyDone, CopyTo, Frame, Grant};
 
 use crate::session::unexpected;
-use crate::{ClientError, Connector, Session, Target};
+use crate::{ClientError, Connector, Progress, Session, Target};
 
 /// How long a grant given to a source daemon stays valid.
 pub const GRANT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -147,7 +146,7 @@ pub async fn copy(
     spec: &CopySpec,
     src: &Connector,
     opts: &CopyOptions,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<CopyDone, ClientError> {
     let mut session = Session::connect(&spec.src, src).await?;
     let request = CopyTo {

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
 use xfer_proto::{EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry};
@@ -285,7 +284,7 @@ impl TreeSummary {
 struct Progress {
     /// `--bwlimit` for the small files, shared by every connection of the tree.
     limiter: Option<crate::RateLimiter>,
-    bar: ProgressBar,
+    bar: Arc<dyn crate::Progress>,
     files_done: AtomicU64,
     files_total: u64,
     bytes_moved: AtomicU64,
@@ -403,10 +402,10 @@ where
     Ok(())
 }
 
-/// Options for the large files of a tree: the engine's own progress bar stays hidden.
+/// Options for the large files of a tree: the tree reports their progress, not the engine.
 fn large_file_options(opts: &Options) -> Options {
     Options {
-        progress: ProgressBar::hidden(),
+        progress: Arc::new(crate::NoProgress),
         ..opts.clone()
     }
 }
@@ -537,7 +536,7 @@ pub async fn send_tree_from(
     control.close().await;
     tracing::debug!(elapsed = ?started.elapsed(), "receiver flushed");
 
-    progress.bar.finish_and_clear();
+    progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
@@ -681,7 +680,7 @@ pub async fn recv_tree(
             })?;
     }
     on_local(&local, |r| r.sync()).await?;
-    progress.bar.finish_and_clear();
+    progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();

@@ -1,0 +1,373 @@
+//! Downloads: [`recv`]. `ReadChunk` requests go out under the window and come back as `Data`,
+//! written at their offset into a partial file beside the destination; the server's
+//! whole-file digest is asked for on a connection of its own and checked before the rename.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
+use xfer_proto::{ByteRange, ChunkRef, Commit, FileIdentity, Frame, OpenRead};
+
+use super::pool::drive;
+use super::queue::Work;
+use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
+use super::window::{Answer, Direction, Window};
+use super::{chunk_size, close_all, join_error, metered, Tally};
+use super::{Options, Summary};
+use crate::session::unexpected;
+use crate::{ClientError, Connector, Session, Target};
+
+struct Download {
+    name: String,
+    identity: FileIdentity,
+    partial: Arc<PartialFile>,
+    max_chunk: u32,
+}
+
+async fn open_read(
+    session: &mut Session,
+    request: &OpenRead,
+) -> Result<(u64, FileIdentity, u32), ClientError> {
+    session.send(&Frame::OpenRead(request.clone())).await?;
+    match session.next().await? {
+        Frame::ReadOpened(r) => Ok((r.transfer_id, r.identity, r.mode)),
+        other => Err(unexpected(other)),
+    }
+}
+
+impl Direction for Download {
+    async fn open(&self, session: &mut Session) -> Result<u64, ClientError> {
+        let request = OpenRead {
+            name: self.name.clone(),
+            have_identity: None,
+            have: vec![],
+        };
+        let (id, identity, _) = open_read(session, &request).await?;
+        if identity != self.identity {
+            return Err(ClientError::Changed(self.name.clone()));
+        }
+        Ok(id)
+    }
+
+    fn max_chunk(&self, session: &Session) -> u32 {
+        session.welcome.max_chunk_size.min(self.max_chunk)
+    }
+
+    async fn request(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        chunk: ByteRange,
+        _work: &Work,
+    ) -> Result<(), ClientError> {
+        let req = ChunkRef {
+            transfer_id,
+            offset: chunk.start,
+            len: chunk.len() as u32,
+        };
+        session.send(&Frame::ReadChunk(req)).await
+    }
+
+    async fn answer(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        window: &mut Window,
+        work: &Work,
+    ) -> Result<Answer, ClientError> {
+        let data = match session.next().await? {
+            Frame::Data(d) => d,
+            other => return Err(unexpected(other)),
+        };
+        if data.transfer_id != transfer_id {
+            return Err(ClientError::Unexpected("Data"));
+        }
+        let chunk = window.answered(data.range(), "Data")?;
+        work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
+        if data.verify().is_err() {
+            tracing::warn!(offset = chunk.start, "chunk failed its CRC; asking again");
+            return Ok(Answer::Corrupt(chunk));
+        }
+        if let Err(e) = self
+            .partial
+            .write(data.offset, data.payload, data.crc32)
+            .await
+        {
+            window.restore(chunk);
+            return Err(e.into());
+        }
+        Ok(Answer::Moved(chunk))
+    }
+}
+
+/// Downloads `name` from `target` into `dest` (a file path), through a partial file beside it.
+///
+/// # Errors
+/// Local file errors, connection failures past the retry deadline, or the server's refusal.
+pub async fn recv(
+    target: &Target,
+    name: &str,
+    dest: &Path,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    let opts = &metered(opts);
+    let slot = local_slot(dest)?;
+    let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
+    let have = read_local_journal(&journal_path);
+    let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
+    let request = OpenRead {
+        name: name.to_string(),
+        have_identity: have.as_ref().map(|c| c.identity),
+        have: have
+            .as_ref()
+            .map(|c| c.chunks.iter().map(|(r, _)| *r).collect())
+            .unwrap_or_default(),
+    };
+    let (id, identity, mode) = open_read(&mut session, &request).await?;
+    let partial = PartialFile::open(slot, identity).await?;
+    let resumed = partial.resumed_bytes();
+    let chunk_size = chunk_size(opts, &session);
+    let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+    let tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
+    let work = Arc::new(Work::new(split_into_chunks(&missing, chunk_size), opts));
+    let download = Arc::new(Download {
+        name: name.to_string(),
+        identity,
+        partial: Arc::clone(&partial),
+        max_chunk: chunk_size,
+    });
+    let mut digest_task = Some(tokio::spawn(remote_digest(
+        target.clone(),
+        opts.connector.clone(),
+        name.to_string(),
+        identity,
+    )));
+    let mut digest = None;
+    let mut first = Some((session, id));
+    for attempt in 1..=COMMIT_ATTEMPTS {
+        let open = match first.take() {
+            Some(open) => open,
+            None => reopen(target, &*download, opts).await?,
+        };
+        let mut sessions =
+            drive(target, Arc::clone(&download), Arc::clone(&work), open, opts).await?;
+        let digest = match digest {
+            Some(digest) => digest,
+            None => {
+                let task = digest_task
+                    .take()
+                    .expect("the digest task runs until first asked");
+                let got =
+                    digest_after_transfer(task, &mut sessions, target, &download, opts).await?;
+                *digest.insert(got)
+            }
+        };
+        match partial.commit(mode, identity.mtime_ns, Some(digest)).await {
+            Ok(_) => {
+                close_all(sessions).await;
+                break;
+            }
+            // The local file had the server's size and mtime but other bytes: fetch it all now.
+            Err(xfer_core::CoreError::Incomplete { .. }) if attempt < COMMIT_ATTEMPTS => {
+                let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+                opts.progress.set_position(0);
+                work.add(split_into_chunks(&missing, chunk_size));
+                first = sessions.pop();
+                close_all(sessions).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(tally.finish(&work, opts))
+}
+
+/// The server's digest once the data is in: the extra connection's answer, if it has one by
+/// now; otherwise (it is still waiting for a stream slot on a busy daemon, or failed on the
+/// way) asked on a data connection, now free.
+async fn digest_after_transfer(
+    task: tokio::task::JoinHandle<Result<xfer_core::digest::Digest, ClientError>>,
+    sessions: &mut Vec<(Session, u64)>,
+    target: &Target,
+    download: &Download,
+    opts: &Options,
+) -> Result<xfer_core::digest::Digest, ClientError> {
+    if task.is_finished() {
+        match task.await.map_err(|e| ClientError::Local(join_error(e)))? {
+            Ok(digest) => return Ok(digest),
+            Err(e) if e.is_transient() => {}
+            Err(e) => return Err(e),
+        }
+    } else {
+        task.abort();
+    }
+    let (mut s, id) = match sessions.pop() {
+        Some(open) => open,
+        None => reopen(target, download, opts).await?,
+    };
+    let digest = digest_over(&mut s, id).await;
+    s.close().await;
+    digest
+}
+
+/// Asks the server for the whole-file digest of `name` on a connection of its own, so the
+/// server reads the file beside the data connections rather than after them.
+async fn remote_digest(
+    target: Target,
+    connector: Connector,
+    name: String,
+    identity: FileIdentity,
+) -> Result<xfer_core::digest::Digest, ClientError> {
+    let mut session = Session::connect(&target, &connector).await?;
+    let request = OpenRead {
+        name: name.clone(),
+        have_identity: None,
+        have: vec![],
+    };
+    let (id, now, _) = open_read(&mut session, &request).await?;
+    if now != identity {
+        return Err(ClientError::Changed(name));
+    }
+    let digest = digest_over(&mut session, id).await;
+    session.close().await;
+    digest
+}
+
+/// Asks for the digest of download `id` open on `session`.
+async fn digest_over(
+    session: &mut Session,
+    id: u64,
+) -> Result<xfer_core::digest::Digest, ClientError> {
+    session
+        .send(&Frame::DigestRequest(Commit {
+            transfer_id: id,
+            digest: vec![],
+        }))
+        .await?;
+    match session.next().await? {
+        Frame::DigestReply(c) if c.transfer_id == id => c
+            .digest
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Unexpected("DigestReply")),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn read_local_journal(path: &Path) -> Option<xfer_core::journal::Contents> {
+    let mut f = std::fs::File::open(path).ok()?;
+    xfer_core::journal::read(&mut f).ok().flatten()
+}
+
+fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
+    let leaf = dest
+        .file_name()
+        .and_then(|l| l.to_str())
+        .ok_or_else(|| ClientError::OutputPath(dest.to_path_buf()))?;
+    if xfer_core::is_reserved_name(leaf) {
+        return Err(xfer_core::CoreError::BadPath(format!("reserved output name {leaf:?}")).into());
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::File::open(parent).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            xfer_core::CoreError::NotFound(format!("output directory {}", parent.display()))
+        }
+        _ => xfer_core::CoreError::io(format!("opening {}", parent.display()), e),
+    })?;
+    Ok(Slot {
+        dir: Arc::new(dir),
+        leaf: leaf.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use xfer_net::{FrameReader, FrameWriter};
+    use xfer_proto::Data;
+
+    use super::super::window::{pump, Pumped};
+    use super::super::{test_options, test_session};
+    use super::*;
+    use crate::ProgressCounter;
+
+    #[tokio::test]
+    async fn a_download_writes_each_chunk_at_its_offset_and_asks_again_for_a_corrupt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i * 13) as u8).collect();
+        let identity = FileIdentity {
+            size: 10_000,
+            mtime_ns: 1_000_000_000,
+        };
+        let partial = PartialFile::open(local_slot(&dest).unwrap(), identity)
+            .await
+            .unwrap();
+        let download = Download {
+            name: "f".into(),
+            identity,
+            partial: Arc::clone(&partial),
+            max_chunk: 4096,
+        };
+        let progress = Arc::new(ProgressCounter::default());
+        let chunks = split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);
+        let work = Work::new(chunks, &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(2, 4096);
+        let served = content.clone();
+        let daemon = tokio::spawn(async move {
+            let (read, write) = tokio::io::split(theirs);
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let mut asked = Vec::new();
+            for i in 0..4 {
+                let Some(Frame::ReadChunk(c)) = reader.read_frame().await.unwrap() else {
+                    panic!("expected a chunk request");
+                };
+                asked.push(c.offset);
+                let (start, end) = (c.offset as usize, c.offset as usize + c.len as usize);
+                let mut data = Data::new(5, c.offset, served[start..end].to_vec().into());
+                if i == 0 {
+                    data.crc32 ^= 1; // damaged on the way
+                }
+                writer.send(&Frame::Data(data)).await.unwrap();
+            }
+            asked
+        });
+        assert_eq!(
+            pump(&download, &mut session, 5, &work).await.unwrap(),
+            Pumped::Drained
+        );
+        // The damaged first chunk went back to the front and was asked for again.
+        assert_eq!(daemon.await.unwrap(), [0, 4096, 0, 8192]);
+        assert_eq!(work.crc_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(progress.done(), 10_000);
+        assert_eq!(partial.held(), [ByteRange::new(0, 10_000)]);
+        partial
+            .commit(0o644, identity.mtime_ns, None)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), content);
+    }
+
+    #[test]
+    fn an_output_path_naming_no_file_is_an_output_error() {
+        let e = local_slot(Path::new("/tmp/..")).unwrap_err();
+        assert!(matches!(e, ClientError::OutputPath(_)), "{e:?}");
+        let e = local_slot(Path::new("/nonexistent-dir/file")).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Local(xfer_core::CoreError::NotFound(_))),
+            "{e:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let e = local_slot(&dir.path().join(xfer_core::partial_name("f"))).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Local(xfer_core::CoreError::BadPath(_))),
+            "{e:?}"
+        );
+        assert_eq!(local_slot(&dir.path().join("f")).unwrap().leaf, "f");
+    }
+}

@@ -1,0 +1,250 @@
+//! [`Grower`]: sizes an adaptive pool from the throughput it measures; no I/O, time comes in.
+
+use std::time::{Duration, Instant};
+
+/// How often the pool looks at its throughput.
+pub(super) const TICK: Duration = Duration::from_millis(100);
+/// Time a pool of a new size gets before it is measured: new connections do their handshake
+/// and leave slow start. [`SETTLE_RTTS`] round trips, within these bounds.
+const SETTLE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_millis(500));
+const SETTLE_RTTS: u32 = 10;
+/// How long one measurement lasts: [`MEASURE_RTTS`] round trips, within these bounds. On a
+/// 50 ms path that is the upper bound (a cubic stream needs seconds to reach its share); on
+/// loopback and LAN paths a whole file can be moved in the time of one such measurement. The
+/// lower bound keeps noise out: over 0.2 s on the 2-core loopback, 8 connections measured 10 %
+/// faster than 4 by chance often enough to grow a pool to 16, which only costs CPU there.
+const MEASURE: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(1));
+const MEASURE_RTTS: u32 = 20;
+/// Throughput gain over the best measured so far that makes the pool grow again.
+const GAIN: f64 = 1.10;
+/// The pool goes back to its fastest size only if the last growth cost this much: right after
+/// a growth, on a long lossy path, the new streams still compete with the old ones for the
+/// link, and a dip then is no reason to close them (measured through the emulated 50 ms WAN:
+/// a shrink from 16 to 8 there cost a third of the throughput).
+const SHRINK_BELOW: f64 = 0.75;
+
+/// What [`Grower`] decides at a tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Step {
+    /// Nothing to do yet.
+    Wait,
+    /// Throughput grew by [`GAIN`] or more (or this is the first measurement): add workers.
+    Grow {
+        from: usize,
+        to: usize,
+        rate: f64,
+        best: Option<f64>,
+    },
+    /// Throughput did not grow by enough (or the cap is reached): keep `size`, stop growing.
+    Keep { size: usize, rate: f64, best: f64 },
+    /// The last growth made it clearly slower ([`SHRINK_BELOW`]): go back to the size that
+    /// measured fastest.
+    Shrink {
+        from: usize,
+        to: usize,
+        rate: f64,
+        best: f64,
+    },
+}
+
+/// Sizes an adaptive pool from throughput alone; no I/O, time comes in as `now`.
+///
+/// Each size gets [`SETTLE`] once all its workers are moving chunks, then its bytes are counted
+/// for [`MEASURE`] (both scaled to the first connection's round-trip time). The first
+/// measurement always doubles the pool (there is nothing to compare it with); later ones double
+/// it again while throughput beats the best so far by [`GAIN`].
+/// Growth stops at `max`, or for good at the first measurement that does not gain enough.
+#[derive(Debug)]
+pub(super) struct Grower {
+    max: usize,
+    /// Workers the pool has now.
+    pub(super) size: usize,
+    /// When the pool last changed or was last not ready: settling starts there.
+    since: Instant,
+    /// Start of the running measurement: when, and the meter then.
+    mark: Option<(Instant, u64)>,
+    /// The size that measured fastest, and its bytes per second.
+    best: Option<(usize, f64)>,
+    /// Growth is over: the pool keeps its size.
+    pub(super) done: bool,
+    settle: Duration,
+    measure: Duration,
+}
+
+impl Grower {
+    /// `rtt`: the path's round-trip time, if known (unknown: the longest timings).
+    pub(super) fn new(size: usize, max: usize, now: Instant, rtt: Option<Duration>) -> Self {
+        let scaled = |rtts: u32, (low, high): (Duration, Duration)| {
+            rtt.map_or(high, |rtt| (rtt * rtts).clamp(low, high))
+        };
+        Self {
+            max,
+            size,
+            since: now,
+            mark: None,
+            best: None,
+            done: size >= max,
+            settle: scaled(SETTLE_RTTS, SETTLE),
+            measure: scaled(MEASURE_RTTS, MEASURE),
+        }
+    }
+
+    /// `bytes`: the meter now; `ready`: every worker of the pool is moving chunks and the
+    /// queue is not empty (a pool still connecting, or near its end, is not measured).
+    pub(super) fn on_tick(&mut self, now: Instant, bytes: u64, ready: bool) -> Step {
+        if self.done {
+            return Step::Wait;
+        }
+        if !ready {
+            self.since = now;
+            self.mark = None;
+            return Step::Wait;
+        }
+        let Some((t0, b0)) = self.mark else {
+            if now.duration_since(self.since) >= self.settle {
+                self.mark = Some((now, bytes));
+            }
+            return Step::Wait;
+        };
+        let elapsed = now.duration_since(t0);
+        if elapsed < self.measure {
+            return Step::Wait;
+        }
+        let rate = bytes.saturating_sub(b0) as f64 / elapsed.as_secs_f64();
+        let best = self.best.map(|(_, r)| r);
+        if best.is_none_or(|b| rate >= b * GAIN) {
+            self.best = Some((self.size, rate));
+            if self.size >= self.max {
+                self.done = true;
+                return Step::Keep {
+                    size: self.size,
+                    rate,
+                    best: rate,
+                };
+            }
+            let from = self.size;
+            self.size = (from * 2).min(self.max);
+            self.since = now;
+            self.mark = None;
+            return Step::Grow {
+                from,
+                to: self.size,
+                rate,
+                best,
+            };
+        }
+        self.done = true;
+        let (best_size, best_rate) = self.best.unwrap_or((self.size, rate));
+        if rate < best_rate * SHRINK_BELOW && best_size < self.size {
+            let from = self.size;
+            self.size = best_size;
+            Step::Shrink {
+                from,
+                to: best_size,
+                rate,
+                best: best_rate,
+            }
+        } else {
+            Step::Keep {
+                size: self.size,
+                rate,
+                best: best_rate,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a grower through ticks at `rates` bytes per second, one per measured size, with
+    /// every worker ready; returns the steps that were not `Wait`.
+    fn check(start: usize, max: usize, rates: &[f64]) -> Vec<Step> {
+        let t0 = Instant::now();
+        let mut g = Grower::new(start, max, t0, None);
+        let (mut now, mut bytes, mut steps) = (t0, 0.0, Vec::new());
+        let mut rates = rates.iter().copied();
+        let mut rate = rates.next().unwrap_or(0.0);
+        while !g.done {
+            now += TICK;
+            bytes += rate * TICK.as_secs_f64();
+            match g.on_tick(now, bytes as u64, true) {
+                Step::Wait => {}
+                step => {
+                    steps.push(step);
+                    rate = rates.next().unwrap_or(rate);
+                }
+            }
+            assert!(now < t0 + Duration::from_secs(60), "never settles");
+        }
+        steps
+    }
+
+    fn sizes(steps: &[Step]) -> Vec<(char, usize)> {
+        steps
+            .iter()
+            .map(|s| match *s {
+                Step::Grow { to, .. } => ('+', to),
+                Step::Keep { size, .. } => ('=', size),
+                Step::Shrink { to, .. } => ('-', to),
+                Step::Wait => ('?', 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grows_while_throughput_follows_the_connections() {
+        // Loss-limited streams: throughput in proportion to the connections, up to the cap.
+        let steps = check(4, 16, &[4e6, 8e6, 16e6]);
+        assert_eq!(sizes(&steps), [('+', 8), ('+', 16), ('=', 16)]);
+    }
+
+    #[test]
+    fn stops_when_the_gain_is_small_and_goes_back_when_it_is_slower() {
+        assert_eq!(sizes(&check(4, 16, &[100e6, 105e6])), [('+', 8), ('=', 8)]);
+        assert_eq!(sizes(&check(4, 16, &[100e6, 70e6])), [('+', 8), ('-', 4)]);
+        assert_eq!(
+            sizes(&check(4, 16, &[10e6, 20e6, 14e6])),
+            [('+', 8), ('+', 16), ('-', 8)]
+        );
+        // A dip right after growing (new streams competing with the old) keeps the pool.
+        assert_eq!(sizes(&check(4, 16, &[100e6, 80e6])), [('+', 8), ('=', 8)]);
+        assert_eq!(
+            sizes(&check(4, 16, &[10e6, 20e6, 19e6])),
+            [('+', 8), ('+', 16), ('=', 16)]
+        );
+    }
+
+    #[test]
+    fn a_short_path_is_measured_in_fewer_round_trips_bounded() {
+        let t0 = Instant::now();
+        let lan = Grower::new(4, 16, t0, Some(Duration::from_micros(200)));
+        assert_eq!((lan.settle, lan.measure), (SETTLE.0, MEASURE.0));
+        let wan = Grower::new(4, 16, t0, Some(Duration::from_millis(50)));
+        assert_eq!((wan.settle, wan.measure), (SETTLE.1, MEASURE.1));
+        let mid = Grower::new(4, 16, t0, Some(Duration::from_millis(30)));
+        assert_eq!(
+            (mid.settle, mid.measure),
+            (Duration::from_millis(300), Duration::from_millis(600))
+        );
+        // On loopback the first decision comes after 0.7 s of moving chunks, not 1.5 s.
+        let mut g = Grower::new(4, 16, t0, Some(Duration::from_micros(50)));
+        let mut tick = |i: u32| g.on_tick(t0 + TICK * i, u64::from(i) << 27, true);
+        let first = (1..10).find(|&i| tick(i) != Step::Wait);
+        assert_eq!(first, Some(7));
+    }
+
+    #[test]
+    fn a_pool_that_is_not_ready_is_not_measured() {
+        let t0 = Instant::now();
+        let mut g = Grower::new(4, 16, t0, None);
+        // Never ready (a worker still connecting): no decision however long it lasts.
+        for i in 1..100 {
+            let step = g.on_tick(t0 + TICK * i, u64::from(i) << 20, false);
+            assert_eq!(step, Step::Wait);
+        }
+        // At the cap already: nothing to do.
+        assert!(Grower::new(4, 4, t0, None).done);
+    }
+}

@@ -1,0 +1,259 @@
+//! The transfer engine: chunks of one file handed out from a shared queue to several
+//! connections, each keeping a bounded window in flight, with reconnects on transient failures.
+//! Uploads and downloads share the queue, the retry loop and the accounting; they differ only
+//! in what a worker does with a chunk.
+//!
+//! Without a fixed count the pool sizes itself (`Grower`): it starts with
+//! [`ADAPTIVE_START`] connections, measures the bytes they move, and doubles while throughput
+//! grows by 10 % or more, up to a cap. New workers take chunks from the same queue, so
+//! nothing is sent twice or skipped; a pool that grew for nothing gives back the extra
+//! connections once their chunks in flight are done.
+//!
+//! # Layout
+//! - `queue`: the chunks still to move, shared by every connection.
+//! - `pool`: one worker per connection, started and stopped as `grower` decides.
+//! - `window`: the bounded window of requests in flight, the same both ways.
+//! - `retry`: reconnect pacing, the one reconnect helper, and how often a commit is retried.
+//! - `upload` and `download`: what each direction does with a chunk, and [`send`]/[`recv`].
+
+mod download;
+mod grower;
+mod pool;
+mod queue;
+mod retry;
+mod upload;
+mod window;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use download::recv;
+pub use upload::{send, send_file};
+
+use crate::{Connector, Progress, Session};
+use queue::Work;
+
+/// Connections an adaptive pool starts with: on loopback and LAN links this many already
+/// carry what the machine can move.
+pub const ADAPTIVE_START: usize = 4;
+/// Connections an adaptive pool starts with on a path of [`LONG_PATH`] or more: single cubic
+/// streams there are loss-limited, and a pool that starts at 4 spends its first 3 s (two
+/// measurements of 1.5 s) below what 16 carry.
+pub const ADAPTIVE_START_LONG: usize = 8;
+/// Round-trip time from which a path counts as long (a WAN, not a LAN).
+pub const LONG_PATH: Duration = Duration::from_millis(10);
+/// Default cap of an adaptive pool: on 50 ms links with loss, single cubic streams are
+/// loss-limited and 16 carry about what the link does.
+pub const ADAPTIVE_MAX: usize = 16;
+/// How many connections a transfer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// Exactly this many (`-c N`).
+    Fixed(usize),
+    /// Start with [`ADAPTIVE_START`] ([`ADAPTIVE_START_LONG`] on a long path; fewer if `max`
+    /// is lower) and double while throughput grows, up to `max`.
+    Adaptive {
+        /// The most connections to use.
+        max: usize,
+    },
+}
+
+impl Connections {
+    /// Connections to start with, the path unknown.
+    pub fn initial(self) -> usize {
+        self.initial_on(None)
+    }
+
+    /// Connections to start with on a path of round-trip time `rtt`, if known.
+    pub fn initial_on(self, rtt: Option<Duration>) -> usize {
+        match self {
+            Self::Fixed(n) => n.max(1),
+            Self::Adaptive { max } => {
+                let long = rtt.is_some_and(|rtt| rtt >= LONG_PATH);
+                let start = if long {
+                    ADAPTIVE_START_LONG
+                } else {
+                    ADAPTIVE_START
+                };
+                start.min(max).max(1)
+            }
+        }
+    }
+}
+
+/// How a transfer runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Parallel connections: a fixed count, or a pool that sizes itself.
+    pub connections: Connections,
+    /// Chunk size asked for (the server may lower it).
+    pub chunk_size: u32,
+    /// Bytes per second across all connections, if limited.
+    pub bwlimit: Option<u64>,
+    /// How long to keep reconnecting after a transient failure before giving up.
+    pub retry_deadline: Duration,
+    /// Where the bytes moved are reported.
+    pub progress: Arc<dyn Progress>,
+    /// Token and TLS settings for every connection.
+    pub connector: Connector,
+}
+
+/// What a finished transfer reports (`--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Name on the server.
+    pub name: String,
+    /// Size of the file.
+    pub bytes_total: u64,
+    /// Payload bytes sent or received by this run (resends included).
+    pub bytes_transferred: u64,
+    /// Bytes already held at the start, not sent again.
+    pub resumed_bytes: u64,
+    /// Wall-clock seconds of this run.
+    pub seconds: f64,
+    /// Connections used: the fixed count, or the most an adaptive pool had at once.
+    pub connections: usize,
+    /// `bytes_transferred` / `seconds`, in MiB/s.
+    pub mbytes_per_sec: f64,
+    /// Chunks sent again because their CRC did not match.
+    pub crc_retries: u64,
+    /// TCP congestion control of the data connections, as the kernel reports it.
+    pub congestion: Option<String>,
+}
+
+/// The chunk size a transfer plans with: the one asked for, within what the daemon allows.
+fn chunk_size(opts: &Options, session: &Session) -> u32 {
+    opts.chunk_size
+        .min(session.welcome.max_chunk_size)
+        .max(xfer_proto::MIN_CHUNK_SIZE)
+}
+
+/// Connections to report: the fixed count, or the most an adaptive pool had at once.
+fn connections_used(opts: &Options, work: &Work) -> usize {
+    match opts.connections {
+        Connections::Fixed(n) => n,
+        Connections::Adaptive { .. } => work.peak.load(Ordering::SeqCst).max(1),
+    }
+}
+
+/// `opts` with a fresh byte meter on its connections when the pool sizes itself: only then is
+/// throughput measured, and a meter costs every write a look at `TCP_INFO`.
+fn metered(opts: &Options) -> Options {
+    let mut opts = opts.clone();
+    if matches!(opts.connections, Connections::Adaptive { .. }) {
+        opts.connector.meter = Some(Arc::default());
+    }
+    opts
+}
+
+/// What a transfer's [`Summary`] needs from its start.
+struct Tally {
+    name: String,
+    size: u64,
+    resumed: u64,
+    started: Instant,
+    congestion: Option<String>,
+}
+
+impl Tally {
+    /// A transfer of `size` bytes of which `resumed` are held already: shown as done.
+    fn start(
+        opts: &Options,
+        name: &str,
+        size: u64,
+        resumed: u64,
+        started: Instant,
+        congestion: Option<String>,
+    ) -> Self {
+        opts.progress.set_length(size);
+        opts.progress.set_position(resumed);
+        Self {
+            name: name.to_string(),
+            size,
+            resumed,
+            started,
+            congestion,
+        }
+    }
+
+    /// The transfer is complete: the display ends and the summary is made.
+    fn finish(self, work: &Work, opts: &Options) -> Summary {
+        opts.progress.finish();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let bytes_transferred = work.transferred.load(Ordering::Relaxed);
+        Summary {
+            name: self.name,
+            bytes_total: self.size,
+            bytes_transferred,
+            resumed_bytes: self.resumed,
+            seconds,
+            connections: connections_used(opts, work),
+            mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
+            crc_retries: work.crc_retries.load(Ordering::Relaxed),
+            congestion: self.congestion,
+        }
+    }
+}
+
+async fn close_all(sessions: Vec<(Session, u64)>) {
+    for (s, _) in sessions {
+        s.close().await;
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> xfer_core::CoreError {
+    xfer_core::CoreError::io("digest task", std::io::Error::other(e.to_string()))
+}
+
+/// Options for unit tests: a fixed pool, no limit, progress counted.
+#[cfg(test)]
+fn test_options(progress: Arc<dyn Progress>) -> Options {
+    Options {
+        connections: Connections::Fixed(1),
+        chunk_size: xfer_proto::MIN_CHUNK_SIZE,
+        bwlimit: None,
+        retry_deadline: Duration::from_secs(1),
+        progress,
+        connector: Connector::default(),
+    }
+}
+
+/// A session over one end of an in-memory pipe, as if the daemon had welcomed it with
+/// `window` and `max_chunk_size`; the other end is the daemon's.
+#[cfg(test)]
+fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::DuplexStream) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(ours);
+    let session = Session {
+        reader: xfer_net::FrameReader::new(Box::new(read)),
+        writer: xfer_net::FrameWriter::new(Box::new(write)),
+        welcome: xfer_proto::Welcome {
+            version: xfer_proto::PROTOCOL_VERSION,
+            capabilities: 0,
+            max_chunk_size,
+            window,
+            agent: "test".into(),
+            proof: vec![],
+        },
+        congestion: None,
+        rtt: None,
+    };
+    (session, theirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_starts_with_more_connections_on_a_long_path() {
+        assert_eq!(Connections::Adaptive { max: 2 }.initial(), 2);
+        let (lan, wan) = (Duration::from_micros(200), Duration::from_millis(50));
+        assert_eq!(Connections::Adaptive { max: 16 }.initial_on(Some(lan)), 4);
+        assert_eq!(Connections::Adaptive { max: 16 }.initial_on(Some(wan)), 8);
+        assert_eq!(Connections::Adaptive { max: 6 }.initial_on(Some(wan)), 6);
+        assert_eq!(Connections::Fixed(3).initial_on(Some(wan)), 3);
+        assert_eq!(Connections::Fixed(3).initial(), 3);
+    }
+}

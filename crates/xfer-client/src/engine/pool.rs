@@ -1,0 +1,209 @@
+//! The pool of connections of one transfer: [`drive`] runs a worker per connection over the
+//! shared queue, a fixed number or as many as [`Grower`] finds useful, and each worker
+//! reconnects after transient failures.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinSet;
+
+use super::grower::{Grower, Step, TICK};
+use super::queue::Work;
+use super::retry::Retry;
+use super::window::{pump, Direction, Pumped};
+use super::{Connections, Options};
+use crate::{ClientError, Session, Target};
+
+/// Runs the workers over `work` until the queue is drained: a fixed number, or an adaptive pool
+/// that [`Grower`] sizes. Each worker reconnects with exponential backoff and jitter after a
+/// transient failure, until `retry_deadline`. Returns the sessions that finished cleanly (with
+/// their transfer ids).
+pub(super) async fn drive<D: Direction>(
+    target: &Target,
+    dir: Arc<D>,
+    work: Arc<Work>,
+    first: (Session, u64),
+    opts: &Options,
+) -> Result<Vec<(Session, u64)>, ClientError> {
+    type Joined = Result<Option<(Session, u64)>, ClientError>;
+    let mut workers: JoinSet<Joined> = JoinSet::new();
+    let spawn = |workers: &mut JoinSet<Joined>, first: Option<(Session, u64)>, optional: bool| {
+        let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
+        let opts = opts.clone();
+        workers.spawn(async move { worker(&target, &*dir, &work, first, optional, &opts).await });
+    };
+    work.excess.store(0, Ordering::SeqCst);
+    let rtt = first.0.rtt;
+    let start = opts.connections.initial_on(rtt);
+    let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
+    let mut first = Some(first);
+    for _ in 0..start {
+        // An adaptive pool needs only its first connection: the others it starts with are as
+        // optional as the ones it adds.
+        let optional = adaptive && first.is_none();
+        spawn(&mut workers, first.take(), optional);
+    }
+    let mut grower = match opts.connections {
+        Connections::Adaptive { max } if max > start => {
+            Some(Grower::new(start, max, Instant::now(), rtt))
+        }
+        _ => None,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut done = Vec::new();
+    loop {
+        let growing = grower.as_ref().is_some_and(|g| !g.done);
+        let joined = tokio::select! {
+            joined = workers.join_next() => joined,
+            _ = tick.tick(), if growing => {
+                let Some(g) = grower.as_mut() else { continue };
+                if work.refused.load(Ordering::SeqCst) {
+                    g.done = true;
+                    tracing::debug!(
+                        connections = work.active.load(Ordering::SeqCst),
+                        "the server turned a connection away; the pool stops growing"
+                    );
+                    continue;
+                }
+                let ready = work.active.load(Ordering::SeqCst) == g.size && !work.is_empty();
+                let step = g.on_tick(Instant::now(), work.meter.load(Ordering::Relaxed), ready);
+                resize_pool(step, &work, |n| {
+                    for _ in 0..n {
+                        spawn(&mut workers, None, true);
+                    }
+                });
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
+        match joined {
+            Ok(Ok(Some(session))) => done.push(session),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                workers.abort_all();
+                return Err(e);
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
+    Ok(done)
+}
+
+/// Carries out a [`Grower`] decision: `add(n)` starts `n` workers; a shrink marks workers as
+/// excess, to stop once their chunks in flight are done. Logs each change with its rates.
+fn resize_pool(step: Step, work: &Work, add: impl FnOnce(usize)) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let mib = |rate: f64| format!("{:.1}", rate / MIB);
+    match step {
+        Step::Wait => {}
+        Step::Grow {
+            from,
+            to,
+            rate,
+            best,
+        } => {
+            tracing::debug!(
+                from,
+                to,
+                mib_per_sec = %mib(rate),
+                before_mib_per_sec = %best.map_or("-".into(), mib),
+                "throughput grew; adding connections"
+            );
+            add(to - from);
+        }
+        Step::Keep { size, rate, best } => tracing::debug!(
+            connections = size,
+            mib_per_sec = %mib(rate),
+            best_mib_per_sec = %mib(best),
+            "throughput no longer grows; keeping the pool"
+        ),
+        Step::Shrink {
+            from,
+            to,
+            rate,
+            best,
+        } => {
+            tracing::debug!(
+                from,
+                to,
+                mib_per_sec = %mib(rate),
+                best_mib_per_sec = %mib(best),
+                "more connections were slower; going back"
+            );
+            work.excess.fetch_add(from - to, Ordering::SeqCst);
+        }
+    }
+}
+
+/// One worker: moves chunks over its connection, reconnecting after transient failures. An
+/// `optional` worker (any but the first of an adaptive pool) whose first connection is turned
+/// away leaves quietly and stops the pool from growing: the daemon is at one of its limits.
+async fn worker<D: Direction>(
+    target: &Target,
+    dir: &D,
+    work: &Work,
+    mut session: Option<(Session, u64)>,
+    optional: bool,
+    opts: &Options,
+) -> Result<Option<(Session, u64)>, ClientError> {
+    let mut retry = Retry::new(opts.retry_deadline);
+    let mut ever_connected = false;
+    loop {
+        if session.is_none() && work.is_empty() {
+            return Ok(None);
+        }
+        let mut connected = false;
+        let attempt = async {
+            let (mut s, id) = match session.take() {
+                Some(open) => open,
+                None => {
+                    let connect = async {
+                        let mut s = Session::connect(target, &opts.connector).await?;
+                        let id = dir.open(&mut s).await?;
+                        Ok::<_, ClientError>((s, id))
+                    };
+                    // Other connections may finish the file while this one waits for a slot
+                    // on a busy daemon; it must not hold the transfer up, nor its slot.
+                    tokio::select! {
+                        open = connect => open?,
+                        () = work.finished() => return Ok(None),
+                    }
+                }
+            };
+            connected = true;
+            let _pumping = work.pumping();
+            match pump(dir, &mut s, id, work).await {
+                Ok(Pumped::Drained) => Ok(Some((s, id))),
+                Ok(Pumped::Retired) => {
+                    s.close().await;
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let outcome = attempt.await;
+        if connected {
+            ever_connected = true;
+            retry.succeeded();
+        }
+        match outcome {
+            Ok(open) => return Ok(open),
+            // A busy daemon or a per-address limit, not a problem with the transfer itself.
+            Err(e) if optional && !ever_connected && e.is_transient_connect() => {
+                tracing::debug!(error = %e, "a connection was refused; leaving it out");
+                work.refused.store(true, Ordering::SeqCst);
+                return Ok(None);
+            }
+            Err(e) => {
+                let delay = retry.after(e, Instant::now())?;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = work.finished() => return Ok(None),
+                }
+            }
+        }
+    }
+}

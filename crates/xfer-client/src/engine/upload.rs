@@ -1,0 +1,252 @@
+//! Uploads: [`send`] and [`send_file`]. Data frames go out under the window and come back as
+//! `Ack` or `Reject`; the whole-file digest is read beside the transfer and sent with the
+//! commit.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use xfer_core::{split_into_chunks, RangeSet, SourceFile};
+use xfer_proto::{ByteRange, Commit, Data, ErrorCode, Frame, OpenWrite};
+
+use super::pool::drive;
+use super::queue::Work;
+use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
+use super::window::{acknowledged, Answer, Direction, Window};
+use super::{chunk_size, close_all, join_error, metered, Tally};
+use super::{Options, Summary};
+use crate::session::unexpected;
+use crate::{ClientError, Session, Target};
+
+struct Upload {
+    source: SourceFile,
+    request: OpenWrite,
+}
+
+impl Upload {
+    async fn open_with_held(
+        &self,
+        session: &mut Session,
+    ) -> Result<(u64, Vec<ByteRange>), ClientError> {
+        session
+            .send(&Frame::OpenWrite(self.request.clone()))
+            .await?;
+        match session.next().await? {
+            Frame::WriteOpened(w) => Ok((w.transfer_id, w.held)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl Direction for Upload {
+    async fn open(&self, session: &mut Session) -> Result<u64, ClientError> {
+        Ok(self.open_with_held(session).await?.0)
+    }
+
+    fn max_chunk(&self, _: &Session) -> u32 {
+        // Chunks were planned within the daemon's limit when the upload was opened.
+        u32::MAX
+    }
+
+    async fn request(
+        &self,
+        session: &mut Session,
+        transfer_id: u64,
+        chunk: ByteRange,
+        work: &Work,
+    ) -> Result<(), ClientError> {
+        let payload = self.source.read(chunk).await?;
+        session
+            .send(&Frame::Data(Data::new(transfer_id, chunk.start, payload)))
+            .await?;
+        work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn answer(
+        &self,
+        session: &mut Session,
+        _transfer_id: u64,
+        window: &mut Window,
+        _work: &Work,
+    ) -> Result<Answer, ClientError> {
+        acknowledged(session, window).await
+    }
+}
+
+/// Uploads `path` to `target` as `name`.
+///
+/// # Errors
+/// Local file errors, connection failures past the retry deadline, or the server's refusal.
+pub async fn send(
+    path: &Path,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => xfer_core::CoreError::NotFound(path.display().to_string()),
+        _ => xfer_core::CoreError::io(format!("opening {}", path.display()), e),
+    })?;
+    send_file(
+        SourceFile::new(file, path.display().to_string())?,
+        target,
+        name,
+        opts,
+    )
+    .await
+}
+
+/// Uploads an open file to `target` as `name` (see [`send`]).
+///
+/// # Errors
+/// As [`send`].
+pub async fn send_file(
+    source: SourceFile,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    let opts = &metered(opts);
+    let identity = source.identity();
+    let mut session = connect_retrying(target, opts).await?;
+    let congestion = session.congestion.clone();
+    let chunk_size = chunk_size(opts, &session);
+    let upload = Arc::new(Upload {
+        request: OpenWrite {
+            name: name.to_string(),
+            identity,
+            mode: source.mode(),
+            chunk_size,
+        },
+        source,
+    });
+    let (mut id, mut held) = upload.open_with_held(&mut session).await?;
+    let resumed = RangeSet::from_ranges(held.iter().copied()).total();
+    let tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
+    // The whole-file digest is read front to back beside the transfer, not after it.
+    let digest = {
+        let source = upload.source.clone();
+        tokio::spawn(async move { source.digest().await })
+    };
+    let work = Arc::new(Work::new(Vec::new(), opts));
+    let mut session = Some(session);
+    let mut digest = Some(digest);
+    let mut digest_bytes = Vec::new();
+    for _ in 0..COMMIT_ATTEMPTS {
+        let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
+        work.add(split_into_chunks(&missing, chunk_size));
+        let first = match session.take() {
+            Some(s) => (s, id),
+            None => reopen(target, &*upload, opts).await?,
+        };
+        let mut sessions =
+            drive(target, Arc::clone(&upload), Arc::clone(&work), first, opts).await?;
+        let (mut s, sid) = match sessions.pop() {
+            Some(open) => open,
+            None => reopen(target, &*upload, opts).await?,
+        };
+        close_all(sessions).await;
+        if let Some(task) = digest.take() {
+            let d = task
+                .await
+                .map_err(|e| ClientError::Local(join_error(e)))??;
+            digest_bytes = d.to_vec();
+        }
+        upload.source.check_unchanged()?;
+        let commit = Commit {
+            transfer_id: sid,
+            digest: digest_bytes.clone(),
+        };
+        let answer = match s.send(&Frame::Commit(commit)).await {
+            Ok(()) => s.next().await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Frame::Committed(_)) => {
+                s.close().await;
+                return Ok(tally.finish(&work, opts));
+            }
+            Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = Some(s);
+            }
+            // The connection died around the commit: whether or not it took effect, a new
+            // connection finds out (a committed file is offered back as held) and commits again.
+            Err(e) if e.is_transient() => {
+                tracing::info!(error = %e, "connection lost during commit; asking again");
+                let mut s = connect_retrying(target, opts).await?;
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = Some(s);
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClientError::Remote(xfer_proto::ErrorFrame::new(
+        ErrorCode::Incomplete,
+        "server kept losing data",
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use xfer_net::{FrameReader, FrameWriter};
+
+    use super::super::window::{pump, Pumped};
+    use super::super::{test_options, test_session};
+    use super::*;
+    use crate::ProgressCounter;
+
+    #[tokio::test]
+    async fn an_upload_sends_each_chunk_of_the_file_with_its_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let source = SourceFile::new(std::fs::File::open(&path).unwrap(), "f").unwrap();
+        let upload = Upload {
+            request: OpenWrite {
+                name: "f".into(),
+                identity: source.identity(),
+                mode: 0o644,
+                chunk_size: 4096,
+            },
+            source,
+        };
+        let progress = Arc::new(ProgressCounter::default());
+        let chunks = split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);
+        let work = Work::new(chunks, &test_options(progress.clone()));
+        let (mut session, theirs) = test_session(2, 4096);
+        let daemon = tokio::spawn(async move {
+            let (read, write) = tokio::io::split(theirs);
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let mut received = vec![0; 10_000];
+            for _ in 0..3 {
+                let Some(Frame::Data(data)) = reader.read_frame().await.unwrap() else {
+                    panic!("expected data");
+                };
+                assert_eq!(data.transfer_id, 9);
+                data.verify().unwrap();
+                let range = data.range();
+                received[range.start as usize..range.end as usize].copy_from_slice(&data.payload);
+                let chunk = xfer_proto::ChunkRef {
+                    transfer_id: 9,
+                    offset: range.start,
+                    len: range.len() as u32,
+                };
+                writer.send(&Frame::Ack(chunk)).await.unwrap();
+            }
+            received
+        });
+        assert_eq!(
+            pump(&upload, &mut session, 9, &work).await.unwrap(),
+            Pumped::Drained
+        );
+        assert_eq!(daemon.await.unwrap(), content);
+        assert_eq!(work.transferred.load(Ordering::Relaxed), 10_000);
+        assert_eq!(progress.done(), 10_000);
+    }
+}

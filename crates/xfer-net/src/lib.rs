@@ -1,0 +1,16 @@
+//! The transport both sides share: whole frames over any async byte stream, and the TCP
+//! options every data connection gets.
+//!
+//! # Layout
+//! - [`wire`]: [`FrameReader`]/[`FrameWriter`] over any `AsyncRead`/`AsyncWrite`.
+//! - [`sockopt`]: [`SocketOptions`], send and receive buffers and congestion control, and what
+//!   `TCP_INFO` says about a connection.
+//!
+//! Invariant: nothing here opens a connection; callers hand in a socket or its halves.
+#![warn(missing_docs)]
+
+pub mod sockopt;
+pub mod wire;
+
+pub use sockopt::{SocketError, SocketOptions};
+pub use wire::{FrameReader, FrameWriter};

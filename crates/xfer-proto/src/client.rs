@@ -1,0 +1,423 @@
+//! [`ClientSession`]: the client's side of the handshake as a state machine, without I/O.
+//!
+//! The client sends [`ClientSession::hello`], feeds every frame it reads to
+//! [`ClientSession::handle_frame`] and does what the [`Step`] says: run TLS and send `hello()`
+//! again inside it, send a frame (`Auth`), or go on with the `Welcome` it checked. Everything the
+//! client must check of the server is checked here: the `StartTls` answer, the token proof, the
+//! version, chunk size and capabilities of the `Welcome`.
+
+use std::sync::Arc;
+
+use crate::{
+    auth, Auth, ErrorFrame, Frame, Grant, Hello, Welcome, CAP_AUTH, CAP_TLS, MIN_CHUNK_SIZE,
+    PROTOCOL_VERSION,
+};
+
+/// What a client brings to a handshake.
+#[derive(Clone, Default)]
+pub struct ClientConfig {
+    /// The key to prove: the token, or a copy grant's derived key when `grant` is set.
+    pub key: Option<Arc<[u8]>>,
+    /// A copy grant, sent in `Auth` in place of the token.
+    pub grant: Option<Grant>,
+    /// Ask for TLS first (and refuse to go on without it).
+    pub tls: bool,
+    /// This software's name and version, told in `Hello`.
+    pub agent: String,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("grant", &self.grant.as_ref().map(|g| &g.scope))
+            .field("tls", &self.tls)
+            .field("agent", &self.agent)
+            .finish()
+    }
+}
+
+/// What the client must do after a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The server agreed to TLS: run the TLS handshake as the client, then send
+    /// [`ClientSession::hello`] inside it.
+    StartTls,
+    /// Send this frame (`Auth`), then read the next.
+    Send(Frame),
+    /// The handshake is done; the server's `Welcome`, checked.
+    Welcomed(Welcome),
+}
+
+/// Why a handshake failed on the client's side.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The server refused with an error frame.
+    #[error("{0}")]
+    Remote(ErrorFrame),
+    /// The server asks for a token and the client has none; send
+    /// [`HandshakeError::frame_to_send`] before closing.
+    #[error("the server requires a token")]
+    TokenRequired,
+    /// The server's `Welcome` does not prove it holds the token.
+    #[error("the server could not prove it holds the token")]
+    ServerProof,
+    /// A frame that has no place at this step of the handshake.
+    #[error("unexpected {frame} frame {step}")]
+    Unexpected {
+        /// The frame that came.
+        frame: &'static str,
+        /// Where the handshake was.
+        step: &'static str,
+    },
+    /// A `Welcome` outside what the client asked for.
+    #[error("the server's Welcome {0}")]
+    BadWelcome(&'static str),
+}
+
+impl HandshakeError {
+    /// The frame to tell the server why the client gives up, if any.
+    pub fn frame_to_send(&self) -> Option<Frame> {
+        match self {
+            Self::TokenRequired => Some(Frame::Error(ErrorFrame::new(
+                crate::ErrorCode::Auth,
+                "no token",
+            ))),
+            _ => None,
+        }
+    }
+}
+
+/// Where the client's handshake is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Nothing sent yet.
+    Start,
+    /// The plaintext `Hello` asking for TLS is sent.
+    AwaitStartTls,
+    /// TLS is up; the `Hello` inside it is still to be sent.
+    TlsReady,
+    /// `Hello` sent: a `Challenge` or the `Welcome` comes next.
+    AwaitChallenge,
+    /// `Auth` sent: the `Welcome` with the server's proof comes next.
+    AwaitWelcome { server_nonce: Vec<u8> },
+    /// Welcomed, or failed: no more frames belong to the handshake.
+    Done,
+}
+
+/// The client side of one connection's handshake.
+#[derive(Debug)]
+pub struct ClientSession {
+    config: ClientConfig,
+    nonce: Vec<u8>,
+    state: State,
+}
+
+impl ClientSession {
+    /// A handshake about to start. `nonce` is the client's fresh random challenge
+    /// ([`auth::NONCE_LEN`] bytes).
+    pub fn new(config: ClientConfig, nonce: Vec<u8>) -> Self {
+        Self {
+            config,
+            nonce,
+            state: State::Start,
+        }
+    }
+
+    /// True once the handshake is over (welcomed or failed).
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn capabilities(&self) -> u64 {
+        if self.config.tls {
+            CAP_TLS
+        } else {
+            0
+        }
+    }
+
+    /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
+    /// wants it), and again inside TLS after [`Step::StartTls`].
+    pub fn hello(&mut self) -> Frame {
+        // Only the capability matters before TLS: the real Hello follows inside it.
+        let nonce = if self.state == State::Start && self.config.tls {
+            self.state = State::AwaitStartTls;
+            Vec::new()
+        } else {
+            self.state = State::AwaitChallenge;
+            self.nonce.clone()
+        };
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            min_version: 1,
+            capabilities: self.capabilities(),
+            agent: self.config.agent.clone(),
+            nonce,
+        })
+    }
+
+    /// Checks a frame from the server and says what to do next.
+    ///
+    /// # Errors
+    /// A [`HandshakeError`]: the handshake has failed and the connection is to be closed.
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<Step, HandshakeError> {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        let unexpected = |frame: &Frame, step| HandshakeError::Unexpected {
+            frame: frame.frame_type().name(),
+            step,
+        };
+        match (state, frame) {
+            (_, Frame::Error(e)) => Err(HandshakeError::Remote(e)),
+            (State::AwaitStartTls, Frame::StartTls) => {
+                self.state = State::TlsReady;
+                Ok(Step::StartTls)
+            }
+            (State::AwaitChallenge, Frame::Challenge(challenge)) => {
+                let Some(key) = self.config.key.clone() else {
+                    return Err(HandshakeError::TokenRequired);
+                };
+                let proof = auth::client_proof(&key, &self.nonce, &challenge.nonce);
+                self.state = State::AwaitWelcome {
+                    server_nonce: challenge.nonce,
+                };
+                Ok(Step::Send(Frame::Auth(Auth {
+                    proof,
+                    grant: self.config.grant.clone(),
+                })))
+            }
+            (State::AwaitChallenge, Frame::Welcome(welcome)) => self.welcomed(welcome),
+            (State::AwaitWelcome { server_nonce }, Frame::Welcome(welcome)) => {
+                let key = self.config.key.as_deref().unwrap_or_default();
+                if !auth::verify_server(key, &self.nonce, &server_nonce, &welcome.proof) {
+                    return Err(HandshakeError::ServerProof);
+                }
+                self.welcomed(welcome)
+            }
+            (State::Start | State::TlsReady, f) => Err(unexpected(&f, "before Hello")),
+            (State::AwaitStartTls, f) => Err(unexpected(&f, "in answer to a Hello asking for TLS")),
+            (State::AwaitChallenge, f) => Err(unexpected(&f, "in answer to Hello")),
+            (State::AwaitWelcome { .. }, f) => Err(unexpected(&f, "in answer to Auth")),
+            (State::Done, f) => Err(unexpected(&f, "after the handshake")),
+        }
+    }
+
+    /// Checks that `welcome` is within what the client asked for.
+    fn welcomed(&mut self, welcome: Welcome) -> Result<Step, HandshakeError> {
+        if !(1..=PROTOCOL_VERSION).contains(&welcome.version) {
+            return Err(HandshakeError::BadWelcome(
+                "names a version the client does not speak",
+            ));
+        }
+        if welcome.max_chunk_size < MIN_CHUNK_SIZE {
+            return Err(HandshakeError::BadWelcome(
+                "allows chunks below the minimum size",
+            ));
+        }
+        if welcome.capabilities & !(CAP_AUTH | self.capabilities()) != 0 {
+            return Err(HandshakeError::BadWelcome(
+                "claims capabilities the client did not offer",
+            ));
+        }
+        Ok(Step::Welcomed(welcome))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{Handshake, ServerConfig, ServerSession};
+    use crate::{Challenge, ErrorCode};
+    use std::time::{Duration, Instant};
+
+    fn client(key: Option<&[u8]>, tls: bool) -> ClientSession {
+        let config = ClientConfig {
+            key: key.map(Into::into),
+            grant: None,
+            tls,
+            agent: "xfer/test".into(),
+        };
+        ClientSession::new(config, vec![1; auth::NONCE_LEN])
+    }
+
+    fn server(token: Option<&[u8]>, tls: bool) -> ServerSession {
+        let config = ServerConfig {
+            token: token.map(Into::into),
+            max_chunk: 1 << 20,
+            max_open: 4,
+            tls,
+            window: 2,
+            agent: "xferd/test".into(),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        };
+        ServerSession::new(config, vec![2; auth::NONCE_LEN], 0, Instant::now())
+    }
+
+    /// Runs both sides against each other until one stops; the client's outcome.
+    fn handshake(
+        client: &mut ClientSession,
+        server: &mut ServerSession,
+    ) -> Result<Welcome, HandshakeError> {
+        let mut to_server = client.hello();
+        loop {
+            let answer = match server.handle_handshake(to_server) {
+                Ok(Handshake::StartTls) => Frame::StartTls,
+                Ok(Handshake::Challenge(c)) => Frame::Challenge(c),
+                Ok(Handshake::Admitted) => Frame::Welcome(server.welcome()),
+                Ok(Handshake::PeerError(e)) => panic!("client gave up: {e}"),
+                Err(e) => Frame::Error(ErrorFrame::new(e.code(), e.to_string())),
+            };
+            match client.handle_frame(answer)? {
+                Step::StartTls => to_server = client.hello(),
+                Step::Send(frame) => to_server = frame,
+                Step::Welcomed(welcome) => return Ok(welcome),
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_handshake_is_welcomed() {
+        let welcome = handshake(&mut client(None, false), &mut server(None, false)).unwrap();
+        assert_eq!(welcome.version, PROTOCOL_VERSION);
+        assert_eq!(welcome.capabilities, 0);
+    }
+
+    #[test]
+    fn a_token_is_proven_both_ways() {
+        let mut c = client(Some(b"tok"), false);
+        let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
+        assert_eq!(welcome.capabilities, CAP_AUTH);
+        assert!(c.is_done());
+    }
+
+    #[test]
+    fn tls_comes_first_then_the_real_hello() {
+        let mut c = client(None, true);
+        let Frame::Hello(first) = c.hello() else {
+            panic!("want Hello")
+        };
+        assert_eq!(first.capabilities, CAP_TLS);
+        assert!(
+            first.nonce.is_empty(),
+            "the plaintext Hello carries no nonce"
+        );
+        assert_eq!(c.handle_frame(Frame::StartTls), Ok(Step::StartTls));
+        let Frame::Hello(inner) = c.hello() else {
+            panic!("want Hello")
+        };
+        assert_eq!(inner.nonce.len(), auth::NONCE_LEN);
+        let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
+        assert_eq!(welcome.unwrap().capabilities, CAP_AUTH | CAP_TLS);
+    }
+
+    #[test]
+    fn a_wrong_token_is_the_server_s_refusal() {
+        let err = handshake(
+            &mut client(Some(b"bad"), false),
+            &mut server(Some(b"tok"), false),
+        )
+        .unwrap_err();
+        let HandshakeError::Remote(frame) = err else {
+            panic!("want the server's refusal, got {err}")
+        };
+        assert_eq!(frame.error_code(), Some(ErrorCode::Auth));
+    }
+
+    #[test]
+    fn a_challenge_without_a_token_is_answered_with_an_error() {
+        let err =
+            handshake(&mut client(None, false), &mut server(Some(b"tok"), false)).unwrap_err();
+        assert_eq!(err, HandshakeError::TokenRequired);
+        let Some(Frame::Error(e)) = err.frame_to_send() else {
+            panic!("want an error frame to send")
+        };
+        assert_eq!(e.error_code(), Some(ErrorCode::Auth));
+    }
+
+    #[test]
+    fn a_server_without_the_token_is_caught() {
+        let mut c = client(Some(b"tok"), false);
+        c.hello();
+        let step = c.handle_frame(Frame::Challenge(Challenge {
+            nonce: vec![9; auth::NONCE_LEN],
+        }));
+        assert!(matches!(step, Ok(Step::Send(Frame::Auth(_)))));
+        let forged = Welcome {
+            version: 1,
+            capabilities: CAP_AUTH,
+            max_chunk_size: MIN_CHUNK_SIZE,
+            window: 1,
+            agent: String::new(),
+            proof: vec![0; 32],
+        };
+        assert_eq!(
+            c.handle_frame(Frame::Welcome(forged)),
+            Err(HandshakeError::ServerProof)
+        );
+    }
+
+    #[test]
+    fn welcomes_beyond_what_was_asked_are_refused() {
+        let good = Welcome {
+            version: 1,
+            capabilities: 0,
+            max_chunk_size: MIN_CHUNK_SIZE,
+            window: 1,
+            agent: String::new(),
+            proof: vec![],
+        };
+        for bad in [
+            Welcome {
+                version: PROTOCOL_VERSION + 1,
+                ..good.clone()
+            },
+            Welcome {
+                version: 0,
+                ..good.clone()
+            },
+            Welcome {
+                max_chunk_size: MIN_CHUNK_SIZE - 1,
+                ..good.clone()
+            },
+            Welcome {
+                capabilities: CAP_TLS,
+                ..good.clone()
+            },
+        ] {
+            let mut c = client(None, false);
+            c.hello();
+            assert!(matches!(
+                c.handle_frame(Frame::Welcome(bad)),
+                Err(HandshakeError::BadWelcome(_))
+            ));
+        }
+        let mut c = client(None, false);
+        c.hello();
+        assert_eq!(
+            c.handle_frame(Frame::Welcome(good.clone())),
+            Ok(Step::Welcomed(good))
+        );
+    }
+
+    #[test]
+    fn unexpected_frames_are_named_as_they_came() {
+        let mut c = client(None, true);
+        c.hello();
+        assert_eq!(
+            c.handle_frame(Frame::Goodbye),
+            Err(HandshakeError::Unexpected {
+                frame: "Goodbye",
+                step: "in answer to a Hello asking for TLS"
+            })
+        );
+        let mut c = client(None, false);
+        c.hello();
+        let err = c.handle_frame(Frame::Sync).unwrap_err();
+        assert_eq!(err.to_string(), "unexpected Sync frame in answer to Hello");
+        assert!(
+            c.handle_frame(Frame::Sync).is_err(),
+            "nothing goes after a failure"
+        );
+    }
+}

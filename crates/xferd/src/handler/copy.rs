@@ -1,0 +1,148 @@
+//! Server-to-server copies (`CopyTo`): this daemon pushes to another one as its client.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use xfer_core::SourceFile;
+use xfer_proto::{CopyDone, CopyTo, ErrorCode, Frame, Progress};
+
+use super::{fatal, ConnError, Handler};
+use crate::registry::blocking;
+
+impl Handler {
+    /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
+    pub(super) async fn copy_to(&mut self, req: CopyTo) -> Result<(), ConnError> {
+        let destination = xfer_client::Target {
+            host: req.host.clone(),
+            port: req.port,
+        };
+        info!(source = %req.source, destination = %destination, dest = %req.dest, "copy started");
+        let progress = Arc::new(xfer_client::ProgressCounter::default());
+        let (grant, key) = match req.grant {
+            Some((grant, key)) => (Some(grant), Some(key.into())),
+            None => (None, None),
+        };
+        let tls = if req.tls {
+            match copy_trust(self.shared.config.copy_trust.clone()).await {
+                Ok(connector) => Some(connector),
+                Err(e) => {
+                    warn!(destination = %destination, error = %e, "copy failed");
+                    return self
+                        .reply_error(ErrorCode::Io, format!("copy to {destination} failed: {e}"))
+                        .await;
+                }
+            }
+        } else {
+            None
+        };
+        let opts = xfer_client::Options {
+            connections: xfer_client::Connections::Fixed(req.connections.clamp(1, 64) as usize),
+            chunk_size: req
+                .chunk_size
+                .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
+            bwlimit: None,
+            retry_deadline: std::time::Duration::from_secs(60),
+            progress: Arc::clone(&progress) as Arc<dyn xfer_client::Progress>,
+            connector: xfer_client::Connector {
+                token: key,
+                tls,
+                grant,
+                // This daemon's own settings: its copies are its connections.
+                socket: self.shared.config.socket.clone(),
+                meter: None,
+            },
+        };
+        let root = self.root();
+        let (source, dest, recursive) = (req.source, req.dest, req.recursive);
+        let target = destination.clone();
+        let mut task = tokio::spawn(async move {
+            if recursive {
+                let sub = blocking({
+                    let (root, source) = (root.clone(), source.clone());
+                    move || root.subroot(&source)
+                })
+                .await?;
+                let s = xfer_client::send_tree_from(sub, &target, &dest, &opts, false).await?;
+                Ok::<_, xfer_client::ClientError>(CopyDone {
+                    files_total: s.files_total,
+                    files_transferred: s.files_transferred,
+                    files_skipped: s.files_skipped,
+                    bytes_total: s.bytes_total,
+                    bytes_transferred: s.bytes_transferred,
+                    resumed_bytes: s.resumed_bytes,
+                    millis: (s.seconds * 1000.0) as u64,
+                })
+            } else {
+                let file =
+                    blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
+                let s = xfer_client::send_file(file, &target, &dest, &opts).await?;
+                Ok(CopyDone {
+                    files_total: 1,
+                    files_transferred: 1,
+                    files_skipped: 0,
+                    bytes_total: s.bytes_total,
+                    bytes_transferred: s.bytes_transferred,
+                    resumed_bytes: s.resumed_bytes,
+                    millis: (s.seconds * 1000.0) as u64,
+                })
+            }
+        });
+        let shutdown = self.shared.shutdown.clone();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut task => break outcome,
+                () = shutdown.cancelled() => {
+                    task.abort();
+                    return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun the copy to resume"));
+                }
+                _ = tick.tick() => {
+                    let p = Progress { bytes_done: progress.done(), bytes_total: progress.total() };
+                    if let Err(e) = self.writer.send(&Frame::Progress(p)).await {
+                        // The client is gone: nobody would learn how the copy ends.
+                        task.abort();
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(Ok(done)) => {
+                info!(destination = %destination, bytes = done.bytes_transferred, millis = done.millis, "copy complete");
+                Ok(self.writer.send(&Frame::CopyDone(done)).await?)
+            }
+            Ok(Err(e)) => {
+                warn!(destination = %destination, error = %e, "copy failed");
+                let code = match &e {
+                    xfer_client::ClientError::Local(c) if c.code().is_request_level() => c.code(),
+                    _ => ErrorCode::Io,
+                };
+                // The destination's certificate was checked here, against this daemon's trust
+                // anchors, not the client's: say which, or the client's --ca looks to blame.
+                let hint = match &e {
+                    xfer_client::ClientError::Tls(_) => {
+                        " (the source daemon trusts the CAs of its copy_ca, or else the system's)"
+                    }
+                    _ => "",
+                };
+                self.reply_error(code, format!("copy to {destination} failed: {e}{hint}"))
+                    .await
+            }
+            Err(e) => Err(fatal(ErrorCode::Io, format!("copy task failed: {e}"))),
+        }
+    }
+}
+
+/// The trust anchors for a copy over TLS: `copy_ca`'s, or the system's, read off the runtime.
+async fn copy_trust(
+    configured: Option<crate::CopyTrust>,
+) -> Result<tokio_rustls::TlsConnector, xfer_client::ClientError> {
+    if let Some(trust) = configured {
+        return Ok(trust.0);
+    }
+    tokio::task::spawn_blocking(|| {
+        xfer_client::Connector::tls_trusting(None, crate::CopyTrust::FIX)
+    })
+    .await
+    .map_err(|e| xfer_client::ClientError::Trust(format!("loading the system's CAs: {e}")))?
+}

@@ -1,0 +1,96 @@
+//! The handshake: TLS when the daemon has a certificate, then `Hello`, and `Challenge`/`Auth`
+//! when a token is set. The session decides every step and holds the deadline; this module
+//! reads and writes.
+
+use tracing::{debug, info};
+use xfer_net::{FrameReader, FrameWriter};
+use xfer_proto::session::Handshake;
+use xfer_proto::{ErrorCode, Frame, ProtoError};
+
+use super::{fatal, within, ConnError, Handler, Reader, Session, Transport, Writer};
+
+/// Reads the plaintext `Hello`, which must ask for TLS, answers `StartTls` and runs the TLS
+/// handshake. On failure, returns the stream too while a plaintext error frame can still be sent.
+pub(super) async fn start_tls<S: Transport>(
+    session: &mut Session,
+    mut socket: S,
+    acceptor: &crate::Tls,
+    budget: &xfer_core::MemoryBudget,
+) -> Result<(Reader, Writer), (ConnError, Option<S>)> {
+    // The handshake's deadline, fixed when the connection was accepted.
+    let deadline = session.poll_timeout(std::time::Instant::now());
+    // The client sends nothing after this Hello until it reads StartTls, so a reader borrowed
+    // for one frame cannot swallow the start of the TLS handshake.
+    let mut hello = FrameReader::new(&mut socket).with_budget(budget.clone());
+    let frame = match within(deadline, hello.read_frame()).await {
+        None => return Err((session.timed_out().into(), Some(socket))),
+        Some(Err(e)) => return Err((e.into(), Some(socket))),
+        Some(Ok(None)) => return Err((ConnError::PeerClosed, None)),
+        Some(Ok(Some(frame))) => frame,
+    };
+    match session.handle_handshake(frame) {
+        Ok(Handshake::StartTls) => {}
+        Ok(Handshake::PeerError(_)) => return Err((ConnError::PeerClosed, None)),
+        // A daemon with a certificate answers a plaintext Hello with StartTls or an error.
+        Ok(Handshake::Challenge(_) | Handshake::Admitted) => {
+            let err = fatal(ErrorCode::Protocol, "TLS was not negotiated");
+            return Err((err, Some(socket)));
+        }
+        Err(e) => return Err((e.into(), Some(socket))),
+    }
+    if let Err(e) = FrameWriter::new(&mut socket).send(&Frame::StartTls).await {
+        return Err((e.into(), None));
+    }
+    let tls = match within(deadline, acceptor.0.accept(socket)).await {
+        None => return Err((fatal(ErrorCode::Protocol, "TLS handshake timed out"), None)),
+        Some(Err(e)) => return Err((ProtoError::Io(e).into(), None)),
+        Some(Ok(tls)) => tls,
+    };
+    let (read, write) = tokio::io::split(tls);
+    Ok((
+        FrameReader::new(Box::new(read)),
+        FrameWriter::new(Box::new(write)),
+    ))
+}
+
+impl Handler {
+    /// Runs `Hello` (and `Challenge`/`Auth` when a token is set) to completion before the
+    /// session's deadline. Returns false if the client left before saying anything.
+    pub(super) async fn handshake(&mut self) -> Result<bool, ConnError> {
+        let mut challenged = false;
+        loop {
+            let deadline = self.session.poll_timeout(std::time::Instant::now());
+            let Some(frame) = within(deadline, self.reader.read_frame()).await else {
+                return Err(self.session.timed_out().into());
+            };
+            let Some(frame) = frame? else {
+                return if challenged {
+                    Err(ConnError::PeerClosed)
+                } else {
+                    Ok(false)
+                };
+            };
+            match self.session.handle_handshake(frame)? {
+                Handshake::Challenge(challenge) => {
+                    debug!(agent = %self.session.client_agent(), "hello");
+                    challenged = true;
+                    self.writer.send(&Frame::Challenge(challenge)).await?;
+                }
+                Handshake::Admitted => {
+                    if !challenged {
+                        debug!(agent = %self.session.client_agent(), "hello");
+                    }
+                    return Ok(true);
+                }
+                Handshake::PeerError(e) => {
+                    info!(error = %e, "client gave up during the handshake");
+                    return Err(ConnError::PeerClosed);
+                }
+                // Inside TLS, or without a certificate, a Hello never asks for TLS again.
+                Handshake::StartTls => {
+                    return Err(fatal(ErrorCode::Protocol, "TLS asked for twice"));
+                }
+            }
+        }
+    }
+}

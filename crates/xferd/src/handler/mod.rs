@@ -1,0 +1,423 @@
+//! One client connection, from `Hello` to close: frames are checked by the sans-IO
+//! [`ServerSession`], which also holds the connection's open transfers, and carried out here.
+//! A failure ends this connection only; the listener and every other connection carry on.
+//!
+//! This module is the connection's loop and how it ends; each kind of request is carried out
+//! in its own: `handshake`, `upload`, `download`, `tree` and `copy`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{debug, info, warn};
+use xfer_core::SourceFile;
+use xfer_net::{FrameReader, FrameWriter};
+use xfer_proto::session::{Request, ServerConfig, ServerSession};
+use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError};
+
+use crate::registry::Lease;
+use crate::Shared;
+
+mod copy;
+mod download;
+mod handshake;
+mod tree;
+mod upload;
+
+#[cfg(test)]
+mod tests;
+
+use handshake::start_tls;
+use upload::{written, WriteBehind};
+
+const AGENT: &str = concat!("xferd/", env!("CARGO_PKG_VERSION"));
+
+type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
+/// Why a connection ended early. Each is logged once, where the connection ends.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error("{}", .0)]
+    Fatal(ErrorFrame),
+    /// The session refused a frame: `frame` tells the client, the cause goes to the log.
+    #[error("{cause}")]
+    Session {
+        cause: xfer_proto::session::SessionError,
+        frame: ErrorFrame,
+    },
+    #[error("client disconnected without Goodbye")]
+    PeerClosed,
+}
+
+impl From<xfer_proto::session::SessionError> for ConnError {
+    fn from(cause: xfer_proto::session::SessionError) -> Self {
+        let frame = ErrorFrame::new(cause.code(), cause.wire_message());
+        Self::Session { cause, frame }
+    }
+}
+
+fn fatal(code: ErrorCode, message: impl Into<String>) -> ConnError {
+    ConnError::Fatal(ErrorFrame::new(code, message))
+}
+
+/// What a connection keeps for an upload open in its session.
+struct Upload {
+    lease: Lease,
+    name: String,
+    mode: u32,
+    crc_retries: u64,
+    /// Bytes received and acknowledged on this connection.
+    bytes: u64,
+}
+
+/// What a connection keeps for a download open in its session.
+struct Download {
+    source: SourceFile,
+    name: String,
+    /// Bytes sent on this connection.
+    bytes: u64,
+}
+
+/// The protocol state of a connection, open transfers included.
+type Session = ServerSession<Upload, Download>;
+
+/// `fut`, unless `deadline` comes first (then `None`).
+async fn within<F: std::future::Future>(
+    deadline: Option<std::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => timeout_at(Instant::from_std(deadline), fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+struct Handler {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    /// The protocol state, and the transfers open on this connection.
+    session: Session,
+    reader: Reader,
+    writer: Writer,
+    /// A request read while gathering a batch of small files, to be handled next.
+    pending: Option<Request>,
+    /// The chunk being written while the next one is read (acknowledged once written).
+    write_behind: Option<WriteBehind>,
+}
+
+/// A byte stream a connection is served over: a TCP socket in the daemon, one end of an
+/// in-memory pipe in tests.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The stream as a frame reader and writer that can be used at once.
+    fn into_frames(self) -> (Reader, Writer)
+    where
+        Self: Sized,
+    {
+        let (read, write) = tokio::io::split(self);
+        (
+            FrameReader::new(Box::new(read)),
+            FrameWriter::new(Box::new(write)),
+        )
+    }
+}
+
+impl Transport for TcpStream {
+    /// Owned halves: reading and writing share no lock.
+    fn into_frames(self) -> (Reader, Writer) {
+        let (read, write) = self.into_split();
+        (
+            FrameReader::new(Box::new(read)),
+            FrameWriter::new(Box::new(write)),
+        )
+    }
+}
+
+#[cfg(test)]
+impl Transport for tokio::io::DuplexStream {}
+
+/// Serves one connection to its end; logs how it ended. `peer` names the client in logs and
+/// in the download log.
+#[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
+pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: SocketAddr) {
+    let mut session = new_session(&shared);
+    let (reader, writer) = match &shared.config.tls {
+        None => stream.into_frames(),
+        Some(acceptor) => match start_tls(&mut session, stream, acceptor, &shared.budget).await {
+            Ok(halves) => halves,
+            Err((err, stream)) => {
+                let frame = report(&err);
+                if let (Some(frame), Some(stream)) = (frame, stream) {
+                    let (mut reader, mut writer) = stream.into_frames();
+                    close_with(&mut reader, &mut writer, frame).await;
+                }
+                return;
+            }
+        },
+    };
+    // Every large frame is read into bytes reserved from the daemon's budget.
+    let reader = reader.with_budget(shared.budget.clone());
+    let mut handler = Handler::new(shared, peer, session, (reader, writer));
+    let err = match handler.run().await {
+        Ok(()) => {
+            // Over TLS this sends close_notify, so the client sees a clean end.
+            let _ = handler.writer.shutdown().await;
+            handler.end_downloads(true);
+            return debug!("connection closed");
+        }
+        Err(err) => err,
+    };
+    // A chunk still being written lands (unacknowledged: the client sends it again) before
+    // the transfer is logged.
+    if let Some(write) = handler.write_behind.take() {
+        let _ = write.task.await;
+    }
+    if let Some(frame) = report(&err) {
+        close_with(&mut handler.reader, &mut handler.writer, frame).await;
+    }
+    handler.log_abandoned();
+    handler.end_downloads(false);
+}
+
+/// A session for a connection accepted now, with a fresh nonce.
+fn new_session(shared: &Shared) -> Session {
+    let mut nonce = vec![0u8; auth::NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let config = ServerConfig {
+        token: shared.config.token.clone(),
+        max_chunk: shared.config.chunk_size,
+        max_open: shared.config.max_transfers_per_conn,
+        tls: shared.config.tls.is_some(),
+        window: shared.config.window,
+        agent: AGENT.into(),
+        handshake_timeout: shared.config.handshake_timeout,
+        idle_timeout: shared.config.idle_timeout,
+    };
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ServerSession::new(config, nonce, now_unix, std::time::Instant::now())
+}
+
+/// Logs how a connection ended and returns the error frame to send the client, if any.
+fn report(err: &ConnError) -> Option<ErrorFrame> {
+    let frame = match err {
+        ConnError::Proto(ProtoError::Io(_)) | ConnError::PeerClosed => None,
+        ConnError::Proto(e) => Some(ErrorFrame::new(e.code(), e.to_string())),
+        ConnError::Fatal(frame) | ConnError::Session { frame, .. } => Some(frame.clone()),
+    };
+    match frame.as_ref().and_then(ErrorFrame::error_code) {
+        _ if matches!(err, ConnError::PeerClosed) => info!("{err}"),
+        Some(ErrorCode::Busy | ErrorCode::ShuttingDown) => {
+            info!(error = %err, "connection refused")
+        }
+        _ => warn!(error = %err, "connection ended with an error"),
+    }
+    frame
+}
+
+/// Tells a client it is over a limit, without reading its handshake, and closes.
+pub(crate) async fn refuse_busy(stream: impl Transport, peer: SocketAddr, why: &str) {
+    info!(%peer, "connection refused: {why}");
+    let frame = ErrorFrame::new(ErrorCode::Busy, format!("server busy: {why}"));
+    let (mut reader, mut writer) = stream.into_frames();
+    close_with(&mut reader, &mut writer, frame).await;
+}
+
+impl Handler {
+    fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        session: Session,
+        (reader, writer): (Reader, Writer),
+    ) -> Self {
+        Self {
+            shared,
+            peer,
+            session,
+            reader,
+            writer,
+            pending: None,
+            write_behind: None,
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), ConnError> {
+        let shared = Arc::clone(&self.shared);
+        let cfg = &shared.config;
+        let shutdown = shared.shutdown.clone();
+        let admitted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
+            admitted = self.handshake() => admitted?,
+        };
+        if !admitted {
+            return Ok(());
+        }
+        // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
+        // has gone away meanwhile (its place in the queue would only delay the living).
+        let _permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
+            early = self.reader.read_frame() => return match early {
+                Ok(None) | Err(ProtoError::Io(_)) => Err(ConnError::PeerClosed),
+                Ok(Some(f)) => Err(fatal(ErrorCode::Protocol, format!("{} before Welcome", f.frame_type().name()))),
+                Err(e) => Err(e.into()),
+            },
+            permit = timeout(cfg.queue_timeout, shared.acquire_stream()) => match permit {
+                Ok(Ok(permit)) => permit,
+                _ => return Err(fatal(
+                    ErrorCode::Busy,
+                    format!("server busy: all {} streams in use for {:?}; try again later", cfg.max_streams, cfg.queue_timeout),
+                )),
+            },
+        };
+        let welcome = self.session.welcome();
+        self.writer.send(&Frame::Welcome(welcome)).await?;
+        loop {
+            let request = match self.pending.take() {
+                Some(request) => request,
+                None => {
+                    let deadline = self.session.poll_timeout(std::time::Instant::now());
+                    let frame = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            self.finish_write().await?;
+                            return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume"));
+                        }
+                        (upload, chunk, result) = written(&mut self.write_behind) => {
+                            self.write_done(upload, chunk, result).await?;
+                            continue;
+                        }
+                        frame = within(deadline, self.reader.read_frame()) => match frame {
+                            None => return Err(self.session.timed_out().into()),
+                            Some(frame) => frame?,
+                        },
+                    };
+                    let Some(frame) = frame else {
+                        return Err(ConnError::PeerClosed);
+                    };
+                    self.session.handle_request(frame)?
+                }
+            };
+            // A frame is handled to completion: shutdown is noticed only between frames, so a
+            // chunk is either written and acknowledged or not acknowledged at all. Only chunks
+            // are written behind; anything else waits for the chunk being written (a commit
+            // must see every byte acknowledged before it).
+            if !matches!(request, Request::Data(..)) {
+                self.finish_write().await?;
+            }
+            match request {
+                Request::OpenWrite(req) => self.open_write(req).await?,
+                Request::Data(id, data) => self.data(id, data).await?,
+                Request::Commit(id, c) => self.commit(id, c).await?,
+                Request::Digest(id) => self.digest(id).await?,
+                Request::OpenRead(req) => self.open_read(req).await?,
+                Request::ReadChunk(id, chunk) => self.read_chunk(id, chunk).await?,
+                Request::List(list) => self.list(&list.dir).await?,
+                Request::ListTree(req) => self.list_tree(req).await?,
+                Request::PutFile(req) => self.put_files(req).await?,
+                Request::MakeDir(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_dir(&req.name, req.mode, req.mtime_ns)
+                    })
+                    .await?
+                }
+                Request::MakeLink(req) => {
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.make_link(&req.name, &req.target)
+                    })
+                    .await?
+                }
+                Request::GetFile(req) => self.get_files(req).await?,
+                Request::Sync => self.sync().await?,
+                Request::CopyTo(req) => self.copy_to(req).await?,
+                Request::Goodbye => return Ok(()),
+                Request::PeerError(e) => {
+                    info!(error = %e, "client reported an error");
+                    return Err(ConnError::PeerClosed);
+                }
+            }
+        }
+    }
+
+    /// The root as this session may use it: under a copy grant no symlink is followed, so a
+    /// link inside the grant's scope cannot lead a write out of it.
+    fn root(&self) -> xfer_core::Root {
+        match self.session.scope() {
+            Some(_) => self.shared.config.root.without_symlinks(),
+            None => self.shared.config.root.clone(),
+        }
+    }
+
+    /// Answers a request with an error. Errors about the request leave the connection usable;
+    /// any other code (I/O, limits) ends it, as `proto.md` requires.
+    async fn reply_error(&mut self, code: ErrorCode, message: String) -> Result<(), ConnError> {
+        if !code.is_request_level() {
+            return Err(fatal(code, message));
+        }
+        self.writer
+            .send(&Frame::Error(ErrorFrame::new(code, message)))
+            .await?;
+        Ok(())
+    }
+
+    /// Tells the download log that this connection's downloads ended (`clean`: with `Goodbye`).
+    fn end_downloads(&self, clean: bool) {
+        for Download {
+            source,
+            name,
+            bytes,
+        } in self.session.downloads()
+        {
+            let identity = source.identity();
+            self.shared
+                .downloads
+                .closed(self.peer, name, identity, *bytes, clean);
+        }
+    }
+
+    fn log_abandoned(&self) {
+        for Upload {
+            lease, name, bytes, ..
+        } in self.session.uploads()
+        {
+            info!(
+                name = %name,
+                received = bytes,
+                held = lease.partial.held_bytes(),
+                size = lease.partial.identity().size,
+                "upload interrupted; resumable"
+            );
+        }
+        for Download { name, bytes, .. } in self.session.downloads() {
+            info!(name = %name, sent = bytes, "download interrupted");
+        }
+    }
+}
+
+const READ_ONLY: &str = "read-only server: uploads are disabled";
+
+/// Sends a last error frame, then closes without resetting the connection: the write side is
+/// shut first and unread input is drained briefly, so the peer gets to read the frame.
+async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame) {
+    let _ = timeout(std::time::Duration::from_secs(2), async {
+        writer.send(&Frame::Error(frame)).await?;
+        writer.shutdown().await?;
+        // On the heap: an array here would sit in every connection's task from its start.
+        let mut sink = vec![0u8; 16 * 1024];
+        let mut drained = 0usize;
+        while drained < (1 << 20) {
+            match tokio::io::AsyncReadExt::read(reader.get_mut(), &mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, ProtoError>(())
+    })
+    .await;
+}

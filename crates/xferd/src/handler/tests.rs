@@ -1,0 +1,436 @@
+//! The handler over an in-memory pipe: the order of answers, batching, shutdown and the
+//! handshake, with a real root on disk and no socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use xfer_net::{FrameReader, FrameWriter};
+use xfer_proto::session::{Handshake, Request};
+use xfer_proto::{
+    auth, Auth, ChunkRef, Commit, Data, ErrorCode, FileIdentity, Frame, GetFile, Hello, OpenWrite,
+    PutFile, Welcome, CAP_AUTH, PROTOCOL_VERSION,
+};
+
+use super::{new_session, serve, Handler, Transport};
+use crate::{downloads, metrics, registry, Config, Shared};
+
+const CHUNK: usize = 64 * 1024;
+const PEER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
+/// A daemon's shared state over a fresh root, as `run` makes it.
+fn daemon(configure: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Arc<Shared>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(dir.path().to_path_buf()).unwrap();
+    config.chunk_size = CHUNK as u32;
+    configure(&mut config);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let shared = Arc::new(Shared {
+        streams: Arc::new(Semaphore::new(config.max_streams)),
+        budget: xfer_core::MemoryBudget::new(config.max_memory as usize),
+        config,
+        registry: Arc::new(registry::Registry::with_metrics(Arc::clone(&metrics))),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
+        metrics,
+        per_address: Arc::default(),
+    });
+    (dir, shared)
+}
+
+/// The client's end of a connection being served.
+struct Client {
+    reader: FrameReader<ReadHalf<DuplexStream>>,
+    /// Written through a `FrameWriter` per send, or raw.
+    write: WriteHalf<DuplexStream>,
+    served: JoinHandle<()>,
+}
+
+impl Client {
+    fn connect(shared: &Arc<Shared>) -> Self {
+        let (ours, theirs) = tokio::io::duplex(4 << 20);
+        let served = tokio::spawn(serve(Arc::clone(shared), theirs, PEER));
+        let (read, write) = tokio::io::split(ours);
+        Self {
+            reader: FrameReader::new(read),
+            write,
+            served,
+        }
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        FrameWriter::new(&mut self.write)
+            .send(&frame)
+            .await
+            .unwrap();
+    }
+
+    /// Sends `frames` in one write, as a pipelining client does.
+    async fn send_all(&mut self, frames: &[Frame]) {
+        FrameWriter::new(&mut self.write)
+            .send_all(frames)
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Frame {
+        self.reader.read_frame().await.unwrap().expect("a frame")
+    }
+
+    /// The error frame that ends the connection, then its end.
+    async fn closed_with(mut self) -> (ErrorCode, String) {
+        let Frame::Error(e) = self.next().await else {
+            panic!("want an error frame")
+        };
+        assert!(
+            self.reader.read_frame().await.unwrap().is_none(),
+            "nothing after the error frame"
+        );
+        // Half a pipe dropped is not closed: shut it, as a socket closes.
+        self.write.shutdown().await.unwrap();
+        self.served.await.unwrap();
+        (e.error_code().unwrap(), e.message)
+    }
+
+    async fn hello(&mut self, nonce: Vec<u8>) {
+        self.send(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            min_version: 1,
+            capabilities: 0,
+            agent: "test".into(),
+            nonce,
+        }))
+        .await;
+    }
+
+    async fn welcomed(shared: &Arc<Shared>) -> Self {
+        let mut client = Self::connect(shared);
+        client.hello(vec![]).await;
+        let Frame::Welcome(_) = client.next().await else {
+            panic!("want Welcome")
+        };
+        client
+    }
+
+    /// Opens an upload of `size` bytes as `name`; returns its transfer id.
+    async fn open_write(&mut self, name: &str, size: u64) -> u64 {
+        self.send(Frame::OpenWrite(OpenWrite {
+            name: name.into(),
+            identity: FileIdentity { size, mtime_ns: 0 },
+            mode: 0o644,
+            chunk_size: CHUNK as u32,
+        }))
+        .await;
+        match self.next().await {
+            Frame::WriteOpened(opened) => opened.transfer_id,
+            other => panic!("want WriteOpened, got {other:?}"),
+        }
+    }
+
+    async fn goodbye(mut self) {
+        self.send(Frame::Goodbye).await;
+        assert!(self.reader.read_frame().await.unwrap().is_none());
+        self.served.await.unwrap();
+    }
+}
+
+fn chunk_at(id: u64, offset: usize, bytes: &[u8]) -> Data {
+    Data::new(
+        id,
+        offset as u64,
+        Bytes::copy_from_slice(&bytes[offset..offset + CHUNK]),
+    )
+}
+
+fn put_file(name: &str, data: &[u8]) -> Frame {
+    Frame::PutFile(PutFile {
+        name: name.into(),
+        mtime_ns: 0,
+        mode: 0o644,
+        crc32: crc32fast::hash(data),
+        data: data.to_vec(),
+    })
+}
+
+fn get_file(name: &str) -> Frame {
+    Frame::GetFile(GetFile {
+        name: name.into(),
+        max_size: 1 << 20,
+    })
+}
+
+#[tokio::test]
+async fn a_good_chunk_then_a_corrupt_one_are_answered_in_order() {
+    let (dir, shared) = daemon(|_| {});
+    let mut client = Client::welcomed(&shared).await;
+    let bytes: Vec<u8> = (0..2 * CHUNK).map(|i| (i % 251) as u8).collect();
+    let id = client.open_write("f", bytes.len() as u64).await;
+    let good = chunk_at(id, 0, &bytes);
+    let mut corrupt = chunk_at(id, CHUNK, &bytes);
+    corrupt.crc32 ^= 1;
+    // Back to back, so the corrupt chunk is read while the good one is still being written.
+    client
+        .send_all(&[Frame::Data(good), Frame::Data(corrupt)])
+        .await;
+    let at = |offset: usize| ChunkRef {
+        transfer_id: id,
+        offset: offset as u64,
+        len: CHUNK as u32,
+    };
+    assert_eq!(client.next().await, Frame::Ack(at(0)));
+    assert_eq!(client.next().await, Frame::Reject(at(CHUNK)));
+    // Sent again, the chunk lands and the file commits whole.
+    client.send(Frame::Data(chunk_at(id, CHUNK, &bytes))).await;
+    assert_eq!(client.next().await, Frame::Ack(at(CHUNK)));
+    client
+        .send(Frame::Commit(Commit {
+            transfer_id: id,
+            digest: vec![],
+        }))
+        .await;
+    let Frame::Committed(_) = client.next().await else {
+        panic!("want Committed")
+    };
+    client.goodbye().await;
+    assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn buffered_small_file_requests_are_gathered_into_one_batch() {
+    let (_dir, shared) = daemon(|_| {});
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let mut handler = Handler::new(
+        Arc::clone(&shared),
+        PEER,
+        new_session(&shared),
+        theirs.into_frames(),
+    );
+    let (_read, write) = tokio::io::split(ours);
+    let mut client = FrameWriter::new(write);
+    // Three uploads and a download, pipelined in one write.
+    let frames = [
+        Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: 0,
+            agent: String::new(),
+            nonce: vec![],
+        }),
+        put_file("a", b"1"),
+        put_file("b", b"22"),
+        put_file("c", b"333"),
+        get_file("a"),
+    ];
+    client.send_all(&frames).await.unwrap();
+    let hello = handler.reader.read_frame().await.unwrap().unwrap();
+    assert!(matches!(
+        handler.session.handle_handshake(hello),
+        Ok(Handshake::Admitted)
+    ));
+    let first = handler.reader.read_frame().await.unwrap().unwrap();
+    let Ok(Request::PutFile(first)) = handler.session.handle_request(first) else {
+        panic!("want PutFile")
+    };
+    let batch = handler
+        .gather(
+            first,
+            |r| r.data.len(),
+            |request| match request {
+                Request::PutFile(req) => Ok(req),
+                other => Err(Box::new(other)),
+            },
+        )
+        .unwrap();
+    let names: Vec<_> = batch.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert!(
+        matches!(&handler.pending, Some(Request::GetFile(r)) if r.name == "a"),
+        "the request of another kind is kept for next"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_small_files_are_answered_in_order() {
+    let (dir, shared) = daemon(|_| {});
+    let mut client = Client::welcomed(&shared).await;
+    // A bad name in the middle is refused on its own; the files around it are stored.
+    client
+        .send_all(&[
+            put_file("a", b"1"),
+            put_file("../escape", b"2"),
+            put_file("c", b"3"),
+        ])
+        .await;
+    let done = |name: &str| Frame::Done(xfer_proto::Done { name: name.into() });
+    assert_eq!(client.next().await, done("a"));
+    let Frame::Error(e) = client.next().await else {
+        panic!("want an error for the bad name")
+    };
+    assert_eq!(e.error_code(), Some(ErrorCode::BadPath));
+    assert_eq!(client.next().await, done("c"));
+    // And read back in order, a missing file answered in its place.
+    client
+        .send_all(&[get_file("c"), get_file("missing"), get_file("a")])
+        .await;
+    let data = |frame: Frame| match frame {
+        Frame::FileData(f) => f.data,
+        other => panic!("want FileData, got {other:?}"),
+    };
+    assert_eq!(data(client.next().await), b"3");
+    let Frame::Error(e) = client.next().await else {
+        panic!("want an error for the missing file")
+    };
+    assert_eq!(e.error_code(), Some(ErrorCode::NotFound));
+    assert_eq!(data(client.next().await), b"1");
+    client.goodbye().await;
+    assert!(!dir.path().join("../escape").exists());
+}
+
+#[tokio::test]
+async fn shutdown_while_a_chunk_arrives_ends_the_connection_cleanly() {
+    let (dir, shared) = daemon(|_| {});
+    let mut client = Client::welcomed(&shared).await;
+    let bytes = vec![7u8; CHUNK];
+    let id = client.open_write("f", CHUNK as u64).await;
+    // Half a chunk: the header and some of the payload, the rest never sent.
+    let data = chunk_at(id, 0, &bytes);
+    client.write.write_all(&data.header()).await.unwrap();
+    let half = &data.payload[..CHUNK / 2];
+    client.write.write_all(half).await.unwrap();
+    client.write.flush().await.unwrap();
+    shared.shutdown.cancel();
+    let (code, message) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::ShuttingDown);
+    assert!(message.contains("resume"), "{message}");
+    assert!(
+        !dir.path().join("f").exists(),
+        "nothing under the final name"
+    );
+}
+
+#[tokio::test]
+async fn a_request_before_hello_is_a_protocol_error() {
+    let (_dir, shared) = daemon(|_| {});
+    let mut client = Client::connect(&shared);
+    client.send(get_file("a")).await;
+    let (code, message) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Protocol);
+    assert!(message.contains("GetFile"), "{message}");
+}
+
+#[tokio::test]
+async fn no_common_version_is_refused() {
+    let (_dir, shared) = daemon(|_| {});
+    let mut client = Client::connect(&shared);
+    client
+        .send(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION + 2,
+            min_version: PROTOCOL_VERSION + 1,
+            capabilities: 0,
+            agent: String::new(),
+            nonce: vec![],
+        }))
+        .await;
+    let (code, _) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Version);
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_refused_and_the_right_one_proven_both_ways() {
+    let token: Arc<[u8]> = Arc::from(&b"s3cret"[..]);
+    let (_dir, shared) = daemon(|c| c.token = Some(Arc::clone(&token)));
+    let nonce = vec![5u8; auth::NONCE_LEN];
+    for key in [&b"wrong"[..], &token[..]] {
+        let mut client = Client::connect(&shared);
+        client.hello(nonce.clone()).await;
+        let Frame::Challenge(challenge) = client.next().await else {
+            panic!("want Challenge")
+        };
+        let proof = auth::client_proof(key, &nonce, &challenge.nonce);
+        client.send(Frame::Auth(Auth { proof, grant: None })).await;
+        if key != &token[..] {
+            let (code, _) = client.closed_with().await;
+            assert_eq!(code, ErrorCode::Auth);
+            continue;
+        }
+        let Frame::Welcome(Welcome {
+            capabilities,
+            proof,
+            ..
+        }) = client.next().await
+        else {
+            panic!("want Welcome")
+        };
+        assert_eq!(capabilities, CAP_AUTH);
+        assert!(auth::verify_server(key, &nonce, &challenge.nonce, &proof));
+        client.goodbye().await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_hello_is_let_go() {
+    let (_dir, shared) = daemon(|_| {});
+    let mut client = Client::connect(&shared);
+    client.write.shutdown().await.unwrap();
+    let mut reader = client.reader;
+    assert!(reader.read_frame().await.unwrap().is_none());
+    client.served.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_download_is_served_by_the_handle_the_session_gave() {
+    let (dir, shared) = daemon(|_| {});
+    let bytes: Vec<u8> = (0..CHUNK + 10).map(|i| (i % 13) as u8).collect();
+    std::fs::write(dir.path().join("d"), &bytes).unwrap();
+    let mut client = Client::welcomed(&shared).await;
+    client
+        .send(Frame::OpenRead(xfer_proto::OpenRead {
+            name: "d".into(),
+            have_identity: None,
+            have: vec![],
+        }))
+        .await;
+    let Frame::ReadOpened(opened) = client.next().await else {
+        panic!("want ReadOpened")
+    };
+    assert_eq!(opened.identity.size, bytes.len() as u64);
+    let id = opened.transfer_id;
+    let read = |offset: usize, len: usize| ChunkRef {
+        transfer_id: id,
+        offset: offset as u64,
+        len: len as u32,
+    };
+    client
+        .send_all(&[
+            Frame::ReadChunk(read(0, CHUNK)),
+            Frame::ReadChunk(read(CHUNK, 10)),
+            Frame::DigestRequest(Commit {
+                transfer_id: id,
+                digest: vec![],
+            }),
+        ])
+        .await;
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let Frame::Data(data) = client.next().await else {
+            panic!("want Data")
+        };
+        data.verify().unwrap();
+        received.extend_from_slice(&data.payload);
+    }
+    assert_eq!(received, bytes);
+    let Frame::DigestReply(reply) = client.next().await else {
+        panic!("want DigestReply")
+    };
+    assert_eq!((reply.transfer_id, reply.digest.len()), (id, 16));
+    // The download's handle is no upload's: data sent to it ends the connection.
+    client
+        .send(Frame::Data(Data::new(id, 0, Bytes::from_static(b"x"))))
+        .await;
+    let (code, message) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Protocol);
+    assert!(message.contains("not an open upload"), "{message}");
+}

@@ -1,0 +1,304 @@
+//! Tree requests: listings, small files stored or read in batches, directories, links and `Sync`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tracing::info;
+use xfer_core::CoreError;
+use xfer_proto::session::Request;
+use xfer_proto::{
+    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, PutFile, TreeListing,
+    MAX_LISTING_ENTRIES,
+};
+
+use super::{fatal, ConnError, Handler, READ_ONLY};
+use crate::registry::blocking;
+use crate::Shared;
+
+/// Largest file `GetFile` sends whole: well inside one control frame.
+const MAX_SMALL_FILE: u64 = 1 << 20;
+
+/// Small files a connection stores or reads in one trip to the blocking pool, at most.
+const BATCH_FILES: usize = 64;
+
+/// File bytes in one such batch, at most (beyond the file that starts it).
+const BATCH_BYTES: usize = 8 << 20;
+
+impl Handler {
+    pub(super) async fn list(&mut self, dir: &str) -> Result<(), ConnError> {
+        let (root, dir) = (self.root(), dir.to_string());
+        let entries = match blocking(move || root.list(&dir)).await {
+            Ok(entries) => entries,
+            Err(e) => return self.reply_error(e.code(), e.to_string()).await,
+        };
+        // Names are at most 255 bytes, so a page of MAX_LISTING_ENTRIES stays far below the
+        // control-frame limit.
+        let mut pages = entries.chunks(MAX_LISTING_ENTRIES).peekable();
+        if pages.peek().is_none() {
+            return Ok(self
+                .writer
+                .send(&Frame::Listing(Listing {
+                    entries: vec![],
+                    more: false,
+                }))
+                .await?);
+        }
+        while let Some(page) = pages.next() {
+            let more = pages.peek().is_some();
+            self.writer
+                .send(&Frame::Listing(Listing {
+                    entries: page.to_vec(),
+                    more,
+                }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn list_tree(&mut self, req: ListTree) -> Result<(), ConnError> {
+        let root = self.root();
+        let dir = req.dir.clone();
+        let entries = match blocking(move || root.walk(&dir, req.digests)).await {
+            Ok(entries) => entries,
+            Err(e) => return self.reply_error(e.code(), e.to_string()).await,
+        };
+        // Pages bounded by count and by bytes, so each stays far below the control-frame limit.
+        let mut page = Vec::new();
+        let mut page_bytes = 0;
+        let total = entries.len();
+        for (i, entry) in entries.into_iter().enumerate() {
+            page_bytes += 64 + entry.path.len() + entry.target.len();
+            page.push(entry);
+            if page.len() == MAX_LISTING_ENTRIES || page_bytes > 1 << 20 || i + 1 == total {
+                let more = i + 1 < total;
+                let entries = std::mem::take(&mut page);
+                page_bytes = 0;
+                self.writer
+                    .send(&Frame::TreeListing(TreeListing { entries, more }))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one tree operation that changes the root, answering `Done` or an error.
+    pub(super) async fn tree_op(
+        &mut self,
+        name: String,
+        op: impl FnOnce(&xfer_core::Root) -> xfer_core::Result<()> + Send + 'static,
+    ) -> Result<(), ConnError> {
+        if self.shared.config.read_only {
+            return self
+                .reply_error(ErrorCode::ReadOnly, READ_ONLY.into())
+                .await;
+        }
+        if self.shared.registry.is_open(&name) {
+            let message = format!("{name} is being uploaded by another client");
+            return self.reply_error(ErrorCode::InUse, message).await;
+        }
+        let root = self.root();
+        match blocking(move || op(&root)).await {
+            Ok(()) => Ok(self.writer.send(&Frame::Done(Done { name })).await?),
+            Err(e) => {
+                info!(name = %name, error = %e, "tree request refused");
+                self.reply_error(e.code(), e.to_string()).await
+            }
+        }
+    }
+
+    /// Stores `first` and the small files pipelined behind it that are already buffered, in one
+    /// trip to the blocking pool, and answers them with one write: per file, the cost is the
+    /// filesystem's alone. Each is answered (`Done` or a request-level error) in order.
+    pub(super) async fn put_files(&mut self, first: PutFile) -> Result<(), ConnError> {
+        let mut batch = self.gather(
+            first,
+            |r| r.data.len(),
+            |request| match request {
+                Request::PutFile(req) => Ok(req),
+                other => Err(Box::new(other)),
+            },
+        )?;
+        // Bit errors in a control frame: the stream can no longer be trusted. The files before
+        // it are stored and answered; the connection ends there.
+        let mut end = None;
+        if let Some(bad) = batch
+            .iter()
+            .position(|r| crc32fast::hash(&r.data) != r.crc32)
+        {
+            let message = format!("{}: data failed its CRC", batch[bad].name);
+            end = Some(fatal(ErrorCode::BadCrc, message));
+            batch.truncate(bad);
+        }
+        let outcomes: Vec<StoreOutcome> = if self.shared.config.read_only {
+            let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
+            batch.into_iter().map(|r| (r.name, refusal())).collect()
+        } else {
+            let (root, shared) = (self.root(), Arc::clone(&self.shared));
+            blocking(move || Ok(store_small_files(&root, &shared, batch)))
+                .await
+                .unwrap_or_else(|e: CoreError| {
+                    vec![(String::new(), Err((e.code(), e.to_string())))]
+                })
+        };
+        let mut replies = Vec::with_capacity(outcomes.len());
+        for (name, outcome) in outcomes {
+            match outcome {
+                Ok(()) => replies.push(Frame::Done(Done { name })),
+                Err((code, message)) if code.is_request_level() => {
+                    info!(name = %name, error = %message, "tree request refused");
+                    replies.push(Frame::Error(ErrorFrame::new(code, message)));
+                }
+                Err((code, message)) => {
+                    end = Some(fatal(code, message));
+                    break;
+                }
+            }
+        }
+        self.writer.send_all(&replies).await?;
+        end.map_or(Ok(()), Err)
+    }
+
+    /// Reads `first` and the `GetFile`s pipelined behind it that are already buffered, in one
+    /// trip to the blocking pool per 8 MiB of answers, and answers them in order with one write.
+    pub(super) async fn get_files(&mut self, first: GetFile) -> Result<(), ConnError> {
+        let mut batch = VecDeque::from(self.gather(
+            first,
+            |_| 0,
+            |request| match request {
+                Request::GetFile(req) => Ok(req),
+                other => Err(Box::new(other)),
+            },
+        )?);
+        while !batch.is_empty() {
+            let root = self.root();
+            // The answers are held in bytes reserved from the daemon's budget until sent.
+            let most: u64 = batch
+                .iter()
+                .map(|r| u64::from(r.max_size).min(MAX_SMALL_FILE))
+                .sum();
+            let most = most.min((BATCH_BYTES as u64) + MAX_SMALL_FILE);
+            let reservation = self.shared.budget.reserve(most as usize).await;
+            let (replies, rest, end) = blocking(move || Ok(read_small_files(&root, batch)))
+                .await
+                .map_err(|e| fatal(e.code(), e.to_string()))?;
+            batch = rest;
+            self.writer.send_all(&replies).await?;
+            drop(replies);
+            drop(reservation);
+            if let Some(e) = end {
+                return Err(ConnError::Fatal(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// `first` and the requests of its kind already buffered behind it, up to
+    /// `BATCH_FILES` of them and `BATCH_BYTES` as `size` counts; a request of another
+    /// kind read meanwhile is kept to be handled next.
+    pub(super) fn gather<T>(
+        &mut self,
+        first: T,
+        size: impl Fn(&T) -> usize,
+        pick: impl Fn(Request) -> Result<T, Box<Request>>,
+    ) -> Result<Vec<T>, ConnError> {
+        let mut bytes = size(&first);
+        let mut batch = vec![first];
+        while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
+            let Some(frame) = self.reader.buffered_frame()? else {
+                break;
+            };
+            match pick(self.session.handle_request(frame)?) {
+                Ok(req) => {
+                    bytes += size(&req);
+                    batch.push(req);
+                }
+                Err(other) => {
+                    self.pending = Some(*other);
+                    break;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    pub(super) async fn sync(&mut self) -> Result<(), ConnError> {
+        let root = self.root();
+        blocking(move || root.sync())
+            .await
+            .map_err(|e| fatal(e.code(), e.to_string()))?;
+        Ok(self
+            .writer
+            .send(&Frame::Done(Done {
+                name: String::new(),
+            }))
+            .await?)
+    }
+}
+
+/// Reads the small files `batch` asks for, in order, until the answers hold `BATCH_BYTES`;
+/// returns the answers (`FileData` or a request-level error each), the requests left, and an
+/// error that ends the connection (only errors about one request leave it usable).
+fn read_small_files(
+    root: &xfer_core::Root,
+    mut batch: VecDeque<GetFile>,
+) -> (Vec<Frame>, VecDeque<GetFile>, Option<ErrorFrame>) {
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut bytes = 0;
+    while bytes < BATCH_BYTES {
+        let Some(req) = batch.pop_front() else { break };
+        let max = u64::from(req.max_size).min(MAX_SMALL_FILE);
+        replies.push(match root.read_small(&req.name, max) {
+            Ok((identity, mode, data)) => {
+                bytes += data.len();
+                Frame::FileData(FileData {
+                    identity,
+                    mode,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                })
+            }
+            Err(e) if e.code().is_request_level() => {
+                Frame::Error(ErrorFrame::new(e.code(), e.to_string()))
+            }
+            Err(e) => {
+                return (
+                    replies,
+                    VecDeque::new(),
+                    Some(ErrorFrame::new(e.code(), e.to_string())),
+                )
+            }
+        });
+    }
+    (replies, batch, None)
+}
+
+/// A stored file's name, and the error it got if any.
+type StoreOutcome = (String, Result<(), (ErrorCode, String)>);
+
+/// Stores a batch of small files in order, stopping at the first error that ends the connection
+/// (request-level errors, such as a directory in the way, do not stop it).
+fn store_small_files(
+    root: &xfer_core::Root,
+    shared: &Shared,
+    batch: Vec<PutFile>,
+) -> Vec<StoreOutcome> {
+    let mut dirs = xfer_core::DirCache::default();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for req in batch {
+        let outcome = if shared.registry.is_open(&req.name) {
+            let message = format!("{} is being uploaded by another client", req.name);
+            Err((ErrorCode::InUse, message))
+        } else {
+            root.put_file(&mut dirs, &req.name, req.mtime_ns, req.mode, &req.data)
+                .map_err(|e| (e.code(), e.to_string()))
+        };
+        let fatal = outcome
+            .as_ref()
+            .is_err_and(|(code, _)| !code.is_request_level());
+        outcomes.push((req.name, outcome));
+        if fatal {
+            break;
+        }
+    }
+    outcomes
+}
