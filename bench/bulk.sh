@@ -10,11 +10,13 @@
 # Environment:
 #   BENCH_DIR     base work dir; default bench/out. This script works in BENCH_DIR/bulk only, which
 #                 must be on a real disk (not tmpfs): durability costs nothing on tmpfs.
-#   BULK_SETS     which trees, any of "small mixed"; default both
+#   BULK_SETS     which trees, any of "small mixed mirror"; default all three
 #                   small: SMALL_FILES (10000) files of SMALL_SIZE (4K) bytes in SMALL_DIRS (20)
 #                   mixed: MIXED_FILES (2000) files of MIXED_MIN..MIXED_MAX (4K..64K) bytes in
 #                          MIXED_DIRS (20) directories, plus MIXED_BIG (3) files of MIXED_BIG_SIZE
 #                          (64M)
+#                   mirror: the mirror row, bench/mirror.sh (1 % changed and 1 % deleted, synced
+#                          with --delete against rsync -aH --delete), run after the others
 #   CONNS         xfer connection counts, `auto` for no -c (a tree's small files then go over 4
 #                 connections and each large file sizes its own pool); default "auto 8"
 #   REPEAT        runs per measurement; the fastest is reported (each mode on its own); default 1
@@ -54,7 +56,12 @@ BENCH_NAME=bulk
 source "$BENCH_HOME/lib.sh"
 
 BASE="${BENCH_DIR:-$REPO/bench/out}"
-SETS="${BULK_SETS:-small mixed}"
+SETS="${BULK_SETS:-small mixed mirror}"
+MIRROR=0
+if [[ " $SETS " == *" mirror "* ]]; then
+    MIRROR=1
+    SETS="$(tr ' ' '\n' <<<"$SETS" | grep -vx mirror | tr '\n' ' ' || true)"
+fi
 CONNS="${CONNS:-auto 8}"
 REPEAT="${REPEAT:-1}"
 SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
@@ -419,3 +426,8 @@ print(f"{sum(targets)} of {len(targets)} targets met")
 EOF
 echo
 echo "Raw results (every run): $RESULTS; logs: $LOGS"
+if ((MIRROR)); then
+    echo
+    BENCH_DIR="$BASE" REPEAT="$REPEAT" SMALL_FILES="$SMALL_FILES" SMALL_DIRS="$SMALL_DIRS" \
+        SMALL_SIZE="$(parse_size "$SMALL_SIZE")" RUN_TIMEOUT="$RUN_TIMEOUT" "$BENCH_HOME/mirror.sh"
+fi

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use xfer_proto::{auth, CopyDone, CopyTo, Frame, Grant};
+use xfer_proto::{auth, Change, CopyDone, CopyTo, Frame, Grant, MirrorTo, CAP_MIRROR};
 
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Progress, Session, Target};
@@ -123,6 +123,8 @@ pub struct CopyOptions {
     pub chunk_size: u32,
     /// Have the source reach the destination over TLS, verifying its certificate.
     pub dst_tls: bool,
+    /// Filters, deletion and dry run of a tree copy (`MirrorTo`); the default is a plain copy.
+    pub mirror: crate::Mirror,
 }
 
 impl std::fmt::Debug for CopyOptions {
@@ -133,6 +135,7 @@ impl std::fmt::Debug for CopyOptions {
             .field("connections", &self.connections)
             .field("chunk_size", &self.chunk_size)
             .field("dst_tls", &self.dst_tls)
+            .field("mirror", &self.mirror)
             .finish()
     }
 }
@@ -148,7 +151,33 @@ pub async fn copy(
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyDone, ClientError> {
-    let mut session = Session::connect(&spec.src, src).await?;
+    copy_mirror(spec, src, opts, progress)
+        .await
+        .map(|(done, _)| done)
+}
+
+/// [`copy`], and the changes the source daemon reported for a mirror copy (filters,
+/// `--delete`, `--dry-run`: `MirrorTo`); none for a plain one.
+///
+/// # Errors
+/// As [`copy`]; `Unsupported` when the source daemon predates mirror copies.
+pub async fn copy_mirror(
+    spec: &CopySpec,
+    src: &Connector,
+    opts: &CopyOptions,
+    progress: &dyn Progress,
+) -> Result<(CopyDone, Vec<Change>), ClientError> {
+    let mirrored = opts.recursive && !opts.mirror.is_plain();
+    let offer = if mirrored { CAP_MIRROR } else { 0 };
+    let mut session = Session::connect_offering(&spec.src, src, offer).await?;
+    if mirrored && session.welcome.capabilities & CAP_MIRROR == 0 {
+        session.close().await;
+        return Err(ClientError::Unsupported(format!(
+            "the source daemon at {} is too old for --delete, filters or --dry-run on copy -r \
+             (upgrade xferd)",
+            spec.src
+        )));
+    }
     let request = CopyTo {
         source: spec.name.clone(),
         recursive: opts.recursive,
@@ -163,16 +192,30 @@ pub async fn copy(
             .map(|token| make_grant(token, &spec.dest)),
         tls: opts.dst_tls,
     };
-    session.send(&Frame::CopyTo(request)).await?;
+    let request = if mirrored {
+        let m = &opts.mirror;
+        Frame::MirrorTo(MirrorTo {
+            copy: request,
+            rules: m.wire_rules(),
+            delete: m.delete,
+            delete_excluded: m.delete_excluded,
+            dry_run: m.dry_run,
+        })
+    } else {
+        Frame::CopyTo(request)
+    };
+    session.send(&request).await?;
+    let mut changes = Vec::new();
     loop {
         match session.next().await? {
             Frame::Progress(p) => {
                 progress.set_length(p.bytes_total);
                 progress.set_position(p.bytes_done);
             }
+            Frame::Changes(page) if mirrored => changes.extend(page.changes),
             Frame::CopyDone(done) => {
                 session.close().await;
-                return Ok(done);
+                return Ok((done, changes));
             }
             other => return Err(unexpected(other)),
         }

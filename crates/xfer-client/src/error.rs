@@ -54,6 +54,9 @@ pub enum ClientError {
     /// The server's file changed between connections.
     #[error("file changed on the server during the transfer: {0}")]
     Changed(String),
+    /// The server does not speak a part of the protocol the command needs.
+    #[error("{0}")]
+    Unsupported(String),
     /// Every retry failed within the deadline.
     #[error("{last} (gave up after {seconds:.0} s of retries; rerun to resume)")]
     GaveUp {

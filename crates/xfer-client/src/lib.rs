@@ -5,6 +5,7 @@
 //! - [`engine`]: the transfer engine shared by [`send`] and [`recv`].
 //! - [`session`]: one connection past its handshake.
 //! - [`list()`]: directory listings.
+//! - [`mirror`]: `--delete`, filters, dry runs and itemize lines of tree copies.
 //! - [`progress`]: [`Progress`], how transfers report the bytes they move.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod limiter;
 pub mod list;
+pub mod mirror;
 pub mod progress;
 pub mod session;
 pub mod target;
@@ -24,6 +26,7 @@ pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;
 pub use limiter::RateLimiter;
 pub use list::list;
+pub use mirror::Mirror;
 pub use progress::{NoProgress, Progress, ProgressCounter};
 pub use session::{Connector, Session};
 pub use target::Target;

@@ -316,6 +316,19 @@ impl Session {
     /// # Errors
     /// `Target` (name does not resolve), `Connect`, `Tls`, `Auth`, or the server's error.
     pub async fn connect(target: &Target, connector: &Connector) -> Result<Self, ClientError> {
+        Self::connect_offering(target, connector, 0).await
+    }
+
+    /// [`Session::connect`], offering the capability bits `offer` (`CAP_DELETE`, `CAP_MIRROR`)
+    /// in `Hello`; whether the server took them is in `welcome.capabilities`.
+    ///
+    /// # Errors
+    /// As [`Session::connect`].
+    pub async fn connect_offering(
+        target: &Target,
+        connector: &Connector,
+        offer: u64,
+    ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -327,6 +340,7 @@ impl Session {
             grant: connector.grant.clone(),
             tls: connector.tls.is_some(),
             agent: AGENT.into(),
+            offer,
         };
         let mut handshake = ClientSession::new(config, nonce);
         let (reader, writer) = match &connector.tls {

@@ -3,7 +3,7 @@
 //! files go through the chunked engine with all connections; links are copied as links; modes
 //! and mtimes are kept; the receiving side is flushed once at the end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,9 +11,12 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
-use xfer_proto::{EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry};
+use xfer_proto::{
+    Change, Delete, EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, PutFile, TreeEntry,
+};
 
 use crate::engine::{self, Options};
+use crate::mirror::{self, Mirror, Removals};
 use crate::session::unexpected;
 use crate::{ClientError, Session, Target};
 
@@ -56,6 +59,11 @@ pub struct TreeSummary {
     pub entries_skipped: u64,
     /// TCP congestion control of the connections, as the kernel reports it.
     pub congestion: Option<String>,
+    /// Entries removed from the receiving tree (`--delete`), or that would be (`--dry-run`).
+    pub entries_deleted: u64,
+    /// What the copy changed, or would change under `--dry-run` (`--itemize`).
+    #[serde(skip)]
+    pub changes: Vec<Change>,
 }
 
 fn join(top: &str, rel: &str) -> String {
@@ -277,6 +285,8 @@ impl TreeSummary {
             crc_retries: 0,
             entries_skipped: 0,
             congestion: None,
+            entries_deleted: 0,
+            changes: Vec::new(),
         }
     }
 }
@@ -410,6 +420,88 @@ fn large_file_options(opts: &Options) -> Options {
     }
 }
 
+/// The directories a send must create or make writable before the files (`first`, parents
+/// first), and those whose mode and mtime it must set afterwards (`last`, parents first; sent
+/// reversed): the ones it created or made writable, those whose mode or mtime differ at the
+/// receiver, and those an entry is added to or removed from. A rerun that changes little so
+/// touches few directories instead of every one twice.
+fn dir_passes<'a>(
+    dirs: &'a [TreeEntry],
+    receiver: &HashMap<String, TreeEntry>,
+    changed: &[&[TreeEntry]],
+    removals: &Removals,
+) -> (Vec<&'a TreeEntry>, Vec<&'a TreeEntry>) {
+    let parent = |path: &str| -> Option<String> {
+        (!path.is_empty()).then(|| path.rsplit_once('/').map_or("", |(p, _)| p).to_string())
+    };
+    let first: Vec<&TreeEntry> = dirs
+        .iter()
+        .filter(|d| {
+            receiver
+                .get(&d.path)
+                .is_none_or(|t| t.kind != EntryKind::Dir || t.mode & 0o700 != 0o700)
+        })
+        .collect();
+    let created: HashSet<&str> = first.iter().map(|d| d.path.as_str()).collect();
+    let mut touched: HashSet<String> = changed
+        .iter()
+        .flat_map(|entries| entries.iter())
+        .chain(&removals.before)
+        .chain(&removals.after)
+        .filter_map(|e| parent(&e.path))
+        .collect();
+    touched.extend(first.iter().filter_map(|d| parent(&d.path)));
+    let last = dirs
+        .iter()
+        .filter(|d| {
+            created.contains(d.path.as_str())
+                || touched.contains(&d.path)
+                || receiver
+                    .get(&d.path)
+                    .is_none_or(|t| t.mode & 0o1777 != d.mode & 0o1777 || t.mtime_ns != d.mtime_ns)
+        })
+        .collect();
+    (first, last)
+}
+
+/// Whether the copy sends an entry: special files and links leading out of the tree are left
+/// out (with a warning, by [`Plan::new`]).
+fn sent(entry: &TreeEntry) -> bool {
+    match entry.kind {
+        EntryKind::Special => false,
+        EntryKind::Symlink => xfer_core::tree::validate_link(&entry.path, &entry.target).is_ok(),
+        EntryKind::File | EntryKind::Dir => true,
+    }
+}
+
+/// The receiver's listing by path, without the entries removed before the copy.
+fn receiver_map(listed: Vec<TreeEntry>, removals: &Removals) -> HashMap<String, TreeEntry> {
+    let mut map: HashMap<String, TreeEntry> =
+        listed.into_iter().map(|e| (e.path.clone(), e)).collect();
+    for gone in &removals.before {
+        map.remove(&gone.path);
+    }
+    map
+}
+
+/// Connects, offering `CAP_DELETE` when the mirror removes entries. A daemon that does not
+/// allow deletion refuses the handshake with a message naming its setting; one that predates
+/// deletion does not take the capability, and is refused here: both before anything moves.
+async fn connect_deleting(
+    target: &Target,
+    connector: &crate::Connector,
+    mirror: &Mirror,
+) -> Result<Session, ClientError> {
+    let session = Session::connect_offering(target, connector, mirror.offer()).await?;
+    if mirror.delete && session.welcome.capabilities & xfer_proto::CAP_DELETE == 0 {
+        session.close().await;
+        return Err(ClientError::Unsupported(format!(
+            "--delete refused: the daemon at {target} is too old to delete (upgrade xferd)"
+        )));
+    }
+    Ok(session)
+}
+
 /// Copies the local tree `dir` to `dest` on `target`.
 ///
 /// # Errors
@@ -436,19 +528,83 @@ pub async fn send_tree_from(
     opts: &Options,
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
+    send_tree_mirror(local, target, dest, opts, checksum, &Mirror::default()).await
+}
+
+/// [`send_tree`] as a mirror (see [`send_tree_mirror`]).
+///
+/// # Errors
+/// As [`send_tree_mirror`].
+pub async fn send_dir_mirror(
+    dir: &Path,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
+    send_tree_mirror(Root::open(dir)?, target, dest, opts, checksum, mirror).await
+}
+
+/// [`send_tree_from`] as a mirror: filtered, removing what the source lacks, or only saying
+/// what would change (see [`mirror`]).
+///
+/// # Errors
+/// As [`send_tree`]; `Unsupported` when `--delete` meets a daemon that predates it, and the
+/// daemon's refusal when it does not allow deletion, both before anything moves.
+pub async fn send_tree_mirror(
+    local: Root,
+    target: &Target,
+    dest: &str,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
-    let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-    tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
-    let mut control = Session::connect(target, &opts.connector).await?;
-    let remote: HashMap<String, TreeEntry> = list_remote(&mut control, dest, checksum)
-        .await?
-        .into_iter()
-        .map(|e| (e.path.clone(), e))
-        .collect();
+    // The source is walked while the receiver lists its side: over a long path the listing
+    // takes round trips the walk need not wait for.
+    let walk = async {
+        let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
+        tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
+        Ok::<_, ClientError>(mirror.filter_source(walked))
+    };
+    let list = async {
+        let mut control = connect_deleting(target, &opts.connector, mirror).await?;
+        let listed = list_remote(&mut control, dest, checksum).await?;
+        Ok::<_, ClientError>((control, listed))
+    };
+    let (walked, (mut control, listed)) = tokio::try_join!(walk, list)?;
+    let removals = mirror.removals(&walked, &listed);
+    let remote = receiver_map(listed, &removals);
     tracing::debug!(entries = remote.len(), elapsed = ?started.elapsed(), "receiver listed");
 
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
+    summary.changes = mirror::changes(&walked, &remote, &removals, sent);
+    summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+    if mirror.dry_run {
+        Plan::new(walked, &remote, &mut summary);
+        control.close().await;
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    let delete = |entries: &[TreeEntry]| -> Vec<(Frame, u64)> {
+        entries
+            .iter()
+            .map(|e| {
+                let name = join(dest, &e.path);
+                (Frame::Delete(Delete { name }), 0)
+            })
+            .collect()
+    };
+    // Entries of another type are in the way of the source's: they go first.
+    pipeline(
+        &mut control,
+        None,
+        delete(&removals.before).into_iter(),
+        expect_done,
+    )
+    .await?;
     let Plan {
         dirs,
         links,
@@ -457,10 +613,11 @@ pub async fn send_tree_from(
     } = Plan::new(walked, &remote, &mut summary);
     let progress = Progress::new(&small, &large, opts);
     let small_count = small.len();
+    let (first_pass, last_pass) = dir_passes(&dirs, &remote, &[&small, &large, &links], &removals);
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.
-    let make_dirs = |entries: &[TreeEntry], extra: u32| -> Vec<Frame> {
+    let make_dirs = |entries: &[&TreeEntry], extra: u32| -> Vec<Frame> {
         entries
             .iter()
             .map(|d| {
@@ -476,13 +633,33 @@ pub async fn send_tree_from(
     pipeline(
         &mut control,
         None,
-        make_dirs(&dirs, 0o700).into_iter().map(|f| (f, 0)),
+        make_dirs(&first_pass, 0o700).into_iter().map(|f| (f, 0)),
         expect_done,
     )
     .await?;
-    // The control connection would sit idle through the files; it is opened again at the end.
-    control.close().await;
-    tracing::debug!(dirs = dirs.len(), elapsed = ?started.elapsed(), "directories made");
+    tracing::debug!(dirs = first_pass.len(), elapsed = ?started.elapsed(), "directories made");
+    // A few small files and nothing large (a rerun, a mirror of a small change) go over the
+    // control connection: new connections would cost more round trips than they save.
+    let few = large.is_empty()
+        && small.len() <= PIPELINE
+        && small.iter().map(|e| e.size).sum::<u64>() <= PIPELINE_BYTES as u64;
+    let (small, control) = if few {
+        let job = SmallFiles {
+            target: target.clone(),
+            connector: opts.connector.clone(),
+            local: local.clone(),
+            top: dest.to_string(),
+            queue: Arc::new(Mutex::new(VecDeque::from(small))),
+            progress: Arc::clone(&progress),
+        };
+        send_small_files_over(&mut control, &job).await?;
+        (Vec::new(), Some(control))
+    } else {
+        // The control connection would sit idle through the files; it is opened again at the
+        // end.
+        control.close().await;
+        (small, None)
+    };
 
     let large_opts = large_file_options(opts);
     let files = Files {
@@ -512,7 +689,10 @@ pub async fn send_tree_from(
         .await?;
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
 
-    let mut control = Session::connect(target, &opts.connector).await?;
+    let mut control = match control {
+        Some(control) => control,
+        None => connect_deleting(target, &opts.connector, mirror).await?,
+    };
     let link_frames = links.iter().map(|l| {
         Frame::MakeLink(MakeLink {
             name: join(dest, &l.path),
@@ -520,21 +700,18 @@ pub async fn send_tree_from(
         })
     });
     pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
-    // Directory mtimes last, children first: adding entries changed them.
-    let mut reversed = make_dirs(&dirs, 0);
-    reversed.reverse();
-    pipeline(
-        &mut control,
-        None,
-        reversed.into_iter().map(|f| (f, 0)),
-        expect_done,
-    )
-    .await?;
-    tracing::debug!(elapsed = ?started.elapsed(), "links and directory times set");
-    control.send(&Frame::Sync).await?;
-    expect_done(control.next().await?)?;
+    // Every file and link arrived: now what the source lacks goes, then the directories get
+    // their modes and mtimes, children first (adding and removing entries changed them), and
+    // the receiver is flushed: one pipeline, carried out in order.
+    let mut last = make_dirs(&last_pass, 0);
+    last.reverse();
+    let finish = delete(&removals.after)
+        .into_iter()
+        .chain(last.into_iter().map(|f| (f, 0)))
+        .chain(std::iter::once((Frame::Sync, 0)));
+    pipeline(&mut control, None, finish, expect_done).await?;
     control.close().await;
-    tracing::debug!(elapsed = ?started.elapsed(), "receiver flushed");
+    tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
 
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
@@ -544,14 +721,28 @@ pub async fn send_tree_from(
 }
 
 async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
-    let (target, connector, local) = (&job.target, &job.connector, &job.local);
+    if job
+        .queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let mut session = Session::connect(&job.target, &job.connector).await?;
+    send_small_files_over(&mut session, &job).await?;
+    session.close().await;
+    Ok(())
+}
+
+/// Sends small files from `job`'s queue over `session` until the queue is empty.
+async fn send_small_files_over(session: &mut Session, job: &SmallFiles) -> Result<(), ClientError> {
+    let local = &job.local;
     let (dest, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-    let Some(first) = pop() else { return Ok(()) };
-    let mut session = Session::connect(target, connector).await?;
     // Sizes of the files sent and not yet answered, oldest first.
     let sent = Mutex::new(VecDeque::new());
-    let mut next = Some(first);
+    let mut next = None;
     let mut error = None;
     // Each file is read just before it is sent, so memory holds only the pipeline's worth.
     let requests = std::iter::from_fn(|| {
@@ -577,7 +768,7 @@ async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
             }
         }
     });
-    pipeline(&mut session, progress.limiter.as_ref(), requests, |frame| {
+    pipeline(session, progress.limiter.as_ref(), requests, |frame| {
         expect_done(frame)?;
         let size = sent
             .lock()
@@ -588,11 +779,10 @@ async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
         Ok(())
     })
     .await?;
-    if let Some(e) = error {
-        return Err(e.into());
+    match error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    session.close().await;
-    Ok(())
 }
 
 /// Copies the tree `name` on `target` into the local directory `dir` (created if missing).
@@ -606,6 +796,22 @@ pub async fn recv_tree(
     opts: &Options,
     checksum: bool,
 ) -> Result<TreeSummary, ClientError> {
+    recv_tree_mirror(target, name, dir, opts, checksum, &Mirror::default()).await
+}
+
+/// [`recv_tree`] as a mirror: filtered, removing from `dir` what the source lacks, or only
+/// saying what would change (see [`mirror`]).
+///
+/// # Errors
+/// As [`recv_tree`].
+pub async fn recv_tree_mirror(
+    target: &Target,
+    name: &str,
+    dir: &Path,
+    opts: &Options,
+    checksum: bool,
+    mirror: &Mirror,
+) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
     let mut control = Session::connect(target, &opts.connector).await?;
     let remote = list_remote(&mut control, name, checksum).await?;
@@ -614,14 +820,28 @@ pub async fn recv_tree(
     if remote.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    let remote = mirror.filter_source(remote);
+    // A dry run creates nothing, not even the top.
+    if !mirror.dry_run || !dir.exists() {
+        if mirror.dry_run {
+            return dry_recv(name, opts, remote, &[], mirror, (congestion, started));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    }
     let local = Root::open(dir)?;
     let walked = on_local(&local, move |r| r.walk("", checksum)).await?;
-    let have: HashMap<String, TreeEntry> =
-        walked.into_iter().map(|e| (e.path.clone(), e)).collect();
+    if mirror.dry_run {
+        return dry_recv(name, opts, remote, &walked, mirror, (congestion, started));
+    }
+    let removals = mirror.removals(&remote, &walked);
+    let have = receiver_map(walked, &removals);
     let mut summary = TreeSummary::new(name, opts);
     summary.congestion = congestion;
+    summary.changes = mirror::changes(&remote, &have, &removals, sent);
+    summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+    // Entries of another type are in the way of the source's: they go first.
+    remove_local(&local, &removals.before).await?;
     let Plan {
         dirs,
         links,
@@ -665,6 +885,9 @@ pub async fn recv_tree(
             summary.entries_skipped += 1;
         }
     }
+    // Every file and link arrived: now what the source lacks goes, before the directories
+    // get their mtimes.
+    remove_local(&local, &removals.after).await?;
     for d in inner_dirs.iter().rev() {
         let (path, mode, mtime) = (d.path.clone(), d.mode, d.mtime_ns);
         on_local(&local, move |r| r.make_dir(&path, mode, mtime)).await?;
@@ -685,6 +908,39 @@ pub async fn recv_tree(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The summary of a `recv -r --dry-run`: what would change in a receiving tree listed as
+/// `walked` (empty when it does not exist yet).
+fn dry_recv(
+    name: &str,
+    opts: &Options,
+    remote: Vec<TreeEntry>,
+    walked: &[TreeEntry],
+    mirror: &Mirror,
+    (congestion, started): (Option<String>, Instant),
+) -> Result<TreeSummary, ClientError> {
+    let removals = mirror.removals(&remote, walked);
+    let have = receiver_map(walked.to_vec(), &removals);
+    let mut summary = TreeSummary::new(name, opts);
+    summary.congestion = congestion;
+    summary.changes = mirror::changes(&remote, &have, &removals, sent);
+    summary.entries_deleted = (removals.before.len() + removals.after.len()) as u64;
+    Plan::new(remote, &have, &mut summary);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Removes `entries` (contents first) from the local receiving tree, never through a link.
+async fn remove_local(local: &Root, entries: &[TreeEntry]) -> Result<(), ClientError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
+    on_local(local, move |r| {
+        paths.iter().try_for_each(|p| r.remove_entry(p).map(drop))
+    })
+    .await
 }
 
 /// Runs a local file operation on the blocking pool.

@@ -11,6 +11,8 @@
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
 //! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
 //! - [`tree`]: walking a tree and the small operations a tree copy is made of.
+//! - [`filter`]: [`Filter`], the `--include`/`--exclude` patterns of a mirror copy.
+//! - [`remove`]: removing one entry beneath a root for `--delete`, never through a link.
 //!
 //! Invariants: no socket is created here; blocking file I/O runs on tokio's blocking pool, never
 //! on a runtime worker; no file is ever held whole in memory.
@@ -20,15 +22,18 @@ pub mod budget;
 pub mod buffers;
 pub mod digest;
 pub mod error;
+pub mod filter;
 pub mod journal;
 pub mod partial;
 pub mod ranges;
+pub mod remove;
 pub mod root;
 pub mod source;
 pub mod tree;
 
 pub use budget::{MemoryBudget, Reservation};
 pub use error::{CoreError, Result};
+pub use filter::Filter;
 pub use partial::PartialFile;
 pub use ranges::{split_into_chunks, RangeSet};
 pub use root::{validate_name, Root, Slot};

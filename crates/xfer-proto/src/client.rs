@@ -24,6 +24,9 @@ pub struct ClientConfig {
     pub tls: bool,
     /// This software's name and version, told in `Hello`.
     pub agent: String,
+    /// Further capabilities to offer in `Hello` (`CAP_DELETE`, `CAP_MIRROR`); never in the
+    /// plaintext `Hello` that asks for TLS. The `Welcome` says which the server took.
+    pub offer: u64,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -33,6 +36,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("grant", &self.grant.as_ref().map(|g| &g.scope))
             .field("tls", &self.tls)
             .field("agent", &self.agent)
+            .field("offer", &self.offer)
             .finish()
     }
 }
@@ -130,10 +134,11 @@ impl ClientSession {
     }
 
     fn capabilities(&self) -> u64 {
+        let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
         if self.config.tls {
-            CAP_TLS
+            CAP_TLS | offer
         } else {
-            0
+            offer
         }
     }
 
@@ -141,17 +146,17 @@ impl ClientSession {
     /// wants it), and again inside TLS after [`Step::StartTls`].
     pub fn hello(&mut self) -> Frame {
         // Only the capability matters before TLS: the real Hello follows inside it.
-        let nonce = if self.state == State::Start && self.config.tls {
+        let (nonce, capabilities) = if self.state == State::Start && self.config.tls {
             self.state = State::AwaitStartTls;
-            Vec::new()
+            (Vec::new(), CAP_TLS)
         } else {
             self.state = State::AwaitChallenge;
-            self.nonce.clone()
+            (self.nonce.clone(), self.capabilities())
         };
         Frame::Hello(Hello {
             version: PROTOCOL_VERSION,
             min_version: 1,
-            capabilities: self.capabilities(),
+            capabilities,
             agent: self.config.agent.clone(),
             nonce,
         })
@@ -236,6 +241,7 @@ mod tests {
             grant: None,
             tls,
             agent: "xfer/test".into(),
+            offer: 0,
         };
         ClientSession::new(config, vec![1; auth::NONCE_LEN])
     }

@@ -126,6 +126,38 @@ mod tests {
                 bytes_done: 1,
                 bytes_total: 2,
             }),
+            Frame::Delete(Delete {
+                name: "t/gone".into(),
+            }),
+            Frame::MirrorTo(MirrorTo {
+                copy: CopyTo {
+                    source: "a".into(),
+                    recursive: true,
+                    host: "h".into(),
+                    port: 9,
+                    dest: "b".into(),
+                    connections: 4,
+                    chunk_size: 1 << 20,
+                    grant: None,
+                    tls: false,
+                },
+                rules: vec![FilterRule {
+                    include: false,
+                    pattern: "*.log".into(),
+                }],
+                delete: true,
+                delete_excluded: false,
+                dry_run: true,
+            }),
+            Frame::Changes(Changes {
+                changes: vec![Change {
+                    action: ChangeAction::Update,
+                    kind: EntryKind::File,
+                    differs: CHANGED_SIZE | CHANGED_MTIME,
+                    path: "d/f".into(),
+                    target: String::new(),
+                }],
+            }),
             Frame::CopyDone(CopyDone {
                 files_total: 1,
                 files_transferred: 1,
@@ -289,7 +321,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 33);
+        assert_eq!(known.len(), 36);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

@@ -646,6 +646,12 @@ frame_types! {
     Progress(Progress) = 0x61,
     /// [`CopyDone`]
     CopyDone(CopyDone) = 0x62,
+    /// [`Delete`](crate::Delete): remove one entry (needs `CAP_DELETE`)
+    Delete(crate::Delete) = 0x57,
+    /// [`MirrorTo`](crate::MirrorTo): a tree copy with filters or deletion (needs `CAP_MIRROR`)
+    MirrorTo(crate::MirrorTo) = 0x63,
+    /// [`Changes`](crate::Changes): what a `MirrorTo` changed
+    Changes(crate::Changes) = 0x64,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

@@ -72,7 +72,8 @@ pub fn session_script(data: &[u8], start: Instant) {
                 Ok(Handshake::Admitted) => {
                     assert_eq!(session.phase(), Phase::Ready);
                     let welcome = session.welcome();
-                    assert_eq!(welcome.capabilities & !(CAP_AUTH | CAP_TLS), 0);
+                    let known = CAP_AUTH | CAP_TLS | crate::CAP_DELETE | crate::CAP_MIRROR;
+                    assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
                 Ok(Handshake::StartTls | Handshake::Challenge(_)) => {}
@@ -107,7 +108,10 @@ pub fn session_script(data: &[u8], start: Instant) {
                     .expect("a handle the session gave is open");
                 assert!(session.upload(id).is_err(), "a closed upload stays closed");
             }
-            Request::Goodbye | Request::PeerError(_) | Request::CopyTo(_) => return,
+            Request::Goodbye
+            | Request::PeerError(_)
+            | Request::CopyTo(_)
+            | Request::MirrorTo(_) => return,
             _ => {}
         }
         assert!(session.open_count() <= 4, "open transfers beyond the limit");
@@ -126,6 +130,12 @@ pub fn client_script(data: &[u8]) {
         grant: None,
         tls: flags & 2 != 0,
         agent: "fuzz".into(),
+        // Bit 2 offers the mirroring capabilities.
+        offer: if flags & 4 != 0 {
+            crate::CAP_DELETE | crate::CAP_MIRROR
+        } else {
+            0
+        },
     };
     let mut client = ClientSession::new(config, vec![0xa5; auth::NONCE_LEN]);
     client.hello();

@@ -20,11 +20,13 @@ pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mirror;
 pub mod session;
 
 pub use codec::FrameCodec;
 pub use error::{ErrorCode, ProtoError};
 pub use frame::*;
+pub use mirror::*;
 
 /// Version spoken by this implementation; carried in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -34,6 +36,11 @@ pub const CAP_AUTH: u64 = 1 << 0;
 pub const CAP_TLS: u64 = 1 << 1;
 /// Capability bit (reserved): compressed data frames.
 pub const CAP_COMPRESSION: u64 = 1 << 2;
+/// Capability bit: in `Hello`, the client will send `Delete`; in `Welcome`, the server allows
+/// deletion (a server that does not answers such a `Hello` with `Error{ReadOnly}`).
+pub const CAP_DELETE: u64 = 1 << 3;
+/// Capability bit: in `Hello`, the client may send `MirrorTo`; in `Welcome`, the server knows it.
+pub const CAP_MIRROR: u64 = 1 << 4;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -120,6 +120,11 @@ pub enum Request {
     Sync,
     /// Push a file or tree to another daemon; answer with `Progress` frames, then `CopyDone`.
     CopyTo(crate::CopyTo),
+    /// Remove one entry (`CAP_DELETE` is in force); answer `Done` or `Error`.
+    Delete(crate::Delete),
+    /// Mirror a tree to another daemon (`CAP_MIRROR` is in force); answer with `Progress` and
+    /// `Changes` frames, then `CopyDone`.
+    MirrorTo(crate::MirrorTo),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -336,7 +341,9 @@ impl<U, D> ServerSession<U, D> {
         } else {
             0
         };
-        auth | tls
+        // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
+        let mirror = (crate::CAP_DELETE | crate::CAP_MIRROR) & self.client_capabilities;
+        auth | tls | mirror
     }
 
     /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
@@ -463,6 +470,7 @@ impl<U, D> ServerSession<U, D> {
             Frame::MakeDir(r) => &r.name,
             Frame::MakeLink(r) => &r.name,
             Frame::ListTree(r) => &r.dir,
+            Frame::Delete(r) => &r.name,
             Frame::Data(_) | Frame::Commit(_) | Frame::Sync | Frame::Goodbye | Frame::Error(_) => {
                 return Ok(())
             }
@@ -548,7 +556,17 @@ impl<U, D> ServerSession<U, D> {
             Frame::GetFile(req) => Ok(Request::GetFile(req)),
             Frame::Sync => Ok(Request::Sync),
             Frame::CopyTo(req) => Ok(Request::CopyTo(req)),
+            Frame::Delete(req) if self.client_capabilities & crate::CAP_DELETE != 0 => {
+                Ok(Request::Delete(req))
+            }
+            Frame::MirrorTo(req) if self.client_capabilities & crate::CAP_MIRROR != 0 => {
+                Ok(Request::MirrorTo(req))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
+            other @ (Frame::Delete(_) | Frame::MirrorTo(_)) => Err(SessionError::Unexpected {
+                frame: other.frame_type().name(),
+                phase: "without its capability negotiated",
+            }),
             other => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "from a client",
@@ -1071,5 +1089,28 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn mirror_frames_need_their_capability() {
+        let delete = || Frame::Delete(crate::Delete { name: "t/x".into() });
+        let mut plain = ready();
+        assert_eq!(plain.capabilities() & crate::CAP_DELETE, 0);
+        assert!(matches!(
+            plain.handle_request(delete()),
+            Err(SessionError::Unexpected {
+                frame: "Delete",
+                ..
+            })
+        ));
+        let mut s = session(None);
+        let Frame::Hello(mut h) = hello(vec![]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_DELETE | crate::CAP_MIRROR | (1 << 40);
+        s.handle_handshake(Frame::Hello(h)).unwrap();
+        // Unknown bits are never echoed; the mirror bits are.
+        assert_eq!(s.capabilities(), crate::CAP_DELETE | crate::CAP_MIRROR);
+        assert!(matches!(s.handle_request(delete()), Ok(Request::Delete(_))));
     }
 }

@@ -9,6 +9,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use xfer_client::{Connector, Options};
 
+use crate::mirror_args::MirrorArgs;
 use crate::output;
 
 /// Move files to and from an xferd over several TCP connections, resuming where it stopped.
@@ -126,6 +127,8 @@ pub(crate) struct CopyArgs {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) mirror: MirrorArgs,
     /// Source, SRC_HOST[:PORT]:NAME.
     #[arg(required_unless_present = "from_list")]
     pub(crate) src: Option<String>,
@@ -182,6 +185,8 @@ pub(crate) struct Common {
     pub(crate) checksum: bool,
     #[command(flatten)]
     pub(crate) auth: TokenArgs,
+    #[command(flatten)]
+    pub(crate) mirror: MirrorArgs,
 }
 
 #[derive(Debug, Args)]

@@ -51,6 +51,7 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         connections: args.connections,
         chunk_size: chunk as u32,
         dst_tls: connector.tls.is_some(),
+        mirror: args.mirror.mirror()?,
     };
     let bars = output::copy_bars(args.quiet);
     let started = std::time::Instant::now();
@@ -62,7 +63,7 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
             let (limit, connector, opts) = (Arc::clone(&limit), connector.clone(), opts.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let result = xfer_client::copy::copy(&spec, &connector, &opts, &bar).await;
+                let result = xfer_client::copy::copy_mirror(&spec, &connector, &opts, &bar).await;
                 xfer_client::Progress::finish(&bar);
                 (i, result)
             });
@@ -80,7 +81,8 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         .map(|(i, result)| {
             let (src, dst) = pairs[i].clone();
             match result {
-                Ok(d) => CopyOutcome {
+                Ok((d, changes)) => CopyOutcome {
+                    changes: args.mirror.list_changes(&changes, args.json),
                     src,
                     dst,
                     ok: true,
@@ -95,6 +97,7 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
                         ok: false,
                         error: Some(e.to_string()),
                         done: None,
+                        changes: None,
                     }
                 }
             }

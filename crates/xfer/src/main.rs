@@ -13,6 +13,7 @@ use crate::args::{Cli, Command};
 mod args;
 mod config;
 mod copy_command;
+mod mirror_args;
 mod output;
 
 fn main() -> ExitCode {
@@ -75,14 +76,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let opts = common.options()?;
             if common.recursive {
-                let summary = runtime.block_on(xfer_client::send_tree(
+                let mirror = common.mirror.mirror()?;
+                let summary = runtime.block_on(xfer_client::tree::send_dir_mirror(
                     &file,
                     &target,
                     &name,
                     &opts,
                     common.checksum,
+                    &mirror,
                 ))?;
-                return common.report().tree("sent", &summary);
+                return common.mirror.report(&common.report(), "sent", &summary);
             }
             if file.is_dir() {
                 bail!("{} is a directory: use -r to send a tree", file.display());
@@ -106,14 +109,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let opts = common.options()?;
             if common.recursive {
-                let summary = runtime.block_on(xfer_client::recv_tree(
+                let mirror = common.mirror.mirror()?;
+                let summary = runtime.block_on(xfer_client::tree::recv_tree_mirror(
                     &target,
                     &name,
                     &dest,
                     &opts,
                     common.checksum,
+                    &mirror,
                 ))?;
-                return common.report().tree("received", &summary);
+                return common.mirror.report(&common.report(), "received", &summary);
             }
             let summary = runtime.block_on(xfer_client::recv(&target, &name, &dest, &opts))?;
             common.report().transfer("received", &summary)

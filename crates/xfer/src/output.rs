@@ -97,10 +97,20 @@ impl Report {
     }
 
     /// A tree sent or received.
-    pub(crate) fn tree(&self, verb: &str, summary: &TreeSummary) -> anyhow::Result<()> {
-        self.print(summary, || {
+    /// `json` is what `--json` prints: the summary, with its changes under `--itemize`.
+    pub(crate) fn tree(
+        &self,
+        verb: &str,
+        summary: &TreeSummary,
+        json: &impl serde::Serialize,
+    ) -> anyhow::Result<()> {
+        self.print(json, || {
+            let deleted = match summary.entries_deleted {
+                0 => String::new(),
+                n => format!(", {n} deleted"),
+            };
             format!(
-                "{verb} {}: {} of {} files ({} unchanged), {} bytes in {:.2} s",
+                "{verb} {}: {} of {} files ({} unchanged{deleted}), {} bytes in {:.2} s",
                 summary.name,
                 summary.files_transferred,
                 summary.files_total,
@@ -165,6 +175,9 @@ pub(crate) struct CopyOutcome {
     pub(crate) error: Option<String>,
     #[serde(flatten)]
     pub(crate) done: Option<CopyDoneJson>,
+    /// With --dry-run or --itemize: what the copy changed, or would change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) changes: Option<Vec<xfer_client::mirror::ChangeLine>>,
 }
 
 /// What a finished copy reports, as `--json` shows it.

@@ -5,6 +5,7 @@
 //! - `handler`: one connection, from `Hello` to close.
 //! - [`registry`]: uploads open by name, shared by the connections that feed them.
 //! - `downloads`: downloads open by client and name, so that each ends as one logged transfer.
+//! - `mirror`: who may delete (`--allow-delete`), and the answers of a mirror copy.
 //! - [`metrics`]: counters and gauges, and the HTTP responder serving them to Prometheus.
 //! - [`settings`]: the configuration file and flags, validated into a [`Config`].
 //! - [`budget`]: the size of the memory budget every connection's buffers come from, and
@@ -37,6 +38,7 @@ mod downloads;
 pub mod fds;
 mod handler;
 pub mod metrics;
+mod mirror;
 pub mod registry;
 pub mod settings;
 
@@ -69,6 +71,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Refuse uploads.
     pub read_only: bool,
+    /// Carry out the deletions of mirror copies (`--allow-delete`).
+    pub allow_delete: bool,
     /// Connections accepted at once from one client address.
     pub max_per_address: usize,
     /// Shared secret every client must prove it holds; `None` serves anyone who can connect.
@@ -104,6 +108,7 @@ impl Config {
             max_transfers_per_conn: 64,
             drain_timeout: Duration::from_secs(10),
             read_only: false,
+            allow_delete: false,
             max_per_address: 64,
             token: None,
             tls: None,
@@ -510,6 +515,11 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         "read_only",
         old.read_only.to_string(),
         new.read_only.to_string(),
+    );
+    diff(
+        "allow_delete",
+        old.allow_delete.to_string(),
+        new.allow_delete.to_string(),
     );
     diff(
         "max_conns_per_ip",

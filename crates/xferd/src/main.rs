@@ -85,6 +85,10 @@ struct Args {
     /// Refuse uploads.
     #[arg(long)]
     read_only: bool,
+    /// Carry out deletions asked for by mirror copies (xfer send -r/copy -r --delete); without
+    /// it, and under --read-only, a client asking to delete is refused before anything moves.
+    #[arg(long)]
+    allow_delete: bool,
     /// File holding the shared secret clients must prove they know [default: the systemd
     /// credential "token", if passed].
     #[arg(long, value_name = "FILE")]
@@ -138,6 +142,7 @@ impl Args {
             max_conns_per_ip: self.max_conns_per_ip,
             window: self.window,
             read_only: self.read_only.then_some(true),
+            allow_delete: self.allow_delete.then_some(true),
             token_file: self.token_file.clone(),
             allow_anonymous: self.allow_anonymous.then_some(true),
             tls_cert: self.tls_cert.clone(),

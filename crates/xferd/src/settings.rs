@@ -50,6 +50,8 @@ pub struct Settings {
     pub window: Option<u32>,
     /// Refuse uploads (`--read-only`).
     pub read_only: Option<bool>,
+    /// Carry out the deletions of mirror copies (`--allow-delete`).
+    pub allow_delete: Option<bool>,
     /// File holding the shared token (`--token-file`).
     pub token_file: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (`--allow-anonymous`).
@@ -143,6 +145,7 @@ impl Settings {
             max_conns_per_ip: Some(64),
             window: Some(2),
             read_only: Some(false),
+            allow_delete: Some(false),
             token_file: None,
             allow_anonymous: Some(false),
             tls_cert: None,
@@ -216,6 +219,7 @@ impl Settings {
             max_conns_per_ip: over.max_conns_per_ip.or(self.max_conns_per_ip),
             window: over.window.or(self.window),
             read_only: over.read_only.or(self.read_only),
+            allow_delete: over.allow_delete.or(self.allow_delete),
             token_file: over.token_file.or(self.token_file),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
             tls_cert: over.tls_cert.or(self.tls_cert),
@@ -350,6 +354,7 @@ impl Settings {
             .or(defaults.max_transfers_per_conn)
             .unwrap_or(64);
         cfg.read_only = self.read_only.unwrap_or(false);
+        cfg.allow_delete = self.allow_delete.unwrap_or(false);
         cfg.window = self.window.or(defaults.window).unwrap_or(2);
         cfg.max_per_address = self
             .max_conns_per_ip

@@ -11,7 +11,13 @@ use crate::registry::blocking;
 
 impl Handler {
     /// Pushes a file or tree to another daemon as its client, reporting progress to ours.
-    pub(super) async fn copy_to(&mut self, req: CopyTo) -> Result<(), ConnError> {
+    /// With `mirror`, a `MirrorTo`: its changes are sent before `CopyDone`.
+    pub(super) async fn copy_to(
+        &mut self,
+        req: CopyTo,
+        mirror: Option<xfer_client::Mirror>,
+    ) -> Result<(), ConnError> {
+        let mirrored = mirror.is_some();
         let destination = xfer_client::Target {
             host: req.host.clone(),
             port: req.port,
@@ -62,8 +68,11 @@ impl Handler {
                     move || root.subroot(&source)
                 })
                 .await?;
-                let s = xfer_client::send_tree_from(sub, &target, &dest, &opts, false).await?;
-                Ok::<_, xfer_client::ClientError>(CopyDone {
+                let mirror = mirror.unwrap_or_default();
+                let s =
+                    xfer_client::tree::send_tree_mirror(sub, &target, &dest, &opts, false, &mirror)
+                        .await?;
+                let done = CopyDone {
                     files_total: s.files_total,
                     files_transferred: s.files_transferred,
                     files_skipped: s.files_skipped,
@@ -71,12 +80,13 @@ impl Handler {
                     bytes_transferred: s.bytes_transferred,
                     resumed_bytes: s.resumed_bytes,
                     millis: (s.seconds * 1000.0) as u64,
-                })
+                };
+                Ok::<_, xfer_client::ClientError>((done, s.changes))
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
                 let s = xfer_client::send_file(file, &target, &dest, &opts).await?;
-                Ok(CopyDone {
+                let done = CopyDone {
                     files_total: 1,
                     files_transferred: 1,
                     files_skipped: 0,
@@ -84,7 +94,8 @@ impl Handler {
                     bytes_transferred: s.bytes_transferred,
                     resumed_bytes: s.resumed_bytes,
                     millis: (s.seconds * 1000.0) as u64,
-                })
+                };
+                Ok((done, Vec::new()))
             }
         });
         let shutdown = self.shared.shutdown.clone();
@@ -107,8 +118,13 @@ impl Handler {
             }
         };
         match outcome {
-            Ok(Ok(done)) => {
+            Ok(Ok((done, changes))) => {
                 info!(destination = %destination, bytes = done.bytes_transferred, millis = done.millis, "copy complete");
+                if mirrored {
+                    for page in crate::mirror::pages(changes) {
+                        self.writer.send(&Frame::Changes(page)).await?;
+                    }
+                }
                 Ok(self.writer.send(&Frame::CopyDone(done)).await?)
             }
             Ok(Err(e)) => {

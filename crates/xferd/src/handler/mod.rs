@@ -258,6 +258,12 @@ impl Handler {
         if !admitted {
             return Ok(());
         }
+        // A client that will delete learns now, before anything moves, if it may not.
+        if self.session.capabilities() & xfer_proto::CAP_DELETE != 0 {
+            if let Some(refusal) = crate::mirror::delete_refusal(cfg) {
+                return Err(fatal(ErrorCode::ReadOnly, refusal));
+            }
+        }
         // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
         // has gone away meanwhile (its place in the queue would only delay the living).
         let _permit = tokio::select! {
@@ -335,7 +341,22 @@ impl Handler {
                 }
                 Request::GetFile(req) => self.get_files(req).await?,
                 Request::Sync => self.sync().await?,
-                Request::CopyTo(req) => self.copy_to(req).await?,
+                Request::CopyTo(req) => self.copy_to(req, None).await?,
+                Request::Delete(req) => {
+                    // Checked at the handshake; a reload since then does not widen it.
+                    if let Some(refusal) = crate::mirror::delete_refusal(cfg) {
+                        self.reply_error(ErrorCode::ReadOnly, refusal).await?;
+                        continue;
+                    }
+                    self.tree_op(req.name.clone(), move |root| {
+                        root.remove_entry(&req.name).map(drop)
+                    })
+                    .await?
+                }
+                Request::MirrorTo(req) => match crate::mirror::mirror_of(&req) {
+                    Ok(mirror) => self.copy_to(req.copy, Some(mirror)).await?,
+                    Err(message) => self.reply_error(ErrorCode::BadPath, message).await?,
+                },
                 Request::Goodbye => return Ok(()),
                 Request::PeerError(e) => {
                     info!(error = %e, "client reported an error");
