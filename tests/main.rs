@@ -13,6 +13,7 @@ mod knobs;
 mod limits;
 mod load;
 mod malformed;
+mod memory;
 mod mirror_sync;
 mod ops;
 mod regression;

@@ -36,12 +36,35 @@ impl Daemon {
 
     /// Like [`Daemon::start`], listening on `listen` (e.g. the port of a daemon that was killed).
     pub fn start_on(listen: &str, root: &Path, extra_args: &[&str]) -> Self {
+        Self::spawn(Command::new(bin("xferd")), listen, root, extra_args)
+    }
+
+    /// Like [`Daemon::start`], with its open-file limit (`RLIMIT_NOFILE`) set to `soft` and
+    /// `hard` from the start, as a shell's `ulimit -n` or systemd's `LimitNOFILE=` would.
+    pub fn start_with_fd_limit(root: &Path, soft: u64, hard: u64, extra_args: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(bin("xferd"));
+        let limit = rustix::process::Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        };
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        Self::spawn(command, "127.0.0.1:0", root, extra_args)
+    }
+
+    fn spawn(mut command: Command, listen: &str, root: &Path, extra_args: &[&str]) -> Self {
         let logs = tempfile::Builder::new()
             .prefix("xferd-log-")
             .tempdir()
             .expect("tempdir");
         let stderr = File::create(logs.path().join("stderr")).expect("log file");
-        let mut child = Command::new(bin("xferd"))
+        let mut child = command
             .arg("--listen")
             .arg(listen)
             .arg("--root")

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 mod client;
 mod daemon;
 mod files;
+pub mod metrics;
 pub mod outside;
 pub mod pki;
 pub mod process;

@@ -57,6 +57,11 @@ struct Args {
     /// Largest chunk accepted or served (K, M, G suffixes) [default: 16M].
     #[arg(long, value_name = "SIZE")]
     chunk_size: Option<Size>,
+    /// Bytes of chunk and frame buffers all connections together may hold (K, M, G suffixes);
+    /// past it, connections wait for buffers and their senders are slowed by TCP, at least 34M
+    /// [default: a quarter of the machine's memory, at least 64M, at most 1G].
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<Size>,
     /// Seconds a connection may wait for a free stream before it is told the daemon is busy
     /// [default: 30].
     #[arg(long, value_name = "SECS")]
@@ -140,6 +145,7 @@ impl Args {
             root: self.root.clone(),
             max_streams: self.max_streams,
             chunk_size: self.chunk_size,
+            max_memory: self.max_memory,
             queue_timeout: self.queue_timeout,
             idle_timeout: self.idle_timeout,
             handshake_timeout: self.handshake_timeout,
@@ -392,7 +398,10 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         None => listen.clone(),
     };
     settings.check_exposure(&exposed)?;
-    let config = settings.to_config()?;
+    let mut config = settings.to_config()?;
+    xferd::budget::prefer_mmap_for_chunks();
+    let open_files = xferd::fds::raise_nofile_limit();
+    xferd::fds::fit(&mut config, open_files);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
         let listener = match activated {
@@ -408,6 +417,8 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(xferd::metrics::Metrics::default());
+        // Made before the address line, so that the first scrape already reports it.
+        xferd::budget::shared_budget(&metrics, config.max_memory);
         if let Some(at) = &settings.metrics {
             let http = tokio::net::TcpListener::bind(at)
                 .await

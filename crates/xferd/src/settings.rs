@@ -33,6 +33,9 @@ pub struct Settings {
     pub max_streams: Option<usize>,
     /// Largest chunk accepted or served (`--chunk-size`): bytes, or a string like `"16M"`.
     pub chunk_size: Option<Size>,
+    /// Bytes of chunk and frame buffers all connections together may hold (`--max-memory`);
+    /// unset, a quarter of the machine's memory, at least 64M and at most 1G.
+    pub max_memory: Option<Size>,
     /// Seconds a connection waits for a stream before it is told the daemon is busy.
     pub queue_timeout: Option<u64>,
     /// Seconds of silence after which a connection is closed.
@@ -79,7 +82,7 @@ pub struct Settings {
 }
 
 /// A byte count written as a number or as a string with a `K`, `M`, `G` suffix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
 
 impl fmt::Display for Size {
@@ -140,6 +143,7 @@ impl Settings {
             root: Some(".".into()),
             max_streams: Some(64),
             chunk_size: Some(Size(16 << 20)),
+            max_memory: None,
             queue_timeout: Some(30),
             idle_timeout: Some(300),
             handshake_timeout: Some(10),
@@ -216,6 +220,7 @@ impl Settings {
             root: over.root.or(self.root),
             max_streams: over.max_streams.or(self.max_streams),
             chunk_size: over.chunk_size.or(self.chunk_size),
+            max_memory: over.max_memory.or(self.max_memory),
             queue_timeout: over.queue_timeout.or(self.queue_timeout),
             idle_timeout: over.idle_timeout.or(self.idle_timeout),
             handshake_timeout: over.handshake_timeout.or(self.handshake_timeout),
@@ -264,6 +269,15 @@ impl Settings {
         }
         if self.max_streams == Some(0) {
             bail!("max_streams (--max-streams) must be at least 1");
+        }
+        if let Some(memory) = self.max_memory {
+            let min = Size(crate::budget::MIN_MAX_MEMORY);
+            if memory < min {
+                bail!(
+                    "max_memory (--max-memory) must be at least {min} (two of the largest \
+                     frames a client may send: a 16M chunk and its header), not {memory}"
+                );
+            }
         }
         if self.max_conns_per_ip == Some(0) {
             bail!("max_conns_per_ip (--max-conns-per-ip) must be at least 1");
@@ -353,6 +367,9 @@ impl Settings {
             .chunk_size
             .or(defaults.chunk_size)
             .map_or(0, |s| s.0 as u32);
+        cfg.max_memory = self
+            .max_memory
+            .map_or_else(crate::budget::default_max_memory, |s| s.0);
         cfg.queue_timeout = Duration::from_secs(get(self.queue_timeout, defaults.queue_timeout));
         cfg.idle_timeout = Duration::from_secs(get(self.idle_timeout, defaults.idle_timeout));
         cfg.handshake_timeout =
@@ -425,6 +442,12 @@ impl Settings {
         }
         if self.copy_ca.is_none() {
             out.push_str("# copy_ca: not set (copies over TLS trust the system's CAs)\n");
+        }
+        if self.max_memory.is_none() {
+            let default = Size(crate::budget::default_max_memory());
+            out.push_str(&format!(
+                "# max_memory: not set ({default}: a quarter of this machine's memory, at least 64M, at most 1G)\n"
+            ));
         }
         out
     }
