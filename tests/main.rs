@@ -7,11 +7,13 @@ mod contention;
 mod copy;
 mod crash;
 mod disk;
+mod failures;
 mod faults;
 mod knobs;
 mod limits;
 mod load;
 mod malformed;
+mod memory;
 mod mirror_meta;
 mod mirror_sync;
 mod ops;
@@ -21,6 +23,7 @@ mod security;
 mod shutdown;
 mod transfer;
 mod tree;
+mod trust;
 
 /// The old home of the raw-connection helpers, now in `xfer_tests`: test modules written before
 /// the move still find them here.

@@ -3,41 +3,17 @@
 //! systemd way, `LISTEN_FDS`/`LISTEN_PID`).
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use xfer_tests::metrics::{http_get, metrics_port, sample};
 use xfer_tests::{
     bin, journal_held, journal_path, random_file, round_trip, sha256_file, wait_until, xfer,
     Daemon, Tree, XferRun,
 };
-
-/// `GET path` on `127.0.0.1:port`; returns the status line, the headers and the body.
-fn http_get(port: u16, path: &str) -> (String, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read the response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {response:?}"));
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_owned(), headers.to_owned(), body.to_owned())
-}
-
-/// The value of the sample `series` (name with its labels, as printed) in an exposition.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 #[test]
 fn metrics_endpoint_counts_a_round_trip() {
@@ -47,12 +23,7 @@ fn metrics_endpoint_counts_a_round_trip() {
         &["--metrics", "127.0.0.1:0", "--chunk-size", "64K"],
     );
     // Bound before the daemon prints its address line, and logged with the port it got.
-    let log = daemon.stderr();
-    let port: u16 = log
-        .lines()
-        .find_map(|l| l.split("metrics served at /metrics addr=127.0.0.1:").nth(1))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+    let port = metrics_port(&daemon);
     let size = 3 * 1024 * 1024 + 17;
     let src = tree.src("m.bin");
     random_file(&src, size, 9);

@@ -43,12 +43,7 @@ impl Daemon {
     /// privileges, or `unshare …` for a mount namespace), which ends by running the daemon's
     /// binary with the arguments that follow.
     pub fn start_under(wrapper: &[&str], listen: &str, root: &Path, extra_args: &[&str]) -> Self {
-        let logs = tempfile::Builder::new()
-            .prefix("xferd-log-")
-            .tempdir()
-            .expect("tempdir");
-        let stderr = File::create(logs.path().join("stderr")).expect("log file");
-        let mut command = match wrapper.split_first() {
+        let command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
                 c.args(args).arg(bin("xferd"));
@@ -56,6 +51,34 @@ impl Daemon {
             }
             None => Command::new(bin("xferd")),
         };
+        Self::spawn(command, listen, root, extra_args)
+    }
+
+    /// Like [`Daemon::start`], with its open-file limit (`RLIMIT_NOFILE`) set to `soft` and
+    /// `hard` from the start, as a shell's `ulimit -n` or systemd's `LimitNOFILE=` would.
+    pub fn start_with_fd_limit(root: &Path, soft: u64, hard: u64, extra_args: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(bin("xferd"));
+        let limit = rustix::process::Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        };
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        Self::spawn(command, "127.0.0.1:0", root, extra_args)
+    }
+
+    fn spawn(mut command: Command, listen: &str, root: &Path, extra_args: &[&str]) -> Self {
+        let logs = tempfile::Builder::new()
+            .prefix("xferd-log-")
+            .tempdir()
+            .expect("tempdir");
+        let stderr = File::create(logs.path().join("stderr")).expect("log file");
         let mut child = command
             .arg("--listen")
             .arg(listen)

@@ -13,6 +13,7 @@
 //! - [`raw`]: [`raw::RawConn`], a connection speaking frames by hand, and the frames it sends.
 //! - [`setup`]: a daemon behind the fault-injecting [`proxy`], moving a file either way.
 //! - [`relay`]: a relay recording real traffic, and an impostor server.
+//! - [`tofu`]: trust on first use: a client's own `known_hosts`, a daemon's own certificate.
 //! - [`Pki`], [`outside`], [`tmpfs`], [`process`]: certificates, a directory no request may
 //!   touch, a small filesystem to fill, and a process's descriptors and memory.
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 mod client;
 mod daemon;
 mod files;
+pub mod metrics;
 pub mod outside;
 pub mod pki;
 pub mod process;
@@ -35,6 +37,7 @@ pub mod raw;
 pub mod relay;
 pub mod setup;
 pub mod tmpfs;
+pub mod tofu;
 
 pub use client::{closed_port, round_trip, run_xfer, xfer, XferOutput, XferRun};
 pub use daemon::Daemon;

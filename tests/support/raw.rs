@@ -153,6 +153,12 @@ impl RawConn {
         }
     }
 
+    /// The connection and the bytes read from it but not yet decoded, to read on without
+    /// keeping a copy of everything (for large downloads).
+    pub fn into_stream(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Reads everything the peer sends until it closes, without decoding it.
     pub fn drain(&mut self) {
         let mut block = [0u8; 64 * 1024];

@@ -121,7 +121,8 @@ pub struct CopyOptions {
     pub connections: usize,
     /// Chunk size of the uploads to the destination.
     pub chunk_size: u32,
-    /// Have the source reach the destination over TLS, verifying its certificate.
+    /// Insist that the source reach the destination over TLS (`--tls`). Without it, it does
+    /// whenever the destination serves TLS.
     pub dst_tls: bool,
     /// What a tree copy keeps (sent to the source daemon in `MirrorTo`).
     pub keep: crate::TreeOptions,
@@ -189,6 +190,24 @@ pub async fn copy_mirror(
         }
         crate::meta::warn_old_daemon(&spec.src);
     }
+    // The destination is checked from here, with the user's pins and CAs, before the source
+    // is sent there: a destination with a certificate is reached over TLS, pinned.
+    let to_destination = Connector {
+        tls_required: opts.dst_tls,
+        ..src.clone()
+    };
+    let tls = match Session::serves_tls(&spec.dst, &to_destination).await {
+        Ok(tls) => tls,
+        // Not pinned here and no CA of ours vouches for it: the source's CAs decide.
+        Err(ClientError::UnknownHost(_)) => true,
+        Err(e) => return Err(e),
+    };
+    let pin = match &src.trust {
+        Some(trust) if tls => trust
+            .pinned(&spec.dst.to_string())
+            .and_then(|fp| crate::trust::fingerprint_digest(&fp)),
+        _ => None,
+    };
     let request = CopyTo {
         source: spec.name.clone(),
         recursive: opts.recursive,
@@ -201,7 +220,8 @@ pub async fn copy_mirror(
             .dst_token
             .as_deref()
             .map(|token| make_grant(token, &spec.dest)),
-        tls: opts.dst_tls,
+        tls,
+        pin,
     };
     let request = if mirrored {
         let m = &opts.mirror;

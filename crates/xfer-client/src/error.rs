@@ -13,11 +13,14 @@ pub enum ClientError {
     /// or no system roots.
     #[error("{0}")]
     Trust(String),
+    /// A daemon's certificate is neither pinned nor vouched for by a CA, and was not accepted.
+    #[error("{0}")]
+    UnknownHost(String),
     /// The local output path names no file (it ends in `..` or is not UTF-8).
     #[error("bad output path {}", .0.display())]
     OutputPath(std::path::PathBuf),
-    /// TCP connect failed.
-    #[error("{reason} ({addr})")]
+    /// TCP connect failed (refused, unreachable, timed out).
+    #[error("cannot connect to {addr}: {reason} (is xferd running? is the port open?)")]
     Connect {
         /// Address tried.
         addr: String,

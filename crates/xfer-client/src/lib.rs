@@ -9,6 +9,7 @@
 //! - [`progress`]: [`Progress`], how transfers report the bytes they move.
 //! - [`tree`]: directory trees (`-r`): small files whole and pipelined, large ones chunked.
 //! - [`meta`]: what a tree copy keeps besides bytes (hard links, nodes, holes, `SetMeta`).
+//! - [`trust`]: trust on first use: pinned certificate fingerprints, CAs, `known_hosts`.
 //! - [`target`], [`limiter`], [`error`]: host parsing, `--bwlimit`, [`ClientError`].
 #![warn(missing_docs)]
 
@@ -23,6 +24,7 @@ pub mod progress;
 pub mod session;
 pub mod target;
 pub mod tree;
+pub mod trust;
 
 pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;

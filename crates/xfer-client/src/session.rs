@@ -48,8 +48,16 @@ impl std::fmt::Debug for Session {
 pub struct Connector {
     /// Shared secret, if the server requires one.
     pub token: Option<Arc<[u8]>>,
-    /// TLS settings; `None` for plain TCP.
+    /// TLS settings; `None` for plain TCP. With them, a connection runs over TLS when
+    /// `tls_required` says so or the daemon turns plain TCP down (it holds a certificate).
     pub tls: Option<tokio_rustls::TlsConnector>,
+    /// TLS settings made for each daemon from pins and CAs, when `tls` is `None`.
+    pub trust: Option<Arc<crate::trust::PeerTls>>,
+    /// Every connection over TLS, never plain (`--tls`, a copy asked for TLS).
+    pub tls_required: bool,
+    /// The daemons (`HOST:PORT`) that turned a plaintext `Hello` down: later connections to
+    /// them ask for TLS straight away.
+    pub tls_learned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// A copy grant: then `token` holds the grant's derived key, not a token.
     pub grant: Option<xfer_proto::Grant>,
     /// Buffers and congestion control for every connection.
@@ -64,6 +72,7 @@ impl std::fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.is_some())
+            .field("tls_required", &self.tls_required)
             .field("socket", &self.socket)
             .finish_non_exhaustive()
     }
@@ -132,10 +141,19 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
+/// How long a TCP connect may take before it counts as timed out: a host that drops SYNs
+/// otherwise holds a command for the kernel's two minutes of retransmissions.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, ClientError> {
     let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
-        .map_err(|e| ClientError::Target(format!("cannot resolve {}: {e}", target.host)))?
+        .map_err(|e| {
+            ClientError::Target(format!(
+                "cannot resolve {}: {e}; check the host name",
+                target.host
+            ))
+        })?
         .collect();
     let mut last = ClientError::Target(format!("{} has no address", target.host));
     for addr in &addrs {
@@ -150,7 +168,10 @@ async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, Cli
             reason: describe_io(&e),
         })?;
         options.apply(&socket)?;
-        match socket.connect(*addr).await {
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(*addr))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+        match connected {
             Ok(socket) => {
                 socket.set_nodelay(true).ok();
                 return Ok(socket);
@@ -301,7 +322,13 @@ async fn start_tls(
     let stream = tls
         .connect(name, socket)
         .await
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
+        .map_err(|e| match crate::trust::refusal(&e) {
+            Some(unknown @ crate::trust::TrustError::Unknown { .. }) => {
+                ClientError::UnknownHost(unknown.to_string())
+            }
+            Some(refused) => ClientError::Trust(refused.to_string()),
+            None => ClientError::Tls(e.to_string()),
+        })?;
     let (read, write) = tokio::io::split(stream);
     Ok((
         FrameReader::new(Box::new(read)),
@@ -329,6 +356,41 @@ impl Session {
         connector: &Connector,
         offer: u64,
     ) -> Result<Self, ClientError> {
+        let tls = match (&connector.tls, &connector.trust) {
+            (Some(tls), _) => tls.clone(),
+            (None, Some(trust)) => trust.for_peer(&target.to_string())?,
+            (None, None) => return Self::connect_as(target, connector, None, offer).await,
+        };
+        let tls = &tls;
+        let peer = target.to_string();
+        let learned = || {
+            connector
+                .tls_learned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if connector.tls_required || learned().contains(&peer) {
+            return Self::connect_as(target, connector, Some(tls), offer).await;
+        }
+        match Self::connect_as(target, connector, None, offer).await {
+            // A daemon with a certificate answers a plaintext Hello with Error{Protocol}
+            // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
+            Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
+                tracing::debug!(%target, "the daemon requires TLS; using it");
+                learned().insert(peer);
+                Self::connect_as(target, connector, Some(tls), offer).await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Session::connect_offering`] over TLS (`tls`) or plain TCP.
+    async fn connect_as(
+        target: &Target,
+        connector: &Connector,
+        tls: Option<&tokio_rustls::TlsConnector>,
+        offer: u64,
+    ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -338,12 +400,12 @@ impl Session {
         let config = ClientConfig {
             key: connector.token.clone(),
             grant: connector.grant.clone(),
-            tls: connector.tls.is_some(),
+            tls: tls.is_some(),
             agent: AGENT.into(),
             offer,
         };
         let mut handshake = ClientSession::new(config, nonce);
-        let (reader, writer) = match &connector.tls {
+        let (reader, writer) = match tls {
             Some(tls) => start_tls(socket, target, tls, meter, &mut handshake).await?,
             None => {
                 let (read, write) = socket.into_split();
@@ -398,6 +460,42 @@ impl Session {
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);
         Ok(session)
+    }
+
+    /// Whether the daemon at `target` serves TLS, its certificate checked as `connector`'s
+    /// trust says (pinned the first time, as for any connection): a TLS request and the TLS
+    /// handshake, then the connection is closed. `false` when it turns TLS down, unless
+    /// `connector.tls_required`.
+    ///
+    /// # Errors
+    /// `Connect`, `Trust`, `Tls`, or TLS refused when required.
+    pub async fn serves_tls(target: &Target, connector: &Connector) -> Result<bool, ClientError> {
+        let tls = match (&connector.tls, &connector.trust) {
+            (Some(tls), _) => tls.clone(),
+            (None, Some(trust)) => trust.for_peer(&target.to_string())?,
+            (None, None) => return Ok(false),
+        };
+        let socket = dial(target, &connector.socket).await?;
+        let config = ClientConfig {
+            key: None,
+            grant: None,
+            tls: true,
+            agent: AGENT.into(),
+            offer: 0,
+        };
+        let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
+        match start_tls(socket, target, &tls, None, &mut handshake).await {
+            Ok((_, mut writer)) => {
+                let _ = writer.shutdown().await;
+                Ok(true)
+            }
+            Err(ClientError::Remote(frame))
+                if frame.error_code() == Some(ErrorCode::Protocol) && !connector.tls_required =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The next frame; a server `Error` frame becomes `ClientError::Remote`.

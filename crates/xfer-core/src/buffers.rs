@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::budget::Reservation;
+
 /// A bounded set of spare buffers: beyond `keep` spares, returned buffers are freed.
 #[derive(Debug, Clone)]
 pub struct BufferPool {
@@ -36,6 +38,17 @@ impl BufferPool {
         Bytes::from_owner(Pooled {
             buf,
             pool: self.clone(),
+            reservation: None,
+        })
+    }
+
+    /// `buf` as `Bytes` that free it (a budgeted buffer is never kept as a spare) and then
+    /// hand `reservation` back when the last clone is dropped.
+    pub fn reserved_bytes(buf: Vec<u8>, reservation: Reservation) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: Self::new(0),
+            reservation: Some(reservation),
         })
     }
 
@@ -48,6 +61,8 @@ impl BufferPool {
 struct Pooled {
     buf: Vec<u8>,
     pool: BufferPool,
+    /// Budget bytes held for `buf`, given back only once it is freed.
+    reservation: Option<Reservation>,
 }
 
 impl AsRef<[u8]> for Pooled {
@@ -58,10 +73,16 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
         let mut spare = self.pool.lock();
         if spare.len() < self.pool.keep {
-            spare.push(std::mem::take(&mut self.buf));
+            spare.push(buf);
+        } else {
+            drop(spare);
+            drop(buf);
         }
+        // Freed first, then released: the budget never counts less than is allocated.
+        drop(self.reservation.take());
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`buffers`]: [`buffers::BufferPool`], chunk buffers reused instead of freed.
+//! - [`budget`]: [`MemoryBudget`], one bound on the buffers of a whole process.
 //! - [`ranges`]: [`RangeSet`] and chunk splitting.
 //! - [`digest`]: the whole-file digest both sides compare before the final rename.
 //! - [`journal`]: the on-disk resume journal format.
@@ -18,6 +19,7 @@
 //! on a runtime worker; no file is ever held whole in memory.
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod buffers;
 pub mod digest;
 pub mod error;
@@ -31,6 +33,7 @@ pub mod root;
 pub mod source;
 pub mod tree;
 
+pub use budget::{MemoryBudget, Reservation};
 pub use error::{CoreError, Result};
 pub use filter::Filter;
 pub use partial::PartialFile;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use xfer_proto::{ByteRange, FileIdentity};
 
+use crate::budget::Reservation;
 use crate::buffers::BufferPool;
 use crate::{CoreError, Result};
 
@@ -111,12 +112,33 @@ impl SourceFile {
     /// # Errors
     /// `Changed` if the file is now shorter; I/O errors.
     pub async fn read(&self, range: ByteRange) -> Result<Bytes> {
+        self.read_with(range, None).await
+    }
+
+    /// Reads `range` into a buffer that `reservation` (at least `range`'s length, from a
+    /// [`crate::MemoryBudget`]) pays for; the buffer is freed, and the reservation handed
+    /// back, once the bytes returned are dropped.
+    ///
+    /// # Errors
+    /// As [`SourceFile::read`].
+    pub async fn read_reserved(&self, range: ByteRange, reservation: Reservation) -> Result<Bytes> {
+        self.read_with(range, Some(reservation)).await
+    }
+
+    async fn read_with(&self, range: ByteRange, reservation: Option<Reservation>) -> Result<Bytes> {
         let file = Arc::clone(&self.file);
         let (name, buffers) = (self.name.clone(), self.buffers.clone());
         let task = tokio::task::spawn_blocking(move || {
-            let mut buf = buffers.take(range.len() as usize);
+            let mut buf = match reservation {
+                // Allocated zeroed: fresh pages from the kernel, no memset.
+                Some(_) => vec![0; range.len() as usize],
+                None => buffers.take(range.len() as usize),
+            };
             match file.read_exact_at(&mut buf, range.start) {
-                Ok(()) => Ok(buffers.bytes(buf)),
+                Ok(()) => Ok(match reservation {
+                    Some(reservation) => BufferPool::reserved_bytes(buf, reservation),
+                    None => buffers.bytes(buf),
+                }),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(CoreError::Changed(
                     format!("{name} shrank while being read"),
                 )),

@@ -3,7 +3,9 @@
 //!
 //! This module does not create sockets; callers hand it the halves of one.
 
+use std::future::Future;
 use std::io::IoSlice;
+use std::pin::Pin;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -11,8 +13,13 @@ use tokio_util::codec::Decoder;
 use xfer_proto::{Frame, FrameCodec, ProtoError, LEN_PREFIX};
 
 use xfer_core::buffers::BufferPool;
+use xfer_core::{MemoryBudget, Reservation};
 
+/// Frames longer than this are read into a buffer of their own; shorter ones are cut from the
+/// reader's buffer, which never reads more than this at once.
 const INITIAL_READ_BUFFER: usize = 64 * 1024;
+/// What the reader's buffer starts with.
+const SMALL_READ_BUFFER: usize = 8 * 1024;
 
 /// Reads whole frames from a byte stream.
 ///
@@ -21,6 +28,11 @@ const INITIAL_READ_BUFFER: usize = 64 * 1024;
 /// chunk is written and dropped: the memory is reused instead of faulted in afresh per chunk,
 /// and bytes of the next frame never share (and so never have to be copied out of) a chunk's
 /// allocation.
+///
+/// With a [`MemoryBudget`] ([`FrameReader::with_budget`]), a large frame's buffer is reserved
+/// from it once the frame's length is known and before its body is read: while the budget is
+/// spent, the reader waits without reading, and the sender is slowed by TCP. Such buffers are
+/// freed (never kept as spares) and their reservation handed back when the payload is dropped.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
@@ -28,6 +40,9 @@ pub struct FrameReader<R> {
     codec: FrameCodec,
     large: Option<LargeFrame>,
     buffers: BufferPool,
+    budget: Option<MemoryBudget>,
+    /// The reservation being waited for, kept here so that a cancelled read keeps its place.
+    reserving: Option<Reserving>,
 }
 
 /// A large frame's body (type byte onwards), `filled` bytes of it read.
@@ -35,6 +50,16 @@ pub struct FrameReader<R> {
 struct LargeFrame {
     body: Vec<u8>,
     filled: usize,
+    reservation: Option<Reservation>,
+}
+
+/// A pending [`MemoryBudget::reserve`].
+struct Reserving(Pin<Box<dyn Future<Output = Reservation> + Send>>);
+
+impl std::fmt::Debug for Reserving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reserving(..)")
+    }
 }
 
 /// Spare chunk buffers one reader keeps. A daemon connection has one chunk being written while
@@ -46,11 +71,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
         Self {
             io,
-            buf: BytesMut::with_capacity(INITIAL_READ_BUFFER),
+            buf: BytesMut::new(),
             codec: FrameCodec::default(),
             large: None,
             buffers: BufferPool::new(SPARE_BUFFERS),
+            budget: None,
+            reserving: None,
         }
+    }
+
+    /// Reads every large frame into a buffer reserved from `budget` first.
+    #[must_use]
+    pub fn with_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = Some(budget);
+        self.buffers = BufferPool::new(0);
+        self
     }
 
     /// The next frame, or `None` when the peer closed cleanly between frames.
@@ -72,21 +107,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     }
                     large.filled += n;
                 }
-                let body = self
-                    .large
-                    .take()
-                    .map(|large| large.body)
-                    .unwrap_or_default();
-                return Frame::decode(self.buffers.bytes(body)).map(Some);
+                let large = self.large.take().expect("checked above");
+                let body = match large.reservation {
+                    Some(reservation) => BufferPool::reserved_bytes(large.body, reservation),
+                    None => self.buffers.bytes(large.body),
+                };
+                return Frame::decode(body).map(Some);
             }
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(frame));
             }
-            if self.start_large() {
+            if let Some(len) = self.large_len() {
+                let reservation = match &self.budget {
+                    None => None,
+                    Some(budget) => {
+                        let reserving = self
+                            .reserving
+                            .get_or_insert_with(|| Reserving(Box::pin(budget.reserve(len))));
+                        let reservation = reserving.0.as_mut().await;
+                        self.reserving = None;
+                        Some(reservation)
+                    }
+                };
+                self.start_large(len, reservation);
                 continue;
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(INITIAL_READ_BUFFER);
+                // Grown by doubling as small frames pile up; a stream of chunks, each moved to
+                // a buffer of its own, keeps it small (8 KiB, not 64 KiB, per connection).
+                let grow = self
+                    .buf
+                    .capacity()
+                    .clamp(SMALL_READ_BUFFER, INITIAL_READ_BUFFER);
+                self.buf.reserve(grow);
             }
             if self
                 .io
@@ -99,22 +152,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Moves a large frame whose length and type the decoder has accepted (but not yet
-    /// whole) into a pooled buffer of its own, which the rest is read into.
-    fn start_large(&mut self) -> bool {
-        let Some(prefix) = self.buf.get(..=LEN_PREFIX) else {
-            return false;
-        };
+    /// The body length of a large frame whose length and type the decoder has accepted but
+    /// which is not yet whole in the buffer.
+    fn large_len(&self) -> Option<usize> {
+        let prefix = self.buf.get(..=LEN_PREFIX)?;
         let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        if len <= INITIAL_READ_BUFFER {
-            return false;
-        }
-        let mut body = self.buffers.take(len);
+        (len > INITIAL_READ_BUFFER).then_some(len)
+    }
+
+    /// Moves the large frame of `len` bytes at the front of the buffer into a buffer of its
+    /// own (reserved from the budget, or pooled), which the rest is read into.
+    fn start_large(&mut self, len: usize, reservation: Option<Reservation>) {
+        let mut body = match reservation {
+            // Allocated zeroed: fresh pages from the kernel, no memset.
+            Some(_) => vec![0; len],
+            None => self.buffers.take(len),
+        };
         let have = self.buf.len() - LEN_PREFIX;
         body[..have].copy_from_slice(&self.buf[LEN_PREFIX..]);
         self.buf.clear();
-        self.large = Some(LargeFrame { body, filled: have });
-        true
+        self.large = Some(LargeFrame {
+            body,
+            filled: have,
+            reservation,
+        });
     }
 
     /// The next frame if it is already buffered whole; never waits for input. Lets a server

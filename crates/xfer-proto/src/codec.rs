@@ -121,6 +121,7 @@ mod tests {
                 chunk_size: 1 << 20,
                 grant: None,
                 tls: true,
+                pin: Some([7; 32]),
             }),
             Frame::Progress(Progress {
                 bytes_done: 1,
@@ -140,6 +141,7 @@ mod tests {
                     chunk_size: 1 << 20,
                     grant: None,
                     tls: false,
+                    pin: None,
                 },
                 options: TreeOptions::default(),
                 rules: vec![FilterRule {
@@ -617,9 +619,10 @@ mod tests {
             chunk_size: 4 << 20,
             grant: Some((grant, key)),
             tls: true,
+            pin: None,
         };
         let with_grant = dump(
-            "0000  00 00 00 bb 60 00 00 00 00 00 00 00 0c 64 61 74
+            "0000  00 00 00 bc 60 00 00 00 00 00 00 00 0c 64 61 74
              0010  61 2f 62 69 67 2e 69 73 6f 00 00 00 00 00 00 00
              0020  00 0b 64 73 74 2e 65 78 61 6d 70 6c 65 22 b8 00
              0030  00 00 00 00 00 00 0f 62 61 63 6b 75 70 73 2f 62
@@ -630,7 +633,7 @@ mod tests {
              0080  4a 4b 4c 4d 4e 4f 50 51 52 53 54 55 56 57 58 59
              0090  5a 5b 5c 5d 5e 5f 00 00 00 00 00 00 00 20 24 ff
              00a0  d3 d9 44 44 58 72 2a d1 59 89 53 11 e4 c1 26 56
-             00b0  6e 15 31 16 08 18 7e 4b 33 f1 86 5a fb b8 01",
+             00b0  6e 15 31 16 08 18 7e 4b 33 f1 86 5a fb b8 01 00",
         );
         let mut wire = BytesMut::new();
         Frame::CopyTo(request.clone()).encode(&mut wire).unwrap();
@@ -638,16 +641,17 @@ mod tests {
         request.grant = None;
         request.tls = false;
         let plain = dump(
-            "0000  00 00 00 4c 60 00 00 00 00 00 00 00 0c 64 61 74
+            "0000  00 00 00 4d 60 00 00 00 00 00 00 00 0c 64 61 74
              0010  61 2f 62 69 67 2e 69 73 6f 00 00 00 00 00 00 00
              0020  00 0b 64 73 74 2e 65 78 61 6d 70 6c 65 22 b8 00
              0030  00 00 00 00 00 00 0f 62 61 63 6b 75 70 73 2f 62
-             0040  69 67 2e 69 73 6f 00 00 00 04 00 40 00 00 00 00",
+             0040  69 67 2e 69 73 6f 00 00 00 04 00 40 00 00 00 00
+             0050  00",
         );
         let mut wire = BytesMut::new();
         Frame::CopyTo(request).encode(&mut wire).unwrap();
         assert_eq!(&wire[..], &plain[..]);
-        // A CopyTo of the layout before `tls` existed is one byte short: refused, not guessed.
+        // A CopyTo of the layout before `pin` existed is one byte short: refused, not guessed.
         let mut old = plain[..plain.len() - 1].to_vec();
         old[3] -= 1;
         let err = decode_all(&old).unwrap_err();

@@ -121,6 +121,9 @@ pub struct CopyTo {
     /// Reach the destination over TLS, verifying its certificate for `host`; never fall back
     /// to plain TCP.
     pub tls: bool,
+    /// With `tls`: the SHA-256 of the destination's certificate (DER) as the client pinned it;
+    /// the source accepts that certificate and no other. `None`: the source's CAs decide.
+    pub pin: Option<[u8; 32]>,
 }
 
 /// Server → client while a copy runs.

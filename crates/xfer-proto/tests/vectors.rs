@@ -130,7 +130,7 @@ fn tree_listing(kind: EntryKind) -> Frame {
     })
 }
 
-fn copy_to(grant: Option<(Grant, Vec<u8>)>, tls: bool) -> Frame {
+fn copy_to(grant: Option<(Grant, Vec<u8>)>, tls: bool, pin: Option<[u8; 32]>) -> Frame {
     Frame::CopyTo(CopyTo {
         source: "data/big.iso".into(),
         recursive: false,
@@ -141,11 +141,12 @@ fn copy_to(grant: Option<(Grant, Vec<u8>)>, tls: bool) -> Frame {
         chunk_size: 4 << 20,
         grant,
         tls,
+        pin,
     })
 }
 
 fn mirror_to() -> Frame {
-    let Frame::CopyTo(copy) = copy_to(None, false) else {
+    let Frame::CopyTo(copy) = copy_to(None, false, None) else {
         unreachable!()
     };
     Frame::MirrorTo(MirrorTo {
@@ -401,8 +402,15 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 data: b"abc".to_vec(),
             }),
         ),
-        ("copy-to-grant", copy_to(Some((grant(), key.clone())), true)),
-        ("copy-to", copy_to(None, false)),
+        (
+            "copy-to-grant",
+            copy_to(Some((grant(), key.clone())), true, None),
+        ),
+        ("copy-to", copy_to(None, false, None)),
+        (
+            "copy-to-pinned",
+            copy_to(None, true, Some(std::array::from_fn(|i| 0xa0 + i as u8))),
+        ),
         (
             "progress",
             Frame::Progress(Progress {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
+use xfer_client::trust::{FirstUse, KnownHosts, PeerTls, Trust};
 use xfer_client::{Connector, Options};
 
 use crate::mirror_args::MirrorArgs;
@@ -113,14 +114,18 @@ pub(crate) struct CopyArgs {
     /// Copies from --from-list run at once.
     #[arg(long, default_value_t = 4)]
     pub(crate) jobs: usize,
-    /// Run both legs over TLS: to the source daemon, which then checks the destination's
-    /// certificate against its own --copy-ca (both daemons need --tls-cert).
+    /// Insist on TLS on both legs (without it, each leg runs over TLS whenever its daemon
+    /// serves TLS). The source daemon checks the destination by the fingerprint pinned here in
+    /// known_hosts, else against its own --copy-ca.
     #[arg(long)]
     pub(crate) tls: bool,
-    /// PEM file of CA certificates to trust for the source daemon with --tls (default: the
-    /// system's).
-    #[arg(long, value_name = "FILE", requires = "tls")]
+    /// PEM file of CA certificates to trust for the source daemon (default: the system's;
+    /// else its fingerprint pinned in ~/.config/xfer/known_hosts).
+    #[arg(long, value_name = "FILE")]
     pub(crate) ca: Option<PathBuf>,
+    /// Trust the source daemon's certificate the first time without asking, and pin it.
+    #[arg(long)]
+    pub(crate) accept_new: bool,
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     pub(crate) quiet: bool,
@@ -236,28 +241,51 @@ pub(crate) struct TokenArgs {
     /// File holding the server's token (default: the XFER_TOKEN environment variable).
     #[arg(long, value_name = "FILE")]
     pub(crate) token_file: Option<PathBuf>,
-    /// Run every connection over TLS (the server needs --tls-cert).
+    /// Run every connection over TLS, never plain TCP (a daemon with a certificate gets TLS
+    /// without this flag).
     #[arg(long)]
     pub(crate) tls: bool,
-    /// PEM file of CA certificates to trust for --tls (default: the system's).
-    #[arg(long, value_name = "FILE", requires = "tls")]
+    /// PEM file of CA certificates to trust (default: the system's; a daemon they do not vouch
+    /// for is trusted by its fingerprint, pinned in ~/.config/xfer/known_hosts).
+    #[arg(long, value_name = "FILE")]
     pub(crate) ca: Option<PathBuf>,
+    /// Trust a daemon's certificate the first time without asking, and pin it in known_hosts
+    /// (for scripts; a changed certificate is still refused).
+    #[arg(long)]
+    pub(crate) accept_new: bool,
 }
 
 impl TokenArgs {
     /// The token and TLS settings these flags give, for every connection.
     pub(crate) fn connector(&self) -> anyhow::Result<Connector> {
-        let tls = if self.tls {
-            Some(Connector::tls(self.ca.as_deref())?)
-        } else {
-            None
-        };
         Ok(Connector {
             token: self.token()?,
-            tls,
-            grant: None,
-            socket: xfer_net::SocketOptions::default(),
-            meter: None,
+            trust: Some(Arc::new(PeerTls::new(self.trust()?))),
+            tls_required: self.tls,
+            ..Connector::default()
+        })
+    }
+
+    /// Whom to trust: `--ca` or the system's CAs, the pins in known_hosts, and on a first
+    /// meeting `--accept-new`, a question on the terminal, or a refusal saying what to do.
+    pub(crate) fn trust(&self) -> anyhow::Result<Trust> {
+        use std::io::IsTerminal;
+        let known_hosts = KnownHosts::default_path().map(KnownHosts::at);
+        let first_use = if self.accept_new {
+            FirstUse::Accept
+        } else if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+            let file = known_hosts.as_ref().map(|k| k.path().display().to_string());
+            FirstUse::Ask(Arc::new(move |peer: &str, fingerprint: &str| {
+                output::ask_first_use(peer, fingerprint, file.as_deref())
+            }))
+        } else {
+            FirstUse::Refuse
+        };
+        Ok(Trust {
+            roots: Trust::roots(self.ca.as_deref())?,
+            known_hosts,
+            first_use,
+            pinned: None,
         })
     }
 

@@ -39,6 +39,7 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         token_file: args.src_token_file.clone(),
         tls: args.tls,
         ca: args.ca.clone(),
+        accept_new: args.accept_new,
     }
     .connector()?;
     let dst_token: Option<Arc<[u8]>> = match &args.dst_token_file {
@@ -50,7 +51,7 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         recursive: args.recursive,
         connections: args.connections,
         chunk_size: chunk as u32,
-        dst_tls: connector.tls.is_some(),
+        dst_tls: args.tls,
         keep: args.keep.options(),
         mirror: args.mirror.mirror()?,
     };

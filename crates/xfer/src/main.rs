@@ -74,6 +74,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot derive a name from {}", file.display()))?
                     .to_string(),
             };
+            if common.recursive && !file.is_dir() {
+                if !file.exists() {
+                    bail!("no such directory: {}", file.display());
+                }
+                bail!(
+                    "{} is not a directory: drop -r to send one file",
+                    file.display()
+                );
+            }
             let opts = common.options()?;
             if common.recursive {
                 let mirror = common.mirror.mirror()?;

@@ -41,7 +41,7 @@ pub(crate) fn transfer_bar(quiet: bool) -> Arc<dyn Progress> {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
             )
             .expect("valid template"),
         );
@@ -50,6 +50,24 @@ pub(crate) fn transfer_bar(quiet: bool) -> Arc<dyn Progress> {
         ProgressBar::hidden()
     };
     Arc::new(Bar(bar))
+}
+
+/// Asks on the terminal whether to trust a daemon met for the first time; yes pins it.
+pub(crate) fn ask_first_use(peer: &str, fingerprint: &str, file: Option<&str>) -> bool {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "The certificate of {peer} is not known.\nIts fingerprint is {fingerprint} \
+         (`xferd --fingerprint` prints it on the server).\nTrust it{}? [y/N] ",
+        file.map(|f| format!(" and remember it in {f}"))
+            .unwrap_or_default()
+    );
+    let _ = err.flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
 }
 
 /// The bars of several copies at once, one line each.

@@ -8,9 +8,13 @@
 //! - `mirror`: who may delete (`--allow-delete`), and the answers of a mirror copy.
 //! - [`metrics`]: counters and gauges, and the HTTP responder serving them to Prometheus.
 //! - [`settings`]: the configuration file and flags, validated into a [`Config`].
+//! - [`budget`]: the size of the memory budget every connection's buffers come from, and
+//!   giving memory back after a burst.
+//! - [`fds`]: the open-file limit, raised at start and checked against `max_streams`.
 //!
 //! Invariants: a connection's failure never ends the listener; the number of connections served
-//! at once is bounded by `max_streams`, and the number accepted at all by `max_connections`.
+//! at once is bounded by `max_streams`, and the number accepted at all by `max_connections`;
+//! the chunk and frame buffers of all of them together by `max_memory`.
 //! A reload ([`run_with`]'s `reloads`) never touches an open connection: each connection keeps
 //! the configuration it was accepted under, and the new one applies to connections accepted
 //! after it; stream and connection limits change for everyone at once.
@@ -27,10 +31,13 @@ use tokio::sync::{mpsc, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use xfer_core::Root;
+use xfer_core::{MemoryBudget, Root};
 
+pub mod budget;
 mod downloads;
+pub mod fds;
 mod handler;
+pub mod identity;
 pub mod metrics;
 mod mirror;
 pub mod registry;
@@ -49,6 +56,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Largest chunk accepted or served.
     pub chunk_size: u32,
+    /// Bytes of chunk and frame buffers all connections together may hold (`max_memory`).
+    pub max_memory: u64,
     /// Data frames (or read requests) a client may have unanswered per connection.
     pub window: u32,
     /// How long a connection may wait for a stream slot before it is told the daemon is busy.
@@ -92,6 +101,7 @@ impl Config {
             max_streams: 64,
             max_connections: 64 * 4 + 64,
             chunk_size: xfer_proto::MAX_CHUNK_SIZE,
+            max_memory: budget::default_max_memory(),
             window: 2,
             queue_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
@@ -179,6 +189,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) downloads: Arc<downloads::Downloads>,
+    /// Every chunk and frame buffer of every connection is reserved from it.
+    pub(crate) budget: MemoryBudget,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -218,6 +230,7 @@ impl Shared {
             shutdown: self.shutdown.clone(),
             metrics: Arc::clone(&self.metrics),
             downloads: Arc::clone(&self.downloads),
+            budget: self.budget.clone(),
             per_address: Arc::clone(&self.per_address),
         }
     }
@@ -290,6 +303,12 @@ pub async fn run_with(
         mut reloads,
         metrics,
     } = hooks;
+    let budget = budget::shared_budget(&metrics, config.max_memory);
+    tokio::spawn(budget::trim_when_idle(
+        budget.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let drain = config.drain_timeout;
     apply_socket_options(&listener, &config);
@@ -297,6 +316,7 @@ pub async fn run_with(
         root = %config.root_path.display(),
         max_streams = config.max_streams,
         chunk_size = config.chunk_size,
+        max_memory = config.max_memory,
         "serving"
     );
     metrics.streams_max.set(config.max_streams as i64);
@@ -307,6 +327,7 @@ pub async fn run_with(
         shutdown: shutdown.clone(),
         downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
         metrics,
+        budget,
         per_address: Arc::default(),
     });
     let tracker = TaskTracker::new();
@@ -430,6 +451,15 @@ fn apply_reload(
     config.root = old.root.clone();
     config.root_path = old.root_path.clone();
     config.drain_timeout = old.drain_timeout;
+    if config.max_memory != old.max_memory {
+        warn!(
+            max_memory = old.max_memory,
+            requested = config.max_memory,
+            "max_memory changed: takes effect at the next restart"
+        );
+        config.max_memory = old.max_memory;
+    }
+    fds::fit(&mut config, fds::soft_limit());
     let changes = describe_changes(old, &config);
     resize(&shared.streams, old.max_streams, config.max_streams);
     resize(connections, old.max_connections, config.max_connections);

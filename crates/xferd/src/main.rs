@@ -57,6 +57,11 @@ struct Args {
     /// Largest chunk accepted or served (K, M, G suffixes) [default: 16M].
     #[arg(long, value_name = "SIZE")]
     chunk_size: Option<Size>,
+    /// Bytes of chunk and frame buffers all connections together may hold (K, M, G suffixes);
+    /// past it, connections wait for buffers and their senders are slowed by TCP, at least 34M
+    /// [default: a quarter of the machine's memory, at least 64M, at most 1G].
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<Size>,
     /// Seconds a connection may wait for a free stream before it is told the daemon is busy
     /// [default: 30].
     #[arg(long, value_name = "SECS")]
@@ -88,6 +93,17 @@ struct Args {
     /// credential "token", if passed].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve every session over TLS; without --tls-cert/--tls-key, with a key and self-signed
+    /// certificate made on the first start in --state-dir (clients pin its fingerprint).
+    #[arg(long)]
+    tls: bool,
+    /// Where xferd keeps its own key and certificate [default: $STATE_DIRECTORY under systemd,
+    /// else ~/.local/state/xferd].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print the SHA-256 fingerprint of the certificate clients see (what `xfer` pins) and exit.
+    #[arg(long)]
+    fingerprint: bool,
     /// PEM certificate chain: with --tls-key, every session must run over TLS.
     #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
@@ -129,6 +145,7 @@ impl Args {
             root: self.root.clone(),
             max_streams: self.max_streams,
             chunk_size: self.chunk_size,
+            max_memory: self.max_memory,
             queue_timeout: self.queue_timeout,
             idle_timeout: self.idle_timeout,
             handshake_timeout: self.handshake_timeout,
@@ -139,6 +156,8 @@ impl Args {
             allow_delete: self.allow_delete.then_some(true),
             token_file: self.token_file.clone(),
             allow_anonymous: self.allow_anonymous.then_some(true),
+            tls: self.tls.then_some(true),
+            state_dir: self.state_dir.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             copy_ca: self.copy_ca.clone(),
@@ -201,6 +220,12 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(e) => return fail(e),
     };
+    if args.fingerprint {
+        return match print_fingerprint(&settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
     if args.check_config {
         return match check_config(&sources, &settings) {
             Ok(()) => ExitCode::SUCCESS,
@@ -222,10 +247,29 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `--fingerprint`: the SHA-256 fingerprint of the certificate clients see, on stdout.
+fn print_fingerprint(settings: &Settings) -> anyhow::Result<()> {
+    let Some(cert) = settings.certificate()? else {
+        let dir = xferd::identity::state_dir(settings.state_dir.as_deref())?;
+        bail!(
+            "no certificate in {} yet: `xferd --tls` makes one on its first start (or give \
+             --state-dir DIR, or --tls-cert FILE)",
+            dir.display()
+        );
+    };
+    println!("{}", xferd::identity::fingerprint(&cert)?);
+    Ok(())
+}
+
 /// `--check-config`: everything `serve` would check short of binding, then the effective
 /// settings on stdout.
 fn check_config(sources: &Sources, settings: &Settings) -> anyhow::Result<()> {
-    settings.to_config()?;
+    let mut probe = settings.clone();
+    if probe.tls == Some(true) && probe.tls_cert.is_none() && probe.certificate()?.is_none() {
+        // A check makes nothing: the first start makes the identity, as the user it runs as.
+        probe.tls = None;
+    }
+    probe.to_config()?;
     if activated_listener_fd().is_none() {
         settings.check_exposure(settings.listen.as_deref().unwrap_or_default())?;
     }
@@ -354,7 +398,10 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         None => listen.clone(),
     };
     settings.check_exposure(&exposed)?;
-    let config = settings.to_config()?;
+    let mut config = settings.to_config()?;
+    xferd::budget::prefer_mmap_for_chunks();
+    let open_files = xferd::fds::raise_nofile_limit();
+    xferd::fds::fit(&mut config, open_files);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
         let listener = match activated {
@@ -370,6 +417,8 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(xferd::metrics::Metrics::default());
+        // Made before the address line, so that the first scrape already reports it.
+        xferd::budget::shared_budget(&metrics, config.max_memory);
         if let Some(at) = &settings.metrics {
             let http = tokio::net::TcpListener::bind(at)
                 .await

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub streams_max: Gauge,
     /// Configuration reloads applied (`SIGHUP`).
     pub reloads: Counter,
+    /// The memory budget chunk and frame buffers come from, once the daemon runs.
+    pub buffers: std::sync::OnceLock<xfer_core::MemoryBudget>,
 }
 
 /// Takes one from a gauge of a shared [`Metrics`] when dropped.
@@ -214,6 +216,35 @@ impl Metrics {
             "gauge",
             "Stream slots: connections served at once.",
             &one(self.streams_max.get().to_string()),
+        );
+        let buffers = self.buffers.get();
+        let budget =
+            |f: fn(&xfer_core::MemoryBudget) -> usize| one(buffers.map_or(0, f).to_string());
+        family(
+            "xferd_buffer_bytes",
+            "gauge",
+            "Bytes of chunk and frame buffers held now, reserved from the budget.",
+            &budget(xfer_core::MemoryBudget::in_use),
+        );
+        family(
+            "xferd_buffer_budget_bytes",
+            "gauge",
+            "The budget for chunk and frame buffers (max_memory).",
+            &budget(xfer_core::MemoryBudget::total),
+        );
+        family(
+            "xferd_connections_waiting_for_buffers",
+            "gauge",
+            "Connections waiting for buffer bytes (not reading their socket meanwhile).",
+            &budget(xfer_core::MemoryBudget::waiting),
+        );
+        family(
+            "xferd_buffer_waits_total",
+            "counter",
+            "Times a connection had to wait for buffer bytes.",
+            &one(buffers
+                .map_or(0, xfer_core::MemoryBudget::waits)
+                .to_string()),
         );
         family(
             "xferd_config_reloads_total",

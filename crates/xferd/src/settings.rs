@@ -33,6 +33,9 @@ pub struct Settings {
     pub max_streams: Option<usize>,
     /// Largest chunk accepted or served (`--chunk-size`): bytes, or a string like `"16M"`.
     pub chunk_size: Option<Size>,
+    /// Bytes of chunk and frame buffers all connections together may hold (`--max-memory`);
+    /// unset, a quarter of the machine's memory, at least 64M and at most 1G.
+    pub max_memory: Option<Size>,
     /// Seconds a connection waits for a stream before it is told the daemon is busy.
     pub queue_timeout: Option<u64>,
     /// Seconds of silence after which a connection is closed.
@@ -53,6 +56,12 @@ pub struct Settings {
     pub token_file: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (`--allow-anonymous`).
     pub allow_anonymous: Option<bool>,
+    /// Serve over TLS (`--tls`): with `tls_cert`/`tls_key` unset, with a self-signed
+    /// certificate made on the first start and kept in `state_dir`.
+    pub tls: Option<bool>,
+    /// Where the daemon keeps its own key and certificate (`--state-dir`); unset,
+    /// `$STATE_DIRECTORY` under systemd, else `~/.local/state/xferd`.
+    pub state_dir: Option<PathBuf>,
     /// PEM certificate chain (`--tls-cert`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (`--tls-key`).
@@ -73,7 +82,7 @@ pub struct Settings {
 }
 
 /// A byte count written as a number or as a string with a `K`, `M`, `G` suffix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
 
 impl fmt::Display for Size {
@@ -134,6 +143,7 @@ impl Settings {
             root: Some(".".into()),
             max_streams: Some(64),
             chunk_size: Some(Size(16 << 20)),
+            max_memory: None,
             queue_timeout: Some(30),
             idle_timeout: Some(300),
             handshake_timeout: Some(10),
@@ -144,6 +154,8 @@ impl Settings {
             allow_delete: Some(false),
             token_file: None,
             allow_anonymous: Some(false),
+            tls: None,
+            state_dir: None,
             tls_cert: None,
             tls_key: None,
             copy_ca: None,
@@ -189,6 +201,7 @@ impl Settings {
             &mut s.tls_cert,
             &mut s.tls_key,
             &mut s.copy_ca,
+            &mut s.state_dir,
         ]
         .into_iter()
         .flatten()
@@ -207,6 +220,7 @@ impl Settings {
             root: over.root.or(self.root),
             max_streams: over.max_streams.or(self.max_streams),
             chunk_size: over.chunk_size.or(self.chunk_size),
+            max_memory: over.max_memory.or(self.max_memory),
             queue_timeout: over.queue_timeout.or(self.queue_timeout),
             idle_timeout: over.idle_timeout.or(self.idle_timeout),
             handshake_timeout: over.handshake_timeout.or(self.handshake_timeout),
@@ -217,6 +231,8 @@ impl Settings {
             allow_delete: over.allow_delete.or(self.allow_delete),
             token_file: over.token_file.or(self.token_file),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
+            tls: over.tls.or(self.tls),
+            state_dir: over.state_dir.or(self.state_dir),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             copy_ca: over.copy_ca.or(self.copy_ca),
@@ -253,6 +269,15 @@ impl Settings {
         }
         if self.max_streams == Some(0) {
             bail!("max_streams (--max-streams) must be at least 1");
+        }
+        if let Some(memory) = self.max_memory {
+            let min = Size(crate::budget::MIN_MAX_MEMORY);
+            if memory < min {
+                bail!(
+                    "max_memory (--max-memory) must be at least {min} (two of the largest \
+                     frames a client may send: a 16M chunk and its header), not {memory}"
+                );
+            }
         }
         if self.max_conns_per_ip == Some(0) {
             bail!("max_conns_per_ip (--max-conns-per-ip) must be at least 1");
@@ -310,6 +335,20 @@ impl Settings {
         Ok(())
     }
 
+    /// The certificate clients see: `tls_cert`, else the one made in the state directory
+    /// (`None` if not made yet).
+    ///
+    /// # Errors
+    /// No state directory can be found.
+    pub fn certificate(&self) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(cert) = &self.tls_cert {
+            return Ok(Some(cert.clone()));
+        }
+        let dir = crate::identity::state_dir(self.state_dir.as_deref())?;
+        let cert = dir.join(crate::identity::CERT_FILE);
+        Ok(cert.exists().then_some(cert))
+    }
+
     /// Builds the daemon's [`Config`]: reads the token, opens the root, loads the TLS identity.
     ///
     /// # Errors
@@ -328,6 +367,9 @@ impl Settings {
             .chunk_size
             .or(defaults.chunk_size)
             .map_or(0, |s| s.0 as u32);
+        cfg.max_memory = self
+            .max_memory
+            .map_or_else(crate::budget::default_max_memory, |s| s.0);
         cfg.queue_timeout = Duration::from_secs(get(self.queue_timeout, defaults.queue_timeout));
         cfg.idle_timeout = Duration::from_secs(get(self.idle_timeout, defaults.idle_timeout));
         cfg.handshake_timeout =
@@ -349,6 +391,10 @@ impl Settings {
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             cfg.tls = Some(crate::Tls::from_pem_files(cert, key).context("tls_cert/tls_key")?);
+        } else if self.tls == Some(true) {
+            let dir = crate::identity::state_dir(self.state_dir.as_deref())?;
+            let (cert, key) = crate::identity::load_or_create(&dir).context("state_dir")?;
+            cfg.tls = Some(crate::Tls::from_pem_files(&cert, &key).context("state_dir")?);
         }
         if let Some(ca) = &self.copy_ca {
             cfg.copy_trust = Some(crate::CopyTrust::from_pem_file(ca).context("copy_ca")?);
@@ -396,6 +442,12 @@ impl Settings {
         }
         if self.copy_ca.is_none() {
             out.push_str("# copy_ca: not set (copies over TLS trust the system's CAs)\n");
+        }
+        if self.max_memory.is_none() {
+            let default = Size(crate::budget::default_max_memory());
+            out.push_str(&format!(
+                "# max_memory: not set ({default}: a quarter of this machine's memory, at least 64M, at most 1G)\n"
+            ));
         }
         out
     }

@@ -12,7 +12,7 @@ use xfer_proto::{ByteRange, ChunkRef, Commit, FileIdentity, Frame, OpenRead};
 
 use super::pool::drive;
 use super::queue::Work;
-use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
+use super::retry::{connect_first, reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
 use super::{chunk_size, close_all, join_error, metered, Tally};
 use super::{Options, Summary};
@@ -142,7 +142,7 @@ pub async fn recv_with_holes(
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
-    let mut session = connect_retrying(target, opts).await?;
+    let mut session = connect_first(target, opts).await?;
     let congestion = session.congestion.clone();
     let request = OpenRead {
         name: name.to_string(),

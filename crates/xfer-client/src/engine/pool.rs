@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 
 use super::grower::{Grower, Step, TICK};
 use super::queue::Work;
-use super::retry::Retry;
+use super::retry::{Retry, RECONNECTING};
 use super::window::{pump, Direction, Pumped};
 use super::{Connections, Options};
 use crate::{ClientError, Session, Target};
@@ -151,6 +151,7 @@ async fn worker<D: Direction>(
 ) -> Result<Option<(Session, u64)>, ClientError> {
     let mut retry = Retry::new(opts.retry_deadline);
     let mut ever_connected = false;
+    let mut reconnecting = false;
     loop {
         if session.is_none() && work.is_empty() {
             return Ok(None);
@@ -188,6 +189,9 @@ async fn worker<D: Direction>(
         if connected {
             ever_connected = true;
             retry.succeeded();
+            if std::mem::take(&mut reconnecting) {
+                opts.progress.set_message(String::new());
+            }
         }
         match outcome {
             Ok(open) => return Ok(open),
@@ -199,6 +203,8 @@ async fn worker<D: Direction>(
             }
             Err(e) => {
                 let delay = retry.after(e, Instant::now())?;
+                reconnecting = true;
+                opts.progress.set_message(RECONNECTING.into());
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = work.finished() => return Ok(None),

@@ -1,6 +1,8 @@
-//! When to try again: [`Retry`] paces reconnects, [`connect_retrying`] and [`reopen`] are the
-//! one way the engine gets a new connection outside a worker, and [`COMMIT_ATTEMPTS`] bounds
-//! how often a transfer is completed again after a commit found bytes missing.
+//! When to try again: [`Retry`] paces reconnects, [`connect_first`] opens a command's first
+//! connection (failing at once when nothing answers), [`connect_retrying`] and [`reopen`] are
+//! the one way the engine gets a new connection outside a worker once a transfer has started,
+//! and [`COMMIT_ATTEMPTS`] bounds how often a transfer is completed again after a commit found
+//! bytes missing.
 
 use std::time::{Duration, Instant};
 
@@ -64,20 +66,58 @@ impl Retry {
     }
 }
 
-/// Connects, retrying transient failures (a busy or restarting daemon) as [`Retry`] allows.
+/// A command's first connection. Nothing listening, an unreachable host or a timeout fails at
+/// once, as scp does: before any byte has moved, waiting rarely helps and a typo in a host or
+/// port should not cost a minute. Only a daemon that answered it is busy or restarting
+/// (`Busy`, `ShuttingDown`) is waited for, as [`Retry`] allows.
+pub(super) async fn connect_first(target: &Target, opts: &Options) -> Result<Session, ClientError> {
+    let mut retry = Retry::new(opts.retry_deadline);
+    loop {
+        match Session::connect(target, &opts.connector).await {
+            Ok(session) => return Ok(session),
+            Err(e) if is_busy(&e) => tokio::time::sleep(retry.after(e, Instant::now())?).await,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The daemon answered, and asked to be tried again later.
+fn is_busy(e: &ClientError) -> bool {
+    matches!(e, ClientError::Remote(frame) if matches!(
+        frame.error_code(),
+        Some(xfer_proto::ErrorCode::Busy | xfer_proto::ErrorCode::ShuttingDown)
+    ))
+}
+
+/// Connects once a transfer has started, retrying transient failures (a dropped link, a busy
+/// or restarting daemon) as [`Retry`] allows; the progress display says it is reconnecting.
 pub(super) async fn connect_retrying(
     target: &Target,
     opts: &Options,
 ) -> Result<Session, ClientError> {
     let mut retry = Retry::new(opts.retry_deadline);
+    let mut reconnecting = false;
     loop {
         match Session::connect(target, &opts.connector).await {
-            Ok(session) => return Ok(session),
+            Ok(session) => {
+                if reconnecting {
+                    opts.progress.set_message(String::new());
+                }
+                return Ok(session);
+            }
             Err(e) if !e.is_transient_connect() => return Err(e),
-            Err(e) => tokio::time::sleep(retry.after(e, Instant::now())?).await,
+            Err(e) => {
+                let delay = retry.after(e, Instant::now())?;
+                reconnecting = true;
+                opts.progress.set_message(RECONNECTING.into());
+                tokio::time::sleep(delay).await;
+            }
         }
     }
 }
+
+/// What the progress display shows while connections are being made again.
+pub(super) const RECONNECTING: &str = "reconnecting…";
 
 /// A new connection with the transfer open on it, for the engine's own use between rounds
 /// (the first connection of a round, the one that commits or asks for the digest).

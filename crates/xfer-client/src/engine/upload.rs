@@ -12,7 +12,7 @@ use xfer_proto::{ByteRange, ChunkRef, Commit, Data, ErrorCode, Frame, OpenWrite}
 
 use super::pool::drive;
 use super::queue::Work;
-use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
+use super::retry::{connect_first, connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
 use super::{chunk_size, close_all, join_error, metered, Tally};
 use super::{Options, Summary};
@@ -121,7 +121,7 @@ pub async fn send_file(
     let started = Instant::now();
     let opts = &metered(opts);
     let identity = source.identity();
-    let mut session = connect_retrying(target, opts).await?;
+    let mut session = connect_first(target, opts).await?;
     let congestion = session.congestion.clone();
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {

@@ -31,8 +31,11 @@ impl Handler {
             Some((grant, key)) => (Some(grant), Some(key.into())),
             None => (None, None),
         };
+        let pinned = req
+            .pin
+            .map(|digest| xfer_client::trust::fingerprint_text(&digest));
         let tls = if req.tls {
-            match copy_trust(self.shared.config.copy_trust.clone()).await {
+            match copy_trust(self.shared.config.copy_trust.clone(), pinned, &destination).await {
                 Ok(connector) => Some(connector),
                 Err(e) => {
                     warn!(destination = %destination, error = %e, "copy failed");
@@ -54,7 +57,10 @@ impl Handler {
             progress: Arc::clone(&progress) as Arc<dyn xfer_client::Progress>,
             connector: xfer_client::Connector {
                 token: key,
+                tls_required: tls.is_some(),
                 tls,
+                tls_learned: Default::default(),
+                trust: None,
                 grant,
                 // This daemon's own settings: its copies are its connections.
                 socket: self.shared.config.socket.clone(),
@@ -165,10 +171,22 @@ impl Handler {
     }
 }
 
-/// The trust anchors for a copy over TLS: `copy_ca`'s, or the system's, read off the runtime.
+/// How a copy over TLS checks its destination: by the fingerprint its client pinned, else by
+/// `copy_ca`'s CAs, or the system's, read off the runtime.
 async fn copy_trust(
     configured: Option<crate::CopyTrust>,
+    pinned: Option<String>,
+    destination: &xfer_client::Target,
 ) -> Result<tokio_rustls::TlsConnector, xfer_client::ClientError> {
+    if pinned.is_some() {
+        let trust = xfer_client::trust::Trust {
+            roots: None,
+            known_hosts: None,
+            first_use: xfer_client::trust::FirstUse::Refuse,
+            pinned,
+        };
+        return trust.connector(&destination.to_string());
+    }
     if let Some(trust) = configured {
         return Ok(trust.0);
     }

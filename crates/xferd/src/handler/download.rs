@@ -3,7 +3,7 @@
 use tracing::info;
 use xfer_core::{CoreError, SourceFile};
 use xfer_proto::session::DownloadId;
-use xfer_proto::{ByteRange, ChunkRef, Data, DigestReply, Frame, OpenRead, ReadOpened};
+use xfer_proto::{ByteRange, ChunkRef, Data, DigestReply, Frame, OpenRead, ProtoError, ReadOpened};
 
 use super::{fatal, ConnError, Download, Handler};
 use crate::registry::blocking;
@@ -51,6 +51,9 @@ impl Handler {
         chunk: ChunkRef,
     ) -> Result<(), ConnError> {
         let keeps_meta = self.keeps_meta();
+        // The chunk is read only into bytes reserved from the daemon's budget; meanwhile this
+        // connection reads no further requests.
+        let reservation = self.shared.budget.reserve(chunk.len as usize).await;
         let Download { source, bytes, .. } = self.session.download(id)?;
         let range = ByteRange::new(chunk.offset, chunk.offset + u64::from(chunk.len));
         // A hole of a sparse file travels as its length alone, to a client that knows `Zeros`.
@@ -59,20 +62,22 @@ impl Handler {
             return Ok(());
         }
         let payload = match source.check_unchanged() {
-            Ok(()) => source.read(range).await,
+            Ok(()) => source.read_reserved(range, reservation).await,
             Err(e) => Err(e),
         };
         let payload = payload.map_err(|e: CoreError| fatal(e.code(), e.to_string()))?;
         *bytes += payload.len() as u64;
         self.shared.metrics.bytes_sent.add(payload.len() as u64);
-        self.writer
-            .send(&Frame::Data(Data::new(
-                chunk.transfer_id,
-                chunk.offset,
-                payload,
-            )))
-            .await?;
-        Ok(())
+        let data = Frame::Data(Data::new(chunk.transfer_id, chunk.offset, payload));
+        // A client that stops reading holds this chunk's share of the budget: not forever.
+        let idle = self.shared.config.idle_timeout;
+        match tokio::time::timeout(idle, self.writer.send(&data)).await {
+            Ok(sent) => Ok(sent?),
+            Err(_) => Err(ConnError::Proto(ProtoError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("client read nothing for {idle:?}"),
+            )))),
+        }
     }
 
     pub(super) async fn digest(&mut self, id: DownloadId) -> Result<(), ConnError> {

@@ -15,12 +15,14 @@ pub(super) async fn start_tls<S: Transport>(
     session: &mut Session,
     mut socket: S,
     acceptor: &crate::Tls,
+    budget: &xfer_core::MemoryBudget,
 ) -> Result<(Reader, Writer), (ConnError, Option<S>)> {
     // The handshake's deadline, fixed when the connection was accepted.
     let deadline = session.poll_timeout(std::time::Instant::now());
     // The client sends nothing after this Hello until it reads StartTls, so a reader borrowed
     // for one frame cannot swallow the start of the TLS handshake.
-    let frame = match within(deadline, FrameReader::new(&mut socket).read_frame()).await {
+    let mut hello = FrameReader::new(&mut socket).with_budget(budget.clone());
+    let frame = match within(deadline, hello.read_frame()).await {
         None => return Err((session.timed_out().into(), Some(socket))),
         Some(Err(e)) => return Err((e.into(), Some(socket))),
         Some(Ok(None)) => return Err((ConnError::PeerClosed, None)),

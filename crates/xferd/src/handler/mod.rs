@@ -148,7 +148,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
     let mut session = new_session(&shared);
     let (reader, writer) = match &shared.config.tls {
         None => stream.into_frames(),
-        Some(acceptor) => match start_tls(&mut session, stream, acceptor).await {
+        Some(acceptor) => match start_tls(&mut session, stream, acceptor, &shared.budget).await {
             Ok(halves) => halves,
             Err((err, stream)) => {
                 let frame = report(&err);
@@ -160,6 +160,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
             }
         },
     };
+    // Every large frame is read into bytes reserved from the daemon's budget.
+    let reader = reader.with_budget(shared.budget.clone());
     let mut handler = Handler::new(shared, peer, session, (reader, writer));
     let err = match handler.run().await {
         Ok(()) => {
@@ -446,7 +448,8 @@ async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame)
     let _ = timeout(std::time::Duration::from_secs(2), async {
         writer.send(&Frame::Error(frame)).await?;
         writer.shutdown().await?;
-        let mut sink = [0u8; 16 * 1024];
+        // On the heap: an array here would sit in every connection's task from its start.
+        let mut sink = vec![0u8; 16 * 1024];
         let mut drained = 0usize;
         while drained < (1 << 20) {
             match tokio::io::AsyncReadExt::read(reader.get_mut(), &mut sink).await? {

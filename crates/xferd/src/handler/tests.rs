@@ -30,6 +30,7 @@ fn daemon(configure: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Arc<Shared
     let metrics = Arc::new(metrics::Metrics::default());
     let shared = Arc::new(Shared {
         streams: Arc::new(Semaphore::new(config.max_streams)),
+        budget: xfer_core::MemoryBudget::new(config.max_memory as usize),
         config,
         registry: Arc::new(registry::Registry::with_metrics(Arc::clone(&metrics))),
         shutdown: tokio_util::sync::CancellationToken::new(),

@@ -171,11 +171,20 @@ impl Handler {
         )?);
         while !batch.is_empty() {
             let root = self.root();
+            // The answers are held in bytes reserved from the daemon's budget until sent.
+            let most: u64 = batch
+                .iter()
+                .map(|r| u64::from(r.max_size).min(MAX_SMALL_FILE))
+                .sum();
+            let most = most.min((BATCH_BYTES as u64) + MAX_SMALL_FILE);
+            let reservation = self.shared.budget.reserve(most as usize).await;
             let (replies, rest, end) = blocking(move || Ok(read_small_files(&root, batch)))
                 .await
                 .map_err(|e| fatal(e.code(), e.to_string()))?;
             batch = rest;
             self.writer.send_all(&replies).await?;
+            drop(replies);
+            drop(reservation);
             if let Some(e) = end {
                 return Err(ConnError::Fatal(e));
             }
