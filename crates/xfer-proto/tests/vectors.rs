@@ -478,7 +478,7 @@ fn frames() -> BTreeMap<&'static str, Frame> {
     .collect()
 }
 
-/// The frames of tree metadata (`CAP_TREE_META`, proto.md §6.9).
+/// The frames of tree metadata (`CAP_TREE_META`, proto.md §6.10).
 fn meta_frames() -> Vec<(&'static str, Frame)> {
     let entry = TreeEntry {
         path: "a".into(),
