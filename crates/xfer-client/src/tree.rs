@@ -99,30 +99,15 @@ async fn list_remote(
     dir: &str,
     digests: bool,
 ) -> Result<Vec<TreeEntry>, ClientError> {
-    session
-        .send(&Frame::ListTree(ListTree {
-            dir: dir.to_string(),
-            digests,
-        }))
-        .await?;
-    let mut entries = Vec::new();
-    loop {
-        match session.next().await {
-            Ok(Frame::TreeListing(page)) => {
-                entries.extend(page.entries);
-                if !page.more {
-                    return Ok(entries);
-                }
-            }
-            Err(ClientError::Remote(e))
-                if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) =>
-            {
-                return Ok(Vec::new())
-            }
-            Ok(other) => return Err(unexpected(other)),
-            Err(e) => return Err(e),
-        }
-    }
+    let request = Frame::ListTree(ListTree {
+        dir: dir.to_string(),
+        digests,
+    });
+    list_pages(session, &request, |frame| match frame {
+        Frame::TreeListing(page) => Ok((page.entries, page.more)),
+        other => Err(unexpected(other)),
+    })
+    .await
 }
 
 async fn list_remote_meta(
@@ -131,19 +116,33 @@ async fn list_remote_meta(
     digests: bool,
     xattrs: bool,
 ) -> Result<Vec<MetaEntry>, ClientError> {
-    session
-        .send(&Frame::ListTreeMeta(xfer_proto::ListTreeMeta {
-            dir: dir.to_string(),
-            digests,
-            xattrs,
-        }))
-        .await?;
+    let request = Frame::ListTreeMeta(xfer_proto::ListTreeMeta {
+        dir: dir.to_string(),
+        digests,
+        xattrs,
+    });
+    list_pages(session, &request, |frame| match frame {
+        Frame::TreeMetaListing(page) => Ok((page.entries, page.more)),
+        other => Err(unexpected(other)),
+    })
+    .await
+}
+
+/// Sends a listing request and gathers its pages (`page` takes one apart into its entries and
+/// whether more follow); a directory the server does not have lists as empty.
+async fn list_pages<T>(
+    session: &mut Session,
+    request: &Frame,
+    page: impl Fn(Frame) -> Result<(Vec<T>, bool), ClientError>,
+) -> Result<Vec<T>, ClientError> {
+    session.send(request).await?;
     let mut entries = Vec::new();
     loop {
         match session.next().await {
-            Ok(Frame::TreeMetaListing(page)) => {
-                entries.extend(page.entries);
-                if !page.more {
+            Ok(frame) => {
+                let (listed, more) = page(frame)?;
+                entries.extend(listed);
+                if !more {
                     return Ok(entries);
                 }
             }
@@ -152,7 +151,6 @@ async fn list_remote_meta(
             {
                 return Ok(Vec::new())
             }
-            Ok(other) => return Err(unexpected(other)),
             Err(e) => return Err(e),
         }
     }

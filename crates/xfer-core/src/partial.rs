@@ -300,12 +300,7 @@ impl PartialFile {
     /// A range outside the file, a closed partial, `NoSpace` or I/O errors.
     pub async fn write(self: &Arc<Self>, offset: u64, payload: Bytes, crc32: u32) -> Result<()> {
         let range = ByteRange::new(offset, offset + payload.len() as u64);
-        if range.end > self.identity.size {
-            return Err(CoreError::BadPath(format!(
-                "range {}..{} beyond the size {}",
-                range.start, range.end, self.identity.size
-            )));
-        }
+        self.check_within(range)?;
         if range.is_empty() {
             return Ok(());
         }
@@ -319,16 +314,33 @@ impl PartialFile {
         Ok(())
     }
 
+    /// Refuses a range that reaches past the end of the file.
+    fn check_within(&self, range: ByteRange) -> Result<()> {
+        if range.end > self.identity.size {
+            return Err(CoreError::BadPath(format!(
+                "range {}..{} beyond the size {}",
+                range.start, range.end, self.identity.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The data file to write into, `None` once the partial is final (a late chunk is moot),
+    /// or why it was closed.
+    fn data_to_write(&self) -> Result<Option<Arc<File>>> {
+        let st = self.lock();
+        if st.committed.is_some() || st.final_already {
+            return Ok(None);
+        }
+        if let Some(why) = &st.closed {
+            return Err(CoreError::io("write", std::io::Error::other(why.clone())));
+        }
+        Ok(Some(Arc::clone(&st.data)))
+    }
+
     fn write_blocking(&self, range: ByteRange, payload: &[u8], crc32: u32) -> Result<Option<u64>> {
-        let data = {
-            let st = self.lock();
-            if st.committed.is_some() || st.final_already {
-                return Ok(None);
-            }
-            if let Some(why) = &st.closed {
-                return Err(CoreError::io("write", std::io::Error::other(why.clone())));
-            }
-            Arc::clone(&st.data)
+        let Some(data) = self.data_to_write()? else {
+            return Ok(None);
         };
         data.write_all_at(payload, range.start)
             .map_err(|e| CoreError::io(format!("writing {:?}", self.slot.leaf), e))?;
@@ -361,12 +373,7 @@ impl PartialFile {
     /// # Errors
     /// A range outside the file, a closed partial or I/O errors.
     pub async fn write_zeros(self: &Arc<Self>, range: ByteRange) -> Result<()> {
-        if range.end > self.identity.size {
-            return Err(CoreError::BadPath(format!(
-                "range {}..{} beyond the size {}",
-                range.start, range.end, self.identity.size
-            )));
-        }
+        self.check_within(range)?;
         if range.is_empty() {
             return Ok(());
         }
@@ -376,15 +383,8 @@ impl PartialFile {
 
     fn write_zeros_blocking(&self, range: ByteRange) -> Result<()> {
         let ctx = || format!("punching a hole in {:?}", self.slot.leaf);
-        let data = {
-            let st = self.lock();
-            if st.committed.is_some() || st.final_already {
-                return Ok(());
-            }
-            if let Some(why) = &st.closed {
-                return Err(CoreError::io("write", std::io::Error::other(why.clone())));
-            }
-            Arc::clone(&st.data)
+        let Some(data) = self.data_to_write()? else {
+            return Ok(());
         };
         crate::meta::punch_hole(&data, range).map_err(|e| CoreError::io(ctx(), e))?;
         let mut st = self.lock();
