@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use xfer_core::filter::ancestors;
 pub use xfer_core::filter::{Filter, FilterError};
 use xfer_proto::{
     Change, ChangeAction, EntryKind, FilterRule, TreeEntry, CAP_DELETE, CHANGED_CONTENT,
@@ -178,16 +179,6 @@ fn in_the_way(ours: EntryKind, theirs: EntryKind) -> bool {
         (ours, theirs),
         (File, Dir | Symlink | Special) | (Dir, Symlink | Special) | (Symlink, Dir)
     )
-}
-
-/// The directories above `path`, nearest first, the top (`""`) left out.
-fn ancestors(path: &str) -> impl Iterator<Item = &str> {
-    let mut rest = path;
-    std::iter::from_fn(move || {
-        let cut = rest.rfind('/')?;
-        rest = &rest[..cut];
-        Some(rest)
-    })
 }
 
 /// What a mirror copy removes from the receiver, each list contents first.

@@ -96,33 +96,8 @@ impl Connector {
         ca: Option<&Path>,
         fix: &str,
     ) -> Result<tokio_rustls::TlsConnector, ClientError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let bad = |why: String| ClientError::Trust(why);
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(ca) => {
-                let certs = CertificateDer::pem_file_iter(ca)
-                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                    .map_err(|e| {
-                        bad(format!(
-                            "reading CA certificates from {}: {e}",
-                            ca.display()
-                        ))
-                    })?;
-                let (added, _) = roots.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(bad(format!("no CA certificate in {}", ca.display())));
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
-                if roots.is_empty() {
-                    return Err(bad(format!("no system CA certificates found; {fix}")));
-                }
-            }
-        }
+        let roots = crate::trust::Trust::roots(ca)?
+            .ok_or_else(|| ClientError::Trust(format!("no system CA certificates found; {fix}")))?;
         let config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();

@@ -200,7 +200,7 @@ impl Filter {
 }
 
 /// The directories above `path`, nearest first, the top (`""`) left out.
-fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     let mut rest = path;
     std::iter::from_fn(move || {
         let cut = rest.rfind('/')?;
