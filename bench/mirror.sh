@@ -33,8 +33,8 @@
 #     xfer flushes the destination itself before it exits, rsync does not).
 #   - files/s = regular files of the source tree over the seconds: what a mirror run has to look
 #     at. Afterwards each destination must hold exactly the source's regular files (content, mode,
-#     mtime to the second) and directories, and nothing else; links are not compared (xfer leaves
-#     out links leading out of the tree, rsync copies them).
+#     mtime to the second) and directories, and nothing else; links are not compared (both tools
+#     copy them as they are).
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
