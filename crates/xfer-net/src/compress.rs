@@ -315,6 +315,21 @@ fn shrink(payload: &[u8], level: i32, sample: bool) -> Option<Vec<u8>> {
     shrinks(payload, &out).then_some(out)
 }
 
+/// Fuzz entry point (`fuzz/fuzz_targets/inflate.rs`): `data` as the body of a `DataZ` frame,
+/// decompressed as a receiver would if it decodes. Must never panic nor allocate more than the
+/// frame's checked `raw_len`, whatever the input.
+pub fn fuzz_inflate(data: &[u8]) {
+    let mut frame = vec![xfer_proto::FrameType::DataZ as u8];
+    frame.extend_from_slice(data);
+    let Ok(Frame::DataZ(z)) = Frame::decode(Bytes::from(frame)) else {
+        return;
+    };
+    let mut buffer = vec![0; z.raw_len as usize];
+    if inflate_into(&z, &mut buffer).is_ok() {
+        assert!(z.payload.len() <= buffer.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +426,19 @@ mod tests {
         let mut out = [0; 64];
         inflate_into(&z, &mut out).unwrap();
         assert_eq!(out, [b'a'; 64]);
+    }
+
+    /// Replays the `inflate` fuzz corpus (`fuzz/corpus/inflate`).
+    #[test]
+    fn fuzz_corpus_replays() {
+        let corpus =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/inflate");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(corpus).expect("corpus directory") {
+            fuzz_inflate(&std::fs::read(entry.unwrap().path()).unwrap());
+            replayed += 1;
+        }
+        assert!(replayed >= 3);
     }
 
     #[test]
