@@ -93,7 +93,9 @@ pub struct Decision {
 #[derive(Debug)]
 pub struct Adapt {
     phase: Phase,
-    since: Instant,
+    /// When the phase began; `None` until the first chunk, so that connecting and opening
+    /// the transfer do not count against the first probe.
+    since: Option<Instant>,
     raw: u64,
     wire: u64,
     compressing: Duration,
@@ -110,12 +112,13 @@ pub struct Adapt {
 }
 
 impl Adapt {
-    /// A policy starting at `now`, off first: a transfer too short to be measured goes as it
-    /// would without compression. `cpus` is the parallelism compression may use.
-    pub fn new(now: Instant, cpus: usize) -> Self {
+    /// A policy whose first probe starts with the first chunk, off first: a transfer too short
+    /// to be measured goes as it would without compression. `cpus` is the parallelism
+    /// compression may use.
+    pub fn new(cpus: usize) -> Self {
         Self {
             phase: Phase::Probe { on: false },
-            since: now,
+            since: None,
             raw: 0,
             wire: 0,
             compressing: Duration::ZERO,
@@ -175,7 +178,8 @@ impl Adapt {
     }
 
     fn advance(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.since);
+        let since = *self.since.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(since);
         let on = matches!(
             self.phase,
             Phase::Probe { on: true } | Phase::Keep { on: true }
@@ -220,7 +224,7 @@ impl Adapt {
             }
             (Phase::Probe { on }, _, _) => Phase::Probe { on: !on },
         };
-        self.since = now;
+        self.since = Some(now);
         self.raw = 0;
         self.wire = 0;
         self.compressing = Duration::ZERO;
@@ -272,7 +276,7 @@ mod tests {
     #[test]
     fn a_slow_link_keeps_compression_on() {
         let start = Instant::now();
-        let mut adapt = Adapt::new(start, 2);
+        let mut adapt = Adapt::new(2);
         run(&mut adapt, start, Duration::from_secs(10), 60e6, 200e6);
         let d = adapt.decision().expect("decided");
         assert!(d.on, "{d:?}");
@@ -283,7 +287,7 @@ mod tests {
     #[test]
     fn a_fast_link_turns_compression_off() {
         let start = Instant::now();
-        let mut adapt = Adapt::new(start, 2);
+        let mut adapt = Adapt::new(2);
         run(&mut adapt, start, Duration::from_secs(10), 2e9, 500e6);
         assert!(!adapt.decision().expect("decided").on);
     }
@@ -291,7 +295,7 @@ mod tests {
     #[test]
     fn equal_rates_stay_off() {
         let start = Instant::now();
-        let mut adapt = Adapt::new(start, 2);
+        let mut adapt = Adapt::new(2);
         run(&mut adapt, start, Duration::from_secs(10), 100e6, 102e6);
         assert!(!adapt.decision().expect("decided").on);
     }
@@ -299,7 +303,7 @@ mod tests {
     #[test]
     fn a_decision_is_probed_again_when_the_link_changes() {
         let start = Instant::now();
-        let mut adapt = Adapt::new(start, 2);
+        let mut adapt = Adapt::new(2);
         let now = run(&mut adapt, start, Duration::from_secs(5), 2e9, 500e6);
         assert!(!adapt.decision().unwrap().on);
         run(&mut adapt, now, Duration::from_secs(40), 50e6, 200e6);
@@ -309,7 +313,7 @@ mod tests {
     #[test]
     fn incompressible_data_is_skipped_for_longer_and_longer() {
         let start = Instant::now();
-        let mut adapt = Adapt::new(start, 2);
+        let mut adapt = Adapt::new(2);
         adapt.phase = Phase::Keep { on: true };
         let mut samples = 0;
         for _ in 0..200 {
@@ -331,7 +335,7 @@ mod tests {
     #[test]
     fn a_busy_cpu_lowers_the_level() {
         let start = Instant::now();
-        let mut adapt = Adapt::new(start, 1);
+        let mut adapt = Adapt::new(1);
         adapt.phase = Phase::Keep { on: true };
         adapt.level = 5;
         let mut now = start;

@@ -176,7 +176,7 @@ impl Compressor {
         Self {
             mode,
             adapt: Arc::new(Mutex::new(AdaptState {
-                adapt: Adapt::new(Instant::now(), cpus),
+                adapt: Adapt::new(cpus),
                 reported: None,
                 label,
             })),
