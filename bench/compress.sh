@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compression benchmark: xfer --compress auto vs --compress off vs rsync -z --compress-choice=zstd
 # (to an rsync daemon) vs scp -C (to an sshd with throwaway keys), uploading three data sets
-# through the WAN emulator's wan profile (shared/wanem: 50 ms RTT, 0.01 % loss, 500 Mbit/s, cubic;
+# through the WAN emulator's wan profile (shared/wanem: 50 ms RTT, 0.01 % loss, 500 Mbit/s;
 # netns wa = client, wb = server), then xfer auto vs off on loopback. Not a test: run it by hand,
 # as root, under `flock /work/wt/bench.lock`.
 #
@@ -41,7 +41,7 @@ WANEM_SRC=/work/shared/wanem
 [[ -d "$WANEM_SRC" ]] || WANEM_SRC="$REPO/../shared/wanem"
 export WAN_NS_A=wa WAN_NS_B=wb WANEM_RUN=/run/wanem
 IP_B=10.78.0.2
-WAN_ARGS=(--delay-ms 25 --loss 0.0001 --rate-mbit 500 --cc cubic --seed 1)
+WAN_ARGS=(--delay-ms 25 --loss 0.0001 --rate-mbit 500 --seed 1) # the system's congestion control
 
 mkdir -p "$WORK"/{src,srv,logs,conf}
 real_disk "$WORK"
@@ -216,8 +216,8 @@ print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
 # --- runs ----------------------------------------------------------------------------------------
 cp -a "$WANEM_SRC/." "$WORK/wanem/" 2>/dev/null || { mkdir -p "$WORK/wanem"; cp "$WANEM_SRC"/{wan.sh,wanem.c} "$WORK/wanem/"; }
 "$WORK/wanem/wan.sh" build >"$LOGS/wan-build.log" 2>&1 || die "building wanem failed"
+WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
 "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
-WAN_IS_UP=1
 for _ in $(seq "$REPEAT"); do
     for data in $DATA; do
         for tool in xfer-off xfer-auto rsync scp; do

@@ -265,12 +265,13 @@ fn a_compressed_upload_resumes_after_the_daemon_is_killed() {
 }
 
 /// A connection that offered `CAP_COMPRESSION` with an upload of `size` bytes open.
-fn compressing_upload(daemon: &Daemon, size: u64) -> (RawConn, u64) {
+fn compressing_upload(daemon: &Daemon, name: &str, size: u64) -> (RawConn, u64) {
     let mut conn = RawConn::connect(daemon.socket_addr());
     let welcome = conn.handshake_offering(None, CAP_COMPRESSION);
     assert_ne!(welcome.capabilities & CAP_COMPRESSION, 0);
-    let Frame::WriteOpened(opened) = conn.request(&open_write("bad.csv", size)) else {
-        panic!("upload refused");
+    let answer = conn.request(&open_write(name, size));
+    let Frame::WriteOpened(opened) = answer else {
+        panic!("upload refused: {answer:?}");
     };
     (conn, opened.transfer_id)
 }
@@ -279,7 +280,7 @@ fn compressing_upload(daemon: &Daemon, size: u64) -> (RawConn, u64) {
 /// `says`.
 #[track_caller]
 fn refused(daemon: &mut Daemon, z: DataZ, code: ErrorCode, says: &str) {
-    let (mut conn, _) = compressing_upload(daemon, 64 * MIB);
+    let (mut conn, _) = compressing_upload(daemon, "bad.csv", 64 * MIB);
     conn.send(&Frame::DataZ(z));
     let error = conn.expect_fatal(code, "a malformed DataZ");
     assert!(error.message.contains(says), "{error:?}");
@@ -321,7 +322,7 @@ fn malformed_compressed_frames_are_refused_and_the_daemon_serves_on() {
     refused(&mut daemon, beyond, ErrorCode::Protocol, "beyond the file");
 
     // A bad CRC is asked for again, and the connection goes on.
-    let (mut conn, id) = compressing_upload(&daemon, text.len() as u64);
+    let (mut conn, id) = compressing_upload(&daemon, "crc.csv", text.len() as u64);
     let mut damaged = DataZ::new(id, 0, text.len() as u32, zstd(&text));
     damaged.crc32 ^= 1;
     let chunk = ChunkRef {

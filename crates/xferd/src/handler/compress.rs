@@ -71,8 +71,17 @@ impl Handler {
             .map_or(self.shared.config.compress, Compressor::mode)
     }
 
-    /// The frame that carries `payload`, the bytes at `offset` of download `transfer_id`.
-    pub(super) async fn pack(&mut self, transfer_id: u64, offset: u64, payload: Bytes) -> Frame {
+    /// The frame that carries `payload`, the bytes at `offset` of download `transfer_id`, and
+    /// `payload` itself, to be held until the frame is sent: its budget reservation then
+    /// covers the compressed copy too (never larger), so the daemon's buffers stay within
+    /// `max_memory` however it compresses.
+    pub(super) async fn pack(
+        &mut self,
+        transfer_id: u64,
+        offset: u64,
+        payload: Bytes,
+    ) -> (Frame, Bytes) {
+        let reserved = payload.clone();
         let mode = self.compression();
         let packed = match mode {
             Compression::Off => {
@@ -91,6 +100,6 @@ impl Handler {
             }
         };
         self.shared.metrics.wire_bytes_sent.add(packed.wire);
-        packed.frame
+        (packed.frame, reserved)
     }
 }
