@@ -220,6 +220,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn compress_is_checked_and_becomes_the_flag_default() {
+        let config = ClientConfig::parse("compress = \"3\"").unwrap();
+        assert_eq!(config.compress.as_deref(), Some("3"));
+        let err = ClientConfig::parse("compress = \"fast\"").unwrap_err();
+        assert!(err.to_string().contains("compress"), "{err}");
+    }
+
+    #[test]
     fn full_file_parses() {
         let c = ClientConfig::parse(
             r#"

@@ -610,6 +610,7 @@ mod tests {
                 .to_string()
         };
         assert!(check("chunk_size = \"32M\"").contains("chunk_size (--chunk-size)"));
+        assert!(check("compress = \"fast\"").contains("compress (--compress)"));
         assert!(check("max_streams = 0").contains("max_streams"));
         assert!(check("window = 0").contains("window"));
         assert!(check("tls_cert = \"c.pem\"").contains("tls_key"));
