@@ -214,7 +214,10 @@ print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
 }
 
 # --- runs ----------------------------------------------------------------------------------------
-cp -a "$WANEM_SRC/." "$WORK/wanem/" 2>/dev/null || { mkdir -p "$WORK/wanem"; cp "$WANEM_SRC"/{wan.sh,wanem.c} "$WORK/wanem/"; }
+# A private, writable copy of the emulator, as wan.sh makes it (shared/wanem is read-only).
+mkdir -p "$WORK/wanem"
+chmod u+w "$WORK/wanem"
+for f in wan.sh wanem.c; do install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"; done
 "$WORK/wanem/wan.sh" build >"$LOGS/wan-build.log" 2>&1 || die "building wanem failed"
 WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
 "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
