@@ -19,6 +19,9 @@
 # kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows).
 set -euo pipefail
+# Descriptors inherited from the caller (`flock`'s lock among them) are closed, so that the
+# emulator, which outlives a failed run, never keeps the benchmark lock held for everyone.
+for fd in 3 4 5 6 7 8 9; do eval "exec $fd>&-"; done
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH_HOME/.." && pwd)"
