@@ -136,6 +136,10 @@ pub enum Request {
     /// (`CAP_MIRROR` is in force); answer with `Progress` and `Changes` frames, then
     /// `CopyDoneMeta`.
     MirrorTo(crate::MirrorTo),
+    /// Index the file held under an open upload's name (`CAP_DELTA`); answer `DeltaIndex`.
+    DeltaOpen(UploadId, crate::DeltaOpen),
+    /// Copy what the basis holds of these chunks (bounds checked); answer `DeltaMatch`.
+    DeltaSig(UploadId, crate::DeltaSig),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -224,6 +228,9 @@ pub enum SessionError {
     /// Too many transfers open on one connection.
     #[error("more than {0} transfers open on one connection")]
     TooManyOpen(usize),
+    /// A `DeltaSig` with more chunks than one may carry.
+    #[error("DeltaSig of {0} chunks, above the limit of {max}", max = crate::MAX_DELTA_CHUNKS)]
+    TooManyChunks(usize),
 }
 
 /// The message `proto.md` gives every refused grant, whatever the reason.
@@ -247,7 +254,9 @@ impl SessionError {
             | Self::OutOfScope { .. }
             | Self::GrantExpired
             | Self::BadGrantScope(_) => ErrorCode::Auth,
-            Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } => ErrorCode::TooLarge,
+            Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } | Self::TooManyChunks(_) => {
+                ErrorCode::TooLarge
+            }
             _ => ErrorCode::Protocol,
         }
     }
@@ -353,8 +362,9 @@ impl<U, D> ServerSession<U, D> {
             0
         };
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
-        let granted = (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR)
-            & self.client_capabilities;
+        let granted =
+            (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR | crate::CAP_DELTA)
+                & self.client_capabilities;
         auth | tls | granted
     }
 
@@ -495,6 +505,8 @@ impl<U, D> ServerSession<U, D> {
             }
             Frame::Data(_)
             | Frame::Zeros(_)
+            | Frame::DeltaOpen(_)
+            | Frame::DeltaSig(_)
             | Frame::Commit(_)
             | Frame::Sync
             | Frame::Goodbye
@@ -610,8 +622,20 @@ impl<U, D> ServerSession<U, D> {
             Frame::MirrorTo(req) if self.client_capabilities & crate::CAP_MIRROR != 0 => {
                 Ok(Request::MirrorTo(req))
             }
+            Frame::DeltaOpen(d) if self.client_capabilities & crate::CAP_DELTA != 0 => {
+                self.transfer("DeltaOpen", d.transfer_id, TransferKind::Upload)?;
+                Ok(Request::DeltaOpen(UploadId(d.transfer_id), d))
+            }
+            Frame::DeltaSig(d) if self.client_capabilities & crate::CAP_DELTA != 0 => {
+                let size = self.transfer("DeltaSig", d.transfer_id, TransferKind::Upload)?;
+                self.check_sig(&d, size)?;
+                Ok(Request::DeltaSig(UploadId(d.transfer_id), d))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
-            other @ (Frame::Delete(_) | Frame::MirrorTo(_)) => Err(SessionError::Unexpected {
+            other @ (Frame::Delete(_)
+            | Frame::MirrorTo(_)
+            | Frame::DeltaOpen(_)
+            | Frame::DeltaSig(_)) => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "without its capability negotiated",
             }),
@@ -660,6 +684,32 @@ impl<U, D> ServerSession<U, D> {
         if end > size {
             return Err(SessionError::OutOfRange {
                 start: offset,
+                end,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// A `DeltaSig` names at most `MAX_DELTA_CHUNKS` non-empty chunks, each within the largest
+    /// `Data` payload, that end within the upload.
+    fn check_sig(&self, sig: &crate::DeltaSig, size: u64) -> Result<(), SessionError> {
+        if sig.chunks.len() > crate::MAX_DELTA_CHUNKS {
+            return Err(SessionError::TooManyChunks(sig.chunks.len()));
+        }
+        let mut end = sig.offset;
+        for chunk in &sig.chunks {
+            if chunk.len == 0 || chunk.len > crate::MAX_CHUNK_SIZE {
+                return Err(SessionError::ChunkTooLarge {
+                    len: chunk.len.into(),
+                    max: crate::MAX_CHUNK_SIZE,
+                });
+            }
+            end = end.saturating_add(chunk.len.into());
+        }
+        if end > size {
+            return Err(SessionError::OutOfRange {
+                start: sig.offset,
                 end,
                 size,
             });
@@ -798,6 +848,71 @@ mod tests {
             mode: 0o644,
             chunk_size: 512,
         })
+    }
+
+    #[test]
+    fn delta_frames_need_the_capability_and_stay_within_the_upload() {
+        let sig = |id, offset, lens: &[u32]| {
+            Frame::DeltaSig(crate::DeltaSig {
+                transfer_id: id,
+                offset,
+                chunks: lens
+                    .iter()
+                    .map(|&len| crate::SigChunk { len, hash: [0; 16] })
+                    .collect(),
+            })
+        };
+        let open = |transfer_id| Frame::DeltaOpen(crate::DeltaOpen { transfer_id });
+        let mut old = ready();
+        assert!(matches!(
+            old.handle_request(open_write(100)),
+            Ok(Request::OpenWrite(_))
+        ));
+        let id = old.open_upload(100, ()).get();
+        assert!(matches!(
+            old.handle_request(open(id)),
+            Err(SessionError::Unexpected { .. })
+        ));
+
+        let mut s = session(None);
+        s.handle_handshake(Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: crate::CAP_DELTA,
+            agent: "t".into(),
+            nonce: vec![],
+        }))
+        .unwrap();
+        assert_eq!(s.capabilities(), crate::CAP_DELTA);
+        assert!(matches!(
+            s.handle_request(open(7)),
+            Err(SessionError::UnknownTransfer { .. })
+        ));
+        s.handle_request(open_write(100)).unwrap();
+        let id = s.open_upload(100, ()).get();
+        assert!(matches!(
+            s.handle_request(open(id)),
+            Ok(Request::DeltaOpen(..))
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, 40, &[30, 30])),
+            Ok(Request::DeltaSig(..))
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, 40, &[30, 31])),
+            Err(SessionError::OutOfRange { end: 101, .. })
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, 0, &[0])),
+            Err(SessionError::ChunkTooLarge { .. })
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, u64::MAX, &[1])),
+            Err(SessionError::OutOfRange { .. })
+        ));
+        let too_many = vec![1; crate::MAX_DELTA_CHUNKS + 1];
+        let err = s.handle_request(sig(id, 0, &too_many)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::TooLarge);
     }
 
     #[test]

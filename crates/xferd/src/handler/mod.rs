@@ -3,7 +3,7 @@
 //! A failure ends this connection only; the listener and every other connection carry on.
 //!
 //! This module is the connection's loop and how it ends; each kind of request is carried out
-//! in its own: `handshake`, `upload`, `download`, `tree` and `copy`.
+//! in its own: `handshake`, `upload`, `delta`, `download`, `tree` and `copy`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::registry::Lease;
 use crate::Shared;
 
 mod copy;
+mod delta;
 mod download;
 mod handshake;
 mod meta;
@@ -74,6 +75,8 @@ struct Upload {
     crc_retries: u64,
     /// Bytes received and acknowledged on this connection.
     bytes: u64,
+    /// The index of the file held under the name, once a `DeltaOpen` built it.
+    basis: Option<Arc<xfer_core::delta::Index>>,
 }
 
 /// What a connection keeps for a download open in its session.
@@ -322,6 +325,8 @@ impl Handler {
                 Request::OpenWrite(req) => self.open_write(req).await?,
                 Request::Data(id, data) => self.data(id, data).await?,
                 Request::Commit(id, c) => self.commit(id, c).await?,
+                Request::DeltaOpen(id, _) => self.delta_open(id).await?,
+                Request::DeltaSig(id, sig) => self.delta_sig(id, sig).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
                 Request::ReadChunk(id, chunk) => self.read_chunk(id, chunk).await?,
