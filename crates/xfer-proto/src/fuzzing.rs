@@ -72,8 +72,12 @@ pub fn session_script(data: &[u8], start: Instant) {
                 Ok(Handshake::Admitted) => {
                     assert_eq!(session.phase(), Phase::Ready);
                     let welcome = session.welcome();
-                    let known =
-                        CAP_AUTH | CAP_TLS | CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR;
+                    let known = CAP_AUTH
+                        | CAP_TLS
+                        | CAP_TREE_META
+                        | crate::CAP_DELETE
+                        | crate::CAP_MIRROR
+                        | crate::CAP_DELTA;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
@@ -97,6 +101,18 @@ pub fn session_script(data: &[u8], start: Instant) {
                     .upload(id)
                     .expect("a handle the session gave is open");
                 *received += data.payload.len() as u64;
+            }
+            Request::DeltaOpen(id, _) => {
+                session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+            }
+            Request::DeltaSig(id, sig) => {
+                session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+                assert!(sig.chunks.len() <= crate::MAX_DELTA_CHUNKS);
+                assert!(sig.chunks.iter().all(|c| c.len > 0));
             }
             Request::ReadChunk(id, _) | Request::Digest(id) => {
                 session
