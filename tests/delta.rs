@@ -211,3 +211,44 @@ fn a_delta_resumes_after_the_daemon_is_killed() {
         client.kill();
     });
 }
+
+#[test]
+fn the_large_files_of_a_tree_copy_go_as_deltas() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    std::fs::create_dir_all(&src).unwrap();
+    let big: Vec<Vec<u8>> = (0..3).map(|i| noise(4 * MIB, 100 + i)).collect();
+    for (i, bytes) in big.iter().enumerate() {
+        std::fs::write(src.join(format!("big{i}")), bytes).unwrap();
+    }
+    std::fs::write(src.join("small"), b"small file").unwrap();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
+        xfer_tests::xfer(&args).ok()
+    };
+    send(&["--whole-file"]);
+    // Two of the large files change a little; the third and the small one do not.
+    for (i, old) in big.iter().take(2).enumerate() {
+        let mut bytes = old.clone();
+        bytes[MIB..MIB + 100].fill(i as u8);
+        std::fs::write(src.join(format!("big{i}")), bytes).unwrap();
+    }
+    let out = send(&["--delta"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("files_transferred"), 2, "{json}");
+    assert!(
+        out.json_u64("bytes_transferred") <= 2 * 2 * 64 * 1024,
+        "{json}"
+    );
+    for name in ["big0", "big1", "big2", "small"] {
+        assert_eq!(
+            sha256_file(&tree.root().join("t").join(name)),
+            sha256_file(&src.join(name)),
+            "{name}"
+        );
+    }
+}
