@@ -56,6 +56,9 @@ WAN_IS_UP=0
 
 [[ $EUID == 0 ]] || die "run as root (network namespaces)"
 mkdir -p "$WORK" "$LOGS" "$SRV"
+# A daemon reached over a network (the WAN profile) serves only with a token.
+TOKEN="$WORK/token"
+[[ -s "$TOKEN" ]] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"; chmod 600 "$TOKEN"; }
 real_disk "$WORK"
 require_free "$WORK" $((SIZE * 7 + TREE_FILES * TREE_FILE_SIZE * 3))
 xfer_binaries "$LOGS/build.log"
@@ -198,7 +201,7 @@ one_run() {
     t0="$(now_ns)"
     case "$tool" in
         whole | delta | auto)
-            local flags=(-q --json)
+            local flags=(-q --json --token-file "$TOKEN")
             [[ "$tool" == whole ]] && flags+=(--whole-file)
             [[ "$tool" == delta ]] && flags+=(--delta)
             [[ "$w" == tree ]] && flags+=(-r)
@@ -232,7 +235,7 @@ start_servers() {
         host="$IP_B"
     fi
     : >"$LOGS/xferd.out"
-    "${ns[@]+"${ns[@]}"}" "$XFERD" --listen "$host:0" --root "$SRV" >"$LOGS/xferd.out" 2>"$LOGS/xferd.err" &
+    "${ns[@]+"${ns[@]}"}" "$XFERD" --listen "$host:0" --root "$SRV" --token-file "$TOKEN" >"$LOGS/xferd.out" 2>"$LOGS/xferd.err" &
     XFERD_PID=$!
     PIDS+=("$XFERD_PID")
     ADDR="$(xferd_addr "$LOGS/xferd.out" "$LOGS/xferd.err" "$XFERD_PID")"

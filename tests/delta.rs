@@ -1,6 +1,6 @@
-//! Delta uploads: a file the daemon already holds under the name is sent as what changed, for
-//! changes in place, insertions, truncation, growth and an unchanged file; the choice is forced
-//! or made from the rate limit; an interrupted delta resumes from what it copied.
+//! Deltas: a file the receiver already holds in another version moves as what changed, both
+//! ways, for changes in place, insertions, truncation, growth and an unchanged file; the choice
+//! is forced or made from the rate limit; an interrupted delta resumes from what it copied.
 
 use std::time::Duration;
 
@@ -251,4 +251,110 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
             "{name}"
         );
     }
+}
+
+/// The daemon serves `new`; the client holds `old` at the output path (with another mtime) and
+/// fetches with `extra`; checks the output is `new` and returns the run's output.
+fn refetch(old: &[u8], new: &[u8], extra: &[&str]) -> XferOutput {
+    let tree = Tree::new();
+    std::fs::write(tree.root().join("g.bin"), new).unwrap();
+    let out_path = tree.out("g.bin");
+    std::fs::write(&out_path, old).unwrap();
+    xfer_tests::set_mtime(&out_path, 1_600_000_000);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let mut args = vec!["--json", "-c", "2"];
+    args.extend_from_slice(extra);
+    let out = XferRun::recv("g.bin", &daemon.addr(), &out_path, &args).wait_ok();
+    assert_eq!(
+        sha256_file(&out_path),
+        sha256_file(&tree.root().join("g.bin")),
+        "{}",
+        out.json()
+    );
+    assert!(!partial_path(&out_path).exists() && !journal_path(&out_path).exists());
+    out
+}
+
+#[test]
+fn a_download_fetches_only_what_changed_in_place_and_what_was_inserted() {
+    let old = noise(16 * MIB, 11);
+    let mut new = old[..3 * MIB].to_vec();
+    new.extend(noise(100_000, 12));
+    new.extend(&old[3 * MIB..]);
+    new[9 * MIB..9 * MIB + 5000].copy_from_slice(&noise(5000, 13));
+    let out = refetch(&old, &new, &["--delta"]);
+    check_delta(&out, new.len(), 100_000 + 6 * 64 * 1024);
+}
+
+#[test]
+fn a_download_of_an_unchanged_file_moves_no_data() {
+    let old = noise(8 * MIB, 14);
+    let out = refetch(&old, &old, &["--bwlimit", "100M"]);
+    check_delta(&out, old.len(), 0);
+    assert_eq!(out.json_u64("literal_bytes"), 0);
+}
+
+#[test]
+fn a_download_of_a_truncated_or_grown_file_fetches_only_the_new_tail() {
+    let old = noise(8 * MIB, 15);
+    let out = refetch(&old, &old[..5 * MIB + 3], &["--delta"]);
+    check_delta(&out, 5 * MIB + 3, 64 * 1024);
+    let mut grown = old.clone();
+    grown.extend(noise(MIB, 16));
+    let out = refetch(&old, &grown, &["--delta"]);
+    check_delta(&out, grown.len(), MIB + 64 * 1024);
+    let out = refetch(&old, &grown, &["--whole-file"]);
+    assert!(!delta(&out));
+    assert_eq!(out.json_u64("literal_bytes"), grown.len() as u64);
+}
+
+#[test]
+fn a_download_delta_resumes_after_the_client_is_killed() {
+    let size = 32 * MIB;
+    let tree = Tree::new();
+    let old = noise(size, 17);
+    let mut new = old[..size / 2].to_vec();
+    new.extend(noise(size / 2, 18));
+    std::fs::write(tree.root().join("r.bin"), &new).unwrap();
+    let out_path = tree.out("r.bin");
+    std::fs::write(&out_path, &old).unwrap();
+    let journal = journal_path(&out_path);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let slow = [
+        "--delta",
+        "--bwlimit",
+        "2M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::recv("r.bin", &daemon.addr(), &out_path, &slow);
+    wait_until(
+        GUARD,
+        "the copied half and 2 MiB more are journaled",
+        || {
+            let held = journal_held(&journal);
+            assert!(held >= (size / 2 + 2 * MIB) as u64 || client.is_running());
+            held >= (size / 2 + 2 * MIB) as u64
+        },
+    );
+    client.kill();
+    let held = journal_held(&journal);
+    assert_eq!(
+        sha256_file(&out_path),
+        xfer_tests::sha256_bytes(&old),
+        "the old file stays"
+    );
+
+    let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
+    let out = XferRun::recv("r.bin", &daemon.addr(), &out_path, &fast).wait_ok();
+    let json = out.json();
+    assert!(out.json_u64("resumed_bytes") >= held, "{json}");
+    assert!(
+        out.json_u64("literal_bytes") <= size as u64 - held + 2 * 256 * 1024,
+        "{json}"
+    );
+    assert_eq!(sha256_file(&out_path), xfer_tests::sha256_bytes(&new));
+    assert!(!journal.exists() && !partial_path(&out_path).exists());
 }

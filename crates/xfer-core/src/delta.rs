@@ -14,10 +14,9 @@ use std::os::unix::fs::FileExt;
 use fastcdc::v2020::StreamCDC;
 use xfer_proto::{ByteRange, FileIdentity, SigChunk};
 
-/// Smallest average chunk: below it signatures cost more than the finer matches save.
-pub const MIN_AVG_CHUNK: u32 = 16 * 1024;
-/// Largest average chunk FastCDC allows.
-pub const MAX_AVG_CHUNK: u32 = 4 * 1024 * 1024;
+/// Smallest average chunk (below it signatures cost more than the finer matches save) and the
+/// largest FastCDC allows.
+pub use xfer_proto::{MAX_AVG_CHUNK, MIN_AVG_CHUNK};
 /// Chunks a file is cut into on average, as a power of two: 2^20 keeps an index of a
 /// 100 GiB file near a million entries.
 pub const TARGET_CHUNKS_LOG2: u32 = 20;
@@ -280,6 +279,26 @@ impl Index {
         }
         Ok(out)
     }
+}
+
+/// `pieces` in groups of at most [`MAX_COPY`] bytes (a longer piece alone),
+/// so what is read at once stays bounded.
+pub fn groups(pieces: &[Piece]) -> impl Iterator<Item = &[Piece]> {
+    let mut rest = pieces;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut total = 0;
+        let mut n = 0;
+        while n < rest.len() && (n == 0 || total + u64::from(rest[n].len) <= MAX_COPY) {
+            total += u64::from(rest[n].len);
+            n += 1;
+        }
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some(group)
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Bodies of the delta frames (`CAP_DELTA`, proto.md §5.13): the sender streams the
 //! content-defined chunks of its new file, and the receiver answers which of them it copied
-//! from the file it already holds under the name.
+//! from the file it already holds under the name; for a download, the client asks for the
+//! chunks of the server's file with `ReadSig` and copies from its own copy.
 
 use serde::{Deserialize, Serialize};
 
@@ -8,6 +9,10 @@ use crate::{ByteRange, FileIdentity};
 
 /// Most chunks one `DeltaSig` may carry (20 bytes each: well within `MAX_CONTROL_LEN`).
 pub const MAX_DELTA_CHUNKS: usize = 16384;
+/// Smallest average chunk a delta cuts with.
+pub const MIN_AVG_CHUNK: u32 = 16 * 1024;
+/// Largest average chunk a delta cuts with.
+pub const MAX_AVG_CHUNK: u32 = 4 * 1024 * 1024;
 
 /// Client → server: index the file held under an open upload's name as the basis of a delta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +52,20 @@ pub struct DeltaSig {
     pub offset: u64,
     /// The chunks, in file order, at most [`MAX_DELTA_CHUNKS`].
     pub chunks: Vec<SigChunk>,
+}
+
+/// Client → server: the chunks of a download's file from `offset`, cut as a region ending at
+/// `end`; answered with a `DeltaSig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSig {
+    /// The download.
+    pub transfer_id: u64,
+    /// Where the first chunk starts.
+    pub offset: u64,
+    /// Where the region ends.
+    pub end: u64,
+    /// Average chunk size to cut with.
+    pub avg_chunk: u32,
 }
 
 /// Server → client: the ranges of a `DeltaSig` now held, copied from the basis.

@@ -682,6 +682,8 @@ frame_types! {
     DeltaSig(crate::DeltaSig) = 0x72,
     /// [`DeltaMatch`](crate::DeltaMatch): the chunks copied from the basis
     DeltaMatch(crate::DeltaMatch) = 0x73,
+    /// [`ReadSig`](crate::ReadSig): chunks of a download's file, answered by `DeltaSig`
+    ReadSig(crate::ReadSig) = 0x74,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

@@ -114,7 +114,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                 assert!(sig.chunks.len() <= crate::MAX_DELTA_CHUNKS);
                 assert!(sig.chunks.iter().all(|c| c.len > 0));
             }
-            Request::ReadChunk(id, _) | Request::Digest(id) => {
+            Request::ReadChunk(id, _) | Request::Digest(id) | Request::ReadSig(id, _) => {
                 session
                     .download(id)
                     .expect("a handle the session gave is open");

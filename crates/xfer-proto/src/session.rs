@@ -140,6 +140,9 @@ pub enum Request {
     DeltaOpen(UploadId, crate::DeltaOpen),
     /// Copy what the basis holds of these chunks (bounds checked); answer `DeltaMatch`.
     DeltaSig(UploadId, crate::DeltaSig),
+    /// Cut the chunks of an open download's file from an offset (bounds checked); answer
+    /// `DeltaSig`.
+    ReadSig(DownloadId, crate::ReadSig),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -631,8 +634,21 @@ impl<U, D> ServerSession<U, D> {
                 self.check_sig(&d, size)?;
                 Ok(Request::DeltaSig(UploadId(d.transfer_id), d))
             }
+            Frame::ReadSig(r) if self.client_capabilities & crate::CAP_DELTA != 0 => {
+                let size = self.transfer("ReadSig", r.transfer_id, TransferKind::Download)?;
+                let avg_ok = r.avg_chunk.is_power_of_two()
+                    && (crate::MIN_AVG_CHUNK..=crate::MAX_AVG_CHUNK).contains(&r.avg_chunk);
+                if r.offset >= r.end || r.end > size || !avg_ok {
+                    return Err(SessionError::Unexpected {
+                        frame: "ReadSig",
+                        phase: "with an empty range, one beyond the file, or a bad avg_chunk",
+                    });
+                }
+                Ok(Request::ReadSig(DownloadId(r.transfer_id), r))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
+            | Frame::ReadSig(_)
             | Frame::MirrorTo(_)
             | Frame::DeltaOpen(_)
             | Frame::DeltaSig(_)) => Err(SessionError::Unexpected {
@@ -910,6 +926,40 @@ mod tests {
             s.handle_request(sig(id, u64::MAX, &[1])),
             Err(SessionError::OutOfRange { .. })
         ));
+        let read_sig = |transfer_id, offset, end, avg_chunk| {
+            Frame::ReadSig(crate::ReadSig {
+                transfer_id,
+                offset,
+                end,
+                avg_chunk,
+            })
+        };
+        assert!(matches!(
+            s.handle_request(read_sig(id, 0, 50, 16384)),
+            Err(SessionError::UnknownTransfer { .. })
+        ));
+        s.handle_request(Frame::OpenRead(OpenRead {
+            name: "f".into(),
+            have_identity: None,
+            have: vec![],
+        }))
+        .unwrap();
+        let down = s.open_download(100, ()).get();
+        assert!(matches!(
+            s.handle_request(read_sig(down, 0, 100, 16384)),
+            Ok(Request::ReadSig(..))
+        ));
+        for (offset, end, avg) in [
+            (10, 10, 16384),
+            (0, 101, 16384),
+            (0, 50, 16385),
+            (0, 50, 1024),
+        ] {
+            assert!(
+                s.handle_request(read_sig(down, offset, end, avg)).is_err(),
+                "{offset}..{end} avg {avg}"
+            );
+        }
         let too_many = vec![1; crate::MAX_DELTA_CHUNKS + 1];
         let err = s.handle_request(sig(id, 0, &too_many)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::TooLarge);

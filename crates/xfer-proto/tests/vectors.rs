@@ -304,6 +304,15 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         (
+            "read-sig",
+            Frame::ReadSig(ReadSig {
+                transfer_id: 1,
+                offset: 0,
+                end: 1_048_576,
+                avg_chunk: 16384,
+            }),
+        ),
+        (
             "delta-match",
             Frame::DeltaMatch(DeltaMatch {
                 transfer_id: 1,

@@ -1,14 +1,18 @@
-//! Delta uploads: whether one pays ([`choose`]), and the exchange that makes the daemon copy
-//! what it already holds ([`negotiate`]): the new file is cut into content-defined chunks,
-//! its regions on several cores at once, and their hashes stream to the daemon in bounded
-//! batches; what the daemon does not find then moves as ordinary chunks.
+//! Deltas: whether one pays ([`choose`]); for an upload, the exchange that makes the daemon
+//! copy what it already holds ([`negotiate`]): the new file is cut into content-defined
+//! chunks, its regions on several cores at once, and their hashes stream to the daemon in
+//! bounded batches; for a download, the same the other way ([`copy_local`]): the daemon cuts
+//! its file batch by batch and the client copies from its own copy. What the receiver does not
+//! find then moves as ordinary chunks.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use xfer_core::delta::{self, Cut};
-use xfer_core::{RangeSet, SourceFile};
-use xfer_proto::{ByteRange, DeltaOpen, DeltaSig, ErrorCode, Frame, MAX_DELTA_CHUNKS};
+use xfer_core::delta::{self, Cut, Index};
+use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
+use xfer_proto::{ByteRange, DeltaOpen, DeltaSig, ErrorCode, Frame, ReadSig, MAX_DELTA_CHUNKS};
 
 use crate::session::unexpected;
 use crate::{ClientError, Session};
@@ -152,9 +156,81 @@ pub(super) async fn negotiate(
         cutter
             .await
             .map_err(|e| ClientError::Local(super::join_error(e)))?
-            .map_err(|e| ClientError::Local(xfer_core::CoreError::io("cutting the file", e)))?;
+            .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
     }
     Ok(Some(found))
+}
+
+/// Copies into `partial` (a download of `name`, open on `session` as `transfer_id`) every chunk
+/// of the server's file that the local file at `basis` holds, checked against its hash and
+/// journaled like a received chunk; returns the bytes copied, or `None` without a local file.
+///
+/// # Errors
+/// Connection and protocol errors; local read and write errors.
+pub(super) async fn copy_local(
+    session: &mut Session,
+    transfer_id: u64,
+    basis: &Path,
+    partial: &Arc<PartialFile>,
+) -> Result<Option<u64>, ClientError> {
+    let file = match std::fs::File::open(basis) {
+        Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => file,
+        _ => return Ok(None),
+    };
+    let size = partial.identity().size;
+    let index = tokio::task::spawn_blocking(move || {
+        let (old, _) = xfer_core::source::identity_of(&file)?;
+        let avg = delta::avg_chunk(old.size.max(size));
+        Index::build(file, avg, delta::parallelism())
+    })
+    .await
+    .map_err(|e| ClientError::Local(super::join_error(e)))?
+    .map_err(|e| ClientError::Local(CoreError::io(format!("indexing {}", basis.display()), e)))?;
+    let index = Arc::new(index);
+    let held = RangeSet::from_ranges(partial.held());
+    let mut copied = 0;
+    for region in delta::regions(size, delta::parallelism()) {
+        let mut pos = region.start;
+        while pos < region.end {
+            let ask = ReadSig {
+                transfer_id,
+                offset: pos,
+                end: region.end,
+                avg_chunk: index.avg_chunk(),
+            };
+            session.send(&Frame::ReadSig(ask)).await?;
+            let sig = match session.next().await? {
+                Frame::DeltaSig(s) if s.transfer_id == transfer_id && s.offset == pos => s,
+                other => return Err(unexpected(other)),
+            };
+            let span: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();
+            if sig.chunks.is_empty() || pos + span > region.end {
+                return Err(ClientError::Unexpected(
+                    "DeltaSig outside the region asked for",
+                ));
+            }
+            let pieces: Vec<_> = index
+                .find(pos, &sig.chunks)
+                .into_iter()
+                .filter(|p| !held.contains(ByteRange::new(p.new, p.new + u64::from(p.len))))
+                .collect();
+            for group in delta::groups(&pieces) {
+                let (index, group) = (Arc::clone(&index), group.to_vec());
+                let runs = tokio::task::spawn_blocking(move || index.read_verified(&group))
+                    .await
+                    .map_err(|e| ClientError::Local(super::join_error(e)))?
+                    .map_err(|e| ClientError::Local(CoreError::io("reading the local file", e)))?;
+                for (offset, bytes) in runs {
+                    let len = bytes.len() as u64;
+                    let crc = crc32fast::hash(&bytes);
+                    partial.write(offset, bytes.into(), crc).await?;
+                    copied += len;
+                }
+            }
+            pos += span;
+        }
+    }
+    Ok(Some(copied))
 }
 
 /// Consecutive chunks of the new file waiting to be sent in one `DeltaSig`.

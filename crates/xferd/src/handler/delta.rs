@@ -1,17 +1,20 @@
 //! Delta uploads (`CAP_DELTA`): `DeltaOpen` indexes the file held under the upload's name,
 //! and each `DeltaSig` copies the chunks that file still holds into the partial, recorded in
 //! the journal like received chunks, so an interrupted delta resumes from what was copied.
+//! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::info;
-use xfer_core::delta::{self, Index, Piece};
+use xfer_core::delta::{self, groups, Index};
 use xfer_core::CoreError;
-use xfer_proto::session::UploadId;
-use xfer_proto::{ByteRange, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame};
+use xfer_proto::session::{DownloadId, UploadId};
+use xfer_proto::{
+    ByteRange, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame, ReadSig, MAX_DELTA_CHUNKS,
+};
 
-use super::{fatal, ConnError, Handler, Upload};
+use super::{fatal, ConnError, Download, Handler, Upload};
 use crate::registry::blocking;
 
 impl Handler {
@@ -98,21 +101,34 @@ impl Handler {
     }
 }
 
-/// `pieces` in groups of at most [`delta::MAX_COPY`] bytes (a longer piece alone).
-fn groups(pieces: &[Piece]) -> impl Iterator<Item = &[Piece]> {
-    let mut rest = pieces;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut total = 0;
-        let mut n = 0;
-        while n < rest.len() && (n == 0 || total + u64::from(rest[n].len) <= delta::MAX_COPY) {
-            total += u64::from(rest[n].len);
-            n += 1;
-        }
-        let (group, tail) = rest.split_at(n);
-        rest = tail;
-        Some(group)
-    })
+impl Handler {
+    pub(super) async fn read_sig(&mut self, id: DownloadId, req: ReadSig) -> Result<(), ConnError> {
+        let Download { source, name, .. } = self.session.download(id)?;
+        let name = name.clone();
+        // As for ReadChunk: a file that changed since it was opened ends the download.
+        source
+            .check_unchanged()
+            .map_err(|e| fatal(e.code(), e.to_string()))?;
+        let file = source.file();
+        let region = ByteRange::new(req.offset, req.end);
+        let cut = blocking(move || {
+            let mut chunks = Vec::new();
+            delta::cut_region(&file, region, req.avg_chunk, |cut| {
+                chunks.push(cut.sig());
+                chunks.len() < MAX_DELTA_CHUNKS
+            })
+            .map(|()| chunks)
+            .map_err(|e| CoreError::io("cutting the file", e))
+        })
+        .await
+        .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        self.writer
+            .send(&Frame::DeltaSig(DeltaSig {
+                transfer_id: id.get(),
+                offset: req.offset,
+                chunks: cut,
+            }))
+            .await?;
+        Ok(())
+    }
 }

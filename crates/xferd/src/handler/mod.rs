@@ -327,6 +327,7 @@ impl Handler {
                 Request::Commit(id, c) => self.commit(id, c).await?,
                 Request::DeltaOpen(id, _) => self.delta_open(id).await?,
                 Request::DeltaSig(id, sig) => self.delta_sig(id, sig).await?,
+                Request::ReadSig(id, req) => self.read_sig(id, req).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
                 Request::ReadChunk(id, chunk) => self.read_chunk(id, chunk).await?,
