@@ -7,6 +7,7 @@ mod concurrency;
 mod contention;
 mod copy;
 mod crash;
+mod delta;
 mod disk;
 mod failures;
 mod faults;

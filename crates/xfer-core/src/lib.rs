@@ -5,6 +5,7 @@
 //! - [`buffers`]: [`buffers::BufferPool`], chunk buffers reused instead of freed.
 //! - [`budget`]: [`MemoryBudget`], one bound on the buffers of a whole process.
 //! - [`ranges`]: [`RangeSet`] and chunk splitting.
+//! - [`delta`]: content-defined chunking and the receiver's index of the file it holds.
 //! - [`digest`]: the whole-file digest both sides compare before the final rename.
 //! - [`journal`]: the on-disk resume journal format.
 //! - [`meta`]: owners, hard-link groups, attributes, holes and special nodes of tree entries.
@@ -21,6 +22,7 @@
 
 pub mod budget;
 pub mod buffers;
+pub mod delta;
 pub mod digest;
 pub mod error;
 pub mod filter;

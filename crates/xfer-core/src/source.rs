@@ -65,6 +65,11 @@ impl SourceFile {
         })
     }
 
+    /// The open file, for reads of its own (a delta's chunking).
+    pub fn file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
+    }
+
     /// Identity at open time.
     pub fn identity(&self) -> FileIdentity {
         self.identity

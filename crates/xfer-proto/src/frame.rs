@@ -754,6 +754,16 @@ frame_types! {
     Changes(crate::Changes) = 0x64,
     /// [`CopyDoneMeta`]
     CopyDoneMeta(CopyDoneMeta) = 0x6e,
+    /// [`DeltaOpen`](crate::DeltaOpen): index the basis of a delta upload (`CAP_DELTA`)
+    DeltaOpen(crate::DeltaOpen) = 0x70,
+    /// [`DeltaIndex`](crate::DeltaIndex): the basis is indexed
+    DeltaIndex(crate::DeltaIndex) = 0x71,
+    /// [`DeltaSig`](crate::DeltaSig): chunks of the new file
+    DeltaSig(crate::DeltaSig) = 0x72,
+    /// [`DeltaMatch`](crate::DeltaMatch): the chunks copied from the basis
+    DeltaMatch(crate::DeltaMatch) = 0x73,
+    /// [`ReadSig`](crate::ReadSig): chunks of a download's file, answered by `DeltaSig`
+    ReadSig(crate::ReadSig) = 0x74,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

@@ -77,7 +77,8 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | CAP_TREE_META
                         | crate::CAP_DELETE
                         | crate::CAP_MIRROR
-                        | crate::CAP_COMPRESSION;
+                        | crate::CAP_COMPRESSION
+                        | crate::CAP_DELTA;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
@@ -114,7 +115,19 @@ pub fn session_script(data: &[u8], start: Instant) {
             Request::SetCompression(mode) => {
                 assert!(matches!(mode, 0 | 1..=crate::MAX_COMPRESSION_LEVEL | 0xff));
             }
-            Request::ReadChunk(id, _) | Request::Digest(id) => {
+            Request::DeltaOpen(id, _) => {
+                session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+            }
+            Request::DeltaSig(id, sig) => {
+                session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+                assert!(sig.chunks.len() <= crate::MAX_DELTA_CHUNKS);
+                assert!(sig.chunks.iter().all(|c| c.len > 0));
+            }
+            Request::ReadChunk(id, _) | Request::Digest(id) | Request::ReadSig(id, _) => {
                 session
                     .download(id)
                     .expect("a handle the session gave is open");

@@ -6,6 +6,7 @@
 //! - [`frame`]: every frame type and its body encoding (bincode for control, fixed header for data).
 //! - [`codec`]: [`FrameCodec`], a `tokio_util::codec` decoder/encoder that checks limits first.
 //! - [`auth`]: token challenge–response proofs (HMAC-SHA256).
+//! - [`delta`]: bodies of the delta frames (`CAP_DELTA`).
 //! - [`meta`]: bodies of the frames that carry owners, hard links, attributes and holes.
 //! - [`session`]: [`session::ServerSession`], the daemon side of a connection as a state machine.
 //! - [`client`]: [`client::ClientSession`], the client side of the handshake as a state machine.
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod client;
 pub mod codec;
+pub mod delta;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]
@@ -26,6 +28,7 @@ pub mod mirror;
 pub mod session;
 
 pub use codec::FrameCodec;
+pub use delta::*;
 pub use error::{ErrorCode, ProtoError};
 pub use frame::*;
 pub use meta::*;
@@ -47,6 +50,9 @@ pub const CAP_MIRROR: u64 = 1 << 4;
 /// Capability bit: tree copies keep owners, hard links, attributes, holes and special files
 /// (the `meta` frames, `Zeros`, link targets stored verbatim).
 pub const CAP_TREE_META: u64 = 1 << 5;
+/// Capability bit: uploads may be sent as a delta against the file the server holds
+/// (`DeltaOpen`, `DeltaSig`).
+pub const CAP_DELTA: u64 = 1 << 6;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

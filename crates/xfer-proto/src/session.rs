@@ -142,6 +142,13 @@ pub enum Request {
     /// (`CAP_MIRROR` is in force); answer with `Progress` and `Changes` frames, then
     /// `CopyDoneMeta`.
     MirrorTo(crate::MirrorTo),
+    /// Index the file held under an open upload's name (`CAP_DELTA`); answer `DeltaIndex`.
+    DeltaOpen(UploadId, crate::DeltaOpen),
+    /// Copy what the basis holds of these chunks (bounds checked); answer `DeltaMatch`.
+    DeltaSig(UploadId, crate::DeltaSig),
+    /// Cut the chunks of an open download's file from an offset (bounds checked); answer
+    /// `DeltaSig`.
+    ReadSig(DownloadId, crate::ReadSig),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -233,6 +240,9 @@ pub enum SessionError {
     /// Too many transfers open on one connection.
     #[error("more than {0} transfers open on one connection")]
     TooManyOpen(usize),
+    /// A `DeltaSig` with more chunks than one may carry.
+    #[error("DeltaSig of {0} chunks, above the limit of {max}", max = crate::MAX_DELTA_CHUNKS)]
+    TooManyChunks(usize),
 }
 
 /// The message `proto.md` gives every refused grant, whatever the reason.
@@ -256,7 +266,9 @@ impl SessionError {
             | Self::OutOfScope { .. }
             | Self::GrantExpired
             | Self::BadGrantScope(_) => ErrorCode::Auth,
-            Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } => ErrorCode::TooLarge,
+            Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } | Self::TooManyChunks(_) => {
+                ErrorCode::TooLarge
+            }
             _ => ErrorCode::Protocol,
         }
     }
@@ -362,9 +374,12 @@ impl<U, D> ServerSession<U, D> {
             0
         };
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
-        let granted =
-            (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR | crate::CAP_COMPRESSION)
-                & self.client_capabilities;
+        let granted = (crate::CAP_TREE_META
+            | crate::CAP_DELETE
+            | crate::CAP_MIRROR
+            | crate::CAP_COMPRESSION
+            | crate::CAP_DELTA)
+            & self.client_capabilities;
         auth | tls | granted
     }
 
@@ -507,6 +522,8 @@ impl<U, D> ServerSession<U, D> {
             | Frame::DataZ(_)
             | Frame::SetCompression(_)
             | Frame::Zeros(_)
+            | Frame::DeltaOpen(_)
+            | Frame::DeltaSig(_)
             | Frame::Commit(_)
             | Frame::Sync
             | Frame::Goodbye
@@ -641,8 +658,33 @@ impl<U, D> ServerSession<U, D> {
             Frame::MirrorTo(req) if self.client_capabilities & crate::CAP_MIRROR != 0 => {
                 Ok(Request::MirrorTo(req))
             }
+            Frame::DeltaOpen(d) if self.client_capabilities & crate::CAP_DELTA != 0 => {
+                self.transfer("DeltaOpen", d.transfer_id, TransferKind::Upload)?;
+                Ok(Request::DeltaOpen(UploadId(d.transfer_id), d))
+            }
+            Frame::DeltaSig(d) if self.client_capabilities & crate::CAP_DELTA != 0 => {
+                let size = self.transfer("DeltaSig", d.transfer_id, TransferKind::Upload)?;
+                self.check_sig(&d, size)?;
+                Ok(Request::DeltaSig(UploadId(d.transfer_id), d))
+            }
+            Frame::ReadSig(r) if self.client_capabilities & crate::CAP_DELTA != 0 => {
+                let size = self.transfer("ReadSig", r.transfer_id, TransferKind::Download)?;
+                let avg_ok = r.avg_chunk.is_power_of_two()
+                    && (crate::MIN_AVG_CHUNK..=crate::MAX_AVG_CHUNK).contains(&r.avg_chunk);
+                if r.offset >= r.end || r.end > size || !avg_ok {
+                    return Err(SessionError::Unexpected {
+                        frame: "ReadSig",
+                        phase: "with an empty range, one beyond the file, or a bad avg_chunk",
+                    });
+                }
+                Ok(Request::ReadSig(DownloadId(r.transfer_id), r))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
-            other @ (Frame::Delete(_) | Frame::MirrorTo(_)) => Err(SessionError::Unexpected {
+            other @ (Frame::Delete(_)
+            | Frame::ReadSig(_)
+            | Frame::MirrorTo(_)
+            | Frame::DeltaOpen(_)
+            | Frame::DeltaSig(_)) => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "without its capability negotiated",
             }),
@@ -691,6 +733,32 @@ impl<U, D> ServerSession<U, D> {
         if end > size {
             return Err(SessionError::OutOfRange {
                 start: offset,
+                end,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// A `DeltaSig` names at most `MAX_DELTA_CHUNKS` non-empty chunks, each within the largest
+    /// `Data` payload, that end within the upload.
+    fn check_sig(&self, sig: &crate::DeltaSig, size: u64) -> Result<(), SessionError> {
+        if sig.chunks.len() > crate::MAX_DELTA_CHUNKS {
+            return Err(SessionError::TooManyChunks(sig.chunks.len()));
+        }
+        let mut end = sig.offset;
+        for chunk in &sig.chunks {
+            if chunk.len == 0 || chunk.len > crate::MAX_CHUNK_SIZE {
+                return Err(SessionError::ChunkTooLarge {
+                    len: chunk.len.into(),
+                    max: crate::MAX_CHUNK_SIZE,
+                });
+            }
+            end = end.saturating_add(chunk.len.into());
+        }
+        if end > size {
+            return Err(SessionError::OutOfRange {
+                start: sig.offset,
                 end,
                 size,
             });
@@ -829,6 +897,105 @@ mod tests {
             mode: 0o644,
             chunk_size: 512,
         })
+    }
+
+    #[test]
+    fn delta_frames_need_the_capability_and_stay_within_the_upload() {
+        let sig = |id, offset, lens: &[u32]| {
+            Frame::DeltaSig(crate::DeltaSig {
+                transfer_id: id,
+                offset,
+                chunks: lens
+                    .iter()
+                    .map(|&len| crate::SigChunk { len, hash: [0; 16] })
+                    .collect(),
+            })
+        };
+        let open = |transfer_id| Frame::DeltaOpen(crate::DeltaOpen { transfer_id });
+        let mut old = ready();
+        assert!(matches!(
+            old.handle_request(open_write(100)),
+            Ok(Request::OpenWrite(_))
+        ));
+        let id = old.open_upload(100, ()).get();
+        assert!(matches!(
+            old.handle_request(open(id)),
+            Err(SessionError::Unexpected { .. })
+        ));
+
+        let mut s = session(None);
+        s.handle_handshake(Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: crate::CAP_DELTA,
+            agent: "t".into(),
+            nonce: vec![],
+        }))
+        .unwrap();
+        assert_eq!(s.capabilities(), crate::CAP_DELTA);
+        assert!(matches!(
+            s.handle_request(open(7)),
+            Err(SessionError::UnknownTransfer { .. })
+        ));
+        s.handle_request(open_write(100)).unwrap();
+        let id = s.open_upload(100, ()).get();
+        assert!(matches!(
+            s.handle_request(open(id)),
+            Ok(Request::DeltaOpen(..))
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, 40, &[30, 30])),
+            Ok(Request::DeltaSig(..))
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, 40, &[30, 31])),
+            Err(SessionError::OutOfRange { end: 101, .. })
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, 0, &[0])),
+            Err(SessionError::ChunkTooLarge { .. })
+        ));
+        assert!(matches!(
+            s.handle_request(sig(id, u64::MAX, &[1])),
+            Err(SessionError::OutOfRange { .. })
+        ));
+        let read_sig = |transfer_id, offset, end, avg_chunk| {
+            Frame::ReadSig(crate::ReadSig {
+                transfer_id,
+                offset,
+                end,
+                avg_chunk,
+            })
+        };
+        assert!(matches!(
+            s.handle_request(read_sig(id, 0, 50, 16384)),
+            Err(SessionError::UnknownTransfer { .. })
+        ));
+        s.handle_request(Frame::OpenRead(OpenRead {
+            name: "f".into(),
+            have_identity: None,
+            have: vec![],
+        }))
+        .unwrap();
+        let down = s.open_download(100, ()).get();
+        assert!(matches!(
+            s.handle_request(read_sig(down, 0, 100, 16384)),
+            Ok(Request::ReadSig(..))
+        ));
+        for (offset, end, avg) in [
+            (10, 10, 16384),
+            (0, 101, 16384),
+            (0, 50, 16385),
+            (0, 50, 1024),
+        ] {
+            assert!(
+                s.handle_request(read_sig(down, offset, end, avg)).is_err(),
+                "{offset}..{end} avg {avg}"
+            );
+        }
+        let too_many = vec![1; crate::MAX_DELTA_CHUNKS + 1];
+        let err = s.handle_request(sig(id, 0, &too_many)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::TooLarge);
     }
 
     #[test]

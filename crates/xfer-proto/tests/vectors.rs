@@ -297,6 +297,44 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         ("ack", Frame::Ack(chunk(1, 0, 3))),
+        ("delta-open", Frame::DeltaOpen(DeltaOpen { transfer_id: 1 })),
+        (
+            "delta-index",
+            Frame::DeltaIndex(DeltaIndex {
+                transfer_id: 1,
+                basis: IDENTITY,
+                avg_chunk: 16384,
+                chunks: 64,
+            }),
+        ),
+        (
+            "delta-sig",
+            Frame::DeltaSig(DeltaSig {
+                transfer_id: 1,
+                offset: 0,
+                chunks: vec![SigChunk {
+                    len: 3,
+                    hash: DIGEST_ABC,
+                }],
+            }),
+        ),
+        (
+            "read-sig",
+            Frame::ReadSig(ReadSig {
+                transfer_id: 1,
+                offset: 0,
+                end: 1_048_576,
+                avg_chunk: 16384,
+            }),
+        ),
+        (
+            "delta-match",
+            Frame::DeltaMatch(DeltaMatch {
+                transfer_id: 1,
+                offset: 0,
+                matched: vec![ByteRange::new(0, 3)],
+            }),
+        ),
         ("reject", Frame::Reject(chunk(1, 0, 3))),
         ("commit", Frame::Commit(commit(1, &DIGEST_ABC))),
         ("committed", Frame::Committed(commit(1, &DIGEST_ABC))),

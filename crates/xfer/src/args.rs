@@ -188,6 +188,13 @@ pub(crate) struct Common {
     /// Seconds to keep reconnecting after the connection drops before giving up.
     #[arg(long, default_value_t = 60)]
     pub(crate) retry_deadline: u64,
+    /// Send only what changed against the file the daemon holds under the name [default: only
+    /// on a slow path: a round trip of 10 ms or more, or --bwlimit below 256M].
+    #[arg(long, conflicts_with = "whole_file")]
+    pub(crate) delta: bool,
+    /// Send the whole file even where a delta would be tried.
+    #[arg(long)]
+    pub(crate) whole_file: bool,
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     pub(crate) quiet: bool,
@@ -364,6 +371,11 @@ impl Common {
             progress,
             connector,
             keep: self.keep.options(),
+            delta: match (self.delta, self.whole_file) {
+                (true, _) => xfer_client::engine::DeltaMode::Always,
+                (_, true) => xfer_client::engine::DeltaMode::Never,
+                _ => xfer_client::engine::DeltaMode::Auto,
+            },
         })
     }
 }

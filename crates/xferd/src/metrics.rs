@@ -89,6 +89,8 @@ pub struct Metrics {
     pub wire_bytes_sent: Counter,
     /// Chunks received with a bad CRC (and asked for again).
     pub crc_errors: Counter,
+    /// Bytes of delta uploads copied from the file already held instead of received.
+    pub delta_copied: Counter,
     /// Uploads (client to daemon).
     pub uploads: Transfers,
     /// Downloads (daemon to client).
@@ -154,6 +156,12 @@ impl Metrics {
             "counter",
             "Payload bytes received in verified chunks.",
             &one(self.bytes_received.get().to_string()),
+        );
+        family(
+            "xferd_delta_copied_bytes_total",
+            "counter",
+            "Bytes of delta uploads copied from the file already held.",
+            &one(self.delta_copied.get().to_string()),
         );
         family(
             "xferd_bytes_sent_total",

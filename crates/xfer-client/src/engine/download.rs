@@ -1,6 +1,7 @@
 //! Downloads: [`recv`]. `ReadChunk` requests go out under the window and come back as `Data`,
 //! written at their offset into a partial file beside the destination; the server's
 //! whole-file digest is asked for on a connection of its own and checked before the rename.
+//! A delta ([`delta`]) first copies what the local file already holds.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use xfer_core::buffers::BufferPool;
 use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
 use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRead};
 
+use super::delta;
 use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_first, reopen, COMMIT_ATTEMPTS};
@@ -213,7 +215,25 @@ pub async fn recv_with_holes(
         }
         missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
     }
-    let tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
+    let mut tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
+    if !missing.is_empty() {
+        let (wanted, why) = delta::choose(opts.delta, &session, opts.bwlimit, identity.size);
+        let copied = match wanted {
+            true => delta::copy_local(&mut session, id, dest, &partial).await?,
+            false => None,
+        };
+        match copied {
+            Some(copied) => {
+                tracing::info!(matched_bytes = copied, "delta transfer: {why}");
+                tally.delta = true;
+                tally.matched = copied;
+                opts.progress.set_position(partial.held_bytes());
+                missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
+            }
+            None if wanted => tracing::info!("whole file: no local file to start from ({why})"),
+            None => tracing::info!("whole file: {why}"),
+        }
+    }
     let work = Arc::new(Work::new(split_into_chunks(&missing, chunk_size), opts));
     let download = Arc::new(Download {
         name: name.to_string(),

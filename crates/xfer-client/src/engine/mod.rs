@@ -15,7 +15,9 @@
 //! - `window`: the bounded window of requests in flight, the same both ways.
 //! - `retry`: reconnect pacing, the one reconnect helper, and how often a commit is retried.
 //! - `upload` and `download`: what each direction does with a chunk, and [`send`]/[`recv`].
+//! - `delta`: whether a delta pays, and the exchange that lets the daemon copy from its old file.
 
+mod delta;
 mod download;
 mod grower;
 mod pool;
@@ -28,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use delta::DeltaMode;
 pub use download::{recv, recv_with_holes};
 pub use upload::{send, send_file};
 
@@ -99,6 +102,8 @@ pub struct Options {
     pub connector: Connector,
     /// What a tree copy keeps besides bytes (owners, attributes, links, special files).
     pub keep: crate::TreeOptions,
+    /// Whether an upload goes as a delta against the file the daemon holds.
+    pub delta: DeltaMode,
 }
 
 /// What a finished transfer reports (`--json`).
@@ -124,6 +129,12 @@ pub struct Summary {
     pub crc_retries: u64,
     /// TCP congestion control of the data connections, as the kernel reports it.
     pub congestion: Option<String>,
+    /// The file went as a delta against the one the receiver held.
+    pub delta: bool,
+    /// Bytes sent as data (`bytes_transferred`).
+    pub literal_bytes: u64,
+    /// Bytes the receiver copied from the file it held instead of receiving them.
+    pub matched_bytes: u64,
 }
 
 /// The chunk size a transfer plans with: the one asked for, within what the daemon allows.
@@ -158,6 +169,8 @@ struct Tally {
     resumed: u64,
     started: Instant,
     congestion: Option<String>,
+    delta: bool,
+    matched: u64,
 }
 
 impl Tally {
@@ -178,6 +191,8 @@ impl Tally {
             resumed,
             started,
             congestion,
+            delta: false,
+            matched: 0,
         }
     }
 
@@ -197,6 +212,9 @@ impl Tally {
             mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
             crc_retries: work.crc_retries.load(Ordering::Relaxed),
             congestion: self.congestion,
+            delta: self.delta,
+            literal_bytes: bytes_transferred,
+            matched_bytes: self.matched,
         }
     }
 }
@@ -222,6 +240,7 @@ fn test_options(progress: Arc<dyn Progress>) -> Options {
         progress,
         connector: Connector::default(),
         keep: crate::TreeOptions::default(),
+        delta: DeltaMode::Auto,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Uploads: [`send`] and [`send_file`]. Data frames go out under the window and come back as
 //! `Ack` or `Reject`; the whole-file digest is read beside the transfer and sent with the
-//! commit.
+//! commit. A delta ([`delta`]) first lets the daemon copy what its old file holds.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -11,6 +11,7 @@ use xfer_core::{RangeSet, SourceFile};
 use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite};
 
+use super::delta;
 use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_first, connect_retrying, reopen, COMMIT_ATTEMPTS};
@@ -152,7 +153,16 @@ pub async fn send_file(
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
-    let tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
+    let mut tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
+    let mut delta_used = try_delta(
+        &mut session,
+        id,
+        &upload.source,
+        &mut held,
+        opts,
+        &mut tally,
+    )
+    .await?;
     // The whole-file digest is read front to back beside the transfer, not after it.
     let digest = {
         let source = upload.source.clone();
@@ -202,6 +212,17 @@ pub async fn send_file(
                 summary.wire_bytes = upload.compressor.totals().wire.load(Ordering::Relaxed);
                 return Ok(summary);
             }
+            // The file the daemon held changed while chunks were copied from it: the digest
+            // caught it and the daemon dropped the partial. Everything goes again, whole.
+            Err(ClientError::Remote(e))
+                if delta_used && e.error_code() == Some(ErrorCode::Corrupt) =>
+            {
+                tracing::warn!(error = %e, "the delta did not add up; sending the whole file");
+                delta_used = false;
+                tally.matched = 0;
+                (id, held) = upload.open_with_held(&mut s).await?;
+                session = Some(s);
+            }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
                 (id, held) = upload.open_with_held(&mut s).await?;
                 session = Some(s);
@@ -222,6 +243,43 @@ pub async fn send_file(
         ErrorCode::Incomplete,
         "server kept losing data",
     )))
+}
+
+/// Runs a delta on the first connection if one pays (`opts.delta`), adding what the daemon
+/// copied from its old file to `held`; true if the daemon had a file to start from.
+async fn try_delta(
+    session: &mut Session,
+    id: u64,
+    source: &SourceFile,
+    held: &mut Vec<ByteRange>,
+    opts: &Options,
+    tally: &mut Tally,
+) -> Result<bool, ClientError> {
+    let size = source.identity().size;
+    let (wanted, why) = delta::choose(opts.delta, session, opts.bwlimit, size);
+    let mut have = RangeSet::from_ranges(held.iter().copied());
+    if !wanted || have.total() == size {
+        tracing::info!("whole file: {why}");
+        return Ok(false);
+    }
+    let Some(found) = delta::negotiate(session, id, source, &have).await? else {
+        tracing::info!("whole file: the daemon holds no file under the name ({why})");
+        return Ok(false);
+    };
+    let before = have.total();
+    for range in found.matched.iter() {
+        have.insert(range);
+    }
+    tally.delta = true;
+    tally.matched = have.total() - before;
+    opts.progress.set_position(have.total());
+    tracing::info!(
+        matched_bytes = tally.matched,
+        literal = size - have.total(),
+        "delta transfer: {why}"
+    );
+    *held = have.iter().collect();
+    Ok(true)
 }
 
 #[cfg(test)]

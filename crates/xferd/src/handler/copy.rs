@@ -53,6 +53,7 @@ impl Handler {
                 .chunk_size
                 .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
             bwlimit: None,
+            delta: xfer_client::engine::DeltaMode::Auto,
             retry_deadline: std::time::Duration::from_secs(60),
             progress: Arc::clone(&progress) as Arc<dyn xfer_client::Progress>,
             connector: xfer_client::Connector {

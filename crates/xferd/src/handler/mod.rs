@@ -3,7 +3,7 @@
 //! A failure ends this connection only; the listener and every other connection carry on.
 //!
 //! This module is the connection's loop and how it ends; each kind of request is carried out
-//! in its own: `handshake`, `upload`, `download`, `tree` and `copy`.
+//! in its own: `handshake`, `upload`, `delta`, `download`, `tree` and `copy`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use crate::Shared;
 
 mod compress;
 mod copy;
+mod delta;
 mod download;
 mod handshake;
 mod meta;
@@ -75,6 +76,8 @@ struct Upload {
     crc_retries: u64,
     /// Bytes received and acknowledged on this connection.
     bytes: u64,
+    /// The index of the file held under the name, once a `DeltaOpen` built it.
+    basis: Option<Arc<xfer_core::delta::Index>>,
 }
 
 /// What a connection keeps for a download open in its session.
@@ -333,6 +336,9 @@ impl Handler {
                 Request::DataZ(id, z) => self.data_compressed(id, z).await?,
                 Request::SetCompression(mode) => self.set_compression(mode),
                 Request::Commit(id, c) => self.commit(id, c).await?,
+                Request::DeltaOpen(id, _) => self.delta_open(id).await?,
+                Request::DeltaSig(id, sig) => self.delta_sig(id, sig).await?,
+                Request::ReadSig(id, req) => self.read_sig(id, req).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
                 Request::ReadChunk(id, chunk) => self.read_chunk(id, chunk).await?,

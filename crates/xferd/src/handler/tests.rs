@@ -434,3 +434,155 @@ async fn a_download_is_served_by_the_handle_the_session_gave() {
     assert_eq!(code, ErrorCode::Protocol);
     assert!(message.contains("not an open upload"), "{message}");
 }
+
+/// Bytes that cut into many distinct content-defined chunks.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_basis_rewritten_during_a_delta_gives_fewer_matches_never_wrong_bytes() {
+    use xfer_core::delta::{cut_region, MIN_AVG_CHUNK};
+    use xfer_proto::{ByteRange, DeltaOpen, DeltaSig, CAP_DELTA};
+
+    let (dir, shared) = daemon(|_| {});
+    let new = noise(1 << 20, 3);
+    std::fs::write(dir.path().join("f"), &new).unwrap();
+    let mut client = Client::connect(&shared);
+    client
+        .send(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            min_version: 1,
+            capabilities: CAP_DELTA,
+            agent: "test".into(),
+            nonce: vec![],
+        }))
+        .await;
+    let Frame::Welcome(_) = client.next().await else {
+        panic!("want Welcome")
+    };
+    let id = client.open_write("f", new.len() as u64).await;
+    client
+        .send(Frame::DeltaOpen(DeltaOpen { transfer_id: id }))
+        .await;
+    let Frame::DeltaIndex(index) = client.next().await else {
+        panic!("want DeltaIndex")
+    };
+    assert_eq!(index.avg_chunk, MIN_AVG_CHUNK);
+
+    // Indexed as `new`, the basis now holds other bytes in its second half.
+    let mut rewritten = new.clone();
+    rewritten[new.len() / 2..].copy_from_slice(&noise(new.len() / 2, 4));
+    std::fs::write(dir.path().join("f"), &rewritten).unwrap();
+
+    let sig_file = tempfile::tempfile().unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sig_file, &new, 0).unwrap();
+    let mut chunks = Vec::new();
+    cut_region(
+        &sig_file,
+        ByteRange::new(0, new.len() as u64),
+        MIN_AVG_CHUNK,
+        |c| {
+            chunks.push(c.sig());
+            true
+        },
+    )
+    .unwrap();
+    client
+        .send(Frame::DeltaSig(DeltaSig {
+            transfer_id: id,
+            offset: 0,
+            chunks,
+        }))
+        .await;
+    let Frame::DeltaMatch(found) = client.next().await else {
+        panic!("want DeltaMatch")
+    };
+    let matched: u64 = found.matched.iter().map(ByteRange::len).sum();
+    assert!(
+        matched > 0 && matched <= new.len() as u64 / 2 + 4 * 65536,
+        "{found:?}"
+    );
+
+    // What was not copied is sent; the file commits as `new`, its digest checked.
+    let held = xfer_core::RangeSet::from_ranges(found.matched);
+    for range in held.missing(new.len() as u64) {
+        for chunk in xfer_core::split_into_chunks(&[range], CHUNK as u32) {
+            let payload = Bytes::copy_from_slice(&new[chunk.start as usize..chunk.end as usize]);
+            client
+                .send(Frame::Data(Data::new(id, chunk.start, payload)))
+                .await;
+            let Frame::Ack(_) = client.next().await else {
+                panic!("want Ack")
+            };
+        }
+    }
+    client
+        .send(Frame::Commit(Commit {
+            transfer_id: id,
+            digest: xfer_core::digest::digest_file(&sig_file, new.len() as u64)
+                .unwrap()
+                .to_vec(),
+        }))
+        .await;
+    let Frame::Committed(_) = client.next().await else {
+        panic!("want Committed")
+    };
+    client.goodbye().await;
+    assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), new);
+}
+
+#[tokio::test]
+async fn a_delta_without_the_capability_or_a_basis_is_refused() {
+    let (_dir, shared) = daemon(|_| {});
+    let mut client = Client::welcomed(&shared).await;
+    let id = client.open_write("absent", 10).await;
+    client
+        .send(Frame::DeltaOpen(xfer_proto::DeltaOpen { transfer_id: id }))
+        .await;
+    let (code, _) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Protocol);
+
+    let mut client = Client::connect(&shared);
+    client
+        .send(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            min_version: 1,
+            capabilities: xfer_proto::CAP_DELTA,
+            agent: "test".into(),
+            nonce: vec![],
+        }))
+        .await;
+    let Frame::Welcome(_) = client.next().await else {
+        panic!("want Welcome")
+    };
+    let id = client.open_write("absent", 10).await;
+    client
+        .send(Frame::DeltaOpen(xfer_proto::DeltaOpen { transfer_id: id }))
+        .await;
+    let Frame::Error(e) = client.next().await else {
+        panic!("want Error")
+    };
+    assert_eq!(e.error_code(), Some(ErrorCode::NotFound));
+    // The upload goes on whole; a DeltaSig without an index ends the connection.
+    client
+        .send(Frame::DeltaSig(xfer_proto::DeltaSig {
+            transfer_id: id,
+            offset: 0,
+            chunks: vec![xfer_proto::SigChunk {
+                len: 10,
+                hash: [0; 16],
+            }],
+        }))
+        .await;
+    let (code, _) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Protocol);
+}

@@ -64,6 +64,7 @@ impl Handler {
             mode: req.mode,
             crc_retries: 0,
             bytes: 0,
+            basis: None,
         };
         let id = self.session.open_upload(req.identity.size, upload).get();
         info!(

@@ -1,0 +1,290 @@
+//! Deltas: whether one pays ([`choose`]); for an upload, the exchange that makes the daemon
+//! copy what it already holds ([`negotiate`]): the new file is cut into content-defined
+//! chunks, its regions on several cores at once, and their hashes stream to the daemon in
+//! bounded batches; for a download, the same the other way ([`copy_local`]): the daemon cuts
+//! its file batch by batch and the client copies from its own copy. What the receiver does not
+//! find then moves as ordinary chunks.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use xfer_core::delta::{self, Cut, Index};
+use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
+use xfer_proto::{ByteRange, DeltaOpen, DeltaSig, ErrorCode, Frame, ReadSig, MAX_DELTA_CHUNKS};
+
+use crate::session::unexpected;
+use crate::{ClientError, Session};
+
+/// Whether a file goes as a delta.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeltaMode {
+    /// Decide from the path and the rate limit ([`choose`]).
+    #[default]
+    Auto,
+    /// Always try a delta (`--delta`).
+    Always,
+    /// Never (`--whole-file`).
+    Never,
+}
+
+/// Files below this size go whole unless `--delta`: a delta costs round trips a small file
+/// does not repay.
+pub(super) const MIN_DELTA_SIZE: u64 = 1024 * 1024;
+/// A rate limit below this makes a delta pay: one core cuts and hashes the new file at about
+/// 1 GB/s and the daemon reads its old one as fast, so a link slower than a quarter of that
+/// is the bottleneck.
+pub(super) const DELTA_PAYS_BELOW: u64 = 256 * 1024 * 1024;
+/// A path with at least this round trip is a WAN, whose rate is well below what reading both
+/// files costs; below it (loopback, a LAN) sending the whole file is as fast.
+pub(super) const DELTA_PAYS_FROM_RTT: Duration = super::LONG_PATH;
+
+/// Whether to try a delta for a file of `size` bytes over `session`, and why.
+pub(super) fn choose(
+    mode: DeltaMode,
+    session: &Session,
+    bwlimit: Option<u64>,
+    size: u64,
+) -> (bool, String) {
+    if mode == DeltaMode::Never {
+        return (false, "--whole-file".into());
+    }
+    if session.welcome.capabilities & xfer_proto::CAP_DELTA == 0 {
+        return (false, "the daemon does not do deltas".into());
+    }
+    if mode == DeltaMode::Always {
+        return (true, "--delta".into());
+    }
+    if size < MIN_DELTA_SIZE {
+        return (false, format!("{size} bytes is below {MIN_DELTA_SIZE}"));
+    }
+    if let Some(rate) = bwlimit.filter(|&r| r < DELTA_PAYS_BELOW) {
+        return (
+            true,
+            format!("--bwlimit {rate} B/s is below the {DELTA_PAYS_BELOW} B/s a delta reads at"),
+        );
+    }
+    match session.rtt {
+        Some(rtt) if rtt >= DELTA_PAYS_FROM_RTT => (
+            true,
+            format!("a round trip of {rtt:?} is a slow path: reading both files costs less"),
+        ),
+        Some(rtt) => (
+            false,
+            format!("a round trip of {rtt:?} is a fast path: sending the file costs less"),
+        ),
+        None => (false, "the path's round trip is unknown".into()),
+    }
+}
+
+/// What a delta found.
+#[derive(Debug, Default)]
+pub(super) struct Found {
+    /// Ranges of the new file the daemon copied from its old one.
+    pub(super) matched: RangeSet,
+}
+
+/// Asks the daemon to index the file it holds under the upload's name and copy the chunks of
+/// `source` it finds there. `held` chunks are not sent again (a resumed delta). `None` when
+/// the daemon holds no file to start from.
+///
+/// # Errors
+/// Connection and protocol errors; local read errors.
+pub(super) async fn negotiate(
+    session: &mut Session,
+    transfer_id: u64,
+    source: &SourceFile,
+    held: &RangeSet,
+) -> Result<Option<Found>, ClientError> {
+    session
+        .send(&Frame::DeltaOpen(DeltaOpen { transfer_id }))
+        .await?;
+    let index = match session.next().await {
+        Ok(Frame::DeltaIndex(index)) if index.transfer_id == transfer_id => index,
+        Ok(other) => return Err(unexpected(other)),
+        // Nothing under the name to start from (or not a regular file): the file goes whole.
+        Err(ClientError::Remote(e))
+            if matches!(
+                e.error_code(),
+                Some(ErrorCode::NotFound | ErrorCode::BadPath)
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let avg = index.avg_chunk;
+    if !avg.is_power_of_two() || !(delta::MIN_AVG_CHUNK..=delta::MAX_AVG_CHUNK).contains(&avg) {
+        return Err(ClientError::Unexpected("DeltaIndex with a bad avg_chunk"));
+    }
+    tracing::debug!(
+        basis_size = index.basis.size,
+        chunks = index.chunks,
+        avg_chunk = avg,
+        "the daemon indexed its file"
+    );
+    let size = source.identity().size;
+    let mut found = Found::default();
+    let mut cutters = Vec::new();
+    let mut regions = Vec::new();
+    // Every region is cut on its own blocking thread at once; each stays at most one batch
+    // ahead of what was sent.
+    for region in delta::regions(size, delta::parallelism()) {
+        let (tx, rx) = mpsc::channel::<Cut>(MAX_DELTA_CHUNKS);
+        let file = source.file();
+        cutters.push(tokio::task::spawn_blocking(move || {
+            delta::cut_region(&file, region, avg, |cut| tx.blocking_send(cut).is_ok())
+        }));
+        regions.push(rx);
+    }
+    let mut batch = Batch::default();
+    for mut rx in regions {
+        while let Some(cut) = rx.recv().await {
+            if held.contains(cut.range()) {
+                batch.flush(session, transfer_id, &mut found).await?;
+                continue;
+            }
+            if !batch.extends(&cut) || batch.chunks.len() == MAX_DELTA_CHUNKS {
+                batch.flush(session, transfer_id, &mut found).await?;
+            }
+            batch.push(cut);
+        }
+        batch.flush(session, transfer_id, &mut found).await?;
+    }
+    for cutter in cutters {
+        cutter
+            .await
+            .map_err(|e| ClientError::Local(super::join_error(e)))?
+            .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
+    }
+    Ok(Some(found))
+}
+
+/// Copies into `partial` (a download of `name`, open on `session` as `transfer_id`) every chunk
+/// of the server's file that the local file at `basis` holds, checked against its hash and
+/// journaled like a received chunk; returns the bytes copied, or `None` without a local file.
+///
+/// # Errors
+/// Connection and protocol errors; local read and write errors.
+pub(super) async fn copy_local(
+    session: &mut Session,
+    transfer_id: u64,
+    basis: &Path,
+    partial: &Arc<PartialFile>,
+) -> Result<Option<u64>, ClientError> {
+    let file = match std::fs::File::open(basis) {
+        Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => file,
+        _ => return Ok(None),
+    };
+    let size = partial.identity().size;
+    let index = tokio::task::spawn_blocking(move || {
+        let (old, _) = xfer_core::source::identity_of(&file)?;
+        let avg = delta::avg_chunk(old.size.max(size));
+        Index::build(file, avg, delta::parallelism())
+    })
+    .await
+    .map_err(|e| ClientError::Local(super::join_error(e)))?
+    .map_err(|e| ClientError::Local(CoreError::io(format!("indexing {}", basis.display()), e)))?;
+    let index = Arc::new(index);
+    let held = RangeSet::from_ranges(partial.held());
+    let mut copied = 0;
+    for region in delta::regions(size, delta::parallelism()) {
+        let mut pos = region.start;
+        while pos < region.end {
+            let ask = ReadSig {
+                transfer_id,
+                offset: pos,
+                end: region.end,
+                avg_chunk: index.avg_chunk(),
+            };
+            session.send(&Frame::ReadSig(ask)).await?;
+            let sig = match session.next().await? {
+                Frame::DeltaSig(s) if s.transfer_id == transfer_id && s.offset == pos => s,
+                other => return Err(unexpected(other)),
+            };
+            let span: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();
+            if sig.chunks.is_empty() || pos + span > region.end {
+                return Err(ClientError::Unexpected(
+                    "DeltaSig outside the region asked for",
+                ));
+            }
+            let pieces: Vec<_> = index
+                .find(pos, &sig.chunks)
+                .into_iter()
+                .filter(|p| !held.contains(ByteRange::new(p.new, p.new + u64::from(p.len))))
+                .collect();
+            for group in delta::groups(&pieces) {
+                let (index, group) = (Arc::clone(&index), group.to_vec());
+                let runs = tokio::task::spawn_blocking(move || index.read_verified(&group))
+                    .await
+                    .map_err(|e| ClientError::Local(super::join_error(e)))?
+                    .map_err(|e| ClientError::Local(CoreError::io("reading the local file", e)))?;
+                for (offset, bytes) in runs {
+                    let len = bytes.len() as u64;
+                    let crc = crc32fast::hash(&bytes);
+                    partial.write(offset, bytes.into(), crc).await?;
+                    copied += len;
+                }
+            }
+            pos += span;
+        }
+    }
+    Ok(Some(copied))
+}
+
+/// Consecutive chunks of the new file waiting to be sent in one `DeltaSig`.
+#[derive(Debug, Default)]
+struct Batch {
+    offset: u64,
+    end: u64,
+    chunks: Vec<xfer_proto::SigChunk>,
+}
+
+impl Batch {
+    fn extends(&self, cut: &Cut) -> bool {
+        self.chunks.is_empty() || cut.offset == self.end
+    }
+
+    fn push(&mut self, cut: Cut) {
+        if self.chunks.is_empty() {
+            self.offset = cut.offset;
+        }
+        self.end = cut.range().end;
+        self.chunks.push(cut.sig());
+    }
+
+    /// Sends the batch, if any, and records what the daemon copied.
+    async fn flush(
+        &mut self,
+        session: &mut Session,
+        transfer_id: u64,
+        found: &mut Found,
+    ) -> Result<(), ClientError> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        let span = ByteRange::new(self.offset, self.end);
+        let sig = DeltaSig {
+            transfer_id,
+            offset: self.offset,
+            chunks: std::mem::take(&mut self.chunks),
+        };
+        session.send(&Frame::DeltaSig(sig)).await?;
+        let answer = match session.next().await? {
+            Frame::DeltaMatch(m) if m.transfer_id == transfer_id && m.offset == span.start => m,
+            other => return Err(unexpected(other)),
+        };
+        let mut last_end = span.start;
+        for range in answer.matched {
+            if range.is_empty() || range.start < last_end || range.end > span.end {
+                return Err(ClientError::Unexpected(
+                    "DeltaMatch with ranges out of order",
+                ));
+            }
+            last_end = range.end;
+            found.matched.insert(range);
+        }
+        Ok(())
+    }
+}

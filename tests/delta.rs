@@ -1,0 +1,360 @@
+//! Deltas: a file the receiver already holds in another version moves as what changed, both
+//! ways, for changes in place, insertions, truncation, growth and an unchanged file; the choice
+//! is forced or made from the rate limit; an interrupted delta resumes from what it copied.
+
+use std::time::Duration;
+
+use rand::{RngCore, SeedableRng};
+use xfer_tests::{
+    journal_held, journal_path, partial_path, sha256_file, wait_until, Daemon, Tree, XferOutput,
+    XferRun,
+};
+
+const MIB: usize = 1024 * 1024;
+/// Hang guard for the polls below.
+const GUARD: Duration = Duration::from_secs(120);
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut bytes = vec![0; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
+}
+
+/// Uploads `old` whole, then `new` under the same name with `extra`; checks the daemon's file
+/// is `new` byte for byte and returns the second run's output.
+fn resend(old: &[u8], new: &[u8], extra: &[&str]) -> XferOutput {
+    let tree = Tree::new();
+    let src = tree.src("f.bin");
+    let dest = tree.root().join("f.bin");
+    let daemon = Daemon::start(&tree.root(), &[]);
+    std::fs::write(&src, old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "f.bin", &["--whole-file"]).wait_ok();
+    // A new mtime: the new version is another file to the daemon, whatever its content.
+    std::fs::write(&src, new).unwrap();
+    xfer_tests::set_mtime(&src, 1_800_000_000);
+    let mut args = vec!["--json", "-c", "2"];
+    args.extend_from_slice(extra);
+    let out = XferRun::send(&src, &daemon.addr(), "f.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.json());
+    assert!(!partial_path(&dest).exists() && !journal_path(&dest).exists());
+    out
+}
+
+fn delta(out: &XferOutput) -> bool {
+    out.json()["delta"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no delta in {}", out.json()))
+}
+
+/// The run was a delta that sent at most `literal` bytes and copied the rest.
+#[track_caller]
+fn check_delta(out: &XferOutput, size: usize, literal: usize) {
+    let json = out.json();
+    assert!(delta(out), "{json}");
+    let (sent, matched) = (out.json_u64("literal_bytes"), out.json_u64("matched_bytes"));
+    assert_eq!(sent, out.json_u64("bytes_transferred"), "{json}");
+    assert!(sent <= literal as u64, "sent {sent} > {literal}: {json}");
+    assert!(sent + matched >= size as u64, "{json}");
+}
+
+#[test]
+fn a_change_in_place_sends_little_more_than_the_change() {
+    let old = noise(16 * MIB, 1);
+    let mut new = old.clone();
+    for (i, at) in [100_000, 5 * MIB, 11 * MIB + 7].into_iter().enumerate() {
+        new[at..at + 4000].copy_from_slice(&noise(4000, 10 + i as u64));
+    }
+    let out = resend(&old, &new, &["--delta"]);
+    check_delta(&out, new.len(), 3 * 5 * 64 * 1024);
+}
+
+#[test]
+fn an_insertion_near_the_start_shifts_the_rest_and_it_is_still_found() {
+    let old = noise(16 * MIB, 2);
+    let mut new = old[..5000].to_vec();
+    new.extend(noise(MIB, 20));
+    new.extend(&old[5000..]);
+    let out = resend(&old, &new, &["--delta"]);
+    check_delta(&out, new.len(), MIB + 4 * 64 * 1024);
+}
+
+#[test]
+fn a_truncated_file_moves_nothing_but_its_last_chunk() {
+    let old = noise(16 * MIB, 3);
+    let new = old[..10 * MIB + 12345].to_vec();
+    let out = resend(&old, &new, &["--delta"]);
+    check_delta(&out, new.len(), 64 * 1024);
+}
+
+#[test]
+fn a_grown_file_sends_what_was_appended() {
+    let old = noise(16 * MIB, 4);
+    let mut new = old.clone();
+    new.extend(noise(MIB / 3, 40));
+    let out = resend(&old, &new, &["--delta"]);
+    check_delta(&out, new.len(), MIB / 3 + 64 * 1024);
+}
+
+#[test]
+fn an_unchanged_file_with_a_new_mtime_moves_no_data() {
+    let old = noise(8 * MIB, 5);
+    let out = resend(&old, &old, &["--delta"]);
+    check_delta(&out, old.len(), 0);
+    assert_eq!(out.json_u64("literal_bytes"), 0);
+    assert_eq!(out.json_u64("matched_bytes"), old.len() as u64);
+}
+
+#[test]
+fn whole_file_forces_every_byte_to_move() {
+    let old = noise(8 * MIB, 6);
+    let out = resend(&old, &old, &["--whole-file", "--bwlimit", "100M"]);
+    assert!(!delta(&out), "{}", out.json());
+    assert_eq!(out.json_u64("literal_bytes"), old.len() as u64);
+    assert_eq!(out.json_u64("matched_bytes"), 0);
+}
+
+#[test]
+fn a_slow_rate_limit_makes_the_delta_the_choice() {
+    let old = noise(8 * MIB, 7);
+    let mut new = old.clone();
+    new[MIB..MIB + 10].fill(0);
+    let out = resend(&old, &new, &["--bwlimit", "100M", "-v"]);
+    check_delta(&out, new.len(), 2 * 64 * 1024);
+    assert!(
+        out.stderr.contains("delta transfer: --bwlimit"),
+        "-v does not say why: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_new_file_goes_whole_even_with_delta() {
+    let tree = Tree::new();
+    let src = tree.src("new.bin");
+    std::fs::write(&src, noise(2 * MIB, 8)).unwrap();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let out = XferRun::send(&src, &daemon.addr(), "new.bin", &["--delta", "--json"]).wait_ok();
+    assert!(!delta(&out));
+    assert_eq!(out.json_u64("literal_bytes"), 2 * MIB as u64);
+    assert_eq!(sha256_file(&tree.root().join("new.bin")), sha256_file(&src));
+}
+
+/// A delta whose literal half moves slowly is interrupted by `stop` once the copied half and
+/// some literal data are journaled; the rerun resumes without sending what was held.
+fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
+    let size = 32 * MIB;
+    let tree = Tree::new();
+    let src = tree.src("r.bin");
+    let dest = tree.root().join("r.bin");
+    let journal = journal_path(&dest);
+    let old = noise(size, 9);
+    let mut new = old[..size / 2].to_vec();
+    new.extend(noise(size / 2, 90));
+
+    let mut daemon = Daemon::start(&tree.root(), &[]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "r.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    let slow = [
+        "--delta",
+        "--bwlimit",
+        "2M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::send(&src, &daemon.addr(), "r.bin", &slow);
+    wait_until(
+        GUARD,
+        "the copied half and 2 MiB more are journaled",
+        || {
+            let held = journal_held(&journal);
+            assert!(held >= (size / 2 + 2 * MIB) as u64 || client.is_running());
+            held >= (size / 2 + 2 * MIB) as u64
+        },
+    );
+    stop(&mut daemon, &mut client);
+    let held = journal_held(&journal);
+    assert_eq!(
+        sha256_file(&dest),
+        xfer_tests::sha256_bytes(&old),
+        "the old file stays"
+    );
+
+    let daemon = if daemon.is_running() {
+        daemon
+    } else {
+        Daemon::start(&tree.root(), &[])
+    };
+    let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
+    let out = XferRun::send(&src, &daemon.addr(), "r.bin", &fast).wait_ok();
+    let json = out.json();
+    assert!(out.json_u64("resumed_bytes") >= held, "{json}");
+    assert!(
+        out.json_u64("literal_bytes") <= size as u64 - held + 2 * 256 * 1024,
+        "{json}"
+    );
+    assert_eq!(sha256_file(&dest), sha256_file(&src));
+    assert!(!journal.exists() && !partial_path(&dest).exists());
+}
+
+#[test]
+fn a_delta_resumes_after_the_client_is_killed() {
+    check_delta_resumes_after(|_, client| client.kill());
+}
+
+#[test]
+fn a_delta_resumes_after_the_daemon_is_killed() {
+    check_delta_resumes_after(|daemon, client| {
+        daemon.kill();
+        client.kill();
+    });
+}
+
+#[test]
+fn the_large_files_of_a_tree_copy_go_as_deltas() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    std::fs::create_dir_all(&src).unwrap();
+    let big: Vec<Vec<u8>> = (0..3).map(|i| noise(4 * MIB, 100 + i)).collect();
+    for (i, bytes) in big.iter().enumerate() {
+        std::fs::write(src.join(format!("big{i}")), bytes).unwrap();
+    }
+    std::fs::write(src.join("small"), b"small file").unwrap();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
+        xfer_tests::xfer(&args).ok()
+    };
+    send(&["--whole-file"]);
+    // Two of the large files change a little; the third and the small one do not.
+    for (i, old) in big.iter().take(2).enumerate() {
+        let mut bytes = old.clone();
+        bytes[MIB..MIB + 100].fill(i as u8);
+        std::fs::write(src.join(format!("big{i}")), bytes).unwrap();
+    }
+    let out = send(&["--delta"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("files_transferred"), 2, "{json}");
+    assert!(
+        out.json_u64("bytes_transferred") <= 2 * 2 * 64 * 1024,
+        "{json}"
+    );
+    for name in ["big0", "big1", "big2", "small"] {
+        assert_eq!(
+            sha256_file(&tree.root().join("t").join(name)),
+            sha256_file(&src.join(name)),
+            "{name}"
+        );
+    }
+}
+
+/// The daemon serves `new`; the client holds `old` at the output path (with another mtime) and
+/// fetches with `extra`; checks the output is `new` and returns the run's output.
+fn refetch(old: &[u8], new: &[u8], extra: &[&str]) -> XferOutput {
+    let tree = Tree::new();
+    std::fs::write(tree.root().join("g.bin"), new).unwrap();
+    let out_path = tree.out("g.bin");
+    std::fs::write(&out_path, old).unwrap();
+    xfer_tests::set_mtime(&out_path, 1_600_000_000);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let mut args = vec!["--json", "-c", "2"];
+    args.extend_from_slice(extra);
+    let out = XferRun::recv("g.bin", &daemon.addr(), &out_path, &args).wait_ok();
+    assert_eq!(
+        sha256_file(&out_path),
+        sha256_file(&tree.root().join("g.bin")),
+        "{}",
+        out.json()
+    );
+    assert!(!partial_path(&out_path).exists() && !journal_path(&out_path).exists());
+    out
+}
+
+#[test]
+fn a_download_fetches_only_what_changed_in_place_and_what_was_inserted() {
+    let old = noise(16 * MIB, 11);
+    let mut new = old[..3 * MIB].to_vec();
+    new.extend(noise(100_000, 12));
+    new.extend(&old[3 * MIB..]);
+    new[9 * MIB..9 * MIB + 5000].copy_from_slice(&noise(5000, 13));
+    let out = refetch(&old, &new, &["--delta"]);
+    check_delta(&out, new.len(), 100_000 + 6 * 64 * 1024);
+}
+
+#[test]
+fn a_download_of_an_unchanged_file_moves_no_data() {
+    let old = noise(8 * MIB, 14);
+    let out = refetch(&old, &old, &["--bwlimit", "100M"]);
+    check_delta(&out, old.len(), 0);
+    assert_eq!(out.json_u64("literal_bytes"), 0);
+}
+
+#[test]
+fn a_download_of_a_truncated_or_grown_file_fetches_only_the_new_tail() {
+    let old = noise(8 * MIB, 15);
+    let out = refetch(&old, &old[..5 * MIB + 3], &["--delta"]);
+    check_delta(&out, 5 * MIB + 3, 64 * 1024);
+    let mut grown = old.clone();
+    grown.extend(noise(MIB, 16));
+    let out = refetch(&old, &grown, &["--delta"]);
+    check_delta(&out, grown.len(), MIB + 64 * 1024);
+    let out = refetch(&old, &grown, &["--whole-file"]);
+    assert!(!delta(&out));
+    assert_eq!(out.json_u64("literal_bytes"), grown.len() as u64);
+}
+
+#[test]
+fn a_download_delta_resumes_after_the_client_is_killed() {
+    let size = 32 * MIB;
+    let tree = Tree::new();
+    let old = noise(size, 17);
+    let mut new = old[..size / 2].to_vec();
+    new.extend(noise(size / 2, 18));
+    std::fs::write(tree.root().join("r.bin"), &new).unwrap();
+    let out_path = tree.out("r.bin");
+    std::fs::write(&out_path, &old).unwrap();
+    let journal = journal_path(&out_path);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let slow = [
+        "--delta",
+        "--bwlimit",
+        "2M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::recv("r.bin", &daemon.addr(), &out_path, &slow);
+    wait_until(
+        GUARD,
+        "the copied half and 2 MiB more are journaled",
+        || {
+            let held = journal_held(&journal);
+            assert!(held >= (size / 2 + 2 * MIB) as u64 || client.is_running());
+            held >= (size / 2 + 2 * MIB) as u64
+        },
+    );
+    client.kill();
+    let held = journal_held(&journal);
+    assert_eq!(
+        sha256_file(&out_path),
+        xfer_tests::sha256_bytes(&old),
+        "the old file stays"
+    );
+
+    let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
+    let out = XferRun::recv("r.bin", &daemon.addr(), &out_path, &fast).wait_ok();
+    let json = out.json();
+    assert!(out.json_u64("resumed_bytes") >= held, "{json}");
+    assert!(
+        out.json_u64("literal_bytes") <= size as u64 - held + 2 * 256 * 1024,
+        "{json}"
+    );
+    assert_eq!(sha256_file(&out_path), xfer_tests::sha256_bytes(&new));
+    assert!(!journal.exists() && !partial_path(&out_path).exists());
+}
