@@ -17,7 +17,8 @@
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
-# bench/out/compress), LOOPBACK=0 (skip the loopback rows).
+# bench/out/compress), LOOPBACK=0 (skip the loopback rows), PREPARE=1 (make the data and stop, so
+# that it is made outside the benchmark lock).
 set -euo pipefail
 # Descriptors inherited from the caller (`flock`'s lock among them) are closed, so that the
 # emulator, which outlives a failed run, never keeps the benchmark lock held for everyone.
@@ -37,17 +38,21 @@ DOCS_MAX="$(parse_size "${DOCS_MAX:-512M}")"
 CAP="${COMPRESS_CAP:-120}"
 REPEAT="${REPEAT:-1}"
 LOOPBACK="${LOOPBACK:-1}"
+PREPARE="${PREPARE:-0}"
 DATA="${DATA:-csv random docs}"
 WORK="${COMPRESS_DIR:-$REPO/bench/out/compress}"
 [[ $EUID == 0 ]] || die "run as root (network namespaces)"
 WANEM_SRC=/work/shared/wanem
 [[ -d "$WANEM_SRC" ]] || WANEM_SRC="$REPO/../shared/wanem"
-export WAN_NS_A=wa WAN_NS_B=wb WANEM_RUN=/run/wanem
 IP_B=10.78.0.2
 WAN_ARGS=(--delay-ms 25 --loss 0.0001 --rate-mbit 500 --seed 1) # the system's congestion control
 
 mkdir -p "$WORK"/{src,srv,logs,conf}
+WORK="$(cd "$WORK" && pwd)"
 real_disk "$WORK"
+# Namespaces and a run directory of its own (as bench/mirror.sh), so that neither another
+# benchmark's emulator nor one it left behind can be taken for this one's.
+export WAN_NS_A=xc-a WAN_NS_B=xc-b WANEM_RUN="$WORK/wanem-run"
 LOGS="$WORK/logs"
 SRV="$WORK/srv"
 RESULTS="$WORK/results.tsv"
@@ -67,7 +72,7 @@ on_exit cleanup
 need rsync rsync rsync
 need scp /usr/sbin/sshd openssh-server
 ensure_apt zstd zstd
-xfer_binaries "$LOGS/build.log"
+[[ "$PREPARE" == 1 ]] || xfer_binaries "$LOGS/build.log"
 
 # --- data ---------------------------------------------------------------------------------------
 DOCS="$WORK/src/docs"
@@ -110,6 +115,10 @@ RAND="$WORK/src/random.bin"
 DOCS_BYTES="$(du -sb "$DOCS" | awk '{print $1}')"
 DOCS_FILES="$(find "$DOCS" -type f | wc -l)"
 CSV_ZSTD="$(zstd -1 -c "$CSV" | wc -c)"
+if [[ "$PREPARE" == 1 ]]; then
+    log "data ready in $WORK/src"
+    exit 0
+fi
 
 # --- servers -------------------------------------------------------------------------------------
 SSH_DIR="$WORK/conf/ssh"
@@ -177,7 +186,7 @@ unserve() {
 # run LINK DATA TOOL: one upload; appends a row to RESULTS.
 run() {
     local link="$1" data="$2" tool="$3" ns=() srv_ns=- addr=127.0.0.1 src bytes cmd wire="" capped=""
-    if [[ "$link" == wan ]]; then ns=(ip netns exec wa); srv_ns=wb; addr="$IP_B"; fi
+    if [[ "$link" == wan ]]; then ns=(ip netns exec "$WAN_NS_A"); srv_ns="$WAN_NS_B"; addr="$IP_B"; fi
     case "$data" in
         docs) src="$DOCS"; bytes="$DOCS_BYTES" ;;
         csv) src="$CSV"; bytes="$CSV_SIZE" ;;
@@ -217,11 +226,12 @@ print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
 }
 
 # --- runs ----------------------------------------------------------------------------------------
-# A private, writable copy of the emulator, as wan.sh makes it (shared/wanem is read-only).
+# A private copy of the emulator, as bench/mirror.sh makes it (shared/wanem is read-only; its
+# wan.sh builds next to itself).
 mkdir -p "$WORK/wanem"
-chmod u+w "$WORK/wanem"
-for f in wan.sh wanem.c; do install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"; done
-"$WORK/wanem/wan.sh" build >"$LOGS/wan-build.log" 2>&1 || die "building wanem failed"
+for f in wan.sh wanem.c; do
+    cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
+done
 WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
 "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
 for _ in $(seq "$REPEAT"); do
