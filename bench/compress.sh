@@ -17,7 +17,7 @@
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
-# bench/out/compress), LOOPBACK=0 (skip the loopback rows), PREPARE=1 (make the data and stop, so
+# bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
 # that it is made outside the benchmark lock).
 set -euo pipefail
 # Descriptors inherited from the caller (`flock`'s lock among them) are closed, so that the
@@ -38,6 +38,7 @@ DOCS_MAX="$(parse_size "${DOCS_MAX:-512M}")"
 CAP="${COMPRESS_CAP:-120}"
 REPEAT="${REPEAT:-1}"
 LOOPBACK="${LOOPBACK:-1}"
+WAN="${WAN:-1}"
 PREPARE="${PREPARE:-0}"
 DATA="${DATA:-csv random docs}"
 WORK="${COMPRESS_DIR:-$REPO/bench/out/compress}"
@@ -228,21 +229,23 @@ print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
 # --- runs ----------------------------------------------------------------------------------------
 # A private copy of the emulator, as bench/mirror.sh makes it (shared/wanem is read-only; its
 # wan.sh builds next to itself).
-mkdir -p "$WORK/wanem"
-for f in wan.sh wanem.c; do
-    cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
-done
-WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
-"$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
-for _ in $(seq "$REPEAT"); do
-    for data in $DATA; do
-        for tool in xfer-off xfer-auto rsync scp; do
-            run wan "$data" "$tool"
+if [[ "$WAN" == 1 ]]; then
+    mkdir -p "$WORK/wanem"
+    for f in wan.sh wanem.c; do
+        cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
+    done
+    WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
+    "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
+    for _ in $(seq "$REPEAT"); do
+        for data in $DATA; do
+            for tool in xfer-off xfer-auto rsync scp; do
+                run wan "$data" "$tool"
+            done
         done
     done
-done
-"$WORK/wanem/wan.sh" down >"$LOGS/wan-down.log" 2>&1 || true
-WAN_IS_UP=0
+    "$WORK/wanem/wan.sh" down >"$LOGS/wan-down.log" 2>&1 || true
+    WAN_IS_UP=0
+fi
 if [[ "$LOOPBACK" == 1 ]]; then
     for _ in $(seq "$REPEAT"); do
         for data in $DATA; do
