@@ -96,8 +96,9 @@ path, size = sys.argv[1], int(sys.argv[2])
 rng = random.Random(42)
 cities = ["Lisbon", "Oslo", "Lyon", "Turin", "Graz", "Ghent", "Porto", "Bergen", "Aarhus", "Brno"]
 with open(path, "w") as f:
-    f.write("id,timestamp,customer,city,amount,currency,status,note\n")
-    written, row = 0, 0
+    header = "id,timestamp,customer,city,amount,currency,status,note\n"
+    f.write(header)
+    written, row = len(header), 0
     while written < size:
         lines = []
         for _ in range(10000):
@@ -141,7 +142,8 @@ serve() {
     rm -rf "$SRV" && mkdir -p "$SRV"
     case "$3" in
         xfer-*)
-            "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
+            # Off loopback xferd wants a token or an explicit --allow-anonymous.
+            "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --allow-anonymous --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
             SERVER_PID=$! ;;
         rsync)
             rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
