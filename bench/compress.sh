@@ -17,7 +17,8 @@
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
-# bench/out/compress), LOOPBACK=0 (skip the loopback rows).
+# bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
+# that it is made outside the benchmark lock).
 set -euo pipefail
 # Descriptors inherited from the caller (`flock`'s lock among them) are closed, so that the
 # emulator, which outlives a failed run, never keeps the benchmark lock held for everyone.
@@ -37,17 +38,22 @@ DOCS_MAX="$(parse_size "${DOCS_MAX:-512M}")"
 CAP="${COMPRESS_CAP:-120}"
 REPEAT="${REPEAT:-1}"
 LOOPBACK="${LOOPBACK:-1}"
+WAN="${WAN:-1}"
+PREPARE="${PREPARE:-0}"
 DATA="${DATA:-csv random docs}"
 WORK="${COMPRESS_DIR:-$REPO/bench/out/compress}"
 [[ $EUID == 0 ]] || die "run as root (network namespaces)"
 WANEM_SRC=/work/shared/wanem
 [[ -d "$WANEM_SRC" ]] || WANEM_SRC="$REPO/../shared/wanem"
-export WAN_NS_A=wa WAN_NS_B=wb WANEM_RUN=/run/wanem
 IP_B=10.78.0.2
 WAN_ARGS=(--delay-ms 25 --loss 0.0001 --rate-mbit 500 --seed 1) # the system's congestion control
 
 mkdir -p "$WORK"/{src,srv,logs,conf}
+WORK="$(cd "$WORK" && pwd)"
 real_disk "$WORK"
+# Namespaces and a run directory of its own (as bench/mirror.sh), so that neither another
+# benchmark's emulator nor one it left behind can be taken for this one's.
+export WAN_NS_A=xc-a WAN_NS_B=xc-b WANEM_RUN="$WORK/wanem-run"
 LOGS="$WORK/logs"
 SRV="$WORK/srv"
 RESULTS="$WORK/results.tsv"
@@ -67,7 +73,7 @@ on_exit cleanup
 need rsync rsync rsync
 need scp /usr/sbin/sshd openssh-server
 ensure_apt zstd zstd
-xfer_binaries "$LOGS/build.log"
+[[ "$PREPARE" == 1 ]] || xfer_binaries "$LOGS/build.log"
 
 # --- data ---------------------------------------------------------------------------------------
 DOCS="$WORK/src/docs"
@@ -90,8 +96,9 @@ path, size = sys.argv[1], int(sys.argv[2])
 rng = random.Random(42)
 cities = ["Lisbon", "Oslo", "Lyon", "Turin", "Graz", "Ghent", "Porto", "Bergen", "Aarhus", "Brno"]
 with open(path, "w") as f:
-    f.write("id,timestamp,customer,city,amount,currency,status,note\n")
-    written, row = 0, 0
+    header = "id,timestamp,customer,city,amount,currency,status,note\n"
+    f.write(header)
+    written, row = len(header), 0
     while written < size:
         lines = []
         for _ in range(10000):
@@ -110,6 +117,10 @@ RAND="$WORK/src/random.bin"
 DOCS_BYTES="$(du -sb "$DOCS" | awk '{print $1}')"
 DOCS_FILES="$(find "$DOCS" -type f | wc -l)"
 CSV_ZSTD="$(zstd -1 -c "$CSV" | wc -c)"
+if [[ "$PREPARE" == 1 ]]; then
+    log "data ready in $WORK/src"
+    exit 0
+fi
 
 # --- servers -------------------------------------------------------------------------------------
 SSH_DIR="$WORK/conf/ssh"
@@ -131,7 +142,8 @@ serve() {
     rm -rf "$SRV" && mkdir -p "$SRV"
     case "$3" in
         xfer-*)
-            "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
+            # Off loopback xferd wants a token or an explicit --allow-anonymous.
+            "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --allow-anonymous --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
             SERVER_PID=$! ;;
         rsync)
             rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
@@ -177,7 +189,7 @@ unserve() {
 # run LINK DATA TOOL: one upload; appends a row to RESULTS.
 run() {
     local link="$1" data="$2" tool="$3" ns=() srv_ns=- addr=127.0.0.1 src bytes cmd wire="" capped=""
-    if [[ "$link" == wan ]]; then ns=(ip netns exec wa); srv_ns=wb; addr="$IP_B"; fi
+    if [[ "$link" == wan ]]; then ns=(ip netns exec "$WAN_NS_A"); srv_ns="$WAN_NS_B"; addr="$IP_B"; fi
     case "$data" in
         docs) src="$DOCS"; bytes="$DOCS_BYTES" ;;
         csv) src="$CSV"; bytes="$CSV_SIZE" ;;
@@ -217,22 +229,25 @@ print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
 }
 
 # --- runs ----------------------------------------------------------------------------------------
-# A private, writable copy of the emulator, as wan.sh makes it (shared/wanem is read-only).
-mkdir -p "$WORK/wanem"
-chmod u+w "$WORK/wanem"
-for f in wan.sh wanem.c; do install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"; done
-"$WORK/wanem/wan.sh" build >"$LOGS/wan-build.log" 2>&1 || die "building wanem failed"
-WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
-"$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
-for _ in $(seq "$REPEAT"); do
-    for data in $DATA; do
-        for tool in xfer-off xfer-auto rsync scp; do
-            run wan "$data" "$tool"
+# A private copy of the emulator, as bench/mirror.sh makes it (shared/wanem is read-only; its
+# wan.sh builds next to itself).
+if [[ "$WAN" == 1 ]]; then
+    mkdir -p "$WORK/wanem"
+    for f in wan.sh wanem.c; do
+        cmp -s "$WANEM_SRC/$f" "$WORK/wanem/$f" || install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"
+    done
+    WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
+    "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
+    for _ in $(seq "$REPEAT"); do
+        for data in $DATA; do
+            for tool in xfer-off xfer-auto rsync scp; do
+                run wan "$data" "$tool"
+            done
         done
     done
-done
-"$WORK/wanem/wan.sh" down >"$LOGS/wan-down.log" 2>&1 || true
-WAN_IS_UP=0
+    "$WORK/wanem/wan.sh" down >"$LOGS/wan-down.log" 2>&1 || true
+    WAN_IS_UP=0
+fi
 if [[ "$LOOPBACK" == 1 ]]; then
     for _ in $(seq "$REPEAT"); do
         for data in $DATA; do

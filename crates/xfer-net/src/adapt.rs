@@ -99,6 +99,8 @@ pub struct Adapt {
     raw: u64,
     wire: u64,
     compressing: Duration,
+    /// Chunks of this phase that shrank.
+    shrunk: u32,
     off_rate: Option<f64>,
     on_rate: Option<f64>,
     ratio: f64,
@@ -122,6 +124,7 @@ impl Adapt {
             raw: 0,
             wire: 0,
             compressing: Duration::ZERO,
+            shrunk: 0,
             off_rate: None,
             on_rate: None,
             ratio: 1.0,
@@ -166,6 +169,7 @@ impl Adapt {
         self.wire += sent.wire;
         self.compressing += sent.compress;
         if sent.wire < sent.raw {
+            self.shrunk += 1;
             self.backoff = 1;
             self.chunks_at_level += 1;
         }
@@ -191,11 +195,15 @@ impl Adapt {
             Phase::Probe { .. } => PROBE,
             Phase::Keep { .. } => self.stretch,
         };
+        let ceiling = self.compress_ceiling();
         // A phase that moved nothing measured nothing: it goes on until it has.
-        if elapsed < length || self.raw == 0 {
+        if (elapsed < length && ceiling.is_none()) || self.raw == 0 {
             return;
         }
-        let rate = self.raw as f64 / elapsed.as_secs_f64();
+        let mut rate = self.raw as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+        if let Some(ceiling) = ceiling {
+            rate = rate.min(ceiling);
+        }
         if on {
             self.on_rate = Some(rate);
             if self.raw > 0 {
@@ -228,7 +236,24 @@ impl Adapt {
         self.raw = 0;
         self.wire = 0;
         self.compressing = Duration::ZERO;
+        self.shrunk = 0;
         self.chunks_at_level = 0;
+    }
+
+    /// During a probe with compression on, the most raw bytes per second all the CPUs could
+    /// compress at the rate measured so far, once that already falls short of the off side:
+    /// the probe has its answer and ends, so that a fast link (loopback) pays for a few
+    /// chunks, not for a whole probe.
+    fn compress_ceiling(&self) -> Option<f64> {
+        let off_rate = self.off_rate?;
+        if self.phase != (Phase::Probe { on: true })
+            || self.shrunk < 2
+            || self.compressing.is_zero()
+        {
+            return None;
+        }
+        let ceiling = self.raw as f64 / self.compressing.as_secs_f64() * self.cpus;
+        (ceiling < off_rate * MARGIN).then_some(ceiling)
     }
 
     fn adjust_level(&mut self, elapsed: Duration) {
@@ -290,6 +315,35 @@ mod tests {
         let mut adapt = Adapt::new(2);
         run(&mut adapt, start, Duration::from_secs(10), 2e9, 500e6);
         assert!(!adapt.decision().expect("decided").on);
+    }
+
+    #[test]
+    fn a_probe_ends_early_when_the_cpus_cannot_compress_as_fast_as_off_moves() {
+        let start = Instant::now();
+        let mut adapt = Adapt::new(2);
+        let mut now = start;
+        let mut compressed = 0;
+        // Off moves 2 GB/s; one CPU compresses 400 MB/s, two at most 800 MB/s.
+        while adapt.decision().is_none() {
+            let wire = match adapt.choose(now) {
+                Choice::Raw => {
+                    now += Duration::from_secs_f64(MIB as f64 / 2e9);
+                    MIB
+                }
+                Choice::Compress { .. } => {
+                    compressed += 1;
+                    now += Duration::from_secs_f64(MIB as f64 / 400e6);
+                    MIB / 4
+                }
+            };
+            adapt.sent(Sent {
+                raw: MIB,
+                wire,
+                compress: Duration::from_secs_f64(MIB as f64 / 400e6),
+            });
+        }
+        assert!(!adapt.decision().unwrap().on);
+        assert_eq!(compressed, 2, "the on probe ends after two chunks");
     }
 
     #[test]
