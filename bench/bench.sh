@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Loopback benchmark: xfer (1, 4, 8 connections and without -c, upload and download) against a raw single TCP
-# stream (socat), an rsync daemon and GridFTP (globus-url-copy -p 1 and -p 4), on one machine. Not a
+# Loopback benchmark: xfer (1, 4, 8 connections and without -c, upload and download; plain and over
+# TLS) against a raw single TCP stream (socat), an rsync daemon, GridFTP (globus-url-copy -p 1 and
+# -p 4) and scp (AES-128-GCM), on one machine. Not a
 # test: run it by hand.
 #
 #   bench/bench.sh                      # 2 GiB file, every tool, best of 1
@@ -12,8 +13,11 @@
 #   REPEAT        runs per measurement, the fastest is reported; default 1
 #   CONNS         xfer connection counts, `auto` for xfer without -c (its adaptive pool; the
 #                 report compares it with the best fixed -c); default "1 4 8 auto"
-#   BENCH_TOOLS   which tools to run, any of "raw rsync gridftp xfer tls"; default all five ("tls"
-#                 is xfer -c 4 over TLS, to show what encryption costs)
+#   BENCH_TOOLS   which tools to run, any of "raw rsync gridftp xfer tls scp"; default all six
+#                 ("tls" is xfer over TLS, compared with plain xfer at the same pool; "scp" is
+#                 scp -c aes128-gcm@openssh.com to a throwaway sshd on 127.0.0.1)
+#   TLS_CONNS     xfer connection counts for the TLS rows; default "auto" (no -c, the default
+#                 pool); each needs a plain xfer row of the same count in CONNS to compare with
 #   BENCH_CHUNK   passed to xfer as --chunk-size if set; the memory target uses it (default 4M)
 #   SOCAT_BLOCK   socat's -b (bytes per read/write); default 1048576. socat's own 8192 makes a
 #                 weaker baseline (about half the loopback rate on the 2-core machine here)
@@ -54,13 +58,14 @@ SIZE_SPEC="${BENCH_SIZE:-2G}"
 WORK="${BENCH_DIR:-$REPO/bench/out}"
 REPEAT="${REPEAT:-1}"
 CONNS="${CONNS:-1 4 8 auto}"
-TOOLS="${BENCH_TOOLS:-raw rsync gridftp xfer tls}"
+TOOLS="${BENCH_TOOLS:-raw rsync gridftp xfer tls scp}"
+TLS_CONNS="${TLS_CONNS:-auto}"
 SOCAT_BLOCK="${SOCAT_BLOCK:-1048576}"
 GRIDFTP_STREAMS="${GRIDFTP_STREAMS:-1 4}"
 GRIDFTP_BLOCK="${GRIDFTP_BLOCK:-1048576}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 KEEP="${KEEP:-0}"
-for n in $CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS: $n is neither a number nor auto"; done
+for n in $CONNS $TLS_CONNS; do [[ "$n" =~ ^[0-9]+$ || "$n" == auto ]] || die "CONNS/TLS_CONNS: $n is neither a number nor auto"; done
 for n in $GRIDFTP_STREAMS; do [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "GRIDFTP_STREAMS: $n is not a positive number"; done
 [[ "$GRIDFTP_BLOCK" =~ ^[1-9][0-9]*$ ]] || die "GRIDFTP_BLOCK: $GRIDFTP_BLOCK is not a number of bytes"
 
@@ -75,6 +80,11 @@ ensure_apt /usr/bin/time time
 ensure_apt ss iproute2
 has_tool raw && ensure_apt socat socat
 has_tool rsync && ensure_apt rsync rsync
+# scp: a throwaway sshd on 127.0.0.1; when it cannot be installed its rows are n/a.
+if has_tool scp; then
+    need scp /usr/sbin/sshd openssh-server
+    need scp scp openssh-client
+fi
 # GridFTP is optional: when it cannot be installed its rows are n/a (NA[gridftp] says why).
 if has_tool gridftp; then
     need gridftp globus-url-copy globus-gass-copy-progs
@@ -367,6 +377,82 @@ run_gridftp() { # run_gridftp push|pull STREAMS
     rm -f "$dst"
 }
 
+# --- scp: AES-128-GCM to a throwaway sshd on an ephemeral port, a fresh one per run ------------
+SCP="scp aes128-gcm + fsync"
+SSH_DIR=""
+make_ssh_keys() { # a host key, a client key authorized for root, and the sshd configuration
+    SSH_DIR="$WORK/ssh"
+    rm -rf "$SSH_DIR"
+    mkdir -p "$SSH_DIR" /run/sshd
+    chmod 700 "$SSH_DIR"
+    ssh-keygen -q -t ed25519 -N '' -f "$SSH_DIR/host_key"
+    ssh-keygen -q -t ed25519 -N '' -f "$SSH_DIR/client_key"
+    cp "$SSH_DIR/client_key.pub" "$SSH_DIR/authorized_keys"
+    cat >"$SSH_DIR/sshd_config" <<CONF
+HostKey $SSH_DIR/host_key
+AuthorizedKeysFile $SSH_DIR/authorized_keys
+ListenAddress 127.0.0.1
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile none
+Ciphers aes128-gcm@openssh.com
+Subsystem sftp internal-sftp
+CONF
+}
+
+run_scp() { # run_scp push|pull
+    local mode="$1" dst dir t0 wall port tpid rc=0 kind="scp-$1" from to
+    if [[ -n "${NA[scp]:-}" ]]; then
+        record_na "$SCP" "$([[ "$mode" == push ]] && echo upload || echo download)" 1 "${NA[scp]}"
+        return 0
+    fi
+    [[ -n "$SSH_DIR" ]] || make_ssh_keys
+    if [[ "$mode" == push ]]; then
+        dst="$WORK/srv/scp.bin"
+        dir=upload
+        from="$SRC"
+        to="root@127.0.0.1:$dst"
+    else
+        dst="$WORK/dst/scp.bin"
+        dir=download
+        from="root@127.0.0.1:$WORK/srv/src.bin"
+        to="$dst"
+    fi
+    rm -f "$dst"
+    settle
+    port="$(free_port)"
+    # -D: no detaching, so /usr/bin/time sees it and the session processes it reaps.
+    /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind-server.time" \
+        /usr/sbin/sshd -D -e -p "$port" -f "$SSH_DIR/sshd_config" 2>"$LOGS/$kind-server.err" &
+    tpid=$!
+    PIDS+=("$tpid")
+    wait_listening "$port"
+    t0="$(now_ns)"
+    /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.time" \
+        timeout -k 5 "$RUN_TIMEOUT" scp -q -c aes128-gcm@openssh.com -P "$port" -i "$SSH_DIR/client_key" \
+        -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+        "$from" "$to" >"$LOGS/$kind.out" 2>"$LOGS/$kind.err" || rc=$?
+    if ((rc == 0)); then
+        sync "$dst"
+        wall="$(secs_since "$t0")"
+    fi
+    kill -TERM "$(child_of "$tpid")" 2>/dev/null || true
+    wait "$tpid" 2>/dev/null || true
+    forget_pid "$tpid"
+    if ((rc != 0)); then
+        record_na "$SCP" "$dir" 1 "scp exited with status $rc: $(tail -n2 "$LOGS/$kind.err") (logs: $LOGS/$kind*)"
+        return 0
+    fi
+    verify "$kind" "$dst"
+    record "$SCP" "$dir" 1 "$wall" \
+        "$(time_cpu "$LOGS/$kind.time")" "$(time_field "$LOGS/$kind.time" 2)" \
+        "$(time_cpu "$LOGS/$kind-server.time")" "$(time_field "$LOGS/$kind-server.time" 2)"
+    rm -f "$dst"
+}
+
 # --- xfer: a fresh xferd per run, so its VmHWM and CPU belong to that run alone -----------------
 XFERD_PID=""
 XFERD_ADDR=""
@@ -450,8 +536,12 @@ for rep in $(seq "$REPEAT"); do
     fi
     if has_tool tls; then
         [[ -n "$TLS_DIR" ]] || make_tls_certs
-        run_xfer send 4 tls
-        run_xfer recv 4 tls
+        for n in $TLS_CONNS; do run_xfer send "$n" tls; done
+        for n in $TLS_CONNS; do run_xfer recv "$n" tls; done
+    fi
+    if has_tool scp; then
+        run_scp push
+        run_scp pull
     fi
 done
 

@@ -21,6 +21,7 @@ GIB = 1 << 30
 RAW = "raw pipe (socat) + fsync"
 RSYNC = "rsync daemon + fsync"
 GRIDFTP = "GridFTP + fsync"
+SCP = "scp aes128-gcm + fsync"
 XFER_TOOLS = ("xfer", "xfer (TLS)")
 # Targets, from the project's issues: throughput against the raw pipe and rsync, and CPU per
 # GiB of xfer's default (no -c) against the raw pipe's and below rsync's and GridFTP's.
@@ -30,6 +31,9 @@ CPU_VS_RAW = 1.5
 MEM_BASE_MIB = 64
 # xfer without -c against the best fixed -c in the same direction.
 VS_BEST_FIXED = 0.85
+# TLS against plain xfer at the same pool: throughput, and CPU per GiB of client and server.
+TLS_VS_PLAIN = 0.8
+TLS_CPU_VS_PLAIN = 1.5
 AUTO = "auto"
 
 
@@ -298,11 +302,31 @@ def main():
             )
     cpu_targets(rows, raw, target)
     for r in [r for r in rows if r["tool"] == "xfer (TLS)"]:
-        plain = [x for x in xfer_rows if x["direction"] == r["direction"] and x["conns"] == r["conns"]]
-        if plain:
+        plain = next((x for x in xfer_rows if x["direction"] == r["direction"] and x["conns"] == r["conns"]), None)
+        label = f"xfer (TLS) {r['direction']} -c {conns_label(r)}"
+        if not plain:
+            print(f"- n/a: {label}: no plain xfer row at the same pool to compare with")
+            continue
+        ratio = r["mibps"] / plain["mibps"]
+        target(
+            ratio >= TLS_VS_PLAIN,
+            f"{label} >= {TLS_VS_PLAIN} x plain: {r['mibps']:.0f} vs {plain['mibps']:.0f} MiB/s, ratio {ratio:.2f}",
+        )
+        cpu_tls, cpu_plain = r["ccpu"] + r["scpu"], plain["ccpu"] + plain["scpu"]
+        cpu_ratio = cpu_tls / cpu_plain if cpu_plain > 0 else float("inf")
+        target(
+            cpu_ratio <= TLS_CPU_VS_PLAIN,
+            f"{label} CPU/GiB (client + server) <= {TLS_CPU_VS_PLAIN} x plain: {cpu_tls / gib:.2f} vs "
+            f"{cpu_plain / gib:.2f} s/GiB, ratio {cpu_ratio:.2f} (client {r['ccpu'] / gib:.2f} vs "
+            f"{plain['ccpu'] / gib:.2f}, server {r['scpu'] / gib:.2f} vs {plain['scpu'] / gib:.2f})",
+        )
+    for r in [r for r in rows if r["tool"] == SCP]:
+        tls = next((x for x in rows if x["tool"] == "xfer (TLS)" and x["direction"] == "upload"), None)
+        if tls:
             print(
-                f"- TLS cost, {r['direction']} -c {r['conns']}: TLS/raw throughput ratio "
-                f"{r['mibps'] / plain[0]['mibps']:.2f} ({r['mibps']:.0f} vs {plain[0]['mibps']:.0f} MiB/s)"
+                f"- xfer (TLS) upload -c {conns_label(tls)} vs scp (AES-128-GCM): "
+                f"{tls['mibps']:.0f} vs {r['mibps']:.0f} MiB/s, ratio {tls['mibps'] / r['mibps']:.2f}; CPU/GiB "
+                f"{(tls['ccpu'] + tls['scpu']) / gib:.2f} vs {(r['ccpu'] + r['scpu']) / gib:.2f} s/GiB"
             )
     for r in xfer_rows:
         conns = r["conns"] if r["conns"] != AUTO else (r["used"] or 16)

@@ -140,3 +140,195 @@ fn a_misspelt_local_file_or_a_file_given_to_r_fails_before_connecting() {
     let line = run(&["send", "-r", file.to_str().unwrap(), &addr]).error_line();
     assert!(line.contains("is not a directory: drop -r"), "{line}");
 }
+
+/// A listener that accepts connections and never says a word: another service on the port, or
+/// a hung daemon. Its connections are held open until the test process ends.
+fn silent_listener() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.extend(conn.ok());
+        }
+    });
+    addr
+}
+
+#[test]
+fn every_command_to_a_daemon_that_never_answers_ends_naming_it() {
+    let tree = Tree::new();
+    let src = tree.src("a.bin");
+    random_file(&src, 1000, 5);
+    let addr = silent_listener();
+    let dst = format!("127.0.0.1:{}:b.bin", closed_port());
+    let from = format!("{addr}:a.bin");
+    let [src, dir, out] =
+        [src, tree.src(""), tree.out("a.bin")].map(|p| p.to_str().unwrap().to_owned());
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["send", &src, &addr, "--retry-deadline", PATIENT],
+        // The TLS handshake: the request for it is never answered.
+        vec!["send", &src, &addr, "--tls", "--retry-deadline", PATIENT],
+        vec!["send", "-r", &dir, &addr, "--retry-deadline", PATIENT],
+        vec![
+            "recv",
+            "a.bin",
+            &addr,
+            "-o",
+            &out,
+            "--retry-deadline",
+            PATIENT,
+        ],
+        vec![
+            "recv",
+            "-r",
+            "d",
+            &addr,
+            "-o",
+            &out,
+            "--retry-deadline",
+            PATIENT,
+        ],
+        vec!["ls", &addr],
+        vec!["copy", &from, &dst],
+    ];
+    // Side by side: each waits out the handshake's timeout.
+    let runs: Vec<_> = runs
+        .into_iter()
+        .map(|args| {
+            let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+            std::thread::spawn(move || run(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        })
+        .collect();
+    for run in runs {
+        let line = run.join().unwrap().error_line();
+        assert!(
+            line.contains(&format!("cannot connect to {addr}")),
+            "{line}"
+        );
+        assert!(line.contains("no handshake answer"), "{line}");
+    }
+    assert!(!tree.out("a.bin").exists());
+}
+
+#[test]
+fn a_misspelt_remote_name_is_named_in_one_line() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    std::fs::create_dir_all(tree.path().join("other")).unwrap();
+    let other = Daemon::start(&tree.path().join("other"), &[]);
+    let out = tree.out("x");
+    let out = out.to_str().unwrap();
+    let from = format!("{addr}:typo.bin");
+    let to = format!("{}:b.bin", other.addr());
+    for args in [
+        &[
+            "recv",
+            "typo.bin",
+            &addr,
+            "-o",
+            out,
+            "--retry-deadline",
+            PATIENT,
+        ][..],
+        &[
+            "recv",
+            "-r",
+            "typo.bin",
+            &addr,
+            "-o",
+            out,
+            "--retry-deadline",
+            PATIENT,
+        ],
+        &["ls", &format!("{addr}:typo.bin")],
+        &["copy", &from, &to],
+    ] {
+        let line = run(args).error_line();
+        assert!(line.contains("typo.bin"), "{line}");
+    }
+    assert!(!tree.out("x").exists());
+}
+
+#[test]
+fn a_wrong_token_or_a_refused_grant_fails_every_command_in_one_line() {
+    let tree = Tree::new();
+    let token = tree.path().join("token");
+    std::fs::write(&token, "right-token\n").unwrap();
+    let token = token.to_str().unwrap();
+    let daemon = Daemon::start(&tree.root(), &["--token-file", token]);
+    std::fs::create_dir_all(tree.path().join("other")).unwrap();
+    let other = Daemon::start(&tree.path().join("other"), &["--token-file", token]);
+    let wrong = tree.path().join("wrong");
+    std::fs::write(&wrong, "wrong-token\n").unwrap();
+    let wrong = wrong.to_str().unwrap();
+    random_file(&tree.src("a.bin"), 1000, 6);
+    random_file(&daemon.root().join("here.bin"), 1000, 7);
+    let addr = daemon.addr();
+    let [dir, out] = [tree.src(""), tree.out("o")].map(|p| p.to_str().unwrap().to_owned());
+    let from = format!("{addr}:here.bin");
+    let to = format!("{}:b.bin", other.addr());
+    let t = "--token-file";
+    for args in [
+        &[
+            "send",
+            "-r",
+            &dir,
+            &addr,
+            t,
+            wrong,
+            "--retry-deadline",
+            PATIENT,
+        ][..],
+        &[
+            "recv",
+            "here.bin",
+            &addr,
+            "-o",
+            &out,
+            t,
+            wrong,
+            "--retry-deadline",
+            PATIENT,
+        ],
+        &[
+            "recv",
+            "-r",
+            "d",
+            &addr,
+            "-o",
+            &out,
+            t,
+            wrong,
+            "--retry-deadline",
+            PATIENT,
+        ],
+        &[
+            "copy",
+            &from,
+            &to,
+            "--src-token-file",
+            wrong,
+            "--dst-token-file",
+            token,
+        ],
+    ] {
+        let line = run(args).error_line();
+        assert!(line.contains("authentication failed"), "{line}");
+    }
+    // The destination refuses the grant the source was given: made from the wrong token.
+    let line = run(&[
+        "copy",
+        &from,
+        &to,
+        "--src-token-file",
+        token,
+        "--dst-token-file",
+        wrong,
+    ])
+    .error_line();
+    assert!(line.contains("authentication failed"), "{line}");
+    assert!(line.contains(&other.addr()), "{line}");
+    assert!(!other.root().join("b.bin").exists());
+}

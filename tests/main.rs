@@ -12,6 +12,7 @@ mod disk;
 mod failures;
 mod faults;
 mod knobs;
+mod ktls;
 mod limits;
 mod load;
 mod malformed;

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls;
 use xfer_net::sockopt::{self, SocketOptions};
+use xfer_net::tls::{ktls, TlsSocket};
 use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::client::{ClientConfig, ClientSession, HandshakeError, Step};
 use xfer_proto::{auth, ErrorCode, Frame, Welcome};
@@ -102,9 +103,11 @@ impl Connector {
     ) -> Result<tokio_rustls::TlsConnector, ClientError> {
         let roots = crate::trust::Trust::roots(ca)?
             .ok_or_else(|| ClientError::Trust(format!("no system CA certificates found; {fix}")))?;
-        let config = rustls::ClientConfig::builder()
+        let mut config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Kernel TLS takes the keys over once the handshake is done.
+        config.enable_secret_extraction = true;
         Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 }
@@ -123,6 +126,22 @@ fn describe_io(e: &std::io::Error) -> String {
 /// How long a TCP connect may take before it counts as timed out: a host that drops SYNs
 /// otherwise holds a command for the kernel's two minutes of retransmissions.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a connected daemon may take to finish the handshake (TLS included): something that
+/// accepts TCP but never answers (another service, a hung daemon) otherwise holds a command
+/// forever.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The error for a peer that accepted the connection but did not finish the handshake.
+fn silent(target: &Target) -> ClientError {
+    ClientError::Connect {
+        addr: target.to_string(),
+        reason: format!(
+            "connected, but no handshake answer within {} s; is it xferd on that port?",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ),
+    }
+}
 
 async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, ClientError> {
     let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
@@ -297,7 +316,7 @@ async fn start_tls(
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
-    let socket = Metered::new(socket, meter, fd);
+    let socket = TlsSocket::new(Metered::new(socket, meter, fd));
     let stream = tls
         .connect(name, socket)
         .await
@@ -308,11 +327,23 @@ async fn start_tls(
             Some(refused) => ClientError::Trust(refused.to_string()),
             None => ClientError::Tls(e.to_string()),
         })?;
-    let (read, write) = tokio::io::split(stream);
-    Ok((
-        FrameReader::new(Box::new(read)),
-        FrameWriter::new(Box::new(write)),
-    ))
+    let enabled = ktls::enable(stream.into(), Some(fd)).map_err(xfer_proto::ProtoError::Io)?;
+    Ok(match enabled {
+        ktls::Enabled::Kernel(socket, early) => {
+            let (read, write) = tokio::io::split(socket);
+            (
+                FrameReader::new(Box::new(ktls::KernelRead::new(read, early))),
+                FrameWriter::new(Box::new(ktls::KernelWrite { inner: write, fd })),
+            )
+        }
+        ktls::Enabled::Userspace(stream, _) => {
+            let (read, write) = tokio::io::split(*stream);
+            (
+                FrameReader::new(Box::new(read)),
+                FrameWriter::new(Box::new(write)),
+            )
+        }
+    })
 }
 
 impl Session {
@@ -371,6 +402,22 @@ impl Session {
         offer: u64,
     ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            Self::handshake(socket, target, connector, tls, offer),
+        )
+        .await
+        .unwrap_or_else(|_| Err(silent(target)))
+    }
+
+    /// The handshake over a connected `socket`: TLS if `tls`, then `Hello` to `Welcome`.
+    async fn handshake(
+        socket: TcpStream,
+        target: &Target,
+        connector: &Connector,
+        tls: Option<&tokio_rustls::TlsConnector>,
+        offer: u64,
+    ) -> Result<Self, ClientError> {
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let meter = connector.meter.clone();
@@ -469,7 +516,13 @@ impl Session {
             offer: 0,
         };
         let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
-        match start_tls(socket, target, &tls, None, &mut handshake).await {
+        let started = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            start_tls(socket, target, &tls, None, &mut handshake),
+        )
+        .await
+        .unwrap_or_else(|_| Err(silent(target)));
+        match started {
             Ok((_, mut writer)) => {
                 let _ = writer.shutdown().await;
                 Ok(true)

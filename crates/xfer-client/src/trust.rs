@@ -265,12 +265,14 @@ impl Trust {
             ca,
             provider: Arc::clone(&provider),
         };
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::Trust(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
+        // Kernel TLS takes the keys over once the handshake is done.
+        config.enable_secret_extraction = true;
         Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 }

@@ -7,6 +7,8 @@
 //!   the `auto` policy that decides when compressing pays.
 //! - [`sockopt`]: [`SocketOptions`], send and receive buffers and congestion control, and what
 //!   `TCP_INFO` says about a connection.
+//! - [`tls`]: the socket beneath a rustls session ([`tls::TlsSocket`]) and kernel TLS
+//!   ([`tls::ktls`]).
 //!
 //! Invariant: nothing here opens a connection; callers hand in a socket or its halves.
 #![warn(missing_docs)]
@@ -14,6 +16,7 @@
 pub mod adapt;
 pub mod compress;
 pub mod sockopt;
+pub mod tls;
 pub mod wire;
 
 pub use compress::{inflate, Compression, Compressor};

@@ -149,10 +149,14 @@ impl Tls {
         }
         let key = PrivateKeyDer::from_pem_file(key)
             .with_context(|| format!("reading the private key from {}", key.display()))?;
-        let config = tokio_rustls::rustls::ServerConfig::builder()
+        let mut config = tokio_rustls::rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .context("certificate and key do not fit together")?;
+        // Kernel TLS takes the keys over once the handshake is done; it would see tickets as
+        // records it cannot hand over, and no client resumes a session anyway.
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
         Ok(Self(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
 }

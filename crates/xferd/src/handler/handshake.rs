@@ -3,6 +3,7 @@
 //! reads and writes.
 
 use tracing::{debug, info};
+use xfer_net::tls::{ktls, TlsSocket};
 use xfer_net::{FrameReader, FrameWriter};
 use xfer_proto::session::Handshake;
 use xfer_proto::{ErrorCode, Frame, ProtoError};
@@ -41,16 +42,30 @@ pub(super) async fn start_tls<S: Transport>(
     if let Err(e) = FrameWriter::new(&mut socket).send(&Frame::StartTls).await {
         return Err((e.into(), None));
     }
-    let tls = match within(deadline, acceptor.0.accept(socket)).await {
+    let fd = socket.fd();
+    let tls = match within(deadline, acceptor.0.accept(TlsSocket::new(socket))).await {
         None => return Err((fatal(ErrorCode::Protocol, "TLS handshake timed out"), None)),
         Some(Err(e)) => return Err((ProtoError::Io(e).into(), None)),
         Some(Ok(tls)) => tls,
     };
-    let (read, write) = tokio::io::split(tls);
-    Ok((
-        FrameReader::new(Box::new(read)),
-        FrameWriter::new(Box::new(write)),
-    ))
+    match ktls::enable(tls.into(), fd) {
+        Err(e) => Err((ProtoError::Io(e).into(), None)),
+        Ok(ktls::Enabled::Kernel(socket, early)) => {
+            let (read, write) = tokio::io::split(socket);
+            let fd = fd.expect("the kernel took a socket");
+            Ok((
+                FrameReader::new(Box::new(ktls::KernelRead::new(read, early))),
+                FrameWriter::new(Box::new(ktls::KernelWrite { inner: write, fd })),
+            ))
+        }
+        Ok(ktls::Enabled::Userspace(tls, _)) => {
+            let (read, write) = tokio::io::split(*tls);
+            Ok((
+                FrameReader::new(Box::new(read)),
+                FrameWriter::new(Box::new(write)),
+            ))
+        }
+    }
 }
 
 impl Handler {

@@ -132,9 +132,18 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
             FrameWriter::new(Box::new(write)),
         )
     }
+
+    /// The socket beneath, for kernel TLS; `None` for a stream that is not one.
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
+
     /// Owned halves: reading and writing share no lock.
     fn into_frames(self) -> (Reader, Writer) {
         let (read, write) = self.into_split();
