@@ -123,6 +123,10 @@ async fn list_remote_meta(
     });
     list_pages(session, &request, |frame| match frame {
         Frame::TreeMetaListing(page) => Ok((page.entries, page.more)),
+        Frame::PackedTreeMetaListing(packed) => {
+            let page = packed.unpack()?;
+            Ok((page.entries, page.more))
+        }
         other => Err(unexpected(other)),
     })
     .await
@@ -831,10 +835,13 @@ pub async fn send_tree_mirror(
     if let Some(meta) = &meta {
         meta.route_sparse(&mut small, &mut large);
     }
-    let written = MetaPlan::written([&dirs, &small, &large, &links]);
     let progress = Progress::new(&small, &large, opts);
     let small_count = small.len();
     let (first_pass, last_pass) = dir_passes(&dirs, &remote, &[&small, &large, &links], &removals);
+    // Of the directories, only those the copy makes, opens up or changes the contents of need
+    // their metadata set again: the others are left to the comparison with the receiver's.
+    let touched_dirs: Vec<TreeEntry> = last_pass.iter().map(|d| (*d).clone()).collect();
+    let written = MetaPlan::written([&touched_dirs, &small, &large, &links]);
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.

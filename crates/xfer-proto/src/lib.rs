@@ -47,6 +47,8 @@ pub const CAP_MIRROR: u64 = 1 << 4;
 /// Capability bit: tree copies keep owners, hard links, attributes, holes and special files
 /// (the `meta` frames, `Zeros`, link targets stored verbatim).
 pub const CAP_TREE_META: u64 = 1 << 5;
+/// Capability bit: tree listings with metadata travel zstd-compressed (`PackedTreeMetaListing`).
+pub const CAP_PACKED_LISTING: u64 = 1 << 7;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -353,7 +353,10 @@ impl<U, D> ServerSession<U, D> {
             0
         };
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
-        let granted = (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR)
+        let granted = (crate::CAP_TREE_META
+            | crate::CAP_DELETE
+            | crate::CAP_MIRROR
+            | crate::CAP_PACKED_LISTING)
             & self.client_capabilities;
         auth | tls | granted
     }
