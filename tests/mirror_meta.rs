@@ -365,10 +365,13 @@ fn specials_only_when_asked_for_and_no_xattrs_leaves_attributes_out() {
     );
     let specials = send_tree(&src, &daemon.addr(), "t", &["--specials"]).ok();
     assert_json(&specials, "entries_skipped", 0);
-    assert!(fs::symlink_metadata(tree.root().join("t/fifo"))
-        .unwrap()
-        .file_type()
-        .is_fifo());
+    let fifo = fs::symlink_metadata(tree.root().join("t/fifo")).unwrap();
+    assert!(fifo.file_type().is_fifo());
+    // A second run finds the FIFO in place and leaves it alone.
+    let again = send_tree(&src, &daemon.addr(), "t", &["--specials"]).ok();
+    assert_json(&again, "entries_skipped", 0);
+    let kept = fs::symlink_metadata(tree.root().join("t/fifo")).unwrap();
+    assert_eq!(kept.ino(), fifo.ino(), "the FIFO was made again");
 }
 
 /// A daemon without the privilege to chown keeps its own user, finishes the copy and counts

@@ -76,7 +76,7 @@ impl MetaPlan {
                     leaders.insert(e.meta.link_group, entry.path.clone());
                 }
                 EntryKind::Special if keep.wants(e.meta.st_mode) => {
-                    let same = plan.receiver.get(&entry.path).is_some_and(|r| {
+                    let same = receiver.get(&entry.path).is_some_and(|r| {
                         r.meta.st_mode & 0o170000 == e.meta.st_mode & 0o170000
                             && r.meta.rdev == e.meta.rdev
                     });

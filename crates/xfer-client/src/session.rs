@@ -598,7 +598,11 @@ fn handshake_failure(e: HandshakeError) -> ClientError {
     }
 }
 
-/// The error for a frame that does not belong where it arrived.
+/// The error for a frame that does not belong where it arrived; an `Error` frame is the
+/// remote's error.
 pub fn unexpected(frame: Frame) -> ClientError {
+    if let Frame::Error(e) = frame {
+        return ClientError::Remote(e);
+    }
     ClientError::Unexpected(frame.frame_type().name())
 }

@@ -123,6 +123,10 @@ async fn list_remote_meta(
     });
     list_pages(session, &request, |frame| match frame {
         Frame::TreeMetaListing(page) => Ok((page.entries, page.more)),
+        Frame::PackedTreeMetaListing(packed) => {
+            let page = packed.unpack()?;
+            Ok((page.entries, page.more))
+        }
         other => Err(unexpected(other)),
     })
     .await
@@ -163,7 +167,8 @@ fn keeps_meta(session: &Session) -> bool {
 
 /// Sends `requests` (each with the file bytes it moves, for `--bwlimit` and the in-flight
 /// bound) on `session` with up to `PIPELINE` requests and `PIPELINE_BYTES` in flight, checking
-/// each answer with `check` (answers come in request order).
+/// each answer with `check` (answers come in request order; an `Error` answer is passed on
+/// too, and [`unexpected`] makes it the remote's error).
 ///
 /// Requests are written and answers read side by side. Were the client to stop reading while
 /// it writes, a deep pipeline could block both ends at once: the server writing answers
@@ -224,7 +229,9 @@ where
     };
     let receive = async {
         while let Some(size) = answered.recv().await {
-            check(crate::session::next_frame(reader).await?)?;
+            // An error answer goes to `check` too: some requests may fail alone.
+            let answer = reader.read_frame().await?.ok_or(ClientError::Closed)?;
+            check(answer)?;
             budget.add_permits(size as usize);
         }
         Ok(())
@@ -382,6 +389,8 @@ struct Files<'a> {
     /// The tree's top on the server.
     top: &'a str,
     opts: &'a Options,
+    /// Connections already open, taken by the small-file workers before they open their own.
+    ready: Vec<Session>,
 }
 
 /// What one small-file connection of a tree copy works with.
@@ -400,7 +409,7 @@ impl Files<'_> {
     /// Runs `small_worker` on each small-file connection and `one_large` for each large file,
     /// and waits for all of them; the first error is returned.
     async fn run<W, WFut, L, LFut>(
-        &self,
+        self,
         small: Vec<TreeEntry>,
         large: &[TreeEntry],
         (summary, progress): (&mut TreeSummary, &Arc<Progress>),
@@ -408,24 +417,31 @@ impl Files<'_> {
         one_large: L,
     ) -> Result<(), ClientError>
     where
-        W: Fn(SmallFiles) -> WFut,
+        W: Fn(SmallFiles, Option<Session>) -> WFut,
         WFut: std::future::Future<Output = Result<(), ClientError>> + Send + 'static,
         L: FnMut(TreeEntry) -> LFut,
         LFut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
     {
         let queue = Arc::new(Mutex::new(VecDeque::from(small)));
+        let mut ready = self.ready;
         let mut workers = JoinSet::new();
         // Small files over the starting count: each is one round trip, pipelined, so more
         // connections add little; large files size their own pools.
         for _ in 0..self.opts.connections.initial() {
-            workers.spawn(small_worker(SmallFiles {
-                target: self.target.clone(),
-                connector: self.opts.connector.clone(),
-                local: self.local.clone(),
-                top: self.top.to_string(),
-                queue: Arc::clone(&queue),
-                progress: Arc::clone(progress),
-            }));
+            workers.spawn(small_worker(
+                SmallFiles {
+                    target: self.target.clone(),
+                    connector: self.opts.connector.clone(),
+                    local: self.local.clone(),
+                    top: self.top.to_string(),
+                    queue: Arc::clone(&queue),
+                    progress: Arc::clone(progress),
+                },
+                ready.pop(),
+            ));
+        }
+        for spare in ready {
+            spare.close().await;
         }
         let large_result = large_files(large, summary, progress, one_large).await;
         while let Some(joined) = workers.join_next().await {
@@ -433,6 +449,50 @@ impl Files<'_> {
         }
         large_result
     }
+}
+
+/// Connections opened beside a tree copy's first one for its files: none on a short path,
+/// where opening one later costs next to nothing.
+fn spare_connections(opts: &Options, rtt: Option<std::time::Duration>) -> usize {
+    match rtt {
+        Some(rtt) if rtt >= engine::LONG_PATH => opts.connections.initial_on(Some(rtt)) - 1,
+        _ => 0,
+    }
+}
+
+/// Opens up to `count` sessions at once; one that fails is left out (the copy opens its own
+/// later, or goes on with fewer).
+async fn preconnect(target: &Target, connector: &crate::Connector, count: usize) -> Vec<Session> {
+    let opens = (0..count).map(|_| Session::connect(target, connector));
+    futures_util::future::join_all(opens)
+        .await
+        .into_iter()
+        .filter_map(|opened| {
+            opened
+                .map_err(|e| tracing::debug!(error = %e, "a spare connection failed"))
+                .ok()
+        })
+        .collect()
+}
+
+/// Splits `files` into `parts` shares of about equal bytes (largest first, each to the lightest
+/// share), each in the order of `files`; none is empty unless there are fewer files than parts.
+fn split_by_size(files: Vec<TreeEntry>, parts: usize) -> Vec<Vec<TreeEntry>> {
+    let parts = parts.clamp(1, files.len().max(1));
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let mut load = vec![0u64; parts];
+    let mut share_of = vec![0usize; files.len()];
+    for i in order {
+        let lightest = (0..parts).min_by_key(|&p| load[p]).unwrap_or(0);
+        load[lightest] += files[i].size + 1;
+        share_of[i] = lightest;
+    }
+    let mut shares = vec![Vec::new(); parts];
+    for (file, share) in files.into_iter().zip(share_of) {
+        shares[share].push(file);
+    }
+    shares
 }
 
 /// Moves the large files of a tree, [`LARGE_AT_ONCE`] at a time, each through the chunked
@@ -721,9 +781,18 @@ pub async fn send_tree_mirror(
         tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
         Ok::<_, ClientError>(mirror.filter_source(walked))
     };
+    // Over a long path the files' connections are opened while the receiver lists its side:
+    // each starts with a congestion window of its own, and none costs a round trip later.
+    let spares = if mirror.dry_run {
+        0
+    } else {
+        spare_connections(opts, control.rtt)
+    };
     let list = list_listing(&mut control, dest, with_meta, checksum, keep);
-    let (walked, listed) = tokio::try_join!(walk, list)?;
-    tracing::debug!(entries = listed.len(), elapsed = ?started.elapsed(), "receiver listed");
+    let open_spares = preconnect(target, &opts.connector, spares);
+    let (walked, listed, mut spares) =
+        tokio::try_join!(walk, list, async { Ok(open_spares.await) })?;
+    tracing::debug!(entries = listed.len(), spares = spares.len(), elapsed = ?started.elapsed(), "receiver listed");
 
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
@@ -766,10 +835,13 @@ pub async fn send_tree_mirror(
     if let Some(meta) = &meta {
         meta.route_sparse(&mut small, &mut large);
     }
-    let written = MetaPlan::written([&dirs, &small, &large, &links]);
     let progress = Progress::new(&small, &large, opts);
     let small_count = small.len();
     let (first_pass, last_pass) = dir_passes(&dirs, &remote, &[&small, &large, &links], &removals);
+    // Of the directories, only those the copy makes, opens up or changes the contents of need
+    // their metadata set again: the others are left to the comparison with the receiver's.
+    let touched_dirs: Vec<TreeEntry> = last_pass.iter().map(|d| (*d).clone()).collect();
+    let written = MetaPlan::written([&touched_dirs, &small, &large, &links]);
 
     // Directories first (parents before children), so files have somewhere to go; writable
     // by their owner until the last pass gives them their own mode.
@@ -799,22 +871,34 @@ pub async fn send_tree_mirror(
     let few = large.is_empty()
         && small.len() <= PIPELINE
         && small.iter().map(|e| e.size).sum::<u64>() <= PIPELINE_BYTES as u64;
-    let (small, control) = if few {
-        let job = SmallFiles {
+    let (small, control, spares) = if few {
+        // Each connection takes a share of the bytes, so each window opens less far.
+        let mut sessions: Vec<&mut Session> = std::iter::once(&mut control)
+            .chain(spares.iter_mut())
+            .collect();
+        let shares = split_by_size(small, sessions.len());
+        let jobs = shares.into_iter().map(|share| SmallFiles {
             target: target.clone(),
             connector: opts.connector.clone(),
             local: local.clone(),
             top: dest.to_string(),
-            queue: Arc::new(Mutex::new(VecDeque::from(small))),
+            queue: Arc::new(Mutex::new(VecDeque::from(share))),
             progress: Arc::clone(&progress),
-        };
-        send_small_files_over(&mut control, &job).await?;
-        (Vec::new(), Some(control))
+        });
+        let sends = sessions
+            .iter_mut()
+            .zip(jobs)
+            .map(|(session, job)| async move { send_small_files_over(session, &job).await });
+        futures_util::future::try_join_all(sends).await?;
+        for spare in spares {
+            spare.close().await;
+        }
+        (Vec::new(), Some(control), Vec::new())
     } else {
         // The control connection would sit idle through the files; it is opened again at the
         // end.
         control.close().await;
-        (small, None)
+        (small, None, spares)
     };
 
     let large_opts = large_file_options(opts);
@@ -823,6 +907,7 @@ pub async fn send_tree_mirror(
         target,
         top: dest,
         opts,
+        ready: spares,
     };
     files
         .run(
@@ -849,31 +934,47 @@ pub async fn send_tree_mirror(
         Some(control) => control,
         None => connect_deleting(target, &opts.connector, mirror).await?,
     };
-    let link_frames = links.iter().map(|l| {
-        Frame::MakeLink(MakeLink {
-            name: join(dest, &l.path),
-            target: l.target.clone(),
+    let link_frames: Vec<Frame> = links
+        .iter()
+        .map(|l| {
+            Frame::MakeLink(MakeLink {
+                name: join(dest, &l.path),
+                target: l.target.clone(),
+            })
         })
-    });
-    pipeline(&mut control, None, link_frames.map(|f| (f, 0)), expect_done).await?;
+        .collect();
     // Every file and link arrived: now what the source lacks goes, then the directories get
     // their modes and mtimes, children first (adding and removing entries changed them), and
     // the receiver is flushed: one pipeline, carried out in order. With metadata, nodes and
-    // hard links come before the removals and every entry's metadata after them.
+    // hard links come with the links, before the removals, and every entry's metadata after
+    // them.
     let removed = delete(&removals.after);
-    let last = if let Some(meta) = &mut meta {
-        send_meta(&mut control, meta, dest, written, removed, &mut summary).await?;
-        Vec::new()
+    if let Some(meta) = &mut meta {
+        send_meta(
+            &mut control,
+            meta,
+            dest,
+            written,
+            (link_frames, removed),
+            &mut summary,
+        )
+        .await?;
     } else {
+        pipeline(
+            &mut control,
+            None,
+            link_frames.into_iter().map(|f| (f, 0)),
+            expect_done,
+        )
+        .await?;
         let mut last = make_dirs(&last_pass, 0);
         last.reverse();
-        removed
+        let finish = removed
             .into_iter()
             .chain(last.into_iter().map(|f| (f, 0)))
-            .collect()
-    };
-    let finish = last.into_iter().chain(std::iter::once((Frame::Sync, 0)));
-    pipeline(&mut control, None, finish, expect_done).await?;
+            .chain(std::iter::once((Frame::Sync, 0)));
+        pipeline(&mut control, None, finish, expect_done).await?;
+    }
     control.close().await;
     tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
 
@@ -884,75 +985,109 @@ pub async fn send_tree_mirror(
     Ok(summary)
 }
 
-/// Finishes a tree copy to a daemon that keeps metadata: hard links, special nodes, then every
-/// entry's owner, attributes, mode and mtime (directories last, deepest first).
+/// Finishes a tree copy to a daemon that keeps metadata in two pipelines: first the links,
+/// special nodes and hard links (a node the daemon refuses is skipped with a warning); once all
+/// of them arrived, the removals, every entry's owner, attributes, mode and mtime (directories
+/// last, deepest first), and the flush.
 async fn send_meta(
     control: &mut Session,
     meta: &mut MetaPlan,
     dest: &str,
     mut written: HashSet<String>,
-    removed: Vec<(Frame, u64)>,
+    (links, removed): (Vec<Frame>, Vec<(Frame, u64)>),
     summary: &mut TreeSummary,
 ) -> Result<(), ClientError> {
+    meta.settle_hard_links(&written, summary);
     let nodes = std::mem::take(&mut meta.nodes);
-    let mut made = Vec::new();
-    for node in nodes {
-        let request = Frame::MakeNode(xfer_proto::MakeNode {
+    let node_frames = nodes.iter().map(|node| {
+        Frame::MakeNode(xfer_proto::MakeNode {
             name: join(dest, &node.entry.path),
             st_mode: node.meta.st_mode,
             rdev: node.meta.rdev,
-        });
-        control.send(&request).await?;
-        match control.next().await {
-            Ok(Frame::Done(_)) => made.push(node),
-            Err(ClientError::Remote(e))
+        })
+    });
+    let hard_links = meta.hard_links.iter().map(|(name, existing)| {
+        Frame::MakeHardLink(xfer_proto::MakeHardLink {
+            name: join(dest, name),
+            existing: join(dest, existing),
+        })
+    });
+    let (link_count, node_count) = (links.len(), nodes.len());
+    let copy = links.into_iter().chain(node_frames).chain(hard_links);
+    // Answers come in request order: the `answered`-th is a node's when it falls among them.
+    let mut answered: usize = 0;
+    let mut made = vec![false; node_count];
+    let mut skipped = Vec::new();
+    pipeline(control, None, copy.map(|f| (f, 0)), |frame| {
+        let node = answered.checked_sub(link_count).filter(|&i| i < node_count);
+        answered += 1;
+        match (frame, node) {
+            (Frame::Done(_), Some(i)) => {
+                made[i] = true;
+                Ok(())
+            }
+            (Frame::Error(e), Some(i))
                 if e.error_code()
                     .is_some_and(xfer_proto::ErrorCode::is_request_level) =>
             {
-                eprintln!("xfer: warning: skipping {}: {e}", node.entry.path);
-                summary.entries_skipped += 1;
+                skipped.push((i, e));
+                Ok(())
             }
-            Ok(other) => return Err(unexpected(other)),
-            Err(e) => return Err(e),
+            (frame, _) => expect_done(frame),
         }
+    })
+    .await?;
+    for (i, e) in skipped {
+        eprintln!("xfer: warning: skipping {}: {e}", nodes[i].entry.path);
+        summary.entries_skipped += 1;
     }
+    let made: Vec<_> = nodes
+        .into_iter()
+        .zip(made)
+        .filter_map(|(node, made)| made.then_some(node))
+        .collect();
     written.extend(made.iter().map(|n| n.entry.path.clone()));
     meta.nodes = made;
-    meta.settle_hard_links(&written, summary);
-    let hard_links = meta.hard_links.iter().map(|(name, existing)| {
-        let frame = Frame::MakeHardLink(xfer_proto::MakeHardLink {
-            name: join(dest, name),
-            existing: join(dest, existing),
-        });
-        (frame, 0)
-    });
-    pipeline(control, None, hard_links, expect_done).await?;
     // What the source lacks goes once every entry arrived, before the directories get their
     // mtimes; no hard link or node needs it (their names are the source's).
-    pipeline(control, None, removed.into_iter(), expect_done).await?;
     let requests = meta.requests(dest, &written);
+    tracing::debug!(
+        removals = removed.len(),
+        set_meta = requests.len(),
+        "removing and setting metadata"
+    );
     let mut tally = Tally::default();
-    let frames = requests.into_iter().map(|r| (Frame::SetMeta(r), 0));
+    let frames = removed
+        .into_iter()
+        .chain(requests.into_iter().map(|r| (Frame::SetMeta(r), 0)))
+        .chain(std::iter::once((Frame::Sync, 0)));
     pipeline(control, None, frames, |frame| match frame {
         Frame::MetaSet(m) => {
             tally.count(&m.name, m.not_chowned, &m.xattrs_refused, summary);
             Ok(())
         }
-        other => Err(unexpected(other)),
+        other => expect_done(other),
     })
     .await
 }
 
-async fn send_small_files(job: SmallFiles) -> Result<(), ClientError> {
+/// Sends small files from `job`'s queue over `ready`, or a connection of its own.
+async fn send_small_files(job: SmallFiles, ready: Option<Session>) -> Result<(), ClientError> {
     if job
         .queue
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .is_empty()
     {
+        if let Some(ready) = ready {
+            ready.close().await;
+        }
         return Ok(());
     }
-    let mut session = Session::connect(&job.target, &job.connector).await?;
+    let mut session = match ready {
+        Some(session) => session,
+        None => Session::connect(&job.target, &job.connector).await?,
+    };
     send_small_files_over(&mut session, &job).await?;
     session.close().await;
     Ok(())
@@ -1112,6 +1247,7 @@ pub async fn recv_tree_mirror(
         target,
         top: name,
         opts,
+        ready: Vec::new(),
     };
     files
         .run(
@@ -1263,12 +1399,20 @@ async fn on_local<T: Send + 'static>(
     Ok(result?)
 }
 
-async fn recv_small_files(job: SmallFiles) -> Result<(), ClientError> {
+async fn recv_small_files(job: SmallFiles, ready: Option<Session>) -> Result<(), ClientError> {
     let (target, connector, local) = (&job.target, &job.connector, &job.local);
     let (name, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-    let Some(first) = pop() else { return Ok(()) };
-    let mut session = Session::connect(target, connector).await?;
+    let Some(first) = pop() else {
+        if let Some(ready) = ready {
+            ready.close().await;
+        }
+        return Ok(());
+    };
+    let mut session = match ready {
+        Some(session) => session,
+        None => Session::connect(target, connector).await?,
+    };
     // Entries asked for and not yet answered, oldest first.
     let asked = Mutex::new(VecDeque::new());
     let mut dirs = xfer_core::DirCache::default();

@@ -133,13 +133,18 @@ impl ClientSession {
         self.state == State::Done
     }
 
-    /// What the client offers: `CAP_TREE_META` and `CAP_COMPRESSION` always (this
-    /// implementation speaks them; an older server ignores the bits), `CAP_TLS` when it wants TLS, and the mirroring bits it was asked
-    /// to offer.
+    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION` and `CAP_PACKED_LISTING`
+    /// always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
+    /// when it wants TLS, and the mirroring bits it was asked to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
         let tls = if self.config.tls { CAP_TLS } else { 0 };
-        crate::CAP_TREE_META | crate::CAP_COMPRESSION | crate::CAP_DELTA | tls | offer
+        crate::CAP_TREE_META
+            | crate::CAP_COMPRESSION
+            | crate::CAP_DELTA
+            | crate::CAP_PACKED_LISTING
+            | tls
+            | offer
     }
 
     /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
@@ -232,7 +237,9 @@ impl ClientSession {
 mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
-    use crate::{Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_TREE_META};
+    use crate::{
+        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_LISTING, CAP_TREE_META,
+    };
     use std::time::{Duration, Instant};
 
     fn client(key: Option<&[u8]>, tls: bool) -> ClientSession {
@@ -288,7 +295,7 @@ mod tests {
         assert_eq!(welcome.version, PROTOCOL_VERSION);
         assert_eq!(
             welcome.capabilities,
-            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA
+            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
         );
     }
 
@@ -298,7 +305,7 @@ mod tests {
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
         assert_eq!(
             welcome.capabilities,
-            CAP_AUTH | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA
+            CAP_AUTH | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
         );
         assert!(c.is_done());
     }
@@ -322,7 +329,7 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH | CAP_TLS | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA
+            CAP_AUTH | CAP_TLS | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
         );
     }
 

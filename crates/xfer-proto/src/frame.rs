@@ -718,6 +718,9 @@ frame_types! {
     ListTreeMeta(ListTreeMeta) = 0x4e,
     /// [`TreeMetaListing`]
     TreeMetaListing(TreeMetaListing) = 0x4f,
+    /// [`PackedTreeMetaListing`](crate::PackedTreeMetaListing): a `TreeMetaListing`,
+    /// compressed (`CAP_PACKED_LISTING`)
+    PackedTreeMetaListing(crate::PackedTreeMetaListing) = 0x44,
     /// [`PutFile`]
     PutFile(PutFile) = 0x50,
     /// [`MakeDir`]
@@ -825,11 +828,11 @@ impl Frame {
     }
 }
 
-fn encode_body<T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
+pub(crate) fn encode_body<T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
     bincode::serde::encode_to_vec(body, wire()).map_err(|e| e.to_string())
 }
 
-fn decode_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(
     ty: FrameType,
     body: &[u8],
 ) -> Result<T, ProtoError> {

@@ -16,6 +16,10 @@ pub fn decode_frames(data: &[u8]) {
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(data);
     while let Ok(Some(frame)) = codec.decode_eof(&mut buf) {
+        // A packed listing is decompressed as a client would, within the limit.
+        if let Frame::PackedTreeMetaListing(packed) = &frame {
+            let _ = packed.unpack();
+        }
         let mut again = BytesMut::new();
         if frame.encode(&mut again).is_ok() {
             let back = FrameCodec::default().decode_eof(&mut again);
@@ -78,7 +82,8 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_DELETE
                         | crate::CAP_MIRROR
                         | crate::CAP_COMPRESSION
-                        | crate::CAP_DELTA;
+                        | crate::CAP_DELTA
+                        | crate::CAP_PACKED_LISTING;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.

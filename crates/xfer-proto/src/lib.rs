@@ -53,6 +53,8 @@ pub const CAP_TREE_META: u64 = 1 << 5;
 /// Capability bit: uploads may be sent as a delta against the file the server holds
 /// (`DeltaOpen`, `DeltaSig`).
 pub const CAP_DELTA: u64 = 1 << 6;
+/// Capability bit: tree listings with metadata travel zstd-compressed (`PackedTreeMetaListing`).
+pub const CAP_PACKED_LISTING: u64 = 1 << 7;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ByteRange, CopyDone, TreeEntry};
+use crate::{ByteRange, CopyDone, ProtoError, TreeEntry};
 
 /// Most holes one listing entry carries: a file with more is described by its largest ones.
 pub const MAX_HOLES: usize = 1024;
@@ -74,6 +74,51 @@ pub struct TreeMetaListing {
     pub entries: Vec<MetaEntry>,
     /// True when more `TreeMetaListing` frames follow.
     pub more: bool,
+}
+
+/// Server → client, with [`crate::CAP_PACKED_LISTING`] in force: a [`TreeMetaListing`] page
+/// whose body is one zstd frame. A listing's bytes repeat (owners, sizes, path prefixes), and
+/// over a long path every one of them costs time in slow start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedTreeMetaListing {
+    /// A zstd frame holding the body of a `TreeMetaListing` frame.
+    #[serde(with = "serde_bytes")]
+    pub zstd: Vec<u8>,
+}
+
+/// zstd level of a packed listing: fast, and most of the gain is had by then.
+const PACK_LEVEL: i32 = 3;
+
+impl PackedTreeMetaListing {
+    /// Compresses `page`.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadBody`] if the page cannot be encoded or compressed.
+    pub fn pack(page: &TreeMetaListing) -> Result<Self, ProtoError> {
+        let bad = |reason: String| ProtoError::BadBody {
+            kind: "PackedTreeMetaListing",
+            reason,
+        };
+        let body = crate::frame::encode_body(page).map_err(bad)?;
+        let zstd = zstd::bulk::compress(&body, PACK_LEVEL).map_err(|e| bad(e.to_string()))?;
+        Ok(Self { zstd })
+    }
+
+    /// The page: decompressed into at most `MAX_CONTROL_LEN` bytes, then decoded as a
+    /// `TreeMetaListing` body.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadBody`] if it does not decompress within the limit or is no valid body.
+    pub fn unpack(&self) -> Result<TreeMetaListing, ProtoError> {
+        let body =
+            zstd::bulk::decompress(&self.zstd, crate::MAX_CONTROL_LEN as usize).map_err(|e| {
+                ProtoError::BadBody {
+                    kind: "PackedTreeMetaListing",
+                    reason: format!("zstd: {e}"),
+                }
+            })?;
+        crate::frame::decode_body(crate::frame::FrameType::TreeMetaListing, &body)
+    }
 }
 
 /// Client → server: give the existing entry `name` its owner, attributes, mode and mtime, in

@@ -378,7 +378,8 @@ impl<U, D> ServerSession<U, D> {
             | crate::CAP_DELETE
             | crate::CAP_MIRROR
             | crate::CAP_COMPRESSION
-            | crate::CAP_DELTA)
+            | crate::CAP_DELTA
+            | crate::CAP_PACKED_LISTING)
             & self.client_capabilities;
         auth | tls | granted
     }

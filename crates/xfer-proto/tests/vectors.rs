@@ -577,9 +577,22 @@ fn meta_frames() -> Vec<(&'static str, Frame)> {
         (
             "tree-meta-listing",
             Frame::TreeMetaListing(TreeMetaListing {
-                entries: vec![MetaEntry { entry, meta }],
+                entries: vec![MetaEntry {
+                    entry: entry.clone(),
+                    meta: meta.clone(),
+                }],
                 more: false,
             }),
+        ),
+        (
+            "packed-tree-meta-listing",
+            Frame::PackedTreeMetaListing(
+                PackedTreeMetaListing::pack(&TreeMetaListing {
+                    entries: vec![MetaEntry { entry, meta }],
+                    more: false,
+                })
+                .unwrap(),
+            ),
         ),
         (
             "set-meta",
@@ -678,6 +691,41 @@ fn every_frame_vector_encodes_to_its_bytes_and_decodes_back() {
             "testdata/{name}.hex has no frame in this test"
         );
     }
+}
+
+#[test]
+fn the_packed_listing_vector_holds_the_plain_listing_vector() {
+    let vectors = read_vectors();
+    let plain = &vectors["tree-meta-listing"].bytes;
+    let Ok(Some(Frame::PackedTreeMetaListing(packed))) = FrameCodec::default().decode(
+        &mut BytesMut::from(&vectors["packed-tree-meta-listing"].bytes[..]),
+    ) else {
+        panic!("packed-tree-meta-listing is not a PackedTreeMetaListing");
+    };
+    let unpacked = zstd_body(&packed);
+    assert_eq!(unpacked, plain[5..], "the packed body is the plain one");
+    assert!(packed.unpack().is_ok());
+}
+
+/// The body a packed listing holds, re-encoded.
+fn zstd_body(packed: &PackedTreeMetaListing) -> Vec<u8> {
+    let mut wire = BytesMut::new();
+    Frame::TreeMetaListing(packed.unpack().unwrap())
+        .encode(&mut wire)
+        .unwrap();
+    wire[5..].to_vec()
+}
+
+#[test]
+fn a_packed_listing_that_inflates_past_the_limit_is_refused() {
+    let page = TreeMetaListing {
+        entries: Vec::new(),
+        more: false,
+    };
+    let mut packed = PackedTreeMetaListing::pack(&page).unwrap();
+    assert!(packed.unpack().is_ok());
+    packed.zstd = vec![0; 16];
+    assert!(packed.unpack().is_err(), "not a zstd frame");
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tracing::info;
 use xfer_proto::session::{Request, UploadId};
 use xfer_proto::{
-    ByteRange, ChunkRef, ErrorCode, ErrorFrame, Frame, ListTreeMeta, MetaSet, SetMeta,
-    TreeMetaListing, MAX_LISTING_ENTRIES,
+    ByteRange, ChunkRef, ErrorCode, ErrorFrame, Frame, ListTreeMeta, MetaSet,
+    PackedTreeMetaListing, SetMeta, TreeMetaListing, MAX_LISTING_ENTRIES,
 };
 
 use super::{fatal, ConnError, Handler, Upload, READ_ONLY};
@@ -31,6 +31,7 @@ impl Handler {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
         };
+        let packed = self.session.capabilities() & xfer_proto::CAP_PACKED_LISTING != 0;
         // Pages bounded by count and by bytes (attributes can be large: 64 KiB each at most).
         let mut page = Vec::new();
         let mut page_bytes = 0;
@@ -53,9 +54,19 @@ impl Handler {
                 let more = i + 1 < total;
                 let entries = std::mem::take(&mut page);
                 page_bytes = 0;
-                self.writer
-                    .send(&Frame::TreeMetaListing(TreeMetaListing { entries, more }))
-                    .await?;
+                let listing = TreeMetaListing { entries, more };
+                let frame = if packed {
+                    // Compressing a page takes milliseconds of CPU: off the runtime's workers.
+                    let packed =
+                        tokio::task::spawn_blocking(move || PackedTreeMetaListing::pack(&listing))
+                            .await
+                            .map_err(|e| fatal(ErrorCode::Io, e.to_string()))?
+                            .map_err(|e| fatal(ErrorCode::TooLarge, e.to_string()))?;
+                    Frame::PackedTreeMetaListing(packed)
+                } else {
+                    Frame::TreeMetaListing(listing)
+                };
+                self.writer.send(&frame).await?;
             }
         }
         Ok(())
