@@ -83,7 +83,11 @@ impl Direction for Download {
             Frame::Zeros(z) if z.transfer_id == transfer_id => {
                 let range = ByteRange::new(z.offset, z.offset + u64::from(z.len));
                 let chunk = window.answered(range, "Zeros")?;
+                if !work.claim(chunk) {
+                    return Ok(Answer::Dropped(chunk));
+                }
                 if let Err(e) = self.partial.write_zeros(chunk).await {
+                    work.unclaim(chunk);
                     window.restore(chunk);
                     return Err(e.into());
                 }
@@ -100,11 +104,16 @@ impl Direction for Download {
             tracing::warn!(offset = chunk.start, "chunk failed its CRC; asking again");
             return Ok(Answer::Corrupt(chunk));
         }
+        // In the endgame two connections may bring the same chunk: the first is written.
+        if !work.claim(chunk) {
+            return Ok(Answer::Dropped(chunk));
+        }
         if let Err(e) = self
             .partial
             .write(data.offset, data.payload, data.crc32)
             .await
         {
+            work.unclaim(chunk);
             window.restore(chunk);
             return Err(e.into());
         }

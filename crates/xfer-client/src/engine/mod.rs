@@ -120,6 +120,9 @@ pub struct Summary {
     pub mbytes_per_sec: f64,
     /// Chunks sent again because their CRC did not match.
     pub crc_retries: u64,
+    /// Chunks asked for (or sent) a second time on an idle connection at the end of the
+    /// transfer because a slower one still held them; the first copy to land counted.
+    pub duplicate_chunks: u64,
     /// TCP congestion control of the data connections, as the kernel reports it.
     pub congestion: Option<String>,
 }
@@ -193,6 +196,7 @@ impl Tally {
             connections: connections_used(opts, work),
             mbytes_per_sec: bytes_transferred as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
             crc_retries: work.crc_retries.load(Ordering::Relaxed),
+            duplicate_chunks: work.duplicates.load(Ordering::Relaxed),
             congestion: self.congestion,
         }
     }
