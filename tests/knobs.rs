@@ -41,6 +41,57 @@ fn congestion_and_buffers_apply_and_are_reported() {
     assert_eq!(sha256_file(&out), want);
 }
 
+/// The congestion control a transfer picks by itself on a long path is one the kernel does not
+/// have (a path counts as long from 0 ms here): one log line says so, and the transfer runs
+/// with the system's, both ways.
+#[test]
+fn a_long_path_congestion_control_that_cannot_be_had_falls_back_in_one_line() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let src = tree.src("lp.bin");
+    let want = random_file(&src, 3 << 20, 3);
+    let policy = [
+        "--long-path-congestion",
+        "nosuchcc",
+        "--long-path-rtt",
+        "0",
+        "--json",
+        "-v",
+    ];
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    let out = tree.out("lp.bin");
+    for run in [
+        XferRun::send(&src, &daemon.addr(), "lp.bin", &policy).wait_ok(),
+        XferRun::recv("lp.bin", &daemon.addr(), &out, &policy).wait_ok(),
+    ] {
+        let said: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| l.contains("keeping the system's congestion control"))
+            .collect();
+        assert_eq!(said.len(), 1, "{}", run.stderr);
+        assert!(
+            said[0].contains("\"nosuchcc\" is not available here"),
+            "{}",
+            said[0]
+        );
+        assert_eq!(run.json()["congestion"], system.trim(), "{}", run.stdout);
+    }
+    assert_eq!(sha256_file(&daemon.root().join("lp.bin")), want);
+    assert_eq!(sha256_file(&out), want);
+    // Chosen, and allowed: reno is in every kernel's allowed list.
+    let reno = [
+        "--long-path-congestion",
+        "reno",
+        "--long-path-rtt",
+        "0",
+        "--json",
+    ];
+    let run = XferRun::send(&src, &daemon.addr(), "lp2.bin", &reno).wait_ok();
+    assert_eq!(run.json()["congestion"], "reno", "{}", run.stdout);
+    assert_eq!(sha256_file(&daemon.root().join("lp2.bin")), want);
+}
+
 #[test]
 fn an_unknown_congestion_control_is_a_one_line_error() {
     let tree = Tree::new();

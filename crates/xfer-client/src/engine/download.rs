@@ -14,7 +14,7 @@ use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_first, reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
-use super::{chunk_size, close_all, join_error, metered, Tally};
+use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Session, Target};
@@ -152,7 +152,8 @@ pub async fn recv_with_holes(
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
     let mut session = connect_first(target, opts).await?;
-    let congestion = session.congestion.clone();
+    let (opts, congestion) = path_policy(opts, &session);
+    let opts = &opts;
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
