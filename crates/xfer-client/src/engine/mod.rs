@@ -318,6 +318,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_long_path_gets_its_congestion_control_unless_one_is_set_or_it_cannot_be_had() {
+        let progress: Arc<dyn Progress> = Arc::new(crate::ProgressCounter::default());
+        let mut opts = test_options(progress);
+        let (mut first, _daemon) = test_session(2, 1 << 20);
+        first.congestion = Some("cubic".into());
+        let policy = |name: &str| {
+            Some(LongPathCongestion {
+                name: name.into(),
+                rtt: LONG_PATH,
+            })
+        };
+        let chosen = |opts: &Options, first: &Session| {
+            let (opts, reported) = path_policy(opts, first);
+            (opts.connector.socket.congestion, reported)
+        };
+        // reno is in every kernel, and allowed.
+        opts.long_path_congestion = policy("reno");
+        first.rtt = Some(Duration::from_millis(2));
+        assert_eq!(chosen(&opts, &first), (None, Some("cubic".into())));
+        first.rtt = Some(Duration::from_millis(50));
+        let reno = Some("reno".to_string());
+        assert_eq!(chosen(&opts, &first), (reno.clone(), reno.clone()));
+        opts.long_path_congestion = policy("nosuchcc");
+        assert_eq!(chosen(&opts, &first), (None, Some("cubic".into())));
+        // `--congestion` wins.
+        opts.long_path_congestion = policy("reno");
+        opts.connector.socket.congestion = Some("cubic".into());
+        assert_eq!(
+            chosen(&opts, &first),
+            (Some("cubic".into()), Some("cubic".into()))
+        );
+    }
+
+    #[test]
     fn a_pool_starts_with_more_connections_on_a_long_path() {
         assert_eq!(Connections::Adaptive { max: 2 }.initial(), 2);
         let (lan, wan) = (Duration::from_micros(200), Duration::from_millis(50));
