@@ -219,6 +219,39 @@ fn a_busy_daemon_stops_the_pool_from_growing_instead_of_failing_it() {
 }
 
 #[test]
+fn without_c_the_pool_grows_past_16_within_the_daemons_stream_limit() {
+    let tree = Tree::new();
+    // 20 streams served at once; a 21st connection waits 1 s, then is told the daemon is busy.
+    let (daemon, proxy) = capped(&tree, &["--max-streams", "20", "--queue-timeout", "1"]);
+    let src = tree.src("wide.bin");
+    // At 256 KiB/s a connection, 16 connections move 4 MiB/s: far below what this machine
+    // carries under any load, so every doubling up to the daemon's limit measures faster.
+    let want = random_file(&src, 24 << 20, 8);
+    let args = ["--chunk-size", CHUNK, "--json", "-v"];
+    let sent = XferRun::send(&src, &proxy.addr(), "wide.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("wide.bin")), want);
+    let log = without_colours(&sent.stderr);
+    assert!(log.contains("from=16 to=32"), "{log}");
+    let used = sent.json_u64("connections");
+    assert!((17..=20).contains(&used), "{} {}", sent.stdout, sent.stderr);
+}
+
+/// `text` without its terminal colour sequences (`ESC [ ... m`): `-v` logs are coloured.
+fn without_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut in_sequence = false;
+    for c in text.chars() {
+        match (in_sequence, c) {
+            (false, '\x1b') => in_sequence = true,
+            (false, c) => plain.push(c),
+            (true, 'm') => in_sequence = false,
+            (true, _) => {}
+        }
+    }
+    plain
+}
+
+#[test]
 fn with_c_exactly_that_many_connections_are_used() {
     let tree = Tree::new();
     let (daemon, proxy) = capped(&tree, &[]);

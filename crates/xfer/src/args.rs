@@ -150,7 +150,7 @@ pub(crate) struct Common {
     /// --max-connections].
     #[arg(short = 'c', long = "connections")]
     pub(crate) connections: Option<usize>,
-    /// Without -c: the most connections the adaptive pool may grow to [default: 16].
+    /// Without -c: the most connections the adaptive pool may grow to [default: 64].
     #[arg(long, value_name = "N", conflicts_with = "connections")]
     pub(crate) max_connections: Option<usize>,
     /// Log what the transfer does on stderr: reconnects, socket options, the pool growing with

@@ -48,9 +48,11 @@ pub const LONG_PATH: Duration = Duration::from_millis(10);
 /// link and 16 bbr streams 78 % (bbr reads loss as no signal of congestion; the price is that it
 /// takes more than its share from cubic flows sharing a bottleneck, see GUIDE.md).
 pub const LONG_PATH_CONGESTION: &str = "bbr";
-/// Default cap of an adaptive pool: on 50 ms links with loss, single cubic streams are
-/// loss-limited and 16 carry about what the link does.
-pub const ADAPTIVE_MAX: usize = 16;
+/// Default cap of an adaptive pool. The pool only doubles while throughput still grows (on
+/// long lossy paths each stream is loss-limited, so more keep adding), and a daemon that
+/// turns or keeps an extra connection waiting stops the growth: its `--max-streams` and
+/// `--max-conns-per-ip` (both 64 by default) bound the pool, not this.
+pub const ADAPTIVE_MAX: usize = 64;
 /// How many connections a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connections {
