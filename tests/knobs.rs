@@ -236,6 +236,24 @@ fn without_c_the_pool_grows_past_16_within_the_daemons_stream_limit() {
     assert!((17..=20).contains(&used), "{} {}", sent.stdout, sent.stderr);
 }
 
+#[test]
+fn the_first_connection_moves_chunks_while_the_rest_of_the_pool_waits_to_connect() {
+    let tree = Tree::new();
+    // One stream served at once, and the others kept waiting for longer than the client run's
+    // guard: the file arrives only if chunks flow on the first connection before the rest of
+    // the pool has connected.
+    let daemon = Daemon::start(
+        &tree.root(),
+        &["--max-streams", "1", "--queue-timeout", "3600"],
+    );
+    let src = tree.src("first.bin");
+    let want = random_file(&src, 4 << 20, 9);
+    let args = ["--chunk-size", CHUNK, "--json"];
+    let sent = XferRun::send(&src, &daemon.addr(), "first.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("first.bin")), want);
+    assert_eq!(sent.json_u64("connections"), 1, "{}", sent.stdout);
+}
+
 /// `text` without its terminal colour sequences (`ESC [ ... m`): `-v` logs are coloured.
 fn without_colours(text: &str) -> String {
     let mut plain = String::with_capacity(text.len());
