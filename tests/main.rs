@@ -2,6 +2,7 @@
 //! own `xferd` on an ephemeral port over its own temporary tree, so tests run in parallel.
 
 mod atomic;
+mod compress;
 mod concurrency;
 mod contention;
 mod copy;

@@ -259,8 +259,14 @@ impl RawConn {
     /// Checks the server's proof and returns its `Welcome`.
     #[track_caller]
     pub fn handshake(&mut self, token: Option<&[u8]>) -> Welcome {
+        self.handshake_offering(token, 0)
+    }
+
+    /// [`handshake`](Self::handshake), offering the capability bits `capabilities`.
+    #[track_caller]
+    pub fn handshake_offering(&mut self, token: Option<&[u8]>, capabilities: u64) -> Welcome {
         let client_nonce = nonce();
-        let answer = self.request(&hello(0, client_nonce.clone()));
+        let answer = self.request(&hello(capabilities, client_nonce.clone()));
         let (welcome, server_nonce) = match (token, answer) {
             (None, Frame::Welcome(w)) => (w, None),
             (Some(token), Frame::Challenge(c)) => {

@@ -65,6 +65,10 @@ pub struct Connector {
     /// Counts every byte read or written on the connections made, when set: the engine's
     /// measure of throughput, finer than whole chunks.
     pub meter: Option<Arc<AtomicU64>>,
+    /// How chunks are compressed (`--compress`): what uploads send, and what each connection
+    /// asks the daemon to send (`SetCompression`); `None` leaves downloads to the daemon's
+    /// default and uploads to `auto`.
+    pub compress: Option<xfer_net::Compression>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -431,6 +435,12 @@ impl Session {
             }
         };
         session.welcome = welcome;
+        if let Some(mode) = connector.compress {
+            if session.welcome.capabilities & xfer_proto::CAP_COMPRESSION != 0 {
+                let mode = xfer_proto::SetCompression { mode: mode.wire() };
+                session.send(&Frame::SetCompression(mode)).await?;
+            }
+        }
         // SAFETY: `fd` is the socket the session's halves own; they are alive here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);

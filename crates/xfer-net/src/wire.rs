@@ -230,11 +230,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), ProtoError> {
         self.buf.clear();
         for frame in frames {
-            if let Frame::Data(data) = frame {
+            if let Some((header, payload)) = frame.raw_parts() {
                 self.io.write_all(&self.buf).await?;
                 self.buf.clear();
-                let header = data.header();
-                let (mut h, mut p) = (&header[..], &data.payload[..]);
+                let (mut h, mut p) = (&header[..], &payload[..]);
                 while !h.is_empty() || !p.is_empty() {
                     let n = self
                         .io

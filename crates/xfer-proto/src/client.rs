@@ -133,13 +133,13 @@ impl ClientSession {
         self.state == State::Done
     }
 
-    /// What the client offers: `CAP_TREE_META` always (this implementation speaks it; an older
-    /// server ignores the bit), `CAP_TLS` when it wants TLS, and the mirroring bits it was asked
+    /// What the client offers: `CAP_TREE_META` and `CAP_COMPRESSION` always (this
+    /// implementation speaks them; an older server ignores the bits), `CAP_TLS` when it wants TLS, and the mirroring bits it was asked
     /// to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
         let tls = if self.config.tls { CAP_TLS } else { 0 };
-        crate::CAP_TREE_META | tls | offer
+        crate::CAP_TREE_META | crate::CAP_COMPRESSION | tls | offer
     }
 
     /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
@@ -232,7 +232,7 @@ impl ClientSession {
 mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
-    use crate::{Challenge, ErrorCode, CAP_TREE_META};
+    use crate::{Challenge, ErrorCode, CAP_COMPRESSION, CAP_TREE_META};
     use std::time::{Duration, Instant};
 
     fn client(key: Option<&[u8]>, tls: bool) -> ClientSession {
@@ -286,14 +286,17 @@ mod tests {
     fn a_plain_handshake_is_welcomed() {
         let welcome = handshake(&mut client(None, false), &mut server(None, false)).unwrap();
         assert_eq!(welcome.version, PROTOCOL_VERSION);
-        assert_eq!(welcome.capabilities, CAP_TREE_META);
+        assert_eq!(welcome.capabilities, CAP_TREE_META | CAP_COMPRESSION);
     }
 
     #[test]
     fn a_token_is_proven_both_ways() {
         let mut c = client(Some(b"tok"), false);
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
-        assert_eq!(welcome.capabilities, CAP_AUTH | CAP_TREE_META);
+        assert_eq!(
+            welcome.capabilities,
+            CAP_AUTH | CAP_TREE_META | CAP_COMPRESSION
+        );
         assert!(c.is_done());
     }
 
@@ -316,7 +319,7 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH | CAP_TLS | CAP_TREE_META
+            CAP_AUTH | CAP_TLS | CAP_TREE_META | CAP_COMPRESSION
         );
     }
 

@@ -42,7 +42,7 @@ impl Decoder for FrameCodec {
         }
         // Limits are checked on the prefix and type byte alone, before any body is buffered.
         let ty = FrameType::from_u8(src[LEN_PREFIX])?;
-        let max = if ty == FrameType::Data {
+        let max = if matches!(ty, FrameType::Data | FrameType::DataZ) {
             self.max_frame_len
         } else {
             1 + MAX_CONTROL_LEN
@@ -206,6 +206,10 @@ mod tests {
             }),
             Frame::Data(Data::new(3, 99, Bytes::from_static(b"payload"))),
             Frame::Data(Data::new(3, 0, Bytes::new())),
+            Frame::DataZ(DataZ::new(3, 99, 1000, Bytes::from_static(b"zstd"))),
+            Frame::SetCompression(SetCompression {
+                mode: COMPRESSION_AUTO,
+            }),
             Frame::Ack(ChunkRef {
                 transfer_id: 3,
                 offset: 99,
@@ -398,7 +402,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 44);
+        assert_eq!(known.len(), 46);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }
@@ -579,6 +583,39 @@ mod tests {
         frame.put_u64(u64::MAX);
         let err = decode_all(&frame).unwrap_err();
         assert_malformed(&err);
+    }
+
+    /// A `DataZ` whose sizes are wrong is refused by the decoder, before anything is allocated
+    /// for what it would expand to.
+    #[test]
+    fn dataz_sizes_are_checked_before_decompression() {
+        let encode = |z: DataZ| {
+            let mut buf = BytesMut::new();
+            Frame::DataZ(z).encode(&mut buf).unwrap();
+            buf
+        };
+        let bomb = encode(DataZ::new(
+            1,
+            0,
+            MAX_CHUNK_SIZE + 1,
+            Bytes::from_static(b"z"),
+        ));
+        let err = decode_all(&bomb).unwrap_err();
+        assert!(err.to_string().contains("above the largest chunk"), "{err}");
+        let grows = encode(DataZ::new(1, 0, 2, Bytes::from_static(b"abc")));
+        let err = decode_all(&grows).unwrap_err();
+        assert!(
+            err.to_string().contains("3 compressed bytes for 2"),
+            "{err}"
+        );
+        let overflows = encode(DataZ::new(1, u64::MAX, 2, Bytes::from_static(b"a")));
+        assert!(decode_all(&overflows).is_err());
+        let mut short = encode(DataZ::new(1, 0, 9, Bytes::from_static(b"abc")));
+        short[LEN_AND_DATAZ_HEADER - 9] = 9;
+        assert!(matches!(
+            decode_all(&short).unwrap_err(),
+            ProtoError::BadBody { kind: "DataZ", .. }
+        ));
     }
 
     #[test]

@@ -288,6 +288,82 @@ impl Data {
 /// Length prefix + type byte + data header: what precedes a payload on the wire.
 pub const LEN_AND_DATA_HEADER: usize = crate::LEN_PREFIX + 1 + DATA_HEADER_LEN;
 
+/// Bytes of the fixed `DataZ` header after the type byte: the `Data` header and `raw_len`.
+pub const DATAZ_HEADER_LEN: usize = DATA_HEADER_LEN + 4;
+
+/// Length prefix + type byte + `DataZ` header.
+pub const LEN_AND_DATAZ_HEADER: usize = crate::LEN_PREFIX + 1 + DATAZ_HEADER_LEN;
+
+/// A compressed payload (`CAP_COMPRESSION`): bytes `[offset, offset + raw_len)` of a transfer
+/// as one zstd frame. `crc32` covers the compressed bytes, so damage is caught before they
+/// are decompressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataZ {
+    /// Transfer handle.
+    pub transfer_id: u64,
+    /// Offset in the file.
+    pub offset: u64,
+    /// CRC32 (IEEE) of `payload`, the compressed bytes.
+    pub crc32: u32,
+    /// Length of the file range once decompressed.
+    pub raw_len: u32,
+    /// One zstd frame.
+    pub payload: Bytes,
+}
+
+impl DataZ {
+    /// A compressed frame for the range `[offset, offset + raw_len)`, with its CRC computed.
+    pub fn new(transfer_id: u64, offset: u64, raw_len: u32, payload: Bytes) -> Self {
+        Self {
+            transfer_id,
+            offset,
+            crc32: crc32fast::hash(&payload),
+            raw_len,
+            payload,
+        }
+    }
+
+    /// The file range this frame covers once decompressed.
+    pub fn range(&self) -> ByteRange {
+        ByteRange::new(self.offset, self.offset + u64::from(self.raw_len))
+    }
+
+    /// Whether the compressed bytes match their CRC.
+    pub fn crc_matches(&self) -> bool {
+        crc32fast::hash(&self.payload) == self.crc32
+    }
+
+    /// Length prefix, type byte and fixed header; the payload follows on the wire.
+    pub fn header(&self) -> [u8; LEN_AND_DATAZ_HEADER] {
+        let mut out = [0u8; LEN_AND_DATAZ_HEADER];
+        let mut b = &mut out[..];
+        b.put_u32((1 + DATAZ_HEADER_LEN + self.payload.len()) as u32);
+        b.put_u8(FrameType::DataZ as u8);
+        b.put_u64(self.transfer_id);
+        b.put_u64(self.offset);
+        b.put_u32(self.payload.len() as u32);
+        b.put_u32(self.crc32);
+        b.put_u32(self.raw_len);
+        out
+    }
+}
+
+/// Client → server (`CAP_COMPRESSION`): how the server compresses what it sends on this
+/// connection from now on (`Data` answering `ReadChunk`, and the copies it carries out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetCompression {
+    /// [`COMPRESSION_OFF`], [`COMPRESSION_AUTO`], or a zstd level in
+    /// 1..=[`MAX_COMPRESSION_LEVEL`].
+    pub mode: u8,
+}
+
+/// `SetCompression.mode`: send every chunk as it is.
+pub const COMPRESSION_OFF: u8 = 0;
+/// `SetCompression.mode`: the sender decides per chunk from what it measures.
+pub const COMPRESSION_AUTO: u8 = 0xff;
+/// Highest zstd level `SetCompression.mode` may name.
+pub const MAX_COMPRESSION_LEVEL: u8 = 22;
+
 /// A transfer and a whole-file digest: the body of `Commit` and `Committed` (uploads) and of
 /// `DigestRequest` (downloads, digest empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -584,7 +660,7 @@ macro_rules! frame_types {
         Self::$name(decode_body($ty, &$b)?)
     };
     (@decode $name:ident, $ty:ident, $b:ident raw $t:ty) => {
-        Self::$name(decode_data($b)?)
+        Self::$name(<$t>::decode_raw($b)?)
     };
 }
 
@@ -620,6 +696,10 @@ frame_types! {
     Ack(ChunkRef) = 0x21,
     /// [`ChunkRef`] refusing data whose CRC did not match: send it again
     Reject(ChunkRef) = 0x22,
+    /// [`DataZ`]: a compressed chunk (`CAP_COMPRESSION`)
+    DataZ[DataZ] = 0x23,
+    /// [`SetCompression`]: how the server compresses what it sends (`CAP_COMPRESSION`)
+    SetCompression(SetCompression) = 0x24,
     /// [`ChunkRef`]: the range is all zeros, a hole (`CAP_TREE_META`)
     Zeros(ChunkRef) = 0x2f,
     /// [`Commit`]: every byte is acknowledged; check the digest and make the file final
@@ -687,15 +767,12 @@ impl Frame {
     /// [`ProtoError::BadBody`] if a control body cannot be encoded, [`ProtoError::FrameTooLarge`]
     /// if it exceeds `MAX_CONTROL_LEN`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), ProtoError> {
-        let body = match (self, self.control_body()) {
-            (_, Some(body)) => body,
-            (Self::Data(data), None) => {
-                dst.reserve(LEN_AND_DATA_HEADER + data.payload.len());
-                dst.put_slice(&data.header());
-                dst.put_slice(&data.payload);
-                return Ok(());
-            }
-            (_, None) => unreachable!("only Data has a header of its own"),
+        let Some(body) = self.control_body() else {
+            let (header, payload) = self.raw_parts().expect("a frame without a control body");
+            dst.reserve(header.len() + payload.len());
+            dst.put_slice(&header);
+            dst.put_slice(payload);
+            return Ok(());
         };
         let body = body.map_err(|reason| ProtoError::BadBody {
             kind: self.frame_type().name(),
@@ -712,6 +789,16 @@ impl Frame {
         dst.put_u8(self.frame_type() as u8);
         dst.put_slice(&body);
         Ok(())
+    }
+
+    /// For `Data` and `DataZ`, the bytes before the payload (length prefix included) and the
+    /// payload, so that a writer sends the payload without copying it.
+    pub fn raw_parts(&self) -> Option<(Vec<u8>, &Bytes)> {
+        match self {
+            Self::Data(d) => Some((d.header().to_vec(), &d.payload)),
+            Self::DataZ(z) => Some((z.header().to_vec(), &z.payload)),
+            _ => None,
+        }
     }
 
     /// Decodes one frame from its type byte and body (the length prefix already removed). A
@@ -757,6 +844,60 @@ fn decode_body<T: serde::de::DeserializeOwned>(
             kind,
             reason: e.to_string(),
         }),
+    }
+}
+
+impl Data {
+    fn decode_raw(body: Bytes) -> Result<Self, ProtoError> {
+        decode_data(body)
+    }
+}
+
+impl DataZ {
+    fn decode_raw(mut body: Bytes) -> Result<Self, ProtoError> {
+        let bad = |reason: String| ProtoError::BadBody {
+            kind: "DataZ",
+            reason,
+        };
+        if body.len() < DATAZ_HEADER_LEN {
+            return Err(ProtoError::Truncated {
+                kind: "DataZ",
+                len: body.len(),
+            });
+        }
+        let transfer_id = body.get_u64();
+        let offset = body.get_u64();
+        let len = body.get_u32();
+        let crc32 = body.get_u32();
+        let raw_len = body.get_u32();
+        if len as usize != body.len() {
+            return Err(bad(format!(
+                "header says {len} payload bytes, frame holds {}",
+                body.len()
+            )));
+        }
+        // Limits on what the payload expands to are checked here, before anything is
+        // allocated for it; a payload never expands less than it shrank.
+        if raw_len > crate::MAX_CHUNK_SIZE {
+            return Err(bad(format!(
+                "decompressed size {raw_len} above the largest chunk"
+            )));
+        }
+        if len > raw_len {
+            return Err(bad(format!(
+                "{len} compressed bytes for {raw_len} decompressed"
+            )));
+        }
+        if offset.checked_add(u64::from(raw_len)).is_none() {
+            return Err(bad("offset overflows".into()));
+        }
+        Ok(Self {
+            transfer_id,
+            offset,
+            crc32,
+            raw_len,
+            payload: body,
+        })
     }
 }
 

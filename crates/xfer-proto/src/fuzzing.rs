@@ -72,8 +72,12 @@ pub fn session_script(data: &[u8], start: Instant) {
                 Ok(Handshake::Admitted) => {
                     assert_eq!(session.phase(), Phase::Ready);
                     let welcome = session.welcome();
-                    let known =
-                        CAP_AUTH | CAP_TLS | CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR;
+                    let known = CAP_AUTH
+                        | CAP_TLS
+                        | CAP_TREE_META
+                        | crate::CAP_DELETE
+                        | crate::CAP_MIRROR
+                        | crate::CAP_COMPRESSION;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
@@ -97,6 +101,18 @@ pub fn session_script(data: &[u8], start: Instant) {
                     .upload(id)
                     .expect("a handle the session gave is open");
                 *received += data.payload.len() as u64;
+            }
+            // What a compressed chunk expands to was checked before the daemon allocates it.
+            Request::DataZ(id, z) => {
+                assert!(z.raw_len <= 1 << 16, "DataZ above the chunk limit");
+                assert!(z.payload.len() <= z.raw_len as usize);
+                let received = session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+                *received += u64::from(z.raw_len);
+            }
+            Request::SetCompression(mode) => {
+                assert!(matches!(mode, 0 | 1..=crate::MAX_COMPRESSION_LEVEL | 0xff));
             }
             Request::ReadChunk(id, _) | Request::Digest(id) => {
                 session
@@ -166,6 +182,48 @@ mod tests {
 
     fn session_script_now(data: &[u8]) {
         super::session_script(data, std::time::Instant::now());
+    }
+
+    /// The script of a `session_script` corpus seed: a `Hello` offering
+    /// `CAP_COMPRESSION`, an upload, `SetCompression`, a `DataZ` within the limits and one above.
+    fn compressed_upload_script() -> Vec<u8> {
+        use crate::*;
+        let frames = [
+            Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                capabilities: CAP_COMPRESSION,
+                agent: "fuzz".into(),
+                nonce: vec![1; 32],
+            }),
+            Frame::OpenWrite(OpenWrite {
+                name: "z".into(),
+                identity: FileIdentity {
+                    size: 1 << 20,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: 1 << 16,
+            }),
+            Frame::SetCompression(SetCompression { mode: 3 }),
+            Frame::DataZ(DataZ::new(1, 0, 64, bytes::Bytes::from_static(b"zstd"))),
+            Frame::DataZ(DataZ::new(
+                1,
+                0,
+                1 << 17,
+                bytes::Bytes::from_static(b"zstd"),
+            )),
+        ];
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in &frames {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn compressed_chunks_reach_the_session_within_their_limits() {
+        session_script_now(&compressed_upload_script());
     }
 
     /// Replays every input the fuzzers kept (`fuzz/corpus/*`), so what they once found stays

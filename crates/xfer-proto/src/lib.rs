@@ -37,7 +37,7 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const CAP_AUTH: u64 = 1 << 0;
 /// Capability bit: in `Hello`, the client asks for TLS; in `Welcome`, the session runs over TLS.
 pub const CAP_TLS: u64 = 1 << 1;
-/// Capability bit (reserved): compressed data frames.
+/// Capability bit: chunks may travel zstd-compressed (`DataZ`, `SetCompression`).
 pub const CAP_COMPRESSION: u64 = 1 << 2;
 /// Capability bit: in `Hello`, the client will send `Delete`; in `Welcome`, the server allows
 /// deletion (a server that does not answers such a `Hello` with `Error{ReadOnly}`).

@@ -96,6 +96,12 @@ pub enum Request {
     OpenWrite(OpenWrite),
     /// Write a chunk of an open upload (its bounds are already checked; the CRC is not).
     Data(UploadId, Data),
+    /// Decompress a chunk of an open upload and write it as `Data` (its decompressed range is
+    /// checked against the file and the chunk limit; neither its CRC nor its content are).
+    DataZ(UploadId, crate::DataZ),
+    /// Compress what this connection sends from now on as `SetCompression.mode` says (a valid
+    /// mode).
+    SetCompression(u8),
     /// Check the digest and make an upload final, then [`ServerSession::close_upload`] it.
     Commit(UploadId, Commit),
     /// Open a download, then record it with [`ServerSession::open_download`].
@@ -190,6 +196,9 @@ pub enum SessionError {
         /// File size.
         size: u64,
     },
+    /// A `SetCompression` mode that names no mode.
+    #[error("SetCompression mode {0} is neither off, auto nor a zstd level")]
+    BadCompression(u8),
     /// A chunk above the announced limit.
     #[error("chunk of {len} bytes above the limit of {max}")]
     ChunkTooLarge {
@@ -353,8 +362,9 @@ impl<U, D> ServerSession<U, D> {
             0
         };
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
-        let granted = (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR)
-            & self.client_capabilities;
+        let granted =
+            (crate::CAP_TREE_META | crate::CAP_DELETE | crate::CAP_MIRROR | crate::CAP_COMPRESSION)
+                & self.client_capabilities;
         auth | tls | granted
     }
 
@@ -494,6 +504,8 @@ impl<U, D> ServerSession<U, D> {
                 &r.name
             }
             Frame::Data(_)
+            | Frame::DataZ(_)
+            | Frame::SetCompression(_)
             | Frame::Zeros(_)
             | Frame::Commit(_)
             | Frame::Sync
@@ -548,6 +560,14 @@ impl<U, D> ServerSession<U, D> {
                 | Frame::MakeHardLink(_)
                 | Frame::MakeNode(_)
         );
+        if matches!(frame, Frame::DataZ(_) | Frame::SetCompression(_))
+            && self.client_capabilities & crate::CAP_COMPRESSION == 0
+        {
+            return Err(SessionError::Unexpected {
+                frame: frame.frame_type().name(),
+                phase: "without CAP_COMPRESSION",
+            });
+        }
         if meta_frame && self.client_capabilities & crate::CAP_TREE_META == 0 {
             return Err(SessionError::Unexpected {
                 frame: frame.frame_type().name(),
@@ -574,6 +594,17 @@ impl<U, D> ServerSession<U, D> {
                 self.check_chunk(data.offset, data.payload.len() as u64, size)?;
                 Ok(Request::Data(UploadId(data.transfer_id), data))
             }
+            Frame::DataZ(z) => {
+                let size = self.transfer("DataZ", z.transfer_id, TransferKind::Upload)?;
+                self.check_chunk(z.offset, z.raw_len.into(), size)?;
+                Ok(Request::DataZ(UploadId(z.transfer_id), z))
+            }
+            Frame::SetCompression(c) => match c.mode {
+                crate::COMPRESSION_OFF
+                | crate::COMPRESSION_AUTO
+                | 1..=crate::MAX_COMPRESSION_LEVEL => Ok(Request::SetCompression(c.mode)),
+                other => Err(SessionError::BadCompression(other)),
+            },
             Frame::Zeros(c) => {
                 let size = self.transfer("Zeros", c.transfer_id, TransferKind::Upload)?;
                 self.check_chunk(c.offset, c.len.into(), size)?;

@@ -25,6 +25,11 @@ const DIGEST_ABC: [u8; 16] = [
     0x06, 0xb0, 0x5a, 0xb6, 0x73, 0x3a, 0x61, 0x85, 0x78, 0xaf, 0x5f, 0x94, 0x89, 0x2f, 0x39, 0x50,
 ];
 const CRC_ABC: u32 = 0x3524_41c2;
+/// A zstd frame of 64 ASCII `a` (what `zstd -1 --no-check` makes of them).
+const ZSTD_64_A: [u8; 17] = [
+    0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x48, 0x45, 0x00, 0x00, 0x10, 0x61, 0x61, 0x01, 0x00, 0x93, 0x00,
+    0x16,
+];
 
 struct Vector {
     comments: Vec<String>,
@@ -281,6 +286,16 @@ fn frames() -> BTreeMap<&'static str, Frame> {
         ("read-chunk", Frame::ReadChunk(chunk(2, 4 << 20, 4 << 20))),
         ("data-abc", Frame::Data(Data::new(1, 0, abc()))),
         ("data-empty", Frame::Data(Data::new(1, 0, Bytes::new()))),
+        (
+            "dataz",
+            Frame::DataZ(DataZ::new(1, 0, 64, Bytes::from_static(&ZSTD_64_A))),
+        ),
+        (
+            "set-compression",
+            Frame::SetCompression(SetCompression {
+                mode: COMPRESSION_AUTO,
+            }),
+        ),
         ("ack", Frame::Ack(chunk(1, 0, 3))),
         ("reject", Frame::Reject(chunk(1, 0, 3))),
         ("commit", Frame::Commit(commit(1, &DIGEST_ABC))),

@@ -5,6 +5,7 @@
 //! ```toml
 //! connections = 8
 //! chunk_size = "8M"
+//! compress = "auto"
 //!
 //! [hosts."backup:8888"]
 //! token_file = "~/.config/xfer/backup.token"
@@ -30,6 +31,8 @@ pub(crate) struct ClientConfig {
     /// Default for `--chunk-size`: bytes, or a string like `"8M"`.
     #[serde(default, deserialize_with = "size_text")]
     pub(crate) chunk_size: Option<String>,
+    /// Default for `--compress`: `"auto"`, `"off"` or a level such as `"3"`.
+    pub(crate) compress: Option<String>,
     /// Settings per server, keyed `"HOST:PORT"` (the port may be left out for 8888).
     #[serde(default)]
     pub(crate) hosts: BTreeMap<String, HostConfig>,
@@ -113,6 +116,11 @@ impl ClientConfig {
     /// `HOST[:PORT]`, or `connections` out of range; the message names the key.
     pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
         let config: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        if let Some(c) = &config.compress {
+            if let Err(e) = xfer_cli_util::compress::parse_compression(c) {
+                bail!("compress: {e}");
+            }
+        }
         if let Some(c) = config.connections {
             if !(1..=128).contains(&c) {
                 bail!("connections must be between 1 and 128, not {c}");
@@ -152,6 +160,7 @@ impl ClientConfig {
         let defaults = [
             ("connections", self.connections.map(|c| c.to_string())),
             ("chunk_size", self.chunk_size.clone()),
+            ("compress", self.compress.clone()),
         ];
         for name in names {
             cmd = cmd.mut_subcommand(name, |mut sub| {
@@ -209,6 +218,14 @@ fn resolve(dir: &Path, file: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compress_is_checked_and_becomes_the_flag_default() {
+        let config = ClientConfig::parse("compress = \"3\"").unwrap();
+        assert_eq!(config.compress.as_deref(), Some("3"));
+        let err = ClientConfig::parse("compress = \"fast\"").unwrap_err();
+        assert!(err.to_string().contains("compress"), "{err}");
+    }
 
     #[test]
     fn full_file_parses() {

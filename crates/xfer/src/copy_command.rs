@@ -42,6 +42,10 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         accept_new: args.accept_new,
     }
     .connector()?;
+    let connector = xfer_client::Connector {
+        compress: args.compress,
+        ..connector
+    };
     let dst_token: Option<Arc<[u8]>> = match &args.dst_token_file {
         Some(path) => Some(xfer_cli_util::token::read_token_file(path)?.into()),
         None => None,

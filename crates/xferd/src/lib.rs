@@ -87,6 +87,8 @@ pub struct Config {
     /// Buffers and congestion control: set on the listener (accepted connections inherit them)
     /// and on the connections of server-to-server copies.
     pub socket: xfer_net::SocketOptions,
+    /// How the chunks the daemon sends are compressed unless a client says otherwise.
+    pub compress: xfer_net::Compression,
 }
 
 impl Config {
@@ -115,6 +117,7 @@ impl Config {
             tls: None,
             copy_trust: None,
             socket: xfer_net::SocketOptions::default(),
+            compress: xfer_net::Compression::Auto,
         })
     }
 }

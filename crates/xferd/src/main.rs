@@ -82,6 +82,10 @@ struct Args {
     /// Connections accepted at once from one client address [default: 64].
     #[arg(long, value_name = "N")]
     max_conns_per_ip: Option<usize>,
+    /// How the chunks xferd sends (downloads, copies) are compressed when the client does not
+    /// say: auto (where it raises throughput), off, or a zstd level 1-19 [default: auto].
+    #[arg(long, value_name = "auto|off|LEVEL")]
+    compress: Option<String>,
     /// Refuse uploads.
     #[arg(long)]
     read_only: bool,
@@ -166,6 +170,7 @@ impl Args {
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
             congestion: self.congestion.clone(),
+            compress: self.compress.clone(),
         }
     }
 }

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub bytes_received: Counter,
     /// Payload bytes of chunks sent.
     pub bytes_sent: Counter,
+    /// Bytes on the wire of the chunks received (compressed ones as they travelled).
+    pub wire_bytes_received: Counter,
+    /// Bytes on the wire of the chunks sent (compressed ones as they travelled).
+    pub wire_bytes_sent: Counter,
     /// Chunks received with a bad CRC (and asked for again).
     pub crc_errors: Counter,
     /// Uploads (client to daemon).
@@ -156,6 +160,18 @@ impl Metrics {
             "counter",
             "Payload bytes sent in chunks.",
             &one(self.bytes_sent.get().to_string()),
+        );
+        family(
+            "xferd_wire_bytes_received_total",
+            "counter",
+            "Bytes on the wire of verified chunks received, after compression.",
+            &one(self.wire_bytes_received.get().to_string()),
+        );
+        family(
+            "xferd_wire_bytes_sent_total",
+            "counter",
+            "Bytes on the wire of chunks sent, after compression.",
+            &one(self.wire_bytes_sent.get().to_string()),
         );
         family(
             "xferd_transfers_active",

@@ -79,6 +79,9 @@ pub struct Settings {
     pub rcvbuf: Option<Size>,
     /// TCP congestion control of every connection (`--congestion`); the system's when unset.
     pub congestion: Option<String>,
+    /// How chunks the daemon sends are compressed when the client does not say
+    /// (`--compress`): `"auto"`, `"off"` or a zstd level such as `"3"`.
+    pub compress: Option<String>,
 }
 
 /// A byte count written as a number or as a string with a `K`, `M`, `G` suffix.
@@ -164,6 +167,7 @@ impl Settings {
             sndbuf: None,
             rcvbuf: None,
             congestion: None,
+            compress: Some("auto".into()),
         }
     }
 
@@ -238,6 +242,7 @@ impl Settings {
             copy_ca: over.copy_ca.or(self.copy_ca),
             log_level: over.log_level.or(self.log_level),
             metrics: over.metrics.or(self.metrics),
+            compress: over.compress.or(self.compress),
             sndbuf: over.sndbuf.or(self.sndbuf),
             rcvbuf: over.rcvbuf.or(self.rcvbuf),
             congestion: over.congestion.or(self.congestion),
@@ -266,6 +271,11 @@ impl Settings {
         let (min, max) = (xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE);
         if !(u64::from(min)..=u64::from(max)).contains(&chunk.0) {
             bail!("chunk_size (--chunk-size) must be between 4K and 16M, not {chunk}");
+        }
+        if let Some(compress) = &self.compress {
+            if let Err(e) = xfer_cli_util::compress::parse_compression(compress) {
+                bail!("compress (--compress): {e}");
+            }
         }
         if self.max_streams == Some(0) {
             bail!("max_streams (--max-streams) must be at least 1");
@@ -380,6 +390,13 @@ impl Settings {
             .unwrap_or(64);
         cfg.read_only = self.read_only.unwrap_or(false);
         cfg.allow_delete = self.allow_delete.unwrap_or(false);
+        cfg.compress = self
+            .compress
+            .as_deref()
+            .map_or(Ok(xfer_net::Compression::Auto), |c| {
+                xfer_cli_util::compress::parse_compression(c)
+            })
+            .map_err(anyhow::Error::msg)?;
         cfg.window = self.window.or(defaults.window).unwrap_or(2);
         cfg.max_per_address = self
             .max_conns_per_ip
@@ -593,6 +610,7 @@ mod tests {
                 .to_string()
         };
         assert!(check("chunk_size = \"32M\"").contains("chunk_size (--chunk-size)"));
+        assert!(check("compress = \"fast\"").contains("compress (--compress)"));
         assert!(check("max_streams = 0").contains("max_streams"));
         assert!(check("window = 0").contains("window"));
         assert!(check("tls_cert = \"c.pem\"").contains("tls_key"));

@@ -3,12 +3,13 @@
 //! whole-file digest is asked for on a connection of its own and checked before the rename.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use xfer_core::buffers::BufferPool;
 use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
-use xfer_proto::{ByteRange, ChunkRef, Commit, FileIdentity, Frame, OpenRead};
+use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRead};
 
 use super::pool::drive;
 use super::queue::Work;
@@ -24,6 +25,10 @@ struct Download {
     identity: FileIdentity,
     partial: Arc<PartialFile>,
     max_chunk: u32,
+    /// Bytes the chunks took on the wire, compressed where they were.
+    wire: AtomicU64,
+    /// Buffers compressed chunks expand into, one per connection at most.
+    buffers: BufferPool,
 }
 
 async fn open_read(
@@ -78,7 +83,37 @@ impl Direction for Download {
         work: &Work,
     ) -> Result<Answer, ClientError> {
         let data = match session.next().await? {
-            Frame::Data(d) => d,
+            Frame::Data(d) => {
+                self.wire
+                    .fetch_add(d.payload.len() as u64, Ordering::Relaxed);
+                d
+            }
+            Frame::DataZ(z) if z.transfer_id == transfer_id => {
+                self.wire
+                    .fetch_add(z.payload.len() as u64, Ordering::Relaxed);
+                // Matched to its request (so `raw_len` is what was asked for, within the chunk
+                // size) before anything is allocated for it.
+                let chunk = window.answered(z.range(), "DataZ")?;
+                work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
+                if !z.crc_matches() {
+                    tracing::warn!(
+                        offset = chunk.start,
+                        "compressed chunk failed its CRC; asking again"
+                    );
+                    return Ok(Answer::Corrupt(chunk));
+                }
+                let buffer = self.buffers.take(z.raw_len as usize);
+                let buffers = self.buffers.clone();
+                let data = xfer_net::inflate(z, buffer, move |b| buffers.bytes(b))
+                    .await
+                    .map_err(|e| {
+                        ClientError::Proto(xfer_proto::ProtoError::BadBody {
+                            kind: "DataZ",
+                            reason: e.to_string(),
+                        })
+                    })?;
+                return self.write(chunk, data, work, window).await;
+            }
             // A hole at the server: nothing to write but a hole of our own.
             Frame::Zeros(z) if z.transfer_id == transfer_id => {
                 let range = ByteRange::new(z.offset, z.offset + u64::from(z.len));
@@ -104,7 +139,20 @@ impl Direction for Download {
             tracing::warn!(offset = chunk.start, "chunk failed its CRC; asking again");
             return Ok(Answer::Corrupt(chunk));
         }
-        // In the endgame two connections may bring the same chunk: the first is written.
+        self.write(chunk, data, work, window).await
+    }
+}
+
+impl Download {
+    /// Writes a received chunk at its offset. In the endgame two connections may bring the
+    /// same chunk: the first is written, the other dropped.
+    async fn write(
+        &self,
+        chunk: ByteRange,
+        data: Data,
+        work: &Work,
+        window: &mut Window,
+    ) -> Result<Answer, ClientError> {
         if !work.claim(chunk) {
             return Ok(Answer::Dropped(chunk));
         }
@@ -183,6 +231,8 @@ pub async fn recv_with_holes(
         identity,
         partial: Arc::clone(&partial),
         max_chunk: chunk_size,
+        wire: AtomicU64::new(0),
+        buffers: BufferPool::new(1),
     });
     let mut digest_task = Some(tokio::spawn(remote_digest(
         target.clone(),
@@ -226,7 +276,9 @@ pub async fn recv_with_holes(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(tally.finish(&work, opts))
+    let mut summary = tally.finish(&work, opts);
+    summary.wire_bytes = download.wire.load(Ordering::Relaxed);
+    Ok(summary)
 }
 
 /// The server's digest once the data is in: the extra connection's answer, if it has one by
@@ -357,6 +409,8 @@ mod tests {
             identity,
             partial: Arc::clone(&partial),
             max_chunk: 4096,
+            wire: AtomicU64::new(0),
+            buffers: BufferPool::new(1),
         };
         let progress = Arc::new(ProgressCounter::default());
         let chunks = split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);

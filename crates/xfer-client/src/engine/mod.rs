@@ -175,6 +175,8 @@ pub struct Summary {
     pub bytes_total: u64,
     /// Payload bytes sent or received by this run (resends included).
     pub bytes_transferred: u64,
+    /// What `bytes_transferred` took on the wire, compressed where it was.
+    pub wire_bytes: u64,
     /// Bytes already held at the start, not sent again.
     pub resumed_bytes: u64,
     /// Wall-clock seconds of this run.
@@ -256,6 +258,7 @@ impl Tally {
             name: self.name,
             bytes_total: self.size,
             bytes_transferred,
+            wire_bytes: bytes_transferred,
             resumed_bytes: self.resumed,
             seconds,
             connections: connections_used(opts, work),

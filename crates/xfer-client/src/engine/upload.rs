@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use xfer_core::{RangeSet, SourceFile};
-use xfer_proto::{ByteRange, ChunkRef, Commit, Data, ErrorCode, Frame, OpenWrite};
+use xfer_net::Compressor;
+use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite};
 
 use super::pool::drive;
 use super::queue::Work;
@@ -24,6 +25,8 @@ struct Upload {
     request: OpenWrite,
     /// Holes of the source, sent as `Zeros` (only to a daemon with `CAP_TREE_META`).
     holes: RangeSet,
+    /// Compresses chunks for every connection of the pool, which measures and decides as one.
+    compressor: Compressor,
 }
 
 impl Upload {
@@ -67,9 +70,12 @@ impl Direction for Upload {
             return session.send(&Frame::Zeros(zeros)).await;
         }
         let payload = self.source.read(chunk).await?;
-        session
-            .send(&Frame::Data(Data::new(transfer_id, chunk.start, payload)))
-            .await?;
+        let compresses = session.welcome.capabilities & xfer_proto::CAP_COMPRESSION != 0;
+        let packed = self
+            .compressor
+            .pack_if(compresses, transfer_id, chunk.start, payload)
+            .await;
+        session.send(&packed.frame).await?;
         work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
         Ok(())
     }
@@ -143,6 +149,7 @@ pub async fn send_file(
         },
         source,
         holes,
+        compressor: Compressor::new(opts.connector.compress.unwrap_or_default(), "upload"),
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
@@ -192,7 +199,9 @@ pub async fn send_file(
         match answer {
             Ok(Frame::Committed(_)) => {
                 s.close().await;
-                return Ok(tally.finish(&work, opts));
+                let mut summary = tally.finish(&work, opts);
+                summary.wire_bytes = upload.compressor.totals().wire.load(Ordering::Relaxed);
+                return Ok(summary);
             }
             Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::Incomplete) => {
                 (id, held) = upload.open_with_held(&mut s).await?;
@@ -241,6 +250,7 @@ mod tests {
             },
             source,
             holes: RangeSet::new(),
+            compressor: Compressor::new(xfer_net::Compression::Off, "upload"),
         };
         let progress = Arc::new(ProgressCounter::default());
         let chunks = xfer_core::split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);

@@ -65,6 +65,7 @@ impl Handler {
                 // This daemon's own settings: its copies are its connections.
                 socket: self.shared.config.socket.clone(),
                 meter: None,
+                compress: Some(self.compression()),
             },
             keep,
             // Unless the daemon's settings name one, as the client does.

@@ -3,7 +3,7 @@
 use tracing::info;
 use xfer_core::{CoreError, SourceFile};
 use xfer_proto::session::DownloadId;
-use xfer_proto::{ByteRange, ChunkRef, Data, DigestReply, Frame, OpenRead, ProtoError, ReadOpened};
+use xfer_proto::{ByteRange, ChunkRef, DigestReply, Frame, OpenRead, ProtoError, ReadOpened};
 
 use super::{fatal, ConnError, Download, Handler};
 use crate::registry::blocking;
@@ -68,7 +68,7 @@ impl Handler {
         let payload = payload.map_err(|e: CoreError| fatal(e.code(), e.to_string()))?;
         *bytes += payload.len() as u64;
         self.shared.metrics.bytes_sent.add(payload.len() as u64);
-        let data = Frame::Data(Data::new(chunk.transfer_id, chunk.offset, payload));
+        let (data, _reserved) = self.pack(chunk.transfer_id, chunk.offset, payload).await;
         // A client that stops reading holds this chunk's share of the budget: not forever.
         let idle = self.shared.config.idle_timeout;
         match tokio::time::timeout(idle, self.writer.send(&data)).await {

@@ -20,6 +20,7 @@ use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError};
 use crate::registry::Lease;
 use crate::Shared;
 
+mod compress;
 mod copy;
 mod download;
 mod handshake;
@@ -109,6 +110,9 @@ struct Handler {
     pending: Option<Request>,
     /// The chunk being written while the next one is read (acknowledged once written).
     write_behind: Option<WriteBehind>,
+    /// How the chunks this connection sends are compressed, once it sent one or the client
+    /// said (`SetCompression`).
+    compressor: Option<xfer_net::Compressor>,
 }
 
 /// A byte stream a connection is served over: a TCP socket in the daemon, one end of an
@@ -244,6 +248,7 @@ impl Handler {
             writer,
             pending: None,
             write_behind: None,
+            compressor: None,
         }
     }
 
@@ -320,7 +325,13 @@ impl Handler {
             }
             match request {
                 Request::OpenWrite(req) => self.open_write(req).await?,
-                Request::Data(id, data) => self.data(id, data).await?,
+                Request::Data(id, data) => {
+                    let wire = data.payload.len() as u64;
+                    self.shared.metrics.wire_bytes_received.add(wire);
+                    self.data(id, data).await?;
+                }
+                Request::DataZ(id, z) => self.data_compressed(id, z).await?,
+                Request::SetCompression(mode) => self.set_compression(mode),
                 Request::Commit(id, c) => self.commit(id, c).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,

@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Compression benchmark: xfer --compress auto vs --compress off vs rsync -z --compress-choice=zstd
+# (to an rsync daemon) vs scp -C (to an sshd with throwaway keys), uploading three data sets
+# through the WAN emulator's wan profile (shared/wanem: 50 ms RTT, 0.01 % loss, 500 Mbit/s;
+# netns wa = client, wb = server), then xfer auto vs off on loopback. Not a test: run it by hand,
+# as root, under `flock /work/wt/bench.lock`.
+#
+#   bench/compress.sh
+#   CSV_SIZE=128M RANDOM_SIZE=64M COMPRESS_CAP=60 bench/compress.sh   # a short run
+#
+# Data sets: docs, an installed documentation tree (/usr/share/doc, and /usr/share/man when the
+# two together stay under DOCS_MAX, default 512M), copied with xfer send -r, rsync -a and scp -r;
+# csv, a generated CSV of CSV_SIZE (default 512M); random, RANDOM_SIZE of /dev/urandom (default
+# 256M). Each run starts a fresh server, is capped at COMPRESS_CAP seconds (default 120; a capped
+# run is marked), and reports wall seconds, MB/s (source bytes / wall), the ratio to xfer
+# --compress off on the same data and link, xfer's wire bytes (its --json), the CPU seconds per GiB
+# of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
+# Environment: CSV_SIZE, RANDOM_SIZE, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
+# kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
+# bench/out/compress), LOOPBACK=0 (skip the loopback rows).
+set -euo pipefail
+# Descriptors inherited from the caller (`flock`'s lock among them) are closed, so that the
+# emulator, which outlives a failed run, never keeps the benchmark lock held for everyone.
+for fd in 3 4 5 6 7 8 9; do eval "exec $fd>&-"; done
+
+BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$BENCH_HOME/.." && pwd)"
+cd "$REPO"
+# shellcheck disable=SC2034 # read by lib.sh
+BENCH_NAME=compress-bench
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
+
+CSV_SIZE="$(parse_size "${CSV_SIZE:-512M}")"
+RANDOM_SIZE="$(parse_size "${RANDOM_SIZE:-256M}")"
+DOCS_MAX="$(parse_size "${DOCS_MAX:-512M}")"
+CAP="${COMPRESS_CAP:-120}"
+REPEAT="${REPEAT:-1}"
+LOOPBACK="${LOOPBACK:-1}"
+DATA="${DATA:-csv random docs}"
+WORK="${COMPRESS_DIR:-$REPO/bench/out/compress}"
+[[ $EUID == 0 ]] || die "run as root (network namespaces)"
+WANEM_SRC=/work/shared/wanem
+[[ -d "$WANEM_SRC" ]] || WANEM_SRC="$REPO/../shared/wanem"
+export WAN_NS_A=wa WAN_NS_B=wb WANEM_RUN=/run/wanem
+IP_B=10.78.0.2
+WAN_ARGS=(--delay-ms 25 --loss 0.0001 --rate-mbit 500 --seed 1) # the system's congestion control
+
+mkdir -p "$WORK"/{src,srv,logs,conf}
+real_disk "$WORK"
+LOGS="$WORK/logs"
+SRV="$WORK/srv"
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+WAN_IS_UP=0
+RSYNCD_PID=""
+SSHD_PID=""
+cleanup() {
+    [[ -n "$RSYNCD_PID" ]] && end_pids --tree "$RSYNCD_PID"
+    [[ -n "$SSHD_PID" ]] && end_pids --tree "$SSHD_PID"
+    ((${#PIDS[@]} == 0)) || end_pids "${PIDS[@]}"
+    ((WAN_IS_UP == 0)) || "$WORK/wanem/wan.sh" down >"$LOGS/wan-down.log" 2>&1 || true
+    rm -rf "$SRV"
+}
+on_exit cleanup
+
+need rsync rsync rsync
+need scp /usr/sbin/sshd openssh-server
+ensure_apt zstd zstd
+xfer_binaries "$LOGS/build.log"
+
+# --- data ---------------------------------------------------------------------------------------
+DOCS="$WORK/src/docs"
+if [[ ! -d "$DOCS" ]]; then
+    log "copying the documentation tree"
+    mkdir -p "$DOCS"
+    cp -a /usr/share/doc "$DOCS/doc"
+    if (($(du -sb /usr/share/doc /usr/share/man 2>/dev/null | awk '{s += $1} END {print s + 0}') < DOCS_MAX)); then
+        cp -a /usr/share/man "$DOCS/man" 2>/dev/null || true
+    fi
+    # Links out of the tree mean nothing at the destination; keep the bytes.
+    find "$DOCS" -type l -delete
+fi
+CSV="$WORK/src/data.csv"
+if [[ ! -f "$CSV" || $(stat -c %s "$CSV") != "$CSV_SIZE" ]]; then
+    log "generating a $((CSV_SIZE >> 20)) MiB CSV"
+    python3 - "$CSV" "$CSV_SIZE" <<'EOF'
+import random, sys
+path, size = sys.argv[1], int(sys.argv[2])
+rng = random.Random(42)
+cities = ["Lisbon", "Oslo", "Lyon", "Turin", "Graz", "Ghent", "Porto", "Bergen", "Aarhus", "Brno"]
+with open(path, "w") as f:
+    f.write("id,timestamp,customer,city,amount,currency,status,note\n")
+    written, row = 0, 0
+    while written < size:
+        lines = []
+        for _ in range(10000):
+            row += 1
+            lines.append(f"{row},2026-{rng.randint(1,12):02d}-{rng.randint(1,28):02d}T{rng.randint(0,23):02d}:{rng.randint(0,59):02d}:00Z,"
+                         f"cust-{rng.randint(1, 200000)},{rng.choice(cities)},{rng.randint(1, 999999) / 100:.2f},EUR,"
+                         f"{rng.choice(['paid', 'open', 'refunded', 'disputed'])},order {row} shipped to {rng.choice(cities)}\n")
+        chunk = "".join(lines)
+        f.write(chunk[: size - written])
+        written += min(len(chunk), size - written)
+EOF
+fi
+RAND="$WORK/src/random.bin"
+[[ -f "$RAND" && $(stat -c %s "$RAND") == "$RANDOM_SIZE" ]] ||
+    head -c "$RANDOM_SIZE" /dev/urandom >"$RAND"
+DOCS_BYTES="$(du -sb "$DOCS" | awk '{print $1}')"
+DOCS_FILES="$(find "$DOCS" -type f | wc -l)"
+CSV_ZSTD="$(zstd -1 -c "$CSV" | wc -c)"
+
+# --- servers -------------------------------------------------------------------------------------
+SSH_DIR="$WORK/conf/ssh"
+rm -rf "$SSH_DIR"
+mkdir -p "$SSH_DIR" /run/sshd
+chmod 700 "$SSH_DIR"
+ssh-keygen -q -t ed25519 -N '' -f "$SSH_DIR/host" -C compress-bench-host
+ssh-keygen -q -t ed25519 -N '' -f "$SSH_DIR/id" -C compress-bench-client
+cp "$SSH_DIR/id.pub" "$SSH_DIR/authorized_keys"
+chmod 600 "$SSH_DIR/authorized_keys"
+SSH_OPTS=(-i "$SSH_DIR/id" -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+    -o LogLevel=ERROR -o IdentitiesOnly=yes)
+
+# serve NETNS ADDR TOOL: a fresh server for one run; sets SERVER_PID and PORT.
+serve() {
+    local ns=(ip netns exec "$1") addr="$2"
+    [[ "$1" == - ]] && ns=()
+    PORT="$(free_port)"
+    rm -rf "$SRV" && mkdir -p "$SRV"
+    case "$3" in
+        xfer-*)
+            "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
+            SERVER_PID=$! ;;
+        rsync)
+            rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
+            "${ns[@]}" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/server.time" \
+                rsync --daemon --no-detach --address "$addr" --port "$PORT" --config "$WORK/conf/rsyncd.conf" &
+            SERVER_PID=$! ;;
+        scp)
+            cat >"$SSH_DIR/sshd_config" <<EOF
+Port $PORT
+ListenAddress $addr
+HostKey $SSH_DIR/host
+PidFile none
+AuthorizedKeysFile $SSH_DIR/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+EOF
+            "${ns[@]}" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/server.time" /usr/sbin/sshd -D -e -f "$SSH_DIR/sshd_config" 2>"$LOGS/sshd.err" &
+            SERVER_PID=$! ;;
+    esac
+    PIDS+=("$SERVER_PID")
+    if [[ "$1" == - ]]; then wait_listening "$PORT"; else wait_listening "$PORT" "$1"; fi
+}
+
+# unserve TOOL: stops the server; sets S_CPU and S_RSS (KiB).
+unserve() {
+    if [[ "$1" == xfer-* ]]; then
+        S_CPU="$(proc_cpu "$SERVER_PID")"
+        S_RSS="$(proc_hwm_kib "$SERVER_PID")"
+        end_pids "$SERVER_PID"
+    else
+        end_pids --tree "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+        S_CPU="$(time_cpu "$LOGS/server.time" 2>/dev/null || echo 0)"
+        S_RSS="$(time_field "$LOGS/server.time" 2 2>/dev/null || echo 0)"
+    fi
+    forget_pid "$SERVER_PID"
+}
+
+# run LINK DATA TOOL: one upload; appends a row to RESULTS.
+run() {
+    local link="$1" data="$2" tool="$3" ns=() srv_ns=- addr=127.0.0.1 src bytes cmd wire="" capped=""
+    if [[ "$link" == wan ]]; then ns=(ip netns exec wa); srv_ns=wb; addr="$IP_B"; fi
+    case "$data" in
+        docs) src="$DOCS"; bytes="$DOCS_BYTES" ;;
+        csv) src="$CSV"; bytes="$CSV_SIZE" ;;
+        random) src="$RAND"; bytes="$RANDOM_SIZE" ;;
+    esac
+    serve "$srv_ns" "$addr" "$tool"
+    local r=()
+    [[ "$data" == docs ]] && r=(-r)
+    case "$tool" in
+        xfer-auto | xfer-off)
+            cmd=("$XFER" send "${r[@]}" --json --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
+        rsync)
+            cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
+        scp)
+            cmd=(scp -q -C "${r[@]}" -P "$PORT" "${SSH_OPTS[@]}" "$src" "root@$addr:$SRV/") ;;
+    esac
+    local t0
+    t0="$(now_ns)"
+    "${ns[@]}" timeout "$CAP" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/client.time" "${cmd[@]}" \
+        >"$LOGS/client.out" 2>"$LOGS/client.err" || capped=" (capped or failed: $(tail -c 200 "$LOGS/client.err" | tr '\n' ' '))"
+    local secs
+    secs="$(secs_since "$t0")"
+    unserve "$tool"
+    [[ "$tool" == xfer-* ]] && wire="$(python3 -c 'import json,sys
+w = 0
+for line in open(sys.argv[1]):
+    try: d = json.loads(line)
+    except ValueError: continue
+    w += d.get("wire_bytes", d.get("bytes_transferred", 0))
+print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
+    local c_cpu c_rss
+    c_cpu="$(time_cpu "$LOGS/client.time" 2>/dev/null || echo 0)"
+    c_rss="$(time_field "$LOGS/client.time" 2 2>/dev/null || echo 0)"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$link" "$data" "$tool" "$secs" "$bytes" \
+        "$wire" "$c_cpu" "$S_CPU" "$c_rss" "$S_RSS" "$capped" >>"$RESULTS"
+    log "$link $data $tool: ${secs}s$capped"
+}
+
+# --- runs ----------------------------------------------------------------------------------------
+# A private, writable copy of the emulator, as wan.sh makes it (shared/wanem is read-only).
+mkdir -p "$WORK/wanem"
+chmod u+w "$WORK/wanem"
+for f in wan.sh wanem.c; do install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"; done
+"$WORK/wanem/wan.sh" build >"$LOGS/wan-build.log" 2>&1 || die "building wanem failed"
+WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
+"$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
+for _ in $(seq "$REPEAT"); do
+    for data in $DATA; do
+        for tool in xfer-off xfer-auto rsync scp; do
+            run wan "$data" "$tool"
+        done
+    done
+done
+"$WORK/wanem/wan.sh" down >"$LOGS/wan-down.log" 2>&1 || true
+WAN_IS_UP=0
+if [[ "$LOOPBACK" == 1 ]]; then
+    for _ in $(seq "$REPEAT"); do
+        for data in $DATA; do
+            for tool in xfer-off xfer-auto; do
+                run loopback "$data" "$tool"
+            done
+        done
+    done
+fi
+
+# --- report --------------------------------------------------------------------------------------
+echo "# xfer compression benchmark (bench/compress.sh), $(date -u +%Y-%m-%d)"
+echo
+echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($FSTYPE); commit $(git -C "$REPO" rev-parse --short HEAD)"
+echo "- wan: shared/wanem ${WAN_ARGS[*]}; loopback: 127.0.0.1; uploads; fastest of $REPEAT; cap ${CAP}s"
+echo "- data: docs = /usr/share/doc (+ man) $((DOCS_BYTES >> 20)) MiB in $DOCS_FILES files; csv = $((CSV_SIZE >> 20)) MiB generated (zstd -1: $((CSV_ZSTD >> 20)) MiB); random = $((RANDOM_SIZE >> 20)) MiB"
+echo
+python3 - "$RESULTS" <<'EOF'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    link, data, tool, secs, size, wire, ccpu, scpu, crss, srss, note = (line.rstrip("\n").split("\t") + [""] * 11)[:11]
+    key = (link, data, tool)
+    if key not in rows or float(secs) < float(rows[key][0]):
+        rows[key] = (secs, size, wire, ccpu, scpu, crss, srss, note)
+print("| link | data | tool | s | MB/s | vs off | wire/raw | client CPU s/GiB | server CPU s/GiB | client RSS MiB | server RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for (link, data, tool), (secs, size, wire, ccpu, scpu, crss, srss, note) in rows.items():
+    secs, size = float(secs), int(size)
+    off = rows.get((link, data, "xfer-off"))
+    vs = f"{float(off[0]) / secs:.2f}x" if off else ""
+    gib = size / 2**30
+    ratio = f"{int(wire) / size:.2f}" if wire else ""
+    f = lambda x: f"{float(x or 0) / gib:.1f}"
+    m = lambda x: f"{int(float(x or 0)) / 1024:.0f}"
+    print(f"| {link} | {data} | {tool}{note and ' *'} | {secs:.1f} | {size / secs / 1e6:.0f} | {vs} | {ratio} | {f(ccpu)} | {f(scpu)} | {m(crss)} | {m(srss)} |")
+print()
+print("`*`: capped at the time limit or failed (see the log); `vs off`: xfer --compress off time / this time.")
+EOF

@@ -1,0 +1,460 @@
+//! Chunks on the wire compressed with zstd (`CAP_COMPRESSION`): [`Compression`] (what the user
+//! asked for), [`Compressor`], which turns a chunk into `Data` or `DataZ` as asked (for `auto`,
+//! as [`Adapt`] decides), and [`inflate`], which checks a `DataZ` and decompresses it into the
+//! `Data` it stands for.
+//!
+//! Compressing and decompressing run on tokio's blocking pool, one chunk per connection at a
+//! time: a connection awaits its chunk before it sends or writes it, so each holds at most one
+//! buffer more than without compression.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use xfer_proto::{Data, DataZ, Frame, COMPRESSION_AUTO, COMPRESSION_OFF, MAX_COMPRESSION_LEVEL};
+
+use crate::adapt::{Adapt, Choice, Decision, Sent, INCOMPRESSIBLE, SAMPLE_LEN};
+
+/// How a sender compresses its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Never.
+    Off,
+    /// Where it raises throughput, decided per chunk from measurements ([`Adapt`]).
+    #[default]
+    Auto,
+    /// Every chunk that shrinks, at this zstd level (1..=22).
+    Level(u8),
+}
+
+impl Compression {
+    /// The `SetCompression.mode` byte.
+    pub fn wire(self) -> u8 {
+        match self {
+            Self::Off => COMPRESSION_OFF,
+            Self::Auto => COMPRESSION_AUTO,
+            Self::Level(level) => level,
+        }
+    }
+
+    /// The mode a `SetCompression.mode` byte names, if any.
+    pub fn from_wire(mode: u8) -> Option<Self> {
+        match mode {
+            COMPRESSION_OFF => Some(Self::Off),
+            COMPRESSION_AUTO => Some(Self::Auto),
+            1..=MAX_COMPRESSION_LEVEL => Some(Self::Level(mode)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::Auto => f.write_str("auto"),
+            Self::Level(level) => write!(f, "{level}"),
+        }
+    }
+}
+
+/// Why a `DataZ` could not be turned back into its `Data`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InflateError {
+    /// The payload is not one valid zstd frame, or expands beyond `raw_len`.
+    #[error("compressed chunk at offset {offset} is damaged or expands beyond its {raw_len} bytes: {reason}")]
+    Corrupt {
+        /// Offset of the chunk.
+        offset: u64,
+        /// The size the frame announced.
+        raw_len: u32,
+        /// What zstd said.
+        reason: String,
+    },
+    /// The payload expands to fewer bytes than announced.
+    #[error("compressed chunk at offset {offset} expands to {got} bytes, not {raw_len}")]
+    Short {
+        /// Offset of the chunk.
+        offset: u64,
+        /// The size the frame announced.
+        raw_len: u32,
+        /// What it expanded to.
+        got: usize,
+    },
+    /// The blocking task running the decompression failed.
+    #[error("decompression task failed: {0}")]
+    Task(String),
+}
+
+/// Decompresses `z.payload` into `buffer`, which must be exactly `z.raw_len` bytes long (the
+/// caller has checked that length against its limits and reserved it). The CRC of the
+/// compressed bytes must already have been checked.
+///
+/// # Errors
+/// [`InflateError`] when the payload is not a zstd frame of exactly `raw_len` bytes.
+pub fn inflate_into(z: &DataZ, buffer: &mut [u8]) -> Result<(), InflateError> {
+    debug_assert_eq!(buffer.len(), z.raw_len as usize);
+    let got = zstd::bulk::Decompressor::new()
+        .and_then(|mut d| d.decompress_to_buffer(&z.payload[..], buffer))
+        .map_err(|e| InflateError::Corrupt {
+            offset: z.offset,
+            raw_len: z.raw_len,
+            reason: e.to_string(),
+        })?;
+    if got != buffer.len() {
+        return Err(InflateError::Short {
+            offset: z.offset,
+            raw_len: z.raw_len,
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// Decompresses `z` on the blocking pool into `buffer` (exactly `z.raw_len` bytes, from the
+/// caller's pool or budget), and makes the `Data` it stands for, with the CRC of the
+/// decompressed bytes (the one a journal records). `into_bytes` turns the filled buffer into
+/// `Bytes` (handing it back to its pool once dropped).
+///
+/// # Errors
+/// As [`inflate_into`].
+pub async fn inflate(
+    z: DataZ,
+    mut buffer: Vec<u8>,
+    into_bytes: impl FnOnce(Vec<u8>) -> Bytes + Send + 'static,
+) -> Result<Data, InflateError> {
+    tokio::task::spawn_blocking(move || {
+        inflate_into(&z, &mut buffer)?;
+        Ok(Data::new(z.transfer_id, z.offset, into_bytes(buffer)))
+    })
+    .await
+    .map_err(|e| InflateError::Task(e.to_string()))?
+}
+
+/// A chunk ready to send, and what it cost.
+#[derive(Debug)]
+pub struct Packed {
+    /// `Data` or `DataZ`.
+    pub frame: Frame,
+    /// Bytes of the file it covers.
+    pub raw: u64,
+    /// Payload bytes on the wire.
+    pub wire: u64,
+}
+
+/// Turns chunks into frames, compressed as a [`Compression`] says. Clones share one policy:
+/// a client's pool of connections measures and decides together.
+#[derive(Debug, Clone)]
+pub struct Compressor {
+    mode: Compression,
+    adapt: Arc<Mutex<AdaptState>>,
+    /// Raw and wire bytes of every frame made, for summaries and metrics.
+    totals: Arc<Totals>,
+}
+
+#[derive(Debug)]
+struct AdaptState {
+    adapt: Adapt,
+    reported: Option<Decision>,
+    label: &'static str,
+}
+
+/// Raw and wire bytes of the chunks a [`Compressor`] made.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Bytes of the files.
+    pub raw: AtomicU64,
+    /// Payload bytes on the wire.
+    pub wire: AtomicU64,
+}
+
+impl Compressor {
+    /// A compressor for `mode`; `label` names the sender in the `auto` decisions it logs.
+    pub fn new(mode: Compression, label: &'static str) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        Self {
+            mode,
+            adapt: Arc::new(Mutex::new(AdaptState {
+                adapt: Adapt::new(cpus),
+                reported: None,
+                label,
+            })),
+            totals: Arc::new(Totals::default()),
+        }
+    }
+
+    /// The mode it compresses by.
+    pub fn mode(&self) -> Compression {
+        self.mode
+    }
+
+    /// Raw and wire bytes of the chunks made so far.
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// [`Compressor::pack`] on a connection where compressing is `allowed`
+    /// (`CAP_COMPRESSION`), else `Data` (counted in the totals all the same).
+    pub async fn pack_if(
+        &self,
+        allowed: bool,
+        transfer_id: u64,
+        offset: u64,
+        payload: Bytes,
+    ) -> Packed {
+        if allowed {
+            return self.pack(transfer_id, offset, payload).await;
+        }
+        let raw = payload.len() as u64;
+        let frame = Frame::Data(Data::new(transfer_id, offset, payload));
+        self.totals.raw.fetch_add(raw, Ordering::Relaxed);
+        self.totals.wire.fetch_add(raw, Ordering::Relaxed);
+        Packed {
+            frame,
+            raw,
+            wire: raw,
+        }
+    }
+
+    /// `payload`, the bytes at `offset` of transfer `transfer_id`, as the frame to send:
+    /// `DataZ` where compressing shrinks it and the mode asks for it, else `Data`.
+    pub async fn pack(&self, transfer_id: u64, offset: u64, payload: Bytes) -> Packed {
+        let choice = match self.mode {
+            Compression::Off => Choice::Raw,
+            Compression::Level(level) => Choice::Compress {
+                level: i32::from(level),
+                sample: false,
+            },
+            Compression::Auto => self.lock().adapt.choose(Instant::now()),
+        };
+        let raw = payload.len() as u64;
+        let Choice::Compress { level, sample } = choice else {
+            let frame = Frame::Data(Data::new(transfer_id, offset, payload));
+            return self.finish(frame, raw, raw, None);
+        };
+        let (payload, packed, spent) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let packed = shrink(&payload, level, sample);
+            (payload, packed, started.elapsed())
+        })
+        .await
+        .expect("zstd does not panic");
+        let frame = match packed {
+            Some(z) => Frame::DataZ(DataZ::new(transfer_id, offset, raw as u32, z.into())),
+            None => Frame::Data(Data::new(transfer_id, offset, payload)),
+        };
+        let wire = match &frame {
+            Frame::DataZ(z) => z.payload.len() as u64,
+            _ => raw,
+        };
+        self.finish(frame, raw, wire, Some(spent))
+    }
+
+    fn finish(&self, frame: Frame, raw: u64, wire: u64, spent: Option<Duration>) -> Packed {
+        self.totals.raw.fetch_add(raw, Ordering::Relaxed);
+        self.totals.wire.fetch_add(wire, Ordering::Relaxed);
+        if self.mode == Compression::Auto {
+            let mut state = self.lock();
+            if spent.is_some() && wire == raw {
+                state.adapt.incompressible();
+            }
+            state.adapt.sent(Sent {
+                raw,
+                wire,
+                compress: spent.unwrap_or_default(),
+            });
+            state.report();
+        }
+        Packed { frame, raw, wire }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AdaptState> {
+        // The state is numbers only: one left half-updated by a panic is still usable.
+        self.adapt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl AdaptState {
+    /// Logs a decision `auto` took, once.
+    fn report(&mut self) {
+        let decision = self.adapt.decision();
+        if decision.is_none() || decision == self.reported {
+            return;
+        }
+        self.reported = decision;
+        let Some(d) = decision else { return };
+        tracing::info!(
+            sender = self.label,
+            compress = if d.on { "on" } else { "off" },
+            level = d.level,
+            ratio = format_args!("{:.2}", d.ratio),
+            rate_off_mib_s = format_args!("{:.1}", d.off_rate / f64::from(1 << 20)),
+            rate_on_mib_s = format_args!("{:.1}", d.on_rate / f64::from(1 << 20)),
+            "compression decision"
+        );
+    }
+}
+
+/// `payload` compressed at `level`, if it shrinks below [`INCOMPRESSIBLE`]; with `sample`,
+/// only after its first [`SAMPLE_LEN`] bytes did at level 1.
+fn shrink(payload: &[u8], level: i32, sample: bool) -> Option<Vec<u8>> {
+    if payload.is_empty() {
+        return None;
+    }
+    let shrinks =
+        |input: &[u8], out: &[u8]| (out.len() as f64) < input.len() as f64 * INCOMPRESSIBLE;
+    if sample && payload.len() > SAMPLE_LEN {
+        let head = &payload[..SAMPLE_LEN];
+        let out = zstd::bulk::compress(head, 1).ok()?;
+        if !shrinks(head, &out) {
+            return None;
+        }
+    }
+    let out = zstd::bulk::compress(payload, level).ok()?;
+    shrinks(payload, &out).then_some(out)
+}
+
+/// Fuzz entry point (`fuzz/fuzz_targets/inflate.rs`): `data` as the body of a `DataZ` frame,
+/// decompressed as a receiver would if it decodes. Must never panic nor allocate more than the
+/// frame's checked `raw_len`, whatever the input.
+pub fn fuzz_inflate(data: &[u8]) {
+    let mut frame = vec![xfer_proto::FrameType::DataZ as u8];
+    frame.extend_from_slice(data);
+    let Ok(Frame::DataZ(z)) = Frame::decode(Bytes::from(frame)) else {
+        return;
+    };
+    let mut buffer = vec![0; z.raw_len as usize];
+    if inflate_into(&z, &mut buffer).is_ok() {
+        assert!(z.payload.len() <= buffer.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| b"id,name,amount\n1,alice,12.50\n"[i % 29])
+            .collect()
+    }
+
+    fn random(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_fixed_level_compresses_what_shrinks_and_round_trips() {
+        let c = Compressor::new(Compression::Level(3), "test");
+        let content = text(1 << 20);
+        let packed = c.pack(7, 4096, Bytes::from(content.clone())).await;
+        let Frame::DataZ(z) = packed.frame else {
+            panic!("text goes compressed");
+        };
+        assert!(z.crc_matches());
+        assert_eq!(z.raw_len, 1 << 20);
+        assert!(packed.wire < packed.raw / 10);
+        let data = inflate(z, vec![0; 1 << 20], Bytes::from).await.unwrap();
+        assert_eq!(data.payload, content);
+        assert_eq!((data.transfer_id, data.offset), (7, 4096));
+        data.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn random_data_goes_raw_even_at_a_fixed_level() {
+        let c = Compressor::new(Compression::Level(3), "test");
+        let packed = c.pack(1, 0, Bytes::from(random(1 << 20))).await;
+        assert!(matches!(packed.frame, Frame::Data(_)));
+        assert_eq!(c.totals().wire.load(Ordering::Relaxed), 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn off_never_compresses() {
+        let c = Compressor::new(Compression::Off, "test");
+        let packed = c.pack(1, 0, Bytes::from(text(1 << 16))).await;
+        assert!(matches!(packed.frame, Frame::Data(_)));
+    }
+
+    fn z_of(content: &[u8], raw_len: u32) -> DataZ {
+        DataZ::new(
+            1,
+            0,
+            raw_len,
+            zstd::bulk::compress(content, 1).unwrap().into(),
+        )
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_announced_size() {
+        // 16 MiB of zeros announced as 4 KiB: decompression stops at the buffer's end.
+        let z = z_of(&vec![0; 16 << 20], 4096);
+        let err = inflate_into(&z, &mut vec![0; 4096]).unwrap_err();
+        assert!(matches!(err, InflateError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_payload_shorter_than_announced_is_refused() {
+        let z = z_of(&text(1000), 2000);
+        let err = inflate_into(&z, &mut vec![0; 2000]).unwrap_err();
+        assert_eq!(
+            err,
+            InflateError::Short {
+                offset: 0,
+                raw_len: 2000,
+                got: 1000
+            }
+        );
+    }
+
+    /// The payload of `testdata/dataz.hex` in xfer-proto.
+    #[test]
+    fn the_dataz_vector_expands_to_64_a() {
+        let frame = [
+            0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x48, 0x45, 0x00, 0x00, 0x10, 0x61, 0x61, 0x01, 0x00,
+            0x93, 0x00, 0x16,
+        ];
+        let z = DataZ::new(1, 0, 64, Bytes::copy_from_slice(&frame));
+        let mut out = [0; 64];
+        inflate_into(&z, &mut out).unwrap();
+        assert_eq!(out, [b'a'; 64]);
+    }
+
+    /// Replays the `inflate` fuzz corpus (`fuzz/corpus/inflate`).
+    #[test]
+    fn fuzz_corpus_replays() {
+        let corpus =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/inflate");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(corpus).expect("corpus directory") {
+            fuzz_inflate(&std::fs::read(entry.unwrap().path()).unwrap());
+            replayed += 1;
+        }
+        assert!(replayed >= 3);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        let z = DataZ::new(1, 0, 100, Bytes::from_static(b"not zstd at all"));
+        assert!(matches!(
+            inflate_into(&z, &mut [0; 100]),
+            Err(InflateError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn modes_round_trip_through_their_byte() {
+        for mode in [Compression::Off, Compression::Auto, Compression::Level(19)] {
+            assert_eq!(Compression::from_wire(mode.wire()), Some(mode));
+        }
+        assert_eq!(Compression::from_wire(23), None);
+    }
+}
