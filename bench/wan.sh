@@ -15,6 +15,9 @@
 #   lan     --delay-ms 0.1 (0.2 ms RTT), no loss, 1000 Mbit/s
 #   wan     --delay-ms 25 (50 ms RTT), 0.01 % loss, 500 Mbit/s
 #   lossy   --delay-ms 25 (50 ms RTT), 0.5 % loss, 500 Mbit/s
+#   loss1   --delay-ms 25 (50 ms RTT), 0.1 % loss, 500 Mbit/s      (issue 13's profiles: wan is
+#   loss10  --delay-ms 25 (50 ms RTT), 1 % loss, 500 Mbit/s         its 0.01 %, lan its LAN)
+#   far     --delay-ms 75 (150 ms RTT), 0.1 % loss, 1000 Mbit/s
 # each with cubic and with bbr as the default congestion control in both namespaces.
 #
 # Size and duration (why every run is capped, not sized per profile): one source file of WAN_SIZE
@@ -161,7 +164,10 @@ profile_args() {
         lan) echo "--delay-ms 0.1 --rate-mbit 1000" ;;
         wan) echo "--delay-ms 25 --loss 0.0001 --rate-mbit 500" ;;
         lossy) echo "--delay-ms 25 --loss 0.005 --rate-mbit 500" ;;
-        *) die "unknown profile $1 (lan, wan, lossy)" ;;
+        loss1) echo "--delay-ms 25 --loss 0.001 --rate-mbit 500" ;;
+        loss10) echo "--delay-ms 25 --loss 0.01 --rate-mbit 500" ;;
+        far) echo "--delay-ms 75 --loss 0.001 --rate-mbit 1000" ;;
+        *) die "unknown profile $1 (lan, wan, lossy, loss1, loss10, far)" ;;
     esac
 }
 profile_desc() {
@@ -169,6 +175,9 @@ profile_desc() {
         lan) echo "0.2 ms RTT, no loss, 1000 Mbit/s" ;;
         wan) echo "50 ms RTT, 0.01 % loss each way, 500 Mbit/s" ;;
         lossy) echo "50 ms RTT, 0.5 % loss each way, 500 Mbit/s" ;;
+        loss1) echo "50 ms RTT, 0.1 % loss each way, 500 Mbit/s" ;;
+        loss10) echo "50 ms RTT, 1 % loss each way, 500 Mbit/s" ;;
+        far) echo "150 ms RTT, 0.1 % loss each way, 1000 Mbit/s" ;;
     esac
 }
 for p in $PROFILES; do profile_args "$p" >/dev/null; done

@@ -483,3 +483,42 @@ fn upload_through_random_bit_flips_ends_identical() {
 fn download_through_random_bit_flips_ends_identical() {
     check_random_flips(Way::Download, 19);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The tail
+
+/// One of four connections stalls for good once its first chunks are in flight (the daemon's
+/// idle timeout is far off): the other connections move its chunks at the end, the transfer
+/// completes, and the stalled connection is closed rather than waited for.
+fn check_stalled_connection_does_not_hold_the_end(way: Way, seed: u64) {
+    let s = Setup::new(&["--idle-timeout", "86400"]);
+    let want = s.file(way, "tail.bin", SIZE, seed);
+    s.proxy.stall_after(300 * 1024, 1);
+    let out = s
+        .start(
+            way,
+            "tail.bin",
+            &["-c", "4", "--chunk-size", "64K", "--json", "-v"],
+        )
+        .wait_ok();
+    s.check_received(way, "tail.bin", &want);
+    let stats = s.proxy.stats();
+    assert_eq!(stats.stalled, 1, "no connection stalled: {stats:?}");
+    let copies = out.json_u64("duplicate_chunks");
+    assert!(
+        (1..=WINDOW).contains(&copies),
+        "the stalled connection's chunks were not moved elsewhere, or more was copied: {}",
+        out.json()
+    );
+    assert_sent_at_most(&out, SIZE + 2 * WINDOW * CHUNK);
+}
+
+#[test]
+fn upload_is_not_held_back_by_a_stalled_connection() {
+    check_stalled_connection_does_not_hold_the_end(Way::Upload, 41);
+}
+
+#[test]
+fn download_is_not_held_back_by_a_stalled_connection() {
+    check_stalled_connection_does_not_hold_the_end(Way::Download, 42);
+}

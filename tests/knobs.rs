@@ -41,6 +41,57 @@ fn congestion_and_buffers_apply_and_are_reported() {
     assert_eq!(sha256_file(&out), want);
 }
 
+/// The congestion control a transfer picks by itself on a long path is one the kernel does not
+/// have (a path counts as long from 0 ms here): one log line says so, and the transfer runs
+/// with the system's, both ways.
+#[test]
+fn a_long_path_congestion_control_that_cannot_be_had_falls_back_in_one_line() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let src = tree.src("lp.bin");
+    let want = random_file(&src, 3 << 20, 3);
+    let policy = [
+        "--long-path-congestion",
+        "nosuchcc",
+        "--long-path-rtt",
+        "0",
+        "--json",
+        "-v",
+    ];
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    let out = tree.out("lp.bin");
+    for run in [
+        XferRun::send(&src, &daemon.addr(), "lp.bin", &policy).wait_ok(),
+        XferRun::recv("lp.bin", &daemon.addr(), &out, &policy).wait_ok(),
+    ] {
+        let said: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| l.contains("keeping the system's congestion control"))
+            .collect();
+        assert_eq!(said.len(), 1, "{}", run.stderr);
+        assert!(
+            said[0].contains("\"nosuchcc\" is not available here"),
+            "{}",
+            said[0]
+        );
+        assert_eq!(run.json()["congestion"], system.trim(), "{}", run.stdout);
+    }
+    assert_eq!(sha256_file(&daemon.root().join("lp.bin")), want);
+    assert_eq!(sha256_file(&out), want);
+    // Chosen, and allowed: reno is in every kernel's allowed list.
+    let reno = [
+        "--long-path-congestion",
+        "reno",
+        "--long-path-rtt",
+        "0",
+        "--json",
+    ];
+    let run = XferRun::send(&src, &daemon.addr(), "lp2.bin", &reno).wait_ok();
+    assert_eq!(run.json()["congestion"], "reno", "{}", run.stdout);
+    assert_eq!(sha256_file(&daemon.root().join("lp2.bin")), want);
+}
+
 #[test]
 fn an_unknown_congestion_control_is_a_one_line_error() {
     let tree = Tree::new();
@@ -165,6 +216,57 @@ fn a_busy_daemon_stops_the_pool_from_growing_instead_of_failing_it() {
     let sent = XferRun::send(&src, &proxy.addr(), "three.bin", &args).wait_ok();
     assert_eq!(sha256_file(&daemon.root().join("three.bin")), want);
     assert_eq!(sent.json_u64("connections"), 3, "{}", sent.stdout);
+}
+
+#[test]
+fn without_c_the_pool_grows_past_16_within_the_daemons_stream_limit() {
+    let tree = Tree::new();
+    // 20 streams served at once; a 21st connection waits 1 s, then is told the daemon is busy.
+    let (daemon, proxy) = capped(&tree, &["--max-streams", "20", "--queue-timeout", "1"]);
+    let src = tree.src("wide.bin");
+    // At 256 KiB/s a connection, 16 connections move 4 MiB/s: far below what this machine
+    // carries under any load, so every doubling up to the daemon's limit measures faster.
+    let want = random_file(&src, 24 << 20, 8);
+    let args = ["--chunk-size", CHUNK, "--json", "-v"];
+    let sent = XferRun::send(&src, &proxy.addr(), "wide.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("wide.bin")), want);
+    let log = without_colours(&sent.stderr);
+    assert!(log.contains("from=16 to=32"), "{log}");
+    let used = sent.json_u64("connections");
+    assert!((17..=20).contains(&used), "{} {}", sent.stdout, sent.stderr);
+}
+
+#[test]
+fn the_first_connection_moves_chunks_while_the_rest_of_the_pool_waits_to_connect() {
+    let tree = Tree::new();
+    // One stream served at once, and the others kept waiting for longer than the client run's
+    // guard: the file arrives only if chunks flow on the first connection before the rest of
+    // the pool has connected.
+    let daemon = Daemon::start(
+        &tree.root(),
+        &["--max-streams", "1", "--queue-timeout", "3600"],
+    );
+    let src = tree.src("first.bin");
+    let want = random_file(&src, 4 << 20, 9);
+    let args = ["--chunk-size", CHUNK, "--json"];
+    let sent = XferRun::send(&src, &daemon.addr(), "first.bin", &args).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("first.bin")), want);
+    assert_eq!(sent.json_u64("connections"), 1, "{}", sent.stdout);
+}
+
+/// `text` without its terminal colour sequences (`ESC [ ... m`): `-v` logs are coloured.
+fn without_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut in_sequence = false;
+    for c in text.chars() {
+        match (in_sequence, c) {
+            (false, '\x1b') => in_sequence = true,
+            (false, c) => plain.push(c),
+            (true, 'm') => in_sequence = false,
+            (true, _) => {}
+        }
+    }
+    plain
 }
 
 #[test]

@@ -150,6 +150,24 @@ impl SocketOptions {
     }
 }
 
+/// Sets congestion control `name` on the connected socket `fd` if its round-trip time is at
+/// least `from`; `Ok(false)` on a shorter (or unknown) path.
+///
+/// # Errors
+/// [`SocketError::Unavailable`], [`SocketError::NotAllowed`], or the kernel refusing it.
+pub fn congestion_for_long_path(
+    fd: impl AsFd,
+    name: &str,
+    from: std::time::Duration,
+) -> Result<bool, SocketError> {
+    let fd = fd.as_fd();
+    if rtt(fd).is_none_or(|rtt| rtt < from) {
+        return Ok(false);
+    }
+    set_congestion(fd, name)?;
+    Ok(true)
+}
+
 /// The buffers and congestion control `fd` has now; `None` if the kernel will not say.
 pub fn effective(fd: impl AsFd) -> Option<Effective> {
     let fd = fd.as_fd();

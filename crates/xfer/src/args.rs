@@ -155,7 +155,7 @@ pub(crate) struct Common {
     /// --max-connections].
     #[arg(short = 'c', long = "connections")]
     pub(crate) connections: Option<usize>,
-    /// Without -c: the most connections the adaptive pool may grow to [default: 16].
+    /// Without -c: the most connections the adaptive pool may grow to [default: 64].
     #[arg(long, value_name = "N", conflicts_with = "connections")]
     pub(crate) max_connections: Option<usize>,
     /// Log what the transfer does on stderr: reconnects, socket options, the pool growing with
@@ -185,6 +185,14 @@ pub(crate) struct Common {
     /// /proc/sys/net/ipv4/tcp_available_congestion_control) [default: the system's].
     #[arg(long, value_name = "NAME")]
     pub(crate) congestion: Option<String>,
+    /// Without --congestion: the congestion control of the connections on a long path (round
+    /// trip of --long-path-rtt or more), if the kernel allows it; `system` keeps the system's.
+    #[arg(long, value_name = "NAME", default_value = xfer_client::engine::LONG_PATH_CONGESTION)]
+    pub(crate) long_path_congestion: String,
+    /// Round-trip time in milliseconds from which a path counts as long for
+    /// --long-path-congestion.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    pub(crate) long_path_rtt: u64,
     /// Seconds to keep reconnecting after the connection drops before giving up.
     #[arg(long, default_value_t = 60)]
     pub(crate) retry_deadline: u64,
@@ -376,6 +384,12 @@ impl Common {
                 (_, true) => xfer_client::engine::DeltaMode::Never,
                 _ => xfer_client::engine::DeltaMode::Auto,
             },
+            long_path_congestion: (self.long_path_congestion != "system").then(|| {
+                xfer_client::engine::LongPathCongestion {
+                    name: self.long_path_congestion.clone(),
+                    rtt: Duration::from_millis(self.long_path_rtt),
+                }
+            }),
         })
     }
 }

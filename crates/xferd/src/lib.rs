@@ -20,7 +20,7 @@
 //! after it; stream and connection limits change for everyone at once.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use xfer_core::{MemoryBudget, Root};
 
 pub mod budget;
@@ -380,6 +380,9 @@ pub async fn run_with(
                         Some(_slot) => {
                             // Small control frames (Ack, Welcome) go out at once.
                             let _ = socket.set_nodelay(true);
+                            if shared.config.socket.congestion.is_none() {
+                                long_path_congestion(&socket, peer);
+                            }
                             handler::serve(shared, socket, peer).await
                         }
                         None => {
@@ -415,6 +418,23 @@ pub async fn run_with(
         info!("drained");
     }
     Ok(())
+}
+
+/// Without a configured congestion control, a connection from a long path (its handshake's
+/// round trip of `LONG_PATH` or more) sends with `LONG_PATH_CONGESTION`, as the client does for
+/// uploads (see `xfer_client::engine`): the daemon is the sender of downloads. If the kernel does
+/// not allow it, one line says so (once) and the connection keeps the system's.
+fn long_path_congestion(socket: &tokio::net::TcpStream, peer: SocketAddr) {
+    use xfer_client::engine::{LONG_PATH, LONG_PATH_CONGESTION};
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match xfer_net::sockopt::congestion_for_long_path(socket, LONG_PATH_CONGESTION, LONG_PATH) {
+        Ok(true) => debug!(%peer, congestion = LONG_PATH_CONGESTION, "long path"),
+        Ok(false) => {}
+        Err(e) if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) => {
+            warn!(%peer, "long path, but {e}; keeping the system's congestion control");
+        }
+        Err(_) => {}
+    }
 }
 
 /// Sets the configured buffers and congestion control on the listener: accepted connections

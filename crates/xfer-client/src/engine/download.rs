@@ -17,7 +17,7 @@ use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_first, reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
-use super::{chunk_size, close_all, join_error, metered, Tally};
+use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Session, Target};
@@ -114,13 +114,17 @@ impl Direction for Download {
                             reason: e.to_string(),
                         })
                     })?;
-                return self.write(chunk, data, window).await;
+                return self.write(chunk, data, work, window).await;
             }
             // A hole at the server: nothing to write but a hole of our own.
             Frame::Zeros(z) if z.transfer_id == transfer_id => {
                 let range = ByteRange::new(z.offset, z.offset + u64::from(z.len));
                 let chunk = window.answered(range, "Zeros")?;
+                if !work.claim(chunk) {
+                    return Ok(Answer::Dropped(chunk));
+                }
                 if let Err(e) = self.partial.write_zeros(chunk).await {
+                    work.unclaim(chunk);
                     window.restore(chunk);
                     return Err(e.into());
                 }
@@ -137,23 +141,29 @@ impl Direction for Download {
             tracing::warn!(offset = chunk.start, "chunk failed its CRC; asking again");
             return Ok(Answer::Corrupt(chunk));
         }
-        self.write(chunk, data, window).await
+        self.write(chunk, data, work, window).await
     }
 }
 
 impl Download {
-    /// Writes a received chunk at its offset.
+    /// Writes a received chunk at its offset. In the endgame two connections may bring the
+    /// same chunk: the first is written, the other dropped.
     async fn write(
         &self,
         chunk: ByteRange,
         data: Data,
+        work: &Work,
         window: &mut Window,
     ) -> Result<Answer, ClientError> {
+        if !work.claim(chunk) {
+            return Ok(Answer::Dropped(chunk));
+        }
         if let Err(e) = self
             .partial
             .write(data.offset, data.payload, data.crc32)
             .await
         {
+            work.unclaim(chunk);
             window.restore(chunk);
             return Err(e.into());
         }
@@ -192,7 +202,8 @@ pub async fn recv_with_holes(
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
     let mut session = connect_first(target, opts).await?;
-    let congestion = session.congestion.clone();
+    let (opts, congestion) = path_policy(opts, &session);
+    let opts = &opts;
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),

@@ -176,7 +176,18 @@ async fn worker<D: Direction>(
             };
             connected = true;
             let _pumping = work.pumping();
-            match pump(dir, &mut s, id, work).await {
+            // Once other connections moved every chunk, what this one still has in flight is
+            // only copies: it is closed rather than waited for, so a slow connection never
+            // holds up the end of the transfer.
+            let pumped = tokio::select! {
+                biased;
+                pumped = pump(dir, &mut s, id, work) => pumped,
+                () = work.finished() => {
+                    tracing::debug!("every chunk moved elsewhere; closing a slow connection");
+                    return Ok(None);
+                }
+            };
+            match pumped {
                 Ok(Pumped::Drained) => Ok(Some((s, id))),
                 Ok(Pumped::Retired) => {
                     s.close().await;

@@ -1,25 +1,111 @@
 //! [`Work`]: the chunks of one transfer still to move, shared by every connection: handed out
 //! front first, put back when a connection fails, added again when a commit finds bytes missing.
+//!
+//! Near the end of a transfer the queue hands out finer pieces, so that the last bytes spread
+//! over every connection. Once it is empty, a connection with nothing in flight takes a copy of
+//! a chunk that has been in flight on another one for [`SLOW`] times as long as chunks take (the
+//! endgame of download accelerators and BitTorrent): whichever copy lands first counts, and the
+//! slow connection is closed once every chunk is moved rather than waited for.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use xfer_proto::ByteRange;
 
 use super::Options;
 use crate::{Progress, RateLimiter};
 
+/// Smallest piece the queue cuts a chunk into near the end of a transfer: small enough that the
+/// last bytes spread over a pool of 16, large enough that a connection with a window of 2 still
+/// keeps a long path's share of the link busy (1 Gbit/s, 150 ms, 16 connections: about 1.2 MB
+/// in flight each).
+const TAPER_FLOOR: u64 = 1024 * 1024;
+/// Copies of one chunk in flight at most: the first one and one on an idle connection.
+const MAX_COPIES: u32 = 2;
+/// A chunk is copied once it has been in flight this many times as long as chunks take on
+/// average: then its connection is slow, not the chunk merely a little late (a copy of every
+/// chunk still in flight at the end would cost bandwidth the last chunks need).
+const SLOW: u32 = 3;
+/// However fast chunks move, one is not copied before it is this late: on loopback and LAN
+/// paths chunks take milliseconds, and a scheduling hiccup of a loaded machine is no slow
+/// connection; what a copy could save there is less than the bytes it costs.
+const LATE_FLOOR: Duration = Duration::from_millis(250);
+
+/// A chunk handed out and not yet moved.
+#[derive(Debug)]
+struct Flight {
+    range: ByteRange,
+    /// When it was handed out.
+    since: Instant,
+    /// Copies asked for (download) or sent (upload) whose answer has not come.
+    copies: u32,
+    /// A copy arrived and is being written (downloads): later copies are dropped.
+    landing: bool,
+}
+
+/// What the queue holds, under one lock.
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<ByteRange>,
+    /// Bytes in `queue`.
+    queued: u64,
+    /// Chunks handed out, oldest first.
+    flights: Vec<Flight>,
+    /// How long a chunk takes from being handed out to being moved, on average (moving).
+    typical: Option<Duration>,
+}
+
+impl State {
+    fn flight(&mut self, range: ByteRange) -> Option<&mut Flight> {
+        self.flights.iter_mut().find(|f| f.range == range)
+    }
+
+    /// Chunks that may get another copy, with when they count as slow.
+    fn copyable(&self) -> impl Iterator<Item = (usize, Instant)> + '_ {
+        let typical = self.typical;
+        self.flights
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.copies < MAX_COPIES && !f.landing)
+            .filter_map(move |(i, f)| typical.map(|t| (i, f.since + (t * SLOW).max(LATE_FLOOR))))
+    }
+
+    fn push_front(&mut self, range: ByteRange) {
+        self.queued += range.len();
+        self.queue.push_front(range);
+    }
+
+    /// One copy of `range` came back unmoved: once no copy is left, the range is queued again.
+    fn release(&mut self, range: ByteRange) {
+        let Some(pos) = self.flights.iter().position(|f| f.range == range) else {
+            return;
+        };
+        let flight = &mut self.flights[pos];
+        flight.copies = flight.copies.saturating_sub(1);
+        if flight.copies == 0 && !flight.landing {
+            self.flights.remove(pos);
+            self.push_front(range);
+        }
+    }
+}
+
 /// Chunks still to move, shared by the workers of one transfer.
 pub(super) struct Work {
-    queue: Mutex<VecDeque<ByteRange>>,
+    state: Mutex<State>,
     /// Bytes queued or in flight: not yet acknowledged (uploads) or written (downloads).
     outstanding: AtomicU64,
     /// True once `outstanding` reaches zero: workers still connecting can stop.
     finished: watch::Sender<bool>,
+    /// Bumped whenever a chunk is handed out, moved or comes back: idle workers look again.
+    changed: watch::Sender<u64>,
     pub(super) transferred: AtomicU64,
     pub(super) crc_retries: AtomicU64,
+    /// Chunks asked for or sent a second time, on an idle connection, in the endgame.
+    pub(super) duplicates: AtomicU64,
     progress: Arc<dyn Progress>,
     limiter: Option<RateLimiter>,
     /// Bytes read and written on the transfer's connections: throughput, byte by byte.
@@ -43,14 +129,25 @@ impl Drop for Pumping<'_> {
     }
 }
 
+/// What a worker asking [`Work::take`] for a chunk has room for.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Room {
+    /// The worker has nothing in flight: it may take a copy of a chunk another one holds.
+    pub(super) idle: bool,
+    /// Requests the worker keeps in flight.
+    pub(super) window: usize,
+}
+
 impl Work {
     pub(super) fn new(chunks: Vec<ByteRange>, opts: &Options) -> Self {
         let work = Self {
-            queue: Mutex::new(VecDeque::new()),
+            state: Mutex::default(),
             outstanding: AtomicU64::new(0),
             finished: watch::Sender::new(true),
+            changed: watch::Sender::new(0),
             transferred: AtomicU64::new(0),
             crc_retries: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             progress: opts.progress.clone(),
             limiter: opts.bwlimit.map(RateLimiter::new),
             meter: opts.connector.meter.clone().unwrap_or_default(),
@@ -63,25 +160,32 @@ impl Work {
         work
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<ByteRange>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Queues new chunks to move.
     pub(super) fn add(&self, chunks: Vec<ByteRange>) {
         let bytes: u64 = chunks.iter().map(ByteRange::len).sum();
-        self.lock().extend(chunks);
+        {
+            let mut st = self.lock();
+            st.queued += bytes;
+            st.queue.extend(chunks);
+        }
         let total = self.outstanding.fetch_add(bytes, Ordering::SeqCst) + bytes;
         self.finished.send_replace(total == 0);
+        self.bump();
     }
 
-    fn pop(&self) -> Option<ByteRange> {
-        self.lock().pop_front()
-    }
-
-    /// The next chunk for a worker; `None` when the queue is empty, or when the pool has shrunk
+    /// The next chunk for a worker with `room`: the queue's front (cut finer near the end), or
+    /// once the queue is empty and the worker idle, a copy of the oldest chunk in flight on
+    /// another connection. `None` when there is nothing to take, or when the pool has shrunk
     /// and this worker is one too many (then `retired` is set, for good).
-    pub(super) fn take(&self, retired: &mut bool) -> Option<ByteRange> {
+    pub(super) fn take(&self, retired: &mut bool, room: Room) -> Option<ByteRange> {
         if *retired {
             return None;
         }
@@ -93,7 +197,55 @@ impl Work {
             *retired = true;
             return None;
         }
-        self.pop()
+        let workers = self.active.load(Ordering::SeqCst).max(1);
+        let mut st = self.lock();
+        let taken = match st.queue.pop_front() {
+            Some(mut chunk) => {
+                // The bytes left are shared by every connection's window: a chunk larger than
+                // its share would leave the others idle while it crawls in on one.
+                let share = st.queued / (workers * room.window.max(1)) as u64;
+                let most = share.max(TAPER_FLOOR);
+                if most < chunk.len() {
+                    // Equal pieces, so that no sliver is left to travel alone.
+                    let pieces = chunk.len().div_ceil(most);
+                    let piece = chunk.len().div_ceil(pieces).next_multiple_of(4096);
+                    let mut end = chunk.end;
+                    while end - chunk.start > piece {
+                        let start = chunk.start + (end - chunk.start - 1) / piece * piece;
+                        st.queue.push_front(ByteRange::new(start, end));
+                        end = start;
+                    }
+                    chunk = ByteRange::new(chunk.start, end);
+                }
+                st.queued -= chunk.len();
+                st.flights.push(Flight {
+                    range: chunk,
+                    since: Instant::now(),
+                    copies: 1,
+                    landing: false,
+                });
+                Some(chunk)
+            }
+            None if room.idle => {
+                let now = Instant::now();
+                let (i, _) = st.copyable().find(|&(_, slow)| slow <= now)?;
+                let flight = &mut st.flights[i];
+                flight.copies += 1;
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    offset = flight.range.start,
+                    len = flight.range.len(),
+                    "nothing left to hand out; a slow connection's chunk goes on this one too"
+                );
+                Some(flight.range)
+            }
+            None => None,
+        };
+        drop(st);
+        if taken.is_some() {
+            self.bump();
+        }
+        taken
     }
 
     /// Counts a worker as active until the guard drops.
@@ -103,20 +255,71 @@ impl Work {
         Pumping(self)
     }
 
-    /// Puts chunks that were in flight on a failed connection back at the front.
-    pub(super) fn requeue(&self, chunks: impl DoubleEndedIterator<Item = ByteRange>) {
-        let mut q = self.lock();
-        for c in chunks.rev() {
-            q.push_front(c);
+    /// Copies of chunks that came back unmoved (a failed connection, a CRC mismatch): a chunk
+    /// with no other copy in flight goes back to the front of the queue, in order.
+    pub(super) fn release(&self, chunks: impl DoubleEndedIterator<Item = ByteRange>) {
+        {
+            let mut st = self.lock();
+            for c in chunks.rev() {
+                st.release(c);
+            }
+        }
+        self.bump();
+    }
+
+    /// `chunk` was taken but is larger than the connection moves: `pieces` are queued instead.
+    pub(super) fn split(&self, chunk: ByteRange, pieces: Vec<ByteRange>) {
+        {
+            let mut st = self.lock();
+            if let Some(pos) = st.flights.iter().position(|f| f.range == chunk) {
+                st.flights.remove(pos);
+            }
+            for p in pieces.into_iter().rev() {
+                st.push_front(p);
+            }
+        }
+        self.bump();
+    }
+
+    /// A copy of `chunk` arrived: true if it is the first, to be written; false if another copy
+    /// is being written or was written already (this one is dropped).
+    pub(super) fn claim(&self, chunk: ByteRange) -> bool {
+        let mut st = self.lock();
+        let Some(flight) = st.flight(chunk) else {
+            return false;
+        };
+        flight.copies = flight.copies.saturating_sub(1);
+        !std::mem::replace(&mut flight.landing, true)
+    }
+
+    /// The claimed copy of `chunk` could not be written: it counts as in flight again, for the
+    /// caller to [`release`](Self::release).
+    pub(super) fn unclaim(&self, chunk: ByteRange) {
+        if let Some(flight) = self.lock().flight(chunk) {
+            flight.landing = false;
+            flight.copies += 1;
         }
     }
 
-    /// Marks `chunk` as moved for good.
+    /// Marks `chunk` as moved for good; a later copy of it changes nothing.
     pub(super) fn complete(&self, chunk: ByteRange) {
-        self.progress.inc(chunk.len());
-        if self.outstanding.fetch_sub(chunk.len(), Ordering::SeqCst) == chunk.len() {
-            self.finished.send_replace(true);
+        let first = {
+            let mut st = self.lock();
+            let pos = st.flights.iter().position(|f| f.range == chunk);
+            let flight = pos.map(|pos| st.flights.remove(pos));
+            if let Some(f) = &flight {
+                let took = f.since.elapsed();
+                st.typical = Some(st.typical.map_or(took, |t| (t * 7 + took) / 8));
+            }
+            flight.is_some()
+        };
+        if first {
+            self.progress.inc(chunk.len());
+            if self.outstanding.fetch_sub(chunk.len(), Ordering::SeqCst) == chunk.len() {
+                self.finished.send_replace(true);
+            }
         }
+        self.bump();
     }
 
     /// Resolves once every chunk is moved.
@@ -125,13 +328,22 @@ impl Work {
     }
 
     /// True once every chunk is moved.
-    #[cfg(test)]
     pub(super) fn is_finished(&self) -> bool {
         *self.finished.borrow()
     }
 
+    /// When the oldest chunk that may get another copy counts as slow, if there is one.
+    pub(super) fn next_copy_at(&self) -> Option<Instant> {
+        self.lock().copyable().map(|(_, slow)| slow).min()
+    }
+
+    /// Wakes when a chunk is handed out, moved or comes back: what an idle worker waits for.
+    pub(super) fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     pub(super) fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().queue.is_empty()
     }
 
     pub(super) async fn throttle(&self, bytes: u64) {
@@ -153,9 +365,19 @@ mod tests {
         ByteRange::new(start, end)
     }
 
+    /// A worker with chunks in flight: it takes from the queue only.
+    const BUSY: Room = Room {
+        idle: false,
+        window: 1,
+    };
+    const IDLE: Room = Room {
+        idle: true,
+        window: 1,
+    };
+
     fn drain(work: &Work) -> Vec<ByteRange> {
         let mut retired = false;
-        std::iter::from_fn(|| work.take(&mut retired)).collect()
+        std::iter::from_fn(|| work.take(&mut retired, BUSY)).collect()
     }
 
     #[test]
@@ -165,10 +387,10 @@ mod tests {
             &test_options(Arc::new(ProgressCounter::default())),
         );
         let mut retired = false;
-        let (a, b) = (work.take(&mut retired), work.take(&mut retired));
+        let (a, b) = (work.take(&mut retired, BUSY), work.take(&mut retired, BUSY));
         assert_eq!((a, b), (Some(range(0, 10)), Some(range(10, 20))));
         // The connection carrying both failed: they go back, in their order, before the rest.
-        work.requeue([range(0, 10), range(10, 20)].into_iter());
+        work.release([range(0, 10), range(10, 20)].into_iter());
         assert_eq!(
             drain(&work),
             [range(0, 10), range(10, 20), range(20, 30), range(30, 40)]
@@ -227,10 +449,10 @@ mod tests {
         work.excess.store(1, Ordering::SeqCst);
         let (mut first, mut second) = (false, false);
         // The first worker to look retires for good; the next one keeps taking chunks.
-        assert_eq!(work.take(&mut first), None);
+        assert_eq!(work.take(&mut first, BUSY), None);
         assert!(first);
-        assert_eq!(work.take(&mut first), None);
-        assert_eq!(work.take(&mut second), Some(range(0, 1)));
+        assert_eq!(work.take(&mut first, BUSY), None);
+        assert_eq!(work.take(&mut second, BUSY), Some(range(0, 1)));
         assert!(!second);
         {
             let _a = work.pumping();
@@ -239,5 +461,107 @@ mod tests {
         }
         assert_eq!(work.active.load(Ordering::SeqCst), 0);
         assert_eq!(work.peak.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_worker_copies_a_chunk_late_on_another_connection_and_it_counts_once() {
+        let progress = Arc::new(ProgressCounter::default());
+        let work = Work::new(
+            vec![range(0, 10), range(10, 20), range(20, 30)],
+            &test_options(progress.clone()),
+        );
+        assert_eq!(drain(&work).len(), 3);
+        let mut retired = false;
+        // Nothing moved yet: nothing to compare with, so nothing counts as late.
+        assert_eq!(work.take(&mut retired, IDLE), None);
+        assert_eq!(work.next_copy_at(), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        work.complete(range(20, 30));
+        // The others took as long as that one: not late yet.
+        assert_eq!(work.take(&mut retired, IDLE), None);
+        let late = work.next_copy_at().expect("chunks in flight");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(Instant::now(), late);
+        // A worker with chunks of its own in flight takes no copies; idle ones do, oldest
+        // first, one copy each.
+        assert_eq!(work.take(&mut retired, BUSY), None);
+        assert_eq!(work.take(&mut retired, IDLE), Some(range(0, 10)));
+        assert_eq!(work.take(&mut retired, IDLE), Some(range(10, 20)));
+        assert_eq!(
+            work.take(&mut retired, IDLE),
+            None,
+            "every chunk has two copies"
+        );
+        assert_eq!(work.next_copy_at(), None);
+        assert_eq!(work.duplicates.load(Ordering::Relaxed), 2);
+        // The copy lands first; the slow original, when it comes, changes nothing.
+        work.complete(range(0, 10));
+        work.complete(range(0, 10));
+        assert_eq!(progress.done(), 20);
+        // The copy's connection failed: the original is still out, nothing is queued again.
+        work.release(std::iter::once(range(10, 20)));
+        assert!(work.is_empty());
+        // Then the original's connection failed too: the chunk is queued again.
+        work.release(std::iter::once(range(10, 20)));
+        assert_eq!(drain(&work), [range(10, 20)]);
+        work.complete(range(10, 20));
+        assert!(work.is_finished());
+        assert_eq!(progress.done(), 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn of_two_copies_arriving_only_the_first_is_written() {
+        let work = Work::new(
+            vec![range(0, 10), range(10, 20)],
+            &test_options(Arc::new(ProgressCounter::default())),
+        );
+        let mut retired = false;
+        assert_eq!(drain(&work).len(), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        work.complete(range(10, 20));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(work.take(&mut retired, IDLE), Some(range(0, 10)));
+        assert!(work.claim(range(0, 10)));
+        assert!(
+            !work.claim(range(0, 10)),
+            "a second copy while the first is written"
+        );
+        // The write failed: the chunk is in flight again, and queued once that copy is back.
+        work.unclaim(range(0, 10));
+        work.release(std::iter::once(range(0, 10)));
+        assert_eq!(drain(&work), [range(0, 10)]);
+        assert!(work.claim(range(0, 10)));
+        work.complete(range(0, 10));
+        assert!(
+            !work.claim(range(0, 10)),
+            "a copy of a chunk already written"
+        );
+        assert!(work.is_finished());
+    }
+
+    #[test]
+    fn the_last_bytes_are_cut_into_pieces_shared_by_every_window() {
+        const MIB: u64 = 1 << 20;
+        let work = Work::new(
+            split_into_chunks(&[range(0, 64 * MIB)], 4 * MIB as u32),
+            &test_options(Arc::new(ProgressCounter::default())),
+        );
+        for _ in 0..4 {
+            std::mem::forget(work.pumping());
+        }
+        let room = Room {
+            idle: false,
+            window: 2,
+        };
+        let mut retired = false;
+        let taken: Vec<ByteRange> = std::iter::from_fn(|| work.take(&mut retired, room)).collect();
+        let lens: Vec<u64> = taken.iter().map(|c| c.len()).collect();
+        // Whole chunks while the rest fills every window twice over; then smaller pieces, never
+        // below half the floor; every byte once, in order.
+        assert_eq!(&lens[..8], [4 * MIB; 8], "{lens:?}");
+        assert!(lens.iter().all(|&l| l >= MIB / 2), "{lens:?}");
+        assert!(lens[lens.len() - 8..].iter().all(|&l| l <= MIB), "{lens:?}");
+        assert!(taken.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(taken.last().unwrap().end, 64 * MIB);
     }
 }

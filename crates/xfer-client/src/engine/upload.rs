@@ -16,7 +16,7 @@ use super::pool::drive;
 use super::queue::Work;
 use super::retry::{connect_first, connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
-use super::{chunk_size, close_all, join_error, metered, Tally};
+use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
 use crate::session::unexpected;
 use crate::{ClientError, Session, Target};
@@ -129,7 +129,8 @@ pub async fn send_file(
     let opts = &metered(opts);
     let identity = source.identity();
     let mut session = connect_first(target, opts).await?;
-    let congestion = session.congestion.clone();
+    let (opts, congestion) = path_policy(opts, &session);
+    let opts = &opts;
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
         let source = source.clone();

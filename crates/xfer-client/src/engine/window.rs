@@ -10,9 +10,16 @@ use std::sync::atomic::Ordering;
 use xfer_core::split_into_chunks;
 use xfer_proto::{ByteRange, Frame};
 
-use super::queue::Work;
+use super::queue::{Room, Work};
 use crate::session::unexpected;
 use crate::{ClientError, Session};
+
+/// Sleeps until `at` (a caller checks it is set).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
 
 /// Most requests in flight on one connection, whatever the daemon offers.
 const MAX_WINDOW: usize = 64;
@@ -49,12 +56,14 @@ pub(super) enum Answer {
     Moved(ByteRange),
     /// Its CRC did not match: to be moved again.
     Corrupt(ByteRange),
+    /// A copy of a chunk another connection delivered first: dropped unwritten.
+    Dropped(ByteRange),
 }
 
 /// How a worker's run on one connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Pumped {
-    /// Nothing left in the queue and nothing in flight.
+    /// Every chunk of the transfer moved, and nothing in flight here.
     Drained,
     /// The pool shrank and this worker left it.
     Retired,
@@ -136,8 +145,10 @@ pub(super) async fn acknowledged(
     })
 }
 
-/// Moves chunks from `work` over `session` until the queue is empty (or the pool sheds this
-/// worker); on error, every chunk in flight goes back to the front of the queue.
+/// Moves chunks from `work` over `session` until every chunk is moved (or the pool sheds this
+/// worker); on error, every chunk in flight goes back to the queue. Once the queue is empty the
+/// worker stays for the endgame: with nothing in flight it takes copies of chunks slower
+/// connections still hold, and otherwise waits for one to come back.
 pub(super) async fn pump<D: Direction>(
     dir: &D,
     session: &mut Session,
@@ -147,15 +158,22 @@ pub(super) async fn pump<D: Direction>(
     let mut window = Window::new(session.welcome.window);
     let max = dir.max_chunk(session);
     let mut retired = false;
+    let mut changes = work.changes();
     let result = async {
         loop {
+            // Whatever changes from here on wakes the wait below.
+            changes.borrow_and_update();
             while window.has_room() {
-                let Some(chunk) = work.take(&mut retired) else {
+                let room = Room {
+                    idle: window.is_empty(),
+                    window: window.capacity,
+                };
+                let Some(chunk) = work.take(&mut retired, room) else {
                     break;
                 };
                 if chunk.len() > u64::from(max) {
                     // The server moves smaller chunks than planned: split this one.
-                    work.requeue(split_into_chunks(&[chunk], max).into_iter());
+                    work.split(chunk, split_into_chunks(&[chunk], max));
                     continue;
                 }
                 window.push(chunk);
@@ -163,24 +181,34 @@ pub(super) async fn pump<D: Direction>(
                 dir.request(session, transfer_id, chunk, work).await?;
             }
             if window.is_empty() {
-                return Ok(if retired {
-                    Pumped::Retired
-                } else {
-                    Pumped::Drained
-                });
+                if retired {
+                    return Ok(Pumped::Retired);
+                }
+                if work.is_finished() {
+                    return Ok(Pumped::Drained);
+                }
+                // Other connections hold the last chunks: one may come back, or be slow enough
+                // to copy, or the transfer ends.
+                let slow = work.next_copy_at();
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    () = sleep_until(slow), if slow.is_some() => {}
+                }
+                continue;
             }
             match dir.answer(session, transfer_id, &mut window, work).await? {
                 Answer::Moved(chunk) => work.complete(chunk),
                 Answer::Corrupt(chunk) => {
                     work.crc_retries.fetch_add(1, Ordering::Relaxed);
-                    work.requeue(std::iter::once(chunk));
+                    work.release(std::iter::once(chunk));
                 }
+                Answer::Dropped(_) => {}
             }
         }
     }
     .await;
     if result.is_err() {
-        work.requeue(window.drain());
+        work.release(window.drain());
     }
     result
 }
@@ -401,7 +429,11 @@ mod tests {
         assert!(failed.is_err());
         assert_eq!(progress.done(), 100);
         let mut retired = false;
-        let left: Vec<_> = std::iter::from_fn(|| work.take(&mut retired)).collect();
+        let busy = Room {
+            idle: false,
+            window: 1,
+        };
+        let left: Vec<_> = std::iter::from_fn(|| work.take(&mut retired, busy)).collect();
         let mut expected = chunks(6, 100);
         expected.remove(1);
         assert_eq!(left, expected);

@@ -69,6 +69,8 @@ impl Handler {
                 compress: Some(self.compression()),
             },
             keep,
+            // Unless the daemon's settings name one, as the client does.
+            long_path_congestion: Some(Default::default()),
         };
         let root = self.root();
         let (source, dest, recursive) = (req.source, req.dest, req.recursive);
