@@ -321,10 +321,10 @@ def main():
             f"{plain['ccpu'] / gib:.2f}, server {r['scpu'] / gib:.2f} vs {plain['scpu'] / gib:.2f})",
         )
     for r in [r for r in rows if r["tool"] == SCP]:
-        tls = next((x for x in rows if x["tool"] == "xfer (TLS)" and x["direction"] == "upload"), None)
+        tls = next((x for x in rows if x["tool"] == "xfer (TLS)" and x["direction"] == r["direction"]), None)
         if tls:
             print(
-                f"- xfer (TLS) upload -c {conns_label(tls)} vs scp (AES-128-GCM): "
+                f"- xfer (TLS) {r['direction']} -c {conns_label(tls)} vs scp (AES-128-GCM): "
                 f"{tls['mibps']:.0f} vs {r['mibps']:.0f} MiB/s, ratio {tls['mibps'] / r['mibps']:.2f}; CPU/GiB "
                 f"{(tls['ccpu'] + tls['scpu']) / gib:.2f} vs {(r['ccpu'] + r['scpu']) / gib:.2f} s/GiB"
             )
