@@ -104,31 +104,30 @@ impl Direction for Download {
                     );
                     return Ok(Answer::Corrupt(chunk));
                 }
-                let buffer = self.buffers.take(z.raw_len as usize);
+                // Claimed before it is decompressed: a duplicate of the endgame costs no CPU.
                 let buffers = self.buffers.clone();
-                let data = xfer_net::inflate(z, buffer, move |b| buffers.bytes(b))
-                    .await
-                    .map_err(|e| {
-                        ClientError::Proto(xfer_proto::ProtoError::BadBody {
-                            kind: "DataZ",
-                            reason: e.to_string(),
-                        })
-                    })?;
-                return self.write(chunk, data, work, window).await;
+                return land(chunk, work, window, async move {
+                    let buffer = buffers.take(z.raw_len as usize);
+                    let data = xfer_net::inflate(z, buffer, move |b| buffers.bytes(b))
+                        .await
+                        .map_err(|e| {
+                            ClientError::Proto(xfer_proto::ProtoError::BadBody {
+                                kind: "DataZ",
+                                reason: e.to_string(),
+                            })
+                        })?;
+                    self.write(data).await
+                })
+                .await;
             }
             // A hole at the server: nothing to write but a hole of our own.
             Frame::Zeros(z) if z.transfer_id == transfer_id => {
                 let range = ByteRange::new(z.offset, z.offset + u64::from(z.len));
                 let chunk = window.answered(range, "Zeros")?;
-                if !work.claim(chunk) {
-                    return Ok(Answer::Dropped(chunk));
-                }
-                if let Err(e) = self.partial.write_zeros(chunk).await {
-                    work.unclaim(chunk);
-                    window.restore(chunk);
-                    return Err(e.into());
-                }
-                return Ok(Answer::Moved(chunk));
+                return land(chunk, work, window, async {
+                    Ok(self.partial.write_zeros(chunk).await?)
+                })
+                .await;
             }
             other => return Err(unexpected(other)),
         };
@@ -141,34 +140,38 @@ impl Direction for Download {
             tracing::warn!(offset = chunk.start, "chunk failed its CRC; asking again");
             return Ok(Answer::Corrupt(chunk));
         }
-        self.write(chunk, data, work, window).await
+        land(chunk, work, window, self.write(data)).await
     }
 }
 
 impl Download {
-    /// Writes a received chunk at its offset. In the endgame two connections may bring the
-    /// same chunk: the first is written, the other dropped.
-    async fn write(
-        &self,
-        chunk: ByteRange,
-        data: Data,
-        work: &Work,
-        window: &mut Window,
-    ) -> Result<Answer, ClientError> {
-        if !work.claim(chunk) {
-            return Ok(Answer::Dropped(chunk));
-        }
-        if let Err(e) = self
+    /// Writes a received chunk at its offset.
+    async fn write(&self, data: Data) -> Result<(), ClientError> {
+        Ok(self
             .partial
             .write(data.offset, data.payload, data.crc32)
-            .await
-        {
-            work.unclaim(chunk);
-            window.restore(chunk);
-            return Err(e.into());
-        }
-        Ok(Answer::Moved(chunk))
+            .await?)
     }
+}
+
+/// Lands `chunk` with `write` unless another connection already did: in the endgame two
+/// connections may bring the same chunk, the first is written and the other dropped unread. A
+/// failed write gives the claim back and puts the chunk back in the window, to be asked again.
+async fn land(
+    chunk: ByteRange,
+    work: &Work,
+    window: &mut Window,
+    write: impl std::future::Future<Output = Result<(), ClientError>>,
+) -> Result<Answer, ClientError> {
+    if !work.claim(chunk) {
+        return Ok(Answer::Dropped(chunk));
+    }
+    if let Err(e) = write.await {
+        work.unclaim(chunk);
+        window.restore(chunk);
+        return Err(e);
+    }
+    Ok(Answer::Moved(chunk))
 }
 
 /// Downloads `name` from `target` into `dest` (a file path), through a partial file beside it.
