@@ -298,7 +298,11 @@ impl Compressor {
         self.totals.raw.fetch_add(raw, Ordering::Relaxed);
         self.totals.wire.fetch_add(wire, Ordering::Relaxed);
         if self.mode == Compression::Auto {
+            let machine = machine_ticks();
             let mut state = self.lock();
+            if let Some((busy, total)) = machine {
+                state.adapt.machine_ticks(busy, total);
+            }
             if spent.is_some() && wire == raw {
                 state.adapt.incompressible();
             }
@@ -336,6 +340,22 @@ impl AdaptState {
             "compression decision"
         );
     }
+}
+
+/// The machine's CPU time so far in ticks, busy and in all, from the first line of
+/// `/proc/stat` (busy: all but idle and iowait); `None` where there is none.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
 }
 
 /// File bytes a small-file frame carries.
