@@ -243,6 +243,8 @@ impl Handler {
                 .map(|r| u64::from(r.max_size).min(MAX_SMALL_FILE))
                 .sum();
             let most = most.min((BATCH_BYTES as u64) + MAX_SMALL_FILE);
+            // Packing holds the answers encoded beside them while it compresses them.
+            let most = if packer.is_some() { 2 * most } else { most };
             let reservation = self.shared.budget.reserve(most as usize).await;
             let (replies, rest, end) = blocking(move || {
                 let (replies, rest, end) = read_small_files(&root, batch);
