@@ -18,7 +18,8 @@
 # --compress off on the same data and link, xfer's wire bytes (its --json), the CPU seconds per GiB
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_SRC, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
-# kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
+# kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
+# loopback runs xfer only), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
 # that it is made outside the benchmark lock).
 set -euo pipefail
@@ -43,6 +44,8 @@ LOOPBACK="${LOOPBACK:-1}"
 WAN="${WAN:-1}"
 PREPARE="${PREPARE:-0}"
 DATA="${DATA:-csv random docs}"
+TOOLS="${TOOLS:-xfer-off xfer-auto rsync scp}"
+read -r -a XFER_ARGS <<<"${XFER_ARGS:-}"
 WORK="${COMPRESS_DIR:-$REPO/bench/out/compress}"
 [[ $EUID == 0 ]] || die "run as root (network namespaces)"
 WANEM_SRC=/work/shared/wanem
@@ -216,7 +219,7 @@ run() {
     [[ "$data" == docs ]] && r=(-r)
     case "$tool" in
         xfer-auto | xfer-off)
-            cmd=("$XFER" send "${r[@]}" --json --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
+            cmd=("$XFER" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
         rsync)
             cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
         scp)
@@ -228,6 +231,7 @@ run() {
         >"$LOGS/client.out" 2>"$LOGS/client.err" || capped=" (capped or failed: $(tail -c 200 "$LOGS/client.err" | tr '\n' ' '))"
     local secs
     secs="$(secs_since "$t0")"
+    cp "$LOGS/client.err" "$LOGS/$link-$data-$tool.err"
     unserve "$tool"
     [[ "$tool" == xfer-* ]] && wire="$(python3 -c 'import json,sys
 w = 0
@@ -256,7 +260,7 @@ if [[ "$WAN" == 1 ]]; then
     "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
     for _ in $(seq "$REPEAT"); do
         for data in $DATA; do
-            for tool in xfer-off xfer-auto rsync scp; do
+            for tool in $TOOLS; do
                 run wan "$data" "$tool"
             done
         done
@@ -267,7 +271,8 @@ fi
 if [[ "$LOOPBACK" == 1 ]]; then
     for _ in $(seq "$REPEAT"); do
         for data in $DATA; do
-            for tool in xfer-off xfer-auto; do
+            for tool in $TOOLS; do
+                [[ "$tool" == xfer-* ]] || continue
                 run loopback "$data" "$tool"
             done
         done
