@@ -721,6 +721,9 @@ frame_types! {
     /// [`PackedTreeMetaListing`](crate::PackedTreeMetaListing): a `TreeMetaListing`,
     /// compressed (`CAP_PACKED_LISTING`)
     PackedTreeMetaListing(crate::PackedTreeMetaListing) = 0x44,
+    /// [`OpenWriteSparse`](crate::OpenWriteSparse): `OpenWrite` of a file with holes
+    /// (`CAP_SPARSE_OPEN`)
+    OpenWriteSparse(crate::OpenWriteSparse) = 0x45,
     /// [`PutFile`]
     PutFile(PutFile) = 0x50,
     /// [`MakeDir`]

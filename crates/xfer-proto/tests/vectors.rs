@@ -250,6 +250,21 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         (
+            "open-write-sparse",
+            Frame::OpenWriteSparse(OpenWriteSparse {
+                open: OpenWrite {
+                    name: "a/b.bin".into(),
+                    identity: IDENTITY,
+                    mode: 0o644,
+                    chunk_size: 4 << 20,
+                },
+                holes: vec![
+                    ByteRange::new(4096, 512 << 10),
+                    ByteRange::new(516 << 10, 1 << 20),
+                ],
+            }),
+        ),
+        (
             "write-opened",
             Frame::WriteOpened(WriteOpened {
                 transfer_id: 1,

@@ -216,11 +216,14 @@ pub async fn recv_with_holes(
             .unwrap_or_default(),
     };
     let (id, identity, mode) = open_read(&mut session, &request).await?;
-    let partial = PartialFile::open(slot, identity).await?;
+    let holes = holes.filter(|(seen, _)| *seen == identity).map(|(_, h)| h);
+    // Space is reserved only for the bytes between the holes the listing gave.
+    let partial =
+        PartialFile::open_sparse(slot, identity, holes.clone().unwrap_or_default()).await?;
     let resumed = partial.resumed_bytes();
     let chunk_size = chunk_size(opts, &session);
     let mut missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
-    if let Some((_, holes)) = holes.filter(|(seen, _)| *seen == identity) {
+    if let Some(holes) = holes {
         let holes = RangeSet::from_ranges(holes);
         for piece in xfer_core::meta::split_at_holes(&missing, &holes, chunk_size) {
             if holes.contains(piece) {
