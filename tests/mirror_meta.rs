@@ -231,9 +231,14 @@ fn build_rich_tree(base: &Path) -> Rich {
     // Attributes and ACLs.
     set_xattr(&top.join("plain"), "user.color", b"blue");
     set_xattr(&top.join("docs"), "user.purpose", b"documentation");
+    // ACL entries travel by name; an id without a name by number.
     run(
         "setfacl",
-        &["-m", "u:nobody:rw", top.join("plain").to_str().unwrap()],
+        &[
+            "-m",
+            &format!("u:nobody:rw,u:{LOST_UID}:r,g:{LOST_GID}:w"),
+            top.join("plain").to_str().unwrap(),
+        ],
     );
     run(
         "setfacl",
@@ -298,6 +303,22 @@ fn a_tree_comes_out_as_rsync_makes_it_both_ways_and_by_copy() {
         );
     }
     assert_nothing_moved(&send_tree(&rich.top, &daemon.addr(), "t", &["-D"]).ok());
+    // By number, owners and ACL entries come out the same on one machine.
+    send_tree(
+        &rich.top,
+        &daemon.addr(),
+        "numeric",
+        &["-D", "--numeric-ids"],
+    )
+    .ok();
+    assert_rsync_same(&rich.top, &tree.root().join("numeric"));
+    let numeric = send_tree(
+        &rich.top,
+        &daemon.addr(),
+        "numeric",
+        &["-D", "--numeric-ids"],
+    );
+    assert_nothing_moved(&numeric.ok());
 
     // recv -r: a local copy of the daemon's.
     let out = tree.out("t");

@@ -134,7 +134,7 @@ impl ClientSession {
     }
 
     /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION`, `CAP_PACKED_LISTING` and
-    /// `CAP_SPARSE_OPEN` always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
+    /// `CAP_TREE_META_V2` always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
     /// when it wants TLS, and the mirroring bits it was asked to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
@@ -143,7 +143,7 @@ impl ClientSession {
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
             | crate::CAP_PACKED_LISTING
-            | crate::CAP_SPARSE_OPEN
+            | crate::CAP_TREE_META_V2
             | tls
             | offer
     }
@@ -239,8 +239,8 @@ mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
-        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_LISTING, CAP_SPARSE_OPEN,
-        CAP_TREE_META,
+        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_LISTING, CAP_TREE_META,
+        CAP_TREE_META_V2,
     };
     use std::time::{Duration, Instant};
 
@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(welcome.version, PROTOCOL_VERSION);
         assert_eq!(
             welcome.capabilities,
-            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING | CAP_SPARSE_OPEN
+            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING | CAP_TREE_META_V2
         );
     }
 
@@ -312,7 +312,7 @@ mod tests {
                 | CAP_COMPRESSION
                 | CAP_DELTA
                 | CAP_PACKED_LISTING
-                | CAP_SPARSE_OPEN
+                | CAP_TREE_META_V2
         );
         assert!(c.is_done());
     }
@@ -342,7 +342,7 @@ mod tests {
                 | CAP_COMPRESSION
                 | CAP_DELTA
                 | CAP_PACKED_LISTING
-                | CAP_SPARSE_OPEN
+                | CAP_TREE_META_V2
         );
     }
 

@@ -722,7 +722,7 @@ frame_types! {
     /// compressed (`CAP_PACKED_LISTING`)
     PackedTreeMetaListing(crate::PackedTreeMetaListing) = 0x44,
     /// [`OpenWriteSparse`](crate::OpenWriteSparse): `OpenWrite` of a file with holes
-    /// (`CAP_SPARSE_OPEN`)
+    /// (`CAP_TREE_META_V2`)
     OpenWriteSparse(crate::OpenWriteSparse) = 0x45,
     /// [`PutFile`]
     PutFile(PutFile) = 0x50,

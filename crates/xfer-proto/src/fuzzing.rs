@@ -84,7 +84,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_COMPRESSION
                         | crate::CAP_DELTA
                         | crate::CAP_PACKED_LISTING
-                        | crate::CAP_SPARSE_OPEN;
+                        | crate::CAP_TREE_META_V2;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.

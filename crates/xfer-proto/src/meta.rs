@@ -9,7 +9,7 @@ use crate::{ByteRange, CopyDone, OpenWrite, ProtoError, TreeEntry};
 /// Most holes one listing entry carries: a file with more is described by its largest ones.
 pub const MAX_HOLES: usize = 1024;
 
-/// Client → server, with [`crate::CAP_SPARSE_OPEN`] in force: an [`OpenWrite`] of a file with
+/// Client → server, with [`crate::CAP_TREE_META_V2`] in force: an [`OpenWrite`] of a file with
 /// holes. A new partial gets disk space only for the bytes outside `holes`, so a sparse file
 /// larger than the free space still lands; the holes travel as `Zeros` as before.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

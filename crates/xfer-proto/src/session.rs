@@ -385,7 +385,7 @@ impl<U, D> ServerSession<U, D> {
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
             | crate::CAP_PACKED_LISTING
-            | crate::CAP_SPARSE_OPEN)
+            | crate::CAP_TREE_META_V2)
             & self.client_capabilities;
         auth | tls | granted
     }
@@ -600,11 +600,11 @@ impl<U, D> ServerSession<U, D> {
             });
         }
         if matches!(frame, Frame::OpenWriteSparse(_))
-            && self.client_capabilities & crate::CAP_SPARSE_OPEN == 0
+            && self.client_capabilities & crate::CAP_TREE_META_V2 == 0
         {
             return Err(SessionError::Unexpected {
                 frame: frame.frame_type().name(),
-                phase: "without CAP_SPARSE_OPEN",
+                phase: "without CAP_TREE_META_V2",
             });
         }
         match frame {
@@ -956,12 +956,12 @@ mod tests {
             s.handle_handshake(Frame::Hello(Hello {
                 version: 1,
                 min_version: 1,
-                capabilities: crate::CAP_SPARSE_OPEN,
+                capabilities: crate::CAP_TREE_META_V2,
                 agent: "t".into(),
                 nonce: vec![],
             }))
             .unwrap();
-            assert_eq!(s.capabilities(), crate::CAP_SPARSE_OPEN);
+            assert_eq!(s.capabilities(), crate::CAP_TREE_META_V2);
             s
         };
         let holes = vec![ByteRange::new(10, 20), ByteRange::new(20, 100)];

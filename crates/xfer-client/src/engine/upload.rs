@@ -37,7 +37,7 @@ impl Upload {
     ) -> Result<(u64, Vec<ByteRange>), ClientError> {
         // A daemon that knows the holes up front reserves no space for them.
         let open = if self.holes.total() > 0
-            && session.welcome.capabilities & xfer_proto::CAP_SPARSE_OPEN != 0
+            && session.welcome.capabilities & xfer_proto::CAP_TREE_META_V2 != 0
         {
             Frame::OpenWriteSparse(OpenWriteSparse {
                 open: self.request.clone(),
