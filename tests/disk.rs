@@ -202,8 +202,8 @@ fn assert_sparse_copy(copy: &Path, want: &str) {
 }
 
 /// A sparse image four times larger than the receiving filesystem lands with its holes, by
-/// `send -r`, `recv -r`, `copy -r` and a single `send`, while a file of data that does not fit
-/// still fails before anything moves.
+/// `send -r`, `recv -r`, `copy -r`, and a single `send` and `recv`, while a file of data that
+/// does not fit still fails before anything moves.
 #[test]
 fn a_sparse_file_larger_than_the_free_space_lands_every_way() {
     let Some(small) = Tmpfs::mount("16m") else {
@@ -236,6 +236,11 @@ fn a_sparse_file_larger_than_the_free_space_lands_every_way() {
     XferRun::send(&src.join("vm.img"), &on_small.addr(), "alone.img", &[]).wait_ok();
     assert_sparse_copy(&small.path().join("alone.img"), &want);
     fs::remove_file(small.path().join("alone.img")).unwrap();
+
+    let fetched = small.path().join("fetched.img");
+    XferRun::recv("t/vm.img", &elsewhere.addr(), &fetched, &[]).wait_ok();
+    assert_sparse_copy(&fetched, &want);
+    fs::remove_file(&fetched).unwrap();
 
     // Data that does not fit is still refused up front, in a tree too.
     let dense = tree.src("dense");

@@ -724,6 +724,9 @@ frame_types! {
     /// [`OpenWriteSparse`](crate::OpenWriteSparse): `OpenWrite` of a file with holes
     /// (`CAP_TREE_META_V2`)
     OpenWriteSparse(crate::OpenWriteSparse) = 0x45,
+    /// [`ReadOpenedSparse`](crate::ReadOpenedSparse): `ReadOpened` of a file with holes
+    /// (`CAP_TREE_META_V2`)
+    ReadOpenedSparse(crate::ReadOpenedSparse) = 0x46,
     /// [`PutFile`]
     PutFile(PutFile) = 0x50,
     /// [`MakeDir`]

@@ -20,6 +20,17 @@ pub struct OpenWriteSparse {
     pub holes: Vec<ByteRange>,
 }
 
+/// Server → client, with [`crate::CAP_TREE_META_V2`] in force: the answer to `OpenRead` for a
+/// file with holes, so the client reserves space only for the bytes between them and asks for
+/// none of the holes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOpenedSparse {
+    /// The download, exactly as `ReadOpened` would give it.
+    pub opened: crate::ReadOpened,
+    /// Holes of the file as opened, sorted, disjoint, within its size; at most [`MAX_HOLES`].
+    pub holes: Vec<ByteRange>,
+}
+
 /// One extended attribute: its full name (`user.x`, `system.posix_acl_access`, …) and value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Xattr {

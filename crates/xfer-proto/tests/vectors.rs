@@ -298,6 +298,17 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 mode: 0o644,
             }),
         ),
+        (
+            "read-opened-sparse",
+            Frame::ReadOpenedSparse(ReadOpenedSparse {
+                opened: ReadOpened {
+                    transfer_id: 2,
+                    identity: IDENTITY,
+                    mode: 0o644,
+                },
+                holes: vec![ByteRange::new(64 << 10, 1 << 20)],
+            }),
+        ),
         ("read-chunk", Frame::ReadChunk(chunk(2, 4 << 20, 4 << 20))),
         ("data-abc", Frame::Data(Data::new(1, 0, abc()))),
         ("data-empty", Frame::Data(Data::new(1, 0, Bytes::new()))),
