@@ -70,6 +70,9 @@ pub struct Connector {
     /// asks the daemon to send (`SetCompression`); `None` leaves downloads to the daemon's
     /// default and uploads to `auto`.
     pub compress: Option<xfer_net::Compression>,
+    /// The bytes of chunk buffer every connection made shares (each large frame read is
+    /// reserved from it first), when set: the engine bounds a whole process's transfers so.
+    pub memory: Option<xfer_core::MemoryBudget>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -446,6 +449,10 @@ impl Session {
                 let writer: Writer = FrameWriter::new(Box::new(write));
                 (reader, writer)
             }
+        };
+        let reader = match &connector.memory {
+            Some(budget) => reader.with_budget(budget.clone()),
+            None => reader,
         };
         let mut session = Self {
             reader,

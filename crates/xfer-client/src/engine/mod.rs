@@ -56,6 +56,14 @@ pub const LONG_PATH_CONGESTION: &str = "bbr";
 /// turns or keeps an extra connection waiting stops the growth: its `--max-streams` and
 /// `--max-conns-per-ip` (both 64 by default) bound the pool, not this.
 pub const ADAPTIVE_MAX: usize = 64;
+/// Bytes of chunk buffer the transfers of one process hold at once, whatever the pool's size:
+/// every chunk read from the file (uploads) or from a connection (downloads) is reserved from
+/// it first, and near this bound the queue cuts chunks to the pool's share of it (see
+/// `queue`). Without it a pool of 64 connections holding a 4 MiB chunk each peaked at 240-278
+/// MiB; 128 MiB leaves 2 MiB per connection at 64, still several times what one connection
+/// keeps in flight on the long paths measured (1 Gbit/s, 150 ms: 300 KB each).
+pub const CLIENT_MAX_MEMORY: usize = 128 << 20;
+
 /// How many connections a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connections {
@@ -220,12 +228,18 @@ fn connections_used(opts: &Options, work: &Work) -> usize {
     }
 }
 
-/// `opts` with a fresh byte meter on its connections when the pool sizes itself: only then is
-/// throughput measured, and a meter costs every write a look at `TCP_INFO`.
+/// `opts` with a fresh byte meter on its connections when the pool sizes itself (only then is
+/// throughput measured, and a meter costs every write a look at `TCP_INFO`), and the process's
+/// memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
 fn metered(opts: &Options) -> Options {
+    static BUDGET: std::sync::OnceLock<xfer_core::MemoryBudget> = std::sync::OnceLock::new();
     let mut opts = opts.clone();
     if matches!(opts.connections, Connections::Adaptive { .. }) {
         opts.connector.meter = Some(Arc::default());
+    }
+    if opts.connector.memory.is_none() {
+        let budget = BUDGET.get_or_init(|| xfer_core::MemoryBudget::new(CLIENT_MAX_MEMORY));
+        opts.connector.memory = Some(budget.clone());
     }
     opts
 }

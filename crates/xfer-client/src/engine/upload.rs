@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use xfer_core::{RangeSet, SourceFile};
+use xfer_core::{MemoryBudget, RangeSet, SourceFile};
 use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite};
 
@@ -28,6 +28,8 @@ struct Upload {
     holes: RangeSet,
     /// Compresses chunks for every connection of the pool, which measures and decides as one.
     compressor: Compressor,
+    /// What every chunk read is reserved from first (the process's memory budget).
+    memory: Option<MemoryBudget>,
 }
 
 impl Upload {
@@ -70,7 +72,13 @@ impl Direction for Upload {
             };
             return session.send(&Frame::Zeros(zeros)).await;
         }
-        let payload = self.source.read(chunk).await?;
+        let payload = match &self.memory {
+            Some(budget) => {
+                let reservation = budget.reserve(chunk.len() as usize).await;
+                self.source.read_reserved(chunk, reservation).await?
+            }
+            None => self.source.read(chunk).await?,
+        };
         let compresses = session.welcome.capabilities & xfer_proto::CAP_COMPRESSION != 0;
         let packed = self
             .compressor
@@ -151,6 +159,7 @@ pub async fn send_file(
         source,
         holes,
         compressor: Compressor::new(opts.connector.compress.unwrap_or_default(), "upload"),
+        memory: opts.connector.memory.clone(),
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
@@ -309,6 +318,7 @@ mod tests {
             source,
             holes: RangeSet::new(),
             compressor: Compressor::new(xfer_net::Compression::Off, "upload"),
+            memory: None,
         };
         let progress = Arc::new(ProgressCounter::default());
         let chunks = xfer_core::split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);
