@@ -34,6 +34,8 @@ pub struct Session {
     pub congestion: Option<String>,
     /// The connection's smoothed round-trip time once the handshake is done, if the kernel says.
     pub rtt: Option<std::time::Duration>,
+    /// The socket beneath, owned by `reader` and `writer` (`None` for one that is not a socket).
+    pub(crate) fd: Option<std::os::fd::RawFd>,
 }
 
 impl std::fmt::Debug for Session {
@@ -467,6 +469,7 @@ impl Session {
             },
             congestion,
             rtt: None,
+            fd: Some(fd),
         };
         session.send(&handshake.hello()).await?;
         let welcome = loop {
@@ -499,6 +502,20 @@ impl Session {
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);
         Ok(session)
+    }
+
+    /// Switches the connection to congestion control `name` from now on (the first connection
+    /// of a transfer, once its round trip showed a long path).
+    ///
+    /// # Errors
+    /// The kernel lacks `name` or does not allow it to this process.
+    pub(crate) fn switch_congestion(&mut self, name: &str) -> Result<(), sockopt::SocketError> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        // SAFETY: `fd` is the socket the session's halves own; they are alive with `self`.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        sockopt::congestion_for_long_path(socket, name, std::time::Duration::ZERO)?;
+        self.congestion = sockopt::congestion(socket);
+        Ok(())
     }
 
     /// Whether the daemon at `target` serves TLS, its certificate checked as `connector`'s

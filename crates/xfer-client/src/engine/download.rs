@@ -205,7 +205,7 @@ pub async fn recv_with_holes(
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
     let mut session = connect_first(target, opts).await?;
-    let (opts, congestion) = path_policy(opts, &session);
+    let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     let request = OpenRead {
         name: name.to_string(),

@@ -137,7 +137,7 @@ pub async fn send_file(
     let opts = &metered(opts);
     let identity = source.identity();
     let mut session = connect_first(target, opts).await?;
-    let (opts, congestion) = path_policy(opts, &session);
+    let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
