@@ -351,6 +351,11 @@ impl Work {
         self.changed.subscribe()
     }
 
+    /// Bytes queued, not yet handed out.
+    pub(super) fn queued(&self) -> u64 {
+        self.lock().queued
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.lock().queue.is_empty()
     }

@@ -12,7 +12,7 @@ use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite};
 
 use super::delta;
-use super::pool::drive;
+use super::pool::{drive, Early};
 use super::queue::Work;
 use super::retry::{connect_first, connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
@@ -139,6 +139,7 @@ pub async fn send_file(
     let mut session = connect_first(target, opts).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
+    let early = Arc::new(Early::start(target, opts, &session));
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
         let source = source.clone();
@@ -193,8 +194,15 @@ pub async fn send_file(
             Some(s) => (s, id),
             None => reopen(target, &*upload, opts).await?,
         };
-        let mut sessions =
-            drive(target, Arc::clone(&upload), Arc::clone(&work), first, opts).await?;
+        let mut sessions = drive(
+            target,
+            Arc::clone(&upload),
+            Arc::clone(&work),
+            first,
+            Arc::clone(&early),
+            opts,
+        )
+        .await?;
         let (mut s, sid) = match sessions.pop() {
             Some(open) => open,
             None => reopen(target, &*upload, opts).await?,
