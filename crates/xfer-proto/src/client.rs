@@ -133,8 +133,8 @@ impl ClientSession {
         self.state == State::Done
     }
 
-    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION` and `CAP_PACKED_LISTING`
-    /// always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
+    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION`, `CAP_PACKED_LISTING` and
+    /// `CAP_TREE_META_V2` always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
     /// when it wants TLS, and the mirroring bits it was asked to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
@@ -143,6 +143,7 @@ impl ClientSession {
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
             | crate::CAP_PACKED_LISTING
+            | crate::CAP_TREE_META_V2
             | tls
             | offer
     }
@@ -239,6 +240,7 @@ mod tests {
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
         Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_LISTING, CAP_TREE_META,
+        CAP_TREE_META_V2,
     };
     use std::time::{Duration, Instant};
 
@@ -295,7 +297,7 @@ mod tests {
         assert_eq!(welcome.version, PROTOCOL_VERSION);
         assert_eq!(
             welcome.capabilities,
-            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
+            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING | CAP_TREE_META_V2
         );
     }
 
@@ -305,7 +307,12 @@ mod tests {
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
         assert_eq!(
             welcome.capabilities,
-            CAP_AUTH | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
+            CAP_AUTH
+                | CAP_TREE_META
+                | CAP_COMPRESSION
+                | CAP_DELTA
+                | CAP_PACKED_LISTING
+                | CAP_TREE_META_V2
         );
         assert!(c.is_done());
     }
@@ -329,7 +336,13 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH | CAP_TLS | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
+            CAP_AUTH
+                | CAP_TLS
+                | CAP_TREE_META
+                | CAP_COMPRESSION
+                | CAP_DELTA
+                | CAP_PACKED_LISTING
+                | CAP_TREE_META_V2
         );
     }
 

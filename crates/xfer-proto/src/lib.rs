@@ -55,6 +55,10 @@ pub const CAP_TREE_META: u64 = 1 << 5;
 pub const CAP_DELTA: u64 = 1 << 6;
 /// Capability bit: tree listings with metadata travel zstd-compressed (`PackedTreeMetaListing`).
 pub const CAP_PACKED_LISTING: u64 = 1 << 7;
+/// Capability bit: tree metadata, second revision: a file with holes is opened with its holes
+/// named (`OpenWriteSparse`, `ReadOpenedSparse`), so the receiver reserves space only for the
+/// bytes between them, and ACL attributes travel with the names of their entries.
+pub const CAP_TREE_META_V2: u64 = 1 << 10;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.
