@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use tracing::info;
-use xfer_core::delta::{self, groups, Index};
+use xfer_core::delta::{self, groups, Index, Piece};
 use xfer_core::CoreError;
 use xfer_proto::session::{DownloadId, UploadId};
 use xfer_proto::{
@@ -16,6 +17,10 @@ use xfer_proto::{
 
 use super::{fatal, ConnError, Download, Handler, Upload};
 use crate::registry::blocking;
+
+/// Groups of basis bytes one `DeltaSig` copies at once: enough to keep the cores and the disk
+/// busy, each group holding at most `delta::MAX_COPY` bytes of the memory budget.
+const MAX_PARALLEL_COPIES: usize = 4;
 
 impl Handler {
     pub(super) async fn delta_open(&mut self, id: UploadId) -> Result<(), ConnError> {
@@ -60,28 +65,42 @@ impl Handler {
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
         let pieces = index.find(sig.offset, &sig.chunks);
+        let budget = &self.shared.budget;
+        // Groups of at most MAX_COPY bytes are read, checked and written on several cores at
+        // once, each into bytes reserved from the daemon's budget.
+        let copy_group = |group: &[Piece]| {
+            let len: u64 = group.iter().map(|p| u64::from(p.len)).sum();
+            let (index, group) = (Arc::clone(&index), group.to_vec());
+            let (partial, name) = (Arc::clone(&partial), &name);
+            async move {
+                let _reservation = budget.reserve(len as usize).await;
+                let runs = blocking(move || {
+                    index
+                        .read_verified(&group)
+                        .map_err(|e| CoreError::io("reading the delta basis", e))
+                })
+                .await
+                .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+                let mut written = Vec::with_capacity(runs.len());
+                for (offset, bytes) in runs {
+                    let crc = crc32fast::hash(&bytes);
+                    let range = ByteRange::new(offset, offset + bytes.len() as u64);
+                    partial
+                        .write(offset, Bytes::from(bytes), crc)
+                        .await
+                        .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+                    written.push(range);
+                }
+                Ok::<_, ConnError>(written)
+            }
+        };
+        let mut copies = stream::iter(groups(&pieces))
+            .map(copy_group)
+            .buffered(delta::parallelism().clamp(2, MAX_PARALLEL_COPIES));
         let mut matched: Vec<ByteRange> = Vec::new();
         let mut copied = 0;
-        // The basis is read a group of at most MAX_COPY bytes at a time, into bytes reserved
-        // from the daemon's budget.
-        for group in groups(&pieces) {
-            let len: u64 = group.iter().map(|p| u64::from(p.len)).sum();
-            let _reservation = self.shared.budget.reserve(len as usize).await;
-            let (index, group) = (Arc::clone(&index), group.to_vec());
-            let runs = blocking(move || {
-                index
-                    .read_verified(&group)
-                    .map_err(|e| CoreError::io("reading the delta basis", e))
-            })
-            .await
-            .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-            for (offset, bytes) in runs {
-                let crc = crc32fast::hash(&bytes);
-                let range = ByteRange::new(offset, offset + bytes.len() as u64);
-                partial
-                    .write(offset, Bytes::from(bytes), crc)
-                    .await
-                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        while let Some(written) = copies.next().await {
+            for range in written? {
                 copied += range.len();
                 match matched.last_mut() {
                     Some(last) if last.end == range.start => last.end = range.end,
@@ -89,6 +108,7 @@ impl Handler {
                 }
             }
         }
+        drop(copies);
         self.shared.metrics.delta_copied.add(copied);
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
