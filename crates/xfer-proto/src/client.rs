@@ -142,6 +142,7 @@ impl ClientSession {
         crate::CAP_TREE_META
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
+            | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING
             | tls
             | offer
@@ -238,7 +239,8 @@ mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
-        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_LISTING, CAP_TREE_META,
+        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_LISTING,
+        CAP_TREE_META,
     };
     use std::time::{Duration, Instant};
 
@@ -295,7 +297,7 @@ mod tests {
         assert_eq!(welcome.version, PROTOCOL_VERSION);
         assert_eq!(
             welcome.capabilities,
-            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
+            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_DELTA_PIPELINE | CAP_PACKED_LISTING
         );
     }
 
@@ -305,7 +307,12 @@ mod tests {
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
         assert_eq!(
             welcome.capabilities,
-            CAP_AUTH | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
+            CAP_AUTH
+                | CAP_TREE_META
+                | CAP_COMPRESSION
+                | CAP_DELTA
+                | CAP_DELTA_PIPELINE
+                | CAP_PACKED_LISTING
         );
         assert!(c.is_done());
     }
@@ -329,7 +336,13 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH | CAP_TLS | CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING
+            CAP_AUTH
+                | CAP_TLS
+                | CAP_TREE_META
+                | CAP_COMPRESSION
+                | CAP_DELTA
+                | CAP_DELTA_PIPELINE
+                | CAP_PACKED_LISTING
         );
     }
 

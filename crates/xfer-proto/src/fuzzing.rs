@@ -83,6 +83,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_MIRROR
                         | crate::CAP_COMPRESSION
                         | crate::CAP_DELTA
+                        | crate::CAP_DELTA_PIPELINE
                         | crate::CAP_PACKED_LISTING;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }

@@ -379,6 +379,7 @@ impl<U, D> ServerSession<U, D> {
             | crate::CAP_MIRROR
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
+            | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING)
             & self.client_capabilities;
         auth | tls | granted

@@ -120,6 +120,18 @@ pub(super) struct Work {
     pub(super) refused: AtomicBool,
 }
 
+/// A transfer kept open for chunks still to come ([`Work::hold`]); lets it finish when dropped.
+pub(super) struct Hold(Arc<Work>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.0.outstanding.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.finished.send_replace(true);
+        }
+        self.0.bump();
+    }
+}
+
 /// A worker's place in [`Work::active`]; leaves it when dropped.
 pub(super) struct Pumping<'a>(&'a Work);
 
@@ -320,6 +332,15 @@ impl Work {
             }
         }
         self.bump();
+    }
+
+    /// Keeps the transfer from finishing until the guard drops, though nothing is queued: more
+    /// chunks are still to come (the literal data of a delta whose signatures are still being
+    /// compared). Counts as one byte outstanding.
+    pub(super) fn hold(self: &Arc<Self>) -> Hold {
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        self.finished.send_replace(false);
+        Hold(Arc::clone(self))
     }
 
     /// Resolves once every chunk is moved.
