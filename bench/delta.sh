@@ -27,7 +27,8 @@
 # Environment: DELTA_SIZE (2G), DELTA_TREE_FILES (1000), DELTA_TREE_FILE_SIZE (2M),
 # DELTA_TREE_CHANGED (50), DELTA_PROFILES ("wan loopback"), DELTA_WORKLOADS ("inplace insert
 # append real tree"), DELTA_TOOLS ("whole delta auto rsync"), REPEAT (1), DELTA_DIR
-# (bench/out/delta), XFER_BIN_DIR (skip cargo build), KEEP=1 (keep the workloads).
+# (bench/out/delta), XFER_BIN_DIR (skip cargo build), KEEP=1 (keep the workloads), DELTA_LOG=1 (the
+# client's debug log of every run, timestamped, in DELTA_DIR/logs/PROFILE-TOOL-WORKLOAD.err).
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -205,7 +206,7 @@ one_run() {
             [[ "$tool" == whole ]] && flags+=(--whole-file)
             [[ "$tool" == delta ]] && flags+=(--delta)
             [[ "$w" == tree ]] && flags+=(-r)
-            "${ns[@]+"${ns[@]}"}" "$XFER" send "${flags[@]}" "$src" "$ADDR" --as "$w" >"$out" 2>"$LOGS/run.err" ||
+            "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$XFER" send "${flags[@]}" "$src" "$ADDR" --as "$w" >"$out" 2>"$LOGS/run.err" ||
                 die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
             ;;
         rsync)
@@ -217,6 +218,7 @@ one_run() {
             ;;
     esac
     SECS="$(secs_since "$t0")"
+    [[ -z "${DELTA_LOG:-}" ]] || cp "$LOGS/run.err" "$LOGS/$PROFILE-$tool-$w.err"
     WIRE=n/a
     [[ "$PROFILE" != wan ]] || WIRE=$(($(link_bytes) - b0))
     LITERAL="$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("literal_bytes", d.get("bytes_transferred", "n/a")))' "$out")"
