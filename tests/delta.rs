@@ -199,6 +199,46 @@ fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     assert!(!journal.exists() && !partial_path(&dest).exists());
 }
 
+/// The daemon's old file is rewritten while the literal data of a delta still moves: what it
+/// copied was checked against the sender's hashes, the digest covers the rest, and the file
+/// committed is the new version byte for byte.
+#[test]
+fn a_basis_rewritten_during_the_delta_never_lands_wrong() {
+    let size = 16 * MIB;
+    let tree = Tree::new();
+    let src = tree.src("b.bin");
+    let dest = tree.root().join("b.bin");
+    let old = noise(size, 21);
+    let mut new = old[..size / 2].to_vec();
+    new.extend(noise(size / 2, 22));
+    let daemon = Daemon::start(&tree.root(), &[]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "b.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    let slow = [
+        "--delta",
+        "--json",
+        "--bwlimit",
+        "4M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::send(&src, &daemon.addr(), "b.bin", &slow);
+    let journal = journal_path(&dest);
+    wait_until(GUARD, "the copied half is journaled", || {
+        let held = journal_held(&journal);
+        assert!(held >= (size / 2) as u64 || client.is_running());
+        held >= (size / 2) as u64
+    });
+    // Rewritten in place, as a program holding the old file open would.
+    std::fs::write(&dest, noise(size, 23)).unwrap();
+    let out = client.wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.json());
+    assert!(!journal.exists() && !partial_path(&dest).exists());
+}
+
 #[test]
 fn a_delta_resumes_after_the_client_is_killed() {
     check_delta_resumes_after(|_, client| client.kill());
