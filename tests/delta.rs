@@ -140,7 +140,8 @@ fn a_new_file_goes_whole_even_with_delta() {
 }
 
 /// A delta whose literal half moves slowly is interrupted by `stop` once the copied half and
-/// some literal data are journaled; the rerun resumes without sending what was held.
+/// some literal data are journaled; the rerun resumes without sending what was held, nor
+/// comparing signatures again: the daemon does not read its old file a second time.
 fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     let size = 32 * MIB;
     let tree = Tree::new();
@@ -187,9 +188,17 @@ fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     } else {
         Daemon::start(&tree.root(), &[])
     };
+    let indexed = |d: &Daemon| d.stderr().matches("delta basis indexed").count();
+    let indexed_before = indexed(&daemon);
     let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
     let out = XferRun::send(&src, &daemon.addr(), "r.bin", &fast).wait_ok();
     let json = out.json();
+    assert!(delta(&out), "{json}");
+    assert_eq!(
+        indexed(&daemon),
+        indexed_before,
+        "the basis was indexed again"
+    );
     assert!(out.json_u64("resumed_bytes") >= held, "{json}");
     assert!(
         out.json_u64("literal_bytes") <= size as u64 - held + 2 * 256 * 1024,

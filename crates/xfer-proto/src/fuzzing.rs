@@ -121,7 +121,7 @@ pub fn session_script(data: &[u8], start: Instant) {
             Request::SetCompression(mode) => {
                 assert!(matches!(mode, 0 | 1..=crate::MAX_COMPRESSION_LEVEL | 0xff));
             }
-            Request::DeltaOpen(id, _) => {
+            Request::DeltaOpen(id, _) | Request::DeltaResume(id, _) => {
                 session
                     .upload(id)
                     .expect("a handle the session gave is open");

@@ -12,7 +12,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use xfer_core::delta::{self, Cut, Index};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
-use xfer_proto::{ByteRange, DeltaOpen, DeltaSig, ErrorCode, Frame, ReadSig, CAP_DELTA_PIPELINE};
+use xfer_proto::{
+    ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, CAP_DELTA,
+    CAP_DELTA_PIPELINE,
+};
 
 use crate::session::{next_frame, unexpected};
 use crate::{ClientError, Session};
@@ -50,7 +53,7 @@ pub(super) fn choose(
     if mode == DeltaMode::Never {
         return (false, "--whole-file".into());
     }
-    if session.welcome.capabilities & xfer_proto::CAP_DELTA == 0 {
+    if session.welcome.capabilities & CAP_DELTA == 0 {
         return (false, "the daemon does not do deltas".into());
     }
     if mode == DeltaMode::Always {
@@ -220,6 +223,28 @@ pub(super) async fn negotiate(
             .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
     }
     Ok(true)
+}
+
+/// The spans of upload `transfer_id` an earlier run's signature exchange answered for (with
+/// `CAP_DELTA_PIPELINE`; none without).
+///
+/// # Errors
+/// Connection and protocol errors.
+pub(super) async fn agreed(
+    session: &mut Session,
+    transfer_id: u64,
+) -> Result<Vec<ByteRange>, ClientError> {
+    let both = CAP_DELTA | CAP_DELTA_PIPELINE;
+    if session.welcome.capabilities & both != both {
+        return Ok(Vec::new());
+    }
+    session
+        .send(&Frame::DeltaResume(DeltaResume { transfer_id }))
+        .await?;
+    match session.next().await? {
+        Frame::DeltaAgreed(a) if a.transfer_id == transfer_id => Ok(a.agreed),
+        other => Err(unexpected(other)),
+    }
 }
 
 /// The parts of `span` neither `held` before the delta nor `copied` by the daemon: what must

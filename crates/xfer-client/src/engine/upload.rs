@@ -159,7 +159,33 @@ pub async fn send_file(
     let work = Arc::new(Work::new(Vec::new(), opts));
     let size = identity.size;
     let (wanted, why) = delta::choose(opts.delta, &session, opts.bwlimit, size);
-    let have = RangeSet::from_ranges(held.iter().copied());
+    let mut have = RangeSet::from_ranges(held.iter().copied());
+    let mut queued = false;
+    if wanted && have.total() > 0 && have.total() < size {
+        // A resumed delta: what an earlier run's exchange answered for is not compared again,
+        // and its literal data goes at once.
+        let agreed = delta::agreed(&mut session, id).await?;
+        if !agreed.is_empty() {
+            let literal: Vec<ByteRange> = agreed
+                .iter()
+                .flat_map(|&span| delta::literal_in(span, &have, &[]))
+                .collect();
+            tracing::debug!(
+                agreed = agreed.iter().map(ByteRange::len).sum::<u64>(),
+                "a resumed delta: spans already compared"
+            );
+            work.add(xfer_core::meta::split_at_holes(
+                &literal,
+                &upload.holes,
+                chunk_size,
+            ));
+            for span in agreed {
+                have.insert(span);
+            }
+            tally.delta = true;
+            queued = true;
+        }
+    }
     let mut session = Some(session);
     // A delta compares signatures on the first connection while the rest of the pool moves
     // the literal data each answer leaves, as it comes.
@@ -175,11 +201,12 @@ pub async fn send_file(
                 outcome
             });
         }
-    } else {
+    } else if !queued {
         tracing::info!("whole file: {why}");
     }
-    let mut delta_used = false;
-    let mut queued = !negotiation.is_empty();
+    let mut delta_used = tally.delta;
+    // What is still missing is queued by the delta, not all at once below.
+    queued |= !negotiation.is_empty();
     // The whole-file digest is read front to back beside the transfer, not after it.
     let digest = {
         let source = upload.source.clone();
@@ -209,7 +236,7 @@ pub async fn send_file(
         close_all(sessions).await;
         if let Some(joined) = negotiation.join_next().await {
             let found = joined.map_err(|e| ClientError::Local(join_error(e)))?;
-            delta_used = found.is_some();
+            delta_used |= found.is_some();
             tally.delta = delta_used;
             tally.matched = found.unwrap_or(0);
             if delta_used {

@@ -12,7 +12,8 @@ use xfer_core::delta::{self, groups, Index, Piece};
 use xfer_core::CoreError;
 use xfer_proto::session::{DownloadId, UploadId};
 use xfer_proto::{
-    ByteRange, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame, ReadSig, MAX_DELTA_CHUNKS,
+    ByteRange, DeltaAgreed, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame, ReadSig,
+    MAX_DELTA_CHUNKS, MAX_RANGES,
 };
 
 use super::{fatal, ConnError, Download, Handler, Upload};
@@ -53,6 +54,20 @@ impl Handler {
         };
         self.session.upload(id)?.basis = Some(index);
         self.writer.send(&Frame::DeltaIndex(reply)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn delta_resume(&mut self, id: UploadId) -> Result<(), ConnError> {
+        let Upload { lease, .. } = self.session.upload(id)?;
+        let mut agreed = lease.partial.agreed();
+        // Spans are few (consecutive ones merge); past the limit the rest is compared again.
+        agreed.truncate(MAX_RANGES);
+        self.writer
+            .send(&Frame::DeltaAgreed(DeltaAgreed {
+                transfer_id: id.get(),
+                agreed,
+            }))
+            .await?;
         Ok(())
     }
 
@@ -109,6 +124,13 @@ impl Handler {
             }
         }
         drop(copies);
+        // Recorded once its matched chunks are: a resumed upload sends the rest as data
+        // without comparing this span again.
+        let span_len: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();
+        partial
+            .agree(ByteRange::new(sig.offset, sig.offset + span_len))
+            .await
+            .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
         self.shared.metrics.delta_copied.add(copied);
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
