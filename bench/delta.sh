@@ -88,6 +88,9 @@ data, size, files, fsize, changed = sys.argv[1], *map(int, sys.argv[2:])
 os.makedirs(f"{data}/old", exist_ok=True)
 os.makedirs(f"{data}/new", exist_ok=True)
 rng = random.Random(1)
+# Edits draw from their own stream: the same bytes whether or not the files they edit were
+# made in this run (a kept base made earlier left `rng` unread, so edits then repeated it).
+edit_rng = random.Random(2)
 MIB = 1 << 20
 OLD_MTIME, NEW_MTIME = 1_700_000_000, 1_800_000_000
 
@@ -106,6 +109,9 @@ def random_file(path, n):
     done(path, OLD_MTIME)
 
 def copy_with(src, dst, edit):
+    # A fresh inode: dst may be a hard link to src left by a run that changed other files.
+    if os.path.exists(dst):
+        os.unlink(dst)
     with open(src, "rb") as i, open(dst, "wb") as o:
         while chunk := i.read(64 * MIB):
             o.write(chunk)
@@ -116,8 +122,8 @@ def copy_with(src, dst, edit):
 def in_place(o, n):
     run = max(1, n // 100 // 200)
     for k in range(200):
-        o.seek((k * n) // 200 + rng.randrange(max(1, n // 200 - run)))
-        o.write(rng.randbytes(run))
+        o.seek((k * n) // 200 + edit_rng.randrange(max(1, n // 200 - run)))
+        o.write(edit_rng.randbytes(run))
 
 def insert_at(src, dst, at, blob, edit=None):
     with open(src, "rb") as i, open(dst, "wb") as o:
@@ -136,8 +142,8 @@ for name in ("inplace", "insert", "append"):
     if not os.path.exists(f"{data}/old/{name}.bin"):
         os.link(base, f"{data}/old/{name}.bin")
 copy_with(base, f"{data}/new/inplace.bin", lambda o: in_place(o, size))
-insert_at(base, f"{data}/new/insert.bin", 64 * 1024, rng.randbytes(MIB))
-copy_with(base, f"{data}/new/append.bin", lambda o: (o.seek(0, 2), o.write(rng.randbytes(size // 50))))
+insert_at(base, f"{data}/new/insert.bin", 64 * 1024, edit_rng.randbytes(MIB))
+copy_with(base, f"{data}/new/append.bin", lambda o: (o.seek(0, 2), o.write(edit_rng.randbytes(size // 50))))
 
 real = f"{data}/old/real.bin"
 if not (os.path.exists(real) and os.path.getsize(real) == size):
@@ -159,7 +165,7 @@ if not (os.path.exists(real) and os.path.getsize(real) == size):
                     left -= len(b)
         o.write(bytes(left))
     done(real, OLD_MTIME)
-insert_at(real, f"{data}/new/real.bin", 4 * MIB, rng.randbytes(MIB), lambda o: in_place(o, size))
+insert_at(real, f"{data}/new/real.bin", 4 * MIB, edit_rng.randbytes(MIB), lambda o: in_place(o, size))
 
 for side in ("old", "new"):
     os.makedirs(f"{data}/{side}/tree", exist_ok=True)
@@ -168,7 +174,7 @@ for k in range(files):
     random_file(old, fsize)
     new = f"{data}/new/tree/f{k:05}"
     if k % (files // max(1, changed)) == 0 and k // (files // max(1, changed)) < changed:
-        copy_with(old, new, lambda o: (o.seek(fsize // 2), o.write(rng.randbytes(8192))))
+        copy_with(old, new, lambda o: (o.seek(fsize // 2), o.write(edit_rng.randbytes(8192))))
     else:
         if os.path.exists(new):
             os.unlink(new)

@@ -118,6 +118,8 @@ pub(super) struct Work {
     pub(super) excess: AtomicUsize,
     /// An optional connection was turned away (a busy daemon): the pool stops growing.
     pub(super) refused: AtomicBool,
+    /// Holds ([`Work::hold`]) alive: chunks are still to come though none may be queued.
+    holds: AtomicUsize,
 }
 
 /// A transfer kept open for chunks still to come ([`Work::hold`]); lets it finish when dropped.
@@ -125,6 +127,7 @@ pub(super) struct Hold(Arc<Work>);
 
 impl Drop for Hold {
     fn drop(&mut self) {
+        self.0.holds.fetch_sub(1, Ordering::SeqCst);
         if self.0.outstanding.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.finished.send_replace(true);
         }
@@ -167,6 +170,7 @@ impl Work {
             peak: AtomicUsize::new(0),
             excess: AtomicUsize::new(0),
             refused: AtomicBool::new(false),
+            holds: AtomicUsize::new(0),
         };
         work.add(chunks);
         work
@@ -338,6 +342,7 @@ impl Work {
     /// chunks are still to come (the literal data of a delta whose signatures are still being
     /// compared). Counts as one byte outstanding.
     pub(super) fn hold(self: &Arc<Self>) -> Hold {
+        self.holds.fetch_add(1, Ordering::SeqCst);
         self.outstanding.fetch_add(1, Ordering::SeqCst);
         self.finished.send_replace(false);
         Hold(Arc::clone(self))
@@ -365,6 +370,12 @@ impl Work {
 
     pub(super) fn is_empty(&self) -> bool {
         self.lock().queue.is_empty()
+    }
+
+    /// True when nothing is queued and nothing more is to come: a connection not yet open
+    /// has no reason to open.
+    pub(super) fn is_idle(&self) -> bool {
+        self.holds.load(Ordering::SeqCst) == 0 && self.is_empty()
     }
 
     pub(super) async fn throttle(&self, bytes: u64) {
@@ -440,6 +451,25 @@ mod tests {
         work.add(vec![range(5, 6)]);
         assert!(!work.is_finished());
         assert_eq!(drain(&work), [range(5, 6)]);
+    }
+
+    #[tokio::test]
+    async fn a_held_transfer_waits_for_chunks_still_to_come() {
+        let work = Arc::new(Work::new(
+            Vec::new(),
+            &test_options(Arc::new(ProgressCounter::default())),
+        ));
+        assert!(work.is_finished() && work.is_idle());
+        let hold = work.hold();
+        // Nothing queued, yet connections still open for what is to come.
+        assert!(!work.is_finished() && !work.is_idle());
+        work.add(vec![range(0, 10)]);
+        let chunks = drain(&work);
+        work.complete(chunks[0]);
+        assert!(!work.is_finished());
+        drop(hold);
+        work.finished().await;
+        assert!(work.is_idle());
     }
 
     #[test]
