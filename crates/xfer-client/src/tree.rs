@@ -29,8 +29,9 @@ const LARGE_AT_ONCE: usize = 2;
 /// Files up to this size (a few chunks) are light: each is mostly round trips (open, delta,
 /// commit), so [`LIGHT_AT_ONCE`] of them move at once, each on one connection.
 const LIGHT_FILE: u64 = 16 * 1024 * 1024;
-/// Light files of a tree in flight at once (a heavy one counts as several).
-const LIGHT_AT_ONCE: usize = 16;
+/// Light files of a tree in flight at once (a heavy one counts as several), a connection each:
+/// half the daemon's default connections per address.
+const LIGHT_AT_ONCE: usize = 32;
 /// Requests a connection keeps in flight before it waits for answers: at 4 KiB a file, 1024 of
 /// them a round trip carry 80 MB/s over 50 ms (64 capped one connection at 1,100 files/s there).
 const PIPELINE: usize = 1024;

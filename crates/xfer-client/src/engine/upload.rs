@@ -186,27 +186,40 @@ pub async fn send_file(
             queued = true;
         }
     }
-    let mut session = Some(session);
-    // A delta compares signatures on the first connection while the rest of the pool moves
-    // the literal data each answer leaves, as it comes.
     let mut negotiation = JoinSet::new();
+    let mut inline = None;
+    let mut session = Some(session);
     if wanted && have.total() < size {
-        if let Some(s) = session.take() {
-            let hold = work.hold();
-            let (upload, work) = (Arc::clone(&upload), Arc::clone(&work));
-            let progress = opts.progress.clone();
-            negotiation.spawn(async move {
-                let outcome = run_delta(s, id, &upload, have, &work, chunk_size, &*progress).await;
-                drop(hold);
-                outcome
-            });
+        if let Some(mut s) = session.take() {
+            if opts.connections.initial_on(s.rtt) == 1 {
+                // A pool of one: nothing to overlap with, the literal data follows on it.
+                let progress = &*opts.progress;
+                let (found, usable) =
+                    run_delta(&mut s, id, &upload, have, &work, chunk_size, progress).await;
+                inline = Some(found);
+                session = usable.then_some(s);
+            } else {
+                // The signatures are compared on the first connection while the rest of the
+                // pool moves the literal data each answer leaves, as it comes.
+                let hold = work.hold();
+                let (upload, work) = (Arc::clone(&upload), Arc::clone(&work));
+                let progress = opts.progress.clone();
+                negotiation.spawn(async move {
+                    let (found, usable) =
+                        run_delta(&mut s, id, &upload, have, &work, chunk_size, &*progress).await;
+                    drop(hold);
+                    if usable {
+                        s.close().await;
+                    }
+                    found
+                });
+            }
+            queued = true;
         }
     } else if !queued {
         tracing::info!("whole file: {why}");
     }
     let mut delta_used = tally.delta;
-    // What is still missing is queued by the delta, not all at once below.
-    queued |= !negotiation.is_empty();
     // The whole-file digest is read front to back beside the transfer, not after it.
     let digest = {
         let source = upload.source.clone();
@@ -234,8 +247,11 @@ pub async fn send_file(
             None => reopen(target, &*upload, opts).await?,
         };
         close_all(sessions).await;
-        if let Some(joined) = negotiation.join_next().await {
-            let found = joined.map_err(|e| ClientError::Local(join_error(e)))?;
+        let found = match negotiation.join_next().await {
+            Some(joined) => Some(joined.map_err(|e| ClientError::Local(join_error(e)))?),
+            None => inline.take(),
+        };
+        if let Some(found) = found {
             delta_used |= found.is_some();
             tally.delta = delta_used;
             tally.matched = found.unwrap_or(0);
@@ -304,19 +320,20 @@ pub async fn send_file(
 
 /// Runs a delta on `session`: every span the daemon answers for queues on `work` what it did not
 /// copy, and once the exchange ends whatever it did not answer for goes whole. The bytes the
-/// daemon copied, or `None` when it had no file to start from or the exchange failed.
+/// daemon copied, or `None` when it had no file to start from; and whether `session` is still
+/// usable (false after a failed exchange).
 async fn run_delta(
-    mut session: Session,
+    session: &mut Session,
     id: u64,
     upload: &Upload,
     held: RangeSet,
     work: &Work,
     chunk_size: u32,
     progress: &dyn crate::Progress,
-) -> Option<u64> {
+) -> (Option<u64>, bool) {
     let mut answered = held.clone();
     let mut matched = 0;
-    let outcome = delta::negotiate(&mut session, id, &upload.source, &held, |span, copied| {
+    let outcome = delta::negotiate(session, id, &upload.source, &held, |span, copied| {
         let literal = delta::literal_in(span, &held, copied);
         work.add(xfer_core::meta::split_at_holes(
             &literal,
@@ -336,18 +353,14 @@ async fn run_delta(
         chunk_size,
     ));
     match outcome {
-        Ok(true) => {
-            session.close().await;
-            Some(matched)
-        }
+        Ok(true) => (Some(matched), true),
         Ok(false) => {
             tracing::info!("whole file: the daemon holds no file under the name");
-            session.close().await;
-            None
+            (None, true)
         }
         Err(e) => {
             tracing::warn!(error = %e, "the delta failed; the rest of the file goes whole");
-            (matched > 0).then_some(matched)
+            ((matched > 0).then_some(matched), false)
         }
     }
 }
