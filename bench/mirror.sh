@@ -22,6 +22,8 @@
 #                 xm-a, both daemons in netns xm-b (names of their own, so a wan.sh run elsewhere
 #                 is not disturbed); the namespaces are removed at exit
 #   RUN_TIMEOUT   seconds before one sync is killed; default 900
+#   XFER_ARGS     more arguments for `xfer send` (e.g. -v: its timestamped steps land in
+#                 BENCH_DIR/mirror/logs/xfer.log, the last run's)
 #
 # How it measures, per tree and round:
 #   - The source is copied (`cp -a`: modes and mtimes to the nanosecond) to the destination of
@@ -230,10 +232,10 @@ for tree in $TREES; do
         # Alternate who goes first, so neither always meets the other's dirty pages.
         for tool in $( ((rep % 2)) && echo "xfer rsync" || echo "rsync xfer"); do
             if [[ "$tool" == xfer ]]; then
-                # shellcheck disable=SC2046
+                # shellcheck disable=SC2046,SC2086 # XFER_ARGS is a list of words
                 record "$tree" "xfer send -r --delete" "$files" $(timed "$LOGS/xfer.log" \
-                    "${CLIENT[@]+"${CLIENT[@]}"}" "$XFER" send -r -q --delete "$WORK/src/$tree" \
-                    "$XFERD_ADDR" --as "xfer/$tree")
+                    "${CLIENT[@]+"${CLIENT[@]}"}" "$XFER" send -r -q --delete ${XFER_ARGS:-} \
+                    "$WORK/src/$tree" "$XFERD_ADDR" --as "xfer/$tree")
                 same "$tree" "$WORK/srv/xfer/$tree"
             else
                 # shellcheck disable=SC2046

@@ -1,12 +1,14 @@
 //! A full disk, on a 16 MiB tmpfs mounted for the test: an upload or download that does not fit
 //! fails early with `no space left on device` in the client's one line; one that runs out of
 //! space midway fails cleanly and resumes once space is freed; the daemon keeps serving others;
-//! and no file on the small filesystem is left damaged.
+//! and no file on the small filesystem is left damaged. A sparse file whose size is larger than
+//! the free space still lands, with only its data allocated, every way a file travels.
 //!
 //! Mounting needs root (CI runs as root); without the privilege the tests print why and pass.
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -168,4 +170,84 @@ fn download_larger_than_the_local_free_space_fails_early() {
             || fs::metadata(fs.path().join(e)).is_ok_and(|m| m.len() == 0)),
         "the failed download left data behind: {entries:?}"
     );
+}
+
+/// A 64 MiB file with 1 MiB of data at each of `DATA_AT` and holes between: four times the
+/// 16 MiB of the small filesystem.
+fn sparse_image(path: &Path) -> String {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = File::create(path).unwrap();
+    file.set_len(64 * MIB).unwrap();
+    let data: Vec<u8> = (0..MIB).map(|i| (i * 31 % 251) as u8 + 1).collect();
+    for at in DATA_AT {
+        file.write_all_at(&data, at).unwrap();
+    }
+    sha256_file(path)
+}
+
+const DATA_AT: [u64; 2] = [0, 40 * MIB];
+
+/// Asserts `copy` holds `want` and occupies its 2 MiB of data, not its 64 MiB of size.
+#[track_caller]
+fn assert_sparse_copy(copy: &Path, want: &str) {
+    assert_eq!(sha256_file(copy), want, "{}", copy.display());
+    let meta = fs::metadata(copy).unwrap();
+    assert_eq!(meta.len(), 64 * MIB);
+    let allocated = meta.blocks() * 512;
+    assert!(
+        allocated <= DATA_AT.len() as u64 * MIB + 64 * 1024,
+        "{}: {allocated} bytes allocated for 2 MiB of data",
+        copy.display()
+    );
+}
+
+/// A sparse image four times larger than the receiving filesystem lands with its holes, by
+/// `send -r`, `recv -r`, `copy -r`, and a single `send` and `recv`, while a file of data that
+/// does not fit still fails before anything moves.
+#[test]
+fn a_sparse_file_larger_than_the_free_space_lands_every_way() {
+    let Some(small) = Tmpfs::mount("16m") else {
+        return;
+    };
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let want = sparse_image(&src.join("vm.img"));
+    let note = random_file(&src.join("note"), 1000, 8);
+    let on_small = Daemon::start(small.path(), &[]);
+    let elsewhere = Daemon::start(&tree.root(), &[]);
+
+    XferRun::send(&src, &on_small.addr(), "sent", &["-r"]).wait_ok();
+    assert_sparse_copy(&small.path().join("sent/vm.img"), &want);
+    assert_eq!(sha256_file(&small.path().join("sent/note")), note);
+    fs::remove_dir_all(small.path().join("sent")).unwrap();
+
+    XferRun::send(&src, &elsewhere.addr(), "t", &["-r"]).wait_ok();
+    let got = small.path().join("got");
+    XferRun::recv("t", &elsewhere.addr(), &got, &["-r"]).wait_ok();
+    assert_sparse_copy(&got.join("vm.img"), &want);
+    fs::remove_dir_all(&got).unwrap();
+
+    let from = format!("{}:t", elsewhere.addr());
+    let to = format!("{}:copied", on_small.addr());
+    XferRun::spawn(["copy", "-r", &from, &to]).wait_ok();
+    assert_sparse_copy(&small.path().join("copied/vm.img"), &want);
+    fs::remove_dir_all(small.path().join("copied")).unwrap();
+
+    XferRun::send(&src.join("vm.img"), &on_small.addr(), "alone.img", &[]).wait_ok();
+    assert_sparse_copy(&small.path().join("alone.img"), &want);
+    fs::remove_file(small.path().join("alone.img")).unwrap();
+
+    let fetched = small.path().join("fetched.img");
+    XferRun::recv("t/vm.img", &elsewhere.addr(), &fetched, &[]).wait_ok();
+    assert_sparse_copy(&fetched, &want);
+    fs::remove_file(&fetched).unwrap();
+
+    // Data that does not fit is still refused up front, in a tree too.
+    let dense = tree.src("dense");
+    random_file(&dense.join("big.bin"), 32 * MIB, 9);
+    let line = XferRun::send(&dense, &on_small.addr(), "dense", &["-r"])
+        .wait()
+        .error_line();
+    assert_no_space(&line);
+    assert!(!small.path().join("dense/big.bin").exists());
 }

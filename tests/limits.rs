@@ -3,7 +3,7 @@
 //! before an upload is accepted, slow clients (slowloris) and a flood of garbage connections.
 //! Frame sizes checked before buffering are in `malformed.rs`.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -241,12 +241,9 @@ fn upload_larger_than_free_space_fails_before_any_data() {
         return;
     };
     let mut daemon = Daemon::start(small.path(), &[]);
-    // Sparse: 64 MiB declared, nothing to read until the daemon accepts.
+    // Data, not holes: a sparse file gets space only for its data (tests/disk.rs).
     let src = tree.src("huge.bin");
-    File::create(&src)
-        .unwrap()
-        .set_len(64 << 20)
-        .expect("sparse source");
+    random_file(&src, 32 << 20, 20);
     let line = XferRun::send(&src, &daemon.addr(), "huge.bin", &[])
         .wait()
         .error_line();

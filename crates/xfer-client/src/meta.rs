@@ -182,7 +182,7 @@ impl MetaPlan {
             && (src.entry.kind == EntryKind::Symlink || src.entry.mode == dst.entry.mode)
             && owner
             && group
-            && (!self.keep.xattrs || s.xattrs == d.xattrs)
+            && (!self.keep.xattrs || xfer_core::meta::xattrs_same(&s.xattrs, &d.xattrs, by_name))
     }
 
     /// The `SetMeta` requests that finish the copy, names prefixed with `top`: every entry

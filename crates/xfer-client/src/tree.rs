@@ -1078,7 +1078,13 @@ async fn send_meta(
     meta.nodes = made;
     // What the source lacks goes once every entry arrived, before the directories get their
     // mtimes; no hard link or node needs it (their names are the source's).
-    let requests = meta.requests(dest, &written);
+    let mut requests = meta.requests(dest, &written);
+    // A daemon that predates named ACLs is sent the kernel's values, ids as they are.
+    if control.welcome.capabilities & xfer_proto::CAP_TREE_META_V2 == 0 {
+        for x in requests.iter_mut().filter_map(|r| r.xattrs.as_mut()) {
+            xfer_core::meta::xattrs_without_names(x);
+        }
+    }
     tracing::debug!(
         removals = removed.len(),
         set_meta = requests.len(),

@@ -9,6 +9,7 @@
 //! - [`digest`]: the whole-file digest both sides compare before the final rename.
 //! - [`journal`]: the on-disk resume journal format.
 //! - [`meta`]: owners, hard-link groups, attributes, holes and special nodes of tree entries.
+//! - [`acl`]: POSIX ACL values, carried with the names of their entries.
 //! - [`partial`]: [`PartialFile`], the receiving side (write at offset, journal, atomic rename).
 //! - [`source`]: [`SourceFile`], the sending side (positional reads).
 //! - [`root`]: [`Root`], names resolved beneath a directory by the kernel.
@@ -20,6 +21,7 @@
 //! on a runtime worker; no file is ever held whole in memory.
 #![warn(missing_docs)]
 
+pub mod acl;
 pub mod budget;
 pub mod buffers;
 pub mod delta;

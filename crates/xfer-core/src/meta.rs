@@ -12,7 +12,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 use xfer_proto::{ByteRange, EntryKind, Meta, MetaEntry, SetMeta, Xattr, MAX_HOLES};
 
-use crate::{partial_name, CoreError, RangeSet, Result, Root};
+use crate::{acl, partial_name, CoreError, RangeSet, Result, Root};
 
 /// Largest attribute value read or written (the kernel's own limit).
 const MAX_XATTR_VALUE: usize = 64 * 1024;
@@ -69,25 +69,58 @@ pub fn read_xattrs(file: BorrowedFd<'_>) -> std::io::Result<Vec<Xattr>> {
 }
 
 /// Gives the open file `file` exactly the attributes `want` (of the namespaces a tree copy
-/// carries): missing ones are set, others removed.
+/// carries): missing ones are set, others removed. ACLs that carry names get the local ids of
+/// those names, unless `numeric_ids` ([`acl::to_local`]).
 ///
 /// # Errors
 /// The first refusal (`EOPNOTSUPP` where the filesystem has no attributes, `EPERM` for a
 /// namespace this process may not write).
-pub fn write_xattrs(file: BorrowedFd<'_>, want: &[Xattr]) -> std::io::Result<()> {
+pub fn write_xattrs(
+    file: BorrowedFd<'_>,
+    want: &[Xattr],
+    numeric_ids: bool,
+) -> std::io::Result<()> {
     let have = read_xattrs(file)?;
     for old in &have {
         if !want.iter().any(|x| x.name == old.name) {
             rfs::fremovexattr(file, old.name.as_str())?;
         }
     }
+    let mut names = Names::default();
     for x in want {
-        if !xattr_copied(&x.name) || have.iter().any(|h| h == x) {
+        if !xattr_copied(&x.name) {
             continue;
         }
-        rfs::fsetxattr(file, x.name.as_str(), &x.value, rfs::XattrFlags::empty())?;
+        let value = match acl::is_acl(&x.name) {
+            true => acl::to_local(&x.value, numeric_ids, &mut names),
+            false => x.value.clone(),
+        };
+        if have.iter().any(|h| h.name == x.name && h.value == value) {
+            continue;
+        }
+        rfs::fsetxattr(file, x.name.as_str(), &value, rfs::XattrFlags::empty())?;
     }
     Ok(())
+}
+
+/// Drops the names of the ACLs among `xattrs`: what a peer without `CAP_TREE_META_V2` gets.
+pub fn xattrs_without_names(xattrs: &mut [Xattr]) {
+    for x in xattrs.iter_mut().filter(|x| acl::is_acl(&x.name)) {
+        x.value = acl::without_names(&x.value);
+    }
+}
+
+/// True when two entries' attributes are the same, their ACLs compared by name where both
+/// carry one and `by_name` ([`acl::same`]).
+pub fn xattrs_same(a: &[Xattr], b: &[Xattr], by_name: bool) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.name == y.name
+                && match acl::is_acl(&x.name) {
+                    true => acl::same(&x.value, &y.value, by_name),
+                    false => x.value == y.value,
+                }
+        })
 }
 
 /// The holes of the open file `file` of `size` bytes, as `SEEK_HOLE`/`SEEK_DATA` find them
@@ -195,6 +228,34 @@ pub fn crc32_of_zeros(len: u64) -> u32 {
     total.finalize()
 }
 
+/// What owners and ACL entries are mapped through: this system's user and group names (a
+/// test gives a table of its own).
+pub trait NameTable {
+    /// The name of user `uid`, empty if it has none.
+    fn user_name(&mut self, uid: u32) -> String;
+    /// The name of group `gid`, empty if it has none.
+    fn group_name(&mut self, gid: u32) -> String;
+    /// The id of the user called `name`, if there is one.
+    fn user_id(&mut self, name: &str) -> Option<u32>;
+    /// The id of the group called `name`, if there is one.
+    fn group_id(&mut self, name: &str) -> Option<u32>;
+}
+
+impl NameTable for Names {
+    fn user_name(&mut self, uid: u32) -> String {
+        self.user(uid)
+    }
+    fn group_name(&mut self, gid: u32) -> String {
+        self.group(gid)
+    }
+    fn user_id(&mut self, name: &str) -> Option<u32> {
+        uzers::get_user_by_name(name).map(|u| u.uid())
+    }
+    fn group_id(&mut self, name: &str) -> Option<u32> {
+        uzers::get_group_by_name(name).map(|g| g.gid())
+    }
+}
+
 /// User and group names by id, looked up once each.
 #[derive(Debug, Default)]
 pub struct Names {
@@ -235,17 +296,21 @@ pub fn local_ids(req: &SetMeta) -> (u32, u32) {
     if req.numeric_ids {
         return (req.uid, req.gid);
     }
-    let uid = match req.uid {
+    let mut names = Names::default();
+    (
+        local_id(req.uid, &req.user, |n| names.user_id(n)),
+        local_id(req.gid, &req.group, |n| names.group_id(n)),
+    )
+}
+
+/// The local id for the sender's `id` called `name` (owners and ACL entries alike): the id
+/// `lookup` gives the name, else `id`; 0 stays 0.
+pub fn local_id(id: u32, name: &str, lookup: impl FnOnce(&str) -> Option<u32>) -> u32 {
+    match id {
         0 => 0,
-        _ if req.user.is_empty() => req.uid,
-        _ => uzers::get_user_by_name(&req.user).map_or(req.uid, |u| u.uid()),
-    };
-    let gid = match req.gid {
-        0 => 0,
-        _ if req.group.is_empty() => req.gid,
-        _ => uzers::get_group_by_name(&req.group).map_or(req.gid, |g| g.gid()),
-    };
-    (uid, gid)
+        _ if name.is_empty() => id,
+        _ => lookup(name).unwrap_or(id),
+    }
 }
 
 /// Hard-link groups of a walk, by inode. Only files with more than one name are tracked, and
@@ -429,7 +494,7 @@ impl Root {
             }
         }
         if let (Some(want), Some(file)) = (&req.xattrs, &opened) {
-            if let Err(e) = write_xattrs(file.as_fd(), want) {
+            if let Err(e) = write_xattrs(file.as_fd(), want, req.numeric_ids) {
                 outcome.xattrs_refused = Some(e.to_string());
             }
         }
@@ -593,6 +658,10 @@ fn entry_meta(
     }
     if xattrs {
         meta.xattrs = read_xattrs(fd.as_fd()).unwrap_or_default();
+        // ACLs are listed with the names of their entries, which the receiver maps as owners.
+        for x in meta.xattrs.iter_mut().filter(|x| acl::is_acl(&x.name)) {
+            x.value = acl::with_names(&x.value, names);
+        }
     }
     Ok(meta)
 }

@@ -103,6 +103,23 @@ fn matching_final(slot: &Slot, identity: FileIdentity) -> Option<File> {
     (file.metadata().ok()?.is_file() && found == identity).then_some(file)
 }
 
+/// Gives `data` the length `size` with disk space reserved for every byte outside `holes`.
+/// Filesystems without `fallocate` still work; they just cannot reserve.
+fn reserve(data: &File, size: u64, holes: &RangeSet) -> std::io::Result<()> {
+    for range in holes.missing(size) {
+        match rfs::fallocate(data, rfs::FallocateFlags::empty(), range.start, range.len()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::OPNOTSUPP) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The space after the last reserved range (a hole at the end) is length only.
+    if data.metadata()?.len() < size {
+        data.set_len(size)?;
+    }
+    Ok(())
+}
+
 fn open_private(slot: &Slot, leaf: &str) -> Result<File> {
     // NOFOLLOW: a symlink planted under a reserved name must not redirect our writes.
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -123,7 +140,24 @@ impl PartialFile {
     /// # Errors
     /// `NoSpace`, `BadPath` (a reserved name is a symlink) or I/O errors.
     pub async fn open(slot: Slot, identity: FileIdentity) -> Result<Arc<Self>> {
-        Self::open_with(slot, identity, DEFAULT_SYNC_EVERY).await
+        Self::open_sparse(slot, identity, Vec::new()).await
+    }
+
+    /// [`open`](Self::open) of a file with `holes`: a new partial reserves space only for the
+    /// bytes between them, so a sparse file larger than the free space still fits; the holes
+    /// are then recorded with [`write_zeros`](Self::write_zeros).
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn open_sparse(
+        slot: Slot,
+        identity: FileIdentity,
+        holes: Vec<ByteRange>,
+    ) -> Result<Arc<Self>> {
+        let holes = RangeSet::from_ranges(holes);
+        blocking(move || Self::open_blocking(slot, identity, DEFAULT_SYNC_EVERY, &holes))
+            .await
+            .map(Arc::new)
     }
 
     /// [`open`](Self::open) with a custom barrier interval.
@@ -135,10 +169,17 @@ impl PartialFile {
         identity: FileIdentity,
         sync_every: u64,
     ) -> Result<Arc<Self>> {
-        blocking(move || Self::open_blocking(slot, identity, sync_every).map(Arc::new)).await
+        let holes = RangeSet::new();
+        blocking(move || Self::open_blocking(slot, identity, sync_every, &holes).map(Arc::new))
+            .await
     }
 
-    fn open_blocking(slot: Slot, identity: FileIdentity, sync_every: u64) -> Result<Self> {
+    fn open_blocking(
+        slot: Slot,
+        identity: FileIdentity,
+        sync_every: u64,
+        holes: &RangeSet,
+    ) -> Result<Self> {
         let part_leaf = partial_name(&slot.leaf);
         let journal_leaf = journal_name(&slot.leaf);
         let data = open_private(&slot, &part_leaf)?;
@@ -180,13 +221,7 @@ impl PartialFile {
         // A resumed partial got its space when it was started; reserving it again would fill
         // the holes already punched for a sparse source.
         if identity.size > 0 && held.total() == 0 {
-            let reserved =
-                match rfs::fallocate(&data, rfs::FallocateFlags::empty(), 0, identity.size) {
-                    // Filesystems without fallocate still work; they just cannot reserve.
-                    Err(rustix::io::Errno::OPNOTSUPP) => data.set_len(identity.size),
-                    other => other.map_err(Into::into),
-                };
-            if let Err(e) = reserved {
+            if let Err(e) = reserve(&data, identity.size, holes) {
                 // A new partial that cannot get its space leaves nothing behind.
                 if held.total() == 0 {
                     let dir = slot.dir.as_fd();
@@ -778,6 +813,36 @@ mod tests {
             .await
             .unwrap();
         assert!(p.write(2, Bytes::from_static(b"abc"), 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_sparse_partial_reserves_only_the_bytes_between_its_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let size = 64 << 20;
+        let holes = vec![
+            ByteRange::new(1 << 20, 32 << 20),
+            ByteRange::new(33 << 20, size),
+        ];
+        let p = PartialFile::open_sparse(root.slot("s", true).unwrap(), id(size), holes)
+            .await
+            .unwrap();
+        let part = tmp.path().join(partial_name("s"));
+        let meta = std::fs::metadata(&part).unwrap();
+        assert_eq!(meta.len(), size, "the partial has the file's length");
+        assert!(
+            meta.blocks() * 512 <= (2 << 20) + 8192,
+            "{} bytes allocated for 2 MiB of data",
+            meta.blocks() * 512
+        );
+        drop(p);
+        let dense = PartialFile::open(root.slot("d", true).unwrap(), id(size))
+            .await
+            .unwrap();
+        let reserved = std::fs::metadata(tmp.path().join(partial_name("d"))).unwrap();
+        assert_eq!(reserved.len(), size);
+        drop(dense);
     }
 
     #[tokio::test]

@@ -99,7 +99,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         loop {
             if let Some(large) = &mut self.large {
                 while large.filled < large.body.len() {
-                    let n = self.io.read(&mut large.body[large.filled..]).await?;
+                    let n = eof_as_end(self.io.read(&mut large.body[large.filled..]).await)?;
                     if n == 0 {
                         let buffered = LEN_PREFIX + large.filled;
                         self.large = None;
@@ -141,12 +141,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     .clamp(SMALL_READ_BUFFER, INITIAL_READ_BUFFER);
                 self.buf.reserve(grow);
             }
-            if self
+            let read = self
                 .io
                 .read_buf(&mut (&mut self.buf).limit(INITIAL_READ_BUFFER))
-                .await?
-                == 0
-            {
+                .await;
+            if eof_as_end(read)? == 0 {
                 return self.codec.decode_eof(&mut self.buf);
             }
         }
@@ -268,6 +267,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// A TLS peer that closes its socket without `close_notify` reads as `UnexpectedEof`. Frames are
+/// length-prefixed, so the framing itself tells a clean end (at a frame boundary) from a cut one
+/// (`TruncatedStream`): treat it as the end of the stream, like a plain TCP close.
+fn eof_as_end(read: std::io::Result<usize>) -> std::io::Result<usize> {
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +320,48 @@ mod tests {
         tokio_util::codec::Encoder::encode(&mut FrameCodec::default(), frame.clone(), &mut wire)
             .unwrap();
         wire.to_vec()
+    }
+
+    /// A socket whose TLS peer went away without `close_notify`.
+    struct ClosedWithoutNotify;
+
+    impl AsyncRead for ClosedWithoutNotify {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "peer closed connection without sending TLS close_notify",
+            )))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls_close_without_notify_ends_the_stream_only_at_a_frame_boundary() {
+        let commit = Frame::Commit(Commit {
+            transfer_id: 1,
+            digest: vec![],
+        });
+        let whole = encoded(&commit);
+        let mut r = FrameReader::new((&whole[..]).chain(ClosedWithoutNotify));
+        assert_eq!(r.read_frame().await.unwrap(), Some(commit));
+        assert_eq!(r.read_frame().await.unwrap(), None);
+
+        for cut in [
+            whole[..whole.len() - 1].to_vec(),
+            encoded(&Frame::Data(Data::new(
+                3,
+                0,
+                Bytes::from(vec![9u8; 200_000]),
+            )))[..150_000]
+                .to_vec(),
+        ] {
+            let mut r = FrameReader::new((&cut[..]).chain(ClosedWithoutNotify));
+            let err = r.read_frame().await.unwrap_err();
+            assert!(matches!(err, ProtoError::TruncatedStream { .. }), "{err}");
+        }
     }
 
     #[tokio::test]

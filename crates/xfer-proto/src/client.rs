@@ -133,8 +133,8 @@ impl ClientSession {
         self.state == State::Done
     }
 
-    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION` and `CAP_PACKED_LISTING`
-    /// always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
+    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION`, `CAP_PACKED_LISTING` and
+    /// `CAP_TREE_META_V2` always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
     /// when it wants TLS, and the mirroring bits it was asked to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
@@ -144,6 +144,7 @@ impl ClientSession {
             | crate::CAP_DELTA
             | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING
+            | crate::CAP_TREE_META_V2
             | tls
             | offer
     }
@@ -240,7 +241,7 @@ mod tests {
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
         Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_LISTING,
-        CAP_TREE_META,
+        CAP_TREE_META, CAP_TREE_META_V2,
     };
     use std::time::{Duration, Instant};
 
@@ -297,7 +298,12 @@ mod tests {
         assert_eq!(welcome.version, PROTOCOL_VERSION);
         assert_eq!(
             welcome.capabilities,
-            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_DELTA_PIPELINE | CAP_PACKED_LISTING
+            CAP_TREE_META
+                | CAP_COMPRESSION
+                | CAP_DELTA
+                | CAP_DELTA_PIPELINE
+                | CAP_PACKED_LISTING
+                | CAP_TREE_META_V2
         );
     }
 
@@ -313,6 +319,7 @@ mod tests {
                 | CAP_DELTA
                 | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
+                | CAP_TREE_META_V2
         );
         assert!(c.is_done());
     }
@@ -343,6 +350,7 @@ mod tests {
                 | CAP_DELTA
                 | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
+                | CAP_TREE_META_V2
         );
     }
 

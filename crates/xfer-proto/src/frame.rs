@@ -721,6 +721,12 @@ frame_types! {
     /// [`PackedTreeMetaListing`](crate::PackedTreeMetaListing): a `TreeMetaListing`,
     /// compressed (`CAP_PACKED_LISTING`)
     PackedTreeMetaListing(crate::PackedTreeMetaListing) = 0x44,
+    /// [`OpenWriteSparse`](crate::OpenWriteSparse): `OpenWrite` of a file with holes
+    /// (`CAP_TREE_META_V2`)
+    OpenWriteSparse(crate::OpenWriteSparse) = 0x45,
+    /// [`ReadOpenedSparse`](crate::ReadOpenedSparse): `ReadOpened` of a file with holes
+    /// (`CAP_TREE_META_V2`)
+    ReadOpenedSparse(crate::ReadOpenedSparse) = 0x46,
     /// [`PutFile`]
     PutFile(PutFile) = 0x50,
     /// [`MakeDir`]

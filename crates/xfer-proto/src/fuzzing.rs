@@ -84,7 +84,8 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_COMPRESSION
                         | crate::CAP_DELTA
                         | crate::CAP_DELTA_PIPELINE
-                        | crate::CAP_PACKED_LISTING;
+                        | crate::CAP_PACKED_LISTING
+                        | crate::CAP_TREE_META_V2;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
@@ -97,7 +98,7 @@ pub fn session_script(data: &[u8], start: Instant) {
             return;
         };
         match request {
-            Request::OpenWrite(req) => {
+            Request::OpenWrite(req, _) => {
                 session.open_upload(req.identity.size, 0);
             }
             Request::OpenRead(req) => {

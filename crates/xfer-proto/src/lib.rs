@@ -58,6 +58,10 @@ pub const CAP_PACKED_LISTING: u64 = 1 << 7;
 /// Capability bit: with `CAP_DELTA`, `DeltaSig` is a pipelined request: the signature of a
 /// file streams without a round trip per batch.
 pub const CAP_DELTA_PIPELINE: u64 = 1 << 9;
+/// Capability bit: tree metadata, second revision: a file with holes is opened with its holes
+/// named (`OpenWriteSparse`, `ReadOpenedSparse`), so the receiver reserves space only for the
+/// bytes between them, and ACL attributes travel with the names of their entries.
+pub const CAP_TREE_META_V2: u64 = 1 << 10;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -4,10 +4,32 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ByteRange, CopyDone, ProtoError, TreeEntry};
+use crate::{ByteRange, CopyDone, OpenWrite, ProtoError, TreeEntry};
 
 /// Most holes one listing entry carries: a file with more is described by its largest ones.
 pub const MAX_HOLES: usize = 1024;
+
+/// Client → server, with [`crate::CAP_TREE_META_V2`] in force: an [`OpenWrite`] of a file with
+/// holes. A new partial gets disk space only for the bytes outside `holes`, so a sparse file
+/// larger than the free space still lands; the holes travel as `Zeros` as before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenWriteSparse {
+    /// The upload, exactly as `OpenWrite` would open it.
+    pub open: OpenWrite,
+    /// Holes of the source file, sorted, disjoint, within its size; at most [`MAX_HOLES`].
+    pub holes: Vec<ByteRange>,
+}
+
+/// Server → client, with [`crate::CAP_TREE_META_V2`] in force: the answer to `OpenRead` for a
+/// file with holes, so the client reserves space only for the bytes between them and asks for
+/// none of the holes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOpenedSparse {
+    /// The download, exactly as `ReadOpened` would give it.
+    pub opened: crate::ReadOpened,
+    /// Holes of the file as opened, sorted, disjoint, within its size; at most [`MAX_HOLES`].
+    pub holes: Vec<ByteRange>,
+}
 
 /// One extended attribute: its full name (`user.x`, `system.posix_acl_access`, …) and value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,8 +92,10 @@ impl DownloadId {
 /// What the daemon must do for a request.
 #[derive(Debug)]
 pub enum Request {
-    /// Open (or join) an upload, then record it with [`ServerSession::open_upload`].
-    OpenWrite(OpenWrite),
+    /// Open (or join) an upload, then record it with [`ServerSession::open_upload`]; with the
+    /// holes of the source (`OpenWriteSparse`: sorted, within the file, at most `MAX_HOLES`),
+    /// which a new partial reserves no space for; empty for `OpenWrite`.
+    OpenWrite(OpenWrite, Vec<crate::ByteRange>),
     /// Write a chunk of an open upload (its bounds are already checked; the CRC is not).
     Data(UploadId, Data),
     /// Decompress a chunk of an open upload and write it as `Data` (its decompressed range is
@@ -206,6 +208,9 @@ pub enum SessionError {
         /// File size.
         size: u64,
     },
+    /// An `OpenWriteSparse` listing more holes than `MAX_HOLES`.
+    #[error("OpenWriteSparse with {0} holes, above the limit of {max}", max = crate::MAX_HOLES)]
+    TooManyHoles(usize),
     /// A `SetCompression` mode that names no mode.
     #[error("SetCompression mode {0} is neither off, auto nor a zstd level")]
     BadCompression(u8),
@@ -383,7 +388,8 @@ impl<U, D> ServerSession<U, D> {
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
             | crate::CAP_DELTA_PIPELINE
-            | crate::CAP_PACKED_LISTING)
+            | crate::CAP_PACKED_LISTING
+            | crate::CAP_TREE_META_V2)
             & self.client_capabilities;
         auth | tls | granted
     }
@@ -508,6 +514,7 @@ impl<U, D> ServerSession<U, D> {
         };
         let name = match frame {
             Frame::OpenWrite(r) => &r.name,
+            Frame::OpenWriteSparse(r) => &r.open.name,
             Frame::PutFile(r) => &r.name,
             Frame::MakeDir(r) => &r.name,
             Frame::MakeLink(r) => &r.name,
@@ -597,16 +604,33 @@ impl<U, D> ServerSession<U, D> {
                 phase: "without CAP_TREE_META",
             });
         }
+        if matches!(frame, Frame::OpenWriteSparse(_))
+            && self.client_capabilities & crate::CAP_TREE_META_V2 == 0
+        {
+            return Err(SessionError::Unexpected {
+                frame: frame.frame_type().name(),
+                phase: "without CAP_TREE_META_V2",
+            });
+        }
         match frame {
-            Frame::OpenWrite(req) => {
-                self.check_room()?;
-                if req.chunk_size > self.config.max_chunk {
-                    return Err(SessionError::ChunkTooLarge {
-                        len: req.chunk_size.into(),
-                        max: self.config.max_chunk,
-                    });
+            Frame::OpenWrite(req) => self.open_write(req, Vec::new()),
+            Frame::OpenWriteSparse(req) => {
+                let size = req.open.identity.size;
+                if req.holes.len() > crate::MAX_HOLES {
+                    return Err(SessionError::TooManyHoles(req.holes.len()));
                 }
-                Ok(Request::OpenWrite(req))
+                let mut end = 0;
+                for hole in &req.holes {
+                    if hole.start < end || hole.end < hole.start || hole.end > size {
+                        return Err(SessionError::OutOfRange {
+                            start: hole.start,
+                            end: hole.end,
+                            size,
+                        });
+                    }
+                    end = hole.end;
+                }
+                self.open_write(req.open, req.holes)
             }
             Frame::OpenRead(req) => {
                 self.check_room()?;
@@ -780,6 +804,21 @@ impl<U, D> ServerSession<U, D> {
         Ok(())
     }
 
+    fn open_write(
+        &mut self,
+        req: OpenWrite,
+        holes: Vec<crate::ByteRange>,
+    ) -> Result<Request, SessionError> {
+        self.check_room()?;
+        if req.chunk_size > self.config.max_chunk {
+            return Err(SessionError::ChunkTooLarge {
+                len: req.chunk_size.into(),
+                max: self.config.max_chunk,
+            });
+        }
+        Ok(Request::OpenWrite(req, holes))
+    }
+
     fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -863,7 +902,7 @@ impl<U, D> ServerSession<U, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Auth, Commit, FileIdentity, Hello};
+    use crate::{Auth, ByteRange, Commit, FileIdentity, Hello};
     use bytes::Bytes;
 
     fn hello(nonce: Vec<u8>) -> Frame {
@@ -914,6 +953,57 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_open_needs_the_capability_and_holes_in_order_within_the_file() {
+        let sparse = |holes: Vec<ByteRange>| {
+            let Frame::OpenWrite(open) = open_write(100) else {
+                unreachable!()
+            };
+            Frame::OpenWriteSparse(crate::OpenWriteSparse { open, holes })
+        };
+        assert!(matches!(
+            ready().handle_request(sparse(vec![])),
+            Err(SessionError::Unexpected { .. })
+        ));
+        let offered = || {
+            let mut s = session(None);
+            s.handle_handshake(Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                capabilities: crate::CAP_TREE_META_V2,
+                agent: "t".into(),
+                nonce: vec![],
+            }))
+            .unwrap();
+            assert_eq!(s.capabilities(), crate::CAP_TREE_META_V2);
+            s
+        };
+        let holes = vec![ByteRange::new(10, 20), ByteRange::new(20, 100)];
+        match offered().handle_request(sparse(holes.clone())) {
+            Ok(Request::OpenWrite(open, got)) => {
+                assert_eq!(open.name, "f");
+                assert_eq!(got, holes);
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            vec![ByteRange::new(50, 60), ByteRange::new(10, 20)],
+            vec![ByteRange::new(90, 101)],
+        ] {
+            assert!(matches!(
+                offered().handle_request(sparse(bad)),
+                Err(SessionError::OutOfRange { .. })
+            ));
+        }
+        let many = (0..=crate::MAX_HOLES as u64)
+            .map(|i| ByteRange::new(i, i))
+            .collect();
+        assert!(matches!(
+            offered().handle_request(sparse(many)),
+            Err(SessionError::TooManyHoles(_))
+        ));
+    }
+
+    #[test]
     fn delta_frames_need_the_capability_and_stay_within_the_upload() {
         let sig = |id, offset, lens: &[u32]| {
             Frame::DeltaSig(crate::DeltaSig {
@@ -929,7 +1019,7 @@ mod tests {
         let mut old = ready();
         assert!(matches!(
             old.handle_request(open_write(100)),
-            Ok(Request::OpenWrite(_))
+            Ok(Request::OpenWrite(..))
         ));
         let id = old.open_upload(100, ()).get();
         assert!(matches!(
@@ -1209,7 +1299,7 @@ mod tests {
         ));
         assert!(matches!(
             s.handle_request(open_write(1000)),
-            Ok(Request::OpenWrite(_))
+            Ok(Request::OpenWrite(..))
         ));
         let handle = s.open_upload(1000, "state");
         let id = handle.get();

@@ -250,6 +250,21 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         (
+            "open-write-sparse",
+            Frame::OpenWriteSparse(OpenWriteSparse {
+                open: OpenWrite {
+                    name: "a/b.bin".into(),
+                    identity: IDENTITY,
+                    mode: 0o644,
+                    chunk_size: 4 << 20,
+                },
+                holes: vec![
+                    ByteRange::new(4096, 512 << 10),
+                    ByteRange::new(516 << 10, 1 << 20),
+                ],
+            }),
+        ),
+        (
             "write-opened",
             Frame::WriteOpened(WriteOpened {
                 transfer_id: 1,
@@ -281,6 +296,17 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 transfer_id: 2,
                 identity: IDENTITY,
                 mode: 0o644,
+            }),
+        ),
+        (
+            "read-opened-sparse",
+            Frame::ReadOpenedSparse(ReadOpenedSparse {
+                opened: ReadOpened {
+                    transfer_id: 2,
+                    identity: IDENTITY,
+                    mode: 0o644,
+                },
+                holes: vec![ByteRange::new(64 << 10, 1 << 20)],
             }),
         ),
         ("read-chunk", Frame::ReadChunk(chunk(2, 4 << 20, 4 << 20))),

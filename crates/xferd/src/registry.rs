@@ -76,7 +76,8 @@ impl Registry {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Joins the upload of `name` if it is open with the same identity, or opens it.
+    /// Joins the upload of `name` if it is open with the same identity, or opens it (a new
+    /// partial reserves no space for `holes`).
     ///
     /// # Errors
     /// `InUse` for another identity; errors opening the partial.
@@ -85,6 +86,7 @@ impl Registry {
         root: &Root,
         name: &str,
         identity: FileIdentity,
+        holes: Vec<xfer_proto::ByteRange>,
     ) -> Result<Lease, OpenError> {
         loop {
             let waiting = {
@@ -121,7 +123,7 @@ impl Registry {
             };
             let (root, owned) = (root.clone(), name.to_string());
             let opened = match blocking(move || root.slot(&owned, true)).await {
-                Ok(slot) => PartialFile::open(slot, identity).await,
+                Ok(slot) => PartialFile::open_sparse(slot, identity, holes.clone()).await,
                 Err(e) => Err(e),
             };
             let mut map = self.lock();

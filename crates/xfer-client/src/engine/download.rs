@@ -33,13 +33,18 @@ struct Download {
     buffers: BufferPool,
 }
 
+/// Opens a download: its id, identity and mode, and the holes the daemon named, if it did.
 async fn open_read(
     session: &mut Session,
     request: &OpenRead,
-) -> Result<(u64, FileIdentity, u32), ClientError> {
+) -> Result<(u64, FileIdentity, u32, Vec<ByteRange>), ClientError> {
     session.send(&Frame::OpenRead(request.clone())).await?;
     match session.next().await? {
-        Frame::ReadOpened(r) => Ok((r.transfer_id, r.identity, r.mode)),
+        Frame::ReadOpened(r) => Ok((r.transfer_id, r.identity, r.mode, Vec::new())),
+        Frame::ReadOpenedSparse(s) => {
+            let r = s.opened;
+            Ok((r.transfer_id, r.identity, r.mode, s.holes))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -51,7 +56,7 @@ impl Direction for Download {
             have_identity: None,
             have: vec![],
         };
-        let (id, identity, _) = open_read(session, &request).await?;
+        let (id, identity, ..) = open_read(session, &request).await?;
         if identity != self.identity {
             return Err(ClientError::Changed(self.name.clone()));
         }
@@ -215,12 +220,19 @@ pub async fn recv_with_holes(
             .map(|c| c.chunks.iter().map(|(r, _)| *r).collect())
             .unwrap_or_default(),
     };
-    let (id, identity, mode) = open_read(&mut session, &request).await?;
-    let partial = PartialFile::open(slot, identity).await?;
+    let (id, identity, mode, named) = open_read(&mut session, &request).await?;
+    // The holes the listing gave at this identity, else those the daemon named as it opened.
+    let holes = holes
+        .filter(|(seen, _)| *seen == identity)
+        .map(|(_, h)| h)
+        .or((!named.is_empty()).then_some(named));
+    // Space is reserved only for the bytes between the holes the listing gave.
+    let partial =
+        PartialFile::open_sparse(slot, identity, holes.clone().unwrap_or_default()).await?;
     let resumed = partial.resumed_bytes();
     let chunk_size = chunk_size(opts, &session);
     let mut missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
-    if let Some((_, holes)) = holes.filter(|(seen, _)| *seen == identity) {
+    if let Some(holes) = holes {
         let holes = RangeSet::from_ranges(holes);
         for piece in xfer_core::meta::split_at_holes(&missing, &holes, chunk_size) {
             if holes.contains(piece) {
@@ -346,7 +358,7 @@ async fn remote_digest(
         have_identity: None,
         have: vec![],
     };
-    let (id, now, _) = open_read(&mut session, &request).await?;
+    let (id, now, ..) = open_read(&mut session, &request).await?;
     if now != identity {
         return Err(ClientError::Changed(name));
     }

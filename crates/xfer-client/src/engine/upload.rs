@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 use xfer_core::{RangeSet, SourceFile};
 use xfer_net::Compressor;
-use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite};
+use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite, OpenWriteSparse};
 
 use super::delta;
 use super::pool::drive;
@@ -36,9 +36,18 @@ impl Upload {
         &self,
         session: &mut Session,
     ) -> Result<(u64, Vec<ByteRange>), ClientError> {
-        session
-            .send(&Frame::OpenWrite(self.request.clone()))
-            .await?;
+        // A daemon that knows the holes up front reserves no space for them.
+        let open = if self.holes.total() > 0
+            && session.welcome.capabilities & xfer_proto::CAP_TREE_META_V2 != 0
+        {
+            Frame::OpenWriteSparse(OpenWriteSparse {
+                open: self.request.clone(),
+                holes: self.holes.iter().collect(),
+            })
+        } else {
+            Frame::OpenWrite(self.request.clone())
+        };
+        session.send(&open).await?;
         match session.next().await? {
             Frame::WriteOpened(w) => Ok((w.transfer_id, w.held)),
             other => Err(unexpected(other)),

@@ -3,7 +3,9 @@
 use tracing::info;
 use xfer_core::{CoreError, SourceFile};
 use xfer_proto::session::DownloadId;
-use xfer_proto::{ByteRange, ChunkRef, DigestReply, Frame, OpenRead, ProtoError, ReadOpened};
+use xfer_proto::{
+    ByteRange, ChunkRef, DigestReply, Frame, OpenRead, ProtoError, ReadOpened, ReadOpenedSparse,
+};
 
 use super::{fatal, ConnError, Download, Handler};
 use crate::registry::blocking;
@@ -25,6 +27,13 @@ impl Handler {
             0
         };
         let mode = source.mode();
+        // A client that knows `ReadOpenedSparse` reserves no space for the holes.
+        let holes = if self.session.capabilities() & xfer_proto::CAP_TREE_META_V2 != 0 {
+            let source = source.clone();
+            blocking(move || source.holes()).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let download = Download {
             source,
             name: req.name.clone(),
@@ -35,13 +44,17 @@ impl Handler {
         self.shared
             .downloads
             .opened(self.peer, &req.name, identity, resumed);
-        self.writer
-            .send(&Frame::ReadOpened(ReadOpened {
-                transfer_id: id,
-                identity,
-                mode,
-            }))
-            .await?;
+        let opened = ReadOpened {
+            transfer_id: id,
+            identity,
+            mode,
+        };
+        let answer = if holes.is_empty() {
+            Frame::ReadOpened(opened)
+        } else {
+            Frame::ReadOpenedSparse(ReadOpenedSparse { opened, holes })
+        };
+        self.writer.send(&answer).await?;
         Ok(())
     }
 

@@ -27,10 +27,16 @@ impl Handler {
         let root = self.root();
         let dir = req.dir.clone();
         let walked = blocking(move || root.walk_meta(&dir, req.digests, req.xattrs)).await;
-        let entries = match walked {
+        let mut entries = match walked {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
         };
+        // A client that predates named ACLs is sent the kernel's values, ids as they are.
+        if self.session.capabilities() & xfer_proto::CAP_TREE_META_V2 == 0 {
+            for e in &mut entries {
+                xfer_core::meta::xattrs_without_names(&mut e.meta.xattrs);
+            }
+        }
         let packed = self.session.capabilities() & xfer_proto::CAP_PACKED_LISTING != 0;
         // Pages bounded by count and by bytes (attributes can be large: 64 KiB each at most).
         let mut page = Vec::new();

@@ -336,7 +336,7 @@ impl Handler {
                 self.finish_write().await?;
             }
             match request {
-                Request::OpenWrite(req) => self.open_write(req).await?,
+                Request::OpenWrite(req, holes) => self.open_write(req, holes).await?,
                 Request::Data(id, data) => {
                     let wire = data.payload.len() as u64;
                     self.shared.metrics.wire_bytes_received.add(wire);

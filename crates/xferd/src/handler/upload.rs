@@ -6,7 +6,7 @@ use tracing::{info, warn};
 use xfer_core::digest::DIGEST_LEN;
 use xfer_core::CoreError;
 use xfer_proto::session::UploadId;
-use xfer_proto::{ChunkRef, Commit, Data, ErrorCode, Frame, OpenWrite, WriteOpened};
+use xfer_proto::{ByteRange, ChunkRef, Commit, Data, ErrorCode, Frame, OpenWrite, WriteOpened};
 
 use super::{fatal, ConnError, Handler, Upload, READ_ONLY};
 
@@ -38,7 +38,12 @@ pub(super) async fn written(slot: &mut Option<WriteBehind>) -> Written {
 }
 
 impl Handler {
-    pub(super) async fn open_write(&mut self, req: OpenWrite) -> Result<(), ConnError> {
+    /// `OpenWrite`, or `OpenWriteSparse` with the `holes` of the source.
+    pub(super) async fn open_write(
+        &mut self,
+        req: OpenWrite,
+        holes: Vec<ByteRange>,
+    ) -> Result<(), ConnError> {
         if self.shared.config.read_only {
             return self
                 .reply_error(ErrorCode::ReadOnly, READ_ONLY.into())
@@ -47,7 +52,7 @@ impl Handler {
         let opened = self
             .shared
             .registry
-            .open(&self.root(), &req.name, req.identity)
+            .open(&self.root(), &req.name, req.identity, holes)
             .await;
         let lease = match opened {
             Ok(lease) => lease,
