@@ -59,6 +59,11 @@
 #   CONNS           xfer connection counts, `auto` for xfer without -c (its adaptive pool; the
 #                   report compares it with the best fixed -c); default "1 4 8 16 auto"
 #   IPERF_STREAMS   iperf3 -P values for upload; default "1 8 16" (download: -P 16 only, the ceiling)
+#   WAN_TOOLS iperf3-same: after each `xfer auto` run, iperf3 with the connections and congestion
+#                   control that run reported (-P N -C CC), moving the same bytes (-n WAN_SIZE)
+#   WAN_PEER_CAP    seconds before a peer's transfer (socat, rsync, scp, GridFTP, aria2c) is
+#                   stopped; default WAN_CAP (a capped run still gives its rate)
+#   ARIA2_CONNS     aria2c -x/-s value; default 8
 #   GRIDFTP_STREAMS globus-url-copy -p values; default "8 16"
 #   REPEAT          runs per measurement, the fastest is reported; default 1
 #   WAN_SOCKBUF_MB  wan.sh --sockbuf-mb (tcp_rmem/tcp_wmem max inside wa and wb); default: inherited
@@ -120,6 +125,8 @@ CAP="${WAN_CAP:-20}"
 PROFILES="${WAN_PROFILES:-lan wan lossy}"
 CCS="${WAN_CCS:-cubic bbr}"
 TOOLS="${WAN_TOOLS:-iperf3 xfer socat rsync scp gridftp aria2}"
+PEER_CAP="${WAN_PEER_CAP:-${WAN_CAP:-20}}"
+ARIA2_CONNS="${ARIA2_CONNS:-8}"
 DIRS="${WAN_DIRS:-upload download}"
 CONNS="${CONNS:-1 4 8 16 auto}"
 WORKLOADS="${WAN_WORKLOADS:-file tree}"
@@ -150,6 +157,8 @@ IP_B=10.78.0.2
 SIZE="$(parse_size "$SIZE_SPEC")"
 ((SIZE > 0)) || die "WAN_SIZE must be > 0"
 [[ "$CAP" =~ ^[0-9]+$ ]] && ((CAP >= 5)) || die "WAN_CAP must be a whole number of seconds >= 5"
+[[ "$PEER_CAP" =~ ^[0-9]+$ ]] && ((PEER_CAP >= 5)) || die "WAN_PEER_CAP must be a whole number of seconds >= 5"
+[[ "$ARIA2_CONNS" =~ ^[0-9]+$ ]] && ((ARIA2_CONNS >= 1)) || die "ARIA2_CONNS must be a whole number >= 1"
 [[ $EUID == 0 ]] || die "run as root (network namespaces, sysctl)"
 NICE="${WAN_NICE:--10}"
 [[ "$NICE" =~ ^-?[0-9]+$ ]] || die "WAN_NICE must be an integer"
@@ -193,7 +202,7 @@ need base ss iproute2
 need base gcc gcc
 has_workload tree && need base tar tar
 [[ -z "${NA[base]:-}" ]] || die "${NA[base]}"
-has_tool iperf3 && need iperf3 iperf3 iperf3
+if has_tool iperf3 || has_tool iperf3-same; then need iperf3 iperf3 iperf3; fi
 has_tool socat && need socat socat socat
 has_tool rsync && need rsync rsync rsync
 if has_tool scp; then
@@ -489,7 +498,7 @@ verify() {
 # come from the run's globals). WORKLOAD=tree writes a row of trees.tsv instead, with TREE, T_CONNS
 # and R_FILES (regular files that arrived) and R_SYNC (seconds of `sync -f`, part of WALL).
 record() {
-    local status="$1" wall="$2" bytes="$3" ccpu="$4" crss="$5" scpu="$6" srss="$7" note="${8:-}" rate
+    local status="$1" wall="$2" bytes="$3" ccpu="$4" crss="$5" scpu="$6" srss="$7" note="${8:-${R_NOTE:-}}" rate
     local what="$TOOL $DIR"
     if [[ "${WORKLOAD:-file}" == tree ]]; then
         what="$TREE tree: $TOOL -c $T_CONNS $DIR"
@@ -527,6 +536,7 @@ client_run() {
         sender_ns="$NS_B"
         wdir=ba
     fi
+    RUN_CAP="$tmo"
     wanem_stats >"$LOGS/$kind.wanem0"
     (
         while :; do
@@ -579,7 +589,7 @@ finish() {
             "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS"
     elif capped; then
         record capped "$CLIENT_WALL" "$R_PAYLOAD" "$(client_cpu "$kind")" \
-            "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS" "stopped at ${CAP} s"
+            "$(time_field "$LOGS/$kind.time" 2)" "$S_CPU" "$S_RSS" "stopped at ${RUN_CAP:-$CAP} s"
     else
         fail "exit $RC: $(err_line "$kind")"
     fi
@@ -673,6 +683,35 @@ run_iperf3() { # run_iperf3 STREAMS
         "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
 }
 
+# run_iperf3_same CC STREAMS: iperf3 -P STREAMS -C CC moving the file's bytes (-n), as xfer
+# auto did just before (iperf3-same)
+run_iperf3_same() {
+    local cc="$1" n="$2" kind="iperf3same-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" tpid spid bytes secs args
+    next_port
+    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
+        iperf3 -s -1 -B "$IP_B" -p "$PORT" >"$LOGS/$kind.server" 2>&1 &
+    tpid=$!
+    track "$tpid"
+    spid="$(child_of "$tpid")"
+    track "$spid"
+    wait_listening "$PORT" "$NS_B"
+    args=(-c "$IP_B" -p "$PORT" -n "$SIZE" -P "$n" -J)
+    [[ "$cc" == - ]] || args+=(-C "$cc")
+    [[ "$DIR" == download ]] && args+=(-R)
+    client_run "$NS_A" "$kind" "$CAP" iperf3 "${args[@]}"
+    wait_gone "$tpid" 10 || stop_server "$tpid" "$spid"
+    wait "$tpid" 2>/dev/null || true
+    if capped; then
+        record capped "$CLIENT_WALL" "$R_PAYLOAD" "$(client_cpu "$kind")" "$(time_field "$LOGS/$kind.time" 2)" \
+            "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)" "stopped at ${CAP} s"
+        return 0
+    fi
+    [[ $RC == 0 ]] || fail "iperf3 exit $RC: $(err_line "$kind") $(tail -c 300 "$LOGS/$kind.out" | tr '\n\t' '  ')"
+    read -r bytes secs < <(python3 "$BENCH_HOME/wan_report.py" iperf "$LOGS/$kind.out")
+    record timed "$secs" "$bytes" "$(client_cpu "$kind")" "$(time_field "$LOGS/$kind.time" 2)" \
+        "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
+}
+
 # start_ns_xferd KIND: a fresh xferd in NS_B serving SRV; sets XFERD_PID, XFERD_ADDR and XFERD_CPU0
 start_ns_xferd() {
     local kind="$1"
@@ -715,6 +754,15 @@ run_xfer() { # run_xfer CONNS (a number, or auto: no -c)
     fi
     client_run "$NS_A" "$kind" "$CAP" "$XFER" "${args[@]}"
     stop_ns_xferd
+    # What the run chose (--json): its congestion control and connections, for this row's note
+    # and for the iperf3 run that follows it (iperf3-same).
+    local chose
+    chose="$(python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(d.get("congestion") or "-", d["connections"])' \
+        "$LOGS/$kind.out" 2>/dev/null || true)"
+    if [[ -n "$chose" ]]; then
+        R_NOTE="cc=${chose% *} conns=${chose#* }"
+        [[ "$n" == auto ]] && echo "$chose" >"$WORK/xfer-chose-$DIR"
+    fi
     finish "$kind" "$dst" 0
     rm -f "$dst" "$(dirname "$dst")/.$(basename "$dst").xfer-part" "$(dirname "$dst")/.$(basename "$dst").xfer-state"
 }
@@ -741,10 +789,10 @@ run_socat() {
     rm -f "$DST/down-socat.bin"
     if [[ "$DIR" == upload ]]; then
         RECEIVER_PID="$tpid"
-        client_run "$NS_A" "$kind" "$CAP" socat -u -b "$SOCAT_BLOCK" "OPEN:$SRC,rdonly" "TCP:$IP_B:$PORT"
+        client_run "$NS_A" "$kind" "$PEER_CAP" socat -u -b "$SOCAT_BLOCK" "OPEN:$SRC,rdonly" "TCP:$IP_B:$PORT"
         RECEIVER_PID=""
     else
-        client_run "$NS_A" "$kind" "$CAP" socat -u -b "$SOCAT_BLOCK" "TCP:$IP_B:$PORT" "OPEN:$dst,creat,trunc"
+        client_run "$NS_A" "$kind" "$PEER_CAP" socat -u -b "$SOCAT_BLOCK" "TCP:$IP_B:$PORT" "OPEN:$dst,creat,trunc"
     fi
     stop_server "$tpid" "$spid"
     S_CPU="$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")"
@@ -790,7 +838,7 @@ run_rsync() {
         to="$dst"
     fi
     rm -f "$dst"
-    client_run "$NS_A" "$kind" "$CAP" rsync -a "$from" "$to"
+    client_run "$NS_A" "$kind" "$PEER_CAP" rsync -a "$from" "$to"
     stop_session_server "$kind"
     finish "$kind" "$dst" 1
     rm -f "$dst" "$(dirname "$dst")"/.up-rsync.bin.* "$(dirname "$dst")"/.down-rsync.bin.*
@@ -846,11 +894,11 @@ run_scp() {
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-scp.bin"
         rm -f "$dst"
-        client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "$SRC" "root@$IP_B:$dst"
+        client_run "$NS_A" "$kind" "$PEER_CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "$SRC" "root@$IP_B:$dst"
     else
         dst="$DST/down-scp.bin"
         rm -f "$dst"
-        client_run "$NS_A" "$kind" "$CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/src.bin" "$dst"
+        client_run "$NS_A" "$kind" "$PEER_CAP" scp -q -P "$PORT" "${SSH_OPTS[@]}" "root@$IP_B:$SRV/src.bin" "$dst"
     fi
     stop_session_server "$kind"
     finish "$kind" "$dst" 1
@@ -873,12 +921,12 @@ run_gridftp() { # run_gridftp STREAMS
     if [[ "$DIR" == upload ]]; then
         dst="$SRV/up-gridftp-$n.bin"
         rm -f "$dst"
-        client_run "$NS_A" "$kind" "$CAP" env GLOBUS_USAGE_OPTOUT=1 globus-url-copy -p "$n" \
+        client_run "$NS_A" "$kind" "$PEER_CAP" env GLOBUS_USAGE_OPTOUT=1 globus-url-copy -p "$n" \
             "file://$SRC" "ftp://$IP_B:$PORT$dst"
     else
         dst="$DST/down-gridftp-$n.bin"
         rm -f "$dst"
-        client_run "$NS_A" "$kind" "$CAP" env GLOBUS_USAGE_OPTOUT=1 globus-url-copy -p "$n" \
+        client_run "$NS_A" "$kind" "$PEER_CAP" env GLOBUS_USAGE_OPTOUT=1 globus-url-copy -p "$n" \
             "ftp://$IP_B:$PORT$SRV/src.bin" "file://$dst"
     fi
     wait_gone "$tpid" 10 || stop_server "$tpid" "$spid"
@@ -926,7 +974,7 @@ EOF
     track "$spid"
     wait_listening "$PORT" "$NS_B"
     rm -f "$dst" "$dst.aria2"
-    client_run "$NS_A" "$kind" "$CAP" aria2c -x 8 -s 8 --file-allocation=none --allow-overwrite=true \
+    client_run "$NS_A" "$kind" "$PEER_CAP" aria2c -x "$ARIA2_CONNS" -s "$ARIA2_CONNS" --file-allocation=none --allow-overwrite=true \
         --auto-file-renaming=false --summary-interval=0 --console-log-level=warn --download-result=hide \
         --no-conf -d "$DST" -o "$(basename "$dst")" "http://$IP_B:$PORT/src.bin"
     stop_server "$tpid" "$spid"
@@ -1043,7 +1091,7 @@ measure() {
     local rc=0
     (
         set -euo pipefail
-        R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN=""
+        R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN="" R_NOTE=""
         S_CPU="" S_RSS=""
         "$@"
     ) || rc=$?
@@ -1139,6 +1187,11 @@ for PROFILE in $PROFILES; do
                         fi
                     done
                 fi
+                if has_tool iperf3-same && [[ -s "$WORK/xfer-chose-$DIR" ]]; then
+                    read -r same_cc same_n <"$WORK/xfer-chose-$DIR"
+                    rm -f "$WORK/xfer-chose-$DIR"
+                    measure "iperf3 -P $same_n -C $same_cc" iperf3 run_iperf3_same "$same_cc" "$same_n"
+                fi
                 has_tool socat && measure "socat (1 stream)" socat run_socat
                 has_tool rsync && measure "rsync daemon" rsync run_rsync
                 has_tool scp && measure "scp" scp run_scp
@@ -1147,9 +1200,9 @@ for PROFILE in $PROFILES; do
                 fi
                 if has_tool aria2; then
                     if [[ "$DIR" == download ]]; then
-                        measure "aria2c -x 8" aria2 run_aria2
+                        measure "aria2c -x $ARIA2_CONNS" aria2 run_aria2
                     else
-                        TOOL="aria2c -x 8"
+                        TOOL="aria2c -x $ARIA2_CONNS"
                         R_PAYLOAD="" R_LOSS="" R_QD="" R_BUSY="" R_NCONN=""
                         record n/a "" "" "" "" "" "" "aria2c only downloads"
                     fi

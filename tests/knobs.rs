@@ -254,6 +254,22 @@ fn the_first_connection_moves_chunks_while_the_rest_of_the_pool_waits_to_connect
     assert_eq!(sent.json_u64("connections"), 1, "{}", sent.stdout);
 }
 
+#[test]
+fn the_first_connection_of_a_download_moves_chunks_while_the_rest_of_the_pool_waits_to_connect() {
+    let tree = Tree::new();
+    // As for uploads: one stream served at once, the others kept waiting past the run's guard.
+    let daemon = Daemon::start(
+        &tree.root(),
+        &["--max-streams", "1", "--queue-timeout", "3600"],
+    );
+    let want = random_file(&daemon.root().join("first.bin"), 4 << 20, 10);
+    let out = tree.out("first.bin");
+    let args = ["--chunk-size", CHUNK, "--json"];
+    let got = XferRun::recv("first.bin", &daemon.addr(), &out, &args).wait_ok();
+    assert_eq!(sha256_file(&out), want);
+    assert_eq!(got.json_u64("connections"), 1, "{}", got.stdout);
+}
+
 /// `text` without its terminal colour sequences (`ESC [ ... m`): `-v` logs are coloured.
 fn without_colours(text: &str) -> String {
     let mut plain = String::with_capacity(text.len());

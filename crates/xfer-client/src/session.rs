@@ -34,6 +34,8 @@ pub struct Session {
     pub congestion: Option<String>,
     /// The connection's smoothed round-trip time once the handshake is done, if the kernel says.
     pub rtt: Option<std::time::Duration>,
+    /// The socket beneath, owned by `reader` and `writer` (`None` for one that is not a socket).
+    pub(crate) fd: Option<std::os::fd::RawFd>,
 }
 
 impl std::fmt::Debug for Session {
@@ -70,6 +72,9 @@ pub struct Connector {
     /// asks the daemon to send (`SetCompression`); `None` leaves downloads to the daemon's
     /// default and uploads to `auto`.
     pub compress: Option<xfer_net::Compression>,
+    /// The bytes of chunk buffer every connection made shares (each large frame read is
+    /// reserved from it first), when set: the engine bounds a whole process's transfers so.
+    pub memory: Option<xfer_core::MemoryBudget>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -447,6 +452,10 @@ impl Session {
                 (reader, writer)
             }
         };
+        let reader = match &connector.memory {
+            Some(budget) => reader.with_budget(budget.clone()),
+            None => reader,
+        };
         let mut session = Self {
             reader,
             writer,
@@ -460,6 +469,7 @@ impl Session {
             },
             congestion,
             rtt: None,
+            fd: Some(fd),
         };
         session.send(&handshake.hello()).await?;
         let welcome = loop {
@@ -492,6 +502,20 @@ impl Session {
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);
         Ok(session)
+    }
+
+    /// Switches the connection to congestion control `name` from now on (the first connection
+    /// of a transfer, once its round trip showed a long path).
+    ///
+    /// # Errors
+    /// The kernel lacks `name` or does not allow it to this process.
+    pub(crate) fn switch_congestion(&mut self, name: &str) -> Result<(), sockopt::SocketError> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        // SAFETY: `fd` is the socket the session's halves own; they are alive with `self`.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        sockopt::congestion_for_long_path(socket, name, std::time::Duration::ZERO)?;
+        self.congestion = sockopt::congestion(socket);
+        Ok(())
     }
 
     /// Whether the daemon at `target` serves TLS, its certificate checked as `connector`'s

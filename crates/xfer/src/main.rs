@@ -17,6 +17,7 @@ mod mirror_args;
 mod output;
 
 fn main() -> ExitCode {
+    prefer_mmap_for_chunks();
     // Defaults from ~/.config/xfer/config.toml (flags override them).
     let config = match config::ClientConfig::load() {
         Ok(config) => config,
@@ -162,5 +163,18 @@ fn token_from_config(cli: &mut Cli, config: &config::ClientConfig) {
     };
     if auth.token_file.is_none() && std::env::var_os("XFER_TOKEN").is_none() {
         auth.token_file = config.token_file_for(host);
+    }
+}
+
+/// Makes glibc serve every chunk buffer with its own `mmap` and unmap it when freed, as the
+/// daemon does: otherwise it raises its threshold after the first free and carves later chunks
+/// out of per-thread arenas, which keep them, and the memory budget bounds only what is live (a
+/// pool of 64 uploading from loopback peaked at 184 MiB instead of 143). Called first, before
+/// any other thread exists.
+fn prefer_mmap_for_chunks() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes a tunable of the allocator; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }

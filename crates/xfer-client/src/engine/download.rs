@@ -13,7 +13,7 @@ use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
 use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRead};
 
 use super::delta;
-use super::pool::drive;
+use super::pool::{drive, Early};
 use super::queue::Work;
 use super::retry::{connect_first, reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
@@ -210,8 +210,9 @@ pub async fn recv_with_holes(
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
     let mut session = connect_first(target, opts).await?;
-    let (opts, congestion) = path_policy(opts, &session);
+    let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
+    let early = Arc::new(Early::start(target, opts, &session));
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
@@ -282,8 +283,15 @@ pub async fn recv_with_holes(
             Some(open) => open,
             None => reopen(target, &*download, opts).await?,
         };
-        let mut sessions =
-            drive(target, Arc::clone(&download), Arc::clone(&work), open, opts).await?;
+        let mut sessions = drive(
+            target,
+            Arc::clone(&download),
+            Arc::clone(&work),
+            open,
+            Arc::clone(&early),
+            opts,
+        )
+        .await?;
         let digest = match digest {
             Some(digest) => digest,
             None => {

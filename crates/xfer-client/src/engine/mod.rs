@@ -56,6 +56,14 @@ pub const LONG_PATH_CONGESTION: &str = "bbr";
 /// turns or keeps an extra connection waiting stops the growth: its `--max-streams` and
 /// `--max-conns-per-ip` (both 64 by default) bound the pool, not this.
 pub const ADAPTIVE_MAX: usize = 64;
+/// Bytes of chunk buffer the transfers of one process hold at once, whatever the pool's size:
+/// every chunk read from the file (uploads) or from a connection (downloads) is reserved from
+/// it first, and near this bound the queue cuts chunks to the pool's share of it (see
+/// `queue`). Without it a pool of 64 connections holding a 4 MiB chunk each peaked at 240-278
+/// MiB; 128 MiB leaves 2 MiB per connection at 64, still several times what one connection
+/// keeps in flight on the long paths measured (1 Gbit/s, 150 ms: 300 KB each).
+pub const CLIENT_MAX_MEMORY: usize = 128 << 20;
+
 /// How many connections a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connections {
@@ -136,8 +144,10 @@ impl Default for LongPathCongestion {
 
 /// `opts` for the connections that follow `first`: on a long path with no congestion control
 /// set, the one [`Options::long_path_congestion`] names, if this process may use it; if not, one
-/// log line says so and the system's stays. Also returns the congestion control to report.
-fn path_policy(opts: &Options, first: &Session) -> (Options, Option<String>) {
+/// log line says so and the system's stays. `first` switches to it too: it carries its share of
+/// the chunks, and under loss a cubic stream of them would be the transfer's tail (a 50 ms path
+/// at 0.1 % loss moves about 1 MB/s on one). Also returns the congestion control to report.
+fn path_policy(opts: &Options, first: &mut Session) -> (Options, Option<String>) {
     let mut opts = opts.clone();
     let reported = first.congestion.clone();
     let Some(policy) = opts.long_path_congestion.take() else {
@@ -154,6 +164,9 @@ fn path_policy(opts: &Options, first: &Session) -> (Options, Option<String>) {
     match wanted.check("sndbuf", "rcvbuf") {
         Ok(()) => {
             tracing::debug!(congestion = %policy.name, rtt = ?first.rtt, "long path; using its congestion control");
+            if let Err(e) = first.switch_congestion(&policy.name) {
+                tracing::debug!(error = %e, "the first connection keeps its congestion control");
+            }
             opts.connector.socket = wanted;
             (opts, Some(policy.name))
         }
@@ -220,12 +233,18 @@ fn connections_used(opts: &Options, work: &Work) -> usize {
     }
 }
 
-/// `opts` with a fresh byte meter on its connections when the pool sizes itself: only then is
-/// throughput measured, and a meter costs every write a look at `TCP_INFO`.
+/// `opts` with a fresh byte meter on its connections when the pool sizes itself (only then is
+/// throughput measured, and a meter costs every write a look at `TCP_INFO`), and the process's
+/// memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
 fn metered(opts: &Options) -> Options {
+    static BUDGET: std::sync::OnceLock<xfer_core::MemoryBudget> = std::sync::OnceLock::new();
     let mut opts = opts.clone();
     if matches!(opts.connections, Connections::Adaptive { .. }) {
         opts.connector.meter = Some(Arc::default());
+    }
+    if opts.connector.memory.is_none() {
+        let budget = BUDGET.get_or_init(|| xfer_core::MemoryBudget::new(CLIENT_MAX_MEMORY));
+        opts.connector.memory = Some(budget.clone());
     }
     opts
 }
@@ -333,6 +352,7 @@ fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::Duplex
         },
         congestion: None,
         rtt: None,
+        fd: None,
     };
     (session, theirs)
 }
@@ -353,24 +373,24 @@ mod tests {
                 rtt: LONG_PATH,
             })
         };
-        let chosen = |opts: &Options, first: &Session| {
+        let chosen = |opts: &Options, first: &mut Session| {
             let (opts, reported) = path_policy(opts, first);
             (opts.connector.socket.congestion, reported)
         };
         // reno is in every kernel, and allowed.
         opts.long_path_congestion = policy("reno");
         first.rtt = Some(Duration::from_millis(2));
-        assert_eq!(chosen(&opts, &first), (None, Some("cubic".into())));
+        assert_eq!(chosen(&opts, &mut first), (None, Some("cubic".into())));
         first.rtt = Some(Duration::from_millis(50));
         let reno = Some("reno".to_string());
-        assert_eq!(chosen(&opts, &first), (reno.clone(), reno.clone()));
+        assert_eq!(chosen(&opts, &mut first), (reno.clone(), reno.clone()));
         opts.long_path_congestion = policy("nosuchcc");
-        assert_eq!(chosen(&opts, &first), (None, Some("cubic".into())));
+        assert_eq!(chosen(&opts, &mut first), (None, Some("cubic".into())));
         // `--congestion` wins.
         opts.long_path_congestion = policy("reno");
         opts.connector.socket.congestion = Some("cubic".into());
         assert_eq!(
-            chosen(&opts, &first),
+            chosen(&opts, &mut first),
             (Some("cubic".into()), Some("cubic".into()))
         );
     }

@@ -3,10 +3,11 @@
 //! reconnects after transient failures.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::grower::{Grower, Step, TICK};
 use super::queue::Work;
@@ -15,23 +16,53 @@ use super::window::{pump, Direction, Pumped};
 use super::{Connections, Options};
 use crate::{ClientError, Session, Target};
 
+/// Connections the pool will want, opened while the first one opens the transfer (and decides
+/// on a delta): on a 50 ms path that is two round trips the rest of the pool would otherwise
+/// spend idle before its own handshakes. A worker about to connect takes one instead; those no
+/// worker takes are aborted (their connections closed) when this is dropped.
+#[derive(Default)]
+pub(super) struct Early(Mutex<Vec<AbortOnDropHandle<Result<Session, ClientError>>>>);
+
+impl Early {
+    /// Starts connecting the connections a pool for `opts` starts with besides `first`.
+    pub(super) fn start(target: &Target, opts: &Options, first: &Session) -> Self {
+        let n = opts.connections.initial_on(first.rtt).saturating_sub(1);
+        let connects = (0..n)
+            .map(|_| {
+                let (target, connector) = (target.clone(), opts.connector.clone());
+                AbortOnDropHandle::new(tokio::spawn(async move {
+                    Session::connect(&target, &connector).await
+                }))
+            })
+            .collect();
+        Self(Mutex::new(connects))
+    }
+
+    fn take(&self) -> Option<AbortOnDropHandle<Result<Session, ClientError>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+}
+
 /// Runs the workers over `work` until the queue is drained: a fixed number, or an adaptive pool
 /// that [`Grower`] sizes. Each worker reconnects with exponential backoff and jitter after a
-/// transient failure, until `retry_deadline`. Returns the sessions that finished cleanly (with
-/// their transfer ids).
+/// transient failure, until `retry_deadline`. Workers that connect take `early`'s connections
+/// first. Returns the sessions that finished cleanly (with their transfer ids).
 pub(super) async fn drive<D: Direction>(
     target: &Target,
     dir: Arc<D>,
     work: Arc<Work>,
     first: (Session, u64),
+    early: Arc<Early>,
     opts: &Options,
 ) -> Result<Vec<(Session, u64)>, ClientError> {
     type Joined = Result<Option<(Session, u64)>, ClientError>;
     let mut workers: JoinSet<Joined> = JoinSet::new();
     let spawn = |workers: &mut JoinSet<Joined>, first: Option<(Session, u64)>, optional: bool| {
         let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
-        let opts = opts.clone();
-        workers.spawn(async move { worker(&target, &*dir, &work, first, optional, &opts).await });
+        let (early, opts) = (Arc::clone(&early), opts.clone());
+        workers.spawn(async move {
+            worker(&target, &*dir, &work, first, &early, optional, &opts).await
+        });
     };
     work.excess.store(0, Ordering::SeqCst);
     let rtt = first.0.rtt;
@@ -68,7 +99,8 @@ pub(super) async fn drive<D: Direction>(
                     continue;
                 }
                 let ready = work.active.load(Ordering::SeqCst) == g.size && !work.is_empty();
-                let step = g.on_tick(Instant::now(), work.meter.load(Ordering::Relaxed), ready);
+                let bytes = work.meter.load(Ordering::Relaxed);
+                let step = g.on_tick(Instant::now(), bytes, ready, work.queued());
                 resize_pool(step, &work, |n| {
                     for _ in 0..n {
                         spawn(&mut workers, None, true);
@@ -146,6 +178,7 @@ async fn worker<D: Direction>(
     dir: &D,
     work: &Work,
     mut session: Option<(Session, u64)>,
+    early: &Early,
     optional: bool,
     opts: &Options,
 ) -> Result<Option<(Session, u64)>, ClientError> {
@@ -161,8 +194,17 @@ async fn worker<D: Direction>(
             let (mut s, id) = match session.take() {
                 Some(open) => open,
                 None => {
+                    let opened = early.take();
                     let connect = async {
-                        let mut s = Session::connect(target, &opts.connector).await?;
+                        let mut s = match opened {
+                            Some(connecting) => connecting.await.map_err(|e| {
+                                ClientError::Local(xfer_core::CoreError::io(
+                                    "connect task",
+                                    std::io::Error::other(e.to_string()),
+                                ))
+                            })??,
+                            None => Session::connect(target, &opts.connector).await?,
+                        };
                         let id = dir.open(&mut s).await?;
                         Ok::<_, ClientError>((s, id))
                     };

@@ -120,6 +120,9 @@ pub(super) struct Work {
     pub(super) refused: AtomicBool,
     /// Holds ([`Work::hold`]) alive: chunks are still to come though none may be queued.
     holds: AtomicUsize,
+    /// Bytes of chunk buffer the process may hold ([`Options`]' memory budget), if bounded:
+    /// no chunk is handed out larger than a connection's share of it.
+    memory: Option<u64>,
 }
 
 /// A transfer kept open for chunks still to come ([`Work::hold`]); lets it finish when dropped.
@@ -171,6 +174,7 @@ impl Work {
             excess: AtomicUsize::new(0),
             refused: AtomicBool::new(false),
             holds: AtomicUsize::new(0),
+            memory: opts.connector.memory.as_ref().map(|b| b.total() as u64),
         };
         work.add(chunks);
         work
@@ -220,7 +224,12 @@ impl Work {
                 // The bytes left are shared by every connection's window: a chunk larger than
                 // its share would leave the others idle while it crawls in on one.
                 let share = st.queued / (workers * room.window.max(1)) as u64;
-                let most = share.max(TAPER_FLOOR);
+                let mut most = share.max(TAPER_FLOOR);
+                if let Some(memory) = self.memory {
+                    // Each connection holds one chunk's buffer at a time (read, then written):
+                    // a pool of any size stays within the budget, waiting on it never.
+                    most = most.min((memory / workers as u64).max(TAPER_FLOOR));
+                }
                 if most < chunk.len() {
                     // Equal pieces, so that no sliver is left to travel alone.
                     let pieces = chunk.len().div_ceil(most);
@@ -366,6 +375,11 @@ impl Work {
     /// Wakes when a chunk is handed out, moved or comes back: what an idle worker waits for.
     pub(super) fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Bytes queued, not yet handed out.
+    pub(super) fn queued(&self) -> u64 {
+        self.lock().queued
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -588,6 +602,36 @@ mod tests {
             "a copy of a chunk already written"
         );
         assert!(work.is_finished());
+    }
+
+    #[test]
+    fn no_chunk_is_larger_than_a_connections_share_of_the_memory_budget() {
+        const MIB: u64 = 1 << 20;
+        let mut opts = test_options(Arc::new(ProgressCounter::default()));
+        opts.connector.memory = Some(xfer_core::MemoryBudget::new(16 << 20));
+        let work = Work::new(
+            split_into_chunks(&[range(0, 256 * MIB)], 4 * MIB as u32),
+            &opts,
+        );
+        let mut retired = false;
+        let room = Room {
+            idle: false,
+            window: 2,
+        };
+        // Two connections: whole 4 MiB chunks fit (8 MiB each).
+        let pumping: Vec<_> = (0..2).map(|_| work.pumping()).collect();
+        assert_eq!(
+            work.take(&mut retired, room).map(|c| c.len()),
+            Some(4 * MIB)
+        );
+        // Eight: 2 MiB each, so that eight chunks held at once stay within 16 MiB.
+        let more: Vec<_> = (0..6).map(|_| work.pumping()).collect();
+        let cut = work.take(&mut retired, room).unwrap();
+        assert_eq!(cut, range(4 * MIB, 6 * MIB));
+        // Sixty-four: never below the taper's floor (the budget's waits bound the rest).
+        let most: Vec<_> = (0..56).map(|_| work.pumping()).collect();
+        assert_eq!(work.take(&mut retired, room).unwrap().len(), MIB);
+        drop((pumping, more, most));
     }
 
     #[test]

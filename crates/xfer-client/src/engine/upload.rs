@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::task::JoinSet;
-use xfer_core::{RangeSet, SourceFile};
+use xfer_core::{MemoryBudget, RangeSet, SourceFile};
 use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite, OpenWriteSparse};
 
 use super::delta;
-use super::pool::drive;
+use super::pool::{drive, Early};
 use super::queue::Work;
 use super::retry::{connect_first, connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
@@ -29,6 +29,8 @@ struct Upload {
     holes: RangeSet,
     /// Compresses chunks for every connection of the pool, which measures and decides as one.
     compressor: Compressor,
+    /// What every chunk read is reserved from first (the process's memory budget).
+    memory: Option<MemoryBudget>,
 }
 
 impl Upload {
@@ -80,7 +82,13 @@ impl Direction for Upload {
             };
             return session.send(&Frame::Zeros(zeros)).await;
         }
-        let payload = self.source.read(chunk).await?;
+        let payload = match &self.memory {
+            Some(budget) => {
+                let reservation = budget.reserve(chunk.len() as usize).await;
+                self.source.read_reserved(chunk, reservation).await?
+            }
+            None => self.source.read(chunk).await?,
+        };
         let compresses = session.welcome.capabilities & xfer_proto::CAP_COMPRESSION != 0;
         let packed = self
             .compressor
@@ -139,8 +147,9 @@ pub async fn send_file(
     let opts = &metered(opts);
     let identity = source.identity();
     let mut session = connect_first(target, opts).await?;
-    let (opts, congestion) = path_policy(opts, &session);
+    let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
+    let early = Arc::new(Early::start(target, opts, &session));
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
         let source = source.clone();
@@ -161,6 +170,7 @@ pub async fn send_file(
         source,
         holes,
         compressor: Compressor::new(opts.connector.compress.unwrap_or_default(), "upload"),
+        memory: opts.connector.memory.clone(),
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
@@ -249,8 +259,15 @@ pub async fn send_file(
             Some(s) => (s, id),
             None => reopen(target, &*upload, opts).await?,
         };
-        let mut sessions =
-            drive(target, Arc::clone(&upload), Arc::clone(&work), first, opts).await?;
+        let mut sessions = drive(
+            target,
+            Arc::clone(&upload),
+            Arc::clone(&work),
+            first,
+            Arc::clone(&early),
+            opts,
+        )
+        .await?;
         let (mut s, sid) = match sessions.pop() {
             Some(open) => open,
             None => reopen(target, &*upload, opts).await?,
@@ -400,6 +417,7 @@ mod tests {
             source,
             holes: RangeSet::new(),
             compressor: Compressor::new(xfer_net::Compression::Off, "upload"),
+            memory: None,
         };
         let progress = Arc::new(ProgressCounter::default());
         let chunks = xfer_core::split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);

@@ -67,6 +67,7 @@ impl Handler {
                 socket: self.shared.config.socket.clone(),
                 meter: None,
                 compress: Some(self.compression()),
+                memory: None,
             },
             keep,
             // Unless the daemon's settings name one, as the client does.
