@@ -26,6 +26,12 @@ use crate::{ClientError, Session, Target};
 pub const SMALL_FILE: u64 = 1 << 20;
 /// Large files of a tree in flight at once.
 const LARGE_AT_ONCE: usize = 2;
+/// Files up to this size (a few chunks) are light: each is mostly round trips (open, delta,
+/// commit), so [`LIGHT_AT_ONCE`] of them move at once, each on one connection.
+const LIGHT_FILE: u64 = 16 * 1024 * 1024;
+/// Light files of a tree in flight at once (a heavy one counts as several), a connection each:
+/// half the daemon's default connections per address.
+const LIGHT_AT_ONCE: usize = 32;
 /// Requests a connection keeps in flight before it waits for answers: at 4 KiB a file, 1024 of
 /// them a round trip carry 80 MB/s over 50 ms (64 capped one connection at 1,100 files/s there).
 const PIPELINE: usize = 1024;
@@ -495,10 +501,11 @@ fn split_by_size(files: Vec<TreeEntry>, parts: usize) -> Vec<Vec<TreeEntry>> {
     shares
 }
 
-/// Moves the large files of a tree, [`LARGE_AT_ONCE`] at a time, each through the chunked
-/// engine with its own connections, and counts them into `summary`. Several at once, so that
-/// one file's final flush and rename overlap the next one's bytes. Stops at the first error
-/// (the others are resumable, as any interrupted transfer).
+/// Moves the large files of a tree, [`LARGE_AT_ONCE`] at a time (or up to [`LIGHT_AT_ONCE`]
+/// light ones), each through the chunked engine with its own connections, and counts them into
+/// `summary`. Several at once, so that one file's final flush and rename overlap the next one's
+/// bytes, and the round trips of light files overlap. Stops at the first error (the others are
+/// resumable, as any interrupted transfer).
 async fn large_files<F, Fut>(
     large: &[TreeEntry],
     summary: &mut TreeSummary,
@@ -509,10 +516,26 @@ where
     F: FnMut(TreeEntry) -> Fut,
     Fut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
 {
-    use futures_util::StreamExt;
-    let mut results =
-        futures_util::stream::iter(large.iter().cloned().map(one)).buffer_unordered(LARGE_AT_ONCE);
-    while let Some(result) = results.next().await {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let weight = |e: &TreeEntry| match e.size <= LIGHT_FILE {
+        true => 1,
+        false => LIGHT_AT_ONCE / LARGE_AT_ONCE,
+    };
+    let mut one = one;
+    let mut running = FuturesUnordered::new();
+    let (mut room, mut files) = (LIGHT_AT_ONCE, large.iter());
+    loop {
+        while let Some(entry) = files.as_slice().first().filter(|e| weight(e) <= room) {
+            let w = weight(entry);
+            room -= w;
+            let file = one(entry.clone());
+            running.push(async move { (w, file.await) });
+            files.next();
+        }
+        let Some((w, result)) = running.next().await else {
+            break;
+        };
+        room += w;
         let s = result?;
         summary.resumed_bytes += s.resumed_bytes;
         summary.crc_retries += s.crc_retries;
@@ -522,10 +545,16 @@ where
     Ok(())
 }
 
-/// Options for the large files of a tree: the tree reports their progress, not the engine.
-fn large_file_options(opts: &Options) -> Options {
+/// Options for a large file of a tree of `size` bytes: the tree reports its progress, not the
+/// engine, and a light file moves on one connection (several move at once).
+fn large_file_options(opts: &Options, size: u64) -> Options {
+    let connections = match size <= LIGHT_FILE {
+        true => engine::Connections::Fixed(1),
+        false => opts.connections,
+    };
     Options {
         progress: Arc::new(crate::NoProgress),
+        connections,
         ..opts.clone()
     }
 }
@@ -901,7 +930,6 @@ pub async fn send_tree_mirror(
         (small, None, spares)
     };
 
-    let large_opts = large_file_options(opts);
     let files = Files {
         local: &local,
         target,
@@ -916,14 +944,14 @@ pub async fn send_tree_mirror(
             (&mut summary, &progress),
             send_small_files,
             |entry| {
-                let (local, opts) = (&local, &large_opts);
+                let (local, opts) = (&local, large_file_options(opts, entry.size));
                 async move {
                     let path = entry.path.clone();
                     let source = on_local(local, move |r| {
                         xfer_core::SourceFile::new(r.open_read(&path)?, path)
                     })
                     .await?;
-                    engine::send_file(source, target, &join(dest, &entry.path), opts).await
+                    engine::send_file(source, target, &join(dest, &entry.path), &opts).await
                 }
             },
         )
@@ -1247,7 +1275,6 @@ pub async fn recv_tree_mirror(
         on_local(&local, move |r| r.make_dir(&path, mode | 0o700, mtime)).await?;
     }
 
-    let large_opts = large_file_options(opts);
     let files = Files {
         local: &local,
         target,
@@ -1262,12 +1289,12 @@ pub async fn recv_tree_mirror(
             (&mut summary, &progress),
             recv_small_files,
             |entry| {
-                let opts = &large_opts;
+                let opts = large_file_options(opts, entry.size);
                 let holes = meta.as_ref().and_then(|m| m.holes(&entry.path));
                 async move {
                     let dest: PathBuf = dir.join(&entry.path);
                     let name = join(name, &entry.path);
-                    engine::recv_with_holes(target, &name, &dest, opts, holes).await
+                    engine::recv_with_holes(target, &name, &dest, &opts, holes).await
                 }
             },
         )

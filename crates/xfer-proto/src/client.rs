@@ -142,6 +142,7 @@ impl ClientSession {
         crate::CAP_TREE_META
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
+            | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING
             | crate::CAP_TREE_META_V2
             | tls
@@ -239,8 +240,8 @@ mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
-        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_LISTING, CAP_TREE_META,
-        CAP_TREE_META_V2,
+        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_LISTING,
+        CAP_TREE_META, CAP_TREE_META_V2,
     };
     use std::time::{Duration, Instant};
 
@@ -297,7 +298,12 @@ mod tests {
         assert_eq!(welcome.version, PROTOCOL_VERSION);
         assert_eq!(
             welcome.capabilities,
-            CAP_TREE_META | CAP_COMPRESSION | CAP_DELTA | CAP_PACKED_LISTING | CAP_TREE_META_V2
+            CAP_TREE_META
+                | CAP_COMPRESSION
+                | CAP_DELTA
+                | CAP_DELTA_PIPELINE
+                | CAP_PACKED_LISTING
+                | CAP_TREE_META_V2
         );
     }
 
@@ -311,6 +317,7 @@ mod tests {
                 | CAP_TREE_META
                 | CAP_COMPRESSION
                 | CAP_DELTA
+                | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
                 | CAP_TREE_META_V2
         );
@@ -341,6 +348,7 @@ mod tests {
                 | CAP_TREE_META
                 | CAP_COMPRESSION
                 | CAP_DELTA
+                | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
                 | CAP_TREE_META_V2
         );
