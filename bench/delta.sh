@@ -27,7 +27,8 @@
 # Environment: DELTA_SIZE (2G), DELTA_TREE_FILES (1000), DELTA_TREE_FILE_SIZE (2M),
 # DELTA_TREE_CHANGED (50), DELTA_PROFILES ("wan loopback"), DELTA_WORKLOADS ("inplace insert
 # append real tree"), DELTA_TOOLS ("whole delta auto rsync"), REPEAT (1), DELTA_DIR
-# (bench/out/delta), XFER_BIN_DIR (skip cargo build), KEEP=1 (keep the workloads).
+# (bench/out/delta), XFER_BIN_DIR (skip cargo build), KEEP=1 (keep the workloads), DELTA_LOG=1 (the
+# client's debug log of every run, timestamped, in DELTA_DIR/logs/PROFILE-TOOL-WORKLOAD.err).
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -87,6 +88,9 @@ data, size, files, fsize, changed = sys.argv[1], *map(int, sys.argv[2:])
 os.makedirs(f"{data}/old", exist_ok=True)
 os.makedirs(f"{data}/new", exist_ok=True)
 rng = random.Random(1)
+# Edits draw from their own stream: the same bytes whether or not the files they edit were
+# made in this run (a kept base made earlier left `rng` unread, so edits then repeated it).
+edit_rng = random.Random(2)
 MIB = 1 << 20
 OLD_MTIME, NEW_MTIME = 1_700_000_000, 1_800_000_000
 
@@ -105,6 +109,9 @@ def random_file(path, n):
     done(path, OLD_MTIME)
 
 def copy_with(src, dst, edit):
+    # A fresh inode: dst may be a hard link to src left by a run that changed other files.
+    if os.path.exists(dst):
+        os.unlink(dst)
     with open(src, "rb") as i, open(dst, "wb") as o:
         while chunk := i.read(64 * MIB):
             o.write(chunk)
@@ -115,8 +122,8 @@ def copy_with(src, dst, edit):
 def in_place(o, n):
     run = max(1, n // 100 // 200)
     for k in range(200):
-        o.seek((k * n) // 200 + rng.randrange(max(1, n // 200 - run)))
-        o.write(rng.randbytes(run))
+        o.seek((k * n) // 200 + edit_rng.randrange(max(1, n // 200 - run)))
+        o.write(edit_rng.randbytes(run))
 
 def insert_at(src, dst, at, blob, edit=None):
     with open(src, "rb") as i, open(dst, "wb") as o:
@@ -135,8 +142,8 @@ for name in ("inplace", "insert", "append"):
     if not os.path.exists(f"{data}/old/{name}.bin"):
         os.link(base, f"{data}/old/{name}.bin")
 copy_with(base, f"{data}/new/inplace.bin", lambda o: in_place(o, size))
-insert_at(base, f"{data}/new/insert.bin", 64 * 1024, rng.randbytes(MIB))
-copy_with(base, f"{data}/new/append.bin", lambda o: (o.seek(0, 2), o.write(rng.randbytes(size // 50))))
+insert_at(base, f"{data}/new/insert.bin", 64 * 1024, edit_rng.randbytes(MIB))
+copy_with(base, f"{data}/new/append.bin", lambda o: (o.seek(0, 2), o.write(edit_rng.randbytes(size // 50))))
 
 real = f"{data}/old/real.bin"
 if not (os.path.exists(real) and os.path.getsize(real) == size):
@@ -158,7 +165,7 @@ if not (os.path.exists(real) and os.path.getsize(real) == size):
                     left -= len(b)
         o.write(bytes(left))
     done(real, OLD_MTIME)
-insert_at(real, f"{data}/new/real.bin", 4 * MIB, rng.randbytes(MIB), lambda o: in_place(o, size))
+insert_at(real, f"{data}/new/real.bin", 4 * MIB, edit_rng.randbytes(MIB), lambda o: in_place(o, size))
 
 for side in ("old", "new"):
     os.makedirs(f"{data}/{side}/tree", exist_ok=True)
@@ -167,7 +174,7 @@ for k in range(files):
     random_file(old, fsize)
     new = f"{data}/new/tree/f{k:05}"
     if k % (files // max(1, changed)) == 0 and k // (files // max(1, changed)) < changed:
-        copy_with(old, new, lambda o: (o.seek(fsize // 2), o.write(rng.randbytes(8192))))
+        copy_with(old, new, lambda o: (o.seek(fsize // 2), o.write(edit_rng.randbytes(8192))))
     else:
         if os.path.exists(new):
             os.unlink(new)
@@ -205,7 +212,7 @@ one_run() {
             [[ "$tool" == whole ]] && flags+=(--whole-file)
             [[ "$tool" == delta ]] && flags+=(--delta)
             [[ "$w" == tree ]] && flags+=(-r)
-            "${ns[@]+"${ns[@]}"}" "$XFER" send "${flags[@]}" "$src" "$ADDR" --as "$w" >"$out" 2>"$LOGS/run.err" ||
+            "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$XFER" send "${flags[@]}" "$src" "$ADDR" --as "$w" >"$out" 2>"$LOGS/run.err" ||
                 die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
             ;;
         rsync)
@@ -217,6 +224,7 @@ one_run() {
             ;;
     esac
     SECS="$(secs_since "$t0")"
+    [[ -z "${DELTA_LOG:-}" ]] || cp "$LOGS/run.err" "$LOGS/$PROFILE-$tool-$w.err"
     WIRE=n/a
     [[ "$PROFILE" != wan ]] || WIRE=$(($(link_bytes) - b0))
     LITERAL="$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("literal_bytes", d.get("bytes_transferred", "n/a")))' "$out")"

@@ -140,7 +140,8 @@ fn a_new_file_goes_whole_even_with_delta() {
 }
 
 /// A delta whose literal half moves slowly is interrupted by `stop` once the copied half and
-/// some literal data are journaled; the rerun resumes without sending what was held.
+/// some literal data are journaled; the rerun resumes without sending what was held, nor
+/// comparing signatures again: the daemon does not read its old file a second time.
 fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     let size = 32 * MIB;
     let tree = Tree::new();
@@ -187,15 +188,63 @@ fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     } else {
         Daemon::start(&tree.root(), &[])
     };
+    let indexed = |d: &Daemon| d.stderr().matches("delta basis indexed").count();
+    let indexed_before = indexed(&daemon);
     let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
     let out = XferRun::send(&src, &daemon.addr(), "r.bin", &fast).wait_ok();
     let json = out.json();
+    assert!(delta(&out), "{json}");
+    assert_eq!(
+        indexed(&daemon),
+        indexed_before,
+        "the basis was indexed again"
+    );
     assert!(out.json_u64("resumed_bytes") >= held, "{json}");
     assert!(
         out.json_u64("literal_bytes") <= size as u64 - held + 2 * 256 * 1024,
         "{json}"
     );
     assert_eq!(sha256_file(&dest), sha256_file(&src));
+    assert!(!journal.exists() && !partial_path(&dest).exists());
+}
+
+/// The daemon's old file is rewritten while the literal data of a delta still moves: what it
+/// copied was checked against the sender's hashes, the digest covers the rest, and the file
+/// committed is the new version byte for byte.
+#[test]
+fn a_basis_rewritten_during_the_delta_never_lands_wrong() {
+    let size = 16 * MIB;
+    let tree = Tree::new();
+    let src = tree.src("b.bin");
+    let dest = tree.root().join("b.bin");
+    let old = noise(size, 21);
+    let mut new = old[..size / 2].to_vec();
+    new.extend(noise(size / 2, 22));
+    let daemon = Daemon::start(&tree.root(), &[]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "b.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    let slow = [
+        "--delta",
+        "--json",
+        "--bwlimit",
+        "4M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::send(&src, &daemon.addr(), "b.bin", &slow);
+    let journal = journal_path(&dest);
+    wait_until(GUARD, "the copied half is journaled", || {
+        let held = journal_held(&journal);
+        assert!(held >= (size / 2) as u64 || client.is_running());
+        held >= (size / 2) as u64
+    });
+    // Rewritten in place, as a program holding the old file open would.
+    std::fs::write(&dest, noise(size, 23)).unwrap();
+    let out = client.wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.json());
     assert!(!journal.exists() && !partial_path(&dest).exists());
 }
 

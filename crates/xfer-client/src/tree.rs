@@ -27,11 +27,12 @@ use crate::{ClientError, Session, Target};
 pub const SMALL_FILE: u64 = 1 << 20;
 /// Large files of a tree in flight at once.
 const LARGE_AT_ONCE: usize = 2;
-/// Large files of a tree in flight at once over a long path: each spends round trips
-/// connecting, opening and committing that more at once overlap (two at a time, the 69 files
-/// over 1 MiB of the Rust documentation took 32 s through a 50 ms path, the 52k small ones a
-/// few). Six pools of eight starting connections stay within a daemon's 64 per address.
-const LARGE_AT_ONCE_LONG: usize = 6;
+/// Files up to this size (a few chunks) are light: each is mostly round trips (open, delta,
+/// commit), so [`LIGHT_AT_ONCE`] of them move at once, each on one connection.
+const LIGHT_FILE: u64 = 16 * 1024 * 1024;
+/// Light files of a tree in flight at once (a heavy one counts as several), a connection each:
+/// half the daemon's default connections per address.
+const LIGHT_AT_ONCE: usize = 32;
 /// Requests a connection keeps in flight before it waits for answers: at 4 KiB a file, 1024 of
 /// them a round trip carry 80 MB/s over 50 ms (64 capped one connection at 1,100 files/s there).
 const PIPELINE: usize = 1024;
@@ -498,8 +499,6 @@ struct Files<'a> {
     opts: &'a Options,
     /// Connections already open, taken by the small-file workers before they open their own.
     ready: Vec<Session>,
-    /// Large files moved at once.
-    large_at_once: usize,
 }
 
 /// What one small-file connection of a tree copy works with.
@@ -552,8 +551,7 @@ impl Files<'_> {
         for spare in ready {
             spare.close().await;
         }
-        let large_result =
-            large_files(large, self.large_at_once, summary, progress, one_large).await;
+        let large_result = large_files(large, summary, progress, one_large).await;
         while let Some(joined) = workers.join_next().await {
             joined.map_err(|e| CoreError::io("worker", std::io::Error::other(e.to_string())))??;
         }
@@ -605,13 +603,13 @@ fn split_by_size(files: Vec<TreeEntry>, parts: usize) -> Vec<Vec<TreeEntry>> {
     shares
 }
 
-/// Moves the large files of a tree, `at_once` at a time, each through the chunked
-/// engine with its own connections, and counts them into `summary`. Several at once, so that
-/// one file's final flush and rename overlap the next one's bytes. Stops at the first error
-/// (the others are resumable, as any interrupted transfer).
+/// Moves the large files of a tree, [`LARGE_AT_ONCE`] at a time (or up to [`LIGHT_AT_ONCE`]
+/// light ones), each through the chunked engine with its own connections, and counts them into
+/// `summary`. Several at once, so that one file's final flush and rename overlap the next one's
+/// bytes, and the round trips of light files overlap. Stops at the first error (the others are
+/// resumable, as any interrupted transfer).
 async fn large_files<F, Fut>(
     large: &[TreeEntry],
-    at_once: usize,
     summary: &mut TreeSummary,
     progress: &Progress,
     one: F,
@@ -620,10 +618,26 @@ where
     F: FnMut(TreeEntry) -> Fut,
     Fut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
 {
-    use futures_util::StreamExt;
-    let mut results =
-        futures_util::stream::iter(large.iter().cloned().map(one)).buffer_unordered(at_once);
-    while let Some(result) = results.next().await {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let weight = |e: &TreeEntry| match e.size <= LIGHT_FILE {
+        true => 1,
+        false => LIGHT_AT_ONCE / LARGE_AT_ONCE,
+    };
+    let mut one = one;
+    let mut running = FuturesUnordered::new();
+    let (mut room, mut files) = (LIGHT_AT_ONCE, large.iter());
+    loop {
+        while let Some(entry) = files.as_slice().first().filter(|e| weight(e) <= room) {
+            let w = weight(entry);
+            room -= w;
+            let file = one(entry.clone());
+            running.push(async move { (w, file.await) });
+            files.next();
+        }
+        let Some((w, result)) = running.next().await else {
+            break;
+        };
+        room += w;
         let s = result?;
         summary.resumed_bytes += s.resumed_bytes;
         summary.crc_retries += s.crc_retries;
@@ -634,18 +648,16 @@ where
     Ok(())
 }
 
-/// How many large files a tree moves at once over a path of round-trip time `rtt`.
-fn large_at_once(rtt: Option<std::time::Duration>) -> usize {
-    match rtt {
-        Some(rtt) if rtt >= engine::LONG_PATH => LARGE_AT_ONCE_LONG,
-        _ => LARGE_AT_ONCE,
-    }
-}
-
-/// Options for the large files of a tree: the tree reports their progress, not the engine.
-fn large_file_options(opts: &Options) -> Options {
+/// Options for a large file of a tree of `size` bytes: the tree reports its progress, not the
+/// engine, and a light file moves on one connection (several move at once).
+fn large_file_options(opts: &Options, size: u64) -> Options {
+    let connections = match size <= LIGHT_FILE {
+        true => engine::Connections::Fixed(1),
+        false => opts.connections,
+    };
     Options {
         progress: Arc::new(crate::NoProgress),
+        connections,
         ..opts.clone()
     }
 }
@@ -916,7 +928,6 @@ pub async fn send_tree_mirror(
 
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
-    let control_rtt = control.rtt;
     let MirrorPlan {
         source: walked,
         receiver: remote,
@@ -1022,14 +1033,12 @@ pub async fn send_tree_mirror(
         (small, None, spares)
     };
 
-    let large_opts = large_file_options(opts);
     let files = Files {
         local: &local,
         target,
         top: dest,
         opts,
         ready: spares,
-        large_at_once: large_at_once(control_rtt),
     };
     files
         .run(
@@ -1038,14 +1047,14 @@ pub async fn send_tree_mirror(
             (&mut summary, &progress),
             send_small_files,
             |entry| {
-                let (local, opts) = (&local, &large_opts);
+                let (local, opts) = (&local, large_file_options(opts, entry.size));
                 async move {
                     let path = entry.path.clone();
                     let source = on_local(local, move |r| {
                         xfer_core::SourceFile::new(r.open_read(&path)?, path)
                     })
                     .await?;
-                    engine::send_file(source, target, &join(dest, &entry.path), opts).await
+                    engine::send_file(source, target, &join(dest, &entry.path), &opts).await
                 }
             },
         )
@@ -1408,7 +1417,6 @@ pub async fn recv_tree_mirror(
     }
     let remote = list_listing(&mut control, name, with_meta, checksum, keep).await?;
     let congestion = control.congestion.clone();
-    let control_rtt = control.rtt;
     control.close().await;
     if remote.is_empty() {
         return Err(CoreError::NotFound(name.to_string()).into());
@@ -1471,14 +1479,12 @@ pub async fn recv_tree_mirror(
         on_local(&local, move |r| r.make_dir(&path, mode | 0o700, mtime)).await?;
     }
 
-    let large_opts = large_file_options(opts);
     let files = Files {
         local: &local,
         target,
         top: name,
         opts,
         ready: Vec::new(),
-        large_at_once: large_at_once(control_rtt),
     };
     files
         .run(
@@ -1487,12 +1493,12 @@ pub async fn recv_tree_mirror(
             (&mut summary, &progress),
             recv_small_files,
             |entry| {
-                let opts = &large_opts;
+                let opts = large_file_options(opts, entry.size);
                 let holes = meta.as_ref().and_then(|m| m.holes(&entry.path));
                 async move {
                     let dest: PathBuf = dir.join(&entry.path);
                     let name = join(name, &entry.path);
-                    engine::recv_with_holes(target, &name, &dest, opts, holes).await
+                    engine::recv_with_holes(target, &name, &dest, &opts, holes).await
                 }
             },
         )

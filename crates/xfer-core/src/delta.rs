@@ -247,38 +247,74 @@ impl Index {
     }
 
     /// Reads `pieces` from the basis and keeps the bytes whose hash still matches, as
-    /// `(offset in the new file, bytes)` runs of at most [`MAX_COPY`] bytes. A basis that
+    /// `(offset in the new file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer
+    /// piece). Pieces that follow each other in both files are read with one read. A basis that
     /// changed since it was indexed yields fewer bytes, never wrong ones. Blocking.
     ///
     /// # Errors
     /// Read errors.
     pub fn read_verified(&self, pieces: &[Piece]) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut expect_old = None;
-        for piece in pieces {
-            let mut bytes = vec![0; piece.len as usize];
-            match self.file.read_exact_at(&mut bytes, piece.old) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => continue,
-                Err(e) => return Err(e),
+        let mut rest = pieces;
+        while let Some(first) = rest.first() {
+            let mut len = u64::from(first.len);
+            let mut n = 1;
+            while let Some(next) = rest.get(n) {
+                let joins = next.new == first.new + len
+                    && next.old == first.old + len
+                    && len + u64::from(next.len) <= MAX_COPY;
+                if !joins {
+                    break;
+                }
+                len += u64::from(next.len);
+                n += 1;
             }
-            if xxhash_rust::xxh3::xxh3_128(&bytes) != piece.hash {
-                expect_old = None;
+            let (run, tail) = rest.split_at(n);
+            rest = tail;
+            let mut bytes = vec![0; len as usize];
+            let read = read_up_to(&self.file, &mut bytes, first.old)?;
+            // The pieces of the run whose bytes were read whole and still hash as the sender's.
+            let good = |p: &Piece| {
+                let at = (p.new - first.new) as usize;
+                at + p.len as usize <= read
+                    && xxhash_rust::xxh3::xxh3_128(&bytes[at..at + p.len as usize]) == p.hash
+            };
+            let verdicts: Vec<bool> = run.iter().map(good).collect();
+            if verdicts.iter().all(|&ok| ok) {
+                out.push((first.new, bytes));
                 continue;
             }
-            let joins = out.last().is_some_and(|(new, run)| {
-                new + run.len() as u64 == piece.new
-                    && expect_old == Some(piece.old)
-                    && (run.len() + bytes.len()) as u64 <= MAX_COPY
-            });
-            expect_old = Some(piece.old + u64::from(piece.len));
-            match out.last_mut() {
-                Some((_, run)) if joins => run.extend_from_slice(&bytes),
-                _ => out.push((piece.new, bytes)),
+            let mut k = 0;
+            while k < run.len() {
+                if !verdicts[k] {
+                    k += 1;
+                    continue;
+                }
+                let from = k;
+                while k < run.len() && verdicts[k] {
+                    k += 1;
+                }
+                let at = (run[from].new - first.new) as usize;
+                let to = (run[k - 1].new - first.new) as usize + run[k - 1].len as usize;
+                out.push((run[from].new, bytes[at..to].to_vec()));
             }
         }
         Ok(out)
     }
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; the bytes read.
+fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// `pieces` in groups of at most [`MAX_COPY`] bytes (a longer piece alone),

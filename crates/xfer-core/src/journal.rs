@@ -22,6 +22,7 @@ pub const HEADER_LEN: usize = 32;
 pub const RECORD_LEN: usize = 24;
 const KIND_CHUNK: u8 = 1;
 const KIND_BARRIER: u8 = 2;
+const KIND_AGREED: u8 = 3;
 
 /// One journal record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,12 @@ pub enum Record {
         /// Number of chunk records covered.
         covered: u64,
     },
+    /// A delta's signature exchange answered for `range` of the new file: its matched chunks
+    /// are recorded before it, and the rest is to come as data.
+    Agreed {
+        /// The span answered for.
+        range: ByteRange,
+    },
 }
 
 impl Record {
@@ -47,6 +54,7 @@ impl Record {
         let (kind, offset, len, aux) = match *self {
             Self::Chunk { range, crc32 } => (KIND_CHUNK, range.start, range.len() as u32, crc32),
             Self::Barrier { covered } => (KIND_BARRIER, covered, 0, 0),
+            Self::Agreed { range } => (KIND_AGREED, range.start, range.len() as u32, 0),
         };
         out[0] = kind;
         out[4..12].copy_from_slice(&offset.to_be_bytes());
@@ -75,6 +83,9 @@ impl Record {
                 crc32: aux,
             }),
             KIND_BARRIER => Some(Self::Barrier { covered: offset }),
+            KIND_AGREED => Some(Self::Agreed {
+                range: ByteRange::new(offset, offset.checked_add(u64::from(len))?),
+            }),
             _ => None,
         }
     }
@@ -114,6 +125,8 @@ pub struct Contents {
     pub chunks: Vec<(ByteRange, u32)>,
     /// How many leading chunk records a barrier covers.
     pub covered: u64,
+    /// Spans a delta's signature exchange answered for.
+    pub agreed: Vec<ByteRange>,
     /// Length of the valid prefix of the journal (header + whole, valid records).
     pub valid_len: u64,
 }
@@ -140,6 +153,7 @@ pub fn parse(bytes: &[u8]) -> Option<Contents> {
     let identity = decode_header(bytes)?;
     let mut chunks = Vec::new();
     let mut covered = 0;
+    let mut agreed = Vec::new();
     let mut valid_len = HEADER_LEN;
     for rec in bytes[HEADER_LEN..].chunks(RECORD_LEN) {
         // A torn or corrupt record ends the journal: nothing after it can be trusted.
@@ -152,6 +166,8 @@ pub fn parse(bytes: &[u8]) -> Option<Contents> {
             }
             Record::Chunk { .. } => break,
             Record::Barrier { covered: n } => covered = covered.max(n.min(chunks.len() as u64)),
+            Record::Agreed { range } if range.end <= identity.size => agreed.push(range),
+            Record::Agreed { .. } => break,
         }
         valid_len += RECORD_LEN;
     }
@@ -159,6 +175,7 @@ pub fn parse(bytes: &[u8]) -> Option<Contents> {
         identity,
         chunks,
         covered,
+        agreed,
         valid_len: valid_len as u64,
     })
 }

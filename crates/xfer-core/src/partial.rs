@@ -24,6 +24,19 @@ pub const DEFAULT_SYNC_EVERY: u64 = 256 * 1024 * 1024;
 /// Largest range one journal record can describe (its length field is 32 bits).
 const MAX_RECORD_RANGE: u64 = 1 << 30;
 
+/// `Agreed` records for `span`, each within a record's length field.
+fn agreed_records(span: ByteRange) -> impl Iterator<Item = Record> {
+    let mut start = span.start;
+    std::iter::from_fn(move || {
+        (start < span.end).then(|| {
+            let end = span.end.min(start + MAX_RECORD_RANGE);
+            let range = ByteRange::new(start, end);
+            start = end;
+            Record::Agreed { range }
+        })
+    })
+}
+
 /// A file being received.
 #[derive(Debug)]
 pub struct PartialFile {
@@ -55,6 +68,8 @@ struct State {
     frontier: Frontier,
     /// Ranges recorded as holes this session: hashed as zeros, never read back.
     zeros: RangeSet,
+    /// Spans of the new file a delta's signature exchange answered for (journaled).
+    agreed: RangeSet,
     /// The final name already held this file when opened: nothing is written, and the commit
     /// only compares digests.
     final_already: bool,
@@ -174,11 +189,13 @@ impl PartialFile {
         let contents = journal::read(&mut journal_file)
             .map_err(|e| CoreError::io(ctx("reading journal of"), e))?;
         let mut held = RangeSet::new();
+        let mut agreed = RangeSet::new();
         match contents {
             Some(c) if c.identity == identity => {
                 let ranges = journal::verified_ranges(&c, &data)
                     .map_err(|e| CoreError::io(ctx("verifying partial of"), e))?;
                 held = RangeSet::from_ranges(ranges);
+                agreed = RangeSet::from_ranges(c.agreed.iter().copied());
             }
             _ => {
                 // No partial for this identity: if the final name already holds a file of this
@@ -236,6 +253,9 @@ impl PartialFile {
                 covered: chunk_records,
             });
         }
+        for r in agreed.iter() {
+            records.extend(agreed_records(r));
+        }
         let bytes = journal::build(identity, &records);
         journal::reset(&mut journal_file, identity)
             .and_then(|()| journal_file.write_all_at(&bytes, 0))
@@ -266,6 +286,7 @@ impl PartialFile {
                 final_already: false,
                 frontier,
                 zeros: RangeSet::new(),
+                agreed,
             }),
         })
     }
@@ -299,6 +320,7 @@ impl PartialFile {
                 final_already: true,
                 frontier: Frontier::default(),
                 zeros: RangeSet::new(),
+                agreed: RangeSet::new(),
             }),
         }
     }
@@ -321,6 +343,35 @@ impl PartialFile {
     /// Bytes held now.
     pub fn held_bytes(&self) -> u64 {
         self.lock().held.total()
+    }
+
+    /// Spans a delta's signature exchange answered for, here or before a resume.
+    pub fn agreed(&self) -> Vec<ByteRange> {
+        self.lock().agreed.iter().collect()
+    }
+
+    /// Records that a delta's signature exchange answered for `span`: its matched chunks are
+    /// written and journaled already, and the rest comes as data; a resumed upload need not
+    /// compare it again. Moot once the partial is final.
+    ///
+    /// # Errors
+    /// A range outside the file, a closed partial or I/O errors.
+    pub async fn agree(self: &Arc<Self>, span: ByteRange) -> Result<()> {
+        self.check_within(span)?;
+        let this = Arc::clone(self);
+        blocking(move || {
+            if this.data_to_write()?.is_none() {
+                return Ok(());
+            }
+            let mut st = this.lock();
+            for record in agreed_records(span) {
+                st.journal_pos = journal::append(&st.journal, st.journal_pos, record)
+                    .map_err(|e| CoreError::io(format!("journal of {:?}", this.slot.leaf), e))?;
+            }
+            st.agreed.insert(span);
+            Ok(())
+        })
+        .await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

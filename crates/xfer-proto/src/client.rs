@@ -143,6 +143,7 @@ impl ClientSession {
         crate::CAP_TREE_META
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
+            | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING
             | crate::CAP_PACKED_FILES
             | crate::CAP_TREE_META_V2
@@ -241,8 +242,8 @@ mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
-        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_PACKED_FILES, CAP_PACKED_LISTING,
-        CAP_TREE_META, CAP_TREE_META_V2,
+        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_FILES,
+        CAP_PACKED_LISTING, CAP_TREE_META, CAP_TREE_META_V2,
     };
     use std::time::{Duration, Instant};
 
@@ -302,6 +303,7 @@ mod tests {
             CAP_TREE_META
                 | CAP_COMPRESSION
                 | CAP_DELTA
+                | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
                 | CAP_PACKED_FILES
                 | CAP_TREE_META_V2
@@ -318,6 +320,7 @@ mod tests {
                 | CAP_TREE_META
                 | CAP_COMPRESSION
                 | CAP_DELTA
+                | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
                 | CAP_PACKED_FILES
                 | CAP_TREE_META_V2
@@ -349,6 +352,7 @@ mod tests {
                 | CAP_TREE_META
                 | CAP_COMPRESSION
                 | CAP_DELTA
+                | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
                 | CAP_PACKED_FILES
                 | CAP_TREE_META_V2

@@ -78,3 +78,21 @@ pub struct DeltaMatch {
     /// Sorted, disjoint, within the `DeltaSig`'s span.
     pub matched: Vec<ByteRange>,
 }
+
+/// Client → server (`CAP_DELTA_PIPELINE`): which spans of a resumed delta upload were already
+/// answered; answered with `DeltaAgreed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaResume {
+    /// The upload.
+    pub transfer_id: u64,
+}
+
+/// Server → client: the spans of the new file some `DeltaMatch` of this upload answered for,
+/// on any connection, kept with the partial file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaAgreed {
+    /// The upload.
+    pub transfer_id: u64,
+    /// Sorted, disjoint, at most `MAX_RANGES`.
+    pub agreed: Vec<ByteRange>,
+}

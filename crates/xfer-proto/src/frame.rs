@@ -777,6 +777,11 @@ frame_types! {
     DeltaMatch(crate::DeltaMatch) = 0x73,
     /// [`ReadSig`](crate::ReadSig): chunks of a download's file, answered by `DeltaSig`
     ReadSig(crate::ReadSig) = 0x74,
+    /// [`DeltaResume`](crate::DeltaResume): which spans of a delta were answered
+    /// (`CAP_DELTA_PIPELINE`)
+    DeltaResume(crate::DeltaResume) = 0x75,
+    /// [`DeltaAgreed`](crate::DeltaAgreed): the spans answered so far
+    DeltaAgreed(crate::DeltaAgreed) = 0x76,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

@@ -88,6 +88,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_MIRROR
                         | crate::CAP_COMPRESSION
                         | crate::CAP_DELTA
+                        | crate::CAP_DELTA_PIPELINE
                         | crate::CAP_PACKED_LISTING
                         | crate::CAP_PACKED_FILES
                         | crate::CAP_TREE_META_V2;
@@ -133,7 +134,7 @@ pub fn session_script(data: &[u8], start: Instant) {
             Request::SetCompression(mode) => {
                 assert!(matches!(mode, 0 | 1..=crate::MAX_COMPRESSION_LEVEL | 0xff));
             }
-            Request::DeltaOpen(id, _) => {
+            Request::DeltaOpen(id, _) | Request::DeltaResume(id, _) => {
                 session
                     .upload(id)
                     .expect("a handle the session gave is open");

@@ -61,6 +61,9 @@ pub const CAP_PACKED_LISTING: u64 = 1 << 7;
 /// Capability bit: the small files of a tree may travel zstd-compressed in batches
 /// (`PackedPutFiles`, `PackedFileData`), under the connection's compression mode.
 pub const CAP_PACKED_FILES: u64 = 1 << 8;
+/// Capability bit: with `CAP_DELTA`, `DeltaSig` is a pipelined request: the signature of a
+/// file streams without a round trip per batch.
+pub const CAP_DELTA_PIPELINE: u64 = 1 << 9;
 /// Capability bit: tree metadata, second revision: a file with holes is opened with its holes
 /// named (`OpenWriteSparse`, `ReadOpenedSparse`), so the receiver reserves space only for the
 /// bytes between them, and ACL attributes travel with the names of their entries.

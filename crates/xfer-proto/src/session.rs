@@ -155,6 +155,9 @@ pub enum Request {
     /// Cut the chunks of an open download's file from an offset (bounds checked); answer
     /// `DeltaSig`.
     ReadSig(DownloadId, crate::ReadSig),
+    /// Say which spans of an open upload a `DeltaMatch` answered (`CAP_DELTA_PIPELINE`);
+    /// answer `DeltaAgreed`.
+    DeltaResume(UploadId, crate::DeltaResume),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -388,6 +391,7 @@ impl<U, D> ServerSession<U, D> {
             | crate::CAP_MIRROR
             | crate::CAP_COMPRESSION
             | crate::CAP_DELTA
+            | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING
             | crate::CAP_TREE_META_V2)
             & self.client_capabilities;
@@ -544,6 +548,7 @@ impl<U, D> ServerSession<U, D> {
             | Frame::Zeros(_)
             | Frame::DeltaOpen(_)
             | Frame::DeltaSig(_)
+            | Frame::DeltaResume(_)
             | Frame::Commit(_)
             | Frame::Sync
             | Frame::Goodbye
@@ -719,13 +724,21 @@ impl<U, D> ServerSession<U, D> {
                 }
                 Ok(Request::ReadSig(DownloadId(r.transfer_id), r))
             }
+            Frame::DeltaResume(d)
+                if self.client_capabilities & (crate::CAP_DELTA | crate::CAP_DELTA_PIPELINE)
+                    == crate::CAP_DELTA | crate::CAP_DELTA_PIPELINE =>
+            {
+                self.transfer("DeltaResume", d.transfer_id, TransferKind::Upload)?;
+                Ok(Request::DeltaResume(UploadId(d.transfer_id), d))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
             | Frame::PackedPutFiles(_)
             | Frame::ReadSig(_)
             | Frame::MirrorTo(_)
             | Frame::DeltaOpen(_)
-            | Frame::DeltaSig(_)) => Err(SessionError::Unexpected {
+            | Frame::DeltaSig(_)
+            | Frame::DeltaResume(_)) => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "without its capability negotiated",
             }),

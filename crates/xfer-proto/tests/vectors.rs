@@ -419,6 +419,17 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 matched: vec![ByteRange::new(0, 3)],
             }),
         ),
+        (
+            "delta-resume",
+            Frame::DeltaResume(DeltaResume { transfer_id: 1 }),
+        ),
+        (
+            "delta-agreed",
+            Frame::DeltaAgreed(DeltaAgreed {
+                transfer_id: 1,
+                agreed: vec![ByteRange::new(0, 3)],
+            }),
+        ),
         ("reject", Frame::Reject(chunk(1, 0, 3))),
         ("commit", Frame::Commit(commit(1, &DIGEST_ABC))),
         ("committed", Frame::Committed(commit(1, &DIGEST_ABC))),

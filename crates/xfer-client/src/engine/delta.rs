@@ -9,12 +9,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use xfer_core::delta::{self, Cut, Index};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
-use xfer_proto::{ByteRange, DeltaOpen, DeltaSig, ErrorCode, Frame, ReadSig, MAX_DELTA_CHUNKS};
+use xfer_proto::{
+    ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, CAP_DELTA,
+    CAP_DELTA_PIPELINE,
+};
 
-use crate::session::unexpected;
+use crate::session::{next_frame, unexpected};
 use crate::{ClientError, Session};
 
 /// Whether a file goes as a delta.
@@ -50,7 +53,7 @@ pub(super) fn choose(
     if mode == DeltaMode::Never {
         return (false, "--whole-file".into());
     }
-    if session.welcome.capabilities & xfer_proto::CAP_DELTA == 0 {
+    if session.welcome.capabilities & CAP_DELTA == 0 {
         return (false, "the daemon does not do deltas".into());
     }
     if mode == DeltaMode::Always {
@@ -78,16 +81,18 @@ pub(super) fn choose(
     }
 }
 
-/// What a delta found.
-#[derive(Debug, Default)]
-pub(super) struct Found {
-    /// Ranges of the new file the daemon copied from its old one.
-    pub(super) matched: RangeSet,
-}
+/// Chunks one `DeltaSig` carries: small enough that the daemon starts copying soon after the
+/// first chunks are cut, large enough that a batch is worth a frame.
+const SIG_BATCH: usize = 2048;
+/// `DeltaSig` frames unanswered at once with `CAP_DELTA_PIPELINE`: enough to keep the daemon
+/// busy across a round trip; their answers (at most `SIG_BATCH / 2 + 1` ranges each) stay
+/// well within a socket buffer.
+const SIGS_IN_FLIGHT: usize = 8;
 
 /// Asks the daemon to index the file it holds under the upload's name and copy the chunks of
-/// `source` it finds there. `held` chunks are not sent again (a resumed delta). `None` when
-/// the daemon holds no file to start from.
+/// `source` it finds there. `held` chunks are not sent again (a resumed delta). `answered` is
+/// told each span of the new file the daemon answered for and the ranges of it it copied, as
+/// the answers come. False when the daemon holds no file to start from.
 ///
 /// # Errors
 /// Connection and protocol errors; local read errors.
@@ -96,7 +101,8 @@ pub(super) async fn negotiate(
     transfer_id: u64,
     source: &SourceFile,
     held: &RangeSet,
-) -> Result<Option<Found>, ClientError> {
+    mut answered: impl FnMut(ByteRange, &[ByteRange]) + Send,
+) -> Result<bool, ClientError> {
     session
         .send(&Frame::DeltaOpen(DeltaOpen { transfer_id }))
         .await?;
@@ -110,7 +116,7 @@ pub(super) async fn negotiate(
                 Some(ErrorCode::NotFound | ErrorCode::BadPath)
             ) =>
         {
-            return Ok(None)
+            return Ok(false)
         }
         Err(e) => return Err(e),
     };
@@ -124,41 +130,137 @@ pub(super) async fn negotiate(
         avg_chunk = avg,
         "the daemon indexed its file"
     );
+    let depth = if session.welcome.capabilities & CAP_DELTA_PIPELINE != 0 {
+        SIGS_IN_FLIGHT
+    } else {
+        1
+    };
     let size = source.identity().size;
-    let mut found = Found::default();
     let mut cutters = Vec::new();
     let mut regions = Vec::new();
-    // Every region is cut on its own blocking thread at once; each stays at most one batch
-    // ahead of what was sent.
+    // Every region is cut on its own blocking thread at once; each stays a few batches ahead
+    // of what was sent.
     for region in delta::regions(size, delta::parallelism()) {
-        let (tx, rx) = mpsc::channel::<Cut>(MAX_DELTA_CHUNKS);
+        let (tx, rx) = mpsc::channel::<Cut>(SIG_BATCH * 2);
         let file = source.file();
         cutters.push(tokio::task::spawn_blocking(move || {
             delta::cut_region(&file, region, avg, |cut| tx.blocking_send(cut).is_ok())
         }));
         regions.push(rx);
     }
-    let mut batch = Batch::default();
-    for mut rx in regions {
-        while let Some(cut) = rx.recv().await {
-            if held.contains(cut.range()) {
-                batch.flush(session, transfer_id, &mut found).await?;
-                continue;
+    // Batches go out as they are cut while their answers are read: `room` bounds the ones
+    // unanswered, `spans` says in order what each answer covers.
+    let room = Semaphore::new(depth);
+    let (spans, mut answers_for) = mpsc::unbounded_channel::<ByteRange>();
+    let Session { reader, writer, .. } = session;
+    let send = async {
+        let mut batch = Batch::default();
+        let out = |batch: &mut Batch| -> Option<(ByteRange, Frame)> {
+            let span = batch.span()?;
+            let chunks = std::mem::take(&mut batch.chunks);
+            let sig = DeltaSig {
+                transfer_id,
+                offset: span.start,
+                chunks,
+            };
+            Some((span, Frame::DeltaSig(sig)))
+        };
+        for mut rx in regions {
+            while let Some(cut) = rx.recv().await {
+                let full = !batch.extends(&cut) || batch.chunks.len() == SIG_BATCH;
+                let skip = held.contains(cut.range());
+                if full || skip {
+                    if let Some((span, frame)) = out(&mut batch) {
+                        room.acquire()
+                            .await
+                            .map_err(|_| ClientError::Closed)?
+                            .forget();
+                        let _ = spans.send(span);
+                        writer.send(&frame).await?;
+                    }
+                }
+                if !skip {
+                    batch.push(cut);
+                }
             }
-            if !batch.extends(&cut) || batch.chunks.len() == MAX_DELTA_CHUNKS {
-                batch.flush(session, transfer_id, &mut found).await?;
+            if let Some((span, frame)) = out(&mut batch) {
+                room.acquire()
+                    .await
+                    .map_err(|_| ClientError::Closed)?
+                    .forget();
+                let _ = spans.send(span);
+                writer.send(&frame).await?;
             }
-            batch.push(cut);
         }
-        batch.flush(session, transfer_id, &mut found).await?;
-    }
+        drop(spans);
+        Ok::<_, ClientError>(())
+    };
+    let receive = async {
+        while let Some(span) = answers_for.recv().await {
+            let answer = match next_frame(reader).await? {
+                Frame::DeltaMatch(m) if m.transfer_id == transfer_id && m.offset == span.start => m,
+                other => return Err(unexpected(other)),
+            };
+            let mut last_end = span.start;
+            for range in &answer.matched {
+                if range.is_empty() || range.start < last_end || range.end > span.end {
+                    return Err(ClientError::Unexpected(
+                        "DeltaMatch with ranges out of order",
+                    ));
+                }
+                last_end = range.end;
+            }
+            answered(span, &answer.matched);
+            room.add_permits(1);
+        }
+        Ok(())
+    };
+    tokio::try_join!(send, receive)?;
     for cutter in cutters {
         cutter
             .await
             .map_err(|e| ClientError::Local(super::join_error(e)))?
             .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
     }
-    Ok(Some(found))
+    Ok(true)
+}
+
+/// The spans of upload `transfer_id` an earlier run's signature exchange answered for (with
+/// `CAP_DELTA_PIPELINE`; none without).
+///
+/// # Errors
+/// Connection and protocol errors.
+pub(super) async fn agreed(
+    session: &mut Session,
+    transfer_id: u64,
+) -> Result<Vec<ByteRange>, ClientError> {
+    let both = CAP_DELTA | CAP_DELTA_PIPELINE;
+    if session.welcome.capabilities & both != both {
+        return Ok(Vec::new());
+    }
+    session
+        .send(&Frame::DeltaResume(DeltaResume { transfer_id }))
+        .await?;
+    match session.next().await? {
+        Frame::DeltaAgreed(a) if a.transfer_id == transfer_id => Ok(a.agreed),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The parts of `span` neither `held` before the delta nor `copied` by the daemon: what must
+/// still move as data.
+pub(super) fn literal_in(span: ByteRange, held: &RangeSet, copied: &[ByteRange]) -> Vec<ByteRange> {
+    let mut cover = RangeSet::from_ranges(copied.iter().copied());
+    for range in held.iter() {
+        let (start, end) = (range.start.max(span.start), range.end.min(span.end));
+        if start < end {
+            cover.insert(ByteRange::new(start, end));
+        }
+    }
+    if span.start > 0 {
+        cover.insert(ByteRange::new(0, span.start));
+    }
+    cover.missing(span.end)
 }
 
 /// Copies into `partial` (a download of `name`, open on `session` as `transfer_id`) every chunk
@@ -254,37 +356,8 @@ impl Batch {
         self.chunks.push(cut.sig());
     }
 
-    /// Sends the batch, if any, and records what the daemon copied.
-    async fn flush(
-        &mut self,
-        session: &mut Session,
-        transfer_id: u64,
-        found: &mut Found,
-    ) -> Result<(), ClientError> {
-        if self.chunks.is_empty() {
-            return Ok(());
-        }
-        let span = ByteRange::new(self.offset, self.end);
-        let sig = DeltaSig {
-            transfer_id,
-            offset: self.offset,
-            chunks: std::mem::take(&mut self.chunks),
-        };
-        session.send(&Frame::DeltaSig(sig)).await?;
-        let answer = match session.next().await? {
-            Frame::DeltaMatch(m) if m.transfer_id == transfer_id && m.offset == span.start => m,
-            other => return Err(unexpected(other)),
-        };
-        let mut last_end = span.start;
-        for range in answer.matched {
-            if range.is_empty() || range.start < last_end || range.end > span.end {
-                return Err(ClientError::Unexpected(
-                    "DeltaMatch with ranges out of order",
-                ));
-            }
-            last_end = range.end;
-            found.matched.insert(range);
-        }
-        Ok(())
+    /// The bytes the batch covers, if it holds any chunk.
+    fn span(&self) -> Option<ByteRange> {
+        (!self.chunks.is_empty()).then(|| ByteRange::new(self.offset, self.end))
     }
 }

@@ -186,7 +186,7 @@ async fn worker<D: Direction>(
     let mut ever_connected = false;
     let mut reconnecting = false;
     loop {
-        if session.is_none() && work.is_empty() {
+        if session.is_none() && work.is_idle() {
             return Ok(None);
         }
         let mut connected = false;

@@ -118,9 +118,24 @@ pub(super) struct Work {
     pub(super) excess: AtomicUsize,
     /// An optional connection was turned away (a busy daemon): the pool stops growing.
     pub(super) refused: AtomicBool,
+    /// Holds ([`Work::hold`]) alive: chunks are still to come though none may be queued.
+    holds: AtomicUsize,
     /// Bytes of chunk buffer the process may hold ([`Options`]' memory budget), if bounded:
     /// no chunk is handed out larger than a connection's share of it.
     memory: Option<u64>,
+}
+
+/// A transfer kept open for chunks still to come ([`Work::hold`]); lets it finish when dropped.
+pub(super) struct Hold(Arc<Work>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.holds.fetch_sub(1, Ordering::SeqCst);
+        if self.0.outstanding.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.finished.send_replace(true);
+        }
+        self.0.bump();
+    }
 }
 
 /// A worker's place in [`Work::active`]; leaves it when dropped.
@@ -158,6 +173,7 @@ impl Work {
             peak: AtomicUsize::new(0),
             excess: AtomicUsize::new(0),
             refused: AtomicBool::new(false),
+            holds: AtomicUsize::new(0),
             memory: opts.connector.memory.as_ref().map(|b| b.total() as u64),
         };
         work.add(chunks);
@@ -331,6 +347,16 @@ impl Work {
         self.bump();
     }
 
+    /// Keeps the transfer from finishing until the guard drops, though nothing is queued: more
+    /// chunks are still to come (the literal data of a delta whose signatures are still being
+    /// compared). Counts as one byte outstanding.
+    pub(super) fn hold(self: &Arc<Self>) -> Hold {
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        self.finished.send_replace(false);
+        Hold(Arc::clone(self))
+    }
+
     /// Resolves once every chunk is moved.
     pub(super) async fn finished(&self) {
         let _ = self.finished.subscribe().wait_for(|done| *done).await;
@@ -358,6 +384,12 @@ impl Work {
 
     pub(super) fn is_empty(&self) -> bool {
         self.lock().queue.is_empty()
+    }
+
+    /// True when nothing is queued and nothing more is to come: a connection not yet open
+    /// has no reason to open.
+    pub(super) fn is_idle(&self) -> bool {
+        self.holds.load(Ordering::SeqCst) == 0 && self.is_empty()
     }
 
     pub(super) async fn throttle(&self, bytes: u64) {
@@ -433,6 +465,25 @@ mod tests {
         work.add(vec![range(5, 6)]);
         assert!(!work.is_finished());
         assert_eq!(drain(&work), [range(5, 6)]);
+    }
+
+    #[tokio::test]
+    async fn a_held_transfer_waits_for_chunks_still_to_come() {
+        let work = Arc::new(Work::new(
+            Vec::new(),
+            &test_options(Arc::new(ProgressCounter::default())),
+        ));
+        assert!(work.is_finished() && work.is_idle());
+        let hold = work.hold();
+        // Nothing queued, yet connections still open for what is to come.
+        assert!(!work.is_finished() && !work.is_idle());
+        work.add(vec![range(0, 10)]);
+        let chunks = drain(&work);
+        work.complete(chunks[0]);
+        assert!(!work.is_finished());
+        drop(hold);
+        work.finished().await;
+        assert!(work.is_idle());
     }
 
     #[test]

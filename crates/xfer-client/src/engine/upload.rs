@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::task::JoinSet;
 use xfer_core::{MemoryBudget, RangeSet, SourceFile};
 use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite, OpenWriteSparse};
@@ -176,31 +177,86 @@ pub async fn send_file(
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
     let mut tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
-    let mut delta_used = try_delta(
-        &mut session,
-        id,
-        &upload.source,
-        &mut held,
-        opts,
-        &mut tally,
-    )
-    .await?;
+    let work = Arc::new(Work::new(Vec::new(), opts));
+    let size = identity.size;
+    let (wanted, why) = delta::choose(opts.delta, &session, opts.bwlimit, size);
+    let mut have = RangeSet::from_ranges(held.iter().copied());
+    let mut queued = false;
+    if wanted && have.total() > 0 && have.total() < size {
+        // A resumed delta: what an earlier run's exchange answered for is not compared again,
+        // and its literal data goes at once.
+        let agreed = delta::agreed(&mut session, id).await?;
+        if !agreed.is_empty() {
+            let literal: Vec<ByteRange> = agreed
+                .iter()
+                .flat_map(|&span| delta::literal_in(span, &have, &[]))
+                .collect();
+            tracing::debug!(
+                agreed = agreed.iter().map(ByteRange::len).sum::<u64>(),
+                "a resumed delta: spans already compared"
+            );
+            work.add(xfer_core::meta::split_at_holes(
+                &literal,
+                &upload.holes,
+                chunk_size,
+            ));
+            for span in agreed {
+                have.insert(span);
+            }
+            tally.delta = true;
+            queued = true;
+        }
+    }
+    let mut negotiation = JoinSet::new();
+    let mut inline = None;
+    let mut session = Some(session);
+    if wanted && have.total() < size {
+        if let Some(mut s) = session.take() {
+            if opts.connections.initial_on(s.rtt) == 1 {
+                // A pool of one: nothing to overlap with, the literal data follows on it.
+                let progress = &*opts.progress;
+                let (found, usable) =
+                    run_delta(&mut s, id, &upload, have, &work, chunk_size, progress).await;
+                inline = Some(found);
+                session = usable.then_some(s);
+            } else {
+                // The signatures are compared on the first connection while the rest of the
+                // pool moves the literal data each answer leaves, as it comes.
+                let hold = work.hold();
+                let (upload, work) = (Arc::clone(&upload), Arc::clone(&work));
+                let progress = opts.progress.clone();
+                negotiation.spawn(async move {
+                    let (found, usable) =
+                        run_delta(&mut s, id, &upload, have, &work, chunk_size, &*progress).await;
+                    drop(hold);
+                    if usable {
+                        s.close().await;
+                    }
+                    found
+                });
+            }
+            queued = true;
+        }
+    } else if !queued {
+        tracing::info!("whole file: {why}");
+    }
+    let mut delta_used = tally.delta;
     // The whole-file digest is read front to back beside the transfer, not after it.
     let digest = {
         let source = upload.source.clone();
         tokio::spawn(async move { source.digest().await })
     };
-    let work = Arc::new(Work::new(Vec::new(), opts));
-    let mut session = Some(session);
     let mut digest = Some(digest);
     let mut digest_bytes = Vec::new();
     for _ in 0..COMMIT_ATTEMPTS {
-        let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
-        work.add(xfer_core::meta::split_at_holes(
-            &missing,
-            &upload.holes,
-            chunk_size,
-        ));
+        if !std::mem::take(&mut queued) {
+            let missing = RangeSet::from_ranges(held.iter().copied()).missing(identity.size);
+            work.add(xfer_core::meta::split_at_holes(
+                &missing,
+                &upload.holes,
+                chunk_size,
+            ));
+        }
         let first = match session.take() {
             Some(s) => (s, id),
             None => reopen(target, &*upload, opts).await?,
@@ -219,6 +275,22 @@ pub async fn send_file(
             None => reopen(target, &*upload, opts).await?,
         };
         close_all(sessions).await;
+        let found = match negotiation.join_next().await {
+            Some(joined) => Some(joined.map_err(|e| ClientError::Local(join_error(e)))?),
+            None => inline.take(),
+        };
+        if let Some(found) = found {
+            delta_used |= found.is_some();
+            tally.delta = delta_used;
+            tally.matched = found.unwrap_or(0);
+            if delta_used {
+                tracing::info!(
+                    matched_bytes = tally.matched,
+                    literal = size - resumed - tally.matched,
+                    "delta transfer: {why}"
+                );
+            }
+        }
         if let Some(task) = digest.take() {
             let d = task
                 .await
@@ -274,41 +346,51 @@ pub async fn send_file(
     )))
 }
 
-/// Runs a delta on the first connection if one pays (`opts.delta`), adding what the daemon
-/// copied from its old file to `held`; true if the daemon had a file to start from.
-async fn try_delta(
+/// Runs a delta on `session`: every span the daemon answers for queues on `work` what it did not
+/// copy, and once the exchange ends whatever it did not answer for goes whole. The bytes the
+/// daemon copied, or `None` when it had no file to start from; and whether `session` is still
+/// usable (false after a failed exchange).
+async fn run_delta(
     session: &mut Session,
     id: u64,
-    source: &SourceFile,
-    held: &mut Vec<ByteRange>,
-    opts: &Options,
-    tally: &mut Tally,
-) -> Result<bool, ClientError> {
-    let size = source.identity().size;
-    let (wanted, why) = delta::choose(opts.delta, session, opts.bwlimit, size);
-    let mut have = RangeSet::from_ranges(held.iter().copied());
-    if !wanted || have.total() == size {
-        tracing::info!("whole file: {why}");
-        return Ok(false);
+    upload: &Upload,
+    held: RangeSet,
+    work: &Work,
+    chunk_size: u32,
+    progress: &dyn crate::Progress,
+) -> (Option<u64>, bool) {
+    let mut answered = held.clone();
+    let mut matched = 0;
+    let outcome = delta::negotiate(session, id, &upload.source, &held, |span, copied| {
+        let literal = delta::literal_in(span, &held, copied);
+        work.add(xfer_core::meta::split_at_holes(
+            &literal,
+            &upload.holes,
+            chunk_size,
+        ));
+        let bytes: u64 = copied.iter().map(ByteRange::len).sum();
+        progress.inc(bytes);
+        matched += bytes;
+        answered.insert(span);
+    })
+    .await;
+    let rest = answered.missing(upload.source.identity().size);
+    work.add(xfer_core::meta::split_at_holes(
+        &rest,
+        &upload.holes,
+        chunk_size,
+    ));
+    match outcome {
+        Ok(true) => (Some(matched), true),
+        Ok(false) => {
+            tracing::info!("whole file: the daemon holds no file under the name");
+            (None, true)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the delta failed; the rest of the file goes whole");
+            ((matched > 0).then_some(matched), false)
+        }
     }
-    let Some(found) = delta::negotiate(session, id, source, &have).await? else {
-        tracing::info!("whole file: the daemon holds no file under the name ({why})");
-        return Ok(false);
-    };
-    let before = have.total();
-    for range in found.matched.iter() {
-        have.insert(range);
-    }
-    tally.delta = true;
-    tally.matched = have.total() - before;
-    opts.progress.set_position(have.total());
-    tracing::info!(
-        matched_bytes = tally.matched,
-        literal = size - have.total(),
-        "delta transfer: {why}"
-    );
-    *held = have.iter().collect();
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -6,16 +6,22 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use tracing::info;
-use xfer_core::delta::{self, groups, Index};
+use xfer_core::delta::{self, groups, Index, Piece};
 use xfer_core::CoreError;
 use xfer_proto::session::{DownloadId, UploadId};
 use xfer_proto::{
-    ByteRange, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame, ReadSig, MAX_DELTA_CHUNKS,
+    ByteRange, DeltaAgreed, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame, ReadSig,
+    MAX_DELTA_CHUNKS, MAX_RANGES,
 };
 
 use super::{fatal, ConnError, Download, Handler, Upload};
 use crate::registry::blocking;
+
+/// Groups of basis bytes one `DeltaSig` copies at once: enough to keep the cores and the disk
+/// busy, each group holding at most `delta::MAX_COPY` bytes of the memory budget.
+const MAX_PARALLEL_COPIES: usize = 4;
 
 impl Handler {
     pub(super) async fn delta_open(&mut self, id: UploadId) -> Result<(), ConnError> {
@@ -51,6 +57,20 @@ impl Handler {
         Ok(())
     }
 
+    pub(super) async fn delta_resume(&mut self, id: UploadId) -> Result<(), ConnError> {
+        let Upload { lease, .. } = self.session.upload(id)?;
+        let mut agreed = lease.partial.agreed();
+        // Spans are few (consecutive ones merge); past the limit the rest is compared again.
+        agreed.truncate(MAX_RANGES);
+        self.writer
+            .send(&Frame::DeltaAgreed(DeltaAgreed {
+                transfer_id: id.get(),
+                agreed,
+            }))
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn delta_sig(&mut self, id: UploadId, sig: DeltaSig) -> Result<(), ConnError> {
         let Upload {
             lease, name, basis, ..
@@ -60,28 +80,42 @@ impl Handler {
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
         let pieces = index.find(sig.offset, &sig.chunks);
+        let budget = &self.shared.budget;
+        // Groups of at most MAX_COPY bytes are read, checked and written on several cores at
+        // once, each into bytes reserved from the daemon's budget.
+        let copy_group = |group: &[Piece]| {
+            let len: u64 = group.iter().map(|p| u64::from(p.len)).sum();
+            let (index, group) = (Arc::clone(&index), group.to_vec());
+            let (partial, name) = (Arc::clone(&partial), &name);
+            async move {
+                let _reservation = budget.reserve(len as usize).await;
+                let runs = blocking(move || {
+                    index
+                        .read_verified(&group)
+                        .map_err(|e| CoreError::io("reading the delta basis", e))
+                })
+                .await
+                .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+                let mut written = Vec::with_capacity(runs.len());
+                for (offset, bytes) in runs {
+                    let crc = crc32fast::hash(&bytes);
+                    let range = ByteRange::new(offset, offset + bytes.len() as u64);
+                    partial
+                        .write(offset, Bytes::from(bytes), crc)
+                        .await
+                        .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+                    written.push(range);
+                }
+                Ok::<_, ConnError>(written)
+            }
+        };
+        let mut copies = stream::iter(groups(&pieces))
+            .map(copy_group)
+            .buffered(delta::parallelism().clamp(2, MAX_PARALLEL_COPIES));
         let mut matched: Vec<ByteRange> = Vec::new();
         let mut copied = 0;
-        // The basis is read a group of at most MAX_COPY bytes at a time, into bytes reserved
-        // from the daemon's budget.
-        for group in groups(&pieces) {
-            let len: u64 = group.iter().map(|p| u64::from(p.len)).sum();
-            let _reservation = self.shared.budget.reserve(len as usize).await;
-            let (index, group) = (Arc::clone(&index), group.to_vec());
-            let runs = blocking(move || {
-                index
-                    .read_verified(&group)
-                    .map_err(|e| CoreError::io("reading the delta basis", e))
-            })
-            .await
-            .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-            for (offset, bytes) in runs {
-                let crc = crc32fast::hash(&bytes);
-                let range = ByteRange::new(offset, offset + bytes.len() as u64);
-                partial
-                    .write(offset, Bytes::from(bytes), crc)
-                    .await
-                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        while let Some(written) = copies.next().await {
+            for range in written? {
                 copied += range.len();
                 match matched.last_mut() {
                     Some(last) if last.end == range.start => last.end = range.end,
@@ -89,6 +123,14 @@ impl Handler {
                 }
             }
         }
+        drop(copies);
+        // Recorded once its matched chunks are: a resumed upload sends the rest as data
+        // without comparing this span again.
+        let span_len: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();
+        partial
+            .agree(ByteRange::new(sig.offset, sig.offset + span_len))
+            .await
+            .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
         self.shared.metrics.delta_copied.add(copied);
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {

@@ -346,6 +346,7 @@ impl Handler {
                 Request::SetCompression(mode) => self.set_compression(mode),
                 Request::Commit(id, c) => self.commit(id, c).await?,
                 Request::DeltaOpen(id, _) => self.delta_open(id).await?,
+                Request::DeltaResume(id, _) => self.delta_resume(id).await?,
                 Request::DeltaSig(id, sig) => self.delta_sig(id, sig).await?,
                 Request::ReadSig(id, req) => self.read_sig(id, req).await?,
                 Request::Digest(id) => self.digest(id).await?,
