@@ -8,15 +8,18 @@
 #   bench/compress.sh
 #   CSV_SIZE=128M RANDOM_SIZE=64M COMPRESS_CAP=60 bench/compress.sh   # a short run
 #
-# Data sets: docs, an installed documentation tree (/usr/share/doc, and /usr/share/man when the
-# two together stay under DOCS_MAX, default 512M), copied with xfer send -r, rsync -a and scp -r;
+# Data sets: docs, an installed HTML documentation tree nobody here wrote: the Rust toolchain's
+# (rustup's share/doc/rust/html, 782 MB in 52k files for 1.95) when installed, else /usr/share/doc
+# (and /usr/share/man when the two together stay under DOCS_MAX, default 512M), or DOCS_SRC;
+# copied with xfer send -r, rsync -a and scp -r;
 # csv, a generated CSV of CSV_SIZE (default 512M); random, RANDOM_SIZE of /dev/urandom (default
 # 256M). Each run starts a fresh server, is capped at COMPRESS_CAP seconds (default 120; a capped
 # run is marked), and reports wall seconds, MB/s (source bytes / wall), the ratio to xfer
 # --compress off on the same data and link, xfer's wire bytes (its --json), the CPU seconds per GiB
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
-# Environment: CSV_SIZE, RANDOM_SIZE, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
-# kept; default 1), DATA (default "csv random docs"), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
+# Environment: CSV_SIZE, RANDOM_SIZE, DOCS_SRC, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
+# kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
+# loopback runs xfer only), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
 # that it is made outside the benchmark lock).
 set -euo pipefail
@@ -41,6 +44,8 @@ LOOPBACK="${LOOPBACK:-1}"
 WAN="${WAN:-1}"
 PREPARE="${PREPARE:-0}"
 DATA="${DATA:-csv random docs}"
+TOOLS="${TOOLS:-xfer-off xfer-auto rsync scp}"
+read -r -a XFER_ARGS <<<"${XFER_ARGS:-}"
 WORK="${COMPRESS_DIR:-$REPO/bench/out/compress}"
 [[ $EUID == 0 ]] || die "run as root (network namespaces)"
 WANEM_SRC=/work/shared/wanem
@@ -76,16 +81,28 @@ ensure_apt zstd zstd
 [[ "$PREPARE" == 1 ]] || xfer_binaries "$LOGS/build.log"
 
 # --- data ---------------------------------------------------------------------------------------
+# The documentation tree: DOCS_SRC, else the Rust docs of an installed toolchain, else the
+# system's. A marker names the source, so that a work directory made from another is remade.
+if [[ -z "${DOCS_SRC:-}" ]]; then
+    for d in "${RUSTUP_HOME:-$HOME/.rustup}"/toolchains/stable-*/share/doc/rust/html \
+        "$(rustc --print sysroot 2>/dev/null)/share/doc/rust/html"; do
+        [[ -d "$d" ]] && DOCS_SRC="$d" && break
+    done
+fi
+DOCS_SRC="${DOCS_SRC:-/usr/share/doc}"
 DOCS="$WORK/src/docs"
-if [[ ! -d "$DOCS" ]]; then
-    log "copying the documentation tree"
+if [[ ! -d "$DOCS" || "$(cat "$WORK/src/docs.from" 2>/dev/null)" != "$DOCS_SRC" ]]; then
+    log "copying the documentation tree $DOCS_SRC"
+    rm -rf "$DOCS"
     mkdir -p "$DOCS"
-    cp -a /usr/share/doc "$DOCS/doc"
-    if (($(du -sb /usr/share/doc /usr/share/man 2>/dev/null | awk '{s += $1} END {print s + 0}') < DOCS_MAX)); then
+    cp -a "$DOCS_SRC" "$DOCS/doc"
+    if [[ "$DOCS_SRC" == /usr/share/doc ]] &&
+        (($(du -sb /usr/share/doc /usr/share/man 2>/dev/null | awk '{s += $1} END {print s + 0}') < DOCS_MAX)); then
         cp -a /usr/share/man "$DOCS/man" 2>/dev/null || true
     fi
     # Links out of the tree mean nothing at the destination; keep the bytes.
     find "$DOCS" -type l -delete
+    echo "$DOCS_SRC" >"$WORK/src/docs.from"
 fi
 CSV="$WORK/src/data.csv"
 if [[ ! -f "$CSV" || $(stat -c %s "$CSV") != "$CSV_SIZE" ]]; then
@@ -114,7 +131,7 @@ fi
 RAND="$WORK/src/random.bin"
 [[ -f "$RAND" && $(stat -c %s "$RAND") == "$RANDOM_SIZE" ]] ||
     head -c "$RANDOM_SIZE" /dev/urandom >"$RAND"
-DOCS_BYTES="$(du -sb "$DOCS" | awk '{print $1}')"
+DOCS_BYTES="$(find "$DOCS" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')"
 DOCS_FILES="$(find "$DOCS" -type f | wc -l)"
 CSV_ZSTD="$(zstd -1 -c "$CSV" | wc -c)"
 if [[ "$PREPARE" == 1 ]]; then
@@ -178,7 +195,9 @@ unserve() {
         S_RSS="$(proc_hwm_kib "$SERVER_PID")"
         end_pids "$SERVER_PID"
     else
-        end_pids --tree "$SERVER_PID"
+        # The server (and what it forked) alone: its /usr/bin/time wrapper outlives it and
+        # writes what it used.
+        end_pids --tree "$(child_of "$SERVER_PID")"
         wait "$SERVER_PID" 2>/dev/null || true
         S_CPU="$(time_cpu "$LOGS/server.time" 2>/dev/null || echo 0)"
         S_RSS="$(time_field "$LOGS/server.time" 2 2>/dev/null || echo 0)"
@@ -200,7 +219,7 @@ run() {
     [[ "$data" == docs ]] && r=(-r)
     case "$tool" in
         xfer-auto | xfer-off)
-            cmd=("$XFER" send "${r[@]}" --json --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
+            cmd=("$XFER" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
         rsync)
             cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
         scp)
@@ -212,6 +231,7 @@ run() {
         >"$LOGS/client.out" 2>"$LOGS/client.err" || capped=" (capped or failed: $(tail -c 200 "$LOGS/client.err" | tr '\n' ' '))"
     local secs
     secs="$(secs_since "$t0")"
+    cp "$LOGS/client.err" "$LOGS/$link-$data-$tool.err"
     unserve "$tool"
     [[ "$tool" == xfer-* ]] && wire="$(python3 -c 'import json,sys
 w = 0
@@ -240,7 +260,7 @@ if [[ "$WAN" == 1 ]]; then
     "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
     for _ in $(seq "$REPEAT"); do
         for data in $DATA; do
-            for tool in xfer-off xfer-auto rsync scp; do
+            for tool in $TOOLS; do
                 run wan "$data" "$tool"
             done
         done
@@ -251,7 +271,8 @@ fi
 if [[ "$LOOPBACK" == 1 ]]; then
     for _ in $(seq "$REPEAT"); do
         for data in $DATA; do
-            for tool in xfer-off xfer-auto; do
+            for tool in $TOOLS; do
+                [[ "$tool" == xfer-* ]] || continue
                 run loopback "$data" "$tool"
             done
         done
@@ -263,7 +284,7 @@ echo "# xfer compression benchmark (bench/compress.sh), $(date -u +%Y-%m-%d)"
 echo
 echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($FSTYPE); commit $(git -C "$REPO" rev-parse --short HEAD)"
 echo "- wan: shared/wanem ${WAN_ARGS[*]}; loopback: 127.0.0.1; uploads; fastest of $REPEAT; cap ${CAP}s"
-echo "- data: docs = /usr/share/doc (+ man) $((DOCS_BYTES >> 20)) MiB in $DOCS_FILES files; csv = $((CSV_SIZE >> 20)) MiB generated (zstd -1: $((CSV_ZSTD >> 20)) MiB); random = $((RANDOM_SIZE >> 20)) MiB"
+echo "- data: docs = $DOCS_SRC $((DOCS_BYTES >> 20)) MiB in $DOCS_FILES files; csv = $((CSV_SIZE >> 20)) MiB generated (zstd -1: $((CSV_ZSTD >> 20)) MiB); random = $((RANDOM_SIZE >> 20)) MiB"
 echo
 python3 - "$RESULTS" <<'EOF'
 import sys

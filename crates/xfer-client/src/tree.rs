@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
+use xfer_net::compress::looks_compressed;
 use xfer_proto::{
     Change, Delete, EntryKind, Frame, GetFile, ListTree, MakeDir, MakeLink, MetaEntry, PutFile,
     TreeEntry, TreeOptions,
@@ -39,6 +40,11 @@ const PIPELINE: usize = 1024;
 const BATCH: usize = 64;
 /// Request bytes a connection keeps in flight before it waits for answers.
 const PIPELINE_BYTES: usize = 16 << 20;
+/// Bytes of small files packed into one `PackedPutFiles`, about: enough for zstd to find
+/// what they share (markup, licences), small enough to keep the pipeline moving.
+const PACK_BYTES: usize = 2 << 20;
+/// Most small files packed into one `PackedPutFiles`.
+const PACK_FILES: usize = 1024;
 
 /// What a tree copy reports (`--json`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,6 +61,8 @@ pub struct TreeSummary {
     pub bytes_total: u64,
     /// File bytes moved this run.
     pub bytes_transferred: u64,
+    /// What `bytes_transferred` took on the wire, compressed where it was.
+    pub wire_bytes: u64,
     /// Bytes of large files already held from an interrupted run.
     pub resumed_bytes: u64,
     /// Wall-clock seconds.
@@ -171,10 +179,35 @@ fn keeps_meta(session: &Session) -> bool {
     session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0
 }
 
-/// Sends `requests` (each with the file bytes it moves, for `--bwlimit` and the in-flight
-/// bound) on `session` with up to `PIPELINE` requests and `PIPELINE_BYTES` in flight, checking
-/// each answer with `check` (answers come in request order; an `Error` answer is passed on
-/// too, and [`unexpected`] makes it the remote's error).
+/// One frame of a pipeline, and what it costs.
+struct Request {
+    frame: Frame,
+    /// Answers it gets: one, or one per file of a `PackedPutFiles`.
+    answers: u32,
+    /// Bytes it keeps in flight until answered: those it carries, or those its answer will.
+    in_flight: u64,
+    /// Bytes it puts on the wire, counted by `--bwlimit`.
+    wire: u64,
+}
+
+impl From<(Frame, u64)> for Request {
+    /// A request answered once, keeping `in_flight` bytes in flight.
+    fn from((frame, in_flight): (Frame, u64)) -> Self {
+        Self {
+            frame,
+            answers: 1,
+            in_flight,
+            wire: 0,
+        }
+    }
+}
+
+/// Sends `requests` on `session` with up to `PIPELINE` requests and `PIPELINE_BYTES` in
+/// flight, checking each answer with `check` (answers come in request order; an `Error`
+/// answer is passed on too, and [`unexpected`] makes it the remote's error). A
+/// `PackedFileData` is unpacked into the answers it holds. The file bytes on the wire are
+/// counted both ways by `files`' limiter (`--bwlimit`): what requests carry, and the answers'
+/// `FileData`, packed or not; the answers' also into its `wire`.
 ///
 /// Requests are written and answers read side by side. Were the client to stop reading while
 /// it writes, a deep pipeline could block both ends at once: the server writing answers
@@ -184,24 +217,32 @@ fn keeps_meta(session: &Session) -> bool {
 /// per file.
 async fn pipeline<F>(
     session: &mut Session,
-    limiter: Option<&crate::RateLimiter>,
-    requests: impl Iterator<Item = (Frame, u64)>,
+    files: Option<&Progress>,
+    requests: impl Iterator<Item = impl Into<Request>>,
     mut check: F,
 ) -> Result<(), ClientError>
 where
     F: FnMut(Frame) -> Result<(), ClientError>,
 {
+    let limiter = files.and_then(|f| f.limiter.as_ref());
     let budget = tokio::sync::Semaphore::new(PIPELINE_BYTES);
-    // One entry per request in flight, in order: what its answer gives back to the budget.
-    let (in_flight, mut answered) = tokio::sync::mpsc::channel::<u32>(PIPELINE);
+    // One entry per request in flight, in order: what its answers give back to the budget,
+    // and how many they are.
+    let (in_flight, mut answered) = tokio::sync::mpsc::channel::<(u32, u32)>(PIPELINE);
     let Session { reader, writer, .. } = session;
     let send = async {
         let mut batch = Vec::with_capacity(BATCH);
-        for (frame, moves) in requests {
-            if let Some(limiter) = limiter {
+        for request in requests {
+            let Request {
+                frame,
+                answers,
+                in_flight: moves,
+                wire,
+            } = request.into();
+            if let Some(limiter) = limiter.filter(|_| wire > 0) {
                 // Nothing ready waits for the rate limit.
                 send_batch(writer, &mut batch).await?;
-                limiter.acquire(moves).await;
+                limiter.acquire(wire).await;
             }
             let size = (moves as usize + 64).min(PIPELINE_BYTES) as u32;
             let room = match (budget.try_acquire_many(size), in_flight.try_reserve()) {
@@ -222,7 +263,7 @@ where
                 }
             };
             bytes.forget();
-            slot.send(size);
+            slot.send((size, answers));
             batch.push(frame);
             if batch.len() >= BATCH {
                 send_batch(writer, &mut batch).await?;
@@ -234,15 +275,65 @@ where
         Ok::<_, ClientError>(())
     };
     let receive = async {
-        while let Some(size) = answered.recv().await {
-            // An error answer goes to `check` too: some requests may fail alone.
-            let answer = reader.read_frame().await?.ok_or(ClientError::Closed)?;
-            check(answer)?;
+        // Answers unpacked from a `PackedFileData` and not yet checked, oldest first.
+        let mut unpacked = VecDeque::new();
+        while let Some((size, answers)) = answered.recv().await {
+            for _ in 0..answers {
+                let answer = match unpacked.pop_front() {
+                    Some(answer) => answer,
+                    None => {
+                        let frame = reader.read_frame().await?.ok_or(ClientError::Closed)?;
+                        let wire = match &frame {
+                            Frame::FileData(f) => f.data.len() as u64,
+                            Frame::PackedFileData(p) => p.zstd.len() as u64,
+                            _ => 0,
+                        };
+                        if let Some(files) = files.filter(|_| wire > 0) {
+                            files.wire.fetch_add(wire, Ordering::Relaxed);
+                            if let Some(limiter) = &files.limiter {
+                                limiter.acquire(wire).await;
+                            }
+                        }
+                        match frame {
+                            Frame::PackedFileData(packed) => {
+                                unpacked.extend(unpack_answers(packed)?);
+                                unpacked.pop_front().ok_or(ClientError::Closed)?
+                            }
+                            other => other,
+                        }
+                    }
+                };
+                // An error answer goes to `check` too: some requests may fail alone.
+                check(answer)?;
+            }
             budget.add_permits(size as usize);
+        }
+        if !unpacked.is_empty() {
+            return Err(ClientError::Unexpected("PackedFileData"));
         }
         Ok(())
     };
     tokio::try_join!(send, receive).map(|_| ())
+}
+
+/// The answers a `PackedFileData` holds, its CRC checked before it is decompressed (under
+/// `block_in_place`: the runtime's other tasks go on meanwhile) into exactly the announced
+/// size, which the decoder checked against the limit.
+fn unpack_answers(packed: xfer_proto::PackedFiles) -> Result<Vec<Frame>, ClientError> {
+    if !packed.crc_matches() {
+        return Err(ClientError::Proto(xfer_proto::ProtoError::BadCrc {
+            offset: 0,
+        }));
+    }
+    let frames = tokio::task::block_in_place(|| {
+        let buffer = vec![0; packed.raw_len as usize];
+        packed.unpack(
+            "PackedFileData",
+            buffer,
+            xfer_proto::packed::packs_in_file_data,
+        )
+    })?;
+    Ok(frames)
 }
 
 async fn send_batch(
@@ -339,6 +430,7 @@ impl TreeSummary {
             files_skipped: 0,
             bytes_total: 0,
             bytes_transferred: 0,
+            wire_bytes: 0,
             resumed_bytes: 0,
             seconds: 0.0,
             connections: opts.connections.initial(),
@@ -357,6 +449,11 @@ impl TreeSummary {
 struct Progress {
     /// `--bwlimit` for the small files, shared by every connection of the tree.
     limiter: Option<crate::RateLimiter>,
+    /// Packs the small files sent, for every connection of the tree: `auto` measures and
+    /// decides for all of them at once.
+    compressor: xfer_net::Compressor,
+    /// File bytes on the wire, compressed where they were: small files and large ones.
+    wire: AtomicU64,
     bar: Arc<dyn crate::Progress>,
     files_done: AtomicU64,
     files_total: u64,
@@ -367,6 +464,11 @@ impl Progress {
     fn new(small: &[TreeEntry], large: &[TreeEntry], opts: &Options) -> Arc<Self> {
         let progress = Self {
             limiter: opts.bwlimit.map(crate::RateLimiter::new),
+            compressor: xfer_net::Compressor::new(
+                opts.connector.compress.unwrap_or_default(),
+                "tree",
+            ),
+            wire: AtomicU64::new(0),
             bar: opts.progress.clone(),
             files_done: AtomicU64::new(0),
             files_total: (small.len() + large.len()) as u64,
@@ -540,6 +642,7 @@ where
         summary.resumed_bytes += s.resumed_bytes;
         summary.crc_retries += s.crc_retries;
         summary.connections = summary.connections.max(s.connections);
+        progress.wire.fetch_add(s.wire_bytes, Ordering::Relaxed);
         progress.file_done(s.bytes_transferred);
     }
     Ok(())
@@ -1009,6 +1112,7 @@ pub async fn send_tree_mirror(
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
+    summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -1132,35 +1236,58 @@ async fn send_small_files_over(session: &mut Session, job: &SmallFiles) -> Resul
     let local = &job.local;
     let (dest, queue, progress) = (job.top.as_str(), &*job.queue, &*job.progress);
     let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-    // Sizes of the files sent and not yet answered, oldest first.
+    // Files go packed where the daemon speaks it and compression is not off.
+    let packs = session.welcome.capabilities & xfer_proto::CAP_PACKED_FILES != 0
+        && progress.compressor.mode() != xfer_net::Compression::Off;
     let sent = Mutex::new(VecDeque::new());
-    let mut next = None;
+    let mut outgoing = Outgoing {
+        sent: &sent,
+        ready: VecDeque::new(),
+        pending: Vec::new(),
+        pending_bytes: 0,
+        progress,
+    };
     let mut error = None;
-    // Each file is read just before it is sent, so memory holds only the pipeline's worth.
-    let requests = std::iter::from_fn(|| {
-        let entry = next.take().or_else(pop)?;
+    let mut drained = false;
+    // Each file is read just before it is sent, so memory holds only the pipeline's worth
+    // (and one batch being packed).
+    let requests = std::iter::from_fn(|| loop {
+        if let Some(request) = outgoing.ready.pop_front() {
+            return Some(request);
+        }
+        if drained {
+            return None;
+        }
+        let Some(entry) = pop() else {
+            drained = true;
+            outgoing.pack();
+            continue;
+        };
         let read = tokio::task::block_in_place(|| local.read_listed_small(&entry.path, SMALL_FILE));
         match read {
             Ok((identity, mode, data)) => {
-                sent.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_back(identity.size);
-                let frame = Frame::PutFile(PutFile {
+                // Compressed formats go as they are, without a trial.
+                let packed = packs && !looks_compressed(&data);
+                let file = PutFile {
                     name: join(dest, &entry.path),
                     mtime_ns: identity.mtime_ns,
                     mode,
                     crc32: crc32fast::hash(&data),
                     data,
-                });
-                Some((frame, identity.size))
+                };
+                if packed {
+                    outgoing.add(file);
+                } else {
+                    outgoing.plain(file);
+                }
             }
             Err(e) => {
                 error = Some(e);
-                None
+                return None;
             }
         }
     });
-    pipeline(session, progress.limiter.as_ref(), requests, |frame| {
+    pipeline(session, Some(progress), requests, |frame| {
         expect_done(frame)?;
         let size = sent
             .lock()
@@ -1174,6 +1301,83 @@ async fn send_small_files_over(session: &mut Session, job: &SmallFiles) -> Resul
     match error {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// Small files read and on their way out, in the order their answers will come.
+struct Outgoing<'a> {
+    /// Sizes of the files sent and not yet answered, oldest first.
+    sent: &'a Mutex<VecDeque<u64>>,
+    /// Requests ready to go.
+    ready: VecDeque<Request>,
+    /// Files waiting to be packed together.
+    pending: Vec<PutFile>,
+    pending_bytes: usize,
+    progress: &'a Progress,
+}
+
+impl Outgoing<'_> {
+    /// Queues `file` as a `PutFile` of its own.
+    fn plain(&mut self, file: PutFile) {
+        let size = file.data.len() as u64;
+        self.sent_sizes([size]);
+        self.progress.wire.fetch_add(size, Ordering::Relaxed);
+        self.ready.push_back(Request {
+            frame: Frame::PutFile(file),
+            answers: 1,
+            in_flight: size,
+            wire: size,
+        });
+    }
+
+    /// Adds `file` to the batch to be packed, and packs the batch once it is full.
+    fn add(&mut self, file: PutFile) {
+        self.pending_bytes += file.data.len() + file.name.len() + 64;
+        self.pending.push(file);
+        if self.pending_bytes >= PACK_BYTES || self.pending.len() >= PACK_FILES {
+            self.pack();
+        }
+    }
+
+    /// Queues the batch as one `PackedPutFiles` where the compressor packs it, else file by
+    /// file.
+    fn pack(&mut self) {
+        self.pending_bytes = 0;
+        if self.pending.is_empty() {
+            return;
+        }
+        let files = std::mem::take(&mut self.pending);
+        let frames: Vec<Frame> = files.into_iter().map(Frame::PutFile).collect();
+        let compressor = &self.progress.compressor;
+        let packed = tokio::task::block_in_place(|| compressor.pack_files(&frames));
+        let Some(packed) = packed else {
+            for frame in frames {
+                let Frame::PutFile(file) = frame else {
+                    unreachable!("only files are packed")
+                };
+                self.plain(file);
+            }
+            return;
+        };
+        self.sent_sizes(frames.iter().map(|f| match f {
+            Frame::PutFile(file) => file.data.len() as u64,
+            _ => 0,
+        }));
+        let wire = packed.zstd.len() as u64;
+        self.progress.wire.fetch_add(wire, Ordering::Relaxed);
+        self.ready.push_back(Request {
+            frame: Frame::PackedPutFiles(packed),
+            answers: frames.len() as u32,
+            in_flight: wire,
+            wire,
+        });
+    }
+
+    fn sent_sizes(&self, sizes: impl IntoIterator<Item = u64>) {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(sizes);
     }
 }
 
@@ -1319,6 +1523,7 @@ pub async fn recv_tree_mirror(
         progress.bar.finish();
         summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
         summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
+        summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
         summary.seconds = started.elapsed().as_secs_f64();
         return Ok(summary);
     }
@@ -1340,6 +1545,7 @@ pub async fn recv_tree_mirror(
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
+    summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -1463,7 +1669,7 @@ async fn recv_small_files(job: SmallFiles, ready: Option<Session>) -> Result<(),
             .push_back(entry);
         Some((frame, size))
     });
-    pipeline(&mut session, progress.limiter.as_ref(), requests, |frame| {
+    pipeline(&mut session, Some(progress), requests, |frame| {
         let Frame::FileData(f) = frame else {
             return Err(unexpected(frame));
         };

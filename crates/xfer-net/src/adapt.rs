@@ -14,7 +14,10 @@
 //!   [`MAX_SKIP`] chunks while the data stays incompressible.
 //!
 //! The level moves as `zstd --adapt` moves it: up while compressing keeps the CPU idle most
-//! of the time (the link is the limit), down when compressing takes most of it.
+//! of the time (the link is the limit), down when compressing takes most of it. The CPUs are
+//! the machine's, not only this process's: where the machine is busy (the receiver or other
+//! work on the same host), a higher level would slow the transfer down, so it never climbs
+//! past [`BUSY_MACHINE`].
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,14 @@ pub const MAX_SKIP: u32 = 64;
 pub const PROBE: Duration = Duration::from_millis(400);
 /// The first stretch a decision is kept for; it doubles while probes confirm it.
 pub const FIRST_STRETCH: Duration = Duration::from_secs(2);
+/// The first stretch after a decisive probe (one side at least [`DECISIVE`] times the other):
+/// each probe of the losing side costs a share of [`PROBE`], which must stay small.
+pub const DECISIVE_STRETCH: Duration = Duration::from_secs(8);
+/// How much faster one side must be for a probe to count as decisive.
+pub const DECISIVE: f64 = 1.5;
+/// Share of the machine's CPU time busy (all processes) above which the level goes down and
+/// below which only it may go up.
+pub const BUSY_MACHINE: f64 = 0.85;
 /// The longest stretch a decision is kept for before it is probed again.
 pub const MAX_STRETCH: Duration = Duration::from_secs(16);
 /// Compression must beat off by this factor to be chosen: noise must not switch it on.
@@ -111,6 +122,8 @@ pub struct Adapt {
     backoff: u32,
     cpus: f64,
     last: Option<Decision>,
+    /// The machine's CPU ticks (busy, total) when the level was last decided, and the latest.
+    machine: Option<((u64, u64), (u64, u64))>,
 }
 
 impl Adapt {
@@ -135,7 +148,25 @@ impl Adapt {
             backoff: 1,
             cpus: cpus.max(1) as f64,
             last: None,
+            machine: None,
         }
+    }
+
+    /// The machine's CPU ticks so far, busy and in all (as `/proc/stat` counts them): how busy
+    /// the machine was between two level decisions bounds the level.
+    pub fn machine_ticks(&mut self, busy: u64, total: u64) {
+        let now = (busy, total);
+        match &mut self.machine {
+            Some((_, latest)) => *latest = now,
+            None => self.machine = Some((now, now)),
+        }
+    }
+
+    /// Share of the machine's CPU time that was busy since the last level decision, once known.
+    fn machine_busy(&self) -> Option<f64> {
+        let ((busy0, total0), (busy1, total1)) = self.machine?;
+        let total = total1.checked_sub(total0).filter(|&t| t > 0)?;
+        Some(busy1.saturating_sub(busy0) as f64 / total as f64)
     }
 
     /// What to do with the next chunk at `now`.
@@ -216,8 +247,11 @@ impl Adapt {
             (Phase::Keep { on }, _, _) => Phase::Probe { on: !on },
             (Phase::Probe { .. }, Some(off_rate), Some(on_rate)) => {
                 let keep = on_rate > off_rate * MARGIN;
+                let decisive = on_rate.max(off_rate) >= on_rate.min(off_rate) * DECISIVE;
                 if self.last.is_some_and(|d| d.on == keep) {
                     self.stretch = (self.stretch * 2).min(MAX_STRETCH);
+                } else if decisive {
+                    self.stretch = DECISIVE_STRETCH;
                 } else {
                     self.stretch = FIRST_STRETCH;
                 }
@@ -261,14 +295,18 @@ impl Adapt {
             return;
         }
         let share = self.compressing.as_secs_f64() / (elapsed.as_secs_f64() * self.cpus);
-        if share < IDLE_SHARE && self.level < MAX_AUTO_LEVEL {
+        let busy = self.machine_busy().unwrap_or(0.0);
+        if share < IDLE_SHARE && busy < BUSY_MACHINE && self.level < MAX_AUTO_LEVEL {
             self.level += 1;
-        } else if share > 2.0 * IDLE_SHARE && self.level > 1 {
+        } else if (share > 2.0 * IDLE_SHARE || busy > BUSY_MACHINE) && self.level > 1 {
             self.level -= 1;
         } else {
             return;
         }
         self.chunks_at_level = 0;
+        if let Some((start, latest)) = &mut self.machine {
+            *start = *latest;
+        }
     }
 }
 
@@ -384,6 +422,39 @@ mod tests {
         // 1, 2, 4 … 64 chunks skipped after each failed sample, then 64 each time.
         assert!(samples <= 9, "{samples} samples of 200 chunks");
         assert!(samples >= 3);
+    }
+
+    #[test]
+    fn a_busy_machine_keeps_the_level_down() {
+        let start = Instant::now();
+        let mut adapt = Adapt::new(2);
+        adapt.phase = Phase::Keep { on: true };
+        adapt.stretch = MAX_STRETCH;
+        adapt.level = 3;
+        let mut now = start;
+        let mut ticks = 0;
+        for _ in 0..64 {
+            adapt.choose(now);
+            now += Duration::from_millis(10);
+            // This process compresses little; others keep the machine busy.
+            ticks += 10;
+            adapt.machine_ticks(ticks * 95 / 100, ticks);
+            adapt.sent(Sent {
+                raw: MIB,
+                wire: MIB / 3,
+                compress: Duration::from_millis(1),
+            });
+        }
+        assert_eq!(adapt.level, 1);
+    }
+
+    #[test]
+    fn a_decisive_probe_is_kept_longer() {
+        let start = Instant::now();
+        let mut adapt = Adapt::new(2);
+        run(&mut adapt, start, Duration::from_secs(2), 30e6, 120e6);
+        assert!(adapt.decision().expect("decided").on);
+        assert_eq!(adapt.stretch, DECISIVE_STRETCH);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use xfer_proto::{Data, DataZ, Frame, COMPRESSION_AUTO, COMPRESSION_OFF, MAX_COMPRESSION_LEVEL};
+use xfer_proto::{
+    Data, DataZ, Frame, PackedFiles, COMPRESSION_AUTO, COMPRESSION_OFF, MAX_COMPRESSION_LEVEL,
+};
 
 use crate::adapt::{Adapt, Choice, Decision, Sent, INCOMPRESSIBLE, SAMPLE_LEN};
 
@@ -251,11 +253,56 @@ impl Compressor {
         self.finish(frame, raw, wire, Some(spent))
     }
 
+    /// Small files of a tree (`PutFile` frames, or `FileData` and `Error` answers to
+    /// `GetFile`), as one packed frame's body where the mode asks for compression and it
+    /// shrinks them; `None`: send them as they are. Blocks on zstd: call it off the runtime's
+    /// workers (on the blocking pool, or under `block_in_place`).
+    pub fn pack_files(&self, frames: &[Frame]) -> Option<PackedFiles> {
+        let raw: u64 = frames.iter().map(|f| file_bytes(f) as u64).sum();
+        let choice = match self.mode {
+            Compression::Off => Choice::Raw,
+            Compression::Level(level) => Choice::Compress {
+                level: i32::from(level),
+                sample: false,
+            },
+            Compression::Auto => self.lock().adapt.choose(Instant::now()),
+        };
+        let Choice::Compress { level, sample } = choice else {
+            self.account(raw, raw, None);
+            return None;
+        };
+        let started = Instant::now();
+        let packed = PackedFiles::encode_frames(frames)
+            .ok()
+            .filter(|encoded| encoded.len() <= xfer_proto::MAX_PACKED_LEN as usize)
+            .and_then(|encoded| {
+                let zstd = shrink(&encoded, level, sample)?;
+                Some(PackedFiles::new(frames.len() as u32, &encoded, zstd))
+            });
+        let spent = started.elapsed();
+        // What the files took on the wire: the compressed bytes carry them all.
+        let wire = packed
+            .as_ref()
+            .map_or(raw, |p| (p.zstd.len() as u64).min(raw));
+        self.account(raw, wire, Some(spent));
+        packed
+    }
+
     fn finish(&self, frame: Frame, raw: u64, wire: u64, spent: Option<Duration>) -> Packed {
+        self.account(raw, wire, spent);
+        Packed { frame, raw, wire }
+    }
+
+    /// Counts what went out, and tells `auto` what it cost.
+    fn account(&self, raw: u64, wire: u64, spent: Option<Duration>) {
         self.totals.raw.fetch_add(raw, Ordering::Relaxed);
         self.totals.wire.fetch_add(wire, Ordering::Relaxed);
         if self.mode == Compression::Auto {
+            let machine = machine_ticks();
             let mut state = self.lock();
+            if let Some((busy, total)) = machine {
+                state.adapt.machine_ticks(busy, total);
+            }
             if spent.is_some() && wire == raw {
                 state.adapt.incompressible();
             }
@@ -266,7 +313,6 @@ impl Compressor {
             });
             state.report();
         }
-        Packed { frame, raw, wire }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AdaptState> {
@@ -294,6 +340,59 @@ impl AdaptState {
             "compression decision"
         );
     }
+}
+
+/// The machine's CPU time so far in ticks, busy and in all, from the first line of
+/// `/proc/stat` (busy: all but idle and iowait); `None` where there is none.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// File bytes a small-file frame carries.
+fn file_bytes(frame: &Frame) -> usize {
+    match frame {
+        Frame::PutFile(p) => p.data.len(),
+        Frame::FileData(f) => f.data.len(),
+        _ => 0,
+    }
+}
+
+/// True for bytes that start as a compressed format does (gzip, zstd, xz, bzip2, zip and the
+/// formats built on it, PNG, JPEG, GIF, WebP and other RIFF media, MP4, Ogg, FLAC, MP3, 7z,
+/// WOFF fonts): compressing them again is all cost. Cheap enough to ask of every small file,
+/// so that a tree's already-compressed files travel as they are without a trial.
+pub fn looks_compressed(head: &[u8]) -> bool {
+    const MAGIC: &[&[u8]] = &[
+        b"\x1f\x8b",           // gzip
+        b"\x28\xb5\x2f\xfd",   // zstd
+        b"\xfd7zXZ\x00",       // xz
+        b"BZh",                // bzip2
+        b"PK\x03\x04",         // zip, jar, docx, odt, epub
+        b"\x89PNG",            // PNG
+        b"\xff\xd8\xff",       // JPEG
+        b"GIF8",               // GIF
+        b"RIFF",               // WebP, AVI, WAV
+        b"OggS",               // Ogg
+        b"fLaC",               // FLAC
+        b"ID3",                // MP3
+        b"7z\xbc\xaf\x27\x1c", // 7z
+        b"wOFF",               // WOFF
+        b"wOF2",               // WOFF2
+        b"\x04\x22\x4d\x18",   // lz4
+    ];
+    MAGIC.iter().any(|m| head.starts_with(m))
+        // ISO media (MP4, MOV, HEIF, AVIF): a box size, then `ftyp`.
+        || head.get(4..8) == Some(b"ftyp")
 }
 
 /// `payload` compressed at `level`, if it shrinks below [`INCOMPRESSIBLE`]; with `sample`,
@@ -448,6 +547,55 @@ mod tests {
             inflate_into(&z, &mut [0; 100]),
             Err(InflateError::Corrupt { .. })
         ));
+    }
+
+    fn put(name: &str, data: Vec<u8>) -> Frame {
+        Frame::PutFile(xfer_proto::PutFile {
+            name: name.into(),
+            mtime_ns: 0,
+            mode: 0o644,
+            crc32: crc32fast::hash(&data),
+            data,
+        })
+    }
+
+    #[test]
+    fn small_files_pack_together_where_they_shrink() {
+        let c = Compressor::new(Compression::Level(3), "test");
+        let files: Vec<Frame> = (0..50)
+            .map(|i| put(&format!("p{i}.html"), text(3000 + i)))
+            .collect();
+        let packed = c.pack_files(&files).expect("text shrinks");
+        let back = packed
+            .unpack(
+                "PackedPutFiles",
+                vec![0; packed.raw_len as usize],
+                xfer_proto::packed::packs_in_put_files,
+            )
+            .unwrap();
+        assert_eq!(back, files);
+        let raw = c.totals().raw.load(Ordering::Relaxed);
+        assert_eq!(raw, (0..50).map(|i| 3000 + i).sum::<u64>());
+        assert_eq!(
+            c.totals().wire.load(Ordering::Relaxed),
+            packed.zstd.len() as u64
+        );
+
+        let noise = [put("r.bin", random(100_000))];
+        assert!(c.pack_files(&noise).is_none(), "random data goes as it is");
+        let off = Compressor::new(Compression::Off, "test");
+        assert!(off.pack_files(&files).is_none());
+    }
+
+    #[test]
+    fn compressed_formats_are_known_by_their_first_bytes() {
+        let zstd_frame = zstd::bulk::compress(b"x", 1).unwrap();
+        assert!(looks_compressed(&zstd_frame));
+        assert!(looks_compressed(b"\x1f\x8b\x08\x00"));
+        assert!(looks_compressed(b"\x00\x00\x00\x20ftypisom"));
+        assert!(looks_compressed(b"\x89PNG\r\n"));
+        assert!(!looks_compressed(b"<!DOCTYPE html>"));
+        assert!(!looks_compressed(b""));
     }
 
     #[test]

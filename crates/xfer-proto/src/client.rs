@@ -133,8 +133,9 @@ impl ClientSession {
         self.state == State::Done
     }
 
-    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION`, `CAP_PACKED_LISTING` and
-    /// `CAP_TREE_META_V2` always (this implementation speaks them; an older server ignores the bits), `CAP_TLS`
+    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION`, `CAP_DELTA`,
+    /// `CAP_PACKED_LISTING`, `CAP_PACKED_FILES` and `CAP_TREE_META_V2` always (this
+    /// implementation speaks them; an older server ignores the bits), `CAP_TLS`
     /// when it wants TLS, and the mirroring bits it was asked to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
@@ -144,6 +145,7 @@ impl ClientSession {
             | crate::CAP_DELTA
             | crate::CAP_DELTA_PIPELINE
             | crate::CAP_PACKED_LISTING
+            | crate::CAP_PACKED_FILES
             | crate::CAP_TREE_META_V2
             | tls
             | offer
@@ -240,8 +242,8 @@ mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
     use crate::{
-        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_LISTING,
-        CAP_TREE_META, CAP_TREE_META_V2,
+        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_FILES,
+        CAP_PACKED_LISTING, CAP_TREE_META, CAP_TREE_META_V2,
     };
     use std::time::{Duration, Instant};
 
@@ -303,6 +305,7 @@ mod tests {
                 | CAP_DELTA
                 | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
+                | CAP_PACKED_FILES
                 | CAP_TREE_META_V2
         );
     }
@@ -319,6 +322,7 @@ mod tests {
                 | CAP_DELTA
                 | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
+                | CAP_PACKED_FILES
                 | CAP_TREE_META_V2
         );
         assert!(c.is_done());
@@ -350,6 +354,7 @@ mod tests {
                 | CAP_DELTA
                 | CAP_DELTA_PIPELINE
                 | CAP_PACKED_LISTING
+                | CAP_PACKED_FILES
                 | CAP_TREE_META_V2
         );
     }

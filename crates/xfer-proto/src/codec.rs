@@ -207,6 +207,18 @@ mod tests {
             Frame::Data(Data::new(3, 99, Bytes::from_static(b"payload"))),
             Frame::Data(Data::new(3, 0, Bytes::new())),
             Frame::DataZ(DataZ::new(3, 99, 1000, Bytes::from_static(b"zstd"))),
+            Frame::PackedPutFiles(PackedFiles {
+                count: 1,
+                raw_len: 100,
+                crc32: 7,
+                zstd: b"zstd".to_vec(),
+            }),
+            Frame::PackedFileData(PackedFiles {
+                count: 2,
+                raw_len: 200,
+                crc32: 8,
+                zstd: b"zstd".to_vec(),
+            }),
             Frame::SetCompression(SetCompression {
                 mode: COMPRESSION_AUTO,
             }),
@@ -402,7 +414,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 56);
+        assert_eq!(known.len(), 58);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

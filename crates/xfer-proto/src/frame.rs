@@ -737,6 +737,10 @@ frame_types! {
     GetFile(GetFile) = 0x53,
     /// [`FileData`]
     FileData(FileData) = 0x54,
+    /// [`PackedFiles`](crate::PackedFiles) holding `PutFile` frames (`CAP_PACKED_FILES`)
+    PackedPutFiles(crate::PackedFiles) = 0x58,
+    /// [`PackedFiles`](crate::PackedFiles) holding answers to `GetFile` (`CAP_PACKED_FILES`)
+    PackedFileData(crate::PackedFiles) = 0x59,
     /// No body: flush everything written under the root to stable storage
     Sync = 0x55,
     /// [`Done`]
@@ -835,7 +839,12 @@ impl Frame {
             return Err(ProtoError::EmptyFrame);
         }
         let ty = FrameType::from_u8(frame.get_u8())?;
-        Self::from_body(ty, frame)
+        let frame = Self::from_body(ty, frame)?;
+        // What a packed frame expands to is checked before anything is allocated for it.
+        if let Self::PackedPutFiles(p) | Self::PackedFileData(p) = &frame {
+            p.check(ty.name())?;
+        }
+        Ok(frame)
     }
 }
 

@@ -20,6 +20,11 @@ pub fn decode_frames(data: &[u8]) {
         if let Frame::PackedTreeMetaListing(packed) = &frame {
             let _ = packed.unpack();
         }
+        if let Frame::PackedPutFiles(p) | Frame::PackedFileData(p) = &frame {
+            if p.check("packed").is_ok() {
+                unpack(p, "packed", |_| true);
+            }
+        }
         let mut again = BytesMut::new();
         if frame.encode(&mut again).is_ok() {
             let back = FrameCodec::default().decode_eof(&mut again);
@@ -85,6 +90,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_DELTA
                         | crate::CAP_DELTA_PIPELINE
                         | crate::CAP_PACKED_LISTING
+                        | crate::CAP_PACKED_FILES
                         | crate::CAP_TREE_META_V2;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
@@ -119,6 +125,12 @@ pub fn session_script(data: &[u8], start: Instant) {
                     .expect("a handle the session gave is open");
                 *received += u64::from(z.raw_len);
             }
+            // Packed small files: the header was checked before anything is allocated.
+            Request::PackedPutFiles(packed) => {
+                assert!(packed.raw_len <= crate::MAX_PACKED_LEN);
+                assert!(packed.zstd.len() < packed.raw_len as usize);
+                unpack(&packed, "PackedPutFiles", crate::packed::packs_in_put_files);
+            }
             Request::SetCompression(mode) => {
                 assert!(matches!(mode, 0 | 1..=crate::MAX_COMPRESSION_LEVEL | 0xff));
             }
@@ -152,6 +164,42 @@ pub fn session_script(data: &[u8], start: Instant) {
             _ => {}
         }
         assert!(session.open_count() <= 4, "open transfers beyond the limit");
+    }
+}
+
+/// Unpacks `packed` (its header checked) as a receiver would: into exactly `raw_len` bytes,
+/// every frame inside of a type `allowed` accepts.
+fn unpack(packed: &crate::PackedFiles, kind: &'static str, allowed: fn(&Frame) -> bool) {
+    if let Ok(frames) = packed.unpack(kind, vec![0; packed.raw_len as usize], allowed) {
+        assert_eq!(frames.len(), packed.count as usize);
+        assert!(frames.iter().all(allowed));
+    }
+}
+
+/// `data[1..]` as the body of a packed small-file frame, `PackedPutFiles` if bit 0 of `data[0]`
+/// is clear, else `PackedFileData`, decoded, checked and unpacked as a receiver would: bad
+/// sizes, bombs, frames of other types must end in an error, never a panic nor an allocation
+/// beyond [`crate::MAX_PACKED_LEN`].
+pub fn unpack_files(data: &[u8]) {
+    let Some((&flags, body)) = data.split_first() else {
+        return;
+    };
+    let (ty, kind, allowed): (_, _, fn(&Frame) -> bool) = if flags & 1 == 0 {
+        let ty = crate::FrameType::PackedPutFiles;
+        (ty, "PackedPutFiles", crate::packed::packs_in_put_files)
+    } else {
+        let ty = crate::FrameType::PackedFileData;
+        (ty, "PackedFileData", crate::packed::packs_in_file_data)
+    };
+    let mut frame = vec![ty as u8];
+    frame.extend_from_slice(body);
+    let Ok(Frame::PackedPutFiles(packed) | Frame::PackedFileData(packed)) =
+        Frame::decode(bytes::Bytes::from(frame))
+    else {
+        return;
+    };
+    if packed.check(kind).is_ok() && packed.crc_matches() {
+        unpack(&packed, kind, allowed);
     }
 }
 
@@ -246,6 +294,50 @@ mod tests {
         session_script_now(&compressed_upload_script());
     }
 
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_COMPRESSION` and
+    /// `CAP_PACKED_FILES`, then a `PackedPutFiles` of two files.
+    pub(crate) fn packed_files_script() -> Vec<u8> {
+        use crate::*;
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        let hello = Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: CAP_COMPRESSION | CAP_PACKED_FILES,
+            agent: "fuzz".into(),
+            nonce: vec![1; 32],
+        });
+        hello.encode(&mut script).unwrap();
+        Frame::PackedPutFiles(packed_put_files())
+            .encode(&mut script)
+            .unwrap();
+        script.to_vec()
+    }
+
+    /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.
+    pub(crate) fn packed_put_files() -> crate::PackedFiles {
+        use crate::*;
+        let put = |name: &str| {
+            Frame::PutFile(PutFile {
+                name: name.into(),
+                mtime_ns: 0,
+                mode: 0o644,
+                crc32: crc32fast::hash(b"hello hello hello\n"),
+                data: b"hello hello hello\n".to_vec(),
+            })
+        };
+        let frames = [put("a.txt"), put("b.txt")];
+        let raw = PackedFiles::encode_frames(&frames).unwrap();
+        PackedFiles::new(2, &raw, zstd::bulk::compress(&raw, 19).unwrap())
+    }
+
+    #[test]
+    fn packed_files_reach_the_session_within_their_limits() {
+        session_script_now(&packed_files_script());
+        let body = crate::frame::encode_body(&packed_put_files()).unwrap();
+        super::unpack_files(&[&[0u8][..], &body].concat());
+        super::unpack_files(&[&[1u8][..], &body].concat());
+    }
+
     /// Replays every input the fuzzers kept (`fuzz/corpus/*`), so what they once found stays
     /// fixed without running a fuzzer.
     #[test]
@@ -256,6 +348,7 @@ mod tests {
             ("decode_frame", super::decode_frames as fn(&[u8])),
             ("session_script", session_script_now as fn(&[u8])),
             ("client_script", super::client_script as fn(&[u8])),
+            ("unpack_files", super::unpack_files as fn(&[u8])),
         ] {
             for entry in std::fs::read_dir(corpus.join(target)).expect("corpus directory") {
                 let path = entry.expect("corpus entry").path();

@@ -8,6 +8,7 @@
 //! - [`auth`]: token challenge–response proofs (HMAC-SHA256).
 //! - [`delta`]: bodies of the delta frames (`CAP_DELTA`).
 //! - [`meta`]: bodies of the frames that carry owners, hard links, attributes and holes.
+//! - [`packed`]: the body of the frames that carry a tree's small files compressed in batches.
 //! - [`session`]: [`session::ServerSession`], the daemon side of a connection as a state machine.
 //! - [`client`]: [`client::ClientSession`], the client side of the handshake as a state machine.
 //! - [`error`]: [`ProtoError`] for malformed input and [`ErrorCode`] for error frames.
@@ -25,6 +26,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod meta;
 pub mod mirror;
+pub mod packed;
 pub mod session;
 
 pub use codec::FrameCodec;
@@ -33,6 +35,7 @@ pub use error::{ErrorCode, ProtoError};
 pub use frame::*;
 pub use meta::*;
 pub use mirror::*;
+pub use packed::{PackedFiles, MAX_PACKED_FRAMES, MAX_PACKED_LEN};
 
 /// Version spoken by this implementation; carried in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -55,6 +58,9 @@ pub const CAP_TREE_META: u64 = 1 << 5;
 pub const CAP_DELTA: u64 = 1 << 6;
 /// Capability bit: tree listings with metadata travel zstd-compressed (`PackedTreeMetaListing`).
 pub const CAP_PACKED_LISTING: u64 = 1 << 7;
+/// Capability bit: the small files of a tree may travel zstd-compressed in batches
+/// (`PackedPutFiles`, `PackedFileData`), under the connection's compression mode.
+pub const CAP_PACKED_FILES: u64 = 1 << 8;
 /// Capability bit: with `CAP_DELTA`, `DeltaSig` is a pipelined request: the signature of a
 /// file streams without a round trip per batch.
 pub const CAP_DELTA_PIPELINE: u64 = 1 << 9;

@@ -118,6 +118,10 @@ pub enum Request {
     ListTree(crate::ListTree),
     /// Store a whole small file; answer `Done` or `Error`.
     PutFile(crate::PutFile),
+    /// Decompress `PutFile` frames (`CAP_PACKED_FILES`; the decoder checked the header
+    /// against the limits, neither the CRC nor the content are checked), then hand each to
+    /// [`ServerSession::handle_request`] as if it had come alone.
+    PackedPutFiles(crate::PackedFiles),
     /// Create a directory; answer `Done` or `Error`.
     MakeDir(crate::MakeDir),
     /// Create a symbolic link; answer `Done` or `Error`.
@@ -391,7 +395,13 @@ impl<U, D> ServerSession<U, D> {
             | crate::CAP_PACKED_LISTING
             | crate::CAP_TREE_META_V2)
             & self.client_capabilities;
-        auth | tls | granted
+        // Packed small files follow the compression mode, so they come with compression only.
+        let packed = if granted & crate::CAP_COMPRESSION != 0 {
+            crate::CAP_PACKED_FILES & self.client_capabilities
+        } else {
+            0
+        };
+        auth | tls | granted | packed
     }
 
     /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
@@ -530,8 +540,10 @@ impl<U, D> ServerSession<U, D> {
                 }))?;
                 &r.name
             }
+            // Each PutFile inside is checked once unpacked.
             Frame::Data(_)
             | Frame::DataZ(_)
+            | Frame::PackedPutFiles(_)
             | Frame::SetCompression(_)
             | Frame::Zeros(_)
             | Frame::DeltaOpen(_)
@@ -673,6 +685,9 @@ impl<U, D> ServerSession<U, D> {
             Frame::List(list) => Ok(Request::List(list)),
             Frame::ListTree(req) => Ok(Request::ListTree(req)),
             Frame::PutFile(req) => Ok(Request::PutFile(req)),
+            Frame::PackedPutFiles(p) if self.capabilities() & crate::CAP_PACKED_FILES != 0 => {
+                Ok(Request::PackedPutFiles(p))
+            }
             Frame::MakeDir(req) => Ok(Request::MakeDir(req)),
             Frame::MakeLink(req) => Ok(Request::MakeLink(req)),
             Frame::GetFile(req) => Ok(Request::GetFile(req)),
@@ -718,6 +733,7 @@ impl<U, D> ServerSession<U, D> {
             }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
+            | Frame::PackedPutFiles(_)
             | Frame::ReadSig(_)
             | Frame::MirrorTo(_)
             | Frame::DeltaOpen(_)

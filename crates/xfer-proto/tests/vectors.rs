@@ -191,6 +191,64 @@ fn change(action: ChangeAction, kind: EntryKind, differs: u32, path: &str, targe
     }
 }
 
+/// `frames` packed as the packed vectors state: compressed at zstd level 19.
+fn packed(frames: &[Frame]) -> PackedFiles {
+    let raw = PackedFiles::encode_frames(frames).unwrap();
+    PackedFiles::new(
+        frames.len() as u32,
+        &raw,
+        zstd::bulk::compress(&raw, 19).unwrap(),
+    )
+}
+
+/// The `put-file` frame twice, packed.
+fn packed_put_files() -> PackedFiles {
+    let put = Frame::PutFile(PutFile {
+        name: "t/sub/f.txt".into(),
+        mtime_ns: MTIME,
+        mode: 0o644,
+        crc32: CRC_ABC,
+        data: b"abc".to_vec(),
+    });
+    packed(&[put.clone(), put])
+}
+
+/// A `FileData` of 64 `a` and a `NotFound`, packed.
+fn packed_file_data() -> PackedFiles {
+    let data = vec![b'a'; 64];
+    let file = Frame::FileData(FileData {
+        identity: FileIdentity {
+            size: 64,
+            mtime_ns: MTIME,
+        },
+        mode: 0o644,
+        crc32: crc32fast::hash(&data),
+        data,
+    });
+    packed(&[file, error(ErrorCode::NotFound, "t/sub/g.txt: not found")])
+}
+
+#[test]
+fn the_packed_vectors_unpack_to_their_frames() {
+    let vectors = read_vectors();
+    let put = decode_stream(&vectors["put-file"].bytes).unwrap();
+    let p = packed_put_files();
+    assert!(p.crc_matches());
+    let inside = p.unpack(
+        "PackedPutFiles",
+        vec![0; p.raw_len as usize],
+        packed::packs_in_put_files,
+    );
+    assert_eq!(inside.unwrap(), [put.clone(), put].concat());
+    let p = packed_file_data();
+    let inside = p.unpack(
+        "PackedFileData",
+        vec![0; p.raw_len as usize],
+        packed::packs_in_file_data,
+    );
+    assert_eq!(inside.unwrap().len(), 2);
+}
+
 fn error(code: ErrorCode, message: &str) -> Frame {
     Frame::Error(ErrorFrame::new(code, message))
 }
@@ -491,6 +549,14 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 crc32: CRC_ABC,
                 data: b"abc".to_vec(),
             }),
+        ),
+        (
+            "packed-put-files",
+            Frame::PackedPutFiles(packed_put_files()),
+        ),
+        (
+            "packed-file-data",
+            Frame::PackedFileData(packed_file_data()),
         ),
         (
             "copy-to-grant",

@@ -87,6 +87,14 @@ pub struct Metrics {
     pub wire_bytes_received: Counter,
     /// Bytes on the wire of the chunks sent (compressed ones as they travelled).
     pub wire_bytes_sent: Counter,
+    /// File bytes of the small files of trees stored (`PutFile`, packed or not).
+    pub small_file_bytes_received: Counter,
+    /// File bytes of the small files of trees sent (`FileData`, packed or not).
+    pub small_file_bytes_sent: Counter,
+    /// What those small files took on the wire: a packed batch its compressed bytes.
+    pub small_file_wire_bytes_received: Counter,
+    /// What the small files sent took on the wire.
+    pub small_file_wire_bytes_sent: Counter,
     /// Chunks received with a bad CRC (and asked for again).
     pub crc_errors: Counter,
     /// Bytes of delta uploads copied from the file already held instead of received.
@@ -180,6 +188,27 @@ impl Metrics {
             "counter",
             "Bytes on the wire of chunks sent, after compression.",
             &one(self.wire_bytes_sent.get().to_string()),
+        );
+        let received_sent = |received: &Counter, sent: &Counter| {
+            [
+                (r#"{direction="received"}"#, received.get().to_string()),
+                (r#"{direction="sent"}"#, sent.get().to_string()),
+            ]
+        };
+        family(
+            "xferd_small_file_bytes_total",
+            "counter",
+            "File bytes of the small files of trees, stored or sent whole.",
+            &received_sent(&self.small_file_bytes_received, &self.small_file_bytes_sent),
+        );
+        family(
+            "xferd_small_file_wire_bytes_total",
+            "counter",
+            "Bytes on the wire of the small files of trees, after compression.",
+            &received_sent(
+                &self.small_file_wire_bytes_received,
+                &self.small_file_wire_bytes_sent,
+            ),
         );
         family(
             "xferd_transfers_active",

@@ -89,15 +89,18 @@ impl Direction for Download {
         window: &mut Window,
         work: &Work,
     ) -> Result<Answer, ClientError> {
-        let data = match session.next().await? {
-            Frame::Data(d) => {
-                self.wire
-                    .fetch_add(d.payload.len() as u64, Ordering::Relaxed);
-                d
-            }
+        let frame = session.next().await?;
+        // `--bwlimit` limits the wire: what a chunk took there holds back the next request.
+        let wire = match &frame {
+            Frame::Data(d) => d.payload.len() as u64,
+            Frame::DataZ(z) => z.payload.len() as u64,
+            _ => 0,
+        };
+        self.wire.fetch_add(wire, Ordering::Relaxed);
+        work.throttle(wire).await;
+        let data = match frame {
+            Frame::Data(d) => d,
             Frame::DataZ(z) if z.transfer_id == transfer_id => {
-                self.wire
-                    .fetch_add(z.payload.len() as u64, Ordering::Relaxed);
                 // Matched to its request (so `raw_len` is what was asked for, within the chunk
                 // size) before anything is allocated for it.
                 let chunk = window.answered(z.range(), "DataZ")?;

@@ -94,6 +94,8 @@ impl Direction for Upload {
             .compressor
             .pack_if(compresses, transfer_id, chunk.start, payload)
             .await;
+        // `--bwlimit` limits the wire: a compressed chunk costs what it takes there.
+        work.throttle(packed.wire).await;
         session.send(&packed.frame).await?;
         work.transferred.fetch_add(chunk.len(), Ordering::Relaxed);
         Ok(())

@@ -177,7 +177,6 @@ pub(super) async fn pump<D: Direction>(
                     continue;
                 }
                 window.push(chunk);
-                work.throttle(chunk.len()).await;
                 dir.request(session, transfer_id, chunk, work).await?;
             }
             if window.is_empty() {

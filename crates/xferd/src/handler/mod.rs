@@ -355,6 +355,7 @@ impl Handler {
                 Request::List(list) => self.list(&list.dir).await?,
                 Request::ListTree(req) => self.list_tree(req).await?,
                 Request::PutFile(req) => self.put_files(req).await?,
+                Request::PackedPutFiles(packed) => self.packed_put_files(packed).await?,
                 Request::MakeDir(req) => {
                     self.tree_op(req.name.clone(), move |root| {
                         root.make_dir(&req.name, req.mode, req.mtime_ns)

@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use tracing::info;
 use xfer_core::CoreError;
+use xfer_net::compress::looks_compressed;
+use xfer_net::Compressor;
+use xfer_proto::packed::{packs_in_file_data, packs_in_put_files};
 use xfer_proto::session::Request;
 use xfer_proto::{
-    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, PutFile, TreeListing,
-    MAX_LISTING_ENTRIES,
+    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, PackedFiles, PutFile,
+    TreeListing, MAX_LISTING_ENTRIES, MAX_PACKED_FRAMES,
 };
 
 use super::{fatal, ConnError, Handler, READ_ONLY};
@@ -23,6 +26,10 @@ const BATCH_FILES: usize = 64;
 
 /// File bytes in one such batch, at most (beyond the file that starts it).
 const BATCH_BYTES: usize = 8 << 20;
+
+/// Encoded answers packed into one `PackedFileData`, about: enough for zstd to find what
+/// small files share, small enough that the client starts on them early.
+const PACK_BYTES: usize = 2 << 20;
 
 impl Handler {
     pub(super) async fn list(&mut self, dir: &str) -> Result<(), ConnError> {
@@ -110,7 +117,7 @@ impl Handler {
     /// trip to the blocking pool, and answers them with one write: per file, the cost is the
     /// filesystem's alone. Each is answered (`Done` or a request-level error) in order.
     pub(super) async fn put_files(&mut self, first: PutFile) -> Result<(), ConnError> {
-        let mut batch = self.gather(
+        let batch = self.gather(
             first,
             |r| r.data.len(),
             |request| match request {
@@ -118,6 +125,53 @@ impl Handler {
                 other => Err(Box::new(other)),
             },
         )?;
+        let wire = batch.iter().map(|r| r.data.len() as u64).sum();
+        self.store_files(batch, wire).await
+    }
+
+    /// Unpacks a `PackedPutFiles` on the blocking pool, into memory reserved from the
+    /// daemon's budget first (the decompressed bytes and the frames decoded from them), and
+    /// stores the files as if each `PutFile` had come alone.
+    pub(super) async fn packed_put_files(&mut self, packed: PackedFiles) -> Result<(), ConnError> {
+        // Damage is caught before a byte is decompressed; like a PutFile's, it ends the
+        // connection.
+        if !packed.crc_matches() {
+            let message = "packed small files failed their CRC";
+            return Err(fatal(ErrorCode::BadCrc, message));
+        }
+        let wire = packed.zstd.len() as u64;
+        let reservation = self
+            .shared
+            .budget
+            .reserve(2 * packed.raw_len as usize)
+            .await;
+        let frames = tokio::task::spawn_blocking(move || {
+            let buffer = vec![0; packed.raw_len as usize];
+            packed.unpack("PackedPutFiles", buffer, packs_in_put_files)
+        })
+        .await
+        .map_err(|e| fatal(ErrorCode::Io, format!("decompression task failed: {e}")))?
+        .map_err(|e| fatal(ErrorCode::Protocol, e.to_string()))?;
+        let mut batch = Vec::with_capacity(frames.len());
+        for frame in frames {
+            // Checked one by one as the session checks any request (a grant's scope).
+            match self.session.handle_request(frame)? {
+                Request::PutFile(req) => batch.push(req),
+                _ => unreachable!("only PutFile frames unpack from PackedPutFiles"),
+            }
+        }
+        let stored = self.store_files(batch, wire).await;
+        drop(reservation);
+        stored
+    }
+
+    /// Stores a batch of small files (`wire`: the bytes they took on the wire) and answers
+    /// each, in order, with one write.
+    async fn store_files(&mut self, mut batch: Vec<PutFile>, wire: u64) -> Result<(), ConnError> {
+        let metrics = &self.shared.metrics;
+        let bytes = batch.iter().map(|r| r.data.len() as u64).sum();
+        metrics.small_file_bytes_received.add(bytes);
+        metrics.small_file_wire_bytes_received.add(wire);
         // Bit errors in a control frame: the stream can no longer be trusted. The files before
         // it are stored and answered; the connection ends there.
         let mut end = None;
@@ -169,18 +223,44 @@ impl Handler {
                 other => Err(Box::new(other)),
             },
         )?);
+        // Answers travel packed where the client speaks it and compression is not off.
+        let packer = match self.compression() {
+            xfer_net::Compression::Off => None,
+            _ if self.session.capabilities() & xfer_proto::CAP_PACKED_FILES == 0 => None,
+            mode => Some(
+                self.compressor
+                    .get_or_insert_with(|| Compressor::new(mode, "download"))
+                    .clone(),
+            ),
+        };
         while !batch.is_empty() {
             let root = self.root();
+            let packer = packer.clone();
+            let shared = Arc::clone(&self.shared);
             // The answers are held in bytes reserved from the daemon's budget until sent.
             let most: u64 = batch
                 .iter()
                 .map(|r| u64::from(r.max_size).min(MAX_SMALL_FILE))
                 .sum();
             let most = most.min((BATCH_BYTES as u64) + MAX_SMALL_FILE);
+            // Packing holds the answers encoded beside them while it compresses them.
+            let most = if packer.is_some() { 2 * most } else { most };
             let reservation = self.shared.budget.reserve(most as usize).await;
-            let (replies, rest, end) = blocking(move || Ok(read_small_files(&root, batch)))
-                .await
-                .map_err(|e| fatal(e.code(), e.to_string()))?;
+            let (replies, rest, end) = blocking(move || {
+                let (replies, rest, end) = read_small_files(&root, batch);
+                let metrics = &shared.metrics;
+                let raw = replies.iter().map(file_bytes).sum();
+                metrics.small_file_bytes_sent.add(raw);
+                let replies = match &packer {
+                    Some(packer) => pack_answers(packer, replies),
+                    None => replies,
+                };
+                let wire = replies.iter().map(file_bytes).sum();
+                metrics.small_file_wire_bytes_sent.add(wire);
+                Ok((replies, rest, end))
+            })
+            .await
+            .map_err(|e| fatal(e.code(), e.to_string()))?;
             batch = rest;
             self.writer.send_all(&replies).await?;
             drop(replies);
@@ -270,6 +350,60 @@ fn read_small_files(
         });
     }
     (replies, batch, None)
+}
+
+/// File bytes a frame carries on the wire: a `FileData`'s, a packed frame's compressed bytes.
+fn file_bytes(frame: &Frame) -> u64 {
+    match frame {
+        Frame::FileData(f) => f.data.len() as u64,
+        Frame::PackedFileData(p) => p.zstd.len() as u64,
+        _ => 0,
+    }
+}
+
+/// Answers to `GetFile` as they go out with packing in force: runs of answers packed by
+/// `packer` (as it decides, about [`PACK_BYTES`] each), files that look compressed already
+/// as they are, all in the same order.
+fn pack_answers(packer: &Compressor, replies: Vec<Frame>) -> Vec<Frame> {
+    let mut out = Vec::with_capacity(replies.len());
+    let mut run = Vec::new();
+    let mut run_bytes = 0;
+    let flush = |run: &mut Vec<Frame>, out: &mut Vec<Frame>| {
+        if run.is_empty() {
+            return;
+        }
+        match packer.pack_files(run) {
+            Some(packed) => {
+                out.push(Frame::PackedFileData(packed));
+                run.clear();
+            }
+            None => out.append(run),
+        }
+    };
+    for reply in replies {
+        let packs = match &reply {
+            Frame::FileData(f) => !looks_compressed(&f.data),
+            other => packs_in_file_data(other),
+        };
+        if !packs {
+            // Sent as it is; the run before it is packed first, so answers keep their order.
+            flush(&mut run, &mut out);
+            run_bytes = 0;
+            out.push(reply);
+            continue;
+        }
+        run_bytes += match &reply {
+            Frame::FileData(f) => f.data.len() + 64,
+            _ => 64,
+        };
+        run.push(reply);
+        if run_bytes >= PACK_BYTES || run.len() >= MAX_PACKED_FRAMES as usize {
+            flush(&mut run, &mut out);
+            run_bytes = 0;
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// A stored file's name, and the error it got if any.
