@@ -225,6 +225,9 @@ run() {
         scp)
             cmd=(scp -q -C "${r[@]}" -P "$PORT" "${SSH_OPTS[@]}" "$src" "root@$addr:$SRV/") ;;
     esac
+    # The previous run's writeback (hundreds of MB, tens of thousands of files) ends before the
+    # clock starts: otherwise the second run of every pair pays for the first (1.3-1.4x measured).
+    sync
     local t0
     t0="$(now_ns)"
     "${ns[@]}" timeout "$CAP" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/client.time" "${cmd[@]}" \
