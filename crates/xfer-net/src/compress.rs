@@ -222,14 +222,7 @@ impl Compressor {
     /// `payload`, the bytes at `offset` of transfer `transfer_id`, as the frame to send:
     /// `DataZ` where compressing shrinks it and the mode asks for it, else `Data`.
     pub async fn pack(&self, transfer_id: u64, offset: u64, payload: Bytes) -> Packed {
-        let choice = match self.mode {
-            Compression::Off => Choice::Raw,
-            Compression::Level(level) => Choice::Compress {
-                level: i32::from(level),
-                sample: false,
-            },
-            Compression::Auto => self.lock().adapt.choose(Instant::now()),
-        };
+        let choice = self.choose();
         let raw = payload.len() as u64;
         let Choice::Compress { level, sample } = choice else {
             let frame = Frame::Data(Data::new(transfer_id, offset, payload));
@@ -259,14 +252,7 @@ impl Compressor {
     /// workers (on the blocking pool, or under `block_in_place`).
     pub fn pack_files(&self, frames: &[Frame]) -> Option<PackedFiles> {
         let raw: u64 = frames.iter().map(|f| file_bytes(f) as u64).sum();
-        let choice = match self.mode {
-            Compression::Off => Choice::Raw,
-            Compression::Level(level) => Choice::Compress {
-                level: i32::from(level),
-                sample: false,
-            },
-            Compression::Auto => self.lock().adapt.choose(Instant::now()),
-        };
+        let choice = self.choose();
         let Choice::Compress { level, sample } = choice else {
             self.account(raw, raw, None);
             return None;
@@ -286,6 +272,18 @@ impl Compressor {
             .map_or(raw, |p| (p.zstd.len() as u64).min(raw));
         self.account(raw, wire, Some(spent));
         packed
+    }
+
+    /// What to do with the next chunk or batch: the mode's answer, or `auto`'s.
+    fn choose(&self) -> Choice {
+        match self.mode {
+            Compression::Off => Choice::Raw,
+            Compression::Level(level) => Choice::Compress {
+                level: i32::from(level),
+                sample: false,
+            },
+            Compression::Auto => self.lock().adapt.choose(Instant::now()),
+        }
     }
 
     fn finish(&self, frame: Frame, raw: u64, wire: u64, spent: Option<Duration>) -> Packed {
