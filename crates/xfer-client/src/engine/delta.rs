@@ -151,7 +151,7 @@ pub(super) async fn negotiate(
     // Batches go out as they are cut while their answers are read: `room` bounds the ones
     // unanswered, `spans` says in order what each answer covers.
     let room = Semaphore::new(depth);
-    let (spans, mut answers_for) = mpsc::unbounded_channel::<ByteRange>();
+    let (spans, mut answers_for) = mpsc::channel::<ByteRange>(depth);
     let Session { reader, writer, .. } = session;
     let send = async {
         let mut batch = Batch::default();
@@ -166,30 +166,29 @@ pub(super) async fn negotiate(
             Some((span, Frame::DeltaSig(sig)))
         };
         for mut rx in regions {
-            while let Some(cut) = rx.recv().await {
-                let full = !batch.extends(&cut) || batch.chunks.len() == SIG_BATCH;
-                let skip = held.contains(cut.range());
-                if full || skip {
+            // `None` ends the region: what is batched goes out before the next region starts.
+            loop {
+                let cut = rx.recv().await;
+                let skip = cut.as_ref().is_some_and(|cut| held.contains(cut.range()));
+                let flush = cut.as_ref().is_none_or(|cut| {
+                    skip || !batch.extends(cut) || batch.chunks.len() == SIG_BATCH
+                });
+                if flush {
                     if let Some((span, frame)) = out(&mut batch) {
                         room.acquire()
                             .await
                             .map_err(|_| ClientError::Closed)?
                             .forget();
-                        let _ = spans.send(span);
+                        // Never waits: a span is queued only with room taken, `depth` at most.
+                        let _ = spans.send(span).await;
                         writer.send(&frame).await?;
                     }
                 }
-                if !skip {
-                    batch.push(cut);
+                match cut {
+                    Some(cut) if !skip => batch.push(cut),
+                    Some(_) => {}
+                    None => break,
                 }
-            }
-            if let Some((span, frame)) = out(&mut batch) {
-                room.acquire()
-                    .await
-                    .map_err(|_| ClientError::Closed)?
-                    .forget();
-                let _ = spans.send(span);
-                writer.send(&frame).await?;
             }
         }
         drop(spans);
