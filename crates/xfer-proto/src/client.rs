@@ -133,22 +133,13 @@ impl ClientSession {
         self.state == State::Done
     }
 
-    /// What the client offers: `CAP_TREE_META`, `CAP_COMPRESSION`, `CAP_DELTA`,
-    /// `CAP_PACKED_LISTING`, `CAP_PACKED_FILES` and `CAP_TREE_META_V2` always (this
-    /// implementation speaks them; an older server ignores the bits), `CAP_TLS`
-    /// when it wants TLS, and the mirroring bits it was asked to offer.
+    /// What the client offers: [`crate::CAP_FEATURES`] always (this implementation speaks
+    /// them; an older server ignores the bits), `CAP_TLS` when it wants TLS, and the mirroring
+    /// bits it was asked to offer.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
         let tls = if self.config.tls { CAP_TLS } else { 0 };
-        crate::CAP_TREE_META
-            | crate::CAP_COMPRESSION
-            | crate::CAP_DELTA
-            | crate::CAP_DELTA_PIPELINE
-            | crate::CAP_PACKED_LISTING
-            | crate::CAP_PACKED_FILES
-            | crate::CAP_TREE_META_V2
-            | tls
-            | offer
+        crate::CAP_FEATURES | tls | offer
     }
 
     /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
@@ -241,10 +232,7 @@ impl ClientSession {
 mod tests {
     use super::*;
     use crate::session::{Handshake, ServerConfig, ServerSession};
-    use crate::{
-        Challenge, ErrorCode, CAP_COMPRESSION, CAP_DELTA, CAP_DELTA_PIPELINE, CAP_PACKED_FILES,
-        CAP_PACKED_LISTING, CAP_TREE_META, CAP_TREE_META_V2,
-    };
+    use crate::{Challenge, ErrorCode, CAP_FEATURES};
     use std::time::{Duration, Instant};
 
     fn client(key: Option<&[u8]>, tls: bool) -> ClientSession {
@@ -298,33 +286,14 @@ mod tests {
     fn a_plain_handshake_is_welcomed() {
         let welcome = handshake(&mut client(None, false), &mut server(None, false)).unwrap();
         assert_eq!(welcome.version, PROTOCOL_VERSION);
-        assert_eq!(
-            welcome.capabilities,
-            CAP_TREE_META
-                | CAP_COMPRESSION
-                | CAP_DELTA
-                | CAP_DELTA_PIPELINE
-                | CAP_PACKED_LISTING
-                | CAP_PACKED_FILES
-                | CAP_TREE_META_V2
-        );
+        assert_eq!(welcome.capabilities, CAP_FEATURES);
     }
 
     #[test]
     fn a_token_is_proven_both_ways() {
         let mut c = client(Some(b"tok"), false);
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
-        assert_eq!(
-            welcome.capabilities,
-            CAP_AUTH
-                | CAP_TREE_META
-                | CAP_COMPRESSION
-                | CAP_DELTA
-                | CAP_DELTA_PIPELINE
-                | CAP_PACKED_LISTING
-                | CAP_PACKED_FILES
-                | CAP_TREE_META_V2
-        );
+        assert_eq!(welcome.capabilities, CAP_AUTH | CAP_FEATURES);
         assert!(c.is_done());
     }
 
@@ -347,15 +316,7 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH
-                | CAP_TLS
-                | CAP_TREE_META
-                | CAP_COMPRESSION
-                | CAP_DELTA
-                | CAP_DELTA_PIPELINE
-                | CAP_PACKED_LISTING
-                | CAP_PACKED_FILES
-                | CAP_TREE_META_V2
+            CAP_AUTH | CAP_TLS | CAP_FEATURES
         );
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{ClientConfig, ClientSession, Step};
 use crate::session::{Handshake, Phase, Request, ServerConfig, ServerSession};
-use crate::{auth, Auth, Frame, FrameCodec, CAP_AUTH, CAP_TLS, CAP_TREE_META};
+use crate::{auth, Auth, Frame, FrameCodec, CAP_AUTH, CAP_TLS};
 
 /// Decodes `data` as a stream of frames; every frame decoded must re-encode to a frame that
 /// decodes equal to it.
@@ -83,15 +83,9 @@ pub fn session_script(data: &[u8], start: Instant) {
                     let welcome = session.welcome();
                     let known = CAP_AUTH
                         | CAP_TLS
-                        | CAP_TREE_META
+                        | crate::CAP_FEATURES
                         | crate::CAP_DELETE
-                        | crate::CAP_MIRROR
-                        | crate::CAP_COMPRESSION
-                        | crate::CAP_DELTA
-                        | crate::CAP_DELTA_PIPELINE
-                        | crate::CAP_PACKED_LISTING
-                        | crate::CAP_PACKED_FILES
-                        | crate::CAP_TREE_META_V2;
+                        | crate::CAP_MIRROR;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.

@@ -386,14 +386,9 @@ impl<U, D> ServerSession<U, D> {
             0
         };
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
-        let granted = (crate::CAP_TREE_META
+        let granted = (crate::CAP_FEATURES & !crate::CAP_PACKED_FILES
             | crate::CAP_DELETE
-            | crate::CAP_MIRROR
-            | crate::CAP_COMPRESSION
-            | crate::CAP_DELTA
-            | crate::CAP_DELTA_PIPELINE
-            | crate::CAP_PACKED_LISTING
-            | crate::CAP_TREE_META_V2)
+            | crate::CAP_MIRROR)
             & self.client_capabilities;
         // Packed small files follow the compression mode, so they come with compression only.
         let packed = if granted & crate::CAP_COMPRESSION != 0 {
