@@ -285,9 +285,23 @@ fn compressing_upload(daemon: &Daemon, name: &str, size: u64) -> (RawConn, u64) 
 /// `says`.
 #[track_caller]
 fn refused(daemon: &mut Daemon, z: DataZ, code: ErrorCode, says: &str) {
-    let (mut conn, _) = compressing_upload(daemon, "bad.csv", 64 * MIB);
-    conn.send(&Frame::DataZ(z));
-    let error = conn.expect_fatal(code, "a malformed DataZ");
+    let (conn, _) = compressing_upload(daemon, "bad.csv", 64 * MIB);
+    ends_the_connection(daemon, conn, Frame::DataZ(z), code, says);
+}
+
+/// Sends `frame` on `conn` and expects the connection to end with a fatal error of `code`
+/// whose message holds `says`, while the daemon serves on.
+#[track_caller]
+fn ends_the_connection(
+    daemon: &mut Daemon,
+    mut conn: RawConn,
+    frame: Frame,
+    code: ErrorCode,
+    says: &str,
+) {
+    let what = format!("a malformed {}", frame.frame_type().name());
+    conn.send(&frame);
+    let error = conn.expect_fatal(code, &what);
     assert!(error.message.contains(says), "{error:?}");
     daemon.assert_running();
 }
@@ -573,10 +587,7 @@ fn packed_refused(daemon: &mut Daemon, packed: PackedFiles, code: ErrorCode, say
     let mut conn = RawConn::connect(daemon.socket_addr());
     let welcome = conn.handshake_offering(None, CAP_COMPRESSION | CAP_PACKED_FILES);
     assert_ne!(welcome.capabilities & CAP_PACKED_FILES, 0);
-    conn.send(&Frame::PackedPutFiles(packed));
-    let error = conn.expect_fatal(code, "a malformed PackedPutFiles");
-    assert!(error.message.contains(says), "{error:?}");
-    daemon.assert_running();
+    ends_the_connection(daemon, conn, Frame::PackedPutFiles(packed), code, says);
 }
 
 #[test]
