@@ -662,8 +662,11 @@ finish_tree() {
 # --- the tools ----------------------------------------------------------------------------------
 # Each run_* runs in a subshell (see measure) with PROFILE, CC, TOOL, DIR set.
 
-run_iperf3() { # run_iperf3 STREAMS
-    local n="$1" kind="iperf3-P$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" tpid spid bytes secs args
+# iperf3_run KIND TIMEOUT CAPPABLE ARGS...: a one-shot iperf3 server in NS_B, the client in NS_A with
+# ARGS after its address and port; a run that hit TIMEOUT counts as capped when CAPPABLE is 1.
+iperf3_run() {
+    local kind="$1" timeout="$2" cappable="$3" tpid spid bytes secs
+    shift 3
     next_port
     "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
         iperf3 -s -1 -B "$IP_B" -p "$PORT" >"$LOGS/$kind.server" 2>&1 &
@@ -672,36 +675,10 @@ run_iperf3() { # run_iperf3 STREAMS
     spid="$(child_of "$tpid")"
     track "$spid"
     wait_listening "$PORT" "$NS_B"
-    args=(-c "$IP_B" -p "$PORT" -t "$CAP" -P "$n" -J)
-    [[ "$DIR" == download ]] && args+=(-R)
-    client_run "$NS_A" "$kind" $((CAP + 30)) iperf3 "${args[@]}"
+    client_run "$NS_A" "$kind" "$timeout" iperf3 -c "$IP_B" -p "$PORT" "$@"
     wait_gone "$tpid" 10 || stop_server "$tpid" "$spid"
     wait "$tpid" 2>/dev/null || true
-    [[ $RC == 0 ]] || fail "iperf3 exit $RC: $(err_line "$kind") $(tail -c 300 "$LOGS/$kind.out" | tr '\n\t' '  ')"
-    read -r bytes secs < <(python3 "$BENCH_HOME/wan_report.py" iperf "$LOGS/$kind.out")
-    record timed "$secs" "$bytes" "$(client_cpu "$kind")" "$(time_field "$LOGS/$kind.time" 2)" \
-        "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
-}
-
-# run_iperf3_same CC STREAMS: iperf3 -P STREAMS -C CC moving the file's bytes (-n), as xfer
-# auto did just before (iperf3-same)
-run_iperf3_same() {
-    local cc="$1" n="$2" kind="iperf3same-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" tpid spid bytes secs args
-    next_port
-    "${CGS[@]+"${CGS[@]}"}" ip netns exec "$NS_B" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/$kind.stime" \
-        iperf3 -s -1 -B "$IP_B" -p "$PORT" >"$LOGS/$kind.server" 2>&1 &
-    tpid=$!
-    track "$tpid"
-    spid="$(child_of "$tpid")"
-    track "$spid"
-    wait_listening "$PORT" "$NS_B"
-    args=(-c "$IP_B" -p "$PORT" -n "$SIZE" -P "$n" -J)
-    [[ "$cc" == - ]] || args+=(-C "$cc")
-    [[ "$DIR" == download ]] && args+=(-R)
-    client_run "$NS_A" "$kind" "$CAP" iperf3 "${args[@]}"
-    wait_gone "$tpid" 10 || stop_server "$tpid" "$spid"
-    wait "$tpid" 2>/dev/null || true
-    if capped; then
+    if [[ "$cappable" == 1 ]] && capped; then
         record capped "$CLIENT_WALL" "$R_PAYLOAD" "$(client_cpu "$kind")" "$(time_field "$LOGS/$kind.time" 2)" \
             "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)" "stopped at ${CAP} s"
         return 0
@@ -710,6 +687,21 @@ run_iperf3_same() {
     read -r bytes secs < <(python3 "$BENCH_HOME/wan_report.py" iperf "$LOGS/$kind.out")
     record timed "$secs" "$bytes" "$(client_cpu "$kind")" "$(time_field "$LOGS/$kind.time" 2)" \
         "$(server_cpu "$(time_cpu "$LOGS/$kind.stime")")" "$(time_field "$LOGS/$kind.stime" 2)"
+}
+
+run_iperf3() { # run_iperf3 STREAMS: STREAMS connections for CAP seconds
+    local args=(-t "$CAP" -P "$1" -J)
+    [[ "$DIR" == download ]] && args+=(-R)
+    iperf3_run "iperf3-P$1-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" $((CAP + 30)) 0 "${args[@]}"
+}
+
+# run_iperf3_same CC STREAMS: iperf3 -P STREAMS -C CC moving the file's bytes (-n), as xfer
+# auto did just before (iperf3-same)
+run_iperf3_same() {
+    local args=(-n "$SIZE" -P "$2" -J)
+    [[ "$1" == - ]] || args+=(-C "$1")
+    [[ "$DIR" == download ]] && args+=(-R)
+    iperf3_run "iperf3same-$DIR-$PROFILE-$CC${REP_SUFFIX:-}" "$CAP" 1 "${args[@]}"
 }
 
 # start_ns_xferd KIND: a fresh xferd in NS_B serving SRV; sets XFERD_PID, XFERD_ADDR and XFERD_CPU0
