@@ -215,6 +215,15 @@ fn tcp_info(fd: impl AsFd, needed: usize) -> Option<libc::tcp_info> {
     (rc == 0 && len as usize >= needed).then_some(info)
 }
 
+/// Bytes this connection has moved across the path, both ways: what the peer acknowledged of
+/// its sending (`tcpi_bytes_acked`) and what arrived from the peer (`tcpi_bytes_received`);
+/// `None` where the kernel does not report them. Unlike bytes written, bytes still in the
+/// socket buffers are not in it.
+pub fn bytes_delivered(fd: impl AsFd) -> Option<u64> {
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    tcp_info(fd, needed).map(|info| info.tcpi_bytes_acked + info.tcpi_bytes_received)
+}
+
 fn set_congestion(fd: impl AsFd, name: &str) -> Result<(), SocketError> {
     match rustix::net::sockopt::set_tcp_congestion(fd.as_fd(), name) {
         Ok(()) => Ok(()),

@@ -97,7 +97,8 @@ impl Grower {
         }
     }
 
-    /// `bytes`: the meter now; `ready`: every worker of the pool is moving chunks and the
+    /// `bytes`: what the pool's connections delivered so far (acknowledged by the peer or
+    /// arrived from it; bytes written into socket buffers are not throughput); `ready`: every worker of the pool is moving chunks and the
     /// queue is not empty (a pool still connecting, or near its end, is not measured); `left`:
     /// the bytes still queued.
     pub(super) fn on_tick(&mut self, now: Instant, bytes: u64, ready: bool, left: u64) -> Step {

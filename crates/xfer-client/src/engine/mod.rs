@@ -233,15 +233,12 @@ fn connections_used(opts: &Options, work: &Work) -> usize {
     }
 }
 
-/// `opts` with a fresh byte meter on its connections when the pool sizes itself (only then is
-/// throughput measured, and a meter costs every write a look at `TCP_INFO`), and the process's
-/// memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
+/// `opts` with the process's memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
+/// (A pool that sizes itself measures what its sockets delivered, from the kernel: no meter on
+/// the connections.)
 fn metered(opts: &Options) -> Options {
     static BUDGET: std::sync::OnceLock<xfer_core::MemoryBudget> = std::sync::OnceLock::new();
     let mut opts = opts.clone();
-    if matches!(opts.connections, Connections::Adaptive { .. }) {
-        opts.connector.meter = Some(Arc::default());
-    }
     if opts.connector.memory.is_none() {
         let budget = BUDGET.get_or_init(|| xfer_core::MemoryBudget::new(CLIENT_MAX_MEMORY));
         opts.connector.memory = Some(budget.clone());

@@ -108,8 +108,6 @@ pub(super) struct Work {
     pub(super) duplicates: AtomicU64,
     progress: Arc<dyn Progress>,
     limiter: Option<RateLimiter>,
-    /// Bytes read and written on the transfer's connections: throughput, byte by byte.
-    pub(super) meter: Arc<AtomicU64>,
     /// Workers with an open transfer, moving chunks.
     pub(super) active: AtomicUsize,
     /// The most workers that were active at once.
@@ -168,7 +166,6 @@ impl Work {
             duplicates: AtomicU64::new(0),
             progress: opts.progress.clone(),
             limiter: opts.bwlimit.map(RateLimiter::new),
-            meter: opts.connector.meter.clone().unwrap_or_default(),
             active: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             excess: AtomicUsize::new(0),
