@@ -270,6 +270,23 @@ fn the_first_connection_of_a_download_moves_chunks_while_the_rest_of_the_pool_wa
     assert_eq!(got.json_u64("connections"), 1, "{}", got.stdout);
 }
 
+#[test]
+fn a_connection_stalled_in_its_handshake_does_not_hold_up_the_start() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let proxy = Proxy::start(daemon.socket_addr());
+    // The first connection to send a byte gets no further: the pool's others open beside it,
+    // and the transfer starts on whichever is welcomed first (one after another, it would wait
+    // for the stalled handshake to time out, then fail).
+    proxy.stall_after(1, 1);
+    let src = tree.src("stall.bin");
+    let want = random_file(&src, 2 << 20, 11);
+    let sent = XferRun::send(&src, &proxy.addr(), "stall.bin", &["--json"]).wait_ok();
+    assert_eq!(sha256_file(&daemon.root().join("stall.bin")), want);
+    assert!(proxy.stats().stalled >= 1, "{:?}", proxy.stats());
+    assert!(sent.json()["seconds"].as_f64().is_some(), "{}", sent.stdout);
+}
+
 /// `text` without its terminal colour sequences (`ESC [ ... m`): `-v` logs are coloured.
 fn without_colours(text: &str) -> String {
     let mut plain = String::with_capacity(text.len());

@@ -15,7 +15,7 @@ use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRea
 use super::delta;
 use super::pool::{drive, Early};
 use super::queue::Work;
-use super::retry::{connect_first, reopen, COMMIT_ATTEMPTS};
+use super::retry::{reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
 use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
@@ -212,10 +212,11 @@ pub async fn recv_with_holes(
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
-    let mut session = connect_first(target, opts).await?;
+    let (mut session, mut early) = Early::connect_first(target, opts).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
-    let early = Arc::new(Early::start(target, opts, &session));
+    early.top_up(target, opts, session.rtt);
+    let early = Arc::new(early);
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),

@@ -5,7 +5,7 @@
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
@@ -13,36 +13,118 @@ use xfer_net::sockopt;
 
 use super::grower::{Grower, Step, TICK};
 use super::queue::Work;
-use super::retry::{Retry, RECONNECTING};
+use super::retry::{connect_first, Retry, RECONNECTING};
 use super::window::{pump, Direction, Pumped};
 use super::{Connections, Options};
 use crate::{ClientError, Session, Target};
 
-/// Connections the pool will want, opened while the first one opens the transfer (and decides
-/// on a delta): on a 50 ms path that is two round trips the rest of the pool would otherwise
-/// spend idle before its own handshakes. A worker about to connect takes one instead; those no
-/// worker takes are aborted (their connections closed) when this is dropped.
+/// Connections the pool will want, opened beside its first one: a worker about to connect
+/// takes the next of them to be ready instead; those no worker takes are aborted (their
+/// connections closed) when this is dropped. A failed one is left out: the worker connects by
+/// itself then, and tells a daemon at its limits as any connection does.
 #[derive(Default)]
-pub(super) struct Early(Mutex<Vec<AbortOnDropHandle<Result<Session, ClientError>>>>);
+pub(super) struct Early {
+    connecting: tokio::sync::Mutex<JoinSet<Result<Session, ClientError>>>,
+    /// Connections started, the first one included.
+    started: usize,
+}
 
 impl Early {
-    /// Starts connecting the connections a pool for `opts` starts with besides `first`.
-    pub(super) fn start(target: &Target, opts: &Options, first: &Session) -> Self {
-        let n = opts.connections.initial_on(first.rtt).saturating_sub(1);
-        let connects = (0..n)
-            .map(|_| {
-                let (target, connector) = (target.clone(), opts.connector.clone());
-                AbortOnDropHandle::new(tokio::spawn(async move {
-                    Session::connect(&target, &connector).await
-                }))
-            })
-            .collect();
-        Self(Mutex::new(connects))
+    /// Opens a transfer's first connection with the others its pool starts with (the path
+    /// unknown yet) beside it, so that their handshakes overlap instead of following: on a 50 ms
+    /// path with a token that is three round trips. The first connection to be welcomed is the
+    /// transfer's first; the rest are early connections.
+    ///
+    /// Only the first connection asks for TLS or a pin when the daemon wants them; the others
+    /// try plain TCP only (nothing secret is sent before `Welcome`) and, turned down, are left
+    /// out, so a user is never asked twice about one daemon. Where TLS is known to be needed,
+    /// nothing opens beside the first.
+    ///
+    /// # Errors
+    /// As [`connect_first`]: the first connection's error, once no other was welcomed.
+    pub(super) async fn connect_first(
+        target: &Target,
+        opts: &Options,
+    ) -> Result<(Session, Self), ClientError> {
+        let mut early = Self::default();
+        let connector = &opts.connector;
+        let tls_known = connector.tls.is_some()
+            || connector.tls_required
+            || connector
+                .tls_learned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&target.to_string());
+        if !tls_known {
+            let plain = crate::Connector {
+                tls: None,
+                trust: None,
+                ..connector.clone()
+            };
+            let beside = opts.connections.initial().saturating_sub(1);
+            early.spawn(target, &plain, beside);
+        }
+        let mut first = {
+            let (target, opts) = (target.clone(), opts.clone());
+            AbortOnDropHandle::new(tokio::spawn(
+                async move { connect_first(&target, &opts).await },
+            ))
+        };
+        let connecting = early.connecting.get_mut();
+        loop {
+            tokio::select! {
+                biased;
+                first = &mut first => {
+                    let first = first.map_err(|e| ClientError::Local(join_error(e)))??;
+                    return Ok((first, early));
+                }
+                Some(other) = connecting.join_next(), if !connecting.is_empty() => {
+                    let Ok(Ok(session)) = other else { continue };
+                    // The first connection keeps connecting, as an early one.
+                    connecting.spawn(async move {
+                        first.await.map_err(|e| ClientError::Local(join_error(e)))?
+                    });
+                    return Ok((session, early));
+                }
+            }
+        }
     }
 
-    fn take(&self) -> Option<AbortOnDropHandle<Result<Session, ClientError>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    /// Starts the connections a pool for `opts` starts with on a path of `rtt` that are not
+    /// connecting yet (a long path starts with more).
+    pub(super) fn top_up(&mut self, target: &Target, opts: &Options, rtt: Option<Duration>) {
+        let wanted = opts.connections.initial_on(rtt);
+        let more = wanted.saturating_sub(self.started.max(1));
+        self.spawn(target, &opts.connector, more);
     }
+
+    fn spawn(&mut self, target: &Target, connector: &crate::Connector, n: usize) {
+        for _ in 0..n {
+            let (target, connector) = (target.clone(), connector.clone());
+            self.connecting
+                .get_mut()
+                .spawn(async move { Session::connect(&target, &connector).await });
+        }
+        self.started = self.started.max(1) + n;
+    }
+
+    /// The next early connection to be ready; `None` once there are none left, or if the one
+    /// taken failed.
+    async fn take(&self) -> Option<Session> {
+        let mut connecting = self.connecting.lock().await;
+        match connecting.join_next().await? {
+            Ok(Ok(session)) => Some(session),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "an early connection failed; connecting again");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> xfer_core::CoreError {
+    xfer_core::CoreError::io("connect task", std::io::Error::other(e.to_string()))
 }
 
 /// What the pool's connections moved across the path, read from the kernel whenever the grower
@@ -280,15 +362,18 @@ async fn worker<D: Direction>(
             let (mut s, id) = match session.take() {
                 Some(open) => open,
                 None => {
-                    let opened = early.take();
                     let connect = async {
-                        let mut s = match opened {
-                            Some(connecting) => connecting.await.map_err(|e| {
-                                ClientError::Local(xfer_core::CoreError::io(
-                                    "connect task",
-                                    std::io::Error::other(e.to_string()),
-                                ))
-                            })??,
+                        let mut s = match early.take().await {
+                            Some(mut s) => {
+                                // It may have connected before the path's congestion control
+                                // was chosen.
+                                if let Some(name) = &opts.connector.socket.congestion {
+                                    if let Err(e) = s.switch_congestion(name) {
+                                        tracing::debug!(error = %e, "an early connection keeps its congestion control");
+                                    }
+                                }
+                                s
+                            }
                             None => Session::connect(target, &opts.connector).await?,
                         };
                         let id = dir.open(&mut s).await?;

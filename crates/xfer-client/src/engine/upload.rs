@@ -15,7 +15,7 @@ use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite, OpenW
 use super::delta;
 use super::pool::{drive, Early};
 use super::queue::Work;
-use super::retry::{connect_first, connect_retrying, reopen, COMMIT_ATTEMPTS};
+use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
 use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
@@ -148,10 +148,11 @@ pub async fn send_file(
     let started = Instant::now();
     let opts = &metered(opts);
     let identity = source.identity();
-    let mut session = connect_first(target, opts).await?;
+    let (mut session, mut early) = Early::connect_first(target, opts).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
-    let early = Arc::new(Early::start(target, opts, &session));
+    early.top_up(target, opts, session.rtt);
+    let early = Arc::new(early);
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
         let source = source.clone();
