@@ -283,15 +283,11 @@ pub async fn recv_with_holes(
     let mut digest = None;
     let mut first = Some((session, id));
     for attempt in 1..=COMMIT_ATTEMPTS {
-        let open = match first.take() {
-            Some(open) => open,
-            None => reopen(target, &*download, opts).await?,
-        };
         let mut sessions = drive(
             target,
             Arc::clone(&download),
             Arc::clone(&work),
-            open,
+            first.take(),
             Arc::clone(&early),
             opts,
         )

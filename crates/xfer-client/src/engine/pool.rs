@@ -27,6 +27,8 @@ pub(super) struct Early {
     connecting: tokio::sync::Mutex<JoinSet<Result<Session, ClientError>>>,
     /// Connections started, the first one included.
     started: usize,
+    /// The path's round-trip time, as the first connection measured it.
+    rtt: Option<Duration>,
 }
 
 impl Early {
@@ -93,6 +95,7 @@ impl Early {
     /// Starts the connections a pool for `opts` starts with on a path of `rtt` that are not
     /// connecting yet (a long path starts with more).
     pub(super) fn top_up(&mut self, target: &Target, opts: &Options, rtt: Option<Duration>) {
+        self.rtt = rtt;
         let wanted = opts.connections.initial_on(rtt);
         let more = wanted.saturating_sub(self.started.max(1));
         self.spawn(target, &opts.connector, more);
@@ -195,14 +198,15 @@ impl Drop for CountedWhile<'_> {
 }
 
 /// Runs the workers over `work` until the queue is drained: a fixed number, or an adaptive pool
-/// that [`Grower`] sizes. Each worker reconnects with exponential backoff and jitter after a
+/// that [`Grower`] sizes. The first worker moves chunks over `first` if given (a connection
+/// with the transfer open); else it connects, as the others do. Each worker reconnects with exponential backoff and jitter after a
 /// transient failure, until `retry_deadline`. Workers that connect take `early`'s connections
 /// first. Returns the sessions that finished cleanly (with their transfer ids).
 pub(super) async fn drive<D: Direction>(
     target: &Target,
     dir: Arc<D>,
     work: Arc<Work>,
-    first: (Session, u64),
+    first: Option<(Session, u64)>,
     early: Arc<Early>,
     opts: &Options,
 ) -> Result<Vec<(Session, u64)>, ClientError> {
@@ -222,14 +226,14 @@ pub(super) async fn drive<D: Direction>(
         });
     };
     work.excess.store(0, Ordering::SeqCst);
-    let rtt = first.0.rtt;
+    let rtt = first.as_ref().map_or(early.rtt, |(s, _)| s.rtt);
     let start = opts.connections.initial_on(rtt);
     let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
-    let mut first = Some(first);
-    for _ in 0..start {
+    let mut first = first;
+    for i in 0..start {
         // An adaptive pool needs only its first connection: the others it starts with are as
         // optional as the ones it adds.
-        let optional = adaptive && first.is_none();
+        let optional = adaptive && i > 0;
         spawn(&mut workers, first.take(), optional);
     }
     let mut grower = match opts.connections {

@@ -258,10 +258,9 @@ pub async fn send_file(
                 chunk_size,
             ));
         }
-        let first = match session.take() {
-            Some(s) => (s, id),
-            None => reopen(target, &*upload, opts).await?,
-        };
+        // Without a connection of its own (the first one compares signatures), the pool
+        // starts on its early connections at once rather than after a new handshake.
+        let first = session.take().map(|s| (s, id));
         let mut sessions = drive(
             target,
             Arc::clone(&upload),
