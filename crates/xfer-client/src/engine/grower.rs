@@ -15,6 +15,12 @@ const SETTLE_RTTS: u32 = 10;
 /// faster than 4 by chance often enough to grow a pool to 16, which only costs CPU there.
 const MEASURE: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(1));
 const MEASURE_RTTS: u32 = 20;
+/// Round trips a connection added to the pool spends before it carries its share: connect,
+/// handshake and open (4), then slow start towards its share of the path (about 6 from IW10 on
+/// the emulated 150 ms, 1 Gbit/s path). There, a 128 MiB file grew from 8 to 16 connections
+/// with 60-70 MiB left; the new ones were still starting when the last chunks left, and took
+/// 4.6-5.0 s where a run that kept 8 took 3.8 s.
+const JOIN_RTTS: u32 = 10;
 /// Throughput gain over the best measured so far that makes the pool grow again.
 const GAIN: f64 = 1.10;
 /// Measurements a size gets before a too-small gain stops the growth for good: one measurement
@@ -76,6 +82,8 @@ pub(super) struct Grower {
     pub(super) done: bool,
     settle: Duration,
     measure: Duration,
+    /// How long a connection added now takes to carry its share ([`JOIN_RTTS`]).
+    join: Duration,
 }
 
 impl Grower {
@@ -94,6 +102,7 @@ impl Grower {
             done: size >= max,
             settle: scaled(SETTLE_RTTS, SETTLE),
             measure: scaled(MEASURE_RTTS, MEASURE),
+            join: rtt.map_or(Duration::ZERO, |rtt| rtt * JOIN_RTTS),
         }
     }
 
@@ -124,11 +133,11 @@ impl Grower {
         let best = self.best.map(|(_, r)| r);
         if best.is_none_or(|b| rate >= b * GAIN) {
             self.best = Some((self.size, rate));
-            // New connections move little until they have settled, and what is left would be
-            // gone before they are measured: they would only take chunks into slow starts and
-            // make the end of the transfer (a 128 MiB file on a 50 ms path grew from 8 to 16
-            // a second before its end).
-            let horizon = (self.settle + self.measure).as_secs_f64();
+            // New connections move little until they have joined and settled, and what is left
+            // would be gone before they are measured: they would only take chunks into slow
+            // starts and make the end of the transfer (a 128 MiB file on a 50 ms path grew
+            // from 8 to 16 a second before its end).
+            let horizon = (self.join + self.settle + self.measure).as_secs_f64();
             if self.size >= self.max || (left as f64) < rate * horizon {
                 self.done = true;
                 return Step::Keep {
@@ -303,6 +312,35 @@ mod tests {
             ),
             "{step:?}"
         );
+    }
+
+    #[test]
+    fn on_a_long_path_what_is_left_must_also_repay_the_new_connections_start() {
+        // 25 MB/s measured at 8 connections with 70 MB left (the 150 ms path's 128 MiB file):
+        // settling and measuring take 1.5 s (38 MB), joining 10 round trips more (1.5 s).
+        let t0 = Instant::now();
+        let decide = |rtt: Duration, left: u64| {
+            let mut g = Grower::new(8, 64, t0, Some(rtt));
+            (1..100)
+                .map(|i| g.on_tick(t0 + TICK * i, u64::from(i) * 2_500_000, true, left))
+                .find(|s| *s != Step::Wait)
+        };
+        let far = Duration::from_millis(150);
+        assert!(
+            matches!(decide(far, 70_000_000), Some(Step::Keep { size: 8, .. })),
+            "{:?}",
+            decide(far, 70_000_000)
+        );
+        assert!(matches!(
+            decide(far, 80_000_000),
+            Some(Step::Grow { to: 16, .. })
+        ));
+        // On a LAN joining is quick: the same bytes left are worth growing for.
+        let lan = Duration::from_micros(200);
+        assert!(matches!(
+            decide(lan, 20_000_000),
+            Some(Step::Grow { to: 16, .. })
+        ));
     }
 
     #[test]
