@@ -23,6 +23,12 @@ const MEASURE_RTTS: u32 = 20;
 const JOIN_RTTS: u32 = 10;
 /// Throughput gain over the best measured so far that makes the pool grow again.
 const GAIN: f64 = 1.10;
+/// A gain below this (but at least [`GAIN`]) is measured once more before the pool grows: on
+/// a 2-core machine shared with other work, half-second measurements of a 1 Gbit/s LAN vary by
+/// more than [`GAIN`], and an upload that measured its connections' delivered bytes grew to 16
+/// or 64 connections there by chance, 13-47 % slower than 8. Where connections are the limit
+/// (lossy long paths, per-connection caps), doubling them gains far more than this.
+const CLEAR_GAIN: f64 = 1.5;
 /// Measurements a size gets before a too-small gain stops the growth for good: one measurement
 /// is a fraction of a second, and a stall of the machine or the disk in it (a loaded 2-core
 /// machine, a receiver flushing) can hide a growth that pays; two in a row rarely both do.
@@ -78,6 +84,8 @@ pub(super) struct Grower {
     best: Option<(usize, f64)>,
     /// Measurements of the current size that did not gain enough.
     misses: u32,
+    /// The last measurement gained, but less than [`CLEAR_GAIN`]: the next one decides.
+    marginal: bool,
     /// Growth is over: the pool keeps its size.
     pub(super) done: bool,
     settle: Duration,
@@ -99,6 +107,7 @@ impl Grower {
             mark: None,
             best: None,
             misses: 0,
+            marginal: false,
             done: size >= max,
             settle: scaled(SETTLE_RTTS, SETTLE),
             measure: scaled(MEASURE_RTTS, MEASURE),
@@ -132,6 +141,12 @@ impl Grower {
         let rate = bytes.saturating_sub(b0) as f64 / elapsed.as_secs_f64();
         let best = self.best.map(|(_, r)| r);
         if best.is_none_or(|b| rate >= b * GAIN) {
+            let clear = best.is_none_or(|b| rate >= b * CLEAR_GAIN);
+            if !clear && !std::mem::replace(&mut self.marginal, true) {
+                self.mark = Some((now, bytes));
+                return Step::Wait;
+            }
+            self.marginal = false;
             self.best = Some((self.size, rate));
             // New connections move little until they have joined and settled, and what is left
             // would be gone before they are measured: they would only take chunks into slow
@@ -158,6 +173,7 @@ impl Grower {
                 best,
             };
         }
+        self.marginal = false;
         let (best_size, best_rate) = self.best.unwrap_or((self.size, rate));
         let slower = rate < best_rate * SHRINK_BELOW && best_size < self.size;
         self.misses += 1;
@@ -279,6 +295,46 @@ mod tests {
         // Two measurements that gain too little in a row stop it, as does one that is slower.
         assert_eq!(
             sizes(&check(4, 64, &[1e6, 2e6, 2.1e6])),
+            [('+', 8), ('+', 16), ('=', 16)]
+        );
+    }
+
+    #[test]
+    fn a_small_gain_is_measured_again_before_the_pool_grows() {
+        // One rate per measurement (not per decision).
+        let per_measurement = |rates: &[f64]| {
+            let t0 = Instant::now();
+            let mut g = Grower::new(4, 16, t0, None);
+            let (mut now, mut bytes, mut steps) = (t0, 0.0, Vec::new());
+            let mut rates = rates.iter().copied();
+            let mut rate = rates.next().unwrap();
+            while !g.done {
+                now += TICK;
+                bytes += rate * TICK.as_secs_f64();
+                let before = (g.misses, g.marginal);
+                let step = g.on_tick(now, bytes as u64, true, u64::MAX);
+                if step != Step::Wait || (g.misses, g.marginal) != before {
+                    rate = rates.next().unwrap_or(rate);
+                }
+                if step != Step::Wait {
+                    steps.push(step);
+                }
+                assert!(now < t0 + Duration::from_secs(60), "never settles");
+            }
+            sizes(&steps)
+        };
+        // 8 connections 20 % faster than 4, twice: it grows; once, then no faster than 4: not.
+        assert_eq!(
+            per_measurement(&[100e6, 120e6, 120e6, 125e6, 125e6]),
+            [('+', 8), ('+', 16), ('=', 16)]
+        );
+        assert_eq!(
+            per_measurement(&[100e6, 120e6, 100e6, 100e6]),
+            [('+', 8), ('=', 8)]
+        );
+        // Twice as fast: at once.
+        assert_eq!(
+            per_measurement(&[100e6, 200e6, 200e6, 200e6]),
             [('+', 8), ('+', 16), ('=', 16)]
         );
     }
