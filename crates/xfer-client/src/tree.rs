@@ -467,7 +467,8 @@ impl Progress {
             compressor: xfer_net::Compressor::new(
                 opts.connector.compress.unwrap_or_default(),
                 "tree",
-            ),
+            )
+            .with_delivered(opts.connector.delivered.clone()),
             wire: AtomicU64::new(0),
             bar: opts.progress.clone(),
             files_done: AtomicU64::new(0),
@@ -900,6 +901,9 @@ pub async fn send_tree_mirror(
     mirror: &Mirror,
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
+    let mut opts = opts.clone();
+    opts.connector.delivered = engine::delivered_meter(&opts);
+    let opts = &opts;
     let mut control = connect_deleting(target, &opts.connector, mirror).await?;
     let with_meta = keeps_meta(&control);
     if !with_meta {
