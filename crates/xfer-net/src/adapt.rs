@@ -42,6 +42,9 @@ pub const PROBE: Duration = Duration::from_millis(400);
 /// Round trips a probe measures at least, on a path longer than [`PROBE`] allows for: a
 /// measurement of a few round trips is mostly their noise.
 pub const PROBE_RTTS: u32 = 8;
+/// Round trips the first probe measures at least before it may hand over to the second early
+/// (see [`Adapt`]'s `pending`).
+pub const COVER_AFTER_RTTS: u32 = 2;
 /// The longest a phase waits for what was queued before it to be delivered before it measures
 /// anyway (a connection closed with bytes queued never delivers them).
 pub const MAX_DRAIN: Duration = Duration::from_secs(2);
@@ -146,6 +149,21 @@ pub struct Adapt {
     /// Start of this phase's measurement of delivered bytes: when, and the meter's `acked` and
     /// the phase's raw bytes handed over then.
     window: Option<(Instant, u64, u64)>,
+    /// The first probe's measurement, once it handed over to the second early: what it queued
+    /// keeps the path busy until it has measured long enough, so the chunks after it would
+    /// only be delivered after its measurement, and may as well be the second probe's. It
+    /// ends when the second probe's window opens (the first one's bytes are all delivered).
+    pending: Option<Pending>,
+}
+
+/// A measurement of delivered bytes still running after its phase handed over.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    on: bool,
+    start: Instant,
+    acked: u64,
+    /// Wire bytes per raw byte of the phase.
+    ratio: f64,
 }
 
 impl Adapt {
@@ -174,6 +192,7 @@ impl Adapt {
             delivery: None,
             drain_to: None,
             window: None,
+            pending: None,
         }
     }
 
@@ -256,10 +275,10 @@ impl Adapt {
         }
         self.watch_delivery(now, elapsed);
         let ceiling = self.compress_ceiling();
+        let measured = self.measuring(now, since);
+        let covered = measured.is_some_and(|m| self.queued_covers(m));
         let ends = match self.phase {
-            Phase::Probe { .. } => self
-                .measuring(now, since)
-                .is_some_and(|measured| measured >= self.probe_length()),
+            Phase::Probe { .. } => covered || measured.is_some_and(|m| m >= self.probe_length()),
             Phase::Keep { .. } => elapsed >= self.stretch,
         };
         // A phase that moved nothing measured nothing: it goes on until it has.
@@ -267,6 +286,16 @@ impl Adapt {
             return;
         }
         let ratio = self.wire as f64 / self.raw as f64;
+        if let (true, None, Some((start, acked, _))) = (covered, ceiling, self.window) {
+            self.pending = Some(Pending {
+                on,
+                start,
+                acked,
+                ratio,
+            });
+            self.begin(Phase::Probe { on: !on }, now);
+            return;
+        }
         let rate = match (self.rate(now, since, ratio), ceiling) {
             (Some(rate), Some(ceiling)) => Some(rate.min(ceiling)),
             (rate, ceiling) => rate.or(ceiling),
@@ -300,6 +329,12 @@ impl Adapt {
             }
             (Phase::Probe { on }, _, _) => Phase::Probe { on: !on },
         };
+        self.begin(self.phase, now);
+    }
+
+    /// Starts `phase` at `now`.
+    fn begin(&mut self, phase: Phase, now: Instant) {
+        self.phase = phase;
         self.since = Some(now);
         self.raw = 0;
         self.wire = 0;
@@ -318,7 +353,37 @@ impl Adapt {
         let drain_to = *self.drain_to.get_or_insert(reading.acked + reading.queued);
         if self.window.is_none() && (reading.acked >= drain_to || elapsed >= MAX_DRAIN) {
             self.window = Some((now, reading.acked, self.raw));
+            if let Some(pending) = self.pending.take() {
+                let time = now.saturating_duration_since(pending.start).as_secs_f64();
+                let delivered = reading.acked.saturating_sub(pending.acked) as f64;
+                let rate = (time > 0.0).then(|| delivered / pending.ratio / time);
+                if pending.on {
+                    self.on_rate = rate.or(self.on_rate);
+                } else {
+                    self.off_rate = rate.or(self.off_rate);
+                }
+            }
         }
+    }
+
+    /// Whether the first probe, having measured for `measured`, already queued enough to keep
+    /// the path busy until it has measured a probe's length, at the pace delivered so far:
+    /// then it hands over to the second probe early. On a long path with deep socket buffers
+    /// the first probe hands over seconds' worth at once; without this, it would go on adding
+    /// to them for its whole length, and the transfer would carry all of that as it chose first.
+    fn queued_covers(&self, measured: Duration) -> bool {
+        let first = self.off_rate.is_none() && self.on_rate.is_none() && self.pending.is_none();
+        let (Some(reading), Some((_, acked, _))) = (self.delivery, self.window) else {
+            return false;
+        };
+        let Some(rtt) = reading.rtt else { return false };
+        let delivered = reading.acked.saturating_sub(acked) as f64;
+        if !first || measured < rtt * COVER_AFTER_RTTS || delivered == 0.0 {
+            return false;
+        }
+        let pace = delivered / measured.as_secs_f64();
+        let left = self.probe_length().saturating_sub(measured).as_secs_f64();
+        reading.queued as f64 >= pace * left
     }
 
     /// How long this phase has measured: since its bytes began to be delivered, with a meter;
@@ -511,6 +576,28 @@ mod tests {
     }
 
     #[test]
+    fn the_first_probe_hands_over_once_its_queue_covers_its_measurement() {
+        let buffer = 64.0 * MIB as f64;
+        let mut path = Path::new(60e6, buffer, 150e6, 0.25, true);
+        let mut adapt = Adapt::new(1);
+        let mut raw_first = 0.0;
+        while adapt.decision().is_none() {
+            if let Choice::Raw = adapt.choose(path.now) {
+                raw_first = path.handed;
+            }
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(decision.on, "{decision:?}");
+        assert!((decision.off_rate / 60e6 - 1.0).abs() < 0.1, "{decision:?}");
+        // The buffers' worth and two round trips of the link, not the whole probe's length.
+        assert!(
+            raw_first <= buffer + 60e6 * 0.15,
+            "{raw_first} raw bytes first"
+        );
+    }
+
+    #[test]
     fn rates_handed_to_deep_buffers_are_what_misled_it() {
         // The same path timed by what is handed to the sockets: the off probe fills the
         // buffers at memory speed and looks faster than compressing can be.
@@ -539,14 +626,11 @@ mod tests {
     #[test]
     fn a_probe_measures_only_after_what_was_queued_before_it_is_delivered() {
         // A receiver that is the limit: it takes 100 MB/s of raw bytes, and 100 MB/s of raw
-        // bytes when compressed too (2.5 MB of wire per 100 ms: decompressing costs it).
+        // bytes when compressed too (2.5 MB of wire per 100 ms: decompressing costs it). No
+        // round trip known: the first probe runs its whole length.
         let start = Instant::now();
         let mut adapt = Adapt::new(1);
-        let mut reading = Delivery {
-            acked: 0,
-            queued: 0,
-            rtt: Some(Duration::from_millis(50)),
-        };
+        let mut reading = Delivery::default();
         let mut now = start;
         // The off probe: 20 MB handed and 10 MB delivered per 100 ms; 40 MB queued at its end.
         for step in 1..=4 {
