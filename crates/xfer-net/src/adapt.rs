@@ -309,7 +309,9 @@ impl Adapt {
         self.phase = match (self.phase, self.off_rate, self.on_rate) {
             (Phase::Keep { on }, _, _) => Phase::Probe { on: !on },
             (Phase::Probe { .. }, Some(off_rate), Some(on_rate)) => {
-                let keep = on_rate > off_rate * MARGIN;
+                // Where nothing shrank, compressing cannot have been faster: what looked so
+                // was noise (or the first probe's slow start).
+                let keep = on_rate > off_rate * MARGIN && self.ratio * MARGIN < 1.0;
                 let decisive = on_rate.max(off_rate) >= on_rate.min(off_rate) * DECISIVE;
                 if self.last.is_some_and(|d| d.on == keep) {
                     self.stretch = (self.stretch * 2).min(MAX_STRETCH);
@@ -620,6 +622,32 @@ mod tests {
         let mut adapt = Adapt::new(1);
         path.run(&mut adapt, Duration::from_secs(20));
         let decision = adapt.decision().unwrap();
+        assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn data_that_does_not_shrink_stays_off_however_the_probes_measure() {
+        let start = Instant::now();
+        let mut adapt = Adapt::new(2);
+        let mut now = start;
+        // Off measures 50 MB/s, on 80 MB/s (a first probe in slow start), nothing shrinks.
+        while adapt.decision().is_none() {
+            let rate = match adapt.choose(now) {
+                Choice::Raw => 50e6,
+                Choice::Compress { .. } => 80e6,
+            };
+            now += Duration::from_secs_f64(MIB as f64 / rate);
+            adapt.sent(Sent {
+                raw: MIB,
+                wire: MIB,
+                compress: Duration::ZERO,
+            });
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(
+            decision.on_rate > decision.off_rate * DECISIVE,
+            "{decision:?}"
+        );
         assert!(!decision.on, "{decision:?}");
     }
 
