@@ -1217,8 +1217,9 @@ async fn send_meta(
 /// (`limited`: under a `--bwlimit`). A level always packs. `auto` packs only on a slow path, a
 /// long round trip or a bandwidth limit: on a fast one the receiver's unpacking of thousands of
 /// small files costs more than the link saves (the Rust HTML docs, 52k files, took 2.1x as long
-/// packed on loopback), and `auto`'s probe, which times what the sender hands to the socket,
-/// cannot see that cost.
+/// packed on loopback), and `auto`'s probes cannot tell: even measuring delivered bytes, a tree's
+/// rate changes with the sizes of the files each probe happens to carry (the same tree, packed
+/// where the probes chose, was still 0.75x off).
 fn packing_pays(
     mode: xfer_net::Compression,
     rtt: Option<std::time::Duration>,
