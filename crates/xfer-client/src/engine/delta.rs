@@ -324,7 +324,7 @@ pub(super) async fn copy_local(
                 for (offset, bytes) in runs {
                     let len = bytes.len() as u64;
                     let crc = crc32fast::hash(&bytes);
-                    partial.write(offset, bytes.into(), crc).await?;
+                    partial.write(offset, bytes, crc).await?;
                     copied += len;
                 }
             }
