@@ -148,22 +148,26 @@ pub(super) async fn negotiate(
     let room = Semaphore::new(depth);
     let (spans, mut answers_for) = mpsc::channel::<ByteRange>(depth);
     let Session { reader, writer, .. } = session;
-    let batches = &mut cutting.batches;
+    let regions = &mut cutting.regions;
     let send = async {
-        // Batches of every region, in the order they are cut.
-        while let Some((span, chunks)) = batches.recv().await {
-            room.acquire()
-                .await
-                .map_err(|_| ClientError::Closed)?
-                .forget();
-            // Never waits: a span is queued only with room taken, `depth` at most.
-            let _ = spans.send(span).await;
-            let sig = DeltaSig {
-                transfer_id,
-                offset: span.start,
-                chunks,
-            };
-            writer.send(&Frame::DeltaSig(sig)).await?;
+        // In file order, region after region: the daemon hashes what it copies as it lands
+        // when it lands in order, and reads back what landed ahead. The cutters of later
+        // regions run ahead meanwhile.
+        for batches in regions.iter_mut() {
+            while let Some((span, chunks)) = batches.recv().await {
+                room.acquire()
+                    .await
+                    .map_err(|_| ClientError::Closed)?
+                    .forget();
+                // Never waits: a span is queued only with room taken, `depth` at most.
+                let _ = spans.send(span).await;
+                let sig = DeltaSig {
+                    transfer_id,
+                    offset: span.start,
+                    chunks,
+                };
+                writer.send(&Frame::DeltaSig(sig)).await?;
+            }
         }
         drop(spans);
         Ok::<_, ClientError>(())
@@ -198,17 +202,18 @@ pub(super) async fn negotiate(
     Ok(true)
 }
 
-/// Batches of `DeltaSig` chunks cut ahead per region: enough to keep cutting while the daemon
-/// indexes its file (each batch is `SIG_BATCH` chunks of about 20 bytes, so about 1.3 MB for
-/// all regions at once).
-const BATCHES_AHEAD: usize = 16;
+/// Batches of `DeltaSig` chunks cut ahead of what was sent, for all regions together (each
+/// batch is `SIG_BATCH` chunks of 20 bytes: about 5 MB in all). At 2 GiB and 2 cores, each region
+/// is cut whole while the daemon indexes and the first region's batches go out.
+const BATCHES_AHEAD: usize = 128;
 
 /// The new file being cut into signature batches, every region on its own blocking thread at
-/// once, each at most `BATCHES_AHEAD` batches ahead of what was sent. Dropping it stops the
+/// once, each a bounded number of batches ahead of what was sent. Dropping it stops the
 /// cutting.
 struct Cutting {
     avg: u32,
-    batches: mpsc::Receiver<(ByteRange, Vec<SigChunk>)>,
+    /// Each region's batches, in file order.
+    regions: Vec<mpsc::Receiver<(ByteRange, Vec<SigChunk>)>>,
     cutters: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -216,12 +221,13 @@ impl Cutting {
     fn start(source: &SourceFile, held: &RangeSet, avg: u32) -> Self {
         let size = source.identity().size;
         let regions = delta::regions(size, delta::parallelism());
-        let (tx, batches) = mpsc::channel(BATCHES_AHEAD * regions.len());
-        let cutters = regions
+        let ahead = (BATCHES_AHEAD / regions.len()).max(2);
+        let (receivers, cutters) = regions
             .into_iter()
             .map(|region| {
-                let (file, held, tx) = (source.file(), held.clone(), tx.clone());
-                tokio::task::spawn_blocking(move || {
+                let (tx, rx) = mpsc::channel(ahead);
+                let (file, held) = (source.file(), held.clone());
+                let cutter = tokio::task::spawn_blocking(move || {
                     let mut batch = Batch::default();
                     let mut open = true;
                     delta::cut_region(&file, region, avg, |cut| {
@@ -242,12 +248,13 @@ impl Cutting {
                         let _ = tx.blocking_send(last);
                     }
                     Ok(())
-                })
+                });
+                (rx, cutter)
             })
-            .collect();
+            .unzip();
         Self {
             avg,
-            batches,
+            regions: receivers,
             cutters,
         }
     }
@@ -413,7 +420,8 @@ mod tests {
         let held = RangeSet::from_ranges([ByteRange::new(1 << 20, 2 << 20)]);
         let mut cutting = Cutting::start(&source, &held, delta::MIN_AVG_CHUNK);
         let mut covered = RangeSet::new();
-        while let Some((span, chunks)) = cutting.batches.recv().await {
+        assert_eq!(cutting.regions.len(), 1);
+        while let Some((span, chunks)) = cutting.regions[0].recv().await {
             assert!(!chunks.is_empty() && chunks.len() <= SIG_BATCH);
             let len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
             assert_eq!(span.len(), len);
