@@ -63,7 +63,12 @@ mkdir -p "$WORK" "$LOGS" "$SRV"
 TOKEN="$WORK/token"
 [[ -s "$TOKEN" ]] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"; chmod 600 "$TOKEN"; }
 real_disk "$WORK"
-require_free "$WORK" $((SIZE * 7 + TREE_FILES * TREE_FILE_SIZE * 3))
+# The workloads (unless reused), the receiver's copy and its partial.
+if [[ "${DELTA_REUSE:-0}" == 1 ]]; then
+    require_free "$WORK" $((SIZE * 3 + TREE_FILES * TREE_FILE_SIZE * 2))
+else
+    require_free "$WORK" $((SIZE * 7 + TREE_FILES * TREE_FILE_SIZE * 3))
+fi
 xfer_binaries "$LOGS/build.log"
 need rsync rsync rsync
 [[ -z "${NA[rsync]:-}" ]] || TOOLS="${TOOLS/rsync/}"
