@@ -233,17 +233,25 @@ fn connections_used(opts: &Options, work: &Work) -> usize {
     }
 }
 
-/// `opts` with the process's memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
-/// (A pool that sizes itself measures what its sockets delivered, from the kernel: no meter on
-/// the connections.)
+/// `opts` with a fresh delivered-bytes meter under `auto` compression (its probes measure by
+/// it), and the process's memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one. (A
+/// pool that sizes itself reads what its own sockets delivered from the kernel.)
 fn metered(opts: &Options) -> Options {
     static BUDGET: std::sync::OnceLock<xfer_core::MemoryBudget> = std::sync::OnceLock::new();
     let mut opts = opts.clone();
+    opts.connector.delivered = delivered_meter(&opts);
     if opts.connector.memory.is_none() {
         let budget = BUDGET.get_or_init(|| xfer_core::MemoryBudget::new(CLIENT_MAX_MEMORY));
         opts.connector.memory = Some(budget.clone());
     }
     opts
+}
+
+/// A fresh meter of the bytes the connections of a transfer under `opts` deliver, where `auto`
+/// compression measures by it: each transfer measures its own connections.
+pub(crate) fn delivered_meter(opts: &Options) -> Option<xfer_net::Delivered> {
+    let auto = opts.connector.compress.unwrap_or_default() == xfer_net::Compression::Auto;
+    auto.then(xfer_net::Delivered::new)
 }
 
 /// What a transfer's [`Summary`] needs from its start.
