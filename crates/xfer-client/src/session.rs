@@ -1,12 +1,9 @@
 //! [`Session`]: one connection to a daemon, past its handshake; [`Connector`] makes them.
 
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls;
 use xfer_net::sockopt::{self, SocketOptions};
@@ -65,9 +62,6 @@ pub struct Connector {
     pub grant: Option<xfer_proto::Grant>,
     /// Buffers and congestion control for every connection.
     pub socket: SocketOptions,
-    /// Counts every byte read or written on the connections made, when set: the engine's
-    /// measure of throughput, finer than whole chunks.
-    pub meter: Option<Arc<AtomicU64>>,
     /// Counts what the connections made delivered (acknowledged bytes), when set: what
     /// `auto` compression measures its probes by.
     pub delivered: Option<xfer_net::Delivered>,
@@ -193,114 +187,11 @@ async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, Cli
     Err(last)
 }
 
-/// A byte stream that counts what crosses the network through it, both ways, into a shared
-/// counter: bytes read as they are read, bytes written once the peer has acknowledged them
-/// (`TCP_INFO`). Counting writes as they are handed to the kernel would count socket buffers
-/// filling up as throughput: on a slow lossy path that is seconds' worth, and a pool sized
-/// from it shrinks when it should grow.
-struct Metered<S> {
-    inner: S,
-    meter: Option<Arc<AtomicU64>>,
-    /// The socket beneath, and the bytes of it acknowledged when last looked at.
-    acked: Option<(std::os::fd::RawFd, u64)>,
-}
-
-impl<S> Metered<S> {
-    /// Wraps `inner`, which owns (or shares) the socket `fd`.
-    fn new(inner: S, meter: Option<Arc<AtomicU64>>, fd: std::os::fd::RawFd) -> Self {
-        // SAFETY: `inner` keeps the socket open; it is only looked at here.
-        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let acked = sockopt::bytes_acked(socket).map(|n| (fd, n));
-        Self {
-            inner,
-            meter,
-            acked,
-        }
-    }
-
-    fn count(&self, n: usize) {
-        if let Some(meter) = &self.meter {
-            meter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts what a write (`polled`) moved: what the peer acknowledged since the last look,
-    /// where the kernel tells; else the bytes written.
-    fn count_written(&mut self, polled: &Poll<std::io::Result<usize>>) {
-        if self.meter.is_none() {
-            return;
-        }
-        let written = match polled {
-            Poll::Ready(Ok(n)) => *n,
-            _ => 0,
-        };
-        let Some((fd, before)) = self.acked else {
-            return self.count(written);
-        };
-        // SAFETY: the socket is owned by `inner` (or the stream it is half of), open for as
-        // long as this wrapper lives.
-        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if let Some(now) = sockopt::bytes_acked(socket) {
-            self.acked = Some((fd, now));
-            self.count(now.saturating_sub(before) as usize);
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.count(n);
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.count_written(&polled);
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.count_written(&polled);
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Asks for TLS in a plaintext `Hello`, waits for `StartTls`, and runs the TLS handshake.
 async fn start_tls(
     mut socket: TcpStream,
     target: &Target,
     tls: &tokio_rustls::TlsConnector,
-    meter: Option<Arc<AtomicU64>>,
     delivered: Option<&xfer_net::Delivered>,
     handshake: &mut ClientSession,
 ) -> Result<(Reader, Writer), ClientError> {
@@ -325,7 +216,7 @@ async fn start_tls(
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| ClientError::Target(format!("bad TLS server name {}: {e}", target.host)))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
-    let socket = TlsSocket::new(Metered::new(socket, meter, fd));
+    let socket = TlsSocket::new(socket);
     let stream = tls
         .connect(name, socket)
         .await
@@ -444,7 +335,6 @@ impl Session {
     ) -> Result<Self, ClientError> {
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
-        let meter = connector.meter.clone();
         let mut nonce = vec![0u8; auth::NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
         let config = ClientConfig {
@@ -458,17 +348,11 @@ impl Session {
         let (reader, writer) = match tls {
             Some(tls) => {
                 let delivered = connector.delivered.as_ref();
-                start_tls(socket, target, tls, meter, delivered, &mut handshake).await?
+                start_tls(socket, target, tls, delivered, &mut handshake).await?
             }
             None => {
                 let (read, write) = socket.into_split();
-                let read = Metered {
-                    inner: read,
-                    meter: meter.clone(),
-                    acked: None,
-                };
                 // The write half shares the stream, and so the socket `fd`, with the read half.
-                let write = Metered::new(write, meter, fd);
                 let reader: Reader = FrameReader::new(Box::new(read));
                 let writer = frame_writer(write, fd, connector.delivered.as_ref());
                 (reader, writer)
@@ -564,7 +448,7 @@ impl Session {
         let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
         let started = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            start_tls(socket, target, &tls, None, None, &mut handshake),
+            start_tls(socket, target, &tls, None, &mut handshake),
         )
         .await
         .unwrap_or_else(|_| Err(silent(target)));

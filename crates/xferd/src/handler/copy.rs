@@ -65,7 +65,6 @@ impl Handler {
                 grant,
                 // This daemon's own settings: its copies are its connections.
                 socket: self.shared.config.socket.clone(),
-                meter: None,
                 delivered: None,
                 compress: Some(self.compression()),
                 memory: None,
