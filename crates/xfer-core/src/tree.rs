@@ -648,4 +648,41 @@ mod tests {
             .collect();
         assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
     }
+
+    #[test]
+    fn a_file_stored_with_its_metadata_gets_it_before_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let mut dirs = DirCache::default();
+        let st = rfs::stat(tmp.path()).unwrap();
+        for data in [&b"first"[..], b"replaced"] {
+            let meta = xfer_proto::SetMeta {
+                name: "d/f".into(),
+                mode: 0o2750,
+                mtime_ns: 1_500_000_000_000_000_007,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                user: String::new(),
+                group: String::new(),
+                numeric_ids: true,
+                xattrs: Some(vec![xfer_proto::Xattr {
+                    name: "user.k".into(),
+                    value: data.to_vec(),
+                }]),
+            };
+            let outcome = root.put_file_meta(&mut dirs, data, &meta).unwrap();
+            assert!(!outcome.not_chowned);
+            let path = tmp.path().join("d/f");
+            assert_eq!(std::fs::read(&path).unwrap(), data);
+            let got = rfs::stat(&path).unwrap();
+            assert_eq!(got.st_mode & 0o7777, 0o2750);
+            assert_eq!(mtime_ns(&got), meta.mtime_ns);
+            // A filesystem without user attributes says so in the outcome instead.
+            if outcome.xattrs_refused.is_none() {
+                let file = File::open(&path).unwrap();
+                let read = crate::meta::read_xattrs(file.as_fd()).unwrap();
+                assert_eq!(read, meta.xattrs.clone().unwrap());
+            }
+        }
+    }
 }
