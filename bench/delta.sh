@@ -28,7 +28,9 @@
 # DELTA_TREE_CHANGED (50), DELTA_PROFILES ("wan loopback"), DELTA_WORKLOADS ("inplace insert
 # append real tree"), DELTA_TOOLS ("whole delta auto rsync"), REPEAT (1), DELTA_DIR
 # (bench/out/delta), XFER_BIN_DIR (skip cargo build), KEEP=1 (keep the workloads), DELTA_LOG=1 (the
-# client's debug log of every run, timestamped, in DELTA_DIR/logs/PROFILE-TOOL-WORKLOAD.err).
+# client's debug log of every run, timestamped, in DELTA_DIR/logs/PROFILE-TOOL-WORKLOAD.err),
+# DELTA_REUSE=1 (time the workloads an earlier KEEP=1 run made, e.g. with DELTA_PROFILES=" "
+# outside the bench lock, instead of making them again).
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -61,7 +63,12 @@ mkdir -p "$WORK" "$LOGS" "$SRV"
 TOKEN="$WORK/token"
 [[ -s "$TOKEN" ]] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"; chmod 600 "$TOKEN"; }
 real_disk "$WORK"
-require_free "$WORK" $((SIZE * 7 + TREE_FILES * TREE_FILE_SIZE * 3))
+# The workloads (unless reused), the receiver's copy and its partial.
+if [[ "${DELTA_REUSE:-0}" == 1 ]]; then
+    require_free "$WORK" $((SIZE * 3 + TREE_FILES * TREE_FILE_SIZE * 2))
+else
+    require_free "$WORK" $((SIZE * 7 + TREE_FILES * TREE_FILE_SIZE * 3))
+fi
 xfer_binaries "$LOGS/build.log"
 need rsync rsync rsync
 [[ -z "${NA[rsync]:-}" ]] || TOOLS="${TOOLS/rsync/}"
@@ -81,6 +88,10 @@ cleanup() {
 on_exit cleanup
 
 # --- workloads -----------------------------------------------------------------------------------
+if [[ "${DELTA_REUSE:-0}" == 1 ]]; then
+    [[ -d "$WORK/data/new" ]] || die "DELTA_REUSE=1 but no workloads under $WORK/data (make them with KEEP=1)"
+    log "reusing the workloads under $WORK/data"
+else
 log "making the workloads under $WORK/data"
 python3 - "$WORK/data" "$SIZE" "$TREE_FILES" "$TREE_FILE_SIZE" "$TREE_CHANGED" <<'EOF'
 import os, random, sys
@@ -180,6 +191,9 @@ for k in range(files):
             os.unlink(new)
         os.link(old, new)
 EOF
+fi
+# Written out before the first timed run, which would otherwise pay their writeback.
+sync -f "$WORK/data"
 
 # --- one run ---------------------------------------------------------------------------------------
 # reset WORKLOAD: the receiver holds the old version, with its old mtime

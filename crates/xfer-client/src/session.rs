@@ -68,6 +68,9 @@ pub struct Connector {
     /// Counts every byte read or written on the connections made, when set: the engine's
     /// measure of throughput, finer than whole chunks.
     pub meter: Option<Arc<AtomicU64>>,
+    /// Counts what the connections made delivered (acknowledged bytes), when set: what
+    /// `auto` compression measures its probes by.
+    pub delivered: Option<xfer_net::Delivered>,
     /// How chunks are compressed (`--compress`): what uploads send, and what each connection
     /// asks the daemon to send (`SetCompression`); `None` leaves downloads to the daemon's
     /// default and uploads to `auto`.
@@ -298,6 +301,7 @@ async fn start_tls(
     target: &Target,
     tls: &tokio_rustls::TlsConnector,
     meter: Option<Arc<AtomicU64>>,
+    delivered: Option<&xfer_net::Delivered>,
     handshake: &mut ClientSession,
 ) -> Result<(Reader, Writer), ClientError> {
     FrameWriter::new(&mut socket)
@@ -338,17 +342,32 @@ async fn start_tls(
             let (read, write) = tokio::io::split(socket);
             (
                 FrameReader::new(Box::new(ktls::KernelRead::new(read, early))),
-                FrameWriter::new(Box::new(ktls::KernelWrite { inner: write, fd })),
+                frame_writer(ktls::KernelWrite { inner: write, fd }, fd, delivered),
             )
         }
         ktls::Enabled::Userspace(stream, _) => {
             let (read, write) = tokio::io::split(*stream);
             (
                 FrameReader::new(Box::new(read)),
-                FrameWriter::new(Box::new(write)),
+                frame_writer(write, fd, delivered),
             )
         }
     })
+}
+
+/// The frame writer of a connection whose socket is `fd`, writing through `write` (which keeps
+/// the socket open); `delivered` counts what it delivers, when set.
+fn frame_writer(
+    write: impl AsyncWrite + Send + Unpin + 'static,
+    fd: std::os::fd::RawFd,
+    delivered: Option<&xfer_net::Delivered>,
+) -> Writer {
+    let Some(delivered) = delivered else {
+        return FrameWriter::new(Box::new(write));
+    };
+    // SAFETY: `write` keeps the socket open, and moves into the writer tracking it.
+    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    FrameWriter::new(Box::new(delivered.track(socket, write)))
 }
 
 impl Session {
@@ -437,7 +456,10 @@ impl Session {
         };
         let mut handshake = ClientSession::new(config, nonce);
         let (reader, writer) = match tls {
-            Some(tls) => start_tls(socket, target, tls, meter, &mut handshake).await?,
+            Some(tls) => {
+                let delivered = connector.delivered.as_ref();
+                start_tls(socket, target, tls, meter, delivered, &mut handshake).await?
+            }
             None => {
                 let (read, write) = socket.into_split();
                 let read = Metered {
@@ -448,7 +470,7 @@ impl Session {
                 // The write half shares the stream, and so the socket `fd`, with the read half.
                 let write = Metered::new(write, meter, fd);
                 let reader: Reader = FrameReader::new(Box::new(read));
-                let writer: Writer = FrameWriter::new(Box::new(write));
+                let writer = frame_writer(write, fd, connector.delivered.as_ref());
                 (reader, writer)
             }
         };
@@ -542,7 +564,7 @@ impl Session {
         let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
         let started = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            start_tls(socket, target, &tls, None, &mut handshake),
+            start_tls(socket, target, &tls, None, None, &mut handshake),
         )
         .await
         .unwrap_or_else(|_| Err(silent(target)));

@@ -478,7 +478,8 @@ impl Progress {
             compressor: xfer_net::Compressor::new(
                 opts.connector.compress.unwrap_or_default(),
                 "tree",
-            ),
+            )
+            .with_delivered(opts.connector.delivered.clone()),
             wire: AtomicU64::new(0),
             bar: opts.progress.clone(),
             files_done: AtomicU64::new(0),
@@ -912,6 +913,9 @@ pub async fn send_tree_mirror(
     mirror: &Mirror,
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
+    let mut opts = opts.clone();
+    opts.connector.delivered = engine::delivered_meter(&opts);
+    let opts = &opts;
     let mut control = connect_deleting(target, &opts.connector, mirror).await?;
     let with_meta = keeps_meta(&control);
     if !with_meta {
@@ -1233,8 +1237,9 @@ async fn send_meta(
 /// (`limited`: under a `--bwlimit`). A level always packs. `auto` packs only on a slow path, a
 /// long round trip or a bandwidth limit: on a fast one the receiver's unpacking of thousands of
 /// small files costs more than the link saves (the Rust HTML docs, 52k files, took 2.1x as long
-/// packed on loopback), and `auto`'s probe, which times what the sender hands to the socket,
-/// cannot see that cost.
+/// packed on loopback), and `auto`'s probes cannot tell: even measuring delivered bytes, a tree's
+/// rate changes with the sizes of the files each probe happens to carry (the same tree, packed
+/// where the probes chose, was still 0.75x off).
 fn packing_pays(
     mode: xfer_net::Compression,
     rtt: Option<std::time::Duration>,

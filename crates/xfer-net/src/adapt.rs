@@ -8,6 +8,13 @@
 //!   stays the same), then probes the other side again. Only end-to-end throughput counts, so
 //!   a fast link (loopback), a CPU already busy, or a `--bwlimit` are all judged by what they
 //!   do, and `auto` settles on off where compressing would slow the transfer.
+//!
+//!   Moved means delivered: a sender with a [`Delivery`] meter (the bytes its peer
+//!   acknowledged) measures each phase from the moment everything queued before it has been
+//!   acknowledged, and converts the wire bytes delivered since into raw bytes by the phase's
+//!   own wire/raw ratio. Bytes handed to a socket would measure its buffer filling: on a 50 ms
+//!   path a short probe is mostly that, and off and on look alike. A sender without a meter
+//!   times the raw bytes it hands over.
 //! - *Does this data shrink?* While compressing, each chunk's first [`SAMPLE_LEN`] bytes are
 //!   compressed at level 1 first; data that does not shrink ([`INCOMPRESSIBLE`]) goes raw and
 //!   the next chunks are skipped without a sample, for a stretch that doubles up to
@@ -21,15 +28,26 @@
 
 use std::time::{Duration, Instant};
 
+use crate::delivered::Delivery;
+
 /// Bytes of a chunk compressed to tell whether it shrinks.
 pub const SAMPLE_LEN: usize = 64 * 1024;
 /// A chunk (or sample) whose compressed size is above this fraction of its size goes raw.
 pub const INCOMPRESSIBLE: f64 = 0.9;
 /// Most chunks skipped without a sample after incompressible ones.
 pub const MAX_SKIP: u32 = 64;
-/// How long each probe runs: several round trips on a 50 ms path, short enough that the
-/// losing side costs little.
+/// How long each probe measures at least: several round trips on a 50 ms path, short enough
+/// that the losing side costs little.
 pub const PROBE: Duration = Duration::from_millis(400);
+/// Round trips a probe measures at least, on a path longer than [`PROBE`] allows for: a
+/// measurement of a few round trips is mostly their noise.
+pub const PROBE_RTTS: u32 = 8;
+/// Round trips the first probe measures at least before it may hand over to the second early
+/// (see [`Adapt`]'s `pending`).
+pub const COVER_AFTER_RTTS: u32 = 2;
+/// The longest a phase waits for what was queued before it to be delivered before it measures
+/// anyway (a connection closed with bytes queued never delivers them).
+pub const MAX_DRAIN: Duration = Duration::from_secs(2);
 /// The first stretch a decision is kept for; it doubles while probes confirm it.
 pub const FIRST_STRETCH: Duration = Duration::from_secs(2);
 /// The first stretch after a decisive probe (one side at least [`DECISIVE`] times the other):
@@ -124,6 +142,28 @@ pub struct Adapt {
     last: Option<Decision>,
     /// The machine's CPU ticks (busy, total) when the level was last decided, and the latest.
     machine: Option<((u64, u64), (u64, u64))>,
+    /// The latest reading of the sender's delivered-bytes meter, when it has one.
+    delivery: Option<Delivery>,
+    /// The meter's `acked` once everything queued when this phase began is delivered.
+    drain_to: Option<u64>,
+    /// Start of this phase's measurement of delivered bytes: when, and the meter's `acked` and
+    /// the phase's raw bytes handed over then.
+    window: Option<(Instant, u64, u64)>,
+    /// The first probe's measurement, once it handed over to the second early: what it queued
+    /// keeps the path busy until it has measured long enough, so the chunks after it would
+    /// only be delivered after its measurement, and may as well be the second probe's. It
+    /// ends when the second probe's window opens (the first one's bytes are all delivered).
+    pending: Option<Pending>,
+}
+
+/// A measurement of delivered bytes still running after its phase handed over.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    on: bool,
+    start: Instant,
+    acked: u64,
+    /// Wire bytes per raw byte of the phase.
+    ratio: f64,
 }
 
 impl Adapt {
@@ -149,7 +189,18 @@ impl Adapt {
             cpus: cpus.max(1) as f64,
             last: None,
             machine: None,
+            delivery: None,
+            drain_to: None,
+            window: None,
+            pending: None,
         }
+    }
+
+    /// What the sender's connections have delivered so far (a [`crate::Delivered`] reading),
+    /// given before [`Adapt::choose`]: from the first one on, phases are measured in
+    /// delivered bytes.
+    pub fn delivered(&mut self, reading: Delivery) {
+        self.delivery = Some(reading);
     }
 
     /// The machine's CPU ticks so far, busy and in all (as `/proc/stat` counts them): how busy
@@ -222,31 +273,45 @@ impl Adapt {
         if on {
             self.adjust_level(elapsed);
         }
-        let length = match self.phase {
-            Phase::Probe { .. } => PROBE,
-            Phase::Keep { .. } => self.stretch,
-        };
+        self.watch_delivery(now, elapsed);
         let ceiling = self.compress_ceiling();
+        let measured = self.measuring(now, since);
+        let covered = measured.is_some_and(|m| self.queued_covers(m));
+        let ends = match self.phase {
+            Phase::Probe { .. } => covered || measured.is_some_and(|m| m >= self.probe_length()),
+            Phase::Keep { .. } => elapsed >= self.stretch,
+        };
         // A phase that moved nothing measured nothing: it goes on until it has.
-        if (elapsed < length && ceiling.is_none()) || self.raw == 0 {
+        if (!ends && ceiling.is_none()) || self.raw == 0 {
             return;
         }
-        let mut rate = self.raw as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
-        if let Some(ceiling) = ceiling {
-            rate = rate.min(ceiling);
+        let ratio = self.wire as f64 / self.raw as f64;
+        if let (true, None, Some((start, acked, _))) = (covered, ceiling, self.window) {
+            self.pending = Some(Pending {
+                on,
+                start,
+                acked,
+                ratio,
+            });
+            self.begin(Phase::Probe { on: !on }, now);
+            return;
         }
+        let rate = match (self.rate(now, since, ratio), ceiling) {
+            (Some(rate), Some(ceiling)) => Some(rate.min(ceiling)),
+            (rate, ceiling) => rate.or(ceiling),
+        };
         if on {
-            self.on_rate = Some(rate);
-            if self.raw > 0 {
-                self.ratio = self.wire as f64 / self.raw as f64;
-            }
+            self.ratio = ratio;
+            self.on_rate = rate.or(self.on_rate);
         } else {
-            self.off_rate = Some(rate);
+            self.off_rate = rate.or(self.off_rate);
         }
         self.phase = match (self.phase, self.off_rate, self.on_rate) {
             (Phase::Keep { on }, _, _) => Phase::Probe { on: !on },
             (Phase::Probe { .. }, Some(off_rate), Some(on_rate)) => {
-                let keep = on_rate > off_rate * MARGIN;
+                // Where nothing shrank, compressing cannot have been faster: what looked so
+                // was noise (or the first probe's slow start).
+                let keep = on_rate > off_rate * MARGIN && self.ratio * MARGIN < 1.0;
                 let decisive = on_rate.max(off_rate) >= on_rate.min(off_rate) * DECISIVE;
                 if self.last.is_some_and(|d| d.on == keep) {
                     self.stretch = (self.stretch * 2).min(MAX_STRETCH);
@@ -266,12 +331,101 @@ impl Adapt {
             }
             (Phase::Probe { on }, _, _) => Phase::Probe { on: !on },
         };
+        self.begin(self.phase, now);
+    }
+
+    /// Starts `phase` at `now`.
+    fn begin(&mut self, phase: Phase, now: Instant) {
+        self.phase = phase;
         self.since = Some(now);
         self.raw = 0;
         self.wire = 0;
         self.compressing = Duration::ZERO;
         self.shrunk = 0;
         self.chunks_at_level = 0;
+        // What is queued now belongs to the phase that ended: the next one measures after it.
+        self.drain_to = self.delivery.map(|d| d.acked + d.queued);
+        self.window = None;
+    }
+
+    /// Opens this phase's measurement of delivered bytes once what was queued before it has
+    /// been delivered (or it waited [`MAX_DRAIN`] for that).
+    fn watch_delivery(&mut self, now: Instant, elapsed: Duration) {
+        let Some(reading) = self.delivery else { return };
+        let drain_to = *self.drain_to.get_or_insert(reading.acked + reading.queued);
+        if self.window.is_none() && (reading.acked >= drain_to || elapsed >= MAX_DRAIN) {
+            self.window = Some((now, reading.acked, self.raw));
+            if let Some(pending) = self.pending.take() {
+                let time = now.saturating_duration_since(pending.start).as_secs_f64();
+                let delivered = reading.acked.saturating_sub(pending.acked) as f64;
+                let rate = (time > 0.0).then(|| delivered / pending.ratio / time);
+                if pending.on {
+                    self.on_rate = rate.or(self.on_rate);
+                } else {
+                    self.off_rate = rate.or(self.off_rate);
+                }
+            }
+        }
+    }
+
+    /// Whether the first probe, having measured for `measured`, already queued enough to keep
+    /// the path busy until it has measured a probe's length, at the pace delivered so far:
+    /// then it hands over to the second probe early. On a long path with deep socket buffers
+    /// the first probe hands over seconds' worth at once; without this, it would go on adding
+    /// to them for its whole length, and the transfer would carry all of that as it chose first.
+    fn queued_covers(&self, measured: Duration) -> bool {
+        let first = self.off_rate.is_none() && self.on_rate.is_none() && self.pending.is_none();
+        let (Some(reading), Some((_, acked, _))) = (self.delivery, self.window) else {
+            return false;
+        };
+        let Some(rtt) = reading.rtt else { return false };
+        let delivered = reading.acked.saturating_sub(acked) as f64;
+        if !first || measured < rtt * COVER_AFTER_RTTS || delivered == 0.0 {
+            return false;
+        }
+        let pace = delivered / measured.as_secs_f64();
+        let left = self.probe_length().saturating_sub(measured).as_secs_f64();
+        reading.queued as f64 >= pace * left
+    }
+
+    /// How long this phase has measured: since its bytes began to be delivered, with a meter;
+    /// since it began, without. `None`: not yet.
+    fn measuring(&self, now: Instant, since: Instant) -> Option<Duration> {
+        match (self.delivery, self.window) {
+            (None, _) => Some(now.saturating_duration_since(since)),
+            (Some(_), Some((start, _, _))) => Some(now.saturating_duration_since(start)),
+            (Some(_), None) => None,
+        }
+    }
+
+    /// How long a probe measures: [`PROBE`], or [`PROBE_RTTS`] round trips of a longer path.
+    fn probe_length(&self) -> Duration {
+        let rtt = self.delivery.and_then(|d| d.rtt).unwrap_or_default();
+        PROBE.max(rtt * PROBE_RTTS)
+    }
+
+    /// Raw bytes per second this phase moved. With a meter: over its window, the wire bytes
+    /// delivered as raw bytes at the phase's `ratio` (wire per raw), or the raw bytes handed
+    /// over if fewer. Delivered bytes can run ahead of the sender for a while (buffers filled
+    /// before the window drain at the link's pace, even when compressing limits the sender),
+    /// handed ones only while the buffers fill (when the link is the limit): the lower is the
+    /// rate the sender keeps. Without a meter: the raw bytes handed over in the whole phase.
+    /// `None` when it has not measured for any time.
+    fn rate(&self, now: Instant, since: Instant, ratio: f64) -> Option<f64> {
+        let (start, bytes) = match (self.delivery, self.window) {
+            (None, _) => (since, self.raw as f64),
+            (Some(reading), Some((start, acked, raw))) => {
+                let delivered = reading.acked.saturating_sub(acked) as f64;
+                let handed = self.raw.saturating_sub(raw) as f64;
+                (
+                    start,
+                    (delivered / ratio.max(f64::MIN_POSITIVE)).min(handed),
+                )
+            }
+            (Some(_), None) => return None,
+        };
+        let time = now.saturating_duration_since(start).as_secs_f64();
+        (time > 0.0).then(|| bytes / time)
     }
 
     /// During a probe with compression on, the most raw bytes per second all the CPUs could
@@ -334,6 +488,268 @@ mod tests {
             });
         }
         now
+    }
+
+    /// A sender over a path: chunks of 1 MiB are compressed (one CPU at `cpu` raw bytes per
+    /// second, shrinking to `shrink`), then handed to socket buffers holding `buffer` bytes,
+    /// which the path delivers at `link` wire bytes per second after `rtt`'s worth of
+    /// acknowledgement delay. `metered`: the sender reads what was delivered before each chunk.
+    struct Path {
+        link: f64,
+        buffer: f64,
+        cpu: f64,
+        shrink: f64,
+        rtt: Duration,
+        metered: bool,
+        now: Instant,
+        /// Wire bytes handed to the sockets, and delivered (acknowledged).
+        handed: f64,
+        acked: f64,
+    }
+
+    impl Path {
+        fn new(link: f64, buffer: f64, cpu: f64, shrink: f64, metered: bool) -> Self {
+            Self {
+                link,
+                buffer,
+                cpu,
+                shrink,
+                rtt: Duration::from_millis(50),
+                metered,
+                now: Instant::now(),
+                handed: 0.0,
+                acked: 0.0,
+            }
+        }
+
+        fn wait(&mut self, time: f64) {
+            self.now += Duration::from_secs_f64(time);
+            self.acked = (self.acked + self.link * time).min(self.handed);
+        }
+
+        /// Sends chunks until `adapt` has taken `decisions` decisions, or for `time`.
+        fn run(&mut self, adapt: &mut Adapt, time: Duration) {
+            let end = self.now + time;
+            while self.now < end {
+                if self.metered {
+                    adapt.delivered(Delivery {
+                        acked: self.acked as u64,
+                        queued: (self.handed - self.acked) as u64,
+                        rtt: Some(self.rtt),
+                    });
+                }
+                let (wire, compress) = match adapt.choose(self.now) {
+                    Choice::Raw => (MIB as f64, 0.0),
+                    Choice::Compress { .. } => (MIB as f64 * self.shrink, MIB as f64 / self.cpu),
+                };
+                self.wait(compress);
+                let room = self.buffer - (self.handed - self.acked);
+                if wire > room {
+                    self.wait((wire - room) / self.link);
+                }
+                self.handed += wire;
+                adapt.sent(Sent {
+                    raw: MIB,
+                    wire: wire as u64,
+                    compress: Duration::from_secs_f64(compress),
+                });
+            }
+        }
+    }
+
+    /// The first decision `auto` takes over `path`.
+    fn first_decision(path: &mut Path) -> Decision {
+        let mut adapt = Adapt::new(1);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(100));
+        }
+        adapt.decision().unwrap()
+    }
+
+    #[test]
+    fn deep_socket_buffers_do_not_hide_a_slow_link() {
+        // 60 MB/s of link, 64 MiB of socket buffers (16 connections of 4 MiB), a CPU that
+        // compresses 150 MB/s to a quarter: compressed, 150 MB/s is delivered, raw 60 MB/s.
+        let decision = first_decision(&mut Path::new(60e6, 64.0 * MIB as f64, 150e6, 0.25, true));
+        assert!(decision.on, "{decision:?}");
+        let within = |rate: f64, truth: f64| (rate / truth - 1.0).abs() < 0.1;
+        assert!(within(decision.off_rate, 60e6), "{decision:?}");
+        assert!(within(decision.on_rate, 150e6), "{decision:?}");
+    }
+
+    #[test]
+    fn the_first_probe_hands_over_once_its_queue_covers_its_measurement() {
+        let buffer = 64.0 * MIB as f64;
+        let mut path = Path::new(60e6, buffer, 150e6, 0.25, true);
+        let mut adapt = Adapt::new(1);
+        let mut raw_first = 0.0;
+        while adapt.decision().is_none() {
+            if let Choice::Raw = adapt.choose(path.now) {
+                raw_first = path.handed;
+            }
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(decision.on, "{decision:?}");
+        assert!((decision.off_rate / 60e6 - 1.0).abs() < 0.1, "{decision:?}");
+        // The buffers' worth and two round trips of the link, not the whole probe's length.
+        assert!(
+            raw_first <= buffer + 60e6 * 0.15,
+            "{raw_first} raw bytes first"
+        );
+    }
+
+    #[test]
+    fn rates_handed_to_deep_buffers_are_what_misled_it() {
+        // The same path timed by what is handed to the sockets: the off probe fills the
+        // buffers at memory speed and looks faster than compressing can be.
+        let decision = first_decision(&mut Path::new(60e6, 64.0 * MIB as f64, 150e6, 0.25, false));
+        assert!(!decision.on, "{decision:?}");
+        assert!(decision.off_rate > 150e6, "{decision:?}");
+    }
+
+    #[test]
+    fn a_fast_link_with_deep_buffers_turns_compression_off() {
+        // Loopback-like: 2 GB/s of link, a CPU compressing 400 MB/s.
+        let decision = first_decision(&mut Path::new(2e9, 16.0 * MIB as f64, 400e6, 0.25, true));
+        assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn incompressible_data_measured_delivered_stays_off() {
+        // Nothing shrinks: both sides deliver the link's rate, and off is kept.
+        let mut path = Path::new(60e6, 32.0 * MIB as f64, 150e6, 1.0, true);
+        let mut adapt = Adapt::new(1);
+        path.run(&mut adapt, Duration::from_secs(20));
+        let decision = adapt.decision().unwrap();
+        assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn data_that_does_not_shrink_stays_off_however_the_probes_measure() {
+        let start = Instant::now();
+        let mut adapt = Adapt::new(2);
+        let mut now = start;
+        // Off measures 50 MB/s, on 80 MB/s (a first probe in slow start), nothing shrinks.
+        while adapt.decision().is_none() {
+            let rate = match adapt.choose(now) {
+                Choice::Raw => 50e6,
+                Choice::Compress { .. } => 80e6,
+            };
+            now += Duration::from_secs_f64(MIB as f64 / rate);
+            adapt.sent(Sent {
+                raw: MIB,
+                wire: MIB,
+                compress: Duration::ZERO,
+            });
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(
+            decision.on_rate > decision.off_rate * DECISIVE,
+            "{decision:?}"
+        );
+        assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn a_probe_measures_only_after_what_was_queued_before_it_is_delivered() {
+        // A receiver that is the limit: it takes 100 MB/s of raw bytes, and 100 MB/s of raw
+        // bytes when compressed too (2.5 MB of wire per 100 ms: decompressing costs it). No
+        // round trip known: the first probe runs its whole length.
+        let start = Instant::now();
+        let mut adapt = Adapt::new(1);
+        let mut reading = Delivery::default();
+        let mut now = start;
+        // The off probe: 20 MB handed and 10 MB delivered per 100 ms; 40 MB queued at its end.
+        for step in 1..=4 {
+            adapt.delivered(reading);
+            assert_eq!(adapt.choose(now), Choice::Raw);
+            adapt.sent(Sent {
+                raw: 20_000_000,
+                wire: 20_000_000,
+                compress: Duration::ZERO,
+            });
+            now += Duration::from_millis(100);
+            reading.acked += 10_000_000;
+            reading.queued = step * 10_000_000;
+        }
+        adapt.delivered(reading);
+        assert!(matches!(adapt.choose(now), Choice::Compress { .. }));
+        assert_eq!(adapt.off_rate, Some(100e6));
+        // The on probe hands 40 MB (10 MB of wire) per 100 ms. The 40 MB of raw bytes queued
+        // are delivered first, then compressed ones at 2.5 MB per 100 ms.
+        let mut queued_raw = reading.queued;
+        for _ in 0..20 {
+            adapt.sent(Sent {
+                raw: 40_000_000,
+                wire: 10_000_000,
+                compress: Duration::from_millis(1),
+            });
+            now += Duration::from_millis(100);
+            let delivered = if queued_raw > 0 {
+                queued_raw -= 10_000_000;
+                10_000_000
+            } else {
+                2_500_000
+            };
+            reading.acked += delivered;
+            reading.queued += 10_000_000 - delivered;
+            adapt.delivered(reading);
+            adapt.choose(now);
+        }
+        let decision = adapt.decision().expect("decided");
+        // Counted from the probe's start, the raw bytes drained would have counted four times
+        // over: 400 MB/s, and compression on.
+        assert_eq!(decision.on_rate, 100e6);
+        assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn a_long_path_probes_for_several_round_trips() {
+        let mut adapt = Adapt::new(1);
+        let start = Instant::now();
+        let mut reading = Delivery {
+            acked: 0,
+            queued: 0,
+            rtt: Some(Duration::from_millis(200)),
+        };
+        let mut now = start;
+        while adapt.off_rate.is_none() {
+            adapt.delivered(reading);
+            adapt.choose(now);
+            adapt.sent(Sent {
+                raw: MIB,
+                wire: MIB,
+                compress: Duration::ZERO,
+            });
+            now += Duration::from_millis(10);
+            reading.acked += MIB;
+        }
+        assert!(now - start >= Duration::from_millis(200) * PROBE_RTTS);
+    }
+
+    #[test]
+    fn a_drain_that_never_ends_does_not_hold_the_probe() {
+        let mut adapt = Adapt::new(1);
+        let start = Instant::now();
+        // Bytes queued on a connection that then went away are never acknowledged.
+        let reading = Delivery {
+            acked: 0,
+            queued: 100 * MIB,
+            rtt: None,
+        };
+        let mut now = start;
+        while adapt.off_rate.is_none() && now < start + Duration::from_secs(10) {
+            adapt.delivered(reading);
+            adapt.choose(now);
+            adapt.sent(Sent {
+                raw: MIB,
+                wire: MIB,
+                compress: Duration::ZERO,
+            });
+            now += Duration::from_millis(10);
+        }
+        assert!(now - start <= MAX_DRAIN + PROBE + Duration::from_millis(20));
     }
 
     #[test]

@@ -153,6 +153,8 @@ pub struct Compressor {
     adapt: Arc<Mutex<AdaptState>>,
     /// Raw and wire bytes of every frame made, for summaries and metrics.
     totals: Arc<Totals>,
+    /// What the connections the frames go out on have delivered, for `auto`'s probes.
+    delivered: Option<crate::Delivered>,
 }
 
 #[derive(Debug)]
@@ -183,7 +185,16 @@ impl Compressor {
                 label,
             })),
             totals: Arc::new(Totals::default()),
+            delivered: None,
         }
+    }
+
+    /// This compressor, its `auto` probes measuring what `delivered` (the meter of the
+    /// connections its frames go out on, if any) says was delivered, rather than what was
+    /// handed to the sockets.
+    pub fn with_delivered(mut self, delivered: Option<crate::Delivered>) -> Self {
+        self.delivered = delivered;
+        self
     }
 
     /// The mode it compresses by.
@@ -282,7 +293,14 @@ impl Compressor {
                 level: i32::from(level),
                 sample: false,
             },
-            Compression::Auto => self.lock().adapt.choose(Instant::now()),
+            Compression::Auto => {
+                let reading = self.delivered.as_ref().and_then(crate::Delivered::read);
+                let mut state = self.lock();
+                if let Some(reading) = reading {
+                    state.adapt.delivered(reading);
+                }
+                state.adapt.choose(Instant::now())
+            }
         }
     }
 

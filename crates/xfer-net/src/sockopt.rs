@@ -190,6 +190,34 @@ pub fn bytes_acked(fd: impl AsFd) -> Option<u64> {
     tcp_info(fd, needed).map(|info| info.tcpi_bytes_acked)
 }
 
+/// What a connection's sending stands at: see [`sending`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sending {
+    /// Bytes the peer has acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Bytes written and not yet acknowledged: in flight or in the send buffer (`SIOCOUTQ`).
+    pub queued: u64,
+    /// Smoothed round-trip time (`tcpi_rtt`).
+    pub rtt: Option<std::time::Duration>,
+}
+
+/// Acknowledged and queued bytes of this socket's sending, and its round trip; `None` where the
+/// kernel does not report them.
+pub fn sending(fd: impl AsFd) -> Option<Sending> {
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_fd();
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    let info = tcp_info(fd, needed)?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: the fd is open for the call; SIOCOUTQ (TIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    Some(Sending {
+        acked: info.tcpi_bytes_acked,
+        queued: if rc == 0 { queued.max(0) as u64 } else { 0 },
+        rtt: (info.tcpi_rtt > 0).then(|| std::time::Duration::from_micros(info.tcpi_rtt.into())),
+    })
+}
+
 /// The kernel's smoothed round-trip time of this connection (`TCP_INFO`'s `tcpi_rtt`).
 pub fn rtt(fd: impl AsFd) -> Option<std::time::Duration> {
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + 4;

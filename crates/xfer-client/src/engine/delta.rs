@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 use xfer_core::delta::{self, Cut, Index};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
 use xfer_proto::{
-    ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, CAP_DELTA,
+    ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, SigChunk, CAP_DELTA,
     CAP_DELTA_PIPELINE,
 };
 
@@ -103,6 +103,10 @@ pub(super) async fn negotiate(
     held: &RangeSet,
     mut answered: impl FnMut(ByteRange, &[ByteRange]) + Send,
 ) -> Result<bool, ClientError> {
+    let size = source.identity().size;
+    // The daemon picks the average chunk from the larger of both files, which for files of
+    // similar size is the one this file gives: the cutting starts while the daemon indexes.
+    let mut cutting = Cutting::start(source, held, delta::avg_chunk(size));
     session
         .send(&Frame::DeltaOpen(DeltaOpen { transfer_id }))
         .await?;
@@ -130,65 +134,39 @@ pub(super) async fn negotiate(
         avg_chunk = avg,
         "the daemon indexed its file"
     );
+    if avg != cutting.avg {
+        // A basis much larger than this file: cut again, with the daemon's average.
+        cutting = Cutting::start(source, held, avg);
+    }
     let depth = if session.welcome.capabilities & CAP_DELTA_PIPELINE != 0 {
         SIGS_IN_FLIGHT
     } else {
         1
     };
-    let size = source.identity().size;
-    let mut cutters = Vec::new();
-    let mut regions = Vec::new();
-    // Every region is cut on its own blocking thread at once; each stays a few batches ahead
-    // of what was sent.
-    for region in delta::regions(size, delta::parallelism()) {
-        let (tx, rx) = mpsc::channel::<Cut>(SIG_BATCH * 2);
-        let file = source.file();
-        cutters.push(tokio::task::spawn_blocking(move || {
-            delta::cut_region(&file, region, avg, |cut| tx.blocking_send(cut).is_ok())
-        }));
-        regions.push(rx);
-    }
     // Batches go out as they are cut while their answers are read: `room` bounds the ones
     // unanswered, `spans` says in order what each answer covers.
     let room = Semaphore::new(depth);
     let (spans, mut answers_for) = mpsc::channel::<ByteRange>(depth);
     let Session { reader, writer, .. } = session;
+    let regions = &mut cutting.regions;
     let send = async {
-        let mut batch = Batch::default();
-        let out = |batch: &mut Batch| -> Option<(ByteRange, Frame)> {
-            let span = batch.span()?;
-            let chunks = std::mem::take(&mut batch.chunks);
-            let sig = DeltaSig {
-                transfer_id,
-                offset: span.start,
-                chunks,
-            };
-            Some((span, Frame::DeltaSig(sig)))
-        };
-        for mut rx in regions {
-            // `None` ends the region: what is batched goes out before the next region starts.
-            loop {
-                let cut = rx.recv().await;
-                let skip = cut.as_ref().is_some_and(|cut| held.contains(cut.range()));
-                let flush = cut.as_ref().is_none_or(|cut| {
-                    skip || !batch.extends(cut) || batch.chunks.len() == SIG_BATCH
-                });
-                if flush {
-                    if let Some((span, frame)) = out(&mut batch) {
-                        room.acquire()
-                            .await
-                            .map_err(|_| ClientError::Closed)?
-                            .forget();
-                        // Never waits: a span is queued only with room taken, `depth` at most.
-                        let _ = spans.send(span).await;
-                        writer.send(&frame).await?;
-                    }
-                }
-                match cut {
-                    Some(cut) if !skip => batch.push(cut),
-                    Some(_) => {}
-                    None => break,
-                }
+        // In file order, region after region: the daemon hashes what it copies as it lands
+        // when it lands in order, and reads back what landed ahead. The cutters of later
+        // regions run ahead meanwhile.
+        for batches in regions.iter_mut() {
+            while let Some((span, chunks)) = batches.recv().await {
+                room.acquire()
+                    .await
+                    .map_err(|_| ClientError::Closed)?
+                    .forget();
+                // Never waits: a span is queued only with room taken, `depth` at most.
+                let _ = spans.send(span).await;
+                let sig = DeltaSig {
+                    transfer_id,
+                    offset: span.start,
+                    chunks,
+                };
+                writer.send(&Frame::DeltaSig(sig)).await?;
             }
         }
         drop(spans);
@@ -215,13 +193,71 @@ pub(super) async fn negotiate(
         Ok(())
     };
     tokio::try_join!(send, receive)?;
-    for cutter in cutters {
+    for cutter in cutting.cutters {
         cutter
             .await
             .map_err(|e| ClientError::Local(super::join_error(e)))?
             .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
     }
     Ok(true)
+}
+
+/// Batches of `DeltaSig` chunks cut ahead of what was sent, for all regions together (each
+/// batch is `SIG_BATCH` chunks of 20 bytes: about 5 MB in all). At 2 GiB and 2 cores, each region
+/// is cut whole while the daemon indexes and the first region's batches go out.
+const BATCHES_AHEAD: usize = 128;
+
+/// The new file being cut into signature batches, every region on its own blocking thread at
+/// once, each a bounded number of batches ahead of what was sent. Dropping it stops the
+/// cutting.
+struct Cutting {
+    avg: u32,
+    /// Each region's batches, in file order.
+    regions: Vec<mpsc::Receiver<(ByteRange, Vec<SigChunk>)>>,
+    cutters: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Cutting {
+    fn start(source: &SourceFile, held: &RangeSet, avg: u32) -> Self {
+        let size = source.identity().size;
+        let regions = delta::regions(size, delta::parallelism());
+        let ahead = (BATCHES_AHEAD / regions.len()).max(2);
+        let (receivers, cutters) = regions
+            .into_iter()
+            .map(|region| {
+                let (tx, rx) = mpsc::channel(ahead);
+                let (file, held) = (source.file(), held.clone());
+                let cutter = tokio::task::spawn_blocking(move || {
+                    let mut batch = Batch::default();
+                    let mut open = true;
+                    delta::cut_region(&file, region, avg, |cut| {
+                        // Chunks the receiver holds are left out, and end a batch: a batch is
+                        // consecutive chunks.
+                        let skip = held.contains(cut.range());
+                        if skip || !batch.extends(&cut) || batch.chunks.len() == SIG_BATCH {
+                            if let Some(full) = batch.take() {
+                                open = tx.blocking_send(full).is_ok();
+                            }
+                        }
+                        if !skip {
+                            batch.push(cut);
+                        }
+                        open
+                    })?;
+                    if let Some(last) = batch.take().filter(|_| open) {
+                        let _ = tx.blocking_send(last);
+                    }
+                    Ok(())
+                });
+                (rx, cutter)
+            })
+            .unzip();
+        Self {
+            avg,
+            regions: receivers,
+            cutters,
+        }
+    }
 }
 
 /// The spans of upload `transfer_id` an earlier run's signature exchange answered for (with
@@ -324,7 +360,7 @@ pub(super) async fn copy_local(
                 for (offset, bytes) in runs {
                     let len = bytes.len() as u64;
                     let crc = crc32fast::hash(&bytes);
-                    partial.write(offset, bytes.into(), crc).await?;
+                    partial.write(offset, bytes, crc).await?;
                     copied += len;
                 }
             }
@@ -339,7 +375,7 @@ pub(super) async fn copy_local(
 struct Batch {
     offset: u64,
     end: u64,
-    chunks: Vec<xfer_proto::SigChunk>,
+    chunks: Vec<SigChunk>,
 }
 
 impl Batch {
@@ -355,8 +391,52 @@ impl Batch {
         self.chunks.push(cut.sig());
     }
 
-    /// The bytes the batch covers, if it holds any chunk.
-    fn span(&self) -> Option<ByteRange> {
-        (!self.chunks.is_empty()).then(|| ByteRange::new(self.offset, self.end))
+    /// The bytes the batch covers and its chunks, if it holds any; the batch is empty after.
+    fn take(&mut self) -> Option<(ByteRange, Vec<SigChunk>)> {
+        let span = (!self.chunks.is_empty()).then(|| ByteRange::new(self.offset, self.end))?;
+        Some((span, std::mem::take(&mut self.chunks)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_region_is_cut_into_batches_of_consecutive_chunks_but_the_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut x = 7u64;
+        let content: Vec<u8> = (0..(3 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&path, &content).unwrap();
+        let source = SourceFile::new(std::fs::File::open(&path).unwrap(), "f").unwrap();
+        let held = RangeSet::from_ranges([ByteRange::new(1 << 20, 2 << 20)]);
+        let mut cutting = Cutting::start(&source, &held, delta::MIN_AVG_CHUNK);
+        let mut covered = RangeSet::new();
+        assert_eq!(cutting.regions.len(), 1);
+        while let Some((span, chunks)) = cutting.regions[0].recv().await {
+            assert!(!chunks.is_empty() && chunks.len() <= SIG_BATCH);
+            let len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+            assert_eq!(span.len(), len);
+            assert!(chunks.iter().all(|c| c.len <= 4 * delta::MIN_AVG_CHUNK));
+            let before = covered.total();
+            covered.insert(span);
+            assert_eq!(covered.total(), before + span.len(), "batches overlap");
+        }
+        for cutter in cutting.cutters {
+            cutter.await.unwrap().unwrap();
+        }
+        // The chunks not sent are those wholly within the held range, no more.
+        let missing = covered.missing(content.len() as u64);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(held.contains(missing[0]));
+        assert!(missing[0].len() > (1 << 20) - 8 * 64 * 1024);
     }
 }

@@ -234,19 +234,28 @@ fn connections_used(opts: &Options, work: &Work) -> usize {
 }
 
 /// `opts` with a fresh byte meter on its connections when the pool sizes itself (only then is
-/// throughput measured, and a meter costs every write a look at `TCP_INFO`), and the process's
-/// memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
+/// throughput measured, and a meter costs every write a look at `TCP_INFO`), a fresh
+/// delivered-bytes meter under `auto` compression (its probes measure by it), and the
+/// process's memory budget ([`CLIENT_MAX_MEMORY`]) unless the caller set one.
 fn metered(opts: &Options) -> Options {
     static BUDGET: std::sync::OnceLock<xfer_core::MemoryBudget> = std::sync::OnceLock::new();
     let mut opts = opts.clone();
     if matches!(opts.connections, Connections::Adaptive { .. }) {
         opts.connector.meter = Some(Arc::default());
     }
+    opts.connector.delivered = delivered_meter(&opts);
     if opts.connector.memory.is_none() {
         let budget = BUDGET.get_or_init(|| xfer_core::MemoryBudget::new(CLIENT_MAX_MEMORY));
         opts.connector.memory = Some(budget.clone());
     }
     opts
+}
+
+/// A fresh meter of the bytes the connections of a transfer under `opts` deliver, where `auto`
+/// compression measures by it: each transfer measures its own connections.
+pub(crate) fn delivered_meter(opts: &Options) -> Option<xfer_net::Delivered> {
+    let auto = opts.connector.compress.unwrap_or_default() == xfer_net::Compression::Auto;
+    auto.then(xfer_net::Delivered::new)
 }
 
 /// What a transfer's [`Summary`] needs from its start.

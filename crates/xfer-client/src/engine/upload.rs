@@ -171,7 +171,8 @@ pub async fn send_file(
         },
         source,
         holes,
-        compressor: Compressor::new(opts.connector.compress.unwrap_or_default(), "upload"),
+        compressor: Compressor::new(opts.connector.compress.unwrap_or_default(), "upload")
+            .with_delivered(opts.connector.delivered.clone()),
         memory: opts.connector.memory.clone(),
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;

@@ -66,6 +66,7 @@ impl Handler {
                 // This daemon's own settings: its copies are its connections.
                 socket: self.shared.config.socket.clone(),
                 meter: None,
+                delivered: None,
                 compress: Some(self.compression()),
                 memory: None,
             },

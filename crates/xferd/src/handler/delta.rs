@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tracing::info;
 use xfer_core::delta::{self, groups, Index, Piece};
@@ -101,7 +100,7 @@ impl Handler {
                     let crc = crc32fast::hash(&bytes);
                     let range = ByteRange::new(offset, offset + bytes.len() as u64);
                     partial
-                        .write(offset, Bytes::from(bytes), crc)
+                        .write(offset, bytes, crc)
                         .await
                         .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
                     written.push(range);
