@@ -5,8 +5,9 @@
 //! older daemon gets a tree copy without them and one warning.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
-use xfer_proto::{EntryKind, MetaEntry, SetMeta, TreeEntry};
+use xfer_proto::{EntryKind, Meta, MetaEntry, MetaSet, PutFile, PutFileMeta, SetMeta, TreeEntry};
 
 use crate::tree::TreeSummary;
 
@@ -29,6 +30,61 @@ pub(crate) struct MetaPlan {
     /// Every name of a link group but its first.
     later_names: HashSet<String>,
     keep: TreeOptions,
+    /// Names (prefixed with the top) of the files stored with their metadata: they need no
+    /// `SetMeta`.
+    finished: HashSet<String>,
+}
+
+/// The owners and attributes of a send's small files, for a daemon that stores them with the
+/// files (`CAP_PUT_META`), and what it answered. Shared by the small-file connections.
+#[derive(Debug)]
+pub(crate) struct FileMetas {
+    by_path: HashMap<String, Meta>,
+    keep: TreeOptions,
+    /// Names of the files stored with their metadata.
+    finished: Mutex<HashSet<String>>,
+    /// Answers that report something not kept, counted once the files are in.
+    refused: Mutex<Vec<MetaSet>>,
+}
+
+impl FileMetas {
+    /// `file`, of the source entry `path`, as the request that stores it: with its metadata
+    /// when it is known (`named_acls`: the daemon takes ACLs with the names of their entries).
+    pub(crate) fn put(&self, path: &str, file: PutFile, named_acls: bool) -> xfer_proto::Frame {
+        let Some(meta) = self.by_path.get(path) else {
+            return xfer_proto::Frame::PutFile(file);
+        };
+        let mut xattrs = self.keep.xattrs.then(|| meta.xattrs.clone());
+        if !named_acls {
+            for x in xattrs.iter_mut() {
+                xfer_core::meta::xattrs_without_names(x);
+            }
+        }
+        xfer_proto::Frame::PutFileMeta(PutFileMeta {
+            file,
+            uid: meta.uid,
+            gid: meta.gid,
+            user: meta.user.clone(),
+            group: meta.group.clone(),
+            numeric_ids: self.keep.numeric_ids,
+            xattrs,
+        })
+    }
+
+    /// Notes the daemon's answer to a file stored with its metadata.
+    pub(crate) fn stored(&self, answer: MetaSet) {
+        let flagged = answer.not_chowned || !answer.xattrs_refused.is_empty();
+        self.finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(answer.name.clone());
+        if flagged {
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(answer);
+        }
+    }
 }
 
 /// Names of `TreeEntry` lists, for the paths written in this run.
@@ -98,6 +154,36 @@ impl MetaPlan {
         plan.source = source;
         plan.receiver = receiver;
         (plan, plain, plain_receiver)
+    }
+
+    /// The metadata of the files in `small` whose metadata was read, to be stored with them.
+    pub(crate) fn file_metas(&self, small: &[TreeEntry]) -> FileMetas {
+        let wanted: HashSet<&str> = small.iter().map(|e| e.path.as_str()).collect();
+        let by_path = self
+            .source
+            .iter()
+            .filter(|e| e.meta.st_mode != 0 && wanted.contains(e.entry.path.as_str()))
+            .map(|e| (e.entry.path.clone(), e.meta.clone()))
+            .collect();
+        FileMetas {
+            by_path,
+            keep: self.keep,
+            finished: Mutex::default(),
+            refused: Mutex::default(),
+        }
+    }
+
+    /// Takes in what the daemon answered to the files stored with their metadata: they get no
+    /// `SetMeta`, and what it could not keep is counted as a `SetMeta`'s answer would be.
+    pub(crate) fn stored_with_files(&mut self, metas: &FileMetas, summary: &mut TreeSummary) {
+        let finished =
+            std::mem::take(&mut *metas.finished.lock().unwrap_or_else(|p| p.into_inner()));
+        self.finished.extend(finished);
+        let refused = std::mem::take(&mut *metas.refused.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut tally = Tally::default();
+        for m in refused {
+            tally.count(&m.name, m.not_chowned, &m.xattrs_refused, summary);
+        }
     }
 
     /// Moves sparse files from the small-file path, which sends every byte, to the chunked one,
@@ -214,8 +300,12 @@ impl MetaPlan {
             if !fresh && self.receiver.get(path).is_some_and(|r| self.matches(e, r)) {
                 continue;
             }
+            let name = crate::tree::join(top, path);
+            if self.finished.contains(&name) {
+                continue;
+            }
             let request = SetMeta {
-                name: crate::tree::join(top, path),
+                name,
                 mode: e.entry.mode,
                 mtime_ns: e.entry.mtime_ns,
                 uid: e.meta.uid,

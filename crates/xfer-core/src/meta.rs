@@ -358,6 +358,51 @@ pub struct MetaOutcome {
     pub xattrs_refused: Option<String>,
 }
 
+/// Gives the regular file or directory open as `file`, owned by `owner` now, what `req` asks
+/// for but its name: owner and group (if this process may), attributes (when `req.xattrs` is
+/// set), then mode and mtime (a change of owner clears set-id bits).
+///
+/// # Errors
+/// I/O errors but those reported in the outcome.
+pub fn apply_meta(file: &File, owner: (u32, u32), req: &SetMeta) -> Result<MetaOutcome> {
+    let ctx = |what: &str| format!("{what} {:?}", req.name);
+    let mut outcome = MetaOutcome::default();
+    let wanted = local_ids(req);
+    if owner != wanted {
+        let chown = |u, g| rfs::fchown(file, u, g);
+        outcome.not_chowned =
+            change_owner(chown, wanted).map_err(|e| CoreError::io(ctx("chown"), e.into()))?;
+    }
+    if let Some(want) = &req.xattrs {
+        if let Err(e) = write_xattrs(file.as_fd(), want, req.numeric_ids) {
+            outcome.xattrs_refused = Some(e.to_string());
+        }
+    }
+    rfs::fchmod(file, Mode::from_raw_mode(req.mode & 0o7777))
+        .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
+    rfs::futimens(file, &timestamps(req.mtime_ns))
+        .map_err(|e| CoreError::io(ctx("setting mtime of"), e.into()))?;
+    Ok(outcome)
+}
+
+/// Changes owner and group to `(uid, gid)` through `chown`; true when this process lacks the
+/// privilege to give the owner (the group is still set if it may be).
+fn change_owner(
+    chown: impl Fn(Option<rfs::Uid>, Option<rfs::Gid>) -> rustix::io::Result<()>,
+    (uid, gid): (u32, u32),
+) -> rustix::io::Result<bool> {
+    let (u, g) = (Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)));
+    match chown(u, g) {
+        Ok(()) => Ok(false),
+        Err(Errno::PERM) => {
+            // Unprivileged: the group may still be one of ours.
+            let _ = chown(None, g);
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn timestamps(mtime_ns: i64) -> rfs::Timestamps {
     let mtime = rfs::Timespec {
         tv_sec: mtime_ns.div_euclid(1_000_000_000),
@@ -476,42 +521,21 @@ impl Root {
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
                 return Err(CoreError::Changed(req.name.clone()));
             }
+            return apply_meta(file, (now.st_uid, now.st_gid), req);
         }
         if (st.st_uid, st.st_gid) != (uid, gid) {
-            let chown = |u: Option<rfs::Uid>, g: Option<rfs::Gid>| match &opened {
-                Some(f) => rfs::fchown(f, u, g),
-                None => rfs::chownat(dir, leaf, u, g, AtFlags::SYMLINK_NOFOLLOW),
-            };
-            let (u, g) = (Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)));
-            match chown(u, g) {
-                Ok(()) => {}
-                Err(Errno::PERM) => {
-                    // Unprivileged: the group may still be one of ours.
-                    outcome.not_chowned = true;
-                    let _ = chown(None, g);
-                }
-                Err(e) => return Err(CoreError::io(ctx("chown"), e.into())),
-            }
-        }
-        if let (Some(want), Some(file)) = (&req.xattrs, &opened) {
-            if let Err(e) = write_xattrs(file.as_fd(), want, req.numeric_ids) {
-                outcome.xattrs_refused = Some(e.to_string());
-            }
+            let chown = |u, g| rfs::chownat(dir, leaf, u, g, AtFlags::SYMLINK_NOFOLLOW);
+            outcome.not_chowned = change_owner(chown, (uid, gid))
+                .map_err(|e| CoreError::io(ctx("chown"), e.into()))?;
         }
         if kind != rfs::FileType::Symlink {
             let mode = Mode::from_raw_mode(req.mode & 0o7777);
-            match &opened {
-                Some(f) => rfs::fchmod(f, mode),
-                None => rfs::chmodat(dir, leaf, mode, AtFlags::empty()),
-            }
-            .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
+            rfs::chmodat(dir, leaf, mode, AtFlags::empty())
+                .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
         }
         let times = timestamps(req.mtime_ns);
-        match &opened {
-            Some(f) => rfs::futimens(f, &times),
-            None => rfs::utimensat(dir, leaf, &times, AtFlags::SYMLINK_NOFOLLOW),
-        }
-        .map_err(|e| CoreError::io(ctx("setting mtime of"), e.into()))?;
+        rfs::utimensat(dir, leaf, &times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| CoreError::io(ctx("setting mtime of"), e.into()))?;
         Ok(outcome)
     }
 

@@ -331,6 +331,44 @@ impl Root {
         mode: u32,
         data: &[u8],
     ) -> Result<()> {
+        self.store_small(dirs, name, data, &mut |file| {
+            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+                .and_then(|()| file.set_modified(system_time(mtime_ns)))
+                .map_err(|e| CoreError::io(format!("writing {name:?}"), e))
+        })
+    }
+
+    /// [`Root::put_file`] that also gives the file the owner, group and attributes of `meta`
+    /// (then its mode and mtime, as [`Root::set_meta`] does) before it gets its name, so that
+    /// it never appears without them. What could not be kept is reported, not an error.
+    ///
+    /// # Errors
+    /// As [`Root::put_file`].
+    pub fn put_file_meta(
+        &self,
+        dirs: &mut DirCache,
+        data: &[u8],
+        meta: &xfer_proto::SetMeta,
+    ) -> Result<crate::meta::MetaOutcome> {
+        let mut outcome = crate::meta::MetaOutcome::default();
+        self.store_small(dirs, &meta.name, data, &mut |file| {
+            let st = rfs::fstat(file)
+                .map_err(|e| CoreError::io(format!("stat {:?}", meta.name), e.into()))?;
+            outcome = crate::meta::apply_meta(file, (st.st_uid, st.st_gid), meta)?;
+            Ok(())
+        })?;
+        Ok(outcome)
+    }
+
+    /// Writes `data` into a new file for `name`, lets `finish` set what it must on it, and
+    /// gives it the name (see [`Root::put_file`]).
+    fn store_small(
+        &self,
+        dirs: &mut DirCache,
+        name: &str,
+        data: &[u8],
+        finish: &mut dyn FnMut(&File) -> Result<()>,
+    ) -> Result<()> {
         let ctx = |what: &str| format!("{what} {name:?}");
         let (dir, leaf) = dirs.parent_of(self, name)?;
         let dir = dir.as_fd();
@@ -362,15 +400,14 @@ impl Root {
             Err(e) => return Err(CoreError::io(ctx("creating"), e.into())),
         };
         file.write_all_at(data, 0)
-            .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777)))
-            .and_then(|()| file.set_modified(system_time(mtime_ns)))
             .map_err(|e| CoreError::io(ctx("writing"), e))?;
+        finish(&file)?;
         if !named {
             match link_unnamed(&file, dir, &leaf) {
                 Ok(()) => return Ok(()),
                 Err(Errno::EXIST) => check_replaceable(dir, &leaf, name)?,
                 // Found out just now that unnamed files cannot be linked here: store it named.
-                Err(Errno::OPNOTSUPP) => return self.put_file(dirs, name, mtime_ns, mode, data),
+                Err(Errno::OPNOTSUPP) => return self.store_small(dirs, name, data, finish),
                 Err(e) => return Err(CoreError::io(ctx("linking"), e.into())),
             }
             let part = partial_name(&leaf);
@@ -610,5 +647,42 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
+    }
+
+    #[test]
+    fn a_file_stored_with_its_metadata_gets_it_before_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let mut dirs = DirCache::default();
+        let st = rfs::stat(tmp.path()).unwrap();
+        for data in [&b"first"[..], b"replaced"] {
+            let meta = xfer_proto::SetMeta {
+                name: "d/f".into(),
+                mode: 0o2750,
+                mtime_ns: 1_500_000_000_000_000_007,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                user: String::new(),
+                group: String::new(),
+                numeric_ids: true,
+                xattrs: Some(vec![xfer_proto::Xattr {
+                    name: "user.k".into(),
+                    value: data.to_vec(),
+                }]),
+            };
+            let outcome = root.put_file_meta(&mut dirs, data, &meta).unwrap();
+            assert!(!outcome.not_chowned);
+            let path = tmp.path().join("d/f");
+            assert_eq!(std::fs::read(&path).unwrap(), data);
+            let got = rfs::stat(&path).unwrap();
+            assert_eq!(got.st_mode & 0o7777, 0o2750);
+            assert_eq!(mtime_ns(&got), meta.mtime_ns);
+            // A filesystem without user attributes says so in the outcome instead.
+            if outcome.xattrs_refused.is_none() {
+                let file = File::open(&path).unwrap();
+                let read = crate::meta::read_xattrs(file.as_fd()).unwrap();
+                assert_eq!(read, meta.xattrs.clone().unwrap());
+            }
+        }
     }
 }

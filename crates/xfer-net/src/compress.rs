@@ -377,7 +377,9 @@ fn machine_ticks() -> Option<(u64, u64)> {
 /// File bytes a small-file frame carries.
 fn file_bytes(frame: &Frame) -> usize {
     match frame {
-        Frame::PutFile(p) => p.data.len(),
+        Frame::PutFile(p) | Frame::PutFileMeta(xfer_proto::PutFileMeta { file: p, .. }) => {
+            p.data.len()
+        }
         Frame::FileData(f) => f.data.len(),
         _ => 0,
     }

@@ -276,6 +276,21 @@ mod tests {
                 crc32: crc32fast::hash(b"tiny"),
                 data: b"tiny".to_vec(),
             }),
+            Frame::PutFileMeta(PutFileMeta {
+                file: PutFile {
+                    name: "s/g".into(),
+                    mtime_ns: 9,
+                    mode: 0o4755,
+                    crc32: crc32fast::hash(b"tiny"),
+                    data: b"tiny".to_vec(),
+                },
+                uid: 1000,
+                gid: 100,
+                user: "ann".into(),
+                group: String::new(),
+                numeric_ids: true,
+                xattrs: None,
+            }),
             Frame::MakeDir(MakeDir {
                 name: "s".into(),
                 mode: 0o755,
@@ -414,7 +429,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 58);
+        assert_eq!(known.len(), 59);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

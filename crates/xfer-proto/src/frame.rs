@@ -727,6 +727,9 @@ frame_types! {
     /// [`ReadOpenedSparse`](crate::ReadOpenedSparse): `ReadOpened` of a file with holes
     /// (`CAP_TREE_META_V2`)
     ReadOpenedSparse(crate::ReadOpenedSparse) = 0x46,
+    /// [`PutFileMeta`](crate::PutFileMeta): a `PutFile` with its owner and attributes
+    /// (`CAP_PUT_META`)
+    PutFileMeta(crate::PutFileMeta) = 0x47,
     /// [`PutFile`]
     PutFile(PutFile) = 0x50,
     /// [`MakeDir`]

@@ -169,6 +169,45 @@ pub struct SetMeta {
     pub xattrs: Option<Vec<Xattr>>,
 }
 
+/// Client → server, with [`crate::CAP_PUT_META`] in force: a small file stored as `PutFile`
+/// stores it, given its owner, group and attributes before it gets its name, as a `SetMeta`
+/// would give them afterwards; answered by [`MetaSet`]. A tree's small files then need no
+/// `SetMeta` of their own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFileMeta {
+    /// The file; its `mode` is applied whole (`0o7777`), after the owner.
+    pub file: crate::PutFile,
+    /// Owner's user id on the sender.
+    pub uid: u32,
+    /// Group id on the sender.
+    pub gid: u32,
+    /// Owner's user name on the sender, as in [`SetMeta`].
+    pub user: String,
+    /// Group name on the sender, as in [`SetMeta`].
+    pub group: String,
+    /// Keep the ids as numbers, not mapped by name.
+    pub numeric_ids: bool,
+    /// The file's complete attribute set; `None` leaves those the new file has.
+    pub xattrs: Option<Vec<Xattr>>,
+}
+
+impl PutFileMeta {
+    /// The `SetMeta` that gives the stored file what this request carries besides its bytes.
+    pub fn set_meta(&self) -> SetMeta {
+        SetMeta {
+            name: self.file.name.clone(),
+            mode: self.file.mode,
+            mtime_ns: self.file.mtime_ns,
+            uid: self.uid,
+            gid: self.gid,
+            user: self.user.clone(),
+            group: self.group.clone(),
+            numeric_ids: self.numeric_ids,
+            xattrs: self.xattrs.clone(),
+        }
+    }
+}
+
 /// Server → client answer to [`SetMeta`]: what could not be kept (the request still succeeds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaSet {

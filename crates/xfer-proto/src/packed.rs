@@ -146,9 +146,10 @@ impl PackedFiles {
     }
 }
 
-/// Whether `frame` may travel inside a `PackedPutFiles`.
+/// Whether `frame` may travel inside a `PackedPutFiles` (a `PutFileMeta` only where
+/// `CAP_PUT_META` is in force, which the session checks as for one sent alone).
 pub fn packs_in_put_files(frame: &Frame) -> bool {
-    matches!(frame, Frame::PutFile(_))
+    matches!(frame, Frame::PutFile(_) | Frame::PutFileMeta(_))
 }
 
 /// Whether `frame` may travel inside a `PackedFileData`: a `FileData`, or an `Error` that
@@ -166,7 +167,7 @@ pub fn packs_in_file_data(frame: &Frame) -> bool {
 /// The type of packed frame that carries frames of `ty`, if any.
 pub fn packed_type(ty: FrameType) -> Option<FrameType> {
     match ty {
-        FrameType::PutFile => Some(FrameType::PackedPutFiles),
+        FrameType::PutFile | FrameType::PutFileMeta => Some(FrameType::PackedPutFiles),
         FrameType::FileData => Some(FrameType::PackedFileData),
         _ => None,
     }

@@ -118,6 +118,9 @@ pub enum Request {
     ListTree(crate::ListTree),
     /// Store a whole small file; answer `Done` or `Error`.
     PutFile(crate::PutFile),
+    /// Store a whole small file with its owner and attributes (`CAP_PUT_META`); answer
+    /// `MetaSet` or `Error`.
+    PutFileMeta(crate::PutFileMeta),
     /// Decompress `PutFile` frames (`CAP_PACKED_FILES`; the decoder checked the header
     /// against the limits, neither the CRC nor the content are checked), then hand each to
     /// [`ServerSession::handle_request`] as if it had come alone.
@@ -386,17 +389,23 @@ impl<U, D> ServerSession<U, D> {
             0
         };
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
-        let granted = (crate::CAP_FEATURES & !crate::CAP_PACKED_FILES
+        let granted = (crate::CAP_FEATURES & !crate::CAP_PACKED_FILES & !crate::CAP_PUT_META
             | crate::CAP_DELETE
             | crate::CAP_MIRROR)
             & self.client_capabilities;
+        // Owners and attributes come with files only where tree metadata is kept at all.
+        let put_meta = if granted & crate::CAP_TREE_META != 0 {
+            crate::CAP_PUT_META & self.client_capabilities
+        } else {
+            0
+        };
         // Packed small files follow the compression mode, so they come with compression only.
         let packed = if granted & crate::CAP_COMPRESSION != 0 {
             crate::CAP_PACKED_FILES & self.client_capabilities
         } else {
             0
         };
-        auth | tls | granted | packed
+        auth | tls | granted | packed | put_meta
     }
 
     /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
@@ -521,6 +530,7 @@ impl<U, D> ServerSession<U, D> {
             Frame::OpenWrite(r) => &r.name,
             Frame::OpenWriteSparse(r) => &r.open.name,
             Frame::PutFile(r) => &r.name,
+            Frame::PutFileMeta(r) => &r.file.name,
             Frame::MakeDir(r) => &r.name,
             Frame::MakeLink(r) => &r.name,
             Frame::ListTree(r) => &r.dir,
@@ -680,6 +690,9 @@ impl<U, D> ServerSession<U, D> {
             Frame::List(list) => Ok(Request::List(list)),
             Frame::ListTree(req) => Ok(Request::ListTree(req)),
             Frame::PutFile(req) => Ok(Request::PutFile(req)),
+            Frame::PutFileMeta(req) if self.capabilities() & crate::CAP_PUT_META != 0 => {
+                Ok(Request::PutFileMeta(req))
+            }
             Frame::PackedPutFiles(p) if self.capabilities() & crate::CAP_PACKED_FILES != 0 => {
                 Ok(Request::PackedPutFiles(p))
             }
@@ -729,6 +742,7 @@ impl<U, D> ServerSession<U, D> {
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
             | Frame::PackedPutFiles(_)
+            | Frame::PutFileMeta(_)
             | Frame::ReadSig(_)
             | Frame::MirrorTo(_)
             | Frame::DeltaOpen(_)
@@ -1111,6 +1125,53 @@ mod tests {
         let too_many = vec![1; crate::MAX_DELTA_CHUNKS + 1];
         let err = s.handle_request(sig(id, 0, &too_many)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn files_with_metadata_need_the_capability_and_tree_metadata() {
+        let put = || {
+            Frame::PutFileMeta(crate::PutFileMeta {
+                file: crate::PutFile {
+                    name: "t/a".into(),
+                    mtime_ns: 0,
+                    mode: 0o644,
+                    crc32: 0,
+                    data: Vec::new(),
+                },
+                uid: 0,
+                gid: 0,
+                user: String::new(),
+                group: String::new(),
+                numeric_ids: true,
+                xattrs: None,
+            })
+        };
+        let hello = |capabilities| {
+            let mut s = session(None);
+            s.handle_handshake(Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                capabilities,
+                agent: "t".into(),
+                nonce: vec![],
+            }))
+            .unwrap();
+            s
+        };
+        // Offered alone it is not granted, and the frame is refused.
+        let mut alone = hello(crate::CAP_PUT_META);
+        assert_eq!(alone.capabilities(), 0);
+        assert!(matches!(
+            alone.handle_request(put()),
+            Err(SessionError::Unexpected { .. })
+        ));
+        let both = crate::CAP_PUT_META | crate::CAP_TREE_META;
+        let mut s = hello(both);
+        assert_eq!(s.capabilities(), both);
+        assert!(matches!(
+            s.handle_request(put()),
+            Ok(Request::PutFileMeta(_))
+        ));
     }
 
     #[test]

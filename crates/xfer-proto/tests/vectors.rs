@@ -712,6 +712,24 @@ fn meta_frames() -> Vec<(&'static str, Frame)> {
             }),
         ),
         (
+            "put-file-meta",
+            Frame::PutFileMeta(PutFileMeta {
+                file: PutFile {
+                    name: "t/sub/f.txt".into(),
+                    mtime_ns: MTIME,
+                    mode: 0o644,
+                    crc32: CRC_ABC,
+                    data: b"abc".to_vec(),
+                },
+                uid: 1000,
+                gid: 100,
+                user: "ann".into(),
+                group: "users".into(),
+                numeric_ids: false,
+                xattrs: Some(Vec::new()),
+            }),
+        ),
+        (
             "meta-set",
             Frame::MetaSet(MetaSet {
                 name: "t/a".into(),

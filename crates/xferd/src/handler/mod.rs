@@ -354,7 +354,8 @@ impl Handler {
                 Request::ReadChunk(id, chunk) => self.read_chunk(id, chunk).await?,
                 Request::List(list) => self.list(&list.dir).await?,
                 Request::ListTree(req) => self.list_tree(req).await?,
-                Request::PutFile(req) => self.put_files(req).await?,
+                Request::PutFile(req) => self.put_files(tree::SmallFile::Plain(req)).await?,
+                Request::PutFileMeta(req) => self.put_files(tree::SmallFile::WithMeta(req)).await?,
                 Request::PackedPutFiles(packed) => self.packed_put_files(packed).await?,
                 Request::MakeDir(req) => {
                     self.tree_op(req.name.clone(), move |root| {

@@ -10,8 +10,8 @@ use xfer_net::Compressor;
 use xfer_proto::packed::{packs_in_file_data, packs_in_put_files};
 use xfer_proto::session::Request;
 use xfer_proto::{
-    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, PackedFiles, PutFile,
-    TreeListing, MAX_LISTING_ENTRIES, MAX_PACKED_FRAMES,
+    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, MetaSet, PackedFiles,
+    PutFile, PutFileMeta, TreeListing, MAX_LISTING_ENTRIES, MAX_PACKED_FRAMES,
 };
 
 use super::{fatal, ConnError, Handler, READ_ONLY};
@@ -26,6 +26,30 @@ const BATCH_FILES: usize = 64;
 
 /// File bytes in one such batch, at most (beyond the file that starts it).
 const BATCH_BYTES: usize = 8 << 20;
+
+/// A small file to store: alone (`PutFile`, answered `Done`) or with its owner and attributes
+/// (`PutFileMeta`, answered `MetaSet`).
+pub(super) enum SmallFile {
+    Plain(PutFile),
+    WithMeta(PutFileMeta),
+}
+
+impl SmallFile {
+    fn file(&self) -> &PutFile {
+        match self {
+            Self::Plain(file) | Self::WithMeta(PutFileMeta { file, .. }) => file,
+        }
+    }
+
+    /// The small file a request stores, if it is one.
+    fn of(request: Request) -> Result<Self, Box<Request>> {
+        match request {
+            Request::PutFile(file) => Ok(Self::Plain(file)),
+            Request::PutFileMeta(req) => Ok(Self::WithMeta(req)),
+            other => Err(Box::new(other)),
+        }
+    }
+}
 
 /// Encoded answers packed into one `PackedFileData`, about: enough for zstd to find what
 /// small files share, small enough that the client starts on them early.
@@ -116,16 +140,9 @@ impl Handler {
     /// Stores `first` and the small files pipelined behind it that are already buffered, in one
     /// trip to the blocking pool, and answers them with one write: per file, the cost is the
     /// filesystem's alone. Each is answered (`Done` or a request-level error) in order.
-    pub(super) async fn put_files(&mut self, first: PutFile) -> Result<(), ConnError> {
-        let batch = self.gather(
-            first,
-            |r| r.data.len(),
-            |request| match request {
-                Request::PutFile(req) => Ok(req),
-                other => Err(Box::new(other)),
-            },
-        )?;
-        let wire = batch.iter().map(|r| r.data.len() as u64).sum();
+    pub(super) async fn put_files(&mut self, first: SmallFile) -> Result<(), ConnError> {
+        let batch = self.gather(first, |r| r.file().data.len(), SmallFile::of)?;
+        let wire = batch.iter().map(|r| r.file().data.len() as u64).sum();
         self.store_files(batch, wire).await
     }
 
@@ -155,9 +172,9 @@ impl Handler {
         let mut batch = Vec::with_capacity(frames.len());
         for frame in frames {
             // Checked one by one as the session checks any request (a grant's scope).
-            match self.session.handle_request(frame)? {
-                Request::PutFile(req) => batch.push(req),
-                _ => unreachable!("only PutFile frames unpack from PackedPutFiles"),
+            match SmallFile::of(self.session.handle_request(frame)?) {
+                Ok(file) => batch.push(file),
+                Err(_) => unreachable!("only small files unpack from PackedPutFiles"),
             }
         }
         let stored = self.store_files(batch, wire).await;
@@ -167,9 +184,9 @@ impl Handler {
 
     /// Stores a batch of small files (`wire`: the bytes they took on the wire) and answers
     /// each, in order, with one write.
-    async fn store_files(&mut self, mut batch: Vec<PutFile>, wire: u64) -> Result<(), ConnError> {
+    async fn store_files(&mut self, mut batch: Vec<SmallFile>, wire: u64) -> Result<(), ConnError> {
         let metrics = &self.shared.metrics;
-        let bytes = batch.iter().map(|r| r.data.len() as u64).sum();
+        let bytes = batch.iter().map(|r| r.file().data.len() as u64).sum();
         metrics.small_file_bytes_received.add(bytes);
         metrics.small_file_wire_bytes_received.add(wire);
         // Bit errors in a control frame: the stream can no longer be trusted. The files before
@@ -177,15 +194,18 @@ impl Handler {
         let mut end = None;
         if let Some(bad) = batch
             .iter()
-            .position(|r| crc32fast::hash(&r.data) != r.crc32)
+            .position(|r| crc32fast::hash(&r.file().data) != r.file().crc32)
         {
-            let message = format!("{}: data failed its CRC", batch[bad].name);
+            let message = format!("{}: data failed its CRC", batch[bad].file().name);
             end = Some(fatal(ErrorCode::BadCrc, message));
             batch.truncate(bad);
         }
         let outcomes: Vec<StoreOutcome> = if self.shared.config.read_only {
             let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
-            batch.into_iter().map(|r| (r.name, refusal())).collect()
+            batch
+                .into_iter()
+                .map(|r| (r.file().name.clone(), refusal()))
+                .collect()
         } else {
             let (root, shared) = (self.root(), Arc::clone(&self.shared));
             blocking(move || Ok(store_small_files(&root, &shared, batch)))
@@ -197,7 +217,7 @@ impl Handler {
         let mut replies = Vec::with_capacity(outcomes.len());
         for (name, outcome) in outcomes {
             match outcome {
-                Ok(()) => replies.push(Frame::Done(Done { name })),
+                Ok(answer) => replies.push(answer),
                 Err((code, message)) if code.is_request_level() => {
                     info!(name = %name, error = %message, "tree request refused");
                     replies.push(Frame::Error(ErrorFrame::new(code, message)));
@@ -406,30 +426,44 @@ fn pack_answers(packer: &Compressor, replies: Vec<Frame>) -> Vec<Frame> {
     out
 }
 
-/// A stored file's name, and the error it got if any.
-type StoreOutcome = (String, Result<(), (ErrorCode, String)>);
+/// A stored file's name, and its answer or the error it got.
+type StoreOutcome = (String, Result<Frame, (ErrorCode, String)>);
 
 /// Stores a batch of small files in order, stopping at the first error that ends the connection
 /// (request-level errors, such as a directory in the way, do not stop it).
 fn store_small_files(
     root: &xfer_core::Root,
     shared: &Shared,
-    batch: Vec<PutFile>,
+    batch: Vec<SmallFile>,
 ) -> Vec<StoreOutcome> {
     let mut dirs = xfer_core::DirCache::default();
     let mut outcomes = Vec::with_capacity(batch.len());
     for req in batch {
-        let outcome = if shared.registry.is_open(&req.name) {
-            let message = format!("{} is being uploaded by another client", req.name);
+        let name = req.file().name.clone();
+        let outcome = if shared.registry.is_open(&name) {
+            let message = format!("{name} is being uploaded by another client");
             Err((ErrorCode::InUse, message))
         } else {
-            root.put_file(&mut dirs, &req.name, req.mtime_ns, req.mode, &req.data)
-                .map_err(|e| (e.code(), e.to_string()))
+            match &req {
+                SmallFile::Plain(f) => root
+                    .put_file(&mut dirs, &f.name, f.mtime_ns, f.mode, &f.data)
+                    .map(|()| Frame::Done(Done { name: name.clone() })),
+                SmallFile::WithMeta(r) => root
+                    .put_file_meta(&mut dirs, &r.file.data, &r.set_meta())
+                    .map(|outcome| {
+                        Frame::MetaSet(MetaSet {
+                            name: name.clone(),
+                            not_chowned: outcome.not_chowned,
+                            xattrs_refused: outcome.xattrs_refused.unwrap_or_default(),
+                        })
+                    }),
+            }
+            .map_err(|e| (e.code(), e.to_string()))
         };
         let fatal = outcome
             .as_ref()
             .is_err_and(|(code, _)| !code.is_request_level());
-        outcomes.push((req.name, outcome));
+        outcomes.push((name, outcome));
         if fatal {
             break;
         }
