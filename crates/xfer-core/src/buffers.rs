@@ -52,6 +52,12 @@ impl BufferPool {
         })
     }
 
+    /// Spare buffers held now.
+    #[cfg(test)]
+    pub(crate) fn spares(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
         // A panic while holding the lock leaves a plain list behind; keep going with it.
         self.spare.lock().unwrap_or_else(|p| p.into_inner())
