@@ -172,6 +172,41 @@ fn download_larger_than_the_local_free_space_fails_early() {
     );
 }
 
+/// A tree that does not fit fails before its data moves and leaves no empty directories
+/// behind where there were none: the target a user named is not there to mislead a script
+/// that tests for it. What existed before stays.
+#[test]
+fn a_tree_download_that_does_not_fit_leaves_no_empty_directories() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        return;
+    };
+    let tree = Tree::new();
+    let src = tree.src("t");
+    random_file(&src.join("deep/er/big.bin"), 32 * MIB, 10);
+    fs::create_dir_all(src.join("empty/dir")).unwrap();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    XferRun::send(&src, &daemon.addr(), "t", &["-r"]).wait_ok();
+
+    let got = fs.path().join("new/got");
+    let line = XferRun::recv("t", &daemon.addr(), &got, &["-r"])
+        .wait()
+        .error_line();
+    assert_no_space(&line);
+    assert!(
+        !fs.path().join("new").exists(),
+        "the failed download left {:?}",
+        list_tree(fs.path())
+    );
+
+    let existing = fs.path().join("existing");
+    fs::create_dir(&existing).unwrap();
+    let line = XferRun::recv("t", &daemon.addr(), &existing, &["-r"])
+        .wait()
+        .error_line();
+    assert_no_space(&line);
+    assert!(existing.is_dir(), "a directory the user had is gone");
+}
+
 /// A 64 MiB file with 1 MiB of data at each of `DATA_AT` and holes between: four times the
 /// 16 MiB of the small filesystem.
 fn sparse_image(path: &Path) -> String {

@@ -1486,20 +1486,20 @@ pub async fn recv_tree_mirror(
     let remote = mirror.filter_source(remote);
     let lists = (with_meta, keep);
     // A dry run creates nothing, not even the top.
-    if !mirror.dry_run || !dir.exists() {
-        if mirror.dry_run {
-            return dry_recv(
-                name,
-                opts,
-                (remote, Vec::new()),
-                lists,
-                mirror,
-                (congestion, started),
-            );
-        }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+    if mirror.dry_run && !dir.exists() {
+        return dry_recv(
+            name,
+            opts,
+            (remote, Vec::new()),
+            lists,
+            mirror,
+            (congestion, started),
+        );
     }
+    let made = match mirror.dry_run {
+        true => MadeDirs::default(),
+        false => MadeDirs::create(dir)?,
+    };
     let local = Root::open(dir)?;
     let walked = on_local(&local, move |r| walk_listing(r, with_meta, checksum, keep)).await?;
     if mirror.dry_run {
@@ -1587,6 +1587,7 @@ pub async fn recv_tree_mirror(
         summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
         summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
         summary.seconds = started.elapsed().as_secs_f64();
+        made.keep();
         return Ok(summary);
     }
     for d in inner_dirs.iter().rev() {
@@ -1609,7 +1610,56 @@ pub async fn recv_tree_mirror(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
+    made.keep();
     Ok(summary)
+}
+
+/// The directories a tree download made for its target, taken back if the download fails:
+/// an empty directory under the name the user gave would tell a script the tree is there.
+/// Only empty ones go, so partial files a rerun resumes from stay, with their directories.
+#[derive(Default)]
+struct MadeDirs {
+    /// The highest directory this run created; `None` when the target already existed.
+    top: Option<PathBuf>,
+}
+
+impl MadeDirs {
+    fn create(dir: &Path) -> Result<Self, CoreError> {
+        let top = dir.ancestors().take_while(|d| !d.exists()).last();
+        let top = top
+            .filter(|t| !t.as_os_str().is_empty())
+            .map(Path::to_path_buf);
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CoreError::io(format!("creating {}", dir.display()), e))?;
+        Ok(Self { top })
+    }
+
+    /// The download succeeded: everything made stays.
+    fn keep(mut self) {
+        self.top = None;
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        if let Some(top) = &self.top {
+            remove_empty_dirs(top);
+        }
+    }
+}
+
+/// Removes `dir` and the directories below it that hold nothing else, deepest first; never
+/// follows a symbolic link.
+fn remove_empty_dirs(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    // Fails, as it should, where something is left.
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Finishes a tree received with metadata: special nodes, hard links, then every entry's
