@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
+use xfer_tests::metrics::{metrics_port, scrape};
 use xfer_tests::{
     journal_held, journal_path, partial_path, sha256_file, wait_until, Daemon, Tree, XferOutput,
     XferRun,
@@ -76,6 +77,50 @@ fn an_insertion_near_the_start_shifts_the_rest_and_it_is_still_found() {
     new.extend(&old[5000..]);
     let out = resend(&old, &new, &["--delta"]);
     check_delta(&out, new.len(), MIB + 4 * 64 * 1024);
+}
+
+/// The daemon answers at once and finds the chunks where the previous match puts them: it
+/// reads its old file about once for an insertion and changes in place, where indexing it whole
+/// before copying read it twice.
+#[test]
+fn the_daemon_reads_its_old_file_about_once_for_an_insertion_and_changes_in_place() {
+    let size = 32 * MIB;
+    let old = noise(size, 12);
+    let mut new = old[..5000].to_vec();
+    new.extend(noise(256 * 1024, 120));
+    new.extend(&old[5000..]);
+    for (i, at) in [3 * MIB, 17 * MIB, 29 * MIB].into_iter().enumerate() {
+        new[at..at + 4000].copy_from_slice(&noise(4000, 121 + i as u64));
+    }
+    let tree = Tree::new();
+    let src = tree.src("f.bin");
+    let dest = tree.root().join("f.bin");
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "f.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    xfer_tests::set_mtime(&src, 1_800_000_000);
+    let out = XferRun::send(&src, &daemon.addr(), "f.bin", &["--delta", "--json"]).wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src));
+    check_delta(&out, new.len(), 256 * 1024 + 4 * 5 * 64 * 1024);
+    let [read, copied] = scrape(
+        metrics_port(&daemon),
+        &[
+            "xferd_delta_basis_read_bytes_total",
+            "xferd_delta_copied_bytes_total",
+        ],
+    )[..] else {
+        unreachable!()
+    };
+    assert!(
+        copied >= (size - 4 * 5 * 64 * 1024) as f64,
+        "copied {copied}"
+    );
+    assert!(read >= copied, "read {read} < copied {copied}");
+    assert!(
+        read <= size as f64 * 1.25,
+        "read {read} bytes of a {size}-byte basis"
+    );
 }
 
 #[test]
@@ -188,7 +233,7 @@ fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     } else {
         Daemon::start(&tree.root(), &[])
     };
-    let indexed = |d: &Daemon| d.stderr().matches("delta basis indexed").count();
+    let indexed = |d: &Daemon| d.stderr().matches("delta basis opened").count();
     let indexed_before = indexed(&daemon);
     let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
     let out = XferRun::send(&src, &daemon.addr(), "r.bin", &fast).wait_ok();
