@@ -380,6 +380,67 @@ fn a_download_fetches_only_what_changed_in_place_and_what_was_inserted() {
     check_delta(&out, new.len(), 100_000 + 6 * 64 * 1024);
 }
 
+/// A download's client opens its own copy without indexing it first, and reads it about once
+/// to find an insertion and changes in place, where indexing it whole before copying read it
+/// twice.
+#[test]
+fn a_download_reads_the_local_file_about_once() {
+    let size = 32 * MIB;
+    let old = noise(size, 13);
+    let mut new = old[..5000].to_vec();
+    new.extend(noise(256 * 1024, 130));
+    new.extend(&old[5000..]);
+    for (i, at) in [3 * MIB, 17 * MIB, 29 * MIB].into_iter().enumerate() {
+        new[at..at + 4000].copy_from_slice(&noise(4000, 131 + i as u64));
+    }
+    let tree = Tree::new();
+    std::fs::write(tree.root().join("g.bin"), &new).unwrap();
+    let out_path = tree.out("g.bin");
+    std::fs::write(&out_path, &old).unwrap();
+    xfer_tests::set_mtime(&out_path, 1_600_000_000);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let args = [
+        "recv",
+        "g.bin",
+        &daemon.addr(),
+        "-o",
+        out_path.to_str().unwrap(),
+        "--delta",
+        "--json",
+    ];
+    let out = XferRun::spawn_with_env(args, &[("XFER_LOG", "xfer_client=debug")]).wait_ok();
+    assert_eq!(
+        sha256_file(&out_path),
+        sha256_file(&tree.root().join("g.bin"))
+    );
+    check_delta(&out, new.len(), 256 * 1024 + 4 * 5 * 64 * 1024);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("delta: bytes copied from the local file"))
+        .unwrap_or_else(|| panic!("no delta line in:\n{}", out.stderr));
+    // Without the colours the log may carry.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in line.chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            c if !in_escape => plain.push(c),
+            _ => {}
+        }
+    }
+    let read: u64 = plain
+        .split_once(" read=")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no read= in {plain}"));
+    assert!(
+        read <= size as u64 * 5 / 4,
+        "read {read} bytes of a {size}-byte local file"
+    );
+}
+
 #[test]
 fn a_download_of_an_unchanged_file_moves_no_data() {
     let old = noise(8 * MIB, 14);

@@ -1,6 +1,6 @@
 //! Delta transfer pieces both sides share: content-defined chunking (FastCDC) of a file in
-//! regions cut in parallel, the receiver's [`Index`] of the file it already holds, and the
-//! verified reads that copy matching chunks from it into the new version.
+//! regions cut in parallel, and the receiver's [`Basis`]: the file it already holds, matched
+//! lazily, whose verified reads copy matching chunks into the new version.
 //!
 //! Chunk boundaries depend on content only, so data inserted or removed shifts the cut
 //! points with it and every chunk after the change is found again; a region boundary is a
@@ -23,14 +23,14 @@ pub use xfer_proto::{MAX_AVG_CHUNK, MIN_AVG_CHUNK};
 /// Chunks a file is cut into on average, as a power of two: 2^20 keeps an index of a
 /// 100 GiB file near a million entries.
 pub const TARGET_CHUNKS_LOG2: u32 = 20;
-/// Most chunks an [`Index`] keeps (about 48 bytes each, so at most ~200 MiB); chunks past it
+/// Most chunks a [`Basis`] indexes (about 48 bytes each, so at most ~200 MiB); chunks past it
 /// are not indexed and travel as literal data.
 pub const MAX_INDEX_CHUNKS: usize = 1 << 22;
 /// Smallest region cut on its own core.
 pub const MIN_REGION: u64 = 64 * 1024 * 1024;
 /// Most bytes copied from the basis by one read and one write.
 pub const MAX_COPY: u64 = 4 * 1024 * 1024;
-/// Copy buffers an [`Index`] keeps once written: a fresh buffer per copy costs a page fault and
+/// Copy buffers a [`Basis`] keeps once written: a fresh buffer per copy costs a page fault and
 /// a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU in a delta. Enough for the
 /// copies one `DeltaSig` runs at once.
 pub const SPARE_COPY_BUFFERS: usize = 4;
@@ -143,17 +143,6 @@ struct Located {
     len: u32,
 }
 
-/// The receiver's index of the file it holds (the *basis*): chunk hash to where the chunk
-/// lies. Bounded by [`MAX_INDEX_CHUNKS`].
-#[derive(Debug)]
-pub struct Index {
-    file: File,
-    identity: FileIdentity,
-    avg: u32,
-    map: HashMap<u128, Located>,
-    buffers: BufferPool,
-}
-
 /// One chunk of the new file found in the basis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
@@ -165,107 +154,6 @@ pub struct Piece {
     pub len: u32,
     /// The hash the sender gave for it.
     pub hash: u128,
-}
-
-impl Index {
-    /// Indexes `file` cut with `avg`, its regions on up to `parts` threads. Blocking.
-    ///
-    /// # Errors
-    /// Read errors.
-    pub fn build(file: File, avg: u32, parts: usize) -> io::Result<Self> {
-        let (identity, _) = crate::source::identity_of(&file)?;
-        let regions = regions(identity.size, parts);
-        let cut: Vec<io::Result<Vec<Cut>>> = std::thread::scope(|scope| {
-            let file = &file;
-            let tasks: Vec<_> = regions
-                .iter()
-                .map(|&region| {
-                    scope.spawn(move || {
-                        let mut cuts = Vec::new();
-                        cut_region(file, region, avg, |cut| {
-                            cuts.push(cut);
-                            cuts.len() < MAX_INDEX_CHUNKS
-                        })
-                        .map(|()| cuts)
-                    })
-                })
-                .collect();
-            tasks
-                .into_iter()
-                .map(|t| t.join().unwrap_or_else(|_| Err(io::Error::other("panic"))))
-                .collect()
-        });
-        let mut map = HashMap::new();
-        for cuts in cut {
-            for c in cuts? {
-                if map.len() >= MAX_INDEX_CHUNKS {
-                    break;
-                }
-                map.entry(c.hash).or_insert(Located {
-                    offset: c.offset,
-                    len: c.len,
-                });
-            }
-        }
-        Ok(Self {
-            file,
-            identity,
-            avg,
-            map,
-            buffers: BufferPool::new(SPARE_COPY_BUFFERS),
-        })
-    }
-
-    /// The basis as it was when indexed.
-    pub fn identity(&self) -> FileIdentity {
-        self.identity
-    }
-
-    /// The average chunk it was cut with.
-    pub fn avg_chunk(&self) -> u32 {
-        self.avg
-    }
-
-    /// Chunks indexed.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// True when nothing is indexed (an empty basis).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// The chunks of a `DeltaSig` (the first at `offset`) the basis holds, in file order.
-    pub fn find(&self, offset: u64, chunks: &[SigChunk]) -> Vec<Piece> {
-        let mut pos = offset;
-        let mut found = Vec::new();
-        for chunk in chunks {
-            let hash = u128::from_be_bytes(chunk.hash);
-            if let Some(at) = self.map.get(&hash).filter(|at| at.len == chunk.len) {
-                found.push(Piece {
-                    new: pos,
-                    old: at.offset,
-                    len: chunk.len,
-                    hash,
-                });
-            }
-            pos += u64::from(chunk.len);
-        }
-        found
-    }
-
-    /// Reads `pieces` from the basis and keeps the bytes whose hash still matches, as
-    /// `(offset in the new file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer
-    /// piece), in buffers handed back to the index once dropped. Pieces that follow each other
-    /// in both files are read with one read. A basis that changed since it was indexed yields
-    /// fewer bytes, never wrong ones. Blocking.
-    ///
-    /// # Errors
-    /// Read errors.
-    pub fn read_verified(&self, pieces: &[Piece]) -> io::Result<Vec<(u64, Bytes)>> {
-        read_verified(&self.file, &self.buffers, pieces)
-    }
 }
 
 /// Misses in a row at the current shift before the basis is searched for them: a run of
@@ -551,7 +439,10 @@ impl Basis {
     }
 }
 
-/// [`Index::read_verified`] over `file`, with buffers from `buffers`.
+/// Reads `pieces` from `file` and keeps the bytes whose hash still matches, as `(offset in the
+/// new file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer piece), in buffers of
+/// `buffers`. Pieces that follow each other in both files are read with one read. A file that
+/// changed yields fewer bytes, never wrong ones. Blocking.
 fn read_verified(
     file: &File,
     buffers: &BufferPool,
@@ -620,26 +511,6 @@ fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-/// `pieces` in groups of at most [`MAX_COPY`] bytes (a longer piece alone),
-/// so what is read at once stays bounded.
-pub fn groups(pieces: &[Piece]) -> impl Iterator<Item = &[Piece]> {
-    let mut rest = pieces;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut total = 0;
-        let mut n = 0;
-        while n < rest.len() && (n == 0 || total + u64::from(rest[n].len) <= MAX_COPY) {
-            total += u64::from(rest[n].len);
-            n += 1;
-        }
-        let (group, tail) = rest.split_at(n);
-        rest = tail;
-        Some(group)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -676,21 +547,9 @@ mod tests {
         all
     }
 
-    /// Bytes of `new` the basis `old` supplies through the index.
+    /// Bytes of `new` the basis `old` supplies, in one batch.
     fn matched(old: &[u8], new: &[u8]) -> u64 {
-        let avg = MIN_AVG_CHUNK;
-        let index = Index::build(file_with(old), avg, 4).unwrap();
-        let new_file = file_with(new);
-        let sig: Vec<SigChunk> = cuts(&new_file, new.len() as u64, avg)
-            .iter()
-            .map(Cut::sig)
-            .collect();
-        let pieces = index.find(0, &sig);
-        let runs = index.read_verified(&pieces).unwrap();
-        for (at, bytes) in &runs {
-            assert_eq!(&new[*at as usize..*at as usize + bytes.len()], &bytes[..]);
-        }
-        runs.iter().map(|(_, b)| b.len() as u64).sum()
+        matched_lazily(old, new, usize::MAX).0
     }
 
     /// Bytes of `new` the basis `old` supplies lazily, fed in batches of `batch` chunks; the
@@ -866,44 +725,34 @@ mod tests {
     #[test]
     fn copy_buffers_are_reused_once_written() {
         let data = pseudo_random(1 << 20, 6);
-        let index = Index::build(file_with(&data), MIN_AVG_CHUNK, 1).unwrap();
+        let basis = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
         let sig: Vec<SigChunk> = cuts(&file_with(&data), data.len() as u64, MIN_AVG_CHUNK)
             .iter()
             .map(Cut::sig)
             .collect();
-        let pieces = index.find(0, &sig);
-        let first = index.read_verified(&pieces).unwrap();
+        let mut first = Vec::new();
+        basis
+            .copy_batch(0, &sig, |_, bytes| {
+                first.push(bytes);
+                true
+            })
+            .unwrap();
         assert_eq!(first.len(), 1, "one run: the whole file matched in order");
-        let addr = first[0].1.as_ptr();
-        assert_eq!(index.buffers.spares(), 0);
+        let addr = first[0].as_ptr();
+        assert_eq!(basis.buffers.spares(), 0);
         drop(first);
         // Counted, not only compared by address: a fresh allocation may land where the freed
         // one was.
-        assert_eq!(index.buffers.spares(), 1);
-        let again = index.read_verified(&pieces).unwrap();
-        assert_eq!(index.buffers.spares(), 0);
-        assert_eq!(again[0].1.as_ptr(), addr);
-        assert_eq!(&again[0].1[..], &data[..again[0].1.len()]);
-    }
-
-    #[test]
-    fn a_basis_changed_after_indexing_yields_no_wrong_bytes() {
-        let old = pseudo_random(1 << 20, 5);
-        let mut f = file_with(&old);
-        let index = Index::build(f.try_clone().unwrap(), MIN_AVG_CHUNK, 2).unwrap();
-        let new_file = file_with(&old);
-        let sig: Vec<SigChunk> = cuts(&new_file, old.len() as u64, MIN_AVG_CHUNK)
-            .iter()
-            .map(Cut::sig)
-            .collect();
-        f.write_all_at(&[0x55; 4096], 200_000).unwrap();
-        f.flush().unwrap();
-        let runs = index.read_verified(&index.find(0, &sig)).unwrap();
-        let found: u64 = runs.iter().map(|(_, b)| b.len() as u64).sum();
-        assert!(found < old.len() as u64);
-        for (at, bytes) in &runs {
-            assert_eq!(&old[*at as usize..*at as usize + bytes.len()], &bytes[..]);
-            assert!(bytes.len() as u64 <= MAX_COPY);
-        }
+        assert_eq!(basis.buffers.spares(), 1);
+        let mut again = Vec::new();
+        basis
+            .copy_batch(0, &sig, |_, bytes| {
+                again.push(bytes);
+                true
+            })
+            .unwrap();
+        assert_eq!(basis.buffers.spares(), 0);
+        assert_eq!(again[0].as_ptr(), addr);
+        assert_eq!(&again[0][..], &data[..again[0].len()]);
     }
 }
