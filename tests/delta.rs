@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
+use xfer_tests::metrics::{metrics_port, scrape};
 use xfer_tests::{
     journal_held, journal_path, partial_path, sha256_file, wait_until, Daemon, Tree, XferOutput,
     XferRun,
@@ -76,6 +77,50 @@ fn an_insertion_near_the_start_shifts_the_rest_and_it_is_still_found() {
     new.extend(&old[5000..]);
     let out = resend(&old, &new, &["--delta"]);
     check_delta(&out, new.len(), MIB + 4 * 64 * 1024);
+}
+
+/// The daemon answers at once and finds the chunks where the previous match puts them: it
+/// reads its old file about once for an insertion and changes in place, where indexing it whole
+/// before copying read it twice.
+#[test]
+fn the_daemon_reads_its_old_file_about_once_for_an_insertion_and_changes_in_place() {
+    let size = 32 * MIB;
+    let old = noise(size, 12);
+    let mut new = old[..5000].to_vec();
+    new.extend(noise(256 * 1024, 120));
+    new.extend(&old[5000..]);
+    for (i, at) in [3 * MIB, 17 * MIB, 29 * MIB].into_iter().enumerate() {
+        new[at..at + 4000].copy_from_slice(&noise(4000, 121 + i as u64));
+    }
+    let tree = Tree::new();
+    let src = tree.src("f.bin");
+    let dest = tree.root().join("f.bin");
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "f.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    xfer_tests::set_mtime(&src, 1_800_000_000);
+    let out = XferRun::send(&src, &daemon.addr(), "f.bin", &["--delta", "--json"]).wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src));
+    check_delta(&out, new.len(), 256 * 1024 + 4 * 5 * 64 * 1024);
+    let [read, copied] = scrape(
+        metrics_port(&daemon),
+        &[
+            "xferd_delta_basis_read_bytes_total",
+            "xferd_delta_copied_bytes_total",
+        ],
+    )[..] else {
+        unreachable!()
+    };
+    assert!(
+        copied >= (size - 4 * 5 * 64 * 1024) as f64,
+        "copied {copied}"
+    );
+    assert!(read >= copied, "read {read} < copied {copied}");
+    assert!(
+        read <= size as f64 * 1.25,
+        "read {read} bytes of a {size}-byte basis"
+    );
 }
 
 #[test]
@@ -188,7 +233,7 @@ fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
     } else {
         Daemon::start(&tree.root(), &[])
     };
-    let indexed = |d: &Daemon| d.stderr().matches("delta basis indexed").count();
+    let indexed = |d: &Daemon| d.stderr().matches("delta basis opened").count();
     let indexed_before = indexed(&daemon);
     let fast = ["--delta", "--json", "--chunk-size", "256K", "-c", "2"];
     let out = XferRun::send(&src, &daemon.addr(), "r.bin", &fast).wait_ok();
@@ -333,6 +378,67 @@ fn a_download_fetches_only_what_changed_in_place_and_what_was_inserted() {
     new[9 * MIB..9 * MIB + 5000].copy_from_slice(&noise(5000, 13));
     let out = refetch(&old, &new, &["--delta"]);
     check_delta(&out, new.len(), 100_000 + 6 * 64 * 1024);
+}
+
+/// A download's client opens its own copy without indexing it first, and reads it about once
+/// to find an insertion and changes in place, where indexing it whole before copying read it
+/// twice.
+#[test]
+fn a_download_reads_the_local_file_about_once() {
+    let size = 32 * MIB;
+    let old = noise(size, 13);
+    let mut new = old[..5000].to_vec();
+    new.extend(noise(256 * 1024, 130));
+    new.extend(&old[5000..]);
+    for (i, at) in [3 * MIB, 17 * MIB, 29 * MIB].into_iter().enumerate() {
+        new[at..at + 4000].copy_from_slice(&noise(4000, 131 + i as u64));
+    }
+    let tree = Tree::new();
+    std::fs::write(tree.root().join("g.bin"), &new).unwrap();
+    let out_path = tree.out("g.bin");
+    std::fs::write(&out_path, &old).unwrap();
+    xfer_tests::set_mtime(&out_path, 1_600_000_000);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let args = [
+        "recv",
+        "g.bin",
+        &daemon.addr(),
+        "-o",
+        out_path.to_str().unwrap(),
+        "--delta",
+        "--json",
+    ];
+    let out = XferRun::spawn_with_env(args, &[("XFER_LOG", "xfer_client=debug")]).wait_ok();
+    assert_eq!(
+        sha256_file(&out_path),
+        sha256_file(&tree.root().join("g.bin"))
+    );
+    check_delta(&out, new.len(), 256 * 1024 + 4 * 5 * 64 * 1024);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("delta: bytes copied from the local file"))
+        .unwrap_or_else(|| panic!("no delta line in:\n{}", out.stderr));
+    // Without the colours the log may carry.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in line.chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            c if !in_escape => plain.push(c),
+            _ => {}
+        }
+    }
+    let read: u64 = plain
+        .split_once(" read=")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no read= in {plain}"));
+    assert!(
+        read <= size as u64 * 5 / 4,
+        "read {read} bytes of a {size}-byte local file"
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Delta transfer pieces both sides share: content-defined chunking (FastCDC) of a file in
-//! regions cut in parallel, the receiver's [`Index`] of the file it already holds, and the
-//! verified reads that copy matching chunks from it into the new version.
+//! regions cut in parallel, and the receiver's [`Basis`]: the file it already holds, matched
+//! lazily, whose verified reads copy matching chunks into the new version.
 //!
 //! Chunk boundaries depend on content only, so data inserted or removed shifts the cut
 //! points with it and every chunk after the change is found again; a region boundary is a
@@ -23,14 +23,14 @@ pub use xfer_proto::{MAX_AVG_CHUNK, MIN_AVG_CHUNK};
 /// Chunks a file is cut into on average, as a power of two: 2^20 keeps an index of a
 /// 100 GiB file near a million entries.
 pub const TARGET_CHUNKS_LOG2: u32 = 20;
-/// Most chunks an [`Index`] keeps (about 48 bytes each, so at most ~200 MiB); chunks past it
+/// Most chunks a [`Basis`] indexes (about 48 bytes each, so at most ~200 MiB); chunks past it
 /// are not indexed and travel as literal data.
 pub const MAX_INDEX_CHUNKS: usize = 1 << 22;
 /// Smallest region cut on its own core.
 pub const MIN_REGION: u64 = 64 * 1024 * 1024;
 /// Most bytes copied from the basis by one read and one write.
 pub const MAX_COPY: u64 = 4 * 1024 * 1024;
-/// Copy buffers an [`Index`] keeps once written: a fresh buffer per copy costs a page fault and
+/// Copy buffers a [`Basis`] keeps once written: a fresh buffer per copy costs a page fault and
 /// a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU in a delta. Enough for the
 /// copies one `DeltaSig` runs at once.
 pub const SPARE_COPY_BUFFERS: usize = 4;
@@ -143,17 +143,6 @@ struct Located {
     len: u32,
 }
 
-/// The receiver's index of the file it holds (the *basis*): chunk hash to where the chunk
-/// lies. Bounded by [`MAX_INDEX_CHUNKS`].
-#[derive(Debug)]
-pub struct Index {
-    file: File,
-    identity: FileIdentity,
-    avg: u32,
-    map: HashMap<u128, Located>,
-    buffers: BufferPool,
-}
-
 /// One chunk of the new file found in the basis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
@@ -167,151 +156,345 @@ pub struct Piece {
     pub hash: u128,
 }
 
-impl Index {
-    /// Indexes `file` cut with `avg`, its regions on up to `parts` threads. Blocking.
+/// Misses in a row at the current shift before the basis is searched for them: a run of
+/// changed bytes (rewritten in place) ends with a match at the same shift well before this
+/// many chunks more often than not; data inserted or removed never does.
+pub const LOOKUP_AFTER: usize = 4;
+/// Least distance either side of where a missed chunk was expected that [`Basis`] cuts the
+/// basis to search for it. The distance grows to [`REACH_PER_MISS`] times the bytes missed in a
+/// row: an insertion of `n` bytes is found after cutting about `8n` bytes of the basis, a
+/// removal of `n` bytes after `n / 4` bytes of the new file went as literal data, and an append
+/// of `n` bytes cuts the last `3n` bytes of the basis in vain.
+pub const MIN_WINDOW: u64 = 256 * 1024;
+/// See [`MIN_WINDOW`].
+pub const REACH_PER_MISS: u64 = 4;
+
+/// The receiver's file (the *basis*) matched lazily: each chunk of the new file is first
+/// checked where the previous match puts it (the same shift), by reading and hashing the basis
+/// there; only chunks that miss several times in a row are searched for, in an index of the
+/// basis cut around where they were expected. In place changes, insertions, removals and
+/// appends thus read the basis about once, while the matching runs, instead of indexing it
+/// whole before the first chunk is compared. Matching state follows the batches of one
+/// upload in file order. Its index is bounded by [`MAX_INDEX_CHUNKS`].
+#[derive(Debug)]
+pub struct Basis {
+    file: File,
+    identity: FileIdentity,
+    avg: u32,
+    state: std::sync::Mutex<Lazy>,
+    buffers: BufferPool,
+}
+
+/// What [`Basis`] learnt from the batches so far.
+#[derive(Debug, Default)]
+struct Lazy {
+    /// Offset in the basis minus offset in the new file of the last match.
+    shift: i64,
+    /// Bytes missed in a row at `shift`.
+    streak: u64,
+    /// Misses of the current streak not yet searched for: (offset in the new file, chunk).
+    pending: Vec<(u64, SigChunk)>,
+    /// Parts of the basis cut into `map`.
+    cut: crate::RangeSet,
+    map: HashMap<u128, Located>,
+    /// Basis bytes read to check chunks at their shift, and cut to search for misses.
+    probed: u64,
+    searched: u64,
+}
+
+/// Where a run of matched bytes comes from before it is handed out: a slice of the current
+/// read buffer, or bytes read for a chunk found by search.
+enum Run {
+    InBuffer { new: u64, from: usize, to: usize },
+    Own { new: u64, bytes: Bytes },
+}
+
+/// The read buffer of [`Basis::copy_batch`]: basis bytes from `start`, and the runs of them
+/// matched so far.
+struct Window {
+    start: u64,
+    buf: Vec<u8>,
+    valid: usize,
+}
+
+impl Basis {
+    /// The basis `file`, to be matched against a new file cut with `avg`. Reads nothing.
     ///
     /// # Errors
-    /// Read errors.
-    pub fn build(file: File, avg: u32, parts: usize) -> io::Result<Self> {
+    /// `fstat` errors.
+    pub fn open(file: File, avg: u32) -> io::Result<Self> {
         let (identity, _) = crate::source::identity_of(&file)?;
-        let regions = regions(identity.size, parts);
-        let cut: Vec<io::Result<Vec<Cut>>> = std::thread::scope(|scope| {
-            let file = &file;
-            let tasks: Vec<_> = regions
-                .iter()
-                .map(|&region| {
-                    scope.spawn(move || {
-                        let mut cuts = Vec::new();
-                        cut_region(file, region, avg, |cut| {
-                            cuts.push(cut);
-                            cuts.len() < MAX_INDEX_CHUNKS
-                        })
-                        .map(|()| cuts)
-                    })
-                })
-                .collect();
-            tasks
-                .into_iter()
-                .map(|t| t.join().unwrap_or_else(|_| Err(io::Error::other("panic"))))
-                .collect()
-        });
-        let mut map = HashMap::new();
-        for cuts in cut {
-            for c in cuts? {
-                if map.len() >= MAX_INDEX_CHUNKS {
-                    break;
-                }
-                map.entry(c.hash).or_insert(Located {
-                    offset: c.offset,
-                    len: c.len,
-                });
-            }
-        }
         Ok(Self {
             file,
             identity,
             avg,
-            map,
+            state: std::sync::Mutex::default(),
             buffers: BufferPool::new(SPARE_COPY_BUFFERS),
         })
     }
 
-    /// The basis as it was when indexed.
+    /// The basis as it was when opened.
     pub fn identity(&self) -> FileIdentity {
         self.identity
     }
 
-    /// The average chunk it was cut with.
+    /// The average chunk both sides cut with.
     pub fn avg_chunk(&self) -> u32 {
         self.avg
     }
 
-    /// Chunks indexed.
-    pub fn len(&self) -> usize {
-        self.map.len()
+    /// Basis bytes read so far to check chunks where expected, and cut to search for misses.
+    pub fn work(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.probed, st.searched)
     }
 
-    /// True when nothing is indexed (an empty basis).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lazy> {
+        // A panic mid-batch leaves consistent-enough hints: every match is verified anyway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The chunks of a `DeltaSig` (the first at `offset`) the basis holds, in file order.
-    pub fn find(&self, offset: u64, chunks: &[SigChunk]) -> Vec<Piece> {
+    /// Finds the chunks of a `DeltaSig` (the first at `offset`) the basis holds and hands each
+    /// run of their bytes, verified against the sender's hashes, to `emit` as `(offset in the
+    /// new file, bytes)`, in file order, runs at most [`MAX_COPY`] bytes (or one longer
+    /// chunk). Stops early when `emit` returns false. A basis that changed since it was opened
+    /// yields fewer bytes, never wrong ones. Blocking; batches of one upload go in file order.
+    /// Returns the bytes of the basis it read (checked where expected, or cut to search).
+    ///
+    /// # Errors
+    /// Read errors.
+    pub fn copy_batch(
+        &self,
+        offset: u64,
+        chunks: &[SigChunk],
+        mut emit: impl FnMut(u64, Bytes) -> bool,
+    ) -> io::Result<u64> {
+        let mut st = self.lock();
+        let work_before = st.probed + st.searched;
+        let size = self.identity.size;
+        let mut window: Option<Window> = None;
+        let mut runs: Vec<Run> = Vec::new();
+        let end = offset + chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
         let mut pos = offset;
-        let mut found = Vec::new();
         for chunk in chunks {
+            let len = u64::from(chunk.len);
             let hash = u128::from_be_bytes(chunk.hash);
-            if let Some(at) = self.map.get(&hash).filter(|at| at.len == chunk.len) {
-                found.push(Piece {
-                    new: pos,
+            let expected = pos as i64 + st.shift;
+            let mut found = false;
+            if expected >= 0 && expected as u64 + len <= size {
+                let at = expected as u64;
+                let covers = |w: &Window| at >= w.start && at + len <= w.start + w.valid as u64;
+                if !window.as_ref().is_some_and(covers) {
+                    if let Some(old) = window.take() {
+                        if !self.hand_out(Some(old), &mut runs, &mut emit) {
+                            return Ok(st.probed + st.searched - work_before);
+                        }
+                    }
+                    // What is left of the batch at this shift, at most MAX_COPY at once.
+                    let want = (size - at).min((end - pos).min(MAX_COPY).max(len)) as usize;
+                    let mut buf = self.buffers.take(want);
+                    let valid = read_up_to(&self.file, &mut buf, at)?;
+                    st.probed += valid as u64;
+                    window = Some(Window {
+                        start: at,
+                        buf,
+                        valid,
+                    });
+                }
+                let w = window.as_ref().filter(|w| covers(w));
+                if let Some(w) = w {
+                    let from = (at - w.start) as usize;
+                    let to = from + len as usize;
+                    if xxhash_rust::xxh3::xxh3_128(&w.buf[from..to]) == hash {
+                        found = true;
+                        match runs.last_mut() {
+                            Some(Run::InBuffer {
+                                new,
+                                from: f,
+                                to: t,
+                            }) if *t == from && *new + (*t - *f) as u64 == pos => {
+                                *t = to;
+                            }
+                            _ => runs.push(Run::InBuffer { new: pos, from, to }),
+                        }
+                    }
+                }
+            }
+            if found {
+                // What missed since the last match was changed in place: literal data.
+                st.streak = 0;
+                st.pending.clear();
+            } else {
+                st.streak += len;
+                st.pending.push((pos, *chunk));
+                if st.pending.len() >= LOOKUP_AFTER {
+                    self.search(&mut st, &mut runs)?;
+                }
+            }
+            pos += len;
+        }
+        // Misses at the end of a batch go as literal data, this batch's answer being final;
+        // their streak goes on into the next batch, whose misses are searched for.
+        st.pending.clear();
+        let read = st.probed + st.searched - work_before;
+        drop(st);
+        self.hand_out(window, &mut runs, &mut emit);
+        Ok(read)
+    }
+
+    /// Hands `runs` to `emit` in order, those in `window` as slices of its bytes; false when
+    /// `emit` stopped.
+    fn hand_out(
+        &self,
+        window: Option<Window>,
+        runs: &mut Vec<Run>,
+        emit: &mut impl FnMut(u64, Bytes) -> bool,
+    ) -> bool {
+        let bytes = window.map(|w| self.buffers.bytes(w.buf));
+        for run in runs.drain(..) {
+            let (new, bytes) = match run {
+                Run::InBuffer { new, from, to } => match &bytes {
+                    Some(b) => (new, b.slice(from..to)),
+                    None => continue,
+                },
+                Run::Own { new, bytes } => (new, bytes),
+            };
+            if !emit(new, bytes) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Searches the basis for the pending misses, cutting it around where each was expected
+    /// (see [`MIN_WINDOW`]); found chunks are read, verified and queued on `runs`, and the last
+    /// one found sets the shift the next chunks are checked at.
+    fn search(&self, st: &mut Lazy, runs: &mut Vec<Run>) -> io::Result<()> {
+        let size = self.identity.size;
+        let reach = (REACH_PER_MISS * st.streak).max(MIN_WINDOW);
+        let pending = std::mem::take(&mut st.pending);
+        let mut pieces = Vec::new();
+        for (new, chunk) in pending {
+            let expected = new as i64 + st.shift;
+            // Whole multiples of the least window, so that neighbouring searches share cuts.
+            let lo = (expected - reach as i64).max(0) as u64 / MIN_WINDOW * MIN_WINDOW;
+            let hi = (expected + reach as i64).max(0) as u64;
+            let hi = hi.div_ceil(MIN_WINDOW).saturating_mul(MIN_WINDOW).min(size);
+            self.cut_between(st, lo, hi)?;
+            let hash = u128::from_be_bytes(chunk.hash);
+            if let Some(at) = st.map.get(&hash).filter(|at| at.len == chunk.len) {
+                pieces.push(Piece {
+                    new,
                     old: at.offset,
                     len: chunk.len,
                     hash,
                 });
             }
-            pos += u64::from(chunk.len);
         }
-        found
+        for (new, bytes) in read_verified(&self.file, &self.buffers, &pieces)? {
+            runs.push(Run::Own { new, bytes });
+        }
+        if let Some(last) = pieces.last() {
+            st.shift = last.old as i64 - last.new as i64;
+            st.streak = 0;
+        }
+        Ok(())
     }
 
-    /// Reads `pieces` from the basis and keeps the bytes whose hash still matches, as
-    /// `(offset in the new file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer
-    /// piece), in buffers handed back to the index once dropped. Pieces that follow each other
-    /// in both files are read with one read. A basis that changed since it was indexed yields
-    /// fewer bytes, never wrong ones. Blocking.
-    ///
-    /// # Errors
-    /// Read errors.
-    pub fn read_verified(&self, pieces: &[Piece]) -> io::Result<Vec<(u64, Bytes)>> {
-        let mut out: Vec<(u64, Bytes)> = Vec::new();
-        let mut rest = pieces;
-        while let Some(first) = rest.first() {
-            let mut len = u64::from(first.len);
-            let mut n = 1;
-            while let Some(next) = rest.get(n) {
-                let joins = next.new == first.new + len
-                    && next.old == first.old + len
-                    && len + u64::from(next.len) <= MAX_COPY;
-                if !joins {
-                    break;
-                }
-                len += u64::from(next.len);
-                n += 1;
-            }
-            let (run, tail) = rest.split_at(n);
-            rest = tail;
-            let mut bytes = self.buffers.take(len as usize);
-            let read = read_up_to(&self.file, &mut bytes, first.old)?;
-            // The pieces of the run whose bytes were read whole and still hash as the sender's.
-            let good = |p: &Piece| {
-                let at = (p.new - first.new) as usize;
-                at + p.len as usize <= read
-                    && xxhash_rust::xxh3::xxh3_128(&bytes[at..at + p.len as usize]) == p.hash
-            };
-            let verdicts: Vec<bool> = run.iter().map(good).collect();
-            let bytes = self.buffers.bytes(bytes);
-            if verdicts.iter().all(|&ok| ok) {
-                out.push((first.new, bytes));
+    /// Cuts the parts of the basis between `lo` and `hi` not cut yet into the index.
+    fn cut_between(&self, st: &mut Lazy, lo: u64, hi: u64) -> io::Result<()> {
+        if lo >= hi {
+            return Ok(());
+        }
+        let mut gaps = Vec::new();
+        let mut at = lo;
+        for done in st.cut.iter() {
+            if done.end <= at {
                 continue;
             }
-            let mut k = 0;
-            while k < run.len() {
-                if !verdicts[k] {
-                    k += 1;
-                    continue;
-                }
-                let from = k;
-                while k < run.len() && verdicts[k] {
-                    k += 1;
-                }
-                let at = (run[from].new - first.new) as usize;
-                let to = (run[k - 1].new - first.new) as usize + run[k - 1].len as usize;
-                out.push((run[from].new, bytes.slice(at..to)));
+            if done.start >= hi {
+                break;
             }
+            if done.start > at {
+                gaps.push(ByteRange::new(at, done.start));
+            }
+            at = done.end;
         }
-        Ok(out)
+        if at < hi {
+            gaps.push(ByteRange::new(at, hi));
+        }
+        for gap in gaps {
+            let map = &mut st.map;
+            cut_region(&self.file, gap, self.avg, |c| {
+                map.entry(c.hash).or_insert(Located {
+                    offset: c.offset,
+                    len: c.len,
+                });
+                map.len() < MAX_INDEX_CHUNKS
+            })?;
+            st.searched += gap.len();
+            st.cut.insert(gap);
+        }
+        Ok(())
     }
+}
+
+/// Reads `pieces` from `file` and keeps the bytes whose hash still matches, as `(offset in the
+/// new file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer piece), in buffers of
+/// `buffers`. Pieces that follow each other in both files are read with one read. A file that
+/// changed yields fewer bytes, never wrong ones. Blocking.
+fn read_verified(
+    file: &File,
+    buffers: &BufferPool,
+    pieces: &[Piece],
+) -> io::Result<Vec<(u64, Bytes)>> {
+    let mut out: Vec<(u64, Bytes)> = Vec::new();
+    let mut rest = pieces;
+    while let Some(first) = rest.first() {
+        let mut len = u64::from(first.len);
+        let mut n = 1;
+        while let Some(next) = rest.get(n) {
+            let joins = next.new == first.new + len
+                && next.old == first.old + len
+                && len + u64::from(next.len) <= MAX_COPY;
+            if !joins {
+                break;
+            }
+            len += u64::from(next.len);
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        let mut bytes = buffers.take(len as usize);
+        let read = read_up_to(file, &mut bytes, first.old)?;
+        // The pieces of the run whose bytes were read whole and still hash as the sender's.
+        let good = |p: &Piece| {
+            let at = (p.new - first.new) as usize;
+            at + p.len as usize <= read
+                && xxhash_rust::xxh3::xxh3_128(&bytes[at..at + p.len as usize]) == p.hash
+        };
+        let verdicts: Vec<bool> = run.iter().map(good).collect();
+        let bytes = buffers.bytes(bytes);
+        if verdicts.iter().all(|&ok| ok) {
+            out.push((first.new, bytes));
+            continue;
+        }
+        let mut k = 0;
+        while k < run.len() {
+            if !verdicts[k] {
+                k += 1;
+                continue;
+            }
+            let from = k;
+            while k < run.len() && verdicts[k] {
+                k += 1;
+            }
+            let at = (run[from].new - first.new) as usize;
+            let to = (run[k - 1].new - first.new) as usize + run[k - 1].len as usize;
+            out.push((run[from].new, bytes.slice(at..to)));
+        }
+    }
+    Ok(out)
 }
 
 /// Reads into `buf` at `offset` until it is full or the file ends; the bytes read.
@@ -326,26 +509,6 @@ fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(done)
-}
-
-/// `pieces` in groups of at most [`MAX_COPY`] bytes (a longer piece alone),
-/// so what is read at once stays bounded.
-pub fn groups(pieces: &[Piece]) -> impl Iterator<Item = &[Piece]> {
-    let mut rest = pieces;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut total = 0;
-        let mut n = 0;
-        while n < rest.len() && (n == 0 || total + u64::from(rest[n].len) <= MAX_COPY) {
-            total += u64::from(rest[n].len);
-            n += 1;
-        }
-        let (group, tail) = rest.split_at(n);
-        rest = tail;
-        Some(group)
-    })
 }
 
 #[cfg(test)]
@@ -384,21 +547,109 @@ mod tests {
         all
     }
 
-    /// Bytes of `new` the basis `old` supplies through the index.
+    /// Bytes of `new` the basis `old` supplies, in one batch.
     fn matched(old: &[u8], new: &[u8]) -> u64 {
+        matched_lazily(old, new, usize::MAX).0
+    }
+
+    /// Bytes of `new` the basis `old` supplies lazily, fed in batches of `batch` chunks; the
+    /// basis after, for its counters.
+    fn matched_lazily(old: &[u8], new: &[u8], batch: usize) -> (u64, Basis) {
         let avg = MIN_AVG_CHUNK;
-        let index = Index::build(file_with(old), avg, 4).unwrap();
-        let new_file = file_with(new);
-        let sig: Vec<SigChunk> = cuts(&new_file, new.len() as u64, avg)
+        let basis = Basis::open(file_with(old), avg).unwrap();
+        let sig: Vec<Cut> = cuts(&file_with(new), new.len() as u64, avg);
+        let mut found = 0;
+        let mut last_end = 0;
+        for group in sig.chunks(batch) {
+            let chunks: Vec<SigChunk> = group.iter().map(Cut::sig).collect();
+            let span = group[0].offset..group.last().unwrap().range().end;
+            basis
+                .copy_batch(group[0].offset, &chunks, |at, bytes| {
+                    assert!(at >= last_end && at >= span.start, "out of order");
+                    assert!(at + bytes.len() as u64 <= span.end);
+                    assert_eq!(&new[at as usize..at as usize + bytes.len()], &bytes[..]);
+                    last_end = at + bytes.len() as u64;
+                    found += bytes.len() as u64;
+                    true
+                })
+                .unwrap();
+        }
+        (found, basis)
+    }
+
+    #[test]
+    fn lazily_an_in_place_change_costs_the_chunks_around_it_and_no_search_of_the_rest() {
+        let old = pseudo_random(8 << 20, 2);
+        let mut new = old.clone();
+        for at in [500_000, 3_000_000, 6_100_000] {
+            new[at..at + 100].fill(0xaa);
+        }
+        let (found, basis) = matched_lazily(&old, &new, 64);
+        assert!(found >= new.len() as u64 - 3 * 5 * 64 * 1024, "{found}");
+        assert!(found < new.len() as u64);
+        let (probed, searched) = basis.work();
+        assert!(probed <= new.len() as u64 + 3 * MAX_COPY, "{probed}");
+        assert_eq!(
+            searched, 0,
+            "a run of misses ended by a match is not searched for"
+        );
+    }
+
+    #[test]
+    fn lazily_an_insertion_is_found_by_cutting_only_around_it() {
+        let old = pseudo_random(16 << 20, 3);
+        let mut new = old[..100_000].to_vec();
+        new.extend(pseudo_random(300_000, 99));
+        new.extend(&old[100_000..]);
+        let (found, basis) = matched_lazily(&old, &new, 64);
+        assert!(found >= old.len() as u64 - 8 * 64 * 1024, "{found}");
+        let (_, searched) = basis.work();
+        assert!(searched > 0 && searched <= 4 << 20, "{searched}");
+    }
+
+    #[test]
+    fn lazily_a_removal_a_truncation_and_an_append_are_found() {
+        let old = pseudo_random(8 << 20, 4);
+        let mut new = old[..300_000].to_vec();
+        new.extend(&old[1_300_000..7_000_000]);
+        let (found, _) = matched_lazily(&old, &new, 64);
+        // A quarter of what was removed goes as literal data before the search reaches it.
+        let lost = 1_000_000 / REACH_PER_MISS + 6 * 64 * 1024;
+        assert!(found >= new.len() as u64 - lost, "{found}");
+
+        let mut grown = old.clone();
+        grown.extend(pseudo_random(1 << 20, 8));
+        let (found, basis) = matched_lazily(&old, &grown, 64);
+        assert!(found >= old.len() as u64 - 4 * 64 * 1024, "{found}");
+        assert!(basis.work().1 <= 4 << 20, "{:?}", basis.work());
+
+        let (found, _) = matched_lazily(&old, &old[..5_000_000], 64);
+        assert!(found >= 5_000_000 - 64 * 1024, "{found}");
+    }
+
+    #[test]
+    fn lazily_a_basis_changed_after_opening_yields_no_wrong_bytes() {
+        let old = pseudo_random(4 << 20, 5);
+        let f = file_with(&old);
+        let basis = Basis::open(f.try_clone().unwrap(), MIN_AVG_CHUNK).unwrap();
+        f.write_all_at(&pseudo_random(1 << 20, 6), 1 << 20).unwrap();
+        let sig: Vec<SigChunk> = cuts(&file_with(&old), old.len() as u64, MIN_AVG_CHUNK)
             .iter()
             .map(Cut::sig)
             .collect();
-        let pieces = index.find(0, &sig);
-        let runs = index.read_verified(&pieces).unwrap();
-        for (at, bytes) in &runs {
-            assert_eq!(&new[*at as usize..*at as usize + bytes.len()], &bytes[..]);
-        }
-        runs.iter().map(|(_, b)| b.len() as u64).sum()
+        let mut found = 0;
+        basis
+            .copy_batch(0, &sig, |at, bytes| {
+                assert_eq!(&old[at as usize..at as usize + bytes.len()], &bytes[..]);
+                found += bytes.len() as u64;
+                true
+            })
+            .unwrap();
+        assert!(
+            found < old.len() as u64 - (1 << 20) + 2 * 64 * 1024,
+            "{found}"
+        );
+        assert!(found > 2 << 20, "{found}");
     }
 
     #[test]
@@ -474,44 +725,34 @@ mod tests {
     #[test]
     fn copy_buffers_are_reused_once_written() {
         let data = pseudo_random(1 << 20, 6);
-        let index = Index::build(file_with(&data), MIN_AVG_CHUNK, 1).unwrap();
+        let basis = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
         let sig: Vec<SigChunk> = cuts(&file_with(&data), data.len() as u64, MIN_AVG_CHUNK)
             .iter()
             .map(Cut::sig)
             .collect();
-        let pieces = index.find(0, &sig);
-        let first = index.read_verified(&pieces).unwrap();
+        let mut first = Vec::new();
+        basis
+            .copy_batch(0, &sig, |_, bytes| {
+                first.push(bytes);
+                true
+            })
+            .unwrap();
         assert_eq!(first.len(), 1, "one run: the whole file matched in order");
-        let addr = first[0].1.as_ptr();
-        assert_eq!(index.buffers.spares(), 0);
+        let addr = first[0].as_ptr();
+        assert_eq!(basis.buffers.spares(), 0);
         drop(first);
         // Counted, not only compared by address: a fresh allocation may land where the freed
         // one was.
-        assert_eq!(index.buffers.spares(), 1);
-        let again = index.read_verified(&pieces).unwrap();
-        assert_eq!(index.buffers.spares(), 0);
-        assert_eq!(again[0].1.as_ptr(), addr);
-        assert_eq!(&again[0].1[..], &data[..again[0].1.len()]);
-    }
-
-    #[test]
-    fn a_basis_changed_after_indexing_yields_no_wrong_bytes() {
-        let old = pseudo_random(1 << 20, 5);
-        let mut f = file_with(&old);
-        let index = Index::build(f.try_clone().unwrap(), MIN_AVG_CHUNK, 2).unwrap();
-        let new_file = file_with(&old);
-        let sig: Vec<SigChunk> = cuts(&new_file, old.len() as u64, MIN_AVG_CHUNK)
-            .iter()
-            .map(Cut::sig)
-            .collect();
-        f.write_all_at(&[0x55; 4096], 200_000).unwrap();
-        f.flush().unwrap();
-        let runs = index.read_verified(&index.find(0, &sig)).unwrap();
-        let found: u64 = runs.iter().map(|(_, b)| b.len() as u64).sum();
-        assert!(found < old.len() as u64);
-        for (at, bytes) in &runs {
-            assert_eq!(&old[*at as usize..*at as usize + bytes.len()], &bytes[..]);
-            assert!(bytes.len() as u64 <= MAX_COPY);
-        }
+        assert_eq!(basis.buffers.spares(), 1);
+        let mut again = Vec::new();
+        basis
+            .copy_batch(0, &sig, |_, bytes| {
+                again.push(bytes);
+                true
+            })
+            .unwrap();
+        assert_eq!(basis.buffers.spares(), 0);
+        assert_eq!(again[0].as_ptr(), addr);
+        assert_eq!(&again[0][..], &data[..again[0].len()]);
     }
 }

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub crc_errors: Counter,
     /// Bytes of delta uploads copied from the file already held instead of received.
     pub delta_copied: Counter,
+    /// Bytes of the files held read to find what delta uploads copy.
+    pub delta_basis_read: Counter,
     /// Uploads (client to daemon).
     pub uploads: Transfers,
     /// Downloads (daemon to client).
@@ -170,6 +172,12 @@ impl Metrics {
             "counter",
             "Bytes of delta uploads copied from the file already held.",
             &one(self.delta_copied.get().to_string()),
+        );
+        family(
+            "xferd_delta_basis_read_bytes_total",
+            "counter",
+            "Bytes of the files already held read to find what delta uploads copy.",
+            &one(self.delta_basis_read.get().to_string()),
         );
         family(
             "xferd_bytes_sent_total",

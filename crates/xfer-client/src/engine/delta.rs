@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
-use xfer_core::delta::{self, Cut, Index};
+use xfer_core::delta::{self, Basis, Cut};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
 use xfer_proto::{
     ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, SigChunk, CAP_DELTA,
@@ -202,6 +202,10 @@ pub(super) async fn negotiate(
     Ok(true)
 }
 
+/// Matched runs of a download's delta (at most `delta::MAX_COPY` bytes each) read ahead of
+/// their writes.
+const COPIES_AHEAD: usize = 2;
+
 /// Batches of `DeltaSig` chunks cut ahead of what was sent, for all regions together (each
 /// batch is `SIG_BATCH` chunks of 20 bytes: about 5 MB in all). At 2 GiB and 2 cores, each region
 /// is cut whole while the daemon indexes and the first region's batches go out.
@@ -315,17 +319,18 @@ pub(super) async fn copy_local(
         _ => return Ok(None),
     };
     let size = partial.identity().size;
-    let index = tokio::task::spawn_blocking(move || {
+    // Opened, not indexed: the chunks are looked for where the previous match puts them, and
+    // the local file is cut only around misses in a row (`delta::Basis`).
+    let basis = tokio::task::spawn_blocking(move || {
         let (old, _) = xfer_core::source::identity_of(&file)?;
-        let avg = delta::avg_chunk(old.size.max(size));
-        Index::build(file, avg, delta::parallelism())
+        Basis::open(file, delta::avg_chunk(old.size.max(size)))
     })
     .await
     .map_err(|e| ClientError::Local(super::join_error(e)))?
-    .map_err(|e| ClientError::Local(CoreError::io(format!("indexing {}", basis.display()), e)))?;
-    let index = Arc::new(index);
+    .map_err(|e| ClientError::Local(CoreError::io(format!("reading {}", basis.display()), e)))?;
+    let basis = Arc::new(basis);
     let held = RangeSet::from_ranges(partial.held());
-    let mut copied = 0;
+    let (mut copied, mut read) = (0, 0);
     for region in delta::regions(size, delta::parallelism()) {
         let mut pos = region.start;
         while pos < region.end {
@@ -333,7 +338,7 @@ pub(super) async fn copy_local(
                 transfer_id,
                 offset: pos,
                 end: region.end,
-                avg_chunk: index.avg_chunk(),
+                avg_chunk: basis.avg_chunk(),
             };
             session.send(&Frame::ReadSig(ask)).await?;
             let sig = match session.next().await? {
@@ -346,27 +351,36 @@ pub(super) async fn copy_local(
                     "DeltaSig outside the region asked for",
                 ));
             }
-            let pieces: Vec<_> = index
-                .find(pos, &sig.chunks)
-                .into_iter()
-                .filter(|p| !held.contains(ByteRange::new(p.new, p.new + u64::from(p.len))))
-                .collect();
-            for group in delta::groups(&pieces) {
-                let (index, group) = (Arc::clone(&index), group.to_vec());
-                let runs = tokio::task::spawn_blocking(move || index.read_verified(&group))
-                    .await
-                    .map_err(|e| ClientError::Local(super::join_error(e)))?
-                    .map_err(|e| ClientError::Local(CoreError::io("reading the local file", e)))?;
-                for (offset, bytes) in runs {
-                    let len = bytes.len() as u64;
-                    let crc = crc32fast::hash(&bytes);
-                    partial.write(offset, bytes, crc).await?;
-                    copied += len;
+            // Runs are matched on one thread and written as they come, a few at once.
+            let (runs_tx, mut runs_rx) = mpsc::channel(COPIES_AHEAD);
+            let matcher = Arc::clone(&basis);
+            let matching = tokio::task::spawn_blocking(move || {
+                matcher.copy_batch(pos, &sig.chunks, |offset, bytes| {
+                    runs_tx.blocking_send((offset, bytes)).is_ok()
+                })
+            });
+            while let Some((offset, bytes)) = runs_rx.recv().await {
+                let range = ByteRange::new(offset, offset + bytes.len() as u64);
+                // Held before this run started (a resumed download): already in place.
+                if held.contains(range) {
+                    continue;
                 }
+                let crc = crc32fast::hash(&bytes);
+                partial.write(offset, bytes, crc).await?;
+                copied += range.len();
             }
+            read += matching
+                .await
+                .map_err(|e| ClientError::Local(super::join_error(e)))?
+                .map_err(|e| ClientError::Local(CoreError::io("reading the local file", e)))?;
             pos += span;
         }
     }
+    tracing::debug!(
+        copied,
+        read,
+        "delta: bytes copied from the local file, and bytes of it read to find them"
+    );
     Ok(Some(copied))
 }
 

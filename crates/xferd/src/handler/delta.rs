@@ -1,13 +1,16 @@
-//! Delta uploads (`CAP_DELTA`): `DeltaOpen` indexes the file held under the upload's name,
-//! and each `DeltaSig` copies the chunks that file still holds into the partial, recorded in
+//! Delta uploads (`CAP_DELTA`): `DeltaOpen` opens the file held under the upload's name,
+//! and each `DeltaSig` copies the chunks that file still holds into the partial (found where
+//! the previous match puts them, or searched for, see `xfer_core::delta::Basis`), recorded in
 //! the journal like received chunks, so an interrupted delta resumes from what was copied.
 //! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
+use tokio::sync::mpsc;
 use tracing::info;
-use xfer_core::delta::{self, groups, Index, Piece};
+use xfer_core::delta::{self, Basis};
 use xfer_core::CoreError;
 use xfer_proto::session::{DownloadId, UploadId};
 use xfer_proto::{
@@ -28,30 +31,31 @@ impl Handler {
         let (new_size, name) = (lease.partial.identity().size, name.clone());
         let root = self.root();
         let basis = name.clone();
-        let built = blocking(move || {
+        // Only opened here: the basis is read while the chunks are matched (`Basis`), so the
+        // answer goes at once instead of after reading and indexing the whole file.
+        let opened = blocking(move || {
             let file = root.open_read(&basis)?;
             let (identity, _) = xfer_core::source::identity_of(&file)
                 .map_err(|e| CoreError::io(format!("reading {basis}"), e))?;
             let avg = delta::avg_chunk(identity.size.max(new_size));
-            Index::build(file, avg, delta::parallelism())
-                .map_err(|e| CoreError::io(format!("indexing {basis}"), e))
+            Basis::open(file, avg).map_err(|e| CoreError::io(format!("reading {basis}"), e))
         })
         .await;
-        let index = match built {
-            Ok(index) => Arc::new(index),
+        let basis = match opened {
+            Ok(basis) => Arc::new(basis),
             Err(e) => {
                 info!(name = %name, error = %e, "no basis for a delta");
                 return self.reply_error(e.code(), e.to_string()).await;
             }
         };
-        info!(name = %name, basis_size = index.identity().size, chunks = index.len(), "delta basis indexed");
+        info!(name = %name, basis_size = basis.identity().size, "delta basis opened");
         let reply = DeltaIndex {
             transfer_id: id.get(),
-            basis: index.identity(),
-            avg_chunk: index.avg_chunk(),
-            chunks: index.len() as u64,
+            basis: basis.identity(),
+            avg_chunk: basis.avg_chunk(),
+            chunks: 0,
         };
-        self.session.upload(id)?.basis = Some(index);
+        self.session.upload(id)?.basis = Some(basis);
         self.writer.send(&Frame::DeltaIndex(reply)).await?;
         Ok(())
     }
@@ -74,55 +78,63 @@ impl Handler {
         let Upload {
             lease, name, basis, ..
         } = self.session.upload(id)?;
-        let Some(index) = basis.clone() else {
+        let Some(basis) = basis.clone() else {
             return Err(fatal(ErrorCode::Protocol, "DeltaSig before DeltaIndex"));
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
-        let pieces = index.find(sig.offset, &sig.chunks);
-        let budget = &self.shared.budget;
-        // Groups of at most MAX_COPY bytes are read, checked and written on several cores at
-        // once, each into bytes reserved from the daemon's budget.
-        let copy_group = |group: &[Piece]| {
-            let len: u64 = group.iter().map(|p| u64::from(p.len)).sum();
-            let (index, group) = (Arc::clone(&index), group.to_vec());
+        let parallel = delta::parallelism().clamp(2, MAX_PARALLEL_COPIES);
+        // The runs being matched, queued and written at once, each at most MAX_COPY bytes.
+        let _reservation = self
+            .shared
+            .budget
+            .reserve((parallel * 2 + 1) * delta::MAX_COPY as usize)
+            .await;
+        // One thread checks the chunks in order (each match tells where the next chunk is
+        // looked for) while the runs it found are written on several at once.
+        let (runs_tx, runs_rx) = mpsc::channel::<(u64, Bytes)>(parallel);
+        let chunks = sig.chunks.clone();
+        let matching = blocking(move || {
+            basis
+                .copy_batch(sig.offset, &chunks, |offset, bytes| {
+                    runs_tx.blocking_send((offset, bytes)).is_ok()
+                })
+                .map_err(|e| CoreError::io("reading the delta basis", e))
+        });
+        let write_run = |(offset, bytes): (u64, Bytes)| {
             let (partial, name) = (Arc::clone(&partial), &name);
             async move {
-                let _reservation = budget.reserve(len as usize).await;
-                let runs = blocking(move || {
-                    index
-                        .read_verified(&group)
-                        .map_err(|e| CoreError::io("reading the delta basis", e))
-                })
-                .await
-                .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-                let mut written = Vec::with_capacity(runs.len());
-                for (offset, bytes) in runs {
-                    let crc = crc32fast::hash(&bytes);
-                    let range = ByteRange::new(offset, offset + bytes.len() as u64);
-                    partial
-                        .write(offset, bytes, crc)
-                        .await
-                        .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-                    written.push(range);
-                }
-                Ok::<_, ConnError>(written)
+                let crc = crc32fast::hash(&bytes);
+                let range = ByteRange::new(offset, offset + bytes.len() as u64);
+                partial
+                    .write(offset, bytes, crc)
+                    .await
+                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+                Ok::<_, ConnError>(range)
             }
         };
-        let mut copies = stream::iter(groups(&pieces))
-            .map(copy_group)
-            .buffered(delta::parallelism().clamp(2, MAX_PARALLEL_COPIES));
-        let mut matched: Vec<ByteRange> = Vec::new();
-        let mut copied = 0;
-        while let Some(written) = copies.next().await {
-            for range in written? {
+        let writing = async {
+            let writes = stream::unfold(runs_rx, |mut rx| async {
+                rx.recv().await.map(|run| (run, rx))
+            })
+            .map(write_run)
+            .buffered(parallel);
+            let mut writes = std::pin::pin!(writes);
+            let mut matched: Vec<ByteRange> = Vec::new();
+            let mut copied = 0;
+            while let Some(range) = writes.next().await {
+                let range = range?;
                 copied += range.len();
                 match matched.last_mut() {
                     Some(last) if last.end == range.start => last.end = range.end,
                     _ => matched.push(range),
                 }
             }
-        }
-        drop(copies);
+            Ok::<_, ConnError>((matched, copied))
+        };
+        let (matching, writing) = tokio::join!(matching, writing);
+        let (matched, copied) = writing?;
+        let read = matching.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        self.shared.metrics.delta_basis_read.add(read);
         // Recorded once its matched chunks are: a resumed upload sends the rest as data
         // without comparing this span again.
         let span_len: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();

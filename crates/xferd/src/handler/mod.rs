@@ -76,8 +76,8 @@ struct Upload {
     crc_retries: u64,
     /// Bytes received and acknowledged on this connection.
     bytes: u64,
-    /// The index of the file held under the name, once a `DeltaOpen` built it.
-    basis: Option<Arc<xfer_core::delta::Index>>,
+    /// The file held under the name, matched lazily, once a `DeltaOpen` opened it.
+    basis: Option<Arc<xfer_core::delta::Basis>>,
 }
 
 /// What a connection keeps for a download open in its session.
