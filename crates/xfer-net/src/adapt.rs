@@ -536,6 +536,7 @@ mod tests {
                         acked: self.acked as u64,
                         queued: (self.handed - self.acked) as u64,
                         rtt: Some(self.rtt),
+                        ..Delivery::default()
                     });
                 }
                 let (wire, compress) = match adapt.choose(self.now) {
@@ -712,6 +713,7 @@ mod tests {
             acked: 0,
             queued: 0,
             rtt: Some(Duration::from_millis(200)),
+            ..Delivery::default()
         };
         let mut now = start;
         while adapt.off_rate.is_none() {
@@ -736,7 +738,7 @@ mod tests {
         let reading = Delivery {
             acked: 0,
             queued: 100 * MIB,
-            rtt: None,
+            ..Delivery::default()
         };
         let mut now = start;
         while adapt.off_rate.is_none() && now < start + Duration::from_secs(10) {
