@@ -45,6 +45,10 @@ pub const PROBE_RTTS: u32 = 8;
 /// Round trips the first probe measures at least before it may hand over to the second early
 /// (see [`Adapt`]'s `pending`).
 pub const COVER_AFTER_RTTS: u32 = 2;
+/// A probe that trails the other side's rate after measuring this long, and
+/// [`COVER_AFTER_RTTS`] round trips, ends there (see [`Adapt`]'s `losing`): a few chunks on
+/// loopback.
+pub const LOSING_AFTER: Duration = Duration::from_millis(50);
 /// The longest a phase waits for what was queued before it to be delivered before it measures
 /// anyway (a connection closed with bytes queued never delivers them).
 pub const MAX_DRAIN: Duration = Duration::from_secs(2);
@@ -278,7 +282,11 @@ impl Adapt {
         let measured = self.measuring(now, since);
         let covered = measured.is_some_and(|m| self.queued_covers(m));
         let ends = match self.phase {
-            Phase::Probe { .. } => covered || measured.is_some_and(|m| m >= self.probe_length()),
+            Phase::Probe { .. } => {
+                covered
+                    || measured
+                        .is_some_and(|m| m >= self.probe_length() || self.losing(now, since, m))
+            }
             Phase::Keep { .. } => elapsed >= self.stretch,
         };
         // A phase that moved nothing measured nothing: it goes on until it has.
@@ -386,6 +394,30 @@ impl Adapt {
         let pace = delivered / measured.as_secs_f64();
         let left = self.probe_length().saturating_sub(measured).as_secs_f64();
         reading.queued as f64 >= pace * left
+    }
+
+    /// Whether this probe, having measured for `measured` ([`LOSING_AFTER`] and a few round
+    /// trips at least), already trails the other side's rate by more than noise: it has its answer and
+    /// ends. Compression must win by [`MARGIN`] to be chosen, so an on probe that is not ahead
+    /// by that much has lost: on a path faster than the compressor (loopback) a whole probe of
+    /// it cost a fifth of a short file's time. An off probe ends only once [`DECISIVE`]ly
+    /// behind, so that noise does not keep compression on.
+    fn losing(&self, now: Instant, since: Instant, measured: Duration) -> bool {
+        let Phase::Probe { on } = self.phase else {
+            return false;
+        };
+        let (other, behind) = match on {
+            true => (self.off_rate, MARGIN),
+            false => (self.on_rate, DECISIVE),
+        };
+        let Some(other) = other else { return false };
+        let rtt = self.delivery.and_then(|d| d.rtt).unwrap_or_default();
+        if measured < LOSING_AFTER.max(rtt * COVER_AFTER_RTTS) || self.raw == 0 {
+            return false;
+        }
+        let ratio = self.wire as f64 / self.raw as f64;
+        self.rate(now, since, ratio)
+            .is_some_and(|rate| rate * behind < other)
     }
 
     /// How long this phase has measured: since its bytes began to be delivered, with a meter;
@@ -505,6 +537,8 @@ mod tests {
         /// Wire bytes handed to the sockets, and delivered (acknowledged).
         handed: f64,
         acked: f64,
+        /// Raw bytes sent compressed.
+        compressed: f64,
     }
 
     impl Path {
@@ -519,6 +553,7 @@ mod tests {
                 now: Instant::now(),
                 handed: 0.0,
                 acked: 0.0,
+                compressed: 0.0,
             }
         }
 
@@ -541,7 +576,10 @@ mod tests {
                 }
                 let (wire, compress) = match adapt.choose(self.now) {
                     Choice::Raw => (MIB as f64, 0.0),
-                    Choice::Compress { .. } => (MIB as f64 * self.shrink, MIB as f64 / self.cpu),
+                    Choice::Compress { .. } => {
+                        self.compressed += MIB as f64;
+                        (MIB as f64 * self.shrink, MIB as f64 / self.cpu)
+                    }
                 };
                 self.wait(compress);
                 let room = self.buffer - (self.handed - self.acked);
@@ -614,6 +652,29 @@ mod tests {
         // Loopback-like: 2 GB/s of link, a CPU compressing 400 MB/s.
         let decision = first_decision(&mut Path::new(2e9, 16.0 * MIB as f64, 400e6, 0.25, true));
         assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn a_loopback_path_turns_compression_off_after_a_share_of_a_probe() {
+        // Loopback-like: the receiver takes 500 MB/s, round trips of 50 µs, shallow buffers;
+        // each of two CPUs compresses 400 MB/s to a quarter. The two could compress faster than
+        // the path moves, so only what the on probe measures ends it: the sender compressing on
+        // one CPU moves 400 MB/s, less than off.
+        let mut path = Path::new(500e6, 4.0 * MIB as f64, 400e6, 0.25, true);
+        path.rtt = Duration::from_micros(50);
+        let mut adapt = Adapt::new(2);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(1));
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(!decision.on, "{decision:?}");
+        // A whole probe would have compressed 160 MB of the file.
+        let whole_probe = 400e6 * PROBE.as_secs_f64();
+        assert!(
+            path.compressed < whole_probe / 2.0,
+            "{} MB compressed",
+            path.compressed / 1e6
+        );
     }
 
     #[test]
