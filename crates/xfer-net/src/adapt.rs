@@ -678,6 +678,32 @@ mod tests {
     }
 
     #[test]
+    fn an_off_probe_far_behind_compressing_ends_early() {
+        // 60 MB/s of link; compressed to a quarter at 400 MB/s, 240 MB/s of raw bytes arrive.
+        let mut path = Path::new(60e6, 16.0 * MIB as f64, 400e6, 0.25, true);
+        let mut adapt = Adapt::new(1);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        assert!(adapt.decision().unwrap().on);
+        // The decision is probed again with compression off: how long does that measure?
+        let mut opened = None;
+        loop {
+            path.run(&mut adapt, Duration::from_millis(1));
+            match (adapt.phase, adapt.window) {
+                (Phase::Probe { on: false }, Some((start, ..))) => {
+                    opened.get_or_insert(start);
+                }
+                (Phase::Keep { .. }, _) if opened.is_some() => break,
+                _ => {}
+            }
+        }
+        let measured = path.now - opened.unwrap();
+        assert!(measured < PROBE / 2, "measured off for {measured:?}");
+        assert!(adapt.decision().unwrap().on);
+    }
+
+    #[test]
     fn incompressible_data_measured_delivered_stays_off() {
         // Nothing shrinks: both sides deliver the link's rate, and off is kept.
         let mut path = Path::new(60e6, 32.0 * MIB as f64, 150e6, 1.0, true);
