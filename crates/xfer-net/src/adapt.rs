@@ -397,11 +397,11 @@ impl Adapt {
     }
 
     /// Whether this probe, having measured for `measured` ([`LOSING_AFTER`] and a few round
-    /// trips at least), already trails the other side's rate by more than noise: it has its answer and
-    /// ends. Compression must win by [`MARGIN`] to be chosen, so an on probe that is not ahead
-    /// by that much has lost: on a path faster than the compressor (loopback) a whole probe of
-    /// it cost a fifth of a short file's time. An off probe ends only once [`DECISIVE`]ly
-    /// behind, so that noise does not keep compression on.
+    /// trips at least), already trails the other side: it has its answer and ends. An on probe
+    /// ends once behind off by more than noise ([`MARGIN`]): it cannot go on to win by that
+    /// margin, and on a path faster than the compressor (loopback) a whole probe of it cost a
+    /// fifth of a short file's time. An off probe ends only once [`DECISIVE`]ly behind, so
+    /// that noise does not keep compression on.
     fn losing(&self, now: Instant, since: Instant, measured: Duration) -> bool {
         let Phase::Probe { on } = self.phase else {
             return false;
