@@ -45,6 +45,10 @@ pub const PROBE_RTTS: u32 = 8;
 /// Round trips the first probe measures at least before it may hand over to the second early
 /// (see [`Adapt`]'s `pending`).
 pub const COVER_AFTER_RTTS: u32 = 2;
+/// A probe that trails the other side's rate after measuring this long, and
+/// [`COVER_AFTER_RTTS`] round trips, ends there (see [`Adapt`]'s `losing`): a few chunks on
+/// loopback.
+pub const LOSING_AFTER: Duration = Duration::from_millis(50);
 /// The longest a phase waits for what was queued before it to be delivered before it measures
 /// anyway (a connection closed with bytes queued never delivers them).
 pub const MAX_DRAIN: Duration = Duration::from_secs(2);
@@ -278,7 +282,11 @@ impl Adapt {
         let measured = self.measuring(now, since);
         let covered = measured.is_some_and(|m| self.queued_covers(m));
         let ends = match self.phase {
-            Phase::Probe { .. } => covered || measured.is_some_and(|m| m >= self.probe_length()),
+            Phase::Probe { .. } => {
+                covered
+                    || measured
+                        .is_some_and(|m| m >= self.probe_length() || self.losing(now, since, m))
+            }
             Phase::Keep { .. } => elapsed >= self.stretch,
         };
         // A phase that moved nothing measured nothing: it goes on until it has.
@@ -386,6 +394,30 @@ impl Adapt {
         let pace = delivered / measured.as_secs_f64();
         let left = self.probe_length().saturating_sub(measured).as_secs_f64();
         reading.queued as f64 >= pace * left
+    }
+
+    /// Whether this probe, having measured for `measured` ([`LOSING_AFTER`] and a few round
+    /// trips at least), already trails the other side: it has its answer and ends. An on probe
+    /// ends once behind off by more than noise ([`MARGIN`]): it cannot go on to win by that
+    /// margin, and on a path faster than the compressor (loopback) a whole probe of it cost a
+    /// fifth of a short file's time. An off probe ends only once [`DECISIVE`]ly behind, so
+    /// that noise does not keep compression on.
+    fn losing(&self, now: Instant, since: Instant, measured: Duration) -> bool {
+        let Phase::Probe { on } = self.phase else {
+            return false;
+        };
+        let (other, behind) = match on {
+            true => (self.off_rate, MARGIN),
+            false => (self.on_rate, DECISIVE),
+        };
+        let Some(other) = other else { return false };
+        let rtt = self.delivery.and_then(|d| d.rtt).unwrap_or_default();
+        if measured < LOSING_AFTER.max(rtt * COVER_AFTER_RTTS) || self.raw == 0 {
+            return false;
+        }
+        let ratio = self.wire as f64 / self.raw as f64;
+        self.rate(now, since, ratio)
+            .is_some_and(|rate| rate * behind < other)
     }
 
     /// How long this phase has measured: since its bytes began to be delivered, with a meter;
@@ -505,6 +537,8 @@ mod tests {
         /// Wire bytes handed to the sockets, and delivered (acknowledged).
         handed: f64,
         acked: f64,
+        /// Raw bytes sent compressed.
+        compressed: f64,
     }
 
     impl Path {
@@ -519,6 +553,7 @@ mod tests {
                 now: Instant::now(),
                 handed: 0.0,
                 acked: 0.0,
+                compressed: 0.0,
             }
         }
 
@@ -536,11 +571,15 @@ mod tests {
                         acked: self.acked as u64,
                         queued: (self.handed - self.acked) as u64,
                         rtt: Some(self.rtt),
+                        ..Delivery::default()
                     });
                 }
                 let (wire, compress) = match adapt.choose(self.now) {
                     Choice::Raw => (MIB as f64, 0.0),
-                    Choice::Compress { .. } => (MIB as f64 * self.shrink, MIB as f64 / self.cpu),
+                    Choice::Compress { .. } => {
+                        self.compressed += MIB as f64;
+                        (MIB as f64 * self.shrink, MIB as f64 / self.cpu)
+                    }
                 };
                 self.wait(compress);
                 let room = self.buffer - (self.handed - self.acked);
@@ -613,6 +652,55 @@ mod tests {
         // Loopback-like: 2 GB/s of link, a CPU compressing 400 MB/s.
         let decision = first_decision(&mut Path::new(2e9, 16.0 * MIB as f64, 400e6, 0.25, true));
         assert!(!decision.on, "{decision:?}");
+    }
+
+    #[test]
+    fn a_loopback_path_turns_compression_off_after_a_share_of_a_probe() {
+        // Loopback-like: the receiver takes 500 MB/s, round trips of 50 µs, shallow buffers;
+        // each of two CPUs compresses 400 MB/s to a quarter. The two could compress faster than
+        // the path moves, so only what the on probe measures ends it: the sender compressing on
+        // one CPU moves 400 MB/s, less than off.
+        let mut path = Path::new(500e6, 4.0 * MIB as f64, 400e6, 0.25, true);
+        path.rtt = Duration::from_micros(50);
+        let mut adapt = Adapt::new(2);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(1));
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(!decision.on, "{decision:?}");
+        // A whole probe would have compressed 160 MB of the file.
+        let whole_probe = 400e6 * PROBE.as_secs_f64();
+        assert!(
+            path.compressed < whole_probe / 2.0,
+            "{} MB compressed",
+            path.compressed / 1e6
+        );
+    }
+
+    #[test]
+    fn an_off_probe_far_behind_compressing_ends_early() {
+        // 60 MB/s of link; compressed to a quarter at 400 MB/s, 240 MB/s of raw bytes arrive.
+        let mut path = Path::new(60e6, 16.0 * MIB as f64, 400e6, 0.25, true);
+        let mut adapt = Adapt::new(1);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        assert!(adapt.decision().unwrap().on);
+        // The decision is probed again with compression off: how long does that measure?
+        let mut opened = None;
+        loop {
+            path.run(&mut adapt, Duration::from_millis(1));
+            match (adapt.phase, adapt.window) {
+                (Phase::Probe { on: false }, Some((start, ..))) => {
+                    opened.get_or_insert(start);
+                }
+                (Phase::Keep { .. }, _) if opened.is_some() => break,
+                _ => {}
+            }
+        }
+        let measured = path.now - opened.unwrap();
+        assert!(measured < PROBE / 2, "measured off for {measured:?}");
+        assert!(adapt.decision().unwrap().on);
     }
 
     #[test]
@@ -712,6 +800,7 @@ mod tests {
             acked: 0,
             queued: 0,
             rtt: Some(Duration::from_millis(200)),
+            ..Delivery::default()
         };
         let mut now = start;
         while adapt.off_rate.is_none() {
@@ -736,7 +825,7 @@ mod tests {
         let reading = Delivery {
             acked: 0,
             queued: 100 * MIB,
-            rtt: None,
+            ..Delivery::default()
         };
         let mut now = start;
         while adapt.off_rate.is_none() && now < start + Duration::from_secs(10) {

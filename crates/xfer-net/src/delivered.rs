@@ -1,13 +1,15 @@
-//! [`Delivered`]: the bytes a group of connections (a client's pool) has had acknowledged by
-//! its peer, read from the kernel (`TCP_INFO`) whenever asked, with the bytes still queued.
+//! [`Delivered`]: the bytes a group of connections (a client's pool, or one daemon connection)
+//! has moved across the path, read from the kernel (`TCP_INFO`) whenever asked: what their
+//! peers acknowledged and what arrived from them, with the bytes still queued and the round trip.
 //!
 //! Bytes handed to a socket are not bytes moved: a sender can hand a socket buffer's worth
 //! (megabytes, a large share of a second on a 50 ms path) at memory speed, so a rate timed from
 //! writes measures buffers filling. What the peer acknowledged is what the path delivered.
 //! Measuring throughput from [`Delivered`] instead, with the bytes queued at a mark known, a
-//! measurement can also start once everything handed before it has gone.
+//! measurement can also start once everything handed before it has gone. `auto` compression
+//! measures its probes by it, and the client's pool its growth.
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -20,19 +22,30 @@ use crate::sockopt;
 /// What a [`Delivered`] meter reads at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Delivery {
-    /// Bytes acknowledged by the peer, over every connection tracked so far (those closed
-    /// included); it never goes down.
+    /// Bytes acknowledged by the peer, over every connection counted so far (those no longer
+    /// counted included); it never goes down.
     pub acked: u64,
-    /// Bytes written to the open connections and not yet acknowledged: in flight, or still in
-    /// the socket buffers. Once `acked` has grown by this much, everything written before this
-    /// reading has been delivered.
+    /// Bytes that arrived from the peer, over every connection counted so far; it never goes
+    /// down.
+    pub received: u64,
+    /// Bytes written to the connections counted now and not yet acknowledged: in flight, or
+    /// still in the socket buffers. Once `acked` has grown by this much, everything written
+    /// before this reading has been delivered.
     pub queued: u64,
-    /// The longest smoothed round-trip time among the open connections, if the kernel says.
+    /// The longest smoothed round-trip time among the connections counted now, if the kernel
+    /// says.
     pub rtt: Option<Duration>,
 }
 
-/// Acknowledged bytes of a group of sockets; clones share one meter. Each socket is counted
-/// while the [`Tracked`] writer made for it lives.
+impl Delivery {
+    /// Bytes moved across the path both ways: acknowledged (sent) and received.
+    pub fn moved(&self) -> u64 {
+        self.acked + self.received
+    }
+}
+
+/// Bytes moved by a group of sockets; clones share one meter. Each socket is counted while the
+/// [`Counted`] guard made for it lives.
 #[derive(Debug, Clone, Default)]
 pub struct Delivered {
     inner: Arc<Mutex<Sockets>>,
@@ -40,11 +53,35 @@ pub struct Delivered {
 
 #[derive(Debug, Default)]
 struct Sockets {
-    /// Open sockets: a key, the descriptor, and its `tcpi_bytes_acked` when it was tracked.
-    open: Vec<(u64, RawFd, u64)>,
-    /// Bytes acknowledged on sockets no longer tracked.
-    closed: u64,
+    /// Sockets counted now: a key, a descriptor of its own on the socket (so it is never read
+    /// after its connection closed it, nor another socket given the same number), and what the
+    /// socket had moved when counting began.
+    open: Vec<(u64, OwnedFd, Moved)>,
+    /// What sockets no longer counted moved while they were.
+    closed: Moved,
+    /// Sockets counted so far.
     next_key: u64,
+}
+
+/// Bytes acknowledged and received.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moved {
+    acked: u64,
+    received: u64,
+}
+
+impl Moved {
+    fn since(now: sockopt::Sending, base: Self) -> Self {
+        Self {
+            acked: now.acked.saturating_sub(base.acked),
+            received: now.received.saturating_sub(base.received),
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.acked += other.acked;
+        self.received += other.received;
+    }
 }
 
 impl Delivered {
@@ -53,45 +90,53 @@ impl Delivered {
         Self::default()
     }
 
-    /// Counts the socket `fd` from now on, for as long as the returned writer (which wraps
-    /// `inner`, the stream writing to that socket) lives. `inner` must keep the socket open.
-    /// Where the kernel does not report acknowledged bytes, nothing is counted.
-    pub fn track<W>(&self, fd: BorrowedFd<'_>, inner: W) -> Tracked<W> {
-        let key = sockopt::bytes_acked(fd).map(|acked| {
-            let mut sockets = self.lock();
-            let key = sockets.next_key;
-            sockets.next_key += 1;
-            sockets.open.push((key, fd.as_raw_fd(), acked));
-            key
-        });
-        Tracked {
-            key,
+    /// Counts what the connection on `socket` moves from now until the returned guard drops;
+    /// `None` where the kernel does not say (nothing is counted then). The guard keeps a
+    /// duplicate of the descriptor: the socket stays open until both are closed.
+    pub fn count(&self, socket: BorrowedFd<'_>) -> Option<Counted> {
+        let socket = socket.try_clone_to_owned().ok()?;
+        let now = sockopt::sending(&socket)?;
+        let base = Moved {
+            acked: now.acked,
+            received: now.received,
+        };
+        let mut sockets = self.lock();
+        let key = sockets.next_key;
+        sockets.next_key += 1;
+        sockets.open.push((key, socket, base));
+        Some(Counted {
             meter: self.clone(),
+            key,
+        })
+    }
+
+    /// `inner`, the stream writing to `socket`, as a writer whose socket this meter counts for
+    /// as long as it lives.
+    pub fn track<W>(&self, socket: BorrowedFd<'_>, inner: W) -> Tracked<W> {
+        Tracked {
+            _counted: self.count(socket),
             inner,
         }
     }
 
-    /// What the tracked sockets have delivered so far, and what they still hold; `None` before
-    /// a socket was tracked (nothing to measure by yet).
+    /// What the sockets counted so far have moved, and what those counted now still hold;
+    /// `None` before a socket was counted (nothing to measure by yet).
     pub fn read(&self) -> Option<Delivery> {
         let sockets = self.lock();
         if sockets.next_key == 0 {
             return None;
         }
-        let mut reading = Delivery {
-            acked: sockets.closed,
-            ..Delivery::default()
-        };
-        for &(_, fd, base) in &sockets.open {
-            // SAFETY: a socket is in `open` only while the `Tracked` writer holding it open
-            // lives; that writer's drop takes this lock to remove it first.
-            let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-            if let Some(sending) = sockopt::sending(socket) {
-                reading.acked += sending.acked.saturating_sub(base);
-                reading.queued += sending.queued;
-                reading.rtt = reading.rtt.max(sending.rtt);
+        let mut moved = sockets.closed;
+        let mut reading = Delivery::default();
+        for (_, socket, base) in &sockets.open {
+            if let Some(now) = sockopt::sending(socket) {
+                moved.add(Moved::since(now, *base));
+                reading.queued += now.queued;
+                reading.rtt = reading.rtt.max(now.rtt);
             }
         }
+        reading.acked = moved.acked;
+        reading.received = moved.received;
         Some(reading)
     }
 
@@ -99,18 +144,24 @@ impl Delivered {
         // Numbers only: a state left by a panic is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Stops counting the socket tracked as `key`, keeping what it delivered.
-    fn untrack(&self, key: u64) {
-        let mut sockets = self.lock();
-        let Some(at) = sockets.open.iter().position(|&(k, _, _)| k == key) else {
-            return;
-        };
-        let (_, fd, base) = sockets.open.swap_remove(at);
-        // SAFETY: the `Tracked` writer being dropped still holds the socket open.
-        let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-        if let Some(acked) = sockopt::bytes_acked(socket) {
-            sockets.closed += acked.saturating_sub(base);
+/// A socket a [`Delivered`] meter counts; when dropped, what it moved stays in the meter's
+/// readings and its descriptor of the socket is closed.
+#[derive(Debug)]
+pub struct Counted {
+    meter: Delivered,
+    key: u64,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut sockets = self.meter.lock();
+        if let Some(at) = sockets.open.iter().position(|(key, ..)| *key == self.key) {
+            let (_, socket, base) = sockets.open.swap_remove(at);
+            if let Some(now) = sockopt::sending(&socket) {
+                sockets.closed.add(Moved::since(now, base));
+            }
         }
     }
 }
@@ -119,18 +170,8 @@ impl Delivered {
 /// stream it wraps.
 #[derive(Debug)]
 pub struct Tracked<W> {
-    key: Option<u64>,
-    meter: Delivered,
+    _counted: Option<Counted>,
     inner: W,
-}
-
-impl<W> Drop for Tracked<W> {
-    fn drop(&mut self) {
-        // Runs before `inner` (and the socket it may own) is dropped.
-        if let Some(key) = self.key {
-            self.meter.untrack(key);
-        }
-    }
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Tracked<W> {
@@ -166,6 +207,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tracked<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -181,9 +224,8 @@ mod tests {
         let meter = Delivered::new();
         assert_eq!(meter.read(), None, "nothing tracked yet");
         let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let fd = socket.as_raw_fd();
-        // SAFETY: `socket` is open; it moves into the writer tracked.
-        let mut writer = meter.track(unsafe { BorrowedFd::borrow_raw(fd) }, socket);
+        let fd = socket.as_fd().try_clone_to_owned().unwrap();
+        let mut writer = meter.track(fd.as_fd(), socket);
         assert_eq!(meter.read().map(|r| r.acked), Some(0));
         writer.write_all(&vec![7; 1 << 20]).await.unwrap();
         writer.shutdown().await.unwrap();
@@ -201,5 +243,35 @@ mod tests {
         );
         assert_eq!(closed.queued, 0);
         assert_eq!(closed.rtt, None, "no socket is open");
+    }
+
+    #[test]
+    fn counts_what_crossed_both_ways_while_a_socket_is_counted_and_keeps_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        // The peer reads what is sent, then answers: its answer acknowledges every byte sent.
+        let peer = std::thread::spawn(move || {
+            let mut got = vec![0; 1 << 20];
+            theirs.read_exact(&mut got).unwrap();
+            theirs.write_all(&[1; 1000]).unwrap();
+            theirs
+        });
+        let meter = Delivered::new();
+        let counted = meter.count(ours.as_fd());
+        assert!(counted.is_some(), "Linux reports what a TCP socket moved");
+        assert_eq!(meter.read().map(|r| r.moved()), Some(0));
+        ours.write_all(&vec![7; 1 << 20]).unwrap();
+        let mut answer = [0; 1000];
+        ours.read_exact(&mut answer).unwrap();
+        let reading = meter.read().unwrap();
+        assert_eq!((reading.acked, reading.received), (1 << 20, 1000));
+        // No longer counted: what it moved stays, what it moves next is not added.
+        drop(counted);
+        let mut theirs = peer.join().unwrap();
+        theirs.write_all(&[2; 500]).unwrap();
+        ours.read_exact(&mut answer[..500]).unwrap();
+        let reading = meter.read().unwrap();
+        assert_eq!((reading.acked, reading.received), (1 << 20, 1000));
     }
 }

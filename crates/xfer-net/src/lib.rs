@@ -5,8 +5,8 @@
 //! - [`wire`]: [`FrameReader`]/[`FrameWriter`] over any `AsyncRead`/`AsyncWrite`.
 //! - [`compress`]: chunks compressed with zstd ([`Compressor`], [`inflate`]), and [`adapt`],
 //!   the `auto` policy that decides when compressing pays.
-//! - [`delivered`]: [`Delivered`], the bytes a group of connections had acknowledged, read
-//!   from the kernel: what throughput is measured from.
+//! - [`delivered`]: [`Delivered`], the bytes a group of connections had acknowledged and
+//!   received, read from the kernel: what throughput is measured from.
 //! - [`sockopt`]: [`SocketOptions`], send and receive buffers and congestion control, and what
 //!   `TCP_INFO` says about a connection.
 //! - [`tls`]: the socket beneath a rustls session ([`tls::TlsSocket`]) and kernel TLS

@@ -183,36 +183,33 @@ pub fn congestion(fd: impl AsFd) -> Option<String> {
     rustix::net::sockopt::tcp_congestion(fd.as_fd()).ok()
 }
 
-/// Bytes of this socket's sending the peer has acknowledged (`TCP_INFO`'s `tcpi_bytes_acked`),
-/// or `None` where the kernel does not report it.
-pub fn bytes_acked(fd: impl AsFd) -> Option<u64> {
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-    tcp_info(fd, needed).map(|info| info.tcpi_bytes_acked)
-}
-
-/// What a connection's sending stands at: see [`sending`].
+/// What a connection has moved across the path, and what its sending stands at: see [`sending`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sending {
     /// Bytes the peer has acknowledged (`tcpi_bytes_acked`).
     pub acked: u64,
+    /// Bytes that arrived from the peer (`tcpi_bytes_received`).
+    pub received: u64,
     /// Bytes written and not yet acknowledged: in flight or in the send buffer (`SIOCOUTQ`).
     pub queued: u64,
     /// Smoothed round-trip time (`tcpi_rtt`).
     pub rtt: Option<std::time::Duration>,
 }
 
-/// Acknowledged and queued bytes of this socket's sending, and its round trip; `None` where the
-/// kernel does not report them.
+/// Acknowledged and queued bytes of this socket's sending, the bytes it received, and its round
+/// trip; `None` where the kernel does not report them. Unlike bytes written, bytes still in the
+/// socket buffers are not in `acked`.
 pub fn sending(fd: impl AsFd) -> Option<Sending> {
     use std::os::fd::AsRawFd;
     let fd = fd.as_fd();
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
     let info = tcp_info(fd, needed)?;
     let mut queued: libc::c_int = 0;
     // SAFETY: the fd is open for the call; SIOCOUTQ (TIOCOUTQ) writes one int.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
     Some(Sending {
         acked: info.tcpi_bytes_acked,
+        received: info.tcpi_bytes_received,
         queued: if rc == 0 { queued.max(0) as u64 } else { 0 },
         rtt: (info.tcpi_rtt > 0).then(|| std::time::Duration::from_micros(info.tcpi_rtt.into())),
     })
@@ -241,15 +238,6 @@ fn tcp_info(fd: impl AsFd, needed: usize) -> Option<libc::tcp_info> {
         )
     };
     (rc == 0 && len as usize >= needed).then_some(info)
-}
-
-/// Bytes this connection has moved across the path, both ways: what the peer acknowledged of
-/// its sending (`tcpi_bytes_acked`) and what arrived from the peer (`tcpi_bytes_received`);
-/// `None` where the kernel does not report them. Unlike bytes written, bytes still in the
-/// socket buffers are not in it.
-pub fn bytes_delivered(fd: impl AsFd) -> Option<u64> {
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    tcp_info(fd, needed).map(|info| info.tcpi_bytes_acked + info.tcpi_bytes_received)
 }
 
 fn set_congestion(fd: impl AsFd, name: &str) -> Result<(), SocketError> {

@@ -2,14 +2,14 @@
 //! shared queue, a fixed number or as many as [`Grower`] finds useful, and each worker
 //! reconnects after transient failures.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
-use xfer_net::sockopt;
+use xfer_net::Delivered;
 
 use super::grower::{Grower, Step, TICK};
 use super::queue::Work;
@@ -130,73 +130,6 @@ fn join_error(e: tokio::task::JoinError) -> xfer_core::CoreError {
     xfer_core::CoreError::io("connect task", std::io::Error::other(e.to_string()))
 }
 
-/// What the pool's connections moved across the path, read from the kernel whenever the grower
-/// looks ([`sockopt::bytes_delivered`]): bytes the daemon acknowledged (uploads) or that
-/// arrived (downloads). Bytes written are not bytes moved: a connection hands its socket a
-/// buffer's worth (megabytes) at memory speed, then waits for acknowledgments, and a count
-/// kept at writes measured that filling as throughput (through the emulated 50 ms path, 8
-/// connections measured faster than the link, and a pool of bbr connections grew to 64 on such
-/// noise while 16 moved as much).
-#[derive(Default)]
-struct Delivered(Mutex<Counting>);
-
-#[derive(Default)]
-struct Counting {
-    /// Connections counted now: a key, a descriptor of its own on the socket (so it is never
-    /// read after the session closes it), and what the socket had moved when counting began.
-    open: Vec<(u64, OwnedFd, u64)>,
-    /// What connections no longer counted moved while they were.
-    closed: u64,
-    next_key: u64,
-}
-
-impl Delivered {
-    /// Counts what the connection on `socket` moves from now until the guard drops; `None`
-    /// where the kernel does not say (nothing is counted then).
-    fn count(&self, socket: BorrowedFd<'_>) -> Option<CountedWhile<'_>> {
-        let socket = socket.try_clone_to_owned().ok()?;
-        let base = sockopt::bytes_delivered(&socket)?;
-        let mut counting = self.lock();
-        let key = counting.next_key;
-        counting.next_key += 1;
-        counting.open.push((key, socket, base));
-        Some(CountedWhile(self, key))
-    }
-
-    /// Bytes moved so far by every connection counted: a meter that never goes down.
-    fn total(&self) -> u64 {
-        let counting = self.lock();
-        let open: u64 = counting
-            .open
-            .iter()
-            .map(|(_, socket, base)| moved_since(socket, *base))
-            .sum();
-        counting.closed + open
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Counting> {
-        // Numbers only: what a panic left is still usable.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn moved_since(socket: &OwnedFd, base: u64) -> u64 {
-    sockopt::bytes_delivered(socket).map_or(0, |now| now.saturating_sub(base))
-}
-
-/// A connection [`Delivered`] counts; when dropped, what it moved stays in the total.
-struct CountedWhile<'a>(&'a Delivered, u64);
-
-impl Drop for CountedWhile<'_> {
-    fn drop(&mut self) {
-        let mut counting = self.0.lock();
-        if let Some(at) = counting.open.iter().position(|(key, ..)| *key == self.1) {
-            let (_, socket, base) = counting.open.swap_remove(at);
-            counting.closed += moved_since(&socket, base);
-        }
-    }
-}
-
 /// Runs the workers over `work` until the queue is drained: a fixed number, or an adaptive pool
 /// that [`Grower`] sizes. The first worker moves chunks over `first` if given (a connection
 /// with the transfer open); else it connects, as the others do. Each worker reconnects with exponential backoff and jitter after a
@@ -212,7 +145,14 @@ pub(super) async fn drive<D: Direction>(
 ) -> Result<Vec<(Session, u64)>, ClientError> {
     type Joined = Result<Option<(Session, u64)>, ClientError>;
     let mut workers: JoinSet<Joined> = JoinSet::new();
-    let delivered = Arc::new(Delivered::default());
+    // What the pool's connections moved across the path, read from the kernel whenever the
+    // grower looks: bytes the daemon acknowledged (uploads) or that arrived (downloads). Bytes
+    // written are not bytes moved: a connection hands its socket a buffer's worth (megabytes) at
+    // memory speed, then waits for acknowledgments, and a count kept at writes measured that
+    // filling as throughput (through the emulated 50 ms path, 8 connections measured faster
+    // than the link, and a pool of bbr connections grew to 64 on such noise while 16 moved as
+    // much).
+    let delivered = Arc::new(Delivered::new());
     let spawn = |workers: &mut JoinSet<Joined>, first: Option<(Session, u64)>, optional: bool| {
         let (dir, work, target) = (Arc::clone(&dir), Arc::clone(&work), target.clone());
         let (early, opts, delivered) = (Arc::clone(&early), opts.clone(), Arc::clone(&delivered));
@@ -260,7 +200,7 @@ pub(super) async fn drive<D: Direction>(
                     continue;
                 }
                 let ready = work.active.load(Ordering::SeqCst) == g.size && !work.is_empty();
-                let step = g.on_tick(Instant::now(), delivered.total(), ready, work.queued());
+                let step = g.on_tick(Instant::now(), delivered.read().map_or(0, |d| d.moved()), ready, work.queued());
                 resize_pool(step, &work, |n| {
                     for _ in 0..n {
                         spawn(&mut workers, None, true);
@@ -443,40 +383,5 @@ async fn worker<D: Direction>(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn counts_what_crossed_both_ways_while_a_connection_is_counted_and_keeps_it() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut theirs, _) = listener.accept().unwrap();
-        // The peer reads what is sent, then answers: its answer acknowledges every byte sent.
-        let peer = std::thread::spawn(move || {
-            let mut got = vec![0; 1 << 20];
-            theirs.read_exact(&mut got).unwrap();
-            theirs.write_all(&[1; 1000]).unwrap();
-            theirs
-        });
-        let delivered = Delivered::default();
-        let counted = delivered.count(ours.as_fd());
-        assert!(counted.is_some(), "Linux reports what a TCP socket moved");
-        assert_eq!(delivered.total(), 0);
-        ours.write_all(&vec![7; 1 << 20]).unwrap();
-        let mut answer = [0; 1000];
-        ours.read_exact(&mut answer).unwrap();
-        assert_eq!(delivered.total(), (1 << 20) + 1000);
-        // No longer counted: what it moved stays, what it moves next is not added.
-        drop(counted);
-        let mut theirs = peer.join().unwrap();
-        theirs.write_all(&[2; 500]).unwrap();
-        ours.read_exact(&mut answer[..500]).unwrap();
-        assert_eq!(delivered.total(), (1 << 20) + 1000);
     }
 }

@@ -2,6 +2,8 @@
 //! daemon's memory budget before it is written like any `Data`, `SetCompression`, and the
 //! compression of the chunks this connection sends.
 
+use std::os::fd::BorrowedFd;
+
 use bytes::Bytes;
 use tracing::warn;
 use xfer_core::buffers::BufferPool;
@@ -57,7 +59,27 @@ impl Handler {
     /// The client chose how what this connection sends is compressed.
     pub(super) fn set_compression(&mut self, mode: u8) {
         let mode = Compression::from_wire(mode).expect("the session checked the mode");
-        self.compressor = Some(Compressor::new(mode, "download"));
+        self.compressor = None;
+        self.compressor(mode);
+    }
+
+    /// The compressor of what this connection sends, made for `mode` if there is none yet.
+    /// Under `auto` its probes measure what this connection's socket delivered (acknowledged
+    /// by the client), not what was handed to it: on a long path a short probe would mostly
+    /// measure the socket buffer filling, and off and on would look alike.
+    pub(super) fn compressor(&mut self, mode: Compression) -> &Compressor {
+        if self.compressor.is_none() {
+            let meter = xfer_net::Delivered::new();
+            self.counted = match (mode, self.socket) {
+                // SAFETY: the socket stays open while the reader and writer live, as long as
+                // the handler; the count keeps a descriptor of its own.
+                (Compression::Auto, Some(fd)) => meter.count(unsafe { BorrowedFd::borrow_raw(fd) }),
+                _ => None,
+            };
+            let delivered = self.counted.is_some().then_some(meter);
+            self.compressor = Some(Compressor::new(mode, "download").with_delivered(delivered));
+        }
+        self.compressor.as_ref().expect("made above")
     }
 
     /// How this connection compresses what it sends: as the client asked, else the daemon's
@@ -93,9 +115,7 @@ impl Handler {
                 }
             }
             _ => {
-                let compressor = self
-                    .compressor
-                    .get_or_insert_with(|| Compressor::new(mode, "download"));
+                let compressor = self.compressor(mode).clone();
                 compressor.pack(transfer_id, offset, payload).await
             }
         };

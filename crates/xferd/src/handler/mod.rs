@@ -116,6 +116,12 @@ struct Handler {
     /// How the chunks this connection sends are compressed, once it sent one or the client
     /// said (`SetCompression`).
     compressor: Option<xfer_net::Compressor>,
+    /// The connection's socket, open while `reader` and `writer` live; `None` for a stream
+    /// that is not one (tests).
+    socket: Option<std::os::fd::RawFd>,
+    /// The socket counted by the delivered-bytes meter `auto` compression measures by, while
+    /// it does.
+    counted: Option<xfer_net::delivered::Counted>,
 }
 
 /// A byte stream a connection is served over: a TCP socket in the daemon, one end of an
@@ -162,6 +168,7 @@ impl Transport for tokio::io::DuplexStream {}
 #[tracing::instrument(name = "conn", skip_all, fields(peer = %peer))]
 pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: SocketAddr) {
     let mut session = new_session(&shared);
+    let socket = stream.fd();
     let (reader, writer) = match &shared.config.tls {
         None => stream.into_frames(),
         Some(acceptor) => match start_tls(&mut session, stream, acceptor, &shared.budget).await {
@@ -179,6 +186,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
     // Every large frame is read into bytes reserved from the daemon's budget.
     let reader = reader.with_budget(shared.budget.clone());
     let mut handler = Handler::new(shared, peer, session, (reader, writer));
+    handler.socket = socket;
     let err = match handler.run().await {
         Ok(()) => {
             // Over TLS this sends close_notify, so the client sees a clean end.
@@ -261,6 +269,8 @@ impl Handler {
             pending: None,
             write_behind: None,
             compressor: None,
+            socket: None,
+            counted: None,
         }
     }
 

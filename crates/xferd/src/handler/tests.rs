@@ -586,3 +586,26 @@ async fn a_delta_without_the_capability_or_a_basis_is_refused() {
     let (code, _) = client.closed_with().await;
     assert_eq!(code, ErrorCode::Protocol);
 }
+
+#[tokio::test]
+async fn auto_compression_of_what_a_connection_sends_counts_its_socket() {
+    let (_dir, shared) = daemon(|_| {});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (socket, _) = listener.accept().await.unwrap();
+    let fd = socket.fd();
+    let mut handler = Handler::new(
+        Arc::clone(&shared),
+        PEER,
+        new_session(&shared),
+        socket.into_frames(),
+    );
+    handler.socket = fd;
+    handler.set_compression(xfer_net::Compression::Level(3).wire());
+    assert!(handler.counted.is_none(), "a fixed level measures nothing");
+    // Under auto the probes measure what the client acknowledged: the socket is counted.
+    handler.set_compression(xfer_net::Compression::Auto.wire());
+    assert!(handler.counted.is_some());
+}

@@ -247,11 +247,7 @@ impl Handler {
         let packer = match self.compression() {
             xfer_net::Compression::Off => None,
             _ if self.session.capabilities() & xfer_proto::CAP_PACKED_FILES == 0 => None,
-            mode => Some(
-                self.compressor
-                    .get_or_insert_with(|| Compressor::new(mode, "download"))
-                    .clone(),
-            ),
+            mode => Some(self.compressor(mode).clone()),
         };
         while !batch.is_empty() {
             let root = self.root();
