@@ -163,7 +163,7 @@ impl Handler {
             .reserve(2 * packed.raw_len as usize)
             .await;
         let frames = tokio::task::spawn_blocking(move || {
-            let buffer = vec![0; packed.raw_len as usize];
+            let buffer = Vec::with_capacity(packed.raw_len as usize);
             packed.unpack("PackedPutFiles", buffer, packs_in_put_files)
         })
         .await
