@@ -330,7 +330,7 @@ fn unpack_answers(packed: xfer_proto::PackedFiles) -> Result<Vec<Frame>, ClientE
         }));
     }
     let frames = tokio::task::block_in_place(|| {
-        let buffer = vec![0; packed.raw_len as usize];
+        let buffer = Vec::with_capacity(packed.raw_len as usize);
         packed.unpack(
             "PackedFileData",
             buffer,

@@ -358,28 +358,36 @@ pub struct MetaOutcome {
     pub xattrs_refused: Option<String>,
 }
 
-/// Gives the regular file or directory open as `file`, owned by `owner` now, what `req` asks
-/// for but its name: owner and group (if this process may), attributes (when `req.xattrs` is
-/// set), then mode and mtime (a change of owner clears set-id bits).
+/// Gives the regular file or directory open as `file`, as `now` found it (owner, group and
+/// mode), what `req` asks for but its name: owner and group (if this process may), attributes
+/// (when `req.xattrs` is set), then mode and mtime (a change of owner clears set-id bits).
+/// The mode is left alone when it is already right and nothing done here could have changed
+/// it: no change of owner, no attribute set (an ACL rewrites the group bits).
 ///
 /// # Errors
 /// I/O errors but those reported in the outcome.
-pub fn apply_meta(file: &File, owner: (u32, u32), req: &SetMeta) -> Result<MetaOutcome> {
+pub fn apply_meta(file: &File, now: &rfs::Stat, req: &SetMeta) -> Result<MetaOutcome> {
     let ctx = |what: &str| format!("{what} {:?}", req.name);
     let mut outcome = MetaOutcome::default();
     let wanted = local_ids(req);
-    if owner != wanted {
+    let chowned = (now.st_uid, now.st_gid) != wanted;
+    if chowned {
         let chown = |u, g| rfs::fchown(file, u, g);
         outcome.not_chowned =
             change_owner(chown, wanted).map_err(|e| CoreError::io(ctx("chown"), e.into()))?;
     }
+    let mut attributes_set = false;
     if let Some(want) = &req.xattrs {
+        attributes_set = !want.is_empty();
         if let Err(e) = write_xattrs(file.as_fd(), want, req.numeric_ids) {
             outcome.xattrs_refused = Some(e.to_string());
         }
     }
-    rfs::fchmod(file, Mode::from_raw_mode(req.mode & 0o7777))
-        .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
+    let mode = req.mode & 0o7777;
+    if chowned || attributes_set || now.st_mode & 0o7777 != mode {
+        rfs::fchmod(file, Mode::from_raw_mode(mode))
+            .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
+    }
     rfs::futimens(file, &timestamps(req.mtime_ns))
         .map_err(|e| CoreError::io(ctx("setting mtime of"), e.into()))?;
     Ok(outcome)
@@ -521,7 +529,7 @@ impl Root {
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
                 return Err(CoreError::Changed(req.name.clone()));
             }
-            return apply_meta(file, (now.st_uid, now.st_gid), req);
+            return apply_meta(file, &now, req);
         }
         if (st.st_uid, st.st_gid) != (uid, gid) {
             let chown = |u, g| rfs::chownat(dir, leaf, u, g, AtFlags::SYMLINK_NOFOLLOW);

@@ -331,7 +331,7 @@ impl Root {
         mode: u32,
         data: &[u8],
     ) -> Result<()> {
-        self.store_small(dirs, name, data, &mut |file| {
+        self.store_small(dirs, name, data, 0o600, &mut |file| {
             file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
                 .and_then(|()| file.set_modified(system_time(mtime_ns)))
                 .map_err(|e| CoreError::io(format!("writing {name:?}"), e))
@@ -351,22 +351,26 @@ impl Root {
         meta: &xfer_proto::SetMeta,
     ) -> Result<crate::meta::MetaOutcome> {
         let mut outcome = crate::meta::MetaOutcome::default();
-        self.store_small(dirs, &meta.name, data, &mut |file| {
+        // Created with its permission bits (the umask permitting), so that most files need no
+        // chmod; the unnamed file is reachable by no name meanwhile.
+        let mode = meta.mode & 0o777;
+        self.store_small(dirs, &meta.name, data, mode, &mut |file| {
             let st = rfs::fstat(file)
                 .map_err(|e| CoreError::io(format!("stat {:?}", meta.name), e.into()))?;
-            outcome = crate::meta::apply_meta(file, (st.st_uid, st.st_gid), meta)?;
+            outcome = crate::meta::apply_meta(file, &st, meta)?;
             Ok(())
         })?;
         Ok(outcome)
     }
 
-    /// Writes `data` into a new file for `name`, lets `finish` set what it must on it, and
-    /// gives it the name (see [`Root::put_file`]).
+    /// Writes `data` into a new file for `name` (created with permission bits `mode`), lets
+    /// `finish` set what it must on it, and gives it the name (see [`Root::put_file`]).
     fn store_small(
         &self,
         dirs: &mut DirCache,
         name: &str,
         data: &[u8],
+        mode: u32,
         finish: &mut dyn FnMut(&File) -> Result<()>,
     ) -> Result<()> {
         let ctx = |what: &str| format!("{what} {name:?}");
@@ -378,7 +382,7 @@ impl Root {
                     dir,
                     ".",
                     OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
+                    Mode::from_raw_mode(mode),
                 )
             })
             .transpose();
@@ -407,7 +411,7 @@ impl Root {
                 Ok(()) => return Ok(()),
                 Err(Errno::EXIST) => check_replaceable(dir, &leaf, name)?,
                 // Found out just now that unnamed files cannot be linked here: store it named.
-                Err(Errno::OPNOTSUPP) => return self.store_small(dirs, name, data, finish),
+                Err(Errno::OPNOTSUPP) => return self.store_small(dirs, name, data, mode, finish),
                 Err(e) => return Err(CoreError::io(ctx("linking"), e.into())),
             }
             let part = partial_name(&leaf);
@@ -683,6 +687,52 @@ mod tests {
                 let read = crate::meta::read_xattrs(file.as_fd()).unwrap();
                 assert_eq!(read, meta.xattrs.clone().unwrap());
             }
+        }
+    }
+
+    #[test]
+    fn a_stored_file_gets_its_mode_whatever_the_umask_or_an_owner_change_did() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let mut dirs = DirCache::default();
+        let st = rfs::stat(tmp.path()).unwrap();
+        // Root may give the file another owner, which clears set-id bits.
+        let uid = match rustix::process::geteuid().is_root() {
+            true => st.st_uid + 1,
+            false => st.st_uid,
+        };
+        // 0o666 and 0o777 lose bits to a usual umask when created; set-id bits are never
+        // given at creation.
+        let modes = [0o644, 0o666, 0o777, 0o600, 0o4755, 0o2711, 0o1644];
+        for (i, (mode, uid)) in modes
+            .into_iter()
+            .flat_map(|mode| [(mode, st.st_uid), (mode, uid)])
+            .enumerate()
+        {
+            let meta = xfer_proto::SetMeta {
+                name: format!("d/f{i}"),
+                mode,
+                mtime_ns: 1_500_000_000_000_000_007,
+                uid,
+                gid: st.st_gid,
+                user: String::new(),
+                group: String::new(),
+                numeric_ids: true,
+                xattrs: Some(vec![]),
+            };
+            root.put_file_meta(&mut dirs, b"bytes", &meta).unwrap();
+            let got = rfs::stat(tmp.path().join(&meta.name)).unwrap();
+            assert_eq!(got.st_mode & 0o7777, mode, "{mode:o}");
+            assert_eq!(mtime_ns(&got), meta.mtime_ns);
+            // Given back to the first owner, with its mode unchanged: the change of owner
+            // cleared the set-id bits, which must come back.
+            let back = xfer_proto::SetMeta {
+                uid: st.st_uid,
+                ..meta
+            };
+            root.set_meta(&back).unwrap();
+            let got = rfs::stat(tmp.path().join(&back.name)).unwrap();
+            assert_eq!(got.st_mode & 0o7777, mode, "{mode:o} after chown");
         }
     }
 }

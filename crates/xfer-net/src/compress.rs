@@ -423,13 +423,33 @@ fn shrink(payload: &[u8], level: i32, sample: bool) -> Option<Vec<u8>> {
         |input: &[u8], out: &[u8]| (out.len() as f64) < input.len() as f64 * INCOMPRESSIBLE;
     if sample && payload.len() > SAMPLE_LEN {
         let head = &payload[..SAMPLE_LEN];
-        let out = zstd::bulk::compress(head, 1).ok()?;
+        let out = compress_with(head, 1).ok()?;
         if !shrinks(head, &out) {
             return None;
         }
     }
-    let out = zstd::bulk::compress(payload, level).ok()?;
+    let out = compress_with(payload, level).ok()?;
     shrinks(payload, &out).then_some(out)
+}
+
+/// `payload` compressed at `level` by this thread's zstd context, made once: a fresh one per
+/// chunk or batch cost its tables' allocation and first-touch page faults every time.
+fn compress_with(payload: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let compressor = match &mut *slot {
+            Some(c) => {
+                c.set_compression_level(level)?;
+                c
+            }
+            empty => empty.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        compressor.compress(payload)
+    })
 }
 
 /// Fuzz entry point (`fuzz/fuzz_targets/inflate.rs`): `data` as the body of a `DataZ` frame,

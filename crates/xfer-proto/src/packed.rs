@@ -49,7 +49,8 @@ impl PackedFiles {
     /// # Errors
     /// As [`Frame::encode`].
     pub fn encode_frames(frames: &[Frame]) -> Result<BytesMut, ProtoError> {
-        let mut raw = BytesMut::new();
+        // Room for all of them at once: growing by doubling copied a batch's bytes again.
+        let mut raw = BytesMut::with_capacity(frames.iter().map(encoded_estimate).sum());
         for frame in frames {
             frame.encode(&mut raw)?;
         }
@@ -96,9 +97,10 @@ impl PackedFiles {
         crc32fast::hash(&self.zstd) == self.crc32
     }
 
-    /// The frames inside, decompressed into `buffer` (exactly `raw_len` bytes, which the caller
-    /// reserved after [`PackedFiles::check`]), each of a type `allowed` accepts. The CRC must
-    /// already have been checked.
+    /// The frames inside, decompressed into `buffer` (room for exactly `raw_len` bytes, which
+    /// the caller reserved after [`PackedFiles::check`]: `Vec::with_capacity`, so that nothing
+    /// is zeroed first; what it holds is dropped), each of a type `allowed` accepts. The CRC
+    /// must already have been checked.
     ///
     /// # Errors
     /// [`ProtoError::BadBody`] if the content is not one zstd frame of exactly `raw_len` bytes
@@ -111,11 +113,20 @@ impl PackedFiles {
         allowed: impl Fn(&Frame) -> bool,
     ) -> Result<Vec<Frame>, ProtoError> {
         let bad = |reason: String| ProtoError::BadBody { kind, reason };
-        debug_assert_eq!(buffer.len(), self.raw_len as usize);
-        let got = zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(&self.zstd[..], &mut buffer[..]))
-            .map_err(|e| bad(format!("zstd: {e} (announced {} bytes)", self.raw_len)))?;
-        if got != buffer.len() {
+        buffer.clear();
+        buffer.reserve_exact(self.raw_len as usize);
+        // zstd writes into the spare capacity and never past it, so a frame that expands beyond
+        // `raw_len` fails here, whatever capacity the allocator rounded up to.
+        let room = self.raw_len as usize;
+        let got = with_decompressor(|d| {
+            d.decompress_to_buffer(&self.zstd[..], &mut buffer)
+                .and_then(|n| match n <= room {
+                    true => Ok(n),
+                    false => Err(std::io::Error::other("output above the announced size")),
+                })
+        })
+        .map_err(|e| bad(format!("zstd: {e} (announced {} bytes)", self.raw_len)))?;
+        if got != room {
             return Err(bad(format!("expands to {got} bytes, not {}", self.raw_len)));
         }
         let mut raw = Bytes::from(buffer);
@@ -144,6 +155,38 @@ impl PackedFiles {
         }
         Ok(frames)
     }
+}
+
+/// About the bytes `frame` encodes to inside a packed frame: its file bytes and name, and room
+/// for the rest of the header.
+fn encoded_estimate(frame: &Frame) -> usize {
+    const HEADER: usize = 128;
+    HEADER
+        + match frame {
+            Frame::PutFile(f) => f.data.len() + f.name.len(),
+            Frame::PutFileMeta(m) => m.file.data.len() + 2 * m.file.name.len(),
+            Frame::FileData(f) => f.data.len(),
+            _ => 0,
+        }
+}
+
+/// Runs `f` with this thread's zstd decompression context, made once: a fresh one per packed
+/// frame cost its allocation and the page faults of its first use, for every batch of files.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decompressor = match &mut *slot {
+            Some(d) => d,
+            empty => empty.insert(zstd::bulk::Decompressor::new()?),
+        };
+        f(decompressor)
+    })
 }
 
 /// Whether `frame` may travel inside a `PackedPutFiles` (a `PutFileMeta` only where
@@ -201,9 +244,31 @@ mod tests {
         p.check("PackedPutFiles")?;
         p.unpack(
             "PackedPutFiles",
-            vec![0; p.raw_len as usize],
+            Vec::with_capacity(p.raw_len as usize),
             packs_in_put_files,
         )
+    }
+
+    #[test]
+    fn unpacks_into_room_not_zeroed_and_again_after_a_bomb() {
+        let page = b"<p>a page of markup</p>\n".repeat(40);
+        let frames: Vec<Frame> = (0..8).map(|i| put(&format!("p{i}.html"), &page)).collect();
+        let good = pack(&frames);
+        let bomb = PackedFiles {
+            count: 1,
+            raw_len: 4096,
+            crc32: 0,
+            zstd: zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap(),
+        };
+        // The thread's decompression context is used again after it stopped a bomb; a buffer
+        // holding bytes already is emptied first.
+        for _ in 0..2 {
+            assert_eq!(unpack(&good).unwrap(), frames);
+            assert!(unpack(&bomb).unwrap_err().to_string().contains("zstd"));
+        }
+        let used = vec![7; 10];
+        let again = good.unpack("PackedPutFiles", used, packs_in_put_files);
+        assert_eq!(again.unwrap(), frames);
     }
 
     #[test]

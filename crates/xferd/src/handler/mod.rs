@@ -367,12 +367,7 @@ impl Handler {
                 Request::PutFile(req) => self.put_files(tree::SmallFile::Plain(req)).await?,
                 Request::PutFileMeta(req) => self.put_files(tree::SmallFile::WithMeta(req)).await?,
                 Request::PackedPutFiles(packed) => self.packed_put_files(packed).await?,
-                Request::MakeDir(req) => {
-                    self.tree_op(req.name.clone(), move |root| {
-                        root.make_dir(&req.name, req.mode, req.mtime_ns)
-                    })
-                    .await?
-                }
+                Request::MakeDir(req) => self.make_dirs(req).await?,
                 Request::MakeLink(req) => {
                     // With CAP_TREE_META links are stored as they are; without, as before.
                     let verbatim = self.keeps_meta();

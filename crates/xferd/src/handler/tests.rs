@@ -253,6 +253,79 @@ async fn buffered_small_file_requests_are_gathered_into_one_batch() {
 }
 
 #[tokio::test]
+async fn buffered_directories_are_made_in_one_batch_and_answered_in_order() {
+    let (dir, shared) = daemon(|_| {});
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let mut handler = Handler::new(
+        Arc::clone(&shared),
+        PEER,
+        new_session(&shared),
+        theirs.into_frames(),
+    );
+    let (read, write) = tokio::io::split(ours);
+    let mut client = FrameWriter::new(write);
+    let make_dir = |name: &str| {
+        Frame::MakeDir(xfer_proto::MakeDir {
+            name: name.into(),
+            mode: 0o750,
+            mtime_ns: 1_000_000_007,
+        })
+    };
+    std::fs::write(dir.path().join("file"), b"in the way").unwrap();
+    let hello = Frame::Hello(Hello {
+        version: 1,
+        min_version: 1,
+        capabilities: 0,
+        agent: String::new(),
+        nonce: vec![],
+    });
+    // A link or special file in the way is refused on its own; the others are made.
+    std::os::unix::fs::symlink("elsewhere", dir.path().join("link")).unwrap();
+    let frames = [
+        hello,
+        make_dir("a"),
+        make_dir("a/b"),
+        make_dir("link"),
+        make_dir("c"),
+        get_file("file"),
+    ];
+    client.send_all(&frames).await.unwrap();
+    let hello = handler.reader.read_frame().await.unwrap().unwrap();
+    assert!(matches!(
+        handler.session.handle_handshake(hello),
+        Ok(Handshake::Admitted)
+    ));
+    let first = handler.reader.read_frame().await.unwrap().unwrap();
+    let Ok(Request::MakeDir(first)) = handler.session.handle_request(first) else {
+        panic!("want MakeDir")
+    };
+    handler.make_dirs(first).await.unwrap();
+    for made in ["a", "a/b", "c"] {
+        let st = std::fs::metadata(dir.path().join(made)).unwrap();
+        assert!(st.is_dir(), "{made}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&st.permissions());
+        assert_eq!(mode & 0o7777, 0o750, "{made}");
+    }
+    assert!(
+        matches!(&handler.pending, Some(Request::GetFile(r)) if r.name == "file"),
+        "the request of another kind is kept for next"
+    );
+    drop(handler);
+    let mut answers = FrameReader::new(read);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(answers.read_frame().await.unwrap().unwrap());
+    }
+    let done = |name: &str| Frame::Done(xfer_proto::Done { name: name.into() });
+    assert_eq!(got[..2], [done("a"), done("a/b")]);
+    let Frame::Error(e) = &got[2] else {
+        panic!("want an error for the link in the way, got {:?}", got[2])
+    };
+    assert_eq!(e.error_code(), Some(ErrorCode::BadPath));
+    assert_eq!(got[3], done("c"));
+}
+
+#[tokio::test]
 async fn pipelined_small_files_are_answered_in_order() {
     let (dir, shared) = daemon(|_| {});
     let mut client = Client::welcomed(&shared).await;

@@ -10,8 +10,8 @@ use xfer_net::Compressor;
 use xfer_proto::packed::{packs_in_file_data, packs_in_put_files};
 use xfer_proto::session::Request;
 use xfer_proto::{
-    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, MetaSet, PackedFiles,
-    PutFile, PutFileMeta, TreeListing, MAX_LISTING_ENTRIES, MAX_PACKED_FRAMES,
+    Done, ErrorCode, ErrorFrame, FileData, Frame, GetFile, ListTree, Listing, MakeDir, MetaSet,
+    PackedFiles, PutFile, PutFileMeta, TreeListing, MAX_LISTING_ENTRIES, MAX_PACKED_FRAMES,
 };
 
 use super::{fatal, ConnError, Handler, READ_ONLY};
@@ -137,6 +137,33 @@ impl Handler {
         }
     }
 
+    /// Makes directory `first` and those pipelined behind it that are already buffered, in one
+    /// trip to the blocking pool, and answers them in order with one write: a tree's
+    /// directories cost a trip each before, which on a busy machine is a wait for the
+    /// scheduler each. An error that ends the connection ends it after the answers before it.
+    pub(super) async fn make_dirs(&mut self, first: MakeDir) -> Result<(), ConnError> {
+        let batch = self.gather(
+            first,
+            |_| 0,
+            |request| match request {
+                Request::MakeDir(req) => Ok(req),
+                other => Err(Box::new(other)),
+            },
+        )?;
+        let outcomes: Vec<StoreOutcome> = if self.shared.config.read_only {
+            let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
+            batch.into_iter().map(|r| (r.name, refusal())).collect()
+        } else {
+            let (root, shared) = (self.root(), Arc::clone(&self.shared));
+            blocking(move || Ok(make_dirs(&root, &shared, batch)))
+                .await
+                .unwrap_or_else(|e: CoreError| {
+                    vec![(String::new(), Err((e.code(), e.to_string())))]
+                })
+        };
+        self.answer(outcomes, None).await
+    }
+
     /// Stores `first` and the small files pipelined behind it that are already buffered, in one
     /// trip to the blocking pool, and answers them with one write: per file, the cost is the
     /// filesystem's alone. Each is answered (`Done` or a request-level error) in order.
@@ -163,7 +190,7 @@ impl Handler {
             .reserve(2 * packed.raw_len as usize)
             .await;
         let frames = tokio::task::spawn_blocking(move || {
-            let buffer = vec![0; packed.raw_len as usize];
+            let buffer = Vec::with_capacity(packed.raw_len as usize);
             packed.unpack("PackedPutFiles", buffer, packs_in_put_files)
         })
         .await
@@ -214,6 +241,16 @@ impl Handler {
                     vec![(String::new(), Err((e.code(), e.to_string())))]
                 })
         };
+        self.answer(outcomes, end).await
+    }
+
+    /// Answers `outcomes` in order with one write, up to the first error that ends the
+    /// connection; that error, or `end` if none, is returned after the answers are sent.
+    async fn answer(
+        &mut self,
+        outcomes: Vec<StoreOutcome>,
+        mut end: Option<ConnError>,
+    ) -> Result<(), ConnError> {
         let mut replies = Vec::with_capacity(outcomes.len());
         for (name, outcome) in outcomes {
             match outcome {
@@ -424,6 +461,33 @@ fn pack_answers(packer: &Compressor, replies: Vec<Frame>) -> Vec<Frame> {
 
 /// A stored file's name, and its answer or the error it got.
 type StoreOutcome = (String, Result<Frame, (ErrorCode, String)>);
+
+/// Makes a batch of directories in order, stopping at the first error that ends the connection.
+fn make_dirs(root: &xfer_core::Root, shared: &Shared, batch: Vec<MakeDir>) -> Vec<StoreOutcome> {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for req in batch {
+        let outcome = if shared.registry.is_open(&req.name) {
+            let message = format!("{} is being uploaded by another client", req.name);
+            Err((ErrorCode::InUse, message))
+        } else {
+            root.make_dir(&req.name, req.mode, req.mtime_ns)
+                .map(|()| {
+                    Frame::Done(Done {
+                        name: req.name.clone(),
+                    })
+                })
+                .map_err(|e| (e.code(), e.to_string()))
+        };
+        let fatal = outcome
+            .as_ref()
+            .is_err_and(|(code, _)| !code.is_request_level());
+        outcomes.push((req.name, outcome));
+        if fatal {
+            break;
+        }
+    }
+    outcomes
+}
 
 /// Stores a batch of small files in order, stopping at the first error that ends the connection
 /// (request-level errors, such as a directory in the way, do not stop it).
