@@ -21,7 +21,11 @@
 # kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
 # loopback runs xfer only), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
-# that it is made outside the benchmark lock).
+# that it is made outside the benchmark lock), FRESH_FS=0 (receive into directories of the work
+# disk instead of a new filesystem per run, see SRVS below).
+# With REPEAT > 1 the tools of a data set run in the opposite order every other round: the second
+# run of a pair is biased (page cache, writeback, the disk's state), and the fastest of both
+# orders is kept.
 set -euo pipefail
 # Descriptors inherited from the caller (`flock`'s lock among them) are closed, so that the
 # emulator, which outlives a failed run, never keeps the benchmark lock held for everyone.
@@ -65,7 +69,13 @@ LOGS="$WORK/logs"
 # it allocates one (fs/ext4/ialloc.c, recently_deleted), so a run that follows the removal of
 # the previous run's 52k files spends most of its server CPU looking for inodes (the docs tree
 # took 3x as long on loopback). DELETED_AT records the last removal; a run waits a minute past it.
+# That minute is not enough when the inode table is still dirty (up to 6 min), nor when another
+# benchmark deletes a tree on the same disk. So by default (FRESH_FS=1) every run receives into a
+# new ext4 made for it on a loop device (no journal, as this disk; inode tables written at mkfs,
+# so no lazy initialisation runs beside the measurement), unmounted and deleted after the run:
+# every tool writes to the same untouched filesystem.
 SRVS="$WORK/srv"
+FRESH_FS="${FRESH_FS:-1}"
 SRV=""
 RUN_NO=0
 DELETED_AT="$WORK/srv.deleted"
@@ -84,13 +94,17 @@ cleanup() {
 # remove_trees: removes every run's receiving directory, flushed, and notes when.
 remove_trees() {
     [[ -d "$SRVS" ]] || return 0
+    local m
+    for m in "$SRVS"/*; do
+        ! mountpoint -q "$m" || umount "$m"
+    done
     rm -rf "$SRVS"
     sync
     date +%s >"$DELETED_AT"
 }
 # Trees a failed run left behind go now; the runs start a minute after the last removal.
 remove_trees
-if [[ -f "$DELETED_AT" && "$PREPARE" != 1 ]]; then
+if [[ -f "$DELETED_AT" && "$PREPARE" != 1 && "$FRESH_FS" != 1 ]]; then
     wait_s=$(($(cat "$DELETED_AT") + 65 - $(date +%s)))
     ((wait_s <= 0)) || { log "waiting ${wait_s}s for the inodes freed by the last removal"; sleep "$wait_s"; }
 fi
@@ -180,6 +194,7 @@ serve() {
     RUN_NO=$((RUN_NO + 1))
     SRV="$SRVS/$RUN_NO"
     mkdir -p "$SRV"
+    [[ "$FRESH_FS" != 1 ]] || fresh_fs "$SRV"
     case "$3" in
         xfer-*)
             # Off loopback xferd wants a token or an explicit --allow-anonymous.
@@ -209,6 +224,23 @@ EOF
     esac
     PIDS+=("$SERVER_PID")
     if [[ "$1" == - ]]; then wait_listening "$PORT"; else wait_listening "$PORT" "$1"; fi
+}
+
+# fresh_fs DIR: mounts a new, empty ext4 on DIR, sized for the largest data set twice over.
+fresh_fs() {
+    local img="$1.img" size=$((2 * (DOCS_BYTES > CSV_SIZE ? DOCS_BYTES : CSV_SIZE) + (512 << 20)))
+    ((size > 2 * RANDOM_SIZE)) || size=$((2 * RANDOM_SIZE + (512 << 20)))
+    truncate -s "$size" "$img"
+    mkfs.ext4 -q -F -O ^has_journal -E lazy_itable_init=0,lazy_journal_init=0 "$img"
+    mount -o loop "$img" "$1"
+}
+
+# drop_fs: the run's filesystem goes once the run is measured.
+drop_fs() {
+    [[ "$FRESH_FS" == 1 ]] || return 0
+    umount "$SRV"
+    rm -f "$SRV.img"
+    rmdir "$SRV"
 }
 
 # unserve TOOL: stops the server; sets S_CPU and S_RSS (KiB).
@@ -259,6 +291,7 @@ run() {
     secs="$(secs_since "$t0")"
     cp "$LOGS/client.err" "$LOGS/$link-$data-$tool.err"
     unserve "$tool"
+    drop_fs
     [[ "$tool" == xfer-* ]] && wire="$(python3 -c 'import json,sys
 w = 0
 for line in open(sys.argv[1]):
@@ -275,6 +308,13 @@ print(w)' "$LOGS/client.out" 2>/dev/null || echo)"
 }
 
 # --- runs ----------------------------------------------------------------------------------------
+# in_order ROUND TOOL...: the tools as given in odd rounds, reversed in even ones.
+in_order() {
+    local round="$1"
+    shift
+    if ((round % 2)); then echo "$@"; else printf '%s\n' "$@" | tac | tr '\n' ' '; fi
+}
+
 # A private copy of the emulator, as bench/mirror.sh makes it (shared/wanem is read-only; its
 # wan.sh builds next to itself).
 if [[ "$WAN" == 1 ]]; then
@@ -284,9 +324,9 @@ if [[ "$WAN" == 1 ]]; then
     done
     WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
     "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
-    for _ in $(seq "$REPEAT"); do
+    for round in $(seq "$REPEAT"); do
         for data in $DATA; do
-            for tool in $TOOLS; do
+            for tool in $(in_order "$round" $TOOLS); do
                 run wan "$data" "$tool"
             done
         done
@@ -295,9 +335,9 @@ if [[ "$WAN" == 1 ]]; then
     WAN_IS_UP=0
 fi
 if [[ "$LOOPBACK" == 1 ]]; then
-    for _ in $(seq "$REPEAT"); do
+    for round in $(seq "$REPEAT"); do
         for data in $DATA; do
-            for tool in $TOOLS; do
+            for tool in $(in_order "$round" $TOOLS); do
                 [[ "$tool" == xfer-* ]] || continue
                 run loopback "$data" "$tool"
             done
@@ -309,7 +349,7 @@ fi
 echo "# xfer compression benchmark (bench/compress.sh), $(date -u +%Y-%m-%d)"
 echo
 echo "- machine: $(hostname), $(nproc) CPUs, $(uname -srm); disk: $WORK ($FSTYPE); commit $(git -C "$REPO" rev-parse --short HEAD)"
-echo "- wan: shared/wanem ${WAN_ARGS[*]}; loopback: 127.0.0.1; uploads; fastest of $REPEAT; cap ${CAP}s"
+echo "- wan: shared/wanem ${WAN_ARGS[*]}; loopback: 127.0.0.1; uploads; fastest of $REPEAT (order alternated); cap ${CAP}s; receiving filesystem: $([[ $FRESH_FS == 1 ]] && echo "a new ext4 per run" || echo "directories of the work disk")"
 echo "- data: docs = $DOCS_SRC $((DOCS_BYTES >> 20)) MiB in $DOCS_FILES files; csv = $((CSV_SIZE >> 20)) MiB generated (zstd -1: $((CSV_ZSTD >> 20)) MiB); random = $((RANDOM_SIZE >> 20)) MiB"
 echo
 python3 - "$RESULTS" <<'EOF'
