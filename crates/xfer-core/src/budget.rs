@@ -35,6 +35,8 @@ struct Inner {
     released: AtomicU64,
     /// Freed buffers kept with their reservations, at most [`SPARE_BUFFERS`].
     spares: Mutex<Vec<Spare>>,
+    /// Bytes the spares hold reserved; changed under the `spares` lock.
+    spare_bytes: AtomicUsize,
 }
 
 /// Spare buffers a budget keeps: enough for the chunks a few connections have between being
@@ -58,7 +60,11 @@ impl Inner {
 
     /// Frees every spare buffer and hands its bytes back.
     fn drop_spares(&self) {
-        let spares = std::mem::take(&mut *self.lock_spares());
+        let spares = {
+            let mut list = self.lock_spares();
+            self.spare_bytes.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *list)
+        };
         for Spare { buf, permit } in spares {
             // Freed first, then released: the budget never counts less than is allocated.
             drop(buf);
@@ -86,6 +92,7 @@ impl MemoryBudget {
                 waits: AtomicU64::new(0),
                 released: AtomicU64::new(0),
                 spares: Mutex::default(),
+                spare_bytes: AtomicUsize::new(0),
             }),
         }
     }
@@ -95,9 +102,16 @@ impl MemoryBudget {
         self.inner.total
     }
 
-    /// Bytes reserved now.
+    /// Bytes reserved now by buffers in use (the spares' bytes are [`MemoryBudget::spare_bytes`]).
     pub fn in_use(&self) -> usize {
-        self.inner.total - self.inner.permits.available_permits()
+        // Read apart from each other: saturating, as a spare may change in between.
+        (self.inner.total - self.inner.permits.available_permits())
+            .saturating_sub(self.spare_bytes())
+    }
+
+    /// Bytes reserved now by spare buffers kept for reuse.
+    pub fn spare_bytes(&self) -> usize {
+        self.inner.spare_bytes.load(Ordering::Relaxed)
     }
 
     /// Reservations waiting for bytes now.
@@ -189,7 +203,13 @@ impl Reservation {
             let fits = spares
                 .iter()
                 .position(|s| s.buf.capacity() >= len && s.buf.capacity() / 2 <= len);
-            fits.map(|i| spares.swap_remove(i))
+            let spare = fits.map(|i| spares.swap_remove(i));
+            if let Some(spare) = &spare {
+                self.inner
+                    .spare_bytes
+                    .fetch_sub(spare.permit.num_permits(), Ordering::Relaxed);
+            }
+            spare
         };
         match spare {
             Some(Spare { mut buf, permit }) => {
@@ -218,6 +238,9 @@ impl Reservation {
         // Read under the lock a waiter takes to empty the list (after counting itself): a
         // spare is either seen and freed by it, or not kept.
         if keep && spares.len() < SPARE_BUFFERS && self.inner.waiting.load(Ordering::SeqCst) == 0 {
+            self.inner
+                .spare_bytes
+                .fetch_add(permit.num_permits(), Ordering::Relaxed);
             spares.push(Spare { buf, permit });
         } else {
             drop(spares);
@@ -315,8 +338,11 @@ mod tests {
         let budget = MemoryBudget::new(4 * CHUNK);
         let (buf, held) = budget.reserve(CHUNK).await.buffer(CHUNK);
         held.recycle(buf);
-        // Kept, and still counted: the budget never counts less than is allocated.
-        assert_eq!((budget.spares(), budget.in_use()), (1, CHUNK));
+        // Kept, and still reserved: the budget never counts less than is allocated.
+        assert_eq!(
+            (budget.spares(), budget.spare_bytes(), budget.in_use()),
+            (1, CHUNK, 0)
+        );
         let (buf, held) = budget.reserve(CHUNK).await.buffer(CHUNK);
         // The spare was taken and the new reservation handed back in its place.
         assert_eq!((budget.spares(), budget.in_use()), (0, CHUNK));
@@ -333,7 +359,10 @@ mod tests {
         assert_eq!((budget.spares(), large.len()), (1, 2 * CHUNK));
         drop((large, large_held));
         budget.drop_spares();
-        assert_eq!((budget.spares(), budget.in_use()), (0, 0));
+        assert_eq!(
+            (budget.spares(), budget.spare_bytes(), budget.in_use()),
+            (0, 0, 0)
+        );
     }
 
     #[tokio::test]
@@ -370,7 +399,8 @@ mod tests {
             reservation.recycle(buf);
         }
         assert_eq!(budget.spares(), SPARE_BUFFERS);
-        assert_eq!(budget.in_use(), SPARE_BUFFERS * CHUNK);
+        assert_eq!(budget.spare_bytes(), SPARE_BUFFERS * CHUNK);
+        assert_eq!(budget.in_use(), 0);
     }
 
     /// Polls a future once with a no-op waker.
