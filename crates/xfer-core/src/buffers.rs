@@ -42,8 +42,8 @@ impl BufferPool {
         })
     }
 
-    /// `buf` as `Bytes` that free it (a budgeted buffer is never kept as a spare) and then
-    /// hand `reservation` back when the last clone is dropped.
+    /// `buf` as `Bytes` that hand it and `reservation` back to the budget when the last clone
+    /// is dropped ([`Reservation::recycle`]: freed, or kept there as a spare; never here).
     pub fn reserved_bytes(buf: Vec<u8>, reservation: Reservation) -> Bytes {
         Bytes::from_owner(Pooled {
             buf,
@@ -80,6 +80,11 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
+        if let Some(reservation) = self.reservation.take() {
+            // The budget frees it, or keeps it (still reserved) for the next chunk.
+            reservation.recycle(buf);
+            return;
+        }
         let mut spare = self.pool.lock();
         if spare.len() < self.pool.keep {
             spare.push(buf);
@@ -87,8 +92,6 @@ impl Drop for Pooled {
             drop(spare);
             drop(buf);
         }
-        // Freed first, then released: the budget never counts less than is allocated.
-        drop(self.reservation.take());
     }
 }
 

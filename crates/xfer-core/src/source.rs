@@ -121,8 +121,8 @@ impl SourceFile {
     }
 
     /// Reads `range` into a buffer that `reservation` (at least `range`'s length, from a
-    /// [`crate::MemoryBudget`]) pays for; the buffer is freed, and the reservation handed
-    /// back, once the bytes returned are dropped.
+    /// [`crate::MemoryBudget`]) pays for; the buffer and the reservation go back to the budget
+    /// once the bytes returned are dropped.
     ///
     /// # Errors
     /// As [`SourceFile::read`].
@@ -134,10 +134,12 @@ impl SourceFile {
         let file = Arc::clone(&self.file);
         let (name, buffers) = (self.name.clone(), self.buffers.clone());
         let task = tokio::task::spawn_blocking(move || {
-            let mut buf = match reservation {
-                // Allocated zeroed: fresh pages from the kernel, no memset.
-                Some(_) => vec![0; range.len() as usize],
-                None => buffers.take(range.len() as usize),
+            let (mut buf, reservation) = match reservation {
+                Some(reservation) => {
+                    let (buf, reservation) = reservation.buffer(range.len() as usize);
+                    (buf, Some(reservation))
+                }
+                None => (buffers.take(range.len() as usize), None),
             };
             match file.read_exact_at(&mut buf, range.start) {
                 Ok(()) => Ok(match reservation {

@@ -31,8 +31,9 @@ const SMALL_READ_BUFFER: usize = 8 * 1024;
 ///
 /// With a [`MemoryBudget`] ([`FrameReader::with_budget`]), a large frame's buffer is reserved
 /// from it once the frame's length is known and before its body is read: while the budget is
-/// spent, the reader waits without reading, and the sender is slowed by TCP. Such buffers are
-/// freed (never kept as spares) and their reservation handed back when the payload is dropped.
+/// spent, the reader waits without reading, and the sender is slowed by TCP. Such buffers go
+/// back to the budget with their reservation when the payload is dropped, which frees them or
+/// keeps them for the next chunk of any connection.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
@@ -162,10 +163,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Moves the large frame of `len` bytes at the front of the buffer into a buffer of its
     /// own (reserved from the budget, or pooled), which the rest is read into.
     fn start_large(&mut self, len: usize, reservation: Option<Reservation>) {
-        let mut body = match reservation {
-            // Allocated zeroed: fresh pages from the kernel, no memset.
-            Some(_) => vec![0; len],
-            None => self.buffers.take(len),
+        let (mut body, reservation) = match reservation {
+            Some(reservation) => {
+                let (body, reservation) = reservation.buffer(len);
+                (body, Some(reservation))
+            }
+            None => (self.buffers.take(len), None),
         };
         let have = self.buf.len() - LEN_PREFIX;
         body[..have].copy_from_slice(&self.buf[LEN_PREFIX..]);

@@ -101,6 +101,8 @@ pub async fn trim_when_idle(
             (last, dirty) = (now, true);
         } else if dirty {
             dirty = false;
+            // The budget's spare chunk buffers first, or the trim could not give them back.
+            budget.drop_spares();
             tokio::task::spawn_blocking(trim).await.ok();
         }
     }

@@ -284,7 +284,8 @@ impl Metrics {
         family(
             "xferd_buffer_bytes",
             "gauge",
-            "Bytes of chunk and frame buffers held now, reserved from the budget.",
+            "Bytes of chunk and frame buffers in use now, reserved from the budget (not counting \
+             the few freed ones kept, still reserved, for reuse).",
             &budget(xfer_core::MemoryBudget::in_use),
         );
         family(

@@ -5,9 +5,14 @@ use std::time::{Duration, Instant};
 /// How often the pool looks at its throughput.
 pub(super) const TICK: Duration = Duration::from_millis(100);
 /// Time a pool of a new size gets before it is measured: new connections do their handshake
-/// and leave slow start. [`SETTLE_RTTS`] round trips, within these bounds.
-const SETTLE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_millis(500));
+/// and leave slow start. [`SETTLE_RTTS`] round trips, within these bounds. The upper bound is
+/// past the 1.5 s of a 150 ms path: capped at 0.5 s (3 round trips there), a bbr pool was
+/// measured while its new connections were still in startup, so each size looked slower than
+/// it was and the next doubling faster, and a 2 GiB download grew to 64 connections.
+const SETTLE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
 const SETTLE_RTTS: u32 = 10;
+/// Settling time when the round-trip time is unknown.
+const SETTLE_UNKNOWN: Duration = Duration::from_millis(500);
 /// How long one measurement lasts: [`MEASURE_RTTS`] round trips, within these bounds. On a
 /// 50 ms path that is the upper bound (a cubic stream needs seconds to reach its share); on
 /// loopback and LAN paths a whole file can be moved in the time of one such measurement. The
@@ -109,7 +114,7 @@ impl Grower {
             misses: 0,
             marginal: false,
             done: size >= max,
-            settle: scaled(SETTLE_RTTS, SETTLE),
+            settle: rtt.map_or(SETTLE_UNKNOWN, |_| scaled(SETTLE_RTTS, SETTLE)),
             measure: scaled(MEASURE_RTTS, MEASURE),
             join: rtt.map_or(Duration::ZERO, |rtt| rtt * JOIN_RTTS),
         }
@@ -239,6 +244,30 @@ mod tests {
                 Step::Wait => ('?', 0),
             })
             .collect()
+    }
+
+    /// When a grower fed steady bytes takes its first measurement's mark.
+    fn settled_after(rtt: Option<Duration>) -> Duration {
+        let t0 = Instant::now();
+        let mut g = Grower::new(8, 64, t0, rtt);
+        let mut now = t0;
+        while g.mark.is_none() {
+            now += TICK;
+            g.on_tick(now, 0, true, u64::MAX);
+        }
+        now - t0
+    }
+
+    #[test]
+    fn settling_lasts_ten_round_trips_within_bounds() {
+        let ms = Duration::from_millis;
+        // A long path waits out its new connections' start (bbr's startup on 150 ms).
+        assert_eq!(settled_after(Some(ms(150))), ms(1500));
+        assert_eq!(settled_after(Some(ms(50))), ms(500));
+        assert_eq!(settled_after(Some(ms(600))), ms(2000));
+        // A LAN, and a path of unknown RTT, as before.
+        assert_eq!(settled_after(Some(ms(1))), ms(200));
+        assert_eq!(settled_after(None), ms(500));
     }
 
     #[test]
@@ -373,7 +402,8 @@ mod tests {
     #[test]
     fn on_a_long_path_what_is_left_must_also_repay_the_new_connections_start() {
         // 25 MB/s measured at 8 connections with 70 MB left (the 150 ms path's 128 MiB file):
-        // settling and measuring take 1.5 s (38 MB), joining 10 round trips more (1.5 s).
+        // settling 10 round trips (1.5 s) and measuring 1 s take 63 MB, joining 10 round trips
+        // more (1.5 s) 38 MB.
         let t0 = Instant::now();
         let decide = |rtt: Duration, left: u64| {
             let mut g = Grower::new(8, 64, t0, Some(rtt));
@@ -388,7 +418,7 @@ mod tests {
             decide(far, 70_000_000)
         );
         assert!(matches!(
-            decide(far, 80_000_000),
+            decide(far, 110_000_000),
             Some(Step::Grow { to: 16, .. })
         ));
         // On a LAN joining is quick: the same bytes left are worth growing for.
@@ -405,7 +435,10 @@ mod tests {
         let lan = Grower::new(4, 16, t0, Some(Duration::from_micros(200)));
         assert_eq!((lan.settle, lan.measure), (SETTLE.0, MEASURE.0));
         let wan = Grower::new(4, 16, t0, Some(Duration::from_millis(50)));
-        assert_eq!((wan.settle, wan.measure), (SETTLE.1, MEASURE.1));
+        assert_eq!(
+            (wan.settle, wan.measure),
+            (Duration::from_millis(500), MEASURE.1)
+        );
         let mid = Grower::new(4, 16, t0, Some(Duration::from_millis(30)));
         assert_eq!(
             (mid.settle, mid.measure),
