@@ -297,3 +297,94 @@ fn plain_copy_between_daemons_without_tls() {
     assert_summary(&out, (1, 0, 1, 1, 0, size, size));
     assert_eq!(sha256_file(&dst.file("q/p.bin")), want);
 }
+
+/// Writes `len` seeded random bytes to `path` with a fixed mtime, the destination's old version.
+fn old_version(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut bytes = vec![0; len];
+    rand::RngCore::fill_bytes(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+        &mut bytes,
+    );
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, &bytes).unwrap();
+    xfer_tests::set_mtime(path, 1_700_000_000);
+    bytes
+}
+
+/// `copy --delta` moves only what changed against the file the destination already holds, as
+/// the source daemon reports back; `copy --whole-file` moves every byte of it again.
+#[test]
+fn copy_with_delta_moves_the_change_and_with_whole_file_everything() {
+    let mut dst = Side::new("dst-token-7c1d");
+    dst.start(false, &[]);
+    let mut src = Side::new("src-token-93ab");
+    src.start(false, &[]);
+    let size = 4 * MIB as usize;
+    let old = old_version(&dst.file("d.bin"), size, 61);
+    let mut new = old.clone();
+    new[MIB as usize..MIB as usize + 4000].fill(0xa5);
+    fs::write(src.file("d.bin"), &new).unwrap();
+    xfer_tests::set_mtime(&src.file("d.bin"), 1_800_000_000);
+    let want = sha256_file(&src.file("d.bin"));
+    let endpoints = [src.at("d.bin"), dst.at("d.bin")];
+
+    let out = copy(
+        &src,
+        &dst,
+        false,
+        &["--delta", &endpoints[0], &endpoints[1]],
+    )
+    .ok();
+    let json = out.json();
+    let result = &json["results"][0];
+    assert_eq!(result["delta"], true, "{json}");
+    let literal = result["literal_bytes"].as_u64().expect("literal_bytes");
+    let matched = result["matched_bytes"].as_u64().expect("matched_bytes");
+    // The changed 4000 bytes and the content-defined chunks around them, nothing like 4 MiB.
+    assert!(literal > 0 && literal <= 256 * 1024, "{json}");
+    assert!(literal + matched >= size as u64, "{json}");
+    assert_eq!(
+        result["bytes_transferred"].as_u64(),
+        Some(literal),
+        "{json}"
+    );
+    assert_eq!(sha256_file(&dst.file("d.bin")), want);
+
+    // The old version again: forced whole, the same copy moves all of it.
+    old_version(&dst.file("d.bin"), size, 61);
+    let out = copy(
+        &src,
+        &dst,
+        false,
+        &["--whole-file", &endpoints[0], &endpoints[1]],
+    )
+    .ok();
+    let json = out.json();
+    let result = &json["results"][0];
+    assert_eq!(result["delta"], false, "{json}");
+    assert_eq!(
+        result["literal_bytes"].as_u64(),
+        Some(size as u64),
+        "{json}"
+    );
+    assert_eq!(result["matched_bytes"].as_u64(), Some(0), "{json}");
+    assert_eq!(sha256_file(&dst.file("d.bin")), want);
+}
+
+/// `--delta` and `--whole-file` contradict each other: refused before anything is sent.
+#[test]
+fn copy_refuses_delta_with_whole_file() {
+    let out = run_xfer(
+        [
+            "copy",
+            "--delta",
+            "--whole-file",
+            "127.0.0.1:1:a",
+            "127.0.0.1:2:b",
+        ],
+        &[],
+        GUARD,
+    );
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("--whole-file"), "{}", out.stderr);
+}

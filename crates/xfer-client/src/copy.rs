@@ -8,7 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use xfer_proto::{auth, Change, CopyDoneMeta, CopyTo, Frame, Grant, MirrorTo, CAP_MIRROR};
+use xfer_proto::{
+    auth, Change, CopyDelta, CopyDeltaMode, CopyDoneMeta, CopyMode, CopyTo, Frame, Grant, MirrorTo,
+    CAP_COPY_DELTA, CAP_MIRROR,
+};
 
 use crate::session::unexpected;
 use crate::{ClientError, Connector, Progress, Session, Target};
@@ -128,6 +131,21 @@ pub struct CopyOptions {
     pub keep: crate::TreeOptions,
     /// Filters, deletion and dry run of a tree copy (`MirrorTo`); the default is a plain copy.
     pub mirror: crate::Mirror,
+    /// Whether the source daemon tries a delta against what the destination holds
+    /// (`--delta`, `--whole-file`); `Auto` lets it decide.
+    pub delta: CopyDeltaMode,
+}
+
+/// What the source daemon reported about one copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Its counts.
+    pub done: CopyDoneMeta,
+    /// What a tree copy (`MirrorTo`) changed.
+    pub changes: Vec<Change>,
+    /// What a single-file copy's delta moved, from a source daemon that says
+    /// (`CAP_COPY_DELTA`).
+    pub delta: Option<CopyDelta>,
 }
 
 impl std::fmt::Debug for CopyOptions {
@@ -140,6 +158,7 @@ impl std::fmt::Debug for CopyOptions {
             .field("dst_tls", &self.dst_tls)
             .field("keep", &self.keep)
             .field("mirror", &self.mirror)
+            .field("delta", &self.delta)
             .finish()
     }
 }
@@ -157,10 +176,11 @@ pub async fn copy(
 ) -> Result<CopyDoneMeta, ClientError> {
     copy_mirror(spec, src, opts, progress)
         .await
-        .map(|(done, _)| done)
+        .map(|report| report.done)
 }
 
-/// [`copy`], and the changes the source daemon reported for a tree copy (`MirrorTo`).
+/// [`copy`], with the changes the source daemon reported for a tree copy (`MirrorTo`) and what
+/// a single-file copy's delta moved.
 ///
 /// A tree copy is one `MirrorTo` whenever the source daemon knows it: it carries what the
 /// copy keeps as well as its filters, deletion and dry run. A source daemon that predates it
@@ -169,15 +189,29 @@ pub async fn copy(
 ///
 /// # Errors
 /// As [`copy`]; `Unsupported` when the source daemon predates mirror copies and the copy needs
-/// one.
+/// one, or predates `CAP_COPY_DELTA` and the copy forces a delta or the whole file.
 pub async fn copy_mirror(
     spec: &CopySpec,
     src: &Connector,
     opts: &CopyOptions,
     progress: &dyn Progress,
-) -> Result<(CopyDoneMeta, Vec<Change>), ClientError> {
+) -> Result<CopyReport, ClientError> {
     let offer = if opts.recursive { CAP_MIRROR } else { 0 };
     let mut session = Session::connect_offering(&spec.src, src, offer).await?;
+    // A forced choice the source cannot be told would be ignored without a word: refuse.
+    let knows_delta = session.welcome.capabilities & CAP_COPY_DELTA != 0;
+    if opts.delta != CopyDeltaMode::Auto && !knows_delta {
+        session.close().await;
+        let flag = match opts.delta {
+            CopyDeltaMode::Delta => "--delta",
+            _ => "--whole-file",
+        };
+        return Err(ClientError::Unsupported(format!(
+            "the source daemon at {} is too old to be told {flag} for a copy (upgrade xferd, \
+             or copy without {flag})",
+            spec.src
+        )));
+    }
     let mirrored = opts.recursive && session.welcome.capabilities & CAP_MIRROR != 0;
     if opts.recursive && !mirrored {
         if !opts.mirror.is_plain() {
@@ -236,8 +270,14 @@ pub async fn copy_mirror(
     } else {
         Frame::CopyTo(request)
     };
+    if opts.delta != CopyDeltaMode::Auto {
+        session
+            .send(&Frame::CopyMode(CopyMode { delta: opts.delta }))
+            .await?;
+    }
     session.send(&request).await?;
     let mut changes = Vec::new();
+    let mut delta = None;
     loop {
         match session.next().await? {
             Frame::Progress(p) => {
@@ -245,9 +285,14 @@ pub async fn copy_mirror(
                 progress.set_position(p.bytes_done);
             }
             Frame::Changes(page) if mirrored => changes.extend(page.changes),
+            Frame::CopyDelta(d) if knows_delta && !mirrored && delta.is_none() => delta = Some(d),
             Frame::CopyDoneMeta(done) if mirrored => {
                 session.close().await;
-                return Ok((done, changes));
+                return Ok(CopyReport {
+                    done,
+                    changes,
+                    delta,
+                });
             }
             Frame::CopyDone(done) if !mirrored => {
                 session.close().await;
@@ -258,7 +303,11 @@ pub async fn copy_mirror(
                     hard_links: 0,
                     entries_skipped: 0,
                 };
-                return Ok((done, changes));
+                return Ok(CopyReport {
+                    done,
+                    changes,
+                    delta,
+                });
             }
             other => return Err(unexpected(other)),
         }

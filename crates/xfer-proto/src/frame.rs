@@ -154,6 +154,38 @@ pub struct CopyDone {
     pub millis: u64,
 }
 
+/// Whether a copy's transfer tries a delta against what the destination already holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyDeltaMode {
+    /// The source daemon decides, as `xfer send` does without a flag.
+    #[default]
+    Auto,
+    /// Never (`--whole-file`).
+    WholeFile,
+    /// Always try one (`--delta`).
+    Delta,
+}
+
+/// Client → server (`CAP_COPY_DELTA`): how the next `CopyTo` or `MirrorTo` on this connection
+/// chooses between a delta and the whole file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyMode {
+    /// The choice.
+    pub delta: CopyDeltaMode,
+}
+
+/// Server → client (`CAP_COPY_DELTA`), right before the `CopyDone` of a single-file copy: what
+/// its transfer moved as literal data and what it took from the destination's old file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyDelta {
+    /// The transfer ran as a delta.
+    pub delta: bool,
+    /// Bytes sent as data.
+    pub literal_bytes: u64,
+    /// Bytes the destination copied from its old file.
+    pub matched_bytes: u64,
+}
+
 /// Server → client answer to `Hello` (or to `Auth`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -785,6 +817,10 @@ frame_types! {
     DeltaResume(crate::DeltaResume) = 0x75,
     /// [`DeltaAgreed`](crate::DeltaAgreed): the spans answered so far
     DeltaAgreed(crate::DeltaAgreed) = 0x76,
+    /// [`CopyMode`]: delta or whole file for the next copy (`CAP_COPY_DELTA`)
+    CopyMode(CopyMode) = 0x77,
+    /// [`CopyDelta`]: what a single-file copy's delta moved (`CAP_COPY_DELTA`)
+    CopyDelta(CopyDelta) = 0x78,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

@@ -307,6 +307,46 @@ mod tests {
         script.to_vec()
     }
 
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_COPY_DELTA`,
+    /// `CopyMode` for a delta, then for the whole file, then a `CopyTo`.
+    fn copy_mode_script() -> Vec<u8> {
+        use crate::*;
+        let mode = |delta| Frame::CopyMode(CopyMode { delta });
+        let frames = [
+            Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                capabilities: CAP_COPY_DELTA,
+                agent: "fuzz".into(),
+                nonce: vec![1; 32],
+            }),
+            mode(CopyDeltaMode::Delta),
+            mode(CopyDeltaMode::WholeFile),
+            Frame::CopyTo(CopyTo {
+                source: "f".into(),
+                recursive: false,
+                host: "127.0.0.1".into(),
+                port: 9,
+                dest: "f".into(),
+                connections: 2,
+                chunk_size: 1 << 16,
+                grant: None,
+                tls: false,
+                pin: None,
+            }),
+        ];
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in &frames {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn copy_modes_reach_the_session() {
+        session_script_now(&copy_mode_script());
+    }
+
     /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.
     pub(crate) fn packed_put_files() -> crate::PackedFiles {
         use crate::*;

@@ -68,6 +68,10 @@ pub const CAP_DELTA_PIPELINE: u64 = 1 << 9;
 /// named (`OpenWriteSparse`, `ReadOpenedSparse`), so the receiver reserves space only for the
 /// bytes between them, and ACL attributes travel with the names of their entries.
 pub const CAP_TREE_META_V2: u64 = 1 << 10;
+/// Capability bit: a copy can be told whether to try a delta (`CopyMode` before `CopyTo` or
+/// `MirrorTo`), and a single-file copy reports what its delta moved (`CopyDelta` before
+/// `CopyDone`).
+pub const CAP_COPY_DELTA: u64 = 1 << 11;
 /// Capability bit: with `CAP_TREE_META`, a small file may be stored with its owner and
 /// attributes in one request (`PutFileMeta`), alone or packed.
 pub const CAP_PUT_META: u64 = 1 << 14;
@@ -81,7 +85,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_PACKED_LISTING
     | CAP_PACKED_FILES
     | CAP_TREE_META_V2
-    | CAP_PUT_META;
+    | CAP_PUT_META
+    | CAP_COPY_DELTA;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

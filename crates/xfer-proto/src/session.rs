@@ -161,6 +161,9 @@ pub enum Request {
     /// Say which spans of an open upload a `DeltaMatch` answered (`CAP_DELTA_PIPELINE`);
     /// answer `DeltaAgreed`.
     DeltaResume(UploadId, crate::DeltaResume),
+    /// Run the next `CopyTo` or `MirrorTo` of this connection with this delta choice
+    /// (`CAP_COPY_DELTA`).
+    CopyMode(crate::CopyDeltaMode),
     /// The client is done: close.
     Goodbye,
     /// The client reported an error: close without answering.
@@ -739,8 +742,12 @@ impl<U, D> ServerSession<U, D> {
                 self.transfer("DeltaResume", d.transfer_id, TransferKind::Upload)?;
                 Ok(Request::DeltaResume(UploadId(d.transfer_id), d))
             }
+            Frame::CopyMode(m) if self.client_capabilities & crate::CAP_COPY_DELTA != 0 => {
+                Ok(Request::CopyMode(m.delta))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
+            | Frame::CopyMode(_)
             | Frame::PackedPutFiles(_)
             | Frame::PutFileMeta(_)
             | Frame::ReadSig(_)
@@ -1589,5 +1596,33 @@ mod tests {
         // Unknown bits are never echoed; the mirror bits are.
         assert_eq!(s.capabilities(), crate::CAP_DELETE | crate::CAP_MIRROR);
         assert!(matches!(s.handle_request(delete()), Ok(Request::Delete(_))));
+    }
+
+    #[test]
+    fn a_copy_mode_needs_its_capability() {
+        let mode = || {
+            Frame::CopyMode(crate::CopyMode {
+                delta: crate::CopyDeltaMode::Delta,
+            })
+        };
+        let mut plain = ready();
+        assert!(matches!(
+            plain.handle_request(mode()),
+            Err(SessionError::Unexpected {
+                frame: "CopyMode",
+                ..
+            })
+        ));
+        let mut s = session(None);
+        let Frame::Hello(mut h) = hello(vec![]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_COPY_DELTA;
+        s.handle_handshake(Frame::Hello(h)).unwrap();
+        assert_eq!(s.capabilities(), crate::CAP_COPY_DELTA);
+        assert!(matches!(
+            s.handle_request(mode()),
+            Ok(Request::CopyMode(crate::CopyDeltaMode::Delta))
+        ));
     }
 }

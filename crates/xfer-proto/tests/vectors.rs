@@ -586,6 +586,20 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 millis: 1250,
             }),
         ),
+        (
+            "copy-mode",
+            Frame::CopyMode(CopyMode {
+                delta: CopyDeltaMode::Delta,
+            }),
+        ),
+        (
+            "copy-delta",
+            Frame::CopyDelta(CopyDelta {
+                delta: true,
+                literal_bytes: 19_995,
+                matched_bytes: 4_174_309,
+            }),
+        ),
         ("hello-delete", hello(CAP_DELETE | CAP_MIRROR, nc.clone())),
         (
             "error-delete-refused",

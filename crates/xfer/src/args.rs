@@ -131,6 +131,13 @@ pub(crate) struct CopyArgs {
     /// Trust the source daemon's certificate the first time without asking, and pin it.
     #[arg(long)]
     pub(crate) accept_new: bool,
+    /// Have the source send only what changed against the file the destination holds under
+    /// the name [default: the source daemon decides, as `xfer send` does].
+    #[arg(long, conflicts_with = "whole_file")]
+    pub(crate) delta: bool,
+    /// Have the source send the whole file even where it would try a delta.
+    #[arg(long)]
+    pub(crate) whole_file: bool,
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     pub(crate) quiet: bool,

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use xfer_client::copy::{CopyOptions, CopySpec};
 
 use crate::args::{CopyArgs, TokenArgs};
-use crate::output::{self, CopyOutcome};
+use crate::output::{self, CopyDoneJson, CopyOutcome};
 
 /// Runs every copy `args` names; fails naming the first that failed.
 pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow::Result<()> {
@@ -58,6 +58,11 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         dst_tls: args.tls,
         keep: args.keep.options(),
         mirror: args.mirror.mirror()?,
+        delta: match (args.delta, args.whole_file) {
+            (true, _) => xfer_proto::CopyDeltaMode::Delta,
+            (_, true) => xfer_proto::CopyDeltaMode::WholeFile,
+            _ => xfer_proto::CopyDeltaMode::Auto,
+        },
     };
     let bars = output::copy_bars(args.quiet);
     let started = std::time::Instant::now();
@@ -87,13 +92,13 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         .map(|(i, result)| {
             let (src, dst) = pairs[i].clone();
             match result {
-                Ok((d, changes)) => CopyOutcome {
-                    changes: args.mirror.list_changes(&changes, args.json),
+                Ok(report) => CopyOutcome {
+                    changes: args.mirror.list_changes(&report.changes, args.json),
                     src,
                     dst,
                     ok: true,
                     error: None,
-                    done: Some((&d).into()),
+                    done: Some(CopyDoneJson::new(&report.done, report.delta)),
                 },
                 Err(e) => {
                     failed.push(format!("{src} -> {dst}: {e}"));

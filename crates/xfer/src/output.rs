@@ -216,10 +216,19 @@ pub(crate) struct CopyDoneJson {
     xattrs_refused: u64,
     hard_links: u64,
     entries_skipped: u64,
+    /// A single-file copy's transfer, from a source daemon that reports it: whether it went
+    /// as a delta, and what it sent and what the destination reused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    literal_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    matched_bytes: Option<u64>,
 }
 
-impl From<&CopyDoneMeta> for CopyDoneJson {
-    fn from(m: &CopyDoneMeta) -> Self {
+impl CopyDoneJson {
+    /// The counts of `m`, and what `delta` says the transfer moved.
+    pub(crate) fn new(m: &CopyDoneMeta, delta: Option<xfer_proto::CopyDelta>) -> Self {
         let d = &m.done;
         Self {
             files_total: d.files_total,
@@ -233,6 +242,9 @@ impl From<&CopyDoneMeta> for CopyDoneJson {
             xattrs_refused: m.xattrs_refused,
             hard_links: m.hard_links,
             entries_skipped: m.entries_skipped,
+            delta: delta.map(|d| d.delta),
+            literal_bytes: delta.map(|d| d.literal_bytes),
+            matched_bytes: delta.map(|d| d.matched_bytes),
         }
     }
 }

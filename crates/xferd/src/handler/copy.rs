@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 use xfer_core::SourceFile;
-use xfer_proto::{CopyDone, CopyTo, ErrorCode, Frame, Progress};
+use xfer_proto::{CopyDelta, CopyDeltaMode, CopyDone, CopyTo, ErrorCode, Frame, Progress};
 
 use super::{fatal, ConnError, Handler};
 use crate::registry::blocking;
@@ -20,6 +20,8 @@ impl Handler {
         tree: Option<(xfer_proto::TreeOptions, xfer_client::Mirror)>,
     ) -> Result<(), ConnError> {
         let mirrored = tree.is_some();
+        // What the client chose for this copy (`CopyMode`); it holds for this one only.
+        let delta_mode = std::mem::take(&mut self.copy_delta);
         let (keep, mirror) = tree.unwrap_or_default();
         let destination = xfer_client::Target {
             host: req.host.clone(),
@@ -53,7 +55,11 @@ impl Handler {
                 .chunk_size
                 .clamp(xfer_proto::MIN_CHUNK_SIZE, xfer_proto::MAX_CHUNK_SIZE),
             bwlimit: None,
-            delta: xfer_client::engine::DeltaMode::Auto,
+            delta: match delta_mode {
+                CopyDeltaMode::Auto => xfer_client::engine::DeltaMode::Auto,
+                CopyDeltaMode::WholeFile => xfer_client::engine::DeltaMode::Never,
+                CopyDeltaMode::Delta => xfer_client::engine::DeltaMode::Always,
+            },
             retry_deadline: std::time::Duration::from_secs(60),
             progress: Arc::clone(&progress) as Arc<dyn xfer_client::Progress>,
             connector: xfer_client::Connector {
@@ -101,7 +107,7 @@ impl Handler {
                     hard_links: s.hard_links,
                     entries_skipped: s.entries_skipped,
                 };
-                Ok::<_, xfer_client::ClientError>((done, s.changes))
+                Ok::<_, xfer_client::ClientError>((done, s.changes, None))
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
@@ -121,7 +127,12 @@ impl Handler {
                     hard_links: 0,
                     entries_skipped: 0,
                 };
-                Ok((done, Vec::new()))
+                let delta = CopyDelta {
+                    delta: s.delta,
+                    literal_bytes: s.literal_bytes,
+                    matched_bytes: s.matched_bytes,
+                };
+                Ok((done, Vec::new(), Some(delta)))
             }
         });
         let shutdown = self.shared.shutdown.clone();
@@ -144,8 +155,13 @@ impl Handler {
             }
         };
         match outcome {
-            Ok(Ok((done, changes))) => {
+            Ok(Ok((done, changes, delta))) => {
                 info!(destination = %destination, bytes = done.done.bytes_transferred, millis = done.done.millis, "copy complete");
+                // Only a client that offered CAP_COPY_DELTA knows the frame.
+                let told = self.session.capabilities() & xfer_proto::CAP_COPY_DELTA != 0;
+                if let Some(delta) = delta.filter(|_| told) {
+                    self.writer.send(&Frame::CopyDelta(delta)).await?;
+                }
                 if !mirrored {
                     return Ok(self.writer.send(&Frame::CopyDone(done.done)).await?);
                 }

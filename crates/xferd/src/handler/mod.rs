@@ -122,6 +122,9 @@ struct Handler {
     /// The socket counted by the delivered-bytes meter `auto` compression measures by, while
     /// it does.
     counted: Option<xfer_net::delivered::Counted>,
+    /// How the next copy this connection asks for chooses between a delta and the whole file
+    /// (`CopyMode`).
+    copy_delta: xfer_proto::CopyDeltaMode,
 }
 
 /// A byte stream a connection is served over: a TCP socket in the daemon, one end of an
@@ -271,6 +274,7 @@ impl Handler {
             compressor: None,
             socket: None,
             counted: None,
+            copy_delta: xfer_proto::CopyDeltaMode::Auto,
         }
     }
 
@@ -354,6 +358,7 @@ impl Handler {
                 }
                 Request::DataZ(id, z) => self.data_compressed(id, z).await?,
                 Request::SetCompression(mode) => self.set_compression(mode),
+                Request::CopyMode(mode) => self.copy_delta = mode,
                 Request::Commit(id, c) => self.commit(id, c).await?,
                 Request::DeltaOpen(id, _) => self.delta_open(id).await?,
                 Request::DeltaResume(id, _) => self.delta_resume(id).await?,
