@@ -388,3 +388,62 @@ fn copy_refuses_delta_with_whole_file() {
     assert!(!out.status.success(), "{}", out.stderr);
     assert!(out.stderr.contains("--whole-file"), "{}", out.stderr);
 }
+
+/// A source daemon from before `CAP_COPY_DELTA`: it welcomes every client with no capability
+/// and records the type of every frame it is sent after the `Hello`.
+fn daemon_without_copy_delta() -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut len = [0u8; 4];
+            while conn.read_exact(&mut len).is_ok() {
+                let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                if conn.read_exact(&mut body).is_err() {
+                    break;
+                }
+                if body.first() != Some(&0x01) {
+                    record.lock().unwrap().extend(body.first());
+                    continue;
+                }
+                let welcome = xfer_proto::Frame::Welcome(xfer_proto::Welcome {
+                    version: 1,
+                    capabilities: 0,
+                    max_chunk_size: xfer_proto::DEFAULT_CHUNK_SIZE,
+                    window: 8,
+                    agent: "xferd/old".into(),
+                    proof: Vec::new(),
+                });
+                let mut out = bytes::BytesMut::new();
+                welcome.encode(&mut out).unwrap();
+                if conn.write_all(&out).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// A source daemon that cannot be told `--delta` or `--whole-file` is not asked to copy at all:
+/// the client fails with one line naming it, rather than let it choose.
+#[test]
+fn copy_with_a_forced_mode_fails_clearly_against_a_daemon_that_cannot_be_told() {
+    let (addr, seen) = daemon_without_copy_delta();
+    for flag in ["--delta", "--whole-file"] {
+        let from = format!("{addr}:d.bin");
+        let out = run_xfer(["copy", flag, &from, "127.0.0.1:9:d.bin"], &[], GUARD);
+        assert!(!out.status.success(), "{}", out.stderr);
+        let line = out.error_line();
+        assert!(
+            line.contains("too old to be told") && line.contains(flag),
+            "{line}"
+        );
+    }
+    // Neither a CopyMode (0x77) nor a CopyTo (0x60) ever reached it.
+    let seen = seen.lock().unwrap();
+    assert!(!seen.iter().any(|t| [0x60, 0x77].contains(t)), "{seen:?}");
+}
