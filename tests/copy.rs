@@ -3,7 +3,9 @@
 //! and a `--from-list` fan-out arrive whole over TLS on both legs; a destination the source
 //! daemon does not trust (its `--copy-ca`), and a source daemon without TLS, fail with one clear
 //! line and leave nothing at the destination; a destination with a certificate is reached over
-//! TLS without `--tls`.
+//! TLS without `--tls`. `--delta` moves only what changed against the destination's old version
+//! and `--whole-file` all of it, as the source daemon reports back; a source daemon that cannot
+//! be told either refuses the copy with one line.
 
 use std::fs;
 use std::path::{Path, PathBuf};
