@@ -413,7 +413,11 @@ impl Handler {
                 }
                 Request::MirrorTo(req) => match crate::mirror::mirror_of(&req) {
                     Ok(mirror) => self.copy_to(req.copy, Some((req.options, mirror))).await?,
-                    Err(message) => self.reply_error(ErrorCode::BadPath, message).await?,
+                    Err(message) => {
+                        // A refused copy uses up its `CopyMode` as a failed one does.
+                        self.copy_delta = xfer_proto::CopyDeltaMode::Auto;
+                        self.reply_error(ErrorCode::BadPath, message).await?
+                    }
                 },
                 Request::Goodbye => return Ok(()),
                 Request::PeerError(e) => {
