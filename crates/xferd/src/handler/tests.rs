@@ -198,38 +198,56 @@ async fn a_good_chunk_then_a_corrupt_one_are_answered_in_order() {
     assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), bytes);
 }
 
-#[tokio::test]
-async fn buffered_small_file_requests_are_gathered_into_one_batch() {
-    let (_dir, shared) = daemon(|_| {});
+/// A handler the test drives by hand: `frames` arrive pipelined in one write behind a `Hello`
+/// it has admitted. Returns it with the client's two ends: answers arrive on the first; the
+/// second keeps the stream open.
+async fn admitted_handler(
+    shared: &Arc<Shared>,
+    frames: &[Frame],
+) -> (
+    Handler,
+    ReadHalf<DuplexStream>,
+    FrameWriter<WriteHalf<DuplexStream>>,
+) {
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let mut handler = Handler::new(
-        Arc::clone(&shared),
+        Arc::clone(shared),
         PEER,
-        new_session(&shared),
+        new_session(shared),
         theirs.into_frames(),
     );
-    let (_read, write) = tokio::io::split(ours);
+    let (read, write) = tokio::io::split(ours);
     let mut client = FrameWriter::new(write);
-    // Three uploads and a download, pipelined in one write.
-    let frames = [
-        Frame::Hello(Hello {
-            version: 1,
-            min_version: 1,
-            capabilities: 0,
-            agent: String::new(),
-            nonce: vec![],
-        }),
-        put_file("a", b"1"),
-        put_file("b", b"22"),
-        put_file("c", b"333"),
-        get_file("a"),
-    ];
-    client.send_all(&frames).await.unwrap();
+    let hello = Frame::Hello(Hello {
+        version: 1,
+        min_version: 1,
+        capabilities: 0,
+        agent: String::new(),
+        nonce: vec![],
+    });
+    let pipelined: Vec<Frame> = std::iter::once(hello)
+        .chain(frames.iter().cloned())
+        .collect();
+    client.send_all(&pipelined).await.unwrap();
     let hello = handler.reader.read_frame().await.unwrap().unwrap();
     assert!(matches!(
         handler.session.handle_handshake(hello),
         Ok(Handshake::Admitted)
     ));
+    (handler, read, client)
+}
+
+#[tokio::test]
+async fn buffered_small_file_requests_are_gathered_into_one_batch() {
+    let (_dir, shared) = daemon(|_| {});
+    // Three uploads and a download, pipelined in one write.
+    let frames = [
+        put_file("a", b"1"),
+        put_file("b", b"22"),
+        put_file("c", b"333"),
+        get_file("a"),
+    ];
+    let (mut handler, _read, _client) = admitted_handler(&shared, &frames).await;
     let first = handler.reader.read_frame().await.unwrap().unwrap();
     let Ok(Request::PutFile(first)) = handler.session.handle_request(first) else {
         panic!("want PutFile")
@@ -255,15 +273,6 @@ async fn buffered_small_file_requests_are_gathered_into_one_batch() {
 #[tokio::test]
 async fn buffered_directories_are_made_in_one_batch_and_answered_in_order() {
     let (dir, shared) = daemon(|_| {});
-    let (ours, theirs) = tokio::io::duplex(1 << 20);
-    let mut handler = Handler::new(
-        Arc::clone(&shared),
-        PEER,
-        new_session(&shared),
-        theirs.into_frames(),
-    );
-    let (read, write) = tokio::io::split(ours);
-    let mut client = FrameWriter::new(write);
     let make_dir = |name: &str| {
         Frame::MakeDir(xfer_proto::MakeDir {
             name: name.into(),
@@ -272,29 +281,16 @@ async fn buffered_directories_are_made_in_one_batch_and_answered_in_order() {
         })
     };
     std::fs::write(dir.path().join("file"), b"in the way").unwrap();
-    let hello = Frame::Hello(Hello {
-        version: 1,
-        min_version: 1,
-        capabilities: 0,
-        agent: String::new(),
-        nonce: vec![],
-    });
     // A link or special file in the way is refused on its own; the others are made.
     std::os::unix::fs::symlink("elsewhere", dir.path().join("link")).unwrap();
     let frames = [
-        hello,
         make_dir("a"),
         make_dir("a/b"),
         make_dir("link"),
         make_dir("c"),
         get_file("file"),
     ];
-    client.send_all(&frames).await.unwrap();
-    let hello = handler.reader.read_frame().await.unwrap().unwrap();
-    assert!(matches!(
-        handler.session.handle_handshake(hello),
-        Ok(Handshake::Admitted)
-    ));
+    let (mut handler, read, _client) = admitted_handler(&shared, &frames).await;
     let first = handler.reader.read_frame().await.unwrap().unwrap();
     let Ok(Request::MakeDir(first)) = handler.session.handle_request(first) else {
         panic!("want MakeDir")
