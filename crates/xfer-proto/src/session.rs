@@ -975,6 +975,17 @@ mod tests {
         s
     }
 
+    /// A session admitted after a `Hello` offering `capabilities`.
+    fn offering(capabilities: u64) -> ServerSession {
+        let Frame::Hello(mut h) = hello(vec![]) else {
+            unreachable!()
+        };
+        h.capabilities = capabilities;
+        let mut s = session(None);
+        s.handle_handshake(Frame::Hello(h)).unwrap();
+        s
+    }
+
     fn open_write(size: u64) -> Frame {
         Frame::OpenWrite(OpenWrite {
             name: "f".into(),
@@ -997,15 +1008,7 @@ mod tests {
             Err(SessionError::Unexpected { .. })
         ));
         let offered = || {
-            let mut s = session(None);
-            s.handle_handshake(Frame::Hello(Hello {
-                version: 1,
-                min_version: 1,
-                capabilities: crate::CAP_TREE_META_V2,
-                agent: "t".into(),
-                nonce: vec![],
-            }))
-            .unwrap();
+            let s = offering(crate::CAP_TREE_META_V2);
             assert_eq!(s.capabilities(), crate::CAP_TREE_META_V2);
             s
         };
@@ -1059,15 +1062,7 @@ mod tests {
             Err(SessionError::Unexpected { .. })
         ));
 
-        let mut s = session(None);
-        s.handle_handshake(Frame::Hello(Hello {
-            version: 1,
-            min_version: 1,
-            capabilities: crate::CAP_DELTA,
-            agent: "t".into(),
-            nonce: vec![],
-        }))
-        .unwrap();
+        let mut s = offering(crate::CAP_DELTA);
         assert_eq!(s.capabilities(), crate::CAP_DELTA);
         assert!(matches!(
             s.handle_request(open(7)),
@@ -1203,15 +1198,7 @@ mod tests {
             Err(SessionError::Unexpected { .. })
         ));
 
-        let mut s = session(None);
-        s.handle_handshake(Frame::Hello(Hello {
-            version: 1,
-            min_version: 1,
-            capabilities: crate::CAP_TREE_META,
-            agent: "t".into(),
-            nonce: vec![],
-        }))
-        .unwrap();
+        let mut s = offering(crate::CAP_TREE_META);
         assert_eq!(s.capabilities(), crate::CAP_TREE_META);
         assert!(matches!(
             s.handle_request(set_meta()),
@@ -1587,12 +1574,7 @@ mod tests {
                 ..
             })
         ));
-        let mut s = session(None);
-        let Frame::Hello(mut h) = hello(vec![]) else {
-            unreachable!()
-        };
-        h.capabilities = crate::CAP_DELETE | crate::CAP_MIRROR | (1 << 40);
-        s.handle_handshake(Frame::Hello(h)).unwrap();
+        let mut s = offering(crate::CAP_DELETE | crate::CAP_MIRROR | (1 << 40));
         // Unknown bits are never echoed; the mirror bits are.
         assert_eq!(s.capabilities(), crate::CAP_DELETE | crate::CAP_MIRROR);
         assert!(matches!(s.handle_request(delete()), Ok(Request::Delete(_))));
@@ -1613,12 +1595,7 @@ mod tests {
                 ..
             })
         ));
-        let mut s = session(None);
-        let Frame::Hello(mut h) = hello(vec![]) else {
-            unreachable!()
-        };
-        h.capabilities = crate::CAP_COPY_DELTA;
-        s.handle_handshake(Frame::Hello(h)).unwrap();
+        let mut s = offering(crate::CAP_COPY_DELTA);
         assert_eq!(s.capabilities(), crate::CAP_COPY_DELTA);
         assert!(matches!(
             s.handle_request(mode()),
