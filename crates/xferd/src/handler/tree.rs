@@ -150,18 +150,34 @@ impl Handler {
                 other => Err(Box::new(other)),
             },
         )?;
-        let outcomes: Vec<StoreOutcome> = if self.shared.config.read_only {
-            let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
-            batch.into_iter().map(|r| (r.name, refusal())).collect()
-        } else {
-            let (root, shared) = (self.root(), Arc::clone(&self.shared));
-            blocking(move || Ok(make_dirs(&root, &shared, batch)))
-                .await
-                .unwrap_or_else(|e: CoreError| {
-                    vec![(String::new(), Err((e.code(), e.to_string())))]
-                })
-        };
+        let outcomes = self.on_disk(batch, |r| r.name.clone(), make_dirs).await;
         self.answer(outcomes, None).await
+    }
+
+    /// The outcome of each request of `batch`, in order: `work` runs them in one trip to the
+    /// blocking pool, or each is refused on a read-only daemon. A failed trip is one outcome
+    /// that ends the connection. Borrows nothing of the handler while it runs.
+    fn on_disk<T: Send + 'static>(
+        &self,
+        batch: Vec<T>,
+        name: impl Fn(&T) -> String,
+        work: fn(&xfer_core::Root, &Shared, Vec<T>) -> Vec<StoreOutcome>,
+    ) -> impl std::future::Future<Output = Vec<StoreOutcome>> + Send + 'static {
+        let refused = self.shared.config.read_only.then(|| {
+            let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
+            batch.iter().map(|r| (name(r), refusal())).collect()
+        });
+        let (root, shared) = (self.root(), Arc::clone(&self.shared));
+        async move {
+            match refused {
+                Some(outcomes) => outcomes,
+                None => blocking(move || Ok(work(&root, &shared, batch)))
+                    .await
+                    .unwrap_or_else(|e: CoreError| {
+                        vec![(String::new(), Err((e.code(), e.to_string())))]
+                    }),
+            }
+        }
     }
 
     /// Stores `first` and the small files pipelined behind it that are already buffered, in one
@@ -227,20 +243,9 @@ impl Handler {
             end = Some(fatal(ErrorCode::BadCrc, message));
             batch.truncate(bad);
         }
-        let outcomes: Vec<StoreOutcome> = if self.shared.config.read_only {
-            let refusal = || Err((ErrorCode::ReadOnly, READ_ONLY.to_string()));
-            batch
-                .into_iter()
-                .map(|r| (r.file().name.clone(), refusal()))
-                .collect()
-        } else {
-            let (root, shared) = (self.root(), Arc::clone(&self.shared));
-            blocking(move || Ok(store_small_files(&root, &shared, batch)))
-                .await
-                .unwrap_or_else(|e: CoreError| {
-                    vec![(String::new(), Err((e.code(), e.to_string())))]
-                })
-        };
+        let outcomes = self
+            .on_disk(batch, |r| r.file().name.clone(), store_small_files)
+            .await;
         self.answer(outcomes, end).await
     }
 
