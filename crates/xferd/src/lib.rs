@@ -42,7 +42,6 @@ pub mod metrics;
 mod mirror;
 pub mod registry;
 pub mod settings;
-mod writeback;
 
 /// Validated daemon settings.
 #[derive(Debug, Clone)]
@@ -200,7 +199,7 @@ pub(crate) struct Shared {
     /// Every chunk and frame buffer of every connection is reserved from it.
     pub(crate) budget: MemoryBudget,
     /// Starts writing stored small files to disk before the tree's `Sync` asks for it.
-    pub(crate) writeback: Arc<writeback::Writeback>,
+    pub(crate) writeback: Arc<xfer_core::Writeback>,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
