@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compression benchmark: xfer --compress auto vs --compress off vs rsync -z --compress-choice=zstd
-# (to an rsync daemon) vs scp -C (to an sshd with throwaway keys), uploading three data sets
+# (to an rsync daemon; the tool rsync-plain is rsync -a without -z, for xfer's uncompressed lead)
+# vs scp -C (to an sshd with throwaway keys), uploading three data sets
 # through the WAN emulator's wan profile (shared/wanem: 50 ms RTT, 0.01 % loss, 500 Mbit/s;
 # netns wa = client, wb = server), then xfer auto vs off on loopback. Not a test: run it by hand,
 # as root, under `flock /work/wt/bench.lock`.
@@ -19,6 +20,7 @@
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_SRC, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
+# rsync-plain adds rsync without -z;
 # loopback runs xfer only), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
 # that it is made outside the benchmark lock), FRESH_FS=0 (receive into directories of the work
@@ -200,7 +202,7 @@ serve() {
             # Off loopback xferd wants a token or an explicit --allow-anonymous.
             "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --allow-anonymous --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
             SERVER_PID=$! ;;
-        rsync)
+        rsync | rsync-plain)
             rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
             "${ns[@]}" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/server.time" \
                 rsync --daemon --no-detach --address "$addr" --port "$PORT" --config "$WORK/conf/rsyncd.conf" &
@@ -277,6 +279,8 @@ run() {
             cmd=("$XFER" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
         rsync)
             cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
+        rsync-plain)
+            cmd=(rsync -a "$src" "rsync://$addr:$PORT/bench/") ;;
         scp)
             cmd=(scp -q -C "${r[@]}" -P "$PORT" "${SSH_OPTS[@]}" "$src" "root@$addr:$SRV/") ;;
     esac

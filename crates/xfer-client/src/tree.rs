@@ -464,6 +464,8 @@ struct Progress {
     bytes_moved: AtomicU64,
     /// The small files' owners and attributes, when a send stores them with the files.
     file_metas: Option<crate::meta::FileMetas>,
+    /// Starts writing the small files a download stored to disk before its closing flush.
+    writeback: xfer_core::Writeback,
 }
 
 impl Progress {
@@ -486,6 +488,7 @@ impl Progress {
             files_total: (small.len() + large.len()) as u64,
             bytes_moved: AtomicU64::new(0),
             file_metas,
+            writeback: xfer_core::Writeback::default(),
         };
         progress
             .bar
@@ -1812,6 +1815,7 @@ async fn recv_small_files(job: SmallFiles, ready: Option<Session>) -> Result<(),
         tokio::task::block_in_place(|| {
             local.put_file(&mut dirs, &entry.path, f.identity.mtime_ns, f.mode, &f.data)
         })?;
+        progress.writeback.stored(local, f.data.len() as u64);
         progress.file_done(f.identity.size);
         Ok(())
     })

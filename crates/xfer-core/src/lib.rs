@@ -36,6 +36,7 @@ pub mod remove;
 pub mod root;
 pub mod source;
 pub mod tree;
+pub mod writeback;
 
 pub use budget::{MemoryBudget, Reservation};
 pub use error::{CoreError, Result};
@@ -45,6 +46,7 @@ pub use ranges::{split_into_chunks, RangeSet};
 pub use root::{validate_name, Root, Slot};
 pub use source::SourceFile;
 pub use tree::DirCache;
+pub use writeback::Writeback;
 
 const PARTIAL_SUFFIX: &str = ".xfer-part";
 const JOURNAL_SUFFIX: &str = ".xfer-state";

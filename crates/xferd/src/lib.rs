@@ -198,6 +198,8 @@ pub(crate) struct Shared {
     pub(crate) downloads: Arc<downloads::Downloads>,
     /// Every chunk and frame buffer of every connection is reserved from it.
     pub(crate) budget: MemoryBudget,
+    /// Starts writing stored small files to disk before the tree's `Sync` asks for it.
+    pub(crate) writeback: Arc<xfer_core::Writeback>,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -238,6 +240,7 @@ impl Shared {
             metrics: Arc::clone(&self.metrics),
             downloads: Arc::clone(&self.downloads),
             budget: self.budget.clone(),
+            writeback: Arc::clone(&self.writeback),
             per_address: Arc::clone(&self.per_address),
         }
     }
@@ -335,6 +338,7 @@ pub async fn run_with(
         downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
         metrics,
         budget,
+        writeback: Arc::default(),
         per_address: Arc::default(),
     });
     let tracker = TaskTracker::new();

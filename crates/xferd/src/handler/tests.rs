@@ -36,6 +36,7 @@ fn daemon(configure: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Arc<Shared
         shutdown: tokio_util::sync::CancellationToken::new(),
         downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
         metrics,
+        writeback: Arc::default(),
         per_address: Arc::default(),
     });
     (dir, shared)

@@ -246,6 +246,9 @@ impl Handler {
         let outcomes = self
             .on_disk(batch, |r| r.file().name.clone(), store_small_files)
             .await;
+        if !self.shared.config.read_only {
+            self.shared.writeback.stored(&self.root(), bytes);
+        }
         self.answer(outcomes, end).await
     }
 
