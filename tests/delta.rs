@@ -513,3 +513,66 @@ fn a_download_delta_resumes_after_the_client_is_killed() {
     assert_eq!(sha256_file(&out_path), xfer_tests::sha256_bytes(&new));
     assert!(!journal.exists() && !partial_path(&out_path).exists());
 }
+
+/// Bytes of a download's partial file change while its delta runs (after the copied half
+/// landed, before the digest read it back): the whole-file digest does not match, nothing is
+/// renamed into place, and the file is fetched once more, whole, in the same run, which `-v`
+/// tells.
+#[test]
+fn a_download_whose_partial_changes_during_the_delta_is_fetched_again_whole() {
+    let size = 16 * MIB;
+    let tree = Tree::new();
+    let old = noise(size, 41);
+    // The first half is new (literal data, slow); the second is copied from the local file
+    // at once, ahead of what the digest has read.
+    let mut new = noise(size / 2, 42);
+    new.extend(&old[size / 2..]);
+    std::fs::write(tree.root().join("c.bin"), &new).unwrap();
+    let out_path = tree.out("c.bin");
+    std::fs::write(&out_path, &old).unwrap();
+    xfer_tests::set_mtime(&out_path, 1_600_000_000);
+    let (journal, partial) = (journal_path(&out_path), partial_path(&out_path));
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let slow = [
+        "--delta",
+        "--json",
+        "-v",
+        "--bwlimit",
+        "4M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::recv("c.bin", &daemon.addr(), &out_path, &slow);
+    wait_until(GUARD, "the copied half is journaled", || {
+        let held = journal_held(&journal);
+        assert!(held >= (size / 2) as u64 || client.is_running());
+        held >= (size / 2) as u64
+    });
+    assert!(client.is_running(), "the literal half still moves");
+    // Another program writes into the copied half of the partial file.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, 43), (size * 3 / 4) as u64)
+        .unwrap();
+    drop(file);
+    let out = client.wait_ok();
+    assert_eq!(
+        sha256_file(&out_path),
+        xfer_tests::sha256_bytes(&new),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("digest did not match the server's, its partial was discarded"),
+        "{}",
+        out.stderr
+    );
+    assert!(!delta(&out), "{}", out.json());
+    assert_eq!(out.json_u64("literal_bytes"), size as u64, "{}", out.json());
+    assert!(!journal.exists() && !partial.exists());
+}
