@@ -206,6 +206,7 @@ pub async fn send_file(
                 have.insert(span);
             }
             tally.delta = true;
+            tally.why = Some(format!("delta transfer, resumed: {why}"));
             queued = true;
         }
     }
@@ -241,6 +242,7 @@ pub async fn send_file(
         }
     } else if !queued {
         tracing::info!("whole file: {why}");
+        tally.why = Some(format!("whole file: {why}"));
     }
     let mut delta_used = tally.delta;
     // The whole-file digest is read front to back beside the transfer, not after it.
@@ -290,6 +292,11 @@ pub async fn send_file(
                     literal = size - resumed - tally.matched,
                     "delta transfer: {why}"
                 );
+                tally.why = Some(format!("delta transfer: {why}"));
+            } else {
+                tally.why = Some(format!(
+                    "whole file: the daemon holds no file under the name to start from ({why})"
+                ));
             }
         }
         if let Some(task) = digest.take() {
