@@ -331,9 +331,30 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
         bytes[MIB..MIB + 100].fill(i as u8);
         std::fs::write(src.join(format!("big{i}")), bytes).unwrap();
     }
-    let out = send(&["--delta"]);
+    let out = send(&["--delta", "-v"]);
     let json = out.json();
     assert_eq!(out.json_u64("files_transferred"), 2, "{json}");
+    // The tree says what its large files' deltas moved, and `-v` which file went how and why.
+    assert_eq!(json["delta"], true, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 2, "{json}");
+    assert_eq!(
+        out.json_u64("literal_bytes"),
+        out.json_u64("bytes_transferred"),
+        "{json}"
+    );
+    assert!(
+        out.json_u64("matched_bytes") >= 2 * (4 * MIB as u64 - 2 * 64 * 1024),
+        "{json}"
+    );
+    for name in ["big0", "big1"] {
+        assert!(
+            out.stderr
+                .lines()
+                .any(|l| l.contains("delta transfer: --delta") && l.contains(name)),
+            "{name}: {}",
+            out.stderr
+        );
+    }
     assert!(
         out.json_u64("bytes_transferred") <= 2 * 2 * 64 * 1024,
         "{json}"

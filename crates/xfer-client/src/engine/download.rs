@@ -217,6 +217,7 @@ pub async fn recv_with_holes(
         Attempt::Done(summary) => Ok(summary),
         Attempt::DeltaCorrupt => {
             tracing::info!(
+                file = %name,
                 "whole file: the delta's whole-file digest did not match the server's, its partial \
                  was discarded; fetching the whole file once more"
             );
@@ -302,7 +303,7 @@ async fn recv_once(
         };
         match copied {
             Some(copied) => {
-                tracing::info!(matched_bytes = copied, "delta transfer: {why}");
+                tracing::info!(file = %name, matched_bytes = copied, "delta transfer: {why}");
                 tally.why = Some(format!("delta transfer: {why}"));
                 tally.delta = true;
                 tally.matched = copied;
@@ -314,7 +315,7 @@ async fn recv_once(
                     true => format!("whole file: no local file to start from ({why})"),
                     false => format!("whole file: {why}"),
                 };
-                tracing::info!("{whole}");
+                tracing::info!(file = %name, "{whole}");
                 tally.why = Some(whole);
             }
         }

@@ -241,7 +241,7 @@ pub async fn send_file(
             queued = true;
         }
     } else if !queued {
-        tracing::info!("whole file: {why}");
+        tracing::info!(file = %name, "whole file: {why}");
         tally.why = Some(format!("whole file: {why}"));
     }
     let mut delta_used = tally.delta;
@@ -288,6 +288,7 @@ pub async fn send_file(
             tally.matched = found.unwrap_or(0);
             if delta_used {
                 tracing::info!(
+                    file = %name,
                     matched_bytes = tally.matched,
                     literal = size - resumed - tally.matched,
                     "delta transfer: {why}"
