@@ -293,6 +293,62 @@ fn a_basis_rewritten_during_the_delta_never_lands_wrong() {
     assert!(!journal.exists() && !partial_path(&dest).exists());
 }
 
+/// Bytes of the daemon's partial file change while a delta upload runs (after the copied half
+/// landed, before the digest read it back): the daemon's digest does not match the client's,
+/// nothing is renamed into place, and the client sends the whole file again in the same run.
+#[test]
+fn an_upload_whose_partial_changes_during_the_delta_is_sent_again_whole() {
+    let size = 16 * MIB;
+    let tree = Tree::new();
+    let src = tree.src("p.bin");
+    let dest = tree.root().join("p.bin");
+    let old = noise(size, 51);
+    // The first half is new (literal data, slow); the second is copied from the daemon's old
+    // file at once, ahead of what its digest has read.
+    let mut new = noise(size / 2, 52);
+    new.extend(&old[size / 2..]);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "p.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    xfer_tests::set_mtime(&src, 1_800_000_000);
+    let slow = [
+        "--delta",
+        "--json",
+        "-v",
+        "--bwlimit",
+        "4M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::send(&src, &daemon.addr(), "p.bin", &slow);
+    let (journal, partial) = (journal_path(&dest), partial_path(&dest));
+    wait_until(GUARD, "the copied half is journaled", || {
+        let held = journal_held(&journal);
+        assert!(held >= (size / 2) as u64 || client.is_running());
+        held >= (size / 2) as u64
+    });
+    assert!(client.is_running(), "the literal half still moves");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, 53), (size * 3 / 4) as u64)
+        .unwrap();
+    drop(file);
+    let out = client.wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the delta did not add up"),
+        "{}",
+        out.stderr
+    );
+    assert!(!delta(&out), "{}", out.json());
+    assert!(!journal.exists() && !partial.exists());
+}
+
 #[test]
 fn a_delta_resumes_after_the_client_is_killed() {
     check_delta_resumes_after(|_, client| client.kill());

@@ -327,9 +327,12 @@ pub async fn send_file(
             Err(ClientError::Remote(e))
                 if delta_used && e.error_code() == Some(ErrorCode::Corrupt) =>
             {
-                tracing::warn!(error = %e, "the delta did not add up; sending the whole file");
+                tracing::warn!(file = %name, error = %e, "the delta did not add up; sending the whole file");
                 delta_used = false;
+                tally.delta = false;
                 tally.matched = 0;
+                tally.why =
+                    Some("whole file: sent again after the delta's digest did not match".into());
                 (id, held) = upload.open_with_held(&mut s).await?;
                 session = Some(s);
             }
