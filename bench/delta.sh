@@ -313,8 +313,11 @@ for PROFILE in $PROFILES; do
         mkdir -p "$WORK/wanem"
         for f in wan.sh wanem.c; do install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"; done
         "$WANSH" build >&2 || die "building wanem failed"
-        "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 >"$LOGS/wan-up.log" 2>&1 ||
+        # A failed start may leave the namespaces or the emulator up: taken down before dying.
+        "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 >"$LOGS/wan-up.log" 2>&1 || {
+            "$WANSH" down >"$LOGS/wan-down.log" 2>&1 || true
             die "wan.sh up failed: $(tail -n3 "$LOGS/wan-up.log")"
+        }
         WAN_IS_UP=1
         desc="WAN: 50 ms RTT, 0.01 % loss each way, 500 Mbit/s"
     else
