@@ -17,7 +17,8 @@
 #            rewritten in place and a new mtime (xfer send -r; rsync -a)
 # Before every run the receiver's copy is reset to the old version with the old mtime.
 # DELTA_DIRECTION=recv times downloads instead: the daemon serves the new version and the client
-# holds the old one (xfer recv -o; rsync from the rsync daemon), into DELTA_DIR/local.
+# holds the old one (xfer recv -o; rsync from the rsync daemon), into DELTA_DIR/local (run on the
+# single-file workloads so far).
 #
 # Measurements, per run: wall seconds of the client (the receiver's final flush included: xfer
 # commits with fsync, rsync is followed by `sync -f`); on the WAN profile the bytes that crossed
