@@ -16,6 +16,9 @@
 #   tree     DELTA_TREE_FILES files of DELTA_TREE_FILE_SIZE, DELTA_TREE_CHANGED of them with 8 KiB
 #            rewritten in place and a new mtime (xfer send -r; rsync -a)
 # Before every run the receiver's copy is reset to the old version with the old mtime.
+# DELTA_DIRECTION=recv times downloads instead: the daemon serves the new version and the client
+# holds the old one (xfer recv -o; rsync from the rsync daemon), into DELTA_DIR/local (run on the
+# single-file workloads so far).
 #
 # Measurements, per run: wall seconds of the client (the receiver's final flush included: xfer
 # commits with fsync, rsync is followed by `sync -f`); on the WAN profile the bytes that crossed
@@ -50,6 +53,8 @@ TOOLS="${DELTA_TOOLS:-whole delta auto rsync}"
 REPEAT="${REPEAT:-1}"
 WORK="${DELTA_DIR:-$REPO/bench/out/delta}"
 KEEP="${KEEP:-0}"
+DIRECTION="${DELTA_DIRECTION:-send}"
+LOCAL="$WORK/local"
 LOGS="$WORK/logs"
 SRV="$WORK/srv"
 NS_A=wa
@@ -81,7 +86,7 @@ cleanup() {
     trap - EXIT INT TERM
     end_pids --tree "${PIDS[@]+"${PIDS[@]}"}"
     if ((WAN_IS_UP)); then "$WANSH" down >"$LOGS/wan-down.log" 2>&1 || log "wan.sh down failed"; fi
-    rm -rf "$SRV"
+    rm -rf "$SRV" "$LOCAL"
     [[ "$KEEP" == 1 ]] || rm -rf "$WORK/data"
     exit "$rc"
 }
@@ -198,6 +203,20 @@ sync -f "$WORK/data"
 # --- one run ---------------------------------------------------------------------------------------
 # reset WORKLOAD: the receiver holds the old version, with its old mtime
 reset() {
+    if [[ "$DIRECTION" == recv ]]; then
+        # The daemon serves the new version; the client holds the old one.
+        mkdir -p "$LOCAL"
+        rm -rf "${SRV:?}/$1" "${SRV:?}/.$1".* "${LOCAL:?}/$1" "${LOCAL:?}/.$1".*
+        if [[ "$1" == tree ]]; then
+            cp -a "$WORK/data/new/tree" "$SRV/tree"
+            cp -a "$WORK/data/old/tree" "$LOCAL/tree"
+        else
+            cp -p "$WORK/data/new/$1.bin" "$SRV/$1"
+            cp -p "$WORK/data/old/$1.bin" "$LOCAL/$1"
+        fi
+        sync -f "$SRV"
+        return
+    fi
     rm -rf "${SRV:?}/$1" "${SRV:?}/.$1".*
     if [[ "$1" == tree ]]; then cp -a "$WORK/data/old/tree" "$SRV/tree"; else cp -p "$WORK/data/old/$1.bin" "$SRV/$1"; fi
     sync -f "$SRV"
@@ -217,6 +236,7 @@ one_run() {
     reset "$w"
     if [[ "$w" == tree ]]; then src="$WORK/data/new/tree"; else src="$WORK/data/new/$w.bin"; fi
     dest="$SRV/$w"
+    [[ "$DIRECTION" != recv ]] || dest="$LOCAL/$w"
     b0=0
     [[ "$PROFILE" != wan ]] || b0="$(link_bytes)"
     t0="$(now_ns)"
@@ -226,14 +246,20 @@ one_run() {
             [[ "$tool" == whole ]] && flags+=(--whole-file)
             [[ "$tool" == delta ]] && flags+=(--delta)
             [[ "$w" == tree ]] && flags+=(-r)
+            if [[ "$DIRECTION" == recv ]]; then
+                "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$XFER" recv "${flags[@]}" "$w" "$ADDR" -o "$dest" >"$out" 2>"$LOGS/run.err" ||
+                    die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
+            else
             "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$XFER" send "${flags[@]}" "$src" "$ADDR" --as "$w" >"$out" 2>"$LOGS/run.err" ||
                 die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
+            fi
             ;;
         rsync)
             local from="$src" to="rsync://$RSYNC_HOST:$RSYNC_PORT/bench/$w"
-            [[ "$w" == tree ]] && { from="$src/"; to="$to/"; }
+            [[ "$DIRECTION" != recv ]] || { from="$to"; to="$dest"; }
+            [[ "$w" == tree ]] && { from="$from/"; to="$to/"; }
             "${ns[@]+"${ns[@]}"}" rsync -a "$from" "$to" 2>"$LOGS/run.err" || die "rsync $w failed: $(tail -n1 "$LOGS/run.err")"
-            sync -f "$SRV"
+            sync -f "$dest"
             echo '{}' >"$out"
             ;;
     esac
@@ -281,14 +307,18 @@ stop_servers() {
 echo "# Delta transfer benchmark"
 echo
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')."
+echo "Direction: $DIRECTION (send: the daemon holds the old version; recv: the client does)."
 echo "File size $SIZE bytes; tree $TREE_FILES files of $TREE_FILE_SIZE bytes, $TREE_CHANGED changed; REPEAT=$REPEAT (fastest kept)."
 for PROFILE in $PROFILES; do
     if [[ "$PROFILE" == wan ]]; then
         mkdir -p "$WORK/wanem"
         for f in wan.sh wanem.c; do install -m 0755 "$WANEM_SRC/$f" "$WORK/wanem/$f"; done
         "$WANSH" build >&2 || die "building wanem failed"
-        "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 >"$LOGS/wan-up.log" 2>&1 ||
+        # A failed start may leave the namespaces or the emulator up: taken down before dying.
+        "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 >"$LOGS/wan-up.log" 2>&1 || {
+            "$WANSH" down >"$LOGS/wan-down.log" 2>&1 || true
             die "wan.sh up failed: $(tail -n3 "$LOGS/wan-up.log")"
+        }
         WAN_IS_UP=1
         desc="WAN: 50 ms RTT, 0.01 % loss each way, 500 Mbit/s"
     else

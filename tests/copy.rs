@@ -334,12 +334,18 @@ fn copy_with_delta_moves_the_change_and_with_whole_file_everything() {
         &src,
         &dst,
         false,
-        &["--delta", &endpoints[0], &endpoints[1]],
+        &["--delta", "-v", &endpoints[0], &endpoints[1]],
     )
     .ok();
     let json = out.json();
     let result = &json["results"][0];
     assert_eq!(result["delta"], true, "{json}");
+    // `-v` says what the source daemon chose, and why.
+    assert!(
+        out.stderr.contains("d.bin: delta transfer: --delta"),
+        "{}",
+        out.stderr
+    );
     let literal = result["literal_bytes"].as_u64().expect("literal_bytes");
     let matched = result["matched_bytes"].as_u64().expect("matched_bytes");
     // The changed 4000 bytes and the content-defined chunks around them, nothing like 4 MiB.
@@ -358,18 +364,36 @@ fn copy_with_delta_moves_the_change_and_with_whole_file_everything() {
         &src,
         &dst,
         false,
-        &["--whole-file", &endpoints[0], &endpoints[1]],
+        &["--whole-file", "-v", &endpoints[0], &endpoints[1]],
     )
     .ok();
     let json = out.json();
     let result = &json["results"][0];
     assert_eq!(result["delta"], false, "{json}");
+    // Forced, not the automatic choice a loopback path would make too.
+    assert!(
+        out.stderr.contains("d.bin: whole file: --whole-file"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(
         result["literal_bytes"].as_u64(),
         Some(size as u64),
         "{json}"
     );
     assert_eq!(result["matched_bytes"].as_u64(), Some(0), "{json}");
+    assert_eq!(sha256_file(&dst.file("d.bin")), want);
+
+    // Left to choose, the source daemon takes the whole file on loopback and says why.
+    old_version(&dst.file("d.bin"), size, 61);
+    let out = copy(&src, &dst, false, &["-v", &endpoints[0], &endpoints[1]]).ok();
+    assert_eq!(out.json()["results"][0]["delta"], false, "{}", out.json());
+    assert!(
+        out.stderr.contains("d.bin: whole file: a round trip of")
+            && out.stderr.contains("fast path"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(sha256_file(&dst.file("d.bin")), want);
 }
 

@@ -293,6 +293,62 @@ fn a_basis_rewritten_during_the_delta_never_lands_wrong() {
     assert!(!journal.exists() && !partial_path(&dest).exists());
 }
 
+/// Bytes of the daemon's partial file change while a delta upload runs (after the copied half
+/// landed, before the digest read it back): the daemon's digest does not match the client's,
+/// nothing is renamed into place, and the client sends the whole file again in the same run.
+#[test]
+fn an_upload_whose_partial_changes_during_the_delta_is_sent_again_whole() {
+    let size = 16 * MIB;
+    let tree = Tree::new();
+    let src = tree.src("p.bin");
+    let dest = tree.root().join("p.bin");
+    let old = noise(size, 51);
+    // The first half is new (literal data, slow); the second is copied from the daemon's old
+    // file at once, ahead of what its digest has read.
+    let mut new = noise(size / 2, 52);
+    new.extend(&old[size / 2..]);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    std::fs::write(&src, &old).unwrap();
+    XferRun::send(&src, &daemon.addr(), "p.bin", &["--whole-file"]).wait_ok();
+    std::fs::write(&src, &new).unwrap();
+    xfer_tests::set_mtime(&src, 1_800_000_000);
+    let slow = [
+        "--delta",
+        "--json",
+        "-v",
+        "--bwlimit",
+        "4M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::send(&src, &daemon.addr(), "p.bin", &slow);
+    let (journal, partial) = (journal_path(&dest), partial_path(&dest));
+    wait_until(GUARD, "the copied half is journaled", || {
+        let held = journal_held(&journal);
+        assert!(held >= (size / 2) as u64 || client.is_running());
+        held >= (size / 2) as u64
+    });
+    assert!(client.is_running(), "the literal half still moves");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, 53), (size * 3 / 4) as u64)
+        .unwrap();
+    drop(file);
+    let out = client.wait_ok();
+    assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the delta did not add up"),
+        "{}",
+        out.stderr
+    );
+    assert!(!delta(&out), "{}", out.json());
+    assert!(!journal.exists() && !partial.exists());
+}
+
 #[test]
 fn a_delta_resumes_after_the_client_is_killed() {
     check_delta_resumes_after(|_, client| client.kill());
@@ -331,9 +387,30 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
         bytes[MIB..MIB + 100].fill(i as u8);
         std::fs::write(src.join(format!("big{i}")), bytes).unwrap();
     }
-    let out = send(&["--delta"]);
+    let out = send(&["--delta", "-v"]);
     let json = out.json();
     assert_eq!(out.json_u64("files_transferred"), 2, "{json}");
+    // The tree says what its large files' deltas moved, and `-v` which file went how and why.
+    assert_eq!(json["delta"], true, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 2, "{json}");
+    assert_eq!(
+        out.json_u64("literal_bytes"),
+        out.json_u64("bytes_transferred"),
+        "{json}"
+    );
+    assert!(
+        out.json_u64("matched_bytes") >= 2 * (4 * MIB as u64 - 2 * 64 * 1024),
+        "{json}"
+    );
+    for name in ["big0", "big1"] {
+        assert!(
+            out.stderr
+                .lines()
+                .any(|l| l.contains("delta transfer: --delta") && l.contains(name)),
+            "{name}: {}",
+            out.stderr
+        );
+    }
     assert!(
         out.json_u64("bytes_transferred") <= 2 * 2 * 64 * 1024,
         "{json}"
@@ -512,4 +589,67 @@ fn a_download_delta_resumes_after_the_client_is_killed() {
     );
     assert_eq!(sha256_file(&out_path), xfer_tests::sha256_bytes(&new));
     assert!(!journal.exists() && !partial_path(&out_path).exists());
+}
+
+/// Bytes of a download's partial file change while its delta runs (after the copied half
+/// landed, before the digest read it back): the whole-file digest does not match, nothing is
+/// renamed into place, and the file is fetched once more, whole, in the same run, which `-v`
+/// tells.
+#[test]
+fn a_download_whose_partial_changes_during_the_delta_is_fetched_again_whole() {
+    let size = 16 * MIB;
+    let tree = Tree::new();
+    let old = noise(size, 41);
+    // The first half is new (literal data, slow); the second is copied from the local file
+    // at once, ahead of what the digest has read.
+    let mut new = noise(size / 2, 42);
+    new.extend(&old[size / 2..]);
+    std::fs::write(tree.root().join("c.bin"), &new).unwrap();
+    let out_path = tree.out("c.bin");
+    std::fs::write(&out_path, &old).unwrap();
+    xfer_tests::set_mtime(&out_path, 1_600_000_000);
+    let (journal, partial) = (journal_path(&out_path), partial_path(&out_path));
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let slow = [
+        "--delta",
+        "--json",
+        "-v",
+        "--bwlimit",
+        "4M",
+        "--chunk-size",
+        "256K",
+        "-c",
+        "2",
+    ];
+    let mut client = XferRun::recv("c.bin", &daemon.addr(), &out_path, &slow);
+    wait_until(GUARD, "the copied half is journaled", || {
+        let held = journal_held(&journal);
+        assert!(held >= (size / 2) as u64 || client.is_running());
+        held >= (size / 2) as u64
+    });
+    assert!(client.is_running(), "the literal half still moves");
+    // Another program writes into the copied half of the partial file.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, 43), (size * 3 / 4) as u64)
+        .unwrap();
+    drop(file);
+    let out = client.wait_ok();
+    assert_eq!(
+        sha256_file(&out_path),
+        xfer_tests::sha256_bytes(&new),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("digest did not match the server's, its partial was discarded"),
+        "{}",
+        out.stderr
+    );
+    assert!(!delta(&out), "{}", out.json());
+    assert_eq!(out.json_u64("literal_bytes"), size as u64, "{}", out.json());
+    assert!(!journal.exists() && !partial.exists());
 }

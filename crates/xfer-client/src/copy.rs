@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use xfer_proto::{
     auth, Change, CopyDelta, CopyDeltaMode, CopyDoneMeta, CopyMode, CopyTo, Frame, Grant, MirrorTo,
-    CAP_COPY_DELTA, CAP_MIRROR,
+    CAP_COPY_DELTA, CAP_COPY_REASON, CAP_MIRROR, MAX_COPY_REASON,
 };
 
 use crate::session::unexpected;
@@ -146,6 +146,9 @@ pub struct CopyReport {
     /// What a single-file copy's delta moved, from a source daemon that says
     /// (`CAP_COPY_DELTA`).
     pub delta: Option<CopyDelta>,
+    /// Why a single-file copy's upload went as a delta or whole, from a source daemon that
+    /// says (`CAP_COPY_REASON`).
+    pub reason: Option<String>,
 }
 
 impl std::fmt::Debug for CopyOptions {
@@ -278,6 +281,8 @@ pub async fn copy_mirror(
     session.send(&request).await?;
     let mut changes = Vec::new();
     let mut delta = None;
+    let mut reason = None;
+    let knows_reason = knows_delta && session.welcome.capabilities & CAP_COPY_REASON != 0;
     loop {
         match session.next().await? {
             Frame::Progress(p) => {
@@ -285,6 +290,16 @@ pub async fn copy_mirror(
                 progress.set_position(p.bytes_done);
             }
             Frame::Changes(page) if mirrored => changes.extend(page.changes),
+            // Once, before `CopyDelta`.
+            Frame::CopyReason(r)
+                if knows_reason
+                    && !mirrored
+                    && reason.is_none()
+                    && delta.is_none()
+                    && r.reason.len() <= MAX_COPY_REASON =>
+            {
+                reason = Some(r.reason);
+            }
             Frame::CopyDelta(d) if knows_delta && !mirrored && delta.is_none() => delta = Some(d),
             Frame::CopyDoneMeta(done) if mirrored => {
                 session.close().await;
@@ -292,6 +307,7 @@ pub async fn copy_mirror(
                     done,
                     changes,
                     delta,
+                    reason,
                 });
             }
             Frame::CopyDone(done) if !mirrored => {
@@ -307,6 +323,7 @@ pub async fn copy_mirror(
                     done,
                     changes,
                     delta,
+                    reason,
                 });
             }
             other => return Err(unexpected(other)),

@@ -60,6 +60,11 @@ pub enum ClientError {
     /// The server does not speak a part of the protocol the command needs.
     #[error("{0}")]
     Unsupported(String),
+    /// The whole-file fetch that follows a delta whose digest did not match failed too.
+    #[error(
+        "{0} (fetching the whole file again after the delta's whole-file digest did not match)"
+    )]
+    AfterDelta(Box<Self>),
     /// Every retry failed within the deadline.
     #[error("{last} (gave up after {seconds:.0} s of retries; rerun to resume)")]
     GaveUp {

@@ -87,6 +87,14 @@ pub struct TreeSummary {
     pub hard_links: u64,
     /// Entries removed from the receiving tree (`--delete`), or that would be (`--dry-run`).
     pub entries_deleted: u64,
+    /// Some large file went as a delta against the one the receiver held.
+    pub delta: bool,
+    /// Large files that went as deltas.
+    pub delta_files: u64,
+    /// Bytes sent as data (`bytes_transferred`).
+    pub literal_bytes: u64,
+    /// Bytes the receiver copied from the files it held instead of receiving them.
+    pub matched_bytes: u64,
     /// What the copy changed, or would change under `--dry-run` (`--itemize`).
     #[serde(skip)]
     pub changes: Vec<Change>,
@@ -445,6 +453,10 @@ impl TreeSummary {
             xattrs_refused: 0,
             hard_links: 0,
             entries_deleted: 0,
+            delta: false,
+            delta_files: 0,
+            literal_bytes: 0,
+            matched_bytes: 0,
             changes: Vec::new(),
         }
     }
@@ -655,6 +667,9 @@ where
         };
         room += w;
         let s = result?;
+        summary.delta |= s.delta;
+        summary.delta_files += u64::from(s.delta);
+        summary.matched_bytes += s.matched_bytes;
         summary.resumed_bytes += s.resumed_bytes;
         summary.crc_retries += s.crc_retries;
         summary.connections = summary.connections.max(s.connections);
@@ -958,6 +973,7 @@ pub async fn send_tree_mirror(
         Plan::new(walked, &remote, &mut summary, safe_links);
         control.close().await;
         summary.seconds = started.elapsed().as_secs_f64();
+        summary.literal_bytes = summary.bytes_transferred;
         return Ok(summary);
     }
     let delete = |entries: &[TreeEntry]| -> Vec<(Frame, u64)> {
@@ -1141,6 +1157,7 @@ pub async fn send_tree_mirror(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
+    summary.literal_bytes = summary.bytes_transferred;
     Ok(summary)
 }
 
@@ -1591,6 +1608,7 @@ pub async fn recv_tree_mirror(
         summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
         summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
         summary.seconds = started.elapsed().as_secs_f64();
+        summary.literal_bytes = summary.bytes_transferred;
         made.keep();
         return Ok(summary);
     }
@@ -1614,6 +1632,7 @@ pub async fn recv_tree_mirror(
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
+    summary.literal_bytes = summary.bytes_transferred;
     made.keep();
     Ok(summary)
 }
@@ -1727,6 +1746,7 @@ fn dry_recv(
     let safe_links = plan.meta.is_none() || keep.safe_links;
     Plan::new(plan.source, &plan.receiver, &mut summary, safe_links);
     summary.seconds = started.elapsed().as_secs_f64();
+    summary.literal_bytes = summary.bytes_transferred;
     Ok(summary)
 }
 

@@ -186,6 +186,14 @@ pub struct CopyDelta {
     pub matched_bytes: u64,
 }
 
+/// Server → client (`CAP_COPY_REASON`), right before the `CopyDelta` of a single-file copy:
+/// which way the source server's upload went and why, in the words of its client's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyReason {
+    /// One line of UTF-8, at most [`MAX_COPY_REASON`](crate::MAX_COPY_REASON) bytes.
+    pub reason: String,
+}
+
 /// Server → client answer to `Hello` (or to `Auth`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -821,6 +829,8 @@ frame_types! {
     CopyMode(CopyMode) = 0x77,
     /// [`CopyDelta`]: what a single-file copy's delta moved (`CAP_COPY_DELTA`)
     CopyDelta(CopyDelta) = 0x78,
+    /// [`CopyReason`]: why a single-file copy went as a delta or whole (`CAP_COPY_REASON`)
+    CopyReason(CopyReason) = 0x79,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

@@ -72,6 +72,14 @@ pub const CAP_TREE_META_V2: u64 = 1 << 10;
 /// `MirrorTo`), and a single-file copy reports what its delta moved (`CopyDelta` before
 /// `CopyDone`).
 pub const CAP_COPY_DELTA: u64 = 1 << 11;
+/// Capability bit: with `CAP_COPY_DELTA`, a single-file copy also says why its upload went as a
+/// delta or whole (`CopyReason` before `CopyDelta`).
+pub const CAP_COPY_REASON: u64 = 1 << 12;
+/// Most bytes of a `CopyReason`: one line of a log.
+pub const MAX_COPY_REASON: usize = 512;
+/// Capability bit: with `CAP_DELTA`, `ReadSig` is a pipelined request: a download's delta asks
+/// for the next pieces of the server's signature without a round trip each.
+pub const CAP_READ_SIG_PIPELINE: u64 = 1 << 13;
 /// Capability bit: with `CAP_TREE_META`, a small file may be stored with its owner and
 /// attributes in one request (`PutFileMeta`), alone or packed.
 pub const CAP_PUT_META: u64 = 1 << 14;
@@ -86,7 +94,9 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_PACKED_FILES
     | CAP_TREE_META_V2
     | CAP_PUT_META
-    | CAP_COPY_DELTA;
+    | CAP_COPY_DELTA
+    | CAP_COPY_REASON
+    | CAP_READ_SIG_PIPELINE;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -600,6 +600,12 @@ fn frames() -> BTreeMap<&'static str, Frame> {
                 matched_bytes: 4_174_309,
             }),
         ),
+        (
+            "copy-reason",
+            Frame::CopyReason(CopyReason {
+                reason: "delta transfer: --delta".into(),
+            }),
+        ),
         ("hello-delete", hello(CAP_DELETE | CAP_MIRROR, nc.clone())),
         (
             "error-delete-refused",

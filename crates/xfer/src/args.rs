@@ -138,6 +138,10 @@ pub(crate) struct CopyArgs {
     /// Have the source send the whole file even where it would try a delta.
     #[arg(long)]
     pub(crate) whole_file: bool,
+    /// Say on stderr which way each single-file copy went (delta or whole file) and why, as
+    /// the source daemon chose (XFER_LOG overrides).
+    #[arg(short = 'v', long)]
+    pub(crate) verbose: bool,
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     pub(crate) quiet: bool,
@@ -165,8 +169,9 @@ pub(crate) struct Common {
     /// Without -c: the most connections the adaptive pool may grow to [default: 64].
     #[arg(long, value_name = "N", conflicts_with = "connections")]
     pub(crate) max_connections: Option<usize>,
-    /// Log what the transfer does on stderr: reconnects, socket options, the pool growing with
-    /// the throughput it measured (XFER_LOG overrides).
+    /// Log what the transfer does on stderr: whether a file goes as a delta or whole and why,
+    /// reconnects, socket options, the pool growing with the throughput it measured (XFER_LOG
+    /// overrides).
     #[arg(short = 'v', long)]
     pub(crate) verbose: bool,
     /// Chunk size (K, M, G suffixes).

@@ -92,14 +92,19 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
         .map(|(i, result)| {
             let (src, dst) = pairs[i].clone();
             match result {
-                Ok(report) => CopyOutcome {
-                    changes: args.mirror.list_changes(&report.changes, args.json),
-                    src,
-                    dst,
-                    ok: true,
-                    error: None,
-                    done: Some(CopyDoneJson::new(&report.done, report.delta)),
-                },
+                Ok(report) => {
+                    if args.verbose {
+                        say_why(&src, &dst, &report);
+                    }
+                    CopyOutcome {
+                        changes: args.mirror.list_changes(&report.changes, args.json),
+                        src,
+                        dst,
+                        ok: true,
+                        error: None,
+                        done: Some(CopyDoneJson::new(&report.done, report.delta)),
+                    }
+                }
                 Err(e) => {
                     failed.push(format!("{src} -> {dst}: {e}"));
                     CopyOutcome {
@@ -126,5 +131,22 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> anyhow:
             rows.len(),
             many[0]
         ),
+    }
+}
+
+/// Under `-v`, on stderr: which way a single-file copy went and why, as the source daemon said.
+fn say_why(src: &str, dst: &str, report: &xfer_client::copy::CopyReport) {
+    match (&report.reason, report.delta) {
+        (Some(reason), _) => eprintln!("xfer: {src} -> {dst}: {reason}"),
+        (None, Some(d)) => eprintln!(
+            "xfer: {src} -> {dst}: {} (the source daemon does not say why)",
+            if d.delta {
+                "delta transfer"
+            } else {
+                "whole file"
+            }
+        ),
+        // A tree copy, or a source daemon that says neither.
+        (None, None) => {}
     }
 }

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
     token_from_config(&mut cli, &config);
     let verbose = match &cli.command {
         Command::Send { common, .. } | Command::Recv { common, .. } => common.verbose,
+        Command::Copy(args) => args.verbose,
         _ => false,
     };
     let default_filter = if verbose { "xfer=debug" } else { "off" };

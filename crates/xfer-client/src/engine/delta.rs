@@ -14,7 +14,7 @@ use xfer_core::delta::{self, Basis, Cut};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
 use xfer_proto::{
     ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, SigChunk, CAP_DELTA,
-    CAP_DELTA_PIPELINE,
+    CAP_DELTA_PIPELINE, CAP_READ_SIG_PIPELINE, MAX_DELTA_CHUNKS,
 };
 
 use crate::session::{next_frame, unexpected};
@@ -306,6 +306,10 @@ pub(super) fn literal_in(span: ByteRange, held: &RangeSet, copied: &[ByteRange])
 /// of the server's file that the local file at `basis` holds, checked against its hash and
 /// journaled like a received chunk; returns the bytes copied, or `None` without a local file.
 ///
+/// The server's file is asked for in pieces ([`sig_pieces`]), each answered whole by one
+/// `DeltaSig`; with `CAP_READ_SIG_PIPELINE` up to [`READ_SIGS_IN_FLIGHT`] are asked ahead, so
+/// the server cuts the next pieces while this side matches one, without a round trip each.
+///
 /// # Errors
 /// Connection and protocol errors; local read and write errors.
 pub(super) async fn copy_local(
@@ -329,33 +333,62 @@ pub(super) async fn copy_local(
     .map_err(|e| ClientError::Local(super::join_error(e)))?
     .map_err(|e| ClientError::Local(CoreError::io(format!("reading {}", basis.display()), e)))?;
     let basis = Arc::new(basis);
+    let avg_chunk = basis.avg_chunk();
     let held = RangeSet::from_ranges(partial.held());
-    let (mut copied, mut read) = (0, 0);
-    for region in delta::regions(size, delta::parallelism()) {
-        let mut pos = region.start;
-        while pos < region.end {
-            let ask = ReadSig {
+    // A piece held whole before this run (a resumed download) is not asked for.
+    let pieces: Vec<ByteRange> = sig_pieces(size, avg_chunk)
+        .into_iter()
+        .filter(|piece| !held.contains(*piece))
+        .collect();
+    let depth = if session.welcome.capabilities & CAP_READ_SIG_PIPELINE != 0 {
+        READ_SIGS_IN_FLIGHT
+    } else {
+        1
+    };
+    // `room` bounds the pieces asked for and not answered; `asked` says in order what each
+    // answer covers.
+    let room = Semaphore::new(depth);
+    let (asked_tx, mut asked) = mpsc::channel::<ByteRange>(depth);
+    let Session { reader, writer, .. } = session;
+    let ask = async {
+        for piece in &pieces {
+            room.acquire()
+                .await
+                .map_err(|_| ClientError::Closed)?
+                .forget();
+            // Never waits: a piece is queued only with room taken, `depth` at most.
+            let _ = asked_tx.send(*piece).await;
+            let request = ReadSig {
                 transfer_id,
-                offset: pos,
-                end: region.end,
-                avg_chunk: basis.avg_chunk(),
+                offset: piece.start,
+                end: piece.end,
+                avg_chunk,
             };
-            session.send(&Frame::ReadSig(ask)).await?;
-            let sig = match session.next().await? {
-                Frame::DeltaSig(s) if s.transfer_id == transfer_id && s.offset == pos => s,
+            writer.send(&Frame::ReadSig(request)).await?;
+        }
+        drop(asked_tx);
+        Ok::<_, ClientError>(())
+    };
+    let copy = async {
+        let (mut copied, mut read) = (0, 0);
+        while let Some(piece) = asked.recv().await {
+            let sig = match next_frame(reader).await? {
+                Frame::DeltaSig(s) if s.transfer_id == transfer_id && s.offset == piece.start => s,
                 other => return Err(unexpected(other)),
             };
+            // Room for the next request at once: the server cuts it while this one is matched.
+            room.add_permits(1);
             let span: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();
-            if sig.chunks.is_empty() || pos + span > region.end {
+            if span != piece.len() {
                 return Err(ClientError::Unexpected(
-                    "DeltaSig outside the region asked for",
+                    "DeltaSig not covering the piece asked for",
                 ));
             }
             // Runs are matched on one thread and written as they come, a few at once.
             let (runs_tx, mut runs_rx) = mpsc::channel(COPIES_AHEAD);
             let matcher = Arc::clone(&basis);
             let matching = tokio::task::spawn_blocking(move || {
-                matcher.copy_batch(pos, &sig.chunks, |offset, bytes| {
+                matcher.copy_batch(piece.start, &sig.chunks, |offset, bytes| {
                     runs_tx.blocking_send((offset, bytes)).is_ok()
                 })
             });
@@ -373,15 +406,43 @@ pub(super) async fn copy_local(
                 .await
                 .map_err(|e| ClientError::Local(super::join_error(e)))?
                 .map_err(|e| ClientError::Local(CoreError::io("reading the local file", e)))?;
-            pos += span;
         }
-    }
+        Ok((copied, read))
+    };
+    let ((), (copied, read)) = tokio::try_join!(ask, copy)?;
     tracing::debug!(
         copied,
         read,
         "delta: bytes copied from the local file, and bytes of it read to find them"
     );
     Ok(Some(copied))
+}
+
+/// `ReadSig` requests unanswered at once with `CAP_READ_SIG_PIPELINE`: enough that the server
+/// cuts the next pieces across a round trip while this side matches one; each answer is at
+/// most `MAX_DELTA_CHUNKS` chunks of 20 bytes (about 330 KB), so all of them fit the socket
+/// buffers.
+const READ_SIGS_IN_FLIGHT: usize = 4;
+/// Most bytes of the server's file one `ReadSig` asks for: small enough that the first answer
+/// comes soon and the matching starts, large enough that the forced cuts at the edges of the
+/// pieces cost little (a chunk or two each).
+const MAX_SIG_PIECE: u64 = 32 * 1024 * 1024;
+
+/// The pieces a download's delta asks the server to cut, in file order: within the regions
+/// both sides cut (so the regions' edges stay cut points), each at most [`MAX_SIG_PIECE`]
+/// bytes and at most `MAX_DELTA_CHUNKS` chunks of the least length FastCDC cuts (`avg / 4`),
+/// so that one `DeltaSig` answers it whole.
+fn sig_pieces(size: u64, avg_chunk: u32) -> Vec<ByteRange> {
+    let most = (MAX_DELTA_CHUNKS as u64 * u64::from(avg_chunk / 4)).min(MAX_SIG_PIECE);
+    delta::regions(size, delta::parallelism())
+        .into_iter()
+        .filter(|region| !region.is_empty())
+        .flat_map(|region| {
+            (region.start..region.end)
+                .step_by(most as usize)
+                .map(move |start| ByteRange::new(start, (start + most).min(region.end)))
+        })
+        .collect()
 }
 
 /// Consecutive chunks of the new file waiting to be sent in one `DeltaSig`.
@@ -416,19 +477,105 @@ impl Batch {
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_region_is_cut_into_batches_of_consecutive_chunks_but_the_held() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let mut x = 7u64;
-        let content: Vec<u8> = (0..(3 << 20))
+    fn noise(len: usize, mut x: u64) -> Vec<u8> {
+        (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn pieces_cover_the_file_within_the_regions_each_answerable_by_one_sig() {
+        for (size, avg) in [
+            (1u64, delta::MIN_AVG_CHUNK),
+            (100 << 20, delta::MIN_AVG_CHUNK),
+            (5 << 30, 1 << 16),
+        ] {
+            let pieces = sig_pieces(size, avg);
+            let mut at = 0;
+            for piece in &pieces {
+                assert_eq!(piece.start, at, "{pieces:?}");
+                assert!(!piece.is_empty() && piece.len() <= MAX_SIG_PIECE);
+                assert!(piece.len() <= MAX_DELTA_CHUNKS as u64 * u64::from(avg / 4));
+                at = piece.end;
+            }
+            assert_eq!(at, size);
+            // Every region edge is a piece edge: both sides force a cut there.
+            for region in delta::regions(size, delta::parallelism()) {
+                assert!(pieces.iter().any(|p| p.start == region.start));
+            }
+        }
+    }
+
+    /// With `CAP_READ_SIG_PIPELINE` the pieces are all asked for before the first answer: the
+    /// fake daemon reads every request before it answers any.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_asks_for_the_next_pieces_before_the_first_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = noise(80 << 20, 9);
+        let size = content.len() as u64;
+        let (local, served) = (dir.path().join("local"), dir.path().join("served"));
+        std::fs::write(&local, &content).unwrap();
+        std::fs::write(&served, &content).unwrap();
+        let slot = xfer_core::Slot {
+            dir: Arc::new(std::fs::File::open(dir.path()).unwrap()),
+            leaf: "new".into(),
+        };
+        let identity = xfer_proto::FileIdentity { size, mtime_ns: 1 };
+        let partial = PartialFile::open(slot, identity).await.unwrap();
+        let (mut session, theirs) = super::super::test_session(2, 1 << 20);
+        session.welcome.capabilities = CAP_DELTA | CAP_READ_SIG_PIPELINE;
+        let expected = sig_pieces(size, delta::avg_chunk(size)).len();
+        assert!(expected > 2);
+        let daemon = tokio::spawn(async move {
+            let (read, write) = tokio::io::split(theirs);
+            let mut reader = xfer_net::FrameReader::new(read);
+            let mut writer = xfer_net::FrameWriter::new(write);
+            let mut asked = Vec::new();
+            while asked.len() < expected {
+                match reader.read_frame().await.unwrap() {
+                    Some(Frame::ReadSig(r)) => asked.push(r),
+                    other => panic!("expected a ReadSig, got {other:?}"),
+                }
+            }
+            let file = std::fs::File::open(&served).unwrap();
+            for r in asked {
+                let mut chunks = Vec::new();
+                delta::cut_region(&file, ByteRange::new(r.offset, r.end), r.avg_chunk, |cut| {
+                    chunks.push(cut.sig());
+                    true
+                })
+                .unwrap();
+                let sig = DeltaSig {
+                    transfer_id: r.transfer_id,
+                    offset: r.offset,
+                    chunks,
+                };
+                writer.send(&Frame::DeltaSig(sig)).await.unwrap();
+            }
+        });
+        // A hang guard: without the pipeline the daemon waits for requests never sent.
+        let copied = tokio::time::timeout(
+            Duration::from_secs(120),
+            copy_local(&mut session, 5, &local, &partial),
+        )
+        .await
+        .expect("the pieces were asked for one at a time")
+        .unwrap();
+        daemon.await.unwrap();
+        assert_eq!(copied, Some(size));
+        assert_eq!(partial.held(), [ByteRange::new(0, size)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_region_is_cut_into_batches_of_consecutive_chunks_but_the_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content = noise(3 << 20, 7);
         std::fs::write(&path, &content).unwrap();
         let source = SourceFile::new(std::fs::File::open(&path).unwrap(), "f").unwrap();
         let held = RangeSet::from_ranges([ByteRange::new(1 << 20, 2 << 20)]);

@@ -198,8 +198,13 @@ pub async fn recv(
 /// [`recv`] of a file whose holes a tree listing gave, with the identity it had then: if the
 /// file still has it, the holes are not asked for but punched into the partial file.
 ///
+/// A delta whose whole-file digest does not match the server's (bytes changed under the
+/// partial file while it ran: what was copied from the local file is checked chunk by chunk,
+/// so not by the local file changing) is not renamed into place: its partial is discarded and
+/// the file is fetched once more, whole.
+///
 /// # Errors
-/// As [`recv`].
+/// As [`recv`]; a failure of the whole-file fetch after such a delta says so.
 pub async fn recv_with_holes(
     target: &Target,
     name: &str,
@@ -208,6 +213,49 @@ pub async fn recv_with_holes(
     holes: Option<(FileIdentity, Vec<ByteRange>)>,
 ) -> Result<Summary, ClientError> {
     let started = Instant::now();
+    match recv_once(target, name, dest, opts, holes.clone(), started).await? {
+        Attempt::Done(summary) => Ok(summary),
+        Attempt::DeltaCorrupt => {
+            tracing::info!(
+                file = %name,
+                "whole file: the delta's whole-file digest did not match the server's, its partial \
+                 was discarded; fetching the whole file once more"
+            );
+            let whole = Options {
+                delta: delta::DeltaMode::Never,
+                ..opts.clone()
+            };
+            match recv_once(target, name, dest, &whole, holes, started).await {
+                Ok(Attempt::Done(mut summary)) => {
+                    summary.delta_reason = Some(
+                        "whole file: fetched again after the delta's digest did not match".into(),
+                    );
+                    Ok(summary)
+                }
+                // Without a delta a mismatch is an error of its own.
+                Ok(Attempt::DeltaCorrupt) => Err(xfer_core::CoreError::Corrupt(name.into()).into()),
+                Err(e) => Err(ClientError::AfterDelta(Box::new(e))),
+            }
+        }
+    }
+}
+
+/// How one attempt at a download ended.
+enum Attempt {
+    Done(Summary),
+    /// A delta ran and the whole-file digest did not match: the partial was discarded.
+    DeltaCorrupt,
+}
+
+/// One attempt at [`recv_with_holes`].
+async fn recv_once(
+    target: &Target,
+    name: &str,
+    dest: &Path,
+    opts: &Options,
+    holes: Option<(FileIdentity, Vec<ByteRange>)>,
+    started: Instant,
+) -> Result<Attempt, ClientError> {
     let opts = &metered(opts);
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
@@ -255,14 +303,21 @@ pub async fn recv_with_holes(
         };
         match copied {
             Some(copied) => {
-                tracing::info!(matched_bytes = copied, "delta transfer: {why}");
+                tracing::info!(file = %name, matched_bytes = copied, "delta transfer: {why}");
+                tally.why = Some(format!("delta transfer: {why}"));
                 tally.delta = true;
                 tally.matched = copied;
                 opts.progress.set_position(partial.held_bytes());
                 missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
             }
-            None if wanted => tracing::info!("whole file: no local file to start from ({why})"),
-            None => tracing::info!("whole file: {why}"),
+            None => {
+                let whole = match wanted {
+                    true => format!("whole file: no local file to start from ({why})"),
+                    false => format!("whole file: {why}"),
+                };
+                tracing::info!(file = %name, "{whole}");
+                tally.why = Some(whole);
+            }
         }
     }
     let work = Arc::new(Work::new(split_into_chunks(&missing, chunk_size), opts));
@@ -309,6 +364,11 @@ pub async fn recv_with_holes(
                 break;
             }
             // The local file had the server's size and mtime but other bytes: fetch it all now.
+            // Not renamed into place; the caller fetches the file again, whole.
+            Err(xfer_core::CoreError::Corrupt(_)) if tally.delta => {
+                close_all(sessions).await;
+                return Ok(Attempt::DeltaCorrupt);
+            }
             Err(xfer_core::CoreError::Incomplete { .. }) if attempt < COMMIT_ATTEMPTS => {
                 let missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
                 opts.progress.set_position(0);
@@ -321,7 +381,7 @@ pub async fn recv_with_holes(
     }
     let mut summary = tally.finish(&work, opts);
     summary.wire_bytes = download.wire.load(Ordering::Relaxed);
-    Ok(summary)
+    Ok(Attempt::Done(summary))
 }
 
 /// The server's digest once the data is in: the extra connection's answer, if it has one by

@@ -216,6 +216,10 @@ pub struct Summary {
     pub literal_bytes: u64,
     /// Bytes the receiver copied from the file it held instead of receiving them.
     pub matched_bytes: u64,
+    /// Which way the file went (delta or whole file) and why, as `-v` says it; `None` where
+    /// nothing had to move.
+    #[serde(skip)]
+    pub delta_reason: Option<String>,
 }
 
 /// The chunk size a transfer plans with: the one asked for, within what the daemon allows.
@@ -263,6 +267,8 @@ struct Tally {
     congestion: Option<String>,
     delta: bool,
     matched: u64,
+    /// The choice between a delta and the whole file, and why.
+    why: Option<String>,
 }
 
 impl Tally {
@@ -285,6 +291,7 @@ impl Tally {
             congestion,
             delta: false,
             matched: 0,
+            why: None,
         }
     }
 
@@ -308,6 +315,7 @@ impl Tally {
             delta: self.delta,
             literal_bytes: bytes_transferred,
             matched_bytes: self.matched,
+            delta_reason: self.why,
         }
     }
 }

@@ -206,6 +206,7 @@ pub async fn send_file(
                 have.insert(span);
             }
             tally.delta = true;
+            tally.why = Some(format!("delta transfer, resumed: {why}"));
             queued = true;
         }
     }
@@ -240,7 +241,8 @@ pub async fn send_file(
             queued = true;
         }
     } else if !queued {
-        tracing::info!("whole file: {why}");
+        tracing::info!(file = %name, "whole file: {why}");
+        tally.why = Some(format!("whole file: {why}"));
     }
     let mut delta_used = tally.delta;
     // The whole-file digest is read front to back beside the transfer, not after it.
@@ -286,10 +288,16 @@ pub async fn send_file(
             tally.matched = found.unwrap_or(0);
             if delta_used {
                 tracing::info!(
+                    file = %name,
                     matched_bytes = tally.matched,
                     literal = size - resumed - tally.matched,
                     "delta transfer: {why}"
                 );
+                tally.why = Some(format!("delta transfer: {why}"));
+            } else {
+                tally.why = Some(format!(
+                    "whole file: the daemon holds no file under the name to start from ({why})"
+                ));
             }
         }
         if let Some(task) = digest.take() {
@@ -319,9 +327,12 @@ pub async fn send_file(
             Err(ClientError::Remote(e))
                 if delta_used && e.error_code() == Some(ErrorCode::Corrupt) =>
             {
-                tracing::warn!(error = %e, "the delta did not add up; sending the whole file");
+                tracing::warn!(file = %name, error = %e, "the delta did not add up; sending the whole file");
                 delta_used = false;
+                tally.delta = false;
                 tally.matched = 0;
+                tally.why =
+                    Some("whole file: sent again after the delta's digest did not match".into());
                 (id, held) = upload.open_with_held(&mut s).await?;
                 session = Some(s);
             }

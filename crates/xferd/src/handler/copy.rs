@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 use xfer_core::SourceFile;
-use xfer_proto::{CopyDelta, CopyDeltaMode, CopyDone, CopyTo, ErrorCode, Frame, Progress};
+use xfer_proto::{
+    CopyDelta, CopyDeltaMode, CopyDone, CopyReason, CopyTo, ErrorCode, Frame, Progress,
+};
 
 use super::{fatal, ConnError, Handler};
 use crate::registry::blocking;
@@ -107,7 +109,7 @@ impl Handler {
                     hard_links: s.hard_links,
                     entries_skipped: s.entries_skipped,
                 };
-                Ok::<_, xfer_client::ClientError>((done, s.changes, None))
+                Ok::<_, xfer_client::ClientError>((done, s.changes, None, None))
             } else {
                 let file =
                     blocking(move || SourceFile::new(root.open_read(&source)?, source)).await?;
@@ -132,7 +134,7 @@ impl Handler {
                     literal_bytes: s.literal_bytes,
                     matched_bytes: s.matched_bytes,
                 };
-                Ok((done, Vec::new(), Some(delta)))
+                Ok((done, Vec::new(), Some(delta), s.delta_reason))
             }
         });
         let shutdown = self.shared.shutdown.clone();
@@ -155,10 +157,18 @@ impl Handler {
             }
         };
         match outcome {
-            Ok(Ok((done, changes, delta))) => {
-                info!(destination = %destination, bytes = done.done.bytes_transferred, millis = done.done.millis, "copy complete");
+            Ok(Ok((done, changes, delta, reason))) => {
+                info!(destination = %destination, bytes = done.done.bytes_transferred, millis = done.done.millis, reason = reason.as_deref().unwrap_or(""), "copy complete");
                 // Only a client that offered CAP_COPY_DELTA knows the frame.
                 let told = self.session.capabilities() & xfer_proto::CAP_COPY_DELTA != 0;
+                // And `CopyReason` one that offered CAP_COPY_REASON too.
+                let why = xfer_proto::CAP_COPY_DELTA | xfer_proto::CAP_COPY_REASON;
+                if let Some(reason) = reason.filter(|_| self.session.capabilities() & why == why) {
+                    let reason = one_line_within(&reason, xfer_proto::MAX_COPY_REASON);
+                    self.writer
+                        .send(&Frame::CopyReason(CopyReason { reason }))
+                        .await?;
+                }
                 if let Some(delta) = delta.filter(|_| told) {
                     self.writer.send(&Frame::CopyDelta(delta)).await?;
                 }
@@ -190,6 +200,16 @@ impl Handler {
             Err(e) => Err(fatal(ErrorCode::Io, format!("copy task failed: {e}"))),
         }
     }
+}
+
+/// `text` on one line, cut at a character boundary to at most `max` bytes.
+fn one_line_within(text: &str, max: usize) -> String {
+    let line = text.replace('\n', " ");
+    let mut end = line.len().min(max);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_string()
 }
 
 /// How a copy over TLS checks its destination: by the fingerprint its client pinned, else by
