@@ -83,6 +83,16 @@ impl Connections {
         self.initial_on(None)
     }
 
+    /// Connections to open at once, before the path is known: as many as a long path starts
+    /// with. Opened only once the first connection had measured the path, half of a long
+    /// path's pool started its handshake (three round trips) and slow start that much later:
+    /// through the emulated 50 ms path at 1 % loss, all 8 moved data about 0.1 s sooner when
+    /// opened at once. On a short path the extra ones cost a handshake of well under a
+    /// millisecond; the pool takes them as it grows, and closes the rest at the end.
+    pub fn opened_at_once(self) -> usize {
+        self.initial_on(Some(LONG_PATH))
+    }
+
     /// Connections to start with on a path of round-trip time `rtt`, if known.
     pub fn initial_on(self, rtt: Option<Duration>) -> usize {
         match self {
@@ -417,5 +427,9 @@ mod tests {
         assert_eq!(Connections::Adaptive { max: 6 }.initial_on(Some(wan)), 6);
         assert_eq!(Connections::Fixed(3).initial_on(Some(wan)), 3);
         assert_eq!(Connections::Fixed(3).initial(), 3);
+        // Before the path is known, as many as a long path starts with are opened.
+        assert_eq!(Connections::Adaptive { max: 16 }.opened_at_once(), 8);
+        assert_eq!(Connections::Adaptive { max: 2 }.opened_at_once(), 2);
+        assert_eq!(Connections::Fixed(3).opened_at_once(), 3);
     }
 }

@@ -32,8 +32,8 @@ pub(super) struct Early {
 }
 
 impl Early {
-    /// Opens a transfer's first connection with the others its pool starts with (the path
-    /// unknown yet) beside it, so that their handshakes overlap instead of following: on a 50 ms
+    /// Opens a transfer's first connection with the others its pool starts with on a long path
+    /// (the path unknown yet) beside it, so that their handshakes overlap instead of following: on a 50 ms
     /// path with a token that is three round trips. The first connection to be welcomed is the
     /// transfer's first; the rest are early connections.
     ///
@@ -63,7 +63,7 @@ impl Early {
                 trust: None,
                 ..connector.clone()
             };
-            let beside = opts.connections.initial().saturating_sub(1);
+            let beside = opts.connections.opened_at_once().saturating_sub(1);
             early.spawn(target, &plain, beside);
         }
         let mut first = {
@@ -111,17 +111,20 @@ impl Early {
         self.started = self.started.max(1) + n;
     }
 
-    /// The next early connection to be ready; `None` once there are none left, or if the one
-    /// taken failed.
+    /// The next early connection to be welcomed; `None` once there are none left. Failed ones
+    /// are passed over: more open at once than a short path's pool starts with, and a daemon
+    /// at its per-address limit turns the surplus away first (a refusal is quicker than a
+    /// welcome), so a starting worker taking a refusal for its own would leave the pool while
+    /// welcomed connections wait unused. A worker that finds none connects by itself, and
+    /// learns of the limit then.
     async fn take(&self) -> Option<Session> {
         let mut connecting = self.connecting.lock().await;
-        match connecting.join_next().await? {
-            Ok(Ok(session)) => Some(session),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "an early connection failed; connecting again");
-                None
+        loop {
+            match connecting.join_next().await? {
+                Ok(Ok(session)) => return Some(session),
+                Ok(Err(e)) => tracing::debug!(error = %e, "an early connection failed"),
+                Err(_) => {}
             }
-            Err(_) => None,
         }
     }
 }

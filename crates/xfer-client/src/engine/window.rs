@@ -145,6 +145,10 @@ pub(super) async fn acknowledged(
     })
 }
 
+/// How long a connection moves before its throughput counts (at least 4 round trips): its
+/// first round trips are slow start.
+const RATE_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Moves chunks from `work` over `session` until every chunk is moved (or the pool sheds this
 /// worker); on error, every chunk in flight goes back to the queue. Once the queue is empty the
 /// worker stays for the endgame: with nothing in flight it takes copies of chunks slower
@@ -159,14 +163,32 @@ pub(super) async fn pump<D: Direction>(
     let max = dir.max_chunk(session);
     let mut retired = false;
     let mut changes = work.changes();
+    // What this connection moves across the path, read from the kernel (a chunk's answer comes
+    // only once all of it crossed: a slow connection's first chunk would be its tail before
+    // it had any), for the queue to cut a slow one's last pieces finer.
+    let started = tokio::time::Instant::now();
+    let settled = session
+        .rtt
+        .map_or(RATE_AFTER, |rtt| (rtt * 4).max(RATE_AFTER));
+    let own = xfer_net::Delivered::new();
+    // SAFETY: `session` holds its socket open for the length of the call (the count keeps a
+    // descriptor of its own).
+    let _counted = session
+        .fd
+        .and_then(|fd| own.count(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }));
     let result = async {
         loop {
             // Whatever changes from here on wakes the wait below.
             changes.borrow_and_update();
             while window.has_room() {
+                let elapsed = started.elapsed();
                 let room = Room {
                     idle: window.is_empty(),
                     window: window.capacity,
+                    rate: (elapsed >= settled)
+                        .then(|| own.read())
+                        .flatten()
+                        .map(|d| d.moved() as f64 / elapsed.as_secs_f64()),
                 };
                 let Some(chunk) = work.take(&mut retired, room) else {
                     break;
@@ -431,6 +453,7 @@ mod tests {
         let busy = Room {
             idle: false,
             window: 1,
+            rate: None,
         };
         let left: Vec<_> = std::iter::from_fn(|| work.take(&mut retired, busy)).collect();
         let mut expected = chunks(6, 100);
