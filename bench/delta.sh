@@ -230,7 +230,8 @@ one_run() {
     local xfer="${BUILD_DIR[$build]:-}/xfer" addr="${ADDRS[$build]:-}"
     read -r -a ns <<<"$(in_ns)"
     reset "$w"
-    XFERD_LOG_POS="$(stat -c %s "$LOGS/xferd$build.err")"
+    # rsync runs carry no build: no xferd log of their own.
+    XFERD_LOG_POS="$(stat -c %s "$LOGS/xferd$build.err" 2>/dev/null || echo 0)"
     if [[ "$w" == tree ]]; then src="$WORK/data/new/tree"; else src="$WORK/data/new/$w.bin"; fi
     dest="$SRV/$w"
     b0=0
@@ -257,7 +258,8 @@ one_run() {
     if [[ -n "${DELTA_LOG:-}" ]]; then
         cp "$LOGS/run.err" "$LOGS/$PROFILE-$tool$(label "$build")-$w.err"
         # The daemon's log of this run: what it wrote since the run started.
-        tail -c +"$((XFERD_LOG_POS + 1))" "$LOGS/xferd$build.err" >"$LOGS/$PROFILE-$tool$(label "$build")-$w.xferd.err"
+        [[ ! -f "$LOGS/xferd$build.err" ]] ||
+            tail -c +"$((XFERD_LOG_POS + 1))" "$LOGS/xferd$build.err" >"$LOGS/$PROFILE-$tool$(label "$build")-$w.xferd.err"
     fi
     WIRE=n/a
     [[ "$PROFILE" != wan ]] || WIRE=$(($(link_bytes) - b0))
