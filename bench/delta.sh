@@ -33,7 +33,9 @@
 # (bench/out/delta), XFER_BIN_DIR (skip cargo build), KEEP=1 (keep the workloads), DELTA_LOG=1 (the
 # client's debug log of every run, timestamped, in DELTA_DIR/logs/PROFILE-TOOL-WORKLOAD.err),
 # DELTA_REUSE=1 (time the workloads an earlier KEEP=1 run made, e.g. with DELTA_PROFILES=" "
-# outside the bench lock, instead of making them again).
+# outside the bench lock, instead of making them again), DELTA_BUILDS="NAME=DIR ..." (A/B: every
+# xfer run alternates these builds of xfer and xferd, each with its own daemon; rows are
+# labelled TOOL@NAME).
 set -euo pipefail
 
 BENCH_HOME="$(cd "$(dirname "$0")" && pwd)"
@@ -75,6 +77,18 @@ else
     require_free "$WORK" $((SIZE * 7 + TREE_FILES * TREE_FILE_SIZE * 3))
 fi
 xfer_binaries "$LOGS/build.log"
+# The builds each xfer tool runs with: NAME=DIR pairs, or the one build above.
+declare -A BUILD_DIR=()
+BUILDS=()
+for b in ${DELTA_BUILDS:-}; do
+    [[ "$b" == *=* && -x "${b#*=}/xfer" && -x "${b#*=}/xferd" ]] || die "DELTA_BUILDS: $b is not NAME=DIR with xfer and xferd"
+    BUILDS+=("${b%%=*}")
+    BUILD_DIR[${b%%=*}]="${b#*=}"
+done
+# "_": the one build, unlabelled.
+((${#BUILDS[@]})) || { BUILDS=(_); BUILD_DIR[_]="$(dirname "$XFER")"; }
+label() { [[ "$1" == _ ]] || echo "$1"; }
+declare -A ADDRS=()
 need rsync rsync rsync
 [[ -z "${NA[rsync]:-}" ]] || TOOLS="${TOOLS/rsync/}"
 
@@ -229,11 +243,14 @@ link_bytes() {
 # in_ns: a prefix running the client in the client namespace on the WAN profile
 in_ns() { if [[ "$PROFILE" == wan ]]; then echo "ip netns exec $NS_A"; fi; }
 
-# one_run TOOL WORKLOAD: sets SECS, WIRE (bytes or "n/a"), LITERAL (bytes or "n/a")
+# one_run TOOL WORKLOAD [BUILD]: sets SECS, WIRE (bytes or "n/a"), LITERAL (bytes or "n/a")
 one_run() {
-    local tool="$1" w="$2" src dest t0 b0 out="$LOGS/run.json" ns
+    local tool="$1" w="$2" build="${3:-_}" src dest t0 b0 out="$LOGS/run.json" ns
+    local xfer="${BUILD_DIR[$build]:-}/xfer" addr="${ADDRS[$build]:-}"
     read -r -a ns <<<"$(in_ns)"
     reset "$w"
+    # rsync runs carry no build: no xferd log of their own.
+    XFERD_LOG_POS="$(stat -c %s "$LOGS/xferd$build.err" 2>/dev/null || echo 0)"
     if [[ "$w" == tree ]]; then src="$WORK/data/new/tree"; else src="$WORK/data/new/$w.bin"; fi
     dest="$SRV/$w"
     [[ "$DIRECTION" != recv ]] || dest="$LOCAL/$w"
@@ -247,11 +264,11 @@ one_run() {
             [[ "$tool" == delta ]] && flags+=(--delta)
             [[ "$w" == tree ]] && flags+=(-r)
             if [[ "$DIRECTION" == recv ]]; then
-                "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$XFER" recv "${flags[@]}" "$w" "$ADDR" -o "$dest" >"$out" 2>"$LOGS/run.err" ||
+                "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$xfer" recv "${flags[@]}" "$w" "$addr" -o "$dest" >"$out" 2>"$LOGS/run.err" ||
                     die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
             else
-            "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$XFER" send "${flags[@]}" "$src" "$ADDR" --as "$w" >"$out" 2>"$LOGS/run.err" ||
-                die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
+                "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+XFER_LOG=xfer=debug,xfer_client=debug} "$xfer" send "${flags[@]}" "$src" "$addr" --as "$w" >"$out" 2>"$LOGS/run.err" ||
+                    die "$tool $w failed: $(tail -n1 "$LOGS/run.err")"
             fi
             ;;
         rsync)
@@ -264,7 +281,12 @@ one_run() {
             ;;
     esac
     SECS="$(secs_since "$t0")"
-    [[ -z "${DELTA_LOG:-}" ]] || cp "$LOGS/run.err" "$LOGS/$PROFILE-$tool-$w.err"
+    if [[ -n "${DELTA_LOG:-}" ]]; then
+        cp "$LOGS/run.err" "$LOGS/$PROFILE-$tool$(label "$build")-$w.err"
+        # The daemon's log of this run: what it wrote since the run started.
+        [[ ! -f "$LOGS/xferd$build.err" ]] ||
+            tail -c +"$((XFERD_LOG_POS + 1))" "$LOGS/xferd$build.err" >"$LOGS/$PROFILE-$tool$(label "$build")-$w.xferd.err"
+    fi
     WIRE=n/a
     [[ "$PROFILE" != wan ]] || WIRE=$(($(link_bytes) - b0))
     LITERAL="$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("literal_bytes", d.get("bytes_transferred", "n/a")))' "$out")"
@@ -282,11 +304,14 @@ start_servers() {
         ns=(ip netns exec "$NS_B")
         host="$IP_B"
     fi
-    : >"$LOGS/xferd.out"
-    "${ns[@]+"${ns[@]}"}" "$XFERD" --listen "$host:0" --root "$SRV" --token-file "$TOKEN" >"$LOGS/xferd.out" 2>"$LOGS/xferd.err" &
-    XFERD_PID=$!
-    PIDS+=("$XFERD_PID")
-    ADDR="$(xferd_addr "$LOGS/xferd.out" "$LOGS/xferd.err" "$XFERD_PID")"
+    local build
+    for build in "${BUILDS[@]}"; do
+        : >"$LOGS/xferd$build.out"
+        "${ns[@]+"${ns[@]}"}" env ${DELTA_LOG:+RUST_LOG=info,xferd=debug,xfer_core=debug} "${BUILD_DIR[$build]}/xferd" --listen "$host:0" --root "$SRV" --token-file "$TOKEN" >"$LOGS/xferd$build.out" 2>"$LOGS/xferd$build.err" &
+        XFERD_PID=$!
+        PIDS+=("$XFERD_PID")
+        ADDRS[$build]="$(xferd_addr "$LOGS/xferd$build.out" "$LOGS/xferd$build.err" "$XFERD_PID")"
+    done
     if has_tool rsync; then
         RSYNC_HOST="$host"
         RSYNC_PORT="$(free_port)"
@@ -333,17 +358,25 @@ for PROFILE in $PROFILES; do
     for w in $WORKLOADS; do
         if [[ "$w" == tree ]]; then new_bytes=$(du -sb --apparent-size "$WORK/data/new/tree" | cut -f1); else new_bytes=$(stat -c %s "$WORK/data/new/$w.bin"); fi
         for tool in $TOOLS; do
-            best=""
+            # rsync runs once per round; each xfer tool once per build, the builds alternated.
+            builds=("${BUILDS[@]}")
+            [[ "$tool" != rsync ]] || builds=(_)
+            declare -A best=() best_wire=() best_lit=()
             for _ in $(seq "$REPEAT"); do
-                one_run "$tool" "$w"
-                if [[ -z "$best" ]] || python3 -c 'import sys; sys.exit(float(sys.argv[1]) >= float(sys.argv[2]))' "$SECS" "$best"; then
-                    best="$SECS" best_wire="$WIRE" best_lit="$LITERAL"
-                fi
+                for build in "${builds[@]}"; do
+                    one_run "$tool" "$w" "$build"
+                    if [[ -z "${best[$build]:-}" ]] || python3 -c 'import sys; sys.exit(float(sys.argv[1]) >= float(sys.argv[2]))' "$SECS" "${best[$build]}"; then
+                        best[$build]="$SECS" best_wire[$build]="$WIRE" best_lit[$build]="$LITERAL"
+                    fi
+                done
             done
-            share=n/a
-            [[ "$best_wire" == n/a ]] || share="$(python3 -c 'import sys; print(f"{100 * int(sys.argv[1]) / int(sys.argv[2]):.2f} %")' "$best_wire" "$new_bytes")"
-            echo "| $w | ${tool/whole/xfer --whole-file} | $best | $best_wire | $share | $best_lit |" |
-                sed 's/| delta |/| xfer --delta |/; s/| auto |/| xfer (auto) |/; s/| rsync |/| rsync (daemon) |/'
+            for build in "${builds[@]}"; do
+                share=n/a
+                [[ "${best_wire[$build]}" == n/a ]] || share="$(python3 -c 'import sys; print(f"{100 * int(sys.argv[1]) / int(sys.argv[2]):.2f} %")' "${best_wire[$build]}" "$new_bytes")"
+                echo "| $w | ${tool/whole/xfer --whole-file}$(label "$build" | sed 's/^/@/') | ${best[$build]} | ${best_wire[$build]} | $share | ${best_lit[$build]} |" |
+                    sed 's/| delta\(@[^ |]*\)\? |/| xfer --delta\1 |/; s/| auto\(@[^ |]*\)\? |/| xfer (auto)\1 |/; s/| rsync |/| rsync (daemon) |/'
+            done
+            unset best best_wire best_lit
         done
     done
     stop_servers

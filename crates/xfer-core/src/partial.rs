@@ -23,6 +23,12 @@ use crate::{journal_name, partial_name, CoreError, RangeSet, Result};
 pub const DEFAULT_SYNC_EVERY: u64 = 256 * 1024 * 1024;
 /// Largest range one journal record can describe (its length field is 32 bits).
 const MAX_RECORD_RANGE: u64 = 1 << 30;
+/// Bytes behind the digest's frontier handed to writeback at once. Once written, the window
+/// before is dropped from the page cache: nothing reads it again, and the next writes reuse its
+/// pages. On this project's VMs a write into pages the guest has not used lately costs up to
+/// eight times the copy (about 2.5 s of system time per GiB against 0.3 s), and the commit's
+/// `fsync` finds little left to write.
+pub const WRITE_BEHIND: u64 = 64 * 1024 * 1024;
 
 /// `Agreed` records for `span`, each within a record's length field.
 fn agreed_records(span: ByteRange) -> impl Iterator<Item = Record> {
@@ -70,17 +76,92 @@ struct State {
     zeros: RangeSet,
     /// Spans of the new file a delta's signature exchange answered for (journaled).
     agreed: RangeSet,
+    /// Bytes the digest caught up on after they landed ahead of its frontier: read back from
+    /// the file, or holes hashed as zeros (told in the commit's debug log).
+    read_back: u64,
+    write_behind: WriteBehind,
     /// The final name already held this file when opened: nothing is written, and the commit
     /// only compares digests.
     final_already: bool,
+}
+
+/// How far behind the digest's frontier the partial was handed to writeback, and dropped from
+/// the page cache once written (see [`WRITE_BEHIND`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct WriteBehind {
+    started: u64,
+    dropped: u64,
+}
+
+/// Ranges of the partial to hand to writeback, and to wait for and drop from the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Behind {
+    start: ByteRange,
+    drop: ByteRange,
+}
+
+impl WriteBehind {
+    /// The ranges to act on now that the frontier is at `frontier`: writeback starts up to its
+    /// last whole window, and what was started before is dropped.
+    fn advance(&mut self, frontier: u64) -> Option<Behind> {
+        let to = frontier / WRITE_BEHIND * WRITE_BEHIND;
+        if to <= self.started {
+            return None;
+        }
+        let behind = Behind {
+            start: ByteRange::new(self.started, to),
+            drop: ByteRange::new(self.dropped, self.started),
+        };
+        (self.dropped, self.started) = (self.started, to);
+        Some(behind)
+    }
+}
+
+impl Behind {
+    /// Hints only: durability comes from the barriers and the commit's `fsync`, so a failure
+    /// here costs speed, never data.
+    fn apply(self, data: &File) {
+        use std::os::fd::AsRawFd;
+        let sync_range = |range: ByteRange, flags| {
+            if range.is_empty() {
+                return;
+            }
+            // SAFETY: a plain system call on a descriptor `data` keeps open; no memory passed.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    data.as_raw_fd(),
+                    range.start as libc::off64_t,
+                    range.len() as libc::off64_t,
+                    flags,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                tracing::debug!(error = %e, "sync_file_range failed");
+            }
+        };
+        sync_range(self.start, libc::SYNC_FILE_RANGE_WRITE);
+        let wait_and_write = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        sync_range(self.drop, wait_and_write);
+        if let Some(len) = std::num::NonZeroU64::new(self.drop.len()) {
+            if let Err(e) = rfs::fadvise(data, self.drop.start, Some(len), rfs::Advice::DontNeed) {
+                tracing::debug!(error = %e, "fadvise failed");
+            }
+        }
+    }
 }
 
 impl State {
     /// Feeds the digest the held bytes that follow its position, read back from the file
     /// (holes recorded this session are hashed as zeros without being read).
     fn catch_up(&mut self) -> std::io::Result<()> {
+        let before = self.frontier.pos();
         self.frontier
-            .catch_up_over(&self.data, &self.held, &self.zeros)
+            .catch_up_over(&self.data, &self.held, &self.zeros)?;
+        self.read_back += self.frontier.pos() - before;
+        Ok(())
     }
 }
 
@@ -287,6 +368,8 @@ impl PartialFile {
                 frontier,
                 zeros: RangeSet::new(),
                 agreed,
+                read_back: 0,
+                write_behind: WriteBehind::default(),
             }),
         })
     }
@@ -321,6 +404,8 @@ impl PartialFile {
                 frontier: Frontier::default(),
                 zeros: RangeSet::new(),
                 agreed: RangeSet::new(),
+                read_back: 0,
+                write_behind: WriteBehind::default(),
             }),
         }
     }
@@ -444,12 +529,18 @@ impl PartialFile {
         st.catch_up()
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
         st.unsynced += range.len();
-        if st.unsynced >= self.sync_every && !st.sync_running {
+        let barrier = (st.unsynced >= self.sync_every && !st.sync_running).then(|| {
             st.sync_running = true;
             st.unsynced = 0;
-            return Ok(Some(st.chunk_records));
+            st.chunk_records
+        });
+        let frontier = st.frontier.pos();
+        let behind = st.write_behind.advance(frontier);
+        drop(st);
+        if let Some(behind) = behind {
+            behind.apply(&data);
         }
-        Ok(None)
+        Ok(barrier)
     }
 
     /// Records `range` as held zeros without writing it: a hole of a sparse source. The range
@@ -526,14 +617,26 @@ impl PartialFile {
         expected: Option<Digest>,
     ) -> Result<Digest> {
         let this = Arc::clone(self);
-        blocking(move || this.commit_blocking(mode, mtime_ns, expected)).await
+        let (digest, replaced) = blocking(move || {
+            let mut replaced = None;
+            let digest = this.commit_blocking(mode, mtime_ns, expected, &mut replaced)?;
+            Ok((digest, replaced))
+        })
+        .await?;
+        if let Some(old) = replaced {
+            // Its last close frees it: the answer need not wait for that.
+            tokio::task::spawn_blocking(move || drop(old));
+        }
+        Ok(digest)
     }
 
+    /// `replaced` gets the file the rename replaced, still open, for the caller to close.
     fn commit_blocking(
         &self,
         mode: u32,
         mtime_ns: i64,
         expected: Option<Digest>,
+        replaced: &mut Option<File>,
     ) -> Result<Digest> {
         let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
         let mut st = self.lock();
@@ -570,6 +673,7 @@ impl PartialFile {
             st.chunk_records = 0;
             st.held = RangeSet::new();
             st.frontier = Frontier::default();
+            st.write_behind = WriteBehind::default();
             st.zeros = RangeSet::new();
             st.final_already = false;
             return Err(CoreError::Incomplete {
@@ -580,8 +684,10 @@ impl PartialFile {
         if missing > 0 {
             return Err(CoreError::Incomplete { missing });
         }
+        let started = std::time::Instant::now();
         st.catch_up()
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
+        let caught_up = started.elapsed();
         let digest = st.frontier.digest();
         if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {
             self.discard(&mut st)
@@ -598,14 +704,33 @@ impl PartialFile {
             .and_then(|()| data.set_modified(mtime))
             .and_then(|()| data.sync_all())
             .map_err(|e| CoreError::io(ctx("flushing"), e))?;
+        let flushed = started.elapsed();
         let dir = self.slot.dir.as_fd();
+        // The file under the final name is held (`O_PATH`: opened for nothing, whatever it is)
+        // across the rename: dropping its last name would free it inside the rename, its page
+        // cache and blocks (about 0.4 s for 2 GiB here), before the sender hears that the file
+        // is in place.
+        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        *replaced = rfs::openat(dir, self.slot.leaf.as_str(), flags, Mode::empty())
+            .ok()
+            .map(File::from);
         rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
             .map_err(|e| CoreError::io(ctx("renaming partial to"), e.into()))?;
+        let renamed = started.elapsed();
         st.committed = Some(digest);
         if let Err(e) = rfs::unlinkat(dir, self.journal_leaf.as_str(), rfs::AtFlags::empty()) {
             tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
         }
         rfs::fsync(dir).map_err(|e| CoreError::io(ctx("flushing directory of"), e.into()))?;
+        tracing::debug!(
+            file = %self.slot.leaf,
+            read_back = st.read_back,
+            catch_up_ms = caught_up.as_millis() as u64,
+            flush_ms = (flushed - caught_up).as_millis() as u64,
+            rename_ms = (renamed - flushed).as_millis() as u64,
+            dir_sync_ms = (started.elapsed() - renamed).as_millis() as u64,
+            "committed"
+        );
         Ok(digest)
     }
 
@@ -619,6 +744,7 @@ impl PartialFile {
         st.chunk_records = 0;
         st.held = RangeSet::new();
         st.frontier = Frontier::default();
+        st.write_behind = WriteBehind::default();
         st.zeros = RangeSet::new();
         st.closed = Some("discarded after a digest mismatch".into());
         Ok(())
@@ -884,6 +1010,59 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 < 64 << 10, "{} blocks", meta.blocks());
         assert_eq!(std::fs::read(tmp.path().join("s")).unwrap(), want);
+    }
+
+    #[test]
+    fn write_behind_starts_whole_windows_behind_the_frontier_and_drops_the_ones_before() {
+        let mut wb = WriteBehind::default();
+        assert_eq!(wb.advance(WRITE_BEHIND - 1), None);
+        let first = wb.advance(WRITE_BEHIND + 5).unwrap();
+        assert_eq!(first.start, ByteRange::new(0, WRITE_BEHIND));
+        assert!(first.drop.is_empty());
+        assert_eq!(wb.advance(WRITE_BEHIND * 2 - 1), None);
+        // A frontier jumping several windows (a hole filled late) starts them all at once.
+        let next = wb.advance(WRITE_BEHIND * 4).unwrap();
+        assert_eq!(next.start, ByteRange::new(WRITE_BEHIND, WRITE_BEHIND * 4));
+        assert_eq!(next.drop, ByteRange::new(0, WRITE_BEHIND));
+        let last = wb.advance(WRITE_BEHIND * 5).unwrap();
+        assert_eq!(last.drop, ByteRange::new(WRITE_BEHIND, WRITE_BEHIND * 4));
+    }
+
+    /// Whether the page at `offset` of `file` is in the page cache: a read that must not wait
+    /// for the disk fails with `EAGAIN` when it is not.
+    fn cached(file: &File, offset: u64) -> bool {
+        let mut byte = [0u8; 1];
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        let bufs = &mut [std::io::IoSliceMut::new(&mut byte)];
+        match rustix::io::preadv2(file, bufs, offset, flags) {
+            Ok(_) => true,
+            Err(rustix::io::Errno::AGAIN) => false,
+            Err(e) => panic!("preadv2: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn what_the_digest_passed_is_written_back_and_leaves_the_page_cache() {
+        // On a disk: /tmp may be a tmpfs, whose pages never leave memory.
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let size = WRITE_BEHIND * 3 + 4096;
+        let p = PartialFile::open(root.slot("big", true).unwrap(), id(size))
+            .await
+            .unwrap();
+        let block: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut at = 0;
+        while at < size {
+            let n = block.len().min((size - at) as usize);
+            write(&p, at, &block[..n]).await;
+            at += n as u64;
+        }
+        let part = File::open(tmp.path().join(partial_name("big"))).unwrap();
+        assert!(!cached(&part, 0), "the first window is still cached");
+        assert!(!cached(&part, WRITE_BEHIND - 4096));
+        // The window being written back and the bytes ahead of it stay.
+        assert!(cached(&part, WRITE_BEHIND * 3));
+        p.commit(0o644, id(size).mtime_ns, None).await.unwrap();
     }
 
     #[tokio::test]

@@ -170,6 +170,7 @@ pub(super) async fn negotiate(
             }
         }
         drop(spans);
+        tracing::debug!("delta: every signature batch sent");
         Ok::<_, ClientError>(())
     };
     let receive = async {
@@ -193,6 +194,7 @@ pub(super) async fn negotiate(
         Ok(())
     };
     tokio::try_join!(send, receive)?;
+    tracing::debug!("delta: every signature batch answered");
     for cutter in cutting.cutters {
         cutter
             .await

@@ -307,6 +307,7 @@ pub async fn send_file(
             digest_bytes = d.to_vec();
         }
         upload.source.check_unchanged()?;
+        tracing::debug!("every byte sent and the digest read: committing");
         let commit = Commit {
             transfer_id: sid,
             digest: digest_bytes.clone(),

@@ -82,6 +82,7 @@ impl Handler {
             return Err(fatal(ErrorCode::Protocol, "DeltaSig before DeltaIndex"));
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
+        let started = std::time::Instant::now();
         let parallel = delta::parallelism().clamp(2, MAX_PARALLEL_COPIES);
         // The runs being matched, queued and written at once, each at most MAX_COPY bytes.
         let _reservation = self
@@ -143,6 +144,14 @@ impl Handler {
             .await
             .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
         self.shared.metrics.delta_copied.add(copied);
+        tracing::debug!(
+            offset = sig.offset,
+            span = span_len,
+            copied,
+            read,
+            ms = started.elapsed().as_millis() as u64,
+            "delta batch answered"
+        );
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
                 transfer_id: id.get(),
