@@ -20,6 +20,10 @@ const READ_BLOCK: usize = 128 << 10;
 /// A digest.
 pub type Digest = [u8; DIGEST_LEN];
 
+/// How [`Frontier::catch_up_reading`] reads: `read(pos, n, sink)` hands `sink` the `n` bytes at
+/// `pos`.
+pub type ReadBack<'a> = dyn FnMut(u64, usize, &mut dyn FnMut(&[u8])) -> io::Result<()> + 'a;
+
 /// Digest of the first `size` bytes of `file`, read front to back. The holes of a sparse file
 /// are hashed as the zeros they read as, without reading them: reading a hole costs the kernel
 /// a page of zeros per page, far slower than hashing.
@@ -113,6 +117,26 @@ impl Frontier {
         zeros: &RangeSet,
     ) -> io::Result<()> {
         let mut buf = Vec::new();
+        self.catch_up_reading(held, zeros, READ_BLOCK, &mut |pos, n, sink| {
+            buf.resize(n, 0);
+            data.read_exact_at(&mut buf, pos)?;
+            sink(&buf);
+            Ok(())
+        })
+    }
+
+    /// [`Frontier::catch_up_over`] with the bytes read by `read(pos, n, sink)`, which hands
+    /// `sink` the `n` bytes at `pos`, in order (in pieces if it likes); `n` is at most `block`.
+    ///
+    /// # Errors
+    /// What `read` returns.
+    pub fn catch_up_reading(
+        &mut self,
+        held: &RangeSet,
+        zeros: &RangeSet,
+        block: usize,
+        read: &mut ReadBack<'_>,
+    ) -> io::Result<()> {
         while let Some(r) = held.range_at(self.pos) {
             while self.pos < r.end {
                 if let Some(z) = zeros.range_at(self.pos) {
@@ -125,10 +149,9 @@ impl Frontier {
                     .iter()
                     .find(|z| z.start > self.pos)
                     .map_or(r.end, |z| z.start.min(r.end));
-                let n = READ_BLOCK.min((next_zeros - self.pos) as usize);
-                buf.resize(n, 0);
-                data.read_exact_at(&mut buf, self.pos)?;
-                self.hasher.update(&buf);
+                let n = block.min((next_zeros - self.pos) as usize);
+                let hasher = &mut self.hasher;
+                read(self.pos, n, &mut |bytes| hasher.update(bytes))?;
                 self.pos += n as u64;
             }
         }

@@ -7,6 +7,7 @@
 //! - [`ranges`]: [`RangeSet`] and chunk splitting.
 //! - [`delta`]: content-defined chunking and the receiver's index of the file it holds.
 //! - [`digest`]: the whole-file digest both sides compare before the final rename.
+//! - [`direct`]: received chunks written around the page cache where they are aligned.
 //! - [`journal`]: the on-disk resume journal format.
 //! - [`meta`]: owners, hard-link groups, attributes, holes and special nodes of tree entries.
 //! - [`acl`]: POSIX ACL values, carried with the names of their entries.
@@ -26,6 +27,7 @@ pub mod budget;
 pub mod buffers;
 pub mod delta;
 pub mod digest;
+pub mod direct;
 pub mod error;
 pub mod filter;
 pub mod journal;

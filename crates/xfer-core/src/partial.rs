@@ -15,6 +15,7 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 use xfer_proto::{ByteRange, FileIdentity};
 
 use crate::digest::{Digest, Frontier};
+use crate::direct::DirectWriter;
 use crate::journal::{self, Record};
 use crate::root::Slot;
 use crate::{journal_name, partial_name, CoreError, RangeSet, Result};
@@ -43,6 +44,9 @@ fn agreed_records(span: ByteRange) -> impl Iterator<Item = Record> {
     })
 }
 
+/// The partial's data file, and the same file opened for direct writes where it can be.
+type DataFiles = (Arc<File>, Option<Arc<DirectWriter>>);
+
 /// A file being received.
 #[derive(Debug)]
 pub struct PartialFile {
@@ -59,6 +63,8 @@ pub struct PartialFile {
 struct State {
     /// The partial file (or, while `final_already`, the final file, read only).
     data: Arc<File>,
+    /// The partial opened again for direct writes of aligned chunks, where offered.
+    direct: Option<Arc<DirectWriter>>,
     journal: Arc<File>,
     journal_pos: u64,
     chunk_records: u64,
@@ -158,8 +164,19 @@ impl State {
     /// (holes recorded this session are hashed as zeros without being read).
     fn catch_up(&mut self) -> std::io::Result<()> {
         let before = self.frontier.pos();
-        self.frontier
-            .catch_up_over(&self.data, &self.held, &self.zeros)?;
+        if let Some(direct) = &self.direct {
+            // Read around the cache, as the bytes were written.
+            let data = &self.data;
+            self.frontier.catch_up_reading(
+                &self.held,
+                &self.zeros,
+                crate::direct::READ_BLOCK,
+                &mut |pos, n, sink| direct.read_at(data, pos, n, sink),
+            )?;
+        } else {
+            self.frontier
+                .catch_up_over(&self.data, &self.held, &self.zeros)?;
+        }
         self.read_back += self.frontier.pos() - before;
         Ok(())
     }
@@ -342,6 +359,7 @@ impl PartialFile {
             .and_then(|()| journal_file.write_all_at(&bytes, 0))
             .map_err(|e| CoreError::io(ctx("writing journal of"), e))?;
         let resumed = held.total();
+        let direct = DirectWriter::open(slot.dir.as_fd(), &part_leaf, &data).map(Arc::new);
         // Resumed bytes count toward the digest like new ones: read them back once, here.
         let mut frontier = Frontier::default();
         frontier
@@ -356,6 +374,7 @@ impl PartialFile {
             sync_every,
             state: Mutex::new(State {
                 data: Arc::new(data),
+                direct,
                 journal: Arc::new(journal_file),
                 journal_pos: bytes.len() as u64,
                 chunk_records,
@@ -392,6 +411,7 @@ impl PartialFile {
             sync_every,
             state: Mutex::new(State {
                 data: Arc::clone(&file),
+                direct: None,
                 journal: file,
                 journal_pos: 0,
                 chunk_records: 0,
@@ -496,9 +516,9 @@ impl PartialFile {
         Ok(())
     }
 
-    /// The data file to write into, `None` once the partial is final (a late chunk is moot),
-    /// or why it was closed.
-    fn data_to_write(&self) -> Result<Option<Arc<File>>> {
+    /// The data file to write into (and its direct descriptor), `None` once the partial is
+    /// final (a late chunk is moot), or why it was closed.
+    fn data_to_write(&self) -> Result<Option<DataFiles>> {
         let st = self.lock();
         if st.committed.is_some() || st.final_already {
             return Ok(None);
@@ -506,14 +526,14 @@ impl PartialFile {
         if let Some(why) = &st.closed {
             return Err(CoreError::io("write", std::io::Error::other(why.clone())));
         }
-        Ok(Some(Arc::clone(&st.data)))
+        Ok(Some((Arc::clone(&st.data), st.direct.clone())))
     }
 
     fn write_blocking(&self, range: ByteRange, payload: &[u8], crc32: u32) -> Result<Option<u64>> {
-        let Some(data) = self.data_to_write()? else {
+        let Some((data, direct)) = self.data_to_write()? else {
             return Ok(None);
         };
-        data.write_all_at(payload, range.start)
+        crate::direct::write_at(direct.as_deref(), &data, payload, range.start)
             .map_err(|e| CoreError::io(format!("writing {:?}", self.slot.leaf), e))?;
         // The lock is held across one 24-byte journal write so that record order in the file
         // matches `chunk_records`, which barriers count by.
@@ -560,7 +580,7 @@ impl PartialFile {
 
     fn write_zeros_blocking(&self, range: ByteRange) -> Result<()> {
         let ctx = || format!("punching a hole in {:?}", self.slot.leaf);
-        let Some(data) = self.data_to_write()? else {
+        let Some((data, _)) = self.data_to_write()? else {
             return Ok(());
         };
         crate::meta::punch_hole(&data, range).map_err(|e| CoreError::io(ctx(), e))?;
@@ -667,6 +687,8 @@ impl PartialFile {
             part.set_len(0)
                 .and_then(|()| journal::reset(&mut journal_file, self.identity))
                 .map_err(|e| CoreError::io(ctx("starting a partial for"), e))?;
+            st.direct =
+                DirectWriter::open(self.slot.dir.as_fd(), &self.part_leaf, &part).map(Arc::new);
             st.data = Arc::new(part);
             st.journal = Arc::new(journal_file);
             st.journal_pos = journal::HEADER_LEN as u64;

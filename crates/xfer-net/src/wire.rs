@@ -10,9 +10,10 @@ use std::pin::Pin;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
-use xfer_proto::{Frame, FrameCodec, ProtoError, LEN_PREFIX};
+use xfer_proto::{Frame, FrameCodec, FrameType, ProtoError, LEN_AND_DATA_HEADER, LEN_PREFIX};
 
 use xfer_core::buffers::BufferPool;
+use xfer_core::direct::PAYLOAD_ALIGN;
 use xfer_core::{MemoryBudget, Reservation};
 
 /// Frames longer than this are read into a buffer of their own; shorter ones are cut from the
@@ -46,12 +47,25 @@ pub struct FrameReader<R> {
     reserving: Option<Reserving>,
 }
 
-/// A large frame's body (type byte onwards), `filled` bytes of it read.
+/// A large frame's body (type byte onwards) at `body[start..]`, `filled` bytes of it read.
 #[derive(Debug)]
 struct LargeFrame {
     body: Vec<u8>,
+    start: usize,
     filled: usize,
     reservation: Option<Reservation>,
+}
+
+/// Where a large frame's body starts in its buffer so that a `Data` payload lands at a multiple
+/// of [`PAYLOAD_ALIGN`]: the receiver can then write it to disk directly, around the page cache
+/// ([`xfer_core::direct`]). Other frames start at the front.
+fn body_start(buffer: &[u8], frame_type: u8) -> usize {
+    if frame_type != FrameType::Data as u8 {
+        return 0;
+    }
+    let payload_in_body = LEN_AND_DATA_HEADER - LEN_PREFIX;
+    let payload_at = buffer.as_ptr() as usize + payload_in_body;
+    payload_at.next_multiple_of(PAYLOAD_ALIGN) - payload_at
 }
 
 /// A pending [`MemoryBudget::reserve`].
@@ -99,8 +113,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
         loop {
             if let Some(large) = &mut self.large {
-                while large.filled < large.body.len() {
-                    let n = eof_as_end(self.io.read(&mut large.body[large.filled..]).await)?;
+                while large.start + large.filled < large.body.len() {
+                    let at = large.start + large.filled;
+                    let n = eof_as_end(self.io.read(&mut large.body[at..]).await)?;
                     if n == 0 {
                         let buffered = LEN_PREFIX + large.filled;
                         self.large = None;
@@ -109,11 +124,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     large.filled += n;
                 }
                 let large = self.large.take().expect("checked above");
+                let start = large.start;
                 let body = match large.reservation {
                     Some(reservation) => BufferPool::reserved_bytes(large.body, reservation),
                     None => self.buffers.bytes(large.body),
                 };
-                return Frame::decode(body).map(Some);
+                return Frame::decode(body.slice(start..)).map(Some);
             }
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(frame));
@@ -122,9 +138,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let reservation = match &self.budget {
                     None => None,
                     Some(budget) => {
-                        let reserving = self
-                            .reserving
-                            .get_or_insert_with(|| Reserving(Box::pin(budget.reserve(len))));
+                        let reserving = self.reserving.get_or_insert_with(|| {
+                            Reserving(Box::pin(budget.reserve(len + PAYLOAD_ALIGN)))
+                        });
                         let reservation = reserving.0.as_mut().await;
                         self.reserving = None;
                         Some(reservation)
@@ -161,20 +177,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Moves the large frame of `len` bytes at the front of the buffer into a buffer of its
-    /// own (reserved from the budget, or pooled), which the rest is read into.
+    /// own (reserved from the budget, or pooled), which the rest is read into. The buffer has
+    /// room to place a payload aligned ([`body_start`]).
     fn start_large(&mut self, len: usize, reservation: Option<Reservation>) {
+        let room = len + PAYLOAD_ALIGN;
         let (mut body, reservation) = match reservation {
             Some(reservation) => {
-                let (body, reservation) = reservation.buffer(len);
+                let (body, reservation) = reservation.buffer(room);
                 (body, Some(reservation))
             }
-            None => (self.buffers.take(len), None),
+            None => (self.buffers.take(room), None),
         };
+        let start = body_start(&body, self.buf[LEN_PREFIX]);
+        body.truncate(start + len);
         let have = self.buf.len() - LEN_PREFIX;
-        body[..have].copy_from_slice(&self.buf[LEN_PREFIX..]);
+        body[start..start + have].copy_from_slice(&self.buf[LEN_PREFIX..]);
         self.buf.clear();
         self.large = Some(LargeFrame {
             body,
+            start,
             filled: have,
             reservation,
         });
@@ -382,6 +403,32 @@ mod tests {
         }
         a.write_all(&wire[150_000..]).await.unwrap();
         assert_eq!(r.read_frame().await.unwrap(), Some(data));
+    }
+
+    /// A chunk's payload is received at an aligned address, so the receiver can write it to
+    /// disk directly; other large frames and the bytes around are unchanged.
+    #[tokio::test]
+    async fn a_chunk_payload_lands_aligned_with_or_without_a_budget() {
+        let data = Frame::Data(Data::new(3, 1 << 20, Bytes::from(vec![5u8; 300_000])));
+        let other = Frame::Data(Data::new(3, 0, Bytes::from(vec![6u8; 70_000])));
+        let mut wire = encoded(&data);
+        wire.extend(encoded(&other));
+        for budget in [None, Some(MemoryBudget::new(1 << 26))] {
+            let mut r = FrameReader::new(&wire[..]);
+            if let Some(budget) = budget {
+                r = r.with_budget(budget);
+            }
+            for want in [&data, &other] {
+                let got = r.read_frame().await.unwrap().unwrap();
+                let Frame::Data(d) = &got else {
+                    panic!("want data, got {got:?}")
+                };
+                assert_eq!(d.payload.as_ptr() as usize % PAYLOAD_ALIGN, 0);
+                assert_eq!(&got, want);
+                d.verify().unwrap();
+            }
+            assert_eq!(r.read_frame().await.unwrap(), None);
+        }
     }
 
     #[tokio::test]
