@@ -21,6 +21,47 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     bytes
 }
 
+/// Waits until `journal` holds `bytes` while `client` still runs: a client that ended first
+/// fails the test, since what it was to be caught in the middle of is over.
+fn wait_journaled(client: &mut XferRun, journal: &std::path::Path, bytes: usize, what: &str) {
+    wait_until(GUARD, what, || {
+        let held = journal_held(journal);
+        assert!(held >= bytes as u64 || client.is_running());
+        held >= bytes as u64
+    });
+}
+
+/// A delta slow enough (4 MB/s, small chunks, 2 connections) for [`scribble_in_copied_half`] to
+/// act while its literal half still moves, reported with its reasons.
+const SCRIBBLED_DELTA: [&str; 9] = [
+    "--delta",
+    "--json",
+    "-v",
+    "--bwlimit",
+    "4M",
+    "--chunk-size",
+    "256K",
+    "-c",
+    "2",
+];
+
+/// Writes 4 KiB of other bytes into the copied second half of a `size`-byte partial file, as
+/// another program would, while the literal first half still moves.
+fn scribble_in_copied_half(
+    client: &mut XferRun,
+    partial: &std::path::Path,
+    size: usize,
+    seed: u64,
+) {
+    assert!(client.is_running(), "the literal half still moves");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, seed), (size * 3 / 4) as u64)
+        .unwrap();
+}
+
 /// Uploads `old` whole, then `new` under the same name with `extra`; checks the daemon's file
 /// is `new` byte for byte and returns the second run's output.
 fn resend(old: &[u8], new: &[u8], extra: &[&str]) -> XferOutput {
@@ -211,14 +252,11 @@ fn check_delta_resumes_after(stop: impl FnOnce(&mut Daemon, &mut XferRun)) {
         "2",
     ];
     let mut client = XferRun::send(&src, &daemon.addr(), "r.bin", &slow);
-    wait_until(
-        GUARD,
+    wait_journaled(
+        &mut client,
+        &journal,
+        size / 2 + 2 * MIB,
         "the copied half and 2 MiB more are journaled",
-        || {
-            let held = journal_held(&journal);
-            assert!(held >= (size / 2 + 2 * MIB) as u64 || client.is_running());
-            held >= (size / 2 + 2 * MIB) as u64
-        },
     );
     stop(&mut daemon, &mut client);
     let held = journal_held(&journal);
@@ -281,11 +319,12 @@ fn a_basis_rewritten_during_the_delta_never_lands_wrong() {
     ];
     let mut client = XferRun::send(&src, &daemon.addr(), "b.bin", &slow);
     let journal = journal_path(&dest);
-    wait_until(GUARD, "the copied half is journaled", || {
-        let held = journal_held(&journal);
-        assert!(held >= (size / 2) as u64 || client.is_running());
-        held >= (size / 2) as u64
-    });
+    wait_journaled(
+        &mut client,
+        &journal,
+        size / 2,
+        "the copied half is journaled",
+    );
     // Rewritten in place, as a program holding the old file open would.
     std::fs::write(&dest, noise(size, 23)).unwrap();
     let out = client.wait_ok();
@@ -312,32 +351,15 @@ fn an_upload_whose_partial_changes_during_the_delta_is_sent_again_whole() {
     XferRun::send(&src, &daemon.addr(), "p.bin", &["--whole-file"]).wait_ok();
     std::fs::write(&src, &new).unwrap();
     xfer_tests::set_mtime(&src, 1_800_000_000);
-    let slow = [
-        "--delta",
-        "--json",
-        "-v",
-        "--bwlimit",
-        "4M",
-        "--chunk-size",
-        "256K",
-        "-c",
-        "2",
-    ];
-    let mut client = XferRun::send(&src, &daemon.addr(), "p.bin", &slow);
+    let mut client = XferRun::send(&src, &daemon.addr(), "p.bin", &SCRIBBLED_DELTA);
     let (journal, partial) = (journal_path(&dest), partial_path(&dest));
-    wait_until(GUARD, "the copied half is journaled", || {
-        let held = journal_held(&journal);
-        assert!(held >= (size / 2) as u64 || client.is_running());
-        held >= (size / 2) as u64
-    });
-    assert!(client.is_running(), "the literal half still moves");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&partial)
-        .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, 53), (size * 3 / 4) as u64)
-        .unwrap();
-    drop(file);
+    wait_journaled(
+        &mut client,
+        &journal,
+        size / 2,
+        "the copied half is journaled",
+    );
+    scribble_in_copied_half(&mut client, &partial, size, 53);
     let out = client.wait_ok();
     assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.stderr);
     assert!(
@@ -562,14 +584,11 @@ fn a_download_delta_resumes_after_the_client_is_killed() {
         "2",
     ];
     let mut client = XferRun::recv("r.bin", &daemon.addr(), &out_path, &slow);
-    wait_until(
-        GUARD,
+    wait_journaled(
+        &mut client,
+        &journal,
+        size / 2 + 2 * MIB,
         "the copied half and 2 MiB more are journaled",
-        || {
-            let held = journal_held(&journal);
-            assert!(held >= (size / 2 + 2 * MIB) as u64 || client.is_running());
-            held >= (size / 2 + 2 * MIB) as u64
-        },
     );
     client.kill();
     let held = journal_held(&journal);
@@ -610,32 +629,15 @@ fn a_download_whose_partial_changes_during_the_delta_is_fetched_again_whole() {
     xfer_tests::set_mtime(&out_path, 1_600_000_000);
     let (journal, partial) = (journal_path(&out_path), partial_path(&out_path));
     let daemon = Daemon::start(&tree.root(), &[]);
-    let slow = [
-        "--delta",
-        "--json",
-        "-v",
-        "--bwlimit",
-        "4M",
-        "--chunk-size",
-        "256K",
-        "-c",
-        "2",
-    ];
-    let mut client = XferRun::recv("c.bin", &daemon.addr(), &out_path, &slow);
-    wait_until(GUARD, "the copied half is journaled", || {
-        let held = journal_held(&journal);
-        assert!(held >= (size / 2) as u64 || client.is_running());
-        held >= (size / 2) as u64
-    });
-    assert!(client.is_running(), "the literal half still moves");
+    let mut client = XferRun::recv("c.bin", &daemon.addr(), &out_path, &SCRIBBLED_DELTA);
+    wait_journaled(
+        &mut client,
+        &journal,
+        size / 2,
+        "the copied half is journaled",
+    );
     // Another program writes into the copied half of the partial file.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&partial)
-        .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &noise(4096, 43), (size * 3 / 4) as u64)
-        .unwrap();
-    drop(file);
+    scribble_in_copied_half(&mut client, &partial, size, 43);
     let out = client.wait_ok();
     assert_eq!(
         sha256_file(&out_path),
