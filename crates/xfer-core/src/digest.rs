@@ -13,9 +13,30 @@ use crate::RangeSet;
 
 /// Bytes in a digest.
 pub const DIGEST_LEN: usize = 16;
-/// Bytes read back at once: under the allocator's mmap threshold, so the buffer of each catch-up
-/// comes from its free lists instead of fresh, faulted-in pages, and stays in cache to be hashed.
-const READ_BLOCK: usize = 128 << 10;
+/// Bytes read back through the page cache at once: under the allocator's mmap threshold, so the
+/// buffer of each catch-up comes from its free lists instead of fresh, faulted-in pages, and
+/// stays in cache to be hashed.
+pub(crate) const BUFFERED_READ_BLOCK: usize = 128 << 10;
+
+/// Hands `sink` the `n` bytes at `offset` of `data`, read through the page cache into `buf` in
+/// blocks of [`BUFFERED_READ_BLOCK`].
+pub(crate) fn read_through_cache(
+    data: &File,
+    mut offset: u64,
+    mut n: usize,
+    buf: &mut Vec<u8>,
+    sink: &mut dyn FnMut(&[u8]),
+) -> io::Result<()> {
+    while n > 0 {
+        let len = n.min(BUFFERED_READ_BLOCK);
+        buf.resize(len, 0);
+        data.read_exact_at(buf, offset)?;
+        sink(buf);
+        offset += len as u64;
+        n -= len;
+    }
+    Ok(())
+}
 
 /// A digest.
 pub type Digest = [u8; DIGEST_LEN];
@@ -117,11 +138,8 @@ impl Frontier {
         zeros: &RangeSet,
     ) -> io::Result<()> {
         let mut buf = Vec::new();
-        self.catch_up_reading(held, zeros, READ_BLOCK, &mut |pos, n, sink| {
-            buf.resize(n, 0);
-            data.read_exact_at(&mut buf, pos)?;
-            sink(&buf);
-            Ok(())
+        self.catch_up_reading(held, zeros, BUFFERED_READ_BLOCK, &mut |pos, n, sink| {
+            read_through_cache(data, pos, n, &mut buf, sink)
         })
     }
 

@@ -21,6 +21,8 @@ use std::sync::Mutex;
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, StatxFlags};
 
+use crate::digest::read_through_cache;
+
 /// Alignment chunk payloads are received at (the frame reader of `xfer-net` places them so),
 /// and the least a direct write is aligned to: a page, so a direct write and a buffered one
 /// never share a page of the cache.
@@ -43,8 +45,6 @@ pub struct DirectWriter {
 
 /// Bytes a direct read-back asks for at once: each is a round trip to the disk.
 pub const READ_BLOCK: usize = 1 << 20;
-/// Bytes a buffered read-back asks for at once (under the allocator's mmap threshold).
-const BUFFERED_BLOCK: usize = 128 << 10;
 
 impl DirectWriter {
     /// Opens `leaf` in `dir` (which must be `data`, checked by inode) for direct writes, if its
@@ -109,12 +109,18 @@ impl DirectWriter {
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                     self.usable.store(false, Ordering::Relaxed);
                     drop(scratch);
-                    return read_buffered(data, offset, n, sink);
+                    return read_through_cache(data, offset, n, &mut Vec::new(), sink);
                 }
                 Err(e) => return Err(e),
             }
         }
-        read_buffered(data, offset + direct_len as u64, n - direct_len, sink)
+        read_through_cache(
+            data,
+            offset + direct_len as u64,
+            n - direct_len,
+            &mut Vec::new(),
+            sink,
+        )
     }
 
     /// Writes `payload` at `offset` of the file: its aligned part directly, the rest through
@@ -153,24 +159,6 @@ impl DirectWriter {
         }
         payload.len() - payload.len() % self.offset_align as usize
     }
-}
-
-/// Hands `sink` the `n` bytes at `offset` of `data`, read through the cache.
-fn read_buffered(
-    data: &File,
-    mut offset: u64,
-    mut n: usize,
-    sink: &mut dyn FnMut(&[u8]),
-) -> io::Result<()> {
-    let mut buf = vec![0u8; n.min(BUFFERED_BLOCK)];
-    while n > 0 {
-        let piece = &mut buf[..n.min(BUFFERED_BLOCK)];
-        data.read_exact_at(piece, offset)?;
-        sink(piece);
-        offset += piece.len() as u64;
-        n -= piece.len();
-    }
-    Ok(())
 }
 
 /// Writes `payload` at `offset` of `data`, directly through `direct` where it can.
