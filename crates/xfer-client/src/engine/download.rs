@@ -311,9 +311,10 @@ async fn recv_once(
                 missing = RangeSet::from_ranges(partial.held()).missing(identity.size);
             }
             None => {
-                let whole = match wanted {
-                    true => format!("whole file: no local file to start from ({why})"),
-                    false => format!("whole file: {why}"),
+                let whole = if wanted {
+                    format!("whole file: no local file to start from ({why})")
+                } else {
+                    format!("whole file: {why}")
                 };
                 tracing::info!(file = %name, "{whole}");
                 tally.why = Some(whole);
