@@ -447,8 +447,8 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
 }
 
 /// A tree's light files (above the small-file size, a few chunks at most) changed at the
-/// receiver move as deltas over the copy's one open connection, all at once: the daemon
-/// accepts no other connection, where each file used to open its own.
+/// receiver move as deltas over the copy's open connection (`-c 1`: one), all at once: the
+/// daemon accepts no other connection, where each file used to open its own.
 #[test]
 fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     let tree = Tree::new();
@@ -475,7 +475,7 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     }
     let accepted = || scrape(port, &["xferd_connections_accepted_total"])[0];
     let before = accepted();
-    let out = send(&["--delta", "-v"]);
+    let out = send(&["--delta", "-v", "-c", "1"]);
     let json = out.json();
     assert_eq!(accepted() - before, 1.0, "{json}");
     assert_eq!(out.json_u64("files_transferred"), 10, "{json}");

@@ -684,7 +684,13 @@ where
 /// speaks `CAP_DELTA_PUT`, and counts them into `summary`; those committed leave `large`. A
 /// connection that failed is dropped (`control` then `None`); the files it carried stay in
 /// `large`. Returns the paths whose delta did not add up, to be sent whole.
+///
+/// On a short path, where no spare connections were opened, a few are opened here (as many as a
+/// pool starts with): the daemon carries out one connection's requests one after the other, and
+/// each file costs it a few milliseconds of copying, which more connections spread over its
+/// cores.
 async fn light_deltas(
+    target: &Target,
     (control, spares): (&mut Option<Session>, &mut Vec<Session>),
     large: &mut Vec<TreeEntry>,
     remote: &HashMap<String, TreeEntry>,
@@ -716,6 +722,11 @@ async fn light_deltas(
     }
     if lights.is_empty() {
         return HashSet::new();
+    }
+    let wanted = opts.connections.initial_on(first.rtt).min(lights.len());
+    let missing = wanted.saturating_sub(1 + spares.len());
+    if missing > 0 {
+        spares.extend(preconnect(target, &opts.connector, missing).await);
     }
     let basis_sizes: HashMap<String, u64> = lights
         .iter()
@@ -1133,6 +1144,7 @@ pub async fn send_tree_mirror(
     // Light files changed at the receiver go as deltas over the connections already open, all
     // at once; what they cannot carry stays with the large files.
     let whole = light_deltas(
+        target,
         (&mut control, &mut spares),
         &mut large,
         &remote,
