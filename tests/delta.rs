@@ -505,6 +505,47 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     }
 }
 
+/// A daemon that allows one open transfer per connection ends the light files' connection at
+/// the second `DeltaPut`: what that connection had not committed goes through the ordinary
+/// delta, each file on a connection of its own, and every file arrives whole and right.
+#[test]
+fn light_files_whose_connection_fails_go_through_the_ordinary_delta() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..6).map(|i| noise(2 * MIB, 300 + i)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
+    }
+    let daemon = Daemon::start(&tree.root(), &["--max-transfers-per-conn", "1"]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", "--json", "-c", "1"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
+        xfer_tests::xfer(&args).ok()
+    };
+    send(&["--whole-file"]);
+    for (i, old) in files.iter().enumerate() {
+        let mut bytes = old.clone();
+        bytes[MIB..MIB + 4096].fill(i as u8);
+        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
+    }
+    let out = send(&["--delta"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("files_transferred"), 6, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 6, "{json}");
+    assert!(out.json_u64("literal_bytes") <= 6 * 4 * 64 * 1024, "{json}");
+    for i in 0..6 {
+        let name = format!("f{i}");
+        assert_eq!(
+            sha256_file(&tree.root().join("t").join(&name)),
+            sha256_file(&src.join(&name)),
+            "{name}"
+        );
+    }
+}
+
 /// The daemon serves `new`; the client holds `old` at the output path (with another mtime) and
 /// fetches with `extra`; checks the output is `new` and returns the run's output.
 fn refetch(old: &[u8], new: &[u8], extra: &[&str]) -> XferOutput {
