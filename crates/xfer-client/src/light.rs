@@ -60,6 +60,8 @@ pub(crate) struct Job<'a> {
     pub chunk_size: u32,
     /// Why a delta, as `-v` says it.
     pub why: &'a str,
+    /// `--bwlimit`, shared with the rest of the tree: the literal data waits for it.
+    pub limiter: Option<&'a crate::RateLimiter>,
     /// Told each committed file's literal bytes.
     pub done: &'a (dyn Fn(u64) + Sync),
 }
@@ -132,6 +134,9 @@ pub(crate) async fn send_over(
                     let Next::Second(file, id, literal) = next else { continue };
                     for range in &literal.ranges {
                         for chunk in xfer_core::split_into_chunks(&[*range], chunk_size) {
+                            if let Some(limiter) = job.limiter {
+                                limiter.acquire(chunk.len()).await;
+                            }
                             let payload = file.source.read(chunk).await?;
                             let sent_ref = ChunkRef {
                                 transfer_id: id,

@@ -741,6 +741,7 @@ async fn light_deltas(
         dest,
         chunk_size: opts.chunk_size,
         why: &why,
+        limiter: progress.limiter.as_ref(),
         done: &done,
     };
     let sent = Mutex::new(crate::light::Sent::default());
