@@ -446,6 +446,106 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
     }
 }
 
+/// A tree's light files (above the small-file size, a few chunks at most) changed at the
+/// receiver move as deltas over the copy's open connection (`-c 1`: one), all at once: the
+/// daemon accepts no other connection, where each file used to open its own.
+#[test]
+fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..12).map(|i| noise(2 * MIB, 200 + i)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i:02}")), bytes).unwrap();
+    }
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    let (addr, port) = (daemon.addr(), metrics_port(&daemon));
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
+        xfer_tests::xfer(&args).ok()
+    };
+    send(&["--whole-file"]);
+    // Ten of them change in place; two do not.
+    for (i, old) in files.iter().take(10).enumerate() {
+        let mut bytes = old.clone();
+        bytes[MIB..MIB + 8192].fill(i as u8);
+        std::fs::write(src.join(format!("f{i:02}")), bytes).unwrap();
+    }
+    let accepted = || scrape(port, &["xferd_connections_accepted_total"])[0];
+    let before = accepted();
+    let out = send(&["--delta", "-v", "-c", "1"]);
+    let json = out.json();
+    assert_eq!(accepted() - before, 1.0, "{json}");
+    assert_eq!(out.json_u64("files_transferred"), 10, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 10, "{json}");
+    assert!(
+        out.json_u64("literal_bytes") <= 10 * 4 * 64 * 1024,
+        "{json}"
+    );
+    assert!(
+        out.json_u64("matched_bytes") >= 10 * (2 * MIB as u64 - 4 * 64 * 1024),
+        "{json}"
+    );
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.contains("delta transfer: --delta") && l.contains("t/f03")),
+        "{}",
+        out.stderr
+    );
+    for i in 0..12 {
+        let name = format!("f{i:02}");
+        assert_eq!(
+            sha256_file(&tree.root().join("t").join(&name)),
+            sha256_file(&src.join(&name)),
+            "{name}"
+        );
+    }
+}
+
+/// A daemon that allows one open transfer per connection ends the light files' connection at
+/// the second `DeltaPut`: what that connection had not committed goes through the ordinary
+/// delta, each file on a connection of its own, and every file arrives whole and right.
+#[test]
+fn light_files_whose_connection_fails_go_through_the_ordinary_delta() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<Vec<u8>> = (0..6).map(|i| noise(2 * MIB, 300 + i)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
+    }
+    let daemon = Daemon::start(&tree.root(), &["--max-transfers-per-conn", "1"]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", "--json", "-c", "1"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
+        xfer_tests::xfer(&args).ok()
+    };
+    send(&["--whole-file"]);
+    for (i, old) in files.iter().enumerate() {
+        let mut bytes = old.clone();
+        bytes[MIB..MIB + 4096].fill(i as u8);
+        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
+    }
+    let out = send(&["--delta"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("files_transferred"), 6, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 6, "{json}");
+    assert!(out.json_u64("literal_bytes") <= 6 * 4 * 64 * 1024, "{json}");
+    for i in 0..6 {
+        let name = format!("f{i}");
+        assert_eq!(
+            sha256_file(&tree.root().join("t").join(&name)),
+            sha256_file(&src.join(&name)),
+            "{name}"
+        );
+    }
+}
+
 /// The daemon serves `new`; the client holds `old` at the output path (with another mtime) and
 /// fetches with `extra`; checks the output is `new` and returns the run's output.
 fn refetch(old: &[u8], new: &[u8], extra: &[&str]) -> XferOutput {

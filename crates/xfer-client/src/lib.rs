@@ -16,6 +16,7 @@
 pub mod copy;
 pub mod engine;
 pub mod error;
+mod light;
 pub mod limiter;
 pub mod list;
 pub mod meta;

@@ -679,6 +679,109 @@ where
     Ok(())
 }
 
+/// Sends the light files of `large` that go as deltas against the receiver's files of the same
+/// name (`remote`) over `control` and `spares` at once (see [`crate::light`]), where the daemon
+/// speaks `CAP_DELTA_PUT`, and counts them into `summary`; those committed leave `large`. A
+/// connection that failed is dropped (`control` then `None`); the files it carried stay in
+/// `large`. Returns the paths whose delta did not add up, to be sent whole.
+///
+/// On a short path, where no spare connections were opened, a few are opened here (as many as a
+/// pool starts with): the daemon carries out one connection's requests one after the other, and
+/// each file costs it a few milliseconds of copying, which more connections spread over its
+/// cores.
+async fn light_deltas(
+    target: &Target,
+    (control, spares): (&mut Option<Session>, &mut Vec<Session>),
+    large: &mut Vec<TreeEntry>,
+    remote: &HashMap<String, TreeEntry>,
+    (local, dest): (&Root, &str),
+    opts: &Options,
+    (summary, progress): (&mut TreeSummary, &Progress),
+) -> HashSet<String> {
+    let both = xfer_proto::CAP_DELTA | xfer_proto::CAP_DELTA_PUT;
+    let Some(first) = control
+        .as_ref()
+        .filter(|c| c.welcome.capabilities & both == both)
+    else {
+        return HashSet::new();
+    };
+    let mut why = None;
+    let mut lights = Vec::new();
+    for entry in large.iter() {
+        let basis = remote
+            .get(&entry.path)
+            .filter(|t| t.kind == EntryKind::File);
+        let Some(basis) = basis.filter(|_| entry.size <= LIGHT_FILE) else {
+            continue;
+        };
+        let (wanted, reason) = engine::choose_delta(opts.delta, first, opts.bwlimit, entry.size);
+        if wanted {
+            why.get_or_insert(reason);
+            lights.push((entry.clone(), basis.size));
+        }
+    }
+    if lights.is_empty() {
+        return HashSet::new();
+    }
+    let wanted = opts.connections.initial_on(first.rtt).min(lights.len());
+    let missing = wanted.saturating_sub(1 + spares.len());
+    if missing > 0 {
+        spares.extend(preconnect(target, &opts.connector, missing).await);
+    }
+    let basis_sizes: HashMap<String, u64> = lights
+        .iter()
+        .map(|(e, size)| (e.path.clone(), *size))
+        .collect();
+    let mut sessions: Vec<&mut Session> = control.iter_mut().chain(spares.iter_mut()).collect();
+    let shares = split_by_size(lights.into_iter().map(|(e, _)| e).collect(), sessions.len());
+    let why = why.unwrap_or_default();
+    let done = |bytes| progress.file_done(bytes);
+    let job = crate::light::Job {
+        local,
+        dest,
+        chunk_size: opts.chunk_size,
+        why: &why,
+        limiter: progress.limiter.as_ref(),
+        done: &done,
+    };
+    let sent = Mutex::new(crate::light::Sent::default());
+    let runs = sessions.iter_mut().zip(shares).map(|(session, share)| {
+        let files = share
+            .into_iter()
+            .map(|e| crate::light::Light {
+                basis_size: basis_sizes[&e.path],
+                path: e.path,
+            })
+            .collect();
+        crate::light::send_over(session, files, &job, &sent)
+    });
+    let results = futures_util::future::join_all(runs).await;
+    drop(sessions);
+    // Connections that failed carry nothing more; their files go through the engine.
+    let mut failed = results.iter().map(|r| {
+        r.as_ref()
+            .map_err(|e| tracing::debug!(error = %e, "a connection failed sending light files"))
+            .is_err()
+    });
+    if failed.next().unwrap_or(false) {
+        *control = None;
+    }
+    let mut kept = Vec::new();
+    for (spare, failed) in std::mem::take(spares).into_iter().zip(failed) {
+        if !failed {
+            kept.push(spare);
+        }
+    }
+    *spares = kept;
+    let sent = sent.into_inner().unwrap_or_else(|p| p.into_inner());
+    large.retain(|e| !sent.committed.contains(&e.path));
+    summary.delta |= sent.delta_files > 0;
+    summary.delta_files += sent.delta_files;
+    summary.matched_bytes += sent.matched;
+    progress.wire.fetch_add(sent.literal, Ordering::Relaxed);
+    sent.whole
+}
+
 /// Options for a large file of a tree of `size` bytes: the tree reports its progress, not the
 /// engine, and a light file moves on one connection (several move at once).
 fn large_file_options(opts: &Options, size: u64) -> Options {
@@ -1038,6 +1141,23 @@ pub async fn send_tree_mirror(
     )
     .await?;
     tracing::debug!(dirs = first_pass.len(), elapsed = ?started.elapsed(), "directories made");
+    let mut control = Some(control);
+    // Light files changed at the receiver go as deltas over the connections already open, all
+    // at once; what they cannot carry stays with the large files.
+    let whole = light_deltas(
+        target,
+        (&mut control, &mut spares),
+        &mut large,
+        &remote,
+        (&local, dest),
+        opts,
+        (&mut summary, &progress),
+    )
+    .await;
+    let mut control = match control {
+        Some(control) => control,
+        None => connect_deleting(target, &opts.connector, mirror).await?,
+    };
     // A few small files and nothing large (a rerun, a mirror of a small change) go over the
     // control connection: new connections would cost more round trips than they save.
     let few = large.is_empty()
@@ -1087,7 +1207,10 @@ pub async fn send_tree_mirror(
             (&mut summary, &progress),
             send_small_files,
             |entry| {
-                let (local, opts) = (&local, large_file_options(opts, entry.size));
+                let (local, mut opts) = (&local, large_file_options(opts, entry.size));
+                if whole.contains(&entry.path) {
+                    opts.delta = engine::DeltaMode::Never;
+                }
                 async move {
                     let path = entry.path.clone();
                     let source = on_local(local, move |r| {

@@ -45,6 +45,47 @@ pub struct DirectWriter {
 
 /// Bytes a direct read-back asks for at once: each is a round trip to the disk.
 pub const READ_BLOCK: usize = 1 << 20;
+/// Whole pages a write at an unaligned offset or from unaligned memory must hold for them to go
+/// directly, through an aligned block (see [`DirectWriter::write_at`]): below it, a write's
+/// wait for the disk costs more than the pages it saves.
+pub const REALIGN_MIN: usize = 256 * 1024;
+/// Aligned blocks of [`READ_BLOCK`] bytes the realigned writes of a process share, at most: a
+/// write that finds none free goes through the cache. They are kept once made (a fresh block
+/// costs a zeroed page per 4 KiB), outside the memory budget: 8 MiB at most.
+pub const REALIGN_BLOCKS: usize = 8;
+
+/// The free realigned-write blocks, and how many exist.
+static BLOCKS: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+
+/// A realigned-write block, back among the free ones when dropped.
+struct Block(Vec<u8>);
+
+impl Block {
+    /// A free block, or a new one while fewer than [`REALIGN_BLOCKS`] exist.
+    fn take() -> Option<Self> {
+        let mut blocks = BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(block) = blocks.0.pop() {
+            return Some(Self(block));
+        }
+        if blocks.1 >= REALIGN_BLOCKS {
+            return None;
+        }
+        blocks.1 += 1;
+        drop(blocks);
+        Some(Self(vec![0; READ_BLOCK + PAYLOAD_ALIGN]))
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        let block = std::mem::take(&mut self.0);
+        BLOCKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push(block);
+    }
+}
 
 impl DirectWriter {
     /// Opens `leaf` in `dir` (which must be `data`, checked by inode) for direct writes, if its
@@ -126,6 +167,12 @@ impl DirectWriter {
     /// Writes `payload` at `offset` of the file: its aligned part directly, the rest through
     /// `data` (the buffered descriptor of the same file). Returns the bytes written directly.
     ///
+    /// A payload at an unaligned offset or in unaligned memory (a delta's run copied from the
+    /// old file, its literal ranges, a decompressed chunk) with at least [`REALIGN_MIN`] bytes of
+    /// whole pages has those pages copied through an aligned block and written directly, its
+    /// ragged head and tail through the cache: the copy costs far less than the fresh page-cache
+    /// pages (a tree's delta of 50 files of 2 MiB spent 44 % of the daemon's CPU filling them).
+    ///
     /// # Errors
     /// I/O errors of either write.
     pub fn write_at(&self, data: &File, payload: &[u8], offset: u64) -> io::Result<usize> {
@@ -144,9 +191,52 @@ impl DirectWriter {
                 }
                 Err(e) => return Err(e),
             }
+        } else if let Some(written) = self.write_realigned(data, payload, offset)? {
+            return Ok(written);
         }
         data.write_all_at(payload, offset)?;
         Ok(0)
+    }
+
+    /// The whole pages inside `payload` (at `offset`) written directly through an aligned block,
+    /// the rest through `data`; `None` (nothing written) where they are too few, no block is
+    /// free, or direct writes are off.
+    fn write_realigned(
+        &self,
+        data: &File,
+        payload: &[u8],
+        offset: u64,
+    ) -> io::Result<Option<usize>> {
+        let align = self.offset_align;
+        let head = ((align - offset % align) % align) as usize;
+        if !self.usable.load(Ordering::Relaxed) || payload.len() < head + REALIGN_MIN {
+            return Ok(None);
+        }
+        let body_len = (payload.len() - head) / align as usize * align as usize;
+        let Some(mut scratch) = Block::take() else {
+            return Ok(None);
+        };
+        let pad = scratch.0.as_ptr().align_offset(PAYLOAD_ALIGN);
+        let at = offset + head as u64;
+        let mut done = 0;
+        while done < body_len {
+            let n = (body_len - done).min(READ_BLOCK);
+            let block = &mut scratch.0[pad..pad + n];
+            block.copy_from_slice(&payload[head + done..head + done + n]);
+            match self.file.write_all_at(block, at + done as u64) {
+                Ok(()) => done += n,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    self.usable.store(false, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "direct write refused; writing through the cache");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        drop(scratch);
+        data.write_all_at(&payload[..head], offset)?;
+        data.write_all_at(&payload[head + done..], at + done as u64)?;
+        Ok(Some(done))
     }
 
     /// How many bytes from the start of `payload` can be written directly at `offset`.
@@ -202,6 +292,31 @@ mod tests {
             .open(&path)
             .unwrap();
         (file, path)
+    }
+
+    #[test]
+    fn whole_pages_of_an_unaligned_write_go_direct_through_an_aligned_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, path) = disk_file(dir.path());
+        let dirfd = File::open(dir.path()).unwrap();
+        let Some(direct) = DirectWriter::open(dirfd.as_fd(), "f", &data) else {
+            eprintln!("no direct I/O on {}: skipped", dir.path().display());
+            return;
+        };
+        // Unaligned memory and offset, more than the scratch block holds at once.
+        let len = READ_BLOCK + REALIGN_MIN + 300;
+        let (buf, pad) = aligned(len + 1, |i| (i * 7 % 253) as u8);
+        let payload = &buf[pad + 1..pad + 1 + len];
+        let offset = 1000;
+        let head = PAYLOAD_ALIGN - 1000;
+        let pages = (len - head) / PAYLOAD_ALIGN * PAYLOAD_ALIGN;
+        assert_eq!(direct.write_at(&data, payload, offset).unwrap(), pages);
+        // Too few whole pages: all through the cache.
+        let small = &payload[..REALIGN_MIN - 1];
+        assert_eq!(direct.write_at(&data, small, 1 << 24).unwrap(), 0);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[1000..1000 + len], payload);
+        assert_eq!(&on_disk[1 << 24..], small);
     }
 
     #[test]

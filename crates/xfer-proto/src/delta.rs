@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ByteRange, FileIdentity};
+use crate::{ByteRange, FileIdentity, OpenWrite};
 
 /// Most chunks one `DeltaSig` may carry (20 bytes each: well within `MAX_CONTROL_LEN`).
 pub const MAX_DELTA_CHUNKS: usize = 16384;
@@ -95,4 +95,21 @@ pub struct DeltaAgreed {
     pub transfer_id: u64,
     /// Sorted, disjoint, at most `MAX_RANGES`.
     pub agreed: Vec<ByteRange>,
+}
+
+/// Client → server (`CAP_DELTA_PUT`): open the upload `open` and match the whole signature of
+/// the new file against the file held under its name, in one pipelined request: a light file's
+/// `OpenWrite`, `DeltaOpen` and `DeltaSig` without a round trip between them. Answered with
+/// `WriteOpened`, then `DeltaMatch` (offset 0) or a non-fatal `Error` when there is no basis;
+/// or with one `Error` when the upload could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaPut {
+    /// The upload, as `OpenWrite` asks for it.
+    pub open: OpenWrite,
+    /// Average chunk size the chunks were cut with (a power of two within
+    /// [`MIN_AVG_CHUNK`]..=[`MAX_AVG_CHUNK`]).
+    pub avg_chunk: u32,
+    /// Every chunk of the new file, in order from offset 0, at most [`MAX_DELTA_CHUNKS`]; their
+    /// lengths add up to `open.identity.size`.
+    pub chunks: Vec<SigChunk>,
 }

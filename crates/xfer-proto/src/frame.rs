@@ -827,6 +827,9 @@ frame_types! {
     DeltaAgreed(crate::DeltaAgreed) = 0x76,
     /// [`CopyMode`]: delta or whole file for the next copy (`CAP_COPY_DELTA`)
     CopyMode(CopyMode) = 0x77,
+    /// [`DeltaPut`](crate::DeltaPut): open a light file's upload with its whole signature
+    /// (`CAP_DELTA_PUT`)
+    DeltaPut(crate::DeltaPut) = 0x7a,
     /// [`CopyDelta`]: what a single-file copy's delta moved (`CAP_COPY_DELTA`)
     CopyDelta(CopyDelta) = 0x78,
     /// [`CopyReason`]: why a single-file copy went as a delta or whole (`CAP_COPY_REASON`)

@@ -140,6 +140,13 @@ pub fn session_script(data: &[u8], start: Instant) {
                 assert!(sig.chunks.len() <= crate::MAX_DELTA_CHUNKS);
                 assert!(sig.chunks.iter().all(|c| c.len > 0));
             }
+            // A whole signature, checked before the upload it opens is recorded.
+            Request::DeltaPut(put) => {
+                assert!(put.chunks.len() <= crate::MAX_DELTA_CHUNKS);
+                let covered: u64 = put.chunks.iter().map(|c| u64::from(c.len)).sum();
+                assert_eq!(covered, put.open.identity.size);
+                session.open_upload(put.open.identity.size, 0);
+            }
             Request::ReadChunk(id, _) | Request::Digest(id) | Request::ReadSig(id, _) => {
                 session
                     .download(id)

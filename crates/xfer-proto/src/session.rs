@@ -161,6 +161,10 @@ pub enum Request {
     /// Say which spans of an open upload a `DeltaMatch` answered (`CAP_DELTA_PIPELINE`);
     /// answer `DeltaAgreed`.
     DeltaResume(UploadId, crate::DeltaResume),
+    /// Open an upload as for `OpenWrite` (room and chunk size checked) and copy what the basis
+    /// holds of the whole signature (`CAP_DELTA_PUT`; bounds checked); answer `WriteOpened`,
+    /// then `DeltaMatch` or an `Error` without a basis (or only an `Error`).
+    DeltaPut(crate::DeltaPut),
     /// Run the next `CopyTo` or `MirrorTo` of this connection with this delta choice
     /// (`CAP_COPY_DELTA`).
     CopyMode(crate::CopyDeltaMode),
@@ -532,6 +536,7 @@ impl<U, D> ServerSession<U, D> {
         let name = match frame {
             Frame::OpenWrite(r) => &r.name,
             Frame::OpenWriteSparse(r) => &r.open.name,
+            Frame::DeltaPut(r) => &r.open.name,
             Frame::PutFile(r) => &r.name,
             Frame::PutFileMeta(r) => &r.file.name,
             Frame::MakeDir(r) => &r.name,
@@ -720,7 +725,7 @@ impl<U, D> ServerSession<U, D> {
             }
             Frame::DeltaSig(d) if self.client_capabilities & crate::CAP_DELTA != 0 => {
                 let size = self.transfer("DeltaSig", d.transfer_id, TransferKind::Upload)?;
-                self.check_sig(&d, size)?;
+                self.check_sig(d.offset, &d.chunks, size)?;
                 Ok(Request::DeltaSig(UploadId(d.transfer_id), d))
             }
             Frame::ReadSig(r) if self.client_capabilities & crate::CAP_DELTA != 0 => {
@@ -745,6 +750,16 @@ impl<U, D> ServerSession<U, D> {
             Frame::CopyMode(m) if self.client_capabilities & crate::CAP_COPY_DELTA != 0 => {
                 Ok(Request::CopyMode(m.delta))
             }
+            Frame::DeltaPut(d)
+                if self.client_capabilities & (crate::CAP_DELTA | crate::CAP_DELTA_PUT)
+                    == crate::CAP_DELTA | crate::CAP_DELTA_PUT =>
+            {
+                self.check_whole_sig(&d)?;
+                let Request::OpenWrite(open, _) = self.open_write(d.open, Vec::new())? else {
+                    unreachable!("open_write answers OpenWrite");
+                };
+                Ok(Request::DeltaPut(crate::DeltaPut { open, ..d }))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
             | Frame::CopyMode(_)
@@ -754,6 +769,7 @@ impl<U, D> ServerSession<U, D> {
             | Frame::MirrorTo(_)
             | Frame::DeltaOpen(_)
             | Frame::DeltaSig(_)
+            | Frame::DeltaPut(_)
             | Frame::DeltaResume(_)) => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "without its capability negotiated",
@@ -812,12 +828,17 @@ impl<U, D> ServerSession<U, D> {
 
     /// A `DeltaSig` names at most `MAX_DELTA_CHUNKS` non-empty chunks, each within the largest
     /// `Data` payload, that end within the upload.
-    fn check_sig(&self, sig: &crate::DeltaSig, size: u64) -> Result<(), SessionError> {
-        if sig.chunks.len() > crate::MAX_DELTA_CHUNKS {
-            return Err(SessionError::TooManyChunks(sig.chunks.len()));
+    fn check_sig(
+        &self,
+        offset: u64,
+        chunks: &[crate::SigChunk],
+        size: u64,
+    ) -> Result<(), SessionError> {
+        if chunks.len() > crate::MAX_DELTA_CHUNKS {
+            return Err(SessionError::TooManyChunks(chunks.len()));
         }
-        let mut end = sig.offset;
-        for chunk in &sig.chunks {
+        let mut end = offset;
+        for chunk in chunks {
             if chunk.len == 0 || chunk.len > crate::MAX_CHUNK_SIZE {
                 return Err(SessionError::ChunkTooLarge {
                     len: chunk.len.into(),
@@ -828,8 +849,31 @@ impl<U, D> ServerSession<U, D> {
         }
         if end > size {
             return Err(SessionError::OutOfRange {
-                start: sig.offset,
+                start: offset,
                 end,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// A `DeltaPut`'s signature is a whole file's, cut with a valid average: chunks as for
+    /// `DeltaSig`, from offset 0, adding up to exactly the file's size.
+    fn check_whole_sig(&self, put: &crate::DeltaPut) -> Result<(), SessionError> {
+        let avg = put.avg_chunk;
+        if !avg.is_power_of_two() || !(crate::MIN_AVG_CHUNK..=crate::MAX_AVG_CHUNK).contains(&avg) {
+            return Err(SessionError::Unexpected {
+                frame: "DeltaPut",
+                phase: "with a bad avg_chunk",
+            });
+        }
+        let size = put.open.identity.size;
+        self.check_sig(0, &put.chunks, size)?;
+        let covered: u64 = put.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if covered != size {
+            return Err(SessionError::OutOfRange {
+                start: 0,
+                end: covered,
                 size,
             });
         }
@@ -1035,6 +1079,58 @@ mod tests {
         assert!(matches!(
             offered().handle_request(sparse(many)),
             Err(SessionError::TooManyHoles(_))
+        ));
+    }
+
+    #[test]
+    fn a_delta_put_needs_both_capabilities_room_and_a_whole_signature() {
+        let put = |avg_chunk, lens: &[u32]| {
+            let Frame::OpenWrite(open) = open_write(100) else {
+                unreachable!()
+            };
+            Frame::DeltaPut(crate::DeltaPut {
+                open,
+                avg_chunk,
+                chunks: lens
+                    .iter()
+                    .map(|&len| crate::SigChunk { len, hash: [0; 16] })
+                    .collect(),
+            })
+        };
+        let both = crate::CAP_DELTA | crate::CAP_DELTA_PUT;
+        for capabilities in [0, crate::CAP_DELTA, crate::CAP_DELTA_PUT] {
+            assert!(matches!(
+                offering(capabilities).handle_request(put(16384, &[60, 40])),
+                Err(SessionError::Unexpected { .. })
+            ));
+        }
+        let mut s = offering(both);
+        assert_eq!(s.capabilities(), both);
+        match s.handle_request(put(16384, &[60, 40])) {
+            Ok(Request::DeltaPut(p)) => {
+                assert_eq!((p.open.name.as_str(), p.chunks.len()), ("f", 2))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Short of the file, beyond it, an empty chunk, a bad average: refused.
+        for (avg, lens) in [
+            (16384, &[60, 39][..]),
+            (16384, &[60, 41]),
+            (16384, &[100, 0]),
+            (16385, &[100]),
+            (1024, &[100]),
+        ] {
+            assert!(
+                offering(both).handle_request(put(avg, lens)).is_err(),
+                "{avg} {lens:?}"
+            );
+        }
+        // It opens an upload: no more than the connection's room (two here).
+        s.open_upload(100, ());
+        s.open_upload(100, ());
+        assert!(matches!(
+            s.handle_request(put(16384, &[100])),
+            Err(SessionError::TooManyOpen(2))
         ));
     }
 

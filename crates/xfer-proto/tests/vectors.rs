@@ -420,6 +420,25 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         (
+            "delta-put",
+            Frame::DeltaPut(DeltaPut {
+                open: OpenWrite {
+                    name: "a/b.bin".into(),
+                    identity: FileIdentity {
+                        size: 3,
+                        mtime_ns: IDENTITY.mtime_ns,
+                    },
+                    mode: 0o644,
+                    chunk_size: 4 << 20,
+                },
+                avg_chunk: 16384,
+                chunks: vec![SigChunk {
+                    len: 3,
+                    hash: DIGEST_ABC,
+                }],
+            }),
+        ),
+        (
             "delta-resume",
             Frame::DeltaResume(DeltaResume { transfer_id: 1 }),
         ),

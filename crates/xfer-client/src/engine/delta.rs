@@ -44,7 +44,7 @@ pub(super) const DELTA_PAYS_BELOW: u64 = 256 * 1024 * 1024;
 pub(super) const DELTA_PAYS_FROM_RTT: Duration = super::LONG_PATH;
 
 /// Whether to try a delta for a file of `size` bytes over `session`, and why.
-pub(super) fn choose(
+pub(crate) fn choose(
     mode: DeltaMode,
     session: &Session,
     bwlimit: Option<u64>,

@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use delta::choose as choose_delta;
 pub use delta::DeltaMode;
 pub use download::{recv, recv_with_holes};
 pub use upload::{send, send_file};

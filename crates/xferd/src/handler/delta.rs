@@ -2,6 +2,7 @@
 //! and each `DeltaSig` copies the chunks that file still holds into the partial (found where
 //! the previous match puts them, or searched for, see `xfer_core::delta::Basis`), recorded in
 //! the journal like received chunks, so an interrupted delta resumes from what was copied.
+//! `DeltaPut` (`CAP_DELTA_PUT`) does all three for a light file in one request.
 //! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
@@ -11,11 +12,11 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 use tracing::info;
 use xfer_core::delta::{self, Basis};
-use xfer_core::CoreError;
+use xfer_core::{CoreError, RangeSet};
 use xfer_proto::session::{DownloadId, UploadId};
 use xfer_proto::{
-    ByteRange, DeltaAgreed, DeltaIndex, DeltaMatch, DeltaSig, ErrorCode, Frame, ReadSig,
-    MAX_DELTA_CHUNKS, MAX_RANGES,
+    ByteRange, DeltaAgreed, DeltaIndex, DeltaMatch, DeltaPut, DeltaSig, ErrorCode, Frame, ReadSig,
+    SigChunk, MAX_DELTA_CHUNKS, MAX_RANGES,
 };
 
 use super::{fatal, ConnError, Download, Handler, Upload};
@@ -75,6 +76,87 @@ impl Handler {
     }
 
     pub(super) async fn delta_sig(&mut self, id: UploadId, sig: DeltaSig) -> Result<(), ConnError> {
+        let matched = self.copy_from_basis(id, sig.offset, sig.chunks).await?;
+        self.writer
+            .send(&Frame::DeltaMatch(DeltaMatch {
+                transfer_id: id.get(),
+                offset: sig.offset,
+                matched,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// `DeltaPut`: the upload opened as for `OpenWrite`, its basis as for `DeltaOpen` (with the
+    /// client's average chunk), and the whole signature matched as one `DeltaSig` would be, but
+    /// for the chunks the partial already holds (a resumed upload), which are not copied again.
+    pub(super) async fn delta_put(&mut self, put: DeltaPut) -> Result<(), ConnError> {
+        let DeltaPut {
+            open,
+            avg_chunk,
+            chunks,
+        } = put;
+        let name = open.name.clone();
+        let Some(id) = self.open_write(open, Vec::new()).await? else {
+            return Ok(());
+        };
+        let root = self.root();
+        let basis = name.clone();
+        let opened = blocking(move || {
+            let file = root.open_read(&basis)?;
+            Basis::open(file, avg_chunk).map_err(|e| CoreError::io(format!("reading {basis}"), e))
+        })
+        .await;
+        let basis = match opened {
+            Ok(basis) => Arc::new(basis),
+            Err(e) => {
+                info!(name = %name, error = %e, "no basis for a delta");
+                return self.reply_error(e.code(), e.to_string()).await;
+            }
+        };
+        let upload = self.session.upload(id)?;
+        upload.basis = Some(basis);
+        let held = RangeSet::from_ranges(upload.lease.partial.held());
+        // Runs of consecutive chunks the partial does not hold yet, each matched as a DeltaSig.
+        let mut runs: Vec<(u64, Vec<SigChunk>)> = Vec::new();
+        let mut at = 0;
+        let mut last_end = None;
+        for chunk in chunks {
+            let range = ByteRange::new(at, at + u64::from(chunk.len));
+            at = range.end;
+            if held.contains(range) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((_, run)) if last_end == Some(range.start) => run.push(chunk),
+                _ => runs.push((range.start, vec![chunk])),
+            }
+            last_end = Some(range.end);
+        }
+        let mut matched = Vec::new();
+        for (offset, run) in runs {
+            matched.extend(self.copy_from_basis(id, offset, run).await?);
+        }
+        self.writer
+            .send(&Frame::DeltaMatch(DeltaMatch {
+                transfer_id: id.get(),
+                offset: 0,
+                matched,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Copies into upload `id`'s partial the chunks (the first at `offset`) its basis holds,
+    /// and records their span as agreed; the ranges copied, sorted and merged.
+    async fn copy_from_basis(
+        &mut self,
+        id: UploadId,
+        offset: u64,
+        chunks: Vec<SigChunk>,
+    ) -> Result<Vec<ByteRange>, ConnError> {
+        let span_len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        let sig_offset = offset;
         let Upload {
             lease, name, basis, ..
         } = self.session.upload(id)?;
@@ -93,10 +175,9 @@ impl Handler {
         // One thread checks the chunks in order (each match tells where the next chunk is
         // looked for) while the runs it found are written on several at once.
         let (runs_tx, runs_rx) = mpsc::channel::<(u64, Bytes)>(parallel);
-        let chunks = sig.chunks.clone();
         let matching = blocking(move || {
             basis
-                .copy_batch(sig.offset, &chunks, |offset, bytes| {
+                .copy_batch(sig_offset, &chunks, |offset, bytes| {
                     runs_tx.blocking_send((offset, bytes)).is_ok()
                 })
                 .map_err(|e| CoreError::io("reading the delta basis", e))
@@ -138,28 +219,20 @@ impl Handler {
         self.shared.metrics.delta_basis_read.add(read);
         // Recorded once its matched chunks are: a resumed upload sends the rest as data
         // without comparing this span again.
-        let span_len: u64 = sig.chunks.iter().map(|c| u64::from(c.len)).sum();
         partial
-            .agree(ByteRange::new(sig.offset, sig.offset + span_len))
+            .agree(ByteRange::new(sig_offset, sig_offset + span_len))
             .await
             .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
         self.shared.metrics.delta_copied.add(copied);
         tracing::debug!(
-            offset = sig.offset,
+            offset = sig_offset,
             span = span_len,
             copied,
             read,
             ms = started.elapsed().as_millis() as u64,
             "delta batch answered"
         );
-        self.writer
-            .send(&Frame::DeltaMatch(DeltaMatch {
-                transfer_id: id.get(),
-                offset: sig.offset,
-                matched,
-            }))
-            .await?;
-        Ok(())
+        Ok(matched)
     }
 }
 

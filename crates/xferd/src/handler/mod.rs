@@ -350,7 +350,9 @@ impl Handler {
                 self.finish_write().await?;
             }
             match request {
-                Request::OpenWrite(req, holes) => self.open_write(req, holes).await?,
+                Request::OpenWrite(req, holes) => {
+                    self.open_write(req, holes).await?;
+                }
                 Request::Data(id, data) => {
                     let wire = data.payload.len() as u64;
                     self.shared.metrics.wire_bytes_received.add(wire);
@@ -363,6 +365,7 @@ impl Handler {
                 Request::DeltaOpen(id, _) => self.delta_open(id).await?,
                 Request::DeltaResume(id, _) => self.delta_resume(id).await?,
                 Request::DeltaSig(id, sig) => self.delta_sig(id, sig).await?,
+                Request::DeltaPut(put) => self.delta_put(put).await?,
                 Request::ReadSig(id, req) => self.read_sig(id, req).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,

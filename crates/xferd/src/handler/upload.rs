@@ -38,16 +38,17 @@ pub(super) async fn written(slot: &mut Option<WriteBehind>) -> Written {
 }
 
 impl Handler {
-    /// `OpenWrite`, or `OpenWriteSparse` with the `holes` of the source.
+    /// `OpenWrite`, or `OpenWriteSparse` with the `holes` of the source; the upload opened, if
+    /// it was (else the client was told why).
     pub(super) async fn open_write(
         &mut self,
         req: OpenWrite,
         holes: Vec<ByteRange>,
-    ) -> Result<(), ConnError> {
+    ) -> Result<Option<UploadId>, ConnError> {
         if self.shared.config.read_only {
-            return self
-                .reply_error(ErrorCode::ReadOnly, READ_ONLY.into())
-                .await;
+            self.reply_error(ErrorCode::ReadOnly, READ_ONLY.into())
+                .await?;
+            return Ok(None);
         }
         let opened = self
             .shared
@@ -58,7 +59,8 @@ impl Handler {
             Ok(lease) => lease,
             Err(e) => {
                 info!(name = %req.name, error = %e, "upload refused");
-                return self.reply_error(e.code(), e.to_string()).await;
+                self.reply_error(e.code(), e.to_string()).await?;
+                return Ok(None);
             }
         };
         let held = lease.partial.held();
@@ -71,7 +73,8 @@ impl Handler {
             bytes: 0,
             basis: None,
         };
-        let id = self.session.open_upload(req.identity.size, upload).get();
+        let handle = self.session.open_upload(req.identity.size, upload);
+        let id = handle.get();
         info!(
             name = %req.name,
             size = req.identity.size,
@@ -85,7 +88,7 @@ impl Handler {
                 held,
             }))
             .await?;
-        Ok(())
+        Ok(Some(handle))
     }
 
     pub(super) async fn data(&mut self, id: UploadId, data: Data) -> Result<(), ConnError> {

@@ -1,0 +1,349 @@
+//! A tree's light files sent as deltas over the tree's connections already open
+//! (`CAP_DELTA_PUT`): each file costs two round trips, all of them at once. The first flight
+//! opens a file's upload with its whole signature (`DeltaPut`); the second, once the answer says
+//! what the daemon copied from the file it holds, carries the literal data and the commit. A file
+//! this cannot carry (refused, a digest that did not match, a connection lost) is left to the
+//! chunked engine, which resumes it or sends it whole.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use futures_util::stream::{self, StreamExt};
+use tokio::sync::{mpsc, Semaphore};
+use xfer_core::delta;
+use xfer_core::{CoreError, RangeSet, Root, SourceFile};
+use xfer_proto::{
+    ByteRange, ChunkRef, Commit, Data, DeltaPut, ErrorCode, ErrorFrame, Frame, OpenWrite,
+    MAX_DELTA_CHUNKS,
+};
+
+use crate::session::unexpected;
+use crate::{ClientError, Session};
+
+/// Light files a connection keeps open at once: every one is an upload open on the daemon
+/// until its commit is answered (64 at most per connection by default); 16 on each of a long
+/// path's 8 connections carry a tree's changes in one wave.
+const OPEN_AT_ONCE: usize = 16;
+/// Files whose signature and digest are read ahead of their `DeltaPut`, per connection.
+const PREPARED_AHEAD: usize = 2;
+
+/// A light file to send, and the size of the file the receiver holds under its name.
+#[derive(Debug, Clone)]
+pub(crate) struct Light {
+    /// Path below the local top.
+    pub path: String,
+    /// Size of the receiver's file, which the average chunk is chosen from as the daemon would.
+    pub basis_size: u64,
+}
+
+/// What the light files of one connection came to.
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    /// Paths committed.
+    pub committed: HashSet<String>,
+    /// Paths to send again whole: their delta's digest did not match.
+    pub whole: HashSet<String>,
+    /// Committed files that went as deltas.
+    pub delta_files: u64,
+    /// Bytes the daemon copied from the files it held.
+    pub matched: u64,
+    /// Bytes sent as data.
+    pub literal: u64,
+}
+
+/// Where the light files go and how.
+pub(crate) struct Job<'a> {
+    pub local: &'a Root,
+    /// The tree's top on the server.
+    pub dest: &'a str,
+    /// Chunk size asked for (within the daemon's limit on each connection).
+    pub chunk_size: u32,
+    /// Why a delta, as `-v` says it.
+    pub why: &'a str,
+    /// `--bwlimit`, shared with the rest of the tree: the literal data waits for it.
+    pub limiter: Option<&'a crate::RateLimiter>,
+    /// Told each committed file's literal bytes.
+    pub done: &'a (dyn Fn(u64) + Sync),
+}
+
+/// A light file read for its `DeltaPut`: the request, the digest its commit carries, and the
+/// file to read literal data from.
+struct Prepared {
+    path: String,
+    source: SourceFile,
+    put: DeltaPut,
+    digest: Vec<u8>,
+}
+
+/// One frame written and the answer it waits for, in order.
+enum Expect {
+    Put(Box<Prepared>),
+    Data(ChunkRef),
+    Commit(Box<Prepared>, u64, Literal),
+}
+
+/// What the answer to a `DeltaPut` leaves to send.
+struct Literal {
+    ranges: Vec<ByteRange>,
+    /// The daemon held a file to copy from.
+    delta: bool,
+    matched: u64,
+}
+
+/// What the reader hands back to the writer for each `DeltaPut` answered.
+enum Next {
+    /// Send these ranges of the upload, then commit it.
+    Second(Box<Prepared>, u64, Literal),
+    /// Nothing more to send for this file.
+    Settled,
+}
+
+/// Sends `files` over `session` as described in the module's documentation; what was
+/// committed is recorded in `sent` as it is answered, so that after an error (also returned)
+/// the caller knows what is left.
+pub(crate) async fn send_over(
+    session: &mut Session,
+    files: Vec<Light>,
+    job: &Job<'_>,
+    sent: &Mutex<Sent>,
+) -> Result<(), ClientError> {
+    let count = files.len();
+    let chunk_size = job
+        .chunk_size
+        .min(session.welcome.max_chunk_size)
+        .max(xfer_proto::MIN_CHUNK_SIZE);
+    let sparse_aware = session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0;
+    let mut prepared = stream::iter(files)
+        .map(|light| prepare(job, light, chunk_size, sparse_aware))
+        .buffered(PREPARED_AHEAD);
+    let room = Semaphore::new(OPEN_AT_ONCE);
+    // One entry per file in flight at most: the reader never waits on it.
+    let (next_tx, mut next_rx) = mpsc::channel::<Next>(OPEN_AT_ONCE);
+    // Bounds what is written ahead of the answers read; the reader never waits on the writer.
+    let (expect_tx, mut expect_rx) = mpsc::channel::<Expect>(4096);
+    let Session { reader, writer, .. } = session;
+    let write = async {
+        let (mut put, mut settled) = (0, 0);
+        let mut files_left = true;
+        while files_left || settled < put {
+            tokio::select! {
+                biased;
+                next = next_rx.recv() => {
+                    let Some(next) = next else { break };
+                    settled += 1;
+                    let Next::Second(file, id, literal) = next else { continue };
+                    for range in &literal.ranges {
+                        for chunk in xfer_core::split_into_chunks(&[*range], chunk_size) {
+                            if let Some(limiter) = job.limiter {
+                                limiter.acquire(chunk.len()).await;
+                            }
+                            let payload = file.source.read(chunk).await?;
+                            let sent_ref = ChunkRef {
+                                transfer_id: id,
+                                offset: chunk.start,
+                                len: chunk.len() as u32,
+                            };
+                            let _ = expect_tx.send(Expect::Data(sent_ref)).await;
+                            writer.send(&Frame::Data(Data::new(id, chunk.start, payload))).await?;
+                        }
+                    }
+                    // A file changed since it was read goes through the engine, which says so.
+                    if let Err(e) = file.source.check_unchanged() {
+                        tracing::debug!(file = %file.path, error = %e, "changed while sent");
+                        continue;
+                    }
+                    let commit = Commit { transfer_id: id, digest: file.digest.clone() };
+                    let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
+                    writer.send(&Frame::Commit(commit)).await?;
+                }
+                permit = room.acquire(), if files_left => {
+                    permit.map_err(|_| ClientError::Closed)?.forget();
+                    match prepared.next().await {
+                        None => files_left = false,
+                        Some(Ok(Some(file))) => {
+                            let frame = Frame::DeltaPut(file.put.clone());
+                            let _ = expect_tx.send(Expect::Put(Box::new(file))).await;
+                            writer.send(&frame).await?;
+                            put += 1;
+                        }
+                        // Left to the engine, which reads it again (and reports what failed).
+                        Some(Ok(None)) => room.add_permits(1),
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "a light file goes through the engine");
+                            room.add_permits(1);
+                        }
+                    }
+                }
+            }
+        }
+        drop(expect_tx);
+        Ok::<_, ClientError>(())
+    };
+    let read = async {
+        while let Some(expect) = expect_rx.recv().await {
+            match expect {
+                Expect::Put(file) => {
+                    let next = match opened(reader, file).await? {
+                        Some((file, id, literal)) => Next::Second(file, id, literal),
+                        None => {
+                            room.add_permits(1);
+                            Next::Settled
+                        }
+                    };
+                    let _ = next_tx.send(next).await;
+                }
+                Expect::Data(chunk) => match read_answer(reader).await? {
+                    Frame::Ack(a) if a == chunk => {}
+                    // The commit fails short of it, and the engine sends the file again.
+                    Frame::Reject(r) if r == chunk => {}
+                    other => return Err(unexpected(other)),
+                },
+                Expect::Commit(file, id, literal) => match read_answer(reader).await? {
+                    Frame::Committed(c) if c.transfer_id == id => {
+                        room.add_permits(1);
+                        let bytes: u64 = literal.ranges.iter().map(ByteRange::len).sum();
+                        let reason = match literal.delta {
+                            true => format!("delta transfer: {}", job.why),
+                            false => format!(
+                                "whole file: the daemon holds no file under the name to start from ({})",
+                                job.why
+                            ),
+                        };
+                        tracing::info!(file = %file.put.open.name, matched_bytes = literal.matched, literal = bytes, "{reason}");
+                        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                        sent.committed.insert(file.path);
+                        sent.delta_files += u64::from(literal.delta);
+                        sent.matched += literal.matched;
+                        sent.literal += bytes;
+                        drop(sent);
+                        (job.done)(bytes);
+                    }
+                    Frame::Error(e) if e.error_code().is_some_and(ErrorCode::is_request_level) => {
+                        tracing::warn!(file = %file.put.open.name, error = %e, "the delta's commit failed; the file goes through the engine");
+                        // A digest that did not match closed the upload; one short of data
+                        // keeps it open, and its room with it.
+                        if e.error_code() == Some(ErrorCode::Corrupt) {
+                            room.add_permits(1);
+                            let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                            sent.whole.insert(file.path);
+                        }
+                    }
+                    other => return Err(unexpected(other)),
+                },
+            }
+        }
+        Ok(())
+    };
+    tokio::try_join!(write, read)?;
+    let committed = sent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .committed
+        .len();
+    tracing::debug!(
+        files = count,
+        committed,
+        "light files sent over a connection"
+    );
+    Ok(())
+}
+
+/// The next frame on `reader`, an `Error` as it came.
+async fn read_answer(reader: &mut crate::session::Reader) -> Result<Frame, ClientError> {
+    reader.read_frame().await?.ok_or(ClientError::Closed)
+}
+
+/// Reads the answer to `file`'s `DeltaPut`: its upload and what is left to send, or `None`
+/// when the daemon refused to open it (the engine tries again and reports why).
+async fn opened(
+    reader: &mut crate::session::Reader,
+    file: Box<Prepared>,
+) -> Result<Option<(Box<Prepared>, u64, Literal)>, ClientError> {
+    let request_level = |e: &ErrorFrame| e.error_code().is_some_and(ErrorCode::is_request_level);
+    let opened = match read_answer(reader).await? {
+        Frame::WriteOpened(w) => w,
+        Frame::Error(e) if request_level(&e) => {
+            tracing::debug!(file = %file.put.open.name, error = %e, "light file refused");
+            return Ok(None);
+        }
+        other => return Err(unexpected(other)),
+    };
+    let size = file.put.open.identity.size;
+    let mut have = RangeSet::from_ranges(opened.held.iter().copied());
+    let (delta, matched) = match read_answer(reader).await? {
+        Frame::DeltaMatch(m) if m.transfer_id == opened.transfer_id && m.offset == 0 => {
+            let mut end = 0;
+            for range in &m.matched {
+                if range.is_empty() || range.start < end || range.end > size {
+                    return Err(ClientError::Unexpected(
+                        "DeltaMatch with ranges out of order",
+                    ));
+                }
+                end = range.end;
+                have.insert(*range);
+            }
+            (true, m.matched.iter().map(ByteRange::len).sum())
+        }
+        // No file under the name to start from: the whole file follows.
+        Frame::Error(e) if request_level(&e) => (false, 0),
+        other => return Err(unexpected(other)),
+    };
+    let literal = Literal {
+        ranges: have.missing(size),
+        delta,
+        matched,
+    };
+    Ok(Some((file, opened.transfer_id, literal)))
+}
+
+/// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk
+/// the daemon would choose, and digested. `None` leaves the file to the engine: one that has
+/// holes (where the daemon keeps them) or more chunks than one request carries.
+async fn prepare(
+    job: &Job<'_>,
+    light: Light,
+    chunk_size: u32,
+    sparse_aware: bool,
+) -> Result<Option<Prepared>, ClientError> {
+    let (local, name) = (job.local.clone(), crate::tree::join(job.dest, &light.path));
+    let task = tokio::task::spawn_blocking(move || -> Result<Option<Prepared>, CoreError> {
+        let source = SourceFile::new(local.open_read(&light.path)?, light.path.clone())?;
+        let identity = source.identity();
+        if sparse_aware && !source.holes()?.is_empty() {
+            return Ok(None);
+        }
+        let file = source.file();
+        let avg = delta::avg_chunk(identity.size.max(light.basis_size));
+        let mut chunks = Vec::new();
+        delta::cut_region(&file, ByteRange::new(0, identity.size), avg, |cut| {
+            chunks.push(cut.sig());
+            chunks.len() <= MAX_DELTA_CHUNKS
+        })
+        .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
+        if chunks.len() > MAX_DELTA_CHUNKS {
+            return Ok(None);
+        }
+        let digest = xfer_core::digest::digest_file(&file, identity.size)
+            .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
+        let put = DeltaPut {
+            open: OpenWrite {
+                name,
+                identity,
+                mode: source.mode(),
+                chunk_size,
+            },
+            avg_chunk: avg,
+            chunks,
+        };
+        Ok(Some(Prepared {
+            path: light.path,
+            source,
+            put,
+            digest: digest.to_vec(),
+        }))
+    });
+    let prepared = task
+        .await
+        .map_err(|e| CoreError::io("light file", std::io::Error::other(e.to_string())))??;
+    Ok(prepared)
+}
