@@ -1,6 +1,7 @@
 //! Tuning knobs end to end: `--congestion`, `--sndbuf` and `--rcvbuf` on both programs (an
 //! algorithm the kernel lacks fails at start, in one line), and the number of connections
-//! (`-c N` exactly, or a pool that grows while per-connection throughput is the limit).
+//! (`-c N` exactly, or a pool that grows while per-connection throughput is the limit), and
+//! `--no-direct-io`, which keeps received files in the page cache.
 
 use std::process::Command;
 
@@ -314,4 +315,83 @@ fn with_c_exactly_that_many_connections_are_used() {
     assert_eq!(sha256_file(&daemon.root().join("three.bin")), want);
     assert_eq!(sent.json_u64("connections"), 3, "{}", sent.stdout);
     assert_eq!(proxy.stats().accepted, 3, "{:?}", proxy.stats());
+}
+
+/// Pages of `path` in the page cache, and the file's pages in all (`mincore` of a mapping).
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("open received file");
+    let len = usize::try_from(file.metadata().expect("stat").len()).expect("fits");
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared mapping of a file we hold open, inspected with mincore into a
+    // vector of one byte per page, then unmapped; no byte of the mapping is touched.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+        let rc = libc::mincore(addr, len, vec.as_mut_ptr());
+        libc::munmap(addr, len);
+        assert_eq!(rc, 0, "mincore {}", path.display());
+    }
+    (vec.iter().filter(|b| **b & 1 == 1).count(), pages)
+}
+
+/// Whether files in `dir` can be written directly (tmpfs cannot): the same check xferd makes.
+fn offers_direct_io(dir: &std::path::Path) -> bool {
+    use std::os::fd::AsFd;
+    let probe = dir.join("direct-probe");
+    let data = std::fs::File::create(&probe).expect("probe file");
+    let dirfd = std::fs::File::open(dir).expect("open dir");
+    let offered = xfer_core::direct::DirectWriter::open(dirfd.as_fd(), "direct-probe", &data);
+    std::fs::remove_file(&probe).expect("remove probe");
+    offered.is_some()
+}
+
+#[test]
+fn received_files_skip_the_page_cache_unless_no_direct_io() {
+    let tree = Tree::new();
+    if !offers_direct_io(tree.path()) {
+        eprintln!("skipped: the temporary directory's filesystem offers no direct I/O");
+        return;
+    }
+    let around = Daemon::start(&tree.root(), &[]);
+    let kept_root = tree.path().join("kept");
+    std::fs::create_dir(&kept_root).expect("mkdir");
+    let through = Daemon::start(&kept_root, &["--no-direct-io"]);
+    // Several chunks and a ragged tail, well under the write-behind window.
+    let src = tree.src("f.bin");
+    let want = random_file(&src, (8 << 20) + 1000, 3);
+    // Looked at before the file is read for its digest, which would bring it into the cache.
+    let cached = |path: &std::path::Path| {
+        let (resident, pages) = resident_pages(path);
+        eprintln!("{}: {resident} of {pages} pages cached", path.display());
+        assert_eq!(sha256_file(path), want);
+        resident * 4 > pages * 3
+    };
+
+    XferRun::send(&src, &around.addr(), "f.bin", &["--chunk-size", "1M"]).wait_ok();
+    assert!(
+        !cached(&tree.root().join("f.bin")),
+        "an upload stayed in the cache"
+    );
+    XferRun::send(&src, &through.addr(), "f.bin", &["--chunk-size", "1M"]).wait_ok();
+    assert!(
+        cached(&kept_root.join("f.bin")),
+        "--no-direct-io dropped an upload"
+    );
+
+    let (plain, kept) = (tree.out("plain.bin"), tree.out("kept.bin"));
+    XferRun::recv("f.bin", &around.addr(), &plain, &["--chunk-size", "1M"]).wait_ok();
+    assert!(!cached(&plain), "a download stayed in the cache");
+    let no_direct = ["--chunk-size", "1M", "--no-direct-io"];
+    XferRun::recv("f.bin", &around.addr(), &kept, &no_direct).wait_ok();
+    assert!(cached(&kept), "recv --no-direct-io dropped a download");
 }

@@ -54,6 +54,24 @@ pub const REALIGN_MIN: usize = 256 * 1024;
 /// costs a zeroed page per 4 KiB), outside the memory budget: 8 MiB at most.
 pub const REALIGN_BLOCKS: usize = 8;
 
+/// Whether this process writes received files around the page cache: directly where the
+/// filesystem allows it, the rest dropped from the cache once written (the partial's
+/// write-behind). A policy of the whole process, set at start from the user's settings
+/// (`xferd --no-direct-io`, `xfer recv --no-direct-io`): a user who reads what arrived right
+/// after wants it kept in memory.
+static DIRECT_IO: AtomicBool = AtomicBool::new(true);
+
+/// Turns writing around the page cache on or off for the files opened from now on (direct
+/// descriptors already open stay).
+pub fn set_direct_io(on: bool) {
+    DIRECT_IO.store(on, Ordering::Relaxed);
+}
+
+/// Whether received files are written around the page cache (see [`set_direct_io`]).
+pub fn direct_io() -> bool {
+    DIRECT_IO.load(Ordering::Relaxed)
+}
+
 /// The free realigned-write blocks, and how many exist.
 static BLOCKS: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
 
@@ -90,8 +108,12 @@ impl Drop for Block {
 impl DirectWriter {
     /// Opens `leaf` in `dir` (which must be `data`, checked by inode) for direct writes, if its
     /// filesystem says how to align them (`statx` `STATX_DIOALIGN`, Linux 6.1) within
-    /// [`PAYLOAD_ALIGN`]. `None` where direct I/O is not offered: writes stay buffered.
+    /// [`PAYLOAD_ALIGN`]. `None` where direct I/O is not offered or turned off
+    /// ([`set_direct_io`]): writes stay buffered.
     pub fn open(dir: BorrowedFd<'_>, leaf: &str, data: &File) -> Option<Self> {
+        if !direct_io() {
+            return None;
+        }
         let st = rfs::statx(data, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN).ok()?;
         if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::DIOALIGN)
             || st.stx_dio_offset_align == 0

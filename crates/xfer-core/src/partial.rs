@@ -15,7 +15,7 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 use xfer_proto::{ByteRange, FileIdentity};
 
 use crate::digest::{Digest, Frontier};
-use crate::direct::DirectWriter;
+use crate::direct::{direct_io, DirectWriter};
 use crate::journal::{self, Record};
 use crate::root::Slot;
 use crate::{journal_name, partial_name, CoreError, RangeSet, Result};
@@ -151,7 +151,10 @@ impl Behind {
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
         sync_range(self.drop, wait_and_write);
-        if let Some(len) = std::num::NonZeroU64::new(self.drop.len()) {
+        // Kept in the cache where the user asked for it (`--no-direct-io`): whoever reads the
+        // file next wants it from memory.
+        let dropped = std::num::NonZeroU64::new(self.drop.len()).filter(|_| direct_io());
+        if let Some(len) = dropped {
             if let Err(e) = rfs::fadvise(data, self.drop.start, Some(len), rfs::Advice::DontNeed) {
                 tracing::debug!(error = %e, "fadvise failed");
             }

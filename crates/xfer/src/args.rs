@@ -52,6 +52,10 @@ pub(crate) enum Command {
         /// Where to write it (default: NAME's base name in the current directory).
         #[arg(short = 'o', value_name = "PATH")]
         output: Option<PathBuf>,
+        /// Write through the page cache and leave it there, so a reader right after reads from
+        /// memory [default: around the cache, where the filesystem offers direct I/O].
+        #[arg(long)]
+        no_direct_io: bool,
         /// Name on the server.
         name: String,
         /// Server, HOST[:PORT] (default port 8888).

@@ -107,9 +107,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recv {
             common,
             output,
+            no_direct_io,
             name,
             host,
         } => {
+            xfer_core::direct::set_direct_io(!no_direct_io);
             let target: Target = host.parse()?;
             let leaf = base_name(&name)?;
             let dest = match output {

@@ -74,6 +74,9 @@ pub struct Config {
     pub read_only: bool,
     /// Carry out the deletions of mirror copies (`--allow-delete`).
     pub allow_delete: bool,
+    /// Write uploads around the page cache where the filesystem allows it (off with
+    /// `--no-direct-io`).
+    pub direct_io: bool,
     /// Connections accepted at once from one client address.
     pub max_per_address: usize,
     /// Shared secret every client must prove it holds; `None` serves anyone who can connect.
@@ -112,6 +115,7 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             read_only: false,
             allow_delete: false,
+            direct_io: true,
             max_per_address: 64,
             token: None,
             tls: None,
@@ -322,6 +326,7 @@ pub async fn run_with(
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let drain = config.drain_timeout;
     apply_socket_options(&listener, &config);
+    xfer_core::direct::set_direct_io(config.direct_io);
     info!(
         root = %config.root_path.display(),
         max_streams = config.max_streams,
@@ -491,6 +496,7 @@ fn apply_reload(
         config.max_memory = old.max_memory;
     }
     fds::fit(&mut config, fds::soft_limit());
+    xfer_core::direct::set_direct_io(config.direct_io);
     let changes = describe_changes(old, &config);
     resize(&shared.streams, old.max_streams, config.max_streams);
     resize(connections, old.max_connections, config.max_connections);
@@ -552,6 +558,11 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         "allow_delete",
         old.allow_delete.to_string(),
         new.allow_delete.to_string(),
+    );
+    diff(
+        "direct_io",
+        old.direct_io.to_string(),
+        new.direct_io.to_string(),
     );
     diff(
         "max_conns_per_ip",

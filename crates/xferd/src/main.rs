@@ -93,6 +93,11 @@ struct Args {
     /// it, and under --read-only, a client asking to delete is refused before anything moves.
     #[arg(long)]
     allow_delete: bool,
+    /// Write uploads through the page cache, as plain writes: a file just received stays in
+    /// memory for whoever reads it next, at the cost of the receiver's CPU [default: around
+    /// the cache, where the filesystem offers direct I/O].
+    #[arg(long)]
+    no_direct_io: bool,
     /// File holding the shared secret clients must prove they know [default: the systemd
     /// credential "token", if passed].
     #[arg(long, value_name = "FILE")]
@@ -158,6 +163,7 @@ impl Args {
             window: self.window,
             read_only: self.read_only.then_some(true),
             allow_delete: self.allow_delete.then_some(true),
+            direct_io: self.no_direct_io.then_some(false),
             token_file: self.token_file.clone(),
             allow_anonymous: self.allow_anonymous.then_some(true),
             tls: self.tls.then_some(true),

@@ -52,6 +52,9 @@ pub struct Settings {
     pub read_only: Option<bool>,
     /// Carry out the deletions of mirror copies (`--allow-delete`).
     pub allow_delete: Option<bool>,
+    /// Write uploads around the page cache where the filesystem allows it (`--no-direct-io`
+    /// sets it false).
+    pub direct_io: Option<bool>,
     /// File holding the shared token (`--token-file`).
     pub token_file: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (`--allow-anonymous`).
@@ -155,6 +158,7 @@ impl Settings {
             window: Some(2),
             read_only: Some(false),
             allow_delete: Some(false),
+            direct_io: Some(true),
             token_file: None,
             allow_anonymous: Some(false),
             tls: None,
@@ -233,6 +237,7 @@ impl Settings {
             window: over.window.or(self.window),
             read_only: over.read_only.or(self.read_only),
             allow_delete: over.allow_delete.or(self.allow_delete),
+            direct_io: over.direct_io.or(self.direct_io),
             token_file: over.token_file.or(self.token_file),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
             tls: over.tls.or(self.tls),
@@ -390,6 +395,7 @@ impl Settings {
             .unwrap_or(64);
         cfg.read_only = self.read_only.unwrap_or(false);
         cfg.allow_delete = self.allow_delete.unwrap_or(false);
+        cfg.direct_io = self.direct_io.unwrap_or(true);
         cfg.compress = self
             .compress
             .as_deref()
@@ -655,6 +661,7 @@ mod tests {
             max_streams: Some(3),
             chunk_size: Some(Size(1 << 20)),
             read_only: Some(true),
+            direct_io: Some(false),
             window: Some(5),
             ..Settings::defaults()
         };
@@ -662,6 +669,7 @@ mod tests {
         assert_eq!(cfg.max_streams, 3);
         assert_eq!(cfg.chunk_size, 1 << 20);
         assert!(cfg.read_only);
+        assert!(!cfg.direct_io);
         assert_eq!(cfg.window, 5);
         assert!(cfg.token.is_none());
         let bad = Settings {
