@@ -197,6 +197,22 @@ impl Compressor {
         self
     }
 
+    /// A compressor for another transfer of the same copy (a large file of a tree): it
+    /// follows this one's `auto` policy, which measures and decides for both by this one's
+    /// meter, and keeps totals of its own. A tree so decides once, rather than letting each of
+    /// its large files start over with a probe of its own, sending raw meanwhile.
+    pub fn sharing_decisions(&self) -> Self {
+        Self {
+            totals: Arc::new(Totals::default()),
+            ..self.clone()
+        }
+    }
+
+    /// The meter its `auto` probes measure by, if any.
+    pub fn delivered(&self) -> Option<&crate::Delivered> {
+        self.delivered.as_ref()
+    }
+
     /// The mode it compresses by.
     pub fn mode(&self) -> Compression {
         self.mode
@@ -504,6 +520,28 @@ mod tests {
         assert_eq!(data.payload, content);
         assert_eq!((data.transfer_id, data.offset), (7, 4096));
         data.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_compressor_sharing_decisions_follows_the_probe_of_the_other() {
+        let tree = Compressor::new(Compression::Auto, "tree");
+        let large_file = tree.sharing_decisions();
+        let chunk = || Bytes::from(text(1 << 20));
+        // The first probe sends raw; once it has measured long enough (without a meter: for
+        // as long as a probe lasts), the next chunk starts the probe with compression on,
+        // whichever of the two sends it.
+        let first = tree.pack(1, 0, chunk()).await;
+        assert!(matches!(first.frame, Frame::Data(_)));
+        tokio::time::sleep(crate::adapt::PROBE + Duration::from_millis(10)).await;
+        let next = large_file.pack(2, 0, chunk()).await;
+        assert!(
+            matches!(next.frame, Frame::DataZ(_)),
+            "the large file follows the tree's probe, not one of its own"
+        );
+        // Each counts what it sent.
+        assert_eq!(tree.totals().raw.load(Ordering::Relaxed), 1 << 20);
+        assert_eq!(large_file.totals().raw.load(Ordering::Relaxed), 1 << 20);
+        assert!(large_file.totals().wire.load(Ordering::Relaxed) < 1 << 19);
     }
 
     #[tokio::test]

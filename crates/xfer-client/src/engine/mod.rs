@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 pub use delta::DeltaMode;
 pub use download::{recv, recv_with_holes};
+pub(crate) use upload::send_file_sharing;
 pub use upload::{send, send_file};
 
 use crate::{Connector, Progress, Session};
