@@ -21,7 +21,8 @@
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_SRC, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
 # rsync-plain adds rsync without -z;
-# loopback runs xfer only), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
+# loopback runs xfer only; base-off and base-auto are xfer off and auto from the binaries in
+# XFER_BASE_DIR, for an A/B of two builds in one run), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
 # that it is made outside the benchmark lock), FRESH_FS=0 (receive into directories of the work
 # disk instead of a new filesystem per run, see SRVS below).
@@ -188,6 +189,14 @@ chmod 600 "$SSH_DIR/authorized_keys"
 SSH_OPTS=(-i "$SSH_DIR/id" -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
     -o LogLevel=ERROR -o IdentitiesOnly=yes)
 
+# bin_of TOOL NAME: the xfer or xferd binary (NAME) a tool runs: XFER_BASE_DIR's for base-*.
+bin_of() {
+    case "$1" in
+        base-*) echo "${XFER_BASE_DIR:?base-* tools need XFER_BASE_DIR}/$2" ;;
+        *) if [[ "$2" == xferd ]]; then echo "$XFERD"; else echo "$XFER"; fi ;;
+    esac
+}
+
 # serve NETNS ADDR TOOL: a fresh server for one run; sets SERVER_PID and PORT.
 serve() {
     local ns=(ip netns exec "$1") addr="$2"
@@ -198,9 +207,9 @@ serve() {
     mkdir -p "$SRV"
     [[ "$FRESH_FS" != 1 ]] || fresh_fs "$SRV"
     case "$3" in
-        xfer-*)
+        xfer-* | base-*)
             # Off loopback xferd wants a token or an explicit --allow-anonymous.
-            "${ns[@]}" "$XFERD" --listen "$addr:$PORT" --root "$SRV" --allow-anonymous --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
+            "${ns[@]}" "$(bin_of "$3" xferd)" --listen "$addr:$PORT" --root "$SRV" --allow-anonymous --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
             SERVER_PID=$! ;;
         rsync | rsync-plain)
             rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
@@ -247,7 +256,7 @@ drop_fs() {
 
 # unserve TOOL: stops the server; sets S_CPU and S_RSS (KiB).
 unserve() {
-    if [[ "$1" == xfer-* ]]; then
+    if [[ "$1" == xfer-* || "$1" == base-* ]]; then
         S_CPU="$(proc_cpu "$SERVER_PID")"
         S_RSS="$(proc_hwm_kib "$SERVER_PID")"
         end_pids "$SERVER_PID"
@@ -275,8 +284,8 @@ run() {
     local r=()
     [[ "$data" == docs ]] && r=(-r)
     case "$tool" in
-        xfer-auto | xfer-off)
-            cmd=("$XFER" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#xfer-}" "$src" "$addr:$PORT" --as "$data") ;;
+        xfer-auto | xfer-off | base-auto | base-off)
+            cmd=("$(bin_of "$tool" xfer)" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#*-}" "$src" "$addr:$PORT" --as "$data") ;;
         rsync)
             cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
         rsync-plain)
@@ -296,7 +305,7 @@ run() {
     cp "$LOGS/client.err" "$LOGS/$link-$data-$tool.err"
     unserve "$tool"
     drop_fs
-    [[ "$tool" == xfer-* ]] && wire="$(python3 -c 'import json,sys
+    [[ "$tool" == xfer-* || "$tool" == base-* ]] && wire="$(python3 -c 'import json,sys
 w = 0
 for line in open(sys.argv[1]):
     try: d = json.loads(line)
@@ -342,7 +351,7 @@ if [[ "$LOOPBACK" == 1 ]]; then
     for round in $(seq "$REPEAT"); do
         for data in $DATA; do
             for tool in $(in_order "$round" $TOOLS); do
-                [[ "$tool" == xfer-* ]] || continue
+                [[ "$tool" == xfer-* || "$tool" == base-* ]] || continue
                 run loopback "$data" "$tool"
             done
         done
@@ -368,7 +377,7 @@ print("| link | data | tool | s | MB/s | vs off | wire/raw | client CPU s/GiB | 
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for (link, data, tool), (secs, size, wire, ccpu, scpu, crss, srss, note) in rows.items():
     secs, size = float(secs), int(size)
-    off = rows.get((link, data, "xfer-off"))
+    off = rows.get((link, data, "base-off" if tool.startswith("base-") else "xfer-off"))
     vs = f"{float(off[0]) / secs:.2f}x" if off else ""
     gib = size / 2**30
     ratio = f"{int(wire) / size:.2f}" if wire else ""

@@ -1211,13 +1211,16 @@ pub async fn send_tree_mirror(
                 if whole.contains(&entry.path) {
                     opts.delta = engine::DeltaMode::Never;
                 }
+                // The tree's compressor decides for its large files too: one probe for all.
+                let compressor = &progress.compressor;
                 async move {
                     let path = entry.path.clone();
                     let source = on_local(local, move |r| {
                         xfer_core::SourceFile::new(r.open_read(&path)?, path)
                     })
                     .await?;
-                    engine::send_file(source, target, &join(dest, &entry.path), &opts).await
+                    let name = join(dest, &entry.path);
+                    engine::send_file_sharing(source, target, &name, &opts, Some(compressor)).await
                 }
             },
         )

@@ -192,6 +192,20 @@ impl Reservation {
         self.len() == 0
     }
 
+    /// `len` of the bytes this reservation holds (all of them, if fewer), split off into a
+    /// reservation of their own: one reservation taken at once for two buffers, so that
+    /// neither is waited for while the other is held.
+    pub fn split(&mut self, len: usize) -> Self {
+        let permit = self
+            .permit
+            .as_mut()
+            .and_then(|p| p.split(len.min(p.num_permits())));
+        Self {
+            permit,
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
     /// A buffer of `len` bytes (at most this reservation's) and what pays for it: a spare the
     /// budget kept, with its own reservation (this one is handed back), or else a fresh one,
     /// zeroed, with this reservation. A spare's content is left over from its last use.
@@ -237,7 +251,15 @@ impl Reservation {
         let mut spares = self.inner.lock_spares();
         // Read under the lock a waiter takes to empty the list (after counting itself): a
         // spare is either seen and freed by it, or not kept.
-        if keep && spares.len() < SPARE_BUFFERS && self.inner.waiting.load(Ordering::SeqCst) == 0 {
+        if keep && self.inner.waiting.load(Ordering::SeqCst) == 0 {
+            // The oldest spare gives way: buffers of a kind no longer used (a tree's large
+            // files, done) must not keep out those of the work going on (its small files).
+            if spares.len() >= SPARE_BUFFERS {
+                let oldest = spares.remove(0);
+                self.inner
+                    .spare_bytes
+                    .fetch_sub(oldest.permit.num_permits(), Ordering::Relaxed);
+            }
             self.inner
                 .spare_bytes
                 .fetch_add(permit.num_permits(), Ordering::Relaxed);
@@ -296,6 +318,22 @@ mod tests {
         assert_eq!(budget.waits(), 1);
         drop(b);
         assert_eq!((budget.in_use(), budget.released()), (0, 120));
+    }
+
+    #[tokio::test]
+    async fn a_split_reservation_gives_each_part_back_on_its_own() {
+        let budget = MemoryBudget::new(100);
+        let mut whole = budget.reserve(100).await;
+        let part = whole.split(40);
+        assert_eq!((whole.len(), part.len()), (60, 40));
+        assert_eq!(budget.in_use(), 100);
+        drop(part);
+        assert_eq!(budget.in_use(), 60);
+        // More than it holds splits off all of it.
+        let rest = whole.split(1000);
+        assert_eq!((whole.len(), rest.len()), (0, 60));
+        drop(rest);
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[tokio::test]
@@ -401,6 +439,29 @@ mod tests {
         assert_eq!(budget.spares(), SPARE_BUFFERS);
         assert_eq!(budget.spare_bytes(), SPARE_BUFFERS * CHUNK);
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn the_newest_buffers_are_kept_and_the_oldest_give_way() {
+        const SMALL: usize = MIN_SPARE;
+        let budget = MemoryBudget::new(SPARE_BUFFERS * CHUNK + SMALL);
+        let take = |len: usize| {
+            let mut r = Box::pin(budget.reserve(len));
+            futures_poll_once(&mut r).expect("room").buffer(len)
+        };
+        // Spares of one size fill the list; a buffer of another size recycled after them is
+        // kept and found again.
+        let large: Vec<_> = (0..SPARE_BUFFERS).map(|_| take(CHUNK)).collect();
+        for (buf, reservation) in large {
+            reservation.recycle(buf);
+        }
+        let (small, reservation) = take(SMALL);
+        let kept = small.as_ptr();
+        reservation.recycle(small);
+        assert_eq!(budget.spares(), SPARE_BUFFERS);
+        assert_eq!(budget.spare_bytes(), (SPARE_BUFFERS - 1) * CHUNK + SMALL);
+        let (again, _reservation) = take(SMALL);
+        assert_eq!(again.as_ptr(), kept, "the small buffer was kept");
     }
 
     /// Polls a future once with a no-op waker.

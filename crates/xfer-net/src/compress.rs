@@ -197,6 +197,22 @@ impl Compressor {
         self
     }
 
+    /// A compressor for another transfer of the same copy (a large file of a tree): it
+    /// follows this one's `auto` policy, which measures and decides for both by this one's
+    /// meter, and keeps totals of its own. A tree so decides once, rather than letting each of
+    /// its large files start over with a probe of its own, sending raw meanwhile.
+    pub fn sharing_decisions(&self) -> Self {
+        Self {
+            totals: Arc::new(Totals::default()),
+            ..self.clone()
+        }
+    }
+
+    /// The meter its `auto` probes measure by, if any.
+    pub fn delivered(&self) -> Option<&crate::Delivered> {
+        self.delivered.as_ref()
+    }
+
     /// The mode it compresses by.
     pub fn mode(&self) -> Compression {
         self.mode
@@ -269,13 +285,14 @@ impl Compressor {
             return None;
         };
         let started = Instant::now();
-        let packed = PackedFiles::encode_frames(frames)
-            .ok()
-            .filter(|encoded| encoded.len() <= xfer_proto::MAX_PACKED_LEN as usize)
-            .and_then(|encoded| {
-                let zstd = shrink(&encoded, level, sample)?;
-                Some(PackedFiles::new(frames.len() as u32, &encoded, zstd))
-            });
+        let packed = with_encode_buffer(|encoded| {
+            PackedFiles::encode_frames_into(frames, encoded).ok()?;
+            if encoded.len() > xfer_proto::MAX_PACKED_LEN as usize {
+                return None;
+            }
+            let zstd = shrink(encoded, level, sample)?;
+            Some(PackedFiles::new(frames.len() as u32, encoded, zstd))
+        });
         let spent = started.elapsed();
         // What the files took on the wire: the compressed bytes carry them all.
         let wire = packed
@@ -432,6 +449,26 @@ fn shrink(payload: &[u8], level: i32, sample: bool) -> Option<Vec<u8>> {
     shrinks(payload, &out).then_some(out)
 }
 
+/// Runs `f` with this thread's buffer for encoding small files before they are compressed,
+/// kept from batch to batch (a fresh one per batch cost a page fault and a zeroed page per
+/// 4 KiB, a fifth of a tree sender's CPU); one grown past twice the packed limit
+/// ([`xfer_proto::MAX_PACKED_LEN`], a refused batch) is not kept.
+fn with_encode_buffer<T>(f: impl FnOnce(&mut bytes::BytesMut) -> T) -> T {
+    thread_local! {
+        static ENCODED: std::cell::RefCell<bytes::BytesMut> =
+            std::cell::RefCell::new(bytes::BytesMut::new());
+    }
+    ENCODED.with(|cell| {
+        let mut encoded = cell.borrow_mut();
+        let out = f(&mut encoded);
+        encoded.clear();
+        if encoded.capacity() > 2 * xfer_proto::MAX_PACKED_LEN as usize {
+            *encoded = bytes::BytesMut::new();
+        }
+        out
+    })
+}
+
 /// `payload` compressed at `level` by this thread's zstd context, made once: a fresh one per
 /// chunk or batch cost its tables' allocation and first-touch page faults every time.
 fn compress_with(payload: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
@@ -504,6 +541,28 @@ mod tests {
         assert_eq!(data.payload, content);
         assert_eq!((data.transfer_id, data.offset), (7, 4096));
         data.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_compressor_sharing_decisions_follows_the_probe_of_the_other() {
+        let tree = Compressor::new(Compression::Auto, "tree");
+        let large_file = tree.sharing_decisions();
+        let chunk = || Bytes::from(text(1 << 20));
+        // The first probe sends raw; once it has measured long enough (without a meter: for
+        // as long as a probe lasts), the next chunk starts the probe with compression on,
+        // whichever of the two sends it.
+        let first = tree.pack(1, 0, chunk()).await;
+        assert!(matches!(first.frame, Frame::Data(_)));
+        tokio::time::sleep(crate::adapt::PROBE + Duration::from_millis(10)).await;
+        let next = large_file.pack(2, 0, chunk()).await;
+        assert!(
+            matches!(next.frame, Frame::DataZ(_)),
+            "the large file follows the tree's probe, not one of its own"
+        );
+        // Each counts what it sent.
+        assert_eq!(tree.totals().raw.load(Ordering::Relaxed), 1 << 20);
+        assert_eq!(large_file.totals().raw.load(Ordering::Relaxed), 1 << 20);
+        assert!(large_file.totals().wire.load(Ordering::Relaxed) < 1 << 19);
     }
 
     #[tokio::test]
@@ -623,6 +682,20 @@ mod tests {
         assert!(c.pack_files(&noise).is_none(), "random data goes as it is");
         let off = Compressor::new(Compression::Off, "test");
         assert!(off.pack_files(&files).is_none());
+    }
+
+    #[test]
+    fn small_files_are_encoded_into_one_buffer_batch_after_batch() {
+        let c = Compressor::new(Compression::Level(1), "test");
+        let batch: Vec<Frame> = (0..64)
+            .map(|i| put(&format!("p{i}.html"), text(16 << 10)))
+            .collect();
+        let kept = || with_encode_buffer(|b| (b.capacity(), b.as_ptr()));
+        assert!(c.pack_files(&batch).is_some());
+        let (capacity, first) = kept();
+        assert!(capacity >= 64 << 14, "the buffer is kept: {capacity}");
+        assert!(c.pack_files(&batch).is_some());
+        assert_eq!(kept().1, first, "the same allocation, not a fresh one");
     }
 
     #[test]

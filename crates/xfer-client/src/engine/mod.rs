@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 pub(crate) use delta::choose as choose_delta;
 pub use delta::DeltaMode;
 pub use download::{recv, recv_with_holes};
+pub(crate) use upload::send_file_sharing;
 pub use upload::{send, send_file};
 
 use crate::{Connector, Progress, Session};

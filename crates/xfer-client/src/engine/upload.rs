@@ -145,8 +145,33 @@ pub async fn send_file(
     name: &str,
     opts: &Options,
 ) -> Result<Summary, ClientError> {
+    send_file_sharing(source, target, name, opts, None).await
+}
+
+/// [`send_file`] for a file of a larger copy (a tree's large file): with `shared`, the copy's
+/// compressor, whose `auto` decisions this upload follows, measured by the copy's meter of
+/// delivered bytes (`opts.connector.delivered`), which this upload's connections feed too.
+///
+/// # Errors
+/// As [`send`].
+pub(crate) async fn send_file_sharing(
+    source: SourceFile,
+    target: &Target,
+    name: &str,
+    opts: &Options,
+    shared: Option<&Compressor>,
+) -> Result<Summary, ClientError> {
     let started = Instant::now();
-    let opts = &metered(opts);
+    let mut opts = metered(opts);
+    let compressor = match shared {
+        Some(shared) => {
+            opts.connector.delivered = shared.delivered().cloned();
+            shared.sharing_decisions()
+        }
+        None => Compressor::new(opts.connector.compress.unwrap_or_default(), "upload")
+            .with_delivered(opts.connector.delivered.clone()),
+    };
+    let opts = &opts;
     let identity = source.identity();
     let (mut session, mut early) = Early::connect_first(target, opts).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
@@ -172,8 +197,7 @@ pub async fn send_file(
         },
         source,
         holes,
-        compressor: Compressor::new(opts.connector.compress.unwrap_or_default(), "upload")
-            .with_delivered(opts.connector.delivered.clone()),
+        compressor,
         memory: opts.connector.memory.clone(),
     });
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;

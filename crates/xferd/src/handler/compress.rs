@@ -46,8 +46,9 @@ impl Handler {
             return Ok(());
         }
         let reservation = self.shared.budget.reserve(z.raw_len as usize).await;
-        // Allocated zeroed: fresh pages from the kernel, no memset.
-        let buffer = vec![0; z.raw_len as usize];
+        // A buffer the budget kept from an earlier chunk where it has one (a fresh one costs a
+        // page fault and a zeroed page per 4 KiB); the decompression overwrites all of it.
+        let (buffer, reservation) = reservation.buffer(z.raw_len as usize);
         let data = inflate(z, buffer, move |b| {
             BufferPool::reserved_bytes(b, reservation)
         })

@@ -200,18 +200,22 @@ impl Handler {
             return Err(fatal(ErrorCode::BadCrc, message));
         }
         let wire = packed.zstd.len() as u64;
-        let reservation = self
-            .shared
-            .budget
-            .reserve(2 * packed.raw_len as usize)
-            .await;
-        let frames = tokio::task::spawn_blocking(move || {
-            let buffer = Vec::with_capacity(packed.raw_len as usize);
-            packed.unpack("PackedPutFiles", buffer, packs_in_put_files)
+        let raw_len = packed.raw_len as usize;
+        let mut reservation = self.shared.budget.reserve(2 * raw_len).await;
+        // Half for the frames decoded, half for the bytes decompressed, into a buffer the
+        // budget kept from an earlier batch where it has one (its pages already touched).
+        let for_frames = reservation.split(raw_len);
+        let (buffer, reservation) = reservation.buffer(raw_len);
+        let (frames, buffer) = tokio::task::spawn_blocking(move || {
+            let mut buffer = buffer;
+            let frames = packed.unpack_reusing("PackedPutFiles", &mut buffer, packs_in_put_files);
+            (frames, buffer)
         })
         .await
-        .map_err(|e| fatal(ErrorCode::Io, format!("decompression task failed: {e}")))?
-        .map_err(|e| fatal(ErrorCode::Protocol, e.to_string()))?;
+        .map_err(|e| fatal(ErrorCode::Io, format!("decompression task failed: {e}")))?;
+        // The frames copied what they keep: the buffer may serve the next batch.
+        reservation.recycle(buffer);
+        let frames = frames.map_err(|e| fatal(ErrorCode::Protocol, e.to_string()))?;
         let mut batch = Vec::with_capacity(frames.len());
         for frame in frames {
             // Checked one by one as the session checks any request (a grant's scope).
@@ -221,7 +225,7 @@ impl Handler {
             }
         }
         let stored = self.store_files(batch, wire).await;
-        drop(reservation);
+        drop(for_frames);
         stored
     }
 
