@@ -52,9 +52,9 @@ pub const LONG_PATH: Duration = Duration::from_millis(10);
 /// for the 3 s before the first growth (about 0.4 s of the transfer lost), and their slow start
 /// from 8 initial windows took a round trip longer than from 16.
 pub const ADAPTIVE_START_FAR: usize = 16;
-/// Round-trip time from which a path counts as far: each connection's window is bounded by
-/// the sender's socket buffer (4 MiB by default, a few megabytes in flight), so a pool of 8
-/// carries about 100 MB/s at 150 ms.
+/// Round-trip time from which a path counts as far: each connection needs a window of its
+/// share of the link times the round trip, and through the emulated 150 ms, 1 Gbit/s path a
+/// pool of 8 carried about 100 MB/s of the 121 the link moves.
 pub const FAR_PATH: Duration = Duration::from_millis(100);
 /// Smallest file that starts with [`ADAPTIVE_START_FAR`] connections on a far path: a smaller
 /// one is gone before more connections repay their start (on the 150 ms path a 128 MiB file
