@@ -263,8 +263,6 @@ async fn recv_once(
     let (mut session, mut early) = Early::connect_first(target, opts).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
-    early.top_up(target, opts, session.rtt);
-    let early = Arc::new(early);
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
@@ -274,6 +272,9 @@ async fn recv_once(
             .unwrap_or_default(),
     };
     let (id, identity, mode, named) = open_read(&mut session, &request).await?;
+    // Once the size is known: a large file on a far path starts with more connections.
+    early.top_up(target, opts, session.rtt, identity.size);
+    let early = Arc::new(early);
     // The holes the listing gave at this identity, else those the daemon named as it opened.
     let holes = holes
         .filter(|(seen, _)| *seen == identity)

@@ -29,6 +29,8 @@ pub(super) struct Early {
     started: usize,
     /// The path's round-trip time, as the first connection measured it.
     rtt: Option<Duration>,
+    /// Bytes of the file: a large file on a far path starts with more.
+    size: u64,
 }
 
 impl Early {
@@ -92,11 +94,19 @@ impl Early {
         }
     }
 
-    /// Starts the connections a pool for `opts` starts with on a path of `rtt` that are not
-    /// connecting yet (a long path starts with more).
-    pub(super) fn top_up(&mut self, target: &Target, opts: &Options, rtt: Option<Duration>) {
+    /// Starts the connections a pool for `opts` starts with on a path of `rtt` for a file of
+    /// `size` bytes that are not connecting yet (a long path starts with more, and a large
+    /// file on a far path more still).
+    pub(super) fn top_up(
+        &mut self,
+        target: &Target,
+        opts: &Options,
+        rtt: Option<Duration>,
+        size: u64,
+    ) {
         self.rtt = rtt;
-        let wanted = opts.connections.initial_on(rtt);
+        self.size = size;
+        let wanted = opts.connections.initial_for(rtt, size);
         let more = wanted.saturating_sub(self.started.max(1));
         self.spawn(target, &opts.connector, more);
     }
@@ -170,7 +180,7 @@ pub(super) async fn drive<D: Direction>(
     };
     work.excess.store(0, Ordering::SeqCst);
     let rtt = first.as_ref().map_or(early.rtt, |(s, _)| s.rtt);
-    let start = opts.connections.initial_on(rtt);
+    let start = opts.connections.initial_for(rtt, early.size);
     let adaptive = matches!(opts.connections, Connections::Adaptive { .. });
     let mut first = first;
     for i in 0..start {

@@ -176,7 +176,7 @@ pub(crate) async fn send_file_sharing(
     let (mut session, mut early) = Early::connect_first(target, opts).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
-    early.top_up(target, opts, session.rtt);
+    early.top_up(target, opts, session.rtt, identity.size);
     let early = Arc::new(early);
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
@@ -239,7 +239,7 @@ pub(crate) async fn send_file_sharing(
     let mut session = Some(session);
     if wanted && have.total() < size {
         if let Some(mut s) = session.take() {
-            if opts.connections.initial_on(s.rtt) == 1 {
+            if opts.connections.initial_for(s.rtt, size) == 1 {
                 // A pool of one: nothing to overlap with, the literal data follows on it.
                 let progress = &*opts.progress;
                 let (found, usable) =
