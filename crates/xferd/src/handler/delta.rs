@@ -2,7 +2,8 @@
 //! and each `DeltaSig` copies the chunks that file still holds into the partial (found where
 //! the previous match puts them, or searched for, see `xfer_core::delta::Basis`), recorded in
 //! the journal like received chunks, so an interrupted delta resumes from what was copied.
-//! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
+//! A `DeltaGuess` is answered the same way, its chunks looked for only where the previous
+//! match puts them. For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
 
@@ -74,7 +75,14 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) async fn delta_sig(&mut self, id: UploadId, sig: DeltaSig) -> Result<(), ConnError> {
+    /// A `DeltaSig`, or with `guessed` a `DeltaGuess`, whose chunks are looked for only where
+    /// the previous match puts them.
+    pub(super) async fn delta_sig(
+        &mut self,
+        id: UploadId,
+        sig: DeltaSig,
+        guessed: bool,
+    ) -> Result<(), ConnError> {
         let Upload {
             lease, name, basis, ..
         } = self.session.upload(id)?;
@@ -95,11 +103,13 @@ impl Handler {
         let (runs_tx, runs_rx) = mpsc::channel::<(u64, Bytes)>(parallel);
         let chunks = sig.chunks.clone();
         let matching = blocking(move || {
-            basis
-                .copy_batch(sig.offset, &chunks, |offset, bytes| {
-                    runs_tx.blocking_send((offset, bytes)).is_ok()
-                })
-                .map_err(|e| CoreError::io("reading the delta basis", e))
+            let emit = |offset, bytes| runs_tx.blocking_send((offset, bytes)).is_ok();
+            let found = if guessed {
+                basis.copy_guessed(sig.offset, &chunks, emit)
+            } else {
+                basis.copy_batch(sig.offset, &chunks, emit)
+            };
+            found.map_err(|e| CoreError::io("reading the delta basis", e))
         });
         let write_run = |(offset, bytes): (u64, Bytes)| {
             let (partial, name) = (Arc::clone(&partial), &name);
@@ -149,6 +159,7 @@ impl Handler {
             span = span_len,
             copied,
             read,
+            guessed,
             ms = started.elapsed().as_millis() as u64,
             "delta batch answered"
         );
