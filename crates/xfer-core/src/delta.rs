@@ -16,6 +16,7 @@ use fastcdc::v2020::StreamCDC;
 use xfer_proto::{ByteRange, FileIdentity, SigChunk};
 
 use crate::buffers::BufferPool;
+use crate::direct::PAYLOAD_ALIGN;
 
 /// Smallest average chunk (below it signatures cost more than the finer matches save) and the
 /// largest FastCDC allows.
@@ -139,8 +140,9 @@ pub fn cut_region(
 /// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
 const BLOCK_READ: u64 = 4 * 1024 * 1024;
 
-/// Hands `region` of `file` to `each` as consecutive blocks of `len` bytes (the last one
-/// shorter), each with its XXH3-128, in file order; stops early when `each` returns false.
+/// Hands `region` of `file` to `each` as consecutive blocks of `len` bytes at multiples of
+/// `len` in the file (the first and last ones shorter where the region's edges fall between),
+/// each with its XXH3-128, in file order; stops early when `each` returns false.
 /// These are the chunks of a guess (`DeltaGuess`): hashing runs at several GB/s a core where
 /// [`cut_region`]'s content-defined cut runs at about 1 GB/s, and a block that still lies where
 /// it was needs no content-defined edge to be found. Blocking.
@@ -157,6 +159,21 @@ pub fn blocks_of_region(
     let read_len = BLOCK_READ.div_ceil(len) * len;
     let mut buf = vec![0u8; read_len.min(region.len()) as usize];
     let mut at = region.start;
+    // Blocks on the file's grid of `len`: a match then lands at a page-aligned offset.
+    let head = (len - at % len) % len;
+    if head > 0 && at < region.end {
+        let want = head.min(region.len()) as usize;
+        let valid = read_up_to(file, &mut buf[..want], at)?;
+        let cut = Cut {
+            offset: at,
+            len: valid as u32,
+            hash: xxhash_rust::xxh3::xxh3_128(&buf[..valid]),
+        };
+        if valid < want || !each(cut) {
+            return Ok(());
+        }
+        at += want as u64;
+    }
     while at < region.end {
         let want = (region.end - at).min(read_len) as usize;
         let valid = read_up_to(file, &mut buf[..want], at)?;
@@ -261,12 +278,21 @@ enum Lookup {
     ShiftOnly,
 }
 
-/// The read buffer of [`Basis::copy_batch`]: basis bytes from `start`, and the runs of them
-/// matched so far.
+/// The read buffer of [`Basis::copy_batch`]: basis bytes from `start`, `valid` of them read
+/// into `buf` from `pad`, which puts them on a page boundary: a run matched at a page-aligned
+/// offset of the new file (guessed blocks are) can then be written to the disk directly from
+/// this buffer, around the page cache (`direct::DirectWriter`).
 struct Window {
     start: u64,
     buf: Vec<u8>,
+    pad: usize,
     valid: usize,
+}
+
+impl Window {
+    fn bytes(&self, from: usize, to: usize) -> &[u8] {
+        &self.buf[self.pad + from..self.pad + to]
+    }
 }
 
 impl Basis {
@@ -368,14 +394,18 @@ impl Basis {
                             return Ok(st.probed + st.searched - work_before);
                         }
                     }
-                    // What is left of the batch at this shift, at most MAX_COPY at once.
-                    let want = (size - at).min((end - pos).min(MAX_COPY).max(len)) as usize;
-                    let mut buf = self.buffers.take(want);
-                    let valid = read_up_to(&self.file, &mut buf, at)?;
+                    // What is left of the batch at this shift, at most MAX_COPY at once with
+                    // the page that aligns it.
+                    let most = MAX_COPY - PAYLOAD_ALIGN as u64;
+                    let want = (size - at).min((end - pos).min(most).max(len)) as usize;
+                    let mut buf = self.buffers.take(want + PAYLOAD_ALIGN);
+                    let pad = buf.as_ptr().align_offset(PAYLOAD_ALIGN);
+                    let valid = read_up_to(&self.file, &mut buf[pad..pad + want], at)?;
                     st.probed += valid as u64;
                     window = Some(Window {
                         start: at,
                         buf,
+                        pad,
                         valid,
                     });
                 }
@@ -383,7 +413,7 @@ impl Basis {
                 if let Some(w) = w {
                     let from = (at - w.start) as usize;
                     let to = from + len as usize;
-                    if xxhash_rust::xxh3::xxh3_128(&w.buf[from..to]) == hash {
+                    if xxhash_rust::xxh3::xxh3_128(w.bytes(from, to)) == hash {
                         found = true;
                         match runs.last_mut() {
                             Some(Run::InBuffer {
@@ -428,11 +458,11 @@ impl Basis {
         runs: &mut Vec<Run>,
         emit: &mut impl FnMut(u64, Bytes) -> bool,
     ) -> bool {
-        let bytes = window.map(|w| self.buffers.bytes(w.buf));
+        let bytes = window.map(|w| (w.pad, self.buffers.bytes(w.buf)));
         for run in runs.drain(..) {
             let (new, bytes) = match run {
                 Run::InBuffer { new, from, to } => match &bytes {
-                    Some(b) => (new, b.slice(from..to)),
+                    Some((pad, b)) => (new, b.slice(pad + from..pad + to)),
                     None => continue,
                 },
                 Run::Own { new, bytes } => (new, bytes),
@@ -743,8 +773,9 @@ mod tests {
         .unwrap();
         assert_eq!(all.len(), 65);
         assert!(all.windows(2).all(|w| w[0].range().end == w[1].offset));
-        assert_eq!(all[0].offset, 5);
-        assert!(all[..64].iter().all(|c| c.len == 1 << 14));
+        assert_eq!((all[0].offset, all[0].len), (5, (1 << 14) - 5));
+        assert!(all[1..64].iter().all(|c| c.len == 1 << 14));
+        assert!(all[1..].iter().all(|c| c.offset % (1 << 14) == 0));
         assert_eq!(all[64].range().end, data.len() as u64);
         for c in &all {
             let bytes = &data[c.offset as usize..c.range().end as usize];
@@ -767,6 +798,9 @@ mod tests {
         basis
             .copy_guessed(0, &blocks, |at, bytes| {
                 assert_eq!(&new[at as usize..at as usize + bytes.len()], &bytes[..]);
+                // Blocks lie on the grid: their runs can go to the disk directly.
+                assert_eq!(at % PAYLOAD_ALIGN as u64, 0);
+                assert_eq!(bytes.as_ptr() as usize % PAYLOAD_ALIGN, 0);
                 found += bytes.len() as u64;
                 true
             })

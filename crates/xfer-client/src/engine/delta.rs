@@ -1,11 +1,13 @@
 //! Deltas: whether one pays ([`choose`]); for an upload, the exchange that makes the daemon
-//! copy what it already holds ([`negotiate`]): the new file is cut into content-defined
-//! chunks, its regions on several cores at once, and their hashes stream to the daemon in
-//! bounded batches; for a download, the same the other way ([`copy_local`]): the daemon cuts
+//! copy what it already holds ([`negotiate`]): the new file is hashed in blocks the daemon
+//! looks for where they were (or, from an older daemon, cut into content-defined chunks), its
+//! regions on several cores at once, and their hashes stream to the daemon in bounded
+//! batches, what moved cut by content and looked for again; for a download, the same the other way ([`copy_local`]): the daemon cuts
 //! its file batch by batch and the client copies from its own copy. What the receiver does not
 //! find then moves as ordinary chunks.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +112,9 @@ enum Asked {
 /// place or an append leaves everything else there). Only a guess that misses up to its end,
 /// where data was inserted or removed and the rest moved, is then cut by content and sent as a
 /// `DeltaSig`, which the daemon searches for; its match moves the shift the next guesses are
-/// looked for at.
+/// looked for at. The first guess goes alone, so a file that moved from its start is not
+/// guessed at the old shift beyond it; and the bytes a small growth put past the old file's
+/// end go as literal data at once, not after the last answer.
 ///
 /// # Errors
 /// Connection and protocol errors; local read errors.
@@ -155,7 +159,19 @@ pub(super) async fn negotiate(
         guessing,
         "the daemon indexed its file"
     );
-    if avg != cutting.avg {
+    let basis_size = index.basis.size;
+    // Bytes past the old file's end are most often appended: they are not guessed, and once
+    // the first guess shows the file's start where it was, they go as literal data at once,
+    // beside the matching instead of after its last answer. Otherwise (the start moved:
+    // bytes inserted, the tail may be old bytes moved there) they are cut by content. An
+    // insertion further on costs the link the growth, so only for a small one.
+    let appended = (guessing && size > basis_size && size - basis_size <= size / APPENDED_AT_ONCE)
+        .then(|| ByteRange::new(basis_size, size));
+    if let Some(tail) = appended {
+        let mut skip = held.clone();
+        skip.insert(tail);
+        cutting = Cutting::start(source, &skip, avg, guessing);
+    } else if avg != cutting.avg {
         // A basis much larger than this file: cut again, with the daemon's average.
         cutting = Cutting::start(source, held, avg, guessing);
     }
@@ -173,54 +189,94 @@ pub(super) async fn negotiate(
         let file = source.file();
         tokio::task::spawn_blocking(move || cut_misses(&file, avg, misses_rx, recut_tx))
     };
+    // Misses sent to be cut whose last batch is not sent yet: no guess goes before them, so
+    // that the daemon's search of their cut sets the shift the next guesses are looked for at.
+    let due = AtomicUsize::new(0);
+    // A miss was cut and no cut since found anything: where the file moved to is not known
+    // yet, so the next batches are cut by content too, not guessed at the old shift, until a
+    // cut's answer matches (and set the daemon's shift).
+    let searching = AtomicBool::new(false);
+    let mut cut_instead = Some(misses_tx.clone());
     // Batches go out as they are cut while their answers are read: `room` bounds the ones
-    // unanswered, `asked` says in order what each answer covers (and when all were sent).
-    let room = Semaphore::new(depth);
+    // unanswered, `asked` says in order what each answer covers (and when all were sent). A
+    // first guess goes alone: if the file moved from its start, no other guess is looked for
+    // at the old shift (a round trip).
+    let room = Semaphore::new(if guessing { 1 } else { depth });
     let (asked_tx, mut answers_for) = mpsc::channel::<Asked>(depth + 1);
     let Session { reader, writer, .. } = session;
     let regions = &mut cutting.regions;
     let send = async {
         // In file order, region after region: the daemon hashes what it copies as it lands
         // when it lands in order, and reads back what landed ahead. The cutters of later
-        // regions run ahead meanwhile. Misses cut again go first: the daemon's search for
-        // them sets the shift later guesses are looked for at.
+        // regions run ahead meanwhile.
         let mut region = 0;
         let mut recuts_open = true;
-        if regions.is_empty() {
-            let _ = asked_tx.send(Asked::AllSent).await;
-        }
+        let mut all_sent = false;
+        // The next batch of the file, held while a miss is due.
+        let mut waiting: Option<(ByteRange, Vec<SigChunk>)> = None;
         loop {
-            let (span, chunks, guessed) = tokio::select! {
-                biased;
-                next = recut.recv(), if recuts_open => match next {
-                    Some((span, chunks)) => (span, chunks, false),
-                    None => {
-                        recuts_open = false;
-                        continue;
+            if !all_sent && waiting.is_none() && region == regions.len() {
+                all_sent = true;
+                // No batch of the file is left to cut instead of guess: the misses close once
+                // the answers have none left either.
+                drop(cut_instead.take());
+                // Room for it is kept: the channel holds `depth + 1`.
+                let _ = asked_tx.send(Asked::AllSent).await;
+            }
+            let next = match waiting.take() {
+                Some(batch) if due.load(Ordering::SeqCst) == 0 => (batch, guessing),
+                held => {
+                    waiting = held;
+                    tokio::select! {
+                        biased;
+                        next = recut.recv(), if recuts_open => match next {
+                            Some((batch, last)) => {
+                                if last {
+                                    due.fetch_sub(1, Ordering::SeqCst);
+                                }
+                                (batch, false)
+                            }
+                            None => {
+                                recuts_open = false;
+                                continue;
+                            }
+                        },
+                        next = async {
+                            match regions.get_mut(region) {
+                                Some(batches) => batches.recv().await,
+                                None => None,
+                            }
+                        }, if waiting.is_none() && region < regions.len() => {
+                            match next {
+                                Some(batch) => waiting = Some(batch),
+                                None => region += 1,
+                            }
+                            continue;
+                        },
+                        else => break,
                     }
-                },
-                next = async {
-                    match regions.get_mut(region) {
-                        Some(batches) => batches.recv().await,
-                        None => None,
-                    }
-                }, if region < regions.len() => match next {
-                    Some((span, chunks)) => (span, chunks, guessing),
-                    None => {
-                        region += 1;
-                        if region == regions.len() {
-                            // Room for it is kept: the channel holds `depth + 1`.
-                            let _ = asked_tx.send(Asked::AllSent).await;
-                        }
-                        continue;
-                    }
-                },
-                else => break,
+                }
             };
+            let ((span, chunks), guessed) = next;
+            if guessed && searching.load(Ordering::SeqCst) {
+                if let Some(tx) = &cut_instead {
+                    due.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(span).is_ok() {
+                        continue;
+                    }
+                    due.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
             room.acquire()
                 .await
                 .map_err(|_| ClientError::Closed)?
                 .forget();
+            if guessed && due.load(Ordering::SeqCst) > 0 {
+                // A miss came back while this guess waited for room: its cut goes first.
+                waiting = Some((span, chunks));
+                room.add_permits(1);
+                continue;
+            }
             // Never waits: a span is queued only with room taken, `depth` at most.
             let asked = if guessed {
                 Asked::Guess(span)
@@ -244,9 +300,11 @@ pub(super) async fn negotiate(
         tracing::debug!("delta: every signature batch sent");
         Ok::<_, ClientError>(())
     };
-    let basis_size = index.basis.size;
     let receive = async {
         let mut misses = Some(misses_tx);
+        let mut first = true;
+        // The appended bytes, once they went as literal data.
+        let mut literal_tail: Option<ByteRange> = None;
         while let Some(asked) = answers_for.recv().await {
             let (span, guessed) = match asked {
                 Asked::Guess(span) => (span, true),
@@ -270,17 +328,50 @@ pub(super) async fn negotiate(
                 }
                 last_end = range.end;
             }
-            room.add_permits(1);
+            let is_first = std::mem::take(&mut first);
+            if let Some(tail) = appended.filter(|_| is_first) {
+                if guessed && answer.matched == [span] {
+                    literal_tail = Some(tail);
+                    answered(tail, &[]);
+                } else if let Some(tx) = misses.as_ref() {
+                    due.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(tail).is_err() {
+                        due.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            }
             let miss = guessed
                 .then(|| moved_miss(span, &answer.matched, basis_size, avg))
                 .flatten();
-            match (miss, misses.as_ref()) {
-                (Some(miss), Some(tx)) if tx.send(miss).is_ok() => {
-                    // Answered when its cut is: until then neither copied nor literal.
-                    answered(ByteRange::new(span.start, miss.start), &answer.matched);
+            // Counted due before the room it frees: no guess may overtake its cut.
+            let cutting = match (miss, misses.as_ref()) {
+                (Some(miss), Some(tx)) => {
+                    due.fetch_add(1, Ordering::SeqCst);
+                    searching.store(true, Ordering::SeqCst);
+                    let sent = tx.send(miss).is_ok();
+                    if !sent {
+                        due.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    sent.then_some(miss)
                 }
-                _ => answered(span, &answer.matched),
+                _ => None,
+            };
+            if !guessed && !answer.matched.is_empty() {
+                searching.store(false, Ordering::SeqCst);
             }
+            match cutting {
+                // Answered when its cut is: until then neither copied nor literal.
+                Some(miss) => answered(ByteRange::new(span.start, miss.start), &answer.matched),
+                // A guess's last block may reach past the old end, into what was answered.
+                None => match literal_tail {
+                    Some(tail) if span.start < tail.start && span.end > tail.start => {
+                        answered(ByteRange::new(span.start, tail.start), &answer.matched)
+                    }
+                    _ => answered(span, &answer.matched),
+                },
+            }
+            let widen = if is_first && guessing { depth - 1 } else { 0 };
+            room.add_permits(1 + widen);
         }
         Ok(())
     };
@@ -298,6 +389,14 @@ pub(super) async fn negotiate(
     }
     Ok(true)
 }
+
+/// Growth of a file, as a share of its size (1/8), up to which the bytes past the old file's
+/// end go as literal data at once.
+const APPENDED_AT_ONCE: u64 = 8;
+
+/// Chunks of a region's first guess batch; each next one holds twice as many, up to
+/// [`SIG_BATCH`].
+const FIRST_GUESS_BATCH: usize = 64;
 
 /// Batches of misses cut by content ahead of what was sent.
 const RECUTS_AHEAD: usize = 8;
@@ -320,13 +419,16 @@ fn moved_miss(
     (from < span.end && !appended).then(|| ByteRange::new(from, span.end))
 }
 
+/// A batch of a miss cut by content, and whether it is the miss's last.
+type RecutBatch = ((ByteRange, Vec<SigChunk>), bool);
+
 /// Cuts each miss `misses` sends by content into `DeltaSig` batches for `batches`, until
 /// either side closes. Blocking.
 fn cut_misses(
     file: &std::fs::File,
     avg: u32,
     mut misses: mpsc::UnboundedReceiver<ByteRange>,
-    batches: mpsc::Sender<(ByteRange, Vec<SigChunk>)>,
+    batches: mpsc::Sender<RecutBatch>,
 ) -> std::io::Result<()> {
     while let Some(miss) = misses.blocking_recv() {
         let mut batch = Batch::default();
@@ -334,14 +436,15 @@ fn cut_misses(
         delta::cut_region(file, miss, avg, |cut| {
             if batch.chunks.len() == SIG_BATCH {
                 if let Some(full) = batch.take() {
-                    open = batches.blocking_send(full).is_ok();
+                    open = batches.blocking_send((full, false)).is_ok();
                 }
             }
             batch.push(cut);
             open
         })?;
+        // A miss is never empty: its last batch holds a chunk at least.
         if let Some(last) = batch.take().filter(|_| open) {
-            open = batches.blocking_send(last).is_ok();
+            open = batches.blocking_send((last, true)).is_ok();
         }
         if !open {
             break;
@@ -384,13 +487,17 @@ impl Cutting {
                 let cutter = tokio::task::spawn_blocking(move || {
                     let mut batch = Batch::default();
                     let mut open = true;
+                    // Guesses start small and double: the first goes alone (see
+                    // `negotiate`), and soon answered.
+                    let mut most = if guess { FIRST_GUESS_BATCH } else { SIG_BATCH };
                     let each = |cut: Cut| {
                         // Chunks the receiver holds are left out, and end a batch: a batch is
                         // consecutive chunks.
                         let skip = held.contains(cut.range());
-                        if skip || !batch.extends(&cut) || batch.chunks.len() == SIG_BATCH {
+                        if skip || !batch.extends(&cut) || batch.chunks.len() >= most {
                             if let Some(full) = batch.take() {
                                 open = tx.blocking_send(full).is_ok();
+                                most = (most * 2).min(SIG_BATCH);
                             }
                         }
                         if !skip {
@@ -693,37 +800,53 @@ mod tests {
             matched += ranges.iter().map(ByteRange::len).sum::<u64>();
             ranges
         };
-        let mut recut = |miss: ByteRange, copy: &mut dyn FnMut(ByteRange, &[SigChunk], bool)| {
+        // Cuts `miss` by content and has it copied; whether anything of it was found.
+        let mut recut = |miss: ByteRange, copy: &mut CopyFn| {
             cut += miss.len();
             let (tx, mut rx) = mpsc::channel(usize::MAX >> 4);
             let (misses_tx, misses_rx) = mpsc::unbounded_channel();
             misses_tx.send(miss).unwrap();
             drop(misses_tx);
             cut_misses(&new_file, avg, misses_rx, tx).unwrap();
-            while let Ok((span, chunks)) = rx.try_recv() {
-                copy(span, &chunks, false);
+            let mut found = false;
+            while let Ok(((span, chunks), _)) = rx.try_recv() {
+                found |= !copy(span, &chunks, false).is_empty();
             }
+            found
         };
         let mut due = std::collections::VecDeque::new();
+        // As `negotiate`'s: after a miss, batches are cut instead of guessed until a cut
+        // finds something (here as soon as it does: its answer is not waited for).
+        let mut searching = false;
         for (i, (span, chunks)) in guesses.iter().enumerate() {
             while due.front().is_some_and(|&(at, _)| at <= i) {
                 let (_, miss) = due.pop_front().unwrap();
-                recut(miss, &mut |s, c, g| {
-                    copy(s, c, g);
-                });
+                if recut(miss, &mut copy) {
+                    searching = false;
+                }
+            }
+            if searching {
+                if recut(*span, &mut copy) {
+                    searching = false;
+                }
+                continue;
             }
             let ranges = copy(*span, chunks, true);
             if let Some(miss) = moved_miss(*span, &ranges, old.len() as u64, avg) {
-                due.push_back((i + SIGS_IN_FLIGHT, miss));
+                // The first guess goes alone; later ones a pipeline ahead of their answers.
+                let ahead = if i == 0 { 1 } else { SIGS_IN_FLIGHT };
+                due.push_back((i + ahead, miss));
+                searching = true;
             }
         }
         for (_, miss) in due {
-            recut(miss, &mut |s, c, g| {
-                copy(s, c, g);
-            });
+            recut(miss, &mut copy);
         }
         (matched, cut)
     }
+
+    /// Copies a batch's chunks from the basis (`true`: guessed); the ranges found.
+    type CopyFn<'a> = dyn FnMut(ByteRange, &[SigChunk], bool) -> Vec<ByteRange> + 'a;
 
     /// Guess batches of 1 MiB: a 32 MiB file is 32 of them.
     const TEST_BATCH: usize = 64;
@@ -742,13 +865,15 @@ mod tests {
             let at = i * 1_600_000 + 12_345;
             new[at..at + 100].fill(0xaa);
         }
-        // A run at the very end of a batch looks like a move: cut, found nowhere.
+        // A run at the very end of a batch looks like a move: cut, found nowhere, and the next
+        // batch cut too, found where it was.
         new[(5 << 20) - 50..(5 << 20) + 50].fill(0xbb);
         let (matched, cut) = guessed_delta(&old, &new, TEST_BATCH);
         let block = u64::from(delta::MIN_AVG_CHUNK);
         assert!(matched >= new.len() as u64 - 22 * 2 * block, "{matched}");
         assert!(matched < new.len() as u64);
-        assert!(cut > 0 && cut <= 2 * block, "{cut}");
+        let batch = TEST_BATCH as u64 * block;
+        assert!(cut > batch && cut <= 2 * block + batch, "{cut}");
     }
 
     #[test]
