@@ -16,6 +16,7 @@ use fastcdc::v2020::StreamCDC;
 use xfer_proto::{ByteRange, FileIdentity, SigChunk};
 
 use crate::buffers::BufferPool;
+use crate::direct::PAYLOAD_ALIGN;
 
 /// Smallest average chunk (below it signatures cost more than the finer matches save) and the
 /// largest FastCDC allows.
@@ -136,6 +137,65 @@ pub fn cut_region(
     Ok(())
 }
 
+/// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
+const BLOCK_READ: u64 = 4 * 1024 * 1024;
+
+/// Hands `region` of `file` to `each` as consecutive blocks of `len` bytes at multiples of
+/// `len` in the file (the first and last ones shorter where the region's edges fall between),
+/// each with its XXH3-128, in file order; stops early when `each` returns false.
+/// These are the chunks of a guess (`DeltaGuess`): hashing runs at several GB/s a core where
+/// [`cut_region`]'s content-defined cut runs at about 1 GB/s, and a block that still lies where
+/// it was needs no content-defined edge to be found. Blocking.
+///
+/// # Errors
+/// Read errors.
+pub fn blocks_of_region(
+    file: &File,
+    region: ByteRange,
+    len: u32,
+    mut each: impl FnMut(Cut) -> bool,
+) -> io::Result<()> {
+    let len = u64::from(len.max(1));
+    let read_len = BLOCK_READ.div_ceil(len) * len;
+    let mut buf = vec![0u8; read_len.min(region.len()) as usize];
+    let mut at = region.start;
+    // Blocks on the file's grid of `len`: a match then lands at a page-aligned offset.
+    let head = (len - at % len) % len;
+    if head > 0 && at < region.end {
+        let want = head.min(region.len()) as usize;
+        let valid = read_up_to(file, &mut buf[..want], at)?;
+        let cut = Cut {
+            offset: at,
+            len: valid as u32,
+            hash: xxhash_rust::xxh3::xxh3_128(&buf[..valid]),
+        };
+        if valid < want || !each(cut) {
+            return Ok(());
+        }
+        at += want as u64;
+    }
+    while at < region.end {
+        let want = (region.end - at).min(read_len) as usize;
+        let valid = read_up_to(file, &mut buf[..want], at)?;
+        for (i, block) in buf[..valid].chunks(len as usize).enumerate() {
+            let cut = Cut {
+                offset: at + i as u64 * len,
+                len: block.len() as u32,
+                hash: xxhash_rust::xxh3::xxh3_128(block),
+            };
+            if !each(cut) {
+                return Ok(());
+            }
+        }
+        if valid < want {
+            // The file ended early: it changed, which the sender's own checks report.
+            break;
+        }
+        at += want as u64;
+    }
+    Ok(())
+}
+
 /// Where a chunk lies in the basis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Located {
@@ -209,12 +269,30 @@ enum Run {
     Own { new: u64, bytes: Bytes },
 }
 
-/// The read buffer of [`Basis::copy_batch`]: basis bytes from `start`, and the runs of them
-/// matched so far.
+/// Where [`Basis`] looks for a chunk of the new file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// Where the previous match puts it, then, after misses in a row, in the basis cut around.
+    Search,
+    /// Only where the previous match puts it.
+    ShiftOnly,
+}
+
+/// The read buffer of [`Basis::copy_batch`]: basis bytes from `start`, `valid` of them read
+/// into `buf` from `pad`, which puts them on a page boundary: a run matched at a page-aligned
+/// offset of the new file (guessed blocks are) can then be written to the disk directly from
+/// this buffer, around the page cache (`direct::DirectWriter`).
 struct Window {
     start: u64,
     buf: Vec<u8>,
+    pad: usize,
     valid: usize,
+}
+
+impl Window {
+    fn bytes(&self, from: usize, to: usize) -> &[u8] {
+        &self.buf[self.pad + from..self.pad + to]
+    }
 }
 
 impl Basis {
@@ -267,6 +345,32 @@ impl Basis {
         &self,
         offset: u64,
         chunks: &[SigChunk],
+        emit: impl FnMut(u64, Bytes) -> bool,
+    ) -> io::Result<u64> {
+        self.copy_found(offset, chunks, Lookup::Search, emit)
+    }
+
+    /// As [`Basis::copy_batch`] for guessed chunks (a `DeltaGuess`: blocks the sender hashed
+    /// without cutting by content): each is looked for only where the previous match puts it,
+    /// never searched for, since no cut of the basis would hold it. A miss leaves the shift
+    /// and the streak of misses as they were.
+    ///
+    /// # Errors
+    /// Read errors.
+    pub fn copy_guessed(
+        &self,
+        offset: u64,
+        chunks: &[SigChunk],
+        emit: impl FnMut(u64, Bytes) -> bool,
+    ) -> io::Result<u64> {
+        self.copy_found(offset, chunks, Lookup::ShiftOnly, emit)
+    }
+
+    fn copy_found(
+        &self,
+        offset: u64,
+        chunks: &[SigChunk],
+        lookup: Lookup,
         mut emit: impl FnMut(u64, Bytes) -> bool,
     ) -> io::Result<u64> {
         let mut st = self.lock();
@@ -290,14 +394,18 @@ impl Basis {
                             return Ok(st.probed + st.searched - work_before);
                         }
                     }
-                    // What is left of the batch at this shift, at most MAX_COPY at once.
-                    let want = (size - at).min((end - pos).min(MAX_COPY).max(len)) as usize;
-                    let mut buf = self.buffers.take(want);
-                    let valid = read_up_to(&self.file, &mut buf, at)?;
+                    // What is left of the batch at this shift, at most MAX_COPY at once with
+                    // the page that aligns it.
+                    let most = MAX_COPY - PAYLOAD_ALIGN as u64;
+                    let want = (size - at).min((end - pos).min(most).max(len)) as usize;
+                    let mut buf = self.buffers.take(want + PAYLOAD_ALIGN);
+                    let pad = buf.as_ptr().align_offset(PAYLOAD_ALIGN);
+                    let valid = read_up_to(&self.file, &mut buf[pad..pad + want], at)?;
                     st.probed += valid as u64;
                     window = Some(Window {
                         start: at,
                         buf,
+                        pad,
                         valid,
                     });
                 }
@@ -305,7 +413,7 @@ impl Basis {
                 if let Some(w) = w {
                     let from = (at - w.start) as usize;
                     let to = from + len as usize;
-                    if xxhash_rust::xxh3::xxh3_128(&w.buf[from..to]) == hash {
+                    if xxhash_rust::xxh3::xxh3_128(w.bytes(from, to)) == hash {
                         found = true;
                         match runs.last_mut() {
                             Some(Run::InBuffer {
@@ -324,7 +432,7 @@ impl Basis {
                 // What missed since the last match was changed in place: literal data.
                 st.streak = 0;
                 st.pending.clear();
-            } else {
+            } else if lookup == Lookup::Search {
                 st.streak += len;
                 st.pending.push((pos, *chunk));
                 if st.pending.len() >= LOOKUP_AFTER {
@@ -350,11 +458,11 @@ impl Basis {
         runs: &mut Vec<Run>,
         emit: &mut impl FnMut(u64, Bytes) -> bool,
     ) -> bool {
-        let bytes = window.map(|w| self.buffers.bytes(w.buf));
+        let bytes = window.map(|w| (w.pad, self.buffers.bytes(w.buf)));
         for run in runs.drain(..) {
             let (new, bytes) = match run {
                 Run::InBuffer { new, from, to } => match &bytes {
-                    Some(b) => (new, b.slice(from..to)),
+                    Some((pad, b)) => (new, b.slice(pad + from..pad + to)),
                     None => continue,
                 },
                 Run::Own { new, bytes } => (new, bytes),
@@ -650,6 +758,108 @@ mod tests {
             "{found}"
         );
         assert!(found > 2 << 20, "{found}");
+    }
+
+    #[test]
+    fn blocks_cover_a_region_in_blocks_of_the_length_given() {
+        let data = pseudo_random((1 << 20) + 1000, 9);
+        let f = file_with(&data);
+        let region = ByteRange::new(5, data.len() as u64);
+        let mut all = Vec::new();
+        blocks_of_region(&f, region, 1 << 14, |c| {
+            all.push(c);
+            true
+        })
+        .unwrap();
+        assert_eq!(all.len(), 65);
+        assert!(all.windows(2).all(|w| w[0].range().end == w[1].offset));
+        assert_eq!((all[0].offset, all[0].len), (5, (1 << 14) - 5));
+        assert!(all[1..64].iter().all(|c| c.len == 1 << 14));
+        assert!(all[1..].iter().all(|c| c.offset % (1 << 14) == 0));
+        assert_eq!(all[64].range().end, data.len() as u64);
+        for c in &all {
+            let bytes = &data[c.offset as usize..c.range().end as usize];
+            assert_eq!(c.hash, xxhash_rust::xxh3::xxh3_128(bytes));
+        }
+    }
+
+    /// Bytes of `new`, hashed in blocks, that a guess finds in `old` at the shift it starts
+    /// with, and the basis after (for its counters).
+    fn guessed(old: &[u8], new: &[u8]) -> (u64, Basis) {
+        let basis = Basis::open(file_with(old), MIN_AVG_CHUNK).unwrap();
+        let mut blocks = Vec::new();
+        let region = ByteRange::new(0, new.len() as u64);
+        blocks_of_region(&file_with(new), region, MIN_AVG_CHUNK, |c| {
+            blocks.push(c.sig());
+            true
+        })
+        .unwrap();
+        let mut found = 0;
+        basis
+            .copy_guessed(0, &blocks, |at, bytes| {
+                assert_eq!(&new[at as usize..at as usize + bytes.len()], &bytes[..]);
+                // Blocks lie on the grid: their runs can go to the disk directly.
+                assert_eq!(at % PAYLOAD_ALIGN as u64, 0);
+                assert_eq!(bytes.as_ptr() as usize % PAYLOAD_ALIGN, 0);
+                found += bytes.len() as u64;
+                true
+            })
+            .unwrap();
+        (found, basis)
+    }
+
+    #[test]
+    fn a_guess_finds_what_stayed_in_place_and_never_searches() {
+        let old = pseudo_random(4 << 20, 10);
+        let mut new = old.clone();
+        new[1_000_000..1_000_100].fill(0xaa);
+        let (found, basis) = guessed(&old, &new);
+        assert_eq!(found, new.len() as u64 - u64::from(MIN_AVG_CHUNK));
+        // Everything after an insertion moved: a guess misses it, and does not search.
+        let mut shifted = old[..1_000_000].to_vec();
+        shifted.extend(pseudo_random(777, 11));
+        shifted.extend(&old[1_000_000..]);
+        let (found, basis_shifted) = guessed(&old, &shifted);
+        assert!(found <= 1_000_000, "{found}");
+        assert_eq!(basis.work().1, 0);
+        assert_eq!(basis_shifted.work().1, 0, "a guess never cuts the basis");
+    }
+
+    #[test]
+    fn a_guess_follows_the_shift_a_search_found() {
+        let old = pseudo_random(4 << 20, 12);
+        let mut new = pseudo_random(300_000, 13);
+        new.extend(&old);
+        let basis = Basis::open(file_with(&old), MIN_AVG_CHUNK).unwrap();
+        // The first megabyte cut by content and searched for: the match sets the shift.
+        let mut sig = Vec::new();
+        cut_region(
+            &file_with(&new),
+            ByteRange::new(0, 1 << 20),
+            MIN_AVG_CHUNK,
+            |c| {
+                sig.push(c.sig());
+                true
+            },
+        )
+        .unwrap();
+        basis.copy_batch(0, &sig, |_, _| true).unwrap();
+        let mut blocks = Vec::new();
+        let rest = ByteRange::new(1 << 20, new.len() as u64);
+        blocks_of_region(&file_with(&new), rest, MIN_AVG_CHUNK, |c| {
+            blocks.push(c.sig());
+            true
+        })
+        .unwrap();
+        let mut found = 0;
+        basis
+            .copy_guessed(rest.start, &blocks, |at, bytes| {
+                assert_eq!(&new[at as usize..at as usize + bytes.len()], &bytes[..]);
+                found += bytes.len() as u64;
+                true
+            })
+            .unwrap();
+        assert_eq!(found, rest.len());
     }
 
     #[test]

@@ -834,6 +834,9 @@ frame_types! {
     CopyDelta(CopyDelta) = 0x78,
     /// [`CopyReason`]: why a single-file copy went as a delta or whole (`CAP_COPY_REASON`)
     CopyReason(CopyReason) = 0x79,
+    /// [`DeltaSig`](crate::DeltaSig)'s body, guessed chunks: looked for only where the
+    /// previous match puts them (`CAP_DELTA_GUESS`)
+    DeltaGuess(crate::DeltaSig) = 0x7d,
     /// No body: the sender closes the connection cleanly.
     Goodbye = 0x7e,
     /// [`ErrorFrame`]

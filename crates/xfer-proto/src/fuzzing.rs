@@ -133,7 +133,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                     .upload(id)
                     .expect("a handle the session gave is open");
             }
-            Request::DeltaSig(id, sig) => {
+            Request::DeltaSig(id, sig) | Request::DeltaGuess(id, sig) => {
                 session
                     .upload(id)
                     .expect("a handle the session gave is open");

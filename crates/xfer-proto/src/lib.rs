@@ -87,6 +87,10 @@ pub const CAP_PUT_META: u64 = 1 << 14;
 /// signature in one pipelined request (`DeltaPut`), and `Commit` is a pipelined request: a tree's
 /// changed files move as deltas in two round trips, all of them at once.
 pub const CAP_DELTA_PUT: u64 = 1 << 15;
+/// Capability bit: with `CAP_DELTA` and `CAP_DELTA_PIPELINE`, an upload's delta may send
+/// guessed chunks (`DeltaGuess`): blocks the server looks for only where the previous match
+/// puts them, so the client hashes what did not move instead of cutting it by content.
+pub const CAP_DELTA_GUESS: u64 = 1 << 16;
 /// The feature bits this implementation speaks: a client offers them all, a server grants
 /// those the client offered (`CAP_PACKED_FILES` only with `CAP_COMPRESSION`, `CAP_PUT_META`
 /// only with `CAP_TREE_META`).
@@ -101,7 +105,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_COPY_DELTA
     | CAP_COPY_REASON
     | CAP_READ_SIG_PIPELINE
-    | CAP_DELTA_PUT;
+    | CAP_DELTA_PUT
+    | CAP_DELTA_GUESS;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -155,6 +155,10 @@ pub enum Request {
     DeltaOpen(UploadId, crate::DeltaOpen),
     /// Copy what the basis holds of these chunks (bounds checked); answer `DeltaMatch`.
     DeltaSig(UploadId, crate::DeltaSig),
+    /// Copy what the basis holds of these guessed chunks where the previous match puts them,
+    /// without searching (bounds checked as `DeltaSig`; `CAP_DELTA_GUESS`); answer
+    /// `DeltaMatch`.
+    DeltaGuess(UploadId, crate::DeltaSig),
     /// Cut the chunks of an open download's file from an offset (bounds checked); answer
     /// `DeltaSig`.
     ReadSig(DownloadId, crate::ReadSig),
@@ -561,6 +565,7 @@ impl<U, D> ServerSession<U, D> {
             | Frame::Zeros(_)
             | Frame::DeltaOpen(_)
             | Frame::DeltaSig(_)
+            | Frame::DeltaGuess(_)
             | Frame::DeltaResume(_)
             | Frame::Commit(_)
             | Frame::Sync
@@ -606,6 +611,9 @@ impl<U, D> ServerSession<U, D> {
     }
 
     fn request(&mut self, frame: Frame) -> Result<Request, SessionError> {
+        // Guessed chunks only in a pipelined delta: the client learns where guesses missed
+        // from answers it does not wait for.
+        const GUESS: u64 = crate::CAP_DELTA | crate::CAP_DELTA_PIPELINE | crate::CAP_DELTA_GUESS;
         self.check_scope(&frame)?;
         let meta_frame = matches!(
             frame,
@@ -728,6 +736,11 @@ impl<U, D> ServerSession<U, D> {
                 self.check_sig(d.offset, &d.chunks, size)?;
                 Ok(Request::DeltaSig(UploadId(d.transfer_id), d))
             }
+            Frame::DeltaGuess(d) if self.client_capabilities & GUESS == GUESS => {
+                let size = self.transfer("DeltaGuess", d.transfer_id, TransferKind::Upload)?;
+                self.check_sig(d.offset, &d.chunks, size)?;
+                Ok(Request::DeltaGuess(UploadId(d.transfer_id), d))
+            }
             Frame::ReadSig(r) if self.client_capabilities & crate::CAP_DELTA != 0 => {
                 let size = self.transfer("ReadSig", r.transfer_id, TransferKind::Download)?;
                 let avg_ok = r.avg_chunk.is_power_of_two()
@@ -770,6 +783,7 @@ impl<U, D> ServerSession<U, D> {
             | Frame::DeltaOpen(_)
             | Frame::DeltaSig(_)
             | Frame::DeltaPut(_)
+            | Frame::DeltaGuess(_)
             | Frame::DeltaResume(_)) => Err(SessionError::Unexpected {
                 frame: other.frame_type().name(),
                 phase: "without its capability negotiated",
@@ -1177,6 +1191,32 @@ mod tests {
         assert!(matches!(
             s.handle_request(sig(id, 40, &[30, 31])),
             Err(SessionError::OutOfRange { end: 101, .. })
+        ));
+        let guess = |id, offset, lens: &[u32]| match sig(id, offset, lens) {
+            Frame::DeltaSig(body) => Frame::DeltaGuess(body),
+            _ => unreachable!(),
+        };
+        assert!(
+            matches!(
+                s.handle_request(guess(id, 40, &[30, 30])),
+                Err(SessionError::Unexpected { .. })
+            ),
+            "DeltaGuess without CAP_DELTA_GUESS"
+        );
+        let mut g = offering(crate::CAP_DELTA | crate::CAP_DELTA_PIPELINE | crate::CAP_DELTA_GUESS);
+        g.handle_request(open_write(100)).unwrap();
+        let gid = g.open_upload(100, ()).get();
+        assert!(matches!(
+            g.handle_request(guess(gid, 40, &[30, 30])),
+            Ok(Request::DeltaGuess(..))
+        ));
+        assert!(matches!(
+            g.handle_request(guess(gid, 40, &[30, 31])),
+            Err(SessionError::OutOfRange { end: 101, .. })
+        ));
+        assert!(matches!(
+            g.handle_request(guess(gid, 0, &[0])),
+            Err(SessionError::ChunkTooLarge { .. })
         ));
         assert!(matches!(
             s.handle_request(sig(id, 0, &[0])),

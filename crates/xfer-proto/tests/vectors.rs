@@ -403,6 +403,17 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         (
+            "delta-guess",
+            Frame::DeltaGuess(DeltaSig {
+                transfer_id: 1,
+                offset: 16384,
+                chunks: vec![SigChunk {
+                    len: 3,
+                    hash: DIGEST_ABC,
+                }],
+            }),
+        ),
+        (
             "read-sig",
             Frame::ReadSig(ReadSig {
                 transfer_id: 1,

@@ -1,11 +1,13 @@
 //! Deltas: whether one pays ([`choose`]); for an upload, the exchange that makes the daemon
-//! copy what it already holds ([`negotiate`]): the new file is cut into content-defined
-//! chunks, its regions on several cores at once, and their hashes stream to the daemon in
-//! bounded batches; for a download, the same the other way ([`copy_local`]): the daemon cuts
+//! copy what it already holds ([`negotiate`]): the new file is hashed in blocks the daemon
+//! looks for where they were (or, from an older daemon, cut into content-defined chunks), its
+//! regions on several cores at once, and their hashes stream to the daemon in bounded
+//! batches, what moved cut by content and looked for again; for a download, the same the other way ([`copy_local`]): the daemon cuts
 //! its file batch by batch and the client copies from its own copy. What the receiver does not
 //! find then moves as ordinary chunks.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use xfer_core::delta::{self, Basis, Cut};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
 use xfer_proto::{
     ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, SigChunk, CAP_DELTA,
-    CAP_DELTA_PIPELINE, CAP_READ_SIG_PIPELINE, MAX_DELTA_CHUNKS,
+    CAP_DELTA_GUESS, CAP_DELTA_PIPELINE, CAP_READ_SIG_PIPELINE, MAX_DELTA_CHUNKS,
 };
 
 use crate::session::{next_frame, unexpected};
@@ -89,10 +91,30 @@ const SIG_BATCH: usize = 2048;
 /// well within a socket buffer.
 const SIGS_IN_FLIGHT: usize = 8;
 
+/// What one signature batch on the wire asks, in the order the answers come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// A `DeltaGuess` of this span: blocks looked for where the last match puts them.
+    Guess(ByteRange),
+    /// A `DeltaSig` of this span: content-defined chunks, searched for if they moved.
+    Sig(ByteRange),
+    /// Every batch of the file was sent: only guesses' misses may still be cut and sent.
+    AllSent,
+}
+
 /// Asks the daemon to index the file it holds under the upload's name and copy the chunks of
 /// `source` it finds there. `held` chunks are not sent again (a resumed delta). `answered` is
 /// told each span of the new file the daemon answered for and the ranges of it it copied, as
 /// the answers come. False when the daemon holds no file to start from.
+///
+/// With `CAP_DELTA_GUESS` the file is not cut by content first: it is hashed in blocks of the
+/// average chunk, which the daemon looks for where its last match puts them (a change in
+/// place or an append leaves everything else there). Only a guess that misses up to its end,
+/// where data was inserted or removed and the rest moved, is then cut by content and sent as a
+/// `DeltaSig`, which the daemon searches for; its match moves the shift the next guesses are
+/// looked for at. The first guess goes alone, so a file that moved from its start is not
+/// guessed at the old shift beyond it; and the bytes a small growth put past the old file's
+/// end go as literal data at once, not after the last answer.
 ///
 /// # Errors
 /// Connection and protocol errors; local read errors.
@@ -104,9 +126,11 @@ pub(super) async fn negotiate(
     mut answered: impl FnMut(ByteRange, &[ByteRange]) + Send,
 ) -> Result<bool, ClientError> {
     let size = source.identity().size;
+    let guess_caps = CAP_DELTA | CAP_DELTA_PIPELINE | CAP_DELTA_GUESS;
+    let guessing = session.welcome.capabilities & guess_caps == guess_caps;
     // The daemon picks the average chunk from the larger of both files, which for files of
     // similar size is the one this file gives: the cutting starts while the daemon indexes.
-    let mut cutting = Cutting::start(source, held, delta::avg_chunk(size));
+    let mut cutting = Cutting::start(source, held, delta::avg_chunk(size), guessing);
     session
         .send(&Frame::DeltaOpen(DeltaOpen { transfer_id }))
         .await?;
@@ -132,49 +156,165 @@ pub(super) async fn negotiate(
         basis_size = index.basis.size,
         chunks = index.chunks,
         avg_chunk = avg,
+        guessing,
         "the daemon indexed its file"
     );
-    if avg != cutting.avg {
+    let basis_size = index.basis.size;
+    // Bytes past the old file's end are most often appended: they are not guessed, and once
+    // the first guess shows the file's start where it was, they go as literal data at once,
+    // beside the matching instead of after its last answer. Otherwise (the start moved:
+    // bytes inserted, the tail may be old bytes moved there) they are cut by content. An
+    // insertion further on costs the link the growth, so only for a small one.
+    let appended = (guessing && size > basis_size && size - basis_size <= size / APPENDED_AT_ONCE)
+        .then(|| ByteRange::new(basis_size, size));
+    if let Some(tail) = appended {
+        let mut skip = held.clone();
+        skip.insert(tail);
+        cutting = Cutting::start(source, &skip, avg, guessing);
+    } else if avg != cutting.avg {
         // A basis much larger than this file: cut again, with the daemon's average.
-        cutting = Cutting::start(source, held, avg);
+        cutting = Cutting::start(source, held, avg, guessing);
     }
     let depth = if session.welcome.capabilities & CAP_DELTA_PIPELINE != 0 {
         SIGS_IN_FLIGHT
     } else {
         1
     };
+    // The misses of guesses to cut by content: at most one per guess batch (its end), so
+    // bounded by the batches of the file; not bounded by a channel, since the answers that
+    // feed it must always be read.
+    let (misses_tx, misses_rx) = mpsc::unbounded_channel::<ByteRange>();
+    let (recut_tx, mut recut) = mpsc::channel(RECUTS_AHEAD);
+    let recutter = {
+        let file = source.file();
+        tokio::task::spawn_blocking(move || cut_misses(&file, avg, misses_rx, recut_tx))
+    };
+    // Misses sent to be cut whose last batch is not sent yet: no guess goes before them, so
+    // that the daemon's search of their cut sets the shift the next guesses are looked for at.
+    let due = AtomicUsize::new(0);
+    // A guess found nothing, and no cut since found anything: where the file moved to is not known
+    // yet, so the next batches are cut by content too, not guessed at the old shift, until a
+    // cut's answer matches (and set the daemon's shift).
+    let searching = AtomicBool::new(false);
+    let mut cut_instead = Some(misses_tx.clone());
     // Batches go out as they are cut while their answers are read: `room` bounds the ones
-    // unanswered, `spans` says in order what each answer covers.
-    let room = Semaphore::new(depth);
-    let (spans, mut answers_for) = mpsc::channel::<ByteRange>(depth);
+    // unanswered, `asked` says in order what each answer covers (and when all were sent). A
+    // first guess goes alone: if the file moved from its start, no other guess is looked for
+    // at the old shift (a round trip).
+    let room = Semaphore::new(if guessing { 1 } else { depth });
+    let (asked_tx, mut answers_for) = mpsc::channel::<Asked>(depth + 1);
     let Session { reader, writer, .. } = session;
     let regions = &mut cutting.regions;
     let send = async {
         // In file order, region after region: the daemon hashes what it copies as it lands
         // when it lands in order, and reads back what landed ahead. The cutters of later
         // regions run ahead meanwhile.
-        for batches in regions.iter_mut() {
-            while let Some((span, chunks)) = batches.recv().await {
-                room.acquire()
-                    .await
-                    .map_err(|_| ClientError::Closed)?
-                    .forget();
-                // Never waits: a span is queued only with room taken, `depth` at most.
-                let _ = spans.send(span).await;
-                let sig = DeltaSig {
-                    transfer_id,
-                    offset: span.start,
-                    chunks,
-                };
-                writer.send(&Frame::DeltaSig(sig)).await?;
+        let mut region = 0;
+        let mut recuts_open = true;
+        let mut all_sent = false;
+        // The next batch of the file, held while a miss is due.
+        let mut waiting: Option<(ByteRange, Vec<SigChunk>)> = None;
+        loop {
+            if !all_sent && waiting.is_none() && region == regions.len() {
+                all_sent = true;
+                // No batch of the file is left to cut instead of guess: the misses close once
+                // the answers have none left either.
+                drop(cut_instead.take());
+                // Room for it is kept: the channel holds `depth + 1`.
+                let _ = asked_tx.send(Asked::AllSent).await;
             }
+            let next = match waiting.take() {
+                Some(batch) if due.load(Ordering::SeqCst) == 0 => (batch, guessing),
+                held => {
+                    waiting = held;
+                    tokio::select! {
+                        biased;
+                        next = recut.recv(), if recuts_open => match next {
+                            Some((batch, last)) => {
+                                if last {
+                                    due.fetch_sub(1, Ordering::SeqCst);
+                                }
+                                (batch, false)
+                            }
+                            None => {
+                                recuts_open = false;
+                                continue;
+                            }
+                        },
+                        next = async {
+                            match regions.get_mut(region) {
+                                Some(batches) => batches.recv().await,
+                                None => None,
+                            }
+                        }, if waiting.is_none() && region < regions.len() => {
+                            match next {
+                                Some(batch) => waiting = Some(batch),
+                                None => region += 1,
+                            }
+                            continue;
+                        },
+                        else => break,
+                    }
+                }
+            };
+            let ((span, chunks), guessed) = next;
+            if guessed && searching.load(Ordering::SeqCst) {
+                if let Some(tx) = &cut_instead {
+                    due.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(span).is_ok() {
+                        continue;
+                    }
+                    due.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            room.acquire()
+                .await
+                .map_err(|_| ClientError::Closed)?
+                .forget();
+            if guessed && due.load(Ordering::SeqCst) > 0 {
+                // A miss came back while this guess waited for room: its cut goes first.
+                waiting = Some((span, chunks));
+                room.add_permits(1);
+                continue;
+            }
+            // Never waits: a span is queued only with room taken, `depth` at most.
+            let asked = if guessed {
+                Asked::Guess(span)
+            } else {
+                Asked::Sig(span)
+            };
+            let _ = asked_tx.send(asked).await;
+            let sig = DeltaSig {
+                transfer_id,
+                offset: span.start,
+                chunks,
+            };
+            let frame = if guessed {
+                Frame::DeltaGuess(sig)
+            } else {
+                Frame::DeltaSig(sig)
+            };
+            writer.send(&frame).await?;
         }
-        drop(spans);
+        drop(asked_tx);
         tracing::debug!("delta: every signature batch sent");
         Ok::<_, ClientError>(())
     };
     let receive = async {
-        while let Some(span) = answers_for.recv().await {
+        let mut misses = Some(misses_tx);
+        let mut first = true;
+        // The appended bytes, once they went as literal data.
+        let mut literal_tail: Option<ByteRange> = None;
+        while let Some(asked) = answers_for.recv().await {
+            let (span, guessed) = match asked {
+                Asked::Guess(span) => (span, true),
+                Asked::Sig(span) => (span, false),
+                Asked::AllSent => {
+                    // Every guess sent was answered before this: no more misses to cut.
+                    misses = None;
+                    continue;
+                }
+            };
             let answer = match next_frame(reader).await? {
                 Frame::DeltaMatch(m) if m.transfer_id == transfer_id && m.offset == span.start => m,
                 other => return Err(unexpected(other)),
@@ -188,13 +328,63 @@ pub(super) async fn negotiate(
                 }
                 last_end = range.end;
             }
-            answered(span, &answer.matched);
-            room.add_permits(1);
+            let is_first = std::mem::take(&mut first);
+            if let Some(tail) = appended.filter(|_| is_first) {
+                if guessed && answer.matched == [span] {
+                    literal_tail = Some(tail);
+                    answered(tail, &[]);
+                } else if let Some(tx) = misses.as_ref() {
+                    due.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(tail).is_err() {
+                        due.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            let miss = guessed
+                .then(|| moved_miss(span, &answer.matched, basis_size, avg))
+                .flatten();
+            // Counted due before the room it frees: no guess may overtake its cut.
+            let cutting = match (miss, misses.as_ref()) {
+                (Some(miss), Some(tx)) => {
+                    due.fetch_add(1, Ordering::SeqCst);
+                    // A guess that found nothing at all: the file moved (a miss after matches
+                    // is more often a change in place that reached the batch's end).
+                    if answer.matched.is_empty() {
+                        searching.store(true, Ordering::SeqCst);
+                    }
+                    let sent = tx.send(miss).is_ok();
+                    if !sent {
+                        due.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    sent.then_some(miss)
+                }
+                _ => None,
+            };
+            if !guessed && !answer.matched.is_empty() {
+                searching.store(false, Ordering::SeqCst);
+            }
+            match cutting {
+                // Answered when its cut is: until then neither copied nor literal.
+                Some(miss) => answered(ByteRange::new(span.start, miss.start), &answer.matched),
+                // A guess's last block may reach past the old end, into what was answered.
+                None => match literal_tail {
+                    Some(tail) if span.start < tail.start && span.end > tail.start => {
+                        answered(ByteRange::new(span.start, tail.start), &answer.matched)
+                    }
+                    _ => answered(span, &answer.matched),
+                },
+            }
+            let widen = if is_first && guessing { depth - 1 } else { 0 };
+            room.add_permits(1 + widen);
         }
         Ok(())
     };
     tokio::try_join!(send, receive)?;
     tracing::debug!("delta: every signature batch answered");
+    recutter
+        .await
+        .map_err(|e| ClientError::Local(super::join_error(e)))?
+        .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
     for cutter in cutting.cutters {
         cutter
             .await
@@ -202,6 +392,69 @@ pub(super) async fn negotiate(
             .map_err(|e| ClientError::Local(CoreError::io("cutting the file", e)))?;
     }
     Ok(true)
+}
+
+/// Growth of a file, as a share of its size (1/8), up to which the bytes past the old file's
+/// end go as literal data at once.
+const APPENDED_AT_ONCE: u64 = 8;
+
+/// Chunks of a region's first guess batch; each next one holds twice as many, up to
+/// [`SIG_BATCH`].
+const FIRST_GUESS_BATCH: usize = 64;
+
+/// Batches of misses cut by content ahead of what was sent.
+const RECUTS_AHEAD: usize = 8;
+
+/// The part of a guessed `span` worth cutting by content and sending again, given what the
+/// daemon `matched` of it: the miss that runs to the span's end. A miss followed by a match
+/// was changed in place (the rest is where it was) and stays literal data; one that runs to
+/// the end may be where data was inserted or removed, everything after it moved, which only
+/// a content-defined cut finds again. Not a miss from within a block of where the old file's
+/// `basis_size` bytes end, or past it: bytes appended, found nowhere (if the file moved
+/// instead, what guesses sent before the move was found lose their matches there).
+fn moved_miss(
+    span: ByteRange,
+    matched: &[ByteRange],
+    basis_size: u64,
+    avg: u32,
+) -> Option<ByteRange> {
+    let from = matched.last().map_or(span.start, |r| r.end);
+    let appended = from + u64::from(avg) >= basis_size;
+    (from < span.end && !appended).then(|| ByteRange::new(from, span.end))
+}
+
+/// A batch of a miss cut by content, and whether it is the miss's last.
+type RecutBatch = ((ByteRange, Vec<SigChunk>), bool);
+
+/// Cuts each miss `misses` sends by content into `DeltaSig` batches for `batches`, until
+/// either side closes. Blocking.
+fn cut_misses(
+    file: &std::fs::File,
+    avg: u32,
+    mut misses: mpsc::UnboundedReceiver<ByteRange>,
+    batches: mpsc::Sender<RecutBatch>,
+) -> std::io::Result<()> {
+    while let Some(miss) = misses.blocking_recv() {
+        let mut batch = Batch::default();
+        let mut open = true;
+        delta::cut_region(file, miss, avg, |cut| {
+            if batch.chunks.len() == SIG_BATCH {
+                if let Some(full) = batch.take() {
+                    open = batches.blocking_send((full, false)).is_ok();
+                }
+            }
+            batch.push(cut);
+            open
+        })?;
+        // A miss is never empty: its last batch holds a chunk at least.
+        if let Some(last) = batch.take().filter(|_| open) {
+            open = batches.blocking_send((last, true)).is_ok();
+        }
+        if !open {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Matched runs of a download's delta (at most `delta::MAX_COPY` bytes each) read ahead of
@@ -224,7 +477,9 @@ struct Cutting {
 }
 
 impl Cutting {
-    fn start(source: &SourceFile, held: &RangeSet, avg: u32) -> Self {
+    /// With `guess`, each region is hashed in blocks of `avg` bytes (`DeltaGuess`), else cut
+    /// by content (`DeltaSig`).
+    fn start(source: &SourceFile, held: &RangeSet, avg: u32, guess: bool) -> Self {
         let size = source.identity().size;
         let regions = delta::regions(size, delta::parallelism());
         let ahead = (BATCHES_AHEAD / regions.len()).max(2);
@@ -236,20 +491,29 @@ impl Cutting {
                 let cutter = tokio::task::spawn_blocking(move || {
                     let mut batch = Batch::default();
                     let mut open = true;
-                    delta::cut_region(&file, region, avg, |cut| {
+                    // Guesses start small and double: the first goes alone (see
+                    // `negotiate`), and soon answered.
+                    let mut most = if guess { FIRST_GUESS_BATCH } else { SIG_BATCH };
+                    let each = |cut: Cut| {
                         // Chunks the receiver holds are left out, and end a batch: a batch is
                         // consecutive chunks.
                         let skip = held.contains(cut.range());
-                        if skip || !batch.extends(&cut) || batch.chunks.len() == SIG_BATCH {
+                        if skip || !batch.extends(&cut) || batch.chunks.len() >= most {
                             if let Some(full) = batch.take() {
                                 open = tx.blocking_send(full).is_ok();
+                                most = (most * 2).min(SIG_BATCH);
                             }
                         }
                         if !skip {
                             batch.push(cut);
                         }
                         open
-                    })?;
+                    };
+                    if guess {
+                        delta::blocks_of_region(&file, region, avg, each)?;
+                    } else {
+                        delta::cut_region(&file, region, avg, each)?;
+                    }
                     if let Some(last) = batch.take().filter(|_| open) {
                         let _ = tx.blocking_send(last);
                     }
@@ -477,6 +741,8 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
+    use tokio_util::bytes::Bytes;
+
     use super::*;
 
     fn noise(len: usize, mut x: u64) -> Vec<u8> {
@@ -488,6 +754,180 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    /// What a delta with guesses finds, run as `negotiate` runs it without the wire: `new`
+    /// hashed in guess batches of `batch` blocks, each answered by a basis of `old` in the
+    /// order sent, and the miss an answer leaves cut by content and sent `SIGS_IN_FLIGHT`
+    /// batches later (the answers come a pipeline behind). The bytes matched, and the bytes
+    /// of `new` cut by content.
+    fn guessed_delta(old: &[u8], new: &[u8], batch: usize) -> (u64, u64) {
+        let avg = delta::MIN_AVG_CHUNK;
+        let file = |content: &[u8]| {
+            let mut f = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut f, content).unwrap();
+            f
+        };
+        let basis = Basis::open(file(old), avg).unwrap();
+        let new_file = file(new);
+        let size = new.len() as u64;
+        let mut guesses = Vec::new();
+        for region in delta::regions(size, 2) {
+            let mut b = Batch::default();
+            delta::blocks_of_region(&new_file, region, avg, |cut| {
+                if b.chunks.len() == batch {
+                    guesses.extend(b.take());
+                }
+                b.push(cut);
+                true
+            })
+            .unwrap();
+            guesses.extend(b.take());
+        }
+        let (mut matched, mut cut) = (0, 0);
+        let mut copy = |span: ByteRange, chunks: &[SigChunk], guessed: bool| {
+            let mut ranges: Vec<ByteRange> = Vec::new();
+            let emit = |at: u64, bytes: Bytes| {
+                assert_eq!(&new[at as usize..at as usize + bytes.len()], &bytes[..]);
+                let range = ByteRange::new(at, at + bytes.len() as u64);
+                match ranges.last_mut() {
+                    Some(last) if last.end == range.start => last.end = range.end,
+                    _ => ranges.push(range),
+                }
+                true
+            };
+            if guessed {
+                basis.copy_guessed(span.start, chunks, emit).unwrap();
+            } else {
+                basis.copy_batch(span.start, chunks, emit).unwrap();
+            }
+            matched += ranges.iter().map(ByteRange::len).sum::<u64>();
+            ranges
+        };
+        // Cuts `miss` by content and has it copied; whether anything of it was found.
+        let mut recut = |miss: ByteRange, copy: &mut CopyFn| {
+            cut += miss.len();
+            let (tx, mut rx) = mpsc::channel(usize::MAX >> 4);
+            let (misses_tx, misses_rx) = mpsc::unbounded_channel();
+            misses_tx.send(miss).unwrap();
+            drop(misses_tx);
+            cut_misses(&new_file, avg, misses_rx, tx).unwrap();
+            let mut found = false;
+            while let Ok(((span, chunks), _)) = rx.try_recv() {
+                found |= !copy(span, &chunks, false).is_empty();
+            }
+            found
+        };
+        let mut due = std::collections::VecDeque::new();
+        // As `negotiate`'s: after a miss, batches are cut instead of guessed until a cut
+        // finds something (here as soon as it does: its answer is not waited for).
+        let mut searching = false;
+        for (i, (span, chunks)) in guesses.iter().enumerate() {
+            while due.front().is_some_and(|&(at, _)| at <= i) {
+                let (_, miss) = due.pop_front().unwrap();
+                if recut(miss, &mut copy) {
+                    searching = false;
+                }
+            }
+            if searching {
+                if recut(*span, &mut copy) {
+                    searching = false;
+                }
+                continue;
+            }
+            let ranges = copy(*span, chunks, true);
+            if let Some(miss) = moved_miss(*span, &ranges, old.len() as u64, avg) {
+                // The first guess goes alone; later ones a pipeline ahead of their answers.
+                let ahead = if i == 0 { 1 } else { SIGS_IN_FLIGHT };
+                due.push_back((i + ahead, miss));
+                searching = ranges.is_empty();
+            }
+        }
+        for (_, miss) in due {
+            recut(miss, &mut copy);
+        }
+        (matched, cut)
+    }
+
+    /// Copies a batch's chunks from the basis (`true`: guessed); the ranges found.
+    type CopyFn<'a> = dyn FnMut(ByteRange, &[SigChunk], bool) -> Vec<ByteRange> + 'a;
+
+    /// Guess batches of 1 MiB: a 32 MiB file is 32 of them.
+    const TEST_BATCH: usize = 64;
+
+    #[test]
+    fn guesses_find_an_unchanged_file_whole_without_cutting_it() {
+        let old = noise(32 << 20, 21);
+        assert_eq!(guessed_delta(&old, &old, TEST_BATCH), (old.len() as u64, 0));
+    }
+
+    #[test]
+    fn guesses_find_a_change_in_place_and_cut_only_around_a_batch_end() {
+        let old = noise(32 << 20, 22);
+        let mut new = old.clone();
+        for i in 0..20 {
+            let at = i * 1_600_000 + 12_345;
+            new[at..at + 100].fill(0xaa);
+        }
+        // A run at the very end of a batch looks like a move: cut, found nowhere.
+        new[(5 << 20) - 50..(5 << 20) + 50].fill(0xbb);
+        let (matched, cut) = guessed_delta(&old, &new, TEST_BATCH);
+        let block = u64::from(delta::MIN_AVG_CHUNK);
+        assert!(matched >= new.len() as u64 - 22 * 2 * block, "{matched}");
+        assert!(matched < new.len() as u64);
+        assert!(cut > 0 && cut <= 2 * block, "{cut}");
+    }
+
+    #[test]
+    fn guesses_after_an_insertion_follow_the_shift_the_cut_misses_found() {
+        let old = noise(32 << 20, 23);
+        let mut new = old[..2_000_000].to_vec();
+        new.extend(noise(300_000, 24));
+        new.extend(&old[2_000_000..]);
+        let (matched, cut) = guessed_delta(&old, &new, TEST_BATCH);
+        let block = u64::from(delta::MIN_AVG_CHUNK);
+        assert!(matched >= old.len() as u64 - 16 * block, "{matched}");
+        // Only the batches sent before the first miss came back are cut.
+        let batch = TEST_BATCH as u64 * block;
+        assert!(cut <= (SIGS_IN_FLIGHT as u64 + 1) * batch, "{cut}");
+        assert!(cut < new.len() as u64 / 2, "{cut}");
+    }
+
+    #[test]
+    fn guesses_after_a_removal_follow_the_shift_the_cut_misses_found() {
+        let old = noise(32 << 20, 25);
+        let mut new = old[..3_000_000].to_vec();
+        new.extend(&old[4_000_000..]);
+        let (matched, _) = guessed_delta(&old, &new, TEST_BATCH);
+        let block = u64::from(delta::MIN_AVG_CHUNK);
+        assert!(
+            matched >= new.len() as u64 - 1_000_000 / delta::REACH_PER_MISS - 16 * block,
+            "{matched}"
+        );
+    }
+
+    #[test]
+    fn guesses_leave_an_appended_tail_literal_without_cutting_it() {
+        let old = noise(32 << 20, 26);
+        let mut new = old.clone();
+        new.extend(noise(1 << 20, 27));
+        let (matched, cut) = guessed_delta(&old, &new, TEST_BATCH);
+        assert_eq!(matched, old.len() as u64);
+        assert_eq!(cut, 0);
+    }
+
+    #[test]
+    fn guesses_find_a_truncated_file_whole() {
+        let old = noise(32 << 20, 28);
+        let new = &old[..(20 << 20) + 5];
+        assert_eq!(guessed_delta(&old, new, TEST_BATCH), (new.len() as u64, 0));
+    }
+
+    #[test]
+    fn guesses_that_find_nothing_cut_the_file_once() {
+        let old = noise(16 << 20, 29);
+        let new = noise(16 << 20, 30);
+        assert_eq!(guessed_delta(&old, &new, TEST_BATCH), (0, new.len() as u64));
     }
 
     #[test]
@@ -581,7 +1021,7 @@ mod tests {
         std::fs::write(&path, &content).unwrap();
         let source = SourceFile::new(std::fs::File::open(&path).unwrap(), "f").unwrap();
         let held = RangeSet::from_ranges([ByteRange::new(1 << 20, 2 << 20)]);
-        let mut cutting = Cutting::start(&source, &held, delta::MIN_AVG_CHUNK);
+        let mut cutting = Cutting::start(&source, &held, delta::MIN_AVG_CHUNK, false);
         let mut covered = RangeSet::new();
         assert_eq!(cutting.regions.len(), 1);
         while let Some((span, chunks)) = cutting.regions[0].recv().await {

@@ -2,7 +2,8 @@
 //! and each `DeltaSig` copies the chunks that file still holds into the partial (found where
 //! the previous match puts them, or searched for, see `xfer_core::delta::Basis`), recorded in
 //! the journal like received chunks, so an interrupted delta resumes from what was copied.
-//! `DeltaPut` (`CAP_DELTA_PUT`) does all three for a light file in one request.
+//! `DeltaPut` (`CAP_DELTA_PUT`) does all three for a light file in one request. A `DeltaGuess`
+//! is answered as a `DeltaSig`, its chunks looked for only where the previous match puts them.
 //! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
@@ -75,8 +76,17 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) async fn delta_sig(&mut self, id: UploadId, sig: DeltaSig) -> Result<(), ConnError> {
-        let matched = self.copy_from_basis(id, sig.offset, sig.chunks).await?;
+    /// A `DeltaSig`, or with `guessed` a `DeltaGuess`, whose chunks are looked for only where
+    /// the previous match puts them.
+    pub(super) async fn delta_sig(
+        &mut self,
+        id: UploadId,
+        sig: DeltaSig,
+        guessed: bool,
+    ) -> Result<(), ConnError> {
+        let matched = self
+            .copy_from_basis(id, sig.offset, sig.chunks, guessed)
+            .await?;
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
                 transfer_id: id.get(),
@@ -135,7 +145,7 @@ impl Handler {
         }
         let mut matched = Vec::new();
         for (offset, run) in runs {
-            matched.extend(self.copy_from_basis(id, offset, run).await?);
+            matched.extend(self.copy_from_basis(id, offset, run, false).await?);
         }
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
@@ -148,12 +158,14 @@ impl Handler {
     }
 
     /// Copies into upload `id`'s partial the chunks (the first at `offset`) its basis holds,
-    /// and records their span as agreed; the ranges copied, sorted and merged.
+    /// searched for or, `guessed`, looked for only where the previous match puts them, and
+    /// records their span as agreed; the ranges copied, sorted and merged.
     async fn copy_from_basis(
         &mut self,
         id: UploadId,
         offset: u64,
         chunks: Vec<SigChunk>,
+        guessed: bool,
     ) -> Result<Vec<ByteRange>, ConnError> {
         let span_len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         let sig_offset = offset;
@@ -176,11 +188,13 @@ impl Handler {
         // looked for) while the runs it found are written on several at once.
         let (runs_tx, runs_rx) = mpsc::channel::<(u64, Bytes)>(parallel);
         let matching = blocking(move || {
-            basis
-                .copy_batch(sig_offset, &chunks, |offset, bytes| {
-                    runs_tx.blocking_send((offset, bytes)).is_ok()
-                })
-                .map_err(|e| CoreError::io("reading the delta basis", e))
+            let emit = |offset, bytes| runs_tx.blocking_send((offset, bytes)).is_ok();
+            let found = if guessed {
+                basis.copy_guessed(sig_offset, &chunks, emit)
+            } else {
+                basis.copy_batch(sig_offset, &chunks, emit)
+            };
+            found.map_err(|e| CoreError::io("reading the delta basis", e))
         });
         let write_run = |(offset, bytes): (u64, Bytes)| {
             let (partial, name) = (Arc::clone(&partial), &name);
@@ -229,6 +243,7 @@ impl Handler {
             span = span_len,
             copied,
             read,
+            guessed,
             ms = started.elapsed().as_millis() as u64,
             "delta batch answered"
         );
