@@ -31,24 +31,9 @@ impl Handler {
     pub(super) async fn delta_open(&mut self, id: UploadId) -> Result<(), ConnError> {
         let Upload { lease, name, .. } = self.session.upload(id)?;
         let (new_size, name) = (lease.partial.identity().size, name.clone());
-        let root = self.root();
-        let basis = name.clone();
-        // Only opened here: the basis is read while the chunks are matched (`Basis`), so the
-        // answer goes at once instead of after reading and indexing the whole file.
-        let opened = blocking(move || {
-            let file = root.open_read(&basis)?;
-            let (identity, _) = xfer_core::source::identity_of(&file)
-                .map_err(|e| CoreError::io(format!("reading {basis}"), e))?;
-            let avg = delta::avg_chunk(identity.size.max(new_size));
-            Basis::open(file, avg).map_err(|e| CoreError::io(format!("reading {basis}"), e))
-        })
-        .await;
-        let basis = match opened {
-            Ok(basis) => Arc::new(basis),
-            Err(e) => {
-                info!(name = %name, error = %e, "no basis for a delta");
-                return self.reply_error(e.code(), e.to_string()).await;
-            }
+        let avg = move |basis_size: u64| delta::avg_chunk(basis_size.max(new_size));
+        let Some(basis) = self.open_basis(&name, avg).await? else {
+            return Ok(());
         };
         info!(name = %name, basis_size = basis.identity().size, "delta basis opened");
         let reply = DeltaIndex {
@@ -60,6 +45,34 @@ impl Handler {
         self.session.upload(id)?.basis = Some(basis);
         self.writer.send(&Frame::DeltaIndex(reply)).await?;
         Ok(())
+    }
+
+    /// Opens the file `name` holds now as a delta's basis, cut with the average chunk `avg`
+    /// gives for its size. Only opened: it is read while the chunks are matched (`Basis`), so
+    /// the answer goes at once instead of after reading and indexing the whole file. `None`
+    /// once the client was told why there is none (not fatal: the upload stays open).
+    async fn open_basis(
+        &mut self,
+        name: &str,
+        avg: impl FnOnce(u64) -> u32 + Send + 'static,
+    ) -> Result<Option<Arc<Basis>>, ConnError> {
+        let root = self.root();
+        let basis = name.to_string();
+        let opened = blocking(move || {
+            let file = root.open_read(&basis)?;
+            let reading = |e| CoreError::io(format!("reading {basis}"), e);
+            let (identity, _) = xfer_core::source::identity_of(&file).map_err(reading)?;
+            Basis::open(file, avg(identity.size)).map_err(reading)
+        })
+        .await;
+        match opened {
+            Ok(basis) => Ok(Some(Arc::new(basis))),
+            Err(e) => {
+                info!(name = %name, error = %e, "no basis for a delta");
+                self.reply_error(e.code(), e.to_string()).await?;
+                Ok(None)
+            }
+        }
     }
 
     pub(super) async fn delta_resume(&mut self, id: UploadId) -> Result<(), ConnError> {
@@ -110,19 +123,8 @@ impl Handler {
         let Some(id) = self.open_write(open, Vec::new()).await? else {
             return Ok(());
         };
-        let root = self.root();
-        let basis = name.clone();
-        let opened = blocking(move || {
-            let file = root.open_read(&basis)?;
-            Basis::open(file, avg_chunk).map_err(|e| CoreError::io(format!("reading {basis}"), e))
-        })
-        .await;
-        let basis = match opened {
-            Ok(basis) => Arc::new(basis),
-            Err(e) => {
-                info!(name = %name, error = %e, "no basis for a delta");
-                return self.reply_error(e.code(), e.to_string()).await;
-            }
+        let Some(basis) = self.open_basis(&name, move |_| avg_chunk).await? else {
+            return Ok(());
         };
         let upload = self.session.upload(id)?;
         upload.basis = Some(basis);
