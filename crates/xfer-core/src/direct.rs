@@ -316,13 +316,22 @@ mod tests {
         (file, path)
     }
 
+    /// A direct descriptor of `dir/f` (`data`), or `None`, said on stderr, where the directory's
+    /// filesystem offers no direct I/O: the test is skipped.
+    fn direct_on(dir: &std::path::Path, data: &File) -> Option<DirectWriter> {
+        let dirfd = File::open(dir).unwrap();
+        let direct = DirectWriter::open(dirfd.as_fd(), "f", data);
+        if direct.is_none() {
+            eprintln!("no direct I/O on {}: skipped", dir.display());
+        }
+        direct
+    }
+
     #[test]
     fn whole_pages_of_an_unaligned_write_go_direct_through_an_aligned_block() {
         let dir = tempfile::tempdir().unwrap();
         let (data, path) = disk_file(dir.path());
-        let dirfd = File::open(dir.path()).unwrap();
-        let Some(direct) = DirectWriter::open(dirfd.as_fd(), "f", &data) else {
-            eprintln!("no direct I/O on {}: skipped", dir.path().display());
+        let Some(direct) = direct_on(dir.path(), &data) else {
             return;
         };
         // Unaligned memory and offset, more than the scratch block holds at once.
@@ -345,9 +354,7 @@ mod tests {
     fn aligned_bytes_go_direct_and_the_tail_through_the_cache() {
         let dir = tempfile::tempdir().unwrap();
         let (data, path) = disk_file(dir.path());
-        let dirfd = File::open(dir.path()).unwrap();
-        let Some(direct) = DirectWriter::open(dirfd.as_fd(), "f", &data) else {
-            eprintln!("no direct I/O on {}: skipped", dir.path().display());
+        let Some(direct) = direct_on(dir.path(), &data) else {
             return;
         };
         let len = 3 * PAYLOAD_ALIGN + 100;
@@ -376,9 +383,7 @@ mod tests {
             .map(|i| (i * 7 % 253) as u8)
             .collect();
         data.write_all_at(&want, 0).unwrap();
-        let dirfd = File::open(dir.path()).unwrap();
-        let Some(direct) = DirectWriter::open(dirfd.as_fd(), "f", &data) else {
-            eprintln!("no direct I/O on {}: skipped", dir.path().display());
+        let Some(direct) = direct_on(dir.path(), &data) else {
             return;
         };
         // Aligned whole blocks, an aligned start with a ragged end, a ragged start.
