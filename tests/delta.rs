@@ -448,36 +448,74 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
     }
 }
 
+/// `count` light files of 2 MiB of noise (seeds from `seed`), `t/f00`, `t/f01`, … in the
+/// test's sources.
+struct LightTree {
+    src: std::path::PathBuf,
+    files: Vec<Vec<u8>>,
+}
+
+impl LightTree {
+    fn new(tree: &Tree, count: u64, seed: u64) -> Self {
+        let src = tree.src("t");
+        std::fs::create_dir_all(&src).unwrap();
+        let files: Vec<Vec<u8>> = (0..count).map(|i| noise(2 * MIB, seed + i)).collect();
+        let light = Self { src, files };
+        for (i, bytes) in light.files.iter().enumerate() {
+            std::fs::write(light.path(i), bytes).unwrap();
+        }
+        light
+    }
+
+    fn path(&self, i: usize) -> std::path::PathBuf {
+        self.src.join(format!("f{i:02}"))
+    }
+
+    /// `xfer send -r --json EXTRA t ADDR --as t`, which must succeed.
+    fn send(&self, addr: &str, extra: &[&str]) -> XferOutput {
+        let mut args = vec!["send", "-r", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([self.src.to_str().unwrap(), addr, "--as", "t"]);
+        xfer_tests::xfer(&args).ok()
+    }
+
+    /// Rewrites `run` bytes in the middle of each of the first `changed` files.
+    fn change_in_place(&self, changed: usize, run: usize) {
+        for (i, old) in self.files.iter().take(changed).enumerate() {
+            let mut bytes = old.clone();
+            bytes[MIB..MIB + run].fill(i as u8);
+            std::fs::write(self.path(i), bytes).unwrap();
+        }
+    }
+
+    /// Asserts that every file arrived under `t/` in `root` as it is in the sources.
+    fn assert_arrived(&self, root: &std::path::Path) {
+        for i in 0..self.files.len() {
+            let name = format!("f{i:02}");
+            assert_eq!(
+                sha256_file(&root.join("t").join(&name)),
+                sha256_file(&self.path(i)),
+                "{name}"
+            );
+        }
+    }
+}
+
 /// A tree's light files (above the small-file size, a few chunks at most) changed at the
 /// receiver move as deltas over the copy's open connection (`-c 1`: one), all at once: the
 /// daemon accepts no other connection, where each file used to open its own.
 #[test]
 fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     let tree = Tree::new();
-    let src = tree.src("t");
-    std::fs::create_dir_all(&src).unwrap();
-    let files: Vec<Vec<u8>> = (0..12).map(|i| noise(2 * MIB, 200 + i)).collect();
-    for (i, bytes) in files.iter().enumerate() {
-        std::fs::write(src.join(format!("f{i:02}")), bytes).unwrap();
-    }
+    let light = LightTree::new(&tree, 12, 200);
     let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
     let (addr, port) = (daemon.addr(), metrics_port(&daemon));
-    let send = |extra: &[&str]| {
-        let mut args = vec!["send", "-r", "--json"];
-        args.extend_from_slice(extra);
-        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
-        xfer_tests::xfer(&args).ok()
-    };
-    send(&["--whole-file"]);
+    light.send(&addr, &["--whole-file"]);
     // Ten of them change in place; two do not.
-    for (i, old) in files.iter().take(10).enumerate() {
-        let mut bytes = old.clone();
-        bytes[MIB..MIB + 8192].fill(i as u8);
-        std::fs::write(src.join(format!("f{i:02}")), bytes).unwrap();
-    }
+    light.change_in_place(10, 8192);
     let accepted = || scrape(port, &["xferd_connections_accepted_total"])[0];
     let before = accepted();
-    let out = send(&["--delta", "-v", "-c", "1"]);
+    let out = light.send(&addr, &["--delta", "-v", "-c", "1"]);
     let json = out.json();
     assert_eq!(accepted() - before, 1.0, "{json}");
     assert_eq!(out.json_u64("files_transferred"), 10, "{json}");
@@ -497,14 +535,7 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
         "{}",
         out.stderr
     );
-    for i in 0..12 {
-        let name = format!("f{i:02}");
-        assert_eq!(
-            sha256_file(&tree.root().join("t").join(&name)),
-            sha256_file(&src.join(&name)),
-            "{name}"
-        );
-    }
+    light.assert_arrived(&tree.root());
 }
 
 /// A daemon that allows one open transfer per connection ends the light files' connection at
@@ -513,39 +544,17 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
 #[test]
 fn light_files_whose_connection_fails_go_through_the_ordinary_delta() {
     let tree = Tree::new();
-    let src = tree.src("t");
-    std::fs::create_dir_all(&src).unwrap();
-    let files: Vec<Vec<u8>> = (0..6).map(|i| noise(2 * MIB, 300 + i)).collect();
-    for (i, bytes) in files.iter().enumerate() {
-        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
-    }
+    let light = LightTree::new(&tree, 6, 300);
     let daemon = Daemon::start(&tree.root(), &["--max-transfers-per-conn", "1"]);
     let addr = daemon.addr();
-    let send = |extra: &[&str]| {
-        let mut args = vec!["send", "-r", "--json", "-c", "1"];
-        args.extend_from_slice(extra);
-        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
-        xfer_tests::xfer(&args).ok()
-    };
-    send(&["--whole-file"]);
-    for (i, old) in files.iter().enumerate() {
-        let mut bytes = old.clone();
-        bytes[MIB..MIB + 4096].fill(i as u8);
-        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
-    }
-    let out = send(&["--delta"]);
+    light.send(&addr, &["--whole-file", "-c", "1"]);
+    light.change_in_place(6, 4096);
+    let out = light.send(&addr, &["--delta", "-c", "1"]);
     let json = out.json();
     assert_eq!(out.json_u64("files_transferred"), 6, "{json}");
     assert_eq!(out.json_u64("delta_files"), 6, "{json}");
     assert!(out.json_u64("literal_bytes") <= 6 * 4 * 64 * 1024, "{json}");
-    for i in 0..6 {
-        let name = format!("f{i}");
-        assert_eq!(
-            sha256_file(&tree.root().join("t").join(&name)),
-            sha256_file(&src.join(&name)),
-            "{name}"
-        );
-    }
+    light.assert_arrived(&tree.root());
 }
 
 /// The daemon serves `new`; the client holds `old` at the output path (with another mtime) and
