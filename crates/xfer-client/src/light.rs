@@ -1,11 +1,13 @@
 //! A tree's light files sent as deltas over the tree's connections already open
 //! (`CAP_DELTA_PUT`): each file costs two round trips, all of them at once. The first flight
 //! opens a file's upload with its whole signature (`DeltaPut`); the second, once the answer says
-//! what the daemon copied from the file it holds, carries the literal data and the commit. A file
+//! what the daemon copied from the file it holds, carries the literal data and the commit. The
+//! literal data keeps within the daemon's window (`Welcome.window` unanswered `Data` per
+//! connection), while the next files' `DeltaPut`s, which it does not count, go on. A file
 //! this cannot carry (refused, a digest that did not match, a connection lost) is left to the
 //! chunked engine, which resumes it or sends it whole.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use futures_util::stream::{self, StreamExt};
@@ -82,6 +84,14 @@ enum Expect {
     Commit(Box<Prepared>, u64, Literal),
 }
 
+/// A file answered, with the chunks of its literal data not sent yet.
+struct Second {
+    file: Box<Prepared>,
+    id: u64,
+    literal: Literal,
+    chunks: VecDeque<ByteRange>,
+}
+
 /// What the answer to a `DeltaPut` leaves to send.
 struct Literal {
     ranges: Vec<ByteRange>,
@@ -117,6 +127,9 @@ pub(crate) async fn send_over(
         .map(|light| prepare(job, light, chunk_size, sparse_aware))
         .buffered(PREPARED_AHEAD);
     let room = Semaphore::new(OPEN_AT_ONCE);
+    // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): a
+    // permit per frame sent, given back by its `Ack` or `Reject`.
+    let window = Semaphore::new(session.welcome.window.clamp(1, 64) as usize);
     // One entry per file in flight at most: the reader never waits on it.
     let (next_tx, mut next_rx) = mpsc::channel::<Next>(OPEN_AT_ONCE);
     // Bounds what is written ahead of the answers read; the reader never waits on the writer.
@@ -125,36 +138,58 @@ pub(crate) async fn send_over(
     let write = async {
         let (mut put, mut settled) = (0, 0);
         let mut files_left = true;
-        while files_left || settled < put {
+        // Files answered whose literal data and commit are still to go, oldest first (at most
+        // one per file open): their data waits for room in the window, while the next files'
+        // `DeltaPut`s, which the window does not count, go on.
+        let mut sending: VecDeque<Second> = VecDeque::new();
+        loop {
+            // A file whose data has all gone is committed at once.
+            while sending.front().is_some_and(|s| s.chunks.is_empty()) {
+                let Some(Second {
+                    file, id, literal, ..
+                }) = sending.pop_front()
+                else {
+                    break;
+                };
+                // A file changed since it was read goes through the engine, which says so.
+                if let Err(e) = file.source.check_unchanged() {
+                    tracing::debug!(file = %file.path, error = %e, "changed while sent");
+                    continue;
+                }
+                let commit = Commit {
+                    transfer_id: id,
+                    digest: file.digest.clone(),
+                };
+                let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
+                writer.send(&Frame::Commit(commit)).await?;
+            }
+            if !files_left && settled == put && sending.is_empty() {
+                break;
+            }
             tokio::select! {
                 biased;
                 next = next_rx.recv() => {
                     let Some(next) = next else { break };
                     settled += 1;
                     let Next::Second(file, id, literal) = next else { continue };
-                    for range in &literal.ranges {
-                        for chunk in xfer_core::split_into_chunks(&[*range], chunk_size) {
-                            if let Some(limiter) = job.limiter {
-                                limiter.acquire(chunk.len()).await;
-                            }
-                            let payload = file.source.read(chunk).await?;
-                            let sent_ref = ChunkRef {
-                                transfer_id: id,
-                                offset: chunk.start,
-                                len: chunk.len() as u32,
-                            };
-                            let _ = expect_tx.send(Expect::Data(sent_ref)).await;
-                            writer.send(&Frame::Data(Data::new(id, chunk.start, payload))).await?;
-                        }
+                    let chunks = xfer_core::split_into_chunks(&literal.ranges, chunk_size).into();
+                    sending.push_back(Second { file, id, literal, chunks });
+                }
+                permit = window.acquire(), if !sending.is_empty() => {
+                    permit.map_err(|_| ClientError::Closed)?.forget();
+                    let Some(second) = sending.front_mut() else { continue };
+                    let Some(chunk) = second.chunks.pop_front() else { continue };
+                    if let Some(limiter) = job.limiter {
+                        limiter.acquire(chunk.len()).await;
                     }
-                    // A file changed since it was read goes through the engine, which says so.
-                    if let Err(e) = file.source.check_unchanged() {
-                        tracing::debug!(file = %file.path, error = %e, "changed while sent");
-                        continue;
-                    }
-                    let commit = Commit { transfer_id: id, digest: file.digest.clone() };
-                    let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
-                    writer.send(&Frame::Commit(commit)).await?;
+                    let payload = second.file.source.read(chunk).await?;
+                    let sent_ref = ChunkRef {
+                        transfer_id: second.id,
+                        offset: chunk.start,
+                        len: chunk.len() as u32,
+                    };
+                    let _ = expect_tx.send(Expect::Data(sent_ref)).await;
+                    writer.send(&Frame::Data(Data::new(second.id, chunk.start, payload))).await?;
                 }
                 permit = room.acquire(), if files_left => {
                     permit.map_err(|_| ClientError::Closed)?.forget();
@@ -193,9 +228,9 @@ pub(crate) async fn send_over(
                     let _ = next_tx.send(next).await;
                 }
                 Expect::Data(chunk) => match read_answer(reader).await? {
-                    Frame::Ack(a) if a == chunk => {}
+                    Frame::Ack(a) if a == chunk => window.add_permits(1),
                     // The commit fails short of it, and the engine sends the file again.
-                    Frame::Reject(r) if r == chunk => {}
+                    Frame::Reject(r) if r == chunk => window.add_permits(1),
                     other => return Err(unexpected(other)),
                 },
                 Expect::Commit(file, id, literal) => match read_answer(reader).await? {
