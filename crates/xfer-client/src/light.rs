@@ -106,6 +106,8 @@ enum Next {
     Second(Box<Prepared>, u64, Literal),
     /// Nothing more to send for this file.
     Settled,
+    /// Send its `DeltaPut` again when there is room.
+    Again(Box<Prepared>),
 }
 
 /// Sends `files` over `session` as described in the module's documentation; what was
@@ -142,6 +144,8 @@ pub(crate) async fn send_over(
         // one per file open): their data waits for room in the window, while the next files'
         // `DeltaPut`s, which the window does not count, go on.
         let mut sending: VecDeque<Second> = VecDeque::new();
+        // Files the daemon had no room for, to open again (at most one per file open).
+        let mut again: VecDeque<Box<Prepared>> = VecDeque::new();
         loop {
             // A file whose data has all gone is committed at once.
             while sending.front().is_some_and(|s| s.chunks.is_empty()) {
@@ -151,9 +155,13 @@ pub(crate) async fn send_over(
                 else {
                     break;
                 };
-                // A file changed since it was read goes through the engine, which says so.
+                // A file changed since it was read goes through the engine, which says so. Its
+                // upload stays open on the daemon and keeps its room, so no more files are
+                // opened here: the room left might be none.
                 if let Err(e) = file.source.check_unchanged() {
                     tracing::debug!(file = %file.path, error = %e, "changed while sent");
+                    files_left = false;
+                    again.clear();
                     continue;
                 }
                 let commit = Commit {
@@ -163,7 +171,7 @@ pub(crate) async fn send_over(
                 let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
                 writer.send(&Frame::Commit(commit)).await?;
             }
-            if !files_left && settled == put && sending.is_empty() {
+            if !files_left && again.is_empty() && settled == put && sending.is_empty() {
                 break;
             }
             tokio::select! {
@@ -171,7 +179,14 @@ pub(crate) async fn send_over(
                 next = next_rx.recv() => {
                     let Some(next) = next else { break };
                     settled += 1;
-                    let Next::Second(file, id, literal) = next else { continue };
+                    let (file, id, literal) = match next {
+                        Next::Second(file, id, literal) => (file, id, literal),
+                        Next::Settled => continue,
+                        Next::Again(file) => {
+                            again.push_back(file);
+                            continue;
+                        }
+                    };
                     let chunks = xfer_core::split_into_chunks(&literal.ranges, chunk_size).into();
                     sending.push_back(Second { file, id, literal, chunks });
                 }
@@ -191,8 +206,15 @@ pub(crate) async fn send_over(
                     let _ = expect_tx.send(Expect::Data(sent_ref)).await;
                     writer.send(&Frame::Data(Data::new(second.id, chunk.start, payload))).await?;
                 }
-                permit = room.acquire(), if files_left => {
+                permit = room.acquire(), if files_left || !again.is_empty() => {
                     permit.map_err(|_| ClientError::Closed)?.forget();
+                    if let Some(file) = again.pop_front() {
+                        let frame = Frame::DeltaPut(file.put.clone());
+                        let _ = expect_tx.send(Expect::Put(file)).await;
+                        writer.send(&frame).await?;
+                        put += 1;
+                        continue;
+                    }
                     match prepared.next().await {
                         None => files_left = false,
                         Some(Ok(Some(file))) => {
@@ -215,15 +237,23 @@ pub(crate) async fn send_over(
         Ok::<_, ClientError>(())
     };
     let read = async {
+        let mut opens = Opens::new(&room);
         while let Some(expect) = expect_rx.recv().await {
             match expect {
                 Expect::Put(file) => {
                     let next = match opened(reader, file).await? {
-                        Some((file, id, literal)) => Next::Second(file, id, literal),
-                        None => {
-                            room.add_permits(1);
+                        Opened::Open(file, id, literal) => {
+                            opens.open += 1;
+                            Next::Second(file, id, literal)
+                        }
+                        Opened::Refused => {
+                            opens.give_back();
                             Next::Settled
                         }
+                        Opened::Full(file) => match opens.full() {
+                            true => Next::Again(file),
+                            false => Next::Settled,
+                        },
                     };
                     let _ = next_tx.send(next).await;
                 }
@@ -235,7 +265,7 @@ pub(crate) async fn send_over(
                 },
                 Expect::Commit(file, id, literal) => match read_answer(reader).await? {
                     Frame::Committed(c) if c.transfer_id == id => {
-                        room.add_permits(1);
+                        opens.closed();
                         let bytes: u64 = literal.ranges.iter().map(ByteRange::len).sum();
                         let reason = match literal.delta {
                             true => format!("delta transfer: {}", job.why),
@@ -258,7 +288,7 @@ pub(crate) async fn send_over(
                         // A digest that did not match closed the upload; one short of data
                         // keeps it open, and its room with it.
                         if e.error_code() == Some(ErrorCode::Corrupt) {
-                            room.add_permits(1);
+                            opens.closed();
                             let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
                             sent.whole.insert(file.path);
                         }
@@ -283,23 +313,88 @@ pub(crate) async fn send_over(
     Ok(())
 }
 
+/// The uploads a connection has open, and its room for more (`room`, a permit per file from
+/// its `DeltaPut` until its upload is closed), cut to the daemon's limit once it says it has no
+/// more room. The reader's, which sees every answer in order.
+struct Opens<'a> {
+    room: &'a Semaphore,
+    /// Uploads open on the daemon, as its answers read so far left them.
+    open: usize,
+    /// Permits `room` holds in all.
+    size: usize,
+    /// Permits still to take out of `room` as they come back.
+    debt: usize,
+}
+
+impl<'a> Opens<'a> {
+    fn new(room: &'a Semaphore) -> Self {
+        Self {
+            room,
+            open: 0,
+            size: OPEN_AT_ONCE,
+            debt: 0,
+        }
+    }
+
+    /// A permit comes back, unless it pays for a cut room.
+    fn give_back(&mut self) {
+        match self.debt {
+            0 => self.room.add_permits(1),
+            _ => self.debt -= 1,
+        }
+    }
+
+    /// An upload was closed (committed, or failed its digest).
+    fn closed(&mut self) {
+        self.open = self.open.saturating_sub(1);
+        self.give_back();
+    }
+
+    /// The daemon had no room for a `DeltaPut`: it holds exactly the uploads open now, its
+    /// limit, and the room is cut to that. Whether to send the file again once an upload is
+    /// closed (not when none is open here: the room would never come).
+    fn full(&mut self) -> bool {
+        let limit = self.open;
+        if limit > 0 && limit < self.size {
+            let cut = self.size - limit;
+            self.size = limit;
+            self.debt += cut - self.room.forget_permits(cut);
+        }
+        self.give_back();
+        limit > 0
+    }
+}
+
 /// The next frame on `reader`, an `Error` as it came.
 async fn read_answer(reader: &mut crate::session::Reader) -> Result<Frame, ClientError> {
     reader.read_frame().await?.ok_or(ClientError::Closed)
 }
 
-/// Reads the answer to `file`'s `DeltaPut`: its upload and what is left to send, or `None`
-/// when the daemon refused to open it (the engine tries again and reports why).
+/// What the answer to a `DeltaPut` opened.
+enum Opened {
+    /// The upload, and what is left to send of it.
+    Open(Box<Prepared>, u64, Literal),
+    /// Nothing: the engine tries again and reports why.
+    Refused,
+    /// Nothing, as the connection has as many transfers open as the daemon allows.
+    Full(Box<Prepared>),
+}
+
+/// Reads the answer to `file`'s `DeltaPut`.
 async fn opened(
     reader: &mut crate::session::Reader,
     file: Box<Prepared>,
-) -> Result<Option<(Box<Prepared>, u64, Literal)>, ClientError> {
+) -> Result<Opened, ClientError> {
     let request_level = |e: &ErrorFrame| e.error_code().is_some_and(ErrorCode::is_request_level);
     let opened = match read_answer(reader).await? {
         Frame::WriteOpened(w) => w,
         Frame::Error(e) if request_level(&e) => {
             tracing::debug!(file = %file.put.open.name, error = %e, "light file refused");
-            return Ok(None);
+            return Ok(Opened::Refused);
+        }
+        Frame::Error(e) if e.error_code() == Some(ErrorCode::Busy) => {
+            tracing::debug!(file = %file.put.open.name, error = %e, "light file refused");
+            return Ok(Opened::Full(file));
         }
         other => return Err(unexpected(other)),
     };
@@ -328,7 +423,7 @@ async fn opened(
         delta,
         matched,
     };
-    Ok(Some((file, opened.transfer_id, literal)))
+    Ok(Opened::Open(file, opened.transfer_id, literal))
 }
 
 /// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk

@@ -369,6 +369,14 @@ impl Handler {
                 Request::DeltaSig(id, sig) => self.delta_sig(id, sig, false).await?,
                 Request::DeltaGuess(id, sig) => self.delta_sig(id, sig, true).await?,
                 Request::DeltaPut(put) => self.delta_put(put).await?,
+                Request::DeltaPutFull(name, max) => {
+                    debug!(%name, max, "light upload refused: the connection's transfers are all open");
+                    let message =
+                        format!("{name}: {max} transfers already open on this connection");
+                    self.writer
+                        .send(&Frame::Error(ErrorFrame::new(ErrorCode::Busy, message)))
+                        .await?;
+                }
                 Request::ReadSig(id, req) => self.read_sig(id, req).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
