@@ -538,19 +538,54 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     light.assert_arrived(&tree.root());
 }
 
-/// A daemon that allows one open transfer per connection ends the light files' connection at
-/// the second `DeltaPut`: what that connection had not committed goes through the ordinary
-/// delta, each file on a connection of its own, and every file arrives whole and right.
+/// A daemon with a window of one `Data` ends a connection on which a second arrives before
+/// the first is answered (it sees this when they come one after the other, the first still
+/// being written). The light files' literal data, two ranges of each file, keeps within that
+/// window: every file goes as a delta over the one connection, none through the fallback's
+/// connections of their own.
 #[test]
-fn light_files_whose_connection_fails_go_through_the_ordinary_delta() {
+fn the_light_files_literal_data_keeps_within_the_daemons_window() {
     let tree = Tree::new();
-    let light = LightTree::new(&tree, 6, 300);
-    let daemon = Daemon::start(&tree.root(), &["--max-transfers-per-conn", "1"]);
-    let addr = daemon.addr();
-    light.send(&addr, &["--whole-file", "-c", "1"]);
-    light.change_in_place(6, 4096);
+    let light = LightTree::new(&tree, 12, 400);
+    let daemon = Daemon::start(&tree.root(), &["--window", "1", "--metrics", "127.0.0.1:0"]);
+    let (addr, port) = (daemon.addr(), metrics_port(&daemon));
+    light.send(&addr, &["--whole-file"]);
+    // Two runs far apart in each file: two literal ranges, two `Data` one after the other.
+    for (i, old) in light.files.iter().enumerate() {
+        let mut bytes = old.clone();
+        bytes[MIB / 4..MIB / 4 + 8192].fill(i as u8);
+        bytes[7 * MIB / 4..7 * MIB / 4 + 8192].fill(i as u8);
+        std::fs::write(light.path(i), bytes).unwrap();
+    }
+    let accepted = || scrape(port, &["xferd_connections_accepted_total"])[0];
+    let before = accepted();
     let out = light.send(&addr, &["--delta", "-c", "1"]);
     let json = out.json();
+    assert_eq!(accepted() - before, 1.0, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 12, "{json}");
+    light.assert_arrived(&tree.root());
+}
+
+/// A daemon that allows two open transfers per connection refuses the `DeltaPut`s beyond them
+/// (`Error{Busy}`) without ending the connection: the client keeps two open from then on and
+/// sends the refused files again over the same connection, so every file goes as a delta there,
+/// none through the fallback's connections of their own, and arrives whole and right.
+#[test]
+fn light_files_keep_within_the_daemons_transfers_per_connection() {
+    let tree = Tree::new();
+    let light = LightTree::new(&tree, 6, 300);
+    let daemon = Daemon::start(
+        &tree.root(),
+        &["--max-transfers-per-conn", "2", "--metrics", "127.0.0.1:0"],
+    );
+    let (addr, port) = (daemon.addr(), metrics_port(&daemon));
+    light.send(&addr, &["--whole-file", "-c", "1"]);
+    light.change_in_place(6, 4096);
+    let accepted = || scrape(port, &["xferd_connections_accepted_total"])[0];
+    let before = accepted();
+    let out = light.send(&addr, &["--delta", "-c", "1"]);
+    let json = out.json();
+    assert_eq!(accepted() - before, 1.0, "{json}");
     assert_eq!(out.json_u64("files_transferred"), 6, "{json}");
     assert_eq!(out.json_u64("delta_files"), 6, "{json}");
     assert!(out.json_u64("literal_bytes") <= 6 * 4 * 64 * 1024, "{json}");

@@ -1,11 +1,13 @@
 //! A tree's light files sent as deltas over the tree's connections already open
 //! (`CAP_DELTA_PUT`): each file costs two round trips, all of them at once. The first flight
 //! opens a file's upload with its whole signature (`DeltaPut`); the second, once the answer says
-//! what the daemon copied from the file it holds, carries the literal data and the commit. A file
+//! what the daemon copied from the file it holds, carries the literal data and the commit. The
+//! literal data keeps within the daemon's window (`Welcome.window` unanswered `Data` per
+//! connection), while the next files' `DeltaPut`s, which it does not count, go on. A file
 //! this cannot carry (refused, a digest that did not match, a connection lost) is left to the
 //! chunked engine, which resumes it or sends it whole.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use futures_util::stream::{self, StreamExt};
@@ -82,6 +84,14 @@ enum Expect {
     Commit(Box<Prepared>, u64, Literal),
 }
 
+/// A file answered, with the chunks of its literal data not sent yet.
+struct Second {
+    file: Box<Prepared>,
+    id: u64,
+    literal: Literal,
+    chunks: VecDeque<ByteRange>,
+}
+
 /// What the answer to a `DeltaPut` leaves to send.
 struct Literal {
     ranges: Vec<ByteRange>,
@@ -96,6 +106,8 @@ enum Next {
     Second(Box<Prepared>, u64, Literal),
     /// Nothing more to send for this file.
     Settled,
+    /// Send its `DeltaPut` again when there is room.
+    Again(Box<Prepared>),
 }
 
 /// Sends `files` over `session` as described in the module's documentation; what was
@@ -117,6 +129,9 @@ pub(crate) async fn send_over(
         .map(|light| prepare(job, light, chunk_size, sparse_aware))
         .buffered(PREPARED_AHEAD);
     let room = Semaphore::new(OPEN_AT_ONCE);
+    // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): a
+    // permit per frame sent, given back by its `Ack` or `Reject`.
+    let window = Semaphore::new(session.welcome.window.clamp(1, 64) as usize);
     // One entry per file in flight at most: the reader never waits on it.
     let (next_tx, mut next_rx) = mpsc::channel::<Next>(OPEN_AT_ONCE);
     // Bounds what is written ahead of the answers read; the reader never waits on the writer.
@@ -125,39 +140,81 @@ pub(crate) async fn send_over(
     let write = async {
         let (mut put, mut settled) = (0, 0);
         let mut files_left = true;
-        while files_left || settled < put {
+        // Files answered whose literal data and commit are still to go, oldest first (at most
+        // one per file open): their data waits for room in the window, while the next files'
+        // `DeltaPut`s, which the window does not count, go on.
+        let mut sending: VecDeque<Second> = VecDeque::new();
+        // Files the daemon had no room for, to open again (at most one per file open).
+        let mut again: VecDeque<Box<Prepared>> = VecDeque::new();
+        loop {
+            // A file whose data has all gone is committed at once.
+            while sending.front().is_some_and(|s| s.chunks.is_empty()) {
+                let Some(Second {
+                    file, id, literal, ..
+                }) = sending.pop_front()
+                else {
+                    break;
+                };
+                // A file changed since it was read goes through the engine, which says so. Its
+                // upload stays open on the daemon and keeps its room, so no more files are
+                // opened here: the room left might be none.
+                if let Err(e) = file.source.check_unchanged() {
+                    tracing::debug!(file = %file.path, error = %e, "changed while sent");
+                    files_left = false;
+                    again.clear();
+                    continue;
+                }
+                let commit = Commit {
+                    transfer_id: id,
+                    digest: file.digest.clone(),
+                };
+                let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
+                writer.send(&Frame::Commit(commit)).await?;
+            }
+            if !files_left && again.is_empty() && settled == put && sending.is_empty() {
+                break;
+            }
             tokio::select! {
                 biased;
                 next = next_rx.recv() => {
                     let Some(next) = next else { break };
                     settled += 1;
-                    let Next::Second(file, id, literal) = next else { continue };
-                    for range in &literal.ranges {
-                        for chunk in xfer_core::split_into_chunks(&[*range], chunk_size) {
-                            if let Some(limiter) = job.limiter {
-                                limiter.acquire(chunk.len()).await;
-                            }
-                            let payload = file.source.read(chunk).await?;
-                            let sent_ref = ChunkRef {
-                                transfer_id: id,
-                                offset: chunk.start,
-                                len: chunk.len() as u32,
-                            };
-                            let _ = expect_tx.send(Expect::Data(sent_ref)).await;
-                            writer.send(&Frame::Data(Data::new(id, chunk.start, payload))).await?;
+                    let (file, id, literal) = match next {
+                        Next::Second(file, id, literal) => (file, id, literal),
+                        Next::Settled => continue,
+                        Next::Again(file) => {
+                            again.push_back(file);
+                            continue;
                         }
+                    };
+                    let chunks = xfer_core::split_into_chunks(&literal.ranges, chunk_size).into();
+                    sending.push_back(Second { file, id, literal, chunks });
+                }
+                permit = window.acquire(), if !sending.is_empty() => {
+                    permit.map_err(|_| ClientError::Closed)?.forget();
+                    let Some(second) = sending.front_mut() else { continue };
+                    let Some(chunk) = second.chunks.pop_front() else { continue };
+                    if let Some(limiter) = job.limiter {
+                        limiter.acquire(chunk.len()).await;
                     }
-                    // A file changed since it was read goes through the engine, which says so.
-                    if let Err(e) = file.source.check_unchanged() {
-                        tracing::debug!(file = %file.path, error = %e, "changed while sent");
+                    let payload = second.file.source.read(chunk).await?;
+                    let sent_ref = ChunkRef {
+                        transfer_id: second.id,
+                        offset: chunk.start,
+                        len: chunk.len() as u32,
+                    };
+                    let _ = expect_tx.send(Expect::Data(sent_ref)).await;
+                    writer.send(&Frame::Data(Data::new(second.id, chunk.start, payload))).await?;
+                }
+                permit = room.acquire(), if files_left || !again.is_empty() => {
+                    permit.map_err(|_| ClientError::Closed)?.forget();
+                    if let Some(file) = again.pop_front() {
+                        let frame = Frame::DeltaPut(file.put.clone());
+                        let _ = expect_tx.send(Expect::Put(file)).await;
+                        writer.send(&frame).await?;
+                        put += 1;
                         continue;
                     }
-                    let commit = Commit { transfer_id: id, digest: file.digest.clone() };
-                    let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
-                    writer.send(&Frame::Commit(commit)).await?;
-                }
-                permit = room.acquire(), if files_left => {
-                    permit.map_err(|_| ClientError::Closed)?.forget();
                     match prepared.next().await {
                         None => files_left = false,
                         Some(Ok(Some(file))) => {
@@ -180,27 +237,35 @@ pub(crate) async fn send_over(
         Ok::<_, ClientError>(())
     };
     let read = async {
+        let mut opens = Opens::new(&room);
         while let Some(expect) = expect_rx.recv().await {
             match expect {
                 Expect::Put(file) => {
                     let next = match opened(reader, file).await? {
-                        Some((file, id, literal)) => Next::Second(file, id, literal),
-                        None => {
-                            room.add_permits(1);
+                        Opened::Open(file, id, literal) => {
+                            opens.open += 1;
+                            Next::Second(file, id, literal)
+                        }
+                        Opened::Refused => {
+                            opens.give_back();
                             Next::Settled
                         }
+                        Opened::Full(file) => match opens.full() {
+                            true => Next::Again(file),
+                            false => Next::Settled,
+                        },
                     };
                     let _ = next_tx.send(next).await;
                 }
                 Expect::Data(chunk) => match read_answer(reader).await? {
-                    Frame::Ack(a) if a == chunk => {}
+                    Frame::Ack(a) if a == chunk => window.add_permits(1),
                     // The commit fails short of it, and the engine sends the file again.
-                    Frame::Reject(r) if r == chunk => {}
+                    Frame::Reject(r) if r == chunk => window.add_permits(1),
                     other => return Err(unexpected(other)),
                 },
                 Expect::Commit(file, id, literal) => match read_answer(reader).await? {
                     Frame::Committed(c) if c.transfer_id == id => {
-                        room.add_permits(1);
+                        opens.closed();
                         let bytes: u64 = literal.ranges.iter().map(ByteRange::len).sum();
                         let reason = match literal.delta {
                             true => format!("delta transfer: {}", job.why),
@@ -223,7 +288,7 @@ pub(crate) async fn send_over(
                         // A digest that did not match closed the upload; one short of data
                         // keeps it open, and its room with it.
                         if e.error_code() == Some(ErrorCode::Corrupt) {
-                            room.add_permits(1);
+                            opens.closed();
                             let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
                             sent.whole.insert(file.path);
                         }
@@ -248,23 +313,88 @@ pub(crate) async fn send_over(
     Ok(())
 }
 
+/// The uploads a connection has open, and its room for more (`room`, a permit per file from
+/// its `DeltaPut` until its upload is closed), cut to the daemon's limit once it says it has no
+/// more room. The reader's, which sees every answer in order.
+struct Opens<'a> {
+    room: &'a Semaphore,
+    /// Uploads open on the daemon, as its answers read so far left them.
+    open: usize,
+    /// Permits `room` holds in all.
+    size: usize,
+    /// Permits still to take out of `room` as they come back.
+    debt: usize,
+}
+
+impl<'a> Opens<'a> {
+    fn new(room: &'a Semaphore) -> Self {
+        Self {
+            room,
+            open: 0,
+            size: OPEN_AT_ONCE,
+            debt: 0,
+        }
+    }
+
+    /// A permit comes back, unless it pays for a cut room.
+    fn give_back(&mut self) {
+        match self.debt {
+            0 => self.room.add_permits(1),
+            _ => self.debt -= 1,
+        }
+    }
+
+    /// An upload was closed (committed, or failed its digest).
+    fn closed(&mut self) {
+        self.open = self.open.saturating_sub(1);
+        self.give_back();
+    }
+
+    /// The daemon had no room for a `DeltaPut`: it holds exactly the uploads open now, its
+    /// limit, and the room is cut to that. Whether to send the file again once an upload is
+    /// closed (not when none is open here: the room would never come).
+    fn full(&mut self) -> bool {
+        let limit = self.open;
+        if limit > 0 && limit < self.size {
+            let cut = self.size - limit;
+            self.size = limit;
+            self.debt += cut - self.room.forget_permits(cut);
+        }
+        self.give_back();
+        limit > 0
+    }
+}
+
 /// The next frame on `reader`, an `Error` as it came.
 async fn read_answer(reader: &mut crate::session::Reader) -> Result<Frame, ClientError> {
     reader.read_frame().await?.ok_or(ClientError::Closed)
 }
 
-/// Reads the answer to `file`'s `DeltaPut`: its upload and what is left to send, or `None`
-/// when the daemon refused to open it (the engine tries again and reports why).
+/// What the answer to a `DeltaPut` opened.
+enum Opened {
+    /// The upload, and what is left to send of it.
+    Open(Box<Prepared>, u64, Literal),
+    /// Nothing: the engine tries again and reports why.
+    Refused,
+    /// Nothing, as the connection has as many transfers open as the daemon allows.
+    Full(Box<Prepared>),
+}
+
+/// Reads the answer to `file`'s `DeltaPut`.
 async fn opened(
     reader: &mut crate::session::Reader,
     file: Box<Prepared>,
-) -> Result<Option<(Box<Prepared>, u64, Literal)>, ClientError> {
+) -> Result<Opened, ClientError> {
     let request_level = |e: &ErrorFrame| e.error_code().is_some_and(ErrorCode::is_request_level);
     let opened = match read_answer(reader).await? {
         Frame::WriteOpened(w) => w,
         Frame::Error(e) if request_level(&e) => {
             tracing::debug!(file = %file.put.open.name, error = %e, "light file refused");
-            return Ok(None);
+            return Ok(Opened::Refused);
+        }
+        Frame::Error(e) if e.error_code() == Some(ErrorCode::Busy) => {
+            tracing::debug!(file = %file.put.open.name, error = %e, "light file refused");
+            return Ok(Opened::Full(file));
         }
         other => return Err(unexpected(other)),
     };
@@ -293,7 +423,7 @@ async fn opened(
         delta,
         matched,
     };
-    Ok(Some((file, opened.transfer_id, literal)))
+    Ok(Opened::Open(file, opened.transfer_id, literal))
 }
 
 /// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk

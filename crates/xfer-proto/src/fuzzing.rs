@@ -147,6 +147,10 @@ pub fn session_script(data: &[u8], start: Instant) {
                 assert_eq!(covered, put.open.identity.size);
                 session.open_upload(put.open.identity.size, 0);
             }
+            // Refused only on a connection whose room is full; nothing is opened.
+            Request::DeltaPutFull(_, max_open) => {
+                assert_eq!((max_open, session.open_count()), (4, 4));
+            }
             Request::ReadChunk(id, _) | Request::Digest(id) | Request::ReadSig(id, _) => {
                 session
                     .download(id)
@@ -352,6 +356,48 @@ mod tests {
     #[test]
     fn copy_modes_reach_the_session() {
         session_script_now(&copy_mode_script());
+    }
+
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_DELTA` and
+    /// `CAP_DELTA_PUT`, then one `DeltaPut` more than the session's room of four.
+    fn delta_puts_beyond_the_room_script() -> Vec<u8> {
+        use crate::*;
+        let hello = Frame::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            capabilities: CAP_DELTA | CAP_DELTA_PUT,
+            agent: "fuzz".into(),
+            nonce: vec![1; 32],
+        });
+        let put = |name: &str| {
+            Frame::DeltaPut(DeltaPut {
+                open: OpenWrite {
+                    name: name.into(),
+                    identity: FileIdentity {
+                        size: 100,
+                        mtime_ns: 0,
+                    },
+                    mode: 0o644,
+                    chunk_size: 1 << 16,
+                },
+                avg_chunk: 16384,
+                chunks: vec![SigChunk {
+                    len: 100,
+                    hash: [7; 16],
+                }],
+            })
+        };
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        hello.encode(&mut script).unwrap();
+        for name in ["a", "b", "c", "d", "e"] {
+            put(name).encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn a_delta_put_beyond_the_room_reaches_the_session() {
+        session_script_now(&delta_puts_beyond_the_room_script());
     }
 
     /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.

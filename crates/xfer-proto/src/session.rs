@@ -169,6 +169,10 @@ pub enum Request {
     /// holds of the whole signature (`CAP_DELTA_PUT`; bounds checked); answer `WriteOpened`,
     /// then `DeltaMatch` or an `Error` without a basis (or only an `Error`).
     DeltaPut(crate::DeltaPut),
+    /// A `DeltaPut` (otherwise sound) on a connection with as many transfers open as it allows
+    /// (`max_open`): answer a non-fatal `Error{Busy}`, so that the client learns the limit and
+    /// keeps the connection.
+    DeltaPutFull(String, usize),
     /// Run the next `CopyTo` or `MirrorTo` of this connection with this delta choice
     /// (`CAP_COPY_DELTA`).
     CopyMode(crate::CopyDeltaMode),
@@ -768,6 +772,9 @@ impl<U, D> ServerSession<U, D> {
                     == crate::CAP_DELTA | crate::CAP_DELTA_PUT =>
             {
                 self.check_whole_sig(&d)?;
+                if self.open.len() >= self.config.max_open {
+                    return Ok(Request::DeltaPutFull(d.open.name, self.config.max_open));
+                }
                 let Request::OpenWrite(open, _) = self.open_write(d.open, Vec::new())? else {
                     unreachable!("open_write answers OpenWrite");
                 };
@@ -1139,11 +1146,17 @@ mod tests {
                 "{avg} {lens:?}"
             );
         }
-        // It opens an upload: no more than the connection's room (two here).
+        // It opens an upload: no more than the connection's room (two here), beyond which it
+        // is refused and the connection goes on.
         s.open_upload(100, ());
         s.open_upload(100, ());
+        match s.handle_request(put(16384, &[100])) {
+            Ok(Request::DeltaPutFull(name, 2)) => assert_eq!(name, "f"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.open_count(), 2);
         assert!(matches!(
-            s.handle_request(put(16384, &[100])),
+            s.handle_request(open_write(100)),
             Err(SessionError::TooManyOpen(2))
         ));
     }

@@ -339,7 +339,9 @@ impl Handler {
                     let Some(frame) = frame else {
                         return Err(ConnError::PeerClosed);
                     };
-                    self.session.handle_request(frame)?
+                    let request = self.session.handle_request(frame)?;
+                    self.check_window(&request)?;
+                    request
                 }
             };
             // A frame is handled to completion: shutdown is noticed only between frames, so a
@@ -367,6 +369,14 @@ impl Handler {
                 Request::DeltaSig(id, sig) => self.delta_sig(id, sig, false).await?,
                 Request::DeltaGuess(id, sig) => self.delta_sig(id, sig, true).await?,
                 Request::DeltaPut(put) => self.delta_put(put).await?,
+                Request::DeltaPutFull(name, max) => {
+                    debug!(%name, max, "light upload refused: the connection's transfers are all open");
+                    let message =
+                        format!("{name}: {max} transfers already open on this connection");
+                    self.writer
+                        .send(&Frame::Error(ErrorFrame::new(ErrorCode::Busy, message)))
+                        .await?;
+                }
                 Request::ReadSig(id, req) => self.read_sig(id, req).await?,
                 Request::Digest(id) => self.digest(id).await?,
                 Request::OpenRead(req) => self.open_read(req).await?,
@@ -430,6 +440,25 @@ impl Handler {
                 }
             }
         }
+    }
+
+    /// A streamed frame read while the chunk before it is still being written behind, its
+    /// `Ack` not sent: the client sent it with at least two unanswered, which a window of one
+    /// forbids (proto.md §5.11 lets a server end the connection for it). Only this is ever
+    /// seen, since every other frame is answered before the next is read.
+    fn check_window(&self, request: &Request) -> Result<(), ConnError> {
+        let streamed = matches!(
+            request,
+            Request::Data(..) | Request::DataZ(..) | Request::Zeros(..)
+        );
+        let window = self.shared.config.window;
+        if streamed && self.write_behind.is_some() && window < 2 {
+            return Err(fatal(
+                ErrorCode::Protocol,
+                format!("more Data unanswered than the window of {window} allows"),
+            ));
+        }
+        Ok(())
     }
 
     /// The root as this session may use it: under a copy grant no symlink is followed, so a
