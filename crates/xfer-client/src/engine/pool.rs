@@ -547,3 +547,76 @@ async fn worker<D: Direction>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_session;
+    use super::*;
+
+    /// An opener that answers every open with `id`, counting its calls.
+    fn opener(id: u64, calls: &Arc<std::sync::atomic::AtomicUsize>) -> Opener {
+        let calls = Arc::clone(calls);
+        Arc::new(move |session: Session| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok((session, id)) })
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_welcomed_before_the_transfer_is_known_is_opened_ahead() {
+        let mut early = Early::default();
+        let (session, _daemon) = test_session(2, 1 << 20);
+        early.connecting.get_mut().spawn(async move {
+            Ok(Ready {
+                session,
+                opened: None,
+            })
+        });
+        // Welcomed: the task ends at its first poll, before the transfer is known.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        let (calls, probes) = Default::default();
+        early.open_ahead(opener(7, &calls), Some(opener(9, &probes)));
+        let (_, opened) = early.take().await.expect("the connection");
+        // It was started beside the first one, so it ran the probe, and only that.
+        assert_eq!(opened, Some(9));
+        assert_eq!(probes.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert!(early.take().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn with_no_connection_beside_the_first_the_probe_is_dropped_unused() {
+        let mut early = Early::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<bool>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let probe: Opener = Arc::new(move |session: Session| {
+            let tx = tx.lock().unwrap().take();
+            Box::pin(async move {
+                let _ = tx.map(|tx| tx.send(true));
+                Ok((session, 9))
+            })
+        });
+        early.open_ahead(opener(7, &Default::default()), Some(probe));
+        // Whoever waits on the probe's answer learns at once that none will come.
+        assert_eq!(
+            rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn transfers_opened_ahead_are_not_used_once_expired() {
+        let mut early = Early::default();
+        let (session, _daemon) = test_session(2, 1 << 20);
+        early.open_ahead(opener(7, &Default::default()), None);
+        early
+            .connecting
+            .get_mut()
+            .spawn(open_with(session, early.ahead.take(false)));
+        early.expire();
+        let (_, opened) = early.take().await.expect("the connection");
+        assert_eq!(opened, None);
+    }
+}
