@@ -227,6 +227,27 @@ fn a_new_file_goes_whole_even_with_delta() {
     assert_eq!(sha256_file(&tree.root().join("new.bin")), sha256_file(&src));
 }
 
+/// A new name asks the daemon for no delta basis: a connection opened beside the first asked
+/// whether the name holds anything while the first opened the upload, so the data went at once
+/// instead of a round trip after the delta's own question.
+#[test]
+fn a_new_name_sends_its_data_without_the_delta_question() {
+    let tree = Tree::new();
+    let src = tree.src("new.bin");
+    std::fs::write(&src, noise(2 * MIB, 9)).unwrap();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let out = XferRun::send(&src, &daemon.addr(), "new.bin", &["--delta", "--json"]).wait_ok();
+    assert!(!delta(&out));
+    assert_eq!(out.json_u64("literal_bytes"), 2 * MIB as u64);
+    assert_eq!(sha256_file(&tree.root().join("new.bin")), sha256_file(&src));
+    let log = daemon.stderr();
+    assert!(log.contains("upload complete"), "{log}");
+    assert!(
+        !log.contains("no basis for a delta"),
+        "the delta's question went: {log}"
+    );
+}
+
 /// A delta whose literal half moves slowly is interrupted by `stop` once the copied half and
 /// some literal data are journaled; the rerun resumes without sending what was held, nor
 /// comparing signatures again: the daemon does not read its old file a second time.

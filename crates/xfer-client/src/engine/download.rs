@@ -13,7 +13,7 @@ use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
 use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRead};
 
 use super::delta;
-use super::pool::{drive, Early};
+use super::pool::{drive, Early, Opener};
 use super::queue::Work;
 use super::retry::{reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
@@ -247,6 +247,32 @@ enum Attempt {
     DeltaCorrupt,
 }
 
+/// Opens `name` on an early connection as soon as it is welcomed, beside the first connection's
+/// open: the file must be the one the first connection opened (`expected`, once it knows).
+fn opener(name: &str, expected: tokio::sync::watch::Receiver<Option<FileIdentity>>) -> Opener {
+    let name = name.to_string();
+    Arc::new(move |mut session: Session| {
+        let (name, mut expected) = (name.clone(), expected.clone());
+        Box::pin(async move {
+            let request = OpenRead {
+                name: name.clone(),
+                have_identity: None,
+                have: vec![],
+            };
+            let (id, identity, ..) = open_read(&mut session, &request).await?;
+            let first = expected
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| ClientError::Unexpected("the first connection did not open"))?;
+            if *first != Some(identity) {
+                return Err(ClientError::Changed(name));
+            }
+            drop(first);
+            Ok((session, id))
+        })
+    })
+}
+
 /// One attempt at [`recv_with_holes`].
 async fn recv_once(
     target: &Target,
@@ -271,7 +297,10 @@ async fn recv_once(
             .map(|c| c.chunks.iter().map(|(r, _)| *r).collect())
             .unwrap_or_default(),
     };
+    let (expected, opened) = tokio::sync::watch::channel(None);
+    early.open_ahead(opener(name, opened), None);
     let (id, identity, mode, named) = open_read(&mut session, &request).await?;
+    expected.send_replace(Some(identity));
     // Once the size is known: a large file on a far path starts with more connections.
     early.top_up(target, opts, session.rtt, identity.size);
     let early = Arc::new(early);

@@ -24,13 +24,95 @@ use crate::{ClientError, Session, Target};
 /// itself then, and tells a daemon at its limits as any connection does.
 #[derive(Default)]
 pub(super) struct Early {
-    connecting: tokio::sync::Mutex<JoinSet<Result<Session, ClientError>>>,
+    connecting: tokio::sync::Mutex<JoinSet<Result<Ready, ClientError>>>,
     /// Connections started, the first one included.
     started: usize,
     /// The path's round-trip time, as the first connection measured it.
     rtt: Option<Duration>,
     /// Bytes of the file: a large file on a far path starts with more.
     size: u64,
+    /// Opens the transfer on a connection once welcomed, when set ([`Early::open_ahead`]).
+    ahead: Arc<Ahead>,
+    /// The transfers opened ahead belong to an attempt that ended: workers open their own.
+    expired: std::sync::atomic::AtomicBool,
+}
+
+/// An early connection once welcomed: with the transfer already open on it (its id), if it
+/// was opened ahead.
+pub(super) struct Ready {
+    session: Session,
+    opened: Option<u64>,
+}
+
+/// Opens a transfer on a welcomed connection: the connection and the transfer's id.
+pub(super) type Opener = Arc<
+    dyn Fn(Session) -> futures_util::future::BoxFuture<'static, Result<(Session, u64), ClientError>>
+        + Send
+        + Sync,
+>;
+
+/// What opens the transfer on early connections, once the transfer is known.
+#[derive(Default)]
+struct Ahead {
+    opener: std::sync::OnceLock<Opener>,
+    /// Taken by the first connection started beside the first one to be opened ahead: it runs
+    /// this instead of `opener` (the upload's probe of its name, then the open).
+    beside_first: std::sync::Mutex<Option<Opener>>,
+    /// Connections started beside the first one still connecting: once none is left,
+    /// `beside_first` is dropped unused, so that whoever waits on it learns there is none.
+    beside_pending: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a connection started beside the first one while it connects.
+struct Beside(Arc<Ahead>);
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        if self.0.beside_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drop_beside_first();
+        }
+    }
+}
+
+impl Ahead {
+    /// The opener for a connection; `beside_first` if it was started beside the first one.
+    fn take(&self, beside_first: bool) -> Option<Opener> {
+        let special = beside_first
+            .then(|| {
+                self.beside_first
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+            })
+            .flatten();
+        special.or_else(|| self.opener.get().cloned())
+    }
+
+    fn drop_beside_first(&self) {
+        let unused = self
+            .beside_first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(unused);
+    }
+}
+
+/// Opens `session`'s transfer with `open`, if there is one yet.
+async fn open_with(session: Session, open: Option<Opener>) -> Result<Ready, ClientError> {
+    match open {
+        Some(open) => {
+            let (session, id) = open(session).await?;
+            Ok(Ready {
+                session,
+                opened: Some(id),
+            })
+        }
+        None => Ok(Ready {
+            session,
+            opened: None,
+        }),
+    }
 }
 
 impl Early {
@@ -66,7 +148,7 @@ impl Early {
                 ..connector.clone()
             };
             let beside = opts.connections.opened_at_once().saturating_sub(1);
-            early.spawn(target, &plain, beside);
+            early.spawn(target, &plain, beside, true);
         }
         let mut first = {
             let (target, opts) = (target.clone(), opts.clone());
@@ -83,10 +165,11 @@ impl Early {
                     return Ok((first, early));
                 }
                 Some(other) = connecting.join_next(), if !connecting.is_empty() => {
-                    let Ok(Ok(session)) = other else { continue };
+                    let Ok(Ok(Ready { session, .. })) = other else { continue };
                     // The first connection keeps connecting, as an early one.
                     connecting.spawn(async move {
-                        first.await.map_err(|e| ClientError::Local(join_error(e)))?
+                        let session = first.await.map_err(|e| ClientError::Local(join_error(e)))??;
+                        Ok(Ready { session, opened: None })
                     });
                     return Ok((session, early));
                 }
@@ -108,15 +191,75 @@ impl Early {
         self.size = size;
         let wanted = opts.connections.initial_for(rtt, size);
         let more = wanted.saturating_sub(self.started.max(1));
-        self.spawn(target, &opts.connector, more);
+        self.spawn(target, &opts.connector, more, false);
     }
 
-    fn spawn(&mut self, target: &Target, connector: &crate::Connector, n: usize) {
+    /// Opens the transfer with `opener` on every early connection as soon as it is welcomed
+    /// (those welcomed already at once), instead of when a worker takes it: the pool's opens
+    /// then cross the path beside the first connection's instead of after it, a round trip
+    /// sooner. The first connection started beside the first one runs `beside_first` instead,
+    /// if given. Once an attempt ends, [`Early::expire`] makes workers open their own.
+    pub(super) fn open_ahead(&mut self, opener: Opener, beside_first: Option<Opener>) {
+        *self
+            .ahead
+            .beside_first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = beside_first;
+        let _ = self.ahead.opener.set(opener);
+        let connecting = self.connecting.get_mut();
+        let (mut welcomed, mut welcomed_ahead) = (Vec::new(), Vec::new());
+        while let Some(done) = connecting.try_join_next() {
+            match done {
+                Ok(Ok(Ready {
+                    session,
+                    opened: None,
+                })) => welcomed.push(session),
+                // Opened just now, after the opener was set.
+                Ok(Ok(ready)) => welcomed_ahead.push(ready),
+                Ok(Err(e)) => tracing::debug!(error = %e, "an early connection failed"),
+                Err(_) => {}
+            }
+        }
+        for session in welcomed {
+            // Welcomed before the opener was known: only the ones started beside the first
+            // are welcomed this early, so the probe may go on any of them.
+            let open = self.ahead.take(true);
+            connecting.spawn(open_with(session, open));
+        }
+        for ready in welcomed_ahead {
+            connecting.spawn(async move { Ok(ready) });
+        }
+        if self.ahead.beside_pending.load(Ordering::SeqCst) == 0 {
+            self.ahead.drop_beside_first();
+        }
+    }
+
+    /// The transfers opened ahead belong to an attempt that ended (the upload may have been
+    /// dropped and opened anew): workers taking early connections from now on open their own.
+    pub(super) fn expire(&self) {
+        self.expired.store(true, Ordering::SeqCst);
+    }
+
+    fn spawn(
+        &mut self,
+        target: &Target,
+        connector: &crate::Connector,
+        n: usize,
+        beside_first: bool,
+    ) {
         for _ in 0..n {
             let (target, connector) = (target.clone(), connector.clone());
-            self.connecting
-                .get_mut()
-                .spawn(async move { Session::connect(&target, &connector).await });
+            let ahead = Arc::clone(&self.ahead);
+            let beside = beside_first.then(|| {
+                ahead.beside_pending.fetch_add(1, Ordering::SeqCst);
+                Beside(Arc::clone(&ahead))
+            });
+            self.connecting.get_mut().spawn(async move {
+                let session = Session::connect(&target, &connector).await;
+                let open = session.is_ok().then(|| ahead.take(beside_first)).flatten();
+                drop(beside);
+                open_with(session?, open).await
+            });
         }
         self.started = self.started.max(1) + n;
     }
@@ -127,11 +270,14 @@ impl Early {
     /// welcome), so a starting worker taking a refusal for its own would leave the pool while
     /// welcomed connections wait unused. A worker that finds none connects by itself, and
     /// learns of the limit then.
-    async fn take(&self) -> Option<Session> {
+    async fn take(&self) -> Option<(Session, Option<u64>)> {
         let mut connecting = self.connecting.lock().await;
         loop {
             match connecting.join_next().await? {
-                Ok(Ok(session)) => return Some(session),
+                Ok(Ok(Ready { session, opened })) => {
+                    let opened = opened.filter(|_| !self.expired.load(Ordering::SeqCst));
+                    return Some((session, opened));
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "an early connection failed"),
                 Err(_) => {}
             }
@@ -320,8 +466,8 @@ async fn worker<D: Direction>(
                 Some(open) => open,
                 None => {
                     let connect = async {
-                        let mut s = match early.take().await {
-                            Some(mut s) => {
+                        let (mut s, opened) = match early.take().await {
+                            Some((mut s, opened)) => {
                                 // It may have connected before the path's congestion control
                                 // was chosen.
                                 if let Some(name) = &opts.connector.socket.congestion {
@@ -329,11 +475,14 @@ async fn worker<D: Direction>(
                                         tracing::debug!(error = %e, "an early connection keeps its congestion control");
                                     }
                                 }
-                                s
+                                (s, opened)
                             }
-                            None => Session::connect(target, &opts.connector).await?,
+                            None => (Session::connect(target, &opts.connector).await?, None),
                         };
-                        let id = dir.open(&mut s).await?;
+                        let id = match opened {
+                            Some(id) => id,
+                            None => dir.open(&mut s).await?,
+                        };
                         Ok::<_, ClientError>((s, id))
                     };
                     // Other connections may finish the file while this one waits for a slot
@@ -396,5 +545,78 @@ async fn worker<D: Direction>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_session;
+    use super::*;
+
+    /// An opener that answers every open with `id`, counting its calls.
+    fn opener(id: u64, calls: &Arc<std::sync::atomic::AtomicUsize>) -> Opener {
+        let calls = Arc::clone(calls);
+        Arc::new(move |session: Session| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok((session, id)) })
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_welcomed_before_the_transfer_is_known_is_opened_ahead() {
+        let mut early = Early::default();
+        let (session, _daemon) = test_session(2, 1 << 20);
+        early.connecting.get_mut().spawn(async move {
+            Ok(Ready {
+                session,
+                opened: None,
+            })
+        });
+        // Welcomed: the task ends at its first poll, before the transfer is known.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        let (calls, probes) = Default::default();
+        early.open_ahead(opener(7, &calls), Some(opener(9, &probes)));
+        let (_, opened) = early.take().await.expect("the connection");
+        // It was started beside the first one, so it ran the probe, and only that.
+        assert_eq!(opened, Some(9));
+        assert_eq!(probes.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert!(early.take().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn with_no_connection_beside_the_first_the_probe_is_dropped_unused() {
+        let mut early = Early::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<bool>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let probe: Opener = Arc::new(move |session: Session| {
+            let tx = tx.lock().unwrap().take();
+            Box::pin(async move {
+                let _ = tx.map(|tx| tx.send(true));
+                Ok((session, 9))
+            })
+        });
+        early.open_ahead(opener(7, &Default::default()), Some(probe));
+        // Whoever waits on the probe's answer learns at once that none will come.
+        assert_eq!(
+            rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn transfers_opened_ahead_are_not_used_once_expired() {
+        let mut early = Early::default();
+        let (session, _daemon) = test_session(2, 1 << 20);
+        early.open_ahead(opener(7, &Default::default()), None);
+        early
+            .connecting
+            .get_mut()
+            .spawn(open_with(session, early.ahead.take(false)));
+        early.expire();
+        let (_, opened) = early.take().await.expect("the connection");
+        assert_eq!(opened, None);
     }
 }

@@ -10,10 +10,10 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 use xfer_core::{MemoryBudget, RangeSet, SourceFile};
 use xfer_net::Compressor;
-use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, OpenWrite, OpenWriteSparse};
+use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, List, OpenWrite, OpenWriteSparse};
 
 use super::delta;
-use super::pool::{drive, Early};
+use super::pool::{drive, Early, Opener};
 use super::queue::Work;
 use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
@@ -177,7 +177,6 @@ pub(crate) async fn send_file_sharing(
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     early.top_up(target, opts, session.rtt, identity.size);
-    let early = Arc::new(early);
     let chunk_size = chunk_size(opts, &session);
     let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
         let source = source.clone();
@@ -200,12 +199,23 @@ pub(crate) async fn send_file_sharing(
         compressor,
         memory: opts.connector.memory.clone(),
     });
+    let size = identity.size;
+    let (wanted, why) = delta::choose(opts.delta, &session, opts.bwlimit, size);
+    // Where a delta is wanted, a connection started beside this one asks whether the name
+    // holds a file at all while this one opens the upload: for a new name the data then goes
+    // at once, where the delta's own question would have held it back a round trip.
+    let (probe, absent) = if wanted {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Some(probe_opener(&upload, tx)), Some(rx))
+    } else {
+        (None, None)
+    };
+    early.open_ahead(opener(&upload), probe);
+    let early = Arc::new(early);
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
     let mut tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
     let work = Arc::new(Work::new(Vec::new(), opts));
-    let size = identity.size;
-    let (wanted, why) = delta::choose(opts.delta, &session, opts.bwlimit, size);
     let mut have = RangeSet::from_ranges(held.iter().copied());
     let mut queued = false;
     if wanted && have.total() > 0 && have.total() < size {
@@ -237,7 +247,17 @@ pub(crate) async fn send_file_sharing(
     let mut negotiation = JoinSet::new();
     let mut inline = None;
     let mut session = Some(session);
-    if wanted && have.total() < size {
+    let fresh = match absent {
+        // Not for a resumed upload: its delta's agreed spans are asked for below.
+        Some(absent) if !queued && have.total() == 0 => absent.await.unwrap_or(false),
+        _ => false,
+    };
+    if wanted && fresh {
+        tracing::info!(file = %name, "whole file: the daemon holds no file under the name");
+        tally.why = Some(format!(
+            "whole file: the daemon holds no file under the name to start from ({why})"
+        ));
+    } else if wanted && have.total() < size {
         if let Some(mut s) = session.take() {
             if opts.connections.initial_for(s.rtt, size) == 1 {
                 // A pool of one: nothing to overlap with, the literal data follows on it.
@@ -297,6 +317,8 @@ pub(crate) async fn send_file_sharing(
             opts,
         )
         .await?;
+        // A next attempt opens the upload anew: what was opened ahead is not used for it.
+        early.expire();
         let (mut s, sid) = match sessions.pop() {
             Some(open) => open,
             None => reopen(target, &*upload, opts).await?,
@@ -381,6 +403,66 @@ pub(crate) async fn send_file_sharing(
         ErrorCode::Incomplete,
         "server kept losing data",
     )))
+}
+
+/// Opens `upload` on an early connection as soon as it is welcomed.
+fn opener(upload: &Arc<Upload>) -> Opener {
+    let upload = Arc::clone(upload);
+    Arc::new(move |mut session: Session| {
+        let upload = Arc::clone(&upload);
+        Box::pin(async move {
+            let id = upload.open(&mut session).await?;
+            Ok((session, id))
+        })
+    })
+}
+
+/// Opens `upload` as [`opener`] does, after asking whether the daemon holds anything under the
+/// upload's name: `absent` gets true if nothing (`List` of the name answered `NotFound`, as
+/// `DeltaOpen` would), false if something or if the answer says neither.
+fn probe_opener(upload: &Arc<Upload>, absent: tokio::sync::oneshot::Sender<bool>) -> Opener {
+    let upload = Arc::clone(upload);
+    let absent = std::sync::Mutex::new(Some(absent));
+    Arc::new(move |mut session: Session| {
+        let upload = Arc::clone(&upload);
+        let absent = absent.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Box::pin(async move {
+            let found = name_is_absent(&mut session, &upload.request.name).await;
+            if let Some(absent) = absent {
+                let _ = absent.send(matches!(found, Ok(true)));
+            }
+            found?;
+            let id = upload.open(&mut session).await?;
+            Ok((session, id))
+        })
+    })
+}
+
+/// Whether nothing is at `name` on the daemon: `List` of a name that does not exist is answered
+/// `NotFound`; of a file, `BadPath`; of a directory, its listing, read to the end.
+async fn name_is_absent(session: &mut Session, name: &str) -> Result<bool, ClientError> {
+    session
+        .send(&Frame::List(List {
+            dir: name.to_string(),
+        }))
+        .await?;
+    loop {
+        match session.next().await {
+            Ok(Frame::Listing(page)) if page.more => {}
+            Ok(Frame::Listing(_)) => return Ok(false),
+            Ok(other) => return Err(unexpected(other)),
+            // Both leave the connection usable.
+            Err(ClientError::Remote(e))
+                if matches!(
+                    e.error_code(),
+                    Some(ErrorCode::NotFound | ErrorCode::BadPath)
+                ) =>
+            {
+                return Ok(e.error_code() == Some(ErrorCode::NotFound))
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Runs a delta on `session`: every span the daemon answers for queues on `work` what it did not
