@@ -777,3 +777,45 @@ fn a_deep_pipeline_of_long_names_moves_both_ways_over_one_connection() {
     assert_counts(&got, (3000, 3000, 0, bytes, bytes));
     assert_same(&snapshot(&out), &want, "the downloaded copy");
 }
+
+/// A tree of more small files than go over the control connection: the directories the
+/// receiver lacks are made alongside the files (the daemon makes a file's missing parents),
+/// and come out with their own modes and mtimes, the empty and the read-only ones too; a file
+/// the receiver holds where the source has a directory is replaced before any file goes in.
+#[test]
+fn a_large_tree_makes_its_new_directories_alongside_its_files() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let mut dirs = Vec::new();
+    for i in 0..40u64 {
+        let dir = format!("d{i:02}/sub{}/leaf", i % 3);
+        for j in 0..30u64 {
+            random_file(&src.join(format!("{dir}/f{j:02}")), 200 + j, i * 100 + j);
+        }
+        dirs.push(dir);
+    }
+    random_file(&src.join("was-file/inside"), 300, 1);
+    fs::create_dir_all(src.join("empty/too")).unwrap();
+    random_file(&src.join("read-only/kept"), 300, 2);
+    // Directories last, children before parents: adding entries changes a directory's mtime.
+    dirs.extend(["empty/too", "empty", "read-only", "was-file"].map(String::from));
+    dirs.extend((0..40).map(|i| format!("d{i:02}/sub{}", i % 3)));
+    dirs.extend((0..40).map(|i| format!("d{i:02}")));
+    for (i, dir) in dirs.iter().enumerate() {
+        let mode = if dir == "read-only" { 0o555 } else { 0o750 };
+        set_mode(&src.join(dir), mode);
+        set_mtime_ns(&src.join(dir), 1_600_000_000 + i as u64, 7);
+    }
+    let want = expected(&src, &[]);
+    let (files, _) = file_totals(&want, &src);
+    assert!(files > 1024, "{files} files go over the control connection");
+    random_file(&tree.root().join("t/was-file"), 100, 3);
+    let daemon = Daemon::start(&tree.root(), &[]);
+
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+}

@@ -840,6 +840,19 @@ fn dir_passes<'a>(
     (first, last)
 }
 
+/// Splits the directories a send makes before its files (`first`, parents first) into those
+/// the receiver holds under their names, fixed before any file goes (a file to replace, a mode
+/// that shuts out its owner), and those it lacks, made alongside the files: the daemon makes a
+/// file's missing parents as it stores it (proto.md §6.3, §5.1), so nothing waits for them but
+/// the empty ones, and their modes and mtimes are set again after the files. A tree's
+/// thousand directories cost a wait of several tenths of a second before its first file.
+fn made_alongside<'a>(
+    first: &[&'a TreeEntry],
+    receiver: &HashMap<String, TreeEntry>,
+) -> (Vec<&'a TreeEntry>, Vec<&'a TreeEntry>) {
+    first.iter().partition(|d| receiver.contains_key(&d.path))
+}
+
 /// A side's listing: with each entry's metadata when the daemon keeps it, else the plain
 /// listing with empty metadata.
 fn walk_listing(
@@ -853,6 +866,27 @@ fn walk_listing(
     } else {
         Ok(root.walk("", checksum)?.into_iter().map(plain).collect())
     }
+}
+
+/// The walk of `local` with each entry's metadata, started now on a thread of its own,
+/// before the copy connects and so before it knows whether the daemon keeps metadata (if not,
+/// the metadata goes unused: a third of the walk). Not on the blocking pool: a copy whose
+/// connection fails returns its error at once rather than after a walk of a large tree, which
+/// the runtime would wait for on the way out.
+fn walk_early(
+    local: &Root,
+    keep: TreeOptions,
+) -> tokio::sync::oneshot::Receiver<xfer_core::Result<Vec<MetaEntry>>> {
+    let (walked, walking) = tokio::sync::oneshot::channel();
+    let local = local.clone();
+    let spawned = std::thread::Builder::new()
+        .name("xfer-walk".into())
+        .spawn(move || walked.send(local.walk_meta("", false, keep.xattrs)));
+    if let Err(e) = spawned {
+        // The sender went with the failed thread: the receiver reports the walk ended early.
+        tracing::debug!(error = %e, "no thread for the walk");
+    }
+    walking
 }
 
 /// The daemon's listing of `dir`, as [`walk_listing`] reads a local one.
@@ -1037,16 +1071,28 @@ pub async fn send_tree_mirror(
     let mut opts = opts.clone();
     opts.connector.delivered = engine::delivered_meter(&opts);
     let opts = &opts;
+    // The source is walked while the connection opens and the receiver lists its side: over
+    // a long path both take round trips the walk need not wait for.
+    let keep = opts.keep;
+    let walking = (!checksum).then(|| walk_early(&local, keep));
     let mut control = connect_deleting(target, &opts.connector, mirror).await?;
     let with_meta = keeps_meta(&control);
     if !with_meta {
         crate::meta::warn_old_daemon(target);
     }
-    let keep = opts.keep;
-    // The source is walked while the receiver lists its side: over a long path the listing
-    // takes round trips the walk need not wait for.
     let walk = async {
-        let walked = on_local(&local, move |r| walk_listing(r, with_meta, checksum, keep)).await?;
+        let walked = match walking {
+            Some(walking) => {
+                let walked = walking.await.map_err(|_| {
+                    CoreError::io("walking", std::io::Error::other("the walk ended early"))
+                })??;
+                match with_meta {
+                    true => walked,
+                    false => walked.into_iter().map(|e| plain(e.entry)).collect(),
+                }
+            }
+            None => on_local(&local, move |r| walk_listing(r, with_meta, checksum, keep)).await?,
+        };
         tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
         Ok::<_, ClientError>(mirror.filter_source(walked))
     };
@@ -1118,8 +1164,10 @@ pub async fn send_tree_mirror(
     let touched_dirs: Vec<TreeEntry> = last_pass.iter().map(|d| (*d).clone()).collect();
     let written = MetaPlan::written([&touched_dirs, &small, &large, &links]);
 
-    // Directories first (parents before children), so files have somewhere to go; writable
-    // by their owner until the last pass gives them their own mode.
+    // Directories are made writable by their owner until the last pass gives them their own
+    // mode. Those the receiver holds are fixed before any file goes (a file in the way, a
+    // mode that shuts its owner out); those it lacks are made alongside the files (see
+    // [`made_alongside`]).
     let make_dirs = |entries: &[&TreeEntry], extra: u32| -> Vec<Frame> {
         entries
             .iter()
@@ -1133,14 +1181,16 @@ pub async fn send_tree_mirror(
             })
             .collect()
     };
+    let (fixed_first, alongside) = made_alongside(&first_pass, &remote);
     pipeline(
         &mut control,
         None,
-        make_dirs(&first_pass, 0o700).into_iter().map(|f| (f, 0)),
+        make_dirs(&fixed_first, 0o700).into_iter().map(|f| (f, 0)),
         expect_done,
     )
     .await?;
-    tracing::debug!(dirs = first_pass.len(), elapsed = ?started.elapsed(), "directories made");
+    tracing::debug!(dirs = fixed_first.len(), elapsed = ?started.elapsed(), "directories the receiver holds fixed");
+    let make_alongside = make_dirs(&alongside, 0o700);
     let mut control = Some(control);
     // Light files changed at the receiver go as deltas over the connections already open, all
     // at once; what they cannot carry stays with the large files.
@@ -1163,7 +1213,9 @@ pub async fn send_tree_mirror(
     let few = large.is_empty()
         && small.len() <= FEW_FILES
         && small.iter().map(|e| e.size).sum::<u64>() <= PIPELINE_BYTES as u64;
-    let (small, control, spares) = if few {
+    let (small, control, spares, make_alongside) = if few {
+        let dirs = make_alongside.into_iter().map(|f| (f, 0));
+        pipeline(&mut control, None, dirs, expect_done).await?;
         // Each connection takes a share of the bytes, so each window opens less far.
         let mut sessions: Vec<&mut Session> = std::iter::once(&mut control)
             .chain(spares.iter_mut())
@@ -1185,12 +1237,18 @@ pub async fn send_tree_mirror(
         for spare in spares {
             spare.close().await;
         }
-        (Vec::new(), Some(control), Vec::new())
+        (Vec::new(), Some(control), Vec::new(), None)
     } else {
-        // The control connection would sit idle through the files; it is opened again at the
-        // end.
-        control.close().await;
-        (small, None, spares)
+        // The control connection makes the directories while the files go; it would then sit
+        // idle through them, and is opened again at the end.
+        let make = async move {
+            let dirs = make_alongside.into_iter().map(|f| (f, 0));
+            pipeline(&mut control, None, dirs, expect_done).await?;
+            control.close().await;
+            tracing::debug!(elapsed = ?started.elapsed(), "directories made");
+            Ok::<_, ClientError>(())
+        };
+        (small, None, spares, Some(make))
     };
 
     let files = Files {
@@ -1200,31 +1258,33 @@ pub async fn send_tree_mirror(
         opts,
         ready: spares,
     };
-    files
-        .run(
-            small,
-            &large,
-            (&mut summary, &progress),
-            send_small_files,
-            |entry| {
-                let (local, mut opts) = (&local, large_file_options(opts, entry.size));
-                if whole.contains(&entry.path) {
-                    opts.delta = engine::DeltaMode::Never;
-                }
-                // The tree's compressor decides for its large files too: one probe for all.
-                let compressor = &progress.compressor;
-                async move {
-                    let path = entry.path.clone();
-                    let source = on_local(local, move |r| {
-                        xfer_core::SourceFile::new(r.open_read(&path)?, path)
-                    })
-                    .await?;
-                    let name = join(dest, &entry.path);
-                    engine::send_file_sharing(source, target, &name, &opts, Some(compressor)).await
-                }
-            },
-        )
-        .await?;
+    let send_files = files.run(
+        small,
+        &large,
+        (&mut summary, &progress),
+        send_small_files,
+        |entry| {
+            let (local, mut opts) = (&local, large_file_options(opts, entry.size));
+            if whole.contains(&entry.path) {
+                opts.delta = engine::DeltaMode::Never;
+            }
+            // The tree's compressor decides for its large files too: one probe for all.
+            let compressor = &progress.compressor;
+            async move {
+                let path = entry.path.clone();
+                let source = on_local(local, move |r| {
+                    xfer_core::SourceFile::new(r.open_read(&path)?, path)
+                })
+                .await?;
+                let name = join(dest, &entry.path);
+                engine::send_file_sharing(source, target, &name, &opts, Some(compressor)).await
+            }
+        },
+    );
+    match make_alongside {
+        Some(make) => tokio::try_join!(send_files, make).map(|_| ())?,
+        None => send_files.await?,
+    }
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
     if let (Some(meta), Some(file_metas)) = (&mut meta, &progress.file_metas) {
         meta.stored_with_files(file_metas, &mut summary);
@@ -1990,5 +2050,41 @@ mod tests {
         assert!(packing_pays(Compression::Auto, lan, true));
         assert!(packing_pays(Compression::Level(3), lan, false));
         assert!(!packing_pays(Compression::Off, wan, true));
+    }
+
+    fn dir(path: &str, mode: u32) -> TreeEntry {
+        TreeEntry {
+            path: path.to_string(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime_ns: 0,
+            mode,
+            target: String::new(),
+            digest: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_directories_the_receiver_holds_are_made_before_the_files() {
+        let source: Vec<TreeEntry> = ["", "new", "new/deeper", "shut", "was-file", "kept"]
+            .into_iter()
+            .map(|p| dir(p, 0o755))
+            .collect();
+        let mut was_file = dir("was-file", 0o644);
+        was_file.kind = EntryKind::File;
+        let receiver: HashMap<String, TreeEntry> = [
+            dir("", 0o755),
+            dir("shut", 0o500),
+            was_file,
+            dir("kept", 0o755),
+        ]
+        .into_iter()
+        .map(|e| (e.path.clone(), e))
+        .collect();
+        let (first, _) = dir_passes(&source, &receiver, &[], &Removals::default());
+        let (fixed_first, alongside) = made_alongside(&first, &receiver);
+        let paths = |dirs: &[&TreeEntry]| dirs.iter().map(|d| d.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&fixed_first), ["shut", "was-file"]);
+        assert_eq!(paths(&alongside), ["new", "new/deeper"]);
     }
 }

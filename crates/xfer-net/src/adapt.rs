@@ -49,6 +49,9 @@ pub const COVER_AFTER_RTTS: u32 = 2;
 /// [`COVER_AFTER_RTTS`] round trips, ends there (see [`Adapt`]'s `losing`): a few chunks on
 /// loopback.
 pub const LOSING_AFTER: Duration = Duration::from_millis(50);
+/// A path whose round trip is at least this long starts its first probe with compression on
+/// (see [`Adapt::new`]).
+pub const FAR_PATH: Duration = Duration::from_millis(10);
 /// The longest a phase waits for what was queued before it to be delivered before it measures
 /// anyway (a connection closed with bytes queued never delivers them).
 pub const MAX_DRAIN: Duration = Duration::from_secs(2);
@@ -158,6 +161,9 @@ pub struct Adapt {
     /// only be delivered after its measurement, and may as well be the second probe's. It
     /// ends when the second probe's window opens (the first one's bytes are all delivered).
     pending: Option<Pending>,
+    /// The first probe compressed (a far path) and has not been measured again: it ran while
+    /// the connections were still in slow start, so it may lose only once measured again.
+    first_on_unconfirmed: bool,
 }
 
 /// A measurement of delivered bytes still running after its phase handed over.
@@ -172,7 +178,11 @@ struct Pending {
 
 impl Adapt {
     /// A policy whose first probe starts with the first chunk, off first: a transfer too short
-    /// to be measured goes as it would without compression. `cpus` is the parallelism
+    /// to be measured goes as it would without compression. Over a path of [`FAR_PATH`] or
+    /// more (known from the meter's round trip by the first chunk), on first: there the link
+    /// is likely the limit, and an off probe that trails decisively ends after a few round
+    /// trips ([`Adapt`]'s `losing`), while an off probe first runs its whole length, all of it
+    /// raw (the docs tree's first second through 50 ms). `cpus` is the parallelism
     /// compression may use.
     pub fn new(cpus: usize) -> Self {
         Self {
@@ -197,6 +207,7 @@ impl Adapt {
             drain_to: None,
             window: None,
             pending: None,
+            first_on_unconfirmed: false,
         }
     }
 
@@ -268,6 +279,14 @@ impl Adapt {
     }
 
     fn advance(&mut self, now: Instant) {
+        let far = self
+            .delivery
+            .and_then(|d| d.rtt)
+            .is_some_and(|rtt| rtt >= FAR_PATH);
+        if far && self.since.is_none() && self.phase == (Phase::Probe { on: false }) {
+            self.phase = Phase::Probe { on: true };
+            self.first_on_unconfirmed = true;
+        }
         let since = *self.since.get_or_insert(now);
         let elapsed = now.saturating_duration_since(since);
         let on = matches!(
@@ -316,7 +335,19 @@ impl Adapt {
         }
         self.phase = match (self.phase, self.off_rate, self.on_rate) {
             (Phase::Keep { on }, _, _) => Phase::Probe { on: !on },
+            // A first on probe that shrank the data but lost is measured again, the
+            // connections now past their slow start, before it counts.
+            (Phase::Probe { .. }, Some(off_rate), Some(on_rate))
+                if self.first_on_unconfirmed
+                    && on_rate <= off_rate * MARGIN
+                    && self.ratio * MARGIN < 1.0 =>
+            {
+                self.first_on_unconfirmed = false;
+                self.on_rate = None;
+                Phase::Probe { on: true }
+            }
             (Phase::Probe { .. }, Some(off_rate), Some(on_rate)) => {
+                self.first_on_unconfirmed = false;
                 // Where nothing shrank, compressing cannot have been faster: what looked so
                 // was noise (or the first probe's slow start).
                 let keep = on_rate > off_rate * MARGIN && self.ratio * MARGIN < 1.0;
@@ -369,6 +400,7 @@ impl Adapt {
                 let rate = (time > 0.0).then(|| delivered / pending.ratio / time);
                 if pending.on {
                     self.on_rate = rate.or(self.on_rate);
+                    self.ratio = pending.ratio;
                 } else {
                     self.off_rate = rate.or(self.off_rate);
                 }
@@ -526,6 +558,7 @@ mod tests {
     /// second, shrinking to `shrink`), then handed to socket buffers holding `buffer` bytes,
     /// which the path delivers at `link` wire bytes per second after `rtt`'s worth of
     /// acknowledgement delay. `metered`: the sender reads what was delivered before each chunk.
+    #[derive(Clone)]
     struct Path {
         link: f64,
         buffer: f64,
@@ -560,6 +593,17 @@ mod tests {
         fn wait(&mut self, time: f64) {
             self.now += Duration::from_secs_f64(time);
             self.acked = (self.acked + self.link * time).min(self.handed);
+        }
+
+        /// What `adapt` chooses for the first chunk over this path.
+        fn first_choice(&mut self, adapt: &mut Adapt) -> Choice {
+            if self.metered {
+                adapt.delivered(Delivery {
+                    rtt: Some(self.rtt),
+                    ..Delivery::default()
+                });
+            }
+            adapt.choose(self.now)
         }
 
         /// Sends chunks until `adapt` has taken `decisions` decisions, or for `time`.
@@ -636,6 +680,67 @@ mod tests {
             raw_first <= buffer + 60e6 * 0.15,
             "{raw_first} raw bytes first"
         );
+    }
+
+    #[test]
+    fn a_far_path_probes_compression_first_and_sends_less_raw() {
+        // 60 MB/s of link 50 ms away, a CPU compressing 150 MB/s to a quarter.
+        let mut path = Path::new(60e6, 16.0 * MIB as f64, 150e6, 0.25, true);
+        let mut adapt = Adapt::new(1);
+        let first = path.clone().first_choice(&mut adapt);
+        assert!(matches!(first, Choice::Compress { .. }), "{first:?}");
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(decision.on, "{decision:?}");
+        assert!((decision.ratio - 0.25).abs() < 0.01, "{decision:?}");
+        // Raw: the off probe's few round trips, not a whole probe first.
+        let raw = path.handed - path.compressed * 0.25;
+        assert!(raw < 60e6 * PROBE.as_secs_f64(), "{} MB raw", raw / 1e6);
+
+        // Loopback-like: off first, as ever.
+        let mut near = Path::new(500e6, 4.0 * MIB as f64, 400e6, 0.25, true);
+        near.rtt = Duration::from_micros(50);
+        assert_eq!(near.first_choice(&mut Adapt::new(1)), Choice::Raw);
+    }
+
+    #[test]
+    fn a_first_on_probe_that_lost_is_measured_again_before_it_counts() {
+        let start = Instant::now();
+        let mut adapt = Adapt::new(2);
+        let far = Delivery {
+            rtt: Some(Duration::from_millis(50)),
+            ..Delivery::default()
+        };
+        let mut now = start;
+        let mut on_probes = 0;
+        let mut was_on = false;
+        // No meter reading after the first (the round trip): each side's rate is what it hands over. The
+        // first on probe (slow start) moves 30 MB/s, off 50 MB/s, every later on 200 MB/s.
+        adapt.delivered(far);
+        while adapt.decision().is_none() {
+            let choice = adapt.choose(now);
+            adapt.delivery = None;
+            let on = matches!(choice, Choice::Compress { .. });
+            on_probes += usize::from(on && !was_on);
+            was_on = on;
+            let rate = match (on, on_probes) {
+                (false, _) => 50e6,
+                (true, 1) => 30e6,
+                (true, _) => 200e6,
+            };
+            now += Duration::from_secs_f64(MIB as f64 / rate);
+            let wire = if on { MIB / 4 } else { MIB };
+            adapt.sent(Sent {
+                raw: MIB,
+                wire,
+                compress: Duration::ZERO,
+            });
+        }
+        let decision = adapt.decision().unwrap();
+        assert_eq!(on_probes, 2, "{decision:?}");
+        assert!(decision.on, "{decision:?}");
     }
 
     #[test]
