@@ -316,7 +316,8 @@ impl Compressor {
                 if let Some(reading) = reading {
                     state.adapt.delivered(reading);
                 }
-                state.adapt.choose(Instant::now())
+                // Tokio's clock: the same as the system's, except in a test that pauses it.
+                state.adapt.choose(tokio::time::Instant::now().into_std())
             }
         }
     }
@@ -543,14 +544,14 @@ mod tests {
         data.verify().unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_compressor_sharing_decisions_follows_the_probe_of_the_other() {
         let tree = Compressor::new(Compression::Auto, "tree");
         let large_file = tree.sharing_decisions();
         let chunk = || Bytes::from(text(1 << 20));
         // The first probe sends raw; once it has measured long enough (without a meter: for
-        // as long as a probe lasts), the next chunk starts the probe with compression on,
-        // whichever of the two sends it.
+        // as long as a probe lasts, on the paused clock), the next chunk starts the probe with
+        // compression on, whichever of the two sends it.
         let first = tree.pack(1, 0, chunk()).await;
         assert!(matches!(first.frame, Frame::Data(_)));
         tokio::time::sleep(crate::adapt::PROBE + Duration::from_millis(10)).await;
