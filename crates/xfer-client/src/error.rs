@@ -76,6 +76,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// What the daemon's non-fatal answer about a name says: `Some(true)` when nothing is
+    /// there (`NotFound`), `Some(false)` when something is that is not a regular file
+    /// (`BadPath`); `None` for any other error. Either answer leaves the connection usable.
+    pub(crate) fn no_file_at_name(&self) -> Option<bool> {
+        match self {
+            Self::Remote(frame) => match frame.error_code() {
+                Some(ErrorCode::NotFound) => Some(true),
+                Some(ErrorCode::BadPath) => Some(false),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// True for failures to get a connection that waiting may fix: nothing listening yet, a
     /// dropped connection, a busy or restarting daemon. A refusal of the handshake itself
     /// (TLS required, version, authentication) is final.

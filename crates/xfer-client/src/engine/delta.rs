@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use xfer_core::delta::{self, Basis, Cut};
 use xfer_core::{CoreError, PartialFile, RangeSet, SourceFile};
 use xfer_proto::{
-    ByteRange, DeltaOpen, DeltaResume, DeltaSig, ErrorCode, Frame, ReadSig, SigChunk, CAP_DELTA,
+    ByteRange, DeltaOpen, DeltaResume, DeltaSig, Frame, ReadSig, SigChunk, CAP_DELTA,
     CAP_DELTA_GUESS, CAP_DELTA_PIPELINE, CAP_READ_SIG_PIPELINE, MAX_DELTA_CHUNKS,
 };
 
@@ -138,14 +138,7 @@ pub(super) async fn negotiate(
         Ok(Frame::DeltaIndex(index)) if index.transfer_id == transfer_id => index,
         Ok(other) => return Err(unexpected(other)),
         // Nothing under the name to start from (or not a regular file): the file goes whole.
-        Err(ClientError::Remote(e))
-            if matches!(
-                e.error_code(),
-                Some(ErrorCode::NotFound | ErrorCode::BadPath)
-            ) =>
-        {
-            return Ok(false)
-        }
+        Err(e) if e.no_file_at_name().is_some() => return Ok(false),
         Err(e) => return Err(e),
     };
     let avg = index.avg_chunk;

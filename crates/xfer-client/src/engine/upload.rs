@@ -451,16 +451,7 @@ async fn name_is_absent(session: &mut Session, name: &str) -> Result<bool, Clien
             Ok(Frame::Listing(page)) if page.more => {}
             Ok(Frame::Listing(_)) => return Ok(false),
             Ok(other) => return Err(unexpected(other)),
-            // Both leave the connection usable.
-            Err(ClientError::Remote(e))
-                if matches!(
-                    e.error_code(),
-                    Some(ErrorCode::NotFound | ErrorCode::BadPath)
-                ) =>
-            {
-                return Ok(e.error_code() == Some(ErrorCode::NotFound))
-            }
-            Err(e) => return Err(e),
+            Err(e) => return e.no_file_at_name().ok_or(e),
         }
     }
 }
