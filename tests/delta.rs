@@ -215,23 +215,12 @@ fn a_slow_rate_limit_makes_the_delta_the_choice() {
     );
 }
 
+/// A new name goes whole even with `--delta`, and asks the daemon for no delta basis: a
+/// connection opened beside the first asked whether the name holds anything while the first
+/// opened the upload, so the data went at once instead of a round trip after the delta's own
+/// question.
 #[test]
-fn a_new_file_goes_whole_even_with_delta() {
-    let tree = Tree::new();
-    let src = tree.src("new.bin");
-    std::fs::write(&src, noise(2 * MIB, 8)).unwrap();
-    let daemon = Daemon::start(&tree.root(), &[]);
-    let out = XferRun::send(&src, &daemon.addr(), "new.bin", &["--delta", "--json"]).wait_ok();
-    assert!(!delta(&out));
-    assert_eq!(out.json_u64("literal_bytes"), 2 * MIB as u64);
-    assert_eq!(sha256_file(&tree.root().join("new.bin")), sha256_file(&src));
-}
-
-/// A new name asks the daemon for no delta basis: a connection opened beside the first asked
-/// whether the name holds anything while the first opened the upload, so the data went at once
-/// instead of a round trip after the delta's own question.
-#[test]
-fn a_new_name_sends_its_data_without_the_delta_question() {
+fn a_new_name_goes_whole_without_the_delta_question() {
     let tree = Tree::new();
     let src = tree.src("new.bin");
     std::fs::write(&src, noise(2 * MIB, 9)).unwrap();
