@@ -257,18 +257,23 @@ mod tests {
         super::session_script(data, std::time::Instant::now());
     }
 
+    /// The `Hello` that opens a corpus seed's script, offering `capabilities`.
+    fn seed_hello(capabilities: u64) -> crate::Frame {
+        crate::Frame::Hello(crate::Hello {
+            version: 1,
+            min_version: 1,
+            capabilities,
+            agent: "fuzz".into(),
+            nonce: vec![1; 32],
+        })
+    }
+
     /// The script of a `session_script` corpus seed: a `Hello` offering
     /// `CAP_COMPRESSION`, an upload, `SetCompression`, a `DataZ` within the limits and one above.
     fn compressed_upload_script() -> Vec<u8> {
         use crate::*;
         let frames = [
-            Frame::Hello(Hello {
-                version: 1,
-                min_version: 1,
-                capabilities: CAP_COMPRESSION,
-                agent: "fuzz".into(),
-                nonce: vec![1; 32],
-            }),
+            seed_hello(CAP_COMPRESSION),
             Frame::OpenWrite(OpenWrite {
                 name: "z".into(),
                 identity: FileIdentity {
@@ -304,13 +309,7 @@ mod tests {
     pub(crate) fn packed_files_script() -> Vec<u8> {
         use crate::*;
         let mut script = bytes::BytesMut::from(&[0u8][..]);
-        let hello = Frame::Hello(Hello {
-            version: 1,
-            min_version: 1,
-            capabilities: CAP_COMPRESSION | CAP_PACKED_FILES,
-            agent: "fuzz".into(),
-            nonce: vec![1; 32],
-        });
+        let hello = seed_hello(CAP_COMPRESSION | CAP_PACKED_FILES);
         hello.encode(&mut script).unwrap();
         Frame::PackedPutFiles(packed_put_files())
             .encode(&mut script)
@@ -324,13 +323,7 @@ mod tests {
         use crate::*;
         let mode = |delta| Frame::CopyMode(CopyMode { delta });
         let frames = [
-            Frame::Hello(Hello {
-                version: 1,
-                min_version: 1,
-                capabilities: CAP_COPY_DELTA,
-                agent: "fuzz".into(),
-                nonce: vec![1; 32],
-            }),
+            seed_hello(CAP_COPY_DELTA),
             mode(CopyDeltaMode::Delta),
             mode(CopyDeltaMode::WholeFile),
             Frame::CopyTo(CopyTo {
@@ -362,13 +355,7 @@ mod tests {
     /// `CAP_DELTA_PUT`, then one `DeltaPut` more than the session's room of four.
     fn delta_puts_beyond_the_room_script() -> Vec<u8> {
         use crate::*;
-        let hello = Frame::Hello(Hello {
-            version: 1,
-            min_version: 1,
-            capabilities: CAP_DELTA | CAP_DELTA_PUT,
-            agent: "fuzz".into(),
-            nonce: vec![1; 32],
-        });
+        let hello = seed_hello(CAP_DELTA | CAP_DELTA_PUT);
         let put = |name: &str| {
             Frame::DeltaPut(DeltaPut {
                 open: OpenWrite {
