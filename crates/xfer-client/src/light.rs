@@ -3,7 +3,8 @@
 //! opens a file's upload with its whole signature (`DeltaPut`); the second, once the answer says
 //! what the daemon copied from the file it holds, carries the literal data and the commit. The
 //! literal data keeps within the daemon's window (`Welcome.window` unanswered `Data` per
-//! connection), while the next files' `DeltaPut`s, which it does not count, go on. A file
+//! connection, counted by size with `CAP_BYTE_WINDOW`), while the next files' `DeltaPut`s,
+//! which it does not count, go on. A file
 //! this cannot carry (refused, a digest that did not match, a connection lost) is left to the
 //! chunked engine, which resumes it or sends it whole.
 
@@ -129,9 +130,10 @@ pub(crate) async fn send_over(
         .map(|light| prepare(job, light, chunk_size, sparse_aware))
         .buffered(PREPARED_AHEAD);
     let room = Semaphore::new(OPEN_AT_ONCE);
-    // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): a
-    // permit per frame sent, given back by its `Ack` or `Reject`.
-    let window = Semaphore::new(session.welcome.window.clamp(1, 64) as usize);
+    // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): the
+    // permits of each frame sent, given back by its `Ack` or `Reject`.
+    let window = DataWindow::of(&session.welcome);
+    let permits = Semaphore::new(window.capacity());
     // One entry per file in flight at most: the reader never waits on it.
     let (next_tx, mut next_rx) = mpsc::channel::<Next>(OPEN_AT_ONCE);
     // Bounds what is written ahead of the answers read; the reader never waits on the writer.
@@ -174,6 +176,10 @@ pub(crate) async fn send_over(
             if !files_left && again.is_empty() && settled == put && sending.is_empty() {
                 break;
             }
+            let next_cost = sending
+                .front()
+                .and_then(|s| s.chunks.front())
+                .map_or(1, |chunk| window.cost(chunk.len()));
             tokio::select! {
                 biased;
                 next = next_rx.recv() => {
@@ -190,7 +196,7 @@ pub(crate) async fn send_over(
                     let chunks = xfer_core::split_into_chunks(&literal.ranges, chunk_size).into();
                     sending.push_back(Second { file, id, literal, chunks });
                 }
-                permit = window.acquire(), if !sending.is_empty() => {
+                permit = permits.acquire_many(next_cost), if !sending.is_empty() => {
                     permit.map_err(|_| ClientError::Closed)?.forget();
                     let Some(second) = sending.front_mut() else { continue };
                     let Some(chunk) = second.chunks.pop_front() else { continue };
@@ -258,9 +264,13 @@ pub(crate) async fn send_over(
                     let _ = next_tx.send(next).await;
                 }
                 Expect::Data(chunk) => match read_answer(reader).await? {
-                    Frame::Ack(a) if a == chunk => window.add_permits(1),
+                    Frame::Ack(a) if a == chunk => {
+                        permits.add_permits(window.cost(u64::from(chunk.len)) as usize);
+                    }
                     // The commit fails short of it, and the engine sends the file again.
-                    Frame::Reject(r) if r == chunk => window.add_permits(1),
+                    Frame::Reject(r) if r == chunk => {
+                        permits.add_permits(window.cost(u64::from(chunk.len)) as usize);
+                    }
                     other => return Err(unexpected(other)),
                 },
                 Expect::Commit(file, id, literal) => match read_answer(reader).await? {
@@ -311,6 +321,44 @@ pub(crate) async fn send_over(
         "light files sent over a connection"
     );
     Ok(())
+}
+
+/// The daemon's window (proto.md §5.11) as the light files' `Data` count against it: a
+/// permit per frame, or with `CAP_BYTE_WINDOW` the frame's slots, so that the few KiB of a
+/// file's literal data go at once instead of waiting for `Ack`s behind a count sized for whole
+/// chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DataWindow {
+    /// `Welcome.window`, within 1 and 64.
+    frames: u32,
+    /// `Welcome.max_chunk_size` when the window counts slots (`CAP_BYTE_WINDOW`).
+    slots_of: Option<u32>,
+}
+
+impl DataWindow {
+    fn of(welcome: &xfer_proto::Welcome) -> Self {
+        let by_size = welcome.capabilities & xfer_proto::CAP_BYTE_WINDOW != 0;
+        Self {
+            frames: welcome.window.clamp(1, 64),
+            slots_of: by_size.then_some(welcome.max_chunk_size),
+        }
+    }
+
+    /// Permits the whole window holds.
+    fn capacity(self) -> usize {
+        match self.slots_of {
+            Some(_) => (self.frames * xfer_proto::WINDOW_SLOTS) as usize,
+            None => self.frames as usize,
+        }
+    }
+
+    /// Permits a `Data` frame of `len` bytes takes until it is answered.
+    fn cost(self, len: u64) -> u32 {
+        match self.slots_of {
+            Some(max_chunk) => xfer_proto::window_slots(len, max_chunk),
+            None => 1,
+        }
+    }
 }
 
 /// The uploads a connection has open, and its room for more (`room`, a permit per file from
@@ -476,4 +524,42 @@ async fn prepare(
         .await
         .map_err(|e| CoreError::io("light file", std::io::Error::other(e.to_string())))??;
     Ok(prepared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn welcome(capabilities: u64, window: u32) -> xfer_proto::Welcome {
+        xfer_proto::Welcome {
+            version: 1,
+            capabilities,
+            max_chunk_size: 16 << 20,
+            window,
+            agent: String::new(),
+            proof: Vec::new(),
+        }
+    }
+
+    /// How many `Data` frames of `len` bytes go before the first is answered.
+    fn in_one_flight(window: DataWindow, len: u64) -> usize {
+        window.capacity() / window.cost(len) as usize
+    }
+
+    #[test]
+    fn a_byte_window_lets_small_literal_data_go_in_one_flight() {
+        let by_size = DataWindow::of(&welcome(xfer_proto::CAP_BYTE_WINDOW, 2));
+        // A light file's literal data: a few KiB each, 128 of them before any `Ack`.
+        assert_eq!(in_one_flight(by_size, 25_000), 128);
+        // Whole chunks: as many as the window counted in frames.
+        assert_eq!(in_one_flight(by_size, 16 << 20), 2);
+        // A daemon that counts frames: two, whatever their size.
+        let by_frame = DataWindow::of(&welcome(0, 2));
+        assert_eq!(in_one_flight(by_frame, 25_000), 2);
+        assert_eq!(in_one_flight(by_frame, 16 << 20), 2);
+        // Out-of-range windows are held within 1 and 64 frames.
+        assert_eq!(DataWindow::of(&welcome(0, 0)).capacity(), 1);
+        let widest = DataWindow::of(&welcome(xfer_proto::CAP_BYTE_WINDOW, 1000));
+        assert_eq!(widest.capacity(), 64 * 64);
+    }
 }

@@ -281,10 +281,22 @@ impl Session {
         connector: &Connector,
         offer: u64,
     ) -> Result<Self, ClientError> {
+        Self::connect_telling_rtt(target, connector, offer, &mut None).await
+    }
+
+    /// [`Session::connect_offering`] that sends the round trip the TCP connect measured into
+    /// `dialed` as soon as it is connected, before the handshake's round trips: what a tree
+    /// decides its other connections by, which then open beside this one's handshake.
+    pub(crate) async fn connect_telling_rtt(
+        target: &Target,
+        connector: &Connector,
+        offer: u64,
+        dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
+    ) -> Result<Self, ClientError> {
         let tls = match (&connector.tls, &connector.trust) {
             (Some(tls), _) => tls.clone(),
             (None, Some(trust)) => trust.for_peer(&target.to_string())?,
-            (None, None) => return Self::connect_as(target, connector, None, offer).await,
+            (None, None) => return Self::connect_as(target, connector, None, offer, dialed).await,
         };
         let tls = &tls;
         let peer = target.to_string();
@@ -295,28 +307,33 @@ impl Session {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         if connector.tls_required || learned().contains(&peer) {
-            return Self::connect_as(target, connector, Some(tls), offer).await;
+            return Self::connect_as(target, connector, Some(tls), offer, dialed).await;
         }
-        match Self::connect_as(target, connector, None, offer).await {
+        match Self::connect_as(target, connector, None, offer, dialed).await {
             // A daemon with a certificate answers a plaintext Hello with Error{Protocol}
             // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
             Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
                 tracing::debug!(%target, "the daemon requires TLS; using it");
                 learned().insert(peer);
-                Self::connect_as(target, connector, Some(tls), offer).await
+                Self::connect_as(target, connector, Some(tls), offer, dialed).await
             }
             other => other,
         }
     }
 
-    /// [`Session::connect_offering`] over TLS (`tls`) or plain TCP.
+    /// [`Session::connect_offering`] over TLS (`tls`) or plain TCP; the first to connect tells
+    /// `dialed` its round trip.
     async fn connect_as(
         target: &Target,
         connector: &Connector,
         tls: Option<&tokio_rustls::TlsConnector>,
         offer: u64,
+        dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
     ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
+        if let Some(dialed) = dialed.take() {
+            let _ = dialed.send(sockopt::rtt(&socket));
+        }
         tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             Self::handshake(socket, target, connector, tls, offer),
@@ -535,4 +552,44 @@ pub fn unexpected(frame: Frame) -> ClientError {
         return ClientError::Remote(e);
     }
     ClientError::Unexpected(frame.frame_type().name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// The round trip is told as soon as the TCP connect is done: before the `Hello` goes, so
+    /// before any handshake round trip, other connections can open beside this one's.
+    #[tokio::test]
+    async fn the_round_trip_is_told_before_the_hello_goes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().unwrap().port(),
+        };
+        let (dialed, mut dial_rtt) = tokio::sync::oneshot::channel();
+        let daemon = async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // The first bytes of the `Hello`: the client has connected and written it.
+            let mut hello_len = [0u8; 4];
+            socket.read_exact(&mut hello_len).await.unwrap();
+            let told = dial_rtt.try_recv();
+            // Closing ends the client's handshake.
+            drop(socket);
+            told
+        };
+        let connector = Connector::default();
+        let client = async {
+            let mut dialed = Some(dialed);
+            let connected = Session::connect_telling_rtt(&target, &connector, 0, &mut dialed).await;
+            (connected.is_err(), dialed.is_none())
+        };
+        let (told, (failed, sent)) = tokio::join!(daemon, client);
+        assert!(failed && sent, "the handshake failed, the sender was used");
+        assert!(
+            matches!(told, Ok(Some(_))),
+            "no round trip told before the Hello: {told:?}"
+        );
+    }
 }

@@ -999,7 +999,19 @@ async fn connect_deleting(
     connector: &crate::Connector,
     mirror: &Mirror,
 ) -> Result<Session, ClientError> {
-    let session = Session::connect_offering(target, connector, mirror.offer()).await?;
+    connect_deleting_telling_rtt(target, connector, mirror, &mut None).await
+}
+
+/// [`connect_deleting`] that tells `dialed` the round trip once connected, before the
+/// handshake (see [`Session::connect_telling_rtt`]).
+async fn connect_deleting_telling_rtt(
+    target: &Target,
+    connector: &crate::Connector,
+    mirror: &Mirror,
+    dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
+) -> Result<Session, ClientError> {
+    let offer = mirror.offer();
+    let session = Session::connect_telling_rtt(target, connector, offer, dialed).await?;
     if mirror.delete && session.welcome.capabilities & xfer_proto::CAP_DELETE == 0 {
         session.close().await;
         return Err(ClientError::Unsupported(format!(
@@ -1075,12 +1087,8 @@ pub async fn send_tree_mirror(
     // a long path both take round trips the walk need not wait for.
     let keep = opts.keep;
     let walking = (!checksum).then(|| walk_early(&local, keep));
-    let mut control = connect_deleting(target, &opts.connector, mirror).await?;
-    let with_meta = keeps_meta(&control);
-    if !with_meta {
-        crate::meta::warn_old_daemon(target);
-    }
-    let walk = async {
+    let source = &local;
+    let walk = |with_meta: bool| async move {
         let walked = match walking {
             Some(walking) => {
                 let walked = walking.await.map_err(|_| {
@@ -1091,23 +1099,43 @@ pub async fn send_tree_mirror(
                     false => walked.into_iter().map(|e| plain(e.entry)).collect(),
                 }
             }
-            None => on_local(&local, move |r| walk_listing(r, with_meta, checksum, keep)).await?,
+            None => on_local(source, move |r| walk_listing(r, with_meta, checksum, keep)).await?,
         };
         tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
         Ok::<_, ClientError>(mirror.filter_source(walked))
     };
-    // Over a long path the files' connections are opened while the receiver lists its side:
-    // each starts with a congestion window of its own, and none costs a round trip later.
-    let spares = if mirror.dry_run {
-        0
-    } else {
-        spare_connections(opts, control.rtt)
+    // Over a long path the files' connections are opened while the first one does its
+    // handshake and the receiver lists its side: each starts with a congestion window of its
+    // own, and none costs a round trip later. Whether the path is long is known as soon as the
+    // first is connected, two round trips before its `Welcome`.
+    let (dialed, dial_rtt) = tokio::sync::oneshot::channel();
+    let open_spares = async {
+        let rtt = dial_rtt.await.ok().flatten();
+        let count = match mirror.dry_run {
+            true => 0,
+            false => spare_connections(opts, rtt),
+        };
+        Ok::<_, ClientError>(preconnect(target, &opts.connector, count).await)
     };
-    let list = list_listing(&mut control, dest, with_meta, checksum, keep);
-    let open_spares = preconnect(target, &opts.connector, spares);
-    let (walked, listed, mut spares) =
-        tokio::try_join!(walk, list, async { Ok(open_spares.await) })?;
-    tracing::debug!(entries = listed.len(), spares = spares.len(), elapsed = ?started.elapsed(), "receiver listed");
+    let first = async {
+        let mut dialed = Some(dialed);
+        let mut control =
+            connect_deleting_telling_rtt(target, &opts.connector, mirror, &mut dialed).await?;
+        let with_meta = keeps_meta(&control);
+        if !with_meta {
+            crate::meta::warn_old_daemon(target);
+        }
+        let list = async {
+            let listed = list_listing(&mut control, dest, with_meta, checksum, keep).await?;
+            tracing::debug!(entries = listed.len(), elapsed = ?started.elapsed(), "receiver listed");
+            Ok(listed)
+        };
+        let (walked, listed) = tokio::try_join!(walk(with_meta), list)?;
+        Ok::<_, ClientError>((control, with_meta, walked, listed))
+    };
+    let ((mut control, with_meta, walked, listed), mut spares) =
+        tokio::try_join!(first, open_spares)?;
+    tracing::debug!(spares = spares.len(), elapsed = ?started.elapsed(), "connections open");
 
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();

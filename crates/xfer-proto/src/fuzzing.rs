@@ -387,6 +387,45 @@ mod tests {
         session_script_now(&delta_puts_beyond_the_room_script());
     }
 
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_DELTA`,
+    /// `CAP_DELTA_PUT` and `CAP_BYTE_WINDOW`, a `DeltaPut`, then its literal data in three small
+    /// `Data` frames sent at once, as a window counted by size lets them go.
+    fn small_data_in_a_byte_window_script() -> Vec<u8> {
+        use crate::*;
+        let hello = seed_hello(CAP_DELTA | CAP_DELTA_PUT | CAP_BYTE_WINDOW);
+        let put = Frame::DeltaPut(DeltaPut {
+            open: OpenWrite {
+                name: "w".into(),
+                identity: FileIdentity {
+                    size: 300,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: 1 << 16,
+            },
+            avg_chunk: 16384,
+            chunks: vec![SigChunk {
+                len: 300,
+                hash: [7; 16],
+            }],
+        });
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        hello.encode(&mut script).unwrap();
+        put.encode(&mut script).unwrap();
+        for offset in [0, 100, 200] {
+            let payload = bytes::Bytes::from(vec![offset as u8; 100]);
+            Frame::Data(Data::new(1, offset, payload))
+                .encode(&mut script)
+                .unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn small_data_in_a_byte_window_reaches_the_session() {
+        session_script_now(&small_data_in_a_byte_window_script());
+    }
+
     /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.
     pub(crate) fn packed_put_files() -> crate::PackedFiles {
         use crate::*;

@@ -91,6 +91,24 @@ pub const CAP_DELTA_PUT: u64 = 1 << 15;
 /// guessed chunks (`DeltaGuess`): blocks the server looks for only where the previous match
 /// puts them, so the client hashes what did not move instead of cutting it by content.
 pub const CAP_DELTA_GUESS: u64 = 1 << 16;
+/// Capability bit: the window counts streamed frames by their size, in [`WINDOW_SLOTS`]
+/// slots per `Welcome.window` unit ([`window_slots`]), so that a light file's few KiB of
+/// literal data do not wait behind a count sized for whole chunks.
+pub const CAP_BYTE_WINDOW: u64 = 1 << 18;
+/// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
+/// chunk (`max_chunk_size` bytes) takes them all.
+pub const WINDOW_SLOTS: u32 = 64;
+
+/// The window slots (`CAP_BYTE_WINDOW`) a streamed frame of `len` bytes takes on a connection
+/// whose `max_chunk_size` is `max_chunk`: `⌈WINDOW_SLOTS·len / max_chunk⌉`, at least 1 and at
+/// most [`WINDOW_SLOTS`] (proto.md §5.11).
+pub fn window_slots(len: u64, max_chunk: u32) -> u32 {
+    let max_chunk = u64::from(max_chunk.max(1));
+    let slots = u64::from(WINDOW_SLOTS)
+        .saturating_mul(len)
+        .div_ceil(max_chunk);
+    slots.clamp(1, u64::from(WINDOW_SLOTS)) as u32
+}
 /// The feature bits this implementation speaks: a client offers them all, a server grants
 /// those the client offered (`CAP_PACKED_FILES` only with `CAP_COMPRESSION`, `CAP_PUT_META`
 /// only with `CAP_TREE_META`).
@@ -106,7 +124,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_COPY_REASON
     | CAP_READ_SIG_PIPELINE
     | CAP_DELTA_PUT
-    | CAP_DELTA_GUESS;
+    | CAP_DELTA_GUESS
+    | CAP_BYTE_WINDOW;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.
@@ -127,3 +146,24 @@ pub const MAX_NAME_LEN: usize = 4096;
 pub const MAX_RANGES: usize = 65536;
 /// Most entries in one `Listing` frame; longer listings span several frames.
 pub const MAX_LISTING_ENTRIES: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_takes_its_share_of_a_chunk_in_window_slots() {
+        let chunk = 16 << 20;
+        // A whole chunk takes a frame's worth, as the window counted in frames did.
+        assert_eq!(window_slots(u64::from(chunk), chunk), WINDOW_SLOTS);
+        // A light file's literal data takes one slot; anything takes at least one.
+        assert_eq!(window_slots(25_000, chunk), 1);
+        assert_eq!(window_slots(0, chunk), 1);
+        assert_eq!(window_slots(256 << 10, chunk), 1);
+        assert_eq!(window_slots((256 << 10) + 1, chunk), 2);
+        assert_eq!(window_slots(u64::from(chunk) / 2, chunk), 32);
+        // Never more than a frame's worth, whatever the length claims.
+        assert_eq!(window_slots(u64::MAX, chunk), WINDOW_SLOTS);
+        assert_eq!(window_slots(5, 0), WINDOW_SLOTS);
+    }
+}

@@ -290,6 +290,7 @@ fn frames() -> BTreeMap<&'static str, Frame> {
         ),
         ("welcome", welcome(0, vec![])),
         ("welcome-tls", welcome(CAP_TLS, vec![])),
+        ("welcome-byte-window", welcome(CAP_BYTE_WINDOW, vec![])),
         ("start-tls", Frame::StartTls),
         (
             "error-tls-required",

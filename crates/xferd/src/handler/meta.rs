@@ -24,9 +24,10 @@ impl Handler {
     }
 
     pub(super) async fn list_tree_meta(&mut self, req: ListTreeMeta) -> Result<(), ConnError> {
-        let root = self.root();
+        let (root, started) = (self.root(), std::time::Instant::now());
         let dir = req.dir.clone();
         let walked = blocking(move || root.walk_meta(&dir, req.digests, req.xattrs)).await;
+        let walked_in = started.elapsed();
         let mut entries = match walked {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
@@ -75,6 +76,7 @@ impl Handler {
                 self.writer.send(&frame).await?;
             }
         }
+        tracing::debug!(entries = total, ?walked_in, elapsed = ?started.elapsed(), "tree listed");
         Ok(())
     }
 

@@ -443,19 +443,31 @@ impl Handler {
     }
 
     /// A streamed frame read while the chunk before it is still being written behind, its
-    /// `Ack` not sent: the client sent it with at least two unanswered, which a window of one
-    /// forbids (proto.md §5.11 lets a server end the connection for it). Only this is ever
-    /// seen, since every other frame is answered before the next is read.
+    /// `Ack` not sent: the client sent it with both unanswered, which a window of one frame
+    /// forbids, or with `CAP_BYTE_WINDOW` one of fewer slots than the two take (proto.md §5.11
+    /// lets a server end the connection for it). Only this is ever seen, since every other
+    /// frame is answered before the next is read.
     fn check_window(&self, request: &Request) -> Result<(), ConnError> {
-        let streamed = matches!(
-            request,
-            Request::Data(..) | Request::DataZ(..) | Request::Zeros(..)
-        );
+        let next = match request {
+            Request::Data(_, data) => data.payload.len() as u64,
+            Request::DataZ(_, z) => u64::from(z.raw_len),
+            Request::Zeros(_, chunk) => u64::from(chunk.len),
+            _ => return Ok(()),
+        };
+        let Some(behind) = &self.write_behind else {
+            return Ok(());
+        };
         let window = self.shared.config.window;
-        if streamed && self.write_behind.is_some() && window < 2 {
+        let by_size = self.session.capabilities() & xfer_proto::CAP_BYTE_WINDOW != 0;
+        let max_chunk = by_size.then_some(self.shared.config.chunk_size);
+        if window_breached(window, max_chunk, u64::from(behind.chunk.len), next) {
+            let unit = match by_size {
+                true => "slots",
+                false => "Data",
+            };
             return Err(fatal(
                 ErrorCode::Protocol,
-                format!("more Data unanswered than the window of {window} allows"),
+                format!("more {unit} unanswered than the window of {window} allows"),
             ));
         }
         Ok(())
@@ -536,4 +548,18 @@ async fn close_with(reader: &mut Reader, writer: &mut Writer, frame: ErrorFrame)
         Ok::<_, ProtoError>(())
     })
     .await;
+}
+
+/// Whether two streamed frames unanswered at once, of `behind` and `next` bytes, exceed a
+/// window of `window`: counted in frames, or with `CAP_BYTE_WINDOW` (`max_chunk` given) in
+/// slots of `max_chunk` (proto.md §5.11).
+fn window_breached(window: u32, max_chunk: Option<u32>, behind: u64, next: u64) -> bool {
+    match max_chunk {
+        None => window < 2,
+        Some(max_chunk) => {
+            let slots = xfer_proto::window_slots(behind, max_chunk)
+                + xfer_proto::window_slots(next, max_chunk);
+            u64::from(slots) > u64::from(window) * u64::from(xfer_proto::WINDOW_SLOTS)
+        }
+    }
 }

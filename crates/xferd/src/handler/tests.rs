@@ -679,3 +679,20 @@ async fn auto_compression_of_what_a_connection_sends_counts_its_socket() {
     handler.set_compression(xfer_net::Compression::Auto.wire());
     assert!(handler.counted.is_some());
 }
+
+#[test]
+fn the_window_counts_frames_or_with_the_byte_window_their_slots() {
+    use super::window_breached;
+    let chunk: u32 = 16 << 20;
+    let whole = u64::from(chunk);
+    // Counted in frames: two unanswered breach a window of one, never one of two.
+    assert!(window_breached(1, None, 20_000, 20_000));
+    assert!(!window_breached(2, None, whole, whole));
+    // Counted by size: two light files' literal data fit a window of one, a whole chunk and
+    // anything more do not, and two whole chunks fit a window of two.
+    assert!(!window_breached(1, Some(chunk), 20_000, 20_000));
+    assert!(window_breached(1, Some(chunk), whole, 20_000));
+    assert!(window_breached(1, Some(chunk), whole / 2, whole / 2 + 1));
+    assert!(!window_breached(1, Some(chunk), whole / 2, whole / 2));
+    assert!(!window_breached(2, Some(chunk), whole, whole));
+}
