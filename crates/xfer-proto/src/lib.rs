@@ -91,6 +91,10 @@ pub const CAP_DELTA_PUT: u64 = 1 << 15;
 /// guessed chunks (`DeltaGuess`): blocks the server looks for only where the previous match
 /// puts them, so the client hashes what did not move instead of cutting it by content.
 pub const CAP_DELTA_GUESS: u64 = 1 << 16;
+/// Capability bit: the whole-file digest (`Commit`, `Committed`, `DigestReply`) is the block
+/// digest, XXH3-128 over the XXH3-128 digests of the file's 1 MiB blocks (proto.md §2.4), which
+/// a receiver computes as bytes land in any order.
+pub const CAP_BLOCK_DIGEST: u64 = 1 << 17;
 /// The feature bits this implementation speaks: a client offers them all, a server grants
 /// those the client offered (`CAP_PACKED_FILES` only with `CAP_COMPRESSION`, `CAP_PUT_META`
 /// only with `CAP_TREE_META`).
@@ -106,7 +110,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_COPY_REASON
     | CAP_READ_SIG_PIPELINE
     | CAP_DELTA_PUT
-    | CAP_DELTA_GUESS;
+    | CAP_DELTA_GUESS
+    | CAP_BLOCK_DIGEST;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.
