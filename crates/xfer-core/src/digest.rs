@@ -479,11 +479,13 @@ impl Blocks {
         to_read
     }
 
-    /// Blocks marked stale that `held` now covers whole: to read back (at open, after a resume).
-    pub fn stale_and_held(&mut self, held: &RangeSet) -> Vec<u64> {
+    /// Blocks marked stale that touch `within` and that `held` now covers whole: to read back
+    /// (after a resume, or holes recorded).
+    pub fn stale_and_held(&mut self, held: &RangeSet, within: xfer_proto::ByteRange) -> Vec<u64> {
+        let blocks = within.start / DIGEST_BLOCK..within.end.div_ceil(DIGEST_BLOCK);
         let ready: Vec<u64> = self
             .stale
-            .iter()
+            .range(blocks)
             .copied()
             .filter(|&i| held.contains(block_range(i, self.size)))
             .collect();
@@ -742,7 +744,10 @@ mod block_tests {
         let resumed = ByteRange::new(0, 3 << 19);
         held.insert(resumed);
         blocks.mark_stale(resumed);
-        assert_eq!(blocks.stale_and_held(&held), vec![0]);
+        assert_eq!(
+            blocks.stale_and_held(&held, ByteRange::new(0, size)),
+            vec![0]
+        );
         let tail = ByteRange::new(3 << 19, 2 << 20);
         held.insert(tail);
         let piece = vec![0u8; tail.len() as usize];

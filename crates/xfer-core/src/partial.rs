@@ -221,9 +221,9 @@ impl State {
     /// Feeds the digest the held bytes that follow its position, read back from the file
     /// (holes recorded this session are hashed as zeros without being read).
     ///
-    /// The block digest reads back the blocks it cannot hash from memory (see [`Blocks`]) that
-    /// are complete, or with `all`, every block not combined yet.
-    fn catch_up(&mut self, all: bool) -> std::io::Result<()> {
+    /// The block digest reads back the blocks touching `within` it cannot hash from memory (see
+    /// [`Blocks`]) that are complete, or with `all`, every block not combined yet.
+    fn catch_up(&mut self, within: ByteRange, all: bool) -> std::io::Result<()> {
         let (data, direct) = (&self.data, self.direct.as_deref());
         let block = digest_read_block(direct);
         let mut buf = Vec::new();
@@ -239,7 +239,7 @@ impl State {
             Progress::Blocks(blocks) => {
                 let ready = match all {
                     true => blocks.not_combined(),
-                    false => blocks.stale_and_held(&self.held),
+                    false => blocks.stale_and_held(&self.held, within),
                 };
                 for index in ready {
                     blocks.read_back(index, &self.zeros, block, &mut read)?;
@@ -477,7 +477,7 @@ impl PartialFile {
             }
         }
         state
-            .catch_up(false)
+            .catch_up(ByteRange::new(0, identity.size), false)
             .map_err(|e| CoreError::io(ctx("reading back partial of"), e))?;
         Ok(Self {
             slot,
@@ -656,7 +656,7 @@ impl PartialFile {
             // ahead of the frontier are read back (from the page cache) once it reaches them.
             Progress::Sequential(frontier) => {
                 frontier.feed(range.start, payload);
-                st.catch_up(false)
+                st.catch_up(range, false)
                     .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
                 Vec::new()
             }
@@ -772,7 +772,7 @@ impl PartialFile {
             blocks.mark_stale(range);
         }
         // The digest covers the zeros too, hashed without reading them back.
-        st.catch_up(false)
+        st.catch_up(range, false)
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))
     }
 
@@ -905,7 +905,7 @@ impl PartialFile {
             return Err(CoreError::Incomplete { missing });
         }
         let started = std::time::Instant::now();
-        st.catch_up(true)
+        st.catch_up(ByteRange::new(0, self.identity.size), true)
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
         let caught_up = started.elapsed();
         let own = match &st.digest {
