@@ -242,3 +242,65 @@ fn recv_of_a_directory_fails_with_one_line() {
     assert!(line.contains("adir"), "{line}");
     assert_eq!(list_tree(&tree.path().join("out")), Vec::<String>::new());
 }
+
+/// The whole-file digest a `Commit` carries is of the kind the connection negotiated (proto.md
+/// §2.4): the sequential digest with a client that does not offer `CAP_BLOCK_DIGEST`, exactly as
+/// before the bit, and the block digest with one that does; the other kind is refused as
+/// `Corrupt` and nothing is renamed into place. The chunks go last first, so the daemon holds
+/// them ahead of any in-order position.
+#[test]
+fn a_commit_digest_is_of_the_kind_the_connection_negotiated() {
+    use xfer_core::digest::{digest_file_as, DigestKind};
+    use xfer_proto::{Commit, Data, ErrorCode, Frame, CAP_BLOCK_DIGEST};
+    use xfer_tests::raw::{error_code, open_write, RawConn};
+
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let src = tree.src("kinds.bin");
+    random_file(&src, 5 * 512 * 1024 + 77, 31);
+    let data = fs::read(&src).unwrap();
+    let size = data.len() as u64;
+    let digest = |kind| digest_file_as(kind, &File::open(&src).unwrap(), size).unwrap();
+    let upload = |caps: u64, name: &str, digest: [u8; 16]| {
+        let mut conn = RawConn::connect(daemon.socket_addr());
+        let welcome = conn.handshake_offering(None, caps);
+        assert_eq!(
+            welcome.capabilities & CAP_BLOCK_DIGEST,
+            caps & CAP_BLOCK_DIGEST
+        );
+        let Frame::WriteOpened(opened) = conn.request(&open_write(name, size)) else {
+            panic!("upload refused");
+        };
+        let id = opened.transfer_id;
+        let starts: Vec<u64> = (0..size).step_by(CHUNK as usize).collect();
+        for &start in starts.iter().rev() {
+            let end = size.min(start + CHUNK) as usize;
+            let chunk = bytes::Bytes::copy_from_slice(&data[start as usize..end]);
+            let answer = conn.request(&Frame::Data(Data::new(id, start, chunk)));
+            assert!(matches!(answer, Frame::Ack(_)), "{answer:?}");
+        }
+        let commit = Commit {
+            transfer_id: id,
+            digest: digest.to_vec(),
+        };
+        conn.request(&Frame::Commit(commit))
+    };
+    for (caps, kind, other) in [
+        (0, DigestKind::Sequential, DigestKind::Blocks),
+        (CAP_BLOCK_DIGEST, DigestKind::Blocks, DigestKind::Sequential),
+    ] {
+        let name = format!("kinds-{caps}.bin");
+        let refused = upload(caps, &name, digest(other));
+        assert_eq!(
+            error_code(refused, "Commit"),
+            Some(ErrorCode::Corrupt),
+            "{kind:?}"
+        );
+        assert!(!tree.root().join(&name).exists());
+        let Frame::Committed(done) = upload(caps, &name, digest(kind)) else {
+            panic!("{kind:?}: not committed");
+        };
+        assert_eq!(done.digest, digest(kind).to_vec());
+        assert_eq!(sha256_file(&tree.root().join(&name)), sha256_file(&src));
+    }
+}

@@ -126,8 +126,9 @@ pub(crate) async fn send_over(
         .min(session.welcome.max_chunk_size)
         .max(xfer_proto::MIN_CHUNK_SIZE);
     let sparse_aware = session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0;
+    let kind = xfer_core::digest::DigestKind::of_capabilities(session.welcome.capabilities);
     let mut prepared = stream::iter(files)
-        .map(|light| prepare(job, light, chunk_size, sparse_aware))
+        .map(|light| prepare(job, light, chunk_size, sparse_aware, kind))
         .buffered(PREPARED_AHEAD);
     let room = Semaphore::new(OPEN_AT_ONCE);
     // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): the
@@ -482,6 +483,7 @@ async fn prepare(
     light: Light,
     chunk_size: u32,
     sparse_aware: bool,
+    kind: xfer_core::digest::DigestKind,
 ) -> Result<Option<Prepared>, ClientError> {
     let (local, name) = (job.local.clone(), crate::tree::join(job.dest, &light.path));
     let task = tokio::task::spawn_blocking(move || -> Result<Option<Prepared>, CoreError> {
@@ -501,7 +503,7 @@ async fn prepare(
         if chunks.len() > MAX_DELTA_CHUNKS {
             return Ok(None);
         }
-        let digest = xfer_core::digest::digest_file(&file, identity.size)
+        let digest = xfer_core::digest::digest_file_as(kind, &file, identity.size)
             .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
         let put = DeltaPut {
             open: OpenWrite {

@@ -1,7 +1,8 @@
-//! Whole-file digest (XXH3-128 over the file in order). The sender computes it by reading its
-//! file front to back; the receiver computes it over the bytes as they reach their place on disk
-//! ([`Frontier`]) and compares the two before the final rename, so a slip in offsets or resume
-//! bookkeeping cannot produce a wrong file unnoticed.
+//! Whole-file digest, of one of two kinds ([`DigestKind`]): XXH3-128 over the file in order, or
+//! (`CAP_BLOCK_DIGEST`) XXH3-128 over the XXH3-128 digests of its blocks of [`DIGEST_BLOCK`]
+//! bytes. The sender computes it by reading its file; the receiver computes it over the bytes as
+//! they reach their place on disk ([`Frontier`], [`Blocks`]) and compares the two before the final
+//! rename, so a slip in offsets or resume bookkeeping cannot produce a wrong file unnoticed.
 
 use std::fs::File;
 use std::io;
@@ -41,6 +42,38 @@ pub(crate) fn read_through_cache(
 /// A digest.
 pub type Digest = [u8; DIGEST_LEN];
 
+/// Bytes in a block of the block digest (proto.md §2.4). A block costs its receiver 16 bytes
+/// while it waits to be combined, and at most one block is read back for a block whose pieces
+/// arrived out of order within it: 1 MiB keeps both small (1.6 MB per 100 GiB; a run of a delta
+/// spans ~0.5 MiB of read-back on average at each of its ends).
+pub const DIGEST_BLOCK: u64 = 1 << 20;
+
+/// In-progress block hashers a receiver keeps at once ([`Blocks`]); a block started beyond
+/// them is read back once complete instead. Each is an XXH3 state of under 1 KiB.
+pub const MAX_OPEN_BLOCKS: usize = 1024;
+
+/// Which whole-file digest a session uses (proto.md §2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DigestKind {
+    /// XXH3-128 over the file in order: with a peer that lacks `CAP_BLOCK_DIGEST`.
+    #[default]
+    Sequential,
+    /// XXH3-128 over the XXH3-128 digests of the file's blocks of [`DIGEST_BLOCK`] bytes, in
+    /// order (`CAP_BLOCK_DIGEST`).
+    Blocks,
+}
+
+impl DigestKind {
+    /// The kind in force on a connection with these capabilities.
+    pub fn of_capabilities(capabilities: u64) -> Self {
+        if capabilities & xfer_proto::CAP_BLOCK_DIGEST != 0 {
+            Self::Blocks
+        } else {
+            Self::Sequential
+        }
+    }
+}
+
 /// How [`Frontier::catch_up_reading`] reads: `read(pos, n, sink)` hands `sink` the `n` bytes at
 /// `pos`.
 pub type ReadBack<'a> = dyn FnMut(u64, usize, &mut dyn FnMut(&[u8])) -> io::Result<()> + 'a;
@@ -52,6 +85,14 @@ pub type ReadBack<'a> = dyn FnMut(u64, usize, &mut dyn FnMut(&[u8])) -> io::Resu
 /// # Errors
 /// I/O errors, or a file shorter than `size`.
 pub fn digest_file(file: &File, size: u64) -> io::Result<Digest> {
+    digest_file_as(DigestKind::Sequential, file, size)
+}
+
+/// [`digest_file`] of the given kind.
+///
+/// # Errors
+/// I/O errors, or a file shorter than `size`.
+pub fn digest_file_as(kind: DigestKind, file: &File, size: u64) -> io::Result<Digest> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
     // A file shorter than `size` is read, and fails, as any other.
@@ -60,10 +101,88 @@ pub fn digest_file(file: &File, size: u64) -> io::Result<Digest> {
     } else {
         RangeSet::new()
     };
-    let mut frontier = Frontier::default();
-    let all = RangeSet::from_ranges([xfer_proto::ByteRange::new(0, size)]);
-    frontier.catch_up_over(file, &all, &holes)?;
-    Ok(frontier.digest())
+    let mut buf = Vec::new();
+    let mut read =
+        |pos, n, sink: &mut dyn FnMut(&[u8])| read_through_cache(file, pos, n, &mut buf, sink);
+    match kind {
+        DigestKind::Sequential => {
+            let mut frontier = Frontier::default();
+            let all = RangeSet::from_ranges([xfer_proto::ByteRange::new(0, size)]);
+            frontier.catch_up_reading(&all, &holes, BUFFERED_READ_BLOCK, &mut read)?;
+            Ok(frontier.digest())
+        }
+        DigestKind::Blocks => {
+            let mut outer = Xxh3::new();
+            for index in 0..block_count(size) {
+                let range = block_range(index, size);
+                let block = hash_span(
+                    range.start,
+                    range.end,
+                    &holes,
+                    BUFFERED_READ_BLOCK,
+                    &mut read,
+                )?;
+                outer.update(&block);
+            }
+            Ok(outer.digest128().to_be_bytes())
+        }
+    }
+}
+
+/// Blocks of the block digest in a file of `size` bytes.
+pub fn block_count(size: u64) -> u64 {
+    size.div_ceil(DIGEST_BLOCK)
+}
+
+/// The bytes of block `index` in a file of `size` bytes (the last one short).
+pub fn block_range(index: u64, size: u64) -> xfer_proto::ByteRange {
+    let start = index * DIGEST_BLOCK;
+    xfer_proto::ByteRange::new(start, size.min(start + DIGEST_BLOCK))
+}
+
+/// XXH3-128 of the bytes `[start, end)`, read by `read` in pieces of at most `block`, the
+/// ranges of `zeros` hashed without being read.
+///
+/// # Errors
+/// What `read` returns.
+pub fn hash_span(
+    start: u64,
+    end: u64,
+    zeros: &RangeSet,
+    block: usize,
+    read: &mut ReadBack<'_>,
+) -> io::Result<Digest> {
+    let mut hasher = Xxh3::new();
+    let mut pos = start;
+    hash_into(&mut hasher, &mut pos, end, zeros, block, read)?;
+    Ok(hasher.digest128().to_be_bytes())
+}
+
+/// Feeds `hasher` the bytes from `*pos` to `end`, advancing `*pos`.
+fn hash_into(
+    hasher: &mut Xxh3,
+    pos: &mut u64,
+    end: u64,
+    zeros: &RangeSet,
+    block: usize,
+    read: &mut ReadBack<'_>,
+) -> io::Result<()> {
+    while *pos < end {
+        if let Some(z) = zeros.range_at(*pos) {
+            let to = z.end.min(end);
+            hash_zeros(hasher, to - *pos);
+            *pos = to;
+            continue;
+        }
+        let next_zeros = zeros
+            .iter()
+            .find(|z| z.start > *pos)
+            .map_or(end, |z| z.start.min(end));
+        let n = block.min((next_zeros - *pos) as usize);
+        read(*pos, n, &mut |bytes| hasher.update(bytes))?;
+        *pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Hashes `len` zero bytes.
@@ -156,22 +275,7 @@ impl Frontier {
         read: &mut ReadBack<'_>,
     ) -> io::Result<()> {
         while let Some(r) = held.range_at(self.pos) {
-            while self.pos < r.end {
-                if let Some(z) = zeros.range_at(self.pos) {
-                    let end = z.end.min(r.end);
-                    hash_zeros(&mut self.hasher, end - self.pos);
-                    self.pos = end;
-                    continue;
-                }
-                let next_zeros = zeros
-                    .iter()
-                    .find(|z| z.start > self.pos)
-                    .map_or(r.end, |z| z.start.min(r.end));
-                let n = block.min((next_zeros - self.pos) as usize);
-                let hasher = &mut self.hasher;
-                read(self.pos, n, &mut |bytes| hasher.update(bytes))?;
-                self.pos += n as u64;
-            }
+            hash_into(&mut self.hasher, &mut self.pos, r.end, zeros, block, read)?;
         }
         Ok(())
     }
@@ -179,6 +283,248 @@ impl Frontier {
     /// The digest of `[0, pos)`.
     pub fn digest(&self) -> Digest {
         self.hasher.digest128().to_be_bytes()
+    }
+}
+
+/// The block digest ([`DigestKind::Blocks`]) computed over bytes that arrive in any order.
+///
+/// Each block is hashed from the bytes written into it while they arrive in order within it
+/// (one write covering it, or consecutive writes); a block whose pieces arrive out of order
+/// within it, or that was written before this process (a resume) or as a hole, is read back
+/// once it is complete. Completed block digests are combined in block order; those completed
+/// ahead of the first missing block wait as 16 bytes each.
+///
+/// Bounds: 16 bytes (plus a map entry) per block waiting ahead or 8 per block marked for read-back
+/// (about 1.6 MB per 100 GiB of file at most), and at most [`MAX_OPEN_BLOCKS`] in-progress
+/// hashers; a block started beyond them is read back instead.
+pub struct Blocks {
+    size: u64,
+    /// Blocks combined into `outer`: all of `[0, next)`.
+    next: u64,
+    outer: Xxh3,
+    /// Digests of blocks complete beyond `next`.
+    ahead: std::collections::BTreeMap<u64, Digest>,
+    /// Blocks hashed as written so far: the hasher and the bytes of the block it has seen.
+    open: std::collections::HashMap<u64, (Box<Xxh3>, u64)>,
+    /// Blocks to read back once every byte of them is held.
+    stale: std::collections::BTreeSet<u64>,
+}
+
+impl std::fmt::Debug for Blocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blocks")
+            .field("size", &self.size)
+            .field("next", &self.next)
+            .field("ahead", &self.ahead.len())
+            .field("open", &self.open.len())
+            .field("stale", &self.stale.len())
+            .finish()
+    }
+}
+
+/// Digests of the blocks a write covers whole, computed before the receiver takes its lock.
+#[derive(Debug, Default)]
+pub struct WholeBlocks(Vec<(u64, Digest)>);
+
+impl WholeBlocks {
+    /// Hashes the blocks of a file of `size` bytes that `bytes`, written at `offset`, covers
+    /// whole.
+    pub fn of(size: u64, offset: u64, bytes: &[u8]) -> Self {
+        let end = offset + bytes.len() as u64;
+        let first = offset.div_ceil(DIGEST_BLOCK);
+        let mut out = Vec::new();
+        for index in first..block_count(size) {
+            let range = block_range(index, size);
+            if range.end > end {
+                break;
+            }
+            let piece = &bytes[(range.start - offset) as usize..(range.end - offset) as usize];
+            out.push((index, xxhash_rust::xxh3::xxh3_128(piece).to_be_bytes()));
+        }
+        Self(out)
+    }
+}
+
+impl Blocks {
+    /// Nothing hashed yet, for a file of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            next: 0,
+            outer: Xxh3::new(),
+            ahead: std::collections::BTreeMap::new(),
+            open: std::collections::HashMap::new(),
+            stale: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Bytes combined so far (all of `[0, pos)`).
+    pub fn pos(&self) -> u64 {
+        self.size.min(self.next * DIGEST_BLOCK)
+    }
+
+    /// The whole file's digest, once every block is combined.
+    pub fn digest(&self) -> Option<Digest> {
+        (self.next == block_count(self.size)).then(|| self.outer.digest128().to_be_bytes())
+    }
+
+    /// Blocks not combined yet, in order.
+    pub fn not_combined(&self) -> Vec<u64> {
+        (self.next..block_count(self.size))
+            .filter(|i| !self.ahead.contains_key(i))
+            .collect()
+    }
+
+    /// Records the digest of block `index`.
+    pub fn complete(&mut self, index: u64, digest: Digest) {
+        self.open.remove(&index);
+        self.stale.remove(&index);
+        if index < self.next {
+            return;
+        }
+        if index > self.next {
+            self.ahead.insert(index, digest);
+            return;
+        }
+        self.outer.update(&digest);
+        self.next += 1;
+        while let Some(d) = self.ahead.remove(&self.next) {
+            self.outer.update(&d);
+            self.next += 1;
+        }
+    }
+
+    fn done(&self, index: u64) -> bool {
+        index < self.next || self.ahead.contains_key(&index)
+    }
+
+    /// Marks the blocks `range` touches as to be read back once complete (bytes not in this
+    /// process's memory: resumed, or holes).
+    pub fn mark_stale(&mut self, range: xfer_proto::ByteRange) {
+        if range.is_empty() {
+            return;
+        }
+        for index in range.start / DIGEST_BLOCK..range.end.div_ceil(DIGEST_BLOCK) {
+            if !self.done(index) {
+                self.open.remove(&index);
+                self.stale.insert(index);
+            }
+        }
+    }
+
+    /// Offers `bytes` just written at `offset`, with `whole`, the digests of the blocks it
+    /// covers whole ([`WholeBlocks::of`]). Returns the blocks to read back now: marked stale and
+    /// complete in `held` (which includes this write).
+    pub fn feed(
+        &mut self,
+        offset: u64,
+        bytes: &[u8],
+        whole: WholeBlocks,
+        held: &RangeSet,
+    ) -> Vec<u64> {
+        let end = offset + bytes.len() as u64;
+        if bytes.is_empty() {
+            return Vec::new();
+        }
+        let mut whole = whole.0.into_iter().peekable();
+        let mut to_read = Vec::new();
+        for index in offset / DIGEST_BLOCK..end.div_ceil(DIGEST_BLOCK) {
+            if let Some(&(i, d)) = whole.peek() {
+                if i == index {
+                    whole.next();
+                    self.complete(index, d);
+                    continue;
+                }
+            }
+            if self.done(index) {
+                continue;
+            }
+            let block = block_range(index, self.size);
+            let (start, stop) = (offset.max(block.start), end.min(block.end));
+            let piece = &bytes[(start - offset) as usize..(stop - offset) as usize];
+            if !self.stale.contains(&index) {
+                let room = self.open.len() < MAX_OPEN_BLOCKS;
+                match self.open.get_mut(&index) {
+                    Some((hasher, seen)) if start <= block.start + *seen => {
+                        let from = block.start + *seen;
+                        if stop > from {
+                            hasher.update(&piece[(from - start) as usize..]);
+                            *seen = stop - block.start;
+                        }
+                    }
+                    None if start == block.start && room => {
+                        let mut hasher = Box::new(Xxh3::new());
+                        hasher.update(piece);
+                        self.open.insert(index, (hasher, stop - block.start));
+                    }
+                    // A piece beyond what the block has seen, or beyond the hashers' bound.
+                    _ => {
+                        self.open.remove(&index);
+                        self.stale.insert(index);
+                    }
+                }
+                if let Some((hasher, seen)) = self.open.get(&index) {
+                    if *seen == block.len() {
+                        let digest = hasher.digest128().to_be_bytes();
+                        self.complete(index, digest);
+                    }
+                    continue;
+                }
+            }
+            if held.contains(block) {
+                self.stale.remove(&index);
+                to_read.push(index);
+            }
+        }
+        to_read
+    }
+
+    /// Blocks marked stale that touch `within` and that `held` now covers whole: to read back
+    /// (after a resume, or holes recorded).
+    pub fn stale_and_held(&mut self, held: &RangeSet, within: xfer_proto::ByteRange) -> Vec<u64> {
+        let blocks = within.start / DIGEST_BLOCK..within.end.div_ceil(DIGEST_BLOCK);
+        let ready: Vec<u64> = self
+            .stale
+            .range(blocks)
+            .copied()
+            .filter(|&i| held.contains(block_range(i, self.size)))
+            .collect();
+        for i in &ready {
+            self.stale.remove(i);
+        }
+        ready
+    }
+
+    /// Reads block `index` back by `read` (the ranges of `zeros` hashed without reading) and
+    /// records it.
+    ///
+    /// # Errors
+    /// What `read` returns.
+    pub fn read_back(
+        &mut self,
+        index: u64,
+        zeros: &RangeSet,
+        block: usize,
+        read: &mut ReadBack<'_>,
+    ) -> io::Result<()> {
+        let digest = self.hash_block(index, zeros, block, read)?;
+        self.complete(index, digest);
+        Ok(())
+    }
+
+    /// The digest of block `index` as `read` reads it.
+    ///
+    /// # Errors
+    /// What `read` returns.
+    pub fn hash_block(
+        &self,
+        index: u64,
+        zeros: &RangeSet,
+        block: usize,
+        read: &mut ReadBack<'_>,
+    ) -> io::Result<Digest> {
+        let range = block_range(index, self.size);
+        hash_span(range.start, range.end, zeros, block, read)
     }
 }
 
@@ -237,5 +583,187 @@ mod tests {
         let mut frontier = Frontier::default();
         frontier.feed(0, &other);
         assert_ne!(frontier.digest(), whole);
+    }
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+    use xfer_proto::ByteRange;
+
+    fn bytes(n: usize) -> Vec<u8> {
+        (0..n as u64)
+            .map(|i| (i.wrapping_mul(7) % 251) as u8)
+            .collect()
+    }
+
+    /// The block digest of `data`, computed by the definition: XXH3-128 over the big-endian
+    /// XXH3-128 digests of its 1 MiB blocks.
+    fn by_definition(data: &[u8]) -> Digest {
+        let mut outer = Vec::new();
+        for block in data.chunks(DIGEST_BLOCK as usize) {
+            outer.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(block).to_be_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_128(&outer).to_be_bytes()
+    }
+
+    /// Writes `data` into a fresh [`Blocks`] in the pieces `pieces` (in that order), reading
+    /// back from `data` what it asks for; returns the digest and the bytes read back.
+    fn receive(data: &[u8], pieces: &[(usize, usize)]) -> (Option<Digest>, u64) {
+        let size = data.len() as u64;
+        let mut blocks = Blocks::new(size);
+        let mut held = RangeSet::new();
+        let mut read_back = 0u64;
+        let mut read = |pos: u64, n: usize, sink: &mut dyn FnMut(&[u8])| {
+            read_back += n as u64;
+            sink(&data[pos as usize..pos as usize + n]);
+            Ok(())
+        };
+        for &(s, e) in pieces {
+            held.insert(ByteRange::new(s as u64, e as u64));
+            let whole = WholeBlocks::of(size, s as u64, &data[s..e]);
+            for index in blocks.feed(s as u64, &data[s..e], whole, &held) {
+                blocks
+                    .read_back(index, &RangeSet::new(), 1 << 16, &mut read)
+                    .unwrap();
+            }
+        }
+        (blocks.digest(), read_back)
+    }
+
+    #[test]
+    fn the_block_digest_is_xxh3_over_the_blocks_digests_and_matches_digest_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 1, 1 << 20, (1 << 20) + 1, 5 * (1 << 20) / 2] {
+            let data = bytes(len);
+            let path = dir.path().join(format!("f{len}"));
+            std::fs::write(&path, &data).unwrap();
+            let file = File::open(&path).unwrap();
+            let got = digest_file_as(DigestKind::Blocks, &file, len as u64).unwrap();
+            assert_eq!(got, by_definition(&data), "{len} bytes");
+            // Not the sequential digest, except where nothing distinguishes them.
+            if len > 0 {
+                assert_ne!(got, digest_file(&file, len as u64).unwrap(), "{len} bytes");
+            }
+        }
+        // The test vector of proto.md §2.4: 2.5 MiB of `i * 7 mod 251`.
+        let vector = by_definition(&bytes(5 * (1 << 20) / 2));
+        let hex: String = vector.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "3023e65111b533d966792b94d0ab49b9");
+        // A sparse file's holes hash as the zeros they read as.
+        let sparse = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("sparse"))
+            .unwrap();
+        sparse.set_len(8 << 20).unwrap();
+        sparse.write_all_at(&bytes(4096), 3 << 20).unwrap();
+        let mut dense = vec![0u8; 8 << 20];
+        dense[3 << 20..(3 << 20) + 4096].copy_from_slice(&bytes(4096));
+        assert_eq!(
+            digest_file_as(DigestKind::Blocks, &sparse, 8 << 20).unwrap(),
+            by_definition(&dense)
+        );
+    }
+
+    #[test]
+    fn blocks_combine_in_order_whatever_order_they_complete_in() {
+        let data = bytes(7 * (1 << 20) + 12345);
+        let mib = 1usize << 20;
+        // Whole blocks, last first: each waits as its digest until the first arrives.
+        let mut pieces: Vec<(usize, usize)> = (0..8)
+            .map(|i| (i * mib, data.len().min((i + 1) * mib)))
+            .collect();
+        pieces.reverse();
+        let (digest, read_back) = receive(&data, &pieces);
+        assert_eq!(digest, Some(by_definition(&data)));
+        assert_eq!(read_back, 0);
+        let mut wrong = data.clone();
+        wrong[3 * mib + 5] ^= 1;
+        assert_ne!(receive(&wrong, &pieces).0, Some(by_definition(&data)));
+    }
+
+    #[test]
+    fn writes_in_order_within_each_block_are_hashed_from_memory_in_any_order_across_blocks() {
+        let data = bytes(6 * (1 << 20));
+        // Chunks of 1.5 MiB (not aligned to blocks), from two interleaved writers: every block
+        // sees its pieces in order, from one chunk or two consecutive ones.
+        let chunk = 3 << 19;
+        let mut pieces: Vec<(usize, usize)> = (0..data.len())
+            .step_by(chunk)
+            .map(|s| (s, data.len().min(s + chunk)))
+            .collect();
+        let odd: Vec<_> = pieces.iter().copied().skip(1).step_by(2).collect();
+        let even: Vec<_> = pieces.iter().copied().step_by(2).collect();
+        pieces = odd.into_iter().chain(even).collect();
+        let (digest, read_back) = receive(&data, &pieces);
+        assert_eq!(digest, Some(by_definition(&data)));
+        // A block's second half came before its first: those blocks alone are read back.
+        assert!(read_back <= 4 << 20, "{read_back}");
+        let in_order: Vec<(usize, usize)> = (0..data.len())
+            .step_by(chunk)
+            .map(|s| (s, data.len().min(s + chunk)))
+            .collect();
+        assert_eq!(receive(&data, &in_order), (Some(by_definition(&data)), 0));
+    }
+
+    #[test]
+    fn a_block_written_in_pieces_out_of_order_is_read_back_once_when_complete() {
+        let data = bytes(3 << 20);
+        let mib = 1usize << 20;
+        let k = 1024;
+        // Block 1 in three pieces, the last first; blocks 0 and 2 whole.
+        let pieces = [
+            (mib + 700 * k, 2 * mib),
+            (0, mib),
+            (mib, mib + 300 * k),
+            (2 * mib, 3 * mib),
+            (mib + 300 * k, mib + 700 * k),
+        ];
+        let (digest, read_back) = receive(&data, &pieces);
+        assert_eq!(digest, Some(by_definition(&data)));
+        assert_eq!(read_back, mib as u64);
+        // Written again (a chunk sent twice) after it was read back: nothing changes.
+        let mut again = pieces.to_vec();
+        again.push((mib, 2 * mib));
+        assert_eq!(
+            receive(&data, &again),
+            (Some(by_definition(&data)), mib as u64)
+        );
+    }
+
+    #[test]
+    fn resumed_and_hole_blocks_are_read_back_and_the_hashers_are_bounded() {
+        let size = (MAX_OPEN_BLOCKS as u64 + 3) * DIGEST_BLOCK;
+        let mut blocks = Blocks::new(size);
+        let mut held = RangeSet::new();
+        // The first 1.5 MiB held from before (a resume): block 0 is read back at once, block 1
+        // once the rest of it is written, though that rest arrives in order.
+        let resumed = ByteRange::new(0, 3 << 19);
+        held.insert(resumed);
+        blocks.mark_stale(resumed);
+        assert_eq!(
+            blocks.stale_and_held(&held, ByteRange::new(0, size)),
+            vec![0]
+        );
+        let tail = ByteRange::new(3 << 19, 2 << 20);
+        held.insert(tail);
+        let piece = vec![0u8; tail.len() as usize];
+        assert_eq!(
+            blocks.feed(tail.start, &piece, WholeBlocks::default(), &held),
+            vec![1]
+        );
+        // Starting more blocks than the bound: the hashers stop at it, the rest go stale.
+        for index in 2..size / DIGEST_BLOCK {
+            let at = ByteRange::new(index * DIGEST_BLOCK, index * DIGEST_BLOCK + 10);
+            held.insert(at);
+            assert!(blocks
+                .feed(at.start, &[0; 10], WholeBlocks::default(), &held)
+                .is_empty());
+        }
+        assert_eq!(blocks.open.len(), MAX_OPEN_BLOCKS);
+        assert_eq!(blocks.stale.len(), 1);
     }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rustix::fs::{self as rfs, Mode, OFlags};
 use xfer_proto::{ByteRange, FileIdentity};
 
-use crate::digest::{Digest, Frontier};
+use crate::digest::{Blocks, Digest, DigestKind, Frontier, WholeBlocks};
 use crate::direct::{direct_io, DirectWriter};
 use crate::journal::{self, Record};
 use crate::root::Slot;
@@ -56,7 +56,57 @@ pub struct PartialFile {
     identity: FileIdentity,
     resumed: u64,
     sync_every: u64,
+    /// The digest the receiver keeps as bytes land (a commit of the other kind reads the file).
+    kind: DigestKind,
     state: Mutex<State>,
+}
+
+/// The whole-file digest so far, of the partial's kind.
+#[derive(Debug)]
+enum Progress {
+    Sequential(Frontier),
+    Blocks(Blocks),
+}
+
+impl Progress {
+    fn new(kind: DigestKind, size: u64) -> Self {
+        match kind {
+            DigestKind::Sequential => Self::Sequential(Frontier::default()),
+            DigestKind::Blocks => Self::Blocks(Blocks::new(size)),
+        }
+    }
+
+    /// Bytes from the start of the file the digest has taken in.
+    fn pos(&self) -> u64 {
+        match self {
+            Self::Sequential(f) => f.pos(),
+            Self::Blocks(b) => b.pos(),
+        }
+    }
+}
+
+/// Reads `n` bytes at `pos` of `data` for the digest: around the cache through `direct` (as the
+/// bytes were written), else through it.
+fn read_for_digest(
+    data: &File,
+    direct: Option<&DirectWriter>,
+    buf: &mut Vec<u8>,
+    pos: u64,
+    n: usize,
+    sink: &mut dyn FnMut(&[u8]),
+) -> std::io::Result<()> {
+    match direct {
+        Some(direct) => direct.read_at(data, pos, n, sink),
+        None => crate::digest::read_through_cache(data, pos, n, buf, sink),
+    }
+}
+
+/// Pieces the digest reads at once: the direct reader's block, or the cache's.
+fn digest_read_block(direct: Option<&DirectWriter>) -> usize {
+    match direct {
+        Some(_) => crate::direct::READ_BLOCK,
+        None => crate::digest::BUFFERED_READ_BLOCK,
+    }
 }
 
 #[derive(Debug)]
@@ -76,8 +126,11 @@ struct State {
     /// The digest the file was committed with: several clients may feed one upload, and
     /// the ones that finish after the first find their work already done.
     committed: Option<Digest>,
-    /// Digest of the file so far, in file order.
-    frontier: Frontier,
+    /// Digest of the file so far.
+    digest: Progress,
+    /// Counts resets of `digest`: a block read back off the lock is recorded only into the
+    /// digest it was read for.
+    epoch: u64,
     /// Ranges recorded as holes this session: hashed as zeros, never read back.
     zeros: RangeSet,
     /// Spans of the new file a delta's signature exchange answered for (journaled).
@@ -86,6 +139,8 @@ struct State {
     /// the file, or holes hashed as zeros (told in the commit's debug log).
     read_back: u64,
     write_behind: WriteBehind,
+    /// The file's size.
+    identity_size: u64,
     /// The final name already held this file when opened: nothing is written, and the commit
     /// only compares digests.
     final_already: bool,
@@ -165,22 +220,33 @@ impl Behind {
 impl State {
     /// Feeds the digest the held bytes that follow its position, read back from the file
     /// (holes recorded this session are hashed as zeros without being read).
-    fn catch_up(&mut self) -> std::io::Result<()> {
-        let before = self.frontier.pos();
-        if let Some(direct) = &self.direct {
-            // Read around the cache, as the bytes were written.
-            let data = &self.data;
-            self.frontier.catch_up_reading(
-                &self.held,
-                &self.zeros,
-                crate::direct::READ_BLOCK,
-                &mut |pos, n, sink| direct.read_at(data, pos, n, sink),
-            )?;
-        } else {
-            self.frontier
-                .catch_up_over(&self.data, &self.held, &self.zeros)?;
+    ///
+    /// The block digest reads back the blocks touching `within` it cannot hash from memory (see
+    /// [`Blocks`]) that are complete, or with `all`, every block not combined yet.
+    fn catch_up(&mut self, within: ByteRange, all: bool) -> std::io::Result<()> {
+        let (data, direct) = (&self.data, self.direct.as_deref());
+        let block = digest_read_block(direct);
+        let mut buf = Vec::new();
+        let mut read = |pos, n, sink: &mut dyn FnMut(&[u8])| {
+            read_for_digest(data, direct, &mut buf, pos, n, sink)
+        };
+        match &mut self.digest {
+            Progress::Sequential(frontier) => {
+                let before = frontier.pos();
+                frontier.catch_up_reading(&self.held, &self.zeros, block, &mut read)?;
+                self.read_back += frontier.pos() - before;
+            }
+            Progress::Blocks(blocks) => {
+                let ready = match all {
+                    true => blocks.not_combined(),
+                    false => blocks.stale_and_held(&self.held, within),
+                };
+                for index in ready {
+                    blocks.read_back(index, &self.zeros, block, &mut read)?;
+                    self.read_back += crate::digest::block_range(index, self.identity_size).len();
+                }
+            }
         }
-        self.read_back += self.frontier.pos() - before;
         Ok(())
     }
 }
@@ -255,8 +321,22 @@ impl PartialFile {
         identity: FileIdentity,
         holes: Vec<ByteRange>,
     ) -> Result<Arc<Self>> {
+        Self::open_sparse_as(slot, identity, holes, DigestKind::Sequential).await
+    }
+
+    /// [`open_sparse`](Self::open_sparse) keeping the whole-file digest of `kind` as bytes
+    /// land: the kind the session that opens it uses.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn open_sparse_as(
+        slot: Slot,
+        identity: FileIdentity,
+        holes: Vec<ByteRange>,
+        kind: DigestKind,
+    ) -> Result<Arc<Self>> {
         let holes = RangeSet::from_ranges(holes);
-        blocking(move || Self::open_blocking(slot, identity, DEFAULT_SYNC_EVERY, &holes))
+        blocking(move || Self::open_blocking(slot, identity, DEFAULT_SYNC_EVERY, &holes, kind))
             .await
             .map(Arc::new)
     }
@@ -271,8 +351,11 @@ impl PartialFile {
         sync_every: u64,
     ) -> Result<Arc<Self>> {
         let holes = RangeSet::new();
-        blocking(move || Self::open_blocking(slot, identity, sync_every, &holes).map(Arc::new))
-            .await
+        blocking(move || {
+            Self::open_blocking(slot, identity, sync_every, &holes, DigestKind::Sequential)
+                .map(Arc::new)
+        })
+        .await
     }
 
     fn open_blocking(
@@ -280,6 +363,7 @@ impl PartialFile {
         identity: FileIdentity,
         sync_every: u64,
         holes: &RangeSet,
+        kind: DigestKind,
     ) -> Result<Self> {
         let part_leaf = partial_name(&slot.leaf);
         let journal_leaf = journal_name(&slot.leaf);
@@ -313,6 +397,7 @@ impl PartialFile {
                         final_file,
                         identity,
                         sync_every,
+                        kind,
                     ));
                 }
                 data.set_len(0)
@@ -363,10 +448,36 @@ impl PartialFile {
             .map_err(|e| CoreError::io(ctx("writing journal of"), e))?;
         let resumed = held.total();
         let direct = DirectWriter::open(slot.dir.as_fd(), &part_leaf, &data).map(Arc::new);
-        // Resumed bytes count toward the digest like new ones: read them back once, here.
-        let mut frontier = Frontier::default();
-        frontier
-            .catch_up(&data, &held)
+        let mut state = State {
+            data: Arc::new(data),
+            direct,
+            journal: Arc::new(journal_file),
+            journal_pos: bytes.len() as u64,
+            chunk_records,
+            held,
+            unsynced: 0,
+            sync_running: false,
+            closed: None,
+            committed: None,
+            final_already: false,
+            digest: Progress::new(kind, identity.size),
+            epoch: 0,
+            zeros: RangeSet::new(),
+            agreed,
+            read_back: 0,
+            write_behind: WriteBehind::default(),
+            identity_size: identity.size,
+        };
+        // Resumed bytes count toward the digest like new ones: they were never in this
+        // process's memory, so they are read back from disk once, here (the blocks they fill
+        // whole) or once their blocks are complete.
+        if let Progress::Blocks(blocks) = &mut state.digest {
+            for r in state.held.iter() {
+                blocks.mark_stale(r);
+            }
+        }
+        state
+            .catch_up(ByteRange::new(0, identity.size), false)
             .map_err(|e| CoreError::io(ctx("reading back partial of"), e))?;
         Ok(Self {
             slot,
@@ -375,24 +486,8 @@ impl PartialFile {
             identity,
             resumed,
             sync_every,
-            state: Mutex::new(State {
-                data: Arc::new(data),
-                direct,
-                journal: Arc::new(journal_file),
-                journal_pos: bytes.len() as u64,
-                chunk_records,
-                held,
-                unsynced: 0,
-                sync_running: false,
-                closed: None,
-                committed: None,
-                final_already: false,
-                frontier,
-                zeros: RangeSet::new(),
-                agreed,
-                read_back: 0,
-                write_behind: WriteBehind::default(),
-            }),
+            kind,
+            state: Mutex::new(state),
         })
     }
 
@@ -403,6 +498,7 @@ impl PartialFile {
         file: File,
         identity: FileIdentity,
         sync_every: u64,
+        kind: DigestKind,
     ) -> Self {
         let file = Arc::new(file);
         Self {
@@ -412,6 +508,7 @@ impl PartialFile {
             identity,
             resumed: identity.size,
             sync_every,
+            kind,
             state: Mutex::new(State {
                 data: Arc::clone(&file),
                 direct: None,
@@ -424,11 +521,13 @@ impl PartialFile {
                 closed: None,
                 committed: None,
                 final_already: true,
-                frontier: Frontier::default(),
+                digest: Progress::new(kind, identity.size),
+                epoch: 0,
                 zeros: RangeSet::new(),
                 agreed: RangeSet::new(),
                 read_back: 0,
                 write_behind: WriteBehind::default(),
+                identity_size: identity.size,
             }),
         }
     }
@@ -538,32 +637,98 @@ impl PartialFile {
         };
         crate::direct::write_at(direct.as_deref(), &data, payload, range.start)
             .map_err(|e| CoreError::io(format!("writing {:?}", self.slot.leaf), e))?;
+        // The blocks the write covers whole are hashed before the lock, beside other writers.
+        let whole = match self.kind {
+            DigestKind::Blocks => WholeBlocks::of(self.identity.size, range.start, payload),
+            DigestKind::Sequential => WholeBlocks::default(),
+        };
         // The lock is held across one 24-byte journal write so that record order in the file
         // matches `chunk_records`, which barriers count by.
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let record = Record::Chunk { range, crc32 };
         st.journal_pos = journal::append(&st.journal, st.journal_pos, record)
             .map_err(|e| CoreError::io(format!("journal of {:?}", self.slot.leaf), e))?;
         st.chunk_records += 1;
         st.held.insert(range);
-        // Hashing here, under the lock, keeps the digest in file order; bytes that arrived
-        // ahead of the frontier are read back (from the page cache) once it reaches them.
-        st.frontier.feed(range.start, payload);
-        st.catch_up()
-            .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
+        let to_read = match &mut st.digest {
+            // Hashing here, under the lock, keeps the digest in file order; bytes that arrived
+            // ahead of the frontier are read back (from the page cache) once it reaches them.
+            Progress::Sequential(frontier) => {
+                frontier.feed(range.start, payload);
+                st.catch_up(range, false)
+                    .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
+                Vec::new()
+            }
+            // Blocks whose pieces came out of order are read back below, off the lock.
+            Progress::Blocks(blocks) => blocks.feed(range.start, payload, whole, &st.held),
+        };
         st.unsynced += range.len();
         let barrier = (st.unsynced >= self.sync_every && !st.sync_running).then(|| {
             st.sync_running = true;
             st.unsynced = 0;
             st.chunk_records
         });
-        let frontier = st.frontier.pos();
+        let epoch = st.epoch;
+        let zeros = (!to_read.is_empty() && st.zeros.total() > 0).then(|| st.zeros.clone());
+        let frontier = st.digest.pos();
         let behind = st.write_behind.advance(frontier);
-        drop(st);
+        drop(guard);
         if let Some(behind) = behind {
             behind.apply(&data);
         }
+        if !to_read.is_empty() {
+            self.read_blocks_back(
+                &to_read,
+                &data,
+                direct.as_deref(),
+                &zeros.unwrap_or_default(),
+                epoch,
+            )
+            .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))?;
+        }
         Ok(barrier)
+    }
+
+    /// Reads back and hashes the complete blocks `indices` (whose pieces arrived out of order)
+    /// without the lock, then records them into the digest, unless it was reset meanwhile.
+    fn read_blocks_back(
+        &self,
+        indices: &[u64],
+        data: &File,
+        direct: Option<&DirectWriter>,
+        zeros: &RangeSet,
+        epoch: u64,
+    ) -> std::io::Result<()> {
+        let size = self.identity.size;
+        let block = digest_read_block(direct);
+        let mut buf = Vec::new();
+        let mut read = |pos, n, sink: &mut dyn FnMut(&[u8])| {
+            read_for_digest(data, direct, &mut buf, pos, n, sink)
+        };
+        let mut digests = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let range = crate::digest::block_range(index, size);
+            let digest = crate::digest::hash_span(range.start, range.end, zeros, block, &mut read)?;
+            digests.push((index, digest, range.len()));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.epoch != epoch {
+            return Ok(());
+        }
+        if let Progress::Blocks(blocks) = &mut st.digest {
+            for (index, digest, len) in digests {
+                blocks.complete(index, digest);
+                st.read_back += len;
+            }
+        }
+        let behind = st.write_behind.advance(st.digest.pos());
+        drop(guard);
+        if let Some(behind) = behind {
+            behind.apply(data);
+        }
+        Ok(())
     }
 
     /// Records `range` as held zeros without writing it: a hole of a sparse source. The range
@@ -603,8 +768,11 @@ impl PartialFile {
         }
         st.held.insert(range);
         st.zeros.insert(range);
+        if let Progress::Blocks(blocks) = &mut st.digest {
+            blocks.mark_stale(range);
+        }
         // The digest covers the zeros too, hashed without reading them back.
-        st.catch_up()
+        st.catch_up(range, false)
             .map_err(|e| CoreError::io(format!("reading back {:?}", self.slot.leaf), e))
     }
 
@@ -639,10 +807,26 @@ impl PartialFile {
         mtime_ns: i64,
         expected: Option<Digest>,
     ) -> Result<Digest> {
+        self.commit_as(mode, mtime_ns, expected, self.kind).await
+    }
+
+    /// [`commit`](Self::commit) with `expected` of `kind`, the digest the committing session
+    /// uses. A partial opened for the other kind (another client's session) reads the whole
+    /// file to compute it.
+    ///
+    /// # Errors
+    /// As [`commit`](Self::commit).
+    pub async fn commit_as(
+        self: &Arc<Self>,
+        mode: u32,
+        mtime_ns: i64,
+        expected: Option<Digest>,
+        kind: DigestKind,
+    ) -> Result<Digest> {
         let this = Arc::clone(self);
         let (digest, replaced) = blocking(move || {
             let mut replaced = None;
-            let digest = this.commit_blocking(mode, mtime_ns, expected, &mut replaced)?;
+            let digest = this.commit_blocking(mode, mtime_ns, expected, kind, &mut replaced)?;
             Ok((digest, replaced))
         })
         .await?;
@@ -659,11 +843,16 @@ impl PartialFile {
         mode: u32,
         mtime_ns: i64,
         expected: Option<Digest>,
+        kind: DigestKind,
         replaced: &mut Option<File>,
     ) -> Result<Digest> {
         let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
         let mut st = self.lock();
-        if let Some(done) = st.committed {
+        if let Some(mut done) = st.committed {
+            if kind != self.kind {
+                done = crate::digest::digest_file_as(kind, &st.data, self.identity.size)
+                    .map_err(|e| CoreError::io(ctx("reading"), e))?;
+            }
             if expected.is_some_and(|want| want != done) {
                 let why = "committed meanwhile by another client with different content";
                 return Err(CoreError::io(ctx("commit"), std::io::Error::other(why)));
@@ -677,10 +866,15 @@ impl PartialFile {
             ));
         }
         if st.final_already {
-            let digest = crate::digest::digest_file(&st.data, self.identity.size)
+            let digest = crate::digest::digest_file_as(kind, &st.data, self.identity.size)
                 .map_err(|e| CoreError::io(ctx("reading"), e))?;
             if expected.is_none_or(|want| want == digest) {
-                st.committed = Some(digest);
+                // Kept in the partial's kind, the one later commits are compared in.
+                st.committed = Some(match kind == self.kind {
+                    true => digest,
+                    false => crate::digest::digest_file_as(self.kind, &st.data, self.identity.size)
+                        .map_err(|e| CoreError::io(ctx("reading"), e))?,
+                });
                 return Ok(digest);
             }
             // Same size and mtime, other bytes: receive the file after all. The sender learns
@@ -697,7 +891,8 @@ impl PartialFile {
             st.journal_pos = journal::HEADER_LEN as u64;
             st.chunk_records = 0;
             st.held = RangeSet::new();
-            st.frontier = Frontier::default();
+            st.digest = Progress::new(self.kind, self.identity.size);
+            st.epoch += 1;
             st.write_behind = WriteBehind::default();
             st.zeros = RangeSet::new();
             st.final_already = false;
@@ -710,15 +905,27 @@ impl PartialFile {
             return Err(CoreError::Incomplete { missing });
         }
         let started = std::time::Instant::now();
-        st.catch_up()
+        st.catch_up(ByteRange::new(0, self.identity.size), true)
             .map_err(|e| CoreError::io(ctx("reading back"), e))?;
         let caught_up = started.elapsed();
-        let digest = st.frontier.digest();
-        if expected.is_some_and(|want| want != digest) || st.frontier.pos() != self.identity.size {
+        let own = match &st.digest {
+            Progress::Sequential(f) => (f.pos() == self.identity.size).then(|| f.digest()),
+            Progress::Blocks(b) => b.digest(),
+        };
+        // A commit of the other kind than the partial keeps reads the file whole.
+        let digest = match kind == self.kind {
+            true => own,
+            false => Some(
+                crate::digest::digest_file_as(kind, &st.data, self.identity.size)
+                    .map_err(|e| CoreError::io(ctx("reading back"), e))?,
+            ),
+        };
+        let own = own.unwrap_or_default();
+        let Some(digest) = digest.filter(|&d| expected.is_none_or(|want| want == d)) else {
             self.discard(&mut st)
                 .map_err(|e| CoreError::io(ctx("discarding"), e))?;
             return Err(CoreError::Corrupt(self.slot.leaf.clone()));
-        }
+        };
         let mtime = if mtime_ns >= 0 {
             SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
         } else {
@@ -742,7 +949,7 @@ impl PartialFile {
         rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
             .map_err(|e| CoreError::io(ctx("renaming partial to"), e.into()))?;
         let renamed = started.elapsed();
-        st.committed = Some(digest);
+        st.committed = Some(own);
         if let Err(e) = rfs::unlinkat(dir, self.journal_leaf.as_str(), rfs::AtFlags::empty()) {
             tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
         }
@@ -768,7 +975,8 @@ impl PartialFile {
         st.journal_pos = bytes.len() as u64;
         st.chunk_records = 0;
         st.held = RangeSet::new();
-        st.frontier = Frontier::default();
+        st.digest = Progress::new(self.kind, self.identity.size);
+        st.epoch += 1;
         st.write_behind = WriteBehind::default();
         st.zeros = RangeSet::new();
         st.closed = Some("discarded after a digest mismatch".into());
@@ -901,6 +1109,74 @@ mod tests {
             want.digest()
         );
         assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), b"abcdefgh");
+    }
+
+    /// A partial keeping the block digest: written out of order, in pieces, resumed; what a
+    /// resume holds is read back from disk, so a change made there while stopped is caught.
+    #[tokio::test]
+    async fn the_block_digest_reads_resumed_bytes_back_and_catches_a_change_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let slot = root.slot("f", true).unwrap();
+        let mib: usize = 1 << 20;
+        let data: Vec<u8> = (0..5 * mib / 2).map(|i| (i * 13 % 253) as u8).collect();
+        let path = tmp.path().join("want");
+        std::fs::write(&path, &data).unwrap();
+        let want = crate::digest::digest_file_as(
+            DigestKind::Blocks,
+            &File::open(&path).unwrap(),
+            data.len() as u64,
+        )
+        .unwrap();
+        let size = id(data.len() as u64);
+        let open =
+            || PartialFile::open_sparse_as(slot.clone(), size, Vec::new(), DigestKind::Blocks);
+        for changed in [false, true] {
+            let p = open().await.unwrap();
+            // Block 1's pieces out of order, block 0 whole, part of block 2.
+            write(&p, (3 * mib / 2) as u64, &data[3 * mib / 2..2 * mib]).await;
+            write(&p, 0, &data[..mib]).await;
+            write(&p, (2 * mib) as u64, &data[2 * mib..9 * mib / 4]).await;
+            drop(p);
+            // Opened again, the journal is rewritten with a barrier over what is held: a
+            // later resume trusts those bytes without checking their CRCs.
+            drop(open().await.unwrap());
+            if changed {
+                let part = File::options()
+                    .write(true)
+                    .open(tmp.path().join(".f.xfer-part"))
+                    .unwrap();
+                part.write_all_at(b"other bytes", 100).unwrap();
+            }
+            let p = open().await.unwrap();
+            assert_eq!(p.resumed_bytes(), 7 * mib as u64 / 4);
+            write(&p, (mib) as u64, &data[mib..3 * mib / 2]).await;
+            write(&p, (9 * mib / 4) as u64, &data[9 * mib / 4..]).await;
+            let committed = p.commit(0o644, 0, Some(want)).await;
+            if changed {
+                assert!(
+                    matches!(committed, Err(CoreError::Corrupt(_))),
+                    "{committed:?}"
+                );
+                assert!(!tmp.path().join("f").exists());
+            } else {
+                assert_eq!(committed.unwrap(), want);
+                assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), data);
+                std::fs::remove_file(tmp.path().join("f")).unwrap();
+            }
+        }
+        // A commit in the other kind than the partial keeps reads the file whole.
+        let p = open().await.unwrap();
+        write(&p, 0, &data).await;
+        let sequential =
+            crate::digest::digest_file(&File::open(&path).unwrap(), size.size).unwrap();
+        assert_eq!(
+            p.commit_as(0o644, 0, Some(sequential), DigestKind::Sequential)
+                .await
+                .unwrap(),
+            sequential
+        );
+        assert_eq!(p.commit(0o644, 0, Some(want)).await.unwrap(), want);
     }
 
     #[tokio::test]

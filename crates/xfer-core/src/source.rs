@@ -161,13 +161,24 @@ impl SourceFile {
     /// # Errors
     /// `Changed` if the file is now shorter; I/O errors.
     pub async fn digest(&self) -> Result<crate::digest::Digest> {
+        self.digest_as(crate::digest::DigestKind::Sequential).await
+    }
+
+    /// [`digest`](Self::digest) of `kind`, the one the session in force uses.
+    ///
+    /// # Errors
+    /// As [`digest`](Self::digest).
+    pub async fn digest_as(
+        &self,
+        kind: crate::digest::DigestKind,
+    ) -> Result<crate::digest::Digest> {
         let (file, name, size) = (
             Arc::clone(&self.file),
             self.name.clone(),
             self.identity.size,
         );
         let task = tokio::task::spawn_blocking(move || {
-            crate::digest::digest_file(&file, size).map_err(|e| match e.kind() {
+            crate::digest::digest_file_as(kind, &file, size).map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => {
                     CoreError::Changed(format!("{name} shrank while being read"))
                 }

@@ -387,6 +387,40 @@ mod tests {
         session_script_now(&delta_puts_beyond_the_room_script());
     }
 
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_BLOCK_DIGEST`, an
+    /// upload of one chunk, and its `Commit` with a 16-byte digest (the block digest, §2.4).
+    pub(crate) fn block_digest_commit_script() -> Vec<u8> {
+        use crate::*;
+        let payload = bytes::Bytes::from_static(b"one block");
+        let frames = [
+            seed_hello(CAP_BLOCK_DIGEST),
+            Frame::OpenWrite(OpenWrite {
+                name: "b".into(),
+                identity: FileIdentity {
+                    size: payload.len() as u64,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: 1 << 16,
+            }),
+            Frame::Data(Data::new(1, 0, payload)),
+            Frame::Commit(Commit {
+                transfer_id: 1,
+                digest: vec![0x5a; 16],
+            }),
+        ];
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in &frames {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn a_block_digest_commit_reaches_the_session() {
+        session_script_now(&block_digest_commit_script());
+    }
+
     /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_DELTA`,
     /// `CAP_DELTA_PUT` and `CAP_BYTE_WINDOW`, a `DeltaPut`, then its literal data in three small
     /// `Data` frames sent at once, as a window counted by size lets them go.

@@ -91,6 +91,10 @@ pub const CAP_DELTA_PUT: u64 = 1 << 15;
 /// guessed chunks (`DeltaGuess`): blocks the server looks for only where the previous match
 /// puts them, so the client hashes what did not move instead of cutting it by content.
 pub const CAP_DELTA_GUESS: u64 = 1 << 16;
+/// Capability bit: the whole-file digest (`Commit`, `Committed`, `DigestReply`) is the block
+/// digest, XXH3-128 over the XXH3-128 digests of the file's 1 MiB blocks (proto.md §2.4), which
+/// a receiver computes as bytes land in any order.
+pub const CAP_BLOCK_DIGEST: u64 = 1 << 17;
 /// Capability bit: the window counts streamed frames by their size, in [`WINDOW_SLOTS`]
 /// slots per `Welcome.window` unit ([`window_slots`]), so that a light file's few KiB of
 /// literal data do not wait behind a count sized for whole chunks.
@@ -125,6 +129,7 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_READ_SIG_PIPELINE
     | CAP_DELTA_PUT
     | CAP_DELTA_GUESS
+    | CAP_BLOCK_DIGEST
     | CAP_BYTE_WINDOW;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Notify;
+use xfer_core::digest::DigestKind;
 use xfer_core::{CoreError, PartialFile, Root};
 use xfer_proto::{ErrorCode, FileIdentity};
 
@@ -87,6 +88,7 @@ impl Registry {
         name: &str,
         identity: FileIdentity,
         holes: Vec<xfer_proto::ByteRange>,
+        digest: DigestKind,
     ) -> Result<Lease, OpenError> {
         loop {
             let waiting = {
@@ -123,7 +125,9 @@ impl Registry {
             };
             let (root, owned) = (root.clone(), name.to_string());
             let opened = match blocking(move || root.slot(&owned, true)).await {
-                Ok(slot) => PartialFile::open_sparse(slot, identity, holes.clone()).await,
+                Ok(slot) => {
+                    PartialFile::open_sparse_as(slot, identity, holes.clone(), digest).await
+                }
                 Err(e) => Err(e),
             };
             let mut map = self.lock();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use xfer_core::buffers::BufferPool;
+use xfer_core::digest::DigestKind;
 use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
 use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRead};
 
@@ -310,8 +311,10 @@ async fn recv_once(
         .map(|(_, h)| h)
         .or((!named.is_empty()).then_some(named));
     // Space is reserved only for the bytes between the holes the listing gave.
+    let kind = DigestKind::of_capabilities(session.welcome.capabilities);
     let partial =
-        PartialFile::open_sparse(slot, identity, holes.clone().unwrap_or_default()).await?;
+        PartialFile::open_sparse_as(slot, identity, holes.clone().unwrap_or_default(), kind)
+            .await?;
     let resumed = partial.resumed_bytes();
     let chunk_size = chunk_size(opts, &session);
     let mut missing = RangeSet::from_ranges(partial.held()).missing(identity.size);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::task::JoinSet;
+use xfer_core::digest::DigestKind;
 use xfer_core::{MemoryBudget, RangeSet, SourceFile};
 use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, List, OpenWrite, OpenWriteSparse};
@@ -213,6 +214,8 @@ pub(crate) async fn send_file_sharing(
     early.open_ahead(opener(&upload), probe);
     let early = Arc::new(early);
     let (mut id, mut held) = upload.open_with_held(&mut session).await?;
+    // Every connection of the upload reaches the same daemon, which grants the same bits.
+    let digest_kind = DigestKind::of_capabilities(session.welcome.capabilities);
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
     let mut tally = Tally::start(opts, name, identity.size, resumed, started, congestion);
     let work = Arc::new(Work::new(Vec::new(), opts));
@@ -292,7 +295,7 @@ pub(crate) async fn send_file_sharing(
     // The whole-file digest is read front to back beside the transfer, not after it.
     let digest = {
         let source = upload.source.clone();
-        tokio::spawn(async move { source.digest().await })
+        tokio::spawn(async move { source.digest_as(digest_kind).await })
     };
     let mut digest = Some(digest);
     let mut digest_bytes = Vec::new();

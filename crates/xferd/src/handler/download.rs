@@ -94,9 +94,10 @@ impl Handler {
     }
 
     pub(super) async fn digest(&mut self, id: DownloadId) -> Result<(), ConnError> {
+        let kind = self.digest_kind();
         let Download { source, name, .. } = self.session.download(id)?;
         let digest = match source.check_unchanged() {
-            Ok(()) => source.digest().await,
+            Ok(()) => source.digest_as(kind).await,
             Err(e) => Err(e),
         };
         let digest = digest.map_err(|e| fatal(e.code(), e.to_string()))?;

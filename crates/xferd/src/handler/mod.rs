@@ -473,6 +473,11 @@ impl Handler {
         Ok(())
     }
 
+    /// The whole-file digest this connection's `Commit`, `Committed` and `DigestReply` carry.
+    fn digest_kind(&self) -> xfer_core::digest::DigestKind {
+        xfer_core::digest::DigestKind::of_capabilities(self.session.capabilities())
+    }
+
     /// The root as this session may use it: under a copy grant no symlink is followed, so a
     /// link inside the grant's scope cannot lead a write out of it.
     fn root(&self) -> xfer_core::Root {

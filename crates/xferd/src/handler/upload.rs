@@ -53,7 +53,13 @@ impl Handler {
         let opened = self
             .shared
             .registry
-            .open(&self.root(), &req.name, req.identity, holes)
+            .open(
+                &self.root(),
+                &req.name,
+                req.identity,
+                holes,
+                self.digest_kind(),
+            )
             .await;
         let lease = match opened {
             Ok(lease) => lease,
@@ -164,7 +170,12 @@ impl Handler {
             Err(_) => return Err(fatal(ErrorCode::Protocol, "Commit digest is not 16 bytes")),
         };
         let digest = match partial
-            .commit(mode, partial.identity().mtime_ns, expected)
+            .commit_as(
+                mode,
+                partial.identity().mtime_ns,
+                expected,
+                self.digest_kind(),
+            )
             .await
         {
             Ok(digest) => digest,
