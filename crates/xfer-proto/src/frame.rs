@@ -657,13 +657,13 @@ macro_rules! frame_types {
                 }
             }
 
-            /// The encoded body of a control frame (empty for a frame without one); `None` for
-            /// a frame with a header of its own.
-            fn control_body(&self) -> Option<Result<Vec<u8>, String>> {
+            /// Appends the encoded body of a control frame to `dst` (nothing for a frame
+            /// without one); `None`, appending nothing, for a frame with a header of its own.
+            fn control_body_into(&self, dst: &mut BytesMut) -> Option<Result<(), String>> {
                 match self {
                     $(
                         Self::$name $((frame_types!(@bind body $body)))? $((frame_types!(@bind body $raw)))?
-                            => frame_types!(@encode body $(control $body)? $(raw $raw)?),
+                            => frame_types!(@encode body, dst $(control $body)? $(raw $raw)?),
                     )*
                 }
             }
@@ -680,10 +680,13 @@ macro_rules! frame_types {
         }
     };
     (@bind $b:ident $t:ty) => { $b };
-    (@encode $b:ident) => { Some(Ok(Vec::new())) };
-    (@encode $b:ident control $t:ty) => { Some(encode_body($b)) };
-    (@encode $b:ident raw $t:ty) => {{
-        let _ = $b;
+    (@encode $b:ident, $dst:ident) => {{
+        let _ = $dst;
+        Some(Ok(()))
+    }};
+    (@encode $b:ident, $dst:ident control $t:ty) => { Some(encode_body_into($b, $dst)) };
+    (@encode $b:ident, $dst:ident raw $t:ty) => {{
+        let _ = ($b, $dst);
         None
     }};
     (@decode $name:ident, $ty:ident, $b:ident) => {
@@ -850,27 +853,39 @@ impl Frame {
     /// [`ProtoError::BadBody`] if a control body cannot be encoded, [`ProtoError::FrameTooLarge`]
     /// if it exceeds `MAX_CONTROL_LEN`.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), ProtoError> {
-        let Some(body) = self.control_body() else {
+        // The body is encoded in place, behind a length prefix filled in once it is known: a
+        // body encoded apart grew by doubling and was copied again, twice or more per byte of
+        // a small file's data, a tree sender's largest cost after reading and compressing.
+        let start = dst.len();
+        let header = crate::LEN_PREFIX + 1;
+        dst.reserve(header);
+        dst.put_u32(0);
+        dst.put_u8(self.frame_type() as u8);
+        let Some(body) = self.control_body_into(dst) else {
+            dst.truncate(start);
             let (header, payload) = self.raw_parts().expect("a frame without a control body");
             dst.reserve(header.len() + payload.len());
             dst.put_slice(&header);
             dst.put_slice(payload);
             return Ok(());
         };
-        let body = body.map_err(|reason| ProtoError::BadBody {
-            kind: self.frame_type().name(),
-            reason,
-        })?;
-        if body.len() > MAX_CONTROL_LEN as usize {
-            return Err(ProtoError::FrameTooLarge {
-                len: body.len() as u32,
+        let len = dst.len() - start - header;
+        let refused = match body {
+            Err(reason) => Some(ProtoError::BadBody {
+                kind: self.frame_type().name(),
+                reason,
+            }),
+            Ok(()) if len > MAX_CONTROL_LEN as usize => Some(ProtoError::FrameTooLarge {
+                len: len as u32,
                 max: MAX_CONTROL_LEN,
-            });
+            }),
+            Ok(()) => None,
+        };
+        if let Some(error) = refused {
+            dst.truncate(start);
+            return Err(error);
         }
-        dst.reserve(crate::LEN_PREFIX + 1 + body.len());
-        dst.put_u32(1 + body.len() as u32);
-        dst.put_u8(self.frame_type() as u8);
-        dst.put_slice(&body);
+        dst[start..start + crate::LEN_PREFIX].copy_from_slice(&(1 + len as u32).to_be_bytes());
         Ok(())
     }
 
@@ -905,6 +920,21 @@ impl Frame {
 
 pub(crate) fn encode_body<T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
     bincode::serde::encode_to_vec(body, wire()).map_err(|e| e.to_string())
+}
+
+/// [`encode_body`] appended to `dst`.
+fn encode_body_into<T: Serialize>(body: &T, dst: &mut BytesMut) -> Result<(), String> {
+    bincode::serde::encode_into_writer(body, Appender(dst), wire()).map_err(|e| e.to_string())
+}
+
+/// Bincode's writer appending to a `BytesMut`.
+struct Appender<'a>(&'a mut BytesMut);
+
+impl bincode::enc::write::Writer for Appender<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(
