@@ -110,8 +110,9 @@ pub(super) enum Step {
 /// it again while throughput beats the best so far by [`GAIN`].
 /// Growth stops at `max`, once the path is full (a queue stands on it), or for good once a size
 /// measured [`CHANCES`] times in a row without gaining enough (at once if it measured clearly
-/// slower). On a long path a measurement taken while the connections were still ramping up is
-/// taken again before it counts ([`RAMP`]).
+/// slower). On a long path a measurement taken while the connections were still ramping up
+/// ([`RAMP`]) is taken again before it counts, except the first, which doubles the pool at once
+/// and counts as a floor only.
 #[derive(Debug)]
 pub(super) struct Grower {
     max: usize,
@@ -133,6 +134,8 @@ pub(super) struct Grower {
     ramp_checks_per_size: u32,
     /// The size that measured fastest, and its bytes per second.
     best: Option<(usize, f64)>,
+    /// `best` was measured while its connections were still ramping up: a floor only.
+    best_is_floor: bool,
     /// Measurements of the current size that did not gain enough.
     misses: u32,
     /// The last measurement gained, but less than [`CLEAR_GAIN`]: the next one decides.
@@ -166,6 +169,7 @@ impl Grower {
             ramp_checks,
             ramp_checks_per_size: ramp_checks,
             best: None,
+            best_is_floor: false,
             misses: 0,
             marginal: false,
             done: size >= max,
@@ -214,13 +218,19 @@ impl Grower {
             return Step::Wait;
         }
         let rate = bytes.saturating_sub(b0) as f64 / elapsed.as_secs_f64();
-        if self.ramp_checks > 0 && self.ramping(t0, b0, now, bytes) {
+        let ramping = self.ramp_checks > 0 && self.ramping(t0, b0, now, bytes);
+        if ramping && self.best.is_some() {
             // Still starting: this rate is below what the size carries, and a baseline taken
             // from it would make the next doubling look like a gain.
             self.ramp_checks -= 1;
             self.start_measuring(now, bytes);
             return Step::Wait;
         }
+        // The first measurement doubles the pool whatever it reads: measured again, it only put
+        // the doubling off (through the 150 ms path by a second, until 16 connections filled
+        // the link, and 16 more starting then overflowed its queue). Taken while ramping, its
+        // figure is only a floor, which the next size must beat by [`CLEAR_GAIN`].
+        let floor = ramping;
         let queue = (self.queued.1 > 0).then(|| self.queued.0 / self.queued.1);
         let best = self.best.map(|(_, r)| r);
         if let Some(queue) = queue.filter(|&q| q >= self.full_queue) {
@@ -243,7 +253,8 @@ impl Grower {
                 queue,
             };
         }
-        if best.is_none_or(|b| rate >= b * GAIN) {
+        let needed = if self.best_is_floor { CLEAR_GAIN } else { GAIN };
+        if best.is_none_or(|b| rate >= b * needed) {
             let clear = best.is_none_or(|b| rate >= b * CLEAR_GAIN);
             if !clear && !std::mem::replace(&mut self.marginal, true) {
                 self.start_measuring(now, bytes);
@@ -251,6 +262,7 @@ impl Grower {
             }
             self.marginal = false;
             self.best = Some((self.size, rate));
+            self.best_is_floor = floor;
             // New connections move little until they have joined and settled, and what is left
             // would be gone before they are measured: they would only take chunks into slow
             // starts and make the end of the transfer (a 128 MiB file on a 50 ms path grew
@@ -628,15 +640,30 @@ mod tests {
     #[test]
     fn a_baseline_measured_while_the_connections_ramp_up_does_not_double_the_pool_twice() {
         let far_rtt = Duration::from_millis(150);
-        // Still ramping when first measured (1.5-2.5 s): measured again once they carry their
-        // share, so 32 are no faster than 16 and the pool stays at 32 (it grew to 64 when 16
-        // counted at what they moved while starting).
+        // Still ramping when first measured (1.5-2.5 s): the pool doubles at once, but 16's
+        // figure is only a floor, and 32 carrying 1.4 times it are not worth doubling again
+        // (it grew to 64 when 16 counted at what they moved while starting).
         let steps = drive(16, far_rtt, far, |_| None);
         assert_eq!(sizes(&steps), [('+', 32), ('=', 32)], "{steps:?}");
         let Step::Grow { rate, .. } = steps[0] else {
             unreachable!()
         };
-        assert!(rate > 110e6, "16 counted at {rate} while ramping");
+        assert!(
+            rate < 100e6,
+            "16 measured again before the first doubling: {rate}"
+        );
+        // A size measured while ramping after a doubling is measured again before it counts:
+        // 32 still starting read as slower than 16, and the pool went back.
+        let late = |size: usize, t: Duration| match size {
+            16 => 115e6,
+            _ => 120e6 * (t.as_secs_f64() / 4.0).clamp(0.3, 1.0),
+        };
+        let steps = drive(16, far_rtt, late, |_| None);
+        assert_eq!(sizes(&steps), [('+', 32), ('=', 32)], "{steps:?}");
+        let Step::Keep { rate, .. } = steps[1] else {
+            unreachable!()
+        };
+        assert!(rate > 110e6, "32 counted at {rate} while ramping");
         // On a LAN connections start in milliseconds: halves of a measurement that differ are
         // chance, and the decision is not put off.
         let lan = drive(4, Duration::from_micros(200), far, |_| None);
