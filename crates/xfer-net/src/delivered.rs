@@ -61,6 +61,8 @@ struct Sockets {
     closed: Moved,
     /// Sockets counted so far.
     next_key: u64,
+    /// The least round trip any socket counted so far has seen: the path without a queue.
+    base_rtt: Option<Duration>,
 }
 
 /// Bytes acknowledged and received.
@@ -140,10 +142,50 @@ impl Delivered {
         Some(reading)
     }
 
+    /// How long the data these sockets send waits in queues on its path: the mean round trip of
+    /// the sockets counted now that sent more than they received, over the least round trip
+    /// any counted socket has seen (the path without a queue). A queue that stands means the
+    /// bottleneck is busy all the time: more connections would only lengthen it. Only a sender
+    /// times the data's path: a receiver's round trips (`tcpi_rtt` of its few requests, which
+    /// the peer may hold for a delayed acknowledgment, or `tcpi_rcv_rtt`) also count the pauses
+    /// of its sender, and through a proxy that paced each connection they read as a queue of
+    /// tens of milliseconds. `None` while no sender's round trip is known.
+    pub fn queue_delay(&self) -> Option<Duration> {
+        let mut sockets = self.lock();
+        let mut base = sockets.base_rtt;
+        let mut rtts = Vec::with_capacity(sockets.open.len());
+        for (_, socket, start) in &sockets.open {
+            let Some(now) = sockopt::sending(socket) else {
+                continue;
+            };
+            base = least(base, now.min_rtt);
+            let moved = Moved::since(now, *start);
+            if moved.acked > moved.received {
+                rtts.extend(now.rtt);
+            }
+        }
+        sockets.base_rtt = base;
+        queue_over(base?, &rtts)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Sockets> {
         // Numbers only: a state left by a panic is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn least(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The mean of `rtts` beyond `base`; `None` without a round trip.
+fn queue_over(base: Duration, rtts: &[Duration]) -> Option<Duration> {
+    let count = u32::try_from(rtts.len()).ok().filter(|&n| n > 0)?;
+    let mean = rtts.iter().sum::<Duration>() / count;
+    Some(mean.saturating_sub(base))
 }
 
 /// A socket a [`Delivered`] meter counts; when dropped, what it moved stays in the meter's
@@ -243,6 +285,42 @@ mod tests {
         );
         assert_eq!(closed.queued, 0);
         assert_eq!(closed.rtt, None, "no socket is open");
+    }
+
+    #[test]
+    fn the_queue_is_the_mean_round_trip_beyond_the_least_one_seen() {
+        let ms = Duration::from_millis;
+        assert_eq!(queue_over(ms(150), &[]), None);
+        assert_eq!(queue_over(ms(150), &[ms(200), ms(260)]), Some(ms(80)));
+        // Round trips below the path's least (a connection's smoothing lags) are no queue.
+        assert_eq!(queue_over(ms(150), &[ms(140)]), Some(Duration::ZERO));
+        assert_eq!(least(None, Some(ms(3))), Some(ms(3)));
+        assert_eq!(least(Some(ms(2)), Some(ms(3))), Some(ms(2)));
+    }
+
+    #[test]
+    fn only_a_socket_that_sent_more_than_it_received_reads_the_queue() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        let meter = Delivered::new();
+        assert_eq!(meter.queue_delay(), None, "no socket counted");
+        let _counted = meter.count(ours.as_fd());
+        let mut got = [0; 1000];
+        // Receiving only: no round trip of the data's path is known here.
+        theirs.write_all(&[1; 1000]).unwrap();
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(meter.queue_delay(), None);
+        ours.write_all(&[7; 4000]).unwrap();
+        let mut sent = [0; 4000];
+        theirs.read_exact(&mut sent).unwrap();
+        theirs.write_all(&got[..10]).unwrap();
+        ours.read_exact(&mut got[..10]).unwrap();
+        // Loopback queues nothing worth a round trip of a WAN.
+        let queue = meter
+            .queue_delay()
+            .expect("Linux times a sender's round trips");
+        assert!(queue < Duration::from_secs(1), "{queue:?}");
     }
 
     #[test]

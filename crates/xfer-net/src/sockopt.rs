@@ -194,6 +194,9 @@ pub struct Sending {
     pub queued: u64,
     /// Smoothed round-trip time (`tcpi_rtt`).
     pub rtt: Option<std::time::Duration>,
+    /// The least round trip this connection has seen (`tcpi_min_rtt`): the path without a
+    /// queue, if it ever had none.
+    pub min_rtt: Option<std::time::Duration>,
 }
 
 /// Acknowledged and queued bytes of this socket's sending, the bytes it received, and its round
@@ -203,7 +206,11 @@ pub fn sending(fd: impl AsFd) -> Option<Sending> {
     use std::os::fd::AsRawFd;
     let fd = fd.as_fd();
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    let info = tcp_info(fd, needed)?;
+    let (info, len) = tcp_info(fd, needed)?;
+    // Older kernels fill less of the structure: what they leave out is not known.
+    let filled = |end: usize| len >= end;
+    let micros =
+        |us: u32| (us > 0 && us != u32::MAX).then(|| std::time::Duration::from_micros(us.into()));
     let mut queued: libc::c_int = 0;
     // SAFETY: the fd is open for the call; SIOCOUTQ (TIOCOUTQ) writes one int.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
@@ -211,18 +218,22 @@ pub fn sending(fd: impl AsFd) -> Option<Sending> {
         acked: info.tcpi_bytes_acked,
         received: info.tcpi_bytes_received,
         queued: if rc == 0 { queued.max(0) as u64 } else { 0 },
-        rtt: (info.tcpi_rtt > 0).then(|| std::time::Duration::from_micros(info.tcpi_rtt.into())),
+        rtt: micros(info.tcpi_rtt),
+        min_rtt: filled(std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4)
+            .then(|| micros(info.tcpi_min_rtt))
+            .flatten(),
     })
 }
 
 /// The kernel's smoothed round-trip time of this connection (`TCP_INFO`'s `tcpi_rtt`).
 pub fn rtt(fd: impl AsFd) -> Option<std::time::Duration> {
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + 4;
-    tcp_info(fd, needed).map(|info| std::time::Duration::from_micros(info.tcpi_rtt.into()))
+    tcp_info(fd, needed).map(|(info, _)| std::time::Duration::from_micros(info.tcpi_rtt.into()))
 }
 
-/// `TCP_INFO` of `fd`, if the kernel filled at least its first `needed` bytes.
-fn tcp_info(fd: impl AsFd, needed: usize) -> Option<libc::tcp_info> {
+/// `TCP_INFO` of `fd` and how many of its bytes the kernel filled, if at least its first
+/// `needed`.
+fn tcp_info(fd: impl AsFd, needed: usize) -> Option<(libc::tcp_info, usize)> {
     use std::os::fd::AsRawFd;
     // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes into it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -237,7 +248,7 @@ fn tcp_info(fd: impl AsFd, needed: usize) -> Option<libc::tcp_info> {
             &raw mut len,
         )
     };
-    (rc == 0 && len as usize >= needed).then_some(info)
+    (rc == 0 && len as usize >= needed).then_some((info, len as usize))
 }
 
 fn set_congestion(fd: impl AsFd, name: &str) -> Result<(), SocketError> {

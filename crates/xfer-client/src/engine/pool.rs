@@ -359,7 +359,8 @@ pub(super) async fn drive<D: Direction>(
                     continue;
                 }
                 let ready = work.active.load(Ordering::SeqCst) == g.size && !work.is_empty();
-                let step = g.on_tick(Instant::now(), delivered.read().map_or(0, |d| d.moved()), ready, work.queued());
+                let moved = delivered.read().map_or(0, |d| d.moved());
+                let step = g.on_tick(Instant::now(), moved, delivered.queue_delay(), ready, work.queued());
                 resize_pool(step, &work, |n| {
                     for _ in 0..n {
                         spawn(&mut workers, None, true);
@@ -388,6 +389,7 @@ pub(super) async fn drive<D: Direction>(
 fn resize_pool(step: Step, work: &Work, add: impl FnOnce(usize)) {
     const MIB: f64 = 1024.0 * 1024.0;
     let mib = |rate: f64| format!("{:.1}", rate / MIB);
+    let ms = |queue: Option<Duration>| queue.map_or("-".into(), |q| q.as_millis().to_string());
     match step {
         Step::Wait => {}
         Step::Grow {
@@ -395,33 +397,49 @@ fn resize_pool(step: Step, work: &Work, add: impl FnOnce(usize)) {
             to,
             rate,
             best,
+            queue,
         } => {
             tracing::debug!(
                 from,
                 to,
                 mib_per_sec = %mib(rate),
                 before_mib_per_sec = %best.map_or("-".into(), mib),
+                queue_ms = %ms(queue),
                 "throughput grew; adding connections"
             );
             add(to - from);
         }
-        Step::Keep { size, rate, best } => tracing::debug!(
+        Step::Keep {
+            size,
+            rate,
+            best,
+            queue,
+        } => tracing::debug!(
             connections = size,
             mib_per_sec = %mib(rate),
             best_mib_per_sec = %mib(best),
+            queue_ms = %ms(queue),
             "throughput no longer grows; keeping the pool"
+        ),
+        Step::Full { size, rate, queue } => tracing::debug!(
+            connections = size,
+            mib_per_sec = %mib(rate),
+            queue_ms = %ms(Some(queue)),
+            "a queue stands on the path: it carries all it can; keeping the pool"
         ),
         Step::Shrink {
             from,
             to,
             rate,
             best,
+            queue,
         } => {
             tracing::debug!(
                 from,
                 to,
                 mib_per_sec = %mib(rate),
                 best_mib_per_sec = %mib(best),
+                queue_ms = %ms(queue),
                 "more connections were slower; going back"
             );
             work.excess.fetch_add(from - to, Ordering::SeqCst);
