@@ -338,16 +338,22 @@ fn a_basis_rewritten_during_the_delta_never_lands_wrong() {
     assert!(!journal.exists() && !partial_path(&dest).exists());
 }
 
-/// Runs `client` (a slow delta) until `journal` holds `bytes`, kills it, runs `again()` (the
-/// same transfer) until it has journaled 1 MiB more and kills that too. The second run's open
-/// rewrote the journal, so what the first one wrote is covered by a barrier: a resume trusts
-/// it without checking its CRCs, and only the whole-file digest's read-back can see a change.
-fn stop_twice(
+/// The flags of the run that resumes a stopped, scribbled delta: fast, and telling what it did.
+const RESUME_FAST: [&str; 7] = ["--delta", "--json", "-v", "--chunk-size", "256K", "-c", "2"];
+
+/// Runs `client` (a slow delta of a file of `size` bytes whose second half is copied from the
+/// old file) until `journal` holds that half, kills it, runs `again()` (the same transfer) until
+/// it has journaled 1 MiB more and kills that too; then another program writes into the copied
+/// half of `partial` (`seed`). The second run's open rewrote the journal, so what the first one
+/// wrote is covered by a barrier: a resume trusts it without checking its CRCs, and only the
+/// whole-file digest's read-back can see the change.
+fn stop_twice_and_scribble(
     mut client: XferRun,
-    journal: &std::path::Path,
-    bytes: usize,
+    (journal, partial): (&std::path::Path, &std::path::Path),
+    (size, seed): (usize, u64),
     again: impl FnOnce() -> XferRun,
 ) {
+    let bytes = size / 2;
     wait_journaled(&mut client, journal, bytes, "the copied half is journaled");
     client.kill();
     let held = journal_held(journal) as usize;
@@ -359,6 +365,11 @@ fn stop_twice(
         "the resumed run journals 1 MiB more",
     );
     client.kill();
+    assert!(
+        journal_held(journal) as usize > bytes,
+        "the copied half is held"
+    );
+    scribble_in_copied_half(partial, size, seed);
 }
 
 /// Bytes of the daemon's partial file change on disk while a delta upload is stopped (its
@@ -384,14 +395,8 @@ fn an_upload_whose_partial_changes_while_stopped_is_caught_on_resume_and_sent_ag
     xfer_tests::set_mtime(&src, 1_800_000_000);
     let (journal, partial) = (journal_path(&dest), partial_path(&dest));
     let run = || XferRun::send(&src, &daemon.addr(), "p.bin", &SCRIBBLED_DELTA);
-    stop_twice(run(), &journal, size / 2, run);
-    assert!(
-        journal_held(&journal) as usize > size / 2,
-        "the copied half is held"
-    );
-    scribble_in_copied_half(&partial, size, 53);
-    let fast = ["--delta", "--json", "-v", "--chunk-size", "256K", "-c", "2"];
-    let out = XferRun::send(&src, &daemon.addr(), "p.bin", &fast).wait_ok();
+    stop_twice_and_scribble(run(), (&journal, &partial), (size, 53), run);
+    let out = XferRun::send(&src, &daemon.addr(), "p.bin", &RESUME_FAST).wait_ok();
     assert_eq!(sha256_file(&dest), sha256_file(&src), "{}", out.stderr);
     assert!(out.json_u64("resumed_bytes") > 0, "{}", out.json());
     assert!(
@@ -806,15 +811,8 @@ fn a_download_whose_partial_changes_while_stopped_is_caught_on_resume_and_fetche
     let (journal, partial) = (journal_path(&out_path), partial_path(&out_path));
     let daemon = Daemon::start(&tree.root(), &[]);
     let run = || XferRun::recv("c.bin", &daemon.addr(), &out_path, &SCRIBBLED_DELTA);
-    stop_twice(run(), &journal, size / 2, run);
-    // Another program writes into the copied half of the partial file.
-    assert!(
-        journal_held(&journal) as usize > size / 2,
-        "the copied half is held"
-    );
-    scribble_in_copied_half(&partial, size, 43);
-    let fast = ["--delta", "--json", "-v", "--chunk-size", "256K", "-c", "2"];
-    let out = XferRun::recv("c.bin", &daemon.addr(), &out_path, &fast).wait_ok();
+    stop_twice_and_scribble(run(), (&journal, &partial), (size, 43), run);
+    let out = XferRun::recv("c.bin", &daemon.addr(), &out_path, &RESUME_FAST).wait_ok();
     assert_eq!(
         sha256_file(&out_path),
         xfer_tests::sha256_bytes(&new),
