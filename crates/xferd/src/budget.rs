@@ -129,7 +129,9 @@ pub const KEPT_FREE_HEAP: usize = 64 << 20;
 /// small buffers for the next batch. Call once, before the runtime starts.
 pub fn prefer_mmap_for_chunks() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt changes a tunable of the allocator; called before other threads exist.
+    // SAFETY: mallopt changes a tunable of the allocator under the main arena's lock; other
+    // threads' arenas read the plain integers without it, at worst the old value once (the
+    // budget's unit test runs beside other tests). `main` calls it before any thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, KEPT_FREE_HEAP as libc::c_int);
