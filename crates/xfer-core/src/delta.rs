@@ -31,10 +31,16 @@ pub const MAX_INDEX_CHUNKS: usize = 1 << 22;
 pub const MIN_REGION: u64 = 64 * 1024 * 1024;
 /// Most bytes copied from the basis by one read and one write.
 pub const MAX_COPY: u64 = 4 * 1024 * 1024;
-/// Copy buffers a [`Basis`] keeps once written: a fresh buffer per copy costs a page fault and
-/// a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU in a delta. Enough for the
-/// copies one `DeltaSig` runs at once.
-pub const SPARE_COPY_BUFFERS: usize = 4;
+/// Copy buffers kept once written, shared by every [`Basis`] of the process: a fresh buffer per
+/// copy costs a page fault and a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU
+/// in a delta, and a third of it in a tree of light files, where each basis copies once. Enough
+/// for the copies a few connections' `DeltaSig`s run at once; at most this many times
+/// [`MAX_COPY`] (and a page) are held idle.
+pub const SPARE_COPY_BUFFERS: usize = 8;
+
+/// The copy buffers every [`Basis`] takes from (see [`SPARE_COPY_BUFFERS`]).
+static COPY_BUFFERS: std::sync::LazyLock<BufferPool> =
+    std::sync::LazyLock::new(|| BufferPool::new(SPARE_COPY_BUFFERS));
 
 /// The average chunk for a delta between files of at most `size` bytes: `size / 2^20`
 /// rounded up to a power of two, within [`MIN_AVG_CHUNK`], [`MAX_AVG_CHUNK`].
@@ -301,13 +307,18 @@ impl Basis {
     /// # Errors
     /// `fstat` errors.
     pub fn open(file: File, avg: u32) -> io::Result<Self> {
+        Self::open_with(file, avg, COPY_BUFFERS.clone())
+    }
+
+    /// As [`Basis::open`], its copy buffers taken from `buffers`.
+    fn open_with(file: File, avg: u32, buffers: BufferPool) -> io::Result<Self> {
         let (identity, _) = crate::source::identity_of(&file)?;
         Ok(Self {
             file,
             identity,
             avg,
             state: std::sync::Mutex::default(),
-            buffers: BufferPool::new(SPARE_COPY_BUFFERS),
+            buffers,
         })
     }
 
@@ -933,9 +944,11 @@ mod tests {
     }
 
     #[test]
-    fn copy_buffers_are_reused_once_written() {
+    fn copy_buffers_are_reused_once_written_by_the_next_basis_too() {
         let data = pseudo_random(1 << 20, 6);
-        let basis = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
+        // A pool of the test's own: other tests take from the process's at the same time.
+        let pool = BufferPool::new(SPARE_COPY_BUFFERS);
+        let basis = Basis::open_with(file_with(&data), MIN_AVG_CHUNK, pool.clone()).unwrap();
         let sig: Vec<SigChunk> = cuts(&file_with(&data), data.len() as u64, MIN_AVG_CHUNK)
             .iter()
             .map(Cut::sig)
@@ -954,6 +967,9 @@ mod tests {
         // Counted, not only compared by address: a fresh allocation may land where the freed
         // one was.
         assert_eq!(basis.buffers.spares(), 1);
+        // A tree's light files each open a basis of their own and copy once from it.
+        drop(basis);
+        let basis = Basis::open_with(file_with(&data), MIN_AVG_CHUNK, pool).unwrap();
         let mut again = Vec::new();
         basis
             .copy_batch(0, &sig, |_, bytes| {
@@ -964,5 +980,13 @@ mod tests {
         assert_eq!(basis.buffers.spares(), 0);
         assert_eq!(again[0].as_ptr(), addr);
         assert_eq!(&again[0][..], &data[..again[0].len()]);
+    }
+
+    #[test]
+    fn every_basis_takes_its_copy_buffers_from_one_pool() {
+        let data = pseudo_random(4096, 7);
+        let a = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
+        let b = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
+        assert!(a.buffers.same_pool(&b.buffers));
     }
 }
