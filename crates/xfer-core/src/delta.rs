@@ -15,7 +15,10 @@ use bytes::Bytes;
 use fastcdc::v2020::StreamCDC;
 use xfer_proto::{ByteRange, FileIdentity, SigChunk};
 
+use xxhash_rust::xxh3::Xxh3;
+
 use crate::buffers::BufferPool;
+use crate::digest::{Digest, DigestKind, DIGEST_BLOCK};
 use crate::direct::PAYLOAD_ALIGN;
 
 /// Smallest average chunk (below it signatures cost more than the finer matches save) and the
@@ -141,6 +144,120 @@ pub fn cut_region(
         }
     }
     Ok(())
+}
+
+/// The digest of a file taken from its bytes read in order, of either kind.
+enum InOrder {
+    Sequential(Box<crate::digest::Frontier>),
+    Blocks(Box<InBlocks>),
+}
+
+/// The block digest taken in order: the outer hasher, the current block's, and the bytes fed.
+struct InBlocks {
+    outer: Xxh3,
+    block: Xxh3,
+    pos: u64,
+}
+
+impl InOrder {
+    fn new(kind: DigestKind) -> Self {
+        match kind {
+            DigestKind::Sequential => Self::Sequential(Box::default()),
+            DigestKind::Blocks => Self::Blocks(Box::new(InBlocks {
+                outer: Xxh3::new(),
+                block: Xxh3::new(),
+                pos: 0,
+            })),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        match self {
+            Self::Sequential(frontier) => frontier.feed(frontier.pos(), bytes),
+            Self::Blocks(b) => {
+                while !bytes.is_empty() {
+                    let room = (DIGEST_BLOCK - b.pos % DIGEST_BLOCK) as usize;
+                    let (now, rest) = bytes.split_at(room.min(bytes.len()));
+                    b.block.update(now);
+                    b.pos += now.len() as u64;
+                    if b.pos % DIGEST_BLOCK == 0 {
+                        b.outer.update(&b.block.digest128().to_be_bytes());
+                        b.block.reset();
+                    }
+                    bytes = rest;
+                }
+            }
+        }
+    }
+
+    fn digest(self) -> Digest {
+        match self {
+            Self::Sequential(frontier) => frontier.digest(),
+            Self::Blocks(mut b) => {
+                if b.pos % DIGEST_BLOCK != 0 {
+                    b.outer.update(&b.block.digest128().to_be_bytes());
+                }
+                b.outer.digest128().to_be_bytes()
+            }
+        }
+    }
+}
+
+/// A [`Read`] that hands what it reads to a digest too.
+struct Digesting<R> {
+    inner: R,
+    digest: InOrder,
+}
+
+impl<R: Read> Read for Digesting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Cuts the first `size` bytes of `file` as [`cut_region`] does and takes their digest of
+/// `kind` from the same reads (what [`crate::digest::digest_file_as`] gives a file without
+/// holes): a tree's light file is read once for its signature and its commit, not twice.
+/// `None` when `each` stopped the cut early. Blocking.
+///
+/// # Errors
+/// Read errors.
+pub fn cut_and_digest(
+    file: &File,
+    size: u64,
+    avg: u32,
+    kind: DigestKind,
+    mut each: impl FnMut(Cut) -> bool,
+) -> io::Result<Option<Digest>> {
+    let avg = avg.clamp(MIN_AVG_CHUNK, MAX_AVG_CHUNK) as usize;
+    let mut reader = Digesting {
+        inner: RegionReader {
+            file,
+            pos: 0,
+            end: size,
+        },
+        digest: InOrder::new(kind),
+    };
+    for chunk in StreamCDC::new(&mut reader, avg / 4, avg, avg * 4) {
+        let chunk = chunk.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            other => io::Error::other(other.to_string()),
+        })?;
+        let cut = Cut {
+            offset: chunk.offset,
+            len: chunk.length as u32,
+            hash: xxhash_rust::xxh3::xxh3_128(&chunk.data),
+        };
+        if !each(cut) {
+            return Ok(None);
+        }
+    }
+    if reader.inner.pos < size {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(reader.digest.digest()))
 }
 
 /// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
@@ -980,6 +1097,29 @@ mod tests {
         assert_eq!(basis.buffers.spares(), 0);
         assert_eq!(again[0].as_ptr(), addr);
         assert_eq!(&again[0][..], &data[..again[0].len()]);
+    }
+
+    #[test]
+    fn a_cut_with_its_digest_reads_once_what_a_cut_and_a_digest_read_twice() {
+        let block = DIGEST_BLOCK as usize;
+        for len in [0, 1000, block, 2 * block + 12_345] {
+            let data = pseudo_random(len, 8);
+            let file = file_with(&data);
+            for kind in [DigestKind::Sequential, DigestKind::Blocks] {
+                let mut cut = Vec::new();
+                let digest = cut_and_digest(&file, len as u64, MIN_AVG_CHUNK, kind, |c| {
+                    cut.push(c);
+                    true
+                })
+                .unwrap();
+                let want = crate::digest::digest_file_as(kind, &file, len as u64).unwrap();
+                assert_eq!(digest, Some(want), "{len} {kind:?}");
+                assert_eq!(cut, cuts(&file, len as u64, MIN_AVG_CHUNK), "{len}");
+            }
+        }
+        let short = file_with(&pseudo_random(1000, 9));
+        let read = cut_and_digest(&short, 2000, MIN_AVG_CHUNK, DigestKind::Blocks, |_| true);
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
