@@ -495,16 +495,16 @@ async fn prepare(
         let file = source.file();
         let avg = delta::avg_chunk(identity.size.max(light.basis_size));
         let mut chunks = Vec::new();
-        delta::cut_region(&file, ByteRange::new(0, identity.size), avg, |cut| {
+        // Read once for both the signature and the commit's digest (no holes here: the
+        // daemon that keeps them was ruled out above, and a hole reads as the zeros it holds).
+        let digest = delta::cut_and_digest(&file, identity.size, avg, kind, |cut| {
             chunks.push(cut.sig());
             chunks.len() <= MAX_DELTA_CHUNKS
         })
         .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
-        if chunks.len() > MAX_DELTA_CHUNKS {
+        let Some(digest) = digest else {
             return Ok(None);
-        }
-        let digest = xfer_core::digest::digest_file_as(kind, &file, identity.size)
-            .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
+        };
         let put = DeltaPut {
             open: OpenWrite {
                 name,

@@ -52,6 +52,12 @@ impl BufferPool {
         })
     }
 
+    /// Whether `other` hands out and keeps the same spares.
+    #[cfg(test)]
+    pub(crate) fn same_pool(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.spare, &other.spare)
+    }
+
     /// Spare buffers held now.
     #[cfg(test)]
     pub(crate) fn spares(&self) -> usize {

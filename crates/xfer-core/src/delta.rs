@@ -15,7 +15,10 @@ use bytes::Bytes;
 use fastcdc::v2020::StreamCDC;
 use xfer_proto::{ByteRange, FileIdentity, SigChunk};
 
+use xxhash_rust::xxh3::Xxh3;
+
 use crate::buffers::BufferPool;
+use crate::digest::{Digest, DigestKind, DIGEST_BLOCK};
 use crate::direct::PAYLOAD_ALIGN;
 
 /// Smallest average chunk (below it signatures cost more than the finer matches save) and the
@@ -31,10 +34,16 @@ pub const MAX_INDEX_CHUNKS: usize = 1 << 22;
 pub const MIN_REGION: u64 = 64 * 1024 * 1024;
 /// Most bytes copied from the basis by one read and one write.
 pub const MAX_COPY: u64 = 4 * 1024 * 1024;
-/// Copy buffers a [`Basis`] keeps once written: a fresh buffer per copy costs a page fault and
-/// a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU in a delta. Enough for the
-/// copies one `DeltaSig` runs at once.
-pub const SPARE_COPY_BUFFERS: usize = 4;
+/// Copy buffers kept once written, shared by every [`Basis`] of the process: a fresh buffer per
+/// copy costs a page fault and a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU
+/// in a delta, and a third of it in a tree of light files, where each basis copies once. Enough
+/// for the copies a few connections' `DeltaSig`s run at once; at most this many times
+/// [`MAX_COPY`] (and a page) are held idle.
+pub const SPARE_COPY_BUFFERS: usize = 8;
+
+/// The copy buffers every [`Basis`] takes from (see [`SPARE_COPY_BUFFERS`]).
+static COPY_BUFFERS: std::sync::LazyLock<BufferPool> =
+    std::sync::LazyLock::new(|| BufferPool::new(SPARE_COPY_BUFFERS));
 
 /// The average chunk for a delta between files of at most `size` bytes: `size / 2^20`
 /// rounded up to a power of two, within [`MIN_AVG_CHUNK`], [`MAX_AVG_CHUNK`].
@@ -135,6 +144,120 @@ pub fn cut_region(
         }
     }
     Ok(())
+}
+
+/// The digest of a file taken from its bytes read in order, of either kind.
+enum InOrder {
+    Sequential(Box<crate::digest::Frontier>),
+    Blocks(Box<InBlocks>),
+}
+
+/// The block digest taken in order: the outer hasher, the current block's, and the bytes fed.
+struct InBlocks {
+    outer: Xxh3,
+    block: Xxh3,
+    pos: u64,
+}
+
+impl InOrder {
+    fn new(kind: DigestKind) -> Self {
+        match kind {
+            DigestKind::Sequential => Self::Sequential(Box::default()),
+            DigestKind::Blocks => Self::Blocks(Box::new(InBlocks {
+                outer: Xxh3::new(),
+                block: Xxh3::new(),
+                pos: 0,
+            })),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        match self {
+            Self::Sequential(frontier) => frontier.feed(frontier.pos(), bytes),
+            Self::Blocks(b) => {
+                while !bytes.is_empty() {
+                    let room = (DIGEST_BLOCK - b.pos % DIGEST_BLOCK) as usize;
+                    let (now, rest) = bytes.split_at(room.min(bytes.len()));
+                    b.block.update(now);
+                    b.pos += now.len() as u64;
+                    if b.pos % DIGEST_BLOCK == 0 {
+                        b.outer.update(&b.block.digest128().to_be_bytes());
+                        b.block.reset();
+                    }
+                    bytes = rest;
+                }
+            }
+        }
+    }
+
+    fn digest(self) -> Digest {
+        match self {
+            Self::Sequential(frontier) => frontier.digest(),
+            Self::Blocks(mut b) => {
+                if b.pos % DIGEST_BLOCK != 0 {
+                    b.outer.update(&b.block.digest128().to_be_bytes());
+                }
+                b.outer.digest128().to_be_bytes()
+            }
+        }
+    }
+}
+
+/// A [`Read`] that hands what it reads to a digest too.
+struct Digesting<R> {
+    inner: R,
+    digest: InOrder,
+}
+
+impl<R: Read> Read for Digesting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Cuts the first `size` bytes of `file` as [`cut_region`] does and takes their digest of
+/// `kind` from the same reads (what [`crate::digest::digest_file_as`] gives a file without
+/// holes): a tree's light file is read once for its signature and its commit, not twice.
+/// `None` when `each` stopped the cut early. Blocking.
+///
+/// # Errors
+/// Read errors.
+pub fn cut_and_digest(
+    file: &File,
+    size: u64,
+    avg: u32,
+    kind: DigestKind,
+    mut each: impl FnMut(Cut) -> bool,
+) -> io::Result<Option<Digest>> {
+    let avg = avg.clamp(MIN_AVG_CHUNK, MAX_AVG_CHUNK) as usize;
+    let mut reader = Digesting {
+        inner: RegionReader {
+            file,
+            pos: 0,
+            end: size,
+        },
+        digest: InOrder::new(kind),
+    };
+    for chunk in StreamCDC::new(&mut reader, avg / 4, avg, avg * 4) {
+        let chunk = chunk.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            other => io::Error::other(other.to_string()),
+        })?;
+        let cut = Cut {
+            offset: chunk.offset,
+            len: chunk.length as u32,
+            hash: xxhash_rust::xxh3::xxh3_128(&chunk.data),
+        };
+        if !each(cut) {
+            return Ok(None);
+        }
+    }
+    if reader.inner.pos < size {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(reader.digest.digest()))
 }
 
 /// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
@@ -301,13 +424,18 @@ impl Basis {
     /// # Errors
     /// `fstat` errors.
     pub fn open(file: File, avg: u32) -> io::Result<Self> {
+        Self::open_with(file, avg, COPY_BUFFERS.clone())
+    }
+
+    /// As [`Basis::open`], its copy buffers taken from `buffers`.
+    fn open_with(file: File, avg: u32, buffers: BufferPool) -> io::Result<Self> {
         let (identity, _) = crate::source::identity_of(&file)?;
         Ok(Self {
             file,
             identity,
             avg,
             state: std::sync::Mutex::default(),
-            buffers: BufferPool::new(SPARE_COPY_BUFFERS),
+            buffers,
         })
     }
 
@@ -933,9 +1061,11 @@ mod tests {
     }
 
     #[test]
-    fn copy_buffers_are_reused_once_written() {
+    fn copy_buffers_are_reused_once_written_by_the_next_basis_too() {
         let data = pseudo_random(1 << 20, 6);
-        let basis = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
+        // A pool of the test's own: other tests take from the process's at the same time.
+        let pool = BufferPool::new(SPARE_COPY_BUFFERS);
+        let basis = Basis::open_with(file_with(&data), MIN_AVG_CHUNK, pool.clone()).unwrap();
         let sig: Vec<SigChunk> = cuts(&file_with(&data), data.len() as u64, MIN_AVG_CHUNK)
             .iter()
             .map(Cut::sig)
@@ -954,6 +1084,9 @@ mod tests {
         // Counted, not only compared by address: a fresh allocation may land where the freed
         // one was.
         assert_eq!(basis.buffers.spares(), 1);
+        // A tree's light files each open a basis of their own and copy once from it.
+        drop(basis);
+        let basis = Basis::open_with(file_with(&data), MIN_AVG_CHUNK, pool).unwrap();
         let mut again = Vec::new();
         basis
             .copy_batch(0, &sig, |_, bytes| {
@@ -964,5 +1097,36 @@ mod tests {
         assert_eq!(basis.buffers.spares(), 0);
         assert_eq!(again[0].as_ptr(), addr);
         assert_eq!(&again[0][..], &data[..again[0].len()]);
+    }
+
+    #[test]
+    fn a_cut_with_its_digest_reads_once_what_a_cut_and_a_digest_read_twice() {
+        let block = DIGEST_BLOCK as usize;
+        for len in [0, 1000, block, 2 * block + 12_345] {
+            let data = pseudo_random(len, 8);
+            let file = file_with(&data);
+            for kind in [DigestKind::Sequential, DigestKind::Blocks] {
+                let mut cut = Vec::new();
+                let digest = cut_and_digest(&file, len as u64, MIN_AVG_CHUNK, kind, |c| {
+                    cut.push(c);
+                    true
+                })
+                .unwrap();
+                let want = crate::digest::digest_file_as(kind, &file, len as u64).unwrap();
+                assert_eq!(digest, Some(want), "{len} {kind:?}");
+                assert_eq!(cut, cuts(&file, len as u64, MIN_AVG_CHUNK), "{len}");
+            }
+        }
+        let short = file_with(&pseudo_random(1000, 9));
+        let read = cut_and_digest(&short, 2000, MIN_AVG_CHUNK, DigestKind::Blocks, |_| true);
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn every_basis_takes_its_copy_buffers_from_one_pool() {
+        let data = pseudo_random(4096, 7);
+        let a = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
+        let b = Basis::open(file_with(&data), MIN_AVG_CHUNK).unwrap();
+        assert!(a.buffers.same_pool(&b.buffers));
     }
 }

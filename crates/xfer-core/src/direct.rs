@@ -161,17 +161,26 @@ impl DirectWriter {
             0
         };
         if direct_len > 0 {
-            let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-            if scratch.is_empty() {
-                scratch.resize(READ_BLOCK + PAYLOAD_ALIGN, 0);
-            }
+            // A block the process shares first: a tree's light files each read a block back
+            // once, and a scratch of each file's own cost a zeroed page per 4 KiB every time.
+            let mut shared = Block::take();
+            let mut own;
+            let scratch = match shared.as_mut() {
+                Some(block) => &mut block.0,
+                None => {
+                    own = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+                    if own.is_empty() {
+                        own.resize(READ_BLOCK + PAYLOAD_ALIGN, 0);
+                    }
+                    &mut *own
+                }
+            };
             let pad = scratch.as_ptr().align_offset(PAYLOAD_ALIGN);
             let block = &mut scratch[pad..pad + direct_len];
             match self.file.read_exact_at(block, offset) {
                 Ok(()) => sink(block),
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                     self.usable.store(false, Ordering::Relaxed);
-                    drop(scratch);
                     return read_through_cache(data, offset, n, &mut Vec::new(), sink);
                 }
                 Err(e) => return Err(e),
@@ -399,6 +408,27 @@ mod tests {
                 .read_at(&data, offset, n, &mut |b| got.extend_from_slice(b))
                 .unwrap();
             assert_eq!(got, want[offset as usize..][..n], "{offset} {n}");
+        }
+    }
+
+    #[test]
+    fn a_read_back_takes_a_shared_block_and_makes_no_scratch_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = disk_file(dir.path());
+        let want: Vec<u8> = (0..READ_BLOCK).map(|i| (i * 11 % 251) as u8).collect();
+        data.write_all_at(&want, 0).unwrap();
+        let Some(direct) = direct_on(dir.path(), &data) else {
+            return;
+        };
+        let mut got = Vec::new();
+        direct
+            .read_at(&data, 0, READ_BLOCK, &mut |b| got.extend_from_slice(b))
+            .unwrap();
+        assert_eq!(got, want);
+        // Only while every shared block is in use does a file make its own.
+        let all_taken = BLOCKS.lock().unwrap_or_else(|p| p.into_inner()).1 >= REALIGN_BLOCKS;
+        if !all_taken {
+            assert!(direct.scratch.lock().unwrap().is_empty());
         }
     }
 
