@@ -529,6 +529,30 @@ struct Files<'a> {
     ready: Vec<Session>,
 }
 
+/// A tree's control connection kept through the files for the tree's close, and since when it
+/// has had nothing to do.
+struct KeptControl {
+    session: Session,
+    idle_since: Instant,
+}
+
+impl KeptControl {
+    /// Half the shortest idle timeout a daemon may be given (`--idle-timeout` is at least one
+    /// second): a connection idle for less, round trips included, is surely still open.
+    const SURELY_OPEN: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// Whether the daemon has surely not closed the connection for idleness by the time a
+    /// request sent now arrives: it counts idleness from its last answer, which came a
+    /// one-way trip before `idle_since`, and the request takes another.
+    fn still_open(&self) -> bool {
+        let trips = self.session.rtt.unwrap_or_default() * 2;
+        self.idle_since.elapsed() + trips < Self::SURELY_OPEN
+    }
+}
+
+/// The small files of a tree not yet taken, shared by the connections that move them.
+type FileQueue = Arc<Mutex<VecDeque<TreeEntry>>>;
+
 /// What one small-file connection of a tree copy works with.
 struct SmallFiles {
     target: Target,
@@ -537,7 +561,7 @@ struct SmallFiles {
     /// The tree's top on the server.
     top: String,
     /// The small files not yet taken, shared by the connections.
-    queue: Arc<Mutex<VecDeque<TreeEntry>>>,
+    queue: FileQueue,
     progress: Arc<Progress>,
 }
 
@@ -546,7 +570,7 @@ impl Files<'_> {
     /// and waits for all of them; the first error is returned.
     async fn run<W, WFut, L, LFut>(
         self,
-        small: Vec<TreeEntry>,
+        queue: FileQueue,
         large: &[TreeEntry],
         (summary, progress): (&mut TreeSummary, &Arc<Progress>),
         small_worker: W,
@@ -558,7 +582,6 @@ impl Files<'_> {
         L: FnMut(TreeEntry) -> LFut,
         LFut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
     {
-        let queue = Arc::new(Mutex::new(VecDeque::from(small)));
         let mut ready = self.ready;
         let mut workers = JoinSet::new();
         // Small files over the starting count: each is one round trip, pipelined, so more
@@ -1265,18 +1288,31 @@ pub async fn send_tree_mirror(
         for spare in spares {
             spare.close().await;
         }
-        (Vec::new(), Some(control), Vec::new(), None)
+        (FileQueue::default(), Some(control), Vec::new(), None)
     } else {
-        // The control connection makes the directories while the files go; it would then sit
-        // idle through them, and is opened again at the end.
+        // The control connection makes the directories while the files go, then moves small
+        // files beside the others, so that it is still open, and busy until about when they
+        // end, for the tree's close: opening it again there costs the handshake's round trips.
+        let queue: FileQueue = Arc::new(Mutex::new(VecDeque::from(small)));
+        let job = SmallFiles {
+            target: target.clone(),
+            connector: opts.connector.clone(),
+            local: local.clone(),
+            top: dest.to_string(),
+            queue: Arc::clone(&queue),
+            progress: Arc::clone(&progress),
+        };
         let make = async move {
             let dirs = make_alongside.into_iter().map(|f| (f, 0));
             pipeline(&mut control, None, dirs, expect_done).await?;
-            control.close().await;
             tracing::debug!(elapsed = ?started.elapsed(), "directories made");
-            Ok::<_, ClientError>(())
+            send_small_files_over(&mut control, &job).await?;
+            Ok::<_, ClientError>(KeptControl {
+                session: control,
+                idle_since: Instant::now(),
+            })
         };
-        (small, None, spares, Some(make))
+        (queue, None, spares, Some(make))
     };
 
     let files = Files {
@@ -1309,18 +1345,27 @@ pub async fn send_tree_mirror(
             }
         },
     );
-    match make_alongside {
-        Some(make) => tokio::try_join!(send_files, make).map(|_| ())?,
-        None => send_files.await?,
-    }
+    let kept = match make_alongside {
+        Some(make) => Some(tokio::try_join!(send_files, make)?.1),
+        None => {
+            send_files.await?;
+            None
+        }
+    };
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
     if let (Some(meta), Some(file_metas)) = (&mut meta, &progress.file_metas) {
         meta.stored_with_files(file_metas, &mut summary);
     }
 
-    let mut control = match control {
-        Some(control) => control,
-        None => connect_deleting(target, &opts.connector, mirror).await?,
+    let mut control = match (control, kept) {
+        (Some(control), _) => control,
+        (None, Some(kept)) if kept.still_open() => kept.session,
+        (None, kept) => {
+            if let Some(kept) = kept {
+                kept.session.close().await;
+            }
+            connect_deleting(target, &opts.connector, mirror).await?
+        }
     };
     let link_frames: Vec<Frame> = links
         .iter()
@@ -1785,7 +1830,7 @@ pub async fn recv_tree_mirror(
     };
     files
         .run(
-            small,
+            Arc::new(Mutex::new(VecDeque::from(small))),
             &large,
             (&mut summary, &progress),
             recv_small_files,
