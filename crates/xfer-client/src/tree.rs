@@ -1359,9 +1359,13 @@ pub async fn send_tree_mirror(
 
     let mut control = match (control, kept) {
         (Some(control), _) => control,
-        (None, Some(kept)) if kept.still_open() => kept.session,
+        (None, Some(kept)) if kept.still_open() => {
+            tracing::debug!(idle = ?kept.idle_since.elapsed(), "control connection kept for the close");
+            kept.session
+        }
         (None, kept) => {
             if let Some(kept) = kept {
+                tracing::debug!(idle = ?kept.idle_since.elapsed(), "control connection idle too long: opened again for the close");
                 kept.session.close().await;
             }
             connect_deleting(target, &opts.connector, mirror).await?
