@@ -202,6 +202,22 @@ struct Request {
     wire: u64,
 }
 
+impl Request {
+    /// `answers` small files packed into one `PackedPutFiles`. It keeps in flight the bytes the
+    /// daemon unpacks and stores, not the far fewer it takes on the wire: counted by the wire,
+    /// a connection's budget held 25 times more of the docs tree's work than it says, so the
+    /// first connections took most of the tree at once, and at the end some still stored their
+    /// share for a second and more while the others had finished.
+    fn packed(packed: xfer_proto::PackedFiles, answers: u32) -> Self {
+        Self {
+            in_flight: u64::from(packed.raw_len),
+            wire: packed.zstd.len() as u64,
+            answers,
+            frame: Frame::PackedPutFiles(packed),
+        }
+    }
+}
+
 impl From<(Frame, u64)> for Request {
     /// A request answered once, keeping `in_flight` bytes in flight.
     fn from((frame, in_flight): (Frame, u64)) -> Self {
@@ -1709,14 +1725,11 @@ impl Outgoing<'_> {
             return;
         };
         self.sent_sizes(frames.iter().map(|f| file_of(f).data.len() as u64));
-        let wire = packed.zstd.len() as u64;
-        self.progress.wire.fetch_add(wire, Ordering::Relaxed);
-        self.ready.push_back(Request {
-            frame: Frame::PackedPutFiles(packed),
-            answers: frames.len() as u32,
-            in_flight: wire,
-            wire,
-        });
+        let request = Request::packed(packed, frames.len() as u32);
+        self.progress
+            .wire
+            .fetch_add(request.wire, Ordering::Relaxed);
+        self.ready.push_back(request);
     }
 
     fn sent_sizes(&self, sizes: impl IntoIterator<Item = u64>) {
@@ -2114,6 +2127,30 @@ mod tests {
     use xfer_net::Compression;
 
     use super::*;
+
+    #[test]
+    fn a_packed_batch_holds_the_bytes_it_unpacks_to_in_flight() {
+        let files: Vec<Frame> = (0..64u32)
+            .map(|i| {
+                let data = format!("<p>page {i}</p>").repeat(200).into_bytes();
+                Frame::PutFile(PutFile {
+                    name: format!("t/f{i}.html"),
+                    mtime_ns: 0,
+                    mode: 0o644,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                })
+            })
+            .collect();
+        let raw: u64 = files.iter().map(|f| file_of(f).data.len() as u64).sum();
+        let packed = xfer_net::Compressor::new(Compression::Level(1), "test")
+            .pack_files(&files)
+            .expect("markup shrinks");
+        let request = Request::packed(packed, 64);
+        assert!(request.wire * 10 < raw, "{} wire for {raw}", request.wire);
+        assert!(request.in_flight >= raw, "{} in flight", request.in_flight);
+        assert_eq!(request.answers, 64);
+    }
 
     #[test]
     fn auto_packs_small_files_only_on_a_slow_path() {
