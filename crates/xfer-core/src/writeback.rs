@@ -13,11 +13,8 @@ use std::sync::Arc;
 use tracing::debug;
 
 /// Small-file bytes stored before the filesystem is asked to write them back: large enough that
-/// a flush has work to batch, small enough that most of a tree is on disk before its end. At
-/// 64 MiB the docs tree's closing flush through 50 ms still took 0.4-0.7 s after the last file
-/// was answered; a flush that runs blocks the next one anyway, so a lower threshold only keeps
-/// the flushes going back to back while files arrive.
-pub const WRITEBACK_BYTES: u64 = 16 << 20;
+/// a flush has work to batch, small enough that most of a tree is on disk before its end.
+pub const WRITEBACK_BYTES: u64 = 64 << 20;
 
 /// Small-file bytes stored since the last flush started, and whether one is running: at most
 /// one runs at a time, on the blocking pool, and nobody waits for it.
@@ -64,17 +61,6 @@ impl Writeback {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn a_flush_starts_once_16_mib_of_small_files_are_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = crate::Root::open(dir.path()).unwrap();
-        let writeback = Writeback::default();
-        writeback.stored(&root, (16 << 20) - 1);
-        assert_eq!(writeback.started(), 0);
-        writeback.stored(&root, 1);
-        assert_eq!(writeback.started(), 1);
-    }
 
     #[tokio::test]
     async fn a_flush_starts_past_the_threshold_and_only_one_at_a_time() {
