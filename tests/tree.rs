@@ -12,6 +12,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use xfer_tests::metrics::{metrics_port, scrape};
 use xfer_tests::{
     journal_held, journal_path, list_tree, random_file, sha256_file, wait_until, Daemon, Tree,
     XferOutput, XferRun,
@@ -813,6 +814,32 @@ fn a_large_tree_makes_its_new_directories_alongside_its_files() {
     let daemon = Daemon::start(&tree.root(), &[]);
 
     send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+}
+
+/// A tree of more small files than go over the control connection alone: the control
+/// connection makes the new directories, then moves small files beside the others, and closes
+/// the tree (directory modes and times, the flush) itself, still open, instead of a connection
+/// opened again for it, which over a long path costs the handshake's round trips.
+#[test]
+fn a_large_tree_is_closed_over_the_connection_that_made_its_directories() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    for i in 0..1100u64 {
+        random_file(&src.join(format!("d{:02}/f{i:04}", i % 20)), 300 + i, i);
+    }
+    let want = expected(&src, &[]);
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    let port = metrics_port(&daemon);
+
+    send_tree(&src, &daemon.addr(), "t", &["-c", "1"]).wait_ok();
+    // The control connection and the one small-file connection of `-c 1`, and no third.
+    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
+    assert_eq!(accepted, 2.0);
     assert_same(
         &snapshot(&tree.root().join("t")),
         &want,

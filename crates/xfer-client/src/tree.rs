@@ -202,6 +202,22 @@ struct Request {
     wire: u64,
 }
 
+impl Request {
+    /// `answers` small files packed into one `PackedPutFiles`. It keeps in flight the bytes the
+    /// daemon unpacks and stores, not the far fewer it takes on the wire: counted by the wire,
+    /// a connection's budget held 25 times more of the docs tree's work than it says, so the
+    /// first connections took most of the tree at once, and at the end some still stored their
+    /// share for a second and more while the others had finished.
+    fn packed(packed: xfer_proto::PackedFiles, answers: u32) -> Self {
+        Self {
+            in_flight: u64::from(packed.raw_len),
+            wire: packed.zstd.len() as u64,
+            answers,
+            frame: Frame::PackedPutFiles(packed),
+        }
+    }
+}
+
 impl From<(Frame, u64)> for Request {
     /// A request answered once, keeping `in_flight` bytes in flight.
     fn from((frame, in_flight): (Frame, u64)) -> Self {
@@ -529,6 +545,30 @@ struct Files<'a> {
     ready: Vec<Session>,
 }
 
+/// A tree's control connection kept through the files for the tree's close, and since when it
+/// has had nothing to do.
+struct KeptControl {
+    session: Session,
+    idle_since: Instant,
+}
+
+impl KeptControl {
+    /// Half the shortest idle timeout a daemon may be given (`--idle-timeout` is at least one
+    /// second): a connection idle for less, round trips included, is surely still open.
+    const SURELY_OPEN: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// Whether the daemon has surely not closed the connection for idleness by the time a
+    /// request sent now arrives: it counts idleness from its last answer, which came a
+    /// one-way trip before `idle_since`, and the request takes another.
+    fn still_open(&self) -> bool {
+        let trips = self.session.rtt.unwrap_or_default() * 2;
+        self.idle_since.elapsed() + trips < Self::SURELY_OPEN
+    }
+}
+
+/// The small files of a tree not yet taken, shared by the connections that move them.
+type FileQueue = Arc<Mutex<VecDeque<TreeEntry>>>;
+
 /// What one small-file connection of a tree copy works with.
 struct SmallFiles {
     target: Target,
@@ -537,7 +577,7 @@ struct SmallFiles {
     /// The tree's top on the server.
     top: String,
     /// The small files not yet taken, shared by the connections.
-    queue: Arc<Mutex<VecDeque<TreeEntry>>>,
+    queue: FileQueue,
     progress: Arc<Progress>,
 }
 
@@ -546,7 +586,7 @@ impl Files<'_> {
     /// and waits for all of them; the first error is returned.
     async fn run<W, WFut, L, LFut>(
         self,
-        small: Vec<TreeEntry>,
+        queue: FileQueue,
         large: &[TreeEntry],
         (summary, progress): (&mut TreeSummary, &Arc<Progress>),
         small_worker: W,
@@ -558,7 +598,6 @@ impl Files<'_> {
         L: FnMut(TreeEntry) -> LFut,
         LFut: std::future::Future<Output = Result<engine::Summary, ClientError>>,
     {
-        let queue = Arc::new(Mutex::new(VecDeque::from(small)));
         let mut ready = self.ready;
         let mut workers = JoinSet::new();
         // Small files over the starting count: each is one round trip, pipelined, so more
@@ -1265,18 +1304,31 @@ pub async fn send_tree_mirror(
         for spare in spares {
             spare.close().await;
         }
-        (Vec::new(), Some(control), Vec::new(), None)
+        (FileQueue::default(), Some(control), Vec::new(), None)
     } else {
-        // The control connection makes the directories while the files go; it would then sit
-        // idle through them, and is opened again at the end.
+        // The control connection makes the directories while the files go, then moves small
+        // files beside the others, so that it is still open, and busy until about when they
+        // end, for the tree's close: opening it again there costs the handshake's round trips.
+        let queue: FileQueue = Arc::new(Mutex::new(VecDeque::from(small)));
+        let job = SmallFiles {
+            target: target.clone(),
+            connector: opts.connector.clone(),
+            local: local.clone(),
+            top: dest.to_string(),
+            queue: Arc::clone(&queue),
+            progress: Arc::clone(&progress),
+        };
         let make = async move {
             let dirs = make_alongside.into_iter().map(|f| (f, 0));
             pipeline(&mut control, None, dirs, expect_done).await?;
-            control.close().await;
             tracing::debug!(elapsed = ?started.elapsed(), "directories made");
-            Ok::<_, ClientError>(())
+            send_small_files_over(&mut control, &job).await?;
+            Ok::<_, ClientError>(KeptControl {
+                session: control,
+                idle_since: Instant::now(),
+            })
         };
-        (small, None, spares, Some(make))
+        (queue, None, spares, Some(make))
     };
 
     let files = Files {
@@ -1309,18 +1361,31 @@ pub async fn send_tree_mirror(
             }
         },
     );
-    match make_alongside {
-        Some(make) => tokio::try_join!(send_files, make).map(|_| ())?,
-        None => send_files.await?,
-    }
+    let kept = match make_alongside {
+        Some(make) => Some(tokio::try_join!(send_files, make)?.1),
+        None => {
+            send_files.await?;
+            None
+        }
+    };
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
     if let (Some(meta), Some(file_metas)) = (&mut meta, &progress.file_metas) {
         meta.stored_with_files(file_metas, &mut summary);
     }
 
-    let mut control = match control {
-        Some(control) => control,
-        None => connect_deleting(target, &opts.connector, mirror).await?,
+    let mut control = match (control, kept) {
+        (Some(control), _) => control,
+        (None, Some(kept)) if kept.still_open() => {
+            tracing::debug!(idle = ?kept.idle_since.elapsed(), "control connection kept for the close");
+            kept.session
+        }
+        (None, kept) => {
+            if let Some(kept) = kept {
+                tracing::debug!(idle = ?kept.idle_since.elapsed(), "control connection idle too long: opened again for the close");
+                kept.session.close().await;
+            }
+            connect_deleting(target, &opts.connector, mirror).await?
+        }
     };
     let link_frames: Vec<Frame> = links
         .iter()
@@ -1660,14 +1725,11 @@ impl Outgoing<'_> {
             return;
         };
         self.sent_sizes(frames.iter().map(|f| file_of(f).data.len() as u64));
-        let wire = packed.zstd.len() as u64;
-        self.progress.wire.fetch_add(wire, Ordering::Relaxed);
-        self.ready.push_back(Request {
-            frame: Frame::PackedPutFiles(packed),
-            answers: frames.len() as u32,
-            in_flight: wire,
-            wire,
-        });
+        let request = Request::packed(packed, frames.len() as u32);
+        self.progress
+            .wire
+            .fetch_add(request.wire, Ordering::Relaxed);
+        self.ready.push_back(request);
     }
 
     fn sent_sizes(&self, sizes: impl IntoIterator<Item = u64>) {
@@ -1785,7 +1847,7 @@ pub async fn recv_tree_mirror(
     };
     files
         .run(
-            small,
+            Arc::new(Mutex::new(VecDeque::from(small))),
             &large,
             (&mut summary, &progress),
             recv_small_files,
@@ -2065,6 +2127,30 @@ mod tests {
     use xfer_net::Compression;
 
     use super::*;
+
+    #[test]
+    fn a_packed_batch_holds_the_bytes_it_unpacks_to_in_flight() {
+        let files: Vec<Frame> = (0..64u32)
+            .map(|i| {
+                let data = format!("<p>page {i}</p>").repeat(200).into_bytes();
+                Frame::PutFile(PutFile {
+                    name: format!("t/f{i}.html"),
+                    mtime_ns: 0,
+                    mode: 0o644,
+                    crc32: crc32fast::hash(&data),
+                    data,
+                })
+            })
+            .collect();
+        let raw: u64 = files.iter().map(|f| file_of(f).data.len() as u64).sum();
+        let packed = xfer_net::Compressor::new(Compression::Level(1), "test")
+            .pack_files(&files)
+            .expect("markup shrinks");
+        let request = Request::packed(packed, 64);
+        assert!(request.wire * 10 < raw, "{} wire for {raw}", request.wire);
+        assert!(request.in_flight >= raw, "{} in flight", request.in_flight);
+        assert_eq!(request.answers, 64);
+    }
 
     #[test]
     fn auto_packs_small_files_only_on_a_slow_path() {

@@ -435,41 +435,23 @@ impl Root {
     /// # Errors
     /// As [`Root::walk`].
     pub fn walk_meta(&self, dir: &str, digests: bool, xattrs: bool) -> Result<Vec<MetaEntry>> {
-        let dir = dir.trim_end_matches('/');
-        let entries = self.walk(dir, digests)?;
-        // Beneath the top the walk followed no link, and neither does this; the top itself is
-        // resolved as the walk resolved it.
-        let top = match dir {
-            "" => self.clone(),
-            dir => self.subroot(dir)?,
-        }
-        .without_symlinks();
         let mut names = Names::default();
+        // Each entry's metadata comes from the walk's own `stat` of it (one lookup per name,
+        // on the critical path at a tree copy's start), and with the walk's directory handle.
+        let walked = self.walk_visiting(dir, digests, &mut |dir, leaf, st, entry| {
+            entry_meta(dir, leaf, st, entry, xattrs, &mut names).unwrap_or_default()
+        })?;
+        // Hard-link groups are numbered in path order, as the entries are listed.
         let mut groups = LinkGroups::default();
-        // Entries come sorted by path, so one directory's entries follow each other.
-        let mut parent: Option<(String, File)> = None;
-        let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let (parent_path, leaf) = match entry.path.rsplit_once('/') {
-                Some((p, l)) => (p.to_string(), l.to_string()),
-                None if entry.path.is_empty() => (String::new(), ".".to_string()),
-                None => (String::new(), entry.path.clone()),
-            };
-            if parent.as_ref().is_none_or(|(p, _)| *p != parent_path) {
-                parent = top.open_dir(&parent_path).ok().map(|f| (parent_path, f));
-            }
-            let Some((_, pdir)) = &parent else {
-                out.push(MetaEntry {
-                    entry,
-                    meta: Meta::default(),
-                });
-                continue;
-            };
-            let meta = entry_meta(pdir.as_fd(), &leaf, &entry, xattrs, &mut names, &mut groups)
-                .unwrap_or_default();
-            out.push(MetaEntry { entry, meta });
-        }
-        Ok(out)
+        Ok(walked
+            .into_iter()
+            .map(|(entry, (mut meta, inode))| {
+                if let Some((dev, ino, nlink)) = inode {
+                    meta.link_group = groups.group_of(dev, ino, nlink);
+                }
+                MetaEntry { entry, meta }
+            })
+            .collect())
     }
 
     /// Gives the entry `req.name` its owner and group (if this process may), its attributes
@@ -648,15 +630,17 @@ impl Root {
 }
 
 /// The [`Meta`] of `leaf` in `dir`, listed as `entry`.
+/// A file's device, inode number and count of names, as its `stat` gave them.
+type Inode = (u64, u64, u64);
+
 fn entry_meta(
     dir: BorrowedFd<'_>,
     leaf: &str,
+    st: &rfs::Stat,
     entry: &xfer_proto::TreeEntry,
     xattrs: bool,
     names: &mut Names,
-    groups: &mut LinkGroups,
-) -> std::io::Result<Meta> {
-    let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW)?;
+) -> std::io::Result<(Meta, Option<Inode>)> {
     let mut meta = Meta {
         uid: st.st_uid,
         gid: st.st_gid,
@@ -669,20 +653,19 @@ fn entry_meta(
         holes: Vec::new(),
         xattrs: Vec::new(),
     };
-    if entry.kind == EntryKind::File {
-        meta.link_group = groups.group_of(st.st_dev, st.st_ino, st.st_nlink);
-    }
+    // A file's inode, for its hard-link group, given once the entries are in path order.
+    let inode = (entry.kind == EntryKind::File).then_some((st.st_dev, st.st_ino, st.st_nlink));
     let sparse = entry.kind == EntryKind::File && meta.allocated < entry.size;
     if !(xattrs && matches!(entry.kind, EntryKind::File | EntryKind::Dir) || sparse) {
-        return Ok(meta);
+        return Ok((meta, inode));
     }
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let Ok(fd) = rfs::openat(dir, leaf, flags, Mode::empty()) else {
-        return Ok(meta);
+        return Ok((meta, inode));
     };
     let now = rfs::fstat(&fd)?;
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
-        return Ok(meta);
+        return Ok((meta, inode));
     }
     // What cannot be read is left out; the owner and mode above still hold.
     if sparse {
@@ -695,7 +678,7 @@ fn entry_meta(
             x.value = acl::with_names(&x.value, names);
         }
     }
-    Ok(meta)
+    Ok((meta, inode))
 }
 
 #[cfg(test)]

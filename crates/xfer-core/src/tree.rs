@@ -215,13 +215,27 @@ impl Root {
     /// # Errors
     /// `BadPath`/`NotFound` for `dir`, or I/O errors.
     pub fn walk(&self, dir: &str, digests: bool) -> Result<Vec<TreeEntry>> {
+        let walked = self.walk_visiting(dir, digests, &mut |_, _, _, _| ())?;
+        Ok(walked.into_iter().map(|(entry, ())| entry).collect())
+    }
+
+    /// [`Root::walk`] that also hands each entry, as it is listed, to `visit` with its
+    /// directory, its name there (`.` for the top) and the `stat` the walk made of it, and
+    /// keeps what `visit` makes of it beside the entry: what more a caller wants of an entry
+    /// costs no second lookup of its name.
+    pub(crate) fn walk_visiting<T>(
+        &self,
+        dir: &str,
+        digests: bool,
+        visit: &mut dyn FnMut(BorrowedFd<'_>, &str, &rfs::Stat, &TreeEntry) -> T,
+    ) -> Result<Vec<(TreeEntry, T)>> {
         let dir = dir.trim_end_matches('/');
         if !dir.is_empty() {
             validate_name(dir)?;
         }
         let top = self.open_dir(dir).map_err(|e| map_open_err(dir, e))?;
         let st = rfs::fstat(&top).map_err(|e| CoreError::io(format!("stat {dir:?}"), e.into()))?;
-        let mut out = vec![TreeEntry {
+        let top_entry = TreeEntry {
             path: String::new(),
             kind: EntryKind::Dir,
             size: 0,
@@ -229,7 +243,9 @@ impl Root {
             mode: st.st_mode & 0o7777,
             target: String::new(),
             digest: Vec::new(),
-        }];
+        };
+        let top_visited = visit(top.as_fd(), ".", &st, &top_entry);
+        let mut out = vec![(top_entry, top_visited)];
         let mut stack = vec![(top, String::new(), 0usize)];
         while let Some((fd, rel, depth)) = stack.pop() {
             let ctx = |e: Errno| CoreError::io(format!("listing {rel:?}"), e.into());
@@ -306,11 +322,12 @@ impl Root {
                     }
                     _ => entry.kind = EntryKind::Special,
                 }
-                out.push(entry);
+                let visited = visit(fd.as_fd(), &name, &st, &entry);
+                out.push((entry, visited));
             }
         }
         // Parents before children, in a stable order.
-        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
         Ok(out)
     }
 
