@@ -52,6 +52,11 @@ impl BufferPool {
         })
     }
 
+    /// Frees every spare buffer held now (a quiet daemon hands its memory back).
+    pub fn drop_spares(&self) {
+        self.lock().clear();
+    }
+
     /// Whether `other` hands out and keeps the same spares.
     #[cfg(test)]
     pub(crate) fn same_pool(&self, other: &Self) -> bool {
@@ -116,5 +121,16 @@ mod tests {
         assert_eq!(pool.lock().len(), 1);
         let again = pool.take(512);
         assert_eq!((again.as_ptr(), again.len()), (addr, 512));
+    }
+
+    #[test]
+    fn dropping_the_spares_frees_them_and_the_pool_goes_on() {
+        let pool = BufferPool::new(2);
+        drop((pool.bytes(pool.take(64)), pool.bytes(pool.take(64))));
+        assert_eq!(pool.spares(), 2);
+        pool.drop_spares();
+        assert_eq!(pool.spares(), 0);
+        drop(pool.bytes(pool.take(64)));
+        assert_eq!(pool.spares(), 1);
     }
 }

@@ -45,6 +45,12 @@ pub const SPARE_COPY_BUFFERS: usize = 8;
 static COPY_BUFFERS: std::sync::LazyLock<BufferPool> =
     std::sync::LazyLock::new(|| BufferPool::new(SPARE_COPY_BUFFERS));
 
+/// Frees the copy buffers every [`Basis`] shares (up to [`SPARE_COPY_BUFFERS`] times
+/// [`MAX_COPY`]), so that a daemon gone quiet after deltas does not keep them resident.
+pub fn drop_spare_copy_buffers() {
+    COPY_BUFFERS.drop_spares();
+}
+
 /// The average chunk for a delta between files of at most `size` bytes: `size / 2^20`
 /// rounded up to a power of two, within [`MIN_AVG_CHUNK`], [`MAX_AVG_CHUNK`].
 pub fn avg_chunk(size: u64) -> u32 {

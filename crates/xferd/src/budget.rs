@@ -101,8 +101,9 @@ pub async fn trim_when_idle(
             (last, dirty) = (now, true);
         } else if dirty {
             dirty = false;
-            // The budget's spare chunk buffers first, or the trim could not give them back.
+            // The spare chunk and delta copy buffers first, or the trim could not give them back.
             budget.drop_spares();
+            xfer_core::delta::drop_spare_copy_buffers();
             tokio::task::spawn_blocking(trim).await.ok();
         }
     }
