@@ -287,7 +287,12 @@ async fn recv_once(
     let slot = local_slot(dest)?;
     let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
     let have = read_local_journal(&journal_path);
-    let (mut session, mut early) = Early::connect_first(target, opts).await?;
+    // The size is known only once the file is open, a round trip after the handshake: a far
+    // path opens the start a large file wants at once, and a small file's pool leaves what it
+    // does not take unused.
+    let connections = opts.connections;
+    let start_on = move |rtt| connections.initial_for(rtt, u64::MAX);
+    let (mut session, mut early) = Early::connect_first(target, opts, start_on).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     let request = OpenRead {
