@@ -122,8 +122,8 @@ impl Early {
     /// transfer's first; the rest are early connections. As soon as the first TCP connect has
     /// measured the path's round trip, the connections `start_on` wants there (a far path's
     /// larger start for a large file) that are not connecting yet open too, beside the first
-    /// one's handshake instead of after it: two or three round trips sooner (through the
-    /// emulated 150 ms path with a token, 0.3 s for an upload and 0.45 s for a download).
+    /// one's handshake instead of after it: two round trips sooner (0.3 s through the emulated
+    /// 150 ms path with a token). A download, whose size is not known yet, wants none.
     ///
     /// Only the first connection asks for TLS or a pin when the daemon wants them; the others
     /// try plain TCP only (nothing secret is sent before `Welcome`) and, turned down, are left
