@@ -105,9 +105,10 @@ impl Connections {
     /// through the emulated 50 ms path at 1 % loss, all 8 moved data about 0.1 s sooner when
     /// opened at once. On a short path the extra ones cost a handshake of well under a
     /// millisecond; the pool takes them as it grows, and closes the rest at the end. A far
-    /// path's larger start for a large file is opened once the path is known: opened at
-    /// once, its extra 8 moved no data measurably sooner (150 ms, a 2 GiB upload, one loaded
-    /// run each way).
+    /// path's larger start for a large upload opens once the first TCP connect has measured
+    /// the path, beside the first handshake: opened only after it, its extra 8 reached their
+    /// share of the path half a second later. A download learns its size only once the file
+    /// is open, and opens them then.
     pub fn opened_at_once(self) -> usize {
         self.initial_on(Some(LONG_PATH))
     }

@@ -69,17 +69,25 @@ impl Retry {
 /// A command's first connection. Nothing listening, an unreachable host or a timeout fails at
 /// once, as scp does: before any byte has moved, waiting rarely helps and a typo in a host or
 /// port should not cost a minute. Only a daemon that answered it is busy or restarting
-/// (`Busy`, `ShuttingDown`) is waited for, as [`Retry`] allows.
-pub(super) async fn connect_first(target: &Target, opts: &Options) -> Result<Session, ClientError> {
+/// (`Busy`, `ShuttingDown`) is waited for, as [`Retry`] allows. The first TCP connect tells
+/// `dialed` the round trip it measured, before the handshake's round trips.
+pub(super) async fn connect_first(
+    target: &Target,
+    opts: &Options,
+    mut dialed: Option<DialedRtt>,
+) -> Result<Session, ClientError> {
     let mut retry = Retry::new(opts.retry_deadline);
     loop {
-        match Session::connect(target, &opts.connector).await {
+        match Session::connect_telling_rtt(target, &opts.connector, 0, &mut dialed).await {
             Ok(session) => return Ok(session),
             Err(e) if is_busy(&e) => tokio::time::sleep(retry.after(e, Instant::now())?).await,
             Err(e) => return Err(e),
         }
     }
 }
+
+/// Where a first connection tells the round trip its TCP connect measured.
+pub(super) type DialedRtt = tokio::sync::oneshot::Sender<Option<Duration>>;
 
 /// The daemon answered, and asked to be tried again later.
 fn is_busy(e: &ClientError) -> bool {

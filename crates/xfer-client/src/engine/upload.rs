@@ -174,7 +174,9 @@ pub(crate) async fn send_file_sharing(
     };
     let opts = &opts;
     let identity = source.identity();
-    let (mut session, mut early) = Early::connect_first(target, opts).await?;
+    let (connections, size) = (opts.connections, identity.size);
+    let start_on = move |rtt| connections.initial_for(rtt, size);
+    let (mut session, mut early) = Early::connect_first(target, opts, start_on).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     early.top_up(target, opts, session.rtt, identity.size);
