@@ -629,10 +629,11 @@ impl Root {
     }
 }
 
-/// The [`Meta`] of `leaf` in `dir`, listed as `entry`.
 /// A file's device, inode number and count of names, as its `stat` gave them.
 type Inode = (u64, u64, u64);
 
+/// The [`Meta`] of `leaf` in `dir`, listed as `entry` and stated as `st`, and a file's
+/// [`Inode`], from which the caller numbers its hard-link group once the entries are in order.
 fn entry_meta(
     dir: BorrowedFd<'_>,
     leaf: &str,

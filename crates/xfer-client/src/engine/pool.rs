@@ -128,7 +128,7 @@ impl Early {
     /// Only the first connection asks for TLS or a pin when the daemon wants them; the others
     /// try plain TCP only (nothing secret is sent before `Welcome`) and, turned down, are left
     /// out, so a user is never asked twice about one daemon. Where TLS is known to be needed,
-    /// nothing opens beside the first.
+    /// nothing opens beside the first, not even the far start once the path is measured.
     ///
     /// # Errors
     /// As [`connect_first`]: the first connection's error, once no other was welcomed.
@@ -170,12 +170,13 @@ impl Early {
                     let first = first.map_err(|e| ClientError::Local(join_error(e)))??;
                     return Ok((first, early));
                 }
-                rtt = &mut dial_rtt, if start_on.is_some() => {
+                // Where TLS is known to be needed nothing opens beside the first, here either:
+                // the start opens once it is welcomed (`top_up`).
+                rtt = &mut dial_rtt, if start_on.is_some() && !tls_known => {
                     let (Ok(rtt), Some(start_on)) = (rtt, start_on.take()) else { continue };
                     // Beside a first connection that may yet ask for TLS, plain TCP only, as above.
-                    let connector = if tls_known { connector } else { &plain };
                     let more = start_on(rtt).saturating_sub(early.started.max(1));
-                    early.spawn(target, connector, more, false);
+                    early.spawn(target, &plain, more, false);
                 }
                 Some(other) = early.connecting.get_mut().join_next(), if !early.connecting.get_mut().is_empty() => {
                     let Ok(Ok(Ready { session, .. })) = other else { continue };
@@ -672,6 +673,45 @@ mod tests {
             "the round trip measured"
         );
         client.abort();
+    }
+
+    /// Where TLS is known to be needed nothing opens beside the first connection, not even
+    /// once its TCP connect has measured the path: the start opens once it is welcomed.
+    #[tokio::test]
+    async fn with_tls_known_nothing_opens_beside_the_first_handshake() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().unwrap().port(),
+        };
+        let mut opts = super::super::test_options(Arc::new(crate::ProgressCounter::default()));
+        opts.connections = Connections::Adaptive { max: 64 };
+        opts.connector.tls_required = true;
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = {
+            let asked = Arc::clone(&asked);
+            tokio::spawn(async move {
+                let start_on = move |_| {
+                    asked.store(true, Ordering::Relaxed);
+                    16
+                };
+                Early::connect_first(&target, &opts, start_on).await.err()
+            })
+        };
+        let (mut socket, _) = listener.accept().await.unwrap();
+        // The `Hello` has come, so the round trip was told; the client then waits for an
+        // answer, with time to open more, and gets none.
+        let mut hello = [0u8; 4];
+        socket.read_exact(&mut hello).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(socket);
+        assert!(
+            client.await.unwrap().is_some(),
+            "the first connection failed"
+        );
+        assert!(!asked.load(Ordering::Relaxed));
+        drop(listener);
     }
 
     #[tokio::test]
