@@ -15,11 +15,10 @@ use bytes::Bytes;
 use fastcdc::v2020::StreamCDC;
 use xfer_proto::{ByteRange, FileIdentity, SigChunk};
 
-use xxhash_rust::xxh3::Xxh3;
-
 use crate::buffers::BufferPool;
-use crate::digest::{Digest, DigestKind, DIGEST_BLOCK};
+use crate::digest::{Blocks, Digest, DigestKind, Frontier, WholeBlocks};
 use crate::direct::PAYLOAD_ALIGN;
+use crate::RangeSet;
 
 /// Smallest average chunk (below it signatures cost more than the finer matches save) and the
 /// largest FastCDC allows.
@@ -127,98 +126,72 @@ pub fn cut_region(
     file: &File,
     region: ByteRange,
     avg: u32,
-    mut each: impl FnMut(Cut) -> bool,
+    each: impl FnMut(Cut) -> bool,
 ) -> io::Result<()> {
-    let avg = avg.clamp(MIN_AVG_CHUNK, MAX_AVG_CHUNK) as usize;
     let reader = RegionReader {
         file,
         pos: region.start,
         end: region.end,
     };
+    cut_reading(reader, region.start, avg, each).map(|_| ())
+}
+
+/// Cuts what `reader` reads, which starts at `start` of the file, as [`cut_region`] does.
+/// Returns whether `each` took every chunk.
+fn cut_reading(
+    reader: impl Read,
+    start: u64,
+    avg: u32,
+    mut each: impl FnMut(Cut) -> bool,
+) -> io::Result<bool> {
+    let avg = avg.clamp(MIN_AVG_CHUNK, MAX_AVG_CHUNK) as usize;
     for chunk in StreamCDC::new(reader, avg / 4, avg, avg * 4) {
         let chunk = chunk.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(e) => e,
             other => io::Error::other(other.to_string()),
         })?;
         let cut = Cut {
-            offset: region.start + chunk.offset,
+            offset: start + chunk.offset,
             len: chunk.length as u32,
             hash: xxhash_rust::xxh3::xxh3_128(&chunk.data),
         };
         if !each(cut) {
-            break;
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
-/// The digest of a file taken from its bytes read in order, of either kind.
+/// The digest of either kind of a file's bytes read front to back, kept by the same types
+/// that keep it for bytes written in any order.
 enum InOrder {
-    Sequential(Box<crate::digest::Frontier>),
-    Blocks(Box<InBlocks>),
-}
-
-/// The block digest taken in order: the outer hasher, the current block's, and the bytes fed.
-struct InBlocks {
-    outer: Xxh3,
-    block: Xxh3,
-    pos: u64,
-}
-
-impl InOrder {
-    fn new(kind: DigestKind) -> Self {
-        match kind {
-            DigestKind::Sequential => Self::Sequential(Box::default()),
-            DigestKind::Blocks => Self::Blocks(Box::new(InBlocks {
-                outer: Xxh3::new(),
-                block: Xxh3::new(),
-                pos: 0,
-            })),
-        }
-    }
-
-    fn update(&mut self, mut bytes: &[u8]) {
-        match self {
-            Self::Sequential(frontier) => frontier.feed(frontier.pos(), bytes),
-            Self::Blocks(b) => {
-                while !bytes.is_empty() {
-                    let room = (DIGEST_BLOCK - b.pos % DIGEST_BLOCK) as usize;
-                    let (now, rest) = bytes.split_at(room.min(bytes.len()));
-                    b.block.update(now);
-                    b.pos += now.len() as u64;
-                    if b.pos % DIGEST_BLOCK == 0 {
-                        b.outer.update(&b.block.digest128().to_be_bytes());
-                        b.block.reset();
-                    }
-                    bytes = rest;
-                }
-            }
-        }
-    }
-
-    fn digest(self) -> Digest {
-        match self {
-            Self::Sequential(frontier) => frontier.digest(),
-            Self::Blocks(mut b) => {
-                if b.pos % DIGEST_BLOCK != 0 {
-                    b.outer.update(&b.block.digest128().to_be_bytes());
-                }
-                b.outer.digest128().to_be_bytes()
-            }
-        }
-    }
+    Sequential(Box<Frontier>),
+    Blocks(Box<Blocks>),
 }
 
 /// A [`Read`] that hands what it reads to a digest too.
 struct Digesting<R> {
     inner: R,
+    /// Bytes read so far, and the file's size.
+    pos: u64,
+    size: u64,
     digest: InOrder,
 }
 
 impl<R: Read> Read for Digesting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.digest.update(&buf[..n]);
+        let bytes = &buf[..n];
+        match &mut self.digest {
+            InOrder::Sequential(frontier) => frontier.feed(self.pos, bytes),
+            InOrder::Blocks(blocks) => {
+                let whole = WholeBlocks::of(self.size, self.pos, bytes);
+                // In order from the first byte, no block is ever read back.
+                let read_back = blocks.feed(self.pos, bytes, whole, &RangeSet::new());
+                debug_assert!(read_back.is_empty());
+            }
+        }
+        self.pos += n as u64;
         Ok(n)
     }
 }
@@ -229,41 +202,39 @@ impl<R: Read> Read for Digesting<R> {
 /// `None` when `each` stopped the cut early. Blocking.
 ///
 /// # Errors
-/// Read errors.
+/// Read errors, or a file shorter than `size`.
 pub fn cut_and_digest(
     file: &File,
     size: u64,
     avg: u32,
     kind: DigestKind,
-    mut each: impl FnMut(Cut) -> bool,
+    each: impl FnMut(Cut) -> bool,
 ) -> io::Result<Option<Digest>> {
-    let avg = avg.clamp(MIN_AVG_CHUNK, MAX_AVG_CHUNK) as usize;
     let mut reader = Digesting {
         inner: RegionReader {
             file,
             pos: 0,
             end: size,
         },
-        digest: InOrder::new(kind),
+        pos: 0,
+        size,
+        digest: match kind {
+            DigestKind::Sequential => InOrder::Sequential(Box::default()),
+            DigestKind::Blocks => InOrder::Blocks(Box::new(Blocks::new(size))),
+        },
     };
-    for chunk in StreamCDC::new(&mut reader, avg / 4, avg, avg * 4) {
-        let chunk = chunk.map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(e) => e,
-            other => io::Error::other(other.to_string()),
-        })?;
-        let cut = Cut {
-            offset: chunk.offset,
-            len: chunk.length as u32,
-            hash: xxhash_rust::xxh3::xxh3_128(&chunk.data),
-        };
-        if !each(cut) {
-            return Ok(None);
-        }
+    if !cut_reading(&mut reader, 0, avg, each)? {
+        return Ok(None);
     }
-    if reader.inner.pos < size {
+    if reader.pos < size {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    Ok(Some(reader.digest.digest()))
+    Ok(Some(match reader.digest {
+        InOrder::Sequential(frontier) => frontier.digest(),
+        InOrder::Blocks(blocks) => blocks
+            .digest()
+            .expect("every block of the file was read in order"),
+    }))
 }
 
 /// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
@@ -384,7 +355,7 @@ struct Lazy {
     /// Misses of the current streak not yet searched for: (offset in the new file, chunk).
     pending: Vec<(u64, SigChunk)>,
     /// Parts of the basis cut into `map`.
-    cut: crate::RangeSet,
+    cut: RangeSet,
     map: HashMap<u128, Located>,
     /// Basis bytes read to check chunks at their shift, and cut to search for misses.
     probed: u64,
@@ -1107,7 +1078,7 @@ mod tests {
 
     #[test]
     fn a_cut_with_its_digest_reads_once_what_a_cut_and_a_digest_read_twice() {
-        let block = DIGEST_BLOCK as usize;
+        let block = crate::digest::DIGEST_BLOCK as usize;
         for len in [0, 1000, block, 2 * block + 12_345] {
             let data = pseudo_random(len, 8);
             let file = file_with(&data);
