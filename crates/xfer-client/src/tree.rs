@@ -1280,6 +1280,16 @@ pub async fn send_tree_mirror(
     let few = large.is_empty()
         && small.len() <= FEW_FILES
         && small.iter().map(|e| e.size).sum::<u64>() <= PIPELINE_BYTES as u64;
+    // Small files over a session of its own or over the control connection: only the queue
+    // they take from differs.
+    let job_from = |queue: FileQueue| SmallFiles {
+        target: target.clone(),
+        connector: opts.connector.clone(),
+        local: local.clone(),
+        top: dest.to_string(),
+        queue,
+        progress: Arc::clone(&progress),
+    };
     let (small, control, spares, make_alongside) = if few {
         let dirs = make_alongside.into_iter().map(|f| (f, 0));
         pipeline(&mut control, None, dirs, expect_done).await?;
@@ -1288,14 +1298,9 @@ pub async fn send_tree_mirror(
             .chain(spares.iter_mut())
             .collect();
         let shares = split_by_size(small, sessions.len());
-        let jobs = shares.into_iter().map(|share| SmallFiles {
-            target: target.clone(),
-            connector: opts.connector.clone(),
-            local: local.clone(),
-            top: dest.to_string(),
-            queue: Arc::new(Mutex::new(VecDeque::from(share))),
-            progress: Arc::clone(&progress),
-        });
+        let jobs = shares
+            .into_iter()
+            .map(|share| job_from(Arc::new(Mutex::new(VecDeque::from(share)))));
         let sends = sessions
             .iter_mut()
             .zip(jobs)
@@ -1310,14 +1315,7 @@ pub async fn send_tree_mirror(
         // files beside the others, so that it is still open, and busy until about when they
         // end, for the tree's close: opening it again there costs the handshake's round trips.
         let queue: FileQueue = Arc::new(Mutex::new(VecDeque::from(small)));
-        let job = SmallFiles {
-            target: target.clone(),
-            connector: opts.connector.clone(),
-            local: local.clone(),
-            top: dest.to_string(),
-            queue: Arc::clone(&queue),
-            progress: Arc::clone(&progress),
-        };
+        let job = job_from(Arc::clone(&queue));
         let make = async move {
             let dirs = make_alongside.into_iter().map(|f| (f, 0));
             pipeline(&mut control, None, dirs, expect_done).await?;
