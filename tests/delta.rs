@@ -553,6 +553,9 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     let out = light.send(&addr, &["--delta", "-v", "-c", "1"]);
     let json = out.json();
     assert_eq!(accepted() - before, 1.0, "{json}");
+    // Each commit left its flush to the tree's closing `Sync`.
+    let left_to_sync = scrape(port, &["xferd_commits_left_to_sync_total"])[0];
+    assert_eq!(left_to_sync, 10.0, "{json}");
     assert_eq!(out.json_u64("files_transferred"), 10, "{json}");
     assert_eq!(out.json_u64("delta_files"), 10, "{json}");
     assert!(

@@ -43,7 +43,7 @@ pub mod writeback;
 pub use budget::{MemoryBudget, Reservation};
 pub use error::{CoreError, Result};
 pub use filter::Filter;
-pub use partial::PartialFile;
+pub use partial::{Durability, PartialFile};
 pub use ranges::{split_into_chunks, RangeSet};
 pub use root::{validate_name, Root, Slot};
 pub use source::SourceFile;

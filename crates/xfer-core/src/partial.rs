@@ -44,6 +44,19 @@ fn agreed_records(span: ByteRange) -> impl Iterator<Item = Record> {
     })
 }
 
+/// When a commit's file is on stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// At the commit's answer: the file and its directory are flushed (`fsync`) before it.
+    Flushed,
+    /// At the next flush of the filesystem (`syncfs`, a tree's `Sync`), which the sender waits
+    /// for: the commit flushes nothing itself. Its bytes are written to the disk (not flushed)
+    /// before the rename, so on a filesystem that journals the rename after the writes it
+    /// ordered before it (ext4, XFS), a crash before that flush leaves the old file or the
+    /// complete new one under the name.
+    AtSync,
+}
+
 /// The partial's data file, and the same file opened for direct writes where it can be.
 type DataFiles = (Arc<File>, Option<Arc<DirectWriter>>);
 
@@ -58,6 +71,9 @@ pub struct PartialFile {
     sync_every: u64,
     /// The digest the receiver keeps as bytes land (a commit of the other kind reads the file).
     kind: DigestKind,
+    /// Flushes (`fsync`, `fdatasync`) this partial asked of the disk: what a commit of
+    /// [`Durability::AtSync`] spares, and its tests count.
+    flushes: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -126,6 +142,9 @@ struct State {
     /// The digest the file was committed with: several clients may feed one upload, and
     /// the ones that finish after the first find their work already done.
     committed: Option<Digest>,
+    /// The commit left its flush to a later `syncfs` ([`Durability::AtSync`]): a later commit
+    /// that promises durability flushes first.
+    committed_unflushed: bool,
     /// Digest of the file so far.
     digest: Progress,
     /// Counts resets of `digest`: a block read back off the lock is recorded only into the
@@ -248,6 +267,24 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes every dirty page of `data` to the disk and waits for it, without flushing the disk's
+/// cache or the file's metadata (`sync_file_range`): a commit of [`Durability::AtSync`] has its
+/// bytes written before the rename is, so that the journal commit that makes the rename durable
+/// (its cache flush first) makes them durable too. Without it, bytes still in the page cache of
+/// a partial whose space was reserved would read as zeros after a crash, under the new name,
+/// size and mtime.
+fn write_out(data: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a plain system call on a descriptor `data` keeps open; no memory passed.
+    match unsafe { libc::sync_file_range(data.as_raw_fd(), 0, 0, flags) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 
@@ -418,9 +455,14 @@ impl PartialFile {
             }
         }
         // Rewrite the journal from what was verified: held data is flushed first, so one
-        // barrier can cover all of it and unverifiable records do not linger.
-        data.sync_data()
-            .map_err(|e| CoreError::io(ctx("flushing partial of"), e))?;
+        // barrier can cover all of it and unverifiable records do not linger. A new partial
+        // holds nothing to cover: its flush would only make the disk commit the space just
+        // reserved (a journal commit, a few ms, for each of a tree's light files).
+        let opened_flushes = u64::from(held.total() > 0);
+        if opened_flushes > 0 {
+            data.sync_data()
+                .map_err(|e| CoreError::io(ctx("flushing partial of"), e))?;
+        }
         let mut records = Vec::new();
         for r in held.iter() {
             let mut start = r.start;
@@ -459,6 +501,7 @@ impl PartialFile {
             sync_running: false,
             closed: None,
             committed: None,
+            committed_unflushed: false,
             final_already: false,
             digest: Progress::new(kind, identity.size),
             epoch: 0,
@@ -487,6 +530,7 @@ impl PartialFile {
             resumed,
             sync_every,
             kind,
+            flushes: opened_flushes.into(),
             state: Mutex::new(state),
         })
     }
@@ -509,6 +553,7 @@ impl PartialFile {
             resumed: identity.size,
             sync_every,
             kind,
+            flushes: Default::default(),
             state: Mutex::new(State {
                 data: Arc::clone(&file),
                 direct: None,
@@ -520,6 +565,7 @@ impl PartialFile {
                 sync_running: false,
                 closed: None,
                 committed: None,
+                committed_unflushed: false,
                 final_already: true,
                 digest: Progress::new(kind, identity.size),
                 epoch: 0,
@@ -707,11 +753,18 @@ impl PartialFile {
             read_for_digest(data, direct, &mut buf, pos, n, sink)
         };
         let mut digests = Vec::with_capacity(indices.len());
+        let started = std::time::Instant::now();
         for &index in indices {
             let range = crate::digest::block_range(index, size);
             let digest = crate::digest::hash_span(range.start, range.end, zeros, block, &mut read)?;
             digests.push((index, digest, range.len()));
         }
+        tracing::debug!(
+            file = %self.slot.leaf,
+            blocks = indices.len(),
+            us = started.elapsed().as_micros() as u64,
+            "blocks read back"
+        );
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.epoch != epoch {
@@ -807,12 +860,13 @@ impl PartialFile {
         mtime_ns: i64,
         expected: Option<Digest>,
     ) -> Result<Digest> {
-        self.commit_as(mode, mtime_ns, expected, self.kind).await
+        self.commit_as(mode, mtime_ns, expected, self.kind, Durability::Flushed)
+            .await
     }
 
     /// [`commit`](Self::commit) with `expected` of `kind`, the digest the committing session
-    /// uses. A partial opened for the other kind (another client's session) reads the whole
-    /// file to compute it.
+    /// uses, made durable as `durability` says. A partial opened for the other kind (another
+    /// client's session) reads the whole file to compute it.
     ///
     /// # Errors
     /// As [`commit`](Self::commit).
@@ -822,11 +876,13 @@ impl PartialFile {
         mtime_ns: i64,
         expected: Option<Digest>,
         kind: DigestKind,
+        durability: Durability,
     ) -> Result<Digest> {
         let this = Arc::clone(self);
         let (digest, replaced) = blocking(move || {
             let mut replaced = None;
-            let digest = this.commit_blocking(mode, mtime_ns, expected, kind, &mut replaced)?;
+            let digest =
+                this.commit_blocking(mode, mtime_ns, expected, (kind, durability), &mut replaced)?;
             Ok((digest, replaced))
         })
         .await?;
@@ -837,18 +893,42 @@ impl PartialFile {
         Ok(digest)
     }
 
+    /// Flushes (`fsync`) the file and the directory of a partial committed without
+    /// ([`Durability::AtSync`]), for a commit that promises durability.
+    fn flush_committed(&self, st: &mut State) -> Result<()> {
+        let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
+        st.data
+            .sync_all()
+            .map_err(|e| CoreError::io(ctx("flushing"), e))?;
+        rfs::fsync(self.slot.dir.as_fd())
+            .map_err(|e| CoreError::io(ctx("flushing directory of"), e.into()))?;
+        self.flushes
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        st.committed_unflushed = false;
+        Ok(())
+    }
+
+    /// Flushes (`fsync`, `fdatasync`) this partial has asked of the disk so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `replaced` gets the file the rename replaced, still open, for the caller to close.
     fn commit_blocking(
         &self,
         mode: u32,
         mtime_ns: i64,
         expected: Option<Digest>,
-        kind: DigestKind,
+        (kind, durability): (DigestKind, Durability),
         replaced: &mut Option<File>,
     ) -> Result<Digest> {
         let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
         let mut st = self.lock();
         if let Some(mut done) = st.committed {
+            // Another client's commit came first and left its flush to a later `syncfs`.
+            if st.committed_unflushed && durability == Durability::Flushed {
+                self.flush_committed(&mut st)?;
+            }
             if kind != self.kind {
                 done = crate::digest::digest_file_as(kind, &st.data, self.identity.size)
                     .map_err(|e| CoreError::io(ctx("reading"), e))?;
@@ -934,7 +1014,14 @@ impl PartialFile {
         let data = Arc::clone(&st.data);
         data.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
             .and_then(|()| data.set_modified(mtime))
-            .and_then(|()| data.sync_all())
+            .and_then(|()| match durability {
+                Durability::Flushed => {
+                    self.flushes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    data.sync_all()
+                }
+                Durability::AtSync => write_out(&data),
+            })
             .map_err(|e| CoreError::io(ctx("flushing"), e))?;
         let flushed = started.elapsed();
         let dir = self.slot.dir.as_fd();
@@ -950,10 +1037,15 @@ impl PartialFile {
             .map_err(|e| CoreError::io(ctx("renaming partial to"), e.into()))?;
         let renamed = started.elapsed();
         st.committed = Some(own);
+        st.committed_unflushed = durability == Durability::AtSync;
         if let Err(e) = rfs::unlinkat(dir, self.journal_leaf.as_str(), rfs::AtFlags::empty()) {
             tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
         }
-        rfs::fsync(dir).map_err(|e| CoreError::io(ctx("flushing directory of"), e.into()))?;
+        if durability == Durability::Flushed {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rfs::fsync(dir).map_err(|e| CoreError::io(ctx("flushing directory of"), e.into()))?;
+        }
         tracing::debug!(
             file = %self.slot.leaf,
             read_back = st.read_back,
@@ -961,6 +1053,7 @@ impl PartialFile {
             flush_ms = (flushed - caught_up).as_millis() as u64,
             rename_ms = (renamed - flushed).as_millis() as u64,
             dir_sync_ms = (started.elapsed() - renamed).as_millis() as u64,
+            ?durability,
             "committed"
         );
         Ok(digest)
@@ -1039,6 +1132,51 @@ mod tests {
             std::fs::read(tmp.path().join("out.bin")).unwrap(),
             b"0123456789"
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_left_to_the_next_syncfs_flushes_nothing_until_one_must() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let open = |name: &str| {
+            let slot = root.slot(name, true).unwrap();
+            PartialFile::open_sparse_as(slot, id(10), Vec::new(), DigestKind::Blocks)
+        };
+        let (now, later) = (
+            open("now.bin").await.unwrap(),
+            open("later.bin").await.unwrap(),
+        );
+        // A new partial holds nothing its opening could flush for.
+        assert_eq!((now.flushes(), later.flushes()), (0, 0));
+        for p in [&now, &later] {
+            write(p, 5, b"56789").await;
+            write(p, 0, b"01234").await;
+        }
+        let kind = DigestKind::Blocks;
+        let mtime = id(10).mtime_ns;
+        now.commit_as(0o640, mtime, None, kind, Durability::Flushed)
+            .await
+            .unwrap();
+        assert_eq!(now.flushes(), 2, "the file and its directory");
+        let digest = later
+            .commit_as(0o640, mtime, None, kind, Durability::AtSync)
+            .await
+            .unwrap();
+        assert_eq!(later.flushes(), 0);
+        let path = tmp.path().join("later.bin");
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert!(!tmp.path().join(".later.bin.xfer-state").exists());
+        // Another client of the same upload is promised its commit is durable: it flushes.
+        let again = later.commit_as(0o640, mtime, Some(digest), kind, Durability::Flushed);
+        assert_eq!(again.await.unwrap(), digest);
+        assert_eq!(later.flushes(), 2);
+        let once_more = later.commit_as(0o640, mtime, Some(digest), kind, Durability::Flushed);
+        once_more.await.unwrap();
+        assert_eq!(later.flushes(), 2, "flushed once is enough");
     }
 
     #[tokio::test]
@@ -1171,9 +1309,15 @@ mod tests {
         let sequential =
             crate::digest::digest_file(&File::open(&path).unwrap(), size.size).unwrap();
         assert_eq!(
-            p.commit_as(0o644, 0, Some(sequential), DigestKind::Sequential)
-                .await
-                .unwrap(),
+            p.commit_as(
+                0o644,
+                0,
+                Some(sequential),
+                DigestKind::Sequential,
+                Durability::Flushed
+            )
+            .await
+            .unwrap(),
             sequential
         );
         assert_eq!(p.commit(0o644, 0, Some(want)).await.unwrap(), want);

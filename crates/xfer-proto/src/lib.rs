@@ -99,6 +99,11 @@ pub const CAP_BLOCK_DIGEST: u64 = 1 << 17;
 /// slots per `Welcome.window` unit ([`window_slots`]), so that a light file's few KiB of
 /// literal data do not wait behind a count sized for whole chunks.
 pub const CAP_BYTE_WINDOW: u64 = 1 << 18;
+/// Capability bit: with `CAP_DELTA_PUT`, the commit of an upload opened by `DeltaPut` is
+/// durable once a `Sync` sent after its `Committed` is answered, as a tree's small files are,
+/// instead of at `Committed`: a client that offers it sends `DeltaPut` only for files of a tree
+/// it ends with `Sync`, so a tree's light files cost the receiver no flush each.
+pub const CAP_DELTA_PUT_SYNC: u64 = 1 << 20;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;
@@ -130,7 +135,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_DELTA_PUT
     | CAP_DELTA_GUESS
     | CAP_BLOCK_DIGEST
-    | CAP_BYTE_WINDOW;
+    | CAP_BYTE_WINDOW
+    | CAP_DELTA_PUT_SYNC;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -101,6 +101,9 @@ pub struct Metrics {
     pub delta_copied: Counter,
     /// Bytes of the files held read to find what delta uploads copy.
     pub delta_basis_read: Counter,
+    /// Uploads committed without a flush of their own: a tree's light files, made durable by
+    /// the tree's `Sync` (`CAP_DELTA_PUT_SYNC`).
+    pub commits_left_to_sync: Counter,
     /// Uploads (client to daemon).
     pub uploads: Transfers,
     /// Downloads (daemon to client).
@@ -178,6 +181,12 @@ impl Metrics {
             "counter",
             "Bytes of the files already held read to find what delta uploads copy.",
             &one(self.delta_basis_read.get().to_string()),
+        );
+        family(
+            "xferd_commits_left_to_sync_total",
+            "counter",
+            "Uploads committed without a flush of their own, made durable by a tree's Sync.",
+            &one(self.commits_left_to_sync.get().to_string()),
         );
         family(
             "xferd_bytes_sent_total",

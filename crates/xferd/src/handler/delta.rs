@@ -123,6 +123,10 @@ impl Handler {
         let Some(id) = self.open_write(open, Vec::new()).await? else {
             return Ok(());
         };
+        if self.session.capabilities() & xfer_proto::CAP_DELTA_PUT_SYNC != 0 {
+            // The client ends the tree with `Sync` and waits for it: that flush covers this file.
+            self.session.upload(id)?.durability = xfer_core::Durability::AtSync;
+        }
         let Some(basis) = self.open_basis(&name, move |_| avg_chunk).await? else {
             return Ok(());
         };

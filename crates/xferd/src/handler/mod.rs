@@ -78,6 +78,9 @@ struct Upload {
     bytes: u64,
     /// The file held under the name, matched lazily, once a `DeltaOpen` opened it.
     basis: Option<Arc<xfer_core::delta::Basis>>,
+    /// When its commit is durable: a light file's (`DeltaPut`) at the tree's `Sync` where the
+    /// client speaks `CAP_DELTA_PUT_SYNC`.
+    durability: xfer_core::Durability,
 }
 
 /// What a connection keeps for a download open in its session.

@@ -78,6 +78,7 @@ impl Handler {
             crc_retries: 0,
             bytes: 0,
             basis: None,
+            durability: xfer_core::Durability::Flushed,
         };
         let handle = self.session.open_upload(req.identity.size, upload);
         let id = handle.get();
@@ -161,9 +162,14 @@ impl Handler {
 
     pub(super) async fn commit(&mut self, id: UploadId, c: Commit) -> Result<(), ConnError> {
         let Upload {
-            lease, name, mode, ..
+            lease,
+            name,
+            mode,
+            durability,
+            ..
         } = self.session.upload(id)?;
         let (partial, name, mode) = (Arc::clone(&lease.partial), name.clone(), *mode);
+        let durability = *durability;
         let expected = match <[u8; DIGEST_LEN]>::try_from(c.digest.as_slice()) {
             Ok(d) => Some(d),
             Err(_) if c.digest.is_empty() => None,
@@ -175,6 +181,7 @@ impl Handler {
                 partial.identity().mtime_ns,
                 expected,
                 self.digest_kind(),
+                durability,
             )
             .await
         {
@@ -194,6 +201,9 @@ impl Handler {
         } = self.session.close_upload(id)?;
         lease.retire();
         self.shared.metrics.uploads.completed.inc();
+        if durability == xfer_core::Durability::AtSync {
+            self.shared.metrics.commits_left_to_sync.inc();
+        }
         let size = partial.identity().size;
         let seconds = lease.started.elapsed().as_secs_f64();
         let moved = size - partial.resumed_bytes();
