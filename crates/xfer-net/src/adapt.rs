@@ -123,8 +123,11 @@ pub struct Decision {
     pub on: bool,
     /// The level used when compressing.
     pub level: i32,
-    /// Raw bytes per second measured with compression off.
+    /// Raw bytes per second measured with compression off; where the off probe was left out
+    /// (`off_probed` false), the wire bytes per second the path took while compressing.
     pub off_rate: f64,
+    /// Whether an off probe measured `off_rate`.
+    pub off_probed: bool,
     /// Raw bytes per second measured with compression on.
     pub on_rate: f64,
     /// Wire bytes per raw byte while compressing (1 when nothing shrank).
@@ -329,6 +332,7 @@ impl Adapt {
                 on: true,
                 level: self.level,
                 off_rate: on_rate * ratio,
+                off_probed: false,
                 on_rate,
                 ratio,
             });
@@ -385,6 +389,7 @@ impl Adapt {
                     on: keep,
                     level: self.level,
                     off_rate,
+                    off_probed: true,
                     on_rate,
                     ratio: self.ratio,
                 });

@@ -377,6 +377,8 @@ impl AdaptState {
             level = d.level,
             ratio = format_args!("{:.2}", d.ratio),
             rate_off_mib_s = format_args!("{:.1}", d.off_rate / f64::from(1 << 20)),
+            // Where off was not probed, its rate is the wire rate the path took compressed.
+            off_probed = d.off_probed,
             rate_on_mib_s = format_args!("{:.1}", d.on_rate / f64::from(1 << 20)),
             "compression decision"
         );
