@@ -14,7 +14,9 @@
 //!   acknowledged, and converts the wire bytes delivered since into raw bytes by the phase's
 //!   own wire/raw ratio. Bytes handed to a socket would measure its buffer filling: on a 50 ms
 //!   path a short probe is mostly that, and off and on look alike. A sender without a meter
-//!   times the raw bytes it hands over.
+//!   times the raw bytes it hands over. On a far path where the first, compressing probe
+//!   shrank the data to a third and the compressor was not the limit, the off probe is left
+//!   out until the decision is probed again ([`SHRINKS_FAR`]).
 //! - *Does this data shrink?* While compressing, each chunk's first [`SAMPLE_LEN`] bytes are
 //!   compressed at level 1 first; data that does not shrink ([`INCOMPRESSIBLE`]) goes raw and
 //!   the next chunks are skipped without a sample, for a stretch that doubles up to
@@ -71,6 +73,10 @@ pub const MAX_STRETCH: Duration = Duration::from_secs(16);
 pub const MARGIN: f64 = 1.05;
 /// Highest level `auto` climbs to; above it zstd slows far faster than it shrinks.
 pub const MAX_AUTO_LEVEL: i32 = 9;
+/// How much a far path's first, compressing probe must shrink the data (raw bytes per wire
+/// byte) for an off probe to be left out while the CPUs idle (see [`Adapt`]'s
+/// `off_probe_needless`).
+pub const SHRINKS_FAR: f64 = 3.0;
 /// Share of the CPUs spent compressing below which the level goes up, and above which
 /// (doubled) it goes down.
 const IDLE_SHARE: f64 = 0.3;
@@ -117,8 +123,11 @@ pub struct Decision {
     pub on: bool,
     /// The level used when compressing.
     pub level: i32,
-    /// Raw bytes per second measured with compression off.
+    /// Raw bytes per second measured with compression off; where the off probe was left out
+    /// (`off_probed` false), the wire bytes per second the path took while compressing.
     pub off_rate: f64,
+    /// Whether an off probe measured `off_rate`.
+    pub off_probed: bool,
     /// Raw bytes per second measured with compression on.
     pub on_rate: f64,
     /// Wire bytes per raw byte while compressing (1 when nothing shrank).
@@ -313,6 +322,23 @@ impl Adapt {
             return;
         }
         let ratio = self.wire as f64 / self.raw as f64;
+        if let Some(on_rate) = self.off_probe_needless(now, since, ratio) {
+            self.ratio = ratio;
+            // Measured early, maybe in slow start: an off probe that beats it later has it
+            // measured again before it counts (`first_on_unconfirmed`).
+            self.on_rate = Some(on_rate);
+            self.stretch = DECISIVE_STRETCH;
+            self.last = Some(Decision {
+                on: true,
+                level: self.level,
+                off_rate: on_rate * ratio,
+                off_probed: false,
+                on_rate,
+                ratio,
+            });
+            self.begin(Phase::Keep { on: true }, now);
+            return;
+        }
         if let (true, None, Some((start, acked, _))) = (covered, ceiling, self.window) {
             self.pending = Some(Pending {
                 on,
@@ -363,6 +389,7 @@ impl Adapt {
                     on: keep,
                     level: self.level,
                     off_rate,
+                    off_probed: true,
                     on_rate,
                     ratio: self.ratio,
                 });
@@ -385,6 +412,28 @@ impl Adapt {
         // What is queued now belongs to the phase that ended: the next one measures after it.
         self.drain_to = self.delivery.map(|d| d.acked + d.queued);
         self.window = None;
+    }
+
+    /// The first probe's rate, when it compressed over a far path and already shows that an
+    /// off probe cannot win: the data shrank to a third or less ([`SHRINKS_FAR`]), and the
+    /// CPUs could have compressed [`DECISIVE`] times what was delivered, so the compressor was
+    /// not what limited it. Sent raw, the same path would have to carry three times the wire
+    /// bytes it took. The off probe is then left out: measuring it would queue a second's worth
+    /// of raw data on a deep path (50 MB of the docs tree through 50 ms) before its answer.
+    /// The decision is probed again, off, after [`DECISIVE_STRETCH`], as any other is.
+    fn off_probe_needless(&self, now: Instant, since: Instant, ratio: f64) -> Option<f64> {
+        let first = self.off_rate.is_none() && self.on_rate.is_none() && self.pending.is_none();
+        let far = self
+            .delivery
+            .and_then(|d| d.rtt)
+            .is_some_and(|rtt| rtt >= FAR_PATH);
+        let on_first = self.phase == (Phase::Probe { on: true }) && first && far;
+        if !on_first || ratio * SHRINKS_FAR > 1.0 || self.compressing.is_zero() {
+            return None;
+        }
+        let ceiling = self.raw as f64 / self.compressing.as_secs_f64() * self.cpus;
+        self.rate(now, since, ratio)
+            .filter(|&rate| ceiling >= rate * DECISIVE)
     }
 
     /// Opens this phase's measurement of delivered bytes once what was queued before it has
@@ -703,6 +752,41 @@ mod tests {
         let mut near = Path::new(500e6, 4.0 * MIB as f64, 400e6, 0.25, true);
         near.rtt = Duration::from_micros(50);
         assert_eq!(near.first_choice(&mut Adapt::new(1)), Choice::Raw);
+    }
+
+    #[test]
+    fn a_far_path_whose_compressor_idles_keeps_compressing_without_an_off_probe() {
+        // 60 MB/s of link 50 ms away; two CPUs compressing 1 GB/s each to a quarter, idle
+        // most of the time: the link is the limit, and raw could move a quarter as much.
+        let mut path = Path::new(60e6, 16.0 * MIB as f64, 1e9, 0.25, true);
+        let mut adapt = Adapt::new(2);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        let decision = adapt.decision().unwrap();
+        assert!(decision.on, "{decision:?}");
+        assert_eq!(
+            path.handed,
+            path.compressed * 0.25,
+            "nothing went raw: {decision:?}"
+        );
+        assert_eq!(adapt.stretch, DECISIVE_STRETCH);
+        // The decision is probed again with compression off after its stretch, as any other.
+        let mut raw = false;
+        let end = path.now + DECISIVE_STRETCH * 2;
+        while path.now < end && !raw {
+            raw = adapt.choose(path.now) == Choice::Raw;
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        assert!(raw, "an off probe follows the stretch");
+
+        // Data that shrinks by less than a third still probes off first.
+        let mut path = Path::new(60e6, 16.0 * MIB as f64, 1e9, 0.5, true);
+        let mut adapt = Adapt::new(2);
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(10));
+        }
+        assert!(path.handed > path.compressed * 0.5, "an off probe ran");
     }
 
     #[test]

@@ -257,7 +257,7 @@ impl Compressor {
         };
         let (payload, packed, spent) = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let packed = shrink(&payload, level, sample);
+            let packed = with_packer(|packer| packer.shrink(&payload, level, sample));
             (payload, packed, started.elapsed())
         })
         .await
@@ -278,6 +278,11 @@ impl Compressor {
     /// shrinks them; `None`: send them as they are. Blocks on zstd: call it off the runtime's
     /// workers (on the blocking pool, or under `block_in_place`).
     pub fn pack_files(&self, frames: &[Frame]) -> Option<PackedFiles> {
+        self.pack_files_with(&PACKERS, frames)
+    }
+
+    /// [`Compressor::pack_files`] with a packer of `packers`.
+    fn pack_files_with(&self, packers: &Packers, frames: &[Frame]) -> Option<PackedFiles> {
         let raw: u64 = frames.iter().map(|f| file_bytes(f) as u64).sum();
         let choice = self.choose();
         let Choice::Compress { level, sample } = choice else {
@@ -285,13 +290,15 @@ impl Compressor {
             return None;
         };
         let started = Instant::now();
-        let packed = with_encode_buffer(|encoded| {
-            PackedFiles::encode_frames_into(frames, encoded).ok()?;
-            if encoded.len() > xfer_proto::MAX_PACKED_LEN as usize {
-                return None;
-            }
-            let zstd = shrink(encoded, level, sample)?;
-            Some(PackedFiles::new(frames.len() as u32, encoded, zstd))
+        let packed = packers.lend(|packer| {
+            let mut encoded = std::mem::take(&mut packer.encoded);
+            let packed = PackedFiles::encode_frames_into(frames, &mut encoded)
+                .ok()
+                .filter(|_| encoded.len() <= xfer_proto::MAX_PACKED_LEN as usize)
+                .and_then(|_| packer.shrink(&encoded, level, sample))
+                .map(|zstd| PackedFiles::new(frames.len() as u32, &encoded, zstd));
+            packer.encoded = encoded;
+            packed
         });
         let spent = started.elapsed();
         // What the files took on the wire: the compressed bytes carry them all.
@@ -370,6 +377,8 @@ impl AdaptState {
             level = d.level,
             ratio = format_args!("{:.2}", d.ratio),
             rate_off_mib_s = format_args!("{:.1}", d.off_rate / f64::from(1 << 20)),
+            // Where off was not probed, its rate is the wire rate the path took compressed.
+            off_probed = d.off_probed,
             rate_on_mib_s = format_args!("{:.1}", d.on_rate / f64::from(1 << 20)),
             "compression decision"
         );
@@ -431,63 +440,165 @@ pub fn looks_compressed(head: &[u8]) -> bool {
         || head.get(4..8) == Some(b"ftyp")
 }
 
-/// `payload` compressed at `level`, if it shrinks below [`INCOMPRESSIBLE`]; with `sample`,
-/// only after its first [`SAMPLE_LEN`] bytes did at level 1.
-fn shrink(payload: &[u8], level: i32, sample: bool) -> Option<Vec<u8>> {
-    if payload.is_empty() {
-        return None;
+/// What compressing takes besides the input: a zstd context (its tables allocated and their
+/// pages touched once, not per chunk or batch), the buffer small files are encoded into before
+/// they are compressed, and the one zstd writes into. A context is large (a few MiB at level
+/// 3, tens at 19), so the process keeps no more of them than compressions can run at once
+/// ([`with_packer`]), whichever threads and connections ask.
+struct Packer {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Small files encoded for a `PackedPutFiles` or `PackedFileData`.
+    encoded: bytes::BytesMut,
+    /// What zstd writes into, copied out at its exact length: a frame keeps only its bytes
+    /// while it waits for the socket, not zstd's worst-case bound.
+    out: Vec<u8>,
+}
+
+impl Packer {
+    fn new() -> Self {
+        Self {
+            zstd: None,
+            encoded: bytes::BytesMut::new(),
+            out: Vec::new(),
+        }
     }
-    let shrinks =
-        |input: &[u8], out: &[u8]| (out.len() as f64) < input.len() as f64 * INCOMPRESSIBLE;
-    if sample && payload.len() > SAMPLE_LEN {
-        let head = &payload[..SAMPLE_LEN];
-        let out = compress_with(head, 1).ok()?;
-        if !shrinks(head, &out) {
+
+    /// `payload` compressed at `level`, if it shrinks below [`INCOMPRESSIBLE`]; with `sample`,
+    /// only after its first [`SAMPLE_LEN`] bytes did at level 1.
+    fn shrink(&mut self, payload: &[u8], level: i32, sample: bool) -> Option<Vec<u8>> {
+        if payload.is_empty() {
             return None;
         }
-    }
-    let out = compress_with(payload, level).ok()?;
-    shrinks(payload, &out).then_some(out)
-}
-
-/// Runs `f` with this thread's buffer for encoding small files before they are compressed,
-/// kept from batch to batch (a fresh one per batch cost a page fault and a zeroed page per
-/// 4 KiB, a fifth of a tree sender's CPU); one grown past twice the packed limit
-/// ([`xfer_proto::MAX_PACKED_LEN`], a refused batch) is not kept.
-fn with_encode_buffer<T>(f: impl FnOnce(&mut bytes::BytesMut) -> T) -> T {
-    thread_local! {
-        static ENCODED: std::cell::RefCell<bytes::BytesMut> =
-            std::cell::RefCell::new(bytes::BytesMut::new());
-    }
-    ENCODED.with(|cell| {
-        let mut encoded = cell.borrow_mut();
-        let out = f(&mut encoded);
-        encoded.clear();
-        if encoded.capacity() > 2 * xfer_proto::MAX_PACKED_LEN as usize {
-            *encoded = bytes::BytesMut::new();
+        let shrinks = |input: &[u8], out: usize| (out as f64) < input.len() as f64 * INCOMPRESSIBLE;
+        if sample && payload.len() > SAMPLE_LEN {
+            let head = &payload[..SAMPLE_LEN];
+            let out = self.compress(head, 1).ok()?;
+            if !shrinks(head, out) {
+                return None;
+            }
         }
-        out
-    })
-}
-
-/// `payload` compressed at `level` by this thread's zstd context, made once: a fresh one per
-/// chunk or batch cost its tables' allocation and first-touch page faults every time.
-fn compress_with(payload: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    thread_local! {
-        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-            const { std::cell::RefCell::new(None) };
+        let out = self.compress(payload, level).ok()?;
+        shrinks(payload, out).then(|| self.out[..out].to_vec())
     }
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let compressor = match &mut *slot {
+
+    /// Compresses `payload` at `level` into `out`; its compressed length.
+    fn compress(&mut self, payload: &[u8], level: i32) -> std::io::Result<usize> {
+        let zstd = match &mut self.zstd {
             Some(c) => {
                 c.set_compression_level(level)?;
                 c
             }
             empty => empty.insert(zstd::bulk::Compressor::new(level)?),
         };
-        compressor.compress(payload)
-    })
+        self.out.clear();
+        self.out
+            .reserve(zstd::zstd_safe::compress_bound(payload.len()));
+        zstd.compress_to_buffer(payload, &mut self.out)
+    }
+
+    /// Drops buffers grown past twice the packed limit ([`xfer_proto::MAX_PACKED_LEN`]: a
+    /// refused batch, or a chunk larger than any batch) instead of keeping them.
+    fn trim(&mut self) {
+        let limit = 2 * xfer_proto::MAX_PACKED_LEN as usize;
+        self.encoded.clear();
+        if self.encoded.capacity() > limit {
+            self.encoded = bytes::BytesMut::new();
+        }
+        if self.out.capacity() > limit {
+            self.out = Vec::new();
+        }
+    }
+}
+
+/// Packers lent to whoever compresses, at most `limit` in existence at once.
+struct Packers {
+    state: Mutex<PackersState>,
+    returned: std::sync::Condvar,
+}
+
+struct PackersState {
+    idle: Vec<Packer>,
+    made: usize,
+    /// Most packers in existence at once.
+    limit: usize,
+    /// Most that were ever lent at once.
+    most_lent: usize,
+    /// Callers waiting for one to come back.
+    waiting: usize,
+}
+
+/// The process's packers, one per CPU at most: compressing is CPU-bound, so more at once
+/// would only share the CPUs.
+static PACKERS: std::sync::LazyLock<Packers> = std::sync::LazyLock::new(|| {
+    Packers::new(std::thread::available_parallelism().map_or(1, usize::from))
+});
+
+/// Runs `f` with one of the process's packers, waiting for one while all are in use: every
+/// connection and thread shares them. A zstd context and encode buffer per thread grew with
+/// the blocking threads (`block_in_place` moves a connection's task to another thread): 70
+/// of each, 270 MiB of a tree sender's 360 MiB at level 3. Blocks: call it off the runtime's
+/// workers.
+fn with_packer<T>(f: impl FnOnce(&mut Packer) -> T) -> T {
+    PACKERS.lend(f)
+}
+
+impl Packers {
+    fn new(limit: usize) -> Self {
+        Self {
+            state: Mutex::new(PackersState {
+                idle: Vec::new(),
+                made: 0,
+                limit: limit.max(1),
+                most_lent: 0,
+                waiting: 0,
+            }),
+            returned: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PackersState> {
+        // Counts and idle packers only: a state left by a panic is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with a packer: an idle one, a new one while fewer than the limit exist, else
+    /// the next one handed back.
+    fn lend<T>(&self, f: impl FnOnce(&mut Packer) -> T) -> T {
+        /// Hands the packer back when dropped; after a panic in `f` its place instead.
+        struct Lent<'a>(&'a Packers, Option<Packer>);
+        impl Drop for Lent<'_> {
+            fn drop(&mut self) {
+                let mut state = self.0.lock();
+                match self.1.take().filter(|_| !std::thread::panicking()) {
+                    Some(mut packer) => {
+                        packer.trim();
+                        state.idle.push(packer);
+                    }
+                    None => state.made -= 1,
+                }
+                drop(state);
+                self.0.returned.notify_one();
+            }
+        }
+        let mut state = self.lock();
+        let packer = loop {
+            if let Some(packer) = state.idle.pop() {
+                break packer;
+            }
+            if state.made < state.limit {
+                state.made += 1;
+                break Packer::new();
+            }
+            state.waiting += 1;
+            state = self.returned.wait(state).unwrap_or_else(|p| p.into_inner());
+            state.waiting -= 1;
+        };
+        let lent_now = state.made - state.idle.len();
+        state.most_lent = state.most_lent.max(lent_now);
+        drop(state);
+        let mut lent = Lent(self, Some(packer));
+        f(lent.1.as_mut().expect("lent above"))
+    }
 }
 
 /// Fuzz entry point (`fuzz/fuzz_targets/inflate.rs`): `data` as the body of a `DataZ` frame,
@@ -688,15 +799,57 @@ mod tests {
     #[test]
     fn small_files_are_encoded_into_one_buffer_batch_after_batch() {
         let c = Compressor::new(Compression::Level(1), "test");
+        let packers = Packers::new(1);
         let batch: Vec<Frame> = (0..64)
             .map(|i| put(&format!("p{i}.html"), text(16 << 10)))
             .collect();
-        let kept = || with_encode_buffer(|b| (b.capacity(), b.as_ptr()));
-        assert!(c.pack_files(&batch).is_some());
+        let kept = || packers.lend(|p| (p.encoded.capacity(), p.encoded.as_ptr()));
+        assert!(c.pack_files_with(&packers, &batch).is_some());
         let (capacity, first) = kept();
         assert!(capacity >= 64 << 14, "the buffer is kept: {capacity}");
-        assert!(c.pack_files(&batch).is_some());
+        assert!(c.pack_files_with(&packers, &batch).is_some());
         assert_eq!(kept().1, first, "the same allocation, not a fresh one");
+    }
+
+    #[test]
+    fn however_many_threads_pack_at_once_no_more_packers_exist_than_the_limit() {
+        const THREADS: usize = 8;
+        let packers = Packers::new(2);
+        let entered = std::sync::atomic::AtomicUsize::new(0);
+        let input = text(64 << 10);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    packers.lend(|p| {
+                        assert!(p.shrink(&input, 3, false).is_some());
+                        // Each holds its packer until all threads hold one or some wait for
+                        // one: without a limit, all would hold one at once.
+                        entered.fetch_add(1, Ordering::SeqCst);
+                        while entered.load(Ordering::SeqCst) < THREADS
+                            && packers.lock().waiting == 0
+                        {
+                            std::thread::yield_now();
+                        }
+                    });
+                });
+            }
+        });
+        let state = packers.lock();
+        assert!(state.most_lent <= 2, "{} lent at once", state.most_lent);
+        assert!(state.made <= 2, "{} zstd contexts made", state.made);
+        assert_eq!(state.idle.len(), state.made, "every packer came back");
+    }
+
+    #[test]
+    fn a_compressed_frame_keeps_only_its_bytes() {
+        let packers = Packers::new(1);
+        let input = text(1 << 20);
+        let out = packers
+            .lend(|p| p.shrink(&input, 3, true))
+            .expect("text shrinks");
+        assert!(out.len() < input.len() / 10);
+        assert_eq!(out.capacity(), out.len(), "not zstd's worst-case bound");
+        assert_eq!(zstd::bulk::decompress(&out, 1 << 20).unwrap(), input);
     }
 
     #[test]
