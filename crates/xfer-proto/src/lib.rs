@@ -99,6 +99,12 @@ pub const CAP_BLOCK_DIGEST: u64 = 1 << 17;
 /// slots per `Welcome.window` unit ([`window_slots`]), so that a light file's few KiB of
 /// literal data do not wait behind a count sized for whole chunks.
 pub const CAP_BYTE_WINDOW: u64 = 1 << 18;
+/// Capability bit: offered by a client that proves itself with the token (not a grant), so
+/// that the server proves itself first, in `EarlyChallenge` with everything `Welcome` will
+/// say, and the client's first request goes with its `Auth` instead of a round trip after it.
+/// Not in [`CAP_FEATURES`]: a client offers it only when it holds the token, and a server sets
+/// it in `Welcome` only when it sent `EarlyChallenge`.
+pub const CAP_EARLY_AUTH: u64 = 1 << 19;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;
