@@ -16,6 +16,7 @@ use super::queue::Work;
 use super::retry::{connect_first, Retry, RECONNECTING};
 use super::window::{pump, Direction, Pumped};
 use super::{Connections, Options};
+use crate::session::FirstFrames;
 use crate::{ClientError, Session, Target};
 
 /// Connections the pool will want, opened beside its first one: a worker about to connect
@@ -98,6 +99,15 @@ impl Ahead {
     }
 }
 
+/// The transfer an answer to an open names.
+fn opened_id(answer: xfer_proto::Frame) -> Result<u64, ClientError> {
+    match answer {
+        xfer_proto::Frame::WriteOpened(w) => Ok(w.transfer_id),
+        xfer_proto::Frame::ReadOpened(r) => Ok(r.transfer_id),
+        other => Err(crate::session::unexpected(other)),
+    }
+}
+
 /// Opens `session`'s transfer with `open`, if there is one yet.
 async fn open_with(session: Session, open: Option<Opener>) -> Result<Ready, ClientError> {
     match open {
@@ -130,12 +140,16 @@ impl Early {
     /// out, so a user is never asked twice about one daemon. Where TLS is known to be needed,
     /// nothing opens beside the first, not even the far start once the path is measured.
     ///
+    /// `first`'s frames go as the first connection's first (with its `Auth` where the daemon
+    /// proves itself early); the session returned says whether it is the one that sent them.
+    ///
     /// # Errors
     /// As [`connect_first`]: the first connection's error, once no other was welcomed.
     pub(super) async fn connect_first(
         target: &Target,
         opts: &Options,
         start_on: impl FnOnce(Option<Duration>) -> usize,
+        first: Option<FirstFrames>,
     ) -> Result<(Session, Self), ClientError> {
         let mut early = Self::default();
         let connector = &opts.connector;
@@ -159,7 +173,7 @@ impl Early {
         let mut first = {
             let (target, opts) = (target.clone(), opts.clone());
             AbortOnDropHandle::new(tokio::spawn(async move {
-                connect_first(&target, &opts, Some(dialed)).await
+                connect_first(&target, &opts, Some(dialed), first.as_ref()).await
             }))
         };
         let mut start_on = Some(start_on);
@@ -179,10 +193,15 @@ impl Early {
                 }
                 Some(other) = early.connecting.get_mut().join_next(), if !early.connecting.get_mut().is_empty() => {
                     let Ok(Ok(Ready { session, .. })) = other else { continue };
-                    // The first connection keeps connecting, as an early one.
+                    // The first connection keeps connecting, as an early one; what it opened with
+                    // its handshake is its transfer, opened ahead.
                     early.connecting.get_mut().spawn(async move {
-                        let session = first.await.map_err(|e| ClientError::Local(join_error(e)))??;
-                        Ok(Ready { session, opened: None })
+                        let mut session = first.await.map_err(|e| ClientError::Local(join_error(e)))??;
+                        let opened = match session.first_sent {
+                            true => Some(opened_id(session.next().await?)?),
+                            false => None,
+                        };
+                        Ok(Ready { session, opened })
                     });
                     return Ok((session, early));
                 }
@@ -667,7 +686,7 @@ mod tests {
                 let _ = told.send(rtt);
                 wanted
             };
-            let _ = Early::connect_first(&target, &opts, start_on).await;
+            let _ = Early::connect_first(&target, &opts, start_on, None).await;
         });
         let mut accepted = Vec::new();
         while accepted.len() < wanted {
@@ -700,7 +719,9 @@ mod tests {
                     asked.store(true, Ordering::Relaxed);
                     16
                 };
-                Early::connect_first(&target, &opts, start_on).await.err()
+                Early::connect_first(&target, &opts, start_on, None)
+                    .await
+                    .err()
             })
         };
         let (mut socket, _) = listener.accept().await.unwrap();
