@@ -197,7 +197,7 @@ impl Early {
                     // its handshake is its transfer, opened ahead.
                     early.connecting.get_mut().spawn(async move {
                         let mut session = first.await.map_err(|e| ClientError::Local(join_error(e)))??;
-                        let opened = match session.first_sent {
+                        let opened = match std::mem::take(&mut session.first_sent) {
                             true => Some(opened_id(session.next().await?)?),
                             false => None,
                         };
