@@ -38,6 +38,9 @@ pub struct Session {
     pub(crate) fd: Option<std::os::fd::RawFd>,
     /// The connect sent the frames it was given ([`FirstFrames`]): their answers come first.
     pub(crate) first_sent: bool,
+    /// What a `List` of an upload's name sent with the handshake answered, already read:
+    /// whether the daemon holds nothing under the name (the probe of a delta).
+    pub(crate) absent: Option<bool>,
 }
 
 impl std::fmt::Debug for Session {
@@ -423,6 +426,7 @@ impl Session {
             rtt: None,
             fd: Some(fd),
             first_sent: false,
+            absent: None,
         };
         // What goes first once the Welcome is known: the compression wanted, then `first`.
         let opening = |welcome: &Welcome| {

@@ -407,6 +407,7 @@ fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::Duplex
         rtt: None,
         fd: None,
         first_sent: false,
+        absent: None,
     };
     (session, theirs)
 }

@@ -62,6 +62,13 @@ struct Ahead {
     /// Connections started beside the first one still connecting: once none is left,
     /// `beside_first` is dropped unused, so that whoever waits on it learns there is none.
     beside_pending: std::sync::atomic::AtomicUsize,
+    /// The frames that open the transfer, known before any connection is welcomed (an
+    /// upload's): the connections of the start send them with their `Auth` where the daemon
+    /// proves itself early, and come welcomed with the transfer open.
+    frames: std::sync::OnceLock<FirstFrames>,
+    /// The probe of a delta (an upload's `List` of its name), known before any connection is
+    /// welcomed: those started beside the first send it with their `Auth` and read its answer.
+    probe: std::sync::OnceLock<FirstFrames>,
 }
 
 /// Counts a connection started beside the first one while it connects.
@@ -142,6 +149,8 @@ impl Early {
     ///
     /// `first`'s frames go as the first connection's first (with its `Auth` where the daemon
     /// proves itself early); the session returned says whether it is the one that sent them.
+    /// `probe`'s go so on those started beside the first, whose answer their sessions keep
+    /// (`absent`).
     ///
     /// # Errors
     /// As [`connect_first`]: the first connection's error, once no other was welcomed.
@@ -150,8 +159,15 @@ impl Early {
         opts: &Options,
         start_on: impl FnOnce(Option<Duration>) -> usize,
         first: Option<FirstFrames>,
+        probe: Option<FirstFrames>,
     ) -> Result<(Session, Self), ClientError> {
         let mut early = Self::default();
+        if let Some(first) = &first {
+            let _ = early.ahead.frames.set(Arc::clone(first));
+        }
+        if let Some(probe) = probe {
+            let _ = early.ahead.probe.set(probe);
+        }
         let connector = &opts.connector;
         let tls_known = connector.tls.is_some()
             || connector.tls_required
@@ -292,10 +308,33 @@ impl Early {
                 Beside(Arc::clone(&ahead))
             });
             self.connecting.get_mut().spawn(async move {
-                let session = Session::connect(&target, &connector).await;
-                let open = session.is_ok().then(|| ahead.take(beside_first)).flatten();
+                // Those started beside the first (one of which runs the probe of a delta) send
+                // the probe with their Auth, the others the open.
+                let frames = match beside_first {
+                    true => ahead.probe.get(),
+                    false => ahead.frames.get(),
+                };
+                let mut session =
+                    Session::connect_sending(&target, &connector, 0, &mut None, frames).await;
+                if let Ok(s) = session.as_mut() {
+                    if beside_first && s.first_sent {
+                        s.first_sent = false;
+                        s.absent = Some(super::upload::absence_answer(s).await?);
+                    }
+                }
+                let sent = session
+                    .as_mut()
+                    .is_ok_and(|s| std::mem::take(&mut s.first_sent));
+                let open = (session.is_ok() && !sent)
+                    .then(|| ahead.take(beside_first))
+                    .flatten();
                 drop(beside);
-                open_with(session?, open).await
+                let mut session = session?;
+                if sent {
+                    let opened = Some(opened_id(session.next().await?)?);
+                    return Ok(Ready { session, opened });
+                }
+                open_with(session, open).await
             });
         }
         self.started = self.started.max(1) + n;
@@ -686,7 +725,7 @@ mod tests {
                 let _ = told.send(rtt);
                 wanted
             };
-            let _ = Early::connect_first(&target, &opts, start_on, None).await;
+            let _ = Early::connect_first(&target, &opts, start_on, None, None).await;
         });
         let mut accepted = Vec::new();
         while accepted.len() < wanted {
@@ -719,7 +758,7 @@ mod tests {
                     asked.store(true, Ordering::Relaxed);
                     16
                 };
-                Early::connect_first(&target, &opts, start_on, None)
+                Early::connect_first(&target, &opts, start_on, None, None)
                     .await
                     .err()
             })

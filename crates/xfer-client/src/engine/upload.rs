@@ -218,8 +218,12 @@ pub(crate) async fn send_file_sharing(
             vec![open_frame(&request(welcome), &holes, welcome.capabilities)]
         })
     };
+    let probe: FirstFrames = {
+        let name = name.to_string();
+        Arc::new(move |_: &xfer_proto::Welcome| vec![probe_frame(&name)])
+    };
     let (mut session, mut early) =
-        Early::connect_first(target, opts, start_on, Some(open_first)).await?;
+        Early::connect_first(target, opts, start_on, Some(open_first), Some(probe)).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     early.top_up(target, opts, session.rtt, identity.size);
@@ -479,11 +483,23 @@ fn probe_opener(upload: &Arc<Upload>, absent: tokio::sync::oneshot::Sender<bool>
 /// Whether nothing is at `name` on the daemon: `List` of a name that does not exist is answered
 /// `NotFound`; of a file, `BadPath`; of a directory, its listing, read to the end.
 async fn name_is_absent(session: &mut Session, name: &str) -> Result<bool, ClientError> {
-    session
-        .send(&Frame::List(List {
-            dir: name.to_string(),
-        }))
-        .await?;
+    // Asked with the handshake and answered already.
+    if let Some(absent) = session.absent.take() {
+        return Ok(absent);
+    }
+    session.send(&probe_frame(name)).await?;
+    absence_answer(session).await
+}
+
+/// The probe of a delta: a `List` of the upload's name.
+fn probe_frame(name: &str) -> Frame {
+    Frame::List(List {
+        dir: name.to_string(),
+    })
+}
+
+/// Reads the answer to [`probe_frame`]: true if the daemon holds nothing under the name.
+pub(super) async fn absence_answer(session: &mut Session) -> Result<bool, ClientError> {
     loop {
         match session.next().await {
             Ok(Frame::Listing(page)) if page.more => {}
