@@ -193,36 +193,62 @@ impl Early {
             }))
         };
         let mut start_on = Some(start_on);
-        loop {
+        // Where the first connection opens the transfer with its handshake, one welcomed
+        // beside it first waits a round trip for it: the first comes with the open answered.
+        let mut waiting: Option<(Ready, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
+        let mut measured = None;
+        let opens_first = early.ahead.frames.get().is_some();
+        let beside = loop {
             tokio::select! {
                 biased;
                 first = &mut first => {
-                    let first = first.map_err(|e| ClientError::Local(join_error(e)))??;
-                    return Ok((first, early));
+                    let first = first.map_err(|e| ClientError::Local(join_error(e)))?;
+                    return match (first, waiting) {
+                        (Ok(first), waiting) => {
+                            if let Some((ready, _)) = waiting {
+                                early.connecting.get_mut().spawn(async move { Ok(ready) });
+                            }
+                            Ok((first, early))
+                        }
+                        (Err(_), Some((ready, _))) => Ok((ready.session, early)),
+                        (Err(e), None) => Err(e),
+                    };
                 }
                 // Where TLS is known to be needed nothing opens beside the first, here either:
                 // the start opens once it is welcomed (`top_up`).
                 rtt = &mut dial_rtt, if start_on.is_some() && !tls_known => {
                     let (Ok(rtt), Some(start_on)) = (rtt, start_on.take()) else { continue };
+                    measured = rtt;
                     // Beside a first connection that may yet ask for TLS, plain TCP only, as above.
                     early.start_up_to(target, &plain, start_on(rtt));
                 }
-                Some(other) = early.connecting.get_mut().join_next(), if !early.connecting.get_mut().is_empty() => {
-                    let Ok(Ok(Ready { session, .. })) = other else { continue };
-                    // The first connection keeps connecting, as an early one; what it opened with
-                    // its handshake is its transfer, opened ahead.
-                    early.connecting.get_mut().spawn(async move {
-                        let mut session = first.await.map_err(|e| ClientError::Local(join_error(e)))??;
-                        let opened = match std::mem::take(&mut session.first_sent) {
-                            true => Some(opened_id(session.next().await?)?),
-                            false => None,
-                        };
-                        Ok(Ready { session, opened })
-                    });
-                    return Ok((session, early));
+                () = async { waiting.as_mut().expect("guarded").1.as_mut().await }, if waiting.is_some() => {
+                    break waiting.take().expect("guarded").0.session;
+                }
+                Some(other) = early.connecting.get_mut().join_next(), if !early.connecting.get_mut().is_empty() && waiting.is_none() => {
+                    let Ok(Ok(ready)) = other else { continue };
+                    if opens_first {
+                        let wait = measured.unwrap_or(Duration::from_millis(100));
+                        waiting = Some((ready, Box::pin(tokio::time::sleep(wait))));
+                        continue;
+                    }
+                    break ready.session;
                 }
             }
-        }
+        };
+        // The first connection keeps connecting, as an early one; what it opened with its
+        // handshake is its transfer, opened ahead.
+        early.connecting.get_mut().spawn(async move {
+            let mut session = first
+                .await
+                .map_err(|e| ClientError::Local(join_error(e)))??;
+            let opened = match std::mem::take(&mut session.first_sent) {
+                true => Some(opened_id(session.next().await?)?),
+                false => None,
+            };
+            Ok(Ready { session, opened })
+        });
+        Ok((beside, early))
     }
 
     /// Starts the connections a pool for `opts` starts with on a path of `rtt` for a file of
