@@ -164,6 +164,55 @@ fn wrong_token_is_refused_from_file_and_environment() {
     );
 }
 
+/// A client that asks the daemon to prove itself first (`CAP_EARLY_AUTH`) gets the proof in
+/// `EarlyChallenge` and sends `Auth` and its first request in one write, before any `Welcome`.
+/// With the daemon's only stream slot taken, the request waits, unanswered, in the queue: once
+/// the slot frees, the announced `Welcome` comes and then the request's answer. A wrong proof
+/// sent the same way is refused with `Error{Auth}`, its request never answered.
+#[test]
+fn a_request_sent_with_auth_after_an_early_challenge_is_answered_after_welcome() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree, &["--max-streams".into(), "1".into()]);
+    let early = |proof: Option<&[u8]>| {
+        let mut conn = RawConn::connect(daemon.socket_addr());
+        let client_nonce = nonce();
+        let answer = conn.request(&hello(xfer_proto::CAP_EARLY_AUTH, client_nonce.clone()));
+        let Frame::EarlyChallenge(challenge) = answer else {
+            panic!("xferd answered a Hello offering CAP_EARLY_AUTH with {answer:?}")
+        };
+        assert!(
+            auth::verify_server(
+                TOKEN.as_bytes(),
+                &client_nonce,
+                &challenge.nonce,
+                &challenge.welcome.proof
+            ),
+            "the early proof is not the server proof"
+        );
+        let proof = proof.map_or_else(
+            || auth::client_proof(TOKEN.as_bytes(), &client_nonce, &challenge.nonce),
+            <[u8]>::to_vec,
+        );
+        let flight = [auth_frame(proof), list("")]
+            .iter()
+            .flat_map(xfer_tests::raw::encode)
+            .collect::<Vec<u8>>();
+        conn.send_bytes(&flight).unwrap();
+        (conn, challenge.welcome)
+    };
+    let mut holder = RawConn::handshaken(daemon.socket_addr(), Some(TOKEN.as_bytes()));
+    let (mut queued, announced) = early(None);
+    holder.send(&Frame::Goodbye);
+    holder.expect_closed("Goodbye");
+    assert_eq!(queued.recv(), Some(Frame::Welcome(announced)));
+    let answer = queued.recv();
+    assert!(matches!(answer, Some(Frame::Listing(_))), "{answer:?}");
+    queued.send(&Frame::Goodbye);
+    queued.expect_closed("Goodbye");
+    let (mut wrong, _) = early(Some(&[0; auth::PROOF_LEN]));
+    wrong.expect_fatal(ErrorCode::Auth, "a wrong proof with a request behind it");
+}
+
 #[test]
 fn right_token_round_trip_over_eight_connections() {
     let tree = Tree::new();

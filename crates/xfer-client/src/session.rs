@@ -17,6 +17,9 @@ use crate::{ClientError, Target};
 const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));
 
 pub(crate) type Reader = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
+/// The first frames to send on a connection, encoded for its `Welcome` (or for the one the
+/// server announced in `EarlyChallenge`, when they go with `Auth`).
+pub(crate) type FirstFrames = Arc<dyn Fn(&Welcome) -> Vec<Frame> + Send + Sync>;
 pub(crate) type Writer = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 
 /// A connection whose handshake is done.
@@ -33,6 +36,11 @@ pub struct Session {
     pub rtt: Option<std::time::Duration>,
     /// The socket beneath, owned by `reader` and `writer` (`None` for one that is not a socket).
     pub(crate) fd: Option<std::os::fd::RawFd>,
+    /// The connect sent the frames it was given ([`FirstFrames`]): their answers come first.
+    pub(crate) first_sent: bool,
+    /// What a `List` of an upload's name sent with the handshake answered, already read:
+    /// whether the daemon holds nothing under the name (the probe of a delta).
+    pub(crate) absent: Option<bool>,
 }
 
 impl std::fmt::Debug for Session {
@@ -207,7 +215,7 @@ async fn start_tls(
     match handshake.handle_frame(answer) {
         Ok(Step::StartTls) => {}
         // The handshake answers a Hello asking for TLS with StartTls or an error.
-        Ok(Step::Send(_) | Step::Welcomed(_)) => {
+        Ok(Step::Send(_) | Step::Early { .. } | Step::Welcomed(_)) => {
             return Err(ClientError::Tls("the server did not start TLS".into()))
         }
         Err(HandshakeError::Remote(e)) => return Err(ClientError::Remote(e)),
@@ -293,10 +301,31 @@ impl Session {
         offer: u64,
         dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
     ) -> Result<Self, ClientError> {
+        Self::connect_sending(target, connector, offer, dialed, None).await
+    }
+
+    /// [`Session::connect_telling_rtt`] that sends `first`'s frames as the connection's first:
+    /// with `Auth`, without waiting for `Welcome`, where the server proves itself early
+    /// (`CAP_EARLY_AUTH`), else right after `Welcome`. The session's `first_sent` says they went;
+    /// their answers are the first frames to read.
+    pub(crate) async fn connect_sending(
+        target: &Target,
+        connector: &Connector,
+        offer: u64,
+        dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
+        first: Option<&FirstFrames>,
+    ) -> Result<Self, ClientError> {
+        let connect = |tls, dialed: &mut Option<_>| {
+            let dialed = dialed.take();
+            async move {
+                let mut dialed = dialed;
+                Self::connect_as(target, connector, tls, offer, &mut dialed, first).await
+            }
+        };
         let tls = match (&connector.tls, &connector.trust) {
             (Some(tls), _) => tls.clone(),
             (None, Some(trust)) => trust.for_peer(&target.to_string())?,
-            (None, None) => return Self::connect_as(target, connector, None, offer, dialed).await,
+            (None, None) => return connect(None, dialed).await,
         };
         let tls = &tls;
         let peer = target.to_string();
@@ -307,15 +336,15 @@ impl Session {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         if connector.tls_required || learned().contains(&peer) {
-            return Self::connect_as(target, connector, Some(tls), offer, dialed).await;
+            return connect(Some(tls), dialed).await;
         }
-        match Self::connect_as(target, connector, None, offer, dialed).await {
+        match connect(None, dialed).await {
             // A daemon with a certificate answers a plaintext Hello with Error{Protocol}
             // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
             Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
                 tracing::debug!(%target, "the daemon requires TLS; using it");
                 learned().insert(peer);
-                Self::connect_as(target, connector, Some(tls), offer, dialed).await
+                connect(Some(tls), dialed).await
             }
             other => other,
         }
@@ -329,6 +358,7 @@ impl Session {
         tls: Option<&tokio_rustls::TlsConnector>,
         offer: u64,
         dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
+        first: Option<&FirstFrames>,
     ) -> Result<Self, ClientError> {
         let socket = dial(target, &connector.socket).await?;
         if let Some(dialed) = dialed.take() {
@@ -336,19 +366,21 @@ impl Session {
         }
         tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            Self::handshake(socket, target, connector, tls, offer),
+            Self::handshake(socket, target, connector, tls, offer, first),
         )
         .await
         .unwrap_or_else(|_| Err(silent(target)))
     }
 
-    /// The handshake over a connected `socket`: TLS if `tls`, then `Hello` to `Welcome`.
+    /// The handshake over a connected `socket`: TLS if `tls`, then `Hello` to `Welcome`, and
+    /// `first`'s frames (with `Auth` when the server proves itself early).
     async fn handshake(
         socket: TcpStream,
         target: &Target,
         connector: &Connector,
         tls: Option<&tokio_rustls::TlsConnector>,
         offer: u64,
+        first: Option<&FirstFrames>,
     ) -> Result<Self, ClientError> {
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -393,14 +425,39 @@ impl Session {
             congestion,
             rtt: None,
             fd: Some(fd),
+            first_sent: false,
+            absent: None,
+        };
+        // What goes first once the Welcome is known: the compression wanted, then `first`.
+        let opening = |welcome: &Welcome| {
+            let mut frames = Vec::new();
+            if let Some(mode) = connector.compress {
+                if welcome.capabilities & xfer_proto::CAP_COMPRESSION != 0 {
+                    let mode = xfer_proto::SetCompression { mode: mode.wire() };
+                    frames.push(Frame::SetCompression(mode));
+                }
+            }
+            if let Some(first) = first {
+                frames.extend(first(welcome));
+            }
+            frames
         };
         session.send(&handshake.hello()).await?;
+        let mut opened = false;
         let welcome = loop {
             let Some(answer) = session.reader.read_frame().await? else {
                 return Err(ClientError::Closed);
             };
             match handshake.handle_frame(answer) {
                 Ok(Step::Send(frame)) => session.send(&frame).await?,
+                // The server proved itself: Auth and the first requests leave in one write, a
+                // round trip before the Welcome they were encoded for.
+                Ok(Step::Early { auth, welcome }) => {
+                    let frames: Vec<Frame> =
+                        std::iter::once(auth).chain(opening(&welcome)).collect();
+                    session.send_all(&frames).await?;
+                    opened = true;
+                }
                 Ok(Step::Welcomed(welcome)) => break welcome,
                 // Only ever the answer to the plaintext Hello, handled by `start_tls`.
                 Ok(Step::StartTls) => {
@@ -414,13 +471,14 @@ impl Session {
                 }
             }
         };
-        session.welcome = welcome;
-        if let Some(mode) = connector.compress {
-            if session.welcome.capabilities & xfer_proto::CAP_COMPRESSION != 0 {
-                let mode = xfer_proto::SetCompression { mode: mode.wire() };
-                session.send(&Frame::SetCompression(mode)).await?;
+        if !opened {
+            let frames = opening(&welcome);
+            if !frames.is_empty() {
+                session.send_all(&frames).await?;
             }
         }
+        session.first_sent = first.is_some();
+        session.welcome = welcome;
         // SAFETY: `fd` is the socket the session's halves own; they are alive here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);
@@ -533,9 +591,11 @@ pub(crate) async fn next_frame(reader: &mut Reader) -> Result<Frame, ClientError
 /// A failed handshake as the user reads it: token trouble says how to fix it.
 fn handshake_failure(e: HandshakeError) -> ClientError {
     match e {
+        // The server refused the client's proof, or proved a token other than the client's.
         HandshakeError::Remote(frame) if frame.error_code() == Some(ErrorCode::Auth) => {
             ClientError::Auth("wrong token".into())
         }
+        HandshakeError::EarlyProof => ClientError::Auth("wrong token".into()),
         HandshakeError::Remote(frame) => ClientError::Remote(frame),
         HandshakeError::TokenRequired | HandshakeError::ServerProof => {
             ClientError::Auth(e.to_string())
@@ -558,6 +618,62 @@ pub fn unexpected(frame: Frame) -> ClientError {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A daemon that proves the token early gets the client's `Auth` and first request in one
+    /// flight, before it has sent any `Welcome`: the round trip the early proof saves.
+    #[tokio::test]
+    async fn the_first_request_goes_with_auth_before_the_welcome() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().unwrap().port(),
+        };
+        let daemon = async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, write) = socket.into_split();
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let Some(Frame::Hello(hello)) = reader.read_frame().await.unwrap() else {
+                panic!("want Hello")
+            };
+            let server_nonce = vec![7; auth::NONCE_LEN];
+            let welcome = Welcome {
+                version: 1,
+                capabilities: xfer_proto::CAP_AUTH | xfer_proto::CAP_EARLY_AUTH,
+                max_chunk_size: 1 << 20,
+                window: 4,
+                agent: "xferd/test".into(),
+                proof: auth::server_proof(b"tok", &hello.nonce, &server_nonce),
+            };
+            let early = xfer_proto::EarlyChallenge {
+                nonce: server_nonce,
+                welcome,
+            };
+            writer.send(&Frame::EarlyChallenge(early)).await.unwrap();
+            // No Welcome yet: what the client sends now it sent without waiting for one.
+            let auth = reader.read_frame().await.unwrap();
+            let first = reader.read_frame().await.unwrap();
+            (auth, first)
+        };
+        let connector = Connector {
+            token: Some(b"tok".as_slice().into()),
+            ..Connector::default()
+        };
+        let first: FirstFrames =
+            Arc::new(|_: &Welcome| vec![Frame::List(xfer_proto::List { dir: "d".into() })]);
+        let client = async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                Session::connect_sending(&target, &connector, 0, &mut None, Some(&first)),
+            )
+            .await
+        };
+        let ((auth, request), _) = tokio::join!(daemon, client);
+        assert!(matches!(auth, Some(Frame::Auth(_))), "{auth:?}");
+        assert!(
+            matches!(&request, Some(Frame::List(l)) if l.dir == "d"),
+            "{request:?}"
+        );
+    }
 
     /// The round trip is told as soon as the TCP connect is done: before the `Hello` goes, so
     /// before any handshake round trip, other connections can open beside this one's.

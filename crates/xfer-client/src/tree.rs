@@ -20,7 +20,7 @@ use xfer_proto::{
 use crate::engine::{self, Options};
 use crate::meta::{MetaPlan, Tally};
 use crate::mirror::{self, Mirror, Removals};
-use crate::session::unexpected;
+use crate::session::{unexpected, FirstFrames};
 use crate::{ClientError, Session, Target};
 
 /// Files up to this size travel whole in one frame.
@@ -120,16 +120,28 @@ fn unchanged(src: &TreeEntry, dst: Option<&TreeEntry>) -> bool {
     })
 }
 
+/// The request that lists `dir`: with metadata (`ListTreeMeta`) when `with_meta`, else
+/// `ListTree`.
+fn listing_request(dir: &str, with_meta: bool, digests: bool, keep: TreeOptions) -> Frame {
+    if with_meta {
+        Frame::ListTreeMeta(xfer_proto::ListTreeMeta {
+            dir: dir.to_string(),
+            digests,
+            xattrs: keep.xattrs,
+        })
+    } else {
+        Frame::ListTree(ListTree {
+            dir: dir.to_string(),
+            digests,
+        })
+    }
+}
+
 async fn list_remote(
     session: &mut Session,
-    dir: &str,
-    digests: bool,
+    request: &Frame,
 ) -> Result<Vec<TreeEntry>, ClientError> {
-    let request = Frame::ListTree(ListTree {
-        dir: dir.to_string(),
-        digests,
-    });
-    list_pages(session, &request, |frame| match frame {
+    list_pages(session, request, |frame| match frame {
         Frame::TreeListing(page) => Ok((page.entries, page.more)),
         other => Err(unexpected(other)),
     })
@@ -138,16 +150,9 @@ async fn list_remote(
 
 async fn list_remote_meta(
     session: &mut Session,
-    dir: &str,
-    digests: bool,
-    xattrs: bool,
+    request: &Frame,
 ) -> Result<Vec<MetaEntry>, ClientError> {
-    let request = Frame::ListTreeMeta(xfer_proto::ListTreeMeta {
-        dir: dir.to_string(),
-        digests,
-        xattrs,
-    });
-    list_pages(session, &request, |frame| match frame {
+    list_pages(session, request, |frame| match frame {
         Frame::TreeMetaListing(page) => Ok((page.entries, page.more)),
         Frame::PackedTreeMetaListing(packed) => {
             let page = packed.unpack()?;
@@ -159,13 +164,16 @@ async fn list_remote_meta(
 }
 
 /// Sends a listing request and gathers its pages (`page` takes one apart into its entries and
-/// whether more follow); a directory the server does not have lists as empty.
+/// whether more follow); a directory the server does not have lists as empty. A session whose
+/// connect sent its first frames sent the request with them.
 async fn list_pages<T>(
     session: &mut Session,
     request: &Frame,
     page: impl Fn(Frame) -> Result<(Vec<T>, bool), ClientError>,
 ) -> Result<Vec<T>, ClientError> {
-    session.send(request).await?;
+    if !std::mem::take(&mut session.first_sent) {
+        session.send(request).await?;
+    }
     let mut entries = Vec::new();
     loop {
         match session.next().await {
@@ -936,10 +944,11 @@ async fn list_listing(
     checksum: bool,
     keep: TreeOptions,
 ) -> Result<Vec<MetaEntry>, ClientError> {
+    let request = listing_request(dir, with_meta, checksum, keep);
     if with_meta {
-        list_remote_meta(session, dir, checksum, keep.xattrs).await
+        list_remote_meta(session, &request).await
     } else {
-        let listed = list_remote(session, dir, checksum).await?;
+        let listed = list_remote(session, &request).await?;
         Ok(listed.into_iter().map(plain).collect())
     }
 }
@@ -1038,7 +1047,7 @@ async fn connect_deleting(
     connector: &crate::Connector,
     mirror: &Mirror,
 ) -> Result<Session, ClientError> {
-    connect_deleting_telling_rtt(target, connector, mirror, &mut None).await
+    connect_deleting_telling_rtt(target, connector, mirror, &mut None, None).await
 }
 
 /// [`connect_deleting`] that tells `dialed` the round trip once connected, before the
@@ -1048,9 +1057,10 @@ async fn connect_deleting_telling_rtt(
     connector: &crate::Connector,
     mirror: &Mirror,
     dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
+    first: Option<&FirstFrames>,
 ) -> Result<Session, ClientError> {
     let offer = mirror.offer();
-    let session = Session::connect_telling_rtt(target, connector, offer, dialed).await?;
+    let session = Session::connect_sending(target, connector, offer, dialed, first).await?;
     if mirror.delete && session.welcome.capabilities & xfer_proto::CAP_DELETE == 0 {
         session.close().await;
         return Err(ClientError::Unsupported(format!(
@@ -1158,8 +1168,21 @@ pub async fn send_tree_mirror(
     };
     let first = async {
         let mut dialed = Some(dialed);
-        let mut control =
-            connect_deleting_telling_rtt(target, &opts.connector, mirror, &mut dialed).await?;
+        // The receiver's listing is asked with the control connection's `Auth` where the
+        // daemon proves itself early: a round trip sooner.
+        let listed_dir = dest.to_string();
+        let listing: FirstFrames = Arc::new(move |welcome: &xfer_proto::Welcome| {
+            let with_meta = welcome.capabilities & xfer_proto::CAP_TREE_META != 0;
+            vec![listing_request(&listed_dir, with_meta, checksum, keep)]
+        });
+        let mut control = connect_deleting_telling_rtt(
+            target,
+            &opts.connector,
+            mirror,
+            &mut dialed,
+            Some(&listing),
+        )
+        .await?;
         let with_meta = keeps_meta(&control);
         if !with_meta {
             crate::meta::warn_old_daemon(target);

@@ -2,15 +2,16 @@
 //!
 //! The client sends [`ClientSession::hello`], feeds every frame it reads to
 //! [`ClientSession::handle_frame`] and does what the [`Step`] says: run TLS and send `hello()`
-//! again inside it, send a frame (`Auth`), or go on with the `Welcome` it checked. Everything the
+//! again inside it, send a frame (`Auth`), send `Auth` with its first requests when the server
+//! proved itself early (`EarlyChallenge`), or go on with the `Welcome` it checked. Everything the
 //! client must check of the server is checked here: the `StartTls` answer, the token proof, the
 //! version, chunk size and capabilities of the `Welcome`.
 
 use std::sync::Arc;
 
 use crate::{
-    auth, Auth, ErrorFrame, Frame, Grant, Hello, Welcome, CAP_AUTH, CAP_TLS, MIN_CHUNK_SIZE,
-    PROTOCOL_VERSION,
+    auth, Auth, ErrorFrame, Frame, Grant, Hello, Welcome, CAP_AUTH, CAP_EARLY_AUTH, CAP_TLS,
+    MIN_CHUNK_SIZE, PROTOCOL_VERSION,
 };
 
 /// What a client brings to a handshake.
@@ -49,6 +50,15 @@ pub enum Step {
     StartTls,
     /// Send this frame (`Auth`), then read the next.
     Send(Frame),
+    /// The server proved itself early: send `auth`, and in the same flight the first requests,
+    /// encoded for `welcome` (what the server's `Welcome` will say), then read the next frame,
+    /// which is that `Welcome` or the server's refusal.
+    Early {
+        /// The `Auth` to send first.
+        auth: Frame,
+        /// The `Welcome` to come, already checked.
+        welcome: Welcome,
+    },
     /// The handshake is done; the server's `Welcome`, checked.
     Welcomed(Welcome),
 }
@@ -66,6 +76,10 @@ pub enum HandshakeError {
     /// The server's `Welcome` does not prove it holds the token.
     #[error("the server could not prove it holds the token")]
     ServerProof,
+    /// The server's `EarlyChallenge` proves a token other than the client's: the client's token
+    /// is wrong (or the server is not the one holding it). Nothing of the client's was sent.
+    #[error("the server's proof does not match the token")]
+    EarlyProof,
     /// A frame that has no place at this step of the handshake.
     #[error("unexpected {frame} frame {step}")]
     Unexpected {
@@ -87,6 +101,11 @@ impl HandshakeError {
                 crate::ErrorCode::Auth,
                 "no token",
             ))),
+            // So that the daemon's log tells a wrong token from a client that went away.
+            Self::EarlyProof => Some(Frame::Error(ErrorFrame::new(
+                crate::ErrorCode::Auth,
+                "the server's proof does not match the client's token",
+            ))),
             _ => None,
         }
     }
@@ -105,6 +124,9 @@ enum State {
     AwaitChallenge,
     /// `Auth` sent: the `Welcome` with the server's proof comes next.
     AwaitWelcome { server_nonce: Vec<u8> },
+    /// The server proved itself early and `Auth` is sent: the `Welcome` it announced comes
+    /// next.
+    AwaitEarlyWelcome { announced: Welcome },
     /// Welcomed, or failed: no more frames belong to the handshake.
     Done,
 }
@@ -134,12 +156,18 @@ impl ClientSession {
     }
 
     /// What the client offers: [`crate::CAP_FEATURES`] always (this implementation speaks
-    /// them; an older server ignores the bits), `CAP_TLS` when it wants TLS, and the mirroring
-    /// bits it was asked to offer.
+    /// them; an older server ignores the bits), `CAP_TLS` when it wants TLS, the mirroring
+    /// bits it was asked to offer, and `CAP_EARLY_AUTH` when it holds the token: a grant's key
+    /// proves nothing until the server has seen the grant in `Auth`.
     fn capabilities(&self) -> u64 {
         let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
         let tls = if self.config.tls { CAP_TLS } else { 0 };
-        crate::CAP_FEATURES | tls | offer
+        let early = if self.config.key.is_some() && self.config.grant.is_none() {
+            CAP_EARLY_AUTH
+        } else {
+            0
+        };
+        crate::CAP_FEATURES | tls | offer | early
     }
 
     /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
@@ -191,6 +219,43 @@ impl ClientSession {
                     grant: self.config.grant.clone(),
                 })))
             }
+            (State::AwaitChallenge, Frame::EarlyChallenge(early))
+                if self.capabilities() & CAP_EARLY_AUTH != 0 =>
+            {
+                let key = self.config.key.as_deref().unwrap_or_default().to_vec();
+                // Checked before anything of the client's goes: a server that cannot prove
+                // the token gets neither the client's proof nor a request.
+                if !auth::verify_server(&key, &self.nonce, &early.nonce, &early.welcome.proof) {
+                    return Err(HandshakeError::EarlyProof);
+                }
+                if early.welcome.capabilities & (CAP_AUTH | CAP_EARLY_AUTH)
+                    != CAP_AUTH | CAP_EARLY_AUTH
+                {
+                    return Err(HandshakeError::BadWelcome(
+                        "announced early lacks CAP_AUTH or CAP_EARLY_AUTH",
+                    ));
+                }
+                let Step::Welcomed(welcome) = self.welcomed(early.welcome)? else {
+                    unreachable!("welcomed answers Welcomed");
+                };
+                let proof = auth::client_proof(&key, &self.nonce, &early.nonce);
+                self.state = State::AwaitEarlyWelcome {
+                    announced: welcome.clone(),
+                };
+                Ok(Step::Early {
+                    auth: Frame::Auth(Auth { proof, grant: None }),
+                    welcome,
+                })
+            }
+            (State::AwaitEarlyWelcome { announced }, Frame::Welcome(welcome)) => {
+                // The first requests were encoded for what was announced.
+                if welcome != announced {
+                    return Err(HandshakeError::BadWelcome(
+                        "differs from the one its EarlyChallenge announced",
+                    ));
+                }
+                Ok(Step::Welcomed(welcome))
+            }
             (State::AwaitChallenge, Frame::Welcome(welcome)) => self.welcomed(welcome),
             (State::AwaitWelcome { server_nonce }, Frame::Welcome(welcome)) => {
                 let key = self.config.key.as_deref().unwrap_or_default();
@@ -202,7 +267,9 @@ impl ClientSession {
             (State::Start | State::TlsReady, f) => Err(unexpected(&f, "before Hello")),
             (State::AwaitStartTls, f) => Err(unexpected(&f, "in answer to a Hello asking for TLS")),
             (State::AwaitChallenge, f) => Err(unexpected(&f, "in answer to Hello")),
-            (State::AwaitWelcome { .. }, f) => Err(unexpected(&f, "in answer to Auth")),
+            (State::AwaitWelcome { .. } | State::AwaitEarlyWelcome { .. }, f) => {
+                Err(unexpected(&f, "in answer to Auth"))
+            }
             (State::Done, f) => Err(unexpected(&f, "after the handshake")),
         }
     }
@@ -231,7 +298,7 @@ impl ClientSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Handshake, ServerConfig, ServerSession};
+    use crate::session::{Handshake, Request, ServerConfig, ServerSession};
     use crate::{Challenge, ErrorCode, CAP_FEATURES};
     use std::time::{Duration, Instant};
 
@@ -270,16 +337,33 @@ mod tests {
             let answer = match server.handle_handshake(to_server) {
                 Ok(Handshake::StartTls) => Frame::StartTls,
                 Ok(Handshake::Challenge(c)) => Frame::Challenge(c),
+                Ok(Handshake::EarlyChallenge(c)) => Frame::EarlyChallenge(c),
                 Ok(Handshake::Admitted) => Frame::Welcome(server.welcome()),
                 Ok(Handshake::PeerError(e)) => panic!("client gave up: {e}"),
                 Err(e) => Frame::Error(ErrorFrame::new(e.code(), e.to_string())),
             };
             match client.handle_frame(answer)? {
                 Step::StartTls => to_server = client.hello(),
-                Step::Send(frame) => to_server = frame,
+                Step::Send(frame) | Step::Early { auth: frame, .. } => to_server = frame,
                 Step::Welcomed(welcome) => return Ok(welcome),
             }
         }
+    }
+
+    /// A `Hello` as a client predating `CAP_EARLY_AUTH` sends it (or as a server predating it
+    /// reads it: it ignores the bit).
+    fn without_early(hello: Frame) -> Frame {
+        let Frame::Hello(hello) = hello else {
+            panic!("want Hello")
+        };
+        Frame::Hello(Hello {
+            capabilities: hello.capabilities & !CAP_EARLY_AUTH,
+            ..hello
+        })
+    }
+
+    fn list() -> Frame {
+        Frame::List(crate::List { dir: String::new() })
     }
 
     #[test]
@@ -293,8 +377,180 @@ mod tests {
     fn a_token_is_proven_both_ways() {
         let mut c = client(Some(b"tok"), false);
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
-        assert_eq!(welcome.capabilities, CAP_AUTH | CAP_FEATURES);
+        assert_eq!(
+            welcome.capabilities,
+            CAP_AUTH | CAP_EARLY_AUTH | CAP_FEATURES
+        );
         assert!(c.is_done());
+    }
+
+    /// The server proves itself in its challenge, so the client's `Auth` and first request
+    /// leave together, before any `Welcome`: one round trip less. The server holds the request
+    /// until it has sent the `Welcome` it announced, and then serves it.
+    #[test]
+    fn an_early_challenge_lets_the_first_request_go_with_auth() {
+        let mut c = client(Some(b"tok"), false);
+        let mut s = server(Some(b"tok"), false);
+        let Ok(Handshake::EarlyChallenge(early)) = s.handle_handshake(c.hello()) else {
+            panic!("want an early challenge")
+        };
+        let Ok(Step::Early { auth, welcome }) = c.handle_frame(Frame::EarlyChallenge(early)) else {
+            panic!("want Auth to send with the first request")
+        };
+        assert!(!c.is_done(), "the Welcome is still to come");
+        assert_eq!(welcome.capabilities & CAP_FEATURES, CAP_FEATURES);
+        assert!(matches!(s.handle_handshake(auth), Ok(Handshake::Admitted)));
+        assert!(s.is_early());
+        // The request sent with Auth, read by the server before it sends Welcome.
+        assert!(matches!(s.handle_request(list()), Ok(Request::List(_))));
+        assert_eq!(
+            c.handle_frame(Frame::Welcome(s.welcome())),
+            Ok(Step::Welcomed(welcome))
+        );
+        assert!(c.is_done());
+    }
+
+    /// A server that cannot prove the client's token (the client's token is wrong) gets
+    /// neither the client's proof nor a request: only an `Error{Auth}` that says why.
+    #[test]
+    fn a_wrong_early_proof_stops_the_client_before_auth() {
+        let mut c = client(Some(b"bad"), false);
+        let mut s = server(Some(b"tok"), false);
+        let Ok(Handshake::EarlyChallenge(early)) = s.handle_handshake(c.hello()) else {
+            panic!("want an early challenge")
+        };
+        let err = c.handle_frame(Frame::EarlyChallenge(early)).unwrap_err();
+        assert_eq!(err, HandshakeError::EarlyProof);
+        assert!(c.is_done());
+        let Some(Frame::Error(e)) = err.frame_to_send() else {
+            panic!("want an error frame to send, not Auth")
+        };
+        assert_eq!(e.error_code(), Some(ErrorCode::Auth));
+    }
+
+    /// A client whose proof is wrong after an early challenge is refused with `Error{Auth}`, and
+    /// its request is never served; so is a grant, which the early proof did not cover.
+    #[test]
+    fn a_wrong_client_proof_after_an_early_challenge_is_refused() {
+        for auth in [
+            Auth {
+                proof: vec![0; auth::PROOF_LEN],
+                grant: None,
+            },
+            Auth {
+                proof: auth::client_proof(b"tok", &[1; auth::NONCE_LEN], &[2; auth::NONCE_LEN]),
+                grant: Some(Grant {
+                    scope: "x".into(),
+                    expires: 100,
+                    nonce: vec![3; auth::NONCE_LEN],
+                }),
+            },
+        ] {
+            let mut s = server(Some(b"tok"), false);
+            let hello = client(Some(b"tok"), false).hello();
+            assert!(matches!(
+                s.handle_handshake(hello),
+                Ok(Handshake::EarlyChallenge(_))
+            ));
+            let err = s.handle_handshake(Frame::Auth(auth)).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::Auth);
+            assert!(s.handle_request(list()).is_err(), "a request was let in");
+        }
+    }
+
+    /// A client predating `CAP_EARLY_AUTH` gets the plain challenge; a client holding a grant
+    /// does not offer the bit, since the server can prove nothing before it sees the grant.
+    #[test]
+    fn old_clients_and_grant_holders_get_the_plain_challenge() {
+        let mut s = server(Some(b"tok"), false);
+        let hello = without_early(client(Some(b"tok"), false).hello());
+        assert!(matches!(
+            s.handle_handshake(hello),
+            Ok(Handshake::Challenge(_))
+        ));
+        assert!(!s.is_early());
+        let mut holder = client(Some(b"key"), false);
+        holder.config.grant = Some(Grant {
+            scope: "x".into(),
+            expires: 100,
+            nonce: vec![3; auth::NONCE_LEN],
+        });
+        let Frame::Hello(hello) = holder.hello() else {
+            panic!("want Hello")
+        };
+        assert_eq!(hello.capabilities & CAP_EARLY_AUTH, 0);
+        // The old client's whole handshake, as before: Welcome without the bit.
+        let mut old = server(Some(b"tok"), false);
+        let mut c = client(Some(b"tok"), false);
+        let Ok(Handshake::Challenge(challenge)) = old.handle_handshake(without_early(c.hello()))
+        else {
+            panic!("want a plain challenge")
+        };
+        let Ok(Step::Send(auth)) = c.handle_frame(Frame::Challenge(challenge)) else {
+            panic!("want Auth alone")
+        };
+        assert!(matches!(
+            old.handle_handshake(auth),
+            Ok(Handshake::Admitted)
+        ));
+        let Ok(Step::Welcomed(welcome)) = c.handle_frame(Frame::Welcome(old.welcome())) else {
+            panic!("want Welcome")
+        };
+        assert_eq!(welcome.capabilities & CAP_EARLY_AUTH, 0);
+    }
+
+    /// A new client offering the bit to a server predating it (which ignores the bit) goes the
+    /// plain way: `Auth` alone, then `Welcome`, whose proof it checks.
+    #[test]
+    fn a_server_predating_early_challenges_is_answered_the_plain_way() {
+        let mut c = client(Some(b"tok"), false);
+        let mut old = server(Some(b"tok"), false);
+        let Ok(Handshake::Challenge(challenge)) = old.handle_handshake(without_early(c.hello()))
+        else {
+            panic!("want a plain challenge")
+        };
+        let Ok(Step::Send(auth)) = c.handle_frame(Frame::Challenge(challenge)) else {
+            panic!("want Auth alone, the request after Welcome")
+        };
+        assert!(matches!(
+            old.handle_handshake(auth),
+            Ok(Handshake::Admitted)
+        ));
+        let welcome = old.welcome();
+        assert_eq!(welcome.capabilities & CAP_EARLY_AUTH, 0);
+        assert_eq!(
+            c.handle_frame(Frame::Welcome(welcome.clone())),
+            Ok(Step::Welcomed(welcome))
+        );
+    }
+
+    /// The first request was encoded for the announced `Welcome`: another one is refused, and
+    /// so is an early challenge the client did not ask for (it holds no token).
+    #[test]
+    fn a_welcome_other_than_the_announced_one_is_refused() {
+        let mut c = client(Some(b"tok"), false);
+        let mut s = server(Some(b"tok"), false);
+        let Ok(Handshake::EarlyChallenge(early)) = s.handle_handshake(c.hello()) else {
+            panic!("want an early challenge")
+        };
+        let Ok(Step::Early { welcome, .. }) = c.handle_frame(Frame::EarlyChallenge(early.clone()))
+        else {
+            panic!("want Early")
+        };
+        let other = Welcome {
+            window: welcome.window + 1,
+            ..welcome
+        };
+        assert!(matches!(
+            c.handle_frame(Frame::Welcome(other)),
+            Err(HandshakeError::BadWelcome(_))
+        ));
+        let mut anonymous = client(None, false);
+        anonymous.hello();
+        assert!(matches!(
+            anonymous.handle_frame(Frame::EarlyChallenge(early)),
+            Err(HandshakeError::Unexpected { .. })
+        ));
     }
 
     #[test]
@@ -316,17 +572,25 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH | CAP_TLS | CAP_FEATURES
+            CAP_AUTH | CAP_EARLY_AUTH | CAP_TLS | CAP_FEATURES
         );
     }
 
+    /// Without early challenges (a client predating them), a wrong token is found by the server.
     #[test]
     fn a_wrong_token_is_the_server_s_refusal() {
-        let err = handshake(
-            &mut client(Some(b"bad"), false),
-            &mut server(Some(b"tok"), false),
-        )
-        .unwrap_err();
+        let mut c = client(Some(b"bad"), false);
+        let mut s = server(Some(b"tok"), false);
+        let Ok(Handshake::Challenge(challenge)) = s.handle_handshake(without_early(c.hello()))
+        else {
+            panic!("want a plain challenge")
+        };
+        let Ok(Step::Send(auth)) = c.handle_frame(Frame::Challenge(challenge)) else {
+            panic!("want Auth")
+        };
+        let refusal = s.handle_handshake(auth).unwrap_err();
+        let refusal = ErrorFrame::new(refusal.code(), refusal.to_string());
+        let err = c.handle_frame(Frame::Error(refusal)).unwrap_err();
         let HandshakeError::Remote(frame) = err else {
             panic!("want the server's refusal, got {err}")
         };

@@ -99,6 +99,17 @@ mod tests {
                 nonce: vec![9; 32],
             }),
             Frame::Challenge(Challenge { nonce: vec![1; 32] }),
+            Frame::EarlyChallenge(EarlyChallenge {
+                nonce: vec![2; 32],
+                welcome: Welcome {
+                    version: 1,
+                    capabilities: CAP_AUTH | CAP_EARLY_AUTH,
+                    max_chunk_size: MAX_CHUNK_SIZE,
+                    window: 4,
+                    agent: "xferd/0".into(),
+                    proof: vec![3; 32],
+                },
+            }),
             Frame::Auth(Auth {
                 proof: vec![2; 32],
                 grant: None,
@@ -429,7 +440,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 64);
+        assert_eq!(known.len(), 65);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

@@ -76,7 +76,19 @@ pub struct Challenge {
     pub nonce: Vec<u8>,
 }
 
-/// Client → server answer to `Challenge`.
+/// Server → client, in place of `Challenge` when the client offered `CAP_EARLY_AUTH` and
+/// proves itself with the token: the challenge, and the `Welcome` the server will send once the
+/// client's proof checks, its `proof` the server's already, so that the client checks the
+/// server and encodes its first request before `Welcome` comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyChallenge {
+    /// Fresh random bytes (`NONCE_LEN`).
+    pub nonce: Vec<u8>,
+    /// The `Welcome` to come after `Auth`, field for field.
+    pub welcome: Welcome,
+}
+
+/// Client → server answer to `Challenge` (or `EarlyChallenge`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Auth {
     /// `auth::client_proof(key, hello.nonce, challenge.nonce)`, where the key is the token, or
@@ -716,6 +728,8 @@ frame_types! {
     Challenge(Challenge) = 0x03,
     /// [`Auth`]
     Auth(Auth) = 0x04,
+    /// [`EarlyChallenge`] (`CAP_EARLY_AUTH`)
+    EarlyChallenge(EarlyChallenge) = 0x65,
     /// No body: server → client answer to a `Hello` offering `CAP_TLS`; both sides now run a
     /// TLS handshake on the connection, and the client starts again with `Hello` inside it.
     StartTls = 0x05,

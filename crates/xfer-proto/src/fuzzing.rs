@@ -85,8 +85,17 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | CAP_TLS
                         | crate::CAP_FEATURES
                         | crate::CAP_DELETE
-                        | crate::CAP_MIRROR;
+                        | crate::CAP_MIRROR
+                        | crate::CAP_EARLY_AUTH;
                     assert_eq!(welcome.capabilities & !known, 0);
+                }
+                // An early challenge already proves the token and announces the Welcome.
+                Ok(Handshake::EarlyChallenge(early)) => {
+                    let token = token.expect("a challenge only with a token");
+                    let proof = auth::server_proof(token, &client_nonce, session.nonce());
+                    assert_eq!(early.welcome.proof, proof);
+                    assert_eq!(early.welcome, session.welcome());
+                    assert!(session.is_early());
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
                 Ok(Handshake::StartTls | Handshake::Challenge(_)) => {}
@@ -237,10 +246,22 @@ pub fn client_script(data: &[u8]) {
                 client.hello();
             }
             Ok(Step::Send(frame)) => assert!(matches!(frame, Frame::Auth(_))),
+            // Only a server that proved the client's token gets its Auth early.
+            Ok(Step::Early { auth, welcome }) => {
+                assert!(matches!(auth, Frame::Auth(_)));
+                assert!(flags & 1 != 0, "early without a token");
+                assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
+                assert!(!client.is_done());
+            }
             Ok(Step::Welcomed(welcome)) => {
                 assert!((1..=crate::PROTOCOL_VERSION).contains(&welcome.version));
                 assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
-                let offered = CAP_AUTH | if flags & 2 != 0 { CAP_TLS } else { 0 };
+                let early = if flags & 1 != 0 {
+                    crate::CAP_EARLY_AUTH
+                } else {
+                    0
+                };
+                let offered = CAP_AUTH | early | if flags & 2 != 0 { CAP_TLS } else { 0 };
                 assert_eq!(welcome.capabilities & !offered, 0);
                 assert!(client.is_done());
             }

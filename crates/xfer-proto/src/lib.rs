@@ -99,6 +99,12 @@ pub const CAP_BLOCK_DIGEST: u64 = 1 << 17;
 /// slots per `Welcome.window` unit ([`window_slots`]), so that a light file's few KiB of
 /// literal data do not wait behind a count sized for whole chunks.
 pub const CAP_BYTE_WINDOW: u64 = 1 << 18;
+/// Capability bit: offered by a client that proves itself with the token (not a grant), so
+/// that the server proves itself first, in `EarlyChallenge` with everything `Welcome` will
+/// say, and the client's first request goes with its `Auth` instead of a round trip after it.
+/// Not in [`CAP_FEATURES`]: a client offers it only when it holds the token, and a server sets
+/// it in `Welcome` only when it sent `EarlyChallenge`.
+pub const CAP_EARLY_AUTH: u64 = 1 << 19;
 /// Capability bit: with `CAP_DELTA_PUT`, the commit of an upload opened by `DeltaPut` is
 /// durable once a `Sync` sent after its `Committed` is answered, as a tree's small files are,
 /// instead of at `Committed`: a client that offers it sends `DeltaPut` only for files of a tree

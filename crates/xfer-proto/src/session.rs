@@ -59,6 +59,9 @@ pub enum Handshake {
     StartTls,
     /// Send this `Challenge`; the client answers with `Auth`.
     Challenge(Challenge),
+    /// Send this `EarlyChallenge` (`CAP_EARLY_AUTH`); the client answers with `Auth` and may
+    /// send its first requests right behind it, which wait, unanswered, for `Welcome`.
+    EarlyChallenge(crate::EarlyChallenge),
     /// The handshake is done: send [`ServerSession::welcome`] once the connection may be
     /// served.
     Admitted,
@@ -343,6 +346,8 @@ pub struct ServerSession<U = (), D = ()> {
     handshake_deadline: Option<Instant>,
     /// Set when the client authenticated with a grant: what it may write.
     scope: Option<String>,
+    /// The server proved itself in `EarlyChallenge` (`CAP_EARLY_AUTH`).
+    early: bool,
 }
 
 /// Longest a grant may claim to live, in seconds.
@@ -367,6 +372,7 @@ impl<U, D> ServerSession<U, D> {
             proof: Vec::new(),
             now_unix,
             scope: None,
+            early: false,
         }
     }
 
@@ -383,6 +389,12 @@ impl<U, D> ServerSession<U, D> {
     /// The server's nonce, sent in `Challenge`.
     pub fn nonce(&self) -> &[u8] {
         &self.nonce
+    }
+
+    /// True when the server proved itself in `EarlyChallenge`: the client's first requests may
+    /// arrive before `Welcome` is sent, and wait for it.
+    pub fn is_early(&self) -> bool {
+        self.early
     }
 
     /// The software the client named in its `Hello`.
@@ -420,7 +432,9 @@ impl<U, D> ServerSession<U, D> {
         } else {
             0
         };
-        auth | tls | granted | packed | put_meta
+        // Set only on a connection whose challenge was early, which the client offered.
+        let early = if self.early { crate::CAP_EARLY_AUTH } else { 0 };
+        auth | tls | granted | packed | put_meta | early
     }
 
     /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
@@ -490,6 +504,19 @@ impl<U, D> ServerSession<U, D> {
                     return Ok(Handshake::Admitted);
                 }
                 self.phase = Phase::AwaitAuth;
+                // Both nonces are known now, so the server can prove itself first when the
+                // client asks; a client nonce it could never accept gets the plain challenge.
+                let token = self.config.token.as_deref().unwrap_or_default();
+                if self.client_capabilities & crate::CAP_EARLY_AUTH != 0
+                    && self.client_nonce.len() == auth::NONCE_LEN
+                {
+                    self.early = true;
+                    self.proof = auth::server_proof(token, &self.client_nonce, &self.nonce);
+                    return Ok(Handshake::EarlyChallenge(crate::EarlyChallenge {
+                        nonce: self.nonce.clone(),
+                        welcome: self.welcome(),
+                    }));
+                }
                 Ok(Handshake::Challenge(Challenge {
                     nonce: self.nonce.clone(),
                 }))
@@ -501,6 +528,8 @@ impl<U, D> ServerSession<U, D> {
                 };
                 let key = match &a.grant {
                     None => token.to_vec(),
+                    // The early proof was made with the token: a grant has no place after it.
+                    Some(_) if self.early => return Err(SessionError::AuthFailed),
                     Some(grant) => {
                         let bad_scope = grant.scope.is_empty()
                             || grant.scope.starts_with('/')

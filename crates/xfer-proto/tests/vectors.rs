@@ -105,6 +105,16 @@ fn welcome(capabilities: u64, proof: Vec<u8>) -> Frame {
     })
 }
 
+/// The `Welcome` that `early-challenge` announces and `welcome-early` is.
+fn early_welcome() -> Welcome {
+    let (nc, ns) = nonces();
+    let Frame::Welcome(welcome) = welcome(CAP_AUTH | CAP_EARLY_AUTH, server_proof(TOKEN, &nc, &ns))
+    else {
+        unreachable!("welcome makes a Welcome")
+    };
+    welcome
+}
+
 fn chunk(transfer_id: u64, offset: u64, len: u32) -> ChunkRef {
     ChunkRef {
         transfer_id,
@@ -288,6 +298,15 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             "welcome-grant",
             welcome(CAP_AUTH, server_proof(&key, &nc, &ns)),
         ),
+        ("hello-early", hello(CAP_EARLY_AUTH, nc.clone())),
+        (
+            "early-challenge",
+            Frame::EarlyChallenge(EarlyChallenge {
+                nonce: ns.clone(),
+                welcome: early_welcome(),
+            }),
+        ),
+        ("welcome-early", Frame::Welcome(early_welcome())),
         ("welcome", welcome(0, vec![])),
         ("welcome-tls", welcome(CAP_TLS, vec![])),
         ("welcome-byte-window", welcome(CAP_BYTE_WINDOW, vec![])),
@@ -863,6 +882,54 @@ fn every_frame_vector_encodes_to_its_bytes_and_decodes_back() {
             "testdata/{name}.hex has no frame in this test"
         );
     }
+}
+
+/// The early handshake vectors are one conversation (proto.md §4.5): a client with the vectors'
+/// token and `Nc` answers `early-challenge` with `auth` before any `Welcome`, and a server with
+/// their `Ns` answers `hello-early` with `early-challenge` and `auth` with `welcome-early`.
+#[test]
+fn the_early_vectors_are_one_handshake() {
+    use xfer_proto::client::{ClientConfig, ClientSession, Step};
+    use xfer_proto::session::{Handshake, ServerConfig, ServerSession};
+    let vectors = read_vectors();
+    let frame = |name: &str| decode_stream(&vectors[name].bytes).unwrap().remove(0);
+    let (nc, ns) = nonces();
+    let config = ServerConfig {
+        token: Some(TOKEN.into()),
+        max_chunk: 16_777_216,
+        max_open: 4,
+        tls: false,
+        window: 8,
+        agent: "xferd/0.1.0".into(),
+        handshake_timeout: std::time::Duration::from_secs(10),
+        idle_timeout: std::time::Duration::from_secs(300),
+    };
+    let mut server: ServerSession = ServerSession::new(config, ns, 0, std::time::Instant::now());
+    let Ok(Handshake::EarlyChallenge(early)) = server.handle_handshake(frame("hello-early")) else {
+        panic!("hello-early is not answered early")
+    };
+    assert_eq!(Frame::EarlyChallenge(early), frame("early-challenge"));
+    let mut client = ClientSession::new(
+        ClientConfig {
+            key: Some(TOKEN.into()),
+            ..ClientConfig::default()
+        },
+        nc,
+    );
+    client.hello();
+    let Ok(Step::Early { auth, .. }) = client.handle_frame(frame("early-challenge")) else {
+        panic!("early-challenge does not let Auth go early")
+    };
+    assert_eq!(auth, frame("auth"));
+    assert!(matches!(
+        server.handle_handshake(auth),
+        Ok(Handshake::Admitted)
+    ));
+    assert_eq!(Frame::Welcome(server.welcome()), frame("welcome-early"));
+    assert!(matches!(
+        client.handle_frame(frame("welcome-early")),
+        Ok(Step::Welcomed(_))
+    ));
 }
 
 #[test]

@@ -292,7 +292,7 @@ async fn recv_once(
     // connect for any file on the emulated 150 ms path, a 2 GiB download moved 0.97-0.99 of
     // the rate it moved so (3 runs each, alternated, loaded), where uploads gained.
     let start_on = |_| 0;
-    let (mut session, mut early) = Early::connect_first(target, opts, start_on).await?;
+    let (mut session, mut early) = Early::connect_first(target, opts, start_on, None, None).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     let request = OpenRead {

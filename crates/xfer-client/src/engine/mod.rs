@@ -259,8 +259,13 @@ pub struct Summary {
 
 /// The chunk size a transfer plans with: the one asked for, within what the daemon allows.
 fn chunk_size(opts: &Options, session: &Session) -> u32 {
-    opts.chunk_size
-        .min(session.welcome.max_chunk_size)
+    chunk_size_for(opts.chunk_size, &session.welcome)
+}
+
+/// The chunk size `wanted` within what `welcome` allows.
+fn chunk_size_for(wanted: u32, welcome: &xfer_proto::Welcome) -> u32 {
+    wanted
+        .min(welcome.max_chunk_size)
         .max(xfer_proto::MIN_CHUNK_SIZE)
 }
 
@@ -401,6 +406,8 @@ fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::Duplex
         congestion: None,
         rtt: None,
         fd: None,
+        first_sent: false,
+        absent: None,
     };
     (session, theirs)
 }

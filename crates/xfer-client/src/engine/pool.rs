@@ -16,6 +16,7 @@ use super::queue::Work;
 use super::retry::{connect_first, Retry, RECONNECTING};
 use super::window::{pump, Direction, Pumped};
 use super::{Connections, Options};
+use crate::session::FirstFrames;
 use crate::{ClientError, Session, Target};
 
 /// Connections the pool will want, opened beside its first one: a worker about to connect
@@ -61,6 +62,13 @@ struct Ahead {
     /// Connections started beside the first one still connecting: once none is left,
     /// `beside_first` is dropped unused, so that whoever waits on it learns there is none.
     beside_pending: std::sync::atomic::AtomicUsize,
+    /// The frames that open the transfer, known before any connection is welcomed (an
+    /// upload's): the connections of the start send them with their `Auth` where the daemon
+    /// proves itself early, and come welcomed with the transfer open.
+    frames: std::sync::OnceLock<FirstFrames>,
+    /// The probe of a delta (an upload's `List` of its name), known before any connection is
+    /// welcomed: those started beside the first send it with their `Auth` and read its answer.
+    probe: std::sync::OnceLock<FirstFrames>,
 }
 
 /// Counts a connection started beside the first one while it connects.
@@ -98,6 +106,15 @@ impl Ahead {
     }
 }
 
+/// The transfer an answer to an open names.
+fn opened_id(answer: xfer_proto::Frame) -> Result<u64, ClientError> {
+    match answer {
+        xfer_proto::Frame::WriteOpened(w) => Ok(w.transfer_id),
+        xfer_proto::Frame::ReadOpened(r) => Ok(r.transfer_id),
+        other => Err(crate::session::unexpected(other)),
+    }
+}
+
 /// Opens `session`'s transfer with `open`, if there is one yet.
 async fn open_with(session: Session, open: Option<Opener>) -> Result<Ready, ClientError> {
     match open {
@@ -130,14 +147,27 @@ impl Early {
     /// out, so a user is never asked twice about one daemon. Where TLS is known to be needed,
     /// nothing opens beside the first, not even the far start once the path is measured.
     ///
+    /// `first`'s frames go as the first connection's first (with its `Auth` where the daemon
+    /// proves itself early); the session returned says whether it is the one that sent them.
+    /// `probe`'s go so on those started beside the first, whose answer their sessions keep
+    /// (`absent`).
+    ///
     /// # Errors
     /// As [`connect_first`]: the first connection's error, once no other was welcomed.
     pub(super) async fn connect_first(
         target: &Target,
         opts: &Options,
         start_on: impl FnOnce(Option<Duration>) -> usize,
+        first: Option<FirstFrames>,
+        probe: Option<FirstFrames>,
     ) -> Result<(Session, Self), ClientError> {
         let mut early = Self::default();
+        if let Some(first) = &first {
+            let _ = early.ahead.frames.set(Arc::clone(first));
+        }
+        if let Some(probe) = probe {
+            let _ = early.ahead.probe.set(probe);
+        }
         let connector = &opts.connector;
         let tls_known = connector.tls.is_some()
             || connector.tls_required
@@ -159,35 +189,66 @@ impl Early {
         let mut first = {
             let (target, opts) = (target.clone(), opts.clone());
             AbortOnDropHandle::new(tokio::spawn(async move {
-                connect_first(&target, &opts, Some(dialed)).await
+                connect_first(&target, &opts, Some(dialed), first.as_ref()).await
             }))
         };
         let mut start_on = Some(start_on);
-        loop {
+        // Where the first connection opens the transfer with its handshake, one welcomed
+        // beside it first waits a round trip for it: the first comes with the open answered.
+        let mut waiting: Option<(Ready, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
+        let mut measured = None;
+        let opens_first = early.ahead.frames.get().is_some();
+        let beside = loop {
             tokio::select! {
                 biased;
                 first = &mut first => {
-                    let first = first.map_err(|e| ClientError::Local(join_error(e)))??;
-                    return Ok((first, early));
+                    let first = first.map_err(|e| ClientError::Local(join_error(e)))?;
+                    return match (first, waiting) {
+                        (Ok(first), waiting) => {
+                            if let Some((ready, _)) = waiting {
+                                early.connecting.get_mut().spawn(async move { Ok(ready) });
+                            }
+                            Ok((first, early))
+                        }
+                        (Err(_), Some((ready, _))) => Ok((ready.session, early)),
+                        (Err(e), None) => Err(e),
+                    };
                 }
                 // Where TLS is known to be needed nothing opens beside the first, here either:
                 // the start opens once it is welcomed (`top_up`).
                 rtt = &mut dial_rtt, if start_on.is_some() && !tls_known => {
                     let (Ok(rtt), Some(start_on)) = (rtt, start_on.take()) else { continue };
+                    measured = rtt;
                     // Beside a first connection that may yet ask for TLS, plain TCP only, as above.
                     early.start_up_to(target, &plain, start_on(rtt));
                 }
-                Some(other) = early.connecting.get_mut().join_next(), if !early.connecting.get_mut().is_empty() => {
-                    let Ok(Ok(Ready { session, .. })) = other else { continue };
-                    // The first connection keeps connecting, as an early one.
-                    early.connecting.get_mut().spawn(async move {
-                        let session = first.await.map_err(|e| ClientError::Local(join_error(e)))??;
-                        Ok(Ready { session, opened: None })
-                    });
-                    return Ok((session, early));
+                () = async { waiting.as_mut().expect("guarded").1.as_mut().await }, if waiting.is_some() => {
+                    break waiting.take().expect("guarded").0.session;
+                }
+                Some(other) = early.connecting.get_mut().join_next(), if !early.connecting.get_mut().is_empty() && waiting.is_none() => {
+                    let Ok(Ok(ready)) = other else { continue };
+                    if opens_first {
+                        let wait = measured.unwrap_or(Duration::from_millis(100));
+                        waiting = Some((ready, Box::pin(tokio::time::sleep(wait))));
+                        continue;
+                    }
+                    break ready.session;
                 }
             }
-        }
+        };
+        // The first connection keeps connecting, as an early one; what it opened with its
+        // handshake is its transfer, opened ahead.
+        early.connecting.get_mut().spawn(async move {
+            let mut session = first
+                .await
+                .map_err(|e| ClientError::Local(join_error(e)))??;
+            let opened = match std::mem::take(&mut session.first_sent) {
+                true => Some(opened_id(session.next().await?)?),
+                false => None,
+            };
+            Ok(Ready { session, opened })
+        });
+        Ok((beside, early))
     }
 
     /// Starts the connections a pool for `opts` starts with on a path of `rtt` for a file of
@@ -273,10 +334,33 @@ impl Early {
                 Beside(Arc::clone(&ahead))
             });
             self.connecting.get_mut().spawn(async move {
-                let session = Session::connect(&target, &connector).await;
-                let open = session.is_ok().then(|| ahead.take(beside_first)).flatten();
+                // Those started beside the first (one of which runs the probe of a delta) send
+                // the probe with their Auth, the others the open.
+                let frames = match beside_first {
+                    true => ahead.probe.get(),
+                    false => ahead.frames.get(),
+                };
+                let mut session =
+                    Session::connect_sending(&target, &connector, 0, &mut None, frames).await;
+                if let Ok(s) = session.as_mut() {
+                    if beside_first && s.first_sent {
+                        s.first_sent = false;
+                        s.absent = Some(super::upload::absence_answer(s).await?);
+                    }
+                }
+                let sent = session
+                    .as_mut()
+                    .is_ok_and(|s| std::mem::take(&mut s.first_sent));
+                let open = (session.is_ok() && !sent)
+                    .then(|| ahead.take(beside_first))
+                    .flatten();
                 drop(beside);
-                open_with(session?, open).await
+                let mut session = session?;
+                if sent {
+                    let opened = Some(opened_id(session.next().await?)?);
+                    return Ok(Ready { session, opened });
+                }
+                open_with(session, open).await
             });
         }
         self.started = self.started.max(1) + n;
@@ -667,7 +751,7 @@ mod tests {
                 let _ = told.send(rtt);
                 wanted
             };
-            let _ = Early::connect_first(&target, &opts, start_on).await;
+            let _ = Early::connect_first(&target, &opts, start_on, None, None).await;
         });
         let mut accepted = Vec::new();
         while accepted.len() < wanted {
@@ -700,7 +784,9 @@ mod tests {
                     asked.store(true, Ordering::Relaxed);
                     16
                 };
-                Early::connect_first(&target, &opts, start_on).await.err()
+                Early::connect_first(&target, &opts, start_on, None, None)
+                    .await
+                    .err()
             })
         };
         let (mut socket, _) = listener.accept().await.unwrap();

@@ -10,6 +10,7 @@ use rand::Rng;
 
 use super::window::Direction;
 use super::Options;
+use crate::session::FirstFrames;
 use crate::{ClientError, Session, Target};
 
 /// Rounds of moving and committing one file before giving up: a commit finds bytes missing
@@ -71,14 +72,18 @@ impl Retry {
 /// port should not cost a minute. Only a daemon that answered it is busy or restarting
 /// (`Busy`, `ShuttingDown`) is waited for, as [`Retry`] allows. The first TCP connect tells
 /// `dialed` the round trip it measured, before the handshake's round trips.
+///
+/// `first`'s frames, when given, go as the connection's first (with `Auth` where the daemon
+/// proves itself early), as [`Session::connect_sending`] says.
 pub(super) async fn connect_first(
     target: &Target,
     opts: &Options,
     mut dialed: Option<DialedRtt>,
+    first: Option<&FirstFrames>,
 ) -> Result<Session, ClientError> {
     let mut retry = Retry::new(opts.retry_deadline);
     loop {
-        match Session::connect_telling_rtt(target, &opts.connector, 0, &mut dialed).await {
+        match Session::connect_sending(target, &opts.connector, 0, &mut dialed, first).await {
             Ok(session) => return Ok(session),
             Err(e) if is_busy(&e) => tokio::time::sleep(retry.after(e, Instant::now())?).await,
             Err(e) => return Err(e),

@@ -18,9 +18,9 @@ use super::pool::{drive, Early, Opener};
 use super::queue::Work;
 use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
-use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
+use super::{chunk_size, chunk_size_for, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
-use crate::session::unexpected;
+use crate::session::{unexpected, FirstFrames};
 use crate::{ClientError, Session, Target};
 
 struct Upload {
@@ -39,22 +39,40 @@ impl Upload {
         &self,
         session: &mut Session,
     ) -> Result<(u64, Vec<ByteRange>), ClientError> {
-        // A daemon that knows the holes up front reserves no space for them.
-        let open = if self.holes.total() > 0
-            && session.welcome.capabilities & xfer_proto::CAP_TREE_META_V2 != 0
-        {
-            Frame::OpenWriteSparse(OpenWriteSparse {
-                open: self.request.clone(),
-                holes: self.holes.iter().collect(),
-            })
-        } else {
-            Frame::OpenWrite(self.request.clone())
-        };
+        let open = open_frame(&self.request, &self.holes, session.welcome.capabilities);
         session.send(&open).await?;
+        Self::opened(session).await
+    }
+
+    /// The answer to the open `session` sent.
+    async fn opened(session: &mut Session) -> Result<(u64, Vec<ByteRange>), ClientError> {
         match session.next().await? {
             Frame::WriteOpened(w) => Ok((w.transfer_id, w.held)),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// The frame that opens `request` on a connection of `capabilities`, for a source with `holes`
+/// (which reach only a daemon with `CAP_TREE_META`).
+fn open_frame(request: &OpenWrite, holes: &RangeSet, capabilities: u64) -> Frame {
+    // A daemon that knows the holes up front reserves no space for them.
+    if holes.total() > 0 && capabilities & xfer_proto::CAP_TREE_META_V2 != 0 {
+        Frame::OpenWriteSparse(OpenWriteSparse {
+            open: request.clone(),
+            holes: holes.iter().collect(),
+        })
+    } else {
+        Frame::OpenWrite(request.clone())
+    }
+}
+
+/// The holes of `source` a daemon granting `capabilities` is told of.
+fn holes_for(holes: &RangeSet, capabilities: u64) -> RangeSet {
+    if capabilities & xfer_proto::CAP_TREE_META != 0 {
+        holes.clone()
+    } else {
+        RangeSet::new()
     }
 }
 
@@ -176,27 +194,43 @@ pub(crate) async fn send_file_sharing(
     let identity = source.identity();
     let (connections, size) = (opts.connections, identity.size);
     let start_on = move |rtt| connections.initial_for(rtt, size);
-    let (mut session, mut early) = Early::connect_first(target, opts, start_on).await?;
-    let (opts, congestion) = path_policy(opts, &mut session);
-    let opts = &opts;
-    early.top_up(target, opts, session.rtt, identity.size);
-    let chunk_size = chunk_size(opts, &session);
-    let holes = if session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0 {
+    // The holes are found before connecting, so that the open can go with the handshake.
+    let all_holes = {
         let source = source.clone();
         let holes = tokio::task::spawn_blocking(move || source.holes())
             .await
             .map_err(|e| ClientError::Local(join_error(e)))??;
         RangeSet::from_ranges(holes)
-    } else {
-        RangeSet::new()
     };
+    let (open_name, mode, wanted_chunk) = (name.to_string(), source.mode(), opts.chunk_size);
+    let request = move |welcome: &xfer_proto::Welcome| OpenWrite {
+        name: open_name.clone(),
+        identity,
+        mode,
+        chunk_size: chunk_size_for(wanted_chunk, welcome),
+    };
+    // The first connection opens the upload with its `Auth` where the daemon proves itself
+    // early: the open's round trip overlaps the handshake's last.
+    let open_first: FirstFrames = {
+        let (holes, request) = (all_holes.clone(), request.clone());
+        Arc::new(move |welcome: &xfer_proto::Welcome| {
+            let holes = holes_for(&holes, welcome.capabilities);
+            vec![open_frame(&request(welcome), &holes, welcome.capabilities)]
+        })
+    };
+    let probe: FirstFrames = {
+        let name = name.to_string();
+        Arc::new(move |_: &xfer_proto::Welcome| vec![probe_frame(&name)])
+    };
+    let (mut session, mut early) =
+        Early::connect_first(target, opts, start_on, Some(open_first), Some(probe)).await?;
+    let (opts, congestion) = path_policy(opts, &mut session);
+    let opts = &opts;
+    early.top_up(target, opts, session.rtt, identity.size);
+    let chunk_size = chunk_size(opts, &session);
+    let holes = holes_for(&all_holes, session.welcome.capabilities);
     let upload = Arc::new(Upload {
-        request: OpenWrite {
-            name: name.to_string(),
-            identity,
-            mode: source.mode(),
-            chunk_size,
-        },
+        request: request(&session.welcome),
         source,
         holes,
         compressor,
@@ -215,7 +249,10 @@ pub(crate) async fn send_file_sharing(
     };
     early.open_ahead(opener(&upload), probe);
     let early = Arc::new(early);
-    let (mut id, mut held) = upload.open_with_held(&mut session).await?;
+    let (mut id, mut held) = match std::mem::take(&mut session.first_sent) {
+        true => Upload::opened(&mut session).await?,
+        false => upload.open_with_held(&mut session).await?,
+    };
     // Every connection of the upload reaches the same daemon, which grants the same bits.
     let digest_kind = DigestKind::of_capabilities(session.welcome.capabilities);
     let resumed = RangeSet::from_ranges(held.iter().copied()).total();
@@ -446,11 +483,23 @@ fn probe_opener(upload: &Arc<Upload>, absent: tokio::sync::oneshot::Sender<bool>
 /// Whether nothing is at `name` on the daemon: `List` of a name that does not exist is answered
 /// `NotFound`; of a file, `BadPath`; of a directory, its listing, read to the end.
 async fn name_is_absent(session: &mut Session, name: &str) -> Result<bool, ClientError> {
-    session
-        .send(&Frame::List(List {
-            dir: name.to_string(),
-        }))
-        .await?;
+    // Asked with the handshake and answered already.
+    if let Some(absent) = session.absent.take() {
+        return Ok(absent);
+    }
+    session.send(&probe_frame(name)).await?;
+    absence_answer(session).await
+}
+
+/// The probe of a delta: a `List` of the upload's name.
+fn probe_frame(name: &str) -> Frame {
+    Frame::List(List {
+        dir: name.to_string(),
+    })
+}
+
+/// Reads the answer to [`probe_frame`]: true if the daemon holds nothing under the name.
+pub(super) async fn absence_answer(session: &mut Session) -> Result<bool, ClientError> {
     loop {
         match session.next().await {
             Ok(Frame::Listing(page)) if page.more => {}

@@ -1,5 +1,6 @@
 //! The handshake: TLS when the daemon has a certificate, then `Hello`, and `Challenge`/`Auth`
-//! when a token is set. The session decides every step and holds the deadline; this module
+//! when a token is set (`EarlyChallenge`/`Auth` when the client asked the daemon to prove itself
+//! first). The session decides every step and holds the deadline; this module
 //! reads and writes.
 
 use tracing::{debug, info};
@@ -33,7 +34,7 @@ pub(super) async fn start_tls<S: Transport>(
         Ok(Handshake::StartTls) => {}
         Ok(Handshake::PeerError(_)) => return Err((ConnError::PeerClosed, None)),
         // A daemon with a certificate answers a plaintext Hello with StartTls or an error.
-        Ok(Handshake::Challenge(_) | Handshake::Admitted) => {
+        Ok(Handshake::Challenge(_) | Handshake::EarlyChallenge(_) | Handshake::Admitted) => {
             let err = fatal(ErrorCode::Protocol, "TLS was not negotiated");
             return Err((err, Some(socket)));
         }
@@ -90,6 +91,11 @@ impl Handler {
                     debug!(agent = %self.session.client_agent(), "hello");
                     challenged = true;
                     self.writer.send(&Frame::Challenge(challenge)).await?;
+                }
+                Handshake::EarlyChallenge(challenge) => {
+                    debug!(agent = %self.session.client_agent(), "hello, answered early");
+                    challenged = true;
+                    self.writer.send(&Frame::EarlyChallenge(challenge)).await?;
                 }
                 Handshake::Admitted => {
                     if !challenged {

@@ -300,25 +300,45 @@ impl Handler {
             }
         }
         // Wait for a stream slot, but not forever, not past shutdown, and not for a client that
-        // has gone away meanwhile (its place in the queue would only delay the living).
-        let _permit = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
-            early = self.reader.read_frame() => return match early {
-                Ok(None) | Err(ProtoError::Io(_)) => Err(ConnError::PeerClosed),
-                Ok(Some(f)) => Err(fatal(ErrorCode::Protocol, format!("{} before Welcome", f.frame_type().name()))),
-                Err(e) => Err(e.into()),
-            },
-            permit = timeout(cfg.queue_timeout, shared.acquire_stream()) => match permit {
-                Ok(Ok(permit)) => permit,
-                _ => return Err(fatal(
-                    ErrorCode::Busy,
-                    format!("server busy: all {} streams in use for {:?}; try again later", cfg.max_streams, cfg.queue_timeout),
-                )),
-            },
+        // has gone away meanwhile (its place in the queue would only delay the living). A client
+        // answered early sends its first request with `Auth`: that one frame waits here,
+        // unread beyond, for the Welcome to go first.
+        let busy = || {
+            fatal(
+                ErrorCode::Busy,
+                format!(
+                    "server busy: all {} streams in use for {:?}; try again later",
+                    cfg.max_streams, cfg.queue_timeout
+                ),
+            )
+        };
+        let early = self.session.is_early();
+        let mut first = None;
+        let permit = timeout_at(Instant::now() + cfg.queue_timeout, shared.acquire_stream());
+        tokio::pin!(permit);
+        let _permit = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Err(fatal(ErrorCode::ShuttingDown, "server shutting down")),
+                frame = self.reader.read_frame(), if first.is_none() => match frame {
+                    Ok(None) | Err(ProtoError::Io(_)) => return Err(ConnError::PeerClosed),
+                    Ok(Some(f)) if early => first = Some(f),
+                    Ok(Some(f)) => return Err(fatal(ErrorCode::Protocol, format!("{} before Welcome", f.frame_type().name()))),
+                    Err(e) => return Err(e.into()),
+                },
+                permit = &mut permit => match permit {
+                    Ok(Ok(permit)) => break permit,
+                    _ => return Err(busy()),
+                },
+            }
         };
         let welcome = self.session.welcome();
         self.writer.send(&Frame::Welcome(welcome)).await?;
+        if let Some(frame) = first {
+            let request = self.session.handle_request(frame)?;
+            self.check_window(&request)?;
+            self.pending = Some(request);
+        }
         loop {
             let request = match self.pending.take() {
                 Some(request) => request,
