@@ -101,6 +101,22 @@ fn assert_starts(line: &str, prefix: &str) {
 // Token authentication
 // ---------------------------------------------------------------------------------------------
 
+/// Anyone who can connect gets a proof made with the token, so a token too short to hold 128
+/// random bits is named at start; a long one is not.
+#[test]
+fn a_short_token_is_warned_about_at_start() {
+    let tree = Tree::new();
+    let short = token_file(tree.path(), "short-token", "hunter2");
+    let daemon = Daemon::start(&tree.root(), &["--token-file", &short]);
+    assert!(
+        daemon.stderr().contains("short enough to guess offline"),
+        "no warning for a 7-byte token: {}",
+        daemon.stderr()
+    );
+    let daemon = token_daemon(&tree, &[]);
+    assert!(!daemon.stderr().contains("short enough to guess offline"));
+}
+
 #[test]
 fn client_without_a_token_is_refused_at_once() {
     let tree = Tree::new();

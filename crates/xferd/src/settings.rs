@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Config;
 
+/// Below this many bytes a token cannot hold 128 random bits.
+const SHORT_TOKEN: usize = 16;
+
 /// Where the daemon reads its configuration when `--config` is not given (if the file exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/xferd/xferd.toml";
 /// The systemd credential that holds the token (`LoadCredential=token:/etc/xferd/token`), used
@@ -410,6 +413,15 @@ impl Settings {
             .unwrap_or(64);
         if let Some(path) = &self.token_file {
             let token = xfer_cli_util::token::read_token_file(path).context("token_file")?;
+            // Anyone who can connect gets a proof made with the token (the early challenge,
+            // as a recorded handshake gives one too): a short token can be guessed offline.
+            if token.len() < SHORT_TOKEN {
+                tracing::warn!(
+                    bytes = token.len(),
+                    "the token is short enough to guess offline from a proof; make one with \
+                     `head -c 32 /dev/urandom | base64`"
+                );
+            }
             cfg.token = Some(token.into());
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
