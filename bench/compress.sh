@@ -20,7 +20,7 @@
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_SRC, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
-# rsync-plain adds rsync without -z;
+# rsync-plain adds rsync without -z; xfer-LEVEL (e.g. xfer-1, xfer-3) is xfer --compress LEVEL;
 # loopback runs xfer only; base-off and base-auto are xfer off and auto from the binaries in
 # XFER_BASE_DIR, for an A/B of two builds in one run), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
@@ -284,7 +284,7 @@ run() {
     local r=()
     [[ "$data" == docs ]] && r=(-r)
     case "$tool" in
-        xfer-auto | xfer-off | base-auto | base-off)
+        xfer-* | base-*)
             cmd=("$(bin_of "$tool" xfer)" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#*-}" "$src" "$addr:$PORT" --as "$data") ;;
         rsync)
             cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
