@@ -20,7 +20,9 @@
 # of client and server (user + sys, /usr/bin/time; xferd: /proc), and peak RSS of both.
 # Environment: CSV_SIZE, RANDOM_SIZE, DOCS_SRC, DOCS_MAX, COMPRESS_CAP, REPEAT (runs per cell, fastest
 # kept; default 1), DATA (default "csv random docs"), TOOLS (default "xfer-off xfer-auto rsync scp";
-# rsync-plain adds rsync without -z;
+# rsync-plain adds rsync without -z; xfer-LEVEL (e.g. xfer-1, xfer-3) is xfer --compress LEVEL;
+# rsync-durable and rsync-plain-durable are rsync -z and rsync followed by a flush of the receiving
+# filesystem (`sync -f`) inside the measured time, as xfer's tree copy ends with its `Sync`;
 # loopback runs xfer only; base-off and base-auto are xfer off and auto from the binaries in
 # XFER_BASE_DIR, for an A/B of two builds in one run), XFER_ARGS (more xfer flags, e.g. -v: each run's log is kept in logs/), XFER_BIN_DIR (skip cargo build), COMPRESS_DIR (work dir, default
 # bench/out/compress), LOOPBACK=0 (skip the loopback rows), WAN=0 (skip the WAN rows), PREPARE=1 (make the data and stop, so
@@ -211,7 +213,7 @@ serve() {
             # Off loopback xferd wants a token or an explicit --allow-anonymous.
             "${ns[@]}" "$(bin_of "$3" xferd)" --listen "$addr:$PORT" --root "$SRV" --allow-anonymous --log-level warn >"$LOGS/xferd.out" 2>>"$LOGS/xferd.err" &
             SERVER_PID=$! ;;
-        rsync | rsync-plain)
+        rsync | rsync-plain | rsync-durable | rsync-plain-durable)
             rsyncd_conf "$WORK/conf/rsyncd.conf" bench "$SRV"
             "${ns[@]}" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/server.time" \
                 rsync --daemon --no-detach --address "$addr" --port "$PORT" --config "$WORK/conf/rsyncd.conf" &
@@ -284,11 +286,11 @@ run() {
     local r=()
     [[ "$data" == docs ]] && r=(-r)
     case "$tool" in
-        xfer-auto | xfer-off | base-auto | base-off)
+        xfer-* | base-*)
             cmd=("$(bin_of "$tool" xfer)" send "${r[@]}" --json "${XFER_ARGS[@]}" --compress "${tool#*-}" "$src" "$addr:$PORT" --as "$data") ;;
-        rsync)
+        rsync | rsync-durable)
             cmd=(rsync -a -z --compress-choice=zstd "$src" "rsync://$addr:$PORT/bench/") ;;
-        rsync-plain)
+        rsync-plain | rsync-plain-durable)
             cmd=(rsync -a "$src" "rsync://$addr:$PORT/bench/") ;;
         scp)
             cmd=(scp -q -C "${r[@]}" -P "$PORT" "${SSH_OPTS[@]}" "$src" "root@$addr:$SRV/") ;;
@@ -300,6 +302,9 @@ run() {
     t0="$(now_ns)"
     "${ns[@]}" timeout "$CAP" /usr/bin/time -f "$TIME_FMT" -o "$LOGS/client.time" "${cmd[@]}" \
         >"$LOGS/client.out" 2>"$LOGS/client.err" || capped=" (capped or failed: $(tail -c 200 "$LOGS/client.err" | tr '\n' ' '))"
+    # rsync returns with the files in the page cache, xfer once they are on disk: the durable
+    # variant waits for the disk too, so that both are timed to the same point.
+    [[ "$tool" != rsync*-durable ]] || sync -f "$SRV"
     local secs
     secs="$(secs_since "$t0")"
     cp "$LOGS/client.err" "$LOGS/$link-$data-$tool.err"
