@@ -196,7 +196,13 @@ async fn list_pages<T>(
 
 /// True when the daemon on `session` keeps tree metadata (`CAP_TREE_META`).
 fn keeps_meta(session: &Session) -> bool {
-    session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0
+    meta_granted(&session.welcome)
+}
+
+/// Whether `welcome` grants a tree's metadata (`CAP_TREE_META`): also what a listing sent
+/// before `Welcome` was encoded for, which [`keeps_meta`] must then read the same way.
+fn meta_granted(welcome: &xfer_proto::Welcome) -> bool {
+    welcome.capabilities & xfer_proto::CAP_TREE_META != 0
 }
 
 /// One frame of a pipeline, and what it costs.
@@ -1172,8 +1178,12 @@ pub async fn send_tree_mirror(
         // daemon proves itself early: a round trip sooner.
         let listed_dir = dest.to_string();
         let listing: FirstFrames = Arc::new(move |welcome: &xfer_proto::Welcome| {
-            let with_meta = welcome.capabilities & xfer_proto::CAP_TREE_META != 0;
-            vec![listing_request(&listed_dir, with_meta, checksum, keep)]
+            vec![listing_request(
+                &listed_dir,
+                meta_granted(welcome),
+                checksum,
+                keep,
+            )]
         });
         let mut control = connect_deleting_telling_rtt(
             target,
