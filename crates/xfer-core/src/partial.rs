@@ -753,18 +753,11 @@ impl PartialFile {
             read_for_digest(data, direct, &mut buf, pos, n, sink)
         };
         let mut digests = Vec::with_capacity(indices.len());
-        let started = std::time::Instant::now();
         for &index in indices {
             let range = crate::digest::block_range(index, size);
             let digest = crate::digest::hash_span(range.start, range.end, zeros, block, &mut read)?;
             digests.push((index, digest, range.len()));
         }
-        tracing::debug!(
-            file = %self.slot.leaf,
-            blocks = indices.len(),
-            us = started.elapsed().as_micros() as u64,
-            "blocks read back"
-        );
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.epoch != epoch {
@@ -831,6 +824,8 @@ impl PartialFile {
 
     fn barrier_blocking(&self, covered: u64) {
         let data = Arc::clone(&self.lock().data);
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = data.sync_data();
         let mut st = self.lock();
         st.sync_running = false;
