@@ -614,6 +614,17 @@ pub fn unexpected(frame: Frame) -> ClientError {
     ClientError::Unexpected(frame.frame_type().name())
 }
 
+/// A listener on a loopback port for a test's fake daemon, and the target that reaches it.
+#[cfg(test)]
+pub(crate) async fn fake_daemon() -> (tokio::net::TcpListener, Target) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port: listener.local_addr().unwrap().port(),
+    };
+    (listener, target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,11 +634,7 @@ mod tests {
     /// flight, before it has sent any `Welcome`: the round trip the early proof saves.
     #[tokio::test]
     async fn the_first_request_goes_with_auth_before_the_welcome() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port: listener.local_addr().unwrap().port(),
-        };
+        let (listener, target) = fake_daemon().await;
         let daemon = async move {
             let (socket, _) = listener.accept().await.unwrap();
             let (read, write) = socket.into_split();
@@ -679,11 +686,7 @@ mod tests {
     /// before any handshake round trip, other connections can open beside this one's.
     #[tokio::test]
     async fn the_round_trip_is_told_before_the_hello_goes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port: listener.local_addr().unwrap().port(),
-        };
+        let (listener, target) = fake_daemon().await;
         let (dialed, mut dial_rtt) = tokio::sync::oneshot::channel();
         let daemon = async move {
             let (mut socket, _) = listener.accept().await.unwrap();

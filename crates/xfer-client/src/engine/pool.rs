@@ -728,11 +728,7 @@ mod tests {
 
     /// A listener that accepts and never answers, and options for an adaptive pool to it.
     async fn silent_daemon() -> (tokio::net::TcpListener, Target, Options) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port: listener.local_addr().unwrap().port(),
-        };
+        let (listener, target) = crate::session::fake_daemon().await;
         let mut opts = super::super::test_options(Arc::new(crate::ProgressCounter::default()));
         opts.connections = Connections::Adaptive { max: 64 };
         (listener, target, opts)
