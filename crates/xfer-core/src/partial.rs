@@ -874,13 +874,9 @@ impl PartialFile {
         durability: Durability,
     ) -> Result<Digest> {
         let this = Arc::clone(self);
-        let (digest, replaced) = blocking(move || {
-            let mut replaced = None;
-            let digest =
-                this.commit_blocking(mode, mtime_ns, expected, (kind, durability), &mut replaced)?;
-            Ok((digest, replaced))
-        })
-        .await?;
+        let (digest, replaced) =
+            blocking(move || this.commit_blocking(mode, mtime_ns, expected, kind, durability))
+                .await?;
         if let Some(old) = replaced {
             // Its last close frees it: the answer need not wait for that.
             tokio::task::spawn_blocking(move || drop(old));
@@ -908,15 +904,15 @@ impl PartialFile {
         self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// `replaced` gets the file the rename replaced, still open, for the caller to close.
+    /// Returns the digest, and the file the rename replaced, still open, for the caller to close.
     fn commit_blocking(
         &self,
         mode: u32,
         mtime_ns: i64,
         expected: Option<Digest>,
-        (kind, durability): (DigestKind, Durability),
-        replaced: &mut Option<File>,
-    ) -> Result<Digest> {
+        kind: DigestKind,
+        durability: Durability,
+    ) -> Result<(Digest, Option<File>)> {
         let ctx = |what: &str| format!("{what} {:?}", self.slot.leaf);
         let mut st = self.lock();
         if let Some(mut done) = st.committed {
@@ -932,7 +928,7 @@ impl PartialFile {
                 let why = "committed meanwhile by another client with different content";
                 return Err(CoreError::io(ctx("commit"), std::io::Error::other(why)));
             }
-            return Ok(done);
+            return Ok((done, None));
         }
         if let Some(why) = &st.closed {
             return Err(CoreError::io(
@@ -950,7 +946,7 @@ impl PartialFile {
                     false => crate::digest::digest_file_as(self.kind, &st.data, self.identity.size)
                         .map_err(|e| CoreError::io(ctx("reading"), e))?,
                 });
-                return Ok(digest);
+                return Ok((digest, None));
             }
             // Same size and mtime, other bytes: receive the file after all. The sender learns
             // that nothing is held and sends everything; the old file stays until the rename.
@@ -1025,7 +1021,7 @@ impl PartialFile {
         // cache and blocks (about 0.4 s for 2 GiB here), before the sender hears that the file
         // is in place.
         let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        *replaced = rfs::openat(dir, self.slot.leaf.as_str(), flags, Mode::empty())
+        let replaced = rfs::openat(dir, self.slot.leaf.as_str(), flags, Mode::empty())
             .ok()
             .map(File::from);
         rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
@@ -1051,7 +1047,7 @@ impl PartialFile {
             ?durability,
             "committed"
         );
-        Ok(digest)
+        Ok((digest, replaced))
     }
 
     /// Drops everything received: the next run of this transfer starts from zero.
