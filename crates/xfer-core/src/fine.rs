@@ -22,6 +22,8 @@ pub const FINE_BLOCK: u32 = 1024;
 /// the old bytes around a change in place are as long as the new ones.
 const OLD_PER_NEW: u64 = 2;
 const OLD_SLACK: u64 = 64 * 1024;
+/// Most basis bytes a gap of [`plan`] sums, which [`block_sums`] holds at once.
+pub const MAX_OLD_LEN: u64 = MAX_FINE_GAP * OLD_PER_NEW + OLD_SLACK;
 
 /// The weak sum of proto.md §5.14 over `block`: `a` the sum of its bytes, `b` the sum of each
 /// byte times its distance from the block's end, both modulo 2^16; `a | b << 16`.
@@ -112,7 +114,7 @@ pub fn plan(
         if lo >= hi {
             continue;
         }
-        let most = new.len() * OLD_PER_NEW + OLD_SLACK;
+        let most = (new.len() * OLD_PER_NEW + OLD_SLACK).min(MAX_OLD_LEN);
         let old = match (hi - lo > most, prev.is_some()) {
             (false, _) => ByteRange::new(lo, hi),
             (true, true) => ByteRange::new(lo, lo + most),
@@ -138,7 +140,8 @@ pub fn plan(
 }
 
 /// Reads the basis bytes of each gap of `gaps` from `file` and sums them in blocks of
-/// `block_len` ([`fine_blocks`]), gap after gap. Blocking.
+/// `block_len` ([`fine_blocks`]), gap after gap, holding one gap's at once ([`MAX_OLD_LEN`]
+/// for those of [`plan`]). Blocking.
 ///
 /// # Errors
 /// Read errors, or a basis shorter than a gap (it changed).
@@ -433,7 +436,7 @@ mod tests {
         assert!(gaps.iter().all(|g| g.old == g.new), "{gaps:?}");
         // One with nothing matched around it: the basis bytes are bounded.
         let (_, gaps) = plan(MAX_FINE_GAP, 64 << 20, &RangeSet::new(), &[]);
-        assert!(gaps[0].old.len() <= MAX_FINE_GAP * OLD_PER_NEW + OLD_SLACK);
+        assert!(gaps[0].old.len() <= MAX_OLD_LEN);
         // A span longer than a gap may be is left to the data.
         let covered = RangeSet::new();
         let (_, gaps) = plan(MAX_FINE_GAP + 1, 64 << 20, &covered, &[]);

@@ -191,6 +191,8 @@ impl Handler {
             return Err(fatal(ErrorCode::Protocol, "DeltaBlocks without a basis"));
         };
         let (size, name) = (lease.partial.identity().size, name.clone());
+        // One gap's basis bytes are read at once.
+        let _reservation = self.shared.budget.reserve(fine::MAX_OLD_LEN as usize).await;
         let summed = blocking(move || {
             let basis_size = basis.identity().size;
             let (block_len, gaps) = fine::plan(size, basis_size, &covered, &located);
