@@ -131,7 +131,7 @@ pub(crate) async fn send_over(
     let kind = xfer_core::digest::DigestKind::of_capabilities(session.welcome.capabilities);
     let fine = session.welcome.capabilities & xfer_proto::CAP_DELTA_FINE != 0;
     let mut prepared = stream::iter(files)
-        .map(|light| prepare(job, light, chunk_size, sparse_aware, kind))
+        .map(|light| prepare(job, light, chunk_size, sparse_aware, kind, fine))
         .buffered(PREPARED_AHEAD);
     let room = Semaphore::new(OPEN_AT_ONCE);
     // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): the
@@ -510,7 +510,8 @@ async fn opened(
 }
 
 /// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk
-/// the daemon would choose, and digested. `None` leaves the file to the engine: one that has
+/// the daemon would choose (at least `LIGHT_AVG_CHUNK` with `fine`, `CAP_DELTA_FINE`), and
+/// digested. `None` leaves the file to the engine: one that has
 /// holes (where the daemon keeps them) or more chunks than one request carries.
 async fn prepare(
     job: &Job<'_>,
@@ -518,6 +519,7 @@ async fn prepare(
     chunk_size: u32,
     sparse_aware: bool,
     kind: xfer_core::digest::DigestKind,
+    fine: bool,
 ) -> Result<Option<Prepared>, ClientError> {
     let (local, name) = (job.local.clone(), crate::tree::join(job.dest, &light.path));
     let task = tokio::task::spawn_blocking(move || -> Result<Option<Prepared>, CoreError> {
@@ -527,7 +529,12 @@ async fn prepare(
             return Ok(None);
         }
         let file = source.file();
-        let avg = delta::avg_chunk(identity.size.max(light.basis_size));
+        let mut avg = delta::avg_chunk(identity.size.max(light.basis_size));
+        if fine {
+            // Blocks found within the chunks missed make up for coarser ones: a signature a
+            // quarter as long, in a fresh connection's first window.
+            avg = avg.max(xfer_core::fine::LIGHT_AVG_CHUNK);
+        }
         let mut chunks = Vec::new();
         // Read once for both the signature and the commit's digest (no holes here: the
         // daemon that keeps them was ruled out above, and a hole reads as the zeros it holds).

@@ -18,6 +18,11 @@ use crate::RangeSet;
 /// The block a receiver sums in first: an 8 KiB change then costs about 9 KiB of data, and
 /// the sums of the 16 KiB chunks around it a few hundred bytes.
 pub const FINE_BLOCK: u32 = 1024;
+/// The average chunk a light file's signature is cut with where blocks are matched within the
+/// spans it misses: a 2 MB file's signature is 32 chunks (640 bytes) instead of 128, so that a
+/// connection's first flight of signatures fits TCP's initial window, and the data a change costs
+/// stays about its own bytes.
+pub const LIGHT_AVG_CHUNK: u32 = 64 * 1024;
 /// How much longer than its span of the new file a gap's basis bytes may be (and 64 KiB more):
 /// the old bytes around a change in place are as long as the new ones.
 const OLD_PER_NEW: u64 = 2;
@@ -287,18 +292,18 @@ mod tests {
     /// the new file from the basis and that data to check every copy. Returns the literal bytes
     /// and the sums sent back.
     fn literal_of(old: &[u8], new: &[u8], fine: bool) -> (u64, usize) {
+        literal_cut_with(old, new, fine, MIN_AVG_CHUNK)
+    }
+
+    /// As [`literal_of`], the chunks cut with `avg`.
+    fn literal_cut_with(old: &[u8], new: &[u8], fine: bool, avg: u32) -> (u64, usize) {
         let size = new.len() as u64;
-        let basis = Basis::open(file_with(old), MIN_AVG_CHUNK).unwrap();
+        let basis = Basis::open(file_with(old), avg).unwrap();
         let mut chunks: Vec<SigChunk> = Vec::new();
-        cut_region(
-            &file_with(new),
-            ByteRange::new(0, size),
-            MIN_AVG_CHUNK,
-            |c: Cut| {
-                chunks.push(c.sig());
-                true
-            },
-        )
+        cut_region(&file_with(new), ByteRange::new(0, size), avg, |c: Cut| {
+            chunks.push(c.sig());
+            true
+        })
         .unwrap();
         let mut built = vec![0u8; new.len()];
         let mut covered = RangeSet::new();
@@ -383,6 +388,22 @@ mod tests {
         }
         // Whole chunks of 16 KiB on average go around each change without the blocks.
         assert!(all_fine * 2 < all_chunked, "{all_fine} {all_chunked}");
+    }
+
+    #[test]
+    fn with_blocks_a_light_file_loses_nothing_to_coarser_chunks() {
+        let old = pseudo_random(2 << 20, 24);
+        let mut new = old.clone();
+        new[900_001..900_001 + 8192].copy_from_slice(&pseudo_random(8192, 25));
+        for avg in [MIN_AVG_CHUNK, LIGHT_AVG_CHUNK] {
+            let (literal, sums) = literal_cut_with(&old, &new, true, avg);
+            assert!(
+                literal <= 8192 + 2 * u64::from(FINE_BLOCK),
+                "{avg}: {literal}"
+            );
+            // The sums back grow with the chunks missed, but stay well below the data saved.
+            assert!(sums * 12 <= 4 * 1024, "{avg}: {sums}");
+        }
     }
 
     #[test]
