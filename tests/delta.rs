@@ -576,6 +576,46 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     light.assert_arrived(&tree.root());
 }
 
+/// A small change costs a light file about its own bytes as literal data, not the whole
+/// content-defined chunks around it: the daemon sums the basis around the spans the chunks
+/// missed in small blocks (`CAP_DELTA_FINE`), and the client copies the blocks it finds there.
+/// Changes in place, an insertion, a removal, a truncation and growth all arrive right.
+#[test]
+fn a_small_change_costs_a_light_file_about_its_own_bytes() {
+    let tree = Tree::new();
+    let light = LightTree::new(&tree, 8, 500);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    light.send(&addr, &["--whole-file"]);
+    let mut changed: Vec<Vec<u8>> = light.files.clone();
+    // 8 KiB rewritten in place, at an offset of its own in each of four files.
+    for (i, bytes) in changed.iter_mut().take(4).enumerate() {
+        let at = MIB / 2 + i * 77_777 + 333;
+        bytes[at..at + 8192].copy_from_slice(&noise(8192, 900 + i as u64));
+    }
+    changed[4].splice(900_000..900_000, noise(3000, 950));
+    changed[5].drain(700_000..705_000);
+    changed[6].truncate(3 * MIB / 2);
+    changed[7].extend(noise(10_000, 951));
+    for (i, bytes) in changed.iter().enumerate() {
+        std::fs::write(light.path(i), bytes).unwrap();
+    }
+    let out = light.send(&addr, &["--delta", "-c", "2"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("delta_files"), 8, "{json}");
+    // Each change and up to two 1 KiB blocks around it; whole chunks of 16 KiB on average
+    // either side came to about 250 KB here.
+    let most = 4 * (8192 + 2048) + (3000 + 2048) + 2048 + 1024 + (10_000 + 1024);
+    assert!(out.json_u64("literal_bytes") <= most, "{json}");
+    let total: u64 = changed.iter().map(|b| b.len() as u64).sum();
+    assert_eq!(
+        out.json_u64("literal_bytes") + out.json_u64("matched_bytes"),
+        total,
+        "{json}"
+    );
+    light.assert_arrived(&tree.root());
+}
+
 /// A daemon with a window of one `Data` ends a connection on which a second arrives before
 /// the first is answered (it sees this when they come one after the other, the first still
 /// being written). The light files' literal data, two ranges of each file, keeps within that

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, Semaphore};
 use xfer_core::delta;
 use xfer_core::{CoreError, RangeSet, Root, SourceFile};
 use xfer_proto::{
-    ByteRange, ChunkRef, Commit, Data, DeltaPut, ErrorCode, ErrorFrame, Frame, OpenWrite,
-    MAX_DELTA_CHUNKS,
+    fine_block_count, ByteRange, ChunkRef, Commit, Data, DeltaCopy, DeltaPut, ErrorCode,
+    ErrorFrame, FineCopy, Frame, OpenWrite, MAX_DELTA_CHUNKS, MAX_FINE_COPIES,
 };
 
 use crate::session::unexpected;
@@ -96,6 +96,8 @@ struct Second {
 /// What the answer to a `DeltaPut` leaves to send.
 struct Literal {
     ranges: Vec<ByteRange>,
+    /// Runs of the basis to copy (`CAP_DELTA_FINE`), sent before the data.
+    copies: Vec<FineCopy>,
     /// The daemon held a file to copy from.
     delta: bool,
     matched: u64,
@@ -127,8 +129,9 @@ pub(crate) async fn send_over(
         .max(xfer_proto::MIN_CHUNK_SIZE);
     let sparse_aware = session.welcome.capabilities & xfer_proto::CAP_TREE_META != 0;
     let kind = xfer_core::digest::DigestKind::of_capabilities(session.welcome.capabilities);
+    let fine = session.welcome.capabilities & xfer_proto::CAP_DELTA_FINE != 0;
     let mut prepared = stream::iter(files)
-        .map(|light| prepare(job, light, chunk_size, sparse_aware, kind))
+        .map(|light| prepare(job, light, chunk_size, sparse_aware, kind, fine))
         .buffered(PREPARED_AHEAD);
     let room = Semaphore::new(OPEN_AT_ONCE);
     // `Data` unanswered on this connection, within the daemon's window (proto.md §5.11): the
@@ -186,7 +189,7 @@ pub(crate) async fn send_over(
                 next = next_rx.recv() => {
                     let Some(next) = next else { break };
                     settled += 1;
-                    let (file, id, literal) = match next {
+                    let (file, id, mut literal) = match next {
                         Next::Second(file, id, literal) => (file, id, literal),
                         Next::Settled => continue,
                         Next::Again(file) => {
@@ -194,6 +197,10 @@ pub(crate) async fn send_over(
                             continue;
                         }
                     };
+                    for copies in std::mem::take(&mut literal.copies).chunks(MAX_FINE_COPIES) {
+                        let copy = DeltaCopy { transfer_id: id, copies: copies.to_vec() };
+                        writer.send(&Frame::DeltaCopy(copy)).await?;
+                    }
                     let chunks = xfer_core::split_into_chunks(&literal.ranges, chunk_size).into();
                     sending.push_back(Second { file, id, literal, chunks });
                 }
@@ -248,7 +255,7 @@ pub(crate) async fn send_over(
         while let Some(expect) = expect_rx.recv().await {
             match expect {
                 Expect::Put(file) => {
-                    let next = match opened(reader, file).await? {
+                    let next = match opened(reader, file, fine).await? {
                         Opened::Open(file, id, literal) => {
                             opens.open += 1;
                             Next::Second(file, id, literal)
@@ -429,10 +436,12 @@ enum Opened {
     Full(Box<Prepared>),
 }
 
-/// Reads the answer to `file`'s `DeltaPut`.
+/// Reads the answer to `file`'s `DeltaPut`, and with `fine` (`CAP_DELTA_FINE`) the blocks of
+/// the basis around the spans it left, which it looks for there.
 async fn opened(
     reader: &mut crate::session::Reader,
     file: Box<Prepared>,
+    fine: bool,
 ) -> Result<Opened, ClientError> {
     let request_level = |e: &ErrorFrame| e.error_code().is_some_and(ErrorCode::is_request_level);
     let opened = match read_answer(reader).await? {
@@ -449,7 +458,7 @@ async fn opened(
     };
     let size = file.put.open.identity.size;
     let mut have = RangeSet::from_ranges(opened.held.iter().copied());
-    let (delta, matched) = match read_answer(reader).await? {
+    let (delta, mut matched) = match read_answer(reader).await? {
         Frame::DeltaMatch(m) if m.transfer_id == opened.transfer_id && m.offset == 0 => {
             let mut end = 0;
             for range in &m.matched {
@@ -467,8 +476,33 @@ async fn opened(
         Frame::Error(e) if request_level(&e) => (false, 0),
         other => return Err(unexpected(other)),
     };
+    let mut copies = Vec::new();
+    if delta && fine {
+        let blocks = match read_answer(reader).await? {
+            Frame::DeltaBlocks(b) if b.transfer_id == opened.transfer_id => b,
+            other => return Err(unexpected(other)),
+        };
+        blocks.check(size).map_err(ClientError::Unexpected)?;
+        let mut sums = &blocks.sums[..];
+        for gap in &blocks.gaps {
+            let (mine, rest) = sums.split_at(fine_block_count(gap.old, blocks.block_len) as usize);
+            sums = rest;
+            // Bytes the match or the resume already supplied are not looked for again.
+            if have.contains(gap.new) || mine.is_empty() {
+                continue;
+            }
+            let bytes = file.source.read(gap.new).await?;
+            for copy in xfer_core::fine::find_blocks(&bytes, gap, blocks.block_len, mine) {
+                let range = ByteRange::new(copy.new, copy.new + u64::from(copy.len));
+                matched += range.len();
+                have.insert(range);
+                copies.push(copy);
+            }
+        }
+    }
     let literal = Literal {
         ranges: have.missing(size),
+        copies,
         delta,
         matched,
     };
@@ -476,7 +510,8 @@ async fn opened(
 }
 
 /// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk
-/// the daemon would choose, and digested. `None` leaves the file to the engine: one that has
+/// the daemon would choose (at least `LIGHT_AVG_CHUNK` with `fine`, `CAP_DELTA_FINE`), and
+/// digested. `None` leaves the file to the engine: one that has
 /// holes (where the daemon keeps them) or more chunks than one request carries.
 async fn prepare(
     job: &Job<'_>,
@@ -484,6 +519,7 @@ async fn prepare(
     chunk_size: u32,
     sparse_aware: bool,
     kind: xfer_core::digest::DigestKind,
+    fine: bool,
 ) -> Result<Option<Prepared>, ClientError> {
     let (local, name) = (job.local.clone(), crate::tree::join(job.dest, &light.path));
     let task = tokio::task::spawn_blocking(move || -> Result<Option<Prepared>, CoreError> {
@@ -493,7 +529,12 @@ async fn prepare(
             return Ok(None);
         }
         let file = source.file();
-        let avg = delta::avg_chunk(identity.size.max(light.basis_size));
+        let mut avg = delta::avg_chunk(identity.size.max(light.basis_size));
+        if fine {
+            // Blocks found within the chunks missed make up for coarser ones: a signature a
+            // quarter as long, in a fresh connection's first window.
+            avg = avg.max(xfer_core::fine::LIGHT_AVG_CHUNK);
+        }
         let mut chunks = Vec::new();
         // Read once for both the signature and the commit's digest (no holes here: the
         // daemon that keeps them was ruled out above, and a hole reads as the zeros it holds).

@@ -366,7 +366,7 @@ struct Lazy {
 /// read buffer, or bytes read for a chunk found by search.
 enum Run {
     InBuffer { new: u64, from: usize, to: usize },
-    Own { new: u64, bytes: Bytes },
+    Own { new: u64, old: u64, bytes: Bytes },
 }
 
 /// Where [`Basis`] looks for a chunk of the new file.
@@ -421,6 +421,11 @@ impl Basis {
         self.identity
     }
 
+    /// The basis file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The average chunk both sides cut with.
     pub fn avg_chunk(&self) -> u32 {
         self.avg
@@ -450,7 +455,23 @@ impl Basis {
         &self,
         offset: u64,
         chunks: &[SigChunk],
-        emit: impl FnMut(u64, Bytes) -> bool,
+        mut emit: impl FnMut(u64, Bytes) -> bool,
+    ) -> io::Result<u64> {
+        self.copy_found(offset, chunks, Lookup::Search, |new, _, bytes| {
+            emit(new, bytes)
+        })
+    }
+
+    /// As [`Basis::copy_batch`], each run handed out with where it lies in the basis:
+    /// `(offset in the new file, offset in the basis, bytes)`.
+    ///
+    /// # Errors
+    /// Read errors.
+    pub fn copy_batch_located(
+        &self,
+        offset: u64,
+        chunks: &[SigChunk],
+        emit: impl FnMut(u64, u64, Bytes) -> bool,
     ) -> io::Result<u64> {
         self.copy_found(offset, chunks, Lookup::Search, emit)
     }
@@ -466,9 +487,11 @@ impl Basis {
         &self,
         offset: u64,
         chunks: &[SigChunk],
-        emit: impl FnMut(u64, Bytes) -> bool,
+        mut emit: impl FnMut(u64, Bytes) -> bool,
     ) -> io::Result<u64> {
-        self.copy_found(offset, chunks, Lookup::ShiftOnly, emit)
+        self.copy_found(offset, chunks, Lookup::ShiftOnly, |new, _, bytes| {
+            emit(new, bytes)
+        })
     }
 
     fn copy_found(
@@ -476,7 +499,7 @@ impl Basis {
         offset: u64,
         chunks: &[SigChunk],
         lookup: Lookup,
-        mut emit: impl FnMut(u64, Bytes) -> bool,
+        mut emit: impl FnMut(u64, u64, Bytes) -> bool,
     ) -> io::Result<u64> {
         let mut st = self.lock();
         let work_before = st.probed + st.searched;
@@ -561,22 +584,56 @@ impl Basis {
         &self,
         window: Option<Window>,
         runs: &mut Vec<Run>,
-        emit: &mut impl FnMut(u64, Bytes) -> bool,
+        emit: &mut impl FnMut(u64, u64, Bytes) -> bool,
     ) -> bool {
-        let bytes = window.map(|w| (w.pad, self.buffers.bytes(w.buf)));
+        let bytes = window.map(|w| (w.start, w.pad, self.buffers.bytes(w.buf)));
         for run in runs.drain(..) {
-            let (new, bytes) = match run {
+            let (new, old, bytes) = match run {
                 Run::InBuffer { new, from, to } => match &bytes {
-                    Some((pad, b)) => (new, b.slice(pad + from..pad + to)),
+                    Some((start, pad, b)) => {
+                        (new, start + from as u64, b.slice(pad + from..pad + to))
+                    }
                     None => continue,
                 },
-                Run::Own { new, bytes } => (new, bytes),
+                Run::Own { new, old, bytes } => (new, old, bytes),
             };
-            if !emit(new, bytes) {
+            if !emit(new, old, bytes) {
                 return false;
             }
         }
         true
+    }
+
+    /// Reads `pieces` (each at most [`MAX_COPY`] bytes) from the basis and hands out those
+    /// whose bytes still hash as given, as `(offset in the new file, bytes)`, at most
+    /// [`MAX_COPY`] bytes read at once. Blocking.
+    ///
+    /// # Errors
+    /// Read errors.
+    pub fn copy_pieces(
+        &self,
+        pieces: &[Piece],
+        mut emit: impl FnMut(u64, Bytes) -> bool,
+    ) -> io::Result<u64> {
+        let mut read = 0;
+        let mut rest = pieces;
+        while !rest.is_empty() {
+            // A group of at most MAX_COPY bytes: what is held at once.
+            let (mut n, mut bytes) = (0, 0);
+            while n < rest.len() && (n == 0 || bytes + u64::from(rest[n].len) <= MAX_COPY) {
+                bytes += u64::from(rest[n].len);
+                n += 1;
+            }
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            read += bytes;
+            for (new, _, run) in read_verified(&self.file, &self.buffers, group)? {
+                if !emit(new, run) {
+                    return Ok(read);
+                }
+            }
+        }
+        Ok(read)
     }
 
     /// Searches the basis for the pending misses, cutting it around where each was expected
@@ -604,8 +661,8 @@ impl Basis {
                 });
             }
         }
-        for (new, bytes) in read_verified(&self.file, &self.buffers, &pieces)? {
-            runs.push(Run::Own { new, bytes });
+        for (new, old, bytes) in read_verified(&self.file, &self.buffers, &pieces)? {
+            runs.push(Run::Own { new, old, bytes });
         }
         if let Some(last) = pieces.last() {
             st.shift = last.old as i64 - last.new as i64;
@@ -653,15 +710,15 @@ impl Basis {
 }
 
 /// Reads `pieces` from `file` and keeps the bytes whose hash still matches, as `(offset in the
-/// new file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer piece), in buffers of
+/// new file, offset in the file, bytes)` runs of at most [`MAX_COPY`] bytes (or one longer piece), in buffers of
 /// `buffers`. Pieces that follow each other in both files are read with one read. A file that
 /// changed yields fewer bytes, never wrong ones. Blocking.
 fn read_verified(
     file: &File,
     buffers: &BufferPool,
     pieces: &[Piece],
-) -> io::Result<Vec<(u64, Bytes)>> {
-    let mut out: Vec<(u64, Bytes)> = Vec::new();
+) -> io::Result<Vec<(u64, u64, Bytes)>> {
+    let mut out: Vec<(u64, u64, Bytes)> = Vec::new();
     let mut rest = pieces;
     while let Some(first) = rest.first() {
         let mut len = u64::from(first.len);
@@ -689,7 +746,7 @@ fn read_verified(
         let verdicts: Vec<bool> = run.iter().map(good).collect();
         let bytes = buffers.bytes(bytes);
         if verdicts.iter().all(|&ok| ok) {
-            out.push((first.new, bytes));
+            out.push((first.new, first.old, bytes));
             continue;
         }
         let mut k = 0;
@@ -704,7 +761,7 @@ fn read_verified(
             }
             let at = (run[from].new - first.new) as usize;
             let to = (run[k - 1].new - first.new) as usize + run[k - 1].len as usize;
-            out.push((run[from].new, bytes.slice(at..to)));
+            out.push((run[from].new, run[from].old, bytes.slice(at..to)));
         }
     }
     Ok(out)

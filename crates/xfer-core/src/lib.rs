@@ -30,6 +30,7 @@ pub mod digest;
 pub mod direct;
 pub mod error;
 pub mod filter;
+pub mod fine;
 pub mod journal;
 pub mod meta;
 pub mod partial;

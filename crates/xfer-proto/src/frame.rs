@@ -847,6 +847,12 @@ frame_types! {
     /// [`DeltaPut`](crate::DeltaPut): open a light file's upload with its whole signature
     /// (`CAP_DELTA_PUT`)
     DeltaPut(crate::DeltaPut) = 0x7a,
+    /// [`DeltaBlocks`](crate::DeltaBlocks): the basis around a `DeltaPut`'s unmatched spans,
+    /// summed in blocks (`CAP_DELTA_FINE`)
+    DeltaBlocks(crate::DeltaBlocks) = 0x66,
+    /// [`DeltaCopy`](crate::DeltaCopy): runs of the basis to copy, found within those spans
+    /// (`CAP_DELTA_FINE`)
+    DeltaCopy(crate::DeltaCopy) = 0x67,
     /// [`CopyDelta`]: what a single-file copy's delta moved (`CAP_COPY_DELTA`)
     CopyDelta(CopyDelta) = 0x78,
     /// [`CopyReason`]: why a single-file copy went as a delta or whole (`CAP_COPY_REASON`)

@@ -156,6 +156,16 @@ pub fn session_script(data: &[u8], start: Instant) {
                 assert_eq!(covered, put.open.identity.size);
                 session.open_upload(put.open.identity.size, 0);
             }
+            // Runs to copy, checked against the upload before the daemon reads the basis.
+            Request::DeltaCopy(id, copy) => {
+                session
+                    .upload(id)
+                    .expect("a handle the session gave is open");
+                assert!(copy.copies.len() <= crate::MAX_FINE_COPIES);
+                assert!(copy.copies.iter().all(|c| c.len > 0
+                    && u64::from(c.len) <= crate::MAX_FINE_GAP
+                    && c.old.checked_add(u64::from(c.len)).is_some()));
+            }
             // Refused only on a connection whose room is full; nothing is opened.
             Request::DeltaPutFull(_, max_open) => {
                 assert_eq!((max_open, session.open_count()), (4, 4));
@@ -479,6 +489,51 @@ mod tests {
     #[test]
     fn small_data_in_a_byte_window_reaches_the_session() {
         session_script_now(&small_data_in_a_byte_window_script());
+    }
+
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_DELTA`,
+    /// `CAP_DELTA_PUT` and `CAP_DELTA_FINE`, a `DeltaPut`, a `DeltaCopy` within the upload, then
+    /// one reaching past it.
+    pub(crate) fn delta_copies_script() -> Vec<u8> {
+        use crate::*;
+        let hello = seed_hello(CAP_DELTA | CAP_DELTA_PUT | CAP_DELTA_FINE);
+        let put = Frame::DeltaPut(DeltaPut {
+            open: OpenWrite {
+                name: "f".into(),
+                identity: FileIdentity {
+                    size: 5000,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: 1 << 16,
+            },
+            avg_chunk: 16384,
+            chunks: vec![SigChunk {
+                len: 5000,
+                hash: [7; 16],
+            }],
+        });
+        let copy = |new, len| {
+            Frame::DeltaCopy(DeltaCopy {
+                transfer_id: 1,
+                copies: vec![FineCopy {
+                    new,
+                    old: 1024,
+                    len,
+                    hash: [9; 16],
+                }],
+            })
+        };
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in [hello, put, copy(0, 2048), copy(4000, 2048)] {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn delta_copies_reach_the_session_within_their_limits() {
+        session_script_now(&delta_copies_script());
     }
 
     /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.

@@ -110,6 +110,11 @@ pub const CAP_EARLY_AUTH: u64 = 1 << 19;
 /// instead of at `Committed`: a client that offers it sends `DeltaPut` only for files of a tree
 /// it ends with `Sync`, so a tree's light files cost the receiver no flush each.
 pub const CAP_DELTA_PUT_SYNC: u64 = 1 << 20;
+/// Capability bit: with `CAP_DELTA_PUT`, the server follows a `DeltaPut`'s `DeltaMatch` with
+/// `DeltaBlocks`, the basis around each span left unmatched summed in small fixed blocks, and the
+/// client copies the blocks it finds within those spans with `DeltaCopy`: a small change costs
+/// about its own bytes as data instead of the whole chunks around it.
+pub const CAP_DELTA_FINE: u64 = 1 << 21;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;
@@ -142,7 +147,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_DELTA_GUESS
     | CAP_BLOCK_DIGEST
     | CAP_BYTE_WINDOW
-    | CAP_DELTA_PUT_SYNC;
+    | CAP_DELTA_PUT_SYNC
+    | CAP_DELTA_FINE;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -176,6 +176,9 @@ pub enum Request {
     /// (`max_open`): answer a non-fatal `Error{Busy}`, so that the client learns the limit and
     /// keeps the connection.
     DeltaPutFull(String, usize),
+    /// Copy these runs of the basis into an upload (`CAP_DELTA_FINE`; bounds checked); not
+    /// answered.
+    DeltaCopy(UploadId, crate::DeltaCopy),
     /// Run the next `CopyTo` or `MirrorTo` of this connection with this delta choice
     /// (`CAP_COPY_DELTA`).
     CopyMode(crate::CopyDeltaMode),
@@ -276,6 +279,9 @@ pub enum SessionError {
     /// A `DeltaSig` with more chunks than one may carry.
     #[error("DeltaSig of {0} chunks, above the limit of {max}", max = crate::MAX_DELTA_CHUNKS)]
     TooManyChunks(usize),
+    /// A `DeltaCopy` with more runs than one may carry.
+    #[error("DeltaCopy of {0} runs, above the limit of {max}", max = crate::MAX_FINE_COPIES)]
+    TooManyCopies(usize),
 }
 
 /// The message `proto.md` gives every refused grant, whatever the reason.
@@ -299,9 +305,10 @@ impl SessionError {
             | Self::OutOfScope { .. }
             | Self::GrantExpired
             | Self::BadGrantScope(_) => ErrorCode::Auth,
-            Self::TooManyOpen(_) | Self::ChunkTooLarge { .. } | Self::TooManyChunks(_) => {
-                ErrorCode::TooLarge
-            }
+            Self::TooManyOpen(_)
+            | Self::ChunkTooLarge { .. }
+            | Self::TooManyChunks(_)
+            | Self::TooManyCopies(_) => ErrorCode::TooLarge,
             _ => ErrorCode::Protocol,
         }
     }
@@ -600,6 +607,7 @@ impl<U, D> ServerSession<U, D> {
             | Frame::DeltaSig(_)
             | Frame::DeltaGuess(_)
             | Frame::DeltaResume(_)
+            | Frame::DeltaCopy(_)
             | Frame::Commit(_)
             | Frame::Sync
             | Frame::Goodbye
@@ -647,6 +655,7 @@ impl<U, D> ServerSession<U, D> {
         // Guessed chunks only in a pipelined delta: the client learns where guesses missed
         // from answers it does not wait for.
         const GUESS: u64 = crate::CAP_DELTA | crate::CAP_DELTA_PIPELINE | crate::CAP_DELTA_GUESS;
+        const FINE: u64 = crate::CAP_DELTA | crate::CAP_DELTA_PUT | crate::CAP_DELTA_FINE;
         self.check_scope(&frame)?;
         let meta_frame = matches!(
             frame,
@@ -809,8 +818,14 @@ impl<U, D> ServerSession<U, D> {
                 };
                 Ok(Request::DeltaPut(crate::DeltaPut { open, ..d }))
             }
+            Frame::DeltaCopy(d) if self.client_capabilities & FINE == FINE => {
+                let size = self.transfer("DeltaCopy", d.transfer_id, TransferKind::Upload)?;
+                self.check_copies(&d.copies, size)?;
+                Ok(Request::DeltaCopy(UploadId(d.transfer_id), d))
+            }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
+            | Frame::DeltaCopy(_)
             | Frame::CopyMode(_)
             | Frame::PackedPutFiles(_)
             | Frame::PutFileMeta(_)
@@ -903,6 +918,32 @@ impl<U, D> ServerSession<U, D> {
                 end,
                 size,
             });
+        }
+        Ok(())
+    }
+
+    /// A `DeltaCopy` names at most `MAX_FINE_COPIES` non-empty runs, none longer than
+    /// `MAX_FINE_GAP`, that end within the upload (and, in the basis, within 64 bits).
+    fn check_copies(&self, copies: &[crate::FineCopy], size: u64) -> Result<(), SessionError> {
+        if copies.len() > crate::MAX_FINE_COPIES {
+            return Err(SessionError::TooManyCopies(copies.len()));
+        }
+        for copy in copies {
+            let len = u64::from(copy.len);
+            if len == 0 || len > crate::MAX_FINE_GAP {
+                return Err(SessionError::ChunkTooLarge {
+                    len,
+                    max: crate::MAX_FINE_GAP as u32,
+                });
+            }
+            let end = copy.new.saturating_add(len);
+            if end > size || copy.old.checked_add(len).is_none() {
+                return Err(SessionError::OutOfRange {
+                    start: copy.new,
+                    end,
+                    size,
+                });
+            }
         }
         Ok(())
     }

@@ -470,6 +470,39 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         (
+            "delta-blocks",
+            Frame::DeltaBlocks(DeltaBlocks {
+                transfer_id: 1,
+                block_len: 1024,
+                gaps: vec![FineGap {
+                    new: ByteRange::new(0, 3000),
+                    old: ByteRange::new(0, 2048),
+                }],
+                sums: vec![
+                    BlockSum {
+                        weak: 0x1234_5678,
+                        strong: 0x0123_4567_89ab_cdef,
+                    },
+                    BlockSum {
+                        weak: 0x9abc_def0,
+                        strong: 0xfedc_ba98_7654_3210,
+                    },
+                ],
+            }),
+        ),
+        (
+            "delta-copy",
+            Frame::DeltaCopy(DeltaCopy {
+                transfer_id: 1,
+                copies: vec![FineCopy {
+                    new: 5,
+                    old: 4096,
+                    len: 3,
+                    hash: DIGEST_ABC,
+                }],
+            }),
+        ),
+        (
             "delta-resume",
             Frame::DeltaResume(DeltaResume { transfer_id: 1 }),
         ),

@@ -4,6 +4,9 @@
 //! the journal like received chunks, so an interrupted delta resumes from what was copied.
 //! `DeltaPut` (`CAP_DELTA_PUT`) does all three for a light file in one request. A `DeltaGuess`
 //! is answered as a `DeltaSig`, its chunks looked for only where the previous match puts them.
+//! With `CAP_DELTA_FINE`, a `DeltaPut`'s match is followed by `DeltaBlocks`, the basis around
+//! each span it left summed in small blocks, and the client's `DeltaCopy` copies the blocks it
+//! found there (`xfer_core::fine`).
 //! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
@@ -13,11 +16,12 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 use tracing::info;
 use xfer_core::delta::{self, Basis};
+use xfer_core::fine;
 use xfer_core::{CoreError, RangeSet};
 use xfer_proto::session::{DownloadId, UploadId};
 use xfer_proto::{
-    ByteRange, DeltaAgreed, DeltaIndex, DeltaMatch, DeltaPut, DeltaSig, ErrorCode, Frame, ReadSig,
-    SigChunk, MAX_DELTA_CHUNKS, MAX_RANGES,
+    ByteRange, DeltaAgreed, DeltaBlocks, DeltaCopy, DeltaIndex, DeltaMatch, DeltaPut, DeltaSig,
+    ErrorCode, Frame, ReadSig, SigChunk, MAX_DELTA_CHUNKS, MAX_FINE_GAP, MAX_RANGES,
 };
 
 use super::{fatal, ConnError, Download, Handler, Upload};
@@ -97,7 +101,7 @@ impl Handler {
         sig: DeltaSig,
         guessed: bool,
     ) -> Result<(), ConnError> {
-        let matched = self
+        let (matched, _) = self
             .copy_from_basis(id, sig.offset, sig.chunks, guessed)
             .await?;
         self.writer
@@ -149,10 +153,15 @@ impl Handler {
             }
             last_end = Some(range.end);
         }
-        let mut matched = Vec::new();
+        let (mut matched, mut located) = (Vec::new(), Vec::new());
         for (offset, run) in runs {
-            matched.extend(self.copy_from_basis(id, offset, run, false).await?);
+            let (found, at) = self.copy_from_basis(id, offset, run, false).await?;
+            matched.extend(found);
+            located.extend(at);
         }
+        let fine = self.session.capabilities() & xfer_proto::CAP_DELTA_FINE != 0;
+        let mut covered = held;
+        matched.iter().for_each(|range| covered.insert(*range));
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
                 transfer_id: id.get(),
@@ -160,19 +169,132 @@ impl Handler {
                 matched,
             }))
             .await?;
+        if fine {
+            self.send_blocks(id, covered, located).await?;
+        }
+        Ok(())
+    }
+
+    /// `DeltaBlocks` for a `DeltaPut` whose chunks left the upload `covered`: the basis around
+    /// each span left (found from the shift of the runs `located` either side, see
+    /// `xfer_core::fine::plan`), summed in blocks.
+    async fn send_blocks(
+        &mut self,
+        id: UploadId,
+        covered: RangeSet,
+        located: Vec<(ByteRange, u64)>,
+    ) -> Result<(), ConnError> {
+        let Upload {
+            lease, name, basis, ..
+        } = self.session.upload(id)?;
+        let Some(basis) = basis.clone() else {
+            return Err(fatal(ErrorCode::Protocol, "DeltaBlocks without a basis"));
+        };
+        let (size, name) = (lease.partial.identity().size, name.clone());
+        // One gap's basis bytes are read at once.
+        let _reservation = self.shared.budget.reserve(fine::MAX_OLD_LEN as usize).await;
+        let summed = blocking(move || {
+            let basis_size = basis.identity().size;
+            let (block_len, gaps) = fine::plan(size, basis_size, &covered, &located);
+            let sums = fine::block_sums(basis.file(), &gaps, block_len)
+                .map_err(|e| CoreError::io("reading the delta basis", e))?;
+            Ok((block_len, gaps, sums))
+        })
+        .await;
+        let (block_len, gaps, sums) = match summed {
+            Ok(summed) => summed,
+            // A basis that shrank since it was opened: no blocks, the spans go as data.
+            Err(e) => {
+                tracing::debug!(name = %name, error = %e, "no blocks to match finer");
+                (fine::FINE_BLOCK, Vec::new(), Vec::new())
+            }
+        };
+        self.shared
+            .metrics
+            .delta_basis_read
+            .add(gaps.iter().map(|g| g.old.len()).sum());
+        self.writer
+            .send(&Frame::DeltaBlocks(DeltaBlocks {
+                transfer_id: id.get(),
+                block_len,
+                gaps,
+                sums,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// `DeltaCopy`: copies into the upload `id` the runs of its basis the client found within
+    /// the spans of `DeltaBlocks`, each only if its bytes still hash as the client's. Not
+    /// answered: a run left out leaves the upload short of it at the commit.
+    pub(super) async fn delta_copy(
+        &mut self,
+        id: UploadId,
+        copy: DeltaCopy,
+    ) -> Result<(), ConnError> {
+        let Upload {
+            lease, name, basis, ..
+        } = self.session.upload(id)?;
+        let Some(basis) = basis.clone() else {
+            return Err(fatal(ErrorCode::Protocol, "DeltaCopy before a basis"));
+        };
+        let (partial, name) = (Arc::clone(&lease.partial), name.clone());
+        // A group read (at most MAX_COPY, or one run of up to MAX_FINE_GAP) while the one
+        // before is written.
+        let _reservation = self
+            .shared
+            .budget
+            .reserve(2 * (delta::MAX_COPY.max(MAX_FINE_GAP)) as usize)
+            .await;
+        let pieces: Vec<delta::Piece> = copy
+            .copies
+            .iter()
+            .map(|c| delta::Piece {
+                new: c.new,
+                old: c.old,
+                len: c.len,
+                hash: u128::from_be_bytes(c.hash),
+            })
+            .collect();
+        let (runs_tx, mut runs_rx) = mpsc::channel::<(u64, Bytes)>(1);
+        let reading = blocking(move || {
+            let emit = |offset, bytes| runs_tx.blocking_send((offset, bytes)).is_ok();
+            basis
+                .copy_pieces(&pieces, emit)
+                .map_err(|e| CoreError::io("reading the delta basis", e))
+        });
+        let writing = async {
+            let mut copied = 0;
+            while let Some((offset, bytes)) = runs_rx.recv().await {
+                let crc = crc32fast::hash(&bytes);
+                copied += bytes.len() as u64;
+                partial
+                    .write(offset, bytes, crc)
+                    .await
+                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+            }
+            Ok::<_, ConnError>(copied)
+        };
+        let (read, copied) = tokio::join!(reading, writing);
+        let copied = copied?;
+        let read = read.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        self.shared.metrics.delta_basis_read.add(read);
+        self.shared.metrics.delta_copied.add(copied);
+        tracing::debug!(runs = copy.copies.len(), copied, "delta copies written");
         Ok(())
     }
 
     /// Copies into upload `id`'s partial the chunks (the first at `offset`) its basis holds,
     /// searched for or, `guessed`, looked for only where the previous match puts them, and
-    /// records their span as agreed; the ranges copied, sorted and merged.
+    /// records their span as agreed; the ranges copied, sorted and merged, and (but for guessed
+    /// chunks) each run copied with where it starts in the basis, in order.
     async fn copy_from_basis(
         &mut self,
         id: UploadId,
         offset: u64,
         chunks: Vec<SigChunk>,
         guessed: bool,
-    ) -> Result<Vec<ByteRange>, ConnError> {
+    ) -> Result<(Vec<ByteRange>, Vec<(ByteRange, u64)>), ConnError> {
         let span_len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         let sig_offset = offset;
         let Upload {
@@ -192,17 +314,20 @@ impl Handler {
             .await;
         // One thread checks the chunks in order (each match tells where the next chunk is
         // looked for) while the runs it found are written on several at once.
-        let (runs_tx, runs_rx) = mpsc::channel::<(u64, Bytes)>(parallel);
+        let (runs_tx, runs_rx) = mpsc::channel::<(u64, Option<u64>, Bytes)>(parallel);
         let matching = blocking(move || {
-            let emit = |offset, bytes| runs_tx.blocking_send((offset, bytes)).is_ok();
             let found = if guessed {
-                basis.copy_guessed(sig_offset, &chunks, emit)
+                basis.copy_guessed(sig_offset, &chunks, |offset, bytes| {
+                    runs_tx.blocking_send((offset, None, bytes)).is_ok()
+                })
             } else {
-                basis.copy_batch(sig_offset, &chunks, emit)
+                basis.copy_batch_located(sig_offset, &chunks, |offset, old, bytes| {
+                    runs_tx.blocking_send((offset, Some(old), bytes)).is_ok()
+                })
             };
             found.map_err(|e| CoreError::io("reading the delta basis", e))
         });
-        let write_run = |(offset, bytes): (u64, Bytes)| {
+        let write_run = |(offset, old, bytes): (u64, Option<u64>, Bytes)| {
             let (partial, name) = (Arc::clone(&partial), &name);
             async move {
                 let crc = crc32fast::hash(&bytes);
@@ -211,7 +336,7 @@ impl Handler {
                     .write(offset, bytes, crc)
                     .await
                     .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-                Ok::<_, ConnError>(range)
+                Ok::<_, ConnError>((range, old))
             }
         };
         let writing = async {
@@ -222,19 +347,21 @@ impl Handler {
             .buffered(parallel);
             let mut writes = std::pin::pin!(writes);
             let mut matched: Vec<ByteRange> = Vec::new();
+            let mut located = Vec::new();
             let mut copied = 0;
-            while let Some(range) = writes.next().await {
-                let range = range?;
+            while let Some(run) = writes.next().await {
+                let (range, old) = run?;
+                located.extend(old.map(|old| (range, old)));
                 copied += range.len();
                 match matched.last_mut() {
                     Some(last) if last.end == range.start => last.end = range.end,
                     _ => matched.push(range),
                 }
             }
-            Ok::<_, ConnError>((matched, copied))
+            Ok::<_, ConnError>((matched, located, copied))
         };
         let (matching, writing) = tokio::join!(matching, writing);
-        let (matched, copied) = writing?;
+        let (matched, located, copied) = writing?;
         let read = matching.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
         self.shared.metrics.delta_basis_read.add(read);
         // Recorded once its matched chunks are: a resumed upload sends the rest as data
@@ -253,7 +380,7 @@ impl Handler {
             ms = started.elapsed().as_millis() as u64,
             "delta batch answered"
         );
-        Ok(matched)
+        Ok((matched, located))
     }
 }
 

@@ -391,6 +391,7 @@ impl Handler {
                 Request::DeltaResume(id, _) => self.delta_resume(id).await?,
                 Request::DeltaSig(id, sig) => self.delta_sig(id, sig, false).await?,
                 Request::DeltaGuess(id, sig) => self.delta_sig(id, sig, true).await?,
+                Request::DeltaCopy(id, copy) => self.delta_copy(id, copy).await?,
                 Request::DeltaPut(put) => self.delta_put(put).await?,
                 Request::DeltaPutFull(name, max) => {
                     debug!(%name, max, "light upload refused: the connection's transfers are all open");
