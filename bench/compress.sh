@@ -245,6 +245,7 @@ EOF
 fresh_fs() {
     local img="$1.img" size=$((2 * (DOCS_BYTES > CSV_SIZE ? DOCS_BYTES : CSV_SIZE) + (512 << 20)))
     ((size > 2 * RANDOM_SIZE)) || size=$((2 * RANDOM_SIZE + (512 << 20)))
+    size=$(((size + 4095) / 4096 * 4096)) # whole sectors, as a loop device reads them
     truncate -s "$size" "$img"
     mkfs.ext4 -q -F -O ^has_journal -E lazy_itable_init=0,lazy_journal_init=0 "$img"
     if [[ "$LOOP_DIRECT_IO" == 1 ]]; then
