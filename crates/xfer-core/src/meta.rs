@@ -80,8 +80,20 @@ pub fn write_xattrs(
     want: &[Xattr],
     numeric_ids: bool,
 ) -> std::io::Result<()> {
-    let have = read_xattrs(file)?;
-    for old in &have {
+    write_xattrs_over(file, &read_xattrs(file)?, want, numeric_ids)
+}
+
+/// [`write_xattrs`] for a file whose attributes are known to be `have` ([`read_xattrs`]'s).
+///
+/// # Errors
+/// As [`write_xattrs`].
+pub fn write_xattrs_over(
+    file: BorrowedFd<'_>,
+    have: &[Xattr],
+    want: &[Xattr],
+    numeric_ids: bool,
+) -> std::io::Result<()> {
+    for old in have {
         if !want.iter().any(|x| x.name == old.name) {
             rfs::fremovexattr(file, old.name.as_str())?;
         }
@@ -358,19 +370,48 @@ pub struct MetaOutcome {
     pub xattrs_refused: Option<String>,
 }
 
+/// An entry's owner, group and permission bits (`st_mode & 0o7777`): what [`apply_meta`]
+/// compares with what is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Permission bits, set-id and sticky bits included.
+    pub mode: u32,
+}
+
+impl Ownership {
+    /// The ownership `st` reports.
+    pub fn of(st: &rfs::Stat) -> Self {
+        Self {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+        }
+    }
+}
+
 /// Gives the regular file or directory open as `file`, as `now` found it (owner, group and
-/// mode), what `req` asks for but its name: owner and group (if this process may), attributes
-/// (when `req.xattrs` is set), then mode and mtime (a change of owner clears set-id bits).
-/// The mode is left alone when it is already right and nothing done here could have changed
-/// it: no change of owner, no attribute set (an ACL rewrites the group bits).
+/// mode; its attributes too where `have` knows them, else they are read), what `req` asks for
+/// but its name: owner and group (if this process may), attributes (when `req.xattrs` is set),
+/// then mode and mtime (a change of owner clears set-id bits). The mode is left alone when it
+/// is already right and nothing done here could have changed it: no change of owner, no
+/// attribute set (an ACL rewrites the group bits).
 ///
 /// # Errors
 /// I/O errors but those reported in the outcome.
-pub fn apply_meta(file: &File, now: &rfs::Stat, req: &SetMeta) -> Result<MetaOutcome> {
+pub fn apply_meta(
+    file: &File,
+    now: Ownership,
+    have: Option<&[Xattr]>,
+    req: &SetMeta,
+) -> Result<MetaOutcome> {
     let ctx = |what: &str| format!("{what} {:?}", req.name);
     let mut outcome = MetaOutcome::default();
     let wanted = local_ids(req);
-    let chowned = (now.st_uid, now.st_gid) != wanted;
+    let chowned = (now.uid, now.gid) != wanted;
     if chowned {
         let chown = |u, g| rfs::fchown(file, u, g);
         outcome.not_chowned =
@@ -379,12 +420,16 @@ pub fn apply_meta(file: &File, now: &rfs::Stat, req: &SetMeta) -> Result<MetaOut
     let mut attributes_set = false;
     if let Some(want) = &req.xattrs {
         attributes_set = !want.is_empty();
-        if let Err(e) = write_xattrs(file.as_fd(), want, req.numeric_ids) {
+        let written = match have {
+            Some(have) => write_xattrs_over(file.as_fd(), have, want, req.numeric_ids),
+            None => write_xattrs(file.as_fd(), want, req.numeric_ids),
+        };
+        if let Err(e) = written {
             outcome.xattrs_refused = Some(e.to_string());
         }
     }
     let mode = req.mode & 0o7777;
-    if chowned || attributes_set || now.st_mode & 0o7777 != mode {
+    if chowned || attributes_set || now.mode != mode {
         rfs::fchmod(file, Mode::from_raw_mode(mode))
             .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
     }
@@ -511,7 +556,7 @@ impl Root {
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
                 return Err(CoreError::Changed(req.name.clone()));
             }
-            return apply_meta(file, &now, req);
+            return apply_meta(file, Ownership::of(&now), None, req);
         }
         if (st.st_uid, st.st_gid) != (uid, gid) {
             let chown = |u, g| rfs::chownat(dir, leaf, u, g, AtFlags::SYMLINK_NOFOLLOW);

@@ -88,10 +88,45 @@ pub fn validate_link(name: &str, target: &str) -> Result<()> {
 #[derive(Debug, Default)]
 pub struct DirCache {
     dirs: HashMap<String, Arc<File>>,
+    /// What a file this process creates in a directory starts with, by the directory's path:
+    /// learned from the first file stored there with its metadata, so that the files after it
+    /// need no `fstat` and no attribute list of their own.
+    new_files: HashMap<String, NewFile>,
+    /// Files stored with their metadata whose state had to be read (`fstat`, `flistxattr`).
+    #[cfg(test)]
+    probed: usize,
+}
+
+/// The state a new file starts with in one directory, for one mode asked at its creation.
+///
+/// The kernel decides it from this process's ids and umask and from the directory: its group
+/// where it is set-group-ID, its default ACL (mode and inherited ACL), a security module's
+/// label. For one directory (the same open handle) and one creation mode, each file gets the
+/// same. It is kept only where the file came without attributes: no ACL was inherited and no
+/// label given, which a name-dependent label rule could vary. A directory changed by someone
+/// else between two files of one batch can be missed, as it could between a file's `fstat`
+/// and its link.
+#[derive(Debug, Clone, Copy)]
+struct NewFile {
+    created_mode: u32,
+    now: crate::meta::Ownership,
 }
 
 impl DirCache {
     const MAX_DIRS: usize = 64;
+
+    /// The path of the directory `name` goes into, and what a file created there with
+    /// `created_mode` starts with, if known.
+    fn new_file(&self, name: &str, created_mode: u32) -> Result<(String, Option<NewFile>)> {
+        let parts = validate_name(name)?;
+        let parent = parts[..parts.len() - 1].join("/");
+        let known = self
+            .new_files
+            .get(&parent)
+            .filter(|n| n.created_mode == created_mode)
+            .copied();
+        Ok((parent, known))
+    }
 
     /// The directory `name` goes into (created if missing) and its last component.
     fn parent_of(&mut self, root: &Root, name: &str) -> Result<(Arc<File>, String)> {
@@ -104,6 +139,7 @@ impl DirCache {
         let slot = root.parent_slot(name, true)?;
         if self.dirs.len() >= Self::MAX_DIRS {
             self.dirs.clear();
+            self.new_files.clear();
         }
         self.dirs.insert(parent, Arc::clone(&slot.dir));
         Ok((slot.dir, slot.leaf))
@@ -159,6 +195,9 @@ fn check_replaceable(dir: BorrowedFd<'_>, leaf: &str, name: &str) -> Result<()> 
         Err(e) => Err(CoreError::io(format!("stat {name:?}"), e.into())),
     }
 }
+
+/// Permission bits of a file stored under its partial name: private until it is renamed.
+const NAMED_MODE: u32 = 0o600;
 
 /// How this process links an `O_TMPFILE` file into a directory, once found out.
 static LINK_METHOD: AtomicU8 = AtomicU8::new(LINK_UNKNOWN);
@@ -348,7 +387,7 @@ impl Root {
         mode: u32,
         data: &[u8],
     ) -> Result<()> {
-        self.store_small(dirs, name, data, 0o600, &mut |file| {
+        self.store_small(dirs, name, data, 0o600, &mut |file, _| {
             file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
                 .and_then(|()| file.set_modified(system_time(mtime_ns)))
                 .map_err(|e| CoreError::io(format!("writing {name:?}"), e))
@@ -367,28 +406,58 @@ impl Root {
         data: &[u8],
         meta: &xfer_proto::SetMeta,
     ) -> Result<crate::meta::MetaOutcome> {
+        use crate::meta::{apply_meta, read_xattrs, Ownership};
         let mut outcome = crate::meta::MetaOutcome::default();
         // Created with its permission bits (the umask permitting), so that most files need no
         // chmod; the unnamed file is reachable by no name meanwhile.
         let mode = meta.mode & 0o777;
-        self.store_small(dirs, &meta.name, data, mode, &mut |file| {
-            let st = rfs::fstat(file)
-                .map_err(|e| CoreError::io(format!("stat {:?}", meta.name), e.into()))?;
-            outcome = crate::meta::apply_meta(file, &st, meta)?;
+        let (parent, known) = dirs.new_file(&meta.name, mode)?;
+        let mut learned = None;
+        self.store_small(dirs, &meta.name, data, mode, &mut |file, created_mode| {
+            outcome = match known.filter(|k| k.created_mode == created_mode) {
+                Some(known) => apply_meta(file, known.now, Some(&[]), meta)?,
+                None => {
+                    let st = rfs::fstat(file)
+                        .map_err(|e| CoreError::io(format!("stat {:?}", meta.name), e.into()))?;
+                    let now = Ownership::of(&st);
+                    let have = read_xattrs(file.as_fd());
+                    learned = match &have {
+                        Ok(have) if have.is_empty() => Some(NewFile { created_mode, now }),
+                        _ => None,
+                    };
+                    apply_meta(file, now, have.as_deref().ok(), meta)?
+                }
+            };
             Ok(())
         })?;
+        match learned {
+            Some(learned) => {
+                #[cfg(test)]
+                {
+                    dirs.probed += 1;
+                }
+                if dirs.new_files.len() >= DirCache::MAX_DIRS {
+                    dirs.new_files.clear();
+                }
+                dirs.new_files.insert(parent, learned);
+            }
+            #[cfg(test)]
+            None if known.is_none() => dirs.probed += 1,
+            None => {}
+        }
         Ok(outcome)
     }
 
     /// Writes `data` into a new file for `name` (created with permission bits `mode`), lets
-    /// `finish` set what it must on it, and gives it the name (see [`Root::put_file`]).
+    /// `finish` set what it must on it (told the mode it was created with: a partial file
+    /// stored by its name is created private), and gives it the name (see [`Root::put_file`]).
     fn store_small(
         &self,
         dirs: &mut DirCache,
         name: &str,
         data: &[u8],
         mode: u32,
-        finish: &mut dyn FnMut(&File) -> Result<()>,
+        finish: &mut dyn FnMut(&File, u32) -> Result<()>,
     ) -> Result<()> {
         let ctx = |what: &str| format!("{what} {name:?}");
         let (dir, leaf) = dirs.parent_of(self, name)?;
@@ -414,7 +483,7 @@ impl Root {
                     | OFlags::TRUNC
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC;
-                let fd = rfs::openat(dir, part.as_str(), flags, Mode::from_raw_mode(0o600))
+                let fd = rfs::openat(dir, part.as_str(), flags, Mode::from_raw_mode(NAMED_MODE))
                     .map_err(|e| CoreError::io(ctx("creating"), e.into()))?;
                 (File::from(fd), true)
             }
@@ -422,7 +491,7 @@ impl Root {
         };
         file.write_all_at(data, 0)
             .map_err(|e| CoreError::io(ctx("writing"), e))?;
-        finish(&file)?;
+        finish(&file, if named { NAMED_MODE } else { mode })?;
         if !named {
             match link_unnamed(&file, dir, &leaf) {
                 Ok(()) => return Ok(()),
@@ -705,6 +774,102 @@ mod tests {
                 assert_eq!(read, meta.xattrs.clone().unwrap());
             }
         }
+    }
+
+    /// A small file of `name` with mode 0o644, to be given `gid` and no attributes.
+    fn plain_meta(name: &str, uid: u32, gid: u32) -> xfer_proto::SetMeta {
+        xfer_proto::SetMeta {
+            name: name.into(),
+            mode: 0o644,
+            mtime_ns: 1_500_000_000_000_000_007,
+            uid,
+            gid,
+            user: String::new(),
+            group: String::new(),
+            numeric_ids: true,
+            xattrs: Some(vec![]),
+        }
+    }
+
+    #[test]
+    fn the_files_of_one_directory_read_what_new_files_start_with_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let mut dirs = DirCache::default();
+        let st = rfs::stat(tmp.path()).unwrap();
+        for dir in ["a", "b"] {
+            for i in 0..10 {
+                let meta = plain_meta(&format!("{dir}/f{i}"), st.st_uid, st.st_gid);
+                root.put_file_meta(&mut dirs, b"bytes", &meta).unwrap();
+            }
+        }
+        assert_eq!(dirs.probed, 2, "one fstat and attribute list per directory");
+        // Another mode at creation starts another way: read again, once.
+        for i in 0..3 {
+            let meta = xfer_proto::SetMeta {
+                mode: 0o600,
+                ..plain_meta(&format!("a/g{i}"), st.st_uid, st.st_gid)
+            };
+            root.put_file_meta(&mut dirs, b"bytes", &meta).unwrap();
+            let got = rfs::stat(tmp.path().join(&meta.name)).unwrap();
+            assert_eq!(got.st_mode & 0o7777, 0o600);
+        }
+        assert_eq!(dirs.probed, 3);
+    }
+
+    #[test]
+    fn a_set_group_id_directory_gives_its_group_to_every_file_unless_another_is_asked() {
+        if !rustix::process::geteuid().is_root() {
+            return; // giving a directory a group not ours takes root
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let st = rfs::stat(tmp.path()).unwrap();
+        let other = st.st_gid + 4242;
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        rfs::chown(&shared, None, Some(rfs::Gid::from_raw(other))).unwrap();
+        rfs::chmod(&shared, Mode::from_raw_mode(0o2775)).unwrap();
+        let mut dirs = DirCache::default();
+        // Alternately the directory's group (no chown needed) and ours (a chown each time,
+        // the second file's too, though the first taught what a new file starts with).
+        for i in 0..6 {
+            let gid = if i % 2 == 0 { other } else { st.st_gid };
+            let meta = plain_meta(&format!("shared/f{i}"), st.st_uid, gid);
+            root.put_file_meta(&mut dirs, b"bytes", &meta).unwrap();
+            let got = rfs::stat(tmp.path().join(&meta.name)).unwrap();
+            assert_eq!(got.st_gid, gid, "file {i}");
+            assert_eq!(got.st_mode & 0o7777, 0o644, "file {i}");
+        }
+        assert_eq!(dirs.probed, 1);
+    }
+
+    #[test]
+    fn a_default_acl_is_read_and_removed_on_every_file_that_asks_for_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let inherit = tmp.path().join("inherit");
+        std::fs::create_dir(&inherit).unwrap();
+        let set = std::process::Command::new("setfacl")
+            .args(["-d", "-m", "u:nobody:r"])
+            .arg(&inherit)
+            .status();
+        if !set.is_ok_and(|s| s.success()) {
+            return; // no setfacl, or a filesystem without ACLs
+        }
+        let st = rfs::stat(tmp.path()).unwrap();
+        let mut dirs = DirCache::default();
+        for i in 0..4 {
+            let meta = plain_meta(&format!("inherit/f{i}"), st.st_uid, st.st_gid);
+            let outcome = root.put_file_meta(&mut dirs, b"bytes", &meta).unwrap();
+            assert_eq!(outcome.xattrs_refused, None);
+            let file = File::open(tmp.path().join(&meta.name)).unwrap();
+            let left = crate::meta::read_xattrs(file.as_fd()).unwrap();
+            assert_eq!(left, vec![], "file {i} keeps the ACL it inherited");
+            let got = rfs::fstat(&file).unwrap();
+            assert_eq!(got.st_mode & 0o7777, 0o644, "file {i}");
+        }
+        assert_eq!(dirs.probed, 4, "what a file inherits is read for each");
     }
 
     #[test]
