@@ -665,21 +665,29 @@ async fn preconnect(target: &Target, connector: &crate::Connector, count: usize)
         .collect()
 }
 
+/// How long a tree copy waits for its first connection's TCP connect before it dials spare
+/// connections on speculation: on loopback and LANs the connect has answered by then, and no
+/// spare is dialled there; a long path loses this much of the round trip they save.
+const SPARES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// A tree copy's spare connections ([`spare_connections`]) for the round trip the first
-/// connection's TCP connect will tell `measured`. As many as a long path wants are dialled at
-/// once, beside the first, so that their handshakes end with the first's listing: started once
-/// the path was known, one round trip in, they ended a round trip after it. Those a short path
-/// does not want are closed before their `Hello` (see [`Session::connect_if`]); one that fails
-/// is left out, as in [`preconnect`].
+/// connection's TCP connect will tell `measured`. Unless it is told within [`SPARES_WAIT`], as
+/// many as a long path wants are dialled beside the first, so that their handshakes end with
+/// the first's listing: started once the path was known, one round trip in, they ended a round
+/// trip after it. Those a short path does not want are closed before their `Hello` (see
+/// [`Session::connect_if`]); one that fails is left out, as in [`preconnect`].
 async fn open_spares(
     target: &Target,
     opts: &Options,
     measured: tokio::sync::oneshot::Receiver<Option<std::time::Duration>>,
 ) -> Vec<Session> {
-    let most = spare_connections(opts, Some(engine::LONG_PATH));
     let wanted = measured
         .map(|rtt| spare_connections(opts, rtt.ok().flatten()))
         .shared();
+    if let Ok(count) = tokio::time::timeout(SPARES_WAIT, wanted.clone()).await {
+        return preconnect(target, &opts.connector, count).await;
+    }
+    let most = spare_connections(opts, Some(engine::LONG_PATH));
     let opens = (0..most).map(|i| {
         let wanted = wanted.clone();
         Session::connect_if(target, &opts.connector, async move { i < wanted.await })
@@ -2311,8 +2319,21 @@ mod tests {
         assert!(client.await.unwrap().is_empty());
     }
 
-    /// Where the first connection measured a short path, the spares dialled beside it close
-    /// before their `Hello`: the daemon reads nothing on them, so counts no handshake.
+    /// A short path the first connection measured at once (loopback, a LAN) dials no spare.
+    #[tokio::test]
+    async fn a_short_path_told_at_once_dials_no_spare() {
+        let (listener, target) = crate::session::fake_daemon().await;
+        let (opts, _) = adaptive_tree();
+        let (told, measured) = tokio::sync::oneshot::channel();
+        told.send(Some(Duration::from_micros(100))).unwrap();
+        assert!(open_spares(&target, &opts, measured).await.is_empty());
+        // Any connection dialled was connected before `open_spares` returned.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "a spare was dialled: {accepted:?}");
+    }
+
+    /// Where the first connection measured a short path late, the spares dialled beside it
+    /// close before their `Hello`: the daemon reads nothing on them, so counts no handshake.
     #[tokio::test]
     async fn on_a_short_path_the_spares_close_before_their_hello() {
         use tokio::io::AsyncReadExt;
