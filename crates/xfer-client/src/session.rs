@@ -322,7 +322,7 @@ impl Session {
     /// has answered: a connection opened on speculation, whose TCP connect overlaps another's
     /// until that one has measured the path. One not wanted is closed before its `Hello`, which
     /// the daemon takes as a client that said nothing: no handshake, no stream slot, logged at
-    /// debug only. `None` for one not wanted.
+    /// debug only; one still connecting then is given up at once. `None` for one not wanted.
     ///
     /// # Errors
     /// As [`Session::connect`].
@@ -331,10 +331,18 @@ impl Session {
         connector: &Connector,
         wanted: impl std::future::Future<Output = bool>,
     ) -> Result<Option<Self>, ClientError> {
-        let socket = dial(target, &connector.socket).await?;
-        if !wanted.await {
-            return Ok(None);
-        }
+        let dialing = dial(target, &connector.socket);
+        tokio::pin!(dialing, wanted);
+        let socket = tokio::select! {
+            socket = &mut dialing => match wanted.await {
+                true => socket?,
+                false => return Ok(None),
+            },
+            go = &mut wanted => match go {
+                true => dialing.await?,
+                false => return Ok(None),
+            },
+        };
         Self::connect_over(Some(socket), target, connector, 0, &mut None, None)
             .await
             .map(Some)
