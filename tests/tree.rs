@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use xfer_tests::metrics::{metrics_port, scrape};
 use xfer_tests::{
-    journal_held, journal_path, list_tree, random_file, sha256_file, wait_until, Daemon, Tree,
+    journal_held, journal_path, list_tree, random_file, sha256_file, wait_until, Daemon, Pki, Tree,
     XferOutput, XferRun,
 };
 
@@ -845,4 +845,35 @@ fn a_large_tree_is_closed_over_the_connection_that_made_its_directories() {
         &want,
         "the daemon's copy",
     );
+}
+
+/// A tree copy dials its spare connections beside its first, before the path is known, and
+/// where the path turns out short closes them before their `Hello`. A daemon with TLS, which
+/// reads a plaintext `Hello` first, takes such a connection as a client that said nothing, as
+/// one without TLS does: nothing in its log at its default level, no disconnection reported,
+/// and a tree copy beside it arrives whole.
+#[test]
+fn a_connection_closed_before_its_hello_leaves_nothing_in_a_tls_daemons_log() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    for i in 0..4u64 {
+        random_file(&src.join(format!("f{i}")), 64 * 1024 + i, i);
+    }
+    let want = expected(&src, &[]);
+    let pki = Pki::new(&["127.0.0.1"]);
+    let daemon = pki.start_daemon(&tree.root(), &[]);
+    let ca = pki.ca().display().to_string();
+
+    for _ in 0..3 {
+        drop(std::net::TcpStream::connect(daemon.socket_addr()).unwrap());
+    }
+    send_tree(&src, &daemon.addr(), "t", &["--tls", "--ca", &ca]).wait_ok();
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+    daemon.wait_idle(GUARD);
+    let log = daemon.stderr();
+    assert!(!log.contains("without Goodbye"), "{log}");
 }

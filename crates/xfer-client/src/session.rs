@@ -315,17 +315,65 @@ impl Session {
         dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
         first: Option<&FirstFrames>,
     ) -> Result<Self, ClientError> {
-        let connect = |tls, dialed: &mut Option<_>| {
+        Self::connect_over(None, target, connector, offer, dialed, first).await
+    }
+
+    /// Connects to `target` at once, and does the handshake only if `wanted` says so once it
+    /// has answered: a connection opened on speculation, whose TCP connect overlaps another's
+    /// until that one has measured the path. One not wanted is closed before its `Hello`, which
+    /// the daemon takes as a client that said nothing: no handshake, no stream slot, logged at
+    /// debug only; one still connecting then is given up at once. `None` for one not wanted.
+    ///
+    /// # Errors
+    /// As [`Session::connect`].
+    pub(crate) async fn connect_if(
+        target: &Target,
+        connector: &Connector,
+        wanted: impl std::future::Future<Output = bool>,
+    ) -> Result<Option<Self>, ClientError> {
+        let dialing = dial(target, &connector.socket);
+        tokio::pin!(dialing, wanted);
+        let socket = tokio::select! {
+            socket = &mut dialing => match wanted.await {
+                true => socket?,
+                false => return Ok(None),
+            },
+            go = &mut wanted => match go {
+                true => dialing.await?,
+                false => return Ok(None),
+            },
+        };
+        Self::connect_over(Some(socket), target, connector, 0, &mut None, None)
+            .await
+            .map(Some)
+    }
+
+    /// [`Session::connect_sending`] whose first attempt goes over `socket` when one is given,
+    /// already connected to `target`; one asked again for TLS dials anew.
+    async fn connect_over(
+        socket: Option<TcpStream>,
+        target: &Target,
+        connector: &Connector,
+        offer: u64,
+        dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
+        first: Option<&FirstFrames>,
+    ) -> Result<Self, ClientError> {
+        let mut socket = socket;
+        let connect = |tls, dialed: &mut Option<_>, socket: Option<TcpStream>| {
             let dialed = dialed.take();
             async move {
                 let mut dialed = dialed;
-                Self::connect_as(target, connector, tls, offer, &mut dialed, first).await
+                let socket = match socket {
+                    Some(socket) => socket,
+                    None => dial(target, &connector.socket).await?,
+                };
+                Self::connect_as(socket, target, connector, tls, offer, &mut dialed, first).await
             }
         };
         let tls = match (&connector.tls, &connector.trust) {
             (Some(tls), _) => tls.clone(),
             (None, Some(trust)) => trust.for_peer(&target.to_string())?,
-            (None, None) => return connect(None, dialed).await,
+            (None, None) => return connect(None, dialed, socket.take()).await,
         };
         let tls = &tls;
         let peer = target.to_string();
@@ -336,23 +384,24 @@ impl Session {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         if connector.tls_required || learned().contains(&peer) {
-            return connect(Some(tls), dialed).await;
+            return connect(Some(tls), dialed, socket.take()).await;
         }
-        match connect(None, dialed).await {
+        match connect(None, dialed, socket.take()).await {
             // A daemon with a certificate answers a plaintext Hello with Error{Protocol}
             // (proto.md §4.7), and nothing secret has been sent: ask again, for TLS.
             Err(ClientError::Remote(frame)) if frame.error_code() == Some(ErrorCode::Protocol) => {
                 tracing::debug!(%target, "the daemon requires TLS; using it");
                 learned().insert(peer);
-                connect(Some(tls), dialed).await
+                connect(Some(tls), dialed, socket.take()).await
             }
             other => other,
         }
     }
 
-    /// [`Session::connect_offering`] over TLS (`tls`) or plain TCP; the first to connect tells
-    /// `dialed` its round trip.
+    /// [`Session::connect_offering`] over `socket`, connected to `target`, with TLS (`tls`) or
+    /// plain TCP; the first to connect tells `dialed` its round trip.
     async fn connect_as(
+        socket: TcpStream,
         target: &Target,
         connector: &Connector,
         tls: Option<&tokio_rustls::TlsConnector>,
@@ -360,7 +409,6 @@ impl Session {
         dialed: &mut Option<tokio::sync::oneshot::Sender<Option<std::time::Duration>>>,
         first: Option<&FirstFrames>,
     ) -> Result<Self, ClientError> {
-        let socket = dial(target, &connector.socket).await?;
         if let Some(dialed) = dialed.take() {
             let _ = dialed.send(sockopt::rtt(&socket));
         }

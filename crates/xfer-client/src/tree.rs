@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
 use xfer_net::compress::looks_compressed;
@@ -664,6 +665,45 @@ async fn preconnect(target: &Target, connector: &crate::Connector, count: usize)
         .collect()
 }
 
+/// How long a tree copy waits for its first connection's TCP connect before it dials spare
+/// connections on speculation: on loopback and LANs the connect has answered by then, and no
+/// spare is dialled there; a long path loses this much of the round trip they save.
+const SPARES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// A tree copy's spare connections ([`spare_connections`]) for the round trip the first
+/// connection's TCP connect will tell `measured`. Unless it is told within [`SPARES_WAIT`], as
+/// many as a long path wants are dialled beside the first, so that their handshakes end with
+/// the first's listing: started once the path was known, one round trip in, they ended a round
+/// trip after it. Those a short path does not want are closed before their `Hello` (see
+/// [`Session::connect_if`]); one that fails is left out, as in [`preconnect`].
+async fn open_spares(
+    target: &Target,
+    opts: &Options,
+    measured: tokio::sync::oneshot::Receiver<Option<std::time::Duration>>,
+) -> Vec<Session> {
+    let wanted = measured
+        .map(|rtt| spare_connections(opts, rtt.ok().flatten()))
+        .shared();
+    if let Ok(count) = tokio::time::timeout(SPARES_WAIT, wanted.clone()).await {
+        return preconnect(target, &opts.connector, count).await;
+    }
+    let most = spare_connections(opts, Some(engine::LONG_PATH));
+    let opens = (0..most).map(|i| {
+        let wanted = wanted.clone();
+        Session::connect_if(target, &opts.connector, async move { i < wanted.await })
+    });
+    futures_util::future::join_all(opens)
+        .await
+        .into_iter()
+        .filter_map(|opened| {
+            opened
+                .map_err(|e| tracing::debug!(error = %e, "a spare connection failed"))
+                .ok()
+                .flatten()
+        })
+        .collect()
+}
+
 /// Splits `files` into `parts` shares of about equal bytes (largest first, each to the lightest
 /// share), each in the order of `files`; none is empty unless there are fewer files than parts.
 fn split_by_size(files: Vec<TreeEntry>, parts: usize) -> Vec<Vec<TreeEntry>> {
@@ -1161,16 +1201,15 @@ pub async fn send_tree_mirror(
     };
     // Over a long path the files' connections are opened while the first one does its
     // handshake and the receiver lists its side: each starts with a congestion window of its
-    // own, and none costs a round trip later. Whether the path is long is known as soon as the
-    // first is connected, two round trips before its `Welcome`.
+    // own, and none costs a round trip later.
     let (dialed, dial_rtt) = tokio::sync::oneshot::channel();
     let open_spares = async {
-        let rtt = dial_rtt.await.ok().flatten();
-        let count = match mirror.dry_run {
-            true => 0,
-            false => spare_connections(opts, rtt),
+        let spares = match mirror.dry_run {
+            true => Vec::new(),
+            false => open_spares(target, opts, dial_rtt).await,
         };
-        Ok::<_, ClientError>(preconnect(target, &opts.connector, count).await)
+        tracing::debug!(spares = spares.len(), elapsed = ?started.elapsed(), "spare connections welcomed");
+        Ok::<_, ClientError>(spares)
     };
     let first = async {
         let mut dialed = Some(dialed);
@@ -2231,5 +2270,84 @@ mod tests {
         let paths = |dirs: &[&TreeEntry]| dirs.iter().map(|d| d.path.clone()).collect::<Vec<_>>();
         assert_eq!(paths(&fixed_first), ["shut", "was-file"]);
         assert_eq!(paths(&alongside), ["new", "new/deeper"]);
+    }
+
+    /// Options for a tree copy with an adaptive pool, as by default, and the spares a long
+    /// path gives it.
+    fn adaptive_tree() -> (Options, usize) {
+        let mut opts = engine::test_options(Arc::new(crate::ProgressCounter::default()));
+        opts.connections = engine::Connections::Adaptive { max: 64 };
+        (opts, engine::ADAPTIVE_START_LONG - 1)
+    }
+
+    /// Accepts `count` connections, each before the client was told the round trip: a bound
+    /// on a hang only, should fewer connect.
+    async fn accept(
+        listener: &tokio::net::TcpListener,
+        count: usize,
+    ) -> Vec<tokio::net::TcpStream> {
+        let mut accepted = Vec::new();
+        while accepted.len() < count {
+            let (socket, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+                .await
+                .expect("every spare connects before the path is measured")
+                .unwrap();
+            accepted.push(socket);
+        }
+        accepted
+    }
+
+    /// A tree's spare connections connect at once, before the first connection has measured
+    /// the path, so that their handshakes end with its listing; once it says the path is long
+    /// each sends its `Hello`.
+    #[tokio::test]
+    async fn the_spares_connect_before_the_path_is_measured() {
+        use tokio::io::AsyncReadExt;
+        let (listener, target) = crate::session::fake_daemon().await;
+        let (opts, most) = adaptive_tree();
+        let (told, measured) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
+        let mut accepted = accept(&listener, most).await;
+        told.send(Some(Duration::from_millis(50))).unwrap();
+        for socket in &mut accepted {
+            // The length of a `Hello`: the handshake goes on.
+            let mut hello = [0u8; 4];
+            socket.read_exact(&mut hello).await.unwrap();
+        }
+        // Unanswered, every handshake fails, and those spares are left out.
+        drop(accepted);
+        assert!(client.await.unwrap().is_empty());
+    }
+
+    /// A short path the first connection measured at once (loopback, a LAN) dials no spare.
+    #[tokio::test]
+    async fn a_short_path_told_at_once_dials_no_spare() {
+        let (listener, target) = crate::session::fake_daemon().await;
+        let (opts, _) = adaptive_tree();
+        let (told, measured) = tokio::sync::oneshot::channel();
+        told.send(Some(Duration::from_micros(100))).unwrap();
+        assert!(open_spares(&target, &opts, measured).await.is_empty());
+        // Any connection dialled was connected before `open_spares` returned.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "a spare was dialled: {accepted:?}");
+    }
+
+    /// Where the first connection measured a short path late, the spares dialled beside it
+    /// close before their `Hello`: the daemon reads nothing on them, so counts no handshake.
+    #[tokio::test]
+    async fn on_a_short_path_the_spares_close_before_their_hello() {
+        use tokio::io::AsyncReadExt;
+        let (listener, target) = crate::session::fake_daemon().await;
+        let (opts, most) = adaptive_tree();
+        let (told, measured) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
+        let mut accepted = accept(&listener, most).await;
+        told.send(Some(Duration::from_micros(100))).unwrap();
+        for socket in &mut accepted {
+            let mut sent = Vec::new();
+            socket.read_to_end(&mut sent).await.unwrap();
+            assert!(sent.is_empty(), "{sent:?}");
+        }
+        assert!(client.await.unwrap().is_empty());
     }
 }

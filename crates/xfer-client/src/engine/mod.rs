@@ -372,7 +372,7 @@ fn join_error(e: tokio::task::JoinError) -> xfer_core::CoreError {
 
 /// Options for unit tests: a fixed pool, no limit, progress counted.
 #[cfg(test)]
-fn test_options(progress: Arc<dyn Progress>) -> Options {
+pub(crate) fn test_options(progress: Arc<dyn Progress>) -> Options {
     Options {
         connections: Connections::Fixed(1),
         chunk_size: xfer_proto::MIN_CHUNK_SIZE,

@@ -13,12 +13,14 @@ use super::{fatal, within, ConnError, Handler, Reader, Session, Transport, Write
 
 /// Reads the plaintext `Hello`, which must ask for TLS, answers `StartTls` and runs the TLS
 /// handshake. On failure, returns the stream too while a plaintext error frame can still be sent.
+/// `None` if the client left before saying anything, as a client's spare connection does when
+/// the path turns out short (the same as without TLS: no error).
 pub(super) async fn start_tls<S: Transport>(
     session: &mut Session,
     mut socket: S,
     acceptor: &crate::Tls,
     budget: &xfer_core::MemoryBudget,
-) -> Result<(Reader, Writer), (ConnError, Option<S>)> {
+) -> Result<Option<(Reader, Writer)>, (ConnError, Option<S>)> {
     // The handshake's deadline, fixed when the connection was accepted.
     let deadline = session.poll_timeout(std::time::Instant::now());
     // The client sends nothing after this Hello until it reads StartTls, so a reader borrowed
@@ -27,7 +29,7 @@ pub(super) async fn start_tls<S: Transport>(
     let frame = match within(deadline, hello.read_frame()).await {
         None => return Err((session.timed_out().into(), Some(socket))),
         Some(Err(e)) => return Err((e.into(), Some(socket))),
-        Some(Ok(None)) => return Err((ConnError::PeerClosed, None)),
+        Some(Ok(None)) => return Ok(None),
         Some(Ok(Some(frame))) => frame,
     };
     match session.handle_handshake(frame) {
@@ -54,17 +56,17 @@ pub(super) async fn start_tls<S: Transport>(
         Ok(ktls::Enabled::Kernel(socket, early)) => {
             let (read, write) = tokio::io::split(socket);
             let fd = fd.expect("the kernel took a socket");
-            Ok((
+            Ok(Some((
                 FrameReader::new(Box::new(ktls::KernelRead::new(read, early))),
                 FrameWriter::new(Box::new(ktls::KernelWrite { inner: write, fd })),
-            ))
+            )))
         }
         Ok(ktls::Enabled::Userspace(tls, _)) => {
             let (read, write) = tokio::io::split(*tls);
-            Ok((
+            Ok(Some((
                 FrameReader::new(Box::new(read)),
                 FrameWriter::new(Box::new(write)),
-            ))
+            )))
         }
     }
 }

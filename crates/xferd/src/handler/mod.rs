@@ -178,7 +178,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
     let (reader, writer) = match &shared.config.tls {
         None => stream.into_frames(),
         Some(acceptor) => match start_tls(&mut session, stream, acceptor, &shared.budget).await {
-            Ok(halves) => halves,
+            Ok(Some(halves)) => halves,
+            Ok(None) => return debug!("connection closed before its hello"),
             Err((err, stream)) => {
                 let frame = report(&err);
                 if let (Some(frame), Some(stream)) = (frame, stream) {
