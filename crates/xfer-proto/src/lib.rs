@@ -110,6 +110,10 @@ pub const CAP_EARLY_AUTH: u64 = 1 << 19;
 /// instead of at `Committed`: a client that offers it sends `DeltaPut` only for files of a tree
 /// it ends with `Sync`, so a tree's light files cost the receiver no flush each.
 pub const CAP_DELTA_PUT_SYNC: u64 = 1 << 20;
+/// Capability bit: the server reports how its sending socket sees the path (`PathReport`)
+/// before some of the `Data` answering `ReadChunk`: on a download the client is the receiver,
+/// and its own sockets do not time the queue its data waits in.
+pub const CAP_PATH_REPORT: u64 = 1 << 23;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;
@@ -142,7 +146,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_DELTA_GUESS
     | CAP_BLOCK_DIGEST
     | CAP_BYTE_WINDOW
-    | CAP_DELTA_PUT_SYNC;
+    | CAP_DELTA_PUT_SYNC
+    | CAP_PATH_REPORT;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.
