@@ -189,11 +189,23 @@ fn without_c_the_pool_grows_while_each_connection_is_the_limit_download() {
     let (daemon, proxy) = capped(&tree, &[]);
     let want = random_file(&daemon.root().join("grow.bin"), 8 << 20, 4);
     let out = tree.out("grow.bin");
-    let args = ["--chunk-size", CHUNK, "--json"];
+    let args = ["--chunk-size", CHUNK, "--json", "-v"];
     let got = XferRun::recv("grow.bin", &proxy.addr(), &out, &args).wait_ok();
     assert_eq!(sha256_file(&out), want);
     let used = got.json_u64("connections");
     assert!(used > 8, "{} {}", got.stdout, got.stderr);
+    // The client receives: the queue its pool weighs is the one the daemon's sockets report
+    // (`PathReport`), and the proxy's cap leaves none standing.
+    let log = without_colours(&got.stderr);
+    let grew = log
+        .lines()
+        .find(|line| line.contains("adding connections"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let queue = grew.split("queue_ms=").nth(1).unwrap_or_default();
+    assert!(
+        queue.starts_with(|c: char| c.is_ascii_digit()),
+        "no queue known: {grew}"
+    );
 }
 
 #[test]

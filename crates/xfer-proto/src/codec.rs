@@ -99,6 +99,10 @@ mod tests {
                 nonce: vec![9; 32],
             }),
             Frame::Challenge(Challenge { nonce: vec![1; 32] }),
+            Frame::PathReport(PathReport {
+                rtt_us: 225_000,
+                min_rtt_us: 150_000,
+            }),
             Frame::EarlyChallenge(EarlyChallenge {
                 nonce: vec![2; 32],
                 welcome: Welcome {
@@ -440,7 +444,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 67);
+        assert_eq!(known.len(), 68);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

@@ -206,6 +206,17 @@ pub struct CopyReason {
     pub reason: String,
 }
 
+/// Server → client (`CAP_PATH_REPORT`), before a `Data` answering `ReadChunk`: how the
+/// server's socket of this connection sees the path its data takes, from the kernel's
+/// round-trip timing of that data. Not answered. A value the kernel does not give is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathReport {
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u32,
+    /// Least round-trip time the connection has seen, microseconds: the path without a queue.
+    pub min_rtt_us: u32,
+}
+
 /// Server → client answer to `Hello` (or to `Auth`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -857,6 +868,8 @@ frame_types! {
     CopyDelta(CopyDelta) = 0x78,
     /// [`CopyReason`]: why a single-file copy went as a delta or whole (`CAP_COPY_REASON`)
     CopyReason(CopyReason) = 0x79,
+    /// [`PathReport`]: how the server's socket sees the path (`CAP_PATH_REPORT`)
+    PathReport(PathReport) = 0x7b,
     /// [`DeltaSig`](crate::DeltaSig)'s body, guessed chunks: looked for only where the
     /// previous match puts them (`CAP_DELTA_GUESS`)
     DeltaGuess(crate::DeltaSig) = 0x7d,

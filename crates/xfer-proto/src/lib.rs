@@ -115,6 +115,10 @@ pub const CAP_DELTA_PUT_SYNC: u64 = 1 << 20;
 /// client copies the blocks it finds within those spans with `DeltaCopy`: a small change costs
 /// about its own bytes as data instead of the whole chunks around it.
 pub const CAP_DELTA_FINE: u64 = 1 << 21;
+/// Capability bit: the server reports how its sending socket sees the path (`PathReport`)
+/// before some of the `Data` answering `ReadChunk`: on a download the client is the receiver,
+/// and its own sockets do not time the queue its data waits in.
+pub const CAP_PATH_REPORT: u64 = 1 << 23;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;
@@ -148,7 +152,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_BLOCK_DIGEST
     | CAP_BYTE_WINDOW
     | CAP_DELTA_PUT_SYNC
-    | CAP_DELTA_FINE;
+    | CAP_DELTA_FINE
+    | CAP_PATH_REPORT;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

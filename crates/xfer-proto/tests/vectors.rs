@@ -856,6 +856,13 @@ fn meta_frames() -> Vec<(&'static str, Frame)> {
             }),
         ),
         (
+            "path-report",
+            Frame::PathReport(PathReport {
+                rtt_us: 225_000,
+                min_rtt_us: 150_000,
+            }),
+        ),
+        (
             "copy-done-meta",
             Frame::CopyDoneMeta(CopyDoneMeta {
                 done: CopyDone {

@@ -14,6 +14,7 @@ use xfer_core::{split_into_chunks, PartialFile, RangeSet, Slot};
 use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRead};
 
 use super::delta;
+use super::path_reports::PathReports;
 use super::pool::{drive, Early, Opener};
 use super::queue::Work;
 use super::retry::{reopen, COMMIT_ATTEMPTS};
@@ -32,6 +33,8 @@ struct Download {
     wire: AtomicU64,
     /// Buffers compressed chunks expand into, one per connection at most.
     buffers: BufferPool,
+    /// What the daemon's sockets say of the path (`PathReport`): the sender times the queue.
+    paths: PathReports,
 }
 
 /// Opens a download: its id, identity and mode, and the holes the daemon named, if it did.
@@ -90,7 +93,14 @@ impl Direction for Download {
         window: &mut Window,
         work: &Work,
     ) -> Result<Answer, ClientError> {
-        let frame = session.next().await?;
+        let mut frame = session.next().await?;
+        while let Frame::PathReport(report) = frame {
+            if session.welcome.capabilities & xfer_proto::CAP_PATH_REPORT == 0 {
+                return Err(unexpected(frame));
+            }
+            self.paths.record(&report);
+            frame = session.next().await?;
+        }
         // `--bwlimit` limits the wire: what a chunk took there holds back the next request.
         let wire = match &frame {
             Frame::Data(d) => d.payload.len() as u64,
@@ -150,6 +160,10 @@ impl Direction for Download {
             return Ok(Answer::Corrupt(chunk));
         }
         land(chunk, work, window, self.write(data)).await
+    }
+
+    fn reported_queue(&self) -> Option<std::time::Duration> {
+        self.paths.take_queue()
     }
 }
 
@@ -367,6 +381,7 @@ async fn recv_once(
         max_chunk: chunk_size,
         wire: AtomicU64::new(0),
         buffers: BufferPool::new(1),
+        paths: PathReports::default(),
     });
     let mut digest_task = Some(tokio::spawn(remote_digest(
         target.clone(),
@@ -553,6 +568,7 @@ mod tests {
             max_chunk: 4096,
             wire: AtomicU64::new(0),
             buffers: BufferPool::new(1),
+            paths: PathReports::default(),
         };
         let progress = Arc::new(ProgressCounter::default());
         let chunks = split_into_chunks(&[ByteRange::new(0, 10_000)], 4096);

@@ -20,6 +20,7 @@
 mod delta;
 mod download;
 mod grower;
+mod path_reports;
 mod pool;
 mod queue;
 mod retry;

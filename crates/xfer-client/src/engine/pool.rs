@@ -462,7 +462,9 @@ pub(super) async fn drive<D: Direction>(
                 }
                 let ready = work.active.load(Ordering::SeqCst) == g.size && !work.is_empty();
                 let moved = delivered.read().map_or(0, |d| d.moved());
-                let step = g.on_tick(Instant::now(), moved, delivered.queue_delay(), ready, work.queued());
+                // A download's data is timed by the daemon that sends it (`PathReport`).
+                let queue = dir.reported_queue().or_else(|| delivered.queue_delay());
+                let step = g.on_tick(Instant::now(), moved, queue, ready, work.queued());
                 resize_pool(step, &work, |n| {
                     for _ in 0..n {
                         spawn(&mut workers, None, true);

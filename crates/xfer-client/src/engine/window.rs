@@ -47,6 +47,11 @@ pub(super) trait Direction: Send + Sync + 'static {
         window: &mut Window,
         work: &Work,
     ) -> impl Future<Output = Result<Answer, ClientError>> + Send;
+    /// How long the data waits in queues on its path, as the far end's sockets reported since
+    /// the last call; `None` where this end's own sockets time it (the sender's do).
+    fn reported_queue(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// What an answer meant for its chunk.

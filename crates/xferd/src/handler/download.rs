@@ -1,16 +1,51 @@
 //! Downloads: `OpenRead`, `ReadChunk` and `DigestRequest`.
 
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
 use tracing::info;
 use xfer_core::{CoreError, SourceFile};
 use xfer_proto::session::DownloadId;
 use xfer_proto::{
-    ByteRange, ChunkRef, DigestReply, Frame, OpenRead, ProtoError, ReadOpened, ReadOpenedSparse,
+    ByteRange, ChunkRef, DigestReply, Frame, OpenRead, PathReport, ProtoError, ReadOpened,
+    ReadOpenedSparse,
 };
 
 use super::{fatal, ConnError, Download, Handler};
 use crate::registry::blocking;
 
+/// Least time between two `PathReport`s of a connection: the client's pool looks at its path
+/// every 100 ms, and a chunk takes longer than that to cross a path where the report matters.
+const PATH_REPORT_EVERY: Duration = Duration::from_millis(100);
+
 impl Handler {
+    /// The `PathReport` to send before the next `Data` of a download: to a client that reads
+    /// them (`CAP_PATH_REPORT`), at most one per [`PATH_REPORT_EVERY`]. The client receives the
+    /// data, so only this end times the queue the data waits in on the path.
+    fn path_report(&mut self) -> Option<PathReport> {
+        if self.session.capabilities() & xfer_proto::CAP_PATH_REPORT == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        if self
+            .path_reported
+            .is_some_and(|at| now.duration_since(at) < PATH_REPORT_EVERY)
+        {
+            return None;
+        }
+        // SAFETY: the socket stays open while the connection's reader and writer live.
+        let socket = unsafe { BorrowedFd::borrow_raw(self.socket?) };
+        let sending = xfer_net::sockopt::sending(socket)?;
+        self.path_reported = Some(now);
+        let micros = |rtt: Option<Duration>| {
+            rtt.map_or(0, |rtt| u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX))
+        };
+        Some(PathReport {
+            rtt_us: micros(sending.rtt),
+            min_rtt_us: micros(sending.min_rtt),
+        })
+    }
+
     pub(super) async fn open_read(&mut self, req: OpenRead) -> Result<(), ConnError> {
         let (root, name) = (self.root(), req.name.clone());
         let source = match blocking(move || SourceFile::new(root.open_read(&name)?, name)).await {
@@ -82,9 +117,13 @@ impl Handler {
         *bytes += payload.len() as u64;
         self.shared.metrics.bytes_sent.add(payload.len() as u64);
         let (data, _reserved) = self.pack(chunk.transfer_id, chunk.offset, payload).await;
+        let frames = match self.path_report() {
+            Some(report) => vec![Frame::PathReport(report), data],
+            None => vec![data],
+        };
         // A client that stops reading holds this chunk's share of the budget: not forever.
         let idle = self.shared.config.idle_timeout;
-        match tokio::time::timeout(idle, self.writer.send(&data)).await {
+        match tokio::time::timeout(idle, self.writer.send_all(&frames)).await {
             Ok(sent) => Ok(sent?),
             Err(_) => Err(ConnError::Proto(ProtoError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

@@ -128,6 +128,8 @@ struct Handler {
     /// How the next copy this connection asks for chooses between a delta and the whole file
     /// (`CopyMode`).
     copy_delta: xfer_proto::CopyDeltaMode,
+    /// When this connection last sent a `PathReport` (`CAP_PATH_REPORT`).
+    path_reported: Option<std::time::Instant>,
 }
 
 /// A byte stream a connection is served over: a TCP socket in the daemon, one end of an
@@ -279,6 +281,7 @@ impl Handler {
             socket: None,
             counted: None,
             copy_delta: xfer_proto::CopyDeltaMode::Auto,
+            path_reported: None,
         }
     }
 
