@@ -11,6 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use xfer_tests::metrics::{metrics_port, scrape};
 use xfer_tests::{list_tree, random_file, sha256_file, Daemon, Tree, XferOutput};
 
 use crate::tree::{assert_same, build_full_tree, expected, file_totals, snapshot};
@@ -77,11 +78,19 @@ fn path_arg(path: &Path) -> String {
 /// for copies (`--copy-ca`), the client trusts the source's (`--ca`).
 fn tls_pair() -> (Side, Side) {
     let mut dst = Side::new("dst-token-7c1d");
-    dst.start(true, &[]);
+    dst.start(true, &["--metrics", "127.0.0.1:0"]);
     let mut src = Side::new("src-token-93ab");
     let copy_ca = path_arg(&dst.pki.ca());
     src.start(true, &["--copy-ca", &copy_ca]);
     (src, dst)
+}
+
+/// Uploads `side`'s daemon committed without a flush of their own, left to a tree's `Sync`.
+fn left_to_sync(side: &Side) -> f64 {
+    scrape(
+        metrics_port(side.daemon()),
+        &["xferd_commits_left_to_sync_total"],
+    )[0]
 }
 
 /// `xfer copy --json --src-token-file … --dst-token-file … [--tls --ca SRC_CA] EXTRA…`.
@@ -181,6 +190,9 @@ fn tls_copy_of_a_tree_over_both_legs_and_its_rerun() {
     let out = copy(&src, &dst, true, &args).ok();
     assert_summary(&out, (1, 0, files, files, 0, bytes, bytes));
     assert_same(&snapshot(&dst.file("backup/t")), &want, "the copied tree");
+    // The source daemon copies as a tree client does: its three files above 1 MiB leave their
+    // flush to the tree's `Sync`.
+    assert_eq!(left_to_sync(&dst), 3.0);
     // A rerun over TLS finds everything in place and moves nothing.
     let again = copy(&src, &dst, true, &args).ok();
     assert_summary(&again, (1, 0, files, 0, files, bytes, 0));
@@ -220,6 +232,8 @@ fn tls_copies_from_a_list_all_run_over_tls() {
     for (i, want) in wants.iter().enumerate() {
         assert_eq!(&sha256_file(&dst.file(&format!("out/g{i}"))), want, "g{i}");
     }
+    // Single files, each flushed at its commit.
+    assert_eq!(left_to_sync(&dst), 0.0);
 }
 
 /// The source daemon checks the destination's certificate against its own `--copy-ca`, not the

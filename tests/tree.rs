@@ -877,3 +877,54 @@ fn a_connection_closed_before_its_hello_leaves_nothing_in_a_tls_daemons_log() {
     let log = daemon.stderr();
     assert!(!log.contains("without Goodbye"), "{log}");
 }
+
+/// A tree's files above the small-file size, light (one connection each) and large (a pool of
+/// their own), commit without a flush of their own, as its small files do: the tree's closing
+/// `Sync`, which the client waits for, makes them durable (`CAP_TREE_SYNC`).
+#[test]
+fn a_trees_large_files_leave_their_flush_to_its_closing_sync() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    random_file(&src.join("big"), 20 * MIB, 1);
+    for i in 0..3u64 {
+        random_file(&src.join(format!("d/mid{i}")), 2 * MIB + i, 10 + i);
+    }
+    random_file(&src.join("d/small"), 1000, 20);
+    let want = expected(&src, &[]);
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    let port = metrics_port(&daemon);
+
+    send_tree(&src, &daemon.addr(), "t", &["-c", "3"]).wait_ok();
+    let left_to_sync = scrape(port, &["xferd_commits_left_to_sync_total"])[0];
+    assert_eq!(left_to_sync, 4.0, "the big file and the three light ones");
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+}
+
+/// A single file's upload promises no `Sync` after it: the daemon flushes it before it answers
+/// `Committed`, whatever the size and however many connections carry it.
+#[test]
+fn a_single_file_send_is_flushed_at_its_commit() {
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    let port = metrics_port(&daemon);
+    for (i, size) in [2 * MIB, 20 * MIB].into_iter().enumerate() {
+        let name = format!("f{i}");
+        let path = tree.src(&name);
+        let sha = random_file(&path, size, 30 + i as u64);
+        let args = [
+            "send",
+            path.to_str().unwrap(),
+            &daemon.addr(),
+            "--as",
+            &name,
+        ];
+        XferRun::spawn(args).wait_ok();
+        assert_eq!(sha256_file(&tree.root().join(&name)), sha);
+    }
+    let left_to_sync = scrape(port, &["xferd_commits_left_to_sync_total"])[0];
+    assert_eq!(left_to_sync, 0.0);
+}

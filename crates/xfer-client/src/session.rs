@@ -80,6 +80,10 @@ pub struct Connector {
     /// The bytes of chunk buffer every connection made shares (each large frame read is
     /// reserved from it first), when set: the engine bounds a whole process's transfers so.
     pub memory: Option<xfer_core::MemoryBudget>,
+    /// Capability bits every connection made offers besides those its caller asks for: a
+    /// tree's `CAP_TREE_SYNC`, so that its spare, pooled and reopened connections promise it
+    /// as its first does.
+    pub offer: u64,
 }
 
 impl std::fmt::Debug for Connector {
@@ -439,7 +443,7 @@ impl Session {
             grant: connector.grant.clone(),
             tls: tls.is_some(),
             agent: AGENT.into(),
-            offer,
+            offer: offer | connector.offer,
         };
         let mut handshake = ClientSession::new(config, nonce);
         let (reader, writer) = match tls {

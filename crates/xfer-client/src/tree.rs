@@ -1177,6 +1177,9 @@ pub async fn send_tree_mirror(
     let started = Instant::now();
     let mut opts = opts.clone();
     opts.connector.delivered = engine::delivered_meter(&opts);
+    // Every connection of the tree, whoever opens it, promises the closing `Sync` it waits for
+    // below: the daemon then commits the large files without a flush each.
+    opts.connector.offer |= xfer_proto::CAP_TREE_SYNC;
     let opts = &opts;
     // The source is walked while the connection opens and the receiver lists its side: over
     // a long path both take round trips the walk need not wait for.

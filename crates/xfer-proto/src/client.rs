@@ -25,8 +25,9 @@ pub struct ClientConfig {
     pub tls: bool,
     /// This software's name and version, told in `Hello`.
     pub agent: String,
-    /// Further capabilities to offer in `Hello` (`CAP_DELETE`, `CAP_MIRROR`); never in the
-    /// plaintext `Hello` that asks for TLS. The `Welcome` says which the server took.
+    /// Further capabilities to offer in `Hello` (`CAP_DELETE`, `CAP_MIRROR`, `CAP_TREE_SYNC`);
+    /// never in the plaintext `Hello` that asks for TLS. The `Welcome` says which the server
+    /// took.
     pub offer: u64,
 }
 
@@ -156,11 +157,12 @@ impl ClientSession {
     }
 
     /// What the client offers: [`crate::CAP_FEATURES`] always (this implementation speaks
-    /// them; an older server ignores the bits), `CAP_TLS` when it wants TLS, the mirroring
-    /// bits it was asked to offer, and `CAP_EARLY_AUTH` when it holds the token: a grant's key
-    /// proves nothing until the server has seen the grant in `Auth`.
+    /// them; an older server ignores the bits), `CAP_TLS` when it wants TLS, the mirroring and
+    /// tree bits it was asked to offer, and `CAP_EARLY_AUTH` when it holds the token: a grant's
+    /// key proves nothing until the server has seen the grant in `Auth`.
     fn capabilities(&self) -> u64 {
-        let offer = self.config.offer & (crate::CAP_DELETE | crate::CAP_MIRROR);
+        let asked = crate::CAP_DELETE | crate::CAP_MIRROR | crate::CAP_TREE_SYNC;
+        let offer = self.config.offer & asked;
         let tls = if self.config.tls { CAP_TLS } else { 0 };
         let early = if self.config.key.is_some() && self.config.grant.is_none() {
             CAP_EARLY_AUTH

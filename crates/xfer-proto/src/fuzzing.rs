@@ -86,6 +86,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_FEATURES
                         | crate::CAP_DELETE
                         | crate::CAP_MIRROR
+                        | crate::CAP_TREE_SYNC
                         | crate::CAP_EARLY_AUTH;
                     assert_eq!(welcome.capabilities & !known, 0);
                 }

@@ -119,6 +119,11 @@ pub const CAP_DELTA_FINE: u64 = 1 << 21;
 /// before some of the `Data` answering `ReadChunk`: on a download the client is the receiver,
 /// and its own sockets do not time the queue its data waits in.
 pub const CAP_PATH_REPORT: u64 = 1 << 23;
+/// Capability bit: every upload this connection opens belongs to a tree that the client ends
+/// with `Sync` and waits for, so the server commits it durable at that `Sync`, as a tree's
+/// small files, instead of flushing each at `Committed`. Not in [`CAP_FEATURES`]: a client
+/// offers it only on a tree copy's connections, never for a single file.
+pub const CAP_TREE_SYNC: u64 = 1 << 24;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;

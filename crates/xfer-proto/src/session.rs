@@ -425,7 +425,8 @@ impl<U, D> ServerSession<U, D> {
         // The daemon refuses a `Hello` offering CAP_DELETE it does not allow before this.
         let granted = (crate::CAP_FEATURES & !crate::CAP_PACKED_FILES & !crate::CAP_PUT_META
             | crate::CAP_DELETE
-            | crate::CAP_MIRROR)
+            | crate::CAP_MIRROR
+            | crate::CAP_TREE_SYNC)
             & self.client_capabilities;
         // Owners and attributes come with files only where tree metadata is kept at all.
         let put_meta = if granted & crate::CAP_TREE_META != 0 {
@@ -1779,6 +1780,17 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_tree_sync_is_granted_only_where_the_client_promised_it() {
+        assert_eq!(ready().capabilities() & crate::CAP_TREE_SYNC, 0);
+        assert_eq!(
+            offering(crate::CAP_FEATURES).capabilities() & crate::CAP_TREE_SYNC,
+            0
+        );
+        let tree = offering(crate::CAP_FEATURES | crate::CAP_TREE_SYNC);
+        assert_ne!(tree.capabilities() & crate::CAP_TREE_SYNC, 0);
     }
 
     #[test]

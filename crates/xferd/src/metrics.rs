@@ -101,8 +101,8 @@ pub struct Metrics {
     pub delta_copied: Counter,
     /// Bytes of the files held read to find what delta uploads copy.
     pub delta_basis_read: Counter,
-    /// Uploads committed without a flush of their own: a tree's light files, made durable by
-    /// the tree's `Sync` (`CAP_DELTA_PUT_SYNC`).
+    /// Uploads committed without a flush of their own: a tree's large and light files, made
+    /// durable by the tree's `Sync` (`CAP_TREE_SYNC`, `CAP_DELTA_PUT_SYNC`).
     pub commits_left_to_sync: Counter,
     /// Uploads (client to daemon).
     pub uploads: Transfers,

@@ -76,6 +76,7 @@ impl Handler {
                 delivered: None,
                 compress: Some(self.compression()),
                 memory: None,
+                offer: 0,
             },
             keep,
             // Unless the daemon's settings name one, as the client does.

@@ -71,6 +71,12 @@ impl Handler {
         };
         let held = lease.partial.held();
         let held_bytes = lease.partial.held_bytes();
+        // A tree's connection (`CAP_TREE_SYNC`) ends with a `Sync` the client waits for: that
+        // flush covers the file. A single file's upload is durable at `Committed`.
+        let durability = match self.session.capabilities() & xfer_proto::CAP_TREE_SYNC {
+            0 => xfer_core::Durability::Flushed,
+            _ => xfer_core::Durability::AtSync,
+        };
         let upload = Upload {
             lease,
             name: req.name.clone(),
@@ -78,7 +84,7 @@ impl Handler {
             crc_retries: 0,
             bytes: 0,
             basis: None,
-            durability: xfer_core::Durability::Flushed,
+            durability,
         };
         let handle = self.session.open_upload(req.identity.size, upload);
         let id = handle.get();
