@@ -256,28 +256,12 @@ impl Handler {
                 hash: u128::from_be_bytes(c.hash),
             })
             .collect();
-        let (runs_tx, mut runs_rx) = mpsc::channel::<(u64, Bytes)>(1);
-        let reading = blocking(move || {
-            let emit = |offset, bytes| runs_tx.blocking_send((offset, bytes)).is_ok();
-            basis
-                .copy_pieces(&pieces, emit)
-                .map_err(|e| CoreError::io("reading the delta basis", e))
-        });
-        let writing = async {
-            let mut copied = 0;
-            while let Some((offset, bytes)) = runs_rx.recv().await {
-                let crc = crc32fast::hash(&bytes);
-                copied += bytes.len() as u64;
-                partial
-                    .write(offset, bytes, crc)
-                    .await
-                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-            }
-            Ok::<_, ConnError>(copied)
-        };
-        let (read, copied) = tokio::join!(reading, writing);
-        let copied = copied?;
-        let read = read.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        // One run written at a time: the reservation holds a group read and the one before.
+        let pumped = pump_runs(&partial, &name, 1, move |emit| {
+            basis.copy_pieces(&pieces, |offset, bytes| emit(offset, None, bytes))
+        })
+        .await?;
+        let (read, copied) = (pumped.read, pumped.copied);
         self.shared.metrics.delta_basis_read.add(read);
         self.shared.metrics.delta_copied.add(copied);
         tracing::debug!(runs = copy.copies.len(), copied, "delta copies written");
@@ -314,55 +298,20 @@ impl Handler {
             .await;
         // One thread checks the chunks in order (each match tells where the next chunk is
         // looked for) while the runs it found are written on several at once.
-        let (runs_tx, runs_rx) = mpsc::channel::<(u64, Option<u64>, Bytes)>(parallel);
-        let matching = blocking(move || {
-            let found = if guessed {
-                basis.copy_guessed(sig_offset, &chunks, |offset, bytes| {
-                    runs_tx.blocking_send((offset, None, bytes)).is_ok()
-                })
-            } else {
-                basis.copy_batch_located(sig_offset, &chunks, |offset, old, bytes| {
-                    runs_tx.blocking_send((offset, Some(old), bytes)).is_ok()
-                })
-            };
-            found.map_err(|e| CoreError::io("reading the delta basis", e))
-        });
-        let write_run = |(offset, old, bytes): (u64, Option<u64>, Bytes)| {
-            let (partial, name) = (Arc::clone(&partial), &name);
-            async move {
-                let crc = crc32fast::hash(&bytes);
-                let range = ByteRange::new(offset, offset + bytes.len() as u64);
-                partial
-                    .write(offset, bytes, crc)
-                    .await
-                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-                Ok::<_, ConnError>((range, old))
-            }
-        };
-        let writing = async {
-            let writes = stream::unfold(runs_rx, |mut rx| async {
-                rx.recv().await.map(|run| (run, rx))
-            })
-            .map(write_run)
-            .buffered(parallel);
-            let mut writes = std::pin::pin!(writes);
-            let mut matched: Vec<ByteRange> = Vec::new();
-            let mut located = Vec::new();
-            let mut copied = 0;
-            while let Some(run) = writes.next().await {
-                let (range, old) = run?;
-                located.extend(old.map(|old| (range, old)));
-                copied += range.len();
-                match matched.last_mut() {
-                    Some(last) if last.end == range.start => last.end = range.end,
-                    _ => matched.push(range),
-                }
-            }
-            Ok::<_, ConnError>((matched, located, copied))
-        };
-        let (matching, writing) = tokio::join!(matching, writing);
-        let (matched, located, copied) = writing?;
-        let read = matching.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+        let Pumped {
+            matched,
+            located,
+            copied,
+            read,
+        } = pump_runs(&partial, &name, parallel, move |emit| match guessed {
+            true => basis.copy_guessed(sig_offset, &chunks, |offset, bytes| {
+                emit(offset, None, bytes)
+            }),
+            false => basis.copy_batch_located(sig_offset, &chunks, |offset, old, bytes| {
+                emit(offset, Some(old), bytes)
+            }),
+        })
+        .await?;
         self.shared.metrics.delta_basis_read.add(read);
         // Recorded once its matched chunks are: a resumed upload sends the rest as data
         // without comparing this span again.
@@ -382,6 +331,75 @@ impl Handler {
         );
         Ok((matched, located))
     }
+}
+
+/// What [`pump_runs`] wrote: the ranges (sorted and merged), each run with where it starts in
+/// the basis where the reader said, the bytes written and the bytes the reader read.
+struct Pumped {
+    matched: Vec<ByteRange>,
+    located: Vec<(ByteRange, u64)>,
+    copied: u64,
+    read: u64,
+}
+
+/// Runs `read` on the blocking pool, which hands `emit` each run of basis bytes it finds (where
+/// it goes in the upload, where it starts in the basis if known, its bytes) and returns the
+/// bytes it read, while the runs are written into `partial`, `parallel` at once, in order. The
+/// queue between them holds `parallel` runs: the caller's reservation covers them.
+async fn pump_runs<R>(
+    partial: &Arc<xfer_core::PartialFile>,
+    name: &str,
+    parallel: usize,
+    read: R,
+) -> Result<Pumped, ConnError>
+where
+    R: FnOnce(&dyn Fn(u64, Option<u64>, Bytes) -> bool) -> std::io::Result<u64> + Send + 'static,
+{
+    let (runs_tx, runs_rx) = mpsc::channel::<(u64, Option<u64>, Bytes)>(parallel);
+    let reading = blocking(move || {
+        read(&|offset, old, bytes| runs_tx.blocking_send((offset, old, bytes)).is_ok())
+            .map_err(|e| CoreError::io("reading the delta basis", e))
+    });
+    let write_run = |(offset, old, bytes): (u64, Option<u64>, Bytes)| {
+        let partial = Arc::clone(partial);
+        async move {
+            let crc = crc32fast::hash(&bytes);
+            let range = ByteRange::new(offset, offset + bytes.len() as u64);
+            partial
+                .write(offset, bytes, crc)
+                .await
+                .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+            Ok::<_, ConnError>((range, old))
+        }
+    };
+    let writing = async {
+        let writes = stream::unfold(runs_rx, |mut rx| async {
+            rx.recv().await.map(|run| (run, rx))
+        })
+        .map(write_run)
+        .buffered(parallel);
+        let mut writes = std::pin::pin!(writes);
+        let (mut matched, mut located, mut copied) = (Vec::<ByteRange>::new(), Vec::new(), 0);
+        while let Some(run) = writes.next().await {
+            let (range, old) = run?;
+            located.extend(old.map(|old| (range, old)));
+            copied += range.len();
+            match matched.last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => matched.push(range),
+            }
+        }
+        Ok::<_, ConnError>((matched, located, copied))
+    };
+    let (reading, writing) = tokio::join!(reading, writing);
+    let (matched, located, copied) = writing?;
+    let read = reading.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+    Ok(Pumped {
+        matched,
+        located,
+        copied,
+        read,
+    })
 }
 
 impl Handler {
