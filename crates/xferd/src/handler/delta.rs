@@ -239,12 +239,12 @@ impl Handler {
             return Err(fatal(ErrorCode::Protocol, "DeltaCopy before a basis"));
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
-        // A group read (at most MAX_COPY, or one run of up to MAX_FINE_GAP) while the one
-        // before is written.
+        // A group (at most MAX_COPY, or one run of up to MAX_FINE_GAP) being written, one
+        // queued and one read, as for the matched chunks' (parallel * 2 + 1) below.
         let _reservation = self
             .shared
             .budget
-            .reserve(2 * (delta::MAX_COPY.max(MAX_FINE_GAP)) as usize)
+            .reserve(3 * (delta::MAX_COPY.max(MAX_FINE_GAP)) as usize)
             .await;
         let pieces: Vec<delta::Piece> = copy
             .copies
@@ -256,7 +256,7 @@ impl Handler {
                 hash: u128::from_be_bytes(c.hash),
             })
             .collect();
-        // One run written at a time: the reservation holds a group read and the one before.
+        // One run written at a time.
         let pumped = pump_runs(&partial, &name, 1, move |emit| {
             basis.copy_pieces(&pieces, |offset, bytes| emit(offset, None, bytes))
         })
