@@ -783,27 +783,8 @@ fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
-
-    fn file_with(content: &[u8]) -> File {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(content).unwrap();
-        f
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_data::{file_with, pseudo_random};
 
     fn cuts(file: &File, size: u64, avg: u32) -> Vec<Cut> {
         let mut all = Vec::new();

@@ -267,30 +267,11 @@ pub fn find_blocks(new: &[u8], gap: &FineGap, block_len: u32, sums: &[BlockSum])
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use xfer_proto::{SigChunk, MIN_AVG_CHUNK};
 
     use super::*;
     use crate::delta::{cut_region, Basis, Cut};
-
-    fn file_with(content: &[u8]) -> File {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(content).unwrap();
-        f
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_data::{file_with, pseudo_random};
 
     /// What a light file's delta of `new` against the basis `old` sends as data: chunks matched
     /// as a `DeltaPut` is, then, with `fine`, the blocks found within the spans missed. Builds

@@ -38,6 +38,8 @@ pub mod ranges;
 pub mod remove;
 pub mod root;
 pub mod source;
+#[cfg(test)]
+mod test_data;
 pub mod tree;
 pub mod writeback;
 
