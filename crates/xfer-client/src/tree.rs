@@ -2300,17 +2300,29 @@ mod tests {
         accepted
     }
 
+    /// A tree's spares opened before the first connection measured the path, against a fake
+    /// daemon: the sender that tells them the round trip, the task opening them, and the
+    /// connections the daemon accepted, as many as a long path wants.
+    async fn spares_dialled_unmeasured() -> (
+        tokio::sync::oneshot::Sender<Option<Duration>>,
+        tokio::task::JoinHandle<Vec<Session>>,
+        Vec<tokio::net::TcpStream>,
+    ) {
+        let (listener, target) = crate::session::fake_daemon().await;
+        let (opts, most) = adaptive_tree();
+        let (told, measured) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
+        let accepted = accept(&listener, most).await;
+        (told, client, accepted)
+    }
+
     /// A tree's spare connections connect at once, before the first connection has measured
     /// the path, so that their handshakes end with its listing; once it says the path is long
     /// each sends its `Hello`.
     #[tokio::test]
     async fn the_spares_connect_before_the_path_is_measured() {
         use tokio::io::AsyncReadExt;
-        let (listener, target) = crate::session::fake_daemon().await;
-        let (opts, most) = adaptive_tree();
-        let (told, measured) = tokio::sync::oneshot::channel();
-        let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
-        let mut accepted = accept(&listener, most).await;
+        let (told, client, mut accepted) = spares_dialled_unmeasured().await;
         told.send(Some(Duration::from_millis(50))).unwrap();
         for socket in &mut accepted {
             // The length of a `Hello`: the handshake goes on.
@@ -2340,11 +2352,7 @@ mod tests {
     #[tokio::test]
     async fn on_a_short_path_the_spares_close_before_their_hello() {
         use tokio::io::AsyncReadExt;
-        let (listener, target) = crate::session::fake_daemon().await;
-        let (opts, most) = adaptive_tree();
-        let (told, measured) = tokio::sync::oneshot::channel();
-        let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
-        let mut accepted = accept(&listener, most).await;
+        let (told, client, mut accepted) = spares_dialled_unmeasured().await;
         told.send(Some(Duration::from_micros(100))).unwrap();
         for socket in &mut accepted {
             let mut sent = Vec::new();
