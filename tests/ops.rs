@@ -1,6 +1,6 @@
 //! Operating the daemon: the Prometheus endpoint scraped over HTTP, `SIGHUP` reloads of the
-//! configuration file while a transfer runs, and socket activation (a listener passed the
-//! systemd way, `LISTEN_FDS`/`LISTEN_PID`).
+//! configuration file while a transfer runs (and never for a connection already welcomed), and
+//! socket activation (a listener passed the systemd way, `LISTEN_FDS`/`LISTEN_PID`).
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use xfer_proto::{ErrorCode, Frame, CAP_IDLE_TIMEOUT};
 use xfer_tests::metrics::{http_get, metrics_port, sample};
+use xfer_tests::raw::RawConn;
 use xfer_tests::{
     bin, journal_held, journal_path, random_file, round_trip, sha256_file, wait_until, xfer,
     Daemon, Tree, XferRun,
@@ -318,4 +320,34 @@ fn check_config_prints_effective_settings_and_names_bad_keys() {
         stderr.contains("copy_ca") && stderr.contains("no-such-ca.pem"),
         "{stderr}"
     );
+}
+
+/// The idle timeout a daemon tells a client behind its `Welcome` is the one that connection
+/// keeps: a reload shortening it applies to connections welcomed after it, which are told the
+/// new value and closed by it, never to one welcomed before, which outlives them idle.
+#[test]
+fn sighup_never_changes_the_idle_timeout_told_to_a_welcomed_connection() {
+    let tree = Tree::new();
+    let config = tree.path().join("xferd.toml");
+    write_config(&config, "idle_timeout = 300\n");
+    let daemon = Daemon::start(&tree.root(), &["--config", config.to_str().unwrap()]);
+    let told = |conn: &mut RawConn| {
+        let welcome = conn.handshake_offering(None, CAP_IDLE_TIMEOUT);
+        assert_ne!(welcome.capabilities & CAP_IDLE_TIMEOUT, 0, "{welcome:?}");
+        match conn.recv() {
+            Some(Frame::IdleTimeout(told)) => told.millis,
+            other => panic!("want IdleTimeout behind the Welcome, got {other:?}"),
+        }
+    };
+    let mut before = RawConn::connect(daemon.socket_addr());
+    assert_eq!(told(&mut before), 300_000);
+
+    write_config(&config, "idle_timeout = 1\n");
+    send_hup(&daemon);
+    wait_for_log(&daemon, "configuration reloaded", 1);
+    let mut after = RawConn::connect(daemon.socket_addr());
+    assert_eq!(told(&mut after), 1_000);
+    // Closed once idle for the second it was told; the one welcomed before has idled longer.
+    after.expect_fatal(ErrorCode::Protocol, "a second without a frame");
+    before.assert_usable();
 }

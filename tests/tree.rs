@@ -847,6 +847,70 @@ fn a_large_tree_is_closed_over_the_connection_that_made_its_directories() {
     );
 }
 
+/// A tree's control connection left idle far longer than the half second a client may assume
+/// of any daemon, while a large file paced by `--bwlimit` takes seconds to go over another,
+/// closes the tree all the same against a daemon whose idle timeout (the default 300 s) it was
+/// told: no connection is opened again for the close.
+#[test]
+fn a_trees_control_connection_idle_for_seconds_still_closes_it() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    paced_tree(&src);
+    let want = expected(&src, &[]);
+    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
+    let port = metrics_port(&daemon);
+
+    send_tree(&src, &daemon.addr(), "t", PACED).wait_ok();
+    // The control connection, the small files' one and the large file's, and no fourth.
+    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
+    assert_eq!(accepted, 3.0);
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+}
+
+/// Against a daemon whose idle timeout is short (`--idle-timeout 1`), the same tree's control
+/// connection idles past it and the daemon closes it: told so, the client opens one again for
+/// the close, and the tree arrives whole.
+#[test]
+fn a_trees_control_connection_closed_for_idleness_is_opened_again_for_its_close() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    paced_tree(&src);
+    let want = expected(&src, &[]);
+    let args = ["--metrics", "127.0.0.1:0", "--idle-timeout", "1"];
+    let daemon = Daemon::start(&tree.root(), &args);
+    let port = metrics_port(&daemon);
+
+    send_tree(&src, &daemon.addr(), "t", PACED).wait_ok();
+    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
+    assert_eq!(accepted, 4.0, "the control connection opened again");
+    let log = daemon.stderr();
+    assert!(log.contains("idle for 1s"), "{log}");
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+}
+
+/// One connection for the small files and a pace that keeps the large file of [`paced_tree`]
+/// going for three seconds at least, all of them after the control connection's last answer.
+/// Its chunks are small enough that one arrives well within a second even paced: the daemon
+/// counts a connection waiting for the rest of a frame as idle.
+const PACED: &[&str] = &["-c", "1", "--bwlimit", "4M", "--chunk-size", "256K"];
+
+/// A tree of small files in a few directories and one 12 MiB file: at [`PACED`]'s 4 MiB/s the
+/// small files are long done, and the control connection idle, while the large one goes.
+fn paced_tree(src: &Path) {
+    for i in 0..40u64 {
+        random_file(&src.join(format!("d{}/f{i:02}", i % 4)), 500 + i, i);
+    }
+    random_file(&src.join("large"), 12 * MIB, 99);
+}
+
 /// A tree copy dials its spare connections beside its first, before the path is known, and
 /// where the path turns out short closes them before their `Hello`. A daemon with TLS, which
 /// reads a plaintext `Hello` first, takes such a connection as a client that said nothing, as

@@ -34,6 +34,9 @@ pub struct Session {
     pub congestion: Option<String>,
     /// The connection's smoothed round-trip time once the handshake is done, if the kernel says.
     pub rtt: Option<std::time::Duration>,
+    /// How long the daemon lets the connection sit idle before it closes it, as it told behind
+    /// its `Welcome` (`CAP_IDLE_TIMEOUT`); `None` from a daemon that does not tell.
+    pub idle_timeout: Option<std::time::Duration>,
     /// The socket beneath, owned by `reader` and `writer` (`None` for one that is not a socket).
     pub(crate) fd: Option<std::os::fd::RawFd>,
     /// The connect sent the frames it was given ([`FirstFrames`]): their answers come first.
@@ -219,7 +222,7 @@ async fn start_tls(
     match handshake.handle_frame(answer) {
         Ok(Step::StartTls) => {}
         // The handshake answers a Hello asking for TLS with StartTls or an error.
-        Ok(Step::Send(_) | Step::Early { .. } | Step::Welcomed(_)) => {
+        Ok(Step::Send(_) | Step::Early { .. } | Step::Next | Step::Welcomed(_)) => {
             return Err(ClientError::Tls("the server did not start TLS".into()))
         }
         Err(HandshakeError::Remote(e)) => return Err(ClientError::Remote(e)),
@@ -476,6 +479,7 @@ impl Session {
             },
             congestion,
             rtt: None,
+            idle_timeout: None,
             fd: Some(fd),
             first_sent: false,
             absent: None,
@@ -510,6 +514,8 @@ impl Session {
                     session.send_all(&frames).await?;
                     opened = true;
                 }
+                // The idle timeout came in the Welcome's write: no round trip.
+                Ok(Step::Next) => {}
                 Ok(Step::Welcomed(welcome)) => break welcome,
                 // Only ever the answer to the plaintext Hello, handled by `start_tls`.
                 Ok(Step::StartTls) => {
@@ -531,6 +537,7 @@ impl Session {
         }
         session.first_sent = first.is_some();
         session.welcome = welcome;
+        session.idle_timeout = handshake.idle_timeout();
         // SAFETY: `fd` is the socket the session's halves own; they are alive here.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         session.rtt = sockopt::rtt(socket);

@@ -568,17 +568,32 @@ struct KeptControl {
 }
 
 impl KeptControl {
-    /// Half the shortest idle timeout a daemon may be given (`--idle-timeout` is at least one
-    /// second): a connection idle for less, round trips included, is surely still open.
-    const SURELY_OPEN: std::time::Duration = std::time::Duration::from_millis(500);
-
     /// Whether the daemon has surely not closed the connection for idleness by the time a
-    /// request sent now arrives: it counts idleness from its last answer, which came a
-    /// one-way trip before `idle_since`, and the request takes another.
+    /// request sent now arrives (see [`surely_open`]).
     fn still_open(&self) -> bool {
-        let trips = self.session.rtt.unwrap_or_default() * 2;
-        self.idle_since.elapsed() + trips < Self::SURELY_OPEN
+        let idle = self.idle_since.elapsed();
+        surely_open(idle, self.session.rtt, self.session.idle_timeout)
     }
+}
+
+/// Half the shortest idle timeout a daemon may be given (`--idle-timeout` is at least one
+/// second): how long a connection to a daemon that does not tell its own may idle, round trips
+/// included, and surely still be open.
+const SURELY_OPEN_UNTOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a connection whose last answer came `idle` ago is surely still open when a request
+/// sent now arrives. The daemon counts idleness from that answer, which left it a one-way trip
+/// earlier, and the request takes another: two round trips cover both with room. It closes a
+/// connection at its idle timeout, `told` behind its `Welcome`; half of that leaves room for a
+/// round trip grown under load or a daemon slow to read. A daemon that does not tell may have
+/// been given the shortest, one second.
+fn surely_open(
+    idle: std::time::Duration,
+    rtt: Option<std::time::Duration>,
+    told: Option<std::time::Duration>,
+) -> bool {
+    let limit = told.map_or(SURELY_OPEN_UNTOLD, |timeout| timeout / 2);
+    idle + rtt.unwrap_or_default() * 2 < limit
 }
 
 /// The small files of a tree not yet taken, shared by the connections that move them.
@@ -1449,12 +1464,12 @@ pub async fn send_tree_mirror(
     let mut control = match (control, kept) {
         (Some(control), _) => control,
         (None, Some(kept)) if kept.still_open() => {
-            tracing::debug!(idle = ?kept.idle_since.elapsed(), "control connection kept for the close");
+            tracing::debug!(idle = ?kept.idle_since.elapsed(), told = ?kept.session.idle_timeout, "control connection kept for the close");
             kept.session
         }
         (None, kept) => {
             if let Some(kept) = kept {
-                tracing::debug!(idle = ?kept.idle_since.elapsed(), "control connection idle too long: opened again for the close");
+                tracing::debug!(idle = ?kept.idle_since.elapsed(), told = ?kept.session.idle_timeout, "control connection idle too long: opened again for the close");
                 kept.session.close().await;
             }
             connect_deleting(target, &opts.connector, mirror).await?
@@ -2200,6 +2215,37 @@ mod tests {
     use xfer_net::Compression;
 
     use super::*;
+
+    /// A daemon that tells its idle timeout keeps a tree's control connection for the close
+    /// through an idleness far beyond the half second of the guess: the 1.28 s a connection
+    /// finishing its share of the small files early sat idle against the default 300 s, once
+    /// reopened for nothing. Against a short timeout, or one untold, it is opened again.
+    #[test]
+    fn the_control_connection_is_kept_while_the_told_idle_timeout_allows() {
+        let ms = Duration::from_millis;
+        let default = Some(Duration::from_secs(300));
+        let lan = Some(ms(1));
+        assert!(surely_open(ms(1280), lan, default));
+        assert!(surely_open(
+            Duration::from_secs(140),
+            Some(ms(150)),
+            default
+        ));
+        assert!(!surely_open(Duration::from_secs(150), None, default));
+        // Two round trips of a long path count against the limit.
+        assert!(!surely_open(
+            Duration::from_secs(149),
+            Some(ms(600)),
+            default
+        ));
+        let short = Some(Duration::from_secs(1));
+        assert!(surely_open(ms(400), lan, short));
+        assert!(!surely_open(ms(1280), lan, short));
+        assert!(!surely_open(ms(400), Some(ms(60)), short));
+        // A daemon that does not tell: the half second of the shortest it may be given.
+        assert!(surely_open(ms(400), lan, None));
+        assert!(!surely_open(ms(1280), lan, None));
+    }
 
     #[test]
     fn a_packed_batch_holds_the_bytes_it_unpacks_to_in_flight() {

@@ -3,15 +3,17 @@
 //! The client sends [`ClientSession::hello`], feeds every frame it reads to
 //! [`ClientSession::handle_frame`] and does what the [`Step`] says: run TLS and send `hello()`
 //! again inside it, send a frame (`Auth`), send `Auth` with its first requests when the server
-//! proved itself early (`EarlyChallenge`), or go on with the `Welcome` it checked. Everything the
-//! client must check of the server is checked here: the `StartTls` answer, the token proof, the
-//! version, chunk size and capabilities of the `Welcome`.
+//! proved itself early (`EarlyChallenge`), read the `IdleTimeout` behind a `Welcome` that
+//! announces one, or go on with the `Welcome` it checked. Everything the client must check of the
+//! server is checked here: the `StartTls` answer, the token proof, the version, chunk size and
+//! capabilities of the `Welcome`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{
-    auth, Auth, ErrorFrame, Frame, Grant, Hello, Welcome, CAP_AUTH, CAP_EARLY_AUTH, CAP_TLS,
-    MIN_CHUNK_SIZE, PROTOCOL_VERSION,
+    auth, Auth, ErrorFrame, Frame, Grant, Hello, Welcome, CAP_AUTH, CAP_EARLY_AUTH,
+    CAP_IDLE_TIMEOUT, CAP_TLS, MIN_CHUNK_SIZE, PROTOCOL_VERSION,
 };
 
 /// What a client brings to a handshake.
@@ -60,6 +62,9 @@ pub enum Step {
         /// The `Welcome` to come, already checked.
         welcome: Welcome,
     },
+    /// The `Welcome` came and announced `IdleTimeout` (`CAP_IDLE_TIMEOUT`): read the next
+    /// frame, which the server sent with it, before going on.
+    Next,
     /// The handshake is done; the server's `Welcome`, checked.
     Welcomed(Welcome),
 }
@@ -128,6 +133,8 @@ enum State {
     /// The server proved itself early and `Auth` is sent: the `Welcome` it announced comes
     /// next.
     AwaitEarlyWelcome { announced: Welcome },
+    /// The `Welcome` came, checked, and said that `IdleTimeout` follows it.
+    AwaitIdleTimeout { welcome: Welcome },
     /// Welcomed, or failed: no more frames belong to the handshake.
     Done,
 }
@@ -138,6 +145,7 @@ pub struct ClientSession {
     config: ClientConfig,
     nonce: Vec<u8>,
     state: State,
+    idle_timeout: Option<Duration>,
 }
 
 impl ClientSession {
@@ -148,7 +156,15 @@ impl ClientSession {
             config,
             nonce,
             state: State::Start,
+            idle_timeout: None,
         }
+    }
+
+    /// How long the server lets the connection sit without a frame from the client before it
+    /// closes it, as it told in `IdleTimeout`; `None` from a server that does not tell
+    /// (`CAP_IDLE_TIMEOUT` not in force) or before the handshake is done.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
     }
 
     /// True once the handshake is over (welcomed or failed).
@@ -237,9 +253,7 @@ impl ClientSession {
                         "announced early lacks CAP_AUTH or CAP_EARLY_AUTH",
                     ));
                 }
-                let Step::Welcomed(welcome) = self.welcomed(early.welcome)? else {
-                    unreachable!("welcomed answers Welcomed");
-                };
+                let welcome = self.check_welcome(early.welcome)?;
                 let proof = auth::client_proof(&key, &self.nonce, &early.nonce);
                 self.state = State::AwaitEarlyWelcome {
                     announced: welcome.clone(),
@@ -256,15 +270,21 @@ impl ClientSession {
                         "differs from the one its EarlyChallenge announced",
                     ));
                 }
-                Ok(Step::Welcomed(welcome))
+                Ok(self.admitted(welcome))
             }
-            (State::AwaitChallenge, Frame::Welcome(welcome)) => self.welcomed(welcome),
+            (State::AwaitChallenge, Frame::Welcome(welcome)) => {
+                Ok(self.admitted(self.check_welcome(welcome)?))
+            }
             (State::AwaitWelcome { server_nonce }, Frame::Welcome(welcome)) => {
                 let key = self.config.key.as_deref().unwrap_or_default();
                 if !auth::verify_server(key, &self.nonce, &server_nonce, &welcome.proof) {
                     return Err(HandshakeError::ServerProof);
                 }
-                self.welcomed(welcome)
+                Ok(self.admitted(self.check_welcome(welcome)?))
+            }
+            (State::AwaitIdleTimeout { welcome }, Frame::IdleTimeout(told)) => {
+                self.idle_timeout = Some(Duration::from_millis(told.millis));
+                Ok(Step::Welcomed(welcome))
             }
             (State::Start | State::TlsReady, f) => Err(unexpected(&f, "before Hello")),
             (State::AwaitStartTls, f) => Err(unexpected(&f, "in answer to a Hello asking for TLS")),
@@ -272,12 +292,24 @@ impl ClientSession {
             (State::AwaitWelcome { .. } | State::AwaitEarlyWelcome { .. }, f) => {
                 Err(unexpected(&f, "in answer to Auth"))
             }
+            (State::AwaitIdleTimeout { .. }, f) => {
+                Err(unexpected(&f, "behind a Welcome announcing IdleTimeout"))
+            }
             (State::Done, f) => Err(unexpected(&f, "after the handshake")),
         }
     }
 
+    /// The step after a checked `welcome`: done, or the `IdleTimeout` it announced to read first.
+    fn admitted(&mut self, welcome: Welcome) -> Step {
+        if welcome.capabilities & CAP_IDLE_TIMEOUT == 0 {
+            return Step::Welcomed(welcome);
+        }
+        self.state = State::AwaitIdleTimeout { welcome };
+        Step::Next
+    }
+
     /// Checks that `welcome` is within what the client asked for.
-    fn welcomed(&mut self, welcome: Welcome) -> Result<Step, HandshakeError> {
+    fn check_welcome(&self, welcome: Welcome) -> Result<Welcome, HandshakeError> {
         if !(1..=PROTOCOL_VERSION).contains(&welcome.version) {
             return Err(HandshakeError::BadWelcome(
                 "names a version the client does not speak",
@@ -293,7 +325,7 @@ impl ClientSession {
                 "claims capabilities the client did not offer",
             ));
         }
-        Ok(Step::Welcomed(welcome))
+        Ok(welcome)
     }
 }
 
@@ -334,20 +366,26 @@ mod tests {
         client: &mut ClientSession,
         server: &mut ServerSession,
     ) -> Result<Welcome, HandshakeError> {
-        let mut to_server = client.hello();
+        let mut to_server = Some(client.hello());
         loop {
-            let answer = match server.handle_handshake(to_server) {
-                Ok(Handshake::StartTls) => Frame::StartTls,
-                Ok(Handshake::Challenge(c)) => Frame::Challenge(c),
-                Ok(Handshake::EarlyChallenge(c)) => Frame::EarlyChallenge(c),
-                Ok(Handshake::Admitted) => Frame::Welcome(server.welcome()),
+            let frame = to_server
+                .take()
+                .expect("the client answered the last frame");
+            let answers = match server.handle_handshake(frame) {
+                Ok(Handshake::StartTls) => vec![Frame::StartTls],
+                Ok(Handshake::Challenge(c)) => vec![Frame::Challenge(c)],
+                Ok(Handshake::EarlyChallenge(c)) => vec![Frame::EarlyChallenge(c)],
+                Ok(Handshake::Admitted) => server.welcome_frames(),
                 Ok(Handshake::PeerError(e)) => panic!("client gave up: {e}"),
-                Err(e) => Frame::Error(ErrorFrame::new(e.code(), e.to_string())),
+                Err(e) => vec![Frame::Error(ErrorFrame::new(e.code(), e.to_string()))],
             };
-            match client.handle_frame(answer)? {
-                Step::StartTls => to_server = client.hello(),
-                Step::Send(frame) | Step::Early { auth: frame, .. } => to_server = frame,
-                Step::Welcomed(welcome) => return Ok(welcome),
+            for answer in answers {
+                match client.handle_frame(answer)? {
+                    Step::StartTls => to_server = Some(client.hello()),
+                    Step::Send(frame) | Step::Early { auth: frame, .. } => to_server = Some(frame),
+                    Step::Next => {}
+                    Step::Welcomed(welcome) => return Ok(welcome),
+                }
             }
         }
     }
@@ -405,11 +443,11 @@ mod tests {
         assert!(s.is_early());
         // The request sent with Auth, read by the server before it sends Welcome.
         assert!(matches!(s.handle_request(list()), Ok(Request::List(_))));
-        assert_eq!(
-            c.handle_frame(Frame::Welcome(s.welcome())),
-            Ok(Step::Welcomed(welcome))
-        );
+        let [told_welcome, told_idle] = <[Frame; 2]>::try_from(s.welcome_frames()).unwrap();
+        assert_eq!(c.handle_frame(told_welcome), Ok(Step::Next));
+        assert_eq!(c.handle_frame(told_idle), Ok(Step::Welcomed(welcome)));
         assert!(c.is_done());
+        assert_eq!(c.idle_timeout(), Some(Duration::from_secs(300)));
     }
 
     /// A server that cannot prove the client's token (the client's token is wrong) gets
@@ -503,8 +541,14 @@ mod tests {
             Ok(Handshake::Admitted)
         ));
         let welcome = old.welcome();
+        let mut frames = old.welcome_frames().into_iter();
+        assert_eq!(frames.next(), Some(Frame::Welcome(welcome.clone())));
         assert_eq!(
             c.handle_frame(Frame::Welcome(welcome.clone())),
+            Ok(Step::Next)
+        );
+        assert_eq!(
+            c.handle_frame(frames.next().expect("IdleTimeout behind the Welcome")),
             Ok(Step::Welcomed(welcome.clone()))
         );
         welcome
@@ -667,6 +711,83 @@ mod tests {
             c.handle_frame(Frame::Welcome(good.clone())),
             Ok(Step::Welcomed(good))
         );
+    }
+
+    /// A server that keeps to the bit sends its idle timeout right behind the `Welcome`, in the
+    /// same write, and the client takes it as part of the handshake: the `Welcome` alone does not
+    /// end it.
+    #[test]
+    fn the_idle_timeout_comes_behind_the_welcome() {
+        let mut c = client(None, false);
+        let mut s = server(None, false);
+        assert!(matches!(
+            s.handle_handshake(c.hello()),
+            Ok(Handshake::Admitted)
+        ));
+        let frames = s.welcome_frames();
+        assert_eq!(
+            frames[1..],
+            [Frame::IdleTimeout(crate::IdleTimeout { millis: 300_000 })]
+        );
+        let [welcome, idle] = <[Frame; 2]>::try_from(frames).unwrap();
+        assert_eq!(c.handle_frame(welcome), Ok(Step::Next));
+        assert!(!c.is_done(), "the IdleTimeout is still to come");
+        assert!(matches!(c.handle_frame(idle), Ok(Step::Welcomed(_))));
+        assert_eq!(c.idle_timeout(), Some(Duration::from_secs(300)));
+    }
+
+    /// Neither side predating `CAP_IDLE_TIMEOUT` sees a frame it does not know: a server that
+    /// ignores the bit sends the `Welcome` alone, which ends the client's handshake with no idle
+    /// timeout told; a client that does not offer it gets the `Welcome` alone.
+    #[test]
+    fn old_peers_neither_send_nor_expect_the_idle_timeout() {
+        let without_idle = |hello: Frame| {
+            let Frame::Hello(hello) = hello else {
+                panic!("want Hello")
+            };
+            Frame::Hello(Hello {
+                capabilities: hello.capabilities & !CAP_IDLE_TIMEOUT,
+                ..hello
+            })
+        };
+        let mut c = client(None, false);
+        let mut old = server(None, false);
+        assert!(matches!(
+            old.handle_handshake(without_idle(c.hello())),
+            Ok(Handshake::Admitted)
+        ));
+        let frames = old.welcome_frames();
+        assert_eq!(frames, [Frame::Welcome(old.welcome())]);
+        let welcome = old.welcome();
+        assert_eq!(
+            c.handle_frame(Frame::Welcome(welcome.clone())),
+            Ok(Step::Welcomed(welcome))
+        );
+        assert!(c.is_done());
+        assert_eq!(c.idle_timeout(), None);
+    }
+
+    /// Only `IdleTimeout` may follow a `Welcome` that announced it.
+    #[test]
+    fn a_welcome_announcing_the_idle_timeout_must_be_followed_by_it() {
+        let mut c = client(None, false);
+        let mut s = server(None, false);
+        s.handle_handshake(c.hello()).unwrap();
+        assert_eq!(c.handle_frame(Frame::Welcome(s.welcome())), Ok(Step::Next));
+        assert_eq!(
+            c.handle_frame(list()),
+            Err(HandshakeError::Unexpected {
+                frame: "List",
+                step: "behind a Welcome announcing IdleTimeout"
+            })
+        );
+        assert_eq!(c.idle_timeout(), None);
+        let mut c = client(None, false);
+        c.hello();
+        assert!(matches!(
+            c.handle_frame(Frame::IdleTimeout(crate::IdleTimeout { millis: 1 })),
+            Err(HandshakeError::Unexpected { .. })
+        ));
     }
 
     #[test]

@@ -103,6 +103,7 @@ mod tests {
                 rtt_us: 225_000,
                 min_rtt_us: 150_000,
             }),
+            Frame::IdleTimeout(IdleTimeout { millis: 300_000 }),
             Frame::EarlyChallenge(EarlyChallenge {
                 nonce: vec![2; 32],
                 welcome: Welcome {
@@ -444,7 +445,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 68);
+        assert_eq!(known.len(), 69);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

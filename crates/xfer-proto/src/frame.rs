@@ -217,6 +217,16 @@ pub struct PathReport {
     pub min_rtt_us: u32,
 }
 
+/// Server → client (`CAP_IDLE_TIMEOUT`), right behind `Welcome`: how long the server lets the
+/// connection sit without a frame from the client before it closes it, fixed for the life of
+/// the connection, so that a client knows whether a connection it left idle is still open
+/// instead of guessing. Not answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleTimeout {
+    /// The idle timeout, milliseconds.
+    pub millis: u64,
+}
+
 /// Server → client answer to `Hello` (or to `Auth`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -741,6 +751,8 @@ frame_types! {
     Auth(Auth) = 0x04,
     /// [`EarlyChallenge`] (`CAP_EARLY_AUTH`)
     EarlyChallenge(EarlyChallenge) = 0x65,
+    /// [`IdleTimeout`]: right behind `Welcome` (`CAP_IDLE_TIMEOUT`)
+    IdleTimeout(IdleTimeout) = 0x68,
     /// No body: server → client answer to a `Hello` offering `CAP_TLS`; both sides now run a
     /// TLS handshake on the connection, and the client starts again with `Hello` inside it.
     StartTls = 0x05,

@@ -89,6 +89,13 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_TREE_SYNC
                         | crate::CAP_EARLY_AUTH;
                     assert_eq!(welcome.capabilities & !known, 0);
+                    // The idle timeout told behind the Welcome is the one the session keeps.
+                    let told = welcome.capabilities & crate::CAP_IDLE_TIMEOUT != 0;
+                    let frames = session.welcome_frames();
+                    assert_eq!(frames[0], Frame::Welcome(welcome));
+                    let idle = Frame::IdleTimeout(crate::IdleTimeout { millis: 300_000 });
+                    assert_eq!(frames.get(1), told.then_some(&idle));
+                    assert_eq!(frames.len(), 1 + usize::from(told));
                 }
                 // An early challenge already proves the token and announces the Welcome.
                 Ok(Handshake::EarlyChallenge(early)) => {
@@ -264,6 +271,8 @@ pub fn client_script(data: &[u8]) {
                 assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
                 assert!(!client.is_done());
             }
+            // Only a Welcome announcing its idle timeout leaves the handshake open.
+            Ok(Step::Next) => assert!(!client.is_done()),
             Ok(Step::Welcomed(welcome)) => {
                 assert!((1..=crate::PROTOCOL_VERSION).contains(&welcome.version));
                 assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
@@ -272,9 +281,17 @@ pub fn client_script(data: &[u8]) {
                 } else {
                     0
                 };
-                let offered = CAP_AUTH | early | if flags & 2 != 0 { CAP_TLS } else { 0 };
+                let mirroring = if flags & 4 != 0 {
+                    crate::CAP_DELETE | crate::CAP_MIRROR
+                } else {
+                    0
+                };
+                let tls = if flags & 2 != 0 { CAP_TLS } else { 0 };
+                let offered = CAP_AUTH | crate::CAP_FEATURES | early | mirroring | tls;
                 assert_eq!(welcome.capabilities & !offered, 0);
                 assert!(client.is_done());
+                let told = welcome.capabilities & crate::CAP_IDLE_TIMEOUT != 0;
+                assert_eq!(client.idle_timeout().is_some(), told);
             }
             Err(_) => assert!(client.is_done(), "a failed handshake stays failed"),
         }
@@ -535,6 +552,55 @@ mod tests {
     #[test]
     fn delta_copies_reach_the_session_within_their_limits() {
         session_script_now(&delta_copies_script());
+    }
+
+    /// The script of a `client_script` corpus seed: a client without a token and a server's
+    /// `Welcome` announcing its idle timeout (`CAP_IDLE_TIMEOUT`), then that `IdleTimeout`, then a
+    /// second one, which comes after the handshake.
+    pub(crate) fn idle_timeout_script() -> Vec<u8> {
+        use crate::*;
+        let welcome = Frame::Welcome(Welcome {
+            version: 1,
+            capabilities: CAP_IDLE_TIMEOUT | CAP_TREE_META,
+            max_chunk_size: 1 << 20,
+            window: 2,
+            agent: "fuzz".into(),
+            proof: Vec::new(),
+        });
+        let idle = Frame::IdleTimeout(IdleTimeout { millis: 300_000 });
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in [welcome, idle.clone(), idle] {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_IDLE_TIMEOUT`, then
+    /// an `IdleTimeout` sent the wrong way, which the session refuses.
+    pub(crate) fn idle_timeout_from_a_client_script() -> Vec<u8> {
+        use crate::*;
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        seed_hello(CAP_IDLE_TIMEOUT).encode(&mut script).unwrap();
+        Frame::IdleTimeout(IdleTimeout { millis: 1 })
+            .encode(&mut script)
+            .unwrap();
+        script.to_vec()
+    }
+
+    #[test]
+    fn an_idle_timeout_reaches_the_client_behind_its_welcome() {
+        super::client_script(&idle_timeout_script());
+        session_script_now(&idle_timeout_from_a_client_script());
+        // The corpus keeps both scripts as seeds.
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+        for (target, script) in [
+            ("client_script", idle_timeout_script()),
+            ("session_script", idle_timeout_from_a_client_script()),
+        ] {
+            let seeds = std::fs::read_dir(corpus.join(target)).expect("corpus directory");
+            let kept = seeds.map(|e| std::fs::read(e.expect("corpus entry").path()).unwrap());
+            assert!(kept.into_iter().any(|seed| seed == script), "{target}");
+        }
     }
 
     /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.

@@ -124,6 +124,10 @@ pub const CAP_PATH_REPORT: u64 = 1 << 23;
 /// small files, instead of flushing each at `Committed`. Not in [`CAP_FEATURES`]: a client
 /// offers it only on a tree copy's connections, never for a single file.
 pub const CAP_TREE_SYNC: u64 = 1 << 24;
+/// Capability bit: the server follows `Welcome` with `IdleTimeout`, how long it lets the
+/// connection sit idle: a client that kept a connection aside knows, rather than guesses,
+/// whether it is still open.
+pub const CAP_IDLE_TIMEOUT: u64 = 1 << 25;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;
@@ -158,7 +162,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_BYTE_WINDOW
     | CAP_DELTA_PUT_SYNC
     | CAP_DELTA_FINE
-    | CAP_PATH_REPORT;
+    | CAP_PATH_REPORT
+    | CAP_IDLE_TIMEOUT;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

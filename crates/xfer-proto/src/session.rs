@@ -62,8 +62,8 @@ pub enum Handshake {
     /// Send this `EarlyChallenge` (`CAP_EARLY_AUTH`); the client answers with `Auth` and may
     /// send its first requests right behind it, which wait, unanswered, for `Welcome`.
     EarlyChallenge(crate::EarlyChallenge),
-    /// The handshake is done: send [`ServerSession::welcome`] once the connection may be
-    /// served.
+    /// The handshake is done: send [`ServerSession::welcome_frames`] once the connection may
+    /// be served.
     Admitted,
     /// The client reported an error: close without answering.
     PeerError(ErrorFrame),
@@ -445,7 +445,23 @@ impl<U, D> ServerSession<U, D> {
         auth | tls | granted | packed | put_meta | early
     }
 
-    /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so.
+    /// The frames that end the handshake, once [`Handshake::Admitted`] said so, to go in one
+    /// write: the [`Welcome`](Self::welcome), and right behind it, where the client offered
+    /// `CAP_IDLE_TIMEOUT`, the idle timeout [`Self::poll_timeout`] keeps to on this connection
+    /// (fixed at its start: a reload of the daemon's settings never changes it).
+    pub fn welcome_frames(&self) -> Vec<Frame> {
+        let welcome = self.welcome();
+        let told = welcome.capabilities & crate::CAP_IDLE_TIMEOUT != 0;
+        let mut frames = vec![Frame::Welcome(welcome)];
+        if told {
+            let millis = u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+            frames.push(Frame::IdleTimeout(crate::IdleTimeout { millis }));
+        }
+        frames
+    }
+
+    /// The `Welcome` that ends the handshake, once [`Handshake::Admitted`] said so; see
+    /// [`Self::welcome_frames`] for what goes with it.
     pub fn welcome(&self) -> Welcome {
         Welcome {
             version: self.version,
@@ -1554,6 +1570,34 @@ mod tests {
         );
         assert_eq!(s.timed_out(), SessionError::Idle(Duration::from_secs(300)));
         assert_eq!(s.timed_out().to_string(), "idle for 300s");
+    }
+
+    /// The idle timeout told behind the `Welcome` is the one the session keeps to, whatever it
+    /// is configured to, and only a client that offered the bit is told it.
+    #[test]
+    fn the_idle_timeout_told_is_the_one_kept() {
+        let start = Instant::now();
+        let config = ServerConfig {
+            idle_timeout: Duration::from_millis(1500),
+            ..config(None)
+        };
+        let mut s: ServerSession = ServerSession::new(config, vec![7; auth::NONCE_LEN], 0, start);
+        let Frame::Hello(mut h) = hello(vec![]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_IDLE_TIMEOUT;
+        s.handle_handshake(Frame::Hello(h)).unwrap();
+        let frames = s.welcome_frames();
+        assert_eq!(frames[0], Frame::Welcome(s.welcome()));
+        let Frame::IdleTimeout(told) = frames[1] else {
+            panic!("want IdleTimeout behind the Welcome, got {frames:?}")
+        };
+        let told = Duration::from_millis(told.millis);
+        assert_eq!(s.poll_timeout(start), Some(start + told));
+        assert_eq!(
+            ready().welcome_frames(),
+            [Frame::Welcome(ready().welcome())]
+        );
     }
 
     #[test]

@@ -310,6 +310,11 @@ fn frames() -> BTreeMap<&'static str, Frame> {
         ("welcome", welcome(0, vec![])),
         ("welcome-tls", welcome(CAP_TLS, vec![])),
         ("welcome-byte-window", welcome(CAP_BYTE_WINDOW, vec![])),
+        ("welcome-idle-timeout", welcome(CAP_IDLE_TIMEOUT, vec![])),
+        (
+            "idle-timeout",
+            Frame::IdleTimeout(IdleTimeout { millis: 300_000 }),
+        ),
         ("start-tls", Frame::StartTls),
         (
             "error-tls-required",

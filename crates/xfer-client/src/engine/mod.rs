@@ -406,6 +406,7 @@ fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::Duplex
         },
         congestion: None,
         rtt: None,
+        idle_timeout: None,
         fd: None,
         first_sent: false,
         absent: None,

@@ -336,8 +336,9 @@ impl Handler {
                 },
             }
         };
-        let welcome = self.session.welcome();
-        self.writer.send(&Frame::Welcome(welcome)).await?;
+        // The idle timeout, where told, goes in the Welcome's write: it costs no round trip, and
+        // it is this connection's for good (a reload never changes an open connection's).
+        self.writer.send_all(&self.session.welcome_frames()).await?;
         if let Some(frame) = first {
             let request = self.session.handle_request(frame)?;
             self.check_window(&request)?;
