@@ -200,35 +200,9 @@ pub async fn copy_mirror(
     progress: &dyn Progress,
 ) -> Result<CopyReport, ClientError> {
     let offer = if opts.recursive { CAP_MIRROR } else { 0 };
-    let mut session = Session::connect_offering(&spec.src, src, offer).await?;
-    // A forced choice the source cannot be told would be ignored without a word: refuse.
-    let knows_delta = session.welcome.capabilities & CAP_COPY_DELTA != 0;
-    if opts.delta != CopyDeltaMode::Auto && !knows_delta {
-        session.close().await;
-        let flag = match opts.delta {
-            CopyDeltaMode::Delta => "--delta",
-            _ => "--whole-file",
-        };
-        return Err(ClientError::Unsupported(format!(
-            "the source daemon at {} is too old to be told {flag} for a copy (upgrade xferd, \
-             or copy without {flag})",
-            spec.src
-        )));
-    }
-    let mirrored = opts.recursive && session.welcome.capabilities & CAP_MIRROR != 0;
-    if opts.recursive && !mirrored {
-        if !opts.mirror.is_plain() {
-            session.close().await;
-            return Err(ClientError::Unsupported(format!(
-                "the source daemon at {} is too old for --delete, filters or --dry-run on \
-                 copy -r (upgrade xferd)",
-                spec.src
-            )));
-        }
-        crate::meta::warn_old_daemon(&spec.src);
-    }
     // The destination is checked from here, with the user's pins and CAs, before the source
-    // is sent there: a destination with a certificate is reached over TLS, pinned.
+    // is sent there: a destination with a certificate is reached over TLS, pinned. Checked
+    // before the source is reached, so that the request can go with the source's `Auth`.
     let to_destination = Connector {
         tls_required: opts.dst_tls,
         ..src.clone()
@@ -260,25 +234,53 @@ pub async fn copy_mirror(
         tls,
         pin,
     };
-    let request = if mirrored {
-        let m = &opts.mirror;
-        Frame::MirrorTo(MirrorTo {
-            copy: request,
-            options: opts.keep,
-            rules: m.wire_rules(),
-            delete: m.delete,
-            delete_excluded: m.delete_excluded,
-            dry_run: m.dry_run,
-        })
-    } else {
-        Frame::CopyTo(request)
+    let frames = {
+        let (delta, recursive, mirror, keep) =
+            (opts.delta, opts.recursive, opts.mirror.clone(), opts.keep);
+        move |welcome: &xfer_proto::Welcome| {
+            copy_frames(&request, welcome, delta, recursive, &mirror, keep)
+        }
     };
-    if opts.delta != CopyDeltaMode::Auto {
-        session
-            .send(&Frame::CopyMode(CopyMode { delta: opts.delta }))
-            .await?;
+    // The request goes with the source's `Auth` where it proves itself early: a round trip
+    // sooner than after its `Welcome`. One it cannot carry out is sent nothing: the checks
+    // below say why.
+    let first: crate::session::FirstFrames = {
+        let frames = frames.clone();
+        Arc::new(move |welcome: &xfer_proto::Welcome| frames(welcome).unwrap_or_default())
+    };
+    let mut session =
+        Session::connect_sending(&spec.src, src, offer, &mut None, Some(&first)).await?;
+    let sent = std::mem::take(&mut session.first_sent) && frames(&session.welcome).is_some();
+    // A forced choice the source cannot be told would be ignored without a word: refuse.
+    let knows_delta = session.welcome.capabilities & CAP_COPY_DELTA != 0;
+    if opts.delta != CopyDeltaMode::Auto && !knows_delta {
+        session.close().await;
+        let flag = match opts.delta {
+            CopyDeltaMode::Delta => "--delta",
+            _ => "--whole-file",
+        };
+        return Err(ClientError::Unsupported(format!(
+            "the source daemon at {} is too old to be told {flag} for a copy (upgrade xferd, \
+             or copy without {flag})",
+            spec.src
+        )));
     }
-    session.send(&request).await?;
+    let mirrored = opts.recursive && session.welcome.capabilities & CAP_MIRROR != 0;
+    if opts.recursive && !mirrored {
+        if !opts.mirror.is_plain() {
+            session.close().await;
+            return Err(ClientError::Unsupported(format!(
+                "the source daemon at {} is too old for --delete, filters or --dry-run on \
+                 copy -r (upgrade xferd)",
+                spec.src
+            )));
+        }
+        crate::meta::warn_old_daemon(&spec.src);
+    }
+    if !sent {
+        let frames = frames(&session.welcome).expect("a copy the source can carry out");
+        session.send_all(&frames).await?;
+    }
     let mut changes = Vec::new();
     let mut delta = None;
     let mut reason = None;
@@ -329,6 +331,43 @@ pub async fn copy_mirror(
             other => return Err(unexpected(other)),
         }
     }
+}
+
+/// The frames that ask a source daemon whose `Welcome` is `welcome` for the copy `request`:
+/// `MirrorTo` for a tree where it knows it, the delta's mode first where one is forced; `None`
+/// when the source cannot carry the copy out (too old for the forced mode, or for the
+/// filters, deletion or dry run asked).
+fn copy_frames(
+    request: &CopyTo,
+    welcome: &xfer_proto::Welcome,
+    delta: CopyDeltaMode,
+    recursive: bool,
+    mirror: &crate::Mirror,
+    keep: crate::TreeOptions,
+) -> Option<Vec<Frame>> {
+    let knows_delta = welcome.capabilities & CAP_COPY_DELTA != 0;
+    let mirrored = recursive && welcome.capabilities & CAP_MIRROR != 0;
+    if (delta != CopyDeltaMode::Auto && !knows_delta)
+        || (recursive && !mirrored && !mirror.is_plain())
+    {
+        return None;
+    }
+    let mut frames = Vec::with_capacity(2);
+    if delta != CopyDeltaMode::Auto {
+        frames.push(Frame::CopyMode(CopyMode { delta }));
+    }
+    frames.push(match mirrored {
+        true => Frame::MirrorTo(MirrorTo {
+            copy: request.clone(),
+            options: keep,
+            rules: mirror.wire_rules(),
+            delete: mirror.delete,
+            delete_excluded: mirror.delete_excluded,
+            dry_run: mirror.dry_run,
+        }),
+        false => Frame::CopyTo(request.clone()),
+    });
+    Some(frames)
 }
 
 #[cfg(test)]

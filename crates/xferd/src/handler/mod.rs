@@ -339,6 +339,11 @@ impl Handler {
         let welcome = self.session.welcome();
         self.writer.send(&Frame::Welcome(welcome)).await?;
         if let Some(frame) = first {
+            // What a client saved a round trip on: said so that it can be seen.
+            debug!(
+                request = frame.frame_type().name(),
+                "the first request came with Auth"
+            );
             let request = self.session.handle_request(frame)?;
             self.check_window(&request)?;
             self.pending = Some(request);
