@@ -860,6 +860,72 @@ mod tests {
         drop(listener);
     }
 
+    /// A connection a worker makes for itself (the pool grew past its early ones, or one
+    /// reconnects) sends the transfer's open with its `Auth` where the daemon proves itself
+    /// early, before any `Welcome`, and comes back with the transfer open on it.
+    #[tokio::test]
+    async fn a_connection_the_pool_adds_sends_its_open_with_auth() {
+        use xfer_net::{FrameReader, FrameWriter};
+        use xfer_proto::{auth, Frame, Welcome, WriteOpened};
+        let (listener, target) = crate::session::fake_daemon().await;
+        let daemon = async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, write) = socket.into_split();
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let Some(Frame::Hello(hello)) = reader.read_frame().await.unwrap() else {
+                panic!("want Hello")
+            };
+            let server_nonce = vec![7; auth::NONCE_LEN];
+            let welcome = Welcome {
+                version: 1,
+                capabilities: xfer_proto::CAP_AUTH | xfer_proto::CAP_EARLY_AUTH,
+                max_chunk_size: 1 << 20,
+                window: 4,
+                agent: "xferd/test".into(),
+                proof: auth::server_proof(b"tok", &hello.nonce, &server_nonce),
+            };
+            let early = xfer_proto::EarlyChallenge {
+                nonce: server_nonce,
+                welcome: welcome.clone(),
+            };
+            writer.send(&Frame::EarlyChallenge(early)).await.unwrap();
+            // No Welcome yet: what the client sends now it sent without waiting for one.
+            let auth = reader.read_frame().await.unwrap();
+            let open = reader.read_frame().await.unwrap();
+            writer.send(&Frame::Welcome(welcome)).await.unwrap();
+            let opened = WriteOpened {
+                transfer_id: 42,
+                held: vec![],
+            };
+            writer.send(&Frame::WriteOpened(opened)).await.unwrap();
+            // Held open until the client has read the answer.
+            let _ = reader.read_frame().await;
+            (auth, open)
+        };
+        let early = Early::default();
+        let open: FirstFrames =
+            Arc::new(|_: &Welcome| vec![Frame::List(xfer_proto::List { dir: "d".into() })]);
+        let _ = early.ahead.frames.set(open);
+        let connector = crate::Connector {
+            token: Some(b"tok".as_slice().into()),
+            ..crate::Connector::default()
+        };
+        let client = async {
+            let connected =
+                tokio::time::timeout(Duration::from_secs(30), early.connect(&target, &connector))
+                    .await
+                    .expect("a hang guard only");
+            connected.map(|(_, id)| id)
+        };
+        let ((auth, open), opened) = tokio::join!(daemon, client);
+        assert!(matches!(auth, Some(Frame::Auth(_))), "{auth:?}");
+        assert!(
+            matches!(&open, Some(Frame::List(l)) if l.dir == "d"),
+            "{open:?}"
+        );
+        assert_eq!(opened.unwrap(), Some(42));
+    }
+
     #[tokio::test]
     async fn transfers_opened_ahead_are_not_used_once_expired() {
         let mut early = Early::default();
