@@ -9,6 +9,7 @@ mod copy;
 mod crash;
 mod delta;
 mod disk;
+mod early;
 mod failures;
 mod faults;
 mod knobs;

@@ -5,6 +5,7 @@
 //! limited time, and useless for anything else. Over TLS the grant travels inside the client's
 //! TLS session, and `CopyTo.tls` has the source verify and encrypt its own leg too.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -200,7 +201,49 @@ pub async fn copy_mirror(
     progress: &dyn Progress,
 ) -> Result<CopyReport, ClientError> {
     let offer = if opts.recursive { CAP_MIRROR } else { 0 };
-    let mut session = Session::connect_offering(&spec.src, src, offer).await?;
+    // The destination is checked from here, with the user's pins and CAs, before the source
+    // is sent there: a destination with a certificate is reached over TLS, pinned. Checked
+    // beside the source's handshake, so that the request can go with the source's `Auth`
+    // where it proves itself early (a round trip sooner), if the answer is in by then.
+    let to_destination = Connector {
+        tls_required: opts.dst_tls,
+        ..src.clone()
+    };
+    let asked = Arc::new(CopyAsk {
+        spec: spec.clone(),
+        opts: opts.clone(),
+        grant: opts
+            .dst_token
+            .as_deref()
+            .map(|token| make_grant(token, &spec.dest)),
+        trust: src.trust.clone(),
+        tls: std::sync::OnceLock::new(),
+        sent: std::sync::atomic::AtomicBool::new(false),
+    });
+    let probe = async {
+        let tls = match Session::serves_tls(&spec.dst, &to_destination).await {
+            Ok(tls) => tls,
+            // Not pinned here and no CA of ours vouches for it: the source's CAs decide.
+            Err(ClientError::UnknownHost(_)) => true,
+            Err(e) => return Err(e),
+        };
+        let _ = asked.tls.set(tls);
+        Ok(tls)
+    };
+    let first: crate::session::FirstFrames = {
+        let asked = Arc::clone(&asked);
+        Arc::new(move |welcome: &xfer_proto::Welcome| {
+            let frames = asked.tls.get().and_then(|&tls| asked.frames(tls, welcome));
+            asked.sent.store(frames.is_some(), Ordering::SeqCst);
+            frames.unwrap_or_default()
+        })
+    };
+    let mut no_rtt = None;
+    let connect = Session::connect_sending(&spec.src, src, offer, &mut no_rtt, Some(&first));
+    let (session, tls) = tokio::join!(connect, probe);
+    // The source's failure first: it is the one the user reaches directly.
+    let mut session = session?;
+    let sent = std::mem::take(&mut session.first_sent) && asked.sent.load(Ordering::SeqCst);
     // A forced choice the source cannot be told would be ignored without a word: refuse.
     let knows_delta = session.welcome.capabilities & CAP_COPY_DELTA != 0;
     if opts.delta != CopyDeltaMode::Auto && !knows_delta {
@@ -227,58 +270,19 @@ pub async fn copy_mirror(
         }
         crate::meta::warn_old_daemon(&spec.src);
     }
-    // The destination is checked from here, with the user's pins and CAs, before the source
-    // is sent there: a destination with a certificate is reached over TLS, pinned.
-    let to_destination = Connector {
-        tls_required: opts.dst_tls,
-        ..src.clone()
-    };
-    let tls = match Session::serves_tls(&spec.dst, &to_destination).await {
+    let tls = match tls {
         Ok(tls) => tls,
-        // Not pinned here and no CA of ours vouches for it: the source's CAs decide.
-        Err(ClientError::UnknownHost(_)) => true,
-        Err(e) => return Err(e),
+        Err(e) => {
+            session.close().await;
+            return Err(e);
+        }
     };
-    let pin = match &src.trust {
-        Some(trust) if tls => trust
-            .pinned(&spec.dst.to_string())
-            .and_then(|fp| crate::trust::fingerprint_digest(&fp)),
-        _ => None,
-    };
-    let request = CopyTo {
-        source: spec.name.clone(),
-        recursive: opts.recursive,
-        host: spec.dst.host.clone(),
-        port: spec.dst.port,
-        dest: spec.dest.clone(),
-        connections: opts.connections as u32,
-        chunk_size: opts.chunk_size,
-        grant: opts
-            .dst_token
-            .as_deref()
-            .map(|token| make_grant(token, &spec.dest)),
-        tls,
-        pin,
-    };
-    let request = if mirrored {
-        let m = &opts.mirror;
-        Frame::MirrorTo(MirrorTo {
-            copy: request,
-            options: opts.keep,
-            rules: m.wire_rules(),
-            delete: m.delete,
-            delete_excluded: m.delete_excluded,
-            dry_run: m.dry_run,
-        })
-    } else {
-        Frame::CopyTo(request)
-    };
-    if opts.delta != CopyDeltaMode::Auto {
-        session
-            .send(&Frame::CopyMode(CopyMode { delta: opts.delta }))
-            .await?;
+    if !sent {
+        let frames = asked
+            .frames(tls, &session.welcome)
+            .expect("a copy the source can carry out");
+        session.send_all(&frames).await?;
     }
-    session.send(&request).await?;
     let mut changes = Vec::new();
     let mut delta = None;
     let mut reason = None;
@@ -331,6 +335,72 @@ pub async fn copy_mirror(
     }
 }
 
+/// What a copy asks its source daemon for, once the destination's TLS is known.
+struct CopyAsk {
+    spec: CopySpec,
+    opts: CopyOptions,
+    /// The grant for the destination, made once: every request built carries the same.
+    grant: Option<(Grant, Vec<u8>)>,
+    /// The user's pins, whose pin for the destination the source is told to expect.
+    trust: Option<Arc<crate::trust::PeerTls>>,
+    /// Whether the destination is reached over TLS, once checked.
+    tls: std::sync::OnceLock<bool>,
+    /// The request went with the source's handshake.
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl CopyAsk {
+    /// The frames that ask a source daemon whose `Welcome` is `welcome` for the copy, to a
+    /// destination reached over TLS if `tls`: `MirrorTo` for a tree where it knows it, the
+    /// delta's mode first where one is forced; `None` when the source cannot carry the copy
+    /// out (too old for the forced mode, or for the filters, deletion or dry run asked).
+    fn frames(&self, tls: bool, welcome: &xfer_proto::Welcome) -> Option<Vec<Frame>> {
+        let (spec, opts) = (&self.spec, &self.opts);
+        let knows_delta = welcome.capabilities & CAP_COPY_DELTA != 0;
+        let mirrored = opts.recursive && welcome.capabilities & CAP_MIRROR != 0;
+        if (opts.delta != CopyDeltaMode::Auto && !knows_delta)
+            || (opts.recursive && !mirrored && !opts.mirror.is_plain())
+        {
+            return None;
+        }
+        let pin = match &self.trust {
+            Some(trust) if tls => trust
+                .pinned(&spec.dst.to_string())
+                .and_then(|fp| crate::trust::fingerprint_digest(&fp)),
+            _ => None,
+        };
+        let request = CopyTo {
+            source: spec.name.clone(),
+            recursive: opts.recursive,
+            host: spec.dst.host.clone(),
+            port: spec.dst.port,
+            dest: spec.dest.clone(),
+            connections: opts.connections as u32,
+            chunk_size: opts.chunk_size,
+            grant: self.grant.clone(),
+            tls,
+            pin,
+        };
+        let mut frames = Vec::with_capacity(2);
+        if opts.delta != CopyDeltaMode::Auto {
+            frames.push(Frame::CopyMode(CopyMode { delta: opts.delta }));
+        }
+        let m = &opts.mirror;
+        frames.push(match mirrored {
+            true => Frame::MirrorTo(MirrorTo {
+                copy: request,
+                options: opts.keep,
+                rules: m.wire_rules(),
+                delete: m.delete,
+                delete_excluded: m.delete_excluded,
+                dry_run: m.dry_run,
+            }),
+            false => Frame::CopyTo(request),
+        });
+        Some(frames)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +442,65 @@ mod tests {
         let spec = CopySpec::parse("a:1:f", "b:2").unwrap();
         assert_eq!((spec.dest.as_str(), spec.dst.port), ("f", 2));
         assert!(CopySpec::parse("a:1", "b").is_err());
+    }
+
+    /// What a copy sends its source with the handshake is what it would send after it: one
+    /// request, the grant made once, and nothing for a copy the source cannot carry out.
+    #[test]
+    fn the_request_sent_with_auth_is_the_one_the_source_can_carry_out() {
+        let spec = CopySpec::parse("a:1:f", "b:2:g").unwrap();
+        let mut opts = CopyOptions {
+            dst_token: Some(b"t".as_slice().into()),
+            recursive: false,
+            connections: 4,
+            chunk_size: 1 << 20,
+            dst_tls: false,
+            keep: crate::TreeOptions::default(),
+            mirror: crate::Mirror::default(),
+            delta: CopyDeltaMode::Auto,
+        };
+        let asked = |opts: &CopyOptions| CopyAsk {
+            spec: spec.clone(),
+            opts: opts.clone(),
+            grant: opts.dst_token.as_deref().map(|t| make_grant(t, "g")),
+            trust: None,
+            tls: std::sync::OnceLock::new(),
+            sent: std::sync::atomic::AtomicBool::new(false),
+        };
+        let welcome = |capabilities| xfer_proto::Welcome {
+            version: 1,
+            capabilities,
+            max_chunk_size: 1 << 20,
+            window: 4,
+            agent: "xferd/test".into(),
+            proof: vec![],
+        };
+        let ask = asked(&opts);
+        let once = ask.frames(true, &welcome(CAP_COPY_DELTA)).unwrap();
+        let again = ask.frames(true, &welcome(CAP_COPY_DELTA)).unwrap();
+        assert_eq!(once, again, "one grant, made once");
+        let [Frame::CopyTo(to)] = once.as_slice() else {
+            panic!("{once:?}")
+        };
+        assert!(to.tls && to.grant.is_some() && to.dest == "g");
+        // A forced mode goes first, to a source that can be told it; to one that cannot,
+        // nothing goes.
+        opts.delta = CopyDeltaMode::Delta;
+        let ask = asked(&opts);
+        let forced = ask.frames(false, &welcome(CAP_COPY_DELTA)).unwrap();
+        assert!(matches!(
+            forced.as_slice(),
+            [Frame::CopyMode(_), Frame::CopyTo(_)]
+        ));
+        assert!(ask.frames(false, &welcome(0)).is_none());
+        // A tree is a MirrorTo where the source knows it, else a plain CopyTo.
+        opts.delta = CopyDeltaMode::Auto;
+        opts.recursive = true;
+        let ask = asked(&opts);
+        let tree = ask.frames(false, &welcome(CAP_MIRROR)).unwrap();
+        assert!(matches!(tree.as_slice(), [Frame::MirrorTo(_)]));
+        let old = ask.frames(false, &welcome(0)).unwrap();
+        assert!(matches!(old.as_slice(), [Frame::CopyTo(c)] if c.recursive));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `xfer ls`: a directory listing from the server.
 
+use std::sync::Arc;
+
 use xfer_proto::{Frame, List, ListEntry};
 
-use crate::session::unexpected;
+use crate::session::{unexpected, FirstFrames};
 use crate::{ClientError, Connector, Session, Target};
 
 /// Lists `dir` (empty for the root) on `target`.
@@ -14,12 +16,20 @@ pub async fn list(
     dir: &str,
     connector: &Connector,
 ) -> Result<Vec<ListEntry>, ClientError> {
-    let mut session = Session::connect(target, connector).await?;
-    session
-        .send(&Frame::List(List {
-            dir: dir.to_string(),
-        }))
-        .await?;
+    let request = Frame::List(List {
+        dir: dir.to_string(),
+    });
+    // The request goes with the `Auth` where the daemon proves itself early: a round trip
+    // sooner than after the `Welcome`.
+    let first: FirstFrames = {
+        let request = request.clone();
+        Arc::new(move |_: &xfer_proto::Welcome| vec![request.clone()])
+    };
+    let mut session =
+        Session::connect_sending(target, connector, 0, &mut None, Some(&first)).await?;
+    if !std::mem::take(&mut session.first_sent) {
+        session.send(&request).await?;
+    }
     let mut entries = Vec::new();
     loop {
         match session.next().await? {

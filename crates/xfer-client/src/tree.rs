@@ -1857,7 +1857,19 @@ pub async fn recv_tree_mirror(
 ) -> Result<TreeSummary, ClientError> {
     let started = Instant::now();
     let keep = opts.keep;
-    let mut control = Session::connect(target, &opts.connector).await?;
+    // The listing is asked with the control connection's `Auth` where the daemon proves
+    // itself early: a round trip sooner.
+    let listed_dir = name.to_string();
+    let listing: FirstFrames = Arc::new(move |welcome: &xfer_proto::Welcome| {
+        vec![listing_request(
+            &listed_dir,
+            meta_granted(welcome),
+            checksum,
+            keep,
+        )]
+    });
+    let mut control =
+        Session::connect_sending(target, &opts.connector, 0, &mut None, Some(&listing)).await?;
     let with_meta = keeps_meta(&control);
     if !with_meta {
         crate::meta::warn_old_daemon(target);

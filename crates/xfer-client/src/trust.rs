@@ -377,7 +377,15 @@ impl PinVerifier {
         let accepted = match &self.trust.first_use {
             FirstUse::Refuse => return Err(TrustError::Unknown { peer, fingerprint }),
             FirstUse::Accept => true,
-            FirstUse::Ask(ask) => ask(&peer, &fingerprint),
+            FirstUse::Ask(ask) => {
+                // One question at a time: a copy checks its destination beside its source's
+                // handshake, and two questions must not share the terminal.
+                static ASKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+                let _one = ASKING
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                ask(&peer, &fingerprint)
+            }
         };
         if !accepted {
             return Err(TrustError::Declined { peer, fingerprint });

@@ -15,13 +15,13 @@ use xfer_proto::{ByteRange, ChunkRef, Commit, Data, FileIdentity, Frame, OpenRea
 
 use super::delta;
 use super::path_reports::PathReports;
-use super::pool::{drive, Early, Opener};
+use super::pool::{drive, Early, Opener, Opening};
 use super::queue::Work;
 use super::retry::{reopen, COMMIT_ATTEMPTS};
 use super::window::{Answer, Direction, Window};
 use super::{chunk_size, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
-use crate::session::unexpected;
+use crate::session::{unexpected, FirstFrames};
 use crate::{ClientError, Connector, Session, Target};
 
 struct Download {
@@ -37,12 +37,17 @@ struct Download {
     paths: PathReports,
 }
 
-/// Opens a download: its id, identity and mode, and the holes the daemon named, if it did.
-async fn open_read(
-    session: &mut Session,
-    request: &OpenRead,
-) -> Result<(u64, FileIdentity, u32, Vec<ByteRange>), ClientError> {
+/// What opened a download: its id, identity and mode, and the holes the daemon named, if it did.
+type ReadOpened = (u64, FileIdentity, u32, Vec<ByteRange>);
+
+/// Opens a download (see [`read_opened`]).
+async fn open_read(session: &mut Session, request: &OpenRead) -> Result<ReadOpened, ClientError> {
     session.send(&Frame::OpenRead(request.clone())).await?;
+    read_opened(session).await
+}
+
+/// The answer to the `OpenRead` `session` sent last, or with its handshake.
+async fn read_opened(session: &mut Session) -> Result<ReadOpened, ClientError> {
     match session.next().await? {
         Frame::ReadOpened(r) => Ok((r.transfer_id, r.identity, r.mode, Vec::new())),
         Frame::ReadOpenedSparse(s) => {
@@ -55,12 +60,7 @@ async fn open_read(
 
 impl Direction for Download {
     async fn open(&self, session: &mut Session) -> Result<u64, ClientError> {
-        let request = OpenRead {
-            name: self.name.clone(),
-            have_identity: None,
-            have: vec![],
-        };
-        let (id, identity, ..) = open_read(session, &request).await?;
+        let (id, identity, ..) = open_read(session, &plain_open(&self.name)).await?;
         if identity != self.identity {
             return Err(ClientError::Changed(self.name.clone()));
         }
@@ -262,19 +262,37 @@ enum Attempt {
     DeltaCorrupt,
 }
 
+/// The `OpenRead` of `name` a connection other than the first sends.
+fn plain_open(name: &str) -> OpenRead {
+    OpenRead {
+        name: name.to_string(),
+        have_identity: None,
+        have: vec![],
+    }
+}
+
 /// Opens `name` on an early connection as soon as it is welcomed, beside the first connection's
 /// open: the file must be the one the first connection opened (`expected`, once it knows).
 fn opener(name: &str, expected: tokio::sync::watch::Receiver<Option<FileIdentity>>) -> Opener {
     let name = name.to_string();
+    let answered = answered(&name, expected);
+    Arc::new(move |mut session: Session| {
+        let (request, answered) = (plain_open(&name), Arc::clone(&answered));
+        Box::pin(async move {
+            session.send(&Frame::OpenRead(request)).await?;
+            answered(session).await
+        })
+    })
+}
+
+/// Reads the answer to an `OpenRead` of `name` a connection sent: the file must be the one the
+/// first connection opened (`expected`, once it knows).
+fn answered(name: &str, expected: tokio::sync::watch::Receiver<Option<FileIdentity>>) -> Opener {
+    let name = name.to_string();
     Arc::new(move |mut session: Session| {
         let (name, mut expected) = (name.clone(), expected.clone());
         Box::pin(async move {
-            let request = OpenRead {
-                name: name.clone(),
-                have_identity: None,
-                have: vec![],
-            };
-            let (id, identity, ..) = open_read(&mut session, &request).await?;
+            let (id, identity, ..) = read_opened(&mut session).await?;
             let first = expected
                 .wait_for(Option::is_some)
                 .await
@@ -286,6 +304,24 @@ fn opener(name: &str, expected: tokio::sync::watch::Receiver<Option<FileIdentity
             Ok((session, id))
         })
     })
+}
+
+/// How a download is opened with the handshake where the daemon proves itself early: the first
+/// connection's `request` (what the local journal holds), every other's [`plain_open`], their
+/// answers checked against the file the first opened (`expected`, once it knows).
+fn opening(
+    name: &str,
+    request: &OpenRead,
+    expected: &tokio::sync::watch::Receiver<Option<FileIdentity>>,
+) -> Opening {
+    let frames = |request: OpenRead| -> FirstFrames {
+        Arc::new(move |_: &xfer_proto::Welcome| vec![Frame::OpenRead(request.clone())])
+    };
+    Opening {
+        first: frames(request.clone()),
+        others: frames(plain_open(name)),
+        answered: Some(answered(name, expected.clone())),
+    }
 }
 
 /// One attempt at [`recv_with_holes`].
@@ -306,9 +342,6 @@ async fn recv_once(
     // connect for any file on the emulated 150 ms path, a 2 GiB download moved 0.97-0.99 of
     // the rate it moved so (3 runs each, alternated, loaded), where uploads gained.
     let start_on = |_| 0;
-    let (mut session, mut early) = Early::connect_first(target, opts, start_on, None, None).await?;
-    let (opts, congestion) = path_policy(opts, &mut session);
-    let opts = &opts;
     let request = OpenRead {
         name: name.to_string(),
         have_identity: have.as_ref().map(|c| c.identity),
@@ -318,8 +351,18 @@ async fn recv_once(
             .unwrap_or_default(),
     };
     let (expected, opened) = tokio::sync::watch::channel(None);
+    // The first connection opens the file with its `Auth` where the daemon proves itself
+    // early: the open's round trip overlaps the handshake's last.
+    let opening = opening(name, &request, &opened);
+    let (mut session, mut early) =
+        Early::connect_first(target, opts, start_on, Some(opening), None).await?;
+    let (opts, congestion) = path_policy(opts, &mut session);
+    let opts = &opts;
     early.open_ahead(opener(name, opened), None);
-    let (id, identity, mode, named) = open_read(&mut session, &request).await?;
+    let (id, identity, mode, named) = match std::mem::take(&mut session.first_sent) {
+        true => read_opened(&mut session).await?,
+        false => open_read(&mut session, &request).await?,
+    };
     expected.send_replace(Some(identity));
     // Once the size is known: a large file on a far path starts with more connections.
     early.top_up(target, opts, session.rtt, identity.size);
@@ -474,13 +517,18 @@ async fn remote_digest(
     name: String,
     identity: FileIdentity,
 ) -> Result<xfer_core::digest::Digest, ClientError> {
-    let mut session = Session::connect(&target, &connector).await?;
-    let request = OpenRead {
-        name: name.clone(),
-        have_identity: None,
-        have: vec![],
+    // The open goes with the `Auth` where the daemon proves itself early.
+    let request = plain_open(&name);
+    let open: FirstFrames = {
+        let request = request.clone();
+        Arc::new(move |_: &xfer_proto::Welcome| vec![Frame::OpenRead(request.clone())])
     };
-    let (id, now, ..) = open_read(&mut session, &request).await?;
+    let mut session =
+        Session::connect_sending(&target, &connector, 0, &mut None, Some(&open)).await?;
+    let (id, now, ..) = match std::mem::take(&mut session.first_sent) {
+        true => read_opened(&mut session).await?,
+        false => open_read(&mut session, &request).await?,
+    };
     if now != identity {
         return Err(ClientError::Changed(name));
     }

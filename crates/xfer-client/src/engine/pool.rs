@@ -62,10 +62,13 @@ struct Ahead {
     /// Connections started beside the first one still connecting: once none is left,
     /// `beside_first` is dropped unused, so that whoever waits on it learns there is none.
     beside_pending: std::sync::atomic::AtomicUsize,
-    /// The frames that open the transfer, known before any connection is welcomed (an
-    /// upload's): the connections of the start send them with their `Auth` where the daemon
-    /// proves itself early, and come welcomed with the transfer open.
+    /// The frames that open the transfer, known before any connection is welcomed: the
+    /// connections of the start and those the pool adds later send them with their `Auth`
+    /// where the daemon proves itself early, and come welcomed with the transfer open.
     frames: std::sync::OnceLock<FirstFrames>,
+    /// Reads what answered the open a connection sent with its handshake, when reading the
+    /// transfer's id is not enough (a download checks the file is the one the first opened).
+    answered: std::sync::OnceLock<Opener>,
     /// The probe of a delta (an upload's `List` of its name), known before any connection is
     /// welcomed: those started beside the first send it with their `Auth` and read its answer.
     probe: std::sync::OnceLock<FirstFrames>,
@@ -83,6 +86,15 @@ impl Drop for Beside {
 }
 
 impl Ahead {
+    /// The transfer `session` opened with its handshake, from the answer to that open.
+    async fn read_answer(&self, mut session: Session) -> Result<(Session, u64), ClientError> {
+        if let Some(answered) = self.answered.get() {
+            return answered(session).await;
+        }
+        let id = opened_id(session.next().await?)?;
+        Ok((session, id))
+    }
+
     /// The opener for a connection; `beside_first` if it was started beside the first one.
     fn take(&self, beside_first: bool) -> Option<Opener> {
         let special = beside_first
@@ -106,11 +118,26 @@ impl Ahead {
     }
 }
 
+/// How a transfer is opened with the handshake where the daemon proves itself early
+/// (`CAP_EARLY_AUTH`): each open then goes with its connection's `Auth`, a round trip before
+/// the `Welcome` it was encoded for.
+pub(super) struct Opening {
+    /// The first connection's open.
+    pub(super) first: FirstFrames,
+    /// The open of every other connection but those started beside the first (the start a
+    /// path wants, those the pool adds as it grows, reconnections).
+    pub(super) others: FirstFrames,
+    /// Reads the answer to `others` (or to `first`, on a connection that became an early
+    /// one); `None` reads the transfer's id only.
+    pub(super) answered: Option<Opener>,
+}
+
 /// The transfer an answer to an open names.
 fn opened_id(answer: xfer_proto::Frame) -> Result<u64, ClientError> {
     match answer {
         xfer_proto::Frame::WriteOpened(w) => Ok(w.transfer_id),
         xfer_proto::Frame::ReadOpened(r) => Ok(r.transfer_id),
+        xfer_proto::Frame::ReadOpenedSparse(s) => Ok(s.opened.transfer_id),
         other => Err(crate::session::unexpected(other)),
     }
 }
@@ -147,9 +174,10 @@ impl Early {
     /// out, so a user is never asked twice about one daemon. Where TLS is known to be needed,
     /// nothing opens beside the first, not even the far start once the path is measured.
     ///
-    /// `first`'s frames go as the first connection's first (with its `Auth` where the daemon
-    /// proves itself early); the session returned says whether it is the one that sent them.
-    /// `probe`'s go so on those started beside the first, whose answer their sessions keep
+    /// `opening.first`'s frames go as the first connection's first (with its `Auth` where the
+    /// daemon proves itself early); the session returned says whether it is the one that sent
+    /// them. `opening.others` go so on every connection started or added later, but those
+    /// started beside the first: `probe`'s go so on those, whose answer their sessions keep
     /// (`absent`).
     ///
     /// # Errors
@@ -158,13 +186,17 @@ impl Early {
         target: &Target,
         opts: &Options,
         start_on: impl FnOnce(Option<Duration>) -> usize,
-        first: Option<FirstFrames>,
+        opening: Option<Opening>,
         probe: Option<FirstFrames>,
     ) -> Result<(Session, Self), ClientError> {
         let mut early = Self::default();
-        if let Some(first) = &first {
-            let _ = early.ahead.frames.set(Arc::clone(first));
-        }
+        let first = opening.map(|opening| {
+            let _ = early.ahead.frames.set(opening.others);
+            if let Some(answered) = opening.answered {
+                let _ = early.ahead.answered.set(answered);
+            }
+            opening.first
+        });
         if let Some(probe) = probe {
             let _ = early.ahead.probe.set(probe);
         }
@@ -238,15 +270,22 @@ impl Early {
         };
         // The first connection keeps connecting, as an early one; what it opened with its
         // handshake is its transfer, opened ahead.
+        let ahead = Arc::clone(&early.ahead);
         early.connecting.get_mut().spawn(async move {
             let mut session = first
                 .await
                 .map_err(|e| ClientError::Local(join_error(e)))??;
-            let opened = match std::mem::take(&mut session.first_sent) {
-                true => Some(opened_id(session.next().await?)?),
-                false => None,
-            };
-            Ok(Ready { session, opened })
+            if !std::mem::take(&mut session.first_sent) {
+                return Ok(Ready {
+                    session,
+                    opened: None,
+                });
+            }
+            let (session, id) = ahead.read_answer(session).await?;
+            Ok(Ready {
+                session,
+                opened: Some(id),
+            })
         });
         Ok((beside, early))
     }
@@ -355,15 +394,35 @@ impl Early {
                     .then(|| ahead.take(beside_first))
                     .flatten();
                 drop(beside);
-                let mut session = session?;
+                let session = session?;
                 if sent {
-                    let opened = Some(opened_id(session.next().await?)?);
-                    return Ok(Ready { session, opened });
+                    let (session, id) = ahead.read_answer(session).await?;
+                    return Ok(Ready {
+                        session,
+                        opened: Some(id),
+                    });
                 }
                 open_with(session, open).await
             });
         }
         self.started = self.started.max(1) + n;
+    }
+
+    /// A new connection made by a worker that found no early one (the pool grew past them, or
+    /// one reconnects): with the transfer open on it, its id, where the open went with its
+    /// `Auth` (the daemon proved itself early), a round trip sooner than after its `Welcome`.
+    async fn connect(
+        &self,
+        target: &Target,
+        connector: &crate::Connector,
+    ) -> Result<(Session, Option<u64>), ClientError> {
+        let frames = self.ahead.frames.get();
+        let mut session = Session::connect_sending(target, connector, 0, &mut None, frames).await?;
+        if !std::mem::take(&mut session.first_sent) {
+            return Ok((session, None));
+        }
+        let (session, id) = self.ahead.read_answer(session).await?;
+        Ok((session, Some(id)))
     }
 
     /// The next early connection to be welcomed; `None` once there are none left. Failed ones
@@ -599,7 +658,7 @@ async fn worker<D: Direction>(
                                 }
                                 (s, opened)
                             }
-                            None => (Session::connect(target, &opts.connector).await?, None),
+                            None => early.connect(target, &opts.connector).await?,
                         };
                         let id = match opened {
                             Some(id) => id,
@@ -799,6 +858,72 @@ mod tests {
         );
         assert!(!asked.load(Ordering::Relaxed));
         drop(listener);
+    }
+
+    /// A connection a worker makes for itself (the pool grew past its early ones, or one
+    /// reconnects) sends the transfer's open with its `Auth` where the daemon proves itself
+    /// early, before any `Welcome`, and comes back with the transfer open on it.
+    #[tokio::test]
+    async fn a_connection_the_pool_adds_sends_its_open_with_auth() {
+        use xfer_net::{FrameReader, FrameWriter};
+        use xfer_proto::{auth, Frame, Welcome, WriteOpened};
+        let (listener, target) = crate::session::fake_daemon().await;
+        let daemon = async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, write) = socket.into_split();
+            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+            let Some(Frame::Hello(hello)) = reader.read_frame().await.unwrap() else {
+                panic!("want Hello")
+            };
+            let server_nonce = vec![7; auth::NONCE_LEN];
+            let welcome = Welcome {
+                version: 1,
+                capabilities: xfer_proto::CAP_AUTH | xfer_proto::CAP_EARLY_AUTH,
+                max_chunk_size: 1 << 20,
+                window: 4,
+                agent: "xferd/test".into(),
+                proof: auth::server_proof(b"tok", &hello.nonce, &server_nonce),
+            };
+            let early = xfer_proto::EarlyChallenge {
+                nonce: server_nonce,
+                welcome: welcome.clone(),
+            };
+            writer.send(&Frame::EarlyChallenge(early)).await.unwrap();
+            // No Welcome yet: what the client sends now it sent without waiting for one.
+            let auth = reader.read_frame().await.unwrap();
+            let open = reader.read_frame().await.unwrap();
+            writer.send(&Frame::Welcome(welcome)).await.unwrap();
+            let opened = WriteOpened {
+                transfer_id: 42,
+                held: vec![],
+            };
+            writer.send(&Frame::WriteOpened(opened)).await.unwrap();
+            // Held open until the client has read the answer.
+            let _ = reader.read_frame().await;
+            (auth, open)
+        };
+        let early = Early::default();
+        let open: FirstFrames =
+            Arc::new(|_: &Welcome| vec![Frame::List(xfer_proto::List { dir: "d".into() })]);
+        let _ = early.ahead.frames.set(open);
+        let connector = crate::Connector {
+            token: Some(b"tok".as_slice().into()),
+            ..crate::Connector::default()
+        };
+        let client = async {
+            let connected =
+                tokio::time::timeout(Duration::from_secs(30), early.connect(&target, &connector))
+                    .await
+                    .expect("a hang guard only");
+            connected.map(|(_, id)| id)
+        };
+        let ((auth, open), opened) = tokio::join!(daemon, client);
+        assert!(matches!(auth, Some(Frame::Auth(_))), "{auth:?}");
+        assert!(
+            matches!(&open, Some(Frame::List(l)) if l.dir == "d"),
+            "{open:?}"
+        );
+        assert_eq!(opened.unwrap(), Some(42));
     }
 
     #[tokio::test]

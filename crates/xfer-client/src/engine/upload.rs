@@ -14,7 +14,7 @@ use xfer_net::Compressor;
 use xfer_proto::{ByteRange, ChunkRef, Commit, ErrorCode, Frame, List, OpenWrite, OpenWriteSparse};
 
 use super::delta;
-use super::pool::{drive, Early, Opener};
+use super::pool::{drive, Early, Opener, Opening};
 use super::queue::Work;
 use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
@@ -222,8 +222,13 @@ pub(crate) async fn send_file_sharing(
         let name = name.to_string();
         Arc::new(move |_: &xfer_proto::Welcome| vec![probe_frame(&name)])
     };
+    let opening = Opening {
+        first: Arc::clone(&open_first),
+        others: open_first,
+        answered: None,
+    };
     let (mut session, mut early) =
-        Early::connect_first(target, opts, start_on, Some(open_first), Some(probe)).await?;
+        Early::connect_first(target, opts, start_on, Some(opening), Some(probe)).await?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     early.top_up(target, opts, session.rtt, identity.size);

@@ -340,6 +340,11 @@ impl Handler {
         // it is this connection's for good (a reload never changes an open connection's).
         self.writer.send_all(&self.session.welcome_frames()).await?;
         if let Some(frame) = first {
+            // What a client saved a round trip on: said so that it can be seen.
+            debug!(
+                request = frame.frame_type().name(),
+                "the first request came with Auth"
+            );
             let request = self.session.handle_request(frame)?;
             self.check_window(&request)?;
             self.pending = Some(request);

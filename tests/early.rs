@@ -1,0 +1,127 @@
+//! Requests sent with `Auth` (`CAP_EARLY_AUTH`, proto.md §4.5) through the real binaries: a
+//! download's first `OpenRead`, `xfer ls`'s `List` and `recv -r`'s listing reach a daemon with a
+//! token before its `Welcome` (its debug log says which first request came so), and the
+//! transfer is whole; a wrong token still fails with one line and leaves no file.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use xfer_tests::{random_file, run_xfer, sha256_file, Daemon, Tree, XferOutput};
+
+/// Hang guard for one command of a few MiB (a guard, not a timing claim).
+const GUARD: Duration = Duration::from_secs(120);
+const TOKEN: &str = "early-token-3f9a";
+
+/// Writes `token` to `DIR/NAME` and returns the path.
+fn token_file(dir: &Path, name: &str, token: &str) -> String {
+    let path = dir.join(name);
+    fs::write(&path, format!("{token}\n")).unwrap();
+    path.display().to_string()
+}
+
+/// A daemon with [`TOKEN`] that logs at debug which first request came with `Auth`.
+fn token_daemon(tree: &Tree) -> Daemon {
+    let token = token_file(tree.path(), "daemon-token", TOKEN);
+    Daemon::start(
+        &tree.root(),
+        &["--token-file", &token, "--log-level", "xferd=debug"],
+    )
+}
+
+/// `xfer ARGS… --token-file` with the right token.
+fn with_token(tree: &Tree, args: &[&str]) -> XferOutput {
+    let token = token_file(tree.path(), "client-token", TOKEN);
+    run_xfer([args, &["--token-file", &token]].concat(), &[], GUARD)
+}
+
+/// Whether the daemon's log says a `request` came with `Auth`.
+fn came_with_auth(daemon: &Daemon, request: &str) -> bool {
+    daemon
+        .stderr()
+        .lines()
+        .any(|l| l.contains("the first request came with Auth") && l.contains(request))
+}
+
+#[test]
+fn a_download_sends_its_first_open_with_auth() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    let want = random_file(&tree.root().join("f.bin"), 3 << 20, 31);
+    let out = tree.out("f.bin");
+    let dest = out.to_str().unwrap();
+    with_token(&tree, &["recv", "f.bin", &daemon.addr(), "-o", dest]).ok();
+    assert_eq!(sha256_file(&out), want);
+    assert!(
+        came_with_auth(&daemon, "OpenRead"),
+        "no OpenRead came with Auth:\n{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_download_with_a_wrong_token_fails_and_leaves_no_file() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    random_file(&tree.root().join("f.bin"), 1 << 20, 32);
+    let wrong = token_file(tree.path(), "wrong-token", "not-the-token");
+    let out = tree.out("f.bin");
+    let dest = out.to_str().unwrap();
+    let failed = run_xfer(
+        [
+            "recv",
+            "f.bin",
+            &daemon.addr(),
+            "-o",
+            dest,
+            "--token-file",
+            &wrong,
+        ],
+        &[],
+        GUARD,
+    );
+    let line = failed.error_line();
+    assert!(
+        line.starts_with("xfer: authentication failed: wrong token"),
+        "{line}"
+    );
+    let left: Vec<_> = fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "the download left {left:?}");
+    assert!(!came_with_auth(&daemon, "OpenRead"));
+}
+
+#[test]
+fn ls_sends_its_list_with_auth() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    fs::write(tree.root().join("listed.txt"), b"x").unwrap();
+    let out = with_token(&tree, &["ls", &daemon.addr()]).ok();
+    assert!(out.stdout.contains("listed.txt"), "{}", out.stdout);
+    assert!(
+        came_with_auth(&daemon, "List"),
+        "no List came with Auth:\n{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_tree_download_sends_its_listing_with_auth() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    fs::create_dir(tree.root().join("t")).unwrap();
+    let want = random_file(&tree.root().join("t/a.bin"), 200_000, 33);
+    fs::write(tree.root().join("t/b.txt"), b"small").unwrap();
+    let out = tree.out("t");
+    let dest = out.to_str().unwrap();
+    with_token(&tree, &["recv", "-r", "t", &daemon.addr(), "-o", dest]).ok();
+    assert_eq!(sha256_file(&out.join("a.bin")), want);
+    assert_eq!(fs::read(out.join("b.txt")).unwrap(), b"small");
+    assert!(
+        came_with_auth(&daemon, "ListTree"),
+        "no listing came with Auth:\n{}",
+        daemon.stderr()
+    );
+}
