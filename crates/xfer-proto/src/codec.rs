@@ -444,7 +444,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 68);
+        assert_eq!(known.len(), 69);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

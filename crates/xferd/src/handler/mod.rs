@@ -441,6 +441,17 @@ impl Handler {
                 }
                 Request::GetFile(req) => self.get_files(req).await?,
                 Request::Sync => self.sync().await?,
+                Request::AwaitCommits(req) => {
+                    // What follows on this connection (a tree's closing) waits for commits
+                    // carried out on the tree's other connections.
+                    self.shared.registry.await_commits(&req.names).await;
+                    debug!(names = req.names.len(), "awaited commits settled");
+                    self.writer
+                        .send(&Frame::Done(xfer_proto::Done {
+                            name: String::new(),
+                        }))
+                        .await?;
+                }
                 Request::CopyTo(req) => self.copy_to(req, None).await?,
                 Request::Delete(req) => {
                     // Checked at the handshake; a reload since then does not widen it.
