@@ -874,3 +874,84 @@ fn a_download_whose_partial_changes_while_stopped_is_caught_on_resume_and_fetche
     assert!(!delta(&out), "{}", out.json());
     assert!(!journal.exists() && !partial.exists());
 }
+
+/// Sets the mtime of the directory `path` to `secs` after the epoch.
+fn set_dir_mtime(path: &std::path::Path, secs: u64) {
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    std::fs::File::open(path)
+        .and_then(|d| d.set_modified(time))
+        .unwrap_or_else(|e| panic!("set mtime of {}: {e}", path.display()));
+}
+
+/// The mtime of `path` in nanoseconds since the epoch, as the filesystem holds it.
+fn mtime_ns(path: &std::path::Path) -> u128 {
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A tree whose changed files are all light closes with their last commits
+/// (`CAP_TREE_CLOSE`): the closing (`AwaitCommits`, the `SetMeta`s, `Sync`) goes once the last
+/// `Commit` is written on every connection, not after their answers, and the daemon carries it
+/// out once those commits were. Each directory still ends with the source's mtime although its
+/// files were renamed into it on other connections, and every file arrives whole with its own.
+#[test]
+fn a_tree_of_light_changes_closes_with_its_last_commits() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    let dirs = ["d0", "d1", "d1/d2"];
+    let mut files = Vec::new();
+    for (d, dir) in dirs.iter().enumerate() {
+        std::fs::create_dir_all(src.join(dir)).unwrap();
+        for i in 0..4 {
+            let path = src.join(dir).join(format!("f{i}"));
+            std::fs::write(&path, noise(2 * MIB, 700 + (d * 4 + i) as u64)).unwrap();
+            files.push(path);
+        }
+    }
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["send", "-r", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
+        XferRun::spawn_with_env(&args, env).wait_ok()
+    };
+    send(&["--whole-file"], &[]);
+    // Every file changes in place, with a new mtime of its own; the directories keep theirs.
+    for (k, path) in files.iter().enumerate() {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[MIB..MIB + 4096].fill(k as u8);
+        std::fs::write(path, bytes).unwrap();
+        xfer_tests::set_mtime(path, 1_750_000_000 + k as u64);
+    }
+    for (k, dir) in ["", "d0", "d1", "d1/d2"].iter().enumerate() {
+        set_dir_mtime(&src.join(dir), 1_600_000_000 + k as u64);
+    }
+    let out = send(
+        &["--delta", "-c", "4"],
+        &[("XFER_LOG", "xfer_client=debug")],
+    );
+    let json = out.json();
+    assert_eq!(out.json_u64("delta_files"), files.len() as u64, "{json}");
+    assert!(
+        out.stderr.contains("closed with the last commits"),
+        "{}",
+        out.stderr
+    );
+    let dest = tree.root().join("t");
+    for path in &files {
+        let rel = path.strip_prefix(&src).unwrap();
+        assert_eq!(sha256_file(&dest.join(rel)), sha256_file(path), "{rel:?}");
+        assert_eq!(mtime_ns(&dest.join(rel)), mtime_ns(path), "{rel:?}");
+    }
+    for dir in ["", "d0", "d1", "d1/d2"] {
+        assert_eq!(
+            mtime_ns(&dest.join(dir)),
+            mtime_ns(&src.join(dir)),
+            "{dir:?}"
+        );
+    }
+}

@@ -12,12 +12,13 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use futures_util::stream::{self, StreamExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use xfer_core::delta;
 use xfer_core::{CoreError, RangeSet, Root, SourceFile};
 use xfer_proto::{
-    fine_block_count, ByteRange, ChunkRef, Commit, Data, DeltaCopy, DeltaPut, ErrorCode,
-    ErrorFrame, FineCopy, Frame, OpenWrite, MAX_DELTA_CHUNKS, MAX_FINE_COPIES,
+    fine_block_count, AwaitCommits, ByteRange, ChunkRef, Commit, Data, DeltaCopy, DeltaPut,
+    ErrorCode, ErrorFrame, FineCopy, Frame, OpenWrite, MAX_AWAITED, MAX_DELTA_CHUNKS,
+    MAX_FINE_COPIES,
 };
 
 use crate::session::unexpected;
@@ -69,6 +70,60 @@ pub(crate) struct Job<'a> {
     pub done: &'a (dyn Fn(u64) + Sync),
 }
 
+/// A tree's closing sent with its last commits (`CAP_TREE_CLOSE`): once every connection
+/// wrote its last `Commit`, the control connection sends `AwaitCommits` naming the commits
+/// still unanswered, then the closing (`SetMeta`s, `Sync`), which the daemon carries out once
+/// those commits were: the closing's round trip overlaps the commits' own.
+pub(crate) struct Close {
+    /// The closing's requests, each answered by one frame.
+    frames: Vec<Frame>,
+    /// Connections whose writers are still sending light files.
+    writing: watch::Sender<usize>,
+    /// Names whose `Commit` went and is not answered yet.
+    unanswered: Mutex<HashSet<String>>,
+    /// The answers to `AwaitCommits` and the closing, once all were read.
+    answers: Mutex<Option<Vec<Frame>>>,
+}
+
+impl Close {
+    /// A closing of `frames`, sent once the writers of the connections [`Self::start`]
+    /// counts are done.
+    pub(crate) fn new(frames: Vec<Frame>) -> Self {
+        Self {
+            frames,
+            writing: watch::Sender::new(0),
+            unanswered: Mutex::default(),
+            answers: Mutex::default(),
+        }
+    }
+
+    /// Counts the `connections` about to send light files, each with this closing.
+    pub(crate) fn start(&self, connections: usize) {
+        self.writing.send_replace(connections);
+    }
+
+    /// The answers to `AwaitCommits` and each closing request, in order, when they were
+    /// sent and all read.
+    pub(crate) fn answers(self) -> Option<Vec<Frame>> {
+        self.answers.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unanswered(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.unanswered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A connection's writer still sending, until dropped (done or failed).
+struct Writing<'a>(Option<&'a Close>);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let Some(close) = self.0 {
+            close.writing.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+}
+
 /// A light file read for its `DeltaPut`: the request, the digest its commit carries, and the
 /// file to read literal data from.
 struct Prepared {
@@ -83,6 +138,8 @@ enum Expect {
     Put(Box<Prepared>),
     Data(ChunkRef),
     Commit(Box<Prepared>, u64, Literal),
+    /// The tree's closing: `AwaitCommits` and as many requests after it.
+    Close(usize),
 }
 
 /// A file answered, with the chunks of its literal data not sent yet.
@@ -115,12 +172,15 @@ enum Next {
 
 /// Sends `files` over `session` as described in the module's documentation; what was
 /// committed is recorded in `sent` as it is answered, so that after an error (also returned)
-/// the caller knows what is left.
+/// the caller knows what is left. With `close`, the tree's closing waits for this connection's
+/// last `Commit` to be written, and with `closes` too, it goes on this connection once every
+/// connection's did (see [`Close`]).
 pub(crate) async fn send_over(
     session: &mut Session,
     files: Vec<Light>,
     job: &Job<'_>,
     sent: &Mutex<Sent>,
+    (close, closes): (Option<&Close>, bool),
 ) -> Result<(), ClientError> {
     let count = files.len();
     let chunk_size = job
@@ -144,6 +204,7 @@ pub(crate) async fn send_over(
     let (expect_tx, mut expect_rx) = mpsc::channel::<Expect>(4096);
     let Session { reader, writer, .. } = session;
     let write = async {
+        let writing = Writing(close);
         let (mut put, mut settled) = (0, 0);
         let mut files_left = true;
         // Files answered whose literal data and commit are still to go, oldest first (at most
@@ -174,6 +235,9 @@ pub(crate) async fn send_over(
                     transfer_id: id,
                     digest: file.digest.clone(),
                 };
+                if let Some(close) = close {
+                    close.unanswered().insert(file.put.open.name.clone());
+                }
                 let _ = expect_tx.send(Expect::Commit(file, id, literal)).await;
                 writer.send(&Frame::Commit(commit)).await?;
             }
@@ -247,6 +311,22 @@ pub(crate) async fn send_over(
                 }
             }
         }
+        drop(writing);
+        if let Some(close) = close.filter(|_| closes) {
+            let mut writing = close.writing.subscribe();
+            // Every connection's commits are written: those still unanswered are the ones the
+            // daemon may not have carried out yet.
+            if writing.wait_for(|n| *n == 0).await.is_ok() {
+                let names: Vec<String> = close.unanswered().iter().cloned().collect();
+                if names.len() <= MAX_AWAITED {
+                    tracing::debug!(awaited = names.len(), "closing sent with the last commits");
+                    let mut frames = vec![Frame::AwaitCommits(AwaitCommits { names })];
+                    frames.extend(close.frames.iter().cloned());
+                    let _ = expect_tx.send(Expect::Close(frames.len())).await;
+                    writer.send_all(&frames).await?;
+                }
+            }
+        }
         drop(expect_tx);
         Ok::<_, ClientError>(())
     };
@@ -281,7 +361,16 @@ pub(crate) async fn send_over(
                     }
                     other => return Err(unexpected(other)),
                 },
-                Expect::Commit(file, id, literal) => match read_answer(reader).await? {
+                Expect::Close(count) => {
+                    let mut answers = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        answers.push(read_answer(reader).await?);
+                    }
+                    if let Some(close) = close {
+                        *close.answers.lock().unwrap_or_else(|p| p.into_inner()) = Some(answers);
+                    }
+                }
+                Expect::Commit(file, id, literal) => match answered(reader, close, &file).await? {
                     Frame::Committed(c) if c.transfer_id == id => {
                         opens.closed();
                         let bytes: u64 = literal.ranges.iter().map(ByteRange::len).sum();
@@ -419,6 +508,20 @@ impl<'a> Opens<'a> {
         self.give_back();
         limit > 0
     }
+}
+
+/// The answer to `file`'s `Commit`: whatever it says, the daemon carried the commit out, and
+/// the closing need not wait for it.
+async fn answered(
+    reader: &mut crate::session::Reader,
+    close: Option<&Close>,
+    file: &Prepared,
+) -> Result<Frame, ClientError> {
+    let answer = read_answer(reader).await?;
+    if let Some(close) = close {
+        close.unanswered().remove(&file.put.open.name);
+    }
+    Ok(answer)
 }
 
 /// The next frame on `reader`, an `Error` as it came.

@@ -50,6 +50,9 @@ const PIPELINE_BYTES: usize = 16 << 20;
 const PACK_BYTES: usize = 2 << 20;
 /// Most small files packed into one `PackedPutFiles`.
 const PACK_FILES: usize = 1024;
+/// Most requests a tree's closing sent with its last commits holds (`CAP_TREE_CLOSE`): written
+/// at once while the daemon waits for the commits, they sit in the socket buffers.
+const EARLY_CLOSE_FRAMES: usize = 1024;
 
 /// What a tree copy reports (`--json`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -791,7 +794,9 @@ where
 /// name (`remote`) over `control` and `spares` at once (see [`crate::light`]), where the daemon
 /// speaks `CAP_DELTA_PUT`, and counts them into `summary`; those committed leave `large`. A
 /// connection that failed is dropped (`control` then `None`); the files it carried stay in
-/// `large`. Returns the paths whose delta did not add up, to be sent whole.
+/// `large`. Returns the paths whose delta did not add up, to be sent whole. With `close`, when
+/// these files are all of `large`, the control connection sends the tree's closing once every
+/// connection wrote its last `Commit` ([`crate::light::Close`]).
 ///
 /// On a short path, where no spare connections were opened, a few are opened here (as many as a
 /// pool starts with): the daemon carries out one connection's requests one after the other, and
@@ -804,7 +809,7 @@ async fn light_deltas(
     remote: &HashMap<String, TreeEntry>,
     (local, dest): (&Root, &str),
     opts: &Options,
-    (summary, progress): (&mut TreeSummary, &Progress),
+    (summary, progress, close): (&mut TreeSummary, &Progress, Option<&crate::light::Close>),
 ) -> HashSet<String> {
     let both = xfer_proto::CAP_DELTA | xfer_proto::CAP_DELTA_PUT;
     let Some(first) = control
@@ -831,6 +836,7 @@ async fn light_deltas(
     if lights.is_empty() {
         return HashSet::new();
     }
+    let lights_cover_large = lights.len() == large.len();
     let wanted = opts.connections.initial_on(first.rtt).min(lights.len());
     let missing = wanted.saturating_sub(1 + spares.len());
     if missing > 0 {
@@ -853,16 +859,26 @@ async fn light_deltas(
         done: &done,
     };
     let sent = Mutex::new(crate::light::Sent::default());
-    let runs = sessions.iter_mut().zip(shares).map(|(session, share)| {
-        let files = share
-            .into_iter()
-            .map(|e| crate::light::Light {
-                basis_size: basis_sizes[&e.path],
-                path: e.path,
-            })
-            .collect();
-        crate::light::send_over(session, files, &job, &sent)
-    });
+    // The closing goes with the last commits only when they are the last of the tree.
+    let close = close.filter(|_| lights_cover_large);
+    if let Some(close) = close {
+        close.start(sessions.len());
+    }
+    let runs = sessions
+        .iter_mut()
+        .zip(shares)
+        .enumerate()
+        .map(|(i, (session, share))| {
+            let files = share
+                .into_iter()
+                .map(|e| crate::light::Light {
+                    basis_size: basis_sizes[&e.path],
+                    path: e.path,
+                })
+                .collect();
+            // The first is the control connection.
+            crate::light::send_over(session, files, &job, &sent, (close, i == 0))
+        });
     let results = futures_util::future::join_all(runs).await;
     drop(sessions);
     // Connections that failed carry nothing more; their files go through the engine.
@@ -1194,7 +1210,8 @@ pub async fn send_tree_mirror(
     opts.connector.delivered = engine::delivered_meter(&opts);
     // Every connection of the tree, whoever opens it, promises the closing `Sync` it waits for
     // below: the daemon then commits the large files without a flush each.
-    opts.connector.offer |= xfer_proto::CAP_TREE_SYNC;
+    // They also close it with the last commits where they can (`CAP_TREE_CLOSE`).
+    opts.connector.offer |= xfer_proto::CAP_TREE_SYNC | xfer_proto::CAP_TREE_CLOSE;
     let opts = &opts;
     // The source is walked while the connection opens and the receiver lists its side: over
     // a long path both take round trips the walk need not wait for.
@@ -1348,6 +1365,41 @@ pub async fn send_tree_mirror(
     .await?;
     tracing::debug!(dirs = fixed_first.len(), elapsed = ?started.elapsed(), "directories the receiver holds fixed");
     let make_alongside = make_dirs(&alongside, 0o700);
+    // A tree whose last files are light files sends its closing with their last commits.
+    let close = match meta.as_ref() {
+        _ if control.welcome.capabilities & xfer_proto::CAP_TREE_CLOSE == 0 => None,
+        // Anything else still to send, or a directory the closing would shut to its owner
+        // (a file the commits fail to carry is sent again after it), closes as before.
+        _ if !small.is_empty()
+            || !links.is_empty()
+            || !removals.after.is_empty()
+            || !make_alongside.is_empty()
+            || dirs.iter().any(|d| d.mode & 0o200 == 0) =>
+        {
+            None
+        }
+        Some(meta) if !meta.nodes.is_empty() || !meta.hard_links.is_empty() => None,
+        Some(meta) => {
+            let mut requests = meta.requests(dest, &written);
+            if control.welcome.capabilities & xfer_proto::CAP_TREE_META_V2 == 0 {
+                for x in requests.iter_mut().filter_map(|r| r.xattrs.as_mut()) {
+                    xfer_core::meta::xattrs_without_names(x);
+                }
+            }
+            Some(requests.into_iter().map(Frame::SetMeta).collect())
+        }
+        None => {
+            let mut last = make_dirs(&last_pass, 0);
+            last.reverse();
+            Some(last)
+        }
+    }
+    .map(|mut frames: Vec<Frame>| {
+        frames.push(Frame::Sync);
+        frames
+    })
+    .filter(|frames| frames.len() <= EARLY_CLOSE_FRAMES)
+    .map(crate::light::Close::new);
     let mut control = Some(control);
     // Light files changed at the receiver go as deltas over the connections already open, all
     // at once; what they cannot carry stays with the large files.
@@ -1358,9 +1410,31 @@ pub async fn send_tree_mirror(
         &remote,
         (&local, dest),
         opts,
-        (&mut summary, &progress),
+        (&mut summary, &progress, close.as_ref()),
     )
     .await;
+    if let Some(answers) = close.and_then(crate::light::Close::answers) {
+        let clean = answers
+            .iter()
+            .all(|a| matches!(a, Frame::Done(_) | Frame::MetaSet(_)));
+        if let Some(control) = control.take().filter(|_| clean && large.is_empty()) {
+            let mut tally = Tally::default();
+            for answer in answers {
+                if let Frame::MetaSet(m) = answer {
+                    tally.count(&m.name, m.not_chowned, &m.xattrs_refused, &mut summary);
+                }
+            }
+            control.close().await;
+            for spare in spares {
+                spare.close().await;
+            }
+            tracing::debug!(elapsed = ?started.elapsed(), "closed with the last commits: directory times set, receiver flushed");
+            return Ok(finished(summary, &progress, started));
+        }
+        // Something is left to send (a commit failed, a connection was lost): the closing
+        // goes again after it.
+        tracing::debug!(clean, "the closing sent with the last commits goes again");
+    }
     let mut control = match control {
         Some(control) => control,
         None => connect_deleting(target, &opts.connector, mirror).await?,
@@ -1518,14 +1592,18 @@ pub async fn send_tree_mirror(
     }
     control.close().await;
     tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
+    Ok(finished(summary, &progress, started))
+}
 
+/// `summary` of a tree copy sent, with what `progress` counted.
+fn finished(mut summary: TreeSummary, progress: &Progress, started: Instant) -> TreeSummary {
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
     summary.seconds = started.elapsed().as_secs_f64();
     summary.literal_bytes = summary.bytes_transferred;
-    Ok(summary)
+    summary
 }
 
 /// Finishes a tree copy to a daemon that keeps metadata in two pipelines: first the links,

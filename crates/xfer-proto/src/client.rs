@@ -27,7 +27,8 @@ pub struct ClientConfig {
     pub tls: bool,
     /// This software's name and version, told in `Hello`.
     pub agent: String,
-    /// Further capabilities to offer in `Hello` (`CAP_DELETE`, `CAP_MIRROR`, `CAP_TREE_SYNC`);
+    /// Further capabilities to offer in `Hello` (`CAP_DELETE`, `CAP_MIRROR`, `CAP_TREE_SYNC`,
+    /// `CAP_TREE_CLOSE`);
     /// never in the plaintext `Hello` that asks for TLS. The `Welcome` says which the server
     /// took.
     pub offer: u64,
@@ -177,7 +178,8 @@ impl ClientSession {
     /// tree bits it was asked to offer, and `CAP_EARLY_AUTH` when it holds the token: a grant's
     /// key proves nothing until the server has seen the grant in `Auth`.
     fn capabilities(&self) -> u64 {
-        let asked = crate::CAP_DELETE | crate::CAP_MIRROR | crate::CAP_TREE_SYNC;
+        let asked =
+            crate::CAP_DELETE | crate::CAP_MIRROR | crate::CAP_TREE_SYNC | crate::CAP_TREE_CLOSE;
         let offer = self.config.offer & asked;
         let tls = if self.config.tls { CAP_TLS } else { 0 };
         let early = if self.config.key.is_some() && self.config.grant.is_none() {

@@ -104,6 +104,9 @@ mod tests {
                 min_rtt_us: 150_000,
             }),
             Frame::IdleTimeout(IdleTimeout { millis: 300_000 }),
+            Frame::AwaitCommits(AwaitCommits {
+                names: vec!["t/a".into(), "t/b".into()],
+            }),
             Frame::EarlyChallenge(EarlyChallenge {
                 nonce: vec![2; 32],
                 welcome: Welcome {
@@ -445,7 +448,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 69);
+        assert_eq!(known.len(), 70);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

@@ -603,6 +603,18 @@ pub struct Done {
     pub name: String,
 }
 
+/// Client → server (`CAP_TREE_CLOSE`): carry out the frames after this one on the connection
+/// only once no upload of these names is open on the server without its `Commit` carried out,
+/// on whichever connection it was opened. A tree's closing (`SetMeta`s of its directories,
+/// `Sync`) then goes with its last commits instead of a round trip after their answers.
+/// Answered `Done` (its name empty) once that holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwaitCommits {
+    /// Destination names, relative to the root, each of an upload whose `Commit` the client
+    /// sent; at most [`crate::MAX_AWAITED`].
+    pub names: Vec<String>,
+}
+
 /// Either direction: the request failed; see `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorFrame {
@@ -850,6 +862,8 @@ frame_types! {
     Changes(crate::Changes) = 0x64,
     /// [`CopyDoneMeta`]
     CopyDoneMeta(CopyDoneMeta) = 0x6e,
+    /// [`AwaitCommits`]: what follows waits for these uploads' commits (`CAP_TREE_CLOSE`)
+    AwaitCommits(AwaitCommits) = 0x6a,
     /// [`DeltaOpen`](crate::DeltaOpen): index the basis of a delta upload (`CAP_DELTA`)
     DeltaOpen(crate::DeltaOpen) = 0x70,
     /// [`DeltaIndex`](crate::DeltaIndex): the basis is indexed

@@ -87,6 +87,7 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_DELETE
                         | crate::CAP_MIRROR
                         | crate::CAP_TREE_SYNC
+                        | crate::CAP_TREE_CLOSE
                         | crate::CAP_EARLY_AUTH;
                     assert_eq!(welcome.capabilities & !known, 0);
                     // The idle timeout told behind the Welcome is the one the session keeps.
@@ -189,6 +190,8 @@ pub fn session_script(data: &[u8], start: Instant) {
                     .expect("a handle the session gave is open");
                 assert!(session.upload(id).is_err(), "a closed upload stays closed");
             }
+            // A tree's closing: bounded before the daemon waits on any of the names.
+            Request::AwaitCommits(a) => assert!(a.names.len() <= crate::MAX_AWAITED),
             Request::Goodbye
             | Request::PeerError(_)
             | Request::CopyTo(_)
@@ -601,6 +604,26 @@ mod tests {
             let kept = seeds.map(|e| std::fs::read(e.expect("corpus entry").path()).unwrap());
             assert!(kept.into_iter().any(|seed| seed == script), "{target}");
         }
+    }
+
+    /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_TREE_SYNC` and
+    /// `CAP_TREE_CLOSE`, an `AwaitCommits` naming two uploads, then `Sync`.
+    pub(crate) fn await_commits_script() -> Vec<u8> {
+        use crate::*;
+        let hello = seed_hello(CAP_TREE_SYNC | CAP_TREE_CLOSE);
+        let wait = Frame::AwaitCommits(AwaitCommits {
+            names: vec!["t/a".into(), "t/b".into()],
+        });
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in [hello, wait, Frame::Sync] {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
+    #[test]
+    fn a_tree_close_reaches_the_session_within_its_limits() {
+        session_script_now(&await_commits_script());
     }
 
     /// Two small files packed, as the `packed-put-files` vector and the fuzz seeds hold them.

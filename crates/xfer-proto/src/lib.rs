@@ -128,6 +128,13 @@ pub const CAP_TREE_SYNC: u64 = 1 << 24;
 /// connection sit idle: a client that kept a connection aside knows, rather than guesses,
 /// whether it is still open.
 pub const CAP_IDLE_TIMEOUT: u64 = 1 << 25;
+/// Capability bit: the server carries out `AwaitCommits`, which holds the frames after it on
+/// the connection until the uploads it names have had their `Commit` carried out on any
+/// connection, so that a tree's closing goes with its last commits. Not in [`CAP_FEATURES`]: a
+/// client offers it only on a tree copy's connections, as `CAP_TREE_SYNC`.
+pub const CAP_TREE_CLOSE: u64 = 1 << 26;
+/// Most names one `AwaitCommits` carries.
+pub const MAX_AWAITED: usize = 4096;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole
 /// chunk (`max_chunk_size` bytes) takes them all.
 pub const WINDOW_SLOTS: u32 = 64;

@@ -150,6 +150,9 @@ pub enum Request {
     MakeNode(crate::MakeNode),
     /// Remove one entry (`CAP_DELETE` is in force); answer `Done` or `Error`.
     Delete(crate::Delete),
+    /// Wait until no upload of these names is open without its `Commit` carried out
+    /// (`CAP_TREE_CLOSE` is in force; at most `MAX_AWAITED`), then answer `Done`.
+    AwaitCommits(crate::AwaitCommits),
     /// Copy a tree to another daemon with its options, filters, deletion or dry run
     /// (`CAP_MIRROR` is in force); answer with `Progress` and `Changes` frames, then
     /// `CopyDoneMeta`.
@@ -282,6 +285,9 @@ pub enum SessionError {
     /// A `DeltaCopy` with more runs than one may carry.
     #[error("DeltaCopy of {0} runs, above the limit of {max}", max = crate::MAX_FINE_COPIES)]
     TooManyCopies(usize),
+    /// An `AwaitCommits` with more names than one may carry.
+    #[error("AwaitCommits of {0} names, above the limit of {max}", max = crate::MAX_AWAITED)]
+    TooManyAwaited(usize),
 }
 
 /// The message `proto.md` gives every refused grant, whatever the reason.
@@ -308,7 +314,8 @@ impl SessionError {
             Self::TooManyOpen(_)
             | Self::ChunkTooLarge { .. }
             | Self::TooManyChunks(_)
-            | Self::TooManyCopies(_) => ErrorCode::TooLarge,
+            | Self::TooManyCopies(_)
+            | Self::TooManyAwaited(_) => ErrorCode::TooLarge,
             _ => ErrorCode::Protocol,
         }
     }
@@ -426,7 +433,8 @@ impl<U, D> ServerSession<U, D> {
         let granted = (crate::CAP_FEATURES & !crate::CAP_PACKED_FILES & !crate::CAP_PUT_META
             | crate::CAP_DELETE
             | crate::CAP_MIRROR
-            | crate::CAP_TREE_SYNC)
+            | crate::CAP_TREE_SYNC
+            | crate::CAP_TREE_CLOSE)
             & self.client_capabilities;
         // Owners and attributes come with files only where tree metadata is kept at all.
         let put_meta = if granted & crate::CAP_TREE_META != 0 {
@@ -607,6 +615,12 @@ impl<U, D> ServerSession<U, D> {
             Frame::SetMeta(r) => &r.name,
             Frame::MakeNode(r) => &r.name,
             Frame::Delete(r) => &r.name,
+            Frame::AwaitCommits(r) => {
+                for name in &r.names {
+                    self.check_scope(&Frame::Delete(crate::Delete { name: name.clone() }))?;
+                }
+                return Ok(());
+            }
             Frame::MakeHardLink(r) => {
                 self.check_scope(&Frame::MakeLink(crate::MakeLink {
                     name: r.existing.clone(),
@@ -786,6 +800,12 @@ impl<U, D> ServerSession<U, D> {
             Frame::MirrorTo(req) if self.client_capabilities & crate::CAP_MIRROR != 0 => {
                 Ok(Request::MirrorTo(req))
             }
+            Frame::AwaitCommits(req) if self.client_capabilities & crate::CAP_TREE_CLOSE != 0 => {
+                if req.names.len() > crate::MAX_AWAITED {
+                    return Err(SessionError::TooManyAwaited(req.names.len()));
+                }
+                Ok(Request::AwaitCommits(req))
+            }
             Frame::DeltaOpen(d) if self.client_capabilities & crate::CAP_DELTA != 0 => {
                 self.transfer("DeltaOpen", d.transfer_id, TransferKind::Upload)?;
                 Ok(Request::DeltaOpen(UploadId(d.transfer_id), d))
@@ -842,6 +862,7 @@ impl<U, D> ServerSession<U, D> {
             }
             Frame::Goodbye => Ok(Request::Goodbye),
             other @ (Frame::Delete(_)
+            | Frame::AwaitCommits(_)
             | Frame::DeltaCopy(_)
             | Frame::CopyMode(_)
             | Frame::PackedPutFiles(_)
@@ -1835,6 +1856,33 @@ mod tests {
         );
         let tree = offering(crate::CAP_FEATURES | crate::CAP_TREE_SYNC);
         assert_ne!(tree.capabilities() & crate::CAP_TREE_SYNC, 0);
+    }
+
+    #[test]
+    fn a_tree_close_needs_its_capability_and_keeps_within_its_limit() {
+        let wait = |count: usize| {
+            Frame::AwaitCommits(crate::AwaitCommits {
+                names: (0..count).map(|i| format!("t/f{i}")).collect(),
+            })
+        };
+        let mut plain = ready();
+        assert_eq!(plain.capabilities() & crate::CAP_TREE_CLOSE, 0);
+        assert!(matches!(
+            plain.handle_request(wait(2)),
+            Err(SessionError::Unexpected {
+                frame: "AwaitCommits",
+                ..
+            })
+        ));
+        let mut tree = offering(crate::CAP_TREE_SYNC | crate::CAP_TREE_CLOSE);
+        assert_ne!(tree.capabilities() & crate::CAP_TREE_CLOSE, 0);
+        assert!(matches!(
+            tree.handle_request(wait(crate::MAX_AWAITED)),
+            Ok(Request::AwaitCommits(a)) if a.names.len() == crate::MAX_AWAITED
+        ));
+        let too_many = tree.handle_request(wait(crate::MAX_AWAITED + 1));
+        assert!(matches!(too_many, Err(SessionError::TooManyAwaited(_))));
+        assert_eq!(too_many.unwrap_err().code(), ErrorCode::TooLarge);
     }
 
     #[test]

@@ -703,6 +703,12 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             ),
         ),
         (
+            "await-commits",
+            Frame::AwaitCommits(AwaitCommits {
+                names: vec!["t/a".into(), "t/b".into()],
+            }),
+        ),
+        (
             "delete",
             Frame::Delete(Delete {
                 name: "backups/t/old.txt".into(),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use xfer_core::digest::DigestKind;
 use xfer_core::{CoreError, PartialFile, Root};
 use xfer_proto::{ErrorCode, FileIdentity};
@@ -16,6 +16,9 @@ pub struct Registry {
     map: Mutex<HashMap<String, Entry>>,
     next_id: std::sync::atomic::AtomicU64,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Counts every upload closed and every commit carried out, so that `AwaitCommits`
+    /// looks again only when one may have settled what it waits for.
+    settled: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -28,6 +31,8 @@ enum Entry {
         partial: Arc<PartialFile>,
         started: Instant,
         users: usize,
+        /// A `Commit` of it was carried out and failed, leaving it open (short of data).
+        commit_failed: bool,
     },
 }
 
@@ -100,6 +105,7 @@ impl Registry {
                         partial,
                         started,
                         users,
+                        ..
                     }) => {
                         if *held != identity {
                             return Err(OpenError::InUse(name.to_string()));
@@ -149,6 +155,7 @@ impl Registry {
                             partial: Arc::clone(&partial),
                             started,
                             users: 1,
+                            commit_failed: false,
                         },
                     );
                     Ok(self.lease(name, id, partial, started))
@@ -158,7 +165,9 @@ impl Registry {
                     Err(e.into())
                 }
             };
+            drop(map);
             notify.notify_waiters();
+            self.settle();
             return result;
         }
     }
@@ -184,6 +193,35 @@ impl Registry {
         self.lock().contains_key(name)
     }
 
+    /// Returns once no upload of any of `names` is open without a `Commit` carried out: each
+    /// was committed, failed its commit, or lost every connection (`AwaitCommits`). Bounded
+    /// by those connections: one that ends drops its share, and the upload is forgotten.
+    pub async fn await_commits(&self, names: &[String]) {
+        let mut settled = self.settled.subscribe();
+        loop {
+            let waiting = {
+                let map = self.lock();
+                names.iter().any(|name| match map.get(name) {
+                    None => false,
+                    Some(Entry::Opening(_)) => true,
+                    Some(Entry::Open { commit_failed, .. }) => !commit_failed,
+                })
+            };
+            if !waiting {
+                return;
+            }
+            // Marked seen at `subscribe` or the last `changed`: a change since is not missed.
+            if settled.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Tells those waiting in [`Self::await_commits`] to look again.
+    fn settle(&self) {
+        self.settled.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Number of uploads open.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -203,22 +241,44 @@ impl Lease {
             map.remove(&self.name);
             self.registry.metrics.uploads.active.dec();
         }
+        drop(map);
+        self.registry.settle();
+    }
+
+    /// Records a `Commit` carried out that failed and left the upload open: what waits for
+    /// its commit waits no longer.
+    pub fn commit_failed(&self) {
+        let mut map = self.registry.lock();
+        if let Some(Entry::Open {
+            id, commit_failed, ..
+        }) = map.get_mut(&self.name)
+        {
+            if *id == self.id {
+                *commit_failed = true;
+            }
+        }
+        drop(map);
+        self.registry.settle();
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut map = self.registry.lock();
+        let mut forgotten = false;
         if let Some(Entry::Open { id, users, .. }) = map.get_mut(&self.name) {
             if *id == self.id {
                 *users -= 1;
-                if *users == 0 {
-                    // Every connection left before the commit: the upload stays resumable.
-                    map.remove(&self.name);
-                    self.registry.metrics.uploads.active.dec();
-                    self.registry.metrics.uploads.failed.inc();
-                }
+                forgotten = *users == 0;
             }
+        }
+        if forgotten {
+            // Every connection left before the commit: the upload stays resumable.
+            map.remove(&self.name);
+            self.registry.metrics.uploads.active.dec();
+            self.registry.metrics.uploads.failed.inc();
+            drop(map);
+            self.registry.settle();
         }
     }
 }
@@ -230,4 +290,64 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| CoreError::io("file task", std::io::Error::other(e.to_string())))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDENTITY: FileIdentity = FileIdentity {
+        size: 10,
+        mtime_ns: 0,
+    };
+
+    /// Whether `await_commits(names)` returns before anything else happens.
+    async fn settled_now(registry: &Arc<Registry>, names: &[&str]) -> bool {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let waiting = registry.await_commits(&names);
+        tokio::time::timeout(std::time::Duration::from_millis(50), waiting)
+            .await
+            .is_ok()
+    }
+
+    async fn open(registry: &Arc<Registry>, root: &Root, name: &str) -> Lease {
+        registry
+            .open(root, name, IDENTITY, Vec::new(), DigestKind::Sequential)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn awaited_commits_wait_for_each_upload_open_until_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let registry = Arc::new(Registry::default());
+        // Names no upload holds are settled: committed before, or never opened.
+        assert!(settled_now(&registry, &["gone"]).await);
+        let (a, b, c) = (
+            open(&registry, &root, "a").await,
+            open(&registry, &root, "b").await,
+            open(&registry, &root, "c").await,
+        );
+        assert!(!settled_now(&registry, &["a"]).await);
+        // Committed (retired), failed with the upload left open, or every connection gone.
+        a.retire();
+        assert!(settled_now(&registry, &["a"]).await);
+        assert!(!settled_now(&registry, &["a", "b", "c"]).await);
+        b.commit_failed();
+        assert!(!settled_now(&registry, &["a", "b", "c"]).await);
+        // A waiter already waiting is woken by the last one settling.
+        let names = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let waiter = {
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move { registry.await_commits(&names).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(c);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken once the last upload settled")
+            .unwrap();
+    }
 }

@@ -447,6 +447,7 @@ impl Handler {
                 }
                 Request::GetFile(req) => self.get_files(req).await?,
                 Request::Sync => self.sync().await?,
+                Request::AwaitCommits(req) => self.await_commits(&req.names).await?,
                 Request::CopyTo(req) => self.copy_to(req, None).await?,
                 Request::Delete(req) => {
                     // Checked at the handshake; a reload since then does not widen it.

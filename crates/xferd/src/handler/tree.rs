@@ -3,7 +3,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tracing::info;
+use tokio::time::timeout;
+use tracing::{debug, info};
 use xfer_core::CoreError;
 use xfer_net::compress::looks_compressed;
 use xfer_net::Compressor;
@@ -371,6 +372,33 @@ impl Handler {
         blocking(move || root.sync())
             .await
             .map_err(|e| fatal(e.code(), e.to_string()))?;
+        Ok(self
+            .writer
+            .send(&Frame::Done(Done {
+                name: String::new(),
+            }))
+            .await?)
+    }
+
+    /// `AwaitCommits`: holds what follows on this connection (a tree's closing) until the
+    /// commits of the uploads named, carried out on the tree's other connections, settle; then
+    /// answers `Done`. Bounded as an idle connection is: those commits were all sent before this
+    /// request, so one still unsettled after that long is not coming, and the client is told.
+    pub(super) async fn await_commits(&mut self, names: &[String]) -> Result<(), ConnError> {
+        let idle = self.shared.config.idle_timeout;
+        let shutdown = self.shared.shutdown.clone();
+        let settled = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                return Err(fatal(ErrorCode::ShuttingDown, "server shutting down; rerun to resume"));
+            }
+            settled = timeout(idle, self.shared.registry.await_commits(names)) => settled,
+        };
+        if settled.is_err() {
+            let message = format!("awaited commits not carried out within {idle:?}");
+            return self.reply_error(ErrorCode::Incomplete, message).await;
+        }
+        debug!(names = names.len(), "awaited commits settled");
         Ok(self
             .writer
             .send(&Frame::Done(Done {

@@ -198,6 +198,8 @@ impl Handler {
                     self.shared.metrics.uploads.failed.inc();
                     // The partial is gone: forget the upload so the next attempt opens it anew.
                     self.session.close_upload(id)?.lease.retire();
+                } else {
+                    self.session.upload(id)?.lease.commit_failed();
                 }
                 return self.reply_error(e.code(), e.to_string()).await;
             }
