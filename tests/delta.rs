@@ -955,3 +955,49 @@ fn a_tree_of_light_changes_closes_with_its_last_commits() {
         );
     }
 }
+
+/// An `AwaitCommits` naming an upload whose `Commit` never comes (its connection stays open and
+/// busy) is answered `Error{Incomplete}` once the daemon's idle timeout has passed, instead of
+/// holding the connection and the tree's closing behind it for ever; the connection stays usable.
+#[test]
+fn an_awaited_commit_that_never_comes_is_refused_after_the_idle_timeout() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use xfer_proto::{AwaitCommits, ErrorCode, Frame, CAP_TREE_CLOSE, CAP_TREE_SYNC};
+    use xfer_tests::raw::{open_write, RawConn};
+
+    let tree = Tree::new();
+    let daemon = Daemon::start(&tree.root(), &["--idle-timeout", "2"]);
+    let mut uploading = RawConn::connect(daemon.socket_addr());
+    uploading.handshake_offering(None, CAP_TREE_SYNC);
+    let opened = uploading.request(&open_write("never-committed.bin", 10));
+    assert!(matches!(opened, Frame::WriteOpened(_)), "{opened:?}");
+    let mut closing = RawConn::connect(daemon.socket_addr());
+    let welcome = closing.handshake_offering(None, CAP_TREE_SYNC | CAP_TREE_CLOSE);
+    assert_ne!(welcome.capabilities & CAP_TREE_CLOSE, 0, "{welcome:?}");
+    closing.send(&Frame::AwaitCommits(AwaitCommits {
+        names: vec!["never-committed.bin".into()],
+    }));
+    // The upload's connection keeps asking meanwhile: neither idle nor gone, so its upload
+    // stays open and unsettled.
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let busy = std::thread::spawn({
+        let done = std::sync::Arc::clone(&done);
+        move || {
+            while !done.load(Ordering::Relaxed) {
+                uploading.assert_usable();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    let answer = closing.recv();
+    done.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    match answer {
+        Some(Frame::Error(e)) => {
+            assert_eq!(e.error_code(), Some(ErrorCode::Incomplete), "{e:?}");
+            assert!(e.message.contains("not carried out"), "{e:?}");
+        }
+        other => panic!("AwaitCommits of an upload never committed answered {other:?}"),
+    }
+    closing.assert_usable();
+}
