@@ -124,6 +124,15 @@ fn unchanged(src: &TreeEntry, dst: Option<&TreeEntry>) -> bool {
     })
 }
 
+/// The listing of `dir` as a control connection's first request, sent with its `Auth` where the
+/// daemon proves itself early: with metadata where the `Welcome` it is encoded for grants it.
+fn listing_first(dir: &str, digests: bool, keep: TreeOptions) -> FirstFrames {
+    let dir = dir.to_string();
+    Arc::new(move |welcome: &xfer_proto::Welcome| {
+        vec![listing_request(&dir, meta_granted(welcome), digests, keep)]
+    })
+}
+
 /// The request that lists `dir`: with metadata (`ListTreeMeta`) when `with_meta`, else
 /// `ListTree`.
 fn listing_request(dir: &str, with_meta: bool, digests: bool, keep: TreeOptions) -> Frame {
@@ -1250,15 +1259,7 @@ pub async fn send_tree_mirror(
         let mut dialed = Some(dialed);
         // The receiver's listing is asked with the control connection's `Auth` where the
         // daemon proves itself early: a round trip sooner.
-        let listed_dir = dest.to_string();
-        let listing: FirstFrames = Arc::new(move |welcome: &xfer_proto::Welcome| {
-            vec![listing_request(
-                &listed_dir,
-                meta_granted(welcome),
-                checksum,
-                keep,
-            )]
-        });
+        let listing = listing_first(dest, checksum, keep);
         let mut control = connect_deleting_telling_rtt(
             target,
             &opts.connector,
@@ -1937,15 +1938,7 @@ pub async fn recv_tree_mirror(
     let keep = opts.keep;
     // The listing is asked with the control connection's `Auth` where the daemon proves
     // itself early: a round trip sooner.
-    let listed_dir = name.to_string();
-    let listing: FirstFrames = Arc::new(move |welcome: &xfer_proto::Welcome| {
-        vec![listing_request(
-            &listed_dir,
-            meta_granted(welcome),
-            checksum,
-            keep,
-        )]
-    });
+    let listing = listing_first(name, checksum, keep);
     let mut control =
         Session::connect_sending(target, &opts.connector, 0, &mut None, Some(&listing)).await?;
     let with_meta = keeps_meta(&control);
