@@ -684,6 +684,40 @@ pub(crate) async fn fake_daemon() -> (tokio::net::TcpListener, Target) {
     (listener, target)
 }
 
+/// A test's fake daemon with the token `tok` that proves itself early: accepts one connection
+/// on `listener`, reads its `Hello` and answers `EarlyChallenge`, then sends nothing more. Returns
+/// the connection's halves and the `Welcome` the challenge announced.
+#[cfg(test)]
+pub(crate) async fn early_challenged(
+    listener: tokio::net::TcpListener,
+) -> (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    Welcome,
+) {
+    let (socket, _) = listener.accept().await.unwrap();
+    let (read, write) = socket.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
+    let Some(Frame::Hello(hello)) = reader.read_frame().await.unwrap() else {
+        panic!("want Hello")
+    };
+    let server_nonce = vec![7; auth::NONCE_LEN];
+    let welcome = Welcome {
+        version: 1,
+        capabilities: xfer_proto::CAP_AUTH | xfer_proto::CAP_EARLY_AUTH,
+        max_chunk_size: 1 << 20,
+        window: 4,
+        agent: "xferd/test".into(),
+        proof: auth::server_proof(b"tok", &hello.nonce, &server_nonce),
+    };
+    let early = xfer_proto::EarlyChallenge {
+        nonce: server_nonce,
+        welcome: welcome.clone(),
+    };
+    writer.send(&Frame::EarlyChallenge(early)).await.unwrap();
+    (reader, writer, welcome)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -695,26 +729,7 @@ mod tests {
     async fn the_first_request_goes_with_auth_before_the_welcome() {
         let (listener, target) = fake_daemon().await;
         let daemon = async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let (read, write) = socket.into_split();
-            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
-            let Some(Frame::Hello(hello)) = reader.read_frame().await.unwrap() else {
-                panic!("want Hello")
-            };
-            let server_nonce = vec![7; auth::NONCE_LEN];
-            let welcome = Welcome {
-                version: 1,
-                capabilities: xfer_proto::CAP_AUTH | xfer_proto::CAP_EARLY_AUTH,
-                max_chunk_size: 1 << 20,
-                window: 4,
-                agent: "xferd/test".into(),
-                proof: auth::server_proof(b"tok", &hello.nonce, &server_nonce),
-            };
-            let early = xfer_proto::EarlyChallenge {
-                nonce: server_nonce,
-                welcome,
-            };
-            writer.send(&Frame::EarlyChallenge(early)).await.unwrap();
+            let (mut reader, _writer, _) = early_challenged(listener).await;
             // No Welcome yet: what the client sends now it sent without waiting for one.
             let auth = reader.read_frame().await.unwrap();
             let first = reader.read_frame().await.unwrap();

@@ -865,30 +865,11 @@ mod tests {
     /// early, before any `Welcome`, and comes back with the transfer open on it.
     #[tokio::test]
     async fn a_connection_the_pool_adds_sends_its_open_with_auth() {
-        use xfer_net::{FrameReader, FrameWriter};
-        use xfer_proto::{auth, Frame, Welcome, WriteOpened};
+        use xfer_proto::{Frame, Welcome, WriteOpened};
         let (listener, target) = crate::session::fake_daemon().await;
         let daemon = async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let (read, write) = socket.into_split();
-            let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
-            let Some(Frame::Hello(hello)) = reader.read_frame().await.unwrap() else {
-                panic!("want Hello")
-            };
-            let server_nonce = vec![7; auth::NONCE_LEN];
-            let welcome = Welcome {
-                version: 1,
-                capabilities: xfer_proto::CAP_AUTH | xfer_proto::CAP_EARLY_AUTH,
-                max_chunk_size: 1 << 20,
-                window: 4,
-                agent: "xferd/test".into(),
-                proof: auth::server_proof(b"tok", &hello.nonce, &server_nonce),
-            };
-            let early = xfer_proto::EarlyChallenge {
-                nonce: server_nonce,
-                welcome: welcome.clone(),
-            };
-            writer.send(&Frame::EarlyChallenge(early)).await.unwrap();
+            let (mut reader, mut writer, welcome) =
+                crate::session::early_challenged(listener).await;
             // No Welcome yet: what the client sends now it sent without waiting for one.
             let auth = reader.read_frame().await.unwrap();
             let open = reader.read_frame().await.unwrap();
