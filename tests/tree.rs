@@ -832,19 +832,9 @@ fn a_large_tree_is_closed_over_the_connection_that_made_its_directories() {
     for i in 0..1100u64 {
         random_file(&src.join(format!("d{:02}/f{i:04}", i % 20)), 300 + i, i);
     }
-    let want = expected(&src, &[]);
-    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
-    let port = metrics_port(&daemon);
-
-    send_tree(&src, &daemon.addr(), "t", &["-c", "1"]).wait_ok();
+    let (_, accepted) = connections_of_tree(&tree, &src, &[], &["-c", "1"]);
     // The control connection and the one small-file connection of `-c 1`, and no third.
-    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
     assert_eq!(accepted, 2.0);
-    assert_same(
-        &snapshot(&tree.root().join("t")),
-        &want,
-        "the daemon's copy",
-    );
 }
 
 /// A tree's control connection left idle far longer than the half second a client may assume
@@ -856,19 +846,9 @@ fn a_trees_control_connection_idle_for_seconds_still_closes_it() {
     let tree = Tree::new();
     let src = tree.src("t");
     paced_tree(&src);
-    let want = expected(&src, &[]);
-    let daemon = Daemon::start(&tree.root(), &["--metrics", "127.0.0.1:0"]);
-    let port = metrics_port(&daemon);
-
-    send_tree(&src, &daemon.addr(), "t", PACED).wait_ok();
+    let (_, accepted) = connections_of_tree(&tree, &src, &[], PACED);
     // The control connection, the small files' one and the large file's, and no fourth.
-    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
     assert_eq!(accepted, 3.0);
-    assert_same(
-        &snapshot(&tree.root().join("t")),
-        &want,
-        "the daemon's copy",
-    );
 }
 
 /// Against a daemon whose idle timeout is short (`--idle-timeout 1`), the same tree's control
@@ -879,21 +859,33 @@ fn a_trees_control_connection_closed_for_idleness_is_opened_again_for_its_close(
     let tree = Tree::new();
     let src = tree.src("t");
     paced_tree(&src);
-    let want = expected(&src, &[]);
-    let args = ["--metrics", "127.0.0.1:0", "--idle-timeout", "1"];
-    let daemon = Daemon::start(&tree.root(), &args);
-    let port = metrics_port(&daemon);
-
-    send_tree(&src, &daemon.addr(), "t", PACED).wait_ok();
-    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
+    let (daemon, accepted) = connections_of_tree(&tree, &src, &["--idle-timeout", "1"], PACED);
     assert_eq!(accepted, 4.0, "the control connection opened again");
     let log = daemon.stderr();
     assert!(log.contains("idle for 1s"), "{log}");
+}
+
+/// Sends the tree `src` as `t` with `send_args` to a daemon started with metrics and
+/// `daemon_args`, checks the daemon's copy is the source, and returns the daemon and the
+/// connections it accepted.
+fn connections_of_tree(
+    tree: &Tree,
+    src: &Path,
+    daemon_args: &[&str],
+    send_args: &[&str],
+) -> (Daemon, f64) {
+    let want = expected(src, &[]);
+    let args = [&["--metrics", "127.0.0.1:0"], daemon_args].concat();
+    let daemon = Daemon::start(&tree.root(), &args);
+    let port = metrics_port(&daemon);
+    send_tree(src, &daemon.addr(), "t", send_args).wait_ok();
+    let accepted = scrape(port, &["xferd_connections_accepted_total"])[0];
     assert_same(
         &snapshot(&tree.root().join("t")),
         &want,
         "the daemon's copy",
     );
+    (daemon, accepted)
 }
 
 /// One connection for the small files and a pace that keeps the large file of [`paced_tree`]
