@@ -43,6 +43,16 @@ fn came_with_auth(daemon: &Daemon, request: &str) -> bool {
         .any(|l| l.contains("the first request came with Auth") && l.contains(request))
 }
 
+/// Asserts the daemon logged `request` as the first request, come with `Auth`.
+#[track_caller]
+fn assert_came_with_auth(daemon: &Daemon, request: &str) {
+    assert!(
+        came_with_auth(daemon, request),
+        "no {request} came with Auth:\n{}",
+        daemon.stderr()
+    );
+}
+
 #[test]
 fn a_download_sends_its_first_open_with_auth() {
     let tree = Tree::new();
@@ -52,11 +62,7 @@ fn a_download_sends_its_first_open_with_auth() {
     let dest = out.to_str().unwrap();
     with_token(&tree, &["recv", "f.bin", &daemon.addr(), "-o", dest]).ok();
     assert_eq!(sha256_file(&out), want);
-    assert!(
-        came_with_auth(&daemon, "OpenRead"),
-        "no OpenRead came with Auth:\n{}",
-        daemon.stderr()
-    );
+    assert_came_with_auth(&daemon, "OpenRead");
 }
 
 #[test]
@@ -100,11 +106,7 @@ fn ls_sends_its_list_with_auth() {
     fs::write(tree.root().join("listed.txt"), b"x").unwrap();
     let out = with_token(&tree, &["ls", &daemon.addr()]).ok();
     assert!(out.stdout.contains("listed.txt"), "{}", out.stdout);
-    assert!(
-        came_with_auth(&daemon, "List"),
-        "no List came with Auth:\n{}",
-        daemon.stderr()
-    );
+    assert_came_with_auth(&daemon, "List");
 }
 
 #[test]
@@ -119,9 +121,5 @@ fn a_tree_download_sends_its_listing_with_auth() {
     with_token(&tree, &["recv", "-r", "t", &daemon.addr(), "-o", dest]).ok();
     assert_eq!(sha256_file(&out.join("a.bin")), want);
     assert_eq!(fs::read(out.join("b.txt")).unwrap(), b"small");
-    assert!(
-        came_with_auth(&daemon, "ListTree"),
-        "no listing came with Auth:\n{}",
-        daemon.stderr()
-    );
+    assert_came_with_auth(&daemon, "ListTree");
 }
