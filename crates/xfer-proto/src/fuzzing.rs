@@ -309,6 +309,15 @@ mod tests {
         super::session_script(data, std::time::Instant::now());
     }
 
+    /// A corpus seed's script: the selector byte 0, then `frames` encoded one after the other.
+    fn script(frames: impl IntoIterator<Item = crate::Frame>) -> Vec<u8> {
+        let mut script = bytes::BytesMut::from(&[0u8][..]);
+        for frame in frames {
+            frame.encode(&mut script).unwrap();
+        }
+        script.to_vec()
+    }
+
     /// The `Hello` that opens a corpus seed's script, offering `capabilities`.
     fn seed_hello(capabilities: u64) -> crate::Frame {
         crate::Frame::Hello(crate::Hello {
@@ -344,11 +353,7 @@ mod tests {
                 bytes::Bytes::from_static(b"zstd"),
             )),
         ];
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        for frame in &frames {
-            frame.encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script(frames)
     }
 
     #[test]
@@ -360,13 +365,8 @@ mod tests {
     /// `CAP_PACKED_FILES`, then a `PackedPutFiles` of two files.
     pub(crate) fn packed_files_script() -> Vec<u8> {
         use crate::*;
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
         let hello = seed_hello(CAP_COMPRESSION | CAP_PACKED_FILES);
-        hello.encode(&mut script).unwrap();
-        Frame::PackedPutFiles(packed_put_files())
-            .encode(&mut script)
-            .unwrap();
-        script.to_vec()
+        script([hello, Frame::PackedPutFiles(packed_put_files())])
     }
 
     /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_COPY_DELTA`,
@@ -391,11 +391,7 @@ mod tests {
                 pin: None,
             }),
         ];
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        for frame in &frames {
-            frame.encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script(frames)
     }
 
     #[test]
@@ -426,12 +422,7 @@ mod tests {
                 }],
             })
         };
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        hello.encode(&mut script).unwrap();
-        for name in ["a", "b", "c", "d", "e"] {
-            put(name).encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script(std::iter::once(hello).chain(["a", "b", "c", "d", "e"].map(put)))
     }
 
     #[test]
@@ -461,11 +452,7 @@ mod tests {
                 digest: vec![0x5a; 16],
             }),
         ];
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        for frame in &frames {
-            frame.encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script(frames)
     }
 
     #[test]
@@ -495,16 +482,11 @@ mod tests {
                 hash: [7; 16],
             }],
         });
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        hello.encode(&mut script).unwrap();
-        put.encode(&mut script).unwrap();
-        for offset in [0, 100, 200] {
+        let data = [0, 100, 200].map(|offset| {
             let payload = bytes::Bytes::from(vec![offset as u8; 100]);
             Frame::Data(Data::new(1, offset, payload))
-                .encode(&mut script)
-                .unwrap();
-        }
-        script.to_vec()
+        });
+        script([hello, put].into_iter().chain(data))
     }
 
     #[test]
@@ -545,11 +527,7 @@ mod tests {
                 }],
             })
         };
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        for frame in [hello, put, copy(0, 2048), copy(4000, 2048)] {
-            frame.encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script([hello, put, copy(0, 2048), copy(4000, 2048)])
     }
 
     #[test]
@@ -571,23 +549,17 @@ mod tests {
             proof: Vec::new(),
         });
         let idle = Frame::IdleTimeout(IdleTimeout { millis: 300_000 });
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        for frame in [welcome, idle.clone(), idle] {
-            frame.encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script([welcome, idle.clone(), idle])
     }
 
     /// The script of a `session_script` corpus seed: a `Hello` offering `CAP_IDLE_TIMEOUT`, then
     /// an `IdleTimeout` sent the wrong way, which the session refuses.
     pub(crate) fn idle_timeout_from_a_client_script() -> Vec<u8> {
         use crate::*;
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        seed_hello(CAP_IDLE_TIMEOUT).encode(&mut script).unwrap();
-        Frame::IdleTimeout(IdleTimeout { millis: 1 })
-            .encode(&mut script)
-            .unwrap();
-        script.to_vec()
+        script([
+            seed_hello(CAP_IDLE_TIMEOUT),
+            Frame::IdleTimeout(IdleTimeout { millis: 1 }),
+        ])
     }
 
     #[test]
@@ -614,11 +586,7 @@ mod tests {
         let wait = Frame::AwaitCommits(AwaitCommits {
             names: vec!["t/a".into(), "t/b".into()],
         });
-        let mut script = bytes::BytesMut::from(&[0u8][..]);
-        for frame in [hello, wait, Frame::Sync] {
-            frame.encode(&mut script).unwrap();
-        }
-        script.to_vec()
+        script([hello, wait, Frame::Sync])
     }
 
     #[test]
