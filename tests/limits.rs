@@ -17,7 +17,7 @@ use xfer_tests::{random_file, round_trip, wait_until, xfer, Daemon, Tree, XferRu
 
 use xfer_tests::process::{open_fds, rss_bytes};
 use xfer_tests::raw::{
-    encode, error_code, hello, nonce, open_read, open_write, read_some, RawConn,
+    encode, error_code, hello, list, nonce, open_read, open_write, read_some, RawConn,
 };
 use xfer_tests::tmpfs::Tmpfs;
 use xfer_tests::Pki;
@@ -130,6 +130,30 @@ fn idle_timeout_closes_silent_connections_only() {
     let error = silent.expect_fatal(ErrorCode::Protocol, "an idle period of silence");
     assert!(error.message.contains("idle"), "{error:?}");
     chatty.join().expect("a busy connection was closed as idle");
+    daemon.assert_running();
+}
+
+/// `--idle-timeout` counts silence, not slowness: a request whose bytes arrive one at a time
+/// over more than three idle periods, as one large chunk does over a very slow link, is answered,
+/// not cut off as idle.
+#[test]
+fn a_frame_still_arriving_is_not_idle() {
+    let tree = Tree::new();
+    let mut daemon = Daemon::start(&tree.root(), &["--idle-timeout", "1"]);
+    let mut conn = RawConn::connect(daemon.socket_addr());
+    conn.handshake(None);
+    let request = encode(&list(""));
+    let gap = Duration::from_millis(3_500 / request.len() as u64 + 1);
+    for byte in &request {
+        conn.send_bytes(std::slice::from_ref(byte))
+            .expect("the daemon closed the connection while the request arrived");
+        std::thread::sleep(gap);
+    }
+    match conn.recv() {
+        Some(Frame::Listing(_)) => {}
+        other => panic!("a request that arrived slowly was answered with {other:?}"),
+    }
+    conn.assert_usable();
     daemon.assert_running();
 }
 

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -45,6 +46,8 @@ pub struct FrameReader<R> {
     budget: Option<MemoryBudget>,
     /// The reservation being waited for, kept here so that a cancelled read keeps its place.
     reserving: Option<Reserving>,
+    /// Bytes read from `io` so far: a frame still arriving shows here before it is whole.
+    received: u64,
 }
 
 /// A large frame's body (type byte onwards) at `body[start..]`, `filled` bytes of it read.
@@ -92,7 +95,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buffers: BufferPool::new(SPARE_BUFFERS),
             budget: None,
             reserving: None,
+            received: 0,
         }
+    }
+
+    /// Bytes read from the peer so far, frames not yet whole included.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Whether the reader is waiting for memory from its budget: the wait is this side's, not
+    /// the peer's.
+    pub fn waiting_for_budget(&self) -> bool {
+        self.reserving.is_some()
     }
 
     /// Reads every large frame into a buffer reserved from `budget` first.
@@ -116,6 +131,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 while large.start + large.filled < large.body.len() {
                     let at = large.start + large.filled;
                     let n = eof_as_end(self.io.read(&mut large.body[at..]).await)?;
+                    self.received += n as u64;
                     if n == 0 {
                         let buffered = LEN_PREFIX + large.filled;
                         self.large = None;
@@ -162,7 +178,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .io
                 .read_buf(&mut (&mut self.buf).limit(INITIAL_READ_BUFFER))
                 .await;
-            if eof_as_end(read)? == 0 {
+            let n = eof_as_end(read)?;
+            self.received += n as u64;
+            if n == 0 {
                 return self.codec.decode_eof(&mut self.buf);
             }
         }
@@ -251,17 +269,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// # Cancel safety
     /// Not cancel safe: a cancelled call may leave half a frame on the stream.
     pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), ProtoError> {
+        self.send_all_unless_stalled(frames, None).await
+    }
+
+    /// As [`Self::send_all`], but with `stall`, fails with an I/O error of kind `TimedOut` once
+    /// the peer has taken no byte for that long. A slow reader that keeps reading is not
+    /// stalled, however long a large frame takes it.
+    ///
+    /// # Errors
+    /// As [`Self::send_all`], and the stall.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a cancelled call may leave half a frame on the stream.
+    pub async fn send_all_unless_stalled(
+        &mut self,
+        frames: &[Frame],
+        stall: Option<Duration>,
+    ) -> Result<(), ProtoError> {
         self.buf.clear();
         for frame in frames {
             if let Some((header, payload)) = frame.raw_parts() {
-                self.io.write_all(&self.buf).await?;
+                write_all_unless_stalled(&mut self.io, &self.buf, stall).await?;
                 self.buf.clear();
                 let (mut h, mut p) = (&header[..], &payload[..]);
                 while !h.is_empty() || !p.is_empty() {
-                    let n = self
-                        .io
-                        .write_vectored(&[IoSlice::new(h), IoSlice::new(p)])
-                        .await?;
+                    let n = unless_stalled(
+                        stall,
+                        self.io.write_vectored(&[IoSlice::new(h), IoSlice::new(p)]),
+                    )
+                    .await?;
                     if n == 0 {
                         return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
                     }
@@ -273,10 +309,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 frame.encode(&mut self.buf)?;
             }
         }
-        self.io.write_all(&self.buf).await?;
+        write_all_unless_stalled(&mut self.io, &self.buf, stall).await?;
         // A TLS stream keeps the tail of a record buffered until flushed; the peer is waiting
         // for the whole frame. On plain TCP this does nothing.
-        self.io.flush().await?;
+        unless_stalled(stall, self.io.flush()).await?;
         Ok(())
     }
 
@@ -294,6 +330,39 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 /// A TLS peer that closes its socket without `close_notify` reads as `UnexpectedEof`. Frames are
 /// length-prefixed, so the framing itself tells a clean end (at a frame boundary) from a cut one
 /// (`TruncatedStream`): treat it as the end of the stream, like a plain TCP close.
+/// `write_all`, each write bounded by `stall` (see [`unless_stalled`]).
+async fn write_all_unless_stalled<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut buf: &[u8],
+    stall: Option<Duration>,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = unless_stalled(stall, io.write(buf)).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// One write, or a `TimedOut` error if it took nothing for `stall`.
+async fn unless_stalled<T>(
+    stall: Option<Duration>,
+    write: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    let Some(stall) = stall else {
+        return write.await;
+    };
+    match tokio::time::timeout(stall, write).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {stall:?}"),
+        )),
+    }
+}
+
 fn eof_as_end(read: std::io::Result<usize>) -> std::io::Result<usize> {
     match read {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
@@ -446,5 +515,70 @@ mod tests {
             matches!(err, ProtoError::TruncatedStream { buffered: 70_000 }),
             "{err}"
         );
+    }
+
+    /// A frame that takes a slow reader longer than the stall limit still goes, as long as the
+    /// reader keeps taking bytes; a reader that takes none stalls the writer out.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_not_a_stalled_one() {
+        let stall = Some(Duration::from_millis(100));
+        let data = || Frame::Data(Data::new(1, 0, Bytes::from(vec![7u8; 64 * 1024])));
+        let (a, mut b) = tokio::io::duplex(1024);
+        let slow = tokio::spawn(async move {
+            let mut block = [0u8; 1024];
+            let mut total = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match b.read(&mut block).await.unwrap() {
+                    0 => return total,
+                    n => total += n,
+                }
+            }
+        });
+        let mut w = FrameWriter::new(a);
+        let started = tokio::time::Instant::now();
+        w.send_all_unless_stalled(&[data()], stall).await.unwrap();
+        assert!(
+            started.elapsed() > Duration::from_secs(1),
+            "the reader was not slow"
+        );
+        w.shutdown().await.unwrap();
+        drop(w);
+        assert!(slow.await.unwrap() > 64 * 1024);
+
+        let (a, _b) = tokio::io::duplex(1024);
+        let mut w = FrameWriter::new(a);
+        let err = w
+            .send_all_unless_stalled(&[data()], stall)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProtoError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{err}"
+        );
+    }
+
+    /// What the reader has taken counts before a frame is whole: the daemon's idle timeout
+    /// tells a frame still arriving from silence by it.
+    #[tokio::test]
+    async fn bytes_of_a_frame_still_arriving_are_counted() {
+        let mut bytes = BytesMut::new();
+        Frame::Data(Data::new(1, 0, Bytes::from(vec![3u8; 200_000])))
+            .encode(&mut bytes)
+            .unwrap();
+        let half = bytes.len() / 2;
+        // The pipe holds all of it: nothing waits for the reader.
+        let (mut a, b) = tokio::io::duplex(bytes.len());
+        let mut r = FrameReader::new(b);
+        a.write_all(&bytes[..half]).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(50), r.read_frame()).await;
+        assert!(read.is_err(), "half a frame is not a frame");
+        assert_eq!(r.received(), half as u64);
+        a.write_all(&bytes[half..]).await.unwrap();
+        assert!(matches!(
+            r.read_frame().await.unwrap(),
+            Some(Frame::Data(_))
+        ));
+        assert_eq!(r.received(), bytes.len() as u64);
     }
 }

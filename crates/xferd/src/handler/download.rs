@@ -7,8 +7,7 @@ use tracing::info;
 use xfer_core::{CoreError, SourceFile};
 use xfer_proto::session::DownloadId;
 use xfer_proto::{
-    ByteRange, ChunkRef, DigestReply, Frame, OpenRead, PathReport, ProtoError, ReadOpened,
-    ReadOpenedSparse,
+    ByteRange, ChunkRef, DigestReply, Frame, OpenRead, PathReport, ReadOpened, ReadOpenedSparse,
 };
 
 use super::{fatal, ConnError, Download, Handler};
@@ -121,15 +120,13 @@ impl Handler {
             Some(report) => vec![Frame::PathReport(report), data],
             None => vec![data],
         };
-        // A client that stops reading holds this chunk's share of the budget: not forever.
+        // A client that stops reading holds this chunk's share of the budget: not forever. One
+        // that reads slowly keeps it as long as the chunk takes.
         let idle = self.shared.config.idle_timeout;
-        match tokio::time::timeout(idle, self.writer.send_all(&frames)).await {
-            Ok(sent) => Ok(sent?),
-            Err(_) => Err(ConnError::Proto(ProtoError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("client read nothing for {idle:?}"),
-            )))),
-        }
+        Ok(self
+            .writer
+            .send_all_unless_stalled(&frames, Some(idle))
+            .await?)
     }
 
     pub(super) async fn digest(&mut self, id: DownloadId) -> Result<(), ConnError> {

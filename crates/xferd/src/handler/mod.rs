@@ -14,7 +14,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xfer_core::SourceFile;
 use xfer_net::{FrameReader, FrameWriter};
-use xfer_proto::session::{Request, ServerConfig, ServerSession};
+use xfer_proto::session::{Phase, Request, ServerConfig, ServerSession};
 use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError};
 
 use crate::registry::Lease;
@@ -102,6 +102,29 @@ async fn within<F: std::future::Future>(
     match deadline {
         Some(deadline) => timeout_at(Instant::from_std(deadline), fut).await.ok(),
         None => Some(fut.await),
+    }
+}
+
+/// The next frame, unless the peer stays idle past the session's deadline (then `None`). A
+/// frame still arriving is not idleness: over a slow link one large chunk may take longer than
+/// the idle timeout. So while the connection is ready, each time bytes came in since the
+/// deadline was set (or this side was the one waiting, for memory), it is set again from now.
+async fn read_unless_idle(
+    reader: &mut Reader,
+    session: &Session,
+) -> Option<Result<Option<Frame>, ProtoError>> {
+    loop {
+        let received = reader.received();
+        let deadline = session.poll_timeout(std::time::Instant::now());
+        match within(deadline, reader.read_frame()).await {
+            Some(frame) => return Some(frame),
+            None if session.phase() == Phase::Ready
+                && (reader.received() > received || reader.waiting_for_budget()) =>
+            {
+                continue
+            }
+            None => return None,
+        }
     }
 }
 
@@ -353,7 +376,6 @@ impl Handler {
             let request = match self.pending.take() {
                 Some(request) => request,
                 None => {
-                    let deadline = self.session.poll_timeout(std::time::Instant::now());
                     let frame = tokio::select! {
                         biased;
                         () = shutdown.cancelled() => {
@@ -364,7 +386,7 @@ impl Handler {
                             self.write_done(upload, chunk, result).await?;
                             continue;
                         }
-                        frame = within(deadline, self.reader.read_frame()) => match frame {
+                        frame = read_unless_idle(&mut self.reader, &self.session) => match frame {
                             None => return Err(self.session.timed_out().into()),
                             Some(frame) => frame?,
                         },
