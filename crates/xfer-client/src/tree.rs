@@ -668,22 +668,11 @@ impl Files<'_> {
     }
 }
 
-/// Connections a tree copy with an adaptive pool opens at once on a long path, its control one
-/// included. Its changed light files go one per connection in turn, each connection's answered
-/// one after another by the daemon, and each connection's literal data crosses in slow start
-/// from its own initial window: over 16 rather than 8, each carries half the files and one
-/// flight fewer. They are dialled at once, so the extra ones cost no round trip.
-const TREE_START_LONG: usize = 2 * engine::ADAPTIVE_START_LONG;
-
 /// Connections opened beside a tree copy's first one for its files: none on a short path,
-/// where opening one later costs next to nothing. `-c N` opens `N - 1`.
+/// where opening one later costs next to nothing.
 fn spare_connections(opts: &Options, rtt: Option<std::time::Duration>) -> usize {
-    let on_long_path = match opts.connections {
-        engine::Connections::Fixed(count) => count,
-        engine::Connections::Adaptive { max } => TREE_START_LONG.min(max),
-    };
     match rtt {
-        Some(rtt) if rtt >= engine::LONG_PATH => on_long_path.max(1) - 1,
+        Some(rtt) if rtt >= engine::LONG_PATH => opts.connections.initial_on(Some(rtt)) - 1,
         _ => 0,
     }
 }
@@ -2420,25 +2409,7 @@ mod tests {
     fn adaptive_tree() -> (Options, usize) {
         let mut opts = engine::test_options(Arc::new(crate::ProgressCounter::default()));
         opts.connections = engine::Connections::Adaptive { max: 64 };
-        (opts, TREE_START_LONG - 1)
-    }
-
-    /// A tree on a long path opens 15 spares by default, `-c N` exactly `N - 1`, an adaptive
-    /// pool no more than its cap, and a short or unmeasured path none.
-    #[test]
-    fn a_long_path_opens_fifteen_spares_and_a_short_one_none() {
-        let (mut opts, _) = adaptive_tree();
-        let (wan, lan) = (Duration::from_millis(50), Duration::from_micros(300));
-        assert_eq!(spare_connections(&opts, Some(wan)), 15);
-        assert_eq!(spare_connections(&opts, Some(lan)), 0);
-        assert_eq!(spare_connections(&opts, None), 0);
-        opts.connections = engine::Connections::Adaptive { max: 6 };
-        assert_eq!(spare_connections(&opts, Some(wan)), 5);
-        for (count, spares) in [(1, 0), (3, 2), (8, 7), (32, 31)] {
-            opts.connections = engine::Connections::Fixed(count);
-            assert_eq!(spare_connections(&opts, Some(wan)), spares, "-c {count}");
-            assert_eq!(spare_connections(&opts, Some(lan)), 0, "-c {count}");
-        }
+        (opts, engine::ADAPTIVE_START_LONG - 1)
     }
 
     /// Accepts `count` connections, each before the client was told the round trip: a bound
