@@ -619,6 +619,35 @@ fn a_small_change_costs_a_light_file_about_its_own_bytes() {
     light.assert_arrived(&tree.root());
 }
 
+/// A light file that kept its size is signed in fixed blocks, found where they were: bytes that
+/// moved within it (removed in one place, as many inserted further on), which those blocks
+/// miss, are found again by the finer blocks of the span missed, and cost about the bytes
+/// inserted, not the half megabyte that moved.
+#[test]
+fn bytes_moved_within_a_light_file_of_the_same_size_are_found_again() {
+    let tree = Tree::new();
+    let light = LightTree::new(&tree, 2, 700);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    light.send(&addr, &["--whole-file"]);
+    let mut moved = light.files[0].clone();
+    moved.drain(600_000..603_000);
+    moved.splice(1_100_000..1_100_000, noise(3000, 701));
+    assert_eq!(moved.len(), light.files[0].len());
+    std::fs::write(light.path(0), &moved).unwrap();
+    let out = light.send(&addr, &["--delta", "-c", "1"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("delta_files"), 1, "{json}");
+    // The bytes inserted, and a few 1 KiB blocks at the edges of what moved.
+    assert!(out.json_u64("literal_bytes") <= 3000 + 8 * 1024, "{json}");
+    assert_eq!(
+        out.json_u64("literal_bytes") + out.json_u64("matched_bytes"),
+        moved.len() as u64,
+        "{json}"
+    );
+    light.assert_arrived(&tree.root());
+}
+
 /// A daemon with a window of one `Data` ends a connection on which a second arrives before
 /// the first is answered (it sees this when they come one after the other, the first still
 /// being written). The light files' literal data, two ranges of each file, keeps within that

@@ -612,10 +612,22 @@ async fn opened(
     Ok(Opened::Open(file, opened.transfer_id, literal))
 }
 
+/// Whether a light file of `size` bytes, against a basis of `basis_size`, is signed in fixed
+/// blocks on its grid rather than cut by content: one that kept its size most likely changed in
+/// place, where blocks find what a cut finds, hashed several times faster than a cut (the
+/// sender's signatures of a tree's changes were most of its work). The daemon looks for each
+/// where the previous match puts it, as for chunks; bytes that moved within the file, which a
+/// block there misses, are found again by the finer blocks (`CAP_DELTA_FINE`) of the span
+/// missed, so only with them.
+fn signed_in_blocks(size: u64, basis_size: u64, fine: bool) -> bool {
+    fine && size == basis_size
+}
+
 /// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk
-/// the daemon would choose (at least `LIGHT_AVG_CHUNK` with `fine`, `CAP_DELTA_FINE`), and
-/// digested. `None` leaves the file to the engine: one that has
-/// holes (where the daemon keeps them) or more chunks than one request carries.
+/// the daemon would choose (at least `LIGHT_AVG_CHUNK` with `fine`, `CAP_DELTA_FINE`), or in
+/// blocks of that length (see [`signed_in_blocks`]), and digested. `None` leaves the file to
+/// the engine: one that has holes (where the daemon keeps them) or more chunks than one request
+/// carries.
 async fn prepare(
     job: &Job<'_>,
     light: Light,
@@ -639,12 +651,16 @@ async fn prepare(
             avg = avg.max(xfer_core::fine::LIGHT_AVG_CHUNK);
         }
         let mut chunks = Vec::new();
-        // Read once for both the signature and the commit's digest (no holes here: the
-        // daemon that keeps them was ruled out above, and a hole reads as the zeros it holds).
-        let digest = delta::cut_and_digest(&file, identity.size, avg, kind, |cut| {
+        let each = |cut: delta::Cut| {
             chunks.push(cut.sig());
             chunks.len() <= MAX_DELTA_CHUNKS
-        })
+        };
+        // Read once for both the signature and the commit's digest (no holes here: the
+        // daemon that keeps them was ruled out above, and a hole reads as the zeros it holds).
+        let digest = match signed_in_blocks(identity.size, light.basis_size, fine) {
+            true => delta::blocks_and_digest(&file, identity.size, avg, kind, each),
+            false => delta::cut_and_digest(&file, identity.size, avg, kind, each),
+        }
         .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
         let Some(digest) = digest else {
             return Ok(None);
@@ -690,6 +706,60 @@ mod tests {
     /// How many `Data` frames of `len` bytes go before the first is answered.
     fn in_one_flight(window: DataWindow, len: u64) -> usize {
         window.capacity() / window.cost(len) as usize
+    }
+
+    /// The chunk lengths of the `DeltaPut` prepared for a 2 MiB file against a basis of
+    /// `basis_size` bytes, with `fine` (`CAP_DELTA_FINE`) or not.
+    async fn signature_lengths(basis_size: u64, fine: bool) -> Vec<u32> {
+        let dir = tempfile::tempdir().unwrap();
+        // Noise (xorshift), which a cut by content splits at varied lengths.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..2 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        std::fs::write(dir.path().join("f"), &bytes).unwrap();
+        let local = Root::open(dir.path()).unwrap();
+        let done = |_| {};
+        let job = Job {
+            local: &local,
+            dest: "t",
+            chunk_size: 1 << 20,
+            why: "",
+            limiter: None,
+            done: &done,
+        };
+        let light = Light {
+            path: "f".into(),
+            basis_size,
+        };
+        let kind = xfer_core::digest::DigestKind::Blocks;
+        let file = prepare(&job, light, 1 << 20, false, kind, fine)
+            .await
+            .unwrap()
+            .unwrap();
+        let want = xfer_core::digest::digest_file_as(kind, file.source.file().as_ref(), 2 << 20);
+        assert_eq!(file.digest, want.unwrap().to_vec());
+        file.put.chunks.iter().map(|c| c.len).collect()
+    }
+
+    #[tokio::test]
+    async fn a_light_file_that_kept_its_size_is_signed_in_blocks_and_one_that_did_not_is_cut() {
+        let block = xfer_core::fine::LIGHT_AVG_CHUNK;
+        let same = signature_lengths(2 << 20, true).await;
+        assert_eq!(same, vec![block; (2 << 20) / block as usize]);
+        // A file that grew or shrank most likely moved: cut by content, its chunks of any length.
+        for lengths in [
+            signature_lengths(3 << 20, true).await,
+            signature_lengths(2 << 20, false).await,
+        ] {
+            assert_eq!(lengths.iter().map(|&l| u64::from(l)).sum::<u64>(), 2 << 20);
+            assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
+        }
     }
 
     #[test]

@@ -237,6 +237,61 @@ pub fn cut_and_digest(
     }))
 }
 
+/// Hashes the first `size` bytes of `file` in blocks of `len` bytes, as [`blocks_of_region`]
+/// does for the whole file, and takes their digest of `kind` from the same reads, as
+/// [`cut_and_digest`] does for a cut: a light file that kept its size, most likely changed in
+/// place, is signed at the speed of hashing instead of that of a content-defined cut. `None`
+/// when `each` stopped early. Blocking.
+///
+/// # Errors
+/// Read errors, or a file shorter than `size`.
+pub fn blocks_and_digest(
+    file: &File,
+    size: u64,
+    len: u32,
+    kind: DigestKind,
+    mut each: impl FnMut(Cut) -> bool,
+) -> io::Result<Option<Digest>> {
+    let len = u64::from(len.max(1));
+    let mut reader = Digesting {
+        inner: RegionReader {
+            file,
+            pos: 0,
+            end: size,
+        },
+        pos: 0,
+        size,
+        digest: match kind {
+            DigestKind::Sequential => InOrder::Sequential(Box::default()),
+            DigestKind::Blocks => InOrder::Blocks(Box::new(Blocks::new(size))),
+        },
+    };
+    let read_len = BLOCK_READ.div_ceil(len) * len;
+    let mut buf = vec![0u8; read_len.min(size) as usize];
+    let mut at = 0;
+    while at < size {
+        let want = (size - at).min(read_len) as usize;
+        reader.read_exact(&mut buf[..want])?;
+        for (i, block) in buf[..want].chunks(len as usize).enumerate() {
+            let cut = Cut {
+                offset: at + i as u64 * len,
+                len: block.len() as u32,
+                hash: xxhash_rust::xxh3::xxh3_128(block),
+            };
+            if !each(cut) {
+                return Ok(None);
+            }
+        }
+        at += want as u64;
+    }
+    Ok(Some(match reader.digest {
+        InOrder::Sequential(frontier) => frontier.digest(),
+        InOrder::Blocks(blocks) => blocks
+            .digest()
+            .expect("every block of the file was read in order"),
+    }))
+}
+
 /// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
 const BLOCK_READ: u64 = 4 * 1024 * 1024;
 
@@ -1135,6 +1190,44 @@ mod tests {
         let short = file_with(&pseudo_random(1000, 9));
         let read = cut_and_digest(&short, 2000, MIN_AVG_CHUNK, DigestKind::Blocks, |_| true);
         assert_eq!(read.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn blocks_with_their_digest_are_the_blocks_and_the_digest_read_apart() {
+        let block = crate::digest::DIGEST_BLOCK as usize;
+        for len in [0, 1000, block, 2 * block + 12_345, 5 * block] {
+            let data = pseudo_random(len, 10);
+            let file = file_with(&data);
+            let mut apart = Vec::new();
+            let region = ByteRange::new(0, len as u64);
+            blocks_of_region(&file, region, MIN_AVG_CHUNK, |c| {
+                apart.push(c);
+                true
+            })
+            .unwrap();
+            for kind in [DigestKind::Sequential, DigestKind::Blocks] {
+                let mut blocks = Vec::new();
+                let digest = blocks_and_digest(&file, len as u64, MIN_AVG_CHUNK, kind, |c| {
+                    blocks.push(c);
+                    true
+                })
+                .unwrap();
+                let want = crate::digest::digest_file_as(kind, &file, len as u64).unwrap();
+                assert_eq!(digest, Some(want), "{len} {kind:?}");
+                assert_eq!(blocks, apart, "{len}");
+            }
+        }
+        let short = file_with(&pseudo_random(1000, 11));
+        let read = blocks_and_digest(&short, 2000, MIN_AVG_CHUNK, DigestKind::Blocks, |_| true);
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let stopped = blocks_and_digest(
+            &file_with(&pseudo_random(1 << 20, 12)),
+            1 << 20,
+            4096,
+            DigestKind::Blocks,
+            |c| c.offset < 8192,
+        );
+        assert_eq!(stopped.unwrap(), None);
     }
 
     #[test]
