@@ -49,7 +49,8 @@ chmod 600 "$OUT/token"
 
 # one NAME TOOL DIR N: one run under the lock, with the emulator up only for it
 one() {
-    flock "$LOCK" bash -s "$@" <<'EOS'
+    # -o: a process the run leaves behind must not keep the lock once the run is over.
+    flock -o "$LOCK" bash -s "$@" <<'EOS'
 set -euo pipefail
 name="$1" tool="$2" dir="$3" n="$4"
 orig_cc="$(sysctl -n net.ipv4.tcp_allowed_congestion_control)"
