@@ -73,8 +73,9 @@ pub const FAR_START_SIZE: u64 = 64 << 20;
 /// (its first measurement ends 2.5 s after the start on a 150 ms path), so its start is all the
 /// pool it gets. Through the emulated 150 ms, 1 Gbit/s path with 0.1 % loss (loaded machine,
 /// alternated with 16), 32 from the start filled the link about 0.1-0.3 s sooner and moved
-/// 64 MiB in 2.45-2.60 s against 2.57-2.75 and 128 MiB in 2.91-3.37 s against 3.06-3.10, both
-/// ways (11 of 12 pairs). The pool still stops growing where a queue stands on the path.
+/// 64 MiB in 2.45-2.60 s against 2.57-2.75, 128 MiB in 2.91-3.37 s against 3.06-3.44 and
+/// 512 MiB in 6.38-6.46 s against 6.66-7.06, both ways (14 of 15 pairs). The pool still stops
+/// growing where a queue stands on the path.
 pub const ADAPTIVE_START_FAR_MEDIUM: usize = 32;
 /// Smallest file that starts with [`ADAPTIVE_START_FAR`] again on a far path: a larger file lasts
 /// long enough for the pool to grow by what it measures, and a 2 GiB file's 32 from the start
