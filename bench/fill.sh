@@ -79,7 +79,8 @@ for profile in $PROFILES; do
             echo "# piece $profile $size $dir (waiting for $LOCK)" >&2
             rm -rf "$piece"
             # shellcheck disable=SC2086 # word lists
-            flock "$LOCK" env XFER_BIN_DIR="$XFER_BIN_DIR" WAN_DIR="$piece" WAN_PROFILES="$profile" \
+            # -o: a process the piece leaves behind must not keep the lock once it is over.
+            flock -o "$LOCK" env XFER_BIN_DIR="$XFER_BIN_DIR" WAN_DIR="$piece" WAN_PROFILES="$profile" \
                 WAN_CCS="$CC" WAN_SIZE="$size" WAN_DIRS="$dir" WAN_WORKLOADS=file CONNS=auto \
                 WAN_TOOLS="xfer iperf3-same $PEERS" GRIDFTP_STREAMS=16 ARIA2_CONNS=16 \
                 WAN_CAP="$cap" WAN_PEER_CAP="$PEER_CAP" "$BENCH_HOME/wan.sh" >"$OUT/${profile}_${size}_${dir}.log" 2>&1 ||

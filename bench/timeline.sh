@@ -50,7 +50,9 @@ chmod 600 "$OUT/token"
 # one RUN_NAME BIN DIR: one transfer under the lock, with the emulator up only for it
 one() {
     local name="$1" bin="$2" dir="$3"
-    flock "$LOCK" bash -s "$name" "$bin" "$dir" <<'EOS'
+    # -o: a process the run leaves behind (a wanem that came up after wan.sh gave up on it) must
+    # not keep the lock, and every other benchmark on the machine waiting, once the run is over.
+    flock -o "$LOCK" bash -s "$name" "$bin" "$dir" <<'EOS'
 set -euo pipefail
 name="$1" bin="$2" dir="$3"
 orig_cc="$(sysctl -n net.ipv4.tcp_allowed_congestion_control)"

@@ -59,12 +59,28 @@ pub const ADAPTIVE_START_FAR: usize = 16;
 /// share of the link times the round trip, and through the emulated 150 ms, 1 Gbit/s path a
 /// pool of 8 carried about 100 MB/s of the 121 the link moves.
 pub const FAR_PATH: Duration = Duration::from_millis(100);
-/// Smallest file that starts with [`ADAPTIVE_START_FAR`] connections on a far path. Since the
-/// pool's connections open at once and send their first request with `Auth`, 16 from the start
-/// carry a medium file faster than 8 through the emulated 150 ms, 1 Gbit/s path: 128 MiB at
-/// 43.0-45.8 MB/s against 35.7-39.1 (both ways, 4 of 4 alternated pairs), 64 MiB at 25.6-28.3
-/// against 22.8-24.0. A file of fewer chunks than that is gone before they repay their start.
+/// Smallest file that starts with more connections on a far path ([`ADAPTIVE_START_FAR_MEDIUM`],
+/// from [`FAR_WIDE_END`] [`ADAPTIVE_START_FAR`]). Since the pool's connections open at once and
+/// send their first request with `Auth`, 16 from the start carried a medium file faster than 8
+/// through the emulated 150 ms, 1 Gbit/s path: 128 MiB at 43.0-45.8 MB/s against 35.7-39.1 (both
+/// ways, 4 of 4 alternated pairs), 64 MiB at 25.6-28.3 against 22.8-24.0. A file of fewer chunks
+/// than that is gone before they repay their start.
 pub const FAR_START_SIZE: u64 = 64 << 20;
+/// Connections an adaptive pool starts with on a far path for a file of [`FAR_START_SIZE`] or
+/// more but less than [`FAR_WIDE_END`]. Each connection starts from the kernel's initial window
+/// (10 segments) and at best doubles it per round trip, so twice the connections reach the
+/// path's window one round trip sooner; a file this size is moved before the pool could grow
+/// (its first measurement ends 2.5 s after the start on a 150 ms path), so its start is all the
+/// pool it gets. Through the emulated 150 ms, 1 Gbit/s path with 0.1 % loss (loaded machine,
+/// alternated with 16), 32 from the start filled the link about 0.1-0.3 s sooner and moved
+/// 64 MiB in 2.45-2.60 s against 2.57-2.75, 128 MiB in 2.91-3.37 s against 3.06-3.44 and
+/// 512 MiB in 6.38-6.46 s against 6.66-7.06, both ways (14 of 15 pairs). The pool still stops
+/// growing where a queue stands on the path.
+pub const ADAPTIVE_START_FAR_MEDIUM: usize = 32;
+/// Smallest file that starts with [`ADAPTIVE_START_FAR`] again on a far path: a larger file lasts
+/// long enough for the pool to grow by what it measures, and a 2 GiB file's 32 from the start
+/// carried no more by 3-5 s than 16 while overflowing the emulated path's queue.
+pub const FAR_WIDE_END: u64 = 1 << 30;
 /// Congestion control a transfer picks by itself on a path of [`LONG_PATH`] or more when none is
 /// set: through the emulated 50 ms path with 0.1 % loss, 16 cubic streams filled 30 % of the
 /// link and 16 bbr streams 78 % (bbr reads loss as no signal of congestion; the price is that it
@@ -128,7 +144,10 @@ impl Connections {
             Self::Fixed(n) => n.max(1),
             Self::Adaptive { max } => {
                 let start = match rtt {
-                    Some(rtt) if rtt >= FAR_PATH && size >= FAR_START_SIZE => ADAPTIVE_START_FAR,
+                    Some(rtt) if rtt >= FAR_PATH && size >= FAR_WIDE_END => ADAPTIVE_START_FAR,
+                    Some(rtt) if rtt >= FAR_PATH && size >= FAR_START_SIZE => {
+                        ADAPTIVE_START_FAR_MEDIUM
+                    }
                     Some(rtt) if rtt >= LONG_PATH => ADAPTIVE_START_LONG,
                     _ => ADAPTIVE_START,
                 };
@@ -473,10 +492,14 @@ mod tests {
     fn a_large_file_on_a_far_path_starts_with_more_connections() {
         let (wan, far) = (Duration::from_millis(50), Duration::from_millis(150));
         let pool = Connections::Adaptive { max: 64 };
-        assert_eq!(pool.initial_for(Some(far), FAR_START_SIZE), 16);
+        // A medium file is gone before the pool could grow: it starts with all it gets.
+        assert_eq!(pool.initial_for(Some(far), FAR_START_SIZE), 32);
+        assert_eq!(pool.initial_for(Some(far), 128 << 20), 32);
+        assert_eq!(pool.initial_for(Some(far), FAR_WIDE_END - 1), 32);
+        // A large one grows from 16 by what it measures.
+        assert_eq!(pool.initial_for(Some(far), FAR_WIDE_END), 16);
         assert_eq!(pool.initial_for(Some(far), 2 << 30), 16);
         // A smaller file, a nearer path, or an unknown one: as before.
-        assert_eq!(pool.initial_for(Some(far), 128 << 20), 16);
         assert_eq!(pool.initial_for(Some(far), 16 << 20), 8);
         assert_eq!(pool.initial_for(Some(wan), 2 << 30), 8);
         assert_eq!(pool.initial_for(None, 2 << 30), 4);
