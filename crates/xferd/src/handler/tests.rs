@@ -37,6 +37,7 @@ fn daemon(configure: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Arc<Shared
         downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
         metrics,
         writeback: Arc::default(),
+        replay: Arc::default(),
         per_address: Arc::default(),
     });
     (dir, shared)
