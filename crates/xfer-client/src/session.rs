@@ -646,10 +646,8 @@ impl Session {
             // which must be the one that came; its challenge's nonce is proven before anything
             // that is not read-only.
             Some(late_auth) => {
+                // Forgotten by the caller: the connection made again learns it afresh.
                 if predicted != Some(welcome.capabilities) {
-                    if let Some(memory) = memory {
-                        memory.learn(&peer, offered, tls.is_some(), &welcome);
-                    }
                     return Err(Failed::EarlyFlight(
                         "its Welcome is not the one predicted".into(),
                     ));

@@ -121,8 +121,10 @@ impl ZeroRttMemory {
         self.with(|daemons| {
             let d = daemons.get(peer)?;
             let asked = offer & !HANDSHAKE_BITS;
+            // Inside TLS the server confirms it in the Welcome too.
+            let tls_bit = if tls { CAP_TLS } else { 0 };
             (d.tls == tls && asked & !d.offered == 0)
-                .then_some(d.granted & asked | CAP_AUTH | CAP_EARLY_AUTH | CAP_ZERO_RTT)
+                .then_some(d.granted & asked | CAP_AUTH | CAP_EARLY_AUTH | CAP_ZERO_RTT | tls_bit)
         })
     }
 
@@ -220,6 +222,17 @@ mod tests {
             again.predict("h:1", offer, true),
             None,
             "learnt without TLS"
+        );
+        memory.learn(
+            "t:3",
+            offer | CAP_TLS,
+            true,
+            &welcome(CAP_AUTH | CAP_ZERO_RTT | CAP_TLS),
+        );
+        assert_eq!(
+            memory.predict("t:3", offer | CAP_TLS, true),
+            Some(CAP_AUTH | CAP_EARLY_AUTH | CAP_ZERO_RTT | CAP_TLS),
+            "inside TLS the Welcome confirms it"
         );
         assert_eq!(
             again.predict("h:1", offer | xfer_proto::CAP_DELETE, false),
