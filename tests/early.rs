@@ -123,3 +123,98 @@ fn a_tree_download_sends_its_listing_with_auth() {
     assert_eq!(fs::read(out.join("b.txt")).unwrap(), b"small");
     assert_came_with_auth(&daemon, "ListTree");
 }
+
+/// `xfer ARGS… --token-file` with the right token and a config directory of its own, where the
+/// client remembers the daemons that take early proofs.
+fn remembering(tree: &Tree, args: &[&str]) -> XferOutput {
+    let token = token_file(tree.path(), "client-token", TOKEN);
+    let home = tree.path().join("config");
+    let home = home.to_str().unwrap();
+    run_xfer(
+        [args, &["--token-file", &token]].concat(),
+        &[("XDG_CONFIG_HOME", home)],
+        GUARD,
+    )
+}
+
+/// How many first requests `request` came with the early proof, by the daemon's log.
+fn came_early(daemon: &Daemon, request: &str) -> usize {
+    daemon
+        .stderr()
+        .lines()
+        .filter(|l| {
+            l.contains("the first request came with the early proof") && l.contains(request)
+        })
+        .count()
+}
+
+#[test]
+fn a_second_download_sends_its_open_behind_the_hello() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    let want = random_file(&tree.root().join("f.bin"), 3 << 20, 34);
+    let out = tree.out("f.bin");
+    let dest = out.to_str().unwrap();
+    remembering(&tree, &["recv", "f.bin", &daemon.addr(), "-o", dest]).ok();
+    // The first connection learns; those the pool opens after it may already use it.
+    let learnt = came_early(&daemon, "OpenRead");
+    fs::remove_file(&out).unwrap();
+    remembering(&tree, &["recv", "f.bin", &daemon.addr(), "-o", dest]).ok();
+    assert_eq!(sha256_file(&out), want);
+    assert!(
+        came_early(&daemon, "OpenRead") > learnt,
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_second_ls_and_tree_upload_send_their_listing_behind_the_hello() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    fs::write(tree.root().join("listed.txt"), b"x").unwrap();
+    remembering(&tree, &["ls", &daemon.addr()]).ok();
+    let out = remembering(&tree, &["ls", &daemon.addr()]).ok();
+    assert!(out.stdout.contains("listed.txt"), "{}", out.stdout);
+    assert_eq!(came_early(&daemon, "List"), 1, "{}", daemon.stderr());
+    let src = tree.path().join("to-send");
+    fs::create_dir(&src).unwrap();
+    let want = random_file(&src.join("a.bin"), 300_000, 35);
+    fs::write(src.join("b.txt"), b"small").unwrap();
+    let src = src.to_str().unwrap();
+    // A tree's connections offer bits an `ls` did not: its first learns what they are granted.
+    for dest in ["up", "up-again"] {
+        remembering(&tree, &["send", "-r", src, &daemon.addr(), "--as", dest]).ok();
+        assert_eq!(sha256_file(&tree.root().join(dest).join("a.bin")), want);
+        assert_eq!(
+            fs::read(tree.root().join(dest).join("b.txt")).unwrap(),
+            b"small"
+        );
+    }
+    assert_eq!(
+        came_early(&daemon, "ListTreeMeta"),
+        1,
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_wrong_token_still_fails_with_one_line_where_early_proofs_are_remembered() {
+    let tree = Tree::new();
+    let daemon = token_daemon(&tree);
+    fs::write(tree.root().join("listed.txt"), b"x").unwrap();
+    remembering(&tree, &["ls", &daemon.addr()]).ok();
+    let wrong = token_file(tree.path(), "wrong-token", "not-the-token");
+    let home = tree.path().join("config");
+    let failed = run_xfer(
+        ["ls", &daemon.addr(), "--token-file", &wrong],
+        &[("XDG_CONFIG_HOME", home.to_str().unwrap())],
+        GUARD,
+    );
+    let line = failed.error_line();
+    assert!(
+        line.starts_with("xfer: authentication failed: wrong token"),
+        "{line}"
+    );
+}

@@ -148,7 +148,11 @@ impl XferRun {
             .args(&args)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr);
+            .stderr(stderr)
+            // A config directory of each run's own unless the test names one: what the client
+            // remembers of daemons (pins, early proofs) never reaches the next test's daemon,
+            // which may listen on the same port.
+            .env("XDG_CONFIG_HOME", logs.path().join("config"));
         configure(&mut command);
         let child = command.spawn().expect("spawn xfer");
         Self {

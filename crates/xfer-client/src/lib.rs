@@ -26,6 +26,7 @@ pub mod session;
 pub mod target;
 pub mod tree;
 pub mod trust;
+pub mod zero_rtt;
 
 pub use engine::{recv, send, send_file, Connections, Options, Summary};
 pub use error::ClientError;

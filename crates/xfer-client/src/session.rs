@@ -87,6 +87,9 @@ pub struct Connector {
     /// tree's `CAP_TREE_SYNC`, so that its spare, pooled and reopened connections promise it
     /// as its first does.
     pub offer: u64,
+    /// The daemons seen taking early proofs (`CAP_ZERO_RTT`): a connection to one sends its
+    /// proof and its first read-only requests behind its `Hello`, a round trip sooner.
+    pub zero_rtt: Option<Arc<crate::zero_rtt::ZeroRttMemory>>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -148,6 +151,19 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// accepts TCP but never answers (another service, a hung daemon) otherwise holds a command
 /// forever.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a handshake failed: for good, or because a daemon did not take the early flight it was
+/// sent (then it is connected to again without one).
+enum Failed {
+    Error(ClientError),
+    EarlyFlight(String),
+}
+
+impl<E: Into<ClientError>> From<E> for Failed {
+    fn from(e: E) -> Self {
+        Self::Error(e.into())
+    }
+}
 
 /// The error for a peer that accepted the connection but did not finish the handshake.
 fn silent(target: &Target) -> ClientError {
@@ -419,16 +435,41 @@ impl Session {
         if let Some(dialed) = dialed.take() {
             let _ = dialed.send(sockopt::rtt(&socket));
         }
-        tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            Self::handshake(socket, target, connector, tls, offer, first),
-        )
-        .await
-        .unwrap_or_else(|_| Err(silent(target)))
+        let attempt = |socket, early| {
+            let handshake = Self::handshake(socket, target, connector, tls, offer, first, early);
+            async move {
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+                    .await
+                    .unwrap_or_else(|_| Err(Failed::Error(silent(target))))
+            }
+        };
+        match attempt(socket, true).await {
+            Ok(session) => Ok(session),
+            Err(Failed::Error(e)) => Err(e),
+            // A daemon remembered taking early proofs that no longer does (or an older one on
+            // its port): forgotten, and connected to again as any daemon, once.
+            Err(Failed::EarlyFlight(why)) => {
+                tracing::debug!(%target, %why, "early proof not taken; connecting again without it");
+                if let Some(memory) = &connector.zero_rtt {
+                    memory.forget(&target.to_string());
+                }
+                let socket = dial(target, &connector.socket).await?;
+                match attempt(socket, false).await {
+                    Ok(session) => Ok(session),
+                    Err(Failed::Error(e)) => Err(e),
+                    Err(Failed::EarlyFlight(reason)) => Err(ClientError::Connect {
+                        addr: target.to_string(),
+                        reason,
+                    }),
+                }
+            }
+        }
     }
 
     /// The handshake over a connected `socket`: TLS if `tls`, then `Hello` to `Welcome`, and
-    /// `first`'s frames (with `Auth` when the server proves itself early).
+    /// `first`'s frames (with `Auth` when the server proves itself early; behind the `Hello`
+    /// with an early proof, where `early` allows and the daemon is remembered taking one).
+    #[allow(clippy::too_many_arguments)]
     async fn handshake(
         socket: TcpStream,
         target: &Target,
@@ -436,18 +477,33 @@ impl Session {
         tls: Option<&tokio_rustls::TlsConnector>,
         offer: u64,
         first: Option<&FirstFrames>,
-    ) -> Result<Self, ClientError> {
+        early: bool,
+    ) -> Result<Self, Failed> {
         let congestion = sockopt::congestion(&socket);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let mut nonce = vec![0u8; auth::NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-        let config = ClientConfig {
+        let mut config = ClientConfig {
             key: connector.token.clone(),
             grant: connector.grant.clone(),
             tls: tls.is_some(),
             agent: AGENT.into(),
             offer: offer | connector.offer,
+            early_proof_at: None,
         };
+        let offered = ClientSession::new(config.clone(), Vec::new()).offered();
+        let peer = target.to_string();
+        let memory = connector
+            .zero_rtt
+            .as_ref()
+            .filter(|_| connector.token.is_some() && connector.grant.is_none());
+        let predicted = memory
+            .filter(|_| early)
+            .and_then(|m| m.predict(&peer, offered, tls.is_some()));
+        if predicted.is_some() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            config.early_proof_at = now.ok().map(|d| d.as_millis() as u64);
+        }
         let mut handshake = ClientSession::new(config, nonce);
         let (reader, writer) = match tls {
             Some(tls) => {
@@ -498,17 +554,72 @@ impl Session {
             }
             frames
         };
-        session.send(&handshake.hello()).await?;
-        let mut opened = false;
+        let hello = handshake.hello();
+        // Behind an early proof go only requests that a replay could at worst repeat, encoded
+        // for the Welcome predicted, and no more than the daemon discards if it refuses it.
+        let early_frames = predicted.and_then(|capabilities| {
+            let welcome = Welcome {
+                version: xfer_proto::PROTOCOL_VERSION,
+                capabilities,
+                max_chunk_size: xfer_proto::MIN_CHUNK_SIZE,
+                window: 1,
+                agent: String::new(),
+                proof: Vec::new(),
+            };
+            let frames = opening(&welcome);
+            let mut bytes = bytes::BytesMut::new();
+            let fits = frames
+                .iter()
+                .all(|f| f.is_read_only() && f.encode(&mut bytes).is_ok())
+                && bytes.len() <= xfer_proto::ZERO_RTT_DISCARD_MAX;
+            fits.then_some(frames)
+        });
+        let early_auth = early_frames.as_ref().and_then(|_| handshake.early_auth());
+        let early_sent = early_auth.is_some();
+        match (early_auth, early_frames) {
+            (Some(early_auth), Some(frames)) => {
+                let flight: Vec<Frame> = [hello, early_auth].into_iter().chain(frames).collect();
+                session.send_all(&flight).await?;
+            }
+            _ => session.send(&hello).await?,
+        }
+        // What tells a daemon that no longer takes the early proof from any other failure.
+        let not_taken = |e: ClientError| match e {
+            ClientError::Closed => Failed::EarlyFlight("the daemon closed the connection".into()),
+            ClientError::Remote(frame) if frame.error_code() == Some(ErrorCode::Protocol) => {
+                Failed::EarlyFlight(frame.to_string())
+            }
+            ClientError::Proto(xfer_proto::ProtoError::Io(e)) => Failed::EarlyFlight(e.to_string()),
+            other => Failed::Error(other),
+        };
+        let failed = |e: ClientError| {
+            if early_sent {
+                not_taken(e)
+            } else {
+                Failed::Error(e)
+            }
+        };
+        let mut opened = early_sent;
+        let mut refused = false;
         let welcome = loop {
-            let Some(answer) = session.reader.read_frame().await? else {
-                return Err(ClientError::Closed);
+            let Some(answer) = session
+                .reader
+                .read_frame()
+                .await
+                .map_err(|e| failed(e.into()))?
+            else {
+                return Err(failed(ClientError::Closed));
             };
             match handshake.handle_frame(answer) {
                 Ok(Step::Send(frame)) => session.send(&frame).await?,
                 // The server proved itself: Auth and the first requests leave in one write, a
-                // round trip before the Welcome they were encoded for.
+                // round trip before the Welcome they were encoded for (again, where the early
+                // proof was refused: the daemon discarded those that came with it).
                 Ok(Step::Early { auth, welcome }) => {
+                    if early_sent {
+                        tracing::debug!(%target, "early proof refused: answering the challenge");
+                        refused = true;
+                    }
                     let frames: Vec<Frame> =
                         std::iter::once(auth).chain(opening(&welcome)).collect();
                     session.send_all(&frames).await?;
@@ -519,16 +630,40 @@ impl Session {
                 Ok(Step::Welcomed(welcome)) => break welcome,
                 // Only ever the answer to the plaintext Hello, handled by `start_tls`.
                 Ok(Step::StartTls) => {
-                    return Err(ClientError::Tls("the server started TLS twice".into()))
+                    return Err(ClientError::Tls("the server started TLS twice".into()).into())
                 }
+                Err(HandshakeError::Remote(e)) => return Err(failed(ClientError::Remote(e))),
                 Err(e) => {
                     if let Some(frame) = e.frame_to_send() {
                         let _ = session.send(&frame).await;
                     }
-                    return Err(handshake_failure(e));
+                    return Err(Failed::Error(handshake_failure(e)));
                 }
             }
         };
+        match handshake.take_late_auth() {
+            // Taken: the requests that came with it are answered for the Welcome predicted,
+            // which must be the one that came; its challenge's nonce is proven before anything
+            // that is not read-only.
+            Some(late_auth) => {
+                // Forgotten by the caller: the connection made again learns it afresh.
+                if predicted != Some(welcome.capabilities) {
+                    return Err(Failed::EarlyFlight(
+                        "its Welcome is not the one predicted".into(),
+                    ));
+                }
+                session.send(&late_auth).await?;
+            }
+            // Welcomed with neither the early proof taken nor a challenge answered: a daemon
+            // without a token now, whose answers to the early requests are not wanted.
+            None if early_sent && !refused => {
+                return Err(Failed::EarlyFlight("welcomed without a challenge".into()));
+            }
+            None => {}
+        }
+        if let Some(memory) = memory {
+            memory.learn(&peer, offered, tls.is_some(), &welcome);
+        }
         if !opened {
             let frames = opening(&welcome);
             if !frames.is_empty() {
@@ -578,6 +713,7 @@ impl Session {
             tls: true,
             agent: AGENT.into(),
             offer: 0,
+            early_proof_at: None,
         };
         let mut handshake = ClientSession::new(config, vec![0; auth::NONCE_LEN]);
         let started = tokio::time::timeout(
@@ -695,6 +831,18 @@ pub(crate) async fn early_challenged(
     FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
     Welcome,
 ) {
+    early_challenged_on(&listener).await
+}
+
+/// [`early_challenged`] for the next connection on `listener`, which stays open for more.
+#[cfg(test)]
+pub(crate) async fn early_challenged_on(
+    listener: &tokio::net::TcpListener,
+) -> (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    Welcome,
+) {
     let (socket, _) = listener.accept().await.unwrap();
     let (read, write) = socket.into_split();
     let (mut reader, mut writer) = (FrameReader::new(read), FrameWriter::new(write));
@@ -753,6 +901,108 @@ mod tests {
         assert!(
             matches!(&request, Some(Frame::List(l)) if l.dir == "d"),
             "{request:?}"
+        );
+    }
+
+    /// A connector holding `tok` that remembers the fake daemon at `target` as taking early
+    /// proofs, granted everything a plain connection offers.
+    fn remembering(target: &Target) -> Connector {
+        let memory = crate::zero_rtt::ZeroRttMemory::at(None);
+        let offered =
+            xfer_proto::CAP_FEATURES | xfer_proto::CAP_EARLY_AUTH | xfer_proto::CAP_ZERO_RTT;
+        let welcome = Welcome {
+            version: 1,
+            capabilities: offered | xfer_proto::CAP_AUTH,
+            max_chunk_size: 1 << 20,
+            window: 4,
+            agent: "xferd/test".into(),
+            proof: Vec::new(),
+        };
+        memory.learn(&target.to_string(), offered, false, &welcome);
+        Connector {
+            token: Some(b"tok".as_slice().into()),
+            zero_rtt: Some(Arc::new(memory)),
+            ..Connector::default()
+        }
+    }
+
+    fn list_first() -> FirstFrames {
+        Arc::new(|_: &Welcome| vec![Frame::List(xfer_proto::List { dir: "d".into() })])
+    }
+
+    /// A daemon remembered taking early proofs gets the proof and the first request behind the
+    /// `Hello`, before it has answered anything: the round trip the early proof saves.
+    #[tokio::test]
+    async fn a_remembered_daemon_gets_the_early_proof_and_request_behind_the_hello() {
+        let (listener, target) = fake_daemon().await;
+        let connector = remembering(&target);
+        let daemon = async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, _write) = socket.into_split();
+            let mut reader = FrameReader::new(read);
+            let mut flight = Vec::new();
+            for _ in 0..3 {
+                flight.push(reader.read_frame().await.unwrap());
+            }
+            flight
+        };
+        let (first, mut dialed) = (list_first(), None);
+        let client = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            Session::connect_sending(&target, &connector, 0, &mut dialed, Some(&first)),
+        );
+        let (flight, _) = tokio::join!(daemon, client);
+        assert!(matches!(flight[0], Some(Frame::Hello(_))), "{flight:?}");
+        assert!(matches!(flight[1], Some(Frame::EarlyAuth(_))), "{flight:?}");
+        assert!(
+            matches!(&flight[2], Some(Frame::List(l)) if l.dir == "d"),
+            "{flight:?}"
+        );
+    }
+
+    /// A daemon remembered taking early proofs that treats frame 0x06 as a protocol error, as one
+    /// predating it does, is forgotten and connected to again the usual way: no failure.
+    #[tokio::test]
+    async fn a_daemon_that_rejects_the_early_proof_is_connected_to_again_without_it() {
+        let (listener, target) = fake_daemon().await;
+        let connector = remembering(&target);
+        let memory = Arc::clone(connector.zero_rtt.as_ref().unwrap());
+        let daemon = async move {
+            // As an old daemon: its EarlyChallenge, then the unknown frame is a protocol error.
+            let (mut reader, mut writer, _) = early_challenged_on(&listener).await;
+            let early = reader.read_frame().await.unwrap();
+            let refusal = xfer_proto::ErrorFrame::new(ErrorCode::Protocol, "unknown frame 0x06");
+            writer.send(&Frame::Error(refusal)).await.unwrap();
+            drop((reader, writer));
+            // Again, the usual way: Auth and the request, then the Welcome announced.
+            let (mut reader, mut writer, welcome) = early_challenged(listener).await;
+            let auth = reader.read_frame().await.unwrap();
+            let request = reader.read_frame().await.unwrap();
+            writer.send(&Frame::Welcome(welcome)).await.unwrap();
+            (early, auth, request, writer)
+        };
+        let (first, mut dialed) = (list_first(), None);
+        let client = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            Session::connect_sending(&target, &connector, 0, &mut dialed, Some(&first)),
+        );
+        let ((early, auth, request, _writer), connected) = tokio::join!(daemon, client);
+        assert!(matches!(early, Some(Frame::EarlyAuth(_))), "{early:?}");
+        assert!(matches!(auth, Some(Frame::Auth(_))), "{auth:?}");
+        assert!(
+            matches!(&request, Some(Frame::List(l)) if l.dir == "d"),
+            "{request:?}"
+        );
+        let session = connected
+            .expect("a hang guard only")
+            .expect("connected again");
+        assert!(session.first_sent);
+        let offered =
+            xfer_proto::CAP_FEATURES | xfer_proto::CAP_EARLY_AUTH | xfer_proto::CAP_ZERO_RTT;
+        assert_eq!(
+            memory.predict(&target.to_string(), offered, false),
+            None,
+            "forgotten"
         );
     }
 

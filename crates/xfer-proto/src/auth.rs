@@ -40,6 +40,33 @@ pub fn server_proof(token: &[u8], client_nonce: &[u8], server_nonce: &[u8]) -> V
         .to_vec()
 }
 
+const ZERO_RTT_CLIENT_LABEL: &[u8] = b"xfer/1 zero-rtt proof";
+
+fn zero_rtt_mac(token: &[u8], client_nonce: &[u8], time_ms: u64) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(token).expect("HMAC takes keys of any length");
+    mac.update(ZERO_RTT_CLIENT_LABEL);
+    mac.update(&(client_nonce.len() as u32).to_be_bytes());
+    mac.update(client_nonce);
+    mac.update(&time_ms.to_be_bytes());
+    mac
+}
+
+/// The client's early proof (`EarlyAuth`, `CAP_ZERO_RTT`), made before it has the server's
+/// nonce: `HMAC-SHA256(token, "xfer/1 zero-rtt proof" | u32 len | cn | u64 time_ms)`.
+pub fn zero_rtt_proof(token: &[u8], client_nonce: &[u8], time_ms: u64) -> Vec<u8> {
+    zero_rtt_mac(token, client_nonce, time_ms)
+        .finalize()
+        .into_bytes()
+        .to_vec()
+}
+
+/// Checks a client's early proof in constant time.
+pub fn verify_zero_rtt(token: &[u8], client_nonce: &[u8], time_ms: u64, proof: &[u8]) -> bool {
+    zero_rtt_mac(token, client_nonce, time_ms)
+        .verify_slice(proof)
+        .is_ok()
+}
+
 /// The key a grant's bearer proves instead of the token:
 /// `HMAC-SHA256(token, "xfer/1 grant" | u32 len | scope | u64 expires | u32 len | nonce)`.
 /// Only a holder of the token can make it, and it is bound to this scope, expiry and nonce.
@@ -112,6 +139,19 @@ mod tests {
                 }
             )
         );
+    }
+
+    #[test]
+    fn early_proofs_verify_only_with_the_same_token_nonce_and_time() {
+        let cn = [1u8; NONCE_LEN];
+        let p = zero_rtt_proof(b"secret", &cn, 1000);
+        assert_eq!(p.len(), PROOF_LEN);
+        assert!(verify_zero_rtt(b"secret", &cn, 1000, &p));
+        assert!(!verify_zero_rtt(b"secreT", &cn, 1000, &p));
+        assert!(!verify_zero_rtt(b"secret", &cn, 1001, &p), "another time");
+        assert!(!verify_zero_rtt(b"secret", &[2u8; NONCE_LEN], 1000, &p));
+        let challenge_proof = client_proof(b"secret", &cn, &1000u64.to_be_bytes());
+        assert!(!verify_zero_rtt(b"secret", &cn, 1000, &challenge_proof));
     }
 
     #[test]

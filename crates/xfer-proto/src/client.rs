@@ -32,6 +32,10 @@ pub struct ClientConfig {
     /// never in the plaintext `Hello` that asks for TLS. The `Welcome` says which the server
     /// took.
     pub offer: u64,
+    /// Send `EarlyAuth` behind the `Hello`, made at this wall-clock time (ms since the Unix
+    /// epoch): only to a server seen taking early proofs (`CAP_ZERO_RTT`), and only with the
+    /// token.
+    pub early_proof_at: Option<u64>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -42,6 +46,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("tls", &self.tls)
             .field("agent", &self.agent)
             .field("offer", &self.offer)
+            .field("early_proof_at", &self.early_proof_at)
             .finish()
     }
 }
@@ -134,6 +139,9 @@ enum State {
     /// The server proved itself early and `Auth` is sent: the `Welcome` it announced comes
     /// next.
     AwaitEarlyWelcome { announced: Welcome },
+    /// The server proved itself early after a `Hello` the client sent `EarlyAuth` behind: the
+    /// `Welcome` announced comes next if the early proof was taken, else `EarlyRefused`.
+    AwaitEarlyAnswer { announced: Welcome, proof: Vec<u8> },
     /// The `Welcome` came, checked, and said that `IdleTimeout` follows it.
     AwaitIdleTimeout { welcome: Welcome },
     /// Welcomed, or failed: no more frames belong to the handshake.
@@ -147,6 +155,11 @@ pub struct ClientSession {
     nonce: Vec<u8>,
     state: State,
     idle_timeout: Option<Duration>,
+    /// `EarlyAuth` went behind the `Hello`.
+    early_proof_sent: bool,
+    /// The early proof was taken: the `Auth` that proves the `EarlyChallenge`'s nonce, to send
+    /// before anything that is not read-only.
+    late_auth: Option<Frame>,
 }
 
 impl ClientSession {
@@ -158,6 +171,8 @@ impl ClientSession {
             nonce,
             state: State::Start,
             idle_timeout: None,
+            early_proof_sent: false,
+            late_auth: None,
         }
     }
 
@@ -183,11 +198,16 @@ impl ClientSession {
         let offer = self.config.offer & asked;
         let tls = if self.config.tls { CAP_TLS } else { 0 };
         let early = if self.config.key.is_some() && self.config.grant.is_none() {
-            CAP_EARLY_AUTH
+            CAP_EARLY_AUTH | crate::CAP_ZERO_RTT
         } else {
             0
         };
         crate::CAP_FEATURES | tls | offer | early
+    }
+
+    /// The capabilities the real `Hello` offers (not the TLS request's).
+    pub fn offered(&self) -> u64 {
+        self.capabilities()
     }
 
     /// The `Hello` to send now: at the start (in plaintext, asking for TLS when the client
@@ -208,6 +228,28 @@ impl ClientSession {
             agent: self.config.agent.clone(),
             nonce,
         })
+    }
+
+    /// The `EarlyAuth` to send right behind the `Hello` just made, in the same write, when the
+    /// client was configured to (`early_proof_at`) and the `Hello` offers `CAP_ZERO_RTT`.
+    pub fn early_auth(&mut self) -> Option<Frame> {
+        let time_ms = self.config.early_proof_at?;
+        if self.state != State::AwaitChallenge || self.capabilities() & crate::CAP_ZERO_RTT == 0 {
+            return None;
+        }
+        let key = self.config.key.as_deref()?;
+        self.early_proof_sent = true;
+        Some(Frame::EarlyAuth(crate::EarlyAuth {
+            time_ms,
+            proof: auth::zero_rtt_proof(key, &self.nonce, time_ms),
+        }))
+    }
+
+    /// The `Auth` to send once welcomed after an early proof that was taken: it proves the
+    /// `EarlyChallenge`'s nonce, which the server wants before anything not read-only. `None`
+    /// on any other connection.
+    pub fn take_late_auth(&mut self) -> Option<Frame> {
+        self.late_auth.take()
     }
 
     /// Checks a frame from the server and says what to do next.
@@ -257,12 +299,40 @@ impl ClientSession {
                 }
                 let welcome = self.check_welcome(early.welcome)?;
                 let proof = auth::client_proof(&key, &self.nonce, &early.nonce);
+                // The answer to the EarlyAuth comes in the same flight: the Welcome or a refusal.
+                if self.early_proof_sent {
+                    self.state = State::AwaitEarlyAnswer {
+                        announced: welcome,
+                        proof,
+                    };
+                    return Ok(Step::Next);
+                }
                 self.state = State::AwaitEarlyWelcome {
                     announced: welcome.clone(),
                 };
                 Ok(Step::Early {
                     auth: Frame::Auth(Auth { proof, grant: None }),
                     welcome,
+                })
+            }
+            (State::AwaitEarlyAnswer { announced, proof }, Frame::Welcome(welcome)) => {
+                if welcome != announced {
+                    return Err(HandshakeError::BadWelcome(
+                        "differs from the one its EarlyChallenge announced",
+                    ));
+                }
+                self.late_auth = Some(Frame::Auth(Auth { proof, grant: None }));
+                Ok(self.admitted(welcome))
+            }
+            // Refused (out of the window, a replay, no room): answered as after EarlyChallenge,
+            // the first requests sent again, since the server discarded those that came early.
+            (State::AwaitEarlyAnswer { announced, proof }, Frame::EarlyRefused(_)) => {
+                self.state = State::AwaitEarlyWelcome {
+                    announced: announced.clone(),
+                };
+                Ok(Step::Early {
+                    auth: Frame::Auth(Auth { proof, grant: None }),
+                    welcome: announced,
                 })
             }
             (State::AwaitEarlyWelcome { announced }, Frame::Welcome(welcome)) => {
@@ -294,6 +364,7 @@ impl ClientSession {
             (State::AwaitWelcome { .. } | State::AwaitEarlyWelcome { .. }, f) => {
                 Err(unexpected(&f, "in answer to Auth"))
             }
+            (State::AwaitEarlyAnswer { .. }, f) => Err(unexpected(&f, "in answer to EarlyAuth")),
             (State::AwaitIdleTimeout { .. }, f) => {
                 Err(unexpected(&f, "behind a Welcome announcing IdleTimeout"))
             }
@@ -345,6 +416,7 @@ mod tests {
             tls,
             agent: "xfer/test".into(),
             offer: 0,
+            early_proof_at: None,
         };
         ClientSession::new(config, vec![1; auth::NONCE_LEN])
     }
@@ -359,6 +431,7 @@ mod tests {
             agent: "xferd/test".into(),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            replay: Some(Default::default()),
         };
         ServerSession::new(config, vec![2; auth::NONCE_LEN], 0, Instant::now())
     }
@@ -378,6 +451,8 @@ mod tests {
                 Ok(Handshake::Challenge(c)) => vec![Frame::Challenge(c)],
                 Ok(Handshake::EarlyChallenge(c)) => vec![Frame::EarlyChallenge(c)],
                 Ok(Handshake::Admitted) => server.welcome_frames(),
+                Ok(Handshake::EarlyRefused(r)) => vec![Frame::EarlyRefused(r)],
+                Ok(Handshake::Next) => vec![],
                 Ok(Handshake::PeerError(e)) => panic!("client gave up: {e}"),
                 Err(e) => vec![Frame::Error(ErrorFrame::new(e.code(), e.to_string()))],
             };
@@ -421,7 +496,7 @@ mod tests {
         let welcome = handshake(&mut c, &mut server(Some(b"tok"), false)).unwrap();
         assert_eq!(
             welcome.capabilities,
-            CAP_AUTH | CAP_EARLY_AUTH | CAP_FEATURES
+            CAP_AUTH | CAP_EARLY_AUTH | crate::CAP_ZERO_RTT | CAP_FEATURES
         );
         assert!(c.is_done());
     }
@@ -614,7 +689,7 @@ mod tests {
         let welcome = handshake(&mut client(Some(b"t"), true), &mut server(Some(b"t"), true));
         assert_eq!(
             welcome.unwrap().capabilities,
-            CAP_AUTH | CAP_EARLY_AUTH | CAP_TLS | CAP_FEATURES
+            CAP_AUTH | CAP_EARLY_AUTH | crate::CAP_ZERO_RTT | CAP_TLS | CAP_FEATURES
         );
     }
 

@@ -104,6 +104,13 @@ mod tests {
                 min_rtt_us: 150_000,
             }),
             Frame::IdleTimeout(IdleTimeout { millis: 300_000 }),
+            Frame::EarlyAuth(EarlyAuth {
+                time_ms: 1_700_000_000_000,
+                proof: vec![5; 32],
+            }),
+            Frame::EarlyRefused(EarlyRefused {
+                reason: "replay".into(),
+            }),
             Frame::AwaitCommits(AwaitCommits {
                 names: vec!["t/a".into(), "t/b".into()],
             }),
@@ -448,7 +455,7 @@ mod tests {
         let known: Vec<_> = (0..=u8::MAX)
             .filter_map(|byte| FrameType::from_u8(byte).ok().map(|t| (byte, t)))
             .collect();
-        assert_eq!(known.len(), 70);
+        assert_eq!(known.len(), 72);
         for (byte, ty) in known {
             assert_eq!(ty as u8, byte);
         }

@@ -88,6 +88,28 @@ pub struct EarlyChallenge {
     pub welcome: Welcome,
 }
 
+/// Client → server, right behind a `Hello` offering `CAP_ZERO_RTT` to a server known to take it,
+/// in the same flight, instead of waiting for the `EarlyChallenge` to send `Auth`: a proof of the
+/// token made without the server's nonce, fresh by the client's clock, so that the read-only
+/// requests behind it are answered a round trip sooner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyAuth {
+    /// The client's wall clock when it made the proof, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// `auth::zero_rtt_proof(token, hello.nonce, time_ms)`.
+    pub proof: Vec<u8>,
+}
+
+/// Server → client, right after the `EarlyChallenge` when it did not take the `EarlyAuth` behind
+/// the `Hello` (its time out of the window, its nonce seen, no room to remember it): the client
+/// answers the challenge with `Auth` and sends its first requests again, since those it sent
+/// behind the early proof are discarded, unanswered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyRefused {
+    /// Why, for logs: `skew`, `replay` or `full`.
+    pub reason: String,
+}
+
 /// Client → server answer to `Challenge` (or `EarlyChallenge`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Auth {
@@ -763,6 +785,10 @@ frame_types! {
     Auth(Auth) = 0x04,
     /// [`EarlyChallenge`] (`CAP_EARLY_AUTH`)
     EarlyChallenge(EarlyChallenge) = 0x65,
+    /// [`EarlyAuth`]: right behind a `Hello` offering `CAP_ZERO_RTT`
+    EarlyAuth(EarlyAuth) = 0x06,
+    /// [`EarlyRefused`]: the `EarlyAuth` was not taken; answer the `EarlyChallenge` with `Auth`
+    EarlyRefused(EarlyRefused) = 0x07,
     /// [`IdleTimeout`]: right behind `Welcome` (`CAP_IDLE_TIMEOUT`)
     IdleTimeout(IdleTimeout) = 0x68,
     /// No body: server → client answer to a `Hello` offering `CAP_TLS`; both sides now run a
@@ -906,6 +932,25 @@ frame_types! {
 }
 
 impl Frame {
+    /// True for the client frames that change nothing on the server but what it sends on this
+    /// connection: the only ones a client may send behind an `EarlyAuth`, before the server's
+    /// nonce is proven, so that a replayed early flight can at worst repeat a read (proto.md
+    /// §4.5, *Zero round trip*).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Self::List(_)
+                | Self::ListTree(_)
+                | Self::ListTreeMeta(_)
+                | Self::OpenRead(_)
+                | Self::ReadChunk(_)
+                | Self::DigestRequest(_)
+                | Self::ReadSig(_)
+                | Self::GetFile(_)
+                | Self::SetCompression(_)
+        )
+    }
+
     /// Appends the whole frame (length prefix, type, body) to `dst`.
     ///
     /// # Errors

@@ -60,6 +60,7 @@ pub fn session_script(data: &[u8], start: Instant) {
         agent: "fuzz".into(),
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(300),
+        replay: Some(Default::default()),
     };
     let mut session: ServerSession<u64, ()> =
         ServerSession::new(config, vec![0x5a; auth::NONCE_LEN], 1_000_000, start);
@@ -72,6 +73,13 @@ pub fn session_script(data: &[u8], start: Instant) {
                 let token = token.expect("AwaitAuth only with a token");
                 let proof = auth::client_proof(token, &client_nonce, session.nonce());
                 frame = Frame::Auth(Auth { proof, grant: None });
+            }
+            // An early proof made right, at the time the script gives, so that the window and
+            // the replay cache are reached too.
+            if let (Frame::EarlyAuth(early), Some(token)) = (&mut frame, token) {
+                if flags & 2 != 0 && session.phase() == Phase::AwaitAuth {
+                    early.proof = auth::zero_rtt_proof(token, &client_nonce, early.time_ms);
+                }
             }
             if let Frame::Hello(h) = &frame {
                 client_nonce.clone_from(&h.nonce);
@@ -88,15 +96,20 @@ pub fn session_script(data: &[u8], start: Instant) {
                         | crate::CAP_MIRROR
                         | crate::CAP_TREE_SYNC
                         | crate::CAP_TREE_CLOSE
-                        | crate::CAP_EARLY_AUTH;
+                        | crate::CAP_EARLY_AUTH
+                        | crate::CAP_ZERO_RTT;
                     assert_eq!(welcome.capabilities & !known, 0);
                     // The idle timeout told behind the Welcome is the one the session keeps.
                     let told = welcome.capabilities & crate::CAP_IDLE_TIMEOUT != 0;
                     let frames = session.welcome_frames();
-                    assert_eq!(frames[0], Frame::Welcome(welcome));
+                    assert_eq!(frames[0], Frame::Welcome(welcome.clone()));
                     let idle = Frame::IdleTimeout(crate::IdleTimeout { millis: 300_000 });
                     assert_eq!(frames.get(1), told.then_some(&idle));
                     assert_eq!(frames.len(), 1 + usize::from(told));
+                    // Early proofs are taken only where the server proved itself early.
+                    if welcome.capabilities & crate::CAP_ZERO_RTT != 0 {
+                        assert!(token.is_some() && session.is_early());
+                    }
                 }
                 // An early challenge already proves the token and announces the Welcome.
                 Ok(Handshake::EarlyChallenge(early)) => {
@@ -107,7 +120,12 @@ pub fn session_script(data: &[u8], start: Instant) {
                     assert!(session.is_early());
                 }
                 // The daemon would switch to TLS here; the next frames stand for what it decrypts.
-                Ok(Handshake::StartTls | Handshake::Challenge(_)) => {}
+                Ok(
+                    Handshake::StartTls
+                    | Handshake::Challenge(_)
+                    | Handshake::Next
+                    | Handshake::EarlyRefused(_),
+                ) => {}
                 Ok(Handshake::PeerError(_)) | Err(_) => return,
             }
             continue;
@@ -256,15 +274,19 @@ pub fn client_script(data: &[u8]) {
         } else {
             0
         },
+        // Bit 3 sends an early proof behind the Hello.
+        early_proof_at: (flags & 8 != 0).then_some(1_000_000_000),
     };
     let mut client = ClientSession::new(config, vec![0xa5; auth::NONCE_LEN]);
     client.hello();
+    let _ = client.early_auth();
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(rest);
     while let Ok(Some(frame)) = codec.decode_eof(&mut buf) {
         match client.handle_frame(frame) {
             Ok(Step::StartTls) => {
                 client.hello();
+                let _ = client.early_auth();
             }
             Ok(Step::Send(frame)) => assert!(matches!(frame, Frame::Auth(_))),
             // Only a server that proved the client's token gets its Auth early.
@@ -274,13 +296,14 @@ pub fn client_script(data: &[u8]) {
                 assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
                 assert!(!client.is_done());
             }
-            // Only a Welcome announcing its idle timeout leaves the handshake open.
+            // Only a Welcome announcing its idle timeout, or an EarlyChallenge answering an early
+            // proof, leaves the handshake open.
             Ok(Step::Next) => assert!(!client.is_done()),
             Ok(Step::Welcomed(welcome)) => {
                 assert!((1..=crate::PROTOCOL_VERSION).contains(&welcome.version));
                 assert!(welcome.max_chunk_size >= crate::MIN_CHUNK_SIZE);
                 let early = if flags & 1 != 0 {
-                    crate::CAP_EARLY_AUTH
+                    crate::CAP_EARLY_AUTH | crate::CAP_ZERO_RTT
                 } else {
                     0
                 };
@@ -571,6 +594,76 @@ mod tests {
         for (target, script) in [
             ("client_script", idle_timeout_script()),
             ("session_script", idle_timeout_from_a_client_script()),
+        ] {
+            let seeds = std::fs::read_dir(corpus.join(target)).expect("corpus directory");
+            let kept = seeds.map(|e| std::fs::read(e.expect("corpus entry").path()).unwrap());
+            assert!(kept.into_iter().any(|seed| seed == script), "{target}");
+        }
+    }
+
+    /// The script of a `session_script` corpus seed: a session with a token whose client proves
+    /// itself right (selector 3), a `Hello` offering `CAP_EARLY_AUTH` and `CAP_ZERO_RTT`, its
+    /// `EarlyAuth` at the session's clock, a read-only `List`, then an `OpenWrite` before the
+    /// `Auth` that would allow it.
+    pub(crate) fn zero_rtt_script() -> Vec<u8> {
+        use crate::*;
+        let mut script = script([
+            seed_hello(CAP_EARLY_AUTH | CAP_ZERO_RTT),
+            Frame::EarlyAuth(EarlyAuth {
+                time_ms: 1_000_000_000,
+                proof: vec![0; 32],
+            }),
+            Frame::List(List { dir: "d".into() }),
+            Frame::OpenWrite(OpenWrite {
+                name: "f".into(),
+                identity: FileIdentity {
+                    size: 1,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: 1 << 16,
+            }),
+        ]);
+        script[0] = 3;
+        script
+    }
+
+    /// The script of a `client_script` corpus seed: a client holding the token that sent an
+    /// early proof (selector 9), the server's `EarlyChallenge` proving the token and announcing
+    /// `CAP_ZERO_RTT`, then `EarlyRefused`, then the `Welcome` announced.
+    pub(crate) fn early_refused_script() -> Vec<u8> {
+        use crate::*;
+        let server_nonce = vec![0x5a; auth::NONCE_LEN];
+        let welcome = Welcome {
+            version: 1,
+            capabilities: CAP_AUTH | CAP_EARLY_AUTH | CAP_ZERO_RTT | CAP_TREE_META,
+            max_chunk_size: 1 << 20,
+            window: 2,
+            agent: "fuzz".into(),
+            proof: auth::server_proof(b"fuzz-token", &[0xa5; auth::NONCE_LEN], &server_nonce),
+        };
+        let mut script = script([
+            Frame::EarlyChallenge(EarlyChallenge {
+                nonce: server_nonce,
+                welcome: welcome.clone(),
+            }),
+            Frame::EarlyRefused(EarlyRefused {
+                reason: "replay".into(),
+            }),
+            Frame::Welcome(welcome),
+        ]);
+        script[0] = 9;
+        script
+    }
+
+    #[test]
+    fn early_proofs_reach_both_sides() {
+        session_script_now(&zero_rtt_script());
+        super::client_script(&early_refused_script());
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+        for (target, script) in [
+            ("session_script", zero_rtt_script()),
+            ("client_script", early_refused_script()),
         ] {
             let seeds = std::fs::read_dir(corpus.join(target)).expect("corpus directory");
             let kept = seeds.map(|e| std::fs::read(e.expect("corpus entry").path()).unwrap());

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub mod meta;
 pub mod mirror;
 pub mod packed;
+pub mod replay;
 pub mod session;
 
 pub use codec::FrameCodec;
@@ -133,6 +134,20 @@ pub const CAP_IDLE_TIMEOUT: u64 = 1 << 25;
 /// connection, so that a tree's closing goes with its last commits. Not in [`CAP_FEATURES`]: a
 /// client offers it only on a tree copy's connections, as `CAP_TREE_SYNC`.
 pub const CAP_TREE_CLOSE: u64 = 1 << 26;
+/// Capability bit: with `CAP_EARLY_AUTH`, in `Hello`, the client may send `EarlyAuth` behind it;
+/// in `Welcome` (and the `EarlyChallenge`'s), the server takes an `EarlyAuth`, the client's proof
+/// made without the server's nonce, and answers the read-only requests behind it without waiting
+/// for `Auth` (proto.md §4.5, *Zero round trip*). Not in [`CAP_FEATURES`]: offered only with
+/// `CAP_EARLY_AUTH`.
+pub const CAP_ZERO_RTT: u64 = 1 << 27;
+/// How far (ms) an `EarlyAuth`'s time may lie from the server's clock, either way; the server
+/// keeps each nonce it took until that time plus this has passed.
+pub const ZERO_RTT_WINDOW_MS: u64 = 30_000;
+/// Most nonces of taken early proofs a server keeps; when full, it refuses early proofs.
+pub const ZERO_RTT_REPLAY_MAX: usize = 16_384;
+/// Most bytes (frames whole, with their length prefix) of requests a server discards after
+/// refusing an early proof, before the client's `Auth`; more is a protocol error.
+pub const ZERO_RTT_DISCARD_MAX: usize = 256 * 1024;
 /// Most names one `AwaitCommits` carries.
 pub const MAX_AWAITED: usize = 4096;
 /// With `CAP_BYTE_WINDOW`, the slots each unit of `Welcome.window` holds: a frame of a whole

@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a client may stay silent once the handshake is done.
     pub idle_timeout: Duration,
+    /// The nonces of the early proofs this server took (`CAP_ZERO_RTT`), shared by all its
+    /// connections; `None`: it does not take early proofs, and ignores the bit as a server
+    /// that predates it does.
+    pub replay: Option<Arc<crate::replay::ReplayCache>>,
 }
 
 /// Where the session is.
@@ -45,7 +49,7 @@ pub struct ServerConfig {
 pub enum Phase {
     /// Waiting for `Hello`.
     AwaitHello,
-    /// `Challenge` sent; waiting for `Auth`.
+    /// `Challenge` sent; waiting for `Auth` (or, after `EarlyChallenge`, `EarlyAuth`).
     AwaitAuth,
     /// Handshake done; requests allowed.
     Ready,
@@ -67,6 +71,12 @@ pub enum Handshake {
     Admitted,
     /// The client reported an error: close without answering.
     PeerError(ErrorFrame),
+    /// The client's `EarlyAuth` was not taken (`CAP_ZERO_RTT`): send this `EarlyRefused`; the
+    /// client answers the `EarlyChallenge` with `Auth`, and what it sent before is discarded.
+    EarlyRefused(crate::EarlyRefused),
+    /// Nothing to send: read the next frame (a request sent behind an early proof that was
+    /// refused, discarded).
+    Next,
 }
 
 /// An upload open on this session: a handle only the session makes, valid until the upload
@@ -187,6 +197,10 @@ pub enum Request {
     CopyMode(crate::CopyDeltaMode),
     /// The client is done: close.
     Goodbye,
+    /// Nothing to do nor answer: the client proved the nonce of the `EarlyChallenge` after an
+    /// early proof was taken (it may send anything from now on), or sent an early proof to a
+    /// server without a token, which ignores it.
+    Skip,
     /// The client reported an error: close without answering.
     PeerError(ErrorFrame),
 }
@@ -288,6 +302,13 @@ pub enum SessionError {
     /// An `AwaitCommits` with more names than one may carry.
     #[error("AwaitCommits of {0} names, above the limit of {max}", max = crate::MAX_AWAITED)]
     TooManyAwaited(usize),
+    /// A request that is not read-only on a connection admitted by an early proof, before
+    /// the client proved the nonce of the `EarlyChallenge` with `Auth`.
+    #[error("{0} before the Auth behind an early proof")]
+    NotProven(&'static str),
+    /// More requests behind a refused early proof than a server discards.
+    #[error("more than {max} bytes of requests behind a refused early proof", max = crate::ZERO_RTT_DISCARD_MAX)]
+    EarlyFlightTooLong,
 }
 
 /// The message `proto.md` gives every refused grant, whatever the reason.
@@ -308,6 +329,7 @@ impl SessionError {
         match self {
             Self::Version { .. } => ErrorCode::Version,
             Self::AuthFailed
+            | Self::NotProven(_)
             | Self::OutOfScope { .. }
             | Self::GrantExpired
             | Self::BadGrantScope(_) => ErrorCode::Auth,
@@ -362,6 +384,28 @@ pub struct ServerSession<U = (), D = ()> {
     scope: Option<String>,
     /// The server proved itself in `EarlyChallenge` (`CAP_EARLY_AUTH`).
     early: bool,
+    /// Where the client's early proof (`CAP_ZERO_RTT`) stands.
+    zero_rtt: ZeroRtt,
+}
+
+/// Where a client's early proof (`CAP_ZERO_RTT`) stands on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroRtt {
+    /// Not offered (or not taken by a server without a token).
+    None,
+    /// Taken: read-only requests until the client proves the `EarlyChallenge`'s nonce.
+    Accepted {
+        /// The client proved it: anything goes.
+        proven: bool,
+    },
+    /// Refused for this reason: the challenge went instead, and what the client sent before
+    /// its `Auth` is discarded, at most `discard_left` more bytes of it.
+    Refused {
+        /// Why.
+        why: crate::replay::Refusal,
+        /// Bytes still to discard before it is a protocol error.
+        discard_left: usize,
+    },
 }
 
 /// Longest a grant may claim to live, in seconds.
@@ -387,6 +431,7 @@ impl<U, D> ServerSession<U, D> {
             now_unix,
             scope: None,
             early: false,
+            zero_rtt: ZeroRtt::None,
         }
     }
 
@@ -408,7 +453,12 @@ impl<U, D> ServerSession<U, D> {
     /// True when the server proved itself in `EarlyChallenge`: the client's first requests may
     /// arrive before `Welcome` is sent, and wait for it.
     pub fn is_early(&self) -> bool {
-        self.early
+        self.early || matches!(self.zero_rtt, ZeroRtt::Accepted { .. })
+    }
+
+    /// Where the client's early proof (`CAP_ZERO_RTT`) stands.
+    pub fn zero_rtt(&self) -> ZeroRtt {
+        self.zero_rtt
     }
 
     /// The software the client named in its `Hello`.
@@ -450,7 +500,15 @@ impl<U, D> ServerSession<U, D> {
         };
         // Set only on a connection whose challenge was early, which the client offered.
         let early = if self.early { crate::CAP_EARLY_AUTH } else { 0 };
-        auth | tls | granted | packed | put_meta | early
+        // Set where the server proved itself early to a client that offered it: the same in
+        // the EarlyChallenge's Welcome and the Welcome, whether this connection's early proof
+        // was taken or not, so that a client learns which servers take one.
+        let zero_rtt = if self.early && self.config.replay.is_some() {
+            crate::CAP_ZERO_RTT & self.client_capabilities
+        } else {
+            0
+        };
+        auth | tls | granted | packed | put_meta | early | zero_rtt
     }
 
     /// The frames that end the handshake, once [`Handshake::Admitted`] said so, to go in one
@@ -535,24 +593,15 @@ impl<U, D> ServerSession<U, D> {
                     self.phase = Phase::Ready;
                     return Ok(Handshake::Admitted);
                 }
-                self.phase = Phase::AwaitAuth;
-                // Both nonces are known now, so the server can prove itself first when the
-                // client asks; a client nonce it could never accept gets the plain challenge.
-                let token = self.config.token.as_deref().unwrap_or_default();
-                if self.client_capabilities & crate::CAP_EARLY_AUTH != 0
-                    && self.client_nonce.len() == auth::NONCE_LEN
-                {
-                    self.early = true;
-                    self.proof = auth::server_proof(token, &self.client_nonce, &self.nonce);
-                    return Ok(Handshake::EarlyChallenge(crate::EarlyChallenge {
-                        nonce: self.nonce.clone(),
-                        welcome: self.welcome(),
-                    }));
-                }
-                Ok(Handshake::Challenge(Challenge {
-                    nonce: self.nonce.clone(),
-                }))
+                Ok(self.challenge())
             }
+            (Phase::AwaitAuth, Frame::EarlyAuth(early))
+                if self.capabilities() & crate::CAP_ZERO_RTT != 0
+                    && self.zero_rtt == ZeroRtt::None =>
+            {
+                self.early_auth(&early)
+            }
+            (Phase::AwaitAuth, f) if f.is_read_only() && self.discarding() => self.discard(&f),
             (Phase::AwaitAuth, Frame::Auth(a)) => {
                 // AwaitAuth comes only with a token.
                 let Some(token) = self.config.token.as_deref() else {
@@ -594,6 +643,108 @@ impl<U, D> ServerSession<U, D> {
             (Phase::AwaitHello, f) => Err(unexpected(&f, "before Hello")),
             (Phase::AwaitAuth, f) => Err(unexpected(&f, "before Auth")),
             (Phase::Ready, f) => Err(unexpected(&f, "after the handshake")),
+        }
+    }
+
+    /// The challenge for a client that proves itself with `Auth`: early where it asked and its
+    /// nonce can be accepted.
+    fn challenge(&mut self) -> Handshake {
+        self.phase = Phase::AwaitAuth;
+        // Both nonces are known now, so the server can prove itself first when the
+        // client asks; a client nonce it could never accept gets the plain challenge.
+        let token = self.config.token.as_deref().unwrap_or_default();
+        if self.client_capabilities & crate::CAP_EARLY_AUTH != 0
+            && self.client_nonce.len() == auth::NONCE_LEN
+        {
+            self.early = true;
+            self.proof = auth::server_proof(token, &self.client_nonce, &self.nonce);
+            return Handshake::EarlyChallenge(crate::EarlyChallenge {
+                nonce: self.nonce.clone(),
+                welcome: self.welcome(),
+            });
+        }
+        Handshake::Challenge(Challenge {
+            nonce: self.nonce.clone(),
+        })
+    }
+
+    /// True while the requests a client sent behind a refused early proof are discarded.
+    fn discarding(&self) -> bool {
+        matches!(self.zero_rtt, ZeroRtt::Refused { .. })
+    }
+
+    /// Discards `frame`, sent behind an early proof that was refused, within the bound.
+    fn discard(&mut self, frame: &Frame) -> Result<Handshake, SessionError> {
+        let ZeroRtt::Refused { discard_left, .. } = &mut self.zero_rtt else {
+            return Err(SessionError::EarlyFlightTooLong);
+        };
+        let mut encoded = bytes::BytesMut::new();
+        let len = match frame.encode(&mut encoded) {
+            Ok(()) => encoded.len(),
+            Err(_) => usize::MAX,
+        };
+        *discard_left = discard_left
+            .checked_sub(len)
+            .ok_or(SessionError::EarlyFlightTooLong)?;
+        Ok(Handshake::Next)
+    }
+
+    /// Takes the client's early proof (`CAP_ZERO_RTT`), after the `EarlyChallenge` went (so with
+    /// a token and a 32-byte nonce), or refuses it: then the client answers that challenge.
+    fn early_auth(&mut self, early: &crate::EarlyAuth) -> Result<Handshake, SessionError> {
+        let (Some(token), Some(replay)) = (self.config.token.clone(), self.config.replay.clone())
+        else {
+            return Err(SessionError::AuthFailed);
+        };
+        // A wrong proof is a wrong token, whatever its time: refused as a wrong Auth is. Checked
+        // before the cache, so that only holders of the token take room in it.
+        if self.client_nonce.len() != auth::NONCE_LEN
+            || !auth::verify_zero_rtt(&token, &self.client_nonce, early.time_ms, &early.proof)
+        {
+            return Err(SessionError::AuthFailed);
+        }
+        let now_ms = self.now_unix.saturating_mul(1000);
+        if let Err(why) = replay.admit(&self.client_nonce, early.time_ms, now_ms) {
+            self.zero_rtt = ZeroRtt::Refused {
+                why,
+                discard_left: crate::ZERO_RTT_DISCARD_MAX,
+            };
+            return Ok(Handshake::EarlyRefused(crate::EarlyRefused {
+                reason: why.name().into(),
+            }));
+        }
+        self.zero_rtt = ZeroRtt::Accepted { proven: false };
+        self.phase = Phase::Ready;
+        Ok(Handshake::Admitted)
+    }
+
+    /// On a connection admitted by an early proof, before the client proved the
+    /// `EarlyChallenge`'s nonce: its `Auth` proves it, read-only requests pass, and nothing else
+    /// does. Without a token, an `EarlyAuth` is ignored. `None`: the frame goes on as a request.
+    fn unproven(&mut self, frame: &Frame) -> Option<Result<Request, SessionError>> {
+        if let Frame::EarlyAuth(_) = frame {
+            let ignored = self.config.token.is_none()
+                && self.config.replay.is_some()
+                && self.client_capabilities & crate::CAP_ZERO_RTT != 0;
+            return ignored.then_some(Ok(Request::Skip));
+        }
+        if self.zero_rtt != (ZeroRtt::Accepted { proven: false }) {
+            return None;
+        }
+        match frame {
+            Frame::Auth(a) => {
+                let token = self.config.token.as_deref().unwrap_or_default();
+                if a.grant.is_some()
+                    || !auth::verify_client(token, &self.client_nonce, &self.nonce, &a.proof)
+                {
+                    return Some(Err(SessionError::AuthFailed));
+                }
+                self.zero_rtt = ZeroRtt::Accepted { proven: true };
+                Some(Ok(Request::Skip))
+            }
+            Frame::Goodbye | Frame::Error(_) => None,
+            f if f.is_read_only() => None,
+            f => Some(Err(SessionError::NotProven(f.frame_type().name()))),
         }
     }
 
@@ -678,7 +829,10 @@ impl<U, D> ServerSession<U, D> {
                 frame: f.frame_type().name(),
                 phase: "before Auth",
             }),
-            (Phase::Ready, frame) => self.request(frame),
+            (Phase::Ready, frame) => match self.unproven(&frame) {
+                Some(answer) => answer,
+                None => self.request(frame),
+            },
         }
     }
 
@@ -1130,6 +1284,7 @@ mod tests {
             agent: "xferd/test".into(),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            replay: Some(Default::default()),
         }
     }
 
@@ -1563,6 +1718,180 @@ mod tests {
         assert!(
             s.handle_handshake(hello(cn.clone())).is_err(),
             "no second handshake"
+        );
+    }
+
+    /// A session with the token `tok`, its clock at `NOW_MS`, its `Hello` offering the early
+    /// proof already answered by `EarlyChallenge`, sharing `replay`.
+    fn zero_rtt_session(replay: &Arc<crate::replay::ReplayCache>) -> ServerSession {
+        let config = ServerConfig {
+            replay: Some(Arc::clone(replay)),
+            ..config(Some(b"tok"))
+        };
+        let mut s = ServerSession::new(
+            config,
+            vec![7; auth::NONCE_LEN],
+            NOW_MS / 1000,
+            Instant::now(),
+        );
+        let Frame::Hello(mut h) = hello(vec![1; auth::NONCE_LEN]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_EARLY_AUTH | crate::CAP_ZERO_RTT;
+        let Ok(Handshake::EarlyChallenge(early)) = s.handle_handshake(Frame::Hello(h)) else {
+            panic!("want EarlyChallenge")
+        };
+        assert_ne!(early.welcome.capabilities & crate::CAP_ZERO_RTT, 0);
+        s
+    }
+
+    const NOW_MS: u64 = 1_700_000_000_000;
+
+    fn early_auth(token: &[u8], time_ms: u64) -> Frame {
+        Frame::EarlyAuth(crate::EarlyAuth {
+            time_ms,
+            proof: auth::zero_rtt_proof(token, &[1; auth::NONCE_LEN], time_ms),
+        })
+    }
+
+    fn list() -> Frame {
+        Frame::List(List { dir: String::new() })
+    }
+
+    #[test]
+    fn an_early_proof_is_taken_once_within_its_window_then_reads_until_auth() {
+        let replay = Arc::new(crate::replay::ReplayCache::default());
+        let mut s = zero_rtt_session(&replay);
+        let Ok(Handshake::Admitted) = s.handle_handshake(early_auth(b"tok", NOW_MS + 2000)) else {
+            panic!("want the early proof taken")
+        };
+        assert!(s.is_early() && s.capabilities() & crate::CAP_AUTH != 0);
+        assert!(matches!(s.handle_request(list()), Ok(Request::List(_))));
+        assert_eq!(
+            s.handle_request(open_write(1)).unwrap_err(),
+            SessionError::NotProven("OpenWrite"),
+            "nothing but reads before the Auth"
+        );
+        let mut s = zero_rtt_session(&Arc::default());
+        s.handle_handshake(early_auth(b"tok", NOW_MS)).unwrap();
+        let proof = auth::client_proof(b"tok", &[1; auth::NONCE_LEN], s.nonce());
+        let auth = Frame::Auth(Auth { proof, grant: None });
+        assert!(matches!(s.handle_request(auth), Ok(Request::Skip)));
+        assert!(s.handle_request(open_write(1)).is_ok(), "proven: anything");
+    }
+
+    #[test]
+    fn a_replayed_or_skewed_early_proof_falls_back_to_the_challenge_and_discards_reads() {
+        let replay = Arc::new(crate::replay::ReplayCache::default());
+        let mut s = zero_rtt_session(&replay);
+        s.handle_handshake(early_auth(b"tok", NOW_MS)).unwrap();
+        for (time_ms, why) in [
+            (NOW_MS, "replay"),
+            (NOW_MS + crate::ZERO_RTT_WINDOW_MS + 1, "skew"),
+        ] {
+            let mut s = zero_rtt_session(&replay);
+            let Ok(Handshake::EarlyRefused(refused)) =
+                s.handle_handshake(early_auth(b"tok", time_ms))
+            else {
+                panic!("want {why} refused")
+            };
+            assert_eq!(refused.reason, why);
+            assert!(matches!(s.handle_handshake(list()), Ok(Handshake::Next)));
+            assert!(
+                s.handle_handshake(open_write(1)).is_err(),
+                "only reads are discarded"
+            );
+            let mut s = zero_rtt_session(&replay);
+            s.handle_handshake(early_auth(b"tok", time_ms)).unwrap();
+            s.handle_handshake(list()).unwrap();
+            let proof = auth::client_proof(b"tok", &[1; auth::NONCE_LEN], s.nonce());
+            let Ok(Handshake::Admitted) =
+                s.handle_handshake(Frame::Auth(Auth { proof, grant: None }))
+            else {
+                panic!("want the challenge answered")
+            };
+            assert!(s.handle_request(open_write(1)).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_wrong_early_proof_fails_and_discarding_is_bounded() {
+        let replay = Arc::new(crate::replay::ReplayCache::default());
+        let mut s = zero_rtt_session(&replay);
+        assert_eq!(
+            s.handle_handshake(early_auth(b"other", NOW_MS))
+                .unwrap_err(),
+            SessionError::AuthFailed
+        );
+        assert!(replay.is_empty(), "a wrong proof takes no room");
+        let mut s = zero_rtt_session(&replay);
+        s.handle_handshake(early_auth(b"tok", NOW_MS - crate::ZERO_RTT_WINDOW_MS - 1))
+            .unwrap();
+        let big = Frame::List(List {
+            dir: "d".repeat(60_000),
+        });
+        let mut discarded = 0;
+        let error = loop {
+            match s.handle_handshake(big.clone()) {
+                Ok(_) => discarded += 60_000,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(error, SessionError::EarlyFlightTooLong);
+        assert!(discarded <= crate::ZERO_RTT_DISCARD_MAX);
+    }
+
+    #[test]
+    fn a_full_replay_cache_refuses_rather_than_grows() {
+        let replay = Arc::new(crate::replay::ReplayCache::with_capacity(1));
+        let mut s = zero_rtt_session(&replay);
+        s.handle_handshake(early_auth(b"tok", NOW_MS)).unwrap();
+        let mut s = ServerSession::<(), ()>::new(
+            ServerConfig {
+                replay: Some(Arc::clone(&replay)),
+                ..config(Some(b"tok"))
+            },
+            vec![7; auth::NONCE_LEN],
+            NOW_MS / 1000,
+            Instant::now(),
+        );
+        let Frame::Hello(mut h) = hello(vec![2; auth::NONCE_LEN]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_EARLY_AUTH | crate::CAP_ZERO_RTT;
+        s.handle_handshake(Frame::Hello(h)).unwrap();
+        let early = Frame::EarlyAuth(crate::EarlyAuth {
+            time_ms: NOW_MS,
+            proof: auth::zero_rtt_proof(b"tok", &[2; auth::NONCE_LEN], NOW_MS),
+        });
+        let Ok(Handshake::EarlyRefused(refused)) = s.handle_handshake(early) else {
+            panic!("want refused")
+        };
+        assert_eq!((refused.reason.as_str(), replay.len()), ("full", 1));
+    }
+
+    #[test]
+    fn an_early_proof_is_a_protocol_error_where_it_is_not_taken() {
+        // Without the cache the server predates the bit: frame 0x06 has no place.
+        let Frame::Hello(mut h) = hello(vec![1; auth::NONCE_LEN]) else {
+            unreachable!()
+        };
+        h.capabilities = crate::CAP_EARLY_AUTH | crate::CAP_ZERO_RTT;
+        let config = ServerConfig {
+            replay: None,
+            ..config(Some(b"tok"))
+        };
+        let mut s: ServerSession =
+            ServerSession::new(config, vec![7; 32], NOW_MS / 1000, Instant::now());
+        let Ok(Handshake::EarlyChallenge(early)) = s.handle_handshake(Frame::Hello(h)) else {
+            panic!("want EarlyChallenge")
+        };
+        assert_eq!(early.welcome.capabilities & crate::CAP_ZERO_RTT, 0);
+        assert_eq!(
+            s.handle_handshake(early_auth(b"tok", NOW_MS))
+                .unwrap_err()
+                .code(),
+            ErrorCode::Protocol
         );
     }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;
-use xfer_proto::auth::{client_proof, grant_key, server_proof};
+use xfer_proto::auth::{client_proof, grant_key, server_proof, zero_rtt_proof};
 use xfer_proto::*;
 
 const TOKEN: &[u8] = b"correct horse battery staple";
@@ -25,6 +25,8 @@ const DIGEST_ABC: [u8; 16] = [
     0x06, 0xb0, 0x5a, 0xb6, 0x73, 0x3a, 0x61, 0x85, 0x78, 0xaf, 0x5f, 0x94, 0x89, 0x2f, 0x39, 0x50,
 ];
 const CRC_ABC: u32 = 0x3524_41c2;
+/// The client's clock in the `early-auth` vector: ms since the Unix epoch.
+const EARLY_TIME_MS: u64 = 1_700_000_000_000;
 /// A zstd frame of 64 ASCII `a` (what `zstd -1 --no-check` makes of them).
 const ZSTD_64_A: [u8; 17] = [
     0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x48, 0x45, 0x00, 0x00, 0x10, 0x61, 0x61, 0x01, 0x00, 0x93, 0x00,
@@ -307,6 +309,23 @@ fn frames() -> BTreeMap<&'static str, Frame> {
             }),
         ),
         ("welcome-early", Frame::Welcome(early_welcome())),
+        (
+            "hello-zero-rtt",
+            hello(CAP_EARLY_AUTH | CAP_ZERO_RTT, nc.clone()),
+        ),
+        (
+            "early-auth",
+            Frame::EarlyAuth(EarlyAuth {
+                time_ms: EARLY_TIME_MS,
+                proof: zero_rtt_proof(TOKEN, &nc, EARLY_TIME_MS),
+            }),
+        ),
+        (
+            "early-refused",
+            Frame::EarlyRefused(EarlyRefused {
+                reason: "replay".into(),
+            }),
+        ),
         ("welcome", welcome(0, vec![])),
         ("welcome-tls", welcome(CAP_TLS, vec![])),
         ("welcome-byte-window", welcome(CAP_BYTE_WINDOW, vec![])),
@@ -954,6 +973,7 @@ fn the_early_vectors_are_one_handshake() {
         agent: "xferd/0.1.0".into(),
         handshake_timeout: std::time::Duration::from_secs(10),
         idle_timeout: std::time::Duration::from_secs(300),
+        replay: Some(Default::default()),
     };
     let mut server: ServerSession = ServerSession::new(config, ns, 0, std::time::Instant::now());
     let Ok(Handshake::EarlyChallenge(early)) = server.handle_handshake(frame("hello-early")) else {
@@ -1096,4 +1116,53 @@ fn the_worked_example_in_proto_md_is_the_data_vector() {
         .map(|pair| u8::from_str_radix(pair, 16).unwrap())
         .collect();
     assert_eq!(bytes, read_vectors()["data-abc"].bytes);
+}
+
+/// The zero round trip vectors are one handshake (proto.md §4.5): a server with the vectors'
+/// token, `Ns` and a clock at `early-auth`'s time answers `hello-zero-rtt` with an
+/// `EarlyChallenge` announcing `CAP_ZERO_RTT`, takes `early-auth` at once, and refuses it, with
+/// `early-refused`, on a second connection bringing the same flight again.
+#[test]
+fn the_zero_rtt_vectors_are_one_handshake() {
+    use std::sync::Arc;
+    use xfer_proto::replay::ReplayCache;
+    use xfer_proto::session::{Handshake, ServerConfig, ServerSession, ZeroRtt};
+    let vectors = read_vectors();
+    let frame = |name: &str| decode_stream(&vectors[name].bytes).unwrap().remove(0);
+    let (_, ns) = nonces();
+    let replay = Arc::new(ReplayCache::default());
+    let server = || {
+        let config = ServerConfig {
+            token: Some(TOKEN.into()),
+            max_chunk: 16_777_216,
+            max_open: 4,
+            tls: false,
+            window: 8,
+            agent: "xferd/0.1.0".into(),
+            handshake_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(300),
+            replay: Some(Arc::clone(&replay)),
+        };
+        let now_unix = EARLY_TIME_MS / 1000;
+        let mut server: ServerSession =
+            ServerSession::new(config, ns.clone(), now_unix, std::time::Instant::now());
+        let Ok(Handshake::EarlyChallenge(early)) = server.handle_handshake(frame("hello-zero-rtt"))
+        else {
+            panic!("hello-zero-rtt is not answered early")
+        };
+        assert_ne!(early.welcome.capabilities & CAP_ZERO_RTT, 0);
+        server
+    };
+    let mut first = server();
+    assert!(matches!(
+        first.handle_handshake(frame("early-auth")),
+        Ok(Handshake::Admitted)
+    ));
+    assert_eq!(first.zero_rtt(), ZeroRtt::Accepted { proven: false });
+    let mut replayed = server();
+    let Ok(Handshake::EarlyRefused(refused)) = replayed.handle_handshake(frame("early-auth"))
+    else {
+        panic!("a replayed early-auth is taken")
+    };
+    assert_eq!(Frame::EarlyRefused(refused), frame("early-refused"));
 }

@@ -303,6 +303,9 @@ impl TokenArgs {
             token: self.token()?,
             trust: Some(Arc::new(PeerTls::new(self.trust()?))),
             tls_required: self.tls,
+            zero_rtt: Some(Arc::new(xfer_client::zero_rtt::ZeroRttMemory::at(
+                xfer_client::zero_rtt::ZeroRttMemory::default_path(),
+            ))),
             ..Connector::default()
         })
     }

@@ -204,6 +204,8 @@ pub(crate) struct Shared {
     pub(crate) budget: MemoryBudget,
     /// Starts writing stored small files to disk before the tree's `Sync` asks for it.
     pub(crate) writeback: Arc<xfer_core::Writeback>,
+    /// The nonces of the early proofs taken (`CAP_ZERO_RTT`), kept across reloads.
+    pub(crate) replay: Arc<xfer_proto::replay::ReplayCache>,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -245,6 +247,7 @@ impl Shared {
             downloads: Arc::clone(&self.downloads),
             budget: self.budget.clone(),
             writeback: Arc::clone(&self.writeback),
+            replay: Arc::clone(&self.replay),
             per_address: Arc::clone(&self.per_address),
         }
     }
@@ -344,6 +347,7 @@ pub async fn run_with(
         metrics,
         budget,
         writeback: Arc::default(),
+        replay: Arc::default(),
         per_address: Arc::default(),
     });
     let tracker = TaskTracker::new();

@@ -120,8 +120,40 @@ pub struct Metrics {
     pub streams_max: Gauge,
     /// Configuration reloads applied (`SIGHUP`).
     pub reloads: Counter,
+    /// Early proofs (`CAP_ZERO_RTT`) taken, refused (a fallback to the challenge) and wrong.
+    pub early_proofs: EarlyProofs,
     /// The memory budget chunk and frame buffers come from, once the daemon runs.
     pub buffers: std::sync::OnceLock<xfer_core::MemoryBudget>,
+}
+
+/// What became of the clients' early proofs (`CAP_ZERO_RTT`).
+#[derive(Debug, Default)]
+pub struct EarlyProofs {
+    /// Taken: the requests behind them were served without a challenge.
+    pub accepted: Counter,
+    /// Their time lay outside the window.
+    pub skew: Counter,
+    /// Their nonce had been taken already.
+    pub replay: Counter,
+    /// The replay cache was full.
+    pub full: Counter,
+    /// Made over a nonce of the wrong length.
+    pub malformed: Counter,
+    /// Wrong proofs: refused with `Error{Auth}`.
+    pub wrong: Counter,
+}
+
+impl EarlyProofs {
+    /// The counter of proofs refused for `why`.
+    pub fn refused(&self, why: xfer_proto::replay::Refusal) -> &Counter {
+        use xfer_proto::replay::Refusal;
+        match why {
+            Refusal::Skew => &self.skew,
+            Refusal::Replay => &self.replay,
+            Refusal::Full => &self.full,
+            Refusal::Malformed => &self.malformed,
+        }
+    }
 }
 
 /// Takes one from a gauge of a shared [`Metrics`] when dropped.
@@ -250,6 +282,20 @@ impl Metrics {
             "counter",
             "Transfers that started from bytes held by an earlier attempt.",
             &both(&|t| t.resumed.get().to_string()),
+        );
+        let proofs = &self.early_proofs;
+        family(
+            "xferd_early_proofs_total",
+            "counter",
+            "Early proofs (zero round trip): accepted, refused by reason (then challenged), or wrong.",
+            &[
+                (r#"{result="accepted"}"#, proofs.accepted.get().to_string()),
+                (r#"{result="skew"}"#, proofs.skew.get().to_string()),
+                (r#"{result="replay"}"#, proofs.replay.get().to_string()),
+                (r#"{result="full"}"#, proofs.full.get().to_string()),
+                (r#"{result="malformed"}"#, proofs.malformed.get().to_string()),
+                (r#"{result="wrong"}"#, proofs.wrong.get().to_string()),
+            ],
         );
         family(
             "xferd_crc_errors_total",

@@ -77,6 +77,8 @@ impl Handler {
                 compress: Some(self.compression()),
                 memory: None,
                 offer: 0,
+                // A copy proves itself with a grant, which no early proof can stand for.
+                zero_rtt: None,
             },
             keep,
             // Unless the daemon's settings name one, as the client does.

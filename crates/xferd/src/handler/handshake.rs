@@ -6,7 +6,7 @@
 use tracing::{debug, info};
 use xfer_net::tls::{ktls, TlsSocket};
 use xfer_net::{FrameReader, FrameWriter};
-use xfer_proto::session::Handshake;
+use xfer_proto::session::{Handshake, ZeroRtt};
 use xfer_proto::{ErrorCode, Frame, ProtoError};
 
 use super::{fatal, within, ConnError, Handler, Reader, Session, Transport, Writer};
@@ -36,7 +36,13 @@ pub(super) async fn start_tls<S: Transport>(
         Ok(Handshake::StartTls) => {}
         Ok(Handshake::PeerError(_)) => return Err((ConnError::PeerClosed, None)),
         // A daemon with a certificate answers a plaintext Hello with StartTls or an error.
-        Ok(Handshake::Challenge(_) | Handshake::EarlyChallenge(_) | Handshake::Admitted) => {
+        Ok(
+            Handshake::Challenge(_)
+            | Handshake::EarlyChallenge(_)
+            | Handshake::Admitted
+            | Handshake::Next
+            | Handshake::EarlyRefused(_),
+        ) => {
             let err = fatal(ErrorCode::Protocol, "TLS was not negotiated");
             return Err((err, Some(socket)));
         }
@@ -88,7 +94,23 @@ impl Handler {
                     Ok(false)
                 };
             };
-            match self.session.handle_handshake(frame)? {
+            let early_proof = matches!(frame, Frame::EarlyAuth(_));
+            let handled = self.session.handle_handshake(frame);
+            if early_proof {
+                let proofs = &self.shared.metrics.early_proofs;
+                match (&handled, self.session.zero_rtt()) {
+                    (Err(_), _) => proofs.wrong.inc(),
+                    (Ok(_), ZeroRtt::Accepted { .. }) => proofs.accepted.inc(),
+                    (Ok(_), ZeroRtt::Refused { why, .. }) => proofs.refused(why).inc(),
+                    (Ok(_), ZeroRtt::None) => {}
+                }
+            }
+            match handled? {
+                Handshake::Next => {}
+                Handshake::EarlyRefused(refused) => {
+                    debug!(why = %refused.reason, "early proof refused: the client answers the challenge");
+                    self.writer.send(&Frame::EarlyRefused(refused)).await?;
+                }
                 Handshake::Challenge(challenge) => {
                     debug!(agent = %self.session.client_agent(), "hello");
                     challenged = true;

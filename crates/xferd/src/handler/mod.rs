@@ -14,7 +14,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xfer_core::SourceFile;
 use xfer_net::{FrameReader, FrameWriter};
-use xfer_proto::session::{Phase, Request, ServerConfig, ServerSession};
+use xfer_proto::session::{Phase, Request, ServerConfig, ServerSession, ZeroRtt};
 use xfer_proto::{auth, ErrorCode, ErrorFrame, Frame, ProtoError};
 
 use crate::registry::Lease;
@@ -253,6 +253,7 @@ fn new_session(shared: &Shared) -> Session {
         agent: AGENT.into(),
         handshake_timeout: shared.config.handshake_timeout,
         idle_timeout: shared.config.idle_timeout,
+        replay: Some(Arc::clone(&shared.replay)),
     };
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -364,10 +365,17 @@ impl Handler {
         self.writer.send_all(&self.session.welcome_frames()).await?;
         if let Some(frame) = first {
             // What a client saved a round trip on: said so that it can be seen.
-            debug!(
-                request = frame.frame_type().name(),
-                "the first request came with Auth"
-            );
+            if matches!(self.session.zero_rtt(), ZeroRtt::Accepted { .. }) {
+                debug!(
+                    request = frame.frame_type().name(),
+                    "the first request came with the early proof"
+                );
+            } else {
+                debug!(
+                    request = frame.frame_type().name(),
+                    "the first request came with Auth"
+                );
+            }
             let request = self.session.handle_request(frame)?;
             self.check_window(&request)?;
             self.pending = Some(request);
@@ -418,6 +426,7 @@ impl Handler {
                 Request::DataZ(id, z) => self.data_compressed(id, z).await?,
                 Request::SetCompression(mode) => self.set_compression(mode),
                 Request::CopyMode(mode) => self.copy_delta = mode,
+                Request::Skip => {}
                 Request::Commit(id, c) => self.commit(id, c).await?,
                 Request::DeltaOpen(id, _) => self.delta_open(id).await?,
                 Request::DeltaResume(id, _) => self.delta_resume(id).await?,

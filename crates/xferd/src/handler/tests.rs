@@ -37,6 +37,7 @@ fn daemon(configure: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Arc<Shared
         downloads: Arc::new(downloads::Downloads::new(Arc::clone(&metrics))),
         metrics,
         writeback: Arc::default(),
+        replay: Arc::default(),
         per_address: Arc::default(),
     });
     (dir, shared)
@@ -695,4 +696,85 @@ fn the_window_counts_frames_or_with_the_byte_window_their_slots() {
     assert!(window_breached(1, Some(chunk), whole / 2, whole / 2 + 1));
     assert!(!window_breached(1, Some(chunk), whole / 2, whole / 2));
     assert!(!window_breached(2, Some(chunk), whole, whole));
+}
+
+/// The early flight a client sends a daemon it has seen take early proofs: `Hello` offering
+/// `CAP_ZERO_RTT`, `EarlyAuth` made with `key` now, and a `List` of the root.
+fn early_flight(key: &[u8], nonce: &[u8]) -> Vec<Frame> {
+    let time_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    vec![
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            min_version: 1,
+            capabilities: xfer_proto::CAP_EARLY_AUTH | xfer_proto::CAP_ZERO_RTT,
+            agent: "test".into(),
+            nonce: nonce.to_vec(),
+        }),
+        Frame::EarlyAuth(xfer_proto::EarlyAuth {
+            time_ms,
+            proof: auth::zero_rtt_proof(key, nonce, time_ms),
+        }),
+        Frame::List(xfer_proto::List { dir: String::new() }),
+    ]
+}
+
+#[tokio::test]
+async fn an_early_proof_is_served_at_once_refused_when_replayed_and_fails_when_wrong() {
+    let token: Arc<[u8]> = Arc::from(&b"s3cret"[..]);
+    let (dir, shared) = daemon(|c| c.token = Some(Arc::clone(&token)));
+    std::fs::write(dir.path().join("listed.txt"), b"x").unwrap();
+    let nonce = vec![5u8; auth::NONCE_LEN];
+    // Taken: the challenge, the Welcome and the listing, all before the client's Auth.
+    let mut client = Client::connect(&shared);
+    client.send_all(&early_flight(&token, &nonce)).await;
+    let Frame::EarlyChallenge(challenge) = client.next().await else {
+        panic!("want EarlyChallenge")
+    };
+    assert_eq!(
+        client.next().await,
+        Frame::Welcome(challenge.welcome.clone())
+    );
+    let Frame::Listing(listing) = client.next().await else {
+        panic!("want the listing")
+    };
+    assert_eq!(listing.entries[0].name, "listed.txt");
+    let proof = auth::client_proof(&token, &nonce, &challenge.nonce);
+    client.send(Frame::Auth(Auth { proof, grant: None })).await;
+    client.open_write("up.bin", 1).await;
+    client.goodbye().await;
+    assert_eq!(shared.metrics.early_proofs.accepted.get(), 1);
+    // The same flight again: refused, its listing discarded, the challenge answered instead.
+    let mut client = Client::connect(&shared);
+    client.send_all(&early_flight(&token, &nonce)).await;
+    let Frame::EarlyChallenge(challenge) = client.next().await else {
+        panic!("want EarlyChallenge")
+    };
+    let Frame::EarlyRefused(refused) = client.next().await else {
+        panic!("want EarlyRefused")
+    };
+    assert_eq!(refused.reason, "replay");
+    let proof = auth::client_proof(&token, &nonce, &challenge.nonce);
+    let list = Frame::List(xfer_proto::List { dir: String::new() });
+    client
+        .send_all(&[Frame::Auth(Auth { proof, grant: None }), list])
+        .await;
+    assert_eq!(client.next().await, Frame::Welcome(challenge.welcome));
+    assert!(
+        matches!(client.next().await, Frame::Listing(_)),
+        "one listing only"
+    );
+    client.goodbye().await;
+    assert_eq!(shared.metrics.early_proofs.replay.get(), 1);
+    // A wrong token: refused as a wrong Auth is.
+    let mut client = Client::connect(&shared);
+    client
+        .send_all(&early_flight(b"wrong", &[6u8; auth::NONCE_LEN]))
+        .await;
+    assert!(matches!(client.next().await, Frame::EarlyChallenge(_)));
+    let (code, _) = client.closed_with().await;
+    assert_eq!(code, ErrorCode::Auth);
+    assert_eq!(shared.metrics.early_proofs.wrong.get(), 1);
 }
