@@ -178,6 +178,37 @@ struct Digesting<R> {
     digest: InOrder,
 }
 
+impl<'a> Digesting<RegionReader<'a>> {
+    /// Reads the first `size` bytes of `file`, digesting them as `kind`.
+    fn of(file: &'a File, size: u64, kind: DigestKind) -> Self {
+        Self {
+            inner: RegionReader {
+                file,
+                pos: 0,
+                end: size,
+            },
+            pos: 0,
+            size,
+            digest: match kind {
+                DigestKind::Sequential => InOrder::Sequential(Box::default()),
+                DigestKind::Blocks => InOrder::Blocks(Box::new(Blocks::new(size))),
+            },
+        }
+    }
+}
+
+impl<R> Digesting<R> {
+    /// The digest of everything read, once all of it was, in order.
+    fn digest(self) -> Digest {
+        match self.digest {
+            InOrder::Sequential(frontier) => frontier.digest(),
+            InOrder::Blocks(blocks) => blocks
+                .digest()
+                .expect("every block of the file was read in order"),
+        }
+    }
+}
+
 impl<R: Read> Read for Digesting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
@@ -210,31 +241,14 @@ pub fn cut_and_digest(
     kind: DigestKind,
     each: impl FnMut(Cut) -> bool,
 ) -> io::Result<Option<Digest>> {
-    let mut reader = Digesting {
-        inner: RegionReader {
-            file,
-            pos: 0,
-            end: size,
-        },
-        pos: 0,
-        size,
-        digest: match kind {
-            DigestKind::Sequential => InOrder::Sequential(Box::default()),
-            DigestKind::Blocks => InOrder::Blocks(Box::new(Blocks::new(size))),
-        },
-    };
+    let mut reader = Digesting::of(file, size, kind);
     if !cut_reading(&mut reader, 0, avg, each)? {
         return Ok(None);
     }
     if reader.pos < size {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    Ok(Some(match reader.digest {
-        InOrder::Sequential(frontier) => frontier.digest(),
-        InOrder::Blocks(blocks) => blocks
-            .digest()
-            .expect("every block of the file was read in order"),
-    }))
+    Ok(Some(reader.digest()))
 }
 
 /// Hashes the first `size` bytes of `file` in blocks of `len` bytes, as [`blocks_of_region`]
@@ -253,19 +267,7 @@ pub fn blocks_and_digest(
     mut each: impl FnMut(Cut) -> bool,
 ) -> io::Result<Option<Digest>> {
     let len = u64::from(len.max(1));
-    let mut reader = Digesting {
-        inner: RegionReader {
-            file,
-            pos: 0,
-            end: size,
-        },
-        pos: 0,
-        size,
-        digest: match kind {
-            DigestKind::Sequential => InOrder::Sequential(Box::default()),
-            DigestKind::Blocks => InOrder::Blocks(Box::new(Blocks::new(size))),
-        },
-    };
+    let mut reader = Digesting::of(file, size, kind);
     let read_len = BLOCK_READ.div_ceil(len) * len;
     let mut buf = vec![0u8; read_len.min(size) as usize];
     let mut at = 0;
@@ -284,12 +286,7 @@ pub fn blocks_and_digest(
         }
         at += want as u64;
     }
-    Ok(Some(match reader.digest {
-        InOrder::Sequential(frontier) => frontier.digest(),
-        InOrder::Blocks(blocks) => blocks
-            .digest()
-            .expect("every block of the file was read in order"),
-    }))
+    Ok(Some(reader.digest()))
 }
 
 /// Bytes [`blocks_of_region`] reads at once (rounded up to whole blocks).
