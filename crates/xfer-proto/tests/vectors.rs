@@ -957,14 +957,11 @@ fn every_frame_vector_encodes_to_its_bytes_and_decodes_back() {
 /// The early handshake vectors are one conversation (proto.md §4.5): a client with the vectors'
 /// token and `Nc` answers `early-challenge` with `auth` before any `Welcome`, and a server with
 /// their `Ns` answers `hello-early` with `early-challenge` and `auth` with `welcome-early`.
-#[test]
-fn the_early_vectors_are_one_handshake() {
-    use xfer_proto::client::{ClientConfig, ClientSession, Step};
-    use xfer_proto::session::{Handshake, ServerConfig, ServerSession};
-    let vectors = read_vectors();
-    let frame = |name: &str| decode_stream(&vectors[name].bytes).unwrap().remove(0);
-    let (nc, ns) = nonces();
-    let config = ServerConfig {
+/// The daemon of the handshake vectors: the token, limits and agent they were made with.
+fn vector_server_config(
+    replay: Option<std::sync::Arc<replay::ReplayCache>>,
+) -> session::ServerConfig {
+    session::ServerConfig {
         token: Some(TOKEN.into()),
         max_chunk: 16_777_216,
         max_open: 4,
@@ -973,8 +970,18 @@ fn the_early_vectors_are_one_handshake() {
         agent: "xferd/0.1.0".into(),
         handshake_timeout: std::time::Duration::from_secs(10),
         idle_timeout: std::time::Duration::from_secs(300),
-        replay: Some(Default::default()),
-    };
+        replay,
+    }
+}
+
+#[test]
+fn the_early_vectors_are_one_handshake() {
+    use xfer_proto::client::{ClientConfig, ClientSession, Step};
+    use xfer_proto::session::{Handshake, ServerSession};
+    let vectors = read_vectors();
+    let frame = |name: &str| decode_stream(&vectors[name].bytes).unwrap().remove(0);
+    let (nc, ns) = nonces();
+    let config = vector_server_config(Some(Default::default()));
     let mut server: ServerSession = ServerSession::new(config, ns, 0, std::time::Instant::now());
     let Ok(Handshake::EarlyChallenge(early)) = server.handle_handshake(frame("hello-early")) else {
         panic!("hello-early is not answered early")
@@ -1126,23 +1133,13 @@ fn the_worked_example_in_proto_md_is_the_data_vector() {
 fn the_zero_rtt_vectors_are_one_handshake() {
     use std::sync::Arc;
     use xfer_proto::replay::ReplayCache;
-    use xfer_proto::session::{Handshake, ServerConfig, ServerSession, ZeroRtt};
+    use xfer_proto::session::{Handshake, ServerSession, ZeroRtt};
     let vectors = read_vectors();
     let frame = |name: &str| decode_stream(&vectors[name].bytes).unwrap().remove(0);
     let (_, ns) = nonces();
     let replay = Arc::new(ReplayCache::default());
     let server = || {
-        let config = ServerConfig {
-            token: Some(TOKEN.into()),
-            max_chunk: 16_777_216,
-            max_open: 4,
-            tls: false,
-            window: 8,
-            agent: "xferd/0.1.0".into(),
-            handshake_timeout: std::time::Duration::from_secs(10),
-            idle_timeout: std::time::Duration::from_secs(300),
-            replay: Some(Arc::clone(&replay)),
-        };
+        let config = vector_server_config(Some(Arc::clone(&replay)));
         let now_unix = EARLY_TIME_MS / 1000;
         let mut server: ServerSession =
             ServerSession::new(config, ns.clone(), now_unix, std::time::Instant::now());
