@@ -39,13 +39,9 @@ export WAN_NS_A=ceiling-a WAN_NS_B=ceiling-b WANEM_RUN=/run/wanem-ceiling
 mkdir -p "$OUT/wanem" "$OUT/srv" "$OUT/dst" "$OUT/log"
 OUT="$(cd "$OUT" && pwd)"
 
-install -m 0755 /work/shared/wanem/wan.sh /work/shared/wanem/wanem.c "$OUT/wanem/"
-"$OUT/wanem/wan.sh" build >/dev/null
-[[ -f "$OUT/src.bin" && $(stat -c %s "$OUT/src.bin") == $(numfmt --from=iec "$SIZE") ]] ||
-    head -c "$SIZE" /dev/urandom >"$OUT/src.bin"
-cp "$OUT/src.bin" "$OUT/srv/src.bin"
-head -c 32 /dev/urandom | base64 >"$OUT/token"
-chmod 600 "$OUT/token"
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
+emulated_file_setup "$OUT" "$SIZE"
 
 # one NAME TOOL DIR N: one run under the lock, with the emulator up only for it
 one() {

@@ -231,3 +231,15 @@ on_exit() {
     trap 'exit 130' INT
     trap 'exit 143' TERM
 }
+
+# --- one file through the emulator (timeline.sh, ceiling.sh) -----------------------------------
+emulated_file_setup() { # emulated_file_setup OUT SIZE: wanem built under OUT, OUT/src.bin of SIZE random bytes (kept between runs), a copy for downloads in OUT/srv, a token in OUT/token
+    local out="$1" size="$2"
+    install -m 0755 /work/shared/wanem/wan.sh /work/shared/wanem/wanem.c "$out/wanem/"
+    "$out/wanem/wan.sh" build >/dev/null
+    [[ -f "$out/src.bin" && $(stat -c %s "$out/src.bin") == $(numfmt --from=iec "$size") ]] ||
+        head -c "$size" /dev/urandom >"$out/src.bin"
+    cp "$out/src.bin" "$out/srv/src.bin"
+    head -c 32 /dev/urandom | base64 >"$out/token"
+    chmod 600 "$out/token"
+}

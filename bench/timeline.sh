@@ -39,13 +39,9 @@ OUT="$(cd "$OUT" && pwd)"
 BINS=()
 for b in "$@"; do BINS+=("$(cd "$b" && pwd)"); done
 
-install -m 0755 /work/shared/wanem/wan.sh /work/shared/wanem/wanem.c "$OUT/wanem/"
-"$OUT/wanem/wan.sh" build >/dev/null
-[[ -f "$OUT/src.bin" && $(stat -c %s "$OUT/src.bin") == $(numfmt --from=iec "$SIZE") ]] ||
-    head -c "$SIZE" /dev/urandom >"$OUT/src.bin"
-cp "$OUT/src.bin" "$OUT/srv/src.bin"
-head -c 32 /dev/urandom | base64 >"$OUT/token"
-chmod 600 "$OUT/token"
+# shellcheck source=bench/lib.sh
+source "$BENCH_HOME/lib.sh"
+emulated_file_setup "$OUT" "$SIZE"
 
 # one RUN_NAME BIN DIR: one transfer under the lock, with the emulator up only for it
 one() {
