@@ -1724,6 +1724,14 @@ mod tests {
     /// A session with the token `tok`, its clock at `NOW_MS`, its `Hello` offering the early
     /// proof already answered by `EarlyChallenge`, sharing `replay`.
     fn zero_rtt_session(replay: &Arc<crate::replay::ReplayCache>) -> ServerSession {
+        zero_rtt_session_of(replay, 1)
+    }
+
+    /// [`zero_rtt_session`] for a client whose nonce is `nonce_byte` repeated.
+    fn zero_rtt_session_of(
+        replay: &Arc<crate::replay::ReplayCache>,
+        nonce_byte: u8,
+    ) -> ServerSession {
         let config = ServerConfig {
             replay: Some(Arc::clone(replay)),
             ..config(Some(b"tok"))
@@ -1734,7 +1742,7 @@ mod tests {
             NOW_MS / 1000,
             Instant::now(),
         );
-        let Frame::Hello(mut h) = hello(vec![1; auth::NONCE_LEN]) else {
+        let Frame::Hello(mut h) = hello(vec![nonce_byte; auth::NONCE_LEN]) else {
             unreachable!()
         };
         h.capabilities = crate::CAP_EARLY_AUTH | crate::CAP_ZERO_RTT;
@@ -1846,20 +1854,7 @@ mod tests {
         let replay = Arc::new(crate::replay::ReplayCache::with_capacity(1));
         let mut s = zero_rtt_session(&replay);
         s.handle_handshake(early_auth(b"tok", NOW_MS)).unwrap();
-        let mut s = ServerSession::<(), ()>::new(
-            ServerConfig {
-                replay: Some(Arc::clone(&replay)),
-                ..config(Some(b"tok"))
-            },
-            vec![7; auth::NONCE_LEN],
-            NOW_MS / 1000,
-            Instant::now(),
-        );
-        let Frame::Hello(mut h) = hello(vec![2; auth::NONCE_LEN]) else {
-            unreachable!()
-        };
-        h.capabilities = crate::CAP_EARLY_AUTH | crate::CAP_ZERO_RTT;
-        s.handle_handshake(Frame::Hello(h)).unwrap();
+        let mut s = zero_rtt_session_of(&replay, 2);
         let early = Frame::EarlyAuth(crate::EarlyAuth {
             time_ms: NOW_MS,
             proof: auth::zero_rtt_proof(b"tok", &[2; auth::NONCE_LEN], NOW_MS),
