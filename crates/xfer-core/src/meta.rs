@@ -31,7 +31,7 @@ pub fn xattr_copied(name: &str) -> bool {
 /// added since 5.1; the `libc` crate does not name it on x86-64 yet.
 const SYS_LISTXATTRAT: libc::c_long = 465;
 
-/// Set once the kernel answered `listxattrat` with `ENOSYS`: no need to ask it again.
+/// Set once `listxattrat` turned out not to be available: no need to ask it again.
 static NO_LISTXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether `leaf` in `dir` has an attribute [`xattr_copied`] selects, asked by name without
@@ -68,7 +68,9 @@ pub fn has_copied_xattrs_at(dir: BorrowedFd<'_>, leaf: &str) -> Option<bool> {
     };
     if n < 0 {
         return match Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error()?) {
-            Errno::NOSYS => {
+            // Not in this kernel, or refused by a seccomp filter that does not know it (the
+            // call itself never answers EPERM).
+            Errno::NOSYS | Errno::PERM => {
                 NO_LISTXATTRAT.store(true, Ordering::Relaxed);
                 None
             }
