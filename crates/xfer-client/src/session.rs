@@ -679,6 +679,16 @@ impl Session {
         Ok(session)
     }
 
+    /// Bounds what the connection holds written but not yet sent to about `bytes` (`0`: the
+    /// system's default, no bound); see [`sockopt::limit_unsent`]. Best effort: a connection
+    /// that is not a socket, or a kernel that refuses, keeps what it is given.
+    pub(crate) fn limit_unsent(&self, bytes: u32) {
+        let Some(fd) = self.fd else { return };
+        // SAFETY: `fd` is the socket the session's halves own; they are alive with `self`.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = sockopt::limit_unsent(socket, bytes);
+    }
+
     /// Switches the connection to congestion control `name` from now on (the first connection
     /// of a transfer, once its round trip showed a long path).
     ///

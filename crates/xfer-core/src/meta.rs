@@ -27,6 +27,66 @@ pub fn xattr_copied(name: &str) -> bool {
         || name == "system.posix_acl_default"
 }
 
+/// `listxattrat(2)` (Linux 6.13): the same number on every architecture, as every system call
+/// added since 5.1; the `libc` crate does not name it on x86-64 yet.
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
+/// Set once `listxattrat` turned out not to be available: no need to ask it again.
+static NO_LISTXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `leaf` in `dir` has an attribute [`xattr_copied`] selects, asked by name without
+/// following a final symlink and without opening it (`listxattrat`): most files of a tree have
+/// none, and a walk that opened each one to ask spent an open, a `stat` and a close per file on
+/// the critical path of a tree copy's start. `None` where the kernel cannot say so this way
+/// (before 6.13, a name too long, another error): the caller opens the file and asks it.
+pub fn has_copied_xattrs_at(dir: BorrowedFd<'_>, leaf: &str) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    if NO_LISTXATTRAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    // The name NUL-terminated on the stack: no allocation per file.
+    let mut name = [0u8; 256];
+    if leaf.len() >= name.len() || leaf.as_bytes().contains(&0) {
+        return None;
+    }
+    name[..leaf.len()].copy_from_slice(leaf.as_bytes());
+    // Room for the names of a few attributes; a file with more (ERANGE) has some to copy as
+    // likely as not, and is asked through a descriptor.
+    let mut list = [0u8; 1024];
+    // SAFETY: `name` is NUL-terminated and outlives the call; `list` is writable for its length;
+    // the kernel writes at most `list.len()` bytes into it.
+    let n = unsafe {
+        libc::syscall(
+            SYS_LISTXATTRAT,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            list.as_mut_ptr(),
+            list.len(),
+        )
+    };
+    if n < 0 {
+        return match Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error()?) {
+            // Not in this kernel, or refused by a seccomp filter that does not know it (the
+            // call itself never answers EPERM).
+            Errno::NOSYS | Errno::PERM => {
+                NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+                None
+            }
+            Errno::OPNOTSUPP => Some(false),
+            _ => None,
+        };
+    }
+    let names = list.get(..usize::try_from(n).ok()?)?;
+    Some(
+        names
+            .split(|b| *b == 0)
+            .filter_map(|raw| std::str::from_utf8(raw).ok())
+            .any(xattr_copied),
+    )
+}
+
 /// The attributes of the open file `file` that [`xattr_copied`] selects, sorted by name.
 /// A filesystem without attributes has none.
 ///
@@ -705,6 +765,10 @@ fn entry_meta(
     if !(xattrs && matches!(entry.kind, EntryKind::File | EntryKind::Dir) || sparse) {
         return Ok((meta, inode));
     }
+    // Attributes only, and none to copy: nothing to open the file for.
+    if !sparse && has_copied_xattrs_at(dir, leaf) == Some(false) {
+        return Ok((meta, inode));
+    }
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let Ok(fd) = rfs::openat(dir, leaf, flags, Mode::empty()) else {
         return Ok((meta, inode));
@@ -817,6 +881,46 @@ mod tests {
         for len in [0, 1, 4096, 65_537, 3 << 20] {
             assert_eq!(crc32_of_zeros(len), crc32fast::hash(&vec![0; len as usize]));
         }
+    }
+
+    #[test]
+    fn attributes_are_asked_by_name_and_still_listed_by_the_walk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        std::fs::create_dir(tmp.path().join("t")).unwrap();
+        std::fs::write(tmp.path().join("t/plain"), b"x").unwrap();
+        std::fs::write(tmp.path().join("t/tagged"), b"x").unwrap();
+        let tagged = tmp.path().join("t/tagged");
+        if rfs::setxattr(&tagged, "user.origin", b"here", rfs::XattrFlags::empty()).is_err() {
+            return; // a filesystem without user attributes: nothing to ask
+        }
+        std::os::unix::fs::symlink("tagged", tmp.path().join("t/link")).unwrap();
+        let dir = File::open(tmp.path().join("t")).unwrap();
+        let asked = |leaf: &str| has_copied_xattrs_at(dir.as_fd(), leaf);
+        if asked("plain").is_none() && NO_LISTXATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+            return; // a kernel before listxattrat (6.13): the walk opens each file, as before
+        }
+        assert_eq!(asked("plain"), Some(false));
+        assert_eq!(asked("tagged"), Some(true));
+        assert_eq!(
+            asked("link"),
+            Some(false),
+            "the link's own, not its target's"
+        );
+        assert_eq!(asked("missing"), None);
+        let listed = root.walk_meta("t", false, true).unwrap();
+        let xattrs = |p: &str| {
+            let e = listed.iter().find(|e| e.entry.path == p).unwrap();
+            e.meta.xattrs.clone()
+        };
+        assert!(xattrs("plain").is_empty());
+        assert_eq!(
+            xattrs("tagged"),
+            vec![Xattr {
+                name: "user.origin".into(),
+                value: b"here".to_vec(),
+            }]
+        );
     }
 
     #[test]

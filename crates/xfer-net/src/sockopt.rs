@@ -178,6 +178,34 @@ pub fn effective(fd: impl AsFd) -> Option<Effective> {
     })
 }
 
+/// Bounds the bytes written to `fd` but not yet sent (`TCP_NOTSENT_LOWAT`) to about `bytes`:
+/// past them, a write waits until the connection has sent what it holds; `0` lifts the bound
+/// (the system's default, `net.ipv4.tcp_notsent_lowat`). A sender that feeds several
+/// connections from one queue keeps its work in the queue, for whichever connection sends
+/// fastest, rather than in the socket of a slow one.
+///
+/// # Errors
+/// What `setsockopt` says.
+pub fn limit_unsent(fd: impl AsFd, bytes: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the fd is open for the call; the option takes one int, read from `value`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The congestion control algorithm of `fd`, if the kernel says.
 pub fn congestion(fd: impl AsFd) -> Option<String> {
     rustix::net::sockopt::tcp_congestion(fd.as_fd()).ok()
@@ -282,6 +310,35 @@ fn listed(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `TCP_NOTSENT_LOWAT` of `fd`, as the kernel holds it.
+    fn unsent_limit(fd: impl AsFd) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = -1;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the fd is open; the kernel writes one int into `value`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_fd().as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&raw mut value).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    }
+
+    #[test]
+    fn the_unsent_bound_is_set_and_lifted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        limit_unsent(&stream, 256 << 10).unwrap();
+        assert_eq!(unsent_limit(&stream), 256 << 10);
+        limit_unsent(&stream, 0).unwrap();
+        assert_eq!(unsent_limit(&stream), 0);
+    }
 
     #[test]
     fn reno_is_always_there_and_nonsense_is_named() {
