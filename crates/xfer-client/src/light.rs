@@ -31,6 +31,13 @@ const OPEN_AT_ONCE: usize = 16;
 /// Files whose signature and digest are read ahead of their `DeltaPut`, per connection.
 const PREPARED_AHEAD: usize = 2;
 
+/// Light files read for their `DeltaPut` at once, by all connections: one per core. Reading and
+/// hashing is bound by the CPU, so sharing the cores among every connection's files (16 at once
+/// on a long path's 8) would only finish all of them late together; in turn, the first
+/// `DeltaPut`s leave after one file's work, and the daemon starts on them while the rest are read.
+static PREPARING: std::sync::LazyLock<Semaphore> =
+    std::sync::LazyLock::new(|| Semaphore::new(delta::parallelism()));
+
 /// A light file to send, and the size of the file the receiver holds under its name.
 #[derive(Debug, Clone)]
 pub(crate) struct Light {
@@ -637,7 +644,9 @@ async fn prepare(
     fine: bool,
 ) -> Result<Option<Prepared>, ClientError> {
     let (local, name) = (job.local.clone(), crate::tree::join(job.dest, &light.path));
+    let permit = PREPARING.acquire().await;
     let task = tokio::task::spawn_blocking(move || -> Result<Option<Prepared>, CoreError> {
+        let _permit = permit;
         let source = SourceFile::new(local.open_read(&light.path)?, light.path.clone())?;
         let identity = source.identity();
         if sparse_aware && !source.holes()?.is_empty() {

@@ -52,6 +52,26 @@ impl BufferPool {
         })
     }
 
+    /// A buffer of `len` bytes, of unspecified content, lent for the borrower's scope: it comes
+    /// back here when dropped, as a spare (up to `keep`).
+    pub fn lend(&self, len: usize) -> Lent<'_> {
+        Lent {
+            buf: self.take(len),
+            pool: self,
+        }
+    }
+
+    /// Keeps `buf` as a spare, or frees it beyond `keep` spares.
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut spare = self.lock();
+        if spare.len() < self.keep {
+            spare.push(buf);
+        } else {
+            drop(spare);
+            drop(buf);
+        }
+    }
+
     /// Frees every spare buffer held now (a quiet daemon hands its memory back).
     pub fn drop_spares(&self) {
         self.lock().clear();
@@ -96,19 +116,52 @@ impl Drop for Pooled {
             reservation.recycle(buf);
             return;
         }
-        let mut spare = self.pool.lock();
-        if spare.len() < self.pool.keep {
-            spare.push(buf);
-        } else {
-            drop(spare);
-            drop(buf);
-        }
+        self.pool.give_back(buf);
+    }
+}
+
+/// A buffer lent by [`BufferPool::lend`] for a read in place: back to its pool when dropped.
+pub struct Lent<'a> {
+    buf: Vec<u8>,
+    pool: &'a BufferPool,
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lent_buffer_comes_back_as_a_spare() {
+        let pool = BufferPool::new(1);
+        let lent = pool.lend(4096);
+        let addr = lent.as_ptr();
+        drop(lent);
+        assert_eq!(pool.spares(), 1);
+        // Shorter this time: the same memory, cut to the length asked for.
+        let again = pool.lend(1024);
+        assert_eq!((again.as_ptr(), again.len()), (addr, 1024));
+        drop((again, pool.lend(8), pool.lend(8))); // beyond the one spare kept: freed
+        assert_eq!(pool.spares(), 1);
+    }
 
     #[test]
     fn a_returned_buffer_is_reused_and_the_spares_are_bounded() {

@@ -33,12 +33,13 @@ pub const MAX_INDEX_CHUNKS: usize = 1 << 22;
 pub const MIN_REGION: u64 = 64 * 1024 * 1024;
 /// Most bytes copied from the basis by one read and one write.
 pub const MAX_COPY: u64 = 4 * 1024 * 1024;
-/// Copy buffers kept once written, shared by every [`Basis`] of the process: a fresh buffer per
+/// Copy buffers kept once written, shared by every [`Basis`] of the process (and lent to the
+/// reads of [`blocks_and_digest`] and [`blocks_of_region`]): a fresh buffer per
 /// copy costs a page fault and a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU
 /// in a delta, and a third of it in a tree of light files, where each basis copies once. Enough
 /// for the copies a few connections' `DeltaSig`s run at once; at most this many times
 /// [`MAX_COPY`] (and a page) are held idle.
-pub const SPARE_COPY_BUFFERS: usize = 8;
+pub const SPARE_COPY_BUFFERS: usize = 16;
 
 /// The copy buffers every [`Basis`] takes from (see [`SPARE_COPY_BUFFERS`]).
 static COPY_BUFFERS: std::sync::LazyLock<BufferPool> =
@@ -67,9 +68,11 @@ pub fn regions(size: u64, parts: usize) -> Vec<ByteRange> {
         .collect()
 }
 
-/// The cores to cut on.
+/// The cores to cut on. Asked of the system once: each asking reads the cgroup's CPU quota
+/// from its files, a cost measured on every `DeltaPut` of a tree's light files.
 pub fn parallelism() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// One content-defined chunk of a file.
@@ -269,7 +272,9 @@ pub fn blocks_and_digest(
     let len = u64::from(len.max(1));
     let mut reader = Digesting::of(file, size, kind);
     let read_len = BLOCK_READ.div_ceil(len) * len;
-    let mut buf = vec![0u8; read_len.min(size) as usize];
+    // A fresh buffer would fault in a zeroed page per 4 KiB read into it: as much CPU as
+    // hashing the file (a tree's light files are read once each).
+    let mut buf = COPY_BUFFERS.lend(read_len.min(size) as usize);
     let mut at = 0;
     while at < size {
         let want = (size - at).min(read_len) as usize;
@@ -309,7 +314,7 @@ pub fn blocks_of_region(
 ) -> io::Result<()> {
     let len = u64::from(len.max(1));
     let read_len = BLOCK_READ.div_ceil(len) * len;
-    let mut buf = vec![0u8; read_len.min(region.len()) as usize];
+    let mut buf = COPY_BUFFERS.lend(read_len.min(region.len()) as usize);
     let mut at = region.start;
     // Blocks on the file's grid of `len`: a match then lands at a page-aligned offset.
     let head = (len - at % len) % len;

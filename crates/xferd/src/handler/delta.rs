@@ -7,6 +7,9 @@
 //! With `CAP_DELTA_FINE`, a `DeltaPut`'s match is followed by `DeltaBlocks`, the basis around
 //! each span it left summed in small blocks, and the client's `DeltaCopy` copies the blocks it
 //! found there (`xfer_core::fine`).
+//! A `DeltaPut` is answered once its chunks are matched; the matched runs are written, and
+//! their span agreed, behind the answer ([`Copies`]): whatever needs those bytes on disk (the
+//! commit above all) waits for them first.
 //! For a download, `ReadSig` cuts the chunks of the file served, for the client to match.
 
 use std::sync::Arc;
@@ -101,9 +104,12 @@ impl Handler {
         sig: DeltaSig,
         guessed: bool,
     ) -> Result<(), ConnError> {
-        let (matched, _) = self
+        // The engine's batches are answered once written, as each match places the next.
+        self.finish_copies(id).await?;
+        let (matched, _, copies) = self
             .copy_from_basis(id, sig.offset, sig.chunks, guessed)
             .await?;
+        copies.finish().await?;
         self.writer
             .send(&Frame::DeltaMatch(DeltaMatch {
                 transfer_id: id.get(),
@@ -155,9 +161,11 @@ impl Handler {
         }
         let (mut matched, mut located) = (Vec::new(), Vec::new());
         for (offset, run) in runs {
-            let (found, at) = self.copy_from_basis(id, offset, run, false).await?;
+            let (found, at, copies) = self.copy_from_basis(id, offset, run, false).await?;
             matched.extend(found);
             located.extend(at);
+            // Written behind the answer: the client sends the rest meanwhile.
+            self.copies.push(copies);
         }
         let fine = self.session.capabilities() & xfer_proto::CAP_DELTA_FINE != 0;
         let mut covered = held;
@@ -239,6 +247,7 @@ impl Handler {
             return Err(fatal(ErrorCode::Protocol, "DeltaCopy before a basis"));
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
+        self.finish_copies(id).await?;
         // A group (at most MAX_COPY, or one run of up to MAX_FINE_GAP) being written, one
         // queued and one read, as for the matched chunks' (parallel * 2 + 1) below.
         let _reservation = self
@@ -257,11 +266,11 @@ impl Handler {
             })
             .collect();
         // One run written at a time.
-        let pumped = pump_runs(&partial, &name, 1, move |emit| {
+        let (matched, writing) = pump_runs(&partial, &name, 1, move |emit| {
             basis.copy_pieces(&pieces, |offset, bytes| emit(offset, None, bytes))
         })
         .await?;
-        let (read, copied) = (pumped.read, pumped.copied);
+        let (read, copied) = (matched.read, written(writing, &name).await?);
         self.shared.metrics.delta_basis_read.add(read);
         self.shared.metrics.delta_copied.add(copied);
         tracing::debug!(runs = copy.copies.len(), copied, "delta copies written");
@@ -270,15 +279,16 @@ impl Handler {
 
     /// Copies into upload `id`'s partial the chunks (the first at `offset`) its basis holds,
     /// searched for or, `guessed`, looked for only where the previous match puts them, and
-    /// records their span as agreed; the ranges copied, sorted and merged, and (but for guessed
-    /// chunks) each run copied with where it starts in the basis, in order.
+    /// records their span as agreed; the ranges matched, sorted and merged, and (but for guessed
+    /// chunks) each run matched with where it starts in the basis, in order, once matched; and
+    /// the copies, still being written (the span is agreed once they are).
     async fn copy_from_basis(
         &mut self,
         id: UploadId,
         offset: u64,
         chunks: Vec<SigChunk>,
         guessed: bool,
-    ) -> Result<(Vec<ByteRange>, Vec<(ByteRange, u64)>), ConnError> {
+    ) -> Result<(Vec<ByteRange>, Vec<(ByteRange, u64)>, Copies), ConnError> {
         let span_len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         let sig_offset = offset;
         let Upload {
@@ -291,19 +301,22 @@ impl Handler {
         let started = std::time::Instant::now();
         let parallel = delta::parallelism().clamp(2, MAX_PARALLEL_COPIES);
         // The runs being matched, queued and written at once, each at most MAX_COPY bytes.
-        let _reservation = self
+        let mut reservation = self
             .shared
             .budget
             .reserve((parallel * 2 + 1) * delta::MAX_COPY as usize)
             .await;
         // One thread checks the chunks in order (each match tells where the next chunk is
         // looked for) while the runs it found are written on several at once.
-        let Pumped {
-            matched,
-            located,
-            copied,
-            read,
-        } = pump_runs(&partial, &name, parallel, move |emit| match guessed {
+        let (
+            Matched {
+                matched,
+                located,
+                read,
+                emitted,
+            },
+            writing,
+        ) = pump_runs(&partial, &name, parallel, move |emit| match guessed {
             true => basis.copy_guessed(sig_offset, &chunks, |offset, bytes| {
                 emit(offset, None, bytes)
             }),
@@ -313,93 +326,173 @@ impl Handler {
         })
         .await?;
         self.shared.metrics.delta_basis_read.add(read);
-        // Recorded once its matched chunks are: a resumed upload sends the rest as data
-        // without comparing this span again.
-        partial
-            .agree(ByteRange::new(sig_offset, sig_offset + span_len))
-            .await
-            .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-        self.shared.metrics.delta_copied.add(copied);
         tracing::debug!(
             offset = sig_offset,
             span = span_len,
-            copied,
+            emitted,
             read,
             guessed,
             ms = started.elapsed().as_millis() as u64,
             "delta batch answered"
         );
-        Ok((matched, located))
+        // The reader is done: only the runs it emitted are still held, queued or being written.
+        let held = reservation.split(usize::try_from(emitted).unwrap_or(usize::MAX));
+        drop(reservation);
+        let metrics = Arc::clone(&self.shared.metrics);
+        let task = tokio::spawn(async move {
+            let _held = held;
+            let copied = written(writing, &name).await?;
+            // Recorded once its matched chunks are written: a resumed upload sends the rest
+            // as data without comparing this span again.
+            partial
+                .agree(ByteRange::new(sig_offset, sig_offset + span_len))
+                .await
+                .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+            metrics.delta_copied.add(copied);
+            Ok::<_, ConnError>(())
+        });
+        Ok((matched, located, Copies { upload: id, task }))
+    }
+
+    /// Waits for the copies still being written into upload `id` (see [`Copies`]); the first
+    /// error of any ends the connection, as it would have where they were made.
+    pub(super) async fn finish_copies(&mut self, id: UploadId) -> Result<(), ConnError> {
+        let (mine, others) = std::mem::take(&mut self.copies)
+            .into_iter()
+            .partition::<Vec<_>, _>(|c| c.upload == id);
+        self.copies = others;
+        let mut first_error = Ok(());
+        // All of them land before an error is told: nothing goes on writing behind it.
+        for copies in mine {
+            if let Err(e) = copies.finish().await {
+                first_error = first_error.and(Err(e));
+            }
+        }
+        first_error
+    }
+
+    /// Waits for every copy still being written on this connection, their errors dropped: the
+    /// connection is ending, and an unwritten span is not agreed, so it is sent again.
+    pub(super) async fn settle_copies(&mut self) {
+        for copies in std::mem::take(&mut self.copies) {
+            let _ = copies.finish().await;
+        }
     }
 }
 
-/// What [`pump_runs`] wrote: the ranges (sorted and merged), each run with where it starts in
-/// the basis where the reader said, the bytes written and the bytes the reader read.
-struct Pumped {
+/// A `DeltaPut`'s matched runs being written into upload `upload`, then their span agreed,
+/// behind the answer. The task holds the memory of the runs still queued.
+pub(super) struct Copies {
+    upload: UploadId,
+    task: tokio::task::JoinHandle<Result<(), ConnError>>,
+}
+
+impl Copies {
+    /// Waits for the runs to be written and their span agreed.
+    async fn finish(self) -> Result<(), ConnError> {
+        self.task
+            .await
+            .map_err(|e| fatal(ErrorCode::Io, format!("delta copy task: {e}")))?
+    }
+}
+
+/// The bytes the writing side of [`pump_runs`] wrote, once it is done, or its error.
+async fn written(writing: Writing, name: &str) -> Result<u64, ConnError> {
+    writing
+        .await
+        .map_err(|e| fatal(ErrorCode::Io, format!("{name}: delta copy task: {e}")))?
+}
+
+/// What [`pump_runs`]' reader matched: the ranges (sorted and merged), each run with where it
+/// starts in the basis where the reader said, the bytes it read and the bytes it emitted.
+struct Matched {
     matched: Vec<ByteRange>,
     located: Vec<(ByteRange, u64)>,
-    copied: u64,
     read: u64,
+    emitted: u64,
 }
+
+/// The writes of the runs [`pump_runs`]' reader emitted, going on: the bytes written.
+type Writing = tokio::task::JoinHandle<Result<u64, ConnError>>;
 
 /// Runs `read` on the blocking pool, which hands `emit` each run of basis bytes it finds (where
 /// it goes in the upload, where it starts in the basis if known, its bytes) and returns the
-/// bytes it read, while the runs are written into `partial`, `parallel` at once, in order. The
+/// bytes it read, while a task writes the runs into `partial`, `parallel` at once, in order.
+/// Returns once the reader is done, with what it matched, and the writes still going. The
 /// queue between them holds `parallel` runs: the caller's reservation covers them.
 async fn pump_runs<R>(
     partial: &Arc<xfer_core::PartialFile>,
     name: &str,
     parallel: usize,
     read: R,
-) -> Result<Pumped, ConnError>
+) -> Result<(Matched, Writing), ConnError>
 where
     R: FnOnce(&dyn Fn(u64, Option<u64>, Bytes) -> bool) -> std::io::Result<u64> + Send + 'static,
 {
-    let (runs_tx, runs_rx) = mpsc::channel::<(u64, Option<u64>, Bytes)>(parallel);
+    let (runs_tx, mut runs_rx) = mpsc::channel::<(u64, Option<u64>, Bytes)>(parallel);
     let reading = blocking(move || {
-        read(&|offset, old, bytes| runs_tx.blocking_send((offset, old, bytes)).is_ok())
-            .map_err(|e| CoreError::io("reading the delta basis", e))
-    });
-    let write_run = |(offset, old, bytes): (u64, Option<u64>, Bytes)| {
-        let partial = Arc::clone(partial);
-        async move {
-            let crc = crc32fast::hash(&bytes);
+        // The reader checks each run's hash before emitting it: what it emits is matched,
+        // whether or not it is written yet.
+        let found = std::cell::RefCell::new((Vec::<ByteRange>::new(), Vec::new(), 0u64));
+        let read = read(&|offset, old, bytes| {
             let range = ByteRange::new(offset, offset + bytes.len() as u64);
-            partial
-                .write(offset, bytes, crc)
-                .await
-                .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-            Ok::<_, ConnError>((range, old))
-        }
-    };
-    let writing = async {
-        let writes = stream::unfold(runs_rx, |mut rx| async {
-            rx.recv().await.map(|run| (run, rx))
-        })
-        .map(write_run)
-        .buffered(parallel);
-        let mut writes = std::pin::pin!(writes);
-        let (mut matched, mut located, mut copied) = (Vec::<ByteRange>::new(), Vec::new(), 0);
-        while let Some(run) = writes.next().await {
-            let (range, old) = run?;
+            let (matched, located, emitted) = &mut *found.borrow_mut();
             located.extend(old.map(|old| (range, old)));
-            copied += range.len();
+            *emitted += range.len();
             match matched.last_mut() {
                 Some(last) if last.end == range.start => last.end = range.end,
                 _ => matched.push(range),
             }
+            runs_tx.blocking_send((offset, old, bytes)).is_ok()
+        })
+        .map_err(|e| CoreError::io("reading the delta basis", e))?;
+        let (matched, located, emitted) = found.into_inner();
+        Ok(Matched {
+            matched,
+            located,
+            read,
+            emitted,
+        })
+    });
+    let write_run = {
+        let (partial, name) = (Arc::clone(partial), name.to_string());
+        move |(offset, _, bytes): (u64, Option<u64>, Bytes)| {
+            let (partial, name) = (Arc::clone(&partial), name.clone());
+            async move {
+                #[cfg(test)]
+                if let Some(gate) = tests_gate::of(&name) {
+                    // Closed when the test lets the copies go.
+                    let _ = gate.acquire().await;
+                }
+                let crc = crc32fast::hash(&bytes);
+                let len = bytes.len() as u64;
+                partial
+                    .write(offset, bytes, crc)
+                    .await
+                    .map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
+                Ok::<_, ConnError>(len)
+            }
         }
-        Ok::<_, ConnError>((matched, located, copied))
     };
-    let (reading, writing) = tokio::join!(reading, writing);
-    let (matched, located, copied) = writing?;
-    let read = reading.map_err(|e| fatal(e.code(), format!("{name}: {e}")))?;
-    Ok(Pumped {
-        matched,
-        located,
-        copied,
-        read,
-    })
+    let writing = tokio::spawn(async move {
+        let writes = stream::poll_fn(move |cx| runs_rx.poll_recv(cx))
+            .map(write_run)
+            .buffered(parallel);
+        let mut writes = std::pin::pin!(writes);
+        let mut copied = 0;
+        while let Some(run) = writes.next().await {
+            copied += run?;
+        }
+        Ok::<_, ConnError>(copied)
+    });
+    match reading.await {
+        Ok(matched) => Ok((matched, writing)),
+        Err(e) => {
+            // Nothing goes on writing behind the error.
+            let _ = writing.await;
+            Err(fatal(e.code(), format!("{name}: {e}")))
+        }
+    }
 }
 
 impl Handler {
@@ -431,5 +524,29 @@ impl Handler {
             }))
             .await?;
         Ok(())
+    }
+}
+
+/// Copies into one file held back while a test looks at what goes before they are written.
+#[cfg(test)]
+pub(super) mod tests_gate {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::Semaphore;
+
+    static HELD: Mutex<Option<(String, Arc<Semaphore>)>> = Mutex::new(None);
+
+    /// Holds the copies into `name` until the semaphore returned is closed.
+    pub(in crate::handler) fn hold(name: &str) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *HELD.lock().unwrap() = Some((name.to_string(), Arc::clone(&gate)));
+        gate
+    }
+
+    /// The gate the copies into `name` wait at, if a test holds them.
+    pub(super) fn of(name: &str) -> Option<Arc<Semaphore>> {
+        let held = HELD.lock().unwrap();
+        held.as_ref()
+            .filter(|(held, _)| held == name)
+            .map(|(_, gate)| Arc::clone(gate))
     }
 }

@@ -139,6 +139,9 @@ struct Handler {
     pending: Option<Request>,
     /// The chunk being written while the next one is read (acknowledged once written).
     write_behind: Option<WriteBehind>,
+    /// Light files' matched runs being written behind their `DeltaMatch`: what needs them on
+    /// disk (a commit) waits for its upload's first.
+    copies: Vec<delta::Copies>,
     /// How the chunks this connection sends are compressed, once it sent one or the client
     /// said (`SetCompression`).
     compressor: Option<xfer_net::Compressor>,
@@ -223,6 +226,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
         Ok(()) => {
             // Over TLS this sends close_notify, so the client sees a clean end.
             let _ = handler.writer.shutdown().await;
+            handler.settle_copies().await;
             handler.end_downloads(true);
             return debug!("connection closed");
         }
@@ -233,6 +237,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport, peer: Soc
     if let Some(write) = handler.write_behind.take() {
         let _ = write.task.await;
     }
+    // So do copies still being written, their span agreed: a resume need not send it again.
+    handler.settle_copies().await;
     if let Some(frame) = report(&err) {
         close_with(&mut handler.reader, &mut handler.writer, frame).await;
     }
@@ -301,6 +307,7 @@ impl Handler {
             writer,
             pending: None,
             write_behind: None,
+            copies: Vec::new(),
             compressor: None,
             socket: None,
             counted: None,

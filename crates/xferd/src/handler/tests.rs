@@ -778,3 +778,100 @@ async fn an_early_proof_is_served_at_once_refused_when_replayed_and_fails_when_w
     assert_eq!(code, ErrorCode::Auth);
     assert_eq!(shared.metrics.early_proofs.wrong.get(), 1);
 }
+
+#[tokio::test]
+async fn a_light_file_is_answered_before_its_copies_are_written_and_commits_after_them() {
+    use xfer_core::delta::{avg_chunk, cut_region};
+    use xfer_proto::{ByteRange, DeltaPut, CAP_DELTA, CAP_DELTA_PUT};
+
+    let (dir, shared) = daemon(|_| {});
+    let old = noise(1 << 20, 5);
+    let mut new = old.clone();
+    new[300_000..308_192].copy_from_slice(&noise(8192, 6));
+    std::fs::write(dir.path().join("light"), &old).unwrap();
+    let new_file = tempfile::tempfile().unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&new_file, &new, 0).unwrap();
+    let avg = avg_chunk(new.len() as u64);
+    let mut chunks = Vec::new();
+    cut_region(&new_file, ByteRange::new(0, new.len() as u64), avg, |c| {
+        chunks.push(c.sig());
+        true
+    })
+    .unwrap();
+
+    let mut client = Client::connect(&shared);
+    client
+        .send(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            min_version: 1,
+            capabilities: CAP_DELTA | CAP_DELTA_PUT,
+            agent: "test".into(),
+            nonce: vec![],
+        }))
+        .await;
+    let Frame::Welcome(_) = client.next().await else {
+        panic!("want Welcome")
+    };
+    // No matched run reaches the disk until the gate is closed.
+    let gate = super::delta::tests_gate::hold("light");
+    client
+        .send(Frame::DeltaPut(DeltaPut {
+            open: OpenWrite {
+                name: "light".into(),
+                identity: FileIdentity {
+                    size: new.len() as u64,
+                    mtime_ns: 0,
+                },
+                mode: 0o644,
+                chunk_size: CHUNK as u32,
+            },
+            avg_chunk: avg,
+            chunks,
+        }))
+        .await;
+    let Frame::WriteOpened(opened) = client.next().await else {
+        panic!("want WriteOpened")
+    };
+    let id = opened.transfer_id;
+    // Only a hang guard: answered after the copies, the match would never come.
+    let Ok(Frame::DeltaMatch(found)) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), client.next()).await
+    else {
+        panic!("want DeltaMatch while the copies are held")
+    };
+    let held = xfer_core::RangeSet::from_ranges(found.matched);
+    let missing = held.missing(new.len() as u64);
+    assert!(!missing.is_empty() && held.total() > 0, "{missing:?}");
+
+    // The literal data is written beside the held copies.
+    for range in missing {
+        for chunk in xfer_core::split_into_chunks(&[range], CHUNK as u32) {
+            let payload = Bytes::copy_from_slice(&new[chunk.start as usize..chunk.end as usize]);
+            client
+                .send(Frame::Data(Data::new(id, chunk.start, payload)))
+                .await;
+            let Frame::Ack(_) = client.next().await else {
+                panic!("want Ack")
+            };
+        }
+    }
+    client
+        .send(Frame::Commit(Commit {
+            transfer_id: id,
+            digest: xfer_core::digest::digest_file(&new_file, new.len() as u64)
+                .unwrap()
+                .to_vec(),
+        }))
+        .await;
+    // The handler (on this thread) reads the commit and waits for the copies; then they go.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    gate.close();
+    match client.next().await {
+        Frame::Committed(_) => {}
+        other => panic!("want Committed, got {other:?}"),
+    }
+    client.goodbye().await;
+    assert_eq!(std::fs::read(dir.path().join("light")).unwrap(), new);
+}

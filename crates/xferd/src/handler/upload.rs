@@ -167,6 +167,9 @@ impl Handler {
     }
 
     pub(super) async fn commit(&mut self, id: UploadId, c: Commit) -> Result<(), ConnError> {
+        // A light file's copies written behind its answer are part of what is committed; one
+        // that failed ends the connection with its cause, nothing renamed.
+        self.finish_copies(id).await?;
         let Upload {
             lease,
             name,
