@@ -1747,9 +1747,9 @@ async fn send_small_files(job: SmallFiles, ready: Option<Session>) -> Result<(),
 
 /// Bytes of small files a connection over a long path holds written but not yet sent, about:
 /// some 30 ms of a share of a 500 Mbit/s path, more than a pack compressed (what the
-/// connection writes next, once its socket wakes it below half of this) takes to make. Beyond it, files stay in the
-/// queue the connections share: at the end of a tree the last ones go to whichever connection
-/// sends fastest, not into the socket of a slow one. A connection whose congestion control
+/// connection writes next, once its socket wakes it below half of this) takes to make. Beyond
+/// it, files stay in the queue the connections share: at the end of a tree the last ones go to
+/// whichever connection sends fastest, not into the socket of a slow one. A connection whose congestion control
 /// had it at a tenth of the path's rate held 1.8 MB unsent there, the last half second of the
 /// docs tree through 50 ms.
 const UNSENT_SMALL_FILES: u32 = 256 << 10;
