@@ -36,10 +36,10 @@ pub const MAX_COPY: u64 = 4 * 1024 * 1024;
 /// Copy buffers kept once written, shared by every [`Basis`] of the process and lent to the
 /// reads of [`blocks_and_digest`] and [`blocks_of_region`]: a fresh buffer per copy costs a page
 /// fault and a zeroed page per 4 KiB, measured at a fifth of the daemon's CPU in a delta, and a
-/// third of it in a tree of light files, where each basis copies once. Enough for the copies of
-/// a long path's 8 connections at once (8 spares fell short: a fresh buffer about once a file);
-/// at most this many times [`MAX_COPY`] (and a page) are held idle.
-pub const SPARE_COPY_BUFFERS: usize = 16;
+/// third of it in a tree of light files, where each basis copies once. Enough for the copies a
+/// few connections' `DeltaSig`s run at once; at most this many times [`MAX_COPY`] (and a page)
+/// are held idle.
+pub const SPARE_COPY_BUFFERS: usize = 8;
 
 /// The copy buffers every [`Basis`] takes from (see [`SPARE_COPY_BUFFERS`]).
 static COPY_BUFFERS: std::sync::LazyLock<BufferPool> =
