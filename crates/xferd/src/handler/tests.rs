@@ -132,6 +132,21 @@ impl Client {
         }
     }
 
+    /// Sends as `Data` the bytes of `new` that `held` leaves out, each chunk acknowledged.
+    async fn send_missing(&mut self, id: u64, new: &[u8], held: &xfer_core::RangeSet) {
+        for range in held.missing(new.len() as u64) {
+            for chunk in xfer_core::split_into_chunks(&[range], CHUNK as u32) {
+                let bytes = &new[chunk.start as usize..chunk.end as usize];
+                let payload = Bytes::copy_from_slice(bytes);
+                self.send(Frame::Data(Data::new(id, chunk.start, payload)))
+                    .await;
+                let Frame::Ack(_) = self.next().await else {
+                    panic!("want Ack")
+                };
+            }
+        }
+    }
+
     async fn goodbye(mut self) {
         self.send(Frame::Goodbye).await;
         assert!(self.reader.read_frame().await.unwrap().is_none());
@@ -585,17 +600,7 @@ async fn a_basis_rewritten_during_a_delta_gives_fewer_matches_never_wrong_bytes(
 
     // What was not copied is sent; the file commits as `new`, its digest checked.
     let held = xfer_core::RangeSet::from_ranges(found.matched);
-    for range in held.missing(new.len() as u64) {
-        for chunk in xfer_core::split_into_chunks(&[range], CHUNK as u32) {
-            let payload = Bytes::copy_from_slice(&new[chunk.start as usize..chunk.end as usize]);
-            client
-                .send(Frame::Data(Data::new(id, chunk.start, payload)))
-                .await;
-            let Frame::Ack(_) = client.next().await else {
-                panic!("want Ack")
-            };
-        }
-    }
+    client.send_missing(id, &new, &held).await;
     client
         .send(Frame::Commit(Commit {
             transfer_id: id,
@@ -844,17 +849,7 @@ async fn a_light_file_is_answered_before_its_copies_are_written_and_commits_afte
     assert!(!missing.is_empty() && held.total() > 0, "{missing:?}");
 
     // The literal data is written beside the held copies.
-    for range in missing {
-        for chunk in xfer_core::split_into_chunks(&[range], CHUNK as u32) {
-            let payload = Bytes::copy_from_slice(&new[chunk.start as usize..chunk.end as usize]);
-            client
-                .send(Frame::Data(Data::new(id, chunk.start, payload)))
-                .await;
-            let Frame::Ack(_) = client.next().await else {
-                panic!("want Ack")
-            };
-        }
-    }
+    client.send_missing(id, &new, &held).await;
     client
         .send(Frame::Commit(Commit {
             transfer_id: id,
@@ -863,10 +858,20 @@ async fn a_light_file_is_answered_before_its_copies_are_written_and_commits_afte
                 .to_vec(),
         }))
         .await;
-    // The handler (on this thread) reads the commit and waits for the copies; then they go.
+    // The handler (on this thread) reads the commit and waits for the copies: no answer yet,
+    // where a commit that did not wait would have answered that bytes are missing.
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
+    assert!(
+        futures_util::FutureExt::now_or_never(client.next()).is_none(),
+        "the commit was answered while its copies were held"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("light")).unwrap(),
+        old,
+        "the old file stays under the name until the commit"
+    );
     gate.close();
     match client.next().await {
         Frame::Committed(_) => {}
