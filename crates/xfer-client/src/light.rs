@@ -75,6 +75,8 @@ pub(crate) struct Job<'a> {
     pub limiter: Option<&'a crate::RateLimiter>,
     /// Told each committed file's literal bytes.
     pub done: &'a (dyn Fn(u64) + Sync),
+    /// Files read ahead of the receiver's listing.
+    pub ahead: &'a Ahead,
 }
 
 /// A tree's closing sent with its last commits (`CAP_TREE_CLOSE`): once every connection
@@ -138,6 +140,113 @@ struct Prepared {
     source: SourceFile,
     put: DeltaPut,
     digest: Vec<u8>,
+    /// How it was signed and digested: a file read ahead is sent only where this holds.
+    signed: Signed,
+}
+
+/// How a light file is signed for its `DeltaPut` and digested for its commit: what the sizes
+/// of both sides and the daemon's capabilities choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Signed {
+    avg: u32,
+    /// In fixed blocks on the file's grid (see [`signed_in_blocks`]), else cut by content.
+    blocks: bool,
+    kind: xfer_core::digest::DigestKind,
+}
+
+impl Signed {
+    /// For a file of `size` bytes against a basis of `basis_size`, with `fine`
+    /// (`CAP_DELTA_FINE`), digested as `kind`.
+    fn of(size: u64, basis_size: u64, kind: xfer_core::digest::DigestKind, fine: bool) -> Self {
+        let mut avg = delta::avg_chunk(size.max(basis_size));
+        if fine {
+            // Blocks found within the chunks missed make up for coarser ones: a signature a
+            // quarter as long, in a fresh connection's first window.
+            avg = avg.max(xfer_core::fine::LIGHT_AVG_CHUNK);
+        }
+        Self {
+            avg,
+            blocks: signed_in_blocks(size, basis_size, fine),
+            kind,
+        }
+    }
+}
+
+/// Light files at most read ahead of the receiver's listing, each holding a descriptor open.
+const AHEAD_FILES: usize = 64;
+/// Bytes at most read ahead of the receiver's listing.
+const AHEAD_BYTES: u64 = 256 << 20;
+
+/// Light files read for their `DeltaPut`s while the receiver's listing is on its way
+/// ([`read_ahead`]), by path: [`prepare`] takes one where the guess it was read on held.
+#[derive(Default)]
+pub(crate) struct Ahead(Mutex<std::collections::HashMap<String, Prepared>>);
+
+impl Ahead {
+    fn files(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Prepared>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file at `path` read ahead, if it was signed as `signed` says it must be now.
+    fn take(&self, path: &str, signed: impl FnOnce(u64) -> Signed) -> Option<Prepared> {
+        let file = self.files().remove(path)?;
+        (file.signed == signed(file.put.open.identity.size)).then_some(file)
+    }
+}
+
+/// Reads the light files a tree may send, `candidates` (paths and sizes, in the order to read
+/// them), for their `DeltaPut`s into `ahead` until `listed` is cancelled, on the cores the
+/// listing's round trips leave idle. Which of them the receiver holds, and at what size, is not
+/// known yet: each is read as if it kept its size there (changed in place, the likeliest), for a
+/// daemon of this version; where either guess fails, [`prepare`] reads it again. The files
+/// being read when the listing comes are finished, so none is read twice at once.
+pub(crate) async fn read_ahead(
+    local: &Root,
+    dest: &str,
+    candidates: Vec<(String, u64)>,
+    ahead: &Ahead,
+    listed: &tokio_util::sync::CancellationToken,
+) {
+    let started = std::time::Instant::now();
+    let mut reading = tokio::task::JoinSet::new();
+    let mut left = AHEAD_BYTES;
+    for (path, size) in candidates.into_iter().take(AHEAD_FILES) {
+        let Some(after) = left.checked_sub(size) else {
+            break;
+        };
+        left = after;
+        let permit = tokio::select! {
+            biased;
+            () = listed.cancelled() => break,
+            permit = PREPARING.acquire() => permit,
+        };
+        let (local, name) = (local.clone(), crate::tree::join(dest, &path));
+        let kind = xfer_core::digest::DigestKind::Blocks;
+        reading.spawn_blocking(move || {
+            let _permit = permit;
+            read_light(
+                &local,
+                path,
+                name,
+                |size| Signed::of(size, size, kind, true),
+                0,
+                true,
+            )
+        });
+    }
+    let mut read = 0;
+    while let Some(done) = reading.join_next().await {
+        match done {
+            Ok(Ok(Some(file))) => {
+                read += 1;
+                ahead.files().insert(file.path.clone(), file);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "a light file not read ahead"),
+            Err(e) => tracing::debug!(error = %e, "a light file not read ahead"),
+        }
+    }
+    tracing::debug!(files = read, elapsed = ?started.elapsed(), "light files read ahead of the listing");
 }
 
 /// One frame written and the answer it waits for, in order.
@@ -630,11 +739,11 @@ fn signed_in_blocks(size: u64, basis_size: u64, fine: bool) -> bool {
     fine && size == basis_size
 }
 
-/// Reads `light` for its `DeltaPut` on the blocking pool: cut whole with the average chunk
-/// the daemon would choose (at least `LIGHT_AVG_CHUNK` with `fine`, `CAP_DELTA_FINE`), or in
-/// blocks of that length (see [`signed_in_blocks`]), and digested. `None` leaves the file to
-/// the engine: one that has holes (where the daemon keeps them) or more chunks than one request
-/// carries.
+/// Reads `light` for its `DeltaPut` on the blocking pool (unless it was read ahead as it must
+/// be now, see [`read_ahead`]): cut whole with the average chunk the daemon would choose (at
+/// least `LIGHT_AVG_CHUNK` with `fine`, `CAP_DELTA_FINE`), or in blocks of that length (see
+/// [`signed_in_blocks`]), and digested. `None` leaves the file to the engine: one that has holes
+/// (where the daemon keeps them) or more chunks than one request carries.
 async fn prepare(
     job: &Job<'_>,
     light: Light,
@@ -643,58 +752,74 @@ async fn prepare(
     kind: xfer_core::digest::DigestKind,
     fine: bool,
 ) -> Result<Option<Prepared>, ClientError> {
+    let basis_size = light.basis_size;
+    let signed = move |size| Signed::of(size, basis_size, kind, fine);
+    if let Some(mut file) = job.ahead.take(&light.path, signed) {
+        file.put.open.chunk_size = chunk_size;
+        return Ok(Some(file));
+    }
     let (local, name) = (job.local.clone(), crate::tree::join(job.dest, &light.path));
     let permit = PREPARING.acquire().await;
     let task = tokio::task::spawn_blocking(move || -> Result<Option<Prepared>, CoreError> {
         let _permit = permit;
-        let source = SourceFile::new(local.open_read(&light.path)?, light.path.clone())?;
-        let identity = source.identity();
-        if sparse_aware && !source.holes()?.is_empty() {
-            return Ok(None);
-        }
-        let file = source.file();
-        let mut avg = delta::avg_chunk(identity.size.max(light.basis_size));
-        if fine {
-            // Blocks found within the chunks missed make up for coarser ones: a signature a
-            // quarter as long, in a fresh connection's first window.
-            avg = avg.max(xfer_core::fine::LIGHT_AVG_CHUNK);
-        }
-        let mut chunks = Vec::new();
-        let each = |cut: delta::Cut| {
-            chunks.push(cut.sig());
-            chunks.len() <= MAX_DELTA_CHUNKS
-        };
-        // Read once for both the signature and the commit's digest (no holes here: the
-        // daemon that keeps them was ruled out above, and a hole reads as the zeros it holds).
-        let digest = match signed_in_blocks(identity.size, light.basis_size, fine) {
-            true => delta::blocks_and_digest(&file, identity.size, avg, kind, each),
-            false => delta::cut_and_digest(&file, identity.size, avg, kind, each),
-        }
-        .map_err(|e| CoreError::io(format!("reading {}", light.path), e))?;
-        let Some(digest) = digest else {
-            return Ok(None);
-        };
-        let put = DeltaPut {
-            open: OpenWrite {
-                name,
-                identity,
-                mode: source.mode(),
-                chunk_size,
-            },
-            avg_chunk: avg,
-            chunks,
-        };
-        Ok(Some(Prepared {
-            path: light.path,
-            source,
-            put,
-            digest: digest.to_vec(),
-        }))
+        read_light(&local, light.path, name, signed, chunk_size, sparse_aware)
     });
     let prepared = task
         .await
         .map_err(|e| CoreError::io("light file", std::io::Error::other(e.to_string())))??;
     Ok(prepared)
+}
+
+/// Reads the light file at `path` of `local` for its `DeltaPut` to `name`, signed and digested
+/// as `signed` says for its size; `None` as for [`prepare`] (holes only where `sparse_aware`).
+fn read_light(
+    local: &Root,
+    path: String,
+    name: String,
+    signed: impl FnOnce(u64) -> Signed,
+    chunk_size: u32,
+    sparse_aware: bool,
+) -> Result<Option<Prepared>, CoreError> {
+    let source = SourceFile::new(local.open_read(&path)?, path.clone())?;
+    let identity = source.identity();
+    let signed = signed(identity.size);
+    if sparse_aware && !source.holes()?.is_empty() {
+        return Ok(None);
+    }
+    let file = source.file();
+    let mut chunks = Vec::new();
+    let each = |cut: delta::Cut| {
+        chunks.push(cut.sig());
+        chunks.len() <= MAX_DELTA_CHUNKS
+    };
+    // Read once for both the signature and the commit's digest (no holes here: the daemon
+    // that keeps them was ruled out above, and a hole reads as the zeros it holds).
+    let (avg, kind) = (signed.avg, signed.kind);
+    let digest = match signed.blocks {
+        true => delta::blocks_and_digest(&file, identity.size, avg, kind, each),
+        false => delta::cut_and_digest(&file, identity.size, avg, kind, each),
+    }
+    .map_err(|e| CoreError::io(format!("reading {path}"), e))?;
+    let Some(digest) = digest else {
+        return Ok(None);
+    };
+    let put = DeltaPut {
+        open: OpenWrite {
+            name,
+            identity,
+            mode: source.mode(),
+            chunk_size,
+        },
+        avg_chunk: avg,
+        chunks,
+    };
+    Ok(Some(Prepared {
+        path,
+        source,
+        put,
+        digest: digest.to_vec(),
+        signed,
+    }))
 }
 
 #[cfg(test)]
@@ -717,23 +842,27 @@ mod tests {
         window.capacity() / window.cost(len) as usize
     }
 
-    /// The chunk lengths of the `DeltaPut` prepared for a 2 MiB file against a basis of
-    /// `basis_size` bytes, with `fine` (`CAP_DELTA_FINE`) or not.
-    async fn signature_lengths(basis_size: u64, fine: bool) -> Vec<u32> {
-        let dir = tempfile::tempdir().unwrap();
-        // Noise (xorshift), which a cut by content splits at varied lengths.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let bytes: Vec<u8> = (0..2 << 20)
+    /// 2 MiB of noise (xorshift from `seed`), which a cut by content splits at varied lengths.
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..2 << 20)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 (x >> 32) as u8
             })
-            .collect();
-        std::fs::write(dir.path().join("f"), &bytes).unwrap();
+            .collect()
+    }
+
+    /// The chunk lengths of the `DeltaPut` prepared for a 2 MiB file against a basis of
+    /// `basis_size` bytes, with `fine` (`CAP_DELTA_FINE`) or not.
+    async fn signature_lengths(basis_size: u64, fine: bool) -> Vec<u32> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), noise(0x9e37_79b9_7f4a_7c15)).unwrap();
         let local = Root::open(dir.path()).unwrap();
         let done = |_| {};
+        let ahead = Ahead::default();
         let job = Job {
             local: &local,
             dest: "t",
@@ -741,6 +870,7 @@ mod tests {
             why: "",
             limiter: None,
             done: &done,
+            ahead: &ahead,
         };
         let light = Light {
             path: "f".into(),
@@ -769,6 +899,75 @@ mod tests {
             assert_eq!(lengths.iter().map(|&l| u64::from(l)).sum::<u64>(), 2 << 20);
             assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
         }
+    }
+
+    /// A file read ahead is sent as it was read where both guesses held (the receiver's file
+    /// kept its size, the daemon is of this version), and read again where either did not.
+    #[tokio::test]
+    async fn a_file_read_ahead_is_sent_only_where_its_guesses_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let local = Root::open(dir.path()).unwrap();
+        let done = |_| {};
+        let ahead = Ahead::default();
+        let job = Job {
+            local: &local,
+            dest: "t",
+            chunk_size: 1 << 20,
+            why: "",
+            limiter: None,
+            done: &done,
+            ahead: &ahead,
+        };
+        let (blocks, sequential) = (
+            xfer_core::digest::DigestKind::Blocks,
+            xfer_core::digest::DigestKind::Sequential,
+        );
+        let digest_now = |kind| {
+            let file = std::fs::File::open(&path).unwrap();
+            xfer_core::digest::digest_file_as(kind, &file, 2 << 20)
+                .unwrap()
+                .to_vec()
+        };
+        let listed = tokio_util::sync::CancellationToken::new();
+        // What `prepare` sends for a receiver's file of `basis_size` bytes, after the file was
+        // read ahead and then rewritten: the digest tells which of the two contents it read.
+        let after_read_ahead = |basis_size: u64, kind| {
+            let (job, listed, path) = (&job, &listed, &path);
+            async move {
+                std::fs::write(path, noise(1)).unwrap();
+                let candidates = vec![("f".to_string(), 2 << 20)];
+                read_ahead(job.local, job.dest, candidates, job.ahead, listed).await;
+                std::fs::write(path, noise(2)).unwrap();
+                let light = Light {
+                    path: "f".into(),
+                    basis_size,
+                };
+                let file = prepare(job, light, 4 << 20, true, kind, true).await;
+                let file = file.unwrap().unwrap();
+                assert_eq!(file.put.open.chunk_size, 4 << 20);
+                assert_eq!(file.put.open.name, "t/f");
+                file.digest
+            }
+        };
+        let first = {
+            std::fs::write(&path, noise(1)).unwrap();
+            digest_now(blocks)
+        };
+        // Both guesses held: the file as it was read ahead.
+        assert_eq!(after_read_ahead(2 << 20, blocks).await, first);
+        assert!(ahead.files().is_empty());
+        // The receiver's file was of another size, or the daemon digests in order: read again.
+        assert_eq!(after_read_ahead(3 << 20, blocks).await, digest_now(blocks));
+        assert_eq!(
+            after_read_ahead(2 << 20, sequential).await,
+            digest_now(sequential)
+        );
+        // Once the listing came, nothing more is read ahead.
+        listed.cancel();
+        let candidates = vec![("f".to_string(), 2 << 20)];
+        read_ahead(&local, "t", candidates, &ahead, &listed).await;
+        assert!(ahead.files().is_empty());
     }
 
     #[test]

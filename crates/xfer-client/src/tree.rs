@@ -706,11 +706,9 @@ const SPARES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 async fn open_spares(
     target: &Target,
     opts: &Options,
-    measured: tokio::sync::oneshot::Receiver<Option<std::time::Duration>>,
+    measured: impl std::future::Future<Output = Option<std::time::Duration>>,
 ) -> Vec<Session> {
-    let wanted = measured
-        .map(|rtt| spare_connections(opts, rtt.ok().flatten()))
-        .shared();
+    let wanted = measured.map(|rtt| spare_connections(opts, rtt)).shared();
     if let Ok(count) = tokio::time::timeout(SPARES_WAIT, wanted.clone()).await {
         return preconnect(target, &opts.connector, count).await;
     }
@@ -809,7 +807,8 @@ where
 /// connection that failed is dropped (`control` then `None`); the files it carried stay in
 /// `large`. Returns the paths whose delta did not add up, to be sent whole. With `close`, when
 /// these files are all of `large`, the control connection sends the tree's closing once every
-/// connection wrote its last `Commit` ([`crate::light::Close`]).
+/// connection wrote its last `Commit` ([`crate::light::Close`]). Files `ahead` holds, read while
+/// the listing came, are sent as they were read where that still holds.
 ///
 /// On a short path, where no spare connections were opened, a few are opened here (as many as a
 /// pool starts with): the daemon carries out one connection's requests one after the other, and
@@ -820,7 +819,7 @@ async fn light_deltas(
     (control, spares): (&mut Option<Session>, &mut Vec<Session>),
     large: &mut Vec<TreeEntry>,
     remote: &HashMap<String, TreeEntry>,
-    (local, dest): (&Root, &str),
+    (local, dest, ahead): (&Root, &str, &crate::light::Ahead),
     opts: &Options,
     (summary, progress, close): (&mut TreeSummary, &Progress, Option<&crate::light::Close>),
 ) -> HashSet<String> {
@@ -870,6 +869,7 @@ async fn light_deltas(
         why: &why,
         limiter: progress.limiter.as_ref(),
         done: &done,
+        ahead,
     };
     let sent = Mutex::new(crate::light::Sent::default());
     // The closing goes with the last commits only when they are the last of the tree.
@@ -1013,17 +1013,37 @@ fn walk_listing(
 fn walk_early(
     local: &Root,
     keep: TreeOptions,
+    lights: Option<tokio::sync::oneshot::Sender<Vec<(String, u64)>>>,
 ) -> tokio::sync::oneshot::Receiver<xfer_core::Result<Vec<MetaEntry>>> {
     let (walked, walking) = tokio::sync::oneshot::channel();
     let local = local.clone();
     let spawned = std::thread::Builder::new()
         .name("xfer-walk".into())
-        .spawn(move || walked.send(local.walk_meta("", false, keep.xattrs)));
+        .spawn(move || {
+            let entries = local.walk_meta("", false, keep.xattrs);
+            if let (Some(lights), Ok(entries)) = (lights, &entries) {
+                let _ = lights.send(light_candidates(entries.iter().map(|e| &e.entry)));
+            }
+            walked.send(entries)
+        });
     if let Err(e) = spawned {
         // The sender went with the failed thread: the receiver reports the walk ended early.
         tracing::debug!(error = %e, "no thread for the walk");
     }
     walking
+}
+
+/// The files of a walk that may go as light deltas, newest first (those changed since the last
+/// copy, the likeliest to differ from the receiver's), with their sizes.
+fn light_candidates<'a>(entries: impl Iterator<Item = &'a TreeEntry>) -> Vec<(String, u64)> {
+    let mut files: Vec<&TreeEntry> = entries
+        .filter(|e| e.kind == EntryKind::File && e.size > SMALL_FILE && e.size <= LIGHT_FILE)
+        .collect();
+    files.sort_by_key(|e| std::cmp::Reverse(e.mtime_ns));
+    files
+        .into_iter()
+        .map(|e| (e.path.clone(), e.size))
+        .collect()
 }
 
 /// The daemon's listing of `dir`, as [`walk_listing`] reads a local one.
@@ -1229,7 +1249,26 @@ pub async fn send_tree_mirror(
     // The source is walked while the connection opens and the receiver lists its side: over
     // a long path both take round trips the walk need not wait for.
     let keep = opts.keep;
-    let walking = (!checksum).then(|| walk_early(&local, keep));
+    // While the receiver lists its side, the light files the walk found are read for their
+    // deltas (see `light::read_ahead`): over a long path its round trips hide that work.
+    let (lights, candidates) = tokio::sync::oneshot::channel();
+    let reads_ahead = opts.delta != engine::DeltaMode::Never && !mirror.dry_run;
+    let walking = (!checksum).then(|| walk_early(&local, keep, reads_ahead.then_some(lights)));
+    let ahead = crate::light::Ahead::default();
+    let listed = tokio_util::sync::CancellationToken::new();
+    let (dialed, dial_rtt) = tokio::sync::oneshot::channel();
+    let dial_rtt = dial_rtt.map(|rtt| rtt.ok().flatten()).shared();
+    let read_ahead_rtt = dial_rtt.clone();
+    let read_ahead = async {
+        let (Ok(candidates), rtt) = tokio::join!(candidates, read_ahead_rtt) else {
+            return Ok(());
+        };
+        // Only where a delta may be chosen: over a short path the files go whole.
+        if engine::may_choose_delta(opts.delta, opts.bwlimit, rtt) {
+            crate::light::read_ahead(&local, dest, candidates, &ahead, &listed).await;
+        }
+        Ok::<_, ClientError>(())
+    };
     let source = &local;
     let walk = |with_meta: bool| async move {
         let walked = match walking {
@@ -1250,7 +1289,6 @@ pub async fn send_tree_mirror(
     // Over a long path the files' connections are opened while the first one does its
     // handshake and the receiver lists its side: each starts with a congestion window of its
     // own, and none costs a round trip later.
-    let (dialed, dial_rtt) = tokio::sync::oneshot::channel();
     let open_spares = async {
         let spares = match mirror.dry_run {
             true => Vec::new(),
@@ -1277,6 +1315,7 @@ pub async fn send_tree_mirror(
             crate::meta::warn_old_daemon(target);
         }
         let list = async {
+            let _read_ahead_ends = listed.drop_guard_ref();
             let listed = list_listing(&mut control, dest, with_meta, checksum, keep).await?;
             tracing::debug!(entries = listed.len(), elapsed = ?started.elapsed(), "receiver listed");
             Ok(listed)
@@ -1284,8 +1323,8 @@ pub async fn send_tree_mirror(
         let (walked, listed) = tokio::try_join!(walk(with_meta), list)?;
         Ok::<_, ClientError>((control, with_meta, walked, listed))
     };
-    let ((mut control, with_meta, walked, listed), mut spares) =
-        tokio::try_join!(first, open_spares)?;
+    let ((mut control, with_meta, walked, listed), mut spares, ()) =
+        tokio::try_join!(first, open_spares, read_ahead)?;
     tracing::debug!(spares = spares.len(), elapsed = ?started.elapsed(), "connections open");
 
     let mut summary = TreeSummary::new(dest, opts);
@@ -1413,11 +1452,13 @@ pub async fn send_tree_mirror(
         (&mut control, &mut spares),
         &mut large,
         &remote,
-        (&local, dest),
+        (&local, dest, &ahead),
         opts,
         (&mut summary, &progress, close.as_ref()),
     )
     .await;
+    // Files read ahead and not sent so: their descriptors go now.
+    drop(ahead);
     if let Some(answers) = close.and_then(crate::light::Close::answers) {
         let clean = answers
             .iter()
@@ -2435,6 +2476,35 @@ mod tests {
         assert_eq!(paths(&alongside), ["new", "new/deeper"]);
     }
 
+    /// The files read ahead of the listing are those that may go as light deltas, the newest
+    /// first: changed since the last copy, they are the likeliest to differ from the receiver's.
+    #[test]
+    fn light_candidates_are_the_light_files_newest_first() {
+        let entry = |path: &str, kind, size, mtime_ns| TreeEntry {
+            path: path.to_string(),
+            kind,
+            size,
+            mtime_ns,
+            mode: 0o644,
+            target: String::new(),
+            digest: Vec::new(),
+        };
+        let file = EntryKind::File;
+        let entries = [
+            entry("old", file, 2 << 20, 10),
+            entry("new", file, 3 << 20, 30),
+            entry("newer", file, LIGHT_FILE, 40),
+            entry("small", file, SMALL_FILE, 50),
+            entry("heavy", file, LIGHT_FILE + 1, 60),
+            entry("dir", EntryKind::Dir, 2 << 20, 70),
+            entry("mid", file, SMALL_FILE + 1, 20),
+        ];
+        let candidates = light_candidates(entries.iter());
+        let paths: Vec<&str> = candidates.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["newer", "new", "mid", "old"]);
+        assert_eq!(candidates[1].1, 3 << 20);
+    }
+
     /// A tree's large files start largest first, whatever order the walk found them in: each
     /// opens a connection of its own, and the largest, started last, ended the docs tree alone
     /// after its small files.
@@ -2528,6 +2598,7 @@ mod tests {
         let (listener, target) = crate::session::fake_daemon().await;
         let (opts, most) = adaptive_tree();
         let (told, measured) = tokio::sync::oneshot::channel();
+        let measured = measured.map(|rtt| rtt.ok().flatten());
         let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
         let accepted = accept(&listener, most).await;
         (told, client, accepted)
@@ -2558,6 +2629,7 @@ mod tests {
         let (opts, _) = adaptive_tree();
         let (told, measured) = tokio::sync::oneshot::channel();
         told.send(Some(Duration::from_micros(100))).unwrap();
+        let measured = measured.map(|rtt| rtt.ok().flatten());
         assert!(open_spares(&target, &opts, measured).await.is_empty());
         // Any connection dialled was connected before `open_spares` returned.
         let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;

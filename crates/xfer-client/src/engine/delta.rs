@@ -83,6 +83,19 @@ pub(crate) fn choose(
     }
 }
 
+/// Whether [`choose`] may try a delta for a large enough file over a path of round trip `rtt`
+/// to a daemon that does deltas: whether reading files for one ahead of the listing can pay.
+pub(crate) fn may_choose(mode: DeltaMode, bwlimit: Option<u64>, rtt: Option<Duration>) -> bool {
+    match mode {
+        DeltaMode::Never => false,
+        DeltaMode::Always => true,
+        DeltaMode::Auto => {
+            bwlimit.is_some_and(|rate| rate < DELTA_PAYS_BELOW)
+                || rtt.is_some_and(|rtt| rtt >= DELTA_PAYS_FROM_RTT)
+        }
+    }
+}
+
 /// Chunks one `DeltaSig` carries: small enough that the daemon starts copying soon after the
 /// first chunks are cut, large enough that a batch is worth a frame.
 const SIG_BATCH: usize = 2048;
@@ -737,6 +750,20 @@ mod tests {
     use tokio_util::bytes::Bytes;
 
     use super::*;
+
+    /// Files are read ahead of the listing only where a delta may be chosen for them.
+    #[test]
+    fn a_delta_may_be_chosen_only_over_a_slow_path_or_a_low_rate_limit() {
+        let (wan, lan) = (Some(DELTA_PAYS_FROM_RTT), Some(Duration::from_micros(200)));
+        let slow = Some(DELTA_PAYS_BELOW - 1);
+        assert!(may_choose(DeltaMode::Auto, None, wan));
+        assert!(may_choose(DeltaMode::Auto, slow, lan));
+        assert!(!may_choose(DeltaMode::Auto, None, lan));
+        assert!(!may_choose(DeltaMode::Auto, Some(DELTA_PAYS_BELOW), lan));
+        assert!(!may_choose(DeltaMode::Auto, None, None));
+        assert!(may_choose(DeltaMode::Always, None, lan));
+        assert!(!may_choose(DeltaMode::Never, slow, wan));
+    }
 
     fn noise(len: usize, mut x: u64) -> Vec<u8> {
         (0..len)
