@@ -173,6 +173,12 @@ pub struct Adapt {
     /// The first probe compressed (a far path) and has not been measured again: it ran while
     /// the connections were still in slow start, so it may lose only once measured again.
     first_on_unconfirmed: bool,
+    /// Raw bytes of this phase's chunks that went through the compressor: the pace
+    /// [`Adapt::compress_ceiling`] measures (not the raw chunks sent beside them).
+    raw_compressed: u64,
+    /// A chunk is being compressed to time the compressor, the others meanwhile going raw (see
+    /// [`Adapt::choose`]).
+    pacing: bool,
 }
 
 /// A measurement of delivered bytes still running after its phase handed over.
@@ -217,6 +223,8 @@ impl Adapt {
             window: None,
             pending: None,
             first_on_unconfirmed: false,
+            pacing: false,
+            raw_compressed: 0,
         }
     }
 
@@ -257,6 +265,16 @@ impl Adapt {
             self.skip -= 1;
             return Choice::Raw;
         }
+        // On a short path, an on probe after off compresses one chunk first, the others going
+        // raw meanwhile: its time tells whether the CPUs could compress as fast as off moved
+        // ([`Adapt::compress_ceiling`]), and a path faster than that (loopback) then pays for
+        // one compressed chunk instead of one on every connection.
+        if self.times_the_compressor_first() {
+            if self.pacing {
+                return Choice::Raw;
+            }
+            self.pacing = true;
+        }
         Choice::Compress {
             level: self.level,
             sample: true,
@@ -274,6 +292,10 @@ impl Adapt {
         self.raw += sent.raw;
         self.wire += sent.wire;
         self.compressing += sent.compress;
+        if !sent.compress.is_zero() {
+            self.pacing = false;
+            self.raw_compressed += sent.raw;
+        }
         if sent.wire < sent.raw {
             self.shrunk += 1;
             self.backoff = 1;
@@ -306,7 +328,7 @@ impl Adapt {
             self.adjust_level(elapsed);
         }
         self.watch_delivery(now, elapsed);
-        let ceiling = self.compress_ceiling();
+        let ceiling = self.compress_ceiling(now);
         let measured = self.measuring(now, since);
         let covered = measured.is_some_and(|m| self.queued_covers(m));
         let ends = match self.phase {
@@ -359,6 +381,11 @@ impl Adapt {
         } else {
             self.off_rate = rate.or(self.off_rate);
         }
+        if ceiling.is_some() && self.off_rate.is_none() {
+            // Ended on off's rate so far: it stands for the whole measurement.
+            self.off_rate = self.off_rate_so_far(now);
+            self.pending = None;
+        }
         self.phase = match (self.phase, self.off_rate, self.on_rate) {
             (Phase::Keep { on }, _, _) => Phase::Probe { on: !on },
             // A first on probe that shrank the data but lost is measured again, the
@@ -400,8 +427,36 @@ impl Adapt {
         self.begin(self.phase, now);
     }
 
+    /// Whether this probe times the compressor on one chunk before compressing on every
+    /// connection: an on probe over a short path (below [`FAR_PATH`]; a far one is limited by
+    /// its link) after off was measured (or is being, see [`Adapt::off_rate_so_far`]), nothing
+    /// compressed yet. The raw chunks sent meanwhile count in its measurement: a few, against a
+    /// probe's length.
+    fn times_the_compressor_first(&self) -> bool {
+        let near = self
+            .delivery
+            .and_then(|d| d.rtt)
+            .is_some_and(|rtt| rtt < FAR_PATH);
+        let off = self.off_rate.is_some() || self.pending.is_some_and(|p| !p.on);
+        near && self.phase == (Phase::Probe { on: true }) && off && self.compressing.is_zero()
+    }
+
+    /// Off's rate, or while its measurement is still pending (what it queued not all delivered
+    /// yet), the rate its bytes were delivered at so far.
+    fn off_rate_so_far(&self, now: Instant) -> Option<f64> {
+        self.off_rate.or_else(|| {
+            let pending = self.pending.filter(|p| !p.on)?;
+            let reading = self.delivery?;
+            let time = now.saturating_duration_since(pending.start).as_secs_f64();
+            let delivered = reading.acked.saturating_sub(pending.acked) as f64;
+            (time > 0.0 && delivered > 0.0).then(|| delivered / pending.ratio / time)
+        })
+    }
+
     /// Starts `phase` at `now`.
     fn begin(&mut self, phase: Phase, now: Instant) {
+        self.pacing = false;
+        self.raw_compressed = 0;
         self.phase = phase;
         self.since = Some(now);
         self.raw = 0;
@@ -545,15 +600,15 @@ impl Adapt {
     /// compress at the rate measured so far, once that already falls short of the off side:
     /// the probe has its answer and ends, so that a fast link (loopback) pays for a few
     /// chunks, not for a whole probe.
-    fn compress_ceiling(&self) -> Option<f64> {
-        let off_rate = self.off_rate?;
+    fn compress_ceiling(&self, now: Instant) -> Option<f64> {
+        let off_rate = self.off_rate_so_far(now)?;
         if self.phase != (Phase::Probe { on: true })
-            || self.shrunk < 2
+            || self.shrunk < 1
             || self.compressing.is_zero()
         {
             return None;
         }
-        let ceiling = self.raw as f64 / self.compressing.as_secs_f64() * self.cpus;
+        let ceiling = self.raw_compressed as f64 / self.compressing.as_secs_f64() * self.cpus;
         (ceiling < off_rate * MARGIN).then_some(ceiling)
     }
 
@@ -866,6 +921,59 @@ mod tests {
         );
     }
 
+    /// On loopback the compressor is timed on one chunk before every connection compresses:
+    /// the others go raw meanwhile, and once that chunk shows the CPUs cannot compress as fast
+    /// as off moved, the probe ends.
+    #[test]
+    fn a_short_path_times_the_compressor_on_one_chunk_first() {
+        let mut path = Path::new(1.2e9, 4.0 * MIB as f64, 400e6, 0.25, true);
+        path.rtt = Duration::from_micros(50);
+        let mut adapt = Adapt::new(2);
+        while adapt.phase != (Phase::Probe { on: true }) {
+            path.run(&mut adapt, Duration::from_millis(1));
+        }
+        // The on probe as it starts, nothing compressed yet.
+        adapt.begin(Phase::Probe { on: true }, path.now);
+        // Four connections ask at once: one compresses, three go raw.
+        let choices: Vec<Choice> = (0..4).map(|_| adapt.choose(path.now)).collect();
+        assert!(matches!(choices[0], Choice::Compress { .. }), "{choices:?}");
+        assert!(
+            choices[1..].iter().all(|c| *c == Choice::Raw),
+            "{choices:?}"
+        );
+        // The raw chunks go first; the compressed one took 2.5 ms for 1 MiB: two CPUs,
+        // 840 MB/s at most, below the 1.2 GB/s off moved (the raw chunks do not count in that
+        // pace). Once off's measurement is in, the probe ends on it.
+        for _ in 1..4 {
+            adapt.sent(Sent {
+                raw: MIB,
+                wire: MIB,
+                compress: Duration::ZERO,
+            });
+        }
+        adapt.sent(Sent {
+            raw: MIB,
+            wire: MIB / 4,
+            compress: Duration::from_micros(2500),
+        });
+        let compressed_before = path.compressed;
+        while adapt.decision().is_none() {
+            path.run(&mut adapt, Duration::from_millis(1));
+        }
+        assert!(!adapt.decision().unwrap().on);
+        let more = path.compressed - compressed_before;
+        assert!(more <= MIB as f64, "{more} more bytes compressed");
+        // A far path compresses on every connection at once.
+        let mut far = Adapt::new(2);
+        far.off_rate = Some(60e6);
+        far.phase = Phase::Probe { on: true };
+        far.delivered(Delivery {
+            rtt: Some(Duration::from_millis(50)),
+            ..Delivery::default()
+        });
+        assert!(!far.times_the_compressor_first());
+    }
+
     #[test]
     fn an_off_probe_far_behind_compressing_ends_early() {
         // 60 MB/s of link; compressed to a quarter at 400 MB/s, 240 MB/s of raw bytes arrive.
@@ -1075,7 +1183,7 @@ mod tests {
             });
         }
         assert!(!adapt.decision().unwrap().on);
-        assert_eq!(compressed, 2, "the on probe ends after two chunks");
+        assert_eq!(compressed, 1, "the on probe ends after one chunk");
     }
 
     #[test]
