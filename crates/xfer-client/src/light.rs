@@ -855,23 +855,27 @@ mod tests {
             .collect()
     }
 
+    /// A job sending from `local` to `t` on the daemon, with the files `ahead` holds.
+    fn job_into_t<'a>(local: &'a Root, ahead: &'a Ahead) -> Job<'a> {
+        Job {
+            local,
+            dest: "t",
+            chunk_size: 1 << 20,
+            why: "",
+            limiter: None,
+            done: &|_| {},
+            ahead,
+        }
+    }
+
     /// The chunk lengths of the `DeltaPut` prepared for a 2 MiB file against a basis of
     /// `basis_size` bytes, with `fine` (`CAP_DELTA_FINE`) or not.
     async fn signature_lengths(basis_size: u64, fine: bool) -> Vec<u32> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), noise(0x9e37_79b9_7f4a_7c15)).unwrap();
         let local = Root::open(dir.path()).unwrap();
-        let done = |_| {};
         let ahead = Ahead::default();
-        let job = Job {
-            local: &local,
-            dest: "t",
-            chunk_size: 1 << 20,
-            why: "",
-            limiter: None,
-            done: &done,
-            ahead: &ahead,
-        };
+        let job = job_into_t(&local, &ahead);
         let light = Light {
             path: "f".into(),
             basis_size,
@@ -908,17 +912,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let local = Root::open(dir.path()).unwrap();
-        let done = |_| {};
         let ahead = Ahead::default();
-        let job = Job {
-            local: &local,
-            dest: "t",
-            chunk_size: 1 << 20,
-            why: "",
-            limiter: None,
-            done: &done,
-            ahead: &ahead,
-        };
+        let job = job_into_t(&local, &ahead);
         let (blocks, sequential) = (
             xfer_core::digest::DigestKind::Blocks,
             xfer_core::digest::DigestKind::Sequential,
