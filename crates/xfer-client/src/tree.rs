@@ -1009,11 +1009,12 @@ fn walk_listing(
 /// before the copy connects and so before it knows whether the daemon keeps metadata (if not,
 /// the metadata goes unused: a third of the walk). Not on the blocking pool: a copy whose
 /// connection fails returns its error at once rather than after a walk of a large tree, which
-/// the runtime would wait for on the way out.
+/// the runtime would wait for on the way out. With `lights`, the files to read ahead go there
+/// first ([`light_candidates`]), but for those the filter leaves out.
 fn walk_early(
     local: &Root,
     keep: TreeOptions,
-    lights: Option<tokio::sync::oneshot::Sender<Vec<(String, u64)>>>,
+    lights: Option<(LightCandidates, xfer_core::Filter)>,
 ) -> tokio::sync::oneshot::Receiver<xfer_core::Result<Vec<MetaEntry>>> {
     let (walked, walking) = tokio::sync::oneshot::channel();
     let local = local.clone();
@@ -1021,8 +1022,16 @@ fn walk_early(
         .name("xfer-walk".into())
         .spawn(move || {
             let entries = local.walk_meta("", false, keep.xattrs);
-            if let (Some(lights), Ok(entries)) = (lights, &entries) {
-                let _ = lights.send(light_candidates(entries.iter().map(|e| &e.entry)));
+            if let (Some((lights, filter)), Ok(entries)) = (lights, &entries) {
+                // Those the copy leaves out are not read either.
+                let entries = entries.iter().map(|e| &e.entry);
+                let out = filter.excluded_set(
+                    entries
+                        .clone()
+                        .map(|e| (e.path.as_str(), e.kind == EntryKind::Dir)),
+                );
+                let kept = entries.filter(|e| !out.contains(&e.path));
+                let _ = lights.send(light_candidates(kept));
             }
             walked.send(entries)
         });
@@ -1032,6 +1041,9 @@ fn walk_early(
     }
     walking
 }
+
+/// Where the walk hands over the files to read ahead (see [`light_candidates`]): paths and sizes.
+type LightCandidates = tokio::sync::oneshot::Sender<Vec<(String, u64)>>;
 
 /// The files of a walk that may go as light deltas, newest first (those changed since the last
 /// copy, the likeliest to differ from the receiver's), with their sizes.
@@ -1253,7 +1265,8 @@ pub async fn send_tree_mirror(
     // deltas (see `light::read_ahead`): over a long path its round trips hide that work.
     let (lights, candidates) = tokio::sync::oneshot::channel();
     let reads_ahead = opts.delta != engine::DeltaMode::Never && !mirror.dry_run;
-    let walking = (!checksum).then(|| walk_early(&local, keep, reads_ahead.then_some(lights)));
+    let lights = reads_ahead.then(|| (lights, mirror.filter.clone()));
+    let walking = (!checksum).then(|| walk_early(&local, keep, lights));
     let ahead = crate::light::Ahead::default();
     let listed = tokio_util::sync::CancellationToken::new();
     let (dialed, dial_rtt) = tokio::sync::oneshot::channel();
@@ -2503,6 +2516,28 @@ mod tests {
         let paths: Vec<&str> = candidates.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["newer", "new", "mid", "old"]);
         assert_eq!(candidates[1].1, 3 << 20);
+    }
+
+    /// The walk hands over the light files to read ahead as the copy will see them: those its
+    /// filters leave out (by name, or in a directory left out) are not read.
+    #[tokio::test]
+    async fn the_walk_hands_over_no_light_file_the_filters_leave_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let two_mib = vec![7u8; 2 << 20];
+        std::fs::create_dir(dir.path().join("skip")).unwrap();
+        for name in ["kept", "skip/inside", "noise.log"] {
+            std::fs::write(dir.path().join(name), &two_mib).unwrap();
+        }
+        let local = Root::open(dir.path()).unwrap();
+        let filter =
+            xfer_core::Filter::new([(false, "skip/".to_string()), (false, "*.log".to_string())]);
+        let (lights, candidates) = tokio::sync::oneshot::channel();
+        let keep = TreeOptions::default();
+        let walked = walk_early(&local, keep, Some((lights, filter.unwrap())));
+        let candidates = candidates.await.unwrap();
+        assert_eq!(candidates, [("kept".to_string(), 2 << 20)]);
+        // The walk itself is whole: the filters apply to it later, as before.
+        assert_eq!(walked.await.unwrap().unwrap().len(), 5);
     }
 
     /// A tree's large files start largest first, whatever order the walk found them in: each
