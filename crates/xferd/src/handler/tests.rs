@@ -147,6 +147,16 @@ impl Client {
         }
     }
 
+    /// Sends the `Commit` of upload `id` with the digest of the first `len` bytes of `file`.
+    async fn send_commit_of(&mut self, id: u64, file: &std::fs::File, len: u64) {
+        let digest = xfer_core::digest::digest_file(file, len).unwrap().to_vec();
+        self.send(Frame::Commit(Commit {
+            transfer_id: id,
+            digest,
+        }))
+        .await;
+    }
+
     async fn goodbye(mut self) {
         self.send(Frame::Goodbye).await;
         assert!(self.reader.read_frame().await.unwrap().is_none());
@@ -601,14 +611,7 @@ async fn a_basis_rewritten_during_a_delta_gives_fewer_matches_never_wrong_bytes(
     // What was not copied is sent; the file commits as `new`, its digest checked.
     let held = xfer_core::RangeSet::from_ranges(found.matched);
     client.send_missing(id, &new, &held).await;
-    client
-        .send(Frame::Commit(Commit {
-            transfer_id: id,
-            digest: xfer_core::digest::digest_file(&sig_file, new.len() as u64)
-                .unwrap()
-                .to_vec(),
-        }))
-        .await;
+    client.send_commit_of(id, &sig_file, new.len() as u64).await;
     let Frame::Committed(_) = client.next().await else {
         panic!("want Committed")
     };
@@ -850,14 +853,7 @@ async fn a_light_file_is_answered_before_its_copies_are_written_and_commits_afte
 
     // The literal data is written beside the held copies.
     client.send_missing(id, &new, &held).await;
-    client
-        .send(Frame::Commit(Commit {
-            transfer_id: id,
-            digest: xfer_core::digest::digest_file(&new_file, new.len() as u64)
-                .unwrap()
-                .to_vec(),
-        }))
-        .await;
+    client.send_commit_of(id, &new_file, new.len() as u64).await;
     // The handler (on this thread) reads the commit and waits for the copies: no answer yet,
     // where a commit that did not wait would have answered that bytes are missing.
     for _ in 0..100 {
