@@ -68,11 +68,9 @@ pub fn regions(size: u64, parts: usize) -> Vec<ByteRange> {
         .collect()
 }
 
-/// The cores to cut on. Asked of the system once: each asking reads the cgroup's CPU quota
-/// from its files, a cost measured on every `DeltaPut` of a tree's light files.
+/// The cores to cut on: all the process may use ([`crate::cores`]).
 pub fn parallelism() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    crate::cores()
 }
 
 /// One content-defined chunk of a file.

@@ -176,7 +176,7 @@ pub struct Totals {
 impl Compressor {
     /// A compressor for `mode`; `label` names the sender in the `auto` decisions it logs.
     pub fn new(mode: Compression, label: &'static str) -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let cpus = xfer_core::cores();
         Self {
             mode,
             adapt: Arc::new(Mutex::new(AdaptState {
@@ -529,9 +529,8 @@ struct PackersState {
 
 /// The process's packers, one per CPU at most: compressing is CPU-bound, so more at once
 /// would only share the CPUs.
-static PACKERS: std::sync::LazyLock<Packers> = std::sync::LazyLock::new(|| {
-    Packers::new(std::thread::available_parallelism().map_or(1, usize::from))
-});
+static PACKERS: std::sync::LazyLock<Packers> =
+    std::sync::LazyLock::new(|| Packers::new(xfer_core::cores()));
 
 /// Runs `f` with one of the process's packers, waiting for one while all are in use: every
 /// connection and thread shares them. A zstd context and encode buffer per thread grew with
