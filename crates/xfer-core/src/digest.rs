@@ -52,6 +52,32 @@ pub const DIGEST_BLOCK: u64 = 1 << 20;
 /// them is read back once complete instead. Each is an XXH3 state of under 1 KiB.
 pub const MAX_OPEN_BLOCKS: usize = 1024;
 
+/// Bytes one receiver ([`Blocks`]) keeps of pieces written ahead of where their block's hasher
+/// stands, to hash from memory once the gap before them is filled, instead of reading the block
+/// back from the disk (a light file's delta fills each changed span last: the runs copied after
+/// it were written first).
+pub const MAX_HELD_AHEAD: usize = 4 << 20;
+/// Bytes all the receivers of this process keep so, at most: past it, a block is read back.
+pub const MAX_HELD_AHEAD_IN_PROCESS: usize = 64 << 20;
+
+/// Bytes every [`Blocks`] of this process holds ahead (see [`MAX_HELD_AHEAD_IN_PROCESS`]).
+static HELD_AHEAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Takes `n` bytes of the process's room for pieces held ahead, if there is room.
+fn take_held_ahead(n: usize) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    HELD_AHEAD
+        .fetch_update(Relaxed, Relaxed, |used| {
+            (used + n <= MAX_HELD_AHEAD_IN_PROCESS).then_some(used + n)
+        })
+        .is_ok()
+}
+
+/// Gives back `n` bytes taken by [`take_held_ahead`].
+fn give_back_held_ahead(n: usize) {
+    HELD_AHEAD.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Which whole-file digest a session uses (proto.md §2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DigestKind {
@@ -288,15 +314,16 @@ impl Frontier {
 
 /// The block digest ([`DigestKind::Blocks`]) computed over bytes that arrive in any order.
 ///
-/// Each block is hashed from the bytes written into it while they arrive in order within it
-/// (one write covering it, or consecutive writes); a block whose pieces arrive out of order
-/// within it, or that was written before this process (a resume) or as a hole, is read back
-/// once it is complete. Completed block digests are combined in block order; those completed
-/// ahead of the first missing block wait as 16 bytes each.
+/// Each block is hashed from the bytes written into it: in order as they arrive, and a piece
+/// that arrives ahead of the bytes before it is kept until they come (within
+/// [`MAX_HELD_AHEAD`], and [`MAX_HELD_AHEAD_IN_PROCESS`] for the whole process). A block whose
+/// pieces could not be kept so, or that was written before this process (a resume) or as a
+/// hole, is read back once it is complete. Completed block digests are combined in block order;
+/// those completed ahead of the first missing block wait as 16 bytes each.
 ///
 /// Bounds: 16 bytes (plus a map entry) per block waiting ahead or 8 per block marked for read-back
-/// (about 1.6 MB per 100 GiB of file at most), and at most [`MAX_OPEN_BLOCKS`] in-progress
-/// hashers; a block started beyond them is read back instead.
+/// (about 1.6 MB per 100 GiB of file at most), at most [`MAX_OPEN_BLOCKS`] in-progress hashers
+/// (a block started beyond them is read back instead), and [`MAX_HELD_AHEAD`] bytes held ahead.
 pub struct Blocks {
     size: u64,
     /// Blocks combined into `outer`: all of `[0, next)`.
@@ -304,8 +331,12 @@ pub struct Blocks {
     outer: Xxh3,
     /// Digests of blocks complete beyond `next`.
     ahead: std::collections::BTreeMap<u64, Digest>,
-    /// Blocks hashed as written so far: the hasher and the bytes of the block it has seen.
-    open: std::collections::HashMap<u64, (Box<Xxh3>, u64)>,
+    /// Blocks hashed as written so far.
+    open: std::collections::HashMap<u64, Open>,
+    /// Bytes of the pieces `open` holds ahead, taken from the process's room for them.
+    held_ahead: usize,
+    /// The most `held_ahead` may reach.
+    max_held_ahead: usize,
     /// Blocks to read back once every byte of them is held.
     stale: std::collections::BTreeSet<u64>,
 }
@@ -318,7 +349,51 @@ impl std::fmt::Debug for Blocks {
             .field("ahead", &self.ahead.len())
             .field("open", &self.open.len())
             .field("stale", &self.stale.len())
+            .field("held_ahead", &self.held_ahead)
             .finish()
+    }
+}
+
+impl Drop for Blocks {
+    fn drop(&mut self) {
+        give_back_held_ahead(self.held_ahead);
+    }
+}
+
+/// A block being hashed as it is written.
+#[derive(Default)]
+struct Open {
+    hasher: Box<Xxh3>,
+    /// Bytes of the block hashed: all of `[0, seen)` from its start.
+    seen: u64,
+    /// Pieces written beyond `seen`, by their offset in the block, to hash once it reaches them.
+    ahead: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl Open {
+    /// Takes in `piece`, at `at` in the block, if it starts at or before `seen`; then the pieces
+    /// held ahead that it reaches. Returns the bytes of those given back.
+    fn hash_from(&mut self, at: u64, piece: &[u8]) -> usize {
+        if at > self.seen {
+            return 0;
+        }
+        let mut freed = 0;
+        let (mut at, mut piece) = (at, std::borrow::Cow::Borrowed(piece));
+        loop {
+            let end = at + piece.len() as u64;
+            if end > self.seen {
+                self.hasher.update(&piece[(self.seen - at) as usize..]);
+                self.seen = end;
+            }
+            match self.ahead.first_key_value() {
+                Some((&next, _)) if next <= self.seen => {
+                    let (next, held) = self.ahead.pop_first().expect("just seen");
+                    freed += held.len();
+                    (at, piece) = (next, std::borrow::Cow::Owned(held));
+                }
+                _ => return freed,
+            }
+        }
     }
 }
 
@@ -348,13 +423,29 @@ impl WholeBlocks {
 impl Blocks {
     /// Nothing hashed yet, for a file of `size` bytes.
     pub fn new(size: u64) -> Self {
+        Self::holding_ahead(size, MAX_HELD_AHEAD)
+    }
+
+    /// [`new`](Self::new) that holds at most `max` bytes of pieces ahead.
+    pub fn holding_ahead(size: u64, max: usize) -> Self {
         Self {
             size,
             next: 0,
             outer: Xxh3::new(),
             ahead: std::collections::BTreeMap::new(),
             open: std::collections::HashMap::new(),
+            held_ahead: 0,
+            max_held_ahead: max,
             stale: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Stops hashing block `index` as written, giving back what it held ahead.
+    fn close(&mut self, index: u64) {
+        if let Some(open) = self.open.remove(&index) {
+            let held: usize = open.ahead.values().map(Vec::len).sum();
+            self.held_ahead -= held;
+            give_back_held_ahead(held);
         }
     }
 
@@ -377,7 +468,7 @@ impl Blocks {
 
     /// Records the digest of block `index`.
     pub fn complete(&mut self, index: u64, digest: Digest) {
-        self.open.remove(&index);
+        self.close(index);
         self.stale.remove(&index);
         if index < self.next {
             return;
@@ -406,7 +497,7 @@ impl Blocks {
         }
         for index in range.start / DIGEST_BLOCK..range.end.div_ceil(DIGEST_BLOCK) {
             if !self.done(index) {
-                self.open.remove(&index);
+                self.close(index);
                 self.stale.insert(index);
             }
         }
@@ -442,34 +533,14 @@ impl Blocks {
             let block = block_range(index, self.size);
             let (start, stop) = (offset.max(block.start), end.min(block.end));
             let piece = &bytes[(start - offset) as usize..(stop - offset) as usize];
-            if !self.stale.contains(&index) {
-                let room = self.open.len() < MAX_OPEN_BLOCKS;
-                match self.open.get_mut(&index) {
-                    Some((hasher, seen)) if start <= block.start + *seen => {
-                        let from = block.start + *seen;
-                        if stop > from {
-                            hasher.update(&piece[(from - start) as usize..]);
-                            *seen = stop - block.start;
-                        }
-                    }
-                    None if start == block.start && room => {
-                        let mut hasher = Box::new(Xxh3::new());
-                        hasher.update(piece);
-                        self.open.insert(index, (hasher, stop - block.start));
-                    }
-                    // A piece beyond what the block has seen, or beyond the hashers' bound.
-                    _ => {
-                        self.open.remove(&index);
-                        self.stale.insert(index);
-                    }
-                }
-                if let Some((hasher, seen)) = self.open.get(&index) {
-                    if *seen == block.len() {
-                        let digest = hasher.digest128().to_be_bytes();
+            if !self.stale.contains(&index) && self.take_in(index, start - block.start, piece) {
+                if let Some(open) = self.open.get(&index) {
+                    if open.seen == block.len() {
+                        let digest = open.hasher.digest128().to_be_bytes();
                         self.complete(index, digest);
                     }
-                    continue;
                 }
+                continue;
             }
             if held.contains(block) {
                 self.stale.remove(&index);
@@ -477,6 +548,37 @@ impl Blocks {
             }
         }
         to_read
+    }
+
+    /// Hashes `piece`, at `at` in block `index`, or holds it until the bytes before it come;
+    /// false (the block marked stale) where neither can be done within the bounds.
+    fn take_in(&mut self, index: u64, at: u64, piece: &[u8]) -> bool {
+        let room = self.open.contains_key(&index) || self.open.len() < MAX_OPEN_BLOCKS;
+        if room {
+            let open = self.open.entry(index).or_default();
+            if at <= open.seen {
+                let freed = open.hash_from(at, piece);
+                self.held_ahead -= freed;
+                give_back_held_ahead(freed);
+                return true;
+            }
+            let n = piece.len();
+            let longer = open.ahead.get(&at).is_none_or(|held| held.len() < n);
+            if !longer {
+                return true;
+            }
+            if self.held_ahead + n <= self.max_held_ahead && take_held_ahead(n) {
+                if let Some(replaced) = open.ahead.insert(at, piece.to_vec()) {
+                    self.held_ahead -= replaced.len();
+                    give_back_held_ahead(replaced.len());
+                }
+                self.held_ahead += n;
+                return true;
+            }
+        }
+        self.close(index);
+        self.stale.insert(index);
+        false
     }
 
     /// Blocks marked stale that touch `within` and that `held` now covers whole: to read back
@@ -610,8 +712,17 @@ mod block_tests {
     /// Writes `data` into a fresh [`Blocks`] in the pieces `pieces` (in that order), reading
     /// back from `data` what it asks for; returns the digest and the bytes read back.
     fn receive(data: &[u8], pieces: &[(usize, usize)]) -> (Option<Digest>, u64) {
+        receive_holding(data, pieces, MAX_HELD_AHEAD)
+    }
+
+    /// [`receive`] into a [`Blocks`] that holds at most `max` bytes ahead.
+    fn receive_holding(
+        data: &[u8],
+        pieces: &[(usize, usize)],
+        max: usize,
+    ) -> (Option<Digest>, u64) {
         let size = data.len() as u64;
-        let mut blocks = Blocks::new(size);
+        let mut blocks = Blocks::holding_ahead(size, max);
         let mut held = RangeSet::new();
         let mut read_back = 0u64;
         let mut read = |pos: u64, n: usize, sink: &mut dyn FnMut(&[u8])| {
@@ -710,11 +821,37 @@ mod block_tests {
     }
 
     #[test]
-    fn a_block_written_in_pieces_out_of_order_is_read_back_once_when_complete() {
+    fn a_block_written_in_pieces_out_of_order_is_hashed_from_the_pieces_held_ahead() {
         let data = bytes(3 << 20);
         let mib = 1usize << 20;
         let k = 1024;
-        // Block 1 in three pieces, the last first; blocks 0 and 2 whole.
+        // Block 1 in four pieces, the last two first (as a light file's delta fills a changed
+        // span after the runs copied around it); blocks 0 and 2 whole.
+        let pieces = [
+            (mib + 700 * k, 2 * mib),
+            (mib + 500 * k, mib + 700 * k),
+            (0, mib),
+            (mib, mib + 300 * k),
+            (2 * mib, 3 * mib),
+            (mib + 300 * k, mib + 500 * k),
+        ];
+        assert_eq!(receive(&data, &pieces), (Some(by_definition(&data)), 0));
+        // Held pieces that overlap, or written again (a chunk sent twice), hash once.
+        let mut again = pieces.to_vec();
+        again.insert(1, (mib + 600 * k, 2 * mib));
+        again.insert(1, (mib + 700 * k, 2 * mib));
+        again.push((mib, 2 * mib));
+        assert_eq!(receive(&data, &again), (Some(by_definition(&data)), 0));
+        let mut wrong = data.clone();
+        wrong[mib + 800 * k] ^= 1;
+        assert_ne!(receive(&wrong, &pieces).0, Some(by_definition(&data)));
+    }
+
+    #[test]
+    fn a_block_whose_pieces_ahead_exceed_the_bound_is_read_back_once_when_complete() {
+        let data = bytes(3 << 20);
+        let mib = 1usize << 20;
+        let k = 1024;
         let pieces = [
             (mib + 700 * k, 2 * mib),
             (0, mib),
@@ -722,16 +859,33 @@ mod block_tests {
             (2 * mib, 3 * mib),
             (mib + 300 * k, mib + 700 * k),
         ];
-        let (digest, read_back) = receive(&data, &pieces);
-        assert_eq!(digest, Some(by_definition(&data)));
-        assert_eq!(read_back, mib as u64);
+        // 324 KiB ahead, 200 KiB allowed: block 1 is read back, once.
+        let (digest, read_back) = receive_holding(&data, &pieces, 200 * k);
+        assert_eq!(
+            (digest, read_back),
+            (Some(by_definition(&data)), mib as u64)
+        );
         // Written again (a chunk sent twice) after it was read back: nothing changes.
         let mut again = pieces.to_vec();
         again.push((mib, 2 * mib));
         assert_eq!(
-            receive(&data, &again),
+            receive_holding(&data, &again, 200 * k),
             (Some(by_definition(&data)), mib as u64)
         );
+        // Within the bound, nothing is.
+        assert_eq!(
+            receive_holding(&data, &pieces, 324 * k),
+            (Some(by_definition(&data)), 0)
+        );
+        // What was held goes back to the process once the block is done or given up.
+        let mut blocks = Blocks::holding_ahead(data.len() as u64, 324 * k);
+        let mut held = RangeSet::new();
+        held.insert(ByteRange::new((mib + 700 * k) as u64, 2 * mib as u64));
+        let piece = &data[mib + 700 * k..2 * mib];
+        blocks.feed((mib + 700 * k) as u64, piece, WholeBlocks::default(), &held);
+        assert_eq!(blocks.held_ahead, 324 * k);
+        blocks.mark_stale(ByteRange::new(mib as u64, (mib + 1) as u64));
+        assert_eq!(blocks.held_ahead, 0);
     }
 
     #[test]
