@@ -738,6 +738,18 @@ mod block_tests {
                     .read_back(index, &RangeSet::new(), 1 << 16, &mut read)
                     .unwrap();
             }
+            // What is counted as held is what is held, within the bound.
+            let kept: usize = blocks
+                .open
+                .values()
+                .flat_map(|open| open.ahead.values())
+                .map(Vec::len)
+                .sum();
+            assert_eq!(blocks.held_ahead, kept);
+            assert!(kept <= max);
+        }
+        if blocks.digest().is_some() {
+            assert_eq!(blocks.held_ahead, 0, "held past the last block");
         }
         (blocks.digest(), read_back)
     }
@@ -845,6 +857,46 @@ mod block_tests {
         let mut wrong = data.clone();
         wrong[mib + 800 * k] ^= 1;
         assert_ne!(receive(&wrong, &pieces).0, Some(by_definition(&data)));
+    }
+
+    #[test]
+    fn pieces_in_any_order_with_resends_and_any_bound_give_the_digest_by_definition() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |below: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % below as u64) as usize
+        };
+        for seed in 1..=150u64 {
+            let size = 1 + next(7 << 19);
+            let data = crate::test_data::pseudo_random(size, seed);
+            // Cut at random offsets, shuffled, some ranges written again (a chunk resent).
+            let mut cuts: Vec<usize> = (0..1 + next(40)).map(|_| next(size)).collect();
+            cuts.extend([0, size]);
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut pieces: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+            for i in (1..pieces.len()).rev() {
+                pieces.swap(i, next(i + 1));
+            }
+            for _ in 0..next(6) {
+                let at = next(pieces.len() + 1);
+                // Anywhere, or from where a piece starts and further (held anew, longer).
+                let from = match next(2) {
+                    0 => next(size),
+                    _ => pieces[next(pieces.len())].0,
+                };
+                pieces.insert(at, (from, from + 1 + next(size - from)));
+            }
+            let max = [0, 64 << 10, 1 << 20, MAX_HELD_AHEAD][next(4)];
+            let (digest, _) = receive_holding(&data, &pieces, max);
+            assert_eq!(
+                digest,
+                Some(by_definition(&data)),
+                "seed {seed}, {size} bytes, bound {max}, pieces {pieces:?}"
+            );
+        }
     }
 
     #[test]
