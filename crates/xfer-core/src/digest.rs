@@ -63,19 +63,27 @@ pub const MAX_HELD_AHEAD_IN_PROCESS: usize = 64 << 20;
 /// Bytes every [`Blocks`] of this process holds ahead (see [`MAX_HELD_AHEAD_IN_PROCESS`]).
 static HELD_AHEAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Takes `n` bytes of the process's room for pieces held ahead, if there is room.
-fn take_held_ahead(n: usize) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    HELD_AHEAD
-        .fetch_update(Relaxed, Relaxed, |used| {
-            (used + n <= MAX_HELD_AHEAD_IN_PROCESS).then_some(used + n)
-        })
-        .is_ok()
+/// A copy of a piece held ahead, counted in [`HELD_AHEAD`] for as long as it lives.
+struct Held(Vec<u8>);
+
+impl Held {
+    /// A copy of `piece`, if the process has room for it.
+    fn of(piece: &[u8]) -> Option<Self> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = piece.len();
+        HELD_AHEAD
+            .fetch_update(Relaxed, Relaxed, |used| {
+                (used + n <= MAX_HELD_AHEAD_IN_PROCESS).then_some(used + n)
+            })
+            .ok()
+            .map(|_| Self(piece.to_vec()))
+    }
 }
 
-/// Gives back `n` bytes taken by [`take_held_ahead`].
-fn give_back_held_ahead(n: usize) {
-    HELD_AHEAD.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+impl Drop for Held {
+    fn drop(&mut self) {
+        HELD_AHEAD.fetch_sub(self.0.len(), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Which whole-file digest a session uses (proto.md §2.4).
@@ -333,7 +341,7 @@ pub struct Blocks {
     ahead: std::collections::BTreeMap<u64, Digest>,
     /// Blocks hashed as written so far.
     open: std::collections::HashMap<u64, Open>,
-    /// Bytes of the pieces `open` holds ahead, taken from the process's room for them.
+    /// Bytes of the pieces `open` holds ahead.
     held_ahead: usize,
     /// The most `held_ahead` may reach.
     max_held_ahead: usize,
@@ -354,12 +362,6 @@ impl std::fmt::Debug for Blocks {
     }
 }
 
-impl Drop for Blocks {
-    fn drop(&mut self) {
-        give_back_held_ahead(self.held_ahead);
-    }
-}
-
 /// A block being hashed as it is written.
 #[derive(Default)]
 struct Open {
@@ -367,32 +369,32 @@ struct Open {
     /// Bytes of the block hashed: all of `[0, seen)` from its start.
     seen: u64,
     /// Pieces written beyond `seen`, by their offset in the block, to hash once it reaches them.
-    ahead: std::collections::BTreeMap<u64, Vec<u8>>,
+    ahead: std::collections::BTreeMap<u64, Held>,
 }
 
 impl Open {
-    /// Takes in `piece`, at `at` in the block, if it starts at or before `seen`; then the pieces
-    /// held ahead that it reaches. Returns the bytes of those given back.
+    /// Takes in `piece`, at `at` (at most `seen`) in the block; then the pieces held ahead that
+    /// it reaches. Returns the bytes of those let go.
     fn hash_from(&mut self, at: u64, piece: &[u8]) -> usize {
-        if at > self.seen {
-            return 0;
-        }
+        self.hash_in(at, piece);
         let mut freed = 0;
-        let (mut at, mut piece) = (at, std::borrow::Cow::Borrowed(piece));
-        loop {
-            let end = at + piece.len() as u64;
-            if end > self.seen {
-                self.hasher.update(&piece[(self.seen - at) as usize..]);
-                self.seen = end;
+        while let Some(entry) = self.ahead.first_entry() {
+            if *entry.key() > self.seen {
+                break;
             }
-            match self.ahead.first_key_value() {
-                Some((&next, _)) if next <= self.seen => {
-                    let (next, held) = self.ahead.pop_first().expect("just seen");
-                    freed += held.len();
-                    (at, piece) = (next, std::borrow::Cow::Owned(held));
-                }
-                _ => return freed,
-            }
+            let (at, held) = entry.remove_entry();
+            freed += held.0.len();
+            self.hash_in(at, &held.0);
+        }
+        freed
+    }
+
+    /// Hashes what `piece`, at `at` (at most `seen`) in the block, has beyond `seen`.
+    fn hash_in(&mut self, at: u64, piece: &[u8]) {
+        let end = at + piece.len() as u64;
+        if end > self.seen {
+            self.hasher.update(&piece[(self.seen - at) as usize..]);
+            self.seen = end;
         }
     }
 }
@@ -440,12 +442,10 @@ impl Blocks {
         }
     }
 
-    /// Stops hashing block `index` as written, giving back what it held ahead.
+    /// Stops hashing block `index` as written, letting go of what it held ahead.
     fn close(&mut self, index: u64) {
         if let Some(open) = self.open.remove(&index) {
-            let held: usize = open.ahead.values().map(Vec::len).sum();
-            self.held_ahead -= held;
-            give_back_held_ahead(held);
+            self.held_ahead -= open.ahead.values().map(|held| held.0.len()).sum::<usize>();
         }
     }
 
@@ -557,20 +557,20 @@ impl Blocks {
         if room {
             let open = self.open.entry(index).or_default();
             if at <= open.seen {
-                let freed = open.hash_from(at, piece);
-                self.held_ahead -= freed;
-                give_back_held_ahead(freed);
+                self.held_ahead -= open.hash_from(at, piece);
                 return true;
             }
             let n = piece.len();
-            let longer = open.ahead.get(&at).is_none_or(|held| held.len() < n);
+            let longer = open.ahead.get(&at).is_none_or(|held| held.0.len() < n);
             if !longer {
                 return true;
             }
-            if self.held_ahead + n <= self.max_held_ahead && take_held_ahead(n) {
-                if let Some(replaced) = open.ahead.insert(at, piece.to_vec()) {
-                    self.held_ahead -= replaced.len();
-                    give_back_held_ahead(replaced.len());
+            let copy = (self.held_ahead + n <= self.max_held_ahead)
+                .then(|| Held::of(piece))
+                .flatten();
+            if let Some(copy) = copy {
+                if let Some(replaced) = open.ahead.insert(at, copy) {
+                    self.held_ahead -= replaced.0.len();
                 }
                 self.held_ahead += n;
                 return true;
@@ -743,7 +743,7 @@ mod block_tests {
                 .open
                 .values()
                 .flat_map(|open| open.ahead.values())
-                .map(Vec::len)
+                .map(|held| held.0.len())
                 .sum();
             assert_eq!(blocks.held_ahead, kept);
             assert!(kept <= max);
