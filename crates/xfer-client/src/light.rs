@@ -36,7 +36,7 @@ const PREPARED_AHEAD: usize = 2;
 /// on a long path's 8) would only finish all of them late together; in turn, the first
 /// `DeltaPut`s leave after one file's work, and the daemon starts on them while the rest are read.
 static PREPARING: std::sync::LazyLock<Semaphore> =
-    std::sync::LazyLock::new(|| Semaphore::new(delta::parallelism()));
+    std::sync::LazyLock::new(|| Semaphore::new(xfer_core::cores()));
 
 /// A light file to send, and the size of the file the receiver holds under its name.
 #[derive(Debug, Clone)]

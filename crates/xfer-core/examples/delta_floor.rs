@@ -31,7 +31,7 @@ fn main() {
     let file = File::open(&path).expect("open");
     let size = file.metadata().expect("stat").len();
     let avg = delta::avg_chunk(size);
-    let cores = delta::parallelism();
+    let cores = xfer_core::cores();
     timed("read (page cache), 128 KiB reads", size, || {
         read_all(&file, size, &mut |_| {})
     });

@@ -68,11 +68,6 @@ pub fn regions(size: u64, parts: usize) -> Vec<ByteRange> {
         .collect()
 }
 
-/// The cores to cut on: all the process may use ([`crate::cores`]).
-pub fn parallelism() -> usize {
-    crate::cores()
-}
-
 /// One content-defined chunk of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cut {

@@ -487,7 +487,7 @@ impl Cutting {
     /// by content (`DeltaSig`).
     fn start(source: &SourceFile, held: &RangeSet, avg: u32, guess: bool) -> Self {
         let size = source.identity().size;
-        let regions = delta::regions(size, delta::parallelism());
+        let regions = delta::regions(size, xfer_core::cores());
         let ahead = (BATCHES_AHEAD / regions.len()).max(2);
         let (receivers, cutters) = regions
             .into_iter()
@@ -706,7 +706,7 @@ const MAX_SIG_PIECE: u64 = 32 * 1024 * 1024;
 /// so that one `DeltaSig` answers it whole.
 fn sig_pieces(size: u64, avg_chunk: u32) -> Vec<ByteRange> {
     let most = (MAX_DELTA_CHUNKS as u64 * u64::from(avg_chunk / 4)).min(MAX_SIG_PIECE);
-    delta::regions(size, delta::parallelism())
+    delta::regions(size, xfer_core::cores())
         .into_iter()
         .filter(|region| !region.is_empty())
         .flat_map(|region| {
@@ -967,7 +967,7 @@ mod tests {
             }
             assert_eq!(at, size);
             // Every region edge is a piece edge: both sides force a cut there.
-            for region in delta::regions(size, delta::parallelism()) {
+            for region in delta::regions(size, xfer_core::cores()) {
                 assert!(pieces.iter().any(|p| p.start == region.start));
             }
         }

@@ -299,7 +299,7 @@ impl Handler {
         };
         let (partial, name) = (Arc::clone(&lease.partial), name.clone());
         let started = std::time::Instant::now();
-        let parallel = delta::parallelism().clamp(2, MAX_PARALLEL_COPIES);
+        let parallel = xfer_core::cores().clamp(2, MAX_PARALLEL_COPIES);
         // The runs being matched, queued and written at once, each at most MAX_COPY bytes.
         let mut reservation = self
             .shared
