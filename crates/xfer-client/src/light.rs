@@ -8,7 +8,9 @@
 //! this cannot carry (refused, a digest that did not match, a connection lost) is left to the
 //! chunked engine, which resumes it or sends it whole.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashSet;
 use std::sync::Mutex;
 
 use futures_util::stream::{self, StreamExt};
@@ -180,10 +182,10 @@ const AHEAD_BYTES: u64 = 256 << 20;
 /// Light files read for their `DeltaPut`s while the receiver's listing is on its way
 /// ([`read_ahead`]), by path: [`prepare`] takes one where the guess it was read on held.
 #[derive(Default)]
-pub(crate) struct Ahead(Mutex<std::collections::HashMap<String, Prepared>>);
+pub(crate) struct Ahead(Mutex<foldhash::HashMap<String, Prepared>>);
 
 impl Ahead {
-    fn files(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Prepared>> {
+    fn files(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<String, Prepared>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 

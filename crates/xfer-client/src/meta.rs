@@ -4,7 +4,7 @@
 //! that finish each entry, directories last and deepest first. Used with `CAP_TREE_META`; an
 //! older daemon gets a tree copy without them and one warning.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::sync::Mutex;
 
 use xfer_proto::{EntryKind, Meta, MetaEntry, MetaSet, PutFile, PutFileMeta, SetMeta, TreeEntry};
@@ -159,12 +159,13 @@ impl MetaPlan {
     /// The metadata of the files in `small` whose metadata was read, to be stored with them.
     pub(crate) fn file_metas(&self, small: &[TreeEntry]) -> FileMetas {
         let wanted: HashSet<&str> = small.iter().map(|e| e.path.as_str()).collect();
-        let by_path = self
-            .source
-            .iter()
-            .filter(|e| e.meta.st_mode != 0 && wanted.contains(e.entry.path.as_str()))
-            .map(|e| (e.entry.path.clone(), e.meta.clone()))
-            .collect();
+        let mut by_path = HashMap::with_capacity(wanted.len());
+        by_path.extend(
+            self.source
+                .iter()
+                .filter(|e| e.meta.st_mode != 0 && wanted.contains(e.entry.path.as_str()))
+                .map(|e| (e.entry.path.clone(), e.meta.clone())),
+        );
         FileMetas {
             by_path,
             keep: self.keep,

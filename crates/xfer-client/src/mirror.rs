@@ -20,7 +20,7 @@
 //!   whose `target` names the other name); `cD+++++++++ PATH` a device or special node;
 //! - `*deleting   PATH`: an entry removed.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet, HashSetExt};
 
 use xfer_core::filter::ancestors;
 pub use xfer_core::filter::{Filter, FilterError};
@@ -452,7 +452,7 @@ mod tests {
             size: 5,
             ..entry("f", File, 0)
         };
-        let receiver = [("f".to_string(), entry("f", File, 1))].into();
+        let receiver = HashMap::from_iter([("f".to_string(), entry("f", File, 1))]);
         let c = changes(&[ours], &receiver, &Removals::default(), |_| true);
         assert_eq!(c.iter().map(itemize).collect::<Vec<_>>(), [">f.st...... f"]);
     }

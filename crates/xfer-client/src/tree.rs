@@ -3,7 +3,9 @@
 //! files go through the chunked engine with all connections; links are copied as links; modes
 //! and mtimes are kept; the receiving side is flushed once at the end.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashSet, HashSetExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
