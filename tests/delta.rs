@@ -579,6 +579,92 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
     light.assert_arrived(&tree.root());
 }
 
+/// A tree's changed small files (below the small-file size, which travel whole in batches)
+/// move as deltas beside its light files where a delta pays for their sum: forced here
+/// (`--delta`); on loopback, a fast path, they go whole by default. Files under 64 KiB, unchanged
+/// files and new files are not deltas either way.
+#[test]
+fn a_trees_changed_small_files_go_as_deltas_where_their_sum_pays() {
+    let tree = Tree::new();
+    let src = tree.src("s");
+    std::fs::create_dir_all(&src).unwrap();
+    let path = |name: &str| src.join(name);
+    let mut files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| (format!("mid{i}"), noise(200 * 1024, 1200 + i)))
+        .collect();
+    files.push(("tiny".into(), noise(32 * 1024, 1300)));
+    for (name, bytes) in &files {
+        std::fs::write(path(name), bytes).unwrap();
+    }
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([src.to_str().unwrap(), &addr, "--as", "s"]);
+        xfer_tests::xfer(&args).ok()
+    };
+    let assert_arrived = |names: &[String]| {
+        for name in names {
+            let arrived = tree.root().join("s").join(name);
+            assert_eq!(sha256_file(&arrived), sha256_file(&path(name)), "{name}");
+        }
+    };
+    send(&["--whole-file"]);
+    // Eight of the ten change in place, the tiny one too, and one file is new.
+    let change = |files: &mut Vec<(String, Vec<u8>)>, seed: u64| {
+        for (i, (name, bytes)) in files
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| *i < 8 || *i == 10)
+        {
+            let at = bytes.len() / 4 + i * 1000;
+            bytes[at..at + 8192].copy_from_slice(&noise(8192, seed + i as u64));
+            std::fs::write(path(name), &bytes).unwrap();
+        }
+    };
+    change(&mut files, 1400);
+    std::fs::write(path("new"), noise(150 * 1024, 1500)).unwrap();
+    let names: Vec<String> = files
+        .iter()
+        .map(|(n, _)| n.clone())
+        .chain(["new".into()])
+        .collect();
+
+    let out = send(&["--delta", "-v", "-c", "2"]);
+    let json = out.json();
+    assert_eq!(out.json_u64("files_transferred"), 10, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 8, "{json}");
+    // Each change and the 1 KiB blocks either side, the tiny file and the new one whole.
+    let most = 8 * (8192 + 4096) + 32 * 1024 + 150 * 1024;
+    assert!(out.json_u64("literal_bytes") <= most, "{json}");
+    assert!(
+        out.json_u64("matched_bytes") >= 8 * (200 * 1024 - 8192 - 4096),
+        "{json}"
+    );
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.contains("delta transfer: --delta") && l.contains("s/mid3")),
+        "{}",
+        out.stderr
+    );
+    assert_arrived(&names);
+
+    // By default, over loopback, the same changes go whole.
+    change(&mut files, 1600);
+    let out = send(&[]);
+    let json = out.json();
+    assert_eq!(out.json_u64("files_transferred"), 9, "{json}");
+    assert_eq!(out.json_u64("delta_files"), 0, "{json}");
+    assert_eq!(
+        out.json_u64("literal_bytes"),
+        8 * 200 * 1024 + 32 * 1024,
+        "{json}"
+    );
+    assert_arrived(&names);
+}
+
 /// A small change costs a light file about its own bytes as literal data, not the whole
 /// content-defined chunks around it: the daemon sums the basis around the spans the chunks
 /// missed in small blocks (`CAP_DELTA_FINE`), and the client copies the blocks it finds there.

@@ -83,6 +83,12 @@ pub(crate) fn choose(
     }
 }
 
+/// A tree's changed files below this size always travel whole: a signature and a round trip
+/// cost about what they hold. From here up to the small-file limit they go as deltas together
+/// where [`choose`] takes their sum for the size of one file: the round trip is theirs to share,
+/// and sent whole over fresh connections they take several (TCP's slow start).
+pub(crate) const MIN_SMALL_DELTA: u64 = 64 * 1024;
+
 /// Whether [`choose`] may try a delta for a large enough file over a path of round trip `rtt`
 /// to a daemon that does deltas: whether reading files for one ahead of the listing can pay.
 pub(crate) fn may_choose(mode: DeltaMode, bwlimit: Option<u64>, rtt: Option<Duration>) -> bool {

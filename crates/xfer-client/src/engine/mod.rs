@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 pub(crate) use delta::choose as choose_delta;
 pub(crate) use delta::may_choose as may_choose_delta;
 pub use delta::DeltaMode;
+pub(crate) use delta::MIN_SMALL_DELTA;
 pub use download::{recv, recv_with_holes};
 pub(crate) use upload::send_file_sharing;
 pub use upload::{send, send_file};
