@@ -82,6 +82,13 @@ fn delta(out: &XferOutput) -> bool {
         .unwrap_or_else(|| panic!("no delta in {}", out.json()))
 }
 
+/// `-v` said `file` went as a delta because `--delta` asked for one.
+#[track_caller]
+fn assert_forced_delta(out: &XferOutput, file: &str) {
+    let told = |l: &str| l.contains("delta transfer: --delta") && l.contains(file);
+    assert!(out.stderr.lines().any(told), "{file}: {}", out.stderr);
+}
+
 /// The run was a delta that sent at most `literal` bytes and copied the rest.
 #[track_caller]
 fn check_delta(out: &XferOutput, size: usize, literal: usize) {
@@ -462,13 +469,7 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
         "{json}"
     );
     for name in ["big0", "big1"] {
-        assert!(
-            out.stderr
-                .lines()
-                .any(|l| l.contains("delta transfer: --delta") && l.contains(name)),
-            "{name}: {}",
-            out.stderr
-        );
+        assert_forced_delta(&out, name);
     }
     assert!(
         out.json_u64("bytes_transferred") <= 2 * 2 * 64 * 1024,
@@ -569,13 +570,7 @@ fn the_light_files_of_a_changed_tree_go_as_deltas_over_the_open_connection() {
         out.json_u64("matched_bytes") >= 10 * (2 * MIB as u64 - 4 * 64 * 1024),
         "{json}"
     );
-    assert!(
-        out.stderr
-            .lines()
-            .any(|l| l.contains("delta transfer: --delta") && l.contains("t/f03")),
-        "{}",
-        out.stderr
-    );
+    assert_forced_delta(&out, "t/f03");
     light.assert_arrived(&tree.root());
 }
 
@@ -642,13 +637,7 @@ fn a_trees_changed_small_files_go_as_deltas_where_their_sum_pays() {
         out.json_u64("matched_bytes") >= 8 * (200 * 1024 - 8192 - 4096),
         "{json}"
     );
-    assert!(
-        out.stderr
-            .lines()
-            .any(|l| l.contains("delta transfer: --delta") && l.contains("s/mid3")),
-        "{}",
-        out.stderr
-    );
+    assert_forced_delta(&out, "s/mid3");
     assert_arrived(&names);
 
     // By default, over loopback, the same changes go whole.
