@@ -9,10 +9,9 @@
 //! chunked engine, which resumes it or sends it whole.
 
 use std::collections::VecDeque;
-
-use foldhash::HashSet;
 use std::sync::Mutex;
 
+use foldhash::HashSet;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 use xfer_core::delta;

@@ -4,9 +4,9 @@
 //! that finish each entry, directories last and deepest first. Used with `CAP_TREE_META`; an
 //! older daemon gets a tree copy without them and one warning.
 
-use foldhash::{HashMap, HashMapExt, HashSet};
 use std::sync::Mutex;
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use xfer_proto::{EntryKind, Meta, MetaEntry, MetaSet, PutFile, PutFileMeta, SetMeta, TreeEntry};
 
 use crate::tree::TreeSummary;

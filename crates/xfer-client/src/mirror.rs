@@ -21,7 +21,6 @@
 //! - `*deleting   PATH`: an entry removed.
 
 use foldhash::{HashMap, HashSet, HashSetExt};
-
 use xfer_core::filter::ancestors;
 pub use xfer_core::filter::{Filter, FilterError};
 use xfer_proto::{

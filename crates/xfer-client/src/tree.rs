@@ -4,13 +4,12 @@
 //! and mtimes are kept; the receiving side is flushed once at the end.
 
 use std::collections::VecDeque;
-
-use foldhash::{HashMap, HashSet, HashSetExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use foldhash::{HashMap, HashSet, HashSetExt};
 use futures_util::FutureExt;
 use tokio::task::JoinSet;
 use xfer_core::{CoreError, Root};
