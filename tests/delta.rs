@@ -82,6 +82,19 @@ fn delta(out: &XferOutput) -> bool {
         .unwrap_or_else(|| panic!("no delta in {}", out.json()))
 }
 
+/// `xfer send -r --json EXTRA SRC ADDR --as AS`'s arguments.
+fn tree_send_args<'a>(
+    src: &'a std::path::Path,
+    addr: &'a str,
+    to: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["send", "-r", "--json"];
+    args.extend_from_slice(extra);
+    args.extend([src.to_str().unwrap(), addr, "--as", to]);
+    args
+}
+
 /// `-v` said `file` went as a delta because `--delta` asked for one.
 #[track_caller]
 fn assert_forced_delta(out: &XferOutput, file: &str) {
@@ -440,12 +453,7 @@ fn the_large_files_of_a_tree_copy_go_as_deltas() {
     std::fs::write(src.join("small"), b"small file").unwrap();
     let daemon = Daemon::start(&tree.root(), &[]);
     let addr = daemon.addr();
-    let send = |extra: &[&str]| {
-        let mut args = vec!["send", "-r", "--json"];
-        args.extend_from_slice(extra);
-        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
-        xfer_tests::xfer(&args).ok()
-    };
+    let send = |extra: &[&str]| xfer_tests::xfer(tree_send_args(&src, &addr, "t", extra)).ok();
     send(&["--whole-file"]);
     // Two of the large files change a little; the third and the small one do not.
     for (i, old) in big.iter().take(2).enumerate() {
@@ -509,10 +517,7 @@ impl LightTree {
 
     /// `xfer send -r --json EXTRA t ADDR --as t`, which must succeed.
     fn send(&self, addr: &str, extra: &[&str]) -> XferOutput {
-        let mut args = vec!["send", "-r", "--json"];
-        args.extend_from_slice(extra);
-        args.extend([self.src.to_str().unwrap(), addr, "--as", "t"]);
-        xfer_tests::xfer(&args).ok()
+        xfer_tests::xfer(tree_send_args(&self.src, addr, "t", extra)).ok()
     }
 
     /// Rewrites `run` bytes in the middle of each of the first `changed` files.
@@ -593,12 +598,7 @@ fn a_trees_changed_small_files_go_as_deltas_where_their_sum_pays() {
     }
     let daemon = Daemon::start(&tree.root(), &[]);
     let addr = daemon.addr();
-    let send = |extra: &[&str]| {
-        let mut args = vec!["send", "-r", "--json"];
-        args.extend_from_slice(extra);
-        args.extend([src.to_str().unwrap(), &addr, "--as", "s"]);
-        xfer_tests::xfer(&args).ok()
-    };
+    let send = |extra: &[&str]| xfer_tests::xfer(tree_send_args(&src, &addr, "s", extra)).ok();
     let assert_arrived = |names: &[String]| {
         for name in names {
             let arrived = tree.root().join("s").join(name);
@@ -1018,10 +1018,7 @@ fn a_tree_of_light_changes_closes_with_its_last_commits() {
     let daemon = Daemon::start(&tree.root(), &[]);
     let addr = daemon.addr();
     let send = |extra: &[&str], env: &[(&str, &str)]| {
-        let mut args = vec!["send", "-r", "--json"];
-        args.extend_from_slice(extra);
-        args.extend([src.to_str().unwrap(), &addr, "--as", "t"]);
-        XferRun::spawn_with_env(&args, env).wait_ok()
+        XferRun::spawn_with_env(tree_send_args(&src, &addr, "t", extra), env).wait_ok()
     };
     send(&["--whole-file"], &[]);
     // Every file changes in place, with a new mtime of its own; the directories keep theirs.
