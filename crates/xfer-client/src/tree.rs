@@ -673,7 +673,7 @@ impl Files<'_> {
 /// where opening one later costs next to nothing.
 fn spare_connections(opts: &Options, rtt: Option<std::time::Duration>) -> usize {
     match rtt {
-        Some(rtt) if rtt >= engine::LONG_PATH => opts.connections.initial_on(Some(rtt)) - 1,
+        Some(rtt) if rtt >= engine::LONG_PATH => opts.connections.for_tree_on(Some(rtt)) - 1,
         _ => 0,
     }
 }
@@ -900,7 +900,7 @@ async fn light_deltas(
         return HashSet::new();
     }
     let lights_cover_large = lights.len() == large.len();
-    let wanted = opts.connections.initial_on(first.rtt).min(lights.len());
+    let wanted = opts.connections.for_tree_on(first.rtt).min(lights.len());
     let missing = wanted.saturating_sub(1 + spares.len());
     if missing > 0 {
         spares.extend(preconnect(target, &opts.connector, missing).await);
@@ -2659,7 +2659,7 @@ mod tests {
     fn adaptive_tree() -> (Options, usize) {
         let mut opts = engine::test_options(Arc::new(crate::ProgressCounter::default()));
         opts.connections = engine::Connections::Adaptive { max: 64 };
-        (opts, engine::ADAPTIVE_START_LONG - 1)
+        (opts, engine::TREE_START_LONG - 1)
     }
 
     /// Accepts `count` connections, each before the client was told the round trip: a bound

@@ -51,6 +51,16 @@ pub const ADAPTIVE_START: usize = 4;
 pub const ADAPTIVE_START_LONG: usize = 8;
 /// Round-trip time from which a path counts as long (a WAN, not a LAN).
 pub const LONG_PATH: Duration = Duration::from_millis(10);
+/// Connections a tree copy opens at once on a path of [`LONG_PATH`] or more (the first and its
+/// spares). A new connection's first flights after its handshake are paced at what BBR makes
+/// of 10 segments per round trip (820 KB/s each at 50 ms, read with `ss -ti`), and a tree's
+/// first round trips are such flights on every connection: the literal data of the changed
+/// files after their `DeltaPut`s' answers, the first small files. With 16 instead of 8, the tree
+/// delta row (1,000 files, 50 changed, through the 50 ms profile) took 0.296 s instead of 0.316
+/// with files of 64 KiB, 0.311 instead of 0.328 with 1 MiB and 0.321 instead of 0.332 with
+/// 2 MiB (fastest of 5, alternated; bench/results/delta-2026-12-06-tree-connections.md), and
+/// whole-file trees and the docs tree of `bench/compress.sh` took as long as before.
+pub const TREE_START_LONG: usize = 16;
 /// Connections an adaptive pool starts with on a path of [`FAR_PATH`] or more for a file of
 /// [`FAR_START_SIZE`] or more. Through the emulated 150 ms, 1 Gbit/s path a 2 GiB file's pool
 /// grew from 8 to 16 and 32 anyway, but its 8 first connections carried 0.85 of what 16 did
@@ -137,6 +147,18 @@ impl Connections {
     /// Connections to start with on a path of round-trip time `rtt`, if known.
     pub fn initial_on(self, rtt: Option<Duration>) -> usize {
         self.initial_for(rtt, 0)
+    }
+
+    /// Connections a tree copy keeps for its files on a path of round-trip time `rtt`, if
+    /// known: [`TREE_START_LONG`] on a long one (fewer if `max` is lower), else as a pool
+    /// starts.
+    pub fn for_tree_on(self, rtt: Option<Duration>) -> usize {
+        match (self, rtt) {
+            (Self::Adaptive { max }, Some(rtt)) if rtt >= LONG_PATH => {
+                TREE_START_LONG.min(max).max(1)
+            }
+            _ => self.initial_on(rtt),
+        }
     }
 
     /// Connections to start with for a file of `size` bytes on a path of round-trip time
@@ -488,6 +510,17 @@ mod tests {
         assert_eq!(Connections::Adaptive { max: 16 }.opened_at_once(), 8);
         assert_eq!(Connections::Adaptive { max: 2 }.opened_at_once(), 2);
         assert_eq!(Connections::Fixed(3).opened_at_once(), 3);
+    }
+
+    #[test]
+    fn a_tree_keeps_more_connections_on_a_long_path_unless_told_how_many() {
+        let (lan, wan) = (Duration::from_micros(200), Duration::from_millis(50));
+        let adaptive = Connections::Adaptive { max: 64 };
+        assert_eq!(adaptive.for_tree_on(Some(wan)), TREE_START_LONG);
+        assert_eq!(adaptive.for_tree_on(Some(lan)), ADAPTIVE_START);
+        assert_eq!(adaptive.for_tree_on(None), ADAPTIVE_START);
+        assert_eq!(Connections::Adaptive { max: 6 }.for_tree_on(Some(wan)), 6);
+        assert_eq!(Connections::Fixed(3).for_tree_on(Some(wan)), 3);
     }
 
     #[test]
