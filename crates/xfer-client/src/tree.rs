@@ -802,6 +802,13 @@ where
     Ok(())
 }
 
+/// Whether the daemon behind `session` takes a light file's delta in one request
+/// (`CAP_DELTA_PUT`, with `CAP_DELTA`): where it does not, no file goes as a light delta.
+fn takes_light_deltas(session: &Session) -> bool {
+    let both = xfer_proto::CAP_DELTA | xfer_proto::CAP_DELTA_PUT;
+    session.welcome.capabilities & both == both
+}
+
 /// The small files of a tree moved to go as light deltas ([`route_small_deltas`]), and why.
 #[derive(Debug, Default)]
 struct SmallDeltas {
@@ -822,8 +829,7 @@ fn route_small_deltas(
     control: &Session,
     opts: &Options,
 ) -> SmallDeltas {
-    let both = xfer_proto::CAP_DELTA | xfer_proto::CAP_DELTA_PUT;
-    if control.welcome.capabilities & both != both {
+    if !takes_light_deltas(control) {
         return SmallDeltas::default();
     }
     let held = |e: &TreeEntry| {
@@ -871,11 +877,7 @@ async fn light_deltas(
     opts: &Options,
     (summary, progress, close): (&mut TreeSummary, &Progress, Option<&crate::light::Close>),
 ) -> HashSet<String> {
-    let both = xfer_proto::CAP_DELTA | xfer_proto::CAP_DELTA_PUT;
-    let Some(first) = control
-        .as_ref()
-        .filter(|c| c.welcome.capabilities & both == both)
-    else {
+    let Some(first) = control.as_ref().filter(|c| takes_light_deltas(c)) else {
         return HashSet::new();
     };
     let mut why = None;
