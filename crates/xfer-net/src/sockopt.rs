@@ -206,6 +206,78 @@ pub fn limit_unsent(fd: impl AsFd, bytes: u32) -> std::io::Result<()> {
     }
 }
 
+/// Sets an `int` option at level `IPPROTO_TCP`.
+fn set_tcp_int(fd: impl AsFd, option: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is open for the call; the option takes one int, read from `value`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Lets a listener take data in the SYN of connections whose client holds its Fast Open cookie
+/// (`TCP_FASTOPEN`, RFC 7413), up to `pending` such connections not yet accepted. It takes
+/// effect only where `net.ipv4.tcp_fastopen` has the server bit (2).
+///
+/// # Errors
+/// What `setsockopt` says.
+pub fn fast_open_listener(fd: impl AsFd, pending: u32) -> std::io::Result<()> {
+    let pending = libc::c_int::try_from(pending).unwrap_or(libc::c_int::MAX);
+    set_tcp_int(fd, libc::TCP_FASTOPEN, pending)
+}
+
+/// Where Linux says which sides of TCP Fast Open it allows (bits: 1 clients, 2 servers, 0x400
+/// servers without asking for it).
+const FAST_OPEN: &str = "/proc/sys/net/ipv4/tcp_fastopen";
+
+/// Whether this system lets listeners take data in the SYN (`net.ipv4.tcp_fastopen` has the
+/// server bit), if it says.
+pub fn fast_open_serving() -> Option<bool> {
+    let value: u32 = std::fs::read_to_string(FAST_OPEN)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(value & (2 | 0x400) != 0)
+}
+
+/// Lets a socket about to connect carry its first write in the SYN where the kernel holds the
+/// server's Fast Open cookie (`TCP_FASTOPEN_CONNECT`): `connect` then returns at once and the
+/// handshake starts with the first write; without a cookie it connects as usual and asks for one.
+///
+/// # Errors
+/// What `setsockopt` says.
+pub fn fast_open_connect(fd: impl AsFd) -> std::io::Result<()> {
+    set_tcp_int(fd, libc::TCP_FASTOPEN_CONNECT, 1)
+}
+
+/// Whether `e`, from a connection's first write, says that TCP Fast Open sent the SYN without
+/// the data it was to carry (`EINPROGRESS`): nothing of the write was taken.
+pub fn fast_open_fell_back(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINPROGRESS)
+}
+
+/// `tcpi_state` of a socket whose SYN is not answered yet (`include/net/tcp_states.h`).
+const TCP_SYN_SENT: u8 = 2;
+
+/// Whether the connection's handshake is still to finish: the SYN not answered yet, or, with
+/// Fast Open, not even sent before the first write.
+pub fn connecting(fd: impl AsFd) -> bool {
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_state) + 1;
+    tcp_info(fd, needed).is_some_and(|(info, _)| info.tcpi_state == TCP_SYN_SENT)
+}
+
 /// The congestion control algorithm of `fd`, if the kernel says.
 pub fn congestion(fd: impl AsFd) -> Option<String> {
     rustix::net::sockopt::tcp_congestion(fd.as_fd()).ok()
@@ -313,6 +385,11 @@ mod tests {
 
     /// `TCP_NOTSENT_LOWAT` of `fd`, as the kernel holds it.
     fn unsent_limit(fd: impl AsFd) -> libc::c_int {
+        tcp_int(fd, libc::TCP_NOTSENT_LOWAT)
+    }
+
+    /// The `int` option `option` at level `IPPROTO_TCP` of `fd`, as the kernel holds it.
+    fn tcp_int(fd: impl AsFd, option: libc::c_int) -> libc::c_int {
         use std::os::fd::AsRawFd;
         let mut value: libc::c_int = -1;
         let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -321,7 +398,7 @@ mod tests {
             libc::getsockopt(
                 fd.as_fd().as_raw_fd(),
                 libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
+                option,
                 (&raw mut value).cast(),
                 &raw mut len,
             )
@@ -338,6 +415,31 @@ mod tests {
         assert_eq!(unsent_limit(&stream), 256 << 10);
         limit_unsent(&stream, 0).unwrap();
         assert_eq!(unsent_limit(&stream), 0);
+    }
+
+    #[test]
+    fn fast_open_is_asked_of_listeners_and_of_sockets_about_to_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        fast_open_listener(&listener, 16).unwrap();
+        assert_eq!(tcp_int(&listener, libc::TCP_FASTOPEN), 16);
+        let socket = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .unwrap();
+        assert_eq!(tcp_int(&socket, libc::TCP_FASTOPEN_CONNECT), 0);
+        fast_open_connect(&socket).unwrap();
+        assert_eq!(tcp_int(&socket, libc::TCP_FASTOPEN_CONNECT), 1);
+        // Connected without a cookie to send data with: not connecting any more.
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(!connecting(&stream));
+        assert!(fast_open_fell_back(&std::io::Error::from_raw_os_error(
+            libc::EINPROGRESS
+        )));
+        assert!(!fast_open_fell_back(&std::io::Error::from_raw_os_error(
+            libc::ECONNREFUSED
+        )));
     }
 
     #[test]
