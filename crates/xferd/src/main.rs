@@ -426,6 +426,13 @@ fn serve(sources: Sources, settings: Settings, log: LogHandle) -> anyhow::Result
                 .map_err(|e| bind_error(e, &listen, "--listen/listen"))?,
         };
         let addr = listener.local_addr()?;
+        if xfer_net::sockopt::fast_open_serving() == Some(false) {
+            info!(
+                "TCP Fast Open is off for servers here (net.ipv4.tcp_fastopen): each connection \
+                 answers a round trip later; the package's /usr/lib/sysctl.d/60-xferd.conf turns \
+                 it on (GUIDE.md, Tuning)"
+            );
+        }
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(xferd::metrics::Metrics::default());
         // Made before the address line, so that the first scrape already reports it.
