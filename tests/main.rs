@@ -11,6 +11,7 @@ mod delta;
 mod disk;
 mod early;
 mod failures;
+mod fast_open;
 mod faults;
 mod knobs;
 mod ktls;

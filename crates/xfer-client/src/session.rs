@@ -176,7 +176,13 @@ fn silent(target: &Target) -> ClientError {
     }
 }
 
-async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, ClientError> {
+/// Connects to `target`. With `fast_open`, where the kernel holds the daemon's TCP Fast Open
+/// cookie, it returns at once and the SYN leaves with the first write (see [`tell_rtt`]).
+async fn dial(
+    target: &Target,
+    options: &SocketOptions,
+    fast_open: bool,
+) -> Result<TcpStream, ClientError> {
     let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
         .map_err(|e| {
@@ -199,6 +205,11 @@ async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, Cli
             reason: describe_io(&e),
         })?;
         options.apply(&socket)?;
+        if fast_open {
+            if let Err(e) = sockopt::fast_open_connect(&socket) {
+                tracing::debug!(error = %e, "no TCP Fast Open for this connection");
+            }
+        }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(*addr))
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
@@ -216,6 +227,55 @@ async fn dial(target: &Target, options: &SocketOptions) -> Result<TcpStream, Cli
         }
     }
     Err(last)
+}
+
+/// Sends `dialed` the round trip `socket`'s handshake measured: at once where it is connected,
+/// else (its SYN to go with the first write, TCP Fast Open) once the SYN is answered, which is
+/// no later than a connect without Fast Open would have returned.
+fn tell_rtt(socket: &TcpStream, dialed: tokio::sync::oneshot::Sender<Option<std::time::Duration>>) {
+    if !sockopt::connecting(socket) {
+        let _ = dialed.send(sockopt::rtt(socket));
+        return;
+    }
+    // A descriptor of its own: the connection may close before its SYN is answered.
+    let Ok(socket) = std::os::fd::AsFd::as_fd(socket).try_clone_to_owned() else {
+        let _ = dialed.send(None);
+        return;
+    };
+    // SAFETY: `socket` is an owned descriptor, open and the same until the `AsyncFd` drops it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::WRITABLE)
+    };
+    let Ok(socket) = registered else {
+        let _ = dialed.send(None);
+        return;
+    };
+    tokio::spawn(async move {
+        // Writable once connected (or failed); a socket whose SYN waits for the first write
+        // says it is writable too, so that the write comes.
+        let answered = async {
+            while sockopt::connecting(socket.get_ref()) {
+                match socket.writable().await {
+                    Ok(mut ready) if sockopt::connecting(ready.get_inner()) => ready.clear_ready(),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let answered = tokio::time::timeout(CONNECT_TIMEOUT, answered)
+            .await
+            .is_ok();
+        let rtt = sockopt::rtt(socket.get_ref()).filter(|rtt| answered && !rtt.is_zero());
+        let _ = dialed.send(rtt);
+    });
+}
+
+/// Whether `e` is a first write that TCP Fast Open could not put in the SYN (see [`dial`]).
+fn fast_open_fell_back(e: &ClientError) -> bool {
+    let ClientError::Proto(xfer_proto::ProtoError::Io(e)) = e else {
+        return false;
+    };
+    sockopt::fast_open_fell_back(e)
 }
 
 /// Asks for TLS in a plaintext `Hello`, waits for `StartTls`, and runs the TLS handshake.
@@ -354,12 +414,32 @@ impl Session {
         connector: &Connector,
         wanted: impl std::future::Future<Output = bool>,
     ) -> Result<Option<Self>, ClientError> {
-        let dialing = dial(target, &connector.socket);
+        let dialing = dial(target, &connector.socket, true);
         tokio::pin!(dialing, wanted);
         let socket = tokio::select! {
-            socket = &mut dialing => match wanted.await {
-                true => socket?,
-                false => return Ok(None),
+            socket = &mut dialing => {
+                let socket = socket?;
+                if sockopt::connecting(&socket) {
+                    // TCP Fast Open: the `Hello` leaves with the SYN, a round trip sooner than
+                    // after the connect; one not wanted then costs the daemon a handshake.
+                    let mut told = None;
+                    let handshake =
+                        Self::connect_over(Some(socket), target, connector, 0, &mut told, None);
+                    let (session, go) = tokio::join!(handshake, wanted);
+                    return match (session, go) {
+                        (Ok(session), true) => Ok(Some(session)),
+                        (Ok(session), false) => {
+                            session.close().await;
+                            Ok(None)
+                        }
+                        (Err(e), true) => Err(e),
+                        (Err(_), false) => Ok(None),
+                    };
+                }
+                match wanted.await {
+                    true => socket,
+                    false => return Ok(None),
+                }
             },
             go = &mut wanted => match go {
                 true => dialing.await?,
@@ -388,7 +468,7 @@ impl Session {
                 let mut dialed = dialed;
                 let socket = match socket {
                     Some(socket) => socket,
-                    None => dial(target, &connector.socket).await?,
+                    None => dial(target, &connector.socket, true).await?,
                 };
                 Self::connect_as(socket, target, connector, tls, offer, &mut dialed, first).await
             }
@@ -433,7 +513,7 @@ impl Session {
         first: Option<&FirstFrames>,
     ) -> Result<Self, ClientError> {
         if let Some(dialed) = dialed.take() {
-            let _ = dialed.send(sockopt::rtt(&socket));
+            tell_rtt(&socket, dialed);
         }
         let attempt = |socket, early| {
             let handshake = Self::handshake(socket, target, connector, tls, offer, first, early);
@@ -445,6 +525,21 @@ impl Session {
         };
         match attempt(socket, true).await {
             Ok(session) => Ok(session),
+            // The SYN that was to carry the first write went without it (the cookie dropped
+            // meanwhile, or memory short), which the write reports as `EINPROGRESS`: connected
+            // to again the usual way, once.
+            Err(Failed::Error(e)) if fast_open_fell_back(&e) => {
+                tracing::debug!(%target, "TCP Fast Open fell back; connecting again without it");
+                let socket = dial(target, &connector.socket, false).await?;
+                match attempt(socket, true).await {
+                    Ok(session) => Ok(session),
+                    Err(Failed::Error(e)) => Err(e),
+                    Err(Failed::EarlyFlight(reason)) => Err(ClientError::Connect {
+                        addr: target.to_string(),
+                        reason,
+                    }),
+                }
+            }
             Err(Failed::Error(e)) => Err(e),
             // A daemon remembered taking early proofs that no longer does (or an older one on
             // its port): forgotten, and connected to again as any daemon, once.
@@ -453,7 +548,7 @@ impl Session {
                 if let Some(memory) = &connector.zero_rtt {
                     memory.forget(&target.to_string());
                 }
-                let socket = dial(target, &connector.socket).await?;
+                let socket = dial(target, &connector.socket, true).await?;
                 match attempt(socket, false).await {
                     Ok(session) => Ok(session),
                     Err(Failed::Error(e)) => Err(e),
@@ -716,7 +811,7 @@ impl Session {
             (None, Some(trust)) => trust.for_peer(&target.to_string())?,
             (None, None) => return Ok(false),
         };
-        let socket = dial(target, &connector.socket).await?;
+        let socket = dial(target, &connector.socket, false).await?;
         let config = ClientConfig {
             key: None,
             grant: None,
