@@ -1328,7 +1328,12 @@ pub async fn send_tree_mirror(
     let dial_rtt = dial_rtt.map(|rtt| rtt.ok().flatten()).shared();
     let read_ahead_rtt = dial_rtt.clone();
     let read_ahead = async {
-        let (Ok(candidates), rtt) = tokio::join!(candidates, read_ahead_rtt) else {
+        // A round trip not told within the least that makes a delta pay is at least that long:
+        // with TCP Fast Open, the connect tells it only when its SYN is answered, along with
+        // the listing, and the files are read before then.
+        let at_least = tokio::time::timeout(engine::LONG_PATH, read_ahead_rtt)
+            .map(|told| told.unwrap_or(Some(engine::LONG_PATH)));
+        let (Ok(candidates), rtt) = tokio::join!(candidates, at_least) else {
             return Ok(());
         };
         // Only where a delta may be chosen: over a short path the files go whole.
