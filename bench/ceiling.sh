@@ -60,6 +60,7 @@ trap cleanup EXIT
 sysctl -qw net.ipv4.tcp_allowed_congestion_control="reno cubic bbr"
 # shellcheck disable=SC2086 # option list
 "$OUT/wanem/wan.sh" up $WAN --cc cubic --seed 1 >"$OUT/log/$name.wan" 2>&1
+fast_open_on "$WAN_NS_A" "$WAN_NS_B"
 load="$(cut -d' ' -f1 /proc/loadavg)"
 case "$tool" in
 iperf3-*)

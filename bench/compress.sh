@@ -3,7 +3,8 @@
 # (to an rsync daemon; the tool rsync-plain is rsync -a without -z, for xfer's uncompressed lead)
 # vs scp -C (to an sshd with throwaway keys), uploading three data sets
 # through the WAN emulator's wan profile (shared/wanem: 50 ms RTT, 0.01 % loss, 500 Mbit/s;
-# netns wa = client, wb = server), then xfer auto vs off on loopback. Not a test: run it by hand,
+# netns wa = client, wb = server, TCP Fast Open on in both as the xferd package sets it), then
+# xfer auto vs off on loopback. Not a test: run it by hand,
 # as root, under `flock /work/wt/bench.lock`.
 #
 #   bench/compress.sh
@@ -357,6 +358,7 @@ if [[ "$WAN" == 1 ]]; then
     done
     WAN_IS_UP=1 # a failed `up` may leave namespaces: `down` at exit either way
     "$WORK/wanem/wan.sh" up "${WAN_ARGS[@]}" >"$LOGS/wan-up.log" 2>&1 || die "wan.sh up failed: $(cat "$LOGS/wan-up.log")"
+    fast_open_on "$WAN_NS_A" "$WAN_NS_B"
     for round in $(seq "$REPEAT"); do
         for data in $DATA; do
             for tool in $(in_order "$round" $TOOLS); do

@@ -345,7 +345,8 @@ for PROFILE in $PROFILES; do
             die "wan.sh up failed: $(tail -n3 "$LOGS/wan-up.log")"
         }
         WAN_IS_UP=1
-        desc="WAN: 50 ms RTT, 0.01 % loss each way, 500 Mbit/s"
+        fast_open_on "$NS_A" "$NS_B"
+        desc="WAN: 50 ms RTT, 0.01 % loss each way, 500 Mbit/s, TCP Fast Open on"
     else
         desc="loopback"
     fi

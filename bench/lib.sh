@@ -153,6 +153,14 @@ wait_listening() { # wait_listening PORT [NETNS]: 10 s at most
 # --- timing and accounting ----------------------------------------------------------------------
 # shellcheck disable=SC2034 # for the sourcing scripts
 TIME_FMT='%e %M %U %S' # /usr/bin/time -f: wall s, max RSS KiB, user s, sys s
+# fast_open_on NETNS...: TCP Fast Open for clients and servers in each namespace, as the xferd
+# package's sysctl.d file sets it on a host (net.ipv4.tcp_fastopen = 3): xfer's connections
+# then send their first flight with the SYN. The other tools do not ask for it.
+fast_open_on() {
+    local ns
+    for ns in "$@"; do ip netns exec "$ns" sysctl -qw net.ipv4.tcp_fastopen=3; done
+}
+
 now_ns() { date +%s%N; }
 secs_between() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1e9:.3f}')" "$1" "$2"; }
 secs_since() { secs_between "$1" "$(now_ns)"; }

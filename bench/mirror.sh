@@ -101,11 +101,12 @@ if [[ "$WAN" == 1 ]]; then
     WANSH="$WORK/wanem/wan.sh"
     "$WANSH" up --delay-ms 25 --loss 0.0001 --rate-mbit 500 >"$LOGS/wanem-up.log" 2>&1 ||
         die "the WAN emulator did not come up: $(tail -n3 "$LOGS/wanem-up.log")"
+    fast_open_on "$WAN_NS_A" "$WAN_NS_B"
     CLIENT=(ip netns exec "$WAN_NS_A")
     SERVER=(ip netns exec "$WAN_NS_B")
     SERVER_IP=10.78.0.2
     NS_B="$WAN_NS_B"
-    LINK="WAN emulator, wan profile: 50 ms RTT, 0.01 % loss, 500 Mbit/s,"
+    LINK="WAN emulator, wan profile: 50 ms RTT, 0.01 % loss, 500 Mbit/s, TCP Fast Open on,"
     LINK="$LINK $("${CLIENT[@]}" sysctl -n net.ipv4.tcp_congestion_control)"
 fi
 

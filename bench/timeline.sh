@@ -63,6 +63,7 @@ trap cleanup EXIT
 sysctl -qw net.ipv4.tcp_allowed_congestion_control="reno cubic bbr"
 # shellcheck disable=SC2086 # option list
 "$OUT/wanem/wan.sh" up $WAN --cc "$CC" --seed 1 >"$OUT/log/$name.wan" 2>&1
+fast_open_on "$WAN_NS_A" "$WAN_NS_B"
 ip netns exec "$WAN_NS_B" "$bin/xferd" --listen 10.78.0.2:0 --root "$OUT/srv" --token-file "$OUT/token" \
     >"$OUT/log/$name.xferd.out" 2>"$OUT/log/$name.xferd.err" &
 daemon=$!

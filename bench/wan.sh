@@ -1149,11 +1149,12 @@ for PROFILE in $PROFILES; do
         "$WANSH" up "${wargs[@]}" >"$LOGS/wan-up-$PROFILE-$CC.log" 2>&1 ||
             die "wan.sh up failed: $(cat "$LOGS/wan-up-$PROFILE-$CC.log")"
         WAN_IS_UP=1
+        fast_open_on "$NS_A" "$NS_B"
         grep -q "cc=$CC" "$LOGS/wan-up-$PROFILE-$CC.log" || die "cc is not $CC in the namespaces: $(cat "$LOGS/wan-up-$PROFILE-$CC.log")"
         load0="$(cut -d' ' -f1-3 /proc/loadavg)"
         wmem="$(ip netns exec "$NS_A" sysctl -n net.ipv4.tcp_wmem | awk '{print $3}')"
         rmem="$(ip netns exec "$NS_A" sysctl -n net.ipv4.tcp_rmem | awk '{print $3}')"
-        desc="$(profile_desc "$PROFILE"), $CC, tcp_wmem max $((wmem >> 20)) MiB, tcp_rmem max $((rmem >> 20)) MiB (wan.sh up ${wargs[*]})"
+        desc="$(profile_desc "$PROFILE"), $CC, tcp_wmem max $((wmem >> 20)) MiB, tcp_rmem max $((rmem >> 20)) MiB, TCP Fast Open on (wan.sh up ${wargs[*]})"
         for rep in $(seq "$REPEAT"); do
             REP_SUFFIX=""
             if ((REPEAT > 1)); then
