@@ -523,40 +523,36 @@ impl Session {
                     .unwrap_or_else(|_| Err(Failed::Error(silent(target))))
             }
         };
+        // The one attempt more each failure below allows.
+        let again = |fast_open, early| async move {
+            let socket = dial(target, &connector.socket, fast_open).await?;
+            match attempt(socket, early).await {
+                Ok(session) => Ok(session),
+                Err(Failed::Error(e)) => Err(e),
+                Err(Failed::EarlyFlight(reason)) => Err(ClientError::Connect {
+                    addr: target.to_string(),
+                    reason,
+                }),
+            }
+        };
         match attempt(socket, true).await {
             Ok(session) => Ok(session),
             // The SYN that was to carry the first write went without it (the cookie dropped
             // meanwhile, or memory short), which the write reports as `EINPROGRESS`: connected
-            // to again the usual way, once.
+            // to again the usual way.
             Err(Failed::Error(e)) if fast_open_fell_back(&e) => {
                 tracing::debug!(%target, "TCP Fast Open fell back; connecting again without it");
-                let socket = dial(target, &connector.socket, false).await?;
-                match attempt(socket, true).await {
-                    Ok(session) => Ok(session),
-                    Err(Failed::Error(e)) => Err(e),
-                    Err(Failed::EarlyFlight(reason)) => Err(ClientError::Connect {
-                        addr: target.to_string(),
-                        reason,
-                    }),
-                }
+                again(false, true).await
             }
             Err(Failed::Error(e)) => Err(e),
             // A daemon remembered taking early proofs that no longer does (or an older one on
-            // its port): forgotten, and connected to again as any daemon, once.
+            // its port): forgotten, and connected to again as any daemon.
             Err(Failed::EarlyFlight(why)) => {
                 tracing::debug!(%target, %why, "early proof not taken; connecting again without it");
                 if let Some(memory) = &connector.zero_rtt {
                     memory.forget(&target.to_string());
                 }
-                let socket = dial(target, &connector.socket, true).await?;
-                match attempt(socket, false).await {
-                    Ok(session) => Ok(session),
-                    Err(Failed::Error(e)) => Err(e),
-                    Err(Failed::EarlyFlight(reason)) => Err(ClientError::Connect {
-                        addr: target.to_string(),
-                        reason,
-                    }),
-                }
+                again(true, false).await
             }
         }
     }
