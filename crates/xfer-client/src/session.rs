@@ -150,7 +150,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a connected daemon may take to finish the handshake (TLS included): something that
 /// accepts TCP but never answers (another service, a hung daemon) otherwise holds a command
 /// forever.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a handshake failed: for good, or because a daemon did not take the early flight it was
 /// sent (then it is connected to again without one).
@@ -421,19 +421,26 @@ impl Session {
                 let socket = socket?;
                 if sockopt::connecting(&socket) {
                     // TCP Fast Open: the `Hello` leaves with the SYN, a round trip sooner than
-                    // after the connect; one not wanted then costs the daemon a handshake.
+                    // after the connect; one not wanted then costs the daemon a handshake, given
+                    // up where it is when the path is known.
                     let mut told = None;
                     let handshake =
                         Self::connect_over(Some(socket), target, connector, 0, &mut told, None);
-                    let (session, go) = tokio::join!(handshake, wanted);
-                    return match (session, go) {
-                        (Ok(session), true) => Ok(Some(session)),
-                        (Ok(session), false) => {
-                            session.close().await;
-                            Ok(None)
-                        }
-                        (Err(e), true) => Err(e),
-                        (Err(_), false) => Ok(None),
+                    tokio::pin!(handshake);
+                    return tokio::select! {
+                        go = &mut wanted => match go {
+                            true => handshake.await.map(Some),
+                            false => Ok(None),
+                        },
+                        session = &mut handshake => match (session, wanted.await) {
+                            (Ok(session), true) => Ok(Some(session)),
+                            (Ok(session), false) => {
+                                session.close().await;
+                                Ok(None)
+                            }
+                            (Err(e), true) => Err(e),
+                            (Err(_), false) => Ok(None),
+                        },
                     };
                 }
                 match wanted.await {

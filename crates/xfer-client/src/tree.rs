@@ -2721,6 +2721,72 @@ mod tests {
         assert!(client.await.unwrap().is_empty());
     }
 
+    /// Moves the calling thread into a network namespace of its own whose loopback is up and
+    /// whose system lets servers take data in the SYN (`net.ipv4.tcp_fastopen = 3`); `false`
+    /// where that needs privileges this process lacks.
+    fn fast_open_namespace() -> bool {
+        if !rustix::process::geteuid().is_root() {
+            return false;
+        }
+        // SAFETY: only the network namespace is unshared: no descriptor table is.
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+            .expect("unshare");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip");
+        assert!(up.success());
+        std::fs::write("/proc/sys/net/ipv4/tcp_fastopen", "3").unwrap();
+        true
+    }
+
+    /// With TCP Fast Open, a spare's connect returns before its SYN leaves: the spares say
+    /// `Hello` with their SYN before the path is measured (a round trip sooner than after it),
+    /// and those the path then turns out not to want are given up without waiting for their
+    /// handshake's answer.
+    #[tokio::test]
+    async fn with_fast_open_the_spares_say_hello_before_the_path_is_measured() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if !fast_open_namespace() {
+            eprintln!("skipped: a network namespace of the test's own needs root");
+            return;
+        }
+        let (listener, target) = crate::session::fake_daemon().await;
+        xfer_net::sockopt::fast_open_listener(&listener, 64).unwrap();
+        // A first connection gets the listener's cookie for the next ones.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        xfer_net::sockopt::fast_open_connect(&socket).unwrap();
+        let mut first = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        first.write_all(b"x").await.unwrap();
+        drop((first, listener.accept().await.unwrap()));
+        let (opts, most) = adaptive_tree();
+        let (told, measured) = tokio::sync::oneshot::channel();
+        let measured = measured.map(|rtt| rtt.ok().flatten());
+        let client = tokio::spawn(async move { open_spares(&target, &opts, measured).await });
+        let mut accepted = accept(&listener, most).await;
+        for socket in &mut accepted {
+            // The length of a `Hello`, come before the path is known.
+            let mut hello = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(30), socket.read_exact(&mut hello))
+                .await
+                .expect("a spare said nothing before the path was measured")
+                .unwrap();
+        }
+        told.send(Some(Duration::from_micros(100))).unwrap();
+        // Never answered, their handshakes are given up, not waited for until their own
+        // timeout ends them.
+        let guard = crate::session::HANDSHAKE_TIMEOUT / 2;
+        let spares = tokio::time::timeout(guard, client).await;
+        assert!(spares
+            .expect("the spares were waited for")
+            .unwrap()
+            .is_empty());
+        drop(accepted);
+    }
+
     /// A short path the first connection measured at once (loopback, a LAN) dials no spare.
     #[tokio::test]
     async fn a_short_path_told_at_once_dials_no_spare() {
