@@ -233,7 +233,7 @@ async fn dial(
 /// else (its SYN to go with the first write, TCP Fast Open) once the SYN is answered, which is
 /// no later than a connect without Fast Open would have returned.
 fn tell_rtt(socket: &TcpStream, dialed: tokio::sync::oneshot::Sender<Option<std::time::Duration>>) {
-    if !sockopt::connecting(socket) {
+    if !sockopt::handshaking(socket) {
         let _ = dialed.send(sockopt::rtt(socket));
         return;
     }
@@ -254,9 +254,9 @@ fn tell_rtt(socket: &TcpStream, dialed: tokio::sync::oneshot::Sender<Option<std:
         // Writable once connected (or failed); a socket whose SYN waits for the first write
         // says it is writable too, so that the write comes.
         let answered = async {
-            while sockopt::connecting(socket.get_ref()) {
+            while sockopt::handshaking(socket.get_ref()) {
                 match socket.writable().await {
-                    Ok(mut ready) if sockopt::connecting(ready.get_inner()) => ready.clear_ready(),
+                    Ok(mut ready) if sockopt::handshaking(ready.get_inner()) => ready.clear_ready(),
                     Ok(_) => {}
                     Err(_) => return,
                 }
@@ -419,7 +419,7 @@ impl Session {
         let socket = tokio::select! {
             socket = &mut dialing => {
                 let socket = socket?;
-                if sockopt::connecting(&socket) {
+                if sockopt::handshaking(&socket) {
                     // TCP Fast Open: the `Hello` leaves with the SYN, a round trip sooner than
                     // after the connect; one not wanted then costs the daemon a handshake, given
                     // up where it is when the path is known.

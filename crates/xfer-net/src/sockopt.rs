@@ -270,12 +270,32 @@ pub fn fast_open_fell_back(e: &std::io::Error) -> bool {
 
 /// `tcpi_state` of a socket whose SYN is not answered yet (`include/net/tcp_states.h`).
 const TCP_SYN_SENT: u8 = 2;
+/// `tcpi_state` of an accepted socket whose SYN-ACK is not answered yet (Fast Open).
+const TCP_SYN_RECV: u8 = 3;
 
-/// Whether the connection's handshake is still to finish: the SYN not answered yet, or, with
-/// Fast Open, not even sent before the first write.
-pub fn connecting(fd: impl AsFd) -> bool {
+/// Whether the connection's handshake is still to finish: on the connecting side, its SYN not
+/// answered yet, or with Fast Open not even sent before the first write; on the accepting
+/// side, a connection accepted with data in its SYN whose SYN-ACK is not acknowledged yet.
+pub fn handshaking(fd: impl AsFd) -> bool {
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_state) + 1;
-    tcp_info(fd, needed).is_some_and(|(info, _)| info.tcpi_state == TCP_SYN_SENT)
+    tcp_info(fd, needed)
+        .is_some_and(|(info, _)| matches!(info.tcpi_state, TCP_SYN_SENT | TCP_SYN_RECV))
+}
+
+/// Waits until the handshake of `fd` has finished (see [`handshaking`]) or failed, at most
+/// `limit`; whether it finished. It looks after 1, 2, 4 … ms, at most 64 ms apart: an accepted
+/// socket becomes no more readable or writable when the client acknowledges its SYN-ACK.
+pub async fn handshake_done(fd: impl AsFd, limit: std::time::Duration) -> bool {
+    let started = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    while handshaking(&fd) {
+        if started.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(64));
+    }
+    true
 }
 
 /// The congestion control algorithm of `fd`, if the kernel says.
@@ -433,13 +453,38 @@ mod tests {
         assert_eq!(tcp_int(&socket, libc::TCP_FASTOPEN_CONNECT), 1);
         // Connected without a cookie to send data with: not connecting any more.
         let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        assert!(!connecting(&stream));
+        assert!(!handshaking(&stream));
         assert!(fast_open_fell_back(&std::io::Error::from_raw_os_error(
             libc::EINPROGRESS
         )));
         assert!(!fast_open_fell_back(&std::io::Error::from_raw_os_error(
             libc::ECONNREFUSED
         )));
+    }
+
+    /// A socket whose SYN is dropped (the listener's queue is full) is still in its handshake,
+    /// and waiting for it ends at the limit; an established one is done at once.
+    #[tokio::test]
+    async fn a_handshake_is_waited_for_until_it_is_done_or_the_limit() {
+        use rustix::net::{AddressFamily, SocketAddrV4, SocketFlags, SocketType};
+        let listener = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        rustix::net::bind(&listener, &SocketAddrV4::new([127, 0, 0, 1].into(), 0)).unwrap();
+        // A queue of one connection, which the first fills.
+        rustix::net::listen(&listener, 0).unwrap();
+        let at =
+            std::net::SocketAddr::try_from(rustix::net::getsockname(&listener).unwrap()).unwrap();
+        let first = std::net::TcpStream::connect(at).unwrap();
+        assert!(!handshaking(&first));
+        assert!(handshake_done(&first, std::time::Duration::ZERO).await);
+        let kind = SocketType::STREAM;
+        let second =
+            rustix::net::socket_with(AddressFamily::INET, kind, SocketFlags::NONBLOCK, None)
+                .unwrap();
+        let started = rustix::net::connect(&second, &at);
+        assert_eq!(started, Err(rustix::io::Errno::INPROGRESS));
+        assert!(handshaking(&second));
+        let limit = std::time::Duration::from_millis(20);
+        assert!(!handshake_done(&second, limit).await);
     }
 
     #[test]

@@ -437,7 +437,33 @@ pub async fn run_with(
 /// round trip of `LONG_PATH` or more) sends with `LONG_PATH_CONGESTION`, as the client does for
 /// uploads (see `xfer_client::engine`): the daemon is the sender of downloads. If the kernel does
 /// not allow it, one line says so (once) and the connection keeps the system's.
+///
+/// A connection accepted with data in its SYN (TCP Fast Open) has no round trip yet: the
+/// choice waits, beside the connection's serving, for the client to acknowledge the SYN-ACK (a
+/// task of its own, not one of the connections the shutdown drains: it ends within
+/// [`FAST_OPEN_HANDSHAKE`]).
 fn long_path_congestion(socket: &tokio::net::TcpStream, peer: SocketAddr) {
+    if !xfer_net::sockopt::handshaking(socket) {
+        return choose_congestion(socket, peer);
+    }
+    // A descriptor of its own: the connection may end before the handshake does.
+    let Ok(socket) = std::os::fd::AsFd::as_fd(socket).try_clone_to_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        if xfer_net::sockopt::handshake_done(&socket, FAST_OPEN_HANDSHAKE).await {
+            choose_congestion(&socket, peer);
+        }
+    });
+}
+
+/// How long a connection accepted with data in its SYN may take to finish its handshake for the
+/// daemon to choose its congestion control by its round trip: the SYN-ACK's retransmissions
+/// (1 s, then 2 s) included.
+const FAST_OPEN_HANDSHAKE: Duration = Duration::from_secs(4);
+
+/// [`long_path_congestion`] for `socket`, whose handshake is done.
+fn choose_congestion(socket: impl std::os::fd::AsFd, peer: SocketAddr) {
     use xfer_client::engine::{LONG_PATH, LONG_PATH_CONGESTION};
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     match xfer_net::sockopt::congestion_for_long_path(socket, LONG_PATH_CONGESTION, LONG_PATH) {
