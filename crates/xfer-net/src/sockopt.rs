@@ -187,23 +187,8 @@ pub fn effective(fd: impl AsFd) -> Option<Effective> {
 /// # Errors
 /// What `setsockopt` says.
 pub fn limit_unsent(fd: impl AsFd, bytes: u32) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: the fd is open for the call; the option takes one int, read from `value`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_tcp_int(fd, libc::TCP_NOTSENT_LOWAT, value)
 }
 
 /// Sets an `int` option at level `IPPROTO_TCP`.
