@@ -1,6 +1,7 @@
 //! [`SocketOptions`]: send and receive buffer sizes and the congestion control algorithm, set on
 //! every data connection (by the client before it connects, by the daemon on its listener, whose
 //! accepted sockets inherit them). Names an unusable algorithm up front instead of falling back.
+//! Also TCP Fast Open on both sides, and what `TCP_INFO` says of a connection.
 
 use std::os::fd::AsFd;
 
