@@ -277,19 +277,18 @@ pub fn closed_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
-/// [`run_xfer`] without `env`, in the network namespace of the process `pid` (`setns`: needs
-/// root), such as a daemon started under `unshare --net`.
+/// [`run_xfer`] without `env`, in the network namespace `netns` (an open `/proc/PID/ns/net`,
+/// which keeps it alive; `setns` needs root), such as a daemon's started under `unshare --net`.
 #[track_caller]
-pub fn run_xfer_in_net_of<S: AsRef<OsStr>>(
-    pid: u32,
+pub fn run_xfer_in_net<S: AsRef<OsStr>>(
+    netns: &File,
     args: impl IntoIterator<Item = S>,
     guard: Duration,
 ) -> XferOutput {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let netns = File::open(format!("/proc/{pid}/ns/net")).expect("the network namespace of pid");
     let fd = netns.as_raw_fd();
-    let run = XferRun::spawn_command(args, |command| {
+    XferRun::spawn_command(args, |command| {
         command.env_remove("XFER_TOKEN");
         // SAFETY: setns is async-signal-safe; `netns` stays open until the child is spawned.
         unsafe {
@@ -298,9 +297,8 @@ pub fn run_xfer_in_net_of<S: AsRef<OsStr>>(
                 _ => Err(std::io::Error::last_os_error()),
             });
         }
-    });
-    drop(netns);
-    run.wait_within(guard)
+    })
+    .wait_within(guard)
 }
 
 /// Runs `xfer ARGS…` with `XFER_TOKEN` removed from the environment and `env` added, and waits

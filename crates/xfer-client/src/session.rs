@@ -270,6 +270,26 @@ fn tell_rtt(socket: &TcpStream, dialed: tokio::sync::oneshot::Sender<Option<std:
     });
 }
 
+/// `e` as the connect failure it is, where it says the daemon was never reached: with TCP Fast
+/// Open a refused or unreachable connect shows only in the handshake's first frames.
+fn unreached(target: &Target, e: ClientError) -> ClientError {
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable};
+    match e {
+        ClientError::Proto(xfer_proto::ProtoError::Io(e))
+            if matches!(
+                e.kind(),
+                ConnectionRefused | HostUnreachable | NetworkUnreachable
+            ) =>
+        {
+            ClientError::Connect {
+                addr: target.to_string(),
+                reason: describe_io(&e),
+            }
+        }
+        e => e,
+    }
+}
+
 /// Whether `e` is a first write that TCP Fast Open could not put in the SYN (see [`dial`]).
 fn fast_open_fell_back(e: &ClientError) -> bool {
     let ClientError::Proto(xfer_proto::ProtoError::Io(e)) = e else {
@@ -522,12 +542,29 @@ impl Session {
         if let Some(dialed) = dialed.take() {
             tell_rtt(&socket, dialed);
         }
-        let attempt = |socket, early| {
+        let attempt = |socket: TcpStream, early| {
+            // With Fast Open the connect returned before its SYN left: until the SYN is
+            // answered the handshake is timed as a connect.
+            let syn = sockopt::handshaking(&socket)
+                .then(|| std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok())
+                .flatten();
             let handshake = Self::handshake(socket, target, connector, tls, offer, first, early);
             async move {
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-                    .await
-                    .unwrap_or_else(|_| Err(Failed::Error(silent(target))))
+                let answered = async {
+                    match &syn {
+                        Some(syn) => sockopt::handshake_done(syn, CONNECT_TIMEOUT).await,
+                        None => true,
+                    }
+                };
+                tokio::select! {
+                    done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => {
+                        done.unwrap_or_else(|_| Err(Failed::Error(silent(target))))
+                    }
+                    false = answered => Err(Failed::Error(ClientError::Connect {
+                        addr: target.to_string(),
+                        reason: describe_io(&std::io::ErrorKind::TimedOut.into()),
+                    })),
+                }
             }
         };
         // The one attempt more each failure below allows.
@@ -606,7 +643,9 @@ impl Session {
         let (reader, writer) = match tls {
             Some(tls) => {
                 let delivered = connector.delivered.as_ref();
-                start_tls(socket, target, tls, delivered, &mut handshake).await?
+                start_tls(socket, target, tls, delivered, &mut handshake)
+                    .await
+                    .map_err(|e| unreached(target, e))?
             }
             None => {
                 let (read, write) = socket.into_split();
@@ -677,9 +716,15 @@ impl Session {
         match (early_auth, early_frames) {
             (Some(early_auth), Some(frames)) => {
                 let flight: Vec<Frame> = [hello, early_auth].into_iter().chain(frames).collect();
-                session.send_all(&flight).await?;
+                session
+                    .send_all(&flight)
+                    .await
+                    .map_err(|e| unreached(target, e))?;
             }
-            _ => session.send(&hello).await?,
+            _ => session
+                .send(&hello)
+                .await
+                .map_err(|e| unreached(target, e))?,
         }
         // What tells a daemon that no longer takes the early proof from any other failure.
         let not_taken = |e: ClientError| match e {
@@ -690,12 +735,10 @@ impl Session {
             ClientError::Proto(xfer_proto::ProtoError::Io(e)) => Failed::EarlyFlight(e.to_string()),
             other => Failed::Error(other),
         };
-        let failed = |e: ClientError| {
-            if early_sent {
-                not_taken(e)
-            } else {
-                Failed::Error(e)
-            }
+        let failed = |e: ClientError| match unreached(target, e) {
+            e @ ClientError::Connect { .. } => Failed::Error(e),
+            e if early_sent => not_taken(e),
+            e => Failed::Error(e),
         };
         let mut opened = early_sent;
         let mut refused = false;
