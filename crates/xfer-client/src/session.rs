@@ -242,30 +242,9 @@ fn tell_rtt(socket: &TcpStream, dialed: tokio::sync::oneshot::Sender<Option<std:
         let _ = dialed.send(None);
         return;
     };
-    // SAFETY: `socket` is an owned descriptor, open and the same until the `AsyncFd` drops it.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::WRITABLE)
-    };
-    let Ok(socket) = registered else {
-        let _ = dialed.send(None);
-        return;
-    };
     tokio::spawn(async move {
-        // Writable once connected (or failed); a socket whose SYN waits for the first write
-        // says it is writable too, so that the write comes.
-        let answered = async {
-            while sockopt::handshaking(socket.get_ref()) {
-                match socket.writable().await {
-                    Ok(mut ready) if sockopt::handshaking(ready.get_inner()) => ready.clear_ready(),
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        };
-        let answered = tokio::time::timeout(CONNECT_TIMEOUT, answered)
-            .await
-            .is_ok();
-        let rtt = sockopt::rtt(socket.get_ref()).filter(|rtt| answered && !rtt.is_zero());
+        let answered = sockopt::handshake_done(&socket, CONNECT_TIMEOUT).await;
+        let rtt = sockopt::rtt(&socket).filter(|rtt| answered && !rtt.is_zero());
         let _ = dialed.send(rtt);
     });
 }

@@ -269,19 +269,37 @@ pub fn handshaking(fd: impl AsFd) -> bool {
 }
 
 /// Waits until the handshake of `fd` has finished (see [`handshaking`]) or failed, at most
-/// `limit`; whether it finished. It looks after 1, 2, 4 … ms, at most 64 ms apart: an accepted
-/// socket becomes no more readable or writable when the client acknowledges its SYN-ACK.
+/// `limit`; whether it did. A connecting socket turns writable when its SYN is answered, which
+/// wakes the wait at once; an accepted one was writable all along, so it is also looked at
+/// after 1, 2, 4 … ms, at most 64 ms apart.
 pub async fn handshake_done(fd: impl AsFd, limit: std::time::Duration) -> bool {
-    let started = tokio::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(1);
-    while handshaking(&fd) {
-        if started.elapsed() >= limit {
-            return false;
+    use tokio::io::{unix::AsyncFd, Interest};
+    let fd = fd.as_fd();
+    // SAFETY: the descriptor is owned, open and the same until the `AsyncFd` drops it.
+    let watched = fd.try_clone_to_owned().ok().and_then(|owned| {
+        unsafe { AsyncFd::register_with_interest(owned, Interest::WRITABLE) }.ok()
+    });
+    let done = async {
+        let mut pause = std::time::Duration::from_millis(1);
+        while handshaking(fd) {
+            let writable = async {
+                match &watched {
+                    Some(watched) => match watched.writable().await {
+                        Ok(mut ready) if handshaking(fd) => ready.clear_ready(),
+                        _ => {}
+                    },
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = writable => {}
+                () = tokio::time::sleep(pause) => {
+                    pause = (pause * 2).min(std::time::Duration::from_millis(64));
+                }
+            }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(std::time::Duration::from_millis(64));
-    }
-    true
+    };
+    tokio::time::timeout(limit, done).await.is_ok()
 }
 
 /// The congestion control algorithm of `fd`, if the kernel says.
