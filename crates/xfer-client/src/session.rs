@@ -250,7 +250,9 @@ fn tell_rtt(socket: &TcpStream, dialed: tokio::sync::oneshot::Sender<Option<std:
 }
 
 /// `e` as the connect failure it is, where it says the daemon was never reached: with TCP Fast
-/// Open a refused or unreachable connect shows only in the handshake's first frames.
+/// Open a refused or unreachable connect shows only in the handshake's first frames. Applied to
+/// what a handshake attempt fails with, and first of all to a read that fails behind an early
+/// flight, which would otherwise count as a daemon that no longer takes early proofs.
 fn unreached(target: &Target, e: ClientError) -> ClientError {
     use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable};
     match e {
@@ -536,9 +538,11 @@ impl Session {
                     }
                 };
                 tokio::select! {
-                    done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => {
-                        done.unwrap_or_else(|_| Err(Failed::Error(silent(target))))
-                    }
+                    done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match done {
+                        Ok(Err(Failed::Error(e))) => Err(Failed::Error(unreached(target, e))),
+                        Ok(done) => done,
+                        Err(_) => Err(Failed::Error(silent(target))),
+                    },
                     false = answered => Err(Failed::Error(ClientError::Connect {
                         addr: target.to_string(),
                         reason: describe_io(&std::io::ErrorKind::TimedOut.into()),
@@ -622,9 +626,7 @@ impl Session {
         let (reader, writer) = match tls {
             Some(tls) => {
                 let delivered = connector.delivered.as_ref();
-                start_tls(socket, target, tls, delivered, &mut handshake)
-                    .await
-                    .map_err(|e| unreached(target, e))?
+                start_tls(socket, target, tls, delivered, &mut handshake).await?
             }
             None => {
                 let (read, write) = socket.into_split();
@@ -695,15 +697,9 @@ impl Session {
         match (early_auth, early_frames) {
             (Some(early_auth), Some(frames)) => {
                 let flight: Vec<Frame> = [hello, early_auth].into_iter().chain(frames).collect();
-                session
-                    .send_all(&flight)
-                    .await
-                    .map_err(|e| unreached(target, e))?;
+                session.send_all(&flight).await?;
             }
-            _ => session
-                .send(&hello)
-                .await
-                .map_err(|e| unreached(target, e))?,
+            _ => session.send(&hello).await?,
         }
         // What tells a daemon that no longer takes the early proof from any other failure.
         let not_taken = |e: ClientError| match e {
