@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use xfer_tests::{random_file, run_xfer_in_net, sha256_file, Daemon, Tree, XferOutput};
+use xfer_tests::{enter_net, random_file, run_xfer_in_net, sha256_file, Daemon, Tree, XferOutput};
 
 /// Hang guard for one command of a few MiB (a guard, not a timing claim).
 const GUARD: Duration = Duration::from_secs(120);
@@ -48,16 +48,10 @@ fn token(tree: &Tree) -> std::path::PathBuf {
 
 /// Runs `sh -c script` in the network namespace `netns`.
 fn in_net(netns: &File, script: &str) {
-    use std::os::fd::AsRawFd;
-    let status = Command::new("nsenter")
-        .arg(format!(
-            "--net=/proc/{}/fd/{}",
-            std::process::id(),
-            netns.as_raw_fd()
-        ))
-        .args(["sh", "-c", script])
-        .status()
-        .expect("nsenter");
+    let mut command = Command::new("sh");
+    command.args(["-c", script]);
+    enter_net(&mut command, netns);
+    let status = command.status().expect("sh");
     assert!(status.success(), "{script}: {status}");
 }
 

@@ -277,26 +277,32 @@ pub fn closed_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
-/// [`run_xfer`] without `env`, in the network namespace `netns` (an open `/proc/PID/ns/net`,
-/// which keeps it alive; `setns` needs root), such as a daemon's started under `unshare --net`.
+/// Makes `command` run in the network namespace `netns` (an open `/proc/PID/ns/net`, which keeps
+/// it alive; `setns` needs root), such as a daemon's started under `unshare --net`. `netns` must
+/// stay open until the command is spawned.
+pub fn enter_net(command: &mut Command, netns: &File) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; the descriptor is open until the child is spawned.
+    unsafe {
+        command.pre_exec(move || match libc::setns(fd, libc::CLONE_NEWNET) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+}
+
+/// [`run_xfer`] without `env`, in the network namespace `netns` (see [`enter_net`]).
 #[track_caller]
 pub fn run_xfer_in_net<S: AsRef<OsStr>>(
     netns: &File,
     args: impl IntoIterator<Item = S>,
     guard: Duration,
 ) -> XferOutput {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let fd = netns.as_raw_fd();
     XferRun::spawn_command(args, |command| {
         command.env_remove("XFER_TOKEN");
-        // SAFETY: setns is async-signal-safe; `netns` stays open until the child is spawned.
-        unsafe {
-            command.pre_exec(move || match libc::setns(fd, libc::CLONE_NEWNET) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            });
-        }
+        enter_net(command, netns);
     })
     .wait_within(guard)
 }

@@ -39,7 +39,9 @@ pub mod setup;
 pub mod tmpfs;
 pub mod tofu;
 
-pub use client::{closed_port, round_trip, run_xfer, run_xfer_in_net, xfer, XferOutput, XferRun};
+pub use client::{
+    closed_port, enter_net, round_trip, run_xfer, run_xfer_in_net, xfer, XferOutput, XferRun,
+};
 pub use daemon::Daemon;
 pub use files::{
     journal_chunks, journal_held, journal_path, list_tree, partial_path, random_file, set_mtime,
