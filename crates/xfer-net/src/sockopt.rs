@@ -455,7 +455,7 @@ mod tests {
         assert_eq!(tcp_int(&socket, libc::TCP_FASTOPEN_CONNECT), 0);
         fast_open_connect(&socket).unwrap();
         assert_eq!(tcp_int(&socket, libc::TCP_FASTOPEN_CONNECT), 1);
-        // Connected without a cookie to send data with: not connecting any more.
+        // Connected without a cookie to send data with: its handshake is over.
         let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         assert!(!handshaking(&stream));
         assert!(fast_open_fell_back(&std::io::Error::from_raw_os_error(
