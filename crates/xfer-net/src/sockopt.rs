@@ -272,13 +272,15 @@ pub fn handshaking(fd: impl AsFd) -> bool {
 /// `limit`; whether it did. A connecting socket turns writable when its SYN is answered, which
 /// wakes the wait at once; an accepted one was writable all along, so it is also looked at
 /// after 1, 2, 4 … ms, at most 64 ms apart.
+///
+/// `fd` is watched as it is: give it a descriptor the runtime does not watch already (the
+/// callers' own copy, which outlives the connection they copied it from). One the runtime
+/// watches (a `TcpStream`'s) cannot be registered twice, and is only looked at on the ticks.
 pub async fn handshake_done(fd: impl AsFd, limit: std::time::Duration) -> bool {
     use tokio::io::{unix::AsyncFd, Interest};
     let fd = fd.as_fd();
-    // SAFETY: the descriptor is owned, open and the same until the `AsyncFd` drops it.
-    let watched = fd.try_clone_to_owned().ok().and_then(|owned| {
-        unsafe { AsyncFd::register_with_interest(owned, Interest::WRITABLE) }.ok()
-    });
+    // SAFETY: `fd` is borrowed for as long as the `AsyncFd` lives, so it stays open and the same.
+    let watched = unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok();
     let done = async {
         let mut pause = std::time::Duration::from_millis(1);
         while handshaking(fd) {
