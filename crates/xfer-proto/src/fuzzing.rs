@@ -256,6 +256,31 @@ pub fn unpack_files(data: &[u8]) {
     }
 }
 
+/// `data` both as a name's bytes, which must come back whole through [`crate::names::escape`]
+/// and [`crate::names::unescape`] in their one wire form, and (where UTF-8) as a wire name from
+/// a peer, which the checks must take without panicking, a canonical one coming back as it was.
+pub fn names(data: &[u8]) {
+    use crate::names::{display, escape, is_canonical, unescape};
+    let wire = escape(data);
+    assert_eq!(&*unescape(&wire), data, "escape then unescape");
+    assert!(is_canonical(&wire), "escape gives the wire form");
+    assert_eq!(
+        wire.bytes().filter(|&b| b == b'/').count(),
+        data.iter().filter(|&&b| b == b'/').count(),
+        "escapes never stand for '/'"
+    );
+    if let Ok(name) = std::str::from_utf8(data) {
+        let _ = display(name);
+        if is_canonical(name) {
+            assert_eq!(
+                escape(&unescape(name)),
+                name,
+                "a canonical name comes back as it was"
+            );
+        }
+    }
+}
+
 /// Feeds the frames in `data[1..]` to a [`ClientSession`] as the client would, as if a server
 /// sent them. Bit 0 of `data[0]` gives the client a token; bit 1 makes it ask for TLS. Whatever
 /// comes, only a `Welcome` within what the client offered is accepted.
@@ -723,6 +748,7 @@ mod tests {
             ("session_script", session_script_now as fn(&[u8])),
             ("client_script", super::client_script as fn(&[u8])),
             ("unpack_files", super::unpack_files as fn(&[u8])),
+            ("names", super::names as fn(&[u8])),
         ] {
             for entry in std::fs::read_dir(corpus.join(target)).expect("corpus directory") {
                 let path = entry.expect("corpus entry").path();

@@ -9,6 +9,7 @@
 //! - [`delta`]: bodies of the delta frames (`CAP_DELTA`).
 //! - [`meta`]: bodies of the frames that carry owners, hard links, attributes and holes.
 //! - [`packed`]: the body of the frames that carry a tree's small files compressed in batches.
+//! - [`names`]: names that are not UTF-8, escaped on the wire and back (`CAP_RAW_NAMES`).
 //! - [`session`]: [`session::ServerSession`], the daemon side of a connection as a state machine.
 //! - [`client`]: [`client::ClientSession`], the client side of the handshake as a state machine.
 //! - [`error`]: [`ProtoError`] for malformed input and [`ErrorCode`] for error frames.
@@ -26,6 +27,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod meta;
 pub mod mirror;
+pub mod names;
 pub mod packed;
 pub mod replay;
 pub mod session;
