@@ -6,16 +6,17 @@
 //! pipeline of long names over one connection moves intact both ways.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use xfer_tests::metrics::{metrics_port, scrape};
 use xfer_tests::{
-    journal_held, journal_path, list_tree, random_file, sha256_file, wait_until, Daemon, Pki, Tree,
-    XferOutput, XferRun,
+    journal_held, journal_path, list_tree, random_file, sha256_file, wait_until, xfer, Daemon, Pki,
+    Tree, XferOutput, XferRun,
 };
 
 /// Hang guard for the polls below.
@@ -55,7 +56,7 @@ pub(crate) fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
         if kind.is_symlink() {
             let target = fs::read_link(path).expect("readlink");
             Node::Link {
-                target: target.to_string_lossy().into_owned(),
+                target: exact(target.as_os_str()),
             }
         } else if kind.is_dir() {
             Node::Dir { mode, mtime_ns }
@@ -72,11 +73,7 @@ pub(crate) fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
     fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
         for entry in fs::read_dir(dir).expect("read_dir") {
             let path = entry.expect("dir entry").path();
-            let rel = path
-                .strip_prefix(base)
-                .expect("below base")
-                .to_string_lossy()
-                .into_owned();
+            let rel = exact(path.strip_prefix(base).expect("below base").as_os_str());
             let n = node(&path);
             let is_dir = matches!(n, Node::Dir { .. });
             out.insert(rel, n);
@@ -89,6 +86,15 @@ pub(crate) fn snapshot(dir: &Path) -> BTreeMap<String, Node> {
     out.insert(String::new(), node(dir));
     walk(dir, dir, &mut out);
     out
+}
+
+/// A path as a key that tells every name apart: itself when UTF-8, else its bytes escaped
+/// (never the lossy form, under which two different names compare equal).
+fn exact(path: &OsStr) -> String {
+    match path.to_str() {
+        Some(s) => s.to_string(),
+        None => format!("bytes:{}", path.as_bytes().escape_ascii()),
+    }
 }
 
 /// `snapshot(src)` without the entries a tree copy leaves out.
@@ -983,4 +989,88 @@ fn a_single_file_send_is_flushed_at_its_commit() {
     }
     let left_to_sync = scrape(port, &["xferd_commits_left_to_sync_total"])[0];
     assert_eq!(left_to_sync, 0.0);
+}
+
+/// Names from an old Latin-1 system, which are not UTF-8, arrive byte for byte every way a tree
+/// travels (a small and a large file, a directory, a link and its target, and a name that holds
+/// one of the code points escapes are made of); a rerun moves nothing; one such file alone goes
+/// and comes back under its name, and `xfer ls` prints that name as its bytes.
+#[test]
+fn names_that_are_not_utf8_arrive_byte_for_byte_every_way() {
+    let raw = |b: &[u8]| OsStr::from_bytes(b).to_owned();
+    let tree = Tree::new();
+    let src = tree.src("latin1");
+    random_file(&src.join(raw(b"caf\xe9/men\xfa.txt")), 10_000, 1);
+    random_file(&src.join(raw(b"gro\xdf.bin")), 3 * MIB, 2);
+    random_file(&src.join("x\u{10FF80}y"), 100, 3);
+    fs::write(src.join("plain.txt"), b"ascii").unwrap();
+    symlink(raw(b"caf\xe9/men\xfa.txt"), src.join(raw(b"l\xeen"))).unwrap();
+    let want = snapshot(&src);
+    assert!(want.contains_key("bytes:caf\\xe9/men\\xfa.txt"), "{want:?}");
+    let daemon = Daemon::start(&tree.root(), &["--allow-delete"]);
+
+    let sent = send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    assert_eq!(sent.json_u64("files_transferred"), 4, "{}", sent.stdout);
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the daemon's copy",
+    );
+    let again = send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    assert_eq!(again.json_u64("bytes_transferred"), 0, "{}", again.stdout);
+
+    let out = tree.out("t");
+    recv_tree("t", &daemon.addr(), &out, &["--json"]).wait_ok();
+    assert_same(&snapshot(&out), &want, "the downloaded copy");
+
+    // A name only the receiver holds goes with --delete, whatever its bytes.
+    fs::write(tree.root().join("t").join(raw(b"stale\xff")), b"old").unwrap();
+    send_tree(&src, &daemon.addr(), "t", &["--delete"]).wait_ok();
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &want,
+        "the mirrored copy",
+    );
+
+    let other = Tree::new();
+    let second = Daemon::start(&other.root(), &[]);
+    let from = format!("{}:t", daemon.addr());
+    xfer(["copy", "-r", from.as_str(), second.addr().as_str()]).ok();
+    assert_same(
+        &snapshot(&other.root().join("t")),
+        &want,
+        "the copy between daemons",
+    );
+
+    let one = src.join(raw(b"gro\xdf.bin"));
+    xfer([
+        OsString::from("send"),
+        one.clone().into(),
+        daemon.addr().into(),
+    ])
+    .ok();
+    let stored = tree.root().join(raw(b"gro\xdf.bin"));
+    assert_eq!(sha256_file(&stored), sha256_file(&one));
+    let listed = std::process::Command::new(xfer_tests::bin("xfer"))
+        .args(["ls".into(), daemon.addr()])
+        .output()
+        .unwrap();
+    assert!(
+        listed.stdout.windows(8).any(|w| w == b"gro\xdf.bin"),
+        "{}",
+        listed.stdout.escape_ascii()
+    );
+    let fetched = tree.out("one");
+    fs::create_dir_all(&fetched).unwrap();
+    let mut recv = vec![
+        OsString::from("recv"),
+        raw(b"gro\xdf.bin"),
+        daemon.addr().into(),
+    ];
+    recv.extend(["-o".into(), fetched.clone().into_os_string()]);
+    xfer(recv).ok();
+    assert_eq!(
+        sha256_file(&fetched.join(raw(b"gro\xdf.bin"))),
+        sha256_file(&one)
+    );
 }

@@ -1400,6 +1400,7 @@ pub async fn send_tree_mirror(
         tokio::try_join!(first, open_spares, read_ahead)?;
     tracing::debug!(spares = spares.len(), elapsed = ?started.elapsed(), "connections open");
 
+    refuse_unspeakable(&control, walked.iter().map(|e| &e.entry))?;
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
     let MirrorPlan {
@@ -1713,6 +1714,25 @@ pub async fn send_tree_mirror(
     control.close().await;
     tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
     Ok(finished(summary, &progress, started))
+}
+
+/// Refuses, before anything moves, a tree with a name (or link target) that is not UTF-8 for a
+/// daemon that would store its escapes as characters (no `CAP_RAW_NAMES`, proto.md §8.5).
+fn refuse_unspeakable<'a>(
+    session: &Session,
+    mut entries: impl Iterator<Item = &'a TreeEntry>,
+) -> Result<(), ClientError> {
+    if session.welcome.capabilities & xfer_proto::CAP_RAW_NAMES != 0 {
+        return Ok(());
+    }
+    let names = xfer_proto::names::is_escaped;
+    match entries.find(|e| names(&e.path) || names(&e.target)) {
+        Some(e) => Err(ClientError::Unsupported(format!(
+            "{}: the name is not UTF-8, and the daemon predates names that are not (upgrade xferd)",
+            xfer_proto::names::display(&e.path)
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// `summary` of a tree copy sent, with what `progress` counted.
@@ -2172,7 +2192,7 @@ pub async fn recv_tree_mirror(
                 let opts = large_file_options(opts, entry.size);
                 let holes = meta.as_ref().and_then(|m| m.holes(&entry.path));
                 async move {
-                    let dest: PathBuf = dir.join(&entry.path);
+                    let dest: PathBuf = dir.join(xfer_core::on_disk(&entry.path));
                     let name = join(name, &entry.path);
                     engine::recv_with_holes(target, &name, &dest, &opts, holes).await
                 }

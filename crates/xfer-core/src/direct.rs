@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, StatxFlags};
 
 use crate::digest::read_through_cache;
+use crate::on_disk;
 
 /// Alignment chunk payloads are received at (the frame reader of `xfer-net` places them so),
 /// and the least a direct write is aligned to: a page, so a direct write and a buffered one
@@ -127,7 +128,7 @@ impl DirectWriter {
             return None;
         }
         let flags = OFlags::RDWR | OFlags::DIRECT | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let file = File::from(rfs::openat(dir, leaf, flags, Mode::empty()).ok()?);
+        let file = File::from(rfs::openat(dir, on_disk(leaf), flags, Mode::empty()).ok()?);
         // The name could have been replaced between the two opens: write only to `data`.
         let (a, b) = (rfs::fstat(&file).ok()?, rfs::fstat(data.as_fd()).ok()?);
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {

@@ -48,7 +48,7 @@ pub use error::{CoreError, Result};
 pub use filter::Filter;
 pub use partial::{Durability, PartialFile};
 pub use ranges::{split_into_chunks, RangeSet};
-pub use root::{validate_name, Root, Slot};
+pub use root::{on_disk, validate_name, Root, Slot};
 pub use source::SourceFile;
 pub use tree::DirCache;
 pub use writeback::Writeback;

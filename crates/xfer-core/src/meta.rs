@@ -12,7 +12,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 use xfer_proto::{ByteRange, EntryKind, Meta, MetaEntry, SetMeta, Xattr, MAX_HOLES};
 
-use crate::{acl, partial_name, CoreError, RangeSet, Result, Root};
+use crate::{acl, on_disk, partial_name, CoreError, RangeSet, Result, Root};
 
 /// Largest attribute value read or written (the kernel's own limit).
 const MAX_XATTR_VALUE: usize = 64 * 1024;
@@ -47,10 +47,12 @@ pub fn has_copied_xattrs_at(dir: BorrowedFd<'_>, leaf: &str) -> Option<bool> {
     }
     // The name NUL-terminated on the stack: no allocation per file.
     let mut name = [0u8; 256];
-    if leaf.len() >= name.len() || leaf.as_bytes().contains(&0) {
+    let leaf = on_disk(leaf);
+    let leaf = std::os::unix::ffi::OsStrExt::as_bytes(&*leaf);
+    if leaf.len() >= name.len() || leaf.contains(&0) {
         return None;
     }
-    name[..leaf.len()].copy_from_slice(leaf.as_bytes());
+    name[..leaf.len()].copy_from_slice(leaf);
     // Room for the names of a few attributes; a file with more (ERANGE) has some to copy as
     // likely as not, and is asked through a descriptor.
     let mut list = [0u8; 1024];
@@ -578,10 +580,11 @@ impl Root {
         };
         let (dir, leaf) = (slot_dir.as_fd(), slot_leaf.as_str());
         let ctx = |what: &str| format!("{what} {:?}", req.name);
-        let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| match e {
-            Errno::NOENT => CoreError::NotFound(req.name.clone()),
-            e => CoreError::io(ctx("stat"), e.into()),
-        })?;
+        let st =
+            rfs::statat(dir, on_disk(leaf), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| match e {
+                Errno::NOENT => CoreError::NotFound(req.name.clone()),
+                e => CoreError::io(ctx("stat"), e.into()),
+            })?;
         let kind = rfs::FileType::from_raw_mode(st.st_mode);
         let mut outcome = MetaOutcome::default();
         let (uid, gid) = local_ids(req);
@@ -597,7 +600,7 @@ impl Root {
                 };
                 rfs::openat(
                     dir,
-                    leaf,
+                    on_disk(leaf),
                     OFlags::RDONLY
                         | OFlags::NOFOLLOW
                         | OFlags::NONBLOCK
@@ -619,17 +622,17 @@ impl Root {
             return apply_meta(file, Ownership::of(&now), None, req);
         }
         if (st.st_uid, st.st_gid) != (uid, gid) {
-            let chown = |u, g| rfs::chownat(dir, leaf, u, g, AtFlags::SYMLINK_NOFOLLOW);
+            let chown = |u, g| rfs::chownat(dir, on_disk(leaf), u, g, AtFlags::SYMLINK_NOFOLLOW);
             outcome.not_chowned = change_owner(chown, (uid, gid))
                 .map_err(|e| CoreError::io(ctx("chown"), e.into()))?;
         }
         if kind != rfs::FileType::Symlink {
             let mode = Mode::from_raw_mode(req.mode & 0o7777);
-            rfs::chmodat(dir, leaf, mode, AtFlags::empty())
+            rfs::chmodat(dir, on_disk(leaf), mode, AtFlags::empty())
                 .map_err(|e| CoreError::io(ctx("chmod"), e.into()))?;
         }
         let times = timestamps(req.mtime_ns);
-        rfs::utimensat(dir, leaf, &times, AtFlags::SYMLINK_NOFOLLOW)
+        rfs::utimensat(dir, on_disk(leaf), &times, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| CoreError::io(ctx("setting mtime of"), e.into()))?;
         Ok(outcome)
     }
@@ -642,7 +645,7 @@ impl Root {
     /// link or special file has the name) or I/O errors.
     pub fn make_hard_link(&self, name: &str, existing: &str) -> Result<()> {
         let from = self.parent_slot_no_symlinks(existing, false)?;
-        let st = rfs::statat(&*from.dir, from.leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW).map_err(
+        let st = rfs::statat(&*from.dir, on_disk(&from.leaf), AtFlags::SYMLINK_NOFOLLOW).map_err(
             |e| match e {
                 Errno::NOENT => CoreError::NotFound(existing.to_string()),
                 e => CoreError::io(format!("stat {existing:?}"), e.into()),
@@ -653,7 +656,7 @@ impl Root {
         }
         let to = self.parent_slot_no_symlinks(name, true)?;
         let dir = to.dir.as_fd();
-        match rfs::statat(dir, to.leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        match rfs::statat(dir, on_disk(&to.leaf), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(there) if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino) => return Ok(()),
             Ok(there)
                 if rfs::FileType::from_raw_mode(there.st_mode) != rfs::FileType::RegularFile =>
@@ -664,16 +667,16 @@ impl Root {
         }
         let part = partial_name(&to.leaf);
         let ctx = |what: &str| format!("{what} {name:?}");
-        let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+        let _ = rfs::unlinkat(dir, on_disk(&part), AtFlags::empty());
         rfs::linkat(
             &*from.dir,
-            from.leaf.as_str(),
+            on_disk(&from.leaf),
             dir,
-            part.as_str(),
+            on_disk(&part),
             AtFlags::empty(),
         )
         .map_err(|e| CoreError::io(ctx("linking"), e.into()))?;
-        rfs::renameat(dir, part.as_str(), dir, to.leaf.as_str())
+        rfs::renameat(dir, on_disk(&part), dir, on_disk(&to.leaf))
             .map_err(|e| CoreError::io(ctx("renaming link"), e.into()))
     }
 
@@ -700,7 +703,7 @@ impl Root {
         let slot = self.parent_slot_no_symlinks(name, true)?;
         let dir = slot.dir.as_fd();
         let leaf = slot.leaf.as_str();
-        if let Ok(there) = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+        if let Ok(there) = rfs::statat(dir, on_disk(leaf), AtFlags::SYMLINK_NOFOLLOW) {
             let there_kind = rfs::FileType::from_raw_mode(there.st_mode);
             if there_kind == kind && there.st_rdev == rdev {
                 return Ok(());
@@ -714,10 +717,10 @@ impl Root {
         }
         let part = partial_name(leaf);
         let ctx = |what: &str| format!("{what} {name:?}");
-        let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+        let _ = rfs::unlinkat(dir, on_disk(&part), AtFlags::empty());
         rfs::mknodat(
             dir,
-            part.as_str(),
+            on_disk(&part),
             kind,
             Mode::from_raw_mode(st_mode & 0o7777),
             rdev,
@@ -729,7 +732,7 @@ impl Root {
             )),
             e => CoreError::io(ctx("creating node"), e.into()),
         })?;
-        rfs::renameat(dir, part.as_str(), dir, leaf)
+        rfs::renameat(dir, on_disk(&part), dir, on_disk(leaf))
             .map_err(|e| CoreError::io(ctx("renaming node"), e.into()))
     }
 }
@@ -770,7 +773,7 @@ fn entry_meta(
         return Ok((meta, inode));
     }
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let Ok(fd) = rfs::openat(dir, leaf, flags, Mode::empty()) else {
+    let Ok(fd) = rfs::openat(dir, on_disk(leaf), flags, Mode::empty()) else {
         return Ok((meta, inode));
     };
     let now = rfs::fstat(&fd)?;

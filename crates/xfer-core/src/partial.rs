@@ -18,7 +18,7 @@ use crate::digest::{Blocks, Digest, DigestKind, Frontier, WholeBlocks};
 use crate::direct::{direct_io, DirectWriter};
 use crate::journal::{self, Record};
 use crate::root::Slot;
-use crate::{journal_name, partial_name, CoreError, RangeSet, Result};
+use crate::{journal_name, on_disk, partial_name, CoreError, RangeSet, Result};
 
 /// Bytes written between two `fdatasync` barriers of one transfer.
 pub const DEFAULT_SYNC_EVERY: u64 = 256 * 1024 * 1024;
@@ -302,7 +302,7 @@ fn blocking<T: Send + 'static>(
 fn matching_final(slot: &Slot, identity: FileIdentity) -> Option<File> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let file =
-        File::from(rfs::openat(slot.dir.as_fd(), slot.leaf.as_str(), flags, Mode::empty()).ok()?);
+        File::from(rfs::openat(slot.dir.as_fd(), on_disk(&slot.leaf), flags, Mode::empty()).ok()?);
     let (found, _) = crate::source::identity_of(&file).ok()?;
     (file.metadata().ok()?.is_file() && found == identity).then_some(file)
 }
@@ -327,7 +327,12 @@ fn reserve(data: &File, size: u64, holes: &RangeSet) -> std::io::Result<()> {
 fn open_private(slot: &Slot, leaf: &str) -> Result<File> {
     // NOFOLLOW: a symlink planted under a reserved name must not redirect our writes.
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match rfs::openat(slot.dir.as_fd(), leaf, flags, Mode::from_raw_mode(0o600)) {
+    match rfs::openat(
+        slot.dir.as_fd(),
+        on_disk(leaf),
+        flags,
+        Mode::from_raw_mode(0o600),
+    ) {
         Ok(fd) => Ok(File::from(fd)),
         Err(rustix::io::Errno::LOOP) => Err(CoreError::BadPath(format!("{leaf:?} is a symlink"))),
         Err(e) => Err(CoreError::io(format!("opening {leaf:?}"), e.into())),
@@ -425,8 +430,8 @@ impl PartialFile {
                 // the commit still compares its digest with the sender's.
                 if let Some(final_file) = matching_final(&slot, identity) {
                     let dir = slot.dir.as_fd();
-                    let _ = rfs::unlinkat(dir, part_leaf.as_str(), rfs::AtFlags::empty());
-                    let _ = rfs::unlinkat(dir, journal_leaf.as_str(), rfs::AtFlags::empty());
+                    let _ = rfs::unlinkat(dir, on_disk(&part_leaf), rfs::AtFlags::empty());
+                    let _ = rfs::unlinkat(dir, on_disk(&journal_leaf), rfs::AtFlags::empty());
                     return Ok(Self::already_final(
                         slot,
                         part_leaf,
@@ -448,8 +453,8 @@ impl PartialFile {
                 // A new partial that cannot get its space leaves nothing behind.
                 if held.total() == 0 {
                     let dir = slot.dir.as_fd();
-                    let _ = rfs::unlinkat(dir, part_leaf.as_str(), rfs::AtFlags::empty());
-                    let _ = rfs::unlinkat(dir, journal_leaf.as_str(), rfs::AtFlags::empty());
+                    let _ = rfs::unlinkat(dir, on_disk(&part_leaf), rfs::AtFlags::empty());
+                    let _ = rfs::unlinkat(dir, on_disk(&journal_leaf), rfs::AtFlags::empty());
                 }
                 return Err(CoreError::io(ctx("reserving space for"), e));
             }
@@ -1021,15 +1026,15 @@ impl PartialFile {
         // cache and blocks (about 0.4 s for 2 GiB here), before the sender hears that the file
         // is in place.
         let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let replaced = rfs::openat(dir, self.slot.leaf.as_str(), flags, Mode::empty())
+        let replaced = rfs::openat(dir, on_disk(&self.slot.leaf), flags, Mode::empty())
             .ok()
             .map(File::from);
-        rfs::renameat(dir, self.part_leaf.as_str(), dir, self.slot.leaf.as_str())
+        rfs::renameat(dir, on_disk(&self.part_leaf), dir, on_disk(&self.slot.leaf))
             .map_err(|e| CoreError::io(ctx("renaming partial to"), e.into()))?;
         let renamed = started.elapsed();
         st.committed = Some(own);
         st.committed_unflushed = durability == Durability::AtSync;
-        if let Err(e) = rfs::unlinkat(dir, self.journal_leaf.as_str(), rfs::AtFlags::empty()) {
+        if let Err(e) = rfs::unlinkat(dir, on_disk(&self.journal_leaf), rfs::AtFlags::empty()) {
             tracing::warn!(file = %self.slot.leaf, error = %e, "removing journal failed");
         }
         if durability == Durability::Flushed {

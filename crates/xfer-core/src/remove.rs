@@ -7,7 +7,7 @@ use rustix::fs::{self as rfs, AtFlags};
 use rustix::io::Errno;
 
 use crate::root::map_open_err;
-use crate::{validate_name, CoreError, Result, Root};
+use crate::{on_disk, validate_name, CoreError, Result, Root};
 
 /// What [`Root::remove_entry`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ impl Root {
             Err(e) => return Err(map_open_err(name, e)),
         };
         let ctx = |what: &str| format!("{what} {name:?}");
-        let st = match rfs::statat(&dir, *leaf, AtFlags::SYMLINK_NOFOLLOW) {
+        let st = match rfs::statat(&dir, on_disk(leaf), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(Removed::Nothing),
             Err(e) => return Err(CoreError::io(ctx("stat"), e.into())),
@@ -54,7 +54,7 @@ impl Root {
         } else {
             AtFlags::empty()
         };
-        match rfs::unlinkat(&dir, *leaf, flags) {
+        match rfs::unlinkat(&dir, on_disk(leaf), flags) {
             Ok(()) if is_dir => Ok(Removed::Dir),
             Ok(()) => Ok(Removed::Entry),
             Err(Errno::NOENT) => Ok(Removed::Nothing),

@@ -1,9 +1,12 @@
 //! [`Root`]: every name a peer sends is resolved beneath one directory by the kernel
 //! (`openat2` with `RESOLVE_BENEATH`), never by string handling alone.
 
+use std::borrow::Cow;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -50,17 +53,32 @@ pub fn validate_name(name: &str) -> Result<Vec<&str>> {
     if name.starts_with('/') {
         return bad("absolute name");
     }
+    if !xfer_proto::names::is_canonical(name) {
+        return bad("escaped bytes that spell UTF-8");
+    }
     let parts: Vec<&str> = name.split('/').collect();
     for part in &parts {
         match *part {
             "" => return bad("empty path component"),
             "." | ".." => return bad("'.' or '..' component"),
-            p if p.len() > 255 => return bad("path component too long"),
+            p if xfer_proto::names::unescape(p).len() > 255 => {
+                return bad("path component too long")
+            }
             p if is_reserved_name(p) => return bad("reserved name"),
             _ => {}
         }
     }
     Ok(parts)
+}
+
+/// The bytes on disk of the wire name (or link target) `name`: itself, unless it holds escapes
+/// of bytes that are not UTF-8 (proto.md §8.5). Every system call given a name from a peer or a
+/// walk takes it through here.
+pub fn on_disk(name: &str) -> Cow<'_, OsStr> {
+    match xfer_proto::names::unescape(name) {
+        Cow::Borrowed(raw) => Cow::Borrowed(OsStr::from_bytes(raw)),
+        Cow::Owned(raw) => Cow::Owned(OsString::from_vec(raw)),
+    }
 }
 
 pub(crate) fn map_open_err(name: &str, e: rustix::io::Errno) -> CoreError {
@@ -110,7 +128,7 @@ impl Root {
         let path = if path.is_empty() { "." } else { path };
         rfs::openat2(
             self.dir.as_fd(),
-            path,
+            on_disk(path),
             flags | OFlags::CLOEXEC,
             mode,
             if self.no_symlinks {
@@ -185,7 +203,7 @@ impl Root {
         let slot = self.parent_slot(name, create)?;
         let (dir, leaf) = (&slot.dir, slot.leaf.as_str());
         // Only a regular file may be replaced: never a directory, device, FIFO, socket or link.
-        match rfs::statat(dir.as_fd(), leaf, rfs::AtFlags::SYMLINK_NOFOLLOW) {
+        match rfs::statat(dir.as_fd(), on_disk(leaf), rfs::AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile => {
                 return Err(CoreError::NotRegular(name.to_string()))
             }
@@ -213,7 +231,7 @@ impl Root {
         };
         let dir = rfs::openat2(
             self.dir.as_fd(),
-            path,
+            on_disk(path),
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
             RESOLVE | ResolveFlags::NO_SYMLINKS,
@@ -259,7 +277,7 @@ impl Root {
             match self.open_dir(&sub) {
                 Ok(d) => dir = d,
                 Err(rustix::io::Errno::NOENT) => {
-                    match rfs::mkdirat(&dir, *part, Mode::from_raw_mode(0o755)) {
+                    match rfs::mkdirat(&dir, on_disk(part), Mode::from_raw_mode(0o755)) {
                         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                         Err(e) => return Err(CoreError::io(format!("mkdir {sub:?}"), e.into())),
                     }
@@ -287,13 +305,12 @@ impl Root {
         let reader = rfs::Dir::read_from(&fd).map_err(|e| CoreError::io("listing", e.into()))?;
         for entry in reader {
             let entry = entry.map_err(|e| CoreError::io("listing", e.into()))?;
-            let Ok(name) = entry.file_name().to_str() else {
-                continue;
-            };
-            if name == "." || name == ".." || is_reserved_name(name) {
+            let raw = entry.file_name().to_bytes();
+            let name = xfer_proto::names::escape(raw);
+            if name == "." || name == ".." || is_reserved_name(&name) {
                 continue;
             }
-            let Ok(st) = rfs::statat(&fd, name, rfs::AtFlags::SYMLINK_NOFOLLOW) else {
+            let Ok(st) = rfs::statat(&fd, raw, rfs::AtFlags::SYMLINK_NOFOLLOW) else {
                 continue;
             };
             let kind = rfs::FileType::from_raw_mode(st.st_mode);
@@ -322,6 +339,23 @@ impl From<io::Error> for CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_names_are_checked_as_the_bytes_they_stand_for() {
+        use xfer_proto::names::escape;
+        // 255 bytes that are not UTF-8 take 1,020 on the wire: still one component.
+        let long = escape(&[0xE9; 255]).into_owned();
+        assert!(long.len() > 255);
+        assert!(validate_name(&format!("d/{long}")).is_ok());
+        assert!(validate_name(&escape(&[0xE9; 256])).is_err());
+        // `é` spelled as the escapes of its two bytes is not a wire form: refused.
+        let spelled = escape(b"\xc3").into_owned() + &escape(b"\xa9");
+        assert!(matches!(
+            validate_name(&spelled),
+            Err(CoreError::BadPath(_))
+        ));
+        assert!(validate_name("caf\u{e9}").is_ok());
+    }
 
     #[test]
     fn names_are_validated() {

@@ -15,7 +15,9 @@ use rustix::io::Errno;
 use xfer_proto::{EntryKind, FileIdentity, TreeEntry};
 
 use crate::root::map_open_err;
-use crate::{digest, is_reserved_name, partial_name, validate_name, CoreError, Result, Root};
+use crate::{
+    digest, is_reserved_name, on_disk, partial_name, validate_name, CoreError, Result, Root,
+};
 
 /// Deepest directory nesting a walk descends into.
 const MAX_DEPTH: usize = 256;
@@ -187,7 +189,7 @@ fn read_whole(file: &File, name: &str, max: u64) -> Result<(FileIdentity, u32, V
 
 /// Only a regular file may be replaced by a stored file: never a directory, link or special.
 fn check_replaceable(dir: BorrowedFd<'_>, leaf: &str, name: &str) -> Result<()> {
-    match rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+    match rfs::statat(dir, on_disk(leaf), AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile => {
             Err(CoreError::NotRegular(name.to_string()))
         }
@@ -215,10 +217,16 @@ fn unnamed_files_work() -> bool {
 
 /// Gives the unnamed file `file` the name `leaf` in `dir`; `EEXIST` if the name is taken.
 fn link_unnamed(file: &File, dir: BorrowedFd<'_>, leaf: &str) -> rustix::io::Result<()> {
-    let by_empty_path = || rfs::linkat(file, "", dir, leaf, AtFlags::EMPTY_PATH);
+    let by_empty_path = || rfs::linkat(file, "", dir, on_disk(leaf), AtFlags::EMPTY_PATH);
     let by_proc = || {
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-        rfs::linkat(rfs::CWD, path.as_str(), dir, leaf, AtFlags::SYMLINK_FOLLOW)
+        rfs::linkat(
+            rfs::CWD,
+            path.as_str(),
+            dir,
+            on_disk(leaf),
+            AtFlags::SYMLINK_FOLLOW,
+        )
     };
     match LINK_METHOD.load(Ordering::Relaxed) {
         LINK_EMPTY_PATH => by_empty_path(),
@@ -291,16 +299,14 @@ impl Root {
             let mut names: Vec<String> = Vec::new();
             for entry in rfs::Dir::read_from(&fd).map_err(ctx)? {
                 let entry = entry.map_err(ctx)?;
-                let Ok(name) = entry.file_name().to_str() else {
-                    continue;
-                };
-                if name != "." && name != ".." && !is_reserved_name(name) {
-                    names.push(name.to_string());
+                let name = xfer_proto::names::escape(entry.file_name().to_bytes());
+                if name != "." && name != ".." && !is_reserved_name(&name) {
+                    names.push(name.into_owned());
                 }
             }
             names.sort();
             for name in names {
-                let Ok(st) = rfs::statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+                let Ok(st) = rfs::statat(&fd, on_disk(&name), AtFlags::SYMLINK_NOFOLLOW) else {
                     continue;
                 };
                 let path = join(&rel, &name);
@@ -320,7 +326,7 @@ impl Root {
                             let file = File::from(
                                 rfs::openat(
                                     &fd,
-                                    name.as_str(),
+                                    on_disk(&name),
                                     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                                     Mode::empty(),
                                 )
@@ -337,7 +343,7 @@ impl Root {
                         entry.kind = EntryKind::Dir;
                         let sub = rfs::openat(
                             &fd,
-                            name.as_str(),
+                            on_disk(&name),
                             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                             Mode::empty(),
                         )
@@ -347,13 +353,10 @@ impl Root {
                     rfs::FileType::Symlink => {
                         entry.kind = EntryKind::Symlink;
                         let target =
-                            rfs::readlinkat(&fd, name.as_str(), Vec::new()).map_err(|e| {
+                            rfs::readlinkat(&fd, on_disk(&name), Vec::new()).map_err(|e| {
                                 CoreError::io(format!("reading link {path:?}"), e.into())
                             })?;
-                        let Ok(target) = target.into_string() else {
-                            continue;
-                        };
-                        entry.target = target;
+                        entry.target = xfer_proto::names::escape(target.as_bytes()).into_owned();
                     }
                     rfs::FileType::Directory => {
                         tracing::warn!(path = %path, "directory nested too deep; left out");
@@ -483,7 +486,7 @@ impl Root {
                     | OFlags::TRUNC
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC;
-                let fd = rfs::openat(dir, part.as_str(), flags, Mode::from_raw_mode(NAMED_MODE))
+                let fd = rfs::openat(dir, on_disk(&part), flags, Mode::from_raw_mode(NAMED_MODE))
                     .map_err(|e| CoreError::io(ctx("creating"), e.into()))?;
                 (File::from(fd), true)
             }
@@ -501,10 +504,10 @@ impl Root {
                 Err(e) => return Err(CoreError::io(ctx("linking"), e.into())),
             }
             let part = partial_name(&leaf);
-            let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+            let _ = rfs::unlinkat(dir, on_disk(&part), AtFlags::empty());
             link_unnamed(&file, dir, &part).map_err(|e| CoreError::io(ctx("linking"), e.into()))?;
         }
-        rfs::renameat(dir, partial_name(&leaf).as_str(), dir, leaf.as_str())
+        rfs::renameat(dir, on_disk(&partial_name(&leaf)), dir, on_disk(&leaf))
             .map_err(|e| CoreError::io(ctx("renaming"), e.into()))
     }
 
@@ -518,14 +521,14 @@ impl Root {
         let slot = self.parent_slot(name, true)?;
         let (dir, leaf) = (slot.dir.as_fd(), slot.leaf.as_str());
         let ctx = |what: &str| format!("{what} {name:?}");
-        let mkdir = || match rfs::mkdirat(dir, leaf, Mode::from_raw_mode(0o700)) {
+        let mkdir = || match rfs::mkdirat(dir, on_disk(leaf), Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => Ok(()),
             Err(e) => Err(CoreError::io(ctx("mkdir"), e.into())),
         };
         let open = || {
             rfs::openat(
                 dir,
-                leaf,
+                on_disk(leaf),
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
@@ -533,12 +536,12 @@ impl Root {
         mkdir()?;
         let fd = match open() {
             Err(Errno::NOTDIR) => {
-                let st = rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW)
+                let st = rfs::statat(dir, on_disk(leaf), AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| CoreError::io(ctx("stat"), e.into()))?;
                 if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
                     return Err(CoreError::NotRegular(name.to_string()));
                 }
-                rfs::unlinkat(dir, leaf, AtFlags::empty())
+                rfs::unlinkat(dir, on_disk(leaf), AtFlags::empty())
                     .map_err(|e| CoreError::io(ctx("removing file in the way of"), e.into()))?;
                 mkdir()?;
                 open()
@@ -579,17 +582,17 @@ impl Root {
         }
         let slot = self.parent_slot_no_symlinks(name, true)?;
         let dir = slot.dir.as_fd();
-        if let Ok(st) = rfs::statat(dir, slot.leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        if let Ok(st) = rfs::statat(dir, on_disk(&slot.leaf), AtFlags::SYMLINK_NOFOLLOW) {
             if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
                 return Err(CoreError::NotRegular(name.to_string()));
             }
         }
         let part = partial_name(&slot.leaf);
-        let _ = rfs::unlinkat(dir, part.as_str(), AtFlags::empty());
+        let _ = rfs::unlinkat(dir, on_disk(&part), AtFlags::empty());
         let ctx = |what: &str| format!("{what} {name:?}");
-        rfs::symlinkat(target, dir, part.as_str())
+        rfs::symlinkat(on_disk(target), dir, on_disk(&part))
             .map_err(|e| CoreError::io(ctx("creating link"), e.into()))?;
-        rfs::renameat(dir, part.as_str(), dir, slot.leaf.as_str())
+        rfs::renameat(dir, on_disk(&part), dir, on_disk(&slot.leaf))
             .map_err(|e| CoreError::io(ctx("renaming link"), e.into()))
     }
 

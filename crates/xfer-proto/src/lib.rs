@@ -142,6 +142,10 @@ pub const CAP_TREE_CLOSE: u64 = 1 << 26;
 /// for `Auth` (proto.md §4.5, *Zero round trip*). Not in [`CAP_FEATURES`]: offered only with
 /// `CAP_EARLY_AUTH`.
 pub const CAP_ZERO_RTT: u64 = 1 << 27;
+/// Capability bit: names and link targets may stand for bytes that are not UTF-8, escaped as
+/// [`names`] does (proto.md §8.5): the server maps them back to those bytes on its disk and
+/// escapes such names in what it lists, where without the bit it leaves them out.
+pub const CAP_RAW_NAMES: u64 = 1 << 28;
 /// How far (ms) an `EarlyAuth`'s time may lie from the server's clock, either way; the server
 /// keeps each nonce it took until that time plus this has passed.
 pub const ZERO_RTT_WINDOW_MS: u64 = 30_000;
@@ -187,7 +191,8 @@ pub const CAP_FEATURES: u64 = CAP_TREE_META
     | CAP_DELTA_PUT_SYNC
     | CAP_DELTA_FINE
     | CAP_PATH_REPORT
-    | CAP_IDLE_TIMEOUT;
+    | CAP_IDLE_TIMEOUT
+    | CAP_RAW_NAMES;
 /// Port used when a host is given without one.
 pub const DEFAULT_PORT: u16 = 8888;
 /// Largest payload a single `Data` frame may carry, and so the largest chunk size.

@@ -35,7 +35,7 @@ pub(crate) enum Command {
         #[command(flatten)]
         common: Common,
         /// Name to store it under (default: FILE's base name); may contain `/`.
-        #[arg(long = "as", value_name = "NAME")]
+        #[arg(long = "as", value_name = "NAME", value_parser = wire_name())]
         as_name: Option<String>,
         /// Local file to send.
         file: PathBuf,
@@ -57,6 +57,7 @@ pub(crate) enum Command {
         #[arg(long)]
         no_direct_io: bool,
         /// Name on the server.
+        #[arg(value_parser = wire_name())]
         name: String,
         /// Server, HOST[:PORT] (default port 8888).
         host: String,
@@ -76,6 +77,7 @@ pub(crate) enum Command {
         /// Server, HOST[:PORT] (default port 8888).
         host: String,
         /// Directory under the server's root (default: the root).
+        #[arg(value_parser = wire_name())]
         dir: Option<String>,
     },
     /// Print a shell completion script on stdout.
@@ -421,4 +423,13 @@ impl Common {
             quiet: self.quiet,
         }
     }
+}
+
+/// A name on the server as given on the command line: any bytes, those that are not UTF-8
+/// escaped as they travel (proto.md §8.5).
+fn wire_name() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser;
+    use std::os::unix::ffi::OsStrExt;
+    clap::builder::OsStringValueParser::new()
+        .map(|name| xfer_proto::names::escape(name.as_bytes()).into_owned())
 }

@@ -1,6 +1,7 @@
 //! `xfer`: the command line around the client library. Flags live in [`args`], what is printed
 //! in [`output`]; errors end as one line `xfer: <cause>`.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -72,9 +73,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(n) => n,
                 None => file
                     .file_name()
-                    .and_then(|n| n.to_str())
-                    .with_context(|| format!("cannot derive a name from {}", file.display()))?
-                    .to_string(),
+                    .map(|n| xfer_proto::names::escape(n.as_bytes()).into_owned())
+                    .with_context(|| format!("cannot derive a name from {}", file.display()))?,
             };
             if common.recursive && !file.is_dir() {
                 if !file.exists() {
@@ -113,12 +113,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             xfer_core::direct::set_direct_io(!no_direct_io);
             let target: Target = host.parse()?;
-            let leaf = base_name(&name)?;
+            let leaf = xfer_core::on_disk(base_name(&name)?);
             let dest = match output {
                 // A tree lands in -o DIR itself; a file given a directory keeps its name.
                 Some(p) if p.is_dir() && !common.recursive => p.join(leaf),
                 Some(p) => p,
-                None => Path::new(leaf).to_path_buf(),
+                None => Path::new(&leaf).to_path_buf(),
             };
             let opts = common.options()?;
             if common.recursive {

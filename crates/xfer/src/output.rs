@@ -174,15 +174,14 @@ pub(crate) fn listing(entries: &[ListEntry], json: bool) -> anyhow::Result<()> {
         serde_json::to_writer(&mut out, &list)?;
         writeln!(out)?;
     } else {
+        // Names as their bytes, as `ls` prints them: a name that is not UTF-8 can be given
+        // back to `xfer recv` as it was printed.
         for e in entries {
             let slash = if e.is_dir { "/" } else { "" };
-            writeln!(
-                out,
-                "{}\t{}\t{}{slash}",
-                e.size,
-                xfer_client::list::format_utc(e.mtime_ns),
-                e.name
-            )?;
+            let when = xfer_client::list::format_utc(e.mtime_ns);
+            write!(out, "{}\t{when}\t", e.size)?;
+            out.write_all(&xfer_proto::names::unescape(&e.name))?;
+            writeln!(out, "{slash}")?;
         }
     }
     Ok(())

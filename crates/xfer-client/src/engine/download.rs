@@ -335,7 +335,8 @@ async fn recv_once(
 ) -> Result<Attempt, ClientError> {
     let opts = &metered(opts);
     let slot = local_slot(dest)?;
-    let journal_path = dest.with_file_name(xfer_core::journal_name(&slot.leaf));
+    let journal_path =
+        dest.with_file_name(xfer_core::on_disk(&xfer_core::journal_name(&slot.leaf)));
     let have = read_local_journal(&journal_path);
     // The size is known only once the file is open, so the pool's larger start for a large
     // file on a far path opens then, not beside the first handshake: opened at the first
@@ -564,10 +565,12 @@ fn read_local_journal(path: &Path) -> Option<xfer_core::journal::Contents> {
 }
 
 fn local_slot(dest: &Path) -> Result<Slot, ClientError> {
+    // The leaf as a name of its own (escaped where it is not UTF-8), as the root's are.
     let leaf = dest
         .file_name()
-        .and_then(|l| l.to_str())
+        .map(|l| xfer_proto::names::escape(std::os::unix::ffi::OsStrExt::as_bytes(l)))
         .ok_or_else(|| ClientError::OutputPath(dest.to_path_buf()))?;
+    let leaf = leaf.as_ref();
     if xfer_core::is_reserved_name(leaf) {
         return Err(xfer_core::CoreError::BadPath(format!("reserved output name {leaf:?}")).into());
     }

@@ -32,6 +32,9 @@ impl Handler {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
         };
+        self.drop_unspeakable(&mut entries, |e| {
+            [e.entry.path.as_str(), e.entry.target.as_str()]
+        });
         // A client that predates named ACLs is sent the kernel's values, ids as they are.
         if self.session.capabilities() & xfer_proto::CAP_TREE_META_V2 == 0 {
             for e in &mut entries {

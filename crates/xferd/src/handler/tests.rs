@@ -876,3 +876,63 @@ async fn a_light_file_is_answered_before_its_copies_are_written_and_commits_afte
     client.goodbye().await;
     assert_eq!(std::fs::read(dir.path().join("light")).unwrap(), new);
 }
+
+#[tokio::test]
+async fn names_that_are_not_utf8_are_listed_escaped_only_to_a_client_that_takes_them() {
+    use std::os::unix::ffi::OsStrExt;
+    use xfer_proto::{List, ListTree, CAP_RAW_NAMES};
+
+    let (dir, shared) = daemon(|_| {});
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    std::fs::write(dir.path().join(latin1), b"x").unwrap();
+    std::fs::write(dir.path().join("plain"), b"y").unwrap();
+    let escaped = xfer_proto::names::escape(b"caf\xe9").into_owned();
+    for (capabilities, want) in [
+        (0, vec!["plain".to_string()]),
+        (CAP_RAW_NAMES, vec![escaped.clone(), "plain".into()]),
+    ] {
+        let mut client = Client::connect(&shared);
+        client
+            .send(Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                min_version: 1,
+                capabilities,
+                agent: "test".into(),
+                nonce: vec![],
+            }))
+            .await;
+        let Frame::Welcome(welcome) = client.next().await else {
+            panic!("want Welcome")
+        };
+        assert_eq!(welcome.capabilities & CAP_RAW_NAMES, capabilities);
+        client.send(Frame::List(List { dir: String::new() })).await;
+        let Frame::Listing(listing) = client.next().await else {
+            panic!("want Listing")
+        };
+        let names: Vec<_> = listing.entries.iter().map(|e| e.name.clone()).collect();
+        assert_eq!(names, want);
+        let tree = ListTree {
+            dir: String::new(),
+            digests: false,
+        };
+        client.send(Frame::ListTree(tree)).await;
+        let Frame::TreeListing(listing) = client.next().await else {
+            panic!("want TreeListing")
+        };
+        let paths: Vec<_> = listing.entries.iter().map(|e| e.path.clone()).collect();
+        assert_eq!(paths[1..], want[..]);
+        client.goodbye().await;
+    }
+    // The escaped name opens the file it stands for.
+    let mut client = Client::welcomed(&shared).await;
+    let get = GetFile {
+        name: escaped,
+        max_size: 1 << 20,
+    };
+    client.send(Frame::GetFile(get)).await;
+    let Frame::FileData(data) = client.next().await else {
+        panic!("want FileData")
+    };
+    assert_eq!(&data.data[..], b"x");
+    client.goodbye().await;
+}

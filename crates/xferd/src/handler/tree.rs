@@ -59,10 +59,11 @@ const PACK_BYTES: usize = 2 << 20;
 impl Handler {
     pub(super) async fn list(&mut self, dir: &str) -> Result<(), ConnError> {
         let (root, dir) = (self.root(), dir.to_string());
-        let entries = match blocking(move || root.list(&dir)).await {
+        let mut entries = match blocking(move || root.list(&dir)).await {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
         };
+        self.drop_unspeakable(&mut entries, |e| [e.name.as_str()]);
         // Names are at most 255 bytes, so a page of MAX_LISTING_ENTRIES stays far below the
         // control-frame limit.
         let mut pages = entries.chunks(MAX_LISTING_ENTRIES).peekable();
@@ -90,10 +91,11 @@ impl Handler {
     pub(super) async fn list_tree(&mut self, req: ListTree) -> Result<(), ConnError> {
         let root = self.root();
         let dir = req.dir.clone();
-        let entries = match blocking(move || root.walk(&dir, req.digests)).await {
+        let mut entries = match blocking(move || root.walk(&dir, req.digests)).await {
             Ok(entries) => entries,
             Err(e) => return self.reply_error(e.code(), e.to_string()).await,
         };
+        self.drop_unspeakable(&mut entries, |e| [e.path.as_str(), e.target.as_str()]);
         // Pages bounded by count and by bytes, so each stays far below the control-frame limit.
         let mut page = Vec::new();
         let mut page_bytes = 0;
@@ -111,6 +113,27 @@ impl Handler {
             }
         }
         Ok(())
+    }
+
+    /// Leaves out of a listing the entries whose name (or link target) stands for bytes that
+    /// are not UTF-8, for a client that cannot take them (no `CAP_RAW_NAMES`, proto.md §8.5):
+    /// it would store the escapes as characters.
+    pub(super) fn drop_unspeakable<T, const N: usize>(
+        &self,
+        entries: &mut Vec<T>,
+        names: impl Fn(&T) -> [&str; N],
+    ) {
+        if self.session.capabilities() & xfer_proto::CAP_RAW_NAMES != 0 {
+            return;
+        }
+        let before = entries.len();
+        entries.retain(|e| !names(e).iter().any(|n| xfer_proto::names::is_escaped(n)));
+        if entries.len() < before {
+            tracing::warn!(
+                left_out = before - entries.len(),
+                "entries whose names are not UTF-8 left out of a listing: the client predates CAP_RAW_NAMES"
+            );
+        }
     }
 
     /// Runs one tree operation that changes the root, answering `Done` or an error.
