@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     let config = match config::ClientConfig::load() {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("xfer: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("xfer: {}", xfer_cli_util::message::one_line(e.as_ref()));
             return ExitCode::FAILURE;
         }
     };
@@ -45,9 +45,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the cause chain joined, newlines flattened.
-            let line = format!("{e:#}").replace('\n', " ");
-            eprintln!("xfer: {line}");
+            eprintln!("xfer: {}", xfer_cli_util::message::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

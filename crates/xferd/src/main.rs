@@ -254,7 +254,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {
-    eprintln!("xferd: {e:#}");
+    eprintln!("xferd: {}", xfer_cli_util::message::one_line(e.as_ref()));
     ExitCode::from(2)
 }
 
