@@ -55,14 +55,19 @@ fn check_resumed(out: &XferOutput, size: u64, held: u64) {
 /// Starts a slow upload, lets `stop` end the daemon once a quarter is journaled, then restarts
 /// the daemon on the same root and checks the rerun resumes from what the journal held.
 fn check_upload_resumes_after(stop: impl FnOnce(&mut Daemon)) {
+    check_upload_of_resumes_after("up.bin", stop);
+}
+
+/// [`check_upload_resumes_after`] for an upload stored as `name`.
+fn check_upload_of_resumes_after(name: &str, stop: impl FnOnce(&mut Daemon)) {
     let tree = Tree::new();
     let src = tree.src("up.bin");
     let want = random_file(&src, SIZE, 1);
-    let dest = tree.root().join("up.bin");
+    let dest = tree.root().join(name);
     let journal = journal_path(&dest);
 
     let mut daemon = Daemon::start(&tree.root(), &[]);
-    let mut client = XferRun::send(&src, &daemon.addr(), "up.bin", SLOW);
+    let mut client = XferRun::send(&src, &daemon.addr(), name, SLOW);
     wait_for_a_quarter(&journal, SIZE, &mut client);
     stop(&mut daemon);
     let held = journal_held(&journal);
@@ -74,7 +79,7 @@ fn check_upload_resumes_after(stop: impl FnOnce(&mut Daemon)) {
     client.kill();
 
     let daemon = Daemon::start(&tree.root(), &[]);
-    let out = XferRun::send(&src, &daemon.addr(), "up.bin", FAST).wait_ok();
+    let out = XferRun::send(&src, &daemon.addr(), name, FAST).wait_ok();
     check_resumed(&out, SIZE, held);
     assert_eq!(sha256_file(&dest), want);
     assert!(!journal.exists() && !partial_path(&dest).exists());
@@ -83,6 +88,13 @@ fn check_upload_resumes_after(stop: impl FnOnce(&mut Daemon)) {
 #[test]
 fn upload_resumes_after_the_daemon_is_killed() {
     check_upload_resumes_after(Daemon::kill);
+}
+
+/// A name of 255 bytes, the most a component holds, whose partial and journal cannot be named
+/// `.NAME.xfer-part` and `.NAME.xfer-state`: they take a shortened form, found again on resume.
+#[test]
+fn upload_of_a_name_of_255_bytes_resumes_after_the_daemon_is_killed() {
+    check_upload_of_resumes_after(&"n".repeat(255), Daemon::kill);
 }
 
 #[test]

@@ -1074,3 +1074,36 @@ fn names_that_are_not_utf8_arrive_byte_for_byte_every_way() {
         sha256_file(&one)
     );
 }
+
+/// Names of 244 to 255 bytes, whose partial and journal would not fit as `.NAME.xfer-part`,
+/// copy every way: a small file stored and then replaced, a large one in chunks, a directory.
+#[test]
+fn names_of_up_to_255_bytes_copy_both_ways_and_replace() {
+    let long = |c: &str, n: usize| c.repeat(n);
+    let tree = Tree::new();
+    let src = tree.src("long");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join(long("s", 255)), b"small").unwrap();
+    random_file(&src.join(long("d", 250)).join(long("L", 244)), 3 * MIB, 7);
+    let daemon = Daemon::start(&tree.root(), &[]);
+
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &snapshot(&src),
+        "the daemon's copy",
+    );
+    // Replaced: stored beside the old file under its partial name, then renamed over it.
+    fs::write(src.join(long("s", 255)), b"changed, and longer").unwrap();
+    random_file(&src.join(long("d", 250)).join(long("L", 244)), 3 * MIB, 8);
+    send_tree(&src, &daemon.addr(), "t", &[]).wait_ok();
+    assert_same(
+        &snapshot(&tree.root().join("t")),
+        &snapshot(&src),
+        "the replaced copy",
+    );
+
+    let out = tree.out("t");
+    recv_tree("t", &daemon.addr(), &out, &[]).wait_ok();
+    assert_same(&snapshot(&out), &snapshot(&src), "the downloaded copy");
+}

@@ -64,17 +64,66 @@ pub fn cores() -> usize {
 }
 
 /// Name of the partial file that receives `leaf`: `.LEAF.xfer-part`, hidden, in the same
-/// directory so the final rename is atomic.
+/// directory so the final rename is atomic (for a long leaf, see [`reserved_name`]).
 pub fn partial_name(leaf: &str) -> String {
-    format!(".{leaf}{PARTIAL_SUFFIX}")
+    reserved_name(leaf, PARTIAL_SUFFIX)
 }
 
-/// Name of the resume journal of `leaf`: `.LEAF.xfer-state`.
+/// Name of the resume journal of `leaf`: `.LEAF.xfer-state` (for a long leaf, see
+/// [`reserved_name`]).
 pub fn journal_name(leaf: &str) -> String {
-    format!(".{leaf}{JOURNAL_SUFFIX}")
+    reserved_name(leaf, JOURNAL_SUFFIX)
+}
+
+/// Bytes of a component, the most a filesystem takes in one name.
+const MAX_COMPONENT: usize = 255;
+/// Wire bytes of a long leaf kept in its partial and journal names.
+const KEPT_OF_LONG_LEAF: usize = 200;
+
+/// `.LEAF` and `suffix`, or, where that would not fit in a component (a leaf of more than 243
+/// bytes), the leaf's first 200 bytes, `~` and a hash of the whole leaf: every name a
+/// filesystem takes has a partial and a journal it also takes, and the same leaf always gives
+/// the same names, so that a resumed upload finds them again (proto.md §8.3).
+fn reserved_name(leaf: &str, suffix: &str) -> String {
+    let on_disk = xfer_proto::names::unescape(leaf).len();
+    if 1 + on_disk + JOURNAL_SUFFIX.len() <= MAX_COMPONENT {
+        return format!(".{leaf}{suffix}");
+    }
+    let mut cut = KEPT_OF_LONG_LEAF.min(leaf.len());
+    while !leaf.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let hash = xxhash_rust::xxh3::xxh3_64(leaf.as_bytes());
+    format!(".{}~{hash:016x}{suffix}", &leaf[..cut])
 }
 
 /// True for names reserved for partial and journal files.
 pub fn is_reserved_name(leaf: &str) -> bool {
     leaf.starts_with('.') && (leaf.ends_with(PARTIAL_SUFFIX) || leaf.ends_with(JOURNAL_SUFFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_leaf_a_filesystem_takes_has_partial_and_journal_names_it_takes_too() {
+        assert_eq!(partial_name("f.iso"), ".f.iso.xfer-part");
+        assert_eq!(journal_name("f.iso"), ".f.iso.xfer-state");
+        let longest_kept = "k".repeat(243);
+        assert_eq!(journal_name(&longest_kept).len(), 255);
+        let (a, b) = ("a".repeat(255), format!("{}b", "a".repeat(254)));
+        let latin1 = xfer_proto::names::escape(&[0xE9; 255]).into_owned();
+        for leaf in [&a, &b, &"é".repeat(127), &latin1] {
+            for name in [partial_name(leaf), journal_name(leaf)] {
+                assert!(on_disk(&name).len() <= MAX_COMPONENT, "{name}");
+                assert!(is_reserved_name(&name), "{name}");
+            }
+            // The same leaf, the same names: a resumed upload finds its journal again.
+            assert_eq!(journal_name(leaf), journal_name(&leaf.clone()));
+        }
+        // Leaves that share the kept part still have names of their own.
+        assert_ne!(partial_name(&a), partial_name(&b));
+        assert_ne!(journal_name(&a), journal_name(&b));
+    }
 }
