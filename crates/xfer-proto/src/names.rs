@@ -35,7 +35,7 @@ fn push_escaped(out: &mut String, bytes: &[u8]) {
 /// [`ESCAPED`], as nearly every name does.
 pub fn escape(raw: &[u8]) -> Cow<'_, str> {
     if let Ok(s) = std::str::from_utf8(raw) {
-        if !s.chars().any(|c| escaped_byte(c).is_some()) {
+        if !is_escaped(s) {
             return Cow::Borrowed(s);
         }
     }
