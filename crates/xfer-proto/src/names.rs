@@ -52,7 +52,8 @@ pub fn escape(raw: &[u8]) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Whether `name` holds an escape, i.e. stands for a name that is not plain UTF-8.
+/// Whether `name` holds an escape: it then stands for bytes that are not UTF-8, or for a name
+/// holding one of the escapes' own code points.
 pub fn is_escaped(name: &str) -> bool {
     name.as_bytes().contains(&ESCAPE_LEAD) && name.chars().any(|c| escaped_byte(c).is_some())
 }
