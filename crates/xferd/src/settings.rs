@@ -375,8 +375,8 @@ impl Settings {
         self.check()?;
         let defaults = Self::defaults();
         let root = self.root.clone().or(defaults.root).unwrap_or_default();
-        let mut cfg =
-            Config::new(root.clone()).with_context(|| format!("root {}", root.display()))?;
+        // Its error names the root already.
+        let mut cfg = Config::new(root.clone())?;
         probe_openat2(&root)?;
         let get = |v: Option<u64>, d: Option<u64>| v.or(d).unwrap_or_default();
         cfg.max_streams = self.max_streams.or(defaults.max_streams).unwrap_or(64);
