@@ -2465,6 +2465,32 @@ mod tests {
 
     use super::*;
 
+    /// A name or link target that is not UTF-8 would be stored as escapes by a daemon without
+    /// `CAP_RAW_NAMES`: such a tree is refused, naming the entry as bytes; with the bit it goes.
+    #[test]
+    fn a_tree_with_names_that_are_not_utf8_is_refused_to_a_daemon_that_cannot_store_them() {
+        let entry = |path: &str, target: &str| TreeEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            size: 0,
+            mtime_ns: 0,
+            mode: 0o644,
+            target: target.into(),
+            digest: Vec::new(),
+        };
+        let latin1 = xfer_proto::names::escape(b"caf\xe9").into_owned();
+        let (mut session, _daemon) = engine::test_session(1, 1 << 20);
+        assert!(refuse_unspeakable(&session, [entry("a", "")].iter()).is_ok());
+        for (odd, named) in [(entry(&latin1, ""), "caf\\xe9"), (entry("l", &latin1), "l")] {
+            let tree = [entry("a", ""), odd];
+            let e = refuse_unspeakable(&session, tree.iter()).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("{named}: ")), "{e}");
+        }
+        session.welcome.capabilities = xfer_proto::CAP_RAW_NAMES;
+        let tree = [entry(&latin1, ""), entry("l", &latin1)];
+        assert!(refuse_unspeakable(&session, tree.iter()).is_ok());
+    }
+
     /// A daemon that tells its idle timeout keeps a tree's control connection for the close
     /// through an idleness far beyond the half second of the guess: the 1.28 s a connection
     /// finishing its share of the small files early sat idle against the default 300 s, once
