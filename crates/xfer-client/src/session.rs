@@ -926,6 +926,29 @@ fn handshake_failure(e: HandshakeError) -> ClientError {
     }
 }
 
+/// Refuses `names` (names or link targets) holding escapes of bytes that are not UTF-8 for a
+/// daemon that would store the escapes as characters: one that did not grant `CAP_RAW_NAMES`
+/// (proto.md §8.5). Every upload and tree copy asks before it sends such a name.
+///
+/// # Errors
+/// `Unsupported`, naming the first such name as its bytes.
+pub(crate) fn refuse_unspeakable<'a>(
+    capabilities: u64,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<(), ClientError> {
+    if capabilities & xfer_proto::CAP_RAW_NAMES != 0 {
+        return Ok(());
+    }
+    match names.into_iter().find(|n| xfer_proto::names::is_escaped(n)) {
+        Some(name) => Err(ClientError::Unsupported(format!(
+            "{}: not UTF-8, and the daemon predates names and link targets that are not \
+             (upgrade xferd)",
+            xfer_proto::names::display(name)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The error for a frame that does not belong where it arrived; an `Error` frame is the
 /// remote's error.
 pub fn unexpected(frame: Frame) -> ClientError {
@@ -996,6 +1019,17 @@ pub(crate) async fn early_challenged_on(
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A name or link target that is not UTF-8 would be stored as its escapes by a daemon
+    /// without `CAP_RAW_NAMES`: refused, named as its bytes; with the bit it goes.
+    #[test]
+    fn names_that_are_not_utf8_are_refused_to_a_daemon_that_cannot_store_them() {
+        let latin1 = xfer_proto::names::escape(b"caf\xe9").into_owned();
+        assert!(refuse_unspeakable(0, ["a", "", "b/c"]).is_ok());
+        let e = refuse_unspeakable(0, ["a", "", &latin1, "b"]).unwrap_err();
+        assert!(e.to_string().starts_with("caf\\xe9: not UTF-8"), "{e}");
+        assert!(refuse_unspeakable(xfer_proto::CAP_RAW_NAMES, [latin1.as_str()]).is_ok());
+    }
 
     /// A daemon that proves the token early gets the client's `Auth` and first request in one
     /// flight, before it has sent any `Welcome`: the round trip the early proof saves.

@@ -1400,7 +1400,11 @@ pub async fn send_tree_mirror(
         tokio::try_join!(first, open_spares, read_ahead)?;
     tracing::debug!(spares = spares.len(), elapsed = ?started.elapsed(), "connections open");
 
-    refuse_unspeakable(&control, walked.iter().map(|e| &e.entry))?;
+    // Before anything moves: not a name the daemon would store as its escapes.
+    let names = walked
+        .iter()
+        .flat_map(|e| [e.entry.path.as_str(), e.entry.target.as_str()]);
+    crate::session::refuse_unspeakable(control.welcome.capabilities, names)?;
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
     let MirrorPlan {
@@ -1714,25 +1718,6 @@ pub async fn send_tree_mirror(
     control.close().await;
     tracing::debug!(elapsed = ?started.elapsed(), "links, removals and directory times set, receiver flushed");
     Ok(finished(summary, &progress, started))
-}
-
-/// Refuses, before anything moves, a tree with a name (or link target) that is not UTF-8 for a
-/// daemon that would store its escapes as characters (no `CAP_RAW_NAMES`, proto.md §8.5).
-fn refuse_unspeakable<'a>(
-    session: &Session,
-    mut entries: impl Iterator<Item = &'a TreeEntry>,
-) -> Result<(), ClientError> {
-    if session.welcome.capabilities & xfer_proto::CAP_RAW_NAMES != 0 {
-        return Ok(());
-    }
-    let names = xfer_proto::names::is_escaped;
-    match entries.find(|e| names(&e.path) || names(&e.target)) {
-        Some(e) => Err(ClientError::Unsupported(format!(
-            "{}: the name is not UTF-8, and the daemon predates names that are not (upgrade xferd)",
-            xfer_proto::names::display(&e.path)
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// `summary` of a tree copy sent, with what `progress` counted.
@@ -2464,32 +2449,6 @@ mod tests {
     use xfer_net::Compression;
 
     use super::*;
-
-    /// A name or link target that is not UTF-8 would be stored as escapes by a daemon without
-    /// `CAP_RAW_NAMES`: such a tree is refused, naming the entry as bytes; with the bit it goes.
-    #[test]
-    fn a_tree_with_names_that_are_not_utf8_is_refused_to_a_daemon_that_cannot_store_them() {
-        let entry = |path: &str, target: &str| TreeEntry {
-            path: path.into(),
-            kind: EntryKind::File,
-            size: 0,
-            mtime_ns: 0,
-            mode: 0o644,
-            target: target.into(),
-            digest: Vec::new(),
-        };
-        let latin1 = xfer_proto::names::escape(b"caf\xe9").into_owned();
-        let (mut session, _daemon) = engine::test_session(1, 1 << 20);
-        assert!(refuse_unspeakable(&session, [entry("a", "")].iter()).is_ok());
-        for (odd, named) in [(entry(&latin1, ""), "caf\\xe9"), (entry("l", &latin1), "l")] {
-            let tree = [entry("a", ""), odd];
-            let e = refuse_unspeakable(&session, tree.iter()).unwrap_err();
-            assert!(e.to_string().starts_with(&format!("{named}: ")), "{e}");
-        }
-        session.welcome.capabilities = xfer_proto::CAP_RAW_NAMES;
-        let tree = [entry(&latin1, ""), entry("l", &latin1)];
-        assert!(refuse_unspeakable(&session, tree.iter()).is_ok());
-    }
 
     /// A daemon that tells its idle timeout keeps a tree's control connection for the close
     /// through an idleness far beyond the half second of the guess: the 1.28 s a connection

@@ -435,7 +435,7 @@ pub(crate) fn test_options(progress: Arc<dyn Progress>) -> Options {
 /// A session over one end of an in-memory pipe, as if the daemon had welcomed it with
 /// `window` and `max_chunk_size`; the other end is the daemon's.
 #[cfg(test)]
-pub(crate) fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::DuplexStream) {
+fn test_session(window: u32, max_chunk_size: u32) -> (Session, tokio::io::DuplexStream) {
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let (read, write) = tokio::io::split(ours);
     let session = Session {

@@ -20,6 +20,7 @@ use super::retry::{connect_retrying, reopen, COMMIT_ATTEMPTS};
 use super::window::{acknowledged, Answer, Direction, Window};
 use super::{chunk_size, chunk_size_for, close_all, join_error, metered, path_policy, Tally};
 use super::{Options, Summary};
+use crate::session::refuse_unspeakable;
 use crate::session::{unexpected, FirstFrames};
 use crate::{ClientError, Session, Target};
 
@@ -214,8 +215,13 @@ pub(crate) async fn send_file_sharing(
     let open_first: FirstFrames = {
         let (holes, request) = (all_holes.clone(), request.clone());
         Arc::new(move |welcome: &xfer_proto::Welcome| {
+            let open = request(welcome);
+            // Not a name the daemon would store as its escapes: refused once connected.
+            if refuse_unspeakable(welcome.capabilities, [open.name.as_str()]).is_err() {
+                return Vec::new();
+            }
             let holes = holes_for(&holes, welcome.capabilities);
-            vec![open_frame(&request(welcome), &holes, welcome.capabilities)]
+            vec![open_frame(&open, &holes, welcome.capabilities)]
         })
     };
     let probe: FirstFrames = {
@@ -229,6 +235,7 @@ pub(crate) async fn send_file_sharing(
     };
     let (mut session, mut early) =
         Early::connect_first(target, opts, start_on, Some(opening), Some(probe)).await?;
+    refuse_unspeakable(session.welcome.capabilities, [name])?;
     let (opts, congestion) = path_policy(opts, &mut session);
     let opts = &opts;
     early.top_up(target, opts, session.rtt, identity.size);
