@@ -247,7 +247,8 @@ fn main() -> ExitCode {
     match serve(sources, settings, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e:#}"))]);
+            let line = xfer_cli_util::message::one_line(e.as_ref());
+            let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {line}"))]);
             fail(e)
         }
     }
@@ -578,7 +579,10 @@ async fn reload_on_hangup(
                 }
                 current = settings;
             }
-            Err(e) => error!("reload failed; keeping the running configuration: {e:#}"),
+            Err(e) => error!(
+                "reload failed; keeping the running configuration: {}",
+                xfer_cli_util::message::one_line(e.as_ref())
+            ),
         }
         notify(&[
             NotifyState::Ready,
