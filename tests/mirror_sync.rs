@@ -375,3 +375,109 @@ fn delete_is_refused_by_a_daemon_that_does_not_allow_it() {
         assert_eq!(state(&dest), before, "something moved or went");
     }
 }
+
+/// Runs what follows it as `nobody` when the tests run as root (root reads every file);
+/// otherwise as the user running them, whom a mode of 0 shuts out as well.
+fn unprivileged() -> &'static [&'static str] {
+    match rustix::process::geteuid().is_root() {
+        true => &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ],
+        false => &[],
+    }
+}
+
+/// A source file the client may not read, and a directory it may not list, are left out with
+/// a warning each while the rest of the tree goes; `--delete` keeps what the receiver holds
+/// in their place (nothing says it is gone), and the copy ends in one error line and exit 1.
+/// The same from a daemon's `copy -r`, whose error names them.
+#[test]
+fn source_entries_that_cannot_be_read_are_left_out_kept_at_the_receiver_and_fail_the_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &Path, mode| fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    let tree = Tree::new();
+    let src = source(&tree);
+    fs::create_dir(src.join("locked")).unwrap();
+    fs::write(src.join("locked/f"), b"in a directory shut later").unwrap();
+    fs::write(src.join("secret"), b"readable at first").unwrap();
+    for dir in [tree.path(), &tree.path().join("src")] {
+        chmod(dir, 0o755).unwrap();
+    }
+    let daemon = Daemon::start(&tree.root(), &["--allow-delete"]);
+    let addr = daemon.addr();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "-r", src.to_str().unwrap(), &addr, "--as", "t"];
+        args.extend(extra);
+        XferRun::spawn_under(unprivileged(), args).wait()
+    };
+    send(&[]).ok();
+    let dest = tree.root().join("t");
+    plant_stale(&dest);
+    fs::write(src.join("a"), b"changed").unwrap();
+    chmod(&src.join("secret"), 0o000).unwrap();
+    chmod(&src.join("locked"), 0o300).unwrap();
+
+    let dry = send(&["--delete", "-n"]);
+    assert!(!dry.status.success());
+    // The stale entries, the log no filter spares and `a`: not the two left out.
+    assert_eq!(lines(&dry).len(), STALE.len() + 2, "{}", dry.stdout);
+    let out = send(&["--delete", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.lines().last().unwrap_or_default(),
+        "xfer: 2 source entries could not be read and were left out (see the warnings above)"
+    );
+    for warning in [
+        "xfer: warning: skipping secret: Permission denied (os error 13)",
+        "xfer: warning: skipping what is in locked/: Permission denied (os error 13)",
+    ] {
+        assert!(out.stderr.contains(warning), "{}", out.stderr);
+    }
+    out.assert_json_u64s(
+        &["entries_unreadable", "entries_deleted", "files_transferred"],
+        &[2, STALE.len() as u64 + 1, 1],
+    );
+    // The rest went; what the source could not read is kept as it was.
+    assert_eq!(fs::read(dest.join("a")).unwrap(), b"changed");
+    assert_eq!(fs::read(dest.join("secret")).unwrap(), b"readable at first");
+    assert_eq!(
+        fs::read(dest.join("locked/f")).unwrap(),
+        b"in a directory shut later"
+    );
+    assert_eq!(
+        list_tree(&dest),
+        ["a", "d/", "d/b", "d/e/", "d/e/c", "keep.log", "ln", "locked/", "locked/f", "secret"]
+    );
+    // Left out on purpose, it is no error.
+    let excluded = send(&["--delete", "--exclude", "secret", "--exclude", "locked/"]).ok();
+    assert_eq!(excluded.stderr, "");
+
+    // A daemon copying a tree it cannot wholly read: the rest arrives, the error names them.
+    let src_daemon =
+        Daemon::start_under(unprivileged(), "127.0.0.1:0", &tree.path().join("src"), &[]);
+    let dst_root = tree.path().join("dst");
+    fs::create_dir(&dst_root).unwrap();
+    let dst_daemon = Daemon::start(&dst_root, &[]);
+    let copied = xfer([
+        "copy".to_string(),
+        "-r".into(),
+        format!("{}:t", src_daemon.addr()),
+        format!("{}:t", dst_daemon.addr()),
+    ]);
+    assert!(
+        copied.error_line().ends_with(
+            "2 source entries could not be read and were left out: \
+             what is in locked/: Permission denied (os error 13); \
+             secret: Permission denied (os error 13)"
+        ),
+        "{}",
+        copied.stderr
+    );
+    assert_eq!(
+        list_tree(&dst_root.join("t")),
+        ["a", "d/", "d/b", "d/e/", "d/e/c", "keep.log", "ln", "locked/"]
+    );
+}

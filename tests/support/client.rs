@@ -127,8 +127,26 @@ impl XferRun {
         })
     }
 
+    /// Starts `WRAPPER… xfer ARGS…`, `wrapper` being a command that runs the client as another
+    /// user (`setpriv --reuid=nobody …`), or nothing. That user may read the run's logs
+    /// directory and write its config directory.
+    pub fn spawn_under<S: AsRef<OsStr>>(
+        wrapper: &[&str],
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Self::spawn_wrapped(wrapper, args, |_| ())
+    }
+
     /// Starts `xfer ARGS…` after `configure` has set up its environment.
     fn spawn_command<S: AsRef<OsStr>>(
+        args: impl IntoIterator<Item = S>,
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::spawn_wrapped(&[], args, configure)
+    }
+
+    fn spawn_wrapped<S: AsRef<OsStr>>(
+        wrapper: &[&str],
         args: impl IntoIterator<Item = S>,
         configure: impl FnOnce(&mut Command),
     ) -> Self {
@@ -143,7 +161,21 @@ impl XferRun {
             .expect("tempdir");
         let stdout = File::create(logs.path().join("stdout")).expect("log file");
         let stderr = File::create(logs.path().join("stderr")).expect("log file");
-        let mut command = Command::new(bin("xfer"));
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                use std::os::unix::fs::PermissionsExt;
+                let open = |path: &Path, mode| {
+                    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod")
+                };
+                open(logs.path(), 0o755);
+                fs::create_dir(logs.path().join("config")).expect("config dir");
+                open(&logs.path().join("config"), 0o777);
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(bin("xfer"));
+                command
+            }
+            None => Command::new(bin("xfer")),
+        };
         command
             .args(&args)
             .stdin(Stdio::null())

@@ -60,6 +60,10 @@ pub enum ClientError {
     /// The server does not speak a part of the protocol the command needs.
     #[error("{0}")]
     Unsupported(String),
+    /// A tree copy went on without source entries it could not read
+    /// ([`crate::tree::TreeSummary::unreadable_error`]).
+    #[error("{0}")]
+    Unreadable(String),
     /// The whole-file fetch that follows a delta whose digest did not match failed too.
     #[error(
         "{0} (fetching the whole file again after the delta's whole-file digest did not match)"

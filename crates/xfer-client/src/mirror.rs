@@ -23,6 +23,7 @@
 use foldhash::{HashMap, HashSet, HashSetExt};
 use xfer_core::filter::ancestors;
 pub use xfer_core::filter::{Filter, FilterError};
+use xfer_core::tree::Unreadable;
 use xfer_proto::{
     Change, ChangeAction, EntryKind, FilterRule, TreeEntry, CAP_DELETE, CHANGED_CONTENT,
     CHANGED_MODE, CHANGED_MTIME, CHANGED_SIZE,
@@ -103,16 +104,46 @@ impl Mirror {
             .collect()
     }
 
+    /// What the source walk could not read, without what the filter leaves out anyway.
+    pub(crate) fn filter_unreadable(&self, unreadable: Vec<Unreadable>) -> Vec<Unreadable> {
+        if self.filter.is_empty() {
+            return unreadable;
+        }
+        let excluded = |u: &Unreadable| {
+            self.filter.excludes(&u.path, u.kind == EntryKind::Dir)
+                || ancestors(&u.path).any(|dir| self.filter.excludes(dir, true))
+        };
+        unreadable.into_iter().filter(|u| !excluded(u)).collect()
+    }
+
     /// What the receiver loses, from the (filtered) source listing and the receiver's listing.
-    pub(crate) fn removals(&self, source: &[TreeEntry], receiver: &[TreeEntry]) -> Removals {
+    /// `unread` are the source's paths it could not read: a file left out, a directory listed
+    /// without its contents. The receiver keeps what it holds there and below.
+    pub(crate) fn removals(
+        &self,
+        source: &[TreeEntry],
+        receiver: &[TreeEntry],
+        unread: &[String],
+    ) -> Removals {
         let mut removals = Removals::default();
         if !self.delete {
             return removals;
         }
         let source: HashMap<&str, &TreeEntry> =
             source.iter().map(|e| (e.path.as_str(), e)).collect();
-        // Excluded entries stay, and so do the directories above them.
+        // Excluded entries stay, and so do the directories above them; so do what the source
+        // could not read, since nothing says it is gone.
         let mut keep: HashSet<&str> = HashSet::new();
+        if !unread.is_empty() {
+            let unread: HashSet<&str> = unread.iter().map(String::as_str).collect();
+            for e in receiver {
+                let path = e.path.as_str();
+                if unread.contains(path) || ancestors(path).any(|a| unread.contains(a)) {
+                    keep.insert(path);
+                    keep.extend(ancestors(path));
+                }
+            }
+        }
         if !self.delete_excluded {
             let excluded = self.filter.excluded_set(
                 receiver
@@ -382,7 +413,7 @@ mod tests {
             entry("dead", Dir, 0),
             entry("dead/x", File, 1),
         ];
-        let r = mirror(&[(false, "*.log")]).removals(&source, &receiver);
+        let r = mirror(&[(false, "*.log")]).removals(&source, &receiver, &[]);
         let after: Vec<&str> = r.after.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(after, ["old/b", "gone", "dead/x", "dead"]);
         assert!(r.before.is_empty());
@@ -390,11 +421,41 @@ mod tests {
             delete_excluded: true,
             ..mirror(&[(false, "*.log")])
         };
-        assert_eq!(all.removals(&source, &receiver).after.len(), 6);
+        assert_eq!(all.removals(&source, &receiver, &[]).after.len(), 6);
         assert!(Mirror::default()
-            .removals(&source, &receiver)
+            .removals(&source, &receiver, &[])
             .after
             .is_empty());
+    }
+
+    #[test]
+    fn removals_spare_what_the_source_could_not_read_and_what_is_below_it() {
+        use EntryKind::{Dir, File};
+        let source = vec![entry("", Dir, 0), entry("shut", Dir, 0), entry("d", Dir, 0)];
+        let receiver = vec![
+            entry("", Dir, 0),
+            entry("shut", Dir, 0),
+            entry("shut/deep", Dir, 0),
+            entry("shut/deep/f", File, 1),
+            entry("d", Dir, 0),
+            entry("d/secret", File, 1),
+            entry("d/secret2", File, 1),
+            entry("gone", File, 1),
+        ];
+        let unread = ["shut".to_string(), "d/secret".to_string()];
+        let r = mirror(&[]).removals(&source, &receiver, &unread);
+        let after: Vec<&str> = r.after.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(after, ["gone", "d/secret2"]);
+        // Nor when a filter leaves them out anyway: no warning either.
+        let shut = |kind, path: &str| Unreadable {
+            path: path.into(),
+            kind,
+            error: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let kept = mirror(&[(false, "d/")])
+            .filter_unreadable(vec![shut(Dir, "shut"), shut(File, "d/secret")]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].path, "shut");
     }
 
     #[test]
@@ -414,7 +475,7 @@ mod tests {
             entry("was_file", File, 1),
             entry("link", Dir, 0),
         ];
-        let r = mirror(&[]).removals(&source, &receiver);
+        let r = mirror(&[]).removals(&source, &receiver, &[]);
         let before: Vec<&str> = r.before.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             before,

@@ -12,6 +12,7 @@ use std::time::Instant;
 use foldhash::{HashMap, HashSet, HashSetExt};
 use futures_util::FutureExt;
 use tokio::task::JoinSet;
+use xfer_core::tree::{Unreadable, Walked};
 use xfer_core::{CoreError, Root};
 use xfer_net::compress::looks_compressed;
 use xfer_proto::{
@@ -82,6 +83,12 @@ pub struct TreeSummary {
     pub crc_retries: u64,
     /// Entries left out (special files, links leading out of the tree).
     pub entries_skipped: u64,
+    /// Source entries left out because they could not be read: files, and directories whose
+    /// contents were left out. A copy with any is incomplete.
+    pub entries_unreadable: u64,
+    /// What each of those is and why it could not be read, as warned.
+    #[serde(skip)]
+    pub unreadable: Vec<String>,
     /// TCP congestion control of the connections, as the kernel reports it.
     pub congestion: Option<String>,
     /// Entries the receiver could not give their owner or group (it lacks the privilege).
@@ -103,6 +110,25 @@ pub struct TreeSummary {
     /// What the copy changed, or would change under `--dry-run` (`--itemize`).
     #[serde(skip)]
     pub changes: Vec<Change>,
+}
+
+impl TreeSummary {
+    /// For a copy that left out source entries it could not read: how many, and the first
+    /// few of them with their causes, on one line.
+    pub fn unreadable_error(&self) -> Option<String> {
+        const NAMED: usize = 3;
+        let n = self.entries_unreadable;
+        let (noun, verb) = if n == 1 {
+            ("entry", "was")
+        } else {
+            ("entries", "were")
+        };
+        let mut named = self.unreadable[..self.unreadable.len().min(NAMED)].join("; ");
+        if self.unreadable.len() > NAMED {
+            named += "; …";
+        }
+        (n > 0).then(|| format!("{n} source {noun} could not be read and {verb} left out: {named}"))
+    }
 }
 
 pub(crate) fn join(top: &str, rel: &str) -> String {
@@ -492,6 +518,8 @@ impl TreeSummary {
             connections: opts.connections.initial(),
             crc_retries: 0,
             entries_skipped: 0,
+            entries_unreadable: 0,
+            unreadable: Vec::new(),
             congestion: None,
             not_chowned: 0,
             xattrs_refused: 0,
@@ -1043,6 +1071,23 @@ fn made_alongside<'a>(
     first.iter().partition(|d| receiver.contains_key(&d.path))
 }
 
+/// Warns of each entry the source walk could not read and counts them: the copy goes on
+/// without them and ends in an error. The paths come back for the receiver to keep what it
+/// holds there (a file), or below them (a directory), from `--delete`.
+fn left_unread(unreadable: &[Unreadable], summary: &mut TreeSummary) -> Vec<String> {
+    for u in unreadable {
+        let what = match u.kind {
+            EntryKind::Dir => format!("what is in {}/", u.path),
+            _ => u.path.clone(),
+        };
+        tracing::warn!(path = %u.path, error = %u.error, "not readable; left out");
+        eprintln!("xfer: warning: skipping {what}: {}", u.error);
+        summary.unreadable.push(format!("{what}: {}", u.error));
+    }
+    summary.entries_unreadable += unreadable.len() as u64;
+    unreadable.iter().map(|u| u.path.clone()).collect()
+}
+
 /// A side's listing: with each entry's metadata when the daemon keeps it, else the plain
 /// listing with empty metadata.
 fn walk_listing(
@@ -1058,6 +1103,25 @@ fn walk_listing(
     }
 }
 
+/// [`walk_listing`] of a source, leaving out what this process may not read (see
+/// [`Root::walk_readable`]).
+fn walk_source(
+    root: &Root,
+    with_meta: bool,
+    checksum: bool,
+    keep: TreeOptions,
+) -> xfer_core::Result<Walked<MetaEntry>> {
+    if with_meta {
+        root.walk_meta_readable("", checksum, keep.xattrs)
+    } else {
+        let walked = root.walk_readable("", checksum)?;
+        Ok(Walked {
+            entries: walked.entries.into_iter().map(plain).collect(),
+            unreadable: walked.unreadable,
+        })
+    }
+}
+
 /// The walk of `local` with each entry's metadata, started now on a thread of its own,
 /// before the copy connects and so before it knows whether the daemon keeps metadata (if not,
 /// the metadata goes unused: a third of the walk). Not on the blocking pool: a copy whose
@@ -1068,16 +1132,16 @@ fn walk_early(
     local: &Root,
     keep: TreeOptions,
     lights: Option<(LightCandidates, xfer_core::Filter)>,
-) -> tokio::sync::oneshot::Receiver<xfer_core::Result<Vec<MetaEntry>>> {
+) -> tokio::sync::oneshot::Receiver<xfer_core::Result<Walked<MetaEntry>>> {
     let (walked, walking) = tokio::sync::oneshot::channel();
     let local = local.clone();
     let spawned = std::thread::Builder::new()
         .name("xfer-walk".into())
         .spawn(move || {
-            let entries = local.walk_meta("", false, keep.xattrs);
+            let entries = local.walk_meta_readable("", false, keep.xattrs);
             if let (Some((lights, filter)), Ok(entries)) = (lights, &entries) {
                 // Those the copy leaves out are not read either.
-                let entries = entries.iter().map(|e| &e.entry);
+                let entries = entries.entries.iter().map(|e| &e.entry);
                 let out = filter.excluded_set(
                     entries
                         .clone()
@@ -1152,18 +1216,20 @@ struct MirrorPlan {
 impl MirrorPlan {
     /// Removals are decided on every name of the source, hard links and nodes included, so
     /// `--delete` never removes a name the copy links or makes. Fills in the summary's
-    /// changes (hard links name the file they share) and deletion count.
+    /// changes (hard links name the file they share) and deletion count. `unread` are the
+    /// paths the source could not read ([`left_unread`]): the receiver keeps what it has there.
     fn new(
         source: Vec<MetaEntry>,
         receiver: Vec<MetaEntry>,
         with_meta: bool,
         keep: TreeOptions,
         mirror: &Mirror,
+        unread: &[String],
         summary: &mut TreeSummary,
     ) -> Self {
         let every: Vec<TreeEntry> = source.iter().map(|e| e.entry.clone()).collect();
         let theirs: Vec<TreeEntry> = receiver.iter().map(|e| e.entry.clone()).collect();
-        let removals = mirror.removals(&every, &theirs);
+        let removals = mirror.removals(&every, &theirs, unread);
         let in_the_way: HashSet<&str> = removals.before.iter().map(|e| e.path.as_str()).collect();
         let receiver: Vec<MetaEntry> = receiver
             .into_iter()
@@ -1346,18 +1412,21 @@ pub async fn send_tree_mirror(
     let walk = |with_meta: bool| async move {
         let walked = match walking {
             Some(walking) => {
-                let walked = walking.await.map_err(|_| {
+                let mut walked = walking.await.map_err(|_| {
                     CoreError::io("walking", std::io::Error::other("the walk ended early"))
                 })??;
-                match with_meta {
-                    true => walked,
-                    false => walked.into_iter().map(|e| plain(e.entry)).collect(),
+                if !with_meta {
+                    walked.entries = walked.entries.into_iter().map(|e| plain(e.entry)).collect();
                 }
+                walked
             }
-            None => on_local(source, move |r| walk_listing(r, with_meta, checksum, keep)).await?,
+            None => on_local(source, move |r| walk_source(r, with_meta, checksum, keep)).await?,
         };
-        tracing::debug!(entries = walked.len(), elapsed = ?started.elapsed(), "source walked");
-        Ok::<_, ClientError>(mirror.filter_source(walked))
+        tracing::debug!(entries = walked.entries.len(), elapsed = ?started.elapsed(), "source walked");
+        Ok::<_, ClientError>(Walked {
+            entries: mirror.filter_source(walked.entries),
+            unreadable: mirror.filter_unreadable(walked.unreadable),
+        })
     };
     // Over a long path the files' connections are opened while the first one does its
     // handshake and the receiver lists its side: each starts with a congestion window of its
@@ -1399,6 +1468,10 @@ pub async fn send_tree_mirror(
     let ((mut control, with_meta, walked, listed), mut spares, ()) =
         tokio::try_join!(first, open_spares, read_ahead)?;
     tracing::debug!(spares = spares.len(), elapsed = ?started.elapsed(), "connections open");
+    let Walked {
+        entries: walked,
+        unreadable,
+    } = walked;
 
     // Before anything moves: not a name the daemon would store as its escapes.
     let names = walked
@@ -1407,12 +1480,21 @@ pub async fn send_tree_mirror(
     crate::session::refuse_unspeakable(control.welcome.capabilities, names)?;
     let mut summary = TreeSummary::new(dest, opts);
     summary.congestion = control.congestion.clone();
+    let unread = left_unread(&unreadable, &mut summary);
     let MirrorPlan {
         source: walked,
         receiver: remote,
         mut meta,
         removals,
-    } = MirrorPlan::new(walked, listed, with_meta, keep, mirror, &mut summary);
+    } = MirrorPlan::new(
+        walked,
+        listed,
+        with_meta,
+        keep,
+        mirror,
+        &unread,
+        &mut summary,
+    );
     let safe_links = meta.is_none() || keep.safe_links;
     if mirror.dry_run {
         Plan::new(walked, &remote, &mut summary, safe_links);
@@ -2138,7 +2220,7 @@ pub async fn recv_tree_mirror(
         receiver: have,
         mut meta,
         removals,
-    } = MirrorPlan::new(remote, walked, with_meta, keep, mirror, &mut summary);
+    } = MirrorPlan::new(remote, walked, with_meta, keep, mirror, &[], &mut summary);
     // Entries of another type are in the way of the source's: they go first.
     remove_local(&local, &removals.before).await?;
     let safe_links = meta.is_none() || keep.safe_links;
@@ -2340,7 +2422,7 @@ fn dry_recv(
 ) -> Result<TreeSummary, ClientError> {
     let mut summary = TreeSummary::new(name, opts);
     summary.congestion = congestion;
-    let plan = MirrorPlan::new(remote, walked, with_meta, keep, mirror, &mut summary);
+    let plan = MirrorPlan::new(remote, walked, with_meta, keep, mirror, &[], &mut summary);
     let safe_links = plan.meta.is_none() || keep.safe_links;
     Plan::new(plan.source, &plan.receiver, &mut summary, safe_links);
     summary.seconds = started.elapsed().as_secs_f64();
@@ -2606,7 +2688,7 @@ mod tests {
         let candidates = candidates.await.unwrap();
         assert_eq!(candidates, [("kept".to_string(), 2 << 20)]);
         // The walk itself is whole: the filters apply to it later, as before.
-        assert_eq!(walked.await.unwrap().unwrap().len(), 5);
+        assert_eq!(walked.await.unwrap().unwrap().entries.len(), 5);
     }
 
     /// A tree's large files start largest first, whatever order the walk found them in: each

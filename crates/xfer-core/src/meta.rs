@@ -12,6 +12,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 use xfer_proto::{ByteRange, EntryKind, Meta, MetaEntry, SetMeta, Xattr, MAX_HOLES};
 
+use crate::tree::{Unreadable, Walked};
 use crate::{acl, on_disk, partial_name, CoreError, RangeSet, Result, Root};
 
 /// Largest attribute value read or written (the kernel's own limit).
@@ -542,12 +543,42 @@ impl Root {
     /// # Errors
     /// As [`Root::walk`].
     pub fn walk_meta(&self, dir: &str, digests: bool, xattrs: bool) -> Result<Vec<MetaEntry>> {
+        self.walk_meta_leaving(dir, digests, xattrs, None)
+    }
+
+    /// [`Root::walk_meta`] that leaves out what this process cannot read, as
+    /// [`Root::walk_readable`] does.
+    ///
+    /// # Errors
+    /// As [`Root::walk`], for any other failure.
+    pub fn walk_meta_readable(
+        &self,
+        dir: &str,
+        digests: bool,
+        xattrs: bool,
+    ) -> Result<Walked<MetaEntry>> {
+        let mut unreadable = Vec::new();
+        let entries = self.walk_meta_leaving(dir, digests, xattrs, Some(&mut unreadable))?;
+        Ok(Walked {
+            entries,
+            unreadable,
+        })
+    }
+
+    fn walk_meta_leaving(
+        &self,
+        dir: &str,
+        digests: bool,
+        xattrs: bool,
+        unreadable: Option<&mut Vec<Unreadable>>,
+    ) -> Result<Vec<MetaEntry>> {
         let mut names = Names::default();
         // Each entry's metadata comes from the walk's own `stat` of it (one lookup per name,
         // on the critical path at a tree copy's start), and with the walk's directory handle.
-        let walked = self.walk_visiting(dir, digests, &mut |dir, leaf, st, entry| {
-            entry_meta(dir, leaf, st, entry, xattrs, &mut names).unwrap_or_default()
-        })?;
+        let walked =
+            self.walk_visiting(dir, digests, unreadable, &mut |dir, leaf, st, entry| {
+                entry_meta(dir, leaf, st, entry, xattrs, &mut names).unwrap_or_default()
+            })?;
         // Hard-link groups are numbered in path order, as the entries are listed.
         let mut groups = LinkGroups::default();
         Ok(walked

@@ -252,6 +252,91 @@ fn link_unnamed(file: &File, dir: BorrowedFd<'_>, leaf: &str) -> rustix::io::Res
     }
 }
 
+/// A walk's listing with what it left out because this process may not read it.
+#[derive(Debug)]
+pub struct Walked<T> {
+    /// The entries, parents before children (see [`Root::walk`]).
+    pub entries: Vec<T>,
+    /// What was left out, by path.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// An entry a walk could not read: a regular file (left out), or a directory (listed, but
+/// not what is below it).
+#[derive(Debug)]
+pub struct Unreadable {
+    /// Path below the walked directory.
+    pub path: String,
+    /// `File` or `Dir`.
+    pub kind: EntryKind,
+    /// Why, as the system said.
+    pub error: std::io::Error,
+}
+
+impl Unreadable {
+    fn new(path: String, kind: EntryKind, errno: Errno) -> Self {
+        Self {
+            path,
+            kind,
+            error: errno.into(),
+        }
+    }
+}
+
+/// A walk leaves out, rather than fails on, what it is denied.
+fn is_denied(e: Errno) -> bool {
+    matches!(e, Errno::ACCESS | Errno::PERM)
+}
+
+/// The names in `dir`, sorted, without `.`, `..` and reserved names.
+fn list_names(dir: &File) -> std::result::Result<Vec<String>, Errno> {
+    let mut names: Vec<String> = Vec::new();
+    for entry in rfs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = xfer_proto::names::escape(entry.file_name().to_bytes());
+        if name != "." && name != ".." && !is_reserved_name(&name) {
+            names.push(name.into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Who this process is, to tell from a file's mode whether it may read it.
+struct Ids {
+    uid: u32,
+    gid: u32,
+}
+
+impl Ids {
+    fn of_this_process() -> Self {
+        Self {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+        }
+    }
+
+    /// `Ok` when this process may open the regular file `name` in `dir` for reading. The mode
+    /// answers for most files without a system call; the kernel is asked (`faccessat` with
+    /// the effective ids, which counts ACLs, supplementary groups and capabilities) only when
+    /// the mode alone does not grant it.
+    fn may_read(&self, dir: &File, name: &str, st: &rfs::Stat) -> std::result::Result<(), Errno> {
+        let granted = if st.st_uid == self.uid {
+            st.st_mode & 0o400 != 0
+        } else if st.st_gid == self.gid {
+            st.st_mode & 0o040 != 0
+        } else {
+            // Another user's file: readable by the group and by others, so by anyone but the
+            // owner (an ACL denying a named user that is found when the file is opened).
+            st.st_mode & 0o044 == 0o044
+        };
+        if granted {
+            return Ok(());
+        }
+        rfs::accessat(dir, on_disk(name), rfs::Access::READ_OK, AtFlags::EACCESS)
+    }
+}
+
 impl Root {
     /// Lists the tree under `dir` (empty: the whole root), parents before children, the top
     /// itself first with an empty path. Partial and journal files are left out; symlinks are
@@ -262,18 +347,37 @@ impl Root {
     /// # Errors
     /// `BadPath`/`NotFound` for `dir`, or I/O errors.
     pub fn walk(&self, dir: &str, digests: bool) -> Result<Vec<TreeEntry>> {
-        let walked = self.walk_visiting(dir, digests, &mut |_, _, _, _| ())?;
+        let walked = self.walk_visiting(dir, digests, None, &mut |_, _, _, _| ())?;
         Ok(walked.into_iter().map(|(entry, ())| entry).collect())
+    }
+
+    /// [`Root::walk`] that leaves out what this process cannot read instead of failing: a
+    /// regular file it may not open for reading, and what is below a directory it may not
+    /// list (the directory itself is listed). Those come back beside the listing, for the
+    /// caller to warn about and to keep from being removed where the tree is copied to.
+    ///
+    /// # Errors
+    /// As [`Root::walk`], for any other failure.
+    pub fn walk_readable(&self, dir: &str, digests: bool) -> Result<Walked<TreeEntry>> {
+        let mut unreadable = Vec::new();
+        let walked =
+            self.walk_visiting(dir, digests, Some(&mut unreadable), &mut |_, _, _, _| ())?;
+        Ok(Walked {
+            entries: walked.into_iter().map(|(entry, ())| entry).collect(),
+            unreadable,
+        })
     }
 
     /// [`Root::walk`] that also hands each entry, as it is listed, to `visit` with its
     /// directory, its name there (`.` for the top) and the `stat` the walk made of it, and
     /// keeps what `visit` makes of it beside the entry: what more a caller wants of an entry
-    /// costs no second lookup of its name.
+    /// costs no second lookup of its name. With `unreadable`, what this process cannot read
+    /// is left out and recorded there (see [`Root::walk_readable`]) instead of failing the walk.
     pub(crate) fn walk_visiting<T>(
         &self,
         dir: &str,
         digests: bool,
+        mut unreadable: Option<&mut Vec<Unreadable>>,
         visit: &mut dyn FnMut(BorrowedFd<'_>, &str, &rfs::Stat, &TreeEntry) -> T,
     ) -> Result<Vec<(TreeEntry, T)>> {
         let dir = dir.trim_end_matches('/');
@@ -294,22 +398,32 @@ impl Root {
         let top_visited = visit(top.as_fd(), ".", &st, &top_entry);
         let mut out = vec![(top_entry, top_visited)];
         let mut stack = vec![(top, String::new(), 0usize)];
+        let ids = Ids::of_this_process();
         while let Some((fd, rel, depth)) = stack.pop() {
-            let ctx = |e: Errno| CoreError::io(format!("listing {rel:?}"), e.into());
-            let mut names: Vec<String> = Vec::new();
-            for entry in rfs::Dir::read_from(&fd).map_err(ctx)? {
-                let entry = entry.map_err(ctx)?;
-                let name = xfer_proto::names::escape(entry.file_name().to_bytes());
-                if name != "." && name != ".." && !is_reserved_name(&name) {
-                    names.push(name.into_owned());
-                }
-            }
-            names.sort();
+            let names = match list_names(&fd) {
+                Ok(names) => names,
+                Err(e) => match unreadable.as_deref_mut() {
+                    Some(out) if is_denied(e) => {
+                        out.push(Unreadable::new(rel, EntryKind::Dir, e));
+                        continue;
+                    }
+                    _ => return Err(CoreError::io(format!("listing {rel:?}"), e.into())),
+                },
+            };
             for name in names {
-                let Ok(st) = rfs::statat(&fd, on_disk(&name), AtFlags::SYMLINK_NOFOLLOW) else {
-                    continue;
-                };
                 let path = join(&rel, &name);
+                let st = match rfs::statat(&fd, on_disk(&name), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => st,
+                    // Gone since the directory was read: not in the tree any more.
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => match unreadable.as_deref_mut() {
+                        Some(out) if is_denied(e) => {
+                            out.push(Unreadable::new(path, EntryKind::File, e));
+                            continue;
+                        }
+                        _ => return Err(CoreError::io(format!("stat {path:?}"), e.into())),
+                    },
+                };
                 let mut entry = TreeEntry {
                     path: path.clone(),
                     kind: EntryKind::File,
@@ -323,32 +437,62 @@ impl Root {
                     rfs::FileType::RegularFile => {
                         entry.size = st.st_size as u64;
                         if digests {
-                            let file = File::from(
-                                rfs::openat(
-                                    &fd,
-                                    on_disk(&name),
-                                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                                    Mode::empty(),
-                                )
-                                .map_err(|e| {
-                                    CoreError::io(format!("opening {path:?}"), e.into())
-                                })?,
+                            let opened = rfs::openat(
+                                &fd,
+                                on_disk(&name),
+                                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                                Mode::empty(),
                             );
+                            let file = match opened {
+                                Ok(file) => File::from(file),
+                                Err(Errno::NOENT) => continue,
+                                Err(e) => match unreadable.as_deref_mut() {
+                                    Some(out) if is_denied(e) => {
+                                        out.push(Unreadable::new(path, EntryKind::File, e));
+                                        continue;
+                                    }
+                                    _ => {
+                                        let what = format!("opening {path:?}");
+                                        return Err(CoreError::io(what, e.into()));
+                                    }
+                                },
+                            };
                             entry.digest = digest::digest_file(&file, entry.size)
                                 .map_err(|e| CoreError::io(format!("reading {path:?}"), e))?
                                 .to_vec();
+                        } else if let Some(out) = unreadable.as_deref_mut() {
+                            match ids.may_read(&fd, &name, &st) {
+                                Ok(()) => {}
+                                Err(Errno::NOENT) => continue,
+                                Err(e) => {
+                                    out.push(Unreadable::new(path, EntryKind::File, e));
+                                    continue;
+                                }
+                            }
                         }
                     }
                     rfs::FileType::Directory if depth < MAX_DEPTH => {
                         entry.kind = EntryKind::Dir;
-                        let sub = rfs::openat(
+                        let opened = rfs::openat(
                             &fd,
                             on_disk(&name),
                             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                             Mode::empty(),
-                        )
-                        .map_err(|e| CoreError::io(format!("opening {path:?}"), e.into()))?;
-                        stack.push((File::from(sub), path.clone(), depth + 1));
+                        );
+                        match opened {
+                            Ok(sub) => stack.push((File::from(sub), path.clone(), depth + 1)),
+                            Err(Errno::NOENT) => continue,
+                            // Listed, but not what is below it.
+                            Err(e) => match unreadable.as_deref_mut() {
+                                Some(out) if is_denied(e) => {
+                                    out.push(Unreadable::new(path.clone(), EntryKind::Dir, e));
+                                }
+                                _ => {
+                                    let what = format!("opening {path:?}");
+                                    return Err(CoreError::io(what, e.into()));
+                                }
+                            },
+                        }
                     }
                     rfs::FileType::Symlink => {
                         entry.kind = EntryKind::Symlink;
@@ -370,6 +514,9 @@ impl Root {
         }
         // Parents before children, in a stable order.
         out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        if let Some(out) = unreadable {
+            out.sort_by(|a, b| a.path.cmp(&b.path));
+        }
         Ok(out)
     }
 

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use xfer_client::mirror::{itemize, ChangeLine, Filter};
 use xfer_client::{Mirror, TreeSummary};
@@ -103,18 +103,25 @@ impl MirrorArgs {
     }
 
     /// Reports a tree copy: its changes as a dry run or `--itemize` asks, then its summary
-    /// (under `--json` with `--itemize`, with the changes in it).
+    /// (under `--json` with `--itemize`, with the changes in it). A copy that left out source
+    /// entries it could not read ends in an error after its report.
     pub(crate) fn report(
         &self,
         report: &crate::output::Report,
         verb: &str,
         summary: &TreeSummary,
     ) -> anyhow::Result<()> {
-        if self.print_changes(&summary.changes, report.json)? {
-            return Ok(());
+        if !self.print_changes(&summary.changes, report.json)? {
+            let json = self.summary_json(summary, &summary.changes)?;
+            report.tree(verb, summary, &json)?;
         }
-        let json = self.summary_json(summary, &summary.changes)?;
-        report.tree(verb, summary, &json)
+        match summary.entries_unreadable {
+            0 => Ok(()),
+            1 => bail!("1 source entry could not be read and was left out (see the warning above)"),
+            n => bail!(
+                "{n} source entries could not be read and were left out (see the warnings above)"
+            ),
+        }
     }
 
     /// `summary` as JSON, with its changes under "changes" when `--itemize` asks for them.

@@ -97,6 +97,10 @@ impl Handler {
                 let s =
                     xfer_client::tree::send_tree_mirror(sub, &target, &dest, &opts, false, &mirror)
                         .await?;
+                // The rest went; the copy still failed, and says what it left out.
+                if let Some(unread) = s.unreadable_error() {
+                    return Err(xfer_client::ClientError::Unreadable(unread));
+                }
                 let done = xfer_proto::CopyDoneMeta {
                     done: CopyDone {
                         files_total: s.files_total,
