@@ -355,6 +355,45 @@ fn tree_round_trip_keeps_content_modes_mtimes_and_inner_links() {
         .is_symlink());
 }
 
+/// A small and a large file removed at the source after the walk listed them, before they
+/// were read (the daemon held in SIGSTOP meanwhile, so that nothing has moved yet), are left
+/// out with a warning each while the rest arrives; the copy succeeds, and counts them.
+#[test]
+fn files_that_vanish_after_the_listing_are_left_out_with_a_warning() {
+    let tree = Tree::new();
+    let src = tree.src("t");
+    random_file(&src.join("a"), 1000, 1);
+    random_file(&src.join("d/b"), 2000, 2);
+    random_file(&src.join("gone-small"), 3000, 3);
+    random_file(&src.join("gone-large"), 3 * MIB, 4);
+    let kept = random_file(&src.join("kept-large"), 3 * MIB, 5);
+    let daemon = Daemon::start(&tree.root(), &[]);
+    let signal = |signal| {
+        let pid = rustix::process::Pid::from_raw(daemon.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    };
+    signal(rustix::process::Signal::STOP);
+    let run = send_tree(&src, &daemon.addr(), "t", &["--json", "-v"]);
+    wait_until(GUARD, "the source walked", || {
+        run.stderr_so_far().contains("source walk ended")
+    });
+    fs::remove_file(src.join("gone-small")).unwrap();
+    fs::remove_file(src.join("gone-large")).unwrap();
+    signal(rustix::process::Signal::CONT);
+    let out = run.wait_ok();
+    for gone in ["gone-small", "gone-large"] {
+        let warning = format!("xfer: warning: skipping {gone}: it vanished during the copy");
+        assert!(out.stderr.contains(&warning), "{}", out.stderr);
+    }
+    out.assert_json_u64s(&["entries_vanished", "files_transferred"], &[2, 3]);
+    let dest = tree.root().join("t");
+    assert_eq!(list_tree(&dest), ["a", "d/", "d/b", "kept-large"]);
+    assert_eq!(sha256_file(&dest.join("kept-large")), kept);
+    assert_root_holds_only(&tree.root(), "t");
+    let again = send_tree(&src, &daemon.addr(), "t", &["--json"]).wait_ok();
+    again.assert_json_u64s(&["entries_vanished", "files_transferred"], &[0, 0]);
+}
+
 #[test]
 fn rerun_of_an_unchanged_tree_moves_no_data_either_way() {
     let tree = Tree::new();

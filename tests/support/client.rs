@@ -211,6 +211,12 @@ impl XferRun {
         Self::spawn(args)
     }
 
+    /// What the process wrote to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.logs.path().join("stderr")).unwrap_or_default())
+            .into_owned()
+    }
+
     /// The command line.
     pub fn cmd(&self) -> &str {
         &self.cmd

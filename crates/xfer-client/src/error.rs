@@ -60,6 +60,9 @@ pub enum ClientError {
     /// The server does not speak a part of the protocol the command needs.
     #[error("{0}")]
     Unsupported(String),
+    /// A tree's source file was gone when its turn came (the copy goes on without it).
+    #[error("{0} vanished during the copy")]
+    Vanished(String),
     /// A tree copy went on without source entries it could not read
     /// ([`crate::tree::TreeSummary::unreadable_error`]).
     #[error("{0}")]

@@ -30,8 +30,8 @@ pub(crate) struct MetaPlan {
     /// Every name of a link group but its first.
     later_names: HashSet<String>,
     keep: TreeOptions,
-    /// Names (prefixed with the top) of the files stored with their metadata: they need no
-    /// `SetMeta`.
+    /// Names (prefixed with the top) of the files stored with their metadata, or gone from
+    /// the source before they were read: they get no `SetMeta`.
     finished: HashSet<String>,
 }
 
@@ -185,6 +185,16 @@ impl MetaPlan {
         for m in refused {
             tally.count(&m.name, m.not_chowned, &m.xattrs_refused, summary);
         }
+    }
+
+    /// Leaves out the source files that vanished before they were read (relative paths): no
+    /// `SetMeta` for them, and no further name linked to them.
+    pub(crate) fn vanished(&mut self, top: &str, vanished: &[String]) {
+        let gone: HashSet<&str> = vanished.iter().map(String::as_str).collect();
+        self.finished
+            .extend(vanished.iter().map(|path| crate::tree::join(top, path)));
+        self.hard_links
+            .retain(|(_, existing)| !gone.contains(existing.as_str()));
     }
 
     /// Moves sparse files from the small-file path, which sends every byte, to the chunked one,

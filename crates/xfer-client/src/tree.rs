@@ -89,6 +89,8 @@ pub struct TreeSummary {
     /// What each of those is and why it could not be read, as warned.
     #[serde(skip)]
     pub unreadable: Vec<String>,
+    /// Source files gone between the listing and their reading: left out, with a warning each.
+    pub entries_vanished: u64,
     /// TCP congestion control of the connections, as the kernel reports it.
     pub congestion: Option<String>,
     /// Entries the receiver could not give their owner or group (it lacks the privilege).
@@ -519,6 +521,7 @@ impl TreeSummary {
             crc_retries: 0,
             entries_skipped: 0,
             entries_unreadable: 0,
+            entries_vanished: 0,
             unreadable: Vec::new(),
             congestion: None,
             not_chowned: 0,
@@ -550,6 +553,8 @@ struct Progress {
     file_metas: Option<crate::meta::FileMetas>,
     /// Starts writing the small files a download stored to disk before its closing flush.
     writeback: xfer_core::Writeback,
+    /// Source files gone between the listing and their reading, by path: left out.
+    vanished: Mutex<Vec<String>>,
 }
 
 impl Progress {
@@ -573,11 +578,31 @@ impl Progress {
             bytes_moved: AtomicU64::new(0),
             file_metas,
             writeback: xfer_core::Writeback::default(),
+            vanished: Mutex::default(),
         };
         progress
             .bar
             .set_length(small.iter().chain(large).map(|e| e.size).sum());
         Arc::new(progress)
+    }
+
+    /// A source file gone since it was listed: left out of the copy with a warning, as if it
+    /// had been removed just before (rsync's "file has vanished").
+    fn vanished(&self, path: &str) {
+        tracing::warn!(path, "vanished since it was listed; left out");
+        eprintln!("xfer: warning: skipping {path}: it vanished during the copy");
+        self.vanished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path.to_string());
+    }
+
+    /// The paths [`Progress::vanished`] took.
+    fn vanished_paths(&self) -> Vec<String> {
+        self.vanished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn file_done(&self, bytes: u64) {
@@ -817,7 +842,13 @@ where
             break;
         };
         room += w;
-        let s = result?;
+        let s = match result {
+            Err(ClientError::Vanished(path)) => {
+                progress.vanished(&path);
+                continue;
+            }
+            result => result?,
+        };
         summary.delta |= s.delta;
         summary.delta_files += u64::from(s.delta);
         summary.matched_bytes += s.matched_bytes;
@@ -1138,7 +1169,10 @@ fn walk_early(
     let spawned = std::thread::Builder::new()
         .name("xfer-walk".into())
         .spawn(move || {
+            let started = Instant::now();
             let entries = local.walk_meta_readable("", false, keep.xattrs);
+            // Timed on its own: the copy may take the listing later, after its handshake.
+            tracing::debug!(elapsed = ?started.elapsed(), "source walk ended");
             if let (Some((lights, filter)), Ok(entries)) = (lights, &entries) {
                 // Those the copy leaves out are not read either.
                 let entries = entries.entries.iter().map(|e| &e.entry);
@@ -1541,7 +1575,7 @@ pub async fn send_tree_mirror(
     // Of the directories, only those the copy makes, opens up or changes the contents of need
     // their metadata set again: the others are left to the comparison with the receiver's.
     let touched_dirs: Vec<TreeEntry> = last_pass.iter().map(|d| (*d).clone()).collect();
-    let written = MetaPlan::written([&touched_dirs, &small, &large, &links]);
+    let mut written = MetaPlan::written([&touched_dirs, &small, &large, &links]);
 
     // Directories are made writable by their owner until the last pass gives them their own
     // mode. Those the receiver holds are fixed before any file goes (a file in the way, a
@@ -1724,7 +1758,8 @@ pub async fn send_tree_mirror(
                 let source = on_local(local, move |r| {
                     xfer_core::SourceFile::new(r.open_read(&path)?, path)
                 })
-                .await?;
+                .await
+                .map_err(|e| vanished_as(e, &entry.path))?;
                 let name = join(dest, &entry.path);
                 engine::send_file_sharing(source, target, &name, &opts, Some(compressor)).await
             }
@@ -1740,6 +1775,14 @@ pub async fn send_tree_mirror(
     tracing::debug!(small = small_count, large = large.len(), elapsed = ?started.elapsed(), "files sent");
     if let (Some(meta), Some(file_metas)) = (&mut meta, &progress.file_metas) {
         meta.stored_with_files(file_metas, &mut summary);
+    }
+    // What vanished was not written, and gets no metadata.
+    let vanished = progress.vanished_paths();
+    for path in &vanished {
+        written.remove(path);
+    }
+    if let Some(meta) = &mut meta {
+        meta.vanished(dest, &vanished);
     }
 
     let mut control = match (control, kept) {
@@ -1802,12 +1845,21 @@ pub async fn send_tree_mirror(
     Ok(finished(summary, &progress, started))
 }
 
+/// A source file's opening that found it gone as [`ClientError::Vanished`].
+fn vanished_as(e: ClientError, path: &str) -> ClientError {
+    match e {
+        ClientError::Local(CoreError::NotFound(_)) => ClientError::Vanished(path.to_string()),
+        e => e,
+    }
+}
+
 /// `summary` of a tree copy sent, with what `progress` counted.
 fn finished(mut summary: TreeSummary, progress: &Progress, started: Instant) -> TreeSummary {
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
     summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
     summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
+    summary.entries_vanished = progress.vanished_paths().len() as u64;
     summary.seconds = started.elapsed().as_secs_f64();
     summary.literal_bytes = summary.bytes_transferred;
     summary
@@ -2038,6 +2090,7 @@ async fn send_small_files_queued(
                     outgoing.plain(file);
                 }
             }
+            Err(CoreError::NotFound(_)) => progress.vanished(&entry.path),
             Err(e) => {
                 error = Some(e);
                 return None;
