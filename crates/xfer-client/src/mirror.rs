@@ -138,7 +138,9 @@ impl Mirror {
             let unread: HashSet<&str> = unread.iter().map(String::as_str).collect();
             for e in receiver {
                 let path = e.path.as_str();
-                if unread.contains(path) || ancestors(path).any(|a| unread.contains(a)) {
+                // The top (`""`) is no ancestor: a top left unread keeps everything.
+                let unread_above = ancestors(path).chain([""]).any(|a| unread.contains(a));
+                if unread.contains(path) || unread_above {
                     keep.insert(path);
                     keep.extend(ancestors(path));
                 }

@@ -273,19 +273,26 @@ pub struct Unreadable {
     pub error: std::io::Error,
 }
 
-impl Unreadable {
-    fn new(path: String, kind: EntryKind, errno: Errno) -> Self {
-        Self {
-            path,
-            kind,
-            error: errno.into(),
+/// Where a walk that leaves out what it is denied ([`Root::walk_readable`]) records `path`, and
+/// the walk goes on (`Ok`); any other failure, or any failure of a walk that does not, ends the
+/// walk with what it was `doing`.
+fn leave_out(
+    unreadable: Option<&mut Vec<Unreadable>>,
+    (path, kind): (&str, EntryKind),
+    e: Errno,
+    doing: &str,
+) -> Result<()> {
+    match unreadable {
+        Some(out) if matches!(e, Errno::ACCESS | Errno::PERM) => {
+            out.push(Unreadable {
+                path: path.to_string(),
+                kind,
+                error: e.into(),
+            });
+            Ok(())
         }
+        _ => Err(CoreError::io(format!("{doing} {path:?}"), e.into())),
     }
-}
-
-/// A walk leaves out, rather than fails on, what it is denied.
-fn is_denied(e: Errno) -> bool {
-    matches!(e, Errno::ACCESS | Errno::PERM)
 }
 
 /// The names in `dir`, sorted, without `.`, `..` and reserved names.
@@ -402,13 +409,12 @@ impl Root {
         while let Some((fd, rel, depth)) = stack.pop() {
             let names = match list_names(&fd) {
                 Ok(names) => names,
-                Err(e) => match unreadable.as_deref_mut() {
-                    Some(out) if is_denied(e) => {
-                        out.push(Unreadable::new(rel, EntryKind::Dir, e));
-                        continue;
-                    }
-                    _ => return Err(CoreError::io(format!("listing {rel:?}"), e.into())),
-                },
+                Err(e) => {
+                    // A top that cannot be listed is no tree to copy.
+                    let out = unreadable.as_deref_mut().filter(|_| !rel.is_empty());
+                    leave_out(out, (&rel, EntryKind::Dir), e, "listing")?;
+                    continue;
+                }
             };
             for name in names {
                 let path = join(&rel, &name);
@@ -416,13 +422,15 @@ impl Root {
                     Ok(st) => st,
                     // Gone since the directory was read: not in the tree any more.
                     Err(Errno::NOENT) => continue,
-                    Err(e) => match unreadable.as_deref_mut() {
-                        Some(out) if is_denied(e) => {
-                            out.push(Unreadable::new(path, EntryKind::File, e));
-                            continue;
-                        }
-                        _ => return Err(CoreError::io(format!("stat {path:?}"), e.into())),
-                    },
+                    Err(e) => {
+                        leave_out(
+                            unreadable.as_deref_mut(),
+                            (&path, EntryKind::File),
+                            e,
+                            "stat",
+                        )?;
+                        continue;
+                    }
                 };
                 let mut entry = TreeEntry {
                     path: path.clone(),
@@ -446,26 +454,22 @@ impl Root {
                             let file = match opened {
                                 Ok(file) => File::from(file),
                                 Err(Errno::NOENT) => continue,
-                                Err(e) => match unreadable.as_deref_mut() {
-                                    Some(out) if is_denied(e) => {
-                                        out.push(Unreadable::new(path, EntryKind::File, e));
-                                        continue;
-                                    }
-                                    _ => {
-                                        let what = format!("opening {path:?}");
-                                        return Err(CoreError::io(what, e.into()));
-                                    }
-                                },
+                                Err(e) => {
+                                    let file = (path.as_str(), EntryKind::File);
+                                    leave_out(unreadable.as_deref_mut(), file, e, "opening")?;
+                                    continue;
+                                }
                             };
                             entry.digest = digest::digest_file(&file, entry.size)
                                 .map_err(|e| CoreError::io(format!("reading {path:?}"), e))?
                                 .to_vec();
-                        } else if let Some(out) = unreadable.as_deref_mut() {
+                        } else if unreadable.is_some() {
                             match ids.may_read(&fd, &name, &st) {
                                 Ok(()) => {}
                                 Err(Errno::NOENT) => continue,
                                 Err(e) => {
-                                    out.push(Unreadable::new(path, EntryKind::File, e));
+                                    let file = (path.as_str(), EntryKind::File);
+                                    leave_out(unreadable.as_deref_mut(), file, e, "checking")?;
                                     continue;
                                 }
                             }
@@ -483,15 +487,10 @@ impl Root {
                             Ok(sub) => stack.push((File::from(sub), path.clone(), depth + 1)),
                             Err(Errno::NOENT) => continue,
                             // Listed, but not what is below it.
-                            Err(e) => match unreadable.as_deref_mut() {
-                                Some(out) if is_denied(e) => {
-                                    out.push(Unreadable::new(path.clone(), EntryKind::Dir, e));
-                                }
-                                _ => {
-                                    let what = format!("opening {path:?}");
-                                    return Err(CoreError::io(what, e.into()));
-                                }
-                            },
+                            Err(e) => {
+                                let dir = (path.as_str(), EntryKind::Dir);
+                                leave_out(unreadable.as_deref_mut(), dir, e, "opening")?;
+                            }
                         }
                     }
                     rfs::FileType::Symlink => {
