@@ -2232,6 +2232,7 @@ pub async fn recv_tree_mirror(
         crate::meta::warn_old_daemon(target);
     }
     let remote = list_listing(&mut control, name, with_meta, checksum, keep).await?;
+    tracing::debug!(entries = remote.len(), elapsed = ?started.elapsed(), "source listed");
     let congestion = control.congestion.clone();
     control.close().await;
     if remote.is_empty() {
@@ -2286,7 +2287,7 @@ pub async fn recv_tree_mirror(
     if let Some(meta) = &meta {
         meta.route_sparse(&mut small, &mut large);
     }
-    let written = MetaPlan::written([&dirs, &small, &large, &links]);
+    let mut written = MetaPlan::written([&dirs, &small, &large, &links]);
     let progress = Progress::new(&small, &large, opts, None);
     let top = dirs.iter().find(|d| d.path.is_empty()).cloned();
     let inner_dirs: Vec<TreeEntry> = dirs.into_iter().filter(|d| !d.path.is_empty()).collect();
@@ -2314,11 +2315,27 @@ pub async fn recv_tree_mirror(
                 async move {
                     let dest: PathBuf = dir.join(xfer_core::on_disk(&entry.path));
                     let name = join(name, &entry.path);
-                    engine::recv_with_holes(target, &name, &dest, &opts, holes).await
+                    engine::recv_with_holes(target, &name, &dest, &opts, holes)
+                        .await
+                        .map_err(|e| match e {
+                            ClientError::Remote(e)
+                                if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) =>
+                            {
+                                ClientError::Vanished(entry.path.clone())
+                            }
+                            e => e,
+                        })
                 }
             },
         )
         .await?;
+    // What vanished at the source was not written, and gets no metadata.
+    for path in progress.vanished_paths() {
+        written.remove(&path);
+        if let Some(meta) = &mut meta {
+            meta.vanished("", std::slice::from_ref(&path));
+        }
+    }
     for l in &links {
         let (path, link) = (l.path.clone(), l.target.clone());
         let made = on_local(&local, move |r| match safe_links {
@@ -2336,14 +2353,8 @@ pub async fn recv_tree_mirror(
     if let Some(meta) = &mut meta {
         recv_meta(&local, meta, written, &mut summary).await?;
         on_local(&local, |r| r.sync()).await?;
-        progress.bar.finish();
-        summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
-        summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
-        summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
-        summary.seconds = started.elapsed().as_secs_f64();
-        summary.literal_bytes = summary.bytes_transferred;
         made.keep();
-        return Ok(summary);
+        return Ok(finished(summary, &progress, started));
     }
     for d in inner_dirs.iter().rev() {
         let (path, mode, mtime) = (d.path.clone(), d.mode, d.mtime_ns);
@@ -2360,14 +2371,8 @@ pub async fn recv_tree_mirror(
             })?;
     }
     on_local(&local, |r| r.sync()).await?;
-    progress.bar.finish();
-    summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
-    summary.bytes_transferred = progress.bytes_moved.load(Ordering::Relaxed);
-    summary.wire_bytes = progress.wire.load(Ordering::Relaxed);
-    summary.seconds = started.elapsed().as_secs_f64();
-    summary.literal_bytes = summary.bytes_transferred;
     made.keep();
-    Ok(summary)
+    Ok(finished(summary, &progress, started))
 }
 
 /// The directories a tree download made for its target, taken back if the download fails:
@@ -2553,8 +2558,16 @@ async fn recv_small_files(job: SmallFiles, ready: Option<Session>) -> Result<(),
         Some((frame, size))
     });
     pipeline(&mut session, Some(progress), requests, |frame| {
-        let Frame::FileData(f) = frame else {
-            return Err(unexpected(frame));
+        let f = match frame {
+            Frame::FileData(f) => f,
+            // Removed at the source since it was listed.
+            Frame::Error(e) if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) => {
+                let entry = asked.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let entry = entry.ok_or(ClientError::Unexpected("Error"))?;
+                progress.vanished(&entry.path);
+                return Ok(());
+            }
+            frame => return Err(unexpected(frame)),
         };
         if crc32fast::hash(&f.data) != f.crc32 {
             return Err(ClientError::Proto(xfer_proto::ProtoError::BadCrc {
