@@ -597,6 +597,23 @@ impl Progress {
             .push(path.to_string());
     }
 
+    /// Takes the files that vanished out of those the copy wrote, and out of the metadata to
+    /// set (names under `top`).
+    fn settle_vanished(
+        &self,
+        top: &str,
+        written: &mut HashSet<String>,
+        meta: Option<&mut MetaPlan>,
+    ) {
+        let vanished = self.vanished_paths();
+        for path in &vanished {
+            written.remove(path);
+        }
+        if let Some(meta) = meta {
+            meta.vanished(top, &vanished);
+        }
+    }
+
     /// The paths [`Progress::vanished`] took.
     fn vanished_paths(&self) -> Vec<String> {
         self.vanished
@@ -1776,14 +1793,7 @@ pub async fn send_tree_mirror(
     if let (Some(meta), Some(file_metas)) = (&mut meta, &progress.file_metas) {
         meta.stored_with_files(file_metas, &mut summary);
     }
-    // What vanished was not written, and gets no metadata.
-    let vanished = progress.vanished_paths();
-    for path in &vanished {
-        written.remove(path);
-    }
-    if let Some(meta) = &mut meta {
-        meta.vanished(dest, &vanished);
-    }
+    progress.settle_vanished(dest, &mut written, meta.as_mut());
 
     let mut control = match (control, kept) {
         (Some(control), _) => control,
@@ -1853,7 +1863,18 @@ fn vanished_as(e: ClientError, path: &str) -> ClientError {
     }
 }
 
-/// `summary` of a tree copy sent, with what `progress` counted.
+/// A download the daemon answered `NotFound` (the file listed is gone there) as
+/// [`ClientError::Vanished`].
+fn vanished_at_the_daemon(e: ClientError, path: &str) -> ClientError {
+    match e {
+        ClientError::Remote(e) if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) => {
+            ClientError::Vanished(path.to_string())
+        }
+        e => e,
+    }
+}
+
+/// `summary` of a tree copy, either way, with what `progress` counted.
 fn finished(mut summary: TreeSummary, progress: &Progress, started: Instant) -> TreeSummary {
     progress.bar.finish();
     summary.files_transferred = progress.files_done.load(Ordering::Relaxed);
@@ -2317,25 +2338,12 @@ pub async fn recv_tree_mirror(
                     let name = join(name, &entry.path);
                     engine::recv_with_holes(target, &name, &dest, &opts, holes)
                         .await
-                        .map_err(|e| match e {
-                            ClientError::Remote(e)
-                                if e.error_code() == Some(xfer_proto::ErrorCode::NotFound) =>
-                            {
-                                ClientError::Vanished(entry.path.clone())
-                            }
-                            e => e,
-                        })
+                        .map_err(|e| vanished_at_the_daemon(e, &entry.path))
                 }
             },
         )
         .await?;
-    // What vanished at the source was not written, and gets no metadata.
-    for path in progress.vanished_paths() {
-        written.remove(&path);
-        if let Some(meta) = &mut meta {
-            meta.vanished("", std::slice::from_ref(&path));
-        }
-    }
+    progress.settle_vanished("", &mut written, meta.as_mut());
     for l in &links {
         let (path, link) = (l.path.clone(), l.target.clone());
         let made = on_local(&local, move |r| match safe_links {
