@@ -115,21 +115,28 @@ pub struct TreeSummary {
 }
 
 impl TreeSummary {
-    /// For a copy that left out source entries it could not read: how many, and the first
-    /// few of them with their causes, on one line.
-    pub fn unreadable_error(&self) -> Option<String> {
-        const NAMED: usize = 3;
+    /// For a copy that left out source entries it could not read, how many:
+    /// `2 source entries could not be read and were left out`.
+    pub fn unreadable_count(&self) -> Option<String> {
         let n = self.entries_unreadable;
         let (noun, verb) = if n == 1 {
             ("entry", "was")
         } else {
             ("entries", "were")
         };
+        (n > 0).then(|| format!("{n} source {noun} could not be read and {verb} left out"))
+    }
+
+    /// [`TreeSummary::unreadable_count`] with the first few entries and their causes, on one
+    /// line: what a copy that printed no warnings of its own reports.
+    pub fn unreadable_error(&self) -> Option<String> {
+        const NAMED: usize = 3;
         let mut named = self.unreadable[..self.unreadable.len().min(NAMED)].join("; ");
         if self.unreadable.len() > NAMED {
             named += "; …";
         }
-        (n > 0).then(|| format!("{n} source {noun} could not be read and {verb} left out: {named}"))
+        self.unreadable_count()
+            .map(|count| format!("{count}: {named}"))
     }
 }
 

@@ -115,12 +115,16 @@ impl MirrorArgs {
             let json = self.summary_json(summary, &summary.changes)?;
             report.tree(verb, summary, &json)?;
         }
-        match summary.entries_unreadable {
-            0 => Ok(()),
-            1 => bail!("1 source entry could not be read and was left out (see the warning above)"),
-            n => bail!(
-                "{n} source entries could not be read and were left out (see the warnings above)"
-            ),
+        match summary.unreadable_count() {
+            None => Ok(()),
+            Some(count) => {
+                let s = if summary.entries_unreadable == 1 {
+                    ""
+                } else {
+                    "s"
+                };
+                bail!("{count} (see the warning{s} above)")
+            }
         }
     }
 
